@@ -1,0 +1,53 @@
+"""asyncbatch: reentrant batch jobs over the files of a directory.
+
+Run it, kill it at any instant, run it again or run four copies at once: every settled file is
+handled, its completion recorded exactly once, and its effects applied once when the handler
+uses the idempotent tools on its context.
+"""
+
+from ._batch import Batch as Batch
+from ._context import TaskContext as TaskContext
+from ._effects import atomic_write as atomic_write
+from ._effects import idempotent_move as idempotent_move
+from ._effects import remove_stale_temp_files as remove_stale_temp_files
+from ._exceptions import AsyncBatchError as AsyncBatchError
+from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import EffectError as EffectError
+from ._exceptions import HandlerImportError as HandlerImportError
+from ._exceptions import IdempotencyKeyMismatchError as IdempotencyKeyMismatchError
+from ._exceptions import JobLockedError as JobLockedError
+from ._exceptions import LedgerError as LedgerError
+from ._exceptions import LockLostError as LockLostError
+from ._exceptions import NotALedgerError as NotALedgerError
+from ._exceptions import PermanentError as PermanentError
+from ._exceptions import SchemaVersionError as SchemaVersionError
+from ._http import ItemHTTP as ItemHTTP
+from ._report import Report as Report
+from ._report import Statistics as Statistics
+from ._scanner import Entry as Entry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncBatchError",
+    "Batch",
+    "ConfigurationError",
+    "EffectError",
+    "Entry",
+    "HandlerImportError",
+    "IdempotencyKeyMismatchError",
+    "ItemHTTP",
+    "JobLockedError",
+    "LedgerError",
+    "LockLostError",
+    "NotALedgerError",
+    "PermanentError",
+    "Report",
+    "SchemaVersionError",
+    "Statistics",
+    "TaskContext",
+    "__version__",
+    "atomic_write",
+    "idempotent_move",
+    "remove_stale_temp_files",
+]

@@ -1,0 +1,192 @@
+"""``Batch``: the public entry point of the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import signal
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from ._config import DEFAULT_UNSAFE_METHODS, BatchConfig, Durability, PostAction
+from ._exceptions import AsyncBatchError, ConfigurationError
+from ._identity import Identity
+from ._report import Report, Statistics
+from ._runner import Handler, Mode, Run, unwrap_group
+
+__all__ = ["Batch"]
+
+
+def _is_async_callable(obj: Any) -> bool:
+    while hasattr(obj, "func"):  # functools.partial
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004
+    )
+
+
+class Batch:
+    """A reentrant batch job over the settled files of ``source``, recorded in ``state``.
+
+    ``handler`` is an ``async def handler(ctx: TaskContext)``; it is called once per item per
+    attempt. ``await batch.run()`` handles every settled file that is not done yet and returns a
+    :class:`Report`; ``await batch.watch()`` keeps polling until stopped or cancelled.
+
+    Guarantees: a file's completion is recorded exactly once (an item is done when its ledger row
+    commits, and only then); a run killed at any instant loses nothing and the next run redoes
+    only the items that were in flight; several runners (``shared=True``) never complete the same
+    item twice. The handler itself runs *at least once* per item: make its effects idempotent
+    (``ctx.write_output``, ``ctx.move``, ``ctx.http``).
+
+    Raises :class:`ConfigurationError` for a bad setting (here, before anything is touched).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        source: str | Path,
+        state: str | Path,
+        job: str = "default",
+        concurrency: int = 8,
+        settle: float = 1.0,
+        ignore: Iterable[str] = (),
+        recursive: bool = False,
+        follow_symlinks: bool = False,
+        identity: Identity = "stat",
+        max_attempts: int = 3,
+        timeout: float | None = None,
+        backoff: float = 1.0,
+        backoff_max: float = 300.0,
+        shared: bool = False,
+        lease: float = 60.0,
+        grace: float = 30.0,
+        durability: Durability = "normal",
+        on_done: str = "keep",
+        on_dead: str = "keep",
+        output_dir: str | Path | None = None,
+        poll: float = 1.0,
+        http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = None,
+        unsafe_methods: Iterable[str] = DEFAULT_UNSAFE_METHODS,
+        http_retries: int = 4,
+        http_backoff: float = 0.25,
+        claim_batch: int = 512,
+        commit_batch: int = 256,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not _is_async_callable(handler):
+            raise ConfigurationError.bad_value(
+                "handler", getattr(handler, "__name__", handler), "an async function (async def)"
+            )
+        if isinstance(ignore, str):
+            ignore = (ignore,)
+        self.handler = handler
+        self.config = BatchConfig(
+            source=Path(source).expanduser(),
+            state=str(state),
+            job=job,
+            concurrency=concurrency,
+            settle=settle,
+            ignore=tuple(ignore),
+            recursive=recursive,
+            follow_symlinks=follow_symlinks,
+            identity=identity,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            backoff=backoff,
+            backoff_max=backoff_max,
+            shared=shared,
+            lease=lease,
+            grace=grace,
+            durability=durability,
+            on_done=PostAction.parse("on_done", on_done),
+            on_dead=PostAction.parse("on_dead", on_dead, allow_delete=False),
+            output_dir=None if output_dir is None else Path(output_dir).expanduser().absolute(),
+            poll=poll,
+            unsafe_methods=frozenset(m.upper() for m in unsafe_methods),
+            http_retries=http_retries,
+            http_backoff=http_backoff,
+            claim_batch=claim_batch,
+            commit_batch=commit_batch,
+        )
+        self._http = http
+        self._clock = clock
+        self._run: Run | None = None
+        #: The signal that stopped the last run (``handle_signals=True``), if any.
+        self.received_signal: int | None = None
+
+    async def run(self, *, handle_signals: bool = False) -> Report:
+        """Handle every settled file that is not done yet; return what happened.
+
+        Failed items are retried with backoff within the run, up to ``max_attempts``. With
+        ``handle_signals``, SIGINT/SIGTERM stop the run gracefully (in-flight items get
+        ``grace`` seconds; a second signal cancels them at once); the report says ``stopped``.
+        On cancellation the in-flight items go back to the ledger and the lock is released.
+
+        Raises :class:`JobLockedError` if another live runner holds the job (not ``shared``),
+        :class:`LedgerError` if the state cannot be used, :class:`LockLostError` if the lock
+        was taken over while running.
+        """
+        return await self._execute("run", handle_signals)
+
+    async def watch(self, *, poll: float | None = None, handle_signals: bool = False) -> Report:
+        """Keep polling ``source`` until :meth:`stop` (or a signal) ends it, or cancellation.
+
+        A file is handled once it is settled and was seen unchanged by two consecutive polls.
+        """
+        if poll is not None:
+            self.config = _replace_poll(self.config, poll)
+        return await self._execute("watch", handle_signals)
+
+    def stop(self) -> None:
+        """Ask the running ``run()``/``watch()`` to stop: no new items, in-flight ones finish."""
+        if self._run is not None:
+            self._run.request_stop()
+
+    def statistics(self) -> Statistics | None:
+        """A snapshot of the current run's counters, or ``None`` when not running."""
+        return None if self._run is None else self._run.statistics()
+
+    async def _execute(self, mode: Mode, handle_signals: bool) -> Report:
+        if self._run is not None:
+            raise AsyncBatchError(
+                "this Batch is already running; create another Batch to run it concurrently"
+            )
+        run = Run(self.config, self.handler, mode=mode, http=self._http, clock=self._clock)
+        self._run = run
+        self.received_signal = None
+        try:
+            if not handle_signals:
+                return await run.execute()
+            report: Report | None = None
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._on_signals, run)
+                    try:
+                        report = await run.execute()
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise unwrap_group(group) from None
+            assert report is not None
+            return report
+        finally:
+            self._run = None
+
+    async def _on_signals(self, run: Run) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.received_signal is None:
+                    self.received_signal = signum
+                    run.request_stop()
+                else:
+                    run.stop_now()
+
+
+def _replace_poll(config: BatchConfig, poll: float) -> BatchConfig:
+    return dataclasses.replace(config, poll=poll)

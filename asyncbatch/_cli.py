@@ -1,0 +1,199 @@
+"""The ``asyncbatch`` command line.
+
+Exit codes: 0 every settled file done; 1 some items failed or dead; 2 usage or configuration
+error (one line naming the bad value, no traceback); 75 the job is locked by a live runner;
+130 / 143 stopped by SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import anyio
+
+from ._batch import Batch
+from ._exceptions import AsyncBatchError, ConfigurationError, JobLockedError, LockLostError
+from ._logging import configure_logging
+from ._operator import COMMANDS as OPERATOR_COMMANDS
+from ._operator import add_operator_commands
+from ._progress import show_progress
+from ._report import Report
+from ._target import load_handler
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_LOCKED = 75
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class UsageError(Exception):
+    """A command line that cannot be used; the message is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _number(kind: type[int] | type[float], low: float, *, strict: bool) -> Callable[[str], Any]:
+    expected = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: expected {expected}"
+            ) from None
+        if math.isnan(value) or math.isinf(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, strict=False)
+positive_float = _number(float, 0, strict=True)
+non_negative_float = _number(float, 0, strict=False)
+
+
+def _add_state(p: argparse.ArgumentParser, *, job: bool = True) -> None:
+    p.add_argument("--state", required=True, help="the ledger: a SQLite file path")
+    if job:
+        p.add_argument("--job", default="default", help="job name (default: %(default)s)")
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: %(default)s)",
+    )
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(
+        prog="asyncbatch",
+        description="Reentrant batch jobs over the files of a directory.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="handle every settled file once")
+    run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
+    run.add_argument("--source", required=True, help="the directory to scan")
+    _add_state(run)
+    run.add_argument("-j", "--concurrency", type=positive_int, default=8)
+    run.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
+    run.add_argument("--ignore", action="append", default=[], help="glob to skip (repeatable)")
+    run.add_argument("--recursive", action="store_true")
+    run.add_argument("--follow-symlinks", action="store_true")
+    run.add_argument("--identity", choices=["stat", "path", "content"], default="stat")
+    run.add_argument("--max-attempts", type=positive_int, default=3)
+    run.add_argument("--timeout", type=positive_float, default=None, help="seconds per item")
+    run.add_argument("--backoff", type=non_negative_float, default=1.0, help="first retry delay")
+    run.add_argument("--shared", action="store_true", help="share the job with other runners")
+    run.add_argument("--lease", type=positive_float, default=60.0)
+    run.add_argument("--grace", type=non_negative_float, default=30.0)
+    run.add_argument("--durability", choices=["normal", "full"], default="normal")
+    run.add_argument("--on-done", default="keep", help="keep | delete | move:DIR")
+    run.add_argument("--on-dead", default="keep", help="keep | move:DIR")
+    run.add_argument("--output-dir", default=None, help="where ctx.write_output writes")
+    run.add_argument("--watch", action="store_true", help="keep polling until stopped")
+    run.add_argument("--poll", type=positive_float, default=1.0, help="seconds between polls")
+    run.add_argument("--no-progress", action="store_true")
+    _add_logging(run)
+
+    add_operator_commands(sub, _add_state, _add_logging, positive_int)
+    return parser
+
+
+async def _run_command(args: argparse.Namespace) -> int:
+    handler = load_handler(args.target)
+    batch = Batch(
+        handler,
+        source=args.source,
+        state=args.state,
+        job=args.job,
+        concurrency=args.concurrency,
+        settle=args.settle,
+        ignore=args.ignore,
+        recursive=args.recursive,
+        follow_symlinks=args.follow_symlinks,
+        identity=args.identity,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+        backoff=args.backoff,
+        shared=args.shared,
+        lease=args.lease,
+        grace=args.grace,
+        durability=args.durability,
+        on_done=args.on_done,
+        on_dead=args.on_dead,
+        output_dir=args.output_dir,
+        poll=args.poll,
+    )
+    report: Report | None = None
+    async with anyio.create_task_group() as tg:
+        if not args.no_progress:
+            tg.start_soon(show_progress, batch)
+        try:
+            if args.watch:
+                report = await batch.watch(handle_signals=True)
+            else:
+                report = await batch.run(handle_signals=True)
+        finally:
+            tg.cancel_scope.cancel()
+    assert report is not None
+    print(report, flush=True)
+    if batch.received_signal is not None:
+        return EXIT_SIGNAL.get(signal.Signals(batch.received_signal), 128 + batch.received_signal)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"asyncbatch: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+async def _call(command: Callable[[argparse.Namespace], Awaitable[int]], args: Any) -> int:
+    return await command(args)
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the command, return the exit code (never raises for bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
+    command: Callable[[argparse.Namespace], Awaitable[int]]
+    command = _run_command if args.command == "run" else OPERATOR_COMMANDS[args.command]
+    try:
+        return anyio.run(_call, command, args)
+    except JobLockedError as e:
+        return _fail(str(e), EXIT_LOCKED)
+    except LockLostError as e:
+        return _fail(str(e), EXIT_FAILED)
+    except (AsyncBatchError, ConfigurationError) as e:
+        return _fail(str(e), EXIT_CONFIG)
+    except KeyboardInterrupt:
+        return EXIT_SIGNAL[signal.SIGINT]
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script: ``asyncbatch ...``."""
+    sys.exit(run_cli(argv))

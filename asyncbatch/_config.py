@@ -1,0 +1,174 @@
+"""A batch's settings: one frozen, keyword-only object, validated once, up front."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ._exceptions import ConfigurationError
+from ._identity import IDENTITIES, Identity
+from ._scanner import ScanRules
+
+__all__ = ["BatchConfig", "PostAction"]
+
+Durability = Literal["normal", "full"]
+DEFAULT_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True, slots=True)
+class PostAction:
+    """What to do with an input file after its outcome committed: keep, delete or move."""
+
+    kind: Literal["keep", "delete", "move"]
+    directory: Path | None = None
+
+    @classmethod
+    def parse(cls, setting: str, value: str, *, allow_delete: bool = True) -> PostAction:
+        """Parse ``"keep"``, ``"delete"`` or ``"move:DIR"``; raise a one-line error otherwise."""
+        if value == "keep":
+            return cls("keep")
+        if value == "delete" and allow_delete:
+            return cls("delete")
+        if value.startswith("move:") and value[5:]:
+            return cls("move", Path(value[5:]).expanduser().absolute())
+        choices = "'keep', 'delete' or 'move:DIR'" if allow_delete else "'keep' or 'move:DIR'"
+        raise ConfigurationError.bad_value(setting, value, f"expected {choices}")
+
+    def encode(self) -> str | None:
+        """The form stored in the ledger with a finished item (``None`` for keep)."""
+        if self.kind == "keep":
+            return None
+        if self.kind == "delete":
+            return "delete"
+        return f"move:{self.directory}"
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigurationError.bad_value(name, value, "expected a number")
+    if value < 0 or (value == 0 and not allow_zero) or math.isinf(value):
+        expected = "a number >= 0" if allow_zero else "a number > 0"
+        raise ConfigurationError.bad_value(name, value, f"expected {expected}")
+
+
+def _count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError.bad_value(name, value, "expected an integer >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchConfig:
+    """Everything a :class:`~asyncbatch.Batch` needs to know, checked when it is built.
+
+    Raises :class:`ConfigurationError` naming the first bad setting and its value.
+    """
+
+    source: Path
+    state: str
+    job: str = "default"
+    concurrency: int = 8
+    settle: float = 1.0
+    ignore: tuple[str, ...] = ()
+    recursive: bool = False
+    follow_symlinks: bool = False
+    identity: Identity = "stat"
+    max_attempts: int = 3
+    timeout: float | None = None
+    backoff: float = 1.0
+    backoff_max: float = 300.0
+    shared: bool = False
+    lease: float = 60.0
+    grace: float = 30.0
+    durability: Durability = "normal"
+    on_done: PostAction = field(default_factory=lambda: PostAction("keep"))
+    on_dead: PostAction = field(default_factory=lambda: PostAction("keep"))
+    output_dir: Path | None = None
+    poll: float = 1.0
+    unsafe_methods: frozenset[str] = DEFAULT_UNSAFE_METHODS
+    http_retries: int = 4
+    http_backoff: float = 0.25
+    http_backoff_max: float = 10.0
+    claim_batch: int = 512
+    commit_batch: int = 256
+    commit_interval: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job, str) or not self.job or len(self.job) > 200:
+            raise ConfigurationError.bad_value("job", self.job, "a non-empty name")
+        _count("concurrency", self.concurrency)
+        _count("max_attempts", self.max_attempts)
+        _count("claim_batch", self.claim_batch)
+        _count("commit_batch", self.commit_batch)
+        _positive("settle", self.settle, allow_zero=True)
+        _positive("backoff", self.backoff, allow_zero=True)
+        _positive("backoff_max", self.backoff_max, allow_zero=True)
+        _positive("lease", self.lease)
+        _positive("grace", self.grace, allow_zero=True)
+        _positive("poll", self.poll)
+        _positive("commit_interval", self.commit_interval, allow_zero=True)
+        _positive("http_backoff", self.http_backoff, allow_zero=True)
+        _positive("http_backoff_max", self.http_backoff_max, allow_zero=True)
+        if isinstance(self.http_retries, bool) or not isinstance(self.http_retries, int):
+            raise ConfigurationError.bad_value("http_retries", self.http_retries, "an integer")
+        if self.http_retries < 0:
+            raise ConfigurationError.bad_value("http_retries", self.http_retries, "0 or more")
+        if self.timeout is not None:
+            _positive("timeout", self.timeout)
+        if self.lease < 3:
+            raise ConfigurationError.bad_value("lease", self.lease, "at least 3 seconds")
+        if self.identity not in IDENTITIES:
+            raise ConfigurationError.bad_value("identity", self.identity, f"one of {IDENTITIES}")
+        if self.durability not in ("normal", "full"):
+            raise ConfigurationError.bad_value("durability", self.durability, "'normal' or 'full'")
+        if self.on_dead.kind == "delete":
+            raise ConfigurationError.bad_value("on_dead", "delete", "'keep' or 'move:DIR'")
+        self._check_paths()
+
+    @property
+    def rules(self) -> ScanRules:
+        """The scanner's skip rules."""
+        return ScanRules(self.ignore)
+
+    def _check_paths(self) -> None:
+        source = self.source
+        if not source.exists():
+            raise ConfigurationError.bad_value("source", str(source), "no such directory")
+        if not source.is_dir():
+            raise ConfigurationError.bad_value("source", str(source), "not a directory")
+        if not os.access(source, os.R_OK | os.X_OK):
+            raise ConfigurationError.bad_value("source", str(source), "directory is not readable")
+        if not self.state.startswith(("postgresql://", "postgres://")):
+            self._refuse_visible("state", Path(self.state), is_dir=False)
+        for name, action in (("on_done", self.on_done), ("on_dead", self.on_dead)):
+            if action.directory is not None:
+                self._check_writable_dir(name, action.directory)
+                self._refuse_visible(name, action.directory, is_dir=True)
+        if self.output_dir is not None:
+            self._check_writable_dir("output_dir", self.output_dir)
+            self._refuse_visible("output_dir", self.output_dir, is_dir=True)
+
+    def _refuse_visible(self, name: str, path: Path, *, is_dir: bool) -> None:
+        """Refuse a path the scan of the source would pick up as input."""
+        root = os.path.realpath(self.source)
+        real = os.path.realpath(path)
+        if real == root:
+            raise ConfigurationError.bad_value(name, str(path), "is the source directory itself")
+        if os.path.commonpath([root, real]) != root:
+            return
+        rel = os.fsencode(os.path.relpath(real, root))
+        if not self.rules.hides(rel, recursive=self.recursive, is_dir=is_dir):
+            raise ConfigurationError.bad_value(
+                name,
+                str(path),
+                "is inside the scanned source; move it out, or --ignore it",
+            )
+
+    @staticmethod
+    def _check_writable_dir(name: str, path: Path) -> None:
+        if not path.is_dir():
+            raise ConfigurationError.bad_value(name, str(path), "no such directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigurationError.bad_value(name, str(path), "directory is not writable")

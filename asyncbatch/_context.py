@@ -1,0 +1,134 @@
+"""The per-item context handed to a handler: everything item-scoped lives here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiofiles
+import anyio.to_thread
+from aiofiles.base import AiofilesContextManager
+from aiofiles.threadpool.binary import AsyncBufferedReader
+
+from ._effects import atomic_write, idempotent_move
+from ._exceptions import ConfigurationError
+from ._scanner import Entry
+
+if TYPE_CHECKING:
+    from ._http import ItemHTTP
+
+__all__ = ["INLINE_READ_MAX", "ItemLogger", "TaskContext"]
+
+#: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: a read
+#: from the page cache this small costs less than the ~100-300 us of a thread hop
+#: (benchmarks/RESULTS.md, "read threshold").
+INLINE_READ_MAX = 256 * 1024
+
+
+class ItemLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger adapter whose records carry the item's ``job``, ``key`` and ``input_hash``."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+@dataclass(slots=True)
+class _Input:
+    """The input file opened for this item (closed by the runner after the handler)."""
+
+    fd: int
+    size: int
+
+
+async def _read_fd(fd: int, size: int) -> bytes:
+    def read() -> bytes:
+        chunks, offset = [], 0
+        while chunk := os.pread(fd, max(size - offset, 1 << 16), offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    if size <= INLINE_READ_MAX:
+        return read()
+    return await anyio.to_thread.run_sync(read)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskContext:
+    """What a handler gets for one item; built fresh for every attempt, shared with nothing.
+
+    Attributes: ``entry`` (the file as scanned), ``key`` (its ledger identity),
+    ``input_hash`` (sha256 over its identity: log this, never the content), ``attempt``
+    (1 for the first), ``job``, ``fence`` (the lease's fencing token), ``log`` (records carry
+    job, key and input_hash), ``data`` (a dict for the handler's own use, this item's only),
+    and ``http`` (an ``httpx.AsyncClient``-like view that adds ``Idempotency-Key`` headers).
+    """
+
+    entry: Entry
+    key: str
+    input_hash: str
+    attempt: int
+    job: str
+    fence: int
+    log: ItemLogger
+    http: ItemHTTP
+    data: dict[str, Any] = field(default_factory=dict)
+    output_dir: Path | None = None
+    _input: _Input | None = None
+
+    async def read_bytes(self) -> bytes:
+        """The input's content, read from the file opened safely for this item.
+
+        Small inputs are read inline (cheaper than a thread hop), large ones in a worker thread.
+        Raises ``OSError`` when the file cannot be read.
+        """
+        if self._input is None:
+            return await anyio.Path(self.entry.path).read_bytes()
+        return await _read_fd(self._input.fd, self._input.size)
+
+    def open(self) -> AiofilesContextManager[AsyncBufferedReader]:
+        """Open the input for streaming reads (``async with ctx.open() as f``), via aiofiles.
+
+        The file is the one opened when the item started (no symlink followed, never a FIFO),
+        positioned at its start.
+        """
+        if self._input is None:
+            return aiofiles.open(self.entry.path, "rb")
+        fd = os.dup(self._input.fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return aiofiles.open(fd, "rb", closefd=True)
+
+    async def write_output(self, relpath: str | os.PathLike[str], data: bytes | str) -> Path:
+        """Atomically write ``data`` to ``relpath`` under the batch's ``output_dir``.
+
+        Readers see the old file or the new one, never a part. Returns the path written.
+        Raises :class:`ConfigurationError` without an ``output_dir`` or for a path escaping it.
+        """
+        if self.output_dir is None:
+            raise ConfigurationError("ctx.write_output needs Batch(output_dir=...)")
+        rel = Path(relpath)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ConfigurationError.bad_value(
+                "write_output relpath", str(relpath), "a relative path inside output_dir"
+            )
+        target = self.output_dir / rel
+        await atomic_write(target, data, make_parents=True)
+        return target
+
+    async def move(self, destination: str | os.PathLike[str]) -> Path:
+        """Move the input to ``destination`` (an existing directory, or a file path), repeatably.
+
+        Prefer ``on_done="move:DIR"``, which moves only after the item's completion committed.
+        """
+        dst = Path(destination)
+        if dst.is_dir():
+            dst = dst / self.entry.path.name
+        await idempotent_move(self.entry.path, dst)
+        return dst

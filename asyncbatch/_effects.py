@@ -1,0 +1,244 @@
+"""Effects on files that can be interrupted at any instant and simply done again.
+
+- :func:`atomic_write`: temp file in the target's directory, write, ``fsync``, ``os.replace``,
+  ``fsync`` the directory. A reader sees the old file or the new one, never a part.
+- :func:`idempotent_move`: never ``shutil.move``. Same filesystem: ``os.link`` (which refuses to
+  replace an existing file) then ``unlink`` of the source; across filesystems: copy to a temp
+  file beside the destination, ``fsync``, link into place, ``fsync`` the directory, then unlink
+  the source. Whatever step an interruption hits, calling it again finishes the move.
+
+Temp files are named ``.asyncbatch-tmp-<pid>-<start>-<random>-<name>``: hidden (the scanner
+never picks them up) and traceable to their writer, so :func:`remove_stale_temp_files` removes
+only those whose writer is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio.to_thread
+
+from ._exceptions import EffectError
+from ._procinfo import ProcessIdentity, holder_is_alive, this_process
+
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_write",
+    "idempotent_move",
+    "remove_stale_temp_files",
+    "same_content",
+]
+
+TEMP_PREFIX = ".asyncbatch-tmp-"
+_COPY_BLOCK = 1 << 20
+
+
+def _temp_name(target: Path, me: ProcessIdentity) -> Path:
+    start = (me.pid_start or "0").rpartition(":")[2]
+    stem = f"{TEMP_PREFIX}{me.pid}-{start}-{secrets.token_hex(4)}-"
+    return target.with_name(stem + target.name[: 200 - len(stem)])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, fill: Callable[[int], None], mode: int = 0o666) -> None:
+    """Create ``path`` (must not exist), let ``fill`` write it, ``fsync`` it; unlink on error."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        fill(fd)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _write_all(data: bytes) -> Callable[[int], None]:
+    def fill(fd: int) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return fill
+
+
+def _atomic_write(path: Path, data: bytes, make_parents: bool) -> None:
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, this_process())
+    _write_new(tmp, _write_all(data))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+async def atomic_write(
+    path: str | os.PathLike[str], data: bytes | str, *, make_parents: bool = False
+) -> None:
+    """Replace ``path`` with ``data`` (``str`` is written as UTF-8) all at once.
+
+    Guarantees: a concurrent reader sees the previous content or ``data``, never a part; after
+    it returns, the content and the directory entry are on disk (``fsync``). If interrupted,
+    ``path`` is unchanged and at most a hidden temp file is left, which
+    :func:`remove_stale_temp_files` (run by every batch on its output directory) removes.
+    Raises ``OSError`` when the directory is missing or not writable.
+    """
+    payload = data.encode() if isinstance(data, str) else bytes(data)
+    await anyio.to_thread.run_sync(_atomic_write, Path(path), payload, make_parents)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (sizes first, then block by block)."""
+    if os.stat(a).st_size != os.stat(b).st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block_a, block_b = fa.read(_COPY_BLOCK), fb.read(_COPY_BLOCK)
+            if block_a != block_b:
+                return False
+            if not block_a:
+                return True
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _unlink_source(src: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(src)
+    _fsync_dir(src.parent)
+
+
+def _copy_across(src: Path, dst: Path) -> None:
+    tmp = _temp_name(dst, this_process())
+    st = os.stat(src)
+
+    def fill(fd: int) -> None:
+        with open(src, "rb") as f:
+            while block := f.read(_COPY_BLOCK):
+                _write_all(block)(fd)
+
+    _write_new(tmp, fill, stat.S_IMODE(st.st_mode))
+    try:
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.link(tmp, dst)  # refuses to replace a file that appeared meanwhile
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(dst.parent)
+
+
+def _move(src: Path, dst: Path) -> bool:
+    s = _lstat(src)
+    d = _lstat(dst)
+    if s is None:
+        if d is not None:
+            return False  # done before: the source is gone and the destination is there
+        raise FileNotFoundError(errno.ENOENT, "neither source nor destination exists", str(src))
+    if d is not None:
+        if (d.st_dev, d.st_ino) == (s.st_dev, s.st_ino) or same_content(src, dst):
+            _unlink_source(src)  # interrupted after the link or the copy: finish
+            return False
+        raise EffectError(
+            f"cannot move {str(src)!r} to {str(dst)!r}: a different file is already there"
+        )
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return _move(src, dst)  # appeared meanwhile: decide again
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            _copy_across(src, dst)
+        elif e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            os.replace(src, dst)  # no hard links here; dst was checked absent just above
+            _fsync_dir(dst.parent)
+            if src.parent != dst.parent:
+                _fsync_dir(src.parent)
+            return True
+        else:
+            raise
+    else:
+        _fsync_dir(dst.parent)
+    _unlink_source(src)
+    return True
+
+
+async def idempotent_move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
+    """Move ``src`` to ``dst`` so that repeating the call after any interruption finishes it.
+
+    Returns ``True`` when this call moved the file, ``False`` when it found the move already
+    done (``src`` gone and ``dst`` present, or both present with the same inode or content, in
+    which case ``src`` is removed). Raises :class:`EffectError` when ``dst`` holds a different
+    file (never overwritten) and ``FileNotFoundError`` when neither exists. The destination's
+    directory must exist.
+    """
+    return await anyio.to_thread.run_sync(_move, Path(src), Path(dst))
+
+
+def _temp_owner(name: str) -> ProcessIdentity | None:
+    me = this_process()
+    parts = name[len(TEMP_PREFIX) :].split("-", 2)
+    if len(parts) < 3 or not parts[0].isdigit():
+        return None
+    start = None if parts[1] == "0" or me.pid_start is None else me.pid_start
+    if start is not None:
+        start = f"{start.rpartition(':')[0]}:{parts[1]}"
+    return ProcessIdentity(me.host, int(parts[0]), start)
+
+
+def _iter_temp_files(directory: Path, recursive: bool) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for de in entries:
+        if de.name.startswith(TEMP_PREFIX) and de.is_file(follow_symlinks=False):
+            yield Path(de.path)
+        elif recursive and de.is_dir(follow_symlinks=False):
+            yield from _iter_temp_files(Path(de.path), recursive)
+
+
+def _remove_stale(directory: Path, recursive: bool) -> int:
+    me = this_process()
+    removed = 0
+    for path in _iter_temp_files(directory, recursive):
+        owner = _temp_owner(path.name)
+        if owner is not None and holder_is_alive(owner, me=me) is not False:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    return removed
+
+
+async def remove_stale_temp_files(
+    directory: str | os.PathLike[str], *, recursive: bool = True
+) -> int:
+    """Remove temp files left in ``directory`` by writers that are no longer running.
+
+    Temp files of live processes (another runner writing right now) are left alone.
+    Returns how many were removed.
+    """
+    return await anyio.to_thread.run_sync(_remove_stale, Path(directory), recursive)

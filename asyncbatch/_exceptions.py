@@ -1,0 +1,103 @@
+"""The exceptions asyncbatch raises.
+
+The tree::
+
+    AsyncBatchError
+     ├── ConfigurationError       a bad setting, named with its value (CLI exit 2)
+     │    └── HandlerImportError  TARGET could not be imported or is not callable
+     ├── LedgerError              the state store failed or is not usable (CLI exit 2)
+     │    ├── NotALedgerError     the state file is not an asyncbatch ledger (left untouched)
+     │    └── SchemaVersionError  the ledger was written by a newer asyncbatch (left untouched)
+     ├── JobLockedError           another live runner holds the job lock (CLI exit 75)
+     ├── LockLostError            this runner's job lock was taken over while it ran
+     ├── PermanentError           raised by a handler: fail the item now, no retries
+     │    └── IdempotencyKeyMismatchError  the server answered 422 to an idempotent call
+     └── EffectError              an idempotent effect refused to run (move onto a different file)
+
+Every message is one line that names the bad value and, where there is one, what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsyncBatchError",
+    "ConfigurationError",
+    "EffectError",
+    "HandlerImportError",
+    "IdempotencyKeyMismatchError",
+    "JobLockedError",
+    "LedgerError",
+    "LockLostError",
+    "NotALedgerError",
+    "PermanentError",
+    "SchemaVersionError",
+]
+
+
+class AsyncBatchError(Exception):
+    """Base class of every error asyncbatch raises on purpose."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or type(self).__name__).strip())
+
+
+class ConfigurationError(AsyncBatchError, ValueError):
+    """A setting has a value asyncbatch cannot use."""
+
+    @classmethod
+    def bad_value(cls, name: str, value: object, expected: str) -> ConfigurationError:
+        """Build the standard message: ``setting 'name' has value 'value': expected ...``."""
+        return cls(f"setting {name!r} has value {value!r}: {expected}")
+
+
+class HandlerImportError(ConfigurationError):
+    """The handler named by TARGET could not be imported or is not an async callable."""
+
+
+class LedgerError(AsyncBatchError):
+    """The ledger (state store) failed or cannot be used."""
+
+
+class NotALedgerError(LedgerError):
+    """The state file exists but is not an asyncbatch ledger; it was left untouched."""
+
+
+class SchemaVersionError(LedgerError):
+    """The ledger's schema is newer than this asyncbatch understands; it was left untouched."""
+
+    def __init__(self, path: str, found: int, known: int) -> None:
+        self.found = found
+        self.known = known
+        super().__init__(
+            f"state {path!r} has schema version {found}, newer than the {known} this "
+            "asyncbatch knows: upgrade asyncbatch (the file was not modified)"
+        )
+
+
+class JobLockedError(AsyncBatchError):
+    """Another live runner holds this job's lock."""
+
+    def __init__(self, job: str, pid: int | None, host: str | None, since: str) -> None:
+        self.job = job
+        self.pid = pid
+        self.host = host
+        super().__init__(
+            f"job {job!r} is locked by pid {pid} on host {host!r} since {since}; "
+            "wait for it, run with --shared, or see 'asyncbatch locks'"
+        )
+
+
+class LockLostError(AsyncBatchError):
+    """This runner's job lock was taken over by another runner; it stopped its work."""
+
+
+class PermanentError(AsyncBatchError):
+    """Raised by a handler to fail its item at once, without further attempts."""
+
+
+class IdempotencyKeyMismatchError(PermanentError):
+    """The server says this idempotency key was used with a different request (HTTP 422)."""
+
+
+class EffectError(AsyncBatchError):
+    """An idempotent effect refused to run because it would destroy data."""

@@ -1,0 +1,262 @@
+"""Outbound HTTP for handlers: ``ctx.http``, an ``httpx.AsyncClient``-like view per item.
+
+Every unsafe request (POST, PUT, PATCH, DELETE by default) carries an ``Idempotency-Key``::
+
+    HMAC-SHA256(secret, job NUL item key NUL call identity)
+
+where the secret is stored in the ledger (keys cannot be guessed from outside), and the call
+identity is ``idempotency_key="step"`` when the caller names the step, else the call's ordinal
+within this handler invocation plus method and URL. So the same logical call in a later
+attempt of the same item, even in another process after a crash, sends the same key; two items
+never share one; two different calls in one handler get different ones. A caller's own
+``Idempotency-Key`` header is kept.
+
+Requests that carry a key (and safe methods) are retried on connection errors, timeouts, 5xx,
+409 and 429 (honouring ``Retry-After``) with capped, jittered backoff, reusing the key. 422 on
+a keyed request raises :class:`IdempotencyKeyMismatchError`, which fails the item at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from ._exceptions import IdempotencyKeyMismatchError
+
+__all__ = ["HTTPSettings", "ItemHTTP", "SharedClient", "derive_idempotency_key"]
+
+log = logging.getLogger("asyncbatch.http")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
+    httpx.TransportError,  # connect errors, timeouts, dropped connections
+)
+_SEND_KEYS = frozenset({"auth", "follow_redirects"})
+
+
+def derive_idempotency_key(secret: bytes, job: str, item_key: str, call: str) -> str:
+    """The ``Idempotency-Key`` for one logical call of one item (64 hex characters)."""
+    message = b"\0".join(part.encode("utf-8", "surrogateescape") for part in (job, item_key, call))
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+class SharedClient:
+    """The one ``httpx.AsyncClient`` of a run (connection pooling), created on first use.
+
+    ``given`` may be a client (used as is, never closed here), a transport (wrapped in a client
+    this object owns) or ``None`` (a default client this object owns).
+    """
+
+    def __init__(self, given: httpx.AsyncClient | httpx.AsyncBaseTransport | None) -> None:
+        self._given = given
+        self._client: httpx.AsyncClient | None = None
+        self._owned = False
+
+    def get(self) -> httpx.AsyncClient:
+        """The client, created now if this is the first call."""
+        if self._client is None:
+            if isinstance(self._given, httpx.AsyncClient):
+                self._client = self._given
+            else:
+                self._client = httpx.AsyncClient(transport=self._given, timeout=30.0)
+                self._owned = True
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client if this object created it."""
+        if self._client is not None and self._owned:
+            await self._client.aclose()
+        self._client = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPSettings:
+    """How a batch's HTTP calls behave; shared by every item of one run (read-only)."""
+
+    shared: SharedClient
+    secret: bytes
+    job: str
+    unsafe_methods: frozenset[str]
+    retries: int = 4
+    backoff: float = 0.25
+    backoff_max: float = 10.0
+    sleep: Callable[[float], Any] = anyio.sleep
+    jitter: Callable[[], float] = random.random
+
+
+def _redacted(url: httpx.URL) -> str:
+    """An URL fit for logs: no query string, no credentials."""
+    return str(url.copy_with(query=None, fragment=None, username=None, password=None))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class ItemHTTP:
+    """The HTTP client view of one item's attempt: same call signatures as ``httpx.AsyncClient``.
+
+    Extra keyword on every method: ``idempotency_key="step-name"`` names the call, which keeps
+    its key stable even if the handler's calls change order between attempts.
+    """
+
+    __slots__ = ("_calls", "_item_key", "_settings")
+
+    def __init__(self, settings: HTTPSettings, item_key: str) -> None:
+        self._settings = settings
+        self._item_key = item_key
+        self._calls = 0
+
+    def key_for(self, method: str, url: str, idempotency_key: str | None = None) -> str:
+        """The key the *next* call with these arguments would carry (does not count a call)."""
+        call = idempotency_key or f"{self._calls + 1}:{method.upper()}:{url}"
+        s = self._settings
+        return derive_idempotency_key(s.secret, s.job, self._item_key, call)
+
+    def _prepare(
+        self, method: str, url: httpx.URL | str, idempotency_key: str | None, kwargs: Any
+    ) -> tuple[httpx.Request, dict[str, Any], bool]:
+        s = self._settings
+        method = method.upper()
+        self._calls += 1
+        send = {k: kwargs.pop(k) for k in list(kwargs) if k in _SEND_KEYS}
+        request = s.shared.get().build_request(method, url, **kwargs)
+        keyed = "Idempotency-Key" in request.headers
+        if not keyed and method in s.unsafe_methods:
+            call = idempotency_key or f"{self._calls}:{method}:{request.url}"
+            key = derive_idempotency_key(s.secret, s.job, self._item_key, call)
+            request.headers["Idempotency-Key"] = key
+            keyed = True
+        return request, send, keyed or method in SAFE_METHODS
+
+    async def _pause(self, attempt: int, response: httpx.Response | None) -> None:
+        s = self._settings
+        delay = min(s.backoff_max, s.backoff * (2**attempt))
+        delay = delay / 2 + delay / 2 * s.jitter()
+        if response is not None and (after := _retry_after(response)) is not None:
+            delay = min(max(after, delay), max(s.backoff_max, after))
+        await s.sleep(delay)
+
+    @staticmethod
+    def _check(request: httpx.Request, response: httpx.Response) -> None:
+        if response.status_code == 422 and "Idempotency-Key" in request.headers:
+            raise IdempotencyKeyMismatchError(
+                f"{request.method} {_redacted(request.url)}: the server says this key was used "
+                "with a different request (HTTP 422)"
+            )
+
+    async def _send(
+        self, request: httpx.Request, send: dict[str, Any], retryable: bool, *, stream: bool
+    ) -> httpx.Response:
+        s = self._settings
+        attempts = s.retries + 1 if retryable else 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                response = await s.shared.get().send(request, stream=stream, **send)
+            except RETRY_EXCEPTIONS as e:
+                if last or isinstance(e, httpx.StreamConsumed):
+                    raise
+                log.info(
+                    "retrying %s %s after %s (attempt %d)",
+                    request.method,
+                    _redacted(request.url),
+                    type(e).__name__,
+                    attempt + 1,
+                )
+                await self._pause(attempt, None)
+                continue
+            if response.status_code not in RETRY_STATUSES or last:
+                self._check(request, response)
+                return response
+            if stream:
+                await response.aclose()
+            log.info(
+                "retrying %s %s after HTTP %d (attempt %d)",
+                request.method,
+                _redacted(request.url),
+                response.status_code,
+                attempt + 1,
+            )
+            await self._pause(attempt, response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def request(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send a request like ``httpx.AsyncClient.request``, with idempotency and retries."""
+        request, send, retryable = self._prepare(method, url, idempotency_key, kwargs)
+        return await self._send(request, send, retryable, stream=False)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[httpx.Response]:
+        """Like ``httpx.AsyncClient.stream``: retries happen before the body is handed over."""
+        request, send, retryable = self._prepare(method, url, idempotency_key, kwargs)
+        response = await self._send(request, send, retryable, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def get(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``GET`` (safe: no key, retried on transient failures)."""
+        return await self.request("GET", url, **kwargs)
+
+    async def head(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``HEAD``."""
+        return await self.request("HEAD", url, **kwargs)
+
+    async def options(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``OPTIONS``."""
+        return await self.request("OPTIONS", url, **kwargs)
+
+    async def post(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``POST`` with an ``Idempotency-Key``."""
+        return await self.request("POST", url, **kwargs)
+
+    async def put(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``PUT`` with an ``Idempotency-Key``."""
+        return await self.request("PUT", url, **kwargs)
+
+    async def patch(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``PATCH`` with an ``Idempotency-Key``."""
+        return await self.request("PATCH", url, **kwargs)
+
+    async def delete(self, url: httpx.URL | str, **kwargs: Any) -> httpx.Response:
+        """``DELETE`` with an ``Idempotency-Key``."""
+        return await self.request("DELETE", url, **kwargs)

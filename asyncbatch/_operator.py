@@ -1,0 +1,372 @@
+"""The operator's commands: status, failures, retry, locks, unlock, history, demo.
+
+Read-only commands never create a state file: a missing one is an error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ._exceptions import ConfigurationError
+from ._identity import Identity, input_hash
+from ._ledger import ItemInfo, Ledger, LockInfo
+from ._procinfo import holder_is_alive, this_process
+
+__all__ = ["COMMANDS", "add_operator_commands"]
+
+EXIT_OK = 0
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _age(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(time.time() - ts, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+async def _open(args: argparse.Namespace, *, job: bool = True) -> Ledger:
+    ledger = await Ledger.open(args.state, create=False)
+    if job and not await ledger.job_exists(args.job):
+        known = await ledger.jobs()
+        await ledger.close()
+        raise ConfigurationError(
+            f"unknown job {args.job!r} in state {args.state!r} "
+            f"(known: {', '.join(map(repr, known)) or 'none'})"
+        )
+    return ledger
+
+
+def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
+    alive = lock.expires_at >= time.time() and holder_is_alive(lock.holder) is not False
+    return {
+        "job": lock.job,
+        "owner": lock.owner,
+        "pid": lock.pid,
+        "host": lock.host,
+        "acquired_at": lock.acquired_at,
+        "expires_at": lock.expires_at,
+        "heartbeat_at": heartbeat,
+        "alive": alive,
+    }
+
+
+async def _identity(ledger: Ledger, job: str) -> Identity:
+    value = await ledger.job_identity(job)
+    return value if value in ("stat", "path", "content") else "stat"  # type: ignore[return-value]
+
+
+def _item_hash(identity: Identity, item: ItemInfo) -> str:
+    if identity == "content":
+        return item.key
+    return input_hash(identity, os.fsencode(item.relpath), item.size, item.mtime_ns, b"")
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+async def status(args: argparse.Namespace) -> int:
+    """``asyncbatch status``: counts by state, last run, oldest waiting item, lock holder."""
+    ledger = await _open(args)
+    try:
+        counts = await ledger.counts(args.job)
+        locks = [lock for lock in await ledger.locks() if lock.job == args.job]
+        runners = await ledger.runners(args.job)
+        beats = {owner: beat for owner, _, _, _, beat in runners}
+        runs = await ledger.runs(args.job, limit=1)
+        oldest = await ledger.oldest_waiting(args.job)
+    finally:
+        await ledger.close()
+    last = runs[0] if runs else None
+    lock_rows = [_lock_json(lock, beats.get(lock.owner)) for lock in locks]
+    shared: list[dict[str, Any]] = [
+        {"owner": o, "pid": pid, "host": host, "heartbeat_at": beat}
+        for o, pid, host, is_shared, beat in runners
+        if is_shared
+    ]
+    if args.json:
+        last_run = None
+        if last is not None:
+            duration = (last.finished_at or time.time()) - last.started_at
+            last_run = {
+                "started_at": last.started_at,
+                "finished_at": last.finished_at,
+                "done": last.done,
+                "seen": last.seen,
+                "failed": last.failed,
+                "dead": last.dead,
+                "rate": last.done / duration if duration > 0 else 0.0,
+                "exit_status": last.exit_status,
+            }
+        out = {
+            "job": args.job,
+            "state": args.state,
+            "counts": counts,
+            "total": sum(counts.values()),
+            "locks": lock_rows,
+            "shared_runners": shared,
+            "last_run": last_run,
+            "oldest_waiting_since": oldest,
+        }
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    console = Console()
+    table = Table(title=f"job {args.job!r} in {args.state}", show_header=True)
+    for state in counts:
+        table.add_column(state, justify="right")
+    table.add_row(*(str(n) for n in counts.values()))
+    console.print(table)
+    if last is None:
+        console.print("last run: never")
+    else:
+        duration = (last.finished_at or time.time()) - last.started_at
+        rate = last.done / duration if duration > 0 else 0.0
+        console.print(
+            f"last run: {_when(last.started_at)}, {last.done} done of {last.seen} seen in "
+            f"{duration:.1f}s ({rate:.0f}/s), {last.failed} failed attempts, {last.dead} dead, "
+            f"exit {last.exit_status or 'still running'}"
+        )
+    console.print(f"oldest waiting item: {_when(oldest) if oldest else 'none'}")
+    if not lock_rows:
+        console.print("lock: none")
+    for lock in lock_rows:
+        console.print(
+            f"lock: held by pid {lock['pid']} on {lock['host']} since "
+            f"{_when(lock['acquired_at'])}, heartbeat {_age(lock['heartbeat_at'])}"
+            f"{'' if lock['alive'] else ' (STALE: holder gone or heartbeat expired)'}"
+        )
+    for runner in shared:
+        console.print(
+            f"shared runner: pid {runner['pid']} on {runner['host']}, heartbeat "
+            f"{_age(runner['heartbeat_at'])}"
+        )
+    return EXIT_OK
+
+
+# -- failures and retry --------------------------------------------------------------------------
+
+
+async def failures(args: argparse.Namespace) -> int:
+    """``asyncbatch failures``: failed and dead items with their last error."""
+    ledger = await _open(args)
+    try:
+        items = await ledger.failures(args.job, args.limit)
+        identity = await _identity(ledger, args.job)
+    finally:
+        await ledger.close()
+    rows: list[dict[str, Any]] = [
+        {
+            "key": item.key,
+            "relpath": item.relpath,
+            "state": item.state,
+            "attempts": item.attempts,
+            "error": (item.last_error or "").splitlines()[0] if item.last_error else "",
+            "input_hash": _item_hash(identity, item),
+            "updated_at": item.updated_at,
+        }
+        for item in items
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"job {args.job!r}: no failed or dead items")
+        return EXIT_OK
+    table = Table(title=f"failed and dead items of job {args.job!r}")
+    for column in ("when", "state", "attempts", "relpath", "error", "key", "input hash"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            _when(r["updated_at"]),
+            r["state"],
+            str(r["attempts"]),
+            r["relpath"],
+            r["error"],
+            r["key"],
+            r["input_hash"][:16],
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+async def retry(args: argparse.Namespace) -> int:
+    """``asyncbatch retry``: put failed (and with --dead, dead) items back to pending."""
+    ledger = await _open(args)
+    try:
+        keys: list[str] | None = None
+        if args.items:
+            keys = []
+            for name in args.items:
+                found = await ledger.find_items(args.job, name)
+                if not found:
+                    raise ConfigurationError(f"unknown item {name!r} in job {args.job!r}")
+                keys.extend(item.key for item in found)
+        changed = await ledger.retry(args.job, keys, dead=args.dead)
+    finally:
+        await ledger.close()
+    which = "failed or dead" if args.dead else "failed"
+    print(f"{changed} {which} item{'s' if changed != 1 else ''} put back to pending")
+    return EXIT_OK
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+
+async def locks(args: argparse.Namespace) -> int:
+    """``asyncbatch locks``: every job lock, with whether its holder is alive."""
+    ledger = await _open(args, job=False)
+    try:
+        rows = []
+        for lock in await ledger.locks():
+            beats = {o: beat for o, _, _, _, beat in await ledger.runners(lock.job)}
+            rows.append(_lock_json(lock, beats.get(lock.owner)))
+    finally:
+        await ledger.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no job locks")
+        return EXIT_OK
+    for r in rows:
+        print(
+            f"{r['job']}: pid {r['pid']} on {r['host']} since {_when(r['acquired_at'])}, "
+            f"heartbeat {_age(r['heartbeat_at'])}, {'alive' if r['alive'] else 'STALE'}"
+        )
+    return EXIT_OK
+
+
+async def unlock(args: argparse.Namespace) -> int:
+    """``asyncbatch unlock JOB``: remove a stale job lock (a live one only with --force)."""
+    ledger = await _open(args, job=False)
+    try:
+        held = [lock for lock in await ledger.locks() if lock.job == args.lock_job]
+        if not held:
+            raise ConfigurationError(f"job {args.lock_job!r} has no lock in {args.state!r}")
+        lock = held[0]
+        alive = holder_is_alive(lock.holder, me=this_process())
+        live = lock.expires_at >= time.time() and alive is not False
+        if live and not args.force:
+            raise ConfigurationError(
+                f"job {args.lock_job!r} is locked by pid {lock.pid} on {lock.host!r}, which "
+                f"{'is alive' if alive else 'may be alive (other host, heartbeat current)'}; "
+                "pass --force to remove the lock anyway"
+            )
+        removed = await ledger.force_unlock(args.lock_job, lock.owner)
+    finally:
+        await ledger.close()
+    print(
+        f"removed the {'live' if live else 'stale'} lock of job {args.lock_job!r} "
+        f"(pid {lock.pid} on {lock.host})"
+        if removed
+        else f"the lock of job {args.lock_job!r} changed meanwhile; nothing removed"
+    )
+    return EXIT_OK
+
+
+# -- history -------------------------------------------------------------------------------------
+
+
+async def history(args: argparse.Namespace) -> int:
+    """``asyncbatch history``: one line per run."""
+    ledger = await _open(args)
+    try:
+        runs = await ledger.runs(args.job, args.limit)
+    finally:
+        await ledger.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in runs], indent=2))
+        return EXIT_OK
+    if not runs:
+        print(f"job {args.job!r}: no runs")
+    for r in reversed(runs):
+        duration = (r.finished_at or time.time()) - r.started_at
+        print(
+            f"#{r.id} {_when(r.started_at)} -> {_when(r.finished_at)} ({duration:.1f}s) "
+            f"{r.mode} by pid {r.pid} on {r.host}: seen {r.seen}, done {r.done}, "
+            f"failed {r.failed}, dead {r.dead}, vanished {r.vanished}; "
+            f"exit {r.exit_status or 'running (or killed)'}"
+        )
+    return EXIT_OK
+
+
+# -- wiring --------------------------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._demo import demo
+
+    return await demo(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "status": status,
+    "failures": failures,
+    "retry": retry,
+    "locks": locks,
+    "unlock": unlock,
+    "history": history,
+    "demo": _demo,
+}
+
+
+def add_operator_commands(
+    sub: Any,
+    add_state: Callable[..., None],
+    add_logging: Callable[[argparse.ArgumentParser], None],
+    positive_int: Callable[[str], Any],
+) -> None:
+    """Add the operator subcommands to the CLI's subparsers."""
+    p = sub.add_parser("status", help="counts by state, last run, lock holder")
+    add_state(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("failures", help="failed and dead items with their last error")
+    add_state(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=positive_int, default=50)
+
+    p = sub.add_parser("retry", help="put failed (and --dead) items back to pending")
+    add_state(p)
+    p.add_argument("--dead", action="store_true", help="dead items too")
+    p.add_argument("items", nargs="*", metavar="KEY|RELPATH")
+
+    p = sub.add_parser("locks", help="show the job locks")
+    add_state(p, job=False)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("unlock", help="remove a stale job lock")
+    p.add_argument("lock_job", metavar="JOB")
+    add_state(p, job=False)
+    p.add_argument("--force", action="store_true", help="remove even a live holder's lock")
+
+    p = sub.add_parser("history", help="one line per run")
+    add_state(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=positive_int, default=50)
+
+    p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
+    p.add_argument("--dir", default="demo", help="where to put the demo (default: demo)")
+    p.add_argument("--files", type=positive_int, default=3000)
+    p.add_argument("--no-progress", action="store_true")
+    add_logging(p)

@@ -1,0 +1,89 @@
+"""Facts about processes: who we are, and whether a recorded holder is still alive.
+
+A lock or a lease records ``(host, pid, pid_start)``. On the same host, the holder is alive when
+that pid exists, is not a zombie, and started at the recorded time: a pid reused by another
+process after a crash is not mistaken for the holder. ``pid_start`` combines the boot id with the
+process start time in clock ticks (Linux ``/proc``); elsewhere it is ``None`` and only the pid is
+compared.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+__all__ = ["ProcessIdentity", "holder_is_alive", "this_process"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """Who holds a lock or a lease."""
+
+    host: str
+    pid: int
+    pid_start: str | None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces or ')'.
+    return text[text.rfind(")") + 2 :].split()
+
+
+def process_start(pid: int) -> str | None:
+    """Return ``"<boot_id>:<start ticks>"`` for ``pid``, or ``None`` where it cannot be read."""
+    fields = _stat_fields(pid)
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    if fields is None or boot is None or len(fields) < 20:
+        return None
+    return f"{boot.strip()}:{fields[19]}"
+
+
+def this_process() -> ProcessIdentity:
+    """The identity of the calling process."""
+    pid = os.getpid()
+    return ProcessIdentity(host=socket.gethostname(), pid=pid, pid_start=process_start(pid))
+
+
+def _pid_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    fields = _stat_fields(pid)
+    # A zombie has exited; it only waits for its parent to reap it.
+    return not (fields is not None and fields and fields[0] in ("Z", "X"))
+
+
+def holder_is_alive(holder: ProcessIdentity, *, me: ProcessIdentity | None = None) -> bool | None:
+    """Whether the recorded holder still runs.
+
+    Returns ``True`` or ``False`` for a holder on this host, and ``None`` (unknown) for a holder
+    on another host: only its heartbeat can tell.
+    """
+    me = me or this_process()
+    if holder.host != me.host:
+        return None
+    if holder.pid == me.pid:
+        return holder.pid_start == me.pid_start or holder.pid_start is None
+    if not _pid_exists(holder.pid):
+        return False
+    if holder.pid_start is not None:
+        current = process_start(holder.pid)
+        if current is not None and current != holder.pid_start:
+            return False
+    return True

@@ -1,0 +1,298 @@
+"""List the settled files of a directory: ``os.scandir`` in a worker thread, a chunk per hop.
+
+A scan yields *records*: one compact ``bytes`` per regular file,
+
+    mtime (8 bytes, big-endian, offset so negatives sort first) | relpath | NUL | size | inode
+
+so that sorting the records sorts by ``(mtime_ns, relpath)`` byte-wise, a million entries take
+tens of megabytes rather than the ~900 B of a ``DirEntry``, and no ``DirEntry`` outlives its
+chunk. Names stay bytes end to end: a non-UTF-8 name round-trips.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import re
+import stat
+import struct
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.to_thread
+
+__all__ = [
+    "DEFAULT_SKIP_SUFFIXES",
+    "Entry",
+    "ScanRules",
+    "Scanner",
+    "content_digest",
+    "open_regular",
+    "pack",
+    "split",
+    "unpack",
+]
+
+log = logging.getLogger("asyncbatch.scanner")
+
+#: Names ending with these are partial or temporary and are never handled.
+DEFAULT_SKIP_SUFFIXES: tuple[bytes, ...] = (b".tmp", b"~", b".swp", b".part", b".crdownload")
+
+_OFFSET = 1 << 63
+_HEAD = struct.Struct(">Q")
+_TAIL = struct.Struct(">QQ")
+#: Directory entries examined per thread hop.
+CHUNK = 4096
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One settled regular file, as the scan saw it.
+
+    ``relpath`` uses ``/`` separators and is decoded with ``surrogateescape``, so
+    ``os.fsencode(relpath)`` gives back the exact bytes of a non-UTF-8 name.
+    """
+
+    path: Path
+    relpath: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def pack(mtime_ns: int, relpath: bytes, size: int, inode: int) -> bytes:
+    """Encode one scanned file as a record that sorts by ``(mtime_ns, relpath)``."""
+    return _HEAD.pack(mtime_ns + _OFFSET) + relpath + b"\0" + _TAIL.pack(size, inode)
+
+
+def unpack(record: bytes) -> tuple[int, bytes, int, int]:
+    """Decode a record into ``(mtime_ns, relpath, size, inode)``."""
+    size, inode = _TAIL.unpack_from(record, len(record) - 16)
+    return _HEAD.unpack_from(record)[0] - _OFFSET, record[8:-17], size, inode
+
+
+def split(record: bytes) -> tuple[bytes, bytes]:
+    """``(relpath, signature)``: the signature changes when mtime, size or inode change."""
+    return record[8:-17], record[:8] + record[-16:]
+
+
+class ScanRules:
+    """Which names the scanner skips: temporary and hidden names, plus ``ignore`` globs.
+
+    A glob without ``/`` matches a file or directory *name* anywhere; a glob with ``/`` matches
+    the path relative to the source. Ignored directories are not descended into.
+    """
+
+    def __init__(self, ignore: Sequence[str] = ()) -> None:
+        self.ignore = tuple(ignore)
+        names = [fnmatch.translate(p) for p in ignore if "/" not in p]
+        paths = [fnmatch.translate(p.strip("/")) for p in ignore if "/" in p]
+        self._names = re.compile("|".join(names)) if names else None
+        self._paths = re.compile("|".join(paths)) if paths else None
+
+    def skips(self, name: bytes, relpath: bytes, *, is_dir: bool = False) -> bool:
+        """Whether an entry with this name and relative path is never handled."""
+        if name.startswith(b"."):
+            return True
+        if not is_dir and name.endswith(DEFAULT_SKIP_SUFFIXES):
+            return True
+        if self._names is None and self._paths is None:
+            return False
+        if self._names is not None and self._names.match(os.fsdecode(name)):
+            return True
+        return self._paths is not None and bool(self._paths.match(os.fsdecode(relpath)))
+
+    def hides(self, relpath: bytes, *, recursive: bool, is_dir: bool) -> bool:
+        """Whether a path under the source is out of the scanner's sight.
+
+        Used to refuse a state file, an output or an archive directory the scan would pick up.
+        """
+        parts = relpath.split(b"/")
+        if not recursive and (is_dir or len(parts) > 1):
+            return True
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if self.skips(part, b"/".join(parts[: i + 1]), is_dir=is_dir or not last):
+                return True
+        return False
+
+
+def open_regular(
+    dir_fd: int | None, relpath: bytes, *, follow_symlinks: bool = False
+) -> tuple[int, os.stat_result]:
+    """Open a file for reading without following a final symlink or blocking on a FIFO.
+
+    Returns the fd and its ``fstat``. Raises ``FileNotFoundError`` when it vanished and
+    ``OSError`` when it is not a regular file any more (a FIFO is never waited on).
+    """
+    flags = _OPEN_FLAGS & ~os.O_NOFOLLOW if follow_symlinks else _OPEN_FLAGS
+    fd = os.open(relpath, flags, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"not a regular file any more: {os.fsdecode(relpath)!r}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def content_digest(
+    dir_fd: int, relpath: bytes, size: int, mtime_ns: int, *, follow_symlinks: bool = False
+) -> bytes | None:
+    """sha256 of a file's bytes, or ``None`` when it vanished or changed since it was scanned."""
+    try:
+        fd, st = open_regular(dir_fd, relpath, follow_symlinks=follow_symlinks)
+    except OSError:
+        return None
+    try:
+        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+            return None
+        h = hashlib.sha256()
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+        return h.digest()
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    root: bytes
+    rules: ScanRules
+    recursive: bool
+    follow_symlinks: bool
+    settled_before_ns: int | None  # None: every regular file, settled or not
+
+
+def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
+    """Yield chunks of records; runs in a worker thread, one ``next()`` per hop."""
+    real_root = os.path.realpath(w.root)
+    root_fd = os.open(w.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st_root = os.fstat(root_fd)
+        visited = {(st_root.st_dev, st_root.st_ino)}
+        stack: list[bytes] = [b""]
+        out: list[bytes] = []
+        examined = 0
+        while stack:
+            prefix = stack.pop()
+            where = os.path.join(w.root, prefix) if prefix else w.root
+            try:
+                it = os.scandir(where)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except PermissionError as e:
+                if not prefix:
+                    raise
+                log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
+                continue
+            with it:
+                for de in it:
+                    examined += 1
+                    if examined % CHUNK == 0:
+                        yield out
+                        out = []
+                    name = de.name
+                    rel = prefix + b"/" + name if prefix else name
+                    try:
+                        if de.is_symlink():
+                            if not w.follow_symlinks:
+                                continue
+                            target = os.path.realpath(de.path)
+                            if os.path.commonpath([real_root, target]) != real_root:
+                                continue
+                            st = os.stat(de.path)
+                            if stat.S_ISDIR(st.st_mode):
+                                key = (st.st_dev, st.st_ino)
+                                if (
+                                    w.recursive
+                                    and key not in visited
+                                    and not w.rules.skips(name, rel, is_dir=True)
+                                ):
+                                    visited.add(key)
+                                    stack.append(rel)
+                                continue
+                        elif de.is_dir(follow_symlinks=False):
+                            if w.recursive and not w.rules.skips(name, rel, is_dir=True):
+                                stack.append(rel)
+                            continue
+                        elif de.is_file(follow_symlinks=False):
+                            if w.rules.skips(name, rel):
+                                continue
+                            st = de.stat(follow_symlinks=False)
+                        else:
+                            continue  # FIFO, socket, device: never opened
+                    except OSError:
+                        continue  # vanished between listing and stat
+                    if not stat.S_ISREG(st.st_mode) or w.rules.skips(name, rel):
+                        continue
+                    mtime = st.st_mtime_ns
+                    if w.settled_before_ns is not None and mtime > w.settled_before_ns:
+                        continue
+                    out.append(pack(mtime, rel, st.st_size, st.st_ino))
+        yield out
+    finally:
+        os.close(root_fd)
+
+
+class Scanner:
+    """Lists a source directory off the event loop, a chunk of entries per thread hop.
+
+    Guarantees: only regular files (no symlinks unless ``follow_symlinks``, and then never
+    outside the source), no temporary or hidden names, no ignored names; every record's stat
+    comes from the one ``scandir`` pass, never a second ``stat``.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        *,
+        rules: ScanRules,
+        recursive: bool = False,
+        follow_symlinks: bool = False,
+    ) -> None:
+        self.source = source
+        self.rules = rules
+        self.recursive = recursive
+        self.follow_symlinks = follow_symlinks
+
+    async def scan(
+        self,
+        *,
+        settle: float | None,
+        now_ns: int | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> list[bytes]:
+        """Return the records of the files settled ``settle`` seconds before ``now_ns``.
+
+        With ``settle=None`` every regular file is returned. The list is sorted by
+        ``(mtime_ns, relpath)``. Raises ``OSError`` when the source itself cannot be listed.
+        """
+        if now_ns is None:
+            now_ns = time.time_ns()
+        cutoff = None if settle is None else now_ns - int(settle * 1e9)
+        walk = _Walk(
+            root=os.fsencode(self.source),
+            rules=self.rules,
+            recursive=self.recursive,
+            follow_symlinks=self.follow_symlinks,
+            settled_before_ns=cutoff,
+        )
+        gen = _walk(walk)
+        records: list[bytes] = []
+        try:
+            while (chunk := await anyio.to_thread.run_sync(next, gen, None)) is not None:
+                records.extend(chunk)
+                if on_chunk is not None:
+                    on_chunk(len(records))
+        finally:
+            gen.close()
+        records.sort()
+        return records

@@ -1,0 +1,296 @@
+"""Every SQL statement of the SQLite ledger, named, in one place.
+
+Conventions: times are Unix seconds (REAL) from the runner's wall clock; every statement that
+writes runs inside ``BEGIN IMMEDIATE``; every item write is conditioned on ``owner`` and
+``fence`` so a runner whose lease was taken over cannot change the item any more.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
+APPLICATION_ID: Final = 0x41424348
+#: The schema version this code writes (``PRAGMA user_version``).
+SCHEMA_VERSION: Final = 1
+
+#: Item states, and which of them are final until an operator says otherwise.
+STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
+
+# Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
+MIGRATIONS: Final[dict[int, str]] = {
+    0: """
+CREATE TABLE meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE jobs (
+    job        TEXT PRIMARY KEY,
+    identity   TEXT NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE items (
+    job             TEXT    NOT NULL,
+    key             TEXT    NOT NULL,
+    relpath         BLOB    NOT NULL,
+    size            INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    inode           INTEGER NOT NULL DEFAULT 0,
+    state           TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    owner           TEXT,
+    fence           INTEGER NOT NULL DEFAULT 0,
+    lease_until     REAL,
+    next_attempt_at REAL,
+    last_error      TEXT,
+    post_action     TEXT,
+    created_at      REAL    NOT NULL,
+    updated_at      REAL    NOT NULL,
+    done_at         REAL,
+    PRIMARY KEY (job, key)
+) WITHOUT ROWID;
+
+-- Only items waiting for a (re)try are indexed: new items are inserted already leased and
+-- go straight to done, so the index costs nothing on the fast path.
+CREATE INDEX items_waiting ON items (job, state, next_attempt_at)
+    WHERE state IN ('pending', 'failed');
+
+CREATE TABLE task_lock (
+    job_id      TEXT PRIMARY KEY,
+    owner       TEXT    NOT NULL,
+    pid         INTEGER,
+    host        TEXT,
+    pid_start   TEXT,
+    acquired_at REAL    NOT NULL,
+    expires_at  REAL    NOT NULL
+);
+
+CREATE TABLE runners (
+    owner        TEXT PRIMARY KEY,
+    job          TEXT    NOT NULL,
+    pid          INTEGER,
+    host         TEXT,
+    pid_start    TEXT,
+    shared       INTEGER NOT NULL,
+    started_at   REAL    NOT NULL,
+    heartbeat_at REAL    NOT NULL,
+    expires_at   REAL    NOT NULL
+);
+
+CREATE TABLE runs (
+    id          INTEGER PRIMARY KEY,
+    job         TEXT    NOT NULL,
+    owner       TEXT    NOT NULL,
+    pid         INTEGER,
+    host        TEXT,
+    mode        TEXT    NOT NULL,
+    started_at  REAL    NOT NULL,
+    finished_at REAL,
+    seen        INTEGER NOT NULL DEFAULT 0,
+    done        INTEGER NOT NULL DEFAULT 0,
+    failed      INTEGER NOT NULL DEFAULT 0,
+    dead        INTEGER NOT NULL DEFAULT 0,
+    vanished    INTEGER NOT NULL DEFAULT 0,
+    exit_status TEXT
+);
+CREATE INDEX runs_job ON runs (job, started_at);
+
+CREATE TABLE idempotency_keys (
+    scope        TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    fingerprint  TEXT    NOT NULL,
+    state        TEXT    NOT NULL,
+    status       INTEGER,
+    headers      TEXT,
+    body         BLOB,
+    created_at   REAL    NOT NULL,
+    locked_until REAL    NOT NULL,
+    expires_at   REAL    NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
+""",
+}
+
+# -- opening -------------------------------------------------------------------------------------
+
+SCHEMA_OBJECTS = "SELECT count(*) FROM sqlite_schema"
+GET_META = "SELECT value FROM meta WHERE name = ?"
+PUT_META = "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)"
+
+GET_JOB = "SELECT identity FROM jobs WHERE job = ?"
+ADD_JOB = "INSERT OR IGNORE INTO jobs (job, identity, created_at) VALUES (?, ?, ?)"
+LIST_JOBS = "SELECT job FROM jobs ORDER BY job"
+
+# -- the job lock --------------------------------------------------------------------------------
+
+LOCK_INSERT = """
+INSERT OR IGNORE INTO task_lock (job_id, owner, pid, host, pid_start, acquired_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+LOCK_GET = """
+SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at FROM task_lock WHERE job_id = ?
+"""
+LOCK_LIST = """
+SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at FROM task_lock ORDER BY job_id
+"""
+LOCK_TAKE_OVER = """
+UPDATE task_lock SET owner = ?, pid = ?, host = ?, pid_start = ?, acquired_at = ?, expires_at = ?
+WHERE job_id = ? AND owner = ?
+"""
+LOCK_EXTEND = "UPDATE task_lock SET expires_at = ? WHERE job_id = ? AND owner = ?"
+LOCK_RELEASE = "DELETE FROM task_lock WHERE job_id = ? AND owner = ?"
+
+# -- runners (liveness of item owners) -----------------------------------------------------------
+
+RUNNER_ADD = """
+INSERT INTO runners (owner, job, pid, host, pid_start, shared, started_at, heartbeat_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+RUNNER_EXTEND = "UPDATE runners SET heartbeat_at = ?, expires_at = ? WHERE owner = ?"
+RUNNER_REMOVE = "DELETE FROM runners WHERE owner = ?"
+RUNNERS_OF_JOB = """
+SELECT owner, pid, host, pid_start, shared, started_at, heartbeat_at, expires_at
+FROM runners WHERE job = ?
+"""
+# Hand the items of a runner that is gone back to the ledger (a full scan: runs after a crash).
+REAP_ITEMS = """
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
+WHERE job = ? AND owner = ? AND state = 'running'
+"""
+
+# -- claims --------------------------------------------------------------------------------------
+
+_CLAIMABLE = """(
+       items.state IN ('pending', 'vanished')
+    OR (items.state = 'failed' AND items.next_attempt_at <= ?4)
+    OR (items.state = 'running' AND items.lease_until < ?4))"""
+
+_CLAIM_HEAD = """
+INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, owner, fence,
+                   lease_until, created_at, updated_at)
+VALUES """
+_CLAIM_ROW = "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, 'running', 1, ?2, 1, ?3, ?4, ?4)"
+_CLAIM_TAIL = f"""
+ON CONFLICT (job, key) DO UPDATE SET
+    state       = CASE WHEN {_CLAIMABLE} THEN 'running' ELSE items.state END,
+    owner       = CASE WHEN {_CLAIMABLE} THEN ?2 ELSE items.owner END,
+    fence       = CASE WHEN {_CLAIMABLE} THEN items.fence + 1 ELSE items.fence END,
+    attempts    = CASE WHEN {_CLAIMABLE} THEN items.attempts + 1 ELSE items.attempts END,
+    lease_until = CASE WHEN {_CLAIMABLE} THEN ?3 ELSE items.lease_until END,
+    relpath     = CASE WHEN {_CLAIMABLE} THEN excluded.relpath ELSE items.relpath END,
+    size        = CASE WHEN {_CLAIMABLE} THEN excluded.size ELSE items.size END,
+    mtime_ns    = CASE WHEN {_CLAIMABLE} THEN excluded.mtime_ns ELSE items.mtime_ns END,
+    inode       = CASE WHEN {_CLAIMABLE} THEN excluded.inode ELSE items.inode END,
+    updated_at  = ?4
+WHERE {_CLAIMABLE}
+   OR items.state = 'dead'
+   OR (items.state = 'done' AND items.post_action IS NOT NULL)
+RETURNING key, state, fence, attempts, post_action
+"""
+#: Columns bound per row of a scanned-chunk claim (after the 4 shared ones).
+CLAIM_ROW_PARAMS: Final = 5
+
+
+def claim_scanned(rows: int) -> str:
+    """Register ``rows`` scanned entries and lease the claimable ones, in one statement.
+
+    Shared parameters: ``?1`` job, ``?2`` owner, ``?3`` lease_until, ``?4`` now; then per row
+    ``key, relpath, size, mtime_ns, inode``. New entries are inserted already leased to us.
+    Returns the rows leased to us (``state='running'``), plus dead rows and finished rows whose
+    post-commit action may still be due.
+    """
+    values = ",".join(
+        _CLAIM_ROW.format(*range(5 + CLAIM_ROW_PARAMS * i, 10 + CLAIM_ROW_PARAMS * i))
+        for i in range(rows)
+    )
+    return _CLAIM_HEAD + values + _CLAIM_TAIL
+
+
+# Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
+CLAIM_WAITING = """
+UPDATE items SET state = 'running', owner = ?2, fence = fence + 1, attempts = attempts + 1,
+                 lease_until = ?3, updated_at = ?4
+WHERE job = ?1 AND key IN (
+    SELECT key FROM items
+    WHERE job = ?1 AND (state = 'pending' OR (state = 'failed' AND next_attempt_at <= ?4))
+    ORDER BY mtime_ns, relpath LIMIT ?5)
+RETURNING key, relpath, size, mtime_ns, inode, fence, attempts
+"""
+NEXT_RETRY_AT = """
+SELECT min(next_attempt_at) FROM items WHERE job = ? AND state = 'failed'
+"""
+WAITING_COUNT = """
+SELECT count(*) FROM items WHERE job = ? AND state IN ('pending', 'failed')
+"""
+
+# -- outcomes ------------------------------------------------------------------------------------
+
+MARK_DONE = """
+UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, last_error = NULL,
+                 post_action = ?, updated_at = ?, done_at = ?
+WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+"""
+MARK_FAILED = """
+UPDATE items SET state = ?, lease_until = NULL, next_attempt_at = ?, last_error = ?,
+                 post_action = ?, updated_at = ?
+WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+"""
+RELEASE_ITEM = """
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL,
+                 attempts = max(attempts - ?, 0), updated_at = ?
+WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+"""
+EXTEND_LEASE = """
+UPDATE items SET lease_until = ? WHERE job = ? AND key = ? AND owner = ? AND fence = ?
+    AND state = 'running'
+"""
+CLEAR_POST_ACTION = "UPDATE items SET post_action = NULL WHERE job = ? AND key = ?"
+
+# -- reading -------------------------------------------------------------------------------------
+
+COUNTS = "SELECT state, count(*) FROM items WHERE job = ? GROUP BY state"
+ITEM_BY_KEY = """
+SELECT key, relpath, size, mtime_ns, state, attempts, last_error, updated_at
+FROM items WHERE job = ? AND key = ?
+"""
+ITEMS_BY_RELPATH = """
+SELECT key, relpath, size, mtime_ns, state, attempts, last_error, updated_at
+FROM items WHERE job = ? AND relpath = ?
+"""
+FAILURES = """
+SELECT key, relpath, size, mtime_ns, state, attempts, last_error, updated_at
+FROM items WHERE job = ? AND state IN ('failed', 'dead')
+ORDER BY updated_at DESC LIMIT ?
+"""
+OLDEST_WAITING = """
+SELECT min(created_at) FROM items WHERE job = ? AND state IN ('pending', 'failed')
+"""
+RETRY_ITEM = """
+UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
+                 lease_until = NULL, updated_at = ?
+WHERE job = ? AND key = ? AND state IN ({states})
+"""
+RETRY_ALL = """
+UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
+                 lease_until = NULL, updated_at = ?
+WHERE job = ? AND state IN ({states})
+"""
+
+# -- runs ----------------------------------------------------------------------------------------
+
+RUN_START = """
+INSERT INTO runs (job, owner, pid, host, mode, started_at) VALUES (?, ?, ?, ?, ?, ?)
+"""
+RUN_FINISH = """
+UPDATE runs SET finished_at = ?, seen = ?, done = ?, failed = ?, dead = ?, vanished = ?,
+                exit_status = ?
+WHERE id = ?
+"""
+RUNS_OF_JOB = """
+SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, failed, dead,
+       vanished, exit_status
+FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
+"""

@@ -1,0 +1,105 @@
+"""Shared helpers: real inboxes in tmp_path, real SQLite ledgers, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+HANDLERS = HERE / "cli_handlers.py"
+
+
+def make_files(
+    directory: Path, count: int, *, age: float = 30.0, prefix: str = "f", size: int = 16
+) -> list[Path]:
+    """Create ``count`` settled files (mtime ``age`` seconds ago, 1 ms apart)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = time.time() - age
+    paths = []
+    for i in range(count):
+        path = directory / f"{prefix}{i:05d}.txt"
+        path.write_bytes(f"{prefix}{i:05d}\n".encode().ljust(size, b"."))
+        os.utime(path, (base + i / 1000, base + i / 1000))
+        paths.append(path)
+    return paths
+
+
+def rows(state: Path, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run a read query against a ledger with plain sqlite3."""
+    db = sqlite3.connect(state)
+    try:
+        return list(db.execute(query, params))
+    finally:
+        db.close()
+
+
+def state_counts(state: Path, job: str = "default") -> dict[str, int]:
+    """Items by state."""
+    found = rows(state, "SELECT state, count(*) FROM items WHERE job=? GROUP BY state", (job,))
+    return {str(s): int(n) for s, n in found}
+
+
+def cli(
+    *args: str | os.PathLike[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    prefix: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m asyncbatch ARGS`` and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "asyncbatch", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def spawn(
+    *args: str | os.PathLike[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """Start ``python -m asyncbatch ARGS`` in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "asyncbatch", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    """An empty source directory."""
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """Where the ledger goes (not created yet)."""
+    return tmp_path / "state.db"

@@ -1,0 +1,339 @@
+"""Batch end to end in-process: once per file, order, retries, isolation, bad inputs, stop."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncbatch import (
+    AsyncBatchError,
+    Batch,
+    ConfigurationError,
+    PermanentError,
+    TaskContext,
+)
+
+from .conftest import make_files, rows, state_counts
+
+
+async def test_every_settled_file_is_handled_once_and_rerun_redoes_nothing(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 300)
+    seen: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        data = await ctx.read_bytes()
+        assert data.startswith(ctx.entry.relpath.removesuffix(".txt").encode())
+        seen.append(ctx.entry.relpath)
+
+    batch = Batch(handle, source=inbox, state=state, concurrency=16)
+    first = await batch.run()
+    second = await batch.run()
+
+    assert sorted(seen) == sorted(p.name for p in inbox.iterdir())
+    assert (first.done, first.seen, first.ok) == (300, 300, True)
+    assert (second.done, second.skipped, second.ok) == (0, 300, True)
+    assert state_counts(state) == {"done": 300}
+    assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
+    assert rows(state, "SELECT count(*) FROM runners") == [(0,)]
+
+
+async def test_a_changed_file_is_new_work_with_stat_identity(inbox: Path, state: Path) -> None:
+    (path,) = make_files(inbox, 1)
+    contents: list[bytes] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        contents.append(await ctx.read_bytes())
+
+    batch = Batch(handle, source=inbox, state=state)
+    await batch.run()
+    path.write_bytes(b"second version")
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    await batch.run()
+
+    assert contents[1] == b"second version"
+    assert len(contents) == 2
+
+
+async def test_path_identity_handles_each_name_once(inbox: Path, state: Path) -> None:
+    (path,) = make_files(inbox, 1)
+    calls: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.key)
+
+    await Batch(handle, source=inbox, state=state, identity="path").run()
+    path.write_bytes(b"changed")
+    os.utime(path, (time.time() - 10,) * 2)
+    await Batch(handle, source=inbox, state=state, identity="path").run()
+
+    assert len(calls) == 1
+
+
+async def test_content_identity_handles_each_content_once(inbox: Path, state: Path) -> None:
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (inbox / name).write_bytes(b"same bytes" if name != "c.txt" else b"other bytes")
+        os.utime(inbox / name, (time.time() - 10,) * 2)
+    hashes: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        hashes.append(ctx.input_hash)
+
+    await Batch(handle, source=inbox, state=state, identity="content").run()
+
+    import hashlib
+
+    assert sorted(hashes) == sorted(
+        {hashlib.sha256(b"same bytes").hexdigest(), hashlib.sha256(b"other bytes").hexdigest()}
+    )
+
+
+async def test_files_are_handled_in_mtime_then_relpath_order(inbox: Path, state: Path) -> None:
+    base = time.time() - 100
+    names = [f"n{i:03d}.txt" for i in range(60)]
+    rng = random.Random(7)
+    stamps = {name: base + rng.randrange(20) for name in names}  # many mtime ties
+    for name in names:
+        (inbox / name).write_text(name)
+        os.utime(inbox / name, (stamps[name], stamps[name]))
+    order: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        order.append(ctx.entry.relpath)
+
+    await Batch(handle, source=inbox, state=state, concurrency=1, claim_batch=7).run()
+
+    expected = sorted(names, key=lambda n: ((inbox / n).stat().st_mtime_ns, n))
+    assert order == expected
+
+
+async def test_failures_are_retried_with_backoff_then_dead(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    attempts: dict[str, list[int]] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        attempts.setdefault(ctx.entry.relpath, []).append(ctx.attempt)
+        if ctx.entry.relpath == "f00001.txt":
+            raise ValueError("bad row 7")
+        if ctx.entry.relpath == "f00002.txt" and ctx.attempt == 1:
+            raise ConnectionError("flaky")
+
+    report = await Batch(handle, source=inbox, state=state, max_attempts=3, backoff=0.01).run()
+
+    assert attempts == {"f00000.txt": [1], "f00001.txt": [1, 2, 3], "f00002.txt": [1, 2]}
+    assert (report.done, report.dead, report.failed, report.ok) == (2, 1, 4, False)
+    ((error, state_name),) = rows(state, "SELECT last_error, state FROM items WHERE state='dead'")
+    assert (error, state_name) == ("ValueError: bad row 7", "dead")
+
+
+async def test_a_dead_file_still_in_the_inbox_keeps_the_run_not_ok(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "f00000.txt":
+            raise PermanentError("unsupported format")
+
+    first = await Batch(handle, source=inbox, state=state).run()
+    second = await Batch(handle, source=inbox, state=state).run()
+
+    assert (first.dead, first.failed, first.done) == (1, 1, 1)
+    assert (second.dead, second.dead_seen, second.ok) == (0, 1, False)
+
+
+async def test_a_handler_timeout_fails_the_item(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+
+    async def handle(ctx: TaskContext) -> None:
+        await anyio.sleep(10)
+
+    report = await Batch(handle, source=inbox, state=state, timeout=0.05, max_attempts=1).run()
+
+    assert report.dead == 1
+    assert "ran over 0.05s" in rows(state, "SELECT last_error FROM items")[0][0]
+
+
+async def test_a_file_vanishing_before_handling_is_marked_vanished(
+    inbox: Path, state: Path
+) -> None:
+    _, second = make_files(inbox, 2)
+
+    async def handle(ctx: TaskContext) -> None:
+        second.unlink(missing_ok=True)
+
+    report = await Batch(handle, source=inbox, state=state, concurrency=1).run()
+    again = await Batch(handle, source=inbox, state=state, concurrency=1).run()
+
+    assert (report.done, report.vanished, report.ok) == (1, 1, True)
+    assert (again.done, again.vanished) == (0, 0)
+    assert state_counts(state) == {"done": 1, "vanished": 1}
+
+
+async def test_a_file_changed_after_the_scan_is_not_handled_as_the_old_version(
+    inbox: Path, state: Path
+) -> None:
+    first, second = make_files(inbox, 2)
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == first.name:
+            second.write_bytes(b"rewritten while queued")
+
+    report = await Batch(handle, source=inbox, state=state, concurrency=1).run()
+
+    assert (report.done, report.vanished) == (1, 1)
+
+
+async def test_a_fifo_in_the_inbox_never_blocks_the_run(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    os.mkfifo(inbox / "pipe.csv")
+    os.utime(inbox / "pipe.csv", (time.time() - 10,) * 2)
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.read_bytes()
+
+    with anyio.fail_after(20):
+        report = await Batch(handle, source=inbox, state=state).run()
+
+    assert report.done == 2
+    assert rows(state, "SELECT count(*) FROM items WHERE relpath = ?", (b"pipe.csv",)) == [(0,)]
+
+
+async def test_contexts_of_concurrent_items_share_nothing(inbox: Path, state: Path) -> None:
+    make_files(inbox, 64)
+    contexts: list[TaskContext] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        ctx.data["mine"] = ctx.key
+        ctx.data.setdefault("visits", []).append(ctx.entry.relpath)
+        contexts.append(ctx)
+        await anyio.sleep(random.random() / 100)
+        assert ctx.data["mine"] == ctx.key
+        assert ctx.data["visits"] == [ctx.entry.relpath]
+        assert ctx.log.extra is not None
+        assert ctx.log.extra["key"] == ctx.key
+
+    report = await Batch(handle, source=inbox, state=state, concurrency=16).run()
+
+    assert report.done == 64
+    assert len({id(c.data) for c in contexts}) == 64
+    assert len({id(c.http) for c in contexts}) == 64
+    assert len({id(c.log) for c in contexts}) == 64
+
+
+async def test_an_exception_fails_only_its_item(inbox: Path, state: Path) -> None:
+    make_files(inbox, 20)
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "f00007.txt":
+            raise RuntimeError("boom")
+
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+    assert (report.done, report.dead) == (19, 1)
+
+
+async def test_cancelling_a_run_releases_the_lock_and_the_leases(inbox: Path, state: Path) -> None:
+    make_files(inbox, 50)
+    started = anyio.Event()
+    running: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        running.append(ctx.key)
+        if len(running) == 4:
+            started.set()
+        await anyio.sleep(30)
+
+    batch = Batch(handle, source=inbox, state=state, concurrency=4)
+    with anyio.move_on_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batch.run)
+            await started.wait()
+            tg.cancel_scope.cancel()
+
+    assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
+    assert rows(state, "SELECT count(*) FROM items WHERE state = 'running'") == [(0,)]
+    # The four cancelled attempts count; the items claimed but never started do not.
+    assert rows(state, "SELECT sum(attempts) FROM items") == [(4,)]
+    assert rows(state, "SELECT exit_status FROM runs") == [("cancelled",)]
+
+
+async def test_stop_lets_in_flight_items_finish(inbox: Path, state: Path) -> None:
+    make_files(inbox, 40)
+    batch: Batch
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "f00002.txt":
+            batch.stop()
+        await anyio.sleep(0.05)
+
+    batch = Batch(handle, source=inbox, state=state, concurrency=3)
+    report = await batch.run()
+
+    assert report.stopped
+    assert 3 <= report.done < 40
+    counts = state_counts(state)
+    assert counts.get("running", 0) == 0
+    assert counts["done"] == report.done
+
+
+async def test_a_batch_object_refuses_to_run_twice_at_once(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    gate = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    batch = Batch(handle, source=inbox, state=state)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.run)
+        await anyio.sleep(0.2)
+        with pytest.raises(AsyncBatchError, match="already running"):
+            await batch.run()
+        gate.set()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"concurrency": 0}, "'concurrency' has value 0"),
+        ({"settle": -1}, "'settle' has value -1"),
+        ({"timeout": -5}, "'timeout' has value -5"),
+        ({"identity": "inode"}, "'identity' has value 'inode'"),
+        ({"on_done": "archive"}, "'on_done' has value 'archive'"),
+        ({"on_dead": "delete"}, "'on_dead' has value 'delete'"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_value(
+    inbox: Path, state: Path, kwargs: dict[str, object], message: str
+) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=message):
+        Batch(handle, source=inbox, state=state, **kwargs)  # type: ignore[arg-type]
+
+
+def test_missing_source_and_state_inside_source_are_refused(inbox: Path, tmp_path: Path) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="no such directory"):
+        Batch(handle, source=tmp_path / "nope", state=tmp_path / "s.db")
+    with pytest.raises(ConfigurationError, match="inside the scanned source"):
+        Batch(handle, source=inbox, state=inbox / "state.db")
+    Batch(handle, source=inbox, state=inbox / ".state.db")  # hidden: never scanned
+
+
+def test_a_synchronous_handler_is_refused(inbox: Path, state: Path) -> None:
+    def handle(ctx: TaskContext) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="an async function"):
+        Batch(handle, source=inbox, state=state)  # type: ignore[arg-type]

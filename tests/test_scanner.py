@@ -1,0 +1,148 @@
+"""The scanner: settled regular files only, skip rules, order, non-UTF-8 names, chunked hops."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asyncbatch._scanner import CHUNK, Scanner, ScanRules, pack, split, unpack
+
+from .conftest import make_files
+
+
+def scanner(source: Path, *, ignore: tuple[str, ...] = (), **kw: bool) -> Scanner:
+    return Scanner(source, rules=ScanRules(ignore), **kw)
+
+
+def names(records: list[bytes]) -> list[bytes]:
+    return [unpack(r)[1] for r in records]
+
+
+async def test_only_regular_settled_files_are_listed(inbox: Path) -> None:
+    make_files(inbox, 3)
+    for name in ("a.tmp", "b~", "c.swp", "d.part", "e.crdownload", ".hidden", ".x.csv"):
+        (inbox / name).write_text("partial")
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "deep.txt").write_text("not scanned without recursive")
+    os.symlink(inbox / "f00000.txt", inbox / "link.txt")
+    os.mkfifo(inbox / "fifo")
+    fresh = inbox / "fresh.txt"
+    fresh.write_text("just written")
+
+    found = names(await scanner(inbox).scan(settle=1.0))
+
+    assert found == [b"f00000.txt", b"f00001.txt", b"f00002.txt"]
+
+
+async def test_settle_zero_includes_fresh_files_and_none_includes_future(inbox: Path) -> None:
+    make_files(inbox, 1)
+    future = inbox / "future.txt"
+    future.write_text("clock skew")
+    later = time.time() + 3600
+    os.utime(future, (later, later))
+    (inbox / "now.txt").write_text("now")
+
+    assert set(names(await scanner(inbox).scan(settle=0))) == {b"f00000.txt", b"now.txt"}
+    assert len(await scanner(inbox).scan(settle=None)) == 3
+
+
+async def test_order_is_mtime_then_relpath(inbox: Path) -> None:
+    base = time.time() - 100
+    layout = {"c.txt": 3, "a.txt": 1, "b.txt": 1, "z.txt": 0, "m.txt": 2}
+    for name, offset in layout.items():
+        (inbox / name).write_text(name)
+        os.utime(inbox / name, ns=(int((base + offset) * 1e9),) * 2)
+
+    found = names(await scanner(inbox).scan(settle=1.0))
+
+    assert found == [b"z.txt", b"a.txt", b"b.txt", b"m.txt", b"c.txt"]
+
+
+async def test_recursive_walk_and_ignore_globs(inbox: Path) -> None:
+    make_files(inbox / "2024" / "01", 2, prefix="jan")
+    make_files(inbox / "2024" / "02", 1, prefix="feb")
+    make_files(inbox / "archive", 2, prefix="old")
+    make_files(inbox / ".git", 1, prefix="obj")
+    make_files(inbox, 1, prefix="top")
+    (inbox / "notes.bak").write_text("x")
+    old = time.time() - 60
+    os.utime(inbox / "notes.bak", (old, old))
+
+    found = await scanner(inbox, ignore=("archive", "*.bak", "2024/02/*"), recursive=True).scan(
+        settle=1.0
+    )
+
+    assert sorted(names(found)) == [
+        b"2024/01/jan00000.txt",
+        b"2024/01/jan00001.txt",
+        b"top00000.txt",
+    ]
+
+
+async def test_symlinks_followed_only_inside_the_source(tmp_path: Path, inbox: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    make_files(inbox, 1)
+    os.symlink(outside, inbox / "escape.txt")
+    os.symlink(inbox / "f00000.txt", inbox / "alias.txt")
+    old = time.time() - 60
+    os.utime(outside, (old, old))
+
+    found = names(await scanner(inbox, follow_symlinks=True).scan(settle=1.0))
+
+    assert sorted(found) == [b"alias.txt", b"f00000.txt"]
+
+
+async def test_non_utf8_names_round_trip(inbox: Path) -> None:
+    raw = os.fsencode(inbox) + b"/caf\xe9-\xff.txt"
+    with open(raw, "wb") as f:
+        f.write(b"latin-1 name")
+    old = time.time() - 60
+    os.utime(raw, (old, old))
+
+    (record,) = await scanner(inbox).scan(settle=1.0)
+
+    assert unpack(record)[1] == b"caf\xe9-\xff.txt"
+    assert os.fsencode(os.fsdecode(unpack(record)[1])) == b"caf\xe9-\xff.txt"
+
+
+async def test_many_files_cross_several_thread_hops(inbox: Path) -> None:
+    count = CHUNK * 2 + 17
+    make_files(inbox, count)
+    hops: list[int] = []
+
+    found = await scanner(inbox).scan(settle=1.0, on_chunk=hops.append)
+
+    assert len(found) == count
+    assert len(hops) >= 3  # one hop per chunk of entries, never one per file
+    assert found == sorted(found)
+
+
+async def test_missing_source_raises() -> None:
+    with pytest.raises(FileNotFoundError):
+        await scanner(Path("/nonexistent/inbox")).scan(settle=None)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-(2**62), 2**62),
+            st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b and b"/" not in b),
+            st.integers(0, 2**40),
+            st.integers(0, 2**40),
+        ),
+        max_size=30,
+    )
+)
+def test_records_sort_by_mtime_then_relpath(entries: list[tuple[int, bytes, int, int]]) -> None:
+    records = sorted(pack(*e) for e in entries)
+    decoded = [unpack(r) for r in records]
+    assert [(m, rel) for m, rel, _, _ in decoded] == sorted((m, rel) for m, rel, _, _ in entries)
+    for record, (mtime, rel, size, inode) in zip(records, decoded, strict=True):
+        assert pack(mtime, rel, size, inode) == record
+        assert split(record)[0] == rel
