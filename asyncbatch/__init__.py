@@ -22,6 +22,7 @@ from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
 from ._http import ItemHTTP as ItemHTTP
+from ._middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._report import Report as Report
 from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
@@ -36,6 +37,7 @@ __all__ = [
     "Entry",
     "HandlerImportError",
     "IdempotencyKeyMismatchError",
+    "IdempotencyMiddleware",
     "ItemHTTP",
     "JobLockedError",
     "LedgerError",

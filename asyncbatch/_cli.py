@@ -17,12 +17,13 @@ from typing import Any, NoReturn
 import anyio
 
 from ._batch import Batch
-from ._exceptions import AsyncBatchError, ConfigurationError, JobLockedError, LockLostError
+from ._exceptions import AsyncBatchError, JobLockedError, LockLostError
 from ._logging import configure_logging
 from ._operator import COMMANDS as OPERATOR_COMMANDS
 from ._operator import add_operator_commands
 from ._progress import show_progress
 from ._report import Report
+from ._runner import unwrap_group
 from ._target import load_handler
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "main"]
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", action="store_true", help="keep polling until stopped")
     run.add_argument("--poll", type=positive_float, default=1.0, help="seconds between polls")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--claim-batch", type=positive_int, default=512, help="items leased per statement"
+    )
     _add_logging(run)
 
     add_operator_commands(sub, _add_state, _add_logging, positive_int)
@@ -143,6 +147,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         on_dead=args.on_dead,
         output_dir=args.output_dir,
         poll=args.poll,
+        claim_batch=args.claim_batch,
     )
     report: Report | None = None
     async with anyio.create_task_group() as tg:
@@ -168,7 +173,10 @@ def _fail(message: str, code: int) -> int:
 
 
 async def _call(command: Callable[[argparse.Namespace], Awaitable[int]], args: Any) -> int:
-    return await command(args)
+    try:
+        return await command(args)
+    except BaseExceptionGroup as group:
+        raise unwrap_group(group) from None
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
@@ -184,14 +192,17 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     command = _run_command if args.command == "run" else OPERATOR_COMMANDS[args.command]
     try:
         return anyio.run(_call, command, args)
-    except JobLockedError as e:
-        return _fail(str(e), EXIT_LOCKED)
-    except LockLostError as e:
-        return _fail(str(e), EXIT_FAILED)
-    except (AsyncBatchError, ConfigurationError) as e:
-        return _fail(str(e), EXIT_CONFIG)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        error = e
+    if isinstance(error, JobLockedError):
+        return _fail(str(error), EXIT_LOCKED)
+    if isinstance(error, LockLostError):
+        return _fail(str(error), EXIT_FAILED)
+    if isinstance(error, AsyncBatchError):
+        return _fail(str(error), EXIT_CONFIG)
+    if isinstance(error, KeyboardInterrupt):
         return EXIT_SIGNAL[signal.SIGINT]
+    raise error
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -294,3 +294,36 @@ SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, fai
        vanished, exit_status
 FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 """
+
+# -- idempotency keys (receiving side) -----------------------------------------------------------
+# One row per (scope, key) seen by IdempotencyMiddleware. A 'running' row belongs to the request
+# executing it: while running, its ``headers`` column holds that request's random owner token, so
+# only that request may complete or release it (a request that outlived ``lock_timeout`` and was
+# taken over cannot overwrite the newer owner's row). A 'done' row holds the stored response:
+# ``status``, ``headers`` (JSON list of [name, value] latin-1 strings) and ``body``.
+
+IDEMPOTENCY_INSERT = """
+INSERT OR IGNORE INTO idempotency_keys
+    (scope, key, fingerprint, state, headers, created_at, locked_until, expires_at)
+VALUES (?, ?, ?, 'running', ?, ?, ?, ?)
+"""
+IDEMPOTENCY_GET = """
+SELECT fingerprint, state, status, headers, body, locked_until, expires_at
+FROM idempotency_keys WHERE scope = ? AND key = ?
+"""
+# Take over an expired row, or a running row whose owner outlived its lock (abandoned).
+IDEMPOTENCY_TAKE_OVER = """
+UPDATE idempotency_keys
+SET fingerprint = ?, state = 'running', status = NULL, headers = ?, body = NULL,
+    created_at = ?, locked_until = ?, expires_at = ?
+WHERE scope = ? AND key = ?
+"""
+IDEMPOTENCY_COMPLETE = """
+UPDATE idempotency_keys
+SET state = 'done', status = ?, headers = ?, body = ?, locked_until = ?, expires_at = ?
+WHERE scope = ? AND key = ? AND state = 'running' AND headers = ?
+"""
+IDEMPOTENCY_RELEASE = """
+DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'running' AND headers = ?
+"""
+IDEMPOTENCY_PURGE = "DELETE FROM idempotency_keys WHERE expires_at < ?"

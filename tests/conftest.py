@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -80,6 +81,14 @@ def spawn(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def kill(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> str:
+    """Send ``sig`` to a spawned CLI, reap it, and return its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return err
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:

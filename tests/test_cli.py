@@ -1,0 +1,262 @@
+"""The command line as users meet it: a subprocess, exit codes, one-line errors, nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from asyncbatch._sql import SCHEMA_VERSION
+
+from .conftest import HANDLERS, cli, kill, make_files, rows, spawn, state_counts, wait_for
+
+RECORD = f"{HANDLERS}:record"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_run_then_status_json(inbox: Path, state: Path, tmp_path: Path) -> None:
+    make_files(inbox, 25)
+    log = tmp_path / "calls.log"
+
+    result = cli(
+        "run", RECORD, "--source", inbox, "--state", state, "-j", "4", env={"AB_LOG": str(log)}
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "25 done" in result.stdout
+    status = cli("status", "--state", state, "--json")
+    assert status.returncode == 0
+    out = json.loads(status.stdout)
+    assert out["job"] == "default"
+    assert out["counts"] == {
+        "pending": 0,
+        "running": 0,
+        "done": 25,
+        "failed": 0,
+        "dead": 0,
+        "vanished": 0,
+    }
+    assert out["locks"] == []
+    assert len(log.read_text().splitlines()) == 25
+
+
+def test_status_human_readable(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    result = cli("status", "--state", state)
+    assert result.returncode == 0
+    assert "done" in result.stdout
+    assert "last run:" in result.stdout
+    assert "lock: none" in result.stdout
+
+
+def test_failed_items_give_exit_1(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    result = cli(
+        "run",
+        f"{HANDLERS}:fail_always",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--max-attempts",
+        "2",
+        "--backoff",
+        "0",
+    )
+    assert result.returncode == 1, result.stderr
+    assert state_counts(state) == {"dead": 2}
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["-j", "0"], ["-j/--concurrency", "'0'"]),
+        (["--settle", "-1"], ["--settle", "'-1'"]),
+        (["--timeout", "-3"], ["--timeout", "'-3'"]),
+        (["--timeout", "abc"], ["--timeout", "'abc'"]),
+        (["--on-done", "archive"], ["on_done", "'archive'"]),
+        (["--identity", "inode"], ["--identity", "'inode'"]),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(
+    inbox: Path, state: Path, args: list[str], needles: list[str]
+) -> None:
+    result = cli("run", RECORD, "--source", inbox, "--state", state, *args)
+    assert_one_line_error(result, *needles)
+    assert not state.exists()
+
+
+def test_missing_and_non_directory_source(tmp_path: Path, state: Path) -> None:
+    result = cli("run", RECORD, "--source", tmp_path / "nope", "--state", state)
+    assert_one_line_error(result, "source", "nope", "no such directory")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = cli("run", RECORD, "--source", afile, "--state", state)
+    assert_one_line_error(result, "source", "not a directory")
+
+
+def test_unimportable_target_and_missing_function(inbox: Path, state: Path, tmp_path: Path) -> None:
+    assert_one_line_error(
+        cli("run", "no_such_module_xyz:handle", "--source", inbox, "--state", state, cwd=tmp_path),
+        "no_such_module_xyz",
+    )
+    assert_one_line_error(
+        cli("run", f"{HANDLERS}:nope", "--source", inbox, "--state", state),
+        "has no attribute 'nope'",
+    )
+    (tmp_path / "broken.py").write_text("def handle(:\n")
+    assert_one_line_error(
+        cli("run", "broken:handle", "--source", inbox, "--state", state, cwd=tmp_path),
+        "SyntaxError",
+    )
+    assert_one_line_error(
+        cli("run", f"{HANDLERS}:not_async", "--source", inbox, "--state", state),
+        "async function",
+    )
+
+
+def test_state_in_missing_directory(inbox: Path, tmp_path: Path) -> None:
+    result = cli("run", RECORD, "--source", inbox, "--state", tmp_path / "nodir" / "s.db")
+    assert_one_line_error(result, "nodir", "does not exist")
+
+
+def test_state_that_is_not_a_ledger_is_left_untouched(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    state.write_bytes(b"important,csv\n1,2\n" * 100)
+    before = hashlib.sha256(state.read_bytes()).hexdigest()
+    result = cli("run", RECORD, "--source", inbox, "--state", state)
+    assert_one_line_error(result, "not a SQLite database")
+    assert hashlib.sha256(state.read_bytes()).hexdigest() == before
+    assert_one_line_error(cli("status", "--state", state), "not a SQLite database")
+
+
+def test_state_with_newer_schema_is_left_untouched(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    db = sqlite3.connect(state)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    db.commit()
+    db.close()
+    before = hashlib.sha256(state.read_bytes()).hexdigest()
+    result = cli("run", RECORD, "--source", inbox, "--state", state)
+    assert_one_line_error(result, f"schema version {SCHEMA_VERSION + 5}", "upgrade asyncbatch")
+    assert hashlib.sha256(state.read_bytes()).hexdigest() == before
+
+
+def test_read_only_commands_never_create_the_state(state: Path) -> None:
+    for command in (["status"], ["failures"], ["locks"], ["history"]):
+        assert_one_line_error(cli(*command, "--state", state), "does not exist")
+    assert not state.exists()
+
+
+def test_unknown_job(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    assert_one_line_error(
+        cli("status", "--state", state, "--job", "nightly"), "unknown job 'nightly'", "'default'"
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None and os.geteuid() == 0,
+    reason="needs setpriv to drop root's file access override",
+)
+def test_unreadable_file_fails_its_item_and_the_run_goes_on(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    secret = inbox / "f00001.txt"
+    secret.chmod(0)
+    prefix = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    )
+    result = cli(
+        "run", RECORD, "--source", inbox, "--state", state, "--backoff", "0", prefix=prefix
+    )
+    assert result.returncode == 1, result.stderr
+    assert state_counts(state) == {"done": 2, "dead": 1}
+    (error,) = rows(state, "SELECT last_error FROM items WHERE state = 'dead'")
+    assert "Permission denied" in error[0]
+
+
+def test_a_fifo_in_the_inbox_never_hangs_the_cli(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    os.mkfifo(inbox / "named.pipe")
+    os.utime(inbox / "named.pipe", (time.time() - 30,) * 2)
+    result = cli("run", RECORD, "--source", inbox, "--state", state, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert state_counts(state) == {"done": 2}
+
+
+def test_second_runner_gets_75_while_the_first_lives_and_runs_after_it_dies(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 40)
+    log = tmp_path / "calls.log"
+    first = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "2",
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.5"},
+    )
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2)
+        second = cli("run", RECORD, "--source", inbox, "--state", state)
+        assert second.returncode == 75, second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        kill(first)
+    started = time.monotonic()
+    third = cli("run", RECORD, "--source", inbox, "--state", state, "-j", "8")
+    assert third.returncode == 0, third.stderr
+    assert time.monotonic() - started < 30  # the dead holder's lock is taken over at once
+    assert state_counts(state) == {"done": 40}
+
+
+def test_failures_retry_locks_unlock_and_history(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    result = cli(
+        "run", f"{HANDLERS}:fail_always", "--source", inbox, "--state", state, "--max-attempts", "1"
+    )
+    assert result.returncode == 1
+    failures = json.loads(cli("failures", "--state", state, "--json").stdout)
+    assert {f["state"] for f in failures} == {"dead"}
+    assert failures[0]["error"].startswith("ValueError: cannot parse f0000")
+    assert len(failures[0]["input_hash"]) == 64
+
+    assert "0 failed items" in cli("retry", "--state", state).stdout
+    retried = cli("retry", "--state", state, "--dead", "f00001.txt")
+    assert retried.returncode == 0
+    assert "1 failed or dead item put back" in retried.stdout
+    assert state_counts(state) == {"dead": 2, "pending": 1}
+    assert_one_line_error(cli("retry", "--state", state, "no-such-key"), "unknown item")
+
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 1
+    assert state_counts(state) == {"dead": 2, "done": 1}
+
+    assert cli("locks", "--state", state).stdout.strip() == "no job locks"
+    assert_one_line_error(cli("unlock", "default", "--state", state), "has no lock")
+    history = cli("history", "--state", state).stdout.strip().splitlines()
+    assert len(history) == 2
+    assert "exit failed" in history[0]
