@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +15,7 @@ from aiofiles.base import AiofilesContextManager
 from aiofiles.threadpool.binary import AsyncBufferedReader
 
 from ._effects import atomic_write, idempotent_move
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, LockLostError
 from ._scanner import Entry
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class TaskContext:
     data: dict[str, Any] = field(default_factory=dict)
     output_dir: Path | None = None
     _input: _Input | None = None
+    _on_move: Callable[[str], Awaitable[bool]] | None = None
 
     async def read_bytes(self) -> bytes:
         """The input's content, read from the file opened safely for this item.
@@ -125,10 +126,18 @@ class TaskContext:
     async def move(self, destination: str | os.PathLike[str]) -> Path:
         """Move the input to ``destination`` (an existing directory, or a file path), repeatably.
 
-        Prefer ``on_done="move:DIR"``, which moves only after the item's completion committed.
+        The destination is recorded in the ledger (under this item's lease) before the move, so
+        if the run dies before the item's completion commits, the retry finds the input where
+        it went (``ctx.entry.path`` is then the destination) instead of calling it vanished.
+        Prefer ``on_done="move:DIR"``, which moves only after the completion committed.
+        Raises :class:`EffectError` if a different file is already at the destination and
+        :class:`LockLostError` if another runner has taken over this item.
         """
         dst = Path(destination)
         if dst.is_dir():
             dst = dst / self.entry.path.name
+        dst = dst.absolute()
+        if self._on_move is not None and not await self._on_move(str(dst)):
+            raise LockLostError(f"item {self.key}: its lease was taken over; the input stays put")
         await idempotent_move(self.entry.path, dst)
         return dst

@@ -150,7 +150,22 @@ def _copy_across(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def _same_entry(src: Path, dst: Path) -> bool:
+    """Whether two paths name the same directory entry (not merely the same inode)."""
+    if src.name != dst.name:
+        return False
+    try:
+        a, b = os.stat(src.parent), os.stat(dst.parent)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _move(src: Path, dst: Path) -> bool:
+    if _same_entry(src, dst):
+        if _lstat(src) is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(src))
+        return False  # already where it should be
     s = _lstat(src)
     d = _lstat(dst)
     if s is None:

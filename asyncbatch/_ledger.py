@@ -492,7 +492,7 @@ class Ledger:
                 sql.CLAIM_WAITING, (job, owner, now + lease, now, limit)
             )
         return [
-            ClaimedRow(r[0], "running", r[5], r[6], None, r[1], r[2], r[3], r[4]) for r in result
+            ClaimedRow(r[0], "running", r[5], r[6], r[7], r[1], r[2], r[3], r[4]) for r in result
         ]
 
     async def next_retry_at(self, job: str) -> float | None:
@@ -564,11 +564,18 @@ class Ledger:
                 ],
             )
 
-    async def clear_post_actions(self, job: str, keys: Sequence[str]) -> None:
-        """Forget the post-commit actions of these items (they were carried out)."""
-        if keys:
-            async with self._write() as db:
-                await db.executemany(sql.CLEAR_POST_ACTION, [(job, k) for k in keys])
+    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
+        """Note, under our lease, that the item's input is being moved to ``dst``.
+
+        Returns ``False`` when the lease is no longer ours (the caller must not move).
+        """
+        async with (
+            self._write() as db,
+            db.execute(
+                sql.RECORD_MOVE, (f"moved:{dst}", self.clock(), job, key, owner, fence)
+            ) as cur,
+        ):
+            return cur.rowcount == 1
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ Everything here belongs to one :class:`Run` object, created per ``Batch.run()`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -56,6 +58,7 @@ class _Item:
     scope: anyio.CancelScope | None = None
     timeout_at: float = math.inf
     lease_deadline: float = math.inf
+    moved_to: str | None = None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -415,6 +418,8 @@ class Run:
                 if cfg.identity == "content":
                     ihash = row.key
                 item = _Item(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
+                if row.post_action and row.post_action.startswith("moved:"):
+                    item.moved_to = row.post_action.removeprefix("moved:")
                 leased.append(self._lease(item, row))
             await self._send_all(leased, send)
             if rows:
@@ -462,8 +467,18 @@ class Run:
                 f"the runner stopped during attempt {item.attempts - 1} of {cfg.max_attempts}",
                 permanent=True,
             )
+        path = cfg.source / os.fsdecode(item.relpath)
         try:
-            fd, st = open_regular(self._dir_fd, item.relpath, follow_symlinks=cfg.follow_symlinks)
+            try:
+                fd, st = open_regular(
+                    self._dir_fd, item.relpath, follow_symlinks=cfg.follow_symlinks
+                )
+            except FileNotFoundError:
+                if item.moved_to is None:
+                    raise
+                # The handler moved its input (ctx.move) before the run died: continue there.
+                path = Path(item.moved_to)
+                fd, st = open_regular(None, os.fsencode(path))
         except FileNotFoundError:
             return self._vanished(item, "the file disappeared before it could be handled")
         except OSError as exc:
@@ -476,14 +491,14 @@ class Run:
                 return self._vanished(
                     item, "the file changed after it was scanned; the new version is a new item"
                 )
-            return await self._call_handler(item, fd, st)
+            return await self._call_handler(item, fd, st, path)
         finally:
             os.close(fd)
 
-    async def _call_handler(self, item: _Item, fd: int, st: os.stat_result) -> Outcome:
+    async def _call_handler(self, item: _Item, fd: int, st: os.stat_result, path: Path) -> Outcome:
         cfg = self.config
         relpath = os.fsdecode(item.relpath)
-        entry = Entry(cfg.source / relpath, relpath, st.st_size, st.st_mtime_ns, st.st_ino)
+        entry = Entry(path, relpath, st.st_size, st.st_mtime_ns, st.st_ino)
         assert self._http_settings is not None
         ctx = TaskContext(
             entry=entry,
@@ -496,6 +511,9 @@ class Run:
             http=ItemHTTP(self._http_settings, item.key),
             output_dir=cfg.output_dir,
             _input=_Input(fd, st.st_size),
+            _on_move=functools.partial(
+                self.ledger.record_move, cfg.job, self.owner, item.key, item.fence
+            ),
         )
         now = anyio.current_time()
         item.timeout_at = now + cfg.timeout if cfg.timeout is not None else math.inf

@@ -217,7 +217,7 @@ WHERE job = ?1 AND key IN (
     SELECT key FROM items
     WHERE job = ?1 AND (state = 'pending' OR (state = 'failed' AND next_attempt_at <= ?4))
     ORDER BY mtime_ns, relpath LIMIT ?5)
-RETURNING key, relpath, size, mtime_ns, inode, fence, attempts
+RETURNING key, relpath, size, mtime_ns, inode, fence, attempts, post_action
 """
 NEXT_RETRY_AT = """
 SELECT min(next_attempt_at) FROM items WHERE job = ? AND state = 'failed'
@@ -247,7 +247,11 @@ EXTEND_LEASE = """
 UPDATE items SET lease_until = ? WHERE job = ? AND key = ? AND owner = ? AND fence = ?
     AND state = 'running'
 """
-CLEAR_POST_ACTION = "UPDATE items SET post_action = NULL WHERE job = ? AND key = ?"
+# ctx.move() records where the input goes before moving it: a retry after a crash finds it there.
+RECORD_MOVE = """
+UPDATE items SET post_action = ?, updated_at = ?
+WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+"""
 
 # -- reading -------------------------------------------------------------------------------------
 

@@ -1,0 +1,397 @@
+"""Idempotent effects: atomic writes, repeatable moves, post-commit archive and delete."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncbatch import (
+    Batch,
+    ConfigurationError,
+    EffectError,
+    TaskContext,
+    atomic_write,
+    idempotent_move,
+    remove_stale_temp_files,
+)
+from asyncbatch._effects import TEMP_PREFIX, _temp_name
+from asyncbatch._postactions import PostActions, keyed_name
+from asyncbatch._procinfo import ProcessIdentity, this_process
+
+from .conftest import make_files, rows, state_counts
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- atomic_write ----------------------------------------------------------------------------
+
+
+async def test_atomic_write_readers_never_see_a_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "report.bin"
+    versions = [bytes([65 + i]) * (1 << 20) for i in range(4)]
+    await atomic_write(target, versions[0])
+    bad: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = target.read_bytes()
+            if data not in versions:
+                bad.append(len(data))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(40):
+            await atomic_write(target, versions[i % 4])
+    finally:
+        stop.set()
+        thread.join()
+
+    assert bad == []
+    assert [p.name for p in tmp_path.iterdir()] == ["report.bin"], "no temp file left"
+
+
+async def test_atomic_write_str_and_parents(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "out.txt"
+    with pytest.raises(FileNotFoundError):
+        await atomic_write(target, "x")
+    await atomic_write(target, "héllo", make_parents=True)
+    assert target.read_text(encoding="utf-8") == "héllo"
+
+
+async def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    me = this_process()
+    dead = ProcessIdentity(me.host, dead_pid(), me.pid_start)
+    stale = _temp_name(tmp_path / "out.csv", dead)
+    stale.write_text("half a file")
+    live = _temp_name(tmp_path / "other.csv", me)
+    live.write_text("being written right now")
+    (tmp_path / "sub").mkdir()
+    deeper = _temp_name(tmp_path / "sub" / "x", dead)
+    deeper.write_text("x")
+    (tmp_path / "keep.csv").write_text("a real output")
+
+    removed = await remove_stale_temp_files(tmp_path)
+
+    assert removed == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep.csv", live.name, "sub"])
+    assert stale.name.startswith(TEMP_PREFIX)
+
+
+async def test_a_killed_writer_leaves_a_temp_that_the_next_batch_cleans(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        "from asyncbatch._effects import _temp_name, _write_new, _write_all\n"
+        "from asyncbatch._procinfo import this_process\n"
+        "from pathlib import Path\n"
+        f"tmp = _temp_name(Path({str(out)!r}) / 'result.csv', this_process())\n"
+        "_write_new(tmp, _write_all(b'partial'))\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    await anyio.run_process([sys.executable, "-c", script], check=False)
+    assert [p.name.startswith(TEMP_PREFIX) for p in out.iterdir()] == [True]
+    make_files(inbox, 1)
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.write_output("result.csv", b"complete")
+
+    await Batch(handle, source=inbox, state=state, output_dir=out).run()
+
+    assert [p.name for p in out.iterdir()] == ["result.csv"]
+    assert (out / "result.csv").read_bytes() == b"complete"
+
+
+async def test_write_output_refuses_paths_outside_the_output_dir(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    errors: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        for bad in ("../escape.txt", "/etc/passwd", ""):
+            try:
+                await ctx.write_output(bad, b"x")
+            except ConfigurationError as e:
+                errors.append(str(e))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    await Batch(handle, source=inbox, state=state, output_dir=out).run()
+    assert len(errors) == 3
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# -- idempotent_move ---------------------------------------------------------------------------
+
+
+async def test_move_then_repeat_is_a_no_op(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a.csv", tmp_path / "archive.csv"
+    src.write_text("data")
+    assert await idempotent_move(src, dst) is True
+    assert await idempotent_move(src, dst) is False
+    assert dst.read_text() == "data"
+    assert not src.exists()
+
+
+async def test_move_interrupted_after_the_link_finishes_on_repeat(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a.csv", tmp_path / "done" / "a.csv"
+    dst.parent.mkdir()
+    src.write_text("data")
+    os.link(src, dst)  # the state a crash between link and unlink leaves
+
+    assert await idempotent_move(src, dst) is False
+    assert not src.exists()
+    assert dst.read_text() == "data"
+
+
+async def test_move_never_overwrites_a_different_file(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a.csv", tmp_path / "b.csv"
+    src.write_text("new")
+    dst.write_text("someone else's")
+    with pytest.raises(EffectError, match="a different file is already there"):
+        await idempotent_move(src, dst)
+    assert src.read_text() == "new"
+    assert dst.read_text() == "someone else's"
+
+
+async def test_move_onto_itself_keeps_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "a.csv"
+    src.write_text("data")
+    alias = tmp_path / "." / "a.csv"
+    assert await idempotent_move(src, alias) is False
+    assert src.read_text() == "data"
+
+
+async def test_move_with_neither_side_present_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await idempotent_move(tmp_path / "x", tmp_path / "y")
+
+
+def other_filesystem(tmp_path: Path) -> Path | None:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        return Path(os.environ.get("AB_SHM", str(shm)))
+    return None
+
+
+async def test_move_across_filesystems(tmp_path: Path) -> None:
+    other = other_filesystem(tmp_path)
+    if other is None:
+        pytest.skip("no second filesystem (/dev/shm) here; the forced-EXDEV test covers it")
+    target_dir = other / f"asyncbatch-test-{os.getpid()}-{time.monotonic_ns()}"
+    target_dir.mkdir()
+    try:
+        src, dst = tmp_path / "a.csv", target_dir / "a.csv"
+        src.write_bytes(b"x" * 3_000_000)
+        os.utime(src, (1_000_000_000, 1_000_000_000))
+        assert await idempotent_move(src, dst) is True
+        assert not src.exists()
+        assert dst.stat().st_size == 3_000_000
+        assert dst.stat().st_mtime == 1_000_000_000
+        assert [p.name for p in target_dir.iterdir()] == ["a.csv"]
+    finally:
+        for p in target_dir.iterdir():
+            p.unlink()
+        target_dir.rmdir()
+
+
+async def test_forced_exdev_move_interrupted_at_every_step_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "in" / "a.csv", tmp_path / "out" / "a.csv"
+    src.parent.mkdir()
+    dst.parent.mkdir()
+    real_link = os.link
+
+    def link(a: os.PathLike[str], b: os.PathLike[str]) -> None:
+        if Path(a) == src:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(a, b)
+
+    monkeypatch.setattr(os, "link", link)
+
+    # 1. Interrupted during the copy: a temp file of a dead writer sits in the target dir.
+    src.write_text("payload")
+    dead = ProcessIdentity(this_process().host, dead_pid(), this_process().pid_start)
+    _temp_name(dst, dead).write_text("pay")
+    assert await idempotent_move(src, dst) is True
+    assert await remove_stale_temp_files(dst.parent) == 1
+    assert dst.read_text() == "payload"
+    assert not src.exists()
+
+    # 2. Interrupted after the copy was in place, before the source was removed.
+    dst.unlink()
+    src.write_text("payload")
+    dst.write_text("payload")
+    assert await idempotent_move(src, dst) is False
+    assert not src.exists()
+
+    # 3. Interrupted after the source was removed.
+    assert await idempotent_move(src, dst) is False
+    assert dst.read_text() == "payload"
+
+
+# -- post-commit actions ----------------------------------------------------------------------
+
+
+async def test_on_done_move_archives_after_the_commit(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox / "2024", 3)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.read_bytes()
+
+    report = await Batch(
+        handle, source=inbox, state=state, on_done=f"move:{archive}", recursive=True
+    ).run()
+
+    assert report.done == 3
+    assert sorted(p.name for p in (archive / "2024").iterdir()) == [
+        "f00000.txt",
+        "f00001.txt",
+        "f00002.txt",
+    ]
+    assert list((inbox / "2024").iterdir()) == []
+
+
+async def test_post_actions_cut_off_by_a_crash_are_finished_without_rerunning(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_files(inbox, 5)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    calls: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.entry.relpath)
+
+    async def crash(self: PostActions, post: object) -> str:
+        raise OSError("simulated crash between the commit and the move")
+
+    with monkeypatch.context() as m:
+        m.setattr(PostActions, "_perform", crash)
+        await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+    assert len(list(inbox.iterdir())) == 5, "committed, but not moved yet"
+    assert state_counts(state) == {"done": 5}
+
+    report = await Batch(handle, source=inbox, state=state, on_done="keep").run()
+
+    assert len(calls) == 5, "the handler did not run again"
+    assert report.done == 0
+    assert list(inbox.iterdir()) == []
+    assert len(list(archive.iterdir())) == 5
+
+
+async def test_on_done_delete_spares_a_newer_version(inbox: Path, state: Path) -> None:
+    first, second = make_files(inbox, 2)
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == first.name:
+            # A newer version lands under the same name while we work on the old one.
+            replacement = inbox / "new.tmp"
+            replacement.write_text("newer")
+            os.replace(replacement, first)
+
+    await Batch(handle, source=inbox, state=state, on_done="delete", concurrency=1).run()
+
+    assert not second.exists()
+    assert first.read_text() == "newer"
+
+
+async def test_archive_name_clash_keeps_both(inbox: Path, state: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "daily.csv").write_text("yesterday")
+    (inbox / "daily.csv").write_text("today")
+    os.utime(inbox / "daily.csv", (time.time() - 10,) * 2)
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+
+    (key,) = [k for (k,) in rows(state, "SELECT key FROM items")]
+    assert (archive / "daily.csv").read_text() == "yesterday"
+    assert (archive / keyed_name("daily.csv", key)).read_text() == "today"
+
+
+async def test_on_dead_moves_dead_inputs(inbox: Path, state: Path, tmp_path: Path) -> None:
+    make_files(inbox, 2)
+    quarantine = tmp_path / "quarantine"
+    quarantine.mkdir()
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "f00001.txt":
+            raise ValueError("bad")
+
+    await Batch(
+        handle, source=inbox, state=state, max_attempts=1, on_dead=f"move:{quarantine}"
+    ).run()
+
+    assert [p.name for p in quarantine.iterdir()] == ["f00001.txt"]
+    assert [p.name for p in inbox.iterdir()] == ["f00000.txt"]
+
+
+async def test_ctx_move_survives_a_crash_before_the_commit(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    done_dir = tmp_path / "processed"
+    done_dir.mkdir()
+    seen: list[tuple[int, str]] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        seen.append((ctx.attempt, str(ctx.entry.path)))
+        await ctx.move(done_dir)
+        if ctx.attempt == 1:
+            await anyio.sleep(30)  # the run is cancelled here, after the move
+
+    with anyio.move_on_after(1.0):
+        await Batch(handle, source=inbox, state=state).run()
+    report = await Batch(handle, source=inbox, state=state).run()
+
+    assert report.done == 1
+    assert report.vanished == 0
+    assert [a for a, _ in seen] == [1, 2]
+    assert seen[1][1] == str(done_dir / "f00000.txt")
+    assert [p.name for p in done_dir.iterdir()] == ["f00000.txt"]
+
+
+def test_archive_inside_the_scanned_tree_is_refused(inbox: Path, state: Path) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    (inbox / "done").mkdir()
+    with pytest.raises(ConfigurationError, match="inside the scanned source"):
+        Batch(handle, source=inbox, state=state, recursive=True, on_done=f"move:{inbox / 'done'}")
+    Batch(
+        handle,
+        source=inbox,
+        state=state,
+        recursive=True,
+        ignore=["done"],
+        on_done=f"move:{inbox / 'done'}",
+    )
+    Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'done'}")  # not recursive
+    with pytest.raises(ConfigurationError, match="no such directory"):
+        Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'nope'}")
