@@ -1,0 +1,155 @@
+"""Settling and watch mode: a file being written is handled once, after its last write."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+
+from asyncbatch import Batch, TaskContext
+
+from .conftest import make_files, state_counts
+
+
+async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool = False) -> bytes:
+    written = b""
+    for i in range(rows):
+        line = b"row %d\n" % i
+        with path.open("ab") as f:
+            f.write(line)
+        written += line
+        if backdate:  # a writer whose clock lags (NFS): mtime looks old while it writes
+            old = time.time() - 3600
+            os.utime(path, (old, old))
+        await anyio.sleep(pause)
+    return written
+
+
+async def test_run_skips_a_file_still_being_written_and_a_later_run_gets_it_whole(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+    handled: dict[str, bytes] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        handled[ctx.entry.relpath] = await ctx.read_bytes()
+
+    slow = inbox / "slow.csv"
+    async with anyio.create_task_group() as tg:
+        written: list[bytes] = []
+
+        async def writer() -> None:
+            written.append(await append_slowly(slow, 10, 0.1))
+
+        tg.start_soon(writer)
+        await anyio.sleep(0.3)
+        first = await Batch(handle, source=inbox, state=state, settle=0.5).run()
+    assert "slow.csv" not in handled
+    assert first.done == 2
+
+    await anyio.sleep(0.6)
+    second = await Batch(handle, source=inbox, state=state, settle=0.5).run()
+    assert second.done == 1
+    assert handled["slow.csv"] == written[0]
+
+
+async def test_watch_handles_an_appended_file_once_after_its_last_write(
+    inbox: Path, state: Path
+) -> None:
+    calls: list[tuple[str, bytes]] = []
+    handled = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append((ctx.entry.relpath, await ctx.read_bytes()))
+        handled.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0.4, poll=0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        content = await append_slowly(inbox / "slow.csv", 12, 0.15)
+        with anyio.fail_after(10):
+            await handled.wait()
+        await anyio.sleep(0.5)  # several more polls: nothing is handled twice
+        batch.stop()
+
+    assert calls == [("slow.csv", content)]
+
+
+async def test_watch_waits_for_the_size_to_hold_still_even_with_an_old_mtime(
+    inbox: Path, state: Path
+) -> None:
+    calls: list[bytes] = []
+    handled = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(await ctx.read_bytes())
+        handled.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0.1, poll=0.3)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        content = await append_slowly(inbox / "skewed.csv", 15, 0.1, backdate=True)
+        with anyio.fail_after(10):
+            await handled.wait()
+        batch.stop()
+
+    assert calls == [content]
+
+
+async def test_watch_picks_up_new_files_and_stop_returns_a_report(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    seen: list[str] = []
+    three, five = anyio.Event(), anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        seen.append(ctx.entry.relpath)
+        if len(seen) == 3:
+            three.set()
+        if len(seen) == 5:
+            five.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05)
+    report = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal report
+            report = await batch.watch()
+
+        tg.start_soon(watch)
+        with anyio.fail_after(10):
+            await three.wait()
+            make_files(inbox, 2, prefix="late")
+            await five.wait()
+        batch.stop()
+
+    assert report is not None
+    assert report.stopped
+    assert report.done == 5
+    assert sorted(seen) == sorted(p.name for p in inbox.iterdir())
+    assert state_counts(state) == {"done": 5}
+
+
+async def test_watch_retries_failed_items_without_a_rescan(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    attempts: list[int] = []
+    third = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise TimeoutError("upstream slow")
+        third.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, backoff=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        with anyio.fail_after(10):
+            await third.wait()
+        await anyio.sleep(0.2)  # let the completion commit
+        batch.stop()
+
+    assert attempts == [1, 2, 3]
+    assert state_counts(state) == {"done": 1}
