@@ -49,8 +49,12 @@ class _Input:
 
 async def _read_fd(fd: int, size: int) -> bytes:
     def read() -> bytes:
-        chunks, offset = [], 0
-        while chunk := os.pread(fd, max(size - offset, 1 << 16), offset):
+        # One pread of size + 1 bytes: a short read means end of file, no second call.
+        first = os.pread(fd, size + 1, 0)
+        if len(first) <= size:
+            return first
+        chunks, offset = [first], len(first)  # the file grew since it was opened
+        while chunk := os.pread(fd, 1 << 20, offset):
             chunks.append(chunk)
             offset += len(chunk)
         return b"".join(chunks)

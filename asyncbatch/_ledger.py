@@ -157,6 +157,7 @@ class Ledger:
         self.path = path
         self.clock = clock
         self._lock = anyio.Lock()
+        self._claim_sql: dict[int, str] = {}  # claim statement text by chunk size
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -477,7 +478,9 @@ class Ledger:
         params: list[Any] = [job, owner, now + lease, now]
         for row in rows:
             params.extend(row)
-        query = sql.claim_scanned(len(rows))
+        query = self._claim_sql.get(len(rows))
+        if query is None:
+            query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
         async with self._write() as db:
             result = await db.execute_fetchall(query, params)
         return [ClaimedRow(*r) for r in result]

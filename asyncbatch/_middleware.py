@@ -215,13 +215,14 @@ class IdempotencyMiddleware:
 
     Guarantees: the decision for a key (run, replay, 409, 422) is taken in one ``BEGIN
     IMMEDIATE`` transaction, so concurrent duplicates, in one process or several sharing the
-    state file, never both run; every ledger transaction is shielded from cancellation. The
-    response is stored before any of it reaches the client. Logs show a hash of the key,
-    never the key, a body or a query string.
+    state file, never both run (within ``lock_timeout``); every ledger transaction is shielded
+    from cancellation. The response is stored before any of it reaches the client. Logs show a
+    hash of the key, never the key, a body or a query string.
 
     Raises :class:`~asyncbatch.ConfigurationError` for a non-positive ``ttl`` or
-    ``lock_timeout`` or an empty ``methods``; opening the ledger raises what
-    :meth:`Ledger.open <asyncbatch._ledger.Ledger.open>` raises (from the first keyed request).
+    ``lock_timeout``, an empty ``methods`` or a ``postgresql://`` state; opening the ledger
+    raises what :meth:`Ledger.open <asyncbatch._ledger.Ledger.open>` raises (at the first keyed
+    request): :class:`~asyncbatch.ConfigurationError`, :class:`~asyncbatch.LedgerError`.
     """
 
     def __init__(
@@ -239,6 +240,10 @@ class IdempotencyMiddleware:
         for name, value in (("ttl", ttl), ("lock_timeout", lock_timeout)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigurationError.bad_value(name, value, "a positive number of seconds")
+        if str(state).startswith(("postgresql://", "postgres://")):
+            raise ConfigurationError.bad_value(
+                "state", "postgresql://...", "a SQLite file path (PostgreSQL is not supported here)"
+            )
         if isinstance(methods, str) or not methods:
             raise ConfigurationError.bad_value(
                 "methods", methods, "a non-empty collection of HTTP method names"

@@ -6,7 +6,6 @@ Everything here belongs to one :class:`Run` object, created per ``Batch.run()`` 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-from anyio.abc import ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._config import BatchConfig
@@ -90,6 +88,8 @@ class Run:
         self.stopping = False
         self.holds_lock = False
         self._progress = anyio.Event()
+        self._group_full = anyio.Event()
+        self._outcomes_waiting = 0
         self._http = SharedClient(http)
         self._random = random.Random()
         self.scanner = Scanner(
@@ -248,7 +248,7 @@ class Run:
         margin = min(5.0, cfg.lease * 0.1)
         while True:
             await anyio.sleep(cfg.lease / 4)
-            began = anyio.current_time()
+            began = time.monotonic()
             leases = [(i.key, i.fence) for i in self.in_flight.values()]
             alive = await self.ledger.heartbeat(
                 cfg.job, self.owner, cfg.lease, leases, holds_lock=self.holds_lock
@@ -282,7 +282,7 @@ class Run:
 
     # -- claiming --------------------------------------------------------------------------------
 
-    async def _claimer(self, send: ObjectSendStream[_Item]) -> None:
+    async def _claimer(self, send: MemoryObjectSendStream[_Item]) -> None:
         async with send:
             if self.mode == "run":
                 records = await self.scanner.scan(
@@ -299,7 +299,7 @@ class Run:
     def _on_scan_chunk(self, found: int) -> None:
         self.counters.seen = found
 
-    async def _watch(self, send: ObjectSendStream[_Item]) -> None:
+    async def _watch(self, send: MemoryObjectSendStream[_Item]) -> None:
         """Poll forever: a file is handled once it is settled and unchanged since the last poll."""
         cfg = self.config
         previous: dict[bytes, bytes] = {}
@@ -353,7 +353,9 @@ class Run:
             items.append(_Item(key, ihash, rel, size, mtime_ns, inode))
         return items
 
-    async def _claim_records(self, records: list[bytes], send: ObjectSendStream[_Item]) -> None:
+    async def _claim_records(
+        self, records: list[bytes], send: MemoryObjectSendStream[_Item]
+    ) -> None:
         cfg = self.config
         for start in range(0, len(records), cfg.claim_batch):
             if self.is_stopping():
@@ -396,18 +398,23 @@ class Run:
         """Track a freshly leased item (before any await: a cancellation must release it)."""
         item.fence, item.attempts = row.fence, row.attempts
         item.lease_deadline = (
-            anyio.current_time() + self.config.lease - min(5.0, self.config.lease * 0.1)
+            time.monotonic() + self.config.lease - min(5.0, self.config.lease * 0.1)
         )
         self.in_flight[item.key] = item
         return item
 
-    async def _send_all(self, items: list[_Item], send: ObjectSendStream[_Item]) -> None:
+    async def _send_all(self, items: list[_Item], send: MemoryObjectSendStream[_Item]) -> None:
         for item in items:
             if self.is_stopping():
                 return  # the rest stay unstarted in in_flight and are released at the end
-            await send.send(item)
+            try:
+                send.send_nowait(item)  # no event-loop round trip while the buffer has room
+            except anyio.WouldBlock:
+                await send.send(item)
 
-    async def _claim_waiting(self, send: ObjectSendStream[_Item], *, until_idle: bool) -> None:
+    async def _claim_waiting(
+        self, send: MemoryObjectSendStream[_Item], *, until_idle: bool
+    ) -> None:
         """Lease items waiting in the ledger: retries, items put back, items not in this scan."""
         cfg = self.config
         while not self.is_stopping():
@@ -446,12 +453,27 @@ class Run:
         items: MemoryObjectReceiveStream[_Item],
         outcomes: MemoryObjectSendStream[tuple[_Item, Outcome]],
     ) -> None:
+        commit_batch = self.config.commit_batch
         async with items:
-            async for item in items:
+            while True:
+                try:
+                    # No checkpoint per item when items are waiting: the handler's own awaits
+                    # (and the claimer's) give other tasks their turn.
+                    item = items.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        item = await items.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
                 if self.is_stopping():
                     continue  # left unstarted: released when the run ends
                 outcome = await self._attempt(item)
                 outcomes.send_nowait((item, outcome))
+                self._outcomes_waiting += 1
+                if self._outcomes_waiting >= commit_batch:
+                    self._group_full.set()
 
     def _item_log(self, item: _Item, logger: logging.Logger) -> ItemLogger:
         return ItemLogger(
@@ -515,7 +537,7 @@ class Run:
                 self.ledger.record_move, cfg.job, self.owner, item.key, item.fence
             ),
         )
-        now = anyio.current_time()
+        now = time.monotonic()
         item.timeout_at = now + cfg.timeout if cfg.timeout is not None else math.inf
         try:
             with anyio.CancelScope(deadline=min(item.timeout_at, item.lease_deadline)) as scope:
@@ -528,7 +550,7 @@ class Run:
         finally:
             item.scope = None
         if scope.cancelled_caught:
-            if anyio.current_time() >= item.timeout_at:
+            if time.monotonic() >= item.timeout_at:
                 return self._failure(item, f"TimeoutError: the handler ran over {cfg.timeout}s")
             return self._failure(item, "the lease ran out before the handler finished")
         post = cfg.on_done.encode()
@@ -566,7 +588,11 @@ class Run:
     # -- committing ------------------------------------------------------------------------------
 
     async def _committer(self, outcomes: MemoryObjectReceiveStream[tuple[_Item, Outcome]]) -> None:
-        """Commit outcomes in groups: every ``commit_interval`` or ``commit_batch`` items."""
+        """Commit outcomes in groups: every ``commit_interval`` or ``commit_batch`` items.
+
+        Workers hand outcomes over without waiting (``send_nowait``); the committer wakes once
+        per group, not once per item.
+        """
         cfg = self.config
         batch: list[tuple[_Item, Outcome]] = []
         try:
@@ -576,34 +602,19 @@ class Run:
                         batch.append(await outcomes.receive())
                     except anyio.EndOfStream:
                         break
-                    deadline = anyio.current_time() + cfg.commit_interval
-                    closed = False
-                    while len(batch) < cfg.commit_batch:
-                        try:
-                            batch.append(outcomes.receive_nowait())
-                            continue
-                        except anyio.WouldBlock:
-                            pass
-                        except anyio.EndOfStream:
-                            closed = True
-                            break
-                        with anyio.move_on_after(deadline - anyio.current_time()):
-                            try:
-                                batch.append(await outcomes.receive())
-                                continue
-                            except anyio.EndOfStream:
-                                closed = True
-                                break
-                        break
+                    if self._outcomes_waiting < cfg.commit_batch:
+                        with anyio.move_on_after(cfg.commit_interval):
+                            await self._group_full.wait()
+                    closed = _drain(outcomes, batch, cfg.commit_batch)
+                    self._outcomes_waiting = max(self._outcomes_waiting - len(batch), 0)
+                    self._group_full = anyio.Event()
                     await self._commit(batch)
                     batch = []
                     if closed:
                         break
         finally:
             with anyio.CancelScope(shield=True):
-                with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
-                    while True:
-                        batch.append(outcomes.receive_nowait())
+                _drain(outcomes, batch, math.inf)
                 if batch:
                     await self._commit(batch)
                 if self._posts is not None:
@@ -647,6 +658,22 @@ class Run:
                     item.inode,
                 )
         self._wake()
+
+
+def _drain(
+    stream: MemoryObjectReceiveStream[tuple[_Item, Outcome]],
+    into: list[tuple[_Item, Outcome]],
+    limit: float,
+) -> bool:
+    """Move waiting outcomes into ``into`` (up to ``limit``); return whether the stream ended."""
+    while len(into) < limit:
+        try:
+            into.append(stream.receive_nowait())
+        except anyio.WouldBlock:
+            return False
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return True
+    return False
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:

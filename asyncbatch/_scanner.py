@@ -136,7 +136,7 @@ def open_regular(
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(f"not a regular file any more: {os.fsdecode(relpath)!r}")
-        os.set_blocking(fd, True)
+        # O_NONBLOCK only mattered for the open (a FIFO); it has no effect on regular files.
     except BaseException:
         os.close(fd)
         raise

@@ -1,0 +1,629 @@
+"""IdempotencyMiddleware: replays, conflicts, mismatches, expiry, restarts, crashes, frameworks.
+
+End-to-end tests run a real uvicorn server on 127.0.0.1 (in a thread with its own event loop)
+over a real SQLite ledger in tmp_path; edge cases go through ``httpx.ASGITransport``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from asyncbatch import ConfigurationError, IdempotencyMiddleware
+from asyncbatch._middleware import (
+    PURGE_INTERVAL,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    parse_key,
+)
+
+from .conftest import rows
+
+KEYS_TABLE = "SELECT scope, key, state, status FROM idempotency_keys ORDER BY scope, key"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """A bare ASGI app: counts its calls, echoes the body it got, may hold, fail or 500."""
+
+    def __init__(
+        self,
+        statuses: Sequence[int] = (201,),
+        *,
+        hold: Callable[[int], Awaitable[None]] | None = None,
+        fail: int = 0,
+    ) -> None:
+        self.statuses = statuses
+        self.hold = hold
+        self.fail = fail
+        self.calls = 0
+        self.bodies: list[bytes] = []
+        self.other_scopes: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            self.other_scopes.append(scope["type"])
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.calls += 1
+        n = self.calls
+        self.bodies.append(body)
+        if self.hold is not None:
+            await self.hold(n)
+        if n <= self.fail:
+            raise RuntimeError("boom")
+        status = self.statuses[min(n, len(self.statuses)) - 1]
+        payload = json.dumps({"n": n, "body": body.decode(), "path": scope["path"]}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-call", str(n).encode()),
+            (b"x-latin", b"caf\xe9"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def thread_gate(
+    gate: threading.Event, entered: threading.Event
+) -> Callable[[int], Awaitable[None]]:
+    """A hold for apps served by uvicorn in another thread: the first call waits for ``gate``."""
+
+    async def hold(n: int) -> None:
+        if n == 1:
+            entered.set()
+            await anyio.to_thread.run_sync(gate.wait, 10)
+
+    return hold
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(middleware: IdempotencyMiddleware) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client that calls ``middleware`` in this event loop; closes its store after."""
+    transport = httpx.ASGITransport(app=middleware)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+            yield client
+    finally:
+        await middleware.aclose()
+
+
+def key(value: str) -> dict[str, str]:
+    return {"Idempotency-Key": value}
+
+
+def stored_keys(state: Path) -> list[tuple[Any, ...]]:
+    return rows(state, KEYS_TABLE)
+
+
+# -- a real uvicorn server ------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A uvicorn server running in a thread with its own event loop."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+    sock: socket.socket
+
+    def stop(self) -> None:
+        """Shut the server down (lifespan shutdown included) and wait for its thread."""
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[ASGIApp], Served]]:
+    """Start ``app`` under uvicorn on a free port of 127.0.0.1; every server stops at the end."""
+    started: list[Served] = []
+
+    def start(app: ASGIApp) -> Served:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            lifespan="on",
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            log_level="warning",
+            access_log=False,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        served = Served(f"http://127.0.0.1:{port}", server, thread, sock)
+        started.append(served)
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive(), "uvicorn exited during startup"
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # it accepts connections
+        return served
+
+    yield start
+    for served in started:
+        if served.thread.is_alive():
+            served.stop()
+
+
+@contextlib.asynccontextmanager
+async def http_client(served: Served) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        yield client
+
+
+# -- end to end, over uvicorn ---------------------------------------------------------------------
+
+
+async def test_first_request_runs_once_and_a_repeat_gets_the_stored_response(
+    serve: Callable[[ASGIApp], Served], state: Path
+) -> None:
+    app = Recorder()
+    served = serve(IdempotencyMiddleware(app, state=state))
+    async with http_client(served) as client:
+        first = await client.post("/orders?a=1", content=b"hello", headers=key("k-1"))
+        again = await client.post("/orders?a=1", content=b"hello", headers=key("k-1"))
+
+    assert first.status_code == 201
+    assert "idempotent-replayed" not in first.headers
+    assert first.json() == {"n": 1, "body": "hello", "path": "/orders"}
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert again.headers["x-call"] == "1"
+    assert again.headers["content-type"] == "application/json"
+    assert dict(again.headers.raw)[b"x-latin"] == b"caf\xe9"
+    assert app.calls == 1
+    assert stored_keys(state) == [("", "k-1", "done", 201)]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+
+
+async def test_a_duplicate_while_the_first_runs_gets_409_then_the_replay(
+    serve: Callable[[ASGIApp], Served], state: Path
+) -> None:
+    gate, entered = threading.Event(), threading.Event()
+    app = Recorder(hold=thread_gate(gate, entered))
+    served = serve(IdempotencyMiddleware(app, state=state))
+    responses: dict[str, httpx.Response] = {}
+    async with http_client(served) as client:
+
+        async def first() -> None:
+            responses["first"] = await client.post("/pay", content=b"10", headers=key("dup"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            assert await anyio.to_thread.run_sync(entered.wait, 10)
+            try:
+                second = await client.post("/pay", content=b"10", headers=key("dup"))
+            finally:
+                gate.set()
+        third = await client.post("/pay", content=b"10", headers=key("dup"))
+
+    assert second.status_code == 409
+    assert second.headers["retry-after"] == "1"
+    assert second.headers["content-type"] == "application/problem+json"
+    assert second.json()["status"] == 409
+    assert responses["first"].status_code == 201
+    assert third.status_code == 201
+    assert third.headers["idempotent-replayed"] == "true"
+    assert third.content == responses["first"].content
+    assert app.calls == 1
+
+
+async def test_survives_a_restart_and_closes_its_store_at_shutdown(
+    serve: Callable[[ASGIApp], Served], state: Path
+) -> None:
+    before = Recorder()
+    first_middleware = IdempotencyMiddleware(before, state=state)
+    served = serve(first_middleware)
+    async with http_client(served) as client:
+        original = await client.put("/doc/1", content=b"v1", headers=key("restart"))
+    served.stop()
+    assert before.other_scopes == ["lifespan"]  # the bare app saw lifespan and ignored it
+    assert first_middleware._ledger is None  # closed at lifespan shutdown
+    assert not Path(f"{state}-wal").exists()  # the last connection to the ledger is gone
+
+    after = Recorder()
+    served = serve(IdempotencyMiddleware(after, state=state))
+    async with http_client(served) as client:
+        replay = await client.put("/doc/1", content=b"v1", headers=key("restart"))
+    assert replay.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == original.content
+    assert after.calls == 0
+
+
+async def test_a_body_sent_in_chunks_is_buffered_and_replayed_to_the_app(
+    serve: Callable[[ASGIApp], Served], state: Path
+) -> None:
+    app = Recorder()
+    served = serve(IdempotencyMiddleware(app, state=state))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for part in (b"ab", b"cd", b"ef"):
+            yield part
+
+    async with http_client(served) as client:
+        first = await client.post("/upload", content=chunks(), headers=key("chunked"))
+        whole = await client.post("/upload", content=b"abcdef", headers=key("chunked"))
+        other = await client.post("/upload", content=b"abcdeX", headers=key("chunked"))
+    assert app.bodies == [b"abcdef"]
+    assert first.json()["body"] == "abcdef"
+    assert whole.headers["idempotent-replayed"] == "true"
+    assert other.status_code == 422
+
+
+async def test_a_starlette_app_errors_are_stored_and_lifespan_passes_through(
+    serve: Callable[[ASGIApp], Served], state: Path
+) -> None:
+    calls: list[str] = []
+    lifespan_events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        lifespan_events.append("startup")
+        yield
+        lifespan_events.append("shutdown")
+
+    async def create(request: Request) -> Response:
+        data = await request.json()
+        calls.append(data["name"])
+        if data["name"] == "broken":
+            return JSONResponse({"error": "database down"}, status_code=500)
+        return JSONResponse({"id": len(calls)}, status_code=201, headers={"Location": "/x/1"})
+
+    async def count(request: Request) -> Response:
+        return JSONResponse({"calls": len(calls)})
+
+    app = Starlette(
+        routes=[Route("/things", create, methods=["POST"]), Route("/things", count)],
+        lifespan=lifespan,
+    )
+    app.add_middleware(IdempotencyMiddleware, state=state, required=True)
+    served = serve(app)
+    async with http_client(served) as client:
+        ok = await client.post("/things", json={"name": "a"}, headers=key("s-1"))
+        ok_again = await client.post("/things", json={"name": "a"}, headers=key("s-1"))
+        broken = await client.post("/things", json={"name": "broken"}, headers=key("s-2"))
+        broken_again = await client.post("/things", json={"name": "broken"}, headers=key("s-2"))
+        unkeyed = await client.post("/things", json={"name": "b"})
+        listed = await client.get("/things")
+    served.stop()
+
+    assert ok.status_code == 201
+    assert (ok_again.status_code, ok_again.headers["location"]) == (201, "/x/1")
+    assert ok_again.headers["idempotent-replayed"] == "true"
+    assert broken.status_code == 500
+    assert broken_again.status_code == 500
+    assert broken_again.headers["idempotent-replayed"] == "true"
+    assert broken_again.json() == {"error": "database down"}
+    assert unkeyed.status_code == 400
+    assert listed.json() == {"calls": 2}
+    assert calls == ["a", "broken"]
+    assert lifespan_events == ["startup", "shutdown"]
+    assert not Path(f"{state}-wal").exists()  # the store closed after the app's shutdown
+
+
+# -- edge cases, through httpx.ASGITransport ------------------------------------------------------
+
+
+async def test_errors_are_stored_and_replayed_without_calling_the_app(state: Path) -> None:
+    app = Recorder(statuses=(500, 201))
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        first = await client.post("/charge", content=b"x", headers=key("e"))
+        replay = await client.post("/charge", content=b"x", headers=key("e"))
+    assert first.status_code == 500
+    assert replay.status_code == 500
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == first.content
+    assert app.calls == 1
+
+
+async def test_same_key_with_a_different_request_gets_422(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        first = await client.post("/a?q=1", content=b"one", headers=key("m"))
+        other_body = await client.post("/a?q=1", content=b"two", headers=key("m"))
+        other_query = await client.post("/a?q=2", content=b"one", headers=key("m"))
+        other_path = await client.post("/b?q=1", content=b"one", headers=key("m"))
+        other_method = await client.put("/a?q=1", content=b"one", headers=key("m"))
+    assert first.status_code == 201
+    for response in (other_body, other_query, other_path, other_method):
+        assert response.status_code == 422
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "different request" in response.json()["detail"]
+    assert app.calls == 1
+
+
+async def test_required_key_refuses_unsafe_requests_without_one(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state, required=True)) as client:
+        missing = await client.post("/orders", content=b"x")
+        read = await client.get("/orders")
+        keyed = await client.post("/orders", content=b"x", headers=key("r"))
+    assert missing.status_code == 400
+    assert missing.json()["detail"] == "Idempotency-Key header is required for POST"
+    assert read.status_code == 201  # GET passes through without a key
+    assert keyed.status_code == 201
+    assert app.calls == 2
+
+
+async def test_without_required_unkeyed_and_safe_requests_pass_through(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        first = await client.post("/orders", content=b"x")
+        second = await client.post("/orders", content=b"x")
+        get = await client.get("/orders", headers=key('"not checked'))
+    assert [first.status_code, second.status_code, get.status_code] == [201, 201, 201]
+    assert app.calls == 3
+    assert not state.exists()  # no keyed request: the store was never opened
+
+
+async def test_quoted_and_bare_keys_are_the_same_key(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        quoted = await client.post("/q", content=b"x", headers=key('"abc"'))
+        bare = await client.post("/q", content=b"x", headers=key("abc"))
+        escaped = await client.post("/q", content=b"x", headers=key('"a\\"b\\\\c"'))
+    assert quoted.status_code == 201
+    assert bare.headers["idempotent-replayed"] == "true"
+    assert escaped.status_code == 201
+    assert app.calls == 2
+    assert [r[1] for r in stored_keys(state)] == ['a"b\\c', "abc"]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "empty"),
+        ('""', "empty"),
+        ('"abc', "no closing quote"),
+        ('"ab"c', "after its closing quote"),
+        ('"a\\x"', "invalid escape"),
+        ("a b", "visible ASCII"),
+        ("a,b", "visible ASCII"),
+        ('a"b', "visible ASCII"),
+        (b"caf\xc3\xa9", "visible ASCII"),
+        ("k" * 256, "longer than 255"),
+        ('"' + "k" * 256 + '"', "longer than 255"),
+    ],
+)
+async def test_a_malformed_key_gets_400(state: Path, value: str | bytes, problem: str) -> None:
+    app = Recorder()
+    raw = value if isinstance(value, bytes) else value.encode("latin-1")
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        response = await client.post("/x", content=b"x", headers=[(b"Idempotency-Key", raw)])
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["title"] == "Idempotency-Key is invalid"
+    assert problem in response.json()["detail"]
+    assert app.calls == 0
+
+
+async def test_two_key_headers_get_400(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        response = await client.post(
+            "/x", content=b"x", headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+        )
+    assert response.status_code == 400
+    assert "more than once" in response.json()["detail"]
+    assert app.calls == 0
+
+
+def test_parse_key() -> None:
+    assert parse_key(b"abc") == "abc"
+    assert parse_key(b'  "abc"\t') == "abc"
+    assert parse_key(b'"a\\\\b\\"c"') == 'a\\b"c'
+    assert parse_key(b'"with space"') == "with space"
+    assert parse_key(b"k" * 255) == "k" * 255
+    with pytest.raises(ValueError, match="empty"):
+        parse_key(b"   ")
+
+
+async def test_expired_keys_run_again_and_are_purged_at_most_once_a_minute(state: Path) -> None:
+    clock = Clock()
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, ttl=10, clock=clock)
+    async with asgi_client(middleware) as client:
+        await client.post("/e", content=b"x", headers=key("a"))  # purges (first request)
+        clock.now += 9
+        replay = await client.post("/e", content=b"x", headers=key("a"))
+        clock.now += 2
+        await client.post("/e", content=b"x", headers=key("b"))  # no purge: < 1 min since
+        expired_row = rows(state, "SELECT expires_at FROM idempotency_keys WHERE key = 'a'")
+        rerun = await client.post("/e", content=b"other body is fine now", headers=key("a"))
+        clock.now += PURGE_INTERVAL
+        await client.post("/e", content=b"x", headers=key("c"))  # purges a and b
+        keys_after_purge = [r[1] for r in stored_keys(state)]
+        clock.now += 11
+        purged = await middleware.purge()
+
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert expired_row == [(1_000_010.0,)]  # still there, expired: treated as absent
+    assert rerun.status_code == 201
+    assert "idempotent-replayed" not in rerun.headers
+    assert rerun.headers["x-call"] == "3"
+    assert keys_after_purge == ["c"]
+    assert purged == 1
+    assert stored_keys(state) == []
+
+
+async def test_an_app_that_raises_frees_the_key_for_a_retry(state: Path) -> None:
+    app = Recorder(fail=1)
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        with pytest.raises(RuntimeError, match="boom"):
+            await client.post("/r", content=b"x", headers=key("retry-me"))
+        assert stored_keys(state) == []
+        retry = await client.post("/r", content=b"x", headers=key("retry-me"))
+    assert retry.status_code == 201
+    assert "idempotent-replayed" not in retry.headers
+    assert app.calls == 2
+    assert stored_keys(state) == [("", "retry-me", "done", 201)]
+
+
+async def test_a_cancelled_request_frees_the_key(state: Path) -> None:
+    async def forever(n: int) -> None:
+        if n == 1:
+            await anyio.sleep_forever()
+
+    app = Recorder(hold=forever)
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        with anyio.move_on_after(0.3) as scope:
+            await client.post("/c", content=b"x", headers=key("cancelled"))
+        assert scope.cancelled_caught
+        assert stored_keys(state) == []
+        retry = await client.post("/c", content=b"x", headers=key("cancelled"))
+    assert retry.status_code == 201
+    assert app.calls == 2
+
+
+async def test_an_abandoned_running_record_is_taken_over_after_lock_timeout(state: Path) -> None:
+    clock = Clock()
+    gate, entered = anyio.Event(), anyio.Event()
+
+    async def hold_first(n: int) -> None:
+        if n == 1:
+            entered.set()
+            await gate.wait()
+
+    app = Recorder(hold=hold_first)
+    middleware = IdempotencyMiddleware(app, state=state, lock_timeout=30, clock=clock)
+    responses: dict[str, httpx.Response] = {}
+    async with asgi_client(middleware) as client:
+
+        async def first() -> None:
+            responses["first"] = await client.post("/t", content=b"x", headers=key("stuck"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            with anyio.fail_after(5):
+                await entered.wait()
+            clock.now += 29
+            still_locked = await client.post("/t", content=b"x", headers=key("stuck"))
+            clock.now += 2
+            taken_over = await client.post("/t", content=b"x", headers=key("stuck"))
+            gate.set()
+        replay = await client.post("/t", content=b"x", headers=key("stuck"))
+
+    assert still_locked.status_code == 409
+    assert taken_over.status_code == 201
+    assert taken_over.headers["x-call"] == "2"
+    # the late first request still answers its client, but cannot overwrite the new owner
+    assert responses["first"].headers["x-call"] == "1"
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.headers["x-call"] == "2"
+    assert app.calls == 2
+
+
+async def test_scope_of_namespaces_keys(state: Path) -> None:
+    def client_of(scope: Scope) -> str:
+        return str(dict(scope["headers"]).get(b"x-client", b"").decode())
+
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, scope_of=client_of)
+    async with asgi_client(middleware) as client:
+        alice = await client.post("/n", content=b"x", headers={**key("k"), "X-Client": "alice"})
+        bob = await client.post("/n", content=b"y", headers={**key("k"), "X-Client": "bob"})
+        alice_again = await client.post(
+            "/n", content=b"x", headers={**key("k"), "X-Client": "alice"}
+        )
+    assert (alice.status_code, bob.status_code) == (201, 201)
+    assert alice_again.headers["idempotent-replayed"] == "true"
+    assert app.calls == 2
+    assert [r[:2] for r in stored_keys(state)] == [("alice", "k"), ("bob", "k")]
+
+
+async def test_non_http_scopes_and_other_methods_pass_through(state: Path) -> None:
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, methods={"post"})
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    async with asgi_client(middleware) as client:
+        put = await client.put("/p", content=b"x", headers=key("not-for-put"))
+        put_again = await client.put("/p", content=b"x", headers=key("not-for-put"))
+    assert app.other_scopes == ["websocket"]
+    assert (put.status_code, put_again.status_code) == (201, 201)
+    assert "idempotent-replayed" not in put_again.headers
+    assert app.calls == 2
+    assert not state.exists()
+
+
+async def test_logs_carry_a_key_hash_never_the_key_body_or_query(
+    state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret_key = "customer-42-secret-key"
+    app = Recorder()
+    caplog.set_level(logging.DEBUG, logger="asyncbatch.middleware")
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        await client.post("/l?token=hunter2", content=b"card=4242", headers=key(secret_key))
+        await client.post("/l?token=hunter2", content=b"card=4242", headers=key(secret_key))
+        await client.post("/l?token=hunter2", content=b"card=0000", headers=key(secret_key))
+    messages = [r.getMessage() for r in caplog.records if r.name == "asyncbatch.middleware"]
+    assert any("replaying" in m for m in messages)
+    assert any("422" in m for m in messages)
+    text = "\n".join(messages)
+    for secret in (secret_key, "hunter2", "4242", "0000"):
+        assert secret not in text
+
+
+def test_bad_settings_are_refused(state: Path) -> None:
+    with pytest.raises(ConfigurationError, match="ttl"):
+        IdempotencyMiddleware(Recorder(), state=state, ttl=0)
+    with pytest.raises(ConfigurationError, match="lock_timeout"):
+        IdempotencyMiddleware(Recorder(), state=state, lock_timeout=float("nan"))
+    with pytest.raises(ConfigurationError, match="methods"):
+        IdempotencyMiddleware(Recorder(), state=state, methods="POST")
+    with pytest.raises(ConfigurationError, match="SQLite"):
+        IdempotencyMiddleware(Recorder(), state="postgresql://db/x")
