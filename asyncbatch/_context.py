@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiofiles
 import anyio.to_thread
@@ -21,7 +21,7 @@ from ._scanner import Entry
 if TYPE_CHECKING:
     from ._http import ItemHTTP
 
-__all__ = ["INLINE_READ_MAX", "ItemLogger", "TaskContext"]
+__all__ = ["INLINE_READ_MAX", "ContextHooks", "ItemLogger", "TaskContext"]
 
 #: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: a read
 #: from the page cache this small costs less than the ~100-300 us of a thread hop
@@ -64,16 +64,45 @@ async def _read_fd(fd: int, size: int) -> bytes:
     return await anyio.to_thread.run_sync(read)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+class ContextHooks(Protocol):
+    """What a context needs from the run that made it (implemented by the runner)."""
+
+    handler_logger: logging.Logger
+
+    def http_for(self, key: str) -> ItemHTTP:
+        """A fresh HTTP view for one attempt of the item ``key``."""
+        ...
+
+    async def record_move(self, ctx: TaskContext, destination: str) -> bool:
+        """Record, under the item's lease, where its input is being moved."""
+        ...
+
+
 class TaskContext:
     """What a handler gets for one item; built fresh for every attempt, shared with nothing.
 
-    Attributes: ``entry`` (the file as scanned), ``key`` (its ledger identity),
+    Attributes (read-only): ``entry`` (the file as scanned), ``key`` (its ledger identity),
     ``input_hash`` (sha256 over its identity: log this, never the content), ``attempt``
     (1 for the first), ``job``, ``fence`` (the lease's fencing token), ``log`` (records carry
     job, key and input_hash), ``data`` (a dict for the handler's own use, this item's only),
     and ``http`` (an ``httpx.AsyncClient``-like view that adds ``Idempotency-Key`` headers).
+    ``log``, ``http`` and ``data`` are made on first use.
     """
+
+    __slots__ = (
+        "_data",
+        "_hooks",
+        "_http",
+        "_input",
+        "_log",
+        "attempt",
+        "entry",
+        "fence",
+        "input_hash",
+        "job",
+        "key",
+        "output_dir",
+    )
 
     entry: Entry
     key: str
@@ -81,12 +110,79 @@ class TaskContext:
     attempt: int
     job: str
     fence: int
-    log: ItemLogger
-    http: ItemHTTP
-    data: dict[str, Any] = field(default_factory=dict)
-    output_dir: Path | None = None
-    _input: _Input | None = None
-    _on_move: Callable[[str], Awaitable[bool]] | None = None
+    output_dir: Path | None
+    _hooks: ContextHooks | None
+    _input: _Input | None
+    _log: ItemLogger | None
+    _http: ItemHTTP | None
+    _data: dict[str, Any] | None
+
+    def __init__(
+        self,
+        *,
+        entry: Entry,
+        key: str,
+        input_hash: str,
+        attempt: int,
+        job: str,
+        fence: int,
+        output_dir: Path | None = None,
+        hooks: ContextHooks | None = None,
+        input_file: _Input | None = None,
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "entry", entry)
+        setter(self, "key", key)
+        setter(self, "input_hash", input_hash)
+        setter(self, "attempt", attempt)
+        setter(self, "job", job)
+        setter(self, "fence", fence)
+        setter(self, "output_dir", output_dir)
+        setter(self, "_hooks", hooks)
+        setter(self, "_input", input_file)
+        setter(self, "_log", None)
+        setter(self, "_http", None)
+        setter(self, "_data", None)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"TaskContext is read-only (cannot set {name!r}); keep your values in ctx.data"
+        )
+
+    def __repr__(self) -> str:
+        return f"TaskContext(key={self.key!r}, attempt={self.attempt}, job={self.job!r})"
+
+    @property
+    def log(self) -> ItemLogger:
+        """A logger adapter whose records carry this item's job, key and input_hash."""
+        if self._log is None:
+            logger = (
+                self._hooks.handler_logger
+                if self._hooks is not None
+                else logging.getLogger("asyncbatch.handler")
+            )
+            extra = {"job": self.job, "key": self.key, "input_hash": self.input_hash}
+            object.__setattr__(self, "_log", ItemLogger(logger, extra))
+        assert self._log is not None
+        return self._log
+
+    @property
+    def http(self) -> ItemHTTP:
+        """This attempt's HTTP view (``Idempotency-Key`` on unsafe calls, retries)."""
+        if self._http is None:
+            if self._hooks is None:
+                raise RuntimeError("this TaskContext was not made by a Batch: no ctx.http")
+            object.__setattr__(self, "_http", self._hooks.http_for(self.key))
+        assert self._http is not None
+        return self._http
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """A dict for the handler's own values, private to this item's attempt."""
+        if self._data is None:
+            object.__setattr__(self, "_data", {})
+        assert self._data is not None
+        return self._data
 
     async def read_bytes(self) -> bytes:
         """The input's content, read from the file opened safely for this item.
@@ -141,7 +237,7 @@ class TaskContext:
         if dst.is_dir():
             dst = dst / self.entry.path.name
         dst = dst.absolute()
-        if self._on_move is not None and not await self._on_move(str(dst)):
+        if self._hooks is not None and not await self._hooks.record_move(self, str(dst)):
             raise LockLostError(f"item {self.key}: its lease was taken over; the input stays put")
         await idempotent_move(self.entry.path, dst)
         return dst

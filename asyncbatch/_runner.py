@@ -6,7 +6,6 @@ Everything here belongs to one :class:`Run` object, created per ``Batch.run()`` 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -53,10 +52,18 @@ class _Item:
     fence: int = 0
     attempts: int = 0
     started: bool = False
-    scope: anyio.CancelScope | None = None
-    timeout_at: float = math.inf
     lease_deadline: float = math.inf
     moved_to: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """A worker's current item, watched by the watchdog (runner-internal)."""
+
+    scope: anyio.CancelScope | None = None
+    item: _Item | None = None
+    started: float = 0.0
+    reason: str = "stopped by the watchdog"
 
 
 def _error_text(exc: BaseException) -> str:
@@ -104,7 +111,12 @@ class Run:
         self._http_settings: HTTPSettings | None = None
         self._work_scope = anyio.CancelScope()
         self._posts: PostActions | None = None
-        self._handler_log = logging.getLogger("asyncbatch.handler")
+        self._slots: list[_Slot] = []
+        self._watch_at = math.inf
+        self._watch_wake = anyio.Event()
+        self._on_done = config.on_done.encode()
+        #: The logger behind every ctx.log (ContextHooks).
+        self.handler_logger = logging.getLogger("asyncbatch.handler")
 
     # -- public surface (through Batch) ------------------------------------------------------------
 
@@ -225,6 +237,7 @@ class Run:
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._heartbeat)
+                background.start_soon(self._watchdog)
                 background.start_soon(self._stop_after_grace)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._posts.serve)
@@ -261,8 +274,6 @@ class Run:
             deadline = began + cfg.lease - margin
             for item in self.in_flight.values():
                 item.lease_deadline = deadline
-                if item.scope is not None:
-                    item.scope.deadline = min(item.timeout_at, deadline)
 
     async def _stop_after_grace(self) -> None:
         await self.stop_requested.wait()
@@ -434,7 +445,9 @@ class Run:
             if not until_idle:
                 return
             if self.in_flight:
-                await self._wait_for_progress(1.0)
+                # Our own items are still out: wait until one fails (it may need a retry) or
+                # all are back, not for every commit.
+                await self._wait_for_progress(self.config.lease / 4)
                 continue
             if cfg.shared and await self.ledger.reap_stale_runners(cfg.job, self.me):
                 continue
@@ -453,32 +466,90 @@ class Run:
         items: MemoryObjectReceiveStream[_Item],
         outcomes: MemoryObjectSendStream[tuple[_Item, Outcome]],
     ) -> None:
-        commit_batch = self.config.commit_batch
-        async with items:
-            while True:
-                try:
-                    # No checkpoint per item when items are waiting: the handler's own awaits
-                    # (and the claimer's) give other tasks their turn.
-                    item = items.receive_nowait()
-                except anyio.WouldBlock:
-                    try:
-                        item = await items.receive()
-                    except anyio.EndOfStream:
-                        return
-                except anyio.EndOfStream:
-                    return
-                if self.is_stopping():
-                    continue  # left unstarted: released when the run ends
-                outcome = await self._attempt(item)
-                outcomes.send_nowait((item, outcome))
-                self._outcomes_waiting += 1
-                if self._outcomes_waiting >= commit_batch:
-                    self._group_full.set()
+        """Handle items one after the other until the stream ends.
 
-    def _item_log(self, item: _Item, logger: logging.Logger) -> ItemLogger:
-        return ItemLogger(
-            logger, {"job": self.config.job, "key": item.key, "input_hash": item.ihash}
-        )
+        One cancel scope per worker, not per item (a scope with a deadline costs ~14 us): the
+        watchdog cancels it when the current item overruns its timeout or lease, and the
+        worker records that failure and carries on in a fresh scope.
+        """
+        slot = _Slot()
+        self._slots.append(slot)
+        try:
+            async with items:
+                while True:
+                    with anyio.CancelScope() as slot.scope:
+                        if not await self._work(items, outcomes, slot):
+                            return
+                    item, slot.item = slot.item, None
+                    if item is not None:  # the watchdog stopped this item
+                        self._hand_over(outcomes, item, self._failure(item, slot.reason))
+        finally:
+            self._slots.remove(slot)
+
+    async def _work(
+        self,
+        items: MemoryObjectReceiveStream[_Item],
+        outcomes: MemoryObjectSendStream[tuple[_Item, Outcome]],
+        slot: _Slot,
+    ) -> bool:
+        timeout = self.config.timeout
+        while True:
+            try:
+                # No checkpoint per item when items are waiting: the handler's own awaits
+                # (and the claimer's) give other tasks their turn.
+                item = items.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    item = await items.receive()
+                except anyio.EndOfStream:
+                    return False
+            except anyio.EndOfStream:
+                return False
+            if self.stopping:
+                continue  # left unstarted: released when the run ends
+            slot.item, slot.started = item, time.monotonic()
+            if timeout is not None and slot.started + timeout < self._watch_at:
+                self._watch_wake.set()
+            outcome = await self._attempt(item)
+            slot.item = None
+            self._hand_over(outcomes, item, outcome)
+
+    def _hand_over(
+        self,
+        outcomes: MemoryObjectSendStream[tuple[_Item, Outcome]],
+        item: _Item,
+        outcome: Outcome,
+    ) -> None:
+        outcomes.send_nowait((item, outcome))
+        self._outcomes_waiting += 1
+        if self._outcomes_waiting >= self.config.commit_batch:
+            self._group_full.set()
+
+    async def _watchdog(self) -> None:
+        """Cancel handlers that overrun their ``timeout`` or their lease (one timer in all)."""
+        timeout = self.config.timeout
+        idle = min(self.config.lease / 4, timeout if timeout is not None else math.inf)
+        while True:
+            now = time.monotonic()
+            wake_at = now + idle
+            for slot in self._slots:
+                item = slot.item
+                if item is None or slot.scope is None or slot.scope.cancel_called:
+                    continue
+                ends = slot.started + timeout if timeout is not None else math.inf
+                if ends <= now:
+                    slot.reason = f"TimeoutError: the handler ran over {timeout}s"
+                    slot.scope.cancel()
+                elif item.lease_deadline <= now:
+                    slot.reason = "the lease ran out before the handler finished"
+                    slot.scope.cancel()
+                else:
+                    wake_at = min(wake_at, ends, item.lease_deadline)
+            self._watch_at = wake_at
+            with anyio.move_on_after(wake_at - now):
+                await self._watch_wake.wait()
+            if self._watch_wake.is_set():
+                self._watch_wake = anyio.Event()
 
     async def _attempt(self, item: _Item) -> Outcome:
         cfg = self.config
@@ -489,7 +560,7 @@ class Run:
                 f"the runner stopped during attempt {item.attempts - 1} of {cfg.max_attempts}",
                 permanent=True,
             )
-        path = cfg.source / os.fsdecode(item.relpath)
+        moved: Path | None = None
         try:
             try:
                 fd, st = open_regular(
@@ -499,62 +570,64 @@ class Run:
                 if item.moved_to is None:
                     raise
                 # The handler moved its input (ctx.move) before the run died: continue there.
-                path = Path(item.moved_to)
-                fd, st = open_regular(None, os.fsencode(path))
+                moved = Path(item.moved_to)
+                fd, st = open_regular(None, os.fsencode(moved))
         except FileNotFoundError:
             return self._vanished(item, "the file disappeared before it could be handled")
         except OSError as exc:
             return self._failure(item, _error_text(exc), permanent=exc.errno is None)
         try:
-            if cfg.identity != "path" and (st.st_size, st.st_mtime_ns) != (
-                item.size,
-                item.mtime_ns,
+            if cfg.identity != "path" and (
+                st.st_size != item.size or st.st_mtime_ns != item.mtime_ns
             ):
                 return self._vanished(
                     item, "the file changed after it was scanned; the new version is a new item"
                 )
-            return await self._call_handler(item, fd, st, path)
+            ctx = TaskContext(
+                entry=Entry(
+                    cfg.source,
+                    os.fsdecode(item.relpath),
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    path=moved,
+                ),
+                key=item.key,
+                input_hash=item.ihash,
+                attempt=item.attempts,
+                job=cfg.job,
+                fence=item.fence,
+                output_dir=cfg.output_dir,
+                hooks=self,
+                input_file=_Input(fd, st.st_size),
+            )
+            try:
+                await self.handler(ctx)
+            except PermanentError as exc:
+                return self._failure(item, _error_text(exc), permanent=True, exc=exc)
+            except Exception as exc:
+                return self._failure(item, _error_text(exc), exc=exc)
+            return Outcome(item.key, item.fence, "done", None, None, self._on_done)
         finally:
             os.close(fd)
 
-    async def _call_handler(self, item: _Item, fd: int, st: os.stat_result, path: Path) -> Outcome:
-        cfg = self.config
-        relpath = os.fsdecode(item.relpath)
-        entry = Entry(path, relpath, st.st_size, st.st_mtime_ns, st.st_ino)
+    # -- what a TaskContext asks of its run (ContextHooks) -----------------------------------------
+
+    def http_for(self, key: str) -> ItemHTTP:
+        """A fresh HTTP view for one attempt of ``key``."""
         assert self._http_settings is not None
-        ctx = TaskContext(
-            entry=entry,
-            key=item.key,
-            input_hash=item.ihash,
-            attempt=item.attempts,
-            job=cfg.job,
-            fence=item.fence,
-            log=self._item_log(item, self._handler_log),
-            http=ItemHTTP(self._http_settings, item.key),
-            output_dir=cfg.output_dir,
-            _input=_Input(fd, st.st_size),
-            _on_move=functools.partial(
-                self.ledger.record_move, cfg.job, self.owner, item.key, item.fence
-            ),
+        return ItemHTTP(self._http_settings, key)
+
+    async def record_move(self, ctx: TaskContext, destination: str) -> bool:
+        """Record, under the item's lease, where ctx.move() is taking its input."""
+        return await self.ledger.record_move(
+            self.config.job, self.owner, ctx.key, ctx.fence, destination
         )
-        now = time.monotonic()
-        item.timeout_at = now + cfg.timeout if cfg.timeout is not None else math.inf
-        try:
-            with anyio.CancelScope(deadline=min(item.timeout_at, item.lease_deadline)) as scope:
-                item.scope = scope
-                await self.handler(ctx)
-        except PermanentError as exc:
-            return self._failure(item, _error_text(exc), permanent=True, exc=exc)
-        except Exception as exc:
-            return self._failure(item, _error_text(exc), exc=exc)
-        finally:
-            item.scope = None
-        if scope.cancelled_caught:
-            if time.monotonic() >= item.timeout_at:
-                return self._failure(item, f"TimeoutError: the handler ran over {cfg.timeout}s")
-            return self._failure(item, "the lease ran out before the handler finished")
-        post = cfg.on_done.encode()
-        return Outcome(item.key, item.fence, "done", post_action=post)
+
+    def _item_log(self, item: _Item, logger: logging.Logger) -> ItemLogger:
+        return ItemLogger(
+            logger, {"job": self.config.job, "key": item.key, "input_hash": item.ihash}
+        )
 
     def _failure(
         self,
@@ -624,6 +697,7 @@ class Run:
         cfg = self.config
         lost = await self.ledger.commit_outcomes(cfg.job, self.owner, [o for _, o in batch])
         c = self.counters
+        retry_due = False
         for item, outcome in batch:
             self.in_flight.pop(item.key, None)
             if item.key in lost:
@@ -641,6 +715,7 @@ class Run:
             elif state == "failed":
                 c.failed += 1
                 c.failed_keys.add(item.key)
+                retry_due = True
             elif state == "dead":
                 c.failed += item.attempts <= cfg.max_attempts
                 c.dead += 1
@@ -657,7 +732,8 @@ class Run:
                     item.mtime_ns,
                     item.inode,
                 )
-        self._wake()
+        if retry_due or not self.in_flight:
+            self._wake()  # the claimer waits for a retry to schedule or for the last item
 
 
 def _drain(

@@ -50,19 +50,71 @@ CHUNK = 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-@dataclass(frozen=True, slots=True)
 class Entry:
-    """One settled regular file, as the scan saw it.
+    """One settled regular file, as the scan saw it (read-only).
 
     ``relpath`` uses ``/`` separators and is decoded with ``surrogateescape``, so
-    ``os.fsencode(relpath)`` gives back the exact bytes of a non-UTF-8 name.
+    ``os.fsencode(relpath)`` gives back the exact bytes of a non-UTF-8 name. ``path`` is the
+    file's location: under the source, or where ``ctx.move`` put it before a crash.
     """
 
-    path: Path
+    __slots__ = ("_base", "_path", "inode", "mtime_ns", "relpath", "size")
+
     relpath: str
     size: int
     mtime_ns: int
     inode: int
+    _base: Path
+    _path: Path | None
+
+    def __init__(
+        self,
+        base: Path,
+        relpath: str,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        *,
+        path: Path | None = None,
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "_base", base)
+        setter(self, "relpath", relpath)
+        setter(self, "size", size)
+        setter(self, "mtime_ns", mtime_ns)
+        setter(self, "inode", inode)
+        setter(self, "_path", path)
+
+    @property
+    def path(self) -> Path:
+        """The file's path (built on first use: most handlers never need a ``Path``)."""
+        if self._path is None:
+            object.__setattr__(self, "_path", self._base / self.relpath)
+        assert self._path is not None
+        return self._path
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Entry is read-only; cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.path, self.relpath, self.size, self.mtime_ns, self.inode) == (
+            other.path,
+            other.relpath,
+            other.size,
+            other.mtime_ns,
+            other.inode,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.relpath, self.size, self.mtime_ns, self.inode))
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(path={str(self.path)!r}, relpath={self.relpath!r}, size={self.size}, "
+            f"mtime_ns={self.mtime_ns}, inode={self.inode})"
+        )
 
 
 def pack(mtime_ns: int, relpath: bytes, size: int, inode: int) -> bytes:

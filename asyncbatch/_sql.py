@@ -175,20 +175,10 @@ VALUES """
 _CLAIM_ROW = "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, 'running', 1, ?2, 1, ?3, ?4, ?4)"
 _CLAIM_TAIL = f"""
 ON CONFLICT (job, key) DO UPDATE SET
-    state       = CASE WHEN {_CLAIMABLE} THEN 'running' ELSE items.state END,
-    owner       = CASE WHEN {_CLAIMABLE} THEN ?2 ELSE items.owner END,
-    fence       = CASE WHEN {_CLAIMABLE} THEN items.fence + 1 ELSE items.fence END,
-    attempts    = CASE WHEN {_CLAIMABLE} THEN items.attempts + 1 ELSE items.attempts END,
-    lease_until = CASE WHEN {_CLAIMABLE} THEN ?3 ELSE items.lease_until END,
-    relpath     = CASE WHEN {_CLAIMABLE} THEN excluded.relpath ELSE items.relpath END,
-    size        = CASE WHEN {_CLAIMABLE} THEN excluded.size ELSE items.size END,
-    mtime_ns    = CASE WHEN {_CLAIMABLE} THEN excluded.mtime_ns ELSE items.mtime_ns END,
-    inode       = CASE WHEN {_CLAIMABLE} THEN excluded.inode ELSE items.inode END,
-    updated_at  = ?4
+    state = 'running', owner = ?2, fence = items.fence + 1, attempts = items.attempts + 1,
+    lease_until = ?3, relpath = excluded.relpath, size = excluded.size,
+    mtime_ns = excluded.mtime_ns, inode = excluded.inode, updated_at = ?4
 WHERE {_CLAIMABLE}
-   OR items.state = 'dead'
-   OR (items.state = 'done' AND items.post_action IS NOT NULL)
-RETURNING key, state, fence, attempts, post_action
 """
 #: Columns bound per row of a scanned-chunk claim (after the 4 shared ones).
 CLAIM_ROW_PARAMS: Final = 5
@@ -198,9 +188,10 @@ def claim_scanned(rows: int) -> str:
     """Register ``rows`` scanned entries and lease the claimable ones, in one statement.
 
     Shared parameters: ``?1`` job, ``?2`` owner, ``?3`` lease_until, ``?4`` now; then per row
-    ``key, relpath, size, mtime_ns, inode``. New entries are inserted already leased to us.
-    Returns the rows leased to us (``state='running'``), plus dead rows and finished rows whose
-    post-commit action may still be due.
+    ``key, relpath, size, mtime_ns, inode``. New entries are inserted already leased to us;
+    pending, vanished, due failed and expired entries are leased; finished ones cost one index
+    probe. No RETURNING: a statement that returns a row per item hands the GIL back and forth
+    once per row; :data:`CLAIMED_IN_CHUNK` reads the result back as one JSON value instead.
     """
     values = ",".join(
         _CLAIM_ROW.format(*range(5 + CLAIM_ROW_PARAMS * i, 10 + CLAIM_ROW_PARAMS * i))
@@ -209,34 +200,61 @@ def claim_scanned(rows: int) -> str:
     return _CLAIM_HEAD + values + _CLAIM_TAIL
 
 
+# What the claim above did to a chunk, as one JSON array of [key, state, fence, attempts,
+# post_action]: the rows it leased (ours, stamped with its time), dead rows (counted as not
+# done) and finished rows whose post-commit action may still be due.
+# ?1 job, ?2 JSON array of the chunk's keys, ?3 owner, ?4 the claim's time.
+CLAIMED_IN_CHUNK = """
+SELECT json_group_array(json_array(key, state, fence, attempts, post_action))
+FROM items
+WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
+  AND ((state = 'running' AND owner = ?3 AND updated_at = ?4)
+       OR state = 'dead'
+       OR (state = 'done' AND post_action IS NOT NULL))
+"""
+
 # Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
+# "INDEXED BY items_waiting" keeps these on the small partial index: without statistics the
+# planner would walk every item of the job instead.
 CLAIM_WAITING = """
 UPDATE items SET state = 'running', owner = ?2, fence = fence + 1, attempts = attempts + 1,
                  lease_until = ?3, updated_at = ?4
 WHERE job = ?1 AND key IN (
-    SELECT key FROM items
-    WHERE job = ?1 AND (state = 'pending' OR (state = 'failed' AND next_attempt_at <= ?4))
+    SELECT key FROM items INDEXED BY items_waiting
+    WHERE job = ?1 AND state IN ('pending', 'failed')
+      AND (state = 'pending' OR next_attempt_at <= ?4)
     ORDER BY mtime_ns, relpath LIMIT ?5)
 RETURNING key, relpath, size, mtime_ns, inode, fence, attempts, post_action
 """
 NEXT_RETRY_AT = """
-SELECT min(next_attempt_at) FROM items WHERE job = ? AND state = 'failed'
+SELECT min(next_attempt_at) FROM items INDEXED BY items_waiting
+WHERE job = ? AND state IN ('pending', 'failed') AND state = 'failed'
 """
 WAITING_COUNT = """
-SELECT count(*) FROM items WHERE job = ? AND state IN ('pending', 'failed')
+SELECT count(*) FROM items INDEXED BY items_waiting
+WHERE job = ? AND state IN ('pending', 'failed')
 """
 
 # -- outcomes ------------------------------------------------------------------------------------
 
+# A group of completions in one statement (one sqlite3_step, not one per row): ?3 is a JSON
+# array of keys (it drives the primary-key lookups), ?4 a JSON array of "key fence" pairs.
 MARK_DONE = """
 UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, last_error = NULL,
-                 post_action = ?, updated_at = ?, done_at = ?
-WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+                 post_action = ?5, updated_at = ?6, done_at = ?6
+WHERE job = ?1 AND owner = ?2 AND state = 'running'
+  AND key IN (SELECT value FROM json_each(?3))
+  AND (key || ' ' || fence) IN (SELECT value FROM json_each(?4))
 """
 MARK_FAILED = """
 UPDATE items SET state = ?, lease_until = NULL, next_attempt_at = ?, last_error = ?,
                  post_action = ?, updated_at = ?
 WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+"""
+# Who holds these items now (after a group commit that did not update them all).
+LEASE_STATE = """
+SELECT key, owner, fence, state FROM items
+WHERE job = ? AND key IN (SELECT value FROM json_each(?))
 """
 RELEASE_ITEM = """
 UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL,
@@ -270,7 +288,8 @@ FROM items WHERE job = ? AND state IN ('failed', 'dead')
 ORDER BY updated_at DESC LIMIT ?
 """
 OLDEST_WAITING = """
-SELECT min(created_at) FROM items WHERE job = ? AND state IN ('pending', 'failed')
+SELECT min(created_at) FROM items INDEXED BY items_waiting
+WHERE job = ? AND state IN ('pending', 'failed')
 """
 RETRY_ITEM = """
 UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
