@@ -8,16 +8,18 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 
 from ._config import DEFAULT_UNSAFE_METHODS, BatchConfig, Durability, PostAction
 from ._exceptions import AsyncBatchError, ConfigurationError
 from ._identity import Identity
 from ._report import Report, Statistics
 from ._runner import Handler, Mode, Run, unwrap_group
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Batch"]
 

@@ -27,12 +27,14 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 
 from ._exceptions import IdempotencyKeyMismatchError
+
+if TYPE_CHECKING:  # httpx costs ~0.2 s to import: only a handler that calls ctx.http pays it
+    import httpx
 
 __all__ = ["HTTPSettings", "ItemHTTP", "SharedClient", "derive_idempotency_key"]
 
@@ -40,9 +42,6 @@ log = logging.getLogger("asyncbatch.http")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
-RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
-    httpx.TransportError,  # connect errors, timeouts, dropped connections
-)
 _SEND_KEYS = frozenset({"auth", "follow_redirects"})
 
 
@@ -66,6 +65,8 @@ class SharedClient:
 
     def get(self) -> httpx.AsyncClient:
         """The client, created now if this is the first call."""
+        import httpx
+
         if self._client is None:
             if isinstance(self._given, httpx.AsyncClient):
                 self._client = self._given
@@ -171,13 +172,15 @@ class ItemHTTP:
     async def _send(
         self, request: httpx.Request, send: dict[str, Any], retryable: bool, *, stream: bool
     ) -> httpx.Response:
+        import httpx
+
         s = self._settings
         attempts = s.retries + 1 if retryable else 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
                 response = await s.shared.get().send(request, stream=stream, **send)
-            except RETRY_EXCEPTIONS as e:
+            except httpx.TransportError as e:  # connect errors, timeouts, dropped connections
                 if last or isinstance(e, httpx.StreamConsumed):
                     raise
                 log.info(

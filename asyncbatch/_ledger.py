@@ -62,8 +62,7 @@ class LockInfo:
         return ProcessIdentity(self.host or "", self.pid or 0, self.pid_start)
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedRow:
+class ClaimedRow(NamedTuple):
     """What a claim statement returned for one item."""
 
     key: str

@@ -13,9 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from ._exceptions import ConfigurationError
 from ._identity import Identity, input_hash
 from ._ledger import ItemInfo, Ledger, LockInfo
@@ -128,6 +125,9 @@ async def status(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     table = Table(title=f"job {args.job!r} in {args.state}", show_header=True)
     for state in counts:
@@ -190,6 +190,9 @@ async def failures(args: argparse.Namespace) -> int:
     if not rows:
         print(f"job {args.job!r}: no failed or dead items")
         return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"failed and dead items of job {args.job!r}")
     for column in ("when", "state", "attempts", "relpath", "error", "key", "input hash"):
         table.add_column(column, overflow="fold")

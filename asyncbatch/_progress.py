@@ -6,15 +6,6 @@ import sys
 from typing import TextIO
 
 import anyio
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from ._batch import Batch
 from ._report import Statistics
@@ -40,6 +31,16 @@ async def _plain(batch: Batch, stream: TextIO, interval: float) -> None:
 
 
 async def _bar(batch: Batch, stream: TextIO) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     console = Console(file=stream)
     columns = (
         TextColumn("[bold]{task.description}"),

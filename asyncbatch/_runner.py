@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._config import BatchConfig
@@ -35,6 +36,8 @@ from ._scanner import Entry, Scanner, content_digest, open_regular, split, unpac
 __all__ = ["Handler", "Run", "unwrap_group"]
 
 log = logging.getLogger("asyncbatch")
+#: Longest stretch (seconds) a worker runs handlers without letting other tasks in.
+_YIELD_EVERY = 0.001
 Handler = Callable[[TaskContext], Awaitable[Any]]
 Mode = Literal["run", "watch"]
 
@@ -231,7 +234,7 @@ class Run:
         cfg = self.config
         out_send, out_recv = anyio.create_memory_object_stream[tuple[_Item, Outcome]](math.inf)
         item_send, item_recv = anyio.create_memory_object_stream[_Item](
-            max(cfg.claim_batch, cfg.concurrency)
+            2 * cfg.claim_batch + cfg.concurrency
         )
         self._posts = PostActions(cfg)
         try:
@@ -493,11 +496,16 @@ class Run:
         slot: _Slot,
     ) -> bool:
         timeout = self.config.timeout
+        yield_at = time.monotonic() + _YIELD_EVERY
         while True:
             try:
-                # No checkpoint per item when items are waiting: the handler's own awaits
-                # (and the claimer's) give other tasks their turn.
+                # No event-loop round trip per item while items are waiting; but yield about
+                # once a millisecond, so the ledger's replies (claims, commits) are picked up
+                # promptly even when handlers never await anything that suspends.
                 item = items.receive_nowait()
+                if time.monotonic() >= yield_at:
+                    await anyio.lowlevel.checkpoint()
+                    yield_at = time.monotonic() + _YIELD_EVERY
             except anyio.WouldBlock:
                 try:
                     item = await items.receive()
