@@ -1,0 +1,161 @@
+"""The hand-offs between the pipeline's tasks, and the leased item that travels through them.
+
+Plain deques and lists plus an ``anyio.Event`` per transition (empty → not empty, full → not
+full): an item is handed over with a list operation, not an event-loop round trip. All of it
+lives on one event loop; nothing here is shared between runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+import anyio
+
+if TYPE_CHECKING:
+    from ._ledger import Outcome
+
+__all__ = ["ItemQueue", "LeasedItem", "Outbox"]
+
+
+class LeasedItem:
+    """An item leased to this runner, on its way from the claimer to the committer."""
+
+    __slots__ = (
+        "attempts",
+        "fence",
+        "ihash",
+        "inode",
+        "key",
+        "lease_deadline",
+        "moved_to",
+        "mtime_ns",
+        "relpath",
+        "size",
+        "started",
+    )
+
+    def __init__(
+        self, key: str, ihash: str, relpath: bytes, size: int, mtime_ns: int, inode: int
+    ) -> None:
+        self.key = key
+        self.ihash = ihash
+        self.relpath = relpath
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.inode = inode
+        self.fence = 0
+        self.attempts = 0
+        self.started = False
+        self.lease_deadline = math.inf
+        self.moved_to: str | None = None
+
+
+class ItemQueue:
+    """Leased items waiting for a worker; bounded, so the claimer never runs far ahead."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[LeasedItem] = deque()
+        self.limit = limit
+        self.closed = False
+        self._not_empty = anyio.Event()
+        self._not_full = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, items: list[LeasedItem]) -> None:
+        """Add items (the caller waited for room with :meth:`wait_for_room`)."""
+        self._items.extend(items)
+        if self._items:
+            self._not_empty.set()
+
+    async def wait_for_room(self) -> None:
+        """Wait until fewer than ``limit`` items wait, or the queue is closed."""
+        while len(self._items) >= self.limit and not self.closed:
+            if self._not_full.is_set():
+                self._not_full = anyio.Event()
+            await self._not_full.wait()
+
+    def get_nowait(self) -> LeasedItem | None:
+        """The next item, or ``None`` if none waits right now."""
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        if len(self._items) < self.limit:
+            self._not_full.set()
+        return item
+
+    async def get(self) -> LeasedItem | None:
+        """The next item, waiting for one; ``None`` once the queue is closed and empty."""
+        while not self._items:
+            if self.closed:
+                return None
+            if self._not_empty.is_set():
+                self._not_empty = anyio.Event()
+            await self._not_empty.wait()
+        return self.get_nowait()
+
+    def close(self) -> None:
+        """No more items: waiting workers see the end once the queue is empty."""
+        self.closed = True
+        self._not_empty.set()
+        self._not_full.set()
+
+
+class Outbox:
+    """Outcomes waiting for the committer, which takes them a group at a time."""
+
+    def __init__(self, group: int) -> None:
+        self._pending: list[tuple[LeasedItem, Outcome]] = []
+        self.group = group
+        self.closed = False
+        self._ready = anyio.Event()
+        self._full = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, item: LeasedItem, outcome: Outcome) -> None:
+        """Hand an outcome over (never waits)."""
+        pending = self._pending
+        pending.append((item, outcome))
+        if len(pending) == 1:
+            self._ready.set()
+        if len(pending) >= self.group:
+            self._full.set()
+
+    async def wait_ready(self) -> bool:
+        """Wait until an outcome waits; ``False`` once closed and empty."""
+        while not self._pending:
+            if self.closed:
+                return False
+            if self._ready.is_set():
+                self._ready = anyio.Event()
+            await self._ready.wait()
+        return True
+
+    async def wait_full(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for a full group (or the end)."""
+        if len(self._pending) >= self.group or self.closed:
+            return
+        if self._full.is_set():
+            self._full = anyio.Event()
+        with anyio.move_on_after(seconds):
+            await self._full.wait()
+
+    def take(self, limit: float = math.inf) -> list[tuple[LeasedItem, Outcome]]:
+        """Remove and return up to ``limit`` waiting outcomes, oldest first."""
+        if limit >= len(self._pending):
+            taken, self._pending = self._pending, []
+        else:
+            cut = int(limit)
+            taken, self._pending = self._pending[:cut], self._pending[cut:]
+        return taken
+
+    def close(self) -> None:
+        """No more outcomes will come."""
+        self.closed = True
+        self._ready.set()
+        self._full.set()

@@ -1,0 +1,253 @@
+"""The worker pool: ``concurrency`` tasks handling leased items, and the watchdog over them.
+
+Each attempt opens the input safely (no final symlink followed, never blocking on a FIFO,
+``fstat`` of the open file), builds a fresh :class:`TaskContext` and calls the handler. An
+``Exception`` fails only that item; cancellation and other ``BaseException`` propagate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+
+from ._context import ItemLogger, TaskContext, _Input
+from ._exceptions import PermanentError
+from ._http import ItemHTTP
+from ._ledger import Outcome
+from ._queues import ItemQueue, LeasedItem, Outbox
+from ._scanner import Entry, open_regular
+
+if TYPE_CHECKING:
+    from ._runner import Run
+
+__all__ = ["WorkerPool", "error_text"]
+
+log = logging.getLogger("asyncbatch")
+#: Longest stretch (seconds) a worker runs handlers without letting other tasks in.
+YIELD_EVERY = 0.001
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` on one line: what the ledger stores as an item's last error."""
+    text = str(exc).strip().replace("\r", " ").replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """A worker's current item, watched by the watchdog."""
+
+    scope: anyio.CancelScope | None = None
+    item: LeasedItem | None = None
+    started: float = 0.0
+    reason: str = "stopped by the watchdog"
+
+
+class WorkerPool:
+    """Runs the handler over queued items; also the :class:`ContextHooks` of their contexts."""
+
+    def __init__(self, run: Run, queue: ItemQueue, outbox: Outbox) -> None:
+        self.run = run
+        self.config = run.config
+        self.queue = queue
+        self.outbox = outbox
+        self.handler_logger = logging.getLogger("asyncbatch.handler")
+        self._slots: list[_Slot] = []
+        self._watch_at = math.inf
+        self._watch_wake = anyio.Event()
+        self._on_done = run.config.on_done.encode()
+        self._random = random.Random()
+
+    # -- workers -----------------------------------------------------------------------------------
+
+    async def worker(self) -> None:
+        """Handle items one after the other until the queue ends (or the run stops).
+
+        One cancel scope per worker, not per item (a scope with a deadline costs ~14 us): the
+        watchdog cancels it when the current item overruns its timeout or lease; the worker
+        records that failure and carries on in a fresh scope.
+        """
+        slot = _Slot()
+        self._slots.append(slot)
+        try:
+            while True:
+                with anyio.CancelScope() as slot.scope:
+                    if not await self._work(slot):
+                        return
+                item, slot.item = slot.item, None
+                if item is not None:  # the watchdog stopped this item
+                    self.outbox.put(item, self.failure(item, slot.reason))
+        finally:
+            self._slots.remove(slot)
+
+    async def _work(self, slot: _Slot) -> bool:
+        queue, outbox, run = self.queue, self.outbox, self.run
+        timeout = self.config.timeout
+        yield_at = time.monotonic() + YIELD_EVERY
+        while not run.stopping:  # on stop, items not started stay leased and are released
+            item = queue.get_nowait()
+            if item is None:
+                item = await queue.get()
+                if item is None:
+                    return False
+                yield_at = time.monotonic() + YIELD_EVERY
+            elif time.monotonic() >= yield_at:
+                # No event-loop round trip per item while items wait, but a turn for the
+                # other tasks (ledger replies, heartbeat) about once a millisecond.
+                await anyio.lowlevel.checkpoint()
+                yield_at = time.monotonic() + YIELD_EVERY
+            slot.item = item
+            slot.started = started = time.monotonic()
+            if timeout is not None and started + timeout < self._watch_at:
+                self._watch_wake.set()
+            outcome = await self.attempt(item)
+            slot.item = None
+            outbox.put(item, outcome)
+        return False
+
+    async def watchdog(self) -> None:
+        """Cancel handlers that overrun their ``timeout`` or their lease (one timer in all)."""
+        timeout = self.config.timeout
+        idle = min(self.config.lease / 4, timeout if timeout is not None else math.inf)
+        while True:
+            now = time.monotonic()
+            wake_at = now + idle
+            for slot in self._slots:
+                item = slot.item
+                if item is None or slot.scope is None or slot.scope.cancel_called:
+                    continue
+                ends = slot.started + timeout if timeout is not None else math.inf
+                if ends <= now:
+                    slot.reason = f"TimeoutError: the handler ran over {timeout}s"
+                    slot.scope.cancel()
+                elif item.lease_deadline <= now:
+                    slot.reason = "the lease ran out before the handler finished"
+                    slot.scope.cancel()
+                else:
+                    wake_at = min(wake_at, ends, item.lease_deadline)
+            self._watch_at = wake_at
+            with anyio.move_on_after(wake_at - now):
+                await self._watch_wake.wait()
+            if self._watch_wake.is_set():
+                self._watch_wake = anyio.Event()
+
+    # -- one attempt -------------------------------------------------------------------------------
+
+    async def attempt(self, item: LeasedItem) -> Outcome:
+        """Open the input, call the handler, and say how it went (never raises ``Exception``)."""
+        cfg = self.config
+        item.started = True
+        if item.attempts > cfg.max_attempts:
+            return self.failure(
+                item,
+                f"the runner stopped during attempt {item.attempts - 1} of {cfg.max_attempts}",
+                permanent=True,
+            )
+        moved: Path | None = None
+        try:
+            try:
+                fd, st = open_regular(
+                    self.run.dir_fd, item.relpath, follow_symlinks=cfg.follow_symlinks
+                )
+            except FileNotFoundError:
+                if item.moved_to is None:
+                    raise
+                # The handler moved its input (ctx.move) before the run died: continue there.
+                moved = Path(item.moved_to)
+                fd, st = open_regular(None, os.fsencode(moved))
+        except FileNotFoundError:
+            return self.vanished(item, "the file disappeared before it could be handled")
+        except OSError as exc:
+            return self.failure(item, error_text(exc), permanent=exc.errno is None)
+        try:
+            if cfg.identity != "path" and (
+                st.st_size != item.size or st.st_mtime_ns != item.mtime_ns
+            ):
+                return self.vanished(
+                    item, "the file changed after it was scanned; the new version is a new item"
+                )
+            ctx = TaskContext(
+                entry=Entry(
+                    cfg.source,
+                    os.fsdecode(item.relpath),
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    path=moved,
+                ),
+                key=item.key,
+                input_hash=item.ihash,
+                attempt=item.attempts,
+                job=cfg.job,
+                fence=item.fence,
+                output_dir=cfg.output_dir,
+                hooks=self,
+                input_file=_Input(fd, st.st_size),
+            )
+            try:
+                await self.run.handler(ctx)
+            except PermanentError as exc:
+                return self.failure(item, error_text(exc), permanent=True, exc=exc)
+            except Exception as exc:
+                return self.failure(item, error_text(exc), exc=exc)
+            return Outcome(item.key, item.fence, "done", None, None, self._on_done)
+        finally:
+            os.close(fd)
+
+    def item_logger(self, item: LeasedItem, logger: logging.Logger = log) -> ItemLogger:
+        """A logger adapter carrying the item's job, key and input hash."""
+        return ItemLogger(
+            logger, {"job": self.config.job, "key": item.key, "input_hash": item.ihash}
+        )
+
+    def failure(
+        self,
+        item: LeasedItem,
+        error: str,
+        *,
+        permanent: bool = False,
+        exc: BaseException | None = None,
+    ) -> Outcome:
+        """The outcome of a failed attempt: failed (retry with backoff) or dead."""
+        cfg = self.config
+        dead = permanent or item.attempts >= cfg.max_attempts
+        logger = self.item_logger(item)
+        logger.warning(
+            "item %s attempt %d %s: %s",
+            item.key,
+            item.attempts,
+            "failed for good" if dead else "failed",
+            error,
+            exc_info=exc if exc is not None and logger.isEnabledFor(logging.DEBUG) else None,
+        )
+        if dead:
+            return Outcome(item.key, item.fence, "dead", error, None, cfg.on_dead.encode())
+        delay = min(cfg.backoff_max, cfg.backoff * 2 ** (item.attempts - 1))
+        delay *= 0.5 + self._random.random() / 2
+        return Outcome(item.key, item.fence, "failed", error, self.run.clock() + delay)
+
+    def vanished(self, item: LeasedItem, why: str) -> Outcome:
+        """The outcome of an item whose file is gone (or changed) before it was handled."""
+        self.item_logger(item).info("item %s vanished: %s", item.key, why)
+        return Outcome(item.key, item.fence, "vanished", why)
+
+    # -- what a TaskContext asks of its run (ContextHooks) -----------------------------------------
+
+    def http_for(self, key: str) -> ItemHTTP:
+        """A fresh HTTP view for one attempt of ``key``."""
+        return ItemHTTP(self.run.http_settings, key)
+
+    async def record_move(self, ctx: TaskContext, destination: str) -> bool:
+        """Record, under the item's lease, where ctx.move() is taking its input."""
+        return await self.run.ledger.record_move(
+            self.config.job, self.run.owner, ctx.key, ctx.fence, destination
+        )
