@@ -119,6 +119,7 @@ class Batch:
         self._http = http
         self._clock = clock
         self._run: Run | None = None
+        self._last_statistics: Statistics | None = None
         #: The signal that stopped the last run (``handle_signals=True``), if any.
         self.received_signal: int | None = None
 
@@ -151,8 +152,11 @@ class Batch:
             self._run.request_stop()
 
     def statistics(self) -> Statistics | None:
-        """A snapshot of the current run's counters, or ``None`` when not running."""
-        return None if self._run is None else self._run.statistics()
+        """A snapshot of the current run's counters (or the last run's final ones; ``None``
+        before the first run)."""
+        if self._run is not None:
+            return self._run.statistics()
+        return self._last_statistics
 
     async def _execute(self, mode: Mode, handle_signals: bool) -> Report:
         if self._run is not None:
@@ -178,6 +182,7 @@ class Batch:
             assert report is not None
             return report
         finally:
+            self._last_statistics = run.statistics()
             self._run = None
 
     async def _on_signals(self, run: Run) -> None:

@@ -8,6 +8,7 @@ error (one line naming the bad value, no traceback); 75 the job is locked by a l
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import signal
 import sys
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--poll", type=positive_float, default=1.0, help="seconds between polls")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument(
+        "--progress-interval",
+        type=positive_float,
+        default=10.0,
+        help="seconds between progress lines when not on a terminal (10)",
+    )
+    run.add_argument(
         "--claim-batch", type=positive_int, default=512, help="items leased per statement"
     )
     _add_logging(run)
@@ -152,7 +159,7 @@ async def _run_command(args: argparse.Namespace) -> int:
     report: Report | None = None
     async with anyio.create_task_group() as tg:
         if not args.no_progress:
-            tg.start_soon(show_progress, batch)
+            tg.start_soon(functools.partial(show_progress, batch, interval=args.progress_interval))
         try:
             if args.watch:
                 report = await batch.watch(handle_signals=True)

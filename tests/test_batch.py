@@ -337,3 +337,19 @@ def test_a_synchronous_handler_is_refused(inbox: Path, state: Path) -> None:
 
     with pytest.raises(ConfigurationError, match="an async function"):
         Batch(handle, source=inbox, state=state)  # type: ignore[arg-type]
+
+
+async def test_base_exceptions_from_a_handler_are_never_swallowed(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+
+    class Stop(BaseException):
+        pass
+
+    async def handle(ctx: TaskContext) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        await Batch(handle, source=inbox, state=state, concurrency=1).run()
+    # Nothing was recorded as failed or done; the leases went back.
+    assert state_counts(state) == {"pending": 3}
+    assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]

@@ -260,3 +260,40 @@ def test_failures_retry_locks_unlock_and_history(inbox: Path, state: Path) -> No
     history = cli("history", "--state", state).stdout.strip().splitlines()
     assert len(history) == 2
     assert "exit failed" in history[0]
+
+
+def test_archive_inside_the_source_and_unwritable_output_exit_2_before_anything(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 2)
+    (inbox / "done").mkdir()
+    result = cli(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--recursive",
+        "--on-done",
+        f"move:{inbox / 'done'}",
+    )
+    assert_one_line_error(result, "on_done", "inside the scanned source")
+    assert not state.exists()
+    assert sorted(p.name for p in inbox.iterdir()) == ["done", "f00000.txt", "f00001.txt"]
+
+    locked = tmp_path / "readonly-out"
+    locked.mkdir()
+    locked.chmod(0o555)
+    prefix = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+        if (os.geteuid() == 0)
+        else []
+    )
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root's file access override")
+    result = cli(
+        "run", RECORD, "--source", inbox, "--state", state, "--output-dir", locked, prefix=prefix
+    )
+    assert_one_line_error(result, "output_dir", "not writable")
+    assert not state.exists()

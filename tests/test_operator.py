@@ -1,0 +1,212 @@
+"""The operator's view: status while a runner works, locks, unlock, logs, progress, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .conftest import HANDLERS, cli, kill, make_files, rows, spawn, wait_for
+
+RECORD = f"{HANDLERS}:record"
+
+
+def test_status_and_locks_while_a_runner_holds_the_job(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 30)
+    log = tmp_path / "calls.log"
+    runner = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "1",
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.3"},
+    )
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count("\n") >= 1)
+        status = json.loads(cli("status", "--state", state, "--json").stdout)
+        (lock,) = status["locks"]
+        assert lock["pid"] == runner.pid
+        assert lock["alive"] is True
+        assert status["counts"]["running"] >= 1
+        assert status["last_run"]["exit_status"] is None
+
+        text = cli("status", "--state", state).stdout
+        assert f"lock: held by pid {runner.pid}" in text
+        assert "heartbeat" in text
+
+        locks = cli("locks", "--state", state)
+        assert f"default: pid {runner.pid}" in locks.stdout
+        assert "alive" in locks.stdout
+
+        refused = cli("unlock", "default", "--state", state)
+        assert refused.returncode == 2
+        assert "is alive" in refused.stderr
+        assert "--force" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        kill(runner)
+
+    # The holder is dead now: unlock removes the stale lock without --force.
+    text = cli("status", "--state", state).stdout
+    assert "STALE" in text
+    removed = cli("unlock", "default", "--state", state)
+    assert removed.returncode == 0, removed.stderr
+    assert "removed the stale lock" in removed.stdout
+    assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
+
+
+def test_unlock_force_removes_a_live_lock(inbox: Path, state: Path, tmp_path: Path) -> None:
+    make_files(inbox, 10)
+    log = tmp_path / "calls.log"
+    runner = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "1",
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.5"},
+    )
+    try:
+        wait_for(lambda: log.exists())
+        forced = cli("unlock", "default", "--state", state, "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert "removed the live lock" in forced.stdout
+    finally:
+        # The runner notices at its next heartbeat that its lock is gone and stops.
+        kill(runner)
+
+
+def test_json_logs_carry_the_item_fields_and_never_the_content(inbox: Path, state: Path) -> None:
+    secret = b"card-number-4111111111111111"
+    (inbox / "payload.csv").write_bytes(secret)
+    os.utime(inbox / "payload.csv", (time.time() - 10,) * 2)
+    result = cli(
+        "run",
+        f"{HANDLERS}:fail_always",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--max-attempts",
+        "1",
+        "--log-format",
+        "json",
+        "--log-level",
+        "INFO",
+        "--no-progress",
+    )
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    item_records = [r for r in records if "key" in r]
+    assert item_records, result.stderr
+    for record in item_records:
+        assert record["job"] == "default"
+        assert len(record["input_hash"]) == 64
+        assert {"ts", "level", "logger", "message"} <= set(record)
+    assert secret.decode() not in result.stderr
+
+
+def test_plain_progress_lines_when_not_a_terminal(inbox: Path, state: Path, tmp_path: Path) -> None:
+    make_files(inbox, 20)
+    result = cli(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "1",
+        "--progress-interval",
+        "0.1",
+        env={"AB_SLEEP": "0.05"},
+    )
+    assert result.returncode == 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
+    assert len(lines) >= 3
+    assert "/20 files" in lines[-1]
+    silent = cli(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        tmp_path / "other.db",
+        "--no-progress",
+        "--progress-interval",
+        "0.01",
+        env={"AB_SLEEP": "0.01"},
+    )
+    assert "progress:" not in silent.stderr
+
+
+def test_a_progress_bar_on_a_terminal(inbox: Path, state: Path) -> None:
+    make_files(inbox, 30)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asyncbatch",
+            "run",
+            RECORD,
+            "--source",
+            str(inbox),
+            "--state",
+            str(state),
+            "-j",
+            "2",
+        ],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env={**os.environ, "AB_SLEEP": "0.05", "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(terminal)
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], 30)
+            if not ready:
+                break
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        proc.wait(timeout=60)
+        os.close(controller)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "30/30" in text
+    assert "━" in text  # rich's bar
+    assert "30 done" in text
+
+
+def test_demo_runs_twice_and_shows_status(tmp_path: Path) -> None:
+    result = cli("demo", "--dir", tmp_path / "demo", "--files", "40", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "40 done" in out
+    assert "0 done, 40 skipped" in out
+    assert "last run:" in out
+    assert len(list((tmp_path / "demo" / "out").iterdir())) == 40
