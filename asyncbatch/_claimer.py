@@ -10,6 +10,7 @@ files already registered are remembered by their stat signature so an idle inbox
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import TYPE_CHECKING
 
@@ -115,11 +116,24 @@ class Claimer:
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode))
         return items
 
+    def chunk_starts(self, count: int) -> list[int]:
+        """Where each claim chunk starts, in the order to claim them.
+
+        One runner claims in ``(mtime_ns, relpath)`` order. Runners sharing a job (``shared``)
+        start at a random chunk and wrap around: they work on different parts of the inbox
+        instead of racing for the same chunk, each still in order within its part.
+        """
+        starts = list(range(0, count, self.config.claim_batch))
+        if self.config.shared and len(starts) > 1:
+            turn = random.randrange(len(starts))
+            starts = starts[turn:] + starts[:turn]
+        return starts
+
     async def claim_records(self, records: list[bytes]) -> None:
         """Register and lease sorted scan records, a chunk per statement, into the queue."""
         run, cfg = self.run, self.config
         posts = run.posts
-        for start in range(0, len(records), cfg.claim_batch):
+        for start in self.chunk_starts(len(records)):
             if run.stopping:
                 return
             chunk = records[start : start + cfg.claim_batch]

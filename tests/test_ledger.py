@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -193,3 +194,28 @@ async def test_released_items_return_to_pending(state: Path) -> None:
         ]
         claimed = await ledger.claim_waiting("j", "me2", 60, 10)
         assert [c.key for c in claimed] == ["a", "b"]
+
+
+def test_runners_creating_a_fresh_state_at_the_same_moment_both_succeed(tmp_path: Path) -> None:
+    state = tmp_path / "fresh.db"
+    script = (
+        "import anyio, sys, time\n"
+        "from asyncbatch._ledger import Ledger\n"
+        "async def main():\n"
+        "    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together\n"
+        "    async with await Ledger.open(sys.argv[1]) as ledger:\n"
+        "        await ledger.ensure_job('default', 'stat')\n"
+        "anyio.run(main)\n"
+    )
+    for _ in range(5):
+        state.unlink(missing_ok=True)
+        start = str(time.time() + 1.5)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(state), start], stderr=subprocess.PIPE
+            )
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+        assert len(rows(state, "SELECT value FROM meta WHERE name = 'secret'")) == 1
