@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -297,3 +298,18 @@ def test_archive_inside_the_source_and_unwritable_output_exit_2_before_anything(
     )
     assert_one_line_error(result, "output_dir", "not writable")
     assert not state.exists()
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncbatch", "history", "--state", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # like `asyncbatch history | head -0`
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141
+    assert b"Traceback" not in err
