@@ -38,18 +38,21 @@ class Committer:
         try:
             while await outbox.wait_ready():
                 await outbox.wait_full(cfg.commit_interval)
-                await self.commit(outbox.take(cfg.commit_batch))
+                await self.commit(*outbox.take(cfg.commit_batch))
         finally:
             with anyio.CancelScope(shield=True):
                 if len(outbox):
-                    await self.commit(outbox.take())
+                    await self.commit(*outbox.take())
                 self.run.posts.close()
 
-    async def commit(self, batch: list[tuple[LeasedItem, Outcome]]) -> None:
-        """Record one group of outcomes; then count them and queue their post-commit actions."""
+    async def commit(
+        self, batch: list[tuple[LeasedItem, Outcome]], started: list[tuple[str, int]]
+    ) -> None:
+        """Record one group of outcomes (and attempts started since the last group); then count
+        them and queue their post-commit actions."""
         run = self.run
         cfg = run.config
-        lost = await run.ledger.commit_outcomes(cfg.job, run.owner, [o for _, o in batch])
+        lost = await run.ledger.commit_outcomes(cfg.job, run.owner, [o for _, o in batch], started)
         counters, in_flight, posts = run.counters, run.in_flight, run.posts
         retry_due = False
         for item, outcome in batch:
@@ -72,7 +75,7 @@ class Committer:
                 counters.failed_keys.add(item.key)
                 retry_due = True
             elif state == "dead":
-                counters.failed += item.attempts <= cfg.max_attempts
+                counters.failed += item.attempt > 0  # 0: given up on without running
                 counters.dead += 1
                 counters.failed_keys.discard(item.key)
             else:

@@ -192,7 +192,10 @@ class ItemHTTP:
                 )
                 await self._pause(attempt, None)
                 continue
-            if response.status_code not in RETRY_STATUSES or last:
+            replayed = response.headers.get("Idempotent-Replayed", "").lower() == "true"
+            if response.status_code not in RETRY_STATUSES or last or replayed:
+                # A replayed answer is what the server stored for this key: asking again
+                # brings the same answer back.
                 self._check(request, response)
                 return response
             if stream:

@@ -148,21 +148,28 @@ def _tx_commit(
     job: str,
     owner: str,
     now: float,
+    started: tuple[str, str] | None,
     done: list[tuple[str | None, str, str]],
     other: list[tuple[Any, ...]],
     keys: str,
     expected: int,
 ) -> list[tuple[str, str | None, int, str]] | None:
+    if started is not None:
+        conn.execute(sql.MARK_STARTED, (job, owner, *started))
     changed = 0
     for post_action, done_keys, pairs in done:
-        changed += conn.execute(
-            sql.MARK_DONE, (job, owner, done_keys, pairs, post_action, now)
-        ).rowcount
+        params = (job, owner, done_keys, pairs, post_action, now)
+        changed += conn.execute(sql.MARK_DONE, params).rowcount
     if other:
         changed += conn.executemany(sql.MARK_FAILED, other).rowcount
     if changed == expected:
         return None
     return [tuple(r) for r in conn.execute(sql.LEASE_STATE, (job, keys)).fetchall()]
+
+
+def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
+    """The two JSON arguments of a fenced group statement: keys, and "key fence" pairs."""
+    return json.dumps([k for k, _ in pairs]), json.dumps([f"{k} {f}" for k, f in pairs])
 
 
 class Ledger(LedgerQueries):
@@ -308,18 +315,26 @@ class Ledger(LedgerQueries):
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    async def commit_outcomes(self, job: str, owner: str, outcomes: Sequence[Outcome]) -> set[str]:
+    async def commit_outcomes(
+        self,
+        job: str,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        started: Sequence[tuple[str, int]] = (),
+    ) -> set[str]:
         """Record finished attempts in one transaction; return the keys whose lease was lost.
 
-        An item is done when, and only when, this transaction commits. A row whose owner or
-        fence changed (another runner took the lease) is not touched and its key is returned.
+        ``started`` lists ``(key, fence)`` of attempts that began and are still running: their
+        attempt is counted now (a finished one is counted with its outcome). An item is done
+        when, and only when, this transaction commits. A row whose owner or fence changed
+        (another runner took the lease) is not touched, and its key is returned.
         """
         now = self.clock()
-        groups: dict[str | None, list[Outcome]] = {}
+        groups: dict[str | None, list[tuple[str, int]]] = {}
         other: list[tuple[Any, ...]] = []
         for o in outcomes:
             if o.state == "done":
-                groups.setdefault(o.post_action, []).append(o)
+                groups.setdefault(o.post_action, []).append((o.key, o.fence))
             else:
                 other.append(
                     (
@@ -334,16 +349,19 @@ class Ledger(LedgerQueries):
                         o.fence,
                     )
                 )
-        done = [
-            (
-                post_action,
-                json.dumps([o.key for o in group]),
-                json.dumps([f"{o.key} {o.fence}" for o in group]),
-            )
-            for post_action, group in groups.items()
-        ]
+        done = [(post, *_fenced_group(group)) for post, group in groups.items()]
         keys = json.dumps([o.key for o in outcomes])
-        rows = await self._transact(_tx_commit, job, owner, now, done, other, keys, len(outcomes))
+        rows = await self._transact(
+            _tx_commit,
+            job,
+            owner,
+            now,
+            _fenced_group(started) if started else None,
+            done,
+            other,
+            keys,
+            len(outcomes),
+        )
         if rows is None:
             return set()
         mine = {o.key: o for o in outcomes}
@@ -357,17 +375,17 @@ class Ledger(LedgerQueries):
     async def release_items(
         self, job: str, owner: str, items: Sequence[tuple[str, int, bool]]
     ) -> None:
-        """Give leased items back (``(key, fence, started)``); unstarted ones lose the attempt."""
+        """Give leased items back (``(key, fence, started)``) to be claimed again.
+
+        Attempts are counted when they start (see ``commit_outcomes``), so nothing is undone.
+        """
         if not items:
             return
 
         def release(conn: sqlite3.Connection, now: float) -> None:
             conn.executemany(
                 sql.RELEASE_ITEM,
-                [
-                    (0 if started else 1, now, job, key, owner, fence)
-                    for key, fence, started in items
-                ],
+                [(now, job, key, owner, fence) for key, fence, _started in items],
             )
 
         await self._transact(release, self.clock())

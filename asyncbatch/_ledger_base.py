@@ -134,7 +134,9 @@ class LedgerConnection:
     async def _prepare(self, existed: bool, durability: Durability, *, migrate: bool) -> None:
         db, name = self._db, str(self.path)
         try:
-            await db.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
+            # While opening, wait as long as it takes (another runner may be switching a new
+            # file to WAL or migrating it, which locks it exclusively); short waits afterwards.
+            await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             objects = await self._scalar(sql.SCHEMA_OBJECTS)
             app_id = await self._scalar("PRAGMA application_id")
             version = await self._scalar("PRAGMA user_version")
@@ -164,6 +166,7 @@ class LedgerConnection:
                         "once to upgrade it"
                     )
                 await self._transact(self._migrate, secrets.token_hex(32), self.clock())
+            await db.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, secret: str, now: float) -> None:

@@ -198,9 +198,12 @@ class IdempotencyMiddleware:
     - no key: pass through, or with ``required=True`` answer 400;
     - an empty, malformed or over-long key (or more than one ``Idempotency-Key`` header): 400;
     - a new key: the request body is buffered and replayed to ``app``; the response it sends
-      (any status, 5xx included) is stored for ``ttl`` seconds before it is sent. If ``app``
-      raises (or is cancelled) before completing its response, nothing is stored and the key
-      is free again for a retry; the exception propagates;
+      is stored for ``ttl`` seconds before it is sent, 2xx, 3xx and 4xx alike. A 5xx answer is
+      not stored by default: the key is freed so the client's retry runs the request again
+      (a transient outage must not be replayed for a day); ``store_server_errors=True`` stores
+      5xx too (Stripe's choice, for apps whose 5xx may follow a side effect). If ``app`` raises
+      (or is cancelled) before completing its response, nothing is stored and the key is free
+      again for a retry; the exception propagates;
     - a key whose response is stored, with the same request fingerprint (sha256 over method,
       path and query string, body): the stored response plus ``Idempotent-Replayed: true``;
     - a key whose first request still runs: 409 with ``Retry-After: 1``. A first request older
@@ -235,6 +238,7 @@ class IdempotencyMiddleware:
         lock_timeout: float = 60.0,
         methods: Collection[str] = DEFAULT_METHODS,
         scope_of: Callable[[Scope], str] | None = None,
+        store_server_errors: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in (("ttl", ttl), ("lock_timeout", lock_timeout)):
@@ -255,6 +259,7 @@ class IdempotencyMiddleware:
         self.lock_timeout = float(lock_timeout)
         self.methods = frozenset(m.upper() for m in methods)
         self.scope_of = scope_of
+        self.store_server_errors = store_server_errors
         self.clock = clock
         self._ledger: Ledger | None = None
         self._open_lock: anyio.Lock | None = None
@@ -369,7 +374,10 @@ class IdempotencyMiddleware:
                 response = b"".join(capture.chunks)
                 status = int(capture.start["status"])
                 headers = [(bytes(n), bytes(v)) for n, v in capture.start.get("headers", ())]
-                if not await self._complete(
+                if status >= 500 and not self.store_server_errors:
+                    await self._release(ledger, namespace, key, token)
+                    log.debug("%s: a %d is not stored; key %s freed", scope["method"], status, tag)
+                elif not await self._complete(
                     ledger, namespace, key, token, status, headers, response
                 ):
                     log.warning(

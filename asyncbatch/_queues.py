@@ -23,8 +23,10 @@ class LeasedItem:
     """An item leased to this runner, on its way from the claimer to the committer."""
 
     __slots__ = (
+        "attempt",
         "attempts",
         "fence",
+        "finished",
         "ihash",
         "inode",
         "key",
@@ -46,8 +48,12 @@ class LeasedItem:
         self.mtime_ns = mtime_ns
         self.inode = inode
         self.fence = 0
+        #: Attempts counted in the ledger when leased (started ones; see MARK_STARTED).
         self.attempts = 0
+        #: This attempt's number once it started (``attempts + 1``), 0 if the handler never ran.
+        self.attempt = 0
         self.started = False
+        self.finished = False
         self.lease_deadline = math.inf
         self.moved_to: str | None = None
 
@@ -105,20 +111,22 @@ class ItemQueue:
 
 
 class Outbox:
-    """Outcomes waiting for the committer, which takes them a group at a time."""
+    """Outcomes (and attempts that started) waiting for the committer, taken a group at a time."""
 
     def __init__(self, group: int) -> None:
         self._pending: list[tuple[LeasedItem, Outcome]] = []
+        self._started: list[LeasedItem] = []
         self.group = group
         self.closed = False
         self._ready = anyio.Event()
         self._full = anyio.Event()
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._started)
 
     def put(self, item: LeasedItem, outcome: Outcome) -> None:
         """Hand an outcome over (never waits)."""
+        item.finished = True
         pending = self._pending
         pending.append((item, outcome))
         if len(pending) == 1:
@@ -126,9 +134,15 @@ class Outbox:
         if len(pending) >= self.group:
             self._full.set()
 
+    def started(self, item: LeasedItem) -> None:
+        """Note that an attempt began: the committer counts it if it is still running."""
+        self._started.append(item)
+        if len(self._started) == 1:
+            self._ready.set()
+
     async def wait_ready(self) -> bool:
-        """Wait until an outcome waits; ``False`` once closed and empty."""
-        while not self._pending:
+        """Wait until something waits; ``False`` once closed and empty."""
+        while not self._pending and not self._started:
             if self.closed:
                 return False
             if self._ready.is_set():
@@ -145,14 +159,19 @@ class Outbox:
         with anyio.move_on_after(seconds):
             await self._full.wait()
 
-    def take(self, limit: float = math.inf) -> list[tuple[LeasedItem, Outcome]]:
-        """Remove and return up to ``limit`` waiting outcomes, oldest first."""
+    def take(
+        self, limit: float = math.inf
+    ) -> tuple[list[tuple[LeasedItem, Outcome]], list[tuple[str, int]]]:
+        """Remove up to ``limit`` outcomes, oldest first, and the attempts started and still
+        running (as ``(key, fence)``)."""
         if limit >= len(self._pending):
             taken, self._pending = self._pending, []
         else:
             cut = int(limit)
             taken, self._pending = self._pending[:cut], self._pending[cut:]
-        return taken
+        running = [(i.key, i.fence) for i in self._started if not i.finished]
+        self._started = []
+        return taken, running
 
     def close(self) -> None:
         """No more outcomes will come."""

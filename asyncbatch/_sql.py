@@ -42,6 +42,7 @@ CREATE TABLE items (
     attempts        INTEGER NOT NULL DEFAULT 0,
     owner           TEXT,
     fence           INTEGER NOT NULL DEFAULT 0,
+    started_fence   INTEGER,
     lease_until     REAL,
     next_attempt_at REAL,
     last_error      TEXT,
@@ -172,12 +173,14 @@ _CLAIM_HEAD = """
 INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, owner, fence,
                    lease_until, created_at, updated_at)
 VALUES """
-_CLAIM_ROW = "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, 'running', 1, ?2, 1, ?3, ?4, ?4)"
+_CLAIM_ROW = "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, 'running', 0, ?2, 1, ?3, ?4, ?4)"
+# A lease bumps the fence; an attempt is counted when it starts (see MARK_STARTED), so items
+# leased but never started (a runner killed with a queue full of them) lose nothing.
 _CLAIM_TAIL = f"""
 ON CONFLICT (job, key) DO UPDATE SET
-    state = 'running', owner = ?2, fence = items.fence + 1, attempts = items.attempts + 1,
-    lease_until = ?3, relpath = excluded.relpath, size = excluded.size,
-    mtime_ns = excluded.mtime_ns, inode = excluded.inode, updated_at = ?4
+    state = 'running', owner = ?2, fence = items.fence + 1, lease_until = ?3,
+    relpath = excluded.relpath, size = excluded.size, mtime_ns = excluded.mtime_ns,
+    inode = excluded.inode, updated_at = ?4
 WHERE {_CLAIMABLE}
 """
 #: Columns bound per row of a scanned-chunk claim (after the 4 shared ones).
@@ -217,7 +220,7 @@ WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
 # "INDEXED BY items_waiting" keeps these on the small partial index: without statistics the
 # planner would walk every item of the job instead.
 CLAIM_WAITING = """
-UPDATE items SET state = 'running', owner = ?2, fence = fence + 1, attempts = attempts + 1,
+UPDATE items SET state = 'running', owner = ?2, fence = fence + 1,
                  lease_until = ?3, updated_at = ?4
 WHERE job = ?1 AND key IN (
     SELECT key FROM items INDEXED BY items_waiting
@@ -237,18 +240,29 @@ WHERE job = ? AND state IN ('pending', 'failed')
 
 # -- outcomes ------------------------------------------------------------------------------------
 
-# A group of completions in one statement (one sqlite3_step, not one per row): ?3 is a JSON
-# array of keys (it drives the primary-key lookups), ?4 a JSON array of "key fence" pairs.
-MARK_DONE = """
-UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, last_error = NULL,
-                 post_action = ?5, updated_at = ?6, done_at = ?6
+# Groups of items in one statement (one sqlite3_step, not one per row): ?3 is a JSON array of
+# keys (it drives the primary-key lookups), ?4 a JSON array of "key fence" pairs (the fences).
+_FENCED_GROUP = """
 WHERE job = ?1 AND owner = ?2 AND state = 'running'
   AND key IN (SELECT value FROM json_each(?3))
-  AND (key || ' ' || fence) IN (SELECT value FROM json_each(?4))
+  AND (key || ' ' || fence) IN (SELECT value FROM json_each(?4))"""
+# Count the attempt of this lease, unless it was counted when it started.
+_COUNT_ATTEMPT = "attempts = attempts + (started_fence IS NOT fence), started_fence = fence"
+# Attempts that started and are still running at a group commit: counted now, so a crash
+# during them counts (a file that kills its runner every time ends dead, not in a loop).
+MARK_STARTED = f"""
+UPDATE items SET {_COUNT_ATTEMPT}
+{_FENCED_GROUP}
+  AND started_fence IS NOT fence
 """
-MARK_FAILED = """
+MARK_DONE = f"""
+UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, last_error = NULL,
+                 post_action = ?5, updated_at = ?6, done_at = ?6, {_COUNT_ATTEMPT}
+{_FENCED_GROUP}
+"""
+MARK_FAILED = f"""
 UPDATE items SET state = ?, lease_until = NULL, next_attempt_at = ?, last_error = ?,
-                 post_action = ?, updated_at = ?
+                 post_action = ?, updated_at = ?, {_COUNT_ATTEMPT}
 WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 """
 # Who holds these items now (after a group commit that did not update them all).
@@ -257,8 +271,7 @@ SELECT key, owner, fence, state FROM items
 WHERE job = ? AND key IN (SELECT value FROM json_each(?))
 """
 RELEASE_ITEM = """
-UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL,
-                 attempts = max(attempts - ?, 0), updated_at = ?
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
 WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 """
 EXTEND_LEASE = """

@@ -109,6 +109,7 @@ class WorkerPool:
             slot.started = started = time.monotonic()
             if timeout is not None and started + timeout < self._watch_at:
                 self._watch_wake.set()
+            outbox.started(item)
             outcome = await self.attempt(item)
             slot.item = None
             outbox.put(item, outcome)
@@ -146,12 +147,14 @@ class WorkerPool:
         """Open the input, call the handler, and say how it went (never raises ``Exception``)."""
         cfg = self.config
         item.started = True
-        if item.attempts > cfg.max_attempts:
+        if item.attempts >= cfg.max_attempts:
+            # Every allowed attempt started and none finished: its runner died each time.
             return self.failure(
                 item,
-                f"the runner stopped during attempt {item.attempts - 1} of {cfg.max_attempts}",
+                f"the runner stopped during attempt {item.attempts} of {cfg.max_attempts}",
                 permanent=True,
             )
+        item.attempt = item.attempts + 1
         moved: Path | None = None
         try:
             try:
@@ -186,7 +189,7 @@ class WorkerPool:
                 ),
                 key=item.key,
                 input_hash=item.ihash,
-                attempt=item.attempts,
+                attempt=item.attempt,
                 job=cfg.job,
                 fence=item.fence,
                 output_dir=cfg.output_dir,
@@ -219,19 +222,19 @@ class WorkerPool:
     ) -> Outcome:
         """The outcome of a failed attempt: failed (retry with backoff) or dead."""
         cfg = self.config
-        dead = permanent or item.attempts >= cfg.max_attempts
+        dead = permanent or item.attempt >= cfg.max_attempts
         logger = self.item_logger(item)
         logger.warning(
             "item %s attempt %d %s: %s",
             item.key,
-            item.attempts,
+            item.attempt,
             "failed for good" if dead else "failed",
             error,
             exc_info=exc if exc is not None and logger.isEnabledFor(logging.DEBUG) else None,
         )
         if dead:
             return Outcome(item.key, item.fence, "dead", error, None, cfg.on_dead.encode())
-        delay = min(cfg.backoff_max, cfg.backoff * 2 ** (item.attempts - 1))
+        delay = min(cfg.backoff_max, cfg.backoff * 2 ** max(item.attempt - 1, 0))
         delay *= 0.5 + self._random.random() / 2
         return Outcome(item.key, item.fence, "failed", error, self.run.clock() + delay)
 

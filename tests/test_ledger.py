@@ -141,11 +141,13 @@ async def test_a_runner_whose_lease_was_taken_over_cannot_mark_done(state: Path)
     row = ("k1", b"a.txt", 1, 1, 1)
     async with await Ledger.open(state, clock=clock) as ledger:
         (first,) = await ledger.claim_scanned("j", "runner-a", 10, [row])
-        assert (first.state, first.fence, first.attempts) == ("running", 1, 1)
+        assert (first.state, first.fence, first.attempts) == ("running", 1, 0)
+        # Runner A starts its attempt (counted at the next group commit).
+        assert await ledger.commit_outcomes("j", "runner-a", [], [("k1", 1)]) == set()
         # Runner A stalls past its lease; runner B takes the item over.
         clock.now += 11
         (second,) = await ledger.claim_scanned("j", "runner-b", 10, [row])
-        assert (second.fence, second.attempts) == (2, 2)
+        assert (second.fence, second.attempts) == (2, 1)
         lost = await ledger.commit_outcomes("j", "runner-a", [Outcome("k1", 1, "done")])
         assert lost == {"k1"}
         assert rows(state, "SELECT state, owner, fence FROM items") == [("running", "runner-b", 2)]
@@ -188,9 +190,10 @@ async def test_released_items_return_to_pending(state: Path) -> None:
             "j", "me", 60, [("a", b"a", 1, 1, 1), ("b", b"b", 1, 2, 2)]
         )
         await ledger.release_items("j", "me", [(a.key, a.fence, False), (b.key, b.fence, True)])
+        # Attempts are counted when they start, so releasing undoes nothing.
         assert rows(state, "SELECT key, state, attempts, owner FROM items ORDER BY key") == [
             ("a", "pending", 0, None),
-            ("b", "pending", 1, None),
+            ("b", "pending", 0, None),
         ]
         claimed = await ledger.claim_waiting("j", "me2", 60, 10)
         assert [c.key for c in claimed] == ["a", "b"]

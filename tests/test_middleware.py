@@ -297,7 +297,7 @@ async def test_a_body_sent_in_chunks_is_buffered_and_replayed_to_the_app(
     assert other.status_code == 422
 
 
-async def test_a_starlette_app_errors_are_stored_and_lifespan_passes_through(
+async def test_a_starlette_app_answers_are_stored_5xx_freed_and_lifespan_passes_through(
     serve: Callable[[ASGIApp], Served], state: Path
 ) -> None:
     calls: list[str] = []
@@ -338,12 +338,11 @@ async def test_a_starlette_app_errors_are_stored_and_lifespan_passes_through(
     assert (ok_again.status_code, ok_again.headers["location"]) == (201, "/x/1")
     assert ok_again.headers["idempotent-replayed"] == "true"
     assert broken.status_code == 500
-    assert broken_again.status_code == 500
-    assert broken_again.headers["idempotent-replayed"] == "true"
-    assert broken_again.json() == {"error": "database down"}
+    assert broken_again.status_code == 500  # ran again: a 5xx is not stored by default
+    assert "idempotent-replayed" not in broken_again.headers
     assert unkeyed.status_code == 400
-    assert listed.json() == {"calls": 2}
-    assert calls == ["a", "broken"]
+    assert listed.json() == {"calls": 3}
+    assert calls == ["a", "broken", "broken"]
     assert lifespan_events == ["startup", "shutdown"]
     assert not Path(f"{state}-wal").exists()  # the store closed after the app's shutdown
 
@@ -351,16 +350,38 @@ async def test_a_starlette_app_errors_are_stored_and_lifespan_passes_through(
 # -- edge cases, through httpx.ASGITransport ------------------------------------------------------
 
 
-async def test_errors_are_stored_and_replayed_without_calling_the_app(state: Path) -> None:
-    app = Recorder(statuses=(500, 201))
+async def test_client_errors_are_stored_and_replayed_without_calling_the_app(
+    state: Path,
+) -> None:
+    app = Recorder(statuses=(404, 201))
     async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
         first = await client.post("/charge", content=b"x", headers=key("e"))
         replay = await client.post("/charge", content=b"x", headers=key("e"))
-    assert first.status_code == 500
-    assert replay.status_code == 500
+    assert first.status_code == 404
+    assert replay.status_code == 404
     assert replay.headers["idempotent-replayed"] == "true"
     assert replay.content == first.content
     assert app.calls == 1
+
+
+async def test_server_errors_free_the_key_unless_asked_to_store_them(state: Path) -> None:
+    app = Recorder(statuses=(503, 201))
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        first = await client.post("/charge", content=b"x", headers=key("t"))
+        retry = await client.post("/charge", content=b"x", headers=key("t"))
+        replay = await client.post("/charge", content=b"x", headers=key("t"))
+    assert (first.status_code, retry.status_code, replay.status_code) == (503, 201, 201)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert app.calls == 2
+
+    stored = Recorder(statuses=(500, 201))
+    middleware = IdempotencyMiddleware(stored, state=state, store_server_errors=True)
+    async with asgi_client(middleware) as client:
+        first = await client.post("/charge", content=b"x", headers=key("s"))
+        replay = await client.post("/charge", content=b"x", headers=key("s"))
+    assert (first.status_code, replay.status_code) == (500, 500)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert stored.calls == 1
 
 
 async def test_same_key_with_a_different_request_gets_422(state: Path) -> None:
