@@ -10,6 +10,7 @@ from typing import Literal
 
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
+from ._ledgers import PostgresDSN
 from ._scanner import ScanRules
 
 __all__ = ["BatchConfig", "PostAction"]
@@ -142,6 +143,8 @@ class BatchConfig:
             raise ConfigurationError.bad_value("source", str(source), "directory is not readable")
         if not self.state.startswith(("postgresql://", "postgres://")):
             self._refuse_visible("state", Path(self.state), is_dir=False)
+        else:
+            PostgresDSN.parse(self.state)  # a one-line ConfigurationError if it does not parse
         for name, action in (("on_done", self.on_done), ("on_dead", self.on_dead)):
             if action.directory is not None:
                 self._check_writable_dir(name, action.directory)

@@ -15,7 +15,8 @@ from typing import Any
 
 from ._exceptions import ConfigurationError
 from ._identity import Identity, input_hash
-from ._ledger import ItemInfo, Ledger, LockInfo
+from ._ledger import ItemInfo, LockInfo
+from ._ledgers import LedgerLike, open_ledger
 from ._procinfo import holder_is_alive, this_process
 
 __all__ = ["COMMANDS", "add_operator_commands"]
@@ -40,8 +41,8 @@ def _age(ts: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-async def _open(args: argparse.Namespace, *, job: bool = True) -> Ledger:
-    ledger = await Ledger.open(args.state, create=False)
+async def _open(args: argparse.Namespace, *, job: bool = True) -> LedgerLike:
+    ledger = await open_ledger(args.state, create=False)
     if job and not await ledger.job_exists(args.job):
         known = await ledger.jobs()
         await ledger.close()
@@ -66,7 +67,7 @@ def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
     }
 
 
-async def _identity(ledger: Ledger, job: str) -> Identity:
+async def _identity(ledger: LedgerLike, job: str) -> Identity:
     value = await ledger.job_identity(job)
     return value if value in ("stat", "path", "content") else "stat"  # type: ignore[return-value]
 

@@ -24,7 +24,7 @@ from ._context import TaskContext
 from ._effects import remove_stale_temp_files
 from ._exceptions import LockLostError
 from ._http import HTTPSettings, SharedClient
-from ._ledger import Ledger
+from ._ledgers import LedgerLike, open_ledger
 from ._postactions import PostActions
 from ._procinfo import this_process
 from ._queues import ItemQueue, LeasedItem, Outbox
@@ -73,7 +73,7 @@ class Run:
         self._progress = anyio.Event()
         self._http = SharedClient(http)
         self._http_settings: HTTPSettings | None = None
-        self._ledger: Ledger | None = None
+        self._ledger: LedgerLike | None = None
         self._work_scope = anyio.CancelScope()
         self._queue: ItemQueue | None = None
         self._workers: WorkerPool | None = None
@@ -96,7 +96,7 @@ class Run:
         return self.counters.snapshot(len(self.in_flight))
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> LedgerLike:
         """The open ledger (only while executing)."""
         assert self._ledger is not None, "the run is not executing"
         return self._ledger
@@ -124,7 +124,7 @@ class Run:
     async def execute(self) -> Report:
         """Open the ledger, take the lock, run the pipeline, release everything, report."""
         cfg = self.config
-        ledger = await Ledger.open(cfg.state, durability=cfg.durability, clock=self.clock)
+        ledger = await open_ledger(cfg.state, durability=cfg.durability, clock=self.clock)
         self._ledger = ledger
         status = "error"
         run_id = 0

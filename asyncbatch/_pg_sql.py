@@ -1,0 +1,387 @@
+"""Every SQL statement of the PostgreSQL ledger, named, in one place.
+
+Conventions (the counterpart of :mod:`._sql` for SQLite):
+
+- Times are Unix seconds (``float8``) from the **server's** clock: ``NOW`` below, the start of
+  the current transaction. Hosts with different clocks therefore agree on every lease, lock
+  and heartbeat; callers pass durations (a lease, a TTL, a retry delay), never instants.
+- Tables live in the ledger's own schema, which is the session's ``search_path``: statements
+  name tables unqualified.
+- Sets of rows travel as arrays (``unnest($n::text[], ...)``): one statement per batch. A
+  statement that joins such a set to ``items`` also says ``key = ANY($keys)``, so the primary
+  key drives the lookups whatever the planner's statistics (a fresh table has none, and a
+  hash join over every item of the job would make each commit cost O(items)).
+- Every item write is conditioned on ``owner`` and ``fence`` (and ``state = 'running'``), so a
+  runner whose lease was taken over cannot change the item any more.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The schema version this code writes (``meta.schema_version``).
+SCHEMA_VERSION: Final = 1
+#: ``meta.application``: marks a schema as an asyncbatch ledger.
+APPLICATION: Final = "asyncbatch"
+
+#: The server's time now (the transaction's start), as Unix seconds.
+NOW: Final = "extract(epoch FROM now())::float8"
+
+#: Item states, and which of them are final until an operator says otherwise.
+STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
+
+# Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1 (run inside one
+# transaction, in the ledger's schema, which exists by then).
+MIGRATIONS: Final[dict[int, str]] = {
+    0: """
+CREATE TABLE meta (
+    name  text PRIMARY KEY,
+    value text NOT NULL
+);
+
+CREATE TABLE jobs (
+    job        text PRIMARY KEY,
+    identity   text   NOT NULL,
+    created_at float8 NOT NULL
+);
+
+CREATE TABLE items (
+    job             text    NOT NULL,
+    key             text    NOT NULL,
+    relpath         bytea   NOT NULL,
+    size            bigint  NOT NULL,
+    mtime_ns        bigint  NOT NULL,
+    inode           bigint  NOT NULL DEFAULT 0,
+    state           text    NOT NULL,
+    attempts        integer NOT NULL DEFAULT 0,
+    owner           text,
+    fence           bigint  NOT NULL DEFAULT 0,
+    started_fence   bigint,
+    lease_until     float8,
+    next_attempt_at float8,
+    last_error      text,
+    post_action     text,
+    created_at      float8  NOT NULL,
+    updated_at      float8  NOT NULL,
+    done_at         float8,
+    PRIMARY KEY (job, key)
+);
+
+-- Only items waiting for a (re)try are indexed, in claim order: new items are inserted already
+-- leased and go straight to done, so the index costs nothing on the fast path.
+CREATE INDEX items_waiting ON items (job, mtime_ns, relpath)
+    WHERE state IN ('pending', 'failed');
+
+CREATE TABLE task_lock (
+    job_id      text PRIMARY KEY,
+    owner       text   NOT NULL,
+    pid         integer,
+    host        text,
+    pid_start   text,
+    acquired_at float8 NOT NULL,
+    expires_at  float8 NOT NULL
+);
+
+CREATE TABLE runners (
+    owner        text PRIMARY KEY,
+    job          text    NOT NULL,
+    pid          integer,
+    host         text,
+    pid_start    text,
+    shared       boolean NOT NULL,
+    started_at   float8  NOT NULL,
+    heartbeat_at float8  NOT NULL,
+    expires_at   float8  NOT NULL
+);
+
+CREATE TABLE runs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job         text    NOT NULL,
+    owner       text    NOT NULL,
+    pid         integer,
+    host        text,
+    mode        text    NOT NULL,
+    started_at  float8  NOT NULL,
+    finished_at float8,
+    seen        bigint  NOT NULL DEFAULT 0,
+    done        bigint  NOT NULL DEFAULT 0,
+    failed      bigint  NOT NULL DEFAULT 0,
+    dead        bigint  NOT NULL DEFAULT 0,
+    vanished    bigint  NOT NULL DEFAULT 0,
+    exit_status text
+);
+CREATE INDEX runs_job ON runs (job, started_at);
+""",
+}
+
+# -- opening -------------------------------------------------------------------------------------
+
+#: Serialises creation and migration of one schema across every client: $1 schema name.
+MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncbatch.schema'), hashtext($1))"
+#: What the schema holds: (schema exists, relations in it, has a meta table). $1 schema name.
+INSPECT_SCHEMA = """
+SELECT n.oid IS NOT NULL,
+       (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid
+                                          AND c.relkind IN ('r', 'p', 'v', 'm', 'f')),
+       EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'meta'
+                                          AND c.relkind IN ('r', 'p'))
+FROM (SELECT 1) AS one
+LEFT JOIN pg_namespace n ON n.nspname = $1
+"""
+#: (application, schema_version) from an existing meta table.
+READ_VERSION = """
+SELECT (SELECT value FROM meta WHERE name = 'application'),
+       (SELECT value FROM meta WHERE name = 'schema_version')
+"""
+#: Created with the schema name quoted by the caller (an identifier cannot be a parameter).
+CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+PUT_META = "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING"
+SET_META = """
+INSERT INTO meta (name, value) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value
+"""
+GET_META = "SELECT value FROM meta WHERE name = $1"
+SERVER_NOW = f"SELECT {NOW}"
+#: The server's clock at this instant (not the transaction's start): to measure clock offsets.
+SERVER_CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+GET_JOB = "SELECT identity FROM jobs WHERE job = $1"
+ADD_JOB = f"""
+INSERT INTO jobs (job, identity, created_at) VALUES ($1, $2, {NOW})
+ON CONFLICT (job) DO NOTHING
+"""
+LIST_JOBS = "SELECT job FROM jobs ORDER BY job"
+
+# -- the job lock --------------------------------------------------------------------------------
+
+#: Serialises lock decisions for one job (the SQLite backend's BEGIN IMMEDIATE): $1 job.
+JOB_LOCK_GUARD = """
+SELECT pg_advisory_xact_lock(hashtext('asyncbatch.lock:' || current_schema()), hashtext($1))
+"""
+#: The lock row (locked for this transaction) and the server's time; no row if unlocked.
+LOCK_GET = f"""
+SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at, {NOW}
+FROM task_lock WHERE job_id = $1 FOR UPDATE
+"""
+LOCK_LIST = """
+SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at
+FROM task_lock ORDER BY job_id
+"""
+#: $1 job, $2 owner, $3 pid, $4 host, $5 pid_start, $6 ttl. Returns a row when inserted.
+LOCK_INSERT = f"""
+INSERT INTO task_lock (job_id, owner, pid, host, pid_start, acquired_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, {NOW}, {NOW} + $6::float8)
+ON CONFLICT (job_id) DO NOTHING
+RETURNING owner
+"""
+#: $1 job, $2 stale owner, $3 owner, $4 pid, $5 host, $6 pid_start, $7 ttl.
+LOCK_TAKE_OVER = f"""
+UPDATE task_lock SET owner = $3, pid = $4, host = $5, pid_start = $6, acquired_at = {NOW},
+                     expires_at = {NOW} + $7::float8
+WHERE job_id = $1 AND owner = $2
+RETURNING owner
+"""
+#: $1 job, $2 owner, $3 ttl.
+LOCK_EXTEND = f"""
+UPDATE task_lock SET expires_at = {NOW} + $3::float8 WHERE job_id = $1 AND owner = $2
+RETURNING owner
+"""
+LOCK_RELEASE = "DELETE FROM task_lock WHERE job_id = $1 AND owner = $2 RETURNING owner"
+
+# -- runners (liveness of item owners) -----------------------------------------------------------
+
+#: $1 owner, $2 job, $3 pid, $4 host, $5 pid_start, $6 shared, $7 ttl.
+RUNNER_ADD = f"""
+INSERT INTO runners (owner, job, pid, host, pid_start, shared, started_at, heartbeat_at,
+                     expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, {NOW}, {NOW}, {NOW} + $7::float8)
+"""
+#: $1 owner, $2 ttl.
+RUNNER_EXTEND = f"""
+UPDATE runners SET heartbeat_at = {NOW}, expires_at = {NOW} + $2::float8 WHERE owner = $1
+RETURNING owner
+"""
+RUNNER_REMOVE = "DELETE FROM runners WHERE owner = $1"
+#: The job's runners and the server's time (in every row).
+RUNNERS_OF_JOB = f"""
+SELECT owner, pid, host, pid_start, shared, started_at, heartbeat_at, expires_at, {NOW}
+FROM runners WHERE job = $1 ORDER BY started_at, owner
+"""
+#: Hand the items of a runner that is gone back (a scan of the job: runs after a crash).
+#: $1 job, $2 owner. Returns the number of items released.
+REAP_ITEMS = f"""
+WITH reaped AS (
+    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
+    WHERE job = $1 AND owner = $2 AND state = 'running'
+    RETURNING 1
+)
+SELECT count(*) FROM reaped
+"""
+
+# -- claims --------------------------------------------------------------------------------------
+
+#: Register a chunk of scanned entries and lease the claimable ones, in one statement.
+#: $1 job, $2 owner, $3 lease (seconds); then arrays $4 keys, $5 relpaths, $6 sizes,
+#: $7 mtimes (ns), $8 inodes (as signed 64-bit), with distinct keys.
+#: New entries are inserted already leased (fence 1, no attempt yet); pending, vanished, due
+#: failed and expired running entries are leased with the fence incremented (an attempt is
+#: counted when it starts: see COMMIT_OUTCOMES). A conflicting
+#: row being written by another transaction is waited for, then re-checked on its new version,
+#: so two runners never both lease one item. Returns the leased rows (state 'running') and,
+#: from the statement's snapshot, the chunk's dead rows and finished rows whose post-commit
+#: action may still be due: (key, state, fence, attempts, post_action).
+CLAIM_SCANNED = f"""
+WITH claimed AS (
+    INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, owner,
+                            fence, lease_until, created_at, updated_at)
+    SELECT $1, r.key, r.relpath, r.size, r.mtime_ns, r.inode, 'running', 0, $2, 1,
+           {NOW} + $3::float8, {NOW}, {NOW}
+    FROM unnest($4::text[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[])
+         AS r(key, relpath, size, mtime_ns, inode)
+    ON CONFLICT (job, key) DO UPDATE SET
+        state = 'running', owner = excluded.owner, fence = i.fence + 1,
+        lease_until = excluded.lease_until,
+        relpath = excluded.relpath, size = excluded.size, mtime_ns = excluded.mtime_ns,
+        inode = excluded.inode, updated_at = excluded.updated_at
+    WHERE i.state IN ('pending', 'vanished')
+       OR (i.state = 'failed' AND i.next_attempt_at <= {NOW})
+       OR (i.state = 'running' AND i.lease_until < {NOW})
+    RETURNING i.key, i.state, i.fence, i.attempts, i.post_action
+)
+SELECT key, state, fence, attempts, post_action FROM claimed
+UNION ALL
+SELECT key, state, fence, attempts, post_action FROM items
+WHERE job = $1 AND key = ANY($4::text[])
+  AND (state = 'dead' OR (state = 'done' AND post_action IS NOT NULL))
+"""
+
+#: Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
+#: $1 job, $2 owner, $3 lease (seconds), $4 limit. The oldest (mtime_ns, relpath) first; rows
+#: another transaction has locked (being claimed by another runner) are skipped, not waited
+#: for, so concurrent runners take disjoint sets without queueing behind each other.
+CLAIM_WAITING = f"""
+WITH waiting AS (
+    SELECT key FROM items
+    WHERE job = $1 AND state IN ('pending', 'failed')
+      AND (state = 'pending' OR next_attempt_at <= {NOW})
+    ORDER BY mtime_ns, relpath
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE items AS i SET state = 'running', owner = $2, fence = i.fence + 1,
+                          lease_until = {NOW} + $3::float8, updated_at = {NOW}
+    FROM waiting
+    WHERE i.job = $1 AND i.key = waiting.key
+    RETURNING i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.fence, i.attempts, i.post_action
+)
+SELECT key, relpath, size, mtime_ns, inode, fence, attempts, post_action
+FROM claimed ORDER BY mtime_ns, relpath
+"""
+#: Seconds from the server's now until the earliest failed item is due (may be negative).
+NEXT_RETRY_IN = f"""
+SELECT min(next_attempt_at) - {NOW} FROM items
+WHERE job = $1 AND state = 'failed'
+"""
+WAITING_COUNT = "SELECT count(*) FROM items WHERE job = $1 AND state IN ('pending', 'failed')"
+
+# -- outcomes ------------------------------------------------------------------------------------
+
+#: A group of outcomes, and of attempts that started and still run, in one statement.
+#: $1 job, $2 owner; arrays (one entry per item, distinct keys) $3 keys, $4 fences, $5 states
+#: (NULL: the attempt started and still runs), $6 errors, $7 retry delays in seconds (NULL:
+#: none), $8 post actions. Only rows still leased to us under the same fence change. An
+#: attempt is counted once per lease: when it is seen started or finished, whichever first
+#: (``started_fence`` remembers the lease it was counted for), so a runner that dies during
+#: an attempt has used it up. Returns (key, whether it was an outcome) of the rows changed:
+#: an outcome key not returned lost its lease.
+COMMIT_OUTCOMES = f"""
+UPDATE items AS i
+SET state = coalesce(o.state, i.state),
+    lease_until = CASE WHEN o.state IS NULL THEN i.lease_until END,
+    next_attempt_at = CASE WHEN o.state IS NULL THEN i.next_attempt_at
+                           ELSE {NOW} + o.delay END,
+    last_error = CASE WHEN o.state IS NULL THEN i.last_error ELSE o.error END,
+    post_action = CASE WHEN o.state IS NULL THEN i.post_action ELSE o.post_action END,
+    updated_at = CASE WHEN o.state IS NULL THEN i.updated_at ELSE {NOW} END,
+    done_at = CASE WHEN o.state = 'done' THEN {NOW} ELSE i.done_at END,
+    attempts = i.attempts + (i.started_fence IS DISTINCT FROM i.fence)::int,
+    started_fence = i.fence
+FROM unnest($3::text[], $4::int8[], $5::text[], $6::text[], $7::float8[], $8::text[])
+     AS o(key, fence, state, error, delay, post_action)
+WHERE i.job = $1 AND i.key = ANY($3::text[]) AND i.key = o.key AND i.owner = $2
+  AND i.fence = o.fence AND i.state = 'running'
+  AND (o.state IS NOT NULL OR i.started_fence IS DISTINCT FROM i.fence)
+RETURNING i.key, o.state IS NOT NULL
+"""
+#: $1 job, $2 owner; arrays $3 keys, $4 fences. Attempts were counted when they started, so
+#: nothing is undone.
+RELEASE_ITEMS = f"""
+UPDATE items AS i
+SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
+FROM unnest($3::text[], $4::int8[]) AS r(key, fence)
+WHERE i.job = $1 AND i.key = ANY($3::text[]) AND i.key = r.key AND i.owner = $2
+  AND i.fence = r.fence AND i.state = 'running'
+"""
+#: $1 job, $2 owner, $3 lease (seconds); arrays $4 keys, $5 fences.
+EXTEND_LEASES = f"""
+UPDATE items AS i SET lease_until = {NOW} + $3::float8
+FROM unnest($4::text[], $5::int8[]) AS l(key, fence)
+WHERE i.job = $1 AND i.key = ANY($4::text[]) AND i.key = l.key AND i.owner = $2
+  AND i.fence = l.fence AND i.state = 'running'
+"""
+#: ctx.move() records where the input goes before moving it: a retry after a crash finds it.
+#: $1 job, $2 key, $3 owner, $4 fence, $5 post action.
+RECORD_MOVE = f"""
+UPDATE items SET post_action = $5, updated_at = {NOW}
+WHERE job = $1 AND key = $2 AND owner = $3 AND fence = $4 AND state = 'running'
+RETURNING key
+"""
+
+#: Planner statistics for the item lookups (see PostgresLedger._analyze).
+ANALYZE_ITEMS = "ANALYZE items"
+
+# -- reading -------------------------------------------------------------------------------------
+
+COUNTS = "SELECT state, count(*) FROM items WHERE job = $1 GROUP BY state"
+_ITEM_COLUMNS = "key, relpath, size, mtime_ns, state, attempts, last_error, updated_at"
+ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND key = $2"
+ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND relpath = $2"
+FAILURES = f"""
+SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND state IN ('failed', 'dead')
+ORDER BY updated_at DESC LIMIT $2
+"""
+OLDEST_WAITING = """
+SELECT min(created_at) FROM items WHERE job = $1 AND state IN ('pending', 'failed')
+"""
+_RETRY = f"""
+WITH reset AS (
+    UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
+                     lease_until = NULL, updated_at = {NOW}
+    WHERE job = $1 AND state = ANY($2::text[]){{}}
+    RETURNING 1
+)
+SELECT count(*) FROM reset
+"""
+#: $1 job, $2 states to reset. Returns how many items were reset.
+RETRY_ALL = _RETRY.format("")
+#: $1 job, $2 states to reset, $3 keys. Returns how many items were reset.
+RETRY_KEYS = _RETRY.format(" AND key = ANY($3::text[])")
+
+# -- runs ----------------------------------------------------------------------------------------
+
+#: $1 job, $2 owner, $3 pid, $4 host, $5 mode. Returns the run's id.
+RUN_START = f"""
+INSERT INTO runs (job, owner, pid, host, mode, started_at) VALUES ($1, $2, $3, $4, $5, {NOW})
+RETURNING id
+"""
+#: $1 id, $2 seen, $3 done, $4 failed, $5 dead, $6 vanished, $7 exit status.
+RUN_FINISH = f"""
+UPDATE runs SET finished_at = {NOW}, seen = $2, done = $3, failed = $4, dead = $5,
+                vanished = $6, exit_status = $7
+WHERE id = $1
+"""
+RUNS_OF_JOB = """
+SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, failed, dead,
+       vanished, exit_status
+FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
+"""

@@ -1,0 +1,929 @@
+"""One contract, two backends: every test here runs against SQLite and against PostgreSQL.
+
+The PostgreSQL half uses the server named by ``ASYNCBATCH_TEST_POSTGRES`` (default
+``postgresql://postgres@127.0.0.1:5432/test``); each test gets a fresh schema, dropped
+afterwards. Without a reachable server that half is skipped, with the reason (set
+``ASYNCBATCH_REQUIRE_POSTGRES=1`` to make it fail instead, as CI may).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import pytest
+
+from asyncbatch import (
+    ConfigurationError,
+    JobLockedError,
+    LedgerError,
+    NotALedgerError,
+    SchemaVersionError,
+)
+from asyncbatch import _pg_sql as pg_sql
+from asyncbatch import _sql as sqlite_sql
+from asyncbatch._config import BatchConfig
+from asyncbatch._ledger import ClaimedRow, Outcome
+from asyncbatch._ledgers import LedgerLike, PostgresDSN, open_ledger
+from asyncbatch._pg_ledger import PostgresLedger
+from asyncbatch._procinfo import ProcessIdentity, holder_is_alive, this_process
+
+from .conftest import HANDLERS, cli, make_files, spawn
+
+RECORD = f"{HANDLERS}:record"
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+#: A short lease or TTL for the expiry tests, and how long to wait for it to pass.
+SHORT = 0.5
+PAST_SHORT = 0.8
+
+
+# -- the two backends ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    """The PostgreSQL server the tests may use, or why there is none."""
+
+    dsn: str
+    error: str | None
+
+
+def _with_schema(dsn: str, schema: str) -> str:
+    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+
+
+async def _pg(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return [tuple(r) for r in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()
+
+
+def pg_sync(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run one query from synchronous test code."""
+    return asyncio.run(_pg(dsn, query, *args))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Server:
+    """Probe the test server once per session."""
+    dsn = os.environ.get("ASYNCBATCH_TEST_POSTGRES", DEFAULT_POSTGRES)
+    try:
+        pg_sync(dsn, "SELECT 1")
+    except Exception as e:
+        return Server(dsn, f"{type(e).__name__}: {e}")
+    return Server(dsn, None)
+
+
+def _require(server: Server) -> None:
+    if server.error is None:
+        return
+    reason = (
+        f"PostgreSQL not reachable at {PostgresDSN.parse(server.dsn).redacted} "
+        f"(set ASYNCBATCH_TEST_POSTGRES to a server): {server.error}"
+    )
+    if os.environ.get("ASYNCBATCH_REQUIRE_POSTGRES"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: Server) -> Iterator[str]:
+    """A DSN whose ledger lives in a fresh schema, dropped after the test."""
+    _require(postgres_server)
+    schema = f"abtest_{uuid.uuid4().hex[:12]}"
+    yield _with_schema(postgres_server.dsn, schema)
+    pg_sync(postgres_server.dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+class Store:
+    """One backend's ledger location, with the raw access the tests need."""
+
+    kind: str
+    state: str
+    schema_version: int
+
+    async def open(self, **kwargs: Any) -> LedgerLike:
+        """Open a ledger (its own connection) on this store."""
+        return await open_ledger(self.state, **kwargs)
+
+    async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Run a query (``$1``-style parameters) on a separate connection."""
+        raise NotImplementedError
+
+    async def assert_writer_not_blocked(self) -> None:
+        """Another connection can write every item at once: no transaction was left open."""
+        raise NotImplementedError
+
+    async def set_schema_version(self, version: int) -> None:
+        """Pretend a newer asyncbatch wrote this ledger."""
+        raise NotImplementedError
+
+
+class SqliteStore(Store):
+    """A SQLite ledger file."""
+
+    kind = "sqlite"
+    schema_version = sqlite_sql.SCHEMA_VERSION
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state = str(path)
+
+    async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        db = sqlite3.connect(self.path)
+        try:
+            return list(db.execute(re.sub(r"\$(\d+)", r"?\1", query), args))
+        finally:
+            db.close()
+
+    async def assert_writer_not_blocked(self) -> None:
+        db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE items SET updated_at = updated_at")
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+
+    async def set_schema_version(self, version: int) -> None:
+        db = sqlite3.connect(self.path)
+        db.execute(f"PRAGMA user_version = {version}")
+        db.commit()
+        db.close()
+
+
+class PostgresStore(Store):
+    """A PostgreSQL ledger in its own schema."""
+
+    kind = "postgres"
+    schema_version = pg_sql.SCHEMA_VERSION
+
+    def __init__(self, dsn: str) -> None:
+        self.state = dsn
+
+    async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        return await _pg(self.state, query, *args)
+
+    async def assert_writer_not_blocked(self) -> None:
+        conn = await asyncpg.connect(self.state, timeout=10)
+        try:
+            await conn.execute("SET lock_timeout = '200ms'")
+            async with conn.transaction():
+                await conn.execute("UPDATE items SET updated_at = updated_at")
+                await conn.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        finally:
+            await conn.close()
+
+    async def set_schema_version(self, version: int) -> None:
+        await self.fetch("UPDATE meta SET value = $1 WHERE name = 'schema_version'", str(version))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The ledger under test, once per backend."""
+    if request.param == "sqlite":
+        yield SqliteStore(tmp_path / "state.db")
+    else:
+        yield PostgresStore(request.getfixturevalue("pg_dsn"))
+
+
+@pytest.fixture
+async def ledger(store: Store) -> AsyncIterator[LedgerLike]:
+    """An open ledger on the store."""
+    async with await store.open() as opened:
+        yield opened
+
+
+def dead_process() -> ProcessIdentity:
+    """The identity of a process of this host that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    me = this_process()
+    return ProcessIdentity(me.host, proc.pid, f"{(me.pid_start or 'x:0').split(':')[0]}:1")
+
+
+OTHER_HOST = ProcessIdentity("elsewhere.example", 4242, None)
+
+
+def entry(i: int, name: str | None = None) -> tuple[str, bytes, int, int, int]:
+    """A scanned entry ``(key, relpath, size, mtime_ns, inode)``."""
+    return (f"k{i:05d}", (name or f"f{i:05d}").encode(), 10, 1_000 + i, 500 + i)
+
+
+async def items(store: Store) -> list[tuple[Any, ...]]:
+    """``(key, state, owner, fence, attempts)`` of every item, by key."""
+    return await store.fetch("SELECT key, state, owner, fence, attempts FROM items ORDER BY key")
+
+
+# -- opening ---------------------------------------------------------------------------------------
+
+
+async def test_a_read_only_open_of_a_missing_ledger_is_refused(store: Store) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        await store.open(create=False)
+
+
+async def test_a_newer_schema_is_refused_untouched(store: Store) -> None:
+    async with await store.open() as ledger:
+        await ledger.ensure_job("j", "stat")
+    newer = store.schema_version + 1
+    await store.set_schema_version(newer)
+    with pytest.raises(SchemaVersionError, match=f"schema version {newer}"):
+        await store.open()
+    with pytest.raises(SchemaVersionError):
+        await store.open(create=False)
+    assert await store.fetch("SELECT job, identity FROM jobs") == [("j", "stat")]
+
+
+async def test_the_secret_is_made_once_and_kept(store: Store) -> None:
+    async with await store.open() as ledger:
+        secret = await ledger.meta("secret")
+        assert await ledger.meta("no such value") is None
+    assert secret is not None
+    assert re.fullmatch(r"[0-9a-f]{64}", secret)
+    async with await store.open(create=False) as ledger:
+        assert await ledger.meta("secret") == secret
+
+
+async def test_a_job_keeps_its_identity_mode(ledger: LedgerLike) -> None:
+    assert not await ledger.job_exists("j")
+    assert await ledger.job_identity("j") is None
+    await ledger.ensure_job("j", "stat")
+    await ledger.ensure_job("j", "stat")
+    with pytest.raises(ConfigurationError, match="identity='stat'"):
+        await ledger.ensure_job("j", "content")
+    await ledger.ensure_job("other", "path")
+    assert await ledger.jobs() == ["j", "other"]
+    assert await ledger.job_identity("j") == "stat"
+    assert await ledger.job_exists("other")
+
+
+# -- the job lock --------------------------------------------------------------------------------
+
+
+async def test_a_live_lock_is_refused_and_names_its_holder(ledger: LedgerLike) -> None:
+    me = this_process()
+    assert await ledger.acquire_lock("j", "owner-a", me, 60, shared=False) is None
+    with pytest.raises(JobLockedError, match=f"pid {me.pid} on host {me.host!r}") as info:
+        await ledger.acquire_lock("j", "owner-b", me, 60, shared=False)
+    assert (info.value.pid, info.value.host) == (me.pid, me.host)
+    with pytest.raises(JobLockedError):
+        await ledger.acquire_lock("j", "owner-c", me, 60, shared=True)
+    (lock,) = await ledger.locks()
+    assert (lock.job, lock.owner, lock.pid, lock.host) == ("j", "owner-a", me.pid, me.host)
+    # Times come back in the caller's clock, whatever the server's.
+    assert abs(lock.acquired_at - time.time()) < 5
+    assert abs(lock.expires_at - (time.time() + 60)) < 5
+
+
+async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: LedgerLike) -> None:
+    gone = dead_process()
+    assert holder_is_alive(gone) is False
+    await ledger.acquire_lock("j", "dead-owner", gone, 3600, shared=False)
+    stale = await ledger.acquire_lock("j", "new-owner", this_process(), 60, shared=False)
+    assert stale is not None
+    assert (stale.owner, stale.pid) == ("dead-owner", gone.pid)
+    (lock,) = await ledger.locks()
+    assert lock.owner == "new-owner"
+
+
+async def test_an_expired_heartbeat_is_taken_over(ledger: LedgerLike) -> None:
+    await ledger.acquire_lock("j", "remote", OTHER_HOST, SHORT, shared=False)
+    with pytest.raises(JobLockedError, match=r"elsewhere\.example"):
+        await ledger.acquire_lock("j", "local", this_process(), 30, shared=False)
+    await anyio.sleep(PAST_SHORT)
+    stale = await ledger.acquire_lock("j", "local", this_process(), 30, shared=False)
+    assert stale is not None
+    assert stale.owner == "remote"
+    assert [lock.owner for lock in await ledger.locks()] == ["local"]
+
+
+async def test_a_shared_runner_clears_a_stale_lock_and_blocks_an_exclusive_one(
+    ledger: LedgerLike,
+) -> None:
+    me = this_process()
+    await ledger.acquire_lock("j", "gone", dead_process(), 60, shared=False)
+    stale = await ledger.acquire_lock("j", "shared-a", me, 60, shared=True)
+    assert stale is not None
+    assert stale.owner == "gone"
+    assert await ledger.locks() == []
+    await ledger.register_runner("j", "shared-a", me, 60, shared=True, mode="run")
+    with pytest.raises(JobLockedError):
+        await ledger.acquire_lock("j", "exclusive", me, 60, shared=False)
+
+
+async def test_release_deletes_only_the_owners_lock(ledger: LedgerLike) -> None:
+    me = this_process()
+    await ledger.acquire_lock("j", "owner-a", me, 60, shared=False)
+    assert not await ledger.force_unlock("j", "owner-b")
+    assert len(await ledger.locks()) == 1
+    assert await ledger.force_unlock("j", "owner-a")
+    assert await ledger.locks() == []
+    assert await ledger.acquire_lock("j", "owner-b", me, 60, shared=False) is None
+
+
+async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
+    ledger: LedgerLike,
+) -> None:
+    me = this_process()
+    await ledger.acquire_lock("j", "a", me, SHORT, shared=False)
+    await ledger.register_runner("j", "a", me, SHORT, shared=False, mode="run")
+    (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
+    assert await ledger.heartbeat("j", "a", 60, [(row.key, row.fence)], holds_lock=True)
+    await anyio.sleep(PAST_SHORT)
+    # Without the heartbeat, all three would have expired by now.
+    with pytest.raises(JobLockedError):
+        await ledger.acquire_lock("j", "b", OTHER_HOST, 60, shared=False)
+    assert await ledger.claim_scanned("j", "b", 60, [entry(1)]) == []
+    assert await ledger.reap_stale_runners("j", me) == 0
+    (_, _, _, shared, beat) = (await ledger.runners("j"))[0]
+    assert not shared
+    assert abs(beat - time.time()) < 5
+    # An operator removed the lock: the next heartbeat says so.
+    assert await ledger.force_unlock("j", "a")
+    assert not await ledger.heartbeat("j", "a", 60, [], holds_lock=True)
+
+
+async def test_heartbeat_reports_a_lost_runner_record(ledger: LedgerLike) -> None:
+    await ledger.register_runner("j", "r", OTHER_HOST, SHORT, shared=True, mode="run")
+    await anyio.sleep(PAST_SHORT)
+    assert await ledger.reap_stale_runners("j", this_process()) == 0
+    assert not await ledger.heartbeat("j", "r", 60, [], holds_lock=False)
+
+
+async def test_the_items_of_a_runner_that_is_gone_are_put_back(
+    ledger: LedgerLike, store: Store
+) -> None:
+    me = this_process()
+    await ledger.register_runner("j", "dead", dead_process(), 3600, shared=True, mode="run")
+    await ledger.register_runner("j", "alive", me, 3600, shared=True, mode="run")
+    await ledger.claim_scanned("j", "dead", 60, [entry(1), entry(2)])
+    await ledger.claim_scanned("j", "alive", 60, [entry(3)])
+    assert await ledger.reap_stale_runners("j", me) == 2
+    assert [r[0] for r in await ledger.runners("j")] == ["alive"]
+    assert await items(store) == [
+        ("k00001", "pending", None, 1, 0),
+        ("k00002", "pending", None, 1, 0),
+        ("k00003", "running", "alive", 1, 0),
+    ]
+    assert await ledger.waiting_count("j") == 2
+
+
+# -- claims and fencing --------------------------------------------------------------------------
+
+
+async def test_a_lease_is_exclusive_until_it_expires(ledger: LedgerLike, store: Store) -> None:
+    (first,) = await ledger.claim_scanned("j", "runner-a", SHORT, [entry(1)])
+    # A new item is leased with fence 1; its attempt counts once it starts.
+    assert (first.key, first.state, first.fence, first.attempts) == ("k00001", "running", 1, 0)
+    assert await ledger.commit_outcomes("j", "runner-a", [], [(first.key, 1)]) == set()
+    assert await ledger.claim_scanned("j", "runner-b", SHORT, [entry(1)]) == []
+    assert await ledger.claim_waiting("j", "runner-b", SHORT, 10) == []
+    await anyio.sleep(PAST_SHORT)
+    (second,) = await ledger.claim_scanned("j", "runner-b", 60, [entry(1)])
+    assert (second.state, second.fence, second.attempts) == ("running", 2, 1)
+    await ledger.commit_outcomes("j", "runner-b", [], [(second.key, 2)])
+    assert await items(store) == [("k00001", "running", "runner-b", 2, 2)]
+
+
+async def test_a_lost_lease_cannot_mark_done_and_is_reported(
+    ledger: LedgerLike, store: Store
+) -> None:
+    first, _ = sorted(await ledger.claim_scanned("j", "runner-a", SHORT, [entry(1), entry(2)]))
+    await anyio.sleep(PAST_SHORT)
+    (second,) = await ledger.claim_scanned("j", "runner-b", 60, [entry(1)])
+    assert second.fence == 2
+    lost = await ledger.commit_outcomes(
+        "j", "runner-a", [Outcome("k00001", 1, "done"), Outcome("k00002", 1, "done")]
+    )
+    assert lost == {"k00001"}
+    assert await items(store) == [
+        ("k00001", "running", "runner-b", 2, 0),
+        ("k00002", "done", "runner-a", 1, 1),
+    ]
+    # The fence is what counts: the right owner with an old fence is refused too.
+    assert await ledger.commit_outcomes("j", "runner-b", [Outcome("k00001", 1, "done")]) == {
+        "k00001"
+    }
+    assert await ledger.commit_outcomes("j", "runner-b", [Outcome("k00001", 2, "done")]) == set()
+    assert (await ledger.counts("j"))["done"] == 2
+    assert first.key == "k00001"
+
+
+async def test_done_items_are_never_leased_again(ledger: LedgerLike) -> None:
+    rows = [entry(i) for i in range(5)]
+    claimed = await ledger.claim_scanned("j", "a", 60, rows)
+    assert sorted(c.key for c in claimed) == [r[0] for r in rows]
+    assert {(c.state, c.fence, c.attempts) for c in claimed} == {("running", 1, 0)}
+    await ledger.commit_outcomes("j", "a", [Outcome(c.key, c.fence, "done") for c in claimed])
+    await anyio.sleep(0.05)
+    assert await ledger.claim_scanned("j", "b", 60, rows) == []
+    assert await ledger.claim_waiting("j", "b", 60, 100) == []
+    assert await ledger.waiting_count("j") == 0
+
+
+async def test_dead_rows_and_due_post_actions_come_back_from_a_claim(ledger: LedgerLike) -> None:
+    rows = [entry(1), entry(2), entry(3)]
+    await ledger.claim_scanned("j", "a", 60, rows)
+    await ledger.commit_outcomes(
+        "j",
+        "a",
+        [
+            Outcome("k00001", 1, "dead", "ValueError: bad", None, "move:/tmp/dead"),
+            Outcome("k00002", 1, "done", None, None, "delete"),
+            Outcome("k00003", 1, "done"),
+        ],
+    )
+    again = sorted(await ledger.claim_scanned("j", "b", 60, rows))
+    assert again == [
+        ClaimedRow("k00001", "dead", 1, 1, "move:/tmp/dead"),
+        ClaimedRow("k00002", "done", 1, 1, "delete"),
+    ]
+    counts = await ledger.counts("j")
+    assert counts == {"pending": 0, "running": 0, "done": 2, "failed": 0, "dead": 1, "vanished": 0}
+
+
+async def test_vanished_items_are_claimed_again_when_seen(ledger: LedgerLike) -> None:
+    await ledger.claim_scanned("j", "a", 60, [entry(1)])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "vanished", "gone")])
+    (row,) = await ledger.claim_scanned("j", "b", 60, [entry(1)])
+    assert (row.state, row.fence, row.attempts) == ("running", 2, 1)
+
+
+async def test_two_runners_claiming_the_same_chunks_never_share_an_item(store: Store) -> None:
+    rows = [entry(i) for i in range(600)]
+    chunks = [rows[i : i + 100] for i in range(0, len(rows), 100)]
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    async with await store.open():
+        pass  # created first: this test is about claims, not about creating a ledger at once
+
+    async def claim(owner: str, order: list[list[tuple[str, bytes, int, int, int]]]) -> None:
+        async with await store.open() as ledger:
+            for chunk in order:
+                got[owner] += [c.key for c in await ledger.claim_scanned("j", owner, 60, chunk)]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claim, "a", chunks)
+        tg.start_soon(claim, "b", chunks[3:] + chunks[:3])
+    assert not set(got["a"]) & set(got["b"])
+    assert sorted(got["a"] + got["b"]) == [r[0] for r in rows]
+
+
+async def test_attempts_are_counted_once_per_lease_when_they_start(
+    ledger: LedgerLike, store: Store
+) -> None:
+    rows = [entry(1), entry(2), entry(3)]
+    a, b, c = sorted(await ledger.claim_scanned("j", "me", SHORT, rows))
+    assert (a.attempts, b.attempts, c.attempts) == (0, 0, 0)
+    # Started and still running: counted now, once however often it is reported.
+    for _ in range(2):
+        assert await ledger.commit_outcomes("j", "me", [], [(a.key, 1), (b.key, 1)]) == set()
+    # Reported started and finished in one group: counted once, with its outcome.
+    lost = await ledger.commit_outcomes(
+        "j", "me", [Outcome(b.key, 1, "done"), Outcome(c.key, 1, "done")], [(b.key, 1), (c.key, 1)]
+    )
+    assert lost == set()
+    # A start under a fence that is not the item's is not counted.
+    await ledger.commit_outcomes("j", "me", [], [(a.key, 7)])
+    assert await items(store) == [
+        ("k00001", "running", "me", 1, 1),
+        ("k00002", "done", "me", 1, 1),
+        ("k00003", "done", "me", 1, 1),
+    ]
+    # A runner that dies during an attempt has used it up; the next lease counts its own.
+    await anyio.sleep(PAST_SHORT)
+    (again,) = await ledger.claim_scanned("j", "other", 60, [entry(1)])
+    assert (again.fence, again.attempts) == (2, 1)
+    assert await ledger.commit_outcomes("j", "me", [], [(a.key, 1)]) == set()  # not reported
+    await ledger.commit_outcomes("j", "other", [Outcome(a.key, 2, "failed", "x", None)])
+    assert (await items(store))[0] == ("k00001", "failed", "other", 2, 2)
+
+
+async def test_release_puts_items_back_without_undoing_started_attempts(
+    ledger: LedgerLike, store: Store
+) -> None:
+    a, b = sorted(await ledger.claim_scanned("j", "me", 60, [entry(1), entry(2)]))
+    await ledger.commit_outcomes("j", "me", [], [(b.key, b.fence)])  # b started, a never did
+    await ledger.release_items("j", "me", [(a.key, a.fence, False), (b.key, b.fence, True)])
+    await ledger.release_items("j", "someone-else", [(a.key, a.fence, False)])  # not theirs
+    assert await items(store) == [
+        ("k00001", "pending", None, 1, 0),
+        ("k00002", "pending", None, 1, 1),
+    ]
+    claimed = sorted(await ledger.claim_waiting("j", "me2", 60, 10))
+    assert [(c.key, c.fence, c.attempts) for c in claimed] == [("k00001", 2, 0), ("k00002", 2, 1)]
+    assert (claimed[0].relpath, claimed[0].size, claimed[0].mtime_ns, claimed[0].inode) == (
+        b"f00001",
+        10,
+        1001,
+        501,
+    )
+
+
+async def test_claim_waiting_takes_the_oldest_first_and_only_due_retries(
+    ledger: LedgerLike,
+) -> None:
+    rows = [entry(i) for i in (5, 1, 4, 2, 3)]
+    claimed = await ledger.claim_scanned("j", "a", 60, rows)
+    now = time.time()
+    await ledger.commit_outcomes(
+        "j",
+        "a",
+        [
+            Outcome("k00001", 1, "failed", "later", now + 60),
+            Outcome("k00002", 1, "failed", "due", now - 1),
+        ],
+    )
+    await ledger.release_items(
+        "j",
+        "a",
+        [(c.key, c.fence, False) for c in claimed if c.key in ("k00003", "k00004", "k00005")],
+    )
+    assert await ledger.waiting_count("j") == 5
+    due = await ledger.next_retry_at("j")
+    assert due is not None
+    assert abs(due - (now - 1)) < 2  # the earliest failed item, in the caller's clock
+    first = await ledger.claim_waiting("j", "b", 60, 2)
+    assert sorted(c.key for c in first) == ["k00002", "k00003"]  # by (mtime_ns, relpath)
+    rest = await ledger.claim_waiting("j", "b", 60, 10)
+    assert sorted(c.key for c in rest) == ["k00004", "k00005"]
+    assert await ledger.claim_waiting("j", "b", 60, 10) == []  # k00001 is not due yet
+    due = await ledger.next_retry_at("j")
+    assert due is not None
+    assert abs(due - (now + 60)) < 2
+    oldest = await ledger.oldest_waiting("j")
+    assert oldest is not None
+    assert abs(oldest - time.time()) < 5
+
+
+async def test_two_connections_claiming_waiting_items_never_get_the_same_one(
+    store: Store,
+) -> None:
+    count = 400
+    async with await store.open() as setup:
+        claimed = []
+        for start in range(0, count, 200):
+            chunk = [entry(i) for i in range(start, start + 200)]
+            claimed += await setup.claim_scanned("j", "setup", 60, chunk)
+        await setup.release_items("j", "setup", [(c.key, c.fence, False) for c in claimed])
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def drain(owner: str) -> None:
+        async with await store.open() as ledger:
+            while rows := await ledger.claim_waiting("j", owner, 60, 25):
+                got[owner] += [r.key for r in rows]
+                await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain, "a")
+        tg.start_soon(drain, "b")
+    assert not set(got["a"]) & set(got["b"])
+    assert sorted(got["a"] + got["b"]) == sorted(c.key for c in claimed)
+    assert len(got["a"]) + len(got["b"]) == count
+
+
+async def test_a_lease_recorded_move_needs_the_lease(ledger: LedgerLike, store: Store) -> None:
+    (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
+    assert await ledger.record_move("j", "a", row.key, row.fence, "/archive/f00001")
+    assert await store.fetch("SELECT post_action FROM items") == [("moved:/archive/f00001",)]
+    await anyio.sleep(PAST_SHORT)
+    (taken,) = await ledger.claim_scanned("j", "b", 60, [entry(1)])
+    assert taken.post_action == "moved:/archive/f00001"
+    assert not await ledger.record_move("j", "a", row.key, row.fence, "/elsewhere")
+
+
+# -- operator reads and retry ----------------------------------------------------------------------
+
+
+async def test_counts_failures_find_items_and_runs(ledger: LedgerLike) -> None:
+    me = this_process()
+    run_id = await ledger.register_runner("j", "a", me, 60, shared=False, mode="run")
+    odd = ("k00003", "café ☕.txt".encode(), 10, 1003, 503)  # a non-ASCII name round-trips
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), odd, entry(4)])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "failed", "first", None)])
+    await anyio.sleep(0.01)
+    await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "dead", "second\nmore")])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00003", 1, "done")])
+    await ledger.release_runner(
+        "j", "a", holds_lock=False, run_id=run_id, totals=(4, 1, 2, 1, 0), exit_status="failed"
+    )
+    assert await ledger.counts("j") == {
+        "pending": 0,
+        "running": 1,
+        "done": 1,
+        "failed": 1,
+        "dead": 1,
+        "vanished": 0,
+    }
+    assert await ledger.counts("nothing") == dict.fromkeys(sqlite_sql.STATES, 0)
+    failures = await ledger.failures("j", 10)
+    assert [(f.key, f.state, f.last_error) for f in failures] == [
+        ("k00002", "dead", "second\nmore"),
+        ("k00001", "failed", "first"),
+    ]
+    assert [f.key for f in await ledger.failures("j", 1)] == ["k00002"]
+    assert abs(failures[0].updated_at - time.time()) < 5
+    (by_key,) = await ledger.find_items("j", "k00003")
+    (by_name,) = await ledger.find_items("j", "café ☕.txt")
+    assert by_key == by_name
+    assert (by_key.relpath, by_key.size, by_key.mtime_ns, by_key.state, by_key.attempts) == (
+        "café ☕.txt",
+        10,
+        1003,
+        "done",
+        1,
+    )
+    assert await ledger.find_items("j", "nope") == []
+    (run,) = await ledger.runs("j")
+    assert (run.id, run.job, run.owner, run.pid, run.host, run.mode) == (
+        run_id,
+        "j",
+        "a",
+        me.pid,
+        me.host,
+        "run",
+    )
+    assert (run.seen, run.done, run.failed, run.dead, run.vanished) == (4, 1, 2, 1, 0)
+    assert run.exit_status == "failed"
+    assert run.finished_at is not None
+    assert 0 <= run.finished_at - run.started_at < 5
+    assert abs(run.started_at - time.time()) < 5
+    second = await ledger.register_runner("j", "b", me, 60, shared=True, mode="watch")
+    assert [r.id for r in await ledger.runs("j")] == [second, run_id]
+    assert [r.id for r in await ledger.runs("j", limit=1)] == [second]
+
+
+async def test_retry_resets_failed_and_with_dead_dead_items(ledger: LedgerLike) -> None:
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), entry(3)])
+    await ledger.commit_outcomes(
+        "j",
+        "a",
+        [
+            Outcome("k00001", 1, "failed", "x", time.time() + 600),
+            Outcome("k00002", 1, "dead", "y"),
+            Outcome("k00003", 1, "done"),
+        ],
+    )
+    assert await ledger.retry("j", None, dead=False) == 1
+    assert await ledger.retry("j", ["k00002"], dead=False) == 0
+    assert await ledger.retry("j", ["k00002", "k00003"], dead=True) == 1
+    assert await ledger.retry("j", [], dead=True) == 0
+    counts = await ledger.counts("j")
+    assert (counts["pending"], counts["done"], counts["dead"]) == (2, 1, 0)
+    assert [i.attempts for i in await ledger.find_items("j", "k00001")] == [0]
+    assert await ledger.next_retry_at("j") is None
+    claimed = sorted(await ledger.claim_waiting("j", "b", 60, 10))
+    assert [(c.key, c.attempts, c.fence) for c in claimed] == [
+        ("k00001", 0, 2),
+        ("k00002", 0, 2),
+    ]
+
+
+# -- transactions --------------------------------------------------------------------------------
+
+
+async def test_cancellation_during_a_commit_leaves_no_open_transaction(
+    ledger: LedgerLike, store: Store
+) -> None:
+    many = [entry(i) for i in range(3000)]
+    claimed: list[ClaimedRow] = []
+    for start in range(0, len(many), 500):
+        claimed += await ledger.claim_scanned("j", "me", 60, many[start : start + 500])
+    # A multi-statement transaction (runner, lock and 3,000 leases) cancelled as it starts.
+    me = this_process()
+    await ledger.acquire_lock("j", "me", me, 60, shared=False)
+    await ledger.register_runner("j", "me", me, 60, shared=False, mode="run")
+    leases = [(c.key, c.fence) for c in claimed]
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(ledger.heartbeat, holds_lock=True), "j", "me", 60, leases
+            )
+            await anyio.sleep(0.001)
+            scope.cancel()
+    await store.assert_writer_not_blocked()
+    outcomes = [Outcome(c.key, c.fence, "done") for c in claimed]
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger.commit_outcomes, "j", "me", outcomes)
+            await anyio.sleep(0.001)
+            scope.cancel()
+    # The commit ran to its end (shielded) and nothing holds a lock any more.
+    await store.assert_writer_not_blocked()
+    assert (await ledger.counts("j"))["done"] == 3000
+    # The ledger is still usable after the cancellation.
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await ledger.heartbeat("j", "me", 60, [], holds_lock=False)
+    assert await ledger.waiting_count("j") == 0
+
+
+# -- PostgreSQL only: what SQLite has no counterpart for ------------------------------------------
+
+
+async def test_postgres_skip_locked_claims_do_not_wait_for_a_locked_row(pg_dsn: str) -> None:
+    async with await PostgresLedger.open(pg_dsn) as ledger:
+        claimed = await ledger.claim_scanned("j", "setup", 60, [entry(1), entry(2)])
+        await ledger.release_items("j", "setup", [(c.key, c.fence, False) for c in claimed])
+        other = await asyncpg.connect(pg_dsn, timeout=10)
+        try:
+            async with other.transaction():
+                await other.execute("SELECT 1 FROM items WHERE key = 'k00001' FOR UPDATE")
+                with anyio.fail_after(5):
+                    rows = await ledger.claim_waiting("j", "a", 60, 10)
+                assert [r.key for r in rows] == ["k00002"]
+        finally:
+            await other.close()
+        assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00001"]
+
+
+async def test_postgres_a_name_that_is_not_utf8_round_trips(pg_dsn: str) -> None:
+    async with await PostgresLedger.open(pg_dsn) as ledger:
+        await ledger.claim_scanned("j", "a", 60, [("k1", b"caf\xe9.txt", 1, 1, 1)])
+        (found,) = await ledger.find_items("j", os.fsdecode(b"caf\xe9.txt"))
+        assert (found.key, os.fsencode(found.relpath)) == ("k1", b"caf\xe9.txt")
+
+
+async def test_postgres_a_schema_of_another_application_is_refused_untouched(
+    pg_dsn: str,
+) -> None:
+    schema = PostgresDSN.parse(pg_dsn).schema
+    await _pg(pg_dsn, f'CREATE SCHEMA "{schema}"')
+    await _pg(pg_dsn, f'CREATE TABLE "{schema}".customers (id integer)')
+    with pytest.raises(NotALedgerError, match="another application"):
+        await PostgresLedger.open(pg_dsn)
+    tables = await _pg(pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+    assert tables == [("customers",)]
+
+
+async def test_postgres_runners_creating_a_fresh_ledger_at_once_all_succeed(pg_dsn: str) -> None:
+    ledgers = await asyncio.gather(*(PostgresLedger.open(pg_dsn) for _ in range(4)))
+    try:
+        secrets = {await ledger.meta("secret") for ledger in ledgers}
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+    assert len(secrets) == 1
+
+
+async def test_postgres_durability_sets_synchronous_commit(pg_dsn: str) -> None:
+    settings: list[tuple[Literal["normal", "full"], str]] = [("normal", "off"), ("full", "on")]
+    for durability, expected in settings:
+        async with await PostgresLedger.open(pg_dsn, durability=durability) as ledger:
+            conn = await ledger._connection()
+            assert await conn.fetchval("SHOW synchronous_commit") == expected
+            assert await conn.fetchval("SELECT current_schema()") == ledger.target.schema
+
+
+async def test_postgres_a_lost_connection_is_an_error_then_reconnects(pg_dsn: str) -> None:
+    async with await PostgresLedger.open(pg_dsn) as ledger:
+        await ledger.ensure_job("j", "stat")
+        for pause in (0.0, 0.2):
+            conn = await ledger._connection()
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            await _pg(pg_dsn, "SELECT pg_terminate_backend($1)", pid)
+            await anyio.sleep(pause)
+            error: LedgerError | None = None
+            try:  # noticed in time: a new connection at once; else one clear error
+                await ledger.counts("j")
+            except LedgerError as e:
+                error = e
+            assert error is None or str(error).startswith("state 'postgresql://")
+            assert (await ledger.counts("j"))["done"] == 0
+            assert await ledger._connection() is not conn
+
+
+async def test_postgres_an_unreachable_server_is_one_line_without_the_password() -> None:
+    with pytest.raises(LedgerError) as info:
+        await PostgresLedger.open("postgresql://user:s3cret@127.0.0.1:1/db")
+    message = str(info.value)
+    assert "s3cret" not in message
+    assert "'postgresql://user@127.0.0.1:1/db'" in message
+    assert "\n" not in message
+
+
+def test_postgres_dsn_is_checked_up_front(tmp_path: Path) -> None:
+    assert PostgresDSN.parse("postgresql://h/db").schema == "asyncbatch"
+    assert PostgresDSN.parse("postgres://h/db?search_path=batches,public").schema == "batches"
+    assert PostgresDSN.parse("postgresql://h/db?options=-c%20search_path%3Dx").schema == "x"
+    assert PostgresDSN.parse("postgresql://u:pw@h:5/d?password=pw").redacted == (
+        "postgresql://u@h:5/d"
+    )
+    for bad in (
+        "postgresql://u:pw@host:notaport/db",
+        "postgresql://u:pw@host/db?search_path=",
+        "postgresql://u:pw@host/db?a=1&&&b",
+        "postgresql://u:pw@host/a/b",
+    ):
+        with pytest.raises(ConfigurationError, match="setting 'state'") as info:
+            PostgresDSN.parse(bad)
+        assert ":pw" not in str(info.value)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="notaport"):
+        BatchConfig(source=tmp_path, state="postgresql://u:pw@host:notaport/db")
+    BatchConfig(source=tmp_path, state="postgresql://u:pw@host:5432/db")
+
+
+def test_postgres_cli_unreachable_state_exits_2_without_the_password(tmp_path: Path) -> None:
+    result = cli("status", "--state", "postgresql://user:s3cret@127.0.0.1:1/db", "--json")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "s3cret" not in result.stderr
+    assert "postgresql://user@127.0.0.1:1/db" in result.stderr
+
+
+# -- end to end: the CLI on PostgreSQL ----------------------------------------------------------
+
+
+def calls(log: Path) -> Counter[str]:
+    """How often the handler ran for each file."""
+    return Counter(log.read_text().splitlines()) if log.exists() else Counter()
+
+
+def test_cli_run_and_status_on_postgres(pg_dsn: str, inbox: Path, tmp_path: Path) -> None:
+    make_files(inbox, 300)
+    log = tmp_path / "calls.log"
+    args = ("run", RECORD, "--source", inbox, "--state", pg_dsn, "--no-progress", "-j", "8")
+    result = cli(*args, env={"AB_LOG": str(log)})
+    assert result.returncode == 0, result.stderr
+    assert "300 done" in result.stdout
+    assert len(calls(log)) == 300
+    assert max(calls(log).values()) == 1
+    again = cli(*args, env={"AB_LOG": str(log)})
+    assert again.returncode == 0, again.stderr
+    assert sum(calls(log).values()) == 300  # nothing redone
+
+    status = cli("status", "--state", pg_dsn, "--json")
+    assert status.returncode == 0, status.stderr
+    out = json.loads(status.stdout)
+    assert out["counts"] == {
+        "pending": 0,
+        "running": 0,
+        "done": 300,
+        "failed": 0,
+        "dead": 0,
+        "vanished": 0,
+    }
+    assert out["total"] == 300
+    assert out["locks"] == []
+    assert out["last_run"]["exit_status"] == "ok"
+    assert abs(out["last_run"]["started_at"] - time.time()) < 120
+    unknown = cli("status", "--state", pg_dsn, "--job", "nope")
+    assert unknown.returncode == 2
+    assert "unknown job 'nope'" in unknown.stderr
+
+
+def test_two_shared_runners_on_postgres_handle_every_file_exactly_once(
+    pg_dsn: str, inbox: Path, tmp_path: Path
+) -> None:
+    files = 1000
+    make_files(inbox, files)
+    log = tmp_path / "calls.log"
+    args = (
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        pg_dsn,
+        "--shared",
+        "-j",
+        "4",
+        "--no-progress",
+        "--claim-batch",
+        "64",
+    )
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.005"}
+    runners = [spawn(*args, env=env) for _ in range(2)]
+    outputs = [r.communicate(timeout=180) for r in runners]
+
+    for runner, (_, err) in zip(runners, outputs, strict=True):
+        assert runner.returncode == 0, err
+    handled = calls(log)
+    assert len(handled) == files
+    assert max(handled.values()) == 1
+    assert pg_sync(pg_dsn, "SELECT state, count(*) FROM items GROUP BY state") == [("done", files)]
+    owners = pg_sync(pg_dsn, "SELECT owner, count(*) FROM items GROUP BY owner")
+    assert len(owners) == 2, "both runners took part"
+    assert pg_sync(pg_dsn, "SELECT count(*) FROM runners") == [(0,)]
+    status = cli("status", "--state", pg_dsn, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] == files
