@@ -120,6 +120,7 @@ class Batch:
         self._clock = clock
         self._run: Run | None = None
         self._last_statistics: Statistics | None = None
+        self._stop_pending = False
         #: The signal that stopped the last run (``handle_signals=True``), if any.
         self.received_signal: int | None = None
 
@@ -147,9 +148,16 @@ class Batch:
         return await self._execute("watch", handle_signals)
 
     def stop(self) -> None:
-        """Ask the running ``run()``/``watch()`` to stop: no new items, in-flight ones finish."""
+        """Ask the running ``run()``/``watch()`` to stop: no new items, in-flight ones finish.
+
+        Called before the run has begun (an application shutting down at once), it makes the
+        next ``run()``/``watch()`` stop as soon as it starts, so nothing waits for a watch that
+        had not started yet.
+        """
         if self._run is not None:
             self._run.request_stop()
+        else:
+            self._stop_pending = True
 
     def statistics(self) -> Statistics | None:
         """A snapshot of the current run's counters (or the last run's final ones; ``None``
@@ -165,6 +173,9 @@ class Batch:
             )
         run = Run(self.config, self.handler, mode=mode, http=self._http, clock=self._clock)
         self._run = run
+        if self._stop_pending:
+            self._stop_pending = False
+            run.request_stop()
         self.received_signal = None
         try:
             if not handle_signals:

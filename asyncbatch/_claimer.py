@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
+from ._actions import decode_action
 from ._identity import input_hash, item_key
 from ._queues import ItemQueue, LeasedItem
 from ._scanner import content_digest, split, unpack
@@ -202,8 +203,10 @@ class Claimer:
                     else input_hash(cfg.identity, row.relpath, row.size, row.mtime_ns, b"")
                 )
                 item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
-                if row.post_action and row.post_action.startswith("moved:"):
-                    item.moved_to = row.post_action.removeprefix("moved:")
+                if row.post_action:
+                    kind, moved_to = decode_action(row.post_action)
+                    if kind == "moved":
+                        item.moved_to = moved_to
                 leased.append(item)
             await self._hand_over(leased, {row.key: row for row in rows})
             if rows:

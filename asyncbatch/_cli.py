@@ -69,7 +69,9 @@ non_negative_float = _number(float, 0, strict=False)
 
 
 def _add_state(p: argparse.ArgumentParser, *, job: bool = True) -> None:
-    p.add_argument("--state", required=True, help="the ledger: a SQLite file path")
+    p.add_argument(
+        "--state", required=True, help="the ledger: a SQLite file path or a postgresql:// DSN"
+    )
     if job:
         p.add_argument("--job", default="default", help="job name (default: %(default)s)")
 
@@ -97,25 +99,48 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
     run.add_argument("--source", required=True, help="the directory to scan")
     _add_state(run)
-    run.add_argument("-j", "--concurrency", type=positive_int, default=8)
+    run.add_argument(
+        "-j", "--concurrency", type=positive_int, default=8, help="items handled at once (8)"
+    )
     run.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
     run.add_argument("--ignore", action="append", default=[], help="glob to skip (repeatable)")
-    run.add_argument("--recursive", action="store_true")
-    run.add_argument("--follow-symlinks", action="store_true")
-    run.add_argument("--identity", choices=["stat", "path", "content"], default="stat")
-    run.add_argument("--max-attempts", type=positive_int, default=3)
+    run.add_argument("--recursive", action="store_true", help="walk subdirectories too")
+    run.add_argument(
+        "--follow-symlinks", action="store_true", help="follow symlinks that stay inside SOURCE"
+    )
+    run.add_argument(
+        "--identity",
+        choices=["stat", "path", "content"],
+        default="stat",
+        help="what makes a file new work: path+size+mtime (stat), the name, or the bytes",
+    )
+    run.add_argument(
+        "--max-attempts", type=positive_int, default=3, help="attempts before an item is dead (3)"
+    )
     run.add_argument("--timeout", type=positive_float, default=None, help="seconds per item")
     run.add_argument("--backoff", type=non_negative_float, default=1.0, help="first retry delay")
     run.add_argument("--shared", action="store_true", help="share the job with other runners")
-    run.add_argument("--lease", type=positive_float, default=60.0)
-    run.add_argument("--grace", type=non_negative_float, default=30.0)
-    run.add_argument("--durability", choices=["normal", "full"], default="normal")
+    run.add_argument(
+        "--lease", type=positive_float, default=60.0, help="seconds a lease lasts unrenewed (60)"
+    )
+    run.add_argument(
+        "--grace",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds in-flight items get to finish after SIGINT/SIGTERM (30)",
+    )
+    run.add_argument(
+        "--durability",
+        choices=["normal", "full"],
+        default="normal",
+        help="full: every commit survives power loss (slower); normal: process crashes",
+    )
     run.add_argument("--on-done", default="keep", help="keep | delete | move:DIR")
     run.add_argument("--on-dead", default="keep", help="keep | move:DIR")
     run.add_argument("--output-dir", default=None, help="where ctx.write_output writes")
     run.add_argument("--watch", action="store_true", help="keep polling until stopped")
     run.add_argument("--poll", type=positive_float, default=1.0, help="seconds between polls")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     run.add_argument(
         "--progress-interval",
         type=positive_float,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ._actions import encode_action
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
 from ._ledgers import PostgresDSN
@@ -44,7 +45,7 @@ class PostAction:
             return None
         if self.kind == "delete":
             return "delete"
-        return f"move:{self.directory}"
+        return encode_action("move", self.directory)
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:

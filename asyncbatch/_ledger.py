@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import _sql as sql
+from ._actions import encode_action
 from ._exceptions import ConfigurationError, JobLockedError
 from ._ledger_base import Durability, LedgerConnection
 from ._ledger_queries import ItemInfo, LedgerQueries, LockInfo, RunInfo
@@ -397,7 +398,7 @@ class Ledger(LedgerQueries):
         """
 
         def record(conn: sqlite3.Connection, now: float) -> bool:
-            params = (f"moved:{dst}", now, job, key, owner, fence)
+            params = (encode_action("moved", dst), now, job, key, owner, fence)
             return conn.execute(sql.RECORD_MOVE, params).rowcount == 1
 
         return await self._transact(record, self.clock())

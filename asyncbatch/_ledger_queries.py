@@ -142,7 +142,9 @@ class LedgerQueries(LedgerConnection):
     async def find_items(self, job: str, key_or_relpath: str) -> list[ItemInfo]:
         """Items whose key is, or whose relpath is, ``key_or_relpath``."""
         async with self._read():
-            rows = await self._fetchall(sql.ITEM_BY_KEY, (job, key_or_relpath))
+            rows = []
+            if key_or_relpath.isascii():  # keys are ASCII; a non-UTF-8 name cannot be bound
+                rows += await self._fetchall(sql.ITEM_BY_KEY, (job, key_or_relpath))
             rows += await self._fetchall(sql.ITEMS_BY_RELPATH, (job, os.fsencode(key_or_relpath)))
         return [_item(r) for r in rows]
 

@@ -16,7 +16,7 @@ from typing import Any
 from ._exceptions import ConfigurationError
 from ._identity import Identity, input_hash
 from ._ledger import ItemInfo, LockInfo
-from ._ledgers import LedgerLike, open_ledger
+from ._ledgers import LedgerLike, PostgresDSN, is_postgres, open_ledger
 from ._procinfo import holder_is_alive, this_process
 
 __all__ = ["COMMANDS", "add_operator_commands"]
@@ -41,13 +41,18 @@ def _age(ts: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def _shown(state: str) -> str:
+    """The state as it may be printed: a DSN without its password."""
+    return PostgresDSN.parse(state).redacted if is_postgres(state) else state
+
+
 async def _open(args: argparse.Namespace, *, job: bool = True) -> LedgerLike:
     ledger = await open_ledger(args.state, create=False)
     if job and not await ledger.job_exists(args.job):
         known = await ledger.jobs()
         await ledger.close()
         raise ConfigurationError(
-            f"unknown job {args.job!r} in state {args.state!r} "
+            f"unknown job {args.job!r} in state {_shown(args.state)!r} "
             f"(known: {', '.join(map(repr, known)) or 'none'})"
         )
     return ledger
@@ -116,7 +121,7 @@ async def status(args: argparse.Namespace) -> int:
             }
         out = {
             "job": args.job,
-            "state": args.state,
+            "state": _shown(args.state),
             "counts": counts,
             "total": sum(counts.values()),
             "locks": lock_rows,
@@ -130,7 +135,7 @@ async def status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"job {args.job!r} in {args.state}", show_header=True)
+    table = Table(title=f"job {args.job!r} in {_shown(args.state)}", show_header=True)
     for state in counts:
         table.add_column(state, justify="right")
     table.add_row(*(str(n) for n in counts.values()))
@@ -264,7 +269,7 @@ async def unlock(args: argparse.Namespace) -> int:
     try:
         held = [lock for lock in await ledger.locks() if lock.job == args.lock_job]
         if not held:
-            raise ConfigurationError(f"job {args.lock_job!r} has no lock in {args.state!r}")
+            raise ConfigurationError(f"job {args.lock_job!r} has no lock in {_shown(args.state)!r}")
         lock = held[0]
         alive = holder_is_alive(lock.holder, me=this_process())
         live = lock.expires_at >= time.time() and alive is not False

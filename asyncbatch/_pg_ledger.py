@@ -64,6 +64,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 from . import _pg_sql as sql
+from ._actions import encode_action
 from ._exceptions import (
     ConfigurationError,
     JobLockedError,
@@ -854,7 +855,7 @@ class PostgresLedger:
         """
 
         async def record(conn: Connection) -> bool:
-            moved = f"moved:{dst}"
+            moved = encode_action("moved", dst)
             return await conn.fetchval(sql.RECORD_MOVE, job, key, owner, fence, moved) is not None
 
         return await self._transact(record, one=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from ._actions import decode_action
 from ._config import BatchConfig
 from ._effects import _fsync_dir, idempotent_move
 from ._exceptions import EffectError
@@ -118,9 +119,11 @@ class PostActions:
 
     async def _perform(self, post: _Post) -> str:
         source = self._config.source
-        if post.action == "delete":
+        kind, directory = decode_action(post.action)
+        if kind == "delete":
             return await anyio.to_thread.run_sync(_delete, source, post)
-        kind, _, directory = post.action.partition(":")
+        if kind == "moved":  # ctx.move() took the input away itself
+            return "moved by the handler"
         if kind != "move" or not directory:
             raise EffectError(f"unknown post-commit action {post.action!r}")
         return await self._move(source / os.fsdecode(post.relpath), Path(directory), post)

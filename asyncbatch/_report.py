@@ -49,11 +49,15 @@ class Report:
     elapsed: float
     counts: dict[str, int]
     stopped: bool = False
+    mode: str = "run"
 
     @property
     def ok(self) -> bool:
-        """Whether every settled file seen is done: nothing dead, nothing left failed."""
-        return self.dead == 0 and self.dead_seen == 0 and self.retry_pending == 0
+        """Whether every settled file seen is done: nothing dead, nothing left failed, and
+        (for ``run()``) not stopped before the end. A stopped ``watch()`` is ok: stopping is
+        how a watch ends."""
+        finished = not (self.stopped and self.mode == "run")
+        return finished and self.dead == 0 and self.dead_seen == 0 and self.retry_pending == 0
 
     @property
     def rate(self) -> float:
@@ -105,7 +109,9 @@ class Counters:
             elapsed=time.monotonic() - self.started,
         )
 
-    def report(self, job: str, counts: dict[str, int], *, stopped: bool) -> Report:
+    def report(
+        self, job: str, counts: dict[str, int], *, stopped: bool, mode: str = "run"
+    ) -> Report:
         """The final :class:`Report`."""
         return Report(
             job=job,
@@ -121,4 +127,5 @@ class Counters:
             elapsed=time.monotonic() - self.started,
             counts=counts,
             stopped=stopped,
+            mode=mode,
         )

@@ -177,7 +177,7 @@ class Run:
                 with anyio.CancelScope(shield=True):
                     await self._release(run_id, status)
             counts = await ledger.counts(cfg.job)
-            report = self.counters.report(cfg.job, counts, stopped=self.stopping)
+            report = self.counters.report(cfg.job, counts, stopped=self.stopping, mode=self.mode)
             log.info("%s", report)
             return report
         finally:

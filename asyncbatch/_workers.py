@@ -37,8 +37,12 @@ YIELD_EVERY = 0.001
 
 
 def error_text(exc: BaseException) -> str:
-    """``Type: message`` on one line: what the ledger stores as an item's last error."""
+    """``Type: message`` on one line: what the ledger stores as an item's last error.
+
+    Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes.
+    """
     text = str(exc).strip().replace("\r", " ").replace("\n", " ")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

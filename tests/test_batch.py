@@ -277,6 +277,7 @@ async def test_stop_lets_in_flight_items_finish(inbox: Path, state: Path) -> Non
     report = await batch.run()
 
     assert report.stopped
+    assert not report.ok, "a run stopped before the end has not done every file"
     assert 3 <= report.done < 40
     counts = state_counts(state)
     assert counts.get("running", 0) == 0
@@ -353,3 +354,21 @@ async def test_base_exceptions_from_a_handler_are_never_swallowed(inbox: Path, s
     # Nothing was recorded as failed or done; the leases went back.
     assert state_counts(state) == {"pending": 3}
     assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
+
+
+async def test_stop_before_the_run_began_is_not_lost(inbox: Path, state: Path) -> None:
+    make_files(inbox, 5)
+    calls: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.key)
+
+    batch = Batch(handle, source=inbox, state=state)
+    batch.stop()  # e.g. an application shutting down before its watcher got going
+    with anyio.fail_after(20):
+        report = await batch.watch()
+    assert report.stopped
+    assert report.ok  # stopping is how a watch ends
+    assert calls == []
+    again = await batch.run()  # the stop was used up: the next run runs
+    assert (again.done, again.ok) == (5, True)

@@ -313,3 +313,30 @@ def test_a_reader_that_goes_away_is_not_a_traceback(inbox: Path, state: Path) ->
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 141
     assert b"Traceback" not in err
+
+
+def test_retry_by_a_name_that_is_not_utf8(inbox: Path, state: Path) -> None:
+    raw = os.fsencode(inbox) + b"/r\xe9sum\xe9.csv"
+    with open(raw, "wb") as f:
+        f.write(b"bad")
+    os.utime(raw, (time.time() - 30,) * 2)
+    result = cli(
+        "run", f"{HANDLERS}:fail_always", "--source", inbox, "--state", state, "--max-attempts", "1"
+    )
+    assert result.returncode == 1
+    retried = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asyncbatch",
+            "retry",
+            "--state",
+            os.fsencode(state),
+            "--dead",
+            b"r\xe9sum\xe9.csv",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert b"1 failed or dead item put back" in retried.stdout

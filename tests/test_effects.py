@@ -12,6 +12,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncbatch import (
     Batch,
@@ -22,6 +24,7 @@ from asyncbatch import (
     idempotent_move,
     remove_stale_temp_files,
 )
+from asyncbatch._actions import decode_action, encode_action
 from asyncbatch._effects import TEMP_PREFIX, _temp_name
 from asyncbatch._postactions import PostActions, keyed_name
 from asyncbatch._procinfo import ProcessIdentity, this_process
@@ -395,3 +398,44 @@ def test_archive_inside_the_scanned_tree_is_refused(inbox: Path, state: Path) ->
     Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'done'}")  # not recursive
     with pytest.raises(ConfigurationError, match="no such directory"):
         Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'nope'}")
+
+
+async def test_non_utf8_names_through_moves_archives_and_errors(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    names = [b"caf\xe9-moved.csv", b"caf\xe9-archived.csv", b"caf\xe9-broken.csv"]
+    for name in names:
+        raw = os.fsencode(inbox) + b"/" + name
+        with open(raw, "wb") as f:
+            f.write(name)
+        os.utime(raw, (time.time() - 30,) * 2)
+    moved, archive = tmp_path / "moved", tmp_path / "archive"
+    moved.mkdir()
+    archive.mkdir()
+
+    async def handle(ctx: TaskContext) -> None:
+        name = os.fsencode(ctx.entry.relpath)
+        assert await ctx.read_bytes() == name
+        if b"moved" in name:
+            await ctx.move(moved)
+        if b"broken" in name:
+            raise ValueError(f"cannot parse {ctx.entry.relpath}")
+
+    report = await Batch(
+        handle, source=inbox, state=state, on_done=f"move:{archive}", max_attempts=1
+    ).run()
+
+    assert (report.done, report.dead) == (2, 1)
+    assert os.listdir(os.fsencode(moved)) == [b"caf\xe9-moved.csv"]
+    assert os.listdir(os.fsencode(archive)) == [b"caf\xe9-archived.csv"]
+    ((error,),) = rows(state, "SELECT last_error FROM items WHERE state = 'dead'")
+    assert error == "ValueError: cannot parse caf\\udce9-broken.csv"
+
+
+@given(st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b))
+def test_stored_actions_round_trip_any_path(raw: bytes) -> None:
+    path = os.fsdecode(b"/archive/" + raw)
+    for kind in ("move", "moved"):
+        assert decode_action(encode_action(kind, path)) == (kind, path)
+        encode_action(kind, path).encode("utf-8")  # always storable as text
+    assert decode_action(encode_action("delete")) == ("delete", None)

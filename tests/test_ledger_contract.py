@@ -889,6 +889,11 @@ def test_cli_run_and_status_on_postgres(pg_dsn: str, inbox: Path, tmp_path: Path
     unknown = cli("status", "--state", pg_dsn, "--job", "nope")
     assert unknown.returncode == 2
     assert "unknown job 'nope'" in unknown.stderr
+    if "://postgres@" in pg_dsn:  # trust auth ignores a password: prove it is never printed
+        with_password = pg_dsn.replace("://postgres@", "://postgres:s3cr3t-pw@", 1)
+        for command in (("status", "--json"), ("status",), ("status", "--job", "nope")):
+            shown = cli(command[0], "--state", with_password, *command[1:])
+            assert "s3cr3t-pw" not in shown.stdout + shown.stderr
 
 
 def test_two_shared_runners_on_postgres_handle_every_file_exactly_once(
