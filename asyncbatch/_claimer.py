@@ -185,6 +185,9 @@ class Claimer:
             await self.queue.wait_for_room()
             if not run.stopping:  # else they stay leased, unstarted, and are released
                 self.queue.put(leased)
+            # Back-pressure on the whole pipeline, not just the queue: while finished items
+            # wait for the committer, lease no more (memory stays bounded at a million files).
+            await run.wait_for_room()
 
     async def claim_waiting(self, *, until_idle: bool) -> None:
         """Lease items waiting in the ledger: retries, items put back, items not in this scan.

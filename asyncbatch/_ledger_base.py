@@ -158,7 +158,7 @@ class LedgerConnection:
             await db.execute(f"PRAGMA synchronous = {sync}")
             # Claims and commits touch the B-tree all over: keep up to 64 MiB of it in SQLite's
             # page cache rather than re-reading pages with pread (allocated as it is used).
-            await db.execute("PRAGMA cache_size = -65536")
+            await db.execute("PRAGMA cache_size = -2000")
             if version < sql.SCHEMA_VERSION:
                 if not migrate:
                     raise LedgerError(

@@ -71,6 +71,7 @@ class Run:
         )
         self.dir_fd = -1
         self._progress = anyio.Event()
+        self._room = anyio.Event()
         self._http = SharedClient(http)
         self._http_settings: HTTPSettings | None = None
         self._ledger: LedgerLike | None = None
@@ -260,11 +261,29 @@ class Run:
         await self.stop_requested.wait()
         self.stopping = True
         self.wake()
+        self.made_room()
         if self._queue is not None:
             self._queue.close()
         log.info("stopping: no new items; in-flight items get %.0fs to finish", self.config.grace)
         await anyio.sleep(self.config.grace)
         self._work_scope.cancel()
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many items may be leased and not yet committed at once."""
+        cfg = self.config
+        return 3 * cfg.claim_batch + cfg.concurrency + 4 * cfg.commit_batch
+
+    async def wait_for_room(self) -> None:
+        """Wait while :attr:`max_in_flight` items are leased and not yet committed."""
+        while len(self.in_flight) >= self.max_in_flight and not self.stopping:
+            if self._room.is_set():
+                self._room = anyio.Event()
+            await self._room.wait()
+
+    def made_room(self) -> None:
+        """Called by the committer after it retired items."""
+        self._room.set()
 
     def wake(self) -> None:
         """Wake the claimer waiting in :meth:`wait_for_progress`."""
