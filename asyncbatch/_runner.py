@@ -158,8 +158,7 @@ class Run:
                     backoff=cfg.http_backoff,
                     backoff_max=cfg.http_backoff_max,
                 )
-                if cfg.output_dir is not None:
-                    await remove_stale_temp_files(cfg.output_dir)
+                await self._remove_stale_temp_files()
                 self.dir_fd = os.open(cfg.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     await self._pipeline()
@@ -184,6 +183,21 @@ class Run:
         finally:
             await ledger.close()
             self._ledger = None
+
+    async def _remove_stale_temp_files(self) -> None:
+        """Remove temp files that killed runs left where this run writes.
+
+        The output directory always; an archive directory only when it is on another
+        filesystem than the source, the one case in which a move writes a temp file there
+        (an archive only grows: it is not listed on every run for nothing).
+        """
+        cfg = self.config
+        if cfg.output_dir is not None:
+            await remove_stale_temp_files(cfg.output_dir)
+        source_dev = os.stat(cfg.source).st_dev
+        for action in (cfg.on_done, cfg.on_dead):
+            if action.directory is not None and os.stat(action.directory).st_dev != source_dev:
+                await remove_stale_temp_files(action.directory)
 
     async def _release(self, run_id: int, status: str) -> None:
         ledger, cfg = self.ledger, self.config

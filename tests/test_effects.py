@@ -439,3 +439,29 @@ def test_stored_actions_round_trip_any_path(raw: bytes) -> None:
         assert decode_action(encode_action(kind, path)) == (kind, path)
         encode_action(kind, path).encode("utf-8")  # always storable as text
     assert decode_action(encode_action("delete")) == ("delete", None)
+
+
+async def test_an_archive_on_another_filesystem_is_cleaned_of_stale_temp_files(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    other = other_filesystem(tmp_path)
+    if other is None:
+        pytest.skip("no second filesystem (/dev/shm) here")
+    archive = other / f"asyncbatch-archive-{os.getpid()}-{time.monotonic_ns()}"
+    archive.mkdir()
+    try:
+        dead = ProcessIdentity(this_process().host, dead_pid(), this_process().pid_start)
+        stale = _temp_name(archive / "f00000.txt", dead)
+        stale.write_text("half a copy")  # a cross-device move killed mid-copy
+        make_files(inbox, 2)
+
+        async def handle(ctx: TaskContext) -> None:
+            pass
+
+        await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+
+        assert sorted(p.name for p in archive.iterdir()) == ["f00000.txt", "f00001.txt"]
+    finally:
+        for p in archive.iterdir():
+            p.unlink()
+        archive.rmdir()
