@@ -45,6 +45,31 @@ class Batch:
     item twice. The handler itself runs *at least once* per item: make its effects idempotent
     (``ctx.write_output``, ``ctx.move``, ``ctx.http``).
 
+    Parameters (keyword-only; the CLI flag in brackets):
+
+    - ``source`` [--source]: the directory to scan. ``state`` [--state]: the ledger, a SQLite
+      file on a local disk, or a ``postgresql://`` DSN for runners on several hosts.
+      ``job`` [--job]: the job's name; jobs in one state are independent.
+    - ``concurrency`` [-j]: handlers running at once. ``settle`` [--settle]: seconds a file must
+      be unchanged before it is handled. ``ignore`` [--ignore]: globs to skip.
+      ``recursive``, ``follow_symlinks``: what the scan walks.
+    - ``identity`` [--identity]: ``"stat"`` (relpath + size + mtime: a changed file is new
+      work), ``"path"`` (each name once) or ``"content"`` (each content once).
+    - ``max_attempts`` [--max-attempts], ``backoff``, ``backoff_max``, ``timeout`` [--timeout]:
+      retries; an attempt that raises is retried after ``backoff * 2**(n-1)`` seconds (with
+      jitter), and the item is dead after ``max_attempts``.
+    - ``shared`` [--shared]: share the job with other runners (leases instead of the job lock).
+      ``lease`` [--lease], ``grace`` [--grace]: lease length, and how long in-flight items may
+      finish after :meth:`stop` or a signal. ``durability`` [--durability]: ``"full"`` makes
+      every commit survive a power loss.
+    - ``on_done`` / ``on_dead`` [--on-done/--on-dead]: ``"keep"``, ``"delete"`` (done only) or
+      ``"move:DIR"``, carried out after the outcome committed. ``output_dir`` [--output-dir]:
+      where ``ctx.write_output`` writes. ``poll`` [--poll]: seconds between polls in watch mode.
+    - ``http``: an ``httpx.AsyncClient`` or transport for ``ctx.http`` (one is made otherwise);
+      ``unsafe_methods``, ``http_retries``, ``http_backoff``: its idempotency keys and retries.
+    - ``claim_batch``, ``commit_batch``: items leased per statement, and the commit group size.
+      ``clock``: the wall clock (a test seam).
+
     Raises :class:`ConfigurationError` for a bad setting (here, before anything is touched).
     """
 
