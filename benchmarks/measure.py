@@ -1,10 +1,16 @@
 """Running systems as child processes: wall time, each child's own peak RSS, exit status.
 
 Each child is started with ``subprocess.Popen`` (stdout and stderr to files, its own session)
-and reaped with ``os.wait4`` on its pid, whose rusage is that child's own (``ru_maxrss``, KiB
-on Linux). Several children (the shared runners) start back to back and the wall time runs from
-just before the first start until the last exit. A child still running at the deadline is
-killed with its process group.
+and reaped with ``os.wait4`` on its pid. Several children (the shared runners) start back to
+back and the wall time runs from just before the first start until the last exit. A child
+still running at the deadline is killed with its process group.
+
+Peak RSS: a child's own ``ru_maxrss`` is *not* usable here. Linux keeps that high-water mark
+across ``exec``, and right after ``fork`` the child counts the parent's resident pages as its
+own, so every child would inherit this driver's peak (hundreds of MiB once it has listed a
+million files). Each command therefore runs under ``/usr/bin/time -f %M``: ``time`` is tiny
+when it forks the command, and reports that command's own peak, which is what we record.
+``os.wait4``'s figure is the fallback when ``/usr/bin/time`` is missing.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ def spawn(
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     outs = [log_stem.with_name(f"{log_stem.name}.{i}.out") for i in range(len(argvs))]
     errs = [log_stem.with_name(f"{log_stem.name}.{i}.err") for i in range(len(argvs))]
+    rss_files = [log_stem.with_name(f"{log_stem.name}.{i}.rss") for i in range(len(argvs))]
+    timer = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
     reaped: list[tuple[int, int, float] | None] = [None] * len(argvs)
     procs: list[subprocess.Popen[bytes]] = []
     threads: list[threading.Thread] = []
@@ -123,9 +131,13 @@ def spawn(
     started = time.perf_counter()
     try:
         for i, argv in enumerate(argvs):
+            rss_files[i].unlink(missing_ok=True)
+            command = list(argv)
+            if timer is not None:
+                command = [timer, "-f", "%M", "-o", str(rss_files[i]), *command]
             with open(outs[i], "wb") as out, open(errs[i], "wb") as err:
                 proc = subprocess.Popen(
-                    list(argv),
+                    command,
                     cwd=cwd,
                     env=dict(env),
                     stdin=subprocess.DEVNULL,
@@ -153,12 +165,24 @@ def spawn(
     for i, proc in enumerate(procs):
         result = reaped[i]
         code, rss, ended = result if result is not None else (None, 0, time.perf_counter())
+        if timer is not None:
+            rss = _time_maxrss(rss_files[i], rss)
         proc.returncode = code  # reaped here: keep Popen from waiting for it again
         children.append(
             ChildResult(list(argvs[i]), code, rss, ended, timed_out[i], timeout, outs[i], errs[i])
         )
     wall = max(child.ended for child in children) - started
     return Spawned(wall, children)
+
+
+def _time_maxrss(path: Path, fallback: int) -> int:
+    """The peak RSS (KiB) ``/usr/bin/time -f %M`` wrote, or ``fallback``."""
+    try:
+        lines = path.read_text().split()
+    except OSError:
+        return fallback
+    numbers = [word for word in lines if word.isdigit()]
+    return int(numbers[-1]) if numbers else fallback
 
 
 def _ledger_files(state: Path) -> list[Path]:
