@@ -340,8 +340,10 @@ def _method(quick: bool, warmups: Mapping[InboxSpec, tuple[int, float]]) -> list
         "- Caches cannot be dropped here, so each inbox gets one warm-up pass (listing, stat "
         "and read of every file) before it is measured: every system sees a **warm page "
         f"cache**. Warm-up times: {warm or 'none'}.",
-        "- Every system runs as its own **child process**; peak RSS is that child's own "
-        "`ru_maxrss` from `os.wait4` on its pid (for the shared runners, the larger of the two).",
+        "- Every system runs as its own **child process**; peak RSS is that child's own, as "
+        "`/usr/bin/time -f %M` reports it (for the shared runners, the larger of the two). Not "
+        "`ru_maxrss` from `os.wait4`: Linux keeps that mark across `exec`, so every child would "
+        "inherit this driver's peak (hundreds of MiB once it has listed a million files).",
         "- **wall** is from spawning the child to its exit (interpreter start-up and imports "
         "included), except huey: from the start of the listing + enqueue to the last task's "
         "completion (start-up and consumer shutdown excluded; the whole process is in the notes).",
