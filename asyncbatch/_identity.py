@@ -27,13 +27,15 @@ def input_hash(identity: Identity, relpath: bytes, size: int, mtime_ns: int, dig
         return digest.hex()
     if identity == "path":
         return hashlib.sha256(b"path\0" + relpath).hexdigest()
-    return hashlib.sha256(b"stat\0%s\0%d\0%d" % (relpath, size, mtime_ns)).hexdigest()
+    return hashlib.sha256(
+        b"".join((b"stat\0", relpath, b"\0%d\0%d" % (size, mtime_ns)))
+    ).hexdigest()
 
 
 def item_key(identity: Identity, ihash: str, mtime_ns: int) -> str:
     """The ledger key of an item, derived from its input hash."""
     if identity == "stat":
-        return f"{max(mtime_ns, 0):019d}-{ihash[:24]}"
+        return str(max(mtime_ns, 0)).zfill(19) + "-" + ihash[:24]
     if identity == "path":
         return ihash[:32]
     return ihash
