@@ -9,16 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import aiofiles
 import anyio.to_thread
-from aiofiles.base import AiofilesContextManager
-from aiofiles.threadpool.binary import AsyncBufferedReader
 
 from ._effects import atomic_write, idempotent_move
 from ._exceptions import ConfigurationError, LockLostError
 from ._scanner import Entry
 
 if TYPE_CHECKING:
+    from aiofiles.base import AiofilesContextManager
+    from aiofiles.threadpool.binary import AsyncBufferedReader
+
     from ._http import ItemHTTP
 
 __all__ = ["INLINE_READ_MAX", "ContextHooks", "ItemLogger", "TaskContext"]
@@ -47,21 +47,16 @@ class _Input:
     size: int
 
 
-async def _read_fd(fd: int, size: int) -> bytes:
-    def read() -> bytes:
-        # One pread of size + 1 bytes: a short read means end of file, no second call.
-        first = os.pread(fd, size + 1, 0)
-        if len(first) <= size:
-            return first
-        chunks, offset = [first], len(first)  # the file grew since it was opened
-        while chunk := os.pread(fd, 1 << 20, offset):
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
-
-    if size <= INLINE_READ_MAX:
-        return read()
-    return await anyio.to_thread.run_sync(read)
+def _read_all(fd: int, size: int) -> bytes:
+    """Read a whole file from its fd: one ``pread`` of ``size + 1`` bytes when it did not grow."""
+    first = os.pread(fd, size + 1, 0)  # a short read means end of file: no second call
+    if len(first) <= size:
+        return first
+    chunks, offset = [first], len(first)  # the file grew since it was opened
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 class ContextHooks(Protocol):
@@ -190,9 +185,12 @@ class TaskContext:
         Small inputs are read inline (cheaper than a thread hop), large ones in a worker thread.
         Raises ``OSError`` when the file cannot be read.
         """
-        if self._input is None:
+        source = self._input
+        if source is None:
             return await anyio.Path(self.entry.path).read_bytes()
-        return await _read_fd(self._input.fd, self._input.size)
+        if source.size <= INLINE_READ_MAX:
+            return _read_all(source.fd, source.size)
+        return await anyio.to_thread.run_sync(_read_all, source.fd, source.size)
 
     def open(self) -> AiofilesContextManager[AsyncBufferedReader]:
         """Open the input for streaming reads (``async with ctx.open() as f``), via aiofiles.
@@ -200,6 +198,8 @@ class TaskContext:
         The file is the one opened when the item started (no symlink followed, never a FIFO),
         positioned at its start.
         """
+        import aiofiles  # here, not at import time: it costs ~50 ms to import
+
         if self._input is None:
             return aiofiles.open(self.entry.path, "rb")
         fd = os.dup(self._input.fd)

@@ -19,7 +19,6 @@ a keyed request raises :class:`IdempotencyKeyMismatchError`, which fails the ite
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
 import hmac
 import logging
@@ -111,6 +110,8 @@ def _retry_after(response: httpx.Response) -> float | None:
     except ValueError:
         pass
     try:
+        import email.utils  # only for a Retry-After given as an HTTP date
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["WorkerPool", "error_text"]
 
+#: ``Outcome._make``: builds the tuple in C, without NamedTuple's generated ``__new__``.
+_make_outcome = Outcome._make
+
 log = logging.getLogger("asyncbatch")
 #: Longest stretch (seconds) a worker runs handlers without letting other tasks in.
 YIELD_EVERY = 0.001
@@ -206,7 +209,7 @@ class WorkerPool:
                 return self.failure(item, error_text(exc), permanent=True, exc=exc)
             except Exception as exc:
                 return self.failure(item, error_text(exc), exc=exc)
-            return Outcome(item.key, item.fence, "done", None, None, self._on_done)
+            return _make_outcome((item.key, item.fence, "done", None, None, self._on_done))
         finally:
             os.close(fd)
 

@@ -372,3 +372,31 @@ async def test_stop_before_the_run_began_is_not_lost(inbox: Path, state: Path) -
     assert calls == []
     again = await batch.run()  # the stop was used up: the next run runs
     assert (again.done, again.ok) == (5, True)
+
+
+async def test_reading_the_input_small_large_and_streamed(inbox: Path, state: Path) -> None:
+    from asyncbatch._context import INLINE_READ_MAX
+
+    small = inbox / "small.bin"
+    small.write_bytes(b"s" * 100)
+    large = inbox / "large.bin"
+    large.write_bytes(os.urandom(INLINE_READ_MAX * 3 + 7))  # read in a worker thread
+    for path in (small, large):
+        os.utime(path, (time.time() - 30,) * 2)
+    seen: dict[str, tuple[bytes, bytes, bytes]] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        whole = await ctx.read_bytes()
+        async with ctx.open() as f:
+            streamed = await f.read()
+        async with ctx.open() as f:  # a second open starts at the beginning again
+            head = await f.read(10)
+        seen[ctx.entry.relpath] = (whole, streamed, head)
+
+    report = await Batch(handle, source=inbox, state=state).run()
+
+    assert report.done == 2
+    for path in (small, large):
+        whole, streamed, head = seen[path.name]
+        assert whole == streamed == path.read_bytes()
+        assert head == path.read_bytes()[:10]
