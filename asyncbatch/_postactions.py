@@ -135,11 +135,11 @@ class PostActions:
             st: os.stat_result | None = os.lstat(src)
         except FileNotFoundError:
             st = None
-        if st is not None and not _matches(st, post):
-            return "left alone: the file was replaced by a newer version"
-        await anyio.to_thread.run_sync(lambda: dst.parent.mkdir(parents=True, exist_ok=True))
         if st is None:
             return "already moved" if dst.exists() else "already gone"
+        if not _matches(st, post):
+            return "left alone: the file was replaced by a newer version"
+        await anyio.to_thread.run_sync(lambda: dst.parent.mkdir(parents=True, exist_ok=True))
         try:
             await idempotent_move(src, dst)
         except EffectError:

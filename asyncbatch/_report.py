@@ -34,6 +34,9 @@ class Report:
     file disappeared or changed before it could be handled. ``retry_pending``: items left failed
     and waiting for a retry (the run was stopped). ``lost``: outcomes refused because another
     runner had taken the lease. ``counts``: the job's items by state when the run ended.
+    ``stopped``: stopped before the end (``stop()`` or a signal). ``post_failed``: post-commit
+    actions (archive, delete) that failed; their files stay in the source and the next run
+    finishes them.
     """
 
     job: str
@@ -50,6 +53,7 @@ class Report:
     counts: dict[str, int]
     stopped: bool = False
     mode: str = "run"
+    post_failed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -76,6 +80,8 @@ class Report:
             text += f"; {self.retry_pending} wait for a retry"
         if self.lost:
             text += f"; {self.lost} lost their lease"
+        if self.post_failed:
+            text += f"; {self.post_failed} post-commit actions failed (the next run retries them)"
         return text
 
 
@@ -110,7 +116,13 @@ class Counters:
         )
 
     def report(
-        self, job: str, counts: dict[str, int], *, stopped: bool, mode: str = "run"
+        self,
+        job: str,
+        counts: dict[str, int],
+        *,
+        stopped: bool,
+        mode: str = "run",
+        post_failed: int = 0,
     ) -> Report:
         """The final :class:`Report`."""
         return Report(
@@ -128,4 +140,5 @@ class Counters:
             counts=counts,
             stopped=stopped,
             mode=mode,
+            post_failed=post_failed,
         )

@@ -177,7 +177,13 @@ class Run:
                 with anyio.CancelScope(shield=True):
                     await self._release(run_id, status)
             counts = await ledger.counts(cfg.job)
-            report = self.counters.report(cfg.job, counts, stopped=self.stopping, mode=self.mode)
+            report = self.counters.report(
+                cfg.job,
+                counts,
+                stopped=self.stopping,
+                mode=self.mode,
+                post_failed=self._posts.failed if self._posts is not None else 0,
+            )
             log.info("%s", report)
             return report
         finally:

@@ -465,3 +465,23 @@ async def test_an_archive_on_another_filesystem_is_cleaned_of_stale_temp_files(
         for p in archive.iterdir():
             p.unlink()
         archive.rmdir()
+
+
+async def test_a_failed_post_commit_action_is_reported(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_files(inbox, 3)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    async def fail(self: PostActions, post: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PostActions, "_perform", fail)
+    report = await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+
+    assert (report.done, report.post_failed, report.ok) == (3, 3, True)
+    assert "3 post-commit actions failed" in str(report)
