@@ -132,12 +132,6 @@ class ItemHTTP:
         self._item_key = item_key
         self._calls = 0
 
-    def key_for(self, method: str, url: str, idempotency_key: str | None = None) -> str:
-        """The key the *next* call with these arguments would carry (does not count a call)."""
-        call = idempotency_key or f"{self._calls + 1}:{method.upper()}:{url}"
-        s = self._settings
-        return derive_idempotency_key(s.secret, s.job, self._item_key, call)
-
     def _prepare(
         self, method: str, url: httpx.URL | str, idempotency_key: str | None, kwargs: Any
     ) -> tuple[httpx.Request, dict[str, Any], bool]:

@@ -300,7 +300,3 @@ class LedgerConnection:
 
     async def _fetchall(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
         return list(await self._db.execute_fetchall(query, params))
-
-    async def _fetchone(self, query: str, params: Sequence[Any] = ()) -> Any:
-        async with self._db.execute(query, params) as cur:
-            return await cur.fetchone()

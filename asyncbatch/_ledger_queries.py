@@ -122,11 +122,6 @@ class LedgerQueries(LedgerConnection):
             value = await self._scalar(sql.OLDEST_WAITING, (job,))
         return None if value is None else float(value)
 
-    async def waiting_count(self, job: str) -> int:
-        """How many items of the job wait (pending, or failed and waiting for a retry)."""
-        async with self._read():
-            return int(await self._scalar(sql.WAITING_COUNT, (job,)))
-
     async def next_retry_at(self, job: str) -> float | None:
         """When the earliest failed item of the job becomes due, or ``None``."""
         async with self._read():

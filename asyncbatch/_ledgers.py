@@ -159,9 +159,6 @@ class LedgerLike(Protocol):
     async def oldest_waiting(self, job: str) -> float | None:
         """When the oldest pending or failed item was first registered."""
 
-    async def waiting_count(self, job: str) -> int:
-        """How many items of the job wait (pending, or failed and waiting for a retry)."""
-
     async def next_retry_at(self, job: str) -> float | None:
         """When the earliest failed item of the job becomes due (the caller's clock), or None."""
 

@@ -483,14 +483,6 @@ class PostgresLedger:
         oldest = await self._read(read)
         return None if oldest is None else self._local(float(oldest))
 
-    async def waiting_count(self, job: str) -> int:
-        """How many items of the job wait (pending, or failed and waiting for a retry)."""
-
-        async def read(conn: Connection) -> Any:
-            return await conn.fetchval(sql.WAITING_COUNT, job)
-
-        return int(await self._read(read))
-
     async def next_retry_at(self, job: str) -> float | None:
         """When the earliest failed item of the job becomes due (in the caller's clock)."""
 

@@ -282,7 +282,6 @@ NEXT_RETRY_IN = f"""
 SELECT min(next_attempt_at) - {NOW} FROM items
 WHERE job = $1 AND state = 'failed'
 """
-WAITING_COUNT = "SELECT count(*) FROM items WHERE job = $1 AND state IN ('pending', 'failed')"
 
 # -- outcomes ------------------------------------------------------------------------------------
 

@@ -122,8 +122,6 @@ class PostActions:
         kind, directory = decode_action(post.action)
         if kind == "delete":
             return await anyio.to_thread.run_sync(_delete, source, post)
-        if kind == "moved":  # ctx.move() took the input away itself
-            return "moved by the handler"
         if kind != "move" or not directory:
             raise EffectError(f"unknown post-commit action {post.action!r}")
         return await self._move(source / os.fsdecode(post.relpath), Path(directory), post)

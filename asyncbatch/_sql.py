@@ -233,10 +233,6 @@ NEXT_RETRY_AT = """
 SELECT min(next_attempt_at) FROM items INDEXED BY items_waiting
 WHERE job = ? AND state IN ('pending', 'failed') AND state = 'failed'
 """
-WAITING_COUNT = """
-SELECT count(*) FROM items INDEXED BY items_waiting
-WHERE job = ? AND state IN ('pending', 'failed')
-"""
 
 # -- outcomes ------------------------------------------------------------------------------------
 
