@@ -113,15 +113,18 @@ def _parse_sf_string(text: bytes) -> str:
     raise ValueError("Idempotency-Key has no closing quote")
 
 
-def fingerprint(scope: Scope, body: bytes) -> str:
-    """sha256 (hex) of the request: method, path and query string, and the body bytes."""
+def _fingerprint_head(scope: Scope) -> Any:
+    """A sha256 of the request line (method, path, query string), to be fed the body next.
+
+    The request fingerprint is this digest once every body chunk went in: computed while the
+    body arrives, not in a second pass over it.
+    """
     digest = hashlib.sha256()
     path = str(scope.get("path", "")).encode("utf-8", "surrogatepass")
     for part in (str(scope["method"]).encode("ascii"), path, bytes(scope.get("query_string", b""))):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
-    digest.update(body)
-    return digest.hexdigest()
+    return digest
 
 
 def _key_tag(namespace: str, key: str) -> str:
@@ -151,17 +154,21 @@ class _Capture:
     complete: bool = False
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or ``None`` when the client disconnected first."""
+async def _read_body(scope: Scope, receive: Receive) -> tuple[bytes, str] | None:
+    """The whole request body and the request's fingerprint (sha256 over method, path, query
+    string and body), or ``None`` when the client disconnected first."""
+    digest = _fingerprint_head(scope)
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         if message["type"] == "http.request":
-            chunks.append(bytes(message.get("body", b"")))
+            chunk = bytes(message.get("body", b""))
+            digest.update(chunk)
+            chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return b"".join(chunks), digest.hexdigest()
 
 
 async def _respond(
@@ -296,22 +303,27 @@ class IdempotencyMiddleware:
             log.debug("%s %s: invalid Idempotency-Key: %s", method, scope.get("path"), e)
             await _problem(send, 400, "Idempotency-Key is invalid", str(e))
             return
-        body = await _read_body(receive)
-        if body is None:
+        request = await _read_body(scope, receive)
+        if request is None:
             return  # the client is gone before its request was complete: nothing to run
         namespace = self.scope_of(scope) if self.scope_of is not None else ""
-        await self._keyed(scope, receive, send, namespace, key, body)
+        await self._keyed(scope, receive, send, namespace, key, *request)
 
     async def _keyed(
-        self, scope: Scope, receive: Receive, send: Send, namespace: str, key: str, body: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        namespace: str,
+        key: str,
+        body: bytes,
+        fingerprint: str,
     ) -> None:
         ledger = await self._store()
         tag = _key_tag(namespace, key)
         where = f"{scope['method']} {scope.get('path', '')}"
         token = secrets.token_hex(16)
-        decision, why, stored = await self._claim(
-            ledger, namespace, key, fingerprint(scope, body), token
-        )
+        decision, why, stored = await self._claim(ledger, namespace, key, fingerprint, token)
         if decision == "replay":
             assert stored is not None
             log.debug("%s: replaying the stored %d for key %s", where, stored.status, tag)
