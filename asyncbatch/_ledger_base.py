@@ -24,7 +24,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar, cast
+from typing import Any, Final, Literal, Self, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -69,6 +69,13 @@ def _check_state_path(path: Path, *, create: bool) -> bool:
     if head and head != _SQLITE_HEADER:
         raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
     return bool(head)
+
+
+class _Busy:
+    """What a transaction attempt returns when another process holds the write lock."""
+
+
+_BUSY: Final = _Busy()
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -206,35 +213,47 @@ class LedgerConnection:
         except sqlite3.Error as e:
             raise LedgerError(f"state {str(self.path)!r}: {e}") from e
 
-    def _begin(self, conn: sqlite3.Connection) -> None:
-        """``BEGIN IMMEDIATE`` on the connection's thread, retried while another process writes.
+    @staticmethod
+    def _begin_once(conn: sqlite3.Connection) -> bool:
+        """``BEGIN IMMEDIATE`` (on the connection's thread); ``False`` if another process holds
+        the write lock past SQLite's own short busy wait."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                return False
+            raise
+        return True
+
+    async def _until_not_busy(self, attempt: Callable[[], Awaitable[T | _Busy]]) -> T:
+        """Repeat ``attempt`` every few milliseconds while the write lock is taken.
 
         SQLite's own busy handler backs off to 100 ms sleeps, so a runner sharing a job with a
         busy one would mostly find the lock taken when it looks; short jittered retries give
-        every runner its turn. Gives up after ``busy_timeout`` with a clear error.
+        every runner its turn. The pauses are awaited here, on the event loop: the ledger's
+        thread is never blocked and a cancelled caller stops waiting at once. Gives up after
+        ``busy_timeout`` with a clear error.
         """
         deadline = time.monotonic() + self._busy_timeout
         pause = 0.0005
         while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if not _is_busy(e):
-                    raise
-                if time.monotonic() > deadline:
-                    raise LedgerError(
-                        f"state {str(self.path)!r} stayed locked by another process for "
-                        f"{self._busy_timeout:.0f}s; see docs/troubleshooting.md"
-                    ) from e
-            time.sleep(pause * (0.5 + self._random.random()))
+            result = await attempt()
+            if not isinstance(result, _Busy):
+                return result
+            if time.monotonic() > deadline:
+                raise LedgerError(
+                    f"state {str(self.path)!r} stayed locked by another process for "
+                    f"{self._busy_timeout:.0f}s; see docs/troubleshooting.md"
+                )
+            await anyio.sleep(pause * (0.5 + self._random.random()))
             pause = min(pause * 1.5, 0.004)
 
     def _in_transaction(
         self, fn: Callable[..., T], args: tuple[Any, ...]
-    ) -> T:  # runs on the connection's thread
+    ) -> T | _Busy:  # runs on the connection's thread
         conn = self._db._conn
-        self._begin(conn)
+        if not self._begin_once(conn):
+            return _BUSY
         try:
             result = fn(conn, *args)
         except BaseException:
@@ -250,9 +269,13 @@ class LedgerConnection:
         ``fn`` is synchronous and uses the plain ``sqlite3.Connection``. The whole transaction
         is one hop: cancelling the caller cannot interrupt it half-way.
         """
-        async with self._lock:
-            with self._errors():
-                return await self._on_thread(self._in_transaction, fn, args)
+
+        async def attempt() -> T | _Busy:
+            async with self._lock:
+                with self._errors():
+                    return await self._on_thread(self._in_transaction, fn, args)
+
+        return await self._until_not_busy(attempt)
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -264,7 +287,7 @@ class LedgerConnection:
         async with self._lock:
             try:
                 with self._errors():
-                    await self._on_thread(self._begin_on_thread)
+                    await self._until_not_busy(lambda: self._on_thread(self._begin_on_thread))
             except BaseException:
                 # Cancelled (or failed) while BEGIN may still run on the thread: calls run in
                 # order there, so this undoes it if it happened.
@@ -280,8 +303,8 @@ class LedgerConnection:
                     raise
                 await self._db.execute("COMMIT")
 
-    def _begin_on_thread(self) -> None:
-        self._begin(self._db._conn)
+    def _begin_on_thread(self) -> bool | _Busy:
+        return True if self._begin_once(self._db._conn) else _BUSY
 
     def _rollback_if_open(self) -> None:
         if self._db._conn.in_transaction:

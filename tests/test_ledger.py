@@ -222,3 +222,35 @@ def test_runners_creating_a_fresh_state_at_the_same_moment_both_succeed(tmp_path
         errors = [p.communicate(timeout=60)[1] for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
         assert len(rows(state, "SELECT value FROM meta WHERE name = 'secret'")) == 1
+
+
+async def test_a_write_waits_for_another_writer_and_the_wait_can_be_cancelled(
+    state: Path,
+) -> None:
+    async with await Ledger.open(state, busy_timeout=30) as ledger:
+        await ledger.ensure_job("j", "stat")
+        other = sqlite3.connect(state, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            started = time.monotonic()
+            with anyio.move_on_after(0.3) as scope:
+                await ledger.claim_scanned("j", "cancelled", 60, [("k", b"a", 1, 1, 1)])
+            assert scope.cancelled_caught, "the claim waited for the lock"
+            assert time.monotonic() - started < 2, "and stopped waiting when cancelled"
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ledger.claim_scanned, "j", "me", 60, [("k", b"a", 1, 1, 1)])
+                await anyio.sleep(0.2)
+                other.execute("ROLLBACK")  # the lock is free: the waiting claim goes through
+        finally:
+            if other.in_transaction:
+                other.execute("ROLLBACK")
+            other.close()
+        # The cancelled claim never took effect, even once the lock was free.
+        assert rows(state, "SELECT key, state, owner, fence FROM items") == [
+            ("k", "running", "me", 1)
+        ]
+        writer = sqlite3.connect(state, timeout=0.05, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # nothing left open by the cancelled attempt
+        writer.execute("ROLLBACK")
+        writer.close()
