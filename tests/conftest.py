@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import sqlite3
@@ -89,6 +90,31 @@ def kill(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> str:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     return err
+
+
+def invocations(log: Path) -> collections.Counter[str]:
+    """How often the ``record`` handler ran for each file (its AB_LOG lines)."""
+    if not log.exists():
+        return collections.Counter()
+    return collections.Counter(log.read_text().splitlines())
+
+
+def start_recording(
+    inbox: Path, state: Path | str, log: Path, *, jobs: int, sleep: float
+) -> subprocess.Popen[str]:
+    """Start ``asyncbatch run`` with the ``record`` handler, each item taking ``sleep`` s."""
+    return spawn(
+        "run",
+        f"{HANDLERS}:record",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        str(jobs),
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": str(sleep)},
+    )
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:

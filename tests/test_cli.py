@@ -16,7 +16,17 @@ import pytest
 
 from asyncbatch._sql import SCHEMA_VERSION
 
-from .conftest import HANDLERS, cli, kill, make_files, rows, spawn, state_counts, wait_for
+from .conftest import (
+    HANDLERS,
+    cli,
+    invocations,
+    kill,
+    make_files,
+    rows,
+    start_recording,
+    state_counts,
+    wait_for,
+)
 
 RECORD = f"{HANDLERS}:record"
 
@@ -208,20 +218,9 @@ def test_second_runner_gets_75_while_the_first_lives_and_runs_after_it_dies(
 ) -> None:
     make_files(inbox, 40)
     log = tmp_path / "calls.log"
-    first = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "-j",
-        "2",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.5"},
-    )
+    first = start_recording(inbox, state, log, jobs=2, sleep=0.5)
     try:
-        wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2)
+        wait_for(lambda: sum(invocations(log).values()) >= 2)
         second = cli("run", RECORD, "--source", inbox, "--state", state)
         assert second.returncode == 75, second.stderr
         assert f"pid {first.pid}" in second.stderr

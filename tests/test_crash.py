@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import random
 import signal
 import time
 from pathlib import Path
 
-from .conftest import HANDLERS, cli, kill, make_files, rows, spawn, state_counts, wait_for
+from .conftest import (
+    HANDLERS,
+    cli,
+    invocations,
+    kill,
+    make_files,
+    rows,
+    spawn,
+    start_recording,
+    state_counts,
+    wait_for,
+)
 
 RECORD = f"{HANDLERS}:record"
-
-
-def invocations(log: Path) -> collections.Counter[str]:
-    if not log.exists():
-        return collections.Counter()
-    return collections.Counter(log.read_text().splitlines())
 
 
 def running_relpaths(state: Path) -> set[str]:
@@ -150,18 +154,7 @@ def test_sigterm_finishes_in_flight_items_and_exits_143(
 ) -> None:
     make_files(inbox, 100)
     log = tmp_path / "calls.log"
-    proc = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "-j",
-        "4",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.2"},
-    )
+    proc = start_recording(inbox, state, log, jobs=4, sleep=0.2)
     wait_for(lambda: len(invocations(log)) >= 4)
     err = kill(proc, signal.SIGTERM)
 

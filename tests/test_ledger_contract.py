@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from asyncbatch._ledgers import LedgerLike, PostgresDSN, open_ledger
 from asyncbatch._pg_ledger import PostgresLedger
 from asyncbatch._procinfo import ProcessIdentity, holder_is_alive, this_process
 
-from .conftest import HANDLERS, cli, make_files, spawn
+from .conftest import HANDLERS, cli, invocations, make_files, spawn
 
 RECORD = f"{HANDLERS}:record"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -859,11 +858,6 @@ def test_postgres_cli_unreachable_state_exits_2_without_the_password(tmp_path: P
 # -- end to end: the CLI on PostgreSQL ----------------------------------------------------------
 
 
-def calls(log: Path) -> Counter[str]:
-    """How often the handler ran for each file."""
-    return Counter(log.read_text().splitlines()) if log.exists() else Counter()
-
-
 def test_cli_run_and_status_on_postgres(pg_dsn: str, inbox: Path, tmp_path: Path) -> None:
     make_files(inbox, 300)
     log = tmp_path / "calls.log"
@@ -871,11 +865,11 @@ def test_cli_run_and_status_on_postgres(pg_dsn: str, inbox: Path, tmp_path: Path
     result = cli(*args, env={"AB_LOG": str(log)})
     assert result.returncode == 0, result.stderr
     assert "300 done" in result.stdout
-    assert len(calls(log)) == 300
-    assert max(calls(log).values()) == 1
+    assert len(invocations(log)) == 300
+    assert max(invocations(log).values()) == 1
     again = cli(*args, env={"AB_LOG": str(log)})
     assert again.returncode == 0, again.stderr
-    assert sum(calls(log).values()) == 300  # nothing redone
+    assert sum(invocations(log).values()) == 300  # nothing redone
 
     status = cli("status", "--state", pg_dsn, "--json")
     assert status.returncode == 0, status.stderr
@@ -928,7 +922,7 @@ def test_two_shared_runners_on_postgres_handle_every_file_exactly_once(
 
     for runner, (_, err) in zip(runners, outputs, strict=True):
         assert runner.returncode == 0, err
-    handled = calls(log)
+    handled = invocations(log)
     assert len(handled) == files
     assert max(handled.values()) == 1
     assert pg_sync(pg_dsn, "SELECT state, count(*) FROM items GROUP BY state") == [("done", files)]

@@ -11,7 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import HANDLERS, cli, kill, make_files, rows, spawn, wait_for
+from .conftest import (
+    HANDLERS,
+    cli,
+    invocations,
+    kill,
+    make_files,
+    rows,
+    start_recording,
+    wait_for,
+)
 
 RECORD = f"{HANDLERS}:record"
 
@@ -21,20 +30,9 @@ def test_status_and_locks_while_a_runner_holds_the_job(
 ) -> None:
     make_files(inbox, 30)
     log = tmp_path / "calls.log"
-    runner = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "-j",
-        "1",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.3"},
-    )
+    runner = start_recording(inbox, state, log, jobs=1, sleep=0.3)
     try:
-        wait_for(lambda: log.exists() and log.read_text().count("\n") >= 1)
+        wait_for(lambda: sum(invocations(log).values()) >= 1)
         status = json.loads(cli("status", "--state", state, "--json").stdout)
         (lock,) = status["locks"]
         assert lock["pid"] == runner.pid
@@ -70,18 +68,7 @@ def test_status_and_locks_while_a_runner_holds_the_job(
 def test_unlock_force_removes_a_live_lock(inbox: Path, state: Path, tmp_path: Path) -> None:
     make_files(inbox, 10)
     log = tmp_path / "calls.log"
-    runner = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "-j",
-        "1",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.5"},
-    )
+    runner = start_recording(inbox, state, log, jobs=1, sleep=0.5)
     try:
         wait_for(lambda: log.exists())
         forced = cli("unlock", "default", "--state", state, "--force")
