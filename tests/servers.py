@@ -22,15 +22,27 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RealServer:
-    """Serve ``app`` on a free port of 127.0.0.1 until the ``with`` block ends."""
+    """Serve ``app`` on a free port of 127.0.0.1 until the ``with`` block ends (or ``stop()``).
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``lifespan=True`` sends the ASGI lifespan events (the idempotency middleware closes its store
+    at shutdown); ``log_level="critical"`` quiets servers whose tests break connections on purpose.
+    """
+
+    def __init__(self, app: ASGIApp, *, lifespan: bool = False, log_level: str = "warning") -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        config = uvicorn.Config(
+            app,
+            lifespan="on" if lifespan else "off",
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            log_level=log_level,
+            access_log=False,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
@@ -39,10 +51,14 @@ class RealServer:
     def __enter__(self) -> RealServer:
         self._thread.start()
         deadline = time.monotonic() + 20
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        try:
+            while not self._server.started:
+                assert self._thread.is_alive(), "uvicorn exited during startup"
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.01)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(
@@ -51,9 +67,16 @@ class RealServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Shut the server down (lifespan shutdown included) and wait for its thread; idempotent."""
+        if self._sock.fileno() == -1:
+            return
         self._server.should_exit = True
         self._thread.join(timeout=20)
         self._sock.close()
+        assert not self._thread.is_alive(), "uvicorn did not stop"
 
 
 async def read_body(receive: Receive) -> bytes:

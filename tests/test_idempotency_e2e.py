@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,13 +25,13 @@ from urllib.parse import parse_qs
 import anyio
 import httpx
 import pytest
-import uvicorn
 
 from asyncbatch import Batch, IdempotencyMiddleware, TaskContext
 from asyncbatch._http import HTTPSettings, ItemHTTP, SharedClient
 from asyncbatch._middleware import ASGIApp, Message, Receive, Scope, Send
 
 from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
+from .servers import RealServer
 
 HANDLERS = Path(__file__).parent / "http_handlers.py"
 POST_FILE = f"{HANDLERS}:post_file"
@@ -196,36 +195,10 @@ class Front:
 
 @contextlib.contextmanager
 def serving(app: ASGIApp) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free port of 127.0.0.1 (lifespan on, so the middleware
-    closes its store at shutdown); yield the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        lifespan="on",
-        loop="asyncio",
-        http="h11",
-        ws="none",
-        log_level="critical",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive(), "uvicorn exited during startup"
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
+    """Serve ``app`` (lifespan on, so the middleware closes its store at shutdown; quiet, since
+    these tests break connections on purpose); yield the base URL."""
+    with RealServer(app, lifespan=True, log_level="critical") as server:
+        yield server.url
 
 
 def stack(tmp_path: Path, fault: Fault | None = None, effects: Effects | None = None) -> Front:

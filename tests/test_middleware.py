@@ -9,19 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import stat
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,6 +35,7 @@ from asyncbatch._middleware import (
 )
 
 from .conftest import rows
+from .servers import RealServer
 
 KEYS_TABLE = "SELECT scope, key, state, status FROM idempotency_keys ORDER BY scope, key"
 
@@ -134,64 +131,16 @@ def stored_keys(state: Path) -> list[tuple[Any, ...]]:
 # -- a real uvicorn server ------------------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    """A uvicorn server running in a thread with its own event loop."""
-
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-    sock: socket.socket
-
-    def stop(self) -> None:
-        """Shut the server down (lifespan shutdown included) and wait for its thread."""
-        self.server.should_exit = True
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
-        self.sock.close()
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[[ASGIApp], Served]]:
-    """Start ``app`` under uvicorn on a free port of 127.0.0.1; every server stops at the end."""
-    started: list[Served] = []
-
-    def start(app: ASGIApp) -> Served:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            lifespan="on",
-            loop="asyncio",
-            http="h11",
-            ws="none",
-            log_level="warning",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        served = Served(f"http://127.0.0.1:{port}", server, thread, sock)
-        started.append(served)
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive(), "uvicorn exited during startup"
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            pass  # it accepts connections
-        return served
-
-    yield start
-    for served in started:
-        if served.thread.is_alive():
-            served.stop()
+def serve() -> Iterator[Callable[[ASGIApp], RealServer]]:
+    """Start ``app`` under uvicorn (lifespan on) on a free port of 127.0.0.1; every server stops
+    at the end."""
+    with contextlib.ExitStack() as servers:
+        yield lambda app: servers.enter_context(RealServer(app, lifespan=True))
 
 
 @contextlib.asynccontextmanager
-async def http_client(served: Served) -> AsyncIterator[httpx.AsyncClient]:
+async def http_client(served: RealServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
         yield client
 
@@ -200,7 +149,7 @@ async def http_client(served: Served) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_first_request_runs_once_and_a_repeat_gets_the_stored_response(
-    serve: Callable[[ASGIApp], Served], state: Path
+    serve: Callable[[ASGIApp], RealServer], state: Path
 ) -> None:
     app = Recorder()
     served = serve(IdempotencyMiddleware(app, state=state))
@@ -223,7 +172,7 @@ async def test_first_request_runs_once_and_a_repeat_gets_the_stored_response(
 
 
 async def test_a_duplicate_while_the_first_runs_gets_409_then_the_replay(
-    serve: Callable[[ASGIApp], Served], state: Path
+    serve: Callable[[ASGIApp], RealServer], state: Path
 ) -> None:
     gate, entered = threading.Event(), threading.Event()
     app = Recorder(hold=thread_gate(gate, entered))
@@ -255,7 +204,7 @@ async def test_a_duplicate_while_the_first_runs_gets_409_then_the_replay(
 
 
 async def test_survives_a_restart_and_closes_its_store_at_shutdown(
-    serve: Callable[[ASGIApp], Served], state: Path
+    serve: Callable[[ASGIApp], RealServer], state: Path
 ) -> None:
     before = Recorder()
     first_middleware = IdempotencyMiddleware(before, state=state)
@@ -278,7 +227,7 @@ async def test_survives_a_restart_and_closes_its_store_at_shutdown(
 
 
 async def test_a_body_sent_in_chunks_is_buffered_and_replayed_to_the_app(
-    serve: Callable[[ASGIApp], Served], state: Path
+    serve: Callable[[ASGIApp], RealServer], state: Path
 ) -> None:
     app = Recorder()
     served = serve(IdempotencyMiddleware(app, state=state))
@@ -298,7 +247,7 @@ async def test_a_body_sent_in_chunks_is_buffered_and_replayed_to_the_app(
 
 
 async def test_a_starlette_app_answers_are_stored_5xx_freed_and_lifespan_passes_through(
-    serve: Callable[[ASGIApp], Served], state: Path
+    serve: Callable[[ASGIApp], RealServer], state: Path
 ) -> None:
     calls: list[str] = []
     lifespan_events: list[str] = []
