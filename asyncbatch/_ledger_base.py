@@ -148,6 +148,8 @@ class LedgerConnection:
             app_id = await self._scalar("PRAGMA application_id")
             version = await self._scalar("PRAGMA user_version")
         except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
+                raise LedgerError(f"state {name!r}: {e}") from e
             raise NotALedgerError(
                 f"state {name!r} is not a usable SQLite database ({e}); it was not touched"
             ) from e
@@ -160,7 +162,7 @@ class LedgerConnection:
         if existed and not objects and not migrate:
             raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
         with self._errors():
-            await db.execute("PRAGMA journal_mode = WAL")
+            await self._switch_to_wal()
             sync = "FULL" if durability == "full" else "NORMAL"
             await db.execute(f"PRAGMA synchronous = {sync}")
             # Claims and commits touch the B-tree all over: keep up to 64 MiB of it in SQLite's
@@ -174,6 +176,31 @@ class LedgerConnection:
                     )
                 await self._transact(self._migrate, secrets.token_hex(32), self.clock())
             await db.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
+
+    async def _switch_to_wal(self) -> None:
+        """Put the file in WAL mode, waiting while other runners open it at the same moment.
+
+        Two connections switching a new file at once can deadlock on the exclusive lock the
+        switch needs; SQLite then fails one at once instead of calling the busy handler, so the
+        switch is retried like a write. Raises :class:`LedgerError` when the file system cannot
+        do WAL (SQLite keeps the old journal mode without an error then).
+        """
+
+        def switch() -> str | _Busy:  # on the connection's thread
+            try:
+                mode: str = self._db._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if _is_busy(e):
+                    return _BUSY
+                raise
+            return mode
+
+        mode = await self._until_not_busy(lambda: self._on_thread(switch))
+        if mode.lower() != "wal":
+            raise LedgerError(
+                f"state {str(self.path)!r}: SQLite cannot use WAL mode here (journal mode "
+                f"stays {mode!r}); put the state on a local disk"
+            )
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, secret: str, now: float) -> None:
