@@ -15,6 +15,7 @@ from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import EffectError as EffectError
 from ._exceptions import HandlerImportError as HandlerImportError
 from ._exceptions import IdempotencyKeyMismatchError as IdempotencyKeyMismatchError
+from ._exceptions import InputChangedError as InputChangedError
 from ._exceptions import JobLockedError as JobLockedError
 from ._exceptions import LedgerError as LedgerError
 from ._exceptions import LockLostError as LockLostError
@@ -38,6 +39,7 @@ __all__ = [
     "HandlerImportError",
     "IdempotencyKeyMismatchError",
     "IdempotencyMiddleware",
+    "InputChangedError",
     "ItemHTTP",
     "JobLockedError",
     "LedgerError",

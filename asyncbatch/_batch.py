@@ -17,6 +17,7 @@ from ._exceptions import AsyncBatchError, ConfigurationError
 from ._identity import Identity
 from ._report import Report, Statistics
 from ._runner import Handler, Mode, Run, unwrap_group
+from ._workers import HandlerAborted
 
 if TYPE_CHECKING:
     import httpx
@@ -57,7 +58,10 @@ class Batch:
       work), ``"path"`` (each name once) or ``"content"`` (each content once).
     - ``max_attempts`` [--max-attempts], ``backoff``, ``backoff_max``, ``timeout`` [--timeout]:
       retries; an attempt that raises is retried after ``backoff * 2**(n-1)`` seconds (with
-      jitter), and the item is dead after ``max_attempts``.
+      jitter), and the item is dead after ``max_attempts`` failed attempts.
+      ``max_interruptions`` [--max-interruptions]: attempts cut short by the runner's death or
+      stop (a kill, a lost lease) do not count as failures; after this many the item is dead
+      all the same (a file that crashes its runner every time must not stop the job forever).
     - ``shared`` [--shared]: share the job with other runners (leases instead of the job lock).
       ``lease`` [--lease], ``grace`` [--grace]: lease length, and how long in-flight items may
       finish after :meth:`stop` or a signal. ``durability`` [--durability]: ``"full"`` makes
@@ -66,8 +70,11 @@ class Batch:
       ``"move:DIR"``, carried out after the outcome committed. ``output_dir`` [--output-dir]:
       where ``ctx.write_output`` writes. ``poll`` [--poll]: seconds between polls in watch mode.
     - ``http``: an ``httpx.AsyncClient`` or transport for ``ctx.http`` (one is made otherwise);
-      ``unsafe_methods``, ``http_retries``, ``http_backoff``: its idempotency keys and retries.
-    - ``claim_batch``, ``commit_batch``: items leased per statement, and the commit group size.
+      ``unsafe_methods``, ``http_retries``, ``http_backoff``, ``http_backoff_max``: its
+      idempotency keys and retries (waits capped at ``http_backoff_max`` seconds, a server's
+      ``Retry-After`` included).
+    - ``claim_batch``, ``commit_batch``, ``commit_interval``: items leased per statement, the
+      commit group size, and how long (seconds) an outcome may wait for its group.
       ``clock``: the wall clock (a test seam).
 
     Raises :class:`ConfigurationError` for a bad setting (here, before anything is touched).
@@ -87,6 +94,7 @@ class Batch:
         follow_symlinks: bool = False,
         identity: Identity = "stat",
         max_attempts: int = 3,
+        max_interruptions: int = 10,
         timeout: float | None = None,
         backoff: float = 1.0,
         backoff_max: float = 300.0,
@@ -102,8 +110,10 @@ class Batch:
         unsafe_methods: Iterable[str] = DEFAULT_UNSAFE_METHODS,
         http_retries: int = 4,
         http_backoff: float = 0.25,
+        http_backoff_max: float = 10.0,
         claim_batch: int = 512,
         commit_batch: int = 256,
+        commit_interval: float = 0.005,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not _is_async_callable(handler):
@@ -124,6 +134,7 @@ class Batch:
             follow_symlinks=follow_symlinks,
             identity=identity,
             max_attempts=max_attempts,
+            max_interruptions=max_interruptions,
             timeout=timeout,
             backoff=backoff,
             backoff_max=backoff_max,
@@ -138,8 +149,10 @@ class Batch:
             unsafe_methods=frozenset(m.upper() for m in unsafe_methods),
             http_retries=http_retries,
             http_backoff=http_backoff,
+            http_backoff_max=http_backoff_max,
             claim_batch=claim_batch,
             commit_batch=commit_batch,
+            commit_interval=commit_interval,
         )
         self._http = http
         self._clock = clock
@@ -217,6 +230,15 @@ class Batch:
                 raise unwrap_group(group) from None
             assert report is not None
             return report
+        except HandlerAborted as abort:
+            # Everything is released: now the handler's SystemExit, KeyboardInterrupt or other
+            # BaseException goes on to the caller, as it would without asyncbatch.
+            original = abort.original
+            original.add_note(
+                f"raised by the handler for {abort.relpath!r}; the run stopped and put its "
+                "in-flight items back"
+            )
+            raise original from original.__cause__
         finally:
             self._last_statistics = run.statistics()
             self._run = None

@@ -160,13 +160,11 @@ class Claimer:
                 if row.state == "dead":
                     run.counters.dead_seen += 1
                 if row.post_action is not None:
+                    # The file that was handled, as recorded then: not the one just scanned,
+                    # which may be a newer file under the same name (or, identity "content",
+                    # another name with the same bytes) that must be left alone.
                     posts.submit(
-                        row.post_action,
-                        item.key,
-                        item.relpath,
-                        item.size,
-                        item.mtime_ns,
-                        item.inode,
+                        row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
             run.counters.claimed_from_scan += len(leased)
             await self._hand_over(leased, by_key)
@@ -178,7 +176,11 @@ class Claimer:
         in_flight = run.in_flight
         for item in leased:  # before any await: a cancellation must release them
             row = rows[item.key]
-            item.fence, item.attempts = row.fence, row.attempts
+            item.fence, item.prior_attempts, item.prior_interrupted = (
+                row.fence,
+                row.attempts,
+                row.interrupted,
+            )
             item.lease_deadline = deadline
             in_flight[item.key] = item
         if leased:

@@ -1,8 +1,9 @@
 """The ``asyncbatch`` command line.
 
 Exit codes: 0 every settled file done; 1 some items failed or dead; 2 usage or configuration
-error (one line naming the bad value, no traceback); 75 the job is locked by a live runner;
-130 / 143 stopped by SIGINT / SIGTERM.
+error (one line naming the bad value, no traceback); 70 a handler raised ``SystemExit``,
+``KeyboardInterrupt`` or another ``BaseException`` (the run stopped); 75 the job is locked by a
+live runner; 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 import anyio
 
 from ._batch import Batch
+from ._config import MAX_CONCURRENCY, MAX_SECONDS
 from ._exceptions import AsyncBatchError, JobLockedError, LockLostError
 from ._logging import configure_logging
 from ._operator import COMMANDS as OPERATOR_COMMANDS
@@ -27,12 +29,15 @@ from ._progress import show_progress
 from ._report import Report
 from ._runner import unwrap_group
 from ._target import load_handler
+from ._workers import error_text
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_HANDLER_ABORT", "EXIT_LOCKED", "EXIT_OK", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+#: A handler raised a BaseException that is not an Exception (``EX_SOFTWARE``).
+EXIT_HANDLER_ABORT = 70
 EXIT_LOCKED = 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -46,8 +51,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _number(kind: type[int] | type[float], low: float, *, strict: bool) -> Callable[[str], Any]:
-    expected = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+def _number(
+    kind: type[int] | type[float], low: float, high: float, *, strict: bool
+) -> Callable[[str], Any]:
+    expected = (
+        f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g} "
+        f"and <= {high:,.0f}"
+    )
 
     def parse(text: str) -> int | float:
         try:
@@ -56,16 +66,17 @@ def _number(kind: type[int] | type[float], low: float, *, strict: bool) -> Calla
             raise argparse.ArgumentTypeError(
                 f"invalid value {text!r}: expected {expected}"
             ) from None
-        if math.isnan(value) or math.isinf(value) or value < low or (strict and value == low):
+        if math.isnan(value) or not low <= value <= high or (strict and value == low):
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
         return value
 
     return parse
 
 
-positive_int = _number(int, 1, strict=False)
-positive_float = _number(float, 0, strict=True)
-non_negative_float = _number(float, 0, strict=False)
+positive_int = _number(int, 1, 1_000_000, strict=False)
+concurrency = _number(int, 1, MAX_CONCURRENCY, strict=False)
+positive_float = _number(float, 0, MAX_SECONDS, strict=True)
+non_negative_float = _number(float, 0, MAX_SECONDS, strict=False)
 
 
 def _add_state(p: argparse.ArgumentParser, *, job: bool = True) -> None:
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", required=True, help="the directory to scan")
     _add_state(run)
     run.add_argument(
-        "-j", "--concurrency", type=positive_int, default=8, help="items handled at once (8)"
+        "-j", "--concurrency", type=concurrency, default=8, help="items handled at once (8)"
     )
     run.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
     run.add_argument("--ignore", action="append", default=[], help="glob to skip (repeatable)")
@@ -115,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="what makes a file new work: path+size+mtime (stat), the name, or the bytes",
     )
     run.add_argument(
-        "--max-attempts", type=positive_int, default=3, help="attempts before an item is dead (3)"
+        "--max-attempts",
+        type=positive_int,
+        default=3,
+        help="failed attempts before an item is dead (3)",
+    )
+    run.add_argument(
+        "--max-interruptions",
+        type=positive_int,
+        default=10,
+        help="attempts cut short by the runner's death or stop before an item is dead (10)",
     )
     run.add_argument("--timeout", type=positive_float, default=None, help="seconds per item")
     run.add_argument("--backoff", type=non_negative_float, default=1.0, help="first retry delay")
@@ -170,6 +190,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         follow_symlinks=args.follow_symlinks,
         identity=args.identity,
         max_attempts=args.max_attempts,
+        max_interruptions=args.max_interruptions,
         timeout=args.timeout,
         backoff=args.backoff,
         shared=args.shared,
@@ -183,6 +204,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         claim_batch=args.claim_batch,
     )
     report: Report | None = None
+    aborted: BaseException | None = None
     async with anyio.create_task_group() as tg:
         if not args.no_progress:
             tg.start_soon(functools.partial(show_progress, batch, interval=args.progress_interval))
@@ -191,8 +213,16 @@ async def _run_command(args: argparse.Namespace) -> int:
                 report = await batch.watch(handle_signals=True)
             else:
                 report = await batch.run(handle_signals=True)
+        except BaseException as exc:
+            # Not an Exception and not a cancellation: raised by the handler (see _workers).
+            if isinstance(exc, Exception | anyio.get_cancelled_exc_class()):
+                raise
+            aborted = exc
         finally:
             tg.cancel_scope.cancel()
+    if aborted is not None:
+        notes = "; ".join(getattr(aborted, "__notes__", ()))
+        return _fail(f"{error_text(aborted)} ({notes})", EXIT_HANDLER_ABORT)
     assert report is not None
     print(report, flush=True)
     if batch.received_signal is not None:

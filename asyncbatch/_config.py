@@ -14,10 +14,18 @@ from ._identity import IDENTITIES, Identity
 from ._ledgers import PostgresDSN
 from ._scanner import ScanRules
 
-__all__ = ["BatchConfig", "PostAction"]
+__all__ = ["MAX_CONCURRENCY", "MAX_SECONDS", "BatchConfig", "PostAction"]
 
 Durability = Literal["normal", "full"]
 DEFAULT_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: The longest duration any setting accepts (a year): longer ones are mistakes, and would
+#: overflow clocks and timers.
+MAX_SECONDS = 366 * 86400.0
+#: The most handlers that may run at once (each is a task; a run starts them all up front).
+MAX_CONCURRENCY = 10_000
+#: Items per claim statement at most: SQLite binds 5 parameters per item, 32,766 in all.
+MAX_CLAIM_BATCH = 5_000
+_MAX_COUNT = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +56,21 @@ class PostAction:
         return encode_action("move", self.directory)
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+def _seconds(name: str, value: float, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ConfigurationError.bad_value(name, value, "expected a number")
-    if value < 0 or (value == 0 and not allow_zero) or math.isinf(value):
-        expected = "a number >= 0" if allow_zero else "a number > 0"
-        raise ConfigurationError.bad_value(name, value, f"expected {expected}")
+    if value < 0 or (value == 0 and not allow_zero) or value > MAX_SECONDS:
+        low = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError.bad_value(
+            name, value, f"expected a number of seconds {low} and <= {MAX_SECONDS:.0f} (a year)"
+        )
 
 
-def _count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError.bad_value(name, value, "expected an integer >= 1")
+def _count(name: str, value: int, *, low: int = 1, high: int = _MAX_COUNT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigurationError.bad_value(
+            name, value, f"expected an integer from {low} to {high:,}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,6 +90,7 @@ class BatchConfig:
     follow_symlinks: bool = False
     identity: Identity = "stat"
     max_attempts: int = 3
+    max_interruptions: int = 10
     timeout: float | None = None
     backoff: float = 1.0
     backoff_max: float = 300.0
@@ -100,25 +113,23 @@ class BatchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not self.job or len(self.job) > 200:
             raise ConfigurationError.bad_value("job", self.job, "a non-empty name")
-        _count("concurrency", self.concurrency)
+        _count("concurrency", self.concurrency, high=MAX_CONCURRENCY)
         _count("max_attempts", self.max_attempts)
-        _count("claim_batch", self.claim_batch)
-        _count("commit_batch", self.commit_batch)
-        _positive("settle", self.settle, allow_zero=True)
-        _positive("backoff", self.backoff, allow_zero=True)
-        _positive("backoff_max", self.backoff_max, allow_zero=True)
-        _positive("lease", self.lease)
-        _positive("grace", self.grace, allow_zero=True)
-        _positive("poll", self.poll)
-        _positive("commit_interval", self.commit_interval, allow_zero=True)
-        _positive("http_backoff", self.http_backoff, allow_zero=True)
-        _positive("http_backoff_max", self.http_backoff_max, allow_zero=True)
-        if isinstance(self.http_retries, bool) or not isinstance(self.http_retries, int):
-            raise ConfigurationError.bad_value("http_retries", self.http_retries, "an integer")
-        if self.http_retries < 0:
-            raise ConfigurationError.bad_value("http_retries", self.http_retries, "0 or more")
+        _count("max_interruptions", self.max_interruptions)
+        _count("claim_batch", self.claim_batch, high=MAX_CLAIM_BATCH)
+        _count("commit_batch", self.commit_batch, high=100_000)
+        _count("http_retries", self.http_retries, low=0, high=100)
+        _seconds("settle", self.settle, allow_zero=True)
+        _seconds("backoff", self.backoff, allow_zero=True)
+        _seconds("backoff_max", self.backoff_max, allow_zero=True)
+        _seconds("lease", self.lease)
+        _seconds("grace", self.grace, allow_zero=True)
+        _seconds("poll", self.poll)
+        _seconds("commit_interval", self.commit_interval, allow_zero=True)
+        _seconds("http_backoff", self.http_backoff, allow_zero=True)
+        _seconds("http_backoff_max", self.http_backoff_max, allow_zero=True)
         if self.timeout is not None:
-            _positive("timeout", self.timeout)
+            _seconds("timeout", self.timeout)
         if self.lease < 3:
             raise ConfigurationError.bad_value("lease", self.lease, "at least 3 seconds")
         if self.identity not in IDENTITIES:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
 
-from ._effects import atomic_write, idempotent_move
-from ._exceptions import ConfigurationError, LockLostError
+from ._effects import idempotent_move, write_under
+from ._exceptions import ConfigurationError, InputChangedError, LockLostError
 from ._scanner import Entry
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from ._http import ItemHTTP
 
-__all__ = ["INLINE_READ_MAX", "ContextHooks", "ItemLogger", "TaskContext"]
+__all__ = ["INLINE_READ_MAX", "ContextHooks", "InputFile", "ItemLogger", "TaskContext"]
 
 #: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: a read
 #: from the page cache this small costs less than the ~100-300 us of a thread hop
@@ -40,23 +40,38 @@ class ItemLogger(logging.LoggerAdapter[logging.Logger]):
 
 
 @dataclass(slots=True)
-class _Input:
+class InputFile:
     """The input file opened for this item (closed by the runner after the handler)."""
 
     fd: int
     size: int
 
 
+#: The most one ``pread`` hands back on Linux (0x7ffff000): a larger file takes several reads.
+_MAX_READ = 0x7FFFF000
+
+
 def _read_all(fd: int, size: int) -> bytes:
-    """Read a whole file from its fd: one ``pread`` of ``size + 1`` bytes when it did not grow."""
-    first = os.pread(fd, size + 1, 0)  # a short read means end of file: no second call
-    if len(first) <= size:
-        return first
-    chunks, offset = [first], len(first)  # the file grew since it was opened
-    while chunk := os.pread(fd, 1 << 20, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+    """Read a whole file of ``size`` bytes (its ``fstat`` when opened) from its fd.
+
+    One ``pread`` for a file of up to 2 GiB; larger ones are read until ``size`` bytes or end of
+    file, since one ``pread`` returns at most :data:`_MAX_READ` bytes. Raises
+    :class:`InputChangedError` when the file did not hold exactly ``size`` bytes while it was
+    read (it was truncated or grew): the attempt fails rather than handling a part.
+    """
+    data = os.pread(fd, size + 1, 0)
+    if len(data) != size and len(data) == min(size + 1, _MAX_READ):
+        chunks, offset = [data], len(data)  # a file over 2 GiB: read on, up to one byte past
+        while offset <= size and (chunk := os.pread(fd, min(size + 1 - offset, _MAX_READ), offset)):
+            chunks.append(chunk)
+            offset += len(chunk)
+        data = b"".join(chunks)
+    if len(data) != size:
+        raise InputChangedError(
+            f"the input changed size while it was read: {size} bytes when opened, "
+            f"{'more' if len(data) > size else len(data)} read"
+        )
+    return data
 
 
 class ContextHooks(Protocol):
@@ -107,7 +122,7 @@ class TaskContext:
     fence: int
     output_dir: Path | None
     _hooks: ContextHooks | None
-    _input: _Input | None
+    _input: InputFile | None
     _log: ItemLogger | None
     _http: ItemHTTP | None
     _data: dict[str, Any] | None
@@ -123,7 +138,7 @@ class TaskContext:
         fence: int,
         output_dir: Path | None = None,
         hooks: ContextHooks | None = None,
-        input_file: _Input | None = None,
+        input_file: InputFile | None = None,
     ) -> None:
         setter = object.__setattr__
         setter(self, "entry", entry)
@@ -209,8 +224,11 @@ class TaskContext:
     async def write_output(self, relpath: str | os.PathLike[str], data: bytes | str) -> Path:
         """Atomically write ``data`` to ``relpath`` under the batch's ``output_dir``.
 
-        Readers see the old file or the new one, never a part. Returns the path written.
-        Raises :class:`ConfigurationError` without an ``output_dir`` or for a path escaping it.
+        Readers see the old file or the new one, never a part. Missing directories are made;
+        no symbolic link below ``output_dir`` is followed. Returns the path written. Raises
+        :class:`ConfigurationError` without an ``output_dir`` (the run stops: no item can
+        succeed) or for an absolute path or one with ``..``, and :class:`EffectError` when a
+        directory in the path is a symbolic link (or not a directory).
         """
         if self.output_dir is None:
             raise ConfigurationError("ctx.write_output needs Batch(output_dir=...)")
@@ -219,9 +237,8 @@ class TaskContext:
             raise ConfigurationError.bad_value(
                 "write_output relpath", str(relpath), "a relative path inside output_dir"
             )
-        target = self.output_dir / rel
-        await atomic_write(target, data, make_parents=True)
-        return target
+        await write_under(self.output_dir, rel, data)
+        return self.output_dir / rel
 
     async def move(self, destination: str | os.PathLike[str]) -> Path:
         """Move the input to ``destination`` (an existing directory, or a file path), repeatably.

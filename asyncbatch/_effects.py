@@ -30,9 +30,11 @@ from ._procinfo import ProcessIdentity, holder_is_alive, this_process
 __all__ = [
     "TEMP_PREFIX",
     "atomic_write",
+    "fsync_dir",
     "idempotent_move",
     "remove_stale_temp_files",
     "same_content",
+    "write_under",
 ]
 
 TEMP_PREFIX = ".asyncbatch-tmp-"
@@ -45,7 +47,8 @@ def _temp_name(target: Path, me: ProcessIdentity) -> Path:
     return target.with_name(stem + target.name[: 200 - len(stem)])
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """``fsync`` a directory: the entries made or removed in it are on disk once it returns."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -79,15 +82,72 @@ def _write_all(data: bytes) -> Callable[[int], None]:
 def _atomic_write(path: Path, data: bytes, make_parents: bool) -> None:
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path, this_process())
-    _write_new(tmp, _write_all(data))
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.replace(tmp, path)
+        _replace_at(fd, path.name, data)
+    finally:
+        os.close(fd)
+
+
+def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
+    """Atomically replace ``name`` in the open directory ``dir_fd`` with ``data``."""
+    tmp = _temp_name(Path(name), this_process()).name
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o666, dir_fd=dir_fd)
+    try:
+        _write_all(data)(fd)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
-    _fsync_dir(path.parent)
+    os.fsync(dir_fd)
+
+
+def _open_subdir(dir_fd: int, name: str, *, shown: str) -> int:
+    """Open (making it if missing) the directory ``name`` inside ``dir_fd``; never a symlink."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=dir_fd)
+        return _open_subdir(dir_fd, name, shown=shown)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise EffectError(
+                f"cannot write {shown!r}: {name!r} in its path is a symbolic link or not a "
+                "directory; outputs are only written inside the output directory"
+            ) from None
+        raise
+
+
+def _write_under(root: Path, relpath: Path, data: bytes) -> None:
+    """Write ``root/relpath`` atomically, following no symlink below ``root``."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in relpath.parts[:-1]:
+            inner = _open_subdir(fd, part, shown=str(relpath))
+            os.close(fd)
+            fd = inner
+        _replace_at(fd, relpath.name, data)
+    finally:
+        os.close(fd)
+
+
+async def write_under(root: Path, relpath: Path, data: bytes | str) -> None:
+    """:func:`atomic_write` of ``root / relpath``, missing directories made, never leaving
+    ``root``: no component below it may be a symbolic link (:class:`EffectError`).
+
+    ``relpath`` must be relative, without ``..`` (the caller checks).
+    """
+    payload = data.encode() if isinstance(data, str) else bytes(data)
+    await anyio.to_thread.run_sync(_write_under, root, relpath, payload)
 
 
 async def atomic_write(
@@ -128,7 +188,7 @@ def _lstat(path: Path) -> os.stat_result | None:
 def _unlink_source(src: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(src)
-    _fsync_dir(src.parent)
+    fsync_dir(src.parent)
 
 
 def _copy_across(src: Path, dst: Path) -> None:
@@ -147,7 +207,7 @@ def _copy_across(src: Path, dst: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _same_entry(src: Path, dst: Path) -> bool:
@@ -188,14 +248,14 @@ def _move(src: Path, dst: Path) -> bool:
             _copy_across(src, dst)
         elif e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             os.replace(src, dst)  # no hard links here; dst was checked absent just above
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
             if src.parent != dst.parent:
-                _fsync_dir(src.parent)
+                fsync_dir(src.parent)
             return True
         else:
             raise
     else:
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     _unlink_source(src)
     return True
 

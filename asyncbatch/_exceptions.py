@@ -12,7 +12,9 @@ The tree::
      ├── LockLostError            this runner's job lock was taken over while it ran
      ├── PermanentError           raised by a handler: fail the item now, no retries
      │    └── IdempotencyKeyMismatchError  the server answered 422 to an idempotent call
-     └── EffectError              an idempotent effect refused to run (move onto a different file)
+     ├── EffectError              an idempotent effect refused to run (move onto a different file)
+     └── InputChangedError        the input file changed while the handler read it (the attempt
+                                  fails and is retried)
 
 Every message is one line that names the bad value and, where there is one, what to do.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "EffectError",
     "HandlerImportError",
     "IdempotencyKeyMismatchError",
+    "InputChangedError",
     "JobLockedError",
     "LedgerError",
     "LockLostError",
@@ -101,3 +104,7 @@ class IdempotencyKeyMismatchError(PermanentError):
 
 class EffectError(AsyncBatchError):
     """An idempotent effect refused to run because it would destroy data."""
+
+
+class InputChangedError(AsyncBatchError):
+    """The input file changed (was truncated or grew) while the handler was reading it."""

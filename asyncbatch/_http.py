@@ -12,7 +12,8 @@ never share one; two different calls in one handler get different ones. A caller
 ``Idempotency-Key`` header is kept.
 
 Requests that carry a key (and safe methods) are retried on connection errors, timeouts, 5xx,
-409 and 429 (honouring ``Retry-After``) with capped, jittered backoff, reusing the key. 422 on
+409 and 429 (honouring ``Retry-After``) with capped, jittered backoff, reusing the key; every
+wait, a server's ``Retry-After`` included, is at most ``http_backoff_max`` seconds. 422 on
 a keyed request raises :class:`IdempotencyKeyMismatchError`, which fails the item at once.
 """
 
@@ -153,7 +154,7 @@ class ItemHTTP:
         delay = min(s.backoff_max, s.backoff * (2**attempt))
         delay = delay / 2 + delay / 2 * s.jitter()
         if response is not None and (after := _retry_after(response)) is not None:
-            delay = min(max(after, delay), max(s.backoff_max, after))
+            delay = min(max(after, delay), s.backoff_max)  # a Retry-After is capped too
         await s.sleep(delay)
 
     @staticmethod

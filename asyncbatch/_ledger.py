@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import _sql as sql
-from ._actions import encode_action
+from ._actions import decode_action, encode_action
 from ._exceptions import ConfigurationError, JobLockedError
 from ._ledger_base import Durability, LedgerConnection
 from ._ledger_queries import ItemInfo, LedgerQueries, LockInfo, RunInfo
@@ -34,12 +34,18 @@ __all__ = [
 
 
 class ClaimedRow(NamedTuple):
-    """What a claim statement returned for one item."""
+    """What a claim statement returned for one item.
+
+    ``attempts`` counts the attempts that started, ``interrupted`` those of them that the
+    runner's death or stop cut short. ``relpath``, ``size``, ``mtime_ns`` and ``inode`` are the
+    row's: for a finished row, the file that was handled.
+    """
 
     key: str
     state: str
     fence: int
     attempts: int
+    interrupted: int = 0
     post_action: str | None = None
     relpath: bytes = b""
     size: int = 0
@@ -48,7 +54,13 @@ class ClaimedRow(NamedTuple):
 
 
 class Outcome(NamedTuple):
-    """A finished attempt, to be committed: ``state`` is done, failed, dead or vanished."""
+    """A finished attempt, to be committed: ``state`` is done, failed, dead or vanished.
+
+    ``stat`` is ``(size, mtime_ns, inode)`` of the file handled when it is not the scanned one
+    (identity ``"path"``: the name was rewritten between the scan and the open), so that a
+    post-commit action later recognises the file that was handled. ``attempted`` is ``False``
+    for an item given up on without running: no attempt is counted for it.
+    """
 
     key: str
     fence: int
@@ -56,6 +68,8 @@ class Outcome(NamedTuple):
     error: str | None = None
     next_attempt_at: float | None = None
     post_action: str | None = None
+    stat: tuple[int, int, int] | None = None
+    attempted: bool = True
 
 
 def _iso(ts: float) -> str:
@@ -151,7 +165,7 @@ def _tx_commit(
     now: float,
     started: tuple[str, str] | None,
     done: list[tuple[str | None, str, str]],
-    other: list[tuple[Any, ...]],
+    other: list[dict[str, Any]],
     keys: str,
     expected: int,
 ) -> list[tuple[str, str | None, int, str]] | None:
@@ -162,7 +176,7 @@ def _tx_commit(
         params = (job, owner, done_keys, pairs, post_action, now)
         changed += conn.execute(sql.MARK_DONE, params).rowcount
     if other:
-        changed += conn.executemany(sql.MARK_FAILED, other).rowcount
+        changed += conn.executemany(sql.MARK_OUTCOME, other).rowcount
     if changed == expected:
         return None
     return [tuple(r) for r in conn.execute(sql.LEASE_STATE, (job, keys)).fetchall()]
@@ -299,7 +313,14 @@ class Ledger(LedgerQueries):
             query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
         check = (job, json.dumps([row[0] for row in rows]), owner, now)
         found = await self._transact(_tx_claim_scanned, query, params, check)
-        return [ClaimedRow(*r) for r in json.loads(found)] if found else []
+        if not found:
+            return []
+        claimed = []
+        for r in json.loads(found):
+            if len(r) > 6:  # a finished row, with the file that was handled (relpath in hex)
+                r[6] = bytes.fromhex(r[6])
+            claimed.append(ClaimedRow(*r))
+        return claimed
 
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
@@ -311,7 +332,8 @@ class Ledger(LedgerQueries):
 
         result = await self._transact(claim, self.clock())
         return [
-            ClaimedRow(r[0], "running", r[5], r[6], r[7], r[1], r[2], r[3], r[4]) for r in result
+            ClaimedRow(r[0], "running", r[5], r[6], r[7], r[8], r[1], r[2], r[3], r[4])
+            for r in result
         ]
 
     # -- outcomes ----------------------------------------------------------------------------------
@@ -332,23 +354,28 @@ class Ledger(LedgerQueries):
         """
         now = self.clock()
         groups: dict[str | None, list[tuple[str, int]]] = {}
-        other: list[tuple[Any, ...]] = []
+        other: list[dict[str, Any]] = []
         for o in outcomes:
-            if o.state == "done":
+            if o.state == "done" and o.stat is None:
                 groups.setdefault(o.post_action, []).append((o.key, o.fence))
             else:
+                size, mtime_ns, inode = o.stat or (None, None, None)
                 other.append(
-                    (
-                        o.state,
-                        o.next_attempt_at,
-                        o.error,
-                        o.post_action,
-                        now,
-                        job,
-                        o.key,
-                        owner,
-                        o.fence,
-                    )
+                    {
+                        "state": o.state,
+                        "next_attempt_at": o.next_attempt_at,
+                        "error": o.error,
+                        "post_action": o.post_action,
+                        "size": size,
+                        "mtime_ns": mtime_ns,
+                        "inode": inode,
+                        "now": now,
+                        "attempted": o.attempted,
+                        "job": job,
+                        "key": o.key,
+                        "owner": owner,
+                        "fence": o.fence,
+                    }
                 )
         done = [(post, *_fenced_group(group)) for post, group in groups.items()]
         keys = json.dumps([o.key for o in outcomes])
@@ -390,6 +417,12 @@ class Ledger(LedgerQueries):
             )
 
         await self._transact(release, self.clock())
+
+    async def move_destinations(self, job: str) -> list[str]:
+        """Where ``ctx.move()`` took or was taking the inputs of the job's unfinished items."""
+        async with self._read():
+            rows = await self._fetchall(sql.MOVE_DESTINATIONS, (job,))
+        return [path for (action,) in rows if (path := decode_action(action)[1]) is not None]
 
     async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
         """Note, under our lease, that the item's input is being moved to ``dst``.

@@ -21,6 +21,7 @@ import os
 import random
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -63,12 +64,82 @@ def _check_state_path(path: Path, *, create: bool) -> bool:
     if not path.exists():
         if not create:
             raise ConfigurationError(f"state {str(path)!r} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LedgerError(f"state {str(path)!r} cannot be created: {_unwritable(parent)}")
         return False
     with path.open("rb") as f:
         head = f.read(len(_SQLITE_HEADER))
     if head and head != _SQLITE_HEADER:
         raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
+    if create:
+        for name in (path, parent, *_companions(path)):
+            if name.exists() and not os.access(name, os.W_OK):
+                raise LedgerError(
+                    f"state {str(path)!r} cannot be written ({str(name)!r}: "
+                    f"{_unwritable(name)}); a run records its work in it"
+                )
     return bool(head)
+
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    """The ``-wal`` and ``-shm`` files SQLite keeps beside a WAL database."""
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be written: a read-only file system, or its permissions."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return "it is on a read-only file system"
+    return f"this user may not write it (mode {stat.filemode(path.stat().st_mode)})"
+
+
+def _read_only_view(path: Path) -> str | None:
+    """For a reader that cannot write beside the state: the URI to read it without writing.
+
+    SQLite would otherwise create ``-wal``/``-shm`` files with this reader's permissions (or
+    fail to), and a later run could not use them. With no ``-wal`` content there is nothing
+    outside the main file, so it is read as ``immutable``; otherwise the reader is refused.
+    Returns ``None`` when the reader may open the state normally.
+    """
+    wal, shm = _companions(path)
+    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+    if writable and all(not p.exists() or os.access(p, os.W_OK) for p in (wal, shm)):
+        return None
+    if wal.exists() and wal.stat().st_size > 0:
+        raise LedgerError(
+            f"state {str(path)!r} has commits in its -wal file that this user cannot read "
+            f"without writing beside it ({_unwritable(path if not writable else wal)}); run the "
+            "command as the state's owner"
+        )
+    return f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+
+
+def _open_error(path: Path, error: sqlite3.Error) -> LedgerError:
+    """What an error while first reading the state means, in words (nothing was changed)."""
+    name = str(path)
+    code = getattr(error, "sqlite_errorname", "")
+    if code == "SQLITE_NOTADB":
+        return NotALedgerError(f"state {name!r} is not a SQLite database; it was not touched")
+    if code.startswith("SQLITE_CORRUPT"):
+        return LedgerError(
+            f"state {name!r} is a damaged SQLite database ({error}); it was not touched"
+        )
+    if code.startswith("SQLITE_IOERR"):
+        return LedgerError(
+            f"state {name!r}: disk I/O error while reading it ({code}); if its -wal file was "
+            "deleted while its -shm file stayed, stop its runners and remove the -shm file too "
+            "(the commits in the lost -wal are gone: their files will be handled again); see "
+            "docs/troubleshooting.md"
+        )
+    if code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
+        return LedgerError(
+            f"state {name!r} cannot be opened for writing ({error}): {_unwritable(path)}"
+        )
+    return LedgerError(f"state {name!r}: {error}")
 
 
 class _Busy:
@@ -99,6 +170,9 @@ class LedgerConnection:
         self._busy_timeout = busy_timeout
         self._lock = anyio.Lock()
         self._random = random.Random()
+        st = os.stat(path)
+        #: The file this connection has open: a write checks it is still the one at ``path``.
+        self._file_id = (st.st_dev, st.st_ino)
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -125,20 +199,25 @@ class LedgerConnection:
             # the migration re-reads the schema version inside its own transaction.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        view = None if create else _read_only_view(path)
         try:
-            db = await aiosqlite.connect(path, isolation_level=None, cached_statements=256)
+            db = await aiosqlite.connect(
+                view or path, isolation_level=None, cached_statements=256, uri=view is not None
+            )
         except sqlite3.Error as e:
-            raise LedgerError(f"cannot open state {str(path)!r}: {e}") from e
+            raise _open_error(path, e) from e
         ledger = cls(db, path, clock, busy_timeout)
         try:
-            await ledger._prepare(existed, durability, migrate=create)
+            await ledger._prepare(existed, durability, migrate=create, read_only=view is not None)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await db.close()
             raise
         return ledger
 
-    async def _prepare(self, existed: bool, durability: Durability, *, migrate: bool) -> None:
+    async def _prepare(
+        self, existed: bool, durability: Durability, *, migrate: bool, read_only: bool
+    ) -> None:
         db, name = self._db, str(self.path)
         try:
             # While opening, wait as long as it takes (another runner may be switching a new
@@ -147,12 +226,10 @@ class LedgerConnection:
             objects = await self._scalar(sql.SCHEMA_OBJECTS)
             app_id = await self._scalar("PRAGMA application_id")
             version = await self._scalar("PRAGMA user_version")
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
                 raise LedgerError(f"state {name!r}: {e}") from e
-            raise NotALedgerError(
-                f"state {name!r} is not a usable SQLite database ({e}); it was not touched"
-            ) from e
+            raise _open_error(self.path, e) from e
         if objects and app_id != sql.APPLICATION_ID:
             raise NotALedgerError(
                 f"state {name!r} is a SQLite database of another application; it was not touched"
@@ -160,21 +237,34 @@ class LedgerConnection:
         if version > sql.SCHEMA_VERSION:
             raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
         if existed and not objects and not migrate:
+            wal, shm = _companions(self.path)
+            if shm.exists() and not wal.exists():
+                raise LedgerError(
+                    f"state {name!r} holds no ledger, and its -shm file says a -wal file "
+                    "existed: was the -wal deleted? Its commits are gone; see "
+                    "docs/troubleshooting.md"
+                )
             raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
+        if read_only:
+            if version < sql.SCHEMA_VERSION:
+                raise LedgerError(
+                    f"state {name!r} has schema version {version}; run 'asyncbatch run' "
+                    "once (as a user who may write it) to upgrade it"
+                )
+            return
         with self._errors():
             await self._switch_to_wal()
             sync = "FULL" if durability == "full" else "NORMAL"
             await db.execute(f"PRAGMA synchronous = {sync}")
-            # Claims and commits touch the B-tree all over: keep up to 64 MiB of it in SQLite's
-            # page cache rather than re-reading pages with pread (allocated as it is used).
-            await db.execute("PRAGMA cache_size = -2000")
             if version < sql.SCHEMA_VERSION:
                 if not migrate:
                     raise LedgerError(
                         f"state {name!r} has schema version {version}; run 'asyncbatch run' "
                         "once to upgrade it"
                     )
-                await self._transact(self._migrate, secrets.token_hex(32), self.clock())
+                # The secret is made on the ledger's thread, never passed as an argument:
+                # aiosqlite logs every call's arguments at DEBUG.
+                await self._transact(self._migrate, self.clock())
             await db.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
 
     async def _switch_to_wal(self) -> None:
@@ -203,7 +293,7 @@ class LedgerConnection:
             )
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection, secret: str, now: float) -> None:
+    def _migrate(conn: sqlite3.Connection, now: float) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         while version < sql.SCHEMA_VERSION:
             for statement in sql.MIGRATIONS[version].split(";\n"):
@@ -212,7 +302,7 @@ class LedgerConnection:
             version += 1
         conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
-        conn.execute(sql.PUT_META, ("secret", secret))
+        conn.execute(sql.PUT_META, ("secret", secrets.token_hex(32)))
         conn.execute(sql.PUT_META, ("created_at", repr(now)))
 
     async def close(self) -> None:
@@ -290,12 +380,32 @@ class LedgerConnection:
         conn.execute("COMMIT")
         return result
 
+    def _check_file(self) -> None:
+        """Refuse to write when the state file was deleted or replaced since it was opened.
+
+        SQLite would go on writing the unlinked file, and a runner starting meanwhile would
+        make a fresh state and redo everything (one ``stat``, about a microsecond).
+        """
+        try:
+            st = os.stat(self.path)
+            found: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            found = None
+        if found != self._file_id:
+            raise LedgerError(
+                f"state {str(self.path)!r} was {'deleted' if found is None else 'replaced'} "
+                "while this runner was using it; it stopped (a runner on a new file would "
+                "redo every item): put the state back, or start again on purpose"
+            )
+
     async def _transact(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one ``BEGIN IMMEDIATE`` transaction on the ledger thread.
 
         ``fn`` is synchronous and uses the plain ``sqlite3.Connection``. The whole transaction
-        is one hop: cancelling the caller cannot interrupt it half-way.
+        is one hop: cancelling the caller cannot interrupt it half-way. Raises
+        :class:`LedgerError` if the state file was deleted or replaced since it was opened.
         """
+        self._check_file()
 
         async def attempt() -> T | _Busy:
             async with self._lock:

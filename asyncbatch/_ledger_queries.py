@@ -42,7 +42,9 @@ class ItemInfo:
     size: int
     mtime_ns: int
     state: str
+    #: Attempts that started, and how many of them the runner's death or stop cut short.
     attempts: int
+    interrupted: int
     last_error: str | None
     updated_at: float
 
@@ -68,9 +70,9 @@ class RunInfo:
 
 
 def _item(row: Sequence[Any]) -> ItemInfo:
-    key, relpath, size, mtime_ns, state, attempts, error, updated = row
+    key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
     name = os.fsdecode(relpath) if isinstance(relpath, bytes) else str(relpath)
-    return ItemInfo(key, name, size, mtime_ns, state, attempts, error, updated)
+    return ItemInfo(key, name, size, mtime_ns, state, attempts, interrupted, error, updated)
 
 
 class LedgerQueries(LedgerConnection):

@@ -254,6 +254,9 @@ class LedgerLike(Protocol):
     async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
         """Note, under our lease, that the item's input is being moved to ``dst``."""
 
+    async def move_destinations(self, job: str) -> list[str]:
+        """Where ``ctx.move()`` took or was taking the inputs of the job's unfinished items."""
+
 
 async def open_ledger(
     state: str | os.PathLike[str],

@@ -13,7 +13,13 @@ import sys
 import time
 from typing import Any, Literal, TextIO
 
-__all__ = ["ITEM_FIELDS", "JSONFormatter", "TextFormatter", "configure_logging"]
+__all__ = [
+    "ITEM_FIELDS",
+    "QUIET_LIBRARIES",
+    "JSONFormatter",
+    "TextFormatter",
+    "configure_logging",
+]
 
 ITEM_FIELDS = ("job", "key", "input_hash")
 LogFormat = Literal["text", "json"]
@@ -60,10 +66,21 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+#: Libraries whose records below WARNING can carry secrets: httpx and httpcore log every URL
+#: with its credentials and query string at INFO and DEBUG; aiosqlite logs every call with its
+#: arguments at DEBUG; asyncpg likewise. The CLI keeps them at WARNING whatever --log-level is.
+QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h11", "aiosqlite", "asyncpg")
+
+
 def configure_logging(
     level: str = "WARNING", fmt: LogFormat = "text", stream: TextIO | None = None
 ) -> logging.Handler:
-    """Send the root logger's records to ``stream`` (stderr) in ``fmt``; return the handler."""
+    """Send the root logger's records to ``stream`` (stderr) in ``fmt``; return the handler.
+
+    ``level`` applies to asyncbatch's loggers and the handler's own; the libraries named in
+    :data:`QUIET_LIBRARIES` stay at WARNING, since below it their records carry URLs with
+    credentials or statement arguments.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -71,4 +88,6 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     return handler

@@ -64,7 +64,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 from . import _pg_sql as sql
-from ._actions import encode_action
+from ._actions import decode_action, encode_action
 from ._exceptions import (
     ConfigurationError,
     JobLockedError,
@@ -412,9 +412,11 @@ class PostgresLedger:
         return LockInfo(row[0], row[1], row[2], row[3], row[4], acquired, expires)
 
     def _item(self, row: asyncpg.Record) -> ItemInfo:
-        key, relpath, size, mtime_ns, state, attempts, error, updated = row
+        key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
         name = os.fsdecode(bytes(relpath))
-        return ItemInfo(key, name, size, mtime_ns, state, attempts, error, self._local(updated))
+        return ItemInfo(
+            key, name, size, mtime_ns, state, attempts, interrupted, error, self._local(updated)
+        )
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -740,7 +742,23 @@ class PostgresLedger:
                 sql.CLAIM_SCANNED, job, owner, lease, keys, relpaths, sizes, mtimes, inodes
             )
 
-        claimed = [ClaimedRow(*r) for r in await self._transact(claim, one=True)]
+        claimed = [
+            ClaimedRow(
+                key,
+                state,
+                fence,
+                attempts,
+                interrupted,
+                post,
+                b"" if relpath is None else bytes(relpath),
+                size or 0,
+                mtime_ns or 0,
+                _unsigned(inode or 0),
+            )
+            for key, state, fence, attempts, interrupted, post, relpath, size, mtime_ns, inode in (
+                await self._transact(claim, one=True)
+            )
+        ]
         self._added += sum(1 for r in claimed if r.fence == 1 and r.state == "running")
         if self._added >= self._analyze_after:
             await self._analyze()
@@ -775,7 +793,9 @@ class PostgresLedger:
             return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit)
 
         return [
-            ClaimedRow(r[0], "running", r[5], r[6], r[7], bytes(r[1]), r[2], r[3], _unsigned(r[4]))
+            ClaimedRow(
+                r[0], "running", r[5], r[6], r[7], r[8], bytes(r[1]), r[2], r[3], _unsigned(r[4])
+            )
             for r in await self._transact(claim, one=True)
         ]
 
@@ -798,8 +818,8 @@ class PostgresLedger:
         server's now.
         """
         now = self.clock()
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
-        keys, fences, states, errors, delays, posts = columns
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [], [])
+        keys, fences, states, errors, delays, posts, sizes, mtimes, inodes, attempted = columns
         for o in outcomes:
             keys.append(o.key)
             fences.append(o.fence)
@@ -807,11 +827,17 @@ class PostgresLedger:
             errors.append(o.error)
             delays.append(None if o.next_attempt_at is None else o.next_attempt_at - now)
             posts.append(o.post_action)
+            size, mtime_ns, inode = o.stat or (None, None, None)
+            sizes.append(size)
+            mtimes.append(mtime_ns)
+            inodes.append(None if inode is None else _signed(inode))
+            attempted.append(o.attempted)
         finished = set(keys)
         for key, fence in started:
             if key not in finished:  # a finished attempt is counted with its outcome
                 finished.add(key)
-                row = (key, fence, None, None, None, None)  # state NULL: started, running
+                # state NULL: started, still running
+                row = (key, fence, None, None, None, None, None, None, None, True)
                 for column, value in zip(columns, row, strict=True):
                     column.append(value)
         if not keys:
@@ -839,6 +865,14 @@ class PostgresLedger:
             await conn.execute(sql.RELEASE_ITEMS, job, owner, keys, fences)
 
         await self._transact(release, one=True)
+
+    async def move_destinations(self, job: str) -> list[str]:
+        """Where ``ctx.move()`` took or was taking the inputs of the job's unfinished items."""
+
+        async def read(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(sql.MOVE_DESTINATIONS, job)
+
+        return [path for (action,) in await self._read(read) if (path := decode_action(action)[1])]
 
     async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
         """Note, under our lease, that the item's input is being moved to ``dst``.

@@ -20,14 +20,14 @@ from __future__ import annotations
 from typing import Final
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
 #: The server's time now (the transaction's start), as Unix seconds.
 NOW: Final = "extract(epoch FROM now())::float8"
 
-#: Item states, and which of them are final until an operator says otherwise.
+#: Item states.
 STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1 (run inside one
@@ -111,6 +111,28 @@ CREATE TABLE runs (
     exit_status text
 );
 CREATE INDEX runs_job ON runs (job, started_at);
+""",
+    # Attempts cut short by the runner's death or stop, counted apart from handler failures;
+    # the items whose input ctx.move() is taking somewhere; the idempotency store of
+    # IdempotencyMiddleware (see IDEMPOTENCY_* below).
+    1: """
+ALTER TABLE items ADD COLUMN interrupted integer NOT NULL DEFAULT 0;
+CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'moved';
+
+CREATE TABLE idempotency_keys (
+    scope        text    NOT NULL,
+    key          text    NOT NULL,
+    fingerprint  text    NOT NULL,
+    state        text    NOT NULL,
+    status       integer,
+    headers      text,
+    body         bytea,
+    created_at   float8  NOT NULL,
+    locked_until float8  NOT NULL,
+    expires_at   float8  NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
 """,
 }
 
@@ -220,6 +242,13 @@ SELECT count(*) FROM reaped
 
 # -- claims --------------------------------------------------------------------------------------
 
+#: When a lease is replaced whose attempt started and never reached an outcome (the item is
+#: still 'running', or 'pending' once reaped or released), the runner died, lost its lease or
+#: was stopped during that attempt: it is counted in ``interrupted`` as well as ``attempts``.
+_INTERRUPTED = (
+    "(i.state IN ('running', 'pending') AND i.started_fence IS NOT DISTINCT FROM i.fence)::int"
+)
+
 #: Register a chunk of scanned entries and lease the claimable ones, in one statement.
 #: $1 job, $2 owner, $3 lease (seconds); then arrays $4 keys, $5 relpaths, $6 sizes,
 #: $7 mtimes (ns), $8 inodes (as signed 64-bit), with distinct keys.
@@ -229,7 +258,8 @@ SELECT count(*) FROM reaped
 #: row being written by another transaction is waited for, then re-checked on its new version,
 #: so two runners never both lease one item. Returns the leased rows (state 'running') and,
 #: from the statement's snapshot, the chunk's dead rows and finished rows whose post-commit
-#: action may still be due: (key, state, fence, attempts, post_action).
+#: action may still be due, with the file that was handled: (key, state, fence, attempts,
+#: interrupted, post_action, relpath, size, mtime_ns, inode), the last four NULL when leased.
 CLAIM_SCANNED = f"""
 WITH claimed AS (
     INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, owner,
@@ -242,15 +272,19 @@ WITH claimed AS (
         state = 'running', owner = excluded.owner, fence = i.fence + 1,
         lease_until = excluded.lease_until,
         relpath = excluded.relpath, size = excluded.size, mtime_ns = excluded.mtime_ns,
-        inode = excluded.inode, updated_at = excluded.updated_at
+        inode = excluded.inode, updated_at = excluded.updated_at,
+        interrupted = i.interrupted + {_INTERRUPTED}
     WHERE i.state IN ('pending', 'vanished')
        OR (i.state = 'failed' AND i.next_attempt_at <= {NOW})
        OR (i.state = 'running' AND i.lease_until < {NOW})
-    RETURNING i.key, i.state, i.fence, i.attempts, i.post_action
+    RETURNING i.key, i.state, i.fence, i.attempts, i.interrupted, i.post_action
 )
-SELECT key, state, fence, attempts, post_action FROM claimed
+SELECT key, state, fence, attempts, interrupted, post_action, NULL::bytea AS relpath,
+       NULL::int8 AS size, NULL::int8 AS mtime_ns, NULL::int8 AS inode
+FROM claimed
 UNION ALL
-SELECT key, state, fence, attempts, post_action FROM items
+SELECT key, state, fence, attempts, interrupted, post_action, relpath, size, mtime_ns, inode
+FROM items
 WHERE job = $1 AND key = ANY($4::text[])
   AND (state = 'dead' OR (state = 'done' AND post_action IS NOT NULL))
 """
@@ -269,12 +303,14 @@ WITH waiting AS (
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE items AS i SET state = 'running', owner = $2, fence = i.fence + 1,
-                          lease_until = {NOW} + $3::float8, updated_at = {NOW}
+                          lease_until = {NOW} + $3::float8, updated_at = {NOW},
+                          interrupted = i.interrupted + {_INTERRUPTED}
     FROM waiting
     WHERE i.job = $1 AND i.key = waiting.key
-    RETURNING i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.fence, i.attempts, i.post_action
+    RETURNING i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.fence, i.attempts,
+              i.interrupted, i.post_action
 )
-SELECT key, relpath, size, mtime_ns, inode, fence, attempts, post_action
+SELECT key, relpath, size, mtime_ns, inode, fence, attempts, interrupted, post_action
 FROM claimed ORDER BY mtime_ns, relpath
 """
 #: Seconds from the server's now until the earliest failed item is due (may be negative).
@@ -288,11 +324,13 @@ WHERE job = $1 AND state = 'failed'
 #: A group of outcomes, and of attempts that started and still run, in one statement.
 #: $1 job, $2 owner; arrays (one entry per item, distinct keys) $3 keys, $4 fences, $5 states
 #: (NULL: the attempt started and still runs), $6 errors, $7 retry delays in seconds (NULL:
-#: none), $8 post actions. Only rows still leased to us under the same fence change. An
-#: attempt is counted once per lease: when it is seen started or finished, whichever first
-#: (``started_fence`` remembers the lease it was counted for), so a runner that dies during
-#: an attempt has used it up. Returns (key, whether it was an outcome) of the rows changed:
-#: an outcome key not returned lost its lease.
+#: none), $8 post actions, $9 sizes, $10 mtimes, $11 inodes (of a file handled that was not
+#: the scanned one; NULL: unchanged), $12 attempted (false: given up on without running).
+#: Only rows still leased to us under the same fence change. An attempt is counted once per
+#: lease: when it is seen started or finished, whichever first (``started_fence`` remembers
+#: the lease it was counted for), so a runner that dies during an attempt has used it up. A
+#: failed attempt keeps the row's post action (ctx.move()'s 'moved...' record). Returns (key,
+#: whether it was an outcome) of the rows changed: an outcome key not returned lost its lease.
 COMMIT_OUTCOMES = f"""
 UPDATE items AS i
 SET state = coalesce(o.state, i.state),
@@ -300,13 +338,17 @@ SET state = coalesce(o.state, i.state),
     next_attempt_at = CASE WHEN o.state IS NULL THEN i.next_attempt_at
                            ELSE {NOW} + o.delay END,
     last_error = CASE WHEN o.state IS NULL THEN i.last_error ELSE o.error END,
-    post_action = CASE WHEN o.state IS NULL THEN i.post_action ELSE o.post_action END,
+    post_action = CASE WHEN o.state IS NULL OR o.state = 'failed' THEN i.post_action
+                       ELSE o.post_action END,
+    size = coalesce(o.size, i.size), mtime_ns = coalesce(o.mtime_ns, i.mtime_ns),
+    inode = coalesce(o.inode, i.inode),
     updated_at = CASE WHEN o.state IS NULL THEN i.updated_at ELSE {NOW} END,
     done_at = CASE WHEN o.state = 'done' THEN {NOW} ELSE i.done_at END,
-    attempts = i.attempts + (i.started_fence IS DISTINCT FROM i.fence)::int,
-    started_fence = i.fence
-FROM unnest($3::text[], $4::int8[], $5::text[], $6::text[], $7::float8[], $8::text[])
-     AS o(key, fence, state, error, delay, post_action)
+    attempts = i.attempts + (o.attempted AND i.started_fence IS DISTINCT FROM i.fence)::int,
+    started_fence = CASE WHEN o.attempted THEN i.fence ELSE i.started_fence END
+FROM unnest($3::text[], $4::int8[], $5::text[], $6::text[], $7::float8[], $8::text[],
+            $9::int8[], $10::int8[], $11::int8[], $12::bool[])
+     AS o(key, fence, state, error, delay, post_action, size, mtime_ns, inode, attempted)
 WHERE i.job = $1 AND i.key = ANY($3::text[]) AND i.key = o.key AND i.owner = $2
   AND i.fence = o.fence AND i.state = 'running'
   AND (o.state IS NOT NULL OR i.started_fence IS DISTINCT FROM i.fence)
@@ -342,7 +384,7 @@ ANALYZE_ITEMS = "ANALYZE items"
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = $1 GROUP BY state"
-_ITEM_COLUMNS = "key, relpath, size, mtime_ns, state, attempts, last_error, updated_at"
+_ITEM_COLUMNS = "key, relpath, size, mtime_ns, state, attempts, interrupted, last_error, updated_at"
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND key = $2"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND relpath = $2"
 FAILURES = f"""
@@ -352,10 +394,15 @@ ORDER BY updated_at DESC LIMIT $2
 OLDEST_WAITING = """
 SELECT min(created_at) FROM items WHERE job = $1 AND state IN ('pending', 'failed')
 """
+#: Where ctx.move() took (or was taking) inputs of unfinished items: ``moved...`` actions.
+MOVE_DESTINATIONS = """
+SELECT DISTINCT post_action FROM items WHERE job = $1 AND substr(post_action, 1, 5) = 'moved'
+"""
 _RETRY = f"""
 WITH reset AS (
-    UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
-                     lease_until = NULL, updated_at = {NOW}
+    UPDATE items SET state = 'pending', attempts = 0, interrupted = 0, started_fence = NULL,
+                     next_attempt_at = NULL, owner = NULL, lease_until = NULL,
+                     updated_at = {NOW}
     WHERE job = $1 AND state = ANY($2::text[]){{}}
     RETURNING 1
 )

@@ -25,7 +25,7 @@ import anyio.to_thread
 
 from ._actions import decode_action
 from ._config import BatchConfig
-from ._effects import _fsync_dir, idempotent_move
+from ._effects import fsync_dir, idempotent_move
 from ._exceptions import EffectError
 
 __all__ = ["PostActions"]
@@ -59,7 +59,7 @@ def _delete(source: Path, post: _Post) -> str:
         return "left alone: the file was replaced by a newer version"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return "deleted"
 
 

@@ -24,7 +24,6 @@ class LeasedItem:
 
     __slots__ = (
         "attempt",
-        "attempts",
         "fence",
         "finished",
         "ihash",
@@ -33,6 +32,8 @@ class LeasedItem:
         "lease_deadline",
         "moved_to",
         "mtime_ns",
+        "prior_attempts",
+        "prior_interrupted",
         "relpath",
         "size",
         "started",
@@ -48,9 +49,11 @@ class LeasedItem:
         self.mtime_ns = mtime_ns
         self.inode = inode
         self.fence = 0
-        #: Attempts counted in the ledger when leased (started ones; see MARK_STARTED).
-        self.attempts = 0
-        #: This attempt's number once it started (``attempts + 1``), 0 if the handler never ran.
+        #: Attempts of this item that started before this lease (see MARK_STARTED), and how
+        #: many of them the runner's death or stop cut short (the others failed).
+        self.prior_attempts = 0
+        self.prior_interrupted = 0
+        #: This attempt's number once it started (``prior_attempts + 1``), 0 if it never ran.
         self.attempt = 0
         self.started = False
         self.finished = False

@@ -30,7 +30,7 @@ from ._procinfo import this_process
 from ._queues import ItemQueue, LeasedItem, Outbox
 from ._report import Counters, Report, Statistics
 from ._scanner import Scanner
-from ._workers import WorkerPool, error_text
+from ._workers import HandlerAborted, WorkerPool, error_text
 
 __all__ = ["Handler", "Mode", "Run", "unwrap_group"]
 
@@ -167,11 +167,12 @@ class Run:
                     await self._http.aclose()
                 status = "stopped" if self.stopping else "ok"
             except BaseException as exc:
-                status = (
-                    "cancelled"
-                    if isinstance(exc, anyio.get_cancelled_exc_class())
-                    else (f"error: {error_text(exc)}")
-                )
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    status = "cancelled"
+                elif isinstance(exc, HandlerAborted):
+                    status = f"error: {exc}"
+                else:
+                    status = f"error: {error_text(exc)}"
                 raise
             finally:
                 with anyio.CancelScope(shield=True):
@@ -193,9 +194,11 @@ class Run:
     async def _remove_stale_temp_files(self) -> None:
         """Remove temp files that killed runs left where this run writes.
 
-        The output directory always; an archive directory only when it is on another
-        filesystem than the source, the one case in which a move writes a temp file there
-        (an archive only grows: it is not listed on every run for nothing).
+        The output directory always. An archive directory only when it is on another
+        filesystem than the source, the one case in which a move writes a temp file there (an
+        archive only grows: it is not listed on every run for nothing). And the directories
+        ``ctx.move()`` of an unfinished item was moving its input to: a move across
+        filesystems that a kill interrupted leaves a partial copy there.
         """
         cfg = self.config
         if cfg.output_dir is not None:
@@ -204,6 +207,9 @@ class Run:
         for action in (cfg.on_done, cfg.on_dead):
             if action.directory is not None and os.stat(action.directory).st_dev != source_dev:
                 await remove_stale_temp_files(action.directory)
+        moved_to = {os.path.dirname(p) for p in await self.ledger.move_destinations(cfg.job)}
+        for directory in sorted(moved_to):
+            await remove_stale_temp_files(directory, recursive=False)
 
     async def _release(self, run_id: int, status: str) -> None:
         ledger, cfg = self.ledger, self.config
@@ -317,7 +323,11 @@ class Run:
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one meaningful exception of a task group's failure (cancellation aside)."""
+    """The first meaningful exception of a task group's failure (cancellation aside).
+
+    Several tasks may fail at once for one cause (every worker's handler raising the same
+    error): the first is raised, with the others named in a note.
+    """
     cancelled = anyio.get_cancelled_exc_class()
     flat: list[BaseException] = []
 
@@ -330,8 +340,9 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
     walk(group)
     real = [e for e in flat if not isinstance(e, cancelled)]
-    if len(real) == 1:
-        return real[0]
     if not real:
         return flat[0]
-    return group
+    first, others = real[0], real[1:]
+    if others:
+        first.add_note(f"{len(others)} more at the same time: {error_text(others[0])}")
+    return first

@@ -19,7 +19,7 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,8 @@ _TAIL = struct.Struct(">QQ")
 #: Directory entries examined per thread hop.
 CHUNK = 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: Paths at least this long cannot be opened (Linux PATH_MAX): such entries are skipped.
+_PATH_MAX = 4096
 
 
 class Entry:
@@ -214,6 +216,17 @@ def content_digest(
         os.close(fd)
 
 
+def _entries(it: Iterator[os.DirEntry[bytes]], prefix: bytes) -> Iterator[os.DirEntry[bytes]]:
+    """The entries of a listing; one that fails half-way ends with a warning, not an error
+    (the source itself, ``prefix`` empty, raises)."""
+    try:
+        yield from it
+    except OSError as e:
+        if not prefix:
+            raise
+        log.warning("cannot list directory %r to its end: %s", os.fsdecode(prefix), e.strerror)
+
+
 @dataclass(frozen=True, slots=True)
 class _Walk:
     root: bytes
@@ -240,19 +253,26 @@ def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
                 it = os.scandir(where)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            except PermissionError as e:
+            except OSError as e:
                 if not prefix:
                     raise
                 log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
                 continue
             with it:
-                for de in it:
+                for de in _entries(it, prefix):
                     examined += 1
                     if examined % CHUNK == 0:
                         yield out
                         out = []
                     name = de.name
                     rel = prefix + b"/" + name if prefix else name
+                    if len(w.root) + len(rel) >= _PATH_MAX - 1:
+                        log.warning(
+                            "skipped %r: its path is longer than the system allows (%d bytes)",
+                            os.fsdecode(rel),
+                            _PATH_MAX,
+                        )
+                        continue
                     try:
                         if de.is_symlink():
                             if not w.follow_symlinks:

@@ -12,9 +12,9 @@ from typing import Final
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
-#: Item states, and which of them are final until an operator says otherwise.
+#: Item states.
 STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
@@ -113,6 +113,13 @@ CREATE TABLE idempotency_keys (
 ) WITHOUT ROWID;
 CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
 """,
+    # Attempts cut short by the runner's death or stop, counted apart from handler failures;
+    # the items whose input ctx.move() is taking somewhere (their post_action is 'moved...'),
+    # so a run can clean up after a move that a kill interrupted.
+    1: """
+ALTER TABLE items ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'moved';
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -174,13 +181,19 @@ INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, ow
                    lease_until, created_at, updated_at)
 VALUES """
 _CLAIM_ROW = "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, 'running', 0, ?2, 1, ?3, ?4, ?4)"
+# When a lease is replaced whose attempt started and never reached an outcome (the item is
+# still 'running', or 'pending' once reaped or released), the runner died, lost its lease or
+# was stopped during that attempt: it is counted in ``interrupted`` as well as ``attempts``.
+_INTERRUPTED = "(state IN ('running', 'pending') AND started_fence IS fence)"
 # A lease bumps the fence; an attempt is counted when it starts (see MARK_STARTED), so items
 # leased but never started (a runner killed with a queue full of them) lose nothing.
 _CLAIM_TAIL = f"""
 ON CONFLICT (job, key) DO UPDATE SET
     state = 'running', owner = ?2, fence = items.fence + 1, lease_until = ?3,
     relpath = excluded.relpath, size = excluded.size, mtime_ns = excluded.mtime_ns,
-    inode = excluded.inode, updated_at = ?4
+    inode = excluded.inode, updated_at = ?4,
+    interrupted = items.interrupted
+        + (items.state IN ('running', 'pending') AND items.started_fence IS items.fence)
 WHERE {_CLAIMABLE}
 """
 #: Columns bound per row of a scanned-chunk claim (after the 4 shared ones).
@@ -204,11 +217,16 @@ def claim_scanned(rows: int) -> str:
 
 
 # What the claim above did to a chunk, as one JSON array of [key, state, fence, attempts,
-# post_action]: the rows it leased (ours, stamped with its time), dead rows (counted as not
-# done) and finished rows whose post-commit action may still be due.
+# interrupted, post_action]: the rows it leased (ours, stamped with its time), dead rows
+# (counted as not done) and finished rows whose post-commit action may still be due. Finished
+# rows add [hex(relpath), size, mtime_ns, inode]: the file that was handled, which the
+# post-commit action must still find (a newer file under the name is left alone).
 # ?1 job, ?2 JSON array of the chunk's keys, ?3 owner, ?4 the claim's time.
 CLAIMED_IN_CHUNK = """
-SELECT json_group_array(json_array(key, state, fence, attempts, post_action))
+SELECT json_group_array(CASE WHEN state = 'running'
+    THEN json_array(key, state, fence, attempts, interrupted, post_action)
+    ELSE json_array(key, state, fence, attempts, interrupted, post_action,
+                    hex(relpath), size, mtime_ns, inode) END)
 FROM items
 WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
   AND ((state = 'running' AND owner = ?3 AND updated_at = ?4)
@@ -219,15 +237,15 @@ WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
 # Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
 # "INDEXED BY items_waiting" keeps these on the small partial index: without statistics the
 # planner would walk every item of the job instead.
-CLAIM_WAITING = """
+CLAIM_WAITING = f"""
 UPDATE items SET state = 'running', owner = ?2, fence = fence + 1,
-                 lease_until = ?3, updated_at = ?4
+                 lease_until = ?3, updated_at = ?4, interrupted = interrupted + {_INTERRUPTED}
 WHERE job = ?1 AND key IN (
     SELECT key FROM items INDEXED BY items_waiting
     WHERE job = ?1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= ?4)
     ORDER BY mtime_ns, relpath LIMIT ?5)
-RETURNING key, relpath, size, mtime_ns, inode, fence, attempts, post_action
+RETURNING key, relpath, size, mtime_ns, inode, fence, attempts, interrupted, post_action
 """
 NEXT_RETRY_AT = """
 SELECT min(next_attempt_at) FROM items INDEXED BY items_waiting
@@ -256,10 +274,20 @@ UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, las
                  post_action = ?5, updated_at = ?6, done_at = ?6, {_COUNT_ATTEMPT}
 {_FENCED_GROUP}
 """
-MARK_FAILED = f"""
-UPDATE items SET state = ?, lease_until = NULL, next_attempt_at = ?, last_error = ?,
-                 post_action = ?, updated_at = ?, {_COUNT_ATTEMPT}
-WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
+# One outcome on its own: failed, dead, vanished, or done with the stat of a file that changed
+# between the scan and the open (identity "path"). A failed attempt keeps the row's
+# post_action: a 'moved...' record of ctx.move() must outlive the failure so the retry finds
+# the input. ``:attempted`` is 0 for an item given up on without running (nothing counted).
+MARK_OUTCOME = """
+UPDATE items SET
+    state = :state, lease_until = NULL, next_attempt_at = :next_attempt_at, last_error = :error,
+    post_action = CASE WHEN :state = 'failed' THEN post_action ELSE :post_action END,
+    size = coalesce(:size, size), mtime_ns = coalesce(:mtime_ns, mtime_ns),
+    inode = coalesce(:inode, inode),
+    updated_at = :now, done_at = CASE WHEN :state = 'done' THEN :now ELSE done_at END,
+    attempts = attempts + (:attempted AND started_fence IS NOT fence),
+    started_fence = CASE WHEN :attempted THEN fence ELSE started_fence END
+WHERE job = :job AND key = :key AND owner = :owner AND fence = :fence AND state = 'running'
 """
 # Who holds these items now (after a group commit that did not update them all).
 LEASE_STATE = """
@@ -283,33 +311,28 @@ WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = ? GROUP BY state"
-ITEM_BY_KEY = """
-SELECT key, relpath, size, mtime_ns, state, attempts, last_error, updated_at
-FROM items WHERE job = ? AND key = ?
-"""
-ITEMS_BY_RELPATH = """
-SELECT key, relpath, size, mtime_ns, state, attempts, last_error, updated_at
-FROM items WHERE job = ? AND relpath = ?
-"""
-FAILURES = """
-SELECT key, relpath, size, mtime_ns, state, attempts, last_error, updated_at
-FROM items WHERE job = ? AND state IN ('failed', 'dead')
+_ITEM_COLUMNS = "key, relpath, size, mtime_ns, state, attempts, interrupted, last_error, updated_at"
+ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND key = ?"
+ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND relpath = ?"
+FAILURES = f"""
+SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND state IN ('failed', 'dead')
 ORDER BY updated_at DESC LIMIT ?
+"""
+#: Where ctx.move() took (or was taking) inputs of unfinished items: ``moved...`` actions.
+MOVE_DESTINATIONS = """
+SELECT DISTINCT post_action FROM items INDEXED BY items_moving
+WHERE job = ? AND substr(post_action, 1, 5) = 'moved'
 """
 OLDEST_WAITING = """
 SELECT min(created_at) FROM items INDEXED BY items_waiting
 WHERE job = ? AND state IN ('pending', 'failed')
 """
-RETRY_ITEM = """
-UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
-                 lease_until = NULL, updated_at = ?
-WHERE job = ? AND key = ? AND state IN ({states})
-"""
-RETRY_ALL = """
-UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = NULL, owner = NULL,
-                 lease_until = NULL, updated_at = ?
-WHERE job = ? AND state IN ({states})
-"""
+_RETRY = """
+UPDATE items SET state = 'pending', attempts = 0, interrupted = 0, started_fence = NULL,
+                 next_attempt_at = NULL, owner = NULL, lease_until = NULL, updated_at = ?
+WHERE job = ? AND state IN ({states})"""
+RETRY_ITEM = _RETRY + " AND key = ?"
+RETRY_ALL = _RETRY
 
 # -- runs ----------------------------------------------------------------------------------------
 

@@ -2,16 +2,25 @@
 
 Each attempt opens the input safely (no final symlink followed, never blocking on a FIFO,
 ``fstat`` of the open file), builds a fresh :class:`TaskContext` and calls the handler. An
-``Exception`` fails only that item; cancellation and other ``BaseException`` propagate.
+``Exception`` fails only that item, but for a :class:`ConfigurationError` (a setting the handler
+needs is missing: the run stops). A ``CancelledError`` that the handler raises while nothing
+cancelled it fails only that attempt too. Any other ``BaseException`` (``SystemExit``,
+``KeyboardInterrupt``, ``GeneratorExit``, an application's own) stops the run: it travels
+through the task groups as a :class:`HandlerAborted` (asyncio lets a ``SystemExit`` escape the
+event loop from any task at once, skipping every clean-up), and ``Batch.run()`` raises the
+original once the leases and the lock are released.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import random
+import re
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,8 +28,8 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
-from ._context import ItemLogger, TaskContext, _Input
-from ._exceptions import PermanentError
+from ._context import InputFile, ItemLogger, TaskContext
+from ._exceptions import ConfigurationError, PermanentError
 from ._http import ItemHTTP
 from ._ledger import Outcome
 from ._queues import ItemQueue, LeasedItem, Outbox
@@ -29,7 +38,7 @@ from ._scanner import Entry, open_regular
 if TYPE_CHECKING:
     from ._runner import Run
 
-__all__ = ["WorkerPool", "error_text"]
+__all__ = ["HandlerAborted", "WorkerPool", "error_text"]
 
 #: ``Outcome._make``: builds the tuple in C, without NamedTuple's generated ``__new__``.
 _make_outcome = Outcome._make
@@ -39,14 +48,43 @@ log = logging.getLogger("asyncbatch")
 YIELD_EVERY = 0.001
 
 
+#: A URL: scheme, credentials (``user:password@``), the rest, then query string and fragment.
+_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^/\s@'\"]*@)?([^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL's credentials, query string and fragment left out."""
+    return _URL.sub(r"\1\2", text) if "://" in text else text
+
+
 def error_text(exc: BaseException) -> str:
     """``Type: message`` on one line: what the ledger stores as an item's last error.
 
-    Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes.
+    Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes; URLs
+    lose their credentials and query strings (httpx puts the whole URL in its messages).
     """
     text = str(exc).strip().replace("\r", " ").replace("\n", " ")
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = redact_urls(text.encode("utf-8", "backslashreplace").decode("utf-8"))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class HandlerAborted(Exception):
+    """A handler raised a ``BaseException`` that is not a cancellation: the run must stop.
+
+    Carries the original (``original``) and the item's relpath; ``Batch`` raises the original
+    again once the run has released everything.
+    """
+
+    def __init__(self, original: BaseException, relpath: str) -> None:
+        self.original = original
+        self.relpath = relpath
+        super().__init__(f"the handler raised {error_text(original)} for {relpath!r}")
+
+
+def _really_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (anyio cancels through asyncio)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass(slots=True, eq=False)
@@ -154,14 +192,9 @@ class WorkerPool:
         """Open the input, call the handler, and say how it went (never raises ``Exception``)."""
         cfg = self.config
         item.started = True
-        if item.attempts >= cfg.max_attempts:
-            # Every allowed attempt started and none finished: its runner died each time.
-            return self.failure(
-                item,
-                f"the runner stopped during attempt {item.attempts} of {cfg.max_attempts}",
-                permanent=True,
-            )
-        item.attempt = item.attempts + 1
+        if item.prior_interrupted >= cfg.max_interruptions:
+            return self.give_up(item)
+        item.attempt = item.prior_attempts + 1
         moved: Path | None = None
         try:
             try:
@@ -179,12 +212,22 @@ class WorkerPool:
         except OSError as exc:
             return self.failure(item, error_text(exc), permanent=exc.errno is None)
         try:
-            if cfg.identity != "path" and (
-                st.st_size != item.size or st.st_mtime_ns != item.mtime_ns
-            ):
-                return self.vanished(
-                    item, "the file changed after it was scanned; the new version is a new item"
-                )
+            stat: tuple[int, int, int] | None = None
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.inode):
+                if cfg.identity != "path" and (
+                    st.st_size != item.size or st.st_mtime_ns != item.mtime_ns
+                ):
+                    return self.vanished(
+                        item, "the file changed after it was scanned; the new version is a new item"
+                    )
+                if moved is None:
+                    # Identity "path": the file under the name is handled as it is now; what is
+                    # recorded (and what a post-commit action looks for) is this file.
+                    stat = item.size, item.mtime_ns, item.inode = (
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ino,
+                    )
             ctx = TaskContext(
                 entry=Entry(
                     cfg.source,
@@ -201,15 +244,26 @@ class WorkerPool:
                 fence=item.fence,
                 output_dir=cfg.output_dir,
                 hooks=self,
-                input_file=_Input(fd, st.st_size),
+                input_file=InputFile(fd, st.st_size),
             )
             try:
                 await self.run.handler(ctx)
             except PermanentError as exc:
                 return self.failure(item, error_text(exc), permanent=True, exc=exc)
+            except ConfigurationError:
+                raise  # e.g. ctx.write_output without an output_dir: no retry can help
             except Exception as exc:
                 return self.failure(item, error_text(exc), exc=exc)
-            return _make_outcome((item.key, item.fence, "done", None, None, self._on_done))
+            except BaseException as exc:
+                if _really_cancelled():
+                    raise
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    why = "CancelledError: the handler raised it, but nothing had cancelled it"
+                    return self.failure(item, why, exc=exc)
+                raise HandlerAborted(exc, os.fsdecode(item.relpath)) from exc
+            return _make_outcome(
+                (item.key, item.fence, "done", None, None, self._on_done, stat, True)
+            )
         finally:
             os.close(fd)
 
@@ -227,17 +281,26 @@ class WorkerPool:
         permanent: bool = False,
         exc: BaseException | None = None,
     ) -> Outcome:
-        """The outcome of a failed attempt: failed (retry with backoff) or dead."""
+        """The outcome of a failed attempt: failed (retry with backoff) or dead.
+
+        Attempts that the runner's death or stop cut short do not count against
+        ``max_attempts`` (they have their own budget, ``max_interruptions``).
+        """
         cfg = self.config
-        dead = permanent or item.attempt >= cfg.max_attempts
+        failures = item.prior_attempts - item.prior_interrupted + 1
+        dead = permanent or failures >= cfg.max_attempts
         logger = self.item_logger(item)
+        trace = ""
+        if exc is not None and logger.isEnabledFor(logging.DEBUG):
+            # The traceback, redacted like the error itself: exception messages carry URLs.
+            trace = "\n" + redact_urls("".join(traceback.format_exception(exc)).rstrip())
         logger.warning(
-            "item %s attempt %d %s: %s",
-            item.key,
+            "%r: attempt %d %s: %s%s",
+            os.fsdecode(item.relpath),
             item.attempt,
             "failed for good" if dead else "failed",
             error,
-            exc_info=exc if exc is not None and logger.isEnabledFor(logging.DEBUG) else None,
+            trace,
         )
         if dead:
             return Outcome(item.key, item.fence, "dead", error, None, cfg.on_dead.encode())
@@ -245,9 +308,20 @@ class WorkerPool:
         delay *= 0.5 + self._random.random() / 2
         return Outcome(item.key, item.fence, "failed", error, self.run.clock() + delay)
 
+    def give_up(self, item: LeasedItem) -> Outcome:
+        """Dead without running: its runner died or was stopped during too many attempts."""
+        cfg = self.config
+        error = (
+            f"given up on: the runner was killed or stopped during {item.prior_interrupted} of "
+            f"its {item.prior_attempts} attempts (max_interruptions={cfg.max_interruptions}); "
+            "does this file crash or stall its runner?"
+        )
+        self.item_logger(item).warning("%r: %s", os.fsdecode(item.relpath), error)
+        return Outcome(item.key, item.fence, "dead", error, None, cfg.on_dead.encode(), None, False)
+
     def vanished(self, item: LeasedItem, why: str) -> Outcome:
         """The outcome of an item whose file is gone (or changed) before it was handled."""
-        self.item_logger(item).info("item %s vanished: %s", item.key, why)
+        self.item_logger(item).info("%r vanished: %s", os.fsdecode(item.relpath), why)
         return Outcome(item.key, item.fence, "vanished", why)
 
     # -- what a TaskContext asks of its run (ContextHooks) -----------------------------------------

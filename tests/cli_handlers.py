@@ -38,3 +38,21 @@ async def fail_always(ctx: TaskContext) -> None:
 
 def not_async(ctx: TaskContext) -> None:
     """A synchronous function: refused as a handler."""
+
+
+async def system_exit(ctx: TaskContext) -> None:
+    """Raise SystemExit(3) for the second file; handle the others slowly."""
+    if ctx.entry.relpath.endswith("00001.txt"):
+        raise SystemExit(3)
+    await anyio.sleep(0.05)
+
+
+async def post_to(ctx: TaskContext) -> None:
+    """POST the input to AB_URL with ctx.http."""
+    response = await ctx.http.post(os.environ["AB_URL"], content=await ctx.read_bytes())
+    response.raise_for_status()
+
+
+async def move_to(ctx: TaskContext) -> None:
+    """Move the input to the directory AB_MOVE_TO with ctx.move."""
+    await ctx.move(os.environ["AB_MOVE_TO"])

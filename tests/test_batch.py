@@ -6,6 +6,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -400,3 +401,175 @@ async def test_reading_the_input_small_large_and_streamed(inbox: Path, state: Pa
         whole, streamed, head = seen[path.name]
         assert whole == streamed == path.read_bytes()
         assert head == path.read_bytes()[:10]
+
+
+# -- regressions of issue 14 ---------------------------------------------------------------------
+
+
+async def test_read_bytes_returns_every_byte_of_a_file_over_2_gib(inbox: Path, state: Path) -> None:
+    big = inbox / "big.bin"
+    size = (2 << 30) + 4096 + 3  # one pread returns at most 2 GiB - 4 KiB on Linux
+    with big.open("wb") as f:  # sparse: no disk space, read back as zeros
+        f.truncate(size - 3)
+        f.seek(size - 3)
+        f.write(b"end")
+    os.utime(big, (time.time() - 30,) * 2)
+    got: list[tuple[int, bytes]] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        data = await ctx.read_bytes()
+        got.append((len(data), data[-3:]))
+
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+
+    assert (report.done, report.dead) == (1, 0)
+    assert got == [(size, b"end")]
+
+
+async def test_an_input_that_changes_size_while_read_fails_its_attempt(
+    inbox: Path, state: Path
+) -> None:
+    (path,) = make_files(inbox, 1, size=100)
+
+    async def handle(ctx: TaskContext) -> None:
+        with path.open("r+b") as f:  # truncated under the reader after it was opened
+            f.truncate(10)
+        await ctx.read_bytes()
+
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+
+    assert (report.done, report.dead) == (0, 1)
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error == (
+        "InputChangedError: the input changed size while it was read: "
+        "100 bytes when opened, 10 read"
+    )
+
+
+class _Custom(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt(), GeneratorExit(), _Custom()])
+async def test_a_handler_raising_a_base_exception_stops_the_run_cleanly(
+    inbox: Path, state: Path, raised: BaseException
+) -> None:
+    make_files(inbox, 5)
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "f00002.txt":
+            raise raised
+        await anyio.sleep(0.01)
+
+    with anyio.fail_after(20), pytest.raises(type(raised)) as info:
+        await Batch(handle, source=inbox, state=state, concurrency=2).run()
+
+    assert info.value is raised
+    assert any("raised by the handler for 'f00002.txt'" in n for n in info.value.__notes__)
+    assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
+    assert rows(state, "SELECT count(*) FROM items WHERE state = 'running'") == [(0,)]
+    ((status,),) = rows(state, "SELECT exit_status FROM runs")
+    assert (
+        status
+        == f"error: the handler raised {type(raised).__name__}"
+        + (": 3" if isinstance(raised, SystemExit) else "")
+        + " for 'f00002.txt'"
+    )
+
+
+async def test_a_stray_cancelled_error_from_a_handler_fails_only_that_attempt(
+    inbox: Path, state: Path
+) -> None:
+    import asyncio
+
+    make_files(inbox, 5)
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "f00001.txt":
+            raise asyncio.CancelledError  # nothing cancelled it
+
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+
+    assert (report.done, report.dead, report.ok) == (4, 1, False)
+    ((error,),) = rows(state, "SELECT last_error FROM items WHERE state = 'dead'")
+    assert error.startswith("CancelledError: the handler raised it, but nothing had cancelled it")
+    assert rows(state, "SELECT exit_status FROM runs") == [("failed",)]
+
+
+async def test_a_watch_goes_on_after_a_stray_cancelled_error(inbox: Path, state: Path) -> None:
+    import asyncio
+
+    make_files(inbox, 1)
+    calls: list[int] = []
+    batch: Batch
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise asyncio.CancelledError
+        batch.stop()
+
+    batch = Batch(handle, source=inbox, state=state, backoff=0, poll=0.05)
+    with anyio.fail_after(20):
+        report = await batch.watch()
+    assert calls == [1, 2]
+    assert (report.done, report.failed, report.stopped) == (1, 1, True)
+
+
+async def test_attempts_cut_short_by_stops_do_not_spend_the_failure_budget(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+    runs: list[tuple[str, int]] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        runs.append((ctx.entry.relpath, ctx.attempt))
+        if ctx.entry.relpath == "f00000.txt" and ctx.attempt == 3:
+            return  # it succeeds once its runner lives long enough
+        await anyio.sleep(30)
+
+    def batch() -> Batch:
+        return Batch(
+            handle, source=inbox, state=state, max_attempts=1, max_interruptions=3, concurrency=2
+        )
+
+    for _ in range(3):
+        with anyio.move_on_after(1.0):  # the run dies with its items in their handler
+            await batch().run()
+    report = await batch().run()
+
+    # f00000 was cut short twice, yet max_attempts=1 did not make it dead; f00001, cut short
+    # as often as max_interruptions allows, is given up on without running a fourth time.
+    assert (report.done, report.dead) == (0, 1)
+    assert [n for name, n in runs if name == "f00001.txt"] == [1, 2, 3]
+    assert rows(
+        state,
+        "SELECT relpath, state, attempts, interrupted, last_error FROM items ORDER BY relpath",
+    ) == [
+        (b"f00000.txt", "done", 3, 2, None),
+        (
+            b"f00001.txt",
+            "dead",
+            3,
+            3,
+            "given up on: the runner was killed or stopped during 3 of its 3 attempts "
+            "(max_interruptions=3); does this file crash or stall its runner?",
+        ),
+    ]
+
+
+async def test_settings_beyond_their_bounds_are_refused_with_the_value(
+    inbox: Path, state: Path
+) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    settings: dict[str, Any] = {
+        "settle": 1e308,
+        "lease": 1e12,
+        "concurrency": 1_000_000,
+        "claim_batch": 100_000,
+    }
+    for setting, value in settings.items():
+        with pytest.raises(ConfigurationError, match=f"setting '{setting}' has value"):
+            Batch(handle, source=inbox, state=state, **{setting: value})

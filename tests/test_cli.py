@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from .conftest import (
     kill,
     make_files,
     rows,
+    spawn,
     start_recording,
     state_counts,
     wait_for,
@@ -339,3 +341,217 @@ def test_retry_by_a_name_that_is_not_utf8(inbox: Path, state: Path) -> None:
     )
     assert retried.returncode == 0, retried.stderr
     assert b"1 failed or dead item put back" in retried.stdout
+
+
+# -- regressions of issue 14 ---------------------------------------------------------------------
+
+NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+
+
+def test_a_handler_raising_system_exit_exits_70_promptly(inbox: Path, state: Path) -> None:
+    make_files(inbox, 6)
+    started = time.monotonic()
+    result = cli(
+        "run",
+        f"{HANDLERS}:system_exit",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "2",
+        timeout=60,
+    )
+    assert time.monotonic() - started < 30
+    assert result.returncode == 70, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "SystemExit: 3" in line
+    assert "raised by the handler for 'f00001.txt'" in line
+    assert rows(state, "SELECT count(*) FROM items WHERE state = 'running'") == [(0,)]
+    ((status,),) = rows(state, "SELECT exit_status FROM runs")
+    assert status == "error: the handler raised SystemExit: 3 for 'f00001.txt'"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--settle", "1e308"), ("-j", "1000000"), ("--lease", "1e20"), ("--claim-batch", "99999")],
+)
+def test_number_options_beyond_their_bounds_exit_2(
+    inbox: Path, state: Path, flag: str, value: str
+) -> None:
+    make_files(inbox, 1)
+    result = cli("run", RECORD, "--source", inbox, "--state", state, flag, value)
+    assert_one_line_error(result, value)
+    assert not state.exists()
+
+
+def test_logs_never_show_credentials_query_strings_or_the_ledger_secret(
+    inbox: Path, state: Path
+) -> None:
+    from .servers import RealServer, respond
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await respond(send, 404, b"{}")
+
+    make_files(inbox, 1)
+    with RealServer(failing) as server:
+        url = server.url.replace("http://", "http://user:PASSWD123@") + "/fail?token=SECRETQ"
+        result = cli(
+            "run",
+            f"{HANDLERS}:post_to",
+            "--source",
+            inbox,
+            "--state",
+            state,
+            "--max-attempts",
+            "1",
+            "--log-level",
+            "DEBUG",
+            env={"AB_URL": url},
+        )
+    assert result.returncode == 1, result.stderr
+    ((secret,),) = rows(state, "SELECT value FROM meta WHERE name = 'secret'")
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert "404" in error
+    assert "/fail" in error
+    shown = [result.stderr, result.stdout, error, cli("failures", "--state", state).stdout]
+    for text in shown:
+        for leak in ("PASSWD123", "SECRETQ", secret):
+            assert leak not in text
+
+
+def test_a_state_deleted_under_a_running_runner_stops_it(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 120)
+    log = tmp_path / "calls.log"
+    proc = start_recording(inbox, state, log, jobs=2, sleep=0.05)
+    try:
+        wait_for(lambda: sum(invocations(log).values()) >= 4)
+        state.unlink()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill(proc)
+    assert proc.returncode == 2, err
+    assert "was deleted while this runner was using it" in err
+    assert "Traceback" not in err
+    assert sum(invocations(log).values()) < 120
+
+
+@needs_root
+def test_a_state_on_a_read_only_mount_says_so_and_can_still_be_read(
+    inbox: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 3)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mount], check=True)
+    try:
+        state = mount / "state.db"
+        assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+        subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
+        result = cli("run", RECORD, "--source", inbox, "--state", state)
+        assert_one_line_error(result, "cannot be written", "read-only file system")
+        status = cli("status", "--state", state, "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["counts"]["done"] == 3
+        assert sorted(p.name for p in mount.iterdir()) == ["state.db"]
+    finally:
+        subprocess.run(["umount", mount], check=False)
+
+
+def test_a_deleted_wal_is_named_as_such_not_as_a_foreign_file(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 300)
+    log = tmp_path / "calls.log"
+    proc = start_recording(inbox, state, log, jobs=2, sleep=0.05)
+    wal = state.with_name(state.name + "-wal")
+    try:
+        wait_for(lambda: wal.exists() and sum(invocations(log).values()) > 10)
+        wal.unlink()  # while its runner lives
+        result = cli("status", "--state", state)
+    finally:
+        kill(proc)
+    assert_one_line_error(result, "disk I/O error", "-wal file was deleted", "-shm")
+    assert "not a usable" not in result.stderr
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None,
+    reason="needs setpriv to drop root's file access override",
+)
+def test_status_of_a_read_only_state_leaves_no_file_behind(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    state.chmod(0o444)
+    prefix = NO_DAC if os.geteuid() == 0 else []
+    status = cli("status", "--state", state, "--json", prefix=prefix)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] == 3
+    assert sorted(p.name for p in state.parent.iterdir() if p.name.startswith("state")) == [
+        "state.db"
+    ]
+    refused = cli("run", RECORD, "--source", inbox, "--state", state, prefix=prefix)
+    assert_one_line_error(refused, "cannot be written", "may not write it")
+    state.chmod(0o644)
+    again = cli("run", RECORD, "--source", inbox, "--state", state, prefix=prefix)
+    assert again.returncode == 0, again.stderr
+
+
+def test_an_interrupted_move_across_filesystems_leaves_no_partial_copy(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem")
+    target = shm / f"asyncbatch-test-{os.getpid()}-{time.monotonic_ns()}"
+    target.mkdir()
+    data = os.urandom(1 << 20) * 300  # 300 MiB: the copy takes a while
+
+    def copying() -> bool:
+        return any(p.name.startswith(".asyncbatch-tmp-") for p in target.iterdir())
+
+    try:
+        for _ in range(5):  # until a kill lands during the copy
+            (inbox / "big.bin").write_bytes(data)
+            os.utime(inbox / "big.bin", (time.time() - 30,) * 2)
+            proc = spawn(
+                "run",
+                f"{HANDLERS}:move_to",
+                "--source",
+                inbox,
+                "--state",
+                state,
+                "--no-progress",
+                env={"AB_MOVE_TO": str(target)},
+            )
+
+            wait_for(lambda p=proc: copying() or p.poll() is not None, interval=0.002)
+            kill(proc)
+            if copying():
+                break
+            for p in target.iterdir():
+                p.unlink()
+            state.unlink()
+        else:
+            pytest.skip("no kill landed during the copy in 5 tries")
+        result = cli(
+            "run",
+            f"{HANDLERS}:move_to",
+            "--source",
+            inbox,
+            "--state",
+            state,
+            env={"AB_MOVE_TO": str(target)},
+        )
+        assert result.returncode == 0, result.stderr
+        assert [p.name for p in target.iterdir()] == ["big.bin"]
+        assert (target / "big.bin").read_bytes() == data
+        assert list(inbox.iterdir()) == []
+    finally:
+        for p in target.iterdir():
+            p.unlink()
+        target.rmdir()

@@ -182,3 +182,31 @@ def test_sigint_exits_130_and_the_next_run_finishes(
     assert final.returncode == 0, final.stderr
     assert state_counts(state) == {"done": 60}
     assert max(invocations(log).values()) == 1  # graceful: nothing was cut off and redone
+
+
+def test_kills_during_attempts_never_make_an_item_dead_under_the_default_budgets(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 24, size=3 << 20)  # 3 MiB inputs, as in the report of issue 14
+    log = tmp_path / "calls.log"
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.4"}
+    args = ("run", RECORD, "--source", inbox, "--state", state, "-j", "4", "--no-progress")
+    for _ in range(6):  # each kill lands while four items are in their handler
+        before = sum(invocations(log).values())
+        proc = spawn(*args, env=env)
+        wait_for(
+            lambda b=before, p=proc: sum(invocations(log).values()) >= b + 4 or p.poll() is not None
+        )
+        time.sleep(0.1)
+        kill(proc)
+
+    final = cli(*args, env=env)
+
+    assert final.returncode == 0, final.stderr
+    assert state_counts(state) == {"done": 24}
+    # Each item's attempts are its interrupted ones plus the one that finished.
+    for relpath, attempts, interrupted in rows(
+        state, "SELECT relpath, attempts, interrupted FROM items"
+    ):
+        assert attempts == interrupted + 1, (relpath, attempts, interrupted)
+    assert max(n for (n,) in rows(state, "SELECT interrupted FROM items")) >= 3

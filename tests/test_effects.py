@@ -485,3 +485,122 @@ async def test_a_failed_post_commit_action_is_reported(
 
     assert (report.done, report.post_failed, report.ok) == (3, 3, True)
     assert "3 post-commit actions failed" in str(report)
+
+
+# -- regressions of issue 14 ---------------------------------------------------------------------
+
+
+def _write_settled(path: Path, data: bytes, age: float = 60.0) -> None:
+    path.write_bytes(data)
+    os.utime(path, (time.time() - age,) * 2)
+
+
+@pytest.mark.parametrize("on_done", ["delete", "move"])
+async def test_a_newer_file_under_a_done_name_is_never_deleted_or_archived_unhandled(
+    inbox: Path, state: Path, tmp_path: Path, on_done: str
+) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    action = "delete" if on_done == "delete" else f"move:{archive}"
+    handled: list[bytes] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(await ctx.read_bytes())
+
+    report = inbox / "report.csv"
+    _write_settled(report, b"v1")
+    await Batch(handle, source=inbox, state=state, identity="path", on_done=action).run()
+    assert not report.exists()
+    # A different v2 under the done name, its mtime a minute in the past: identity "path"
+    # handles each name once, so v2 is not handled, and must then be left where it is.
+    _write_settled(report, b"version 2")
+    await Batch(handle, source=inbox, state=state, identity="path", on_done=action).run()
+
+    assert handled == [b"v1"]
+    assert report.read_bytes() == b"version 2"
+    assert [p.read_bytes() for p in archive.iterdir()] == ([b"v1"] if on_done == "move" else [])
+
+
+async def test_content_identity_never_deletes_another_name_with_the_same_bytes(
+    inbox: Path, state: Path
+) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    _write_settled(inbox / "a.csv", b"same bytes")
+    await Batch(handle, source=inbox, state=state, identity="content", on_done="delete").run()
+    _write_settled(inbox / "b.csv", b"same bytes")
+    report = await Batch(
+        handle, source=inbox, state=state, identity="content", on_done="delete"
+    ).run()
+
+    assert report.done == 0
+    assert [p.name for p in inbox.iterdir()] == ["b.csv"]
+
+
+async def test_path_identity_records_the_file_it_handled_for_the_post_action(
+    inbox: Path, state: Path
+) -> None:
+    first, report = inbox / "a.csv", inbox / "report.csv"
+    _write_settled(first, b"first", age=120)
+    _write_settled(report, b"v1")
+    handled: list[bytes] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(await ctx.read_bytes())
+        if ctx.entry.relpath == "a.csv":
+            # report.csv is scanned and leased already; rewrite it before its turn.
+            _write_settled(inbox / "new.tmp", b"version 2, longer")
+            os.replace(inbox / "new.tmp", report)
+
+    await Batch(handle, source=inbox, state=state, identity="path", concurrency=1).run()
+
+    # "path" handles the name as it is when opened; the ledger keeps that file's size, mtime
+    # and inode, which a post-commit action of a later run checks before touching the file.
+    assert handled == [b"first", b"version 2, longer"]
+    st = report.stat()
+    assert rows(
+        state, "SELECT size, mtime_ns, inode FROM items WHERE relpath = ?", (b"report.csv",)
+    ) == [(st.st_size, st.st_mtime_ns, st.st_ino)]
+
+
+async def test_write_output_never_follows_a_symlink_inside_the_output_dir(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "link").symlink_to(Path("..") / "outside")
+    errors: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.write_output("nested/deeper/ok.txt", b"fine")
+        try:
+            await ctx.write_output("link/escaped.txt", b"x")
+        except EffectError as e:
+            errors.append(str(e))
+
+    report = await Batch(handle, source=inbox, state=state, output_dir=out).run()
+
+    assert report.done == 1
+    assert list(outside.iterdir()) == []
+    assert (out / "nested" / "deeper" / "ok.txt").read_bytes() == b"fine"
+    assert errors == [
+        "cannot write 'link/escaped.txt': 'link' in its path is a symbolic link or not a "
+        "directory; outputs are only written inside the output directory"
+    ]
+
+
+async def test_write_output_without_an_output_dir_stops_the_run(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    calls: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.key)
+        await ctx.write_output("x.txt", b"x")
+
+    with pytest.raises(ConfigurationError, match=r"ctx.write_output needs Batch\(output_dir=...\)"):
+        await Batch(handle, source=inbox, state=state, concurrency=1).run()
+    assert len(calls) == 1, "not retried as a transient failure"
+    assert state_counts(state) == {"pending": 3}

@@ -141,6 +141,10 @@ class Store:
         """Pretend a newer asyncbatch wrote this ledger."""
         raise NotImplementedError
 
+    async def make_first_version(self) -> None:
+        """Write a ledger as asyncbatch 0.1 did (schema version 1), holding one failed item."""
+        raise NotImplementedError
+
 
 class SqliteStore(Store):
     """A SQLite ledger file."""
@@ -174,6 +178,18 @@ class SqliteStore(Store):
         db.commit()
         db.close()
 
+    async def make_first_version(self) -> None:
+        db = sqlite3.connect(self.path)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(sqlite_sql.MIGRATIONS[0])
+        db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+        db.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
+        db.execute(_FIRST_VERSION_ITEM.replace("$", "?"), ("k00001", b"f00001", time.time() - 1))
+        db.commit()
+        db.close()
+
 
 class PostgresStore(Store):
     """A PostgreSQL ledger in its own schema."""
@@ -199,6 +215,34 @@ class PostgresStore(Store):
 
     async def set_schema_version(self, version: int) -> None:
         await self.fetch("UPDATE meta SET value = $1 WHERE name = 'schema_version'", str(version))
+
+    async def make_first_version(self) -> None:
+        conn = await asyncpg.connect(self.state, timeout=10)
+        try:
+            schema = PostgresDSN.parse(self.state).schema
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(pg_sql.MIGRATIONS[0])
+            await conn.execute(
+                "INSERT INTO meta VALUES ('application', 'asyncbatch'), ('schema_version', '1'),"
+                " ('secret', $1), ('created_at', '0')",
+                "ab" * 32,
+            )
+            await conn.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
+            await conn.execute(
+                _FIRST_VERSION_ITEM.replace("$3", "extract(epoch FROM now()) - 1"),
+                "k00001",
+                b"f00001",
+            )
+        finally:
+            await conn.close()
+
+
+#: A failed item due for a retry, as asyncbatch 0.1 wrote it: $1 key, $2 relpath, $3 due at.
+_FIRST_VERSION_ITEM = """
+INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fence,
+                   started_fence, next_attempt_at, last_error, created_at, updated_at)
+VALUES ('j', $1, $2, 10, 1001, 501, 'failed', 1, 1, 1, $3, 'ValueError: x', 0, 0)
+"""
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -256,6 +300,19 @@ async def test_a_newer_schema_is_refused_untouched(store: Store) -> None:
     with pytest.raises(SchemaVersionError):
         await store.open(create=False)
     assert await store.fetch("SELECT job, identity FROM jobs") == [("j", "stat")]
+
+
+async def test_a_ledger_of_the_first_schema_is_upgraded_in_place(store: Store) -> None:
+    await store.make_first_version()
+    with pytest.raises(LedgerError, match="schema version 1; run 'asyncbatch run'"):
+        await store.open(create=False)
+    async with await store.open() as ledger:
+        assert await ledger.meta("secret") == "ab" * 32
+        (row,) = await ledger.claim_waiting("j", "me", 60, 10)
+        assert (row.key, row.attempts, row.interrupted, row.fence) == ("k00001", 1, 0, 2)
+        assert await ledger.move_destinations("j") == []
+    async with await store.open(create=False) as ledger:
+        assert (await ledger.counts("j"))["running"] == 1
 
 
 async def test_the_secret_is_made_once_and_kept(store: Store) -> None:
@@ -457,10 +514,16 @@ async def test_dead_rows_and_due_post_actions_come_back_from_a_claim(ledger: Led
             Outcome("k00003", 1, "done"),
         ],
     )
-    again = sorted(await ledger.claim_scanned("j", "b", 60, rows))
+    # The same names scanned again, rewritten since (identity "path" keeps their keys): the
+    # rows come back with the file that was handled, not the one just scanned.
+    rewritten = [
+        (key, relpath, size + 1, mtime_ns + 1, inode + 1)
+        for key, relpath, size, mtime_ns, inode in rows
+    ]
+    again = sorted(await ledger.claim_scanned("j", "b", 60, rewritten))
     assert again == [
-        ClaimedRow("k00001", "dead", 1, 1, "move:/tmp/dead"),
-        ClaimedRow("k00002", "done", 1, 1, "delete"),
+        ClaimedRow("k00001", "dead", 1, 1, 0, "move:/tmp/dead", b"f00001", 10, 1001, 501),
+        ClaimedRow("k00002", "done", 1, 1, 0, "delete", b"f00002", 10, 1002, 502),
     ]
     counts = await ledger.counts("j")
     assert counts == {"pending": 0, "running": 0, "done": 2, "failed": 0, "dead": 1, "vanished": 0}
@@ -520,6 +583,59 @@ async def test_attempts_are_counted_once_per_lease_when_they_start(
     assert await ledger.commit_outcomes("j", "me", [], [(a.key, 1)]) == set()  # not reported
     await ledger.commit_outcomes("j", "other", [Outcome(a.key, 2, "failed", "x", None)])
     assert (await items(store))[0] == ("k00001", "failed", "other", 2, 2)
+
+
+async def test_interrupted_attempts_are_counted_apart_from_failures(
+    ledger: LedgerLike, store: Store
+) -> None:
+    (a,) = await ledger.claim_scanned("j", "me", SHORT, [entry(1)])
+    await ledger.commit_outcomes("j", "me", [], [(a.key, a.fence)])  # it started; then we died
+    await anyio.sleep(PAST_SHORT)
+    (b,) = await ledger.claim_scanned("j", "other", 60, [entry(1)])
+    assert (b.fence, b.attempts, b.interrupted) == (2, 1, 1)
+    # Started, then given back by a runner that stopped: interrupted too.
+    await ledger.commit_outcomes("j", "other", [], [(b.key, b.fence)])
+    await ledger.release_items("j", "other", [(b.key, b.fence, True)])
+    (c,) = await ledger.claim_waiting("j", "third", 60, 10)
+    assert (c.attempts, c.interrupted) == (2, 2)
+    # Leased and given back before it started: nothing counted.
+    await ledger.release_items("j", "third", [(c.key, c.fence, False)])
+    (c,) = await ledger.claim_waiting("j", "third", 60, 10)
+    assert (c.attempts, c.interrupted) == (2, 2)
+    # A failure is an attempt, not an interruption.
+    failed = Outcome(c.key, c.fence, "failed", "ValueError: x", time.time() - 1)
+    assert await ledger.commit_outcomes("j", "third", [failed]) == set()
+    (d,) = await ledger.claim_waiting("j", "third", 60, 10)
+    assert (d.attempts, d.interrupted) == (3, 2)
+    # Given up on without running: no attempt is counted for it.
+    gave_up = Outcome(d.key, d.fence, "dead", "given up", None, None, None, False)
+    assert await ledger.commit_outcomes("j", "third", [gave_up]) == set()
+    assert await store.fetch("SELECT state, attempts, interrupted FROM items") == [("dead", 3, 2)]
+    (info,) = await ledger.failures("j", 10)
+    assert (info.attempts, info.interrupted) == (3, 2)
+    # An operator's retry starts both counts afresh.
+    assert await ledger.retry("j", None, dead=True) == 1
+    (e,) = await ledger.claim_waiting("j", "fourth", 60, 10)
+    assert (e.attempts, e.interrupted) == (0, 0)
+
+
+async def test_a_failed_attempt_keeps_the_record_of_its_move(
+    ledger: LedgerLike, store: Store
+) -> None:
+    (row,) = await ledger.claim_scanned("j", "a", 60, [entry(1)])
+    assert await ledger.record_move("j", "a", row.key, row.fence, "/archive/f00001")
+    assert await ledger.move_destinations("j") == ["/archive/f00001"]
+    failed = Outcome(row.key, row.fence, "failed", "ValueError: after the move", time.time() - 1)
+    await ledger.commit_outcomes("j", "a", [failed])
+    (again,) = await ledger.claim_waiting("j", "a", 60, 10)
+    assert again.post_action == "moved:/archive/f00001"
+    done = Outcome(again.key, again.fence, "done", None, None, "delete", (11, 2002, 777))
+    await ledger.commit_outcomes("j", "a", [done])
+    assert await ledger.move_destinations("j") == []
+    # A done outcome with a stat records the file that was handled.
+    assert await store.fetch("SELECT size, mtime_ns, inode, post_action FROM items") == [
+        (11, 2002, 777, "delete")
+    ]
 
 
 async def test_release_puts_items_back_without_undoing_started_attempts(

@@ -146,3 +146,33 @@ def test_records_sort_by_mtime_then_relpath(entries: list[tuple[int, bytes, int,
     for record, (mtime, rel, size, inode) in zip(records, decoded, strict=True):
         assert pack(mtime, rel, size, inode) == record
         assert split(record)[0] == rel
+
+
+def _deep_directory(root: Path, depth: int, name: bytes) -> int:
+    """Make ``root/name/name/...`` ``depth`` levels deep (past PATH_MAX); return the last fd."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+async def test_a_tree_deeper_than_path_max_is_skipped_with_a_warning(
+    inbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_files(inbox, 2)
+    fd = _deep_directory(inbox, 30, b"d" * 200)  # 30 x 201 bytes: past 4,096
+    try:
+        file_fd = os.open("deep.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.close(file_fd)
+    finally:
+        os.close(fd)
+    make_files(inbox / "d", 1, prefix="shallow")  # a shallow directory beside it is walked
+
+    records = await scanner(inbox, recursive=True).scan(settle=0)
+
+    found = names(records)
+    assert sorted(found) == [b"d/shallow00000.txt", b"f00000.txt", b"f00001.txt"]
+    assert any("longer than the system allows" in r.getMessage() for r in caplog.records)
