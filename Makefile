@@ -36,7 +36,7 @@ $(TEST): $(BIN)/python pyproject.toml
 	touch $(RUN) $@
 
 demo: $(RUN)
-	$(BIN)/asyncbatch demo --dir demo --files 3000
+	$(BIN)/asyncbatch demo --dir demo --files 1000
 
 lint: $(TEST)
 	$(BIN)/ruff check asyncbatch tests examples benchmarks

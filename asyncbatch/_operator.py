@@ -381,6 +381,6 @@ def add_operator_commands(
         help="where to put the demo: a new or empty directory, or an earlier demo's, which "
         "is replaced (default: %(default)s)",
     )
-    p.add_argument("--files", type=positive_int, default=3000, help="inputs to make (3000)")
+    p.add_argument("--files", type=positive_int, default=1000, help="inputs to make (1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     add_logging(p)
