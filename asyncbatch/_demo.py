@@ -119,7 +119,7 @@ async def demo(args: argparse.Namespace) -> int:
     inbox, out, state = base / "inbox", base / "out", base / "state.db"
     removed = await anyio.to_thread.run_sync(prepare, base)
     if removed:
-        print(f"demo {base}: removed the {removed} files of the earlier demo there")
+        print(f"demo {base}: removed the earlier demo's {removed} files (inputs, outputs, ledger)")
     made = await anyio.to_thread.run_sync(make_inbox, inbox, args.files)
     out.mkdir(parents=True, exist_ok=True)
     print(f"inbox {inbox}: {made} new files; outputs {out}; ledger {state}")

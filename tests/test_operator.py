@@ -214,7 +214,7 @@ def test_a_second_demo_in_the_same_dir_starts_afresh_and_spares_other_files(
     second = cli("demo", "--dir", base, "--files", "25", "--no-progress")
     assert second.returncode == 0, second.stderr
     out = second.stdout
-    removed = re.search(r"removed the (\d+) files of the earlier demo", out)
+    removed = re.search(r"removed the earlier demo's (\d+) files", out)
     assert removed, out
     assert 81 <= int(removed[1]) <= 83  # 40 inputs, 40 summaries, state.db (and -wal, -shm)
     run1 = out.split("== run 1: handle every file ==")[1].split("== run 2")[0]
