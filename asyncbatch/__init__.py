@@ -5,6 +5,10 @@ handled, its completion recorded exactly once, and its effects applied once when
 uses the idempotent tools on its context.
 """
 
+# The package's only version number: the build (flit_core) reads it from here, and
+# ``asyncbatch --version`` prints it.
+__version__ = "0.1.0"
+
 from ._batch import Batch as Batch
 from ._context import TaskContext as TaskContext
 from ._effects import atomic_write as atomic_write
@@ -27,8 +31,6 @@ from ._middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._report import Report as Report
 from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AsyncBatchError",

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import anyio
 
+from . import __version__
 from ._batch import Batch
 from ._config import MAX_CONCURRENCY, MAX_SECONDS
 from ._exceptions import AsyncBatchError, JobLockedError, LockLostError
@@ -103,8 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="asyncbatch",
         description="Reentrant batch jobs over the files of a directory.",
+        epilog="Run 'asyncbatch COMMAND --help' for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version and exit",
+    )
+    sub = parser.add_subparsers(
+        dest="command", title="commands", metavar="COMMAND", parser_class=_Parser
+    )
 
     run = sub.add_parser("run", help="handle every settled file once")
     run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
@@ -249,6 +259,9 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except UsageError as e:
         print(e, file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.command is None:  # a bare ``asyncbatch``: what it can do, not one terse line
+        print(parser.format_help(), end="", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     command: Callable[[argparse.Namespace], Awaitable[int]]

@@ -375,7 +375,12 @@ def add_operator_commands(
     p.add_argument("--limit", type=positive_int, default=50)
 
     p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
-    p.add_argument("--dir", default="demo", help="where to put the demo (default: demo)")
-    p.add_argument("--files", type=positive_int, default=3000)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--dir",
+        default="demo",
+        help="where to put the demo: a new or empty directory, or an earlier demo's, which "
+        "is replaced (default: %(default)s)",
+    )
+    p.add_argument("--files", type=positive_int, default=1000, help="inputs to make (1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     add_logging(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import asyncbatch
 from asyncbatch._sql import SCHEMA_VERSION
 
 from .conftest import (
@@ -113,6 +115,32 @@ def test_bad_flags_exit_2_with_one_line(
     result = cli("run", RECORD, "--source", inbox, "--state", state, *args)
     assert_one_line_error(result, *needles)
     assert not state.exists()
+
+
+def test_bare_command_prints_the_usage_and_every_command(tmp_path: Path) -> None:
+    result = cli(cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: asyncbatch [-h] [--version] COMMAND ...")
+    commands = ("run", "status", "failures", "retry", "locks", "unlock", "history", "demo")
+    listed = {line.split()[0] for line in result.stderr.splitlines() if line.startswith("    ")}
+    assert listed == set(commands)
+    assert "Traceback" not in result.stderr
+
+
+def test_version_flag_prints_the_package_version_and_exits_0(tmp_path: Path) -> None:
+    result = cli("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"asyncbatch {asyncbatch.__version__}\n",
+        "",
+    )
+    assert re.fullmatch(r"\d+\.\d+\.\d+", asyncbatch.__version__)
+    script = Path(sys.executable).with_name("asyncbatch")  # the console script beside python
+    installed = subprocess.run(
+        [script, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (installed.returncode, installed.stdout) == (0, result.stdout)
 
 
 def test_missing_and_non_directory_source(tmp_path: Path, state: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from .conftest import (
     make_files,
     rows,
     start_recording,
+    state_counts,
     wait_for,
 )
 
@@ -197,3 +199,46 @@ def test_demo_runs_twice_and_shows_status(tmp_path: Path) -> None:
     assert "0 done, 40 skipped" in out
     assert "last run:" in out
     assert len(list((tmp_path / "demo" / "out").iterdir())) == 40
+
+
+def test_a_second_demo_in_the_same_dir_starts_afresh_and_spares_other_files(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "demo"
+    first = cli("demo", "--dir", base, "--files", "40", "--no-progress")
+    assert first.returncode == 0, first.stderr
+    notes, mine = base / "notes.txt", base / "out" / "mine.txt"
+    notes.write_text("mine")
+    mine.write_text("mine too")
+
+    second = cli("demo", "--dir", base, "--files", "25", "--no-progress")
+    assert second.returncode == 0, second.stderr
+    out = second.stdout
+    removed = re.search(r"removed the earlier demo's (\d+) files", out)
+    assert removed, out
+    assert 81 <= int(removed[1]) <= 83  # 40 inputs, 40 summaries, state.db (and -wal, -shm)
+    run1 = out.split("== run 1: handle every file ==")[1].split("== run 2")[0]
+    assert "25 done, 0 skipped" in run1
+    assert "of 25 seen" in run1
+    assert "0 done, 25 skipped" in out.split("== run 2")[1]
+    assert state_counts(base / "state.db") == {"done": 25}
+    assert len(list((base / "inbox").iterdir())) == 25
+    assert sorted(p.name for p in (base / "out").iterdir()) == sorted(
+        [f"partner-{i:06d}.csv.summary" for i in range(25)] + ["mine.txt"]
+    )
+    assert notes.read_text() == "mine"
+    assert mine.read_text() == "mine too"
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    base = tmp_path / "work"
+    (base / "inbox").mkdir(parents=True)
+    precious = base / "inbox" / "partner-000000.csv"
+    precious.write_text("not the demo's")
+    result = cli("demo", "--dir", base, "--files", "5", "--no-progress")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert str(base) in line
+    assert ".asyncbatch-demo" in line
+    assert precious.read_text() == "not the demo's"
+    assert sorted(p.name for p in base.rglob("*")) == ["inbox", "partner-000000.csv"]
