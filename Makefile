@@ -51,7 +51,7 @@ pytest: $(TEST)
 test: lint typecheck pytest
 
 torture: $(TEST)
-	ASYNCBATCH_TORTURE=1 $(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -m slow tests
 
 bench: $(TEST)
 	$(INSTALL) -e '.[test,bench]'

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 from ._batch import Batch as Batch
 from ._context import TaskContext as TaskContext
-from ._effects import atomic_write as atomic_write
-from ._effects import idempotent_move as idempotent_move
-from ._effects import remove_stale_temp_files as remove_stale_temp_files
+from ._effects.files import atomic_write as atomic_write
+from ._effects.files import idempotent_move as idempotent_move
+from ._effects.files import remove_stale_temp_files as remove_stale_temp_files
 from ._exceptions import AsyncBatchError as AsyncBatchError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import EffectError as EffectError
@@ -26,8 +26,8 @@ from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
-from ._http import ItemHTTP as ItemHTTP
-from ._middleware import IdempotencyMiddleware as IdempotencyMiddleware
+from ._http.client import ItemHTTP as ItemHTTP
+from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._report import Report as Report
 from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry

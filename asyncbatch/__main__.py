@@ -1,6 +1,6 @@
 """``python -m asyncbatch``: the command line."""
 
-from ._cli import main
+from ._cli.main import main
 
 if __name__ == "__main__":
     main()

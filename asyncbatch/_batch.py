@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from . import _failpoints as failpoints
 from ._config import DEFAULT_UNSAFE_METHODS, BatchConfig, Durability, PostAction
 from ._exceptions import AsyncBatchError, ConfigurationError
 from ._identity import Identity
+from ._pipeline.runner import Handler, Mode, Run, unwrap_group
+from ._pipeline.workers import HandlerAborted
 from ._report import Report, Statistics
-from ._runner import Handler, Mode, Run, unwrap_group
-from ._workers import HandlerAborted
 
 if TYPE_CHECKING:
     import httpx
@@ -116,6 +117,8 @@ class Batch:
         commit_interval: float = 0.005,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if failpoints.PROBLEM is not None:
+            raise ConfigurationError(failpoints.PROBLEM)
         if not _is_async_callable(handler):
             raise ConfigurationError.bad_value(
                 "handler", getattr(handler, "__name__", handler), "an async function (async def)"

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ._actions import encode_action
+from ._effects.actions import encode_action
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
-from ._ledgers import PostgresDSN
+from ._ledger import PostgresDSN
 from ._scanner import ScanRules
 
 __all__ = ["MAX_CONCURRENCY", "MAX_SECONDS", "BatchConfig", "PostAction"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
 
-from ._effects import idempotent_move, write_under
+from ._effects.files import idempotent_move, write_under
 from ._exceptions import ConfigurationError, InputChangedError, LockLostError
 from ._scanner import Entry
 
@@ -19,13 +19,14 @@ if TYPE_CHECKING:
     from aiofiles.base import AiofilesContextManager
     from aiofiles.threadpool.binary import AsyncBufferedReader
 
-    from ._http import ItemHTTP
+    from ._http.client import ItemHTTP
 
 __all__ = ["INLINE_READ_MAX", "ContextHooks", "InputFile", "ItemLogger", "TaskContext"]
 
-#: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: a read
-#: from the page cache this small costs less than the ~100-300 us of a thread hop
-#: (benchmarks/RESULTS.md, "read threshold").
+#: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: from the
+#: page cache 256 KiB take ~8 us inline against ~90 us through a thread hop, and no read
+#: stalls the loop much longer; larger ones go to a thread (benchmarks/RESULTS.md, "Reading
+#: an input: inline or in a thread").
 INLINE_READ_MAX = 256 * 1024
 
 

@@ -5,9 +5,9 @@ The tree::
     AsyncBatchError
      ├── ConfigurationError       a bad setting, named with its value (CLI exit 2)
      │    └── HandlerImportError  TARGET could not be imported or is not callable
-     ├── LedgerError              the state store failed or is not usable (CLI exit 2)
-     │    ├── NotALedgerError     the state file is not an asyncbatch ledger (left untouched)
-     │    └── SchemaVersionError  the ledger was written by a newer asyncbatch (left untouched)
+     ├── LedgerError              the state store is unavailable or failing (CLI exit 69)
+     │    ├── NotALedgerError     the state is not an asyncbatch ledger (left untouched; exit 2)
+     │    └── SchemaVersionError  the ledger was written by a newer asyncbatch (untouched; exit 2)
      ├── JobLockedError           another live runner holds the job lock (CLI exit 75)
      ├── LockLostError            this runner's job lock was taken over while it ran
      ├── PermanentError           raised by a handler: fail the item now, no retries

@@ -14,7 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-__all__ = ["ProcessIdentity", "holder_is_alive", "this_process"]
+__all__ = ["ProcessIdentity", "holder_is_dead", "this_process"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,21 +69,22 @@ def _pid_exists(pid: int) -> bool:
     return not (fields is not None and fields and fields[0] in ("Z", "X"))
 
 
-def holder_is_alive(holder: ProcessIdentity, *, me: ProcessIdentity | None = None) -> bool | None:
-    """Whether the recorded holder still runs.
+def holder_is_dead(holder: ProcessIdentity, *, me: ProcessIdentity | None = None) -> bool:
+    """Whether the recorded holder is known to have exited.
 
-    Returns ``True`` or ``False`` for a holder on this host, and ``None`` (unknown) for a holder
-    on another host: only its heartbeat can tell.
+    Only a holder on this host can be known dead: its pid is gone, is a zombie, or now belongs
+    to a process that started at another time. A holder on another host is never known dead
+    here (only its heartbeat can tell).
     """
     me = me or this_process()
     if holder.host != me.host:
-        return None
-    if holder.pid == me.pid:
-        return holder.pid_start == me.pid_start or holder.pid_start is None
-    if not _pid_exists(holder.pid):
         return False
+    if holder.pid == me.pid:
+        return holder.pid_start is not None and holder.pid_start != me.pid_start
+    if not _pid_exists(holder.pid):
+        return True
     if holder.pid_start is not None:
         current = process_start(holder.pid)
         if current is not None and current != holder.pid_start:
-            return False
-    return True
+            return True
+    return False

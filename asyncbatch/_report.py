@@ -101,6 +101,22 @@ class Counters:
     lost: int = 0
     failed_keys: set[str] = field(default_factory=set)
 
+    def record(self, key: str, state: str, *, attempted: bool) -> None:
+        """Count one committed outcome of this run (``attempted``: the handler ran)."""
+        if state == "done":
+            self.done += 1
+        elif state == "failed":
+            self.failed += 1
+            self.failed_keys.add(key)
+            return
+        elif state == "dead":
+            self.failed += attempted  # not attempted: given up on without running
+            self.dead += 1
+        else:
+            self.vanished += 1
+        if self.failed_keys:
+            self.failed_keys.discard(key)
+
     def snapshot(self, in_flight: int) -> Statistics:
         """A frozen view for progress displays."""
         return Statistics(

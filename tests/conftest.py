@@ -9,11 +9,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .postgres import Server, pg_sync, probe, require, with_schema
 
 HERE = Path(__file__).parent
 HANDLERS = HERE / "cli_handlers.py"
@@ -138,3 +141,18 @@ def inbox(tmp_path: Path) -> Path:
 def state(tmp_path: Path) -> Path:
     """Where the ledger goes (not created yet)."""
     return tmp_path / "state.db"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Server:
+    """The test PostgreSQL server, probed once per session (see tests/postgres.py)."""
+    return probe()
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: Server) -> Iterator[str]:
+    """A DSN whose ledger lives in a fresh schema, dropped after the test."""
+    require(postgres_server)
+    schema = f"abtest_{uuid.uuid4().hex[:12]}"
+    yield with_schema(postgres_server.dsn, schema)
+    pg_sync(postgres_server.dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import asyncbatch
-from asyncbatch._sql import SCHEMA_VERSION
+from asyncbatch._ledger.sqlite_sql import SCHEMA_VERSION
 
 from .conftest import (
     HANDLERS,
@@ -35,8 +35,10 @@ from .conftest import (
 RECORD = f"{HANDLERS}:record"
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], *needles: str, code: int = 2
+) -> None:
+    assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -462,7 +464,7 @@ def test_a_state_deleted_under_a_running_runner_stops_it(
         _, err = proc.communicate(timeout=30)
     finally:
         kill(proc)
-    assert proc.returncode == 2, err
+    assert proc.returncode == 69, err
     assert "was deleted while this runner was using it" in err
     assert "Traceback" not in err
     assert sum(invocations(log).values()) < 120
@@ -503,7 +505,7 @@ def test_a_deleted_wal_is_named_as_such_not_as_a_foreign_file(
         result = cli("status", "--state", state)
     finally:
         kill(proc)
-    assert_one_line_error(result, "disk I/O error", "-wal file was deleted", "-shm")
+    assert_one_line_error(result, "disk I/O error", "-wal file was deleted", "-shm", code=69)
     assert "not a usable" not in result.stderr
 
 

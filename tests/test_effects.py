@@ -24,9 +24,9 @@ from asyncbatch import (
     idempotent_move,
     remove_stale_temp_files,
 )
-from asyncbatch._actions import decode_action, encode_action
-from asyncbatch._effects import TEMP_PREFIX, _temp_name
-from asyncbatch._postactions import PostActions, keyed_name
+from asyncbatch._effects.actions import decode_action, encode_action
+from asyncbatch._effects.files import TEMP_PREFIX, _temp_name
+from asyncbatch._pipeline.postactions import PostActions, keyed_name
 from asyncbatch._procinfo import ProcessIdentity, this_process
 
 from .conftest import make_files, rows, state_counts
@@ -101,7 +101,7 @@ async def test_a_killed_writer_leaves_a_temp_that_the_next_batch_cleans(
     out.mkdir()
     script = (
         f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
-        "from asyncbatch._effects import _temp_name, _write_new, _write_all\n"
+        "from asyncbatch._effects.files import _temp_name, _write_new, _write_all\n"
         "from asyncbatch._procinfo import this_process\n"
         "from pathlib import Path\n"
         f"tmp = _temp_name(Path({str(out)!r}) / 'result.csv', this_process())\n"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from asyncbatch import Batch, TaskContext
-from asyncbatch._http import HTTPSettings, ItemHTTP, SharedClient
+from asyncbatch._http.client import HTTPSettings, ItemHTTP, SharedClient
 
 from .conftest import make_files, rows, state_counts
 from .servers import RealServer, Receive, Scope, Send, read_body, respond

@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from asyncbatch import Batch, IdempotencyMiddleware, TaskContext
-from asyncbatch._http import HTTPSettings, ItemHTTP, SharedClient
-from asyncbatch._middleware import ASGIApp, Message, Receive, Scope, Send
+from asyncbatch._http.client import HTTPSettings, ItemHTTP, SharedClient
+from asyncbatch._http.request import ASGIApp, Message, Receive, Scope, Send
 
 from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
 from .servers import RealServer

@@ -16,15 +16,15 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import asyncpg
 import pytest
 
@@ -35,18 +35,27 @@ from asyncbatch import (
     NotALedgerError,
     SchemaVersionError,
 )
-from asyncbatch import _pg_sql as pg_sql
-from asyncbatch import _sql as sqlite_sql
+from asyncbatch import _failpoints as failpoints
 from asyncbatch._config import BatchConfig
-from asyncbatch._ledger import ClaimedRow, Outcome
-from asyncbatch._ledgers import LedgerLike, PostgresDSN, open_ledger
-from asyncbatch._pg_ledger import PostgresLedger
-from asyncbatch._procinfo import ProcessIdentity, holder_is_alive, this_process
+from asyncbatch._ledger import (
+    STATES,
+    ClaimedRow,
+    Ledger,
+    Outcome,
+    PostgresDSN,
+    RunTotals,
+    StoredResponse,
+    open_ledger,
+    sqlite_sql,
+)
+from asyncbatch._ledger import postgres_sql as pg_sql
+from asyncbatch._ledger.postgres import PostgresLedger
+from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, this_process
 
 from .conftest import HANDLERS, cli, invocations, make_files, spawn
+from .postgres import pg_query, pg_sync
 
 RECORD = f"{HANDLERS}:record"
-DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 #: A short lease or TTL for the expiry tests, and how long to wait for it to pass.
 SHORT = 0.5
 PAST_SHORT = 0.8
@@ -55,64 +64,7 @@ PAST_SHORT = 0.8
 # -- the two backends ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Server:
-    """The PostgreSQL server the tests may use, or why there is none."""
-
-    dsn: str
-    error: str | None
-
-
-def _with_schema(dsn: str, schema: str) -> str:
-    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
-
-
-async def _pg(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        return [tuple(r) for r in await conn.fetch(query, *args)]
-    finally:
-        await conn.close()
-
-
-def pg_sync(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
-    """Run one query from synchronous test code."""
-    return asyncio.run(_pg(dsn, query, *args))
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Server:
-    """Probe the test server once per session."""
-    dsn = os.environ.get("ASYNCBATCH_TEST_POSTGRES", DEFAULT_POSTGRES)
-    try:
-        pg_sync(dsn, "SELECT 1")
-    except Exception as e:
-        return Server(dsn, f"{type(e).__name__}: {e}")
-    return Server(dsn, None)
-
-
-def _require(server: Server) -> None:
-    if server.error is None:
-        return
-    reason = (
-        f"PostgreSQL not reachable at {PostgresDSN.parse(server.dsn).redacted} "
-        f"(set ASYNCBATCH_TEST_POSTGRES to a server): {server.error}"
-    )
-    if os.environ.get("ASYNCBATCH_REQUIRE_POSTGRES"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def pg_dsn(postgres_server: Server) -> Iterator[str]:
-    """A DSN whose ledger lives in a fresh schema, dropped after the test."""
-    _require(postgres_server)
-    schema = f"abtest_{uuid.uuid4().hex[:12]}"
-    yield _with_schema(postgres_server.dsn, schema)
-    pg_sync(postgres_server.dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-async def waiting(ledger: LedgerLike) -> int:
+async def waiting(ledger: Ledger) -> int:
     """Items pending, or failed and waiting for a retry."""
     counts = await ledger.counts("j")
     return counts["pending"] + counts["failed"]
@@ -125,7 +77,7 @@ class Store:
     state: str
     schema_version: int
 
-    async def open(self, **kwargs: Any) -> LedgerLike:
+    async def open(self, **kwargs: Any) -> Ledger:
         """Open a ledger (its own connection) on this store."""
         return await open_ledger(self.state, **kwargs)
 
@@ -201,7 +153,7 @@ class PostgresStore(Store):
         self.state = dsn
 
     async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
-        return await _pg(self.state, query, *args)
+        return await pg_query(self.state, query, *args)
 
     async def assert_writer_not_blocked(self) -> None:
         conn = await asyncpg.connect(self.state, timeout=10)
@@ -255,7 +207,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-async def ledger(store: Store) -> AsyncIterator[LedgerLike]:
+async def ledger(store: Store) -> AsyncIterator[Ledger]:
     """An open ledger on the store."""
     async with await store.open() as opened:
         yield opened
@@ -325,7 +277,7 @@ async def test_the_secret_is_made_once_and_kept(store: Store) -> None:
         assert await ledger.meta("secret") == secret
 
 
-async def test_a_job_keeps_its_identity_mode(ledger: LedgerLike) -> None:
+async def test_a_job_keeps_its_identity_mode(ledger: Ledger) -> None:
     assert not await ledger.job_exists("j")
     assert await ledger.job_identity("j") is None
     await ledger.ensure_job("j", "stat")
@@ -341,7 +293,7 @@ async def test_a_job_keeps_its_identity_mode(ledger: LedgerLike) -> None:
 # -- the job lock --------------------------------------------------------------------------------
 
 
-async def test_a_live_lock_is_refused_and_names_its_holder(ledger: LedgerLike) -> None:
+async def test_a_live_lock_is_refused_and_names_its_holder(ledger: Ledger) -> None:
     me = this_process()
     assert await ledger.acquire_lock("j", "owner-a", me, 60, shared=False) is None
     with pytest.raises(JobLockedError, match=f"pid {me.pid} on host {me.host!r}") as info:
@@ -356,9 +308,9 @@ async def test_a_live_lock_is_refused_and_names_its_holder(ledger: LedgerLike) -
     assert abs(lock.expires_at - (time.time() + 60)) < 5
 
 
-async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: LedgerLike) -> None:
+async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: Ledger) -> None:
     gone = dead_process()
-    assert holder_is_alive(gone) is False
+    assert holder_is_dead(gone)
     await ledger.acquire_lock("j", "dead-owner", gone, 3600, shared=False)
     stale = await ledger.acquire_lock("j", "new-owner", this_process(), 60, shared=False)
     assert stale is not None
@@ -367,7 +319,7 @@ async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: LedgerLike) -> 
     assert lock.owner == "new-owner"
 
 
-async def test_an_expired_heartbeat_is_taken_over(ledger: LedgerLike) -> None:
+async def test_an_expired_heartbeat_is_taken_over(ledger: Ledger) -> None:
     await ledger.acquire_lock("j", "remote", OTHER_HOST, SHORT, shared=False)
     with pytest.raises(JobLockedError, match=r"elsewhere\.example"):
         await ledger.acquire_lock("j", "local", this_process(), 30, shared=False)
@@ -379,7 +331,7 @@ async def test_an_expired_heartbeat_is_taken_over(ledger: LedgerLike) -> None:
 
 
 async def test_a_shared_runner_clears_a_stale_lock_and_blocks_an_exclusive_one(
-    ledger: LedgerLike,
+    ledger: Ledger,
 ) -> None:
     me = this_process()
     await ledger.acquire_lock("j", "gone", dead_process(), 60, shared=False)
@@ -392,7 +344,7 @@ async def test_a_shared_runner_clears_a_stale_lock_and_blocks_an_exclusive_one(
         await ledger.acquire_lock("j", "exclusive", me, 60, shared=False)
 
 
-async def test_release_deletes_only_the_owners_lock(ledger: LedgerLike) -> None:
+async def test_release_deletes_only_the_owners_lock(ledger: Ledger) -> None:
     me = this_process()
     await ledger.acquire_lock("j", "owner-a", me, 60, shared=False)
     assert not await ledger.force_unlock("j", "owner-b")
@@ -403,7 +355,7 @@ async def test_release_deletes_only_the_owners_lock(ledger: LedgerLike) -> None:
 
 
 async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
-    ledger: LedgerLike,
+    ledger: Ledger,
 ) -> None:
     me = this_process()
     await ledger.acquire_lock("j", "a", me, SHORT, shared=False)
@@ -416,15 +368,15 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
         await ledger.acquire_lock("j", "b", OTHER_HOST, 60, shared=False)
     assert await ledger.claim_scanned("j", "b", 60, [entry(1)]) == []
     assert await ledger.reap_stale_runners("j", me) == 0
-    (_, _, _, shared, beat) = (await ledger.runners("j"))[0]
-    assert not shared
-    assert abs(beat - time.time()) < 5
+    (runner,) = await ledger.runners("j")
+    assert not runner.shared
+    assert abs(runner.heartbeat_at - time.time()) < 5
     # An operator removed the lock: the next heartbeat says so.
     assert await ledger.force_unlock("j", "a")
     assert not await ledger.heartbeat("j", "a", 60, [], holds_lock=True)
 
 
-async def test_heartbeat_reports_a_lost_runner_record(ledger: LedgerLike) -> None:
+async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger) -> None:
     await ledger.register_runner("j", "r", OTHER_HOST, SHORT, shared=True, mode="run")
     await anyio.sleep(PAST_SHORT)
     assert await ledger.reap_stale_runners("j", this_process()) == 0
@@ -432,7 +384,7 @@ async def test_heartbeat_reports_a_lost_runner_record(ledger: LedgerLike) -> Non
 
 
 async def test_the_items_of_a_runner_that_is_gone_are_put_back(
-    ledger: LedgerLike, store: Store
+    ledger: Ledger, store: Store
 ) -> None:
     me = this_process()
     await ledger.register_runner("j", "dead", dead_process(), 3600, shared=True, mode="run")
@@ -440,7 +392,7 @@ async def test_the_items_of_a_runner_that_is_gone_are_put_back(
     await ledger.claim_scanned("j", "dead", 60, [entry(1), entry(2)])
     await ledger.claim_scanned("j", "alive", 60, [entry(3)])
     assert await ledger.reap_stale_runners("j", me) == 2
-    assert [r[0] for r in await ledger.runners("j")] == ["alive"]
+    assert [r.owner for r in await ledger.runners("j")] == ["alive"]
     assert await items(store) == [
         ("k00001", "pending", None, 1, 0),
         ("k00002", "pending", None, 1, 0),
@@ -452,7 +404,7 @@ async def test_the_items_of_a_runner_that_is_gone_are_put_back(
 # -- claims and fencing --------------------------------------------------------------------------
 
 
-async def test_a_lease_is_exclusive_until_it_expires(ledger: LedgerLike, store: Store) -> None:
+async def test_a_lease_is_exclusive_until_it_expires(ledger: Ledger, store: Store) -> None:
     (first,) = await ledger.claim_scanned("j", "runner-a", SHORT, [entry(1)])
     # A new item is leased with fence 1; its attempt counts once it starts.
     assert (first.key, first.state, first.fence, first.attempts) == ("k00001", "running", 1, 0)
@@ -466,9 +418,7 @@ async def test_a_lease_is_exclusive_until_it_expires(ledger: LedgerLike, store: 
     assert await items(store) == [("k00001", "running", "runner-b", 2, 2)]
 
 
-async def test_a_lost_lease_cannot_mark_done_and_is_reported(
-    ledger: LedgerLike, store: Store
-) -> None:
+async def test_a_lost_lease_cannot_mark_done_and_is_reported(ledger: Ledger, store: Store) -> None:
     first, _ = sorted(await ledger.claim_scanned("j", "runner-a", SHORT, [entry(1), entry(2)]))
     await anyio.sleep(PAST_SHORT)
     (second,) = await ledger.claim_scanned("j", "runner-b", 60, [entry(1)])
@@ -490,7 +440,7 @@ async def test_a_lost_lease_cannot_mark_done_and_is_reported(
     assert first.key == "k00001"
 
 
-async def test_done_items_are_never_leased_again(ledger: LedgerLike) -> None:
+async def test_done_items_are_never_leased_again(ledger: Ledger) -> None:
     rows = [entry(i) for i in range(5)]
     claimed = await ledger.claim_scanned("j", "a", 60, rows)
     assert sorted(c.key for c in claimed) == [r[0] for r in rows]
@@ -502,7 +452,7 @@ async def test_done_items_are_never_leased_again(ledger: LedgerLike) -> None:
     assert await waiting(ledger) == 0
 
 
-async def test_dead_rows_and_due_post_actions_come_back_from_a_claim(ledger: LedgerLike) -> None:
+async def test_dead_rows_and_due_post_actions_come_back_from_a_claim(ledger: Ledger) -> None:
     rows = [entry(1), entry(2), entry(3)]
     await ledger.claim_scanned("j", "a", 60, rows)
     await ledger.commit_outcomes(
@@ -529,7 +479,7 @@ async def test_dead_rows_and_due_post_actions_come_back_from_a_claim(ledger: Led
     assert counts == {"pending": 0, "running": 0, "done": 2, "failed": 0, "dead": 1, "vanished": 0}
 
 
-async def test_vanished_items_are_claimed_again_when_seen(ledger: LedgerLike) -> None:
+async def test_vanished_items_are_claimed_again_when_seen(ledger: Ledger) -> None:
     await ledger.claim_scanned("j", "a", 60, [entry(1)])
     await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "vanished", "gone")])
     (row,) = await ledger.claim_scanned("j", "b", 60, [entry(1)])
@@ -556,7 +506,7 @@ async def test_two_runners_claiming_the_same_chunks_never_share_an_item(store: S
 
 
 async def test_attempts_are_counted_once_per_lease_when_they_start(
-    ledger: LedgerLike, store: Store
+    ledger: Ledger, store: Store
 ) -> None:
     rows = [entry(1), entry(2), entry(3)]
     a, b, c = sorted(await ledger.claim_scanned("j", "me", SHORT, rows))
@@ -586,7 +536,7 @@ async def test_attempts_are_counted_once_per_lease_when_they_start(
 
 
 async def test_interrupted_attempts_are_counted_apart_from_failures(
-    ledger: LedgerLike, store: Store
+    ledger: Ledger, store: Store
 ) -> None:
     (a,) = await ledger.claim_scanned("j", "me", SHORT, [entry(1)])
     await ledger.commit_outcomes("j", "me", [], [(a.key, a.fence)])  # it started; then we died
@@ -595,11 +545,11 @@ async def test_interrupted_attempts_are_counted_apart_from_failures(
     assert (b.fence, b.attempts, b.interrupted) == (2, 1, 1)
     # Started, then given back by a runner that stopped: interrupted too.
     await ledger.commit_outcomes("j", "other", [], [(b.key, b.fence)])
-    await ledger.release_items("j", "other", [(b.key, b.fence, True)])
+    await ledger.release_items("j", "other", [(b.key, b.fence)])
     (c,) = await ledger.claim_waiting("j", "third", 60, 10)
     assert (c.attempts, c.interrupted) == (2, 2)
     # Leased and given back before it started: nothing counted.
-    await ledger.release_items("j", "third", [(c.key, c.fence, False)])
+    await ledger.release_items("j", "third", [(c.key, c.fence)])
     (c,) = await ledger.claim_waiting("j", "third", 60, 10)
     assert (c.attempts, c.interrupted) == (2, 2)
     # A failure is an attempt, not an interruption.
@@ -619,9 +569,7 @@ async def test_interrupted_attempts_are_counted_apart_from_failures(
     assert (e.attempts, e.interrupted) == (0, 0)
 
 
-async def test_a_failed_attempt_keeps_the_record_of_its_move(
-    ledger: LedgerLike, store: Store
-) -> None:
+async def test_a_failed_attempt_keeps_the_record_of_its_move(ledger: Ledger, store: Store) -> None:
     (row,) = await ledger.claim_scanned("j", "a", 60, [entry(1)])
     assert await ledger.record_move("j", "a", row.key, row.fence, "/archive/f00001")
     assert await ledger.move_destinations("j") == ["/archive/f00001"]
@@ -639,12 +587,12 @@ async def test_a_failed_attempt_keeps_the_record_of_its_move(
 
 
 async def test_release_puts_items_back_without_undoing_started_attempts(
-    ledger: LedgerLike, store: Store
+    ledger: Ledger, store: Store
 ) -> None:
     a, b = sorted(await ledger.claim_scanned("j", "me", 60, [entry(1), entry(2)]))
     await ledger.commit_outcomes("j", "me", [], [(b.key, b.fence)])  # b started, a never did
-    await ledger.release_items("j", "me", [(a.key, a.fence, False), (b.key, b.fence, True)])
-    await ledger.release_items("j", "someone-else", [(a.key, a.fence, False)])  # not theirs
+    await ledger.release_items("j", "me", [(a.key, a.fence), (b.key, b.fence)])
+    await ledger.release_items("j", "someone-else", [(a.key, a.fence)])  # not theirs
     assert await items(store) == [
         ("k00001", "pending", None, 1, 0),
         ("k00002", "pending", None, 1, 1),
@@ -660,7 +608,7 @@ async def test_release_puts_items_back_without_undoing_started_attempts(
 
 
 async def test_claim_waiting_takes_the_oldest_first_and_only_due_retries(
-    ledger: LedgerLike,
+    ledger: Ledger,
 ) -> None:
     rows = [entry(i) for i in (5, 1, 4, 2, 3)]
     claimed = await ledger.claim_scanned("j", "a", 60, rows)
@@ -676,7 +624,7 @@ async def test_claim_waiting_takes_the_oldest_first_and_only_due_retries(
     await ledger.release_items(
         "j",
         "a",
-        [(c.key, c.fence, False) for c in claimed if c.key in ("k00003", "k00004", "k00005")],
+        [(c.key, c.fence) for c in claimed if c.key in ("k00003", "k00004", "k00005")],
     )
     assert await waiting(ledger) == 5
     due = await ledger.next_retry_at("j")
@@ -704,7 +652,7 @@ async def test_two_connections_claiming_waiting_items_never_get_the_same_one(
         for start in range(0, count, 200):
             chunk = [entry(i) for i in range(start, start + 200)]
             claimed += await setup.claim_scanned("j", "setup", 60, chunk)
-        await setup.release_items("j", "setup", [(c.key, c.fence, False) for c in claimed])
+        await setup.release_items("j", "setup", [(c.key, c.fence) for c in claimed])
     got: dict[str, list[str]] = {"a": [], "b": []}
 
     async def drain(owner: str) -> None:
@@ -721,7 +669,7 @@ async def test_two_connections_claiming_waiting_items_never_get_the_same_one(
     assert len(got["a"]) + len(got["b"]) == count
 
 
-async def test_a_lease_recorded_move_needs_the_lease(ledger: LedgerLike, store: Store) -> None:
+async def test_a_lease_recorded_move_needs_the_lease(ledger: Ledger, store: Store) -> None:
     (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
     assert await ledger.record_move("j", "a", row.key, row.fence, "/archive/f00001")
     assert await store.fetch("SELECT post_action FROM items") == [("moved:/archive/f00001",)]
@@ -734,7 +682,7 @@ async def test_a_lease_recorded_move_needs_the_lease(ledger: LedgerLike, store: 
 # -- operator reads and retry ----------------------------------------------------------------------
 
 
-async def test_counts_failures_find_items_and_runs(ledger: LedgerLike) -> None:
+async def test_counts_failures_find_items_and_runs(ledger: Ledger) -> None:
     me = this_process()
     run_id = await ledger.register_runner("j", "a", me, 60, shared=False, mode="run")
     odd = ("k00003", "café ☕.txt".encode(), 10, 1003, 503)  # a non-ASCII name round-trips
@@ -744,7 +692,12 @@ async def test_counts_failures_find_items_and_runs(ledger: LedgerLike) -> None:
     await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "dead", "second\nmore")])
     await ledger.commit_outcomes("j", "a", [Outcome("k00003", 1, "done")])
     await ledger.release_runner(
-        "j", "a", holds_lock=False, run_id=run_id, totals=(4, 1, 2, 1, 0), exit_status="failed"
+        "j",
+        "a",
+        holds_lock=False,
+        run_id=run_id,
+        totals=RunTotals(4, 1, 2, 1, 0),
+        exit_status="failed",
     )
     assert await ledger.counts("j") == {
         "pending": 0,
@@ -754,7 +707,7 @@ async def test_counts_failures_find_items_and_runs(ledger: LedgerLike) -> None:
         "dead": 1,
         "vanished": 0,
     }
-    assert await ledger.counts("nothing") == dict.fromkeys(sqlite_sql.STATES, 0)
+    assert await ledger.counts("nothing") == dict.fromkeys(STATES, 0)
     failures = await ledger.failures("j", 10)
     assert [(f.key, f.state, f.last_error) for f in failures] == [
         ("k00002", "dead", "second\nmore"),
@@ -792,7 +745,7 @@ async def test_counts_failures_find_items_and_runs(ledger: LedgerLike) -> None:
     assert [r.id for r in await ledger.runs("j", limit=1)] == [second]
 
 
-async def test_retry_resets_failed_and_with_dead_dead_items(ledger: LedgerLike) -> None:
+async def test_retry_resets_failed_and_with_dead_dead_items(ledger: Ledger) -> None:
     await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), entry(3)])
     await ledger.commit_outcomes(
         "j",
@@ -821,40 +774,146 @@ async def test_retry_resets_failed_and_with_dead_dead_items(ledger: LedgerLike) 
 # -- transactions --------------------------------------------------------------------------------
 
 
-async def test_cancellation_during_a_commit_leaves_no_open_transaction(
-    ledger: LedgerLike, store: Store
+class InsideTransaction:
+    """A failpoint inside the ledger's next transaction: holds it until released."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> None:
+        self.reached.set()
+        assert self.release.wait(30), "the test never released the transaction"
+
+
+async def cancel_inside_a_transaction(
+    monkeypatch: pytest.MonkeyPatch, call: Callable[[], Coroutine[Any, Any, object]]
+) -> None:
+    """Start ``call``, wait until its transaction is under way, cancel it there, let it go."""
+    held = InsideTransaction()
+    monkeypatch.setattr(failpoints, "ACTIVE", {"in-transaction": failpoints.Call("call", fn=held)})
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.to_thread.run_sync(held.reached.wait, 30)
+            assert held.reached.is_set(), "the transaction never started"
+            scope.cancel()  # while the transaction is inside its body
+            held.release.set()
+    monkeypatch.setattr(failpoints, "ACTIVE", None)
+
+
+async def test_cancellation_inside_a_transaction_neither_leaves_it_open_nor_undoes_it(
+    ledger: Ledger, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     many = [entry(i) for i in range(3000)]
     claimed: list[ClaimedRow] = []
     for start in range(0, len(many), 500):
         claimed += await ledger.claim_scanned("j", "me", 60, many[start : start + 500])
-    # A multi-statement transaction (runner, lock and 3,000 leases) cancelled as it starts.
     me = this_process()
     await ledger.acquire_lock("j", "me", me, 60, shared=False)
     await ledger.register_runner("j", "me", me, 60, shared=False, mode="run")
     leases = [(c.key, c.fence) for c in claimed]
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                functools.partial(ledger.heartbeat, holds_lock=True), "j", "me", 60, leases
-            )
-            await anyio.sleep(0.001)
-            scope.cancel()
+    # A multi-statement transaction (runner, lock and 3,000 leases) cancelled inside.
+    await cancel_inside_a_transaction(
+        monkeypatch, functools.partial(ledger.heartbeat, "j", "me", 60, leases, holds_lock=True)
+    )
     await store.assert_writer_not_blocked()
+    # A commit cancelled inside its transaction still commits, whole.
     outcomes = [Outcome(c.key, c.fence, "done") for c in claimed]
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ledger.commit_outcomes, "j", "me", outcomes)
-            await anyio.sleep(0.001)
-            scope.cancel()
-    # The commit ran to its end (shielded) and nothing holds a lock any more.
+    await cancel_inside_a_transaction(
+        monkeypatch, functools.partial(ledger.commit_outcomes, "j", "me", outcomes)
+    )
     await store.assert_writer_not_blocked()
     assert (await ledger.counts("j"))["done"] == 3000
-    # The ledger is still usable after the cancellation.
+    # A claim cancelled inside its transaction leases whole: nothing half-registered.
+    more = [entry(i) for i in range(3000, 3500)]
+    await cancel_inside_a_transaction(
+        monkeypatch, functools.partial(ledger.claim_scanned, "j", "me", 60, more)
+    )
+    await store.assert_writer_not_blocked()
+    assert (await ledger.counts("j"))["running"] == 500
+    # The ledger is still usable after the cancellations.
     with anyio.CancelScope() as scope:
         scope.cancel()
         await ledger.heartbeat("j", "me", 60, [], holds_lock=False)
     assert await waiting(ledger) == 0
+
+
+# -- the idempotency store (IdempotencyMiddleware) -----------------------------------------------
+
+RESPONSE = StoredResponse(
+    201, [(b"content-type", b"application/json"), (b"x-latin", b"caf\xe9")], b"\x00{}\xff"
+)
+
+
+async def test_the_idempotency_store_runs_a_key_once_and_replays_its_response(
+    ledger: Ledger,
+) -> None:
+    def claim(scope: str, fingerprint: str, token: str) -> Any:
+        return ledger.idempotency_claim(
+            scope, "key-1", fingerprint, token, lock_timeout=60, ttl=3600
+        )
+
+    first = await claim("api", "fp", "t1")
+    assert (first.decision, first.why) == ("run", "new")
+    assert (await claim("api", "fp", "t2")).decision == "conflict"
+    assert (await claim("api", "other", "t2")).decision == "mismatch"
+    assert (await claim("tenant-b", "fp", "t3")).why == "new"  # scopes never meet
+    # Only the owner's token completes the record.
+    assert not await ledger.idempotency_complete("api", "key-1", "t2", RESPONSE, ttl=3600)
+    assert await ledger.idempotency_complete("api", "key-1", "t1", RESPONSE, ttl=3600)
+    replay = await claim("api", "fp", "t4")
+    assert (replay.decision, replay.stored) == ("replay", RESPONSE)
+    assert (await claim("api", "other", "t4")).decision == "mismatch"
+    # A release frees the key, but only the owner's.
+    assert (await claim("tenant-b", "fp", "t5")).decision == "conflict"
+    await ledger.idempotency_release("tenant-b", "key-1", "not-the-owner")
+    assert (await claim("tenant-b", "fp", "t5")).decision == "conflict"
+    await ledger.idempotency_release("tenant-b", "key-1", "t3")
+    assert (await claim("tenant-b", "fp", "t5")).why == "new"
+
+
+async def test_idempotency_records_expire_and_abandoned_ones_are_taken_over(
+    ledger: Ledger,
+) -> None:
+    # A request that outlives its lock is taken for dead; it can no longer store its answer.
+    first = await ledger.idempotency_claim("s", "k", "fp", "t1", lock_timeout=SHORT, ttl=60)
+    assert first.decision == "run"
+    await anyio.sleep(PAST_SHORT)
+    taken = await ledger.idempotency_claim("s", "k", "fp", "t2", lock_timeout=60, ttl=60)
+    assert (taken.decision, taken.why) == ("run", "abandoned")
+    assert not await ledger.idempotency_complete("s", "k", "t1", RESPONSE, ttl=60)
+    assert await ledger.idempotency_complete("s", "k", "t2", RESPONSE, ttl=SHORT)
+    # A stored answer is replayed until it expires; an expired key is as good as new.
+    assert (
+        await ledger.idempotency_claim("s", "k", "x", "t3", lock_timeout=60, ttl=60)
+    ).decision == "mismatch"
+    await ledger.idempotency_claim("s", "gone", "fp", "t4", lock_timeout=SHORT, ttl=SHORT)
+    await anyio.sleep(PAST_SHORT)
+    assert await ledger.idempotency_purge() == 2
+    assert await ledger.idempotency_purge() == 0
+    again = await ledger.idempotency_claim("s", "k", "x", "t5", lock_timeout=60, ttl=60)
+    assert (again.decision, again.why) == ("run", "new")
+
+
+async def test_concurrent_claims_of_one_key_from_several_connections_run_it_once(
+    store: Store,
+) -> None:
+    ledgers = [await store.open() for _ in range(4)]
+    decisions: list[str] = []
+
+    async def claim(ledger: Ledger, token: str) -> None:
+        found = await ledger.idempotency_claim("s", "same", "fp", token, lock_timeout=60, ttl=60)
+        decisions.append(found.decision)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(claim, ledgers[i % 4], f"t{i}")
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+    assert sorted(decisions) == ["conflict"] * 11 + ["run"]
 
 
 # -- PostgreSQL only: what SQLite has no counterpart for ------------------------------------------
@@ -863,7 +922,7 @@ async def test_cancellation_during_a_commit_leaves_no_open_transaction(
 async def test_postgres_skip_locked_claims_do_not_wait_for_a_locked_row(pg_dsn: str) -> None:
     async with await PostgresLedger.open(pg_dsn) as ledger:
         claimed = await ledger.claim_scanned("j", "setup", 60, [entry(1), entry(2)])
-        await ledger.release_items("j", "setup", [(c.key, c.fence, False) for c in claimed])
+        await ledger.release_items("j", "setup", [(c.key, c.fence) for c in claimed])
         other = await asyncpg.connect(pg_dsn, timeout=10)
         try:
             async with other.transaction():
@@ -887,11 +946,11 @@ async def test_postgres_a_schema_of_another_application_is_refused_untouched(
     pg_dsn: str,
 ) -> None:
     schema = PostgresDSN.parse(pg_dsn).schema
-    await _pg(pg_dsn, f'CREATE SCHEMA "{schema}"')
-    await _pg(pg_dsn, f'CREATE TABLE "{schema}".customers (id integer)')
+    await pg_query(pg_dsn, f'CREATE SCHEMA "{schema}"')
+    await pg_query(pg_dsn, f'CREATE TABLE "{schema}".customers (id integer)')
     with pytest.raises(NotALedgerError, match="another application"):
         await PostgresLedger.open(pg_dsn)
-    tables = await _pg(pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+    tables = await pg_query(pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
     assert tables == [("customers",)]
 
 
@@ -909,18 +968,18 @@ async def test_postgres_durability_sets_synchronous_commit(pg_dsn: str) -> None:
     settings: list[tuple[Literal["normal", "full"], str]] = [("normal", "off"), ("full", "on")]
     for durability, expected in settings:
         async with await PostgresLedger.open(pg_dsn, durability=durability) as ledger:
-            conn = await ledger._connection()
+            conn = await ledger._session._connection()
             assert await conn.fetchval("SHOW synchronous_commit") == expected
-            assert await conn.fetchval("SELECT current_schema()") == ledger.target.schema
+            assert await conn.fetchval("SELECT current_schema()") == ledger._session.target.schema
 
 
 async def test_postgres_a_lost_connection_is_an_error_then_reconnects(pg_dsn: str) -> None:
     async with await PostgresLedger.open(pg_dsn) as ledger:
         await ledger.ensure_job("j", "stat")
         for pause in (0.0, 0.2):
-            conn = await ledger._connection()
+            conn = await ledger._session._connection()
             pid = await conn.fetchval("SELECT pg_backend_pid()")
-            await _pg(pg_dsn, "SELECT pg_terminate_backend($1)", pid)
+            await pg_query(pg_dsn, "SELECT pg_terminate_backend($1)", pid)
             await anyio.sleep(pause)
             error: LedgerError | None = None
             try:  # noticed in time: a new connection at once; else one clear error
@@ -929,7 +988,7 @@ async def test_postgres_a_lost_connection_is_an_error_then_reconnects(pg_dsn: st
                 error = e
             assert error is None or str(error).startswith("state 'postgresql://")
             assert (await ledger.counts("j"))["done"] == 0
-            assert await ledger._connection() is not conn
+            assert await ledger._session._connection() is not conn
 
 
 async def test_postgres_an_unreachable_server_is_one_line_without_the_password() -> None:
@@ -963,9 +1022,9 @@ def test_postgres_dsn_is_checked_up_front(tmp_path: Path) -> None:
     BatchConfig(source=tmp_path, state="postgresql://u:pw@host:5432/db")
 
 
-def test_postgres_cli_unreachable_state_exits_2_without_the_password(tmp_path: Path) -> None:
+def test_postgres_cli_unreachable_state_exits_69_without_the_password(tmp_path: Path) -> None:
     result = cli("status", "--state", "postgresql://user:s3cret@127.0.0.1:1/db", "--json")
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 69, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "s3cret" not in result.stderr
     assert "postgresql://user@127.0.0.1:1/db" in result.stderr

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -24,15 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asyncbatch import ConfigurationError, IdempotencyMiddleware
-from asyncbatch._middleware import (
-    PURGE_INTERVAL,
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    parse_key,
-)
+from asyncbatch._http.middleware import PURGE_INTERVAL
+from asyncbatch._http.request import ASGIApp, Message, Receive, Scope, Send, parse_key
 
 from .conftest import rows
 from .servers import RealServer
@@ -595,5 +590,145 @@ def test_bad_settings_are_refused(state: Path) -> None:
         IdempotencyMiddleware(Recorder(), state=state, lock_timeout=float("nan"))
     with pytest.raises(ConfigurationError, match="methods"):
         IdempotencyMiddleware(Recorder(), state=state, methods="POST")
-    with pytest.raises(ConfigurationError, match="SQLite"):
-        IdempotencyMiddleware(Recorder(), state="postgresql://db/x")
+    with pytest.raises(ConfigurationError, match="postgresql://db@db/x") as info:
+        IdempotencyMiddleware(Recorder(), state="postgresql://db:pw@db/x#fragment")
+    assert "pw" not in str(info.value)
+    IdempotencyMiddleware(Recorder(), state="postgresql://api@db/x")  # checked, not opened
+
+
+# -- several server processes behind one store, and stores that cannot be used ----------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def api_processes(state: str, log: Path, count: int) -> Iterator[list[str]]:
+    """``count`` uvicorn processes serving tests.idempotent_app over ``state``."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "AB_STATE": state, "AB_LOG": str(log)}
+    ports = [_free_port() for _ in range(count)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.idempotent_app:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--lifespan",
+                "on",
+            ],
+            cwd=root,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for port in ports
+    ]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, proc.communicate()[1]
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "uvicorn did not start"
+                    time.sleep(0.05)
+        yield [f"http://127.0.0.1:{port}" for port in ports]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_servers_sharing_one_store_execute_each_key_once(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    state = str(tmp_path / "api.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+    log = tmp_path / "executions.log"
+    answers: dict[str, list[tuple[int, bytes, bool]]] = {}
+
+    async def call(client: httpx.AsyncClient, url: str, name: str) -> None:
+        while True:  # a 409 says another server runs the key now: ask again, as a client does
+            response = await client.post(url, content=b"x" * 100, headers=key(name))
+            if response.status_code != 409:
+                break
+            await anyio.sleep(0.02)
+        replayed = response.headers.get("idempotent-replayed") == "true"
+        answers.setdefault(name, []).append((response.status_code, response.content, replayed))
+
+    with api_processes(state, log, 3) as urls:
+        async with httpx.AsyncClient(timeout=30) as client, anyio.create_task_group() as tg:
+            for i in range(20):
+                for url in urls:  # the same key at every server at once
+                    tg.start_soon(call, client, f"{url}/orders", f"order-{i}")
+
+    executions = log.read_text().split()
+    assert sorted(executions) == sorted(f"order-{i}" for i in range(20))
+    for name, got in answers.items():
+        assert len(got) == 3
+        assert len({(status, body) for status, body, _ in got}) == 1, name  # one answer
+        assert sum(replayed for *_, replayed in got) == 2, name
+
+
+async def _lifespan_startup(middleware: IdempotencyMiddleware) -> Message:
+    """Run the ASGI lifespan startup; return what the middleware answered."""
+    sent: list[Message] = []
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(30):
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    await middleware.aclose()
+    return sent[0]
+
+
+async def test_a_store_that_cannot_be_used_fails_the_startup_with_one_line(
+    tmp_path: Path,
+) -> None:
+    unreachable = IdempotencyMiddleware(Recorder(), state="postgresql://api:s3cret@127.0.0.1:1/db")
+    answer = await _lifespan_startup(unreachable)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "postgresql://api@127.0.0.1:1/db" in answer["message"]
+    assert "s3cret" not in answer["message"]
+    assert "\n" not in answer["message"]
+
+    other = tmp_path / "customers.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE customers (id INTEGER)")
+    db.commit()
+    db.close()
+    before = other.read_bytes()
+    answer = await _lifespan_startup(IdempotencyMiddleware(Recorder(), state=other))
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "another application" in answer["message"]
+    assert other.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["customers.db"]
+
+    good = await _lifespan_startup(IdempotencyMiddleware(Recorder(), state=tmp_path / "ok.db"))
+    assert good["type"] == "lifespan.startup.complete"

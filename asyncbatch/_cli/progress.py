@@ -7,8 +7,8 @@ from typing import TextIO
 
 import anyio
 
-from ._batch import Batch
-from ._report import Statistics
+from .._batch import Batch
+from .._report import Statistics
 
 __all__ = ["show_progress"]
 

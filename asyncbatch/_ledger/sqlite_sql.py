@@ -1,8 +1,9 @@
-"""Every SQL statement of the SQLite ledger, named, in one place.
+"""Every SQL statement of the SQLite ledger, named, in one place (see :mod:`.sqlite`).
 
 Conventions: times are Unix seconds (REAL) from the runner's wall clock; every statement that
 writes runs inside ``BEGIN IMMEDIATE``; every item write is conditioned on ``owner`` and
-``fence`` so a runner whose lease was taken over cannot change the item any more.
+``fence`` so a runner whose lease was taken over cannot change the item any more. Statements
+with more than a few parameters name them (``:name``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from typing import Final
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
 SCHEMA_VERSION: Final = 2
-
-#: Item states.
-STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -136,7 +134,7 @@ LIST_JOBS = "SELECT job FROM jobs ORDER BY job"
 
 LOCK_INSERT = """
 INSERT OR IGNORE INTO task_lock (job_id, owner, pid, host, pid_start, acquired_at, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+VALUES (:job, :owner, :pid, :host, :pid_start, :now, :expires_at)
 """
 LOCK_GET = """
 SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at FROM task_lock WHERE job_id = ?
@@ -145,8 +143,9 @@ LOCK_LIST = """
 SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at FROM task_lock ORDER BY job_id
 """
 LOCK_TAKE_OVER = """
-UPDATE task_lock SET owner = ?, pid = ?, host = ?, pid_start = ?, acquired_at = ?, expires_at = ?
-WHERE job_id = ? AND owner = ?
+UPDATE task_lock SET owner = :owner, pid = :pid, host = :host, pid_start = :pid_start,
+                     acquired_at = :now, expires_at = :expires_at
+WHERE job_id = :job AND owner = :stale_owner
 """
 LOCK_EXTEND = "UPDATE task_lock SET expires_at = ? WHERE job_id = ? AND owner = ?"
 LOCK_RELEASE = "DELETE FROM task_lock WHERE job_id = ? AND owner = ?"
@@ -155,7 +154,7 @@ LOCK_RELEASE = "DELETE FROM task_lock WHERE job_id = ? AND owner = ?"
 
 RUNNER_ADD = """
 INSERT INTO runners (owner, job, pid, host, pid_start, shared, started_at, heartbeat_at, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (:owner, :job, :pid, :host, :pid_start, :shared, :now, :now, :expires_at)
 """
 RUNNER_EXTEND = "UPDATE runners SET heartbeat_at = ?, expires_at = ? WHERE owner = ?"
 RUNNER_REMOVE = "DELETE FROM runners WHERE owner = ?"
@@ -337,12 +336,13 @@ RETRY_ALL = _RETRY
 # -- runs ----------------------------------------------------------------------------------------
 
 RUN_START = """
-INSERT INTO runs (job, owner, pid, host, mode, started_at) VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO runs (job, owner, pid, host, mode, started_at)
+VALUES (:job, :owner, :pid, :host, :mode, :now)
 """
 RUN_FINISH = """
-UPDATE runs SET finished_at = ?, seen = ?, done = ?, failed = ?, dead = ?, vanished = ?,
-                exit_status = ?
-WHERE id = ?
+UPDATE runs SET finished_at = :now, seen = :seen, done = :done, failed = :failed, dead = :dead,
+                vanished = :vanished, exit_status = :exit_status
+WHERE id = :id
 """
 RUNS_OF_JOB = """
 SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, failed, dead,
@@ -360,7 +360,7 @@ FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 IDEMPOTENCY_INSERT = """
 INSERT OR IGNORE INTO idempotency_keys
     (scope, key, fingerprint, state, headers, created_at, locked_until, expires_at)
-VALUES (?, ?, ?, 'running', ?, ?, ?, ?)
+VALUES (:scope, :key, :fingerprint, 'running', :token, :now, :locked_until, :expires_at)
 """
 IDEMPOTENCY_GET = """
 SELECT fingerprint, state, status, headers, body, locked_until, expires_at
@@ -369,14 +369,15 @@ FROM idempotency_keys WHERE scope = ? AND key = ?
 # Take over an expired row, or a running row whose owner outlived its lock (abandoned).
 IDEMPOTENCY_TAKE_OVER = """
 UPDATE idempotency_keys
-SET fingerprint = ?, state = 'running', status = NULL, headers = ?, body = NULL,
-    created_at = ?, locked_until = ?, expires_at = ?
-WHERE scope = ? AND key = ?
+SET fingerprint = :fingerprint, state = 'running', status = NULL, headers = :token, body = NULL,
+    created_at = :now, locked_until = :locked_until, expires_at = :expires_at
+WHERE scope = :scope AND key = :key
 """
 IDEMPOTENCY_COMPLETE = """
 UPDATE idempotency_keys
-SET state = 'done', status = ?, headers = ?, body = ?, locked_until = ?, expires_at = ?
-WHERE scope = ? AND key = ? AND state = 'running' AND headers = ?
+SET state = 'done', status = :status, headers = :headers, body = :body, locked_until = :now,
+    expires_at = :expires_at
+WHERE scope = :scope AND key = :key AND state = 'running' AND headers = :token
 """
 IDEMPOTENCY_RELEASE = """
 DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'running' AND headers = ?

@@ -1,6 +1,6 @@
-"""Every SQL statement of the PostgreSQL ledger, named, in one place.
+"""Every SQL statement of the PostgreSQL ledger, named, in one place (see :mod:`.postgres`).
 
-Conventions (the counterpart of :mod:`._sql` for SQLite):
+Conventions (the counterpart of :mod:`.sqlite_sql`):
 
 - Times are Unix seconds (``float8``) from the **server's** clock: ``NOW`` below, the start of
   the current transaction. Hosts with different clocks therefore agree on every lease, lock
@@ -26,9 +26,6 @@ APPLICATION: Final = "asyncbatch"
 
 #: The server's time now (the transaction's start), as Unix seconds.
 NOW: Final = "extract(epoch FROM now())::float8"
-
-#: Item states.
-STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1 (run inside one
 # transaction, in the ledger's schema, which exists by then).
@@ -430,4 +427,47 @@ RUNS_OF_JOB = """
 SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, failed, dead,
        vanished, exit_status
 FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
+"""
+
+# -- idempotency keys (receiving side) -----------------------------------------------------------
+# As in the SQLite ledger: while a row is 'running', ``headers`` holds its request's owner token;
+# a 'done' row holds the stored response. Lock and expiry times are the server's.
+
+#: $1 scope, $2 key, $3 fingerprint, $4 token, $5 lock timeout, $6 ttl. A row when inserted;
+#: a concurrent insert of the same key waits for the first to commit, then inserts nothing.
+IDEMPOTENCY_INSERT = f"""
+INSERT INTO idempotency_keys
+    (scope, key, fingerprint, state, headers, created_at, locked_until, expires_at)
+VALUES ($1, $2, $3, 'running', $4, {NOW}, {NOW} + $5::float8, {NOW} + $6::float8)
+ON CONFLICT (scope, key) DO NOTHING
+RETURNING 1
+"""
+#: The record of $1 scope, $2 key, locked for this transaction, and the server's now.
+IDEMPOTENCY_GET = f"""
+SELECT fingerprint, state, status, headers, body, locked_until, expires_at, {NOW}
+FROM idempotency_keys WHERE scope = $1 AND key = $2 FOR UPDATE
+"""
+#: Take over an expired or abandoned record: $1 scope, $2 key, $3 fingerprint, $4 token,
+#: $5 lock timeout, $6 ttl.
+IDEMPOTENCY_TAKE_OVER = f"""
+UPDATE idempotency_keys
+SET fingerprint = $3, state = 'running', status = NULL, headers = $4, body = NULL,
+    created_at = {NOW}, locked_until = {NOW} + $5::float8, expires_at = {NOW} + $6::float8
+WHERE scope = $1 AND key = $2
+"""
+#: $1 scope, $2 key, $3 token, $4 status, $5 headers, $6 body, $7 ttl. A row when stored.
+IDEMPOTENCY_COMPLETE = f"""
+UPDATE idempotency_keys
+SET state = 'done', status = $4, headers = $5, body = $6, locked_until = {NOW},
+    expires_at = {NOW} + $7::float8
+WHERE scope = $1 AND key = $2 AND state = 'running' AND headers = $3
+RETURNING 1
+"""
+IDEMPOTENCY_RELEASE = """
+DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'running' AND headers = $3
+"""
+#: How many expired records were deleted.
+IDEMPOTENCY_PURGE = f"""
+WITH gone AS (DELETE FROM idempotency_keys WHERE expires_at < {NOW} RETURNING 1)
+SELECT count(*) FROM gone
 """

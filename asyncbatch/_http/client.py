@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._exceptions import IdempotencyKeyMismatchError
+from .._exceptions import IdempotencyKeyMismatchError
 
 if TYPE_CHECKING:  # httpx costs ~0.2 s to import: only a handler that calls ctx.http pays it
     import httpx

@@ -21,22 +21,21 @@ import random
 import re
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
-from ._context import InputFile, ItemLogger, TaskContext
-from ._exceptions import ConfigurationError, PermanentError
-from ._http import ItemHTTP
-from ._ledger import Outcome
-from ._queues import ItemQueue, LeasedItem, Outbox
-from ._scanner import Entry, open_regular
-
-if TYPE_CHECKING:
-    from ._runner import Run
+from .._context import InputFile, ItemLogger, TaskContext
+from .._exceptions import ConfigurationError, PermanentError
+from .._http.client import HTTPSettings, ItemHTTP
+from .._ledger import Outcome
+from .._scanner import Entry, open_regular
+from .queues import ItemQueue, LeasedItem, Outbox, item_logger
+from .state import RunState
 
 __all__ = ["HandlerAborted", "WorkerPool", "error_text"]
 
@@ -100,16 +99,26 @@ class _Slot:
 class WorkerPool:
     """Runs the handler over queued items; also the :class:`ContextHooks` of their contexts."""
 
-    def __init__(self, run: Run, queue: ItemQueue, outbox: Outbox) -> None:
-        self.run = run
-        self.config = run.config
+    def __init__(
+        self,
+        state: RunState,
+        queue: ItemQueue,
+        outbox: Outbox,
+        *,
+        handler: Callable[[TaskContext], Awaitable[Any]],
+        http: HTTPSettings,
+    ) -> None:
+        self.run = state
+        self.config = state.config
+        self.handler = handler
+        self.http = http
         self.queue = queue
         self.outbox = outbox
         self.handler_logger = logging.getLogger("asyncbatch.handler")
         self._slots: list[_Slot] = []
         self._watch_at = math.inf
         self._watch_wake = anyio.Event()
-        self._on_done = run.config.on_done.encode()
+        self._on_done = state.config.on_done.encode()
         self._random = random.Random()
 
     # -- workers -----------------------------------------------------------------------------------
@@ -247,7 +256,7 @@ class WorkerPool:
                 input_file=InputFile(fd, st.st_size),
             )
             try:
-                await self.run.handler(ctx)
+                await self.handler(ctx)
             except PermanentError as exc:
                 return self.failure(item, error_text(exc), permanent=True, exc=exc)
             except ConfigurationError:
@@ -267,11 +276,9 @@ class WorkerPool:
         finally:
             os.close(fd)
 
-    def item_logger(self, item: LeasedItem, logger: logging.Logger = log) -> ItemLogger:
-        """A logger adapter carrying the item's job, key and input hash."""
-        return ItemLogger(
-            logger, {"job": self.config.job, "key": item.key, "input_hash": item.ihash}
-        )
+    def item_logger(self, item: LeasedItem) -> ItemLogger:
+        """The run's logger, its records carrying the item's job, key and input hash."""
+        return item_logger(log, self.config.job, item)
 
     def failure(
         self,
@@ -328,7 +335,7 @@ class WorkerPool:
 
     def http_for(self, key: str) -> ItemHTTP:
         """A fresh HTTP view for one attempt of ``key``."""
-        return ItemHTTP(self.run.http_settings, key)
+        return ItemHTTP(self.http, key)
 
     async def record_move(self, ctx: TaskContext, destination: str) -> bool:
         """Record, under the item's lease, where ctx.move() is taking its input."""

@@ -1,4 +1,4 @@
-"""The operator's commands: status, failures, retry, locks, unlock, history, demo.
+"""The operator's commands: status, failures, retry, locks, unlock, history.
 
 Read-only commands never create a state file: a missing one is an error (exit 2).
 """
@@ -13,11 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._exceptions import ConfigurationError
-from ._identity import Identity, input_hash
-from ._ledger import ItemInfo, LockInfo
-from ._ledgers import LedgerLike, PostgresDSN, is_postgres, open_ledger
-from ._procinfo import holder_is_alive, this_process
+from .._exceptions import ConfigurationError
+from .._identity import IDENTITIES, Identity, input_hash
+from .._ledger import ItemInfo, Ledger, LockInfo, PostgresDSN, is_postgres, open_ledger
+from .._procinfo import holder_is_dead, this_process
 
 __all__ = ["COMMANDS", "add_operator_commands"]
 
@@ -46,7 +45,7 @@ def _shown(state: str) -> str:
     return PostgresDSN.parse(state).redacted if is_postgres(state) else state
 
 
-async def _open(args: argparse.Namespace, *, job: bool = True) -> LedgerLike:
+async def _open(args: argparse.Namespace, *, job: bool = True) -> Ledger:
     ledger = await open_ledger(args.state, create=False)
     if job and not await ledger.job_exists(args.job):
         known = await ledger.jobs()
@@ -59,7 +58,7 @@ async def _open(args: argparse.Namespace, *, job: bool = True) -> LedgerLike:
 
 
 def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
-    alive = lock.expires_at >= time.time() and holder_is_alive(lock.holder) is not False
+    alive = lock.expires_at >= time.time() and not holder_is_dead(lock.holder)
     return {
         "job": lock.job,
         "owner": lock.owner,
@@ -72,9 +71,12 @@ def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
     }
 
 
-async def _identity(ledger: LedgerLike, job: str) -> Identity:
+async def _identity(ledger: Ledger, job: str) -> Identity:
     value = await ledger.job_identity(job)
-    return value if value in ("stat", "path", "content") else "stat"  # type: ignore[return-value]
+    for identity in IDENTITIES:
+        if value == identity:
+            return identity
+    return "stat"
 
 
 def _item_hash(identity: Identity, item: ItemInfo) -> str:
@@ -93,7 +95,7 @@ async def status(args: argparse.Namespace) -> int:
         counts = await ledger.counts(args.job)
         locks = [lock for lock in await ledger.locks() if lock.job == args.job]
         runners = await ledger.runners(args.job)
-        beats = {owner: beat for owner, _, _, _, beat in runners}
+        beats = {r.owner: r.heartbeat_at for r in runners}
         runs = await ledger.runs(args.job, limit=1)
         oldest = await ledger.oldest_waiting(args.job)
     finally:
@@ -102,7 +104,9 @@ async def status(args: argparse.Namespace) -> int:
     lock_rows = [_lock_json(lock, beats.get(lock.owner)) for lock in locks]
     shared: list[dict[str, Any]] = [
         {"owner": o, "pid": pid, "host": host, "heartbeat_at": beat}
-        for o, pid, host, is_shared, beat in runners
+        for o, pid, host, is_shared, beat in (
+            (r.owner, r.pid, r.host, r.shared, r.heartbeat_at) for r in runners
+        )
         if is_shared
     ]
     if args.json:
@@ -245,7 +249,7 @@ async def locks(args: argparse.Namespace) -> int:
     try:
         rows = []
         for lock in await ledger.locks():
-            beats = {o: beat for o, _, _, _, beat in await ledger.runners(lock.job)}
+            beats = {r.owner: r.heartbeat_at for r in await ledger.runners(lock.job)}
             rows.append(_lock_json(lock, beats.get(lock.owner)))
     finally:
         await ledger.close()
@@ -271,12 +275,13 @@ async def unlock(args: argparse.Namespace) -> int:
         if not held:
             raise ConfigurationError(f"job {args.lock_job!r} has no lock in {_shown(args.state)!r}")
         lock = held[0]
-        alive = holder_is_alive(lock.holder, me=this_process())
-        live = lock.expires_at >= time.time() and alive is not False
+        me = this_process()
+        live = lock.expires_at >= time.time() and not holder_is_dead(lock.holder, me=me)
         if live and not args.force:
+            here = lock.host == me.host
             raise ConfigurationError(
                 f"job {args.lock_job!r} is locked by pid {lock.pid} on {lock.host!r}, which "
-                f"{'is alive' if alive else 'may be alive (other host, heartbeat current)'}; "
+                f"{'is alive' if here else 'may be alive (other host, heartbeat current)'}; "
                 "pass --force to remove the lock anyway"
             )
         removed = await ledger.force_unlock(args.lock_job, lock.owner)
@@ -322,12 +327,6 @@ async def history(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    from ._demo import demo
-
-    return await demo(args)
-
-
 COMMANDS: dict[str, Command] = {
     "status": status,
     "failures": failures,
@@ -335,15 +334,11 @@ COMMANDS: dict[str, Command] = {
     "locks": locks,
     "unlock": unlock,
     "history": history,
-    "demo": _demo,
 }
 
 
 def add_operator_commands(
-    sub: Any,
-    add_state: Callable[..., None],
-    add_logging: Callable[[argparse.ArgumentParser], None],
-    positive_int: Callable[[str], Any],
+    sub: Any, add_state: Callable[..., None], positive_int: Callable[[str], Any]
 ) -> None:
     """Add the operator subcommands to the CLI's subparsers."""
     p = sub.add_parser("status", help="counts by state, last run, lock holder")
@@ -373,14 +368,3 @@ def add_operator_commands(
     add_state(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=positive_int, default=50)
-
-    p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
-    p.add_argument(
-        "--dir",
-        default="demo",
-        help="where to put the demo: a new or empty directory, or an earlier demo's, which "
-        "is replaced (default: %(default)s)",
-    )
-    p.add_argument("--files", type=positive_int, default=1000, help="inputs to make (1000)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    add_logging(p)

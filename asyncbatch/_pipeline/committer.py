@@ -9,15 +9,14 @@ even when the run is cancelled.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import os
 
 import anyio
 
-from ._queues import LeasedItem, Outbox
-
-if TYPE_CHECKING:
-    from ._ledger import Outcome
-    from ._runner import Run
+from .._ledger import Outcome
+from .postactions import PostActions
+from .queues import LeasedItem, Outbox, item_logger
+from .state import RunState
 
 __all__ = ["Committer"]
 
@@ -29,13 +28,14 @@ GROUP_CATCH_UP = 8
 class Committer:
     """Takes outcomes from the outbox a group at a time and commits them."""
 
-    def __init__(self, run: Run, outbox: Outbox) -> None:
-        self.run = run
+    def __init__(self, state: RunState, outbox: Outbox, posts: PostActions) -> None:
+        self.state = state
         self.outbox = outbox
+        self.posts = posts
 
     async def serve(self) -> None:
         """Commit until the outbox is closed and empty (and the rest, if cancelled)."""
-        cfg = self.run.config
+        cfg = self.state.config
         outbox = self.outbox
         try:
             while await outbox.wait_ready():
@@ -47,44 +47,30 @@ class Committer:
             with anyio.CancelScope(shield=True):
                 if len(outbox):
                     await self.commit(*outbox.take())
-                self.run.posts.close()
+                self.posts.close()
 
     async def commit(
         self, batch: list[tuple[LeasedItem, Outcome]], started: list[tuple[str, int]]
     ) -> None:
         """Record one group of outcomes (and attempts started since the last group); then count
         them and queue their post-commit actions."""
-        run = self.run
-        cfg = run.config
-        lost = await run.ledger.commit_outcomes(cfg.job, run.owner, [o for _, o in batch], started)
-        counters, in_flight, posts = run.counters, run.in_flight, run.posts
+        state = self.state
+        job = state.config.job
+        lost = await state.ledger.commit_outcomes(job, state.owner, [o for _, o in batch], started)
+        counters, in_flight, posts = state.counters, state.in_flight, self.posts
         retry_due = False
         for item, outcome in batch:
             in_flight.pop(item.key, None)
             if lost and item.key in lost:
                 counters.lost += 1
-                run.workers.item_logger(item).warning(
-                    "item %s: the lease was taken over by another runner; outcome %r not recorded",
-                    item.key,
+                item_logger(log, job, item).warning(
+                    "%r: the lease was taken over by another runner; outcome %r not recorded",
+                    os.fsdecode(item.relpath),
                     outcome.state,
                 )
                 continue
-            state = outcome.state
-            if state == "done":
-                counters.done += 1
-                if counters.failed_keys:
-                    counters.failed_keys.discard(item.key)
-            elif state == "failed":
-                counters.failed += 1
-                counters.failed_keys.add(item.key)
-                retry_due = True
-            elif state == "dead":
-                counters.failed += item.attempt > 0  # 0: given up on without running
-                counters.dead += 1
-                counters.failed_keys.discard(item.key)
-            else:
-                counters.vanished += 1
-                counters.failed_keys.discard(item.key)
+            counters.record(item.key, outcome.state, attempted=item.attempt > 0)
+            retry_due = retry_due or outcome.state == "failed"
             if outcome.post_action is not None:
                 posts.submit(
                     outcome.post_action,
@@ -94,6 +80,6 @@ class Committer:
                     item.mtime_ns,
                     item.inode,
                 )
-        run.made_room()  # leased-and-unfinished items went down: the claimer may lease more
+        state.made_room()  # leased-and-unfinished items went down: the claimer may lease more
         if retry_due or not in_flight:
-            run.wake()  # the claimer waits for a retry to schedule or for the last item
+            state.wake()  # the claimer waits for a retry to schedule or for the last item

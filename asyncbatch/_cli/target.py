@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ._exceptions import HandlerImportError
+from .._exceptions import HandlerImportError
 
 __all__ = ["load_handler"]
 

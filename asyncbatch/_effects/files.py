@@ -24,8 +24,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from ._exceptions import EffectError
-from ._procinfo import ProcessIdentity, holder_is_alive, this_process
+from .._exceptions import EffectError
+from .._procinfo import ProcessIdentity, holder_is_dead, this_process
 
 __all__ = [
     "TEMP_PREFIX",
@@ -300,7 +300,7 @@ def _remove_stale(directory: Path, recursive: bool) -> int:
     removed = 0
     for path in _iter_temp_files(directory, recursive):
         owner = _temp_owner(path.name)
-        if owner is not None and holder_is_alive(owner, me=me) is not False:
+        if owner is not None and not holder_is_dead(owner, me=me):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

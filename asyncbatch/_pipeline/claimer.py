@@ -12,19 +12,18 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import anyio
 import anyio.to_thread
 
-from ._actions import decode_action
-from ._identity import input_hash, item_key
-from ._queues import ItemQueue, LeasedItem
-from ._scanner import content_digest, split, unpack
-
-if TYPE_CHECKING:
-    from ._ledger import ClaimedRow
-    from ._runner import Run
+from .._effects.actions import decode_action
+from .._identity import input_hash, item_key
+from .._ledger import ClaimedRow
+from .._scanner import Scanner, content_digest, split, unpack
+from .postactions import PostActions
+from .queues import ItemQueue, LeasedItem
+from .state import RunState
 
 __all__ = ["Claimer"]
 
@@ -34,17 +33,28 @@ log = logging.getLogger("asyncbatch")
 class Claimer:
     """Feeds the item queue with leased items."""
 
-    def __init__(self, run: Run, queue: ItemQueue) -> None:
-        self.run = run
-        self.config = run.config
+    def __init__(
+        self,
+        state: RunState,
+        queue: ItemQueue,
+        *,
+        scanner: Scanner,
+        posts: PostActions,
+        mode: Literal["run", "watch"],
+    ) -> None:
+        self.run = state
+        self.config = state.config
         self.queue = queue
+        self.scanner = scanner
+        self.posts = posts
+        self.mode = mode
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
         run = self.run
         try:
-            if run.mode == "run":
-                records = await run.scanner.scan(
+            if self.mode == "run":
+                records = await self.scanner.scan(
                     settle=self.config.settle, on_chunk=self._on_scan_chunk
                 )
                 run.counters.seen = len(records)
@@ -68,7 +78,7 @@ class Claimer:
         settle_ns = int(cfg.settle * 1e9)
         while not run.stopping:
             now_ns = time.time_ns()
-            records = await run.scanner.scan(settle=None, now_ns=now_ns)
+            records = await self.scanner.scan(settle=None, now_ns=now_ns)
             cutoff = now_ns - settle_ns
             candidates: list[bytes] = []
             seen_now: dict[bytes, bytes] = {}
@@ -133,7 +143,7 @@ class Claimer:
     async def claim_records(self, records: list[bytes]) -> None:
         """Register and lease sorted scan records, a chunk per statement, into the queue."""
         run, cfg = self.run, self.config
-        posts = run.posts
+        posts = self.posts
         for start in self.chunk_starts(len(records)):
             if run.stopping:
                 return
@@ -172,7 +182,7 @@ class Claimer:
     async def _hand_over(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
         """Track freshly leased items, then queue them (waiting for room)."""
         run = self.run
-        deadline = time.monotonic() + run.lease_margin_deadline()
+        deadline = run.lease_deadline()
         in_flight = run.in_flight
         for item in leased:  # before any await: a cancellation must release them
             row = rows[item.key]

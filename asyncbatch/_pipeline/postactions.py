@@ -23,10 +23,10 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from ._actions import decode_action
-from ._config import BatchConfig
-from ._effects import fsync_dir, idempotent_move
-from ._exceptions import EffectError
+from .._config import BatchConfig
+from .._effects.actions import decode_action
+from .._effects.files import fsync_dir, idempotent_move
+from .._exceptions import EffectError
 
 __all__ = ["PostActions"]
 

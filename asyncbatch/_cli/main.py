@@ -1,7 +1,8 @@
 """The ``asyncbatch`` command line.
 
 Exit codes: 0 every settled file done; 1 some items failed or dead; 2 usage or configuration
-error (one line naming the bad value, no traceback); 70 a handler raised ``SystemExit``,
+error (one line naming the bad value, no traceback); 69 the ledger is unavailable or failing;
+70 a handler raised ``SystemExit``,
 ``KeyboardInterrupt`` or another ``BaseException`` (the run stopped); 75 the job is locked by a
 live runner; 130 / 143 stopped by SIGINT / SIGTERM.
 """
@@ -19,25 +20,44 @@ from typing import Any, NoReturn
 
 import anyio
 
-from . import __version__
-from ._batch import Batch
-from ._config import MAX_CONCURRENCY, MAX_SECONDS
-from ._exceptions import AsyncBatchError, JobLockedError, LockLostError
-from ._logging import configure_logging
-from ._operator import COMMANDS as OPERATOR_COMMANDS
-from ._operator import add_operator_commands
-from ._progress import show_progress
-from ._report import Report
-from ._runner import unwrap_group
-from ._target import load_handler
-from ._workers import error_text
+from .. import __version__
+from .. import _failpoints as failpoints
+from .._batch import Batch
+from .._config import MAX_CONCURRENCY, MAX_SECONDS
+from .._exceptions import (
+    AsyncBatchError,
+    JobLockedError,
+    LedgerError,
+    LockLostError,
+    NotALedgerError,
+    SchemaVersionError,
+)
+from .._pipeline.runner import unwrap_group
+from .._pipeline.workers import error_text
+from .._report import Report
+from .logging import configure_logging
+from .operator import COMMANDS as OPERATOR_COMMANDS
+from .operator import add_operator_commands
+from .progress import show_progress
+from .target import load_handler
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_HANDLER_ABORT", "EXIT_LOCKED", "EXIT_OK", "main"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_HANDLER_ABORT",
+    "EXIT_LEDGER",
+    "EXIT_LOCKED",
+    "EXIT_OK",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 #: A handler raised a BaseException that is not an Exception (``EX_SOFTWARE``).
+#: The ledger is unavailable or failing: its server is down, it stayed locked past the busy
+#: timeout, a disk I/O error, the state file deleted under the runner (``EX_UNAVAILABLE``).
+EXIT_LEDGER = 69
 EXIT_HANDLER_ABORT = 70
 EXIT_LOCKED = 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -182,7 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(run)
 
-    add_operator_commands(sub, _add_state, _add_logging, positive_int)
+    add_operator_commands(sub, _add_state, positive_int)
+
+    p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
+    p.add_argument(
+        "--dir",
+        default="demo",
+        help="where to put the demo: a new or empty directory, or an earlier demo's, which "
+        "is replaced (default: %(default)s)",
+    )
+    p.add_argument("--files", type=positive_int, default=1000, help="inputs to make (1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    _add_logging(p)
     return parser
 
 
@@ -240,6 +271,12 @@ async def _run_command(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+async def _demo_command(args: argparse.Namespace) -> int:
+    from .demo import demo  # here: the demo's own imports only when it runs
+
+    return await demo(args)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"asyncbatch: error: {message}", file=sys.stderr, flush=True)
     return code
@@ -254,6 +291,8 @@ async def _call(command: Callable[[argparse.Namespace], Awaitable[int]], args: A
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit code (never raises for bad input)."""
+    if failpoints.PROBLEM is not None:
+        return _fail(failpoints.PROBLEM, EXIT_CONFIG)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -265,7 +304,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     command: Callable[[argparse.Namespace], Awaitable[int]]
-    command = _run_command if args.command == "run" else OPERATOR_COMMANDS[args.command]
+    command = {"run": _run_command, "demo": _demo_command, **OPERATOR_COMMANDS}[args.command]
     try:
         return anyio.run(_call, command, args)
     except BaseException as e:
@@ -274,6 +313,10 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), EXIT_LOCKED)
     if isinstance(error, LockLostError):
         return _fail(str(error), EXIT_FAILED)
+    if isinstance(error, LedgerError) and not isinstance(
+        error, NotALedgerError | SchemaVersionError
+    ):
+        return _fail(str(error), EXIT_LEDGER)
     if isinstance(error, AsyncBatchError):
         return _fail(str(error), EXIT_CONFIG)
     if isinstance(error, KeyboardInterrupt):

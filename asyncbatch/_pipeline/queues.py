@@ -7,16 +7,21 @@ lives on one event loop; nothing here is shared between runs.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
-from typing import TYPE_CHECKING
 
 import anyio
 
-if TYPE_CHECKING:
-    from ._ledger import Outcome
+from .._context import ItemLogger
+from .._ledger import Outcome
 
-__all__ = ["ItemQueue", "LeasedItem", "Outbox"]
+__all__ = ["ItemQueue", "LeasedItem", "Outbox", "item_logger"]
+
+
+def item_logger(logger: logging.Logger, job: str, item: LeasedItem) -> ItemLogger:
+    """``logger``, its records carrying the item's job, key and input hash."""
+    return ItemLogger(logger, {"job": job, "key": item.key, "input_hash": item.ihash})
 
 
 class LeasedItem:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import anyio
 
-from ._batch import Batch
-from ._context import TaskContext
-from ._exceptions import ConfigurationError
-from ._progress import show_progress
-from ._report import Report
+from .._batch import Batch
+from .._context import TaskContext
+from .._exceptions import ConfigurationError
+from .._report import Report
+from .progress import show_progress
 
 __all__ = ["MARKER", "demo", "demo_handler", "make_inbox", "prepare"]
 
@@ -113,7 +113,7 @@ async def _run(batch: Batch, progress: bool) -> Report:
 
 async def demo(args: argparse.Namespace) -> int:
     """Run the demo; print what happened at each step."""
-    from ._operator import status
+    from .operator import status
 
     base = Path(args.dir).absolute()
     inbox, out, state = base / "inbox", base / "out", base / "state.db"

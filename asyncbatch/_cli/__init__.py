@@ -1,0 +1,13 @@
+"""The ``asyncbatch`` command line.
+
+main.py      parsing, the run command, exit codes
+operator.py  status, failures, retry, locks, unlock, history
+progress.py  a bar on a terminal, lines otherwise
+demo.py      make an inbox, run, run again, show the status
+logging.py   text or JSON records on stderr
+target.py    TARGET (module:function) to a handler
+"""
+
+from .main import main
+
+__all__ = ["main"]

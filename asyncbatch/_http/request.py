@@ -1,0 +1,138 @@
+"""The request side of idempotency: reading an ``Idempotency-Key`` header, fingerprinting a
+request, and the problem responses the middleware answers with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "ASGIApp",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "key_tag",
+    "parse_key",
+    "problem",
+    "read_body",
+    "respond",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The longest key accepted, in characters (after unquoting).
+MAX_KEY_LENGTH: Final = 255
+
+
+def parse_key(value: bytes) -> str:
+    """The key carried by one ``Idempotency-Key`` header value.
+
+    Accepts a structured-field string (RFC 8941 sf-string: ``"abc"``, with ``\\"`` and ``\\\\``
+    escapes) or, leniently, a bare token of visible ASCII characters (``abc``); both spell the
+    same key. Surrounding spaces and tabs are ignored. Raises :class:`ValueError` with a
+    one-line message for an empty, malformed or too long (over 255 characters) value.
+    """
+    text = value.strip(b" \t")
+    if text.startswith(b'"'):
+        key = _parse_sf_string(text)
+    elif any(c < 0x21 or c > 0x7E or c in b'"\\,' for c in text):
+        raise ValueError(
+            "Idempotency-Key must be a quoted string or a token of visible ASCII characters "
+            "(no spaces, quotes, backslashes or commas)"
+        )
+    else:
+        key = text.decode("ascii")
+    if not key:
+        raise ValueError("Idempotency-Key is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters")
+    return key
+
+
+def _parse_sf_string(text: bytes) -> str:
+    """Unquote an RFC 8941 sf-string that makes up all of ``text`` (which starts with ``"``)."""
+    out = bytearray()
+    i, end = 1, len(text)
+    while i < end:
+        c = text[i]
+        if c == 0x5C:  # backslash: only \" and \\ are escapes
+            if i + 1 >= end or text[i + 1] not in b'"\\':
+                raise ValueError(
+                    'Idempotency-Key has an invalid escape: only \\" and \\\\ are allowed'
+                )
+            out.append(text[i + 1])
+            i += 2
+        elif c == 0x22:  # the closing quote must end the value
+            if i != end - 1:
+                raise ValueError("Idempotency-Key has characters after its closing quote")
+            return out.decode("ascii")
+        elif c < 0x20 or c > 0x7E:
+            raise ValueError("Idempotency-Key may only hold printable ASCII characters")
+        else:
+            out.append(c)
+            i += 1
+    raise ValueError("Idempotency-Key has no closing quote")
+
+
+def _fingerprint_head(scope: Scope) -> Any:
+    """A sha256 of the request line (method, path, query string), to be fed the body next.
+
+    The request fingerprint is this digest once every body chunk went in: computed while the
+    body arrives, not in a second pass over it.
+    """
+    digest = hashlib.sha256()
+    path = str(scope.get("path", "")).encode("utf-8", "surrogatepass")
+    for part in (str(scope["method"]).encode("ascii"), path, bytes(scope.get("query_string", b""))):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest
+
+
+def key_tag(namespace: str, key: str) -> str:
+    """What the logs show instead of a key: a short hash of scope and key."""
+    data = f"{namespace}\0{key}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+async def read_body(scope: Scope, receive: Receive) -> tuple[bytes, str] | None:
+    """The whole request body and the request's fingerprint (sha256 over method, path, query
+    string and body), or ``None`` when the client disconnected first."""
+    digest = _fingerprint_head(scope)
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] == "http.request":
+            chunk = bytes(message.get("body", b""))
+            digest.update(chunk)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), digest.hexdigest()
+
+
+async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def problem(
+    send: Send, status: int, title: str, detail: str, *, retry_after: int | None = None
+) -> None:
+    """An RFC 9457 problem response (``application/problem+json``)."""
+    body = json.dumps({"title": title, "status": status, "detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await respond(send, status, headers, body)

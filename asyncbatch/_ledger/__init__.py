@@ -1,0 +1,87 @@
+"""The ledger: the only state that outlives a run, behind one contract and two backends.
+
+    types.py             the values that cross the boundary (ClaimedRow, Outcome, LockInfo, ...)
+    base.py              Ledger, the abstract contract (each method documented once), and the
+                         backend-neutral logic: the lock and idempotency decisions, retries
+    dsn.py               a postgresql:// state: parsed up front, printed without its password
+    sqlite.py            SQLiteLedger: one file on a local disk (the default)
+    sqlite_open.py       whether a SQLite path may be opened, and what its errors mean
+    sqlite_sql.py        every SQLite statement
+    aiosqlite_bridge.py  aiosqlite's private API, in one place (one thread hop per transaction)
+    postgres.py          PostgresLedger: runners on several hosts
+    postgres_session.py  its connection, transactions, and the server's clock
+    postgres_sql.py      every PostgreSQL statement
+
+Backends are imported when a ledger is opened: asyncpg is needed only for a PostgreSQL state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from .base import Ledger
+from .dsn import DEFAULT_SCHEMA, PostgresDSN, is_postgres
+from .types import (
+    STATES,
+    ClaimedRow,
+    Durability,
+    IdempotencyClaim,
+    ItemInfo,
+    LockInfo,
+    Outcome,
+    RunInfo,
+    RunnerInfo,
+    RunTotals,
+    ScannedRow,
+    StoredResponse,
+)
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "STATES",
+    "ClaimedRow",
+    "Durability",
+    "IdempotencyClaim",
+    "ItemInfo",
+    "Ledger",
+    "LockInfo",
+    "Outcome",
+    "PostgresDSN",
+    "RunInfo",
+    "RunTotals",
+    "RunnerInfo",
+    "ScannedRow",
+    "StoredResponse",
+    "is_postgres",
+    "open_ledger",
+]
+
+
+async def open_ledger(
+    state: str | os.PathLike[str],
+    *,
+    durability: Durability = "normal",
+    create: bool = True,
+    busy_timeout: float = 30.0,
+    clock: Callable[[], float] = time.time,
+) -> Ledger:
+    """Open the ledger ``state`` names: a ``postgresql://`` DSN, else a SQLite file path.
+
+    ``create=False`` opens for reading: nothing is created, migrated or left behind.
+    ``busy_timeout`` bounds waits for other writers; ``clock`` is the caller's wall clock (a
+    test seam). Raises what the backend's ``open`` raises: :class:`ConfigurationError`,
+    :class:`LedgerError`, :class:`NotALedgerError`, :class:`SchemaVersionError`.
+    """
+    if is_postgres(state):
+        from .postgres import PostgresLedger
+
+        return await PostgresLedger.open(
+            str(state), durability=durability, create=create, busy_timeout=busy_timeout, clock=clock
+        )
+    from .sqlite import SQLiteLedger
+
+    return await SQLiteLedger.open(
+        state, durability=durability, create=create, busy_timeout=busy_timeout, clock=clock
+    )

@@ -1,0 +1,467 @@
+"""The ledger's contract: one abstract class, each method documented once, and the logic that
+does not depend on the backend.
+
+A backend (:mod:`.sqlite`, :mod:`.postgres`) implements the abstract methods, each as one
+transaction, and inherits the rest: the job-lock decision (:func:`decide_lock`), the
+idempotency decision (:func:`decide_idempotency`), :meth:`Ledger.job_exists`, the zero-filled
+:meth:`Ledger.counts`, the identity check of :meth:`Ledger.ensure_job` and the key-or-relpath
+lookup of :meth:`Ledger.find_items`. Every backend passes the one contract suite
+(``tests/test_ledger_contract.py``).
+
+Guarantees every backend gives:
+
+- Every write is one transaction; cancelling the caller never leaves one open or half-done.
+- An item write is fenced: it changes the row only while the row is ``running``, leased to the
+  writer (``owner``) under the same ``fence``. A completion that changes nothing lost its
+  lease and is reported, never counted.
+- Errors of the database leave as :class:`~asyncbatch.LedgerError`, one line, naming the state
+  (a DSN without its password).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Self, TypeVar
+
+import anyio
+
+from .._exceptions import ConfigurationError, JobLockedError, LedgerError
+from .._procinfo import ProcessIdentity, holder_is_dead
+from .types import (
+    STATES,
+    ClaimedRow,
+    IdempotencyClaim,
+    ItemInfo,
+    LockInfo,
+    Outcome,
+    RunInfo,
+    RunnerInfo,
+    RunTotals,
+    ScannedRow,
+    StoredResponse,
+    iso_time,
+)
+
+__all__ = [
+    "BUSY",
+    "Busy",
+    "Ledger",
+    "decide_idempotency",
+    "decide_lock",
+    "encode_headers",
+    "ledger_error",
+    "looks_like_key",
+    "retrying",
+    "stored_response",
+]
+
+T = TypeVar("T")
+
+
+# -- backend-neutral decisions -------------------------------------------------------------------
+
+
+def decide_lock(
+    job: str,
+    held: LockInfo | None,
+    runners: Sequence[RunnerInfo],
+    *,
+    me: ProcessIdentity,
+    shared: bool,
+    now: float,
+    shown: Callable[[float], float] = float,
+) -> LockInfo | None:
+    """Decide whether ``me`` may run ``job``; return the stale lock to take over (or clear).
+
+    ``held`` and ``runners`` were read inside the deciding transaction, their times in the same
+    clock as ``now``; ``shown`` turns such a time into the caller's clock for the message. A
+    lock is stale once its heartbeat expired or its holder (on this host) is dead. An exclusive
+    runner (not ``shared``) is also refused while a live shared runner works on the job.
+    Raises :class:`JobLockedError` naming the live holder.
+    """
+    if held is not None and held.expires_at >= now and not holder_is_dead(held.holder, me=me):
+        raise JobLockedError(job, held.pid, held.host, iso_time(shown(held.acquired_at)))
+    if not shared:
+        for runner in runners:
+            if runner.shared and runner.alive(now, me):
+                raise JobLockedError(
+                    job, runner.pid, runner.host, iso_time(shown(runner.started_at))
+                )
+    return held
+
+
+def decide_idempotency(
+    fingerprint: str,
+    stored_fingerprint: str,
+    state: str,
+    response: StoredResponse | None,
+    locked_until: float,
+    expires_at: float,
+    now: float,
+) -> IdempotencyClaim:
+    """What a keyed request gets when its key already has a record (times in one clock).
+
+    An expired record is as good as none; a different request under the key is a mismatch; a
+    stored response is replayed; a running request younger than its lock is a conflict; an
+    older one was abandoned (its process died), and the key is taken over.
+    """
+    if expires_at < now:
+        return IdempotencyClaim("run", "expired")
+    if stored_fingerprint != fingerprint:
+        return IdempotencyClaim("mismatch")
+    if state == "done" and response is not None:
+        return IdempotencyClaim("replay", stored=response)
+    if locked_until >= now:
+        return IdempotencyClaim("conflict")
+    return IdempotencyClaim("run", "abandoned")
+
+
+def encode_headers(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """Response headers as stored: a JSON list of ``[name, value]`` latin-1 strings."""
+    return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers])
+
+
+def stored_response(status: int, headers: str, body: bytes) -> StoredResponse:
+    """A stored response from its columns."""
+    pairs = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(headers)]
+    return StoredResponse(int(status), pairs, bytes(body))
+
+
+def looks_like_key(text: str) -> bool:
+    """Whether ``text`` may be an item key: keys are ASCII (hex digits, digits and ``-``).
+
+    A file name that is not valid UTF-8 (surrogate-escaped) is never ASCII: only a relpath.
+    """
+    return text.isascii()
+
+
+class Busy:
+    """What an attempt returns when the database was busy (another writer, a deadlock)."""
+
+
+#: The one :class:`Busy` value.
+BUSY: Final = Busy()
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[T | Busy]],
+    *,
+    patience: float,
+    first_pause: float,
+    longest_pause: float,
+    on_timeout: Callable[[], Exception],
+) -> T:
+    """Await ``attempt()`` until it returns something other than :data:`BUSY`.
+
+    Between tries: jittered pauses growing by half from ``first_pause`` to ``longest_pause``,
+    awaited on the event loop (a cancelled caller stops waiting at once). Raises
+    ``on_timeout()`` once ``patience`` seconds have passed.
+    """
+    deadline = time.monotonic() + patience
+    pause = first_pause
+    jitter = random.Random()
+    while True:
+        result = await attempt()
+        if not isinstance(result, Busy):
+            return result
+        if time.monotonic() > deadline:
+            raise on_timeout()
+        await anyio.sleep(pause * (0.5 + jitter.random()))
+        pause = min(pause * 1.5, longest_pause)
+
+
+# -- the contract --------------------------------------------------------------------------------
+
+
+class Ledger(abc.ABC):
+    """An open ledger: the job lock, runner liveness, claims, outcomes, the operator's reads,
+    and the idempotency store of :class:`~asyncbatch.IdempotencyMiddleware`.
+
+    Open one with :func:`asyncbatch._ledger.open_ledger`; close it with :meth:`close` or
+    ``async with``. One instance runs one transaction at a time (a runner is one connection).
+    """
+
+    #: The state as it may be printed: a path, or a DSN without its password.
+    name: str
+    #: The caller's wall clock; every time handed in or out is in it.
+    clock: Callable[[], float]
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection, after the transaction in flight (shielded: always completes)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def meta(self, name: str) -> str | None:
+        """A value from the ledger's ``meta`` table (``secret``, ``created_at``), or ``None``."""
+
+    @abc.abstractmethod
+    async def jobs(self) -> list[str]:
+        """Every job this ledger knows, by name."""
+
+    @abc.abstractmethod
+    async def job_identity(self, job: str) -> str | None:
+        """The identity mode recorded for ``job``, or ``None`` for an unknown job."""
+
+    async def job_exists(self, job: str) -> bool:
+        """Whether this ledger knows ``job``."""
+        return await self.job_identity(job) is not None
+
+    async def ensure_job(self, job: str, identity: str) -> None:
+        """Record the job's identity mode; refuse a different one for an existing job.
+
+        Raises :class:`ConfigurationError` naming both modes.
+        """
+        recorded = await self._add_job(job, identity)
+        if recorded != identity:
+            raise ConfigurationError(
+                f"job {job!r} uses identity={recorded!r} in state {self.name!r}, not "
+                f"{identity!r}: keep the identity or use another --job"
+            )
+
+    @abc.abstractmethod
+    async def _add_job(self, job: str, identity: str) -> str:
+        """Record ``job`` with ``identity`` unless it exists; return its recorded identity."""
+
+    # -- the job lock and runners ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire_lock(
+        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
+    ) -> LockInfo | None:
+        """Take the job lock (or, ``shared``, check that no exclusive runner holds it).
+
+        The lock row is taken with an insert that does nothing on conflict and released with
+        ``DELETE ... WHERE job_id AND owner``. A lock whose holder is gone is taken over at
+        once: same host and a dead pid (or a pid now used by another process), or an expired
+        heartbeat (see :func:`decide_lock`). Returns the stale lock that was taken over (or, for
+        a shared runner, cleared), if any. Raises :class:`JobLockedError` while a live runner
+        holds it.
+        """
+
+    @abc.abstractmethod
+    async def register_runner(
+        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
+    ) -> int:
+        """Record this runner (the liveness of its leases) and open a run history row; return
+        the row's id."""
+
+    @abc.abstractmethod
+    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
+        """Hand the leased items of the job's runners that are gone back; return how many.
+
+        A runner is gone when its heartbeat expired or its process (on this host) is dead. A
+        scan of the job's items, done only when a runner is found gone (after a crash).
+        """
+
+    @abc.abstractmethod
+    async def runners(self, job: str) -> list[RunnerInfo]:
+        """The job's registered runners."""
+
+    @abc.abstractmethod
+    async def heartbeat(
+        self,
+        job: str,
+        owner: str,
+        ttl: float,
+        leases: Sequence[tuple[str, int]],
+        *,
+        holds_lock: bool,
+    ) -> bool:
+        """Extend this runner's lock (``holds_lock``), liveness and item leases (``(key,
+        fence)``) by ``ttl`` seconds.
+
+        Returns ``False`` when the lock or the runner record was taken from us: the caller
+        must stop.
+        """
+
+    @abc.abstractmethod
+    async def release_runner(
+        self,
+        job: str,
+        owner: str,
+        *,
+        holds_lock: bool,
+        run_id: int,
+        totals: RunTotals,
+        exit_status: str,
+    ) -> None:
+        """Remove this runner's records (and its lock) and finish its run history row."""
+
+    @abc.abstractmethod
+    async def locks(self) -> list[LockInfo]:
+        """Every job lock in the ledger."""
+
+    @abc.abstractmethod
+    async def force_unlock(self, job: str, owner: str) -> bool:
+        """Delete a job lock held by ``owner``; ``False`` when it was not held by it."""
+
+    # -- claims ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_scanned(
+        self, job: str, owner: str, lease: float, rows: Sequence[ScannedRow]
+    ) -> list[ClaimedRow]:
+        """Register scanned entries and lease the claimable ones, in one statement.
+
+        New entries are inserted leased to ``owner`` for ``lease`` seconds; pending, vanished,
+        failed (and due) and expired running entries are leased with ``fence`` incremented; an
+        attempt is counted when it starts (see :meth:`commit_outcomes`), and a lease replacing
+        one whose attempt started and never finished counts it as interrupted. Finished entries
+        cost an index probe. Returns the rows leased to us (``state='running'``), plus dead rows
+        and done rows with a post-commit action, with the file that was handled, so the
+        caller can count or finish them. Two runners never lease the same item.
+        """
+
+    @abc.abstractmethod
+    async def claim_waiting(
+        self, job: str, owner: str, lease: float, limit: int
+    ) -> list[ClaimedRow]:
+        """Lease up to ``limit`` items waiting in the ledger: pending, or failed and due.
+
+        The oldest ``(mtime_ns, relpath)`` first; concurrent runners get disjoint sets.
+        """
+
+    @abc.abstractmethod
+    async def next_retry_at(self, job: str) -> float | None:
+        """When the earliest failed item of the job becomes due, or ``None``."""
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def commit_outcomes(
+        self,
+        job: str,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        started: Sequence[tuple[str, int]] = (),
+    ) -> set[str]:
+        """Record finished attempts in one transaction; return the keys whose lease was lost.
+
+        ``started`` lists ``(key, fence)`` of attempts that began and still run: their attempt
+        is counted now (a finished one is counted with its outcome), so a runner that dies
+        during an attempt has used it. An item is done when, and only when, this transaction
+        commits. A row whose owner or fence changed (another runner took the lease) is not
+        touched, and its key is returned. A failed attempt keeps the row's post action (the
+        ``moved`` record of ``ctx.move``).
+        """
+
+    @abc.abstractmethod
+    async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
+        """Give leased items ``(key, fence)`` back to be claimed again (``pending``).
+
+        Attempts are counted when they start, so nothing is undone; an attempt that had
+        started is counted as interrupted when the item is leased again.
+        """
+
+    @abc.abstractmethod
+    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
+        """Note, under our lease, that the item's input is being moved to ``dst``.
+
+        Returns ``False`` when the lease is no longer ours (the caller must not move).
+        """
+
+    @abc.abstractmethod
+    async def move_destinations(self, job: str) -> list[str]:
+        """Where ``ctx.move()`` took or was taking the inputs of the job's unfinished items."""
+
+    # -- the operator's reads, and retry ----------------------------------------------------------
+
+    async def counts(self, job: str) -> dict[str, int]:
+        """Items of the job by state; every state is present, zero or not."""
+        found = await self._state_counts(job)
+        return {state: found.get(state, 0) for state in STATES}
+
+    @abc.abstractmethod
+    async def _state_counts(self, job: str) -> dict[str, int]:
+        """Items of the job by state, for the states that have any."""
+
+    @abc.abstractmethod
+    async def oldest_waiting(self, job: str) -> float | None:
+        """When the oldest pending or failed item was first registered, or ``None``."""
+
+    @abc.abstractmethod
+    async def failures(self, job: str, limit: int) -> list[ItemInfo]:
+        """Failed and dead items, the most recently changed first."""
+
+    async def find_items(self, job: str, key_or_relpath: str) -> list[ItemInfo]:
+        """Items whose key is, or whose relpath is, ``key_or_relpath``."""
+        found = (
+            await self._items_by_key(job, key_or_relpath) if looks_like_key(key_or_relpath) else []
+        )
+        return found + await self._items_by_relpath(job, os.fsencode(key_or_relpath))
+
+    @abc.abstractmethod
+    async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
+        """The item with this key, if any."""
+
+    @abc.abstractmethod
+    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[ItemInfo]:
+        """The items with this relpath."""
+
+    @abc.abstractmethod
+    async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
+        """The job's run history, the most recent first."""
+
+    @abc.abstractmethod
+    async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:
+        """Put failed (and with ``dead``, dead) items back to pending with fresh attempts and
+        interruptions; ``keys=None`` retries every such item of the job. Returns how many."""
+
+    # -- the idempotency store ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def idempotency_claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        *,
+        lock_timeout: float,
+        ttl: float,
+    ) -> IdempotencyClaim:
+        """Decide, in one transaction, what a request with this key gets (see
+        :func:`decide_idempotency`).
+
+        ``"run"`` makes ``token`` the key's owner for ``lock_timeout`` seconds: only it may
+        complete or release the record. Concurrent requests with one key, from any process
+        sharing the ledger, never both get ``"run"`` within ``lock_timeout``. Times are the
+        ledger's (the server's clock on PostgreSQL).
+        """
+
+    @abc.abstractmethod
+    async def idempotency_complete(
+        self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float
+    ) -> bool:
+        """Store the response of the running record ``token`` owns, kept for ``ttl`` seconds;
+        ``False`` if it was taken over meanwhile (nothing is stored then)."""
+
+    @abc.abstractmethod
+    async def idempotency_release(self, scope: str, key: str, token: str) -> None:
+        """Delete the running record ``token`` owns, so the key can be used again."""
+
+    @abc.abstractmethod
+    async def idempotency_purge(self) -> int:
+        """Delete every expired idempotency record; return how many."""
+
+
+def ledger_error(state: str, error: BaseException, prefix: str | None = None) -> LedgerError:
+    """The one-line :class:`LedgerError` for a database error: ``prefix`` (default ``state
+    'NAME'``), then the error's text on one line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return LedgerError(f"{prefix or f'state {state!r}'}: {text}")

@@ -1,0 +1,528 @@
+"""The PostgreSQL ledger: the contract of :class:`~asyncbatch._ledger.base.Ledger`, for runners
+on several hosts. Its SQL is in :mod:`.postgres_sql`, its connection in :mod:`.postgres_session`.
+
+What differs from SQLite, and why:
+
+- **Clocks.** Leases, locks and heartbeats are stored and compared in the server's time
+  (``now()``), so hosts whose clocks disagree still agree on who holds what; the caller only
+  passes durations (a lease, a TTL, a retry delay). Times handed back (lock, item and run
+  times) are shifted into the caller's ``clock`` (see :meth:`PostgresSession.local`);
+  ``next_retry_at`` is the server's remaining delay added to ``clock()``. A runner still stops
+  its own work at its local monotonic deadline, before its lease can be taken over.
+- **Claims.** A scanned chunk is registered and leased in one ``INSERT ... SELECT FROM
+  unnest(...) ON CONFLICT (job, key) DO UPDATE ... WHERE <claimable>``: a row another runner is
+  writing is waited for and re-checked on its committed version, so two runners never lease the
+  same item. Waiting items are leased with ``FOR UPDATE SKIP LOCKED`` in ``(mtime_ns, relpath)``
+  order: concurrent runners take disjoint sets without queueing behind each other.
+- **The job lock.** Lock decisions for a job are serialised by a transaction-scoped advisory
+  lock (the SQLite backend's ``BEGIN IMMEDIATE``); the lock row is taken with ``INSERT ... ON
+  CONFLICT DO NOTHING`` and released with ``DELETE ... WHERE job_id=$1 AND owner=$2``.
+- **Plans.** Every hot statement looks items up by ``(job, key)``; the ledger refreshes the
+  planner's statistics of ``items`` as it grows the table (see ``_analyze``), so a server
+  without autovacuum still plans them as index lookups.
+- **Where.** The tables live in their own schema: the DSN's ``search_path`` (its first entry,
+  e.g. ``postgresql://host/db?search_path=batches``), else ``asyncbatch``. A schema holding
+  tables of another application, or a newer ledger schema, is refused untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Self
+
+try:
+    import asyncpg
+except ImportError as e:  # pragma: no cover - depends on the install
+    from .._exceptions import ConfigurationError
+
+    raise ConfigurationError(
+        "a postgresql:// state needs asyncpg: pip install 'asyncbatch[postgres]'"
+    ) from e
+
+from .._effects.actions import decode_action, encode_action
+from .._exceptions import JobLockedError
+from .._procinfo import ProcessIdentity
+from . import postgres_sql as sql
+from .base import Ledger, decide_idempotency, decide_lock, encode_headers, stored_response
+from .dsn import PostgresDSN
+from .postgres_session import PostgresSession
+from .types import (
+    ClaimedRow,
+    Durability,
+    IdempotencyClaim,
+    ItemInfo,
+    LockInfo,
+    Outcome,
+    RunInfo,
+    RunnerInfo,
+    RunTotals,
+    ScannedRow,
+    StoredResponse,
+)
+
+if TYPE_CHECKING:
+    from .postgres_session import Connection
+
+__all__ = ["PostgresLedger"]
+
+#: New items after which this ledger first refreshes the planner's statistics.
+_FIRST_ANALYZE = 2000
+_INT64 = 1 << 64
+_INT63 = 1 << 63
+
+
+def _signed(inode: int) -> int:
+    """An inode (unsigned 64-bit) as PostgreSQL's signed ``bigint``."""
+    return inode - _INT64 if inode >= _INT63 else inode
+
+
+def _unsigned(inode: int) -> int:
+    return inode + _INT64 if inode < 0 else inode
+
+
+def _lock(row: Any) -> LockInfo:
+    """A task_lock row as read, its times the server's."""
+    return LockInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+
+
+def _runner(row: Any) -> RunnerInfo:
+    """A runners row as read, its times the server's."""
+    return RunnerInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+
+
+class PostgresLedger(Ledger):
+    """An open PostgreSQL ledger (see the module's documentation). Use :meth:`open`."""
+
+    def __init__(self, session: PostgresSession) -> None:
+        self._session = session
+        self.name = session.name
+        self.clock = session.clock
+        #: Items this ledger registered, and when to refresh the statistics (see _analyze).
+        self._added = 0
+        self._analyze_after = _FIRST_ANALYZE
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        durability: Durability = "normal",
+        create: bool = True,
+        busy_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> Self:
+        """Connect to the ledger at ``dsn`` (and with ``create``, create or migrate its schema).
+
+        ``durability="normal"`` sets ``synchronous_commit = off`` for the session: a commit
+        returns before its WAL record is flushed, so a crash of the *server* (not of a runner)
+        may lose the last fraction of a second of commits, never corrupt anything; those
+        items are then redone (the effects are idempotent), as with SQLite's
+        ``synchronous=NORMAL``. ``"full"`` keeps ``synchronous_commit = on`` (PostgreSQL's
+        default): every commit is on disk (and on synchronous replicas) before it returns,
+        at the cost of one WAL flush per transaction.
+
+        ``busy_timeout`` bounds waits for row locks and retries of deadlocked transactions.
+        ``clock`` is only used to express returned times in the caller's clock; leases and
+        locks use the server's.
+
+        Raises :class:`ConfigurationError` for a DSN that does not parse or (without
+        ``create``) a ledger that does not exist, :class:`LedgerError` when the server cannot
+        be reached, :class:`NotALedgerError` for a schema holding another application's
+        tables and :class:`SchemaVersionError` for a newer schema; in those cases nothing is
+        written.
+        """
+        session = PostgresSession(
+            PostgresDSN.parse(dsn), durability=durability, busy_timeout=busy_timeout, clock=clock
+        )
+        try:
+            await session.prepare(create=create)
+        except BaseException:
+            await session.close()
+            raise
+        return cls(session)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def _lock_info(self, row: Any) -> LockInfo:
+        """A task_lock row, its times in the caller's clock."""
+        local = self._session.local
+        return LockInfo(row[0], row[1], row[2], row[3], row[4], local(row[5]), local(row[6]))
+
+    def _item(self, row: asyncpg.Record) -> ItemInfo:
+        key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
+        name = os.fsdecode(bytes(relpath))
+        local = self._session.local(updated)
+        return ItemInfo(key, name, size, mtime_ns, state, attempts, interrupted, error, local)
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    async def meta(self, name: str) -> str | None:
+        value = await self._session.fetchval(sql.GET_META, name)
+        return None if value is None else str(value)
+
+    async def jobs(self) -> list[str]:
+        return [r[0] for r in await self._session.fetch(sql.LIST_JOBS)]
+
+    async def job_identity(self, job: str) -> str | None:
+        value = await self._session.fetchval(sql.GET_JOB, job)
+        return None if value is None else str(value)
+
+    async def _add_job(self, job: str, identity: str) -> str:
+        async def add(conn: Connection) -> str:
+            await conn.execute(sql.ADD_JOB, job, identity)
+            return str(await conn.fetchval(sql.GET_JOB, job))
+
+        return await self._session.transact(add)
+
+    # -- the job lock and runners ------------------------------------------------------------------
+
+    async def acquire_lock(
+        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
+    ) -> LockInfo | None:
+        async def acquire(conn: Connection) -> LockInfo | None:
+            await conn.execute(sql.JOB_LOCK_GUARD, job)
+            row = await conn.fetchrow(sql.LOCK_GET, job)
+            now = await conn.fetchval(sql.SERVER_NOW) if row is None else row[7]
+            held = None if row is None else _lock(row)
+            runners = (
+                [] if shared else [_runner(r) for r in await conn.fetch(sql.RUNNERS_OF_JOB, job)]
+            )
+            local = self._session.local
+            stale = decide_lock(job, held, runners, me=me, shared=shared, now=now, shown=local)
+            if shared:
+                if stale is not None:
+                    await conn.execute(sql.LOCK_RELEASE, job, stale.owner)
+            else:
+                lock = (owner, me.pid, me.host, me.pid_start, ttl)
+                if stale is None:
+                    taken = await conn.fetchval(sql.LOCK_INSERT, job, *lock)
+                else:
+                    taken = await conn.fetchval(sql.LOCK_TAKE_OVER, job, stale.owner, *lock)
+                if taken is None:  # only a writer bypassing the guard could get here
+                    raise JobLockedError(job, None, None, "just now")
+            return None if stale is None else self._lock_info(dataclasses.astuple(stale))
+
+        return await self._session.transact(acquire)
+
+    async def register_runner(
+        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
+    ) -> int:
+        async def register(conn: Connection) -> Any:
+            await conn.execute(
+                sql.RUNNER_ADD, owner, job, me.pid, me.host, me.pid_start, shared, ttl
+            )
+            return await conn.fetchval(sql.RUN_START, job, owner, me.pid, me.host, mode)
+
+        return int(await self._session.transact(register))
+
+    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
+        async def reap(conn: Connection) -> int:
+            released = 0
+            for row in await conn.fetch(sql.RUNNERS_OF_JOB, job):
+                if _runner(row).alive(row[8], me):
+                    continue
+                released += int(await conn.fetchval(sql.REAP_ITEMS, job, row["owner"]))
+                await conn.execute(sql.RUNNER_REMOVE, row["owner"])
+            return released
+
+        return await self._session.transact(reap)
+
+    async def runners(self, job: str) -> list[RunnerInfo]:
+        local = self._session.local
+        return [
+            RunnerInfo(r[0], r[1], r[2], r[3], r[4], local(r[5]), local(r[6]), local(r[7]))
+            for r in await self._session.fetch(sql.RUNNERS_OF_JOB, job)
+        ]
+
+    async def heartbeat(
+        self,
+        job: str,
+        owner: str,
+        ttl: float,
+        leases: Sequence[tuple[str, int]],
+        *,
+        holds_lock: bool,
+    ) -> bool:
+        keys = [key for key, _ in leases]
+        fences = [fence for _, fence in leases]
+
+        async def beat(conn: Connection) -> bool:
+            alive = await conn.fetchval(sql.RUNNER_EXTEND, owner, ttl) is not None
+            if holds_lock:
+                alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
+            if alive and keys:
+                await conn.execute(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
+            return alive
+
+        return await self._session.transact(beat)
+
+    async def release_runner(
+        self,
+        job: str,
+        owner: str,
+        *,
+        holds_lock: bool,
+        run_id: int,
+        totals: RunTotals,
+        exit_status: str,
+    ) -> None:
+        async def release(conn: Connection) -> None:
+            await conn.execute(sql.RUNNER_REMOVE, owner)
+            if holds_lock:
+                await conn.execute(sql.LOCK_RELEASE, job, owner)
+            await conn.execute(sql.RUN_FINISH, run_id, *dataclasses.astuple(totals), exit_status)
+
+        await self._session.transact(release)
+
+    async def locks(self) -> list[LockInfo]:
+        return [self._lock_info(r) for r in await self._session.fetch(sql.LOCK_LIST)]
+
+    async def force_unlock(self, job: str, owner: str) -> bool:
+        async def unlock(conn: Connection) -> bool:
+            return await conn.fetchval(sql.LOCK_RELEASE, job, owner) is not None
+
+        return await self._session.transact(unlock, one=True)
+
+    # -- claims ------------------------------------------------------------------------------------
+
+    async def claim_scanned(
+        self, job: str, owner: str, lease: float, rows: Sequence[ScannedRow]
+    ) -> list[ClaimedRow]:
+        if not rows:
+            return []
+        columns: tuple[list[Any], ...] = ([], [], [], [], [])  # keys, relpaths, ... inodes
+        seen: set[str] = set()
+        for key, relpath, size, mtime_ns, inode in rows:
+            if key in seen:  # ON CONFLICT cannot touch a row twice in one statement
+                continue
+            seen.add(key)
+            for column, value in zip(
+                columns, (key, relpath, size, mtime_ns, _signed(inode)), strict=True
+            ):
+                column.append(value)
+
+        async def claim(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
+
+        claimed = [
+            ClaimedRow(
+                key,
+                state,
+                fence,
+                attempts,
+                interrupted,
+                post,
+                b"" if relpath is None else bytes(relpath),
+                size or 0,
+                mtime_ns or 0,
+                _unsigned(inode or 0),
+            )
+            for key, state, fence, attempts, interrupted, post, relpath, size, mtime_ns, inode in (
+                await self._session.transact(claim, one=True)
+            )
+        ]
+        self._added += sum(1 for r in claimed if r.fence == 1 and r.state == "running")
+        if self._added >= self._analyze_after:
+            await self._analyze()
+        return claimed
+
+    async def _analyze(self) -> None:
+        """Refresh the planner's statistics of ``items`` as this ledger grows it.
+
+        Every statement here looks items up by ``(job, key)``. Without statistics (a fresh
+        table, and no autovacuum yet, or none at all) PostgreSQL guesses that a job has a
+        handful of items and hash-joins a commit against *all* of them: each commit would cost
+        O(items). Autovacuum fixes that within a minute where it runs; this does it at once,
+        each time the rows this ledger added have doubled (about 20 times for a million).
+        """
+        self._analyze_after = 2 * self._added
+
+        async def analyze(conn: Connection) -> None:
+            await conn.execute(sql.ANALYZE_ITEMS)
+
+        await self._session.transact(analyze, one=True)
+
+    async def claim_waiting(
+        self, job: str, owner: str, lease: float, limit: int
+    ) -> list[ClaimedRow]:
+        async def claim(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit)
+
+        return [
+            ClaimedRow(
+                r[0], "running", r[5], r[6], r[7], r[8], bytes(r[1]), r[2], r[3], _unsigned(r[4])
+            )
+            for r in await self._session.transact(claim, one=True)
+        ]
+
+    async def next_retry_at(self, job: str) -> float | None:
+        wait = await self._session.fetchval(sql.NEXT_RETRY_IN, job)
+        return None if wait is None else self.clock() + float(wait)
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    async def commit_outcomes(
+        self,
+        job: str,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        started: Sequence[tuple[str, int]] = (),
+    ) -> set[str]:
+        # A retry time (``next_attempt_at``, in the caller's clock) is stored as the same delay
+        # from the server's now.
+        now = self.clock()
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [], [])
+        for o in outcomes:
+            size, mtime_ns, inode = o.stat or (None, None, None)
+            delay = None if o.next_attempt_at is None else o.next_attempt_at - now
+            row = (o.key, o.fence, o.state, o.error, delay, o.post_action, size, mtime_ns)
+            for column, value in zip(
+                columns, (*row, None if inode is None else _signed(inode), o.attempted), strict=True
+            ):
+                column.append(value)
+        finished = {o.key for o in outcomes}
+        for key, fence in started:
+            if key not in finished:  # a finished attempt is counted with its outcome
+                finished.add(key)
+                # state NULL: started, still running
+                running = (key, fence, None, None, None, None, None, None, None, True)
+                for column, value in zip(columns, running, strict=True):
+                    column.append(value)
+        if not finished:
+            return set()
+
+        async def commit(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(sql.COMMIT_OUTCOMES, job, owner, *columns)
+
+        changed = {r[0] for r in await self._session.transact(commit, one=True) if r[1]}
+        return {o.key for o in outcomes} - changed
+
+    async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
+        if not items:
+            return
+        keys = [key for key, _ in items]
+        fences = [fence for _, fence in items]
+
+        async def release(conn: Connection) -> None:
+            await conn.execute(sql.RELEASE_ITEMS, job, owner, keys, fences)
+
+        await self._session.transact(release, one=True)
+
+    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
+        async def record(conn: Connection) -> bool:
+            moved = encode_action("moved", dst)
+            return await conn.fetchval(sql.RECORD_MOVE, job, key, owner, fence, moved) is not None
+
+        return await self._session.transact(record, one=True)
+
+    async def move_destinations(self, job: str) -> list[str]:
+        rows = await self._session.fetch(sql.MOVE_DESTINATIONS, job)
+        return [path for (action,) in rows if (path := decode_action(action)[1])]
+
+    # -- the operator's reads, and retry ----------------------------------------------------------
+
+    async def _state_counts(self, job: str) -> dict[str, int]:
+        return {str(s): int(n) for s, n in await self._session.fetch(sql.COUNTS, job)}
+
+    async def oldest_waiting(self, job: str) -> float | None:
+        oldest = await self._session.fetchval(sql.OLDEST_WAITING, job)
+        return None if oldest is None else self._session.local(float(oldest))
+
+    async def failures(self, job: str, limit: int) -> list[ItemInfo]:
+        return [self._item(r) for r in await self._session.fetch(sql.FAILURES, job, limit)]
+
+    async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
+        return [self._item(r) for r in await self._session.fetch(sql.ITEM_BY_KEY, job, key)]
+
+    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[ItemInfo]:
+        rows = await self._session.fetch(sql.ITEMS_BY_RELPATH, job, relpath)
+        return [self._item(r) for r in rows]
+
+    async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
+        local = self._session.local
+        return [
+            RunInfo(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                local(r[6]),
+                None if r[7] is None else local(r[7]),
+                r[8],
+                r[9],
+                r[10],
+                r[11],
+                r[12],
+                r[13],
+            )
+            for r in await self._session.fetch(sql.RUNS_OF_JOB, job, limit)
+        ]
+
+    async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:
+        states = ["failed", "dead"] if dead else ["failed"]
+
+        async def reset(conn: Connection) -> Any:
+            if keys is None:
+                return await conn.fetchval(sql.RETRY_ALL, job, states)
+            return await conn.fetchval(sql.RETRY_KEYS, job, states, list(keys))
+
+        return int(await self._session.transact(reset, one=True))
+
+    # -- the idempotency store ---------------------------------------------------------------------
+
+    async def idempotency_claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        *,
+        lock_timeout: float,
+        ttl: float,
+    ) -> IdempotencyClaim:
+        fresh = (scope, key, fingerprint, token, lock_timeout, max(ttl, lock_timeout))
+
+        async def claim(conn: Connection) -> IdempotencyClaim:
+            if await conn.fetchval(sql.IDEMPOTENCY_INSERT, *fresh) is not None:
+                return IdempotencyClaim("run", "new")
+            row = await conn.fetchrow(sql.IDEMPOTENCY_GET, scope, key)
+            assert row is not None  # a conflicting insert waits for the row's commit
+            fp, state, status, headers, body, locked_until, expires_at, now = row
+            response = stored_response(status, headers, body or b"") if state == "done" else None
+            found = decide_idempotency(
+                fingerprint, fp, state, response, locked_until, expires_at, now
+            )
+            if found.decision == "run":
+                await conn.execute(sql.IDEMPOTENCY_TAKE_OVER, *fresh)
+            return found
+
+        return await self._session.transact(claim)
+
+    async def idempotency_complete(
+        self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float
+    ) -> bool:
+        headers = encode_headers(response.headers)
+        params = (scope, key, token, response.status, headers, response.body, ttl)
+
+        async def complete(conn: Connection) -> bool:
+            return await conn.fetchval(sql.IDEMPOTENCY_COMPLETE, *params) is not None
+
+        return await self._session.transact(complete, one=True)
+
+    async def idempotency_release(self, scope: str, key: str, token: str) -> None:
+        async def release(conn: Connection) -> None:
+            await conn.execute(sql.IDEMPOTENCY_RELEASE, scope, key, token)
+
+        await self._session.transact(release, one=True)
+
+    async def idempotency_purge(self) -> int:
+        async def purge(conn: Connection) -> int:
+            return int(await conn.fetchval(sql.IDEMPOTENCY_PURGE))
+
+        return await self._session.transact(purge, one=True)

@@ -1,0 +1,300 @@
+"""One connection to a PostgreSQL ledger, and the transactions run on it.
+
+- One connection per ledger; an :class:`anyio.Lock` runs one transaction at a time on it. A
+  transaction runs inside ``anyio.CancelScope(shield=True)`` once it has the lock, so
+  cancelling the caller never leaves one open; if one is nevertheless interrupted with the
+  connection still inside it, the connection is terminated (the server rolls back) and a new
+  one is made for the next call.
+- Deadlocks and serialization failures re-run the transaction, with jittered pauses, for up to
+  ``busy_timeout``; row-lock waits give up after ``busy_timeout`` (``lock_timeout``); a
+  statement gets ``2 * busy_timeout`` (at least 60 s) before the client gives up on the
+  connection.
+- Times: leases, locks and heartbeats are stored and compared in the server's clock. The
+  offset between it and the caller's ``clock`` is measured on connecting and every minute (to
+  within half a round trip): :meth:`PostgresSession.local` expresses a server time in the
+  caller's clock.
+- Errors of asyncpg or the server leave as one-line :class:`~asyncbatch.LedgerError`, naming
+  the DSN without its password.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import anyio
+import asyncpg
+import asyncpg.exceptions as pg_errors
+
+from .. import _failpoints as failpoints
+from .._exceptions import ConfigurationError, LedgerError, NotALedgerError, SchemaVersionError
+from . import postgres_sql as sql
+from .base import BUSY, Busy, ledger_error, retrying
+from .dsn import PostgresDSN
+from .types import Durability
+
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+
+__all__ = ["CONNECTION_LOST", "PostgresSession"]
+
+T = TypeVar("T")
+
+#: Errors after which the whole transaction is simply run again.
+_RETRYABLE = (pg_errors.DeadlockDetectedError, pg_errors.SerializationError)
+#: Errors that mean the connection itself is gone or unusable.
+CONNECTION_LOST = (OSError, TimeoutError, asyncpg.InterfaceError, pg_errors.InternalClientError)
+#: How often (seconds) the offset between the server's clock and ours is measured again.
+_OFFSET_TTL = 60.0
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PostgresSession:
+    """The connection of one :class:`~asyncbatch._ledger.postgres.PostgresLedger`."""
+
+    def __init__(
+        self,
+        target: PostgresDSN,
+        *,
+        durability: Durability,
+        busy_timeout: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.target = target
+        self.name = target.redacted
+        self.clock = clock
+        self.busy_timeout = busy_timeout
+        self._durability = durability
+        self._conn: Connection | None = None
+        #: Add to a server time to express it in ``clock``'s time (measured, see _connection).
+        self._shift = 0.0
+        self._shift_measured = -math.inf
+        self._lock = anyio.Lock()
+
+    # -- connecting and the schema -----------------------------------------------------------------
+
+    @property
+    def _statement_timeout(self) -> float:
+        return max(60.0, 2 * self.busy_timeout)
+
+    async def _connect(self) -> Connection:
+        target = self.target
+        settings = {
+            "search_path": _quote_ident(target.schema),
+            "synchronous_commit": "off" if self._durability == "normal" else "on",
+            "lock_timeout": f"{max(1, round(self.busy_timeout * 1000))}ms",
+            "idle_in_transaction_session_timeout": f"{round(self._statement_timeout * 1000)}ms",
+            "jit": "off",  # claims are many small statements: compiling them only costs
+        }
+        if not target.names_application:
+            settings["application_name"] = "asyncbatch"
+        try:
+            conn: Connection = await asyncpg.connect(
+                target.dsn,
+                timeout=min(self.busy_timeout, 60.0),
+                command_timeout=self._statement_timeout,
+                server_settings=settings,
+            )
+        except (asyncpg.PostgresError, *CONNECTION_LOST, ValueError) as e:
+            raise ledger_error(self.name, e, f"cannot connect to state {self.name!r}") from None
+        return conn
+
+    async def prepare(self, *, create: bool) -> None:
+        """Check the schema (and with ``create``, create or migrate it); see ``open``."""
+        version = await self.read(self._inspect)
+        if version == sql.SCHEMA_VERSION:
+            return
+        if not create:
+            if version == 0:
+                raise ConfigurationError(
+                    f"state {self.name!r} does not exist (no asyncbatch ledger in schema "
+                    f"{self.target.schema!r}); run 'asyncbatch run' once to create it"
+                )
+            raise LedgerError(
+                f"state {self.name!r} has schema version {version}; run 'asyncbatch run' "
+                "once to upgrade it"
+            )
+        await self.transact(self._migrate)
+
+    async def _inspect(self, conn: Connection) -> int:
+        """The ledger's schema version (0: none yet); refuse what is not ours or too new."""
+        schema = self.target.schema
+        row = await conn.fetchrow(sql.INSPECT_SCHEMA, schema)
+        assert row is not None
+        _, relations, has_meta = row
+        where = f"state {self.name!r}: schema {schema!r}"
+        if not has_meta:
+            if relations:
+                raise NotALedgerError(
+                    f"{where} holds tables of another application; it was not touched "
+                    "(choose another schema with ?search_path=NAME)"
+                )
+            return 0
+        application, version = await conn.fetchrow(sql.READ_VERSION) or (None, None)
+        if application != sql.APPLICATION:
+            raise NotALedgerError(
+                f"{where} holds a 'meta' table of another application; it was not touched"
+            )
+        try:
+            found = int(version or "")
+        except ValueError:
+            raise NotALedgerError(
+                f"{where} has no valid schema_version; it was not touched"
+            ) from None
+        if found > sql.SCHEMA_VERSION:
+            raise SchemaVersionError(f"{self.name} (schema {schema})", found, sql.SCHEMA_VERSION)
+        return found
+
+    async def _migrate(self, conn: Connection) -> None:
+        """Create the schema or bring it up to date (one transaction, one client at a time)."""
+        schema = self.target.schema
+        await conn.execute(sql.MIGRATION_LOCK, schema)
+        version = await self._inspect(conn)  # again: another client may have done it meanwhile
+        if version == sql.SCHEMA_VERSION:
+            return
+        exists = (await conn.fetchrow(sql.INSPECT_SCHEMA, schema) or (False,))[0]
+        if not exists:
+            await conn.execute(sql.CREATE_SCHEMA.format(schema=_quote_ident(schema)))
+        while version < sql.SCHEMA_VERSION:
+            await conn.execute(sql.MIGRATIONS[version])
+            version += 1
+        now = await conn.fetchval(sql.SERVER_NOW)
+        await conn.execute(sql.SET_META, "application", sql.APPLICATION)
+        await conn.execute(sql.SET_META, "schema_version", str(sql.SCHEMA_VERSION))
+        await conn.execute(sql.PUT_META, "secret", secrets.token_hex(32))
+        await conn.execute(sql.PUT_META, "created_at", repr(float(now)))
+
+    async def close(self) -> None:
+        """Close the connection, after the transaction in flight (shielded: always completes)."""
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                conn, self._conn = self._conn, None
+                if conn is None or conn.is_closed():
+                    return
+                try:
+                    await conn.close(timeout=5)
+                except Exception:
+                    conn.terminate()
+
+    # -- transactions ------------------------------------------------------------------------------
+
+    async def _connection(self) -> Connection:
+        """The open connection (a new one if it was lost), with a fresh enough clock offset."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._connect()
+            self._shift_measured = -math.inf
+        if time.monotonic() - self._shift_measured > _OFFSET_TTL:
+            before = self.clock()
+            try:
+                server = await self._conn.fetchval(sql.SERVER_CLOCK)
+            except CONNECTION_LOST:
+                self._discard(self._conn)
+                raise
+            after = self.clock()
+            self._shift = (before + after) / 2 - float(server)
+            self._shift_measured = time.monotonic()
+        return self._conn
+
+    def _discard(self, conn: Connection) -> None:
+        """Drop a connection that may be inside a transaction: the server rolls it back."""
+        if self._conn is conn:
+            self._conn = None
+        if not conn.is_closed():
+            conn.terminate()
+
+    def _error(self, error: Exception) -> LedgerError:
+        """The one-line :class:`LedgerError` for an asyncpg or PostgreSQL error."""
+        if isinstance(error, pg_errors.LockNotAvailableError):
+            return ledger_error(
+                self.name,
+                error,
+                f"state {self.name!r}: rows stayed locked by another runner for "
+                f"{self.busy_timeout:.0f}s",
+            )
+        if isinstance(error, asyncpg.PostgresError):
+            return ledger_error(self.name, error)
+        return ledger_error(self.name, error, f"state {self.name!r}: connection lost")
+
+    async def transact(self, body: Callable[[Connection], Awaitable[T]], *, one: bool = False) -> T:
+        """Run ``body(conn)`` as one transaction, to its end even if the caller is cancelled.
+
+        With ``one``, the body is a single statement and runs as its own (implicit)
+        transaction: one round trip instead of three. Deadlocks and serialization failures
+        re-run the body (for up to ``busy_timeout``); any other error rolls it back.
+        """
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                try:
+                    result = await retrying(
+                        lambda: self._attempt(body, one=one),
+                        patience=self.busy_timeout,
+                        first_pause=0.002,
+                        longest_pause=0.25,
+                        on_timeout=lambda: LedgerError(
+                            f"state {self.name!r}: transactions kept deadlocking with other "
+                            f"runners for {self.busy_timeout:.0f}s"
+                        ),
+                    )
+                except (asyncpg.PostgresError, *CONNECTION_LOST) as e:
+                    raise self._error(e) from e
+        return result
+
+    async def _attempt(self, body: Callable[[Connection], Awaitable[T]], *, one: bool) -> T | Busy:
+        conn = await self._connection()
+        try:
+            if one:
+                await failpoints.ahit("in-transaction")
+                return await body(conn)
+            async with conn.transaction():
+                await failpoints.ahit("in-transaction")
+                return await body(conn)
+        except _RETRYABLE:
+            return BUSY
+        except CONNECTION_LOST:
+            self._discard(conn)
+            raise
+        finally:
+            if not conn.is_closed() and conn.is_in_transaction():
+                self._discard(conn)  # interrupted inside: never leave it open
+
+    async def read(self, body: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run read statements (each its own snapshot), shielded like a transaction."""
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                conn: Connection | None = None
+                try:
+                    conn = await self._connection()
+                    result = await body(conn)
+                except CONNECTION_LOST as e:
+                    if conn is not None:
+                        self._discard(conn)
+                    raise self._error(e) from e
+                except asyncpg.PostgresError as e:
+                    raise self._error(e) from e
+        return result
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """The rows of one read statement."""
+
+        async def read(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(query, *args)
+
+        return await self.read(read)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """The first value of one read statement (``None`` without a row)."""
+
+        async def read(conn: Connection) -> Any:
+            return await conn.fetchval(query, *args)
+
+        return await self.read(read)
+
+    def local(self, server_time: float) -> float:
+        """A server time expressed in the caller's clock."""
+        return server_time + self._shift

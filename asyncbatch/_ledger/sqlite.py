@@ -1,0 +1,758 @@
+"""The SQLite ledger: one file on a local disk, shared by the runners of one host.
+
+- WAL mode, ``isolation_level=None`` and an explicit ``BEGIN IMMEDIATE`` for every transaction
+  that writes (a deferred read-then-write transaction can fail with ``SQLITEBUSY`` that no
+  busy timeout waits out). A transaction is one function on aiosqlite's connection thread (one
+  hop: :mod:`.aiosqlite_bridge`): the write lock is held only while SQLite works, and a
+  cancelled caller never leaves a transaction open, since the function runs to COMMIT or
+  ROLLBACK regardless. Waits for another process's write lock are short jittered retries on
+  the event loop, up to ``busy_timeout``.
+- Times are the runner's wall clock (``clock``), which is what leases are judged by: the
+  runners of one host share it.
+- A file that is not an asyncbatch ledger, or has a newer schema, is refused before anything is
+  written to it (:mod:`.sqlite_open`). A new state file and its ``-wal``/``-shm`` are made with
+  mode 0600. A state file deleted or replaced while open stops the next write.
+- sqlite3 errors leave as :class:`~asyncbatch.LedgerError` with the original as ``__cause__``.
+
+Every statement is in :mod:`.sqlite_sql`; the transaction bodies are the synchronous ``_tx_*``
+functions below, over a plain ``sqlite3.Connection``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import aiosqlite
+import anyio
+
+from .. import _failpoints as failpoints
+from .._effects.actions import decode_action, encode_action
+from .._exceptions import LedgerError, NotALedgerError, SchemaVersionError
+from .._procinfo import ProcessIdentity
+from . import sqlite_sql as sql
+from .aiosqlite_bridge import on_thread, raw
+from .base import (
+    BUSY,
+    Busy,
+    Ledger,
+    decide_idempotency,
+    decide_lock,
+    encode_headers,
+    retrying,
+    stored_response,
+)
+from .sqlite_open import check_state_path, companions, open_error, read_only_view
+from .types import (
+    ClaimedRow,
+    Durability,
+    IdempotencyClaim,
+    ItemInfo,
+    LockInfo,
+    Outcome,
+    RunInfo,
+    RunnerInfo,
+    RunTotals,
+    ScannedRow,
+    StoredResponse,
+)
+
+__all__ = ["SQLiteLedger"]
+
+T = TypeVar("T")
+#: SQLite's own busy wait (ms) before a statement reports the database locked; waits for the
+#: write lock are retried by the transaction runner, in short jittered steps, up to busy_timeout.
+_SQLITEBUSY_MS = 20
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    text = str(error)
+    return "locked" in text or "busy" in text
+
+
+def _item(row: Sequence[Any]) -> ItemInfo:
+    key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
+    return ItemInfo(
+        key, os.fsdecode(relpath), size, mtime_ns, state, attempts, interrupted, error, updated
+    )
+
+
+def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
+    """The two JSON arguments of a fenced group statement: keys, and "key fence" pairs."""
+    return json.dumps([k for k, _ in pairs]), json.dumps([f"{k} {f}" for k, f in pairs])
+
+
+# -- transaction bodies (run on the ledger's thread, inside BEGIN IMMEDIATE) ---------------------
+
+
+def _tx_migrate(conn: sqlite3.Connection, now: float) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    while version < sql.SCHEMA_VERSION:
+        for statement in sql.MIGRATIONS[version].split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+        version += 1
+    conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
+    # Made here, on the ledger's thread, never passed as an argument: aiosqlite logs every
+    # call's arguments at DEBUG.
+    conn.execute(sql.PUT_META, ("secret", secrets.token_hex(32)))
+    conn.execute(sql.PUT_META, ("created_at", repr(now)))
+
+
+def _tx_acquire_lock(
+    conn: sqlite3.Connection,
+    job: str,
+    owner: str,
+    me: ProcessIdentity,
+    ttl: float,
+    shared: bool,
+    now: float,
+) -> LockInfo | None:
+    row = conn.execute(sql.LOCK_GET, (job,)).fetchone()
+    held = None if row is None else LockInfo(*row)
+    runners = [] if shared else [RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]
+    stale = decide_lock(job, held, runners, me=me, shared=shared, now=now)
+    if shared:
+        if stale is not None:
+            conn.execute(sql.LOCK_RELEASE, (job, stale.owner))
+        return stale
+    lock = {"job": job, "owner": owner, "pid": me.pid, "host": me.host, "pid_start": me.pid_start}
+    lock.update(now=now, expires_at=now + ttl)
+    if stale is None:
+        conn.execute(sql.LOCK_INSERT, lock)
+    else:
+        conn.execute(sql.LOCK_TAKE_OVER, {**lock, "stale_owner": stale.owner})
+    return stale
+
+
+def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float) -> int:
+    released = 0
+    for runner in [RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]:
+        if runner.alive(now, me):
+            continue
+        released += max(conn.execute(sql.REAP_ITEMS, (now, job, runner.owner)).rowcount, 0)
+        conn.execute(sql.RUNNER_REMOVE, (runner.owner,))
+    return released
+
+
+def _tx_heartbeat(
+    conn: sqlite3.Connection,
+    job: str,
+    owner: str,
+    until: float,
+    now: float,
+    leases: Sequence[tuple[str, int]],
+    holds_lock: bool,
+) -> bool:
+    alive = conn.execute(sql.RUNNER_EXTEND, (now, until, owner)).rowcount == 1
+    if holds_lock:
+        alive = alive and conn.execute(sql.LOCK_EXTEND, (until, job, owner)).rowcount == 1
+    if alive and leases:
+        conn.executemany(
+            sql.EXTEND_LEASE, [(until, job, key, owner, fence) for key, fence in leases]
+        )
+    return alive
+
+
+def _tx_claim_scanned(
+    conn: sqlite3.Connection, query: str, params: list[Any], check: tuple[Any, ...]
+) -> str | None:
+    conn.execute(query, params)
+    found = conn.execute(sql.CLAIMED_IN_CHUNK, check).fetchone()
+    return None if found is None else str(found[0])
+
+
+def _tx_commit(
+    conn: sqlite3.Connection,
+    job: str,
+    owner: str,
+    now: float,
+    started: tuple[str, str] | None,
+    done: list[tuple[str | None, str, str]],
+    other: list[dict[str, Any]],
+    keys: str,
+    expected: int,
+) -> list[tuple[str, str | None, int, str]] | None:
+    if started is not None:
+        conn.execute(sql.MARK_STARTED, (job, owner, *started))
+    changed = 0
+    for post_action, done_keys, pairs in done:
+        params = (job, owner, done_keys, pairs, post_action, now)
+        changed += conn.execute(sql.MARK_DONE, params).rowcount
+    if other:
+        changed += conn.executemany(sql.MARK_OUTCOME, other).rowcount
+    if changed == expected:
+        return None
+    return [tuple(r) for r in conn.execute(sql.LEASE_STATE, (job, keys)).fetchall()]
+
+
+def _tx_idempotency_claim(conn: sqlite3.Connection, fresh: dict[str, Any]) -> IdempotencyClaim:
+    if conn.execute(sql.IDEMPOTENCY_INSERT, fresh).rowcount == 1:
+        return IdempotencyClaim("run", "new")
+    fp, state, status, headers, body, locked_until, expires_at = conn.execute(
+        sql.IDEMPOTENCY_GET, (fresh["scope"], fresh["key"])
+    ).fetchone()  # the insert was ignored inside this write transaction: the row is there
+    response = stored_response(status, headers, body or b"") if state == "done" else None
+    claim = decide_idempotency(
+        fresh["fingerprint"], fp, state, response, locked_until, expires_at, fresh["now"]
+    )
+    if claim.decision == "run":
+        conn.execute(sql.IDEMPOTENCY_TAKE_OVER, fresh)
+    return claim
+
+
+class SQLiteLedger(Ledger):
+    """An open SQLite ledger (see the module's documentation). Use :meth:`open`."""
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self._db = db
+        self.path = path
+        self.name = str(path)
+        self.clock = clock
+        self._busy_timeout = busy_timeout
+        self._lock = anyio.Lock()
+        self._claim_sql: dict[int, str] = {}  # claim statement text by chunk size
+        st = os.stat(path)
+        #: The file this connection has open: a write checks it is still the one at ``path``.
+        self._file_id = (st.st_dev, st.st_ino)
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "normal",
+        create: bool = True,
+        busy_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> Self:
+        """Open (and with ``create``, create or migrate) the ledger at ``path``.
+
+        ``durability="full"`` sets ``synchronous=FULL`` (a commit survives a power loss),
+        ``"normal"`` ``synchronous=NORMAL`` (it survives a crash of any process). Without
+        ``create`` (the operator's reads) nothing is created, migrated or left behind.
+
+        Raises :class:`ConfigurationError` for an unusable path, :class:`NotALedgerError` for a
+        file that is not ours, :class:`SchemaVersionError` for a newer schema and
+        :class:`LedgerError` for a damaged or unreadable one; in every such case the file is
+        left byte-for-byte as it was.
+        """
+        path = Path(path)
+        existed = check_state_path(path, create=create)
+        if not path.exists():
+            # Private from the start; if another runner creates it at the same moment, fine:
+            # the migration re-reads the schema version inside its own transaction.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        view = None if create else read_only_view(path)
+        try:
+            db = await aiosqlite.connect(
+                view or path, isolation_level=None, cached_statements=256, uri=view is not None
+            )
+        except sqlite3.Error as e:
+            raise open_error(path, e) from e
+        ledger = cls(db, path, clock=clock, busy_timeout=busy_timeout)
+        try:
+            await ledger._prepare(existed, durability, migrate=create, read_only=view is not None)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await db.close()
+            raise
+        return ledger
+
+    async def _prepare(
+        self, existed: bool, durability: Durability, *, migrate: bool, read_only: bool
+    ) -> None:
+        db, name = self._db, self.name
+        try:
+            # While opening, wait as long as it takes (another runner may be switching a new
+            # file to WAL or migrating it, which locks it exclusively); short waits afterwards.
+            await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            objects = await self._scalar(sql.SCHEMA_OBJECTS)
+            app_id = await self._scalar("PRAGMA application_id")
+            version = await self._scalar("PRAGMA user_version")
+        except sqlite3.Error as e:
+            if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
+                raise LedgerError(f"state {name!r}: {e}") from e
+            raise open_error(self.path, e) from e
+        if objects and app_id != sql.APPLICATION_ID:
+            raise NotALedgerError(
+                f"state {name!r} is a SQLite database of another application; it was not touched"
+            )
+        if version > sql.SCHEMA_VERSION:
+            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
+        if existed and not objects and not migrate:
+            wal, shm = companions(self.path)
+            if shm.exists() and not wal.exists():
+                raise LedgerError(
+                    f"state {name!r} holds no ledger, and its -shm file says a -wal file "
+                    "existed: was the -wal deleted? Its commits are gone; see "
+                    "docs/troubleshooting.md"
+                )
+            raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
+        if version < sql.SCHEMA_VERSION and not migrate:
+            raise LedgerError(
+                f"state {name!r} has schema version {version}; run 'asyncbatch run' once to "
+                "upgrade it"
+            )
+        if read_only:
+            return
+        with self._errors():
+            await self._switch_to_wal()
+            sync = "FULL" if durability == "full" else "NORMAL"
+            await db.execute(f"PRAGMA synchronous = {sync}")
+            if version < sql.SCHEMA_VERSION:
+                await self._transact(_tx_migrate, self.clock())
+            await db.execute(f"PRAGMA busy_timeout = {_SQLITEBUSY_MS}")
+
+    async def _switch_to_wal(self) -> None:
+        """Put the file in WAL mode, waiting while other runners open it at the same moment.
+
+        Two connections switching a new file at once can deadlock on the exclusive lock the
+        switch needs; SQLite then fails one at once instead of calling the busy handler, so the
+        switch is retried like a write. Raises :class:`LedgerError` when the file system cannot
+        do WAL (SQLite keeps the old journal mode without an error then).
+        """
+
+        def switch() -> str | Busy:  # on the connection's thread
+            try:
+                mode: str = raw(self._db).execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if _is_busy(e):
+                    return BUSY
+                raise
+            return mode
+
+        mode = await self._until_not_busy(lambda: on_thread(self._db, switch))
+        if mode.lower() != "wal":
+            raise LedgerError(
+                f"state {self.name!r}: SQLite cannot use WAL mode here (journal mode stays "
+                f"{mode!r}); put the state on a local disk"
+            )
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                await self._db.close()
+
+    # -- transactions ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise LedgerError(f"state {self.name!r}: {e}") from e
+
+    def _busy_error(self) -> LedgerError:
+        return LedgerError(
+            f"state {self.name!r} stayed locked by another process for "
+            f"{self._busy_timeout:.0f}s; see docs/troubleshooting.md"
+        )
+
+    async def _until_not_busy(self, attempt: Callable[[], Awaitable[T | Busy]]) -> T:
+        """Repeat ``attempt`` every few milliseconds while another process holds the lock.
+
+        SQLite's own busy handler backs off to 100 ms sleeps, so a runner sharing a job with a
+        busy one would mostly find the lock taken when it looks; short jittered retries give
+        every runner its turn.
+        """
+        return await retrying(
+            attempt,
+            patience=self._busy_timeout,
+            first_pause=0.0005,
+            longest_pause=0.004,
+            on_timeout=self._busy_error,
+        )
+
+    def _check_file(self) -> None:
+        """Refuse to write when the state file was deleted or replaced since it was opened.
+
+        SQLite would go on writing the unlinked file, and a runner starting meanwhile would
+        make a fresh state and redo everything (one ``stat``, about a microsecond).
+        """
+        try:
+            st = os.stat(self.path)
+            found: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            found = None
+        if found != self._file_id:
+            raise LedgerError(
+                f"state {self.name!r} was {'deleted' if found is None else 'replaced'} while "
+                "this runner was using it; it stopped (a runner on a new file would redo every "
+                "item): put the state back, or start again on purpose"
+            )
+
+    def _in_transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T | Busy:
+        """``BEGIN IMMEDIATE``, ``fn(conn, *args)``, ``COMMIT`` on the connection's thread;
+        :data:`BUSY` when another process holds the write lock past SQLite's short wait."""
+        conn = raw(self._db)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                return BUSY
+            raise
+        try:
+            failpoints.hit("in-transaction")
+            result = fn(conn, *args)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    async def _transact(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one ``BEGIN IMMEDIATE`` transaction on the ledger thread.
+
+        ``fn`` is synchronous and uses the plain ``sqlite3.Connection``. The whole transaction
+        is one hop: cancelling the caller cannot interrupt it half-way. Raises
+        :class:`LedgerError` if the state file was deleted or replaced since it was opened.
+        """
+        self._check_file()
+
+        async def attempt() -> T | Busy:
+            async with self._lock:
+                with self._errors():
+                    return await on_thread(self._db, self._in_transaction, fn, args)
+
+        return await self._until_not_busy(attempt)
+
+    async def _fetchall(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._lock:
+            with self._errors():
+                return list(await self._db.execute_fetchall(query, params))
+
+    async def _scalar(self, query: str, params: Sequence[Any] = ()) -> Any:
+        async with self._db.execute(query, params) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    async def _value(self, query: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._fetchall(query, params)
+        return rows[0][0] if rows else None
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    async def meta(self, name: str) -> str | None:
+        value = await self._value(sql.GET_META, (name,))
+        return None if value is None else str(value)
+
+    async def jobs(self) -> list[str]:
+        return [r[0] for r in await self._fetchall(sql.LIST_JOBS)]
+
+    async def job_identity(self, job: str) -> str | None:
+        value = await self._value(sql.GET_JOB, (job,))
+        return None if value is None else str(value)
+
+    async def _add_job(self, job: str, identity: str) -> str:
+        def add(conn: sqlite3.Connection, now: float) -> str:
+            conn.execute(sql.ADD_JOB, (job, identity, now))
+            return str(conn.execute(sql.GET_JOB, (job,)).fetchone()[0])
+
+        return await self._transact(add, self.clock())
+
+    # -- the job lock and runners ------------------------------------------------------------------
+
+    async def acquire_lock(
+        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
+    ) -> LockInfo | None:
+        return await self._transact(_tx_acquire_lock, job, owner, me, ttl, shared, self.clock())
+
+    async def register_runner(
+        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
+    ) -> int:
+        who = {"job": job, "owner": owner, "pid": me.pid, "host": me.host}
+
+        def register(conn: sqlite3.Connection, now: float) -> int:
+            conn.execute(
+                sql.RUNNER_ADD,
+                {
+                    **who,
+                    "pid_start": me.pid_start,
+                    "shared": shared,
+                    "now": now,
+                    "expires_at": now + ttl,
+                },
+            )
+            cursor = conn.execute(sql.RUN_START, {**who, "mode": mode, "now": now})
+            return cursor.lastrowid or 0
+
+        return await self._transact(register, self.clock())
+
+    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
+        return await self._transact(_tx_reap, job, me, self.clock())
+
+    async def runners(self, job: str) -> list[RunnerInfo]:
+        rows = await self._fetchall(sql.RUNNERS_OF_JOB, (job,))
+        return [RunnerInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows]
+
+    async def heartbeat(
+        self,
+        job: str,
+        owner: str,
+        ttl: float,
+        leases: Sequence[tuple[str, int]],
+        *,
+        holds_lock: bool,
+    ) -> bool:
+        now = self.clock()
+        return await self._transact(_tx_heartbeat, job, owner, now + ttl, now, leases, holds_lock)
+
+    async def release_runner(
+        self,
+        job: str,
+        owner: str,
+        *,
+        holds_lock: bool,
+        run_id: int,
+        totals: RunTotals,
+        exit_status: str,
+    ) -> None:
+        finish = {"id": run_id, "exit_status": exit_status, **dataclasses.asdict(totals)}
+
+        def release(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute(sql.RUNNER_REMOVE, (owner,))
+            if holds_lock:
+                conn.execute(sql.LOCK_RELEASE, (job, owner))
+            conn.execute(sql.RUN_FINISH, {**finish, "now": now})
+
+        await self._transact(release, self.clock())
+
+    async def locks(self) -> list[LockInfo]:
+        return [LockInfo(*r) for r in await self._fetchall(sql.LOCK_LIST)]
+
+    async def force_unlock(self, job: str, owner: str) -> bool:
+        def unlock(conn: sqlite3.Connection) -> bool:
+            return conn.execute(sql.LOCK_RELEASE, (job, owner)).rowcount == 1
+
+        return await self._transact(unlock)
+
+    # -- claims ------------------------------------------------------------------------------------
+
+    async def claim_scanned(
+        self, job: str, owner: str, lease: float, rows: Sequence[ScannedRow]
+    ) -> list[ClaimedRow]:
+        if not rows:
+            return []
+        now = self.clock()
+        params: list[Any] = [job, owner, now + lease, now]
+        for row in rows:
+            params.extend(row)
+        query = self._claim_sql.get(len(rows))
+        if query is None:
+            query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
+        check = (job, json.dumps([row[0] for row in rows]), owner, now)
+        found = await self._transact(_tx_claim_scanned, query, params, check)
+        if not found:
+            return []
+        claimed = []
+        for r in json.loads(found):
+            if len(r) > 6:  # a finished row, with the file that was handled (relpath in hex)
+                r[6] = bytes.fromhex(r[6])
+            claimed.append(ClaimedRow(*r))
+        return claimed
+
+    async def claim_waiting(
+        self, job: str, owner: str, lease: float, limit: int
+    ) -> list[ClaimedRow]:
+        def claim(conn: sqlite3.Connection, now: float) -> list[Any]:
+            return conn.execute(sql.CLAIM_WAITING, (job, owner, now + lease, now, limit)).fetchall()
+
+        result = await self._transact(claim, self.clock())
+        return [
+            ClaimedRow(r[0], "running", r[5], r[6], r[7], r[8], r[1], r[2], r[3], r[4])
+            for r in result
+        ]
+
+    async def next_retry_at(self, job: str) -> float | None:
+        value = await self._value(sql.NEXT_RETRY_AT, (job,))
+        return None if value is None else float(value)
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    async def commit_outcomes(
+        self,
+        job: str,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        started: Sequence[tuple[str, int]] = (),
+    ) -> set[str]:
+        now = self.clock()
+        groups: dict[str | None, list[tuple[str, int]]] = {}
+        other: list[dict[str, Any]] = []
+        for o in outcomes:
+            if o.state == "done" and o.stat is None:
+                groups.setdefault(o.post_action, []).append((o.key, o.fence))
+            else:
+                size, mtime_ns, inode = o.stat or (None, None, None)
+                other.append(
+                    {
+                        "state": o.state,
+                        "next_attempt_at": o.next_attempt_at,
+                        "error": o.error,
+                        "post_action": o.post_action,
+                        "size": size,
+                        "mtime_ns": mtime_ns,
+                        "inode": inode,
+                        "now": now,
+                        "attempted": o.attempted,
+                        "job": job,
+                        "key": o.key,
+                        "owner": owner,
+                        "fence": o.fence,
+                    }
+                )
+        done = [(post, *_fenced_group(group)) for post, group in groups.items()]
+        keys = json.dumps([o.key for o in outcomes])
+        rows = await self._transact(
+            _tx_commit,
+            job,
+            owner,
+            now,
+            _fenced_group(started) if started else None,
+            done,
+            other,
+            keys,
+            len(outcomes),
+        )
+        if rows is None:
+            return set()
+        mine = {o.key: o for o in outcomes}
+        lost = {
+            key
+            for key, row_owner, fence, state in rows
+            if row_owner != owner or fence != mine[key].fence or state == "running"
+        }
+        return lost | (set(mine) - {r[0] for r in rows})
+
+    async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
+        if not items:
+            return
+
+        def release(conn: sqlite3.Connection, now: float) -> None:
+            conn.executemany(
+                sql.RELEASE_ITEM, [(now, job, key, owner, fence) for key, fence in items]
+            )
+
+        await self._transact(release, self.clock())
+
+    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
+        def record(conn: sqlite3.Connection, now: float) -> bool:
+            params = (encode_action("moved", dst), now, job, key, owner, fence)
+            return conn.execute(sql.RECORD_MOVE, params).rowcount == 1
+
+        return await self._transact(record, self.clock())
+
+    async def move_destinations(self, job: str) -> list[str]:
+        rows = await self._fetchall(sql.MOVE_DESTINATIONS, (job,))
+        return [path for (action,) in rows if (path := decode_action(action)[1]) is not None]
+
+    # -- the operator's reads, and retry ----------------------------------------------------------
+
+    async def _state_counts(self, job: str) -> dict[str, int]:
+        return dict(await self._fetchall(sql.COUNTS, (job,)))
+
+    async def oldest_waiting(self, job: str) -> float | None:
+        value = await self._value(sql.OLDEST_WAITING, (job,))
+        return None if value is None else float(value)
+
+    async def failures(self, job: str, limit: int) -> list[ItemInfo]:
+        return [_item(r) for r in await self._fetchall(sql.FAILURES, (job, limit))]
+
+    async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
+        return [_item(r) for r in await self._fetchall(sql.ITEM_BY_KEY, (job, key))]
+
+    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[ItemInfo]:
+        return [_item(r) for r in await self._fetchall(sql.ITEMS_BY_RELPATH, (job, relpath))]
+
+    async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
+        return [RunInfo(*r) for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))]
+
+    async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:
+        states = "'failed', 'dead'" if dead else "'failed'"
+
+        def reset(conn: sqlite3.Connection, now: float) -> int:
+            if keys is None:
+                return conn.execute(sql.RETRY_ALL.format(states=states), (now, job)).rowcount
+            return sum(
+                conn.execute(sql.RETRY_ITEM.format(states=states), (now, job, key)).rowcount
+                for key in keys
+            )
+
+        return await self._transact(reset, self.clock())
+
+    # -- the idempotency store ---------------------------------------------------------------------
+
+    async def idempotency_claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        *,
+        lock_timeout: float,
+        ttl: float,
+    ) -> IdempotencyClaim:
+        now = self.clock()
+        fresh = {
+            "scope": scope,
+            "key": key,
+            "fingerprint": fingerprint,
+            "token": token,
+            "now": now,
+            "locked_until": now + lock_timeout,
+            "expires_at": now + max(ttl, lock_timeout),
+        }
+        return await self._transact(_tx_idempotency_claim, fresh)
+
+    async def idempotency_complete(
+        self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float
+    ) -> bool:
+        now = self.clock()
+        params = {
+            "scope": scope,
+            "key": key,
+            "token": token,
+            "status": response.status,
+            "headers": encode_headers(response.headers),
+            "body": response.body,
+            "now": now,
+            "expires_at": now + ttl,
+        }
+
+        def complete(conn: sqlite3.Connection) -> bool:
+            return conn.execute(sql.IDEMPOTENCY_COMPLETE, params).rowcount == 1
+
+        return await self._transact(complete)
+
+    async def idempotency_release(self, scope: str, key: str, token: str) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(sql.IDEMPOTENCY_RELEASE, (scope, key, token))
+
+        await self._transact(release)
+
+    async def idempotency_purge(self) -> int:
+        def purge(conn: sqlite3.Connection, now: float) -> int:
+            return max(conn.execute(sql.IDEMPOTENCY_PURGE, (now,)).rowcount, 0)
+
+        return await self._transact(purge, self.clock())

@@ -1,0 +1,118 @@
+"""Before a SQLite ledger is opened: whether its path may be used, and what errors mean.
+
+Nothing here writes. A path that must not be opened (a directory, on a network filesystem,
+not a SQLite file, not writable for a run) is refused with one line that says why; a reader
+that cannot write beside the state gets an ``immutable`` view that creates no ``-wal`` or
+``-shm`` file (one made with the reader's permissions would break later runs).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+from .._exceptions import ConfigurationError, LedgerError, NotALedgerError
+from .._fsinfo import network_filesystem
+
+__all__ = ["check_state_path", "companions", "open_error", "read_only_view"]
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_state_path(path: Path, *, create: bool) -> bool:
+    """Refuse a state path we must not open; return whether the file exists."""
+    if path.is_dir():
+        raise ConfigurationError.bad_value("state", str(path), "a file path, not a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigurationError(
+            f"state {str(path)!r}: directory {str(parent)!r} does not exist; create it first"
+        )
+    if fs := network_filesystem(parent):
+        raise ConfigurationError(
+            f"state {str(path)!r} is on a {fs} network filesystem: SQLite's WAL needs shared "
+            "memory on one host; put the state on a local disk"
+        )
+    if not path.exists():
+        if not create:
+            raise ConfigurationError(f"state {str(path)!r} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigurationError(
+                f"state {str(path)!r} cannot be created: {_unwritable(parent)}"
+            )
+        return False
+    with path.open("rb") as f:
+        head = f.read(len(_SQLITE_HEADER))
+    if head and head != _SQLITE_HEADER:
+        raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
+    if create:
+        for name in (path, parent, *companions(path)):
+            if name.exists() and not os.access(name, os.W_OK):
+                raise ConfigurationError(
+                    f"state {str(path)!r} cannot be written ({str(name)!r}: "
+                    f"{_unwritable(name)}); a run records its work in it"
+                )
+    return bool(head)
+
+
+def companions(path: Path) -> tuple[Path, Path]:
+    """The ``-wal`` and ``-shm`` files SQLite keeps beside a WAL database."""
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be written: a read-only file system, or its permissions."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return "it is on a read-only file system"
+    return f"this user may not write it (mode {stat.filemode(path.stat().st_mode)})"
+
+
+def read_only_view(path: Path) -> str | None:
+    """For a reader that cannot write beside the state: the URI to read it without writing.
+
+    SQLite would otherwise create ``-wal``/``-shm`` files with this reader's permissions (or
+    fail to), and a later run could not use them. With no ``-wal`` content there is nothing
+    outside the main file, so it is read as ``immutable``; otherwise the reader is refused.
+    Returns ``None`` when the reader may open the state normally.
+    """
+    wal, shm = companions(path)
+    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+    if writable and all(not p.exists() or os.access(p, os.W_OK) for p in (wal, shm)):
+        return None
+    if wal.exists() and wal.stat().st_size > 0:
+        raise ConfigurationError(
+            f"state {str(path)!r} has commits in its -wal file that this user cannot read "
+            f"without writing beside it ({_unwritable(path if not writable else wal)}); run the "
+            "command as the state's owner"
+        )
+    return f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+
+
+def open_error(path: Path, error: sqlite3.Error) -> LedgerError | ConfigurationError:
+    """What an error while first reading the state means, in words (nothing was changed)."""
+    name = str(path)
+    code = getattr(error, "sqlite_errorname", "")
+    if code == "SQLITE_NOTADB":
+        return NotALedgerError(f"state {name!r} is not a SQLite database; it was not touched")
+    if code.startswith("SQLITE_CORRUPT"):
+        return LedgerError(
+            f"state {name!r} is a damaged SQLite database ({error}); it was not touched"
+        )
+    if code.startswith("SQLITE_IOERR"):
+        return LedgerError(
+            f"state {name!r}: disk I/O error while reading it ({code}); if its -wal file was "
+            "deleted while its -shm file stayed, stop its runners and remove the -shm file too "
+            "(the commits in the lost -wal are gone: their files will be handled again); see "
+            "docs/troubleshooting.md"
+        )
+    if code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
+        return ConfigurationError(
+            f"state {name!r} cannot be opened for writing ({error}): {_unwritable(path)}"
+        )
+    return LedgerError(f"state {name!r}: {error}")

@@ -1,0 +1,194 @@
+"""The values that cross the ledger's boundary, the same for every backend."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Final, Literal, NamedTuple
+
+from .._procinfo import ProcessIdentity, holder_is_dead
+
+__all__ = [
+    "STATES",
+    "ClaimedRow",
+    "Durability",
+    "IdempotencyClaim",
+    "IdempotencyDecision",
+    "ItemInfo",
+    "LockInfo",
+    "Outcome",
+    "RunInfo",
+    "RunTotals",
+    "RunnerInfo",
+    "ScannedRow",
+    "StoredResponse",
+    "iso_time",
+]
+
+#: ``"normal"``: commits survive a crash of any process; ``"full"``: a power loss too.
+Durability = Literal["normal", "full"]
+#: Every state an item can be in.
+STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
+#: A scanned file as a claim registers it: ``(key, relpath, size, mtime_ns, inode)``.
+ScannedRow = tuple[str, bytes, int, int, int]
+
+
+def iso_time(ts: float) -> str:
+    """A Unix time as local ISO 8601, for messages."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
+
+
+class ClaimedRow(NamedTuple):
+    """What a claim returned for one item.
+
+    ``attempts`` counts the attempts that started, ``interrupted`` those of them that the
+    runner's death or stop cut short. ``relpath``, ``size``, ``mtime_ns`` and ``inode`` are the
+    row's: for a finished row, the file that was handled.
+    """
+
+    key: str
+    state: str
+    fence: int
+    attempts: int
+    interrupted: int = 0
+    post_action: str | None = None
+    relpath: bytes = b""
+    size: int = 0
+    mtime_ns: int = 0
+    inode: int = 0
+
+
+class Outcome(NamedTuple):
+    """A finished attempt, to be committed: ``state`` is done, failed, dead or vanished.
+
+    ``stat`` is ``(size, mtime_ns, inode)`` of the file handled when it is not the scanned one
+    (identity ``"path"``: the name was rewritten between the scan and the open), so that a
+    post-commit action later recognises the file that was handled. ``attempted`` is ``False``
+    for an item given up on without running: no attempt is counted for it.
+    ``next_attempt_at`` is in the caller's clock.
+    """
+
+    key: str
+    fence: int
+    state: str
+    error: str | None = None
+    next_attempt_at: float | None = None
+    post_action: str | None = None
+    stat: tuple[int, int, int] | None = None
+    attempted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    """A job lock as recorded in the ledger (times in the caller's clock)."""
+
+    job: str
+    owner: str
+    pid: int | None
+    host: str | None
+    pid_start: str | None
+    acquired_at: float
+    expires_at: float
+
+    @property
+    def holder(self) -> ProcessIdentity:
+        """The process that holds the lock."""
+        return ProcessIdentity(self.host or "", self.pid or 0, self.pid_start)
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerInfo:
+    """A runner registered for a job: whose leases its liveness vouches for."""
+
+    owner: str
+    pid: int | None
+    host: str | None
+    pid_start: str | None
+    shared: bool
+    started_at: float
+    heartbeat_at: float
+    expires_at: float
+
+    @property
+    def holder(self) -> ProcessIdentity:
+        """The runner's process."""
+        return ProcessIdentity(self.host or "", self.pid or 0, self.pid_start)
+
+    def alive(self, now: float, me: ProcessIdentity) -> bool:
+        """Heartbeat current (``now`` in the same clock as the row) and process not known dead."""
+        return self.expires_at >= now and not holder_is_dead(self.holder, me=me)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInfo:
+    """One item as the operator commands show it."""
+
+    key: str
+    relpath: str
+    size: int
+    mtime_ns: int
+    state: str
+    #: Attempts that started, and how many of them the runner's death or stop cut short.
+    attempts: int
+    interrupted: int
+    last_error: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunTotals:
+    """What a run records in its history row when it ends."""
+
+    seen: int
+    done: int
+    failed: int
+    dead: int
+    vanished: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One row of the run history."""
+
+    id: int
+    job: str
+    owner: str
+    pid: int | None
+    host: str | None
+    mode: str
+    started_at: float
+    finished_at: float | None
+    seen: int
+    done: int
+    failed: int
+    dead: int
+    vanished: int
+    exit_status: str | None
+
+
+# -- the idempotency store (IdempotencyMiddleware) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response stored for an idempotency key: status, headers (latin-1 bytes), body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+IdempotencyDecision = Literal["run", "replay", "conflict", "mismatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """What a keyed request gets: run it (and own the key), replay, 409 or 422.
+
+    ``why`` says, for ``"run"``, whether the key was ``"new"``, ``"expired"`` or taken over
+    from an ``"abandoned"`` request; ``stored`` is the response to replay.
+    """
+
+    decision: IdempotencyDecision
+    why: str = ""
+    stored: StoredResponse | None = None

@@ -1,0 +1,302 @@
+"""One run of a batch: the lifecycle around the pipeline.
+
+:class:`Run` opens the ledger, takes the job lock (or joins a shared job), starts the pipeline
+(claimer, workers, committer, post-commit actions, heartbeat, watchdog), and releases whatever
+is left when it ends, however it ends. The parts share a :class:`~.state.RunState`, nothing
+more; everything belongs to one run: no module-level mutable state, nothing shared between runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import anyio
+
+from .._config import BatchConfig
+from .._context import TaskContext
+from .._effects.files import remove_stale_temp_files
+from .._exceptions import LockLostError
+from .._http.client import HTTPSettings, SharedClient
+from .._ledger import Ledger, RunTotals, open_ledger
+from .._procinfo import this_process
+from .._report import Counters, Report, Statistics
+from .._scanner import Scanner
+from .claimer import Claimer
+from .committer import Committer
+from .postactions import PostActions
+from .queues import ItemQueue, Outbox
+from .state import RunState
+from .workers import HandlerAborted, WorkerPool, error_text
+
+__all__ = ["Handler", "Mode", "Run", "unwrap_group"]
+
+log = logging.getLogger("asyncbatch")
+Handler = Callable[[TaskContext], Awaitable[Any]]
+Mode = Literal["run", "watch"]
+
+
+class Run:
+    """The machinery of one run. Use through :class:`asyncbatch.Batch`."""
+
+    def __init__(
+        self,
+        config: BatchConfig,
+        handler: Handler,
+        *,
+        mode: Mode,
+        http: Any,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.mode = mode
+        self.clock = clock
+        self.owner = uuid.uuid4().hex
+        self.me = this_process()
+        self.counters = Counters()
+        self.holds_lock = False
+        self._http = SharedClient(http)
+        self._state: RunState | None = None
+        self._stop_requested = anyio.Event()
+        self._work_scope = anyio.CancelScope()
+        self._posts: PostActions | None = None
+        self._queue: ItemQueue | None = None
+
+    # -- public surface (through Batch) ------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop taking new items; in-flight ones get ``grace`` seconds to finish."""
+        self._stop_requested.set()
+
+    def stop_now(self) -> None:
+        """Stop at once: in-flight handlers are cancelled and their items released."""
+        self._stop_requested.set()
+        if self._state is not None:
+            self._state.stop()
+        self._work_scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the run was stopped before its end."""
+        return self._state is not None and self._state.stopping
+
+    def statistics(self) -> Statistics:
+        """A snapshot of the counters."""
+        in_flight = 0 if self._state is None else len(self._state.in_flight)
+        return self.counters.snapshot(in_flight)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def execute(self) -> Report:
+        """Open the ledger, take the lock, run the pipeline, release everything, report."""
+        cfg = self.config
+        ledger = await open_ledger(cfg.state, durability=cfg.durability, clock=self.clock)
+        try:
+            await ledger.ensure_job(cfg.job, cfg.identity)
+            stale = await ledger.acquire_lock(
+                cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared
+            )
+            self.holds_lock = not cfg.shared
+            if stale is not None:
+                log.warning(
+                    "took over the stale lock of job %r held by pid %s on %s",
+                    cfg.job,
+                    stale.pid,
+                    stale.host,
+                )
+            state = RunState(
+                config=cfg,
+                ledger=ledger,
+                owner=self.owner,
+                me=self.me,
+                clock=self.clock,
+                counters=self.counters,
+                stop_requested=self._stop_requested,
+            )
+            self._state = state
+            await self._registered(state)
+            counts = await ledger.counts(cfg.job)
+            report = self.counters.report(
+                cfg.job,
+                counts,
+                stopped=state.stopping,
+                mode=self.mode,
+                post_failed=self._posts.failed if self._posts is not None else 0,
+            )
+            log.info("%s", report)
+            return report
+        finally:
+            await ledger.close()
+
+    async def _registered(self, state: RunState) -> None:
+        """Register this runner, run the pipeline, and release everything (a history row)."""
+        cfg, ledger = self.config, state.ledger
+        status = "error"
+        run_id = 0
+        try:
+            run_id = await ledger.register_runner(
+                cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared, mode=self.mode
+            )
+            if released := await ledger.reap_stale_runners(cfg.job, self.me):
+                log.warning("%d items of runners that are gone were put back", released)
+            secret = await ledger.meta("secret")
+            http = HTTPSettings(
+                shared=self._http,
+                secret=bytes.fromhex(secret or ""),
+                job=cfg.job,
+                unsafe_methods=cfg.unsafe_methods,
+                retries=cfg.http_retries,
+                backoff=cfg.http_backoff,
+                backoff_max=cfg.http_backoff_max,
+            )
+            await self._remove_stale_temp_files(ledger)
+            state.dir_fd = os.open(cfg.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                await self._pipeline(state, http)
+            finally:
+                os.close(state.dir_fd)
+                await self._http.aclose()
+            status = "stopped" if state.stopping else "ok"
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                status = "cancelled"
+            elif isinstance(exc, HandlerAborted):
+                status = f"error: {exc}"
+            else:
+                status = f"error: {error_text(exc)}"
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release(state, run_id, status)
+
+    async def _remove_stale_temp_files(self, ledger: Ledger) -> None:
+        """Remove temp files that killed runs left where this run writes.
+
+        The output directory always. An archive directory only when it is on another
+        filesystem than the source, the one case in which a move writes a temp file there (an
+        archive only grows: it is not listed on every run for nothing). And the directories
+        ``ctx.move()`` of an unfinished item was moving its input to: a move across
+        filesystems that a kill interrupted leaves a partial copy there.
+        """
+        cfg = self.config
+        if cfg.output_dir is not None:
+            await remove_stale_temp_files(cfg.output_dir)
+        source_dev = os.stat(cfg.source).st_dev
+        for action in (cfg.on_done, cfg.on_dead):
+            if action.directory is not None and os.stat(action.directory).st_dev != source_dev:
+                await remove_stale_temp_files(action.directory)
+        moved_to = {os.path.dirname(p) for p in await ledger.move_destinations(cfg.job)}
+        for directory in sorted(moved_to):
+            await remove_stale_temp_files(directory, recursive=False)
+
+    async def _release(self, state: RunState, run_id: int, status: str) -> None:
+        cfg, ledger = self.config, state.ledger
+        leftovers = [(i.key, i.fence) for i in state.in_flight.values()]
+        try:
+            await ledger.release_items(cfg.job, self.owner, leftovers)
+        finally:
+            state.in_flight.clear()
+            c = self.counters
+            if status == "ok" and not c.report(cfg.job, {}, stopped=False).ok:
+                status = "failed"
+            await ledger.release_runner(
+                cfg.job,
+                self.owner,
+                holds_lock=self.holds_lock,
+                run_id=run_id,
+                totals=RunTotals(c.seen, c.done, c.failed, c.dead, c.vanished),
+                exit_status=status,
+            )
+
+    async def _pipeline(self, state: RunState, http: HTTPSettings) -> None:
+        cfg = self.config
+        queue = ItemQueue(2 * cfg.claim_batch + cfg.concurrency)
+        outbox = Outbox(cfg.commit_batch)
+        self._queue = queue
+        self._posts = posts = PostActions(cfg)
+        workers = WorkerPool(state, queue, outbox, handler=self.handler, http=http)
+        committer = Committer(state, outbox, posts)
+        scanner = Scanner(
+            cfg.source,
+            rules=cfg.rules,
+            recursive=cfg.recursive,
+            follow_symlinks=cfg.follow_symlinks,
+        )
+        claimer = Claimer(state, queue, scanner=scanner, posts=posts, mode=self.mode)
+        try:
+            async with anyio.create_task_group() as background:
+                background.start_soon(self._heartbeat, state)
+                background.start_soon(workers.watchdog)
+                background.start_soon(self._stop_after_grace, state, queue)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(posts.serve)
+                    tg.start_soon(committer.serve)
+                    try:
+                        with self._work_scope:
+                            async with anyio.create_task_group() as work:
+                                for _ in range(cfg.concurrency):
+                                    work.start_soon(workers.worker)
+                                work.start_soon(claimer.serve)
+                    finally:
+                        outbox.close()  # the committer commits what is left, then stops
+                background.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+
+    # -- heartbeat and stop ------------------------------------------------------------------------
+
+    async def _heartbeat(self, state: RunState) -> None:
+        cfg = self.config
+        while True:
+            await anyio.sleep(cfg.lease / 4)
+            deadline = state.lease_deadline()  # before the call: the lease starts counting then
+            leases = [(i.key, i.fence) for i in state.in_flight.values()]
+            alive = await state.ledger.heartbeat(
+                cfg.job, self.owner, cfg.lease, leases, holds_lock=self.holds_lock
+            )
+            if not alive:
+                raise LockLostError(
+                    f"job {cfg.job!r}: this runner's lock or liveness record was taken over "
+                    "(was it suspended longer than the lease?); it stopped"
+                )
+            for item in state.in_flight.values():
+                item.lease_deadline = deadline
+
+    async def _stop_after_grace(self, state: RunState, queue: ItemQueue) -> None:
+        await self._stop_requested.wait()
+        state.stop()
+        queue.close()
+        log.info("stopping: no new items; in-flight items get %.0fs to finish", self.config.grace)
+        await anyio.sleep(self.config.grace)
+        self._work_scope.cancel()
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first meaningful exception of a task group's failure (cancellation aside).
+
+    Several tasks may fail at once for one cause (every worker's handler raising the same
+    error): the first is raised, with the others named in a note.
+    """
+    cancelled = anyio.get_cancelled_exc_class()
+    flat: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            flat.append(exc)
+
+    walk(group)
+    real = [e for e in flat if not isinstance(e, cancelled)]
+    if not real:
+        return flat[0]
+    first, others = real[0], real[1:]
+    if others:
+        first.add_note(f"{len(others)} more at the same time: {error_text(others[0])}")
+    return first

@@ -1,0 +1,93 @@
+"""What the parts of one run's pipeline share: its settings, its ledger, its leased items, its
+counters, and the signals between the parts. Nothing else crosses from one part to another.
+
+Made per run (``Batch.run()`` or ``Batch.watch()``) by :class:`~.runner.Run`; nothing here is
+shared between runs or items.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from .._config import BatchConfig
+from .._ledger import Ledger
+from .._procinfo import ProcessIdentity
+from .._report import Counters
+from .queues import LeasedItem
+
+__all__ = ["RunState"]
+
+
+@dataclass(eq=False, kw_only=True)
+class RunState:
+    """The shared state of one run's claimer, workers and committer."""
+
+    config: BatchConfig
+    ledger: Ledger
+    #: This runner's id in the ledger: the owner of its leases.
+    owner: str
+    me: ProcessIdentity
+    clock: Callable[[], float]
+    counters: Counters
+    #: Leased and not yet committed, by key: released if the run ends early.
+    in_flight: dict[str, LeasedItem] = field(default_factory=dict)
+    #: The source directory, opened for the run (inputs are opened relative to it).
+    dir_fd: int = -1
+    #: Set by a stop request (``Batch.stop()``, a signal).
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    #: No new items are started once this is set (a stop, or the end of the grace period).
+    stopping: bool = False
+    _progress: anyio.Event = field(default_factory=anyio.Event)
+    _room: anyio.Event = field(default_factory=anyio.Event)
+
+    def lease_margin(self) -> float:
+        """Seconds from now until a lease taken now must be given up locally (before another
+        runner may take it over)."""
+        return self.config.lease - min(5.0, self.config.lease * 0.1)
+
+    def lease_deadline(self) -> float:
+        """The local monotonic deadline of a lease taken (or renewed) now."""
+        return time.monotonic() + self.lease_margin()
+
+    # -- the claimer waits for the committer ------------------------------------------------------
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many items may be leased and not yet committed at once."""
+        cfg = self.config
+        return 3 * cfg.claim_batch + cfg.concurrency + 4 * cfg.commit_batch
+
+    async def wait_for_room(self) -> None:
+        """Wait while :attr:`max_in_flight` items are leased and not yet committed."""
+        while len(self.in_flight) >= self.max_in_flight and not self.stopping:
+            self._room = anyio.Event()
+            await self._room.wait()
+
+    def made_room(self) -> None:
+        """Called by the committer after it retired items (and on a stop)."""
+        self._room.set()
+
+    def wake(self) -> None:
+        """Wake the claimer waiting in :meth:`wait_for_progress` (or its next wait)."""
+        self._progress.set()
+
+    async def wait_for_progress(self, seconds: float) -> None:
+        """Wait until :meth:`wake` is called, the run stops, or ``seconds`` pass.
+
+        A wake-up that came while the claimer was busy elsewhere is not lost: it ends the
+        next wait at once.
+        """
+        if not self.stopping and not self._progress.is_set():
+            with anyio.move_on_after(seconds):
+                await self._progress.wait()
+        self._progress = anyio.Event()
+
+    def stop(self) -> None:
+        """Start no new items; wake every part that waits, so it sees the stop."""
+        self.stopping = True
+        self.wake()
+        self.made_room()
