@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest torture bench bench-quick clean
+.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run --quick
+
+# PostgreSQL at a million files, once (opt-in: longer than the rest of `make bench`), beside
+# SQLite's rows of the same run; written to its own file so RESULTS.md stays the full suite's.
+bench-pg-1m: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.run --sizes 1000000 --repeat 1 --systems asyncbatch,postgres \
+		--pg-max 1000000 --out benchmarks/RESULTS-pg-1m.md
 
 clean:
 	rm -rf $(VENV) demo .mypy_cache .ruff_cache .pytest_cache
