@@ -112,10 +112,16 @@ def pg_tables(specs: Sequence[InboxSpec], results: Results) -> list[str]:
     """One side-by-side table per inbox where PostgreSQL series exist."""
     lines: list[str] = []
     for spec in specs:
-        if not any((spec, pg) in results for _, _, pg in ROWS):
+        pgs = [results.get((spec, pg)) for _, _, pg in ROWS]
+        if not any(s is not None for s in pgs):
+            continue
+        title = f"### {spec.label}: SQLite and PostgreSQL"
+        skipped = next((s.skipped for s in pgs if s is not None and s.skipped), None)
+        if not any(s is not None and s.ok for s in pgs) and skipped:
+            lines += [title, "", f"PostgreSQL series skipped: {skipped}.", ""]
             continue
         lines += [
-            f"### {spec.label}: SQLite and PostgreSQL",
+            title,
             "",
             "| runners | SQLite wall s | files/s | RSS MiB | CPU s | PostgreSQL wall s | files/s "
             f"| RSS MiB | runner CPU s | server CPU s | PG rate {X} SQLite |",
@@ -129,9 +135,8 @@ def pg_tables(specs: Sequence[InboxSpec], results: Results) -> list[str]:
                 if pg is not None and lite is not None and pg.ok and lite.ok
                 else EN
             )
-            note = pg.skipped if pg is not None and pg.skipped else ""
             row = [label, *_cell(lite), *_cell(pg), f"{server:.2f}" if server else EN, ratio]
-            lines.append("| " + " | ".join(row) + " |" + (f" {note}" if note else ""))
+            lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return lines
 
