@@ -306,8 +306,8 @@ class Driver:
             return self.ctx.pg_skip or "PostgreSQL not configured"
         if spec.n > self.args.pg_max:
             return (
-                f"not run above N = {self.args.pg_max:,} (--pg-max): the PostgreSQL series "
-                "would take longer than the rest of the run"
+                f"not run above N = {self.args.pg_max:,} (--pg-max; `make bench-pg-1m` runs "
+                "1,000,000 once): longer than the rest of the run"
             )
         return None
 
