@@ -45,7 +45,7 @@ bench-quick: $(STAMP)
 bench-pg-1m: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run --sizes 1000000 --repeat 1 --systems asyncbatch,postgres \
-		--pg-max 1000000 --out benchmarks/RESULTS-pg-1m.md
+		--pg-max 1000000 --out benchmarks/RESULTS-pg-1m.md --plot benchmarks/throughput-pg-1m.png
 
 clean:
 	rm -rf $(VENV) demo .mypy_cache .ruff_cache .pytest_cache
