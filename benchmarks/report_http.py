@@ -10,6 +10,7 @@ from .suite import Series
 __all__ = ["http_checks", "http_method", "http_table"]
 
 EN = "\N{EN DASH}"
+X = "\N{MULTIPLICATION SIGN}"
 
 
 def _spec(results: Results) -> InboxSpec | None:
@@ -60,7 +61,7 @@ def http_checks(results: Results) -> list[Check]:
             Check(
                 verdict(ab.rate > recipe.rate),
                 f"{what}: {ab.rate:,.0f} vs {recipe.rate:,.0f} files/s "
-                f"= {ab.rate / recipe.rate:.2f}x",
+                f"= {ab.rate / recipe.rate:.2f}{X}",
             )
         )
     return checks
