@@ -351,7 +351,7 @@ def _method(
         "the measured processes together (`/usr/bin/time`).",
         "- A fresh ledger (deleted with its -wal and -shm) before every measurement but resume. "
         "**ledger MiB** = state file + `-wal` after the child exited.",
-        "- Repeats are interleaved (floor, recipe, huey, asyncbatch, resume, shared, then again); "
+        "- Repeats are interleaved (every system and series once, in table order, then again); "
         f"the table shows the median and the min{EN}max over repeats; **{X} floor** = median wall "
         "over floor's median wall for the same inbox; files/s = N / median wall.",
     ]
