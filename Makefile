@@ -19,7 +19,7 @@ OUTER_PIP_OK := $(PYTHON) -c "import sys, pip; sys.exit(tuple(map(int, pip.__ver
 PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/python -m pip,$(PYTHON) -m pip --python $(BIN)/python)
 INSTALL = $(PIP) install --quiet --no-compile
 
-.PHONY: demo test lint typecheck pytest torture bench bench-quick clean
+.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m clean
 
 $(BIN)/python:
 	@if $(OUTER_PIP_OK) 2>/dev/null; then set -x; $(PYTHON) -m venv --without-pip $(VENV); \
@@ -60,6 +60,13 @@ bench: $(TEST)
 bench-quick: $(TEST)
 	$(INSTALL) -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run --quick
+
+# PostgreSQL at a million files, once (opt-in: longer than the rest of `make bench`), beside
+# SQLite's rows of the same run; written to its own file so RESULTS.md stays the full suite's.
+bench-pg-1m: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.run --sizes 1000000 --repeat 1 --systems asyncbatch,postgres \
+		--pg-max 1000000 --out benchmarks/RESULTS-pg-1m.md --plot benchmarks/throughput-pg-1m.png
 
 clean:
 	rm -rf $(VENV) demo dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,5 @@
-"""The asyncbatch handler the benchmark runs: read the input, nothing else.
+"""The asyncbatch handlers the benchmark runs: read the input (``handle``), or read it and
+POST it to ``$BENCH_HTTP_URL`` with ``ctx.http`` (``post``, the HTTP-bound benchmark).
 
 ``BENCH_HANDLED_LOG`` (set by the driver only for the shared-runner duplicate check): each
 process keeps the relpaths it handled in memory and writes them, one a line, to
@@ -12,9 +13,10 @@ import os
 
 from asyncbatch import TaskContext
 
-__all__ = ["handle"]
+__all__ = ["handle", "post"]
 
 _LOG_BASE = os.environ.get("BENCH_HANDLED_LOG") or None
+_URL = os.environ.get("BENCH_HTTP_URL", "")
 _handled: list[str] = []
 
 
@@ -33,5 +35,13 @@ if _LOG_BASE is not None:
 async def handle(ctx: TaskContext) -> None:
     """Read the whole input (``ctx.read_bytes()``); record its relpath only when asked to."""
     await ctx.read_bytes()
+    if _LOG_BASE is not None:
+        _handled.append(ctx.entry.relpath)
+
+
+async def post(ctx: TaskContext) -> None:
+    """POST the input to ``$BENCH_HTTP_URL`` (``ctx.http``: keyed, retried); fail unless 2xx."""
+    response = await ctx.http.post(_URL, content=await ctx.read_bytes())
+    response.raise_for_status()
     if _LOG_BASE is not None:
         _handled.append(ctx.entry.relpath)

@@ -8,9 +8,10 @@ still running at the deadline is killed with its process group.
 Peak RSS: a child's own ``ru_maxrss`` is *not* usable here. Linux keeps that high-water mark
 across ``exec``, and right after ``fork`` the child counts the parent's resident pages as its
 own, so every child would inherit this driver's peak (hundreds of MiB once it has listed a
-million files). Each command therefore runs under ``/usr/bin/time -f %M``: ``time`` is tiny
-when it forks the command, and reports that command's own peak, which is what we record.
-``os.wait4``'s figure is the fallback when ``/usr/bin/time`` is missing.
+million files). Each command therefore runs under ``/usr/bin/time -f "%M %U %S"``: ``time`` is
+tiny when it forks the command, and reports that command's own peak, which is what we record,
+and its CPU time (user + system, the command and the children it waited for).
+``os.wait4``'s figures are the fallback when ``/usr/bin/time`` is missing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ChildResult:
     argv: list[str]
     returncode: int | None
     maxrss_kib: int
+    #: CPU seconds, user + system, of the command (``time``'s ``%U + %S``).
+    cpu_s: float
     ended: float
     timed_out: bool
     timeout: float
@@ -98,6 +101,11 @@ class Spawned:
     def maxrss_mib(self) -> float:
         return max(child.maxrss_mib for child in self.children)
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of every child together."""
+        return sum(child.cpu_s for child in self.children)
+
 
 def spawn(
     argvs: Sequence[Sequence[str]],
@@ -113,13 +121,19 @@ def spawn(
     errs = [log_stem.with_name(f"{log_stem.name}.{i}.err") for i in range(len(argvs))]
     rss_files = [log_stem.with_name(f"{log_stem.name}.{i}.rss") for i in range(len(argvs))]
     timer = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-    reaped: list[tuple[int, int, float] | None] = [None] * len(argvs)
+    reaped: list[tuple[int, int, float, float] | None] = [None] * len(argvs)
     procs: list[subprocess.Popen[bytes]] = []
     threads: list[threading.Thread] = []
 
     def reap(index: int, pid: int) -> None:
         _, status, usage = os.wait4(pid, 0)
-        reaped[index] = (os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter())
+        cpu = usage.ru_utime + usage.ru_stime
+        reaped[index] = (
+            os.waitstatus_to_exitcode(status),
+            usage.ru_maxrss,
+            cpu,
+            time.perf_counter(),
+        )
 
     def kill(procs: list[subprocess.Popen[bytes]]) -> None:
         for proc in procs:
@@ -134,7 +148,7 @@ def spawn(
             rss_files[i].unlink(missing_ok=True)
             command = list(argv)
             if timer is not None:
-                command = [timer, "-f", "%M", "-o", str(rss_files[i]), *command]
+                command = [timer, "-f", "%M %U %S", "-o", str(rss_files[i]), *command]
             with open(outs[i], "wb") as out, open(errs[i], "wb") as err:
                 proc = subprocess.Popen(
                     command,
@@ -164,25 +178,33 @@ def spawn(
     children: list[ChildResult] = []
     for i, proc in enumerate(procs):
         result = reaped[i]
-        code, rss, ended = result if result is not None else (None, 0, time.perf_counter())
+        code, rss, cpu, ended = (
+            result if result is not None else (None, 0, 0.0, time.perf_counter())
+        )
         if timer is not None:
-            rss = _time_maxrss(rss_files[i], rss)
+            rss, cpu = _time_usage(rss_files[i], rss, cpu)
         proc.returncode = code  # reaped here: keep Popen from waiting for it again
         children.append(
-            ChildResult(list(argvs[i]), code, rss, ended, timed_out[i], timeout, outs[i], errs[i])
+            ChildResult(
+                list(argvs[i]), code, rss, cpu, ended, timed_out[i], timeout, outs[i], errs[i]
+            )
         )
     wall = max(child.ended for child in children) - started
     return Spawned(wall, children)
 
 
-def _time_maxrss(path: Path, fallback: int) -> int:
-    """The peak RSS (KiB) ``/usr/bin/time -f %M`` wrote, or ``fallback``."""
+def _time_usage(path: Path, rss: int, cpu: float) -> tuple[int, float]:
+    """``(peak RSS KiB, user + system s)`` from ``/usr/bin/time -f "%M %U %S"``'s last line.
+
+    ``time`` writes a "Command exited with non-zero status" line first when the command
+    failed; the figures are on the last line. The given values are the fallback.
+    """
     try:
-        lines = path.read_text().split()
-    except OSError:
-        return fallback
-    numbers = [word for word in lines if word.isdigit()]
-    return int(numbers[-1]) if numbers else fallback
+        lines = path.read_text().strip().splitlines()
+        words = lines[-1].split() if lines else []
+        return int(words[0]), float(words[1]) + float(words[2])
+    except (OSError, ValueError, IndexError):
+        return rss, cpu
 
 
 def _ledger_files(state: Path) -> list[Path]:

@@ -9,12 +9,14 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .checks import Check, Results, missing, ok_series, verdict
 from .inbox import InboxSpec
-from .suite import CONCURRENCY, SERIES, SHARED_RUNNERS, Series
+from .report_http import http_checks, http_method, http_table
+from .report_pg import pg_checks, pg_tables
+from .suite import CONCURRENCY, SERIES, SHARED_RUNNERS, WIDE_RUNNERS, Series
 
 __all__ = ["Check", "Results", "evaluate", "machine_info", "plot", "render"]
 
@@ -26,8 +28,6 @@ REFERENCE_N = 100_000
 X = "\N{MULTIPLICATION SIGN}"
 EN = "\N{EN DASH}"
 LARGE_N = 1_000_000
-
-Results = Mapping[tuple[InboxSpec, str], Series]
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -125,24 +125,8 @@ def machine_info(work: Path, root: Path) -> dict[str, str]:
 # -- target checks -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One target from the issue: ``PASS``, ``FAIL`` or ``NOT RUN``, and what was compared."""
-
-    verdict: str
-    text: str
-
-    def line(self) -> str:
-        return f"- **{self.verdict}** {self.text}"
-
-
 def _flat(results: Results) -> list[InboxSpec]:
     return sorted({spec for spec, _ in results if not spec.subdirs})
-
-
-def _ok(results: Results, spec: InboxSpec, name: str) -> Series | None:
-    series = results.get((spec, name))
-    return series if series is not None and series.ok else None
 
 
 def _reference(results: Results) -> InboxSpec | None:
@@ -155,24 +139,17 @@ def _reference(results: Results) -> InboxSpec | None:
     return below[-1] if below else None
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+def evaluate(results: Results, http: Results | None = None) -> list[Check]:
+    """The issues' targets, each evaluated on the medians measured."""
+    checks = _evaluate_sqlite(results)
+    ref = _reference(results)
+    if ref is not None:
+        at = f"{ref.n:,}" + ("" if ref.n == REFERENCE_N else f" (in place of {REFERENCE_N:,})")
+        checks += pg_checks(results, ref, at)
+    return checks + http_checks(http or {})
 
 
-def _missing(what: str, spec: InboxSpec, results: Results, *names: str) -> Check | None:
-    for name in names:
-        series = results.get((spec, name))
-        if series is None or not series.ok:
-            failed = series is not None and bool(series.failures) and not series.skipped
-            why = "failed" if failed else "not measured"
-            if series is not None and series.skipped:
-                why = f"skipped ({series.skipped})"
-            return Check("FAIL" if failed else "NOT RUN", f"{what}: {name} at {spec.n:,} {why}")
-    return None
-
-
-def evaluate(results: Results) -> list[Check]:
-    """The issue's targets, each evaluated on the medians measured."""
+def _evaluate_sqlite(results: Results) -> list[Check]:
     checks: list[Check] = []
     ref = _reference(results)
     if ref is None:
@@ -180,42 +157,40 @@ def evaluate(results: Results) -> list[Check]:
     at = f"{ref.n:,}" + ("" if ref.n == REFERENCE_N else f" (in place of {REFERENCE_N:,})")
 
     what = f"asyncbatch at {at} ≤ 4{X} floor (stretch ≤ 3{X})"
-    if (miss := _missing(what, ref, results, "floor", "asyncbatch")) is not None:
+    if (miss := missing(what, ref, results, "floor", "asyncbatch")) is not None:
         checks.append(miss)
     else:
         ab, floor = results[(ref, "asyncbatch")], results[(ref, "floor")]
         ratio = ab.wall / floor.wall
         detail = f"{ab.wall:.2f} s vs floor {floor.wall:.2f} s = {ratio:.2f}{X} floor"
-        checks.append(Check(_verdict(ratio <= 4), f"asyncbatch at {at} ≤ 4{X} floor: {detail}"))
+        checks.append(Check(verdict(ratio <= 4), f"asyncbatch at {at} ≤ 4{X} floor: {detail}"))
         checks.append(
-            Check(
-                _verdict(ratio <= 3), f"(stretch) asyncbatch at {at} ≤ 3{X} floor: {ratio:.2f}{X}"
-            )
+            Check(verdict(ratio <= 3), f"(stretch) asyncbatch at {at} ≤ 3{X} floor: {ratio:.2f}{X}")
         )
 
     for peer in ("recipe", "huey"):
         what = f"asyncbatch ≥ 10{X} faster than {peer} at {at}"
-        if (miss := _missing(what, ref, results, peer, "asyncbatch")) is not None:
+        if (miss := missing(what, ref, results, peer, "asyncbatch")) is not None:
             checks.append(miss)
             continue
         ab, other = results[(ref, "asyncbatch")], results[(ref, peer)]
         speedup = other.wall / ab.wall
         checks.append(
             Check(
-                _verdict(speedup >= 10),
+                verdict(speedup >= 10),
                 f"{what}: {other.wall:.2f} s vs {ab.wall:.2f} s = {speedup:.1f}{X}",
             )
         )
 
     what = f"resume over {at} done ≤ 2{X} floor"
-    if (miss := _missing(what, ref, results, "floor", "asyncbatch resume")) is not None:
+    if (miss := missing(what, ref, results, "floor", "asyncbatch resume")) is not None:
         checks.append(miss)
     else:
         resume, floor = results[(ref, "asyncbatch resume")], results[(ref, "floor")]
         ratio = resume.wall / floor.wall
         checks.append(
             Check(
-                _verdict(ratio <= 2),
+                verdict(ratio <= 2),
                 f"{what}: {resume.wall:.2f} s vs floor {floor.wall:.2f} s = {ratio:.2f}{X}",
             )
         )
@@ -229,10 +204,10 @@ def evaluate(results: Results) -> list[Check]:
                 f"{REFERENCE_N:,} rate (not measured in this run)",
             )
         )
-    base = _ok(results, ref, "asyncbatch")
+    base = ok_series(results, ref, "asyncbatch")
     for spec in large:
         what = f"asyncbatch over {spec.label} completes, peak RSS ≤ 300 MiB, files/s ≥ 80% of {at}"
-        if (miss := _missing(what, spec, results, "asyncbatch")) is not None:
+        if (miss := missing(what, spec, results, "asyncbatch")) is not None:
             checks.append(miss)
             continue
         ab = results[(spec, "asyncbatch")]
@@ -240,14 +215,14 @@ def evaluate(results: Results) -> list[Check]:
         passed = ab.rss_mib <= 300 and base is not None and share >= 0.8
         checks.append(
             Check(
-                _verdict(passed),
+                verdict(passed),
                 f"{what}: {ab.rss_mib:.0f} MiB, {ab.rate:,.0f} files/s = {share:.0%} of "
                 f"{base.rate if base else float('nan'):,.0f}",
             )
         )
 
     what = f"{SHARED_RUNNERS} shared runners ≥ 1.5{X} one runner's throughput at {at}, 0 duplicates"
-    if (miss := _missing(what, ref, results, "asyncbatch", "asyncbatch shared")) is not None:
+    if (miss := missing(what, ref, results, "asyncbatch", "asyncbatch shared")) is not None:
         checks.append(miss)
     else:
         one, shared = results[(ref, "asyncbatch")], results[(ref, "asyncbatch shared")]
@@ -255,7 +230,7 @@ def evaluate(results: Results) -> list[Check]:
         dups = sum(int(s.details.get("duplicates", 0)) for s in shared.samples)
         checks.append(
             Check(
-                _verdict(gain >= 1.5 and dups == 0),
+                verdict(gain >= 1.5 and dups == 0),
                 f"{what}: {shared.rate:,.0f} vs {one.rate:,.0f} files/s = {gain:.2f}{X}, "
                 f"{dups} duplicates over {len(shared.samples)} run(s)",
             )
@@ -288,11 +263,15 @@ def _notes(series: Series) -> str:
         enq, con, proc = (series.detail(k) for k in ("enqueue_s", "consume_s", "process_s"))
         if enq is not None and con is not None and proc is not None:
             notes.append(f"enqueue {enq:.2f} s + consume {con:.2f} s; whole process {proc:.2f} s")
-    if series.name == "asyncbatch shared" and series.ok:
+    if "shared" in series.name and series.ok:
         last = series.samples[-1].details
-        split = " + ".join(f"{int(last[k]):,}" for k in sorted(last) if k.startswith("runner"))
+        done = sorted(k for k in last if k.startswith("runner") and k.endswith("_done"))
+        split = " + ".join(f"{int(last[k]):,}" for k in done)
         dups = sum(int(s.details.get("duplicates", 0)) for s in series.samples)
-        notes.append(f"{SHARED_RUNNERS} runners; {dups} duplicates; done split {split}")
+        notes.append(f"{len(done)} runners; {dups} duplicates; done split {split}")
+    server = series.detail("server_cpu_s") if series.ok else None
+    if server is not None:
+        notes.append(f"server CPU {server:.2f} s")
     if series.ok:
         notes.append(f"n={len(series.samples)}")
     if series.failures:
@@ -306,31 +285,34 @@ def _table(spec: InboxSpec, results: Results) -> list[str]:
         f"### {spec.label}",
         "",
         f"| system | wall s (median) | min{EN}max | files/s | {X} floor | peak RSS MiB "
-        "| ledger MiB | notes |",
-        "|---|--:|--:|--:|--:|--:|--:|---|",
+        "| CPU s | ledger MiB | notes |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
-    floor = _ok(results, spec, "floor")
+    floor = ok_series(results, spec, "floor")
     for name in SERIES:
         series = results.get((spec, name))
         if series is None:
             continue
         if series.skipped:
-            lines.append(f"| {name} | skipped | | | | | | {series.skipped} |")
+            lines.append(f"| {name} | skipped | | | | | | | {series.skipped} |")
             continue
         if not series.ok:
             state = "failed" if series.failures else "not run"
-            lines.append(f"| {name} | {state} | | | | | | {_notes(series)} |")
+            lines.append(f"| {name} | {state} | | | | | | | {_notes(series)} |")
             continue
         ratio = f"{series.wall / floor.wall:.2f}" if floor is not None else EN
         ledger = f"{series.ledger_mib:.1f}" if series.ledger_mib is not None else EN
+        cpu = f"{series.cpu_s:.2f}" if series.cpu_s is not None else EN
         lines.append(
             f"| {name} | {_secs(series.wall)} | {_range(series)} | {series.rate:,.0f} | {ratio} "
-            f"| {series.rss_mib:.0f} | {ledger} | {_notes(series)} |"
+            f"| {series.rss_mib:.0f} | {cpu} | {ledger} | {_notes(series)} |"
         )
     return [*lines, ""]
 
 
-def _method(quick: bool, warmups: Mapping[InboxSpec, tuple[int, float]]) -> list[str]:
+def _method(
+    quick: bool, warmups: Mapping[InboxSpec, tuple[int, float]], extra: Sequence[str]
+) -> list[str]:
     warm = ", ".join(f"{spec.spec_text}: {sec:.2f} s" for spec, (_, sec) in sorted(warmups.items()))
     lines = [
         "## Method",
@@ -341,7 +323,7 @@ def _method(quick: bool, warmups: Mapping[InboxSpec, tuple[int, float]]) -> list
         "and read of every file) before it is measured: every system sees a **warm page "
         f"cache**. Warm-up times: {warm or 'none'}.",
         "- Every system runs as its own **child process**; peak RSS is that child's own, as "
-        "`/usr/bin/time -f %M` reports it (for the shared runners, the larger of the two). Not "
+        "`/usr/bin/time -f %M` reports it (for the shared runners, the largest). Not "
         "`ru_maxrss` from `os.wait4`: Linux keeps that mark across `exec`, so every child would "
         "inherit this driver's peak (hundreds of MiB once it has listed a million files).",
         "- **wall** is from spawning the child to its exit (interpreter start-up and imports "
@@ -361,16 +343,19 @@ def _method(quick: bool, warmups: Mapping[InboxSpec, tuple[int, float]]) -> list
         f"- **asyncbatch**: the CLI, `asyncbatch run benchmarks.bench_handler:handle --source "
         f"INBOX --state STATE -j {CONCURRENCY} --settle 0 --no-progress` (`--recursive` for "
         "subdirectories), the handler does `await ctx.read_bytes()`. **resume**: the same "
-        "command again over the all-done inbox. **shared**: two `--shared` runners over a fresh "
-        "ledger, started together; wall = until both exit; verified: every file handled exactly "
-        "once over both runners' handler logs, both reports' done add up to N, `asyncbatch "
-        "status --json` counts N done.",
+        f"command again over the all-done inbox. **shared** / **shared {WIDE_RUNNERS}**: "
+        f"{SHARED_RUNNERS} / {WIDE_RUNNERS} `--shared` runners over a fresh "
+        "ledger, started together; wall = until all exit; verified: every file handled exactly "
+        "once over the runners' handler logs, their runs' done (`asyncbatch history --json`) "
+        "add up to N, `asyncbatch status --json` counts N done. **CPU s** = user + system of "
+        "the measured processes together (`/usr/bin/time`).",
         "- A fresh ledger (deleted with its -wal and -shm) before every measurement but resume. "
         "**ledger MiB** = state file + `-wal` after the child exited.",
-        "- Repeats are interleaved (floor, recipe, huey, asyncbatch, resume, shared, then again); "
+        "- Repeats are interleaved (every system and series once, in table order, then again); "
         f"the table shows the median and the min{EN}max over repeats; **{X} floor** = median wall "
         "over floor's median wall for the same inbox; files/s = N / median wall.",
     ]
+    lines += extra
     if quick:
         lines.append(
             "- This was a **--quick** run (N = 2,000 and 20,000, one repeat): the targets stated "
@@ -399,6 +384,8 @@ def render(
     interrupted: bool,
     elapsed: float,
     previous: str | None,
+    http: Results | None = None,
+    method: Sequence[str] = (),
 ) -> str:
     """The whole RESULTS.md."""
     lines = [
@@ -413,11 +400,14 @@ def render(
         lines += ["**The run was interrupted: the tables hold what was measured.**", ""]
     lines += ["## Machine", ""]
     lines += [f"- {label}: {text}" for label, text in machine.items()]
-    lines += ["", *_method(quick, warmups)]
+    http_n = max((spec.n for spec, _ in (http or {})), default=None)
+    lines += ["", *_method(quick, warmups, [*method, *http_method(http_n)])]
     lines += ["## Target checks", "", *(check.line() for check in checks), ""]
     lines += ["## Results", ""]
     for spec in specs:
         lines += _table(spec, results)
+    lines += pg_tables(specs, results)
+    lines += http_table(http or {})
     if plot_name:
         lines += [f"![files/s against N]({plot_name})", ""]
     if failures:
@@ -439,6 +429,11 @@ _STYLE = {
     "asyncbatch": ("tab:blue", "o", "-"),
     "asyncbatch resume": ("tab:green", "^", "-"),
     "asyncbatch shared": ("tab:purple", "v", "-"),
+    "asyncbatch shared 4": ("tab:pink", "<", "-"),
+    "asyncbatch pg": ("tab:cyan", "o", ":"),
+    "asyncbatch pg resume": ("tab:olive", "^", ":"),
+    "asyncbatch pg shared": ("tab:brown", "v", ":"),
+    "asyncbatch pg shared 4": ("tab:gray", "<", ":"),
 }
 
 

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,11 +40,22 @@ SCHEMA = (
 )
 
 
-class Recipe:
-    """The state and the per-file procedure of one recipe run."""
+def read_file(path: str, relpath: str) -> None:
+    """The recipe's default work: read the whole file."""
+    with open(path, "rb") as f:
+        f.read()
 
-    def __init__(self, state: str) -> None:
+
+class Recipe:
+    """The state and the per-file procedure of one recipe run.
+
+    ``work(path, relpath)`` is what is done to each file between taking its lock row and
+    recording it done (by default: read it).
+    """
+
+    def __init__(self, state: str, work: Callable[[str, str], None] = read_file) -> None:
         self.state = state
+        self.work = work
         self.owner = uuid.uuid4().hex
         self.pid = os.getpid()
         self.host = socket.gethostname()
@@ -100,8 +112,7 @@ class Recipe:
         if not taken:
             return False
         try:
-            with open(path, "rb") as f:
-                f.read()
+            self.work(path, relpath)
             self.execute(
                 conn,
                 "INSERT INTO done (relpath, size, mtime_ns, owner, finished_at)"
@@ -121,28 +132,38 @@ class Recipe:
             conn.close()
 
 
-def main() -> None:
-    parser = source_args(__doc__ or "recipe")
-    parser.add_argument("--state", required=True)
-    args = parser.parse_args()
+def run(
+    source: str,
+    state: str,
+    *,
+    recursive: bool,
+    workers: int = WORKERS,
+    work: Callable[[str, str], None] = read_file,
+) -> dict[str, Any]:
+    """One recipe run over ``source``: what it handled and its timings (the emitted JSON)."""
     started = time.perf_counter()
-    recipe = Recipe(args.state)
-    files = scan(args.source, recursive=args.recursive)
+    recipe = Recipe(state, work)
+    files = scan(source, recursive=recursive)
     scanned = time.perf_counter()
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         handled = sum(pool.map(recipe.process, files))
     finished = time.perf_counter()
     done_rows = recipe.connection().execute("SELECT count(*) FROM done").fetchone()[0]
     recipe.close()
-    emit(
-        {
-            "handled": handled,
-            "done_rows": done_rows,
-            "seen": len(files),
-            "scan_s": scanned - started,
-            "process_s": finished - scanned,
-        }
-    )
+    return {
+        "handled": handled,
+        "done_rows": done_rows,
+        "seen": len(files),
+        "scan_s": scanned - started,
+        "process_s": finished - scanned,
+    }
+
+
+def main() -> None:
+    parser = source_args(__doc__ or "recipe")
+    parser.add_argument("--state", required=True)
+    args = parser.parse_args()
+    emit(run(args.source, args.state, recursive=args.recursive))
 
 
 if __name__ == "__main__":
