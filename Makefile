@@ -63,8 +63,8 @@ bench-quick: $(TEST)
 
 # PostgreSQL at a million files, once (opt-in: longer than the rest of `make bench`), beside
 # SQLite's rows of the same run; written to its own file so RESULTS.md stays the full suite's.
-bench-pg-1m: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+bench-pg-1m: $(TEST)
+	$(INSTALL) -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run --sizes 1000000 --repeat 1 --systems asyncbatch,postgres \
 		--pg-max 1000000 --out benchmarks/RESULTS-pg-1m.md --plot benchmarks/throughput-pg-1m.png
 

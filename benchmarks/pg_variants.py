@@ -20,7 +20,7 @@ from types import ModuleType
 __all__ = ["VARIANTS", "apply", "main"]
 
 #: Where the PostgreSQL SQL may live (before and after the ledger becomes a package).
-_MODULES = ("asyncbatch._pg_sql", "asyncbatch._ledger._pg_sql", "asyncbatch._ledger.pg_sql")
+_MODULES = ("asyncbatch._ledger.postgres_sql", "asyncbatch._pg_sql")
 
 
 def _sql() -> ModuleType:

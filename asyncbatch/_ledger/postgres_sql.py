@@ -8,9 +8,12 @@ Conventions (the counterpart of :mod:`.sqlite_sql`):
 - Tables live in the ledger's own schema, which is the session's ``search_path``: statements
   name tables unqualified.
 - Sets of rows travel as arrays (``unnest($n::text[], ...)``): one statement per batch. A
-  statement that joins such a set to ``items`` also says ``key = ANY($keys)``, so the primary
-  key drives the lookups whatever the planner's statistics (a fresh table has none, and a
-  hash join over every item of the job would make each commit cost O(items)).
+  statement that joins such a set to ``items`` joins on the key alone (a nested loop from the
+  ``unnest`` into the primary key): adding ``key = ANY($keys)`` made the cached plan re-read
+  the whole ``unnest`` for every row it updated, 218-284 us a row (benchmarks/PG_PROFILE.md,
+  #1). The plan relies on the statistics the ledger refreshes as it grows ``items``
+  (``ANALYZE``, see ``PostgresLedger._analyze``): on an empty table's statistics it would read
+  every item of the job per commit.
 - Every item write is conditioned on ``owner`` and ``fence`` (and ``state = 'running'``), so a
   runner whose lease was taken over cannot change the item any more.
 """
@@ -265,6 +268,14 @@ WITH claimed AS (
            {NOW} + $3::float8, {NOW}, {NOW}
     FROM unnest($4::text[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[])
          AS r(key, relpath, size, mtime_ns, inode)
+    -- Rows the claim would not lease anyway (finished, or leased to a live runner) are left
+    -- out before the insert: ON CONFLICT locks a conflicting row (a heap write and a WAL
+    -- record) before it checks its WHERE. A row that changes after this read still meets
+    -- the unchanged guard below. (benchmarks/PG_PROFILE.md, #3 and #4)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM items d
+        WHERE d.job = $1 AND d.key = r.key
+          AND (d.state IN ('done', 'dead') OR (d.state = 'running' AND d.lease_until >= {NOW})))
     ON CONFLICT (job, key) DO UPDATE SET
         state = 'running', owner = excluded.owner, fence = i.fence + 1,
         lease_until = excluded.lease_until,
@@ -346,7 +357,7 @@ SET state = coalesce(o.state, i.state),
 FROM unnest($3::text[], $4::int8[], $5::text[], $6::text[], $7::float8[], $8::text[],
             $9::int8[], $10::int8[], $11::int8[], $12::bool[])
      AS o(key, fence, state, error, delay, post_action, size, mtime_ns, inode, attempted)
-WHERE i.job = $1 AND i.key = ANY($3::text[]) AND i.key = o.key AND i.owner = $2
+WHERE i.job = $1 AND i.key = o.key AND i.owner = $2
   AND i.fence = o.fence AND i.state = 'running'
   AND (o.state IS NOT NULL OR i.started_fence IS DISTINCT FROM i.fence)
 RETURNING i.key, o.state IS NOT NULL
@@ -357,14 +368,14 @@ RELEASE_ITEMS = f"""
 UPDATE items AS i
 SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
 FROM unnest($3::text[], $4::int8[]) AS r(key, fence)
-WHERE i.job = $1 AND i.key = ANY($3::text[]) AND i.key = r.key AND i.owner = $2
+WHERE i.job = $1 AND i.key = r.key AND i.owner = $2
   AND i.fence = r.fence AND i.state = 'running'
 """
 #: $1 job, $2 owner, $3 lease (seconds); arrays $4 keys, $5 fences.
 EXTEND_LEASES = f"""
 UPDATE items AS i SET lease_until = {NOW} + $3::float8
 FROM unnest($4::text[], $5::int8[]) AS l(key, fence)
-WHERE i.job = $1 AND i.key = ANY($4::text[]) AND i.key = l.key AND i.owner = $2
+WHERE i.job = $1 AND i.key = l.key AND i.owner = $2
   AND i.fence = l.fence AND i.state = 'running'
 """
 #: ctx.move() records where the input goes before moving it: a retry after a crash finds it.
