@@ -56,3 +56,8 @@ async def post_to(ctx: TaskContext) -> None:
 async def move_to(ctx: TaskContext) -> None:
     """Move the input to the directory AB_MOVE_TO with ctx.move."""
     await ctx.move(os.environ["AB_MOVE_TO"])
+
+
+async def write_copy(ctx: TaskContext) -> None:
+    """Write the input's bytes to the output directory under its name."""
+    await ctx.write_output(ctx.entry.relpath, await ctx.read_bytes())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
+from .. import _failpoints as failpoints
 from .._exceptions import EffectError
 from .._procinfo import ProcessIdentity, holder_is_dead, this_process
 
@@ -99,6 +100,7 @@ def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
         os.fsync(fd)
         os.close(fd)
         fd = -1
+        failpoints.hit("output-temp-written")
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         if fd >= 0:
@@ -106,6 +108,8 @@ def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
+    failpoints.hit("output-replaced")
+    failpoints.hit("before-dir-fsync")
     os.fsync(dir_fd)
 
 
@@ -196,9 +200,14 @@ def _copy_across(src: Path, dst: Path) -> None:
     st = os.stat(src)
 
     def fill(fd: int) -> None:
+        half = st.st_size // 2
+        written = 0
         with open(src, "rb") as f:
             while block := f.read(_COPY_BLOCK):
                 _write_all(block)(fd)
+                if written <= half < written + len(block):
+                    failpoints.hit("mid-copy")
+                written += len(block)
 
     _write_new(tmp, fill, stat.S_IMODE(st.st_mode))
     try:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .. import _failpoints as failpoints
 from .._exceptions import IdempotencyKeyMismatchError
 
 if TYPE_CHECKING:  # httpx costs ~0.2 s to import: only a handler that calls ctx.http pays it
@@ -175,7 +176,14 @@ class ItemHTTP:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                response = await s.shared.get().send(request, stream=stream, **send)
+                response = await s.shared.get().send(request, stream=True, **send)
+                await failpoints.ahit("http-sent")  # sent; the answer not read yet
+                if not stream:
+                    try:
+                        await response.aread()
+                    except BaseException:
+                        await response.aclose()
+                        raise
             except httpx.TransportError as e:  # connect errors, timeouts, dropped connections
                 if last or isinstance(e, httpx.StreamConsumed):
                     raise

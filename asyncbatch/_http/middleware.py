@@ -36,6 +36,7 @@ from typing import Final
 
 import anyio
 
+from .. import _failpoints as failpoints
 from .._exceptions import ConfigurationError
 from .._ledger import Ledger, StoredResponse, is_postgres, open_ledger
 from .._ledger.dsn import PostgresDSN
@@ -384,6 +385,7 @@ class _Responder:
                 [(bytes(n), bytes(v)) for n, v in self.start.get("headers", ())],
                 b"".join(self.chunks),
             )
+            await failpoints.ahit("middleware-executed")
             await self.store_response(response)
             self.complete = True
             await send(self.start)

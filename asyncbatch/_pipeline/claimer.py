@@ -17,6 +17,7 @@ from typing import Literal
 import anyio
 import anyio.to_thread
 
+from .. import _failpoints as failpoints
 from .._effects.actions import decode_action
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow
@@ -158,6 +159,7 @@ class Claimer:
                 cfg.lease,
                 [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items],
             )
+            await failpoints.ahit("after-claim")
             by_key = {row.key: row for row in rows}
             leased: list[LeasedItem] = []
             for item in items:  # keep scan order: the ledger returns rows in any order

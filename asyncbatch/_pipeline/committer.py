@@ -13,6 +13,7 @@ import os
 
 import anyio
 
+from .. import _failpoints as failpoints
 from .._ledger import Outcome
 from .postactions import PostActions
 from .queues import LeasedItem, Outbox, item_logger
@@ -56,7 +57,9 @@ class Committer:
         them and queue their post-commit actions."""
         state = self.state
         job = state.config.job
+        await failpoints.ahit("before-commit")
         lost = await state.ledger.commit_outcomes(job, state.owner, [o for _, o in batch], started)
+        await failpoints.ahit("after-commit")
         counters, in_flight, posts = state.counters, state.in_flight, self.posts
         retry_due = False
         for item, outcome in batch:

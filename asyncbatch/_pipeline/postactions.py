@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from .. import _failpoints as failpoints
 from .._config import BatchConfig
 from .._effects.actions import decode_action
 from .._effects.files import fsync_dir, idempotent_move
@@ -118,6 +119,7 @@ class PostActions:
             log.debug("item %s: %s", post.key, outcome, extra={"key": post.key})
 
     async def _perform(self, post: _Post) -> str:
+        await failpoints.ahit("before-post-action")
         source = self._config.source
         kind, directory = decode_action(post.action)
         if kind == "delete":

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from .. import _failpoints as failpoints
 from .._context import InputFile, ItemLogger, TaskContext
 from .._exceptions import ConfigurationError, PermanentError
 from .._http.client import HTTPSettings, ItemHTTP
@@ -256,6 +257,7 @@ class WorkerPool:
                 input_file=InputFile(fd, st.st_size),
             )
             try:
+                await failpoints.ahit("in-handler")
                 await self.handler(ctx)
             except PermanentError as exc:
                 return self.failure(item, error_text(exc), permanent=True, exc=exc)
