@@ -88,6 +88,12 @@ class ContextHooks(Protocol):
         """Record, under the item's lease, where its input is being moved."""
         ...
 
+    def lease_lost(self, ctx: TaskContext) -> bool:
+        """Whether the item's lease may be another runner's by now: its local deadline (a
+        monotonic clock, which runs on while the process is suspended) has passed, or the item
+        is no longer this runner's."""
+        ...
+
 
 class TaskContext:
     """What a handler gets for one item; built fresh for every attempt, shared with nothing.

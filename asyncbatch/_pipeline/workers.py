@@ -339,6 +339,11 @@ class WorkerPool:
         """A fresh HTTP view for one attempt of ``key``."""
         return ItemHTTP(self.http, key)
 
+    def lease_lost(self, ctx: TaskContext) -> bool:
+        """Whether the item's local lease deadline passed, or it is no longer ours."""
+        item = self.run.in_flight.get(ctx.key)
+        return item is None or item.fence != ctx.fence or time.monotonic() >= item.lease_deadline
+
     async def record_move(self, ctx: TaskContext, destination: str) -> bool:
         """Record, under the item's lease, where ctx.move() is taking its input."""
         return await self.run.ledger.record_move(
