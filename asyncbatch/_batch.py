@@ -64,6 +64,10 @@ class Batch:
       stop (a kill, a lost lease) do not count as failures; after this many the item is dead
       all the same (a file that crashes its runner every time must not stop the job forever).
     - ``shared`` [--shared]: share the job with other runners (leases instead of the job lock).
+      ``wait`` [--no-wait]: a run ends when every settled file it saw is done or dead: it
+      waits for the files other runners hold and takes over the leases that expire; with
+      ``wait=False`` it ends once nothing is left for it, and its report counts what others
+      hold (not ok; CLI exit 3).
       ``lease`` [--lease], ``grace`` [--grace]: lease length, and how long in-flight items may
       finish after :meth:`stop` or a signal. ``durability`` [--durability]: ``"full"`` makes
       every commit survive a power loss.
@@ -100,6 +104,7 @@ class Batch:
         backoff: float = 1.0,
         backoff_max: float = 300.0,
         shared: bool = False,
+        wait: bool = True,
         lease: float = 60.0,
         grace: float = 30.0,
         durability: Durability = "normal",
@@ -142,6 +147,7 @@ class Batch:
             backoff=backoff,
             backoff_max=backoff_max,
             shared=shared,
+            wait=wait,
             lease=lease,
             grace=grace,
             durability=durability,

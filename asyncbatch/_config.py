@@ -95,6 +95,7 @@ class BatchConfig:
     backoff: float = 1.0
     backoff_max: float = 300.0
     shared: bool = False
+    wait: bool = True
     lease: float = 60.0
     grace: float = 30.0
     durability: Durability = "normal"

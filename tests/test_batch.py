@@ -147,7 +147,7 @@ async def test_a_dead_file_still_in_the_inbox_keeps_the_run_not_ok(
     second = await Batch(handle, source=inbox, state=state).run()
 
     assert (first.dead, first.failed, first.done) == (1, 1, 1)
-    assert (second.dead, second.dead_seen, second.ok) == (0, 1, False)
+    assert (second.dead, second.dead_before, second.ok) == (0, 1, False)
 
 
 async def test_a_handler_timeout_fails_the_item(inbox: Path, state: Path) -> None:

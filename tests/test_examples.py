@@ -67,7 +67,7 @@ def test_entry_script_handles_every_file_once_and_exits_by_the_report(tmp_path: 
 
     again = run_example("entry.py", *args)
     assert again.returncode == 0, again.stderr
-    assert "0 done, 12 skipped" in again.stdout
+    assert "12 seen: 0 done, 12 done before;" in again.stdout
     ((attempts,),) = rows(state, "SELECT sum(attempts) FROM items")
     assert attempts == 12, "nothing was handled twice"
 

@@ -196,7 +196,7 @@ def test_demo_runs_twice_and_shows_status(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "40 done" in out
-    assert "0 done, 40 skipped" in out
+    assert "40 seen: 0 done, 40 done before;" in out
     assert "last run:" in out
     assert len(list((tmp_path / "demo" / "out").iterdir())) == 40
 
@@ -218,9 +218,8 @@ def test_a_second_demo_in_the_same_dir_starts_afresh_and_spares_other_files(
     assert removed, out
     assert 81 <= int(removed[1]) <= 83  # 40 inputs, 40 summaries, state.db (and -wal, -shm)
     run1 = out.split("== run 1: handle every file ==")[1].split("== run 2")[0]
-    assert "25 done, 0 skipped" in run1
-    assert "of 25 seen" in run1
-    assert "0 done, 25 skipped" in out.split("== run 2")[1]
+    assert "25 seen: 25 done;" in run1
+    assert "25 seen: 0 done, 25 done before;" in out.split("== run 2")[1]
     assert state_counts(base / "state.db") == {"done": 25}
     assert len(list((base / "inbox").iterdir())) == 25
     assert sorted(p.name for p in (base / "out").iterdir()) == sorted(

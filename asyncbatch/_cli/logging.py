@@ -74,7 +74,7 @@ QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h11", "aiosqlite", "asyncpg")
 
 def configure_logging(
     level: str = "WARNING", fmt: LogFormat = "text", stream: TextIO | None = None
-) -> logging.Handler:
+) -> logging.StreamHandler[TextIO]:
     """Send the root logger's records to ``stream`` (stderr) in ``fmt``; return the handler.
 
     ``level`` applies to asyncbatch's loggers and the handler's own; the libraries named in

@@ -1,22 +1,23 @@
 """The ``asyncbatch`` command line.
 
-Exit codes: 0 every settled file done; 1 some items failed or dead; 2 usage or configuration
-error (one line naming the bad value, no traceback); 69 the ledger is unavailable or failing;
-70 a handler raised ``SystemExit``,
+Exit codes: 0 every settled file done; 1 some items dead; 2 usage or configuration error (one
+line naming the bad value, no traceback); 3 other runners still hold some files (``--no-wait``);
+69 the ledger is unavailable or failing; 70 a handler raised ``SystemExit``,
 ``KeyboardInterrupt`` or another ``BaseException`` (the run stopped); 75 the job is locked by a
-live runner; 130 / 143 stopped by SIGINT / SIGTERM.
+live runner; 130 / 143 stopped by SIGINT / SIGTERM; 141 the output's reader went away.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import anyio
 
@@ -48,12 +49,15 @@ __all__ = [
     "EXIT_LEDGER",
     "EXIT_LOCKED",
     "EXIT_OK",
+    "EXIT_UNFINISHED",
     "main",
 ]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+#: Some seen files are not finished: other runners hold them (``--no-wait``).
+EXIT_UNFINISHED = 3
 #: A handler raised a BaseException that is not an Exception (``EX_SOFTWARE``).
 #: The ledger is unavailable or failing: its server is down, it stayed locked past the busy
 #: timeout, a disk I/O error, the state file deleted under the runner (``EX_UNAVAILABLE``).
@@ -171,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backoff", type=non_negative_float, default=1.0, help="first retry delay")
     run.add_argument("--shared", action="store_true", help="share the job with other runners")
     run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="end when nothing is left for this runner, even if others still hold files "
+        "(exit 3 then); by default a run waits for them and takes over expired leases",
+    )
+    run.add_argument(
         "--lease", type=positive_float, default=60.0, help="seconds a lease lasts unrenewed (60)"
     )
     run.add_argument(
@@ -217,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_command(args: argparse.Namespace) -> int:
+async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[TextIO]) -> int:
     handler = load_handler(args.target)
     batch = Batch(
         handler,
@@ -235,6 +245,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         backoff=args.backoff,
         shared=args.shared,
+        wait=not args.no_wait,
         lease=args.lease,
         grace=args.grace,
         durability=args.durability,
@@ -248,7 +259,11 @@ async def _run_command(args: argparse.Namespace) -> int:
     aborted: BaseException | None = None
     async with anyio.create_task_group() as tg:
         if not args.no_progress:
-            tg.start_soon(functools.partial(show_progress, batch, interval=args.progress_interval))
+            tg.start_soon(
+                functools.partial(
+                    show_progress, batch, interval=args.progress_interval, log_handler=log
+                )
+            )
         try:
             if args.watch:
                 report = await batch.watch(handle_signals=True)
@@ -268,7 +283,11 @@ async def _run_command(args: argparse.Namespace) -> int:
     print(report, flush=True)
     if batch.received_signal is not None:
         return EXIT_SIGNAL.get(signal.Signals(batch.received_signal), 128 + batch.received_signal)
-    return EXIT_OK if report.ok else EXIT_FAILED
+    if report.ok:
+        return EXIT_OK
+    if report.held and not (report.dead or report.dead_before):
+        return EXIT_UNFINISHED
+    return EXIT_FAILED
 
 
 async def _demo_command(args: argparse.Namespace) -> int:
@@ -302,9 +321,14 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # a bare ``asyncbatch``: what it can do, not one terse line
         print(parser.format_help(), end="", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
+    log = configure_logging(
+        getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text")
+    )
     command: Callable[[argparse.Namespace], Awaitable[int]]
-    command = {"run": _run_command, "demo": _demo_command, **OPERATOR_COMMANDS}[args.command]
+    if args.command == "run":
+        command = functools.partial(_run_command, log=log)
+    else:
+        command = {"demo": _demo_command, **OPERATOR_COMMANDS}[args.command]
     try:
         return anyio.run(_call, command, args)
     except BaseException as e:

@@ -11,16 +11,32 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigurationError
 from .._identity import IDENTITIES, Identity, input_hash
 from .._ledger import ItemInfo, Ledger, LockInfo, PostgresDSN, is_postgres, open_ledger
 from .._procinfo import holder_is_dead, this_process
+from .._report import describe
 
-__all__ = ["COMMANDS", "add_operator_commands"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["COMMANDS", "add_operator_commands", "console"]
 
 EXIT_OK = 0
+
+
+def console() -> Console:
+    """A rich console for stdout whose broken pipe (``asyncbatch status | head``) is the CLI's
+    to handle (exit 141), not rich's (which exits 1, the code for dead items)."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _Console()
 
 
 def _when(ts: float | None) -> str:
@@ -116,11 +132,8 @@ async def status(args: argparse.Namespace) -> int:
             last_run = {
                 "started_at": last.started_at,
                 "finished_at": last.finished_at,
-                "done": last.done,
-                "seen": last.seen,
-                "failed": last.failed,
-                "dead": last.dead,
-                "rate": last.done / duration if duration > 0 else 0.0,
+                **dataclasses.asdict(last.totals),
+                "rate": last.totals.done / duration if duration > 0 else 0.0,
                 "exit_status": last.exit_status,
             }
         out = {
@@ -135,36 +148,40 @@ async def status(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
     table = Table(title=f"job {args.job!r} in {_shown(args.state)}", show_header=True)
     for state in counts:
         table.add_column(state, justify="right")
     table.add_row(*(str(n) for n in counts.values()))
-    console.print(table)
+    screen = console()
+    screen.print(table)
     if last is None:
-        console.print("last run: never")
+        screen.print("last run: never")
     else:
         duration = (last.finished_at or time.time()) - last.started_at
-        rate = last.done / duration if duration > 0 else 0.0
-        console.print(
-            f"last run: {_when(last.started_at)}, {last.done} done of {last.seen} seen in "
-            f"{duration:.1f}s ({rate:.0f}/s), {last.failed} failed attempts, {last.dead} dead, "
-            f"exit {last.exit_status or 'still running'}"
+        rate = last.totals.done / duration if duration > 0 else 0.0
+        state = (
+            f"exit {last.exit_status}"
+            if last.exit_status
+            else "still running (counts as of its last heartbeat)"
         )
-    console.print(f"oldest waiting item: {_when(oldest) if oldest else 'none'}")
+        screen.print(
+            f"last run: {_when(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
+            f"({rate:.0f}/s); {state}",
+            markup=False,
+        )
+    screen.print(f"oldest waiting item: {_when(oldest) if oldest else 'none'}")
     if not lock_rows:
-        console.print("lock: none")
+        screen.print("lock: none")
     for lock in lock_rows:
-        console.print(
+        screen.print(
             f"lock: held by pid {lock['pid']} on {lock['host']} since "
             f"{_when(lock['acquired_at'])}, heartbeat {_age(lock['heartbeat_at'])}"
             f"{'' if lock['alive'] else ' (STALE: holder gone or heartbeat expired)'}"
         )
     for runner in shared:
-        console.print(
+        screen.print(
             f"shared runner: pid {runner['pid']} on {runner['host']}, heartbeat "
             f"{_age(runner['heartbeat_at'])}"
         )
@@ -200,29 +217,28 @@ async def failures(args: argparse.Namespace) -> int:
     if not rows:
         print(f"job {args.job!r}: no failed or dead items")
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
 
+    # Short cells never wrap; the relpath and the error share what is left of the width. The
+    # key and the input hash are in --json (`retry` takes the relpath as well as the key).
     table = Table(title=f"failed and dead items of job {args.job!r}")
-    for column in ("when", "state", "attempts", "relpath", "error", "key", "input hash"):
-        table.add_column(column, overflow="fold")
+    table.add_column("when", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("attempts", no_wrap=True, justify="right")
+    table.add_column("relpath", overflow="fold", ratio=1, min_width=12)
+    table.add_column("error", overflow="fold", ratio=2, min_width=20)
     for r in rows:
         table.add_row(
-            _when(r["updated_at"]),
-            r["state"],
-            str(r["attempts"]),
-            r["relpath"],
-            r["error"],
-            r["key"],
-            r["input_hash"][:16],
+            _when(r["updated_at"]), r["state"], str(r["attempts"]), r["relpath"], r["error"]
         )
-    Console().print(table)
+    console().print(table)
     return EXIT_OK
 
 
 async def retry(args: argparse.Namespace) -> int:
     """``asyncbatch retry``: put failed (and with --dead, dead) items back to pending."""
     ledger = await _open(args)
+    retryable = ("failed", "dead") if args.dead else ("failed",)
     try:
         keys: list[str] | None = None
         if args.items:
@@ -231,6 +247,14 @@ async def retry(args: argparse.Namespace) -> int:
                 found = await ledger.find_items(args.job, name)
                 if not found:
                     raise ConfigurationError(f"unknown item {name!r} in job {args.job!r}")
+                refused = [item for item in found if item.state not in retryable]
+                if refused:
+                    state = refused[0].state
+                    hint = "; add --dead to retry dead items" if state == "dead" else ""
+                    raise ConfigurationError(
+                        f"item {name!r} of job {args.job!r} is {state}, not failed: nothing "
+                        f"to retry{hint}"
+                    )
                 keys.extend(item.key for item in found)
         changed = await ledger.retry(args.job, keys, dead=args.dead)
     finally:
@@ -307,17 +331,21 @@ async def history(args: argparse.Namespace) -> int:
     finally:
         await ledger.close()
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in runs], indent=2))
+        rows = [
+            {k: v for k, v in dataclasses.asdict(r).items() if k != "totals"}
+            | dataclasses.asdict(r.totals)
+            for r in runs
+        ]
+        print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not runs:
         print(f"job {args.job!r}: no runs")
     for r in reversed(runs):
         duration = (r.finished_at or time.time()) - r.started_at
+        ended = f"exit {r.exit_status}" if r.exit_status else "running (as of its last heartbeat)"
         print(
             f"#{r.id} {_when(r.started_at)} -> {_when(r.finished_at)} ({duration:.1f}s) "
-            f"{r.mode} by pid {r.pid} on {r.host}: seen {r.seen}, done {r.done}, "
-            f"failed {r.failed}, dead {r.dead}, vanished {r.vanished}; "
-            f"exit {r.exit_status or 'running (or killed)'}"
+            f"{r.mode} by pid {r.pid} on {r.host}: {describe(r.totals)}; {ended}"
         )
     return EXIT_OK
 

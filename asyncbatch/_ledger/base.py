@@ -262,8 +262,9 @@ class Ledger(abc.ABC):
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
         """Hand the leased items of the job's runners that are gone back; return how many.
 
-        A runner is gone when its heartbeat expired or its process (on this host) is dead. A
-        scan of the job's items, done only when a runner is found gone (after a crash).
+        A runner is gone when its heartbeat expired or its process (on this host) is dead; its
+        run history rows are marked ``killed`` (as are those of a stale lock's holder when the
+        lock is taken over). A scan of the job's items, done only when a runner is found gone.
         """
 
     @abc.abstractmethod
@@ -279,9 +280,13 @@ class Ledger(abc.ABC):
         leases: Sequence[tuple[str, int]],
         *,
         holds_lock: bool,
+        run_id: int = 0,
+        totals: RunTotals | None = None,
     ) -> bool:
         """Extend this runner's lock (``holds_lock``), liveness and item leases (``(key,
-        fence)``) by ``ttl`` seconds.
+        fence)``) by ``ttl`` seconds, and record the run's counts so far (``totals``, in the
+        history row ``run_id``: what ``status`` shows of a live run, and what remains of a
+        killed one).
 
         Returns ``False`` when the lock or the runner record was taken from us: the caller
         must stop.

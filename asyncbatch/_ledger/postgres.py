@@ -193,6 +193,8 @@ class PostgresLedger(Ledger):
             )
             local = self._session.local
             stale = decide_lock(job, held, runners, me=me, shared=shared, now=now, shown=local)
+            if stale is not None:
+                await conn.execute(sql.RUN_KILLED, job, stale.owner)
             if shared:
                 if stale is not None:
                     await conn.execute(sql.LOCK_RELEASE, job, stale.owner)
@@ -225,6 +227,7 @@ class PostgresLedger(Ledger):
             for row in await conn.fetch(sql.RUNNERS_OF_JOB, job):
                 if _runner(row).alive(row[8], me):
                     continue
+                await conn.execute(sql.RUN_KILLED, job, row["owner"])
                 released += int(await conn.fetchval(sql.REAP_ITEMS, job, row["owner"]))
                 await conn.execute(sql.RUNNER_REMOVE, row["owner"])
             return released
@@ -246,11 +249,15 @@ class PostgresLedger(Ledger):
         leases: Sequence[tuple[str, int]],
         *,
         holds_lock: bool,
+        run_id: int = 0,
+        totals: RunTotals | None = None,
     ) -> bool:
         keys = [key for key, _ in leases]
         fences = [fence for _, fence in leases]
+        progress = dataclasses.astuple(totals or RunTotals())
 
         async def beat(conn: Connection) -> bool:
+            await conn.execute(sql.RUN_PROGRESS, run_id, *progress)
             alive = await conn.fetchval(sql.RUNNER_EXTEND, owner, ttl) is not None
             if holds_lock:
                 alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
@@ -274,7 +281,7 @@ class PostgresLedger(Ledger):
             await conn.execute(sql.RUNNER_REMOVE, owner)
             if holds_lock:
                 await conn.execute(sql.LOCK_RELEASE, job, owner)
-            await conn.execute(sql.RUN_FINISH, run_id, *dataclasses.astuple(totals), exit_status)
+            await conn.execute(sql.RUN_FINISH, run_id, exit_status, *dataclasses.astuple(totals))
 
         await self._session.transact(release)
 
@@ -308,23 +315,16 @@ class PostgresLedger(Ledger):
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
-        claimed = [
-            ClaimedRow(
-                key,
-                state,
-                fence,
-                attempts,
-                interrupted,
-                post,
-                b"" if relpath is None else bytes(relpath),
-                size or 0,
-                mtime_ns or 0,
-                _unsigned(inode or 0),
-            )
-            for key, state, fence, attempts, interrupted, post, relpath, size, mtime_ns, inode in (
-                await self._session.transact(claim, one=True)
-            )
-        ]
+        leased = await self._session.transact(claim, one=True)
+        claimed = [ClaimedRow(k, "running", f, a, n, p) for k, f, a, n, p in leased]
+        unclaimed = list(set(columns[0]) - {row.key for row in claimed})
+        for row in await self._session.fetch(sql.CLAIM_CHECK, job, unclaimed) if unclaimed else []:
+            key, state, fence, attempts, interrupted, post, relpath, size, mtime, inode = row
+            if state in ("held", "failed"):  # as SQLite: the handled file only when finished
+                claimed.append(ClaimedRow(key, state, fence, attempts, interrupted, post))
+            else:
+                handled = (bytes(relpath), size, mtime, _unsigned(inode))
+                claimed.append(ClaimedRow(key, state, fence, attempts, interrupted, post, *handled))
         self._added += sum(1 for r in claimed if r.fence == 1 and r.state == "running")
         if self._added >= self._analyze_after:
             await self._analyze()
@@ -455,11 +455,7 @@ class PostgresLedger(Ledger):
                 local(r[6]),
                 None if r[7] is None else local(r[7]),
                 r[8],
-                r[9],
-                r[10],
-                r[11],
-                r[12],
-                r[13],
+                RunTotals(*(int(n) for n in r[9:])),
             )
             for r in await self._session.fetch(sql.RUNS_OF_JOB, job, limit)
         ]

@@ -114,7 +114,8 @@ CREATE INDEX runs_job ON runs (job, started_at);
 """,
     # Attempts cut short by the runner's death or stop, counted apart from handler failures;
     # the items whose input ctx.move() is taking somewhere; the idempotency store of
-    # IdempotencyMiddleware (see IDEMPOTENCY_* below).
+    # IdempotencyMiddleware (see IDEMPOTENCY_* below); every category of a run's report in
+    # its history row.
     1: """
 ALTER TABLE items ADD COLUMN interrupted integer NOT NULL DEFAULT 0;
 CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'moved';
@@ -133,6 +134,13 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (scope, key)
 );
 CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
+ALTER TABLE runs ADD COLUMN done_before bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN held bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN waiting bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN dead_before bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN unfinished bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN lost bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN earlier bigint NOT NULL DEFAULT 0;
 """,
 }
 
@@ -254,47 +262,47 @@ _INTERRUPTED = (
 #: $7 mtimes (ns), $8 inodes (as signed 64-bit), with distinct keys.
 #: New entries are inserted already leased (fence 1, no attempt yet); pending, vanished, due
 #: failed and expired running entries are leased with the fence incremented (an attempt is
-#: counted when it starts: see COMMIT_OUTCOMES). A conflicting
-#: row being written by another transaction is waited for, then re-checked on its new version,
-#: so two runners never both lease one item. Returns the leased rows (state 'running') and,
-#: from the statement's snapshot, the chunk's dead rows and finished rows whose post-commit
-#: action may still be due, with the file that was handled: (key, state, fence, attempts,
-#: interrupted, post_action, relpath, size, mtime_ns, inode), the last four NULL when leased.
+#: counted when it starts: see COMMIT_OUTCOMES). A conflicting row being written by another
+#: transaction is waited for, then re-checked on its new version, so two runners never both
+#: lease one item. Returns the leased rows: (key, fence, attempts, interrupted, post_action).
+#: What became of the other keys is read by CLAIM_CHECK, in a statement of its own: this
+#: statement's snapshot cannot see rows that another runner committed while it waited.
 CLAIM_SCANNED = f"""
-WITH claimed AS (
-    INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, owner,
-                            fence, lease_until, created_at, updated_at)
-    SELECT $1, r.key, r.relpath, r.size, r.mtime_ns, r.inode, 'running', 0, $2, 1,
-           {NOW} + $3::float8, {NOW}, {NOW}
-    FROM unnest($4::text[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[])
-         AS r(key, relpath, size, mtime_ns, inode)
-    -- Rows the claim would not lease anyway (finished, or leased to a live runner) are left
-    -- out before the insert: ON CONFLICT locks a conflicting row (a heap write and a WAL
-    -- record) before it checks its WHERE. A row that changes after this read still meets
-    -- the unchanged guard below. (benchmarks/PG_PROFILE.md, #3 and #4)
-    WHERE NOT EXISTS (
-        SELECT 1 FROM items d
-        WHERE d.job = $1 AND d.key = r.key
-          AND (d.state IN ('done', 'dead') OR (d.state = 'running' AND d.lease_until >= {NOW})))
-    ON CONFLICT (job, key) DO UPDATE SET
-        state = 'running', owner = excluded.owner, fence = i.fence + 1,
-        lease_until = excluded.lease_until,
-        relpath = excluded.relpath, size = excluded.size, mtime_ns = excluded.mtime_ns,
-        inode = excluded.inode, updated_at = excluded.updated_at,
-        interrupted = i.interrupted + {_INTERRUPTED}
-    WHERE i.state IN ('pending', 'vanished')
-       OR (i.state = 'failed' AND i.next_attempt_at <= {NOW})
-       OR (i.state = 'running' AND i.lease_until < {NOW})
-    RETURNING i.key, i.state, i.fence, i.attempts, i.interrupted, i.post_action
-)
-SELECT key, state, fence, attempts, interrupted, post_action, NULL::bytea AS relpath,
-       NULL::int8 AS size, NULL::int8 AS mtime_ns, NULL::int8 AS inode
-FROM claimed
-UNION ALL
-SELECT key, state, fence, attempts, interrupted, post_action, relpath, size, mtime_ns, inode
+INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, owner,
+                        fence, lease_until, created_at, updated_at)
+SELECT $1, r.key, r.relpath, r.size, r.mtime_ns, r.inode, 'running', 0, $2, 1,
+       {NOW} + $3::float8, {NOW}, {NOW}
+FROM unnest($4::text[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[])
+     AS r(key, relpath, size, mtime_ns, inode)
+-- Rows the claim would not lease anyway (finished, or leased to a live runner) are left out
+-- before the insert: ON CONFLICT locks a conflicting row (a heap write and a WAL record)
+-- before it checks its WHERE. A row that changes after this read still meets the unchanged
+-- guard below. (benchmarks/PG_PROFILE.md, #3 and #4)
+WHERE NOT EXISTS (
+    SELECT 1 FROM items d
+    WHERE d.job = $1 AND d.key = r.key
+      AND (d.state IN ('done', 'dead') OR (d.state = 'running' AND d.lease_until >= {NOW})))
+ON CONFLICT (job, key) DO UPDATE SET
+    state = 'running', owner = excluded.owner, fence = i.fence + 1,
+    lease_until = excluded.lease_until,
+    relpath = excluded.relpath, size = excluded.size, mtime_ns = excluded.mtime_ns,
+    inode = excluded.inode, updated_at = excluded.updated_at,
+    interrupted = i.interrupted + {_INTERRUPTED}
+WHERE i.state IN ('pending', 'vanished')
+   OR (i.state = 'failed' AND i.next_attempt_at <= {NOW})
+   OR (i.state = 'running' AND i.lease_until < {NOW})
+RETURNING i.key, i.fence, i.attempts, i.interrupted, i.post_action
+"""
+#: The keys of a chunk that a claim did not lease ($1 job, $2 keys): every row but the plainly
+#: done ones, as (key, state, fence, attempts, interrupted, post_action, relpath, size,
+#: mtime_ns, inode). 'held': another runner's (or being taken by one); 'failed': a retry not
+#: due yet; 'dead'; done rows whose post-commit action may still be due, with the file that
+#: was handled.
+CLAIM_CHECK = """
+SELECT key, CASE WHEN state IN ('running', 'pending', 'vanished') THEN 'held' ELSE state END,
+       fence, attempts, interrupted, post_action, relpath, size, mtime_ns, inode
 FROM items
-WHERE job = $1 AND key = ANY($4::text[])
-  AND (state = 'dead' OR (state = 'done' AND post_action IS NOT NULL))
+WHERE job = $1 AND key = ANY($2::text[]) AND (state <> 'done' OR post_action IS NOT NULL)
 """
 
 #: Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
@@ -429,14 +437,44 @@ INSERT INTO runs (job, owner, pid, host, mode, started_at) VALUES ($1, $2, $3, $
 RETURNING id
 """
 #: $1 id, $2 seen, $3 done, $4 failed, $5 dead, $6 vanished, $7 exit status.
+#: A run's totals, in the order of ``RunTotals`` (and of its columns).
+RUN_TOTALS: Final = (
+    "seen",
+    "done",
+    "done_before",
+    "held",
+    "waiting",
+    "dead",
+    "dead_before",
+    "vanished",
+    "unfinished",
+    "failed",
+    "lost",
+    "earlier",
+)
+
+
+def _set_totals(first: int) -> str:
+    return ", ".join(f"{column} = ${first + i}" for i, column in enumerate(RUN_TOTALS))
+
+
+#: $1 id, $2 exit status, $3... the run's totals (RUN_TOTALS, in order).
 RUN_FINISH = f"""
-UPDATE runs SET finished_at = {NOW}, seen = $2, done = $3, failed = $4, dead = $5,
-                vanished = $6, exit_status = $7
+UPDATE runs SET finished_at = {NOW}, exit_status = $2, {_set_totals(3)}
 WHERE id = $1
 """
+#: The counts of a live run, as of its heartbeat: $1 id, $2... the totals.
+RUN_PROGRESS = f"UPDATE runs SET {_set_totals(2)} WHERE id = $1 AND finished_at IS NULL"
+#: The runs of a runner that is gone ($1 job, $2 owner): killed, finished at its last heartbeat.
+RUN_KILLED = """
+UPDATE runs r SET finished_at = coalesce(
+        (SELECT heartbeat_at FROM runners WHERE owner = $2), extract(epoch FROM now())::float8),
+    exit_status = 'killed'
+WHERE job = $1 AND owner = $2 AND finished_at IS NULL
+"""
 RUNS_OF_JOB = """
-SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, failed, dead,
-       vanished, exit_status
+SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, seen, done,
+       done_before, held, waiting, dead, dead_before, vanished, unfinished, failed, lost, earlier
 FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
 """
 

@@ -121,6 +121,8 @@ def _tx_acquire_lock(
     held = None if row is None else LockInfo(*row)
     runners = [] if shared else [RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]
     stale = decide_lock(job, held, runners, me=me, shared=shared, now=now)
+    if stale is not None:
+        conn.execute(sql.RUN_KILLED, {"job": job, "owner": stale.owner, "now": now})
     if shared:
         if stale is not None:
             conn.execute(sql.LOCK_RELEASE, (job, stale.owner))
@@ -139,6 +141,7 @@ def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float
     for runner in [RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]:
         if runner.alive(now, me):
             continue
+        conn.execute(sql.RUN_KILLED, {"job": job, "owner": runner.owner, "now": now})
         released += max(conn.execute(sql.REAP_ITEMS, (now, job, runner.owner)).rowcount, 0)
         conn.execute(sql.RUNNER_REMOVE, (runner.owner,))
     return released
@@ -152,7 +155,9 @@ def _tx_heartbeat(
     now: float,
     leases: Sequence[tuple[str, int]],
     holds_lock: bool,
+    progress: dict[str, int],
 ) -> bool:
+    conn.execute(sql.RUN_PROGRESS, progress)
     alive = conn.execute(sql.RUNNER_EXTEND, (now, until, owner)).rowcount == 1
     if holds_lock:
         alive = alive and conn.execute(sql.LOCK_EXTEND, (until, job, owner)).rowcount == 1
@@ -514,9 +519,14 @@ class SQLiteLedger(Ledger):
         leases: Sequence[tuple[str, int]],
         *,
         holds_lock: bool,
+        run_id: int = 0,
+        totals: RunTotals | None = None,
     ) -> bool:
         now = self.clock()
-        return await self._transact(_tx_heartbeat, job, owner, now + ttl, now, leases, holds_lock)
+        progress = {"id": run_id, **dataclasses.asdict(totals or RunTotals())}
+        return await self._transact(
+            _tx_heartbeat, job, owner, now + ttl, now, leases, holds_lock, progress
+        )
 
     async def release_runner(
         self,
@@ -686,7 +696,10 @@ class SQLiteLedger(Ledger):
         return [_item(r) for r in await self._fetchall(sql.ITEMS_BY_RELPATH, (job, relpath))]
 
     async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
-        return [RunInfo(*r) for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))]
+        return [
+            RunInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], RunTotals(*r[9:]))
+            for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))
+        ]
 
     async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:
         states = "'failed', 'dead'" if dead else "'failed'"

@@ -113,10 +113,18 @@ CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
 """,
     # Attempts cut short by the runner's death or stop, counted apart from handler failures;
     # the items whose input ctx.move() is taking somewhere (their post_action is 'moved...'),
-    # so a run can clean up after a move that a kill interrupted.
+    # so a run can clean up after a move that a kill interrupted; every category of a run's
+    # report in its history row.
     1: """
 ALTER TABLE items ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'moved';
+ALTER TABLE runs ADD COLUMN done_before INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN dead_before INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN unfinished INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN earlier INTEGER NOT NULL DEFAULT 0;
 """,
 }
 
@@ -216,21 +224,24 @@ def claim_scanned(rows: int) -> str:
 
 
 # What the claim above did to a chunk, as one JSON array of [key, state, fence, attempts,
-# interrupted, post_action]: the rows it leased (ours, stamped with its time), dead rows
-# (counted as not done) and finished rows whose post-commit action may still be due. Finished
-# rows add [hex(relpath), size, mtime_ns, inode]: the file that was handled, which the
+# interrupted, post_action]: every row of the chunk but the plainly done ones. 'running': leased
+# by this claim (ours, stamped with its time); 'held': leased to another runner; 'failed': a
+# retry not due yet; 'dead'; and done rows whose post-commit action may still be due. Dead and
+# done rows add [hex(relpath), size, mtime_ns, inode]: the file that was handled, which the
 # post-commit action must still find (a newer file under the name is left alone).
 # ?1 job, ?2 JSON array of the chunk's keys, ?3 owner, ?4 the claim's time.
 CLAIMED_IN_CHUNK = """
-SELECT json_group_array(CASE WHEN state = 'running'
-    THEN json_array(key, state, fence, attempts, interrupted, post_action)
+SELECT json_group_array(CASE
+    WHEN state = 'running' AND owner = ?3 AND updated_at = ?4
+        THEN json_array(key, 'running', fence, attempts, interrupted, post_action)
+    WHEN state IN ('running', 'failed', 'pending', 'vanished')
+        THEN json_array(key, CASE WHEN state = 'failed' THEN 'failed' ELSE 'held' END, fence,
+                        attempts, interrupted, post_action)
     ELSE json_array(key, state, fence, attempts, interrupted, post_action,
                     hex(relpath), size, mtime_ns, inode) END)
 FROM items
 WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
-  AND ((state = 'running' AND owner = ?3 AND updated_at = ?4)
-       OR state = 'dead'
-       OR (state = 'done' AND post_action IS NOT NULL))
+  AND (state <> 'done' OR post_action IS NOT NULL)
 """
 
 # Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
@@ -339,14 +350,25 @@ RUN_START = """
 INSERT INTO runs (job, owner, pid, host, mode, started_at)
 VALUES (:job, :owner, :pid, :host, :mode, :now)
 """
-RUN_FINISH = """
-UPDATE runs SET finished_at = :now, seen = :seen, done = :done, failed = :failed, dead = :dead,
-                vanished = :vanished, exit_status = :exit_status
+_RUN_TOTALS = """seen = :seen, done = :done, done_before = :done_before, held = :held,
+                waiting = :waiting, dead = :dead, dead_before = :dead_before,
+                vanished = :vanished, unfinished = :unfinished, failed = :failed, lost = :lost,
+                earlier = :earlier"""
+RUN_FINISH = f"""
+UPDATE runs SET finished_at = :now, exit_status = :exit_status, {_RUN_TOTALS}
 WHERE id = :id
 """
+#: The counts of a live run, as of its heartbeat (what `status` shows of it).
+RUN_PROGRESS = f"UPDATE runs SET {_RUN_TOTALS} WHERE id = :id AND finished_at IS NULL"
+#: The runs of a runner that is gone: killed (finished when its heartbeat stopped).
+RUN_KILLED = """
+UPDATE runs SET exit_status = 'killed',
+    finished_at = coalesce((SELECT heartbeat_at FROM runners WHERE owner = :owner), :now)
+WHERE job = :job AND owner = :owner AND finished_at IS NULL
+"""
 RUNS_OF_JOB = """
-SELECT id, job, owner, pid, host, mode, started_at, finished_at, seen, done, failed, dead,
-       vanished, exit_status
+SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, seen, done,
+       done_before, held, waiting, dead, dead_before, vanished, unfinished, failed, lost, earlier
 FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 """
 

@@ -137,18 +137,30 @@ class ItemInfo:
 
 @dataclass(frozen=True, slots=True)
 class RunTotals:
-    """What a run records in its history row when it ends."""
+    """The counts of a run's report (see :mod:`asyncbatch._report`), as its history row keeps
+    them: at the end, and as of each heartbeat while it runs."""
 
-    seen: int
-    done: int
-    failed: int
-    dead: int
-    vanished: int
+    seen: int = 0
+    done: int = 0
+    done_before: int = 0
+    held: int = 0
+    waiting: int = 0
+    dead: int = 0
+    dead_before: int = 0
+    vanished: int = 0
+    unfinished: int = 0
+    failed: int = 0
+    lost: int = 0
+    earlier: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RunInfo:
-    """One row of the run history."""
+    """One row of the run history: who ran, when, how it ended, and its counts.
+
+    ``exit_status`` is ``None`` while the run is alive (its counts are as of its last
+    heartbeat); ``"killed"`` once a later runner found it gone.
+    """
 
     id: int
     job: str
@@ -158,12 +170,8 @@ class RunInfo:
     mode: str
     started_at: float
     finished_at: float | None
-    seen: int
-    done: int
-    failed: int
-    dead: int
-    vanished: int
     exit_status: str | None
+    totals: RunTotals
 
 
 # -- the idempotency store (IdempotencyMiddleware) -----------------------------------------------

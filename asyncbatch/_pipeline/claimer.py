@@ -1,10 +1,16 @@
 """The claimer: scanned entries registered and leased in chunks, in ``(mtime_ns, relpath)`` order.
 
-``run`` mode scans once, claims the sorted records chunk by chunk (one statement each), then
-leases what waits in the ledger (retries, items put back) until nothing is left. ``watch`` mode
-polls: a file becomes a candidate once it is settled *and* unchanged since the previous poll;
-files already registered are remembered by their stat signature so an idle inbox costs one
-``scandir`` per poll and no ledger round trip.
+``run`` mode scans once, then claims the sorted records chunk by chunk (one statement each),
+never far ahead of the workers: a chunk is leased once the queue is down to about one chunk's
+worth of look-ahead (``-j`` plus a quarter chunk), so runners sharing a job share its files.
+It then *finishes*: the seen files that are neither done nor in flight (held by another runner,
+or waiting for a retry) are claimed again until each is done or dead; another runner's expired
+lease is taken over by the same claim (the database's clock decides on PostgreSQL). Only then
+does it lease what earlier runs left waiting in the ledger, and end.
+
+``watch`` mode polls: a file becomes a candidate once it is settled *and* unchanged since the
+previous poll; files already registered are remembered by their stat signature so an idle
+inbox costs one ``scandir`` per poll and no ledger round trip.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from typing import Literal
 
 import anyio
@@ -26,9 +33,11 @@ from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
 from .state import RunState
 
-__all__ = ["Claimer"]
+__all__ = ["HELD_POLL", "Claimer"]
 
 log = logging.getLogger("asyncbatch")
+#: Seconds between looks at items other runners hold (at most a quarter of the lease).
+HELD_POLL = 1.0
 
 
 class Claimer:
@@ -62,7 +71,7 @@ class Claimer:
                 run.counters.scanned = True
                 await self.claim_records(records)
                 del records
-                await self.claim_waiting(until_idle=True)
+                await self.finish()
             else:
                 await self.watch()
         finally:
@@ -99,14 +108,24 @@ class Claimer:
             run.counters.scanned = True
             await self.claim_records(candidates)
             del candidates
-            await self.claim_waiting(until_idle=False)
+            if run.open:
+                await self.claim_open()
+            await self.claim_waiting()
             with anyio.move_on_after(cfg.poll):
                 await run.stop_requested.wait()
 
-    def prepare(self, records: list[bytes]) -> list[LeasedItem]:
-        """Items (with key and input hash) for a chunk of scan records, duplicates dropped."""
+    # -- claiming -----------------------------------------------------------------------------
+
+    def prepare(self, records: Iterable[bytes]) -> list[LeasedItem]:
+        """Items (with key and input hash) for a chunk of scan records.
+
+        With identity ``"content"`` a file that vanished or changed while hashed is counted
+        vanished, and a second file with the same bytes in the chunk done before (it is the
+        same item).
+        """
         cfg = self.config
         identity = cfg.identity
+        counters = self.run.counters
         items: list[LeasedItem] = []
         keys: set[str] = set()
         for record in records:
@@ -117,13 +136,15 @@ class Claimer:
                     self.run.dir_fd, rel, size, mtime_ns, follow_symlinks=cfg.follow_symlinks
                 )
                 if found is None:
-                    continue  # vanished or changed while being hashed: the next scan sees it
+                    counters.vanished += 1
+                    continue
                 digest = found
             ihash = input_hash(identity, rel, size, mtime_ns, digest)
             key = item_key(identity, ihash, mtime_ns)
             if identity == "content":
                 if key in keys:
-                    continue  # the same content twice in one chunk: one item
+                    counters.done_before += 1
+                    continue
                 keys.add(key)
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode))
         return items
@@ -144,8 +165,10 @@ class Claimer:
     async def claim_records(self, records: list[bytes]) -> None:
         """Register and lease sorted scan records, a chunk per statement, into the queue."""
         run, cfg = self.run, self.config
-        posts = self.posts
         for start in self.chunk_starts(len(records)):
+            # Look-ahead bounded by the work in hand: lease the next chunk only once the
+            # workers are about to need it (other runners sharing the job get the rest).
+            await self.queue.wait_for_room()
             if run.stopping:
                 return
             chunk = records[start : start + cfg.claim_batch]
@@ -153,36 +176,53 @@ class Claimer:
                 items = await anyio.to_thread.run_sync(self.prepare, chunk)
             else:
                 items = self.prepare(chunk)
-            rows = await run.ledger.claim_scanned(
-                cfg.job,
-                run.owner,
-                cfg.lease,
-                [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items],
-            )
-            await failpoints.ahit("after-claim")
-            by_key = {row.key: row for row in rows}
-            leased: list[LeasedItem] = []
-            for item in items:  # keep scan order: the ledger returns rows in any order
-                row = by_key.get(item.key)
-                if row is None:
-                    continue
-                if row.state == "running":
-                    leased.append(item)
-                    continue
+            await self.claim(items)
+
+    async def claim(self, items: list[LeasedItem]) -> None:
+        """Register and lease ``items`` (seen ones); count or note what the others are."""
+        if not items:
+            return
+        run, cfg = self.run, self.config
+        rows = await run.ledger.claim_scanned(
+            cfg.job,
+            run.owner,
+            cfg.lease,
+            [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items],
+        )
+        await failpoints.ahit("after-claim")
+        by_key = {row.key: row for row in rows}
+        counters = run.counters
+        leased: list[LeasedItem] = []
+        for item in items:  # keep scan order: the ledger returns rows in any order
+            if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
+                counters.done_before += 1
+                continue
+            run.close(item.key)  # what the claim found replaces what was known
+            row = by_key.get(item.key)
+            if row is None:  # done: finished before, by this or another runner
+                counters.done_before += 1
+            elif row.state == "running":
+                leased.append(item)
+            elif row.state == "held":
+                run.reopen(item.key, "held", item.record())
+            elif row.state == "failed":
+                run.reopen(item.key, "waiting", item.record())
+            else:
                 if row.state == "dead":
-                    run.counters.dead_seen += 1
+                    counters.dead_before += 1
+                else:
+                    counters.done_before += 1
                 if row.post_action is not None:
                     # The file that was handled, as recorded then: not the one just scanned,
                     # which may be a newer file under the same name (or, identity "content",
                     # another name with the same bytes) that must be left alone.
-                    posts.submit(
+                    self.posts.submit(
                         row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
-            run.counters.claimed_from_scan += len(leased)
-            await self._hand_over(leased, by_key)
+        await self._hand_over(leased, by_key)
 
     async def _hand_over(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
-        """Track freshly leased items, then queue them (waiting for room)."""
+        """Track freshly leased items, then queue them."""
         run = self.run
         deadline = run.lease_deadline()
         in_flight = run.in_flight
@@ -193,54 +233,110 @@ class Claimer:
                 row.attempts,
                 row.interrupted,
             )
+            if row.post_action:  # ctx.move() took the input somewhere before a crash?
+                kind, moved_to = decode_action(row.post_action)
+                if kind == "moved":
+                    item.moved_to = moved_to
             item.lease_deadline = deadline
             in_flight[item.key] = item
         if leased:
-            await self.queue.wait_for_room()
             if not run.stopping:  # else they stay leased, unstarted, and are released
                 self.queue.put(leased)
             # Back-pressure on the whole pipeline, not just the queue: while finished items
             # wait for the committer, lease no more (memory stays bounded at a million files).
             await run.wait_for_room()
 
-    async def claim_waiting(self, *, until_idle: bool) -> None:
-        """Lease items waiting in the ledger: retries, items put back, items not in this scan.
+    async def claim_open(self) -> None:
+        """Claim the open items again: due retries, and items other runners held."""
+        run = self.run
+        keys = list(run.open)
+        items: list[LeasedItem] = []
+        for key in keys:
+            _, record = run.open[key]
+            mtime_ns, rel, size, inode = unpack(record)
+            ihash = (
+                key
+                if self.config.identity == "content"
+                else input_hash(self.config.identity, rel, size, mtime_ns, b"")
+            )
+            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode))
+        for start in range(0, len(items), self.config.claim_batch):
+            if run.stopping:
+                return
+            await self.queue.wait_for_room()
+            await self.claim(items[start : start + self.config.claim_batch])
 
-        With ``until_idle``, keep at it until nothing is in flight and no failed item waits
-        for a retry.
+    async def claim_waiting(self) -> int:
+        """Lease what earlier runs left waiting in the ledger (pending, or failed and due),
+        a claim's worth; return how many."""
+        run, cfg = self.run, self.config
+        await self.queue.wait_for_room()
+        if run.stopping:
+            return 0
+        rows = await run.ledger.claim_waiting(cfg.job, run.owner, cfg.lease, cfg.claim_batch)
+        leased: list[LeasedItem] = []
+        for row in sorted(rows, key=lambda r: (r.mtime_ns, r.relpath)):
+            ihash = (
+                row.key
+                if cfg.identity == "content"
+                else input_hash(cfg.identity, row.relpath, row.size, row.mtime_ns, b"")
+            )
+            item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
+            if row.key in run.open:  # one of ours (its retry came due)
+                run.close(row.key)
+            else:  # left waiting by an earlier run: seen now, counted like any other
+                run.counters.seen += 1
+                run.counters.earlier += 1
+            leased.append(item)
+        await self._hand_over(leased, {row.key: row for row in rows})
+        return len(rows)
+
+    # -- finishing a run ----------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Keep at it until every seen file is done or dead (or held, with ``wait=False``).
+
+        Waits for its own items in flight; claims open items again (a retry due, a lease
+        released or expired, a runner found dead on this host); waits for the rest, looking
+        again every :data:`HELD_POLL` seconds or when a retry comes due. Then leases what
+        earlier runs left waiting in the ledger.
         """
         run, cfg = self.run, self.config
+        told = -1
         while not run.stopping:
-            rows = await run.ledger.claim_waiting(cfg.job, run.owner, cfg.lease, cfg.claim_batch)
-            leased: list[LeasedItem] = []
-            for row in sorted(rows, key=lambda r: (r.mtime_ns, r.relpath)):
-                ihash = (
-                    row.key
-                    if cfg.identity == "content"
-                    else input_hash(cfg.identity, row.relpath, row.size, row.mtime_ns, b"")
-                )
-                item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
-                if row.post_action:
-                    kind, moved_to = decode_action(row.post_action)
-                    if kind == "moved":
-                        item.moved_to = moved_to
-                leased.append(item)
-            await self._hand_over(leased, {row.key: row for row in rows})
-            if rows:
-                continue
-            if not until_idle:
-                return
             if run.in_flight:
                 # Our own items are still out: wait until one fails (it may need a retry) or
                 # all are back, not for every commit.
                 await run.wait_for_progress(cfg.lease / 4)
                 continue
-            if cfg.shared and await run.ledger.reap_stale_runners(cfg.job, run.me):
+            if run.open:
+                if await run.ledger.reap_stale_runners(cfg.job, run.me):
+                    log.warning("items of runners that are gone were put back")
+                await self.claim_open()
+                if run.in_flight or not run.open:
+                    continue
+                held = run.counters.held
+                if held and not cfg.wait and not run.counters.waiting:
+                    return  # wait=False: the report says what others hold
+                if held != told:
+                    told = held
+                    if held:
+                        log.info("waiting for %d items other runners hold", held)
+                await self._wait_for_open(held > 0 and cfg.wait)
                 continue
+            if await self.claim_waiting():
+                continue
+            return
+
+    async def _wait_for_open(self, held: bool) -> None:
+        """Wait for a retry to come due, or (``held``) for another look at held items."""
+        run, cfg = self.run, self.config
+        wait = min(HELD_POLL, cfg.lease / 4) if held else cfg.lease / 4
+        if run.counters.waiting:
             due = await run.ledger.next_retry_at(cfg.job)
-            if due is None:
-                return
-            wait = due - run.clock()
-            if wait > 0:
-                log.info("waiting %.1fs for the next retry", wait)
-                await run.wait_for_progress(wait)
+            until = 0.0 if due is None else due - run.clock()  # None: taken by another runner
+            if until > wait and not held:
+                log.info("waiting %.1fs for the next retry", until)
+            wait = min(wait, until) if held else until
+        if wait > 0:
+            await run.wait_for_progress(wait)

@@ -71,9 +71,12 @@ class Committer:
                     os.fsdecode(item.relpath),
                     outcome.state,
                 )
+                state.reopen(item.key, "held", item.record())
                 continue
-            counters.record(item.key, outcome.state, attempted=item.attempt > 0)
-            retry_due = retry_due or outcome.state == "failed"
+            counters.record(outcome.state, attempted=item.attempt > 0)
+            if outcome.state == "failed":
+                retry_due = True
+                state.reopen(item.key, "waiting", item.record())
             if outcome.post_action is not None:
                 posts.submit(
                     outcome.post_action,

@@ -15,6 +15,7 @@ import anyio
 
 from .._context import ItemLogger
 from .._ledger import Outcome
+from .._scanner import pack
 
 __all__ = ["ItemQueue", "LeasedItem", "Outbox", "item_logger"]
 
@@ -64,6 +65,10 @@ class LeasedItem:
         self.finished = False
         self.lease_deadline = math.inf
         self.moved_to: str | None = None
+
+    def record(self) -> bytes:
+        """The item as a scan record (see :func:`asyncbatch._scanner.pack`)."""
+        return pack(self.mtime_ns, self.relpath, self.size, self.inode)
 
 
 class ItemQueue:

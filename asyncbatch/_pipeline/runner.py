@@ -22,7 +22,7 @@ from .._context import TaskContext
 from .._effects.files import remove_stale_temp_files
 from .._exceptions import LockLostError
 from .._http.client import HTTPSettings, SharedClient
-from .._ledger import Ledger, RunTotals, open_ledger
+from .._ledger import Ledger, open_ledger
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import Scanner
@@ -157,11 +157,11 @@ class Run:
             await self._remove_stale_temp_files(ledger)
             state.dir_fd = os.open(cfg.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                await self._pipeline(state, http)
+                await self._pipeline(state, http, run_id)
             finally:
                 os.close(state.dir_fd)
                 await self._http.aclose()
-            status = "stopped" if state.stopping else "ok"
+            status = "ok"
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 status = "cancelled"
@@ -202,20 +202,22 @@ class Run:
         finally:
             state.in_flight.clear()
             c = self.counters
-            if status == "ok" and not c.report(cfg.job, {}, stopped=False).ok:
-                status = "failed"
+            if status == "ok":
+                status = c.report(cfg.job, {}, stopped=state.stopping, mode=self.mode).exit_status
             await ledger.release_runner(
                 cfg.job,
                 self.owner,
                 holds_lock=self.holds_lock,
                 run_id=run_id,
-                totals=RunTotals(c.seen, c.done, c.failed, c.dead, c.vanished),
+                totals=c.totals(),
                 exit_status=status,
             )
 
-    async def _pipeline(self, state: RunState, http: HTTPSettings) -> None:
+    async def _pipeline(self, state: RunState, http: HTTPSettings, run_id: int) -> None:
         cfg = self.config
-        queue = ItemQueue(2 * cfg.claim_batch + cfg.concurrency)
+        # Leased and not started: at most the workers' fill plus a quarter chunk, then one
+        # chunk more (the claimer leases the next when the queue is down to this).
+        queue = ItemQueue(cfg.concurrency + cfg.claim_batch // 4 + 1)
         outbox = Outbox(cfg.commit_batch)
         self._queue = queue
         self._posts = posts = PostActions(cfg)
@@ -230,7 +232,7 @@ class Run:
         claimer = Claimer(state, queue, scanner=scanner, posts=posts, mode=self.mode)
         try:
             async with anyio.create_task_group() as background:
-                background.start_soon(self._heartbeat, state)
+                background.start_soon(self._heartbeat, state, run_id)
                 background.start_soon(workers.watchdog)
                 background.start_soon(self._stop_after_grace, state, queue)
                 async with anyio.create_task_group() as tg:
@@ -250,14 +252,20 @@ class Run:
 
     # -- heartbeat and stop ------------------------------------------------------------------------
 
-    async def _heartbeat(self, state: RunState) -> None:
+    async def _heartbeat(self, state: RunState, run_id: int) -> None:
         cfg = self.config
         while True:
             await anyio.sleep(cfg.lease / 4)
             deadline = state.lease_deadline()  # before the call: the lease starts counting then
             leases = [(i.key, i.fence) for i in state.in_flight.values()]
             alive = await state.ledger.heartbeat(
-                cfg.job, self.owner, cfg.lease, leases, holds_lock=self.holds_lock
+                cfg.job,
+                self.owner,
+                cfg.lease,
+                leases,
+                holds_lock=self.holds_lock,
+                run_id=run_id,
+                totals=self.counters.totals(),
             )
             if not alive:
                 raise LockLostError(

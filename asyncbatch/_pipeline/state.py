@@ -35,6 +35,10 @@ class RunState:
     counters: Counters
     #: Leased and not yet committed, by key: released if the run ends early.
     in_flight: dict[str, LeasedItem] = field(default_factory=dict)
+    #: Seen items neither finished nor in flight, by key: ``("held", record)`` when another
+    #: runner had it at the last look, ``("waiting", record)`` when it failed and waits for a
+    #: retry. The claimer leases them again until each is finished (see ``Claimer.finish``).
+    open: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     #: The source directory, opened for the run (inputs are opened relative to it).
     dir_fd: int = -1
     #: Set by a stop request (``Batch.stop()``, a signal).
@@ -85,6 +89,25 @@ class RunState:
             with anyio.move_on_after(seconds):
                 await self._progress.wait()
         self._progress = anyio.Event()
+
+    def reopen(self, key: str, why: str, record: bytes) -> None:
+        """Note a seen item as open: ``"held"`` by another runner, or ``"waiting"`` for a retry."""
+        self.close(key)
+        self.open[key] = (why, record)
+        if why == "held":
+            self.counters.held += 1
+        else:
+            self.counters.waiting += 1
+
+    def close(self, key: str) -> None:
+        """The item is no longer open (leased again, or finished)."""
+        found = self.open.pop(key, None)
+        if found is None:
+            return
+        if found[0] == "held":
+            self.counters.held -= 1
+        else:
+            self.counters.waiting -= 1
 
     def stop(self) -> None:
         """Start no new items; wake every part that waits, so it sees the stop."""

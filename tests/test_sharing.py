@@ -1,0 +1,273 @@
+"""Runners that share a job share its files, and say only what is true about them (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    HANDLERS,
+    WARNINGS_FAIL,
+    cli,
+    invocations,
+    kill,
+    make_files,
+    rows,
+    spawn,
+    state_counts,
+    wait_for,
+)
+
+RECORD = f"{HANDLERS}:record"
+#: "job 'default': 2000 seen: 228 done, 1772 done before; ..." -> the categories and counts.
+_CATEGORY = re.compile(
+    r"(\d+) (done before|done|held by other runners|waiting for a retry|"
+    r"dead before|dead|vanished|unfinished)\b"
+)
+
+
+def report_counts(stdout: str) -> tuple[int, dict[str, int]]:
+    """``(seen, {category: count})`` from a run's report line."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith("job ")]
+    seen = int(re.search(r": (\d+) seen: ", line)[1])  # type: ignore[index]
+    head, _, _ = line.partition(";")
+    return seen, {what: int(n) for n, what in _CATEGORY.findall(head.split(" seen: ", 1)[1])}
+
+
+def assert_adds_up(stdout: str) -> dict[str, int]:
+    seen, counts = report_counts(stdout)
+    assert sum(counts.values()) == seen, stdout
+    return counts
+
+
+def status_json(state: Path | str) -> dict[str, object]:
+    result = cli("status", "--state", state, "--json")
+    assert result.returncode == 0, result.stderr
+    value: dict[str, object] = json.loads(result.stdout)
+    return value
+
+
+def test_a_later_shared_runner_gets_its_share_and_both_exit_0_when_all_are_done(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 2000)
+    log = tmp_path / "calls.log"
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.02"}
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress")
+    first = spawn(*args, "-j", "16", env=env)
+    time.sleep(1.0)
+    second = spawn(*args, "-j", "16", env=env)
+    outputs = [p.communicate(timeout=300) for p in (first, second)]
+
+    for proc, (out, err) in zip((first, second), outputs, strict=True):
+        assert proc.returncode == 0, err
+        counts = assert_adds_up(out)
+        assert set(counts) <= {"done", "done before"}, out  # nothing left held or unfinished
+    assert state_counts(state) == {"done": 2000}
+    calls = invocations(log)
+    assert len(calls) == 2000
+    assert max(calls.values()) == 1
+    dones = [report_counts(out)[1].get("done", 0) for out, _ in outputs]
+    assert sum(dones) == 2000
+    assert min(dones) >= 500, dones  # the later runner did at least a quarter
+
+
+def test_a_shared_runner_waits_for_a_killed_runners_items_and_takes_them_over(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 200)
+    log = tmp_path / "calls.log"
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress")
+    victim = spawn(*args, "-j", "8", "--lease", "4", env={"AB_LOG": str(log), "AB_SLEEP": "0.2"})
+    wait_for(lambda: len(invocations(log)) >= 16)
+    kill(victim)
+    held = state_counts(state).get("running", 0)
+    assert held > 0
+    # The victim's pid is dead on this host: its items are taken over at once.
+    survivor = cli(*args, "-j", "8", env={"AB_LOG": str(log), "AB_SLEEP": "0"})
+    assert survivor.returncode == 0, survivor.stderr
+    assert_adds_up(survivor.stdout)
+    assert state_counts(state) == {"done": 200}
+    assert set(invocations(log)) == {p.name for p in inbox.iterdir()}
+    # The killed run is marked killed in the history, with its counts as of its last beat.
+    history = json.loads(cli("history", "--state", state, "--json").stdout)
+    assert [r["exit_status"] for r in history] == ["ok", "killed"]
+
+
+def test_no_wait_ends_at_once_and_says_how_many_files_others_hold(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 100)
+    log = tmp_path / "calls.log"
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress")
+    holder = spawn(*args, "-j", "100", env={"AB_LOG": str(log), "AB_SLEEP": "30"})
+    try:
+        wait_for(lambda: len(invocations(log)) >= 100)
+        result = cli(*args, "--no-wait")
+    finally:
+        kill(holder, signal.SIGKILL)
+    assert result.returncode == 3, result.stderr
+    counts = assert_adds_up(result.stdout)
+    assert counts == {"held by other runners": 100, "done": 0}
+    ((status,),) = rows(state, "SELECT exit_status FROM runs WHERE exit_status = 'held'")
+    assert status == "held"
+
+
+def test_a_stopped_run_says_stopped_and_counts_what_it_did_not_reach(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 3000)
+    log = tmp_path / "calls.log"
+    proc = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "8",
+        "--no-progress",
+        "--grace",
+        "5",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.01"},
+    )
+    wait_for(lambda: len(invocations(log)) >= 200)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "job 'default' stopped:" in out
+    counts = assert_adds_up(out)
+    assert "done before" not in counts, out  # a fresh run skips nothing
+    assert counts["done"] == state_counts(state)["done"]
+    assert counts["unfinished"] == 3000 - counts["done"]
+
+
+def test_status_during_a_run_shows_its_counts_as_of_its_heartbeat(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 400)
+    log = tmp_path / "calls.log"
+    proc = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "4",
+        "--no-progress",
+        "--lease",
+        "3",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
+    )
+    try:
+        wait_for(lambda: len(invocations(log)) >= 40)
+        time.sleep(1.0)  # past a heartbeat (every lease / 4)
+        last = status_json(state)["last_run"]
+        assert isinstance(last, dict)
+        assert last["exit_status"] is None
+        assert last["seen"] == 400
+        assert 0 < last["done"] < 400
+    finally:
+        kill(proc, signal.SIGTERM)
+
+
+def test_status_piped_to_head_exits_141(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    pipeline = subprocess.run(
+        f"'{sys.executable}' -m asyncbatch status --state '{state}' | head -1; "
+        "exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env={**os.environ, **WARNINGS_FAIL, "COLUMNS": "40"},
+        timeout=60,
+    )
+    assert pipeline.returncode == 141, pipeline.stderr
+    assert "Traceback" not in pipeline.stderr
+
+
+def test_retry_of_a_dead_item_without_dead_says_so(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    cli(
+        "run", f"{HANDLERS}:fail_always", "--source", inbox, "--state", state, "--max-attempts", "1"
+    )
+    result = cli("retry", "--state", state, "f00000.txt")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "asyncbatch: error: item 'f00000.txt' of job 'default' is dead, not failed: nothing to "
+        "retry; add --dead to retry dead items"
+    )
+    assert state_counts(state) == {"dead": 1}
+    assert cli("retry", "--state", state, "--dead", "f00000.txt").returncode == 0
+    assert state_counts(state) == {"pending": 1}
+
+
+def test_failures_fit_a_120_column_terminal_without_narrow_cells(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2, prefix="a-rather-long-file-name-for-a-partner-export-")
+    cli(
+        "run", f"{HANDLERS}:fail_always", "--source", inbox, "--state", state, "--max-attempts", "1"
+    )
+    result = cli("failures", "--state", state, env={"COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    # The time, state and attempts stand on one line each; the error is not cut to shreds.
+    assert any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d .* dead .* 1 ", line) for line in lines)
+    assert "ValueError: cannot parse" in result.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root for separate UTS and pid namespaces",
+)
+def test_a_runner_on_another_host_finishes_a_killed_hosts_items_in_about_one_lease(
+    inbox: Path, tmp_path: Path, pg_dsn: str
+) -> None:
+    make_files(inbox, 400)
+    log = tmp_path / "calls.log"
+
+    def host(name: str, sleep: str) -> subprocess.Popen[str]:
+        command = (
+            f"hostname {name} && exec '{sys.executable}' -m asyncbatch run '{RECORD}' "
+            f"--source '{inbox}' --state '{pg_dsn}' --shared -j 16 --lease 5 --no-progress"
+        )
+        return subprocess.Popen(
+            ["unshare", "--uts", "--pid", "--fork", "--kill-child", "sh", "-c", command],
+            env={**os.environ, **WARNINGS_FAIL, "AB_LOG": str(log), "AB_SLEEP": sleep},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    a = host("host-a", "1")
+    wait_for(lambda: len(invocations(log)) >= 32, timeout=60)
+    a.send_signal(signal.SIGKILL)  # unshare dies; --kill-child SIGKILLs the runner with it
+    a.communicate(timeout=30)
+    started = time.monotonic()
+    b = host("host-b", "0")
+    out, err = b.communicate(timeout=120)
+    took = time.monotonic() - started
+
+    assert b.returncode == 0, err
+    counts = assert_adds_up(out)
+    assert set(counts) <= {"done", "done before"}, out
+    assert took < 5 + 15, "about one lease (5 s), not until a later run"
+    calls = invocations(log)
+    assert set(calls) == {p.name for p in inbox.iterdir()}
+    # Only host A's files that started and were not committed when it died ran twice: at
+    # most its 16 handlers in flight, and a wave of 16 finished but not yet committed.
+    assert sum(calls.values()) - 400 <= 2 * 16
