@@ -61,3 +61,10 @@ async def move_to(ctx: TaskContext) -> None:
 async def write_copy(ctx: TaskContext) -> None:
     """Write the input's bytes to the output directory under its name."""
     await ctx.write_output(ctx.entry.relpath, await ctx.read_bytes())
+
+
+async def warn_midway(ctx: TaskContext) -> None:
+    """Like ``record``, and log a warning for one file midway."""
+    await record(ctx)
+    if ctx.entry.relpath.endswith("00015.txt"):
+        ctx.log.warning("careful with %s", ctx.entry.relpath)

@@ -203,6 +203,32 @@ async def test_retry_after_is_honoured_and_logs_have_no_query_string(
     assert "secret123" not in caplog.text
 
 
+async def test_a_retry_after_longer_than_the_backoff_cap_is_capped(tmp_path: Path) -> None:
+    app = Recorder(script=[429], headers=[(b"retry-after", b"12")])
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    with RealServer(app) as server:
+        async with httpx.AsyncClient() as client:
+            http = ItemHTTP(
+                HTTPSettings(
+                    shared=SharedClient(client),
+                    secret=b"s" * 32,
+                    job="j",
+                    unsafe_methods=frozenset({"POST"}),
+                    backoff_max=10.0,
+                    sleep=fake_sleep,
+                ),
+                "item-1",
+            )
+            response = await http.post(f"{server.url}/p", content=b"x")
+
+    assert response.status_code == 200
+    assert slept == [10.0]
+
+
 async def test_exhausted_retries_return_the_last_answer(tmp_path: Path) -> None:
     app = Recorder(script=[503] * 10)
 

@@ -147,6 +147,8 @@ def test_plain_progress_lines_when_not_a_terminal(inbox: Path, state: Path, tmp_
 
 def test_a_progress_bar_on_a_terminal(inbox: Path, state: Path) -> None:
     make_files(inbox, 30)
+    make_files(inbox, 10, prefix="g", age=60)  # done before the run that shows the bar
+    assert cli("run", RECORD, "--source", inbox, "--state", state, "--ignore", "f*").returncode == 0
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
         [
@@ -154,7 +156,7 @@ def test_a_progress_bar_on_a_terminal(inbox: Path, state: Path) -> None:
             "-m",
             "asyncbatch",
             "run",
-            RECORD,
+            f"{HANDLERS}:warn_midway",
             "--source",
             str(inbox),
             "--state",
@@ -186,9 +188,15 @@ def test_a_progress_bar_on_a_terminal(inbox: Path, state: Path) -> None:
         os.close(controller)
     text = output.decode(errors="replace")
     assert proc.returncode == 0, text
-    assert "30/30" in text
+    assert "40/40" in text
     assert "━" in text  # rich's bar
     assert "30 done" in text
+    positions = [int(n) for n in re.findall(r"(\d+)/40\b", text)]
+    assert positions == sorted(positions), "the bar never goes backwards"
+    # The warning is printed above the bar, on a line of its own, not spliced into it.
+    (line,) = [ln for ln in re.split(r"[\r\n]+", text) if "careful with" in ln]
+    assert "━" not in line
+    assert re.search(r"WARNING +asyncbatch.handler: careful with f00015.txt", line)
 
 
 def test_demo_runs_twice_and_shows_status(tmp_path: Path) -> None:
