@@ -70,7 +70,8 @@ class Batch:
       hold (not ok; CLI exit 3).
       ``lease`` [--lease], ``grace`` [--grace]: lease length, and how long in-flight items may
       finish after :meth:`stop` or a signal. ``durability`` [--durability]: ``"full"`` makes
-      every commit survive a power loss.
+      every commit survive a power loss. ``ledger_timeout`` [--ledger-timeout]: how long a
+      PostgreSQL state that went away is waited out (then :class:`LedgerError`; CLI exit 69).
     - ``on_done`` / ``on_dead`` [--on-done/--on-dead]: ``"keep"``, ``"delete"`` (done only) or
       ``"move:DIR"``, carried out after the outcome committed. ``output_dir`` [--output-dir]:
       where ``ctx.write_output`` writes. ``poll`` [--poll]: seconds between polls in watch mode.
@@ -107,6 +108,7 @@ class Batch:
         wait: bool = True,
         lease: float = 60.0,
         grace: float = 30.0,
+        ledger_timeout: float = 120.0,
         durability: Durability = "normal",
         on_done: str = "keep",
         on_dead: str = "keep",
@@ -150,6 +152,7 @@ class Batch:
             wait=wait,
             lease=lease,
             grace=grace,
+            ledger_timeout=ledger_timeout,
             durability=durability,
             on_done=PostAction.parse("on_done", on_done),
             on_dead=PostAction.parse("on_dead", on_dead, allow_delete=False),

@@ -98,6 +98,7 @@ class BatchConfig:
     wait: bool = True
     lease: float = 60.0
     grace: float = 30.0
+    ledger_timeout: float = 120.0
     durability: Durability = "normal"
     on_done: PostAction = field(default_factory=lambda: PostAction("keep"))
     on_dead: PostAction = field(default_factory=lambda: PostAction("keep"))
@@ -125,6 +126,7 @@ class BatchConfig:
         _seconds("backoff_max", self.backoff_max, allow_zero=True)
         _seconds("lease", self.lease)
         _seconds("grace", self.grace, allow_zero=True)
+        _seconds("ledger_timeout", self.ledger_timeout, allow_zero=True)
         _seconds("poll", self.poll)
         _seconds("commit_interval", self.commit_interval, allow_zero=True)
         _seconds("http_backoff", self.http_backoff, allow_zero=True)

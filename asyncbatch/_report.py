@@ -245,6 +245,10 @@ class Counters:
             earlier=self.earlier,
         )
 
+    def finished_attempts(self) -> int:
+        """Attempts that reached an outcome so far (done, failed, dead, vanished)."""
+        return self.done + self.failed + self.dead + self.vanished + self.lost
+
     def seen_accounted(self) -> int:
         """Seen items in a category other than unfinished."""
         return (

@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight items get to finish after SIGINT/SIGTERM (30)",
     )
     run.add_argument(
+        "--ledger-timeout",
+        type=non_negative_float,
+        default=120.0,
+        help="seconds a PostgreSQL state that went away is waited out, then exit 69 (120)",
+    )
+    run.add_argument(
         "--durability",
         choices=["normal", "full"],
         default="normal",
@@ -248,6 +254,7 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         wait=not args.no_wait,
         lease=args.lease,
         grace=args.grace,
+        ledger_timeout=args.ledger_timeout,
         durability=args.durability,
         on_done=args.on_done,
         on_dead=args.on_dead,

@@ -66,19 +66,27 @@ async def open_ledger(
     create: bool = True,
     busy_timeout: float = 30.0,
     clock: Callable[[], float] = time.time,
+    outage_timeout: float = 120.0,
 ) -> Ledger:
     """Open the ledger ``state`` names: a ``postgresql://`` DSN, else a SQLite file path.
 
     ``create=False`` opens for reading: nothing is created, migrated or left behind.
-    ``busy_timeout`` bounds waits for other writers; ``clock`` is the caller's wall clock (a
-    test seam). Raises what the backend's ``open`` raises: :class:`ConfigurationError`,
-    :class:`LedgerError`, :class:`NotALedgerError`, :class:`SchemaVersionError`.
+    ``busy_timeout`` bounds waits for other writers; ``outage_timeout``, how long a PostgreSQL
+    server that went away is waited out before a transaction fails; ``clock`` is the caller's
+    wall clock (a test seam). Raises what the backend's ``open`` raises:
+    :class:`ConfigurationError`, :class:`LedgerError`, :class:`NotALedgerError`,
+    :class:`SchemaVersionError`.
     """
     if is_postgres(state):
         from .postgres import PostgresLedger
 
         return await PostgresLedger.open(
-            str(state), durability=durability, create=create, busy_timeout=busy_timeout, clock=clock
+            str(state),
+            durability=durability,
+            create=create,
+            busy_timeout=busy_timeout,
+            clock=clock,
+            outage_timeout=outage_timeout,
         )
     from .sqlite import SQLiteLedger
 

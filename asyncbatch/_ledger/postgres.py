@@ -113,6 +113,7 @@ class PostgresLedger(Ledger):
         create: bool = True,
         busy_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        outage_timeout: float = 120.0,
     ) -> Self:
         """Connect to the ledger at ``dsn`` (and with ``create``, create or migrate its schema).
 
@@ -124,7 +125,9 @@ class PostgresLedger(Ledger):
         default): every commit is on disk (and on synchronous replicas) before it returns,
         at the cost of one WAL flush per transaction.
 
-        ``busy_timeout`` bounds waits for row locks and retries of deadlocked transactions.
+        ``busy_timeout`` bounds waits for row locks and retries of deadlocked transactions;
+        ``outage_timeout``, how long an unreachable server is waited out (see
+        :mod:`.postgres_session`).
         ``clock`` is only used to express returned times in the caller's clock; leases and
         locks use the server's.
 
@@ -135,7 +138,11 @@ class PostgresLedger(Ledger):
         written.
         """
         session = PostgresSession(
-            PostgresDSN.parse(dsn), durability=durability, busy_timeout=busy_timeout, clock=clock
+            PostgresDSN.parse(dsn),
+            durability=durability,
+            busy_timeout=busy_timeout,
+            clock=clock,
+            outage_timeout=outage_timeout,
         )
         try:
             await session.prepare(create=create)
@@ -208,7 +215,7 @@ class PostgresLedger(Ledger):
                     raise JobLockedError(job, None, None, "just now")
             return None if stale is None else self._lock_info(dataclasses.astuple(stale))
 
-        return await self._session.transact(acquire)
+        return await self._session.transact(acquire, again=False)  # may have taken it
 
     async def register_runner(
         self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
@@ -219,7 +226,7 @@ class PostgresLedger(Ledger):
             )
             return await conn.fetchval(sql.RUN_START, job, owner, me.pid, me.host, mode)
 
-        return int(await self._session.transact(register))
+        return int(await self._session.transact(register, again=False))  # not twice
 
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
         async def reap(conn: Connection) -> int:
@@ -318,9 +325,11 @@ class PostgresLedger(Ledger):
         leased = await self._session.transact(claim, one=True)
         claimed = [ClaimedRow(k, "running", f, a, n, p) for k, f, a, n, p in leased]
         unclaimed = list(set(columns[0]) - {row.key for row in claimed})
-        for row in await self._session.fetch(sql.CLAIM_CHECK, job, unclaimed) if unclaimed else []:
+        for row in (
+            await self._session.fetch(sql.CLAIM_CHECK, job, unclaimed, owner) if unclaimed else []
+        ):
             key, state, fence, attempts, interrupted, post, relpath, size, mtime, inode = row
-            if state in ("held", "failed"):  # as SQLite: the handled file only when finished
+            if state in ("running", "held", "failed"):  # the handled file only when finished
                 claimed.append(ClaimedRow(key, state, fence, attempts, interrupted, post))
             else:
                 handled = (bytes(relpath), size, mtime, _unsigned(inode))
@@ -498,7 +507,7 @@ class PostgresLedger(Ledger):
                 await conn.execute(sql.IDEMPOTENCY_TAKE_OVER, *fresh)
             return found
 
-        return await self._session.transact(claim)
+        return await self._session.transact(claim, again=False)  # a lost commit: 409, not run twice
 
     async def idempotency_complete(
         self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float

@@ -13,16 +13,22 @@
   offset between it and the caller's ``clock`` is measured on connecting and every minute (to
   within half a round trip): :meth:`PostgresSession.local` expresses a server time in the
   caller's clock.
-- Errors of asyncpg or the server leave as one-line :class:`~asyncbatch.LedgerError`, naming
-  the DSN without its password.
+- Outages: when the server cannot be reached or drops the connection (a restart, a failover,
+  ``pg_terminate_backend``), a transaction that may be run again (every one but the
+  idempotency store's claim) is retried on a new connection, with growing pauses, for up to
+  ``outage_timeout`` seconds, saying so in one warning a second at most; the wait between
+  tries can be cancelled. After that, or for any other error, the error leaves as a one-line
+  :class:`~asyncbatch.LedgerError`, naming the DSN without its password.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import anyio
@@ -47,8 +53,57 @@ T = TypeVar("T")
 _RETRYABLE = (pg_errors.DeadlockDetectedError, pg_errors.SerializationError)
 #: Errors that mean the connection itself is gone or unusable.
 CONNECTION_LOST = (OSError, TimeoutError, asyncpg.InterfaceError, pg_errors.InternalClientError)
+#: Errors the server sends when it goes away or turns connections away for a while.
+_SERVER_GONE = (
+    pg_errors.AdminShutdownError,
+    pg_errors.CrashShutdownError,
+    pg_errors.CannotConnectNowError,
+    pg_errors.TooManyConnectionsError,
+    pg_errors.PostgresConnectionError,
+)
 #: How often (seconds) the offset between the server's clock and ours is measured again.
 _OFFSET_TTL = 60.0
+
+log = logging.getLogger("asyncbatch.ledger")
+
+
+class _Unreachable(Exception):
+    """The server could not be reached, or dropped the connection (the message says why)."""
+
+
+@dataclass(slots=True)
+class _Outage:
+    """Waiting out an outage: since when, how long more, one warning a second at most."""
+
+    name: str
+    patience: float
+    began: float = field(default_factory=time.monotonic)
+    pause: float = 0.1
+    told: float = -math.inf
+
+    def wait(self, error: _Unreachable) -> float:
+        """How long to pause before the next try; raises :class:`LedgerError` past patience."""
+        waited = time.monotonic() - self.began
+        if waited >= self.patience:
+            raise LedgerError(
+                f"state {self.name!r} stayed unreachable for {waited:.0f}s ({error}); gave up "
+                f"(--ledger-timeout {self.patience:g}); its leases are taken over by the next run"
+            )
+        if time.monotonic() - self.told >= 1.0:
+            self.told = time.monotonic()
+            log.warning(
+                "state %r unreachable (%s); trying again, for up to %.0fs more",
+                self.name,
+                error,
+                self.patience - waited,
+            )
+        pause, self.pause = self.pause, min(self.pause * 2, 2.0)
+        return min(pause, max(self.patience - waited, 0.0))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _quote_ident(name: str) -> str:
@@ -65,11 +120,13 @@ class PostgresSession:
         durability: Durability,
         busy_timeout: float,
         clock: Callable[[], float],
+        outage_timeout: float = 120.0,
     ) -> None:
         self.target = target
         self.name = target.redacted
         self.clock = clock
         self.busy_timeout = busy_timeout
+        self.outage_timeout = outage_timeout
         self._durability = durability
         self._conn: Connection | None = None
         #: Add to a server time to express it in ``clock``'s time (measured, see _connection).
@@ -101,13 +158,18 @@ class PostgresSession:
                 command_timeout=self._statement_timeout,
                 server_settings=settings,
             )
-        except (asyncpg.PostgresError, *CONNECTION_LOST, ValueError) as e:
+        except (*_SERVER_GONE, *CONNECTION_LOST) as e:
+            raise _Unreachable(_one_line(e)) from None
+        except (asyncpg.PostgresError, ValueError) as e:
             raise ledger_error(self.name, e, f"cannot connect to state {self.name!r}") from None
         return conn
 
     async def prepare(self, *, create: bool) -> None:
-        """Check the schema (and with ``create``, create or migrate it); see ``open``."""
-        version = await self.read(self._inspect)
+        """Check the schema (and with ``create``, create or migrate it); see ``open``.
+
+        An unreachable server fails at once here (a run that cannot start has nothing to lose).
+        """
+        version = await self.read(self._inspect, again=False)
         if version == sql.SCHEMA_VERSION:
             return
         if not create:
@@ -120,7 +182,7 @@ class PostgresSession:
                 f"state {self.name!r} has schema version {version}; run 'asyncbatch run' "
                 "once to upgrade it"
             )
-        await self.transact(self._migrate)
+        await self.transact(self._migrate, again=False)
 
     async def _inspect(self, conn: Connection) -> int:
         """The ledger's schema version (0: none yet); refuse what is not ours or too new."""
@@ -193,9 +255,9 @@ class PostgresSession:
             before = self.clock()
             try:
                 server = await self._conn.fetchval(sql.SERVER_CLOCK)
-            except CONNECTION_LOST:
+            except (*_SERVER_GONE, *CONNECTION_LOST) as e:
                 self._discard(self._conn)
-                raise
+                raise _Unreachable(_one_line(e)) from e
             after = self.clock()
             self._shift = (before + after) / 2 - float(server)
             self._shift_measured = time.monotonic()
@@ -221,29 +283,40 @@ class PostgresSession:
             return ledger_error(self.name, error)
         return ledger_error(self.name, error, f"state {self.name!r}: connection lost")
 
-    async def transact(self, body: Callable[[Connection], Awaitable[T]], *, one: bool = False) -> T:
+    async def transact(
+        self,
+        body: Callable[[Connection], Awaitable[T]],
+        *,
+        one: bool = False,
+        again: bool = True,
+    ) -> T:
         """Run ``body(conn)`` as one transaction, to its end even if the caller is cancelled.
 
         With ``one``, the body is a single statement and runs as its own (implicit)
         transaction: one round trip instead of three. Deadlocks and serialization failures
-        re-run the body (for up to ``busy_timeout``); any other error rolls it back.
+        re-run the body (for up to ``busy_timeout``); with ``again`` (the body may run twice:
+        after a lost connection it may have committed), an outage is waited out (see the
+        module); any other error rolls it back.
         """
-        async with self._lock:
-            with anyio.CancelScope(shield=True):
-                try:
-                    result = await retrying(
-                        lambda: self._attempt(body, one=one),
-                        patience=self.busy_timeout,
-                        first_pause=0.002,
-                        longest_pause=0.25,
-                        on_timeout=lambda: LedgerError(
-                            f"state {self.name!r}: transactions kept deadlocking with other "
-                            f"runners for {self.busy_timeout:.0f}s"
-                        ),
-                    )
-                except (asyncpg.PostgresError, *CONNECTION_LOST) as e:
-                    raise self._error(e) from e
-        return result
+
+        async def attempt() -> T:
+            try:
+                return await retrying(
+                    lambda: self._attempt(body, one=one),
+                    patience=self.busy_timeout,
+                    first_pause=0.002,
+                    longest_pause=0.25,
+                    on_timeout=lambda: LedgerError(
+                        f"state {self.name!r}: transactions kept deadlocking with other "
+                        f"runners for {self.busy_timeout:.0f}s"
+                    ),
+                )
+            except (*_SERVER_GONE, *CONNECTION_LOST) as e:
+                raise _Unreachable(_one_line(e)) from e
+            except asyncpg.PostgresError as e:
+                raise self._error(e) from e
+
+        return await self._outlasting(attempt, again=again)
 
     async def _attempt(self, body: Callable[[Connection], Awaitable[T]], *, one: bool) -> T | Busy:
         conn = await self._connection()
@@ -256,28 +329,44 @@ class PostgresSession:
                 return await body(conn)
         except _RETRYABLE:
             return BUSY
-        except CONNECTION_LOST:
+        except (*_SERVER_GONE, *CONNECTION_LOST):
             self._discard(conn)
             raise
         finally:
             if not conn.is_closed() and conn.is_in_transaction():
                 self._discard(conn)  # interrupted inside: never leave it open
 
-    async def read(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run read statements (each its own snapshot), shielded like a transaction."""
-        async with self._lock:
-            with anyio.CancelScope(shield=True):
-                conn: Connection | None = None
-                try:
-                    conn = await self._connection()
-                    result = await body(conn)
-                except CONNECTION_LOST as e:
-                    if conn is not None:
-                        self._discard(conn)
-                    raise self._error(e) from e
-                except asyncpg.PostgresError as e:
-                    raise self._error(e) from e
-        return result
+    async def read(self, body: Callable[[Connection], Awaitable[T]], *, again: bool = True) -> T:
+        """Run read statements (each its own snapshot), shielded like a transaction, and (with
+        ``again``) waiting out an outage like one."""
+
+        async def attempt() -> T:
+            conn = await self._connection()
+            try:
+                return await body(conn)
+            except (*_SERVER_GONE, *CONNECTION_LOST) as e:
+                self._discard(conn)
+                raise _Unreachable(_one_line(e)) from e
+            except asyncpg.PostgresError as e:
+                raise self._error(e) from e
+
+        return await self._outlasting(attempt, again=again)
+
+    async def _outlasting(self, attempt: Callable[[], Awaitable[T]], *, again: bool) -> T:
+        """``attempt()`` under the lock and shielded, tried again through an outage; the pauses
+        between tries are not shielded (a cancelled caller stops waiting)."""
+        outage: _Outage | None = None
+        while True:
+            try:
+                async with self._lock:
+                    with anyio.CancelScope(shield=True):
+                        result = await attempt()
+                return result
+            except _Unreachable as e:
+                if not again:
+                    raise LedgerError(f"cannot connect to state {self.name!r}: {e}") from None
+                outage = outage or _Outage(self.name, self.outage_timeout)
+                await anyio.sleep(outage.wait(e))
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """The rows of one read statement."""

@@ -293,13 +293,15 @@ WHERE i.state IN ('pending', 'vanished')
    OR (i.state = 'running' AND i.lease_until < {NOW})
 RETURNING i.key, i.fence, i.attempts, i.interrupted, i.post_action
 """
-#: The keys of a chunk that a claim did not lease ($1 job, $2 keys): every row but the plainly
-#: done ones, as (key, state, fence, attempts, interrupted, post_action, relpath, size,
-#: mtime_ns, inode). 'held': another runner's (or being taken by one); 'failed': a retry not
-#: due yet; 'dead'; done rows whose post-commit action may still be due, with the file that
-#: was handled.
+#: The keys of a chunk that a claim did not lease ($1 job, $2 keys, $3 owner): every row but the
+#: plainly done ones, as (key, state, fence, attempts, interrupted, post_action, relpath,
+#: size, mtime_ns, inode). 'running': leased to $3 after all (a claim whose commit was lost
+#: with its connection, then run again); 'held': another runner's (or being taken by one);
+#: 'failed': a retry not due yet; 'dead'; done rows whose post-commit action may still be due,
+#: with the file that was handled.
 CLAIM_CHECK = """
-SELECT key, CASE WHEN state IN ('running', 'pending', 'vanished') THEN 'held' ELSE state END,
+SELECT key, CASE WHEN state = 'running' AND owner = $3 THEN 'running'
+                 WHEN state IN ('running', 'pending', 'vanished') THEN 'held' ELSE state END,
        fence, attempts, interrupted, post_action, relpath, size, mtime_ns, inode
 FROM items
 WHERE job = $1 AND key = ANY($2::text[]) AND (state <> 'done' OR post_action IS NOT NULL)

@@ -1,8 +1,10 @@
 """The claimer: scanned entries registered and leased in chunks, in ``(mtime_ns, relpath)`` order.
 
 ``run`` mode scans once, then claims the sorted records chunk by chunk (one statement each),
-never far ahead of the workers: a chunk is leased once the queue is down to about one chunk's
-worth of look-ahead (``-j`` plus a quarter chunk), so runners sharing a job share its files.
+never far ahead of the workers (see :class:`Lookahead`): about a quarter second of their work
+at the rate they go, at least ``-j`` and at most ``claim_batch`` items, leased when the queue
+runs low. Fast handlers get full chunks (one statement per ``claim_batch`` files); slow ones
+small ones, so that runners sharing a job share its files.
 It then *finishes*: the seen files that are neither done nor in flight (held by another runner,
 or waiting for a retry) are claimed again until each is done or dead; another runner's expired
 lease is taken over by the same claim (the database's clock decides on PostgreSQL). Only then
@@ -28,16 +30,62 @@ from .. import _failpoints as failpoints
 from .._effects.actions import decode_action
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow
+from .._report import Counters
 from .._scanner import Scanner, content_digest, split, unpack
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
 from .state import RunState
 
-__all__ = ["HELD_POLL", "Claimer"]
+__all__ = ["HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
 
 log = logging.getLogger("asyncbatch")
 #: Seconds between looks at items other runners hold (at most a quarter of the lease).
 HELD_POLL = 1.0
+#: How much of the workers' work (in seconds, at their recent rate) one claim leases.
+LOOKAHEAD_SECONDS = 0.25
+
+
+class Lookahead:
+    """How many items to lease next, and when: from the rate the workers finish them.
+
+    A claim leases ``LOOKAHEAD_SECONDS`` of work at the measured rate, between ``-j`` and
+    ``claim_batch`` items (``2 * -j`` before anything has finished), once the queue is down to
+    ``-j`` plus a quarter of that: the workers never run dry while a claim is under way, and
+    this runner never holds much more than it can start soon.
+    """
+
+    def __init__(self, concurrency: int, claim_batch: int, counters: Counters) -> None:
+        self._concurrency = concurrency
+        self._most = claim_batch
+        self._counters = counters
+        self._since = time.monotonic()
+        self._finished = 0
+        self._rate = 0.0
+        self._sparse = False
+
+    def next_chunk(self) -> int:
+        """Items the next claim should lease."""
+        now = time.monotonic()
+        finished = self._counters.finished_attempts()
+        if now - self._since >= 0.05:  # a rate over at least 50 ms, smoothed
+            rate = (finished - self._finished) / (now - self._since)
+            self._rate = rate if self._rate == 0.0 else 0.5 * self._rate + 0.5 * rate
+            self._since, self._finished = now, finished
+        if self._sparse:
+            return self._most
+        if self._rate == 0.0:
+            return min(self._most, 2 * self._concurrency)
+        wanted = int(self._rate * LOOKAHEAD_SECONDS)
+        return max(self._concurrency, min(self._most, wanted))
+
+    def claimed(self, rows: int, leased: int) -> None:
+        """Feedback of a claim: when most rows were finished already (a resume), the next one
+        takes a whole ``claim_batch`` of rows, since few of them will be leased."""
+        self._sparse = leased * 2 < rows
+
+    def low_water(self, chunk: int) -> int:
+        """Queue length at or under which the next claim starts."""
+        return self._concurrency + chunk // 4
 
 
 class Claimer:
@@ -58,6 +106,9 @@ class Claimer:
         self.scanner = scanner
         self.posts = posts
         self.mode = mode
+        self.lookahead = Lookahead(
+            state.config.concurrency, state.config.claim_batch, state.counters
+        )
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -166,30 +217,48 @@ class Claimer:
         """Register and lease sorted scan records, a chunk per statement, into the queue."""
         run, cfg = self.run, self.config
         for start in self.chunk_starts(len(records)):
-            # Look-ahead bounded by the work in hand: lease the next chunk only once the
-            # workers are about to need it (other runners sharing the job get the rest).
-            await self.queue.wait_for_room()
-            if run.stopping:
-                return
-            chunk = records[start : start + cfg.claim_batch]
-            if cfg.identity == "content":
-                items = await anyio.to_thread.run_sync(self.prepare, chunk)
-            else:
-                items = self.prepare(chunk)
-            await self.claim(items)
+            block = records[start : start + cfg.claim_batch]
+            while block:
+                # Look-ahead bounded by the work in hand: lease the next chunk only once the
+                # workers are about to need it (other runners sharing the job get the rest).
+                size = await self._room()
+                if run.stopping:
+                    return
+                chunk, block = block[:size], block[size:]
+                if cfg.identity == "content":
+                    items = await anyio.to_thread.run_sync(self.prepare, chunk)
+                else:
+                    items = self.prepare(chunk)
+                await self.claim(items)
+
+    async def _room(self) -> int:
+        """Wait until the queue runs low; return how many items to lease then."""
+        size = self.lookahead.next_chunk()
+        await self.queue.wait_until_low(self.lookahead.low_water(size))
+        return size
 
     async def claim(self, items: list[LeasedItem]) -> None:
         """Register and lease ``items`` (seen ones); count or note what the others are."""
         if not items:
             return
         run, cfg = self.run, self.config
-        rows = await run.ledger.claim_scanned(
-            cfg.job,
-            run.owner,
-            cfg.lease,
-            [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items],
-        )
+        # Shielded from the claim to the tracking of what it leased: a cancellation that came
+        # while the claim committed would otherwise leave those leases untracked (unreleased).
+        with anyio.CancelScope(shield=True):
+            rows = await run.ledger.claim_scanned(
+                cfg.job,
+                run.owner,
+                cfg.lease,
+                [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items],
+            )
+            leased = self._sort(items, rows)
+        self.lookahead.claimed(len(items), len(leased))
         await failpoints.ahit("after-claim")
+        await self._queue(leased)
+
+    def _sort(self, items: list[LeasedItem], rows: list[ClaimedRow]) -> list[LeasedItem]:
+        """Count or note what a claim found of each item; track and return those it leased."""
+        run = self.run
         by_key = {row.key: row for row in rows}
         counters = run.counters
         leased: list[LeasedItem] = []
@@ -219,14 +288,15 @@ class Claimer:
                     self.posts.submit(
                         row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
-        await self._hand_over(leased, by_key)
+        self._track(leased, by_key)
+        return leased
 
-    async def _hand_over(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
-        """Track freshly leased items, then queue them."""
+    def _track(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
+        """Note freshly leased items as in flight (released if the run ends early)."""
         run = self.run
         deadline = run.lease_deadline()
         in_flight = run.in_flight
-        for item in leased:  # before any await: a cancellation must release them
+        for item in leased:
             row = rows[item.key]
             item.fence, item.prior_attempts, item.prior_interrupted = (
                 row.fence,
@@ -239,6 +309,10 @@ class Claimer:
                     item.moved_to = moved_to
             item.lease_deadline = deadline
             in_flight[item.key] = item
+
+    async def _queue(self, leased: list[LeasedItem]) -> None:
+        """Queue tracked items for the workers."""
+        run = self.run
         if leased:
             if not run.stopping:  # else they stay leased, unstarted, and are released
                 self.queue.put(leased)
@@ -260,20 +334,29 @@ class Claimer:
                 else input_hash(self.config.identity, rel, size, mtime_ns, b"")
             )
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode))
-        for start in range(0, len(items), self.config.claim_batch):
+        while items:
+            size = await self._room()
             if run.stopping:
                 return
-            await self.queue.wait_for_room()
-            await self.claim(items[start : start + self.config.claim_batch])
+            chunk, items = items[:size], items[size:]
+            await self.claim(chunk)
 
     async def claim_waiting(self) -> int:
         """Lease what earlier runs left waiting in the ledger (pending, or failed and due),
         a claim's worth; return how many."""
         run, cfg = self.run, self.config
-        await self.queue.wait_for_room()
+        size = await self._room()
         if run.stopping:
             return 0
-        rows = await run.ledger.claim_waiting(cfg.job, run.owner, cfg.lease, cfg.claim_batch)
+        with anyio.CancelScope(shield=True):  # as in claim(): what is leased is tracked
+            rows = await run.ledger.claim_waiting(cfg.job, run.owner, cfg.lease, size)
+            leased = self._waiting_items(rows)
+        await self._queue(leased)
+        return len(rows)
+
+    def _waiting_items(self, rows: list[ClaimedRow]) -> list[LeasedItem]:
+        """Items for rows claim_waiting leased (ours, or earlier runs'), tracked."""
+        run, cfg = self.run, self.config
         leased: list[LeasedItem] = []
         for row in sorted(rows, key=lambda r: (r.mtime_ns, r.relpath)):
             ihash = (
@@ -288,8 +371,8 @@ class Claimer:
                 run.counters.seen += 1
                 run.counters.earlier += 1
             leased.append(item)
-        await self._hand_over(leased, {row.key: row for row in rows})
-        return len(rows)
+        self._track(leased, {row.key: row for row in rows})
+        return leased
 
     # -- finishing a run ----------------------------------------------------------------------
 

@@ -72,38 +72,39 @@ class LeasedItem:
 
 
 class ItemQueue:
-    """Leased items waiting for a worker; bounded, so the claimer never runs far ahead."""
+    """Leased items waiting for a worker; the claimer tops it up before it runs dry."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self) -> None:
         self._items: deque[LeasedItem] = deque()
-        self.limit = limit
         self.closed = False
         self._not_empty = anyio.Event()
-        self._not_full = anyio.Event()
+        self._low = anyio.Event()
+        self._low_water = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, items: list[LeasedItem]) -> None:
-        """Add items (the caller waited for room with :meth:`wait_for_room`)."""
+        """Add items (the caller waited with :meth:`wait_until_low`)."""
         self._items.extend(items)
         if self._items:
             self._not_empty.set()
 
-    async def wait_for_room(self) -> None:
-        """Wait until fewer than ``limit`` items wait, or the queue is closed."""
-        while len(self._items) >= self.limit and not self.closed:
-            if self._not_full.is_set():
-                self._not_full = anyio.Event()
-            await self._not_full.wait()
+    async def wait_until_low(self, low_water: int) -> None:
+        """Wait until at most ``low_water`` items wait, or the queue is closed."""
+        self._low_water = low_water
+        while len(self._items) > low_water and not self.closed:
+            if self._low.is_set():
+                self._low = anyio.Event()
+            await self._low.wait()
 
     def get_nowait(self) -> LeasedItem | None:
         """The next item, or ``None`` if none waits right now."""
         if not self._items:
             return None
         item = self._items.popleft()
-        if len(self._items) < self.limit:
-            self._not_full.set()
+        if len(self._items) <= self._low_water:
+            self._low.set()
         return item
 
     async def get(self) -> LeasedItem | None:
@@ -120,7 +121,7 @@ class ItemQueue:
         """No more items: waiting workers see the end once the queue is empty."""
         self.closed = True
         self._not_empty.set()
-        self._not_full.set()
+        self._low.set()
 
 
 class Outbox:

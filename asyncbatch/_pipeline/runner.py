@@ -95,7 +95,12 @@ class Run:
     async def execute(self) -> Report:
         """Open the ledger, take the lock, run the pipeline, release everything, report."""
         cfg = self.config
-        ledger = await open_ledger(cfg.state, durability=cfg.durability, clock=self.clock)
+        ledger = await open_ledger(
+            cfg.state,
+            durability=cfg.durability,
+            clock=self.clock,
+            outage_timeout=cfg.ledger_timeout,
+        )
         try:
             await ledger.ensure_job(cfg.job, cfg.identity)
             stale = await ledger.acquire_lock(
@@ -215,9 +220,7 @@ class Run:
 
     async def _pipeline(self, state: RunState, http: HTTPSettings, run_id: int) -> None:
         cfg = self.config
-        # Leased and not started: at most the workers' fill plus a quarter chunk, then one
-        # chunk more (the claimer leases the next when the queue is down to this).
-        queue = ItemQueue(cfg.concurrency + cfg.claim_batch // 4 + 1)
+        queue = ItemQueue()  # kept short by the claimer (see claimer.Lookahead)
         outbox = Outbox(cfg.commit_batch)
         self._queue = queue
         self._posts = posts = PostActions(cfg)
