@@ -98,6 +98,9 @@ class PostgresLedger(Ledger):
 
     def __init__(self, session: PostgresSession) -> None:
         self._session = session
+        #: A second connection for the outcomes (made on first use): a runner's claims and
+        #: its commits then overlap on the server instead of taking turns on one connection.
+        self._commits: PostgresSession | None = None
         self.name = session.name
         self.clock = session.clock
         #: Items this ledger registered, and when to refresh the statistics (see _analyze).
@@ -152,7 +155,15 @@ class PostgresLedger(Ledger):
         return cls(session)
 
     async def close(self) -> None:
+        if self._commits is not None:
+            await self._commits.close()
         await self._session.close()
+
+    def _outcomes(self) -> PostgresSession:
+        """The session that records outcomes (and gives leases back, after them)."""
+        if self._commits is None:
+            self._commits = self._session.twin()
+        return self._commits
 
     def _lock_info(self, row: Any) -> LockInfo:
         """A task_lock row, its times in the caller's clock."""
@@ -322,9 +333,9 @@ class PostgresLedger(Ledger):
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
-        leased = await self._session.transact(claim, one=True)
-        claimed = [ClaimedRow(k, "running", f, a, n, p) for k, f, a, n, p in leased]
-        unclaimed = list(set(columns[0]) - {row.key for row in claimed})
+        found = await self._session.transact(claim, one=True)
+        claimed = [ClaimedRow(k, s, f, a, n, p) for k, s, f, a, n, p in found if s == "running"]
+        unclaimed = [key for key, state, *_ in found if state == "check"]
         for row in (
             await self._session.fetch(sql.CLAIM_CHECK, job, unclaimed, owner) if unclaimed else []
         ):
@@ -407,7 +418,7 @@ class PostgresLedger(Ledger):
         async def commit(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.COMMIT_OUTCOMES, job, owner, *columns)
 
-        changed = {r[0] for r in await self._session.transact(commit, one=True) if r[1]}
+        changed = {r[0] for r in await self._outcomes().transact(commit, one=True) if r[1]}
         return {o.key for o in outcomes} - changed
 
     async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
@@ -419,7 +430,7 @@ class PostgresLedger(Ledger):
         async def release(conn: Connection) -> None:
             await conn.execute(sql.RELEASE_ITEMS, job, owner, keys, fences)
 
-        await self._session.transact(release, one=True)
+        await self._outcomes().transact(release, one=True)
 
     async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
         async def record(conn: Connection) -> bool:

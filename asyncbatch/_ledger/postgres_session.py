@@ -134,6 +134,16 @@ class PostgresSession:
         self._shift_measured = -math.inf
         self._lock = anyio.Lock()
 
+    def twin(self) -> PostgresSession:
+        """Another session to the same ledger, with the same settings (connected on first use)."""
+        return PostgresSession(
+            self.target,
+            durability=self._durability,
+            busy_timeout=self.busy_timeout,
+            clock=self.clock,
+            outage_timeout=self.outage_timeout,
+        )
+
     # -- connecting and the schema -----------------------------------------------------------------
 
     @property

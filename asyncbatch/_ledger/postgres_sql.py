@@ -264,10 +264,14 @@ _INTERRUPTED = (
 #: failed and expired running entries are leased with the fence incremented (an attempt is
 #: counted when it starts: see COMMIT_OUTCOMES). A conflicting row being written by another
 #: transaction is waited for, then re-checked on its new version, so two runners never both
-#: lease one item. Returns the leased rows: (key, fence, attempts, interrupted, post_action).
-#: What became of the other keys is read by CLAIM_CHECK, in a statement of its own: this
-#: statement's snapshot cannot see rows that another runner committed while it waited.
+#: lease one item. Returns the leased rows as (key, 'running', fence, attempts, interrupted,
+#: post_action), and the other keys whose fate the statement's snapshot cannot tell (anything
+#: but plainly done: held, failed, dead, done with a post action, or a row that another runner
+#: committed while this statement waited) as (key, 'check', NULL...): CLAIM_CHECK reads those
+#: in a statement of its own. A fresh inbox (all leased) or a resume (all done) needs no
+#: second statement.
 CLAIM_SCANNED = f"""
+WITH claimed AS (
 INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, owner,
                         fence, lease_until, created_at, updated_at)
 SELECT $1, r.key, r.relpath, r.size, r.mtime_ns, r.inode, 'running', 0, $2, 1,
@@ -292,6 +296,14 @@ WHERE i.state IN ('pending', 'vanished')
    OR (i.state = 'failed' AND i.next_attempt_at <= {NOW})
    OR (i.state = 'running' AND i.lease_until < {NOW})
 RETURNING i.key, i.fence, i.attempts, i.interrupted, i.post_action
+)
+SELECT key, 'running', fence, attempts, interrupted, post_action FROM claimed
+UNION ALL
+SELECT r.key, 'check', NULL, NULL, NULL, NULL
+FROM unnest($4::text[]) AS r(key)
+WHERE r.key NOT IN (SELECT key FROM claimed)
+  AND NOT EXISTS (SELECT 1 FROM items d WHERE d.job = $1 AND d.key = r.key
+                                       AND d.state = 'done' AND d.post_action IS NULL)
 """
 #: The keys of a chunk that a claim did not lease ($1 job, $2 keys, $3 owner): every row but the
 #: plainly done ones, as (key, state, fence, attempts, interrupted, post_action, relpath,
