@@ -40,9 +40,12 @@ from asyncbatch._config import BatchConfig
 from asyncbatch._ledger import (
     STATES,
     ClaimedRow,
+    Heartbeat,
+    IdempotencyRequest,
     Ledger,
     Outcome,
     PostgresDSN,
+    RunEnd,
     RunTotals,
     StoredResponse,
     open_ledger,
@@ -361,7 +364,9 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     await ledger.acquire_lock("j", "a", me, SHORT, shared=False)
     await ledger.register_runner("j", "a", me, SHORT, shared=False, mode="run")
     (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
-    assert await ledger.heartbeat("j", "a", 60, [(row.key, row.fence)], holds_lock=True)
+    assert await ledger.heartbeat(
+        Heartbeat(job="j", owner="a", ttl=60, leases=[(row.key, row.fence)], holds_lock=True)
+    )
     await anyio.sleep(PAST_SHORT)
     # Without the heartbeat, all three would have expired by now.
     with pytest.raises(JobLockedError):
@@ -375,14 +380,18 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     assert abs(runner.heartbeat_at - time.time()) < 5
     # An operator removed the lock: the next heartbeat says so.
     assert await ledger.force_unlock("j", "a")
-    assert not await ledger.heartbeat("j", "a", 60, [], holds_lock=True)
+    assert not await ledger.heartbeat(
+        Heartbeat(job="j", owner="a", ttl=60, leases=[], holds_lock=True)
+    )
 
 
 async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger) -> None:
     await ledger.register_runner("j", "r", OTHER_HOST, SHORT, shared=True, mode="run")
     await anyio.sleep(PAST_SHORT)
     assert await ledger.reap_stale_runners("j", this_process()) == 0
-    assert not await ledger.heartbeat("j", "r", 60, [], holds_lock=False)
+    assert not await ledger.heartbeat(
+        Heartbeat(job="j", owner="r", ttl=60, leases=[], holds_lock=False)
+    )
 
 
 async def test_the_items_of_a_runner_that_is_gone_are_put_back(
@@ -714,12 +723,9 @@ async def test_counts_failures_find_items_and_runs(ledger: Ledger) -> None:
     await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "dead", "second\nmore")])
     await ledger.commit_outcomes("j", "a", [Outcome("k00003", 1, "done")])
     await ledger.release_runner(
-        "j",
-        "a",
-        holds_lock=False,
-        run_id=run_id,
-        totals=TOTALS,
-        exit_status="failed",
+        RunEnd(
+            job="j", owner="a", holds_lock=False, run_id=run_id, totals=TOTALS, exit_status="failed"
+        )
     )
     assert await ledger.counts("j") == {
         "pending": 0,
@@ -836,9 +842,8 @@ async def test_cancellation_inside_a_transaction_neither_leaves_it_open_nor_undo
     await ledger.register_runner("j", "me", me, 60, shared=False, mode="run")
     leases = [(c.key, c.fence) for c in claimed]
     # A multi-statement transaction (runner, lock and 3,000 leases) cancelled inside.
-    await cancel_inside_a_transaction(
-        monkeypatch, functools.partial(ledger.heartbeat, "j", "me", 60, leases, holds_lock=True)
-    )
+    beat = Heartbeat(job="j", owner="me", ttl=60, leases=leases, holds_lock=True)
+    await cancel_inside_a_transaction(monkeypatch, functools.partial(ledger.heartbeat, beat))
     await store.assert_writer_not_blocked()
     # A commit cancelled inside its transaction still commits, whole.
     outcomes = [Outcome(c.key, c.fence, "done") for c in claimed]
@@ -857,7 +862,7 @@ async def test_cancellation_inside_a_transaction_neither_leaves_it_open_nor_undo
     # The ledger is still usable after the cancellations.
     with anyio.CancelScope() as scope:
         scope.cancel()
-        await ledger.heartbeat("j", "me", 60, [], holds_lock=False)
+        await ledger.heartbeat(Heartbeat(job="j", owner="me", ttl=60, leases=[], holds_lock=False))
     assert await waiting(ledger) == 0
 
 
@@ -872,9 +877,8 @@ async def test_the_idempotency_store_runs_a_key_once_and_replays_its_response(
     ledger: Ledger,
 ) -> None:
     def claim(scope: str, fingerprint: str, token: str) -> Any:
-        return ledger.idempotency_claim(
-            scope, "key-1", fingerprint, token, lock_timeout=60, ttl=3600
-        )
+        request = IdempotencyRequest(scope, "key-1", fingerprint, token)
+        return ledger.idempotency_claim(request, lock_timeout=60, ttl=3600)
 
     first = await claim("api", "fp", "t1")
     assert (first.decision, first.why) == ("run", "new")
@@ -882,16 +886,20 @@ async def test_the_idempotency_store_runs_a_key_once_and_replays_its_response(
     assert (await claim("api", "other", "t2")).decision == "mismatch"
     assert (await claim("tenant-b", "fp", "t3")).why == "new"  # scopes never meet
     # Only the owner's token completes the record.
-    assert not await ledger.idempotency_complete("api", "key-1", "t2", RESPONSE, ttl=3600)
-    assert await ledger.idempotency_complete("api", "key-1", "t1", RESPONSE, ttl=3600)
+    assert not await ledger.idempotency_complete(
+        IdempotencyRequest("api", "key-1", "fp", "t2"), RESPONSE, ttl=3600
+    )
+    assert await ledger.idempotency_complete(
+        IdempotencyRequest("api", "key-1", "fp", "t1"), RESPONSE, ttl=3600
+    )
     replay = await claim("api", "fp", "t4")
     assert (replay.decision, replay.stored) == ("replay", RESPONSE)
     assert (await claim("api", "other", "t4")).decision == "mismatch"
     # A release frees the key, but only the owner's.
     assert (await claim("tenant-b", "fp", "t5")).decision == "conflict"
-    await ledger.idempotency_release("tenant-b", "key-1", "not-the-owner")
+    await ledger.idempotency_release(IdempotencyRequest("tenant-b", "key-1", "fp", "not-the-owner"))
     assert (await claim("tenant-b", "fp", "t5")).decision == "conflict"
-    await ledger.idempotency_release("tenant-b", "key-1", "t3")
+    await ledger.idempotency_release(IdempotencyRequest("tenant-b", "key-1", "fp", "t3"))
     assert (await claim("tenant-b", "fp", "t5")).why == "new"
 
 
@@ -899,22 +907,36 @@ async def test_idempotency_records_expire_and_abandoned_ones_are_taken_over(
     ledger: Ledger,
 ) -> None:
     # A request that outlives its lock is taken for dead; it can no longer store its answer.
-    first = await ledger.idempotency_claim("s", "k", "fp", "t1", lock_timeout=SHORT, ttl=60)
+    first = await ledger.idempotency_claim(
+        IdempotencyRequest("s", "k", "fp", "t1"), lock_timeout=SHORT, ttl=60
+    )
     assert first.decision == "run"
     await anyio.sleep(PAST_SHORT)
-    taken = await ledger.idempotency_claim("s", "k", "fp", "t2", lock_timeout=60, ttl=60)
+    taken = await ledger.idempotency_claim(
+        IdempotencyRequest("s", "k", "fp", "t2"), lock_timeout=60, ttl=60
+    )
     assert (taken.decision, taken.why) == ("run", "abandoned")
-    assert not await ledger.idempotency_complete("s", "k", "t1", RESPONSE, ttl=60)
-    assert await ledger.idempotency_complete("s", "k", "t2", RESPONSE, ttl=SHORT)
+    assert not await ledger.idempotency_complete(
+        IdempotencyRequest("s", "k", "fp", "t1"), RESPONSE, ttl=60
+    )
+    assert await ledger.idempotency_complete(
+        IdempotencyRequest("s", "k", "fp", "t2"), RESPONSE, ttl=SHORT
+    )
     # A stored answer is replayed until it expires; an expired key is as good as new.
     assert (
-        await ledger.idempotency_claim("s", "k", "x", "t3", lock_timeout=60, ttl=60)
+        await ledger.idempotency_claim(
+            IdempotencyRequest("s", "k", "x", "t3"), lock_timeout=60, ttl=60
+        )
     ).decision == "mismatch"
-    await ledger.idempotency_claim("s", "gone", "fp", "t4", lock_timeout=SHORT, ttl=SHORT)
+    await ledger.idempotency_claim(
+        IdempotencyRequest("s", "gone", "fp", "t4"), lock_timeout=SHORT, ttl=SHORT
+    )
     await anyio.sleep(PAST_SHORT)
     assert await ledger.idempotency_purge() == 2
     assert await ledger.idempotency_purge() == 0
-    again = await ledger.idempotency_claim("s", "k", "x", "t5", lock_timeout=60, ttl=60)
+    again = await ledger.idempotency_claim(
+        IdempotencyRequest("s", "k", "x", "t5"), lock_timeout=60, ttl=60
+    )
     assert (again.decision, again.why) == ("run", "new")
 
 
@@ -925,7 +947,9 @@ async def test_concurrent_claims_of_one_key_from_several_connections_run_it_once
     decisions: list[str] = []
 
     async def claim(ledger: Ledger, token: str) -> None:
-        found = await ledger.idempotency_claim("s", "same", "fp", token, lock_timeout=60, ttl=60)
+        found = await ledger.idempotency_claim(
+            IdempotencyRequest("s", "same", "fp", token), lock_timeout=60, ttl=60
+        )
         decisions.append(found.decision)
 
     try:

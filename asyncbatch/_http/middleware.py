@@ -38,7 +38,7 @@ import anyio
 
 from .. import _failpoints as failpoints
 from .._exceptions import ConfigurationError
-from .._ledger import Ledger, StoredResponse, is_postgres, open_ledger
+from .._ledger import IdempotencyRequest, Ledger, StoredResponse, is_postgres, open_ledger
 from .._ledger.dsn import PostgresDSN
 from .request import (
     ASGIApp,
@@ -189,8 +189,9 @@ class IdempotencyMiddleware:
             return  # the client is gone before its request was complete: nothing to run
         body, fingerprint = request
         namespace = self.scope_of(scope) if self.scope_of is not None else ""
-        responder = _Responder(self, await self._store(), scope, namespace, key, body)
-        await responder.serve(receive, send, fingerprint)
+        keyed = IdempotencyRequest(namespace, key, fingerprint, secrets.token_hex(16))
+        responder = _Responder(self, await self._store(), scope, keyed, body)
+        await responder.serve(receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Open the store at startup (failing the startup if it cannot be used), pass lifespan
@@ -273,10 +274,9 @@ class _Responder:
     middleware: IdempotencyMiddleware
     store: Ledger
     scope: Scope
-    namespace: str
-    key: str
+    #: The key, its scope, the request's fingerprint and its owner token (random).
+    request: IdempotencyRequest
     body: bytes
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
     start: Message | None = None
     chunks: list[bytes] = field(default_factory=list)
     complete: bool = False
@@ -289,18 +289,13 @@ class _Responder:
     @property
     def tag(self) -> str:
         """What the logs show instead of the key."""
-        return key_tag(self.namespace, self.key)
+        return key_tag(self.request.scope, self.request.key)
 
-    async def serve(self, receive: Receive, send: Send, fingerprint: str) -> None:
+    async def serve(self, receive: Receive, send: Send) -> None:
         m = self.middleware
         await m._purge_if_due()
         claim = await self.store.idempotency_claim(
-            self.namespace,
-            self.key,
-            fingerprint,
-            self.token,
-            lock_timeout=m.lock_timeout,
-            ttl=m.ttl,
+            self.request, lock_timeout=m.lock_timeout, ttl=m.ttl
         )
         if claim.decision == "replay":
             stored = claim.stored
@@ -400,9 +395,7 @@ class _Responder:
             await self.release()
             log.debug("%s: a %d is not stored; key %s freed", self.where, response.status, self.tag)
             return
-        stored = await self.store.idempotency_complete(
-            self.namespace, self.key, self.token, response, ttl=m.ttl
-        )
+        stored = await self.store.idempotency_complete(self.request, response, ttl=m.ttl)
         if not stored:
             log.warning(
                 "%s: key %s was taken over while this request ran (longer than lock_timeout): "
@@ -414,4 +407,4 @@ class _Responder:
     async def release(self) -> None:
         """Free the key we own so it can be retried (even when cancelled)."""
         with anyio.CancelScope(shield=True):
-            await self.store.idempotency_release(self.namespace, self.key, self.token)
+            await self.store.idempotency_release(self.request)

@@ -23,39 +23,17 @@ from collections.abc import Callable
 
 from .base import Ledger
 from .dsn import DEFAULT_SCHEMA, PostgresDSN, is_postgres
-from .types import (
-    STATES,
-    ClaimedRow,
-    Durability,
-    IdempotencyClaim,
-    ItemInfo,
-    LockInfo,
-    Outcome,
-    RunInfo,
-    RunnerInfo,
-    RunTotals,
-    ScannedRow,
-    StoredResponse,
-)
+from .types import *  # noqa: F403 (the values that cross the boundary: types.__all__)
+from .types import Durability
+from .types import __all__ as _types
 
 __all__ = [
     "DEFAULT_SCHEMA",
-    "STATES",
-    "ClaimedRow",
-    "Durability",
-    "IdempotencyClaim",
-    "ItemInfo",
     "Ledger",
-    "LockInfo",
-    "Outcome",
     "PostgresDSN",
-    "RunInfo",
-    "RunTotals",
-    "RunnerInfo",
-    "ScannedRow",
-    "StoredResponse",
     "is_postgres",
     "open_ledger",
+    *_types,
 ]
 
 

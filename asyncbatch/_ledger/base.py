@@ -35,13 +35,16 @@ from .._procinfo import ProcessIdentity, holder_is_dead
 from .types import (
     STATES,
     ClaimedRow,
+    Heartbeat,
     IdempotencyClaim,
+    IdempotencyRequest,
     ItemInfo,
+    Leases,
     LockInfo,
     Outcome,
+    RunEnd,
     RunInfo,
     RunnerInfo,
-    RunTotals,
     ScannedRow,
     StoredResponse,
     iso_time,
@@ -272,38 +275,18 @@ class Ledger(abc.ABC):
         """The job's registered runners."""
 
     @abc.abstractmethod
-    async def heartbeat(
-        self,
-        job: str,
-        owner: str,
-        ttl: float,
-        leases: Sequence[tuple[str, int]],
-        *,
-        holds_lock: bool,
-        run_id: int = 0,
-        totals: RunTotals | None = None,
-    ) -> bool:
-        """Extend this runner's lock (``holds_lock``), liveness and item leases (``(key,
-        fence)``) by ``ttl`` seconds, and record the run's counts so far (``totals``, in the
-        history row ``run_id``: what ``status`` shows of a live run, and what remains of a
-        killed one).
+    async def heartbeat(self, beat: Heartbeat) -> bool:
+        """Extend a runner's lock, liveness and item leases, and record its run's counts so
+        far (what ``status`` shows of a live run, and what remains of a killed one); see
+        :class:`Heartbeat`.
 
         Returns ``False`` when the lock or the runner record was taken from us: the caller
         must stop.
         """
 
     @abc.abstractmethod
-    async def release_runner(
-        self,
-        job: str,
-        owner: str,
-        *,
-        holds_lock: bool,
-        run_id: int,
-        totals: RunTotals,
-        exit_status: str,
-    ) -> None:
-        """Remove this runner's records (and its lock) and finish its run history row."""
+    async def release_runner(self, end: RunEnd) -> None:
+        """Remove a runner's records (and its lock) and finish its run history row."""
 
     @abc.abstractmethod
     async def locks(self) -> list[LockInfo]:
@@ -347,11 +330,7 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def commit_outcomes(
-        self,
-        job: str,
-        owner: str,
-        outcomes: Sequence[Outcome],
-        started: Sequence[tuple[str, int]] = (),
+        self, job: str, owner: str, outcomes: Sequence[Outcome], started: Leases = ()
     ) -> set[str]:
         """Record finished attempts in one transaction; return the keys whose lease was lost.
 
@@ -364,7 +343,7 @@ class Ledger(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
+    async def release_items(self, job: str, owner: str, items: Leases) -> None:
         """Give leased items ``(key, fence)`` back to be claimed again (``pending``).
 
         Attempts are counted when they start, so nothing is undone; an attempt that had
@@ -429,34 +408,27 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def idempotency_claim(
-        self,
-        scope: str,
-        key: str,
-        fingerprint: str,
-        token: str,
-        *,
-        lock_timeout: float,
-        ttl: float,
+        self, request: IdempotencyRequest, *, lock_timeout: float, ttl: float
     ) -> IdempotencyClaim:
         """Decide, in one transaction, what a request with this key gets (see
         :func:`decide_idempotency`).
 
-        ``"run"`` makes ``token`` the key's owner for ``lock_timeout`` seconds: only it may
-        complete or release the record. Concurrent requests with one key, from any process
+        ``"run"`` makes the request's token the key's owner for ``lock_timeout`` seconds: only
+        it may complete or release the record. Concurrent requests with one key, from any process
         sharing the ledger, never both get ``"run"`` within ``lock_timeout``. Times are the
         ledger's (the server's clock on PostgreSQL).
         """
 
     @abc.abstractmethod
     async def idempotency_complete(
-        self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float
+        self, request: IdempotencyRequest, response: StoredResponse, *, ttl: float
     ) -> bool:
-        """Store the response of the running record ``token`` owns, kept for ``ttl`` seconds;
-        ``False`` if it was taken over meanwhile (nothing is stored then)."""
+        """Store the response of the running record the request owns, kept for ``ttl``
+        seconds; ``False`` if it was taken over meanwhile (nothing is stored then)."""
 
     @abc.abstractmethod
-    async def idempotency_release(self, scope: str, key: str, token: str) -> None:
-        """Delete the running record ``token`` owns, so the key can be used again."""
+    async def idempotency_release(self, request: IdempotencyRequest) -> None:
+        """Delete the running record the request owns, so the key can be used again."""
 
     @abc.abstractmethod
     async def idempotency_purge(self) -> int:

@@ -27,10 +27,10 @@ What differs from SQLite, and why:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import astuple
 from typing import TYPE_CHECKING, Any, Self
 
 try:
@@ -46,22 +46,10 @@ from .._effects.actions import decode_action, encode_action
 from .._exceptions import JobLockedError
 from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
+from . import types as t
 from .base import Ledger, decide_idempotency, decide_lock, encode_headers, stored_response
 from .dsn import PostgresDSN
 from .postgres_session import PostgresSession
-from .types import (
-    ClaimedRow,
-    Durability,
-    IdempotencyClaim,
-    ItemInfo,
-    LockInfo,
-    Outcome,
-    RunInfo,
-    RunnerInfo,
-    RunTotals,
-    ScannedRow,
-    StoredResponse,
-)
 
 if TYPE_CHECKING:
     from .postgres_session import Connection
@@ -83,14 +71,14 @@ def _unsigned(inode: int) -> int:
     return inode + _INT64 if inode < 0 else inode
 
 
-def _lock(row: Any) -> LockInfo:
+def _lock(row: Any) -> t.LockInfo:
     """A task_lock row as read, its times the server's."""
-    return LockInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+    return t.LockInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
 
 
-def _runner(row: Any) -> RunnerInfo:
+def _runner(row: Any) -> t.RunnerInfo:
     """A runners row as read, its times the server's."""
-    return RunnerInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+    return t.RunnerInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
 
 
 class PostgresLedger(Ledger):
@@ -112,7 +100,7 @@ class PostgresLedger(Ledger):
         cls,
         dsn: str,
         *,
-        durability: Durability = "normal",
+        durability: t.Durability = "normal",
         create: bool = True,
         busy_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -165,16 +153,16 @@ class PostgresLedger(Ledger):
             self._commits = self._session.twin()
         return self._commits
 
-    def _lock_info(self, row: Any) -> LockInfo:
+    def _lock_info(self, row: Any) -> t.LockInfo:
         """A task_lock row, its times in the caller's clock."""
         local = self._session.local
-        return LockInfo(row[0], row[1], row[2], row[3], row[4], local(row[5]), local(row[6]))
+        return t.LockInfo(row[0], row[1], row[2], row[3], row[4], local(row[5]), local(row[6]))
 
-    def _item(self, row: asyncpg.Record) -> ItemInfo:
+    def _item(self, row: asyncpg.Record) -> t.ItemInfo:
         key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
         name = os.fsdecode(bytes(relpath))
         local = self._session.local(updated)
-        return ItemInfo(key, name, size, mtime_ns, state, attempts, interrupted, error, local)
+        return t.ItemInfo(key, name, size, mtime_ns, state, attempts, interrupted, error, local)
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -200,8 +188,8 @@ class PostgresLedger(Ledger):
 
     async def acquire_lock(
         self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
-    ) -> LockInfo | None:
-        async def acquire(conn: Connection) -> LockInfo | None:
+    ) -> t.LockInfo | None:
+        async def acquire(conn: Connection) -> t.LockInfo | None:
             await conn.execute(sql.JOB_LOCK_GUARD, job)
             row = await conn.fetchrow(sql.LOCK_GET, job)
             now = await conn.fetchval(sql.SERVER_NOW) if row is None else row[7]
@@ -224,7 +212,7 @@ class PostgresLedger(Ledger):
                     taken = await conn.fetchval(sql.LOCK_TAKE_OVER, job, stale.owner, *lock)
                 if taken is None:  # only a writer bypassing the guard could get here
                     raise JobLockedError(job, None, None, "just now")
-            return None if stale is None else self._lock_info(dataclasses.astuple(stale))
+            return None if stale is None else self._lock_info(astuple(stale))
 
         return await self._session.transact(acquire, again=False)  # may have taken it
 
@@ -252,58 +240,39 @@ class PostgresLedger(Ledger):
 
         return await self._session.transact(reap)
 
-    async def runners(self, job: str) -> list[RunnerInfo]:
+    async def runners(self, job: str) -> list[t.RunnerInfo]:
         local = self._session.local
         return [
-            RunnerInfo(r[0], r[1], r[2], r[3], r[4], local(r[5]), local(r[6]), local(r[7]))
+            t.RunnerInfo(r[0], r[1], r[2], r[3], r[4], local(r[5]), local(r[6]), local(r[7]))
             for r in await self._session.fetch(sql.RUNNERS_OF_JOB, job)
         ]
 
-    async def heartbeat(
-        self,
-        job: str,
-        owner: str,
-        ttl: float,
-        leases: Sequence[tuple[str, int]],
-        *,
-        holds_lock: bool,
-        run_id: int = 0,
-        totals: RunTotals | None = None,
-    ) -> bool:
-        keys = [key for key, _ in leases]
-        fences = [fence for _, fence in leases]
-        progress = dataclasses.astuple(totals or RunTotals())
+    async def heartbeat(self, beat: t.Heartbeat) -> bool:
+        job, owner, ttl = beat.job, beat.owner, beat.ttl
+        keys = [key for key, _ in beat.leases]
+        fences = [fence for _, fence in beat.leases]
 
-        async def beat(conn: Connection) -> bool:
-            await conn.execute(sql.RUN_PROGRESS, run_id, *progress)
+        async def renew(conn: Connection) -> bool:
+            await conn.execute(sql.RUN_PROGRESS, beat.run_id, *astuple(beat.totals))
             alive = await conn.fetchval(sql.RUNNER_EXTEND, owner, ttl) is not None
-            if holds_lock:
+            if beat.holds_lock:
                 alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
             if alive and keys:
                 await conn.execute(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
             return alive
 
-        return await self._session.transact(beat)
+        return await self._session.transact(renew)
 
-    async def release_runner(
-        self,
-        job: str,
-        owner: str,
-        *,
-        holds_lock: bool,
-        run_id: int,
-        totals: RunTotals,
-        exit_status: str,
-    ) -> None:
+    async def release_runner(self, end: t.RunEnd) -> None:
         async def release(conn: Connection) -> None:
-            await conn.execute(sql.RUNNER_REMOVE, owner)
-            if holds_lock:
-                await conn.execute(sql.LOCK_RELEASE, job, owner)
-            await conn.execute(sql.RUN_FINISH, run_id, exit_status, *dataclasses.astuple(totals))
+            await conn.execute(sql.RUNNER_REMOVE, end.owner)
+            if end.holds_lock:
+                await conn.execute(sql.LOCK_RELEASE, end.job, end.owner)
+            await conn.execute(sql.RUN_FINISH, end.run_id, end.exit_status, *astuple(end.totals))
 
         await self._session.transact(release)
 
-    async def locks(self) -> list[LockInfo]:
+    async def locks(self) -> list[t.LockInfo]:
         return [self._lock_info(r) for r in await self._session.fetch(sql.LOCK_LIST)]
 
     async def force_unlock(self, job: str, owner: str) -> bool:
@@ -315,8 +284,8 @@ class PostgresLedger(Ledger):
     # -- claims ------------------------------------------------------------------------------------
 
     async def claim_scanned(
-        self, job: str, owner: str, lease: float, rows: Sequence[ScannedRow]
-    ) -> list[ClaimedRow]:
+        self, job: str, owner: str, lease: float, rows: Sequence[t.ScannedRow]
+    ) -> list[t.ClaimedRow]:
         if not rows:
             return []
         columns: tuple[list[Any], ...] = ([], [], [], [], [])  # keys, relpaths, ... inodes
@@ -334,17 +303,19 @@ class PostgresLedger(Ledger):
             return await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
         found = await self._session.transact(claim, one=True)
-        claimed = [ClaimedRow(k, s, f, a, n, p) for k, s, f, a, n, p in found if s == "running"]
+        claimed = [t.ClaimedRow(k, s, f, a, n, p) for k, s, f, a, n, p in found if s == "running"]
         unclaimed = [key for key, state, *_ in found if state == "check"]
         for row in (
             await self._session.fetch(sql.CLAIM_CHECK, job, unclaimed, owner) if unclaimed else []
         ):
             key, state, fence, attempts, interrupted, post, relpath, size, mtime, inode = row
             if state in ("running", "held", "failed"):  # the handled file only when finished
-                claimed.append(ClaimedRow(key, state, fence, attempts, interrupted, post))
+                claimed.append(t.ClaimedRow(key, state, fence, attempts, interrupted, post))
             else:
                 handled = (bytes(relpath), size, mtime, _unsigned(inode))
-                claimed.append(ClaimedRow(key, state, fence, attempts, interrupted, post, *handled))
+                claimed.append(
+                    t.ClaimedRow(key, state, fence, attempts, interrupted, post, *handled)
+                )
         self._added += sum(1 for r in claimed if r.fence == 1 and r.state == "running")
         if self._added >= self._analyze_after:
             await self._analyze()
@@ -368,12 +339,12 @@ class PostgresLedger(Ledger):
 
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
-    ) -> list[ClaimedRow]:
+    ) -> list[t.ClaimedRow]:
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit)
 
         return [
-            ClaimedRow(
+            t.ClaimedRow(
                 r[0], "running", r[5], r[6], r[7], r[8], bytes(r[1]), r[2], r[3], _unsigned(r[4])
             )
             for r in await self._session.transact(claim, one=True)
@@ -386,11 +357,7 @@ class PostgresLedger(Ledger):
     # -- outcomes ----------------------------------------------------------------------------------
 
     async def commit_outcomes(
-        self,
-        job: str,
-        owner: str,
-        outcomes: Sequence[Outcome],
-        started: Sequence[tuple[str, int]] = (),
+        self, job: str, owner: str, outcomes: Sequence[t.Outcome], started: t.Leases = ()
     ) -> set[str]:
         # A retry time (``next_attempt_at``, in the caller's clock) is stored as the same delay
         # from the server's now.
@@ -421,7 +388,7 @@ class PostgresLedger(Ledger):
         changed = {r[0] for r in await self._outcomes().transact(commit, one=True) if r[1]}
         return {o.key for o in outcomes} - changed
 
-    async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
+    async def release_items(self, job: str, owner: str, items: t.Leases) -> None:
         if not items:
             return
         keys = [key for key, _ in items]
@@ -452,20 +419,20 @@ class PostgresLedger(Ledger):
         oldest = await self._session.fetchval(sql.OLDEST_WAITING, job)
         return None if oldest is None else self._session.local(float(oldest))
 
-    async def failures(self, job: str, limit: int) -> list[ItemInfo]:
+    async def failures(self, job: str, limit: int) -> list[t.ItemInfo]:
         return [self._item(r) for r in await self._session.fetch(sql.FAILURES, job, limit)]
 
-    async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
+    async def _items_by_key(self, job: str, key: str) -> list[t.ItemInfo]:
         return [self._item(r) for r in await self._session.fetch(sql.ITEM_BY_KEY, job, key)]
 
-    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[ItemInfo]:
+    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[t.ItemInfo]:
         rows = await self._session.fetch(sql.ITEMS_BY_RELPATH, job, relpath)
         return [self._item(r) for r in rows]
 
-    async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
+    async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         local = self._session.local
         return [
-            RunInfo(
+            t.RunInfo(
                 r[0],
                 r[1],
                 r[2],
@@ -475,7 +442,7 @@ class PostgresLedger(Ledger):
                 local(r[6]),
                 None if r[7] is None else local(r[7]),
                 r[8],
-                RunTotals(*(int(n) for n in r[9:])),
+                t.RunTotals(*(int(n) for n in r[9:])),
             )
             for r in await self._session.fetch(sql.RUNS_OF_JOB, job, limit)
         ]
@@ -493,26 +460,19 @@ class PostgresLedger(Ledger):
     # -- the idempotency store ---------------------------------------------------------------------
 
     async def idempotency_claim(
-        self,
-        scope: str,
-        key: str,
-        fingerprint: str,
-        token: str,
-        *,
-        lock_timeout: float,
-        ttl: float,
-    ) -> IdempotencyClaim:
-        fresh = (scope, key, fingerprint, token, lock_timeout, max(ttl, lock_timeout))
+        self, request: t.IdempotencyRequest, *, lock_timeout: float, ttl: float
+    ) -> t.IdempotencyClaim:
+        fresh = (*astuple(request), lock_timeout, max(ttl, lock_timeout))
 
-        async def claim(conn: Connection) -> IdempotencyClaim:
+        async def claim(conn: Connection) -> t.IdempotencyClaim:
             if await conn.fetchval(sql.IDEMPOTENCY_INSERT, *fresh) is not None:
-                return IdempotencyClaim("run", "new")
-            row = await conn.fetchrow(sql.IDEMPOTENCY_GET, scope, key)
+                return t.IdempotencyClaim("run", "new")
+            row = await conn.fetchrow(sql.IDEMPOTENCY_GET, request.scope, request.key)
             assert row is not None  # a conflicting insert waits for the row's commit
             fp, state, status, headers, body, locked_until, expires_at, now = row
             response = stored_response(status, headers, body or b"") if state == "done" else None
             found = decide_idempotency(
-                fingerprint, fp, state, response, locked_until, expires_at, now
+                request.fingerprint, fp, state, response, locked_until, expires_at, now
             )
             if found.decision == "run":
                 await conn.execute(sql.IDEMPOTENCY_TAKE_OVER, *fresh)
@@ -521,19 +481,20 @@ class PostgresLedger(Ledger):
         return await self._session.transact(claim, again=False)  # a lost commit: 409, not run twice
 
     async def idempotency_complete(
-        self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float
+        self, request: t.IdempotencyRequest, response: t.StoredResponse, *, ttl: float
     ) -> bool:
         headers = encode_headers(response.headers)
-        params = (scope, key, token, response.status, headers, response.body, ttl)
+        who = (request.scope, request.key, request.token)
+        params = (*who, response.status, headers, response.body, ttl)
 
         async def complete(conn: Connection) -> bool:
             return await conn.fetchval(sql.IDEMPOTENCY_COMPLETE, *params) is not None
 
         return await self._session.transact(complete, one=True)
 
-    async def idempotency_release(self, scope: str, key: str, token: str) -> None:
+    async def idempotency_release(self, request: t.IdempotencyRequest) -> None:
         async def release(conn: Connection) -> None:
-            await conn.execute(sql.IDEMPOTENCY_RELEASE, scope, key, token)
+            await conn.execute(sql.IDEMPOTENCY_RELEASE, request.scope, request.key, request.token)
 
         await self._session.transact(release, one=True)
 

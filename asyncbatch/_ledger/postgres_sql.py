@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from .types import RUN_COUNTS_ADDED
+
 #: The schema version this code writes (``meta.schema_version``).
 SCHEMA_VERSION: Final = 2
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
@@ -134,14 +136,11 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (scope, key)
 );
 CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
-ALTER TABLE runs ADD COLUMN done_before bigint NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN held bigint NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN waiting bigint NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN dead_before bigint NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN unfinished bigint NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN lost bigint NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN earlier bigint NOT NULL DEFAULT 0;
-""",
+"""
+    + "".join(
+        f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
+        for name in RUN_COUNTS_ADDED
+    ),
 }
 
 # -- opening -------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ functions below, over a plain ``sqlite3.Connection``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -39,6 +39,7 @@ from .._effects.actions import decode_action, encode_action
 from .._exceptions import LedgerError, NotALedgerError, SchemaVersionError
 from .._procinfo import ProcessIdentity
 from . import sqlite_sql as sql
+from . import types as t
 from .aiosqlite_bridge import on_thread, raw
 from .base import (
     BUSY,
@@ -51,19 +52,6 @@ from .base import (
     stored_response,
 )
 from .sqlite_open import check_state_path, companions, open_error, read_only_view
-from .types import (
-    ClaimedRow,
-    Durability,
-    IdempotencyClaim,
-    ItemInfo,
-    LockInfo,
-    Outcome,
-    RunInfo,
-    RunnerInfo,
-    RunTotals,
-    ScannedRow,
-    StoredResponse,
-)
 
 __all__ = ["SQLiteLedger"]
 
@@ -78,9 +66,9 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _item(row: Sequence[Any]) -> ItemInfo:
+def _item(row: Sequence[Any]) -> t.ItemInfo:
     key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
-    return ItemInfo(
+    return t.ItemInfo(
         key, os.fsdecode(relpath), size, mtime_ns, state, attempts, interrupted, error, updated
     )
 
@@ -116,10 +104,10 @@ def _tx_acquire_lock(
     ttl: float,
     shared: bool,
     now: float,
-) -> LockInfo | None:
+) -> t.LockInfo | None:
     row = conn.execute(sql.LOCK_GET, (job,)).fetchone()
-    held = None if row is None else LockInfo(*row)
-    runners = [] if shared else [RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]
+    held = None if row is None else t.LockInfo(*row)
+    runners = [] if shared else [t.RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]
     stale = decide_lock(job, held, runners, me=me, shared=shared, now=now)
     if stale is not None:
         conn.execute(sql.RUN_KILLED, {"job": job, "owner": stale.owner, "now": now})
@@ -138,7 +126,7 @@ def _tx_acquire_lock(
 
 def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float) -> int:
     released = 0
-    for runner in [RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]:
+    for runner in [t.RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]:
         if runner.alive(now, me):
             continue
         conn.execute(sql.RUN_KILLED, {"job": job, "owner": runner.owner, "now": now})
@@ -147,23 +135,15 @@ def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float
     return released
 
 
-def _tx_heartbeat(
-    conn: sqlite3.Connection,
-    job: str,
-    owner: str,
-    until: float,
-    now: float,
-    leases: Sequence[tuple[str, int]],
-    holds_lock: bool,
-    progress: dict[str, int],
-) -> bool:
-    conn.execute(sql.RUN_PROGRESS, progress)
+def _tx_heartbeat(conn: sqlite3.Connection, beat: t.Heartbeat, until: float, now: float) -> bool:
+    job, owner = beat.job, beat.owner
+    conn.execute(sql.RUN_PROGRESS, {"id": beat.run_id, **asdict(beat.totals)})
     alive = conn.execute(sql.RUNNER_EXTEND, (now, until, owner)).rowcount == 1
-    if holds_lock:
+    if beat.holds_lock:
         alive = alive and conn.execute(sql.LOCK_EXTEND, (until, job, owner)).rowcount == 1
-    if alive and leases:
+    if alive and beat.leases:
         conn.executemany(
-            sql.EXTEND_LEASE, [(until, job, key, owner, fence) for key, fence in leases]
+            sql.EXTEND_LEASE, [(until, job, key, owner, fence) for key, fence in beat.leases]
         )
     return alive
 
@@ -200,9 +180,9 @@ def _tx_commit(
     return [tuple(r) for r in conn.execute(sql.LEASE_STATE, (job, keys)).fetchall()]
 
 
-def _tx_idempotency_claim(conn: sqlite3.Connection, fresh: dict[str, Any]) -> IdempotencyClaim:
+def _tx_idempotency_claim(conn: sqlite3.Connection, fresh: dict[str, Any]) -> t.IdempotencyClaim:
     if conn.execute(sql.IDEMPOTENCY_INSERT, fresh).rowcount == 1:
-        return IdempotencyClaim("run", "new")
+        return t.IdempotencyClaim("run", "new")
     fp, state, status, headers, body, locked_until, expires_at = conn.execute(
         sql.IDEMPOTENCY_GET, (fresh["scope"], fresh["key"])
     ).fetchone()  # the insert was ignored inside this write transaction: the row is there
@@ -244,7 +224,7 @@ class SQLiteLedger(Ledger):
         cls,
         path: str | os.PathLike[str],
         *,
-        durability: Durability = "normal",
+        durability: t.Durability = "normal",
         create: bool = True,
         busy_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -284,7 +264,7 @@ class SQLiteLedger(Ledger):
         return ledger
 
     async def _prepare(
-        self, existed: bool, durability: Durability, *, migrate: bool, read_only: bool
+        self, existed: bool, durability: t.Durability, *, migrate: bool, read_only: bool
     ) -> None:
         db, name = self._db, self.name
         try:
@@ -480,7 +460,7 @@ class SQLiteLedger(Ledger):
 
     async def acquire_lock(
         self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
-    ) -> LockInfo | None:
+    ) -> t.LockInfo | None:
         return await self._transact(_tx_acquire_lock, job, owner, me, ttl, shared, self.clock())
 
     async def register_runner(
@@ -507,49 +487,27 @@ class SQLiteLedger(Ledger):
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
         return await self._transact(_tx_reap, job, me, self.clock())
 
-    async def runners(self, job: str) -> list[RunnerInfo]:
+    async def runners(self, job: str) -> list[t.RunnerInfo]:
         rows = await self._fetchall(sql.RUNNERS_OF_JOB, (job,))
-        return [RunnerInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows]
+        return [t.RunnerInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows]
 
-    async def heartbeat(
-        self,
-        job: str,
-        owner: str,
-        ttl: float,
-        leases: Sequence[tuple[str, int]],
-        *,
-        holds_lock: bool,
-        run_id: int = 0,
-        totals: RunTotals | None = None,
-    ) -> bool:
+    async def heartbeat(self, beat: t.Heartbeat) -> bool:
         now = self.clock()
-        progress = {"id": run_id, **dataclasses.asdict(totals or RunTotals())}
-        return await self._transact(
-            _tx_heartbeat, job, owner, now + ttl, now, leases, holds_lock, progress
-        )
+        return await self._transact(_tx_heartbeat, beat, now + beat.ttl, now)
 
-    async def release_runner(
-        self,
-        job: str,
-        owner: str,
-        *,
-        holds_lock: bool,
-        run_id: int,
-        totals: RunTotals,
-        exit_status: str,
-    ) -> None:
-        finish = {"id": run_id, "exit_status": exit_status, **dataclasses.asdict(totals)}
+    async def release_runner(self, end: t.RunEnd) -> None:
+        finish = {"id": end.run_id, "exit_status": end.exit_status, **asdict(end.totals)}
 
         def release(conn: sqlite3.Connection, now: float) -> None:
-            conn.execute(sql.RUNNER_REMOVE, (owner,))
-            if holds_lock:
-                conn.execute(sql.LOCK_RELEASE, (job, owner))
+            conn.execute(sql.RUNNER_REMOVE, (end.owner,))
+            if end.holds_lock:
+                conn.execute(sql.LOCK_RELEASE, (end.job, end.owner))
             conn.execute(sql.RUN_FINISH, {**finish, "now": now})
 
         await self._transact(release, self.clock())
 
-    async def locks(self) -> list[LockInfo]:
-        return [LockInfo(*r) for r in await self._fetchall(sql.LOCK_LIST)]
+    async def locks(self) -> list[t.LockInfo]:
+        return [t.LockInfo(*r) for r in await self._fetchall(sql.LOCK_LIST)]
 
     async def force_unlock(self, job: str, owner: str) -> bool:
         def unlock(conn: sqlite3.Connection) -> bool:
@@ -560,8 +518,8 @@ class SQLiteLedger(Ledger):
     # -- claims ------------------------------------------------------------------------------------
 
     async def claim_scanned(
-        self, job: str, owner: str, lease: float, rows: Sequence[ScannedRow]
-    ) -> list[ClaimedRow]:
+        self, job: str, owner: str, lease: float, rows: Sequence[t.ScannedRow]
+    ) -> list[t.ClaimedRow]:
         if not rows:
             return []
         now = self.clock()
@@ -579,18 +537,18 @@ class SQLiteLedger(Ledger):
         for r in json.loads(found):
             if len(r) > 6:  # a finished row, with the file that was handled (relpath in hex)
                 r[6] = bytes.fromhex(r[6])
-            claimed.append(ClaimedRow(*r))
+            claimed.append(t.ClaimedRow(*r))
         return claimed
 
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
-    ) -> list[ClaimedRow]:
+    ) -> list[t.ClaimedRow]:
         def claim(conn: sqlite3.Connection, now: float) -> list[Any]:
             return conn.execute(sql.CLAIM_WAITING, (job, owner, now + lease, now, limit)).fetchall()
 
         result = await self._transact(claim, self.clock())
         return [
-            ClaimedRow(r[0], "running", r[5], r[6], r[7], r[8], r[1], r[2], r[3], r[4])
+            t.ClaimedRow(r[0], "running", r[5], r[6], r[7], r[8], r[1], r[2], r[3], r[4])
             for r in result
         ]
 
@@ -601,11 +559,7 @@ class SQLiteLedger(Ledger):
     # -- outcomes ----------------------------------------------------------------------------------
 
     async def commit_outcomes(
-        self,
-        job: str,
-        owner: str,
-        outcomes: Sequence[Outcome],
-        started: Sequence[tuple[str, int]] = (),
+        self, job: str, owner: str, outcomes: Sequence[t.Outcome], started: t.Leases = ()
     ) -> set[str]:
         now = self.clock()
         groups: dict[str | None, list[tuple[str, int]]] = {}
@@ -655,7 +609,7 @@ class SQLiteLedger(Ledger):
         }
         return lost | (set(mine) - {r[0] for r in rows})
 
-    async def release_items(self, job: str, owner: str, items: Sequence[tuple[str, int]]) -> None:
+    async def release_items(self, job: str, owner: str, items: t.Leases) -> None:
         if not items:
             return
 
@@ -686,18 +640,18 @@ class SQLiteLedger(Ledger):
         value = await self._value(sql.OLDEST_WAITING, (job,))
         return None if value is None else float(value)
 
-    async def failures(self, job: str, limit: int) -> list[ItemInfo]:
+    async def failures(self, job: str, limit: int) -> list[t.ItemInfo]:
         return [_item(r) for r in await self._fetchall(sql.FAILURES, (job, limit))]
 
-    async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
+    async def _items_by_key(self, job: str, key: str) -> list[t.ItemInfo]:
         return [_item(r) for r in await self._fetchall(sql.ITEM_BY_KEY, (job, key))]
 
-    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[ItemInfo]:
+    async def _items_by_relpath(self, job: str, relpath: bytes) -> list[t.ItemInfo]:
         return [_item(r) for r in await self._fetchall(sql.ITEMS_BY_RELPATH, (job, relpath))]
 
-    async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
+    async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         return [
-            RunInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], RunTotals(*r[9:]))
+            t.RunInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], t.RunTotals(*r[9:]))
             for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))
         ]
 
@@ -717,21 +671,11 @@ class SQLiteLedger(Ledger):
     # -- the idempotency store ---------------------------------------------------------------------
 
     async def idempotency_claim(
-        self,
-        scope: str,
-        key: str,
-        fingerprint: str,
-        token: str,
-        *,
-        lock_timeout: float,
-        ttl: float,
-    ) -> IdempotencyClaim:
+        self, request: t.IdempotencyRequest, *, lock_timeout: float, ttl: float
+    ) -> t.IdempotencyClaim:
         now = self.clock()
         fresh = {
-            "scope": scope,
-            "key": key,
-            "fingerprint": fingerprint,
-            "token": token,
+            **asdict(request),
             "now": now,
             "locked_until": now + lock_timeout,
             "expires_at": now + max(ttl, lock_timeout),
@@ -739,13 +683,11 @@ class SQLiteLedger(Ledger):
         return await self._transact(_tx_idempotency_claim, fresh)
 
     async def idempotency_complete(
-        self, scope: str, key: str, token: str, response: StoredResponse, *, ttl: float
+        self, request: t.IdempotencyRequest, response: t.StoredResponse, *, ttl: float
     ) -> bool:
         now = self.clock()
         params = {
-            "scope": scope,
-            "key": key,
-            "token": token,
+            **asdict(request),
             "status": response.status,
             "headers": encode_headers(response.headers),
             "body": response.body,
@@ -758,9 +700,9 @@ class SQLiteLedger(Ledger):
 
         return await self._transact(complete)
 
-    async def idempotency_release(self, scope: str, key: str, token: str) -> None:
+    async def idempotency_release(self, request: t.IdempotencyRequest) -> None:
         def release(conn: sqlite3.Connection) -> None:
-            conn.execute(sql.IDEMPOTENCY_RELEASE, (scope, key, token))
+            conn.execute(sql.IDEMPOTENCY_RELEASE, (request.scope, request.key, request.token))
 
         await self._transact(release)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from .types import RUN_COUNTS_ADDED
+
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
@@ -118,14 +120,11 @@ CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
     1: """
 ALTER TABLE items ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'moved';
-ALTER TABLE runs ADD COLUMN done_before INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN dead_before INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN unfinished INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN earlier INTEGER NOT NULL DEFAULT 0;
-""",
+"""
+    + "".join(
+        f"ALTER TABLE runs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;\n"
+        for name in RUN_COUNTS_ADDED
+    ),
 }
 
 # -- opening -------------------------------------------------------------------------------------

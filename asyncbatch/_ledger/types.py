@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple
 
 from .._procinfo import ProcessIdentity, holder_is_dead
 
 __all__ = [
+    "RUN_COUNTS_ADDED",
     "STATES",
     "ClaimedRow",
     "Durability",
+    "Heartbeat",
     "IdempotencyClaim",
     "IdempotencyDecision",
+    "IdempotencyRequest",
     "ItemInfo",
+    "Leases",
     "LockInfo",
     "Outcome",
+    "RunEnd",
     "RunInfo",
     "RunTotals",
     "RunnerInfo",
@@ -31,6 +37,8 @@ Durability = Literal["normal", "full"]
 STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
 #: A scanned file as a claim registers it: ``(key, relpath, size, mtime_ns, inode)``.
 ScannedRow = tuple[str, bytes, int, int, int]
+#: Leases as ``(key, fence)`` pairs.
+Leases = Sequence[tuple[str, int]]
 
 
 def iso_time(ts: float) -> str:
@@ -154,6 +162,47 @@ class RunTotals:
     earlier: int = 0
 
 
+#: The counts a run's history row got in schema version 2 (besides seen, done, failed, dead
+#: and vanished, which it had from the start).
+RUN_COUNTS_ADDED: Final = (
+    "done_before",
+    "held",
+    "waiting",
+    "dead_before",
+    "unfinished",
+    "lost",
+    "earlier",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """One heartbeat of a runner: what it renews for ``ttl`` more seconds (its lock, when it
+    ``holds_lock``; its liveness; its item ``leases``, ``(key, fence)``), and its run's counts
+    so far (``totals``, kept in the history row ``run_id``)."""
+
+    job: str
+    owner: str
+    ttl: float
+    leases: Leases = ()
+    holds_lock: bool = False
+    run_id: int = 0
+    totals: RunTotals = field(default_factory=lambda: RunTotals())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunEnd:
+    """How a runner leaves: its records removed (its lock too, when it ``holds_lock``), its
+    history row ``run_id`` finished with ``totals`` and ``exit_status``."""
+
+    job: str
+    owner: str
+    holds_lock: bool
+    run_id: int
+    totals: RunTotals
+    exit_status: str
+
+
 @dataclass(frozen=True, slots=True)
 class RunInfo:
     """One row of the run history: who ran, when, how it ended, and its counts.
@@ -187,6 +236,17 @@ class StoredResponse:
 
 
 IdempotencyDecision = Literal["run", "replay", "conflict", "mismatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRequest:
+    """A keyed request as the store knows it: its key in its scope, the fingerprint of the
+    request, and the random token of the request that may own the key."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    token: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from .._context import TaskContext
 from .._effects.files import remove_stale_temp_files
 from .._exceptions import LockLostError
 from .._http.client import HTTPSettings, SharedClient
-from .._ledger import Ledger, open_ledger
+from .._ledger import Heartbeat, Ledger, RunEnd, open_ledger
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import Scanner
@@ -209,14 +209,15 @@ class Run:
             c = self.counters
             if status == "ok":
                 status = c.report(cfg.job, {}, stopped=state.stopping, mode=self.mode).exit_status
-            await ledger.release_runner(
-                cfg.job,
-                self.owner,
+            end = RunEnd(
+                job=cfg.job,
+                owner=self.owner,
                 holds_lock=self.holds_lock,
                 run_id=run_id,
                 totals=c.totals(),
                 exit_status=status,
             )
+            await ledger.release_runner(end)
 
     async def _pipeline(self, state: RunState, http: HTTPSettings, run_id: int) -> None:
         cfg = self.config
@@ -260,16 +261,16 @@ class Run:
         while True:
             await anyio.sleep(cfg.lease / 4)
             deadline = state.lease_deadline()  # before the call: the lease starts counting then
-            leases = [(i.key, i.fence) for i in state.in_flight.values()]
-            alive = await state.ledger.heartbeat(
-                cfg.job,
-                self.owner,
-                cfg.lease,
-                leases,
+            beat = Heartbeat(
+                job=cfg.job,
+                owner=self.owner,
+                ttl=cfg.lease,
+                leases=[(i.key, i.fence) for i in state.in_flight.values()],
                 holds_lock=self.holds_lock,
                 run_id=run_id,
                 totals=self.counters.totals(),
             )
+            alive = await state.ledger.heartbeat(beat)
             if not alive:
                 raise LockLostError(
                     f"job {cfg.job!r}: this runner's lock or liveness record was taken over "
