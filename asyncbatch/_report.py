@@ -91,23 +91,32 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """Whether every settled file seen is done: none dead, held, waiting or unfinished, and
-        (for ``run()``) not stopped. A stopped ``watch()`` is ok: stopping is how a watch ends,
-        and what it gave back unfinished is handled by the next one."""
+        """Whether every settled file seen is done: none dead, held, waiting or unfinished, no
+        post-commit action (archive, delete) failed, and (for ``run()``) not stopped. A stopped
+        ``watch()`` is ok: stopping is how a watch ends, and what it gave back unfinished is
+        handled by the next one."""
         if self.stopped and self.mode == "run":
             return False
         unfinished = self.unfinished if self.mode == "run" else 0
-        return not (self.dead or self.dead_before or self.held or self.waiting or unfinished)
+        return not (
+            self.dead
+            or self.dead_before
+            or self.held
+            or self.waiting
+            or unfinished
+            or self.post_failed
+        )
 
     @property
     def exit_status(self) -> str:
         """How the run ended, as its history row says: ``ok``, ``stopped``, ``failed`` (dead
-        items), ``held`` (files other runners hold), ``waiting`` or ``unfinished``."""
+        items, or post-commit actions that failed), ``held`` (files other runners hold),
+        ``waiting`` or ``unfinished``."""
         if self.stopped:
             return "stopped"
         if self.ok:
             return "ok"
-        if self.dead or self.dead_before:
+        if self.dead or self.dead_before or self.post_failed:
             return "failed"
         if self.held:
             return "held"

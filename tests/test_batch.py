@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asyncbatch import (
     AsyncBatchError,
     Batch,
     ConfigurationError,
+    LockLostError,
     PermanentError,
     TaskContext,
 )
@@ -495,8 +497,39 @@ async def test_a_stray_cancelled_error_from_a_handler_fails_only_that_attempt(
 
     assert (report.done, report.dead, report.ok) == (4, 1, False)
     ((error,),) = rows(state, "SELECT last_error FROM items WHERE state = 'dead'")
-    assert error.startswith("CancelledError: the handler raised it, but nothing had cancelled it")
+    assert error.startswith("CancelledError: the handler raised it, but nothing in the run")
     assert rows(state, "SELECT exit_status FROM runs") == [("failed",)]
+
+
+@pytest.mark.parametrize("delivered", [True, False])
+async def test_a_handler_that_cancels_its_own_task_fails_only_its_attempt(
+    inbox: Path, state: Path, delivered: bool
+) -> None:
+    # Regression: task.cancelling() was taken for a cancellation of the run, which then ended
+    # at once with exit 0 while the other settled files stayed pending.
+    import asyncio
+
+    make_files(inbox, 6)
+    attempts: dict[str, list[int]] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        attempts.setdefault(ctx.entry.relpath, []).append(ctx.attempt)
+        if ctx.attempt == 1 and ctx.entry.relpath == "f00001.txt":
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            if delivered:
+                await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(60):
+        report = await Batch(handle, source=inbox, state=state, backoff=0.01).run()
+
+    assert (report.done, report.ok) == (6, True), report
+    assert attempts["f00001.txt"] == [1, 2]
+    assert all(a == [1] for k, a in attempts.items() if k != "f00001.txt")
+    assert rows(state, "SELECT state, count(*) FROM items GROUP BY state") == [("done", 6)]
+    assert rows(state, "SELECT exit_status FROM runs") == [("ok",)]
 
 
 async def test_a_watch_goes_on_after_a_stray_cancelled_error(inbox: Path, state: Path) -> None:
@@ -576,3 +609,34 @@ async def test_settings_beyond_their_bounds_are_refused_with_the_value(
     for setting, value in settings.items():
         with pytest.raises(ConfigurationError, match=f"setting '{setting}' has value"):
             Batch(handle, source=inbox, state=state, **{setting: value})
+
+
+def test_a_runner_resumed_after_a_takeover_starts_none_of_the_items_it_had_leased(
+    inbox: Path, state: Path
+) -> None:
+    # Regression: a runner whose event loop stalled past its leases (a suspended process, a
+    # blocking handler) went on starting the items queued before the stall, although another
+    # runner had taken them over, until its next heartbeat noticed.
+    import threading
+
+    make_files(inbox, 6)
+    started: dict[str, list[str]] = {"a": [], "b": []}
+
+    def runner(name: str) -> Batch:
+        async def handle(ctx: TaskContext) -> None:
+            started[name].append(ctx.entry.relpath)
+            if name == "a" and len(started["a"]) == 1:
+                time.sleep(3.3)  # noqa: ASYNC251 - the stall: past the 3 s lease
+                taker = threading.Thread(target=anyio.run, args=(runner("b").run,))
+                taker.start()
+                taker.join()
+
+        return Batch(handle, source=inbox, state=state, lease=3, concurrency=1)
+
+    with pytest.raises(LockLostError, match="taken over"):
+        anyio.run(runner("a").run)
+
+    assert sorted(started["b"]) == [f"f{i:05d}.txt" for i in range(6)]
+    assert started["a"] == ["f00000.txt"]
+    assert state_counts(state) == {"done": 6}
+    assert rows(state, "SELECT count(*) FROM runners") == [(0,)]

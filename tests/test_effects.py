@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -483,8 +484,40 @@ async def test_a_failed_post_commit_action_is_reported(
     monkeypatch.setattr(PostActions, "_perform", fail)
     report = await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
 
-    assert (report.done, report.post_failed, report.ok) == (3, 3, True)
+    # The items are done (their work is recorded), but the run is not ok: files that should
+    # have been archived are still in the inbox (the next run retries the action).
+    assert (report.done, report.post_failed, report.ok) == (3, 3, False)
+    assert report.exit_status == "failed"
     assert "3 post-commit actions failed" in str(report)
+    assert rows(state, "SELECT exit_status FROM runs") == [("failed",)]
+    monkeypatch.undo()
+    again = await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+    assert (again.done_before, again.post_failed, again.ok) == (3, 0, True)
+    assert sorted(p.name for p in archive.iterdir()) == ["f00000.txt", "f00001.txt", "f00002.txt"]
+
+
+async def test_an_archive_move_never_follows_a_symlinked_directory_out_of_the_archive(
+    inbox: Path, state: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (inbox / "sub").mkdir()
+    make_files(inbox / "sub", 1)
+    archive, elsewhere = tmp_path / "archive", tmp_path / "elsewhere"
+    archive.mkdir()
+    elsewhere.mkdir()
+    (archive / "sub").symlink_to(elsewhere)
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.read_bytes()
+
+    with caplog.at_level(logging.WARNING, "asyncbatch"):
+        report = await Batch(
+            handle, source=inbox, state=state, recursive=True, on_done=f"move:{archive}"
+        ).run()
+
+    assert (report.done, report.post_failed, report.ok) == (1, 1, False)
+    assert list(elsewhere.iterdir()) == []
+    assert [p.name for p in (inbox / "sub").iterdir()] == ["f00000.txt"]  # left where it was
+    assert "'sub' in its path is a symbolic link" in caplog.text
 
 
 # -- regressions of issue 14 ---------------------------------------------------------------------
@@ -588,7 +621,7 @@ async def test_write_output_never_follows_a_symlink_inside_the_output_dir(
     assert (out / "nested" / "deeper" / "ok.txt").read_bytes() == b"fine"
     assert errors == [
         "cannot write 'link/escaped.txt': 'link' in its path is a symbolic link or not a "
-        "directory; outputs are only written inside the output directory"
+        "directory; asyncbatch writes only inside the directory it was given"
     ]
 
 

@@ -45,6 +45,7 @@ from asyncbatch._ledger import (
     Ledger,
     Outcome,
     PostgresDSN,
+    Renewal,
     RunEnd,
     RunTotals,
     StoredResponse,
@@ -366,7 +367,7 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
     assert await ledger.heartbeat(
         Heartbeat(job="j", owner="a", ttl=60, leases=[(row.key, row.fence)], holds_lock=True)
-    )
+    ) == Renewal(True, frozenset())
     await anyio.sleep(PAST_SHORT)
     # Without the heartbeat, all three would have expired by now.
     with pytest.raises(JobLockedError):
@@ -380,18 +381,39 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     assert abs(runner.heartbeat_at - time.time()) < 5
     # An operator removed the lock: the next heartbeat says so.
     assert await ledger.force_unlock("j", "a")
-    assert not await ledger.heartbeat(
+    assert await ledger.heartbeat(
         Heartbeat(job="j", owner="a", ttl=60, leases=[], holds_lock=True)
-    )
+    ) == Renewal(False)
 
 
 async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger) -> None:
     await ledger.register_runner("j", "r", OTHER_HOST, SHORT, shared=True, mode="run")
     await anyio.sleep(PAST_SHORT)
     assert await ledger.reap_stale_runners("j", this_process()) == 0
-    assert not await ledger.heartbeat(
-        Heartbeat(job="j", owner="r", ttl=60, leases=[], holds_lock=False)
-    )
+    assert not (
+        await ledger.heartbeat(Heartbeat(job="j", owner="r", ttl=60, leases=[], holds_lock=False))
+    ).alive
+
+
+async def test_heartbeat_names_the_leases_another_runner_took_over(ledger: Ledger) -> None:
+    # A runner whose heartbeats came late (suspended, a stalled event loop): its liveness
+    # record is still there, but a lease expired and was taken; that one is lost, not renewed.
+    await ledger.register_runner("j", "a", this_process(), 60, shared=True, mode="run")
+    first, second = await ledger.claim_scanned("j", "a", SHORT, [entry(1), entry(2)])
+    (kept,) = await ledger.claim_scanned("j", "a", 60, [entry(3)])
+    await anyio.sleep(PAST_SHORT)
+    (taken,) = await ledger.claim_scanned("j", "b", 60, [entry(1)])
+    assert (taken.state, taken.fence) == ("running", first.fence + 1)
+    leases = [(first.key, first.fence), (second.key, second.fence), (kept.key, kept.fence)]
+    renewal = await ledger.heartbeat(Heartbeat(job="j", owner="a", ttl=60, leases=leases))
+    assert renewal == Renewal(True, frozenset({first.key}))
+    # The expired lease nobody took was renewed (still ours), the taken one was left alone.
+    assert await ledger.claim_scanned("j", "b", 60, [entry(2)]) == [
+        ClaimedRow(second.key, "held", second.fence, 0)
+    ]
+    assert await ledger.commit_outcomes("j", "a", [Outcome(first.key, first.fence, "done")]) == {
+        first.key
+    }
 
 
 async def test_the_items_of_a_runner_that_is_gone_are_put_back(

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "idempotent_move",
+    "make_parents_under",
     "remove_stale_temp_files",
     "same_content",
     "write_under",
@@ -125,23 +126,41 @@ def _open_subdir(dir_fd: int, name: str, *, shown: str) -> int:
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise EffectError(
-                f"cannot write {shown!r}: {name!r} in its path is a symbolic link or not a "
-                "directory; outputs are only written inside the output directory"
+                f"{shown}: {name!r} in its path is a symbolic link or not a directory; "
+                "asyncbatch writes only inside the directory it was given"
             ) from None
         raise
 
 
-def _write_under(root: Path, relpath: Path, data: bytes) -> None:
-    """Write ``root/relpath`` atomically, following no symlink below ``root``."""
+def _open_parent_under(root: Path, relpath: Path, *, shown: str) -> int:
+    """Open (making what is missing) the directory of ``root/relpath``, following no symlink
+    below ``root``; the caller closes it."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in relpath.parts[:-1]:
-            inner = _open_subdir(fd, part, shown=str(relpath))
+            inner = _open_subdir(fd, part, shown=shown)
             os.close(fd)
             fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_under(root: Path, relpath: Path, data: bytes) -> None:
+    """Write ``root/relpath`` atomically, following no symlink below ``root``."""
+    fd = _open_parent_under(root, relpath, shown=f"cannot write {str(relpath)!r}")
+    try:
         _replace_at(fd, relpath.name, data)
     finally:
         os.close(fd)
+
+
+def make_parents_under(root: Path, relpath: Path) -> None:
+    """Make the missing directories of ``root/relpath`` (for an archive move), following no
+    symbolic link below ``root``: raises :class:`EffectError` if one is in the way (a move
+    never leaves the archive it was given)."""
+    os.close(_open_parent_under(root, relpath, shown=f"cannot move into {str(root / relpath)!r}"))
 
 
 async def write_under(root: Path, relpath: Path, data: bytes | str) -> None:

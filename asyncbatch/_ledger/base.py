@@ -42,6 +42,7 @@ from .types import (
     Leases,
     LockInfo,
     Outcome,
+    Renewal,
     RunEnd,
     RunInfo,
     RunnerInfo,
@@ -275,13 +276,15 @@ class Ledger(abc.ABC):
         """The job's registered runners."""
 
     @abc.abstractmethod
-    async def heartbeat(self, beat: Heartbeat) -> bool:
+    async def heartbeat(self, beat: Heartbeat) -> Renewal:
         """Extend a runner's lock, liveness and item leases, and record its run's counts so
         far (what ``status`` shows of a live run, and what remains of a killed one); see
         :class:`Heartbeat`.
 
-        Returns ``False`` when the lock or the runner record was taken from us: the caller
-        must stop.
+        The :class:`Renewal` is not ``alive`` when the lock or the runner record was taken
+        from us (the caller must stop; no lease is renewed then); its ``lost`` keys are the
+        leases another runner took over (the caller must not start, or go on with, those
+        items).
         """
 
     @abc.abstractmethod

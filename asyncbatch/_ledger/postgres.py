@@ -247,19 +247,22 @@ class PostgresLedger(Ledger):
             for r in await self._session.fetch(sql.RUNNERS_OF_JOB, job)
         ]
 
-    async def heartbeat(self, beat: t.Heartbeat) -> bool:
+    async def heartbeat(self, beat: t.Heartbeat) -> t.Renewal:
         job, owner, ttl = beat.job, beat.owner, beat.ttl
         keys = [key for key, _ in beat.leases]
         fences = [fence for _, fence in beat.leases]
 
-        async def renew(conn: Connection) -> bool:
+        async def renew(conn: Connection) -> t.Renewal:
             await conn.execute(sql.RUN_PROGRESS, beat.run_id, *astuple(beat.totals))
             alive = await conn.fetchval(sql.RUNNER_EXTEND, owner, ttl) is not None
             if beat.holds_lock:
                 alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
-            if alive and keys:
-                await conn.execute(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
-            return alive
+            if not alive:
+                return t.Renewal(False)
+            if not keys:
+                return t.Renewal(True)
+            rows = await conn.fetch(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
+            return t.Renewal(True, frozenset(keys) - {r[0] for r in rows})
 
         return await self._session.transact(renew)
 

@@ -398,6 +398,7 @@ UPDATE items AS i SET lease_until = {NOW} + $3::float8
 FROM unnest($4::text[], $5::int8[]) AS l(key, fence)
 WHERE i.job = $1 AND i.key = l.key AND i.owner = $2
   AND i.fence = l.fence AND i.state = 'running'
+RETURNING i.key
 """
 #: ctx.move() records where the input goes before moving it: a retry after a crash finds it.
 #: $1 job, $2 key, $3 owner, $4 fence, $5 post action.

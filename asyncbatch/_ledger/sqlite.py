@@ -135,17 +135,21 @@ def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float
     return released
 
 
-def _tx_heartbeat(conn: sqlite3.Connection, beat: t.Heartbeat, until: float, now: float) -> bool:
+def _tx_heartbeat(
+    conn: sqlite3.Connection, beat: t.Heartbeat, until: float, now: float
+) -> t.Renewal:
     job, owner = beat.job, beat.owner
     conn.execute(sql.RUN_PROGRESS, {"id": beat.run_id, **asdict(beat.totals)})
     alive = conn.execute(sql.RUNNER_EXTEND, (now, until, owner)).rowcount == 1
     if beat.holds_lock:
         alive = alive and conn.execute(sql.LOCK_EXTEND, (until, job, owner)).rowcount == 1
-    if alive and beat.leases:
-        conn.executemany(
-            sql.EXTEND_LEASE, [(until, job, key, owner, fence) for key, fence in beat.leases]
-        )
-    return alive
+    if not alive:
+        return t.Renewal(False)
+    extend = sql.EXTEND_LEASE
+    lost = [
+        k for k, f in beat.leases if conn.execute(extend, (until, job, k, owner, f)).rowcount == 0
+    ]
+    return t.Renewal(True, frozenset(lost))
 
 
 def _tx_claim_scanned(
@@ -410,15 +414,19 @@ class SQLiteLedger(Ledger):
         """Run ``fn(conn, *args)`` in one ``BEGIN IMMEDIATE`` transaction on the ledger thread.
 
         ``fn`` is synchronous and uses the plain ``sqlite3.Connection``. The whole transaction
-        is one hop: cancelling the caller cannot interrupt it half-way. Raises
-        :class:`LedgerError` if the state file was deleted or replaced since it was opened.
+        is one hop, and the wait for it is shielded (as the PostgreSQL session's is): a caller
+        cancelled while it runs still gets its result, so what it committed (leases, the lock)
+        is never lost to its caller. Raises :class:`LedgerError` if the state file was deleted
+        or replaced since it was opened.
         """
         self._check_file()
 
         async def attempt() -> T | Busy:
             async with self._lock:
                 with self._errors():
-                    return await on_thread(self._db, self._in_transaction, fn, args)
+                    with anyio.CancelScope(shield=True):
+                        result = await on_thread(self._db, self._in_transaction, fn, args)
+                    return result
 
         return await self._until_not_busy(attempt)
 
@@ -491,7 +499,7 @@ class SQLiteLedger(Ledger):
         rows = await self._fetchall(sql.RUNNERS_OF_JOB, (job,))
         return [t.RunnerInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows]
 
-    async def heartbeat(self, beat: t.Heartbeat) -> bool:
+    async def heartbeat(self, beat: t.Heartbeat) -> t.Renewal:
         now = self.clock()
         return await self._transact(_tx_heartbeat, beat, now + beat.ttl, now)
 

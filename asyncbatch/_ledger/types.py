@@ -22,6 +22,7 @@ __all__ = [
     "Leases",
     "LockInfo",
     "Outcome",
+    "Renewal",
     "RunEnd",
     "RunInfo",
     "RunTotals",
@@ -188,6 +189,16 @@ class Heartbeat:
     holds_lock: bool = False
     run_id: int = 0
     totals: RunTotals = field(default_factory=lambda: RunTotals())
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a :class:`Heartbeat` renewed: whether the runner is still ``alive`` (its liveness
+    record, and its lock when it holds one, were still its own), and the keys of the leases it
+    sent that were ``lost`` (taken over by another runner since; not renewed)."""
+
+    alive: bool
+    lost: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,7 +26,7 @@ import anyio.to_thread
 from .. import _failpoints as failpoints
 from .._config import BatchConfig
 from .._effects.actions import decode_action
-from .._effects.files import fsync_dir, idempotent_move
+from .._effects.files import fsync_dir, idempotent_move, make_parents_under
 from .._exceptions import EffectError
 
 __all__ = ["PostActions"]
@@ -139,7 +139,7 @@ class PostActions:
             return "already moved" if dst.exists() else "already gone"
         if not _matches(st, post):
             return "left alone: the file was replaced by a newer version"
-        await anyio.to_thread.run_sync(lambda: dst.parent.mkdir(parents=True, exist_ok=True))
+        await anyio.to_thread.run_sync(make_parents_under, archive, Path(rel))
         try:
             await idempotent_move(src, dst)
         except EffectError:

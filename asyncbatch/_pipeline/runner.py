@@ -9,6 +9,7 @@ more; everything belongs to one run: no module-level mutable state, nothing shar
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -208,7 +209,10 @@ class Run:
             state.in_flight.clear()
             c = self.counters
             if status == "ok":
-                status = c.report(cfg.job, {}, stopped=state.stopping, mode=self.mode).exit_status
+                post_failed = self._posts.failed if self._posts is not None else 0
+                status = c.report(
+                    cfg.job, {}, stopped=state.stopping, mode=self.mode, post_failed=post_failed
+                ).exit_status
             end = RunEnd(
                 job=cfg.job,
                 owner=self.owner,
@@ -259,7 +263,7 @@ class Run:
     async def _heartbeat(self, state: RunState, run_id: int) -> None:
         cfg = self.config
         while True:
-            await anyio.sleep(cfg.lease / 4)
+            await state.until_beat_due(cfg.lease / 4)
             deadline = state.lease_deadline()  # before the call: the lease starts counting then
             beat = Heartbeat(
                 job=cfg.job,
@@ -270,14 +274,24 @@ class Run:
                 run_id=run_id,
                 totals=self.counters.totals(),
             )
-            alive = await state.ledger.heartbeat(beat)
-            if not alive:
+            renewal = await state.ledger.heartbeat(beat)
+            if not renewal.alive:
                 raise LockLostError(
                     f"job {cfg.job!r}: this runner's lock or liveness record was taken over "
                     "(was it suspended longer than the lease?); it stopped"
                 )
-            for item in state.in_flight.values():
-                item.lease_deadline = deadline
+            in_flight = state.in_flight
+            for key, fence in beat.leases:
+                item = in_flight.get(key)
+                if item is not None and item.fence == fence:
+                    item.lease_deadline = -math.inf if key in renewal.lost else deadline
+            if renewal.lost:
+                log.warning(
+                    "%d leases of this runner were taken over by others (its heartbeats came "
+                    "late: was it suspended?); it leaves those items to them",
+                    len(renewal.lost),
+                )
+            state.beat_ended()
 
     async def _stop_after_grace(self, state: RunState, queue: ItemQueue) -> None:
         await self._stop_requested.wait()

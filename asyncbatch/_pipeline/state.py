@@ -47,6 +47,12 @@ class RunState:
     stopping: bool = False
     _progress: anyio.Event = field(default_factory=anyio.Event)
     _room: anyio.Event = field(default_factory=anyio.Event)
+    #: Heartbeats begun and ended, and the signals between the heartbeat and the workers that
+    #: wait for one (see :meth:`renew_leases`).
+    _beats_begun: int = 0
+    _beats_ended: int = 0
+    _beat_wanted: anyio.Event = field(default_factory=anyio.Event)
+    _beat_ended: anyio.Event = field(default_factory=anyio.Event)
 
     def lease_margin(self) -> float:
         """Seconds from now until a lease taken now must be given up locally (before another
@@ -56,6 +62,34 @@ class RunState:
     def lease_deadline(self) -> float:
         """The local monotonic deadline of a lease taken (or renewed) now."""
         return time.monotonic() + self.lease_margin()
+
+    # -- leases renewed on demand ----------------------------------------------------------------
+
+    async def renew_leases(self) -> None:
+        """Have the heartbeat renew the leases now, and wait until a heartbeat begun after this
+        call has ended (it updated each lease's local deadline, or marked it lost).
+
+        For a worker about to start an item whose local deadline passed (the runner was
+        suspended, or its event loop stalled): the ledger, not the clock, says whether the
+        lease is still ours. If the runner itself was taken over, the heartbeat stops the run.
+        """
+        target = self._beats_begun + 1
+        self._beat_wanted.set()
+        while self._beats_ended < target:
+            await self._beat_ended.wait()
+
+    async def until_beat_due(self, interval: float) -> None:
+        """For the heartbeat: wait ``interval`` seconds, or less if a worker wants a beat."""
+        with anyio.move_on_after(interval):
+            await self._beat_wanted.wait()
+        self._beat_wanted = anyio.Event()
+        self._beats_begun += 1
+
+    def beat_ended(self) -> None:
+        """For the heartbeat: the beat begun last has ended (its renewals are applied)."""
+        self._beats_ended = self._beats_begun
+        self._beat_ended.set()
+        self._beat_ended = anyio.Event()
 
     # -- the claimer waits for the committer ------------------------------------------------------
 

@@ -81,10 +81,35 @@ class HandlerAborted(Exception):
         super().__init__(f"the handler raised {error_text(original)} for {relpath!r}")
 
 
-def _really_cancelled() -> bool:
-    """Whether the current task has a cancellation pending (anyio cancels through asyncio)."""
+def _cancelled_by_the_run() -> bool:
+    """Whether a cancel scope around the current task (the watchdog's, the run's, the
+    application's) was cancelled or is past its deadline.
+
+    Not ``task.cancelling()``: a handler that cancels its own task (``current_task().cancel()``)
+    raises the same exception, and must fail only its attempt, not end the run.
+    """
+    return anyio.current_effective_deadline() <= anyio.current_time()
+
+
+def _cancelled_itself() -> bool:
+    """Whether the current task has a cancellation pending that no cancel scope asked for."""
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    return task is not None and task.cancelling() > 0 and not _cancelled_by_the_run()
+
+
+async def _absorb_own_cancellation() -> None:
+    """Take back a cancellation the handler requested of its own task (delivered or not), so
+    the worker's next await is not cancelled by it."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling() == 0:
+        return
+    try:
+        await asyncio.sleep(0)  # a request not yet delivered is delivered here
+    except asyncio.CancelledError:
+        if _cancelled_by_the_run():
+            raise
+    while task.cancelling() > 0:
+        task.uncancel()
 
 
 @dataclass(slots=True, eq=False)
@@ -160,6 +185,8 @@ class WorkerPool:
                 # other tasks (ledger replies, heartbeat) about once a millisecond.
                 await anyio.lowlevel.checkpoint()
                 yield_at = time.monotonic() + YIELD_EVERY
+            if item.lease_deadline <= time.monotonic() and not await self.still_ours(item):
+                continue
             slot.item = item
             slot.started = started = time.monotonic()
             if timeout is not None and started + timeout < self._watch_at:
@@ -169,6 +196,29 @@ class WorkerPool:
             slot.item = None
             outbox.put(item, outcome)
         return False
+
+    async def still_ours(self, item: LeasedItem) -> bool:
+        """Whether a queued item whose local lease deadline passed may still be started.
+
+        Its lease may have been taken over while this runner was suspended or stalled: a
+        heartbeat is asked for and awaited, and the ledger's answer decides. A lease taken
+        over is left to its new holder: the item is not started (and is noted as held, as a
+        claim that found it so would have noted it).
+        """
+        run = self.run
+        while item.lease_deadline <= time.monotonic():
+            if item.lease_deadline == -math.inf or run.in_flight.get(item.key) is not item:
+                run.in_flight.pop(item.key, None)
+                run.reopen(item.key, "held", item.record())
+                self.item_logger(item).info(
+                    "%r: not started: its lease was taken over by another runner",
+                    os.fsdecode(item.relpath),
+                )
+                return False
+            if run.stopping:
+                return False  # not started; released with the run's other leases
+            await run.renew_leases()
+        return True
 
     async def watchdog(self) -> None:
         """Cancel handlers that overrun their ``timeout`` or their lease (one timer in all)."""
@@ -260,6 +310,10 @@ class WorkerPool:
                 if failpoints.ACTIVE is not None:  # inline: this is once per item
                     await failpoints.ahit("in-handler")
                 await self.handler(ctx)
+                if _cancelled_itself():  # and returned before the request was delivered
+                    await _absorb_own_cancellation()
+                    why = "the handler cancelled its own task (nothing in the run had)"
+                    return self.failure(item, why)
             except PermanentError as exc:
                 return self.failure(item, error_text(exc), permanent=True, exc=exc)
             except ConfigurationError:
@@ -267,12 +321,14 @@ class WorkerPool:
             except Exception as exc:
                 return self.failure(item, error_text(exc), exc=exc)
             except BaseException as exc:
-                if _really_cancelled():
+                if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise HandlerAborted(exc, os.fsdecode(item.relpath)) from exc
+                if _cancelled_by_the_run():
                     raise
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    why = "CancelledError: the handler raised it, but nothing had cancelled it"
-                    return self.failure(item, why, exc=exc)
-                raise HandlerAborted(exc, os.fsdecode(item.relpath)) from exc
+                # Raised by the handler, or its own task cancelled by itself: its attempt fails.
+                await _absorb_own_cancellation()
+                why = "CancelledError: the handler raised it, but nothing in the run cancelled it"
+                return self.failure(item, why, exc=exc)
             return _make_outcome(
                 (item.key, item.fence, "done", None, None, self._on_done, stat, True)
             )
