@@ -60,14 +60,8 @@ class Entry:
     file's location: under the source, or where ``ctx.move`` put it before a crash.
     """
 
-    __slots__ = ("_base", "_path", "inode", "mtime_ns", "relpath", "size")
-
-    relpath: str
-    size: int
-    mtime_ns: int
-    inode: int
-    _base: Path
-    _path: Path | None
+    # Private slots behind read-only properties: plain stores in __init__, once per item.
+    __slots__ = ("_base", "_inode", "_mtime_ns", "_path", "_relpath", "_size")
 
     def __init__(
         self,
@@ -79,24 +73,39 @@ class Entry:
         *,
         path: Path | None = None,
     ) -> None:
-        setter = object.__setattr__
-        setter(self, "_base", base)
-        setter(self, "relpath", relpath)
-        setter(self, "size", size)
-        setter(self, "mtime_ns", mtime_ns)
-        setter(self, "inode", inode)
-        setter(self, "_path", path)
+        self._base = base
+        self._relpath = relpath
+        self._size = size
+        self._mtime_ns = mtime_ns
+        self._inode = inode
+        self._path = path
+
+    @property
+    def relpath(self) -> str:
+        """The path relative to the source, ``/``-separated."""
+        return self._relpath
+
+    @property
+    def size(self) -> int:
+        """The size in bytes, as the scan (or the open, for identity ``path``) saw it."""
+        return self._size
+
+    @property
+    def mtime_ns(self) -> int:
+        """The modification time in nanoseconds."""
+        return self._mtime_ns
+
+    @property
+    def inode(self) -> int:
+        """The inode number."""
+        return self._inode
 
     @property
     def path(self) -> Path:
         """The file's path (built on first use: most handlers never need a ``Path``)."""
         if self._path is None:
-            object.__setattr__(self, "_path", self._base / self.relpath)
-        assert self._path is not None
+            self._path = self._base / self._relpath
         return self._path
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Entry is read-only; cannot set {name!r}")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):

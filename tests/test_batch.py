@@ -640,3 +640,22 @@ def test_a_runner_resumed_after_a_takeover_starts_none_of_the_items_it_had_lease
     assert started["a"] == ["f00000.txt"]
     assert state_counts(state) == {"done": 6}
     assert rows(state, "SELECT count(*) FROM runners") == [(0,)]
+
+
+async def test_a_context_and_its_entry_are_read_only(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    refused: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        for obj, name in ((ctx, "key"), (ctx, "attempt"), (ctx, "data"), (ctx.entry, "size")):
+            with pytest.raises(AttributeError):
+                setattr(obj, name, 1)
+            refused.append(name)
+        with pytest.raises(AttributeError):
+            ctx.anything_else = 1  # type: ignore[attr-defined]
+        ctx.data["mine"] = 1  # the handler's own values go here
+        assert (ctx.key, ctx.attempt, ctx.entry.size, ctx.data) == (ctx.key, 1, 16, {"mine": 1})
+
+    report = await Batch(handle, source=inbox, state=state).run()
+    assert report.done == 1
+    assert refused == ["key", "attempt", "data", "size"]

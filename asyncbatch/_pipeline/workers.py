@@ -91,12 +91,6 @@ def _cancelled_by_the_run() -> bool:
     return anyio.current_effective_deadline() <= anyio.current_time()
 
 
-def _cancelled_itself() -> bool:
-    """Whether the current task has a cancellation pending that no cancel scope asked for."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0 and not _cancelled_by_the_run()
-
-
 async def _absorb_own_cancellation() -> None:
     """Take back a cancellation the handler requested of its own task (delivered or not), so
     the worker's next await is not cancelled by it."""
@@ -117,6 +111,8 @@ class _Slot:
     """A worker's current item, watched by the watchdog."""
 
     scope: anyio.CancelScope | None = None
+    #: The worker's task (looked up once: a handler may cancel it).
+    task: asyncio.Task[Any] | None = None
     item: LeasedItem | None = None
     started: float = 0.0
     reason: str = "stopped by the watchdog"
@@ -156,7 +152,7 @@ class WorkerPool:
         watchdog cancels it when the current item overruns its timeout or lease; the worker
         records that failure and carries on in a fresh scope.
         """
-        slot = _Slot()
+        slot = _Slot(task=asyncio.current_task())
         self._slots.append(slot)
         try:
             while True:
@@ -192,7 +188,7 @@ class WorkerPool:
             if timeout is not None and started + timeout < self._watch_at:
                 self._watch_wake.set()
             outbox.started(item)
-            outcome = await self.attempt(item)
+            outcome = await self.attempt(item, slot.task)
             slot.item = None
             outbox.put(item, outcome)
         return False
@@ -248,8 +244,11 @@ class WorkerPool:
 
     # -- one attempt -------------------------------------------------------------------------------
 
-    async def attempt(self, item: LeasedItem) -> Outcome:
-        """Open the input, call the handler, and say how it went (never raises ``Exception``)."""
+    async def attempt(self, item: LeasedItem, task: asyncio.Task[Any] | None = None) -> Outcome:
+        """Open the input, call the handler, and say how it went (never raises ``Exception``).
+
+        ``task`` is the worker's: a cancellation of it that the handler requested and left
+        pending is taken back, and fails the attempt."""
         cfg = self.config
         item.started = True
         if item.prior_interrupted >= cfg.max_interruptions:
@@ -310,7 +309,8 @@ class WorkerPool:
                 if failpoints.ACTIVE is not None:  # inline: this is once per item
                     await failpoints.ahit("in-handler")
                 await self.handler(ctx)
-                if _cancelled_itself():  # and returned before the request was delivered
+                if task is not None and task.cancelling() and not _cancelled_by_the_run():
+                    # It cancelled its own task, and returned before that was delivered.
                     await _absorb_own_cancellation()
                     why = "the handler cancelled its own task (nothing in the run had)"
                     return self.failure(item, why)
