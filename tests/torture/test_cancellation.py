@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -40,11 +41,11 @@ LOSES_ITS_RESULT = {"_tx_acquire_lock", "_tx_claim_scanned", "claim"}
 
 def sqlite_transaction_name() -> str:
     """The name of the SQLite transaction function being run on this thread, if any."""
-    frame = sys._getframe()
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
         if frame.f_code.co_name == "_in_transaction":
             return str(getattr(frame.f_locals.get("fn"), "__name__", "?"))
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return "?"
 
 
