@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from asyncbatch._effects.files import TEMP_PREFIX
+
 from ..conftest import HANDLERS, cli, kill, make_files, rows, state_counts, wait_for
-from .harness import FULL, TEMP_PREFIX, integrity_failures, record_figures, remount, tmpfs
+from .harness import FULL, integrity_failures, record_figures, remount, tmpfs
 
 WRITE_COPY = f"{HANDLERS}:write_copy"
 RECORD = f"{HANDLERS}:record"
@@ -193,7 +195,7 @@ def test_an_error_in_a_post_commit_move_is_retried_by_the_next_run(
 ) -> None:
     make_files(inbox, FILES)
     with tmpfs(tmp_path / "archive-fs", size="8m") as archive:  # another filesystem: a copy
-        args = [
+        args: list[str | os.PathLike[str]] = [
             "run",
             RECORD,
             "--source",
@@ -224,7 +226,15 @@ def test_a_ledger_on_a_full_filesystem_stops_the_run_with_one_line_and_recovers(
     with tmpfs(tmp_path / "state-fs", size="16m") as fs:
         state = fs / "state.db"
         filler = fs / "filler"
-        args = ["run", RECORD, "--source", inbox, "--state", state, "--no-progress"]
+        args: list[str | os.PathLike[str]] = [
+            "run",
+            RECORD,
+            "--source",
+            inbox,
+            "--state",
+            state,
+            "--no-progress",
+        ]
         code, err = run(*args, "--claim-batch", "16")
         assert code == 0, err  # the ledger fits first; now leave it no room to grow
         make_files(inbox, 2000, prefix="g")
@@ -247,7 +257,15 @@ def test_a_ledger_on_a_read_only_filesystem_stops_the_run_with_one_line_and_reco
     make_files(inbox, 20)
     with tmpfs(tmp_path / "state-fs", size="8m") as fs:
         state = fs / "state.db"
-        args = ["run", RECORD, "--source", inbox, "--state", state, "--no-progress"]
+        args: list[str | os.PathLike[str]] = [
+            "run",
+            RECORD,
+            "--source",
+            inbox,
+            "--state",
+            state,
+            "--no-progress",
+        ]
         code, err = run(*args)
         assert code == 0, err
         make_files(inbox, 20, prefix="g")
@@ -272,7 +290,15 @@ def test_a_ledger_without_write_permission_stops_the_run_with_one_line(
     home = tmp_path / "state-dir"
     home.mkdir()
     state = home / "state.db"
-    args = ["run", RECORD, "--source", inbox, "--state", state, "--no-progress"]
+    args: list[str | os.PathLike[str]] = [
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--no-progress",
+    ]
     home.chmod(0o555)
     try:
         result = cli(*args, prefix=NO_DAC_OVERRIDE)
