@@ -43,9 +43,12 @@ _COPY_BLOCK = 1 << 20
 
 
 def _temp_name(target: Path, me: ProcessIdentity) -> Path:
+    """A hidden temp name beside ``target``, at most 200 bytes long (a name may have 255
+    bytes, as many as 127 characters of two bytes each: the cut is made in bytes)."""
     start = (me.pid_start or "0").rpartition(":")[2]
     stem = f"{TEMP_PREFIX}{me.pid}-{start}-{secrets.token_hex(4)}-"
-    return target.with_name(stem + target.name[: 200 - len(stem)])
+    tail = os.fsencode(target.name)[: 200 - len(stem)]
+    return target.with_name(stem + os.fsdecode(tail))
 
 
 def fsync_dir(directory: Path) -> None:
