@@ -69,3 +69,33 @@ async def stamp_after_block(ctx: TaskContext) -> None:
     time.sleep(float(os.environ.get("AB_BLOCK", "0")))  # noqa: ASYNC251 - on purpose
     await ctx.write_output(output_name(ctx.entry.relpath), f"{os.getpid()}\n")
     note(f"{os.getpid()} {ctx.entry.relpath}", "AB_WROTE")
+
+
+#: A secret that must never reach a log, a status output or the ledger.
+CANARY = "canary-7f3a9c1e-do-not-log"
+
+
+async def post_secret(ctx: TaskContext) -> None:
+    """POST the input (which holds the canary) with the canary in a header and the query."""
+    data = await ctx.read_bytes()
+    ctx.log.info("posting %d bytes", len(data))
+    url = os.environ["AB_URL"].rstrip("/") + f"/fail?token={CANARY}"
+    response = await ctx.http.post(
+        url, content=data, headers={"Authorization": f"Bearer {CANARY}", "X-Api-Key": CANARY}
+    )
+    response.raise_for_status()
+
+
+async def stream_in_chunks(ctx: TaskContext) -> None:
+    """Read the input through ``ctx.open()`` 1 MiB at a time (bounded memory)."""
+    total = 0
+    async with ctx.open() as f:
+        while chunk := await f.read(1 << 20):
+            total += len(chunk)
+    assert total == ctx.entry.size
+
+
+async def read_whole(ctx: TaskContext) -> None:
+    """``ctx.read_bytes()`` of the whole input."""
+    data = await ctx.read_bytes()
+    assert len(data) == ctx.entry.size
