@@ -259,3 +259,27 @@ def test_a_canary_secret_in_payloads_headers_and_urls_never_leaks(
     digest = hashlib.sha256(CANARY.encode()).hexdigest()
     assert digest not in "".join(shown)
     record_figures("abuse", case="canary secret", leaks=0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT: on_done='move:DIR' follows a symbolic link to a directory inside the "
+    "archive (recursive inbox, archive/sub -> elsewhere): the input lands outside the archive, "
+    "where write_output refuses such a path (EffectError)",
+)
+async def test_an_archive_move_never_follows_a_symlinked_directory_out_of_the_archive(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    (inbox / "sub").mkdir()
+    make_files(inbox / "sub", 1)
+    archive, elsewhere = tmp_path / "archive", tmp_path / "elsewhere"
+    archive.mkdir()
+    elsewhere.mkdir()
+    (archive / "sub").symlink_to(elsewhere)
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.read_bytes()
+
+    await Batch(handle, source=inbox, state=state, recursive=True, on_done=f"move:{archive}").run()
+
+    assert list(elsewhere.iterdir()) == []
