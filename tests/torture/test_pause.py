@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -34,11 +35,31 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites_nothing(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    state = str(tmp_path / "state.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+@dataclass
+class Pause:
+    """What happened to a runner paused past its lease while another took its items over."""
+
+    names: list[str]
+    #: The item whose handler was paused; each done item -> the pid that completed it.
+    at_pause: str
+    done: dict[str, str]
+    outputs: dict[str, str]
+    paused_pid: int
+    taker_pid: int
+    paused_exit: int
+    paused_err: str
+    late_writes: list[str]
+    started_after_resume: list[str]
+    completions: list[int]
+
+    @property
+    def lost_lines(self) -> list[str]:
+        return [w for w in self.paused_err.splitlines() if "taken over" in w or "ran out" in w]
+
+
+def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
+    """SIGSTOP a ``--shared`` runner in a handler, past its lease; let another runner take its
+    items over and finish; SIGCONT the first; collect what each did."""
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     out.mkdir()
     names = sorted(p.name for p in make_files(inbox, 6))
@@ -67,6 +88,7 @@ def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites
         # blocking sleep (the first one wrote, and may have committed, before it).
         wait_for(lambda: len(lines(started)) >= 2, timeout=60)
         paused.send_signal(signal.SIGSTOP)
+        started_before_pause = len(lines(started))
         at_pause = lines(started)[-1].split(" ", 1)[1]
         wrote_before_pause = len(lines(wrote))
         time.sleep(LEASE + 1.0)  # its leases and its runner record expire meanwhile
@@ -78,34 +100,81 @@ def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites
     _, paused_err = paused.communicate(timeout=60)
 
     pid_of = {str(owner): str(pid) for owner, pid in query(state, "SELECT owner, pid FROM runs")}
-    done = {
-        bytes(relpath).decode(): pid_of[str(owner)]
-        for relpath, owner in query(state, "SELECT relpath, owner FROM items WHERE state='done'")
-    }
-    outputs = {n: (out / output_name(n)).read_text().strip() for n in names}
-    late_writes = lines(wrote)[wrote_before_pause:]
-    late_writes = [w for w in late_writes if w.startswith(f"{paused.pid} ")]
-    lost_lines = [w for w in paused_err.splitlines() if "taken over" in w or "ran out" in w]
-    completions = query(state, "SELECT key, count(*) FROM torture_completions GROUP BY key")
+    mine = f"{paused.pid} "
+    return Pause(
+        names=names,
+        at_pause=at_pause,
+        done={
+            bytes(relpath).decode(): pid_of[str(owner)]
+            for relpath, owner in query(
+                state, "SELECT relpath, owner FROM items WHERE state = 'done'"
+            )
+        },
+        outputs={n: (out / output_name(n)).read_text().strip() for n in names},
+        paused_pid=paused.pid,
+        taker_pid=taker.pid,
+        paused_exit=paused.returncode,
+        paused_err=paused_err,
+        late_writes=[w for w in lines(wrote)[wrote_before_pause:] if w.startswith(mine)],
+        started_after_resume=[
+            w for w in lines(started)[started_before_pause:] if w.startswith(mine)
+        ],
+        completions=sorted(
+            n for _, n in query(state, "SELECT key, count(*) FROM torture_completions GROUP BY key")
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def sqlite_pause(tmp_path_factory: pytest.TempPathFactory) -> Pause:
+    """One pause on SQLite, for the tests of what it did and of what it should not have."""
+    root = tmp_path_factory.mktemp("pause")
+    return pause_and_take_over(str(root / "state.db"), root)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites_nothing(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        found: Pause = request.getfixturevalue("sqlite_pause")
+    else:
+        found = pause_and_take_over(request.getfixturevalue("pg_dsn"), tmp_path)
     record_figures(
         "pause",
         backend=backend,
-        taken_over=sum(pid == str(taker.pid) for pid in done.values()),
-        paused_exit=paused.returncode,
-        late_writes=len(late_writes),
-        lease_lost_log_lines=len(lost_lines),
+        taken_over=sum(pid == str(found.taker_pid) for pid in found.done.values()),
+        paused_exit=found.paused_exit,
+        late_writes=len(found.late_writes),
+        handlers_started_after_resume=len(found.started_after_resume),
+        lease_lost_log_lines=len(found.lost_lines),
     )
     # Every output is the result of the runner whose completion was recorded.
-    assert sorted(done) == names
-    assert outputs == done, (lines(started), lines(wrote), paused_err)
+    assert sorted(found.done) == found.names
+    assert found.outputs == found.done, found.paused_err
     # The item in the paused handler was taken over; the paused runner wrote nothing late.
-    assert done[at_pause] == str(taker.pid)
-    assert late_writes == []
-    assert sorted(n for _, n in completions) == [1] * 6
+    assert found.done[found.at_pause] == str(found.taker_pid)
+    assert found.late_writes == []
+    assert found.completions == [1] * 6
     # The paused runner noticed, said so, and stopped.
-    assert paused.returncode == 1, paused_err
-    assert lost_lines, paused_err
-    assert "Traceback" not in paused_err
+    assert found.paused_exit == 1, found.paused_err
+    assert found.lost_lines, found.paused_err
+    assert "Traceback" not in found.paused_err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT: a runner resumed after its leases were taken over goes on starting "
+    "the items it had leased before the pause (each runs its handler, whose own effects and "
+    "HTTP calls are not fenced, and logs a lost lease) until its heartbeat notices: it should "
+    "drop items whose local lease deadline passed without starting them, and say so once",
+)
+def test_a_resumed_runner_starts_no_handler_for_items_it_no_longer_holds(
+    sqlite_pause: Pause,
+) -> None:
+    found = sqlite_pause
+    assert found.started_after_resume == []
+    assert len(found.lost_lines) <= 2  # the paused item's failed attempt, and the stop
 
 
 async def test_write_output_after_the_lease_ran_out_refuses_and_writes_nothing(
