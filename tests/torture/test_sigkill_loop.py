@@ -21,8 +21,8 @@ import pytest
 from ..conftest import kill
 from .harness import Scenario, assert_all_zero, receiving, record_figures, scale
 
-KILLS = scale(8, 200)
-FILES = scale(100, 1000)
+KILLS = scale(5, 200)
+FILES = scale(60, 1000)
 
 
 def kill_later(
