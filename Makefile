@@ -61,7 +61,7 @@ torture: $(TEST)
 	export ASYNCBATCH_TORTURE=full ASYNCBATCH_TORTURE_FIGURES=$(TORTURE)/figures.jsonl \
 		ASYNCBATCH_REQUIRE_POSTGRES=1; \
 	ASYNCBATCH_FAILPOINTS= $(BIN)/python -m tests.torture.failpoint_cost || status=$$?; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/torture \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests/torture \
 		tests/test_ledger_state_machine.py || status=$$?; \
 	$(BIN)/python -m tests.torture.figures $(TORTURE)/figures.jsonl $$(( $$(date +%s) - start )) \
 		> $(TORTURE)/figures.md || status=$$?; \
