@@ -64,6 +64,7 @@ def render(records: list[dict[str, Any]], seconds: float | None) -> str:
         out.append(
             f"- pause past the lease ({r['backend']}): {r['taken_over']} of 6 items taken over, "
             f"{r['late_writes']} late writes by the paused runner, "
+            f"{r.get('handlers_started_after_resume', '?')} handlers it started after resuming, "
             f"{r['lease_lost_log_lines']} log lines saying it lost its lease, "
             f"exit {r['paused_exit']}"
         )

@@ -82,10 +82,10 @@ def test_hostile_names_are_handled_and_never_break_a_line_of_output(
 ) -> None:
     names = [os.fsencode(n) for n in HOSTILE] + [b"latin1-\xe9\xff.txt", b"\xff" * 255]
     for i, name in enumerate(names):
-        (os.fsencode(inbox) + b"/" + name)
-        with open(os.path.join(os.fsencode(inbox), name), "wb") as f:
+        path = os.path.join(os.fsencode(inbox), name)
+        with open(path, "wb") as f:
             f.write(b"content %d\n" % i)
-        os.utime(os.path.join(os.fsencode(inbox), name), (time.time() - 30,) * 2)
+        os.utime(path, (time.time() - 30,) * 2)
     out = tmp_path / "out"
     out.mkdir()
     args = (

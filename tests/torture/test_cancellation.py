@@ -161,8 +161,9 @@ async def test_cancelling_at_every_await_of_claim_commit_and_post_commit_loses_n
     known_defect: set[str] = set()
     for i, (point, n) in enumerate(points):
         root = tmp_path / f"{i:03d}"
-        if backend == "postgres":  # a fresh schema for each
-            dsn = state.replace(state.rsplit("=", 1)[1], f"{state.rsplit('=', 1)[1]}_{i}")
+        if backend == "postgres":  # a fresh schema for each (search_path ends the DSN)
+            base, _, schema = state.rpartition("search_path=")
+            dsn = f"{base}search_path={schema}_{i}"
             store = PostgresStore(dsn)
             for d in ("out", "archive"):
                 (root / d).mkdir(parents=True)
@@ -185,7 +186,7 @@ async def test_cancelling_at_every_await_of_claim_commit_and_post_commit_loses_n
             assert report.ok
         await check_after_cancel(root, store, f"{point} #{n} ({held})")
         if backend == "postgres":
-            await store.fetch(f'DROP SCHEMA "{dsn.rsplit("=", 1)[1]}" CASCADE')
+            await store.fetch(f'DROP SCHEMA "{schema}_{i}" CASCADE')
     record_figures(
         "cancellation",
         backend=backend,
