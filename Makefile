@@ -50,8 +50,22 @@ pytest: $(TEST)
 
 test: lint typecheck pytest
 
+# The torture suite at full size (docs/RELIABILITY.md): every failpoint crashed 20 times and 200
+# random SIGKILLs, on SQLite and PostgreSQL, pauses, cancellations, I/O faults, abuse and the
+# ledger state machine. `make test` runs the short version of each loop. The figures go to
+# .torture/figures.md (and the terminal); the run fails if an invariant broke.
+TORTURE := .torture
 torture: $(TEST)
-	$(BIN)/python -m pytest -q -m slow tests
+	@mkdir -p $(TORTURE) && rm -f $(TORTURE)/figures.jsonl
+	@start=$$(date +%s); status=0; \
+	export ASYNCBATCH_TORTURE=full ASYNCBATCH_TORTURE_FIGURES=$(TORTURE)/figures.jsonl \
+		ASYNCBATCH_REQUIRE_POSTGRES=1; \
+	ASYNCBATCH_FAILPOINTS= $(BIN)/python -m tests.torture.failpoint_cost || status=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests/torture \
+		tests/test_ledger_state_machine.py || status=$$?; \
+	$(BIN)/python -m tests.torture.figures $(TORTURE)/figures.jsonl $$(( $$(date +%s) - start )) \
+		> $(TORTURE)/figures.md || status=$$?; \
+	cat $(TORTURE)/figures.md; exit $$status
 
 bench: $(TEST)
 	$(INSTALL) -e '.[test,bench]'

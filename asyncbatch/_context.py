@@ -249,8 +249,11 @@ class TaskContext:
         Readers see the old file or the new one, never a part. Missing directories are made;
         no symbolic link below ``output_dir`` is followed. Returns the path written. Raises
         :class:`ConfigurationError` without an ``output_dir`` (the run stops: no item can
-        succeed) or for an absolute path or one with ``..``, and :class:`EffectError` when a
-        directory in the path is a symbolic link (or not a directory).
+        succeed) or for an absolute path or one with ``..``, :class:`EffectError` when a
+        directory in the path is a symbolic link (or not a directory), and
+        :class:`LockLostError` (nothing written) once the item's lease ran out locally or was
+        taken over: a runner that was suspended or blocked past its lease does not overwrite
+        the result of the runner that took the item over.
         """
         if self.output_dir is None:
             raise ConfigurationError("ctx.write_output needs Batch(output_dir=...)")
@@ -259,7 +262,8 @@ class TaskContext:
             raise ConfigurationError.bad_value(
                 "write_output relpath", str(relpath), "a relative path inside output_dir"
             )
-        await write_under(self.output_dir, rel, data)
+        self._check_lease("the output was not written")
+        await write_under(self.output_dir, rel, data, fence=self._output_fence)
         return self.output_dir / rel
 
     async def move(self, destination: str | os.PathLike[str]) -> Path:
@@ -270,13 +274,31 @@ class TaskContext:
         it went (``ctx.entry.path`` is then the destination) instead of calling it vanished.
         Prefer ``on_done="move:DIR"``, which moves only after the completion committed.
         Raises :class:`EffectError` if a different file is already at the destination and
-        :class:`LockLostError` if another runner has taken over this item.
+        :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
+        runner has taken it over.
         """
         dst = Path(destination)
         if dst.is_dir():
             dst = dst / self.entry.path.name
         dst = dst.absolute()
+        self._check_lease("the input stays put")
         if self._hooks is not None and not await self._hooks.record_move(self, str(dst)):
             raise LockLostError(f"item {self.key}: its lease was taken over; the input stays put")
-        await idempotent_move(self.entry.path, dst)
+        await idempotent_move(self.entry.path, dst, fence=self._move_fence)
         return dst
+
+    def _output_fence(self) -> None:
+        self._check_lease("the output was not written")
+
+    def _move_fence(self) -> None:
+        self._check_lease("the input stays put")
+
+    def _check_lease(self, consequence: str) -> None:
+        """Refuse an effect once this item's lease may be another runner's: the fence of
+        effects, checked in this process's monotonic clock before the effect starts and again
+        in the writing thread just before it becomes visible (the rename or the link)."""
+        if self._hooks is not None and self._hooks.lease_lost(self):
+            raise LockLostError(
+                f"item {self.key}: its lease ran out or was taken over (was this runner "
+                f"suspended or its event loop blocked?); {consequence}"
+            )

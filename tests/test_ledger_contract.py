@@ -454,6 +454,20 @@ async def test_a_lease_is_exclusive_until_it_expires(ledger: Ledger, store: Stor
     assert await items(store) == [("k00001", "running", "runner-b", 2, 2)]
 
 
+async def test_a_claim_finds_its_owners_live_leases_again(ledger: Ledger) -> None:
+    # A claim repeated after its reply was lost (PostgreSQL: the connection died with the
+    # commit in flight) must find its leases, not call them another runner's.
+    (first,) = await ledger.claim_scanned("j", "runner-a", 60, [entry(1)])
+    again = await ledger.claim_scanned("j", "runner-a", 60, [entry(1), entry(2)])
+    assert [(r.key, r.state, r.fence) for r in sorted(again)] == [
+        ("k00001", "running", first.fence),
+        ("k00002", "running", 1),
+    ]
+    assert [r.state for r in await ledger.claim_scanned("j", "runner-b", 60, [entry(1)])] == [
+        "held"
+    ]
+
+
 async def test_a_lost_lease_cannot_mark_done_and_is_reported(ledger: Ledger, store: Store) -> None:
     first, _ = sorted(await ledger.claim_scanned("j", "runner-a", SHORT, [entry(1), entry(2)]))
     await anyio.sleep(PAST_SHORT)

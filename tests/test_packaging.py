@@ -119,7 +119,9 @@ def test_the_tests_in_the_sdist_are_complete_enough_to_collect(
     )
     assert collected.returncode == 0, collected.stdout + collected.stderr
     modules = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
-    assert modules == {p.relative_to(unpacked).as_posix() for p in unpacked.glob("tests/test_*.py")}
+    assert modules == {
+        p.relative_to(unpacked).as_posix() for p in unpacked.glob("tests/**/test_*.py")
+    }
 
 
 def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(

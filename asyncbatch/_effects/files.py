@@ -44,9 +44,12 @@ _COPY_BLOCK = 1 << 20
 
 
 def _temp_name(target: Path, me: ProcessIdentity) -> Path:
+    """A hidden temp name beside ``target``, at most 200 bytes long (a name may have 255
+    bytes, as many as 127 characters of two bytes each: the cut is made in bytes)."""
     start = (me.pid_start or "0").rpartition(":")[2]
     stem = f"{TEMP_PREFIX}{me.pid}-{start}-{secrets.token_hex(4)}-"
-    return target.with_name(stem + target.name[: 200 - len(stem)])
+    tail = os.fsencode(target.name)[: 200 - len(stem)]
+    return target.with_name(stem + os.fsdecode(tail))
 
 
 def fsync_dir(directory: Path) -> None:
@@ -91,8 +94,21 @@ def _atomic_write(path: Path, data: bytes, make_parents: bool) -> None:
         os.close(fd)
 
 
-def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
-    """Atomically replace ``name`` in the open directory ``dir_fd`` with ``data``."""
+def _no_fence() -> None:
+    pass
+
+
+#: A check called just before an effect becomes visible; it raises to stop the effect (the
+#: context's lease check: :class:`~asyncbatch.LockLostError` once the lease may be lost).
+Fence = Callable[[], None]
+
+
+def _replace_at(dir_fd: int, name: str, data: bytes, fence: Fence = _no_fence) -> None:
+    """Atomically replace ``name`` in the open directory ``dir_fd`` with ``data``.
+
+    ``fence()`` is called just before the rename that makes the new content visible (in this
+    thread: no event-loop turn in between); if it raises, nothing is replaced.
+    """
     tmp = _temp_name(Path(name), this_process()).name
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o666, dir_fd=dir_fd)
@@ -102,6 +118,7 @@ def _replace_at(dir_fd: int, name: str, data: bytes) -> None:
         os.close(fd)
         fd = -1
         failpoints.hit("output-temp-written")
+        fence()
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         if fd >= 0:
@@ -147,11 +164,12 @@ def _open_parent_under(root: Path, relpath: Path, *, shown: str) -> int:
     return fd
 
 
-def _write_under(root: Path, relpath: Path, data: bytes) -> None:
+def _write_under(root: Path, relpath: Path, data: bytes, fence: Fence = _no_fence) -> None:
     """Write ``root/relpath`` atomically, following no symlink below ``root``."""
+    fence()
     fd = _open_parent_under(root, relpath, shown=f"cannot write {str(relpath)!r}")
     try:
-        _replace_at(fd, relpath.name, data)
+        _replace_at(fd, relpath.name, data, fence)
     finally:
         os.close(fd)
 
@@ -163,14 +181,18 @@ def make_parents_under(root: Path, relpath: Path) -> None:
     os.close(_open_parent_under(root, relpath, shown=f"cannot move into {str(root / relpath)!r}"))
 
 
-async def write_under(root: Path, relpath: Path, data: bytes | str) -> None:
+async def write_under(
+    root: Path, relpath: Path, data: bytes | str, *, fence: Fence = _no_fence
+) -> None:
     """:func:`atomic_write` of ``root / relpath``, missing directories made, never leaving
     ``root``: no component below it may be a symbolic link (:class:`EffectError`).
 
-    ``relpath`` must be relative, without ``..`` (the caller checks).
+    ``relpath`` must be relative, without ``..`` (the caller checks). ``fence()`` is called in
+    the writing thread before anything is written and again just before the rename; if it
+    raises, the target is left as it was.
     """
     payload = data.encode() if isinstance(data, str) else bytes(data)
-    await anyio.to_thread.run_sync(_write_under, root, relpath, payload)
+    await anyio.to_thread.run_sync(_write_under, root, relpath, payload, fence)
 
 
 async def atomic_write(
@@ -214,7 +236,7 @@ def _unlink_source(src: Path) -> None:
     fsync_dir(src.parent)
 
 
-def _copy_across(src: Path, dst: Path) -> None:
+def _copy_across(src: Path, dst: Path, fence: Fence = _no_fence) -> None:
     tmp = _temp_name(dst, this_process())
     st = os.stat(src)
 
@@ -231,6 +253,7 @@ def _copy_across(src: Path, dst: Path) -> None:
     _write_new(tmp, fill, stat.S_IMODE(st.st_mode))
     try:
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        fence()
         os.link(tmp, dst)  # refuses to replace a file that appeared meanwhile
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -249,7 +272,8 @@ def _same_entry(src: Path, dst: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _move(src: Path, dst: Path) -> bool:
+def _move(src: Path, dst: Path, fence: Fence = _no_fence) -> bool:
+    fence()
     if _same_entry(src, dst):
         if _lstat(src) is None:
             raise FileNotFoundError(errno.ENOENT, "no such file", str(src))
@@ -270,10 +294,10 @@ def _move(src: Path, dst: Path) -> bool:
     try:
         os.link(src, dst)
     except FileExistsError:
-        return _move(src, dst)  # appeared meanwhile: decide again
+        return _move(src, dst, fence)  # appeared meanwhile: decide again
     except OSError as e:
         if e.errno == errno.EXDEV:
-            _copy_across(src, dst)
+            _copy_across(src, dst, fence)
         elif e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             os.replace(src, dst)  # no hard links here; dst was checked absent just above
             fsync_dir(dst.parent)
@@ -288,16 +312,20 @@ def _move(src: Path, dst: Path) -> bool:
     return True
 
 
-async def idempotent_move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
+async def idempotent_move(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, fence: Fence = _no_fence
+) -> bool:
     """Move ``src`` to ``dst`` so that repeating the call after any interruption finishes it.
 
     Returns ``True`` when this call moved the file, ``False`` when it found the move already
     done (``src`` gone and ``dst`` present, or both present with the same inode or content, in
     which case ``src`` is removed). Raises :class:`EffectError` when ``dst`` holds a different
     file (never overwritten) and ``FileNotFoundError`` when neither exists. The destination's
-    directory must exist.
+    directory must exist. ``fence()`` is called in the moving thread before the move starts
+    and, across filesystems, again before the copy is linked into place; if it raises, the
+    source stays where it is.
     """
-    return await anyio.to_thread.run_sync(_move, Path(src), Path(dst))
+    return await anyio.to_thread.run_sync(_move, Path(src), Path(dst), fence)
 
 
 def _temp_owner(name: str) -> ProcessIdentity | None:

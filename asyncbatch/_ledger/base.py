@@ -311,9 +311,13 @@ class Ledger(abc.ABC):
         failed (and due) and expired running entries are leased with ``fence`` incremented; an
         attempt is counted when it starts (see :meth:`commit_outcomes`), and a lease replacing
         one whose attempt started and never finished counts it as interrupted. Finished entries
-        cost an index probe. Returns the rows leased to us (``state='running'``), plus dead rows
-        and done rows with a post-commit action, with the file that was handled, so the
-        caller can count or finish them. Two runners never lease the same item.
+        cost an index probe. Two runners never lease the same item.
+
+        Returns a row for every entry but the plainly done ones: ``'running'``, leased to
+        ``owner`` (by this claim, or already before it: a claim repeated after its reply was
+        lost finds its leases, with their fences); ``'held'``, another runner's; ``'failed'``,
+        a retry not due yet; ``'dead'``; and ``'done'`` with a post-commit action. Dead and done
+        rows carry the file that was handled, so the caller can count or finish them.
         """
 
     @abc.abstractmethod

@@ -537,7 +537,7 @@ class SQLiteLedger(Ledger):
         query = self._claim_sql.get(len(rows))
         if query is None:
             query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
-        check = (job, json.dumps([row[0] for row in rows]), owner, now)
+        check = (job, json.dumps([row[0] for row in rows]), owner)
         found = await self._transact(_tx_claim_scanned, query, params, check)
         if not found:
             return []

@@ -224,14 +224,14 @@ def claim_scanned(rows: int) -> str:
 
 # What the claim above did to a chunk, as one JSON array of [key, state, fence, attempts,
 # interrupted, post_action]: every row of the chunk but the plainly done ones. 'running': leased
-# by this claim (ours, stamped with its time); 'held': leased to another runner; 'failed': a
+# to this owner (by this claim, or before it); 'held': leased to another runner; 'failed': a
 # retry not due yet; 'dead'; and done rows whose post-commit action may still be due. Dead and
 # done rows add [hex(relpath), size, mtime_ns, inode]: the file that was handled, which the
 # post-commit action must still find (a newer file under the name is left alone).
-# ?1 job, ?2 JSON array of the chunk's keys, ?3 owner, ?4 the claim's time.
+# ?1 job, ?2 JSON array of the chunk's keys, ?3 owner.
 CLAIMED_IN_CHUNK = """
 SELECT json_group_array(CASE
-    WHEN state = 'running' AND owner = ?3 AND updated_at = ?4
+    WHEN state = 'running' AND owner = ?3
         THEN json_array(key, 'running', fence, attempts, interrupted, post_action)
     WHEN state IN ('running', 'failed', 'pending', 'vanished')
         THEN json_array(key, CASE WHEN state = 'failed' THEN 'failed' ELSE 'held' END, fence,

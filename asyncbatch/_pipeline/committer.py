@@ -66,7 +66,10 @@ class Committer:
             in_flight.pop(item.key, None)
             if lost and item.key in lost:
                 counters.lost += 1
-                item_logger(log, job, item).warning(
+                # A completion refused matters (the work is redone by the new holder); a failed
+                # attempt refused was already logged as failed, most often for that very reason.
+                item_logger(log, job, item).log(
+                    logging.WARNING if outcome.state == "done" else logging.INFO,
                     "%r: the lease was taken over by another runner; outcome %r not recorded",
                     os.fsdecode(item.relpath),
                     outcome.state,

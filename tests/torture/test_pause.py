@@ -1,0 +1,284 @@
+"""A runner paused past its lease (SIGSTOP, a blocked event loop) and resumed (SIGCONT) records
+nothing and overwrites nothing of the runner that took its items over.
+
+What is fenced: the ledger row always (owner and fence); ``ctx.write_output`` and ``ctx.move``
+check the item's local lease deadline just before they start (:class:`LockLostError`, nothing
+written or moved). What is not: an effect already under way when the pause began, and HTTP
+calls (the receiver's idempotency key covers those). See docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from asyncbatch import Batch, LockLostError, TaskContext
+from asyncbatch import _failpoints as failpoints
+
+from ..conftest import make_files, spawn, wait_for
+from .handlers import output_name
+from .harness import HANDLERS, create_ledger_with_audit, query, record_figures
+
+LEASE = 3.0  # the shortest lease asyncbatch accepts; its local deadline is 2.7 s
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@dataclass
+class Pause:
+    """What happened to a runner paused past its lease while another took its items over."""
+
+    names: list[str]
+    #: The item whose handler was paused; each done item -> the pid that completed it.
+    at_pause: str
+    done: dict[str, str]
+    outputs: dict[str, str]
+    paused_pid: int
+    taker_pid: int
+    paused_exit: int
+    paused_err: str
+    late_writes: list[str]
+    started_after_resume: list[str]
+    completions: list[int]
+
+    @property
+    def lost_lines(self) -> list[str]:
+        return [w for w in self.paused_err.splitlines() if "taken over" in w or "ran out" in w]
+
+
+def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
+    """SIGSTOP a ``--shared`` runner in a handler, past its lease; let another runner take its
+    items over and finish; SIGCONT the first; collect what each did."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    out.mkdir()
+    names = sorted(p.name for p in make_files(inbox, 6))
+    create_ledger_with_audit(state)
+    started, wrote = tmp_path / "started.log", tmp_path / "wrote.log"
+    args = (
+        "run",
+        f"{HANDLERS}:stamp_after_block",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--output-dir",
+        out,
+        "--shared",
+        "-j",
+        "2",
+        "--lease",
+        str(LEASE),
+        "--no-progress",
+    )
+    env = {"AB_LOG": str(started), "AB_WROTE": str(wrote)}
+    paused = spawn(*args, env={**env, "AB_BLOCK": "1.0"})
+    try:
+        # Its handlers block the event loop one after the other: the second is inside its
+        # blocking sleep (the first one wrote, and may have committed, before it).
+        wait_for(lambda: len(lines(started)) >= 2, timeout=60)
+        paused.send_signal(signal.SIGSTOP)
+        started_before_pause = len(lines(started))
+        at_pause = lines(started)[-1].split(" ", 1)[1]
+        wrote_before_pause = len(lines(wrote))
+        time.sleep(LEASE + 1.0)  # its leases and its runner record expire meanwhile
+        taker = spawn(*args, env={**env, "AB_BLOCK": "0"})
+        _, taker_err = taker.communicate(timeout=120)
+        assert taker.returncode == 0, taker_err
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    _, paused_err = paused.communicate(timeout=60)
+
+    pid_of = {str(owner): str(pid) for owner, pid in query(state, "SELECT owner, pid FROM runs")}
+    mine = f"{paused.pid} "
+    return Pause(
+        names=names,
+        at_pause=at_pause,
+        done={
+            bytes(relpath).decode(): pid_of[str(owner)]
+            for relpath, owner in query(
+                state, "SELECT relpath, owner FROM items WHERE state = 'done'"
+            )
+        },
+        outputs={n: (out / output_name(n)).read_text().strip() for n in names},
+        paused_pid=paused.pid,
+        taker_pid=taker.pid,
+        paused_exit=paused.returncode,
+        paused_err=paused_err,
+        late_writes=[w for w in lines(wrote)[wrote_before_pause:] if w.startswith(mine)],
+        started_after_resume=[
+            w for w in lines(started)[started_before_pause:] if w.startswith(mine)
+        ],
+        completions=sorted(
+            n for _, n in query(state, "SELECT key, count(*) FROM torture_completions GROUP BY key")
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def sqlite_pause(tmp_path_factory: pytest.TempPathFactory) -> Pause:
+    """One pause on SQLite, for the tests of what it did and of what it should not have."""
+    root = tmp_path_factory.mktemp("pause")
+    return pause_and_take_over(str(root / "state.db"), root)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites_nothing(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        found: Pause = request.getfixturevalue("sqlite_pause")
+    else:
+        found = pause_and_take_over(request.getfixturevalue("pg_dsn"), tmp_path)
+    record_figures(
+        "pause",
+        backend=backend,
+        taken_over=sum(pid == str(found.taker_pid) for pid in found.done.values()),
+        paused_exit=found.paused_exit,
+        late_writes=len(found.late_writes),
+        handlers_started_after_resume=len(found.started_after_resume),
+        lease_lost_log_lines=len(found.lost_lines),
+    )
+    # Every output is the result of the runner whose completion was recorded.
+    assert sorted(found.done) == found.names
+    assert found.outputs == found.done, found.paused_err
+    # The item in the paused handler was taken over; the paused runner wrote nothing late.
+    assert found.done[found.at_pause] == str(found.taker_pid)
+    assert found.late_writes == []
+    assert found.completions == [1] * 6
+    # The paused runner noticed, said so, and stopped.
+    assert found.paused_exit == 1, found.paused_err
+    assert found.lost_lines, found.paused_err
+    assert "Traceback" not in found.paused_err
+
+
+def test_a_resumed_runner_starts_no_handler_for_items_it_no_longer_holds(
+    sqlite_pause: Pause,
+) -> None:
+    found = sqlite_pause
+    assert found.started_after_resume == []
+    # One line for each handler the pause caught (its attempt failed: the lease was lost),
+    # and one for the stop; not one per item it had queued.
+    lines = found.lost_lines
+    per_item = Counter(n for line in lines for n in found.names if f"'{n}'" in line)
+    assert all(count == 1 for count in per_item.values()), "\n".join(lines)
+    assert len(lines) <= len(per_item) + 1, "\n".join(lines)
+
+
+async def test_write_output_after_the_lease_ran_out_refuses_and_writes_nothing(
+    inbox: Path, state: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_files(inbox, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    refused: list[BaseException] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.attempt == 1:
+            time.sleep(LEASE)  # noqa: ASYNC251 - the event loop blocked past the lease
+            try:
+                await ctx.write_output("late.txt", b"attempt 1")
+            except LockLostError as e:
+                refused.append(e)
+                raise
+            try:
+                await ctx.move(tmp_path)
+            except LockLostError as e:
+                refused.append(e)
+                raise
+        await ctx.write_output("late.txt", f"attempt {ctx.attempt}")
+
+    batch = Batch(
+        handle, source=inbox, state=state, output_dir=out, lease=LEASE, backoff=0.01, settle=0
+    )
+    with caplog.at_level(logging.WARNING, "asyncbatch"):
+        report = await batch.run()
+
+    assert report.done == 1
+    assert (out / "late.txt").read_text() == "attempt 2"
+    assert len(refused) == 1
+    assert "its lease ran out or was taken over" in str(refused[0])
+    assert [p.name for p in inbox.iterdir()] == ["f00000.txt"]  # nothing moved either
+    assert not [p for p in out.iterdir() if p.name.startswith(".asyncbatch-tmp-")]
+
+
+async def test_move_after_the_lease_ran_out_refuses_and_moves_nothing(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    refused: list[BaseException] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.attempt == 1:
+            time.sleep(LEASE)  # noqa: ASYNC251 - the event loop blocked past the lease
+            try:
+                await ctx.move(archive)
+            except LockLostError as e:
+                refused.append(e)
+                raise
+        await ctx.move(archive)
+
+    report = await Batch(handle, source=inbox, state=state, lease=LEASE, backoff=0.01).run()
+
+    assert report.done == 1
+    assert len(refused) == 1
+    assert [p.name for p in archive.iterdir()] == ["f00000.txt"]
+    assert os.listdir(inbox) == []
+
+
+async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renamed_into_place(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: the lease was checked only before the thread hop, so a write that had passed
+    # the check and was then held up (its runner suspended, the event loop blocked by another
+    # handler) replaced the output of the runner that had taken the item over.
+    make_files(inbox, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    reached, go = threading.Event(), threading.Event()
+
+    def hold_first_write() -> None:
+        if not reached.is_set():
+            reached.set()
+            go.wait(30)  # the temp file is written; the rename waits
+
+    monkeypatch.setattr(
+        failpoints, "ACTIVE", {"output-temp-written": failpoints.Call("call", fn=hold_first_write)}
+    )
+    errors: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        try:
+            if ctx.attempt == 1:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ctx.write_output, "out.txt", "attempt 1")
+                    assert await anyio.to_thread.run_sync(reached.wait, 30)
+                    time.sleep(LEASE)  # noqa: ASYNC251 - the loop stalls: no heartbeat
+                    go.set()
+            await ctx.write_output("out.txt", f"attempt {ctx.attempt}")
+        except* LockLostError as group:
+            errors.extend(str(e) for e in group.exceptions)
+            raise
+
+    report = await Batch(
+        handle, source=inbox, state=state, output_dir=out, lease=LEASE, backoff=0.01
+    ).run()
+
+    assert report.done == 1
+    assert len(errors) == 1
+    assert "the output was not written" in errors[0]
+    assert (out / "out.txt").read_text() == "attempt 2"
+    assert [p.name for p in out.iterdir()] == ["out.txt"]  # the held temp file was removed
