@@ -170,19 +170,23 @@ class BatchConfig:
 
     def _refuse_visible(self, name: str, path: Path, *, is_dir: bool) -> None:
         """Refuse a path the scan of the source would pick up as input."""
+        why = self.visible_to_scan(path, is_dir=is_dir)
+        if why is not None:
+            raise ConfigurationError.bad_value(name, str(path), why)
+
+    def visible_to_scan(self, path: Path, *, is_dir: bool) -> str | None:
+        """Why the scan of the source would pick ``path`` (or what is in it) up as input, or
+        ``None`` if it would not."""
         root = os.path.realpath(self.source)
         real = os.path.realpath(path)
         if real == root:
-            raise ConfigurationError.bad_value(name, str(path), "is the source directory itself")
+            return "is the source directory itself"
         if os.path.commonpath([root, real]) != root:
-            return
+            return None
         rel = os.fsencode(os.path.relpath(real, root))
-        if not self.rules.hides(rel, recursive=self.recursive, is_dir=is_dir):
-            raise ConfigurationError.bad_value(
-                name,
-                str(path),
-                "is inside the scanned source; move it out, or --ignore it",
-            )
+        if self.rules.hides(rel, recursive=self.recursive, is_dir=is_dir):
+            return None
+        return "is inside the scanned source; move it out, or --ignore it"
 
     @staticmethod
     def _check_writable_dir(name: str, path: Path) -> None:

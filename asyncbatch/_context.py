@@ -85,7 +85,8 @@ class ContextHooks(Protocol):
         ...
 
     async def record_move(self, ctx: TaskContext, destination: str) -> bool:
-        """Record, under the item's lease, where its input is being moved."""
+        """Record, under the item's lease, where its input is being moved (``False``: the
+        lease is lost); raise :class:`EffectError` for a destination the scan would pick up."""
         ...
 
     def lease_lost(self, ctx: TaskContext) -> bool:
@@ -273,7 +274,10 @@ class TaskContext:
         if the run dies before the item's completion commits, the retry finds the input where
         it went (``ctx.entry.path`` is then the destination) instead of calling it vanished.
         Prefer ``on_done="move:DIR"``, which moves only after the completion committed.
-        Raises :class:`EffectError` if a different file is already at the destination and
+        The destination is the handler's to choose (any directory, as with ``shutil.move``),
+        but never one the scan would pick up again (the source directory itself, or a part of
+        it the scan lists): the moved file would be a new input. Raises :class:`EffectError`
+        for such a destination, or if a different file is already at the destination, and
         :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
         runner has taken it over.
         """

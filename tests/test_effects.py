@@ -356,6 +356,42 @@ async def test_on_dead_moves_dead_inputs(inbox: Path, state: Path, tmp_path: Pat
     assert [p.name for p in inbox.iterdir()] == ["f00000.txt"]
 
 
+@pytest.mark.parametrize(
+    ("recursive", "where", "refused"),
+    [
+        (False, ".", True),  # the source directory itself: the file is scanned again
+        (False, "done", False),  # a subdirectory a flat scan never lists
+        (True, "done", True),  # ... which a recursive scan does list
+        (True, ".done", False),  # hidden: never listed
+    ],
+)
+async def test_ctx_move_refuses_a_destination_the_scan_would_pick_up(
+    inbox: Path, state: Path, recursive: bool, where: str, refused: bool
+) -> None:
+    make_files(inbox, 1)
+    (inbox / where).mkdir(exist_ok=True)
+    errors: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        try:
+            await ctx.move(inbox / where / "moved.txt")
+        except EffectError as e:
+            errors.append(str(e))
+            raise
+
+    report = await Batch(
+        handle, source=inbox, state=state, recursive=recursive, max_attempts=1
+    ).run()
+
+    if refused:
+        assert (report.dead, report.done) == (1, 0)
+        assert "a scan would take the moved file for a new input" in errors[0]
+        assert (inbox / "f00000.txt").exists()  # nothing moved
+    else:
+        assert (report.done, errors) == (1, [])
+        assert (inbox / where / "moved.txt").exists()
+
+
 async def test_ctx_move_survives_a_crash_before_the_commit(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:

@@ -31,7 +31,7 @@ import anyio.lowlevel
 
 from .. import _failpoints as failpoints
 from .._context import InputFile, ItemLogger, TaskContext
-from .._exceptions import ConfigurationError, PermanentError
+from .._exceptions import ConfigurationError, EffectError, PermanentError
 from .._http.client import HTTPSettings, ItemHTTP
 from .._ledger import Outcome
 from .._scanner import Entry, open_regular
@@ -402,7 +402,14 @@ class WorkerPool:
         return item is None or item.fence != ctx.fence or time.monotonic() >= item.lease_deadline
 
     async def record_move(self, ctx: TaskContext, destination: str) -> bool:
-        """Record, under the item's lease, where ctx.move() is taking its input."""
+        """Record, under the item's lease, where ctx.move() is taking its input; refuse
+        (:class:`EffectError`) a destination the scan would take for a new input."""
+        why = self.config.visible_to_scan(Path(destination), is_dir=False)
+        if why is not None:
+            raise EffectError(
+                f"cannot move {ctx.entry.relpath!r} to {destination!r}: the destination {why} "
+                "(a scan would take the moved file for a new input)"
+            )
         return await self.run.ledger.record_move(
             self.config.job, self.run.owner, ctx.key, ctx.fence, destination
         )
