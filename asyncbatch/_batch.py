@@ -74,7 +74,10 @@ class Batch:
       PostgreSQL state that went away is waited out (then :class:`LedgerError`; CLI exit 69).
     - ``on_done`` / ``on_dead`` [--on-done/--on-dead]: ``"keep"``, ``"delete"`` (done only) or
       ``"move:DIR"``, carried out after the outcome committed. ``output_dir`` [--output-dir]:
-      where ``ctx.write_output`` writes. ``poll`` [--poll]: seconds between polls in watch mode.
+      where ``ctx.write_output`` writes. ``poll`` [--poll]: seconds between full scans in
+      watch mode. ``events`` [--no-events]: in watch mode, change events (``watchfiles``,
+      the ``watch`` extra) wake the watch as soon as a file arrives; polling still finds
+      what events miss. ``False`` for a source on a network filesystem (no events there).
     - ``http``: an ``httpx.AsyncClient`` or transport for ``ctx.http`` (one is made otherwise);
       ``unsafe_methods``, ``http_retries``, ``http_backoff``, ``http_backoff_max``: its
       idempotency keys and retries (waits capped at ``http_backoff_max`` seconds, a server's
@@ -114,6 +117,7 @@ class Batch:
         on_dead: str = "keep",
         output_dir: str | Path | None = None,
         poll: float = 1.0,
+        events: bool = True,
         http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = None,
         unsafe_methods: Iterable[str] = DEFAULT_UNSAFE_METHODS,
         http_retries: int = 4,
@@ -158,6 +162,7 @@ class Batch:
             on_dead=PostAction.parse("on_dead", on_dead, allow_delete=False),
             output_dir=None if output_dir is None else Path(output_dir).expanduser().absolute(),
             poll=poll,
+            events=events,
             unsafe_methods=frozenset(m.upper() for m in unsafe_methods),
             http_retries=http_retries,
             http_backoff=http_backoff,
@@ -189,9 +194,14 @@ class Batch:
         return await self._execute("run", handle_signals)
 
     async def watch(self, *, poll: float | None = None, handle_signals: bool = False) -> Report:
-        """Keep polling ``source`` until :meth:`stop` (or a signal) ends it, or cancellation.
+        """Keep watching ``source`` until :meth:`stop` (or a signal) ends it, or cancellation.
 
-        A file is handled once it is settled and was seen unchanged by two consecutive polls.
+        The source is scanned every ``poll`` seconds; with ``events`` (the default, when
+        ``watchfiles`` is installed) a change wakes the watch at once, and a file seen but not
+        settled is looked at again the moment it will be. A file is handled once it is settled
+        and two looks found it unchanged (``settle`` seconds apart if its mtime was already
+        old when first seen). Events that cannot be had (``watchfiles`` missing, the inotify
+        limits reached, a network filesystem) are one warning; polling goes on.
         """
         if poll is not None:
             self.config = _replace_poll(self.config, poll)

@@ -104,6 +104,7 @@ class BatchConfig:
     on_dead: PostAction = field(default_factory=lambda: PostAction("keep"))
     output_dir: Path | None = None
     poll: float = 1.0
+    events: bool = True
     unsafe_methods: frozenset[str] = DEFAULT_UNSAFE_METHODS
     http_retries: int = 4
     http_backoff: float = 0.25
@@ -128,6 +129,8 @@ class BatchConfig:
         _seconds("grace", self.grace, allow_zero=True)
         _seconds("ledger_timeout", self.ledger_timeout, allow_zero=True)
         _seconds("poll", self.poll)
+        if not isinstance(self.events, bool):
+            raise ConfigurationError.bad_value("events", self.events, "True or False")
         _seconds("commit_interval", self.commit_interval, allow_zero=True)
         _seconds("http_backoff", self.http_backoff, allow_zero=True)
         _seconds("http_backoff_max", self.http_backoff_max, allow_zero=True)

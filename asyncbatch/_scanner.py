@@ -323,6 +323,57 @@ def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
         os.close(root_fd)
 
 
+def _parent_ok(w: _Walk, real_root: bytes, parent: bytes) -> bool:
+    """Whether a scan would descend to the directory ``parent`` (a relpath): no symlink on the
+    way unless ``follow_symlinks``, and then never outside the source."""
+    real = os.path.realpath(os.path.join(w.root, parent))
+    if w.follow_symlinks:
+        return os.path.commonpath([real_root, real]) == real_root
+    return real == os.path.join(real_root, parent)
+
+
+def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
+    """The records a scan would list for ``relpaths``, and whether one of them is a directory
+    a scan would walk; runs in a worker thread (one ``lstat`` a path, rarely a ``stat``)."""
+    real_root = os.path.realpath(w.root)
+    parents: dict[bytes, bool] = {}  # per call: the directories already checked
+    out: list[bytes] = []
+    walked_dir = False
+    for rel in relpaths:
+        parent, _, name = rel.rpartition(b"/")
+        if not name or (parent and not w.recursive):
+            continue
+        if parent:
+            ok = parents.get(parent)
+            if ok is None:
+                ok = parents[parent] = not w.rules.hides(
+                    parent, recursive=True, is_dir=True
+                ) and _parent_ok(w, real_root, parent)
+            if not ok:
+                continue
+        path = os.path.join(w.root, rel)
+        if len(path) >= _PATH_MAX - 1:
+            continue
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                if not w.follow_symlinks:
+                    continue
+                target = os.path.realpath(path)
+                if os.path.commonpath([real_root, target]) != real_root:
+                    continue
+                st = os.stat(path)
+        except OSError:
+            continue  # vanished, or a dangling symlink
+        if stat.S_ISDIR(st.st_mode):
+            walked_dir = walked_dir or (w.recursive and not w.rules.skips(name, rel, is_dir=True))
+            continue
+        if not stat.S_ISREG(st.st_mode) or w.rules.skips(name, rel):
+            continue
+        out.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino))
+    return out, walked_dir
+
+
 class Scanner:
     """Lists a source directory off the event loop, a chunk of entries per thread hop.
 
@@ -359,14 +410,7 @@ class Scanner:
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
-        walk = _Walk(
-            root=os.fsencode(self.source),
-            rules=self.rules,
-            recursive=self.recursive,
-            follow_symlinks=self.follow_symlinks,
-            settled_before_ns=cutoff,
-        )
-        gen = _walk(walk)
+        gen = _walk(self._walk(cutoff))
         records: list[bytes] = []
         try:
             while (chunk := await anyio.to_thread.run_sync(next, gen, None)) is not None:
@@ -377,3 +421,32 @@ class Scanner:
             gen.close()
         records.sort()
         return records
+
+    async def look(self, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
+        """The records a full scan would list for just these paths (relative to the source),
+        sorted, and whether one of them is a directory a scan would walk (what is in a
+        directory that arrived whole is not named by any change event: scan it).
+
+        Paths that are gone, skipped by the rules, or not regular files give no record. One
+        thread hop per :data:`CHUNK` paths.
+        """
+        walk = self._walk(None)
+        records: list[bytes] = []
+        walked_dir = False
+        for start in range(0, len(relpaths), CHUNK):
+            found, saw_dir = await anyio.to_thread.run_sync(
+                _look, walk, relpaths[start : start + CHUNK]
+            )
+            records.extend(found)
+            walked_dir = walked_dir or saw_dir
+        records.sort()
+        return records, walked_dir
+
+    def _walk(self, settled_before_ns: int | None) -> _Walk:
+        return _Walk(
+            root=os.fsencode(self.source),
+            rules=self.rules,
+            recursive=self.recursive,
+            follow_symlinks=self.follow_symlinks,
+            settled_before_ns=settled_before_ns,
+        )

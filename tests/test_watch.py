@@ -87,7 +87,9 @@ async def test_watch_waits_for_the_size_to_hold_still_even_with_an_old_mtime(
         calls.append(await ctx.read_bytes())
         handled.set()
 
-    batch = Batch(handle, source=inbox, state=state, settle=0.1, poll=0.3)
+    # Its mtime says settled all along: the watch must see it unchanged for `settle` seconds
+    # (longer than the writer's pauses, as settle always must be).
+    batch = Batch(handle, source=inbox, state=state, settle=0.5, poll=0.3)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
         content = await append_slowly(inbox / "skewed.csv", 15, 0.1, backdate=True)

@@ -68,8 +68,9 @@ class TextFormatter(logging.Formatter):
 
 #: Libraries whose records below WARNING can carry secrets: httpx and httpcore log every URL
 #: with its credentials and query string at INFO and DEBUG; aiosqlite logs every call with its
-#: arguments at DEBUG; asyncpg likewise. The CLI keeps them at WARNING whatever --log-level is.
-QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h11", "aiosqlite", "asyncpg")
+#: arguments at DEBUG; asyncpg likewise; watchfiles logs a line per group of changes at INFO
+#: (with every path at DEBUG). The CLI keeps them at WARNING whatever --log-level is.
+QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h11", "aiosqlite", "asyncpg", "watchfiles")
 
 
 def configure_logging(

@@ -204,8 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--on-done", default="keep", help="keep | delete | move:DIR")
     run.add_argument("--on-dead", default="keep", help="keep | move:DIR")
     run.add_argument("--output-dir", default=None, help="where ctx.write_output writes")
-    run.add_argument("--watch", action="store_true", help="keep polling until stopped")
-    run.add_argument("--poll", type=positive_float, default=1.0, help="seconds between polls")
+    run.add_argument(
+        "--watch", action="store_true", help="keep watching for new files until stopped"
+    )
+    run.add_argument(
+        "--poll",
+        type=positive_float,
+        default=1.0,
+        help="seconds between full scans in watch mode (1.0)",
+    )
+    run.add_argument(
+        "--no-events",
+        action="store_true",
+        help="watch by polling only, without change events (for a network filesystem)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     run.add_argument(
         "--progress-interval",
@@ -260,6 +272,7 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         on_dead=args.on_dead,
         output_dir=args.output_dir,
         poll=args.poll,
+        events=not args.no_events,
         claim_batch=args.claim_batch,
     )
     report: Report | None = None

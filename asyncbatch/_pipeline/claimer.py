@@ -10,9 +10,11 @@ or waiting for a retry) are claimed again until each is done or dead; another ru
 lease is taken over by the same claim (the database's clock decides on PostgreSQL). Only then
 does it lease what earlier runs left waiting in the ledger, and end.
 
-``watch`` mode polls: a file becomes a candidate once it is settled *and* unchanged since the
-previous poll; files already registered are remembered by their stat signature so an idle
-inbox costs one ``scandir`` per poll and no ledger round trip.
+``watch`` mode scans the source every ``poll`` seconds and, in between, looks at just the paths
+that change events name (:mod:`.events`) and at the files waiting to settle, the moment each
+will be ready (:mod:`.sightings`: settled, and unchanged between two looks). Files already
+registered are remembered by their scan record, so an idle inbox costs one ``scandir`` per
+poll and one ledger round trip (what earlier runs left waiting).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from .._effects.actions import decode_action
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow
 from .._report import Counters
-from .._scanner import Scanner, content_digest, split, unpack
+from .._scanner import Scanner, content_digest, unpack
+from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
+from .sightings import Sightings
 from .state import RunState
 
 __all__ = ["HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
@@ -132,38 +136,62 @@ class Claimer:
         self.run.counters.seen = found
 
     async def watch(self) -> None:
-        """Poll until stopped; a file is handled once settled and unchanged since the last poll."""
+        """Watch until stopped: a full scan every ``poll`` seconds and, in between, looks at
+        the paths change events name and at the waiting files whose moment has come (see
+        :class:`~.sightings.Sightings` for when a file is ready)."""
         run, cfg = self.run, self.config
-        previous: dict[bytes, bytes] = {}
-        known: dict[bytes, bytes] = {}
-        settle_ns = int(cfg.settle * 1e9)
-        while not run.stopping:
-            now_ns = time.time_ns()
-            records = await self.scanner.scan(settle=None, now_ns=now_ns)
-            cutoff = now_ns - settle_ns
-            candidates: list[bytes] = []
-            seen_now: dict[bytes, bytes] = {}
-            waiting: dict[bytes, bytes] = {}
-            for record in records:
-                rel, signature = split(record)
-                if known.get(rel) == signature:
-                    seen_now[rel] = signature
-                elif previous.get(rel) == signature and unpack(record)[0] <= cutoff:
-                    candidates.append(record)
-                    seen_now[rel] = signature
-                else:
-                    waiting[rel] = signature
-            del records
-            previous, known = waiting, seen_now
-            run.counters.seen += len(candidates)
-            run.counters.scanned = True
-            await self.claim_records(candidates)
-            del candidates
-            if run.open:
-                await self.claim_open()
-            await self.claim_waiting()
-            with anyio.move_on_after(cfg.poll):
-                await run.stop_requested.wait()
+        sightings = Sightings(cfg.settle)
+        changes = Changes()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._wake_on_stop, changes)
+            if cfg.events:
+                tg.start_soon(EventWatcher(cfg, changes).serve)
+            next_scan = time.monotonic()
+            while not (run.stopping or run.stop_requested.is_set()):
+                paths, rescan = changes.take()
+                if rescan or time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + cfg.poll
+                    await self._watch_scan(sightings)
+                elif await self._watch_look(sightings, paths):
+                    changes.rescan()  # a directory arrived: what is in it has no events
+                next_look = sightings.next_look()
+                wake_at = next_scan if next_look is None else min(next_scan, next_look)
+                await changes.wait(wake_at - time.monotonic())
+            tg.cancel_scope.cancel()
+
+    async def _wake_on_stop(self, changes: Changes) -> None:
+        await self.run.stop_requested.wait()
+        changes.wake()
+
+    async def _watch_scan(self, sightings: Sightings) -> None:
+        """A full scan: claim the ready files, and whatever else is open or waiting."""
+        run = self.run
+        now_ns = time.time_ns()
+        records = await self.scanner.scan(settle=None, now_ns=now_ns)
+        candidates = sightings.scanned(records, now_ns, time.monotonic())
+        del records
+        await self._claim_candidates(candidates)
+        if run.open:
+            await self.claim_open()
+        await self.claim_waiting()
+
+    async def _watch_look(self, sightings: Sightings, paths: set[bytes]) -> bool:
+        """Look at the changed paths and the waiting files now due; claim the ready ones.
+        Returns whether a directory a scan walks was among them (its files need a scan)."""
+        paths |= sightings.due(time.monotonic())
+        if not paths:
+            return False
+        looked = sorted(paths)
+        now_ns = time.time_ns()
+        records, saw_dir = await self.scanner.look(looked)
+        await self._claim_candidates(sightings.looked(looked, records, now_ns, time.monotonic()))
+        return saw_dir
+
+    async def _claim_candidates(self, candidates: list[bytes]) -> None:
+        counters = self.run.counters
+        counters.seen += len(candidates)
+        counters.scanned = True
+        await self.claim_records(candidates)
 
     # -- claiming -----------------------------------------------------------------------------
 

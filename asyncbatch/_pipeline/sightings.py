@@ -1,0 +1,133 @@
+"""What watch mode has seen of the source, and when to look at a file again.
+
+A file becomes a *candidate* (registered and leased) once a look finds it settled (its mtime
+at least ``settle`` seconds old) with the same size, mtime and inode as an earlier look. When
+its mtime was already settled at the first look (moved or copied in with its times kept, or
+written by a host whose clock lags), the two looks must be ``settle`` seconds apart: a file
+is never taken before it has been seen unchanged for ``settle`` seconds one way or the other.
+
+A file seen but not ready is *waiting*: its next look is scheduled for the moment it will be
+ready (plus :data:`LOOK_MARGIN`), so the claimer stats just that file then instead of waiting
+for the next full scan. Registered files are remembered by their scan record (which holds the
+signature), so a full scan of an idle inbox is one set lookup per file and no ledger access.
+
+Made per watch by the claimer; nothing here outlives it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .._scanner import split, unpack
+
+__all__ = ["LOOK_MARGIN", "Sightings"]
+
+#: Seconds after the moment a file will be ready that it is looked at again: the mtime's
+#: granularity (the kernel's coarse clock) and the wake-up's own delay fit in it.
+LOOK_MARGIN = 0.015
+
+
+@dataclass(slots=True)
+class _Waiting:
+    record: bytes
+    #: Monotonic time from which the file is ready (if it still looks the same).
+    ready_at: float
+    #: Monotonic time of its next look (a heap entry with another time is stale).
+    look_at: float
+
+
+class Sightings:
+    """Registered files and waiting ones, for one watch; the look-again schedule."""
+
+    def __init__(self, settle: float) -> None:
+        self._settle = settle
+        self._settle_ns = int(settle * 1e9)
+        #: The records of files registered (candidates handed to the claim), as last seen.
+        self._known: set[bytes] = set()
+        self._waiting: dict[bytes, _Waiting] = {}
+        self._schedule: list[tuple[float, bytes]] = []  # (look_at, relpath), a heap
+
+    @property
+    def waiting(self) -> int:
+        """Files seen and not yet ready."""
+        return len(self._waiting)
+
+    def scanned(self, records: list[bytes], now_ns: int, now: float) -> list[bytes]:
+        """Take a full scan's sorted records (wall clock ``now_ns``, monotonic ``now``);
+        return the candidates among them, in order. Files no longer listed are forgotten."""
+        known = self._known
+        fresh = [r for r in records if r not in known]
+        self._known = set(records)
+        fresh_rels = set()
+        candidates: list[bytes] = []
+        for record in fresh:
+            rel = split(record)[0]
+            fresh_rels.add(rel)
+            if self._sight(rel, record, now_ns, now):
+                candidates.append(record)
+            else:
+                self._known.discard(record)
+        self._waiting = {rel: w for rel, w in self._waiting.items() if rel in fresh_rels}
+        return candidates
+
+    def looked(
+        self, relpaths: Iterable[bytes], records: list[bytes], now_ns: int, now: float
+    ) -> list[bytes]:
+        """Take a look at some paths: ``records`` are those of them that are regular files
+        now (sorted); return the candidates among them. Waiting paths without a record are
+        forgotten (gone, or not a file any more)."""
+        candidates = []
+        listed = set()
+        for record in records:
+            rel = split(record)[0]
+            listed.add(rel)
+            if record not in self._known and self._sight(rel, record, now_ns, now):
+                self._known.add(record)
+                candidates.append(record)
+        for rel in relpaths:
+            if rel not in listed:
+                self._waiting.pop(rel, None)
+        return candidates
+
+    def due(self, now: float) -> set[bytes]:
+        """The waiting paths whose next look has come."""
+        found: set[bytes] = set()
+        schedule = self._schedule
+        while schedule and schedule[0][0] <= now:
+            look_at, rel = heapq.heappop(schedule)
+            waiting = self._waiting.get(rel)
+            if waiting is not None and waiting.look_at == look_at:
+                found.add(rel)
+        return found
+
+    def next_look(self) -> float | None:
+        """Monotonic time of the next scheduled look, or ``None``."""
+        schedule = self._schedule
+        while schedule:
+            look_at, rel = schedule[0]
+            waiting = self._waiting.get(rel)
+            if waiting is not None and waiting.look_at == look_at:
+                return look_at
+            heapq.heappop(schedule)  # stale: the file changed or went since
+        return None
+
+    def _sight(self, rel: bytes, record: bytes, now_ns: int, now: float) -> bool:
+        """One look at a file not registered as it is: whether it is a candidate now."""
+        mtime_ns = unpack(record)[0]
+        until_settled = (mtime_ns + self._settle_ns - now_ns) / 1e9
+        waiting = self._waiting.get(rel)
+        if waiting is not None and waiting.record == record:
+            if now >= waiting.ready_at and until_settled <= 0:
+                del self._waiting[rel]
+                return True
+            # Not ready yet (an event about an unchanged file, or the clock): look again then.
+            ready_at = max(waiting.ready_at, now + until_settled)
+        else:  # first seen like this: ready once settled, and at least `settle` after now if
+            # it is settled already (it must then be seen unchanged for `settle` seconds)
+            ready_at = now + (until_settled if until_settled > 0 else self._settle)
+        look_at = max(ready_at, now) + LOOK_MARGIN
+        self._waiting[rel] = _Waiting(record, ready_at, look_at)
+        heapq.heappush(self._schedule, (look_at, rel))
+        return False
