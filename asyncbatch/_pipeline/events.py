@@ -116,8 +116,9 @@ class EventWatcher:
             tg.start_soon(_set_when_cancelled, stop)
             try:
                 await self._follow(watchfiles, stop)
-            except (OSError, RuntimeError) as exc:  # RuntimeError: WatchfilesRustInternalError
-                log.warning("change events are off: %s; %s", _why(exc), fallback)
+            # RuntimeError: WatchfilesRustInternalError; in a group, from awatch's task group
+            except* (OSError, RuntimeError) as group:
+                log.warning("change events are off: %s; %s", _why(_first(group)), fallback)
             finally:
                 tg.cancel_scope.cancel()
 
@@ -133,7 +134,9 @@ class EventWatcher:
             rust_timeout=_TIMEOUT_MS,
             force_polling=False,  # its polling would walk the whole tree every 300 ms
             recursive=cfg.recursive,
-            ignore_permission_denied=True,  # the scan warns about unreadable directories
+            # True would hide every error adding a watch (the inotify limit too), not just
+            # an unreadable directory: such an error is a warning, and polling goes on.
+            ignore_permission_denied=False,
         )
         async with contextlib.aclosing(changes):
             async for batch in changes:
@@ -163,9 +166,18 @@ async def _set_when_cancelled(stop: anyio.Event) -> None:
         stop.set()
 
 
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a (nested) group."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
+
+
 def _why(exc: BaseException) -> str:
     """One line for a watcher error, with what to do about the inotify limits."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.split(" (Error {")[0]  # the notify crate's debug form, after its message
     lowered = text.lower()
     if "watch limit" in lowered or getattr(exc, "errno", None) == 28:
         return (
