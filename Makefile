@@ -19,7 +19,7 @@ OUTER_PIP_OK := $(PYTHON) -c "import sys, pip; sys.exit(tuple(map(int, pip.__ver
 PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/python -m pip,$(PYTHON) -m pip --python $(BIN)/python)
 INSTALL = $(PIP) install --quiet --no-compile
 
-.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m clean
+.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch clean
 
 $(BIN)/python:
 	@if $(OUTER_PIP_OK) 2>/dev/null; then set -x; $(PYTHON) -m venv --without-pip $(VENV); \
@@ -74,6 +74,11 @@ bench: $(TEST)
 bench-quick: $(TEST)
 	$(INSTALL) -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run --quick
+
+# Watch mode with change events: file close -> handler start latency at 100 files/s (poll 30,
+# settle 1), and the CPU of an idle watch over 100,000 done files; to benchmarks/RESULTS-watch.md.
+bench-watch: $(TEST)
+	$(BIN)/python -m benchmarks.watch_latency
 
 # PostgreSQL at a million files, once (opt-in: longer than the rest of `make bench`), beside
 # SQLite's rows of the same run; written to its own file so RESULTS.md stays the full suite's.
