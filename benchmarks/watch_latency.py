@@ -29,6 +29,8 @@ from pathlib import Path
 import anyio
 
 from asyncbatch import Batch, TaskContext
+from asyncbatch._pipeline.claimer import FULL_SCAN_EVERY
+from asyncbatch._scanner import Scanner, ScanRules
 
 from .inbox import InboxSpec, ensure_inbox
 from .report import machine_info
@@ -49,6 +51,13 @@ class Latency:
     p50: float
     p99: float
     worst: float
+
+
+@dataclass(frozen=True)
+class ScanCost:
+    files: int
+    scan: float  # CPU seconds of one full scan (scandir + stat of every file)
+    listing: float  # CPU seconds of one listing (scandir: names and inode numbers)
 
 
 @dataclass(frozen=True)
@@ -152,8 +161,26 @@ async def measure_idle(
     return Idle(label, total, wall, cpu)
 
 
+async def measure_scan(inbox: Path) -> ScanCost:
+    """CPU time of one full scan and of one listing of ``inbox`` (the best of three)."""
+    scanner = Scanner(inbox, rules=ScanRules())
+    scans, listings, files = [], [], 0
+    for _ in range(3):
+        cpu = time.process_time()
+        files = len(await scanner.scan(settle=None))
+        scans.append(time.process_time() - cpu)
+        cpu = time.process_time()
+        await scanner.list_names()
+        listings.append(time.process_time() - cpu)
+    return ScanCost(files, min(scans), min(listings))
+
+
 def render(
-    machine: dict[str, str], latencies: list[Latency], idles: list[Idle], args: argparse.Namespace
+    machine: dict[str, str],
+    latencies: list[Latency],
+    idles: list[Idle],
+    cost: ScanCost,
+    args: argparse.Namespace,
 ) -> str:
     lines = [
         "# Watch mode: latency and idle CPU",
@@ -172,7 +199,10 @@ def render(
         f"(`settle={SETTLE:g}`, `poll={args.poll:g}`, `-j 8`, SQLite) notes the wall-clock "
         "time each handler starts. Latency = handler start - close.",
         f"- Idle CPU: a watch over {args.idle_files:,} done files (flat), process CPU time "
-        f"(all threads) over {args.idle_seconds:g} s once every file was found done.",
+        f"(all threads) once every file was found done, over {args.idle_seconds:g} s or, "
+        f"with events on, {FULL_SCAN_EVERY} polls if longer (one poll in {FULL_SCAN_EVERY} "
+        "is then a full scan, the others a listing of names and inode numbers: the window "
+        "holds one whole cycle).",
         "",
         "## File close → handler start",
         "",
@@ -207,6 +237,14 @@ def render(
             f"| {idle.label} | {idle.files:,} | {idle.seconds:.0f} s | {idle.cpu:.2f} s "
             f"| {idle.share:.2%} | {target} |"
         )
+    per_file = 1e6 / cost.files
+    lines += [
+        "",
+        f"One full scan of the {cost.files:,} files costs {cost.scan:.3f} s of CPU "
+        f"({cost.scan * per_file:.1f} µs a file: `scandir` + `stat`, the records, their sort); "
+        f"one listing {cost.listing:.3f} s ({cost.listing * per_file:.2f} µs a file). "
+        f"Full scans alone at poll 30 would cost {cost.scan / 30:.2%} of a core.",
+    ]
     notes = HERE / "RESULTS-watch.notes.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -242,12 +280,12 @@ async def main_async(args: argparse.Namespace) -> str:
         ("polling only, poll 30", False, 30.0),
     ):
         print(f"idle, {label} ...", flush=True)
-        idle = await measure_idle(
-            inbox, state, label, events=events, poll=poll, seconds=args.idle_seconds
-        )
+        window = max(args.idle_seconds, FULL_SCAN_EVERY * poll) if events else args.idle_seconds
+        idle = await measure_idle(inbox, state, label, events=events, poll=poll, seconds=window)
         print(f"    {idle.share:.2%} of a core", flush=True)
         idles.append(idle)
-    return render(machine, latencies, idles, args)
+    cost = await measure_scan(inbox)
+    return render(machine, latencies, idles, cost, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

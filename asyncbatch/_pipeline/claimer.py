@@ -40,13 +40,17 @@ from .queues import ItemQueue, LeasedItem
 from .sightings import Sightings
 from .state import RunState
 
-__all__ = ["HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
+__all__ = ["FULL_SCAN_EVERY", "HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
 
 log = logging.getLogger("asyncbatch")
 #: Seconds between looks at items other runners hold (at most a quarter of the lease).
 HELD_POLL = 1.0
 #: How much of the workers' work (in seconds, at their recent rate) one claim leases.
 LOOKAHEAD_SECONDS = 0.25
+#: While change events are followed, one poll in this many is a full scan (a ``stat`` of every
+#: file: a file changed in place whose events were lost is found then); the others list names
+#: and inode numbers only (a tenth of the cost), which finds every new or replaced file.
+FULL_SCAN_EVERY = 10
 
 
 class Lookahead:
@@ -147,12 +151,17 @@ class Claimer:
             if cfg.events:
                 tg.start_soon(EventWatcher(cfg, changes).serve)
             next_scan = time.monotonic()
+            lists = 0  # polls since the last full scan
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
                 if rescan or time.monotonic() >= next_scan:
                     next_scan = time.monotonic() + cfg.poll
-                    await self._watch_scan(sightings)
-                elif await self._watch_look(sightings, paths):
+                    full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
+                    lists = 0 if full else lists + 1
+                    saw_dir = await self._watch_poll(sightings, paths, full=full)
+                else:
+                    saw_dir = await self._watch_look(sightings, paths)
+                if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
                 next_look = sightings.next_look()
                 wake_at = next_scan if next_look is None else min(next_scan, next_look)
@@ -163,17 +172,30 @@ class Claimer:
         await self.run.stop_requested.wait()
         changes.wake()
 
-    async def _watch_scan(self, sightings: Sightings) -> None:
-        """A full scan: claim the ready files, and whatever else is open or waiting."""
+    def _may_list(self, changes: Changes) -> bool:
+        """Whether a poll may list names instead of a full scan: events are being followed
+        (they tell of files changed in place), and no symlink needs a ``stat`` to follow."""
+        return changes.live and not self.config.follow_symlinks
+
+    async def _watch_poll(self, sightings: Sightings, paths: set[bytes], *, full: bool) -> bool:
+        """A poll: a full scan, or a listing whose new names (and changed paths) are looked
+        at; claim the ready files, then whatever else is open or waiting. Returns whether a
+        directory a scan walks turned up (a listing does not look into new directories)."""
         run = self.run
-        now_ns = time.time_ns()
-        records = await self.scanner.scan(settle=None, now_ns=now_ns)
-        candidates = sightings.scanned(records, now_ns, time.monotonic())
-        del records
-        await self._claim_candidates(candidates)
+        saw_dir = False
+        if full:
+            now_ns = time.time_ns()
+            records = await self.scanner.scan(settle=None, now_ns=now_ns)
+            candidates = sightings.scanned(records, now_ns, time.monotonic())
+            del records
+            await self._claim_candidates(candidates)
+        else:
+            paths.update(sightings.unknown(await self.scanner.list_names()))
+            saw_dir = await self._watch_look(sightings, paths)
         if run.open:
             await self.claim_open()
         await self.claim_waiting()
+        return saw_dir
 
     async def _watch_look(self, sightings: Sightings, paths: set[bytes]) -> bool:
         """Look at the changed paths and the waiting files now due; claim the ready ones.

@@ -46,6 +46,8 @@ class Changes:
         self._paths: set[bytes] = set()
         self._rescan = False
         self._wake = anyio.Event()
+        #: Whether a watcher is following the source (set by :class:`EventWatcher`).
+        self.live = False
 
     def add(self, relpaths: Iterable[bytes]) -> None:
         """Note changed paths and wake the claimer."""
@@ -114,12 +116,15 @@ class EventWatcher:
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_set_when_cancelled, stop)
+            self.changes.live = True
             try:
                 await self._follow(watchfiles, stop)
             # RuntimeError: WatchfilesRustInternalError; in a group, from awatch's task group
             except* (OSError, RuntimeError) as group:
                 log.warning("change events are off: %s; %s", _why(_first(group)), fallback)
             finally:
+                self.changes.live = False
+                self.changes.rescan()  # what changed since the failure had no event
                 tg.cancel_scope.cancel()
 
     async def _follow(self, watchfiles: ModuleType, stop: anyio.Event) -> None:

@@ -20,7 +20,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .._scanner import split, unpack
+from .._scanner import name_key, split, unpack
 
 __all__ = ["LOOK_MARGIN", "Sightings"]
 
@@ -46,6 +46,8 @@ class Sightings:
         self._settle_ns = int(settle * 1e9)
         #: The records of files registered (candidates handed to the claim), as last seen.
         self._known: set[bytes] = set()
+        #: Their name keys (relpath and inode), for a listing without stat.
+        self._known_names: set[bytes] = set()
         self._waiting: dict[bytes, _Waiting] = {}
         self._schedule: list[tuple[float, bytes]] = []  # (look_at, relpath), a heap
 
@@ -70,7 +72,21 @@ class Sightings:
             else:
                 self._known.discard(record)
         self._waiting = {rel: w for rel, w in self._waiting.items() if rel in fresh_rels}
+        self._known_names = {name_key(r) for r in self._known}
         return candidates
+
+    def unknown(self, names: list[bytes]) -> list[bytes]:
+        """The relpaths of a listing's name keys (:meth:`Scanner.list_names`) that are not
+        registered under that name and inode: new names, and names replaced by another file.
+        (Waiting files are looked at on their own schedule.)"""
+        known, waiting = self._known_names, self._waiting
+        out = []
+        for key in names:
+            if key not in known:
+                rel = key[:-9]
+                if rel not in waiting:
+                    out.append(rel)
+        return out
 
     def looked(
         self, relpaths: Iterable[bytes], records: list[bytes], now_ns: int, now: float
@@ -85,6 +101,7 @@ class Sightings:
             listed.add(rel)
             if record not in self._known and self._sight(rel, record, now_ns, now):
                 self._known.add(record)
+                self._known_names.add(name_key(record))
                 candidates.append(record)
         for rel in relpaths:
             if rel not in listed:

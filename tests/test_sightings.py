@@ -1,0 +1,111 @@
+"""When watch mode takes a file: the settle rule over looks, with the times given (no clock)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from asyncbatch._pipeline.sightings import LOOK_MARGIN, Sightings
+from asyncbatch._scanner import Scanner, ScanRules, name_key, pack
+
+from .conftest import make_files
+
+S = 1_000_000_000  # ns a second
+NOW = 1_700_000_000 * S  # the wall clock at monotonic 0
+
+
+def rec(rel: bytes, mtime_s: float, size: int = 10, inode: int = 7) -> bytes:
+    return pack(NOW + int(mtime_s * S), rel, size, inode)
+
+
+def at(t: float) -> tuple[int, float]:
+    """(wall ns, monotonic) at ``t`` seconds."""
+    return NOW + int(t * S), t
+
+
+def test_a_fresh_file_is_taken_at_the_look_after_it_settled() -> None:
+    s = Sightings(settle=1.0)
+    f = rec(b"a.csv", mtime_s=0.0)
+    assert s.looked([b"a.csv"], [f], *at(0.05)) == []
+    look = s.next_look()
+    assert look is not None
+    assert abs(look - (1.0 + LOOK_MARGIN)) < 1e-6  # mtime + settle
+    assert s.due(0.9) == set()
+    assert s.due(look) == {b"a.csv"}
+    assert s.looked([b"a.csv"], [f], *at(look)) == [f]
+    assert s.next_look() is None
+    assert s.looked([b"a.csv"], [f], *at(look + 5)) == []  # registered: never again
+
+
+def test_a_file_that_changes_starts_over() -> None:
+    s = Sightings(settle=1.0)
+    assert s.looked([b"a"], [rec(b"a", 0.0, size=1)], *at(0.0)) == []
+    grown = rec(b"a", 0.5, size=2)
+    assert s.looked([b"a"], [grown], *at(1.1)) == []  # mtime 0.5: settled at 1.5
+    assert s.looked([b"a"], [grown], *at(1.6)) == [grown]
+
+
+def test_an_old_mtime_must_be_seen_unchanged_for_settle_seconds() -> None:
+    s = Sightings(settle=1.0)
+    old = rec(b"moved.csv", mtime_s=-3600)
+    assert s.looked([b"moved.csv"], [old], *at(10.0)) == []
+    assert s.looked([b"moved.csv"], [old], *at(10.5)) == []  # an event: too soon
+    assert s.looked([b"moved.csv"], [old], *at(11.0)) == [old]
+
+
+def test_settle_zero_still_needs_two_looks() -> None:
+    s = Sightings(settle=0.0)
+    f = rec(b"a", 0.0)
+    assert s.looked([b"a"], [f], *at(0.0)) == []
+    assert s.looked([b"a"], [f], *at(0.001)) == [f]
+
+
+def test_a_scan_forgets_what_is_gone_and_takes_what_is_ready() -> None:
+    s = Sightings(settle=1.0)
+    a, b = rec(b"a", -10), rec(b"b", -10)
+    assert s.scanned([a, b], *at(0.0)) == []
+    assert s.waiting == 2
+    assert s.scanned([a], *at(1.0)) == [a]  # b is gone
+    assert s.waiting == 0
+    assert s.scanned([a], *at(2.0)) == []
+
+
+def test_a_listing_names_new_and_replaced_files_only() -> None:
+    s = Sightings(settle=0.0)
+    a = rec(b"a", -10, inode=1)
+    s.scanned([a], *at(0.0))
+    s.scanned([a], *at(0.1))  # registered
+    same = name_key(a)
+    replaced = b"a\0" + (2).to_bytes(8, "big")
+    new = b"n\0" + (3).to_bytes(8, "big")
+    assert s.unknown([same]) == []
+    assert s.unknown([same, replaced, new]) == [b"a", b"n"]
+
+
+async def test_a_listing_names_what_a_scan_lists(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_files(src, 3)
+    make_files(src / "sub", 2, prefix="s")
+    (src / ".hidden").write_bytes(b"h")
+    (src / "x.tmp").write_bytes(b"t")
+    os.symlink(src / "f00000.txt", src / "link.txt")
+    for recursive in (False, True):
+        scanner = Scanner(src, rules=ScanRules(), recursive=recursive)
+        records = await scanner.scan(settle=None)
+        assert sorted(await scanner.list_names()) == sorted(name_key(r) for r in records)
+        assert len(records) == (5 if recursive else 3)
+
+
+async def test_a_look_lists_what_a_scan_would(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_files(src, 2)
+    make_files(src / "sub", 1, prefix="s")
+    (src / ".hidden").write_bytes(b"h")
+    os.symlink(src / "sub", src / "linked")
+    scanner = Scanner(src, rules=ScanRules(), recursive=True)
+    by_scan = await scanner.scan(settle=None)
+    asked = [b"f00000.txt", b"f00001.txt", b"sub/s00000.txt", b".hidden", b"gone.txt"]
+    asked += [b"linked/s00000.txt", b"sub"]
+    records, saw_dir = await scanner.look(asked)
+    assert records == by_scan
+    assert saw_dir  # "sub": a directory the scan walks
