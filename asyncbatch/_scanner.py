@@ -440,7 +440,7 @@ class Scanner:
 
     async def list_names(self) -> list[bytes]:
         """The name keys (``relpath | NUL | inode``, see :func:`name_key`) of the files a
-        scan would list, from the directory listing alone: no ``stat`` (a tenth of a scan's
+        scan would list, from the directory listing alone: no ``stat`` (a quarter of a scan's
         cost), so a file changed in place under the same inode is not told apart.
 
         Not with ``follow_symlinks`` (a link's target is only known by a ``stat``): raises

@@ -10,9 +10,10 @@ or waiting for a retry) are claimed again until each is done or dead; another ru
 lease is taken over by the same claim (the database's clock decides on PostgreSQL). Only then
 does it lease what earlier runs left waiting in the ledger, and end.
 
-``watch`` mode scans the source every ``poll`` seconds and, in between, looks at just the paths
-that change events name (:mod:`.events`) and at the files waiting to settle, the moment each
-will be ready (:mod:`.sightings`: settled, and unchanged between two looks). Files already
+``watch`` mode polls the source every ``poll`` seconds (a full scan; while change events are
+followed, nine times in ten a listing of names and inode numbers) and, in between, looks at
+just the paths that change events name (:mod:`.events`) and at the files waiting to settle,
+the moment each will be ready (:mod:`.sightings`: settled, and unchanged between two looks). Files already
 registered are remembered by their scan record, so an idle inbox costs one ``scandir`` per
 poll and one ledger round trip (what earlier runs left waiting).
 """
@@ -49,7 +50,7 @@ HELD_POLL = 1.0
 LOOKAHEAD_SECONDS = 0.25
 #: While change events are followed, one poll in this many is a full scan (a ``stat`` of every
 #: file: a file changed in place whose events were lost is found then); the others list names
-#: and inode numbers only (a tenth of the cost), which finds every new or replaced file.
+#: and inode numbers only (a quarter of the cost), which finds every new or replaced file.
 FULL_SCAN_EVERY = 10
 
 
@@ -140,9 +141,11 @@ class Claimer:
         self.run.counters.seen = found
 
     async def watch(self) -> None:
-        """Watch until stopped: a full scan every ``poll`` seconds and, in between, looks at
-        the paths change events name and at the waiting files whose moment has come (see
-        :class:`~.sightings.Sightings` for when a file is ready)."""
+        """Watch until stopped: a poll every ``poll`` seconds and, in between, looks at the
+        paths change events name and at the waiting files whose moment has come (see
+        :class:`~.sightings.Sightings` for when a file is ready). A poll is a full scan, or
+        while events are followed, nine times in ten, a listing of names (see
+        :data:`FULL_SCAN_EVERY`)."""
         run, cfg = self.run, self.config
         sightings = Sightings(cfg.settle)
         changes = Changes()
