@@ -13,9 +13,9 @@ does it lease what earlier runs left waiting in the ledger, and end.
 ``watch`` mode polls the source every ``poll`` seconds (a full scan; while change events are
 followed, nine times in ten a listing of names and inode numbers) and, in between, looks at
 just the paths that change events name (:mod:`.events`) and at the files waiting to settle,
-the moment each will be ready (:mod:`.sightings`: settled, and unchanged between two looks). Files already
-registered are remembered by their scan record, so an idle inbox costs one ``scandir`` per
-poll and one ledger round trip (what earlier runs left waiting).
+the moment each will be ready (:mod:`.sightings`: settled, and unchanged between two looks).
+Files already registered are remembered by their scan record, so an idle inbox costs one
+``scandir`` per poll and one ledger round trip (what earlier runs left waiting).
 """
 
 from __future__ import annotations
