@@ -340,3 +340,26 @@ def test_the_inotify_watch_limit_is_one_warning_and_polling_goes_on(
     assert len(lines) == 1, out.stderr
     assert "watch limit reached" in lines[0]
     assert "fs.inotify.max_user_watches" in lines[0]
+
+
+async def test_a_failed_item_is_retried_when_due_not_at_the_next_poll(
+    inbox: Path, state: Path
+) -> None:
+    attempts: list[int] = []
+    third = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise TimeoutError("upstream slow")
+        third.set()
+
+    make_files(inbox, 1)
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=LONG_POLL, backoff=0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        with anyio.fail_after(20):
+            await third.wait()
+        batch.stop()
+    assert attempts == [1, 2, 3]
+    assert state_counts(state) == {"done": 1}

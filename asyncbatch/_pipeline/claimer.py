@@ -21,6 +21,7 @@ Files already registered are remembered by their scan record, so an idle inbox c
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -151,10 +152,13 @@ class Claimer:
         changes = Changes()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._wake_on_stop, changes)
+            tg.start_soon(self._wake_on_progress, changes)
             if cfg.events:
                 tg.start_soon(EventWatcher(cfg, changes).serve)
             next_scan = time.monotonic()
             lists = 0  # polls since the last full scan
+            retry_at: float | None = None  # when a failed item of this run comes due
+            waiting = 0  # run.counters.waiting when retry_at was reckoned
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
                 if rescan or time.monotonic() >= next_scan:
@@ -166,14 +170,43 @@ class Claimer:
                     saw_dir = await self._watch_look(sightings, paths)
                 if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
-                next_look = sightings.next_look()
-                wake_at = next_scan if next_look is None else min(next_scan, next_look)
+                if retry_at is not None and time.monotonic() >= retry_at:
+                    retry_at, waiting = None, -1  # and reckon the next one after this claim
+                    await self.claim_open()
+                if run.counters.waiting != waiting:  # failures recorded, or retries leased
+                    waiting = run.counters.waiting
+                    retry_at = await self._next_retry()
+                wake_at = min(
+                    t for t in (next_scan, sightings.next_look(), retry_at) if t is not None
+                )
                 await changes.wait(wake_at - time.monotonic())
             tg.cancel_scope.cancel()
 
     async def _wake_on_stop(self, changes: Changes) -> None:
         await self.run.stop_requested.wait()
         changes.wake()
+
+    async def _wake_on_progress(self, changes: Changes) -> None:
+        """Wake the watch when the committer recorded a failure (its retry is scheduled)."""
+        run = self.run
+        while not run.stopping:
+            await run.wait_for_progress(math.inf)
+            changes.wake()
+
+    async def _next_retry(self) -> float | None:
+        """Monotonic time at which to claim this run's failed items again, if some wait.
+
+        The ledger's earliest due retry of the job (which may be another runner's: then, or
+        if it is due already, the next look is :data:`HELD_POLL` away, never at once again).
+        """
+        run = self.run
+        if not run.counters.waiting:
+            return None
+        due = await run.ledger.next_retry_at(self.config.job)
+        if due is None:
+            return None
+        wait = due - run.clock()
+        return time.monotonic() + (wait if wait > 0 else HELD_POLL)
 
     def _may_list(self, changes: Changes) -> bool:
         """Whether a poll may list names instead of a full scan: events are being followed
