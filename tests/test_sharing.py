@@ -277,3 +277,35 @@ def test_a_runner_on_another_host_finishes_a_killed_hosts_items_in_about_one_lea
     # Only host A's files that started and were not committed when it died ran twice: at
     # most its 16 handlers in flight, and a wave of 16 finished but not yet committed.
     assert sum(calls.values()) - 400 <= 2 * 16
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root for a separate pid namespace",
+)
+@pytest.mark.parametrize("mount_proc", [False, True])
+def test_a_runner_in_another_pid_namespace_of_the_same_hostname_keeps_its_lock(
+    inbox: Path, state: Path, tmp_path: Path, mount_proc: bool
+) -> None:
+    # Containers with host networking share the hostname but not the pids: the holder's pid
+    # (1 or 2 in its namespace) means nothing here, so its lock must not be called stale.
+    make_files(inbox, 40)
+    log = tmp_path / "calls.log"
+    args = ("run", RECORD, "--source", inbox, "--state", state, "-j", "2", "--no-progress")
+    command = ["unshare", "--pid", "--fork", "--kill-child", *(["--mount-proc"] * mount_proc)]
+    holder = subprocess.Popen(
+        [*command, sys.executable, "-m", "asyncbatch", *map(str, args)],
+        env={**os.environ, **WARNINGS_FAIL, "AB_LOG": str(log), "AB_SLEEP": "0.2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(invocations(log)) >= 2, timeout=60)
+        second = cli(*args, env={"AB_LOG": str(log), "AB_SLEEP": "0"})
+        assert second.returncode == 75, second.stderr  # locked: not taken over
+        assert "pidns:" in second.stderr  # the holder's host names its pid namespace
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert max(invocations(log).values()) == 1
