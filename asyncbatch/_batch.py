@@ -306,8 +306,14 @@ class Batch:
             raise AsyncBatchError(
                 "this Batch is already running; create another Batch to run it concurrently"
             )
-        # Before anything is touched: a metrics address in use stops the run here.
-        listener = None if self._serve_at is None else await endpoints.listen(self._serve_at)
+        listener = None
+        if self._serve_at is not None:
+            # Before anything is touched: a metrics address in use stops the run here.
+            try:
+                listener = await endpoints.listen(self._serve_at)
+            except ConfigurationError as e:
+                self._ended = f"the last {mode}() did not start: {e}"
+                raise
         run = Run(
             self.config,
             self.handler,

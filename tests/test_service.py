@@ -8,8 +8,8 @@
 - ``metrics_app()`` mounted into a Starlette app answers under its mount point.
 - A metrics address in use is refused before anything is touched.
 - Health: not ready before the lock and the first scan (a ledger another process holds),
-  not live while a paused ledger keeps the heartbeat from renewing, not ready while stopping,
-  not live once the lock was taken over (the run ends).
+  not live while a paused ledger keeps the heartbeat from renewing (and, watching, its polls
+  from ending), not ready while stopping, not live once the lock was taken over (the run ends).
 """
 
 from __future__ import annotations
@@ -316,20 +316,22 @@ async def test_not_ready_before_the_lock_and_the_first_scan(inbox: Path, state: 
     make_files(inbox, 3)
     # Create the ledger, then hold its write lock: the next run cannot take its job lock.
     await Batch(idle, source=inbox, state=state, job="warm-up").run()
-    batch = Batch(idle, source=inbox, state=state, poll=0.05)
+    batch = Batch(idle, source=inbox, state=state, poll=0.05, lease=3)
     assert checks(batch.health()) == {"running": False}
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         with ledger_held(state):
             await tg.start(watching)
             await until(lambda: batch.health().check("running").ok)
-            await anyio.sleep(0.3)  # it is waiting for the ledger's write lock meanwhile
             health = batch.health()
             assert health.live
             assert not health.ready
             assert health.check("lock").ok is False
             assert health.check("lock").detail.endswith("not taken yet")
             assert health.check("scan").ok is False
+            # Opened, then waiting for its write lock: the ledger check says so, in time.
+            await until(lambda: "to take the job's lock" in batch.health().check("ledger").detail)
+            assert batch.health().check("ledger").ok is False
         await until(lambda: batch.health().ready)
         await until(finished(batch, 3))
         batch.stop()
@@ -352,6 +354,9 @@ async def test_a_paused_ledger_makes_the_heartbeat_stale_and_the_batch_not_live(
             assert health.check("heartbeat").ok is False
             assert "not renewed for" in health.check("heartbeat").detail
             assert health.check("running").ok
+            # Its polls wait for the ledger too: after 10 s without one, the scan check says so.
+            await until(lambda: not batch.health().check("scan").ok)
+            assert "with nothing in flight" in batch.health().check("scan").detail
         # The ledger answers again: the next heartbeat renews the lock, nobody took it.
         await until(lambda: batch.health().ready)
         batch.stop()

@@ -66,13 +66,13 @@ def _lock(run: Run) -> HealthCheck:
         return HealthCheck("lock", False, f"job {job!r}: not taken yet")
     if run.config.shared:
         return HealthCheck("lock", True, f"job {job!r} is shared: this runner's record is held")
-    return HealthCheck("lock", True, f"job {job!r}: the job lock is held")
+    return HealthCheck("lock", True, f"job {job!r}: the job lock is held (at its last renewal)")
 
 
 def _ledger(run: Run, now: float) -> HealthCheck:
     errors = run.ledger_errors
     if errors is None:
-        return HealthCheck("ledger", False, "not open yet")
+        return HealthCheck("ledger", False, f"not open yet ({now - run.began:.1f}s)")
     seen = f" ({errors.busy} busy retries, {errors.unreachable} unreachable tries so far)"
     patience = ledger_patience(run.config.lease)
     if run.beat_since is not None and now - run.beat_since > patience:
@@ -82,7 +82,14 @@ def _ledger(run: Run, now: float) -> HealthCheck:
             f"a heartbeat has waited {now - run.beat_since:.1f}s for it (more than "
             f"{patience:g}s){seen}",
         )
-    return HealthCheck("ledger", True, "answering" + seen)
+    if run.renewed_at is None and now - run.began > patience:
+        return HealthCheck(
+            "ledger",
+            False,
+            f"the run has waited {now - run.began:.1f}s for it to take the job's lock (more "
+            f"than {patience:g}s){seen}",
+        )
+    return HealthCheck("ledger", True, "answering: no heartbeat waits for it" + seen)
 
 
 def _scan(run: Run, now: float) -> HealthCheck:
