@@ -61,10 +61,16 @@ def test_a_later_shared_runner_gets_its_share_and_both_exit_0_when_all_are_done(
 ) -> None:
     make_files(inbox, 2000)
     log = tmp_path / "calls.log"
-    env = {"AB_LOG": str(log), "AB_SLEEP": "0.02"}
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.1"}  # ~160 files/s a runner: 12 s alone
     args = ("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress")
     first = spawn(*args, "-j", "16", env=env)
-    time.sleep(1.0)
+    # The second starts once the first is well under way (not after a fixed sleep: on a loaded
+    # machine the first may not have started by then), with most of the work still ahead.
+    deadline = time.monotonic() + 60
+    while (not log.exists() or len(log.read_text().splitlines()) < 100) and (
+        time.monotonic() < deadline and first.poll() is None
+    ):
+        time.sleep(0.05)
     second = spawn(*args, "-j", "16", env=env)
     outputs = [p.communicate(timeout=300) for p in (first, second)]
 

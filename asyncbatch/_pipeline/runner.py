@@ -352,18 +352,26 @@ class Run:
                     f"job {cfg.job!r}: this runner's lock or liveness record was taken over "
                     "(was it suspended longer than the lease?); it stopped"
                 )
-            in_flight = state.in_flight
+            # A lease not renewed is lost only for an item whose attempt has not finished: one
+            # whose outcome was committed while the heartbeat was on its way is no longer
+            # running, and the committer reports a refused outcome itself.
+            in_flight, lost = state.in_flight, 0
             for key, fence in beat.leases:
                 item = in_flight.get(key)
-                if item is not None and item.fence == fence:
-                    item.lease_deadline = -math.inf if key in renewal.lost else deadline
+                if item is None or item.fence != fence:
+                    continue
+                if key in renewal.lost and not item.finished:
+                    item.lease_deadline = -math.inf
+                    lost += 1
+                else:
+                    item.lease_deadline = deadline
             self.renewed_at = began  # what it renewed counts from before the call
-            if renewal.lost:
-                self.counters.leases_lost += len(renewal.lost)
+            if lost:
+                self.counters.leases_lost += lost
                 log.warning(
                     "%d leases of this runner were taken over by others (its heartbeats came "
                     "late: was it suspended?); it leaves those items to them",
-                    len(renewal.lost),
+                    lost,
                 )
             state.beat_ended()
 
