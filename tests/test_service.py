@@ -9,7 +9,8 @@
 - A metrics address in use is refused before anything is touched.
 - Health: not ready before the lock and the first scan (a ledger another process holds),
   not live while a paused ledger keeps the heartbeat from renewing (and, watching, its polls
-  from ending), not ready while stopping, not live once the lock was taken over (the run ends).
+  from ending), not ready while stopping, not live once the lock was taken over (the run ends);
+  a PostgreSQL outage waited out: not live meanwhile, counted as unreachable tries.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from asyncbatch import (
 )
 
 from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, wait_for
+from .postgres import Server, require
+from .test_postgres_outage import Outage
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -492,3 +495,36 @@ def test_cli_watch_serves_metrics_and_health_until_it_stops(
     finally:
         if proc.poll() is None:
             kill(proc)
+
+
+@pytest.fixture
+def pg_outage(postgres_server: Server) -> Iterator[Outage]:
+    require(postgres_server)
+    made = Outage(postgres_server)
+    yield made
+    made.drop()
+
+
+async def test_a_postgresql_outage_shows_in_health_and_in_the_ledger_error_counts(
+    inbox: Path, pg_outage: Outage
+) -> None:
+    batch = Batch(idle, source=inbox, state=pg_outage.dsn, lease=3, poll=0.05, metrics=True)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)
+        pg_outage.begin()
+        try:
+            await until(lambda: not batch.health().live)
+            health = batch.health()
+            assert health.check("ledger").ok is False
+            assert health.check("heartbeat").ok is False
+        finally:
+            pg_outage.end()
+        await until(lambda: batch.health().ready)  # waited out: the same run goes on
+        found = samples(prometheus_client.generate_latest(batch.metrics_registry).decode())
+        batch.stop()
+    assert watching.error is None
+    assert value(found, "asyncbatch_ledger_errors_total", kind="unreachable") >= 1
+    assert value(found, "asyncbatch_ledger_errors_total", kind="fatal") == 0
+    assert value(found, "asyncbatch_live") == 1
