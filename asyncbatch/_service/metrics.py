@@ -59,8 +59,10 @@ class BatchCollector:
         """The metric families, as they stand now."""
         run = self.current()
         yield from self._counters(run)
+        yield self._ledger_errors(run)
         yield from self._histograms()
         yield from self._gauges(run)
+        yield from self._scan(run)
 
     def _counters(self, run: Run | None) -> Iterator[Metric]:
         job, ended = self.job, self.recorder.ended
@@ -108,6 +110,9 @@ class BatchCollector:
             job,
             ended.lock_takeovers + (0 if run is None else run.lock_takeovers),
         )
+
+    def _ledger_errors(self, run: Run | None) -> Metric:
+        job, ended = self.job, self.recorder.ended
         errors = CounterMetricFamily(
             "asyncbatch_ledger_errors",
             "Ledger errors: busy (a transaction retried: another writer held the lock, or a "
@@ -124,7 +129,7 @@ class BatchCollector:
         errors.add_metric(
             (job, "fatal"), ended.ledger_fatal + (0 if run is None else int(run.ledger_failed))
         )
-        yield errors
+        return errors
 
     def _histograms(self) -> Iterator[Metric]:
         job, rec = self.job, self.recorder
@@ -202,6 +207,9 @@ class BatchCollector:
             job,
             0.0 if oldest is None else now - oldest,
         )
+
+    def _scan(self, run: Run | None) -> Iterator[Metric]:
+        job = self.job
         scan = None if run is None else run.last_scan
         if scan is None:
             scan = self.recorder.last_scan
