@@ -176,7 +176,13 @@ async def serve(listener: anyio.abc.Listener[anyio.abc.SocketStream], endpoints:
                 await stream.send(
                     _response(status, content_type, b"" if method == b"HEAD" else body, len(body))
                 )
-            except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            except (
+                TimeoutError,
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
                 return
 
     async with listener:
