@@ -206,6 +206,10 @@ class Counters:
     #: Seen items not finished and not in flight: held by another runner, or waiting for a retry.
     held: int = 0
     waiting: int = 0
+    #: Not a category of the report (for metrics): leases of this runner that its heartbeat
+    #: found taken over by others, and items of runners found gone that it put back.
+    leases_lost: int = 0
+    reaped: int = 0
 
     def record(self, state: str, *, attempted: bool) -> None:
         """Count one committed outcome: a failed attempt (``attempted``: the handler ran), and

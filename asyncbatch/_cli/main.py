@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--claim-batch", type=positive_int, default=512, help="items leased per statement"
     )
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus /metrics and the /healthz, /readyz probes there while running "
+        "(needs prometheus-client: pip install 'asyncbatch[metrics]')",
+    )
     _add_logging(run)
 
     add_operator_commands(sub, _add_state, positive_int)
@@ -261,6 +268,7 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         output_dir=args.output_dir,
         poll=args.poll,
         claim_batch=args.claim_batch,
+        metrics=False if args.metrics is None else args.metrics,
     )
     report: Report | None = None
     aborted: BaseException | None = None

@@ -40,7 +40,7 @@ from .._exceptions import ConfigurationError, LedgerError, NotALedgerError, Sche
 from . import postgres_sql as sql
 from .base import BUSY, Busy, ledger_error, retrying
 from .dsn import PostgresDSN
-from .types import Durability
+from .types import Durability, LedgerErrors
 
 if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
@@ -133,8 +133,11 @@ class PostgresSession:
         busy_timeout: float,
         clock: Callable[[], float],
         outage_timeout: float = 120.0,
+        errors: LedgerErrors | None = None,
     ) -> None:
         self.target = target
+        #: Shared with the twin sessions of the same ledger.
+        self.errors = LedgerErrors() if errors is None else errors
         self.name = target.redacted
         self.clock = clock
         self.busy_timeout = busy_timeout
@@ -156,6 +159,7 @@ class PostgresSession:
             busy_timeout=self.busy_timeout,
             clock=self.clock,
             outage_timeout=self.outage_timeout,
+            errors=self.errors,
         )
         twin._outages = self._outages
         return twin
@@ -336,6 +340,7 @@ class PostgresSession:
                         f"state {self.name!r}: transactions kept deadlocking with other "
                         f"runners for {self.busy_timeout:.0f}s"
                     ),
+                    errors=self.errors,
                 )
             except (*_SERVER_GONE, *CONNECTION_LOST) as e:
                 raise _Unreachable(_one_line(e)) from e
@@ -390,6 +395,7 @@ class PostgresSession:
                 outages.current = None
                 return result
             except _Unreachable as e:
+                self.errors.unreachable += 1
                 if not again:
                     raise LedgerError(f"cannot connect to state {self.name!r}: {e}") from None
                 if outages.current is None:

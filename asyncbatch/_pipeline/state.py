@@ -17,6 +17,7 @@ from .._config import BatchConfig
 from .._ledger import Ledger
 from .._procinfo import ProcessIdentity
 from .._report import Counters
+from .._service.recorder import Recorder
 from .queues import LeasedItem
 
 __all__ = ["RunState"]
@@ -45,6 +46,11 @@ class RunState:
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     #: No new items are started once this is set (a stop, or the end of the grace period).
     stopping: bool = False
+    #: What metrics record (``None`` with metrics off: each hook is one ``None`` check).
+    metrics: Recorder | None = None
+    #: While scanned files wait to be claimed: since when (``time.monotonic()``, the end of
+    #: the scan that found them); ``None`` when none waits.
+    backlog_since: float | None = None
     _progress: anyio.Event = field(default_factory=anyio.Event)
     _room: anyio.Event = field(default_factory=anyio.Event)
     #: Heartbeats begun and ended, and the signals between the heartbeat and the workers that
