@@ -161,7 +161,7 @@ class Report:
 
 def describe(t: RunTotals) -> str:
     """The counts in words, the zero ones left out but ``done``: ``3000 seen: 2 done, 2998
-    done before; 1 failed attempts``."""
+    done before; 1 failed attempt``."""
     parts = [f"{t.done} done"]
     for count, what in (
         (t.done_before, "done before"),
@@ -176,9 +176,10 @@ def describe(t: RunTotals) -> str:
             parts.append(f"{count} {what}")
     text = f"{t.seen} seen: {', '.join(parts)}"
     if t.failed:
-        text += f"; {t.failed} failed attempts"
+        text += f"; {t.failed} failed attempt{'s' * (t.failed != 1)}"
     if t.lost:
-        text += f"; {t.lost} outcomes refused (lease taken over)"
+        outcomes = "outcome" if t.lost == 1 else "outcomes"
+        text += f"; {t.lost} {outcomes} refused (lease taken over)"
     if t.earlier:
         text += f"; {t.earlier} of the seen left waiting by earlier runs"
     return text

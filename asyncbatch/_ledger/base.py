@@ -95,7 +95,11 @@ def decide_lock(
         for runner in runners:
             if runner.shared and runner.alive(now, me):
                 raise JobLockedError(
-                    job, runner.pid, runner.host, iso_time(shown(runner.started_at))
+                    job,
+                    runner.pid,
+                    runner.host,
+                    iso_time(shown(runner.started_at)),
+                    shared_runner=True,
                 )
     return held
 

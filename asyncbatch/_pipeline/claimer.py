@@ -34,7 +34,7 @@ from .._report import Counters
 from .._scanner import Scanner, content_digest, split, unpack
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
-from .state import RunState
+from .state import RunState, reap_gone_runners
 
 __all__ = ["HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
 
@@ -404,9 +404,7 @@ class Claimer:
                 await run.wait_for_progress(cfg.lease / 4)
                 continue
             if run.open:
-                if reaped := await run.ledger.reap_stale_runners(cfg.job, run.me):
-                    run.counters.reaped += reaped
-                    log.warning("items of runners that are gone were put back")
+                await reap_gone_runners(run.ledger, cfg.job, run.me, run.counters)
                 await self.claim_open()
                 if run.in_flight or not run.open:
                     continue

@@ -34,7 +34,7 @@ from .committer import Committer
 from .health import health_of
 from .postactions import PostActions
 from .queues import ItemQueue, Outbox
-from .state import RunState
+from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool, error_text
 
 __all__ = ["Handler", "Mode", "Run", "unwrap_group"]
@@ -215,9 +215,7 @@ class Run:
             run_id = await ledger.register_runner(
                 cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared, mode=self.mode
             )
-            if released := await ledger.reap_stale_runners(cfg.job, self.me):
-                self.counters.reaped += released
-                log.warning("%d items of runners that are gone were put back", released)
+            await reap_gone_runners(ledger, cfg.job, self.me, self.counters)
             secret = await ledger.meta("secret")
             http = HTTPSettings(
                 shared=self._http,

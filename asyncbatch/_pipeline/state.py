@@ -7,6 +7,7 @@ shared between runs or items.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,20 @@ from .._report import Counters
 from .._service.recorder import Recorder
 from .queues import LeasedItem
 
-__all__ = ["RunState"]
+__all__ = ["RunState", "reap_gone_runners"]
+
+log = logging.getLogger("asyncbatch")
+
+
+async def reap_gone_runners(
+    ledger: Ledger, job: str, me: ProcessIdentity, counters: Counters
+) -> int:
+    """Put back the items of the job's runners that are gone; count and log how many."""
+    reaped = await ledger.reap_stale_runners(job, me)
+    if reaped:
+        counters.reaped += reaped
+        log.warning("%d item%s of runners that are gone put back", reaped, "s" * (reaped != 1))
+    return reaped
 
 
 @dataclass(eq=False, kw_only=True)
