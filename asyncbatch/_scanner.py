@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio.to_thread
 
 __all__ = [
     "DEFAULT_SKIP_SUFFIXES",
     "Entry",
+    "ScanInfo",
     "ScanRules",
     "Scanner",
     "content_digest",
@@ -390,6 +392,21 @@ def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
     return out, walked_dir
 
 
+class ScanInfo(NamedTuple):
+    """What a finished scan took: when it ended (``time.monotonic()`` and wall clock), how
+    long it took (seconds) and how many records it returned.
+
+    In watch mode a poll that lists names only (:meth:`Scanner.list_names`) is a scan too:
+    ``full`` is then false (it stat'ed no file).
+    """
+
+    ended: float
+    ended_wall: float
+    seconds: float
+    files: int
+    full: bool = True
+
+
 class Scanner:
     """Lists a source directory off the event loop, a chunk of entries per thread hop.
 
@@ -410,6 +427,8 @@ class Scanner:
         self.rules = rules
         self.recursive = recursive
         self.follow_symlinks = follow_symlinks
+        #: The last scan that finished, if any (for metrics and health).
+        self.last: ScanInfo | None = None
 
     async def scan(
         self,
@@ -422,7 +441,9 @@ class Scanner:
 
         With ``settle=None`` every regular file is returned. The list is sorted by
         ``(mtime_ns, relpath)``. Raises ``OSError`` when the source itself cannot be listed.
+        Sets :attr:`last`.
         """
+        began = time.monotonic()
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
@@ -436,6 +457,8 @@ class Scanner:
         finally:
             gen.close()
         records.sort()
+        ended = time.monotonic()
+        self.last = ScanInfo(ended, time.time(), ended - began, len(records))
         return records
 
     async def list_names(self) -> list[bytes]:
@@ -444,10 +467,12 @@ class Scanner:
         cost), so a file changed in place under the same inode is not told apart.
 
         Not with ``follow_symlinks`` (a link's target is only known by a ``stat``): raises
-        ``ValueError``. Raises ``OSError`` when the source itself cannot be listed.
+        ``ValueError``. Raises ``OSError`` when the source itself cannot be listed. Sets
+        :attr:`last` (``full=False``): in watch mode such a listing is a poll.
         """
         if self.follow_symlinks:
             raise ValueError("list_names() cannot follow symlinks: use scan()")
+        began = time.monotonic()
         gen = _walk(dataclasses.replace(self._walk(None), names_only=True))
         keys: list[bytes] = []
         try:
@@ -455,6 +480,8 @@ class Scanner:
                 keys.extend(chunk)
         finally:
             gen.close()
+        ended = time.monotonic()
+        self.last = ScanInfo(ended, time.time(), ended - began, len(keys), full=False)
         return keys
 
     async def look(self, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
