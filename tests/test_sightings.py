@@ -92,8 +92,14 @@ async def test_a_listing_names_what_a_scan_lists(tmp_path: Path) -> None:
     for recursive in (False, True):
         scanner = Scanner(src, rules=ScanRules(), recursive=recursive)
         records = await scanner.scan(settle=None)
-        assert sorted(await scanner.list_names()) == sorted(name_key(r) for r in records)
+        assert scanner.last is not None
+        assert scanner.last.full
+        names = await scanner.list_names()
+        assert sorted(names) == sorted(name_key(r) for r in records)
         assert len(records) == (5 if recursive else 3)
+        # a listing is a poll too (health: "the last poll ended ... ago")
+        assert scanner.last is not None
+        assert (scanner.last.full, scanner.last.files) == (False, len(names))
 
 
 async def test_a_look_lists_what_a_scan_would(tmp_path: Path) -> None:
