@@ -392,6 +392,25 @@ def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
     return out, walked_dir
 
 
+#: Seconds a directory's mtime must be old for an unchanged one to mean no name changed since.
+MARK_AGE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    signature: tuple[int, int, int]  # inode, mtime, ctime
+    trusted: bool  # the mtime at least MARK_AGE old when taken
+
+
+def _mark(source: Path) -> _Mark:
+    """The source directory's signature, taken now (before a listing)."""
+    taken = time.time_ns()
+    st = os.stat(source)
+    # A name added or removed since sets the mtime to then: past an old mtime, that shows.
+    old = st.st_mtime_ns < taken - MARK_AGE * 1e9
+    return _Mark((st.st_ino, st.st_mtime_ns, st.st_ctime_ns), old)
+
+
 class ScanInfo(NamedTuple):
     """What a finished scan took: when it ended (``time.monotonic()`` and wall clock), how
     long it took (seconds) and how many records it returned.
@@ -429,6 +448,8 @@ class Scanner:
         self.follow_symlinks = follow_symlinks
         #: The last scan that finished, if any (for metrics and health).
         self.last: ScanInfo | None = None
+        #: The source directory as the last scan or listing found it (see :meth:`unchanged`).
+        self._mark: _Mark | None = None
 
     async def scan(
         self,
@@ -444,6 +465,7 @@ class Scanner:
         Sets :attr:`last`.
         """
         began = time.monotonic()
+        self._mark = await anyio.to_thread.run_sync(_mark, self.source)
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
@@ -473,6 +495,7 @@ class Scanner:
         if self.follow_symlinks:
             raise ValueError("list_names() cannot follow symlinks: use scan()")
         began = time.monotonic()
+        self._mark = await anyio.to_thread.run_sync(_mark, self.source)
         gen = _walk(dataclasses.replace(self._walk(None), names_only=True))
         keys: list[bytes] = []
         try:
@@ -483,6 +506,25 @@ class Scanner:
         ended = time.monotonic()
         self.last = ScanInfo(ended, time.time(), ended - began, len(keys), full=False)
         return keys
+
+    async def unchanged(self) -> bool:
+        """Whether the source directory holds the same names as at the last scan or listing,
+        as far as one ``stat`` of it can tell: its inode, mtime and ctime are the same, and
+        the mtime was at least :data:`MARK_AGE` old when that scan began (a change in the same tick
+        of the filesystem's clock as the scan would not show). Only for a flat source (a
+        subdirectory's changes do not touch it); a file changed in place never shows. When
+        true, sets :attr:`last` (a poll, ``full=False``)."""
+        mark = self._mark
+        if self.recursive or mark is None or not mark.trusted:
+            return False
+        began = time.monotonic()
+        now = await anyio.to_thread.run_sync(_mark, self.source)
+        if now.signature != mark.signature:
+            return False
+        ended = time.monotonic()
+        files = self.last.files if self.last is not None else 0
+        self.last = ScanInfo(ended, time.time(), ended - began, files, full=False)
+        return True
 
     async def look(self, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
         """The records a full scan would list for just these paths (relative to the source),

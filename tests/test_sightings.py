@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from asyncbatch._pipeline.sightings import LOOK_MARGIN, Sightings
@@ -115,3 +116,23 @@ async def test_a_look_lists_what_a_scan_would(tmp_path: Path) -> None:
     records, saw_dir = await scanner.look(asked)
     assert records == by_scan
     assert saw_dir  # "sub": a directory the scan walks
+
+
+async def test_an_unchanged_flat_source_is_told_by_one_stat(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_files(src, 3)
+    scanner = Scanner(src, rules=ScanRules())
+    await scanner.scan(settle=None)
+    assert not await scanner.unchanged()  # its mtime is fresh: a change could hide in its tick
+    old = time.time() - 10
+    os.utime(src, (old, old))
+    await scanner.list_names()
+    assert await scanner.unchanged()
+    assert scanner.last is not None
+    assert (scanner.last.full, scanner.last.files) == (False, 3)
+    (src / "new.csv").write_bytes(b"new")  # a new name: the directory's mtime moves
+    assert not await scanner.unchanged()
+    recursive = Scanner(src, rules=ScanRules(), recursive=True)
+    os.utime(src, (old, old))
+    await recursive.list_names()
+    assert not await recursive.unchanged()  # a subdirectory's changes would not show

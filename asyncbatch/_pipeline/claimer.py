@@ -225,8 +225,9 @@ class Claimer:
             candidates = sightings.scanned(records, now_ns, time.monotonic())
             del records
             await self._claim_candidates(candidates)
-        else:
-            paths.update(sightings.unknown(await self.scanner.list_names()))
+        else:  # events are followed: a listing (or one stat: no name changed) will do
+            if not await self.scanner.unchanged():
+                paths.update(sightings.unknown(await self.scanner.list_names()))
             saw_dir = await self._watch_look(sightings, paths)
         if run.open:
             await self.claim_open()
