@@ -201,8 +201,8 @@ def render(
         f"- Idle CPU: a watch over {args.idle_files:,} done files (flat), process CPU time "
         f"(all threads) once every file was found done, over {args.idle_seconds:g} s or, "
         f"with events on, {FULL_SCAN_EVERY} polls if longer (one poll in {FULL_SCAN_EVERY} "
-        "is then a full scan, the others a listing of names and inode numbers: the window "
-        "holds one whole cycle).",
+        "is then a full scan, the others a listing of names and inode numbers, or one `stat` "
+        "of the directory when it shows no change: the window holds one whole cycle).",
         "",
         "## File close → handler start",
         "",
