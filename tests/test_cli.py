@@ -585,3 +585,91 @@ def test_an_interrupted_move_across_filesystems_leaves_no_partial_copy(
         for p in target.iterdir():
             p.unlink()
         target.rmdir()
+
+
+# -- state paths that cannot be used: one line, exit 2, nothing touched -------------------------
+
+needs_no_dac = pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None,
+    reason="needs setpriv to drop root's file access override",
+)
+
+
+def every_command(inbox: Path, state: Path | str) -> list[list[str | os.PathLike[str]]]:
+    """Each command that opens a state, with ``--state STATE``."""
+    return [
+        [*command, "--state", state]
+        for command in (
+            ["status"],
+            ["failures"],
+            ["history"],
+            ["locks"],
+            ["retry"],
+            ["unlock", "default"],
+            ["run", RECORD, "--source", inbox, "--no-progress"],
+        )
+    ]
+
+
+def untouched(state: Path) -> tuple[str, list[str]]:
+    """The state's bytes and the names of what lies beside it: must not change."""
+    names = sorted(p.name for p in state.parent.iterdir() if p.name.startswith(state.name))
+    return hashlib.sha256(state.read_bytes()).hexdigest(), names
+
+
+@needs_no_dac
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_state_this_user_may_not_read_is_one_line_naming_it(
+    inbox: Path, tmp_path: Path, where: str
+) -> None:
+    make_files(inbox, 2)
+    state = tmp_path / "locked" / "state.db"
+    state.parent.mkdir()
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    before = untouched(state)
+    if where == "file":  # mode 0600, owned by someone else
+        if os.geteuid() == 0:
+            os.chown(state, 65534, 65534)
+        state.chmod(0o600 if os.geteuid() == 0 else 0)
+        needles = [f"state {str(state)!r} cannot be read", "may not read it", "mode -rw-------"]
+    else:  # a directory on the way that this user may not enter
+        state.parent.chmod(0o600)
+        needles = [f"state {str(state)!r} cannot be read", f"enter directory {str(state.parent)!r}"]
+    try:
+        for args in every_command(inbox, state):
+            result = cli(*args, prefix=NO_DAC if os.geteuid() == 0 else [])
+            assert_one_line_error(result, *needles)
+    finally:
+        state.parent.chmod(0o755)
+        state.chmod(0o644)
+    assert untouched(state) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
+    inbox: Path, tmp_path: Path, kind: str
+) -> None:
+    import socket
+
+    make_files(inbox, 1)
+    state = tmp_path / f"{kind}.db"
+    listener = None
+    if kind == "fifo":
+        os.mkfifo(state)
+    elif kind == "socket":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(state))
+    else:
+        state = Path("/dev/null")
+    name = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
+    try:
+        commands = every_command(inbox, state)
+        for args in commands if kind == "fifo" else [commands[0], commands[-1]]:
+            result = cli(*args, timeout=30)  # a FIFO opened for reading would block forever
+            assert_one_line_error(result, f"state {str(state)!r} is {name}, not a regular file")
+    finally:
+        if listener is not None:
+            listener.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "inbox") == (
+        [] if kind == "device" else [state.name]
+    )

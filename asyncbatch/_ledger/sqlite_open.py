@@ -1,14 +1,17 @@
 """Before a SQLite ledger is opened: whether its path may be used, and what errors mean.
 
-Nothing here writes. A path that must not be opened (a directory, on a network filesystem,
-not a SQLite file, not writable for a run) is refused with one line that says why; a reader
-that cannot write beside the state gets an ``immutable`` view that creates no ``-wal`` or
-``-shm`` file (one made with the reader's permissions would break later runs).
+Nothing here writes or blocks. A path that must not be opened (a directory, FIFO, socket or
+device, one this user may not read, on a network filesystem, not a SQLite file, not writable
+for a run) is refused with one line that says why; a reader that cannot write beside the
+state gets an ``immutable`` view that creates no ``-wal`` or ``-shm`` file (one made with the
+reader's permissions would break later runs).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import sqlite3
 import stat
 from pathlib import Path
@@ -22,9 +25,24 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_state_path(path: Path, *, create: bool) -> bool:
-    """Refuse a state path we must not open; return whether the file exists."""
-    if path.is_dir():
+    """Refuse a state path we must not open; return whether the file exists.
+
+    Never blocks and never writes: a FIFO, socket, device or directory is refused from its
+    ``stat`` (and the header is read through ``O_NONBLOCK``, checked again with ``fstat``); a
+    file or directory this user may not read is named with the reason.
+    """
+    try:
+        st: os.stat_result | None = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        raise ConfigurationError(
+            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
+        ) from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise ConfigurationError.bad_value("state", str(path), "a file path, not a directory")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st)
     parent = path.parent
     if not parent.is_dir():
         raise ConfigurationError(
@@ -35,7 +53,7 @@ def check_state_path(path: Path, *, create: bool) -> bool:
             f"state {str(path)!r} is on a {fs} network filesystem: SQLite's WAL needs shared "
             "memory on one host; put the state on a local disk"
         )
-    if not path.exists():
+    if st is None:
         if not create:
             raise ConfigurationError(f"state {str(path)!r} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -43,8 +61,7 @@ def check_state_path(path: Path, *, create: bool) -> bool:
                 f"state {str(path)!r} cannot be created: {_unwritable(parent)}"
             )
         return False
-    with path.open("rb") as f:
-        head = f.read(len(_SQLITE_HEADER))
+    head = _read_header(path)
     if head and head != _SQLITE_HEADER:
         raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
     if create:
@@ -55,6 +72,63 @@ def check_state_path(path: Path, *, create: bool) -> bool:
                     f"{_unwritable(name)}); a run records its work in it"
                 )
     return bool(head)
+
+
+def _read_header(path: Path) -> bytes:
+    """The first bytes of the regular file ``path`` (opened without blocking, then checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigurationError(
+            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced since it was looked at
+            raise _not_regular(path, st)
+        try:
+            return f.read(len(_SQLITE_HEADER))
+        except OSError as e:
+            raise ConfigurationError(
+                f"state {str(path)!r} cannot be read: {e.strerror or e}"
+            ) from None
+
+
+def _not_regular(path: Path, st: os.stat_result) -> ConfigurationError:
+    kinds = {
+        stat.S_IFIFO: "a FIFO",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+    }
+    kind = kinds.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    return ConfigurationError(
+        f"state {str(path)!r} is {kind}, not a regular file: give the path of a SQLite file"
+    )
+
+
+def _unreadable(path: Path, error: OSError) -> str:
+    """Why ``path`` cannot be read: a directory on the way this user may not enter, or its
+    own permissions, else what the system said."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        for directory in reversed(path.absolute().parents):
+            if not os.access(directory, os.X_OK):
+                return f"this user may not enter directory {str(directory)!r}{_mode(directory)}"
+        if not os.access(path, os.R_OK):
+            return f"this user may not read it{_mode(path)}"
+    return error.strerror or str(error)
+
+
+def _mode(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f" (mode {stat.filemode(st.st_mode)}, owner {owner})"
 
 
 def companions(path: Path) -> tuple[Path, Path]:
