@@ -645,6 +645,23 @@ def test_a_state_this_user_may_not_read_is_one_line_naming_it(
     assert untouched(state) == before
 
 
+def test_an_empty_state_file_holds_no_ledger_yet(inbox: Path, tmp_path: Path) -> None:
+    make_files(inbox, 2)
+    missing, empty = tmp_path / "missing.db", tmp_path / "empty.db"
+    empty.touch()
+    # Like a state that does not exist (exit 2), not one to upgrade (it has no schema at all).
+    for args, like_missing in zip(
+        every_command(inbox, empty)[:-1], every_command(inbox, missing)[:-1], strict=True
+    ):  # every command but run
+        assert_one_line_error(cli(*args), f"state {str(empty)!r} is an empty file", "no ledger")
+        assert_one_line_error(cli(*like_missing), f"state {str(missing)!r} does not exist")
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "inbox"]
+    # A run may make its ledger in it: there was nothing to lose.
+    assert cli("run", RECORD, "--source", inbox, "--state", empty).returncode == 0
+    assert state_counts(empty) == {"done": 2}
+
+
 @pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
 def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
     inbox: Path, tmp_path: Path, kind: str

@@ -25,7 +25,7 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_state_path(path: Path, *, create: bool) -> bool:
-    """Refuse a state path we must not open; return whether the file exists.
+    """Refuse a state path we must not open; return whether the file exists with content.
 
     Never blocks and never writes: a FIFO, socket, device or directory is refused from its
     ``stat`` (and the header is read through ``O_NONBLOCK``, checked again with ``fstat``); a
@@ -64,6 +64,10 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     head = _read_header(path)
     if head and head != _SQLITE_HEADER:
         raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
+    if not head and not create and not _has_content(companions(path)[0]):
+        raise ConfigurationError(
+            f"state {str(path)!r} is an empty file: it holds no ledger yet (no run has used it)"
+        )
     if create:
         for name in (path, parent, *companions(path)):
             if name.exists() and not os.access(name, os.W_OK):
@@ -92,6 +96,13 @@ def _read_header(path: Path) -> bytes:
             raise ConfigurationError(
                 f"state {str(path)!r} cannot be read: {e.strerror or e}"
             ) from None
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _not_regular(path: Path, st: os.stat_result) -> ConfigurationError:
