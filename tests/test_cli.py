@@ -690,3 +690,46 @@ def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "inbox") == (
         [] if kind == "device" else [state.name]
     )
+
+
+def test_the_network_filesystem_check_follows_symlinks(inbox: Path, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem")
+    from asyncbatch._fsinfo import filesystem_type
+
+    if filesystem_type(shm) != "tmpfs" or filesystem_type(tmp_path) == "tmpfs":
+        pytest.skip("needs /dev/shm on tmpfs and tmp_path elsewhere")
+    make_files(inbox, 1)
+    remote = shm / f"asyncbatch-test-{os.getpid()}-{time.monotonic_ns()}"
+    remote.mkdir()
+    # The CLI in a subprocess, with tmpfs counted as a network filesystem.
+    as_if_tmpfs_were_nfs = (
+        "import sys, asyncbatch._fsinfo as f\n"
+        "f.NETWORK_FILESYSTEMS = f.NETWORK_FILESYSTEMS | {'tmpfs'}\n"
+        "from asyncbatch._cli.main import main\n"
+        "main(sys.argv[1:])\n"
+    )
+
+    def run(state: Path) -> subprocess.CompletedProcess[str]:
+        args = ["run", RECORD, "--source", str(inbox), "--state", str(state), "--no-progress"]
+        return subprocess.run(
+            [sys.executable, "-c", as_if_tmpfs_were_nfs, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        (remote / "state.db").touch()
+        (tmp_path / "link.db").symlink_to(remote / "state.db")
+        (tmp_path / "dangling.db").symlink_to(remote / "new.db")
+        (tmp_path / "remote").symlink_to(remote)
+        for state in (tmp_path / "link.db", tmp_path / "dangling.db", tmp_path / "remote/x.db"):
+            result = run(state)
+            assert_one_line_error(result, f"state {str(state)!r} is on a tmpfs network filesystem")
+        assert sorted(p.name for p in remote.iterdir()) == ["state.db"]
+        assert (remote / "state.db").stat().st_size == 0
+        assert run(tmp_path / "local.db").returncode == 0  # the check itself still passes ext4
+    finally:
+        shutil.rmtree(remote)

@@ -29,7 +29,8 @@ def check_state_path(path: Path, *, create: bool) -> bool:
 
     Never blocks and never writes: a FIFO, socket, device or directory is refused from its
     ``stat`` (and the header is read through ``O_NONBLOCK``, checked again with ``fstat``); a
-    file or directory this user may not read is named with the reason.
+    file or directory this user may not read is named with the reason. The network
+    filesystem check follows symlinks: it is the real file that SQLite opens.
     """
     try:
         st: os.stat_result | None = path.stat()
@@ -48,7 +49,7 @@ def check_state_path(path: Path, *, create: bool) -> bool:
         raise ConfigurationError(
             f"state {str(path)!r}: directory {str(parent)!r} does not exist; create it first"
         )
-    if fs := network_filesystem(parent):
+    if fs := network_filesystem(_real(path)):
         raise ConfigurationError(
             f"state {str(path)!r} is on a {fs} network filesystem: SQLite's WAL needs shared "
             "memory on one host; put the state on a local disk"
@@ -64,12 +65,13 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     head = _read_header(path)
     if head and head != _SQLITE_HEADER:
         raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
-    if not head and not create and not _has_content(companions(path)[0]):
+    if not head and not create and not _has_content(companions(_real(path))[0]):
         raise ConfigurationError(
             f"state {str(path)!r} is an empty file: it holds no ledger yet (no run has used it)"
         )
     if create:
-        for name in (path, parent, *companions(path)):
+        real = _real(path)  # SQLite writes its -wal and -shm beside the file a symlink names
+        for name in (path, real.parent, *companions(real)):
             if name.exists() and not os.access(name, os.W_OK):
                 raise ConfigurationError(
                     f"state {str(path)!r} cannot be written ({str(name)!r}: "
@@ -96,6 +98,11 @@ def _read_header(path: Path) -> bytes:
             raise ConfigurationError(
                 f"state {str(path)!r} cannot be read: {e.strerror or e}"
             ) from None
+
+
+def _real(path: Path) -> Path:
+    """The file SQLite opens for ``path``: symlinks resolved (its ``-wal`` goes beside it)."""
+    return Path(os.path.realpath(path))
 
 
 def _has_content(path: Path) -> bool:
@@ -166,8 +173,9 @@ def read_only_view(path: Path) -> str | None:
     outside the main file, so it is read as ``immutable``; otherwise the reader is refused.
     Returns ``None`` when the reader may open the state normally.
     """
-    wal, shm = companions(path)
-    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+    real = _real(path)
+    wal, shm = companions(real)
+    writable = os.access(path, os.W_OK) and os.access(real.parent, os.W_OK | os.X_OK)
     if writable and all(not p.exists() or os.access(p, os.W_OK) for p in (wal, shm)):
         return None
     if wal.exists() and wal.stat().st_size > 0:
