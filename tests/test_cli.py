@@ -645,6 +645,23 @@ def test_a_state_this_user_may_not_read_is_one_line_naming_it(
     assert untouched(state) == before
 
 
+@needs_no_dac
+def test_commands_that_write_refuse_a_read_only_state_as_run_does(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    assert cli("run", f"{HANDLERS}:fail_always", "--source", inbox, "--state", state).returncode
+    state.chmod(0o444)
+    before = untouched(state)
+    prefix = NO_DAC if os.geteuid() == 0 else []
+    for args in (["retry", "--dead"], ["unlock", "default"], ["run", RECORD, "--source", inbox]):
+        result = cli(*args, "--state", state, prefix=prefix)
+        assert_one_line_error(
+            result, f"state {str(state)!r} cannot be written", "this user may not write it"
+        )
+    assert untouched(state) == before
+    assert cli("failures", "--state", state, prefix=prefix).returncode == 0
+    assert state_counts(state) == {"dead": 2}
+
+
 def test_an_empty_state_file_holds_no_ledger_yet(inbox: Path, tmp_path: Path) -> None:
     make_files(inbox, 2)
     missing, empty = tmp_path / "missing.db", tmp_path / "empty.db"

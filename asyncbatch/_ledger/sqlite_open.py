@@ -19,7 +19,7 @@ from pathlib import Path
 from .._exceptions import ConfigurationError, LedgerError, NotALedgerError
 from .._fsinfo import network_filesystem
 
-__all__ = ["check_state_path", "companions", "open_error", "read_only_view"]
+__all__ = ["check_state_path", "check_writable", "companions", "open_error", "read_only_view"]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -70,14 +70,23 @@ def check_state_path(path: Path, *, create: bool) -> bool:
             f"state {str(path)!r} is an empty file: it holds no ledger yet (no run has used it)"
         )
     if create:
-        real = _real(path)  # SQLite writes its -wal and -shm beside the file a symlink names
-        for name in (path, real.parent, *companions(real)):
-            if name.exists() and not os.access(name, os.W_OK):
-                raise ConfigurationError(
-                    f"state {str(path)!r} cannot be written ({str(name)!r}: "
-                    f"{_unwritable(name)}); a run records its work in it"
-                )
+        check_writable(path, "a run records its work in it")
     return bool(head)
+
+
+def check_writable(path: Path, why: str) -> None:
+    """Refuse, in the words a run uses, a state that this user may not write.
+
+    SQLite writes the file, its directory (it creates ``-wal`` and ``-shm`` beside it, beside
+    the file a symlink points to) and those two files if they exist; ``why`` says who needs to
+    write it (``"a run records its work in it"``).
+    """
+    real = _real(path)
+    for name in (path, real.parent, *companions(real)):
+        if name.exists() and not os.access(name, os.W_OK):
+            raise ConfigurationError(
+                f"state {str(path)!r} cannot be written ({str(name)!r}: {_unwritable(name)}); {why}"
+            )
 
 
 def _read_header(path: Path) -> bytes:
