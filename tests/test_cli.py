@@ -709,6 +709,38 @@ def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
     )
 
 
+def first_schema_ledger(path: Path) -> None:
+    """Write an empty ledger as asyncbatch 0.1 did (schema version 1)."""
+    from asyncbatch._ledger import sqlite_sql
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(sqlite_sql.MIGRATIONS[0])
+    db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+    db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0)")
+    db.commit()
+    db.close()
+
+
+def test_an_older_schema_asks_for_a_run_and_exits_2(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    first_schema_ledger(state)
+    before = untouched(state)
+    for args in every_command(inbox, state)[:-1]:
+        assert_one_line_error(
+            cli(*args),
+            f"state {str(state)!r} has schema version 1, older than the {SCHEMA_VERSION}",
+            "the next 'asyncbatch run' with this --state upgrades it",
+        )
+    assert untouched(state) == before
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    status = cli("status", "--state", state, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] == 2
+
+
 def test_the_network_filesystem_check_follows_symlinks(inbox: Path, tmp_path: Path) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
