@@ -782,3 +782,29 @@ def test_the_network_filesystem_check_follows_symlinks(inbox: Path, tmp_path: Pa
         assert run(tmp_path / "local.db").returncode == 0  # the check itself still passes ext4
     finally:
         shutil.rmtree(remote)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["run", RECORD, "--source", "", "--state", "s.db"], "--source"),
+        (["run", RECORD, "--source", "inbox", "--state", ""], "--state"),
+        (
+            ["run", RECORD, "--source", "inbox", "--state", "s.db", "--output-dir", ""],
+            "--output-dir",
+        ),
+        (["status", "--state", ""], "--state"),
+        (["retry", "--state", ""], "--state"),
+        (["demo", "--dir", "", "--files", "3"], "--dir"),
+    ],
+)
+def test_an_empty_path_option_is_refused_not_taken_for_the_current_directory(
+    tmp_path: Path, args: list[str], option: str
+) -> None:
+    work = tmp_path / "work"  # the current directory: settled files a scan of '.' would take
+    make_files(work, 3)
+    make_files(work / "inbox", 1)
+    before = sorted(p.name for p in work.iterdir())
+    result = cli(*args, cwd=work)
+    assert_one_line_error(result, f"argument {option}: invalid value ''", "not an empty string")
+    assert sorted(p.name for p in work.iterdir()) == before
