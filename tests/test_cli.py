@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -630,8 +631,10 @@ def test_a_state_this_user_may_not_read_is_one_line_naming_it(
     if where == "file":  # mode 0600, owned by someone else
         if os.geteuid() == 0:
             os.chown(state, 65534, 65534)
-        state.chmod(0o600 if os.geteuid() == 0 else 0)
-        needles = [f"state {str(state)!r} cannot be read", "may not read it", "mode -rw-------"]
+        mode = 0o600 if os.geteuid() == 0 else 0
+        state.chmod(mode)
+        shown = stat.filemode(stat.S_IFREG | mode)
+        needles = [f"state {str(state)!r} cannot be read", f"may not read it (mode {shown}"]
     else:  # a directory on the way that this user may not enter
         state.parent.chmod(0o600)
         needles = [f"state {str(state)!r} cannot be read", f"enter directory {str(state.parent)!r}"]
