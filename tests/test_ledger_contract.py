@@ -1269,10 +1269,13 @@ async def test_a_ledger_of_schema_2_is_upgraded_and_keeps_its_finished_items_job
         (failed,) = await ledger.find_items("j", "k00002")
         (pending,) = await ledger.find_items("j", "k00003")
         # Finished items got their outcome's time and runner; their start is not known.
-        assert done.finished_at is not None and abs(done.finished_at - 1000) < 5
+        assert done.finished_at is not None
+        assert abs(done.finished_at - 1000) < 5
         assert (done.runner, done.runner_pid, done.runner_host) == ("old-runner", 4242, "oldhost")
-        assert done.started_at is None and done.duration is None
-        assert failed.finished_at is not None and abs(failed.finished_at - 1100) < 5
+        assert done.started_at is None
+        assert done.duration is None
+        assert failed.finished_at is not None
+        assert abs(failed.finished_at - 1100) < 5
         assert (pending.finished_at, pending.runner) == (None, None)
         # The upgraded ledger records new attempts.
         (row,) = await ledger.claim_waiting("j", "me", 60, 10)
@@ -1308,7 +1311,8 @@ async def test_the_joblog_records_each_attempts_start_finish_and_runner(ledger: 
     noted = time.time()
     await ledger.commit_outcomes("j", "a", [], started=[("k00001", 1)])
     (running,) = await ledger.find_items("j", "k00001")
-    assert running.started_at is not None and running.finished_at is None
+    assert running.started_at is not None
+    assert running.finished_at is None
     assert noted - 5 < running.started_at
     await anyio.sleep(0.3)
     began = time.time()
@@ -1325,11 +1329,14 @@ async def test_the_joblog_records_each_attempts_start_finish_and_runner(ledger: 
     # duration spans the whole attempt.
     assert done.started_at is not None
     assert noted - 1 < done.started_at <= running.started_at + 1
-    assert done.duration is not None and done.duration >= 0.3
-    assert done.finished_at is not None and done.finished_at <= ended + 5
+    assert done.duration is not None
+    assert done.duration >= 0.3
+    assert done.finished_at is not None
+    assert done.finished_at <= ended + 5
     for item in found.values():
         assert (item.runner, item.runner_pid, item.runner_host) == ("a", me.pid, me.host)
-        assert item.started_at is not None and item.finished_at is not None
+        assert item.started_at is not None
+        assert item.finished_at is not None
         assert item.started_at <= item.finished_at
         assert item.attempts == 1
     assert found["k00002"].last_error == "ValueError: no"

@@ -24,7 +24,7 @@ from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
 from .._ledger import STATES, ItemFilter, ItemInfo, Ledger, RunnerInfo
 from .._scanner import PATH_MAX, ScanRules, content_digest
-from .operator import EXIT_OK, _identity, _open, _when, console
+from .operator import EXIT_OK, _identity, _open, _when
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
 
@@ -355,23 +355,14 @@ async def items(args: argparse.Namespace) -> int:
     if not found:
         print(f"job {args.job!r}: no items match")
         return EXIT_OK
-    from rich.table import Table
-
-    table = Table(title=f"items of job {args.job!r} ({len(found)}, most recently changed first)")
-    for name in ("state", "attempts", "started", "finished", "took", "runner"):
-        table.add_column(name, no_wrap=True, justify="right" if name == "attempts" else "left")
-    table.add_column("relpath", overflow="fold", ratio=1, min_width=12)
+    # One line an item (grep-able, never cut to the terminal's width); the rest is in --json.
+    print(f"items of job {args.job!r}: {len(found)}, the most recently changed first")
+    print(f"{'state':<8} {'att':>3}  {'started':<19}  {'took':>8}  {'runner':<24}  relpath")
     for item in found:
-        table.add_row(
-            item.state,
-            str(item.attempts),
-            _when(item.started_at),
-            _when(item.finished_at),
-            _duration(item.duration),
-            _runner(item),
-            item.relpath,
+        print(
+            f"{item.state:<8} {item.attempts:>3}  {_when(item.started_at):<19}  "
+            f"{_duration(item.duration):>8}  {_runner(item):<24}  {item.relpath}"
         )
-    console().print(table)
     return EXIT_OK
 
 

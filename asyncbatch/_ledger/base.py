@@ -451,7 +451,8 @@ class Ledger(abc.ABC):
         found = (
             await self._items_by_key(job, key_or_relpath) if looks_like_key(key_or_relpath) else []
         )
-        return found + await self._items_by_relpath(job, os.fsencode(key_or_relpath))
+        by_name = await self._items_by_relpath(job, os.fsencode(key_or_relpath))
+        return found + [item for item in by_name if item.key != key_or_relpath]
 
     @abc.abstractmethod
     async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
