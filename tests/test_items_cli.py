@@ -179,6 +179,10 @@ def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
     assert facts["verdict"] == "dead"
     assert "ValueError: cannot parse f00000.txt" in facts["message"]
     assert "retry --dead" in facts["message"]
+    (failure,) = json.loads(cli("failures", "--state", state, "--json").stdout)
+    assert failure["finished_at"] >= failure["started_at"]
+    assert failure["runner_pid"] == facts["item"]["runner_pid"]
+    assert isinstance(failure["runner_pid"], int)
     # When the file is gone, the ledger's record of the name still answers.
     (inbox / "f00000.txt").unlink()
     gone = explain(inbox, state, "f00000.txt")
