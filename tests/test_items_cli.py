@@ -204,7 +204,7 @@ def test_explain_and_forget_while_a_live_runner_holds_the_item(
         refused = no_terminal("forget", "f00000.txt", "--state", state, "--yes")
         assert refused.returncode == 3, refused.stderr
         assert "forgot 0 item(s)" in refused.stdout
-        assert "refused 1 item(s) leased by a live runner" in refused.stdout
+        assert "refused 1 item(s) leased by a runner whose lease has not expired" in refused.stdout
         assert state_counts(state) == {"running": 1}
     finally:
         kill(runner)

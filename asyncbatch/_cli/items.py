@@ -52,8 +52,13 @@ def parse_time(text: str) -> float:
 
 
 def _duration(seconds: float | None) -> str:
+    """A joblog duration; 0 exactly is an attempt that began and ended between two group
+    commits of its runner, whose start the ledger did not get (SQLite's done outcomes): a
+    few milliseconds, not nothing."""
     if seconds is None:
         return "-"
+    if seconds == 0:
+        return "<1 commit"
     if seconds < 10:
         return f"{seconds:.3f}s"
     if seconds < 3600:
@@ -450,9 +455,13 @@ async def forget(args: argparse.Namespace) -> int:
     if len(gone) > SHOWN:
         print(f"  ... and {len(gone) - SHOWN} more")
     if result.refused:
-        print(f"refused {len(result.refused)} item(s) leased by a live runner (left as they were):")
+        print(
+            f"refused {len(result.refused)} item(s) leased by a runner whose lease has not "
+            "expired (left as they were; forget them once it is done):"
+        )
         for item in result.refused[:SHOWN]:
-            print(f"  {item.relpath} (leased until {_when(item.lease_until)})")
+            holder = _lease_holder(item, {})
+            print(f"  {item.relpath} (leased by {holder} until {_when(item.lease_until)})")
     return EXIT_HELD if result.refused else EXIT_OK
 
 
