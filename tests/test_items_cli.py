@@ -6,11 +6,14 @@ import json
 import os
 import pty
 import select
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from asyncbatch._ledger import sqlite_sql
 
 from .conftest import (
     HANDLERS,
@@ -332,3 +335,27 @@ def test_items_explain_and_forget_on_postgresql(inbox: Path, pg_dsn: str) -> Non
     forgot = no_terminal("forget", "f00000.txt", "--state", pg_dsn, "--yes")
     assert forgot.returncode == 0, forgot.stderr
     assert explain(inbox, pg_dsn, "f00000.txt")["verdict"] == "never-seen"
+
+
+def test_a_state_file_of_the_previous_schema_is_upgraded_by_a_run(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    db = sqlite3.connect(state)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(sqlite_sql.MIGRATIONS[0])
+    db.executescript(sqlite_sql.MIGRATIONS[1])
+    db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 2")
+    db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+    db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0)")
+    db.commit()
+    db.close()
+    old = cli("items", "--state", state)
+    (line,) = old.stderr.strip().splitlines()
+    assert "schema version 2; run 'asyncbatch run' once to upgrade it" in line
+    run(inbox, state)
+    db = sqlite3.connect(state)
+    assert db.execute("PRAGMA user_version").fetchone() == (sqlite_sql.SCHEMA_VERSION,)
+    db.close()
+    rows = json.loads(cli("items", "--state", state, "--json").stdout)
+    assert sorted(r["relpath"] for r in rows) == ["f00000.txt", "f00001.txt"]
+    assert all(r["finished_at"] is not None for r in rows)
