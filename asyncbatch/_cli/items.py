@@ -52,13 +52,8 @@ def parse_time(text: str) -> float:
 
 
 def _duration(seconds: float | None) -> str:
-    """A joblog duration; 0 exactly is an attempt that began and ended between two group
-    commits of its runner, whose start the ledger did not get (SQLite's done outcomes): a
-    few milliseconds, not nothing."""
     if seconds is None:
         return "-"
-    if seconds == 0:
-        return "<1 commit"
     if seconds < 10:
         return f"{seconds:.3f}s"
     if seconds < 3600:

@@ -176,7 +176,7 @@ def _tx_commit(
     owner: str,
     now: float,
     started: tuple[str, str] | None,
-    done: list[tuple[str | None, str, str]],
+    done: list[tuple[str | None, float | None, str, str]],
     other: list[dict[str, Any]],
     keys: str,
     expected: int,
@@ -184,8 +184,8 @@ def _tx_commit(
     if started is not None:
         conn.execute(sql.MARK_STARTED, (job, owner, *started, now))
     changed = 0
-    for post_action, done_keys, pairs in done:
-        params = (job, owner, done_keys, pairs, post_action, now)
+    for post_action, began, done_keys, pairs in done:
+        params = (job, owner, done_keys, pairs, post_action, now, began)
         changed += conn.execute(sql.MARK_DONE, params).rowcount
     if other:
         changed += conn.executemany(sql.MARK_OUTCOME, other).rowcount
@@ -583,11 +583,20 @@ class SQLiteLedger(Ledger):
         self, job: str, owner: str, outcomes: Sequence[t.Outcome], started: t.Leases = ()
     ) -> set[str]:
         now = self.clock()
-        groups: dict[str | None, list[tuple[str, int]]] = {}
+        # Done outcomes in groups of one statement each: by post action, and by the millisecond
+        # their attempts started (the group's earliest start is its rows' joblog start).
+        groups: dict[tuple[str | None, int], list[tuple[str, int]]] = {}
+        starts: dict[tuple[str | None, int], float | None] = {}
         other: list[dict[str, Any]] = []
         for o in outcomes:
             if o.state == "done" and o.stat is None:
-                groups.setdefault(o.post_action, []).append((o.key, o.fence))
+                began = o.started_at
+                at = (o.post_action, -1 if began is None else int(began * 1000))
+                group = groups.get(at)
+                if group is None:
+                    group = groups[at] = []
+                    starts[at] = began
+                group.append((o.key, o.fence))
             else:
                 size, mtime_ns, inode = o.stat or (None, None, None)
                 other.append(
@@ -608,7 +617,7 @@ class SQLiteLedger(Ledger):
                         "fence": o.fence,
                     }
                 )
-        done = [(post, *_fenced_group(group)) for post, group in groups.items()]
+        done = [(at[0], starts[at], *_fenced_group(group)) for at, group in groups.items()]
         keys = json.dumps([o.key for o in outcomes])
         rows = await self._transact(
             _tx_commit,

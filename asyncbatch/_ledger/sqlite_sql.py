@@ -290,12 +290,14 @@ UPDATE items SET {_COUNT_ATTEMPT}, started_at = ?5, finished_at = NULL, runner =
 {_FENCED_GROUP}
   AND started_fence IS NOT fence
 """
-# The joblog: finished now; started when MARK_STARTED noted it, or (an attempt that began and
-# ended between two group commits) now: one value per group keeps this one statement.
+# The joblog: finished now; started at ?7, the start of the group's attempts (the caller groups
+# them by the millisecond they started in: one value per statement), else when MARK_STARTED
+# noted it, else now.
 MARK_DONE = f"""
 UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, last_error = NULL,
                  post_action = ?5, updated_at = ?6, done_at = ?6, finished_at = ?6, runner = ?2,
-                 started_at = CASE WHEN started_fence IS fence THEN started_at ELSE ?6 END,
+                 started_at = coalesce(?7, CASE WHEN started_fence IS fence THEN started_at END,
+                                       ?6),
                  {_COUNT_ATTEMPT}
 {_FENCED_GROUP}
 """
