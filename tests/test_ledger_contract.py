@@ -1311,7 +1311,7 @@ async def test_the_joblog_records_each_attempts_start_finish_and_runner(
     await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), entry(3)])
     (leased,) = await ledger.find_items("j", "k00001")
     assert (leased.owner, leased.started_at, leased.finished_at) == ("a", None, None)
-    # A long attempt (begun half a second ago) is long_start at the group commit that sees it
+    # A long attempt (begun half a second ago) is noted at the group commit that sees it
     # running...
     long_start = time.time() - 0.5
     await ledger.commit_outcomes("j", "a", [], started=[("k00001", 1)])
