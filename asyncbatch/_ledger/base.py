@@ -404,6 +404,12 @@ class Ledger(abc.ABC):
         commits. A row whose owner or fence changed (another runner took the lease) is not
         touched, and its key is returned. A failed attempt keeps the row's post action (the
         ``moved`` record of ``ctx.move``).
+
+        The joblog, in the same statements: an outcome sets ``finished_at`` (this commit) and
+        ``runner`` (``owner``), and ``started_at`` to its ``started_at`` (SQLite: to the
+        millisecond, never later), else to the start noted when the attempt was seen running,
+        else this commit; an attempt in ``started`` seen for the first time gets ``started_at``
+        now, ``runner``, and no ``finished_at`` (that was the previous attempt's).
         """
 
     @abc.abstractmethod
