@@ -248,7 +248,8 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
     runners = {r.owner: r for r in await ledger.runners(args.job)}
     exists = os.path.lexists(full)
     if skipped is not None:
-        verdict, message = "skipped", skipped
+        verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
+        message = skipped
     elif not exists:
         if others:
             verdict, said = describe_item(others[0], runners, now)
