@@ -1347,9 +1347,11 @@ async def test_the_joblog_records_each_attempts_start_finish_and_runner(
     assert found["k00002"].last_error == "ValueError: no"
     # Every outcome carries its attempt's start.
     for key in ("k00002", "k00003"):
-        assert found[key].started_at is not None
-        assert abs(found[key].started_at - began) <= close
-        assert found[key].started_at <= (found[key].finished_at or 0)
+        start, end = found[key].started_at, found[key].finished_at
+        assert start is not None
+        assert end is not None
+        assert abs(start - began) <= close
+        assert start <= end
 
 
 async def test_list_items_filters_by_state_glob_and_time(ledger: Ledger) -> None:
