@@ -31,6 +31,8 @@ from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._report import Report as Report
 from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
+from ._service.health import Health as Health
+from ._service.health import HealthCheck as HealthCheck
 
 __all__ = [
     "AsyncBatchError",
@@ -39,6 +41,8 @@ __all__ = [
     "EffectError",
     "Entry",
     "HandlerImportError",
+    "Health",
+    "HealthCheck",
     "IdempotencyKeyMismatchError",
     "IdempotencyMiddleware",
     "InputChangedError",

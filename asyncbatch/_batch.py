@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -11,19 +12,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 
 from . import _failpoints as failpoints
 from ._config import DEFAULT_UNSAFE_METHODS, BatchConfig, Durability, PostAction
 from ._exceptions import AsyncBatchError, ConfigurationError
 from ._identity import Identity
 from ._pipeline.runner import Handler, Mode, Run, unwrap_group
-from ._pipeline.workers import HandlerAborted
+from ._pipeline.workers import HandlerAborted, error_text
 from ._report import Report, Statistics
+from ._service import endpoints
+from ._service.health import Health, not_running
+from ._service.recorder import Recorder
 
 if TYPE_CHECKING:
     import httpx
+    from prometheus_client import CollectorRegistry
+
+    from ._service.endpoints import ASGIApp
 
 __all__ = ["Batch"]
+
+log = logging.getLogger("asyncbatch")
 
 
 def _is_async_callable(obj: Any) -> bool:
@@ -82,6 +92,11 @@ class Batch:
     - ``claim_batch``, ``commit_batch``, ``commit_interval``: items leased per statement, the
       commit group size, and how long (seconds) an outcome may wait for its group.
       ``clock``: the wall clock (a test seam).
+    - ``metrics`` [--metrics]: ``True`` keeps Prometheus metrics in this batch's own registry
+      (:attr:`metrics_registry`; mount :meth:`metrics_app` into an ASGI app); ``"HOST:PORT"``
+      also serves ``/metrics``, ``/healthz`` and ``/readyz`` there while ``run()``/``watch()``
+      runs (port 0: a free one, see :attr:`metrics_address`). Needs ``prometheus-client``
+      (``pip install 'asyncbatch[metrics]'``). :meth:`health` works either way.
 
     Raises :class:`ConfigurationError` for a bad setting (here, before anything is touched).
     """
@@ -123,6 +138,7 @@ class Batch:
         commit_batch: int = 256,
         commit_interval: float = 0.005,
         clock: Callable[[], float] = time.time,
+        metrics: bool | str = False,
     ) -> None:
         if failpoints.PROBLEM is not None:
             raise ConfigurationError(failpoints.PROBLEM)
@@ -171,8 +187,38 @@ class Batch:
         self._run: Run | None = None
         self._last_statistics: Statistics | None = None
         self._stop_pending = False
+        self._ended = "no run() or watch() has started yet"
         #: The signal that stopped the last run (``handle_signals=True``), if any.
         self.received_signal: int | None = None
+        self._serve_at: str | None = None
+        self._address: tuple[str, int] | None = None
+        self._recorder: Recorder | None = None
+        self._registry: CollectorRegistry | None = None
+        self._endpoints = endpoints.Endpoints(self.health, None)
+        if metrics is not False:
+            self._enable_metrics(metrics)
+
+    def _enable_metrics(self, metrics: bool | str) -> None:
+        if isinstance(metrics, str):
+            endpoints.parse_address(metrics)  # a one-line ConfigurationError if it is not one
+            self._serve_at = metrics
+        elif metrics is not True:
+            raise ConfigurationError.bad_value(
+                "metrics", metrics, "True, False or 'HOST:PORT' (e.g. '127.0.0.1:9108')"
+            )
+        try:
+            from ._service import metrics as prometheus  # only with metrics on
+        except ImportError as e:
+            raise ConfigurationError(
+                f"metrics need the prometheus-client package ({e}): "
+                "pip install 'asyncbatch[metrics]'"
+            ) from None
+        self._recorder = Recorder()
+        collector = prometheus.BatchCollector(
+            self.config.job, self._recorder, lambda: self._run, self.health
+        )
+        registry = self._registry = prometheus.make_registry(collector)
+        self._endpoints.metrics = lambda: (prometheus.exposition(registry), prometheus.CONTENT_TYPE)
 
     async def run(self, *, handle_signals: bool = False) -> Report:
         """Handle every settled file that is not done yet; return what happened.
@@ -209,6 +255,45 @@ class Batch:
         else:
             self._stop_pending = True
 
+    def health(self) -> Health:
+        """Whether this batch is live and ready now, with the reasons (see :class:`Health`).
+
+        Live: a ``run()``/``watch()`` is under way and its heartbeat renewed its lock and
+        leases recently. Ready: live, and it holds its job lock (or shared, its runner record),
+        its ledger answers, its first scan is done (watching: its polls go on), and it is not
+        stopping. Never waits and probes nothing: it reads what the run observed.
+        """
+        if self._run is not None:
+            return self._run.health()
+        return not_running(self._ended)
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """This batch's own ``prometheus_client.CollectorRegistry`` (its metrics, and nothing
+        else): for ``prometheus_client.make_asgi_app(registry)``, ``generate_latest`` or a
+        push gateway. Raises :class:`ConfigurationError` when the batch has metrics off."""
+        if self._registry is None:
+            raise ConfigurationError(
+                "this Batch has metrics off: create it with metrics=True (or 'HOST:PORT')"
+            )
+        return self._registry
+
+    def metrics_app(self) -> ASGIApp:
+        """An ASGI application answering ``GET /metrics`` (and ``/``) with this batch's
+        metrics, ``/healthz`` and ``/readyz`` with its health (200 or 503, a JSON body of the
+        reasons), relative to where it is mounted: ``app.mount("/ops", batch.metrics_app())``.
+
+        Raises :class:`ConfigurationError` when the batch has metrics off.
+        """
+        self.metrics_registry  # noqa: B018 (raises when metrics are off)
+        return endpoints.EndpointsApp(self._endpoints)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` where ``metrics="HOST:PORT"`` serves while a run is under way
+        (the port chosen, for port 0), else ``None``."""
+        return self._address
+
     def statistics(self) -> Statistics | None:
         """A snapshot of the current run's counters (or the last run's final ones; ``None``
         before the first run)."""
@@ -221,28 +306,33 @@ class Batch:
             raise AsyncBatchError(
                 "this Batch is already running; create another Batch to run it concurrently"
             )
-        run = Run(self.config, self.handler, mode=mode, http=self._http, clock=self._clock)
+        listener = None
+        if self._serve_at is not None:
+            # Before anything is touched: a metrics address in use stops the run here.
+            try:
+                listener = await endpoints.listen(self._serve_at)
+            except ConfigurationError as e:
+                self._ended = f"the last {mode}() did not start: {e}"
+                raise
+        run = Run(
+            self.config,
+            self.handler,
+            mode=mode,
+            http=self._http,
+            clock=self._clock,
+            metrics=self._recorder,
+        )
         self._run = run
         if self._stop_pending:
             self._stop_pending = False
             run.request_stop()
         self.received_signal = None
         try:
-            if not handle_signals:
-                return await run.execute()
-            report: Report | None = None
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._on_signals, run)
-                    try:
-                        report = await run.execute()
-                    finally:
-                        tg.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                raise unwrap_group(group) from None
-            assert report is not None
+            report = await self._execute_with(run, handle_signals, listener)
+            self._ended = f"the last {mode}() ended: {report.exit_status} ({report})"
             return report
         except HandlerAborted as abort:
+            self._ended = f"the last {mode}() stopped: {abort}"
             # Everything is released: now the handler's SystemExit, KeyboardInterrupt or other
             # BaseException goes on to the caller, as it would without asyncbatch.
             original = abort.original
@@ -251,9 +341,52 @@ class Batch:
                 "in-flight items back"
             )
             raise original from original.__cause__
+        except BaseException as exc:
+            self._ended = f"the last {mode}() failed: {error_text(exc)}"
+            raise
         finally:
             self._last_statistics = run.statistics()
+            if self._recorder is not None:
+                self._recorder.run_ended(
+                    run.counters,
+                    lock_takeovers=run.lock_takeovers,
+                    ledger_errors=run.ledger_errors,
+                    ledger_failed=run.ledger_failed,
+                    last_scan=run.last_scan,
+                )
             self._run = None
+
+    async def _execute_with(
+        self,
+        run: Run,
+        handle_signals: bool,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream] | None,
+    ) -> Report:
+        """``run.execute()``, beside the signal handler and the metrics server if wanted."""
+        if not handle_signals and listener is None:
+            return await run.execute()
+        report: Report | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(self._on_signals, run)
+                if listener is not None:
+                    self._address = endpoints.bound_address(listener)
+                    log.info("serving /metrics, /healthz, /readyz on %s:%d", *self._address)
+                    tg.start_soon(endpoints.serve, listener, self._endpoints)
+                    listener = None  # closed by serve()
+                try:
+                    report = await run.execute()
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        finally:
+            self._address = None
+            if listener is not None:
+                await listener.aclose()
+        assert report is not None
+        return report
 
     async def _on_signals(self, run: Run) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

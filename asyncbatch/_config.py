@@ -190,7 +190,9 @@ class BatchConfig:
 
     @staticmethod
     def _check_writable_dir(name: str, path: Path) -> None:
-        if not path.is_dir():
+        if not path.exists():
             raise ConfigurationError.bad_value(name, str(path), "no such directory")
+        if not path.is_dir():
+            raise ConfigurationError.bad_value(name, str(path), "not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigurationError.bad_value(name, str(path), "directory is not writable")

@@ -78,16 +78,34 @@ class SchemaVersionError(LedgerError):
 
 
 class JobLockedError(AsyncBatchError):
-    """Another live runner holds this job's lock."""
+    """Another live runner holds this job's lock, or (for an exclusive runner) live
+    ``--shared`` runners work on the job (``shared_runner``)."""
 
-    def __init__(self, job: str, pid: int | None, host: str | None, since: str) -> None:
+    def __init__(
+        self,
+        job: str,
+        pid: int | None,
+        host: str | None,
+        since: str,
+        *,
+        shared_runner: bool = False,
+    ) -> None:
         self.job = job
         self.pid = pid
         self.host = host
-        super().__init__(
-            f"job {job!r} is locked by pid {pid} on host {host!r} since {since}; "
-            "wait for it, run with --shared, or see 'asyncbatch locks'"
-        )
+        self.shared_runner = shared_runner
+        if shared_runner:
+            message = (
+                f"job {job!r} is being run by --shared runners (pid {pid} on host {host!r} "
+                f"since {since}); run with --shared to join them, or wait for them "
+                "('asyncbatch status' lists the runners)"
+            )
+        else:
+            message = (
+                f"job {job!r} is locked by pid {pid} on host {host!r} since {since}; "
+                "wait for it, or see 'asyncbatch locks'"
+            )
+        super().__init__(message)
 
 
 class LockLostError(AsyncBatchError):

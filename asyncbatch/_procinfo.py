@@ -5,6 +5,11 @@ that pid exists, is not a zombie, and started at the recorded time: a pid reused
 process after a crash is not mistaken for the holder. ``pid_start`` combines the boot id with the
 process start time in clock ticks (Linux ``/proc``); elsewhere it is ``None`` and only the pid is
 compared.
+
+"The same host" means the same hostname *and* the same pid namespace: processes in containers
+that share the host's name (host networking) but have pid namespaces of their own number
+their processes apart, so a pid seen from one means nothing in another. Outside the initial
+pid namespace the host is written ``NAME/pidns:INODE``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-__all__ = ["ProcessIdentity", "holder_is_dead", "this_process"]
+__all__ = ["ProcessIdentity", "holder_is_dead", "host_name", "this_process"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +56,25 @@ def process_start(pid: int) -> str | None:
     return f"{boot.strip()}:{fields[19]}"
 
 
+#: The inode of the initial pid namespace (the kernel's PROC_PID_INIT_INO).
+_INIT_PID_NAMESPACE = 0xEFFFFFFC
+
+
+def host_name() -> str:
+    """This host as locks, leases and temp files name it: the hostname, and the pid namespace
+    when it is not the initial one (``NAME/pidns:INODE``)."""
+    name = socket.gethostname()
+    try:
+        inode = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux, or no /proc: pids are the host's
+        return name
+    return name if inode == _INIT_PID_NAMESPACE else f"{name}/pidns:{inode}"
+
+
 def this_process() -> ProcessIdentity:
     """The identity of the calling process."""
     pid = os.getpid()
-    return ProcessIdentity(host=socket.gethostname(), pid=pid, pid_start=process_start(pid))
+    return ProcessIdentity(host=host_name(), pid=pid, pid_start=process_start(pid))
 
 
 def _pid_exists(pid: int) -> bool:
@@ -72,9 +92,9 @@ def _pid_exists(pid: int) -> bool:
 def holder_is_dead(holder: ProcessIdentity, *, me: ProcessIdentity | None = None) -> bool:
     """Whether the recorded holder is known to have exited.
 
-    Only a holder on this host can be known dead: its pid is gone, is a zombie, or now belongs
-    to a process that started at another time. A holder on another host is never known dead
-    here (only its heartbeat can tell).
+    Only a holder on this host (and in this pid namespace) can be known dead: its pid is gone,
+    is a zombie, or now belongs to a process that started at another time. A holder on another
+    host is never known dead here (only its heartbeat can tell).
     """
     me = me or this_process()
     if holder.host != me.host:

@@ -161,7 +161,7 @@ class Report:
 
 def describe(t: RunTotals) -> str:
     """The counts in words, the zero ones left out but ``done``: ``3000 seen: 2 done, 2998
-    done before; 1 failed attempts``."""
+    done before; 1 failed attempt``."""
     parts = [f"{t.done} done"]
     for count, what in (
         (t.done_before, "done before"),
@@ -176,9 +176,10 @@ def describe(t: RunTotals) -> str:
             parts.append(f"{count} {what}")
     text = f"{t.seen} seen: {', '.join(parts)}"
     if t.failed:
-        text += f"; {t.failed} failed attempts"
+        text += f"; {t.failed} failed attempt{'s' * (t.failed != 1)}"
     if t.lost:
-        text += f"; {t.lost} outcomes refused (lease taken over)"
+        outcomes = "outcome" if t.lost == 1 else "outcomes"
+        text += f"; {t.lost} {outcomes} refused (lease taken over)"
     if t.earlier:
         text += f"; {t.earlier} of the seen left waiting by earlier runs"
     return text
@@ -206,6 +207,10 @@ class Counters:
     #: Seen items not finished and not in flight: held by another runner, or waiting for a retry.
     held: int = 0
     waiting: int = 0
+    #: Not a category of the report (for metrics): leases of this runner that its heartbeat
+    #: found taken over by others, and items of runners found gone that it put back.
+    leases_lost: int = 0
+    reaped: int = 0
 
     def record(self, state: str, *, attempted: bool) -> None:
         """Count one committed outcome: a failed attempt (``attempted``: the handler ran), and

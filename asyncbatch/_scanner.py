@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio.to_thread
 
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_SKIP_SUFFIXES",
     "PATH_MAX",
     "Entry",
+    "ScanInfo",
     "ScanRules",
     "Scanner",
     "content_digest",
@@ -357,6 +359,16 @@ def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
         os.close(root_fd)
 
 
+class ScanInfo(NamedTuple):
+    """What a finished scan took: when it ended (``time.monotonic()`` and wall clock), how
+    long it took (seconds) and how many records it returned."""
+
+    ended: float
+    ended_wall: float
+    seconds: float
+    files: int
+
+
 class Scanner:
     """Lists a source directory off the event loop, a chunk of entries per thread hop.
 
@@ -377,6 +389,8 @@ class Scanner:
         self.rules = rules
         self.recursive = recursive
         self.follow_symlinks = follow_symlinks
+        #: The last scan that finished, if any (for metrics and health).
+        self.last: ScanInfo | None = None
 
     async def scan(
         self,
@@ -389,7 +403,9 @@ class Scanner:
 
         With ``settle=None`` every regular file is returned. The list is sorted by
         ``(mtime_ns, relpath)``. Raises ``OSError`` when the source itself cannot be listed.
+        Sets :attr:`last`.
         """
+        began = time.monotonic()
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
@@ -410,4 +426,6 @@ class Scanner:
         finally:
             gen.close()
         records.sort()
+        ended = time.monotonic()
+        self.last = ScanInfo(ended, time.time(), ended - began, len(records))
         return records

@@ -1,4 +1,4 @@
-"""A FastAPI application that watches an inbox while it serves requests.
+"""A FastAPI application that watches an inbox while it serves requests, as a service.
 
     INBOX=inbox OUTBOX=outbox STATE=state.db uvicorn examples.fastapi_app:app
 
@@ -8,6 +8,11 @@
   ``watch()`` returns, releasing the job lock.
 - ``GET /status`` shows the watcher's counters; ``POST /orders`` is an endpoint of the
   application's own API with a side effect (a line appended to ``ORDERS``).
+- Operations (docs/operations.md): the batch keeps Prometheus metrics (``metrics=True``) and
+  ``batch.metrics_app()`` is mounted at ``/ops``: ``GET /ops/metrics`` for Prometheus.
+  ``GET /healthz`` and ``GET /readyz`` are the probes (200 or 503, with the reasons as JSON):
+  live while the watcher runs and its heartbeat is fresh; ready while it also holds its lock,
+  its ledger answers, its polls go on and it is not stopping.
 - The application runs behind ``IdempotencyMiddleware``: a POST carrying an
   ``Idempotency-Key`` runs once; a retry with the same key and the same request gets the stored
   response with ``Idempotent-Replayed: true``, and the order is not placed twice.
@@ -33,6 +38,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from asyncbatch import Batch, IdempotencyMiddleware, TaskContext
@@ -70,11 +76,22 @@ async def watch_inbox(
         api.state.watching = False
 
 
+for directory in (INBOX, OUTBOX, ORDERS.parent):
+    directory.mkdir(parents=True, exist_ok=True)
+# Made at import, so that its metrics app can be mounted below; it runs in the lifespan.
+batch = Batch(
+    checksum,
+    source=INBOX,
+    state=STATE,
+    output_dir=OUTBOX,
+    settle=SETTLE,
+    grace=10,
+    metrics=True,  # its own Prometheus registry (pip install 'asyncbatch[metrics]')
+)
+
+
 @asynccontextmanager
 async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-    for directory in (INBOX, OUTBOX, ORDERS.parent):
-        directory.mkdir(parents=True, exist_ok=True)
-    batch = Batch(checksum, source=INBOX, state=STATE, output_dir=OUTBOX, settle=SETTLE, grace=10)
     api.state.batch, api.state.watch_error = batch, None
     async with anyio.create_task_group() as tg:
         # start() returns once watch() is under way, so the stop() below cannot miss it.
@@ -86,6 +103,22 @@ async def lifespan(api: FastAPI) -> AsyncIterator[None]:
 
 
 api = FastAPI(title="asyncbatch example", lifespan=lifespan)
+# GET /ops/metrics: the batch's metrics, for Prometheus (and /ops/healthz, /ops/readyz).
+api.mount("/ops", batch.metrics_app())
+
+
+@api.get("/healthz")
+async def healthz() -> JSONResponse:
+    """Liveness: the watcher runs and its heartbeat is fresh (else 503: restart the pod)."""
+    health = batch.health()
+    return JSONResponse(health.as_dict(), status_code=200 if health.live else 503)
+
+
+@api.get("/readyz")
+async def readyz() -> JSONResponse:
+    """Readiness: live, and the watcher holds its lock, its ledger answers, its polls go on."""
+    health = batch.health()
+    return JSONResponse(health.as_dict(), status_code=200 if health.ready else 503)
 
 
 @api.get("/status")

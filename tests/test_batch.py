@@ -659,3 +659,31 @@ async def test_a_context_and_its_entry_are_read_only(inbox: Path, state: Path) -
     report = await Batch(handle, source=inbox, state=state).run()
     assert report.done == 1
     assert refused == ["key", "attempt", "data", "size"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_heartbeat_beside_a_commit_reports_no_lease_lost(
+    inbox: Path,
+    state: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A heartbeat that renews the leases of items whose outcomes were just committed (still in
+    # flight until the committer returns) found their rows no longer running; it called them
+    # "taken over by others" though no other runner existed.
+    from asyncbatch import _failpoints as failpoints
+
+    where = request.getfixturevalue("pg_dsn") if backend == "postgres" else state
+    make_files(inbox, 20)
+    monkeypatch.setattr(failpoints, "ACTIVE", failpoints.parse("after-commit=sleep(1.0)"))
+
+    async def handle(ctx: TaskContext) -> None:
+        await anyio.sleep(0.1)
+
+    with caplog.at_level("INFO", logger="asyncbatch"):
+        report = await Batch(handle, source=inbox, state=where, lease=3, concurrency=4).run()
+
+    assert (report.done, report.lost) == (20, 0)
+    assert "taken over" not in caplog.text

@@ -95,6 +95,22 @@ async def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_pat
     assert stale.name.startswith(TEMP_PREFIX)
 
 
+async def test_temp_files_of_writers_on_other_hosts_are_left_alone(tmp_path: Path) -> None:
+    # An output directory shared by several hosts: another host's pid means nothing here.
+    me = this_process()
+    elsewhere = _temp_name(tmp_path / "a.csv", ProcessIdentity("host-b", dead_pid(), None))
+    elsewhere.write_text("host-b is writing this")
+    other_ns = _temp_name(
+        tmp_path / "b.csv", ProcessIdentity(f"{me.host}/pidns:12345", dead_pid(), None)
+    )
+    other_ns.write_text("so is a container of this host's name")
+    ours = _temp_name(tmp_path / "c.csv", ProcessIdentity(me.host, dead_pid(), me.pid_start))
+    ours.write_text("left by a writer of this host that is gone")
+
+    assert await remove_stale_temp_files(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, other_ns.name])
+
+
 async def test_a_killed_writer_leaves_a_temp_that_the_next_batch_cleans(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:

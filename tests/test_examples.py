@@ -3,8 +3,9 @@
 - ``entry.py`` as a subprocess over an inbox: outputs, ledger, a re-run that redoes nothing,
   exit 1 for a file that fails for good, exit 2 for a bad setting.
 - ``fastapi_app.py`` under ``uvicorn examples.fastapi_app:app`` (a subprocess): files dropped
-  into its inbox are handled while it serves ``GET /status``; a POST repeated with one
-  ``Idempotency-Key`` is applied once and replayed; SIGTERM stops the watcher cleanly.
+  into its inbox are handled while it serves ``GET /status``; its metrics (``/ops/metrics``)
+  count them, its probes (``/healthz``, ``/readyz``) say live and ready; a POST repeated with
+  one ``Idempotency-Key`` is applied once and replayed; SIGTERM stops the watcher cleanly.
 - ``archive_and_post.py`` as a subprocess against a real server behind
   ``IdempotencyMiddleware``: one effect per file, every file archived, and the same after the
   poster is killed in the middle of an upload and run again.
@@ -141,6 +142,22 @@ def test_fastapi_app_watches_its_inbox_and_serves_idempotent_endpoints(tmp_path:
             wait_for(handled, timeout=20, interval=0.1)
             assert sorted(p.name for p in outbox.iterdir()) == [f"{p.name}.sha256" for p in dropped]
             assert state_counts(state) == {"done": 5}
+
+            # Operations: the metrics mounted at /ops, the probes as the app's own routes.
+            scraped = client.get("/ops/metrics")
+            assert scraped.status_code == 200
+            assert 'asyncbatch_items_total{batch_job="default",outcome="done"} 5.0' in (
+                scraped.text.splitlines()
+            )
+            assert 'asyncbatch_attempts_total{batch_job="default",outcome="done"} 5.0' in (
+                scraped.text.splitlines()
+            )
+            wait_for(lambda: client.get("/readyz").status_code == 200, timeout=20)
+            ready = client.get("/readyz").json()
+            assert ready["live"] is True
+            assert ready["checks"]["lock"]["ok"] is True
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/ops/readyz").json()["ready"] is True
 
             # Its own endpoint honours Idempotency-Key: the retry is a replay, not a new order.
             key = {"Idempotency-Key": "order-7f3a"}

@@ -408,8 +408,10 @@ async def test_a_shared_runner_clears_a_stale_lock_and_blocks_an_exclusive_one(
     assert stale.owner == "gone"
     assert await ledger.locks() == []
     await ledger.register_runner("j", "shared-a", me, 60, shared=True, mode="run")
-    with pytest.raises(JobLockedError):
+    # Not "locked": there is no lock for 'asyncbatch locks' to show, but a shared runner.
+    with pytest.raises(JobLockedError, match="being run by --shared runners") as info:
         await ledger.acquire_lock("j", "exclusive", me, 60, shared=False)
+    assert info.value.shared_runner
 
 
 async def test_release_deletes_only_the_owners_lock(ledger: Ledger) -> None:

@@ -132,6 +132,11 @@ def test_an_outage_longer_than_the_ledger_timeout_exits_69_and_the_next_run_fini
     assert last.startswith("asyncbatch: error: state 'postgresql://"), err
     assert "stayed unreachable" in last
     assert "Traceback" not in err
+    # One patience for the whole outage: later calls (the committer's, the clean-up's) do not
+    # each start their own --ledger-timeout again.
+    left = [int(m) for m in re.findall(r"trying again, for up to (\d+)s more", err)]
+    assert left, err
+    assert left == sorted(left, reverse=True), err
     # Its leases expire (5 s, the server's clock) and the next run takes them over.
     again = cli(*args, "-j", "8", env={"AB_LOG": str(log), "AB_SLEEP": "0"}, timeout=120)
     assert again.returncode == 0, again.stderr

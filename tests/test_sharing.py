@@ -61,10 +61,16 @@ def test_a_later_shared_runner_gets_its_share_and_both_exit_0_when_all_are_done(
 ) -> None:
     make_files(inbox, 2000)
     log = tmp_path / "calls.log"
-    env = {"AB_LOG": str(log), "AB_SLEEP": "0.02"}
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.1"}  # ~160 files/s a runner: 12 s alone
     args = ("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress")
     first = spawn(*args, "-j", "16", env=env)
-    time.sleep(1.0)
+    # The second starts once the first is well under way (not after a fixed sleep: on a loaded
+    # machine the first may not have started by then), with most of the work still ahead.
+    deadline = time.monotonic() + 60
+    while (not log.exists() or len(log.read_text().splitlines()) < 100) and (
+        time.monotonic() < deadline and first.poll() is None
+    ):
+        time.sleep(0.05)
     second = spawn(*args, "-j", "16", env=env)
     outputs = [p.communicate(timeout=300) for p in (first, second)]
 
@@ -271,3 +277,35 @@ def test_a_runner_on_another_host_finishes_a_killed_hosts_items_in_about_one_lea
     # Only host A's files that started and were not committed when it died ran twice: at
     # most its 16 handlers in flight, and a wave of 16 finished but not yet committed.
     assert sum(calls.values()) - 400 <= 2 * 16
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root for a separate pid namespace",
+)
+@pytest.mark.parametrize("mount_proc", [False, True])
+def test_a_runner_in_another_pid_namespace_of_the_same_hostname_keeps_its_lock(
+    inbox: Path, state: Path, tmp_path: Path, mount_proc: bool
+) -> None:
+    # Containers with host networking share the hostname but not the pids: the holder's pid
+    # (1 or 2 in its namespace) means nothing here, so its lock must not be called stale.
+    make_files(inbox, 40)
+    log = tmp_path / "calls.log"
+    args = ("run", RECORD, "--source", inbox, "--state", state, "-j", "2", "--no-progress")
+    command = ["unshare", "--pid", "--fork", "--kill-child", *(["--mount-proc"] * mount_proc)]
+    holder = subprocess.Popen(
+        [*command, sys.executable, "-m", "asyncbatch", *map(str, args)],
+        env={**os.environ, **WARNINGS_FAIL, "AB_LOG": str(log), "AB_SLEEP": "0.2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(invocations(log)) >= 2, timeout=60)
+        second = cli(*args, env={"AB_LOG": str(log), "AB_SLEEP": "0"})
+        assert second.returncode == 75, second.stderr  # locked: not taken over
+        assert "pidns:" in second.stderr  # the holder's host names its pid namespace
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert max(invocations(log).values()) == 1

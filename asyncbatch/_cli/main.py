@@ -24,7 +24,7 @@ import anyio
 from .. import __version__
 from .. import _failpoints as failpoints
 from .._batch import Batch
-from .._config import MAX_CONCURRENCY, MAX_SECONDS
+from .._config import MAX_CLAIM_BATCH, MAX_CONCURRENCY, MAX_SECONDS
 from .._exceptions import (
     AsyncBatchError,
     JobLockedError,
@@ -102,6 +102,7 @@ def _number(
 
 positive_int = _number(int, 1, 1_000_000, strict=False)
 concurrency = _number(int, 1, MAX_CONCURRENCY, strict=False)
+claim_batch = _number(int, 1, MAX_CLAIM_BATCH, strict=False)
 positive_float = _number(float, 0, MAX_SECONDS, strict=True)
 non_negative_float = _number(float, 0, MAX_SECONDS, strict=False)
 
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="attempts cut short by the runner's death or stop before an item is dead (10)",
     )
-    run.add_argument("--timeout", type=positive_float, default=None, help="seconds per item")
+    run.add_argument(
+        "--timeout", type=positive_float, default=None, help="seconds per attempt of an item"
+    )
     run.add_argument("--backoff", type=non_negative_float, default=1.0, help="first retry delay")
     run.add_argument("--shared", action="store_true", help="share the job with other runners")
     run.add_argument(
@@ -216,7 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between progress lines when not on a terminal (10)",
     )
     run.add_argument(
-        "--claim-batch", type=positive_int, default=512, help="items leased per statement"
+        "--claim-batch", type=claim_batch, default=512, help="items leased per statement"
+    )
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus /metrics and the /healthz, /readyz probes there while running "
+        "(needs prometheus-client: pip install 'asyncbatch[metrics]')",
     )
     _add_logging(run)
 
@@ -264,6 +274,7 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         output_dir=args.output_dir,
         poll=args.poll,
         claim_batch=args.claim_batch,
+        metrics=False if args.metrics is None else args.metrics,
     )
     report: Report | None = None
     aborted: BaseException | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import stat
@@ -43,11 +44,18 @@ TEMP_PREFIX = ".asyncbatch-tmp-"
 _COPY_BLOCK = 1 << 20
 
 
+def _host_tag(host: str) -> str:
+    """Eight hex digits naming ``host`` in temp names (see :func:`_temp_owner`)."""
+    return hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def _temp_name(target: Path, me: ProcessIdentity) -> Path:
     """A hidden temp name beside ``target``, at most 200 bytes long (a name may have 255
-    bytes, as many as 127 characters of two bytes each: the cut is made in bytes)."""
+    bytes, as many as 127 characters of two bytes each: the cut is made in bytes):
+    ``.asyncbatch-tmp-PID-START-hHOSTTAG.RANDOM-NAME``. The writer's host is in it because an
+    output directory may be shared by runners on several hosts, whose pids mean nothing here."""
     start = (me.pid_start or "0").rpartition(":")[2]
-    stem = f"{TEMP_PREFIX}{me.pid}-{start}-{secrets.token_hex(4)}-"
+    stem = f"{TEMP_PREFIX}{me.pid}-{start}-h{_host_tag(me.host)}.{secrets.token_hex(4)}-"
     tail = os.fsencode(target.name)[: 200 - len(stem)]
     return target.with_name(stem + os.fsdecode(tail))
 
@@ -328,11 +336,16 @@ async def idempotent_move(
     return await anyio.to_thread.run_sync(_move, Path(src), Path(dst), fence)
 
 
-def _temp_owner(name: str) -> ProcessIdentity | None:
-    me = this_process()
+def _temp_owner(name: str, me: ProcessIdentity) -> ProcessIdentity | None:
+    """The writer of a temp file, as far as this process can judge it: ``None`` when the name
+    is not one of ours (then the file is stale); a writer on another host is returned with
+    that host's tag for a host, so that it is never judged dead here."""
     parts = name[len(TEMP_PREFIX) :].split("-", 2)
     if len(parts) < 3 or not parts[0].isdigit():
         return None
+    rest = parts[2]
+    if rest.startswith("h") and rest[9:10] == "." and rest[1:9] != _host_tag(me.host):
+        return ProcessIdentity(f"tag:{rest[1:9]}", int(parts[0]), None)
     start = None if parts[1] == "0" or me.pid_start is None else me.pid_start
     if start is not None:
         start = f"{start.rpartition(':')[0]}:{parts[1]}"
@@ -355,7 +368,7 @@ def _remove_stale(directory: Path, recursive: bool) -> int:
     me = this_process()
     removed = 0
     for path in _iter_temp_files(directory, recursive):
-        owner = _temp_owner(path.name)
+        owner = _temp_owner(path.name, me)
         if owner is not None and not holder_is_dead(owner, me=me):
             continue
         with contextlib.suppress(FileNotFoundError):
@@ -369,7 +382,8 @@ async def remove_stale_temp_files(
 ) -> int:
     """Remove temp files left in ``directory`` by writers that are no longer running.
 
-    Temp files of live processes (another runner writing right now) are left alone.
-    Returns how many were removed.
+    Temp files of live processes (another runner writing right now) are left alone, and so
+    are those written on another host (or in another pid namespace), whose writers cannot be
+    checked from here: the next run on that host removes them. Returns how many were removed.
     """
     return await anyio.to_thread.run_sync(_remove_stale, Path(directory), recursive)

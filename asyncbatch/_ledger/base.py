@@ -42,6 +42,7 @@ from .types import (
     ItemFilter,
     ItemInfo,
     Leases,
+    LedgerErrors,
     LockInfo,
     Outcome,
     Renewal,
@@ -97,7 +98,11 @@ def decide_lock(
         for runner in runners:
             if runner.shared and runner.alive(now, me):
                 raise JobLockedError(
-                    job, runner.pid, runner.host, iso_time(shown(runner.started_at))
+                    job,
+                    runner.pid,
+                    runner.host,
+                    iso_time(shown(runner.started_at)),
+                    shared_runner=True,
                 )
     return held
 
@@ -216,12 +221,14 @@ async def retrying(
     first_pause: float,
     longest_pause: float,
     on_timeout: Callable[[], Exception],
+    errors: LedgerErrors | None = None,
 ) -> T:
     """Await ``attempt()`` until it returns something other than :data:`BUSY`.
 
     Between tries: jittered pauses growing by half from ``first_pause`` to ``longest_pause``,
     awaited on the event loop (a cancelled caller stops waiting at once). Raises
-    ``on_timeout()`` once ``patience`` seconds have passed.
+    ``on_timeout()`` once ``patience`` seconds have passed. Each try that found the ledger
+    busy is counted in ``errors.busy``.
     """
     deadline = time.monotonic() + patience
     pause = first_pause
@@ -230,6 +237,8 @@ async def retrying(
         result = await attempt()
         if not isinstance(result, Busy):
             return result
+        if errors is not None:
+            errors.busy += 1
         if time.monotonic() > deadline:
             raise on_timeout()
         await anyio.sleep(pause * (0.5 + jitter.random()))
@@ -251,6 +260,8 @@ class Ledger(abc.ABC):
     name: str
     #: The caller's wall clock; every time handed in or out is in it.
     clock: Callable[[], float]
+    #: The errors this open ledger met and outlasted (busy retries, outages waited out).
+    errors: LedgerErrors
 
     @abc.abstractmethod
     async def close(self) -> None:

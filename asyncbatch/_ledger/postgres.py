@@ -98,6 +98,7 @@ class PostgresLedger(Ledger):
         self._commits: PostgresSession | None = None
         self.name = session.name
         self.clock = session.clock
+        self.errors = session.errors
         #: Items this ledger registered, and when to refresh the statistics (see _analyze).
         self._added = 0
         self._analyze_after = _FIRST_ANALYZE

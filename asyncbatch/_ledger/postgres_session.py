@@ -40,7 +40,7 @@ from .._exceptions import ConfigurationError, LedgerError, NotALedgerError, Sche
 from . import postgres_sql as sql
 from .base import BUSY, Busy, ledger_error, retrying
 from .dsn import PostgresDSN
-from .types import Durability
+from .types import Durability, LedgerErrors
 
 if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
@@ -73,7 +73,12 @@ class _Unreachable(Exception):
 
 @dataclass(slots=True)
 class _Outage:
-    """Waiting out an outage: since when, how long more, one warning a second at most."""
+    """Waiting out an outage: since when, how long more, one warning a second at most.
+
+    One per outage, shared by every call of a session and its twin: the patience counts from
+    the first failed try since the last success, so calls made later in the outage (the
+    claimer's, the committer's, the clean-up's after a give-up) do not each wait it again.
+    """
 
     name: str
     patience: float
@@ -101,6 +106,13 @@ class _Outage:
         return min(pause, max(self.patience - waited, 0.0))
 
 
+@dataclass(slots=True)
+class _Outages:
+    """The outage under way, if any: one per server, shared by a session and its twin."""
+
+    current: _Outage | None = None
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
@@ -121,8 +133,11 @@ class PostgresSession:
         busy_timeout: float,
         clock: Callable[[], float],
         outage_timeout: float = 120.0,
+        errors: LedgerErrors | None = None,
     ) -> None:
         self.target = target
+        #: Shared with the twin sessions of the same ledger.
+        self.errors = LedgerErrors() if errors is None else errors
         self.name = target.redacted
         self.clock = clock
         self.busy_timeout = busy_timeout
@@ -133,16 +148,21 @@ class PostgresSession:
         self._shift = 0.0
         self._shift_measured = -math.inf
         self._lock = anyio.Lock()
+        self._outages = _Outages()  # shared with the twin (see :class:`_Outage`)
 
     def twin(self) -> PostgresSession:
-        """Another session to the same ledger, with the same settings (connected on first use)."""
-        return PostgresSession(
+        """Another session to the same ledger, with the same settings (connected on first use)
+        and the same outage: both are the same server's."""
+        twin = PostgresSession(
             self.target,
             durability=self._durability,
             busy_timeout=self.busy_timeout,
             clock=self.clock,
             outage_timeout=self.outage_timeout,
+            errors=self.errors,
         )
+        twin._outages = self._outages
+        return twin
 
     # -- connecting and the schema -----------------------------------------------------------------
 
@@ -320,6 +340,7 @@ class PostgresSession:
                         f"state {self.name!r}: transactions kept deadlocking with other "
                         f"runners for {self.busy_timeout:.0f}s"
                     ),
+                    errors=self.errors,
                 )
             except (*_SERVER_GONE, *CONNECTION_LOST) as e:
                 raise _Unreachable(_one_line(e)) from e
@@ -365,18 +386,21 @@ class PostgresSession:
     async def _outlasting(self, attempt: Callable[[], Awaitable[T]], *, again: bool) -> T:
         """``attempt()`` under the lock and shielded, tried again through an outage; the pauses
         between tries are not shielded (a cancelled caller stops waiting)."""
-        outage: _Outage | None = None
+        outages = self._outages
         while True:
             try:
                 async with self._lock:
                     with anyio.CancelScope(shield=True):
                         result = await attempt()
+                outages.current = None
                 return result
             except _Unreachable as e:
+                self.errors.unreachable += 1
                 if not again:
                     raise LedgerError(f"cannot connect to state {self.name!r}: {e}") from None
-                outage = outage or _Outage(self.name, self.outage_timeout)
-                await anyio.sleep(outage.wait(e))
+                if outages.current is None:
+                    outages.current = _Outage(self.name, self.outage_timeout)
+                await anyio.sleep(outages.current.wait(e))
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """The rows of one read statement."""

@@ -225,6 +225,7 @@ class SQLiteLedger(Ledger):
         self.name = str(path)
         self.clock = clock
         self._busy_timeout = busy_timeout
+        self.errors = t.LedgerErrors()
         self._lock = anyio.Lock()
         self._claim_sql: dict[int, str] = {}  # claim statement text by chunk size
         st = os.stat(path)
@@ -381,6 +382,7 @@ class SQLiteLedger(Ledger):
             first_pause=0.0005,
             longest_pause=0.004,
             on_timeout=self._busy_error,
+            errors=self.errors,
         )
 
     def _check_file(self) -> None:

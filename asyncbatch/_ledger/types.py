@@ -22,6 +22,7 @@ __all__ = [
     "ItemFilter",
     "ItemInfo",
     "Leases",
+    "LedgerErrors",
     "LockInfo",
     "Outcome",
     "Renewal",
@@ -68,6 +69,19 @@ class ClaimedRow(NamedTuple):
     size: int = 0
     mtime_ns: int = 0
     inode: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class LedgerErrors:
+    """What one open ledger met and outlasted so far (exported as metrics).
+
+    ``busy``: transactions tried again because another writer held the lock (SQLite) or a
+    deadlock or serialization failure (PostgreSQL); ``unreachable``: tries that found a
+    PostgreSQL server unreachable, waited out (see ``ledger_timeout``).
+    """
+
+    busy: int = 0
+    unreachable: int = 0
 
 
 class Outcome(NamedTuple):

@@ -34,7 +34,7 @@ from .._report import Counters
 from .._scanner import Scanner, content_digest, split, unpack
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
-from .state import RunState
+from .state import RunState, reap_gone_runners
 
 __all__ = ["HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
 
@@ -216,15 +216,20 @@ class Claimer:
     async def claim_records(self, records: list[bytes]) -> None:
         """Register and lease sorted scan records, a chunk per statement, into the queue."""
         run, cfg = self.run, self.config
-        for start in self.chunk_starts(len(records)):
+        starts = self.chunk_starts(len(records))
+        run.backlog_since = time.monotonic() if records else None  # (for metrics)
+        for start in starts:
             block = records[start : start + cfg.claim_batch]
             while block:
                 # Look-ahead bounded by the work in hand: lease the next chunk only once the
                 # workers are about to need it (other runners sharing the job get the rest).
                 size = await self._room()
                 if run.stopping:
+                    run.backlog_since = None
                     return
                 chunk, block = block[:size], block[size:]
+                if not block and start == starts[-1]:
+                    run.backlog_since = None  # the last of them are being claimed
                 if cfg.identity == "content":
                     items = await anyio.to_thread.run_sync(self.prepare, chunk)
                 else:
@@ -245,12 +250,15 @@ class Claimer:
         # Shielded from the claim to the tracking of what it leased: a cancellation that came
         # while the claim committed would otherwise leave those leases untracked (unreleased).
         with anyio.CancelScope(shield=True):
+            began = time.monotonic()
             rows = await run.ledger.claim_scanned(
                 cfg.job,
                 run.owner,
                 cfg.lease,
                 [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items],
             )
+            if run.metrics is not None:
+                run.metrics.claims.observe(time.monotonic() - began)
             leased = self._sort(items, rows)
         self.lookahead.claimed(len(items), len(leased))
         await failpoints.ahit("after-claim")
@@ -349,7 +357,10 @@ class Claimer:
         if run.stopping:
             return 0
         with anyio.CancelScope(shield=True):  # as in claim(): what is leased is tracked
+            began = time.monotonic()
             rows = await run.ledger.claim_waiting(cfg.job, run.owner, cfg.lease, size)
+            if run.metrics is not None:
+                run.metrics.claims.observe(time.monotonic() - began)
             leased = self._waiting_items(rows)
         await self._queue(leased)
         return len(rows)
@@ -393,8 +404,7 @@ class Claimer:
                 await run.wait_for_progress(cfg.lease / 4)
                 continue
             if run.open:
-                if await run.ledger.reap_stale_runners(cfg.job, run.me):
-                    log.warning("items of runners that are gone were put back")
+                await reap_gone_runners(run.ledger, cfg.job, run.me, run.counters)
                 await self.claim_open()
                 if run.in_flight or not run.open:
                     continue

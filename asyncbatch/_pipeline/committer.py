@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import anyio
 
@@ -58,7 +59,10 @@ class Committer:
         state = self.state
         job = state.config.job
         await failpoints.ahit("before-commit")
+        began = time.monotonic()
         lost = await state.ledger.commit_outcomes(job, state.owner, [o for _, o in batch], started)
+        if state.metrics is not None:
+            state.metrics.commits.observe(time.monotonic() - began)
         await failpoints.ahit("after-commit")
         counters, in_flight, posts = state.counters, state.in_flight, self.posts
         retry_due = False

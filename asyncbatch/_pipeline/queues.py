@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 
 import anyio
@@ -79,6 +80,11 @@ class ItemQueue:
 
     def __init__(self) -> None:
         self._items: deque[LeasedItem] = deque()
+        #: Items ever put, and ``(items put up to the end of a batch, when it was put)`` of the
+        #: batches not all taken yet: when the oldest waiting item was queued (a list
+        #: operation per batch, nothing per item; see :meth:`oldest_queued`).
+        self._put = 0
+        self._batches: deque[tuple[int, float]] = deque()
         self.closed = False
         self._not_empty = anyio.Event()
         self._low = anyio.Event()
@@ -92,6 +98,21 @@ class ItemQueue:
         self._items.extend(items)
         if self._items:
             self._not_empty.set()
+            self._put += len(items)
+            batches = self._batches
+            batches.append((self._put, time.monotonic()))
+            self._forget_taken()
+
+    def _forget_taken(self) -> None:
+        taken, batches = self._put - len(self._items), self._batches
+        while batches and batches[0][0] <= taken:
+            batches.popleft()
+
+    def oldest_queued(self) -> float | None:
+        """When (``time.monotonic()``) the oldest item waiting for a worker was queued, or
+        ``None`` if none waits."""
+        self._forget_taken()
+        return self._batches[0][1] if self._items and self._batches else None
 
     async def wait_until_low(self, low_water: int) -> None:
         """Wait until at most ``low_water`` items wait, or the queue is closed."""

@@ -21,17 +21,20 @@ import anyio
 from .._config import BatchConfig
 from .._context import TaskContext
 from .._effects.files import remove_stale_temp_files
-from .._exceptions import LockLostError
+from .._exceptions import LedgerError, LockLostError
 from .._http.client import HTTPSettings, SharedClient
-from .._ledger import Heartbeat, Ledger, RunEnd, open_ledger
+from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, open_ledger
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
-from .._scanner import Scanner
+from .._scanner import ScanInfo, Scanner
+from .._service.health import Health
+from .._service.recorder import Recorder
 from .claimer import Claimer
 from .committer import Committer
+from .health import health_of
 from .postactions import PostActions
 from .queues import ItemQueue, Outbox
-from .state import RunState
+from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool, error_text
 
 __all__ = ["Handler", "Mode", "Run", "unwrap_group"]
@@ -52,6 +55,7 @@ class Run:
         mode: Mode,
         http: Any,
         clock: Callable[[], float] = time.time,
+        metrics: Recorder | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
@@ -67,6 +71,19 @@ class Run:
         self._work_scope = anyio.CancelScope()
         self._posts: PostActions | None = None
         self._queue: ItemQueue | None = None
+        self._workers: WorkerPool | None = None
+        self._scanner: Scanner | None = None
+        self.metrics = metrics
+        #: What health and metrics read (``time.monotonic()`` times): when the run began, when
+        #: its lock (or runner record) was last renewed, since when a heartbeat waits for the
+        #: ledger, whether the lock was lost; the errors of its ledger once open.
+        self.began = time.monotonic()
+        self.renewed_at: float | None = None
+        self.beat_since: float | None = None
+        self.lock_lost = False
+        self.ledger_errors: LedgerErrors | None = None
+        self.ledger_failed = False
+        self.lock_takeovers = 0
 
     # -- public surface (through Batch) ------------------------------------------------------------
 
@@ -86,10 +103,53 @@ class Run:
         """Whether the run was stopped before its end."""
         return self._state is not None and self._state.stopping
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for (the run may still be finishing its items)."""
+        return self._stop_requested.is_set() or self.stopping
+
     def statistics(self) -> Statistics:
         """A snapshot of the counters."""
         in_flight = 0 if self._state is None else len(self._state.in_flight)
         return self.counters.snapshot(in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Items leased to this run and not committed yet."""
+        return 0 if self._state is None else len(self._state.in_flight)
+
+    @property
+    def queued(self) -> int:
+        """Leased items waiting for a worker."""
+        return 0 if self._queue is None else len(self._queue)
+
+    @property
+    def handlers_running(self) -> int:
+        """Workers handling an item right now."""
+        return 0 if self._workers is None else self._workers.busy
+
+    @property
+    def last_scan(self) -> ScanInfo | None:
+        """The run's last finished scan (or poll)."""
+        return None if self._scanner is None else self._scanner.last
+
+    def oldest_waiting(self) -> float | None:
+        """When (``time.monotonic()``) the oldest item waiting to be started began waiting:
+        scanned files not claimed yet (since their scan ended), and leased items waiting for
+        a worker (since they were queued); ``None`` if none waits."""
+        times = [
+            t
+            for t in (
+                None if self._state is None else self._state.backlog_since,
+                None if self._queue is None else self._queue.oldest_queued(),
+            )
+            if t is not None
+        ]
+        return min(times) if times else None
+
+    def health(self) -> Health:
+        """What this run says of its health now (see :class:`~asyncbatch.Health`)."""
+        return health_of(self, time.monotonic())
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -102,13 +162,16 @@ class Run:
             clock=self.clock,
             outage_timeout=cfg.ledger_timeout,
         )
+        self.ledger_errors = ledger.errors
         try:
             await ledger.ensure_job(cfg.job, cfg.identity)
             stale = await ledger.acquire_lock(
                 cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared
             )
             self.holds_lock = not cfg.shared
+            self.renewed_at = time.monotonic()
             if stale is not None:
+                self.lock_takeovers += 1
                 log.warning(
                     "took over the stale lock of job %r held by pid %s on %s",
                     cfg.job,
@@ -123,6 +186,7 @@ class Run:
                 clock=self.clock,
                 counters=self.counters,
                 stop_requested=self._stop_requested,
+                metrics=self.metrics,
             )
             self._state = state
             await self._registered(state)
@@ -136,6 +200,9 @@ class Run:
             )
             log.info("%s", report)
             return report
+        except LedgerError:
+            self.ledger_failed = True
+            raise
         finally:
             await ledger.close()
 
@@ -148,8 +215,7 @@ class Run:
             run_id = await ledger.register_runner(
                 cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared, mode=self.mode
             )
-            if released := await ledger.reap_stale_runners(cfg.job, self.me):
-                log.warning("%d items of runners that are gone were put back", released)
+            await reap_gone_runners(ledger, cfg.job, self.me, self.counters)
             secret = await ledger.meta("secret")
             http = HTTPSettings(
                 shared=self._http,
@@ -229,7 +295,7 @@ class Run:
         outbox = Outbox(cfg.commit_batch)
         self._queue = queue
         self._posts = posts = PostActions(cfg)
-        workers = WorkerPool(state, queue, outbox, handler=self.handler, http=http)
+        self._workers = workers = WorkerPool(state, queue, outbox, handler=self.handler, http=http)
         committer = Committer(state, outbox, posts)
         scanner = Scanner(
             cfg.source,
@@ -237,6 +303,7 @@ class Run:
             recursive=cfg.recursive,
             follow_symlinks=cfg.follow_symlinks,
         )
+        self._scanner = scanner
         claimer = Claimer(state, queue, scanner=scanner, posts=posts, mode=self.mode)
         try:
             async with anyio.create_task_group() as background:
@@ -274,22 +341,35 @@ class Run:
                 run_id=run_id,
                 totals=self.counters.totals(),
             )
+            self.beat_since = began = time.monotonic()
             renewal = await state.ledger.heartbeat(beat)
+            self.beat_since = None
             if not renewal.alive:
+                self.lock_lost = True
                 raise LockLostError(
                     f"job {cfg.job!r}: this runner's lock or liveness record was taken over "
                     "(was it suspended longer than the lease?); it stopped"
                 )
-            in_flight = state.in_flight
+            # A lease not renewed is lost only for an item whose attempt has not finished: one
+            # whose outcome was committed while the heartbeat was on its way is no longer
+            # running, and the committer reports a refused outcome itself.
+            in_flight, lost = state.in_flight, 0
             for key, fence in beat.leases:
                 item = in_flight.get(key)
-                if item is not None and item.fence == fence:
-                    item.lease_deadline = -math.inf if key in renewal.lost else deadline
-            if renewal.lost:
+                if item is None or item.fence != fence:
+                    continue
+                if key in renewal.lost and not item.finished:
+                    item.lease_deadline = -math.inf
+                    lost += 1
+                else:
+                    item.lease_deadline = deadline
+            self.renewed_at = began  # what it renewed counts from before the call
+            if lost:
+                self.counters.leases_lost += lost
                 log.warning(
                     "%d leases of this runner were taken over by others (its heartbeats came "
                     "late: was it suspended?); it leaves those items to them",
-                    len(renewal.lost),
+                    lost,
                 )
             state.beat_ended()
 

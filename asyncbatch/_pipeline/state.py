@@ -7,6 +7,7 @@ shared between runs or items.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +18,23 @@ from .._config import BatchConfig
 from .._ledger import Ledger
 from .._procinfo import ProcessIdentity
 from .._report import Counters
+from .._service.recorder import Recorder
 from .queues import LeasedItem
 
-__all__ = ["RunState"]
+__all__ = ["RunState", "reap_gone_runners"]
+
+log = logging.getLogger("asyncbatch")
+
+
+async def reap_gone_runners(
+    ledger: Ledger, job: str, me: ProcessIdentity, counters: Counters
+) -> int:
+    """Put back the items of the job's runners that are gone; count and log how many."""
+    reaped = await ledger.reap_stale_runners(job, me)
+    if reaped:
+        counters.reaped += reaped
+        log.warning("%d item%s of runners that are gone put back", reaped, "s" * (reaped != 1))
+    return reaped
 
 
 @dataclass(eq=False, kw_only=True)
@@ -45,6 +60,11 @@ class RunState:
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     #: No new items are started once this is set (a stop, or the end of the grace period).
     stopping: bool = False
+    #: What metrics record (``None`` with metrics off: each hook is one ``None`` check).
+    metrics: Recorder | None = None
+    #: While scanned files wait to be claimed: since when (``time.monotonic()``, the end of
+    #: the scan that found them); ``None`` when none waits.
+    backlog_since: float | None = None
     _progress: anyio.Event = field(default_factory=anyio.Event)
     _room: anyio.Event = field(default_factory=anyio.Event)
     #: Heartbeats begun and ended, and the signals between the heartbeat and the workers that

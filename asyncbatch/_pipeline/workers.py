@@ -143,6 +143,11 @@ class WorkerPool:
         self._on_done = state.config.on_done.encode()
         self._random = random.Random()
 
+    @property
+    def busy(self) -> int:
+        """Workers handling an item right now."""
+        return sum(slot.item is not None for slot in self._slots)
+
     # -- workers -----------------------------------------------------------------------------------
 
     async def worker(self) -> None:
@@ -161,13 +166,16 @@ class WorkerPool:
                         return
                 item, slot.item = slot.item, None
                 if item is not None:  # the watchdog stopped this item
-                    self.outbox.put(item, self.failure(item, slot.reason))
+                    outcome = self.failure(item, slot.reason)
+                    if self.run.metrics is not None:
+                        self.run.metrics.attempt_ended(outcome, time.monotonic() - slot.started)
+                    self.outbox.put(item, outcome)
         finally:
             self._slots.remove(slot)
 
     async def _work(self, slot: _Slot) -> bool:
         queue, outbox, run = self.queue, self.outbox, self.run
-        timeout = self.config.timeout
+        timeout, metrics = self.config.timeout, run.metrics
         clock = run.clock
         yield_at = time.monotonic() + YIELD_EVERY
         while not run.stopping:  # on stop, items not started stay leased and are released
@@ -192,6 +200,8 @@ class WorkerPool:
             outbox.started(item)
             outcome = await self.attempt(item, slot.task)
             slot.item = None
+            if metrics is not None:
+                metrics.attempt_ended(outcome, time.monotonic() - started)
             outbox.put(item, outcome)
         return False
 

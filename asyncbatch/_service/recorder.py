@@ -1,0 +1,183 @@
+"""What the pipeline records for metrics while it runs: a few histograms and running totals.
+
+Plain Python, no ``prometheus_client``: the pipeline holds a :class:`Recorder` only when the
+batch has metrics on (``RunState.metrics`` is ``None`` otherwise, and each hook is one ``None``
+check). The counts that the run keeps anyway (its :class:`~asyncbatch._report.Counters`, the
+queue, the scanner's last scan) are read when scraped, not recorded twice; only what nothing
+else measures is recorded here, each observation a list increment and an addition.
+
+One :class:`Recorder` per :class:`~asyncbatch.Batch`, kept across its runs: what the runs that
+ended counted is folded into :attr:`Recorder.ended` so that the exported counters never go back.
+Everything lives on the event loop of the run; nothing here is shared between batches.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .._ledger import LedgerErrors, Outcome
+from .._report import Counters
+from .._scanner import ScanInfo
+
+__all__ = [
+    "ATTEMPT_BUCKETS",
+    "LEDGER_BUCKETS",
+    "EndedRuns",
+    "Histogram",
+    "Recorder",
+]
+
+#: Upper bounds (seconds) of the handler-duration buckets.
+ATTEMPT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+#: Upper bounds (seconds) of the claim- and commit-latency buckets.
+LEDGER_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+#: The outcomes of an attempt whose handler ran, as the worker saw it.
+ATTEMPT_OUTCOMES = ("done", "failed", "dead")
+
+
+class Histogram:
+    """Counts of observations by upper bound (``le``), and their sum: Prometheus' histogram,
+    without its lock (everything observes from one event loop)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        #: One count per bound, then the count above the last bound (``+Inf``).
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        """How many observations there were."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """The buckets as Prometheus exposes them: ``(le, observations <= le)``, ``+Inf`` last."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+@dataclass(slots=True)
+class EndedRuns:
+    """What the batch's runs that ended counted, added up (see :class:`Recorder`)."""
+
+    seen: int = 0
+    done: int = 0
+    done_before: int = 0
+    dead: int = 0
+    dead_before: int = 0
+    vanished: int = 0
+    lost: int = 0
+    failed: int = 0
+    leases_lost: int = 0
+    reaped: int = 0
+    lock_takeovers: int = 0
+    ledger_busy: int = 0
+    ledger_unreachable: int = 0
+    ledger_fatal: int = 0
+    runs: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Recorder:
+    """The observations of one batch's runs that no other part of the run keeps."""
+
+    #: Handler attempts by their outcome (done, failed, dead): time from the worker taking the
+    #: item to the handler's outcome.
+    attempts: dict[str, Histogram] = field(
+        default_factory=lambda: {o: Histogram(ATTEMPT_BUCKETS) for o in ATTEMPT_OUTCOMES}
+    )
+    #: Claim statements (register and lease, or lease waiting items): time to the ledger's
+    #: answer, waiting for the connection included.
+    claims: Histogram = field(default_factory=lambda: Histogram(LEDGER_BUCKETS))
+    #: Commit transactions of a group of outcomes.
+    commits: Histogram = field(default_factory=lambda: Histogram(LEDGER_BUCKETS))
+    ended: EndedRuns = field(default_factory=EndedRuns)
+    #: The last scan of the runs that ended (a run under way has its own).
+    last_scan: ScanInfo | None = None
+
+    def attempt_ended(self, outcome: Outcome, seconds: float) -> None:
+        """An attempt ended with ``outcome``, ``seconds`` after the worker took its item.
+
+        Not counted: a vanished input, and an item given up on without running (no attempt).
+        """
+        histogram = self.attempts.get(outcome.state)
+        if histogram is not None and outcome.attempted:
+            histogram.observe(seconds)
+
+    def run_ended(
+        self,
+        counters: Counters,
+        *,
+        lock_takeovers: int,
+        ledger_errors: LedgerErrors | None,
+        ledger_failed: bool,
+        last_scan: ScanInfo | None,
+    ) -> None:
+        """Fold what a run that ended counted into :attr:`ended` (exported counters never go
+        back when the next run starts from zero)."""
+        e = self.ended
+        e.runs += 1
+        e.seen += counters.seen
+        e.done += counters.done
+        e.done_before += counters.done_before
+        e.dead += counters.dead
+        e.dead_before += counters.dead_before
+        e.vanished += counters.vanished
+        e.lost += counters.lost
+        e.failed += counters.failed
+        e.leases_lost += counters.leases_lost
+        e.reaped += counters.reaped
+        e.lock_takeovers += lock_takeovers
+        if ledger_errors is not None:
+            e.ledger_busy += ledger_errors.busy
+            e.ledger_unreachable += ledger_errors.unreachable
+        e.ledger_fatal += ledger_failed
+        if last_scan is not None:
+            self.last_scan = last_scan

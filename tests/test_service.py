@@ -1,0 +1,530 @@
+"""Running as a service: metrics scraped over real HTTP, health from real parts.
+
+- ``Batch(metrics="127.0.0.1:0")`` serves /metrics, /healthz and /readyz while it watches real
+  files; a scrape with httpx gives the exact counts of what happened.
+- Each batch keeps its metrics in its own registry: two in one process do not mix, and the
+  process-wide default registry holds none of them; counters add up across runs.
+- ``import asyncbatch`` (and a run without metrics) never imports ``prometheus_client``.
+- ``metrics_app()`` mounted into a Starlette app answers under its mount point.
+- A metrics address in use is refused before anything is touched.
+- Health: not ready before the lock and the first scan (a ledger another process holds),
+  not live while a paused ledger keeps the heartbeat from renewing (and, watching, its polls
+  from ending), not ready while stopping, not live once the lock was taken over (the run ends);
+  a PostgreSQL outage waited out: not live meanwhile, counted as unreachable tries.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import httpx
+import prometheus_client
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from asyncbatch import (
+    Batch,
+    ConfigurationError,
+    Health,
+    LockLostError,
+    PermanentError,
+    Report,
+    TaskContext,
+)
+
+from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, wait_for
+from .postgres import Server, require
+from .test_postgres_outage import Outage
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    """Every sample of an exposition, by name and labels (``batch_job`` left out)."""
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "batch_job"))
+            found[(s.name, labels)] = s.value
+    return found
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait (on the event loop) until ``predicate()``; fail the test after 30 s."""
+    with anyio.fail_after(30):
+        while not predicate():  # noqa: ASYNC110 (what it waits for has no event to wait on)
+            await anyio.sleep(0.01)
+
+
+def finished(batch: Batch, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        stats = batch.statistics()
+        return stats is not None and stats.finished >= count
+
+    return check
+
+
+class Watching:
+    """A batch watching in a background task of the test's task group."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.report: Report | None = None
+        self.error: BaseException | None = None
+
+    async def __call__(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            self.report = await self.batch.watch()
+        except Exception as e:
+            self.error = e
+
+
+# -- metrics over real HTTP ------------------------------------------------------------------------
+
+
+async def test_a_scrape_after_a_watch_over_real_files_gives_the_exact_counts(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 10)
+    make_files(inbox, 2, prefix="bad")
+    make_files(inbox, 1, prefix="flaky")
+    tries: dict[str, int] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        tries[ctx.entry.relpath] = tries.get(ctx.entry.relpath, 0) + 1
+        if ctx.entry.relpath.startswith("bad"):
+            raise PermanentError("refused")
+        if ctx.entry.relpath.startswith("flaky") and ctx.attempt == 1:
+            raise ValueError("once")
+
+    batch = Batch(
+        handle,
+        source=inbox,
+        state=state,
+        metrics="127.0.0.1:0",
+        backoff=0,
+        poll=0.05,
+        settle=0,
+        concurrency=4,
+    )
+    before = batch.metrics_address
+    assert before is None, "serving only while a run is under way"
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(finished(batch, 13))
+        await until(lambda: batch.health().ready)
+        address = batch.metrics_address
+        assert address is not None
+        host, port = address
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+            scraped = await client.get("/metrics")
+            live = await client.get("/healthz")
+            ready = await client.get("/readyz")
+            missing = await client.get("/nothing")
+        batch.stop()
+    assert watching.error is None
+    after = batch.metrics_address
+    assert after is None, "the server stopped with the run"
+
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
+    found = samples(scraped.text)
+    assert value(found, "asyncbatch_items_total", outcome="done") == 11
+    assert value(found, "asyncbatch_items_total", outcome="dead") == 2
+    assert value(found, "asyncbatch_items_total", outcome="vanished") == 0
+    assert value(found, "asyncbatch_items_total", outcome="done_before") == 0
+    assert value(found, "asyncbatch_items_seen_total") == 13
+    assert value(found, "asyncbatch_attempts_total", outcome="done") == 11
+    assert value(found, "asyncbatch_attempts_total", outcome="failed") == 1
+    assert value(found, "asyncbatch_attempts_total", outcome="dead") == 2
+    assert sum(tries.values()) == 14
+    for outcome, count in (("done", 11), ("failed", 1), ("dead", 2)):
+        histogram = ("asyncbatch_handler_duration_seconds_count", (("outcome", outcome),))
+        assert found[histogram] == count
+        inf = ("asyncbatch_handler_duration_seconds_bucket", (("le", "+Inf"), ("outcome", outcome)))
+        assert found[inf] == count
+    assert value(found, "asyncbatch_claim_duration_seconds_count") >= 1
+    assert value(found, "asyncbatch_commit_duration_seconds_count") >= 1
+    assert value(found, "asyncbatch_queue_depth") == 0
+    assert value(found, "asyncbatch_items_in_flight") == 0
+    assert value(found, "asyncbatch_handlers_running") == 0
+    assert value(found, "asyncbatch_oldest_waiting_seconds") == 0
+    assert value(found, "asyncbatch_last_scan_files") == 13
+    assert value(found, "asyncbatch_leases_lost_total") == 0
+    assert value(found, "asyncbatch_ledger_errors_total", kind="fatal") == 0
+    assert value(found, "asyncbatch_running") == 1
+    assert value(found, "asyncbatch_ready") == 1
+
+    assert live.status_code == ready.status_code == 200
+    assert ready.json()["ready"] is True
+    assert set(ready.json()["checks"]) == {
+        "running",
+        "heartbeat",
+        "lock",
+        "ledger",
+        "scan",
+        "stopping",
+    }
+    assert missing.status_code == 404
+    assert state_counts(state) == {"done": 11, "dead": 2}
+
+
+async def test_two_batches_in_one_process_keep_their_own_metrics_across_runs(
+    tmp_path: Path,
+) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    a_in, b_in = tmp_path / "a", tmp_path / "b"
+    make_files(a_in, 3)
+    make_files(b_in, 5)
+    a = Batch(handle, source=a_in, state=tmp_path / "a.db", job="a", metrics=True)
+    b = Batch(handle, source=b_in, state=tmp_path / "b.db", job="b", metrics=True)
+    await a.run()
+    await b.run()
+    make_files(a_in, 2, prefix="later")
+    await a.run()  # a second run: the counters go on from the first one's
+
+    def text(batch: Batch) -> str:
+        return prometheus_client.generate_latest(batch.metrics_registry).decode()
+
+    in_a, in_b = samples(text(a)), samples(text(b))
+    assert value(in_a, "asyncbatch_items_total", outcome="done") == 5
+    assert value(in_a, "asyncbatch_items_total", outcome="done_before") == 3
+    assert value(in_a, "asyncbatch_items_seen_total") == 8
+    assert value(in_b, "asyncbatch_items_total", outcome="done") == 5
+    assert value(in_b, "asyncbatch_items_seen_total") == 5
+    assert 'batch_job="a"' in text(a)
+    assert 'batch_job="b"' not in text(a)
+    assert value(in_a, "asyncbatch_running") == 0
+    assert value(in_a, "asyncbatch_last_scan_files") == 5, "kept from the last run"
+    default = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
+    assert "asyncbatch_" not in default, "nothing in the process-wide registry"
+
+
+def test_importing_and_running_without_metrics_never_imports_prometheus_client(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+    script = (
+        "import sys, asyncio, asyncbatch\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported by import asyncbatch'\n"
+        "async def handle(ctx): pass\n"
+        f"b = asyncbatch.Batch(handle, source={str(inbox)!r}, state={str(state)!r})\n"
+        "print(asyncio.run(b.run()).done, b.health().live)\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported by a run without metrics'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "False"]
+
+
+async def test_metrics_app_mounted_in_an_asgi_app_answers_under_its_mount_point(
+    inbox: Path, state: Path
+) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    make_files(inbox, 4)
+    batch = Batch(handle, source=inbox, state=state, metrics=True)
+    await batch.run()
+    app = Starlette(routes=[Mount("/ops", app=batch.metrics_app())])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        scraped = await client.get("/ops/metrics")
+        live = await client.get("/ops/healthz")
+        ready = await client.get("/ops/readyz")
+    assert value(samples(scraped.text), "asyncbatch_items_total", outcome="done") == 4
+    assert live.status_code == ready.status_code == 503, "no run under way"
+    assert live.json()["checks"]["running"]["detail"].startswith("the last run() ended: ok")
+
+    plain = Batch(handle, source=inbox, state=state)
+    with pytest.raises(ConfigurationError, match="metrics off"):
+        plain.metrics_app()
+
+
+@contextmanager
+def port_in_use() -> Iterator[int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+async def test_a_metrics_address_in_use_is_refused_before_anything_is_touched(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+    ran: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        ran.append(ctx.entry.relpath)
+
+    with port_in_use() as port:
+        batch = Batch(handle, source=inbox, state=state, metrics=f"127.0.0.1:{port}")
+        with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port}.*in use"):
+            await batch.run()
+    assert ran == []
+    assert not state.exists(), "refused before the ledger was opened"
+    with pytest.raises(ConfigurationError, match="'metrics' has value 'localhost'"):
+        Batch(handle, source=inbox, state=state, metrics="localhost")
+
+
+# -- health from real parts ------------------------------------------------------------------------
+
+
+@contextmanager
+def ledger_held(state: Path) -> Iterator[None]:
+    """Another process's view: a connection holding the ledger's write lock."""
+    db = sqlite3.connect(state, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+async def idle(ctx: TaskContext) -> None:
+    pass
+
+
+def checks(health: Health) -> dict[str, bool]:
+    return {c.name: c.ok for c in health.checks}
+
+
+async def test_not_ready_before_the_lock_and_the_first_scan(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    # Create the ledger, then hold its write lock: the next run cannot take its job lock.
+    await Batch(idle, source=inbox, state=state, job="warm-up").run()
+    batch = Batch(idle, source=inbox, state=state, poll=0.05, lease=3)
+    assert checks(batch.health()) == {"running": False}
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        with ledger_held(state):
+            await tg.start(watching)
+            await until(lambda: batch.health().check("running").ok)
+            health = batch.health()
+            assert health.live
+            assert not health.ready
+            assert health.check("lock").ok is False
+            assert health.check("lock").detail.endswith("not taken yet")
+            assert health.check("scan").ok is False
+            # Opened, then waiting for its write lock: the ledger check says so, in time.
+            await until(lambda: "to take the job's lock" in batch.health().check("ledger").detail)
+            assert batch.health().check("ledger").ok is False
+        await until(lambda: batch.health().ready)
+        await until(finished(batch, 3))
+        batch.stop()
+    assert watching.error is None
+
+
+async def test_a_paused_ledger_makes_the_heartbeat_stale_and_the_batch_not_live(
+    inbox: Path, state: Path
+) -> None:
+    batch = Batch(idle, source=inbox, state=state, lease=3, poll=0.05)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)
+        with ledger_held(state):
+            await until(lambda: not batch.health().check("ledger").ok)
+            assert "waited" in batch.health().check("ledger").detail
+            await until(lambda: not batch.health().live)
+            health = batch.health()
+            assert health.check("heartbeat").ok is False
+            assert "not renewed for" in health.check("heartbeat").detail
+            assert health.check("running").ok
+            # Its polls wait for the ledger too: after 10 s without one, the scan check says so.
+            await until(lambda: not batch.health().check("scan").ok)
+            assert "with nothing in flight" in batch.health().check("scan").detail
+        # The ledger answers again: the next heartbeat renews the lock, nobody took it.
+        await until(lambda: batch.health().ready)
+        batch.stop()
+    assert watching.error is None
+    assert watching.report is not None
+    assert watching.report.stopped
+
+
+async def test_a_stopping_batch_is_live_but_not_ready(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def hold(ctx: TaskContext) -> None:
+        started.set()
+        await release.wait()
+
+    batch = Batch(hold, source=inbox, state=state, poll=0.05)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await started.wait()
+        assert batch.health().ready
+        batch.stop()
+        health = batch.health()
+        assert health.live
+        assert not health.ready
+        assert [p.split(":")[0] for p in health.problems] == ["stopping"]
+        release.set()
+    assert watching.report is not None
+    assert watching.report.done == 1
+    assert batch.health().check("running").detail.startswith("the last watch() ended: stopped")
+
+
+async def test_a_lock_taken_over_ends_the_run_and_the_batch_is_not_live(
+    inbox: Path, state: Path
+) -> None:
+    batch = Batch(idle, source=inbox, state=state, lease=3, poll=0.05)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)
+        db = sqlite3.connect(state, isolation_level=None)
+        try:  # another runner took the lock over (as it would after a long pause)
+            db.execute("UPDATE task_lock SET owner = 'someone else'")
+        finally:
+            db.close()
+        await until(lambda: not batch.health().check("running").ok)
+    assert isinstance(watching.error, LockLostError)
+    health = batch.health()
+    assert not health.live
+    assert not health.ready
+    assert "failed: LockLostError" in health.check("running").detail
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_metrics_address_in_use_exits_2_with_one_line(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    with port_in_use() as port:
+        result = cli(
+            "run",
+            f"{HANDLERS}:record",
+            "--source",
+            inbox,
+            "--state",
+            state,
+            "--metrics",
+            f"127.0.0.1:{port}",
+        )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"asyncbatch: error: metrics address '127.0.0.1:{port}': cannot listen there: "
+        "Address already in use\n"
+    )
+    assert not state.exists(), "nothing claimed, the ledger not even created"
+    bad = cli("run", f"{HANDLERS}:record", "--source", inbox, "--state", state, "--metrics", "x")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "'metrics' has value 'x'" in bad.stderr
+
+
+def test_cli_watch_serves_metrics_and_health_until_it_stops(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    proc = spawn(
+        "run",
+        f"{HANDLERS}:record",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--watch",
+        "--poll",
+        "0.05",
+        "--settle",
+        "0",
+        "--no-progress",
+        "--metrics",
+        "127.0.0.1:0",
+        "--log-level",
+        "INFO",
+        env={"AB_LOG": str(tmp_path / "log")},
+    )
+    try:
+        assert proc.stderr is not None
+        address = ""
+        for line in proc.stderr:  # the chosen port, from the log line saying where it serves
+            if " on 127.0.0.1:" in line and "serving /metrics" in line:
+                address = line.rsplit(" on ", 1)[1].strip()
+                break
+        assert address, "the serving line was logged"
+        make_files(inbox, 6)
+        with httpx.Client(base_url=f"http://{address}", timeout=10) as client:
+
+            def done() -> float:
+                found = samples(client.get("/metrics").text)
+                return value(found, "asyncbatch_items_total", outcome="done")
+
+            wait_for(lambda: done() == 6, timeout=30, interval=0.05)
+            wait_for(lambda: client.get("/readyz").status_code == 200, timeout=30)
+            assert client.get("/healthz").json()["live"] is True
+            head = client.head("/metrics")
+            assert head.status_code == 200
+            assert head.content == b""
+            assert client.post("/metrics").status_code == 405
+        err = kill(proc, signal.SIGTERM)
+        assert proc.returncode == 143, err
+        assert "Traceback" not in err
+        with pytest.raises(httpx.TransportError):  # the server stopped with the run
+            httpx.get(f"http://{address}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+
+
+@pytest.fixture
+def pg_outage(postgres_server: Server) -> Iterator[Outage]:
+    require(postgres_server)
+    made = Outage(postgres_server)
+    yield made
+    made.drop()
+
+
+async def test_a_postgresql_outage_shows_in_health_and_in_the_ledger_error_counts(
+    inbox: Path, pg_outage: Outage
+) -> None:
+    batch = Batch(idle, source=inbox, state=pg_outage.dsn, lease=3, poll=0.05, metrics=True)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)
+        pg_outage.begin()
+        try:
+            await until(lambda: not batch.health().live)
+            health = batch.health()
+            assert health.check("ledger").ok is False
+            assert health.check("heartbeat").ok is False
+        finally:
+            pg_outage.end()
+        await until(lambda: batch.health().ready)  # waited out: the same run goes on
+        found = samples(prometheus_client.generate_latest(batch.metrics_registry).decode())
+        batch.stop()
+    assert watching.error is None
+    assert value(found, "asyncbatch_ledger_errors_total", kind="unreachable") >= 1
+    assert value(found, "asyncbatch_ledger_errors_total", kind="fatal") == 0
+    assert value(found, "asyncbatch_live") == 1
