@@ -191,15 +191,16 @@ def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) ->
         return "done", text
     if item.state == "failed":
         return "failed", (
-            f"failed in attempt {item.attempts} at {_when(item.finished_at)} on "
+            f"failed in attempt {item.attempts} at {_when(item.finished_at)} by "
             f"{_runner(item)}: {error}; the next attempt is due at "
             f"{_when(item.next_attempt_at)}"
         )
     if item.state == "dead":
         cut = f" ({item.interrupted} cut short by its runner's death or stop)"
+        attempts = f"{item.attempts} attempt{'s' if item.attempts != 1 else ''}"
         return "dead", (
-            f"dead after {item.attempts} attempts{cut if item.interrupted else ''}, at "
-            f"{_when(item.finished_at)} on {_runner(item)}: {error}; 'asyncbatch retry "
+            f"dead after {attempts}{cut if item.interrupted else ''}, at "
+            f"{_when(item.finished_at)} by {_runner(item)}: {error}; 'asyncbatch retry "
             "--dead' puts it back"
         )
     if item.state == "running":
