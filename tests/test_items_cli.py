@@ -350,8 +350,10 @@ def test_a_state_file_of_the_previous_schema_is_upgraded_by_a_run(inbox: Path, s
     db.commit()
     db.close()
     old = cli("items", "--state", state)
+    assert old.returncode == 2
     (line,) = old.stderr.strip().splitlines()
-    assert "schema version 2; run 'asyncbatch run' once to upgrade it" in line
+    assert f"schema version 2, older than the {sqlite_sql.SCHEMA_VERSION}" in line
+    assert "the next 'asyncbatch run' with this --state upgrades it" in line
     run(inbox, state)
     db = sqlite3.connect(state)
     assert db.execute("PRAGMA user_version").fetchone() == (sqlite_sql.SCHEMA_VERSION,)

@@ -411,7 +411,7 @@ async def forget(args: argparse.Namespace) -> int:
     """``asyncbatch forget PATH... | --done-before T``: delete items from the ledger."""
     if bool(args.items) == (args.done_before is not None):
         raise ConfigurationError("forget: give PATH/KEY arguments or --done-before T (not both)")
-    ledger = await _open(args)
+    ledger = await _open(args, writes=True)
     try:
         if args.items:
             chosen = await _chosen(args, ledger)

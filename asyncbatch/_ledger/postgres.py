@@ -133,8 +133,8 @@ class PostgresLedger(Ledger):
         Raises :class:`ConfigurationError` for a DSN that does not parse or (without
         ``create``) a ledger that does not exist, :class:`LedgerError` when the server cannot
         be reached, :class:`NotALedgerError` for a schema holding another application's
-        tables and :class:`SchemaVersionError` for a newer schema; in those cases nothing is
-        written.
+        tables and :class:`SchemaVersionError` for a newer schema (without ``create``, an
+        older one too); in those cases nothing is written.
         """
         session = PostgresSession(
             PostgresDSN.parse(dsn),

@@ -208,9 +208,8 @@ class PostgresSession:
                     f"state {self.name!r} does not exist (no asyncbatch ledger in schema "
                     f"{self.target.schema!r}); run 'asyncbatch run' once to create it"
                 )
-            raise LedgerError(
-                f"state {self.name!r} has schema version {version}; run 'asyncbatch run' "
-                "once to upgrade it"
+            raise SchemaVersionError(
+                f"{self.name} (schema {self.target.schema})", version, sql.SCHEMA_VERSION
             )
         await self.transact(self._migrate, again=False)
 

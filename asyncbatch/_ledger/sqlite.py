@@ -251,8 +251,9 @@ class SQLiteLedger(Ledger):
         ``create`` (the operator's reads) nothing is created, migrated or left behind.
 
         Raises :class:`ConfigurationError` for an unusable path, :class:`NotALedgerError` for a
-        file that is not ours, :class:`SchemaVersionError` for a newer schema and
-        :class:`LedgerError` for a damaged or unreadable one; in every such case the file is
+        file that is not ours, :class:`SchemaVersionError` for a newer schema (without
+        ``create``, an older one too) and :class:`LedgerError` for a damaged or unreadable
+        one; in every such case the file is
         left byte-for-byte as it was.
         """
         path = Path(path)
@@ -310,10 +311,7 @@ class SQLiteLedger(Ledger):
                 )
             raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
         if version < sql.SCHEMA_VERSION and not migrate:
-            raise LedgerError(
-                f"state {name!r} has schema version {version}; run 'asyncbatch run' once to "
-                "upgrade it"
-            )
+            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
         if read_only:
             return
         with self._errors():
