@@ -125,7 +125,10 @@ def test_bare_command_prints_the_usage_and_every_command(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("usage: asyncbatch [-h] [--version] COMMAND ...")
-    commands = ("run", "status", "failures", "retry", "locks", "unlock", "history", "demo")
+    commands = (
+        *("run", "status", "failures", "retry", "locks", "unlock", "history"),
+        *("explain", "items", "forget", "demo"),
+    )
     listed = {line.split()[0] for line in result.stderr.splitlines() if line.startswith("    ")}
     assert listed == set(commands)
     assert "Traceback" not in result.stderr

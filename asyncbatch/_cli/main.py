@@ -36,6 +36,8 @@ from .._exceptions import (
 from .._pipeline.runner import unwrap_group
 from .._pipeline.workers import error_text
 from .._report import Report
+from .items import COMMANDS as INSPECT_COMMANDS
+from .items import add_inspect_commands
 from .logging import configure_logging
 from .operator import COMMANDS as OPERATOR_COMMANDS
 from .operator import add_operator_commands
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(run)
 
     add_operator_commands(sub, _add_state, positive_int)
+    add_inspect_commands(sub, _add_state, positive_int, non_negative_float)
 
     p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
     p.add_argument(
@@ -359,7 +362,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         command = functools.partial(_run_command, log=log)
     else:
-        command = {"demo": _demo_command, **OPERATOR_COMMANDS}[args.command]
+        command = {"demo": _demo_command, **OPERATOR_COMMANDS, **INSPECT_COMMANDS}[args.command]
     try:
         return anyio.run(_call, command, args)
     except BaseException as e:

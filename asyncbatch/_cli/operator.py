@@ -220,6 +220,12 @@ async def failures(args: argparse.Namespace) -> int:
             "error": (item.last_error or "").splitlines()[0] if item.last_error else "",
             "input_hash": _item_hash(identity, item),
             "updated_at": item.updated_at,
+            # The joblog of the latest attempt (see `asyncbatch items`).
+            "started_at": item.started_at,
+            "finished_at": item.finished_at,
+            "duration": item.duration,
+            "runner_pid": item.runner_pid,
+            "runner_host": item.runner_host,
         }
         for item in items
     ]

@@ -420,3 +420,8 @@ class PostgresSession:
     def local(self, server_time: float) -> float:
         """A server time expressed in the caller's clock."""
         return server_time + self._shift
+
+    def server(self, local_time: float) -> float:
+        """A time of the caller's clock expressed in the server's (the inverse of :meth:`local`,
+        as of the last measured offset)."""
+        return local_time - self._shift
