@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -152,6 +153,9 @@ class Batch:
             )
         if isinstance(ignore, str):
             ignore = (ignore,)
+        for name, value in (("source", source), ("state", state), ("output_dir", output_dir)):
+            if value is not None and not os.fspath(value):  # Path("") would be ".": the cwd
+                raise ConfigurationError.bad_value(name, "", "a path, not an empty string")
         self.handler = handler
         self.config = BatchConfig(
             source=Path(source).expanduser(),

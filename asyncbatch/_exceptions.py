@@ -7,7 +7,8 @@ The tree::
      │    └── HandlerImportError  TARGET could not be imported or is not callable
      ├── LedgerError              the state store is unavailable or failing (CLI exit 69)
      │    ├── NotALedgerError     the state is not an asyncbatch ledger (left untouched; exit 2)
-     │    └── SchemaVersionError  the ledger was written by a newer asyncbatch (untouched; exit 2)
+     │    └── SchemaVersionError  the ledger is from a newer asyncbatch, or older and needs a run
+     │                            to upgrade it (left untouched; exit 2)
      ├── JobLockedError           another live runner holds the job lock (CLI exit 75)
      ├── LockLostError            this runner's job lock was taken over while it ran
      ├── PermanentError           raised by a handler: fail the item now, no retries
@@ -66,15 +67,25 @@ class NotALedgerError(LedgerError):
 
 
 class SchemaVersionError(LedgerError):
-    """The ledger's schema is newer than this asyncbatch understands; it was left untouched."""
+    """The ledger's schema is not this asyncbatch's: newer than it understands, or older and
+    opened by a command that does not upgrade it (only a run does); it was left untouched."""
 
     def __init__(self, path: str, found: int, known: int) -> None:
         self.found = found
         self.known = known
-        super().__init__(
-            f"state {path!r} has schema version {found}, newer than the {known} this "
-            "asyncbatch knows: upgrade asyncbatch (the file was not modified)"
-        )
+        if found < known:
+            message = (
+                f"state {path!r} has schema version {found}, older than the {known} this "
+                "asyncbatch uses: the next 'asyncbatch run' with this --state upgrades it in "
+                "place, keeping its jobs and items (this command does not; the file was not "
+                "modified)"
+            )
+        else:
+            message = (
+                f"state {path!r} has schema version {found}, newer than the {known} this "
+                "asyncbatch knows: upgrade asyncbatch (the file was not modified)"
+            )
+        super().__init__(message)
 
 
 class JobLockedError(AsyncBatchError):

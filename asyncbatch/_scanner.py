@@ -29,6 +29,7 @@ import anyio.to_thread
 
 __all__ = [
     "DEFAULT_SKIP_SUFFIXES",
+    "PATH_MAX",
     "Entry",
     "ScanInfo",
     "ScanRules",
@@ -54,7 +55,7 @@ _INODE = struct.Struct(">Q")
 CHUNK = 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: Paths at least this long cannot be opened (Linux PATH_MAX): such entries are skipped.
-_PATH_MAX = 4096
+PATH_MAX = 4096
 
 
 class Entry:
@@ -180,19 +181,52 @@ class ScanRules:
             return True
         return self._paths is not None and bool(self._paths.match(os.fsdecode(relpath)))
 
+    def skip_reason(self, name: bytes, relpath: bytes, *, is_dir: bool = False) -> str | None:
+        """Why :meth:`skips` skips this entry (the rule, in words), or ``None`` if it does not.
+
+        The same rules as :meth:`skips`, which stays the scan's fast test; this one is for
+        ``asyncbatch explain``, and names the ``ignore`` pattern that matched.
+        """
+        what = "directory" if is_dir else "name"
+        if name.startswith(b"."):
+            return f"hidden {what} {os.fsdecode(name)!r} (starts with '.')"
+        if not is_dir:
+            for suffix in DEFAULT_SKIP_SUFFIXES:
+                if name.endswith(suffix):
+                    return (
+                        f"temporary name {os.fsdecode(name)!r} (ends with "
+                        f"{os.fsdecode(suffix)!r}: a partial or temporary file)"
+                    )
+        for pattern in self.ignore:
+            if "/" in pattern:
+                matched = re.match(fnmatch.translate(pattern.strip("/")), os.fsdecode(relpath))
+            else:
+                matched = re.match(fnmatch.translate(pattern), os.fsdecode(name))
+            if matched:
+                return f"{what} {os.fsdecode(relpath)!r} matches the ignore pattern {pattern!r}"
+        return None
+
+    def hidden_because(self, relpath: bytes, *, recursive: bool, is_dir: bool) -> str | None:
+        """Why a path under the source is out of the scanner's sight, or ``None`` if it is not:
+        in a subdirectory of a scan that is not recursive, or a skipped name (see
+        :meth:`skip_reason`) for the entry or one of the directories above it."""
+        parts = relpath.split(b"/")
+        if not recursive and (is_dir or len(parts) > 1):
+            where = "a directory" if is_dir else "in a subdirectory"
+            return f"{where} of the source, and the scan is not recursive (--recursive)"
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            why = self.skip_reason(part, b"/".join(parts[: i + 1]), is_dir=is_dir or not last)
+            if why is not None:
+                return why
+        return None
+
     def hides(self, relpath: bytes, *, recursive: bool, is_dir: bool) -> bool:
         """Whether a path under the source is out of the scanner's sight.
 
         Used to refuse a state file, an output or an archive directory the scan would pick up.
         """
-        parts = relpath.split(b"/")
-        if not recursive and (is_dir or len(parts) > 1):
-            return True
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if self.skips(part, b"/".join(parts[: i + 1]), is_dir=is_dir or not last):
-                return True
-        return False
+        return self.hidden_because(relpath, recursive=recursive, is_dir=is_dir) is not None
 
 
 def open_regular(
@@ -286,11 +320,11 @@ def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
                         out = []
                     name = de.name
                     rel = prefix + b"/" + name if prefix else name
-                    if len(w.root) + len(rel) >= _PATH_MAX - 1:
+                    if len(w.root) + len(rel) >= PATH_MAX - 1:
                         log.warning(
                             "skipped %r: its path is longer than the system allows (%d bytes)",
                             os.fsdecode(rel),
-                            _PATH_MAX,
+                            PATH_MAX,
                         )
                         continue
                     try:
@@ -369,9 +403,9 @@ def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
                 ) and _parent_ok(w, real_root, parent)
             if not ok:
                 continue
-        path = os.path.join(w.root, rel)
-        if len(path) >= _PATH_MAX - 1:
+        if len(w.root) + len(rel) >= PATH_MAX - 1:  # as the scan: skipped (it warns)
             continue
+        path = os.path.join(w.root, rel)
         try:
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):

@@ -338,6 +338,19 @@ def test_missing_source_and_state_inside_source_are_refused(inbox: Path, tmp_pat
     Batch(handle, source=inbox, state=inbox / ".state.db")  # hidden: never scanned
 
 
+@pytest.mark.parametrize("name", ["source", "state", "output_dir"])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(
+    inbox: Path, state: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    monkeypatch.chdir(inbox.parent)  # Path("") is "."; a scan of it would take what is here
+    paths: dict[str, Any] = {"source": inbox, "state": state, name: ""}
+    with pytest.raises(ConfigurationError, match=f"setting '{name}' has value '': a path, not"):
+        Batch(handle, **paths)
+
+
 def test_a_synchronous_handler_is_refused(inbox: Path, state: Path) -> None:
     def handle(ctx: TaskContext) -> None:
         pass

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -124,7 +125,10 @@ def test_bare_command_prints_the_usage_and_every_command(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("usage: asyncbatch [-h] [--version] COMMAND ...")
-    commands = ("run", "status", "failures", "retry", "locks", "unlock", "history", "demo")
+    commands = (
+        *("run", "status", "failures", "retry", "locks", "unlock", "history"),
+        *("explain", "items", "forget", "demo"),
+    )
     listed = {line.split()[0] for line in result.stderr.splitlines() if line.startswith("    ")}
     assert listed == set(commands)
     assert "Traceback" not in result.stderr
@@ -585,3 +589,228 @@ def test_an_interrupted_move_across_filesystems_leaves_no_partial_copy(
         for p in target.iterdir():
             p.unlink()
         target.rmdir()
+
+
+# -- state paths that cannot be used: one line, exit 2, nothing touched -------------------------
+
+needs_no_dac = pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None,
+    reason="needs setpriv to drop root's file access override",
+)
+
+
+def every_command(inbox: Path, state: Path | str) -> list[list[str | os.PathLike[str]]]:
+    """Each command that opens a state, with ``--state STATE``."""
+    return [
+        [*command, "--state", state]
+        for command in (
+            ["status"],
+            ["failures"],
+            ["history"],
+            ["locks"],
+            ["retry"],
+            ["unlock", "default"],
+            ["run", RECORD, "--source", inbox, "--no-progress"],
+        )
+    ]
+
+
+def untouched(state: Path) -> tuple[str, list[str]]:
+    """The state's bytes and the names of what lies beside it: must not change."""
+    names = sorted(p.name for p in state.parent.iterdir() if p.name.startswith(state.name))
+    return hashlib.sha256(state.read_bytes()).hexdigest(), names
+
+
+@needs_no_dac
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_state_this_user_may_not_read_is_one_line_naming_it(
+    inbox: Path, tmp_path: Path, where: str
+) -> None:
+    make_files(inbox, 2)
+    state = tmp_path / "locked" / "state.db"
+    state.parent.mkdir()
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    before = untouched(state)
+    if where == "file":  # mode 0600, owned by someone else
+        if os.geteuid() == 0:
+            os.chown(state, 65534, 65534)
+        mode = 0o600 if os.geteuid() == 0 else 0
+        state.chmod(mode)
+        shown = stat.filemode(stat.S_IFREG | mode)
+        needles = [f"state {str(state)!r} cannot be read", f"may not read it (mode {shown}"]
+    else:  # a directory on the way that this user may not enter
+        state.parent.chmod(0o600)
+        needles = [f"state {str(state)!r} cannot be read", f"enter directory {str(state.parent)!r}"]
+    try:
+        for args in every_command(inbox, state):
+            result = cli(*args, prefix=NO_DAC if os.geteuid() == 0 else [])
+            assert_one_line_error(result, *needles)
+    finally:
+        state.parent.chmod(0o755)
+        state.chmod(0o644)
+    assert untouched(state) == before
+
+
+@needs_no_dac
+def test_commands_that_write_refuse_a_read_only_state_as_run_does(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    assert cli("run", f"{HANDLERS}:fail_always", "--source", inbox, "--state", state).returncode
+    state.chmod(0o444)
+    before = untouched(state)
+    prefix = NO_DAC if os.geteuid() == 0 else []
+    for args in (["retry", "--dead"], ["unlock", "default"], ["run", RECORD, "--source", inbox]):
+        result = cli(*args, "--state", state, prefix=prefix)
+        assert_one_line_error(
+            result, f"state {str(state)!r} cannot be written", "this user may not write it"
+        )
+    assert untouched(state) == before
+    assert cli("failures", "--state", state, prefix=prefix).returncode == 0
+    assert state_counts(state) == {"dead": 2}
+
+
+def test_an_empty_state_file_holds_no_ledger_yet(inbox: Path, tmp_path: Path) -> None:
+    make_files(inbox, 2)
+    missing, empty = tmp_path / "missing.db", tmp_path / "empty.db"
+    empty.touch()
+    # Like a state that does not exist (exit 2), not one to upgrade (it has no schema at all).
+    for args, like_missing in zip(
+        every_command(inbox, empty)[:-1], every_command(inbox, missing)[:-1], strict=True
+    ):  # every command but run
+        assert_one_line_error(cli(*args), f"state {str(empty)!r} is an empty file", "no ledger")
+        assert_one_line_error(cli(*like_missing), f"state {str(missing)!r} does not exist")
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "inbox"]
+    # A run may make its ledger in it: there was nothing to lose.
+    assert cli("run", RECORD, "--source", inbox, "--state", empty).returncode == 0
+    assert state_counts(empty) == {"done": 2}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
+    inbox: Path, tmp_path: Path, kind: str
+) -> None:
+    import socket
+
+    make_files(inbox, 1)
+    state = tmp_path / f"{kind}.db"
+    listener = None
+    if kind == "fifo":
+        os.mkfifo(state)
+    elif kind == "socket":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(state))
+    else:
+        state = Path("/dev/null")
+    name = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
+    try:
+        commands = every_command(inbox, state)
+        for args in commands if kind == "fifo" else [commands[0], commands[-1]]:
+            result = cli(*args, timeout=30)  # a FIFO opened for reading would block forever
+            assert_one_line_error(result, f"state {str(state)!r} is {name}, not a regular file")
+    finally:
+        if listener is not None:
+            listener.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "inbox") == (
+        [] if kind == "device" else [state.name]
+    )
+
+
+def first_schema_ledger(path: Path) -> None:
+    """Write an empty ledger as asyncbatch 0.1 did (schema version 1)."""
+    from asyncbatch._ledger import sqlite_sql
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(sqlite_sql.MIGRATIONS[0])
+    db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+    db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0)")
+    db.commit()
+    db.close()
+
+
+def test_an_older_schema_asks_for_a_run_and_exits_2(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    first_schema_ledger(state)
+    before = untouched(state)
+    for args in every_command(inbox, state)[:-1]:
+        assert_one_line_error(
+            cli(*args),
+            f"state {str(state)!r} has schema version 1, older than the {SCHEMA_VERSION}",
+            "the next 'asyncbatch run' with this --state upgrades it",
+        )
+    assert untouched(state) == before
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    status = cli("status", "--state", state, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] == 2
+
+
+def test_the_network_filesystem_check_follows_symlinks(inbox: Path, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem")
+    from asyncbatch._fsinfo import filesystem_type
+
+    if filesystem_type(shm) != "tmpfs" or filesystem_type(tmp_path) == "tmpfs":
+        pytest.skip("needs /dev/shm on tmpfs and tmp_path elsewhere")
+    make_files(inbox, 1)
+    remote = shm / f"asyncbatch-test-{os.getpid()}-{time.monotonic_ns()}"
+    remote.mkdir()
+    # The CLI in a subprocess, with tmpfs counted as a network filesystem.
+    as_if_tmpfs_were_nfs = (
+        "import sys, asyncbatch._fsinfo as f\n"
+        "f.NETWORK_FILESYSTEMS = f.NETWORK_FILESYSTEMS | {'tmpfs'}\n"
+        "from asyncbatch._cli.main import main\n"
+        "main(sys.argv[1:])\n"
+    )
+
+    def run(state: Path) -> subprocess.CompletedProcess[str]:
+        args = ["run", RECORD, "--source", str(inbox), "--state", str(state), "--no-progress"]
+        return subprocess.run(
+            [sys.executable, "-c", as_if_tmpfs_were_nfs, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        (remote / "state.db").touch()
+        (tmp_path / "link.db").symlink_to(remote / "state.db")
+        (tmp_path / "dangling.db").symlink_to(remote / "new.db")
+        (tmp_path / "remote").symlink_to(remote)
+        for state in (tmp_path / "link.db", tmp_path / "dangling.db", tmp_path / "remote/x.db"):
+            result = run(state)
+            assert_one_line_error(result, f"state {str(state)!r} is on a tmpfs network filesystem")
+        assert sorted(p.name for p in remote.iterdir()) == ["state.db"]
+        assert (remote / "state.db").stat().st_size == 0
+        assert run(tmp_path / "local.db").returncode == 0  # the check itself still passes ext4
+    finally:
+        shutil.rmtree(remote)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["run", RECORD, "--source", "", "--state", "s.db"], "--source"),
+        (["run", RECORD, "--source", "inbox", "--state", ""], "--state"),
+        (
+            ["run", RECORD, "--source", "inbox", "--state", "s.db", "--output-dir", ""],
+            "--output-dir",
+        ),
+        (["status", "--state", ""], "--state"),
+        (["retry", "--state", ""], "--state"),
+        (["demo", "--dir", "", "--files", "3"], "--dir"),
+    ],
+)
+def test_an_empty_path_option_is_refused_not_taken_for_the_current_directory(
+    tmp_path: Path, args: list[str], option: str
+) -> None:
+    work = tmp_path / "work"  # the current directory: settled files a scan of '.' would take
+    make_files(work, 3)
+    make_files(work / "inbox", 1)
+    before = sorted(p.name for p in work.iterdir())
+    result = cli(*args, cwd=work)
+    assert_one_line_error(result, f"argument {option}: invalid value ''", "not an empty string")
+    assert sorted(p.name for p in work.iterdir()) == before

@@ -42,6 +42,7 @@ from asyncbatch._ledger import (
     ClaimedRow,
     Heartbeat,
     IdempotencyRequest,
+    ItemFilter,
     Ledger,
     Outcome,
     PostgresDSN,
@@ -101,6 +102,11 @@ class Store:
         """Write a ledger as asyncbatch 0.1 did (schema version 1), holding one failed item."""
         raise NotImplementedError
 
+    async def make_second_version(self) -> None:
+        """Write a ledger of schema version 2 (before the joblog): one done item of runner
+        'old-runner' (done at 1000.0), one failed, one pending."""
+        raise NotImplementedError
+
 
 class SqliteStore(Store):
     """A SQLite ledger file."""
@@ -143,6 +149,24 @@ class SqliteStore(Store):
         db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
         db.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
         db.execute(_FIRST_VERSION_ITEM.replace("$", "?"), ("k00001", b"f00001", time.time() - 1))
+        db.commit()
+        db.close()
+
+    async def make_second_version(self) -> None:
+        db = sqlite3.connect(self.path)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(sqlite_sql.MIGRATIONS[0])
+        db.executescript(sqlite_sql.MIGRATIONS[1])
+        db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 2")
+        db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+        db.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
+        db.execute(
+            "INSERT INTO runs (job, owner, pid, host, mode, started_at) "
+            "VALUES ('j', 'old-runner', 4242, 'oldhost', 'run', 990)"
+        )
+        for item in _second_version_items("CAST({} AS BLOB)"):
+            db.execute(item)
         db.commit()
         db.close()
 
@@ -192,6 +216,28 @@ class PostgresStore(Store):
         finally:
             await conn.close()
 
+    async def make_second_version(self) -> None:
+        conn = await asyncpg.connect(self.state, timeout=10)
+        try:
+            schema = PostgresDSN.parse(self.state).schema
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(pg_sql.MIGRATIONS[0])
+            await conn.execute(pg_sql.MIGRATIONS[1])
+            await conn.execute(
+                "INSERT INTO meta VALUES ('application', 'asyncbatch'), ('schema_version', '2'),"
+                " ('secret', $1), ('created_at', '0')",
+                "ab" * 32,
+            )
+            await conn.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
+            await conn.execute(
+                "INSERT INTO runs (job, owner, pid, host, mode, started_at) "
+                "VALUES ('j', 'old-runner', 4242, 'oldhost', 'run', 990)"
+            )
+            for item in _second_version_items("convert_to({}, 'UTF8')"):
+                await conn.execute(item)
+        finally:
+            await conn.close()
+
 
 #: A failed item due for a retry, as asyncbatch 0.1 wrote it: $1 key, $2 relpath, $3 due at.
 _FIRST_VERSION_ITEM = """
@@ -199,6 +245,24 @@ INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fe
                    started_fence, next_attempt_at, last_error, created_at, updated_at)
 VALUES ('j', $1, $2, 10, 1001, 501, 'failed', 1, 1, 1, $3, 'ValueError: x', 0, 0)
 """
+
+
+def _second_version_items(blob: str) -> list[str]:
+    """Items of a schema-2 ledger: done by 'old-runner' at 1000, failed at 1100, pending;
+    ``blob`` casts a text to the backend's bytes (``{}``: the text)."""
+    return [
+        f"""
+INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, owner, fence,
+                   started_fence, last_error, created_at, updated_at, done_at)
+VALUES ('j', '{key}', {blob.format(repr(key))}, 10, 1001, 501, '{state}', 1, 'old-runner', 1, 1,
+        {error}, 900, {updated}, {done})
+"""
+        for key, state, error, updated, done in (
+            ("k00001", "done", "NULL", 1000, 1000),
+            ("k00002", "failed", "'ValueError: x'", 1100, "NULL"),
+            ("k00003", "pending", "NULL", 1200, "NULL"),
+        )
+    ]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -260,7 +324,9 @@ async def test_a_newer_schema_is_refused_untouched(store: Store) -> None:
 
 async def test_a_ledger_of_the_first_schema_is_upgraded_in_place(store: Store) -> None:
     await store.make_first_version()
-    with pytest.raises(LedgerError, match="schema version 1; run 'asyncbatch run'"):
+    with pytest.raises(
+        SchemaVersionError, match=r"schema version 1, older than .* 'asyncbatch run'"
+    ):
         await store.open(create=False)
     async with await store.open() as ledger:
         assert await ledger.meta("secret") == "ab" * 32
@@ -1191,3 +1257,192 @@ def test_two_shared_runners_on_postgres_handle_every_file_exactly_once(
     status = cli("status", "--state", pg_dsn, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"]["done"] == files
+
+
+# -- the joblog, listing and forgetting items ----------------------------------------------------
+
+
+async def test_a_ledger_of_schema_2_is_upgraded_and_keeps_its_finished_items_joblog(
+    store: Store,
+) -> None:
+    await store.make_second_version()
+    with pytest.raises(SchemaVersionError, match="schema version 2, older than the 3"):
+        await store.open(create=False)
+    async with await store.open() as ledger:
+        (done,) = await ledger.find_items("j", "k00001")
+        (failed,) = await ledger.find_items("j", "k00002")
+        (pending,) = await ledger.find_items("j", "k00003")
+        # Finished items got their outcome's time and runner; their start is not known.
+        assert done.finished_at is not None
+        assert abs(done.finished_at - 1000) < 5
+        assert (done.runner, done.runner_pid, done.runner_host) == ("old-runner", 4242, "oldhost")
+        assert done.started_at is None
+        assert done.duration is None
+        assert failed.finished_at is not None
+        assert abs(failed.finished_at - 1100) < 5
+        assert (pending.finished_at, pending.runner) == (None, None)
+        # The upgraded ledger records new attempts.
+        (row,) = await ledger.claim_waiting("j", "me", 60, 10)
+        assert row.key == "k00003"
+        assert await ledger.commit_outcomes("j", "me", [Outcome("k00003", 2, "done")]) == set()
+        (now_done,) = await ledger.find_items("j", "k00003")
+        assert (now_done.state, now_done.runner) == ("done", "me")
+    async with await store.open(create=False) as ledger:
+        assert (await ledger.counts("j"))["done"] == 2
+
+
+async def test_a_newer_schema_is_refused_by_the_operator_commands_in_one_line(
+    store: Store,
+) -> None:
+    async with await store.open() as ledger:
+        await ledger.ensure_job("j", "stat")
+    await store.set_schema_version(store.schema_version + 1)
+    for args in (("items",), ("forget", "--done-before", "1h", "--yes")):
+        refused = cli(*args, "--state", store.state, "--job", "j")
+        assert refused.returncode == 2, refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"schema version {store.schema_version + 1}" in line
+    assert await store.fetch("SELECT job FROM jobs") == [("j",)]
+
+
+async def test_the_joblog_records_each_attempts_start_finish_and_runner(
+    ledger: Ledger, store: Store
+) -> None:
+    # PostgreSQL stores the server's times: shifted back into ours to within the offset.
+    close = 0.002 if isinstance(store, SqliteStore) else 1.0
+    me = this_process()
+    await ledger.register_runner("j", "a", me, 60, shared=False, mode="run")
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), entry(3)])
+    (leased,) = await ledger.find_items("j", "k00001")
+    assert (leased.owner, leased.started_at, leased.finished_at) == ("a", None, None)
+    # A long attempt (begun half a second ago) is noted at the group commit that sees it
+    # running...
+    long_start = time.time() - 0.5
+    await ledger.commit_outcomes("j", "a", [], started=[("k00001", 1)])
+    (running,) = await ledger.find_items("j", "k00001")
+    assert running.started_at is not None
+    assert running.finished_at is None
+    assert long_start + 0.5 - close <= running.started_at
+    await anyio.sleep(0.3)
+    began = time.time()
+    outcomes = [
+        Outcome("k00001", 1, "done", started_at=long_start),
+        Outcome("k00002", 1, "failed", "ValueError: no", time.time() + 60, started_at=began),
+        Outcome("k00003", 1, "dead", "PermanentError: never", started_at=began),
+    ]
+    assert await ledger.commit_outcomes("j", "a", outcomes) == set()
+    ended = time.time()
+    found = {i.key: i for i in await ledger.list_items("j", ItemFilter(limit=None))}
+    done = found["k00001"]
+    # ... then its outcome brings its exact start (SQLite: to the millisecond, never later),
+    # and its duration spans the whole attempt.
+    assert done.started_at is not None
+    assert abs(done.started_at - long_start) <= close
+    assert done.duration is not None
+    assert done.duration >= 0.3
+    assert done.finished_at is not None
+    assert done.finished_at <= ended + 5
+    for item in found.values():
+        assert (item.runner, item.runner_pid, item.runner_host) == ("a", me.pid, me.host)
+        assert item.started_at is not None
+        assert item.finished_at is not None
+        assert item.started_at <= item.finished_at
+        assert item.attempts == 1
+    assert found["k00002"].last_error == "ValueError: no"
+    # Every outcome carries its attempt's start.
+    for key in ("k00002", "k00003"):
+        start, end = found[key].started_at, found[key].finished_at
+        assert start is not None
+        assert end is not None
+        assert abs(start - began) <= close
+        assert start <= end
+
+
+async def test_list_items_filters_by_state_glob_and_time(ledger: Ledger) -> None:
+    names = ["a.csv", "b.csv", "sub/c.csv", "d.txt", os.fsdecode(b"caf\xe9.csv"), "x[1].csv"]
+    rows = [(f"k{i:05d}", os.fsencode(name), 10, 1000 + i, 500 + i) for i, name in enumerate(names)]
+    await ledger.claim_scanned("j", "a", 60, rows)
+    await ledger.commit_outcomes(
+        "j", "a", [Outcome("k00000", 1, "done"), Outcome("k00001", 1, "dead", "E: x")]
+    )
+    between = time.time()
+    await anyio.sleep(0.05)
+    await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "done")])
+
+    async def keys(**kwargs: Any) -> list[str]:
+        return [i.key for i in await ledger.list_items("j", ItemFilter(**kwargs))]
+
+    assert await keys(states=("done",)) == ["k00002", "k00000"]  # the latest change first
+    assert sorted(await keys(states=("done", "dead"))) == ["k00000", "k00001", "k00002"]
+    assert sorted(await keys(states=("running",))) == ["k00003", "k00004", "k00005"]
+    assert sorted(await keys(glob="*.csv")) == ["k00000", "k00001", "k00002", "k00004", "k00005"]
+    assert await keys(glob="sub/*") == ["k00002"]
+    assert await keys(glob="?.txt") == ["k00003"]
+    assert sorted(await keys(glob="[ab].csv")) == ["k00000", "k00001"]
+    assert await keys(glob="[!ab].csv") == []
+    assert await keys(glob="x[[]1].csv") == ["k00005"]
+    assert await keys(glob=os.fsdecode(b"caf\xe9*")) == ["k00004"]  # a non-UTF-8 name
+    assert await keys(glob="*.CSV") == []
+    assert await keys(time="finished", before=between) != []
+    assert sorted(await keys(time="finished", before=between)) == ["k00000", "k00001"]
+    assert await keys(time="finished", after=between) == ["k00002"]
+    assert await keys(time="updated", after=time.time() + 60) == []
+    assert len(await keys(limit=2)) == 2
+    which = ItemFilter(glob="*.csv", states=("running",), limit=1)
+    assert await ledger.count_items("j", which) == 2
+    assert await ledger.count_items("other", ItemFilter()) == 0
+
+
+async def test_forget_deletes_chosen_items_and_refuses_live_leases(
+    ledger: Ledger, store: Store
+) -> None:
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in range(1, 6)])
+    await ledger.commit_outcomes(
+        "j",
+        "a",
+        [
+            Outcome("k00001", 1, "done"),
+            Outcome("k00002", 1, "dead", "E"),
+            Outcome("k00004", 1, "done"),
+        ],
+    )
+    result = await ledger.forget("j", keys=["k00001", "k00002", "k00003", "nope", "k00001"])
+    assert sorted(i.key for i in result.forgotten) == ["k00001", "k00002"]
+    assert [(i.key, i.owner) for i in result.refused] == [("k00003", "a")]
+    assert [r[0] for r in await items(store)] == ["k00003", "k00004", "k00005"]
+    # Forgotten items are new work again: the next claim leases them afresh.
+    claimed = await ledger.claim_scanned("j", "c", 60, [entry(1), entry(2)])
+    assert sorted((r.key, r.state, r.fence, r.attempts) for r in claimed) == [
+        ("k00001", "running", 1, 0),
+        ("k00002", "running", 1, 0),
+    ]
+    # An expired lease is not live: its item may be forgotten.
+    expire = "UPDATE items SET lease_until = 0 WHERE key = 'k00005'"
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as db:
+            db.execute(expire)
+    else:
+        await store.fetch(expire)
+    (gone,) = (await ledger.forget("j", keys=["k00005"])).forgotten
+    assert gone.state == "running"
+    with pytest.raises(ConfigurationError):
+        await ledger.forget("j")
+
+
+async def test_forget_done_before_forgets_only_items_done_before_then(ledger: Ledger) -> None:
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in range(1, 5)])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "done")])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "dead", "E")])
+    await anyio.sleep(0.05)
+    cutoff = time.time()
+    await anyio.sleep(0.05)
+    await ledger.commit_outcomes("j", "a", [Outcome("k00003", 1, "done")])
+    result = await ledger.forget("j", done_before=cutoff)
+    assert [i.key for i in result.forgotten] == ["k00001"]
+    assert result.refused == ()
+    assert sorted(i.key for i in await ledger.list_items("j", ItemFilter())) == [
+        "k00002",
+        "k00003",
+        "k00004",
+    ]
+    assert (await ledger.forget("j", done_before=cutoff)).forgotten == ()

@@ -176,3 +176,32 @@ async def test_a_tree_deeper_than_path_max_is_skipped_with_a_warning(
     found = names(records)
     assert sorted(found) == [b"d/shallow00000.txt", b"f00000.txt", b"f00001.txt"]
     assert any("longer than the system allows" in r.getMessage() for r in caplog.records)
+
+
+def test_skip_reason_names_the_rule_skips_applies() -> None:
+    rules = ScanRules(["*.bak", "archive/*"])
+    cases = [
+        (b".env", b".env", False, "hidden name '.env'"),
+        (b"a.tmp", b"a.tmp", False, "temporary name 'a.tmp'"),
+        (b"a.part", b"a.part", False, "ends with '.part'"),
+        (b"old.bak", b"old.bak", False, "ignore pattern '*.bak'"),
+        (b"x.csv", b"archive/x.csv", False, "ignore pattern 'archive/*'"),
+        (b".git", b".git", True, "hidden directory '.git'"),
+        (b"a.tmp", b"a.tmp", True, None),  # suffixes apply to files only
+        (b"x.csv", b"x.csv", False, None),
+    ]
+    for name, relpath, is_dir, why in cases:
+        reason = rules.skip_reason(name, relpath, is_dir=is_dir)
+        assert rules.skips(name, relpath, is_dir=is_dir) == (reason is not None), name
+        if why is None:
+            assert reason is None
+        else:
+            assert reason is not None
+            assert why in reason
+    assert "not recursive" in (
+        rules.hidden_because(b"d/x.csv", recursive=False, is_dir=False) or ""
+    )
+    assert rules.hidden_because(b"d/x.csv", recursive=True, is_dir=False) is None
+    assert "hidden directory" in (
+        rules.hidden_because(b".d/x.csv", recursive=True, is_dir=False) or ""
+    )

@@ -2,6 +2,7 @@
 
 main.py      parsing, the run command, exit codes
 operator.py  status, failures, retry, locks, unlock, history
+items.py     explain, items, forget: answers about single items
 progress.py  a bar on a terminal, lines otherwise
 demo.py      make an inbox, run, run again, show the status
 logging.py   text or JSON records on stderr

@@ -36,6 +36,8 @@ from .._exceptions import (
 from .._pipeline.runner import unwrap_group
 from .._pipeline.workers import error_text
 from .._report import Report
+from .items import COMMANDS as INSPECT_COMMANDS
+from .items import add_inspect_commands
 from .logging import configure_logging
 from .operator import COMMANDS as OPERATOR_COMMANDS
 from .operator import add_operator_commands
@@ -98,6 +100,13 @@ def _number(
     return parse
 
 
+def non_empty_path(text: str) -> str:
+    """An option's path; an empty one is refused (``Path("")`` would be the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("invalid value '': expected a path, not an empty string")
+    return text
+
+
 positive_int = _number(int, 1, 1_000_000, strict=False)
 concurrency = _number(int, 1, MAX_CONCURRENCY, strict=False)
 claim_batch = _number(int, 1, MAX_CLAIM_BATCH, strict=False)
@@ -107,7 +116,10 @@ non_negative_float = _number(float, 0, MAX_SECONDS, strict=False)
 
 def _add_state(p: argparse.ArgumentParser, *, job: bool = True) -> None:
     p.add_argument(
-        "--state", required=True, help="the ledger: a SQLite file path or a postgresql:// DSN"
+        "--state",
+        required=True,
+        type=non_empty_path,
+        help="the ledger: a SQLite file path or a postgresql:// DSN",
     )
     if job:
         p.add_argument("--job", default="default", help="job name (default: %(default)s)")
@@ -143,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="handle every settled file once")
     run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
-    run.add_argument("--source", required=True, help="the directory to scan")
+    run.add_argument("--source", required=True, type=non_empty_path, help="the directory to scan")
     _add_state(run)
     run.add_argument(
         "-j", "--concurrency", type=concurrency, default=8, help="items handled at once (8)"
@@ -206,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--on-done", default="keep", help="keep | delete | move:DIR")
     run.add_argument("--on-dead", default="keep", help="keep | move:DIR")
-    run.add_argument("--output-dir", default=None, help="where ctx.write_output writes")
+    run.add_argument(
+        "--output-dir", default=None, type=non_empty_path, help="where ctx.write_output writes"
+    )
     run.add_argument(
         "--watch", action="store_true", help="keep watching for new files until stopped"
     )
@@ -241,11 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(run)
 
     add_operator_commands(sub, _add_state, positive_int)
+    add_inspect_commands(sub, _add_state, positive_int, non_negative_float)
 
     p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
     p.add_argument(
         "--dir",
         default="demo",
+        type=non_empty_path,
         help="where to put the demo: a new or empty directory, or an earlier demo's, which "
         "is replaced (default: %(default)s)",
     )
@@ -359,7 +375,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         command = functools.partial(_run_command, log=log)
     else:
-        command = {"demo": _demo_command, **OPERATOR_COMMANDS}[args.command]
+        command = {"demo": _demo_command, **OPERATOR_COMMANDS, **INSPECT_COMMANDS}[args.command]
     try:
         return anyio.run(_call, command, args)
     except BaseException as e:

@@ -11,11 +11,13 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigurationError
 from .._identity import IDENTITIES, Identity, input_hash
 from .._ledger import ItemInfo, Ledger, LockInfo, PostgresDSN, is_postgres, open_ledger
+from .._ledger.sqlite_open import check_writable
 from .._procinfo import holder_is_dead, this_process
 from .._report import describe
 
@@ -61,15 +63,25 @@ def _shown(state: str) -> str:
     return PostgresDSN.parse(state).redacted if is_postgres(state) else state
 
 
-async def _open(args: argparse.Namespace, *, job: bool = True) -> Ledger:
+async def _open(args: argparse.Namespace, *, job: bool = True, writes: bool = False) -> Ledger:
+    """Open the state for a command (``writes``: one that changes it, like ``retry``).
+
+    A command that writes a SQLite state is refused, as a run is, when this user may not
+    write it: it would otherwise read it and fail at its first write.
+    """
     ledger = await open_ledger(args.state, create=False)
-    if job and not await ledger.job_exists(args.job):
-        known = await ledger.jobs()
+    try:
+        if writes and not is_postgres(args.state):
+            check_writable(Path(args.state), f"'asyncbatch {args.command}' changes it")
+        if job and not await ledger.job_exists(args.job):
+            known = await ledger.jobs()
+            raise ConfigurationError(
+                f"unknown job {args.job!r} in state {_shown(args.state)!r} "
+                f"(known: {', '.join(map(repr, known)) or 'none'})"
+            )
+    except BaseException:
         await ledger.close()
-        raise ConfigurationError(
-            f"unknown job {args.job!r} in state {_shown(args.state)!r} "
-            f"(known: {', '.join(map(repr, known)) or 'none'})"
-        )
+        raise
     return ledger
 
 
@@ -208,6 +220,12 @@ async def failures(args: argparse.Namespace) -> int:
             "error": (item.last_error or "").splitlines()[0] if item.last_error else "",
             "input_hash": _item_hash(identity, item),
             "updated_at": item.updated_at,
+            # The joblog of the latest attempt (see `asyncbatch items`).
+            "started_at": item.started_at,
+            "finished_at": item.finished_at,
+            "duration": item.duration,
+            "runner_pid": item.runner_pid,
+            "runner_host": item.runner_host,
         }
         for item in items
     ]
@@ -237,7 +255,7 @@ async def failures(args: argparse.Namespace) -> int:
 
 async def retry(args: argparse.Namespace) -> int:
     """``asyncbatch retry``: put failed (and with --dead, dead) items back to pending."""
-    ledger = await _open(args)
+    ledger = await _open(args, writes=True)
     retryable = ("failed", "dead") if args.dead else ("failed",)
     try:
         keys: list[str] | None = None
@@ -293,7 +311,7 @@ async def locks(args: argparse.Namespace) -> int:
 
 async def unlock(args: argparse.Namespace) -> int:
     """``asyncbatch unlock JOB``: remove a stale job lock (a live one only with --force)."""
-    ledger = await _open(args, job=False)
+    ledger = await _open(args, job=False, writes=True)
     try:
         held = [lock for lock in await ledger.locks() if lock.job == args.lock_job]
         if not held:

@@ -35,9 +35,11 @@ from .._procinfo import ProcessIdentity, holder_is_dead
 from .types import (
     STATES,
     ClaimedRow,
+    Forgotten,
     Heartbeat,
     IdempotencyClaim,
     IdempotencyRequest,
+    ItemFilter,
     ItemInfo,
     Leases,
     LedgerErrors,
@@ -59,6 +61,7 @@ __all__ = [
     "decide_idempotency",
     "decide_lock",
     "encode_headers",
+    "glob_regex",
     "ledger_error",
     "looks_like_key",
     "retrying",
@@ -147,6 +150,60 @@ def looks_like_key(text: str) -> bool:
     A file name that is not valid UTF-8 (surrogate-escaped) is never ASCII: only a relpath.
     """
     return text.isascii()
+
+
+def glob_regex(pattern: str) -> str:
+    """A shell pattern as a regular expression that Python's ``re`` and PostgreSQL read alike.
+
+    It is matched (whole, with ``.`` matching a newline) against a relpath's bytes decoded as
+    latin-1, so that every name matches the same way on both backends, UTF-8 or not: ``*`` is
+    any bytes (``/`` too), ``?`` one byte, ``[...]`` / ``[!...]`` one byte of (not of) a set;
+    a ``[`` without its ``]`` is itself. Other ASCII characters but letters and digits are escaped.
+    """
+    text = os.fsencode(pattern).decode("latin-1")
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and (end := _bracket_end(text, i)) > 0:
+            body = text[i:end]
+            i = end + 1
+            negate = body.startswith("!")
+            chars = [_in_bracket(ch) for ch in (body[1:] if negate else body)]
+            out.append("[" + ("^" if negate else "") + "".join(chars) + "]")
+        else:
+            out.append(_literal(c))
+    return "".join(out)
+
+
+def _bracket_end(text: str, start: int) -> int:
+    """Where the ``]`` closing a bracket opened before ``start`` is, or -1."""
+    j = start
+    if j < len(text) and text[j] == "!":
+        j += 1
+    if j < len(text) and text[j] == "]":
+        j += 1  # a ']' first in the set is a member
+    return text.find("]", j)
+
+
+def _in_bracket(c: str) -> str:
+    """One member of a bracket set: a ``-`` between members stays a range."""
+    if c == "-" or not c.isascii() or c.isalnum():
+        return c
+    return _literal(c)
+
+
+def _literal(c: str) -> str:
+    if not c.isascii() or c.isalnum():
+        return c  # never special, in either dialect
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"[\\x{ord(c):02x}]"
+    return "\\" + c
 
 
 class Busy:
@@ -358,6 +415,12 @@ class Ledger(abc.ABC):
         commits. A row whose owner or fence changed (another runner took the lease) is not
         touched, and its key is returned. A failed attempt keeps the row's post action (the
         ``moved`` record of ``ctx.move``).
+
+        The joblog, in the same statements: an outcome sets ``finished_at`` (this commit) and
+        ``runner`` (``owner``), and ``started_at`` to its ``started_at`` (SQLite: to the
+        millisecond, never later), else to the start noted when the attempt was seen running,
+        else this commit; an attempt in ``started`` seen for the first time gets ``started_at``
+        now, ``runner``, and no ``finished_at`` (that was the previous attempt's).
         """
 
     @abc.abstractmethod
@@ -399,11 +462,14 @@ class Ledger(abc.ABC):
         """Failed and dead items, the most recently changed first."""
 
     async def find_items(self, job: str, key_or_relpath: str) -> list[ItemInfo]:
-        """Items whose key is, or whose relpath is, ``key_or_relpath``."""
+        """Items whose key is, or whose relpath is, ``key_or_relpath``, with their full record
+        (lease, joblog, runner): several for one relpath when versions of a file differ
+        (identity ``"stat"``)."""
         found = (
             await self._items_by_key(job, key_or_relpath) if looks_like_key(key_or_relpath) else []
         )
-        return found + await self._items_by_relpath(job, os.fsencode(key_or_relpath))
+        by_name = await self._items_by_relpath(job, os.fsencode(key_or_relpath))
+        return found + [item for item in by_name if item.key != key_or_relpath]
 
     @abc.abstractmethod
     async def _items_by_key(self, job: str, key: str) -> list[ItemInfo]:
@@ -412,6 +478,45 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def _items_by_relpath(self, job: str, relpath: bytes) -> list[ItemInfo]:
         """The items with this relpath."""
+
+    @abc.abstractmethod
+    async def list_items(self, job: str, which: ItemFilter) -> list[ItemInfo]:
+        """The job's items that ``which`` selects, the most recently changed first (then by
+        key), with their full record.
+
+        One read; the time and glob filters scan the job's items (no index serves them: the
+        hot path would pay for one), about a microsecond an item.
+        """
+
+    @abc.abstractmethod
+    async def count_items(self, job: str, which: ItemFilter) -> int:
+        """How many of the job's items ``which`` selects (its ``limit`` aside)."""
+
+    async def forget(
+        self, job: str, *, keys: Sequence[str] | None = None, done_before: float | None = None
+    ) -> Forgotten:
+        """Delete the rows of chosen items, so that the next run handles their files again.
+
+        Either ``keys`` (any state) or ``done_before`` (done items whose outcome committed
+        before that time, caller's clock). One transaction, which reads and deletes (``BEGIN
+        IMMEDIATE`` on SQLite): an item leased under a live lease (``running``, its lease not
+        expired) is refused, not deleted. Keys the ledger does not hold are neither. No file is
+        touched. Raises :class:`ConfigurationError` unless exactly one of the two is given.
+        """
+        if (keys is None) == (done_before is None):
+            raise ConfigurationError("forget: give either keys or done_before")
+        if keys is not None:
+            return await self._forget_keys(job, list(dict.fromkeys(keys)))
+        assert done_before is not None
+        return await self._forget_done_before(job, done_before)
+
+    @abc.abstractmethod
+    async def _forget_keys(self, job: str, keys: list[str]) -> Forgotten:
+        """:meth:`forget` by key (distinct keys)."""
+
+    @abc.abstractmethod
+    async def _forget_done_before(self, job: str, before: float) -> Forgotten:
+        """:meth:`forget` of the items done before ``before`` (caller's clock)."""
 
     @abc.abstractmethod
     async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:

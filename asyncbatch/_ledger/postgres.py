@@ -47,7 +47,14 @@ from .._exceptions import JobLockedError
 from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
-from .base import Ledger, decide_idempotency, decide_lock, encode_headers, stored_response
+from .base import (
+    Ledger,
+    decide_idempotency,
+    decide_lock,
+    encode_headers,
+    glob_regex,
+    stored_response,
+)
 from .dsn import PostgresDSN
 from .postgres_session import PostgresSession
 
@@ -126,8 +133,8 @@ class PostgresLedger(Ledger):
         Raises :class:`ConfigurationError` for a DSN that does not parse or (without
         ``create``) a ledger that does not exist, :class:`LedgerError` when the server cannot
         be reached, :class:`NotALedgerError` for a schema holding another application's
-        tables and :class:`SchemaVersionError` for a newer schema; in those cases nothing is
-        written.
+        tables and :class:`SchemaVersionError` for a newer schema (without ``create``, an
+        older one too); in those cases nothing is written.
         """
         session = PostgresSession(
             PostgresDSN.parse(dsn),
@@ -160,10 +167,35 @@ class PostgresLedger(Ledger):
         return t.LockInfo(row[0], row[1], row[2], row[3], row[4], local(row[5]), local(row[6]))
 
     def _item(self, row: asyncpg.Record) -> t.ItemInfo:
-        key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
-        name = os.fsdecode(bytes(relpath))
-        local = self._session.local(updated)
-        return t.ItemInfo(key, name, size, mtime_ns, state, attempts, interrupted, error, local)
+        """An item's full record, from the columns of ``postgres_sql._ITEM_COLUMNS``."""
+        local = self._session.local
+
+        def when(value: float | None) -> float | None:
+            return None if value is None else local(float(value))
+
+        return t.ItemInfo(
+            row[0],
+            os.fsdecode(bytes(row[1])),
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            local(float(row[8])),
+            _unsigned(row[9]),
+            row[10],
+            row[11],
+            when(row[12]),
+            when(row[13]),
+            row[14],
+            when(row[15]),
+            when(row[16]),
+            when(row[17]),
+            row[18],
+            row[19],
+            row[20],
+        )
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -366,21 +398,21 @@ class PostgresLedger(Ledger):
         # A retry time (``next_attempt_at``, in the caller's clock) is stored as the same delay
         # from the server's now.
         now = self.clock()
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [], [])
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [], [], [])
         for o in outcomes:
             size, mtime_ns, inode = o.stat or (None, None, None)
             delay = None if o.next_attempt_at is None else o.next_attempt_at - now
+            began = None if o.started_at is None else min(o.started_at - now, 0.0)
             row = (o.key, o.fence, o.state, o.error, delay, o.post_action, size, mtime_ns)
-            for column, value in zip(
-                columns, (*row, None if inode is None else _signed(inode), o.attempted), strict=True
-            ):
+            inode_value = None if inode is None else _signed(inode)
+            for column, value in zip(columns, (*row, inode_value, o.attempted, began), strict=True):
                 column.append(value)
         finished = {o.key for o in outcomes}
         for key, fence in started:
             if key not in finished:  # a finished attempt is counted with its outcome
                 finished.add(key)
                 # state NULL: started, still running
-                running = (key, fence, None, None, None, None, None, None, None, True)
+                running = (key, fence, None, None, None, None, None, None, None, True, None)
                 for column, value in zip(columns, running, strict=True):
                     column.append(value)
         if not finished:
@@ -432,6 +464,52 @@ class PostgresLedger(Ledger):
     async def _items_by_relpath(self, job: str, relpath: bytes) -> list[t.ItemInfo]:
         rows = await self._session.fetch(sql.ITEMS_BY_RELPATH, job, relpath)
         return [self._item(r) for r in rows]
+
+    def _filter_args(self, which: t.ItemFilter, names: list[str]) -> list[Any]:
+        """The arguments of a :func:`postgres_sql.list_items` statement, times the server's."""
+        server = self._session.server
+        values: dict[str, Any] = {
+            "states": list(which.states),
+            "after": None if which.after is None else server(which.after),
+            "before": None if which.before is None else server(which.before),
+            "glob": None if which.glob is None else glob_regex(which.glob),
+            "limit": which.limit,
+        }
+        return [values[name] for name in names]
+
+    async def list_items(self, job: str, which: t.ItemFilter) -> list[t.ItemInfo]:
+        query, names = sql.list_items(which)
+        rows = await self._session.fetch(query, job, *self._filter_args(which, names))
+        return [self._item(r) for r in rows]
+
+    async def count_items(self, job: str, which: t.ItemFilter) -> int:
+        query, names = sql.list_items(which, count=True)
+        return int(await self._session.fetchval(query, job, *self._filter_args(which, names)))
+
+    async def _forget_keys(self, job: str, keys: list[str]) -> t.Forgotten:
+        async def forget(conn: Connection) -> t.Forgotten:
+            gone: list[t.ItemInfo] = []
+            refused: list[t.ItemInfo] = []
+            for row in await conn.fetch(sql.FORGET_READ, job, keys):
+                live = row[4] == "running" and row[12] is not None and row[12] >= row[21]
+                (refused if live else gone).append(self._item(row))
+            if gone:
+                await conn.execute(sql.FORGET_KEYS, job, [item.key for item in gone])
+            return t.Forgotten(tuple(gone), tuple(refused))
+
+        return await self._session.transact(forget)
+
+    async def _forget_done_before(self, job: str, before: float) -> t.Forgotten:
+        cutoff = self._session.server(before)
+
+        async def forget(conn: Connection) -> t.Forgotten:
+            gone = [
+                self._item(r) for r in await conn.fetch(sql.FORGET_READ_DONE_BEFORE, job, cutoff)
+            ]
+            await conn.execute(sql.FORGET_DONE_BEFORE, job, cutoff)
+            return t.Forgotten(tuple(gone))
+
+        return await self._session.transact(forget)
 
     async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         local = self._session.local

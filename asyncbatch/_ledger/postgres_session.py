@@ -208,9 +208,8 @@ class PostgresSession:
                     f"state {self.name!r} does not exist (no asyncbatch ledger in schema "
                     f"{self.target.schema!r}); run 'asyncbatch run' once to create it"
                 )
-            raise LedgerError(
-                f"state {self.name!r} has schema version {version}; run 'asyncbatch run' "
-                "once to upgrade it"
+            raise SchemaVersionError(
+                f"{self.name} (schema {self.target.schema})", version, sql.SCHEMA_VERSION
             )
         await self.transact(self._migrate, again=False)
 
@@ -421,3 +420,8 @@ class PostgresSession:
     def local(self, server_time: float) -> float:
         """A server time expressed in the caller's clock."""
         return server_time + self._shift
+
+    def server(self, local_time: float) -> float:
+        """A time of the caller's clock expressed in the server's (the inverse of :meth:`local`,
+        as of the last measured offset)."""
+        return local_time - self._shift

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from .types import RUN_COUNTS_ADDED
+from .types import RUN_COUNTS_ADDED, ItemFilter
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -141,6 +141,17 @@ CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
         f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
         for name in RUN_COUNTS_ADDED
     ),
+    # The joblog: when the latest attempt started, when its outcome committed, and which
+    # runner made it (its pid and host are in its history row: runs_owner). Rows finished
+    # before have their outcome's time and runner (their start is not known).
+    2: """
+ALTER TABLE items ADD COLUMN started_at float8;
+ALTER TABLE items ADD COLUMN finished_at float8;
+ALTER TABLE items ADD COLUMN runner text;
+UPDATE items SET finished_at = coalesce(done_at, updated_at), runner = owner
+    WHERE state IN ('done', 'failed', 'dead', 'vanished');
+CREATE INDEX runs_owner ON runs (owner);
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -354,7 +365,11 @@ WHERE job = $1 AND state = 'failed'
 #: $1 job, $2 owner; arrays (one entry per item, distinct keys) $3 keys, $4 fences, $5 states
 #: (NULL: the attempt started and still runs), $6 errors, $7 retry delays in seconds (NULL:
 #: none), $8 post actions, $9 sizes, $10 mtimes, $11 inodes (of a file handled that was not
-#: the scanned one; NULL: unchanged), $12 attempted (false: given up on without running).
+#: the scanned one; NULL: unchanged), $12 attempted (false: given up on without running),
+#: $13 when the attempt started, as seconds from now (NULL: not known; the start noted when
+#: the attempt was first seen running, else now). The joblog: an outcome sets finished_at
+#: and the runner; an attempt seen running for the first time, started_at (and clears
+#: finished_at: the previous attempt's).
 #: Only rows still leased to us under the same fence change. An attempt is counted once per
 #: lease: when it is seen started or finished, whichever first (``started_fence`` remembers
 #: the lease it was counted for), so a runner that dies during an attempt has used it up. A
@@ -374,10 +389,19 @@ SET state = coalesce(o.state, i.state),
     updated_at = CASE WHEN o.state IS NULL THEN i.updated_at ELSE {NOW} END,
     done_at = CASE WHEN o.state = 'done' THEN {NOW} ELSE i.done_at END,
     attempts = i.attempts + (o.attempted AND i.started_fence IS DISTINCT FROM i.fence)::int,
-    started_fence = CASE WHEN o.attempted THEN i.fence ELSE i.started_fence END
+    started_fence = CASE WHEN o.attempted THEN i.fence ELSE i.started_fence END,
+    started_at = CASE
+        WHEN NOT o.attempted THEN i.started_at
+        WHEN o.state IS NULL THEN {NOW}
+        ELSE coalesce({NOW} + o.started,
+                      CASE WHEN i.started_fence IS NOT DISTINCT FROM i.fence THEN i.started_at END,
+                      {NOW}) END,
+    finished_at = CASE WHEN o.state IS NULL THEN NULL ELSE {NOW} END,
+    runner = $2
 FROM unnest($3::text[], $4::int8[], $5::text[], $6::text[], $7::float8[], $8::text[],
-            $9::int8[], $10::int8[], $11::int8[], $12::bool[])
-     AS o(key, fence, state, error, delay, post_action, size, mtime_ns, inode, attempted)
+            $9::int8[], $10::int8[], $11::int8[], $12::bool[], $13::float8[])
+     AS o(key, fence, state, error, delay, post_action, size, mtime_ns, inode, attempted,
+          started)
 WHERE i.job = $1 AND i.key = o.key AND i.owner = $2
   AND i.fence = o.fence AND i.state = 'running'
   AND (o.state IS NOT NULL OR i.started_fence IS DISTINCT FROM i.fence)
@@ -414,13 +438,64 @@ ANALYZE_ITEMS = "ANALYZE items"
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = $1 GROUP BY state"
-_ITEM_COLUMNS = "key, relpath, size, mtime_ns, state, attempts, interrupted, last_error, updated_at"
+#: An item's full record (ItemInfo, in order; times the server's), with its runner's pid and
+#: host from the run history (runs_owner).
+_ITEM_COLUMNS = """key, relpath, size, mtime_ns, state, attempts, interrupted, last_error,
+    updated_at, inode, owner, fence, lease_until, next_attempt_at, post_action, created_at,
+    started_at, finished_at, runner,
+    (SELECT pid FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1),
+    (SELECT host FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1)"""
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND key = $2"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND relpath = $2"
 FAILURES = f"""
 SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND state IN ('failed', 'dead')
 ORDER BY updated_at DESC LIMIT $2
 """
+
+
+def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, list[str]]:
+    """The statement listing (or counting) the items ``which`` selects, and the names of its
+    parameters after ``$1`` job, in order: ``states`` (text[]), ``after``/``before``
+    (server times), ``glob`` (a regular expression), ``limit``."""
+    where = ["job = $1"]
+    names: list[str] = []
+
+    def param(name: str) -> str:
+        names.append(name)
+        return f"${len(names) + 1}"
+
+    if which.states:
+        where.append(f"state = ANY({param('states')}::text[])")
+    column = "updated_at" if which.time == "updated" else "finished_at"
+    if which.after is not None:
+        where.append(f"{column} >= {param('after')}::float8")
+    if which.before is not None:
+        where.append(f"{column} < {param('before')}::float8")
+    if which.glob is not None:
+        where.append(f"convert_from(relpath, 'LATIN1') ~ ('^(?:' || {param('glob')} || ')$')")
+    if count:
+        return f"SELECT count(*) FROM items WHERE {' AND '.join(where)}", names
+    query = f"SELECT {_ITEM_COLUMNS} FROM items WHERE {' AND '.join(where)}"
+    query += " ORDER BY updated_at DESC, key"
+    if which.limit is not None:
+        query += f" LIMIT {param('limit')}"
+    return query, names
+
+
+#: Forgetting items, in one transaction. $1 job, $2 keys: their rows, locked, with the
+#: server's now (to judge their leases by).
+FORGET_READ = f"""
+SELECT {_ITEM_COLUMNS}, {NOW} FROM items WHERE job = $1 AND key = ANY($2::text[])
+ORDER BY key FOR UPDATE
+"""
+#: $1 job, $2 keys.
+FORGET_KEYS = "DELETE FROM items WHERE job = $1 AND key = ANY($2::text[])"
+#: $1 job, $2 the server time before which the items were done: their rows, then the delete.
+_DONE_BEFORE = "job = $1 AND state = 'done' AND coalesce(finished_at, done_at) < $2::float8"
+FORGET_READ_DONE_BEFORE = (
+    f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE} ORDER BY key FOR UPDATE"
+)
+FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
 OLDEST_WAITING = """
 SELECT min(created_at) FROM items WHERE job = $1 AND state IN ('pending', 'failed')
 """

@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -48,6 +49,7 @@ from .base import (
     decide_idempotency,
     decide_lock,
     encode_headers,
+    glob_regex,
     retrying,
     stored_response,
 )
@@ -67,10 +69,18 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
 
 
 def _item(row: Sequence[Any]) -> t.ItemInfo:
-    key, relpath, size, mtime_ns, state, attempts, interrupted, error, updated = row
-    return t.ItemInfo(
-        key, os.fsdecode(relpath), size, mtime_ns, state, attempts, interrupted, error, updated
-    )
+    """An item's full record, from the columns of ``sqlite_sql._ITEM_COLUMNS``."""
+    return t.ItemInfo(row[0], os.fsdecode(row[1]), *row[2:])
+
+
+def _glob(regex: str, relpath: bytes) -> bool:
+    """The SQL function :data:`sqlite_sql.GLOB_FUNCTION`: ``relpath`` against a
+    :func:`~.base.glob_regex`, byte for byte (as PostgreSQL matches it)."""
+    return re.fullmatch(regex, bytes(relpath).decode("latin-1"), re.DOTALL) is not None
+
+
+def _lease_is_live(item: t.ItemInfo, now: float) -> bool:
+    return item.state == "running" and item.lease_until is not None and item.lease_until >= now
 
 
 def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
@@ -166,16 +176,16 @@ def _tx_commit(
     owner: str,
     now: float,
     started: tuple[str, str] | None,
-    done: list[tuple[str | None, str, str]],
+    done: list[tuple[str | None, float | None, str, str]],
     other: list[dict[str, Any]],
     keys: str,
     expected: int,
 ) -> list[tuple[str, str | None, int, str]] | None:
     if started is not None:
-        conn.execute(sql.MARK_STARTED, (job, owner, *started))
+        conn.execute(sql.MARK_STARTED, (job, owner, *started, now))
     changed = 0
-    for post_action, done_keys, pairs in done:
-        params = (job, owner, done_keys, pairs, post_action, now)
+    for post_action, began, done_keys, pairs in done:
+        params = (job, owner, done_keys, pairs, post_action, now, began)
         changed += conn.execute(sql.MARK_DONE, params).rowcount
     if other:
         changed += conn.executemany(sql.MARK_OUTCOME, other).rowcount
@@ -241,8 +251,9 @@ class SQLiteLedger(Ledger):
         ``create`` (the operator's reads) nothing is created, migrated or left behind.
 
         Raises :class:`ConfigurationError` for an unusable path, :class:`NotALedgerError` for a
-        file that is not ours, :class:`SchemaVersionError` for a newer schema and
-        :class:`LedgerError` for a damaged or unreadable one; in every such case the file is
+        file that is not ours, :class:`SchemaVersionError` for a newer schema (without
+        ``create``, an older one too) and :class:`LedgerError` for a damaged or unreadable
+        one; in every such case the file is
         left byte-for-byte as it was.
         """
         path = Path(path)
@@ -276,6 +287,7 @@ class SQLiteLedger(Ledger):
             # While opening, wait as long as it takes (another runner may be switching a new
             # file to WAL or migrating it, which locks it exclusively); short waits afterwards.
             await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            await db.create_function(sql.GLOB_FUNCTION, 2, _glob, deterministic=True)
             objects = await self._scalar(sql.SCHEMA_OBJECTS)
             app_id = await self._scalar("PRAGMA application_id")
             version = await self._scalar("PRAGMA user_version")
@@ -299,10 +311,7 @@ class SQLiteLedger(Ledger):
                 )
             raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
         if version < sql.SCHEMA_VERSION and not migrate:
-            raise LedgerError(
-                f"state {name!r} has schema version {version}; run 'asyncbatch run' once to "
-                "upgrade it"
-            )
+            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
         if read_only:
             return
         with self._errors():
@@ -432,7 +441,9 @@ class SQLiteLedger(Ledger):
 
         return await self._until_not_busy(attempt)
 
-    async def _fetchall(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _fetchall(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[Any]:
         async with self._lock:
             with self._errors():
                 return list(await self._db.execute_fetchall(query, params))
@@ -442,7 +453,7 @@ class SQLiteLedger(Ledger):
             row = await cur.fetchone()
         return None if row is None else row[0]
 
-    async def _value(self, query: str, params: Sequence[Any] = ()) -> Any:
+    async def _value(self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         rows = await self._fetchall(query, params)
         return rows[0][0] if rows else None
 
@@ -572,11 +583,20 @@ class SQLiteLedger(Ledger):
         self, job: str, owner: str, outcomes: Sequence[t.Outcome], started: t.Leases = ()
     ) -> set[str]:
         now = self.clock()
-        groups: dict[str | None, list[tuple[str, int]]] = {}
+        # Done outcomes in groups of one statement each: by post action, and by the millisecond
+        # their attempts started (the group's earliest start is its rows' joblog start).
+        groups: dict[tuple[str | None, int], list[tuple[str, int]]] = {}
+        starts: dict[tuple[str | None, int], float | None] = {}
         other: list[dict[str, Any]] = []
         for o in outcomes:
             if o.state == "done" and o.stat is None:
-                groups.setdefault(o.post_action, []).append((o.key, o.fence))
+                began = o.started_at
+                at = (o.post_action, -1 if began is None else int(began * 1000))
+                group = groups.get(at)
+                if group is None:
+                    group = groups[at] = []
+                    starts[at] = began
+                group.append((o.key, o.fence))
             else:
                 size, mtime_ns, inode = o.stat or (None, None, None)
                 other.append(
@@ -590,13 +610,14 @@ class SQLiteLedger(Ledger):
                         "inode": inode,
                         "now": now,
                         "attempted": o.attempted,
+                        "started_at": o.started_at,
                         "job": job,
                         "key": o.key,
                         "owner": owner,
                         "fence": o.fence,
                     }
                 )
-        done = [(post, *_fenced_group(group)) for post, group in groups.items()]
+        done = [(at[0], starts[at], *_fenced_group(group)) for at, group in groups.items()]
         keys = json.dumps([o.key for o in outcomes])
         rows = await self._transact(
             _tx_commit,
@@ -658,6 +679,48 @@ class SQLiteLedger(Ledger):
 
     async def _items_by_relpath(self, job: str, relpath: bytes) -> list[t.ItemInfo]:
         return [_item(r) for r in await self._fetchall(sql.ITEMS_BY_RELPATH, (job, relpath))]
+
+    async def list_items(self, job: str, which: t.ItemFilter) -> list[t.ItemInfo]:
+        query, params = sql.list_items(which)
+        return [
+            _item(r) for r in await self._fetchall(query, self._filter_params(job, which, params))
+        ]
+
+    async def count_items(self, job: str, which: t.ItemFilter) -> int:
+        query, params = sql.list_items(which, count=True)
+        return int(await self._value(query, self._filter_params(job, which, params)))
+
+    @staticmethod
+    def _filter_params(job: str, which: t.ItemFilter, params: dict[str, Any]) -> dict[str, Any]:
+        if which.glob is not None:
+            params["glob"] = glob_regex(which.glob)
+        return {**params, "job": job}
+
+    async def _forget_keys(self, job: str, keys: list[str]) -> t.Forgotten:
+        def forget(conn: sqlite3.Connection, now: float) -> t.Forgotten:
+            gone: list[t.ItemInfo] = []
+            refused: list[t.ItemInfo] = []
+            for key in keys:
+                row = conn.execute(sql.FORGET_READ, (job, key)).fetchone()
+                if row is None:
+                    continue
+                item = _item(row)
+                if _lease_is_live(item, now):
+                    refused.append(item)
+                    continue
+                conn.execute(sql.FORGET_ITEM, (job, key))
+                gone.append(item)
+            return t.Forgotten(tuple(gone), tuple(refused))
+
+        return await self._transact(forget, self.clock())
+
+    async def _forget_done_before(self, job: str, before: float) -> t.Forgotten:
+        def forget(conn: sqlite3.Connection) -> t.Forgotten:
+            gone = [_item(r) for r in conn.execute(sql.FORGET_READ_DONE_BEFORE, (job, before))]
+            conn.execute(sql.FORGET_DONE_BEFORE, (job, before))
+            return t.Forgotten(tuple(gone))
+
+        return await self._transact(forget)
 
     async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         return [

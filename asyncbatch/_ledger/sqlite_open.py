@@ -1,14 +1,17 @@
 """Before a SQLite ledger is opened: whether its path may be used, and what errors mean.
 
-Nothing here writes. A path that must not be opened (a directory, on a network filesystem,
-not a SQLite file, not writable for a run) is refused with one line that says why; a reader
-that cannot write beside the state gets an ``immutable`` view that creates no ``-wal`` or
-``-shm`` file (one made with the reader's permissions would break later runs).
+Nothing here writes or blocks. A path that must not be opened (a directory, FIFO, socket or
+device, one this user may not read, on a network filesystem, not a SQLite file, not writable
+for a run) is refused with one line that says why; a reader that cannot write beside the
+state gets an ``immutable`` view that creates no ``-wal`` or ``-shm`` file (one made with the
+reader's permissions would break later runs).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import sqlite3
 import stat
 from pathlib import Path
@@ -16,26 +19,42 @@ from pathlib import Path
 from .._exceptions import ConfigurationError, LedgerError, NotALedgerError
 from .._fsinfo import network_filesystem
 
-__all__ = ["check_state_path", "companions", "open_error", "read_only_view"]
+__all__ = ["check_state_path", "check_writable", "companions", "open_error", "read_only_view"]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_state_path(path: Path, *, create: bool) -> bool:
-    """Refuse a state path we must not open; return whether the file exists."""
-    if path.is_dir():
+    """Refuse a state path we must not open; return whether the file exists with content.
+
+    Never blocks and never writes: a FIFO, socket, device or directory is refused from its
+    ``stat`` (and the header is read through ``O_NONBLOCK``, checked again with ``fstat``); a
+    file or directory this user may not read is named with the reason. The network
+    filesystem check follows symlinks: it is the real file that SQLite opens.
+    """
+    try:
+        st: os.stat_result | None = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        raise ConfigurationError(
+            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
+        ) from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise ConfigurationError.bad_value("state", str(path), "a file path, not a directory")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st)
     parent = path.parent
     if not parent.is_dir():
         raise ConfigurationError(
             f"state {str(path)!r}: directory {str(parent)!r} does not exist; create it first"
         )
-    if fs := network_filesystem(parent):
+    if fs := network_filesystem(_real(path)):
         raise ConfigurationError(
             f"state {str(path)!r} is on a {fs} network filesystem: SQLite's WAL needs shared "
             "memory on one host; put the state on a local disk"
         )
-    if not path.exists():
+    if st is None:
         if not create:
             raise ConfigurationError(f"state {str(path)!r} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -43,18 +62,100 @@ def check_state_path(path: Path, *, create: bool) -> bool:
                 f"state {str(path)!r} cannot be created: {_unwritable(parent)}"
             )
         return False
-    with path.open("rb") as f:
-        head = f.read(len(_SQLITE_HEADER))
+    head = _read_header(path)
     if head and head != _SQLITE_HEADER:
         raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
+    if not head and not create and not _has_content(companions(_real(path))[0]):
+        raise ConfigurationError(
+            f"state {str(path)!r} is an empty file: it holds no ledger yet (no run has used it)"
+        )
     if create:
-        for name in (path, parent, *companions(path)):
-            if name.exists() and not os.access(name, os.W_OK):
-                raise ConfigurationError(
-                    f"state {str(path)!r} cannot be written ({str(name)!r}: "
-                    f"{_unwritable(name)}); a run records its work in it"
-                )
+        check_writable(path, "a run records its work in it")
     return bool(head)
+
+
+def check_writable(path: Path, why: str) -> None:
+    """Refuse, in the words a run uses, a state that this user may not write.
+
+    SQLite writes the file, its directory (it creates ``-wal`` and ``-shm`` beside it, beside
+    the file a symlink points to) and those two files if they exist; ``why`` says who needs to
+    write it (``"a run records its work in it"``).
+    """
+    real = _real(path)
+    for name in (path, real.parent, *companions(real)):
+        if name.exists() and not os.access(name, os.W_OK):
+            raise ConfigurationError(
+                f"state {str(path)!r} cannot be written ({str(name)!r}: {_unwritable(name)}); {why}"
+            )
+
+
+def _read_header(path: Path) -> bytes:
+    """The first bytes of the regular file ``path`` (opened without blocking, then checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigurationError(
+            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced since it was looked at
+            raise _not_regular(path, st)
+        try:
+            return f.read(len(_SQLITE_HEADER))
+        except OSError as e:
+            raise ConfigurationError(
+                f"state {str(path)!r} cannot be read: {e.strerror or e}"
+            ) from None
+
+
+def _real(path: Path) -> Path:
+    """The file SQLite opens for ``path``: symlinks resolved (its ``-wal`` goes beside it)."""
+    return Path(os.path.realpath(path))
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _not_regular(path: Path, st: os.stat_result) -> ConfigurationError:
+    kinds = {
+        stat.S_IFIFO: "a FIFO",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+    }
+    kind = kinds.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    return ConfigurationError(
+        f"state {str(path)!r} is {kind}, not a regular file: give the path of a SQLite file"
+    )
+
+
+def _unreadable(path: Path, error: OSError) -> str:
+    """Why ``path`` cannot be read: a directory on the way this user may not enter, or its
+    own permissions, else what the system said."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        for directory in reversed(path.absolute().parents):
+            if not os.access(directory, os.X_OK):
+                return f"this user may not enter directory {str(directory)!r}{_mode(directory)}"
+        if not os.access(path, os.R_OK):
+            return f"this user may not read it{_mode(path)}"
+    return error.strerror or str(error)
+
+
+def _mode(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f" (mode {stat.filemode(st.st_mode)}, owner {owner})"
 
 
 def companions(path: Path) -> tuple[Path, Path]:
@@ -81,8 +182,9 @@ def read_only_view(path: Path) -> str | None:
     outside the main file, so it is read as ``immutable``; otherwise the reader is refused.
     Returns ``None`` when the reader may open the state normally.
     """
-    wal, shm = companions(path)
-    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+    real = _real(path)
+    wal, shm = companions(real)
+    writable = os.access(path, os.W_OK) and os.access(real.parent, os.W_OK | os.X_OK)
     if writable and all(not p.exists() or os.access(p, os.W_OK) for p in (wal, shm)):
         return None
     if wal.exists() and wal.stat().st_size > 0:

@@ -8,14 +8,14 @@ with more than a few parameters name them (``:name``).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-from .types import RUN_COUNTS_ADDED
+from .types import RUN_COUNTS_ADDED, ItemFilter
 
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -125,6 +125,17 @@ CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'move
         f"ALTER TABLE runs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;\n"
         for name in RUN_COUNTS_ADDED
     ),
+    # The joblog: when the latest attempt started, when its outcome committed, and which
+    # runner made it (its pid and host are in its history row: runs_owner). Rows finished
+    # before have their outcome's time and runner (their start is not known).
+    2: """
+ALTER TABLE items ADD COLUMN started_at REAL;
+ALTER TABLE items ADD COLUMN finished_at REAL;
+ALTER TABLE items ADD COLUMN runner TEXT;
+UPDATE items SET finished_at = coalesce(done_at, updated_at), runner = owner
+    WHERE state IN ('done', 'failed', 'dead', 'vanished');
+CREATE INDEX runs_owner ON runs (owner);
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -273,22 +284,35 @@ WHERE job = ?1 AND owner = ?2 AND state = 'running'
 _COUNT_ATTEMPT = "attempts = attempts + (started_fence IS NOT fence), started_fence = fence"
 # Attempts that started and are still running at a group commit: counted now, so a crash
 # during them counts (a file that kills its runner every time ends dead, not in a loop).
+# The joblog notes such an attempt's start at this commit (within one group commit of it).
 MARK_STARTED = f"""
-UPDATE items SET {_COUNT_ATTEMPT}
+UPDATE items SET {_COUNT_ATTEMPT}, started_at = ?5, finished_at = NULL, runner = ?2
 {_FENCED_GROUP}
   AND started_fence IS NOT fence
 """
+# The joblog: finished now; started at ?7, the start of the group's attempts (the caller groups
+# them by the millisecond they started in: one value per statement), else when MARK_STARTED
+# noted it, else now.
 MARK_DONE = f"""
 UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, last_error = NULL,
-                 post_action = ?5, updated_at = ?6, done_at = ?6, {_COUNT_ATTEMPT}
+                 post_action = ?5, updated_at = ?6, done_at = ?6, finished_at = ?6, runner = ?2,
+                 started_at = coalesce(?7, CASE WHEN started_fence IS fence THEN started_at END,
+                                       ?6),
+                 {_COUNT_ATTEMPT}
 {_FENCED_GROUP}
 """
 # One outcome on its own: failed, dead, vanished, or done with the stat of a file that changed
 # between the scan and the open (identity "path"). A failed attempt keeps the row's
 # post_action: a 'moved...' record of ctx.move() must outlive the failure so the retry finds
-# the input. ``:attempted`` is 0 for an item given up on without running (nothing counted).
+# the input. ``:attempted`` is 0 for an item given up on without running (nothing counted, no
+# start in the joblog). ``:started_at``: when the attempt began (NULL: as noted, or now).
 MARK_OUTCOME = """
 UPDATE items SET
+    started_at = CASE WHEN NOT :attempted THEN started_at
+                      ELSE coalesce(:started_at,
+                                    CASE WHEN started_fence IS fence THEN started_at END, :now)
+                 END,
+    finished_at = :now, runner = :owner,
     state = :state, lease_until = NULL, next_attempt_at = :next_attempt_at, last_error = :error,
     post_action = CASE WHEN :state = 'failed' THEN post_action ELSE :post_action END,
     size = coalesce(:size, size), mtime_ns = coalesce(:mtime_ns, mtime_ns),
@@ -320,13 +344,58 @@ WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = ? GROUP BY state"
-_ITEM_COLUMNS = "key, relpath, size, mtime_ns, state, attempts, interrupted, last_error, updated_at"
+#: An item's full record (ItemInfo, in order), with its runner's pid and host from the run
+#: history (runs_owner).
+_ITEM_COLUMNS = """key, relpath, size, mtime_ns, state, attempts, interrupted, last_error,
+    updated_at, inode, owner, fence, lease_until, next_attempt_at, post_action, created_at,
+    started_at, finished_at, runner,
+    (SELECT pid FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1),
+    (SELECT host FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1)"""
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND key = ?"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND relpath = ?"
 FAILURES = f"""
 SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND state IN ('failed', 'dead')
 ORDER BY updated_at DESC LIMIT ?
 """
+#: The name of the function that matches a relpath against glob_regex(pattern) (registered on
+#: the connection: SQLite has no regular expressions of its own).
+GLOB_FUNCTION = "asyncbatch_glob"
+
+
+def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, dict[str, Any]]:
+    """The statement listing (or counting) the items ``which`` selects, and its parameters
+    besides ``:job`` (and ``:glob``, a regular expression, when it filters by glob)."""
+    where = ["job = :job"]
+    params: dict[str, Any] = {}
+    if which.states:
+        where.append(f"state IN ({', '.join(f':s{i}' for i in range(len(which.states)))})")
+        params.update({f"s{i}": state for i, state in enumerate(which.states)})
+    column = "updated_at" if which.time == "updated" else "finished_at"
+    if which.after is not None:
+        where.append(f"{column} >= :after")
+        params["after"] = which.after
+    if which.before is not None:
+        where.append(f"{column} < :before")
+        params["before"] = which.before
+    if which.glob is not None:
+        where.append(f"{GLOB_FUNCTION}(:glob, relpath)")
+    if count:
+        return f"SELECT count(*) FROM items WHERE {' AND '.join(where)}", params
+    query = f"SELECT {_ITEM_COLUMNS} FROM items WHERE {' AND '.join(where)}"
+    query += " ORDER BY updated_at DESC, key"
+    if which.limit is not None:
+        query += " LIMIT :limit"
+        params["limit"] = which.limit
+    return query, params
+
+
+#: Forgetting items (inside BEGIN IMMEDIATE): read, then delete those no live lease holds.
+#: ?1 job, ?2 key; or ?1 job, ?2 the time before which the items were done.
+FORGET_READ = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND key = ?"
+FORGET_ITEM = "DELETE FROM items WHERE job = ? AND key = ?"
+_DONE_BEFORE = "job = ? AND state = 'done' AND coalesce(finished_at, done_at) < ?"
+FORGET_READ_DONE_BEFORE = f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE}"
+FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
 #: Where ctx.move() took (or was taking) inputs of unfinished items: ``moved...`` actions.
 MOVE_DESTINATIONS = """
 SELECT DISTINCT post_action FROM items INDEXED BY items_moving

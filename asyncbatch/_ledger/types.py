@@ -14,10 +14,12 @@ __all__ = [
     "STATES",
     "ClaimedRow",
     "Durability",
+    "Forgotten",
     "Heartbeat",
     "IdempotencyClaim",
     "IdempotencyDecision",
     "IdempotencyRequest",
+    "ItemFilter",
     "ItemInfo",
     "Leases",
     "LedgerErrors",
@@ -30,6 +32,7 @@ __all__ = [
     "RunnerInfo",
     "ScannedRow",
     "StoredResponse",
+    "TimeField",
     "iso_time",
 ]
 
@@ -88,7 +91,9 @@ class Outcome(NamedTuple):
     (identity ``"path"``: the name was rewritten between the scan and the open), so that a
     post-commit action later recognises the file that was handled. ``attempted`` is ``False``
     for an item given up on without running: no attempt is counted for it.
-    ``next_attempt_at`` is in the caller's clock.
+    ``next_attempt_at`` is in the caller's clock, as is ``started_at``: when the attempt
+    began (the joblog's start; ``None``: the ledger keeps the time it noted the start, at the
+    latest when this outcome commits).
     """
 
     key: str
@@ -99,6 +104,7 @@ class Outcome(NamedTuple):
     post_action: str | None = None
     stat: tuple[int, int, int] | None = None
     attempted: bool = True
+    started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +150,15 @@ class RunnerInfo:
 
 @dataclass(frozen=True, slots=True)
 class ItemInfo:
-    """One item as the operator commands show it."""
+    """One item as the operator commands show it: its file, its state, and its joblog.
+
+    The joblog is the latest attempt's: ``started_at`` (when it began; ``None`` before the
+    first), ``finished_at`` (when its outcome committed; ``None`` while it runs, or when its
+    runner died or stopped during it) and ``runner`` (the owner id of the runner that made
+    it, with that runner's ``runner_pid`` and ``runner_host`` when the run history has them).
+    ``owner`` and ``lease_until`` are the lease (a ``running`` item's holder). Times are in
+    the caller's clock.
+    """
 
     key: str
     relpath: str
@@ -156,6 +170,57 @@ class ItemInfo:
     interrupted: int
     last_error: str | None
     updated_at: float
+    inode: int = 0
+    owner: str | None = None
+    fence: int = 0
+    lease_until: float | None = None
+    next_attempt_at: float | None = None
+    post_action: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    runner: str | None = None
+    runner_pid: int | None = None
+    runner_host: str | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the latest attempt's start to its committed outcome, if it has both."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max(self.finished_at - self.started_at, 0.0)
+
+
+#: The times :class:`ItemFilter` can bound: the last change of an item, or its last outcome.
+TimeField = Literal["updated", "finished"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemFilter:
+    """Which items :meth:`~asyncbatch._ledger.base.Ledger.list_items` returns.
+
+    ``states``: any of these (empty: every state). ``glob``: a shell pattern matched against
+    the whole relpath (``*`` crosses ``/``; ``?`` and ``[...]`` match one byte of the name).
+    ``after``/``before``: bounds (caller's clock; ``after`` inclusive, ``before`` exclusive)
+    on the item's ``time``: ``"updated"`` (its last change) or ``"finished"`` (its latest
+    outcome; items without one are left out). ``limit``: at most this many (``None``: all).
+    """
+
+    states: tuple[str, ...] = ()
+    glob: str | None = None
+    time: TimeField = "updated"
+    after: float | None = None
+    before: float | None = None
+    limit: int | None = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What :meth:`~asyncbatch._ledger.base.Ledger.forget` did: the items whose rows it
+    deleted, and those it refused because a live lease holds them (left as they were)."""
+
+    forgotten: tuple[ItemInfo, ...] = ()
+    refused: tuple[ItemInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

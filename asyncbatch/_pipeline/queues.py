@@ -44,6 +44,7 @@ class LeasedItem:
         "relpath",
         "size",
         "started",
+        "started_at",
     )
 
     def __init__(
@@ -63,6 +64,8 @@ class LeasedItem:
         #: This attempt's number once it started (``prior_attempts + 1``), 0 if it never ran.
         self.attempt = 0
         self.started = False
+        #: When this attempt began (the run's wall clock): the joblog's start.
+        self.started_at: float | None = None
         self.finished = False
         self.lease_deadline = math.inf
         self.moved_to: str | None = None

@@ -176,6 +176,7 @@ class WorkerPool:
     async def _work(self, slot: _Slot) -> bool:
         queue, outbox, run = self.queue, self.outbox, self.run
         timeout, metrics = self.config.timeout, run.metrics
+        clock = run.clock
         yield_at = time.monotonic() + YIELD_EVERY
         while not run.stopping:  # on stop, items not started stay leased and are released
             item = queue.get_nowait()
@@ -193,6 +194,7 @@ class WorkerPool:
                 continue
             slot.item = item
             slot.started = started = time.monotonic()
+            item.started_at = clock()
             if timeout is not None and started + timeout < self._watch_at:
                 self._watch_wake.set()
             outbox.started(item)
@@ -340,7 +342,17 @@ class WorkerPool:
                 why = "CancelledError: the handler raised it, but nothing in the run cancelled it"
                 return self.failure(item, why, exc=exc)
             return _make_outcome(
-                (item.key, item.fence, "done", None, None, self._on_done, stat, True)
+                (
+                    item.key,
+                    item.fence,
+                    "done",
+                    None,
+                    None,
+                    self._on_done,
+                    stat,
+                    True,
+                    item.started_at,
+                )
             )
         finally:
             os.close(fd)
@@ -378,11 +390,15 @@ class WorkerPool:
             error,
             trace,
         )
+        began = item.started_at
         if dead:
-            return Outcome(item.key, item.fence, "dead", error, None, cfg.on_dead.encode())
+            return Outcome(
+                item.key, item.fence, "dead", error, None, cfg.on_dead.encode(), started_at=began
+            )
         delay = min(cfg.backoff_max, cfg.backoff * 2 ** max(item.attempt - 1, 0))
         delay *= 0.5 + self._random.random() / 2
-        return Outcome(item.key, item.fence, "failed", error, self.run.clock() + delay)
+        retry_at = self.run.clock() + delay
+        return Outcome(item.key, item.fence, "failed", error, retry_at, started_at=began)
 
     def give_up(self, item: LeasedItem) -> Outcome:
         """Dead without running: its runner died or was stopped during too many attempts."""
@@ -398,7 +414,7 @@ class WorkerPool:
     def vanished(self, item: LeasedItem, why: str) -> Outcome:
         """The outcome of an item whose file is gone (or changed) before it was handled."""
         self.item_logger(item).info("%r vanished: %s", os.fsdecode(item.relpath), why)
-        return Outcome(item.key, item.fence, "vanished", why)
+        return Outcome(item.key, item.fence, "vanished", why, started_at=item.started_at)
 
     # -- what a TaskContext asks of its run (ContextHooks) -----------------------------------------
 

@@ -1,0 +1,523 @@
+"""The operator's answers about single items: explain, items, forget.
+
+``explain`` says why a file was or was not handled, with the scanner's own rules and the
+ledger's record; ``items`` lists items with their joblog; ``forget`` deletes chosen items from
+the ledger (never a file) so that the next run handles their files again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import stat
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .._exceptions import ConfigurationError
+from .._identity import Identity, input_hash, item_key
+from .._ledger import STATES, ItemFilter, ItemInfo, Ledger, RunnerInfo
+from .._scanner import PATH_MAX, ScanRules, content_digest
+from .operator import EXIT_OK, _identity, _open, _when
+
+__all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
+
+#: Some items were refused because live runners hold them (``main.EXIT_UNFINISHED``).
+EXIT_HELD = 3
+#: How many items a confirmation or a report names one by one.
+SHOWN = 20
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)")
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str) -> float:
+    """A time on the command line: ISO 8601 (a time without a zone is local) or an age
+    before now (``90s``, ``30m``, ``2h``, ``7d``, ``1w``). Raises ``ArgumentTypeError``."""
+    age = _AGE.fullmatch(text.strip())
+    if age is not None:
+        return time.time() - float(age[1]) * _UNITS[age[2]]
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: expected ISO 8601 (2026-12-01T10:00, "
+            "2026-12-01T10:00:00+00:00) or an age (30m, 2h, 7d)"
+        ) from None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.3f}s"
+    if seconds < 3600:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 3600:.2f}h"
+
+
+def _runner(item: ItemInfo) -> str:
+    """Who made the item's latest attempt, as far as the ledger knows."""
+    if item.runner is None:
+        return "-"
+    if item.runner_pid is not None:
+        return f"pid {item.runner_pid} on {item.runner_host}"
+    return f"runner {item.runner[:12]}"
+
+
+def item_json(item: ItemInfo) -> dict[str, Any]:
+    """An item's record, with its joblog, as ``--json`` prints it."""
+    return {
+        "key": item.key,
+        "relpath": item.relpath,
+        "state": item.state,
+        "size": item.size,
+        "mtime_ns": item.mtime_ns,
+        "inode": item.inode,
+        "attempts": item.attempts,
+        "interrupted": item.interrupted,
+        "last_error": item.last_error,
+        "created_at": item.created_at,
+        "updated_at": item.updated_at,
+        "started_at": item.started_at,
+        "finished_at": item.finished_at,
+        "duration": item.duration,
+        "runner": item.runner,
+        "runner_pid": item.runner_pid,
+        "runner_host": item.runner_host,
+        "owner": item.owner,
+        "lease_until": item.lease_until,
+        "next_attempt_at": item.next_attempt_at,
+    }
+
+
+def source_relpath(source: Path, path: str) -> tuple[str, Path]:
+    """The relpath of ``path`` under ``source``, and the file's full path (its directory's
+    symlinks resolved, not the file's own). A relative ``path`` is taken from the current
+    directory when that lands under the source, else from the source. Raises
+    :class:`ConfigurationError` for a path outside it."""
+    root = os.path.realpath(source)
+    given = Path(path)
+    tries = [given] if given.is_absolute() else [Path.cwd() / given, Path(root) / given]
+    for candidate in tries:
+        absolute = os.path.abspath(candidate)
+        full = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+        if full != root and os.path.commonpath([root, full]) == root:
+            return os.path.relpath(full, root).replace(os.sep, "/"), Path(full)
+    raise ConfigurationError(
+        f"PATH {path!r} is not a file under the source {str(source)!r}: nothing to explain"
+    )
+
+
+# -- explain -------------------------------------------------------------------------------------
+
+
+def _scan_verdict(args: argparse.Namespace, rel: bytes, full: Path) -> tuple[str | None, Any]:
+    """Whether the scan with these options lists the file: ``(why not, lstat or None)``."""
+    source = Path(args.source)
+    why = ScanRules(args.ignore).hidden_because(rel, recursive=args.recursive, is_dir=False)
+    if why is not None:
+        return f"skipped by a rule: {why}", None
+    if len(os.fsencode(source)) + len(rel) >= PATH_MAX - 1:
+        return f"skipped: its path is longer than the system allows ({PATH_MAX} bytes)", None
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return f"cannot be examined: {e.strerror}", None
+    if stat.S_ISLNK(st.st_mode):
+        if not args.follow_symlinks:
+            return "skipped: a symlink (followed only with --follow-symlinks)", None
+        root = os.path.realpath(source)
+        target = os.path.realpath(full)
+        if os.path.commonpath([root, target]) != root:
+            return "skipped: a symlink to a file outside the source", None
+        try:
+            st = os.stat(full)
+        except OSError:
+            return "skipped: a symlink whose target does not exist", None
+    if stat.S_ISDIR(st.st_mode):
+        return "skipped: a directory, not a file", None
+    if not stat.S_ISREG(st.st_mode):
+        return "skipped: not a regular file (a FIFO, socket or device is never opened)", None
+    return None, st
+
+
+def _file_key(
+    args: argparse.Namespace, identity: Identity, rel: bytes, st: Any
+) -> tuple[str | None, str | None]:
+    """The item key and input hash the scan would give this file (``None`` when the content
+    cannot be read for identity ``"content"``)."""
+    digest = b""
+    if identity == "content":
+        fd = os.open(args.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            found = content_digest(
+                fd, rel, st.st_size, st.st_mtime_ns, follow_symlinks=args.follow_symlinks
+            )
+        finally:
+            os.close(fd)
+        if found is None:
+            return None, None
+        digest = found
+    ihash = input_hash(identity, rel, st.st_size, st.st_mtime_ns, digest)
+    return item_key(identity, ihash, st.st_mtime_ns), ihash
+
+
+def _lease_holder(item: ItemInfo, runners: dict[str, RunnerInfo]) -> str:
+    runner = runners.get(item.owner or "")
+    if runner is not None:
+        return f"pid {runner.pid} on {runner.host}"
+    if item.owner is not None and item.owner == item.runner:
+        return _runner(item)
+    return f"runner {(item.owner or '?')[:12]}"
+
+
+def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -> tuple[str, str]:
+    """``(verdict, sentence)`` for an item's record."""
+    error = (item.last_error or "").splitlines()[0] if item.last_error else "no error recorded"
+    took = f", took {_duration(item.duration)}" if item.duration is not None else ""
+    if item.state == "done":
+        when = item.finished_at if item.finished_at is not None else item.updated_at
+        text = f"done at {_when(when)} by {_runner(item)} in attempt {item.attempts}{took}"
+        if item.post_action is not None:
+            text += "; its post-commit action (move or delete) is still to be finished"
+        return "done", text
+    if item.state == "failed":
+        return "failed", (
+            f"failed in attempt {item.attempts} at {_when(item.finished_at)} by "
+            f"{_runner(item)}: {error}; the next attempt is due at "
+            f"{_when(item.next_attempt_at)}"
+        )
+    if item.state == "dead":
+        cut = f" ({item.interrupted} cut short by its runner's death or stop)"
+        attempts = f"{item.attempts} attempt{'s' if item.attempts != 1 else ''}"
+        return "dead", (
+            f"dead after {attempts}{cut if item.interrupted else ''}, at "
+            f"{_when(item.finished_at)} by {_runner(item)}: {error}; 'asyncbatch retry "
+            "--dead' puts it back"
+        )
+    if item.state == "running":
+        holder = _lease_holder(item, runners)
+        if item.lease_until is not None and item.lease_until >= now:
+            return "leased", f"leased by {holder} until {_when(item.lease_until)}"
+        return "lease-expired", (
+            f"was leased by {holder} until {_when(item.lease_until)}; that lease expired, so "
+            "the next run takes the item over"
+        )
+    if item.state == "pending":
+        return "waiting", (
+            "waiting in the ledger (pending: its runner stopped or died during it, or it was "
+            "retried): the next run handles it"
+        )
+    return "vanished", f"vanished at {_when(item.updated_at)}: {error}"
+
+
+async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
+    """Everything ``explain`` says about the file, as a dictionary (``--json``)."""
+    rel_text, full = source_relpath(Path(args.source), args.path)
+    rel = os.fsencode(rel_text)
+    identity = await _identity(ledger, args.job)
+    if args.identity is not None and args.identity != identity:
+        raise ConfigurationError(
+            f"job {args.job!r} uses identity={identity!r}, not {args.identity!r}: its runs "
+            "key the file by that"
+        )
+    now = time.time()
+    skipped, st = _scan_verdict(args, rel, full)
+    key = ihash = None
+    unsettled = None
+    if st is not None:
+        key, ihash = _file_key(args, identity, rel, st)
+        settles_at = st.st_mtime_ns / 1e9 + args.settle
+        if settles_at > now:
+            unsettled = (
+                f"not settled: modified at {_when(st.st_mtime_ns / 1e9)}, settled from "
+                f"{_when(settles_at)} (--settle {args.settle:g})"
+            )
+    found = {item.key: item for item in await ledger.find_items(args.job, rel_text)}
+    if key is not None and key not in found:
+        found.update((item.key, item) for item in await ledger.find_items(args.job, key))
+    current = found.pop(key, None) if key is not None else None
+    others = sorted(found.values(), key=lambda item: item.updated_at, reverse=True)
+    runners = {r.owner: r for r in await ledger.runners(args.job)}
+    exists = os.path.lexists(full)
+    if skipped is not None:
+        verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
+        message = skipped
+    elif not exists:
+        if others:
+            verdict, said = describe_item(others[0], runners, now)
+            message = f"no such file now; the ledger's latest record of the name: {said}"
+        else:
+            verdict, message = "never-seen", "no such file, and the ledger never saw it"
+    elif unsettled is not None:
+        verdict, message = "not-settled", unsettled
+    elif key is None:
+        verdict = "unreadable"
+        message = "its content cannot be read (identity 'content' keys a file by its bytes)"
+    elif current is not None:
+        verdict, message = describe_item(current, runners, now)
+    else:
+        verdict = "never-seen"
+        message = "not yet seen by any run: the next run handles it"
+        if others:
+            message = (
+                "this version of the file is not yet seen by any run (the next run handles "
+                f"it); the ledger has {len(others)} other item(s) under the name"
+            )
+    if st is not None and not os.access(full, os.R_OK):
+        message += "; note: this user cannot read the file (a runner that cannot either fails)"
+    return {
+        "path": str(full),
+        "relpath": rel_text,
+        "job": args.job,
+        "verdict": verdict,
+        "message": message,
+        "exists": exists,
+        "file": None
+        if st is None
+        else {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino},
+        "identity": identity,
+        "key": key,
+        "input_hash": ihash,
+        "item": None if current is None else item_json(current),
+        "other_items": [item_json(item) for item in others],
+    }
+
+
+async def explain(args: argparse.Namespace) -> int:
+    """``asyncbatch explain PATH``: why this file was or was not handled."""
+    if not Path(args.source).is_dir():
+        raise ConfigurationError.bad_value("source", args.source, "no such directory")
+    ledger = await _open(args)
+    try:
+        facts = await _explain_facts(args, ledger)
+    finally:
+        await ledger.close()
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return EXIT_OK
+    lines = [f"{facts['relpath']} (job {facts['job']!r}): {facts['verdict']}", facts["message"]]
+    if facts["file"] is not None:
+        f = facts["file"]
+        lines.append(
+            f"file: {f['size']} bytes, modified {_when(f['mtime_ns'] / 1e9)}, inode {f['inode']}"
+        )
+    if facts["key"] is not None:
+        lines.append(
+            f"identity {facts['identity']}: key {facts['key']}, input hash {facts['input_hash']}"
+        )
+    item = facts["item"]
+    if item is not None:
+        lines.append(_joblog_line(item))
+    for other in facts["other_items"][:SHOWN]:
+        lines.append(f"other item under the name: {other['state']}, {_joblog_line(other)}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _joblog_line(item: dict[str, Any]) -> str:
+    return (
+        f"joblog: attempts {item['attempts']}, started {_when(item['started_at'])}, finished "
+        f"{_when(item['finished_at'])}, took {_duration(item['duration'])}, key {item['key']}"
+    )
+
+
+# -- items ---------------------------------------------------------------------------------------
+
+
+def _filter(args: argparse.Namespace, *, limit: int | None) -> ItemFilter:
+    return ItemFilter(
+        states=tuple(dict.fromkeys(args.states or ())),
+        glob=args.glob,
+        time=args.time,
+        after=args.since,
+        before=args.until,
+        limit=limit,
+    )
+
+
+async def items(args: argparse.Namespace) -> int:
+    """``asyncbatch items``: the job's items with their joblog, filtered."""
+    ledger = await _open(args)
+    try:
+        found = await ledger.list_items(args.job, _filter(args, limit=args.limit))
+    finally:
+        await ledger.close()
+    if args.json:
+        print(json.dumps([item_json(item) for item in found], indent=2))
+        return EXIT_OK
+    if not found:
+        print(f"job {args.job!r}: no items match")
+        return EXIT_OK
+    # One line an item (grep-able, never cut to the terminal's width); the rest is in --json.
+    print(f"items of job {args.job!r}: {len(found)}, the most recently changed first")
+    print(f"{'state':<8} {'att':>3}  {'started':<19}  {'took':>8}  {'runner':<24}  relpath")
+    for item in found:
+        print(
+            f"{item.state:<8} {item.attempts:>3}  {_when(item.started_at):<19}  "
+            f"{_duration(item.duration):>8}  {_runner(item):<24}  {item.relpath}"
+        )
+    return EXIT_OK
+
+
+# -- forget --------------------------------------------------------------------------------------
+
+
+async def _chosen(args: argparse.Namespace, ledger: Ledger) -> list[ItemInfo]:
+    """The items the PATH/KEY arguments name; a name the ledger never saw is an error."""
+    chosen: dict[str, ItemInfo] = {}
+    for name in args.items:
+        lookup = name
+        if args.source is not None:
+            lookup = source_relpath(Path(args.source), name)[0]
+        found = await ledger.find_items(args.job, lookup)
+        if not found:
+            raise ConfigurationError(
+                f"{name!r}: the ledger never saw it in job {args.job!r}; nothing forgotten"
+            )
+        chosen.update((item.key, item) for item in found)
+    return list(chosen.values())
+
+
+def _confirm(count: int, shown: list[ItemInfo], yes: bool) -> bool:
+    """Ask on a terminal before forgetting; refuse without one (and without ``--yes``)."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ConfigurationError(
+            f"forget: would forget {count} item(s); confirm on a terminal, or pass --yes"
+        )
+    print(f"{count} item(s) will be forgotten; the next run handles their files again:")
+    for item in shown[:SHOWN]:
+        print(f"  {item.relpath} ({item.state}, key {item.key})")
+    if count > SHOWN:
+        print(f"  ... and {count - SHOWN} more")
+    try:
+        answer = input(f"Forget these {count} item(s)? [y/N] ")
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+async def forget(args: argparse.Namespace) -> int:
+    """``asyncbatch forget PATH... | --done-before T``: delete items from the ledger."""
+    if bool(args.items) == (args.done_before is not None):
+        raise ConfigurationError("forget: give PATH/KEY arguments or --done-before T (not both)")
+    ledger = await _open(args, writes=True)
+    try:
+        if args.items:
+            chosen = await _chosen(args, ledger)
+            count = len(chosen)
+        else:
+            which = ItemFilter(
+                states=("done",), time="finished", before=args.done_before, limit=None
+            )
+            count = await ledger.count_items(args.job, which)
+            chosen = await ledger.list_items(args.job, dataclasses.replace(which, limit=SHOWN))
+        if count == 0:
+            when = _when(args.done_before)
+            print(f"job {args.job!r}: no items done before {when}; nothing forgotten")
+            return EXIT_OK
+        if not _confirm(count, chosen, args.yes):
+            print("not confirmed; nothing forgotten")
+            return EXIT_OK
+        if args.items:
+            result = await ledger.forget(args.job, keys=[item.key for item in chosen])
+        else:
+            result = await ledger.forget(args.job, done_before=args.done_before)
+    finally:
+        await ledger.close()
+    if args.json:
+        out = {
+            "forgotten": [item_json(item) for item in result.forgotten],
+            "refused": [item_json(item) for item in result.refused],
+        }
+        print(json.dumps(out, indent=2))
+        return EXIT_HELD if result.refused else EXIT_OK
+    gone = result.forgotten
+    print(
+        f"forgot {len(gone)} item(s) of job {args.job!r} (no file was touched; the next run "
+        "handles their files again)"
+    )
+    for item in gone[:SHOWN]:
+        print(f"  {item.relpath} (was {item.state})")
+    if len(gone) > SHOWN:
+        print(f"  ... and {len(gone) - SHOWN} more")
+    if result.refused:
+        print(
+            f"refused {len(result.refused)} item(s) leased by a runner whose lease has not "
+            "expired (left as they were; forget them once it is done):"
+        )
+        for item in result.refused[:SHOWN]:
+            holder = _lease_holder(item, {})
+            print(f"  {item.relpath} (leased by {holder} until {_when(item.lease_until)})")
+    return EXIT_HELD if result.refused else EXIT_OK
+
+
+# -- wiring --------------------------------------------------------------------------------------
+
+COMMANDS = {"explain": explain, "items": items, "forget": forget}
+
+
+def add_inspect_commands(
+    sub: Any,
+    add_state: Callable[..., None],
+    positive_int: Callable[[str], Any],
+    non_negative_float: Callable[[str], Any],
+) -> None:
+    """Add explain, items and forget to the CLI's subparsers."""
+    p = sub.add_parser("explain", help="why a file was or was not handled")
+    p.add_argument("path", metavar="PATH", help="the file (under --source)")
+    p.add_argument("--source", required=True, help="the directory the job scans")
+    add_state(p)
+    p.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
+    p.add_argument("--ignore", action="append", default=[], help="glob to skip (repeatable)")
+    p.add_argument("--recursive", action="store_true", help="the job walks subdirectories")
+    p.add_argument(
+        "--follow-symlinks", action="store_true", help="the job follows symlinks inside SOURCE"
+    )
+    p.add_argument(
+        "--identity",
+        choices=["stat", "path", "content"],
+        default=None,
+        help="checked against the job's (default: the job's)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("items", help="list items with their joblog")
+    add_state(p)
+    # --state names the ledger, as on every command.
+    p.add_argument(
+        "--in-state",
+        dest="states",
+        action="append",
+        choices=STATES,
+        help="items in this state (repeatable)",
+    )
+    p.add_argument("--glob", default=None, help="shell pattern on the whole relpath")
+    p.add_argument("--since", type=parse_time, default=None, help="changed at or after T")
+    p.add_argument("--until", type=parse_time, default=None, help="changed before T")
+    p.add_argument(
+        "--time",
+        choices=["updated", "finished"],
+        default="updated",
+        help="what --since/--until bound: the last change, or the latest outcome",
+    )
+    p.add_argument("--limit", type=positive_int, default=100, help="(100)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("forget", help="delete items from the ledger: their files are redone")
+    add_state(p)
+    p.add_argument("items", nargs="*", metavar="PATH|KEY")
+    p.add_argument("--done-before", type=parse_time, default=None, help="done items before T")
+    p.add_argument("--source", default=None, help="take PATHs as files under this directory")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--json", action="store_true")

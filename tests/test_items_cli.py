@@ -1,0 +1,363 @@
+"""The operator's answers about single items, through the real CLI: explain, items, forget."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from asyncbatch._ledger import sqlite_sql
+
+from .conftest import (
+    HANDLERS,
+    WARNINGS_FAIL,
+    cli,
+    invocations,
+    kill,
+    make_files,
+    start_recording,
+    state_counts,
+    wait_for,
+)
+
+RECORD = f"{HANDLERS}:record"
+FAIL = f"{HANDLERS}:fail_always"
+
+
+def run(inbox: Path, state: Path | str, *extra: str, log: Path | None = None) -> None:
+    """One run of the recording handler (or another TARGET given in ``extra``)."""
+    target = RECORD
+    if extra and extra[0].startswith(str(HANDLERS)):
+        target, extra = extra[0], extra[1:]
+    env = {"AB_LOG": str(log)} if log else None
+    done = cli("run", target, "--source", inbox, "--state", state, "--no-progress", *extra, env=env)
+    assert done.returncode in (0, 1), done.stderr
+
+
+def explain(inbox: Path, state: Path | str, path: str | Path, *extra: str) -> dict[str, Any]:
+    """``asyncbatch explain --json``: exit 0 and its facts."""
+    out = cli("explain", path, "--source", inbox, "--state", state, "--json", *extra)
+    assert out.returncode == 0, out.stderr
+    facts: dict[str, Any] = json.loads(out.stdout)
+    return facts
+
+
+def no_terminal(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The CLI with stdin not a terminal (``/dev/null``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "asyncbatch", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **WARNINGS_FAIL},
+    )
+
+
+def on_terminal(answer: str, *args: str | Path) -> tuple[int, str]:
+    """The CLI on a pseudo-terminal, answering its question with ``answer``."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncbatch", *map(str, args)],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env={**os.environ, **WARNINGS_FAIL},
+    )
+    os.close(terminal)
+    output = b""
+    answered = False
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], 30)
+            if not ready:
+                break
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+            if not answered and b"[y/N]" in output:
+                os.write(controller, answer.encode() + b"\n")
+                answered = True
+    finally:
+        proc.wait(timeout=60)
+        os.close(controller)
+    return proc.returncode, output.decode(errors="replace")
+
+
+# -- explain -------------------------------------------------------------------------------------
+
+
+def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    for name in ("draft.tmp", "notes.txt~", ".hidden", "keep.skip"):
+        (inbox / name).write_text("x")
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "deep.txt").write_text("x")
+    future = inbox / "future.txt"
+    future.write_text("still being written")
+    later = time.time() + 3600
+    os.utime(future, (later, later))
+    (inbox / "link.txt").symlink_to(inbox / "f00000.txt")
+    old = time.time() - 60
+    for path in inbox.rglob("*"):
+        if path not in (future,) and not path.is_symlink():
+            os.utime(path, (old, old))
+    run(inbox, state, "--ignore", "*.skip")
+
+    done = explain(inbox, state, inbox / "f00001.txt")
+    assert done["verdict"] == "done"
+    assert "done at" in done["message"]
+    assert "in attempt 1" in done["message"]
+    item = done["item"]
+    assert item["state"] == "done"
+    assert item["attempts"] == 1
+    assert isinstance(item["runner_pid"], int)
+    assert item["runner_host"]
+    assert f"pid {item['runner_pid']} on {item['runner_host']}" in done["message"]
+    assert item["finished_at"] >= item["started_at"]
+    assert item["duration"] >= 0
+    assert done["key"] == item["key"]
+    assert done["identity"] == "stat"
+    assert len(done["input_hash"]) == 64
+
+    def verdict(path: str, *extra: str) -> tuple[str, str]:
+        facts = explain(inbox, state, path, *extra)
+        return facts["verdict"], facts["message"]
+
+    assert verdict("draft.tmp")[0] == "skipped"
+    assert "temporary name 'draft.tmp'" in verdict("draft.tmp")[1]
+    assert "temporary name" in verdict("notes.txt~")[1]
+    assert "hidden name '.hidden'" in verdict(".hidden")[1]
+    assert "not recursive" in verdict("sub/deep.txt")[1]
+    assert verdict("sub/deep.txt", "--recursive")[0] == "never-seen"
+    # The answer follows the scan options given, as the job's run would see the file.
+    assert "ignore pattern '*.skip'" in verdict("keep.skip", "--ignore", "*.skip")[1]
+    assert verdict("keep.skip")[0] == "never-seen"
+    unsettled = verdict("future.txt")
+    assert unsettled[0] == "not-settled"
+    assert "--settle 1" in unsettled[1]
+    assert "symlink" in verdict("link.txt")[1]
+    assert verdict("link.txt", "--follow-symlinks")[0] == "never-seen"
+    assert verdict("no-such-file.txt") == (
+        "never-seen",
+        "no such file, and the ledger never saw it",
+    )
+
+    # A file changed after it was done is new work under identity stat.
+    changed = inbox / "f00002.txt"
+    changed.write_text("a longer, different content")
+    os.utime(changed, (old, old))
+    facts = explain(inbox, state, changed)
+    assert facts["verdict"] == "never-seen"
+    assert "other item(s) under the name" in facts["message"]
+    assert [o["state"] for o in facts["other_items"]] == ["done"]
+
+    text = cli("explain", "draft.tmp", "--source", inbox, "--state", state)
+    assert text.returncode == 0
+    assert "draft.tmp (job 'default'): skipped" in text.stdout
+    outside = cli("explain", "/etc/hostname", "--source", inbox, "--state", state)
+    assert outside.returncode == 2
+    (line,) = outside.stderr.strip().splitlines()
+    assert "'/etc/hostname' is not a file under the source" in line
+    other = cli("explain", "f00001.txt", "--source", inbox, "--state", state, "--identity", "path")
+    assert other.returncode == 2
+    assert "identity='stat'" in other.stderr
+
+
+def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+    run(inbox, state, FAIL, "--max-attempts", "1")
+    facts = explain(inbox, state, "f00000.txt")
+    assert facts["verdict"] == "dead"
+    assert "ValueError: cannot parse f00000.txt" in facts["message"]
+    assert "retry --dead" in facts["message"]
+    (failure,) = json.loads(cli("failures", "--state", state, "--json").stdout)
+    assert failure["finished_at"] >= failure["started_at"]
+    assert failure["runner_pid"] == facts["item"]["runner_pid"]
+    assert isinstance(failure["runner_pid"], int)
+    # When the file is gone, the ledger's record of the name still answers.
+    (inbox / "f00000.txt").unlink()
+    gone = explain(inbox, state, "f00000.txt")
+    assert gone["verdict"] == "dead"
+    assert gone["message"].startswith("no such file now")
+
+
+def test_explain_and_forget_while_a_live_runner_holds_the_item(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    log = tmp_path / "calls.log"
+    runner = start_recording(inbox, state, log, jobs=1, sleep=30)
+    try:
+        wait_for(lambda: sum(invocations(log).values()) >= 1)
+        facts = explain(inbox, state, "f00000.txt")
+        assert facts["verdict"] == "leased"
+        assert f"leased by pid {runner.pid}" in facts["message"]
+        refused = no_terminal("forget", "f00000.txt", "--state", state, "--yes")
+        assert refused.returncode == 3, refused.stderr
+        assert "forgot 0 item(s)" in refused.stdout
+        assert "refused 1 item(s) leased by a runner whose lease has not expired" in refused.stdout
+        assert state_counts(state) == {"running": 1}
+    finally:
+        kill(runner)
+
+
+# -- items ---------------------------------------------------------------------------------------
+
+
+def test_items_lists_the_joblog_filtered_by_state_glob_and_time(inbox: Path, state: Path) -> None:
+    make_files(inbox, 4)
+    make_files(inbox, 2, prefix="bad")
+    run(inbox, state, "--ignore", "bad*")
+    run(inbox, state, FAIL, "--max-attempts", "1")
+
+    def listed(*extra: str) -> list[dict[str, Any]]:
+        out = cli("items", "--state", state, "--json", *extra)
+        assert out.returncode == 0, out.stderr
+        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        return rows
+
+    every = listed()
+    assert len(every) == 6
+    for row in every:
+        assert row["finished_at"] >= row["started_at"]
+        assert row["duration"] >= 0
+        assert isinstance(row["runner_pid"], int)
+    dead = listed("--in-state", "dead")
+    assert sorted(r["relpath"] for r in dead) == ["bad00000.txt", "bad00001.txt"]
+    assert all("ValueError: cannot parse" in r["last_error"] for r in dead)
+    assert len(listed("--in-state", "dead", "--in-state", "done")) == 6
+    globbed = listed("--glob", "f0000[12]*")
+    assert sorted(r["relpath"] for r in globbed) == ["f00001.txt", "f00002.txt"]
+    assert len(listed("--since", "1h")) == 6
+    assert listed("--until", "1h") == []
+    assert len(listed("--time", "finished", "--until", "2999-01-01T00:00")) == 6
+    assert len(listed("--limit", "2")) == 2
+
+    table = cli("items", "--state", state, "--in-state", "dead")
+    assert table.returncode == 0
+    assert "bad00000.txt" in table.stdout
+    for bad in (("--since", "yesterday-ish"), ("--until", "2026-13-45")):
+        refused = cli("items", "--state", state, *bad)
+        assert refused.returncode == 2
+        (line,) = refused.stderr.strip().splitlines()
+        assert repr(bad[1]) in line
+        assert bad[0] in line
+
+
+# -- forget --------------------------------------------------------------------------------------
+
+
+def test_forget_asks_first_and_never_touches_a_file(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    paths = make_files(inbox, 3)
+    log = tmp_path / "calls.log"
+    run(inbox, state, log=log)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
+
+    refused = no_terminal("forget", "f00001.txt", "--state", state)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "--yes" in line
+    assert "1 item(s)" in line
+    assert state_counts(state) == {"done": 3}
+
+    unknown = no_terminal("forget", "never.txt", "--state", state, "--yes")
+    assert unknown.returncode == 2
+    (line,) = unknown.stderr.strip().splitlines()
+    assert "'never.txt': the ledger never saw it" in line
+    both = no_terminal("forget", "f00001.txt", "--done-before", "1h", "--state", state)
+    assert both.returncode == 2
+
+    code, text = on_terminal("n", "forget", "f00001.txt", "--state", state)
+    assert code == 0
+    assert "f00001.txt (done" in text
+    assert "nothing forgotten" in text
+    assert state_counts(state) == {"done": 3}
+    code, text = on_terminal(
+        "y", "forget", inbox / "f00001.txt", "--source", inbox, "--state", state
+    )
+    assert code == 0, text
+    assert "forgot 1 item(s)" in text
+    assert state_counts(state) == {"done": 2}
+
+    forgot = no_terminal("forget", "f00002.txt", "--state", state, "--yes", "--json")
+    assert forgot.returncode == 0, forgot.stderr
+    result = json.loads(forgot.stdout)
+    assert [r["relpath"] for r in result["forgotten"]] == ["f00002.txt"]
+    assert result["refused"] == []
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == before
+
+    # The next run handles the forgotten files again, and only them.
+    run(inbox, state, log=log)
+    handled = invocations(log)
+    assert handled == {"f00000.txt": 1, "f00001.txt": 2, "f00002.txt": 2}
+
+
+def test_forget_done_before_a_time(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3)
+    run(inbox, state)
+    nothing = no_terminal("forget", "--done-before", "1h", "--state", state, "--yes")
+    assert nothing.returncode == 0, nothing.stderr
+    assert "nothing forgotten" in nothing.stdout
+    bad = no_terminal("forget", "--done-before", "soon", "--state", state, "--yes")
+    assert bad.returncode == 2
+    assert "invalid time 'soon'" in bad.stderr
+    asked = no_terminal("forget", "--done-before", "0s", "--state", state)
+    assert asked.returncode == 2
+    assert "3 item(s)" in asked.stderr
+    forgot = no_terminal("forget", "--done-before", "0s", "--state", state, "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    assert "forgot 3 item(s)" in forgot.stdout
+    assert state_counts(state) == {}
+
+
+def test_items_explain_and_forget_on_postgresql(inbox: Path, pg_dsn: str) -> None:
+    make_files(inbox, 2)
+    run(inbox, pg_dsn)
+    rows = json.loads(cli("items", "--state", pg_dsn, "--json").stdout)
+    assert sorted(r["relpath"] for r in rows) == ["f00000.txt", "f00001.txt"]
+    assert all(r["runner_pid"] and r["finished_at"] >= r["started_at"] for r in rows)
+    facts = explain(inbox, pg_dsn, "f00000.txt")
+    assert facts["verdict"] == "done"
+    forgot = no_terminal("forget", "f00000.txt", "--state", pg_dsn, "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    assert explain(inbox, pg_dsn, "f00000.txt")["verdict"] == "never-seen"
+
+
+def test_a_state_file_of_the_previous_schema_is_upgraded_by_a_run(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    db = sqlite3.connect(state)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(sqlite_sql.MIGRATIONS[0])
+    db.executescript(sqlite_sql.MIGRATIONS[1])
+    db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 2")
+    db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+    db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0)")
+    db.commit()
+    db.close()
+    old = cli("items", "--state", state)
+    assert old.returncode == 2
+    (line,) = old.stderr.strip().splitlines()
+    assert f"schema version 2, older than the {sqlite_sql.SCHEMA_VERSION}" in line
+    assert "the next 'asyncbatch run' with this --state upgrades it" in line
+    run(inbox, state)
+    db = sqlite3.connect(state)
+    assert db.execute("PRAGMA user_version").fetchone() == (sqlite_sql.SCHEMA_VERSION,)
+    db.close()
+    rows = json.loads(cli("items", "--state", state, "--json").stdout)
+    assert sorted(r["relpath"] for r in rows) == ["f00000.txt", "f00001.txt"]
+    assert all(r["finished_at"] is not None for r in rows)
