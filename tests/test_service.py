@@ -215,6 +215,7 @@ async def test_two_batches_in_one_process_keep_their_own_metrics_across_runs(
     assert 'batch_job="b"' not in text(a)
     assert value(in_a, "asyncbatch_running") == 0
     assert value(in_a, "asyncbatch_last_scan_files") == 5, "kept from the last run"
+    assert value(in_a, "asyncbatch_last_scan_full") == 1  # a run's scan stats every file
     default = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
     assert "asyncbatch_" not in default, "nothing in the process-wide registry"
 

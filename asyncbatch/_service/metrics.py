@@ -232,6 +232,13 @@ class BatchCollector:
                 job,
                 scan.ended_wall,
             )
+            yield _gauge(
+                "asyncbatch_last_scan_full",
+                "1 if the last scan stat'ed every file, 0 if it was a watch poll that listed "
+                "names only (or found the directory unchanged)",
+                job,
+                1.0 if scan.full else 0.0,
+            )
 
 
 def _counter(name: str, documentation: str, job: str, value: float) -> CounterMetricFamily:
