@@ -49,24 +49,8 @@ ATTEMPT_BUCKETS = (
     60.0,
     300.0,
 )
-#: Upper bounds (seconds) of the claim- and commit-latency buckets.
-LEDGER_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+#: Upper bounds (seconds) of the claim- and commit-latency buckets: the same, up to 30 s.
+LEDGER_BUCKETS = ATTEMPT_BUCKETS[: ATTEMPT_BUCKETS.index(30.0) + 1]
 #: The outcomes of an attempt whose handler ran, as the worker saw it.
 ATTEMPT_OUTCOMES = ("done", "failed", "dead")
 
