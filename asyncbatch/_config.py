@@ -160,7 +160,10 @@ class BatchConfig:
         if not os.access(source, os.R_OK | os.X_OK):
             raise ConfigurationError.bad_value("source", str(source), "directory is not readable")
         if not self.state.startswith(("postgresql://", "postgres://")):
-            self._refuse_visible("state", Path(self.state), is_dir=False)
+            # SQLite keeps its -wal, -shm and -journal files beside the state: an --ignore
+            # that hides the state alone leaves them to the scan (and to --on-done delete).
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                self._refuse_visible("state", Path(self.state + suffix), is_dir=False)
         else:
             PostgresDSN.parse(self.state)  # a one-line ConfigurationError if it does not parse
         for name, action in (("on_done", self.on_done), ("on_dead", self.on_dead)):

@@ -336,6 +336,10 @@ def test_missing_source_and_state_inside_source_are_refused(inbox: Path, tmp_pat
     with pytest.raises(ConfigurationError, match="inside the scanned source"):
         Batch(handle, source=inbox, state=inbox / "state.db")
     Batch(handle, source=inbox, state=inbox / ".state.db")  # hidden: never scanned
+    # Ignoring the state alone would leave SQLite's -wal and -shm beside it to the scan.
+    with pytest.raises(ConfigurationError, match=r"state\.db-wal'?: is inside the scanned"):
+        Batch(handle, source=inbox, state=inbox / "state.db", ignore=["state.db"])
+    Batch(handle, source=inbox, state=inbox / "state.db", ignore=["state.db*"])
 
 
 @pytest.mark.parametrize("name", ["source", "state", "output_dir"])

@@ -248,7 +248,14 @@ def test_items_lists_the_joblog_filtered_by_state_glob_and_time(inbox: Path, sta
     table = cli("items", "--state", state, "--in-state", "dead")
     assert table.returncode == 0
     assert "bad00000.txt" in table.stdout
-    for bad in (("--since", "yesterday-ish"), ("--until", "2026-13-45")):
+    assert "items of job 'default': 2," in table.stdout
+    cut = cli("items", "--state", state, "--limit", "2")
+    assert "items of job 'default': 2 of 6 (--limit)," in cut.stdout  # not "2"
+    for bad in (
+        ("--since", "yesterday-ish"),
+        ("--until", "2026-13-45"),
+        ("--since", "99999999999999w"),  # no OverflowError traceback
+    ):
         refused = cli("items", "--state", state, *bad)
         assert refused.returncode == 2
         (line,) = refused.stderr.strip().splitlines()

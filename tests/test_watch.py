@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import anyio
+import pytest
 
 from asyncbatch import Batch, TaskContext
 
@@ -155,3 +156,43 @@ async def test_watch_retries_failed_items_without_a_rescan(inbox: Path, state: P
 
     assert attempts == [1, 2, 3]
     assert state_counts(state) == {"done": 1}
+
+
+@pytest.mark.parametrize("events", [False, True])
+async def test_a_watch_waits_for_a_source_that_went_away_and_goes_on_when_it_is_back(
+    inbox: Path, state: Path, events: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_files(inbox, 2)
+    seen: list[str] = []
+    first, later = anyio.Event(), anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        seen.append(ctx.entry.relpath)
+        if len(seen) == 2:
+            first.set()
+        if len(seen) == 3:
+            later.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=events)
+    moved = inbox.with_name("moved-away")
+    report = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal report
+            report = await batch.watch()
+
+        tg.start_soon(watch)
+        with anyio.fail_after(20):
+            await first.wait()
+            inbox.rename(moved)  # an unmounted share, a directory moved by mistake
+            while "is gone" not in caplog.text:  # noqa: ASYNC110 (a log record, not an event)
+                await anyio.sleep(0.05)
+            moved.rename(inbox)
+            make_files(inbox, 1, prefix="late")
+            await later.wait()
+        batch.stop()
+
+    assert report is not None
+    assert (report.done, report.stopped) == (3, True)
+    assert "polling until it is back" in caplog.text

@@ -40,10 +40,13 @@ def parse_time(text: str) -> float:
     """A time on the command line: ISO 8601 (a time without a zone is local) or an age
     before now (``90s``, ``30m``, ``2h``, ``7d``, ``1w``). Raises ``ArgumentTypeError``."""
     age = _AGE.fullmatch(text.strip())
-    if age is not None:
-        return time.time() - float(age[1]) * _UNITS[age[2]]
     try:
-        return datetime.fromisoformat(text.strip()).timestamp()
+        if age is not None:
+            when = time.time() - float(age[1]) * _UNITS[age[2]]
+        else:
+            when = datetime.fromisoformat(text.strip()).timestamp()
+        datetime.fromtimestamp(when)  # a time this platform can show (the year 1 to 9999)
+        return when
     except (ValueError, OverflowError, OSError):
         raise argparse.ArgumentTypeError(
             f"invalid time {text!r}: expected ISO 8601 (2026-12-01T10:00, "
@@ -349,6 +352,9 @@ async def items(args: argparse.Namespace) -> int:
     ledger = await _open(args)
     try:
         found = await ledger.list_items(args.job, _filter(args, limit=args.limit))
+        total = len(found)
+        if total == args.limit:  # the limit may have cut the list: say of how many
+            total = await ledger.count_items(args.job, _filter(args, limit=None))
     finally:
         await ledger.close()
     if args.json:
@@ -358,7 +364,8 @@ async def items(args: argparse.Namespace) -> int:
         print(f"job {args.job!r}: no items match")
         return EXIT_OK
     # One line an item (grep-able, never cut to the terminal's width); the rest is in --json.
-    print(f"items of job {args.job!r}: {len(found)}, the most recently changed first")
+    shown = f"{len(found)}" if total == len(found) else f"{len(found)} of {total} (--limit)"
+    print(f"items of job {args.job!r}: {shown}, the most recently changed first")
     print(f"{'state':<8} {'att':>3}  {'started':<19}  {'took':>8}  {'runner':<24}  relpath")
     for item in found:
         print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -161,13 +162,23 @@ class Claimer:
             waiting = 0  # run.counters.waiting when retry_at was reckoned
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
-                if rescan or time.monotonic() >= next_scan:
-                    next_scan = time.monotonic() + cfg.poll
-                    full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
-                    lists = 0 if full else lists + 1
-                    saw_dir = await self._watch_poll(sightings, paths, full=full)
-                else:
-                    saw_dir = await self._watch_look(sightings, paths)
+                try:
+                    if rescan or time.monotonic() >= next_scan:
+                        next_scan = time.monotonic() + cfg.poll
+                        full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
+                        lists = 0 if full else lists + 1
+                        saw_dir = await self._watch_poll(sightings, paths, full=full)
+                    else:
+                        saw_dir = await self._watch_look(sightings, paths)
+                except (FileNotFoundError, NotADirectoryError) as e:
+                    if os.path.isdir(cfg.source):
+                        raise
+                    # The source itself is gone (moved, unmounted): a service waits for it,
+                    # saying so once a poll; health's scan check goes stale meanwhile.
+                    log.warning(
+                        "source %r is gone (%s); polling until it is back", str(cfg.source), e
+                    )
+                    lists, saw_dir = FULL_SCAN_EVERY, False  # its first poll back: a full scan
                 if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
                 if retry_at is not None and time.monotonic() >= retry_at:
