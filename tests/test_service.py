@@ -342,6 +342,26 @@ async def test_not_ready_before_the_lock_and_the_first_scan(inbox: Path, state: 
     assert watching.error is None
 
 
+async def test_a_ledger_that_refuses_claims_makes_the_batch_not_ready_before_a_heartbeat(
+    inbox: Path, state: Path
+) -> None:
+    # A long lease: its heartbeats come every 15 s, so only the claim's waits can tell.
+    batch = Batch(idle, source=inbox, state=state, lease=60, poll=0.05)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)
+        with ledger_held(state):
+            make_files(inbox, 1)  # its claim now finds the ledger busy
+            await until(lambda: not batch.health().check("ledger").ok)
+            assert "a transaction has waited" in batch.health().check("ledger").detail
+            assert not batch.health().ready
+        await until(lambda: batch.health().ready)
+        await until(finished(batch, 1))
+        batch.stop()
+    assert watching.error is None
+
+
 async def test_a_paused_ledger_makes_the_heartbeat_stale_and_the_batch_not_live(
     inbox: Path, state: Path
 ) -> None:

@@ -230,19 +230,26 @@ async def retrying(
     ``on_timeout()`` once ``patience`` seconds have passed. Each try that found the ledger
     busy is counted in ``errors.busy``.
     """
-    deadline = time.monotonic() + patience
+    began = time.monotonic()
+    deadline = began + patience
     pause = first_pause
     jitter = random.Random()
-    while True:
-        result = await attempt()
-        if not isinstance(result, Busy):
-            return result
-        if errors is not None:
-            errors.busy += 1
-        if time.monotonic() > deadline:
-            raise on_timeout()
-        await anyio.sleep(pause * (0.5 + jitter.random()))
-        pause = min(pause * 1.5, longest_pause)
+    try:
+        while True:
+            result = await attempt()
+            if not isinstance(result, Busy):
+                return result
+            if errors is not None:
+                errors.busy += 1
+                if errors.busy_since is None:
+                    errors.busy_since = began
+            if time.monotonic() > deadline:
+                raise on_timeout()
+            await anyio.sleep(pause * (0.5 + jitter.random()))
+            pause = min(pause * 1.5, longest_pause)
+    finally:
+        if errors is not None and errors.busy_since == began:
+            errors.busy_since = None
 
 
 # -- the contract --------------------------------------------------------------------------------

@@ -77,11 +77,13 @@ class LedgerErrors:
 
     ``busy``: transactions tried again because another writer held the lock (SQLite) or a
     deadlock or serialization failure (PostgreSQL); ``unreachable``: tries that found a
-    PostgreSQL server unreachable, waited out (see ``ledger_timeout``).
+    PostgreSQL server unreachable, waited out (see ``ledger_timeout``). ``busy_since``: when
+    (``time.monotonic()``) a transaction began finding the ledger busy, while one still does.
     """
 
     busy: int = 0
     unreachable: int = 0
+    busy_since: float | None = None
 
 
 class Outcome(NamedTuple):

@@ -89,7 +89,14 @@ def _ledger(run: Run, now: float) -> HealthCheck:
             f"the run has waited {now - run.began:.1f}s for it to take the job's lock (more "
             f"than {patience:g}s){seen}",
         )
-    return HealthCheck("ledger", True, "answering: no heartbeat waits for it" + seen)
+    if errors.busy_since is not None and now - errors.busy_since > patience:
+        return HealthCheck(
+            "ledger",
+            False,
+            f"a transaction has waited {now - errors.busy_since:.1f}s for it, busy (more than "
+            f"{patience:g}s){seen}",
+        )
+    return HealthCheck("ledger", True, "answering: no heartbeat or transaction waits for it" + seen)
 
 
 def _scan(run: Run, now: float) -> HealthCheck:
