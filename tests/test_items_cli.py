@@ -170,6 +170,10 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     assert outside.returncode == 2
     (line,) = outside.stderr.strip().splitlines()
     assert "'/etc/hostname' is not a file under the source" in line
+    itself = cli("explain", inbox, "--source", inbox, "--state", state)
+    assert itself.returncode == 2
+    (line,) = itself.stderr.strip().splitlines()
+    assert "is the source directory itself, not a file under it" in line
     other = cli("explain", "f00001.txt", "--source", inbox, "--state", state, "--identity", "path")
     assert other.returncode == 2
     assert "identity='stat'" in other.stderr

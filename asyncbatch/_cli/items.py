@@ -110,11 +110,13 @@ def source_relpath(source: Path, path: str) -> tuple[str, Path]:
     for candidate in tries:
         absolute = os.path.abspath(candidate)
         full = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-        if full != root and os.path.commonpath([root, full]) == root:
+        if os.path.realpath(full) == root:
+            raise ConfigurationError(
+                f"PATH {path!r} is the source directory itself, not a file under it"
+            )
+        if os.path.commonpath([root, full]) == root:
             return os.path.relpath(full, root).replace(os.sep, "/"), Path(full)
-    raise ConfigurationError(
-        f"PATH {path!r} is not a file under the source {str(source)!r}: nothing to explain"
-    )
+    raise ConfigurationError(f"PATH {path!r} is not a file under the source {str(source)!r}")
 
 
 # -- explain -------------------------------------------------------------------------------------
