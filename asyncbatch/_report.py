@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ._ledger.types import RunTotals
 
@@ -303,18 +303,7 @@ class Counters:
             )
         return Report(
             job=job,
-            seen=self.seen,
-            done=self.done,
-            done_before=self.done_before,
-            held=self.held,
-            waiting=self.waiting,
-            dead=self.dead,
-            dead_before=self.dead_before,
-            vanished=self.vanished,
-            unfinished=self.unfinished(),
-            failed=self.failed,
-            lost=self.lost,
-            earlier=self.earlier,
+            **asdict(self.totals()),
             elapsed=time.monotonic() - self.started,
             counts=counts,
             stopped=stopped,
