@@ -42,10 +42,38 @@ class ItemLogger(logging.LoggerAdapter[logging.Logger]):
 
 @dataclass(slots=True)
 class InputFile:
-    """The input file opened for this item (closed by the runner after the handler)."""
+    """The input file opened for this item (closed by the runner after the handler), with
+    what its ``fstat`` said when it was opened.
+
+    A write to the file changes its ctime, even when the writer sets its size and mtime back
+    (a copier that preallocates the file and keeps the source's times): comparing the ctime
+    too tells that the bytes read may not be the bytes that were scanned.
+    """
 
     fd: int
     size: int
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    #: Set once ``ctx.move()`` moved the input: a rename sets the ctime, which is then no
+    #: sign of a write.
+    moved: bool = False
+
+    @classmethod
+    def opened(cls, fd: int, st: os.stat_result) -> InputFile:
+        """The input opened as ``fd``, whose ``fstat`` is ``st``."""
+        return cls(fd, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def changed(self) -> str | None:
+        """Why the file is not as it was when it was opened (written to, truncated, grown),
+        or ``None`` if its size, mtime and ctime are the same (one ``fstat``)."""
+        st = os.fstat(self.fd)
+        if st.st_size != self.size:
+            return f"its size went from {self.size} to {st.st_size} bytes"
+        if st.st_mtime_ns != self.mtime_ns:
+            return "its mtime changed"
+        if st.st_ctime_ns != self.ctime_ns and not self.moved:
+            return "it was written to (its ctime changed)"
+        return None
 
 
 #: The most one ``pread`` hands back on Linux (0x7ffff000): a larger file takes several reads.
@@ -221,20 +249,28 @@ class TaskContext:
         """The input's content, read from the file opened safely for this item.
 
         Small inputs are read inline (cheaper than a thread hop), large ones in a worker thread.
-        Raises ``OSError`` when the file cannot be read.
+        Raises ``OSError`` when the file cannot be read, and :class:`InputChangedError` when
+        it changed while it was read (its size, mtime or ctime differ from the open's): the
+        attempt fails rather than handle bytes that were being written.
         """
         source = self._input
         if source is None:
             return await anyio.Path(self.entry.path).read_bytes()
         if source.size <= INLINE_READ_MAX:
-            return _read_all(source.fd, source.size)
-        return await anyio.to_thread.run_sync(_read_all, source.fd, source.size)
+            data = _read_all(source.fd, source.size)
+        else:
+            data = await anyio.to_thread.run_sync(_read_all, source.fd, source.size)
+        if (why := source.changed()) is not None:
+            raise InputChangedError(f"the input changed while it was read: {why}")
+        return data
 
     def open(self) -> AiofilesContextManager[AsyncBufferedReader]:
         """Open the input for streaming reads (``async with ctx.open() as f``), via aiofiles.
 
         The file is the one opened when the item started (no symlink followed, never a FIFO),
-        positioned at its start.
+        positioned at its start. If the file is written to while the handler runs (its size,
+        mtime or ctime change), the attempt fails once the handler returns, with
+        :class:`InputChangedError`, and is retried.
         """
         import aiofiles  # here, not at import time: it costs ~50 ms to import
 
@@ -288,6 +324,8 @@ class TaskContext:
         self._check_lease("the input stays put")
         if self._hooks is not None and not await self._hooks.record_move(self, str(dst)):
             raise LockLostError(f"item {self.key}: its lease was taken over; the input stays put")
+        if self._input is not None:
+            self._input.moved = True  # before the rename: it sets the ctime
         await idempotent_move(self.entry.path, dst, fence=self._move_fence)
         return dst
 

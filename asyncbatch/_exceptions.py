@@ -136,4 +136,5 @@ class EffectError(AsyncBatchError):
 
 
 class InputChangedError(AsyncBatchError):
-    """The input file changed (was truncated or grew) while the handler was reading it."""
+    """The input file changed (was written to, truncated or grew) while the handler was
+    reading or handling it: the attempt fails and is retried."""

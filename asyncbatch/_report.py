@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._ledger.types import RunTotals
 
-__all__ = ["Counters", "Report", "Statistics", "describe"]
+__all__ = ["Counters", "Report", "Statistics", "describe", "not_settled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,11 @@ class Report:
     stopped: bool = False
     mode: str = "run"
     post_failed: int = 0
+    #: Regular files the last scan found that are not settled yet (not among the seen: the
+    #: next run, or the watch, takes them once they are), and how many of them changed at a
+    #: time ahead of this host's clock (they wait until then).
+    unsettled: int = 0
+    future: int = 0
 
     @property
     def ok(self) -> bool:
@@ -153,10 +158,20 @@ class Report:
     def __str__(self) -> str:
         head = f"job {self.job!r}{' stopped' if self.stopped else ''}"
         extras = [describe(self.totals)]
+        if self.unsettled:
+            extras.append(not_settled(self.unsettled, self.future))
         if self.post_failed:
             extras.append(f"{self.post_failed} post-commit actions failed (the next run retries)")
         extras.append(f"{self.elapsed:.2f}s ({self.rate:.0f}/s)")
         return f"{head}: {'; '.join(extras)}"
+
+
+def not_settled(count: int, future: int) -> str:
+    """``3 files not settled yet (1 changed in the future)``: what a scan left for later."""
+    text = f"{count} file{'s' * (count != 1)} not settled yet"
+    if future:
+        text += f" ({future} changed at a time ahead of this host's clock)"
+    return text
 
 
 def describe(t: RunTotals) -> str:
@@ -211,6 +226,9 @@ class Counters:
     #: found taken over by others, and items of runners found gone that it put back.
     leases_lost: int = 0
     reaped: int = 0
+    #: Not a category either: files the last scan found not settled yet (see Report).
+    unsettled: int = 0
+    future: int = 0
 
     def record(self, state: str, *, attempted: bool) -> None:
         """Count one committed outcome: a failed attempt (``attempted``: the handler ran), and
@@ -309,4 +327,6 @@ class Counters:
             stopped=stopped,
             mode=mode,
             post_failed=post_failed,
+            unsettled=self.unsettled,
+            future=self.future,
         )

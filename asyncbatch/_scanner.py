@@ -3,6 +3,7 @@
 A scan yields *records*: one compact ``bytes`` per regular file,
 
     mtime (8 bytes, big-endian, offset so negatives sort first) | relpath | NUL | size | inode
+    | ctime
 
 so that sorting the records sorts by ``(mtime_ns, relpath)`` byte-wise, a million entries take
 tens of megabytes rather than the ~900 B of a ``DirEntry``, and no ``DirEntry`` outlives its
@@ -29,15 +30,19 @@ import anyio.to_thread
 
 __all__ = [
     "DEFAULT_SKIP_SUFFIXES",
+    "NS_MAX",
+    "NS_MIN",
     "PATH_MAX",
     "Entry",
     "ScanInfo",
     "ScanRules",
     "Scanner",
+    "clamp_ns",
     "content_digest",
     "name_key",
     "open_regular",
     "pack",
+    "ready_ns",
     "split",
     "unpack",
 ]
@@ -49,8 +54,13 @@ DEFAULT_SKIP_SUFFIXES: tuple[bytes, ...] = (b".tmp", b"~", b".swp", b".part", b"
 
 _OFFSET = 1 << 63
 _HEAD = struct.Struct(">Q")
-_TAIL = struct.Struct(">QQ")
+_TAIL = struct.Struct(">QQQ")
 _INODE = struct.Struct(">Q")
+#: The signed 64-bit range of nanosecond times (1677 to 2262) that a record, the ledger's
+#: integer columns and an item's key hold. A time outside it (``touch -d 2300-01-01``) is
+#: clamped to it (see :func:`clamp_ns`): a file from after 2262 is never settled.
+NS_MIN = -(1 << 63)
+NS_MAX = (1 << 63) - 1
 #: Directory entries examined per thread hop.
 CHUNK = 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -134,25 +144,52 @@ class Entry:
         )
 
 
-def pack(mtime_ns: int, relpath: bytes, size: int, inode: int) -> bytes:
-    """Encode one scanned file as a record that sorts by ``(mtime_ns, relpath)``."""
-    return _HEAD.pack(mtime_ns + _OFFSET) + relpath + b"\0" + _TAIL.pack(size, inode)
+def clamp_ns(ns: int) -> int:
+    """A file time in nanoseconds, clamped to the range a record and the ledger hold
+    (:data:`NS_MIN` to :data:`NS_MAX`). The scan, the open and the post-commit actions compare
+    clamped times, so a file from after 2262 is the same file to all of them."""
+    return NS_MIN if ns < NS_MIN else NS_MAX if ns > NS_MAX else ns
+
+
+def pack(mtime_ns: int, relpath: bytes, size: int, inode: int, ctime_ns: int = 0) -> bytes:
+    """Encode one scanned file as a record that sorts by ``(mtime_ns, relpath)``.
+
+    The times are clamped (:func:`clamp_ns`). ``ctime_ns`` 0 means unknown (an item rebuilt
+    from the ledger, which does not keep it)."""
+    return (
+        _HEAD.pack(clamp_ns(mtime_ns) + _OFFSET)
+        + relpath
+        + b"\0"
+        + _TAIL.pack(size, inode, clamp_ns(ctime_ns) + _OFFSET)
+    )
 
 
 def unpack(record: bytes) -> tuple[int, bytes, int, int]:
     """Decode a record into ``(mtime_ns, relpath, size, inode)``."""
-    size, inode = _TAIL.unpack_from(record, len(record) - 16)
-    return _HEAD.unpack_from(record)[0] - _OFFSET, record[8:-17], size, inode
+    size, inode, _ = _TAIL.unpack_from(record, len(record) - 24)
+    return _HEAD.unpack_from(record)[0] - _OFFSET, record[8:-25], size, inode
+
+
+def ready_ns(record: bytes) -> int:
+    """When the file of a record last changed: the later of its mtime and its ctime.
+
+    A copier that keeps the source's times sets the mtime *back* while it writes, but every
+    write (and the ``utime`` itself) sets the ctime to now, and nothing can set it back: a
+    file is settled only once both are old."""
+    mtime: int = _HEAD.unpack_from(record)[0]
+    ctime: int = _INODE.unpack_from(record, len(record) - 8)[0]
+    return max(mtime, ctime) - _OFFSET
 
 
 def name_key(record: bytes) -> bytes:
     """``relpath | NUL | inode`` of a record: what :meth:`Scanner.list_names` lists."""
-    return record[8:-16] + record[-8:]
+    return record[8:-24] + record[-16:-8]
 
 
 def split(record: bytes) -> tuple[bytes, bytes]:
-    """``(relpath, signature)``: the signature changes when mtime, size or inode change."""
-    return record[8:-17], record[:8] + record[-16:]
+    """``(relpath, signature)``: the signature changes when mtime, ctime, size or inode
+    change (a write sets the ctime, even when the writer sets the mtime back)."""
+    return record[8:-25], record[:8] + record[-24:]
 
 
 class ScanRules:
@@ -259,7 +296,7 @@ def content_digest(
     except OSError:
         return None
     try:
-        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+        if st.st_size != size or clamp_ns(st.st_mtime_ns) != mtime_ns:
             return None
         h = hashlib.sha256()
         while block := os.read(fd, 1 << 20):
@@ -287,11 +324,24 @@ class _Walk:
     recursive: bool
     follow_symlinks: bool
     settled_before_ns: int | None  # None: every regular file, settled or not
+    now_ns: int = 0  # when the scan began (the wall clock)
     names_only: bool = False  # name keys (relpath and inode, no stat), symlinks left out
 
 
-def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
-    """Yield chunks of records; runs in a worker thread, one ``next()`` per hop."""
+@dataclass(slots=True)
+class _Tally:
+    """What one walk left out, counted by the walking thread (made per scan)."""
+
+    #: Regular files not settled yet: changed (mtime or ctime) after the cutoff.
+    unsettled: int = 0
+    #: Of those, the ones whose mtime or ctime is later than the scan's start (a clock ahead,
+    #: a ``touch -d`` into the future): they will not settle before then.
+    future: int = 0
+
+
+def _walk(w: _Walk, tally: _Tally | None = None) -> Generator[list[bytes], None, None]:
+    """Yield chunks of records; runs in a worker thread, one ``next()`` per hop. Files not
+    settled are left out and counted in ``tally``."""
     real_root = os.path.realpath(w.root)
     root_fd = os.open(w.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -366,10 +416,16 @@ def _walk(w: _Walk) -> Generator[list[bytes], None, None]:
                         continue  # vanished between listing and stat
                     if not stat.S_ISREG(st.st_mode):
                         continue
-                    mtime = st.st_mtime_ns
-                    if w.settled_before_ns is not None and mtime > w.settled_before_ns:
+                    mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
+                    cutoff = w.settled_before_ns
+                    if cutoff is not None and (mtime > cutoff or ctime > cutoff):
+                        if tally is not None:
+                            tally.unsettled += 1
+                            # The cutoff is `settle` before the scan began: past the start,
+                            # the file's time is ahead of this host's clock.
+                            tally.future += max(mtime, ctime) > w.now_ns
                         continue
-                    out.append(pack(mtime, rel, st.st_size, st.st_ino))
+                    out.append(pack(mtime, rel, st.st_size, st.st_ino, ctime))
         yield out
     finally:
         os.close(root_fd)
@@ -422,7 +478,7 @@ def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
             continue
         if not stat.S_ISREG(st.st_mode) or w.rules.skips(name, rel):
             continue
-        out.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino))
+        out.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
     return out, walked_dir
 
 
@@ -450,7 +506,9 @@ class ScanInfo(NamedTuple):
     long it took (seconds) and how many records it returned.
 
     In watch mode a poll that lists names only (:meth:`Scanner.list_names`) is a scan too:
-    ``full`` is then false (it stat'ed no file).
+    ``full`` is then false (it stat'ed no file). ``unsettled``: the regular files a scan for
+    settled files left out because they changed within the settle window (``future`` of
+    them: after the scan began, by this host's clock).
     """
 
     ended: float
@@ -458,6 +516,8 @@ class ScanInfo(NamedTuple):
     seconds: float
     files: int
     full: bool = True
+    unsettled: int = 0
+    future: int = 0
 
 
 class Scanner:
@@ -492,7 +552,9 @@ class Scanner:
         now_ns: int | None = None,
         on_chunk: Callable[[int], None] | None = None,
     ) -> list[bytes]:
-        """Return the records of the files settled ``settle`` seconds before ``now_ns``.
+        """Return the records of the files settled ``settle`` seconds before ``now_ns``: both
+        their mtime and their ctime at least that old (see :func:`ready_ns`). The others are
+        counted in :attr:`last` (``unsettled``).
 
         With ``settle=None`` every regular file is returned. The list is sorted by
         ``(mtime_ns, relpath)``. Raises ``OSError`` when the source itself cannot be listed.
@@ -503,7 +565,8 @@ class Scanner:
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
-        gen = _walk(self._walk(cutoff))
+        tally = _Tally()
+        gen = _walk(dataclasses.replace(self._walk(cutoff), now_ns=now_ns), tally)
         records: list[bytes] = []
         try:
             while (chunk := await anyio.to_thread.run_sync(next, gen, None)) is not None:
@@ -514,7 +577,9 @@ class Scanner:
             gen.close()
         records.sort()
         ended = time.monotonic()
-        self.last = ScanInfo(ended, time.time(), ended - began, len(records))
+        self.last = ScanInfo(
+            ended, time.time(), ended - began, len(records), True, tally.unsettled, tally.future
+        )
         return records
 
     async def list_names(self) -> list[bytes]:

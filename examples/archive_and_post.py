@@ -47,6 +47,7 @@ async def main(args: argparse.Namespace) -> int:
         job="post",
         on_done=f"move:{args.archive}",
         concurrency=args.concurrency,
+        settle=args.settle,
     )
     report = await batch.run(handle_signals=True)
     print(report)
@@ -63,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--archive", default=env("ARCHIVE", "archive"), help="(ARCHIVE, archive)")
     parser.add_argument("--state", default=env("STATE", "state.db"), help="(STATE, state.db)")
     parser.add_argument("-j", "--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds a file must be unchanged (1.0)"
+    )
     return parser.parse_args()
 
 

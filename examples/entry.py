@@ -30,6 +30,7 @@ async def main(args: argparse.Namespace) -> int:
         state=args.state,
         output_dir=args.output_dir,
         concurrency=args.concurrency,
+        settle=args.settle,
     )
     report = await batch.run(handle_signals=True)  # a signal: in-flight items finish, then stop
     print(report)
@@ -44,6 +45,9 @@ if __name__ == "__main__":
     parser.add_argument("--state", required=True, help="the ledger: a SQLite file")
     parser.add_argument("--output-dir", required=True, help="where the .words files go")
     parser.add_argument("-j", "--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds a file must be unchanged (1.0)"
+    )
     try:
         sys.exit(asyncio.run(main(parser.parse_args())))
     except JobLockedError as e:  # another live runner holds this job

@@ -35,7 +35,7 @@ async def test_every_settled_file_is_handled_once_and_rerun_redoes_nothing(
         assert data.startswith(ctx.entry.relpath.removesuffix(".txt").encode())
         seen.append(ctx.entry.relpath)
 
-    batch = Batch(handle, source=inbox, state=state, concurrency=16)
+    batch = Batch(handle, source=inbox, state=state, concurrency=16, settle=0)
     first = await batch.run()
     second = await batch.run()
 
@@ -54,7 +54,7 @@ async def test_a_changed_file_is_new_work_with_stat_identity(inbox: Path, state:
     async def handle(ctx: TaskContext) -> None:
         contents.append(await ctx.read_bytes())
 
-    batch = Batch(handle, source=inbox, state=state)
+    batch = Batch(handle, source=inbox, state=state, settle=0)
     await batch.run()
     path.write_bytes(b"second version")
     old = time.time() - 10
@@ -72,10 +72,10 @@ async def test_path_identity_handles_each_name_once(inbox: Path, state: Path) ->
     async def handle(ctx: TaskContext) -> None:
         calls.append(ctx.key)
 
-    await Batch(handle, source=inbox, state=state, identity="path").run()
+    await Batch(handle, source=inbox, state=state, identity="path", settle=0).run()
     path.write_bytes(b"changed")
     os.utime(path, (time.time() - 10,) * 2)
-    await Batch(handle, source=inbox, state=state, identity="path").run()
+    await Batch(handle, source=inbox, state=state, identity="path", settle=0).run()
 
     assert len(calls) == 1
 
@@ -89,7 +89,7 @@ async def test_content_identity_handles_each_content_once(inbox: Path, state: Pa
     async def handle(ctx: TaskContext) -> None:
         hashes.append(ctx.input_hash)
 
-    await Batch(handle, source=inbox, state=state, identity="content").run()
+    await Batch(handle, source=inbox, state=state, identity="content", settle=0).run()
 
     import hashlib
 
@@ -111,7 +111,7 @@ async def test_files_are_handled_in_mtime_then_relpath_order(inbox: Path, state:
     async def handle(ctx: TaskContext) -> None:
         order.append(ctx.entry.relpath)
 
-    await Batch(handle, source=inbox, state=state, concurrency=1, claim_batch=7).run()
+    await Batch(handle, source=inbox, state=state, concurrency=1, claim_batch=7, settle=0).run()
 
     expected = sorted(names, key=lambda n: ((inbox / n).stat().st_mtime_ns, n))
     assert order == expected
@@ -128,7 +128,9 @@ async def test_failures_are_retried_with_backoff_then_dead(inbox: Path, state: P
         if ctx.entry.relpath == "f00002.txt" and ctx.attempt == 1:
             raise ConnectionError("flaky")
 
-    report = await Batch(handle, source=inbox, state=state, max_attempts=3, backoff=0.01).run()
+    report = await Batch(
+        handle, source=inbox, state=state, max_attempts=3, backoff=0.01, settle=0
+    ).run()
 
     assert attempts == {"f00000.txt": [1], "f00001.txt": [1, 2, 3], "f00002.txt": [1, 2]}
     assert (report.done, report.dead, report.failed, report.ok) == (2, 1, 4, False)
@@ -145,8 +147,8 @@ async def test_a_dead_file_still_in_the_inbox_keeps_the_run_not_ok(
         if ctx.entry.relpath == "f00000.txt":
             raise PermanentError("unsupported format")
 
-    first = await Batch(handle, source=inbox, state=state).run()
-    second = await Batch(handle, source=inbox, state=state).run()
+    first = await Batch(handle, source=inbox, state=state, settle=0).run()
+    second = await Batch(handle, source=inbox, state=state, settle=0).run()
 
     assert (first.dead, first.failed, first.done) == (1, 1, 1)
     assert (second.dead, second.dead_before, second.ok) == (0, 1, False)
@@ -158,7 +160,9 @@ async def test_a_handler_timeout_fails_the_item(inbox: Path, state: Path) -> Non
     async def handle(ctx: TaskContext) -> None:
         await anyio.sleep(10)
 
-    report = await Batch(handle, source=inbox, state=state, timeout=0.05, max_attempts=1).run()
+    report = await Batch(
+        handle, source=inbox, state=state, timeout=0.05, max_attempts=1, settle=0
+    ).run()
 
     assert report.dead == 1
     assert "ran over 0.05s" in rows(state, "SELECT last_error FROM items")[0][0]
@@ -172,8 +176,8 @@ async def test_a_file_vanishing_before_handling_is_marked_vanished(
     async def handle(ctx: TaskContext) -> None:
         second.unlink(missing_ok=True)
 
-    report = await Batch(handle, source=inbox, state=state, concurrency=1).run()
-    again = await Batch(handle, source=inbox, state=state, concurrency=1).run()
+    report = await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
+    again = await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
 
     assert (report.done, report.vanished, report.ok) == (1, 1, True)
     assert (again.done, again.vanished) == (0, 0)
@@ -189,7 +193,7 @@ async def test_a_file_changed_after_the_scan_is_not_handled_as_the_old_version(
         if ctx.entry.relpath == first.name:
             second.write_bytes(b"rewritten while queued")
 
-    report = await Batch(handle, source=inbox, state=state, concurrency=1).run()
+    report = await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
 
     assert (report.done, report.vanished) == (1, 1)
 
@@ -203,7 +207,7 @@ async def test_a_fifo_in_the_inbox_never_blocks_the_run(inbox: Path, state: Path
         await ctx.read_bytes()
 
     with anyio.fail_after(20):
-        report = await Batch(handle, source=inbox, state=state).run()
+        report = await Batch(handle, source=inbox, state=state, settle=0).run()
 
     assert report.done == 2
     assert rows(state, "SELECT count(*) FROM items WHERE relpath = ?", (b"pipe.csv",)) == [(0,)]
@@ -223,7 +227,7 @@ async def test_contexts_of_concurrent_items_share_nothing(inbox: Path, state: Pa
         assert ctx.log.extra is not None
         assert ctx.log.extra["key"] == ctx.key
 
-    report = await Batch(handle, source=inbox, state=state, concurrency=16).run()
+    report = await Batch(handle, source=inbox, state=state, concurrency=16, settle=0).run()
 
     assert report.done == 64
     assert len({id(c.data) for c in contexts}) == 64
@@ -238,7 +242,7 @@ async def test_an_exception_fails_only_its_item(inbox: Path, state: Path) -> Non
         if ctx.entry.relpath == "f00007.txt":
             raise RuntimeError("boom")
 
-    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1, settle=0).run()
     assert (report.done, report.dead) == (19, 1)
 
 
@@ -253,7 +257,7 @@ async def test_cancelling_a_run_releases_the_lock_and_the_leases(inbox: Path, st
             started.set()
         await anyio.sleep(30)
 
-    batch = Batch(handle, source=inbox, state=state, concurrency=4)
+    batch = Batch(handle, source=inbox, state=state, concurrency=4, settle=0)
     with anyio.move_on_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(batch.run)
@@ -276,7 +280,7 @@ async def test_stop_lets_in_flight_items_finish(inbox: Path, state: Path) -> Non
             batch.stop()
         await anyio.sleep(0.05)
 
-    batch = Batch(handle, source=inbox, state=state, concurrency=3)
+    batch = Batch(handle, source=inbox, state=state, concurrency=3, settle=0)
     started = time.monotonic()
     report = await batch.run()
 
@@ -297,7 +301,7 @@ async def test_a_batch_object_refuses_to_run_twice_at_once(inbox: Path, state: P
     async def handle(ctx: TaskContext) -> None:
         await gate.wait()
 
-    batch = Batch(handle, source=inbox, state=state)
+    batch = Batch(handle, source=inbox, state=state, settle=0)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.run)
         await anyio.sleep(0.2)
@@ -332,14 +336,14 @@ def test_missing_source_and_state_inside_source_are_refused(inbox: Path, tmp_pat
         pass
 
     with pytest.raises(ConfigurationError, match="no such directory"):
-        Batch(handle, source=tmp_path / "nope", state=tmp_path / "s.db")
+        Batch(handle, source=tmp_path / "nope", state=tmp_path / "s.db", settle=0)
     with pytest.raises(ConfigurationError, match="inside the scanned source"):
-        Batch(handle, source=inbox, state=inbox / "state.db")
-    Batch(handle, source=inbox, state=inbox / ".state.db")  # hidden: never scanned
+        Batch(handle, source=inbox, state=inbox / "state.db", settle=0)
+    Batch(handle, source=inbox, state=inbox / ".state.db", settle=0)  # hidden: never scanned
     # Ignoring the state alone would leave SQLite's -wal and -shm beside it to the scan.
     with pytest.raises(ConfigurationError, match=r"state\.db-wal'?: is inside the scanned"):
-        Batch(handle, source=inbox, state=inbox / "state.db", ignore=["state.db"])
-    Batch(handle, source=inbox, state=inbox / "state.db", ignore=["state.db*"])
+        Batch(handle, source=inbox, state=inbox / "state.db", ignore=["state.db"], settle=0)
+    Batch(handle, source=inbox, state=inbox / "state.db", ignore=["state.db*"], settle=0)
 
 
 @pytest.mark.parametrize("name", ["source", "state", "output_dir"])
@@ -360,7 +364,7 @@ def test_a_synchronous_handler_is_refused(inbox: Path, state: Path) -> None:
         pass
 
     with pytest.raises(ConfigurationError, match="an async function"):
-        Batch(handle, source=inbox, state=state)  # type: ignore[arg-type]
+        Batch(handle, source=inbox, state=state, settle=0)  # type: ignore[arg-type]
 
 
 async def test_base_exceptions_from_a_handler_are_never_swallowed(inbox: Path, state: Path) -> None:
@@ -373,7 +377,7 @@ async def test_base_exceptions_from_a_handler_are_never_swallowed(inbox: Path, s
         raise Stop
 
     with pytest.raises(Stop):
-        await Batch(handle, source=inbox, state=state, concurrency=1).run()
+        await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
     # Nothing was recorded as failed or done; the leases went back.
     assert state_counts(state) == {"pending": 3}
     assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
@@ -386,7 +390,7 @@ async def test_stop_before_the_run_began_is_not_lost(inbox: Path, state: Path) -
     async def handle(ctx: TaskContext) -> None:
         calls.append(ctx.key)
 
-    batch = Batch(handle, source=inbox, state=state)
+    batch = Batch(handle, source=inbox, state=state, settle=0)
     batch.stop()  # e.g. an application shutting down before its watcher got going
     with anyio.fail_after(20):
         report = await batch.watch()
@@ -416,7 +420,7 @@ async def test_reading_the_input_small_large_and_streamed(inbox: Path, state: Pa
             head = await f.read(10)
         seen[ctx.entry.relpath] = (whole, streamed, head)
 
-    report = await Batch(handle, source=inbox, state=state).run()
+    report = await Batch(handle, source=inbox, state=state, settle=0).run()
 
     assert report.done == 2
     for path in (small, large):
@@ -442,7 +446,7 @@ async def test_read_bytes_returns_every_byte_of_a_file_over_2_gib(inbox: Path, s
         data = await ctx.read_bytes()
         got.append((len(data), data[-3:]))
 
-    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1, settle=0).run()
 
     assert (report.done, report.dead) == (1, 0)
     assert got == [(size, b"end")]
@@ -458,7 +462,7 @@ async def test_an_input_that_changes_size_while_read_fails_its_attempt(
             f.truncate(10)
         await ctx.read_bytes()
 
-    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1, settle=0).run()
 
     assert (report.done, report.dead) == (0, 1)
     ((error,),) = rows(state, "SELECT last_error FROM items")
@@ -484,7 +488,7 @@ async def test_a_handler_raising_a_base_exception_stops_the_run_cleanly(
         await anyio.sleep(0.01)
 
     with anyio.fail_after(20), pytest.raises(type(raised)) as info:
-        await Batch(handle, source=inbox, state=state, concurrency=2).run()
+        await Batch(handle, source=inbox, state=state, concurrency=2, settle=0).run()
 
     assert info.value is raised
     assert any("raised by the handler for 'f00002.txt'" in n for n in info.value.__notes__)
@@ -510,7 +514,7 @@ async def test_a_stray_cancelled_error_from_a_handler_fails_only_that_attempt(
         if ctx.entry.relpath == "f00001.txt":
             raise asyncio.CancelledError  # nothing cancelled it
 
-    report = await Batch(handle, source=inbox, state=state, max_attempts=1).run()
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1, settle=0).run()
 
     assert (report.done, report.dead, report.ok) == (4, 1, False)
     ((error,),) = rows(state, "SELECT last_error FROM items WHERE state = 'dead'")
@@ -540,7 +544,7 @@ async def test_a_handler_that_cancels_its_own_task_fails_only_its_attempt(
         await anyio.lowlevel.checkpoint()
 
     with anyio.fail_after(60):
-        report = await Batch(handle, source=inbox, state=state, backoff=0.01).run()
+        report = await Batch(handle, source=inbox, state=state, backoff=0.01, settle=0).run()
 
     assert (report.done, report.ok) == (6, True), report
     assert attempts["f00001.txt"] == [1, 2]
@@ -562,7 +566,7 @@ async def test_a_watch_goes_on_after_a_stray_cancelled_error(inbox: Path, state:
             raise asyncio.CancelledError
         batch.stop()
 
-    batch = Batch(handle, source=inbox, state=state, backoff=0, poll=0.05)
+    batch = Batch(handle, source=inbox, state=state, backoff=0, poll=0.05, settle=0)
     with anyio.fail_after(20):
         report = await batch.watch()
     assert calls == [1, 2]
@@ -583,7 +587,13 @@ async def test_attempts_cut_short_by_stops_do_not_spend_the_failure_budget(
 
     def batch() -> Batch:
         return Batch(
-            handle, source=inbox, state=state, max_attempts=1, max_interruptions=3, concurrency=2
+            handle,
+            source=inbox,
+            state=state,
+            max_attempts=1,
+            max_interruptions=3,
+            concurrency=2,
+            settle=0,
         )
 
     for _ in range(3):
@@ -648,7 +658,7 @@ def test_a_runner_resumed_after_a_takeover_starts_none_of_the_items_it_had_lease
                 taker.start()
                 taker.join()
 
-        return Batch(handle, source=inbox, state=state, lease=3, concurrency=1)
+        return Batch(handle, source=inbox, state=state, lease=3, concurrency=1, settle=0)
 
     with pytest.raises(LockLostError, match="taken over"):
         anyio.run(runner("a").run)
@@ -673,7 +683,7 @@ async def test_a_context_and_its_entry_are_read_only(inbox: Path, state: Path) -
         ctx.data["mine"] = 1  # the handler's own values go here
         assert (ctx.key, ctx.attempt, ctx.entry.size, ctx.data) == (ctx.key, 1, 16, {"mine": 1})
 
-    report = await Batch(handle, source=inbox, state=state).run()
+    report = await Batch(handle, source=inbox, state=state, settle=0).run()
     assert report.done == 1
     assert refused == ["key", "attempt", "data", "size"]
 
@@ -700,7 +710,9 @@ async def test_a_heartbeat_beside_a_commit_reports_no_lease_lost(
         await anyio.sleep(0.1)
 
     with caplog.at_level("INFO", logger="asyncbatch"):
-        report = await Batch(handle, source=inbox, state=where, lease=3, concurrency=4).run()
+        report = await Batch(
+            handle, source=inbox, state=where, lease=3, concurrency=4, settle=0
+        ).run()
 
     assert (report.done, report.lost) == (20, 0)
     assert "taken over" not in caplog.text

@@ -132,7 +132,7 @@ async def test_a_killed_writer_leaves_a_temp_that_the_next_batch_cleans(
     async def handle(ctx: TaskContext) -> None:
         await ctx.write_output("result.csv", b"complete")
 
-    await Batch(handle, source=inbox, state=state, output_dir=out).run()
+    await Batch(handle, source=inbox, state=state, output_dir=out, settle=0).run()
 
     assert [p.name for p in out.iterdir()] == ["result.csv"]
     assert (out / "result.csv").read_bytes() == b"complete"
@@ -153,7 +153,7 @@ async def test_write_output_refuses_paths_outside_the_output_dir(
 
     out = tmp_path / "out"
     out.mkdir()
-    await Batch(handle, source=inbox, state=state, output_dir=out).run()
+    await Batch(handle, source=inbox, state=state, output_dir=out, settle=0).run()
     assert len(errors) == 3
     assert not (tmp_path / "escape.txt").exists()
 
@@ -282,7 +282,7 @@ async def test_on_done_move_archives_after_the_commit(
         await ctx.read_bytes()
 
     report = await Batch(
-        handle, source=inbox, state=state, on_done=f"move:{archive}", recursive=True
+        handle, source=inbox, state=state, on_done=f"move:{archive}", recursive=True, settle=0
     ).run()
 
     assert report.done == 3
@@ -310,11 +310,11 @@ async def test_post_actions_cut_off_by_a_crash_are_finished_without_rerunning(
 
     with monkeypatch.context() as m:
         m.setattr(PostActions, "_perform", crash)
-        await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+        await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0).run()
     assert len(list(inbox.iterdir())) == 5, "committed, but not moved yet"
     assert state_counts(state) == {"done": 5}
 
-    report = await Batch(handle, source=inbox, state=state, on_done="keep").run()
+    report = await Batch(handle, source=inbox, state=state, on_done="keep", settle=0).run()
 
     assert len(calls) == 5, "the handler did not run again"
     assert report.done == 0
@@ -332,7 +332,7 @@ async def test_on_done_delete_spares_a_newer_version(inbox: Path, state: Path) -
             replacement.write_text("newer")
             os.replace(replacement, first)
 
-    await Batch(handle, source=inbox, state=state, on_done="delete", concurrency=1).run()
+    await Batch(handle, source=inbox, state=state, on_done="delete", concurrency=1, settle=0).run()
 
     assert not second.exists()
     assert first.read_text() == "newer"
@@ -348,7 +348,7 @@ async def test_archive_name_clash_keeps_both(inbox: Path, state: Path, tmp_path:
     async def handle(ctx: TaskContext) -> None:
         pass
 
-    await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+    await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0).run()
 
     (key,) = [k for (k,) in rows(state, "SELECT key FROM items")]
     assert (archive / "daily.csv").read_text() == "yesterday"
@@ -365,7 +365,7 @@ async def test_on_dead_moves_dead_inputs(inbox: Path, state: Path, tmp_path: Pat
             raise ValueError("bad")
 
     await Batch(
-        handle, source=inbox, state=state, max_attempts=1, on_dead=f"move:{quarantine}"
+        handle, source=inbox, state=state, max_attempts=1, on_dead=f"move:{quarantine}", settle=0
     ).run()
 
     assert [p.name for p in quarantine.iterdir()] == ["f00001.txt"]
@@ -396,7 +396,7 @@ async def test_ctx_move_refuses_a_destination_the_scan_would_pick_up(
             raise
 
     report = await Batch(
-        handle, source=inbox, state=state, recursive=recursive, max_attempts=1
+        handle, source=inbox, state=state, recursive=recursive, max_attempts=1, settle=0
     ).run()
 
     if refused:
@@ -423,8 +423,8 @@ async def test_ctx_move_survives_a_crash_before_the_commit(
             await anyio.sleep(30)  # the run is cancelled here, after the move
 
     with anyio.move_on_after(1.0):
-        await Batch(handle, source=inbox, state=state).run()
-    report = await Batch(handle, source=inbox, state=state).run()
+        await Batch(handle, source=inbox, state=state, settle=0).run()
+    report = await Batch(handle, source=inbox, state=state, settle=0).run()
 
     assert report.done == 1
     assert report.vanished == 0
@@ -439,7 +439,14 @@ def test_archive_inside_the_scanned_tree_is_refused(inbox: Path, state: Path) ->
 
     (inbox / "done").mkdir()
     with pytest.raises(ConfigurationError, match="inside the scanned source"):
-        Batch(handle, source=inbox, state=state, recursive=True, on_done=f"move:{inbox / 'done'}")
+        Batch(
+            handle,
+            source=inbox,
+            state=state,
+            recursive=True,
+            on_done=f"move:{inbox / 'done'}",
+            settle=0,
+        )
     Batch(
         handle,
         source=inbox,
@@ -447,10 +454,13 @@ def test_archive_inside_the_scanned_tree_is_refused(inbox: Path, state: Path) ->
         recursive=True,
         ignore=["done"],
         on_done=f"move:{inbox / 'done'}",
+        settle=0,
     )
-    Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'done'}")  # not recursive
+    Batch(
+        handle, source=inbox, state=state, on_done=f"move:{inbox / 'done'}", settle=0
+    )  # not recursive
     with pytest.raises(ConfigurationError, match="no such directory"):
-        Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'nope'}")
+        Batch(handle, source=inbox, state=state, on_done=f"move:{inbox / 'nope'}", settle=0)
 
 
 async def test_non_utf8_names_through_moves_archives_and_errors(
@@ -475,7 +485,7 @@ async def test_non_utf8_names_through_moves_archives_and_errors(
             raise ValueError(f"cannot parse {ctx.entry.relpath}")
 
     report = await Batch(
-        handle, source=inbox, state=state, on_done=f"move:{archive}", max_attempts=1
+        handle, source=inbox, state=state, on_done=f"move:{archive}", max_attempts=1, settle=0
     ).run()
 
     assert (report.done, report.dead) == (2, 1)
@@ -511,7 +521,7 @@ async def test_an_archive_on_another_filesystem_is_cleaned_of_stale_temp_files(
         async def handle(ctx: TaskContext) -> None:
             pass
 
-        await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+        await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0).run()
 
         assert sorted(p.name for p in archive.iterdir()) == ["f00000.txt", "f00001.txt"]
     finally:
@@ -534,7 +544,9 @@ async def test_a_failed_post_commit_action_is_reported(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(PostActions, "_perform", fail)
-    report = await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+    report = await Batch(
+        handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0
+    ).run()
 
     # The items are done (their work is recorded), but the run is not ok: files that should
     # have been archived are still in the inbox (the next run retries the action).
@@ -543,7 +555,9 @@ async def test_a_failed_post_commit_action_is_reported(
     assert "3 post-commit actions failed" in str(report)
     assert rows(state, "SELECT exit_status FROM runs") == [("failed",)]
     monkeypatch.undo()
-    again = await Batch(handle, source=inbox, state=state, on_done=f"move:{archive}").run()
+    again = await Batch(
+        handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0
+    ).run()
     assert (again.done_before, again.post_failed, again.ok) == (3, 0, True)
     assert sorted(p.name for p in archive.iterdir()) == ["f00000.txt", "f00001.txt", "f00002.txt"]
 
@@ -563,7 +577,7 @@ async def test_an_archive_move_never_follows_a_symlinked_directory_out_of_the_ar
 
     with caplog.at_level(logging.WARNING, "asyncbatch"):
         report = await Batch(
-            handle, source=inbox, state=state, recursive=True, on_done=f"move:{archive}"
+            handle, source=inbox, state=state, recursive=True, on_done=f"move:{archive}", settle=0
         ).run()
 
     assert (report.done, report.post_failed, report.ok) == (1, 1, False)
@@ -594,12 +608,12 @@ async def test_a_newer_file_under_a_done_name_is_never_deleted_or_archived_unhan
 
     report = inbox / "report.csv"
     _write_settled(report, b"v1")
-    await Batch(handle, source=inbox, state=state, identity="path", on_done=action).run()
+    await Batch(handle, source=inbox, state=state, identity="path", on_done=action, settle=0).run()
     assert not report.exists()
     # A different v2 under the done name, its mtime a minute in the past: identity "path"
     # handles each name once, so v2 is not handled, and must then be left where it is.
     _write_settled(report, b"version 2")
-    await Batch(handle, source=inbox, state=state, identity="path", on_done=action).run()
+    await Batch(handle, source=inbox, state=state, identity="path", on_done=action, settle=0).run()
 
     assert handled == [b"v1"]
     assert report.read_bytes() == b"version 2"
@@ -613,10 +627,12 @@ async def test_content_identity_never_deletes_another_name_with_the_same_bytes(
         pass
 
     _write_settled(inbox / "a.csv", b"same bytes")
-    await Batch(handle, source=inbox, state=state, identity="content", on_done="delete").run()
+    await Batch(
+        handle, source=inbox, state=state, identity="content", on_done="delete", settle=0
+    ).run()
     _write_settled(inbox / "b.csv", b"same bytes")
     report = await Batch(
-        handle, source=inbox, state=state, identity="content", on_done="delete"
+        handle, source=inbox, state=state, identity="content", on_done="delete", settle=0
     ).run()
 
     assert report.done == 0
@@ -638,7 +654,7 @@ async def test_path_identity_records_the_file_it_handled_for_the_post_action(
             _write_settled(inbox / "new.tmp", b"version 2, longer")
             os.replace(inbox / "new.tmp", report)
 
-    await Batch(handle, source=inbox, state=state, identity="path", concurrency=1).run()
+    await Batch(handle, source=inbox, state=state, identity="path", concurrency=1, settle=0).run()
 
     # "path" handles the name as it is when opened; the ledger keeps that file's size, mtime
     # and inode, which a post-commit action of a later run checks before touching the file.
@@ -666,7 +682,7 @@ async def test_write_output_never_follows_a_symlink_inside_the_output_dir(
         except EffectError as e:
             errors.append(str(e))
 
-    report = await Batch(handle, source=inbox, state=state, output_dir=out).run()
+    report = await Batch(handle, source=inbox, state=state, output_dir=out, settle=0).run()
 
     assert report.done == 1
     assert list(outside.iterdir()) == []
@@ -686,6 +702,6 @@ async def test_write_output_without_an_output_dir_stops_the_run(inbox: Path, sta
         await ctx.write_output("x.txt", b"x")
 
     with pytest.raises(ConfigurationError, match=r"ctx.write_output needs Batch\(output_dir=...\)"):
-        await Batch(handle, source=inbox, state=state, concurrency=1).run()
+        await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
     assert len(calls) == 1, "not retried as a transient failure"
     assert state_counts(state) == {"pending": 3}

@@ -56,7 +56,8 @@ def test_entry_script_handles_every_file_once_and_exits_by_the_report(tmp_path: 
     inbox, out, state = tmp_path / "inbox", tmp_path / "out", tmp_path / "state.db"
     out.mkdir()
     files = make_files(inbox, 12)
-    args = ("--source", inbox, "--state", state, "--output-dir", out, "-j", "4")
+    # --settle 0: the files were written a moment ago (their ctime is now).
+    args = ("--source", inbox, "--state", state, "--output-dir", out, "-j", "4", "--settle", "0")
 
     first = run_example("entry.py", *args)
     assert first.returncode == 0, first.stderr
@@ -228,9 +229,10 @@ def test_archive_and_post_applies_each_file_once_and_archives_it(tmp_path: Path)
     store = DocumentStore(tmp_path / "api.db")
     with RealServer(store) as server:
         env = {"API_URL": f"{server.url}/documents", "STATE": str(state)}
-        done = run_example("archive_and_post.py", "--source", inbox, "--archive", archive, env=env)
+        args = ("--source", inbox, "--archive", archive, "--settle", "0")
+        done = run_example("archive_and_post.py", *args, env=env)
         assert done.returncode == 0, done.stderr
-        again = run_example("archive_and_post.py", "--source", inbox, "--archive", archive, env=env)
+        again = run_example("archive_and_post.py", *args, env=env)
         assert again.returncode == 0, again.stderr
     asyncio.run(store.middleware.aclose())
 
@@ -248,7 +250,7 @@ def test_archive_and_post_killed_mid_upload_applies_nothing_twice(tmp_path: Path
     files = make_files(inbox, 6)
     slow = files[2].name
     store = DocumentStore(tmp_path / "api.db", slow=slow, hold=1.5)
-    args = ("--source", inbox, "--archive", archive, "--state", state, "-j", "2")
+    args = ("--source", inbox, "--archive", archive, "--state", state, "-j", "2", "--settle", "0")
     with RealServer(store) as server:
         api = ("--api", f"{server.url}/documents")
         poster = subprocess.Popen(

@@ -73,7 +73,9 @@ async def test_keys_are_stable_across_attempts_and_distinct_between_items_and_ca
     with RealServer(app) as server:
         url = server.url
         async with httpx.AsyncClient() as client:
-            report = await Batch(handle, source=inbox, state=state, http=client, backoff=0).run()
+            report = await Batch(
+                handle, source=inbox, state=state, http=client, backoff=0, settle=0
+            ).run()
 
     assert report.done == 2
     calls = [r for r in app.requests if r["path"] != "/own"]
@@ -111,7 +113,7 @@ async def test_transient_answers_are_retried_with_the_same_key(inbox: Path, stat
 
     with RealServer(app) as server:
         url = server.url
-        report = await Batch(handle, source=inbox, state=state, http_backoff=0.001).run()
+        report = await Batch(handle, source=inbox, state=state, http_backoff=0.001, settle=0).run()
 
     assert report.done == 3
     assert sorted(app.by_key.values()) == [3, 3, 3]
@@ -143,7 +145,7 @@ async def test_connection_errors_are_retried_with_the_same_key(inbox: Path, stat
     with RealServer(app) as server:
         url = server.url
         report = await Batch(
-            handle, source=inbox, state=state, http=Flaky(), http_backoff=0.001
+            handle, source=inbox, state=state, http=Flaky(), http_backoff=0.001, settle=0
         ).run()
 
     assert report.done == 2
@@ -161,7 +163,7 @@ async def test_422_fails_the_item_for_good_with_a_clear_reason(inbox: Path, stat
 
     with RealServer(app) as server:
         url = server.url
-        report = await Batch(handle, source=inbox, state=state, max_attempts=5).run()
+        report = await Batch(handle, source=inbox, state=state, max_attempts=5, settle=0).run()
 
     assert report.dead == 1
     assert len(app.requests) == 1, "422 is never retried"

@@ -330,7 +330,13 @@ async def test_ambiguous_outcome_is_retried_with_the_same_key_and_replayed(
 
     with serving(front) as url:
         report = await Batch(
-            handle, source=inbox, state=state, concurrency=4, http=transport, http_backoff=0.001
+            handle,
+            source=inbox,
+            state=state,
+            concurrency=4,
+            http=transport,
+            http_backoff=0.001,
+            settle=0,
         ).run()
 
     assert (report.done, report.failed, report.dead) == (files, 0, 0)
@@ -479,7 +485,13 @@ async def test_a_transient_5xx_behind_the_middleware_is_not_replayed_forever(
 
     with serving(front) as url:
         report = await Batch(
-            handle, source=inbox, state=state, max_attempts=3, backoff=0, http_backoff=0.001
+            handle,
+            source=inbox,
+            state=state,
+            max_attempts=3,
+            backoff=0,
+            http_backoff=0.001,
+            settle=0,
         ).run()
 
     answers = [(e.status, e.replayed) for e in front.exchanges()]

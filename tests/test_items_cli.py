@@ -22,6 +22,7 @@ from .conftest import (
     invocations,
     kill,
     make_files,
+    settled_now,
     start_recording,
     state_counts,
     wait_for,
@@ -52,7 +53,7 @@ def explain(inbox: Path, state: Path | str, path: str | Path, *extra: str) -> di
 def no_terminal(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """The CLI with stdin not a terminal (``/dev/null``)."""
     return subprocess.run(
-        [sys.executable, "-m", "asyncbatch", *map(str, args)],
+        [sys.executable, "-m", "asyncbatch", *settled_now(args)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -65,7 +66,7 @@ def on_terminal(answer: str, *args: str | Path) -> tuple[int, str]:
     """The CLI on a pseudo-terminal, answering its question with ``answer``."""
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "asyncbatch", *map(str, args)],
+        [sys.executable, "-m", "asyncbatch", *settled_now(args)],
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
@@ -146,7 +147,8 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     assert verdict("keep.skip")[0] == "never-seen"
     unsettled = verdict("future.txt")
     assert unsettled[0] == "not-settled"
-    assert "--settle 1" in unsettled[1]
+    assert "in the future by this host's clock" in unsettled[1]
+    assert "--settle 0" in unsettled[1]
     assert "symlink" in verdict("link.txt")[1]
     assert verdict("link.txt", "--follow-symlinks")[0] == "never-seen"
     assert verdict("no-such-file.txt") == (

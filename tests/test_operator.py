@@ -163,6 +163,8 @@ def test_a_progress_bar_on_a_terminal(inbox: Path, state: Path) -> None:
             str(state),
             "-j",
             "2",
+            "--settle",
+            "0",
         ],
         stdin=terminal,
         stdout=terminal,

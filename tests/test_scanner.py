@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncbatch._scanner import CHUNK, Scanner, ScanRules, pack, split, unpack
+from asyncbatch._scanner import (
+    CHUNK,
+    NS_MAX,
+    Scanner,
+    ScanRules,
+    pack,
+    ready_ns,
+    split,
+    unpack,
+)
 
 from .conftest import make_files
 
@@ -23,6 +32,12 @@ def names(records: list[bytes]) -> list[bytes]:
     return [unpack(r)[1] for r in records]
 
 
+def later(seconds: float = 2.0) -> int:
+    """A scan's ``now_ns`` ``seconds`` from now: files written by the test (ctime now) are
+    settled then, as they would be for a scan that waited."""
+    return time.time_ns() + int(seconds * 1e9)
+
+
 async def test_only_regular_settled_files_are_listed(inbox: Path) -> None:
     make_files(inbox, 3)
     for name in ("a.tmp", "b~", "c.swp", "d.part", "e.crdownload", ".hidden", ".x.csv"):
@@ -31,12 +46,46 @@ async def test_only_regular_settled_files_are_listed(inbox: Path) -> None:
     (inbox / "sub" / "deep.txt").write_text("not scanned without recursive")
     os.symlink(inbox / "f00000.txt", inbox / "link.txt")
     os.mkfifo(inbox / "fifo")
-    fresh = inbox / "fresh.txt"
-    fresh.write_text("just written")
 
-    found = names(await scanner(inbox).scan(settle=1.0))
+    found = names(await scanner(inbox).scan(settle=1.0, now_ns=later()))
 
     assert found == [b"f00000.txt", b"f00001.txt", b"f00002.txt"]
+
+
+async def test_a_file_is_settled_only_once_its_mtime_and_its_ctime_are_old(inbox: Path) -> None:
+    # A copier that keeps the source's times sets the mtime back a month while it writes;
+    # the ctime, set by the kernel at every write and by the utime itself, says when.
+    copying = inbox / "copying.csv"
+    copying.write_bytes(b"\0" * 1024)
+    month_ago = time.time() - 30 * 86400
+    os.utime(copying, (month_ago, month_ago))
+    fresh = inbox / "fresh.txt"
+    fresh.write_text("just written")
+    scan = scanner(inbox)
+
+    assert await scan.scan(settle=1.0) == []
+    assert scan.last is not None
+    assert (scan.last.unsettled, scan.last.future) == (2, 0)
+    assert names(await scan.scan(settle=1.0, now_ns=later())) == [b"copying.csv", b"fresh.txt"]
+    assert scan.last.unsettled == 0
+
+
+async def test_a_file_from_after_2262_is_never_settled_and_crashes_nothing(inbox: Path) -> None:
+    far = inbox / "far.csv"
+    far.write_text("x")
+    year_2300 = 10_413_792_000 * 10**9  # past the signed 64-bit nanoseconds of 2262
+    os.utime(far, ns=(year_2300, year_2300))
+    make_files(inbox, 1)
+    scan = scanner(inbox)
+
+    assert names(await scan.scan(settle=1.0, now_ns=later())) == [b"f00000.txt"]
+    assert scan.last is not None
+    assert (scan.last.unsettled, scan.last.future) == (1, 1)
+    every = await scan.scan(settle=None)  # watch mode lists every file, settled or not
+    assert sorted(names(every)) == [b"f00000.txt", b"far.csv"]
+    (mtime, _, _, _) = unpack(every[-1])
+    assert mtime == NS_MAX
+    assert ready_ns(every[-1]) == NS_MAX
 
 
 async def test_settle_zero_includes_fresh_files_and_none_includes_future(inbox: Path) -> None:
@@ -58,7 +107,7 @@ async def test_order_is_mtime_then_relpath(inbox: Path) -> None:
         (inbox / name).write_text(name)
         os.utime(inbox / name, ns=(int((base + offset) * 1e9),) * 2)
 
-    found = names(await scanner(inbox).scan(settle=1.0))
+    found = names(await scanner(inbox).scan(settle=1.0, now_ns=later()))
 
     assert found == [b"z.txt", b"a.txt", b"b.txt", b"m.txt", b"c.txt"]
 
@@ -74,7 +123,7 @@ async def test_recursive_walk_and_ignore_globs(inbox: Path) -> None:
     os.utime(inbox / "notes.bak", (old, old))
 
     found = await scanner(inbox, ignore=("archive", "*.bak", "2024/02/*"), recursive=True).scan(
-        settle=1.0
+        settle=1.0, now_ns=later()
     )
 
     assert sorted(names(found)) == [
@@ -93,7 +142,7 @@ async def test_symlinks_followed_only_inside_the_source(tmp_path: Path, inbox: P
     old = time.time() - 60
     os.utime(outside, (old, old))
 
-    found = names(await scanner(inbox, follow_symlinks=True).scan(settle=1.0))
+    found = names(await scanner(inbox, follow_symlinks=True).scan(settle=1.0, now_ns=later()))
 
     assert sorted(found) == [b"alias.txt", b"f00000.txt"]
 
@@ -105,7 +154,7 @@ async def test_non_utf8_names_round_trip(inbox: Path) -> None:
     old = time.time() - 60
     os.utime(raw, (old, old))
 
-    (record,) = await scanner(inbox).scan(settle=1.0)
+    (record,) = await scanner(inbox).scan(settle=1.0, now_ns=later())
 
     assert unpack(record)[1] == b"caf\xe9-\xff.txt"
     assert os.fsencode(os.fsdecode(unpack(record)[1])) == b"caf\xe9-\xff.txt"
@@ -116,7 +165,7 @@ async def test_many_files_cross_several_thread_hops(inbox: Path) -> None:
     make_files(inbox, count)
     hops: list[int] = []
 
-    found = await scanner(inbox).scan(settle=1.0, on_chunk=hops.append)
+    found = await scanner(inbox).scan(settle=1.0, now_ns=later(), on_chunk=hops.append)
 
     assert len(found) == count
     assert len(hops) >= 3  # one hop per chunk of entries, never one per file
@@ -135,17 +184,22 @@ async def test_missing_source_raises() -> None:
             st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b and b"/" not in b),
             st.integers(0, 2**40),
             st.integers(0, 2**40),
+            st.integers(-(2**62), 2**62),
         ),
         max_size=30,
     )
 )
-def test_records_sort_by_mtime_then_relpath(entries: list[tuple[int, bytes, int, int]]) -> None:
+def test_records_sort_by_mtime_then_relpath(
+    entries: list[tuple[int, bytes, int, int, int]],
+) -> None:
     records = sorted(pack(*e) for e in entries)
     decoded = [unpack(r) for r in records]
-    assert [(m, rel) for m, rel, _, _ in decoded] == sorted((m, rel) for m, rel, _, _ in entries)
+    assert [(m, rel) for m, rel, _, _ in decoded] == sorted((m, rel) for m, rel, _, _, _ in entries)
+    ctimes = {pack(*e): e[4] for e in entries}
     for record, (mtime, rel, size, inode) in zip(records, decoded, strict=True):
-        assert pack(mtime, rel, size, inode) == record
+        assert pack(mtime, rel, size, inode, ctimes[record]) == record
         assert split(record)[0] == rel
+        assert ready_ns(record) == max(mtime, ctimes[record])
 
 
 def _deep_directory(root: Path, depth: int, name: bytes) -> int:

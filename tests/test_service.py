@@ -179,6 +179,7 @@ async def test_a_scrape_after_a_watch_over_real_files_gives_the_exact_counts(
         "heartbeat",
         "lock",
         "ledger",
+        "source",
         "scan",
         "stopping",
     }
@@ -195,8 +196,8 @@ async def test_two_batches_in_one_process_keep_their_own_metrics_across_runs(
     a_in, b_in = tmp_path / "a", tmp_path / "b"
     make_files(a_in, 3)
     make_files(b_in, 5)
-    a = Batch(handle, source=a_in, state=tmp_path / "a.db", job="a", metrics=True)
-    b = Batch(handle, source=b_in, state=tmp_path / "b.db", job="b", metrics=True)
+    a = Batch(handle, source=a_in, state=tmp_path / "a.db", job="a", metrics=True, settle=0)
+    b = Batch(handle, source=b_in, state=tmp_path / "b.db", job="b", metrics=True, settle=0)
     await a.run()
     await b.run()
     make_files(a_in, 2, prefix="later")
@@ -228,7 +229,7 @@ def test_importing_and_running_without_metrics_never_imports_prometheus_client(
         "import sys, asyncio, asyncbatch\n"
         "assert 'prometheus_client' not in sys.modules, 'imported by import asyncbatch'\n"
         "async def handle(ctx): pass\n"
-        f"b = asyncbatch.Batch(handle, source={str(inbox)!r}, state={str(state)!r})\n"
+        f"b = asyncbatch.Batch(handle, source={str(inbox)!r}, state={str(state)!r}, settle=0)\n"
         "print(asyncio.run(b.run()).done, b.health().live)\n"
         "assert 'prometheus_client' not in sys.modules, 'imported by a run without metrics'\n"
     )
@@ -246,7 +247,7 @@ async def test_metrics_app_mounted_in_an_asgi_app_answers_under_its_mount_point(
         pass
 
     make_files(inbox, 4)
-    batch = Batch(handle, source=inbox, state=state, metrics=True)
+    batch = Batch(handle, source=inbox, state=state, metrics=True, settle=0)
     await batch.run()
     app = Starlette(routes=[Mount("/ops", app=batch.metrics_app())])
     transport = httpx.ASGITransport(app=app)
@@ -258,7 +259,7 @@ async def test_metrics_app_mounted_in_an_asgi_app_answers_under_its_mount_point(
     assert live.status_code == ready.status_code == 503, "no run under way"
     assert live.json()["checks"]["running"]["detail"].startswith("the last run() ended: ok")
 
-    plain = Batch(handle, source=inbox, state=state)
+    plain = Batch(handle, source=inbox, state=state, settle=0)
     with pytest.raises(ConfigurationError, match="metrics off"):
         plain.metrics_app()
 
@@ -284,13 +285,13 @@ async def test_a_metrics_address_in_use_is_refused_before_anything_is_touched(
         ran.append(ctx.entry.relpath)
 
     with port_in_use() as port:
-        batch = Batch(handle, source=inbox, state=state, metrics=f"127.0.0.1:{port}")
+        batch = Batch(handle, source=inbox, state=state, metrics=f"127.0.0.1:{port}", settle=0)
         with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port}.*in use"):
             await batch.run()
     assert ran == []
     assert not state.exists(), "refused before the ledger was opened"
     with pytest.raises(ConfigurationError, match="'metrics' has value 'localhost'"):
-        Batch(handle, source=inbox, state=state, metrics="localhost")
+        Batch(handle, source=inbox, state=state, metrics="localhost", settle=0)
 
 
 # -- health from real parts ------------------------------------------------------------------------
@@ -319,8 +320,8 @@ def checks(health: Health) -> dict[str, bool]:
 async def test_not_ready_before_the_lock_and_the_first_scan(inbox: Path, state: Path) -> None:
     make_files(inbox, 3)
     # Create the ledger, then hold its write lock: the next run cannot take its job lock.
-    await Batch(idle, source=inbox, state=state, job="warm-up").run()
-    batch = Batch(idle, source=inbox, state=state, poll=0.05, lease=3)
+    await Batch(idle, source=inbox, state=state, job="warm-up", settle=0).run()
+    batch = Batch(idle, source=inbox, state=state, poll=0.05, lease=3, settle=0)
     assert checks(batch.health()) == {"running": False}
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
@@ -346,7 +347,7 @@ async def test_a_ledger_that_refuses_claims_makes_the_batch_not_ready_before_a_h
     inbox: Path, state: Path
 ) -> None:
     # A long lease: its heartbeats come every 15 s, so only the claim's waits can tell.
-    batch = Batch(idle, source=inbox, state=state, lease=60, poll=0.05)
+    batch = Batch(idle, source=inbox, state=state, lease=60, poll=0.05, settle=0)
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         await tg.start(watching)
@@ -365,7 +366,7 @@ async def test_a_ledger_that_refuses_claims_makes_the_batch_not_ready_before_a_h
 async def test_a_paused_ledger_makes_the_heartbeat_stale_and_the_batch_not_live(
     inbox: Path, state: Path
 ) -> None:
-    batch = Batch(idle, source=inbox, state=state, lease=3, poll=0.05)
+    batch = Batch(idle, source=inbox, state=state, lease=3, poll=0.05, settle=0)
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         await tg.start(watching)
@@ -398,7 +399,7 @@ async def test_a_stopping_batch_is_live_but_not_ready(inbox: Path, state: Path) 
         started.set()
         await release.wait()
 
-    batch = Batch(hold, source=inbox, state=state, poll=0.05)
+    batch = Batch(hold, source=inbox, state=state, poll=0.05, settle=0)
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         await tg.start(watching)
@@ -418,7 +419,7 @@ async def test_a_stopping_batch_is_live_but_not_ready(inbox: Path, state: Path) 
 async def test_a_lock_taken_over_ends_the_run_and_the_batch_is_not_live(
     inbox: Path, state: Path
 ) -> None:
-    batch = Batch(idle, source=inbox, state=state, lease=3, poll=0.05)
+    batch = Batch(idle, source=inbox, state=state, lease=3, poll=0.05, settle=0)
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         await tg.start(watching)
@@ -529,7 +530,9 @@ def pg_outage(postgres_server: Server) -> Iterator[Outage]:
 async def test_a_postgresql_outage_shows_in_health_and_in_the_ledger_error_counts(
     inbox: Path, pg_outage: Outage
 ) -> None:
-    batch = Batch(idle, source=inbox, state=pg_outage.dsn, lease=3, poll=0.05, metrics=True)
+    batch = Batch(
+        idle, source=inbox, state=pg_outage.dsn, lease=3, poll=0.05, metrics=True, settle=0
+    )
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         await tg.start(watching)

@@ -22,6 +22,7 @@ from .conftest import (
     kill,
     make_files,
     rows,
+    settled_now,
     spawn,
     state_counts,
     wait_for,
@@ -249,7 +250,8 @@ def test_a_runner_on_another_host_finishes_a_killed_hosts_items_in_about_one_lea
     def host(name: str, sleep: str) -> subprocess.Popen[str]:
         command = (
             f"hostname {name} && exec '{sys.executable}' -m asyncbatch run '{RECORD}' "
-            f"--source '{inbox}' --state '{pg_dsn}' --shared -j 16 --lease 5 --no-progress"
+            f"--source '{inbox}' --state '{pg_dsn}' --shared -j 16 --lease 5 --no-progress "
+            "--settle 0"
         )
         return subprocess.Popen(
             ["unshare", "--uts", "--pid", "--fork", "--kill-child", "sh", "-c", command],
@@ -294,7 +296,7 @@ def test_a_runner_in_another_pid_namespace_of_the_same_hostname_keeps_its_lock(
     args = ("run", RECORD, "--source", inbox, "--state", state, "-j", "2", "--no-progress")
     command = ["unshare", "--pid", "--fork", "--kill-child", *(["--mount-proc"] * mount_proc)]
     holder = subprocess.Popen(
-        [*command, sys.executable, "-m", "asyncbatch", *map(str, args)],
+        [*command, sys.executable, "-m", "asyncbatch", *settled_now(args)],
         env={**os.environ, **WARNINGS_FAIL, "AB_LOG": str(log), "AB_SLEEP": "0.2"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

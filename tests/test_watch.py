@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import make_files, state_counts
+from .conftest import make_files, state_counts, until_settled
 
 
 async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool = False) -> bytes:
@@ -31,7 +32,7 @@ async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool =
 async def test_run_skips_a_file_still_being_written_and_a_later_run_gets_it_whole(
     inbox: Path, state: Path
 ) -> None:
-    make_files(inbox, 2)
+    await until_settled(0.5, *make_files(inbox, 2))
     handled: dict[str, bytes] = {}
 
     async def handle(ctx: TaskContext) -> None:
@@ -50,7 +51,7 @@ async def test_run_skips_a_file_still_being_written_and_a_later_run_gets_it_whol
     assert "slow.csv" not in handled
     assert first.done == 2
 
-    await anyio.sleep(0.6)
+    await until_settled(0.5, slow)
     second = await Batch(handle, source=inbox, state=state, settle=0.5).run()
     assert second.done == 1
     assert handled["slow.csv"] == written[0]
@@ -195,4 +196,49 @@ async def test_a_watch_waits_for_a_source_that_went_away_and_goes_on_when_it_is_
 
     assert report is not None
     assert (report.done, report.stopped) == (3, True)
-    assert "polling until it is back" in caplog.text
+    assert "waiting for it to be back" in caplog.text
+
+
+@pytest.mark.parametrize("events", [False, True])
+async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_files(
+    inbox: Path, state: Path, events: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A re-created inbox (a remount, an inbox moved away and made anew): the watch must open
+    # the new directory, not call every new file vanished from the old one, and must not say
+    # it is ready while the source is gone.
+    make_files(inbox, 1)
+    seen: list[str] = []
+    first, later = anyio.Event(), anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        seen.append(ctx.entry.relpath)
+        (first if len(seen) == 1 else later).set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=events)
+    report = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal report
+            report = await batch.watch()
+
+        tg.start_soon(watch)
+        with anyio.fail_after(30):
+            await first.wait()
+            shutil.rmtree(inbox)
+            while batch.health().check("source").ok:  # noqa: ASYNC110 (a poll's finding)
+                await anyio.sleep(0.02)
+            assert not batch.health().ready
+            assert "is gone" in batch.health().check("source").detail
+            inbox.mkdir()
+            make_files(inbox, 2, prefix="new")
+            while len(seen) < 3:  # noqa: ASYNC110 (handled files, not an event)
+                await anyio.sleep(0.02)
+        assert batch.health().check("source").ok
+        batch.stop()
+
+    assert report is not None
+    assert sorted(seen) == ["f00000.txt", "new00000.txt", "new00001.txt"]
+    assert (report.done, report.vanished) == (3, 0)
+    assert state_counts(state) == {"done": 3}
+    assert "was replaced" in caplog.text

@@ -224,6 +224,26 @@ def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) ->
     return "vanished", f"vanished at {_when(item.updated_at)}: {error}"
 
 
+def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:
+    """Why a file is not settled yet (its mtime or its ctime is less than ``settle`` seconds
+    old, or in the future), and from when it will be; ``None`` if it is settled."""
+    mtime, ctime = st.st_mtime_ns / 1e9, st.st_ctime_ns / 1e9
+    changed = max(mtime, ctime)
+    settles_at = changed + settle
+    if settles_at <= now:
+        return None
+    what = "modified (mtime)" if mtime >= ctime else "written to (ctime; its mtime says earlier)"
+    if changed > now:
+        return (
+            f"not settled yet: {what} at {_when(changed)}, in the future by this host's "
+            f"clock; settled from {_when(settles_at)} (--settle {settle:g})"
+        )
+    return (
+        f"not settled yet: {what} at {_when(changed)}, {now - changed:.1f}s ago; settled from "
+        f"{_when(settles_at)} (--settle {settle:g})"
+    )
+
+
 async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
     """Everything ``explain`` says about the file, as a dictionary (``--json``)."""
     rel_text, full = source_relpath(Path(args.source), args.path)
@@ -240,12 +260,7 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
     unsettled = None
     if st is not None:
         key, ihash = _file_key(args, identity, rel, st)
-        settles_at = st.st_mtime_ns / 1e9 + args.settle
-        if settles_at > now:
-            unsettled = (
-                f"not settled: modified at {_when(st.st_mtime_ns / 1e9)}, settled from "
-                f"{_when(settles_at)} (--settle {args.settle:g})"
-            )
+        unsettled = _unsettled(st, args.settle, now)
     found = {item.key: item for item in await ledger.find_items(args.job, rel_text)}
     if key is not None and key not in found:
         found.update((item.key, item) for item in await ledger.find_items(args.job, key))

@@ -44,7 +44,10 @@ def console() -> Console:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, ValueError, OSError):  # past what this platform can show
+        return f"{ts:.0f} s after the epoch"
 
 
 def _age(ts: float | None) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -99,6 +98,11 @@ class Lookahead:
         return self._concurrency + chunk // 4
 
 
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 class Claimer:
     """Feeds the item queue with leased items."""
 
@@ -120,6 +124,8 @@ class Claimer:
         self.lookahead = Lookahead(
             state.config.concurrency, state.config.claim_batch, state.counters
         )
+        #: Set to follow change events afresh (the source directory was replaced).
+        self._restart_events = anyio.Event()
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -131,6 +137,8 @@ class Claimer:
                 )
                 run.counters.seen = len(records)
                 run.counters.scanned = True
+                if (scan := self.scanner.last) is not None:
+                    run.counters.unsettled, run.counters.future = scan.unsettled, scan.future
                 await self.claim_records(records)
                 del records
                 await self.finish()
@@ -155,30 +163,22 @@ class Claimer:
             tg.start_soon(self._wake_on_stop, changes)
             tg.start_soon(self._wake_on_progress, changes)
             if cfg.events:
-                tg.start_soon(EventWatcher(cfg, changes).serve)
+                tg.start_soon(self._follow_events, changes)
             next_scan = time.monotonic()
             lists = 0  # polls since the last full scan
             retry_at: float | None = None  # when a failed item of this run comes due
             waiting = 0  # run.counters.waiting when retry_at was reckoned
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
-                try:
-                    if rescan or time.monotonic() >= next_scan:
-                        next_scan = time.monotonic() + cfg.poll
-                        full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
-                        lists = 0 if full else lists + 1
-                        saw_dir = await self._watch_poll(sightings, paths, full=full)
-                    else:
-                        saw_dir = await self._watch_look(sightings, paths)
-                except (FileNotFoundError, NotADirectoryError) as e:
-                    if os.path.isdir(cfg.source):
-                        raise
-                    # The source itself is gone (moved, unmounted): a service waits for it,
-                    # saying so once a poll; health's scan check goes stale meanwhile.
-                    log.warning(
-                        "source %r is gone (%s); polling until it is back", str(cfg.source), e
-                    )
-                    lists, saw_dir = FULL_SCAN_EVERY, False  # its first poll back: a full scan
+                if rescan or time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + cfg.poll
+                    full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
+                    lists = 0 if full else lists + 1
+                    saw_dir = await self._poll_source(sightings, paths, full=full)
+                    if saw_dir is None:  # the source is gone: its first poll back is a full one
+                        lists, saw_dir = FULL_SCAN_EVERY, False
+                else:
+                    saw_dir = await self._watch_look(sightings, paths)
                 if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
                 if retry_at is not None and time.monotonic() >= retry_at:
@@ -192,6 +192,41 @@ class Claimer:
                 )
                 await changes.wait(wake_at - time.monotonic())
             tg.cancel_scope.cancel()
+
+    async def _poll_source(
+        self, sightings: Sightings, paths: set[bytes], *, full: bool
+    ) -> bool | None:
+        """A poll, if the source directory is there: see :meth:`_watch_poll`. ``None`` while
+        the source is gone (health says so; the poll is retried at the next interval).
+
+        The source is looked at first (one ``stat``): a directory replaced since the last poll
+        (deleted and made again, remounted) is reopened, its change events followed afresh,
+        and scanned whole.
+        """
+        source = self.run.source
+        if source.refresh():
+            self._restart_events.set()
+            full = True
+        if not source.usable:
+            return None
+        try:
+            return await self._watch_poll(sightings, paths, full=full)
+        except (FileNotFoundError, NotADirectoryError):
+            if source.refresh():  # replaced during the poll: the next one is a full scan
+                self._restart_events.set()
+            elif source.usable:
+                raise
+            return None
+
+    async def _follow_events(self, changes: Changes) -> None:
+        """Follow change events (:class:`EventWatcher`), afresh each time the source directory
+        is replaced: the events of the old directory stop with it."""
+        while True:
+            restart = self._restart_events = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_when_set, restart, tg.cancel_scope)
+                await EventWatcher(self.config, changes).serve()
+                await restart.wait()  # it gave up (it said why): polling goes on until then
 
     async def _wake_on_stop(self, changes: Changes) -> None:
         await self.run.stop_requested.wait()

@@ -31,6 +31,7 @@ def health_of(run: Run, now: float) -> Health:
             _heartbeat(run, now),
             _lock(run),
             _ledger(run, now),
+            _source(run),
             _scan(run, now),
             _stopping(run),
         )
@@ -97,6 +98,13 @@ def _ledger(run: Run, now: float) -> HealthCheck:
             f"{patience:g}s){seen}",
         )
     return HealthCheck("ledger", True, "answering: no heartbeat or transaction waits for it" + seen)
+
+
+def _source(run: Run) -> HealthCheck:
+    problem = run.source_problem
+    if problem is not None:
+        return HealthCheck("source", False, problem)
+    return HealthCheck("source", True, f"{str(run.config.source)!r} is there (at the last poll)")
 
 
 def _scan(run: Run, now: float) -> HealthCheck:

@@ -28,6 +28,7 @@ from .._config import BatchConfig
 from .._effects.actions import decode_action
 from .._effects.files import fsync_dir, idempotent_move, make_parents_under
 from .._exceptions import EffectError
+from .._scanner import clamp_ns
 
 __all__ = ["PostActions"]
 
@@ -47,7 +48,11 @@ class _Post:
 
 
 def _matches(st: os.stat_result, post: _Post) -> bool:
-    return (st.st_size, st.st_mtime_ns, st.st_ino) == (post.size, post.mtime_ns, post.inode)
+    return (st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino) == (
+        post.size,
+        post.mtime_ns,
+        post.inode,
+    )
 
 
 def _delete(source: Path, post: _Post) -> str:

@@ -34,6 +34,7 @@ from .committer import Committer
 from .health import health_of
 from .postactions import PostActions
 from .queues import ItemQueue, Outbox
+from .source import SourceDir
 from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool, error_text
 
@@ -129,6 +130,11 @@ class Run:
         return 0 if self._workers is None else self._workers.busy
 
     @property
+    def source_problem(self) -> str | None:
+        """Why the source directory cannot be used now (a watch waits for it), or ``None``."""
+        return None if self._state is None else self._state.source.problem
+
+    @property
     def last_scan(self) -> ScanInfo | None:
         """The run's last finished scan (or poll)."""
         return None if self._scanner is None else self._scanner.last
@@ -187,6 +193,7 @@ class Run:
                 counters=self.counters,
                 stop_requested=self._stop_requested,
                 metrics=self.metrics,
+                source=SourceDir(cfg.source),
             )
             self._state = state
             await self._registered(state)
@@ -227,11 +234,11 @@ class Run:
                 backoff_max=cfg.http_backoff_max,
             )
             await self._remove_stale_temp_files(ledger)
-            state.dir_fd = os.open(cfg.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            state.source.open()
             try:
                 await self._pipeline(state, http, run_id)
             finally:
-                os.close(state.dir_fd)
+                state.source.close()
                 await self._http.aclose()
             status = "ok"
         except BaseException as exc:

@@ -1,10 +1,12 @@
 """What watch mode has seen of the source, and when to look at a file again.
 
 A file becomes a *candidate* (registered and leased) once a look finds it settled (its mtime
-at least ``settle`` seconds old) with the same size, mtime and inode as an earlier look. When
-its mtime was already settled at the first look (moved or copied in with its times kept, or
-written by a host whose clock lags), the two looks must be ``settle`` seconds apart: a file
-is never taken before it has been seen unchanged for ``settle`` seconds one way or the other.
+*and* its ctime at least ``settle`` seconds old: a copier that keeps the source's times sets
+the mtime back while it writes, but no writer can set the ctime back) with the same size,
+mtime, ctime and inode as an earlier look. When it was already settled at the first look
+(moved in, or written by a host whose clock lags), the two looks must be ``settle`` seconds
+apart: a file is never taken before it has been seen unchanged for ``settle`` seconds one way
+or the other.
 
 A file seen but not ready is *waiting*: its next look is scheduled for the moment it will be
 ready (plus :data:`LOOK_MARGIN`), so the claimer stats just that file then instead of waiting
@@ -20,7 +22,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .._scanner import name_key, split, unpack
+from .._scanner import name_key, ready_ns, split
 
 __all__ = ["LOOK_MARGIN", "Sightings"]
 
@@ -132,8 +134,7 @@ class Sightings:
 
     def _sight(self, rel: bytes, record: bytes, now_ns: int, now: float) -> bool:
         """One look at a file not registered as it is: whether it is a candidate now."""
-        mtime_ns = unpack(record)[0]
-        until_settled = (mtime_ns + self._settle_ns - now_ns) / 1e9
+        until_settled = (ready_ns(record) + self._settle_ns - now_ns) / 1e9
         waiting = self._waiting.get(rel)
         if waiting is not None and waiting.record == record:
             if now >= waiting.ready_at and until_settled <= 0:

@@ -20,6 +20,7 @@ from .._procinfo import ProcessIdentity
 from .._report import Counters
 from .._service.recorder import Recorder
 from .queues import LeasedItem
+from .source import SourceDir
 
 __all__ = ["RunState", "reap_gone_runners"]
 
@@ -55,7 +56,7 @@ class RunState:
     #: retry. The claimer leases them again until each is finished (see ``Claimer.finish``).
     open: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     #: The source directory, opened for the run (inputs are opened relative to it).
-    dir_fd: int = -1
+    source: SourceDir
     #: Set by a stop request (``Batch.stop()``, a signal).
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     #: No new items are started once this is set (a stop, or the end of the grace period).
@@ -73,6 +74,11 @@ class RunState:
     _beats_ended: int = 0
     _beat_wanted: anyio.Event = field(default_factory=anyio.Event)
     _beat_ended: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def dir_fd(self) -> int:
+        """The source directory's descriptor (see :class:`SourceDir`)."""
+        return self.source.fd
 
     def lease_margin(self) -> float:
         """Seconds from now until a lease taken now must be given up locally (before another

@@ -31,10 +31,10 @@ import anyio.lowlevel
 
 from .. import _failpoints as failpoints
 from .._context import InputFile, ItemLogger, TaskContext
-from .._exceptions import ConfigurationError, EffectError, PermanentError
+from .._exceptions import ConfigurationError, EffectError, InputChangedError, PermanentError
 from .._http.client import HTTPSettings, ItemHTTP
 from .._ledger import Outcome
-from .._scanner import Entry, open_regular
+from .._scanner import Entry, clamp_ns, open_regular
 from .queues import ItemQueue, LeasedItem, Outbox, item_logger
 from .state import RunState
 
@@ -269,9 +269,7 @@ class WorkerPool:
         moved: Path | None = None
         try:
             try:
-                fd, st = open_regular(
-                    self.run.dir_fd, item.relpath, follow_symlinks=cfg.follow_symlinks
-                )
+                fd, st = self._open(item)
             except FileNotFoundError:
                 if item.moved_to is None:
                     raise
@@ -284,9 +282,10 @@ class WorkerPool:
             return self.failure(item, error_text(exc), permanent=exc.errno is None)
         try:
             stat: tuple[int, int, int] | None = None
-            if (st.st_size, st.st_mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.inode):
+            mtime_ns = clamp_ns(st.st_mtime_ns)
+            if (st.st_size, mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.inode):
                 if cfg.identity != "path" and (
-                    st.st_size != item.size or st.st_mtime_ns != item.mtime_ns
+                    st.st_size != item.size or mtime_ns != item.mtime_ns
                 ):
                     return self.vanished(
                         item, "the file changed after it was scanned; the new version is a new item"
@@ -294,17 +293,16 @@ class WorkerPool:
                 if moved is None:
                     # Identity "path": the file under the name is handled as it is now; what is
                     # recorded (and what a post-commit action looks for) is this file.
-                    stat = item.size, item.mtime_ns, item.inode = (
-                        st.st_size,
-                        st.st_mtime_ns,
-                        st.st_ino,
-                    )
+                    stat = item.size, item.mtime_ns, item.inode = st.st_size, mtime_ns, st.st_ino
+            if moved is None and (why := self._unsettled(st)) is not None:
+                return self.vanished(item, why)
+            input_file = InputFile.opened(fd, st)
             ctx = TaskContext(
                 entry=Entry(
                     cfg.source,
                     os.fsdecode(item.relpath),
                     st.st_size,
-                    st.st_mtime_ns,
+                    mtime_ns,
                     st.st_ino,
                     path=moved,
                 ),
@@ -315,12 +313,14 @@ class WorkerPool:
                 fence=item.fence,
                 output_dir=cfg.output_dir,
                 hooks=self,
-                input_file=InputFile(fd, st.st_size),
+                input_file=input_file,
             )
             try:
                 if failpoints.ACTIVE is not None:  # inline: this is once per item
                     await failpoints.ahit("in-handler")
                 await self.handler(ctx)
+                if (why := input_file.changed()) is not None:
+                    raise InputChangedError(f"the input changed while it was handled: {why}")
                 if task is not None and task.cancelling() and not _cancelled_by_the_run():
                     # It cancelled its own task, and returned before that was delivered.
                     await _absorb_own_cancellation()
@@ -356,6 +356,35 @@ class WorkerPool:
             )
         finally:
             os.close(fd)
+
+    def _open(self, item: LeasedItem) -> tuple[int, os.stat_result]:
+        """Open an item's input relative to the source directory. If it is not there, and the
+        source directory turns out to have been replaced since it was opened (deleted and
+        made again, remounted), open it in the directory that is there now."""
+        source, follow = self.run.source, self.config.follow_symlinks
+        try:
+            return open_regular(source.fd, item.relpath, follow_symlinks=follow)
+        except FileNotFoundError:
+            if not source.refresh():
+                raise
+            return open_regular(source.fd, item.relpath, follow_symlinks=follow)
+
+    def _unsettled(self, st: os.stat_result) -> str | None:
+        """Why an input opened to be handled is not settled any more, or ``None``.
+
+        The scan found it settled; a write since then (a copier that preallocated the file and
+        sets its mtime back keeps its size and mtime, so its key) shows in the ctime. Such an
+        item is given back as vanished: the next scan that finds it settled again leases it
+        (a vanished item is claimable), so it is handled whole, later, never half-written now.
+        """
+        changed = max(st.st_mtime_ns, st.st_ctime_ns)
+        age = (time.time_ns() - changed) / 1e9
+        if age >= self.config.settle:
+            return None
+        return (
+            f"the file changed {max(age, 0.0):.1f}s ago, after it was scanned (settle "
+            f"{self.config.settle:g}s): it is still being written? It is handled once it settled"
+        )
 
     def item_logger(self, item: LeasedItem) -> ItemLogger:
         """The run's logger, its records carrying the item's job, key and input hash."""

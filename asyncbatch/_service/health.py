@@ -8,8 +8,8 @@ saying what was found. Two verdicts come from them:
   (failed, lost its lock, or was stopped), or its event loop or ledger is stuck so long that its
   leases are about to go to other runners.
 - **ready** (``/readyz``): live, and the run is doing its work: it holds its job lock (or, shared,
-  its runner record), its ledger answers, its first scan is done (and, watching, its polls go
-  on), and it is not stopping.
+  its runner record), its ledger answers, its source directory is there, its first scan is
+  done (and, watching, its polls go on), and it is not stopping.
 
 Nothing is probed: every check reads what the run observed (the heartbeat is the ledger's
 probe, every quarter lease), so ``health()`` is cheap, synchronous and never waits.

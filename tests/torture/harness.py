@@ -299,6 +299,8 @@ class Scenario:
             "-j",
             str(self.jobs),
             "--no-progress",
+            "--settle",
+            "0",  # the files were written a moment ago (ctime): see conftest.settled_now
             "--claim-batch",
             "32",
             "--max-attempts",

@@ -22,7 +22,7 @@ import pytest
 from asyncbatch import Batch, TaskContext
 from asyncbatch import _failpoints as failpoints
 
-from ..conftest import cli, make_files, rows, state_counts
+from ..conftest import cli, make_files, rows, settled_now, state_counts
 from ..servers import RealServer, read_body, respond
 from .handlers import CANARY
 from .harness import HANDLERS, record_figures
@@ -133,7 +133,7 @@ async def test_a_handler_that_never_returns_is_stopped_by_its_timeout_and_the_le
 
     with anyio.fail_after(60):
         timed = await Batch(
-            never, source=inbox, state=state, timeout=0.2, max_attempts=2, backoff=0.01
+            never, source=inbox, state=state, timeout=0.2, max_attempts=2, backoff=0.01, settle=0
         ).run()
     assert (timed.done, timed.dead) == (0, 2)
     errors = {e for (e,) in rows(state, "SELECT last_error FROM items")}
@@ -141,7 +141,7 @@ async def test_a_handler_that_never_returns_is_stopped_by_its_timeout_and_the_le
 
     # No timeout: the heartbeat keeps renewing its lease (the runner is alive), so only a stop
     # ends it; the item goes back to the ledger, nothing is lost.
-    batch = Batch(never, source=inbox, state=state, job="no-timeout", grace=0.3)
+    batch = Batch(never, source=inbox, state=state, job="no-timeout", grace=0.3, settle=0)
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             tg.start_soon(batch.run)
@@ -161,7 +161,7 @@ def peak_rss_mib(args: list[str]) -> tuple[int, float, str]:
         "sys.stderr.write(r.stderr)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, sys.executable, "-m", "asyncbatch", *args],
+        [sys.executable, "-c", code, sys.executable, "-m", "asyncbatch", *settled_now(args)],
         capture_output=True,
         text=True,
         timeout=300,

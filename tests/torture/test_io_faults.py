@@ -22,7 +22,7 @@ import pytest
 
 from asyncbatch._effects.files import TEMP_PREFIX
 
-from ..conftest import HANDLERS, cli, kill, make_files, rows, state_counts, wait_for
+from ..conftest import HANDLERS, cli, kill, make_files, rows, settled_now, state_counts, wait_for
 from .harness import FULL, integrity_failures, record_figures, remount, tmpfs
 
 WRITE_COPY = f"{HANDLERS}:write_copy"
@@ -110,7 +110,7 @@ def faulted_during_the_run(
     """Start a run whose handlers first wait 0.5 s; apply ``fault`` once all are waiting."""
     args = write_args(inbox, state, out, "-j", str(FILES))
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "asyncbatch", *map(str, args)],
+        [*prefix, sys.executable, "-m", "asyncbatch", *settled_now(args)],
         env={**os.environ, "ASYNCBATCH_FAILPOINTS": "in-handler=sleep(0.5)"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -231,7 +231,9 @@ async def test_move_after_the_lease_ran_out_refuses_and_moves_nothing(
                 raise
         await ctx.move(archive)
 
-    report = await Batch(handle, source=inbox, state=state, lease=LEASE, backoff=0.01).run()
+    report = await Batch(
+        handle, source=inbox, state=state, lease=LEASE, backoff=0.01, settle=0
+    ).run()
 
     assert report.done == 1
     assert len(refused) == 1
@@ -274,7 +276,7 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
             raise
 
     report = await Batch(
-        handle, source=inbox, state=state, output_dir=out, lease=LEASE, backoff=0.01
+        handle, source=inbox, state=state, output_dir=out, lease=LEASE, backoff=0.01, settle=0
     ).run()
 
     assert report.done == 1

@@ -1,0 +1,102 @@
+"""The source directory of a run, opened once and reopened when it is replaced.
+
+Inputs are opened relative to a descriptor of the source directory (no path is looked up
+twice), but scans go by its path. When the directory at that path is replaced (deleted and
+made again, a remount, a moved inbox, a symlink switched to another directory), the old
+descriptor points at a directory nobody writes to any more: every new file would look
+vanished. :meth:`SourceDir.refresh` compares the path's identity (device, inode) with the
+descriptor's, reopens it when they differ (saying so once), and says what is wrong while the
+path is gone, so that readiness can fail meanwhile.
+
+Made per run by the runner; nothing here outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["SourceDir"]
+
+log = logging.getLogger("asyncbatch")
+
+_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class SourceDir:
+    """A run's source directory: its descriptor, and what is wrong with it, if anything."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        #: Why the source cannot be used now (gone, not a directory), or ``None``.
+        self.problem: str | None = None
+        #: How many times it was found replaced and reopened.
+        self.reopened = 0
+        self._fd = -1
+        self._identity = (0, 0)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the source was there at the last :meth:`refresh` (no :attr:`problem`)."""
+        return self.problem is None
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor of the source directory (as of the last :meth:`refresh`)."""
+        return self._fd
+
+    def open(self) -> None:
+        """Open the source directory. Raises ``OSError`` when it cannot be opened."""
+        fd = os.open(self.path, _FLAGS)
+        st = os.fstat(fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        """Close the descriptor (once)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def refresh(self) -> bool:
+        """Look at the path again (one ``stat``); reopen it if another directory is there now.
+
+        Returns whether it was reopened. While the path is gone or not a directory,
+        :attr:`problem` says so (and the old descriptor stays, harmless: its files are gone
+        for the scans too); once it is back, the problem is cleared.
+        """
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            self._trouble(f"the source directory {str(self.path)!r} is gone ({e.strerror})")
+            return False
+        if (st.st_dev, st.st_ino) == self._identity:
+            self._recovered()
+            return False
+        try:
+            fd = os.open(self.path, _FLAGS)
+        except OSError as e:
+            self._trouble(f"the source {str(self.path)!r} cannot be opened ({e.strerror})")
+            return False
+        fresh = os.fstat(fd)
+        old, self._fd, self._identity = self._fd, fd, (fresh.st_dev, fresh.st_ino)
+        if old >= 0:
+            os.close(old)
+        self.reopened += 1
+        self.problem = None
+        log.warning(
+            "the source directory %r was replaced (deleted and made again, remounted, or a "
+            "symlink switched): reopened it, and its files are scanned afresh",
+            str(self.path),
+        )
+        return True
+
+    def _trouble(self, problem: str) -> None:
+        if self.problem != problem:
+            log.warning("%s; waiting for it to be back", problem)
+        self.problem = problem
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.warning("the source directory %r is back", str(self.path))
+            self.problem = None

@@ -1,0 +1,230 @@
+"""Files still being copied are never handled as whole, whatever the copier does to the mtime.
+
+Copy tools that keep the source's times (SMB and Windows copies, some sync tools) put the old
+mtime back while they write, and a preallocating one keeps the size too. The ctime, set by the
+kernel at every write and at every ``utime``, is the time no writer can set back: a file is
+settled once its mtime *and* its ctime are ``settle`` seconds old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncbatch import Batch, TaskContext
+
+from .conftest import make_files, rows, state_counts, until_settled
+
+MONTH = 30 * 86400.0
+
+
+class Copier(threading.Thread):
+    """Writes ``chunks`` chunks into ``path`` every ``pause`` seconds, setting its mtime back a
+    month after each: preallocated to the final size first (``prealloc``), or appended."""
+
+    def __init__(self, path: Path, *, chunks: int, chunk: int, pause: float, prealloc: bool):
+        super().__init__(daemon=True)
+        self.path, self.chunks, self.chunk, self.pause = path, chunks, chunk, pause
+        self.prealloc = prealloc
+        self.started_writing = threading.Event()
+        self.content = b"".join(bytes([65 + i % 26]) * chunk for i in range(chunks))
+
+    def run(self) -> None:
+        old = time.time() - MONTH
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if self.prealloc:
+                os.ftruncate(fd, len(self.content))
+            for i in range(self.chunks):
+                os.pwrite(fd, self.content[i * self.chunk : (i + 1) * self.chunk], i * self.chunk)
+                os.utime(fd, (old, old))
+                self.started_writing.set()
+                time.sleep(self.pause)
+        finally:
+            os.close(fd)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def errors(state: Path) -> list[str]:
+    """The items' last errors."""
+    return [str(e) for (e,) in rows(state, "SELECT last_error FROM items WHERE last_error <> ''")]
+
+
+@pytest.mark.parametrize("prealloc", [True, False], ids=["prealloc", "append"])
+async def test_a_run_during_a_copy_that_sets_the_mtime_back_leaves_the_file_alone(
+    inbox: Path, state: Path, prealloc: bool
+) -> None:
+    copier = Copier(inbox / "big.csv", chunks=40, chunk=4096, pause=0.05, prealloc=prealloc)
+    handled: dict[str, str] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        handled[ctx.entry.relpath] = digest(await ctx.read_bytes())
+
+    copier.start()
+    await anyio.to_thread.run_sync(copier.started_writing.wait)
+    during = await Batch(handle, source=inbox, state=state, settle=1.0, on_done="delete").run()
+    await anyio.to_thread.run_sync(copier.join)
+
+    assert "big.csv" not in handled
+    assert (inbox / "big.csv").read_bytes() == copier.content  # not deleted mid-copy
+    assert (during.seen, during.done) == (0, 0)
+    after = await Batch(handle, source=inbox, state=state, settle=0, on_done="delete").run()
+    assert after.done == 1
+    assert handled["big.csv"] == digest(copier.content)
+    assert not (inbox / "big.csv").exists()
+
+
+@pytest.mark.parametrize("prealloc", [True, False], ids=["prealloc", "append"])
+async def test_watch_handles_a_copy_that_sets_the_mtime_back_once_whole(
+    inbox: Path, state: Path, prealloc: bool
+) -> None:
+    # The copy lasts twice the settle window and more: a watch that trusted size, mtime and
+    # inode would take it half-written (they do not change while it is written).
+    copier = Copier(inbox / "big.csv", chunks=24, chunk=8192, pause=0.15, prealloc=prealloc)
+    handled: list[str] = []
+    done = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(digest(await ctx.read_bytes()))
+        done.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=1.5, poll=0.1, on_done="delete")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        copier.start()
+        with anyio.fail_after(60):
+            await done.wait()
+        batch.stop()
+    copier.join()
+
+    assert handled == [digest(copier.content)]
+    assert state_counts(state) == {"done": 1}
+
+
+async def test_an_input_written_to_while_it_is_read_fails_the_attempt(
+    inbox: Path, state: Path
+) -> None:
+    (path,) = make_files(inbox, 1, size=4096)
+
+    async def handle(ctx: TaskContext) -> None:
+        # A preallocating copier writes into it meanwhile: same size, its mtime set back.
+        st = os.stat(path)
+        with path.open("r+b") as f:
+            f.write(b"X" * 100)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        await ctx.read_bytes()
+
+    report = await Batch(handle, source=inbox, state=state, settle=0, max_attempts=1).run()
+
+    assert report.dead == 1
+    assert state_counts(state) == {"dead": 1}
+    (error,) = errors(state)
+    assert "InputChangedError" in error
+    assert "ctime" in error
+
+
+async def test_an_input_written_to_while_it_is_streamed_fails_the_attempt(
+    inbox: Path, state: Path
+) -> None:
+    (path,) = make_files(inbox, 1, size=4096)
+    read: list[int] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        async with ctx.open() as f:
+            read.append(len(await f.read(1024)))
+            st = os.stat(path)
+            with path.open("r+b") as w:
+                w.seek(2048)
+                w.write(b"X" * 100)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            read.append(len(await f.read()))
+
+    report = await Batch(handle, source=inbox, state=state, settle=0, max_attempts=1).run()
+
+    assert read == [1024, 3072]
+    assert report.dead == 1
+    (error,) = errors(state)
+    assert "the input changed while it was handled" in error
+
+
+async def test_a_file_written_to_between_its_scan_and_its_start_waits_for_the_next_scan(
+    inbox: Path, state: Path
+) -> None:
+    first, second = make_files(inbox, 2, size=4096)
+    await until_settled(0.5, first, second)
+    seen: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        seen.append(ctx.entry.relpath)
+        if ctx.entry.relpath == first.name:
+            # The second file was scanned settled; a copier writes into it now.
+            st = os.stat(second)
+            with second.open("r+b") as f:
+                f.write(b"X" * 10)
+            os.utime(second, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    report = await Batch(handle, source=inbox, state=state, settle=0.5, concurrency=1).run()
+    # The settle window passes only after the scan that found both settled: scan again then.
+    assert seen == [first.name]
+    assert (report.done, report.vanished) == (1, 1)
+    await until_settled(0.5, second)
+    again = await Batch(handle, source=inbox, state=state, settle=0.5, concurrency=1).run()
+    assert again.done == 1
+    assert seen == [first.name, second.name]
+    assert state_counts(state) == {"done": 2}
+
+
+YEAR_2300_NS = 10_413_792_000 * 10**9  # past the signed 64-bit nanoseconds of 2262
+
+
+async def test_a_file_from_after_2262_is_reported_not_settled_by_a_run(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 1)
+    far = inbox / "far.csv"
+    far.write_text("from the future")
+    os.utime(far, ns=(YEAR_2300_NS, YEAR_2300_NS))
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+
+    report = await Batch(handle, source=inbox, state=state, settle=0).run()
+
+    assert handled == ["f00000.txt"]
+    assert (report.seen, report.done, report.unsettled, report.future) == (1, 1, 1, 1)
+    assert "1 file not settled yet (1 changed at a time ahead of this host's clock)" in str(report)
+
+
+async def test_a_watch_lives_on_when_a_file_from_after_2262_is_dropped_in(
+    inbox: Path, state: Path
+) -> None:
+    handled: list[str] = []
+    got = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        got.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        far = inbox / "far.csv"
+        far.write_text("from the future")
+        os.utime(far, ns=(YEAR_2300_NS, YEAR_2300_NS))
+        (inbox / "now.csv").write_text("today")
+        with anyio.fail_after(30):
+            await got.wait()
+        batch.stop()
+
+    assert handled == ["now.csv"]
+    assert state_counts(state) == {"done": 1}
