@@ -19,7 +19,7 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import make_files, rows, state_counts, until_settled
+from .conftest import HANDLERS, cli, make_files, rows, state_counts, until_settled
 
 MONTH = 30 * 86400.0
 
@@ -228,3 +228,27 @@ async def test_a_watch_lives_on_when_a_file_from_after_2262_is_dropped_in(
 
     assert handled == ["now.csv"]
     assert state_counts(state) == {"done": 1}
+
+
+def test_explain_says_which_time_keeps_a_file_from_settling(inbox: Path, state: Path) -> None:
+    far = inbox / "far.csv"
+    far.write_text("from the future")
+    os.utime(far, ns=(YEAR_2300_NS, YEAR_2300_NS))
+    copying = inbox / "copying.csv"
+    copying.write_text("half")
+    os.utime(copying, (time.time() - MONTH,) * 2)  # the mtime set back: the ctime is now
+    assert cli("run", f"{HANDLERS}:record", "--source", inbox, "--state", state).returncode == 0
+
+    def explain(path: Path) -> tuple[str, str]:
+        out = cli("explain", path, "--source", inbox, "--state", state, "--settle", "60")
+        assert out.returncode == 0, out.stderr
+        verdict, message = out.stdout.splitlines()[:2]
+        return verdict, message
+
+    verdict, message = explain(far)
+    assert verdict.endswith(": not-settled")
+    assert "in the future by this host's clock" in message
+    verdict, message = explain(copying)
+    assert verdict.endswith(": not-settled")
+    assert "written to (ctime; its mtime says earlier)" in message
+    assert "--settle 60" in message
