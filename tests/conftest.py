@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,10 @@ def spawn(
     *args: str | os.PathLike[str],
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> subprocess.Popen[str]:
-    """Start ``python -m asyncbatch ARGS`` in the background."""
+    """Start ``python -m asyncbatch ARGS`` in the background (``preexec_fn`` runs in the child
+    before it starts: to lower a resource limit, say)."""
     return subprocess.Popen(
         [sys.executable, "-m", "asyncbatch", *map(str, args)],
         cwd=cwd,
@@ -87,6 +89,7 @@ def spawn(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
 
 
