@@ -22,7 +22,7 @@ from ._identity import Identity
 from ._pipeline.runner import Handler, Mode, Run, unwrap_group
 from ._pipeline.workers import HandlerAborted, error_text
 from ._report import Report, Statistics
-from ._service import endpoints
+from ._service import endpoints, server
 from ._service.health import Health, not_running
 from ._service.recorder import Recorder
 
@@ -387,8 +387,8 @@ class Batch:
                 if listener is not None:
                     self._address = endpoints.bound_address(listener)
                     log.info("serving /metrics, /healthz, /readyz on %s:%d", *self._address)
-                    tg.start_soon(endpoints.serve, listener, self._endpoints)
-                    listener = None  # closed by serve()
+                    tg.start_soon(self._serve, listener)
+                    listener = None  # closed by _serve()
                 try:
                     report = await run.execute()
                 finally:
@@ -401,6 +401,13 @@ class Batch:
                 await listener.aclose()
         assert report is not None
         return report
+
+    async def _serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        """The endpoints on ``listener`` until cancelled. Never raises but that cancellation:
+        a server that stops on its own (logged: its listening socket broke) leaves the run
+        going on, and ``metrics_address`` ``None``."""
+        await server.serve(listener, self._endpoints)
+        self._address = None
 
     async def _on_signals(self, run: Run) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,11 @@ def spawn(
     *args: str | os.PathLike[str],
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``python -m asyncbatch ARGS`` in the background (``run``: see
-    :func:`settled_now`)."""
+    :func:`settled_now`; ``preexec_fn`` runs in the child before it starts: to lower a
+    resource limit, say)."""
     return subprocess.Popen(
         [sys.executable, "-m", "asyncbatch", *settled_now(args)],
         cwd=cwd,
@@ -112,6 +114,7 @@ def spawn(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
 
 

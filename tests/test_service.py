@@ -15,6 +15,10 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
+import resource
 import signal
 import socket
 import sqlite3
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
+import anyio.streams.stapled
 import httpx
 import prometheus_client
 import pytest
@@ -42,6 +48,9 @@ from asyncbatch import (
     Report,
     TaskContext,
 )
+from asyncbatch._service.endpoints import Endpoints, bound_address, listen
+from asyncbatch._service.health import not_running
+from asyncbatch._service.server import serve
 
 from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, wait_for
 from .postgres import Server, require
@@ -465,6 +474,16 @@ def test_cli_metrics_address_in_use_exits_2_with_one_line(inbox: Path, state: Pa
     assert "'metrics' has value 'x'" in bad.stderr
 
 
+def serving_address(proc: subprocess.Popen[str]) -> str:
+    """``HOST:PORT`` where a CLI started with ``--metrics 127.0.0.1:0 --log-level INFO``
+    serves: the chosen port, from the log line saying where it serves."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if " on 127.0.0.1:" in line and "serving /metrics" in line:
+            return line.rsplit(" on ", 1)[1].strip()
+    pytest.fail("the serving line was not logged")
+
+
 def test_cli_watch_serves_metrics_and_health_until_it_stops(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:
@@ -488,13 +507,7 @@ def test_cli_watch_serves_metrics_and_health_until_it_stops(
         env={"AB_LOG": str(tmp_path / "log")},
     )
     try:
-        assert proc.stderr is not None
-        address = ""
-        for line in proc.stderr:  # the chosen port, from the log line saying where it serves
-            if " on 127.0.0.1:" in line and "serving /metrics" in line:
-                address = line.rsplit(" on ", 1)[1].strip()
-                break
-        assert address, "the serving line was logged"
+        address = serving_address(proc)
         make_files(inbox, 6)
         with httpx.Client(base_url=f"http://{address}", timeout=10) as client:
 
@@ -515,6 +528,224 @@ def test_cli_watch_serves_metrics_and_health_until_it_stops(
         with pytest.raises(httpx.TransportError):  # the server stopped with the run
             httpx.get(f"http://{address}/healthz", timeout=5)
     finally:
+        if proc.poll() is None:
+            kill(proc)
+
+
+# -- the built-in server under abuse ---------------------------------------------------------------
+
+
+def not_live() -> Endpoints:
+    """Endpoints of no batch: ``/healthz`` answers 503."""
+    return Endpoints(lambda: not_running("no run: a test of the server alone"), None)
+
+
+async def answer_of(stream: anyio.abc.SocketStream) -> bytes:
+    """Everything ``stream`` receives until the server closes it."""
+    data = b""
+    with anyio.fail_after(30):
+        while True:
+            try:
+                data += await stream.receive()
+            except anyio.EndOfStream:
+                return data
+
+
+async def test_a_full_endpoint_drops_its_oldest_idle_connection_to_answer_a_new_one() -> None:
+    listener = await listen("127.0.0.1:0")
+    host, port = bound_address(listener)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            functools.partial(serve, listener, not_live(), max_connections=2, head_timeout=600)
+        )
+        oldest = await anyio.connect_tcp(host, port)
+        newer = await anyio.connect_tcp(host, port)
+        async with oldest, newer:
+            await oldest.send(b"GET /hea")  # half a request line, and then nothing
+            await newer.send(b"GET /hea")
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+                assert (await client.get("/healthz")).status_code == 503  # answered
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await oldest.receive()  # dropped, unanswered, to make room
+            await newer.send(b"lthz HTTP/1.1\r\n\r\n")  # still held: it gets its answer
+            assert (await answer_of(newer)).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        tg.cancel_scope.cancel()
+
+
+class FailingAccepts(anyio.abc.SocketListener):
+    """A real listening socket whose first ``accept()`` calls raise ``errors``, in order."""
+
+    def __init__(self, inner: anyio.abc.SocketListener, errors: list[Exception]) -> None:
+        self.inner = inner
+        self.errors = errors
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self.inner.extra(anyio.abc.SocketAttribute.raw_socket)
+
+    async def accept(self) -> anyio.abc.SocketStream:
+        await anyio.lowlevel.checkpoint()
+        if self.errors:
+            raise self.errors.pop(0)
+        return await self.inner.accept()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def failing_accepts(errors: list[Exception]) -> tuple[FailingAccepts, str]:
+    listener = await listen("127.0.0.1:0")
+    host, port = bound_address(listener)
+    assert isinstance(listener, anyio.streams.stapled.MultiListener)
+    (inner,) = listener.listeners
+    assert isinstance(inner, anyio.abc.SocketListener)
+    return FailingAccepts(inner, errors), f"http://{host}:{port}"
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+async def test_failing_accepts_are_logged_once_per_burst_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    errors: list[Exception] = [
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.ENFILE, "Too many open files in system"),
+        OSError(errno.ECONNABORTED, "Software caused connection abort"),
+    ]
+    listener, url = await failing_accepts(errors)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve, listener, not_live())
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert (await client.get("/healthz")).status_code == 503
+        tg.cancel_scope.cancel()
+    assert not errors, "all three failed accepts were retried"
+    first, last = messages(caplog, logging.WARNING)  # one when it started, one when it ended
+    assert first == (
+        "the metrics endpoint cannot accept connections: [Errno 24] Too many open files; "
+        "it retries (logged once until it stops)"
+    )
+    assert last.startswith(
+        "the metrics endpoint accepts connections again, after 3 failed accepts in "
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        (
+            OSError(errno.EBADF, "Bad file descriptor"),
+            "the metrics endpoint stopped: its listening socket is unusable: "
+            "[Errno 9] Bad file descriptor; the run goes on without it",
+        ),
+        (
+            RuntimeError("a bug"),
+            "the metrics endpoint failed and stopped; the run goes on without it",
+        ),
+    ],
+)
+async def test_a_broken_listener_stops_the_server_and_raises_nothing(
+    caplog: pytest.LogCaptureFixture, error: Exception, logged: str
+) -> None:
+    listener, _ = await failing_accepts([error])
+    with anyio.fail_after(30):
+        await serve(listener, not_live())  # returns: the run it serves would go on
+    assert messages(caplog, logging.ERROR) == [logged]
+    with pytest.raises(anyio.ClosedResourceError):  # the listener is closed
+        await listener.inner.accept()
+
+
+def limit_open_files_to_256() -> None:
+    """In a child process: a low limit of open files (a common default is 1024)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+@contextmanager
+def open_files_allowed(count: int) -> Iterator[None]:
+    """This process may open ``count`` files (its soft limit raised for a while if need be)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= count:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < count:
+        pytest.skip(f"this process may not open {count} files (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the other end closed ``conn`` (a non-blocking socket)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_beyond_the_file_limit_of_a_watch_neither_stop_it_nor_its_metrics(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    idle_count = 400  # the runner may open 256 files
+    proc = spawn(
+        "run",
+        f"{HANDLERS}:record",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--watch",
+        "--poll",
+        "0.05",
+        "--settle",
+        "0",
+        "--no-progress",
+        "--metrics",
+        "127.0.0.1:0",
+        "--log-level",
+        "INFO",
+        env={"AB_LOG": str(tmp_path / "log")},
+        preexec_fn=limit_open_files_to_256,
+    )
+    idle: list[socket.socket] = []
+    try:
+        address = serving_address(proc)
+        host, port = address.rsplit(":", 1)
+        with open_files_allowed(idle_count + 256):
+            for _ in range(idle_count):
+                conn = socket.create_connection((host, int(port)), timeout=30)
+                conn.sendall(b"GET /metr")  # half a request line, and then nothing
+                conn.setblocking(False)
+                idle.append(conn)
+            # The runner took them all in, dropping the oldest to keep at most 64.
+            wait_for(
+                lambda: (
+                    proc.poll() is not None or sum(map(closed_by_peer, idle)) >= idle_count - 64
+                ),
+                timeout=60,
+                interval=0.05,
+            )
+            assert proc.poll() is None, f"the run ended: {kill(proc)}"
+            with httpx.Client(base_url=f"http://{address}", timeout=30) as client:
+                wait_for(lambda: client.get("/readyz").status_code == 200, timeout=30)
+                make_files(inbox, 3)
+
+                def done() -> float:
+                    found = samples(client.get("/metrics").text)
+                    return value(found, "asyncbatch_items_total", outcome="done")
+
+                wait_for(lambda: done() == 3, timeout=60, interval=0.05)
+        err = kill(proc, signal.SIGINT)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        assert "Too many open files" not in err  # the bound kept the runner within its limit
+    finally:
+        for conn in idle:
+            conn.close()
         if proc.poll() is None:
             kill(proc)
 

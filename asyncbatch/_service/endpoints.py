@@ -2,10 +2,8 @@
 
 - :class:`EndpointsApp`: an ASGI application, to mount into the user's own app
   (``Batch.metrics_app()``).
-- :func:`serve`: a small HTTP/1.1 server on an anyio listener, for ``Batch(metrics="HOST:PORT")``
-  and ``asyncbatch run --metrics HOST:PORT``: it runs inside the run's task group and stops with
-  it. One request per connection (``Connection: close``), ``GET``/``HEAD`` only, a request head
-  of at most 16 KiB read within 10 seconds: what a scraper and a probe need, nothing more.
+- :func:`.server.serve`: a small HTTP/1.1 server on the listener :func:`listen` opens, for
+  ``Batch(metrics="HOST:PORT")`` and ``asyncbatch run --metrics HOST:PORT``.
 
 ``/healthz`` answers 200 while the batch is live, ``/readyz`` 200 while it is ready, 503
 otherwise, each with the JSON of :meth:`Health.as_dict`. ``/metrics`` (also ``/``, for an app
@@ -15,7 +13,6 @@ mounted at ``/metrics``) answers the Prometheus text exposition.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -32,10 +29,7 @@ __all__ = [
     "bound_address",
     "listen",
     "parse_address",
-    "serve",
 ]
-
-log = logging.getLogger("asyncbatch")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,17 +39,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: ``(status, content type, body)``.
 Answer = tuple[int, str, bytes]
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-_HEAD_LIMIT = 16384
-_READ_TIMEOUT = 10.0
 
 
 class Endpoints:
@@ -157,60 +140,3 @@ def bound_address(listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> tuple
     inner = getattr(listener, "listeners", [listener])[0]
     address = inner.extra(anyio.abc.SocketAttribute.local_address)
     return str(address[0]), int(address[1])
-
-
-async def serve(listener: anyio.abc.Listener[anyio.abc.SocketStream], endpoints: Endpoints) -> None:
-    """Answer requests on ``listener`` until cancelled; closes it then."""
-
-    async def handle(stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            try:
-                with anyio.fail_after(_READ_TIMEOUT):
-                    head = await _read_head(stream)
-                try:
-                    status, content_type, body = _answer_head(endpoints, head)
-                except Exception:  # a bug here must not end the run it serves
-                    log.exception("the metrics endpoint failed to answer")
-                    status, content_type, body = 500, "text/plain; charset=utf-8", b"error\n"
-                method = head.split(b" ", 1)[0]
-                await stream.send(
-                    _response(status, content_type, b"" if method == b"HEAD" else body, len(body))
-                )
-            except (
-                TimeoutError,
-                anyio.EndOfStream,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                OSError,
-            ):
-                return
-
-    async with listener:
-        await listener.serve(handle)
-
-
-async def _read_head(stream: anyio.abc.SocketStream) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data and len(data) < _HEAD_LIMIT:
-        data += await stream.receive()
-    return data
-
-
-def _answer_head(endpoints: Endpoints, head: bytes) -> Answer:
-    line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        return 400, "text/plain; charset=utf-8", b"bad request\n"
-    method, target = parts[0], parts[1]
-    return endpoints.answer(method, target.split("?", 1)[0])
-
-
-def _response(status: int, content_type: str, body: bytes, length: int) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {length}\r\n"
-        "Cache-Control: no-store\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
