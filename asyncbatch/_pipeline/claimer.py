@@ -404,11 +404,13 @@ class Claimer:
         counters = run.counters
         leased: list[LeasedItem] = []
         for item in items:  # keep scan order: the ledger returns rows in any order
+            row = by_key.get(item.key)
+            if item.key in run.from_ledger and self._counted_before(item.key, row):
+                continue
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
                 counters.done_before += 1
                 continue
             run.close(item.key)  # what the claim found replaces what was known
-            row = by_key.get(item.key)
             if row is None:  # done: finished before, by this or another runner
                 counters.done_before += 1
             elif row.state == "running":
@@ -431,6 +433,17 @@ class Claimer:
                     )
         self._track(leased, by_key)
         return leased
+
+    def _counted_before(self, key: str, row: ClaimedRow | None) -> bool:
+        """A scanned file that this run leased from the ledger before (left waiting by an
+        earlier run) was counted as seen then (and in ``earlier``): it is the same file, not a
+        second one. Returns whether there is nothing more to note of it: it is in flight, or
+        ended (done or dead) and counted where it ended."""
+        run, counters = self.run, self.run.counters
+        run.from_ledger.discard(key)
+        counters.seen -= 1
+        counters.earlier -= 1
+        return key in run.in_flight or row is None or row.state in ("done", "dead")
 
     def _track(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
         """Note freshly leased items as in flight (released if the run ends early)."""
@@ -514,6 +527,7 @@ class Claimer:
             else:  # left waiting by an earlier run: seen now, counted like any other
                 run.counters.seen += 1
                 run.counters.earlier += 1
+                run.from_ledger.add(row.key)
             leased.append(item)
         self._track(leased, {row.key: row for row in rows})
         return leased

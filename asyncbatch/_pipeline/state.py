@@ -55,6 +55,10 @@ class RunState:
     #: runner had it at the last look, ``("waiting", record)`` when it failed and waits for a
     #: retry. The claimer leases them again until each is finished (see ``Claimer.finish``).
     open: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    #: Keys leased from the ledger (left waiting by earlier runs, not found by a scan) and
+    #: counted as seen then: a watch's later scan that finds the same file does not count it
+    #: again (see ``Claimer._sort``). Bounded by what earlier runs left waiting.
+    from_ledger: set[str] = field(default_factory=set)
     #: The source directory, opened for the run (inputs are opened relative to it).
     source: SourceDir
     #: Set by a stop request (``Batch.stop()``, a signal).

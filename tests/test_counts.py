@@ -1,0 +1,77 @@
+"""Every count asyncbatch prints is true: reports, history, status, after stops and kills."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+
+from asyncbatch import Batch, TaskContext
+
+from .conftest import make_files, state_counts
+
+
+def counts(state: Path) -> dict[str, int]:
+    """Items by state, ``{}`` before the ledger has its tables."""
+    try:
+        return state_counts(state)
+    except sqlite3.OperationalError:
+        return {}
+
+
+async def test_a_watch_after_an_interrupted_one_counts_each_file_once(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 20)
+    started: list[str] = []
+
+    async def four_then_hang(ctx: TaskContext) -> None:
+        started.append(ctx.entry.relpath)
+        if len(started) > 4:
+            await anyio.sleep_forever()  # stopped mid-attempt: given back unfinished
+
+    first = Batch(
+        four_then_hang,
+        source=inbox,
+        state=state,
+        settle=0,
+        poll=0.05,
+        concurrency=4,
+        claim_batch=8,
+        grace=0.1,
+    )
+
+    async def stop_when_four_are_done() -> None:
+        while counts(state).get("done", 0) < 4 or len(started) < 8:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        first.stop()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_when_four_are_done)
+        stopped = await first.watch()
+    assert stopped.done == 4
+    assert state_counts(state)["done"] == 4
+
+    second_seen: list[str] = []
+
+    async def fast(ctx: TaskContext) -> None:
+        second_seen.append(ctx.entry.relpath)
+
+    second = Batch(fast, source=inbox, state=state, settle=0, poll=0.05, concurrency=4)
+
+    async def stop_when_all_are_done() -> None:
+        # Every file done, and the scan's look at the four done before claimed too (with it
+        # the sixteen this watch leased from the ledger first, as left waiting).
+        while counts(state) != {"done": 20} or second.statistics().done_before < 4:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        second.stop()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_when_all_are_done)
+        report = await second.watch()
+
+    assert sorted(second_seen) == sorted(set(second_seen))
+    assert len(second_seen) == 16
+    assert (report.seen, report.done, report.done_before, report.earlier) == (20, 16, 4, 0)
+    assert "20 seen: 16 done, 4 done before" in str(report)
