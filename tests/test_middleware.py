@@ -732,3 +732,35 @@ async def test_a_store_that_cannot_be_used_fails_the_startup_with_one_line(
 
     good = await _lifespan_startup(IdempotencyMiddleware(Recorder(), state=tmp_path / "ok.db"))
     assert good["type"] == "lifespan.startup.complete"
+
+
+# -- the host process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_process_that_never_closes_the_middleware_still_exits(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Regression: the SQLite store's aiosqlite thread was not a daemon thread, so a process
+    that used the middleware without lifespan and without ``aclose()`` (an async test over
+    ``httpx.ASGITransport``, ``uvicorn --lifespan off``) printed its result, then hung for
+    ever in ``threading._shutdown``."""
+    import subprocess
+    import sys
+
+    state = str(tmp_path / "api.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+    script = Path(__file__).parent / "asgi_no_lifespan.py"
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), state],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=root,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process did not exit within 60 s; it printed {e.stdout!r}")
+    assert (done.returncode, done.stdout) == (0, "201 created\n"), done.stderr

@@ -41,7 +41,7 @@ from .._exceptions import LedgerError, NotALedgerError, SchemaVersionError
 from .._procinfo import ProcessIdentity
 from . import sqlite_sql as sql
 from . import types as t
-from .aiosqlite_bridge import on_thread, raw
+from .aiosqlite_bridge import connect, on_thread, raw
 from .base import (
     BUSY,
     Busy,
@@ -265,7 +265,7 @@ class SQLiteLedger(Ledger):
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         view = None if create else read_only_view(path)
         try:
-            db = await aiosqlite.connect(
+            db = await connect(
                 view or path, isolation_level=None, cached_statements=256, uri=view is not None
             )
         except sqlite3.Error as e:
