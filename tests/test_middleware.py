@@ -543,6 +543,96 @@ async def test_scope_of_namespaces_keys(state: Path) -> None:
     assert [r[:2] for r in stored_keys(state)] == [("alice", "k"), ("bob", "k")]
 
 
+async def test_a_stored_response_is_replayed_only_to_the_caller_who_made_the_request(
+    state: Path,
+) -> None:
+    """Regression: keys were shared between all callers unless ``scope_of`` was set: a second
+    client sending the same key and body got the first one's stored response, its
+    ``Set-Cookie`` included."""
+    app = Recorder()
+    alice = {**key("k"), "Authorization": "Bearer alice-token"}
+    bob = {**key("k"), "Authorization": "Bearer bob-token"}
+    carol = {**key("k"), "Cookie": "session=carol"}
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        for_alice = await client.post("/pay", content=b"10", headers=alice)
+        for_bob = await client.post("/pay", content=b"10", headers=bob)
+        for_carol = await client.post("/pay", content=b"10", headers=carol)
+        alice_again = await client.post("/pay", content=b"10", headers=alice)
+        carol_again = await client.post("/pay", content=b"10", headers=carol)
+    assert [r.headers["x-call"] for r in (for_alice, for_bob, for_carol)] == ["1", "2", "3"]
+    assert all("idempotent-replayed" not in r.headers for r in (for_alice, for_bob, for_carol))
+    assert (alice_again.headers["idempotent-replayed"], alice_again.headers["x-call"]) == (
+        "true",
+        "1",
+    )
+    assert (carol_again.headers["idempotent-replayed"], carol_again.headers["x-call"]) == (
+        "true",
+        "3",
+    )
+    assert app.calls == 3
+    scopes = [r[0] for r in stored_keys(state)]
+    assert sorted(s.split(":")[0] for s in scopes) == ["authorization", "authorization", "cookie"]
+    stored = "\n".join(map(str, rows(state, "SELECT * FROM idempotency_keys")))
+    for credential in ("alice-token", "bob-token", "carol"):
+        assert credential not in stored  # only a hash of the credentials is kept
+
+
+async def test_scope_of_can_share_keys_between_callers(state: Path) -> None:
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, scope_of=lambda scope: "")
+    async with asgi_client(middleware) as client:
+        first = await client.post("/s", content=b"x", headers={**key("k"), "Authorization": "a"})
+        other = await client.post("/s", content=b"x", headers={**key("k"), "Authorization": "b"})
+        anonymous = await client.post("/s", content=b"x", headers=key("k"))
+    assert first.status_code == 201
+    assert other.headers["idempotent-replayed"] == "true"
+    assert anonymous.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_set_cookie_goes_to_the_first_client_and_is_never_stored_or_replayed(
+    state: Path,
+) -> None:
+    async def login(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"Set-Cookie", b"session=s3cr3t; HttpOnly"),
+            (b"set-cookie", b"theme=dark"),
+        ]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"welcome"})
+
+    async with asgi_client(IdempotencyMiddleware(login, state=state)) as client:
+        first = await client.post("/login", content=b"x", headers=key("c"))
+        client.cookies.clear()  # a retry comes from a client that never got the first answer
+        replay = await client.post("/login", content=b"x", headers=key("c"))
+    assert first.headers.get_list("set-cookie") == ["session=s3cr3t; HttpOnly", "theme=dark"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert (replay.status_code, replay.content) == (201, b"welcome")
+    assert "set-cookie" not in replay.headers
+    assert replay.headers["content-type"] == "text/plain"
+    assert "s3cr3t" not in str(rows(state, "SELECT headers FROM idempotency_keys"))
+
+
+async def test_a_set_cookie_stored_by_an_older_version_is_not_replayed(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        await client.post("/o", content=b"x", headers=key("old"))
+        db = sqlite3.connect(state)
+        with db:
+            db.execute(
+                "UPDATE idempotency_keys SET headers = ?",
+                (json.dumps([["content-type", "text/plain"], ["Set-Cookie", "session=old"]]),),
+            )
+        db.close()
+        replay = await client.post("/o", content=b"x", headers=key("old"))
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert "set-cookie" not in replay.headers
+    assert replay.headers["content-type"] == "text/plain"
+
+
 async def test_non_http_scopes_and_other_methods_pass_through(state: Path) -> None:
     app = Recorder()
     middleware = IdempotencyMiddleware(app, state=state, methods={"post"})

@@ -30,7 +30,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,6 +46,7 @@ from .request import (
     Receive,
     Scope,
     Send,
+    caller_scope,
     key_tag,
     parse_key,
     problem,
@@ -63,6 +64,8 @@ DEFAULT_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 _HEADER: Final = b"idempotency-key"
 _REPLAYED: Final = (b"idempotent-replayed", b"true")
+# Response headers that belong to the client who made the request: never stored nor replayed.
+_NOT_STORED: Final = frozenset({b"set-cookie"})
 # Send extensions that would deliver a body the middleware cannot capture: hidden from the app.
 _UNCAPTURABLE: Final = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 _SHUTDOWN_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
@@ -92,7 +95,8 @@ class IdempotencyMiddleware:
       (or is cancelled) before completing its response, nothing is stored and the key is free
       again for a retry; the exception propagates;
     - a key whose response is stored, with the same request fingerprint (sha256 over method,
-      path and query string, body): the stored response plus ``Idempotent-Replayed: true``;
+      path and query string, body): the stored response (without ``Set-Cookie``) plus
+      ``Idempotent-Replayed: true``;
     - a key whose first request still runs: 409 with ``Retry-After: 1``. A first request older
       than ``lock_timeout`` seconds is taken for dead and its key is taken over by the next
       request (so keep ``lock_timeout`` above your slowest handler); the late first request
@@ -100,9 +104,14 @@ class IdempotencyMiddleware:
     - a key used with a different fingerprint: 422.
 
     ``scope_of(scope)`` names the namespace of a request's keys (an API client, a tenant); keys
-    of different namespaces never meet. ``clock`` gives Unix seconds (a SQLite store's clock; a
-    PostgreSQL store uses the server's). Error responses are ``application/problem+json`` with
-    ``title``, ``status`` and ``detail``.
+    of different namespaces never meet, so a stored response is replayed only within its
+    namespace. By default it is the caller: a sha256 of the ``Authorization`` header, else of
+    the ``Cookie`` header; requests with neither share one namespace
+    (:func:`~asyncbatch._http.request.caller_scope`). ``scope_of=lambda scope: ""`` shares
+    keys between all callers. A response's ``Set-Cookie`` headers go to the client it was made
+    for and are never stored nor replayed. ``clock`` gives Unix seconds (a SQLite store's
+    clock; a PostgreSQL store uses the server's). Error responses are
+    ``application/problem+json`` with ``title``, ``status`` and ``detail``.
 
     Guarantees: the decision for a key (run, replay, 409, 422) is taken in one transaction of
     the store (``BEGIN IMMEDIATE`` on SQLite, a row lock on PostgreSQL), so concurrent
@@ -146,7 +155,7 @@ class IdempotencyMiddleware:
         self.required = required
         self.lock_timeout = float(lock_timeout)
         self.methods = frozenset(m.upper() for m in methods)
-        self.scope_of = scope_of
+        self.scope_of = scope_of if scope_of is not None else caller_scope
         self.store_server_errors = store_server_errors
         self.clock = clock
         self._ledger: Ledger | None = None
@@ -188,7 +197,7 @@ class IdempotencyMiddleware:
         if request is None:
             return  # the client is gone before its request was complete: nothing to run
         body, fingerprint = request
-        namespace = self.scope_of(scope) if self.scope_of is not None else ""
+        namespace = self.scope_of(scope)
         keyed = IdempotencyRequest(namespace, key, fingerprint, secrets.token_hex(16))
         responder = _Responder(self, await self._store(), scope, keyed, body)
         await responder.serve(receive, send)
@@ -301,7 +310,7 @@ class _Responder:
             stored = claim.stored
             assert stored is not None
             log.debug("%s: replaying the stored %d for key %s", self.where, stored.status, self.tag)
-            await respond(send, stored.status, [*stored.headers, _REPLAYED], stored.body)
+            await respond(send, stored.status, [*storable(stored.headers), _REPLAYED], stored.body)
         elif claim.decision == "conflict":
             log.info("%s: key %s is in use by a running request: 409", self.where, self.tag)
             await problem(
@@ -377,7 +386,7 @@ class _Responder:
                 return
             response = StoredResponse(
                 int(self.start["status"]),
-                [(bytes(n), bytes(v)) for n, v in self.start.get("headers", ())],
+                storable((bytes(n), bytes(v)) for n, v in self.start.get("headers", ())),
                 b"".join(self.chunks),
             )
             await failpoints.ahit("middleware-executed")
@@ -408,3 +417,10 @@ class _Responder:
         """Free the key we own so it can be retried (even when cancelled)."""
         with anyio.CancelScope(shield=True):
             await self.store.idempotency_release(self.request)
+
+
+def storable(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The response headers that may be stored and replayed: all but ``Set-Cookie`` (a cookie
+    belongs to the client the response was made for; a record stored before this rule is
+    filtered on replay as well)."""
+    return [(n, v) for n, v in headers if n.lower() not in _NOT_STORED]

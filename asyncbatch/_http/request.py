@@ -1,5 +1,6 @@
-"""The request side of idempotency: reading an ``Idempotency-Key`` header, fingerprinting a
-request, and the problem responses the middleware answers with."""
+"""The request side of idempotency: reading an ``Idempotency-Key`` header, naming the caller
+whose keys it is, fingerprinting a request, and the problem responses the middleware answers
+with."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "caller_scope",
     "key_tag",
     "parse_key",
     "problem",
@@ -80,6 +82,22 @@ def _parse_sf_string(text: bytes) -> str:
             out.append(c)
             i += 1
     raise ValueError("Idempotency-Key has no closing quote")
+
+
+def caller_scope(scope: Scope) -> str:
+    """The default namespace of a request's keys: the caller, named by a hash of its credentials.
+
+    ``authorization:`` plus the sha256 of the ``Authorization`` header when the request has one,
+    else ``cookie:`` plus the sha256 of its ``Cookie`` header, else ``""``: requests without
+    credentials share one namespace. Headers given more than once are hashed together, in order.
+    The credentials themselves are never stored, only their hash.
+    """
+    for name in (b"authorization", b"cookie"):
+        values = [bytes(v) for k, v in scope.get("headers", ()) if bytes(k).lower() == name]
+        if values:
+            digest = hashlib.sha256(b"\0".join(values)).hexdigest()
+            return f"{name.decode()}:{digest}"
+    return ""
 
 
 def _fingerprint_head(scope: Scope) -> Any:
