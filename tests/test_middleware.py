@@ -7,6 +7,7 @@ over a real SQLite ledger in tmp_path; edge cases go through ``httpx.ASGITranspo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asyncbatch import ConfigurationError, IdempotencyMiddleware
@@ -291,6 +292,57 @@ async def test_a_starlette_app_answers_are_stored_5xx_freed_and_lifespan_passes_
     assert not Path(f"{state}-wal").exists()  # the store closed after the app's shutdown
 
 
+async def test_a_stream_the_client_cut_short_never_runs_again(
+    serve: Callable[[ASGIApp], RealServer], state: Path
+) -> None:
+    """Regression: a streamed response cut short by the client freed the key, so the client's
+    retry ran the endpoint a second time (its effects twice)."""
+    effects: list[bytes] = []
+    streaming = threading.Event()  # the first chunk went out: the app awaits the next
+
+    async def export(request: Request) -> Response:
+        effects.append(await request.body())  # the side effect, done before the answer
+        first = len(effects) == 1
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield b"line 1\n"
+            if first:
+                streaming.set()
+                await anyio.sleep_forever()  # the client leaves while this stream is open
+            yield b"line 2\n"
+
+        return StreamingResponse(lines(), media_type="text/plain")
+
+    app = Starlette(routes=[Route("/exports", export, methods=["POST"])])
+    served = serve(IdempotencyMiddleware(app, state=state))
+    async with http_client(served) as client:
+        first = functools.partial(
+            client.post, "/exports", content=b"report", headers=key("export-1")
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            assert await anyio.to_thread.run_sync(streaming.wait, 10)
+            tg.cancel_scope.cancel()  # the client disconnects in the middle of the stream
+
+        async def terminal_answer() -> httpx.Response:
+            while True:  # 409 "still running" until the server has seen the disconnect
+                retry = await client.post("/exports", content=b"report", headers=key("export-1"))
+                if retry.status_code != 409 or "retry-after" not in retry.headers:
+                    return retry
+                await anyio.sleep(0.02)
+
+        with anyio.fail_after(30):
+            retry = await terminal_answer()
+        again = await client.post("/exports", content=b"report", headers=key("export-1"))
+    assert effects == [b"report"]  # the endpoint ran once
+    for answer in (retry, again):
+        assert answer.status_code == 409
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["reason"] == "incomplete"
+        assert "cut short" in answer.json()["detail"]
+    assert stored_keys(state) == [("", "export-1", "unstored", None)]
+
+
 # -- edge cases, through httpx.ASGITransport ------------------------------------------------------
 
 
@@ -326,6 +378,145 @@ async def test_server_errors_free_the_key_unless_asked_to_store_them(state: Path
     assert (first.status_code, replay.status_code) == (500, 500)
     assert replay.headers["idempotent-replayed"] == "true"
     assert stored.calls == 1
+
+
+class Streamer:
+    """A bare ASGI app that streams ``parts`` (after ``hold(n)``, if given), then may raise or
+    return before the end; counts its calls."""
+
+    def __init__(
+        self,
+        parts: Sequence[bytes],
+        *,
+        status: int = 200,
+        end: str = "complete",
+        hold: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.parts = parts
+        self.status = status
+        self.end = end
+        self.hold = hold
+        self.calls = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        self.calls += 1
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        for i, part in enumerate(self.parts):
+            if i == 1 and self.hold is not None:
+                await self.hold(self.calls)
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        if self.end == "raise":
+            raise RuntimeError("boom mid-response")
+        if self.end == "complete":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_an_app_that_raises_mid_response_never_runs_again(state: Path) -> None:
+    """Regression: an app that raised after it had started its response freed the key: the
+    retry ran it again. (One that returns mid-response, as Starlette's StreamingResponse does
+    when the client leaves, is the uvicorn test above.)"""
+    app = Streamer([b"part 1", b"part 2"], end="raise")
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        with pytest.raises(RuntimeError, match="mid-response"):
+            await client.post("/s", content=b"x", headers=key("cut"))
+        retry = await client.post("/s", content=b"x", headers=key("cut"))
+        other = await client.post("/s", content=b"y", headers=key("cut"))
+    assert app.calls == 1
+    assert retry.status_code == 409
+    assert "retry-after" not in retry.headers
+    assert retry.json()["reason"] == "incomplete"
+    assert retry.json()["title"] == "The response to this Idempotency-Key was not stored"
+    assert other.status_code == 422
+    assert stored_keys(state) == [("", "cut", "unstored", None)]
+
+
+async def test_a_5xx_cut_short_still_frees_the_key(state: Path) -> None:
+    app = Streamer([b"part 1"], status=503, end="raise")
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        with pytest.raises(RuntimeError):
+            await client.post("/s", content=b"x", headers=key("busy"))
+        assert stored_keys(state) == []
+        app.status, app.end = 201, "complete"
+        retry = await client.post("/s", content=b"x", headers=key("busy"))
+    assert (retry.status_code, retry.content) == (201, b"part 1")
+    assert app.calls == 2
+
+
+@pytest.mark.parametrize("parts", [[b"x" * 2000], [b"x" * 600, b"y" * 600, b"z" * 600]])
+async def test_a_response_too_large_to_store_is_sent_whole_and_never_runs_again(
+    state: Path, parts: list[bytes]
+) -> None:
+    app = Streamer(parts)
+    middleware = IdempotencyMiddleware(app, state=state, max_stored_body=1024)
+    async with asgi_client(middleware) as client:
+        first = await client.post("/big", content=b"x", headers=key("big"))
+        retry = await client.post("/big", content=b"x", headers=key("big"))
+    assert (first.status_code, first.content) == (200, b"".join(parts))
+    assert retry.status_code == 409
+    assert retry.json()["reason"] == "too_large"
+    assert "max_stored_body" in retry.json()["detail"]
+    assert app.calls == 1
+    assert stored_keys(state) == [("", "big", "unstored", None)]
+
+
+async def test_a_stream_unfinished_past_lock_timeout_is_not_taken_over(state: Path) -> None:
+    clock = Clock()
+    gate, streaming = anyio.Event(), anyio.Event()
+
+    async def hold(n: int) -> None:
+        if n == 1:
+            streaming.set()
+            await gate.wait()
+
+    app = Streamer([b"part 1", b"part 2"], hold=hold)
+    middleware = IdempotencyMiddleware(app, state=state, lock_timeout=30, clock=clock)
+    responses: dict[str, httpx.Response] = {}
+    async with asgi_client(middleware) as client:
+
+        async def first() -> None:
+            responses["first"] = await client.post("/u", content=b"x", headers=key("slow"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            with anyio.fail_after(10):
+                await streaming.wait()
+            locked = await client.post("/u", content=b"x", headers=key("slow"))
+            clock.now += 31
+            unfinished = await client.post("/u", content=b"x", headers=key("slow"))
+            gate.set()
+        replay = await client.post("/u", content=b"x", headers=key("slow"))
+    assert (locked.status_code, locked.headers["retry-after"]) == (409, "1")
+    assert unfinished.status_code == 409
+    assert unfinished.json()["reason"] == "unfinished"
+    assert responses["first"].content == b"part 1part 2"
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == b"part 1part 2"
+    assert app.calls == 1
+
+
+async def test_a_request_body_over_max_request_body_gets_413_and_the_app_does_not_run(
+    state: Path,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"c" * 400
+
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, max_request_body=1000)
+    async with asgi_client(middleware) as client:
+        declared = await client.post("/b", content=b"d" * 1001, headers=key("b"))
+        chunked = await client.post("/b", content=chunks(), headers=key("b"))
+        fits = await client.post("/b", content=b"d" * 1000, headers=key("b"))
+    for answer in (declared, chunked):
+        assert answer.status_code == 413
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "larger than 1000 bytes" in answer.json()["detail"]
+    assert "content-length" not in chunked.request.headers
+    assert fits.status_code == 201  # the key was not used by the refused requests
+    assert app.calls == 1
 
 
 async def test_same_key_with_a_different_request_gets_422(state: Path) -> None:
@@ -680,6 +871,10 @@ def test_bad_settings_are_refused(state: Path) -> None:
         IdempotencyMiddleware(Recorder(), state=state, lock_timeout=float("nan"))
     with pytest.raises(ConfigurationError, match="methods"):
         IdempotencyMiddleware(Recorder(), state=state, methods="POST")
+    with pytest.raises(ConfigurationError, match="'max_request_body' has value 0"):
+        IdempotencyMiddleware(Recorder(), state=state, max_request_body=0)
+    with pytest.raises(ConfigurationError, match=r"'max_stored_body' has value 1\.5"):
+        IdempotencyMiddleware(Recorder(), state=state, max_stored_body=1.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="postgresql://db@db/x") as info:
         IdempotencyMiddleware(Recorder(), state="postgresql://db:pw@db/x#fragment")
     assert "pw" not in str(info.value)
