@@ -1044,6 +1044,53 @@ async def test_idempotency_records_expire_and_abandoned_ones_are_taken_over(
     assert (again.decision, again.why) == ("run", "new")
 
 
+async def test_a_started_record_never_runs_again_and_an_unstored_one_says_why(
+    ledger: Ledger,
+) -> None:
+    def request(key: str, token: str, fingerprint: str = "fp") -> IdempotencyRequest:
+        return IdempotencyRequest("s", key, fingerprint, token)
+
+    async def claim(key: str, token: str, fingerprint: str = "fp", lock: float = 60) -> Any:
+        found = await ledger.idempotency_claim(
+            request(key, token, fingerprint), lock_timeout=lock, ttl=60
+        )
+        return (found.decision, found.why)
+
+    # Started: only its owner marks it; it is a conflict while locked, never released.
+    assert await claim("a", "t1", lock=SHORT) == ("run", "new")
+    assert not await ledger.idempotency_start(request("a", "not-the-owner"))
+    assert await ledger.idempotency_start(request("a", "t1"))
+    assert await ledger.idempotency_start(request("a", "t1"))  # again: harmless
+    assert await claim("a", "t2") == ("conflict", "")
+    await ledger.idempotency_release(request("a", "t1"))
+    assert await claim("a", "t2") == ("conflict", "")
+    # Past its lock it is not taken over: its response began, its effects may be done.
+    await anyio.sleep(PAST_SHORT)
+    assert await claim("a", "t3") == ("unstored", "unfinished")
+    assert await claim("a", "t3", "other") == ("mismatch", "")
+    # Its owner may still complete it: then it is replayed.
+    assert await ledger.idempotency_complete(request("a", "t1"), RESPONSE, ttl=60)
+    replay = await ledger.idempotency_claim(request("a", "t4"), lock_timeout=60, ttl=60)
+    assert (replay.decision, replay.stored) == ("replay", RESPONSE)
+
+    # Unstored, from running or from started, by its owner only; kept for its ttl.
+    assert await claim("b", "t1") == ("run", "new")
+    assert not await ledger.idempotency_unstored(request("b", "t9"), "too_large", ttl=60)
+    assert await ledger.idempotency_unstored(request("b", "t1"), "too_large", ttl=SHORT)
+    assert not await ledger.idempotency_complete(request("b", "t1"), RESPONSE, ttl=60)
+    assert await claim("b", "t2") == ("unstored", "too_large")
+    assert await claim("b", "t2", "other") == ("mismatch", "")
+    assert await claim("c", "t1") == ("run", "new")
+    assert await ledger.idempotency_start(request("c", "t1"))
+    assert await ledger.idempotency_unstored(request("c", "t1"), "incomplete", ttl=60)
+    assert not await ledger.idempotency_start(request("c", "t1"))
+    await ledger.idempotency_release(request("c", "t1"))
+    assert await claim("c", "t2") == ("unstored", "incomplete")
+    # An expired unstored record is as good as none.
+    await anyio.sleep(PAST_SHORT)
+    assert await claim("b", "t3") == ("run", "expired")
+
+
 async def test_concurrent_claims_of_one_key_from_several_connections_run_it_once(
     store: Store,
 ) -> None:

@@ -7,6 +7,7 @@ over a real SQLite ledger in tmp_path; edge cases go through ``httpx.ASGITranspo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asyncbatch import ConfigurationError, IdempotencyMiddleware
@@ -291,6 +292,57 @@ async def test_a_starlette_app_answers_are_stored_5xx_freed_and_lifespan_passes_
     assert not Path(f"{state}-wal").exists()  # the store closed after the app's shutdown
 
 
+async def test_a_stream_the_client_cut_short_never_runs_again(
+    serve: Callable[[ASGIApp], RealServer], state: Path
+) -> None:
+    """Regression: a streamed response cut short by the client freed the key, so the client's
+    retry ran the endpoint a second time (its effects twice)."""
+    effects: list[bytes] = []
+    streaming = threading.Event()  # the first chunk went out: the app awaits the next
+
+    async def export(request: Request) -> Response:
+        effects.append(await request.body())  # the side effect, done before the answer
+        first = len(effects) == 1
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield b"line 1\n"
+            if first:
+                streaming.set()
+                await anyio.sleep_forever()  # the client leaves while this stream is open
+            yield b"line 2\n"
+
+        return StreamingResponse(lines(), media_type="text/plain")
+
+    app = Starlette(routes=[Route("/exports", export, methods=["POST"])])
+    served = serve(IdempotencyMiddleware(app, state=state))
+    async with http_client(served) as client:
+        first = functools.partial(
+            client.post, "/exports", content=b"report", headers=key("export-1")
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            assert await anyio.to_thread.run_sync(streaming.wait, 10)
+            tg.cancel_scope.cancel()  # the client disconnects in the middle of the stream
+
+        async def terminal_answer() -> httpx.Response:
+            while True:  # 409 "still running" until the server has seen the disconnect
+                retry = await client.post("/exports", content=b"report", headers=key("export-1"))
+                if retry.status_code != 409 or "retry-after" not in retry.headers:
+                    return retry
+                await anyio.sleep(0.02)
+
+        with anyio.fail_after(30):
+            retry = await terminal_answer()
+        again = await client.post("/exports", content=b"report", headers=key("export-1"))
+    assert effects == [b"report"]  # the endpoint ran once
+    for answer in (retry, again):
+        assert answer.status_code == 409
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["reason"] == "incomplete"
+        assert "cut short" in answer.json()["detail"]
+    assert stored_keys(state) == [("", "export-1", "unstored", None)]
+
+
 # -- edge cases, through httpx.ASGITransport ------------------------------------------------------
 
 
@@ -326,6 +378,145 @@ async def test_server_errors_free_the_key_unless_asked_to_store_them(state: Path
     assert (first.status_code, replay.status_code) == (500, 500)
     assert replay.headers["idempotent-replayed"] == "true"
     assert stored.calls == 1
+
+
+class Streamer:
+    """A bare ASGI app that streams ``parts`` (after ``hold(n)``, if given), then may raise or
+    return before the end; counts its calls."""
+
+    def __init__(
+        self,
+        parts: Sequence[bytes],
+        *,
+        status: int = 200,
+        end: str = "complete",
+        hold: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.parts = parts
+        self.status = status
+        self.end = end
+        self.hold = hold
+        self.calls = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        self.calls += 1
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        for i, part in enumerate(self.parts):
+            if i == 1 and self.hold is not None:
+                await self.hold(self.calls)
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        if self.end == "raise":
+            raise RuntimeError("boom mid-response")
+        if self.end == "complete":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_an_app_that_raises_mid_response_never_runs_again(state: Path) -> None:
+    """Regression: an app that raised after it had started its response freed the key: the
+    retry ran it again. (One that returns mid-response, as Starlette's StreamingResponse does
+    when the client leaves, is the uvicorn test above.)"""
+    app = Streamer([b"part 1", b"part 2"], end="raise")
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        with pytest.raises(RuntimeError, match="mid-response"):
+            await client.post("/s", content=b"x", headers=key("cut"))
+        retry = await client.post("/s", content=b"x", headers=key("cut"))
+        other = await client.post("/s", content=b"y", headers=key("cut"))
+    assert app.calls == 1
+    assert retry.status_code == 409
+    assert "retry-after" not in retry.headers
+    assert retry.json()["reason"] == "incomplete"
+    assert retry.json()["title"] == "The response to this Idempotency-Key was not stored"
+    assert other.status_code == 422
+    assert stored_keys(state) == [("", "cut", "unstored", None)]
+
+
+async def test_a_5xx_cut_short_still_frees_the_key(state: Path) -> None:
+    app = Streamer([b"part 1"], status=503, end="raise")
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        with pytest.raises(RuntimeError):
+            await client.post("/s", content=b"x", headers=key("busy"))
+        assert stored_keys(state) == []
+        app.status, app.end = 201, "complete"
+        retry = await client.post("/s", content=b"x", headers=key("busy"))
+    assert (retry.status_code, retry.content) == (201, b"part 1")
+    assert app.calls == 2
+
+
+@pytest.mark.parametrize("parts", [[b"x" * 2000], [b"x" * 600, b"y" * 600, b"z" * 600]])
+async def test_a_response_too_large_to_store_is_sent_whole_and_never_runs_again(
+    state: Path, parts: list[bytes]
+) -> None:
+    app = Streamer(parts)
+    middleware = IdempotencyMiddleware(app, state=state, max_stored_body=1024)
+    async with asgi_client(middleware) as client:
+        first = await client.post("/big", content=b"x", headers=key("big"))
+        retry = await client.post("/big", content=b"x", headers=key("big"))
+    assert (first.status_code, first.content) == (200, b"".join(parts))
+    assert retry.status_code == 409
+    assert retry.json()["reason"] == "too_large"
+    assert "max_stored_body" in retry.json()["detail"]
+    assert app.calls == 1
+    assert stored_keys(state) == [("", "big", "unstored", None)]
+
+
+async def test_a_stream_unfinished_past_lock_timeout_is_not_taken_over(state: Path) -> None:
+    clock = Clock()
+    gate, streaming = anyio.Event(), anyio.Event()
+
+    async def hold(n: int) -> None:
+        if n == 1:
+            streaming.set()
+            await gate.wait()
+
+    app = Streamer([b"part 1", b"part 2"], hold=hold)
+    middleware = IdempotencyMiddleware(app, state=state, lock_timeout=30, clock=clock)
+    responses: dict[str, httpx.Response] = {}
+    async with asgi_client(middleware) as client:
+
+        async def first() -> None:
+            responses["first"] = await client.post("/u", content=b"x", headers=key("slow"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            with anyio.fail_after(10):
+                await streaming.wait()
+            locked = await client.post("/u", content=b"x", headers=key("slow"))
+            clock.now += 31
+            unfinished = await client.post("/u", content=b"x", headers=key("slow"))
+            gate.set()
+        replay = await client.post("/u", content=b"x", headers=key("slow"))
+    assert (locked.status_code, locked.headers["retry-after"]) == (409, "1")
+    assert unfinished.status_code == 409
+    assert unfinished.json()["reason"] == "unfinished"
+    assert responses["first"].content == b"part 1part 2"
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == b"part 1part 2"
+    assert app.calls == 1
+
+
+async def test_a_request_body_over_max_request_body_gets_413_and_the_app_does_not_run(
+    state: Path,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"c" * 400
+
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, max_request_body=1000)
+    async with asgi_client(middleware) as client:
+        declared = await client.post("/b", content=b"d" * 1001, headers=key("b"))
+        chunked = await client.post("/b", content=chunks(), headers=key("b"))
+        fits = await client.post("/b", content=b"d" * 1000, headers=key("b"))
+    for answer in (declared, chunked):
+        assert answer.status_code == 413
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "larger than 1000 bytes" in answer.json()["detail"]
+    assert "content-length" not in chunked.request.headers
+    assert fits.status_code == 201  # the key was not used by the refused requests
+    assert app.calls == 1
 
 
 async def test_same_key_with_a_different_request_gets_422(state: Path) -> None:
@@ -543,6 +734,96 @@ async def test_scope_of_namespaces_keys(state: Path) -> None:
     assert [r[:2] for r in stored_keys(state)] == [("alice", "k"), ("bob", "k")]
 
 
+async def test_a_stored_response_is_replayed_only_to_the_caller_who_made_the_request(
+    state: Path,
+) -> None:
+    """Regression: keys were shared between all callers unless ``scope_of`` was set: a second
+    client sending the same key and body got the first one's stored response, its
+    ``Set-Cookie`` included."""
+    app = Recorder()
+    alice = {**key("k"), "Authorization": "Bearer alice-token"}
+    bob = {**key("k"), "Authorization": "Bearer bob-token"}
+    carol = {**key("k"), "Cookie": "session=carol"}
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        for_alice = await client.post("/pay", content=b"10", headers=alice)
+        for_bob = await client.post("/pay", content=b"10", headers=bob)
+        for_carol = await client.post("/pay", content=b"10", headers=carol)
+        alice_again = await client.post("/pay", content=b"10", headers=alice)
+        carol_again = await client.post("/pay", content=b"10", headers=carol)
+    assert [r.headers["x-call"] for r in (for_alice, for_bob, for_carol)] == ["1", "2", "3"]
+    assert all("idempotent-replayed" not in r.headers for r in (for_alice, for_bob, for_carol))
+    assert (alice_again.headers["idempotent-replayed"], alice_again.headers["x-call"]) == (
+        "true",
+        "1",
+    )
+    assert (carol_again.headers["idempotent-replayed"], carol_again.headers["x-call"]) == (
+        "true",
+        "3",
+    )
+    assert app.calls == 3
+    scopes = [r[0] for r in stored_keys(state)]
+    assert sorted(s.split(":")[0] for s in scopes) == ["authorization", "authorization", "cookie"]
+    stored = "\n".join(map(str, rows(state, "SELECT * FROM idempotency_keys")))
+    for credential in ("alice-token", "bob-token", "carol"):
+        assert credential not in stored  # only a hash of the credentials is kept
+
+
+async def test_scope_of_can_share_keys_between_callers(state: Path) -> None:
+    app = Recorder()
+    middleware = IdempotencyMiddleware(app, state=state, scope_of=lambda scope: "")
+    async with asgi_client(middleware) as client:
+        first = await client.post("/s", content=b"x", headers={**key("k"), "Authorization": "a"})
+        other = await client.post("/s", content=b"x", headers={**key("k"), "Authorization": "b"})
+        anonymous = await client.post("/s", content=b"x", headers=key("k"))
+    assert first.status_code == 201
+    assert other.headers["idempotent-replayed"] == "true"
+    assert anonymous.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_set_cookie_goes_to_the_first_client_and_is_never_stored_or_replayed(
+    state: Path,
+) -> None:
+    async def login(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"Set-Cookie", b"session=s3cr3t; HttpOnly"),
+            (b"set-cookie", b"theme=dark"),
+        ]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"welcome"})
+
+    async with asgi_client(IdempotencyMiddleware(login, state=state)) as client:
+        first = await client.post("/login", content=b"x", headers=key("c"))
+        client.cookies.clear()  # a retry comes from a client that never got the first answer
+        replay = await client.post("/login", content=b"x", headers=key("c"))
+    assert first.headers.get_list("set-cookie") == ["session=s3cr3t; HttpOnly", "theme=dark"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert (replay.status_code, replay.content) == (201, b"welcome")
+    assert "set-cookie" not in replay.headers
+    assert replay.headers["content-type"] == "text/plain"
+    assert "s3cr3t" not in str(rows(state, "SELECT headers FROM idempotency_keys"))
+
+
+async def test_a_set_cookie_stored_by_an_older_version_is_not_replayed(state: Path) -> None:
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=state)) as client:
+        await client.post("/o", content=b"x", headers=key("old"))
+        db = sqlite3.connect(state)
+        with db:
+            db.execute(
+                "UPDATE idempotency_keys SET headers = ?",
+                (json.dumps([["content-type", "text/plain"], ["Set-Cookie", "session=old"]]),),
+            )
+        db.close()
+        replay = await client.post("/o", content=b"x", headers=key("old"))
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert "set-cookie" not in replay.headers
+    assert replay.headers["content-type"] == "text/plain"
+
+
 async def test_non_http_scopes_and_other_methods_pass_through(state: Path) -> None:
     app = Recorder()
     middleware = IdempotencyMiddleware(app, state=state, methods={"post"})
@@ -590,6 +871,10 @@ def test_bad_settings_are_refused(state: Path) -> None:
         IdempotencyMiddleware(Recorder(), state=state, lock_timeout=float("nan"))
     with pytest.raises(ConfigurationError, match="methods"):
         IdempotencyMiddleware(Recorder(), state=state, methods="POST")
+    with pytest.raises(ConfigurationError, match="'max_request_body' has value 0"):
+        IdempotencyMiddleware(Recorder(), state=state, max_request_body=0)
+    with pytest.raises(ConfigurationError, match=r"'max_stored_body' has value 1\.5"):
+        IdempotencyMiddleware(Recorder(), state=state, max_stored_body=1.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="postgresql://db@db/x") as info:
         IdempotencyMiddleware(Recorder(), state="postgresql://db:pw@db/x#fragment")
     assert "pw" not in str(info.value)
@@ -732,3 +1017,35 @@ async def test_a_store_that_cannot_be_used_fails_the_startup_with_one_line(
 
     good = await _lifespan_startup(IdempotencyMiddleware(Recorder(), state=tmp_path / "ok.db"))
     assert good["type"] == "lifespan.startup.complete"
+
+
+# -- the host process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_process_that_never_closes_the_middleware_still_exits(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Regression: the SQLite store's aiosqlite thread was not a daemon thread, so a process
+    that used the middleware without lifespan and without ``aclose()`` (an async test over
+    ``httpx.ASGITransport``, ``uvicorn --lifespan off``) printed its result, then hung for
+    ever in ``threading._shutdown``."""
+    import subprocess
+    import sys
+
+    state = str(tmp_path / "api.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+    script = Path(__file__).parent / "asgi_no_lifespan.py"
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), state],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=root,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process did not exit within 60 s; it printed {e.stdout!r}")
+    assert (done.returncode, done.stdout) == (0, "201 created\n"), done.stderr

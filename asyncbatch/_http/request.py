@@ -1,20 +1,23 @@
-"""The request side of idempotency: reading an ``Idempotency-Key`` header, fingerprinting a
-request, and the problem responses the middleware answers with."""
+"""The request side of idempotency: reading an ``Idempotency-Key`` header, naming the caller
+whose keys it is, fingerprinting a request, and the problem responses the middleware answers
+with."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
 
 __all__ = [
     "MAX_KEY_LENGTH",
     "ASGIApp",
+    "BodyTooLarge",
     "Message",
     "Receive",
     "Scope",
     "Send",
+    "caller_scope",
     "key_tag",
     "parse_key",
     "problem",
@@ -82,6 +85,22 @@ def _parse_sf_string(text: bytes) -> str:
     raise ValueError("Idempotency-Key has no closing quote")
 
 
+def caller_scope(scope: Scope) -> str:
+    """The default namespace of a request's keys: the caller, named by a hash of its credentials.
+
+    ``authorization:`` plus the sha256 of the ``Authorization`` header when the request has one,
+    else ``cookie:`` plus the sha256 of its ``Cookie`` header, else ``""``: requests without
+    credentials share one namespace. Headers given more than once are hashed together, in order.
+    The credentials themselves are never stored, only their hash.
+    """
+    for name in (b"authorization", b"cookie"):
+        values = [bytes(v) for k, v in scope.get("headers", ()) if bytes(k).lower() == name]
+        if values:
+            digest = hashlib.sha256(b"\0".join(values)).hexdigest()
+            return f"{name.decode()}:{digest}"
+    return ""
+
+
 def _fingerprint_head(scope: Scope) -> Any:
     """A sha256 of the request line (method, path, query string), to be fed the body next.
 
@@ -102,17 +121,47 @@ def key_tag(namespace: str, key: str) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-async def read_body(scope: Scope, receive: Receive) -> tuple[bytes, str] | None:
+class BodyTooLarge(Exception):
+    """A request body longer than the middleware buffers; the message says how long may be."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is larger than {limit} bytes, the most this server reads for a "
+            "request with an Idempotency-Key"
+        )
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The request's ``Content-Length``, if it has one that is a number."""
+    for name, value in scope.get("headers", ()):
+        if bytes(name).lower() == b"content-length":
+            text = bytes(value).strip()
+            return int(text) if text.isdigit() else None
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, *, limit: int) -> tuple[bytes, str] | None:
     """The whole request body and the request's fingerprint (sha256 over method, path, query
-    string and body), or ``None`` when the client disconnected first."""
+    string and body), or ``None`` when the client disconnected first.
+
+    Raises :class:`BodyTooLarge` as soon as the body is known to be longer than ``limit``
+    bytes (from its ``Content-Length``, or once that much has arrived): no more is read.
+    """
+    declared = _declared_length(scope)
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(limit)
     digest = _fingerprint_head(scope)
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         if message["type"] == "http.request":
             chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
             digest.update(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -120,15 +169,24 @@ async def read_body(scope: Scope, receive: Receive) -> tuple[bytes, str] | None:
 
 
 async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Send a complete response, in one body message."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def problem(
-    send: Send, status: int, title: str, detail: str, *, retry_after: int | None = None
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    retry_after: int | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> None:
-    """An RFC 9457 problem response (``application/problem+json``)."""
-    body = json.dumps({"title": title, "status": status, "detail": detail}).encode()
+    """An RFC 9457 problem response (``application/problem+json``): ``title``, ``status``,
+    ``detail``, and the ``extra`` members."""
+    document = {"title": title, "status": status, "detail": detail, **(extra or {})}
+    body = json.dumps(document).encode()
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),

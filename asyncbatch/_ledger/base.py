@@ -51,6 +51,7 @@ from .types import (
     RunnerInfo,
     ScannedRow,
     StoredResponse,
+    UnstoredReason,
     iso_time,
 )
 
@@ -115,12 +116,18 @@ def decide_idempotency(
     locked_until: float,
     expires_at: float,
     now: float,
+    reason: str = "",
 ) -> IdempotencyClaim:
     """What a keyed request gets when its key already has a record (times in one clock).
 
-    An expired record is as good as none; a different request under the key is a mismatch; a
-    stored response is replayed; a running request younger than its lock is a conflict; an
-    older one was abandoned (its process died), and the key is taken over.
+    A record is ``running`` (its request runs), ``started`` (its response has begun),
+    ``done`` (its ``response`` is stored) or ``unstored`` (its request ran, its response could
+    not be stored, for ``reason``). An expired record is as good as none; a different request
+    under the key is a mismatch; a stored response is replayed; an unstored one is
+    ``"unstored"``; a request younger than its lock is a conflict. Past its lock, a request that
+    had started its response is ``"unstored"`` (``"unfinished"``): it may have had its effects,
+    so it never runs again; one that had not was abandoned (its process died), and the key is
+    taken over.
     """
     if expires_at < now:
         return IdempotencyClaim("run", "expired")
@@ -128,8 +135,12 @@ def decide_idempotency(
         return IdempotencyClaim("mismatch")
     if state == "done" and response is not None:
         return IdempotencyClaim("replay", stored=response)
+    if state == "unstored":
+        return IdempotencyClaim("unstored", reason)
     if locked_until >= now:
         return IdempotencyClaim("conflict")
+    if state == "started":
+        return IdempotencyClaim("unstored", "unfinished")
     return IdempotencyClaim("run", "abandoned")
 
 
@@ -544,21 +555,37 @@ class Ledger(abc.ABC):
         :func:`decide_idempotency`).
 
         ``"run"`` makes the request's token the key's owner for ``lock_timeout`` seconds: only
-        it may complete or release the record. Concurrent requests with one key, from any process
-        sharing the ledger, never both get ``"run"`` within ``lock_timeout``. Times are the
-        ledger's (the server's clock on PostgreSQL).
+        it may start, complete, give up or release the record. Concurrent requests with one
+        key, from any process sharing the ledger, never both get ``"run"`` within
+        ``lock_timeout``, and a key whose record was started never gets ``"run"`` again until
+        the record expires. Times are the ledger's (the server's clock on PostgreSQL).
         """
+
+    @abc.abstractmethod
+    async def idempotency_start(self, request: IdempotencyRequest) -> bool:
+        """Mark the running record the request owns as started (its response has begun): from
+        now on it is never released nor taken over. ``False`` if it was taken over meanwhile.
+        Marking a started record again is harmless (``True``)."""
 
     @abc.abstractmethod
     async def idempotency_complete(
         self, request: IdempotencyRequest, response: StoredResponse, *, ttl: float
     ) -> bool:
-        """Store the response of the running record the request owns, kept for ``ttl``
-        seconds; ``False`` if it was taken over meanwhile (nothing is stored then)."""
+        """Store the response of the running or started record the request owns, kept for
+        ``ttl`` seconds; ``False`` if it was taken over meanwhile (nothing is stored then)."""
+
+    @abc.abstractmethod
+    async def idempotency_unstored(
+        self, request: IdempotencyRequest, reason: UnstoredReason, *, ttl: float
+    ) -> bool:
+        """Record that the running or started record the request owns has a response that
+        could not be stored, for ``reason``; kept for ``ttl`` seconds, during which a repeat
+        gets ``"unstored"`` with that reason. ``False`` if it was taken over meanwhile."""
 
     @abc.abstractmethod
     async def idempotency_release(self, request: IdempotencyRequest) -> None:
-        """Delete the running record the request owns, so the key can be used again."""
+        """Delete the running record the request owns, so the key can be used again (a
+        started record is not released: its request may have had its effects)."""
 
     @abc.abstractmethod
     async def idempotency_purge(self) -> int:

@@ -553,14 +553,23 @@ class PostgresLedger(Ledger):
             assert row is not None  # a conflicting insert waits for the row's commit
             fp, state, status, headers, body, locked_until, expires_at, now = row
             response = stored_response(status, headers, body or b"") if state == "done" else None
+            reason = headers if state == "unstored" else ""
             found = decide_idempotency(
-                request.fingerprint, fp, state, response, locked_until, expires_at, now
+                request.fingerprint, fp, state, response, locked_until, expires_at, now, reason
             )
             if found.decision == "run":
                 await conn.execute(sql.IDEMPOTENCY_TAKE_OVER, *fresh)
             return found
 
         return await self._session.transact(claim, again=False)  # a lost commit: 409, not run twice
+
+    async def idempotency_start(self, request: t.IdempotencyRequest) -> bool:
+        who = (request.scope, request.key, request.token)
+
+        async def start(conn: Connection) -> bool:
+            return await conn.fetchval(sql.IDEMPOTENCY_START, *who) is not None
+
+        return await self._session.transact(start, one=True)
 
     async def idempotency_complete(
         self, request: t.IdempotencyRequest, response: t.StoredResponse, *, ttl: float
@@ -573,6 +582,16 @@ class PostgresLedger(Ledger):
             return await conn.fetchval(sql.IDEMPOTENCY_COMPLETE, *params) is not None
 
         return await self._session.transact(complete, one=True)
+
+    async def idempotency_unstored(
+        self, request: t.IdempotencyRequest, reason: t.UnstoredReason, *, ttl: float
+    ) -> bool:
+        params = (request.scope, request.key, request.token, reason, ttl)
+
+        async def unstored(conn: Connection) -> bool:
+            return await conn.fetchval(sql.IDEMPOTENCY_UNSTORED, *params) is not None
+
+        return await self._session.transact(unstored, one=True)
 
     async def idempotency_release(self, request: t.IdempotencyRequest) -> None:
         async def release(conn: Connection) -> None:

@@ -568,8 +568,9 @@ FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
 """
 
 # -- idempotency keys (receiving side) -----------------------------------------------------------
-# As in the SQLite ledger: while a row is 'running', ``headers`` holds its request's owner token;
-# a 'done' row holds the stored response. Lock and expiry times are the server's.
+# As in the SQLite ledger: while a row is 'running' or 'started', ``headers`` holds its request's
+# owner token; a 'done' row holds the stored response, an 'unstored' row in ``headers`` why it
+# has none. Lock and expiry times are the server's.
 
 #: $1 scope, $2 key, $3 fingerprint, $4 token, $5 lock timeout, $6 ttl. A row when inserted;
 #: a concurrent insert of the same key waits for the first to commit, then inserts nothing.
@@ -593,12 +594,26 @@ SET fingerprint = $3, state = 'running', status = NULL, headers = $4, body = NUL
     created_at = {NOW}, locked_until = {NOW} + $5::float8, expires_at = {NOW} + $6::float8
 WHERE scope = $1 AND key = $2
 """
+#: $1 scope, $2 key, $3 token. A row when marked.
+IDEMPOTENCY_START = """
+UPDATE idempotency_keys SET state = 'started'
+WHERE scope = $1 AND key = $2 AND state IN ('running', 'started') AND headers = $3
+RETURNING 1
+"""
 #: $1 scope, $2 key, $3 token, $4 status, $5 headers, $6 body, $7 ttl. A row when stored.
 IDEMPOTENCY_COMPLETE = f"""
 UPDATE idempotency_keys
 SET state = 'done', status = $4, headers = $5, body = $6, locked_until = {NOW},
     expires_at = {NOW} + $7::float8
-WHERE scope = $1 AND key = $2 AND state = 'running' AND headers = $3
+WHERE scope = $1 AND key = $2 AND state IN ('running', 'started') AND headers = $3
+RETURNING 1
+"""
+#: $1 scope, $2 key, $3 token, $4 reason, $5 ttl. A row when recorded.
+IDEMPOTENCY_UNSTORED = f"""
+UPDATE idempotency_keys
+SET state = 'unstored', status = NULL, headers = $4, body = NULL, locked_until = {NOW},
+    expires_at = {NOW} + $5::float8
+WHERE scope = $1 AND key = $2 AND state IN ('running', 'started') AND headers = $3
 RETURNING 1
 """
 IDEMPOTENCY_RELEASE = """

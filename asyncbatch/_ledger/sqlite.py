@@ -41,7 +41,7 @@ from .._exceptions import LedgerError, NotALedgerError, SchemaVersionError
 from .._procinfo import ProcessIdentity
 from . import sqlite_sql as sql
 from . import types as t
-from .aiosqlite_bridge import on_thread, raw
+from .aiosqlite_bridge import connect, on_thread, raw
 from .base import (
     BUSY,
     Busy,
@@ -201,8 +201,9 @@ def _tx_idempotency_claim(conn: sqlite3.Connection, fresh: dict[str, Any]) -> t.
         sql.IDEMPOTENCY_GET, (fresh["scope"], fresh["key"])
     ).fetchone()  # the insert was ignored inside this write transaction: the row is there
     response = stored_response(status, headers, body or b"") if state == "done" else None
+    reason = headers if state == "unstored" else ""
     claim = decide_idempotency(
-        fresh["fingerprint"], fp, state, response, locked_until, expires_at, fresh["now"]
+        fresh["fingerprint"], fp, state, response, locked_until, expires_at, fresh["now"], reason
     )
     if claim.decision == "run":
         conn.execute(sql.IDEMPOTENCY_TAKE_OVER, fresh)
@@ -265,7 +266,7 @@ class SQLiteLedger(Ledger):
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         view = None if create else read_only_view(path)
         try:
-            db = await aiosqlite.connect(
+            db = await connect(
                 view or path, isolation_level=None, cached_statements=256, uri=view is not None
             )
         except sqlite3.Error as e:
@@ -755,6 +756,13 @@ class SQLiteLedger(Ledger):
         }
         return await self._transact(_tx_idempotency_claim, fresh)
 
+    async def idempotency_start(self, request: t.IdempotencyRequest) -> bool:
+        def start(conn: sqlite3.Connection) -> bool:
+            who = (request.scope, request.key, request.token)
+            return conn.execute(sql.IDEMPOTENCY_START, who).rowcount == 1
+
+        return await self._transact(start)
+
     async def idempotency_complete(
         self, request: t.IdempotencyRequest, response: t.StoredResponse, *, ttl: float
     ) -> bool:
@@ -772,6 +780,17 @@ class SQLiteLedger(Ledger):
             return conn.execute(sql.IDEMPOTENCY_COMPLETE, params).rowcount == 1
 
         return await self._transact(complete)
+
+    async def idempotency_unstored(
+        self, request: t.IdempotencyRequest, reason: t.UnstoredReason, *, ttl: float
+    ) -> bool:
+        now = self.clock()
+        params = {**asdict(request), "reason": reason, "now": now, "expires_at": now + ttl}
+
+        def unstored(conn: sqlite3.Connection) -> bool:
+            return conn.execute(sql.IDEMPOTENCY_UNSTORED, params).rowcount == 1
+
+        return await self._transact(unstored)
 
     async def idempotency_release(self, request: t.IdempotencyRequest) -> None:
         def release(conn: sqlite3.Connection) -> None:

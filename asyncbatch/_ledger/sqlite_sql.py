@@ -444,8 +444,11 @@ FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 # One row per (scope, key) seen by IdempotencyMiddleware. A 'running' row belongs to the request
 # executing it: while running, its ``headers`` column holds that request's random owner token, so
 # only that request may complete or release it (a request that outlived ``lock_timeout`` and was
-# taken over cannot overwrite the newer owner's row). A 'done' row holds the stored response:
-# ``status``, ``headers`` (JSON list of [name, value] latin-1 strings) and ``body``.
+# taken over cannot overwrite the newer owner's row). A 'started' row is a running one whose
+# response has begun (still the token in ``headers``): it is never released nor taken over. A
+# 'done' row holds the stored response: ``status``, ``headers`` (JSON list of [name, value]
+# latin-1 strings) and ``body``. An 'unstored' row ran but its response could not be stored:
+# ``headers`` holds why (an UnstoredReason).
 
 IDEMPOTENCY_INSERT = """
 INSERT OR IGNORE INTO idempotency_keys
@@ -463,11 +466,21 @@ SET fingerprint = :fingerprint, state = 'running', status = NULL, headers = :tok
     created_at = :now, locked_until = :locked_until, expires_at = :expires_at
 WHERE scope = :scope AND key = :key
 """
+IDEMPOTENCY_START = """
+UPDATE idempotency_keys SET state = 'started'
+WHERE scope = ? AND key = ? AND state IN ('running', 'started') AND headers = ?
+"""
 IDEMPOTENCY_COMPLETE = """
 UPDATE idempotency_keys
 SET state = 'done', status = :status, headers = :headers, body = :body, locked_until = :now,
     expires_at = :expires_at
-WHERE scope = :scope AND key = :key AND state = 'running' AND headers = :token
+WHERE scope = :scope AND key = :key AND state IN ('running', 'started') AND headers = :token
+"""
+IDEMPOTENCY_UNSTORED = """
+UPDATE idempotency_keys
+SET state = 'unstored', status = NULL, headers = :reason, body = NULL, locked_until = :now,
+    expires_at = :expires_at
+WHERE scope = :scope AND key = :key AND state IN ('running', 'started') AND headers = :token
 """
 IDEMPOTENCY_RELEASE = """
 DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'running' AND headers = ?

@@ -33,6 +33,7 @@ __all__ = [
     "ScannedRow",
     "StoredResponse",
     "TimeField",
+    "UnstoredReason",
     "iso_time",
 ]
 
@@ -327,7 +328,14 @@ class StoredResponse:
     body: bytes
 
 
-IdempotencyDecision = Literal["run", "replay", "conflict", "mismatch"]
+IdempotencyDecision = Literal["run", "replay", "conflict", "mismatch", "unstored"]
+
+#: Why a key's response was not stored, though its request ran and answered (so the key must
+#: not run again): ``"incomplete"``, the response was cut short (the client left, the app
+#: stopped mid-response); ``"too_large"``, it was larger than the middleware stores;
+#: ``"unfinished"``, it started more than its lock's time ago and has not completed (its
+#: server stopped while sending it, or still sends it).
+UnstoredReason = Literal["incomplete", "too_large", "unfinished"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,10 +351,12 @@ class IdempotencyRequest:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyClaim:
-    """What a keyed request gets: run it (and own the key), replay, 409 or 422.
+    """What a keyed request gets: run it (and own the key), replay, 409 or 422; or, for a key
+    whose request ran but whose response could not be stored, ``"unstored"``.
 
     ``why`` says, for ``"run"``, whether the key was ``"new"``, ``"expired"`` or taken over
-    from an ``"abandoned"`` request; ``stored`` is the response to replay.
+    from an ``"abandoned"`` request, and for ``"unstored"`` the :data:`UnstoredReason`;
+    ``stored`` is the response to replay.
     """
 
     decision: IdempotencyDecision
