@@ -281,7 +281,10 @@ def test_failures_retry_locks_unlock_and_history(inbox: Path, state: Path) -> No
     assert failures[0]["error"].startswith("ValueError: cannot parse f0000")
     assert len(failures[0]["input_hash"]) == 64
 
-    assert "0 failed items" in cli("retry", "--state", state).stdout
+    assert cli("retry", "--state", state).stdout.strip() == (
+        "0 failed items put back to pending; 3 dead items left as they are: add --dead to "
+        "retry dead items too"
+    )
     retried = cli("retry", "--state", state, "--dead", "f00001.txt")
     assert retried.returncode == 0
     assert "1 failed or dead item put back" in retried.stdout

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import anyio
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import make_files, state_counts
+from .conftest import HANDLERS, cli, make_files, spawn, state_counts
+
+RECORD = f"{HANDLERS}:record"
 
 
 def done_before(batch: Batch) -> int:
@@ -81,3 +84,31 @@ async def test_a_watch_after_an_interrupted_one_counts_each_file_once(
     assert len(second_seen) == 16
     assert (report.seen, report.done, report.done_before, report.earlier) == (20, 16, 4, 0)
     assert "20 seen: 16 done, 4 done before" in str(report)
+
+
+def test_a_run_waiting_for_a_ledger_another_process_locked_says_so(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    make_files(inbox, 2, prefix="new")
+    holder = sqlite3.connect(state, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+    proc = spawn("run", RECORD, "--source", inbox, "--state", state, "--no-progress")
+    try:
+        assert proc.stderr is not None
+        told = ""
+        deadline = time.monotonic() + 60
+        while "is locked by another process" not in told:
+            line = proc.stderr.readline()
+            assert line, f"the run ended without saying why it waits: {told}"
+            assert time.monotonic() < deadline
+            told += line
+        assert "waiting up to" in told
+        assert proc.poll() is None  # still waiting, not failed
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert state_counts(state) == {"done": 5}

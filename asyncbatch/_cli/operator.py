@@ -278,10 +278,19 @@ async def retry(args: argparse.Namespace) -> int:
                     )
                 keys.extend(item.key for item in found)
         changed = await ledger.retry(args.job, keys, dead=args.dead)
+        dead = 0 if args.dead or keys else (await ledger.counts(args.job)).get("dead", 0)
     finally:
         await ledger.close()
     which = "failed or dead" if args.dead else "failed"
-    print(f"{changed} {which} item{'s' if changed != 1 else ''} put back to pending")
+    text = f"{changed} {which} item{'s' if changed != 1 else ''} put back to pending"
+    if changed:
+        text += ": the next run (or a live watch) handles them"
+    if dead:
+        text += (
+            f"; {dead} dead item{'s' if dead != 1 else ''} left as "
+            f"{'they are' if dead != 1 else 'it is'}: add --dead to retry dead items too"
+        )
+    print(text)
     return EXIT_OK
 
 

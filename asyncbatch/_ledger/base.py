@@ -225,6 +225,10 @@ class Busy:
 BUSY: Final = Busy()
 
 
+#: Seconds a transaction waits for a busy ledger before it says so (and again as often).
+BUSY_TELL_AFTER = 3.0
+
+
 async def retrying(
     attempt: Callable[[], Awaitable[T | Busy]],
     *,
@@ -233,16 +237,20 @@ async def retrying(
     longest_pause: float,
     on_timeout: Callable[[], Exception],
     errors: LedgerErrors | None = None,
+    on_wait: Callable[[float, float], None] | None = None,
 ) -> T:
     """Await ``attempt()`` until it returns something other than :data:`BUSY`.
 
     Between tries: jittered pauses growing by half from ``first_pause`` to ``longest_pause``,
     awaited on the event loop (a cancelled caller stops waiting at once). Raises
     ``on_timeout()`` once ``patience`` seconds have passed. Each try that found the ledger
-    busy is counted in ``errors.busy``.
+    busy is counted in ``errors.busy``. ``on_wait(waited, left)`` is called once the ledger
+    has been busy for :data:`BUSY_TELL_AFTER` seconds, and again every as many seconds: a
+    warning, so that a wait for a ledger locked by another process is never silent.
     """
     began = time.monotonic()
     deadline = began + patience
+    told = began
     pause = first_pause
     jitter = random.Random()
     try:
@@ -254,8 +262,12 @@ async def retrying(
                 errors.busy += 1
                 if errors.busy_since is None:
                     errors.busy_since = began
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise on_timeout()
+            if on_wait is not None and now - told >= BUSY_TELL_AFTER:
+                told = now
+                on_wait(now - began, deadline - now)
             await anyio.sleep(pause * (0.5 + jitter.random()))
             pause = min(pause * 1.5, longest_pause)
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -56,6 +57,8 @@ from .base import (
 from .sqlite_open import check_state_path, companions, open_error, read_only_view
 
 __all__ = ["SQLiteLedger"]
+
+log = logging.getLogger("asyncbatch.ledger")
 
 T = TypeVar("T")
 #: SQLite's own busy wait (ms) before a statement reports the database locked; waits for the
@@ -382,6 +385,17 @@ class SQLiteLedger(Ledger):
             longest_pause=0.004,
             on_timeout=self._busy_error,
             errors=self.errors,
+            on_wait=self._tell_busy,
+        )
+
+    def _tell_busy(self, waited: float, left: float) -> None:
+        log.warning(
+            "state %r is locked by another process (a write transaction held for %.0fs so "
+            "far: another asyncbatch command, or a program holding it open); waiting up to "
+            "%.0fs more",
+            self.name,
+            waited,
+            left,
         )
 
     def _check_file(self) -> None:
