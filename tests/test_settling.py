@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from asyncbatch import Batch, TaskContext
@@ -252,3 +253,39 @@ def test_explain_says_which_time_keeps_a_file_from_settling(inbox: Path, state: 
     assert verdict.endswith(": not-settled")
     assert "written to (ctime; its mtime says earlier)" in message
     assert "--settle 60" in message
+
+
+async def test_a_watch_counts_its_files_not_settled_yet_in_its_metrics(
+    inbox: Path, state: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    make_files(inbox, 2)
+    far = inbox / "far.csv"
+    far.write_text("from the future")
+    os.utime(far, ns=(YEAR_2300_NS, YEAR_2300_NS))
+    done = anyio.Event()
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        if len(handled) == 2:
+            done.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, metrics=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        with anyio.fail_after(30):
+            await done.wait()
+        transport = httpx.ASGITransport(app=batch.metrics_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://batch") as client:
+            text = (await client.get("/metrics")).text
+        batch.stop()
+
+    found = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "asyncbatch_files_unsettled"
+    }
+    assert found == {"asyncbatch_files_unsettled": 1.0}

@@ -179,6 +179,7 @@ class Claimer:
                         lists, saw_dir = FULL_SCAN_EVERY, False
                 else:
                     saw_dir = await self._watch_look(sightings, paths)
+                run.counters.unsettled = sightings.waiting
                 if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
                 if retry_at is not None and time.monotonic() >= retry_at:

@@ -199,6 +199,14 @@ class BatchCollector:
         held.add_metric((job, "held"), 0 if run is None else run.counters.held)
         held.add_metric((job, "waiting"), 0 if run is None else run.counters.waiting)
         yield held
+        yield _gauge(
+            "asyncbatch_files_unsettled",
+            "Files the last scan (or look) found and that are not settled yet: changed less "
+            "than --settle ago (or in the future); watching, also those waiting for their "
+            "second look",
+            job,
+            0 if run is None else run.counters.unsettled,
+        )
         oldest = None if run is None else run.oldest_waiting()
         yield _gauge(
             "asyncbatch_oldest_waiting_seconds",
