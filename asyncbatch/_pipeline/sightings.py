@@ -40,13 +40,22 @@ class _Waiting:
     look_at: float
 
 
+def _registered(record: bytes) -> bytes:
+    """A registered file as it is remembered: its record without the ctime, which a
+    ``chmod``, a link or a rename sets too. Registered, a file is a new candidate only when
+    its key could have changed (mtime, size) or another file took its name (inode); while it
+    waits to settle, its ctime counts (see :meth:`Sightings._sight`)."""
+    return record[:-8]
+
+
 class Sightings:
     """Registered files and waiting ones, for one watch; the look-again schedule."""
 
     def __init__(self, settle: float) -> None:
         self._settle = settle
         self._settle_ns = int(settle * 1e9)
-        #: The records of files registered (candidates handed to the claim), as last seen.
+        #: The files registered (candidates handed to the claim), as last seen: their records
+        #: without the ctime (see :func:`_registered`).
         self._known: set[bytes] = set()
         #: Their name keys (relpath and inode), for a listing without stat.
         self._known_names: set[bytes] = set()
@@ -62,8 +71,9 @@ class Sightings:
         """Take a full scan's sorted records (wall clock ``now_ns``, monotonic ``now``);
         return the candidates among them, in order. Files no longer listed are forgotten."""
         known = self._known
-        fresh = [r for r in records if r not in known]
-        self._known = set(records)
+        listed = [_registered(r) for r in records]
+        fresh = [r for r, k in zip(records, listed, strict=True) if k not in known]
+        self._known = set(listed)
         fresh_rels = set()
         candidates: list[bytes] = []
         for record in fresh:
@@ -72,9 +82,12 @@ class Sightings:
             if self._sight(rel, record, now_ns, now):
                 candidates.append(record)
             else:
-                self._known.discard(record)
+                self._known.discard(_registered(record))
         self._waiting = {rel: w for rel, w in self._waiting.items() if rel in fresh_rels}
-        self._known_names = {name_key(r) for r in self._known}
+        known = self._known
+        self._known_names = {
+            name_key(r) for r, k in zip(records, listed, strict=True) if k in known
+        }
         return candidates
 
     def unknown(self, names: list[bytes]) -> list[bytes]:
@@ -101,8 +114,8 @@ class Sightings:
         for record in records:
             rel = split(record)[0]
             listed.add(rel)
-            if record not in self._known and self._sight(rel, record, now_ns, now):
-                self._known.add(record)
+            if _registered(record) not in self._known and self._sight(rel, record, now_ns, now):
+                self._known.add(_registered(record))
                 self._known_names.add(name_key(record))
                 candidates.append(record)
         for rel in relpaths:
