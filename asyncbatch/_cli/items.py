@@ -231,7 +231,7 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
     Raises :class:`ConfigurationError` when the job has no recorded source and none is given,
     or the source is not a directory.
     """
-    recorded = await job_settings(args, ledger)
+    recorded = await job_settings(args, ledger)  # a --source given is the job's, if recorded
     if recorded is None:
         if args.source is None:
             raise ConfigurationError(
@@ -239,11 +239,10 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
                 "its next run makes it): give --source"
             )
         recorded = JobSettings(source=args.source)
-    source = recorded.source if args.source is None else args.source
-    if not Path(source).is_dir():
-        raise ConfigurationError.bad_value("source", source, "no such directory")
+    if not Path(recorded.source).is_dir():
+        raise ConfigurationError.bad_value("source", recorded.source, "no such directory")
     return JobSettings(
-        source=source,
+        source=recorded.source,
         recursive=recorded.recursive if args.recursive is None else args.recursive,
         follow_symlinks=(
             recorded.follow_symlinks if args.follow_symlinks is None else args.follow_symlinks

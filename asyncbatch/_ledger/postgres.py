@@ -219,12 +219,11 @@ class PostgresLedger(Ledger):
     # -- the job lock and runners ------------------------------------------------------------------
 
     async def start_runner(self, start: t.RunStart) -> t.Started:
-        job, settings = start.job, start.settings
-        me = start.me
+        job, me, settings = start.job, start.me, start.settings.to_json()
 
         async def begin(conn: Connection) -> t.Started:
             await conn.execute(sql.JOB_LOCK_GUARD, job)
-            await conn.execute(sql.ADD_JOB, job, start.identity, settings.to_json())
+            await conn.execute(sql.ADD_JOB, job, start.identity, settings)
             identity, recorded = await conn.fetchrow(sql.GET_JOB_RECORD, job) or (None, None)
             record, changed = decide_job(
                 self.name,
@@ -234,7 +233,7 @@ class PostgresLedger(Ledger):
             )
             stale = await self._take_lock(conn, start)
             if record:
-                await conn.execute(sql.SET_JOB_SETTINGS, job, settings.to_json())
+                await conn.execute(sql.SET_JOB_SETTINGS, job, settings)
             await conn.execute(
                 sql.RUNNER_ADD,
                 start.owner,

@@ -110,15 +110,15 @@ def _tx_migrate(conn: sqlite3.Connection, now: float) -> None:
 def _tx_start_runner(
     conn: sqlite3.Connection, start: t.RunStart, state: str, now: float
 ) -> t.Started:
-    job, settings = start.job, start.settings
-    conn.execute(sql.ADD_JOB, (job, start.identity, now, settings.to_json()))
+    job, settings = start.job, start.settings.to_json()
+    conn.execute(sql.ADD_JOB, (job, start.identity, now, settings))
     identity, recorded = conn.execute(sql.GET_JOB_RECORD, (job,)).fetchone()
     record, changed = decide_job(
         state, start, identity, None if recorded is None else t.JobSettings.from_json(recorded)
     )
     stale = _take_lock(conn, job, start.owner, start.me, start.ttl, start.shared, now)
     if record:
-        conn.execute(sql.SET_JOB_SETTINGS, (settings.to_json(), job))
+        conn.execute(sql.SET_JOB_SETTINGS, (settings, job))
     me = start.me
     who = {"job": job, "owner": start.owner, "pid": me.pid, "host": me.host, "now": now}
     conn.execute(
