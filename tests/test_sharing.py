@@ -325,7 +325,7 @@ def has_open(proc: subprocess.Popen[str], path: Path) -> bool:
         return True
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(path):
+            if os.readlink(f"/proc/{proc.pid}/fd/{fd}") == os.path.realpath(path):
                 return True
         except OSError:
             continue
