@@ -60,9 +60,11 @@ class Batch:
 
     Parameters (keyword-only; the CLI flag in brackets):
 
-    - ``source`` [--source]: the directory to scan. ``state`` [--state]: the ledger, a SQLite
-      file on a local disk, or a ``postgresql://`` DSN for runners on several hosts.
-      ``job`` [--job]: the job's name; jobs in one state are independent.
+    - ``source`` [--source]: the directory to scan; the job's first run records it (and its
+      scan rules and identity), and a run of the job on another directory is refused.
+      ``state`` [--state]: the ledger, a SQLite file on a local disk, or a ``postgresql://``
+      DSN for runners on several hosts. ``job`` [--job]: the job's name; jobs in one state
+      are independent.
     - ``concurrency`` [-j]: handlers running at once. ``settle`` [--settle]: seconds a file must
       be unchanged before it is handled. ``ignore`` [--ignore]: globs to skip.
       ``recursive``, ``follow_symlinks``: what the scan walks.
@@ -238,6 +240,7 @@ class Batch:
         On cancellation the in-flight items go back to the ledger and the lock is released.
 
         Raises :class:`JobLockedError` if another live runner holds the job (not ``shared``),
+        :class:`ConfigurationError` if the job records another source or identity,
         :class:`LedgerError` if the state cannot be used, :class:`LockLostError` if the lock
         was taken over while running.
         """

@@ -11,7 +11,7 @@ from typing import Literal
 from ._effects.actions import encode_action
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
-from ._ledger import PostgresDSN
+from ._ledger import JobSettings, PostgresDSN
 from ._scanner import ScanRules
 
 __all__ = ["MAX_CONCURRENCY", "MAX_SECONDS", "BatchConfig", "PostAction"]
@@ -150,6 +150,19 @@ class BatchConfig:
     def rules(self) -> ScanRules:
         """The scanner's skip rules."""
         return ScanRules(self.ignore)
+
+    @property
+    def job_settings(self) -> JobSettings:
+        """What the ledger records of the job (see :class:`JobSettings`): the source as an
+        absolute path with its symlinks resolved (``inbox`` and ``./inbox`` are one source),
+        and the scan rules (the ignore globs sorted, without repeats: their order means
+        nothing)."""
+        return JobSettings(
+            source=os.path.realpath(self.source),
+            recursive=self.recursive,
+            follow_symlinks=self.follow_symlinks,
+            ignore=tuple(sorted(set(self.ignore))),
+        )
 
     def _check_paths(self) -> None:
         source = self.source

@@ -30,6 +30,12 @@ async def record(ctx: TaskContext) -> None:
     await anyio.sleep(float(os.environ.get("AB_SLEEP", "0")))
 
 
+async def record_pid(ctx: TaskContext) -> None:
+    """Log ``<pid> <relpath>``: which process handled the file; sleep a while."""
+    _append(f"{os.getpid()} {ctx.entry.relpath}")
+    await anyio.sleep(float(os.environ.get("AB_SLEEP", "0")))
+
+
 async def fail_always(ctx: TaskContext) -> None:
     """Fail every attempt."""
     _append(ctx.entry.relpath)

@@ -17,6 +17,9 @@ from typing import Any
 import anyio
 import pytest
 
+from asyncbatch._ledger import JobSettings, RunStart
+from asyncbatch._procinfo import ProcessIdentity, this_process
+
 from .postgres import Server, pg_sync, probe, require, with_schema
 
 HERE = Path(__file__).parent
@@ -49,6 +52,35 @@ async def until_settled(settle: float, *paths: Path) -> None:
     await anyio.sleep(max(0.0, changed + settle - time.time()) + 0.01)
 
 
+#: The source a ledger test records for its jobs (never scanned: the ledger only stores it).
+SOURCE = "/srv/asyncbatch-test/inbox"
+
+
+def run_start(
+    owner: str = "a",
+    *,
+    job: str = "j",
+    me: ProcessIdentity | None = None,
+    ttl: float = 60.0,
+    shared: bool = False,
+    mode: str = "run",
+    identity: str = "stat",
+    source: str = SOURCE,
+    **rules: Any,
+) -> RunStart:
+    """What a runner hands ``Ledger.start_runner`` (this process, job ``j``, exclusive)."""
+    return RunStart(
+        job=job,
+        owner=owner,
+        me=me or this_process(),
+        ttl=ttl,
+        shared=shared,
+        mode=mode,
+        identity=identity,
+        settings=JobSettings(source=source, **rules),
+    )
+
+
 def rows(state: Path, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """Run a read query against a ledger with plain sqlite3."""
     db = sqlite3.connect(state)
@@ -56,6 +88,13 @@ def rows(state: Path, query: str, params: Sequence[Any] = ()) -> list[tuple[Any,
         return list(db.execute(query, params))
     finally:
         db.close()
+
+
+def ledger_rows(state: str, query: str) -> list[tuple[Any, ...]]:
+    """Run a read query (no parameters) against a SQLite or PostgreSQL ledger."""
+    if state.startswith("postgresql://"):
+        return pg_sync(state, query)
+    return rows(Path(state), query)
 
 
 def state_counts(state: Path, job: str = "default") -> dict[str, int]:
@@ -178,6 +217,15 @@ def state(tmp_path: Path) -> Path:
 def postgres_server() -> Server:
     """The test PostgreSQL server, probed once per session (see tests/postgres.py)."""
     return probe()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_state(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A ledger for a CLI test: once a SQLite file (not created yet), once a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return dsn
 
 
 @pytest.fixture

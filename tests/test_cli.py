@@ -25,6 +25,7 @@ from .conftest import (
     cli,
     invocations,
     kill,
+    ledger_rows,
     make_files,
     rows,
     spawn,
@@ -817,3 +818,108 @@ def test_an_empty_path_option_is_refused_not_taken_for_the_current_directory(
     result = cli(*args, cwd=work)
     assert_one_line_error(result, f"argument {option}: invalid value ''", "not an empty string")
     assert sorted(p.name for p in work.iterdir()) == before
+
+
+# -- a job and its source --------------------------------------------------------------------------
+
+
+def everything(state: str) -> list[list[tuple[Any, ...]]]:
+    """Every row a run may write: jobs, items, runs, runners, locks."""
+    return [
+        ledger_rows(state, f"SELECT * FROM {table} ORDER BY 1, 2")
+        for table in ("jobs", "items", "runs", "runners", "task_lock")
+    ]
+
+
+def test_the_same_job_pointed_at_another_source_is_refused_and_handles_nothing(
+    any_state: str, inbox: Path, tmp_path: Path
+) -> None:
+    # The same names in another directory (copied with cp -p: same sizes and mtimes) were
+    # reported "done before" and left unhandled: under --identity path, and under the default
+    # identity too. A job keeps its source: another is refused (exit 2), naming both.
+    make_files(inbox, 3)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in inbox.iterdir():
+        shutil.copy2(path, copy / path.name)
+    log = tmp_path / "calls.log"
+    env = {"AB_LOG": str(log)}
+    for job, identity in (("default", "path"), ("by-stat", "stat")):
+        options = ("--state", any_state, "--job", job, "--identity", identity, "--no-progress")
+        first = cli("run", RECORD, "--source", inbox, *options, env=env)
+        assert first.returncode == 0, first.stderr
+        assert "3 done" in first.stdout
+        before = everything(any_state)
+        refused = cli("run", RECORD, "--source", copy, *options, env=env)
+        assert_one_line_error(
+            refused,
+            f"job {job!r}",
+            f"scans {os.path.realpath(inbox)!r}, not {os.path.realpath(copy)!r}",
+            "--job NAME",
+        )
+        assert refused.stdout == ""
+        assert everything(any_state) == before, "the refused run changed the ledger"
+    assert sum(invocations(log).values()) == 6, "the refused runs handled nothing"
+    # The way out: another job, whose files are its own.
+    other = cli("run", RECORD, "--source", copy, "--state", any_state, "--job", "copy", env=env)
+    assert other.returncode == 0, other.stderr
+    assert "3 done" in other.stdout
+    assert sum(invocations(log).values()) == 9
+
+
+def test_a_source_is_one_however_it_is_spelled(inbox: Path, state: Path, tmp_path: Path) -> None:
+    make_files(inbox, 2)
+    (tmp_path / "link").symlink_to(inbox)
+    for spelling in ("inbox", "./inbox/", str(inbox), "link", "../" + tmp_path.name + "/inbox"):
+        result = cli("run", RECORD, "--source", spelling, "--state", state, cwd=tmp_path)
+        assert result.returncode == 0, (spelling, result.stderr)
+    status = json.loads(cli("status", "--state", state, "--json").stdout)
+    assert status["settings"]["source"] == os.path.realpath(inbox)
+    assert len(rows(state, "SELECT id FROM runs")) == 5
+
+
+def test_changed_scan_rules_are_warned_recorded_in_the_history_and_shown_by_status(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+    make_files(inbox, 1, prefix="x")
+    make_files(inbox / "sub", 1)
+    (inbox / "x00000.txt").rename(inbox / "x.skip")
+    first = cli("run", RECORD, "--source", inbox, "--state", state, "--ignore", "*.skip")
+    assert first.returncode == 0, first.stderr
+    assert "2 done" in first.stdout
+    assert first.stderr == ""
+    # Changing a rule on purpose works: the run says so once, and the history keeps it.
+    second = cli("run", RECORD, "--source", inbox, "--state", state, "--recursive")
+    assert second.returncode == 0, second.stderr
+    assert "2 done, 2 done before" in second.stdout
+    (warning,) = second.stderr.strip().splitlines()
+    changed = "recursive: off -> on; ignore: '*.skip' -> none"
+    assert (
+        f"WARNING asyncbatch: job 'default': its scan rules changed since its last run ({changed})"
+        in warning
+    )
+    third = cli("run", RECORD, "--source", inbox, "--state", state, "--recursive")
+    assert third.returncode == 0, third.stderr
+    assert third.stderr == ""
+    history = cli("history", "--state", state).stdout.strip().splitlines()
+    assert [line.endswith(f"; changed the scan rules: {changed}") for line in history] == [
+        False,
+        True,
+        False,
+    ]
+    runs = json.loads(cli("history", "--state", state, "--json").stdout)
+    assert [r["settings_changed"] for r in runs] == [None, changed, None]
+    status = json.loads(cli("status", "--state", state, "--json").stdout)
+    assert status["settings"] == {
+        "source": os.path.realpath(inbox),
+        "recursive": True,
+        "follow_symlinks": False,
+        "ignore": [],
+    }
+    assert status["identity"] == "stat"
+    text = cli("status", "--state", state, env={"COLUMNS": "200"}).stdout
+    assert (
+        f"source: {os.path.realpath(inbox)} (recursive: on, follow symlinks: off, ignore: none; "
+        "identity: stat)"
+    ) in text

@@ -42,9 +42,10 @@ def run(inbox: Path, state: Path | str, *extra: str, log: Path | None = None) ->
     assert done.returncode in (0, 1), done.stderr
 
 
-def explain(inbox: Path, state: Path | str, path: str | Path, *extra: str) -> dict[str, Any]:
-    """``asyncbatch explain --json``: exit 0 and its facts."""
-    out = cli("explain", path, "--source", inbox, "--state", state, "--json", *extra)
+def explain(state: Path | str, path: str | Path, *extra: str) -> dict[str, Any]:
+    """``asyncbatch explain --json`` with only the state (the job's source and scan rules are
+    the ledger's): exit 0 and its facts."""
+    out = cli("explain", path, "--state", state, "--json", *extra)
     assert out.returncode == 0, out.stderr
     facts: dict[str, Any] = json.loads(out.stdout)
     return facts
@@ -116,7 +117,7 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
             os.utime(path, (old, old))
     run(inbox, state, "--ignore", "*.skip")
 
-    done = explain(inbox, state, inbox / "f00001.txt")
+    done = explain(state, inbox / "f00001.txt")
     assert done["verdict"] == "done"
     assert "done at" in done["message"]
     assert "in attempt 1" in done["message"]
@@ -133,7 +134,7 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     assert len(done["input_hash"]) == 64
 
     def verdict(path: str, *extra: str) -> tuple[str, str]:
-        facts = explain(inbox, state, path, *extra)
+        facts = explain(state, path, *extra)
         return facts["verdict"], facts["message"]
 
     assert verdict("draft.tmp")[0] == "skipped"
@@ -141,10 +142,14 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     assert "temporary name" in verdict("notes.txt~")[1]
     assert "hidden name '.hidden'" in verdict(".hidden")[1]
     assert "not recursive" in verdict("sub/deep.txt")[1]
+    # The answer uses the job's scan rules, as its runs recorded them; an option given
+    # replaces one, as a run with that option would see the file.
+    assert "ignore pattern '*.skip'" in verdict("keep.skip")[1]
+    assert (done["source"], done["ignore"]) == (os.path.realpath(inbox), ["*.skip"])
+    assert (done["recursive"], done["follow_symlinks"]) == (False, False)
+    assert verdict("keep.skip", "--ignore", "*.other")[0] == "never-seen"
     assert verdict("sub/deep.txt", "--recursive")[0] == "never-seen"
-    # The answer follows the scan options given, as the job's run would see the file.
-    assert "ignore pattern '*.skip'" in verdict("keep.skip", "--ignore", "*.skip")[1]
-    assert verdict("keep.skip")[0] == "never-seen"
+    assert "not recursive" in verdict("sub/deep.txt", "--no-recursive")[1]
     unsettled = verdict("future.txt")
     assert unsettled[0] == "not-settled"
     assert "in the future by this host's clock" in unsettled[1]
@@ -160,7 +165,7 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     changed = inbox / "f00002.txt"
     changed.write_text("a longer, different content")
     os.utime(changed, (old, old))
-    facts = explain(inbox, state, changed)
+    facts = explain(state, changed)
     assert facts["verdict"] == "never-seen"
     assert "other item(s) under the name" in facts["message"]
     assert [o["state"] for o in facts["other_items"]] == ["done"]
@@ -179,12 +184,18 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     other = cli("explain", "f00001.txt", "--source", inbox, "--state", state, "--identity", "path")
     assert other.returncode == 2
     assert "identity='stat'" in other.stderr
+    elsewhere = inbox.parent / "elsewhere"
+    elsewhere.mkdir()
+    refused = cli("explain", "f00001.txt", "--source", elsewhere, "--state", state)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert f"scans {os.path.realpath(inbox)!r}, not {os.path.realpath(elsewhere)!r}" in line
 
 
 def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
     make_files(inbox, 1)
     run(inbox, state, FAIL, "--max-attempts", "1")
-    facts = explain(inbox, state, "f00000.txt")
+    facts = explain(state, "f00000.txt")
     assert facts["verdict"] == "dead"
     assert "ValueError: cannot parse f00000.txt" in facts["message"]
     assert "retry --dead" in facts["message"]
@@ -194,7 +205,7 @@ def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
     assert isinstance(failure["runner_pid"], int)
     # When the file is gone, the ledger's record of the name still answers.
     (inbox / "f00000.txt").unlink()
-    gone = explain(inbox, state, "f00000.txt")
+    gone = explain(state, "f00000.txt")
     assert gone["verdict"] == "dead"
     assert gone["message"].startswith("no such file now")
 
@@ -207,7 +218,7 @@ def test_explain_and_forget_while_a_live_runner_holds_the_item(
     runner = start_recording(inbox, state, log, jobs=1, sleep=30)
     try:
         wait_for(lambda: sum(invocations(log).values()) >= 1)
-        facts = explain(inbox, state, "f00000.txt")
+        facts = explain(state, "f00000.txt")
         assert facts["verdict"] == "leased"
         assert f"leased by pid {runner.pid}" in facts["message"]
         refused = no_terminal("forget", "f00000.txt", "--state", state, "--yes")
@@ -337,20 +348,51 @@ def test_forget_done_before_a_time(inbox: Path, state: Path) -> None:
     assert state_counts(state) == {}
 
 
-def test_items_explain_and_forget_on_postgresql(inbox: Path, pg_dsn: str) -> None:
+def test_status_items_explain_and_forget_take_the_jobs_source_from_the_ledger(
+    any_state: str, inbox: Path, tmp_path: Path
+) -> None:
     make_files(inbox, 2)
-    run(inbox, pg_dsn)
-    rows = json.loads(cli("items", "--state", pg_dsn, "--json").stdout)
+    (inbox / "keep.skip").write_text("x")
+    run(inbox, any_state, "--ignore", "*.skip")
+    source = os.path.realpath(inbox)
+    # Only --state: the job's source (and scan rules) come from the ledger.
+    status = json.loads(cli("status", "--state", any_state, "--json").stdout)
+    assert status["settings"] == {
+        "source": source,
+        "recursive": False,
+        "follow_symlinks": False,
+        "ignore": ["*.skip"],
+    }
+    rows = json.loads(cli("items", "--state", any_state, "--json").stdout)
     assert sorted(r["relpath"] for r in rows) == ["f00000.txt", "f00001.txt"]
     assert all(r["runner_pid"] and r["finished_at"] >= r["started_at"] for r in rows)
-    facts = explain(inbox, pg_dsn, "f00000.txt")
-    assert facts["verdict"] == "done"
-    forgot = no_terminal("forget", "f00000.txt", "--state", pg_dsn, "--yes")
+    assert explain(any_state, "f00000.txt")["verdict"] == "done"
+    assert explain(any_state, "keep.skip")["verdict"] == "skipped"
+    # The job's own --source, however spelled, is accepted; another is refused, naming both.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in (
+        ("status",),
+        ("items",),
+        ("explain", "f00000.txt"),
+        ("forget", "f00000.txt", "--yes"),
+    ):
+        if command[0] != "forget":
+            same = cli(*command, "--state", any_state, "--source", f"{inbox}/", "--json")
+            assert same.returncode == 0, same.stderr
+        refused = no_terminal(*command, "--state", any_state, "--source", elsewhere)
+        assert refused.returncode == 2, (command, refused.stderr)
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"scans {source!r}, not {os.path.realpath(elsewhere)!r} (--source)" in line
+    assert len(json.loads(cli("items", "--state", any_state, "--json").stdout)) == 2
+    forgot = no_terminal("forget", "f00000.txt", "--state", any_state, "--source", inbox, "--yes")
     assert forgot.returncode == 0, forgot.stderr
-    assert explain(inbox, pg_dsn, "f00000.txt")["verdict"] == "never-seen"
+    assert explain(any_state, "f00000.txt")["verdict"] == "never-seen"
 
 
-def test_a_state_file_of_the_previous_schema_is_upgraded_by_a_run(inbox: Path, state: Path) -> None:
+def test_a_state_file_of_an_older_schema_is_upgraded_and_records_each_jobs_source_when_it_runs(
+    inbox: Path, state: Path
+) -> None:
     make_files(inbox, 2)
     db = sqlite3.connect(state)
     db.execute("PRAGMA journal_mode = WAL")
@@ -359,7 +401,7 @@ def test_a_state_file_of_the_previous_schema_is_upgraded_by_a_run(inbox: Path, s
     db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
     db.execute("PRAGMA user_version = 2")
     db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
-    db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0)")
+    db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0), ('other', 'stat', 0)")
     db.commit()
     db.close()
     old = cli("items", "--state", state)
@@ -374,3 +416,21 @@ def test_a_state_file_of_the_previous_schema_is_upgraded_by_a_run(inbox: Path, s
     rows = json.loads(cli("items", "--state", state, "--json").stdout)
     assert sorted(r["relpath"] for r in rows) == ["f00000.txt", "f00001.txt"]
     assert all(r["finished_at"] is not None for r in rows)
+    # The job that ran recorded its source; the other records its own on its next run (an
+    # upgraded ledger refuses no source), and explain asks for it until then.
+    status = json.loads(cli("status", "--state", state, "--json").stdout)
+    assert status["settings"]["source"] == os.path.realpath(inbox)
+    other = ("--state", state, "--job", "other")
+    assert json.loads(cli("status", *other, "--json").stdout)["settings"] is None
+    assert "source: not recorded yet" in cli("status", *other).stdout
+    asked = cli("explain", "f00000.txt", *other)
+    assert asked.returncode == 2
+    (line,) = asked.stderr.strip().splitlines()
+    assert "job 'other' has no recorded source yet" in line
+    assert "give --source" in line
+    facts = explain(state, "f00000.txt", "--job", "other", "--source", str(inbox))
+    assert facts["verdict"] == "never-seen"
+    elsewhere = inbox.parent / "elsewhere"
+    make_files(elsewhere, 1)
+    run(elsewhere, state, "--job", "other")
+    assert explain(state, "f00000.txt", "--job", "other")["source"] == os.path.realpath(elsewhere)

@@ -18,7 +18,7 @@ import pytest
 from asyncbatch import ConfigurationError, NotALedgerError
 from asyncbatch._ledger.sqlite import SQLiteLedger
 
-from .conftest import rows
+from .conftest import rows, run_start
 
 
 def digest(path: Path) -> str:
@@ -27,7 +27,7 @@ def digest(path: Path) -> str:
 
 async def test_new_state_files_are_private(state: Path) -> None:
     async with await SQLiteLedger.open(state) as ledger:
-        await ledger.ensure_job("default", "stat")
+        await ledger.start_runner(run_start(shared=True))
         for suffix in ("", "-wal", "-shm"):
             mode = stat.S_IMODE((state.parent / (state.name + suffix)).stat().st_mode)
             assert mode == 0o600, suffix
@@ -64,13 +64,17 @@ def test_runners_creating_a_fresh_state_at_the_same_moment_all_succeed(tmp_path:
     go = tmp_path / "go"
     script = (
         "import anyio, os, sys, time\n"
+        "from asyncbatch._ledger import JobSettings, RunStart\n"
         "from asyncbatch._ledger.sqlite import SQLiteLedger\n"
+        "from asyncbatch._procinfo import this_process\n"
         "async def main():\n"
         "    open(sys.argv[2] + '.' + str(os.getpid()), 'w').close()  # ready\n"
         "    while not os.path.exists(sys.argv[2]):  # start together\n"
         "        time.sleep(0.001)\n"
         "    async with await SQLiteLedger.open(sys.argv[1]) as ledger:\n"
-        "        await ledger.ensure_job('default', 'stat')\n"
+        "        await ledger.start_runner(RunStart(job='default', owner=str(os.getpid()),\n"
+        "            me=this_process(), ttl=60, shared=True, mode='run', identity='stat',\n"
+        "            settings=JobSettings(source='/srv/inbox')))\n"
         "anyio.run(main)\n"
     )
     for _ in range(5):
@@ -99,15 +103,15 @@ async def test_many_connections_switching_a_fresh_state_to_wal_at_once_all_succe
     # Two connections switching a new file to WAL at once can deadlock on its exclusive lock;
     # SQLite fails one of them at once ("database is locked") instead of waiting. Racing four
     # opens on many fresh files makes that happen (it did in about one round in twenty).
-    async def open_and_use(state: Path) -> None:
+    async def open_and_use(state: Path, owner: str) -> None:
         async with await SQLiteLedger.open(state) as ledger:
-            await ledger.ensure_job("default", "stat")
+            await ledger.start_runner(run_start(owner, shared=True))
 
     for round_ in range(60):
         state = tmp_path / f"fresh-{round_}.db"
         async with anyio.create_task_group() as tg:
-            for _ in range(4):
-                tg.start_soon(open_and_use, state)
+            for i in range(4):
+                tg.start_soon(open_and_use, state, f"runner-{i}")
         assert rows(state, "PRAGMA journal_mode") == [("wal",)]
 
 
@@ -115,7 +119,7 @@ async def test_a_write_waits_for_another_writer_and_the_wait_can_be_cancelled(
     state: Path,
 ) -> None:
     async with await SQLiteLedger.open(state, busy_timeout=30) as ledger:
-        await ledger.ensure_job("j", "stat")
+        await ledger.start_runner(run_start(shared=True))
         other = sqlite3.connect(state, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:

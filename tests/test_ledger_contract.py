@@ -43,12 +43,14 @@ from asyncbatch._ledger import (
     Heartbeat,
     IdempotencyRequest,
     ItemFilter,
+    JobSettings,
     Ledger,
     Outcome,
     PostgresDSN,
     Renewal,
     RunEnd,
     RunTotals,
+    Started,
     StoredResponse,
     open_ledger,
     sqlite_sql,
@@ -57,7 +59,7 @@ from asyncbatch._ledger import postgres_sql as pg_sql
 from asyncbatch._ledger.postgres import PostgresLedger
 from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, this_process
 
-from .conftest import HANDLERS, cli, invocations, make_files, spawn
+from .conftest import HANDLERS, SOURCE, cli, invocations, make_files, run_start, spawn
 from .postgres import pg_query, pg_sync
 
 RECORD = f"{HANDLERS}:record"
@@ -105,6 +107,11 @@ class Store:
     async def make_second_version(self) -> None:
         """Write a ledger of schema version 2 (before the joblog): one done item of runner
         'old-runner' (done at 1000.0), one failed, one pending."""
+        raise NotImplementedError
+
+    async def make_third_version(self) -> None:
+        """Write a ledger of schema version 3 (before the job's settings were recorded): job
+        'j' with the items of :meth:`make_second_version`, and a finished run."""
         raise NotImplementedError
 
 
@@ -165,6 +172,21 @@ class SqliteStore(Store):
             "INSERT INTO runs (job, owner, pid, host, mode, started_at) "
             "VALUES ('j', 'old-runner', 4242, 'oldhost', 'run', 990)"
         )
+        for item in _second_version_items("CAST({} AS BLOB)"):
+            db.execute(item)
+        db.commit()
+        db.close()
+
+    async def make_third_version(self) -> None:
+        db = sqlite3.connect(self.path)
+        db.execute("PRAGMA journal_mode = WAL")
+        for version in range(3):
+            db.executescript(sqlite_sql.MIGRATIONS[version])
+        db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 3")
+        db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+        db.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
+        db.execute(_THIRD_VERSION_RUN)
         for item in _second_version_items("CAST({} AS BLOB)"):
             db.execute(item)
         db.commit()
@@ -238,12 +260,38 @@ class PostgresStore(Store):
         finally:
             await conn.close()
 
+    async def make_third_version(self) -> None:
+        conn = await asyncpg.connect(self.state, timeout=10)
+        try:
+            schema = PostgresDSN.parse(self.state).schema
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            for version in range(3):
+                await conn.execute(pg_sql.MIGRATIONS[version])
+            await conn.execute(
+                "INSERT INTO meta VALUES ('application', 'asyncbatch'), ('schema_version', '3'),"
+                " ('secret', $1), ('created_at', '0')",
+                "ab" * 32,
+            )
+            await conn.execute("INSERT INTO jobs VALUES ('j', 'stat', 0)")
+            await conn.execute(_THIRD_VERSION_RUN)
+            for item in _second_version_items("convert_to({}, 'UTF8')"):
+                await conn.execute(item)
+        finally:
+            await conn.close()
+
 
 #: A failed item due for a retry, as asyncbatch 0.1 wrote it: $1 key, $2 relpath, $3 due at.
 _FIRST_VERSION_ITEM = """
 INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fence,
                    started_fence, next_attempt_at, last_error, created_at, updated_at)
 VALUES ('j', $1, $2, 10, 1001, 501, 'failed', 1, 1, 1, $3, 'ValueError: x', 0, 0)
+"""
+
+
+#: A finished run of job 'j', as schema version 3 recorded it.
+_THIRD_VERSION_RUN = """
+INSERT INTO runs (job, owner, pid, host, mode, started_at, finished_at, seen, done, exit_status)
+VALUES ('j', 'old-runner', 4242, 'oldhost', 'run', 990, 1000, 1, 1, 'ok')
 """
 
 
@@ -312,7 +360,7 @@ async def test_a_read_only_open_of_a_missing_ledger_is_refused(store: Store) -> 
 
 async def test_a_newer_schema_is_refused_untouched(store: Store) -> None:
     async with await store.open() as ledger:
-        await ledger.ensure_job("j", "stat")
+        await ledger.start_runner(run_start())
     newer = store.schema_version + 1
     await store.set_schema_version(newer)
     with pytest.raises(SchemaVersionError, match=f"schema version {newer}"):
@@ -350,14 +398,75 @@ async def test_the_secret_is_made_once_and_kept(store: Store) -> None:
 async def test_a_job_keeps_its_identity_mode(ledger: Ledger) -> None:
     assert not await ledger.job_exists("j")
     assert await ledger.job_identity("j") is None
-    await ledger.ensure_job("j", "stat")
-    await ledger.ensure_job("j", "stat")
+    await ledger.start_runner(run_start("a", shared=True))
+    await ledger.start_runner(run_start("b", shared=True))
     with pytest.raises(ConfigurationError, match="identity='stat'"):
-        await ledger.ensure_job("j", "content")
-    await ledger.ensure_job("other", "path")
+        await ledger.start_runner(run_start("c", shared=True, identity="content"))
+    await ledger.start_runner(run_start("d", job="other", identity="path"))
     assert await ledger.jobs() == ["j", "other"]
     assert await ledger.job_identity("j") == "stat"
     assert await ledger.job_exists("other")
+
+
+async def job_rows(store: Store) -> list[list[tuple[Any, ...]]]:
+    """Everything a runner's start may write: jobs, runs, runners and locks."""
+    return [
+        await store.fetch(query)
+        for query in (
+            "SELECT job, identity, settings FROM jobs ORDER BY job",
+            "SELECT id, owner, finished_at, settings_changed FROM runs ORDER BY id",
+            "SELECT owner FROM runners ORDER BY owner",
+            "SELECT job_id, owner FROM task_lock ORDER BY job_id",
+        )
+    ]
+
+
+def ended(started: Started, owner: str, *, holds_lock: bool) -> RunEnd:
+    """How a runner started by ``started`` leaves, its run ok."""
+    return RunEnd(
+        job="j",
+        owner=owner,
+        holds_lock=holds_lock,
+        run_id=started.run_id,
+        totals=RunTotals(),
+        exit_status="ok",
+    )
+
+
+async def test_a_job_keeps_its_source_and_records_changes_of_its_scan_rules(
+    ledger: Ledger, store: Store
+) -> None:
+    first = await ledger.start_runner(run_start("a", ignore=("*.tmp",)))
+    assert first.changed == ()
+    assert await ledger.job_settings("j") == JobSettings(source=SOURCE, ignore=("*.tmp",))
+    assert await ledger.job_settings("nope") is None
+    # Another source is refused, naming both and the way out, with nothing written: neither
+    # while the first runner holds the lock (a wrong source is said first) nor after it.
+    elsewhere = "/srv/elsewhere/inbox"
+    for holds in (True, False):
+        before = await job_rows(store)
+        for shared in (False, True):
+            with pytest.raises(ConfigurationError) as info:
+                await ledger.start_runner(run_start("b", source=elsewhere, shared=shared))
+            assert f"scans {SOURCE!r}, not {elsewhere!r}" in str(info.value)
+            assert "--job NAME" in str(info.value)
+        assert await job_rows(store) == before
+        if holds:
+            await ledger.release_runner(ended(first, "a", holds_lock=True))
+    # The scan rules may change: recorded, and named in the run's history row.
+    second = await ledger.start_runner(run_start("c", recursive=True))
+    assert second.changed == ("recursive: off -> on", "ignore: '*.tmp' -> none")
+    assert await ledger.job_settings("j") == JobSettings(source=SOURCE, recursive=True)
+    await ledger.release_runner(ended(second, "c", holds_lock=True))
+    third = await ledger.start_runner(run_start("d", recursive=True))
+    assert third.changed == ()
+    latest, middle, oldest = await ledger.runs("j")
+    assert (latest.settings_changed, oldest.settings_changed) == (None, None)
+    assert middle.settings_changed == "recursive: off -> on; ignore: '*.tmp' -> none"
+    # A name that is not UTF-8 round-trips.
+    odd = os.fsdecode(b"/srv/caf\xe9")
+    await ledger.start_runner(run_start("e", job="odd", source=odd))
+    assert await ledger.job_settings("odd") == JobSettings(source=odd)
 
 
 # -- the job lock --------------------------------------------------------------------------------
@@ -365,12 +474,14 @@ async def test_a_job_keeps_its_identity_mode(ledger: Ledger) -> None:
 
 async def test_a_live_lock_is_refused_and_names_its_holder(ledger: Ledger) -> None:
     me = this_process()
-    assert await ledger.acquire_lock("j", "owner-a", me, 60, shared=False) is None
+    assert (await ledger.start_runner(run_start("owner-a"))).stale is None
     with pytest.raises(JobLockedError, match=f"pid {me.pid} on host {me.host!r}") as info:
-        await ledger.acquire_lock("j", "owner-b", me, 60, shared=False)
+        await ledger.start_runner(run_start("owner-b"))
     assert (info.value.pid, info.value.host) == (me.pid, me.host)
     with pytest.raises(JobLockedError):
-        await ledger.acquire_lock("j", "owner-c", me, 60, shared=True)
+        await ledger.start_runner(run_start("owner-c", shared=True))
+    # A refused runner left no record.
+    assert [r.owner for r in await ledger.runners("j")] == ["owner-a"]
     (lock,) = await ledger.locks()
     assert (lock.job, lock.owner, lock.pid, lock.host) == ("j", "owner-a", me.pid, me.host)
     # Times come back in the caller's clock, whatever the server's.
@@ -381,8 +492,8 @@ async def test_a_live_lock_is_refused_and_names_its_holder(ledger: Ledger) -> No
 async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: Ledger) -> None:
     gone = dead_process()
     assert holder_is_dead(gone)
-    await ledger.acquire_lock("j", "dead-owner", gone, 3600, shared=False)
-    stale = await ledger.acquire_lock("j", "new-owner", this_process(), 60, shared=False)
+    await ledger.start_runner(run_start("dead-owner", me=gone, ttl=3600))
+    stale = (await ledger.start_runner(run_start("new-owner"))).stale
     assert stale is not None
     assert (stale.owner, stale.pid) == ("dead-owner", gone.pid)
     (lock,) = await ledger.locks()
@@ -390,11 +501,11 @@ async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: Ledger) -> None
 
 
 async def test_an_expired_heartbeat_is_taken_over(ledger: Ledger) -> None:
-    await ledger.acquire_lock("j", "remote", OTHER_HOST, SHORT, shared=False)
+    await ledger.start_runner(run_start("remote", me=OTHER_HOST, ttl=SHORT))
     with pytest.raises(JobLockedError, match=r"elsewhere\.example"):
-        await ledger.acquire_lock("j", "local", this_process(), 30, shared=False)
+        await ledger.start_runner(run_start("local", ttl=30))
     await anyio.sleep(PAST_SHORT)
-    stale = await ledger.acquire_lock("j", "local", this_process(), 30, shared=False)
+    stale = (await ledger.start_runner(run_start("local", ttl=30))).stale
     assert stale is not None
     assert stale.owner == "remote"
     assert [lock.owner for lock in await ledger.locks()] == ["local"]
@@ -403,35 +514,65 @@ async def test_an_expired_heartbeat_is_taken_over(ledger: Ledger) -> None:
 async def test_a_shared_runner_clears_a_stale_lock_and_blocks_an_exclusive_one(
     ledger: Ledger,
 ) -> None:
-    me = this_process()
-    await ledger.acquire_lock("j", "gone", dead_process(), 60, shared=False)
-    stale = await ledger.acquire_lock("j", "shared-a", me, 60, shared=True)
+    await ledger.start_runner(run_start("gone", me=dead_process()))
+    stale = (await ledger.start_runner(run_start("shared-a", shared=True))).stale
     assert stale is not None
     assert stale.owner == "gone"
     assert await ledger.locks() == []
-    await ledger.register_runner("j", "shared-a", me, 60, shared=True, mode="run")
     # Not "locked": there is no lock for 'asyncbatch locks' to show, but a shared runner.
     with pytest.raises(JobLockedError, match="being run by --shared runners") as info:
-        await ledger.acquire_lock("j", "exclusive", me, 60, shared=False)
+        await ledger.start_runner(run_start("exclusive"))
     assert info.value.shared_runner
 
 
+async def start_or_refuse(ledger: Ledger, kind: str, job: str, started: dict[str, bool]) -> None:
+    """Start a runner of ``kind`` (``"exclusive"`` or ``"shared"``, its owner ``KIND JOB``) on
+    ``job``; note whether it started."""
+    try:
+        await ledger.start_runner(run_start(f"{kind} {job}", job=job, shared=kind == "shared"))
+    except JobLockedError:
+        started[kind] = False
+    else:
+        started[kind] = True
+
+
+async def test_an_exclusive_and_a_shared_runner_starting_together_never_both_run(
+    store: Store,
+) -> None:
+    # Each start is one transaction that checks for the other kind and registers itself: of
+    # an exclusive and a shared runner starting at once (each on its own connection), one is
+    # refused, whichever went first (the shared runner used to check and register in two
+    # transactions, and an exclusive one could start in between: both ran).
+    async with await store.open() as one, await store.open() as other:
+        for round_ in range(40):
+            job = f"race-{round_}"
+            started: dict[str, bool] = {}
+            pair = [(one, "exclusive"), (other, "shared")]
+            async with anyio.create_task_group() as tg:
+                for ledger, kind in pair if round_ % 2 else reversed(pair):
+                    tg.start_soon(start_or_refuse, ledger, kind, job, started)
+            winners = [kind for kind, ran in started.items() if ran]
+            assert len(winners) == 1, started
+            owners = [f"{kind} {job}" for kind in winners]
+            assert [r.owner for r in await one.runners(job)] == owners
+            locks = [lock.owner for lock in await one.locks() if lock.job == job]
+            assert locks == (owners if winners == ["exclusive"] else [])
+
+
 async def test_release_deletes_only_the_owners_lock(ledger: Ledger) -> None:
-    me = this_process()
-    await ledger.acquire_lock("j", "owner-a", me, 60, shared=False)
+    await ledger.start_runner(run_start("owner-a"))
     assert not await ledger.force_unlock("j", "owner-b")
     assert len(await ledger.locks()) == 1
     assert await ledger.force_unlock("j", "owner-a")
     assert await ledger.locks() == []
-    assert await ledger.acquire_lock("j", "owner-b", me, 60, shared=False) is None
+    assert (await ledger.start_runner(run_start("owner-b"))).stale is None
 
 
 async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     ledger: Ledger,
 ) -> None:
     me = this_process()
-    await ledger.acquire_lock("j", "a", me, SHORT, shared=False)
-    await ledger.register_runner("j", "a", me, SHORT, shared=False, mode="run")
+    await ledger.start_runner(run_start("a", ttl=SHORT))
     (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
     assert await ledger.heartbeat(
         Heartbeat(job="j", owner="a", ttl=60, leases=[(row.key, row.fence)], holds_lock=True)
@@ -439,7 +580,7 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     await anyio.sleep(PAST_SHORT)
     # Without the heartbeat, all three would have expired by now.
     with pytest.raises(JobLockedError):
-        await ledger.acquire_lock("j", "b", OTHER_HOST, 60, shared=False)
+        await ledger.start_runner(run_start("b", me=OTHER_HOST))
     assert await ledger.claim_scanned("j", "b", 60, [entry(1)]) == [
         ClaimedRow("k00001", "held", 1, 0)
     ]
@@ -455,7 +596,7 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
 
 
 async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger) -> None:
-    await ledger.register_runner("j", "r", OTHER_HOST, SHORT, shared=True, mode="run")
+    await ledger.start_runner(run_start("r", me=OTHER_HOST, ttl=SHORT, shared=True))
     await anyio.sleep(PAST_SHORT)
     assert await ledger.reap_stale_runners("j", this_process()) == 0
     assert not (
@@ -466,7 +607,7 @@ async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger) -> None:
 async def test_heartbeat_names_the_leases_another_runner_took_over(ledger: Ledger) -> None:
     # A runner whose heartbeats came late (suspended, a stalled event loop): its liveness
     # record is still there, but a lease expired and was taken; that one is lost, not renewed.
-    await ledger.register_runner("j", "a", this_process(), 60, shared=True, mode="run")
+    await ledger.start_runner(run_start("a", shared=True))
     first, second = await ledger.claim_scanned("j", "a", SHORT, [entry(1), entry(2)])
     (kept,) = await ledger.claim_scanned("j", "a", 60, [entry(3)])
     await anyio.sleep(PAST_SHORT)
@@ -488,8 +629,8 @@ async def test_the_items_of_a_runner_that_is_gone_are_put_back(
     ledger: Ledger, store: Store
 ) -> None:
     me = this_process()
-    await ledger.register_runner("j", "dead", dead_process(), 3600, shared=True, mode="run")
-    await ledger.register_runner("j", "alive", me, 3600, shared=True, mode="run")
+    await ledger.start_runner(run_start("dead", me=dead_process(), ttl=3600, shared=True))
+    await ledger.start_runner(run_start("alive", me=me, ttl=3600, shared=True))
     await ledger.claim_scanned("j", "dead", 60, [entry(1), entry(2)])
     await ledger.claim_scanned("j", "alive", 60, [entry(3)])
     assert await ledger.reap_stale_runners("j", me) == 2
@@ -819,7 +960,7 @@ TOTALS = RunTotals(
 
 async def test_counts_failures_find_items_and_runs(ledger: Ledger) -> None:
     me = this_process()
-    run_id = await ledger.register_runner("j", "a", me, 60, shared=False, mode="run")
+    run_id = (await ledger.start_runner(run_start("a", shared=True))).run_id
     odd = ("k00003", "café ☕.txt".encode(), 10, 1003, 503)  # a non-ASCII name round-trips
     await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), odd, entry(4)])
     await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "failed", "first", None)])
@@ -872,7 +1013,7 @@ async def test_counts_failures_find_items_and_runs(ledger: Ledger) -> None:
     assert run.finished_at is not None
     assert 0 <= run.finished_at - run.started_at < 5
     assert abs(run.started_at - time.time()) < 5
-    second = await ledger.register_runner("j", "b", me, 60, shared=True, mode="watch")
+    second = (await ledger.start_runner(run_start("b", shared=True, mode="watch"))).run_id
     assert [r.id for r in await ledger.runs("j")] == [second, run_id]
     assert [r.id for r in await ledger.runs("j", limit=1)] == [second]
 
@@ -941,9 +1082,7 @@ async def test_cancellation_inside_a_transaction_neither_leaves_it_open_nor_undo
     claimed: list[ClaimedRow] = []
     for start in range(0, len(many), 500):
         claimed += await ledger.claim_scanned("j", "me", 60, many[start : start + 500])
-    me = this_process()
-    await ledger.acquire_lock("j", "me", me, 60, shared=False)
-    await ledger.register_runner("j", "me", me, 60, shared=False, mode="run")
+    await ledger.start_runner(run_start("me"))
     leases = [(c.key, c.fence) for c in claimed]
     # A multi-statement transaction (runner, lock and 3,000 leases) cancelled inside.
     beat = Heartbeat(job="j", owner="me", ttl=60, leases=leases, holds_lock=True)
@@ -1172,7 +1311,7 @@ async def test_postgres_durability_sets_synchronous_commit(pg_dsn: str) -> None:
 
 async def test_postgres_a_lost_connection_is_an_error_then_reconnects(pg_dsn: str) -> None:
     async with await PostgresLedger.open(pg_dsn) as ledger:
-        await ledger.ensure_job("j", "stat")
+        await ledger.start_runner(run_start())
         for pause in (0.0, 0.2):
             conn = await ledger._session._connection()
             pid = await conn.fetchval("SELECT pg_backend_pid()")
@@ -1313,7 +1452,8 @@ async def test_a_ledger_of_schema_2_is_upgraded_and_keeps_its_finished_items_job
     store: Store,
 ) -> None:
     await store.make_second_version()
-    with pytest.raises(SchemaVersionError, match="schema version 2, older than the 3"):
+    older = f"schema version 2, older than the {store.schema_version}"
+    with pytest.raises(SchemaVersionError, match=older):
         await store.open(create=False)
     async with await store.open() as ledger:
         (done,) = await ledger.find_items("j", "k00001")
@@ -1338,11 +1478,32 @@ async def test_a_ledger_of_schema_2_is_upgraded_and_keeps_its_finished_items_job
         assert (await ledger.counts("j"))["done"] == 2
 
 
+async def test_a_ledger_of_schema_3_is_upgraded_and_its_jobs_record_their_source_on_their_next_run(
+    store: Store,
+) -> None:
+    await store.make_third_version()
+    with pytest.raises(SchemaVersionError, match="schema version 3, older than"):
+        await store.open(create=False)
+    async with await store.open() as ledger:
+        assert await ledger.job_settings("j") is None  # not recorded yet: no refusal
+        (old_run,) = await ledger.runs("j")
+        assert (old_run.exit_status, old_run.settings_changed) == ("ok", None)
+        started = await ledger.start_runner(run_start("a", ignore=("*.skip",)))
+        assert started.changed == ()
+        assert await ledger.job_settings("j") == JobSettings(source=SOURCE, ignore=("*.skip",))
+        assert (await ledger.counts("j"))["done"] == 1
+        await ledger.release_runner(ended(started, "a", holds_lock=True))
+        with pytest.raises(ConfigurationError, match="a job keeps its source"):
+            await ledger.start_runner(run_start("b", source="/srv/elsewhere"))
+    async with await store.open(create=False) as ledger:
+        assert await ledger.job_settings("j") == JobSettings(source=SOURCE, ignore=("*.skip",))
+
+
 async def test_a_newer_schema_is_refused_by_the_operator_commands_in_one_line(
     store: Store,
 ) -> None:
     async with await store.open() as ledger:
-        await ledger.ensure_job("j", "stat")
+        await ledger.start_runner(run_start())
     await store.set_schema_version(store.schema_version + 1)
     for args in (("items",), ("forget", "--done-before", "1h", "--yes")):
         refused = cli(*args, "--state", store.state, "--job", "j")
@@ -1358,7 +1519,7 @@ async def test_the_joblog_records_each_attempts_start_finish_and_runner(
     # PostgreSQL stores the server's times: shifted back into ours to within the offset.
     close = 0.002 if isinstance(store, SqliteStore) else 1.0
     me = this_process()
-    await ledger.register_runner("j", "a", me, 60, shared=False, mode="run")
+    await ledger.start_runner(run_start("a", me=me))
     await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2), entry(3)])
     (leased,) = await ledger.find_items("j", "k00001")
     assert (leased.owner, leased.started_at, leased.finished_at) == ("a", None, None)

@@ -37,8 +37,8 @@ from hypothesis.stateful import (
 )
 
 from asyncbatch._ledger import STATES, Heartbeat, Ledger, Outcome, Renewal, open_ledger
-from asyncbatch._procinfo import this_process
 
+from .conftest import run_start
 from .postgres import Server, require, with_schema
 from .torture.harness import record_figures
 
@@ -169,11 +169,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def register_runners(self) -> None:
         self.figures["examples"] += 1
         for owner in OWNERS:
-            self.run(
-                self.ledger.register_runner(
-                    JOB, owner, this_process(), LEASE, shared=True, mode="run"
-                )
-            )
+            self.run(self.ledger.start_runner(run_start(owner, job=JOB, ttl=LEASE, shared=True)))
 
     # -- helpers ----------------------------------------------------------------------------------
 

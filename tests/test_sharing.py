@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from asyncbatch._ledger import open_ledger
 
 from .conftest import (
     HANDLERS,
@@ -311,3 +315,61 @@ def test_a_runner_in_another_pid_namespace_of_the_same_hostname_keeps_its_lock(
         holder.kill()
         holder.communicate(timeout=30)
     assert max(invocations(log).values()) == 1
+
+
+def has_open(proc: subprocess.Popen[str], path: Path) -> bool:
+    """Whether the process has ``path`` open (or has exited: nothing to wait for then)."""
+    if proc.poll() is not None:
+        return True
+    try:
+        fds = os.listdir(f"/proc/{proc.pid}/fd")
+    except FileNotFoundError:
+        return True
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{proc.pid}/fd/{fd}") == os.path.realpath(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+async def create_ledger(state: Path) -> None:
+    """Create (and migrate) a ledger, so that a runner's first write is its start."""
+    ledger = await open_ledger(state)
+    await ledger.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to see open files")
+def test_an_exclusive_and_a_shared_runner_started_together_never_both_handle_files(
+    tmp_path: Path,
+) -> None:
+    # A shared runner checked the job lock and registered itself in two transactions: an
+    # exclusive runner starting in between saw no shared runner, and both ran (1 round in 16).
+    # Here both wait for the ledger's write lock, held until both have the state open, so
+    # they start within moments of each other: one must be refused (exit 75), or find
+    # everything done by the other.
+    for round_ in range(5):
+        inbox, state, log = (tmp_path / f"{name}-{round_}" for name in ("inbox", "state", "log"))
+        make_files(inbox, 8)
+        asyncio.run(create_ledger(state))
+        args = ("run", f"{HANDLERS}:record_pid", "--source", inbox, "--state", state)
+        options = ("-j", "1", "--claim-batch", "1", "--no-progress")
+        env = {"AB_LOG": str(log), "AB_SLEEP": "0.02"}
+        holder = sqlite3.connect(state, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            runners = [spawn(*args, *options, env=env), spawn(*args, *options, "--shared", env=env)]
+            wait_for(lambda: all(has_open(p, state) for p in runners), timeout=60)  # noqa: B023
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        ends = [p.communicate(timeout=120) for p in runners]
+        codes = [p.returncode for p in runners]
+        assert set(codes) <= {0, 75}, ends
+        handled = [line.split(" ", 1) for line in log.read_text().splitlines()]
+        assert len({pid for pid, _ in handled}) == 1, f"both runners handled files: {handled}"
+        assert sorted(name for _, name in handled) == sorted(p.name for p in inbox.iterdir())
+        for code, (_, err) in zip(codes, ends, strict=True):
+            if code == 75:
+                assert "locked by pid" in err or "being run by --shared runners" in err, err

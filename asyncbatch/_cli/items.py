@@ -22,9 +22,9 @@ from typing import Any
 
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
-from .._ledger import STATES, ItemFilter, ItemInfo, Ledger, RunnerInfo
+from .._ledger import STATES, ItemFilter, ItemInfo, JobSettings, Ledger, RunnerInfo
 from .._scanner import PATH_MAX, ScanRules, content_digest
-from .operator import EXIT_OK, _identity, _open, _when
+from .operator import EXIT_OK, _identity, _open, _when, job_settings
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
 
@@ -122,10 +122,10 @@ def source_relpath(source: Path, path: str) -> tuple[str, Path]:
 # -- explain -------------------------------------------------------------------------------------
 
 
-def _scan_verdict(args: argparse.Namespace, rel: bytes, full: Path) -> tuple[str | None, Any]:
-    """Whether the scan with these options lists the file: ``(why not, lstat or None)``."""
-    source = Path(args.source)
-    why = ScanRules(args.ignore).hidden_because(rel, recursive=args.recursive, is_dir=False)
+def _scan_verdict(settings: JobSettings, rel: bytes, full: Path) -> tuple[str | None, Any]:
+    """Whether the scan with these settings lists the file: ``(why not, lstat or None)``."""
+    source = Path(settings.source)
+    why = ScanRules(settings.ignore).hidden_because(rel, recursive=settings.recursive, is_dir=False)
     if why is not None:
         return f"skipped by a rule: {why}", None
     if len(os.fsencode(source)) + len(rel) >= PATH_MAX - 1:
@@ -137,7 +137,7 @@ def _scan_verdict(args: argparse.Namespace, rel: bytes, full: Path) -> tuple[str
     except OSError as e:
         return f"cannot be examined: {e.strerror}", None
     if stat.S_ISLNK(st.st_mode):
-        if not args.follow_symlinks:
+        if not settings.follow_symlinks:
             return "skipped: a symlink (followed only with --follow-symlinks)", None
         root = os.path.realpath(source)
         target = os.path.realpath(full)
@@ -155,16 +155,16 @@ def _scan_verdict(args: argparse.Namespace, rel: bytes, full: Path) -> tuple[str
 
 
 def _file_key(
-    args: argparse.Namespace, identity: Identity, rel: bytes, st: Any
+    settings: JobSettings, identity: Identity, rel: bytes, st: Any
 ) -> tuple[str | None, str | None]:
     """The item key and input hash the scan would give this file (``None`` when the content
     cannot be read for identity ``"content"``)."""
     digest = b""
     if identity == "content":
-        fd = os.open(args.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(settings.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             found = content_digest(
-                fd, rel, st.st_size, st.st_mtime_ns, follow_symlinks=args.follow_symlinks
+                fd, rel, st.st_size, st.st_mtime_ns, follow_symlinks=settings.follow_symlinks
             )
         finally:
             os.close(fd)
@@ -244,9 +244,37 @@ def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:
     )
 
 
+async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSettings:
+    """The source and scan rules ``explain`` answers with: the job's, as its runs recorded
+    them, each replaced by the option given (a "what if"; another ``--source`` is refused).
+
+    Raises :class:`ConfigurationError` when the job has no recorded source and none is given,
+    or the source is not a directory.
+    """
+    recorded = await job_settings(args, ledger)  # a --source given is the job's, if recorded
+    if recorded is None:
+        if args.source is None:
+            raise ConfigurationError(
+                f"job {args.job!r} has no recorded source yet (its runs predate the record; "
+                "its next run makes it): give --source"
+            )
+        recorded = JobSettings(source=args.source)
+    if not Path(recorded.source).is_dir():
+        raise ConfigurationError.bad_value("source", recorded.source, "no such directory")
+    return JobSettings(
+        source=recorded.source,
+        recursive=recorded.recursive if args.recursive is None else args.recursive,
+        follow_symlinks=(
+            recorded.follow_symlinks if args.follow_symlinks is None else args.follow_symlinks
+        ),
+        ignore=recorded.ignore if args.ignore is None else tuple(args.ignore),
+    )
+
+
 async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
     """Everything ``explain`` says about the file, as a dictionary (``--json``)."""
-    rel_text, full = source_relpath(Path(args.source), args.path)
+    settings = await _explain_settings(args, ledger)
+    rel_text, full = source_relpath(Path(settings.source), args.path)
     rel = os.fsencode(rel_text)
     identity = await _identity(ledger, args.job)
     if args.identity is not None and args.identity != identity:
@@ -255,11 +283,11 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
             "key the file by that"
         )
     now = time.time()
-    skipped, st = _scan_verdict(args, rel, full)
+    skipped, st = _scan_verdict(settings, rel, full)
     key = ihash = None
     unsettled = None
     if st is not None:
-        key, ihash = _file_key(args, identity, rel, st)
+        key, ihash = _file_key(settings, identity, rel, st)
         unsettled = _unsettled(st, args.settle, now)
     found = {item.key: item for item in await ledger.find_items(args.job, rel_text)}
     if key is not None and key not in found:
@@ -298,6 +326,10 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         "path": str(full),
         "relpath": rel_text,
         "job": args.job,
+        "source": settings.source,
+        "recursive": settings.recursive,
+        "follow_symlinks": settings.follow_symlinks,
+        "ignore": list(settings.ignore),
         "verdict": verdict,
         "message": message,
         "exists": exists,
@@ -314,8 +346,6 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
 
 async def explain(args: argparse.Namespace) -> int:
     """``asyncbatch explain PATH``: why this file was or was not handled."""
-    if not Path(args.source).is_dir():
-        raise ConfigurationError.bad_value("source", args.source, "no such directory")
     ledger = await _open(args)
     try:
         facts = await _explain_facts(args, ledger)
@@ -368,6 +398,7 @@ async def items(args: argparse.Namespace) -> int:
     """``asyncbatch items``: the job's items with their joblog, filtered."""
     ledger = await _open(args)
     try:
+        await job_settings(args, ledger)  # an explicit --source must be the job's
         found = await ledger.list_items(args.job, _filter(args, limit=args.limit))
         total = len(found)
         if total == args.limit:  # the limit may have cut the list: say of how many
@@ -437,6 +468,7 @@ async def forget(args: argparse.Namespace) -> int:
         raise ConfigurationError("forget: give PATH/KEY arguments or --done-before T (not both)")
     ledger = await _open(args, writes=True)
     try:
+        await job_settings(args, ledger)  # an explicit --source must be the job's
         if args.items:
             chosen = await _chosen(args, ledger)
             count = len(chosen)
@@ -494,19 +526,34 @@ COMMANDS = {"explain": explain, "items": items, "forget": forget}
 def add_inspect_commands(
     sub: Any,
     add_state: Callable[..., None],
+    add_source: Callable[..., None],
     positive_int: Callable[[str], Any],
     non_negative_float: Callable[[str], Any],
 ) -> None:
-    """Add explain, items and forget to the CLI's subparsers."""
+    """Add explain, items and forget to the CLI's subparsers (``add_source``: an optional
+    ``--source``, checked against the job's)."""
     p = sub.add_parser("explain", help="why a file was or was not handled")
-    p.add_argument("path", metavar="PATH", help="the file (under --source)")
-    p.add_argument("--source", required=True, help="the directory the job scans")
+    p.add_argument("path", metavar="PATH", help="the file (under the job's source)")
+    add_source(p)
     add_state(p)
     p.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
-    p.add_argument("--ignore", action="append", default=[], help="glob to skip (repeatable)")
-    p.add_argument("--recursive", action="store_true", help="the job walks subdirectories")
     p.add_argument(
-        "--follow-symlinks", action="store_true", help="the job follows symlinks inside SOURCE"
+        "--ignore",
+        action="append",
+        default=None,
+        help="glob to skip (repeatable; default: the job's, as its runs recorded them)",
+    )
+    p.add_argument(
+        "--recursive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the scan walks subdirectories (default: the job's)",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the scan follows symlinks inside the source (default: the job's)",
     )
     p.add_argument(
         "--identity",
@@ -518,6 +565,7 @@ def add_inspect_commands(
 
     p = sub.add_parser("items", help="list items with their joblog")
     add_state(p)
+    add_source(p)
     # --state names the ledger, as on every command.
     p.add_argument(
         "--in-state",
@@ -542,6 +590,10 @@ def add_inspect_commands(
     add_state(p)
     p.add_argument("items", nargs="*", metavar="PATH|KEY")
     p.add_argument("--done-before", type=parse_time, default=None, help="done items before T")
-    p.add_argument("--source", default=None, help="take PATHs as files under this directory")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="take PATHs as files under this directory (it must be the job's)",
+    )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--json", action="store_true")

@@ -125,6 +125,17 @@ def _add_state(p: argparse.ArgumentParser, *, job: bool = True) -> None:
         p.add_argument("--job", default="default", help="job name (default: %(default)s)")
 
 
+def _add_source_check(p: argparse.ArgumentParser) -> None:
+    """An optional ``--source``: the job's recorded one is used without it; another is refused."""
+    p.add_argument(
+        "--source",
+        default=None,
+        type=non_empty_path,
+        help="the directory the job scans (default: the job's, as its runs recorded it; "
+        "another is refused)",
+    )
+
+
 def _add_logging(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level",
@@ -254,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(run)
 
-    add_operator_commands(sub, _add_state, positive_int)
-    add_inspect_commands(sub, _add_state, positive_int, non_negative_float)
+    add_operator_commands(sub, _add_state, _add_source_check, positive_int)
+    add_inspect_commands(sub, _add_state, _add_source_check, positive_int, non_negative_float)
 
     p = sub.add_parser("demo", help="make an inbox, run, run again, show the status")
     p.add_argument(

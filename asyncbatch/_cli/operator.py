@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigurationError
 from .._identity import IDENTITIES, Identity, input_hash
-from .._ledger import ItemInfo, Ledger, LockInfo, PostgresDSN, is_postgres, open_ledger
+from .._ledger import (
+    ItemInfo,
+    JobSettings,
+    Ledger,
+    LockInfo,
+    PostgresDSN,
+    is_postgres,
+    open_ledger,
+)
 from .._ledger.sqlite_open import check_writable
 from .._procinfo import holder_is_dead, this_process
 from .._report import describe
@@ -24,7 +32,7 @@ from .._report import describe
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["COMMANDS", "add_operator_commands", "console"]
+__all__ = ["COMMANDS", "add_operator_commands", "console", "job_settings"]
 
 EXIT_OK = 0
 
@@ -88,6 +96,37 @@ async def _open(args: argparse.Namespace, *, job: bool = True, writes: bool = Fa
     return ledger
 
 
+async def job_settings(args: argparse.Namespace, ledger: Ledger) -> JobSettings | None:
+    """The job's recorded source and scan rules (``None``: not recorded yet), checked against
+    the ``--source`` the command was given, if any.
+
+    Raises :class:`ConfigurationError` naming both when ``--source`` is another directory
+    than the job's (compared as absolute paths with their symlinks resolved).
+    """
+    recorded = await ledger.job_settings(args.job)
+    given = getattr(args, "source", None)
+    if given is None or recorded is None:
+        return recorded
+    if (resolved := os.path.realpath(given)) != recorded.source:
+        raise ConfigurationError(
+            f"job {args.job!r} in state {_shown(args.state)!r} scans {recorded.source!r}, "
+            f"not {resolved!r} (--source): leave --source out (the job's is used), or give "
+            "the job of that source with --job"
+        )
+    return recorded
+
+
+def _settings_json(settings: JobSettings | None) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    return {
+        "source": settings.source,
+        "recursive": settings.recursive,
+        "follow_symlinks": settings.follow_symlinks,
+        "ignore": list(settings.ignore),
+    }
+
+
 def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
     alive = lock.expires_at >= time.time() and not holder_is_dead(lock.holder)
     return {
@@ -123,6 +162,8 @@ async def status(args: argparse.Namespace) -> int:
     """``asyncbatch status``: counts by state, last run, oldest waiting item, lock holder."""
     ledger = await _open(args)
     try:
+        settings = await job_settings(args, ledger)
+        identity = await _identity(ledger, args.job)
         counts = await ledger.counts(args.job)
         locks = [lock for lock in await ledger.locks() if lock.job == args.job]
         runners = await ledger.runners(args.job)
@@ -154,6 +195,8 @@ async def status(args: argparse.Namespace) -> int:
         out = {
             "job": args.job,
             "state": _shown(args.state),
+            "settings": _settings_json(settings),
+            "identity": identity,
             "counts": counts,
             "total": sum(counts.values()),
             "locks": lock_rows,
@@ -171,6 +214,12 @@ async def status(args: argparse.Namespace) -> int:
     table.add_row(*(str(n) for n in counts.values()))
     screen = console()
     screen.print(table)
+    if settings is None:
+        screen.print("source: not recorded yet (the job's next run records it)")
+    else:
+        screen.print(
+            f"source: {settings.source} ({settings.rules()}; identity: {identity})", markup=False
+        )
     if last is None:
         screen.print("last run: never")
     else:
@@ -373,9 +422,10 @@ async def history(args: argparse.Namespace) -> int:
     for r in reversed(runs):
         duration = (r.finished_at or time.time()) - r.started_at
         ended = f"exit {r.exit_status}" if r.exit_status else "running (as of its last heartbeat)"
+        changed = f"; changed the scan rules: {r.settings_changed}" if r.settings_changed else ""
         print(
             f"#{r.id} {_when(r.started_at)} -> {_when(r.finished_at)} ({duration:.1f}s) "
-            f"{r.mode} by pid {r.pid} on {r.host}: {describe(r.totals)}; {ended}"
+            f"{r.mode} by pid {r.pid} on {r.host}: {describe(r.totals)}; {ended}{changed}"
         )
     return EXIT_OK
 
@@ -396,11 +446,16 @@ COMMANDS: dict[str, Command] = {
 
 
 def add_operator_commands(
-    sub: Any, add_state: Callable[..., None], positive_int: Callable[[str], Any]
+    sub: Any,
+    add_state: Callable[..., None],
+    add_source: Callable[..., None],
+    positive_int: Callable[[str], Any],
 ) -> None:
-    """Add the operator subcommands to the CLI's subparsers."""
-    p = sub.add_parser("status", help="counts by state, last run, lock holder")
+    """Add the operator subcommands to the CLI's subparsers (``add_source``: an optional
+    ``--source``, checked against the job's: see :func:`job_settings`)."""
+    p = sub.add_parser("status", help="counts by state, last run, lock holder, source")
     add_state(p)
+    add_source(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("failures", help="failed and dead items with their last error")

@@ -2,11 +2,11 @@
 does not depend on the backend.
 
 A backend (:mod:`.sqlite`, :mod:`.postgres`) implements the abstract methods, each as one
-transaction, and inherits the rest: the job-lock decision (:func:`decide_lock`), the
-idempotency decision (:func:`decide_idempotency`), :meth:`Ledger.job_exists`, the zero-filled
-:meth:`Ledger.counts`, the identity check of :meth:`Ledger.ensure_job` and the key-or-relpath
-lookup of :meth:`Ledger.find_items`. Every backend passes the one contract suite
-(``tests/test_ledger_contract.py``).
+transaction, and inherits the rest: the job's decision (:func:`decide_job`: its identity,
+source and scan rules), the job-lock decision (:func:`decide_lock`), the idempotency decision
+(:func:`decide_idempotency`), :meth:`Ledger.job_exists`, the zero-filled
+:meth:`Ledger.counts` and the key-or-relpath lookup of :meth:`Ledger.find_items`. Every
+backend passes the one contract suite (``tests/test_ledger_contract.py``).
 
 Guarantees every backend gives:
 
@@ -41,6 +41,7 @@ from .types import (
     IdempotencyRequest,
     ItemFilter,
     ItemInfo,
+    JobSettings,
     Leases,
     LedgerErrors,
     LockInfo,
@@ -49,7 +50,9 @@ from .types import (
     RunEnd,
     RunInfo,
     RunnerInfo,
+    RunStart,
     ScannedRow,
+    Started,
     StoredResponse,
     UnstoredReason,
     iso_time,
@@ -60,6 +63,7 @@ __all__ = [
     "Busy",
     "Ledger",
     "decide_idempotency",
+    "decide_job",
     "decide_lock",
     "encode_headers",
     "glob_regex",
@@ -73,6 +77,36 @@ T = TypeVar("T")
 
 
 # -- backend-neutral decisions -------------------------------------------------------------------
+
+
+def decide_job(
+    state: str, start: RunStart, identity: str, recorded: JobSettings | None
+) -> tuple[bool, tuple[str, ...]]:
+    """Decide whether ``start`` may run its job as the ledger ``state`` records it.
+
+    ``identity`` and ``recorded`` (``None``: not recorded yet, a job of an older ledger) were
+    read inside the deciding transaction. Returns whether to record ``start.settings``, and
+    the scan rules it changes (phrases, see :meth:`JobSettings.rule_changes`). The identity
+    mode and the source are the job's for good: another is refused, with
+    :class:`ConfigurationError` naming both and the way out (another ``--job``).
+    """
+    job = start.job
+    if identity != start.identity:
+        raise ConfigurationError(
+            f"job {job!r} uses identity={identity!r} in state {state!r}, not "
+            f"{start.identity!r}: keep the identity or use another --job"
+        )
+    wanted = start.settings
+    if recorded is None:
+        return True, ()
+    if recorded.source != wanted.source:
+        raise ConfigurationError(
+            f"job {job!r} in state {state!r} scans {recorded.source!r}, not "
+            f"{wanted.source!r}: a job keeps its source; use --job NAME for another one"
+        )
+    if recorded == wanted:
+        return False, ()
+    return True, wanted.rule_changes(recorded)
 
 
 def decide_lock(
@@ -321,44 +355,38 @@ class Ledger(abc.ABC):
         """Whether this ledger knows ``job``."""
         return await self.job_identity(job) is not None
 
-    async def ensure_job(self, job: str, identity: str) -> None:
-        """Record the job's identity mode; refuse a different one for an existing job.
-
-        Raises :class:`ConfigurationError` naming both modes.
-        """
-        recorded = await self._add_job(job, identity)
-        if recorded != identity:
-            raise ConfigurationError(
-                f"job {job!r} uses identity={recorded!r} in state {self.name!r}, not "
-                f"{identity!r}: keep the identity or use another --job"
-            )
-
     @abc.abstractmethod
-    async def _add_job(self, job: str, identity: str) -> str:
-        """Record ``job`` with ``identity`` unless it exists; return its recorded identity."""
+    async def job_settings(self, job: str) -> JobSettings | None:
+        """The source and scan rules recorded for ``job``; ``None`` for an unknown job, or one
+        whose settings are not recorded yet (an older ledger's, until its next run)."""
 
     # -- the job lock and runners ------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def acquire_lock(
-        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
-    ) -> LockInfo | None:
-        """Take the job lock (or, ``shared``, check that no exclusive runner holds it).
+    async def start_runner(self, start: RunStart) -> Started:
+        """Join the job as a runner: record or check the job, take the job lock (or, for a
+        ``shared`` runner, check that no exclusive runner holds it), register the runner (the
+        liveness of its leases) and open its run history row, all in one transaction.
 
-        The lock row is taken with an insert that does nothing on conflict and released with
-        ``DELETE ... WHERE job_id AND owner``. A lock whose holder is gone is taken over at
+        That transaction is serialised with every other runner's start on the job (SQLite:
+        ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock on the job), so an
+        exclusive runner and a shared one starting at the same moment never both run: the one
+        that starts second sees the other's lock row or runner record, and is refused.
+
+        The job: a new one is recorded with ``start.identity`` and ``start.settings``; an
+        existing one must have that identity and source, its scan rules may change (recorded,
+        and named in :attr:`Started.changed` and the history row; see :func:`decide_job`);
+        a job whose settings were never recorded (an older ledger's) gets them now.
+
+        The lock: its row is taken with an insert that does nothing on conflict and released
+        with ``DELETE ... WHERE job_id AND owner``. A lock whose holder is gone is taken over at
         once: same host and a dead pid (or a pid now used by another process), or an expired
-        heartbeat (see :func:`decide_lock`). Returns the stale lock that was taken over (or, for
-        a shared runner, cleared), if any. Raises :class:`JobLockedError` while a live runner
-        holds it.
-        """
+        heartbeat (see :func:`decide_lock`); its run history rows are marked ``killed``. An
+        exclusive runner is also refused while a live shared runner is registered.
 
-    @abc.abstractmethod
-    async def register_runner(
-        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
-    ) -> int:
-        """Record this runner (the liveness of its leases) and open a run history row; return
-        the row's id."""
+        Raises :class:`ConfigurationError` (another identity mode or source) or
+        :class:`JobLockedError` (a live runner holds the job); nothing is written then.
+        """
 
     @abc.abstractmethod
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:

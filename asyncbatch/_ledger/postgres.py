@@ -14,8 +14,9 @@ What differs from SQLite, and why:
   writing is waited for and re-checked on its committed version, so two runners never lease the
   same item. Waiting items are leased with ``FOR UPDATE SKIP LOCKED`` in ``(mtime_ns, relpath)``
   order: concurrent runners take disjoint sets without queueing behind each other.
-- **The job lock.** Lock decisions for a job are serialised by a transaction-scoped advisory
-  lock (the SQLite backend's ``BEGIN IMMEDIATE``); the lock row is taken with ``INSERT ... ON
+- **The job lock.** The start of a runner on a job (its settings check, lock decision and
+  registration, one transaction) is serialised by a transaction-scoped advisory lock on the
+  job (the SQLite backend's ``BEGIN IMMEDIATE``); the lock row is taken with ``INSERT ... ON
   CONFLICT DO NOTHING`` and released with ``DELETE ... WHERE job_id=$1 AND owner=$2``.
 - **Plans.** Every hot statement looks items up by ``(job, key)``; the ledger refreshes the
   planner's statistics of ``items`` as it grows the table (see ``_analyze``), so a server
@@ -50,6 +51,7 @@ from . import types as t
 from .base import (
     Ledger,
     decide_idempotency,
+    decide_job,
     decide_lock,
     encode_headers,
     glob_regex,
@@ -210,55 +212,70 @@ class PostgresLedger(Ledger):
         value = await self._session.fetchval(sql.GET_JOB, job)
         return None if value is None else str(value)
 
-    async def _add_job(self, job: str, identity: str) -> str:
-        async def add(conn: Connection) -> str:
-            await conn.execute(sql.ADD_JOB, job, identity)
-            return str(await conn.fetchval(sql.GET_JOB, job))
-
-        return await self._session.transact(add)
+    async def job_settings(self, job: str) -> t.JobSettings | None:
+        value = await self._session.fetchval(sql.GET_JOB_SETTINGS, job)
+        return None if value is None else t.JobSettings.from_json(str(value))
 
     # -- the job lock and runners ------------------------------------------------------------------
 
-    async def acquire_lock(
-        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
-    ) -> t.LockInfo | None:
-        async def acquire(conn: Connection) -> t.LockInfo | None:
+    async def start_runner(self, start: t.RunStart) -> t.Started:
+        job, me, settings = start.job, start.me, start.settings.to_json()
+
+        async def begin(conn: Connection) -> t.Started:
             await conn.execute(sql.JOB_LOCK_GUARD, job)
-            row = await conn.fetchrow(sql.LOCK_GET, job)
-            now = await conn.fetchval(sql.SERVER_NOW) if row is None else row[7]
-            held = None if row is None else _lock(row)
-            runners = (
-                [] if shared else [_runner(r) for r in await conn.fetch(sql.RUNNERS_OF_JOB, job)]
+            await conn.execute(sql.ADD_JOB, job, start.identity, settings)
+            identity, recorded = await conn.fetchrow(sql.GET_JOB_RECORD, job) or (None, None)
+            record, changed = decide_job(
+                self.name,
+                start,
+                str(identity),
+                None if recorded is None else t.JobSettings.from_json(recorded),
             )
-            local = self._session.local
-            stale = decide_lock(job, held, runners, me=me, shared=shared, now=now, shown=local)
-            if stale is not None:
-                await conn.execute(sql.RUN_KILLED, job, stale.owner)
-            if shared:
-                if stale is not None:
-                    await conn.execute(sql.LOCK_RELEASE, job, stale.owner)
-            else:
-                lock = (owner, me.pid, me.host, me.pid_start, ttl)
-                if stale is None:
-                    taken = await conn.fetchval(sql.LOCK_INSERT, job, *lock)
-                else:
-                    taken = await conn.fetchval(sql.LOCK_TAKE_OVER, job, stale.owner, *lock)
-                if taken is None:  # only a writer bypassing the guard could get here
-                    raise JobLockedError(job, None, None, "just now")
-            return None if stale is None else self._lock_info(astuple(stale))
-
-        return await self._session.transact(acquire, again=False)  # may have taken it
-
-    async def register_runner(
-        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
-    ) -> int:
-        async def register(conn: Connection) -> Any:
+            stale = await self._take_lock(conn, start)
+            if record:
+                await conn.execute(sql.SET_JOB_SETTINGS, job, settings)
             await conn.execute(
-                sql.RUNNER_ADD, owner, job, me.pid, me.host, me.pid_start, shared, ttl
+                sql.RUNNER_ADD,
+                start.owner,
+                job,
+                me.pid,
+                me.host,
+                me.pid_start,
+                start.shared,
+                start.ttl,
             )
-            return await conn.fetchval(sql.RUN_START, job, owner, me.pid, me.host, mode)
+            note = "; ".join(changed) or None
+            run_id = await conn.fetchval(
+                sql.RUN_START, job, start.owner, me.pid, me.host, start.mode, note
+            )
+            return t.Started(int(run_id), stale, changed)
 
-        return int(await self._session.transact(register, again=False))  # not twice
+        return await self._session.transact(begin, again=False)  # may have taken the lock
+
+    async def _take_lock(self, conn: Connection, start: t.RunStart) -> t.LockInfo | None:
+        """The lock part of :meth:`start_runner` (inside its transaction, after the guard);
+        returns the stale lock taken over or cleared, in the caller's clock."""
+        job, me, shared = start.job, start.me, start.shared
+        row = await conn.fetchrow(sql.LOCK_GET, job)
+        now = await conn.fetchval(sql.SERVER_NOW) if row is None else row[7]
+        held = None if row is None else _lock(row)
+        runners = [] if shared else [_runner(r) for r in await conn.fetch(sql.RUNNERS_OF_JOB, job)]
+        local = self._session.local
+        stale = decide_lock(job, held, runners, me=me, shared=shared, now=now, shown=local)
+        if stale is not None:
+            await conn.execute(sql.RUN_KILLED, job, stale.owner)
+        if shared:
+            if stale is not None:
+                await conn.execute(sql.LOCK_RELEASE, job, stale.owner)
+        else:
+            lock = (start.owner, me.pid, me.host, me.pid_start, start.ttl)
+            if stale is None:
+                taken = await conn.fetchval(sql.LOCK_INSERT, job, *lock)
+            else:
+                taken = await conn.fetchval(sql.LOCK_TAKE_OVER, job, stale.owner, *lock)
+            if taken is None:  # only a writer bypassing the guard could get here
+                raise JobLockedError(job, None, None, "just now")
+        return None if stale is None else self._lock_info(astuple(stale))
 
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
         async def reap(conn: Connection) -> int:
@@ -524,7 +541,8 @@ class PostgresLedger(Ledger):
                 local(r[6]),
                 None if r[7] is None else local(r[7]),
                 r[8],
-                t.RunTotals(*(int(n) for n in r[9:])),
+                t.RunTotals(*(int(n) for n in r[10:])),
+                settings_changed=r[9],
             )
             for r in await self._session.fetch(sql.RUNS_OF_JOB, job, limit)
         ]

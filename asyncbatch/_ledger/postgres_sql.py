@@ -25,7 +25,7 @@ from typing import Final
 from .types import RUN_COUNTS_ADDED, ItemFilter
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -152,6 +152,13 @@ UPDATE items SET finished_at = coalesce(done_at, updated_at), runner = owner
     WHERE state IN ('done', 'failed', 'dead', 'vanished');
 CREATE INDEX runs_owner ON runs (owner);
 """,
+    # The job's settings: the source it scans and its scan rules (a JSON object, see
+    # JobSettings), recorded by its first run (a job of an older ledger: by its next run);
+    # the scan rules a run changed, in its history row.
+    3: """
+ALTER TABLE jobs ADD COLUMN settings text;
+ALTER TABLE runs ADD COLUMN settings_changed text;
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -186,15 +193,21 @@ SERVER_NOW = f"SELECT {NOW}"
 SERVER_CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
 GET_JOB = "SELECT identity FROM jobs WHERE job = $1"
+#: A job's identity mode and settings (JSON; NULL: not recorded yet).
+GET_JOB_RECORD = "SELECT identity, settings FROM jobs WHERE job = $1"
+GET_JOB_SETTINGS = "SELECT settings FROM jobs WHERE job = $1"
+#: $1 job, $2 identity, $3 settings.
 ADD_JOB = f"""
-INSERT INTO jobs (job, identity, created_at) VALUES ($1, $2, {NOW})
+INSERT INTO jobs (job, identity, created_at, settings) VALUES ($1, $2, {NOW}, $3)
 ON CONFLICT (job) DO NOTHING
 """
+SET_JOB_SETTINGS = "UPDATE jobs SET settings = $2 WHERE job = $1"
 LIST_JOBS = "SELECT job FROM jobs ORDER BY job"
 
 # -- the job lock --------------------------------------------------------------------------------
 
-#: Serialises lock decisions for one job (the SQLite backend's BEGIN IMMEDIATE): $1 job.
+#: Serialises the start of a runner on one job (the SQLite backend's BEGIN IMMEDIATE): its
+#: check of the job's settings, its lock decision and its registration. $1 job.
 JOB_LOCK_GUARD = """
 SELECT pg_advisory_xact_lock(hashtext('asyncbatch.lock:' || current_schema()), hashtext($1))
 """
@@ -521,8 +534,10 @@ RETRY_KEYS = _RETRY.format(" AND key = ANY($3::text[])")
 # -- runs ----------------------------------------------------------------------------------------
 
 #: $1 job, $2 owner, $3 pid, $4 host, $5 mode. Returns the run's id.
+#: $1 job, $2 owner, $3 pid, $4 host, $5 mode, $6 the scan rules this run changed (or NULL).
 RUN_START = f"""
-INSERT INTO runs (job, owner, pid, host, mode, started_at) VALUES ($1, $2, $3, $4, $5, {NOW})
+INSERT INTO runs (job, owner, pid, host, mode, started_at, settings_changed)
+VALUES ($1, $2, $3, $4, $5, {NOW}, $6)
 RETURNING id
 """
 #: $1 id, $2 seen, $3 done, $4 failed, $5 dead, $6 vanished, $7 exit status.
@@ -562,8 +577,9 @@ UPDATE runs r SET finished_at = coalesce(
 WHERE job = $1 AND owner = $2 AND finished_at IS NULL
 """
 RUNS_OF_JOB = """
-SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, seen, done,
-       done_before, held, waiting, dead, dead_before, vanished, unfinished, failed, lost, earlier
+SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,
+       seen, done, done_before, held, waiting, dead, dead_before, vanished, unfinished, failed,
+       lost, earlier
 FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
 """
 

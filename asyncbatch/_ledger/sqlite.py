@@ -48,6 +48,7 @@ from .base import (
     Busy,
     Ledger,
     decide_idempotency,
+    decide_job,
     decide_lock,
     encode_headers,
     glob_regex,
@@ -109,7 +110,30 @@ def _tx_migrate(conn: sqlite3.Connection, now: float) -> None:
     conn.execute(sql.PUT_META, ("created_at", repr(now)))
 
 
-def _tx_acquire_lock(
+def _tx_start_runner(
+    conn: sqlite3.Connection, start: t.RunStart, state: str, now: float
+) -> t.Started:
+    job, settings = start.job, start.settings.to_json()
+    conn.execute(sql.ADD_JOB, (job, start.identity, now, settings))
+    identity, recorded = conn.execute(sql.GET_JOB_RECORD, (job,)).fetchone()
+    record, changed = decide_job(
+        state, start, identity, None if recorded is None else t.JobSettings.from_json(recorded)
+    )
+    stale = _take_lock(conn, job, start.owner, start.me, start.ttl, start.shared, now)
+    if record:
+        conn.execute(sql.SET_JOB_SETTINGS, (settings, job))
+    me = start.me
+    who = {"job": job, "owner": start.owner, "pid": me.pid, "host": me.host, "now": now}
+    conn.execute(
+        sql.RUNNER_ADD,
+        {**who, "pid_start": me.pid_start, "shared": start.shared, "expires_at": now + start.ttl},
+    )
+    note = "; ".join(changed) or None
+    run = conn.execute(sql.RUN_START, {**who, "mode": start.mode, "settings_changed": note})
+    return t.Started(run.lastrowid or 0, stale, changed)
+
+
+def _take_lock(
     conn: sqlite3.Connection,
     job: str,
     owner: str,
@@ -118,6 +142,7 @@ def _tx_acquire_lock(
     shared: bool,
     now: float,
 ) -> t.LockInfo | None:
+    """The lock part of :meth:`SQLiteLedger.start_runner`; returns the stale lock."""
     row = conn.execute(sql.LOCK_GET, (job,)).fetchone()
     held = None if row is None else t.LockInfo(*row)
     runners = [] if shared else [t.RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]
@@ -485,40 +510,14 @@ class SQLiteLedger(Ledger):
         value = await self._value(sql.GET_JOB, (job,))
         return None if value is None else str(value)
 
-    async def _add_job(self, job: str, identity: str) -> str:
-        def add(conn: sqlite3.Connection, now: float) -> str:
-            conn.execute(sql.ADD_JOB, (job, identity, now))
-            return str(conn.execute(sql.GET_JOB, (job,)).fetchone()[0])
-
-        return await self._transact(add, self.clock())
+    async def job_settings(self, job: str) -> t.JobSettings | None:
+        value = await self._value(sql.GET_JOB_SETTINGS, (job,))
+        return None if value is None else t.JobSettings.from_json(str(value))
 
     # -- the job lock and runners ------------------------------------------------------------------
 
-    async def acquire_lock(
-        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool
-    ) -> t.LockInfo | None:
-        return await self._transact(_tx_acquire_lock, job, owner, me, ttl, shared, self.clock())
-
-    async def register_runner(
-        self, job: str, owner: str, me: ProcessIdentity, ttl: float, *, shared: bool, mode: str
-    ) -> int:
-        who = {"job": job, "owner": owner, "pid": me.pid, "host": me.host}
-
-        def register(conn: sqlite3.Connection, now: float) -> int:
-            conn.execute(
-                sql.RUNNER_ADD,
-                {
-                    **who,
-                    "pid_start": me.pid_start,
-                    "shared": shared,
-                    "now": now,
-                    "expires_at": now + ttl,
-                },
-            )
-            cursor = conn.execute(sql.RUN_START, {**who, "mode": mode, "now": now})
-            return cursor.lastrowid or 0
-
-        return await self._transact(register, self.clock())
+    async def start_runner(self, start: t.RunStart) -> t.Started:
+        return await self._transact(_tx_start_runner, start, self.name, self.clock())
 
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
         return await self._transact(_tx_reap, job, me, self.clock())
@@ -739,7 +738,9 @@ class SQLiteLedger(Ledger):
 
     async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         return [
-            t.RunInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], t.RunTotals(*r[9:]))
+            t.RunInfo(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], t.RunTotals(*r[10:]), r[9]
+            )
             for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))
         ]
 

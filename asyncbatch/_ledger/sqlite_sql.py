@@ -15,7 +15,7 @@ from .types import RUN_COUNTS_ADDED, ItemFilter
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -136,6 +136,13 @@ UPDATE items SET finished_at = coalesce(done_at, updated_at), runner = owner
     WHERE state IN ('done', 'failed', 'dead', 'vanished');
 CREATE INDEX runs_owner ON runs (owner);
 """,
+    # The job's settings: the source it scans and its scan rules (a JSON object, see
+    # JobSettings), recorded by its first run (a job of an older ledger: by its next run);
+    # the scan rules a run changed, in its history row.
+    3: """
+ALTER TABLE jobs ADD COLUMN settings TEXT;
+ALTER TABLE runs ADD COLUMN settings_changed TEXT;
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -145,7 +152,13 @@ GET_META = "SELECT value FROM meta WHERE name = ?"
 PUT_META = "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)"
 
 GET_JOB = "SELECT identity FROM jobs WHERE job = ?"
-ADD_JOB = "INSERT OR IGNORE INTO jobs (job, identity, created_at) VALUES (?, ?, ?)"
+#: A job's identity mode and settings (JSON; NULL: not recorded yet).
+GET_JOB_RECORD = "SELECT identity, settings FROM jobs WHERE job = ?"
+GET_JOB_SETTINGS = "SELECT settings FROM jobs WHERE job = ?"
+ADD_JOB = """
+INSERT OR IGNORE INTO jobs (job, identity, created_at, settings) VALUES (?, ?, ?, ?)
+"""
+SET_JOB_SETTINGS = "UPDATE jobs SET settings = ? WHERE job = ?"
 LIST_JOBS = "SELECT job FROM jobs ORDER BY job"
 
 # -- the job lock --------------------------------------------------------------------------------
@@ -415,8 +428,8 @@ RETRY_ALL = _RETRY
 # -- runs ----------------------------------------------------------------------------------------
 
 RUN_START = """
-INSERT INTO runs (job, owner, pid, host, mode, started_at)
-VALUES (:job, :owner, :pid, :host, :mode, :now)
+INSERT INTO runs (job, owner, pid, host, mode, started_at, settings_changed)
+VALUES (:job, :owner, :pid, :host, :mode, :now, :settings_changed)
 """
 _RUN_TOTALS = """seen = :seen, done = :done, done_before = :done_before, held = :held,
                 waiting = :waiting, dead = :dead, dead_before = :dead_before,
@@ -435,8 +448,9 @@ UPDATE runs SET exit_status = 'killed',
 WHERE job = :job AND owner = :owner AND finished_at IS NULL
 """
 RUNS_OF_JOB = """
-SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, seen, done,
-       done_before, held, waiting, dead, dead_before, vanished, unfinished, failed, lost, earlier
+SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,
+       seen, done, done_before, held, waiting, dead, dead_before, vanished, unfinished, failed,
+       lost, earlier
 FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 """
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Final, Literal, NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal, NamedTuple
 
 from .._procinfo import ProcessIdentity, holder_is_dead
 
@@ -21,6 +22,7 @@ __all__ = [
     "IdempotencyRequest",
     "ItemFilter",
     "ItemInfo",
+    "JobSettings",
     "Leases",
     "LedgerErrors",
     "LockInfo",
@@ -28,9 +30,11 @@ __all__ = [
     "Renewal",
     "RunEnd",
     "RunInfo",
+    "RunStart",
     "RunTotals",
     "RunnerInfo",
     "ScannedRow",
+    "Started",
     "StoredResponse",
     "TimeField",
     "UnstoredReason",
@@ -296,12 +300,103 @@ class RunEnd:
     exit_status: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSettings:
+    """What decides which files are a job's items, as the ledger records it for the job.
+
+    ``source`` is the directory (absolute, its symlinks resolved): a job's for good, another
+    is refused. The scan rules (``recursive``, ``follow_symlinks``, ``ignore``: the globs,
+    sorted and without repeats) may change from run to run; a run that changes them records
+    the change in its history row. The identity mode is the job's too, kept in its own column
+    (see :meth:`~asyncbatch._ledger.base.Ledger.job_identity`).
+
+    Stored as one JSON object, a key per field: a setting added later (a readiness rule) is
+    one more field here, with a default that an older record then takes.
+    """
+
+    source: str
+    recursive: bool = False
+    follow_symlinks: bool = False
+    ignore: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """The record as stored: a JSON object (ASCII; a name that is not UTF-8 round-trips)."""
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSettings:
+        """A stored record; keys it lacks take their defaults, keys it does not know are left."""
+        data = json.loads(text)
+        known: dict[str, Any] = {
+            f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
+            for f in fields(cls)
+            if f.name in data
+        }
+        return cls(**known)
+
+    def rule_changes(self, recorded: JobSettings) -> tuple[str, ...]:
+        """The scan rules that differ from ``recorded``, one phrase each (``"recursive: off ->
+        on"``); the source aside."""
+        return tuple(
+            f"{f.name.replace('_', ' ')}: {_shown(getattr(recorded, f.name))} -> "
+            f"{_shown(getattr(self, f.name))}"
+            for f in fields(self)
+            if f.name != "source" and getattr(self, f.name) != getattr(recorded, f.name)
+        )
+
+    def rules(self) -> str:
+        """The scan rules in words (``"recursive: on, follow symlinks: off, ignore: none"``)."""
+        return ", ".join(
+            f"{f.name.replace('_', ' ')}: {_shown(getattr(self, f.name))}"
+            for f in fields(self)
+            if f.name != "source"
+        )
+
+
+def _shown(value: object) -> str:
+    """A setting's value in a message: on/off, a list of quoted globs, or ``none``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ", ".join(repr(v) for v in value) or "none"
+    return repr(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStart:
+    """How a runner joins a job (see :meth:`~asyncbatch._ledger.base.Ledger.start_runner`):
+    who it is (``owner``, ``me``), whether it shares the job (``shared``) or takes its lock,
+    its liveness ``ttl``, its ``mode`` (``"run"`` or ``"watch"``), and the job's ``identity``
+    and ``settings`` as this runner would use them."""
+
+    job: str
+    owner: str
+    me: ProcessIdentity
+    ttl: float
+    shared: bool
+    mode: str
+    identity: str
+    settings: JobSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What :meth:`~asyncbatch._ledger.base.Ledger.start_runner` did: the run history row it
+    opened, the ``stale`` lock it took over (or, for a shared runner, cleared), if any, and
+    the scan rules this run ``changed`` (one phrase each; recorded in its history row)."""
+
+    run_id: int
+    stale: LockInfo | None = None
+    changed: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class RunInfo:
     """One row of the run history: who ran, when, how it ended, and its counts.
 
     ``exit_status`` is ``None`` while the run is alive (its counts are as of its last
-    heartbeat); ``"killed"`` once a later runner found it gone.
+    heartbeat); ``"killed"`` once a later runner found it gone. ``settings_changed``: the scan
+    rules this run changed, in words (``None``: none).
     """
 
     id: int
@@ -314,6 +409,7 @@ class RunInfo:
     finished_at: float | None
     exit_status: str | None
     totals: RunTotals
+    settings_changed: str | None = None
 
 
 # -- the idempotency store (IdempotencyMiddleware) -----------------------------------------------

@@ -1,8 +1,9 @@
 """One run of a batch: the lifecycle around the pipeline.
 
-:class:`Run` opens the ledger, takes the job lock (or joins a shared job), starts the pipeline
-(claimer, workers, committer, post-commit actions, heartbeat, watchdog), and releases whatever
-is left when it ends, however it ends. The parts share a :class:`~.state.RunState`, nothing
+:class:`Run` opens the ledger, joins the job (checks it and takes its lock, or joins it as a
+shared runner: one ledger transaction), starts the pipeline (claimer, workers, committer,
+post-commit actions, heartbeat, watchdog), and releases whatever is left when it ends,
+however it ends. The parts share a :class:`~.state.RunState`, nothing
 more; everything belongs to one run: no module-level mutable state, nothing shared between runs.
 """
 
@@ -23,7 +24,7 @@ from .._context import TaskContext
 from .._effects.files import remove_stale_temp_files
 from .._exceptions import LedgerError, LockLostError
 from .._http.client import HTTPSettings, SharedClient
-from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, open_ledger
+from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, RunStart, open_ledger
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import ScanInfo, Scanner
@@ -160,7 +161,7 @@ class Run:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def execute(self) -> Report:
-        """Open the ledger, take the lock, run the pipeline, release everything, report."""
+        """Open the ledger, join the job, run the pipeline, release everything, report."""
         cfg = self.config
         ledger = await open_ledger(
             cfg.state,
@@ -170,20 +171,6 @@ class Run:
         )
         self.ledger_errors = ledger.errors
         try:
-            await ledger.ensure_job(cfg.job, cfg.identity)
-            stale = await ledger.acquire_lock(
-                cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared
-            )
-            self.holds_lock = not cfg.shared
-            self.renewed_at = time.monotonic()
-            if stale is not None:
-                self.lock_takeovers += 1
-                log.warning(
-                    "took over the stale lock of job %r held by pid %s on %s",
-                    cfg.job,
-                    stale.pid,
-                    stale.host,
-                )
             state = RunState(
                 config=cfg,
                 ledger=ledger,
@@ -196,7 +183,7 @@ class Run:
                 source=SourceDir(cfg.source),
             )
             self._state = state
-            await self._registered(state)
+            await self._joined(state)
             counts = await ledger.counts(cfg.job)
             report = self.counters.report(
                 cfg.job,
@@ -213,15 +200,48 @@ class Run:
         finally:
             await ledger.close()
 
-    async def _registered(self, state: RunState) -> None:
-        """Register this runner, run the pipeline, and release everything (a history row)."""
-        cfg, ledger = self.config, state.ledger
-        status = "error"
-        run_id = 0
-        try:
-            run_id = await ledger.register_runner(
-                cfg.job, self.owner, self.me, cfg.lease, shared=cfg.shared, mode=self.mode
+    async def _start(self, ledger: Ledger) -> int:
+        """Join the job (its check, the lock or a shared runner's record, the history row: one
+        ledger transaction); say what it took over or changed; return the history row's id."""
+        cfg = self.config
+        started = await ledger.start_runner(
+            RunStart(
+                job=cfg.job,
+                owner=self.owner,
+                me=self.me,
+                ttl=cfg.lease,
+                shared=cfg.shared,
+                mode=self.mode,
+                identity=cfg.identity,
+                settings=cfg.job_settings,
             )
+        )
+        self.holds_lock = not cfg.shared
+        self.renewed_at = time.monotonic()
+        if started.stale is not None:
+            self.lock_takeovers += 1
+            log.warning(
+                "took over the stale lock of job %r held by pid %s on %s",
+                cfg.job,
+                started.stale.pid,
+                started.stale.host,
+            )
+        if started.changed:
+            log.warning(
+                "job %r: its scan rules changed since its last run (%s); recorded in its history",
+                cfg.job,
+                "; ".join(started.changed),
+            )
+        return started.run_id
+
+    async def _joined(self, state: RunState) -> None:
+        """Join the job, run the pipeline, and release everything (a history row)."""
+        cfg, ledger = self.config, state.ledger
+        # Nothing is held if joining raises (one transaction); once it returned, the release
+        # below is certain: no await, hence no cancellation, comes between.
+        run_id = await self._start(ledger)
+        status = "error"
+        try:
             await reap_gone_runners(ledger, cfg.job, self.me, self.counters)
             secret = await ledger.meta("secret")
             http = HTTPSettings(

@@ -184,9 +184,9 @@ async def test_a_claim_cancelled_during_its_sqlite_transaction_leaves_no_item_le
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, state = await anyio.to_thread.run_sync(new_corpus, tmp_path, "sqlite", None)
-    # The fifth transaction of a run is its first claim (ensure_job, acquire_lock,
-    # register_runner and the reap come before it).
-    caught, held = await cancelled_at(monkeypatch, tmp_path, state, "in-transaction", 5)
+    # The third transaction of a run is its first claim (start_runner and the reap come
+    # before it).
+    caught, held = await cancelled_at(monkeypatch, tmp_path, state, "in-transaction", 3)
     assert caught
     assert held == "_tx_claim_scanned"
     running = query(state, "SELECT count(*) FROM items WHERE state = 'running'")
