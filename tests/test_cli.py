@@ -335,6 +335,12 @@ def test_archive_inside_the_source_and_unwritable_output_exit_2_before_anything(
     assert not state.exists()
 
 
+def test_write_output_without_output_dir_names_the_cli_flag(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    result = cli("run", f"{HANDLERS}:write_copy", "--source", inbox, "--state", state)
+    assert_one_line_error(result, "--output-dir DIR", "Batch(output_dir=...)")
+
+
 def test_a_reader_that_goes_away_is_not_a_traceback(inbox: Path, state: Path) -> None:
     make_files(inbox, 3)
     assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
