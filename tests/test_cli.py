@@ -127,7 +127,7 @@ def test_bare_command_prints_the_usage_and_every_command(tmp_path: Path) -> None
     assert result.stderr.startswith("usage: asyncbatch [-h] [--version] COMMAND ...")
     commands = (
         *("run", "status", "failures", "retry", "locks", "unlock", "history"),
-        *("explain", "items", "forget", "demo"),
+        *("explain", "items", "forget", "demo", "help"),
     )
     listed = {line.split()[0] for line in result.stderr.splitlines() if line.startswith("    ")}
     assert listed == set(commands)
