@@ -50,10 +50,10 @@ pytest: $(TEST)
 
 test: lint typecheck pytest
 
-# The torture suite at full size (docs/RELIABILITY.md): every failpoint crashed 20 times and 200
-# random SIGKILLs, on SQLite and PostgreSQL, pauses, cancellations, I/O faults, abuse and the
-# ledger state machine. `make test` runs the short version of each loop. The figures go to
-# .torture/figures.md (and the terminal); the run fails if an invariant broke.
+# The torture suite at full size (asyncbatch/docs/RELIABILITY.md): every failpoint crashed 20
+# times and 200 random SIGKILLs, on SQLite and PostgreSQL, pauses, cancellations, I/O faults,
+# abuse and the ledger state machine. `make test` runs the short version of each loop. The
+# figures go to .torture/figures.md (and the terminal); the run fails if an invariant broke.
 TORTURE := .torture
 torture: $(TEST)
 	@mkdir -p $(TORTURE) && rm -f $(TORTURE)/figures.jsonl

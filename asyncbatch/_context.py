@@ -293,7 +293,10 @@ class TaskContext:
         the result of the runner that took the item over.
         """
         if self.output_dir is None:
-            raise ConfigurationError("ctx.write_output needs Batch(output_dir=...)")
+            raise ConfigurationError(
+                "ctx.write_output needs an output directory: --output-dir DIR "
+                "(Batch(output_dir=...))"
+            )
         rel = Path(relpath)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise ConfigurationError.bad_value(

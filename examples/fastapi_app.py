@@ -8,11 +8,11 @@
   ``watch()`` returns, releasing the job lock.
 - ``GET /status`` shows the watcher's counters; ``POST /orders`` is an endpoint of the
   application's own API with a side effect (a line appended to ``ORDERS``).
-- Operations (docs/operations.md): the batch keeps Prometheus metrics (``metrics=True``) and
-  ``batch.metrics_app()`` is mounted at ``/ops``: ``GET /ops/metrics`` for Prometheus.
-  ``GET /healthz`` and ``GET /readyz`` are the probes (200 or 503, with the reasons as JSON):
-  live while the watcher runs and its heartbeat is fresh; ready while it also holds its lock,
-  its ledger answers, its polls go on and it is not stopping.
+- Operations (``asyncbatch help operations``): the batch keeps Prometheus metrics
+  (``metrics=True``) and ``batch.metrics_app()`` is mounted at ``/ops``: ``GET /ops/metrics``
+  for Prometheus. ``GET /healthz`` and ``GET /readyz`` are the probes (200 or 503, with the
+  reasons as JSON): live while the watcher runs and its heartbeat is fresh; ready while it also
+  holds its lock, its ledger answers, its polls go on and it is not stopping.
 - The application runs behind ``IdempotencyMiddleware``: a POST carrying an
   ``Idempotency-Key`` runs once; a retry with the same key and the same request gets the stored
   response with ``Idempotent-Replayed: true``, and the order is not placed twice.

@@ -128,7 +128,7 @@ def test_bare_command_prints_the_usage_and_every_command(tmp_path: Path) -> None
     assert result.stderr.startswith("usage: asyncbatch [-h] [--version] COMMAND ...")
     commands = (
         *("run", "status", "failures", "retry", "locks", "unlock", "history"),
-        *("explain", "items", "forget", "demo"),
+        *("explain", "items", "forget", "demo", "help"),
     )
     listed = {line.split()[0] for line in result.stderr.splitlines() if line.startswith("    ")}
     assert listed == set(commands)
@@ -337,6 +337,12 @@ def test_archive_inside_the_source_and_unwritable_output_exit_2_before_anything(
     )
     assert_one_line_error(result, "output_dir", "not writable")
     assert not state.exists()
+
+
+def test_write_output_without_output_dir_names_the_cli_flag(inbox: Path, state: Path) -> None:
+    make_files(inbox, 2)
+    result = cli("run", f"{HANDLERS}:write_copy", "--source", inbox, "--state", state)
+    assert_one_line_error(result, "--output-dir DIR", "Batch(output_dir=...)")
 
 
 def test_a_reader_that_goes_away_is_not_a_traceback(inbox: Path, state: Path) -> None:

@@ -701,7 +701,11 @@ async def test_write_output_without_an_output_dir_stops_the_run(inbox: Path, sta
         calls.append(ctx.key)
         await ctx.write_output("x.txt", b"x")
 
-    with pytest.raises(ConfigurationError, match=r"ctx.write_output needs Batch\(output_dir=...\)"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^ctx.write_output needs an output directory: --output-dir DIR "
+        r"\(Batch\(output_dir=...\)\)$",
+    ):
         await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
     assert len(calls) == 1, "not retried as a transient failure"
     assert state_counts(state) == {"pending": 3}

@@ -5,7 +5,8 @@ the sdist, then the wheel from the unpacked sdist), offline (``--no-isolation``:
 extra brings ``build`` and ``flit_core``). Then: what the sdist holds, what the wheel holds,
 the tests run from the unpacked sdist, and a new user's path: a fresh virtual environment,
 ``pip install`` of the wheel (its dependencies from the package index), ``asyncbatch
---version`` and ``asyncbatch demo`` from there.
+--version``, ``asyncbatch help troubleshooting`` (the page an error message points to) and
+``asyncbatch demo`` from there.
 """
 
 from __future__ import annotations
@@ -77,13 +78,13 @@ def test_the_sdist_holds_what_building_and_testing_need_and_nothing_else(dists: 
         "README.md",
         "pyproject.toml",
         *SOURCES,
-    }  # so no benchmarks/ (nor its plot), docs/, .ci/, Makefile, .gitignore
+    }  # so no benchmarks/ (nor its plot), .ci/, Makefile, .gitignore
     assert {name for name in files if name.split("/")[0] in SOURCES} == tree_files(*SOURCES)
     assert license_text == (ROOT / "LICENSE").read_bytes()
     assert f"Version: {VERSION}" in pkg_info.splitlines()
 
 
-def test_the_wheel_holds_the_package_its_license_and_no_tests(dists: Dists) -> None:
+def test_the_wheel_holds_the_package_its_docs_its_license_and_no_tests(dists: Dists) -> None:
     info = f"asyncbatch-{VERSION}.dist-info"
     assert dists.wheel.name == f"asyncbatch-{VERSION}-py3-none-any.whl"
     with zipfile.ZipFile(dists.wheel) as wheel:
@@ -93,12 +94,18 @@ def test_the_wheel_holds_the_package_its_license_and_no_tests(dists: Dists) -> N
     assert {name.split("/")[0] for name in names} == {"asyncbatch", info}
     assert {name for name in names if name.startswith("asyncbatch/")} == tree_files("asyncbatch")
     assert "asyncbatch/py.typed" in names
+    assert {"asyncbatch/docs/troubleshooting.md", "asyncbatch/docs/cli.md"} <= names
     assert license_text == (ROOT / "LICENSE").read_bytes()
     assert f"Version: {VERSION}" in metadata  # the one version, read from asyncbatch/__init__.py
     assert "License-Expression: MIT" in metadata
     runtime = [line for line in metadata if line.startswith("Requires-Dist:") and ";" not in line]
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert sorted(line.split(" ", 1)[1] for line in runtime) == sorted(declared)
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert {"Homepage", "Documentation", "Issues"} <= set(urls)
+    assert {line for line in metadata if line.startswith("Project-URL:")} == {
+        f"Project-URL: {label}, {url}" for label, url in urls.items()
+    }
 
 
 def test_the_tests_in_the_sdist_are_complete_enough_to_collect(
@@ -139,6 +146,13 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(
     for command in ([script], [python, "-m", "asyncbatch"]):
         version = run(*command, "--version", cwd=tmp_path)
         assert (version.returncode, version.stdout) == (0, f"asyncbatch {VERSION}\n")
+
+    page = run(script, "help", "troubleshooting", cwd=tmp_path)
+    assert page.returncode == 0, page.stderr
+    assert page.stdout == (ROOT / "asyncbatch" / "docs" / "troubleshooting.md").read_text()
+    topics = run(script, "help", cwd=tmp_path)
+    assert topics.returncode == 0, topics.stderr
+    assert "  troubleshooting  Troubleshooting\n" in topics.stdout
 
     demo = run(
         script, "demo", "--dir", tmp_path / "demo", "--files", "50", "--no-progress", cwd=tmp_path

@@ -36,6 +36,8 @@ from .._exceptions import (
 from .._pipeline.runner import unwrap_group
 from .._pipeline.workers import error_text
 from .._report import Report
+from .help import COMMANDS as HELP_COMMANDS
+from .help import add_help_command
 from .items import COMMANDS as INSPECT_COMMANDS
 from .items import add_inspect_commands
 from .logging import configure_logging
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="asyncbatch",
         description="Reentrant batch jobs over the files of a directory.",
-        epilog="Run 'asyncbatch COMMAND --help' for a command's options.",
+        epilog="Run 'asyncbatch COMMAND --help' for a command's options, 'asyncbatch help' for "
+        "the documentation.",
     )
     parser.add_argument(
         "--version",
@@ -279,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=positive_int, default=1000, help="inputs to make (1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     _add_logging(p)
+    add_help_command(sub)
     return parser
 
 
@@ -386,7 +390,12 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         command = functools.partial(_run_command, log=log)
     else:
-        command = {"demo": _demo_command, **OPERATOR_COMMANDS, **INSPECT_COMMANDS}[args.command]
+        command = {
+            "demo": _demo_command,
+            **OPERATOR_COMMANDS,
+            **INSPECT_COMMANDS,
+            **HELP_COMMANDS,
+        }[args.command]
     try:
         return anyio.run(_call, command, args)
     except BaseException as e:

@@ -336,7 +336,7 @@ class SQLiteLedger(Ledger):
                 raise LedgerError(
                     f"state {name!r} holds no ledger, and its -shm file says a -wal file "
                     "existed: was the -wal deleted? Its commits are gone; see "
-                    "docs/troubleshooting.md"
+                    "'asyncbatch help troubleshooting'"
                 )
             raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
         if version < sql.SCHEMA_VERSION and not migrate:
@@ -393,7 +393,7 @@ class SQLiteLedger(Ledger):
     def _busy_error(self) -> LedgerError:
         return LedgerError(
             f"state {self.name!r} stayed locked by another process for "
-            f"{self._busy_timeout:.0f}s; see docs/troubleshooting.md"
+            f"{self._busy_timeout:.0f}s; see 'asyncbatch help troubleshooting'"
         )
 
     async def _until_not_busy(self, attempt: Callable[[], Awaitable[T | Busy]]) -> T:

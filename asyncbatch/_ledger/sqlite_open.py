@@ -211,7 +211,7 @@ def open_error(path: Path, error: sqlite3.Error) -> LedgerError | ConfigurationE
             f"state {name!r}: disk I/O error while reading it ({code}); if its -wal file was "
             "deleted while its -shm file stayed, stop its runners and remove the -shm file too "
             "(the commits in the lost -wal are gone: their files will be handled again); see "
-            "docs/troubleshooting.md"
+            "'asyncbatch help troubleshooting'"
         )
     if code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
         return ConfigurationError(

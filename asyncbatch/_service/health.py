@@ -34,7 +34,7 @@ class HealthCheck:
     The names: ``running`` (a run is under way), ``heartbeat`` (the lock and leases were
     renewed recently), ``lock`` (the job lock, or for a shared job the runner record, is held),
     ``ledger`` (the ledger answers), ``scan`` (the first scan is done; watching, the polls go
-    on), ``stopping`` (no stop was requested). See docs/operations.md.
+    on), ``stopping`` (no stop was requested). See ``asyncbatch help operations``.
     """
 
     name: str

@@ -5,7 +5,7 @@ when it is made with ``metrics=...``, never otherwise. Each batch has its own
 ``CollectorRegistry`` (never the process-wide default one): two batches in one process do not
 mix or collide. Every value is read when scraped from what the run keeps anyway (its counters,
 queue, scanner, ledger, heartbeat) or from the batch's :class:`~.recorder.Recorder` (the
-histograms); the names, types and labels are listed in docs/operations.md.
+histograms); the names, types and labels are listed in ``asyncbatch help operations``.
 """
 
 from __future__ import annotations

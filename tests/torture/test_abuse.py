@@ -4,7 +4,7 @@ secrets that must not leak.
 (Handlers raising ``BaseException``, ``SystemExit``, ``KeyboardInterrupt`` or a stray
 ``CancelledError``, FIFOs in the inbox and ``write_output`` paths with ``..``, absolute paths
 or symlinked directories are covered in tests/test_batch.py, tests/test_cli.py and
-tests/test_effects.py; docs/RELIABILITY.md lists them.)
+tests/test_effects.py; asyncbatch/docs/RELIABILITY.md lists them.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ nothing and overwrites nothing of the runner that took its items over.
 What is fenced: the ledger row always (owner and fence); ``ctx.write_output`` and ``ctx.move``
 check the item's local lease deadline just before they start (:class:`LockLostError`, nothing
 written or moved). What is not: an effect already under way when the pause began, and HTTP
-calls (the receiver's idempotency key covers those). See docs/RELIABILITY.md.
+calls (the receiver's idempotency key covers those). See asyncbatch/docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
