@@ -1,4 +1,4 @@
-"""What a run did: live counters while it runs, a frozen :class:`Report` when it ends.
+"""What a run did: live counters while it runs, a :class:`Report` when it ends.
 
 Every settled file a run sees ends in exactly one category, and the categories add up::
 
@@ -16,82 +16,65 @@ Every settled file a run sees ends in exactly one category, and the categories a
 ``seen`` counts the settled files the scan found and the items earlier runs left waiting in the
 ledger that this run took on (a crashed run's item whose input ``ctx.move()`` had moved, say);
 ``earlier`` says how many of the seen were of the second kind.
+
+The counts' names live in one place, :class:`~asyncbatch._ledger.types.RunTotals`; the
+classes here extend it, and everything that lists the counts iterates its fields.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from ._ledger.types import RunTotals
+from ._ledger.types import CATEGORIES, LABELS, TOTALS, RunTotals
 
-__all__ = ["Counters", "Report", "Statistics", "describe", "not_settled"]
+__all__ = ["Counters", "Report", "Statistics", "describe"]
+
+#: The categories a seen file is finished in, one way or another (never goes back).
+_FINISHED = ("done", "done_before", "dead", "dead_before", "vanished")
 
 
-@dataclass(frozen=True, slots=True)
-class Statistics:
+@dataclass(slots=True, kw_only=True)
+class Statistics(RunTotals):
     """A snapshot of a running batch (``batch.statistics()``), for progress displays.
 
-    The categories are those of :class:`Report` as they stand now; ``in_flight`` items are
-    leased to this run and not committed yet; ``scanned`` says whether ``seen`` is final.
+    The counts are those of :class:`Report` as they stand now; ``in_flight`` items are leased
+    to this run and not committed yet; ``scanned`` says whether ``seen`` is final.
     """
 
-    seen: int
-    scanned: bool
-    done: int
-    done_before: int
-    held: int
-    waiting: int
-    dead: int
-    dead_before: int
-    vanished: int
-    in_flight: int
-    failed: int
-    elapsed: float
+    scanned: bool = False
+    in_flight: int = 0
+    elapsed: float = 0.0
 
     @property
     def finished(self) -> int:
         """Seen files that are done with, one way or another (never decreases)."""
-        return self.done + self.done_before + self.dead + self.dead_before + self.vanished
+        return sum(getattr(self, name) for name in _FINISHED)
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
+@dataclass(slots=True, kw_only=True)
+class Report(RunTotals):
     """The outcome of ``Batch.run()`` (or of a stopped ``Batch.watch()``).
 
     The categories of the seen files (see the module) add up to ``seen``. Besides them:
     ``failed`` counts failed attempts (each retried, or made dead); ``lost``, outcomes refused
     because another runner had taken the lease (those files are counted where they ended:
     done before, held, ...); ``earlier``, how many of the seen were left waiting in the ledger
-    by earlier runs (not found by the scan);
+    by earlier runs (not found by the scan); ``unsettled``, the files the last scan found not
+    settled yet (``future`` of them changed at a time ahead of this host's clock);
+    ``unregistered``, files the scan found and the run did not register (it was stopped);
     ``post_failed``, post-commit actions (archive, delete) that failed (the next run finishes
     them); ``counts``, the job's items by state when the run ended; ``stopped``, whether it
     was stopped before the end (``stop()`` or a signal).
     """
 
     job: str
-    seen: int
-    done: int
-    done_before: int
-    held: int
-    waiting: int
-    dead: int
-    dead_before: int
-    vanished: int
-    unfinished: int
-    failed: int
-    lost: int
-    earlier: int
     elapsed: float
-    counts: dict[str, int]
+    counts: dict[str, int] = field(default_factory=dict)
     stopped: bool = False
     mode: str = "run"
     post_failed: int = 0
-    #: Regular files the last scan found that are not settled yet (not among the seen: the
-    #: next run, or the watch, takes them once they are), and how many of them changed at a
-    #: time ahead of this host's clock (they wait until then).
-    unsettled: int = 0
     future: int = 0
 
     @property
@@ -140,94 +123,54 @@ class Report:
     @property
     def totals(self) -> RunTotals:
         """The counts, as the run's history row keeps them."""
-        return RunTotals(
-            seen=self.seen,
-            done=self.done,
-            done_before=self.done_before,
-            held=self.held,
-            waiting=self.waiting,
-            dead=self.dead,
-            dead_before=self.dead_before,
-            vanished=self.vanished,
-            unfinished=self.unfinished,
-            failed=self.failed,
-            lost=self.lost,
-            earlier=self.earlier,
-        )
+        return self.snapshot()
 
     def __str__(self) -> str:
         head = f"job {self.job!r}{' stopped' if self.stopped else ''}"
-        extras = [describe(self.totals)]
-        if self.unsettled:
-            extras.append(not_settled(self.unsettled, self.future))
+        extras = [describe(self, future=self.future)]
         if self.post_failed:
             extras.append(f"{self.post_failed} post-commit actions failed (the next run retries)")
         extras.append(f"{self.elapsed:.2f}s ({self.rate:.0f}/s)")
         return f"{head}: {'; '.join(extras)}"
 
 
-def not_settled(count: int, future: int) -> str:
-    """``3 files not settled yet (1 changed in the future)``: what a scan left for later."""
-    text = f"{count} file{'s' * (count != 1)} not settled yet"
-    if future:
-        text += f" ({future} changed at a time ahead of this host's clock)"
-    return text
+def _counted(count: int, name: str) -> str:
+    return f"{count} {LABELS[name].format(s='s' * (count != 1))}"
 
 
-def describe(t: RunTotals) -> str:
+def describe(t: RunTotals, *, future: int = 0) -> str:
     """The counts in words, the zero ones left out but ``done``: ``3000 seen: 2 done, 2998
-    done before; 1 failed attempt``."""
-    parts = [f"{t.done} done"]
-    for count, what in (
-        (t.done_before, "done before"),
-        (t.held, "held by other runners"),
-        (t.waiting, "waiting for a retry"),
-        (t.dead, "dead"),
-        (t.dead_before, "dead before"),
-        (t.vanished, "vanished"),
-        (t.unfinished, "unfinished"),
-    ):
-        if count:
-            parts.append(f"{count} {what}")
+    done before; 1 failed attempt; 3 files not settled yet``. ``future``: how many of the
+    files not settled yet changed at a time ahead of this host's clock."""
+    parts = [_counted(t.done, "done")]
+    parts += [_counted(getattr(t, n), n) for n in CATEGORIES if n != "done" and getattr(t, n)]
     text = f"{t.seen} seen: {', '.join(parts)}"
-    if t.failed:
-        text += f"; {t.failed} failed attempt{'s' * (t.failed != 1)}"
-    if t.lost:
-        outcomes = "outcome" if t.lost == 1 else "outcomes"
-        text += f"; {t.lost} {outcomes} refused (lease taken over)"
-    if t.earlier:
-        text += f"; {t.earlier} of the seen left waiting by earlier runs"
+    for name in TOTALS:
+        count = getattr(t, name)
+        if name in CATEGORIES or name == "seen" or not count:
+            continue
+        text += f"; {_counted(count, name)}"
+        if name == "unsettled" and future:
+            text += f" ({future} changed at a time ahead of this host's clock)"
     return text
 
 
-@dataclass(slots=True)
-class Counters:
+@dataclass(slots=True, kw_only=True)
+class Counters(RunTotals):
     """The mutable counters of one run (owned by that run only).
 
     The items that are neither finished nor in flight, with what is known of them, live in
-    the claimer's ``open`` table; :meth:`report` takes their counts.
+    the claimer's ``open`` table (``held`` and ``waiting`` count them). ``unfinished`` is not
+    counted: it is what the other categories leave of ``seen`` (see :meth:`not_reached`).
     """
 
     started: float = field(default_factory=time.monotonic)
-    seen: int = 0
     scanned: bool = False
-    done: int = 0
-    done_before: int = 0
-    dead: int = 0
-    dead_before: int = 0
-    vanished: int = 0
-    failed: int = 0
-    lost: int = 0
-    earlier: int = 0
-    #: Seen items not finished and not in flight: held by another runner, or waiting for a retry.
-    held: int = 0
-    waiting: int = 0
-    #: Not a category of the report (for metrics): leases of this runner that its heartbeat
-    #: found taken over by others, and items of runners found gone that it put back.
+    #: Not counts of the report (for metrics): leases of this runner that its heartbeat found
+    #: taken over by others, and items of runners found gone that it put back.
     leases_lost: int = 0
     reaped: int = 0
-    #: Not a category either: files the last scan found not settled yet (see Report).
-    unsettled: int = 0
+    #: Of ``unsettled``, the files changed at a time ahead of this host's clock.
     future: int = 0
 
     def record(self, state: str, *, attempted: bool) -> None:
@@ -243,39 +186,23 @@ class Counters:
         else:
             self.vanished += 1
 
-    def snapshot(self, in_flight: int) -> Statistics:
-        """A frozen view for progress displays."""
+    def statistics(self, in_flight: int) -> Statistics:
+        """A snapshot for progress displays."""
         return Statistics(
-            seen=self.seen,
+            **self._counts(),
             scanned=self.scanned,
-            done=self.done,
-            done_before=self.done_before,
-            held=self.held,
-            waiting=self.waiting,
-            dead=self.dead,
-            dead_before=self.dead_before,
-            vanished=self.vanished,
             in_flight=in_flight,
-            failed=self.failed,
             elapsed=time.monotonic() - self.started,
         )
 
     def totals(self) -> RunTotals:
         """The counts as the run's history row keeps them."""
-        return RunTotals(
-            seen=self.seen,
-            done=self.done,
-            done_before=self.done_before,
-            held=self.held,
-            waiting=self.waiting,
-            dead=self.dead,
-            dead_before=self.dead_before,
-            vanished=self.vanished,
-            unfinished=self.unfinished(),
-            failed=self.failed,
-            lost=self.lost,
-            earlier=self.earlier,
-        )
+        return RunTotals(**self._counts())
+
+    def _counts(self) -> dict[str, int]:
+        counts = {name: getattr(self, name) for name in TOTALS}
+        counts["unfinished"] = self.not_reached()
+        return counts
 
     def finished_attempts(self) -> int:
         """Attempts that reached an outcome so far (done, failed, dead, vanished)."""
@@ -283,17 +210,9 @@ class Counters:
 
     def seen_accounted(self) -> int:
         """Seen items in a category other than unfinished."""
-        return (
-            self.done
-            + self.done_before
-            + self.held
-            + self.waiting
-            + self.dead
-            + self.dead_before
-            + self.vanished
-        )
+        return sum(getattr(self, name) for name in CATEGORIES if name != "unfinished")
 
-    def unfinished(self) -> int:
+    def not_reached(self) -> int:
         """Seen items in no other category: not reached, or in flight (given back at a stop)."""
         return max(self.seen - self.seen_accounted(), 0)
 
@@ -320,13 +239,12 @@ class Counters:
                 stacklevel=2,
             )
         return Report(
+            **self._counts(),
             job=job,
-            **asdict(self.totals()),
             elapsed=time.monotonic() - self.started,
             counts=counts,
             stopped=stopped,
             mode=mode,
             post_failed=post_failed,
-            unsettled=self.unsettled,
             future=self.future,
         )

@@ -1654,3 +1654,26 @@ async def test_forget_done_before_forgets_only_items_done_before_then(ledger: Le
         "k00004",
     ]
     assert (await ledger.forget("j", done_before=cutoff)).forgotten == ()
+
+
+async def test_forget_logs_the_names_it_forgot_for_watches_under_way(ledger: Ledger) -> None:
+    start, none = await ledger.forgotten_since("j", None)
+    assert none == []
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in range(1, 5)])
+    await ledger.claim_scanned("other", "a", 60, [entry(9)])
+    await ledger.commit_outcomes(
+        "j", "a", [Outcome("k00001", 1, "done"), Outcome("k00002", 1, "done")]
+    )
+    await ledger.commit_outcomes("other", "a", [Outcome("k00009", 1, "done")])
+    assert await ledger.forgotten_since("j", start) == (start, [])
+
+    await ledger.forget("j", keys=["k00002", "k00003"])  # k00003 is leased: refused
+    await ledger.forget("other", keys=["k00009"])
+    seq, names = await ledger.forgotten_since("j", start)
+    assert names == [b"f00002"]
+    await ledger.forget("j", done_before=time.time() + 60)
+    later, more = await ledger.forgotten_since("j", seq)
+    assert more == [b"f00001"]
+    assert later > seq
+    assert await ledger.forgotten_since("j", later) == (later, [])
+    assert (await ledger.forgotten_since("j", None))[0] >= later

@@ -12,7 +12,7 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import make_files, state_counts, until_settled
+from .conftest import cli, make_files, state_counts, until_settled
 
 
 async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool = False) -> bytes:
@@ -242,3 +242,31 @@ async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_fi
     assert (report.done, report.vanished) == (3, 0)
     assert state_counts(state) == {"done": 3}
     assert "was replaced" in caplog.text
+
+
+async def test_a_file_forgotten_during_a_live_watch_is_handled_again(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 2)
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        with anyio.fail_after(30):
+            while len(handled) < 2:  # noqa: ASYNC110 (handled files, not an event)
+                await anyio.sleep(0.02)
+            forgot = await anyio.to_thread.run_sync(
+                lambda: cli("forget", "f00000.txt", "--state", state, "--yes")
+            )
+            assert forgot.returncode == 0, forgot.stderr
+            assert "f00000.txt (was done)" in forgot.stdout
+            while len(handled) < 3:  # noqa: ASYNC110 (handled files, not an event)
+                await anyio.sleep(0.02)
+        batch.stop()
+
+    assert sorted(handled) == ["f00000.txt", "f00000.txt", "f00001.txt"]
+    assert state_counts(state) == {"done": 2}

@@ -259,6 +259,8 @@ class Busy:
 BUSY: Final = Busy()
 
 
+#: Seconds the log of forgotten items keeps an entry (see :meth:`Ledger.forgotten_since`).
+FORGOTTEN_KEPT = 86400.0
 #: Seconds a transaction waits for a busy ledger before it says so (and again as often).
 BUSY_TELL_AFTER = 3.0
 
@@ -553,7 +555,8 @@ class Ledger(abc.ABC):
     async def forget(
         self, job: str, *, keys: Sequence[str] | None = None, done_before: float | None = None
     ) -> Forgotten:
-        """Delete the rows of chosen items, so that the next run handles their files again.
+        """Delete the rows of chosen items, so that the next run (and a watch under way, see
+        :meth:`forgotten_since`) handles their files again.
 
         Either ``keys`` (any state) or ``done_before`` (done items whose outcome committed
         before that time, caller's clock). One transaction, which reads and deletes (``BEGIN
@@ -567,6 +570,14 @@ class Ledger(abc.ABC):
             return await self._forget_keys(job, list(dict.fromkeys(keys)))
         assert done_before is not None
         return await self._forget_done_before(job, done_before)
+
+    @abc.abstractmethod
+    async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
+        """The relpaths of the job's items :meth:`forget` deleted after the entry ``seq`` of
+        its log, oldest first, and the newest entry's number: a watch under way looks at
+        those files again (it remembers the files it registered). ``seq=None``: just the
+        newest entry's number (where a watch starts following the log). Entries are kept
+        :data:`FORGOTTEN_KEPT` seconds."""
 
     @abc.abstractmethod
     async def _forget_keys(self, job: str, keys: list[str]) -> Forgotten:

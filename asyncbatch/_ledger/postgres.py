@@ -49,6 +49,7 @@ from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
 from .base import (
+    FORGOTTEN_KEPT,
     Ledger,
     decide_idempotency,
     decide_job,
@@ -69,6 +70,18 @@ __all__ = ["PostgresLedger"]
 _FIRST_ANALYZE = 2000
 _INT64 = 1 << 64
 _INT63 = 1 << 63
+
+
+async def _log_forgotten(conn: Connection, job: str, gone: Sequence[t.ItemInfo]) -> None:
+    """Log the names of forgotten items for watches under way; prune the old entries."""
+    if gone:
+        await conn.execute(sql.FORGOTTEN_ADD, job, [os.fsencode(i.relpath) for i in gone])
+        await conn.execute(sql.FORGOTTEN_PRUNE, FORGOTTEN_KEPT)
+
+
+def _totals(totals: t.RunTotals) -> list[int]:
+    """A run's counts as statement parameters, in the order of :data:`~.types.TOTALS`."""
+    return [getattr(totals, name) for name in t.TOTALS]
 
 
 def _signed(inode: int) -> int:
@@ -303,7 +316,7 @@ class PostgresLedger(Ledger):
         fences = [fence for _, fence in beat.leases]
 
         async def renew(conn: Connection) -> t.Renewal:
-            await conn.execute(sql.RUN_PROGRESS, beat.run_id, *astuple(beat.totals))
+            await conn.execute(sql.RUN_PROGRESS, beat.run_id, *_totals(beat.totals))
             alive = await conn.fetchval(sql.RUNNER_EXTEND, owner, ttl) is not None
             if beat.holds_lock:
                 alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
@@ -321,7 +334,7 @@ class PostgresLedger(Ledger):
             await conn.execute(sql.RUNNER_REMOVE, end.owner)
             if end.holds_lock:
                 await conn.execute(sql.LOCK_RELEASE, end.job, end.owner)
-            await conn.execute(sql.RUN_FINISH, end.run_id, end.exit_status, *astuple(end.totals))
+            await conn.execute(sql.RUN_FINISH, end.run_id, end.exit_status, *_totals(end.totals))
 
         await self._session.transact(release)
 
@@ -512,6 +525,7 @@ class PostgresLedger(Ledger):
                 (refused if live else gone).append(self._item(row))
             if gone:
                 await conn.execute(sql.FORGET_KEYS, job, [item.key for item in gone])
+                await _log_forgotten(conn, job, gone)
             return t.Forgotten(tuple(gone), tuple(refused))
 
         return await self._session.transact(forget)
@@ -524,9 +538,16 @@ class PostgresLedger(Ledger):
                 self._item(r) for r in await conn.fetch(sql.FORGET_READ_DONE_BEFORE, job, cutoff)
             ]
             await conn.execute(sql.FORGET_DONE_BEFORE, job, cutoff)
+            await _log_forgotten(conn, job, gone)
             return t.Forgotten(tuple(gone))
 
         return await self._session.transact(forget)
+
+    async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
+        if seq is None:
+            return int(await self._session.fetchval(sql.FORGOTTEN_LAST)), []
+        rows = await self._session.fetch(sql.FORGOTTEN_SINCE, job, seq)
+        return (int(rows[-1][0]) if rows else seq), [bytes(r[1]) for r in rows]
 
     async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         local = self._session.local
@@ -541,7 +562,7 @@ class PostgresLedger(Ledger):
                 local(r[6]),
                 None if r[7] is None else local(r[7]),
                 r[8],
-                t.RunTotals(*(int(n) for n in r[10:])),
+                t.RunTotals.of_row(r[10:]),
                 settings_changed=r[9],
             )
             for r in await self._session.fetch(sql.RUNS_OF_JOB, job, limit)

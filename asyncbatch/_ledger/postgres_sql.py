@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from .types import RUN_COUNTS_ADDED, ItemFilter
+from .types import TOTALS, ItemFilter, totals_since
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -139,7 +139,7 @@ CREATE INDEX idempotency_expiry ON idempotency_keys (expires_at);
 """
     + "".join(
         f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
-        for name in RUN_COUNTS_ADDED
+        for name in totals_since(1)
     ),
     # The joblog: when the latest attempt started, when its outcome committed, and which
     # runner made it (its pid and host are in its history row: runs_owner). Rows finished
@@ -159,6 +159,22 @@ CREATE INDEX runs_owner ON runs (owner);
 ALTER TABLE jobs ADD COLUMN settings text;
 ALTER TABLE runs ADD COLUMN settings_changed text;
 """,
+    # The items forgot (``asyncbatch forget``), for watches under way: they look at those
+    # files again (see FORGOTTEN_SINCE); what a run left in the source (files not settled yet,
+    # not registered yet), in its history row.
+    4: """
+CREATE TABLE forgotten (
+    seq     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job     text   NOT NULL,
+    relpath bytea  NOT NULL,
+    at      float8 NOT NULL
+);
+CREATE INDEX forgotten_job ON forgotten (job, seq);
+"""
+    + "".join(
+        f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
+        for name in totals_since(4)
+    ),
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -509,6 +525,15 @@ FORGET_READ_DONE_BEFORE = (
     f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE} ORDER BY key FOR UPDATE"
 )
 FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
+#: The forgotten items' names, for watches under way: $1 job, $2 relpaths; entries older
+#: than $3 seconds (server clock) are pruned (no watch lags that far behind).
+FORGOTTEN_ADD = f"""
+INSERT INTO forgotten (job, relpath, at) SELECT $1, r, {NOW} FROM unnest($2::bytea[]) AS r
+"""
+FORGOTTEN_PRUNE = f"DELETE FROM forgotten WHERE at < {NOW} - $1::float8"
+#: The newest entry's number (0: none); the entries after $2 ($1 job).
+FORGOTTEN_LAST = "SELECT coalesce(max(seq), 0) FROM forgotten"
+FORGOTTEN_SINCE = "SELECT seq, relpath FROM forgotten WHERE job = $1 AND seq > $2 ORDER BY seq"
 OLDEST_WAITING = """
 SELECT min(created_at) FROM items WHERE job = $1 AND state IN ('pending', 'failed')
 """
@@ -540,29 +565,13 @@ INSERT INTO runs (job, owner, pid, host, mode, started_at, settings_changed)
 VALUES ($1, $2, $3, $4, $5, {NOW}, $6)
 RETURNING id
 """
-#: $1 id, $2 seen, $3 done, $4 failed, $5 dead, $6 vanished, $7 exit status.
-#: A run's totals, in the order of ``RunTotals`` (and of its columns).
-RUN_TOTALS: Final = (
-    "seen",
-    "done",
-    "done_before",
-    "held",
-    "waiting",
-    "dead",
-    "dead_before",
-    "vanished",
-    "unfinished",
-    "failed",
-    "lost",
-    "earlier",
-)
 
 
 def _set_totals(first: int) -> str:
-    return ", ".join(f"{column} = ${first + i}" for i, column in enumerate(RUN_TOTALS))
+    return ", ".join(f"{column} = ${first + i}" for i, column in enumerate(TOTALS))
 
 
-#: $1 id, $2 exit status, $3... the run's totals (RUN_TOTALS, in order).
+#: $1 id, $2 exit status, $3... the run's totals (TOTALS, in order).
 RUN_FINISH = f"""
 UPDATE runs SET finished_at = {NOW}, exit_status = $2, {_set_totals(3)}
 WHERE id = $1
@@ -576,10 +585,9 @@ UPDATE runs r SET finished_at = coalesce(
     exit_status = 'killed'
 WHERE job = $1 AND owner = $2 AND finished_at IS NULL
 """
-RUNS_OF_JOB = """
+RUNS_OF_JOB = f"""
 SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,
-       seen, done, done_before, held, waiting, dead, dead_before, vanished, unfinished, failed,
-       lost, earlier
+       {", ".join(TOTALS)}
 FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
 """
 

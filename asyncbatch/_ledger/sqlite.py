@@ -45,6 +45,7 @@ from . import types as t
 from .aiosqlite_bridge import connect, on_thread, raw
 from .base import (
     BUSY,
+    FORGOTTEN_KEPT,
     Busy,
     Ledger,
     decide_idempotency,
@@ -81,6 +82,17 @@ def _glob(regex: str, relpath: bytes) -> bool:
     """The SQL function :data:`sqlite_sql.GLOB_FUNCTION`: ``relpath`` against a
     :func:`~.base.glob_regex`, byte for byte (as PostgreSQL matches it)."""
     return re.fullmatch(regex, bytes(relpath).decode("latin-1"), re.DOTALL) is not None
+
+
+def _log_forgotten(
+    conn: sqlite3.Connection, job: str, gone: Sequence[t.ItemInfo], now: float
+) -> None:
+    """Log the names of forgotten items for watches under way; prune the old entries."""
+    if gone:
+        conn.executemany(
+            sql.FORGOTTEN_ADD, [(job, os.fsencode(item.relpath), now) for item in gone]
+        )
+        conn.execute(sql.FORGOTTEN_PRUNE, (now - FORGOTTEN_KEPT,))
 
 
 def _lease_is_live(item: t.ItemInfo, now: float) -> bool:
@@ -724,22 +736,41 @@ class SQLiteLedger(Ledger):
                     continue
                 conn.execute(sql.FORGET_ITEM, (job, key))
                 gone.append(item)
+            _log_forgotten(conn, job, gone, now)
             return t.Forgotten(tuple(gone), tuple(refused))
 
         return await self._transact(forget, self.clock())
 
     async def _forget_done_before(self, job: str, before: float) -> t.Forgotten:
-        def forget(conn: sqlite3.Connection) -> t.Forgotten:
+        def forget(conn: sqlite3.Connection, now: float) -> t.Forgotten:
             gone = [_item(r) for r in conn.execute(sql.FORGET_READ_DONE_BEFORE, (job, before))]
             conn.execute(sql.FORGET_DONE_BEFORE, (job, before))
+            _log_forgotten(conn, job, gone, now)
             return t.Forgotten(tuple(gone))
 
-        return await self._transact(forget)
+        return await self._transact(forget, self.clock())
+
+    async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
+        if seq is None:
+            ((last,),) = await self._fetchall(sql.FORGOTTEN_LAST, ())
+            return int(last), []
+        rows = await self._fetchall(sql.FORGOTTEN_SINCE, (job, seq))
+        return (int(rows[-1][0]) if rows else seq), [bytes(r[1]) for r in rows]
 
     async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
         return [
             t.RunInfo(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], t.RunTotals(*r[10:]), r[9]
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                t.RunTotals.of_row(r[10:]),
+                r[9],
             )
             for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))
         ]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .types import RUN_COUNTS_ADDED, ItemFilter
+from .types import TOTALS, ItemFilter, totals_since
 
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -123,7 +123,7 @@ CREATE INDEX items_moving ON items (job) WHERE substr(post_action, 1, 5) = 'move
 """
     + "".join(
         f"ALTER TABLE runs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;\n"
-        for name in RUN_COUNTS_ADDED
+        for name in totals_since(1)
     ),
     # The joblog: when the latest attempt started, when its outcome committed, and which
     # runner made it (its pid and host are in its history row: runs_owner). Rows finished
@@ -143,6 +143,22 @@ CREATE INDEX runs_owner ON runs (owner);
 ALTER TABLE jobs ADD COLUMN settings TEXT;
 ALTER TABLE runs ADD COLUMN settings_changed TEXT;
 """,
+    # The items forgot (``asyncbatch forget``), for watches under way: they look at those
+    # files again (see FORGOTTEN_SINCE); what a run left in the source (files not settled yet,
+    # not registered yet), in its history row.
+    4: """
+CREATE TABLE forgotten (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    job     TEXT NOT NULL,
+    relpath BLOB NOT NULL,
+    at      REAL NOT NULL
+);
+CREATE INDEX forgotten_job ON forgotten (job, seq);
+"""
+    + "".join(
+        f"ALTER TABLE runs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;\n"
+        for name in totals_since(4)
+    ),
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -409,6 +425,13 @@ FORGET_ITEM = "DELETE FROM items WHERE job = ? AND key = ?"
 _DONE_BEFORE = "job = ? AND state = 'done' AND coalesce(finished_at, done_at) < ?"
 FORGET_READ_DONE_BEFORE = f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE}"
 FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
+#: The forgotten items' names, for watches under way (?1 job, ?2 relpath, ?3 now); entries
+#: older than ?2 seconds are pruned (no watch lags that far behind).
+FORGOTTEN_ADD = "INSERT INTO forgotten (job, relpath, at) VALUES (?, ?, ?)"
+FORGOTTEN_PRUNE = "DELETE FROM forgotten WHERE at < ?"
+#: The newest entry's number (0: none), and the entries after ?2 (?1 job).
+FORGOTTEN_LAST = "SELECT coalesce(max(seq), 0) FROM forgotten"
+FORGOTTEN_SINCE = "SELECT seq, relpath FROM forgotten WHERE job = ? AND seq > ? ORDER BY seq"
 #: Where ctx.move() took (or was taking) inputs of unfinished items: ``moved...`` actions.
 MOVE_DESTINATIONS = """
 SELECT DISTINCT post_action FROM items INDEXED BY items_moving
@@ -431,10 +454,7 @@ RUN_START = """
 INSERT INTO runs (job, owner, pid, host, mode, started_at, settings_changed)
 VALUES (:job, :owner, :pid, :host, :mode, :now, :settings_changed)
 """
-_RUN_TOTALS = """seen = :seen, done = :done, done_before = :done_before, held = :held,
-                waiting = :waiting, dead = :dead, dead_before = :dead_before,
-                vanished = :vanished, unfinished = :unfinished, failed = :failed, lost = :lost,
-                earlier = :earlier"""
+_RUN_TOTALS = ", ".join(f"{name} = :{name}" for name in TOTALS)
 RUN_FINISH = f"""
 UPDATE runs SET finished_at = :now, exit_status = :exit_status, {_RUN_TOTALS}
 WHERE id = :id
@@ -447,10 +467,9 @@ UPDATE runs SET exit_status = 'killed',
     finished_at = coalesce((SELECT heartbeat_at FROM runners WHERE owner = :owner), :now)
 WHERE job = :job AND owner = :owner AND finished_at IS NULL
 """
-RUNS_OF_JOB = """
+RUNS_OF_JOB = f"""
 SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,
-       seen, done, done_before, held, waiting, dead, dead_before, vanished, unfinished, failed,
-       lost, earlier
+       {", ".join(TOTALS)}
 FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 """
 

@@ -11,8 +11,10 @@ from typing import Any, Final, Literal, NamedTuple
 from .._procinfo import ProcessIdentity, holder_is_dead
 
 __all__ = [
-    "RUN_COUNTS_ADDED",
+    "CATEGORIES",
+    "LABELS",
     "STATES",
+    "TOTALS",
     "ClaimedRow",
     "Durability",
     "Forgotten",
@@ -39,6 +41,7 @@ __all__ = [
     "TimeField",
     "UnstoredReason",
     "iso_time",
+    "totals_since",
 ]
 
 #: ``"normal"``: commits survive a crash of any process; ``"full"``: a power loss too.
@@ -230,36 +233,66 @@ class Forgotten:
     refused: tuple[ItemInfo, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+def _count(label: str, since: int, *, category: bool = False) -> Any:
+    """A count of :class:`RunTotals`: how the report names it, the schema version whose
+    history rows first kept it, and whether it is a category of the seen files."""
+    return field(default=0, metadata={"label": label, "since": since, "category": category})
+
+
+@dataclass(slots=True, kw_only=True)
 class RunTotals:
-    """The counts of a run's report (see :mod:`asyncbatch._report`), as its history row keeps
-    them: at the end, and as of each heartbeat while it runs."""
+    """The counts of a run (see :mod:`asyncbatch._report`): the one place their names live.
 
-    seen: int = 0
-    done: int = 0
-    done_before: int = 0
-    held: int = 0
-    waiting: int = 0
-    dead: int = 0
-    dead_before: int = 0
-    vanished: int = 0
-    unfinished: int = 0
-    failed: int = 0
-    lost: int = 0
-    earlier: int = 0
+    Every settled file a run sees ends in exactly one *category*; the categories add up to
+    ``seen``. The other counts say more (attempts that failed, outcomes refused, files left
+    for later). The live counters (``Counters``), the report (``Report``), the progress
+    snapshot (``Statistics``), the history rows (their columns), the metrics and the report's
+    words all iterate these fields: a count is added here, and nowhere else.
+    """
+
+    seen: int = _count("seen", 0)
+    done: int = _count("done", 0, category=True)
+    done_before: int = _count("done before", 1, category=True)
+    held: int = _count("held by other runners", 1, category=True)
+    waiting: int = _count("waiting for a retry", 1, category=True)
+    dead: int = _count("dead", 0, category=True)
+    dead_before: int = _count("dead before", 1, category=True)
+    vanished: int = _count("vanished", 0, category=True)
+    unfinished: int = _count("unfinished", 1, category=True)
+    #: Failed attempts (each retried, or made dead).
+    failed: int = _count("failed attempt{s}", 0)
+    #: Outcomes refused because another runner had taken the lease over.
+    lost: int = _count("outcome{s} refused (lease taken over)", 1)
+    #: Of the seen, those left waiting in the ledger by earlier runs (not found by a scan).
+    earlier: int = _count("of the seen left waiting by earlier runs", 1)
+    #: Files the last scan found that are not settled yet (not among the seen).
+    unsettled: int = _count("file{s} not settled yet", 4)
+    #: Files the scan found settled and the run did not register in the ledger (it was
+    #: stopped or killed first): what it left in the source.
+    unregistered: int = _count("file{s} not registered yet", 4)
+
+    def snapshot(self) -> RunTotals:
+        """A copy of just the counts."""
+        return RunTotals(**{name: getattr(self, name) for name in TOTALS})
+
+    @classmethod
+    def of_row(cls, values: Sequence[Any]) -> RunTotals:
+        """The counts of a history row, its columns in the order of :data:`TOTALS`."""
+        return cls(**{name: int(v or 0) for name, v in zip(TOTALS, values, strict=True)})
 
 
-#: The counts a run's history row got in schema version 2 (besides seen, done, failed, dead
-#: and vanished, which it had from the start).
-RUN_COUNTS_ADDED: Final = (
-    "done_before",
-    "held",
-    "waiting",
-    "dead_before",
-    "unfinished",
-    "lost",
-    "earlier",
-)
+#: The counts, in their order: the history row's columns.
+TOTALS: Final = tuple(f.name for f in fields(RunTotals))
+#: The categories of the seen files (they add up to ``seen``).
+CATEGORIES: Final = tuple(f.name for f in fields(RunTotals) if f.metadata["category"])
+#: How the report names each count (``{s}``: where a plural takes an ``s``).
+LABELS: Final = {f.name: str(f.metadata["label"]) for f in fields(RunTotals)}
+
+
+def totals_since(version: int) -> tuple[str, ...]:
+    """The counts a history row first kept at schema version ``version`` + 1 (what the
+    migration from ``version`` adds as columns)."""
+    return tuple(f.name for f in fields(RunTotals) if f.metadata["since"] == version)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

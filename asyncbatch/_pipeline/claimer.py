@@ -126,6 +126,8 @@ class Claimer:
         )
         #: Set to follow change events afresh (the source directory was replaced).
         self._restart_events = anyio.Event()
+        #: The last entry of the ledger's log of forgotten items that the watch has seen.
+        self._forgotten_seq = 0
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -159,6 +161,7 @@ class Claimer:
         run, cfg = self.run, self.config
         sightings = Sightings(cfg.settle)
         changes = Changes()
+        self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._wake_on_stop, changes)
             tg.start_soon(self._wake_on_progress, changes)
@@ -266,6 +269,14 @@ class Claimer:
         directory a scan walks turned up (a listing does not look into new directories)."""
         run = self.run
         saw_dir = False
+        # Items deleted from the ledger since the last poll (asyncbatch forget): their files
+        # are new again, and looked at now.
+        self._forgotten_seq, forgotten = await run.ledger.forgotten_since(
+            self.config.job, self._forgotten_seq
+        )
+        if forgotten:
+            sightings.forget(forgotten)
+            paths.update(forgotten)
         if full:
             now_ns = time.time_ns()
             records = await self.scanner.scan(settle=None, now_ns=now_ns)

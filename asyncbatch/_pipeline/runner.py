@@ -113,7 +113,7 @@ class Run:
     def statistics(self) -> Statistics:
         """A snapshot of the counters."""
         in_flight = 0 if self._state is None else len(self._state.in_flight)
-        return self.counters.snapshot(in_flight)
+        return self.counters.statistics(in_flight)
 
     @property
     def in_flight(self) -> int:

@@ -90,6 +90,17 @@ class Sightings:
         }
         return candidates
 
+    def forget(self, relpaths: Iterable[bytes]) -> None:
+        """Forget what is known of these files (their items were deleted from the ledger:
+        ``asyncbatch forget``): the next look at them takes them as new files."""
+        gone = set(relpaths)
+        if not gone:
+            return
+        self._known = {k for k in self._known if k[8:-17] not in gone}
+        self._known_names = {n for n in self._known_names if n[:-9] not in gone}
+        for rel in gone:
+            self._waiting.pop(rel, None)
+
     def unknown(self, names: list[bytes]) -> list[bytes]:
         """The relpaths of a listing's name keys (:meth:`Scanner.list_names`) that are not
         registered under that name and inode: new names, and names replaced by another file.

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._ledger import LedgerErrors, Outcome
+from .._ledger.types import TOTALS, RunTotals
 from .._report import Counters
 from .._scanner import ScanInfo
 
@@ -87,18 +88,11 @@ class Histogram:
         return out
 
 
-@dataclass(slots=True)
-class EndedRuns:
-    """What the batch's runs that ended counted, added up (see :class:`Recorder`)."""
+@dataclass(slots=True, kw_only=True)
+class EndedRuns(RunTotals):
+    """What the batch's runs that ended counted, added up (see :class:`Recorder`): their
+    counts (:class:`RunTotals`), and what else the metrics export."""
 
-    seen: int = 0
-    done: int = 0
-    done_before: int = 0
-    dead: int = 0
-    dead_before: int = 0
-    vanished: int = 0
-    lost: int = 0
-    failed: int = 0
     leases_lost: int = 0
     reaped: int = 0
     lock_takeovers: int = 0
@@ -148,14 +142,8 @@ class Recorder:
         back when the next run starts from zero)."""
         e = self.ended
         e.runs += 1
-        e.seen += counters.seen
-        e.done += counters.done
-        e.done_before += counters.done_before
-        e.dead += counters.dead
-        e.dead_before += counters.dead_before
-        e.vanished += counters.vanished
-        e.lost += counters.lost
-        e.failed += counters.failed
+        for name in TOTALS:
+            setattr(e, name, getattr(e, name) + getattr(counters, name))
         e.leases_lost += counters.leases_lost
         e.reaped += counters.reaped
         e.lock_takeovers += lock_takeovers
