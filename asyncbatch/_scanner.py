@@ -39,6 +39,7 @@ __all__ = [
     "Scanner",
     "clamp_ns",
     "content_digest",
+    "ctime_ns",
     "name_key",
     "open_regular",
     "pack",
@@ -168,6 +169,12 @@ def unpack(record: bytes) -> tuple[int, bytes, int, int]:
     """Decode a record into ``(mtime_ns, relpath, size, inode)``."""
     size, inode, _ = _TAIL.unpack_from(record, len(record) - 24)
     return _HEAD.unpack_from(record)[0] - _OFFSET, record[8:-25], size, inode
+
+
+def ctime_ns(record: bytes) -> int:
+    """The ctime of a record's file (0: unknown, a record rebuilt from the ledger)."""
+    ctime: int = _INODE.unpack_from(record, len(record) - 8)[0]
+    return ctime - _OFFSET
 
 
 def ready_ns(record: bytes) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -10,7 +13,7 @@ import anyio
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import HANDLERS, cli, make_files, spawn, state_counts
+from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, wait_for
 
 RECORD = f"{HANDLERS}:record"
 
@@ -112,3 +115,144 @@ def test_a_run_waiting_for_a_ledger_another_process_locked_says_so(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert state_counts(state) == {"done": 5}
+
+
+async def test_a_shared_runner_stopped_after_its_partner_finished_reports_from_the_ledger(
+    inbox: Path, state: Path
+) -> None:
+    # A slow shared runner, stopped once its partner has done every file it does not hold:
+    # its report must say those are done (before), not "unfinished" or "held by others".
+    make_files(inbox, 40)
+    blocked = anyio.Event()
+
+    async def stuck(ctx: TaskContext) -> None:
+        blocked.set()
+        await anyio.sleep_forever()
+
+    async def fast(ctx: TaskContext) -> None:
+        pass
+
+    slow = Batch(stuck, source=inbox, state=state, settle=0, shared=True, concurrency=2, grace=0.1)
+    partner = Batch(fast, source=inbox, state=state, settle=0, shared=True, concurrency=4)
+    reports = {}
+
+    async def run(name: str, batch: Batch) -> None:
+        reports[name] = await batch.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "slow", slow)
+        with anyio.fail_after(30):
+            await blocked.wait()
+        tg.start_soon(run, "partner", partner)
+        with anyio.fail_after(30):
+            while counts(state).get("done", 0) + in_flight(slow) < 40:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        left = in_flight(slow)
+        slow.stop()
+
+    stopped, finished = reports["slow"], reports["partner"]
+    assert (stopped.seen, stopped.done, stopped.held, stopped.unregistered) == (40, 0, 0, 0)
+    assert (stopped.done_before, stopped.unfinished) == (40 - left, left)
+    assert f"40 seen: 0 done, {40 - left} done before, {left} unfinished" in str(stopped)
+    assert finished.done + finished.done_before == 40
+    assert counts(state) == {"done": 40}
+
+
+def in_flight(batch: Batch) -> int:
+    """Items leased to the running batch and not committed yet."""
+    stats = batch.statistics()
+    return 0 if stats is None else stats.in_flight
+
+
+def test_a_killed_runs_history_counts_what_the_ledger_says_it_finished(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 200)
+    log = tmp_path / "calls.log"
+    proc = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "4",
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.02"},
+    )
+    wait_for(lambda: counts(state).get("done", 0) >= 40, timeout=60)
+    kill(proc)
+    done = counts(state)["done"]
+    assert done < 200
+
+    (run,) = json.loads(cli("history", "--state", state, "--json").stdout)
+    assert run["exit_status"] is None  # nobody has found it gone yet
+    assert run["done"] == done  # from the joblog, not its last heartbeat (15 s away)
+    assert run["seen"] >= done
+    # The next run finds it gone: killed, its counts still the ledger's.
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    _, first = json.loads(cli("history", "--state", state, "--json").stdout)
+    assert (first["exit_status"], first["done"]) == ("killed", done)
+    text = cli("history", "--state", state).stdout
+    assert "exit killed (done, dead and vanished from the ledger" in text
+
+
+async def test_status_of_a_live_watch_counts_what_it_finished(inbox: Path, state: Path) -> None:
+    make_files(inbox, 10)
+    batch = Batch(handle_nothing, source=inbox, state=state, settle=0, poll=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        with anyio.fail_after(30):
+            while counts(state).get("done", 0) < 10:  # noqa: ASYNC110 (the ledger's rows)
+                await anyio.sleep(0.02)
+        shown = await anyio.to_thread.run_sync(lambda: cli("status", "--state", state, "--json"))
+        text = await anyio.to_thread.run_sync(
+            lambda: cli("status", "--state", state, env={"COLUMNS": "300"})
+        )
+        batch.stop()
+    last = json.loads(shown.stdout)["last_run"]
+    assert (last["exit_status"], last["done"], last["seen"]) == (None, 10, 10)
+    assert "still running (done, dead and vanished from the ledger" in text.stdout
+
+
+def test_status_says_what_a_stopped_run_left_in_the_source(inbox: Path, state: Path) -> None:
+    make_files(inbox, 30)
+    proc = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "1",
+        "--claim-batch",
+        "4",
+        "--no-progress",
+        env={"AB_SLEEP": "0.05"},
+    )
+    wait_for(lambda: counts(state).get("done", 0) >= 3, timeout=60)
+    kill(proc, signal.SIGINT)
+    assert proc.returncode == 130
+    status = cli("status", "--state", state, env={"COLUMNS": "300"})
+    (run,) = json.loads(cli("history", "--state", state, "--json").stdout)
+    registered = sum(counts(state).values())
+    assert run["unregistered"] == 30 - registered
+    assert f"{30 - registered} files not registered yet" in status.stdout
+    ahead = inbox / "ahead.csv"  # written by a host whose clock is an hour ahead
+    ahead.write_text("from the future")
+    os.utime(ahead, (time.time() + 3600,) * 2)
+    again = cli("run", RECORD, "--source", inbox, "--state", state)
+    assert again.returncode == 0, again.stderr
+    assert "30 seen: " in again.stdout
+    assert "1 file not settled yet (1 changed at a time ahead of this host's clock)" in (
+        again.stdout
+    )
+    after = cli("status", "--state", state, env={"COLUMNS": "300"}).stdout
+    assert "nothing it found" not in after
+    assert "1 not settled yet" in after
+
+
+async def handle_nothing(ctx: TaskContext) -> None:
+    """A handler that does nothing."""

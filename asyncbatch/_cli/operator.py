@@ -22,6 +22,7 @@ from .._ledger import (
     Ledger,
     LockInfo,
     PostgresDSN,
+    RunInfo,
     is_postgres,
     open_ledger,
 )
@@ -157,6 +158,24 @@ def _item_hash(identity: Identity, item: ItemInfo) -> str:
 
 # -- status --------------------------------------------------------------------------------------
 
+#: How the counts of a live or killed run were made (see ``RunInfo.with_joblog``).
+_COUNTED_HOW = "done, dead and vanished from the ledger; the rest as of its last heartbeat"
+
+
+def _left_in_source(run: RunInfo) -> str:
+    """What the last run's last scan left in the source: files not registered yet (it was
+    stopped or killed before), files not settled yet."""
+    t = run.totals
+    when = "at its end" if run.exit_status not in (None, "killed") else "at its last heartbeat"
+    if not (t.unregistered or t.unsettled):
+        return f"left in the source by the last run ({when}): nothing it found"
+    parts = [f"{t.unregistered} files not registered yet"] if t.unregistered else []
+    if t.unsettled:
+        parts.append(f"{t.unsettled} not settled yet")
+    return (
+        f"left in the source by the last run ({when}): {', '.join(parts)} (the next run takes them)"
+    )
+
 
 async def status(args: argparse.Namespace) -> int:
     """``asyncbatch status``: counts by state, last run, oldest waiting item, lock holder."""
@@ -225,16 +244,15 @@ async def status(args: argparse.Namespace) -> int:
     else:
         duration = (last.finished_at or time.time()) - last.started_at
         rate = last.totals.done / duration if duration > 0 else 0.0
-        state = (
-            f"exit {last.exit_status}"
-            if last.exit_status
-            else "still running (counts as of its last heartbeat)"
-        )
+        state = f"exit {last.exit_status}" if last.exit_status else "still running"
+        if last.from_joblog:
+            state += f" ({_COUNTED_HOW})"
         screen.print(
             f"last run: {_when(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
             f"({rate:.0f}/s); {state}",
             markup=False,
         )
+        screen.print(_left_in_source(last), markup=False)
     screen.print(f"oldest waiting item: {_when(oldest) if oldest else 'none'}")
     if not lock_rows:
         screen.print("lock: none")
@@ -421,7 +439,9 @@ async def history(args: argparse.Namespace) -> int:
         print(f"job {args.job!r}: no runs")
     for r in reversed(runs):
         duration = (r.finished_at or time.time()) - r.started_at
-        ended = f"exit {r.exit_status}" if r.exit_status else "running (as of its last heartbeat)"
+        ended = f"exit {r.exit_status}" if r.exit_status else "still running"
+        if r.from_joblog:
+            ended += f" ({_COUNTED_HOW})"
         changed = f"; changed the scan rules: {r.settings_changed}" if r.settings_changed else ""
         print(
             f"#{r.id} {_when(r.started_at)} -> {_when(r.finished_at)} ({duration:.1f}s) "

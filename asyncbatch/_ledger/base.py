@@ -259,6 +259,8 @@ class Busy:
 BUSY: Final = Busy()
 
 
+#: Keys per read of :meth:`Ledger.states_of`.
+STATES_OF_CHUNK = 10_000
 #: Seconds the log of forgotten items keeps an entry (see :meth:`Ledger.forgotten_since`).
 FORGOTTEN_KEPT = 86400.0
 #: Seconds a transaction waits for a busy ledger before it says so (and again as often).
@@ -513,6 +515,19 @@ class Ledger(abc.ABC):
     async def _state_counts(self, job: str) -> dict[str, int]:
         """Items of the job by state, for the states that have any."""
 
+    async def states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
+        """The state of each of these items that the ledger holds (a key it does not hold is
+        left out): what a run that stopped early finds of the files it did not finish. One
+        read per :data:`STATES_OF_CHUNK` keys."""
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), STATES_OF_CHUNK):
+            found.update(await self._states_of(job, keys[start : start + STATES_OF_CHUNK]))
+        return found
+
+    @abc.abstractmethod
+    async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
+        """:meth:`states_of`, for one chunk of keys."""
+
     @abc.abstractmethod
     async def oldest_waiting(self, job: str) -> float | None:
         """When the oldest pending or failed item was first registered, or ``None``."""
@@ -587,9 +602,27 @@ class Ledger(abc.ABC):
     async def _forget_done_before(self, job: str, before: float) -> Forgotten:
         """:meth:`forget` of the items done before ``before`` (caller's clock)."""
 
-    @abc.abstractmethod
     async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
-        """The job's run history, the most recent first."""
+        """The job's run history, the most recent first. The counts of live and killed runs
+        are as of their last heartbeat, but for the items they finished: those come from the
+        joblog (see :meth:`RunInfo.with_joblog`; one read of the job's items)."""
+        found = await self._runs(job, limit)
+        open_runs = [r.owner for r in found if r.exit_status in (None, "killed")]
+        if not open_runs:
+            return found
+        finished = await self._finished_by(job, open_runs)
+        return [
+            r.with_joblog(finished.get(r.owner, {})) if r.owner in open_runs else r for r in found
+        ]
+
+    @abc.abstractmethod
+    async def _runs(self, job: str, limit: int) -> list[RunInfo]:
+        """The job's history rows, the most recent first, as written."""
+
+    @abc.abstractmethod
+    async def _finished_by(self, job: str, owners: Sequence[str]) -> dict[str, dict[str, int]]:
+        """The items these runners finished last (the joblog's ``runner``), by runner and by
+        state (of :data:`JOBLOG_COUNTS`)."""
 
     @abc.abstractmethod
     async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:

@@ -481,6 +481,10 @@ class PostgresLedger(Ledger):
     async def _state_counts(self, job: str) -> dict[str, int]:
         return {str(s): int(n) for s, n in await self._session.fetch(sql.COUNTS, job)}
 
+    async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
+        rows = await self._session.fetch(sql.STATES_OF, job, list(keys))
+        return {str(key): str(state) for key, state in rows}
+
     async def oldest_waiting(self, job: str) -> float | None:
         oldest = await self._session.fetchval(sql.OLDEST_WAITING, job)
         return None if oldest is None else self._session.local(float(oldest))
@@ -549,7 +553,13 @@ class PostgresLedger(Ledger):
         rows = await self._session.fetch(sql.FORGOTTEN_SINCE, job, seq)
         return (int(rows[-1][0]) if rows else seq), [bytes(r[1]) for r in rows]
 
-    async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
+    async def _finished_by(self, job: str, owners: Sequence[str]) -> dict[str, dict[str, int]]:
+        found: dict[str, dict[str, int]] = {}
+        for runner, state, n in await self._session.fetch(sql.FINISHED_BY, job, list(owners)):
+            found.setdefault(str(runner), {})[str(state)] = int(n)
+        return found
+
+    async def _runs(self, job: str, limit: int) -> list[t.RunInfo]:
         local = self._session.local
         return [
             t.RunInfo(

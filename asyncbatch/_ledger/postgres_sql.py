@@ -513,6 +513,8 @@ def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, list[str
 
 #: Forgetting items, in one transaction. $1 job, $2 keys: their rows, locked, with the
 #: server's now (to judge their leases by).
+#: The states of some items: $1 job, $2 keys.
+STATES_OF = "SELECT key, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
 FORGET_READ = f"""
 SELECT {_ITEM_COLUMNS}, {NOW} FROM items WHERE job = $1 AND key = ANY($2::text[])
 ORDER BY key FOR UPDATE
@@ -584,6 +586,12 @@ UPDATE runs r SET finished_at = coalesce(
         (SELECT heartbeat_at FROM runners WHERE owner = $2), extract(epoch FROM now())::float8),
     exit_status = 'killed'
 WHERE job = $1 AND owner = $2 AND finished_at IS NULL
+"""
+#: What runners finished (the joblog): $1 job, $2 their owners.
+FINISHED_BY = """
+SELECT runner, state, count(*) FROM items
+WHERE job = $1 AND state IN ('done', 'dead', 'vanished') AND runner = ANY($2::text[])
+GROUP BY runner, state
 """
 RUNS_OF_JOB = f"""
 SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,

@@ -693,6 +693,10 @@ class SQLiteLedger(Ledger):
     async def _state_counts(self, job: str) -> dict[str, int]:
         return dict(await self._fetchall(sql.COUNTS, (job,)))
 
+    async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
+        rows = await self._fetchall(sql.STATES_OF, (job, json.dumps(list(keys))))
+        return {str(key): str(state) for key, state in rows}
+
     async def oldest_waiting(self, job: str) -> float | None:
         value = await self._value(sql.OLDEST_WAITING, (job,))
         return None if value is None else float(value)
@@ -757,7 +761,13 @@ class SQLiteLedger(Ledger):
         rows = await self._fetchall(sql.FORGOTTEN_SINCE, (job, seq))
         return (int(rows[-1][0]) if rows else seq), [bytes(r[1]) for r in rows]
 
-    async def runs(self, job: str, limit: int = 50) -> list[t.RunInfo]:
+    async def _finished_by(self, job: str, owners: Sequence[str]) -> dict[str, dict[str, int]]:
+        found: dict[str, dict[str, int]] = {}
+        for runner, state, n in await self._fetchall(sql.FINISHED_BY, (job, json.dumps(owners))):
+            found.setdefault(str(runner), {})[str(state)] = int(n)
+        return found
+
+    async def _runs(self, job: str, limit: int) -> list[t.RunInfo]:
         return [
             t.RunInfo(
                 r[0],

@@ -420,6 +420,10 @@ def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, dict[str
 
 #: Forgetting items (inside BEGIN IMMEDIATE): read, then delete those no live lease holds.
 #: ?1 job, ?2 key; or ?1 job, ?2 the time before which the items were done.
+#: The states of some items: ?1 job, ?2 a JSON array of keys.
+STATES_OF = """
+SELECT key, state FROM items WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
+"""
 FORGET_READ = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND key = ?"
 FORGET_ITEM = "DELETE FROM items WHERE job = ? AND key = ?"
 _DONE_BEFORE = "job = ? AND state = 'done' AND coalesce(finished_at, done_at) < ?"
@@ -466,6 +470,13 @@ RUN_KILLED = """
 UPDATE runs SET exit_status = 'killed',
     finished_at = coalesce((SELECT heartbeat_at FROM runners WHERE owner = :owner), :now)
 WHERE job = :job AND owner = :owner AND finished_at IS NULL
+"""
+#: What runners finished (the joblog): ?1 job, ?2 a JSON array of their owners.
+FINISHED_BY = """
+SELECT runner, state, count(*) FROM items
+WHERE job = ?1 AND state IN ('done', 'dead', 'vanished')
+  AND runner IN (SELECT value FROM json_each(?2))
+GROUP BY runner, state
 """
 RUNS_OF_JOB = f"""
 SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from .._procinfo import ProcessIdentity, holder_is_dead
 
 __all__ = [
     "CATEGORIES",
+    "JOBLOG_COUNTS",
     "LABELS",
     "STATES",
     "TOTALS",
@@ -427,8 +429,10 @@ class Started:
 class RunInfo:
     """One row of the run history: who ran, when, how it ended, and its counts.
 
-    ``exit_status`` is ``None`` while the run is alive (its counts are as of its last
-    heartbeat); ``"killed"`` once a later runner found it gone. ``settings_changed``: the scan
+    ``exit_status`` is ``None`` while the run is alive; ``"killed"`` once a later runner found
+    it gone. The counts of a run that ended are its report's. Those of a live or killed run
+    are as of its last heartbeat, but for what the ledger itself knows (``from_joblog``): the
+    items it finished (done, dead, vanished), from the joblog. ``settings_changed``: the scan
     rules this run changed, in words (``None``: none).
     """
 
@@ -443,6 +447,24 @@ class RunInfo:
     exit_status: str | None
     totals: RunTotals
     settings_changed: str | None = None
+    from_joblog: bool = False
+
+    def with_joblog(self, finished: dict[str, int]) -> RunInfo:
+        """This run, its done, dead and vanished counts those of the joblog (``finished``:
+        the items it finished, by state); ``seen`` at least what its categories add up to,
+        and ``unfinished`` the rest of it."""
+        counts = self.totals.snapshot()
+        for state in JOBLOG_COUNTS:
+            setattr(counts, state, finished.get(state, 0))
+        counts.unfinished = 0
+        accounted = sum(getattr(counts, name) for name in CATEGORIES)
+        counts.seen = max(counts.seen, accounted)
+        counts.unfinished = counts.seen - accounted
+        return dataclasses.replace(self, totals=counts, from_joblog=True)
+
+
+#: The counts of a run that the joblog keeps (see :meth:`RunInfo.with_joblog`).
+JOBLOG_COUNTS: Final = ("done", "dead", "vanished")
 
 
 # -- the idempotency store (IdempotencyMiddleware) -----------------------------------------------

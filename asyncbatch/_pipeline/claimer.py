@@ -35,7 +35,7 @@ from .._effects.actions import decode_action
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow
 from .._report import Counters
-from .._scanner import Scanner, content_digest, unpack
+from .._scanner import Scanner, content_digest, ctime_ns, unpack
 from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
@@ -342,7 +342,7 @@ class Claimer:
                     counters.done_before += 1
                     continue
                 keys.add(key)
-            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode))
+            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
         return items
 
     def chunk_starts(self, count: int) -> list[int]:
@@ -363,7 +363,8 @@ class Claimer:
         run, cfg = self.run, self.config
         starts = self.chunk_starts(len(records))
         run.backlog_since = time.monotonic() if records else None  # (for metrics)
-        for start in starts:
+        run.counters.unregistered += len(records)
+        for turn, start in enumerate(starts):
             block = records[start : start + cfg.claim_batch]
             while block:
                 # Look-ahead bounded by the work in hand: lease the next chunk only once the
@@ -371,8 +372,12 @@ class Claimer:
                 size = await self._room()
                 if run.stopping:
                     run.backlog_since = None
+                    run.unclaimed.extend(block)  # what it leaves: the report looks them up
+                    for later in starts[turn + 1 :]:
+                        run.unclaimed.extend(records[later : later + cfg.claim_batch])
                     return
                 chunk, block = block[:size], block[size:]
+                run.counters.unregistered -= len(chunk)
                 if not block and start == starts[-1]:
                     run.backlog_since = None  # the last of them are being claimed
                 if cfg.identity == "content":
@@ -499,7 +504,7 @@ class Claimer:
                 if self.config.identity == "content"
                 else input_hash(self.config.identity, rel, size, mtime_ns, b"")
             )
-            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode))
+            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
         while items:
             size = await self._room()
             if run.stopping:

@@ -31,6 +31,7 @@ class LeasedItem:
 
     __slots__ = (
         "attempt",
+        "ctime_ns",
         "fence",
         "finished",
         "ihash",
@@ -48,7 +49,14 @@ class LeasedItem:
     )
 
     def __init__(
-        self, key: str, ihash: str, relpath: bytes, size: int, mtime_ns: int, inode: int
+        self,
+        key: str,
+        ihash: str,
+        relpath: bytes,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        ctime_ns: int = 0,
     ) -> None:
         self.key = key
         self.ihash = ihash
@@ -56,6 +64,8 @@ class LeasedItem:
         self.size = size
         self.mtime_ns = mtime_ns
         self.inode = inode
+        #: The ctime the scan saw (0: unknown, an item leased from the ledger).
+        self.ctime_ns = ctime_ns
         self.fence = 0
         #: Attempts of this item that started before this lease (see MARK_STARTED), and how
         #: many of them the runner's death or stop cut short (the others failed).
@@ -72,7 +82,7 @@ class LeasedItem:
 
     def record(self) -> bytes:
         """The item as a scan record (see :func:`asyncbatch._scanner.pack`)."""
-        return pack(self.mtime_ns, self.relpath, self.size, self.inode)
+        return pack(self.mtime_ns, self.relpath, self.size, self.inode, self.ctime_ns)
 
 
 class ItemQueue:

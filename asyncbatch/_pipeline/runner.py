@@ -35,6 +35,7 @@ from .committer import Committer
 from .health import health_of
 from .postactions import PostActions
 from .queues import ItemQueue, Outbox
+from .reconcile import reconcile
 from .source import SourceDir
 from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool, error_text
@@ -298,6 +299,10 @@ class Run:
         leftovers = [(i.key, i.fence) for i in state.in_flight.values()]
         try:
             await ledger.release_items(cfg.job, self.owner, leftovers)
+            if status in ("ok", "cancelled"):
+                state.given_back = [key for key, _ in leftovers]
+                state.in_flight.clear()
+                await reconcile(state)
         finally:
             state.in_flight.clear()
             c = self.counters

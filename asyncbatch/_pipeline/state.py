@@ -59,6 +59,11 @@ class RunState:
     #: counted as seen then: a watch's later scan that finds the same file does not count it
     #: again (see ``Claimer._sort``). Bounded by what earlier runs left waiting.
     from_ledger: set[str] = field(default_factory=set)
+    #: Scan records the claimer did not get to (the run stopped first), and the keys of the
+    #: items given back unfinished at the end: what the final report looks up in the ledger
+    #: (another runner may have finished them meanwhile).
+    unclaimed: list[bytes] = field(default_factory=list)
+    given_back: list[str] = field(default_factory=list)
     #: The source directory, opened for the run (inputs are opened relative to it).
     source: SourceDir
     #: Set by a stop request (``Batch.stop()``, a signal).

@@ -294,7 +294,7 @@ class WorkerPool:
                     # Identity "path": the file under the name is handled as it is now; what is
                     # recorded (and what a post-commit action looks for) is this file.
                     stat = item.size, item.mtime_ns, item.inode = st.st_size, mtime_ns, st.st_ino
-            if moved is None and (why := self._unsettled(st)) is not None:
+            if moved is None and (why := self._rewritten(item, st)) is not None:
                 return self.vanished(item, why)
             input_file = InputFile.opened(fd, st)
             ctx = TaskContext(
@@ -369,14 +369,18 @@ class WorkerPool:
                 raise
             return open_regular(source.fd, item.relpath, follow_symlinks=follow)
 
-    def _unsettled(self, st: os.stat_result) -> str | None:
+    def _rewritten(self, item: LeasedItem, st: os.stat_result) -> str | None:
         """Why an input opened to be handled is not settled any more, or ``None``.
 
-        The scan found it settled; a write since then (a copier that preallocated the file and
-        sets its mtime back keeps its size and mtime, so its key) shows in the ctime. Such an
-        item is given back as vanished: the next scan that finds it settled again leases it
-        (a vanished item is claimable), so it is handled whole, later, never half-written now.
+        The scan found it settled; a write since (a copier that preallocated the file and
+        sets its mtime back keeps its size and mtime, so its key) shows in its ctime, changed
+        since the scan and within the settle window. Such an item is given back as vanished:
+        the next scan that finds it settled again leases it (a vanished item is claimable), so
+        it is handled whole, later, never half-written now. An item leased from the ledger
+        has no scan to compare with (``ctime_ns`` 0): the reads' own checks guard it.
         """
+        if item.ctime_ns == 0 or st.st_ctime_ns == item.ctime_ns:
+            return None
         changed = max(st.st_mtime_ns, st.st_ctime_ns)
         age = (time.time_ns() - changed) / 1e9
         if age >= self.config.settle:

@@ -1,0 +1,59 @@
+"""A run that ends early says what became of the files it left: from the ledger, not memory.
+
+A run stopped (or ending with ``wait=False``) leaves seen files it did not finish: held by
+another runner when it last looked, waiting for a retry, given back from flight, or not even
+registered (the claimer had not got to them). Runners sharing the job may have finished them
+meanwhile; the report must not call a file unfinished that the ledger has done. So, at the
+end, the ledger is asked for the state of each: done or dead ones count as done (dead) before,
+registered ones are no longer counted as left unregistered.
+
+Made per run, at its end, by the runner; nothing here outlives the call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .._exceptions import LedgerError
+from .._identity import input_hash, item_key
+from .._scanner import unpack
+from .state import RunState
+
+__all__ = ["reconcile"]
+
+log = logging.getLogger("asyncbatch")
+
+
+async def reconcile(state: RunState) -> None:
+    """Count the files the run left unfinished as the ledger has them now (see the module).
+
+    A ledger that fails here leaves the counts as they were (a warning says so): the run's
+    release must not fail for its report's sake. The unregistered files of identity
+    ``"content"`` are not looked up (their keys would mean reading them).
+    """
+    cfg, counters = state.config, state.counters
+    unclaimed: set[str] = set()
+    if cfg.identity != "content":
+        for record in state.unclaimed:
+            mtime_ns, rel, size, _ = unpack(record)
+            unclaimed.add(
+                item_key(cfg.identity, input_hash(cfg.identity, rel, size, mtime_ns, b""), mtime_ns)
+            )
+    keys = [*state.open, *state.given_back, *unclaimed]
+    if not keys:
+        return
+    try:
+        found = await state.ledger.states_of(cfg.job, keys)
+    except LedgerError as e:
+        log.warning("the report counts what this run left as it knew it (the ledger: %s)", e)
+        return
+    for key, item_state in found.items():
+        if key in unclaimed:
+            counters.unregistered -= 1  # registered by another runner
+        if item_state not in ("done", "dead"):
+            continue
+        state.close(key)  # a held or waiting one is no longer open
+        if item_state == "done":
+            counters.done_before += 1
+        else:
+            counters.dead_before += 1
