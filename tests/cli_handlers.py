@@ -74,3 +74,10 @@ async def warn_midway(ctx: TaskContext) -> None:
     await record(ctx)
     if ctx.entry.relpath.endswith("00015.txt"):
         ctx.log.warning("careful with %s", ctx.entry.relpath)
+
+
+async def fail_on_bad(ctx: TaskContext) -> None:
+    """Fail for good on a file whose content starts with ``bad``; record the others."""
+    if (await ctx.read_bytes()).startswith(b"bad"):
+        raise ValueError(f"bad content in {ctx.entry.relpath}")
+    _append(ctx.entry.relpath)

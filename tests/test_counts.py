@@ -13,7 +13,16 @@ import anyio
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, wait_for
+from .conftest import (
+    HANDLERS,
+    cli,
+    invocations,
+    kill,
+    make_files,
+    spawn,
+    state_counts,
+    wait_for,
+)
 
 RECORD = f"{HANDLERS}:record"
 
@@ -256,3 +265,48 @@ def test_status_says_what_a_stopped_run_left_in_the_source(inbox: Path, state: P
 
 async def handle_nothing(ctx: TaskContext) -> None:
     """A handler that does nothing."""
+
+
+def test_a_dead_file_fixed_in_place_is_a_new_item_and_retry_clears_the_old_one(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    broken = make_files(inbox, 2)[1]
+    broken.write_text("bad row")
+    os.utime(broken, (time.time() - 30,) * 2)
+    handler = f"{HANDLERS}:fail_on_bad"
+    args = ("--source", inbox, "--state", state, "--max-attempts", "1")
+    assert cli("run", handler, *args).returncode == 1
+    assert counts(state) == {"done": 1, "dead": 1}
+
+    broken.write_text("fixed, a longer row")  # fixed in place: a new version, a new item
+    retried = cli("retry", "--state", state, "--dead")
+    assert retried.returncode == 0, retried.stderr
+    assert "1 dead item whose file changed since ('f00001.txt') cleared" in retried.stdout
+    log = tmp_path / "calls.log"
+    rerun = cli("run", handler, *args, env={"AB_LOG": str(log)})
+    assert rerun.returncode == 0, rerun.stderr
+    assert invocations(log) == {"f00001.txt": 1}
+    assert counts(state) == {"done": 2}  # no vanished row left behind
+    assert "forget --vanished" not in cli("status", "--state", state).stdout
+
+
+def test_forget_vanished_clears_the_rows_of_files_gone_before_their_turn(
+    inbox: Path, state: Path
+) -> None:
+    gone = make_files(inbox, 2)[0]
+    handler = f"{HANDLERS}:fail_on_bad"
+    gone.write_text("bad")
+    os.utime(gone, (time.time() - 30,) * 2)
+    assert cli("run", handler, "--source", inbox, "--state", state).returncode == 1
+    assert cli("retry", "--state", state, "--dead").returncode == 0  # unchanged: put back
+    gone.unlink()
+    assert cli("run", handler, "--source", inbox, "--state", state).returncode == 0
+    assert counts(state) == {"done": 1, "vanished": 1}
+    shown = cli("status", "--state", state, env={"COLUMNS": "300"}).stdout
+    assert "'asyncbatch forget --vanished' clears their rows" in shown
+    forgot = cli("forget", "--vanished", "--state", state, "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    assert "f00000.txt (was vanished)" in forgot.stdout
+    assert counts(state) == {"done": 1}
+    again = cli("forget", "--vanished", "--state", state, "--yes")
+    assert "no items vanished; nothing forgotten" in again.stdout

@@ -462,33 +462,45 @@ def _confirm(count: int, shown: list[ItemInfo], yes: bool) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+def _forget_filter(args: argparse.Namespace) -> ItemFilter | None:
+    """The items ``forget --done-before`` or ``--vanished`` chooses (``None``: named ones)."""
+    if args.vanished:
+        return ItemFilter(states=("vanished",), limit=None)
+    if args.done_before is not None:
+        return ItemFilter(states=("done",), time="finished", before=args.done_before, limit=None)
+    return None
+
+
 async def forget(args: argparse.Namespace) -> int:
-    """``asyncbatch forget PATH... | --done-before T``: delete items from the ledger."""
-    if bool(args.items) == (args.done_before is not None):
-        raise ConfigurationError("forget: give PATH/KEY arguments or --done-before T (not both)")
+    """``asyncbatch forget PATH... | --done-before T | --vanished``: delete items from the
+    ledger."""
+    if bool(args.items) + (args.done_before is not None) + args.vanished != 1:
+        raise ConfigurationError(
+            "forget: give PATH/KEY arguments, --done-before T or --vanished (one of them)"
+        )
     ledger = await _open(args, writes=True)
     try:
         await job_settings(args, ledger)  # an explicit --source must be the job's
-        if args.items:
+        which = _forget_filter(args)
+        if which is None:
             chosen = await _chosen(args, ledger)
             count = len(chosen)
         else:
-            which = ItemFilter(
-                states=("done",), time="finished", before=args.done_before, limit=None
-            )
             count = await ledger.count_items(args.job, which)
             chosen = await ledger.list_items(args.job, dataclasses.replace(which, limit=SHOWN))
         if count == 0:
-            when = _when(args.done_before)
-            print(f"job {args.job!r}: no items done before {when}; nothing forgotten")
+            what = "vanished" if args.vanished else f"done before {_when(args.done_before)}"
+            print(f"job {args.job!r}: no items {what}; nothing forgotten")
             return EXIT_OK
         if not _confirm(count, chosen, args.yes):
             print("not confirmed; nothing forgotten")
             return EXIT_OK
-        if args.items:
-            result = await ledger.forget(args.job, keys=[item.key for item in chosen])
-        else:
+        if args.done_before is not None:
             result = await ledger.forget(args.job, done_before=args.done_before)
+        else:
+            if which is not None:  # --vanished: every one of them, not just the ones shown
+                chosen = await ledger.list_items(args.job, which)
+            result = await ledger.forget(args.job, keys=[item.key for item in chosen])
     finally:
         await ledger.close()
     if args.json:
@@ -590,6 +602,11 @@ def add_inspect_commands(
     add_state(p)
     p.add_argument("items", nargs="*", metavar="PATH|KEY")
     p.add_argument("--done-before", type=parse_time, default=None, help="done items before T")
+    p.add_argument(
+        "--vanished",
+        action="store_true",
+        help="every vanished item (its file gone, or changed: a new version is a new item)",
+    )
     p.add_argument(
         "--source",
         default=None,

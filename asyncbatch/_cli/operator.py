@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import ConfigurationError
 from .._identity import IDENTITIES, Identity, input_hash
 from .._ledger import (
+    ItemFilter,
     ItemInfo,
     JobSettings,
     Ledger,
@@ -29,6 +30,7 @@ from .._ledger import (
 from .._ledger.sqlite_open import check_writable
 from .._procinfo import holder_is_dead, this_process
 from .._report import describe
+from .._scanner import clamp_ns
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -158,6 +160,9 @@ def _item_hash(identity: Identity, item: ItemInfo) -> str:
 
 # -- status --------------------------------------------------------------------------------------
 
+#: How many names a one-line answer lists.
+SHOWN_NAMES = 5
+
 #: How the counts of a live or killed run were made (see ``RunInfo.with_joblog``).
 _COUNTED_HOW = "done, dead and vanished from the ledger; the rest as of its last heartbeat"
 
@@ -253,6 +258,13 @@ async def status(args: argparse.Namespace) -> int:
             markup=False,
         )
         screen.print(_left_in_source(last), markup=False)
+    if counts["vanished"]:
+        screen.print(
+            f"vanished: {counts['vanished']} item(s) whose file was gone, or changed, when its "
+            "turn came (a changed file's new version is a new item); 'asyncbatch forget "
+            "--vanished' clears their rows",
+            markup=False,
+        )
     screen.print(f"oldest waiting item: {_when(oldest) if oldest else 'none'}")
     if not lock_rows:
         screen.print("lock: none")
@@ -324,41 +336,93 @@ async def failures(args: argparse.Namespace) -> int:
 
 
 async def retry(args: argparse.Namespace) -> int:
-    """``asyncbatch retry``: put failed (and with --dead, dead) items back to pending."""
+    """``asyncbatch retry``: put failed (and with --dead, dead) items back to pending.
+
+    A dead item whose file was fixed in place since (identity ``stat``: its size or mtime
+    changed) is not put back: its new version is a new item, which the next run handles, and
+    the old record is cleared (``forget``), rather than left to vanish when it is tried."""
     ledger = await _open(args, writes=True)
-    retryable = ("failed", "dead") if args.dead else ("failed",)
     try:
-        keys: list[str] | None = None
-        if args.items:
-            keys = []
-            for name in args.items:
-                found = await ledger.find_items(args.job, name)
-                if not found:
-                    raise ConfigurationError(f"unknown item {name!r} in job {args.job!r}")
-                refused = [item for item in found if item.state not in retryable]
-                if refused:
-                    state = refused[0].state
-                    hint = "; add --dead to retry dead items" if state == "dead" else ""
-                    raise ConfigurationError(
-                        f"item {name!r} of job {args.job!r} is {state}, not failed: nothing "
-                        f"to retry{hint}"
-                    )
-                keys.extend(item.key for item in found)
-        changed = await ledger.retry(args.job, keys, dead=args.dead)
+        keys = await _retry_keys(args, ledger)
+        superseded = await _superseded(args, ledger, keys) if args.dead else []
+        if superseded:
+            gone = {item.key for item in superseded}
+            if keys is None:  # every failed or dead item but those
+                every = ItemFilter(states=("failed", "dead"), limit=None)
+                keys = [i.key for i in await ledger.list_items(args.job, every)]
+            keys = [key for key in keys if key not in gone]
+            await ledger.forget(args.job, keys=sorted(gone))
+        changed = await ledger.retry(args.job, keys, dead=args.dead) if keys != [] else 0
         dead = 0 if args.dead or keys else (await ledger.counts(args.job)).get("dead", 0)
     finally:
         await ledger.close()
-    which = "failed or dead" if args.dead else "failed"
+    print(_retried(changed, args.dead, dead, superseded))
+    return EXIT_OK
+
+
+async def _retry_keys(args: argparse.Namespace, ledger: Ledger) -> list[str] | None:
+    """The keys of the items ``retry`` was given (``None``: every retryable item). Raises
+    :class:`ConfigurationError` for an unknown item or one that is not retryable."""
+    if not args.items:
+        return None
+    retryable = ("failed", "dead") if args.dead else ("failed",)
+    keys: list[str] = []
+    for name in args.items:
+        found = await ledger.find_items(args.job, name)
+        if not found:
+            raise ConfigurationError(f"unknown item {name!r} in job {args.job!r}")
+        refused = [item for item in found if item.state not in retryable]
+        if refused:
+            state = refused[0].state
+            hint = "; add --dead to retry dead items" if state == "dead" else ""
+            raise ConfigurationError(
+                f"item {name!r} of job {args.job!r} is {state}, not failed: nothing to retry{hint}"
+            )
+        keys.extend(item.key for item in found)
+    return keys
+
+
+async def _superseded(
+    args: argparse.Namespace, ledger: Ledger, keys: list[str] | None
+) -> list[ItemInfo]:
+    """The dead items (of ``keys``; ``None``: all) whose file was changed in place since:
+    with identity ``stat`` (relpath, size and mtime) the file there now is another item."""
+    settings = await job_settings(args, ledger)
+    if settings is None or await _identity(ledger, args.job) != "stat":
+        return []
+    dead = await ledger.list_items(args.job, ItemFilter(states=("dead",), limit=None))
+    chosen = dead if keys is None else [item for item in dead if item.key in set(keys)]
+    found = []
+    for item in chosen:
+        try:
+            st = os.stat(Path(settings.source) / item.relpath, follow_symlinks=False)
+        except OSError:
+            continue  # gone: a retry says vanished, which is true
+        if (st.st_size, clamp_ns(st.st_mtime_ns)) != (item.size, item.mtime_ns):
+            found.append(item)
+    return found
+
+
+def _retried(changed: int, dead_too: bool, dead_left: int, superseded: list[ItemInfo]) -> str:
+    """What ``retry`` did, in words."""
+    which = "failed or dead" if dead_too else "failed"
     text = f"{changed} {which} item{'s' if changed != 1 else ''} put back to pending"
     if changed:
         text += ": the next run (or a live watch) handles them"
-    if dead:
+    if dead_left:
         text += (
-            f"; {dead} dead item{'s' if dead != 1 else ''} left as "
-            f"{'they are' if dead != 1 else 'it is'}: add --dead to retry dead items too"
+            f"; {dead_left} dead item{'s' if dead_left != 1 else ''} left as "
+            f"{'they are' if dead_left != 1 else 'it is'}: add --dead to retry dead items too"
         )
-    print(text)
-    return EXIT_OK
+    if superseded:
+        names = ", ".join(repr(item.relpath) for item in superseded[:SHOWN_NAMES])
+        more = f" and {len(superseded) - SHOWN_NAMES} more" if len(superseded) > SHOWN_NAMES else ""
+        text += (
+            f"; {len(superseded)} dead item{'s' if len(superseded) != 1 else ''} whose file "
+            f"changed since ({names}{more}) cleared: the new version of a file is a new item, "
+            "which the next run handles"
+        )
+    return text
 
 
 # -- locks ---------------------------------------------------------------------------------------
