@@ -41,6 +41,7 @@ demo: $(RUN)
 lint: $(TEST)
 	$(BIN)/ruff check asyncbatch tests examples benchmarks
 	$(BIN)/ruff format --check asyncbatch tests examples benchmarks
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(TEST)
 	$(BIN)/mypy

@@ -17,14 +17,15 @@ import anyio.abc
 
 from . import _failpoints as failpoints
 from ._config import DEFAULT_UNSAFE_METHODS, BatchConfig, Durability, PostAction
+from ._errors import error_text, unwrap_group
 from ._exceptions import AsyncBatchError, ConfigurationError
 from ._identity import Identity
-from ._pipeline.runner import Handler, Mode, Run, unwrap_group
-from ._pipeline.workers import HandlerAborted, error_text
+from ._pipeline import Handler, Mode, Recorder, Run, RunObservation
+from ._pipeline.workers import HandlerAborted
 from ._report import Report, Statistics
 from ._service import endpoints, server
+from ._service.checks import health_of
 from ._service.health import Health, not_running
-from ._service.recorder import Recorder
 
 if TYPE_CHECKING:
     import httpx
@@ -226,7 +227,7 @@ class Batch:
             ) from None
         self._recorder = Recorder()
         collector = prometheus.BatchCollector(
-            self.config.job, self._recorder, lambda: self._run, self.health
+            self.config.job, self._recorder, self._observe, self.health
         )
         registry = self._registry = prometheus.make_registry(collector)
         self._endpoints.metrics = lambda: (prometheus.exposition(registry), prometheus.CONTENT_TYPE)
@@ -281,8 +282,12 @@ class Batch:
         stopping. Never waits and probes nothing: it reads what the run observed.
         """
         if self._run is not None:
-            return self._run.health()
+            return health_of(self._run.observe(), time.monotonic())
         return not_running(self._ended)
+
+    def _observe(self) -> RunObservation | None:
+        """What the run under way observed (``None``: none is)."""
+        return None if self._run is None else self._run.observe()
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
@@ -364,13 +369,7 @@ class Batch:
         finally:
             self._last_statistics = run.statistics()
             if self._recorder is not None:
-                self._recorder.run_ended(
-                    run.counters,
-                    lock_takeovers=run.lock_takeovers,
-                    ledger_errors=run.ledger_errors,
-                    ledger_failed=run.ledger_failed,
-                    last_scan=run.last_scan,
-                )
+                self._recorder.run_ended(run.observe())
             self._run = None
 
     async def _execute_with(

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ._effects.actions import encode_action
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
-from ._ledger import JobSettings, PostgresDSN
+from ._ledger import JobSettings, PostgresDSN, encode_action
 from ._scanner import ScanRules
 
 __all__ = ["MAX_CONCURRENCY", "MAX_SECONDS", "BatchConfig", "PostAction"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from asyncbatch import Batch
 from asyncbatch._ledger import Outcome
-from asyncbatch._service.recorder import Recorder
+from asyncbatch._pipeline import Recorder
 
 from .bench_handler import handle
 

@@ -25,8 +25,8 @@ from asyncbatch import (
     idempotent_move,
     remove_stale_temp_files,
 )
-from asyncbatch._effects.actions import decode_action, encode_action
 from asyncbatch._effects.files import TEMP_PREFIX, _temp_name
+from asyncbatch._ledger.actions import decode_action, encode_action
 from asyncbatch._pipeline.postactions import PostActions, keyed_name
 from asyncbatch._procinfo import ProcessIdentity, this_process
 

@@ -24,7 +24,7 @@ from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
 from .._ledger import STATES, ItemFilter, ItemInfo, JobSettings, Ledger, RunnerInfo
 from .._scanner import PATH_MAX, ScanRules, content_digest
-from .operator import EXIT_OK, _identity, _open, _when, job_settings
+from .common import EXIT_OK, job_identity, job_settings, open_state, show_time
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
 
@@ -190,30 +190,30 @@ def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) ->
     took = f", took {_duration(item.duration)}" if item.duration is not None else ""
     if item.state == "done":
         when = item.finished_at if item.finished_at is not None else item.updated_at
-        text = f"done at {_when(when)} by {_runner(item)} in attempt {item.attempts}{took}"
+        text = f"done at {show_time(when)} by {_runner(item)} in attempt {item.attempts}{took}"
         if item.post_action is not None:
             text += "; its post-commit action (move or delete) is still to be finished"
         return "done", text
     if item.state == "failed":
         return "failed", (
-            f"failed in attempt {item.attempts} at {_when(item.finished_at)} by "
+            f"failed in attempt {item.attempts} at {show_time(item.finished_at)} by "
             f"{_runner(item)}: {error}; the next attempt is due at "
-            f"{_when(item.next_attempt_at)}"
+            f"{show_time(item.next_attempt_at)}"
         )
     if item.state == "dead":
         cut = f" ({item.interrupted} cut short by its runner's death or stop)"
         attempts = f"{item.attempts} attempt{'s' if item.attempts != 1 else ''}"
         return "dead", (
             f"dead after {attempts}{cut if item.interrupted else ''}, at "
-            f"{_when(item.finished_at)} by {_runner(item)}: {error}; 'asyncbatch retry "
+            f"{show_time(item.finished_at)} by {_runner(item)}: {error}; 'asyncbatch retry "
             "--dead' puts it back"
         )
     if item.state == "running":
         holder = _lease_holder(item, runners)
         if item.lease_until is not None and item.lease_until >= now:
-            return "leased", f"leased by {holder} until {_when(item.lease_until)}"
+            return "leased", f"leased by {holder} until {show_time(item.lease_until)}"
         return "lease-expired", (
-            f"was leased by {holder} until {_when(item.lease_until)}; that lease expired, so "
+            f"was leased by {holder} until {show_time(item.lease_until)}; that lease expired, so "
             "the next run takes the item over"
         )
     if item.state == "pending":
@@ -221,7 +221,7 @@ def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) ->
             "waiting in the ledger (pending: its runner stopped or died during it, or it was "
             "retried): the next run handles it"
         )
-    return "vanished", f"vanished at {_when(item.updated_at)}: {error}"
+    return "vanished", f"vanished at {show_time(item.updated_at)}: {error}"
 
 
 def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:
@@ -235,12 +235,12 @@ def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:
     what = "modified (mtime)" if mtime >= ctime else "written to (ctime; its mtime says earlier)"
     if changed > now:
         return (
-            f"not settled yet: {what} at {_when(changed)}, in the future by this host's "
-            f"clock; settled from {_when(settles_at)} (--settle {settle:g})"
+            f"not settled yet: {what} at {show_time(changed)}, in the future by this host's "
+            f"clock; settled from {show_time(settles_at)} (--settle {settle:g})"
         )
     return (
-        f"not settled yet: {what} at {_when(changed)}, {now - changed:.1f}s ago; settled from "
-        f"{_when(settles_at)} (--settle {settle:g})"
+        f"not settled yet: {what} at {show_time(changed)}, {now - changed:.1f}s ago; settled from "
+        f"{show_time(settles_at)} (--settle {settle:g})"
     )
 
 
@@ -276,7 +276,7 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
     settings = await _explain_settings(args, ledger)
     rel_text, full = source_relpath(Path(settings.source), args.path)
     rel = os.fsencode(rel_text)
-    identity = await _identity(ledger, args.job)
+    identity = await job_identity(ledger, args.job)
     if args.identity is not None and args.identity != identity:
         raise ConfigurationError(
             f"job {args.job!r} uses identity={identity!r}, not {args.identity!r}: its runs "
@@ -346,7 +346,7 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
 
 async def explain(args: argparse.Namespace) -> int:
     """``asyncbatch explain PATH``: why this file was or was not handled."""
-    ledger = await _open(args)
+    ledger = await open_state(args)
     try:
         facts = await _explain_facts(args, ledger)
     finally:
@@ -358,7 +358,8 @@ async def explain(args: argparse.Namespace) -> int:
     if facts["file"] is not None:
         f = facts["file"]
         lines.append(
-            f"file: {f['size']} bytes, modified {_when(f['mtime_ns'] / 1e9)}, inode {f['inode']}"
+            f"file: {f['size']} bytes, modified {show_time(f['mtime_ns'] / 1e9)}, "
+            f"inode {f['inode']}"
         )
     if facts["key"] is not None:
         lines.append(
@@ -375,8 +376,8 @@ async def explain(args: argparse.Namespace) -> int:
 
 def _joblog_line(item: dict[str, Any]) -> str:
     return (
-        f"joblog: attempts {item['attempts']}, started {_when(item['started_at'])}, finished "
-        f"{_when(item['finished_at'])}, took {_duration(item['duration'])}, key {item['key']}"
+        f"joblog: attempts {item['attempts']}, started {show_time(item['started_at'])}, finished "
+        f"{show_time(item['finished_at'])}, took {_duration(item['duration'])}, key {item['key']}"
     )
 
 
@@ -396,7 +397,7 @@ def _filter(args: argparse.Namespace, *, limit: int | None) -> ItemFilter:
 
 async def items(args: argparse.Namespace) -> int:
     """``asyncbatch items``: the job's items with their joblog, filtered."""
-    ledger = await _open(args)
+    ledger = await open_state(args)
     try:
         await job_settings(args, ledger)  # an explicit --source must be the job's
         found = await ledger.list_items(args.job, _filter(args, limit=args.limit))
@@ -417,7 +418,7 @@ async def items(args: argparse.Namespace) -> int:
     print(f"{'state':<8} {'att':>3}  {'started':<19}  {'took':>8}  {'runner':<24}  relpath")
     for item in found:
         print(
-            f"{item.state:<8} {item.attempts:>3}  {_when(item.started_at):<19}  "
+            f"{item.state:<8} {item.attempts:>3}  {show_time(item.started_at):<19}  "
             f"{_duration(item.duration):>8}  {_runner(item):<24}  {item.relpath}"
         )
     return EXIT_OK
@@ -478,7 +479,7 @@ async def forget(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             "forget: give PATH/KEY arguments, --done-before T or --vanished (one of them)"
         )
-    ledger = await _open(args, writes=True)
+    ledger = await open_state(args, writes=True)
     try:
         await job_settings(args, ledger)  # an explicit --source must be the job's
         which = _forget_filter(args)
@@ -489,7 +490,7 @@ async def forget(args: argparse.Namespace) -> int:
             count = await ledger.count_items(args.job, which)
             chosen = await ledger.list_items(args.job, dataclasses.replace(which, limit=SHOWN))
         if count == 0:
-            what = "vanished" if args.vanished else f"done before {_when(args.done_before)}"
+            what = "vanished" if args.vanished else f"done before {show_time(args.done_before)}"
             print(f"job {args.job!r}: no items {what}; nothing forgotten")
             return EXIT_OK
         if not _confirm(count, chosen, args.yes):
@@ -526,7 +527,7 @@ async def forget(args: argparse.Namespace) -> int:
         )
         for item in result.refused[:SHOWN]:
             holder = _lease_holder(item, {})
-            print(f"  {item.relpath} (leased by {holder} until {_when(item.lease_until)})")
+            print(f"  {item.relpath} (leased by {holder} until {show_time(item.lease_until)})")
     return EXIT_HELD if result.refused else EXIT_OK
 
 

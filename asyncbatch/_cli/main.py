@@ -25,6 +25,7 @@ from .. import __version__
 from .. import _failpoints as failpoints
 from .._batch import Batch
 from .._config import MAX_CLAIM_BATCH, MAX_CONCURRENCY, MAX_SECONDS
+from .._errors import error_text, unwrap_group
 from .._exceptions import (
     AsyncBatchError,
     JobLockedError,
@@ -33,8 +34,6 @@ from .._exceptions import (
     NotALedgerError,
     SchemaVersionError,
 )
-from .._pipeline.runner import unwrap_group
-from .._pipeline.workers import error_text
 from .._report import Report
 from .help import COMMANDS as HELP_COMMANDS
 from .help import add_help_command

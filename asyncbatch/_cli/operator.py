@@ -15,108 +15,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigurationError
-from .._identity import IDENTITIES, Identity, input_hash
+from .._identity import Identity, input_hash
 from .._ledger import (
     ItemFilter,
     ItemInfo,
     JobSettings,
     Ledger,
     LockInfo,
-    PostgresDSN,
     RunInfo,
-    is_postgres,
-    open_ledger,
 )
-from .._ledger.sqlite_open import check_writable
 from .._procinfo import holder_is_dead, this_process
 from .._report import describe
 from .._scanner import clamp_ns
+from .common import (
+    EXIT_OK,
+    console,
+    job_identity,
+    job_settings,
+    open_state,
+    show_age,
+    show_state,
+    show_time,
+)
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    pass
 
-__all__ = ["COMMANDS", "add_operator_commands", "console", "job_settings"]
-
-EXIT_OK = 0
-
-
-def console() -> Console:
-    """A rich console for stdout whose broken pipe (``asyncbatch status | head``) is the CLI's
-    to handle (exit 141), not rich's (which exits 1, the code for dead items)."""
-    from rich.console import Console
-
-    class _Console(Console):
-        def on_broken_pipe(self) -> None:
-            raise BrokenPipeError
-
-    return _Console()
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-    except (OverflowError, ValueError, OSError):  # past what this platform can show
-        return f"{ts:.0f} s after the epoch"
-
-
-def _age(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    seconds = max(time.time() - ts, 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}min ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
-def _shown(state: str) -> str:
-    """The state as it may be printed: a DSN without its password."""
-    return PostgresDSN.parse(state).redacted if is_postgres(state) else state
-
-
-async def _open(args: argparse.Namespace, *, job: bool = True, writes: bool = False) -> Ledger:
-    """Open the state for a command (``writes``: one that changes it, like ``retry``).
-
-    A command that writes a SQLite state is refused, as a run is, when this user may not
-    write it: it would otherwise read it and fail at its first write.
-    """
-    ledger = await open_ledger(args.state, create=False)
-    try:
-        if writes and not is_postgres(args.state):
-            check_writable(Path(args.state), f"'asyncbatch {args.command}' changes it")
-        if job and not await ledger.job_exists(args.job):
-            known = await ledger.jobs()
-            raise ConfigurationError(
-                f"unknown job {args.job!r} in state {_shown(args.state)!r} "
-                f"(known: {', '.join(map(repr, known)) or 'none'})"
-            )
-    except BaseException:
-        await ledger.close()
-        raise
-    return ledger
-
-
-async def job_settings(args: argparse.Namespace, ledger: Ledger) -> JobSettings | None:
-    """The job's recorded source and scan rules (``None``: not recorded yet), checked against
-    the ``--source`` the command was given, if any.
-
-    Raises :class:`ConfigurationError` naming both when ``--source`` is another directory
-    than the job's (compared as absolute paths with their symlinks resolved).
-    """
-    recorded = await ledger.job_settings(args.job)
-    given = getattr(args, "source", None)
-    if given is None or recorded is None:
-        return recorded
-    if (resolved := os.path.realpath(given)) != recorded.source:
-        raise ConfigurationError(
-            f"job {args.job!r} in state {_shown(args.state)!r} scans {recorded.source!r}, "
-            f"not {resolved!r} (--source): leave --source out (the job's is used), or give "
-            "the job of that source with --job"
-        )
-    return recorded
+__all__ = ["COMMANDS", "add_operator_commands"]
 
 
 def _settings_json(settings: JobSettings | None) -> dict[str, Any] | None:
@@ -142,14 +67,6 @@ def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
         "heartbeat_at": heartbeat,
         "alive": alive,
     }
-
-
-async def _identity(ledger: Ledger, job: str) -> Identity:
-    value = await ledger.job_identity(job)
-    for identity in IDENTITIES:
-        if value == identity:
-            return identity
-    return "stat"
 
 
 def _item_hash(identity: Identity, item: ItemInfo) -> str:
@@ -184,10 +101,10 @@ def _left_in_source(run: RunInfo) -> str:
 
 async def status(args: argparse.Namespace) -> int:
     """``asyncbatch status``: counts by state, last run, oldest waiting item, lock holder."""
-    ledger = await _open(args)
+    ledger = await open_state(args)
     try:
         settings = await job_settings(args, ledger)
-        identity = await _identity(ledger, args.job)
+        identity = await job_identity(ledger, args.job)
         counts = await ledger.counts(args.job)
         locks = [lock for lock in await ledger.locks() if lock.job == args.job]
         runners = await ledger.runners(args.job)
@@ -218,7 +135,7 @@ async def status(args: argparse.Namespace) -> int:
             }
         out = {
             "job": args.job,
-            "state": _shown(args.state),
+            "state": show_state(args.state),
             "settings": _settings_json(settings),
             "identity": identity,
             "counts": counts,
@@ -232,7 +149,7 @@ async def status(args: argparse.Namespace) -> int:
         return EXIT_OK
     from rich.table import Table
 
-    table = Table(title=f"job {args.job!r} in {_shown(args.state)}", show_header=True)
+    table = Table(title=f"job {args.job!r} in {show_state(args.state)}", show_header=True)
     for state in counts:
         table.add_column(state, justify="right")
     table.add_row(*(str(n) for n in counts.values()))
@@ -253,7 +170,7 @@ async def status(args: argparse.Namespace) -> int:
         if last.from_joblog:
             state += f" ({_COUNTED_HOW})"
         screen.print(
-            f"last run: {_when(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
+            f"last run: {show_time(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
             f"({rate:.0f}/s); {state}",
             markup=False,
         )
@@ -265,19 +182,19 @@ async def status(args: argparse.Namespace) -> int:
             "--vanished' clears their rows",
             markup=False,
         )
-    screen.print(f"oldest waiting item: {_when(oldest) if oldest else 'none'}")
+    screen.print(f"oldest waiting item: {show_time(oldest) if oldest else 'none'}")
     if not lock_rows:
         screen.print("lock: none")
     for lock in lock_rows:
         screen.print(
             f"lock: held by pid {lock['pid']} on {lock['host']} since "
-            f"{_when(lock['acquired_at'])}, heartbeat {_age(lock['heartbeat_at'])}"
+            f"{show_time(lock['acquired_at'])}, heartbeat {show_age(lock['heartbeat_at'])}"
             f"{'' if lock['alive'] else ' (STALE: holder gone or heartbeat expired)'}"
         )
     for runner in shared:
         screen.print(
             f"shared runner: pid {runner['pid']} on {runner['host']}, heartbeat "
-            f"{_age(runner['heartbeat_at'])}"
+            f"{show_age(runner['heartbeat_at'])}"
         )
     return EXIT_OK
 
@@ -287,10 +204,10 @@ async def status(args: argparse.Namespace) -> int:
 
 async def failures(args: argparse.Namespace) -> int:
     """``asyncbatch failures``: failed and dead items with their last error."""
-    ledger = await _open(args)
+    ledger = await open_state(args)
     try:
         items = await ledger.failures(args.job, args.limit)
-        identity = await _identity(ledger, args.job)
+        identity = await job_identity(ledger, args.job)
     finally:
         await ledger.close()
     rows: list[dict[str, Any]] = [
@@ -329,7 +246,7 @@ async def failures(args: argparse.Namespace) -> int:
     table.add_column("error", overflow="fold", ratio=2, min_width=20)
     for r in rows:
         table.add_row(
-            _when(r["updated_at"]), r["state"], str(r["attempts"]), r["relpath"], r["error"]
+            show_time(r["updated_at"]), r["state"], str(r["attempts"]), r["relpath"], r["error"]
         )
     console().print(table)
     return EXIT_OK
@@ -341,7 +258,7 @@ async def retry(args: argparse.Namespace) -> int:
     A dead item whose file was fixed in place since (identity ``stat``: its size or mtime
     changed) is not put back: its new version is a new item, which the next run handles, and
     the old record is cleared (``forget``), rather than left to vanish when it is tried."""
-    ledger = await _open(args, writes=True)
+    ledger = await open_state(args, writes=True)
     try:
         keys = await _retry_keys(args, ledger)
         superseded = await _superseded(args, ledger, keys) if args.dead else []
@@ -388,7 +305,7 @@ async def _superseded(
     """The dead items (of ``keys``; ``None``: all) whose file was changed in place since:
     with identity ``stat`` (relpath, size and mtime) the file there now is another item."""
     settings = await job_settings(args, ledger)
-    if settings is None or await _identity(ledger, args.job) != "stat":
+    if settings is None or await job_identity(ledger, args.job) != "stat":
         return []
     dead = await ledger.list_items(args.job, ItemFilter(states=("dead",), limit=None))
     chosen = dead if keys is None else [item for item in dead if item.key in set(keys)]
@@ -430,7 +347,7 @@ def _retried(changed: int, dead_too: bool, dead_left: int, superseded: list[Item
 
 async def locks(args: argparse.Namespace) -> int:
     """``asyncbatch locks``: every job lock, with whether its holder is alive."""
-    ledger = await _open(args, job=False)
+    ledger = await open_state(args, job=False)
     try:
         rows = []
         for lock in await ledger.locks():
@@ -446,19 +363,21 @@ async def locks(args: argparse.Namespace) -> int:
         return EXIT_OK
     for r in rows:
         print(
-            f"{r['job']}: pid {r['pid']} on {r['host']} since {_when(r['acquired_at'])}, "
-            f"heartbeat {_age(r['heartbeat_at'])}, {'alive' if r['alive'] else 'STALE'}"
+            f"{r['job']}: pid {r['pid']} on {r['host']} since {show_time(r['acquired_at'])}, "
+            f"heartbeat {show_age(r['heartbeat_at'])}, {'alive' if r['alive'] else 'STALE'}"
         )
     return EXIT_OK
 
 
 async def unlock(args: argparse.Namespace) -> int:
     """``asyncbatch unlock JOB``: remove a stale job lock (a live one only with --force)."""
-    ledger = await _open(args, job=False, writes=True)
+    ledger = await open_state(args, job=False, writes=True)
     try:
         held = [lock for lock in await ledger.locks() if lock.job == args.lock_job]
         if not held:
-            raise ConfigurationError(f"job {args.lock_job!r} has no lock in {_shown(args.state)!r}")
+            raise ConfigurationError(
+                f"job {args.lock_job!r} has no lock in {show_state(args.state)!r}"
+            )
         lock = held[0]
         me = this_process()
         live = lock.expires_at >= time.time() and not holder_is_dead(lock.holder, me=me)
@@ -486,7 +405,7 @@ async def unlock(args: argparse.Namespace) -> int:
 
 async def history(args: argparse.Namespace) -> int:
     """``asyncbatch history``: one line per run."""
-    ledger = await _open(args)
+    ledger = await open_state(args)
     try:
         runs = await ledger.runs(args.job, args.limit)
     finally:
@@ -508,7 +427,7 @@ async def history(args: argparse.Namespace) -> int:
             ended += f" ({_COUNTED_HOW})"
         changed = f"; changed the scan rules: {r.settings_changed}" if r.settings_changed else ""
         print(
-            f"#{r.id} {_when(r.started_at)} -> {_when(r.finished_at)} ({duration:.1f}s) "
+            f"#{r.id} {show_time(r.started_at)} -> {show_time(r.finished_at)} ({duration:.1f}s) "
             f"{r.mode} by pid {r.pid} on {r.host}: {describe(r.totals)}; {ended}{changed}"
         )
     return EXIT_OK

@@ -1,6 +1,7 @@
 """The ledger: the only state that outlives a run, behind one contract and two backends.
 
     types.py             the values that cross the boundary (ClaimedRow, Outcome, LockInfo, ...)
+    actions.py           how a post-commit action and its path are stored (a text column)
     base.py              Ledger, the abstract contract (each method documented once), and the
                          backend-neutral logic: the lock and idempotency decisions, retries
     dsn.py               a postgresql:// state: parsed up front, printed without its password
@@ -21,6 +22,7 @@ import os
 import time
 from collections.abc import Callable
 
+from .actions import decode_action, encode_action
 from .base import Ledger
 from .dsn import DEFAULT_SCHEMA, PostgresDSN, is_postgres
 from .types import *  # noqa: F403 (the values that cross the boundary: types.__all__)
@@ -31,6 +33,8 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "Ledger",
     "PostgresDSN",
+    "decode_action",
+    "encode_action",
     "is_postgres",
     "open_ledger",
     *_types,

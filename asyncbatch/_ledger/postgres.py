@@ -43,11 +43,11 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "a postgresql:// state needs asyncpg: pip install 'asyncbatch[postgres]'"
     ) from e
 
-from .._effects.actions import decode_action, encode_action
 from .._exceptions import JobLockedError
 from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
+from .actions import decode_action, encode_action
 from .base import (
     FORGOTTEN_KEPT,
     Ledger,

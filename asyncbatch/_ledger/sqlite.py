@@ -37,11 +37,11 @@ import aiosqlite
 import anyio
 
 from .. import _failpoints as failpoints
-from .._effects.actions import decode_action, encode_action
 from .._exceptions import LedgerError, NotALedgerError, SchemaVersionError
 from .._procinfo import ProcessIdentity
 from . import sqlite_sql as sql
 from . import types as t
+from .actions import decode_action, encode_action
 from .aiosqlite_bridge import connect, on_thread, raw
 from .base import (
     BUSY,

@@ -9,8 +9,12 @@ queues.py       the hand-offs between the tasks, and the leased item that travel
 workers.py      the worker pool: one attempt per item, the watchdog over them
 committer.py    outcomes committed in groups
 postactions.py  archive or delete inputs once their outcome committed
+observation.py  RunObservation: what a run observed, a frozen snapshot (health and metrics)
+recorder.py     what the pipeline records for metrics (histograms), when they are on
 """
 
-from .runner import Handler, Mode, Run, unwrap_group
+from .observation import RunObservation
+from .recorder import Recorder
+from .runner import Handler, Mode, Run
 
-__all__ = ["Handler", "Mode", "Run", "unwrap_group"]
+__all__ = ["Handler", "Mode", "Recorder", "Run", "RunObservation"]

@@ -31,9 +31,8 @@ import anyio
 import anyio.to_thread
 
 from .. import _failpoints as failpoints
-from .._effects.actions import decode_action
 from .._identity import input_hash, item_key
-from .._ledger import ClaimedRow
+from .._ledger import ClaimedRow, decode_action
 from .._report import Counters
 from .._scanner import Scanner, content_digest, ctime_ns, unpack
 from .events import Changes, EventWatcher

@@ -25,9 +25,9 @@ import anyio.to_thread
 
 from .. import _failpoints as failpoints
 from .._config import BatchConfig
-from .._effects.actions import decode_action
 from .._effects.files import fsync_dir, idempotent_move, make_parents_under
 from .._exceptions import EffectError
+from .._ledger import decode_action
 from .._scanner import clamp_ns
 
 __all__ = ["PostActions"]

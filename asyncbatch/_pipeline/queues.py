@@ -7,6 +7,7 @@ lives on one event loop; nothing here is shared between runs.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ from .._context import ItemLogger
 from .._ledger import Outcome
 from .._scanner import pack
 
-__all__ = ["ItemQueue", "LeasedItem", "Outbox", "item_logger"]
+__all__ = ["ItemQueue", "ItemState", "LeasedItem", "Outbox", "item_logger"]
 
 
 def item_logger(logger: logging.Logger, job: str, item: LeasedItem) -> ItemLogger:
@@ -26,14 +27,38 @@ def item_logger(logger: logging.Logger, job: str, item: LeasedItem) -> ItemLogge
     return ItemLogger(logger, {"job": job, "key": item.key, "input_hash": item.ihash})
 
 
+class ItemState(enum.Enum):
+    """Where a leased item is in this runner's hands. Its transitions, all on the event loop::
+
+        QUEUED ──a worker starts it──▶ RUNNING ──its outcome──▶ FINISHED
+          │                               │                      ▲
+          └──────── its lease taken over by another runner ──▶ LOST ──┘ (the cut-short attempt's
+                    (the heartbeat could not renew it)                outcome, to be refused)
+
+    - ``QUEUED``: leased by a claim, waiting for a worker (given back at a stop if never run).
+    - ``RUNNING``: a worker opened its input and runs the handler; the watchdog watches it.
+    - ``FINISHED``: its outcome is in the outbox, for the committer. A lease the heartbeat
+      could not renew is not lost for it any more: the committer reports a refused outcome.
+    - ``LOST``: another runner holds its lease now: a queued one is never started, a running
+      one is cancelled by the watchdog (its outcome is then refused by the ledger's fence).
+
+    Leaving the runner (committed, or released at the end) is leaving ``RunState.in_flight``.
+    """
+
+    QUEUED = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+    LOST = enum.auto()
+
+
 class LeasedItem:
-    """An item leased to this runner, on its way from the claimer to the committer."""
+    """An item leased to this runner, on its way from the claimer to the committer (its
+    life: :class:`ItemState`)."""
 
     __slots__ = (
         "attempt",
         "ctime_ns",
         "fence",
-        "finished",
         "ihash",
         "inode",
         "key",
@@ -44,8 +69,8 @@ class LeasedItem:
         "prior_interrupted",
         "relpath",
         "size",
-        "started",
         "started_at",
+        "state",
     )
 
     def __init__(
@@ -73,12 +98,17 @@ class LeasedItem:
         self.prior_interrupted = 0
         #: This attempt's number once it started (``prior_attempts + 1``), 0 if it never ran.
         self.attempt = 0
-        self.started = False
         #: When this attempt began (the run's wall clock): the joblog's start.
         self.started_at: float | None = None
-        self.finished = False
+        self.state = ItemState.QUEUED
+        #: The local monotonic time its lease must be given up by (renewed by heartbeats).
         self.lease_deadline = math.inf
         self.moved_to: str | None = None
+
+    def lose(self) -> None:
+        """Its lease was taken over by another runner (see :class:`ItemState`)."""
+        self.state = ItemState.LOST
+        self.lease_deadline = -math.inf  # past: whatever waits for the deadline sees it now
 
     def record(self) -> bytes:
         """The item as a scan record (see :func:`asyncbatch._scanner.pack`)."""
@@ -174,7 +204,7 @@ class Outbox:
 
     def put(self, item: LeasedItem, outcome: Outcome) -> None:
         """Hand an outcome over (never waits)."""
-        item.finished = True
+        item.state = ItemState.FINISHED
         pending = self._pending
         pending.append((item, outcome))
         if len(pending) == 1:
@@ -217,7 +247,7 @@ class Outbox:
         else:
             cut = int(limit)
             taken, self._pending = self._pending[:cut], self._pending[cut:]
-        running = [(i.key, i.fence) for i in self._started if not i.finished]
+        running = [(i.key, i.fence) for i in self._started if i.state is not ItemState.FINISHED]
         self._started = []
         return taken, running
 

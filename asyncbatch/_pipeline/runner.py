@@ -9,8 +9,8 @@ more; everything belongs to one run: no module-level mutable state, nothing shar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import time
 import uuid
@@ -22,25 +22,25 @@ import anyio
 from .._config import BatchConfig
 from .._context import TaskContext
 from .._effects.files import remove_stale_temp_files
+from .._errors import error_text, unwrap_group
 from .._exceptions import LedgerError, LockLostError
 from .._http.client import HTTPSettings, SharedClient
 from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, RunStart, open_ledger
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import ScanInfo, Scanner
-from .._service.health import Health
-from .._service.recorder import Recorder
 from .claimer import Claimer
 from .committer import Committer
-from .health import health_of
+from .observation import RunObservation
 from .postactions import PostActions
-from .queues import ItemQueue, Outbox
+from .queues import ItemQueue, ItemState, Outbox
 from .reconcile import reconcile
+from .recorder import Recorder
 from .source import SourceDir
 from .state import RunState, reap_gone_runners
-from .workers import HandlerAborted, WorkerPool, error_text
+from .workers import HandlerAborted, WorkerPool
 
-__all__ = ["Handler", "Mode", "Run", "unwrap_group"]
+__all__ = ["Handler", "Mode", "Run"]
 
 log = logging.getLogger("asyncbatch")
 Handler = Callable[[TaskContext], Awaitable[Any]]
@@ -155,9 +155,34 @@ class Run:
         ]
         return min(times) if times else None
 
-    def health(self) -> Health:
-        """What this run says of its health now (see :class:`~asyncbatch.Health`)."""
-        return health_of(self, time.monotonic())
+    def observe(self) -> RunObservation:
+        """What this run has observed, now (for health and metrics)."""
+        cfg, errors = self.config, self.ledger_errors
+        return RunObservation(
+            mode=self.mode,
+            job=cfg.job,
+            shared=cfg.shared,
+            source=str(cfg.source),
+            lease=cfg.lease,
+            poll=cfg.poll,
+            began=self.began,
+            renewed_at=self.renewed_at,
+            beat_since=self.beat_since,
+            lock_lost=self.lock_lost,
+            lock_takeovers=self.lock_takeovers,
+            ledger=None if errors is None else dataclasses.replace(errors),
+            ledger_failed=self.ledger_failed,
+            source_problem=self.source_problem,
+            last_scan=self.last_scan,
+            in_flight=self.in_flight,
+            queued=self.queued,
+            handlers_running=self.handlers_running,
+            oldest_waiting=self.oldest_waiting(),
+            stop_requested=self.stop_requested,
+            counts=self.counters.totals(),
+            leases_lost=self.counters.leases_lost,
+            reaped=self.counters.reaped,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -390,8 +415,8 @@ class Run:
                 item = in_flight.get(key)
                 if item is None or item.fence != fence:
                     continue
-                if key in renewal.lost and not item.finished:
-                    item.lease_deadline = -math.inf
+                if key in renewal.lost and item.state is not ItemState.FINISHED:
+                    item.lose()
                     lost += 1
                 else:
                     item.lease_deadline = deadline
@@ -412,29 +437,3 @@ class Run:
         log.info("stopping: no new items; in-flight items get %.0fs to finish", self.config.grace)
         await anyio.sleep(self.config.grace)
         self._work_scope.cancel()
-
-
-def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first meaningful exception of a task group's failure (cancellation aside).
-
-    Several tasks may fail at once for one cause (every worker's handler raising the same
-    error): the first is raised, with the others named in a note.
-    """
-    cancelled = anyio.get_cancelled_exc_class()
-    flat: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            flat.append(exc)
-
-    walk(group)
-    real = [e for e in flat if not isinstance(e, cancelled)]
-    if not real:
-        return flat[0]
-    first, others = real[0], real[1:]
-    if others:
-        first.add_note(f"{len(others)} more at the same time: {error_text(others[0])}")
-    return first

@@ -18,8 +18,8 @@ from .._config import BatchConfig
 from .._ledger import Ledger
 from .._procinfo import ProcessIdentity
 from .._report import Counters
-from .._service.recorder import Recorder
 from .queues import LeasedItem
+from .recorder import Recorder
 from .source import SourceDir
 
 __all__ = ["RunState", "reap_gone_runners"]

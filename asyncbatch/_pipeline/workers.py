@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -31,14 +30,15 @@ import anyio.lowlevel
 
 from .. import _failpoints as failpoints
 from .._context import InputFile, ItemLogger, TaskContext
+from .._errors import error_text, redact_urls
 from .._exceptions import ConfigurationError, EffectError, InputChangedError, PermanentError
 from .._http.client import HTTPSettings, ItemHTTP
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
-from .queues import ItemQueue, LeasedItem, Outbox, item_logger
+from .queues import ItemQueue, ItemState, LeasedItem, Outbox, item_logger
 from .state import RunState
 
-__all__ = ["HandlerAborted", "WorkerPool", "error_text"]
+__all__ = ["HandlerAborted", "WorkerPool"]
 
 #: ``Outcome._make``: builds the tuple in C, without NamedTuple's generated ``__new__``.
 _make_outcome = Outcome._make
@@ -46,26 +46,6 @@ _make_outcome = Outcome._make
 log = logging.getLogger("asyncbatch")
 #: Longest stretch (seconds) a worker runs handlers without letting other tasks in.
 YIELD_EVERY = 0.001
-
-
-#: A URL: scheme, credentials (``user:password@``), the rest, then query string and fragment.
-_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^/\s@'\"]*@)?([^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
-
-
-def redact_urls(text: str) -> str:
-    """``text`` with every URL's credentials, query string and fragment left out."""
-    return _URL.sub(r"\1\2", text) if "://" in text else text
-
-
-def error_text(exc: BaseException) -> str:
-    """``Type: message`` on one line: what the ledger stores as an item's last error.
-
-    Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes; URLs
-    lose their credentials and query strings (httpx puts the whole URL in its messages).
-    """
-    text = str(exc).strip().replace("\r", " ").replace("\n", " ")
-    text = redact_urls(text.encode("utf-8", "backslashreplace").decode("utf-8"))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class HandlerAborted(Exception):
@@ -215,7 +195,7 @@ class WorkerPool:
         """
         run = self.run
         while item.lease_deadline <= time.monotonic():
-            if item.lease_deadline == -math.inf or run.in_flight.get(item.key) is not item:
+            if item.state is ItemState.LOST or run.in_flight.get(item.key) is not item:
                 run.in_flight.pop(item.key, None)
                 run.reopen(item.key, "held", item.record())
                 self.item_logger(item).info(
@@ -262,7 +242,7 @@ class WorkerPool:
         ``task`` is the worker's: a cancellation of it that the handler requested and left
         pending is taken back, and fails the attempt."""
         cfg = self.config
-        item.started = True
+        item.state = ItemState.RUNNING
         if item.prior_interrupted >= cfg.max_interruptions:
             return self.give_up(item)
         item.attempt = item.prior_attempts + 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -23,11 +22,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from .._pipeline import Recorder, RunObservation
+from .._pipeline.recorder import ATTEMPT_OUTCOMES, Histogram
 from .health import Health
-from .recorder import ATTEMPT_OUTCOMES, Histogram, Recorder
-
-if TYPE_CHECKING:
-    from .._pipeline.runner import Run
 
 __all__ = ["CONTENT_TYPE", "ITEM_OUTCOMES", "BatchCollector", "exposition", "make_registry"]
 
@@ -40,14 +37,15 @@ ITEM_OUTCOMES = ("done", "dead", "vanished", "done_before", "dead_before", "lost
 class BatchCollector:
     """Yields a batch's metrics when its registry is scraped.
 
-    ``current`` returns the batch's run under way (or ``None``), ``health`` its health now.
+    ``current`` returns what the batch's run under way observed (or ``None``), ``health`` its
+    health now.
     """
 
     def __init__(
         self,
         job: str,
         recorder: Recorder,
-        current: Callable[[], Run | None],
+        current: Callable[[], RunObservation | None],
         health: Callable[[], Health],
     ) -> None:
         self.job = job
@@ -64,9 +62,9 @@ class BatchCollector:
         yield from self._gauges(run)
         yield from self._scan(run)
 
-    def _counters(self, run: Run | None) -> Iterator[Metric]:
+    def _counters(self, run: RunObservation | None) -> Iterator[Metric]:
         job, ended = self.job, self.recorder.ended
-        c = None if run is None else run.counters
+        c = None if run is None else run.counts
         items = CounterMetricFamily(
             "asyncbatch_items",
             "Items by how this runner's runs found or left them: done, dead, vanished by "
@@ -96,13 +94,13 @@ class BatchCollector:
             "asyncbatch_leases_lost",
             "Leases of this runner that its heartbeat found taken over by other runners",
             job,
-            ended.leases_lost + (0 if c is None else c.leases_lost),
+            ended.leases_lost + (0 if run is None else run.leases_lost),
         )
         yield _counter(
             "asyncbatch_reaped_items",
             "Items of runners found gone (dead process, expired heartbeat) that were put back",
             job,
-            ended.reaped + (0 if c is None else c.reaped),
+            ended.reaped + (0 if run is None else run.reaped),
         )
         yield _counter(
             "asyncbatch_lock_takeovers",
@@ -111,7 +109,7 @@ class BatchCollector:
             ended.lock_takeovers + (0 if run is None else run.lock_takeovers),
         )
 
-    def _ledger_errors(self, run: Run | None) -> Metric:
+    def _ledger_errors(self, run: RunObservation | None) -> Metric:
         job, ended = self.job, self.recorder.ended
         errors = CounterMetricFamily(
             "asyncbatch_ledger_errors",
@@ -120,7 +118,7 @@ class BatchCollector:
             "fatal (a run ended by a ledger error)",
             labels=("batch_job", "kind"),
         )
-        live = None if run is None else run.ledger_errors
+        live = None if run is None else run.ledger
         errors.add_metric((job, "busy"), ended.ledger_busy + (0 if live is None else live.busy))
         errors.add_metric(
             (job, "unreachable"),
@@ -159,7 +157,7 @@ class BatchCollector:
             _add(family, (job,), histogram)
             yield family
 
-    def _gauges(self, run: Run | None) -> Iterator[Metric]:
+    def _gauges(self, run: RunObservation | None) -> Iterator[Metric]:
         job = self.job
         now = time.monotonic()
         health = self.health()
@@ -196,8 +194,8 @@ class BatchCollector:
             "for a retry",
             labels=("batch_job", "why"),
         )
-        held.add_metric((job, "held"), 0 if run is None else run.counters.held)
-        held.add_metric((job, "waiting"), 0 if run is None else run.counters.waiting)
+        held.add_metric((job, "held"), 0 if run is None else run.counts.held)
+        held.add_metric((job, "waiting"), 0 if run is None else run.counts.waiting)
         yield held
         yield _gauge(
             "asyncbatch_files_unsettled",
@@ -205,9 +203,9 @@ class BatchCollector:
             "than --settle ago (or in the future); watching, also those waiting for their "
             "second look",
             job,
-            0 if run is None else run.counters.unsettled,
+            0 if run is None else run.counts.unsettled,
         )
-        oldest = None if run is None else run.oldest_waiting()
+        oldest = None if run is None else run.oldest_waiting
         yield _gauge(
             "asyncbatch_oldest_waiting_seconds",
             "Age of the oldest item waiting to start: scanned and not claimed yet (since its "
@@ -216,7 +214,7 @@ class BatchCollector:
             0.0 if oldest is None else now - oldest,
         )
 
-    def _scan(self, run: Run | None) -> Iterator[Metric]:
+    def _scan(self, run: RunObservation | None) -> Iterator[Metric]:
         job = self.job
         scan = None if run is None else run.last_scan
         if scan is None:

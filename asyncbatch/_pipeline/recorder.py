@@ -2,9 +2,10 @@
 
 Plain Python, no ``prometheus_client``: the pipeline holds a :class:`Recorder` only when the
 batch has metrics on (``RunState.metrics`` is ``None`` otherwise, and each hook is one ``None``
-check). The counts that the run keeps anyway (its :class:`~asyncbatch._report.Counters`, the
-queue, the scanner's last scan) are read when scraped, not recorded twice; only what nothing
-else measures is recorded here, each observation a list increment and an addition.
+check). The counts that the run keeps anyway (its counters, the queue, the scanner's last
+scan) are read when scraped (a :class:`~.observation.RunObservation`), not recorded twice;
+only what nothing else measures is recorded here, each observation a list increment and an
+addition.
 
 One :class:`Recorder` per :class:`~asyncbatch.Batch`, kept across its runs: what the runs that
 ended counted is folded into :attr:`Recorder.ended` so that the exported counters never go back.
@@ -17,10 +18,9 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .._ledger import LedgerErrors, Outcome
-from .._ledger.types import TOTALS, RunTotals
-from .._report import Counters
+from .._ledger import TOTALS, Outcome, RunTotals
 from .._scanner import ScanInfo
+from .observation import RunObservation
 
 __all__ = [
     "ATTEMPT_BUCKETS",
@@ -129,27 +129,19 @@ class Recorder:
         if histogram is not None and outcome.attempted:
             histogram.observe(seconds)
 
-    def run_ended(
-        self,
-        counters: Counters,
-        *,
-        lock_takeovers: int,
-        ledger_errors: LedgerErrors | None,
-        ledger_failed: bool,
-        last_scan: ScanInfo | None,
-    ) -> None:
-        """Fold what a run that ended counted into :attr:`ended` (exported counters never go
-        back when the next run starts from zero)."""
+    def run_ended(self, seen: RunObservation) -> None:
+        """Fold what a run that ended counted (its last observation) into :attr:`ended`
+        (exported counters never go back when the next run starts from zero)."""
         e = self.ended
         e.runs += 1
         for name in TOTALS:
-            setattr(e, name, getattr(e, name) + getattr(counters, name))
-        e.leases_lost += counters.leases_lost
-        e.reaped += counters.reaped
-        e.lock_takeovers += lock_takeovers
-        if ledger_errors is not None:
-            e.ledger_busy += ledger_errors.busy
-            e.ledger_unreachable += ledger_errors.unreachable
-        e.ledger_fatal += ledger_failed
-        if last_scan is not None:
-            self.last_scan = last_scan
+            setattr(e, name, getattr(e, name) + getattr(seen.counts, name))
+        e.leases_lost += seen.leases_lost
+        e.reaped += seen.reaped
+        e.lock_takeovers += seen.lock_takeovers
+        if seen.ledger is not None:
+            e.ledger_busy += seen.ledger.busy
+            e.ledger_unreachable += seen.ledger.unreachable
+        e.ledger_fatal += seen.ledger_failed
+        if seen.last_scan is not None:
+            self.last_scan = seen.last_scan

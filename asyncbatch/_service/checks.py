@@ -1,14 +1,10 @@
-"""The health of a run under way: its checks, from what the run observed (see
-:mod:`asyncbatch._service.health` for what each means)."""
+"""The health of a run under way: its checks, from what the run observed (a
+:class:`~asyncbatch._pipeline.RunObservation`; see :mod:`.health` for what each means)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .._service.health import Health, HealthCheck
-
-if TYPE_CHECKING:
-    from .runner import Run
+from .._pipeline import RunObservation
+from .health import Health, HealthCheck
 
 __all__ = ["health_of", "ledger_patience", "poll_limit"]
 
@@ -23,8 +19,8 @@ def poll_limit(poll: float, last_scan_seconds: float) -> float:
     return max(10.0, 3 * poll + 2 * last_scan_seconds)
 
 
-def health_of(run: Run, now: float) -> Health:
-    """The checks of ``run`` at ``now`` (``time.monotonic()``)."""
+def health_of(run: RunObservation, now: float) -> Health:
+    """The checks of a run, as it observed itself, at ``now`` (``time.monotonic()``)."""
     return Health.of(
         (
             HealthCheck("running", True, f"{run.mode} under way for {now - run.began:.1f}s"),
@@ -38,8 +34,8 @@ def health_of(run: Run, now: float) -> Health:
     )
 
 
-def _heartbeat(run: Run, now: float) -> HealthCheck:
-    lease = run.config.lease
+def _heartbeat(run: RunObservation, now: float) -> HealthCheck:
+    lease = run.lease
     if run.renewed_at is None:
         return HealthCheck("heartbeat", True, "no lock or lease to renew yet (starting)")
     age, limit = now - run.renewed_at, lease / 2
@@ -57,25 +53,25 @@ def _heartbeat(run: Run, now: float) -> HealthCheck:
     )
 
 
-def _lock(run: Run) -> HealthCheck:
-    job = run.config.job
+def _lock(run: RunObservation) -> HealthCheck:
+    job = run.job
     if run.lock_lost:
         return HealthCheck(
             "lock", False, f"job {job!r}: taken over by another runner; this run stops"
         )
     if run.renewed_at is None:
         return HealthCheck("lock", False, f"job {job!r}: not taken yet")
-    if run.config.shared:
+    if run.shared:
         return HealthCheck("lock", True, f"job {job!r} is shared: this runner's record is held")
     return HealthCheck("lock", True, f"job {job!r}: the job lock is held (at its last renewal)")
 
 
-def _ledger(run: Run, now: float) -> HealthCheck:
-    errors = run.ledger_errors
+def _ledger(run: RunObservation, now: float) -> HealthCheck:
+    errors = run.ledger
     if errors is None:
         return HealthCheck("ledger", False, f"not open yet ({now - run.began:.1f}s)")
     seen = f" ({errors.busy} busy retries, {errors.unreachable} unreachable tries so far)"
-    patience = ledger_patience(run.config.lease)
+    patience = ledger_patience(run.lease)
     if run.beat_since is not None and now - run.beat_since > patience:
         return HealthCheck(
             "ledger",
@@ -100,14 +96,14 @@ def _ledger(run: Run, now: float) -> HealthCheck:
     return HealthCheck("ledger", True, "answering: no heartbeat or transaction waits for it" + seen)
 
 
-def _source(run: Run) -> HealthCheck:
+def _source(run: RunObservation) -> HealthCheck:
     problem = run.source_problem
     if problem is not None:
         return HealthCheck("source", False, problem)
-    return HealthCheck("source", True, f"{str(run.config.source)!r} is there (at the last poll)")
+    return HealthCheck("source", True, f"{run.source!r} is there (at the last poll)")
 
 
-def _scan(run: Run, now: float) -> HealthCheck:
+def _scan(run: RunObservation, now: float) -> HealthCheck:
     last = run.last_scan
     if last is None:
         return HealthCheck("scan", False, "the first scan has not finished yet")
@@ -116,20 +112,20 @@ def _scan(run: Run, now: float) -> HealthCheck:
     )
     if run.mode == "run":
         return HealthCheck("scan", True, done)
-    limit = poll_limit(run.config.poll, last.seconds)
+    limit = poll_limit(run.poll, last.seconds)
     if now - last.ended <= limit:
         return HealthCheck("scan", True, done)
-    if run.in_flight or run.oldest_waiting() is not None:
+    if run.in_flight or run.oldest_waiting is not None:
         return HealthCheck("scan", True, f"{done}; busy with {run.in_flight} items meanwhile")
     return HealthCheck(
         "scan",
         False,
-        f"{done}, with nothing in flight: polls are every {run.config.poll:g}s (stuck after "
+        f"{done}, with nothing in flight: polls are every {run.poll:g}s (stuck after "
         f"{limit:g}s); is the source's filesystem or the ledger hanging?",
     )
 
 
-def _stopping(run: Run) -> HealthCheck:
+def _stopping(run: RunObservation) -> HealthCheck:
     if run.stop_requested:
         return HealthCheck("stopping", False, "a stop was requested: no new items start")
     return HealthCheck("stopping", True, "no stop requested")

@@ -1,0 +1,56 @@
+"""What a run under way has observed, as one frozen snapshot: what health and metrics read.
+
+As trio's ``statistics()``: an observer asks the run for a :class:`RunObservation` and reads
+that, never the run's live parts; so the service layer (health, metrics, endpoints) depends on
+the pipeline and the pipeline on nothing of it. Taking one costs a few attribute reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._ledger import LedgerErrors, RunTotals
+from .._scanner import ScanInfo
+
+__all__ = ["RunObservation"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunObservation:
+    """A run's observations at one moment (times are ``time.monotonic()``)."""
+
+    #: ``"run"`` or ``"watch"``; the job; whether it is shared; its source directory; its
+    #: lease and poll interval (seconds).
+    mode: str
+    job: str
+    shared: bool
+    source: str
+    lease: float
+    poll: float
+    #: When the run began; when its lock (or runner record) was last renewed; since when a
+    #: heartbeat waits for the ledger (``None``: none waits).
+    began: float
+    renewed_at: float | None
+    beat_since: float | None
+    #: Whether its lock was taken over (it stops); how many stale locks it took over.
+    lock_lost: bool
+    lock_takeovers: int
+    #: Its ledger's errors so far (``None``: not open yet), and whether one ended the run.
+    ledger: LedgerErrors | None
+    ledger_failed: bool
+    #: Why its source directory cannot be used now (``None``: it can).
+    source_problem: str | None
+    #: Its last finished scan or poll.
+    last_scan: ScanInfo | None
+    #: Items leased and not committed; leased and waiting for a worker; handlers running.
+    in_flight: int
+    queued: int
+    handlers_running: int
+    #: When the oldest item waiting to be started began waiting (``None``: none waits).
+    oldest_waiting: float | None
+    #: Whether a stop was asked for.
+    stop_requested: bool
+    #: Its counts so far; its leases taken over by others; items of gone runners it put back.
+    counts: RunTotals
+    leases_lost: int
+    reaped: int
