@@ -349,25 +349,15 @@ class _Tally:
 def _walk(w: _Walk, tally: _Tally | None = None) -> Generator[list[bytes], None, None]:
     """Yield chunks of records; runs in a worker thread, one ``next()`` per hop. Files not
     settled are left out and counted in ``tally``."""
-    real_root = os.path.realpath(w.root)
     root_fd = os.open(w.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st_root = os.fstat(root_fd)
-        visited = {(st_root.st_dev, st_root.st_ino)}
-        stack: list[bytes] = [b""]
+        walker = _Walker(w, tally, os.fstat(root_fd))
         out: list[bytes] = []
         examined = 0
-        while stack:
-            prefix = stack.pop()
-            where = os.path.join(w.root, prefix) if prefix else w.root
-            try:
-                it = os.scandir(where)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as e:
-                if not prefix:
-                    raise
-                log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
+        while walker.stack:
+            prefix = walker.stack.pop()
+            it = walker.listing(prefix)
+            if it is None:
                 continue
             with it:
                 for de in _entries(it, prefix):
@@ -375,67 +365,110 @@ def _walk(w: _Walk, tally: _Tally | None = None) -> Generator[list[bytes], None,
                     if examined % CHUNK == 0:
                         yield out
                         out = []
-                    name = de.name
-                    rel = prefix + b"/" + name if prefix else name
-                    if len(w.root) + len(rel) >= PATH_MAX - 1:
-                        log.warning(
-                            "skipped %r: its path is longer than the system allows (%d bytes)",
-                            os.fsdecode(rel),
-                            PATH_MAX,
-                        )
-                        continue
-                    try:
-                        if de.is_symlink():
-                            if not w.follow_symlinks:
-                                continue
-                            target = os.path.realpath(de.path)
-                            if os.path.commonpath([real_root, target]) != real_root:
-                                continue
-                            if w.names_only:
-                                continue
-                            st = os.stat(de.path)
-                            if stat.S_ISDIR(st.st_mode):
-                                key = (st.st_dev, st.st_ino)
-                                if (
-                                    w.recursive
-                                    and key not in visited
-                                    and not w.rules.skips(name, rel, is_dir=True)
-                                ):
-                                    visited.add(key)
-                                    stack.append(rel)
-                                continue
-                            if w.rules.skips(name, rel):  # a symlink's name, as a file
-                                continue
-                        elif de.is_dir(follow_symlinks=False):
-                            if w.recursive and not w.rules.skips(name, rel, is_dir=True):
-                                stack.append(rel)
-                            continue
-                        elif de.is_file(follow_symlinks=False):
-                            if w.rules.skips(name, rel):
-                                continue
-                            if w.names_only:  # d_ino comes with the listing: no stat
-                                out.append(rel + b"\0" + _INODE.pack(de.inode()))
-                                continue
-                            st = de.stat(follow_symlinks=False)
-                        else:
-                            continue  # FIFO, socket, device: never opened
-                    except OSError:
-                        continue  # vanished between listing and stat
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
-                    cutoff = w.settled_before_ns
-                    if cutoff is not None and (mtime > cutoff or ctime > cutoff):
-                        if tally is not None:
-                            tally.unsettled += 1
-                            # The cutoff is `settle` before the scan began: past the start,
-                            # the file's time is ahead of this host's clock.
-                            tally.future += max(mtime, ctime) > w.now_ns
-                        continue
-                    out.append(pack(mtime, rel, st.st_size, st.st_ino, ctime))
+                    record = walker.visit(de, prefix + b"/" + de.name if prefix else de.name)
+                    if record is not None:
+                        out.append(record)
         yield out
     finally:
         os.close(root_fd)
+
+
+class _Walker:
+    """What one walk of the source keeps: the directories still to list, those listed (a
+    symlink loop is walked once), and how it judges each entry (in the walking thread)."""
+
+    __slots__ = ("_real_root", "_tally", "_visited", "_w", "stack")
+
+    def __init__(self, w: _Walk, tally: _Tally | None, root: os.stat_result) -> None:
+        self._w = w
+        self._tally = tally
+        self._real_root = os.path.realpath(w.root)
+        self._visited = {(root.st_dev, root.st_ino)}
+        #: Directories to list, as relpaths (``b""``: the source itself).
+        self.stack: list[bytes] = [b""]
+
+    def listing(self, prefix: bytes) -> os._ScandirIterator[bytes] | None:
+        """A ``scandir`` of the directory ``prefix``, or ``None`` when it is gone or cannot
+        be listed (a warning; the source itself raises)."""
+        w = self._w
+        try:
+            return os.scandir(os.path.join(w.root, prefix) if prefix else w.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if not prefix:
+                raise
+            log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
+            return None
+
+    def visit(self, de: os.DirEntry[bytes], rel: bytes) -> bytes | None:
+        """The record of one directory entry (``rel``: its relpath), or ``None`` when it is
+        not a file a scan lists; a directory to walk goes on :attr:`stack`."""
+        w = self._w
+        if len(w.root) + len(rel) >= PATH_MAX - 1:
+            log.warning(
+                "skipped %r: its path is longer than the system allows (%d bytes)",
+                os.fsdecode(rel),
+                PATH_MAX,
+            )
+            return None
+        name = de.name
+        try:
+            if de.is_symlink():
+                st = self._followed(de, name, rel)
+            elif de.is_dir(follow_symlinks=False):
+                if w.recursive and not w.rules.skips(name, rel, is_dir=True):
+                    self.stack.append(rel)
+                return None
+            elif de.is_file(follow_symlinks=False):
+                if w.rules.skips(name, rel):
+                    return None
+                if w.names_only:  # d_ino comes with the listing: no stat
+                    return rel + b"\0" + _INODE.pack(de.inode())
+                st = de.stat(follow_symlinks=False)
+            else:
+                return None  # FIFO, socket, device: never opened
+        except OSError:
+            return None  # vanished between listing and stat
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        return self._record(rel, st)
+
+    def _followed(self, de: os.DirEntry[bytes], name: bytes, rel: bytes) -> os.stat_result | None:
+        """What a symlink leads to, when it is followed (``follow_symlinks``), stays inside the
+        source, and is a file the rules keep; a directory it leads to is walked once."""
+        w = self._w
+        if not w.follow_symlinks or w.names_only:
+            return None
+        target = os.path.realpath(de.path)
+        if os.path.commonpath([self._real_root, target]) != self._real_root:
+            return None
+        st = os.stat(de.path)
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if (
+                w.recursive
+                and key not in self._visited
+                and not w.rules.skips(name, rel, is_dir=True)
+            ):
+                self._visited.add(key)
+                self.stack.append(rel)
+            return None
+        return None if w.rules.skips(name, rel) else st  # a symlink's name, as a file
+
+    def _record(self, rel: bytes, st: os.stat_result) -> bytes | None:
+        """The record of a regular file, or ``None`` (counted) when it is not settled."""
+        w = self._w
+        mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
+        cutoff = w.settled_before_ns
+        if cutoff is not None and (mtime > cutoff or ctime > cutoff):
+            if self._tally is not None:
+                self._tally.unsettled += 1
+                # The cutoff is `settle` before the scan began: past the start, the file's
+                # time is ahead of this host's clock.
+                self._tally.future += max(mtime, ctime) > w.now_ns
+            return None
+        return pack(mtime, rel, st.st_size, st.st_ino, ctime)
 
 
 def _parent_ok(w: _Walk, real_root: bytes, parent: bytes) -> bool:
@@ -468,25 +501,30 @@ def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
                 continue
         if len(w.root) + len(rel) >= PATH_MAX - 1:  # as the scan: skipped (it warns)
             continue
-        path = os.path.join(w.root, rel)
-        try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                if not w.follow_symlinks:
-                    continue
-                target = os.path.realpath(path)
-                if os.path.commonpath([real_root, target]) != real_root:
-                    continue
-                st = os.stat(path)
-        except OSError:
-            continue  # vanished, or a dangling symlink
+        st = _stat_in(w, real_root, os.path.join(w.root, rel))
+        if st is None:
+            continue
         if stat.S_ISDIR(st.st_mode):
             walked_dir = walked_dir or (w.recursive and not w.rules.skips(name, rel, is_dir=True))
-            continue
-        if not stat.S_ISREG(st.st_mode) or w.rules.skips(name, rel):
-            continue
-        out.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
+        elif stat.S_ISREG(st.st_mode) and not w.rules.skips(name, rel):
+            out.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
     return out, walked_dir
+
+
+def _stat_in(w: _Walk, real_root: bytes, path: bytes) -> os.stat_result | None:
+    """The stat of ``path`` as a scan sees it: a symlink only when followed and leading
+    inside the source; ``None`` when it is gone, dangling, or not to be followed."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISLNK(st.st_mode):
+            return st
+        if not w.follow_symlinks:
+            return None
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            return None
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 #: Seconds a directory's mtime must be old for an unchanged one to mean no name changed since.

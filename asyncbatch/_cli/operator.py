@@ -99,103 +99,133 @@ def _left_in_source(run: RunInfo) -> str:
     )
 
 
-async def status(args: argparse.Namespace) -> int:
-    """``asyncbatch status``: counts by state, last run, oldest waiting item, lock holder."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Status:
+    """What ``status`` reads of one job."""
+
+    settings: JobSettings | None
+    identity: Identity
+    counts: dict[str, int]
+    locks: list[dict[str, Any]]
+    shared: list[dict[str, Any]]
+    last: RunInfo | None
+    oldest: float | None
+
+
+async def _status_of(args: argparse.Namespace) -> _Status:
+    """Read what ``status`` shows (one ledger, opened for reading)."""
     ledger = await open_state(args)
     try:
-        settings = await job_settings(args, ledger)
-        identity = await job_identity(ledger, args.job)
-        counts = await ledger.counts(args.job)
-        locks = [lock for lock in await ledger.locks() if lock.job == args.job]
         runners = await ledger.runners(args.job)
         beats = {r.owner: r.heartbeat_at for r in runners}
         runs = await ledger.runs(args.job, limit=1)
-        oldest = await ledger.oldest_waiting(args.job)
+        locks = [lock for lock in await ledger.locks() if lock.job == args.job]
+        return _Status(
+            settings=await job_settings(args, ledger),
+            identity=await job_identity(ledger, args.job),
+            counts=await ledger.counts(args.job),
+            locks=[_lock_json(lock, beats.get(lock.owner)) for lock in locks],
+            shared=[
+                {"owner": r.owner, "pid": r.pid, "host": r.host, "heartbeat_at": r.heartbeat_at}
+                for r in runners
+                if r.shared
+            ],
+            last=runs[0] if runs else None,
+            oldest=await ledger.oldest_waiting(args.job),
+        )
     finally:
         await ledger.close()
-    last = runs[0] if runs else None
-    lock_rows = [_lock_json(lock, beats.get(lock.owner)) for lock in locks]
-    shared: list[dict[str, Any]] = [
-        {"owner": o, "pid": pid, "host": host, "heartbeat_at": beat}
-        for o, pid, host, is_shared, beat in (
-            (r.owner, r.pid, r.host, r.shared, r.heartbeat_at) for r in runners
-        )
-        if is_shared
-    ]
-    if args.json:
-        last_run = None
-        if last is not None:
-            duration = (last.finished_at or time.time()) - last.started_at
-            last_run = {
-                "started_at": last.started_at,
-                "finished_at": last.finished_at,
-                **dataclasses.asdict(last.totals),
-                "rate": last.totals.done / duration if duration > 0 else 0.0,
-                "exit_status": last.exit_status,
-            }
-        out = {
-            "job": args.job,
-            "state": show_state(args.state),
-            "settings": _settings_json(settings),
-            "identity": identity,
-            "counts": counts,
-            "total": sum(counts.values()),
-            "locks": lock_rows,
-            "shared_runners": shared,
-            "last_run": last_run,
-            "oldest_waiting_since": oldest,
-        }
-        print(json.dumps(out, indent=2))
-        return EXIT_OK
-    from rich.table import Table
 
-    table = Table(title=f"job {args.job!r} in {show_state(args.state)}", show_header=True)
-    for state in counts:
-        table.add_column(state, justify="right")
-    table.add_row(*(str(n) for n in counts.values()))
-    screen = console()
-    screen.print(table)
-    if settings is None:
-        screen.print("source: not recorded yet (the job's next run records it)")
-    else:
-        screen.print(
-            f"source: {settings.source} ({settings.rules()}; identity: {identity})", markup=False
-        )
-    if last is None:
-        screen.print("last run: never")
-    else:
+
+def _status_json(args: argparse.Namespace, st: _Status) -> dict[str, Any]:
+    last_run = None
+    if (last := st.last) is not None:
         duration = (last.finished_at or time.time()) - last.started_at
-        rate = last.totals.done / duration if duration > 0 else 0.0
-        state = f"exit {last.exit_status}" if last.exit_status else "still running"
-        if last.from_joblog:
-            state += f" ({_COUNTED_HOW})"
-        screen.print(
-            f"last run: {show_time(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
-            f"({rate:.0f}/s); {state}",
-            markup=False,
+        last_run = {
+            "started_at": last.started_at,
+            "finished_at": last.finished_at,
+            **dataclasses.asdict(last.totals),
+            "rate": last.totals.done / duration if duration > 0 else 0.0,
+            "exit_status": last.exit_status,
+        }
+    return {
+        "job": args.job,
+        "state": show_state(args.state),
+        "settings": _settings_json(st.settings),
+        "identity": st.identity,
+        "counts": st.counts,
+        "total": sum(st.counts.values()),
+        "locks": st.locks,
+        "shared_runners": st.shared,
+        "last_run": last_run,
+        "oldest_waiting_since": st.oldest,
+    }
+
+
+def _status_lines(st: _Status) -> list[str]:
+    """What ``status`` says below its table of counts, a line each."""
+    lines = []
+    if st.settings is None:
+        lines.append("source: not recorded yet (the job's next run records it)")
+    else:
+        lines.append(
+            f"source: {st.settings.source} ({st.settings.rules()}; identity: {st.identity})"
         )
-        screen.print(_left_in_source(last), markup=False)
-    if counts["vanished"]:
-        screen.print(
-            f"vanished: {counts['vanished']} item(s) whose file was gone, or changed, when its "
-            "turn came (a changed file's new version is a new item); 'asyncbatch forget "
-            "--vanished' clears their rows",
-            markup=False,
+    lines += _last_run_lines(st.last)
+    if st.counts["vanished"]:
+        lines.append(
+            f"vanished: {st.counts['vanished']} item(s) whose file was gone, or changed, when "
+            "its turn came (a changed file's new version is a new item); 'asyncbatch forget "
+            "--vanished' clears their rows"
         )
-    screen.print(f"oldest waiting item: {show_time(oldest) if oldest else 'none'}")
-    if not lock_rows:
-        screen.print("lock: none")
-    for lock in lock_rows:
-        screen.print(
+    lines.append(f"oldest waiting item: {show_time(st.oldest) if st.oldest else 'none'}")
+    if not st.locks:
+        lines.append("lock: none")
+    for lock in st.locks:
+        lines.append(
             f"lock: held by pid {lock['pid']} on {lock['host']} since "
             f"{show_time(lock['acquired_at'])}, heartbeat {show_age(lock['heartbeat_at'])}"
             f"{'' if lock['alive'] else ' (STALE: holder gone or heartbeat expired)'}"
         )
-    for runner in shared:
-        screen.print(
+    for runner in st.shared:
+        lines.append(
             f"shared runner: pid {runner['pid']} on {runner['host']}, heartbeat "
             f"{show_age(runner['heartbeat_at'])}"
         )
+    return lines
+
+
+def _last_run_lines(last: RunInfo | None) -> list[str]:
+    if last is None:
+        return ["last run: never"]
+    duration = (last.finished_at or time.time()) - last.started_at
+    rate = last.totals.done / duration if duration > 0 else 0.0
+    state = f"exit {last.exit_status}" if last.exit_status else "still running"
+    if last.from_joblog:
+        state += f" ({_COUNTED_HOW})"
+    return [
+        f"last run: {show_time(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
+        f"({rate:.0f}/s); {state}",
+        _left_in_source(last),
+    ]
+
+
+async def status(args: argparse.Namespace) -> int:
+    """``asyncbatch status``: counts by state, last run, oldest waiting item, lock holder."""
+    st = await _status_of(args)
+    if args.json:
+        print(json.dumps(_status_json(args, st), indent=2))
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(title=f"job {args.job!r} in {show_state(args.state)}", show_header=True)
+    for state in st.counts:
+        table.add_column(state, justify="right")
+    table.add_row(*(str(n) for n in st.counts.values()))
+    screen = console()
+    screen.print(table)
+    for line in _status_lines(st):
+        screen.print(line, markup=False)
     return EXIT_OK
 
 

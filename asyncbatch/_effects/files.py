@@ -282,23 +282,8 @@ def _same_entry(src: Path, dst: Path) -> bool:
 
 def _move(src: Path, dst: Path, fence: Fence = _no_fence) -> bool:
     fence()
-    if _same_entry(src, dst):
-        if _lstat(src) is None:
-            raise FileNotFoundError(errno.ENOENT, "no such file", str(src))
-        return False  # already where it should be
-    s = _lstat(src)
-    d = _lstat(dst)
-    if s is None:
-        if d is not None:
-            return False  # done before: the source is gone and the destination is there
-        raise FileNotFoundError(errno.ENOENT, "neither source nor destination exists", str(src))
-    if d is not None:
-        if (d.st_dev, d.st_ino) == (s.st_dev, s.st_ino) or same_content(src, dst):
-            _unlink_source(src)  # interrupted after the link or the copy: finish
-            return False
-        raise EffectError(
-            f"cannot move {str(src)!r} to {str(dst)!r}: a different file is already there"
-        )
+    if _moved_before(src, dst):
+        return False
     try:
         os.link(src, dst)
     except FileExistsError:
@@ -307,10 +292,7 @@ def _move(src: Path, dst: Path, fence: Fence = _no_fence) -> bool:
         if e.errno == errno.EXDEV:
             _copy_across(src, dst, fence)
         elif e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            os.replace(src, dst)  # no hard links here; dst was checked absent just above
-            fsync_dir(dst.parent)
-            if src.parent != dst.parent:
-                fsync_dir(src.parent)
+            _rename_into(src, dst)  # no hard links here; dst was checked absent just above
             return True
         else:
             raise
@@ -318,6 +300,38 @@ def _move(src: Path, dst: Path, fence: Fence = _no_fence) -> bool:
         fsync_dir(dst.parent)
     _unlink_source(src)
     return True
+
+
+def _moved_before(src: Path, dst: Path) -> bool:
+    """Whether an earlier move of ``src`` to ``dst`` got through (finishing it: a source left
+    beside its copy is removed). Raises ``FileNotFoundError`` when neither is there, and
+    :class:`EffectError` when ``dst`` holds a different file."""
+    if _same_entry(src, dst):
+        if _lstat(src) is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(src))
+        return True  # already where it should be
+    s = _lstat(src)
+    d = _lstat(dst)
+    if s is None:
+        if d is not None:
+            return True  # done before: the source is gone and the destination is there
+        raise FileNotFoundError(errno.ENOENT, "neither source nor destination exists", str(src))
+    if d is None:
+        return False
+    if (d.st_dev, d.st_ino) == (s.st_dev, s.st_ino) or same_content(src, dst):
+        _unlink_source(src)  # interrupted after the link or the copy: finish
+        return True
+    raise EffectError(
+        f"cannot move {str(src)!r} to {str(dst)!r}: a different file is already there"
+    )
+
+
+def _rename_into(src: Path, dst: Path) -> None:
+    """``os.replace`` ``src`` to ``dst`` (checked absent), durably: both directories synced."""
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
 
 
 async def idempotent_move(

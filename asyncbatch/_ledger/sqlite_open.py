@@ -32,18 +32,7 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     file or directory this user may not read is named with the reason. The network
     filesystem check follows symlinks: it is the real file that SQLite opens.
     """
-    try:
-        st: os.stat_result | None = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        st = None
-    except OSError as e:
-        raise ConfigurationError(
-            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
-        ) from None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise ConfigurationError.bad_value("state", str(path), "a file path, not a directory")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise _not_regular(path, st)
+    st = _state_stat(path)
     parent = path.parent
     if not parent.is_dir():
         raise ConfigurationError(
@@ -72,6 +61,24 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     if create:
         check_writable(path, "a run records its work in it")
     return bool(head)
+
+
+def _state_stat(path: Path) -> os.stat_result | None:
+    """The stat of a state file (``None``: none there); refuses (:class:`ConfigurationError`)
+    one that cannot be read, a directory, and anything but a regular file."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise ConfigurationError(
+            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigurationError.bad_value("state", str(path), "a file path, not a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st)
+    return st
 
 
 def check_writable(path: Path, why: str) -> None:

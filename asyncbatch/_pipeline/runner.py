@@ -370,17 +370,23 @@ class Run:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(posts.serve)
                     tg.start_soon(committer.serve)
-                    try:
-                        with self._work_scope:
-                            async with anyio.create_task_group() as work:
-                                for _ in range(cfg.concurrency):
-                                    work.start_soon(workers.worker)
-                                work.start_soon(claimer.serve)
-                    finally:
-                        outbox.close()  # the committer commits what is left, then stops
+                    await self._work(workers, claimer, outbox)
                 background.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
+
+    async def _work(self, workers: WorkerPool, claimer: Claimer, outbox: Outbox) -> None:
+        """The claimer and the workers, until the claimer is done and the queue empty (or a
+        stop past its grace cancels them); then the outbox closes: the committer commits
+        what is left, and stops."""
+        try:
+            with self._work_scope:
+                async with anyio.create_task_group() as work:
+                    for _ in range(self.config.concurrency):
+                        work.start_soon(workers.worker)
+                    work.start_soon(claimer.serve)
+        finally:
+            outbox.close()
 
     # -- heartbeat and stop ------------------------------------------------------------------------
 
