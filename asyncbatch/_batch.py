@@ -5,21 +5,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import os
 import signal
+import textwrap
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 from . import _failpoints as failpoints
-from ._config import DEFAULT_UNSAFE_METHODS, BatchConfig, Durability, PostAction
+from ._config import BatchConfig
 from ._errors import error_text, unwrap_group
 from ._exceptions import AsyncBatchError, ConfigurationError
-from ._identity import Identity
 from ._pipeline import Handler, Mode, Recorder, Run, RunObservation
 from ._pipeline.workers import HandlerAborted
 from ._report import Report, Statistics
@@ -59,94 +57,32 @@ class Batch:
     item twice. The handler itself runs *at least once* per item: make its effects idempotent
     (``ctx.write_output``, ``ctx.move``, ``ctx.http``).
 
-    Parameters (keyword-only; the CLI flag in brackets):
+    ``handler`` aside, every argument is keyword-only: the settings below (each one's type,
+    default, bounds and command-line flag live in :class:`~asyncbatch._config.BatchConfig`),
+    and three that are not settings:
 
-    - ``source`` [--source]: the directory to scan; the job's first run records it (and its
-      scan rules and identity), and a run of the job on another directory is refused.
-      ``state`` [--state]: the ledger, a SQLite file on a local disk, or a ``postgresql://``
-      DSN for runners on several hosts. ``job`` [--job]: the job's name; jobs in one state
-      are independent.
-    - ``concurrency`` [-j]: handlers running at once. ``settle`` [--settle]: seconds a file must
-      be unchanged before it is handled. ``ignore`` [--ignore]: globs to skip.
-      ``recursive``, ``follow_symlinks``: what the scan walks.
-    - ``identity`` [--identity]: ``"stat"`` (relpath + size + mtime: a changed file is new
-      work), ``"path"`` (each name once) or ``"content"`` (each content once).
-    - ``max_attempts`` [--max-attempts], ``backoff``, ``backoff_max``, ``timeout`` [--timeout]:
-      retries; an attempt that raises is retried after ``backoff * 2**(n-1)`` seconds (with
-      jitter), and the item is dead after ``max_attempts`` failed attempts.
-      ``max_interruptions`` [--max-interruptions]: attempts cut short by the runner's death or
-      stop (a kill, a lost lease) do not count as failures; after this many the item is dead
-      all the same (a file that crashes its runner every time must not stop the job forever).
-    - ``shared`` [--shared]: share the job with other runners (leases instead of the job lock).
-      ``wait`` [--no-wait]: a run ends when every settled file it saw is done or dead: it
-      waits for the files other runners hold and takes over the leases that expire; with
-      ``wait=False`` it ends once nothing is left for it, and its report counts what others
-      hold (not ok; CLI exit 3).
-      ``lease`` [--lease], ``grace`` [--grace]: lease length, and how long in-flight items may
-      finish after :meth:`stop` or a signal. ``durability`` [--durability]: ``"full"`` makes
-      every commit survive a power loss. ``ledger_timeout`` [--ledger-timeout]: how long a
-      PostgreSQL state that went away is waited out (then :class:`LedgerError`; CLI exit 69).
-    - ``on_done`` / ``on_dead`` [--on-done/--on-dead]: ``"keep"``, ``"delete"`` (done only) or
-      ``"move:DIR"``, carried out after the outcome committed. ``output_dir`` [--output-dir]:
-      where ``ctx.write_output`` writes. ``poll`` [--poll]: seconds between polls of the
-      source in watch mode. ``events`` [--no-events]: in watch mode, change events (``watchfiles``,
-      the ``watch`` extra) wake the watch as soon as a file arrives; polling still finds
-      what events miss. ``False`` for a source on a network filesystem (no events there).
-    - ``http``: an ``httpx.AsyncClient`` or transport for ``ctx.http`` (one is made otherwise);
-      ``unsafe_methods``, ``http_retries``, ``http_backoff``, ``http_backoff_max``: its
-      idempotency keys and retries (waits capped at ``http_backoff_max`` seconds, a server's
-      ``Retry-After`` included).
-    - ``claim_batch``, ``commit_batch``, ``commit_interval``: items leased per statement, the
-      commit group size, and how long (seconds) an outcome may wait for its group.
-      ``clock``: the wall clock (a test seam).
+    - ``http``: an ``httpx.AsyncClient`` or transport for ``ctx.http`` (one is made otherwise).
+    - ``clock``: the wall clock (a test seam).
     - ``metrics`` [--metrics]: ``True`` keeps Prometheus metrics in this batch's own registry
       (:attr:`metrics_registry`; mount :meth:`metrics_app` into an ASGI app); ``"HOST:PORT"``
       also serves ``/metrics``, ``/healthz`` and ``/readyz`` there while ``run()``/``watch()``
       runs (port 0: a free one, see :attr:`metrics_address`). Needs ``prometheus-client``
       (``pip install 'asyncbatch[metrics]'``). :meth:`health` works either way.
 
-    Raises :class:`ConfigurationError` for a bad setting (here, before anything is touched).
+    Raises :class:`ConfigurationError` for a bad or unknown setting (here, before anything is
+    touched).
+
+    Settings (the command-line flag in brackets):
     """
 
     def __init__(
         self,
         handler: Handler,
         *,
-        source: str | Path,
-        state: str | Path,
-        job: str = "default",
-        concurrency: int = 8,
-        settle: float = 1.0,
-        ignore: Iterable[str] = (),
-        recursive: bool = False,
-        follow_symlinks: bool = False,
-        identity: Identity = "stat",
-        max_attempts: int = 3,
-        max_interruptions: int = 10,
-        timeout: float | None = None,
-        backoff: float = 1.0,
-        backoff_max: float = 300.0,
-        shared: bool = False,
-        wait: bool = True,
-        lease: float = 60.0,
-        grace: float = 30.0,
-        ledger_timeout: float = 120.0,
-        durability: Durability = "normal",
-        on_done: str = "keep",
-        on_dead: str = "keep",
-        output_dir: str | Path | None = None,
-        poll: float = 1.0,
-        events: bool = True,
         http: httpx.AsyncClient | httpx.AsyncBaseTransport | None = None,
-        unsafe_methods: Iterable[str] = DEFAULT_UNSAFE_METHODS,
-        http_retries: int = 4,
-        http_backoff: float = 0.25,
-        http_backoff_max: float = 10.0,
-        claim_batch: int = 512,
-        commit_batch: int = 256,
-        commit_interval: float = 0.005,
         clock: Callable[[], float] = time.time,
         metrics: bool | str = False,
+        **settings: Any,
     ) -> None:
         if failpoints.PROBLEM is not None:
             raise ConfigurationError(failpoints.PROBLEM)
@@ -154,46 +90,8 @@ class Batch:
             raise ConfigurationError.bad_value(
                 "handler", getattr(handler, "__name__", handler), "an async function (async def)"
             )
-        if isinstance(ignore, str):
-            ignore = (ignore,)
-        for name, value in (("source", source), ("state", state), ("output_dir", output_dir)):
-            if value is not None and not os.fspath(value):  # Path("") would be ".": the cwd
-                raise ConfigurationError.bad_value(name, "", "a path, not an empty string")
         self.handler = handler
-        self.config = BatchConfig(
-            source=Path(source).expanduser(),
-            state=str(state),
-            job=job,
-            concurrency=concurrency,
-            settle=settle,
-            ignore=tuple(ignore),
-            recursive=recursive,
-            follow_symlinks=follow_symlinks,
-            identity=identity,
-            max_attempts=max_attempts,
-            max_interruptions=max_interruptions,
-            timeout=timeout,
-            backoff=backoff,
-            backoff_max=backoff_max,
-            shared=shared,
-            wait=wait,
-            lease=lease,
-            grace=grace,
-            ledger_timeout=ledger_timeout,
-            durability=durability,
-            on_done=PostAction.parse("on_done", on_done),
-            on_dead=PostAction.parse("on_dead", on_dead, allow_delete=False),
-            output_dir=None if output_dir is None else Path(output_dir).expanduser().absolute(),
-            poll=poll,
-            events=events,
-            unsafe_methods=frozenset(m.upper() for m in unsafe_methods),
-            http_retries=http_retries,
-            http_backoff=http_backoff,
-            http_backoff_max=http_backoff_max,
-            claim_batch=claim_batch,
-            commit_batch=commit_batch,
-            commit_interval=commit_interval,
-        )
+        self.config = BatchConfig.from_settings(**settings)
         self._http = http
         self._clock = clock
         self._run: Run | None = None
@@ -419,6 +317,9 @@ class Batch:
                     run.request_stop()
                 else:
                     run.stop_now()
+
+
+Batch.__doc__ = f"{Batch.__doc__}\n{textwrap.indent(BatchConfig.described(), '    ')}\n"
 
 
 def _replace_poll(config: BatchConfig, poll: float) -> BatchConfig:

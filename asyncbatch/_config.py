@@ -1,30 +1,40 @@
-"""A batch's settings: one frozen, keyword-only object, validated once, up front."""
+"""A batch's settings: one frozen, keyword-only object, validated once, up front; each
+setting's name, type, default, bounds, help and flag in one place (see :mod:`._settings`)."""
 
 from __future__ import annotations
 
-import math
+import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
 from ._ledger import JobSettings, PostgresDSN, encode_action
 from ._scanner import ScanRules
+from ._settings import (
+    Choice,
+    Count,
+    Globs,
+    Kind,
+    Methods,
+    Name,
+    PathSetting,
+    Seconds,
+    Setting,
+    Switch,
+    setting,
+)
 
-__all__ = ["MAX_CONCURRENCY", "MAX_SECONDS", "BatchConfig", "PostAction"]
+__all__ = ["MAX_CONCURRENCY", "BatchConfig", "PostAction"]
 
 Durability = Literal["normal", "full"]
 DEFAULT_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-#: The longest duration any setting accepts (a year): longer ones are mistakes, and would
-#: overflow clocks and timers.
-MAX_SECONDS = 366 * 86400.0
 #: The most handlers that may run at once (each is a task; a run starts them all up front).
 MAX_CONCURRENCY = 10_000
 #: Items per claim statement at most: SQLite binds 5 parameters per item, 32,766 in all.
 MAX_CLAIM_BATCH = 5_000
-_MAX_COUNT = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,9 @@ class PostAction:
         choices = "'keep', 'delete' or 'move:DIR'" if allow_delete else "'keep' or 'move:DIR'"
         raise ConfigurationError.bad_value(setting, value, f"expected {choices}")
 
+    def __str__(self) -> str:
+        return self.kind if self.directory is None else f"move:{self.directory}"
+
     def encode(self) -> str | None:
         """The form stored in the ledger with a finished item (``None`` for keep)."""
         if self.kind == "keep":
@@ -55,95 +68,209 @@ class PostAction:
         return encode_action("move", self.directory)
 
 
-def _seconds(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigurationError.bad_value(name, value, "expected a number")
-    if value < 0 or (value == 0 and not allow_zero) or value > MAX_SECONDS:
-        low = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError.bad_value(
-            name, value, f"expected a number of seconds {low} and <= {MAX_SECONDS:.0f} (a year)"
-        )
+@dataclass(frozen=True, slots=True)
+class ActionSetting(Kind):
+    """A post-commit action: ``keep``, ``delete`` (``allow_delete``) or ``move:DIR``."""
+
+    allow_delete: bool = True
+
+    def convert(self, name: str, value: Any) -> Any:
+        if isinstance(value, PostAction):
+            self.check(name, value)
+            return value
+        return PostAction.parse(name, value, allow_delete=self.allow_delete)
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, PostAction) or (value.kind == "delete" and not self.allow_delete):
+            raise ConfigurationError.bad_value(name, value, "'keep' or 'move:DIR'")
+
+    def option(self) -> dict[str, Any]:
+        return {"metavar": "keep|delete|move:DIR" if self.allow_delete else "keep|move:DIR"}
 
 
-def _count(name: str, value: int, *, low: int = 1, high: int = _MAX_COUNT) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigurationError.bad_value(
-            name, value, f"expected an integer from {low} to {high:,}"
-        )
+def _default_of(f: Field[Any]) -> str:
+    """`` (default: X)`` for a field with a plain default (none for a required one)."""
+    if f.default is MISSING:
+        return "" if f.default_factory is MISSING else f" (default: {f.default_factory()})"
+    value = f.default
+    if isinstance(value, frozenset):
+        value = ", ".join(sorted(value))
+    return f" (default: {value})"
+
+
+_SECONDS = Seconds()
+_SECONDS_OR_ZERO = Seconds(zero=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchConfig:
-    """Everything a :class:`~asyncbatch.Batch` needs to know, checked when it is built.
+    """Every setting of a :class:`~asyncbatch.Batch`: the one place where each one's name,
+    type, default, bounds, help text and command-line flag live (each field's
+    :class:`~asyncbatch._settings.Setting`); checked when it is built.
 
-    Raises :class:`ConfigurationError` naming the first bad setting and its value.
+    Build one with :meth:`from_settings` (what ``Batch(handler, **settings)`` does). Raises
+    :class:`ConfigurationError` naming the first bad setting and its value.
     """
 
-    source: Path
-    state: str
-    job: str = "default"
-    concurrency: int = 8
-    settle: float = 1.0
-    ignore: tuple[str, ...] = ()
-    recursive: bool = False
-    follow_symlinks: bool = False
-    identity: Identity = "stat"
-    max_attempts: int = 3
-    max_interruptions: int = 10
-    timeout: float | None = None
-    backoff: float = 1.0
-    backoff_max: float = 300.0
-    shared: bool = False
-    wait: bool = True
-    lease: float = 60.0
-    grace: float = 30.0
-    ledger_timeout: float = 120.0
-    durability: Durability = "normal"
-    on_done: PostAction = field(default_factory=lambda: PostAction("keep"))
-    on_dead: PostAction = field(default_factory=lambda: PostAction("keep"))
-    output_dir: Path | None = None
-    poll: float = 1.0
-    events: bool = True
-    unsafe_methods: frozenset[str] = DEFAULT_UNSAFE_METHODS
-    http_retries: int = 4
-    http_backoff: float = 0.25
-    http_backoff_max: float = 10.0
-    claim_batch: int = 512
-    commit_batch: int = 256
-    commit_interval: float = 0.005
+    # -- what is scanned, and where the ledger is --
+    source: Path = setting(
+        PathSetting(), "the directory to scan (recorded by the job's first run)", required=True
+    )
+    state: str = setting(
+        PathSetting(text=True),
+        "the ledger: a SQLite file path or a postgresql:// DSN",
+        required=True,
+    )
+    job: str = setting(Name(), "job name: jobs in one state are independent", default="default")
+    settle: float = setting(
+        _SECONDS_OR_ZERO,
+        "seconds a file's mtime and ctime must be old before it is handled",
+        default=1.0,
+    )
+    ignore: tuple[str, ...] = setting(
+        Globs(), "glob of names (or, with a /, paths) to skip; repeatable", default=()
+    )
+    recursive: bool = setting(Switch(), "walk subdirectories too", default=False)
+    follow_symlinks: bool = setting(
+        Switch(), "follow symlinks that stay inside the source", default=False
+    )
+    identity: Identity = setting(
+        Choice(IDENTITIES),
+        "what makes a file new work: path+size+mtime (stat), the name, or the bytes",
+        default="stat",
+    )
+    # -- how items are handled --
+    concurrency: int = setting(
+        Count(high=MAX_CONCURRENCY),
+        "handlers running at once",
+        default=8,
+        flags=("-j", "--concurrency"),
+    )
+    max_attempts: int = setting(Count(), "failed attempts before an item is dead", default=3)
+    max_interruptions: int = setting(
+        Count(),
+        "attempts cut short by the runner's death or stop before an item is dead",
+        default=10,
+    )
+    timeout: float | None = setting(
+        Seconds(optional=True), "seconds an attempt may take (none by default)", default=None
+    )
+    backoff: float = setting(_SECONDS_OR_ZERO, "seconds before the first retry", default=1.0)
+    backoff_max: float = setting(
+        _SECONDS_OR_ZERO, "longest wait between retries, in seconds", default=300.0
+    )
+    # -- sharing, leases and stopping --
+    shared: bool = setting(Switch(), "share the job with other runners", default=False)
+    wait: bool = setting(
+        Switch(negated=True),
+        "end when nothing is left for this runner, even if others still hold files (exit 3 "
+        "then); by default a run waits for them and takes over expired leases",
+        default=True,
+        flags=("--no-wait",),
+    )
+    lease: float = setting(
+        _SECONDS, "seconds a lease (or the job lock) lasts unrenewed (at least 3)", default=60.0
+    )
+    grace: float = setting(
+        _SECONDS_OR_ZERO,
+        "seconds in-flight items get to finish after a stop (SIGINT, SIGTERM)",
+        default=30.0,
+    )
+    ledger_timeout: float = setting(
+        _SECONDS_OR_ZERO,
+        "seconds a PostgreSQL state that went away is waited out (then exit 69)",
+        default=120.0,
+    )
+    durability: Durability = setting(
+        Choice(("normal", "full")),
+        "full: every commit survives a power loss (slower); normal: a process crash",
+        default="normal",
+    )
+    # -- effects --
+    on_done: PostAction = setting(
+        ActionSetting(),
+        "what to do with an input once it is done",
+        factory=lambda: PostAction("keep"),
+    )
+    on_dead: PostAction = setting(
+        ActionSetting(allow_delete=False),
+        "what to do with an input once it is dead",
+        factory=lambda: PostAction("keep"),
+    )
+    output_dir: Path | None = setting(
+        PathSetting(absolute=True), "where ctx.write_output writes (an existing directory)"
+    )
+    # -- watch mode --
+    poll: float = setting(
+        _SECONDS, "seconds between polls of the source in watch mode", default=1.0
+    )
+    events: bool = setting(
+        Switch(negated=True),
+        "watch by polling only, without change events (for a network filesystem)",
+        default=True,
+        flags=("--no-events",),
+    )
+    # -- outbound HTTP (ctx.http) --
+    unsafe_methods: frozenset[str] = setting(
+        Methods(),
+        "HTTP methods that get an Idempotency-Key; repeatable",
+        default=DEFAULT_UNSAFE_METHODS,
+    )
+    http_retries: int = setting(
+        Count(low=0, high=100), "retries of a call that failed transiently", default=4
+    )
+    http_backoff: float = setting(
+        _SECONDS_OR_ZERO, "seconds before the first retry of a call", default=0.25
+    )
+    http_backoff_max: float = setting(
+        _SECONDS_OR_ZERO,
+        "longest wait between retries of a call, a server's Retry-After included",
+        default=10.0,
+    )
+    # -- throughput --
+    claim_batch: int = setting(
+        Count(high=MAX_CLAIM_BATCH), "items leased per claim statement at most", default=512
+    )
+    commit_batch: int = setting(
+        Count(high=100_000), "outcomes committed per transaction at most", default=256
+    )
+    commit_interval: float = setting(
+        _SECONDS_OR_ZERO, "seconds an outcome may wait for its commit group", default=0.005
+    )
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> BatchConfig:
+        """A config of the settings given (the others at their defaults), each converted and
+        checked by its kind. Raises :class:`ConfigurationError` for an unknown setting (with
+        the nearest known name) or a bad value."""
+        known = {f.name: f.metadata["setting"] for f in fields(cls)}
+        for name in settings:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigurationError(f"unknown setting {name!r}{hint}")
+        for name in ("source", "state"):
+            if name not in settings:
+                raise ConfigurationError(f"setting {name!r} is required")
+        return cls(**{name: known[name].kind.convert(name, v) for name, v in settings.items()})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.job, str) or not self.job or len(self.job) > 200:
-            raise ConfigurationError.bad_value("job", self.job, "a non-empty name")
-        _count("concurrency", self.concurrency, high=MAX_CONCURRENCY)
-        _count("max_attempts", self.max_attempts)
-        _count("max_interruptions", self.max_interruptions)
-        _count("claim_batch", self.claim_batch, high=MAX_CLAIM_BATCH)
-        _count("commit_batch", self.commit_batch, high=100_000)
-        _count("http_retries", self.http_retries, low=0, high=100)
-        _seconds("settle", self.settle, allow_zero=True)
-        _seconds("backoff", self.backoff, allow_zero=True)
-        _seconds("backoff_max", self.backoff_max, allow_zero=True)
-        _seconds("lease", self.lease)
-        _seconds("grace", self.grace, allow_zero=True)
-        _seconds("ledger_timeout", self.ledger_timeout, allow_zero=True)
-        _seconds("poll", self.poll)
-        if not isinstance(self.events, bool):
-            raise ConfigurationError.bad_value("events", self.events, "True or False")
-        _seconds("commit_interval", self.commit_interval, allow_zero=True)
-        _seconds("http_backoff", self.http_backoff, allow_zero=True)
-        _seconds("http_backoff_max", self.http_backoff_max, allow_zero=True)
-        if self.timeout is not None:
-            _seconds("timeout", self.timeout)
+        for f in fields(self):
+            f.metadata["setting"].kind.check(f.name, getattr(self, f.name))
         if self.lease < 3:
             raise ConfigurationError.bad_value("lease", self.lease, "at least 3 seconds")
-        if self.identity not in IDENTITIES:
-            raise ConfigurationError.bad_value("identity", self.identity, f"one of {IDENTITIES}")
-        if self.durability not in ("normal", "full"):
-            raise ConfigurationError.bad_value("durability", self.durability, "'normal' or 'full'")
-        if self.on_dead.kind == "delete":
-            raise ConfigurationError.bad_value("on_dead", "delete", "'keep' or 'move:DIR'")
         self._check_paths()
+
+    @classmethod
+    def described(cls) -> str:
+        """Every setting, a line each (``- ``name`` [--flag]: help (default: X)``), for
+        ``Batch``'s docstring."""
+        lines = []
+        for f in fields(cls):
+            spec: Setting = f.metadata["setting"]
+            flags = "/".join(spec.flag_names(f.name)) or "library only"
+            lines.append(f"- ``{f.name}`` [{flags}]: {spec.help}{_default_of(f)}.")
+        return "\n".join(lines)
 
     @property
     def rules(self) -> ScanRules:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import os
 import signal
 import sys
@@ -24,7 +23,6 @@ import anyio
 from .. import __version__
 from .. import _failpoints as failpoints
 from .._batch import Batch
-from .._config import MAX_CLAIM_BATCH, MAX_CONCURRENCY, MAX_SECONDS
 from .._errors import error_text, unwrap_group
 from .._exceptions import (
     AsyncBatchError,
@@ -35,6 +33,7 @@ from .._exceptions import (
     SchemaVersionError,
 )
 from .._report import Report
+from .._settings import Count, Seconds
 from .help import COMMANDS as HELP_COMMANDS
 from .help import add_help_command
 from .items import COMMANDS as INSPECT_COMMANDS
@@ -43,6 +42,7 @@ from .logging import configure_logging
 from .operator import COMMANDS as OPERATOR_COMMANDS
 from .operator import add_operator_commands
 from .progress import show_progress
+from .settings import add_settings, given_settings
 from .target import load_handler
 
 __all__ = [
@@ -79,28 +79,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _number(
-    kind: type[int] | type[float], low: float, high: float, *, strict: bool
-) -> Callable[[str], Any]:
-    expected = (
-        f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g} "
-        f"and <= {high:,.0f}"
-    )
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {text!r}: expected {expected}"
-            ) from None
-        if math.isnan(value) or not low <= value <= high or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
-        return value
-
-    return parse
-
-
 def non_empty_path(text: str) -> str:
     """An option's path; an empty one is refused (``Path("")`` would be the current directory)."""
     if not text:
@@ -108,11 +86,10 @@ def non_empty_path(text: str) -> str:
     return text
 
 
-positive_int = _number(int, 1, 1_000_000, strict=False)
-concurrency = _number(int, 1, MAX_CONCURRENCY, strict=False)
-claim_batch = _number(int, 1, MAX_CLAIM_BATCH, strict=False)
-positive_float = _number(float, 0, MAX_SECONDS, strict=True)
-non_negative_float = _number(float, 0, MAX_SECONDS, strict=False)
+#: Parsers of the other commands' numbers: those of the settings' kinds.
+positive_int = Count().option()["type"]
+positive_float = Seconds().option()["type"]
+non_negative_float = Seconds(zero=True).option()["type"]
 
 
 def _add_state(p: argparse.ArgumentParser, *, job: bool = True) -> None:
@@ -168,85 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="handle every settled file once")
     run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
-    run.add_argument("--source", required=True, type=non_empty_path, help="the directory to scan")
-    _add_state(run)
-    run.add_argument(
-        "-j", "--concurrency", type=concurrency, default=8, help="items handled at once (8)"
-    )
-    run.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
-    run.add_argument("--ignore", action="append", default=[], help="glob to skip (repeatable)")
-    run.add_argument("--recursive", action="store_true", help="walk subdirectories too")
-    run.add_argument(
-        "--follow-symlinks", action="store_true", help="follow symlinks that stay inside SOURCE"
-    )
-    run.add_argument(
-        "--identity",
-        choices=["stat", "path", "content"],
-        default="stat",
-        help="what makes a file new work: path+size+mtime (stat), the name, or the bytes",
-    )
-    run.add_argument(
-        "--max-attempts",
-        type=positive_int,
-        default=3,
-        help="failed attempts before an item is dead (3)",
-    )
-    run.add_argument(
-        "--max-interruptions",
-        type=positive_int,
-        default=10,
-        help="attempts cut short by the runner's death or stop before an item is dead (10)",
-    )
-    run.add_argument(
-        "--timeout", type=positive_float, default=None, help="seconds per attempt of an item"
-    )
-    run.add_argument("--backoff", type=non_negative_float, default=1.0, help="first retry delay")
-    run.add_argument("--shared", action="store_true", help="share the job with other runners")
-    run.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="end when nothing is left for this runner, even if others still hold files "
-        "(exit 3 then); by default a run waits for them and takes over expired leases",
-    )
-    run.add_argument(
-        "--lease", type=positive_float, default=60.0, help="seconds a lease lasts unrenewed (60)"
-    )
-    run.add_argument(
-        "--grace",
-        type=non_negative_float,
-        default=30.0,
-        help="seconds in-flight items get to finish after SIGINT/SIGTERM (30)",
-    )
-    run.add_argument(
-        "--ledger-timeout",
-        type=non_negative_float,
-        default=120.0,
-        help="seconds a PostgreSQL state that went away is waited out, then exit 69 (120)",
-    )
-    run.add_argument(
-        "--durability",
-        choices=["normal", "full"],
-        default="normal",
-        help="full: every commit survives power loss (slower); normal: process crashes",
-    )
-    run.add_argument("--on-done", default="keep", help="keep | delete | move:DIR")
-    run.add_argument("--on-dead", default="keep", help="keep | move:DIR")
-    run.add_argument(
-        "--output-dir", default=None, type=non_empty_path, help="where ctx.write_output writes"
-    )
+    add_settings(run)
     run.add_argument(
         "--watch", action="store_true", help="keep watching for new files until stopped"
-    )
-    run.add_argument(
-        "--poll",
-        type=positive_float,
-        default=1.0,
-        help="seconds between polls of the source in watch mode (1.0)",
-    )
-    run.add_argument(
-        "--no-events",
-        action="store_true",
-        help="watch by polling only, without change events (for a network filesystem)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     run.add_argument(
@@ -254,9 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=10.0,
         help="seconds between progress lines when not on a terminal (10)",
-    )
-    run.add_argument(
-        "--claim-batch", type=claim_batch, default=512, help="items leased per statement"
     )
     run.add_argument(
         "--metrics",
@@ -289,32 +187,8 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
     handler = load_handler(args.target)
     batch = Batch(
         handler,
-        source=args.source,
-        state=args.state,
-        job=args.job,
-        concurrency=args.concurrency,
-        settle=args.settle,
-        ignore=args.ignore,
-        recursive=args.recursive,
-        follow_symlinks=args.follow_symlinks,
-        identity=args.identity,
-        max_attempts=args.max_attempts,
-        max_interruptions=args.max_interruptions,
-        timeout=args.timeout,
-        backoff=args.backoff,
-        shared=args.shared,
-        wait=not args.no_wait,
-        lease=args.lease,
-        grace=args.grace,
-        ledger_timeout=args.ledger_timeout,
-        durability=args.durability,
-        on_done=args.on_done,
-        on_dead=args.on_dead,
-        output_dir=args.output_dir,
-        poll=args.poll,
-        events=not args.no_events,
-        claim_batch=args.claim_batch,
         metrics=False if args.metrics is None else args.metrics,
+        **given_settings(args),
     )
     report: Report | None = None
     aborted: BaseException | None = None
