@@ -15,6 +15,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,14 @@ from starlette.routing import Route
 from asyncbatch import ConfigurationError, IdempotencyMiddleware
 from asyncbatch._http.middleware import PURGE_INTERVAL
 from asyncbatch._http.request import ASGIApp, Message, Receive, Scope, Send, parse_key
+from asyncbatch._ledger import (
+    IdempotencyClaim,
+    IdempotencyRequest,
+    IdempotencyStore,
+    StoredResponse,
+    UnstoredReason,
+)
+from asyncbatch._ledger.idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 
 from .conftest import rows
 from .servers import RealServer
@@ -209,7 +218,7 @@ async def test_survives_a_restart_and_closes_its_store_at_shutdown(
         original = await client.put("/doc/1", content=b"v1", headers=key("restart"))
     served.stop()
     assert before.other_scopes == ["lifespan"]  # the bare app saw lifespan and ignored it
-    assert first_middleware._ledger is None  # closed at lifespan shutdown
+    assert first_middleware._opened is None  # closed at lifespan shutdown
     assert not Path(f"{state}-wal").exists()  # the last connection to the ledger is gone
 
     after = Recorder()
@@ -1049,3 +1058,106 @@ def test_a_process_that_never_closes_the_middleware_still_exits(
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the process did not exit within 60 s; it printed {e.stdout!r}")
     assert (done.returncode, done.stdout) == (0, "201 created\n"), done.stderr
+
+
+# -- the store seam --------------------------------------------------------------------------------
+
+
+class MemoryStore(IdempotencyStore):
+    """An idempotency store kept in a dict (one event loop: every operation is atomic), with
+    the ledger's decision: all that IdempotencyMiddleware needs of a store."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.records: dict[tuple[str, str], IdempotencyRecord] = {}
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def _owned(self, request: IdempotencyRequest) -> IdempotencyRecord | None:
+        """The running or started record ``request`` owns, if it still does."""
+        record = self.records.get((request.scope, request.key))
+        if record is None or record.state not in ("running", "started"):
+            return None
+        return record if record.headers == request.token else None
+
+    def _put(self, request: IdempotencyRequest, record: IdempotencyRecord) -> bool:
+        self.records[request.scope, request.key] = record
+        return True
+
+    async def idempotency_claim(
+        self, request: IdempotencyRequest, *, lock_timeout: float, ttl: float
+    ) -> IdempotencyClaim:
+        now = self.clock()
+        found = self.records.get((request.scope, request.key))
+        claim = (
+            IdempotencyClaim("run", "new")
+            if found is None
+            else decide_idempotency(request.fingerprint, found, now)
+        )
+        if claim.decision == "run":
+            expires_at = now + max(ttl, lock_timeout)
+            running = (request.fingerprint, "running", None, request.token, None)
+            self._put(request, IdempotencyRecord(*running, now + lock_timeout, expires_at))
+        return claim
+
+    async def idempotency_start(self, request: IdempotencyRequest) -> bool:
+        record = self._owned(request)
+        return record is not None and self._put(request, replace(record, state="started"))
+
+    async def idempotency_complete(
+        self, request: IdempotencyRequest, response: StoredResponse, *, ttl: float
+    ) -> bool:
+        record, now = self._owned(request), self.clock()
+        stored = ("done", response.status, encode_headers(response.headers), response.body)
+        return record is not None and self._put(
+            request, IdempotencyRecord(record.fingerprint, *stored, now, now + ttl)
+        )
+
+    async def idempotency_unstored(
+        self, request: IdempotencyRequest, reason: UnstoredReason, *, ttl: float
+    ) -> bool:
+        record, now = self._owned(request), self.clock()
+        unstored = ("unstored", None, reason, None)
+        return record is not None and self._put(
+            request, IdempotencyRecord(record.fingerprint, *unstored, now, now + ttl)
+        )
+
+    async def idempotency_release(self, request: IdempotencyRequest) -> None:
+        record = self._owned(request)
+        if record is not None and record.state == "running":
+            del self.records[request.scope, request.key]
+
+    async def idempotency_purge(self) -> int:
+        expired = [k for k, r in self.records.items() if r.expires_at < self.clock()]
+        for k in expired:
+            del self.records[k]
+        return len(expired)
+
+
+async def test_the_middleware_needs_only_an_idempotency_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The middleware sees its store through IdempotencyStore alone: one kept in memory gives
+    it every decision (run, replay, 422, a new key once expired), no ledger is opened, and the
+    store given stays its caller's (aclose leaves it open)."""
+    monkeypatch.chdir(tmp_path)
+    clock = Clock()
+    store = MemoryStore(clock)
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=store, ttl=60)) as client:
+        first = await client.post("/orders", content=b"a", headers=key("k-1"))
+        again = await client.post("/orders", content=b"a", headers=key("k-1"))
+        other = await client.post("/orders", content=b"b", headers=key("k-1"))
+        clock.now += 61
+        expired = await client.post("/orders", content=b"a", headers=key("k-1"))
+
+    assert [r.status_code for r in (first, again, other, expired)] == [201, 201, 422, 201]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert expired.json()["n"] == 2
+    assert app.calls == 2
+    assert [(r.state, r.status) for r in store.records.values()] == [("done", 201)]
+    assert not store.closed
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,10 @@ or another, for the processes of one host; or a ``postgresql://`` state for seve
   expires ``ttl`` seconds after its response was stored; an expired key is as good as new.
 - Keys belong to the caller (its credentials, hashed), unless ``scope_of`` says otherwise.
 
+The store is all the middleware knows of the ledger: an
+:class:`~asyncbatch._ledger.idempotency.IdempotencyStore` (the six operations of a keyed
+request), which both ledger backends implement.
+
 It is a pure ASGI middleware: it wraps any ASGI 3 application (Starlette, FastAPI, a bare
 callable) and needs nothing from a framework::
 
@@ -39,7 +43,7 @@ from typing import Final
 import anyio
 
 from .._exceptions import ConfigurationError
-from .._ledger import IdempotencyRequest, Ledger, is_postgres, open_ledger
+from .._ledger import IdempotencyRequest, IdempotencyStore, is_postgres, open_idempotency_store
 from .._ledger.dsn import PostgresDSN
 from .request import (
     ASGIApp,
@@ -86,7 +90,10 @@ class IdempotencyMiddleware:
     'asyncbatch[postgres]'``) for servers on several hosts behind one key space. It is opened at
     ASGI lifespan startup (a store that cannot be used fails the startup with one line naming
     it) or, without lifespan, on the first keyed request; it is closed at lifespan shutdown or
-    by :meth:`aclose`.
+    by :meth:`aclose`. ``state`` may also be an open
+    :class:`~asyncbatch._ledger.idempotency.IdempotencyStore` (the interface the ledger
+    implements; the tests give one kept in memory): it is used as it is, and stays its
+    caller's to close.
 
     Requests whose method is not in ``methods`` (POST, PUT, PATCH, DELETE by default), and
     non-HTTP scopes, pass through untouched. For the others:
@@ -139,16 +146,16 @@ class IdempotencyMiddleware:
     Raises :class:`~asyncbatch.ConfigurationError` for a non-positive ``ttl``,
     ``lock_timeout``, ``max_request_body`` or ``max_stored_body``, an empty ``methods`` or a
     ``postgresql://`` state that does not parse (the password never printed); opening the
-    store raises what
-    :func:`~asyncbatch._ledger.open_ledger` raises: :class:`~asyncbatch.ConfigurationError`,
-    :class:`~asyncbatch.LedgerError`, :class:`~asyncbatch.NotALedgerError`.
+    store raises what :func:`~asyncbatch._ledger.open_idempotency_store` raises:
+    :class:`~asyncbatch.ConfigurationError`, :class:`~asyncbatch.LedgerError`,
+    :class:`~asyncbatch.NotALedgerError`.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        state: str | os.PathLike[str],
+        state: str | os.PathLike[str] | IdempotencyStore,
         ttl: float = 86400.0,
         required: bool = False,
         lock_timeout: float = 60.0,
@@ -172,7 +179,7 @@ class IdempotencyMiddleware:
             raise ConfigurationError.bad_value(
                 "methods", methods, "a non-empty collection of HTTP method names"
             )
-        if is_postgres(state):
+        if not isinstance(state, IdempotencyStore) and is_postgres(state):
             PostgresDSN.parse(str(state))  # a one-line ConfigurationError, without the password
         self.app = app
         self.state = state
@@ -185,7 +192,8 @@ class IdempotencyMiddleware:
         self.max_request_body = max_request_body
         self.max_stored_body = max_stored_body
         self.clock = clock
-        self._ledger: Ledger | None = None
+        #: The store this middleware opened (``None``: not open, or given as ``state``).
+        self._opened: IdempotencyStore | None = None
         self._open_lock: anyio.Lock | None = None
         self._next_purge = -math.inf
 
@@ -284,21 +292,25 @@ class IdempotencyMiddleware:
 
     # -- the store -------------------------------------------------------------------------------
 
-    async def _store(self) -> Ledger:
-        if self._ledger is not None:
-            return self._ledger
+    async def _store(self) -> IdempotencyStore:
+        """The store: the one given as ``state``, else the one opened (once) from it."""
+        if isinstance(self.state, IdempotencyStore):
+            return self.state
+        if self._opened is not None:
+            return self._opened
         if self._open_lock is None:
             self._open_lock = anyio.Lock()
         async with self._open_lock:
-            if self._ledger is None:
-                self._ledger = await open_ledger(self.state, clock=self.clock)
-            return self._ledger
+            if self._opened is None:
+                self._opened = await open_idempotency_store(self.state, clock=self.clock)
+            return self._opened
 
     async def aclose(self) -> None:
-        """Close the store (idempotent). A later keyed request opens it again."""
-        ledger, self._ledger = self._ledger, None
-        if ledger is not None:
-            await ledger.close()
+        """Close the store it opened (idempotent; a store given as ``state`` is left open). A
+        later keyed request opens it again."""
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await opened.close()
 
     async def purge(self) -> int:
         """Delete every expired record now; return how many were deleted.

@@ -27,7 +27,7 @@ from typing import Final
 import anyio
 
 from .. import _failpoints as failpoints
-from .._ledger import IdempotencyRequest, Ledger, StoredResponse, UnstoredReason
+from .._ledger import IdempotencyRequest, IdempotencyStore, StoredResponse, UnstoredReason
 from .request import ASGIApp, Message, Receive, Scope, Send, key_tag, problem, respond
 
 __all__ = ["Phase", "Policy", "Responder", "storable", "unstored_detail"]
@@ -98,7 +98,7 @@ class Responder:
 
     app: ASGIApp
     policy: Policy
-    store: Ledger
+    store: IdempotencyStore
     scope: Scope
     #: The key, its scope, the request's fingerprint and its owner token (random).
     request: IdempotencyRequest

@@ -2,8 +2,11 @@
 
     types.py             the values that cross the boundary (ClaimedRow, Outcome, LockInfo, ...)
     actions.py           how a post-commit action and its path are stored (a text column)
+    rows.py              how the values read from rows name their columns (RowValue.from_row)
     base.py              Ledger, the abstract contract (each method documented once), and the
-                         backend-neutral logic: the lock and idempotency decisions, retries
+                         backend-neutral logic: the job and lock decisions, retries
+    idempotency.py       IdempotencyStore, the part of the contract IdempotencyMiddleware uses
+                         (a Ledger is one), and the idempotency decision
     dsn.py               a postgresql:// state: parsed up front, printed without its password
     sqlite.py            SQLiteLedger: one file on a local disk (the default)
     sqlite_open.py       whether a SQLite path may be opened, and what its errors mean
@@ -25,17 +28,20 @@ from collections.abc import Callable
 from .actions import decode_action, encode_action
 from .base import Ledger
 from .dsn import DEFAULT_SCHEMA, PostgresDSN, is_postgres
+from .idempotency import IdempotencyStore
 from .types import *  # noqa: F403 (the values that cross the boundary: types.__all__)
 from .types import Durability
 from .types import __all__ as _types
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "IdempotencyStore",
     "Ledger",
     "PostgresDSN",
     "decode_action",
     "encode_action",
     "is_postgres",
+    "open_idempotency_store",
     "open_ledger",
     *_types,
 ]
@@ -75,3 +81,12 @@ async def open_ledger(
     return await SQLiteLedger.open(
         state, durability=durability, create=create, busy_timeout=busy_timeout, clock=clock
     )
+
+
+async def open_idempotency_store(
+    state: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+) -> IdempotencyStore:
+    """Open the idempotency store in the ledger ``state`` names (created or migrated if need
+    be): the ledger, as :class:`~asyncbatch.IdempotencyMiddleware` sees it. ``clock`` is the
+    caller's wall clock. Raises what :func:`open_ledger` raises."""
+    return await open_ledger(state, clock=clock)

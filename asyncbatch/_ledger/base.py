@@ -3,10 +3,12 @@ does not depend on the backend.
 
 A backend (:mod:`.sqlite`, :mod:`.postgres`) implements the abstract methods, each as one
 transaction, and inherits the rest: the job's decision (:func:`decide_job`: its identity,
-source and scan rules), the job-lock decision (:func:`decide_lock`), the idempotency decision
-(:func:`decide_idempotency`), :meth:`Ledger.job_exists`, the zero-filled
-:meth:`Ledger.counts` and the key-or-relpath lookup of :meth:`Ledger.find_items`. Every
-backend passes the one contract suite (``tests/test_ledger_contract.py``).
+source and scan rules), the job-lock decision (:func:`decide_lock`), :meth:`Ledger.job_exists`,
+the zero-filled :meth:`Ledger.counts` and the key-or-relpath lookup of
+:meth:`Ledger.find_items`. A ledger is also an
+:class:`~asyncbatch._ledger.idempotency.IdempotencyStore` (its methods and its decision are
+documented there). Every backend passes the one contract suite
+(``tests/test_ledger_contract.py``).
 
 Guarantees every backend gives:
 
@@ -21,24 +23,22 @@ Guarantees every backend gives:
 from __future__ import annotations
 
 import abc
-import json
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Self, TypeVar
+from typing import Final, TypeVar
 
 import anyio
 
 from .._exceptions import ConfigurationError, JobLockedError, LedgerError
 from .._procinfo import ProcessIdentity, holder_is_dead
+from .idempotency import IdempotencyStore
 from .types import (
     STATES,
     ClaimedRow,
     Forgotten,
     Heartbeat,
-    IdempotencyClaim,
-    IdempotencyRequest,
     ItemFilter,
     ItemInfo,
     JobSettings,
@@ -53,8 +53,6 @@ from .types import (
     RunStart,
     ScannedRow,
     Started,
-    StoredResponse,
-    UnstoredReason,
     iso_time,
 )
 
@@ -62,15 +60,12 @@ __all__ = [
     "BUSY",
     "Busy",
     "Ledger",
-    "decide_idempotency",
     "decide_job",
     "decide_lock",
-    "encode_headers",
     "glob_regex",
     "ledger_error",
     "looks_like_key",
     "retrying",
-    "stored_response",
 ]
 
 T = TypeVar("T")
@@ -140,53 +135,6 @@ def decide_lock(
                     shared_runner=True,
                 )
     return held
-
-
-def decide_idempotency(
-    fingerprint: str,
-    stored_fingerprint: str,
-    state: str,
-    response: StoredResponse | None,
-    locked_until: float,
-    expires_at: float,
-    now: float,
-    reason: str = "",
-) -> IdempotencyClaim:
-    """What a keyed request gets when its key already has a record (times in one clock).
-
-    A record is ``running`` (its request runs), ``started`` (its response has begun),
-    ``done`` (its ``response`` is stored) or ``unstored`` (its request ran, its response could
-    not be stored, for ``reason``). An expired record is as good as none; a different request
-    under the key is a mismatch; a stored response is replayed; an unstored one is
-    ``"unstored"``; a request younger than its lock is a conflict. Past its lock, a request that
-    had started its response is ``"unstored"`` (``"unfinished"``): it may have had its effects,
-    so it never runs again; one that had not was abandoned (its process died), and the key is
-    taken over.
-    """
-    if expires_at < now:
-        return IdempotencyClaim("run", "expired")
-    if stored_fingerprint != fingerprint:
-        return IdempotencyClaim("mismatch")
-    if state == "done" and response is not None:
-        return IdempotencyClaim("replay", stored=response)
-    if state == "unstored":
-        return IdempotencyClaim("unstored", reason)
-    if locked_until >= now:
-        return IdempotencyClaim("conflict")
-    if state == "started":
-        return IdempotencyClaim("unstored", "unfinished")
-    return IdempotencyClaim("run", "abandoned")
-
-
-def encode_headers(headers: Sequence[tuple[bytes, bytes]]) -> str:
-    """Response headers as stored: a JSON list of ``[name, value]`` latin-1 strings."""
-    return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers])
-
-
-def stored_response(status: int, headers: str, body: bytes) -> StoredResponse:
-    """A stored response from its columns."""
-    pairs = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(headers)]
-    return StoredResponse(int(status), pairs, bytes(body))
 
 
 def looks_like_key(text: str) -> bool:
@@ -316,9 +264,10 @@ async def retrying(
 # -- the contract --------------------------------------------------------------------------------
 
 
-class Ledger(abc.ABC):
+class Ledger(IdempotencyStore):
     """An open ledger: the job lock, runner liveness, claims, outcomes, the operator's reads,
-    and the idempotency store of :class:`~asyncbatch.IdempotencyMiddleware`.
+    and (the :class:`~asyncbatch._ledger.idempotency.IdempotencyStore` it implements) the
+    records of :class:`~asyncbatch.IdempotencyMiddleware`.
 
     Open one with :func:`asyncbatch._ledger.open_ledger`; close it with :meth:`close` or
     ``async with``. One instance runs one transaction at a time (a runner is one connection).
@@ -330,16 +279,6 @@ class Ledger(abc.ABC):
     clock: Callable[[], float]
     #: The errors this open ledger met and outlasted (busy retries, outages waited out).
     errors: LedgerErrors
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Close the connection, after the transaction in flight (shielded: always completes)."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -628,52 +567,6 @@ class Ledger(abc.ABC):
     async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:
         """Put failed (and with ``dead``, dead) items back to pending with fresh attempts and
         interruptions; ``keys=None`` retries every such item of the job. Returns how many."""
-
-    # -- the idempotency store ---------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def idempotency_claim(
-        self, request: IdempotencyRequest, *, lock_timeout: float, ttl: float
-    ) -> IdempotencyClaim:
-        """Decide, in one transaction, what a request with this key gets (see
-        :func:`decide_idempotency`).
-
-        ``"run"`` makes the request's token the key's owner for ``lock_timeout`` seconds: only
-        it may start, complete, give up or release the record. Concurrent requests with one
-        key, from any process sharing the ledger, never both get ``"run"`` within
-        ``lock_timeout``, and a key whose record was started never gets ``"run"`` again until
-        the record expires. Times are the ledger's (the server's clock on PostgreSQL).
-        """
-
-    @abc.abstractmethod
-    async def idempotency_start(self, request: IdempotencyRequest) -> bool:
-        """Mark the running record the request owns as started (its response has begun): from
-        now on it is never released nor taken over. ``False`` if it was taken over meanwhile.
-        Marking a started record again is harmless (``True``)."""
-
-    @abc.abstractmethod
-    async def idempotency_complete(
-        self, request: IdempotencyRequest, response: StoredResponse, *, ttl: float
-    ) -> bool:
-        """Store the response of the running or started record the request owns, kept for
-        ``ttl`` seconds; ``False`` if it was taken over meanwhile (nothing is stored then)."""
-
-    @abc.abstractmethod
-    async def idempotency_unstored(
-        self, request: IdempotencyRequest, reason: UnstoredReason, *, ttl: float
-    ) -> bool:
-        """Record that the running or started record the request owns has a response that
-        could not be stored, for ``reason``; kept for ``ttl`` seconds, during which a repeat
-        gets ``"unstored"`` with that reason. ``False`` if it was taken over meanwhile."""
-
-    @abc.abstractmethod
-    async def idempotency_release(self, request: IdempotencyRequest) -> None:
-        """Delete the running record the request owns, so the key can be used again (a
-        started record is not released: its request may have had its effects)."""
-
-    @abc.abstractmethod
-    async def idempotency_purge(self) -> int:
-        """Delete every expired idempotency record; return how many."""
 
 
 def ledger_error(state: str, error: BaseException, prefix: str | None = None) -> LedgerError:

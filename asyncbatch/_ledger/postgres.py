@@ -48,17 +48,9 @@ from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
-from .base import (
-    FORGOTTEN_KEPT,
-    Ledger,
-    decide_idempotency,
-    decide_job,
-    decide_lock,
-    encode_headers,
-    glob_regex,
-    stored_response,
-)
+from .base import FORGOTTEN_KEPT, Ledger, decide_job, decide_lock, glob_regex
 from .dsn import PostgresDSN
+from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .postgres_session import PostgresSession
 
 if TYPE_CHECKING:
@@ -90,17 +82,8 @@ def _signed(inode: int) -> int:
 
 
 def _unsigned(inode: int) -> int:
+    """A ``bigint`` inode as read, unsigned 64-bit again."""
     return inode + _INT64 if inode < 0 else inode
-
-
-def _lock(row: Any) -> t.LockInfo:
-    """A task_lock row as read, its times the server's."""
-    return t.LockInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
-
-
-def _runner(row: Any) -> t.RunnerInfo:
-    """A runners row as read, its times the server's."""
-    return t.RunnerInfo(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
 
 
 class PostgresLedger(Ledger):
@@ -117,6 +100,9 @@ class PostgresLedger(Ledger):
         #: Items this ledger registered, and when to refresh the statistics (see _analyze).
         self._added = 0
         self._analyze_after = _FIRST_ANALYZE
+        #: An item's full record (a row of ``postgres_sql._ITEM_COLUMNS``), its times in the
+        #: caller's clock.
+        self._item = t.ItemInfo.reader(times=session.local, relpath=os.fsdecode, inode=_unsigned)
 
     @classmethod
     async def open(
@@ -176,42 +162,6 @@ class PostgresLedger(Ledger):
             self._commits = self._session.twin()
         return self._commits
 
-    def _lock_info(self, row: Any) -> t.LockInfo:
-        """A task_lock row, its times in the caller's clock."""
-        local = self._session.local
-        return t.LockInfo(row[0], row[1], row[2], row[3], row[4], local(row[5]), local(row[6]))
-
-    def _item(self, row: asyncpg.Record) -> t.ItemInfo:
-        """An item's full record, from the columns of ``postgres_sql._ITEM_COLUMNS``."""
-        local = self._session.local
-
-        def when(value: float | None) -> float | None:
-            return None if value is None else local(float(value))
-
-        return t.ItemInfo(
-            row[0],
-            os.fsdecode(bytes(row[1])),
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            local(float(row[8])),
-            _unsigned(row[9]),
-            row[10],
-            row[11],
-            when(row[12]),
-            when(row[13]),
-            row[14],
-            when(row[15]),
-            when(row[16]),
-            when(row[17]),
-            row[18],
-            row[19],
-            row[20],
-        )
-
     # -- jobs --------------------------------------------------------------------------------------
 
     async def meta(self, name: str) -> str | None:
@@ -219,7 +169,7 @@ class PostgresLedger(Ledger):
         return None if value is None else str(value)
 
     async def jobs(self) -> list[str]:
-        return [r[0] for r in await self._session.fetch(sql.LIST_JOBS)]
+        return [job for (job,) in await self._session.fetch(sql.LIST_JOBS)]
 
     async def job_identity(self, job: str) -> str | None:
         value = await self._session.fetchval(sql.GET_JOB, job)
@@ -270,9 +220,13 @@ class PostgresLedger(Ledger):
         returns the stale lock taken over or cleared, in the caller's clock."""
         job, me, shared = start.job, start.me, start.shared
         row = await conn.fetchrow(sql.LOCK_GET, job)
-        now = await conn.fetchval(sql.SERVER_NOW) if row is None else row[7]
-        held = None if row is None else _lock(row)
-        runners = [] if shared else [_runner(r) for r in await conn.fetch(sql.RUNNERS_OF_JOB, job)]
+        now = await conn.fetchval(sql.SERVER_NOW) if row is None else row["now"]
+        held = None if row is None else t.LockInfo.from_row(row)  # in the server's clock
+        runners = (
+            []
+            if shared
+            else [t.RunnerInfo.from_row(r) for r in await conn.fetch(sql.RUNNERS_OF_JOB, job)]
+        )
         local = self._session.local
         stale = decide_lock(job, held, runners, me=me, shared=shared, now=now, shown=local)
         if stale is not None:
@@ -288,13 +242,15 @@ class PostgresLedger(Ledger):
                 taken = await conn.fetchval(sql.LOCK_TAKE_OVER, job, stale.owner, *lock)
             if taken is None:  # only a writer bypassing the guard could get here
                 raise JobLockedError(job, None, None, "just now")
-        return None if stale is None else self._lock_info(astuple(stale))
+        if row is None or stale is None:
+            return None
+        return t.LockInfo.from_row(row, times=local)  # the stale lock is the row held
 
     async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
         async def reap(conn: Connection) -> int:
             released = 0
             for row in await conn.fetch(sql.RUNNERS_OF_JOB, job):
-                if _runner(row).alive(row[8], me):
+                if t.RunnerInfo.from_row(row).alive(row["now"], me):
                     continue
                 await conn.execute(sql.RUN_KILLED, job, row["owner"])
                 released += int(await conn.fetchval(sql.REAP_ITEMS, job, row["owner"]))
@@ -305,10 +261,8 @@ class PostgresLedger(Ledger):
 
     async def runners(self, job: str) -> list[t.RunnerInfo]:
         local = self._session.local
-        return [
-            t.RunnerInfo(r[0], r[1], r[2], r[3], r[4], local(r[5]), local(r[6]), local(r[7]))
-            for r in await self._session.fetch(sql.RUNNERS_OF_JOB, job)
-        ]
+        rows = await self._session.fetch(sql.RUNNERS_OF_JOB, job)
+        return [t.RunnerInfo.from_row(r, times=local) for r in rows]
 
     async def heartbeat(self, beat: t.Heartbeat) -> t.Renewal:
         job, owner, ttl = beat.job, beat.owner, beat.ttl
@@ -325,7 +279,7 @@ class PostgresLedger(Ledger):
             if not keys:
                 return t.Renewal(True)
             rows = await conn.fetch(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
-            return t.Renewal(True, frozenset(keys) - {r[0] for r in rows})
+            return t.Renewal(True, frozenset(keys) - {key for (key,) in rows})
 
         return await self._session.transact(renew)
 
@@ -339,7 +293,10 @@ class PostgresLedger(Ledger):
         await self._session.transact(release)
 
     async def locks(self) -> list[t.LockInfo]:
-        return [self._lock_info(r) for r in await self._session.fetch(sql.LOCK_LIST)]
+        local = self._session.local
+        return [
+            t.LockInfo.from_row(r, times=local) for r in await self._session.fetch(sql.LOCK_LIST)
+        ]
 
     async def force_unlock(self, job: str, owner: str) -> bool:
         async def unlock(conn: Connection) -> bool:
@@ -369,19 +326,18 @@ class PostgresLedger(Ledger):
             return await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
         found = await self._session.transact(claim, one=True)
-        claimed = [t.ClaimedRow(k, s, f, a, n, p) for k, s, f, a, n, p in found if s == "running"]
-        unclaimed = [key for key, state, *_ in found if state == "check"]
+        # The leased rows' columns are ClaimedRow's LEASE_FIELDS, in order: made by position,
+        # one per item (the hot path).
+        claimed = [t.ClaimedRow(*r) for r in found if r["state"] == "running"]
+        unclaimed = [r["key"] for r in found if r["state"] == "check"]
         for row in (
             await self._session.fetch(sql.CLAIM_CHECK, job, unclaimed, owner) if unclaimed else []
         ):
-            key, state, fence, attempts, interrupted, post, relpath, size, mtime, inode = row
-            if state in ("running", "held", "failed"):  # the handled file only when finished
-                claimed.append(t.ClaimedRow(key, state, fence, attempts, interrupted, post))
-            else:
-                handled = (bytes(relpath), size, mtime, _unsigned(inode))
-                claimed.append(
-                    t.ClaimedRow(key, state, fence, attempts, interrupted, post, *handled)
-                )
+            # The handled file only when finished.
+            lease_only = row["state"] in ("running", "held", "failed")
+            claimed.append(
+                t.ClaimedRow.from_row(row, lease_only=lease_only, relpath=bytes, inode=_unsigned)
+            )
         self._added += sum(1 for r in claimed if r.fence == 1 and r.state == "running")
         if self._added >= self._analyze_after:
             await self._analyze()
@@ -409,12 +365,8 @@ class PostgresLedger(Ledger):
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit)
 
-        return [
-            t.ClaimedRow(
-                r[0], "running", r[5], r[6], r[7], r[8], bytes(r[1]), r[2], r[3], _unsigned(r[4])
-            )
-            for r in await self._session.transact(claim, one=True)
-        ]
+        rows = await self._session.transact(claim, one=True)
+        return [t.ClaimedRow.from_row(r, relpath=bytes, inode=_unsigned) for r in rows]
 
     async def next_retry_at(self, job: str) -> float | None:
         wait = await self._session.fetchval(sql.NEXT_RETRY_IN, job)
@@ -451,7 +403,8 @@ class PostgresLedger(Ledger):
         async def commit(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.COMMIT_OUTCOMES, job, owner, *columns)
 
-        changed = {r[0] for r in await self._outcomes().transact(commit, one=True) if r[1]}
+        rows = await self._outcomes().transact(commit, one=True)
+        changed = {key for key, outcome in rows if outcome}
         return {o.key for o in outcomes} - changed
 
     async def release_items(self, job: str, owner: str, items: t.Leases) -> None:
@@ -525,7 +478,8 @@ class PostgresLedger(Ledger):
             gone: list[t.ItemInfo] = []
             refused: list[t.ItemInfo] = []
             for row in await conn.fetch(sql.FORGET_READ, job, keys):
-                live = row[4] == "running" and row[12] is not None and row[12] >= row[21]
+                lease = row["lease_until"]  # in the server's clock, as is "now"
+                live = row["state"] == "running" and lease is not None and lease >= row["now"]
                 (refused if live else gone).append(self._item(row))
             if gone:
                 await conn.execute(sql.FORGET_KEYS, job, [item.key for item in gone])
@@ -551,7 +505,8 @@ class PostgresLedger(Ledger):
         if seq is None:
             return int(await self._session.fetchval(sql.FORGOTTEN_LAST)), []
         rows = await self._session.fetch(sql.FORGOTTEN_SINCE, job, seq)
-        return (int(rows[-1][0]) if rows else seq), [bytes(r[1]) for r in rows]
+        last = max((number for number, _ in rows), default=seq)
+        return int(last), [bytes(relpath) for _, relpath in rows]
 
     async def _finished_by(self, job: str, owners: Sequence[str]) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
@@ -561,22 +516,8 @@ class PostgresLedger(Ledger):
 
     async def _runs(self, job: str, limit: int) -> list[t.RunInfo]:
         local = self._session.local
-        return [
-            t.RunInfo(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                local(r[6]),
-                None if r[7] is None else local(r[7]),
-                r[8],
-                t.RunTotals.of_row(r[10:]),
-                settings_changed=r[9],
-            )
-            for r in await self._session.fetch(sql.RUNS_OF_JOB, job, limit)
-        ]
+        rows = await self._session.fetch(sql.RUNS_OF_JOB, job, limit)
+        return [t.RunInfo.from_row(r, times=local) for r in rows]
 
     async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:
         states = ["failed", "dead"] if dead else ["failed"]
@@ -600,12 +541,8 @@ class PostgresLedger(Ledger):
                 return t.IdempotencyClaim("run", "new")
             row = await conn.fetchrow(sql.IDEMPOTENCY_GET, request.scope, request.key)
             assert row is not None  # a conflicting insert waits for the row's commit
-            fp, state, status, headers, body, locked_until, expires_at, now = row
-            response = stored_response(status, headers, body or b"") if state == "done" else None
-            reason = headers if state == "unstored" else ""
-            found = decide_idempotency(
-                request.fingerprint, fp, state, response, locked_until, expires_at, now, reason
-            )
+            record = IdempotencyRecord.from_row(row)  # in the server's clock, as is "now"
+            found = decide_idempotency(request.fingerprint, record, row["now"])
             if found.decision == "run":
                 await conn.execute(sql.IDEMPOTENCY_TAKE_OVER, *fresh)
             return found

@@ -22,7 +22,18 @@ from __future__ import annotations
 
 from typing import Final
 
-from .types import TOTALS, ItemFilter, totals_since
+from .idempotency import IdempotencyRecord
+from .types import (
+    LEASE_FIELDS,
+    TOTALS,
+    ClaimedRow,
+    ItemFilter,
+    ItemInfo,
+    LockInfo,
+    RunInfo,
+    RunnerInfo,
+    totals_since,
+)
 
 #: The schema version this code writes (``meta.schema_version``).
 SCHEMA_VERSION: Final = 5
@@ -227,15 +238,13 @@ LIST_JOBS = "SELECT job FROM jobs ORDER BY job"
 JOB_LOCK_GUARD = """
 SELECT pg_advisory_xact_lock(hashtext('asyncbatch.lock:' || current_schema()), hashtext($1))
 """
-#: The lock row (locked for this transaction) and the server's time; no row if unlocked.
+#: The lock row (LockInfo, locked for this transaction) and the server's time (``now``); no
+#: row if unlocked.
 LOCK_GET = f"""
-SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at, {NOW}
+SELECT {", ".join(LockInfo.columns())}, {NOW} AS now
 FROM task_lock WHERE job_id = $1 FOR UPDATE
 """
-LOCK_LIST = """
-SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at
-FROM task_lock ORDER BY job_id
-"""
+LOCK_LIST = f"SELECT {', '.join(LockInfo.columns())} FROM task_lock ORDER BY job_id"
 #: $1 job, $2 owner, $3 pid, $4 host, $5 pid_start, $6 ttl. Returns a row when inserted.
 LOCK_INSERT = f"""
 INSERT INTO task_lock (job_id, owner, pid, host, pid_start, acquired_at, expires_at)
@@ -271,9 +280,9 @@ UPDATE runners SET heartbeat_at = {NOW}, expires_at = {NOW} + $2::float8 WHERE o
 RETURNING owner
 """
 RUNNER_REMOVE = "DELETE FROM runners WHERE owner = $1"
-#: The job's runners and the server's time (in every row).
+#: The job's runners (RunnerInfo) and the server's time (``now``, in every row).
 RUNNERS_OF_JOB = f"""
-SELECT owner, pid, host, pid_start, shared, started_at, heartbeat_at, expires_at, {NOW}
+SELECT {", ".join(RunnerInfo.columns())}, {NOW} AS now
 FROM runners WHERE job = $1 ORDER BY started_at, owner
 """
 #: Hand the items of a runner that is gone back (a scan of the job: runs after a crash).
@@ -303,12 +312,12 @@ _INTERRUPTED = (
 #: failed and expired running entries are leased with the fence incremented (an attempt is
 #: counted when it starts: see COMMIT_OUTCOMES). A conflicting row being written by another
 #: transaction is waited for, then re-checked on its new version, so two runners never both
-#: lease one item. Returns the leased rows as (key, 'running', fence, attempts, interrupted,
-#: post_action), and the other keys whose fate the statement's snapshot cannot tell (anything
-#: but plainly done: held, failed, dead, done with a post action, or a row that another runner
-#: committed while this statement waited) as (key, 'check', NULL...): CLAIM_CHECK reads those
-#: in a statement of its own. A fresh inbox (all leased) or a resume (all done) needs no
-#: second statement.
+#: lease one item. Returns the leased rows as ClaimedRows, their LEASE_FIELDS in order (state
+#: 'running'), and the other keys whose fate the statement's snapshot cannot
+#: tell (anything but plainly done: held, failed, dead, done with a post action, or a row that
+#: another runner committed while this statement waited) as (key, 'check', NULL...):
+#: CLAIM_CHECK reads those in a statement of its own. A fresh inbox (all leased) or a resume
+#: (all done) needs no second statement.
 CLAIM_SCANNED = f"""
 WITH claimed AS (
 INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, owner,
@@ -334,9 +343,9 @@ ON CONFLICT (job, key) DO UPDATE SET
 WHERE i.state IN ('pending', 'vanished')
    OR (i.state = 'failed' AND i.next_attempt_at <= {NOW})
    OR (i.state = 'running' AND i.lease_until < {NOW})
-RETURNING i.key, i.fence, i.attempts, i.interrupted, i.post_action
+RETURNING {", ".join(f"i.{name}" for name in LEASE_FIELDS)}
 )
-SELECT key, 'running', fence, attempts, interrupted, post_action FROM claimed
+SELECT {", ".join(LEASE_FIELDS)} FROM claimed
 UNION ALL
 SELECT r.key, 'check', NULL, NULL, NULL, NULL
 FROM unnest($4::text[]) AS r(key)
@@ -344,15 +353,15 @@ WHERE r.key NOT IN (SELECT key FROM claimed)
   AND NOT EXISTS (SELECT 1 FROM items d WHERE d.job = $1 AND d.key = r.key
                                        AND d.state = 'done' AND d.post_action IS NULL)
 """
-#: The keys of a chunk that a claim did not lease ($1 job, $2 keys, $3 owner): every row but the
-#: plainly done ones, as (key, state, fence, attempts, interrupted, post_action, relpath,
-#: size, mtime_ns, inode). 'running': leased to $3 after all (a claim whose commit was lost
-#: with its connection, then run again); 'held': another runner's (or being taken by one);
-#: 'failed': a retry not due yet; 'dead'; done rows whose post-commit action may still be due,
-#: with the file that was handled.
+#: The keys of a chunk that a claim did not lease ($1 job, $2 keys, $3 owner): every row but
+#: the plainly done ones, as ClaimedRows. 'running': leased to $3 after all (a claim whose
+#: commit was lost with its connection, then run again); 'held': another runner's (or being
+#: taken by one); 'failed': a retry not due yet; 'dead'; done rows whose post-commit action may
+#: still be due, with the file that was handled.
 CLAIM_CHECK = """
 SELECT key, CASE WHEN state = 'running' AND owner = $3 THEN 'running'
-                 WHEN state IN ('running', 'pending', 'vanished') THEN 'held' ELSE state END,
+                 WHEN state IN ('running', 'pending', 'vanished') THEN 'held' ELSE state END
+           AS state,
        fence, attempts, interrupted, post_action, relpath, size, mtime_ns, inode
 FROM items
 WHERE job = $1 AND key = ANY($2::text[]) AND (state <> 'done' OR post_action IS NOT NULL)
@@ -376,11 +385,9 @@ WITH waiting AS (
                           interrupted = i.interrupted + {_INTERRUPTED}
     FROM waiting
     WHERE i.job = $1 AND i.key = waiting.key
-    RETURNING i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.fence, i.attempts,
-              i.interrupted, i.post_action
+    RETURNING {", ".join(f"i.{name}" for name in ClaimedRow.columns())}
 )
-SELECT key, relpath, size, mtime_ns, inode, fence, attempts, interrupted, post_action
-FROM claimed ORDER BY mtime_ns, relpath
+SELECT {", ".join(ClaimedRow.columns())} FROM claimed ORDER BY mtime_ns, relpath
 """
 #: Seconds from the server's now until the earliest failed item is due (may be negative).
 NEXT_RETRY_IN = f"""
@@ -467,13 +474,9 @@ ANALYZE_ITEMS = "ANALYZE items"
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = $1 GROUP BY state"
-#: An item's full record (ItemInfo, in order; times the server's), with its runner's pid and
-#: host from the run history (runs_owner).
-_ITEM_COLUMNS = """key, relpath, size, mtime_ns, state, attempts, interrupted, last_error,
-    updated_at, inode, owner, fence, lease_until, next_attempt_at, post_action, created_at,
-    started_at, finished_at, runner,
-    (SELECT pid FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1),
-    (SELECT host FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1)"""
+#: An item's full record (ItemInfo; times the server's), with its runner's pid and host from
+#: the run history (runs_owner).
+_ITEM_COLUMNS = ", ".join(ItemInfo.columns())
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND key = $2"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND relpath = $2"
 FAILURES = f"""
@@ -512,11 +515,11 @@ def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, list[str
 
 
 #: Forgetting items, in one transaction. $1 job, $2 keys: their rows, locked, with the
-#: server's now (to judge their leases by).
+#: server's time (``now``, to judge their leases by).
 #: The states of some items: $1 job, $2 keys.
 STATES_OF = "SELECT key, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
 FORGET_READ = f"""
-SELECT {_ITEM_COLUMNS}, {NOW} FROM items WHERE job = $1 AND key = ANY($2::text[])
+SELECT {_ITEM_COLUMNS}, {NOW} AS now FROM items WHERE job = $1 AND key = ANY($2::text[])
 ORDER BY key FOR UPDATE
 """
 #: $1 job, $2 keys.
@@ -594,8 +597,7 @@ WHERE job = $1 AND state IN ('done', 'dead', 'vanished') AND runner = ANY($2::te
 GROUP BY runner, state
 """
 RUNS_OF_JOB = f"""
-SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,
-       {", ".join(TOTALS)}
+SELECT {", ".join(RunInfo.columns())}
 FROM runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
 """
 
@@ -613,9 +615,10 @@ VALUES ($1, $2, $3, 'running', $4, {NOW}, {NOW} + $5::float8, {NOW} + $6::float8
 ON CONFLICT (scope, key) DO NOTHING
 RETURNING 1
 """
-#: The record of $1 scope, $2 key, locked for this transaction, and the server's now.
+#: The record of $1 scope, $2 key (IdempotencyRecord), locked for this transaction, and the
+#: server's time (``now``).
 IDEMPOTENCY_GET = f"""
-SELECT fingerprint, state, status, headers, body, locked_until, expires_at, {NOW}
+SELECT {", ".join(IdempotencyRecord.columns())}, {NOW} AS now
 FROM idempotency_keys WHERE scope = $1 AND key = $2 FOR UPDATE
 """
 #: Take over an expired or abandoned record: $1 scope, $2 key, $3 fingerprint, $4 token,

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import aiosqlite
 import anyio
@@ -43,19 +43,8 @@ from . import sqlite_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
 from .aiosqlite_bridge import connect, on_thread, raw
-from .base import (
-    BUSY,
-    FORGOTTEN_KEPT,
-    Busy,
-    Ledger,
-    decide_idempotency,
-    decide_job,
-    decide_lock,
-    encode_headers,
-    glob_regex,
-    retrying,
-    stored_response,
-)
+from .base import BUSY, FORGOTTEN_KEPT, Busy, Ledger, decide_job, decide_lock, glob_regex, retrying
+from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .sqlite_open import check_state_path, companions, open_error, read_only_view
 
 __all__ = ["SQLiteLedger"]
@@ -66,6 +55,8 @@ T = TypeVar("T")
 #: SQLite's own busy wait (ms) before a statement reports the database locked; waits for the
 #: write lock are retried by the transaction runner, in short jittered steps, up to busy_timeout.
 _SQLITEBUSY_MS = 20
+#: The fields of a claimed row that is not finished (see :func:`_claimed`).
+_LEASED = len(t.LEASE_FIELDS)
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -73,9 +64,32 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _item(row: Sequence[Any]) -> t.ItemInfo:
-    """An item's full record, from the columns of ``sqlite_sql._ITEM_COLUMNS``."""
-    return t.ItemInfo(row[0], os.fsdecode(row[1]), *row[2:])
+def _named(conn: sqlite3.Connection, query: str, params: Any = ()) -> list[dict[str, Any]]:
+    """The rows of ``query``, each a dict by column name: the reads that build value objects
+    (the hot path's statements keep plain tuples)."""
+    cursor = conn.execute(query, params)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+#: An item's full record (a row of ``sqlite_sql._ITEM_COLUMNS``).
+_item: Final = t.ItemInfo.reader(relpath=os.fsdecode)
+#: A registered runner (a row of ``sqlite_sql.RUNNERS_OF_JOB``).
+_runner: Final = t.RunnerInfo.reader(shared=bool)
+
+
+def _claimed(found: str) -> list[t.ClaimedRow]:
+    """The rows of a chunk's claim, as :data:`sqlite_sql.CLAIMED_IN_CHUNK` gives them: JSON
+    arrays of the :class:`~.types.ClaimedRow` fields, in order (the hot path: a claim makes
+    one per item); a finished row has them all, its handled file's relpath in hex."""
+    claimed = []
+    for values in json.loads(found):
+        if len(values) == _LEASED:
+            claimed.append(t.ClaimedRow(*values))
+        else:
+            row = dict(zip(t.ClaimedRow.columns(), values, strict=True))
+            claimed.append(t.ClaimedRow.from_row(row, relpath=bytes.fromhex))
+    return claimed
 
 
 def _glob(regex: str, relpath: bytes) -> bool:
@@ -155,9 +169,8 @@ def _take_lock(
     now: float,
 ) -> t.LockInfo | None:
     """The lock part of :meth:`SQLiteLedger.start_runner`; returns the stale lock."""
-    row = conn.execute(sql.LOCK_GET, (job,)).fetchone()
-    held = None if row is None else t.LockInfo(*row)
-    runners = [] if shared else [t.RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]
+    held = next((t.LockInfo.from_row(row) for row in _named(conn, sql.LOCK_GET, (job,))), None)
+    runners = [] if shared else [_runner(r) for r in _named(conn, sql.RUNNERS_OF_JOB, (job,))]
     stale = decide_lock(job, held, runners, me=me, shared=shared, now=now)
     if stale is not None:
         conn.execute(sql.RUN_KILLED, {"job": job, "owner": stale.owner, "now": now})
@@ -176,7 +189,7 @@ def _take_lock(
 
 def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float) -> int:
     released = 0
-    for runner in [t.RunnerInfo(*r) for r in conn.execute(sql.RUNNERS_OF_JOB, (job,))]:
+    for runner in [_runner(r) for r in _named(conn, sql.RUNNERS_OF_JOB, (job,))]:
         if runner.alive(now, me):
             continue
         conn.execute(sql.RUN_KILLED, {"job": job, "owner": runner.owner, "now": now})
@@ -206,8 +219,8 @@ def _tx_claim_scanned(
     conn: sqlite3.Connection, query: str, params: list[Any], check: tuple[Any, ...]
 ) -> str | None:
     conn.execute(query, params)
-    found = conn.execute(sql.CLAIMED_IN_CHUNK, check).fetchone()
-    return None if found is None else str(found[0])
+    (found,) = conn.execute(sql.CLAIMED_IN_CHUNK, check).fetchone()
+    return None if found is None else str(found)
 
 
 def _tx_commit(
@@ -237,14 +250,9 @@ def _tx_commit(
 def _tx_idempotency_claim(conn: sqlite3.Connection, fresh: dict[str, Any]) -> t.IdempotencyClaim:
     if conn.execute(sql.IDEMPOTENCY_INSERT, fresh).rowcount == 1:
         return t.IdempotencyClaim("run", "new")
-    fp, state, status, headers, body, locked_until, expires_at = conn.execute(
-        sql.IDEMPOTENCY_GET, (fresh["scope"], fresh["key"])
-    ).fetchone()  # the insert was ignored inside this write transaction: the row is there
-    response = stored_response(status, headers, body or b"") if state == "done" else None
-    reason = headers if state == "unstored" else ""
-    claim = decide_idempotency(
-        fresh["fingerprint"], fp, state, response, locked_until, expires_at, fresh["now"], reason
-    )
+    # The insert was ignored inside this write transaction: the row is there.
+    (row,) = _named(conn, sql.IDEMPOTENCY_GET, (fresh["scope"], fresh["key"]))
+    claim = decide_idempotency(fresh["fingerprint"], IdempotencyRecord.from_row(row), fresh["now"])
     if claim.decision == "run":
         conn.execute(sql.IDEMPOTENCY_TAKE_OVER, fresh)
     return claim
@@ -500,6 +508,14 @@ class SQLiteLedger(Ledger):
             with self._errors():
                 return list(await self._db.execute_fetchall(query, params))
 
+    async def _fetch_named(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[dict[str, Any]]:
+        """The rows of a read, each a dict by column name (see :func:`_named`)."""
+        async with self._lock:
+            with self._errors():
+                return await on_thread(self._db, lambda: _named(raw(self._db), query, params))
+
     async def _scalar(self, query: str, params: Sequence[Any] = ()) -> Any:
         async with self._db.execute(query, params) as cur:
             row = await cur.fetchone()
@@ -516,7 +532,7 @@ class SQLiteLedger(Ledger):
         return None if value is None else str(value)
 
     async def jobs(self) -> list[str]:
-        return [r[0] for r in await self._fetchall(sql.LIST_JOBS)]
+        return [job for (job,) in await self._fetchall(sql.LIST_JOBS)]
 
     async def job_identity(self, job: str) -> str | None:
         value = await self._value(sql.GET_JOB, (job,))
@@ -535,8 +551,7 @@ class SQLiteLedger(Ledger):
         return await self._transact(_tx_reap, job, me, self.clock())
 
     async def runners(self, job: str) -> list[t.RunnerInfo]:
-        rows = await self._fetchall(sql.RUNNERS_OF_JOB, (job,))
-        return [t.RunnerInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows]
+        return [_runner(r) for r in await self._fetch_named(sql.RUNNERS_OF_JOB, (job,))]
 
     async def heartbeat(self, beat: t.Heartbeat) -> t.Renewal:
         now = self.clock()
@@ -554,7 +569,7 @@ class SQLiteLedger(Ledger):
         await self._transact(release, self.clock())
 
     async def locks(self) -> list[t.LockInfo]:
-        return [t.LockInfo(*r) for r in await self._fetchall(sql.LOCK_LIST)]
+        return [t.LockInfo.from_row(r) for r in await self._fetch_named(sql.LOCK_LIST)]
 
     async def force_unlock(self, job: str, owner: str) -> bool:
         def unlock(conn: sqlite3.Connection) -> bool:
@@ -576,28 +591,18 @@ class SQLiteLedger(Ledger):
         query = self._claim_sql.get(len(rows))
         if query is None:
             query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
-        check = (job, json.dumps([row[0] for row in rows]), owner)
+        check = (job, json.dumps([key for key, _, _, _, _ in rows]), owner)
         found = await self._transact(_tx_claim_scanned, query, params, check)
-        if not found:
-            return []
-        claimed = []
-        for r in json.loads(found):
-            if len(r) > 6:  # a finished row, with the file that was handled (relpath in hex)
-                r[6] = bytes.fromhex(r[6])
-            claimed.append(t.ClaimedRow(*r))
-        return claimed
+        return _claimed(found) if found else []
 
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
     ) -> list[t.ClaimedRow]:
-        def claim(conn: sqlite3.Connection, now: float) -> list[Any]:
-            return conn.execute(sql.CLAIM_WAITING, (job, owner, now + lease, now, limit)).fetchall()
+        def claim(conn: sqlite3.Connection, now: float) -> list[t.ClaimedRow]:
+            params = (job, owner, now + lease, now, limit)
+            return [t.ClaimedRow.from_row(r) for r in _named(conn, sql.CLAIM_WAITING, params)]
 
-        result = await self._transact(claim, self.clock())
-        return [
-            t.ClaimedRow(r[0], "running", r[5], r[6], r[7], r[8], r[1], r[2], r[3], r[4])
-            for r in result
-        ]
+        return await self._transact(claim, self.clock())
 
     async def next_retry_at(self, job: str) -> float | None:
         value = await self._value(sql.NEXT_RETRY_AT, (job,))
@@ -664,7 +669,7 @@ class SQLiteLedger(Ledger):
             for key, row_owner, fence, state in rows
             if row_owner != owner or fence != mine[key].fence or state == "running"
         }
-        return lost | (set(mine) - {r[0] for r in rows})
+        return lost | (set(mine) - {key for key, _, _, _ in rows})
 
     async def release_items(self, job: str, owner: str, items: t.Leases) -> None:
         if not items:
@@ -702,19 +707,18 @@ class SQLiteLedger(Ledger):
         return None if value is None else float(value)
 
     async def failures(self, job: str, limit: int) -> list[t.ItemInfo]:
-        return [_item(r) for r in await self._fetchall(sql.FAILURES, (job, limit))]
+        return [_item(r) for r in await self._fetch_named(sql.FAILURES, (job, limit))]
 
     async def _items_by_key(self, job: str, key: str) -> list[t.ItemInfo]:
-        return [_item(r) for r in await self._fetchall(sql.ITEM_BY_KEY, (job, key))]
+        return [_item(r) for r in await self._fetch_named(sql.ITEM_BY_KEY, (job, key))]
 
     async def _items_by_relpath(self, job: str, relpath: bytes) -> list[t.ItemInfo]:
-        return [_item(r) for r in await self._fetchall(sql.ITEMS_BY_RELPATH, (job, relpath))]
+        return [_item(r) for r in await self._fetch_named(sql.ITEMS_BY_RELPATH, (job, relpath))]
 
     async def list_items(self, job: str, which: t.ItemFilter) -> list[t.ItemInfo]:
         query, params = sql.list_items(which)
-        return [
-            _item(r) for r in await self._fetchall(query, self._filter_params(job, which, params))
-        ]
+        rows = await self._fetch_named(query, self._filter_params(job, which, params))
+        return [_item(r) for r in rows]
 
     async def count_items(self, job: str, which: t.ItemFilter) -> int:
         query, params = sql.list_items(which, count=True)
@@ -730,15 +734,12 @@ class SQLiteLedger(Ledger):
         def forget(conn: sqlite3.Connection, now: float) -> t.Forgotten:
             gone: list[t.ItemInfo] = []
             refused: list[t.ItemInfo] = []
-            for key in keys:
-                row = conn.execute(sql.FORGET_READ, (job, key)).fetchone()
-                if row is None:
-                    continue
-                item = _item(row)
+            found = [_item(r) for key in keys for r in _named(conn, sql.FORGET_READ, (job, key))]
+            for item in found:
                 if _lease_is_live(item, now):
                     refused.append(item)
                     continue
-                conn.execute(sql.FORGET_ITEM, (job, key))
+                conn.execute(sql.FORGET_ITEM, (job, item.key))
                 gone.append(item)
             _log_forgotten(conn, job, gone, now)
             return t.Forgotten(tuple(gone), tuple(refused))
@@ -747,7 +748,7 @@ class SQLiteLedger(Ledger):
 
     async def _forget_done_before(self, job: str, before: float) -> t.Forgotten:
         def forget(conn: sqlite3.Connection, now: float) -> t.Forgotten:
-            gone = [_item(r) for r in conn.execute(sql.FORGET_READ_DONE_BEFORE, (job, before))]
+            gone = [_item(r) for r in _named(conn, sql.FORGET_READ_DONE_BEFORE, (job, before))]
             conn.execute(sql.FORGET_DONE_BEFORE, (job, before))
             _log_forgotten(conn, job, gone, now)
             return t.Forgotten(tuple(gone))
@@ -759,7 +760,8 @@ class SQLiteLedger(Ledger):
             ((last,),) = await self._fetchall(sql.FORGOTTEN_LAST, ())
             return int(last), []
         rows = await self._fetchall(sql.FORGOTTEN_SINCE, (job, seq))
-        return (int(rows[-1][0]) if rows else seq), [bytes(r[1]) for r in rows]
+        last = max((number for number, _ in rows), default=seq)
+        return int(last), [bytes(relpath) for _, relpath in rows]
 
     async def _finished_by(self, job: str, owners: Sequence[str]) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
@@ -769,20 +771,7 @@ class SQLiteLedger(Ledger):
 
     async def _runs(self, job: str, limit: int) -> list[t.RunInfo]:
         return [
-            t.RunInfo(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                t.RunTotals.of_row(r[10:]),
-                r[9],
-            )
-            for r in await self._fetchall(sql.RUNS_OF_JOB, (job, limit))
+            t.RunInfo.from_row(r) for r in await self._fetch_named(sql.RUNS_OF_JOB, (job, limit))
         ]
 
     async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:

@@ -8,9 +8,21 @@ with more than a few parameters name them (``:name``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
-from .types import TOTALS, ItemFilter, totals_since
+from .idempotency import IdempotencyRecord
+from .types import (
+    LEASE_FIELDS,
+    TOTALS,
+    ClaimedRow,
+    ItemFilter,
+    ItemInfo,
+    LockInfo,
+    RunInfo,
+    RunnerInfo,
+    totals_since,
+)
 
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
@@ -183,12 +195,9 @@ LOCK_INSERT = """
 INSERT OR IGNORE INTO task_lock (job_id, owner, pid, host, pid_start, acquired_at, expires_at)
 VALUES (:job, :owner, :pid, :host, :pid_start, :now, :expires_at)
 """
-LOCK_GET = """
-SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at FROM task_lock WHERE job_id = ?
-"""
-LOCK_LIST = """
-SELECT job_id, owner, pid, host, pid_start, acquired_at, expires_at FROM task_lock ORDER BY job_id
-"""
+#: A job's lock (LockInfo).
+LOCK_GET = f"SELECT {', '.join(LockInfo.columns())} FROM task_lock WHERE job_id = ?"
+LOCK_LIST = f"SELECT {', '.join(LockInfo.columns())} FROM task_lock ORDER BY job_id"
 LOCK_TAKE_OVER = """
 UPDATE task_lock SET owner = :owner, pid = :pid, host = :host, pid_start = :pid_start,
                      acquired_at = :now, expires_at = :expires_at
@@ -205,10 +214,8 @@ VALUES (:owner, :job, :pid, :host, :pid_start, :shared, :now, :now, :expires_at)
 """
 RUNNER_EXTEND = "UPDATE runners SET heartbeat_at = ?, expires_at = ? WHERE owner = ?"
 RUNNER_REMOVE = "DELETE FROM runners WHERE owner = ?"
-RUNNERS_OF_JOB = """
-SELECT owner, pid, host, pid_start, shared, started_at, heartbeat_at, expires_at
-FROM runners WHERE job = ?
-"""
+#: A job's runners (RunnerInfo).
+RUNNERS_OF_JOB = f"SELECT {', '.join(RunnerInfo.columns())} FROM runners WHERE job = ?"
 # Hand the items of a runner that is gone back to the ledger (a full scan: runs after a crash).
 REAP_ITEMS = """
 UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
@@ -262,22 +269,28 @@ def claim_scanned(rows: int) -> str:
     return _CLAIM_HEAD + values + _CLAIM_TAIL
 
 
-# What the claim above did to a chunk, as one JSON array of [key, state, fence, attempts,
-# interrupted, post_action]: every row of the chunk but the plainly done ones. 'running': leased
-# to this owner (by this claim, or before it); 'held': leased to another runner; 'failed': a
-# retry not due yet; 'dead'; and done rows whose post-commit action may still be due. Dead and
-# done rows add [hex(relpath), size, mtime_ns, inode]: the file that was handled, which the
-# post-commit action must still find (a newer file under the name is left alone).
-# ?1 job, ?2 JSON array of the chunk's keys, ?3 owner.
-CLAIMED_IN_CHUNK = """
+def _claimed_json(fields: Sequence[str], **expressions: str) -> str:
+    """A ``json_array`` of these :class:`ClaimedRow` fields, in its order: each field's column,
+    or the SQL expression given for it."""
+    return f"json_array({', '.join(expressions.get(name, name) for name in fields)})"
+
+
+# What the claim above did to a chunk, as one JSON array of ClaimedRows, each an array of its
+# fields in order (LEASE_FIELDS: key, state, fence, attempts, interrupted, post_action): every
+# row of the chunk but the plainly done ones. 'running': leased to this owner (by this claim,
+# or before it); 'held': leased to another runner; 'failed': a retry not due yet; 'dead'; and
+# done rows whose post-commit action may still be due. Dead and done rows have every field,
+# the file that was handled too (relpath in hex), which the post-commit action must still
+# find (a newer file under the name is left alone). ?1 job, ?2 JSON array of the chunk's keys,
+# ?3 owner.
+_HELD_OR_FAILED = "CASE WHEN state = 'failed' THEN 'failed' ELSE 'held' END"
+CLAIMED_IN_CHUNK = f"""
 SELECT json_group_array(CASE
     WHEN state = 'running' AND owner = ?3
-        THEN json_array(key, 'running', fence, attempts, interrupted, post_action)
+        THEN {_claimed_json(LEASE_FIELDS)}
     WHEN state IN ('running', 'failed', 'pending', 'vanished')
-        THEN json_array(key, CASE WHEN state = 'failed' THEN 'failed' ELSE 'held' END, fence,
-                        attempts, interrupted, post_action)
-    ELSE json_array(key, state, fence, attempts, interrupted, post_action,
-                    hex(relpath), size, mtime_ns, inode) END)
+        THEN {_claimed_json(LEASE_FIELDS, state=_HELD_OR_FAILED)}
+    ELSE {_claimed_json(ClaimedRow.columns(), relpath="hex(relpath)")} END)
 FROM items
 WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
   AND (state <> 'done' OR post_action IS NOT NULL)
@@ -294,7 +307,7 @@ WHERE job = ?1 AND key IN (
     WHERE job = ?1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= ?4)
     ORDER BY mtime_ns, relpath LIMIT ?5)
-RETURNING key, relpath, size, mtime_ns, inode, fence, attempts, interrupted, post_action
+RETURNING {", ".join(ClaimedRow.columns())}
 """
 NEXT_RETRY_AT = """
 SELECT min(next_attempt_at) FROM items INDEXED BY items_waiting
@@ -373,13 +386,8 @@ WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = ? GROUP BY state"
-#: An item's full record (ItemInfo, in order), with its runner's pid and host from the run
-#: history (runs_owner).
-_ITEM_COLUMNS = """key, relpath, size, mtime_ns, state, attempts, interrupted, last_error,
-    updated_at, inode, owner, fence, lease_until, next_attempt_at, post_action, created_at,
-    started_at, finished_at, runner,
-    (SELECT pid FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1),
-    (SELECT host FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1)"""
+#: An item's full record (ItemInfo), with its runner's pid and host from the run history.
+_ITEM_COLUMNS = ", ".join(ItemInfo.columns())
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND key = ?"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND relpath = ?"
 FAILURES = f"""
@@ -479,8 +487,7 @@ WHERE job = ?1 AND state IN ('done', 'dead', 'vanished')
 GROUP BY runner, state
 """
 RUNS_OF_JOB = f"""
-SELECT id, job, owner, pid, host, mode, started_at, finished_at, exit_status, settings_changed,
-       {", ".join(TOTALS)}
+SELECT {", ".join(RunInfo.columns())}
 FROM runs WHERE job = ? ORDER BY started_at DESC, id DESC LIMIT ?
 """
 
@@ -499,9 +506,8 @@ INSERT OR IGNORE INTO idempotency_keys
     (scope, key, fingerprint, state, headers, created_at, locked_until, expires_at)
 VALUES (:scope, :key, :fingerprint, 'running', :token, :now, :locked_until, :expires_at)
 """
-IDEMPOTENCY_GET = """
-SELECT fingerprint, state, status, headers, body, locked_until, expires_at
-FROM idempotency_keys WHERE scope = ? AND key = ?
+IDEMPOTENCY_GET = f"""
+SELECT {", ".join(IdempotencyRecord.columns())} FROM idempotency_keys WHERE scope = ? AND key = ?
 """
 # Take over an expired row, or a running row whose owner outlived its lock (abandoned).
 IDEMPOTENCY_TAKE_OVER = """

@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, NamedTuple
 
 from .._procinfo import ProcessIdentity, holder_is_dead
+from .rows import Row, RowValue, column
 
 __all__ = [
     "CATEGORIES",
     "JOBLOG_COUNTS",
     "LABELS",
+    "LEASE_FIELDS",
     "STATES",
     "TOTALS",
     "ClaimedRow",
@@ -66,7 +68,8 @@ class ClaimedRow(NamedTuple):
 
     ``attempts`` counts the attempts that started, ``interrupted`` those of them that the
     runner's death or stop cut short. ``relpath``, ``size``, ``mtime_ns`` and ``inode`` are the
-    row's: for a finished row, the file that was handled.
+    row's: for a finished row, the file that was handled. A tuple (a claim makes one per item):
+    its columns are its fields, as for the value objects of :mod:`.rows`.
     """
 
     key: str
@@ -79,6 +82,26 @@ class ClaimedRow(NamedTuple):
     size: int = 0
     mtime_ns: int = 0
     inode: int = 0
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        """The SELECT list that reads a claimed row: its fields, in order."""
+        return cls._fields
+
+    @classmethod
+    def from_row(
+        cls, row: Row, *, lease_only: bool = False, **convert: Callable[[Any], Any]
+    ) -> ClaimedRow:
+        """A claimed row from ``row``, each field from the column of its name (with
+        ``lease_only``, the :data:`LEASE_FIELDS` only: the handled file's keep their defaults).
+        ``convert`` names a function that converts one field's value as the driver returned it.
+        """
+        names = LEASE_FIELDS if lease_only else cls._fields
+        return cls(*[convert[n](row[n]) if n in convert else row[n] for n in names])
+
+
+#: The fields of a :class:`ClaimedRow` that every claim returns; the handled file's follow.
+LEASE_FIELDS: Final = ClaimedRow._fields[: ClaimedRow._fields.index("relpath")]
 
 
 @dataclass(slots=True, eq=False)
@@ -120,16 +143,16 @@ class Outcome(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class LockInfo:
+class LockInfo(RowValue):
     """A job lock as recorded in the ledger (times in the caller's clock)."""
 
-    job: str
+    job: str = field(metadata=column(sql="job_id"))
     owner: str
     pid: int | None
     host: str | None
     pid_start: str | None
-    acquired_at: float
-    expires_at: float
+    acquired_at: float = field(metadata=column(time=True))
+    expires_at: float = field(metadata=column(time=True))
 
     @property
     def holder(self) -> ProcessIdentity:
@@ -138,7 +161,7 @@ class LockInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class RunnerInfo:
+class RunnerInfo(RowValue):
     """A runner registered for a job: whose leases its liveness vouches for."""
 
     owner: str
@@ -146,9 +169,9 @@ class RunnerInfo:
     host: str | None
     pid_start: str | None
     shared: bool
-    started_at: float
-    heartbeat_at: float
-    expires_at: float
+    started_at: float = field(metadata=column(time=True))
+    heartbeat_at: float = field(metadata=column(time=True))
+    expires_at: float = field(metadata=column(time=True))
 
     @property
     def holder(self) -> ProcessIdentity:
@@ -160,8 +183,12 @@ class RunnerInfo:
         return self.expires_at >= now and not holder_is_dead(self.holder, me=me)
 
 
+#: The item's runner's pid or host, from its latest history row (index runs_owner).
+_RUNNER = "(SELECT {} FROM runs WHERE runs.owner = items.runner ORDER BY id DESC LIMIT 1)"
+
+
 @dataclass(frozen=True, slots=True)
-class ItemInfo:
+class ItemInfo(RowValue):
     """One item as the operator commands show it: its file, its state, and its joblog.
 
     The joblog is the latest attempt's: ``started_at`` (when it began; ``None`` before the
@@ -181,19 +208,19 @@ class ItemInfo:
     attempts: int
     interrupted: int
     last_error: str | None
-    updated_at: float
+    updated_at: float = field(metadata=column(time=True))
     inode: int = 0
     owner: str | None = None
     fence: int = 0
-    lease_until: float | None = None
-    next_attempt_at: float | None = None
+    lease_until: float | None = field(default=None, metadata=column(time=True))
+    next_attempt_at: float | None = field(default=None, metadata=column(time=True))
     post_action: str | None = None
-    created_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
+    created_at: float | None = field(default=None, metadata=column(time=True))
+    started_at: float | None = field(default=None, metadata=column(time=True))
+    finished_at: float | None = field(default=None, metadata=column(time=True))
     runner: str | None = None
-    runner_pid: int | None = None
-    runner_host: str | None = None
+    runner_pid: int | None = field(default=None, metadata=column(sql=_RUNNER.format("pid")))
+    runner_host: str | None = field(default=None, metadata=column(sql=_RUNNER.format("host")))
 
     @property
     def duration(self) -> float | None:
@@ -242,7 +269,7 @@ def _count(label: str, since: int, *, category: bool = False) -> Any:
 
 
 @dataclass(slots=True, kw_only=True)
-class RunTotals:
+class RunTotals(RowValue):
     """The counts of a run (see :mod:`asyncbatch._report`): the one place their names live.
 
     Every settled file a run sees ends in exactly one *category*; the categories add up to
@@ -276,11 +303,6 @@ class RunTotals:
     def snapshot(self) -> RunTotals:
         """A copy of just the counts."""
         return RunTotals(**{name: getattr(self, name) for name in TOTALS})
-
-    @classmethod
-    def of_row(cls, values: Sequence[Any]) -> RunTotals:
-        """The counts of a history row, its columns in the order of :data:`TOTALS`."""
-        return cls(**{name: int(v or 0) for name, v in zip(TOTALS, values, strict=True)})
 
 
 #: The counts, in their order: the history row's columns.
@@ -426,7 +448,7 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
-class RunInfo:
+class RunInfo(RowValue):
     """One row of the run history: who ran, when, how it ended, and its counts.
 
     ``exit_status`` is ``None`` while the run is alive; ``"killed"`` once a later runner found
@@ -442,12 +464,12 @@ class RunInfo:
     pid: int | None
     host: str | None
     mode: str
-    started_at: float
-    finished_at: float | None
+    started_at: float = field(metadata=column(time=True))
+    finished_at: float | None = field(metadata=column(time=True))
     exit_status: str | None
-    totals: RunTotals
+    totals: RunTotals = field(metadata=column(row=RunTotals))
     settings_changed: str | None = None
-    from_joblog: bool = False
+    from_joblog: bool = field(default=False, metadata=column(read=False))
 
     def with_joblog(self, finished: dict[str, int]) -> RunInfo:
         """This run, its done, dead and vanished counts those of the joblog (``finished``:
