@@ -28,6 +28,7 @@ from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
+from ._ledger.idempotency import IdempotencyStore as IdempotencyStore
 from ._report import Report as Report
 from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
@@ -45,6 +46,7 @@ __all__ = [
     "HealthCheck",
     "IdempotencyKeyMismatchError",
     "IdempotencyMiddleware",
+    "IdempotencyStore",
     "InputChangedError",
     "ItemHTTP",
     "JobLockedError",
