@@ -15,6 +15,7 @@ from ._effects.files import atomic_write as atomic_write
 from ._effects.files import idempotent_move as idempotent_move
 from ._effects.files import remove_stale_temp_files as remove_stale_temp_files
 from ._exceptions import AsyncBatchError as AsyncBatchError
+from ._exceptions import AttemptInterrupted as AttemptInterrupted
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import EffectError as EffectError
 from ._exceptions import HandlerImportError as HandlerImportError
@@ -36,6 +37,7 @@ from ._service.health import HealthCheck as HealthCheck
 
 __all__ = [
     "AsyncBatchError",
+    "AttemptInterrupted",
     "Batch",
     "ConfigurationError",
     "EffectError",

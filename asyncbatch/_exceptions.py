@@ -14,8 +14,10 @@ The tree::
      ├── PermanentError           raised by a handler: fail the item now, no retries
      │    └── IdempotencyKeyMismatchError  the server answered 422 to an idempotent call
      ├── EffectError              an idempotent effect refused to run (move onto a different file)
-     └── InputChangedError        the input file changed while the handler read it (the attempt
-                                  fails and is retried)
+     ├── InputChangedError        the input file changed while the handler read it (the attempt
+     │                            fails and is retried)
+     └── AttemptInterrupted       raised by a handler that gives its item back because the run
+                                  is stopping (an interruption, not a failure)
 
 Every message is one line that names the bad value and, where there is one, what to do.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncBatchError",
+    "AttemptInterrupted",
     "ConfigurationError",
     "EffectError",
     "HandlerImportError",
@@ -138,3 +141,10 @@ class EffectError(AsyncBatchError):
 class InputChangedError(AsyncBatchError):
     """The input file changed (was written to, truncated or grew) while the handler was
     reading or handling it: the attempt fails and is retried."""
+
+
+class AttemptInterrupted(AsyncBatchError):
+    """Raised by a handler that stops its work because the run is stopping (see
+    ``ctx.on_stop``): its item goes back to the ledger unfinished, and the attempt counts as
+    interrupted (against ``max_interruptions``), not as failed. Raised while the run is not
+    stopping, it fails the attempt like any other exception."""

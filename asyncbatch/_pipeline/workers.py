@@ -30,9 +30,15 @@ import anyio
 import anyio.lowlevel
 
 from .. import _failpoints as failpoints
-from .._context import InputFile, ItemLogger, TaskContext
-from .._exceptions import ConfigurationError, EffectError, InputChangedError, PermanentError
-from .._http.client import HTTPSettings, ItemHTTP
+from .._context import InputFile, ItemLogger, StopCallback, TaskContext
+from .._exceptions import (
+    AttemptInterrupted,
+    ConfigurationError,
+    EffectError,
+    InputChangedError,
+    PermanentError,
+)
+from .._http.client import HTTPSettings, ItemHTTP, derive_idempotency_key
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
 from .queues import ItemQueue, LeasedItem, Outbox, item_logger
@@ -66,6 +72,10 @@ def error_text(exc: BaseException) -> str:
     text = str(exc).strip().replace("\r", " ").replace("\n", " ")
     text = redact_urls(text.encode("utf-8", "backslashreplace").decode("utf-8"))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _nothing() -> None:
+    """What unregisters a stop callback that was called at once."""
 
 
 class HandlerAborted(Exception):
@@ -142,6 +152,12 @@ class WorkerPool:
         self._watch_wake = anyio.Event()
         self._on_done = state.config.on_done.encode()
         self._random = random.Random()
+        #: Whether the run was asked to stop, by which signal (``None``: ``Batch.stop()``),
+        #: and the ``ctx.on_stop`` callbacks of the handlers running now.
+        self._stopped = False
+        self._stop_signal: int | None = None
+        self._stop_callbacks: dict[int, StopCallback] = {}
+        self._next_callback = 0
 
     @property
     def busy(self) -> int:
@@ -200,6 +216,8 @@ class WorkerPool:
             outbox.started(item)
             outcome = await self.attempt(item, slot.task)
             slot.item = None
+            if outcome is None:
+                continue  # given back (the run is stopping): released with its leases
             if metrics is not None:
                 metrics.attempt_ended(outcome, time.monotonic() - started)
             outbox.put(item, outcome)
@@ -256,9 +274,13 @@ class WorkerPool:
 
     # -- one attempt -------------------------------------------------------------------------------
 
-    async def attempt(self, item: LeasedItem, task: asyncio.Task[Any] | None = None) -> Outcome:
+    async def attempt(
+        self, item: LeasedItem, task: asyncio.Task[Any] | None = None
+    ) -> Outcome | None:
         """Open the input, call the handler, and say how it went (never raises ``Exception``).
 
+        ``None``: the handler gave the item back (:class:`AttemptInterrupted` while the run is
+        stopping); it stays in flight, and is released with the run's other leases.
         ``task`` is the worker's: a cancellation of it that the handler requested and left
         pending is taken back, and fails the attempt."""
         cfg = self.config
@@ -328,6 +350,16 @@ class WorkerPool:
                     return self.failure(item, why)
             except PermanentError as exc:
                 return self.failure(item, error_text(exc), permanent=True, exc=exc)
+            except AttemptInterrupted as exc:
+                if self._stopped:
+                    self.item_logger(item).info(
+                        "%r: attempt %d given back, the run is stopping: %s",
+                        os.fsdecode(item.relpath),
+                        item.attempt,
+                        error_text(exc),
+                    )
+                    return None
+                return self.failure(item, error_text(exc), exc=exc)
             except ConfigurationError:
                 raise  # e.g. ctx.write_output without an output_dir: no retry can help
             except Exception as exc:
@@ -450,6 +482,45 @@ class WorkerPool:
     def http_for(self, key: str) -> ItemHTTP:
         """A fresh HTTP view for one attempt of ``key``."""
         return ItemHTTP(self.http, key)
+
+    def idempotency_key(self, key: str, call: str) -> str:
+        """The ``Idempotency-Key`` of the call ``call`` of the item ``key`` (as ``ctx.http``
+        derives it for ``idempotency_key=call``)."""
+        http = self.http
+        return derive_idempotency_key(http.secret, http.job, key, call)
+
+    def on_stop(self, callback: StopCallback) -> Callable[[], None]:
+        """Call ``callback(signum)`` once when the run is asked to stop, at once if it was;
+        return what unregisters it."""
+        if self._stopped:
+            self._call_stop_callback(callback)
+            return _nothing
+        token = self._next_callback
+        self._next_callback += 1
+        callbacks = self._stop_callbacks
+        callbacks[token] = callback
+
+        def unregister() -> None:
+            callbacks.pop(token, None)
+
+        return unregister
+
+    def stop_requested(self, signum: int | None) -> None:
+        """The run was asked to stop (by ``signum``, or ``None`` for ``Batch.stop()``): call
+        the ``ctx.on_stop`` callbacks of the handlers running now (the first request only)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_signal = signum
+        callbacks, self._stop_callbacks = self._stop_callbacks, {}
+        for callback in callbacks.values():
+            self._call_stop_callback(callback)
+
+    def _call_stop_callback(self, callback: StopCallback) -> None:
+        try:
+            callback(self._stop_signal)
+        except Exception:
+            log.exception("a handler's on_stop callback raised (ignored)")
 
     def lease_lost(self, ctx: TaskContext) -> bool:
         """Whether the item's local lease deadline passed, or it is no longer ours."""
