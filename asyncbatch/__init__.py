@@ -16,6 +16,7 @@ from ._effects.files import idempotent_move as idempotent_move
 from ._effects.files import remove_stale_temp_files as remove_stale_temp_files
 from ._exceptions import AsyncBatchError as AsyncBatchError
 from ._exceptions import AttemptInterrupted as AttemptInterrupted
+from ._exceptions import CommandFailedError as CommandFailedError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import EffectError as EffectError
 from ._exceptions import HandlerImportError as HandlerImportError
@@ -27,6 +28,7 @@ from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
+from ._exec import ExecHandler as ExecHandler
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._report import Report as Report
@@ -39,9 +41,11 @@ __all__ = [
     "AsyncBatchError",
     "AttemptInterrupted",
     "Batch",
+    "CommandFailedError",
     "ConfigurationError",
     "EffectError",
     "Entry",
+    "ExecHandler",
     "HandlerImportError",
     "Health",
     "HealthCheck",

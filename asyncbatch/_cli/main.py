@@ -33,6 +33,7 @@ from .._exceptions import (
     NotALedgerError,
     SchemaVersionError,
 )
+from .._exec import ExecHandler
 from .._pipeline.runner import unwrap_group
 from .._pipeline.workers import error_text
 from .._report import Report
@@ -154,7 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = sub.add_parser("run", help="handle every settled file once")
-    run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
+    run.add_argument(
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="the handler: module:function or path/file.py:function (or --exec)",
+    )
+    run.add_argument(
+        "--exec",
+        metavar="COMMAND",
+        default=None,
+        help="run COMMAND for each file instead of a TARGET: {} the path, {/} the name, "
+        "{//} the directory, {.} the path and {/.} the name without extension (the path "
+        "is appended if none is used); split like a shell would, run without one",
+    )
     run.add_argument("--source", required=True, type=non_empty_path, help="the directory to scan")
     _add_state(run)
     run.add_argument(
@@ -271,8 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_run(args: argparse.Namespace) -> None:
+    """Refuse a ``run`` with both a TARGET and ``--exec``, or neither."""
+    if args.target is not None and args.exec is not None:
+        raise UsageError(
+            f"asyncbatch run: error: give a TARGET or --exec, not both (TARGET {args.target!r}, "
+            f"--exec {args.exec!r})"
+        )
+    if args.target is None and args.exec is None:
+        raise UsageError(
+            "asyncbatch run: error: the handler is missing: give a TARGET "
+            "(module:function or path/file.py:function) or --exec COMMAND"
+        )
+
+
 async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[TextIO]) -> int:
-    handler = load_handler(args.target)
+    handler = load_handler(args.target) if args.exec is None else ExecHandler(args.exec)
     batch = Batch(
         handler,
         source=args.source,
@@ -362,6 +390,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "run":
+            _check_run(args)
     except UsageError as e:
         print(e, file=sys.stderr, flush=True)
         return EXIT_CONFIG
