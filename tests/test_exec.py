@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
 from .test_cli import assert_one_line_error
 
 COMMANDS = Path(__file__).parent / "exec_commands.py"
+#: Runs started in the background, with the directory where their commands note their pids.
+Leftovers = list[tuple[subprocess.Popen[str], Path]]
 
 
 def command(mode: str, *args: str) -> str:
@@ -70,6 +75,21 @@ def live_members(pgid: int) -> list[int]:
 def noted_pids(pids: Path) -> list[int]:
     """Every pid the commands noted in ``pids`` (commands and their grandchildren)."""
     return [int(p) for f in pids.glob("pid.*") for p in f.read_text().split()]
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[Leftovers]:
+    """Runs started in the background, with where their commands note their pids: whatever a
+    failed test left running (the run, its commands' process groups) is killed at the end."""
+    started: Leftovers = []
+    yield started
+    for proc, pids in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in noted_pids(pids):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def run_exec(inbox: Path, state: Path, exec_line: str, *extra: str | Path, **kw: Any) -> Any:
@@ -434,7 +454,12 @@ async def test_a_group_that_ignores_sigterm_is_killed_after_kill_after(
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_signal_reaches_the_commands_and_gives_their_items_back(
-    inbox: Path, state: Path, tmp_path: Path, sig: int, code: int
+    inbox: Path,
+    state: Path,
+    tmp_path: Path,
+    no_leftovers: Leftovers,
+    sig: int,
+    code: int,
 ) -> None:
     make_files(inbox, 2)
     pids = tmp_path / "pids"
@@ -444,6 +469,7 @@ def test_a_stop_signal_reaches_the_commands_and_gives_their_items_back(
     # A grace far longer than the test's deadline: the run ends because the commands died of
     # the forwarded signal, not because the grace ran out.
     proc = spawn(*args, "-j", "2", "--grace", "600", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
     wait_for(lambda: len(list(pids.glob("pid.*"))) == 2 or proc.poll() is not None)
 
     err = kill(proc, sig)
@@ -461,13 +487,19 @@ def test_a_stop_signal_reaches_the_commands_and_gives_their_items_back(
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_command_that_handles_the_stop_signal_may_finish_its_item(
-    inbox: Path, state: Path, tmp_path: Path, sig: int, code: int
+    inbox: Path,
+    state: Path,
+    tmp_path: Path,
+    no_leftovers: Leftovers,
+    sig: int,
+    code: int,
 ) -> None:
     make_files(inbox, 1)
     pids = tmp_path / "pids"
     pids.mkdir()
     args: list[str | Path] = ["run", "--exec", command("trap"), "--source", inbox, "--state", state]
     proc = spawn(*args, "--grace", "600", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
     wait_for(lambda: any(pids.glob("pid.*")) or proc.poll() is not None)
 
     err = kill(proc, sig)
@@ -479,13 +511,14 @@ def test_a_command_that_handles_the_stop_signal_may_finish_its_item(
 
 
 def test_a_second_signal_kills_commands_that_ignore_the_first(
-    inbox: Path, state: Path, tmp_path: Path
+    inbox: Path, state: Path, tmp_path: Path, no_leftovers: Leftovers
 ) -> None:
     make_files(inbox, 1)
     pids = tmp_path / "pids"
     pids.mkdir()
     args: list[str | Path] = ["run", "--exec", command("deaf"), "--source", inbox, "--state", state]
     proc = spawn(*args, "--grace", "600", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
     wait_for(lambda: any(pids.glob("pid.*")) or proc.poll() is not None)
     (pid,) = noted_pids(pids)
     proc.send_signal(signal.SIGINT)
