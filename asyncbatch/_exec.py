@@ -495,7 +495,7 @@ class ExecHandler:
             base.pop(name.encode(), None)
         self._base_env = base
         for warning in _warnings(words):
-            log.warning("--exec %s: %s", shlex.join(words), warning)
+            log.warning("command %s: %s", shlex.join(words), warning)
 
     def __repr__(self) -> str:
         return f"ExecHandler({shlex.join(self.words)!r})"
