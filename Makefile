@@ -19,7 +19,7 @@ OUTER_PIP_OK := $(PYTHON) -c "import sys, pip; sys.exit(tuple(map(int, pip.__ver
 PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/python -m pip,$(PYTHON) -m pip --python $(BIN)/python)
 INSTALL = $(PIP) install --quiet --no-compile
 
-.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch clean
+.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch bench-exec clean
 
 $(BIN)/python:
 	@if $(OUTER_PIP_OK) 2>/dev/null; then set -x; $(PYTHON) -m venv --without-pip $(VENV); \
@@ -80,6 +80,11 @@ bench-quick: $(TEST)
 # settle 1), and the CPU of an idle watch over 100,000 done files; to benchmarks/RESULTS-watch.md.
 bench-watch: $(TEST)
 	$(BIN)/python -m benchmarks.watch_latency
+
+# run --exec against a bare xargs -P running the same command (cksum) over 10,000 small files,
+# at -j 2 and 8, interleaved; to benchmarks/RESULTS-exec.md.
+bench-exec: $(TEST)
+	$(BIN)/python -m benchmarks.exec_overhead --jobs 2,8 --repeat 5
 
 # PostgreSQL at a million files, once (opt-in: longer than the rest of `make bench`), beside
 # SQLite's rows of the same run; written to its own file so RESULTS.md stays the full suite's.

@@ -15,6 +15,8 @@ from ._effects.files import atomic_write as atomic_write
 from ._effects.files import idempotent_move as idempotent_move
 from ._effects.files import remove_stale_temp_files as remove_stale_temp_files
 from ._exceptions import AsyncBatchError as AsyncBatchError
+from ._exceptions import AttemptInterrupted as AttemptInterrupted
+from ._exceptions import CommandFailedError as CommandFailedError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import EffectError as EffectError
 from ._exceptions import HandlerImportError as HandlerImportError
@@ -26,6 +28,7 @@ from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
+from ._exec import ExecHandler as ExecHandler
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._ledger.idempotency import IdempotencyStore as IdempotencyStore
@@ -37,10 +40,13 @@ from ._service.health import HealthCheck as HealthCheck
 
 __all__ = [
     "AsyncBatchError",
+    "AttemptInterrupted",
     "Batch",
+    "CommandFailedError",
     "ConfigurationError",
     "EffectError",
     "Entry",
+    "ExecHandler",
     "HandlerImportError",
     "Health",
     "HealthCheck",

@@ -314,7 +314,7 @@ class Batch:
             async for signum in signals:
                 if self.received_signal is None:
                     self.received_signal = signum
-                    run.request_stop()
+                    run.request_stop(signum)
                 else:
                     run.stop_now()
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
@@ -21,7 +22,18 @@ if TYPE_CHECKING:
 
     from ._http.client import ItemHTTP
 
-__all__ = ["INLINE_READ_MAX", "ContextHooks", "InputFile", "ItemLogger", "TaskContext"]
+__all__ = [
+    "INLINE_READ_MAX",
+    "ContextHooks",
+    "InputFile",
+    "ItemLogger",
+    "StopCallback",
+    "TaskContext",
+]
+
+#: What ``ctx.on_stop`` calls: with the number of the signal that asked the run to stop
+#: (``signal.SIGINT``, ``signal.SIGTERM``), or ``None`` when ``Batch.stop()`` did.
+StopCallback = Callable[[int | None], object]
 
 #: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: from the
 #: page cache 256 KiB take ~8 us inline against ~90 us through a thread hop, and no read
@@ -122,6 +134,41 @@ class ContextHooks(Protocol):
         monotonic clock, which runs on while the process is suspended) has passed, or the item
         is no longer this runner's."""
         ...
+
+    def idempotency_key(self, key: str, call: str) -> str:
+        """The ``Idempotency-Key`` of the call named ``call`` of the item ``key``."""
+        ...
+
+    def on_stop(self, callback: StopCallback) -> Callable[[], None]:
+        """Call ``callback`` once when the run is asked to stop (at once if it was already);
+        return what unregisters it."""
+        ...
+
+
+class _OnStop:
+    """The context manager of :meth:`TaskContext.on_stop`: registered on entry, unregistered
+    on exit."""
+
+    __slots__ = ("_callback", "_hooks", "_unregister")
+
+    def __init__(self, hooks: ContextHooks | None, callback: StopCallback) -> None:
+        self._hooks = hooks
+        self._callback = callback
+        self._unregister: Callable[[], None] | None = None
+
+    def __enter__(self) -> None:
+        if self._hooks is not None:
+            self._unregister = self._hooks.on_stop(self._callback)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
 
 
 class TaskContext:
@@ -237,6 +284,34 @@ class TaskContext:
                 raise RuntimeError("this TaskContext was not made by a Batch: no ctx.http")
             self._http = self._hooks.http_for(self._key)
         return self._http
+
+    def idempotency_key(self, call: str) -> str:
+        """The ``Idempotency-Key`` that ``ctx.http`` sends for a call named ``call``
+        (``idempotency_key=call``): 64 hex characters, the same in every attempt of this item
+        (in any process: it is derived from a secret kept in the ledger, the job, the item's
+        key and ``call``), different for every other item or ``call``.
+
+        For a client other than ``ctx.http`` (another HTTP library, an SDK with a request-id
+        parameter), or to hand to a program. Raises ``RuntimeError`` for a context not made
+        by a :class:`~asyncbatch.Batch` (there is no ledger secret to derive it from).
+        """
+        if self._hooks is None:
+            raise RuntimeError("this TaskContext was not made by a Batch: no idempotency key")
+        return self._hooks.idempotency_key(self._key, call)
+
+    def on_stop(self, callback: StopCallback) -> _OnStop:
+        """A context manager: while its block runs, ``callback(signum)`` is called (once, on
+        the event loop's thread) if the run is asked to stop, or at entry if it already was.
+
+        ``signum`` is the signal that asked (``signal.SIGINT``, ``signal.SIGTERM``: with
+        ``handle_signals=True``, as the CLI runs), or ``None`` for ``Batch.stop()``. The run
+        then gives the handlers in flight ``grace`` seconds before it cancels them; a handler
+        that cannot finish its item sooner may give it back at once by raising
+        :class:`~asyncbatch.AttemptInterrupted`. The callback must not block; what it raises
+        is logged and ignored. ``ExecHandler`` forwards the signal to its command this way.
+        For a context not made by a ``Batch``, nothing ever calls it.
+        """
+        return _OnStop(self._hooks, callback)
 
     @property
     def data(self) -> dict[str, Any]:

@@ -14,8 +14,12 @@ The tree::
      ├── PermanentError           raised by a handler: fail the item now, no retries
      │    └── IdempotencyKeyMismatchError  the server answered 422 to an idempotent call
      ├── EffectError              an idempotent effect refused to run (move onto a different file)
-     └── InputChangedError        the input file changed while the handler read it (the attempt
-                                  fails and is retried)
+     ├── InputChangedError        the input file changed while the handler read it (the attempt
+     │                            fails and is retried)
+     ├── CommandFailedError       an ExecHandler's command exited non-zero or was killed by a
+     │                            signal (the attempt fails and is retried)
+     └── AttemptInterrupted       raised by a handler that gives its item back because the run
+                                  is stopping (an interruption, not a failure)
 
 Every message is one line that names the bad value and, where there is one, what to do.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncBatchError",
+    "AttemptInterrupted",
+    "CommandFailedError",
     "ConfigurationError",
     "EffectError",
     "HandlerImportError",
@@ -138,3 +144,58 @@ class EffectError(AsyncBatchError):
 class InputChangedError(AsyncBatchError):
     """The input file changed (was written to, truncated or grew) while the handler was
     reading or handling it: the attempt fails and is retried."""
+
+
+class CommandFailedError(AsyncBatchError):
+    """The command an :class:`~asyncbatch.ExecHandler` ran for an item exited with a non-zero
+    status or was killed by a signal: the attempt fails (and is retried, up to
+    ``max_attempts``).
+
+    ``command`` is the program as the command line names it, ``returncode`` its status as
+    ``subprocess`` gives it (negative: the number of the signal that killed it), ``stderr``
+    the last bytes it wrote to its standard error (at most the handler's ``output_tail``).
+    The message names the program and the status, then the stderr tail on one line (its
+    lines joined with `` | ``; a tail that is not the whole of it starts at its first whole
+    line, after ``...``).
+    """
+
+    def __init__(
+        self, command: str, returncode: int, stderr: bytes = b"", *, cut: bool = False
+    ) -> None:
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr
+        message = f"{command!r} {describe_status(returncode)}"
+        if cut and b"\n" in stderr[:-1]:  # start at a line: not in the middle of one
+            stderr = stderr[stderr.index(b"\n") + 1 :]
+        tail = _one_line(stderr)
+        if tail:
+            message += f": {'...' if cut else ''}{tail}"
+        super().__init__(message)
+
+
+class AttemptInterrupted(AsyncBatchError):
+    """Raised by a handler that stops its work because the run is stopping (see
+    ``ctx.on_stop``): its item goes back to the ledger unfinished, and the attempt counts as
+    interrupted (against ``max_interruptions``), not as failed. Raised while the run is not
+    stopping, it fails the attempt like any other exception."""
+
+
+def describe_status(returncode: int) -> str:
+    """``exited with status N``, or ``was killed by SIGNAME`` for a negative ``returncode``."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    import signal  # here: only a command killed by a signal needs its name
+
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
+
+
+def _one_line(data: bytes) -> str:
+    """Output bytes as one line: decoded (undecodable bytes as ``\\xNN``), each line stripped,
+    empty lines left out, the rest joined with `` | ``."""
+    text = data.decode("utf-8", "backslashreplace")
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -32,6 +32,7 @@ from .._exceptions import (
     NotALedgerError,
     SchemaVersionError,
 )
+from .._exec import ExecHandler
 from .._report import Report
 from .._settings import Count, Seconds
 from .help import COMMANDS as HELP_COMMANDS
@@ -144,7 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = sub.add_parser("run", help="handle every settled file once")
-    run.add_argument("target", metavar="TARGET", help="module:function or path/file.py:function")
+    run.add_argument(
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="the handler: module:function or path/file.py:function (or --exec)",
+    )
+    run.add_argument(
+        "--exec",
+        metavar="COMMAND",
+        default=None,
+        help="run COMMAND for each file instead of a TARGET: {} the path, {/} the name, "
+        "{//} the directory, {.} the path and {/.} the name without extension (the path "
+        "is appended if none is used); split like a shell would, run without one",
+    )
     add_settings(run)
     run.add_argument(
         "--watch", action="store_true", help="keep watching for new files until stopped"
@@ -183,8 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_run(args: argparse.Namespace) -> None:
+    """Refuse a ``run`` with both a TARGET and ``--exec``, or neither."""
+    if args.target is not None and args.exec is not None:
+        raise UsageError(
+            f"asyncbatch run: error: give a TARGET or --exec, not both (TARGET {args.target!r}, "
+            f"--exec {args.exec!r})"
+        )
+    if args.target is None and args.exec is None:
+        raise UsageError(
+            "asyncbatch run: error: the handler is missing: give a TARGET "
+            "(module:function or path/file.py:function) or --exec COMMAND"
+        )
+
+
 async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[TextIO]) -> int:
-    handler = load_handler(args.target)
+    handler = load_handler(args.target) if args.exec is None else ExecHandler(args.exec)
     batch = Batch(
         handler,
         metrics=False if args.metrics is None else args.metrics,
@@ -250,6 +278,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "run":
+            _check_run(args)
     except UsageError as e:
         print(e, file=sys.stderr, flush=True)
         return EXIT_CONFIG

@@ -71,6 +71,7 @@ class Run:
         self._http = SharedClient(http)
         self._state: RunState | None = None
         self._stop_requested = anyio.Event()
+        self._stop_signal: int | None = None
         self._work_scope = anyio.CancelScope()
         self._posts: PostActions | None = None
         self._queue: ItemQueue | None = None
@@ -90,13 +91,20 @@ class Run:
 
     # -- public surface (through Batch) ------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        """Stop taking new items; in-flight ones get ``grace`` seconds to finish."""
+    def request_stop(self, signum: int | None = None) -> None:
+        """Stop taking new items; in-flight ones get ``grace`` seconds to finish, and their
+        ``ctx.on_stop`` callbacks are called with ``signum`` (the signal that asked, or
+        ``None``). Only the first request counts."""
+        if self._stop_requested.is_set():
+            return
+        self._stop_signal = signum
         self._stop_requested.set()
+        if self._workers is not None:
+            self._workers.stop_requested(signum)
 
     def stop_now(self) -> None:
         """Stop at once: in-flight handlers are cancelled and their items released."""
-        self._stop_requested.set()
+        self.request_stop()
         if self._state is not None:
             self._state.stop()
         self._work_scope.cancel()
@@ -353,6 +361,8 @@ class Run:
         self._queue = queue
         self._posts = posts = PostActions(cfg)
         self._workers = workers = WorkerPool(state, queue, outbox, handler=self.handler, http=http)
+        if self._stop_requested.is_set():
+            workers.stop_requested(self._stop_signal)
         committer = Committer(state, outbox, posts)
         scanner = Scanner(
             cfg.source,

@@ -23,16 +23,22 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
 
 from .. import _failpoints as failpoints
-from .._context import InputFile, ItemLogger, TaskContext
+from .._context import InputFile, ItemLogger, StopCallback, TaskContext
 from .._errors import error_text, redact_urls
-from .._exceptions import ConfigurationError, EffectError, InputChangedError, PermanentError
-from .._http.client import HTTPSettings, ItemHTTP
+from .._exceptions import (
+    AttemptInterrupted,
+    ConfigurationError,
+    EffectError,
+    InputChangedError,
+    PermanentError,
+)
+from .._http.client import HTTPSettings, ItemHTTP, derive_idempotency_key
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
 from .queues import ItemQueue, ItemState, LeasedItem, Outbox, item_logger
@@ -46,6 +52,10 @@ _make_outcome = Outcome._make
 log = logging.getLogger("asyncbatch")
 #: Longest stretch (seconds) a worker runs handlers without letting other tasks in.
 YIELD_EVERY = 0.001
+
+
+def _nothing() -> None:
+    """What unregisters a stop callback that was called at once."""
 
 
 class HandlerAborted(Exception):
@@ -122,6 +132,12 @@ class WorkerPool:
         self._watch_wake = anyio.Event()
         self._on_done = state.config.on_done.encode()
         self._random = random.Random()
+        #: Whether the run was asked to stop, by which signal (``None``: ``Batch.stop()``),
+        #: and the ``ctx.on_stop`` callbacks of the handlers running now.
+        self._stopped = False
+        self._stop_signal: int | None = None
+        self._stop_callbacks: dict[int, StopCallback] = {}
+        self._next_callback = 0
 
     @property
     def busy(self) -> int:
@@ -180,6 +196,8 @@ class WorkerPool:
             outbox.started(item)
             outcome = await self.attempt(item, slot.task)
             slot.item = None
+            if outcome is None:
+                continue  # given back (the run is stopping): released with its leases
             if metrics is not None:
                 metrics.attempt_ended(outcome, time.monotonic() - started)
             outbox.put(item, outcome)
@@ -236,91 +254,32 @@ class WorkerPool:
 
     # -- one attempt -------------------------------------------------------------------------------
 
-    async def attempt(self, item: LeasedItem, task: asyncio.Task[Any] | None = None) -> Outcome:
+    async def attempt(
+        self, item: LeasedItem, task: asyncio.Task[Any] | None = None
+    ) -> Outcome | None:
         """Open the input, call the handler, and say how it went (never raises ``Exception``).
 
+        ``None``: the handler gave the item back (:class:`AttemptInterrupted` while the run is
+        stopping); it stays in flight, and is released with the run's other leases.
         ``task`` is the worker's: a cancellation of it that the handler requested and left
         pending is taken back, and fails the attempt."""
-        cfg = self.config
         item.state = ItemState.RUNNING
-        if item.prior_interrupted >= cfg.max_interruptions:
+        if item.prior_interrupted >= self.config.max_interruptions:
             return self.give_up(item)
         item.attempt = item.prior_attempts + 1
-        moved: Path | None = None
+        opened = self._open_input(item)
+        if isinstance(opened, Outcome):
+            return opened
+        fd, st, moved = opened
         try:
-            try:
-                fd, st = self._open(item)
-            except FileNotFoundError:
-                if item.moved_to is None:
-                    raise
-                # The handler moved its input (ctx.move) before the run died: continue there.
-                moved = Path(item.moved_to)
-                fd, st = open_regular(None, os.fsencode(moved))
-        except FileNotFoundError:
-            return self.vanished(item, "the file disappeared before it could be handled")
-        except OSError as exc:
-            return self.failure(item, error_text(exc), permanent=exc.errno is None)
-        try:
-            stat: tuple[int, int, int] | None = None
-            mtime_ns = clamp_ns(st.st_mtime_ns)
-            if (st.st_size, mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.inode):
-                if cfg.identity != "path" and (
-                    st.st_size != item.size or mtime_ns != item.mtime_ns
-                ):
-                    return self.vanished(
-                        item, "the file changed after it was scanned; the new version is a new item"
-                    )
-                if moved is None:
-                    # Identity "path": the file under the name is handled as it is now; what is
-                    # recorded (and what a post-commit action looks for) is this file.
-                    stat = item.size, item.mtime_ns, item.inode = st.st_size, mtime_ns, st.st_ino
-            if moved is None and (why := self._rewritten(item, st)) is not None:
-                return self.vanished(item, why)
+            stat = self._handled_stat(item, st, moved)
+            if isinstance(stat, Outcome):
+                return stat
             input_file = InputFile.opened(fd, st)
-            ctx = TaskContext(
-                entry=Entry(
-                    cfg.source,
-                    os.fsdecode(item.relpath),
-                    st.st_size,
-                    mtime_ns,
-                    st.st_ino,
-                    path=moved,
-                ),
-                key=item.key,
-                input_hash=item.ihash,
-                attempt=item.attempt,
-                job=cfg.job,
-                fence=item.fence,
-                output_dir=cfg.output_dir,
-                hooks=self,
-                input_file=input_file,
-            )
-            try:
-                if failpoints.ACTIVE is not None:  # inline: this is once per item
-                    await failpoints.ahit("in-handler")
-                await self.handler(ctx)
-                if (why := input_file.changed()) is not None:
-                    raise InputChangedError(f"the input changed while it was handled: {why}")
-                if task is not None and task.cancelling() and not _cancelled_by_the_run():
-                    # It cancelled its own task, and returned before that was delivered.
-                    await _absorb_own_cancellation()
-                    why = "the handler cancelled its own task (nothing in the run had)"
-                    return self.failure(item, why)
-            except PermanentError as exc:
-                return self.failure(item, error_text(exc), permanent=True, exc=exc)
-            except ConfigurationError:
-                raise  # e.g. ctx.write_output without an output_dir: no retry can help
-            except Exception as exc:
-                return self.failure(item, error_text(exc), exc=exc)
-            except BaseException as exc:
-                if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                    raise HandlerAborted(exc, os.fsdecode(item.relpath)) from exc
-                if _cancelled_by_the_run():
-                    raise
-                # Raised by the handler, or its own task cancelled by itself: its attempt fails.
-                await _absorb_own_cancellation()
-                why = "CancelledError: the handler raised it, but nothing in the run cancelled it"
-                return self.failure(item, why, exc=exc)
+            ctx = self._context(item, st, moved, input_file)
+            failed = await self._call(item, ctx, input_file, task)
+            if failed is not False:
+                return failed
             return _make_outcome(
                 (
                     item.key,
@@ -336,6 +295,127 @@ class WorkerPool:
             )
         finally:
             os.close(fd)
+
+    def _open_input(self, item: LeasedItem) -> tuple[int, os.stat_result, Path | None] | Outcome:
+        """The item's input, opened safely: ``(fd, its fstat, where ctx.move() had taken it
+        before the run died (or ``None``))``, or the outcome of an input that cannot be."""
+        moved: Path | None = None
+        try:
+            try:
+                fd, st = self._open(item)
+            except FileNotFoundError:
+                if item.moved_to is None:
+                    raise
+                # The handler moved its input (ctx.move) before the run died: continue there.
+                moved = Path(item.moved_to)
+                fd, st = open_regular(None, os.fsencode(moved))
+        except FileNotFoundError:
+            return self.vanished(item, "the file disappeared before it could be handled")
+        except OSError as exc:
+            return self.failure(item, error_text(exc), permanent=exc.errno is None)
+        return fd, st, moved
+
+    def _handled_stat(
+        self, item: LeasedItem, st: os.stat_result, moved: Path | None
+    ) -> tuple[int, int, int] | Outcome | None:
+        """Whether the opened input is the file that was scanned: ``None`` (it is), the
+        ``(size, mtime_ns, inode)`` to record (identity ``"path"``: the file under the name
+        now), or the outcome of a file changed since (vanished: the new version is a new
+        item, or it is still being written)."""
+        mtime_ns = clamp_ns(st.st_mtime_ns)
+        stat: tuple[int, int, int] | None = None
+        if (st.st_size, mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.inode):
+            if self.config.identity != "path" and (
+                st.st_size != item.size or mtime_ns != item.mtime_ns
+            ):
+                return self.vanished(
+                    item, "the file changed after it was scanned; the new version is a new item"
+                )
+            if moved is None:
+                # Identity "path": the file under the name is handled as it is now; what is
+                # recorded (and what a post-commit action looks for) is this file.
+                stat = item.size, item.mtime_ns, item.inode = st.st_size, mtime_ns, st.st_ino
+        if moved is None and (why := self._rewritten(item, st)) is not None:
+            return self.vanished(item, why)
+        return stat
+
+    def _context(
+        self, item: LeasedItem, st: os.stat_result, moved: Path | None, input_file: InputFile
+    ) -> TaskContext:
+        """A fresh context for this attempt of ``item``."""
+        cfg = self.config
+        return TaskContext(
+            entry=Entry(
+                cfg.source,
+                os.fsdecode(item.relpath),
+                st.st_size,
+                clamp_ns(st.st_mtime_ns),
+                st.st_ino,
+                path=moved,
+            ),
+            key=item.key,
+            input_hash=item.ihash,
+            attempt=item.attempt,
+            job=cfg.job,
+            fence=item.fence,
+            output_dir=cfg.output_dir,
+            hooks=self,
+            input_file=input_file,
+        )
+
+    async def _call(
+        self,
+        item: LeasedItem,
+        ctx: TaskContext,
+        input_file: InputFile,
+        task: asyncio.Task[Any] | None,
+    ) -> Outcome | Literal[False] | None:
+        """Call the handler: ``False`` when it succeeded, else the failed attempt's outcome
+        (``None``: given back, see :meth:`attempt`). A ``ConfigurationError``, a
+        ``BaseException`` that is not a cancellation, and the run's own cancellation go on."""
+        try:
+            if failpoints.ACTIVE is not None:  # inline: this is once per item
+                await failpoints.ahit("in-handler")
+            await self.handler(ctx)
+            if (why := input_file.changed()) is not None:
+                raise InputChangedError(f"the input changed while it was handled: {why}")
+            if task is not None and task.cancelling() and not _cancelled_by_the_run():
+                # It cancelled its own task, and returned before that was delivered.
+                await _absorb_own_cancellation()
+                return self.failure(
+                    item, "the handler cancelled its own task (nothing in the run had)"
+                )
+        except PermanentError as exc:
+            return self.failure(item, error_text(exc), permanent=True, exc=exc)
+        except AttemptInterrupted as exc:
+            return self._interrupted(item, exc)
+        except ConfigurationError:
+            raise  # e.g. ctx.write_output without an output_dir: no retry can help
+        except Exception as exc:
+            return self.failure(item, error_text(exc), exc=exc)
+        except BaseException as exc:
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise HandlerAborted(exc, os.fsdecode(item.relpath)) from exc
+            if _cancelled_by_the_run():
+                raise
+            # Raised by the handler, or its own task cancelled by itself: its attempt fails.
+            await _absorb_own_cancellation()
+            why = "CancelledError: the handler raised it, but nothing in the run cancelled it"
+            return self.failure(item, why, exc=exc)
+        return False
+
+    def _interrupted(self, item: LeasedItem, exc: AttemptInterrupted) -> Outcome | None:
+        """A handler gave its item back: ``None`` while the run stops (released with the
+        run's leases), else a failed attempt."""
+        if not self._stopped:
+            return self.failure(item, error_text(exc), exc=exc)
+        self.item_logger(item).info(
+            "%r: attempt %d given back, the run is stopping: %s",
+            os.fsdecode(item.relpath),
+            item.attempt,
+            error_text(exc),
+        )
+        return None
 
     def _open(self, item: LeasedItem) -> tuple[int, os.stat_result]:
         """Open an item's input relative to the source directory. If it is not there, and the
@@ -434,6 +514,45 @@ class WorkerPool:
     def http_for(self, key: str) -> ItemHTTP:
         """A fresh HTTP view for one attempt of ``key``."""
         return ItemHTTP(self.http, key)
+
+    def idempotency_key(self, key: str, call: str) -> str:
+        """The ``Idempotency-Key`` of the call ``call`` of the item ``key`` (as ``ctx.http``
+        derives it for ``idempotency_key=call``)."""
+        http = self.http
+        return derive_idempotency_key(http.secret, http.job, key, call)
+
+    def on_stop(self, callback: StopCallback) -> Callable[[], None]:
+        """Call ``callback(signum)`` once when the run is asked to stop, at once if it was;
+        return what unregisters it."""
+        if self._stopped:
+            self._call_stop_callback(callback)
+            return _nothing
+        token = self._next_callback
+        self._next_callback += 1
+        callbacks = self._stop_callbacks
+        callbacks[token] = callback
+
+        def unregister() -> None:
+            callbacks.pop(token, None)
+
+        return unregister
+
+    def stop_requested(self, signum: int | None) -> None:
+        """The run was asked to stop (by ``signum``, or ``None`` for ``Batch.stop()``): call
+        the ``ctx.on_stop`` callbacks of the handlers running now (the first request only)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_signal = signum
+        callbacks, self._stop_callbacks = self._stop_callbacks, {}
+        for callback in callbacks.values():
+            self._call_stop_callback(callback)
+
+    def _call_stop_callback(self, callback: StopCallback) -> None:
+        try:
+            callback(self._stop_signal)
+        except Exception:
+            log.exception("a handler's on_stop callback raised (ignored)")
 
     def lease_lost(self, ctx: TaskContext) -> bool:
         """Whether the item's local lease deadline passed, or it is no longer ours."""

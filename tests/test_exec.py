@@ -1,0 +1,603 @@
+"""``asyncbatch run --exec`` and ``ExecHandler``: real commands in real process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncbatch import Batch, ConfigurationError, ExecHandler
+
+from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
+from .test_cli import assert_one_line_error
+
+COMMANDS = Path(__file__).parent / "exec_commands.py"
+#: Runs started in the background, with the directory where their commands note their pids.
+Leftovers = list[tuple[subprocess.Popen[str], Path]]
+
+
+def command(mode: str, *args: str) -> str:
+    """The command line running ``tests/exec_commands.py MODE ARGS`` (see its docstring)."""
+    return shlex.join([sys.executable, str(COMMANDS), mode, *args])
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """What the commands recorded: argv and ASYNCBATCH_* values as bytes, and their pid."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        raw = json.loads(line)
+        found.append(
+            {
+                "argv": [bytes.fromhex(a) for a in raw["argv"]],
+                "env": {k: bytes.fromhex(v) for k, v in raw["env"].items()},
+                "pid": raw["pid"],
+            }
+        )
+    return found
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead: only its exit status is left)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def live_members(pgid: int) -> list[int]:
+    """The live processes of the process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        fields = _stat_fields(int(entry)) if entry.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def noted_pids(pids: Path) -> list[int]:
+    """Every pid the commands noted in ``pids`` (commands and their grandchildren)."""
+    return [int(p) for f in pids.glob("pid.*") for p in f.read_text().split()]
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[Leftovers]:
+    """Runs started in the background, with where their commands note their pids: whatever a
+    failed test left running (the run, its commands' process groups) is killed at the end."""
+    started: Leftovers = []
+    yield started
+    for proc, pids in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in noted_pids(pids):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def run_exec(inbox: Path, state: Path, exec_line: str, *extra: str | Path, **kw: Any) -> Any:
+    return cli(
+        "run",
+        "--exec",
+        exec_line,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--no-progress",
+        *extra,
+        **kw,
+    )
+
+
+# -- placeholders and arguments --------------------------------------------------------------------
+
+
+def test_each_placeholder_is_replaced_inside_its_word(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    names = ["report.csv", "archive.tar.gz", "noext"]
+    for name in names:
+        (inbox / name).write_bytes(b"x")
+    log = tmp_path / "calls.jsonl"
+    line = command("record", "{}", "{/}", "{//}", "{.}", "{/.}", "out/{/.}.png", "x{/}y")
+
+    result = run_exec(inbox, state, line, env={"AB_RECORD": str(log)})
+
+    assert result.returncode == 0, result.stderr
+    source = inbox.absolute()
+    got = {r["argv"][1]: r["argv"] for r in records(log)}
+    expected = {
+        "report.csv": ["report.csv", "report", "report"],
+        "archive.tar.gz": ["archive.tar.gz", "archive.tar", "archive.tar"],
+        "noext": ["noext", "noext", "noext"],
+    }
+    assert set(got) == {n.encode() for n in names}
+    for name, (base, stem, _) in expected.items():
+        path = f"{source}/{name}"
+        assert got[name.encode()] == [
+            os.fsencode(a)
+            for a in [
+                path,
+                base,
+                str(source),
+                f"{source}/{stem}",
+                stem,
+                f"out/{stem}.png",
+                f"x{base}y",
+            ]
+        ]
+
+
+def test_without_a_placeholder_the_path_is_the_last_argument(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 2)
+    log = tmp_path / "calls.jsonl"
+
+    result = run_exec(inbox, state, command("record", "--flag"), env={"AB_RECORD": str(log)})
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["argv"] for r in records(log)) == [
+        [b"--flag", os.fsencode(inbox.absolute() / f"f0000{i}.txt")] for i in range(2)
+    ]
+
+
+HOSTILE = [
+    b"sp ace.txt",
+    b'quote\'d"twice".txt',
+    b"$HOME$(id)`id`.txt",
+    b"-rf",
+    b"--help",
+    b"semi;colon&amp|pipe.txt",
+    b"star*?[x].txt",
+    b"back\\slash.txt",
+    b"tab\tand\nnewline.txt",
+    b"caf\xe9-latin1.txt",  # not UTF-8
+    b"{}.txt",  # a placeholder in the name is not substituted again
+]
+
+
+def test_hostile_names_are_one_argument_each_unchanged(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    for name in HOSTILE:
+        fd = os.open(os.fsencode(inbox) + b"/" + name, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+    log = tmp_path / "calls.jsonl"
+    line = command("record", "{}", "{/}", "{/.}", "--", "{.}")
+
+    result = run_exec(inbox, state, line, env={"AB_RECORD": str(log)})
+
+    assert result.returncode == 0, result.stderr
+    assert state_counts(state) == {"done": len(HOSTILE)}
+    source = os.fsencode(inbox.absolute())
+    seen = {}
+    for r in records(log):
+        path, base, stem, dashes, without = r["argv"]
+        seen[base] = r
+        assert path == source + b"/" + base
+        assert stem == os.path.splitext(base)[0]  # no name here starts with a dot
+        assert dashes == b"--"
+        assert without == source + b"/" + stem
+        assert r["env"]["ASYNCBATCH_RELPATH"] == base
+        assert r["env"]["ASYNCBATCH_INPUT"] == path
+    assert set(seen) == set(HOSTILE)
+
+
+def test_the_program_may_be_the_input_itself(inbox: Path, state: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = inbox / "job.sh"
+    script.write_text(f'#!/bin/sh\necho "$0" > {shlex.quote(str(marker))}\n')
+    script.chmod(0o755)
+
+    result = run_exec(inbox, state, "{}")
+
+    assert result.returncode == 0, result.stderr
+    assert marker.read_text().strip() == str(script.absolute())
+
+
+# -- exit status, failures, output -----------------------------------------------------------------
+
+
+def test_exit_0_is_done_other_statuses_fail_then_die_with_the_stderr_tail(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 1, prefix="ok")
+    make_files(inbox, 1, prefix="bad")
+    make_files(inbox, 1, prefix="loud")
+    # A command per name: exit 0, exit 3 after two stderr lines, or 10 KB of stderr then exit 4.
+    line = shlex.join(
+        [
+            "sh",
+            "-c",
+            'case "$1" in *ok*) exit 0;; *bad*) printf "first\\nsecond\\n" >&2; exit 3;; esac; '
+            f"exec {shlex.quote(sys.executable)} {shlex.quote(str(COMMANDS))} fail 4 10000",
+            "sh",
+            "{}",
+        ]
+    )
+
+    result = run_exec(inbox, state, line, "--max-attempts", "2", "--backoff", "0")
+
+    assert result.returncode == 1, result.stderr
+    assert state_counts(state) == {"done": 1, "dead": 2}
+    failures = cli("failures", "--state", state, "--json")
+    errors = {f["relpath"]: (f["attempts"], f["error"]) for f in json.loads(failures.stdout)}
+    assert errors["bad00000.txt"] == (
+        2,
+        "CommandFailedError: 'sh' exited with status 3: first | second",
+    )
+    attempts, loud = errors["loud00000.txt"]
+    assert attempts == 2
+    assert loud.startswith("CommandFailedError: 'sh' exited with status 4: ...line 0060 ")
+    assert "line 0099" in loud, "the last 4 KiB"
+    assert "line 0000" not in loud, "not the first"
+    assert len(loud) < 4096 + 400
+    human = cli("failures", "--state", state, env={"COLUMNS": "200"})
+    assert "exited with status 3: first | second" in human.stdout
+
+
+def test_a_command_killed_by_a_signal_fails_its_attempt(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+
+    result = run_exec(inbox, state, "sh -c 'kill -SEGV $$' sh", "--max-attempts", "1")
+
+    assert result.returncode == 1, result.stderr
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error == "CommandFailedError: 'sh' was killed by SIGSEGV"
+
+
+def test_stdout_and_stderr_are_logged_at_debug_only(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+
+    quiet = run_exec(inbox, state, command("echo"))
+    (inbox / "second.txt").write_text("x")
+    loud = run_exec(inbox, state, command("echo"), "--log-level", "DEBUG")
+
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "out:" not in quiet.stdout + quiet.stderr
+    assert "err:" not in quiet.stderr
+    assert "stdout: out:second.txt; stderr: err:second.txt" in loud.stderr
+    assert "out:second.txt" not in loud.stdout, "stdout carries the report only"
+
+
+# -- the environment -------------------------------------------------------------------------------
+
+
+def test_each_command_gets_the_items_variables_stable_across_its_attempts(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "calls.jsonl"
+
+    result = run_exec(
+        inbox,
+        state,
+        command("fail-first"),
+        "--backoff",
+        "0",
+        "--output-dir",
+        out,
+        "--job",
+        "nightly",
+        env={"AB_RECORD": str(log), "ASYNCBATCH_OUTPUT_DIR": "/inherited"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    keys = {os.fsdecode(r[1]): r[0] for r in rows(state, "SELECT key, relpath FROM items")}
+    by_item: dict[bytes, list[dict[str, bytes]]] = {}
+    for r in records(log):
+        by_item.setdefault(r["env"]["ASYNCBATCH_RELPATH"], []).append(r["env"])
+    assert sorted(by_item) == [b"f00000.txt", b"f00001.txt"]
+    idempotency = set()
+    for relpath, envs in by_item.items():
+        first, second = sorted(envs, key=lambda e: int(e["ASYNCBATCH_ATTEMPT"]))
+        assert (first["ASYNCBATCH_ATTEMPT"], second["ASYNCBATCH_ATTEMPT"]) == (b"1", b"2")
+        assert int(second["ASYNCBATCH_FENCE"]) > int(first["ASYNCBATCH_FENCE"])
+        for name in ("KEY", "INPUT_HASH", "IDEMPOTENCY_KEY", "JOB", "INPUT", "OUTPUT_DIR"):
+            assert first[f"ASYNCBATCH_{name}"] == second[f"ASYNCBATCH_{name}"], name
+        assert first["ASYNCBATCH_KEY"].decode() == keys[relpath.decode()]
+        assert first["ASYNCBATCH_JOB"] == b"nightly"
+        assert first["ASYNCBATCH_INPUT"] == os.fsencode(inbox.absolute() / relpath.decode())
+        assert first["ASYNCBATCH_OUTPUT_DIR"] == os.fsencode(out.absolute())
+        assert len(first["ASYNCBATCH_INPUT_HASH"]) == 64
+        assert len(first["ASYNCBATCH_IDEMPOTENCY_KEY"]) == 64
+        idempotency.add(first["ASYNCBATCH_IDEMPOTENCY_KEY"])
+    assert len(idempotency) == 2, "two items never share a key"
+
+
+def test_without_an_output_dir_an_inherited_one_is_not_passed_on(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    log = tmp_path / "calls.jsonl"
+
+    result = run_exec(
+        inbox,
+        state,
+        command("record"),
+        env={"AB_RECORD": str(log), "ASYNCBATCH_OUTPUT_DIR": "/somewhere/else"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    (only,) = records(log)
+    assert "ASYNCBATCH_OUTPUT_DIR" not in only["env"]
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_exec_with_a_target_or_neither_is_exit_2(inbox: Path, state: Path) -> None:
+    both = cli("run", "mod:fn", "--exec", "true", "--source", inbox, "--state", state)
+    neither = cli("run", "--source", inbox, "--state", state)
+
+    assert_one_line_error(both, "TARGET or --exec, not both", "'mod:fn'", "'true'")
+    assert_one_line_error(neither, "give a TARGET", "--exec COMMAND")
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "needles"),
+    [
+        ("", ["'exec'", "a command"]),
+        ("   ", ["'exec'", "a command"]),
+        ("echo 'unbalanced {}", ["'exec'", "No closing quotation"]),
+        ("no-such-program-anywhere {}", ["command not found: 'no-such-program-anywhere'"]),
+        ("./missing.sh {}", ["command not found: './missing.sh'"]),
+    ],
+)
+def test_a_command_line_that_cannot_run_is_exit_2_before_anything(
+    inbox: Path, state: Path, line: str, needles: list[str]
+) -> None:
+    make_files(inbox, 1)
+
+    result = run_exec(inbox, state, line)
+
+    assert_one_line_error(result, *needles)
+    assert not state.exists()
+
+
+def test_shell_syntax_in_a_command_line_is_warned_about(inbox: Path, state: Path) -> None:
+    make_files(inbox, 1)
+
+    redirect = run_exec(inbox, state, "true {} > /dev/null")
+    script = run_exec(inbox, state, "sh -c 'cat {}'", "--job", "other")
+
+    assert redirect.returncode == script.returncode == 0, redirect.stderr + script.stderr
+    assert "run without a shell: '>' is passed to 'true' as an argument" in redirect.stderr
+    assert "placeholder inside the sh -c script" in script.stderr
+
+
+def test_on_done_move_archives_each_input_after_its_command_succeeded(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 3)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+
+    result = run_exec(inbox, state, "cksum", "--on-done", f"move:{archive}")
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in archive.iterdir()) == [f"f0000{i}.txt" for i in range(3)]
+    assert list(inbox.iterdir()) == []
+
+
+# -- timeouts and signals --------------------------------------------------------------------------
+
+
+def test_a_timeout_kills_the_commands_whole_process_group(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    result = run_exec(
+        inbox,
+        state,
+        command("hang", "grandchild"),
+        "--timeout",
+        "3",
+        "--max-attempts",
+        "1",
+        env={"AB_PIDS": str(pids)},
+    )
+
+    assert result.returncode == 1, result.stderr
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error.startswith("TimeoutError")
+    (noted,) = pids.glob("pid.*")
+    leader, grandchild = map(int, noted.read_text().split())
+    assert not alive(leader)
+    assert not alive(grandchild)
+    assert live_members(leader) == []
+
+
+async def test_a_group_that_ignores_sigterm_is_killed_after_kill_after(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_files(inbox, 1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("AB_PIDS", str(pids))  # the handler takes the environment when made
+    handler = ExecHandler(command("deaf"), kill_after=0.5)
+    batch = Batch(handler, source=inbox, state=state, settle=0, timeout=2, max_attempts=1)
+
+    report = await batch.run()
+
+    assert report.dead == 1
+    (pid,) = noted_pids(pids)
+    assert (pids / f"signal.{pid}.{signal.SIGTERM}").exists()
+    assert not alive(pid)
+    assert live_members(pid) == []
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_reaches_the_commands_and_gives_their_items_back(
+    inbox: Path,
+    state: Path,
+    tmp_path: Path,
+    no_leftovers: Leftovers,
+    sig: int,
+    code: int,
+) -> None:
+    make_files(inbox, 2)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    args: list[str | Path] = ["run", "--exec", command("hang", "grandchild"), "--source", inbox]
+    args += ["--state", state]
+    # A grace far longer than the test's deadline: the run ends because the commands died of
+    # the forwarded signal, not because the grace ran out.
+    proc = spawn(*args, "-j", "2", "--grace", "600", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
+    wait_for(lambda: len(list(pids.glob("pid.*"))) == 2 or proc.poll() is not None)
+
+    err = kill(proc, sig)
+
+    assert proc.returncode == code, err
+    assert state_counts(state) == {"pending": 2}, "given back, not done and not failed"
+    assert rows(state, "SELECT attempts, interrupted FROM items") == [(1, 0), (1, 0)]
+    for pid in noted_pids(pids):
+        assert not alive(pid), f"pid {pid} outlived the run"
+    final = run_exec(inbox, state, "true")
+    assert final.returncode == 0, final.stderr
+    assert state_counts(state) == {"done": 2}
+    assert rows(state, "SELECT attempts, interrupted FROM items") == [(2, 1), (2, 1)]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_command_that_handles_the_stop_signal_may_finish_its_item(
+    inbox: Path,
+    state: Path,
+    tmp_path: Path,
+    no_leftovers: Leftovers,
+    sig: int,
+    code: int,
+) -> None:
+    make_files(inbox, 1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    args: list[str | Path] = ["run", "--exec", command("trap"), "--source", inbox, "--state", state]
+    proc = spawn(*args, "--grace", "600", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
+    wait_for(lambda: any(pids.glob("pid.*")) or proc.poll() is not None)
+
+    err = kill(proc, sig)
+
+    assert proc.returncode == code, err
+    (seen,) = pids.glob("signal.*")
+    assert int(seen.read_text()) == sig
+    assert state_counts(state) == {"done": 1}
+
+
+def test_a_second_signal_kills_commands_that_ignore_the_first(
+    inbox: Path, state: Path, tmp_path: Path, no_leftovers: Leftovers
+) -> None:
+    make_files(inbox, 1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    args: list[str | Path] = ["run", "--exec", command("deaf"), "--source", inbox, "--state", state]
+    proc = spawn(*args, "--grace", "600", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
+    wait_for(lambda: any(pids.glob("pid.*")) or proc.poll() is not None)
+    (pid,) = noted_pids(pids)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: (pids / f"signal.{pid}.{signal.SIGINT}").exists() or proc.poll() is not None)
+
+    err = kill(proc, signal.SIGINT)  # the second: in-flight items are cancelled at once
+
+    assert proc.returncode == 130, err
+    assert (pids / f"signal.{pid}.{signal.SIGTERM}").exists(), "SIGTERM first, then SIGKILL"
+    assert not alive(pid)
+    assert live_members(pid) == []
+    assert state_counts(state) == {"pending": 1}
+
+
+# -- from Python -----------------------------------------------------------------------------------
+
+
+async def test_exec_handler_from_python_takes_words_too(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    handler = ExecHandler(["cp", "{}", f"{out}/{{/.}}.copy"])
+
+    report = await Batch(handler, source=inbox, state=state, settle=0).run()
+
+    assert report.done == 2
+    assert sorted(p.name for p in out.iterdir()) == ["f00000.copy", "f00001.copy"]
+    assert repr(handler) == f"ExecHandler({shlex.join(['cp', '{}', f'{out}/{{/.}}.copy'])!r})"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"command": []}, "a command"),
+        ({"command": "true", "kill_after": -1}, "'kill_after'"),
+        ({"command": "true", "output_tail": -1}, "'output_tail'"),
+    ],
+)
+def test_exec_handler_refuses_bad_settings_with_the_value(
+    kwargs: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=needle):
+        ExecHandler(**kwargs)
+
+
+async def test_a_program_gone_mid_run_fails_its_attempts(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    program = tmp_path / "tool.sh"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    handler = ExecHandler(f"{program} {{}}")
+    program.unlink()
+
+    report = await Batch(handler, source=inbox, state=state, settle=0, max_attempts=1).run()
+
+    assert report.dead == 1
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error == f"FileNotFoundError: [Errno 2] No such file or directory: '{program}'"
+
+
+async def test_a_cancelled_run_leaves_no_command_behind(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_files(inbox, 3)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("AB_PIDS", str(pids))
+    handler = ExecHandler(command("hang", "grandchild"))
+    batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=3)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.run)
+        await anyio.to_thread.run_sync(wait_for, lambda: len(list(pids.glob("pid.*"))) == 3)
+        tg.cancel_scope.cancel()
+
+    for pid in noted_pids(pids):
+        assert not alive(pid)
+    assert state_counts(state) == {"pending": 3}
