@@ -47,6 +47,7 @@ from asyncbatch._ledger import (
     Ledger,
     Outcome,
     PostgresDSN,
+    Registered,
     Renewal,
     RunEnd,
     RunTotals,
@@ -1677,3 +1678,130 @@ async def test_forget_logs_the_names_it_forgot_for_watches_under_way(ledger: Led
     assert later > seq
     assert await ledger.forgotten_since("j", later) == (later, [])
     assert (await ledger.forgotten_since("j", None))[0] >= later
+
+
+# -- the listing role ----------------------------------------------------------------------------
+
+
+async def expire_listing(store: Store) -> None:
+    """The listing role's lease runs out (its holder stalled past it)."""
+    expire = "UPDATE listers SET lease_until = 0 WHERE job = 'j'"
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as db:
+            db.execute(expire)
+    else:
+        await store.fetch(expire)
+
+
+async def test_one_runner_takes_the_listing_role_and_another_once_it_is_free(
+    ledger: Ledger, store: Store
+) -> None:
+    for owner in ("a", "b"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    first = await ledger.take_listing("j", "a", 60)
+    assert (first.owner, first.fence, first.generation, first.complete) == ("a", 1, 0, 0)
+    assert first.held_by("a", time.time() - 1)
+    held = await ledger.take_listing("j", "b", 60)  # a holds it: b gets to know, not the role
+    assert (held.owner, held.fence) == ("a", 1)
+    assert (await ledger.take_listing("j", "a", 60)).fence == 1  # renewed, not retaken
+    # Its lease expired (the holder stalled): b takes it over, and the fence grows.
+    await expire_listing(store)
+    taken = await ledger.take_listing("j", "b", 60)
+    assert (taken.owner, taken.fence) == ("b", 2)
+    # The old holder's heartbeat finds it lost; the new one's renews it.
+    assert not (await ledger.heartbeat(Heartbeat(job="j", owner="a", ttl=60, lister=1))).lister
+    assert (await ledger.heartbeat(Heartbeat(job="j", owner="b", ttl=60, lister=2))).lister
+    # A holder that ends gives it up: the next runner takes it at once.
+    await ledger.release_runner(
+        RunEnd(
+            job="j",
+            owner="b",
+            holds_lock=False,
+            run_id=0,
+            totals=RunTotals(),
+            exit_status="ok",
+            lister=True,
+        )
+    )
+    assert (await ledger.take_listing("j", "a", 60)).owner == "a"
+
+
+async def test_a_listing_role_whose_holder_is_gone_is_taken_over(ledger: Ledger) -> None:
+    await ledger.start_runner(run_start("a", shared=True))
+    await ledger.start_runner(run_start("b", shared=True))
+    assert (await ledger.take_listing("j", "a", 600)).owner == "a"
+    # a's runner record is gone (it ended, or a later runner reaped it): its role is free.
+    await ledger.release_runner(
+        RunEnd(
+            job="j", owner="a", holds_lock=False, run_id=0, totals=RunTotals(), exit_status="killed"
+        )
+    )
+    assert (await ledger.take_listing("j", "b", 600)).owner == "b"
+
+
+async def test_a_listing_registers_waiting_items_and_counts_what_it_found(
+    ledger: Ledger,
+) -> None:
+    await ledger.start_runner(run_start("a", shared=True))
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in (1, 2, 3)])
+    await ledger.commit_outcomes(
+        "j",
+        "a",
+        [
+            Outcome("k00001", 1, "done"),
+            Outcome("k00002", 1, "dead", "E"),
+            Outcome("k00003", 1, "vanished", "gone"),
+        ],
+    )
+    role = await ledger.take_listing("j", "a", 60)
+    begun = await ledger.begin_listing("j", "a", role.fence)
+    assert begun is not None
+    assert (begun.generation, begun.complete, begun.listed_files) == (1, 0, 0)
+    found = await ledger.register_listed("j", "a", role.fence, [entry(i) for i in (1, 2, 3, 4, 5)])
+    assert found == Registered(3, 1, 1)  # 4, 5 new; 3 (vanished) waits again
+    assert await ledger.end_listing("j", "a", role.fence, 5)
+    after = await ledger.listing("j")
+    assert after is not None
+    assert (after.generation, after.complete, after.listed_files) == (1, 1, 5)
+    assert (after.found_done, after.found_dead, after.registered) == (1, 1, 3)
+    assert after.listed_at is not None
+    assert after.started_at is not None
+    waiting = await ledger.claim_waiting("j", "a", 60, 10)
+    assert sorted(r.key for r in waiting) == ["k00003", "k00004", "k00005"]
+
+
+async def test_a_listing_by_a_holder_taken_over_is_refused(ledger: Ledger, store: Store) -> None:
+    for owner in ("a", "b"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    old = await ledger.take_listing("j", "a", 60)
+    assert await ledger.begin_listing("j", "a", old.fence) is not None
+    await expire_listing(store)
+    new = await ledger.take_listing("j", "b", 60)
+    assert await ledger.register_listed("j", "a", old.fence, [entry(1)]) is None
+    assert not await ledger.end_listing("j", "a", old.fence, 1)
+    assert await ledger.begin_listing("j", "a", old.fence) is None
+    assert await ledger.claim_waiting("j", "b", 60, 10) == []  # nothing was registered
+    assert await ledger.register_listed("j", "b", new.fence, [entry(1)]) == Registered(1, 0, 0)
+
+
+async def test_finished_by_others_counts_what_other_runners_finished_since(
+    ledger: Ledger,
+) -> None:
+    for owner in ("a", "b"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2)])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "done")])
+    since = time.time() + 1e-6  # after a's, before b's
+    await ledger.claim_scanned("j", "b", 60, [entry(3), entry(4), entry(5)])
+    await ledger.commit_outcomes(
+        "j",
+        "b",
+        [
+            Outcome("k00003", 1, "done"),
+            Outcome("k00004", 1, "done"),
+            Outcome("k00005", 1, "dead", "E"),
+        ],
+    )
+    assert await ledger.finished_by_others("j", "a", since) == {"done": 2, "dead": 1}
+    assert await ledger.finished_by_others("j", "b", since) == {}  # a's was done before
+    assert await ledger.finished_by_others("j", "a", time.time() + 60) == {}

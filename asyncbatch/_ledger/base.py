@@ -44,8 +44,10 @@ from .types import (
     JobSettings,
     Leases,
     LedgerErrors,
+    Listing,
     LockInfo,
     Outcome,
+    Registered,
     Renewal,
     RunEnd,
     RunInfo,
@@ -401,6 +403,48 @@ class Ledger(IdempotencyStore):
     @abc.abstractmethod
     async def next_retry_at(self, job: str) -> float | None:
         """When the earliest failed item of the job becomes due, or ``None``."""
+
+    # -- the listing role (runners sharing a job) ----------------------------------------------
+
+    @abc.abstractmethod
+    async def take_listing(self, job: str, owner: str, ttl: float) -> Listing:
+        """Take the job's listing role for ``owner`` for ``ttl`` seconds if it is free, or
+        renew it if ``owner`` holds it; return the role as it is now (held by ``owner``, or by
+        another runner: see :meth:`Listing.held_by`).
+
+        It is free when nobody held it, its lease expired (its holder stalled or died past
+        it), or its holder has no runner record any more (found gone, or it ended). Taking it
+        over grows its fence. One transaction: concurrent runners never both take it.
+        """
+
+    @abc.abstractmethod
+    async def listing(self, job: str) -> Listing | None:
+        """The job's listing role and listings (``None``: no runner ever listed for it)."""
+
+    @abc.abstractmethod
+    async def begin_listing(self, job: str, owner: str, fence: int) -> Listing | None:
+        """Begin a listing: a new generation, its start now, its counts at zero. ``None``
+        when ``owner`` no longer holds the role under ``fence`` (nothing is changed)."""
+
+    @abc.abstractmethod
+    async def register_listed(
+        self, job: str, owner: str, fence: int, rows: Sequence[ScannedRow]
+    ) -> Registered | None:
+        """Register listed files as waiting items (``pending``; an item the ledger holds is
+        left as it is), count the new ones into the role's ``registered`` and those found done
+        or dead into the listing's; in one transaction. ``None`` when ``owner`` no longer
+        holds the role under ``fence`` (nothing is registered)."""
+
+    @abc.abstractmethod
+    async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
+        """Mark the listing begun last complete (``files`` found, every one registered);
+        ``False`` when ``owner`` no longer holds the role under ``fence``."""
+
+    @abc.abstractmethod
+    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
+        """How many of the job's items runners other than ``owner`` finished (done, dead) at
+        or after ``since`` (the caller's clock), by state: what a shared runner counts as
+        done (dead) before in its report. A read of the job's items."""
 
     # -- outcomes ----------------------------------------------------------------------------------
 

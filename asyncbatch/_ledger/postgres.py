@@ -276,10 +276,13 @@ class PostgresLedger(Ledger):
                 alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
             if not alive:
                 return t.Renewal(False)
+            lister = beat.lister is not None and (
+                await conn.fetchval(sql.LISTING_EXTEND, job, owner, beat.lister, ttl) is not None
+            )
             if not keys:
-                return t.Renewal(True)
+                return t.Renewal(True, lister=lister)
             rows = await conn.fetch(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
-            return t.Renewal(True, frozenset(keys) - {key for (key,) in rows})
+            return t.Renewal(True, frozenset(keys) - {key for (key,) in rows}, lister)
 
         return await self._session.transact(renew)
 
@@ -288,6 +291,8 @@ class PostgresLedger(Ledger):
             await conn.execute(sql.RUNNER_REMOVE, end.owner)
             if end.holds_lock:
                 await conn.execute(sql.LOCK_RELEASE, end.job, end.owner)
+            if end.lister:
+                await conn.execute(sql.LISTING_RELEASE, end.job, end.owner)
             await conn.execute(sql.RUN_FINISH, end.run_id, end.exit_status, *_totals(end.totals))
 
         await self._session.transact(release)
@@ -371,6 +376,65 @@ class PostgresLedger(Ledger):
     async def next_retry_at(self, job: str) -> float | None:
         wait = await self._session.fetchval(sql.NEXT_RETRY_IN, job)
         return None if wait is None else self.clock() + float(wait)
+
+    # -- the listing role --------------------------------------------------------------------------
+
+    def _listing(self, row: asyncpg.Record) -> t.Listing:
+        return t.Listing.from_row(row, times=self._session.local)
+
+    async def take_listing(self, job: str, owner: str, ttl: float) -> t.Listing:
+        async def take(conn: Connection) -> asyncpg.Record | None:
+            await conn.execute(sql.LISTING_TAKE, job, owner, ttl)
+            return await conn.fetchrow(sql.LISTING_GET, job)
+
+        found = await self._session.transact(take)
+        assert found is not None  # inserted or kept by the statement just before
+        return self._listing(found)
+
+    async def listing(self, job: str) -> t.Listing | None:
+        found = await self._session.fetch(sql.LISTING_GET, job)
+        return self._listing(found[0]) if found else None
+
+    async def begin_listing(self, job: str, owner: str, fence: int) -> t.Listing | None:
+        async def begin(conn: Connection) -> asyncpg.Record | None:
+            if await conn.fetchval(sql.LISTING_BEGIN, job, owner, fence) is None:
+                return None
+            return await conn.fetchrow(sql.LISTING_GET, job)
+
+        found = await self._session.transact(begin)
+        return None if found is None else self._listing(found)
+
+    async def register_listed(
+        self, job: str, owner: str, fence: int, rows: Sequence[t.ScannedRow]
+    ) -> t.Registered | None:
+        columns: tuple[list[Any], ...] = ([], [], [], [], [])
+        seen: set[str] = set()
+        for key, relpath, size, mtime_ns, inode in rows:
+            if key in seen:  # ON CONFLICT cannot touch a row twice in one statement
+                continue
+            seen.add(key)
+            for column, value in zip(
+                columns, (key, relpath, size, mtime_ns, _signed(inode)), strict=True
+            ):
+                column.append(value)
+
+        async def register(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(sql.REGISTER_LISTED, job, owner, fence, *columns)
+
+        found = await self._session.transact(register, one=True)
+        return None if found is None else t.Registered(*(int(n) for n in found))
+
+    async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
+        async def end(conn: Connection) -> bool:
+            return await conn.fetchval(sql.LISTING_END, job, owner, fence, files) is not None
+
+        return await self._session.transact(end, one=True)
+
+    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
+        rows = await self._session.fetch(
+            sql.FINISHED_BY_OTHERS, job, owner, self._session.server(since)
+        )
+        return {str(state): int(n) for state, n in rows}
 
     # -- outcomes ----------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from .types import (
     ClaimedRow,
     ItemFilter,
     ItemInfo,
+    Listing,
     LockInfo,
     RunInfo,
     RunnerInfo,
@@ -36,7 +37,7 @@ from .types import (
 )
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -186,6 +187,24 @@ CREATE INDEX forgotten_job ON forgotten (job, seq);
         f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
         for name in totals_since(4)
     ),
+    # The listing role of runners sharing a job, and its listings (see Listing).
+    5: """
+CREATE TABLE listers (
+    job          text PRIMARY KEY,
+    owner        text,
+    fence        bigint NOT NULL DEFAULT 0,
+    lease_until  float8,
+    since        float8,
+    generation   bigint NOT NULL DEFAULT 0,
+    complete     bigint NOT NULL DEFAULT 0,
+    started_at   float8,
+    listed_at    float8,
+    listed_files bigint NOT NULL DEFAULT 0,
+    found_done   bigint NOT NULL DEFAULT 0,
+    found_dead   bigint NOT NULL DEFAULT 0,
+    registered   bigint NOT NULL DEFAULT 0
+);
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -294,6 +313,79 @@ WITH reaped AS (
     RETURNING 1
 )
 SELECT count(*) FROM reaped
+"""
+
+# -- the listing role ----------------------------------------------------------------------------
+
+#: The job's role ($1), and the server's time (``now``).
+LISTING_GET = f"SELECT {', '.join(Listing.columns())}, {NOW} AS now FROM listers WHERE job = $1"
+#: The role for $2 for $3 seconds ($1 job), taken if it is free (never held, its lease
+#: expired, or its holder without a live runner record) or renewed if $2 holds it; then read.
+LISTING_TAKE = f"""
+INSERT INTO listers AS l (job, owner, fence, lease_until, since)
+VALUES ($1, $2, 1, {NOW} + $3::float8, {NOW})
+ON CONFLICT (job) DO UPDATE SET
+    owner = excluded.owner,
+    fence = l.fence + (l.owner IS DISTINCT FROM excluded.owner)::int,
+    lease_until = excluded.lease_until,
+    since = CASE WHEN l.owner IS DISTINCT FROM excluded.owner THEN excluded.since ELSE l.since END
+WHERE l.owner = excluded.owner OR l.owner IS NULL OR l.lease_until IS NULL
+   OR l.lease_until < {NOW}
+   OR NOT EXISTS (SELECT 1 FROM runners WHERE owner = l.owner AND expires_at >= {NOW})
+"""
+_HOLDER = "job = $1 AND owner = $2 AND fence = $3"
+LISTING_BEGIN = f"""
+UPDATE listers SET generation = generation + 1, started_at = {NOW}, listed_files = 0,
+                   found_done = 0, found_dead = 0
+WHERE {_HOLDER}
+RETURNING job
+"""
+#: Listed files as waiting items ($1 job; $4.. the rows), fenced by the role ($2 owner, $3
+#: fence): a vanished item whose file is listed again waits again, any other the ledger holds
+#: is left as it is. Returns (new, found done, found dead), or no row when not the holder.
+REGISTER_LISTED = f"""
+WITH holder AS (SELECT 1 FROM listers WHERE {_HOLDER} FOR UPDATE),
+found AS (
+    SELECT count(*) FILTER (WHERE d.state = 'done') AS done,
+           count(*) FILTER (WHERE d.state = 'dead') AS dead
+    FROM items d WHERE d.job = $1 AND d.key = ANY($4::text[]) AND d.state IN ('done', 'dead')
+),
+added AS (
+    INSERT INTO items AS i (job, key, relpath, size, mtime_ns, inode, state, attempts, fence,
+                            created_at, updated_at)
+    SELECT $1, r.key, r.relpath, r.size, r.mtime_ns, r.inode, 'pending', 0, 0, {NOW}, {NOW}
+    FROM unnest($4::text[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[])
+         AS r(key, relpath, size, mtime_ns, inode)
+    WHERE EXISTS (SELECT 1 FROM holder)
+    ON CONFLICT (job, key) DO UPDATE SET state = 'pending', owner = NULL, lease_until = NULL,
+        updated_at = excluded.updated_at
+    WHERE i.state = 'vanished'
+    RETURNING 1
+),
+counted AS (
+    UPDATE listers SET registered = registered + (SELECT count(*) FROM added),
+                       found_done = found_done + (SELECT done FROM found),
+                       found_dead = found_dead + (SELECT dead FROM found)
+    WHERE {_HOLDER}
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM added), done, dead FROM found WHERE EXISTS (SELECT 1 FROM counted)
+"""
+LISTING_END = f"""
+UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4
+WHERE {_HOLDER}
+RETURNING job
+"""
+LISTING_EXTEND = f"""
+UPDATE listers SET lease_until = {NOW} + $4::float8 WHERE {_HOLDER} RETURNING job
+"""
+LISTING_RELEASE = "UPDATE listers SET lease_until = NULL WHERE job = $1 AND owner = $2"
+#: What runners other than $2 finished at or after $3 (server clock; $1 job), by state.
+FINISHED_BY_OTHERS = """
+SELECT state, count(*) FROM items
+WHERE job = $1 AND state IN ('done', 'dead') AND runner IS DISTINCT FROM $2
+  AND finished_at >= $3::float8
+GROUP BY state
 """
 
 # -- claims --------------------------------------------------------------------------------------

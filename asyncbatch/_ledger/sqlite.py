@@ -212,7 +212,52 @@ def _tx_heartbeat(
     lost = [
         k for k, f in beat.leases if conn.execute(extend, (until, job, k, owner, f)).rowcount == 0
     ]
-    return t.Renewal(True, frozenset(lost))
+    lister = beat.lister is not None and (
+        conn.execute(
+            sql.LISTING_EXTEND, {"job": job, "owner": owner, "fence": beat.lister, "until": until}
+        ).rowcount
+        == 1
+    )
+    return t.Renewal(True, frozenset(lost), lister)
+
+
+def _tx_take_listing(
+    conn: sqlite3.Connection, job: str, owner: str, until: float, now: float
+) -> t.Listing:
+    found = _named(conn, sql.LISTING_GET, (job,))
+    claim = {"job": job, "owner": owner, "until": until, "now": now}
+    if not found:
+        conn.execute(sql.LISTING_ADD, claim)
+    else:
+        role = t.Listing.from_row(found[0])
+        if role.owner == owner:
+            conn.execute(sql.LISTING_RENEW, claim)
+        elif (
+            role.owner is None
+            or role.lease_until is None
+            or role.lease_until < now
+            or conn.execute(sql.RUNNER_LIVE, (role.owner, now)).fetchone() is None
+        ):
+            conn.execute(sql.LISTING_TAKE, claim)
+    return t.Listing.from_row(_named(conn, sql.LISTING_GET, (job,))[0])
+
+
+def _tx_register_listed(
+    conn: sqlite3.Connection,
+    job: str,
+    owner: str,
+    fence: int,
+    query: str,
+    params: list[Any],
+    keys: str,
+) -> t.Registered | None:
+    holder = {"job": job, "owner": owner, "fence": fence}
+    if conn.execute(sql.LISTING_HELD, holder).fetchone() is None:
+        return None
+    done, dead = conn.execute(sql.FOUND_FINISHED, (job, keys)).fetchone()
+    new = conn.execute(query, params).rowcount
+    conn.execute(sql.LISTING_FOUND, {**holder, "new": new, "done": done, "dead": dead})
+    return t.Registered(new, int(done), int(dead))
 
 
 def _tx_claim_scanned(
@@ -564,6 +609,8 @@ class SQLiteLedger(Ledger):
             conn.execute(sql.RUNNER_REMOVE, (end.owner,))
             if end.holds_lock:
                 conn.execute(sql.LOCK_RELEASE, (end.job, end.owner))
+            if end.lister:
+                conn.execute(sql.LISTING_RELEASE, (end.job, end.owner))
             conn.execute(sql.RUN_FINISH, {**finish, "now": now})
 
         await self._transact(release, self.clock())
@@ -576,6 +623,47 @@ class SQLiteLedger(Ledger):
             return conn.execute(sql.LOCK_RELEASE, (job, owner)).rowcount == 1
 
         return await self._transact(unlock)
+
+    # -- the listing role --------------------------------------------------------------------------
+
+    async def take_listing(self, job: str, owner: str, ttl: float) -> t.Listing:
+        now = self.clock()
+        return await self._transact(_tx_take_listing, job, owner, now + ttl, now)
+
+    async def listing(self, job: str) -> t.Listing | None:
+        found = await self._fetch_named(sql.LISTING_GET, (job,))
+        return t.Listing.from_row(found[0]) if found else None
+
+    async def begin_listing(self, job: str, owner: str, fence: int) -> t.Listing | None:
+        def begin(conn: sqlite3.Connection, now: float) -> t.Listing | None:
+            holder = {"job": job, "owner": owner, "fence": fence, "now": now}
+            if conn.execute(sql.LISTING_BEGIN, holder).rowcount == 0:
+                return None
+            return t.Listing.from_row(_named(conn, sql.LISTING_GET, (job,))[0])
+
+        return await self._transact(begin, self.clock())
+
+    async def register_listed(
+        self, job: str, owner: str, fence: int, rows: Sequence[t.ScannedRow]
+    ) -> t.Registered | None:
+        params: list[Any] = [job, self.clock()]
+        for row in rows:
+            params.extend(row)
+        keys = json.dumps([row[0] for row in rows])
+        return await self._transact(
+            _tx_register_listed, job, owner, fence, sql.register_listed(len(rows)), params, keys
+        )
+
+    async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
+        def end(conn: sqlite3.Connection, now: float) -> bool:
+            holder = {"job": job, "owner": owner, "fence": fence, "now": now, "files": files}
+            return conn.execute(sql.LISTING_END, holder).rowcount == 1
+
+        return await self._transact(end, self.clock())
+
+    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
+        rows = await self._fetchall(sql.FINISHED_BY_OTHERS, (job, owner, since))
+        return {str(state): int(n) for state, n in rows}
 
     # -- claims ------------------------------------------------------------------------------------
 

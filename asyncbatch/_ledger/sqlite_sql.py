@@ -18,6 +18,7 @@ from .types import (
     ClaimedRow,
     ItemFilter,
     ItemInfo,
+    Listing,
     LockInfo,
     RunInfo,
     RunnerInfo,
@@ -27,7 +28,7 @@ from .types import (
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -171,6 +172,24 @@ CREATE INDEX forgotten_job ON forgotten (job, seq);
         f"ALTER TABLE runs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;\n"
         for name in totals_since(4)
     ),
+    # The listing role of runners sharing a job, and its listings (see Listing).
+    5: """
+CREATE TABLE listers (
+    job          TEXT PRIMARY KEY,
+    owner        TEXT,
+    fence        INTEGER NOT NULL DEFAULT 0,
+    lease_until  REAL,
+    since        REAL,
+    generation   INTEGER NOT NULL DEFAULT 0,
+    complete     INTEGER NOT NULL DEFAULT 0,
+    started_at   REAL,
+    listed_at    REAL,
+    listed_files INTEGER NOT NULL DEFAULT 0,
+    found_done   INTEGER NOT NULL DEFAULT 0,
+    found_dead   INTEGER NOT NULL DEFAULT 0,
+    registered   INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -220,6 +239,73 @@ RUNNERS_OF_JOB = f"SELECT {', '.join(RunnerInfo.columns())} FROM runners WHERE j
 REAP_ITEMS = """
 UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
 WHERE job = ? AND owner = ? AND state = 'running'
+"""
+
+# -- the listing role ----------------------------------------------------------------------------
+
+LISTING_GET = f"SELECT {', '.join(Listing.columns())} FROM listers WHERE job = ?"
+LISTING_ADD = """
+INSERT INTO listers (job, owner, fence, lease_until, since) VALUES (:job, :owner, 1, :until, :now)
+"""
+LISTING_RENEW = "UPDATE listers SET lease_until = :until WHERE job = :job AND owner = :owner"
+LISTING_TAKE = """
+UPDATE listers SET owner = :owner, fence = fence + 1, lease_until = :until, since = :now
+WHERE job = :job
+"""
+#: Whether a runner (the role's holder) still has a live runner record.
+RUNNER_LIVE = "SELECT 1 FROM runners WHERE owner = ? AND expires_at >= ?"
+_HOLDER = "job = :job AND owner = :owner AND fence = :fence"
+LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER}"
+LISTING_BEGIN = f"""
+UPDATE listers SET generation = generation + 1, started_at = :now, listed_files = 0,
+                   found_done = 0, found_dead = 0
+WHERE {_HOLDER}
+"""
+LISTING_FOUND = f"""
+UPDATE listers SET registered = registered + :new, found_done = found_done + :done,
+                   found_dead = found_dead + :dead
+WHERE {_HOLDER}
+"""
+LISTING_END = f"""
+UPDATE listers SET complete = generation, listed_at = :now, listed_files = :files
+WHERE {_HOLDER}
+"""
+LISTING_EXTEND = f"UPDATE listers SET lease_until = :until WHERE {_HOLDER}"
+LISTING_RELEASE = "UPDATE listers SET lease_until = NULL WHERE job = ? AND owner = ?"
+#: Listed files as waiting items: ?1 job, ?2 now, then per row key, relpath, size, mtime_ns,
+#: inode.
+_REGISTER_HEAD = """
+INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fence,
+                   created_at, updated_at)
+VALUES """
+_REGISTER_ROW = "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, 'pending', 0, 0, ?2, ?2)"
+#: A vanished item whose file is listed again (the same key: it was being written when its
+#: turn came) waits again; any other item the ledger holds is left as it is.
+_REGISTER_TAIL = """
+ON CONFLICT (job, key) DO UPDATE SET state = 'pending', owner = NULL, lease_until = NULL,
+    updated_at = ?2
+WHERE items.state = 'vanished'"""
+
+
+def register_listed(rows: int) -> str:
+    """Register ``rows`` listed files as pending items, in one statement (see above)."""
+    values = ",".join(
+        _REGISTER_ROW.format(*range(3 + CLAIM_ROW_PARAMS * i, 8 + CLAIM_ROW_PARAMS * i))
+        for i in range(rows)
+    )
+    return _REGISTER_HEAD + values + _REGISTER_TAIL
+
+
+#: Of a chunk's keys (?2, a JSON array), how many the ledger holds done and dead (?1 job).
+FOUND_FINISHED = """
+SELECT coalesce(sum(state = 'done'), 0), coalesce(sum(state = 'dead'), 0) FROM items
+WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2)) AND state IN ('done', 'dead')
+"""
+#: What runners other than ?2 finished at or after ?3 (?1 job), by state.
+FINISHED_BY_OTHERS = """
+SELECT state, count(*) FROM items
+WHERE job = ?1 AND state IN ('done', 'dead') AND runner IS NOT ?2 AND finished_at >= ?3
+GROUP BY state
 """
 
 # -- claims --------------------------------------------------------------------------------------

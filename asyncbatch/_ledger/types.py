@@ -31,8 +31,10 @@ __all__ = [
     "JobSettings",
     "Leases",
     "LedgerErrors",
+    "Listing",
     "LockInfo",
     "Outcome",
+    "Registered",
     "Renewal",
     "RunEnd",
     "RunInfo",
@@ -181,6 +183,49 @@ class RunnerInfo(RowValue):
     def alive(self, now: float, me: ProcessIdentity) -> bool:
         """Heartbeat current (``now`` in the same clock as the row) and process not known dead."""
         return self.expires_at >= now and not holder_is_dead(self.holder, me=me)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing(RowValue):
+    """A job's listing role, and its listings (runners sharing a job: one of them lists the
+    source and registers its files; every one claims them from the ledger).
+
+    The role is a lease like an item's: ``owner`` holds it until ``lease_until`` (renewed by
+    its heartbeats), ``fence`` grows with every holder. ``generation`` numbers the listings
+    begun, ``complete`` the last one that registered every file it found (0: none yet):
+    ``started_at`` is when listing ``generation`` began, ``listed_at`` when ``complete``
+    ended, ``listed_files`` how many files it found, ``found_done`` and ``found_dead`` how
+    many of them the ledger had done or dead already. ``registered`` counts the waiting
+    items listings registered (it grows: a runner that waits for work watches it).
+    """
+
+    job: str
+    owner: str | None
+    fence: int
+    lease_until: float | None = field(metadata=column(time=True))
+    since: float | None = field(metadata=column(time=True))
+    generation: int
+    complete: int
+    started_at: float | None = field(metadata=column(time=True))
+    listed_at: float | None = field(metadata=column(time=True))
+    listed_files: int
+    found_done: int
+    found_dead: int
+    registered: int
+
+    def held_by(self, owner: str, now: float) -> bool:
+        """Whether ``owner`` holds the role at ``now`` (the row's clock)."""
+        return self.owner == owner and self.lease_until is not None and self.lease_until >= now
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """What registering a chunk of listed files found: ``new`` items registered (waiting),
+    and how many the ledger had ``done`` or ``dead`` already."""
+
+    new: int = 0
+    done: int = 0
+    dead: int = 0
 
 
 #: The item's runner's pid or host, from its latest history row (index runs_owner).
@@ -332,6 +377,8 @@ class Heartbeat:
     holds_lock: bool = False
     run_id: int = 0
     totals: RunTotals = field(default_factory=lambda: RunTotals())
+    #: The fence of the job's listing role, when this runner holds it (renewed too).
+    lister: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +389,8 @@ class Renewal:
 
     alive: bool
     lost: frozenset[str] = frozenset()
+    #: Whether the job's listing role, sent as ``Heartbeat.lister``, is still this runner's.
+    lister: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -355,6 +404,8 @@ class RunEnd:
     run_id: int
     totals: RunTotals
     exit_status: str
+    #: Whether it holds the job's listing role (given up: another runner may take it at once).
+    lister: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
