@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 
 import anyio
@@ -38,6 +38,7 @@ from .._scanner import Scanner, content_digest, ctime_ns, unpack
 from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
+from .shared import SharedRun
 from .sightings import Sightings
 from .state import RunState, reap_gone_runners
 
@@ -127,12 +128,19 @@ class Claimer:
         self._restart_events = anyio.Event()
         #: The last entry of the ledger's log of forgotten items that the watch has seen.
         self._forgotten_seq = 0
+        #: Set while this runner lists for runners sharing the job (see :mod:`.shared`): the
+        #: watch registers the files it finds with it (all runners claim them from the
+        #: ledger) instead of leasing them itself, and leaves retries to the claiming loop.
+        self.registrar: Callable[[list[bytes]], Awaitable[None]] | None = None
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
         run = self.run
         try:
-            if self.mode == "run":
+            if self.config.shared:
+                shared = SharedRun(self)
+                await (shared.until_finished() if self.mode == "run" else shared.until_stopped())
+            elif self.mode == "run":
                 records = await self.scanner.scan(
                     settle=self.config.settle, on_chunk=self._on_scan_chunk
                 )
@@ -187,8 +195,8 @@ class Claimer:
                 if retry_at is not None and time.monotonic() >= retry_at:
                     retry_at, waiting = None, -1  # and reckon the next one after this claim
                     await self.claim_open()
-                if run.counters.waiting != waiting:  # failures recorded, or retries leased
-                    waiting = run.counters.waiting
+                if run.counters.waiting != waiting and self.registrar is None:
+                    waiting = run.counters.waiting  # failures recorded, or retries leased
                     retry_at = await self._next_retry()
                 wake_at = min(
                     t for t in (next_scan, sightings.next_look(), retry_at) if t is not None
@@ -286,6 +294,8 @@ class Claimer:
             if not await self.scanner.unchanged():
                 paths.update(sightings.unknown(await self.scanner.list_names()))
             saw_dir = await self._watch_look(sightings, paths)
+        if self.registrar is not None:
+            return saw_dir  # the claiming loop claims what is open or waiting
         if run.open:
             await self.claim_open()
         await self.claim_waiting()
@@ -307,7 +317,10 @@ class Claimer:
         counters = self.run.counters
         counters.seen += len(candidates)
         counters.scanned = True
-        await self.claim_records(candidates)
+        if self.registrar is not None:
+            await self.registrar(candidates)
+        else:
+            await self.claim_records(candidates)
 
     # -- claiming -----------------------------------------------------------------------------
 
@@ -540,9 +553,9 @@ class Claimer:
             item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
             if row.key in run.open:  # one of ours (its retry came due)
                 run.close(row.key)
-            else:  # left waiting by an earlier run: seen now, counted like any other
-                run.counters.seen += 1
-                run.counters.earlier += 1
+            elif not cfg.shared:  # left waiting by an earlier run: seen now, counted like any
+                run.counters.seen += 1  # other (shared: registered by the job's listing, which
+                run.counters.earlier += 1  # the report counts at the end: see .shared)
                 run.from_ledger.add(row.key)
             leased.append(item)
         self._track(leased, {row.key: row for row in rows})

@@ -36,6 +36,7 @@ from .postactions import PostActions
 from .queues import ItemQueue, ItemState, Outbox
 from .reconcile import reconcile
 from .recorder import Recorder
+from .shared import shared_report
 from .source import SourceDir
 from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool
@@ -336,6 +337,8 @@ class Run:
                 state.given_back = [key for key, _ in leftovers]
                 state.in_flight.clear()
                 await reconcile(state)
+                if cfg.shared:
+                    await shared_report(state)
         finally:
             state.in_flight.clear()
             c = self.counters
@@ -351,6 +354,7 @@ class Run:
                 run_id=run_id,
                 totals=c.totals(),
                 exit_status=status,
+                lister=state.listed,
             )
             await ledger.release_runner(end)
 
@@ -413,10 +417,18 @@ class Run:
                 holds_lock=self.holds_lock,
                 run_id=run_id,
                 totals=self.counters.totals(),
+                lister=state.lister_fence,
             )
             self.beat_since = began = time.monotonic()
             renewal = await state.ledger.heartbeat(beat)
             self.beat_since = None
+            if beat.lister is not None and not renewal.lister and renewal.alive:
+                state.lose_listing_role()
+                log.warning(
+                    "the listing role of job %r was taken over by another runner (this one's "
+                    "heartbeats came late: was it suspended?); it stops listing",
+                    cfg.job,
+                )
             if not renewal.alive:
                 self.lock_lost = True
                 raise LockLostError(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from .._config import BatchConfig
-from .._ledger import Ledger
+from .._ledger import Ledger, Listing
 from .._procinfo import ProcessIdentity
 from .._report import Counters
 from .queues import LeasedItem
@@ -64,6 +64,17 @@ class RunState:
     #: (another runner may have finished them meanwhile).
     unclaimed: list[bytes] = field(default_factory=list)
     given_back: list[str] = field(default_factory=list)
+    #: Runners sharing the job: the fence of the listing role while this runner holds it
+    #: (renewed by the heartbeat, which clears it once another runner took the role over),
+    #: whether it ever held it, the role as last looked at (for status and metrics), and the
+    #: complete listing the run went by (for its report; see :mod:`.shared`).
+    lister_fence: int | None = None
+    listed: bool = False
+    listing_role: Listing | None = None
+    listing: Listing | None = None
+    listing_target: int | None = None
+    #: Set once this runner's tenure of the listing role ended (taken over).
+    role_lost: anyio.Event = field(default_factory=anyio.Event)
     #: The source directory, opened for the run (inputs are opened relative to it).
     source: SourceDir
     #: Set by a stop request (``Batch.stop()``, a signal).
@@ -88,6 +99,11 @@ class RunState:
     def dir_fd(self) -> int:
         """The source directory's descriptor (see :class:`SourceDir`)."""
         return self.source.fd
+
+    def lose_listing_role(self) -> None:
+        """This runner does not hold the listing role any more (another took it over)."""
+        self.lister_fence = None
+        self.role_lost.set()
 
     def lease_margin(self) -> float:
         """Seconds from now until a lease taken now must be given up locally (before another

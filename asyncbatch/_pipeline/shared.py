@@ -1,0 +1,254 @@
+"""Runners sharing a job (``shared=True``): one lists the source, every one claims.
+
+Listing is a role, held under a lease in the ledger (:class:`~asyncbatch._ledger.Listing`),
+fenced like an item's lease and renewed by the heartbeat. Its holder lists the source and
+registers the files as waiting items, in bulk (``Ledger.register_listed``); every runner, the
+holder too, leases waiting items from the ledger (``Claimer.claim_waiting``: ``SKIP LOCKED``
+on PostgreSQL). When the holder dies or stalls past the lease, another runner takes the role
+over and lists again from scratch: registration is idempotent, nothing is lost.
+
+A ``run()`` lists once and ends when the job is finished: the listing it goes by is complete
+(``Listing.complete``), and no item of the job is pending, leased or waiting for a retry
+(``wait=False``: none it could lease now). A ``watch()``'s holder watches the source (events
+and polls) and registers what turns up; the others wait for new waiting items (the role's
+``registered`` count grows), their retries, or the role.
+
+The report of a shared run counts the job's listing: ``seen`` is the files it found,
+``done_before`` (``dead_before``) those the ledger had finished when they were listed and
+those other runners finished since; this runner's own outcomes count as usual.
+
+Made per run by the claimer; nothing here outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .._ledger import Listing
+from .state import RunState, reap_gone_runners
+
+if TYPE_CHECKING:
+    from .claimer import Claimer
+
+__all__ = ["REGISTER_BATCH", "SHARED_POLL", "SharedRun", "shared_report"]
+
+log = logging.getLogger("asyncbatch")
+
+#: Listed files registered per statement.
+REGISTER_BATCH = 2048
+#: Seconds between looks at the ledger for new waiting items while a runner has none.
+SHARED_POLL = 0.1
+#: Seconds between looks at the held items, a retry and the role, while waiting for them.
+HELD_POLL = 1.0
+
+
+class SharedRun:
+    """The claimer's work when runners share a job: the listing role, and claiming."""
+
+    def __init__(self, claimer: Claimer) -> None:
+        self.claimer = claimer
+        self.run: RunState = claimer.run
+        self.config = claimer.config
+        #: The listing this run goes by: it ends once that one is complete (and the job
+        #: finished); ``None`` until the role was first looked at.
+        self.target: int | None = None
+        self._role_seen = anyio.Event()
+
+    # -- the two modes ---------------------------------------------------------------------------
+
+    async def until_finished(self) -> None:
+        """``run()``: list (if this runner holds the role) and claim until the job is
+        finished (or stopped)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listing_duty, False)
+            await self._role_seen.wait()
+            await self._claim_until(self._finished)
+            tg.cancel_scope.cancel()
+
+    async def until_stopped(self) -> None:
+        """``watch()``: watch (if this runner holds the role) and claim until stopped."""
+        run = self.run
+
+        async def stopped() -> bool:
+            return run.stop_requested.is_set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listing_duty, True)
+            await self._claim_until(stopped)
+            tg.cancel_scope.cancel()
+
+    # -- the listing role ------------------------------------------------------------------------
+
+    async def _listing_duty(self, watching: bool) -> None:
+        """Take the role whenever it is free, and while holding it list (once, for a run) or
+        watch; look again every quarter lease (a holder that died is taken over within
+        about one lease)."""
+        run, cfg = self.run, self.config
+        while not run.stopping:
+            role = await run.ledger.take_listing(cfg.job, run.owner, cfg.lease)
+            mine = role.held_by(run.owner, run.clock())
+            if mine and run.lister_fence != role.fence:
+                run.role_lost = anyio.Event()  # a new tenure of the role
+                run.listed = True
+            run.lister_fence = role.fence if mine else None
+            run.listing_role = role
+            if self.target is None and not mine:
+                # Another runner lists: this run goes by its listing under way (or the next,
+                # if none began yet), or the last complete one of a holder that works on.
+                under_way = role.generation > role.complete
+                self.target = max(role.generation if under_way else role.complete, 1)
+                run.listing_target = self.target
+            if mine and watching:
+                await self._watch(role)
+            elif mine and (self.target is None or role.complete < self.target):
+                await self._list(role)
+            self._role_seen.set()
+            await anyio.sleep(cfg.lease / 4)  # the heartbeat renews the role meanwhile
+
+    async def _list(self, role: Listing) -> None:
+        """List the source once and register every file found (a new listing, which this
+        run then goes by); give up quietly when the role is lost meanwhile."""
+        run, cfg, claimer = self.run, self.config, self.claimer
+        begun = await run.ledger.begin_listing(cfg.job, run.owner, role.fence)
+        if begun is None:
+            return
+        self.target = run.listing_target = begun.generation
+        self._role_seen.set()
+        records = await claimer.scanner.scan(settle=cfg.settle)
+        counters = run.counters
+        counters.seen, counters.scanned = len(records), True
+        if (scan := claimer.scanner.last) is not None:
+            counters.unsettled, counters.future = scan.unsettled, scan.future
+        for start in range(0, len(records), REGISTER_BATCH):
+            if run.stopping or not await self._register(records[start : start + REGISTER_BATCH]):
+                return
+        if await run.ledger.end_listing(cfg.job, run.owner, role.fence, len(records)):
+            log.info("listed %d files for the runners of job %r", len(records), cfg.job)
+            run.wake()
+
+    async def _register(self, records: list[bytes]) -> bool:
+        """Register listed files as waiting items; ``False`` when the role was lost."""
+        run, cfg = self.run, self.config
+        fence = run.lister_fence
+        if fence is None:
+            return False
+        if cfg.identity == "content":
+            items = await anyio.to_thread.run_sync(self.claimer.prepare, records)
+        else:
+            items = self.claimer.prepare(records)
+        rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
+        found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
+        if found is None:
+            run.lose_listing_role()
+            log.warning(
+                "the listing role of job %r was taken over; this runner stops listing", cfg.job
+            )
+            return False
+        run.wake()  # waiting items for this runner's own claims too
+        return True
+
+    async def _watch(self, role: Listing) -> None:
+        """Watch the source as its lister until the role is lost (or the run stops): the
+        watch registers what it finds instead of leasing it."""
+        claimer = self.claimer
+
+        async def register(records: list[bytes]) -> None:
+            for start in range(0, len(records), REGISTER_BATCH):
+                if not await self._register(records[start : start + REGISTER_BATCH]):
+                    return
+
+        claimer.registrar = register
+        log.info("this runner lists job %r for its runners (watching)", self.config.job)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._cancel_when_role_lost, tg.cancel_scope)
+                await claimer.watch()
+                tg.cancel_scope.cancel()
+        finally:
+            claimer.registrar = None
+
+    async def _cancel_when_role_lost(self, scope: anyio.CancelScope) -> None:
+        await self.run.role_lost.wait()  # the heartbeat could not renew it
+        scope.cancel()
+
+    # -- claiming --------------------------------------------------------------------------------
+
+    async def _claim_until(self, done: Callable[[], Awaitable[bool]]) -> None:
+        """Lease waiting items (and this run's own open ones) until ``done()`` says so once
+        nothing is in flight."""
+        run, cfg, claimer = self.run, self.config, self.claimer
+        registered = -1
+        while not run.stopping:
+            if await claimer.claim_waiting():
+                continue
+            if run.in_flight:
+                await run.wait_for_progress(cfg.lease / 4)
+                continue
+            if run.open:
+                await reap_gone_runners(run.ledger, cfg.job, run.me, run.counters)
+                await claimer.claim_open()
+                if run.in_flight:
+                    continue
+            if await done():
+                return
+            registered = await self._wait_for_work(registered)
+
+    async def _wait_for_work(self, registered: int) -> int:
+        """Wait until more items were registered than ``registered`` says (the role's count;
+        -1: not known yet, so at once), a retry of this run may be due, or
+        :data:`HELD_POLL` passed; return the count last seen (the next claim's baseline)."""
+        run, cfg = self.run, self.config
+        until = time.monotonic() + HELD_POLL
+        while not run.stopping:
+            listing = await run.ledger.listing(cfg.job)
+            now = 0 if listing is None else listing.registered
+            if now != registered:
+                return now
+            if time.monotonic() >= until:
+                break
+            await run.wait_for_progress(SHARED_POLL)
+        await reap_gone_runners(run.ledger, cfg.job, run.me, run.counters)
+        return registered
+
+    async def _finished(self) -> bool:
+        """Whether the job is finished for a ``run()``: its listing complete, and no item
+        pending, leased or failed (``wait=False``: none this runner could lease now)."""
+        run, cfg = self.run, self.config
+        listing = await run.ledger.listing(cfg.job)
+        if listing is None or self.target is None or listing.complete < self.target:
+            return False
+        run.listing = listing
+        run.counters.seen = max(run.counters.seen, listing.listed_files)
+        counts = await run.ledger.counts(cfg.job)
+        if cfg.wait:
+            return counts["pending"] + counts["running"] + counts["failed"] == 0
+        due = await run.ledger.next_retry_at(cfg.job)
+        return counts["pending"] == 0 and (due is None or due > run.clock())
+
+
+async def shared_report(run: RunState) -> None:
+    """Count the job's listing in a shared run's report (see the module): what the listing
+    found, what other runners finished since it began; ``seen`` at least what this run's
+    categories add up to."""
+    counters, job = run.counters, run.config.job
+    listing = run.listing
+    if listing is None and run.listing_target is not None:  # it ended before it looked
+        latest = await run.ledger.listing(job)
+        if latest is not None and latest.complete >= run.listing_target:
+            listing = latest
+    if listing is None or listing.started_at is None:
+        counters.seen = max(counters.seen, counters.seen_accounted())
+        return
+    others = await run.ledger.finished_by_others(job, run.owner, listing.started_at)
+    counters.done_before = listing.found_done + others.get("done", 0)
+    counters.dead_before = listing.found_dead + others.get("dead", 0)
+    # Leased to other runners now (this run's leases are given back by now): held.
+    running = (await run.ledger.counts(job))["running"]
+    counters.held = 0
+    counters.seen = max(listing.listed_files, counters.seen_accounted())
+    counters.held = min(running, counters.seen - counters.seen_accounted())
