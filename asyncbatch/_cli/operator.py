@@ -21,8 +21,10 @@ from .._ledger import (
     ItemInfo,
     JobSettings,
     Ledger,
+    Listing,
     LockInfo,
     RunInfo,
+    RunnerInfo,
 )
 from .._procinfo import holder_is_dead, this_process
 from .._report import describe
@@ -110,6 +112,8 @@ class _Status:
     shared: list[dict[str, Any]]
     last: RunInfo | None
     oldest: float | None
+    listing: Listing | None
+    runners: list[RunnerInfo]
 
 
 async def _status_of(args: argparse.Namespace) -> _Status:
@@ -132,6 +136,8 @@ async def _status_of(args: argparse.Namespace) -> _Status:
             ],
             last=runs[0] if runs else None,
             oldest=await ledger.oldest_waiting(args.job),
+            listing=await ledger.listing(args.job),
+            runners=runners,
         )
     finally:
         await ledger.close()
@@ -159,6 +165,27 @@ def _status_json(args: argparse.Namespace, st: _Status) -> dict[str, Any]:
         "shared_runners": st.shared,
         "last_run": last_run,
         "oldest_waiting_since": st.oldest,
+        "listing": _listing_json(st),
+    }
+
+
+def _listing_json(st: _Status) -> dict[str, Any] | None:
+    """The listing role of runners sharing the job: who holds it, since when, and the last
+    complete listing (``None``: no shared runner ever listed)."""
+    role = st.listing
+    if role is None:
+        return None
+    holder = next((r for r in st.runners if r.owner == role.owner), None)
+    held = holder is not None and role.lease_until is not None and role.lease_until >= time.time()
+    return {
+        "pid": holder.pid if held and holder else None,
+        "host": holder.host if held and holder else None,
+        "since": role.since if held else None,
+        "lease_until": role.lease_until if held else None,
+        "generation": role.generation,
+        "complete": role.complete,
+        "listed_at": role.listed_at,
+        "listed_files": role.listed_files,
     }
 
 
@@ -192,7 +219,25 @@ def _status_lines(st: _Status) -> list[str]:
             f"shared runner: pid {runner['pid']} on {runner['host']}, heartbeat "
             f"{show_age(runner['heartbeat_at'])}"
         )
+    if (listing := _listing_json(st)) is not None:
+        lines.append(_listing_line(listing))
     return lines
+
+
+def _listing_line(listing: dict[str, Any]) -> str:
+    """Who lists the source for the runners sharing the job, and the last listing."""
+    if listing["pid"] is None:
+        who = "lister: none now (the next shared runner lists)"
+    else:
+        who = (
+            f"lister: pid {listing['pid']} on {listing['host']} since {show_time(listing['since'])}"
+        )
+    if not listing["complete"]:
+        return f"{who}; no listing complete yet"
+    return (
+        f"{who}; last listing (#{listing['complete']}) at {show_time(listing['listed_at'])}: "
+        f"{listing['listed_files']} files"
+    )
 
 
 def _last_run_lines(last: RunInfo | None) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._ledger import LedgerErrors, RunTotals
+from .._ledger import LedgerErrors, Listing, RunTotals
 from .._scanner import ScanInfo
 
 __all__ = ["RunObservation"]
@@ -54,3 +54,7 @@ class RunObservation:
     counts: RunTotals
     leases_lost: int
     reaped: int
+    #: Runners sharing the job: whether this one holds the listing role now, and the role
+    #: as it last looked at it (``None``: not shared, or not looked at yet).
+    lister: bool = False
+    listing: Listing | None = None

@@ -166,7 +166,7 @@ class Run:
 
     def observe(self) -> RunObservation:
         """What this run has observed, now (for health and metrics)."""
-        cfg, errors = self.config, self.ledger_errors
+        cfg, errors, state = self.config, self.ledger_errors, self._state
         return RunObservation(
             mode=self.mode,
             job=cfg.job,
@@ -191,6 +191,8 @@ class Run:
             counts=self.counters.totals(),
             leases_lost=self.counters.leases_lost,
             reaped=self.counters.reaped,
+            lister=state is not None and state.lister_fence is not None,
+            listing=None if state is None else state.listing_role,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class BatchCollector:
         yield from self._histograms()
         yield from self._gauges(run)
         yield from self._scan(run)
+        yield from self._listing(run)
 
     def _counters(self, run: RunObservation | None) -> Iterator[Metric]:
         job, ended = self.job, self.recorder.ended
@@ -213,6 +214,31 @@ class BatchCollector:
             job,
             0.0 if oldest is None else now - oldest,
         )
+
+    def _listing(self, run: RunObservation | None) -> Iterator[Metric]:
+        """Runners sharing a job: whether this one lists, and the last complete listing."""
+        job = self.job
+        yield _gauge(
+            "asyncbatch_lister",
+            "1 while this runner holds the listing role of its shared job (it lists the "
+            "source for every runner), else 0",
+            job,
+            1.0 if run is not None and run.lister else 0.0,
+        )
+        listing = None if run is None else run.listing
+        if listing is not None and listing.listed_at is not None:
+            yield _gauge(
+                "asyncbatch_last_listing_timestamp_seconds",
+                "When the shared job's last complete listing ended (Unix time)",
+                job,
+                listing.listed_at,
+            )
+            yield _gauge(
+                "asyncbatch_last_listing_files",
+                "Files the shared job's last complete listing found",
+                job,
+                listing.listed_files,
+            )
 
     def _scan(self, run: RunObservation | None) -> Iterator[Metric]:
         job = self.job
