@@ -60,6 +60,18 @@ def render(records: list[dict[str, Any]], seconds: float | None) -> str:
                 f"{r['files']} | {r['invocations']} | {r['seconds']} | {held(r['invariants'])} |"
             )
         out.append("")
+    if by_loop["lister kills"]:
+        out.append(
+            "| lister killed at random (3 shared runners) | kills | longest takeover s | files "
+            "| handler calls | seconds | invariants |"
+        )
+        out.append("|---|---|---|---|---|---|---|")
+        for r in by_loop["lister kills"]:
+            out.append(
+                f"| {r['backend']} | {r['kills']} | {r['longest_takeover_s']} | {r['files']} | "
+                f"{r['invocations']} | {r['seconds']} | {held(r['invariants'])} |"
+            )
+        out.append("")
     for r in by_loop["pause"]:
         out.append(
             f"- pause past the lease ({r['backend']}): {r['taken_over']} of 6 items taken over, "
