@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,7 @@ from asyncbatch._ledger import open_ledger
 
 from .conftest import (
     HANDLERS,
+    WARNINGS_FAIL,
     cli,
     invocations,
     kill,
@@ -137,12 +144,23 @@ def status_json(state: str) -> dict[str, Any]:
     return found
 
 
-def lister_pid(state: str) -> int | None:
+def listing_field(state: str, name: str) -> Any:
+    """A field of ``status --json``'s listing (``None`` before there is a ledger or one)."""
     try:
         listing = status_json(state)["listing"]
-    except AssertionError:
+    except AssertionError:  # no ledger yet
         return None
-    return None if listing is None else listing["pid"]
+    return None if listing is None else listing[name]
+
+
+def host_of(recorded: str | None) -> str | None:
+    """The hostname of a runner's recorded host (``NAME/pidns:INODE`` in a pid namespace)."""
+    return None if recorded is None else recorded.split("/", 1)[0]
+
+
+def lister_pid(state: str) -> int | None:
+    pid: int | None = listing_field(state, "pid")
+    return pid
 
 
 def test_a_killed_listers_role_is_taken_over_within_about_a_lease(
@@ -190,3 +208,59 @@ def test_a_killed_listers_role_is_taken_over_within_about_a_lease(
     files = [line.split(" ", 1)[1] for line in calls]
     assert sorted(files) == sorted(set(files))
     assert len(files) == 15
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root for separate UTS and pid namespaces",
+)
+def test_three_hosts_share_a_job_and_the_listers_host_dies(
+    inbox: Path, tmp_path: Path, pg_dsn: str
+) -> None:
+    # Three runners, each on its own "host" (its hostname and pid namespace), share a job on
+    # PostgreSQL; the host that lists is killed: the others take the role over, list again,
+    # and finish the job, every file once but those in flight on the dead host.
+    make_files(inbox, 600)
+    log = tmp_path / "calls.log"
+
+    def host(name: str) -> subprocess.Popen[str]:
+        command = (
+            f"hostname {name} && exec '{sys.executable}' -m asyncbatch run '{RECORD_PID}' "
+            f"--source '{inbox}' --state '{pg_dsn}' --shared -j 4 --lease 5 --no-progress "
+            "--settle 0"
+        )
+        return subprocess.Popen(
+            ["unshare", "--uts", "--pid", "--fork", "--kill-child", "sh", "-c", command],
+            env={**os.environ, **WARNINGS_FAIL, "AB_LOG": str(log), "AB_SLEEP": "0.05"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    hosts = {name: host(name) for name in ("host-a", "host-b", "host-c")}
+    try:
+        wait_for(lambda: host_of(listing_field(pg_dsn, "host")) in hosts, 60)
+        wait_for(lambda: len(invocations(log)) >= 60, timeout=60)
+        lister = str(host_of(status_json(pg_dsn)["listing"]["host"]))
+        hosts[lister].send_signal(signal.SIGKILL)  # --kill-child SIGKILLs its runner too
+        hosts[lister].communicate(timeout=30)
+        started = time.monotonic()
+        results = {
+            name: proc.communicate(timeout=180) for name, proc in hosts.items() if name != lister
+        }
+        took = time.monotonic() - started
+    finally:
+        for proc in hosts.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    for name, (_, err) in results.items():
+        assert hosts[name].returncode == 0, (name, err)
+    status = status_json(pg_dsn)
+    assert status["counts"]["done"] == 600
+    assert status["listing"]["host"] is None  # the survivors ended: nobody holds it
+    assert status["listing"]["complete"] >= 1
+    files = collections.Counter(line.split(" ", 1)[1] for line in invocations(log))
+    assert set(files) == {p.name for p in inbox.iterdir()}
+    assert sum(files.values()) - 600 <= 2 * 4  # only what the dead host had in flight
+    assert took < 120
