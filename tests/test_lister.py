@@ -112,6 +112,11 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
         with anyio.fail_after(60):
             while len(handled) < 20:  # noqa: ASYNC110 (handled files, not an event)
                 await anyio.sleep(0.02)
+        # One listing for the job, whatever the number of runners: the second never scanned.
+        observed = second._observe()
+        assert observed is not None
+        assert observed.last_scan is None
+        assert not observed.lister
         first.stop()  # the lister ends: the other takes the role at once, and watches
         with anyio.fail_after(60):
             while not (await is_lister(any_state, second)):  # noqa: ASYNC110
