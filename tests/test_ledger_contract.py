@@ -1805,3 +1805,22 @@ async def test_finished_by_others_counts_what_other_runners_finished_since(
     assert await ledger.finished_by_others("j", "a", since) == {"done": 2, "dead": 1}
     assert await ledger.finished_by_others("j", "b", since) == {}  # a's was done before
     assert await ledger.finished_by_others("j", "a", time.time() + 60) == {}
+
+
+async def test_registrations_are_announced_where_the_ledger_can(
+    ledger: Ledger, store: Store
+) -> None:
+    announced = anyio.Event()
+    listens = await ledger.on_registered("j", announced.set)
+    assert listens == (store.kind == "postgres")  # SQLite: runners read the count instead
+    await ledger.start_runner(run_start("a", shared=True))
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    async with await store.open() as other:  # another runner's ledger registers
+        await other.register_listed("j", "a", role.fence, [entry(1)])
+    if listens:
+        with anyio.fail_after(30):
+            await announced.wait()
+    listing = await ledger.listing("j")
+    assert listing is not None
+    assert listing.registered == 1

@@ -440,6 +440,15 @@ class Ledger(IdempotencyStore):
         """Mark the listing begun last complete (``files`` found, every one registered);
         ``False`` when ``owner`` no longer holds the role under ``fence``."""
 
+    async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` (on the event loop) whenever listings register waiting items of
+        the job, and say whether that will happen: ``False`` (this default; SQLite) means
+        the caller watches :attr:`Listing.registered` itself, a cheap read. PostgreSQL
+        delivers them with ``LISTEN``/``NOTIFY`` (``True`` once it listens). Callbacks are
+        dropped when the ledger closes."""
+        del job, callback
+        return False
+
     @abc.abstractmethod
     async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
         """How many of the job's items runners other than ``owner`` finished (done, dead) at

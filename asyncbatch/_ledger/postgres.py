@@ -103,6 +103,8 @@ class PostgresLedger(Ledger):
         #: An item's full record (a row of ``postgres_sql._ITEM_COLUMNS``), its times in the
         #: caller's clock.
         self._item = t.ItemInfo.reader(times=session.local, relpath=os.fsdecode, inode=_unsigned)
+        #: What to call when listings register waiting items, by job (see on_registered).
+        self._on_registered: dict[str, list[Callable[[], None]]] = {}
 
     @classmethod
     async def open(
@@ -419,7 +421,10 @@ class PostgresLedger(Ledger):
                 column.append(value)
 
         async def register(conn: Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(sql.REGISTER_LISTED, job, owner, fence, *columns)
+            found = await conn.fetchrow(sql.REGISTER_LISTED, job, owner, fence, *columns)
+            if found is not None and found[0]:  # delivered when this transaction commits
+                await conn.execute(sql.NOTIFY_REGISTERED, job)
+            return found
 
         found = await self._session.transact(register, one=True)
         return None if found is None else t.Registered(*(int(n) for n in found))
@@ -429,6 +434,14 @@ class PostgresLedger(Ledger):
             return await conn.fetchval(sql.LISTING_END, job, owner, fence, files) is not None
 
         return await self._session.transact(end, one=True)
+
+    async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:
+        self._on_registered.setdefault(job, []).append(callback)
+        return await self._session.listen(sql.REGISTERED_CHANNEL, self._registered)
+
+    def _registered(self, job: str) -> None:
+        for callback in self._on_registered.get(job, ()):
+            callback()
 
     async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
         rows = await self._session.fetch(

@@ -149,6 +149,8 @@ class PostgresSession:
         self._shift_measured = -math.inf
         self._lock = anyio.Lock()
         self._outages = _Outages()  # shared with the twin (see :class:`_Outage`)
+        #: The connection that listens for notifications, once one is asked for.
+        self._listener: Connection | None = None
 
     def twin(self) -> PostgresSession:
         """Another session to the same ledger, with the same settings (connected on first use)
@@ -261,9 +263,28 @@ class PostgresSession:
         await conn.execute(sql.PUT_META, "secret", secrets.token_hex(32))
         await conn.execute(sql.PUT_META, "created_at", repr(float(now)))
 
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> bool:
+        """Call ``callback(payload)`` for every notification on ``channel``, on a connection
+        of its own (made once; a session listens on one channel). ``False`` when it cannot
+        be made (the caller polls instead)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+        try:
+            self._listener = await self._connect()
+            await self._listener.add_listener(
+                channel, lambda _conn, _pid, _channel, payload: callback(payload)
+            )
+        except (_Unreachable, LedgerError, *CONNECTION_LOST, asyncpg.PostgresError):
+            self._listener = None
+            return False
+        return True
+
     async def close(self) -> None:
         """Close the connection, after the transaction in flight (shielded: always completes)."""
         with anyio.CancelScope(shield=True):
+            listener, self._listener = self._listener, None
+            if listener is not None and not listener.is_closed():
+                listener.terminate()
             async with self._lock:
                 conn, self._conn = self._conn, None
                 if conn is None or conn.is_closed():

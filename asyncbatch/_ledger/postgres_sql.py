@@ -334,6 +334,9 @@ WHERE l.owner = excluded.owner OR l.owner IS NULL OR l.lease_until IS NULL
    OR NOT EXISTS (SELECT 1 FROM runners WHERE owner = l.owner AND expires_at >= {NOW})
 """
 _HOLDER = "job = $1 AND owner = $2 AND fence = $3"
+#: The channel on which registrations of waiting items are announced (the payload: the job;
+#: see NOTIFY_REGISTERED).
+REGISTERED_CHANNEL: Final = "asyncbatch_registered"
 LISTING_BEGIN = f"""
 UPDATE listers SET generation = generation + 1, started_at = {NOW}, listed_files = 0,
                    found_done = 0, found_dead = 0
@@ -371,6 +374,8 @@ counted AS (
 )
 SELECT (SELECT count(*) FROM added), done, dead FROM found WHERE EXISTS (SELECT 1 FROM counted)
 """
+#: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL).
+NOTIFY_REGISTERED = "SELECT pg_notify('asyncbatch_registered', $1)"
 LISTING_END = f"""
 UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4
 WHERE {_HOLDER}

@@ -41,7 +41,8 @@ log = logging.getLogger("asyncbatch")
 
 #: Listed files registered per statement.
 REGISTER_BATCH = 2048
-#: Seconds between looks at the ledger for new waiting items while a runner has none.
+#: Seconds between looks at the ledger for new waiting items while a runner has none (and
+#: the ledger does not announce them: SQLite).
 SHARED_POLL = 0.1
 #: Seconds between looks at the held items, a retry and the role, while waiting for them.
 HELD_POLL = 1.0
@@ -58,6 +59,9 @@ class SharedRun:
         #: finished); ``None`` until the role was first looked at.
         self.target: int | None = None
         self._role_seen = anyio.Event()
+        #: Whether the ledger wakes this run when waiting items are registered (``None``:
+        #: not asked yet).
+        self._notified: bool | None = None
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -203,6 +207,8 @@ class SharedRun:
         -1: not known yet, so at once), a retry of this run may be due, or
         :data:`HELD_POLL` passed; return the count last seen (the next claim's baseline)."""
         run, cfg = self.run, self.config
+        if self._notified is None:  # PostgreSQL announces registrations: no polling then
+            self._notified = await run.ledger.on_registered(cfg.job, run.wake)
         until = time.monotonic() + HELD_POLL
         while not run.stopping:
             listing = await run.ledger.listing(cfg.job)
@@ -211,7 +217,7 @@ class SharedRun:
                 return now
             if time.monotonic() >= until:
                 break
-            await run.wait_for_progress(SHARED_POLL)
+            await run.wait_for_progress(until - time.monotonic() if self._notified else SHARED_POLL)
         await reap_gone_runners(run.ledger, cfg.job, run.me, run.counters)
         return registered
 
