@@ -62,6 +62,8 @@ class SharedRun:
         #: Whether the ledger wakes this run when waiting items are registered (``None``:
         #: not asked yet).
         self._notified: bool | None = None
+        #: Set when a look at the ledger found the listing role free.
+        self._role_free = anyio.Event()
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -112,7 +114,11 @@ class SharedRun:
             elif mine and (self.target is None or role.complete < self.target):
                 await self._list(role)
             self._role_seen.set()
-            await anyio.sleep(cfg.lease / 4)  # the heartbeat renews the role meanwhile
+            # The heartbeat renews the role meanwhile; a runner without work looks at it too,
+            # and says when it is free (its holder ended, or stalled past its lease).
+            with anyio.move_on_after(cfg.lease / 4):
+                await self._role_free.wait()
+            self._role_free = anyio.Event()
 
     async def _list(self, role: Listing) -> None:
         """List the source once and register every file found (a new listing, which this
@@ -212,6 +218,8 @@ class SharedRun:
         until = time.monotonic() + HELD_POLL
         while not run.stopping:
             listing = await run.ledger.listing(cfg.job)
+            if listing is not None and run.lister_fence is None and _free(listing, run.clock()):
+                self._role_free.set()  # the listing duty takes it at once
             now = 0 if listing is None else listing.registered
             if now != registered:
                 return now
@@ -235,6 +243,12 @@ class SharedRun:
             return counts["pending"] + counts["running"] + counts["failed"] == 0
         due = await run.ledger.next_retry_at(cfg.job)
         return counts["pending"] == 0 and (due is None or due > run.clock())
+
+
+def _free(listing: Listing, now: float) -> bool:
+    """Whether nobody holds the listing role at ``now`` (its holder gave it up, or its lease
+    ran out)."""
+    return listing.lease_until is None or listing.lease_until < now
 
 
 async def shared_report(run: RunState) -> None:
