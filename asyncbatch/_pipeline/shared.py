@@ -110,7 +110,7 @@ class SharedRun:
                 self.target = max(role.generation if under_way else role.complete, 1)
                 run.listing_target = self.target
             if mine and watching:
-                await self._watch(role)
+                await self._watch()
             elif mine and (self.target is None or role.complete < self.target):
                 await self._list(role)
             self._role_seen.set()
@@ -162,7 +162,7 @@ class SharedRun:
         run.wake()  # waiting items for this runner's own claims too
         return True
 
-    async def _watch(self, role: Listing) -> None:
+    async def _watch(self) -> None:
         """Watch the source as its lister until the role is lost (or the run stops): the
         watch registers what it finds instead of leasing it."""
         claimer = self.claimer
