@@ -34,7 +34,8 @@ from .. import _failpoints as failpoints
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow, decode_action
 from .._report import Counters
-from .._scanner import Scanner, content_digest, ctime_ns, unpack
+from .._scanner import content_digest, ctime_ns, unpack
+from .._sources.base import Lister
 from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
@@ -110,7 +111,7 @@ class Claimer:
         state: RunState,
         queue: ItemQueue,
         *,
-        scanner: Scanner,
+        scanner: Lister,
         posts: PostActions,
         mode: Literal["run", "watch"],
     ) -> None:
@@ -127,6 +128,8 @@ class Claimer:
         self._restart_events = anyio.Event()
         #: The last entry of the ledger's log of forgotten items that the watch has seen.
         self._forgotten_seq = 0
+        #: Whether an item's identity includes its version tag (an object's ``inode``).
+        self._versioned = state.config.objects is not None
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -164,7 +167,7 @@ class Claimer:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._wake_on_stop, changes)
             tg.start_soon(self._wake_on_progress, changes)
-            if cfg.events:
+            if cfg.events and run.source.watchable:
                 tg.start_soon(self._follow_events, changes)
             next_scan = time.monotonic()
             lists = 0  # polls since the last full scan
@@ -334,7 +337,7 @@ class Claimer:
                     counters.vanished += 1
                     continue
                 digest = found
-            ihash = input_hash(identity, rel, size, mtime_ns, digest)
+            ihash = self._input_hash(rel, size, mtime_ns, inode, digest)
             key = item_key(identity, ihash, mtime_ns)
             if identity == "content":
                 if key in keys:
@@ -343,6 +346,13 @@ class Claimer:
                 keys.add(key)
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
         return items
+
+    def _input_hash(
+        self, rel: bytes, size: int, mtime_ns: int, inode: int, digest: bytes = b""
+    ) -> str:
+        """An item's input hash; an object's includes its version tag (its ``inode``)."""
+        version = inode if self._versioned else None
+        return input_hash(self.config.identity, rel, size, mtime_ns, digest, version)
 
     def chunk_starts(self, count: int) -> list[int]:
         """Where each claim chunk starts, in the order to claim them.
@@ -501,7 +511,7 @@ class Claimer:
             ihash = (
                 key
                 if self.config.identity == "content"
-                else input_hash(self.config.identity, rel, size, mtime_ns, b"")
+                else self._input_hash(rel, size, mtime_ns, inode)
             )
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
         while items:
@@ -535,7 +545,7 @@ class Claimer:
             ihash = (
                 row.key
                 if cfg.identity == "content"
-                else input_hash(cfg.identity, row.relpath, row.size, row.mtime_ns, b"")
+                else self._input_hash(row.relpath, row.size, row.mtime_ns, row.inode)
             )
             item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
             if row.key in run.open:  # one of ours (its retry came due)

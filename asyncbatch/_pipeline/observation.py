@@ -7,7 +7,7 @@ the pipeline and the pipeline on nothing of it. Taking one costs a few attribute
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._ledger import LedgerErrors, RunTotals
 from .._scanner import ScanInfo
@@ -54,3 +54,6 @@ class RunObservation:
     counts: RunTotals
     leases_lost: int
     reaped: int
+    #: Requests sent to object stores, by operation (``list`` pages, ``get``, ``head``,
+    #: ``put``, ``copy``, ``delete``); empty when the run uses none.
+    object_requests: dict[str, int] = field(default_factory=dict)
