@@ -234,3 +234,17 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=False
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+async def test_an_object_deleted_after_the_listing_vanished(bucket: Bucket, state: Path) -> None:
+    bucket.put("in/a.txt", b"a")
+    bucket.put("in/b.txt", b"b")
+
+    async def handler(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "a.txt":
+            bucket.client.delete_object(Bucket=bucket.name, Key="in/b.txt")
+
+    report = await Batch(
+        handler, source=bucket.url("in/"), state=state, settle=0, concurrency=1, claim_batch=1
+    ).run()
+    assert (report.done, report.vanished, report.failed) == (1, 1, 0)

@@ -142,7 +142,7 @@ class ObjectStore:
     def _fail(self, operation: str, key: str, exc: Exception) -> OSError:
         errors = _errors()
         where = f"s3://{self.bucket}/{key}"
-        if isinstance(exc, errors.NotFoundError):
+        if isinstance(exc, errors.NotFoundError | FileNotFoundError):
             return ObjectMissing(f"{operation} {where}: no such object")
         if isinstance(exc, errors.PreconditionError | errors.AlreadyExistsError):
             return ObjectPreconditionFailed(f"{operation} {where}: another version is there")
