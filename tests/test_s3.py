@@ -248,3 +248,35 @@ async def test_an_object_deleted_after_the_listing_vanished(bucket: Bucket, stat
         handler, source=bucket.url("in/"), state=state, settle=0, concurrency=1, claim_batch=1
     ).run()
     assert (report.done, report.vanished, report.failed) == (1, 1, 0)
+
+
+async def test_metrics_count_object_requests_by_operation_and_keep_the_secret(
+    bucket: Bucket, state: Path
+) -> None:
+    import prometheus_client
+
+    for i in range(3):
+        bucket.put(f"in/f{i}.txt", b"x")
+
+    async def handler(ctx: TaskContext) -> None:
+        await ctx.read_bytes()
+
+    batch = Batch(
+        handler,
+        source=bucket.url("in/"),
+        state=state,
+        settle=0,
+        metrics=True,
+        on_done="delete",
+        output_dir=bucket.url("out/"),
+    )
+    await batch.run()
+    text = prometheus_client.generate_latest(batch.metrics_registry).decode()
+    found = {
+        line.split('operation="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("asyncbatch_object_requests_total{")
+    }
+    # A listing (one page), a GET per object, and a HEAD and a DELETE per delete.
+    assert found == {"list": 1, "get": 3, "head": 3, "delete": 3, "put": 0, "copy": 0}
+    assert CANARY_SECRET not in text

@@ -156,14 +156,19 @@ class ObjectStore:
         import obstore
 
         stream = obstore.list(self._store, prefix or None, chunk_size=LIST_PAGE)
+        pages = 0
         while True:
-            self._count("list")
             try:
                 page = await stream.__anext__()
             except StopAsyncIteration:
+                if not pages:
+                    self._count("list")  # an empty listing is a request too
                 return
             except Exception as exc:
+                self._count("list")
                 raise self._fail("list", prefix, exc) from None
+            pages += 1
+            self._count("list")
             yield [ObjectInfo.of(meta) for meta in page]
 
     async def head(self, key: str) -> ObjectInfo | None:
