@@ -8,8 +8,8 @@ state found first, so that a repeat after a crash at any point finishes the job:
   same key): left alone; else ``DELETE``.
 - **move** (``--on-done move:s3://BUCKET/PREFIX/``): ``HEAD`` the source; gone and the
   archive copy there: done before. Else copy it (server-side in one bucket; through this host
-  between two), check the copy, ``HEAD`` the source again and delete it only while it is still
-  the version handled. A crash between the copy and the delete leaves both: the next run copies
+  between two) unless its copy is there already, ``HEAD`` the source again and delete it only
+  while it is still the version handled (five requests: three ``HEAD``, a copy, a ``DELETE``). A crash between the copy and the delete leaves both: the next run copies
   again (the same bytes) and deletes. An archive that holds another object under that name
   gets this one under ``name.<key>.ext`` (as a directory archive does).
 - **write** (``ctx.write_output`` under ``--output-dir s3://...``): the lease is checked just
@@ -97,11 +97,8 @@ async def move_object(
         dst_key = f"{head}/{keyed_name(name, key)}" if head else keyed_name(name, key)
         there = await dst.head(dst_key)
     if there is None or (there.size, there.etag) != (now.size, now.etag):
-        await _copy(src, src_key, dst, dst_key, now.etag)
+        await _copy(src, src_key, dst, dst_key, now.etag)  # a copy is whole once it returned
     await failpoints.ahit("between-copy-and-delete")
-    copied = await dst.head(dst_key)
-    if copied is None or copied.size != size:
-        raise OSError(f"the copy to s3://{dst.bucket}/{dst_key} is not there whole")
     again = await src.head(src_key)
     if again is not None and _handled(again, size, tag):
         await src.delete(src_key)
