@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ class MotoServer:
         }
 
 
-def start_server() -> Iterator[MotoServer]:
+def start_server() -> Generator[MotoServer, None, None]:
     """Start moto on a free port of 127.0.0.1; stop it when the generator closes."""
     from moto.server import ThreadedMotoServer
 

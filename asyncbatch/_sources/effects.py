@@ -9,8 +9,9 @@ state found first, so that a repeat after a crash at any point finishes the job:
 - **move** (``--on-done move:s3://BUCKET/PREFIX/``): ``HEAD`` the source; gone and the
   archive copy there: done before. Else copy it (server-side in one bucket; through this host
   between two) unless its copy is there already, ``HEAD`` the source again and delete it only
-  while it is still the version handled (five requests: three ``HEAD``, a copy, a ``DELETE``). A crash between the copy and the delete leaves both: the next run copies
-  again (the same bytes) and deletes. An archive that holds another object under that name
+  while it is still the version handled (five requests: three ``HEAD``, a copy, a
+  ``DELETE``). A crash between the copy and the delete leaves both: the next run finds the
+  copy and deletes. An archive that holds another object under that name
   gets this one under ``name.<key>.ext`` (as a directory archive does).
 - **write** (``ctx.write_output`` under ``--output-dir s3://...``): the lease is checked just
   before the ``PUT``; the object appears whole or not at all.

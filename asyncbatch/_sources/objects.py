@@ -42,6 +42,8 @@ __all__ = [
     "open_object",
 ]
 
+#: An object's entry has no local base (its ``path`` refuses); a constant, made once.
+_NO_BASE = Path("/")
 #: Bytes a streaming read (``ctx.open()``) holds at most per chunk.
 READ_CHUNK = 256 * 1024
 
@@ -190,7 +192,7 @@ class ObjectEntry(Entry):
     __slots__ = ("_url",)
 
     def __init__(self, url: ObjectURL, relpath: str, size: int, mtime_ns: int, inode: int) -> None:
-        super().__init__(Path("/"), relpath, size, mtime_ns, inode)
+        super().__init__(_NO_BASE, relpath, size, mtime_ns, inode)
         self._url = url
 
     @property

@@ -78,17 +78,20 @@ class ObjectInfo:
     mtime_ns: int
     etag: str | None
     version: str | None
-
-    @property
-    def tag(self) -> int:
-        """Its :func:`version_tag`."""
-        return version_tag(self.etag)
+    #: Its :func:`version_tag` (what the ledger's ``inode`` holds).
+    tag: int
 
     @classmethod
     def of(cls, meta: ObjectMeta) -> ObjectInfo:
         """From obstore's ``ObjectMeta``."""
+        etag = meta["e_tag"]
         return cls(
-            meta["path"], meta["size"], _ns(meta["last_modified"]), meta["e_tag"], meta["version"]
+            meta["path"],
+            meta["size"],
+            _ns(meta["last_modified"]),
+            etag,
+            meta["version"],
+            version_tag(etag),
         )
 
 
@@ -210,7 +213,8 @@ class ObjectStore:
             done = await obstore.put_async(self._store, key, data, mode=mode, use_multipart=False)
         except Exception as exc:
             raise self._fail("put", key, exc) from None
-        return ObjectInfo(key, len(data), 0, done["e_tag"], done["version"])
+        etag = done["e_tag"]
+        return ObjectInfo(key, len(data), 0, etag, done["version"], version_tag(etag))
 
     async def copy(self, source: str, destination: str) -> None:
         """Server-side copy of ``source`` to ``destination`` in this bucket (overwrites)."""
