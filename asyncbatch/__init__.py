@@ -37,6 +37,7 @@ from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
 from ._service.health import Health as Health
 from ._service.health import HealthCheck as HealthCheck
+from ._sources.objects import ObjectEntry as ObjectEntry
 
 __all__ = [
     "AsyncBatchError",
@@ -59,6 +60,7 @@ __all__ = [
     "LedgerError",
     "LockLostError",
     "NotALedgerError",
+    "ObjectEntry",
     "PermanentError",
     "Report",
     "SchemaVersionError",
