@@ -33,6 +33,7 @@ import anyio.to_thread
 
 __all__ = [
     "ACTIVE",
+    "OBJECT_POINTS",
     "POINTS",
     "PROBLEM",
     "Action",
@@ -60,6 +61,10 @@ POINTS: Final = {
     "http-sent": "ctx.http: a request was sent, its answer not read yet",
     "middleware-executed": "IdempotencyMiddleware: the app answered, nothing stored yet",
 }
+
+
+#: The points only an object-store (``s3://``) source or output reaches.
+OBJECT_POINTS: Final = frozenset({"between-copy-and-delete", "output-put"})
 
 
 class FailpointError(ValueError):
