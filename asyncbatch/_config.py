@@ -4,6 +4,7 @@ setting's name, type, default, bounds, help and flag in one place (see :mod:`._s
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
@@ -26,6 +27,7 @@ from ._settings import (
     Switch,
     setting,
 )
+from ._sources.sqs import QueueURL
 from ._sources.store import require_obstore
 from ._sources.url import ObjectURL, is_object_url
 
@@ -93,6 +95,23 @@ class ActionSetting(Kind):
 
     def option(self) -> dict[str, Any]:
         return {"metavar": "keep|delete|move:DIR" if self.allow_delete else "keep|move:DIR"}
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSetting(Kind):
+    """An ``sqs://QUEUE`` of S3 event notifications, or ``None``."""
+
+    def convert(self, name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        return str(QueueURL.parse(name, str(value)))
+
+    def check(self, name: str, value: Any) -> None:
+        if value is not None:
+            QueueURL.parse(name, str(value))
+
+    def option(self) -> dict[str, Any]:
+        return {"metavar": "sqs://QUEUE"}
 
 
 def _default_of(f: Field[Any]) -> str:
@@ -221,6 +240,17 @@ class BatchConfig:
         default=True,
         flags=("--no-events",),
     )
+    event_queue: str | None = setting(
+        QueueSetting(),
+        "watch an s3:// source by its S3 event notifications, from this SQS queue (listing "
+        "it every --backfill-interval too)",
+        flags=("--events",),
+    )
+    backfill_interval: float = setting(
+        _SECONDS,
+        "seconds between listings of an s3:// source whose events are followed (--events)",
+        default=300.0,
+    )
     # -- outbound HTTP (ctx.http) --
     unsafe_methods: frozenset[str] = setting(
         Methods(),
@@ -346,6 +376,12 @@ class BatchConfig:
     def _check_objects(self, source: ObjectURL) -> None:
         """An object-store source: obstore installed; what only a directory has is off."""
         require_obstore("source", source)
+        if self.event_queue is not None and importlib.util.find_spec("aiobotocore") is None:
+            raise ConfigurationError.bad_value(
+                "event_queue",
+                self.event_queue,
+                "following SQS needs aiobotocore: pip install 'asyncbatch[sqs]'",
+            )
         if self.identity == "content":
             raise ConfigurationError.bad_value(
                 "identity", "content", "'stat' or 'path' for an s3:// source"
@@ -370,6 +406,10 @@ class BatchConfig:
             PostgresDSN.parse(self.state)  # a one-line ConfigurationError if it does not parse
 
     def _check_directory(self, source: Path) -> None:
+        if self.event_queue is not None:
+            raise ConfigurationError.bad_value(
+                "event_queue", self.event_queue, "S3 event notifications are for an s3:// source"
+            )
         if not source.exists():
             raise ConfigurationError.bad_value("source", str(source), "no such directory")
         if not source.is_dir():

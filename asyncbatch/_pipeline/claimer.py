@@ -36,6 +36,7 @@ from .._ledger import ClaimedRow, decode_action
 from .._report import Counters
 from .._scanner import content_digest, ctime_ns, unpack
 from .._sources.base import Lister
+from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
@@ -130,6 +131,10 @@ class Claimer:
         self._forgotten_seq = 0
         #: Whether an item's identity includes its version tag (an object's ``inode``).
         self._versioned = state.config.objects is not None
+        #: The S3 event notifications followed (``--events sqs://QUEUE``), once open, and the
+        #: messages held until what they name is registered.
+        self._events: EventQueue | None = None
+        self._held = HeldMessages()
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -169,6 +174,8 @@ class Claimer:
             tg.start_soon(self._wake_on_progress, changes)
             if cfg.events and run.source.watchable:
                 tg.start_soon(self._follow_events, changes)
+            if cfg.event_queue is not None and cfg.objects is not None:
+                tg.start_soon(self._follow_queue, changes)
             next_scan = time.monotonic()
             lists = 0  # polls since the last full scan
             retry_at: float | None = None  # when a failed item of this run comes due
@@ -176,7 +183,7 @@ class Claimer:
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
                 if rescan or time.monotonic() >= next_scan:
-                    next_scan = time.monotonic() + cfg.poll
+                    next_scan = time.monotonic() + self._poll_interval()
                     full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
                     lists = 0 if full else lists + 1
                     saw_dir = await self._poll_source(sightings, paths, full=full)
@@ -233,6 +240,45 @@ class Claimer:
                 tg.start_soon(_cancel_when_set, restart, tg.cancel_scope)
                 await EventWatcher(self.config, changes).serve()
                 await restart.wait()  # it gave up (it said why): polling goes on until then
+
+    def _poll_interval(self) -> float:
+        """Seconds to the next poll: ``poll``, or while S3 events are followed the backfill
+        listing's interval (``backfill_interval``)."""
+        return self.config.poll if self._events is None else self.config.backfill_interval
+
+    async def _follow_queue(self, changes: Changes) -> None:
+        """Receive S3 event notifications; the objects they name are looked at at once (see
+        :mod:`asyncbatch._sources.sqs`). A message that names nothing under the source's
+        prefix is deleted at once; the others once what they name is resolved."""
+        source, objects = self.config.objects, self.run.objects
+        if source is None or objects is None or self.config.event_queue is None:
+            return
+        queue = QueueURL.parse("event_queue", self.config.event_queue)
+        async with EventQueue(queue, source.bucket, objects.requests) as events:
+            self._events = events
+            changes.wake()  # the next poll is a backfill listing's interval away now
+            while True:
+                paths: list[bytes] = []
+                unrelated: list[str] = []
+                for note in await events.receive():
+                    prefix = source.prefix
+                    rels = [k[len(prefix) :].encode() for k in note.keys if k.startswith(prefix)]
+                    if rels:
+                        self._held.hold(note.receipt, rels)
+                        paths.extend(rels)
+                    else:
+                        unrelated.append(note.receipt)
+                if unrelated:
+                    await events.delete(unrelated)
+                if paths:
+                    changes.add(paths)
+
+    async def _resolved(self, relpaths: Iterable[bytes]) -> None:
+        """These relpaths are registered, or no inputs: delete the messages done with."""
+        if self._events is not None and self._held:
+            receipts = self._held.resolve(relpaths)
+            if receipts:
+                await self._events.delete(receipts)
 
     async def _wake_on_stop(self, changes: Changes) -> None:
         await self.run.stop_requested.wait()
@@ -304,6 +350,10 @@ class Claimer:
         now_ns = time.time_ns()
         records, saw_dir = await self.scanner.look(looked)
         await self._claim_candidates(sightings.looked(looked, records, now_ns, time.monotonic()))
+        if self._held and not self.run.stopping:
+            # Claimed (registered), registered before, or no input (gone, skipped): the
+            # messages that named them are done with; those of files still settling wait.
+            await self._resolved(p for p in looked if not sightings.is_waiting(p))
         return saw_dir
 
     async def _claim_candidates(self, candidates: list[bytes]) -> None:
@@ -421,6 +471,8 @@ class Claimer:
             leased = self._sort(items, rows)
         self.lookahead.claimed(len(items), len(leased))
         await failpoints.ahit("after-claim")
+        if self._held:
+            await self._resolved(i.relpath for i in items)  # registered: the ledger has them
         await self._queue(leased)
 
     def _sort(self, items: list[LeasedItem], rows: list[ClaimedRow]) -> list[LeasedItem]:

@@ -67,6 +67,10 @@ class Sightings:
         """Files seen and not yet ready."""
         return len(self._waiting)
 
+    def is_waiting(self, relpath: bytes) -> bool:
+        """Whether this file was seen and is not ready yet."""
+        return relpath in self._waiting
+
     def scanned(self, records: list[bytes], now_ns: int, now: float) -> list[bytes]:
         """Take a full scan's sorted records (wall clock ``now_ns``, monotonic ``now``);
         return the candidates among them, in order. Files no longer listed are forgotten."""
