@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import resource
 import shutil
 import socket
 import statistics
@@ -238,6 +237,15 @@ async def with_asyncbatch(prefix: str, jobs: int, count: int) -> float:
     return took
 
 
+def _status_kib(field: str) -> int:
+    """A figure of /proc/self/status in KiB: VmRSS now, VmHWM the peak. Not ``ru_maxrss``:
+    Linux keeps that mark across ``exec``, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def list_child(prefix: str) -> None:
     """In a child process: list the prefix with asyncbatch's lister; print key count, the RSS
     after imports, the peak RSS (KiB) and the seconds."""
@@ -248,7 +256,7 @@ def list_child(prefix: str) -> None:
 
     url = ObjectURL.parse("source", f"s3://{BUCKET}/{prefix}")
     lister = ObjectLister(url, ObjectStores().bucket(BUCKET), rules=ScanRules())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_kib("VmRSS")
 
     async def main() -> tuple[int, float]:
         began = time.monotonic()
@@ -256,7 +264,7 @@ def list_child(prefix: str) -> None:
         return len(records), time.monotonic() - began
 
     n, took = anyio.run(main)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(n, before, peak, f"{took:.2f}")
 
 
