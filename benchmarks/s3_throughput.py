@@ -171,8 +171,9 @@ def make_bucket(server: Server) -> None:
         client.create_bucket(Bucket=BUCKET)
 
 
-async def fill(prefix: str, count: int, size: int, jobs: int = 64) -> float:
-    """Put ``count`` objects ``prefix``/k0000000.. (the missing ones); seconds it took."""
+async def fill(prefix: str, count: int, size: int, jobs: int = 64) -> float | None:
+    """Put ``count`` objects ``prefix``/k0000000.. (the missing ones); seconds it took
+    (``None``: none was missing)."""
     import obstore
     from obstore.store import S3Store
 
@@ -181,6 +182,8 @@ async def fill(prefix: str, count: int, size: int, jobs: int = 64) -> float:
     async for page in obstore.list(store, prefix, chunk_size=1000):
         have.update(m["path"] for m in page)
     missing = [f"{prefix}k{i:07d}" for i in range(count) if f"{prefix}k{i:07d}" not in have]
+    if not missing:
+        return None
     began = time.monotonic()
     body = b"x" * size
 
@@ -281,11 +284,18 @@ def measure_listing(server: Server, prefix: str) -> tuple[int, float, float, flo
     return int(n), int(before) / 1024, int(peak) / 1024, float(took)
 
 
+def _put(seconds: float | None) -> str:
+    """How the objects came to be there: put by this run, or kept from an earlier one."""
+    if seconds is None:
+        return "put by an earlier run of the benchmark, kept in --workdir"
+    return f"put by this run in {seconds:.1f} s"
+
+
 def report(
     args: argparse.Namespace,
     server: Server,
     rows: dict[str, list[float]],
-    fill_s: float,
+    fill_s: float | None,
     listing: tuple[int, float, float, float] | None,
     list_fill: float | None,
     minutes: float,
@@ -311,7 +321,7 @@ def report(
         __doc__.split("(a) ", 1)[1].split("The figures go")[0].replace("\n\n(b)", "\n\n(b)"),
         "## Throughput",
         "",
-        f"{n:,} objects of {args.size} bytes (put once in {fill_s:.1f} s when missing), "
+        f"{n:,} objects of {args.size} bytes ({_put(fill_s)}), "
         f"-j {args.jobs}, {args.repeat} repeats interleaved; median (min to max).",
         "",
         "| client | seconds | objects/s |",
@@ -337,14 +347,14 @@ def report(
             f"({keys / took:,.0f} keys/s); RSS after imports {before:.0f} MiB, peak "
             f"{peak:.0f} MiB (the listing: +{peak - before:.0f} MiB, "
             f"{(peak - before) * 2**20 / max(keys, 1):.0f} B a key)."
-            + ("" if list_fill is None else f" The keys were put in {list_fill / 60:.1f} min."),
+            + ("" if list_fill is None else f" The keys: {_put(list_fill)}."),
             "",
             f"- **{verdict}** peak RSS {peak:.0f} MiB (target ≤ {TARGET_LIST_MIB} MiB)",
         ]
     return "\n".join(lines) + "\n"
 
 
-async def throughput(args: argparse.Namespace) -> tuple[dict[str, list[float]], float]:
+async def throughput(args: argparse.Namespace) -> tuple[dict[str, list[float]], float | None]:
     fill_s = await fill("in/", args.objects, args.size)
     rows: dict[str, list[float]] = {"bare": [], "asyncbatch": []}
     for _ in range(args.repeat):
