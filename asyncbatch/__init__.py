@@ -28,6 +28,7 @@ from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
+from ._exceptions import SourceError as SourceError
 from ._exec import ExecHandler as ExecHandler
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
@@ -64,6 +65,7 @@ __all__ = [
     "PermanentError",
     "Report",
     "SchemaVersionError",
+    "SourceError",
     "Statistics",
     "TaskContext",
     "__version__",

@@ -14,7 +14,7 @@ from asyncbatch import Batch, ConfigurationError, InputChangedError, TaskContext
 from asyncbatch._sources.objects import ObjectEntry
 
 from .conftest import cli, rows, state_counts
-from .s3 import CANARY_SECRET, Bucket
+from .s3 import CANARY_SECRET, Bucket, MotoServer
 
 
 async def test_every_object_under_the_prefix_is_handled_once(bucket: Bucket, state: Path) -> None:
@@ -280,3 +280,21 @@ async def test_metrics_count_object_requests_by_operation_and_keep_the_secret(
     # A listing (one page), a GET per object, and a HEAD and a DELETE per delete.
     assert found == {"list": 1, "get": 3, "head": 3, "delete": 3, "put": 0, "copy": 0}
     assert CANARY_SECRET not in text
+
+
+def test_a_bucket_that_is_not_there_is_a_one_line_error(s3_server: MotoServer, state: Path) -> None:
+    result = cli(
+        "run",
+        "tests.cli_handlers:record",
+        "--source",
+        "s3://no-such-bucket-here/in/",
+        "--state",
+        state,
+        env=s3_server.env(),
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 69
+    assert result.stderr.strip().splitlines() == [
+        "asyncbatch: error: cannot list the source: list s3://no-such-bucket-here/in/ failed: "
+        "404 Not Found, NoSuchBucket"
+    ]

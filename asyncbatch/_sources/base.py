@@ -71,7 +71,6 @@ class SourceHandle(Protocol):
     """A run's handle on its source: ``SourceDir`` or ``ObjectSource``."""
 
     problem: str | None
-    reopened: int
     watchable: bool
 
     @property

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._exceptions import ConfigurationError, InputChangedError
+from .._exceptions import ConfigurationError, InputChangedError, SourceError
 from .._scanner import Entry, ScanInfo, ScanRules, pack
 from .store import ObjectInfo, ObjectPreconditionFailed, ObjectStore, ObjectStores
 from .url import ObjectURL
@@ -80,7 +80,6 @@ class ObjectLister:
         self, url: ObjectURL, store: ObjectStore, *, rules: ScanRules, recursive: bool = False
     ) -> None:
         self.url = url
-        self.source = url
         self.store = store
         self.rules = rules
         self.recursive = recursive
@@ -97,32 +96,50 @@ class ObjectLister:
         """The records of the objects whose LastModified is at least ``settle`` seconds
         before ``now_ns`` (all with ``settle=None``), sorted; the others are counted in
         :attr:`last` (``unsettled``; ``future``: newer than this host's clock). One ``LIST``
-        request per 1,000 keys. Raises ``OSError`` when the bucket cannot be listed."""
+        request per 1,000 keys. Raises :class:`SourceError` when the bucket cannot be
+        listed (after the client's retries)."""
         began = time.monotonic()
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
-        prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
+        prefix = self.url.prefix
         records: list[bytes] = []
         unsettled = future = 0
-        async for page in self.store.list_pages(prefix):
-            for obj in page:
-                rel = _relpath(obj.key, prefix, rules, recursive)
-                if rel is None:
-                    continue
-                if cutoff is not None and obj.mtime_ns > cutoff:
-                    unsettled += 1
-                    future += obj.mtime_ns > now_ns
-                    continue
-                records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
-            if on_chunk is not None:
-                on_chunk(len(records))
+        try:
+            async for page in self.store.list_pages(prefix):
+                unsettled, future = self._take(page, cutoff, now_ns, records, unsettled, future)
+                if on_chunk is not None:
+                    on_chunk(len(records))
+        except OSError as exc:
+            raise SourceError(f"cannot list the source: {exc}") from None
         records.sort()
         ended = time.monotonic()
         self.last = ScanInfo(
             ended, time.time(), ended - began, len(records), True, unsettled, future
         )
         return records
+
+    def _take(
+        self,
+        page: Sequence[ObjectInfo],
+        cutoff: int | None,
+        now_ns: int,
+        records: list[bytes],
+        unsettled: int,
+        future: int,
+    ) -> tuple[int, int]:
+        """Add a page's settled objects to ``records``; count the others (returned)."""
+        prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
+        for obj in page:
+            rel = _relpath(obj.key, prefix, rules, recursive)
+            if rel is None:
+                continue
+            if cutoff is not None and obj.mtime_ns > cutoff:
+                unsettled += 1
+                future += obj.mtime_ns > now_ns
+                continue
+            records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
+        return unsettled, future
 
     async def list_names(self) -> list[bytes]:
         """Not for objects: a listing costs what a scan costs (the claimer lists whole)."""
@@ -156,12 +173,10 @@ class ObjectSource:
 
     def __init__(self, url: ObjectURL, stores: ObjectStores) -> None:
         self.url = url
-        self.path = url
         self.stores = stores
         self.store = stores.bucket(url.bucket)
         #: Why the source cannot be used now: never set (a failing listing raises).
         self.problem: str | None = None
-        self.reopened = 0
 
     @property
     def usable(self) -> bool:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib.util
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._errors import redact_urls
 from .._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -120,6 +122,23 @@ class ObjectStores:
         return store
 
 
+_STATUS = re.compile(r"status code: (\d{3}[A-Za-z ]*)")
+_CODE = re.compile(r"<Code>([A-Za-z]{1,64})</Code>")
+
+
+def _reason(exc: Exception) -> str:
+    """Why a request failed, in a few words: the HTTP status and S3's error code when the
+    server answered (``404 Not Found, NoSuchBucket``), else obstore's first line without URLs'
+    query strings. obstore's message carries the server's whole reply, never credentials."""
+    text = str(exc)
+    status, code = _STATUS.search(text), _CODE.search(text)
+    said = [m.group(1).strip() for m in (status, code) if m is not None]
+    if said:
+        return ", ".join(said)
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {redact_urls(first)[:300]}"
+
+
 def _errors() -> Any:
     import obstore.exceptions
 
@@ -149,10 +168,7 @@ class ObjectStore:
             return ObjectMissing(f"{operation} {where}: no such object")
         if isinstance(exc, errors.PreconditionError | errors.AlreadyExistsError):
             return ObjectPreconditionFailed(f"{operation} {where}: another version is there")
-        # obstore's message carries the server's reply (no credentials), long and multi-line:
-        # its first line is enough.
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return OSError(f"{operation} {where} failed: {type(exc).__name__}: {first[:300]}")
+        return OSError(f"{operation} {where} failed: {_reason(exc)}")
 
     async def list_pages(self, prefix: str) -> AsyncIterator[Sequence[ObjectInfo]]:
         """The objects under ``prefix``, a page at a time (bounded memory at any size)."""
