@@ -21,9 +21,11 @@ Both give the pipeline the same things, with the same guarantees:
    the item's lease.
 
 Where the pipeline chooses between the two (each a small ``if`` on the source's kind):
-``Run._pipeline`` (which lister and handle), ``WorkerPool.attempt`` (the reading),
-``PostActions._perform`` (the actions), ``TaskContext.write_output`` / ``read_bytes`` /
-``open`` (outputs and reading), and ``BatchConfig`` (which locations are checked how).
+``Run._pipeline`` (which lister and handle: ``_source_of``, ``_lister_of``),
+``WorkerPool.attempt`` (the reading), ``PostActions._perform`` (the actions),
+``TaskContext.write_output`` / ``read_bytes`` / ``open`` (outputs and reading),
+``Claimer`` (an object's version tag in its identity; S3 event notifications in watch
+mode, :mod:`.sqs`), and ``BatchConfig`` (which locations are checked how).
 """
 
 from __future__ import annotations
