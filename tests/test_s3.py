@@ -298,3 +298,18 @@ def test_a_bucket_that_is_not_there_is_a_one_line_error(s3_server: MotoServer, s
         "asyncbatch: error: cannot list the source: list s3://no-such-bucket-here/in/ failed: "
         "404 Not Found, NoSuchBucket"
     ]
+
+
+async def test_identity_path_handles_each_key_once(bucket: Bucket, state: Path) -> None:
+    bucket.put("in/a.txt", b"first")
+    handled: list[bytes] = []
+
+    async def handler(ctx: TaskContext) -> None:
+        handled.append(await ctx.read_bytes())
+
+    settings = {"source": bucket.url("in/"), "state": state, "settle": 0, "identity": "path"}
+    await Batch(handler, **settings).run()  # type: ignore[arg-type]
+    bucket.put("in/a.txt", b"second, longer")
+    again = await Batch(handler, **settings).run()  # type: ignore[arg-type]
+    assert (again.done, again.done_before) == (0, 1)
+    assert handled == [b"first"]
