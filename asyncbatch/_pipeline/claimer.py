@@ -166,7 +166,7 @@ class Claimer:
         while events are followed, nine times in ten, a listing of names (see
         :data:`FULL_SCAN_EVERY`)."""
         run, cfg = self.run, self.config
-        sightings = Sightings(cfg.settle)
+        sightings = Sightings(cfg.settle, immutable=cfg.objects is not None)
         changes = Changes()
         self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:
