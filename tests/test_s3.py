@@ -216,7 +216,7 @@ def test_a_bad_url_is_a_one_line_usage_error(state: Path) -> None:
     ]
 
 
-def test_a_run_over_a_directory_never_imports_obstore(inbox: Path, state: Path) -> None:
+def test_a_run_over_a_directory_never_imports_obstore_nor_aiobotocore(inbox: Path, state: Path) -> None:
     (inbox / "a.txt").write_bytes(b"x")
     code = f"""
 import sys, anyio
@@ -228,6 +228,7 @@ async def main():
     assert report.done == 1
 anyio.run(main)
 assert "obstore" not in sys.modules, "obstore was imported"
+assert "aiobotocore" not in sys.modules, "aiobotocore was imported"
 print("ok")
 """
     out = subprocess.run(
