@@ -216,7 +216,9 @@ def test_a_bad_url_is_a_one_line_usage_error(state: Path) -> None:
     ]
 
 
-def test_a_run_over_a_directory_never_imports_obstore_nor_aiobotocore(inbox: Path, state: Path) -> None:
+def test_a_run_over_a_directory_never_imports_obstore_nor_aiobotocore(
+    inbox: Path, state: Path
+) -> None:
     (inbox / "a.txt").write_bytes(b"x")
     code = f"""
 import sys, anyio
@@ -314,3 +316,35 @@ async def test_identity_path_handles_each_key_once(bucket: Bucket, state: Path) 
     again = await Batch(handler, **settings).run()  # type: ignore[arg-type]
     assert (again.done, again.done_before) == (0, 1)
     assert handled == [b"first"]
+
+
+async def test_a_watch_waits_out_a_bucket_that_cannot_be_listed(
+    bucket: Bucket, state: Path
+) -> None:
+    import anyio
+
+    bucket.put("in/a.txt", b"x")
+    handled: list[str] = []
+    first, second = anyio.Event(), anyio.Event()
+
+    async def handler(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        (second if first.is_set() else first).set()
+
+    batch = Batch(handler, source=bucket.url("in/"), state=state, settle=0, poll=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        with anyio.fail_after(60):
+            await first.wait()
+            bucket.client.delete_object(Bucket=bucket.name, Key="in/a.txt")
+            bucket.client.delete_bucket(Bucket=bucket.name)  # every listing fails now
+            while batch.health().check("source").ok:  # noqa: ASYNC110 - polled: a run's view
+                await anyio.sleep(0.02)
+            assert "NoSuchBucket" in batch.health().check("source").detail
+            bucket.client.create_bucket(Bucket=bucket.name)
+            bucket.put("in/b.txt", b"y")
+            await second.wait()
+            while not batch.health().check("source").ok:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        batch.stop()
+    assert handled == ["a.txt", "b.txt"]

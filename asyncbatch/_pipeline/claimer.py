@@ -31,6 +31,7 @@ import anyio
 import anyio.to_thread
 
 from .. import _failpoints as failpoints
+from .._exceptions import SourceError
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow, decode_action
 from .._report import Counters
@@ -223,13 +224,22 @@ class Claimer:
         if not source.usable:
             return None
         try:
-            return await self._watch_poll(sightings, paths, full=full)
+            saw_dir = await self._watch_poll(sightings, paths, full=full)
+        except SourceError as exc:  # an s3:// source's listing failed: the next poll retries
+            if source.problem != str(exc):
+                log.warning("%s; trying again at the next poll", exc)
+            source.problem = str(exc)
+            return None
         except (FileNotFoundError, NotADirectoryError):
             if source.refresh():  # replaced during the poll: the next one is a full scan
                 self._restart_events.set()
             elif source.usable:
                 raise
             return None
+        if source.problem is not None and not source.watchable:  # an s3:// source, back
+            log.warning("the source %s can be listed again", self.config.source)
+            source.problem = None
+        return saw_dir
 
     async def _follow_events(self, changes: Changes) -> None:
         """Follow change events (:class:`EventWatcher`), afresh each time the source directory
@@ -257,10 +267,19 @@ class Claimer:
         async with EventQueue(queue, source.bucket, objects.requests) as events:
             self._events = events
             changes.wake()  # the next poll is a backfill listing's interval away now
+            failures = 0
             while True:
                 paths: list[bytes] = []
                 unrelated: list[str] = []
-                for note in await events.receive():
+                try:
+                    notes = await events.receive()
+                except OSError as exc:  # the backfill listing goes on meanwhile
+                    failures += 1
+                    log.warning("%s; receiving again in %ds", exc, min(60, 2**failures))
+                    await anyio.sleep(min(60, 2**failures))
+                    continue
+                failures = 0
+                for note in notes:
                     prefix = source.prefix
                     rels = [k[len(prefix) :].encode() for k in note.keys if k.startswith(prefix)]
                     if rels:

@@ -175,12 +175,13 @@ class ObjectSource:
         self.url = url
         self.stores = stores
         self.store = stores.bucket(url.bucket)
-        #: Why the source cannot be used now: never set (a failing listing raises).
+        #: Why the source cannot be listed now: set by a watch whose listing failed, until
+        #: one succeeds (health says so meanwhile); a run's failed listing raises instead.
         self.problem: str | None = None
 
     @property
     def usable(self) -> bool:
-        """Always (see :attr:`problem`)."""
+        """Always: the next listing is the only way to know whether it works again."""
         return True
 
     @property
