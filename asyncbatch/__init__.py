@@ -28,6 +28,7 @@ from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
+from ._exceptions import SourceError as SourceError
 from ._exec import ExecHandler as ExecHandler
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
@@ -37,6 +38,7 @@ from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
 from ._service.health import Health as Health
 from ._service.health import HealthCheck as HealthCheck
+from ._sources.objects import ObjectEntry as ObjectEntry
 
 __all__ = [
     "AsyncBatchError",
@@ -59,9 +61,11 @@ __all__ = [
     "LedgerError",
     "LockLostError",
     "NotALedgerError",
+    "ObjectEntry",
     "PermanentError",
     "Report",
     "SchemaVersionError",
+    "SourceError",
     "Statistics",
     "TaskContext",
     "__version__",

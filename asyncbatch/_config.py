@@ -4,6 +4,7 @@ setting's name, type, default, bounds, help and flag in one place (see :mod:`._s
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
@@ -26,6 +27,9 @@ from ._settings import (
     Switch,
     setting,
 )
+from ._sources.sqs import QueueURL
+from ._sources.store import require_obstore
+from ._sources.url import ObjectURL, is_object_url
 
 __all__ = ["MAX_CONCURRENCY", "BatchConfig", "PostAction"]
 
@@ -39,10 +43,11 @@ MAX_CLAIM_BATCH = 5_000
 
 @dataclass(frozen=True, slots=True)
 class PostAction:
-    """What to do with an input file after its outcome committed: keep, delete or move."""
+    """What to do with an input file after its outcome committed: keep, delete or move (to
+    a directory, or for an object-store source to an ``s3://`` prefix)."""
 
     kind: Literal["keep", "delete", "move"]
-    directory: Path | None = None
+    directory: Path | ObjectURL | None = None
 
     @classmethod
     def parse(cls, setting: str, value: str, *, allow_delete: bool = True) -> PostAction:
@@ -51,6 +56,8 @@ class PostAction:
             return cls("keep")
         if value == "delete" and allow_delete:
             return cls("delete")
+        if value.startswith("move:") and is_object_url(value[5:]):
+            return cls("move", ObjectURL.parse(setting, value[5:]))
         if value.startswith("move:") and value[5:]:
             return cls("move", Path(value[5:]).expanduser().absolute())
         choices = "'keep', 'delete' or 'move:DIR'" if allow_delete else "'keep' or 'move:DIR'"
@@ -65,6 +72,8 @@ class PostAction:
             return None
         if self.kind == "delete":
             return "delete"
+        if isinstance(self.directory, ObjectURL):
+            return encode_action("move", str(self.directory))
         return encode_action("move", self.directory)
 
 
@@ -86,6 +95,23 @@ class ActionSetting(Kind):
 
     def option(self) -> dict[str, Any]:
         return {"metavar": "keep|delete|move:DIR" if self.allow_delete else "keep|move:DIR"}
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSetting(Kind):
+    """An ``sqs://QUEUE`` of S3 event notifications, or ``None``."""
+
+    def convert(self, name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        return str(QueueURL.parse(name, str(value)))
+
+    def check(self, name: str, value: Any) -> None:
+        if value is not None:
+            QueueURL.parse(name, str(value))
+
+    def option(self) -> dict[str, Any]:
+        return {"metavar": "sqs://QUEUE"}
 
 
 def _default_of(f: Field[Any]) -> str:
@@ -113,8 +139,11 @@ class BatchConfig:
     """
 
     # -- what is scanned, and where the ledger is --
-    source: Path = setting(
-        PathSetting(), "the directory to scan (recorded by the job's first run)", required=True
+    source: Path | ObjectURL = setting(
+        PathSetting(urls=True),
+        "the directory to scan, or an s3://BUCKET/PREFIX/ to list (recorded by the job's "
+        "first run)",
+        required=True,
     )
     state: str = setting(
         PathSetting(text=True),
@@ -197,8 +226,9 @@ class BatchConfig:
         "what to do with an input once it is dead",
         factory=lambda: PostAction("keep"),
     )
-    output_dir: Path | None = setting(
-        PathSetting(absolute=True), "where ctx.write_output writes (an existing directory)"
+    output_dir: Path | ObjectURL | None = setting(
+        PathSetting(absolute=True, urls=True),
+        "where ctx.write_output writes (an existing directory, or an s3://BUCKET/PREFIX/)",
     )
     # -- watch mode --
     poll: float = setting(
@@ -209,6 +239,17 @@ class BatchConfig:
         "watch by polling only, without change events (for a network filesystem)",
         default=True,
         flags=("--no-events",),
+    )
+    event_queue: str | None = setting(
+        QueueSetting(),
+        "watch an s3:// source by its S3 event notifications, from this SQS queue (listing "
+        "it every --backfill-interval too)",
+        flags=("--events",),
+    )
+    backfill_interval: float = setting(
+        _SECONDS,
+        "seconds between listings of an s3:// source whose events are followed (--events)",
+        default=300.0,
     )
     # -- outbound HTTP (ctx.http) --
     unsafe_methods: frozenset[str] = setting(
@@ -273,6 +314,21 @@ class BatchConfig:
         return "\n".join(lines)
 
     @property
+    def objects(self) -> ObjectURL | None:
+        """The source's ``s3://`` location when it is an object-store prefix, else ``None``."""
+        return self.source if isinstance(self.source, ObjectURL) else None
+
+    @property
+    def directory(self) -> Path:
+        """The source directory. Raises :class:`ConfigurationError` for an object-store
+        source (a caller that needs a directory says so)."""
+        if isinstance(self.source, ObjectURL):
+            raise ConfigurationError.bad_value(
+                "source", str(self.source), "a directory here, not an object-store prefix"
+            )
+        return self.source
+
+    @property
     def rules(self) -> ScanRules:
         """The scanner's skip rules."""
         return ScanRules(self.ignore)
@@ -284,14 +340,76 @@ class BatchConfig:
         and the scan rules (the ignore globs sorted, without repeats: their order means
         nothing)."""
         return JobSettings(
-            source=os.path.realpath(self.source),
+            source=str(self.source)
+            if isinstance(self.source, ObjectURL)
+            else os.path.realpath(self.source),
             recursive=self.recursive,
             follow_symlinks=self.follow_symlinks,
             ignore=tuple(sorted(set(self.ignore))),
         )
 
     def _check_paths(self) -> None:
-        source = self.source
+        if isinstance(self.source, ObjectURL):
+            self._check_objects(self.source)
+        else:
+            self._check_directory(self.source)
+        for name, action in (("on_done", self.on_done), ("on_dead", self.on_dead)):
+            if isinstance(action.directory, ObjectURL):
+                self._check_object_place(name, action.directory)
+                if self.objects is None:
+                    raise ConfigurationError.bad_value(
+                        name, str(action), "an s3:// archive is for an s3:// source"
+                    )
+            elif action.directory is not None:
+                if self.objects is not None:
+                    raise ConfigurationError.bad_value(
+                        name, str(action), "an s3:// source is archived under an s3:// prefix"
+                    )
+                self._check_writable_dir(name, action.directory)
+                self._refuse_visible(name, action.directory, is_dir=True)
+        if isinstance(self.output_dir, ObjectURL):
+            self._check_object_place("output_dir", self.output_dir)
+        elif self.output_dir is not None:
+            self._check_writable_dir("output_dir", self.output_dir)
+            self._refuse_visible("output_dir", self.output_dir, is_dir=True)
+
+    def _check_objects(self, source: ObjectURL) -> None:
+        """An object-store source: obstore installed; what only a directory has is off."""
+        require_obstore("source", source)
+        if self.event_queue is not None and importlib.util.find_spec("aiobotocore") is None:
+            raise ConfigurationError.bad_value(
+                "event_queue",
+                self.event_queue,
+                "following SQS needs aiobotocore: pip install 'asyncbatch[sqs]'",
+            )
+        if self.identity == "content":
+            raise ConfigurationError.bad_value(
+                "identity", "content", "'stat' or 'path' for an s3:// source"
+            )
+        if self.follow_symlinks:
+            raise ConfigurationError.bad_value(
+                "follow_symlinks", True, "an s3:// source has no symlinks"
+            )
+        self._check_state_dsn()
+
+    def _check_object_place(self, name: str, place: ObjectURL) -> None:
+        """An ``s3://`` archive or output: obstore installed, and not under the source."""
+        require_obstore(name, place)
+        source = self.objects
+        if source is not None and (source.contains(place) or place.contains(source)):
+            raise ConfigurationError.bad_value(
+                name, str(place), "overlaps the listed source prefix; use another prefix"
+            )
+
+    def _check_state_dsn(self) -> None:
+        if self.state.startswith(("postgresql://", "postgres://")):
+            PostgresDSN.parse(self.state)  # a one-line ConfigurationError if it does not parse
+
+    def _check_directory(self, source: Path) -> None:
+        if self.event_queue is not None:
+            raise ConfigurationError.bad_value(
+                "event_queue", self.event_queue, "S3 event notifications are for an s3:// source"
+            )
         if not source.exists():
             raise ConfigurationError.bad_value("source", str(source), "no such directory")
         if not source.is_dir():
@@ -305,13 +423,6 @@ class BatchConfig:
                 self._refuse_visible("state", Path(self.state + suffix), is_dir=False)
         else:
             PostgresDSN.parse(self.state)  # a one-line ConfigurationError if it does not parse
-        for name, action in (("on_done", self.on_done), ("on_dead", self.on_dead)):
-            if action.directory is not None:
-                self._check_writable_dir(name, action.directory)
-                self._refuse_visible(name, action.directory, is_dir=True)
-        if self.output_dir is not None:
-            self._check_writable_dir("output_dir", self.output_dir)
-            self._refuse_visible("output_dir", self.output_dir, is_dir=True)
 
     def _refuse_visible(self, name: str, path: Path, *, is_dir: bool) -> None:
         """Refuse a path the scan of the source would pick up as input."""
@@ -321,7 +432,9 @@ class BatchConfig:
 
     def visible_to_scan(self, path: Path, *, is_dir: bool) -> str | None:
         """Why the scan of the source would pick ``path`` (or what is in it) up as input, or
-        ``None`` if it would not."""
+        ``None`` if it would not (never, for an object-store source)."""
+        if isinstance(self.source, ObjectURL):
+            return None
         root = os.path.realpath(self.source)
         real = os.path.realpath(path)
         if real == root:

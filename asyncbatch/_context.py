@@ -15,6 +15,11 @@ import anyio.to_thread
 from ._effects.files import idempotent_move, write_under
 from ._exceptions import ConfigurationError, InputChangedError, LockLostError
 from ._scanner import Entry
+from ._sources.url import ObjectURL
+
+if TYPE_CHECKING:
+    from ._sources.objects import ObjectInput, ObjectReader
+    from ._sources.store import ObjectStores
 
 if TYPE_CHECKING:
     from aiofiles.base import AiofilesContextManager
@@ -120,6 +125,11 @@ class ContextHooks(Protocol):
 
     handler_logger: logging.Logger
 
+    @property
+    def objects(self) -> ObjectStores | None:
+        """The run's object-store clients (``None`` when it uses no ``s3://`` location)."""
+        ...
+
     def http_for(self, key: str) -> ItemHTTP:
         """A fresh HTTP view for one attempt of the item ``key``."""
         ...
@@ -208,9 +218,9 @@ class TaskContext:
         attempt: int,
         job: str,
         fence: int,
-        output_dir: Path | None = None,
+        output_dir: Path | ObjectURL | None = None,
         hooks: ContextHooks | None = None,
-        input_file: InputFile | None = None,
+        input_file: InputFile | ObjectInput | None = None,
     ) -> None:
         self._entry = entry
         self._key = key
@@ -259,8 +269,9 @@ class TaskContext:
         return self._fence
 
     @property
-    def output_dir(self) -> Path | None:
-        """The batch's ``output_dir`` (where :meth:`write_output` writes), if it has one."""
+    def output_dir(self) -> Path | ObjectURL | None:
+        """The batch's ``output_dir`` (where :meth:`write_output` writes), if it has one: a
+        directory, or an ``s3://`` prefix."""
         return self._output_dir
 
     @property
@@ -326,11 +337,14 @@ class TaskContext:
         Small inputs are read inline (cheaper than a thread hop), large ones in a worker thread.
         Raises ``OSError`` when the file cannot be read, and :class:`InputChangedError` when
         it changed while it was read (its size, mtime or ctime differ from the open's): the
-        attempt fails rather than handle bytes that were being written.
+        attempt fails rather than handle bytes that were being written. An object is the
+        version that was claimed (a replaced one: :class:`InputChangedError`).
         """
         source = self._input
         if source is None:
             return await anyio.Path(self.entry.path).read_bytes()
+        if not isinstance(source, InputFile):
+            return await source.read_all()
         if source.size <= INLINE_READ_MAX:
             data = _read_all(source.fd, source.size)
         else:
@@ -339,27 +353,33 @@ class TaskContext:
             raise InputChangedError(f"the input changed while it was read: {why}")
         return data
 
-    def open(self) -> AiofilesContextManager[AsyncBufferedReader]:
+    def open(self) -> AiofilesContextManager[AsyncBufferedReader] | _ObjectOpening:
         """Open the input for streaming reads (``async with ctx.open() as f``), via aiofiles.
 
         The file is the one opened when the item started (no symlink followed, never a FIFO),
         positioned at its start. If the file is written to while the handler runs (its size,
         mtime or ctime change), the attempt fails once the handler returns, with
-        :class:`InputChangedError`, and is retried.
+        :class:`InputChangedError`, and is retried. An object streams in with bounded memory
+        (``await f.read(n)``, ``await f.readline()``, ``async for line in f``), the version
+        that was claimed.
         """
         import aiofiles  # here, not at import time: it costs ~50 ms to import
 
+        if self._input is not None and not isinstance(self._input, InputFile):
+            return _ObjectOpening(self._input)
         if self._input is None:
             return aiofiles.open(self.entry.path, "rb")
         fd = os.dup(self._input.fd)
         os.lseek(fd, 0, os.SEEK_SET)
         return aiofiles.open(fd, "rb", closefd=True)
 
-    async def write_output(self, relpath: str | os.PathLike[str], data: bytes | str) -> Path:
+    async def write_output(self, relpath: str | os.PathLike[str], data: bytes | str) -> Path | str:
         """Atomically write ``data`` to ``relpath`` under the batch's ``output_dir``.
 
         Readers see the old file or the new one, never a part. Missing directories are made;
-        no symbolic link below ``output_dir`` is followed. Returns the path written. Raises
+        no symbolic link below ``output_dir`` is followed. Returns the path written (for an
+        ``s3://`` output, the object's URL: one ``PUT``, the lease checked just before it).
+        Raises
         :class:`ConfigurationError` without an ``output_dir`` (the run stops: no item can
         succeed) or for an absolute path or one with ``..``, :class:`EffectError` when a
         directory in the path is a symbolic link (or not a directory), and
@@ -378,8 +398,20 @@ class TaskContext:
                 "write_output relpath", str(relpath), "a relative path inside output_dir"
             )
         self._check_lease("the output was not written")
+        if isinstance(self.output_dir, ObjectURL):
+            return await self._put_output(self.output_dir, rel, data)
         await write_under(self.output_dir, rel, data, fence=self._output_fence)
         return self.output_dir / rel
+
+    async def _put_output(self, root: ObjectURL, rel: Path, data: bytes | str) -> str:
+        """:meth:`write_output` under an ``s3://`` prefix: one fenced ``PUT``."""
+        from ._sources.effects import put_object
+
+        stores = self._hooks.objects if self._hooks is not None else None
+        if stores is None:
+            raise ConfigurationError("ctx.write_output to s3:// needs a context made by a Batch")
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        return await put_object(stores, root, rel.as_posix(), payload, self._output_fence)
 
     async def move(self, destination: str | os.PathLike[str]) -> Path:
         """Move the input to ``destination`` (an existing directory, or a file path), repeatably.
@@ -402,7 +434,7 @@ class TaskContext:
         self._check_lease("the input stays put")
         if self._hooks is not None and not await self._hooks.record_move(self, str(dst)):
             raise LockLostError(f"item {self.key}: its lease was taken over; the input stays put")
-        if self._input is not None:
+        if isinstance(self._input, InputFile):
             self._input.moved = True  # before the rename: it sets the ctime
         await idempotent_move(self.entry.path, dst, fence=self._move_fence)
         return dst
@@ -422,3 +454,22 @@ class TaskContext:
                 f"item {self.key}: its lease ran out or was taken over (was this runner "
                 f"suspended or its event loop blocked?); {consequence}"
             )
+
+
+class _ObjectOpening:
+    """What :meth:`TaskContext.open` returns for an object: ``async with`` gives a streaming
+    reader (:class:`~asyncbatch._sources.objects.ObjectReader`)."""
+
+    __slots__ = ("_input", "_reader")
+
+    def __init__(self, source: ObjectInput) -> None:
+        self._input = source
+        self._reader: ObjectReader | None = None
+
+    async def __aenter__(self) -> ObjectReader:
+        self._reader = await self._input.reader()
+        return self._reader
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            await self._reader.__aexit__()

@@ -11,6 +11,8 @@ The tree::
      │                            to upgrade it (left untouched; exit 2)
      ├── JobLockedError           another live runner holds the job lock (CLI exit 75)
      ├── LockLostError            this runner's job lock was taken over while it ran
+     ├── SourceError              the source cannot be listed: an s3:// bucket missing, its
+     │                            credentials refused, its endpoint unreachable (CLI exit 69)
      ├── PermanentError           raised by a handler: fail the item now, no retries
      │    └── IdempotencyKeyMismatchError  the server answered 422 to an idempotent call
      ├── EffectError              an idempotent effect refused to run (move onto a different file)
@@ -41,6 +43,7 @@ __all__ = [
     "NotALedgerError",
     "PermanentError",
     "SchemaVersionError",
+    "SourceError",
 ]
 
 
@@ -127,6 +130,11 @@ class JobLockedError(AsyncBatchError):
 
 class LockLostError(AsyncBatchError):
     """This runner's job lock was taken over by another runner; it stopped its work."""
+
+
+class SourceError(AsyncBatchError):
+    """The source cannot be listed: an ``s3://`` bucket that is not there, credentials the
+    store refuses, an endpoint that does not answer (after the client's retries)."""
 
 
 class PermanentError(AsyncBatchError):

@@ -549,7 +549,7 @@ class ExecHandler:
         except RuntimeError:
             pass  # a context made by hand, not by a Batch: no ledger secret to derive it from
         if ctx.output_dir is not None:
-            env[b"ASYNCBATCH_OUTPUT_DIR"] = fsencode(ctx.output_dir)
+            env[b"ASYNCBATCH_OUTPUT_DIR"] = fsencode(str(ctx.output_dir))
         return env
 
     @staticmethod

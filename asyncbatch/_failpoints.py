@@ -33,6 +33,7 @@ import anyio.to_thread
 
 __all__ = [
     "ACTIVE",
+    "OBJECT_POINTS",
     "POINTS",
     "PROBLEM",
     "Action",
@@ -55,9 +56,15 @@ POINTS: Final = {
     "in-transaction": "inside a ledger transaction, before its statements",
     "before-post-action": "a post-commit move or delete is about to start",
     "mid-copy": "a move across filesystems: half of the copy is written",
+    "between-copy-and-delete": "an object's archive move: copied, the source not deleted yet",
+    "output-put": "ctx.write_output under s3://: the PUT is done, the outcome not committed",
     "http-sent": "ctx.http: a request was sent, its answer not read yet",
     "middleware-executed": "IdempotencyMiddleware: the app answered, nothing stored yet",
 }
+
+
+#: The points only an object-store (``s3://``) source or output reaches.
+OBJECT_POINTS: Final = frozenset({"between-copy-and-delete", "output-put"})
 
 
 class FailpointError(ValueError):

@@ -1,6 +1,8 @@
 """An item's identity: its ledger key and the input hash its log records carry.
 
-- ``identity="stat"`` (default): relpath + size + mtime_ns. A changed file is new work.
+- ``identity="stat"`` (default): relpath + size + mtime_ns. A changed file is new work. For
+  an object, its version tag too (ETag and VersionId: a re-upload is new work even with the
+  same size within the same second of LastModified).
   The key starts with the zero-padded mtime, so keys are inserted in nearly ascending order
   (new files are newer): B-tree appends, several times cheaper than random keys.
 - ``identity="path"``: the relpath alone; each name is handled once, whatever its content.
@@ -21,15 +23,24 @@ Identity = Literal["stat", "path", "content"]
 IDENTITIES: tuple[Identity, ...] = ("stat", "path", "content")
 
 
-def input_hash(identity: Identity, relpath: bytes, size: int, mtime_ns: int, digest: bytes) -> str:
-    """The sha256 hex digest over an item's identity (over its bytes for ``"content"``)."""
+def input_hash(
+    identity: Identity,
+    relpath: bytes,
+    size: int,
+    mtime_ns: int,
+    digest: bytes,
+    version: int | None = None,
+) -> str:
+    """The sha256 hex digest over an item's identity (over its bytes for ``"content"``);
+    ``version``: an object's version tag (``None`` for a file)."""
     if identity == "content":
         return digest.hex()
     if identity == "path":
         return hashlib.sha256(b"path\0" + relpath).hexdigest()
-    return hashlib.sha256(
-        b"".join((b"stat\0", relpath, b"\0%d\0%d" % (size, mtime_ns)))
-    ).hexdigest()
+    tail = b"\0%d\0%d" % (size, mtime_ns)
+    if version is not None:
+        tail += b"\0v%d" % version
+    return hashlib.sha256(b"".join((b"stat\0", relpath, tail))).hexdigest()
 
 
 def item_key(identity: Identity, ihash: str, mtime_ns: int) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ConfigurationError
+from ._sources.url import ObjectURL, is_object_url
 
 __all__ = [
     "MAX_SECONDS",
@@ -162,10 +163,12 @@ def _non_empty_path(text: str) -> str:
 class PathSetting(Kind):
     """A path, never empty (``Path("")`` would be the current directory): a ``Path``
     (``absolute``: made absolute, ``~`` expanded), or the text as given (``text``: a state,
-    which may be a ``postgresql://`` DSN)."""
+    which may be a ``postgresql://`` DSN); with ``urls``, an ``s3://BUCKET/PREFIX/`` location
+    too (an :class:`~asyncbatch._sources.url.ObjectURL`)."""
 
     text: bool = False
     absolute: bool = False
+    urls: bool = False
 
     def convert(self, name: str, value: Any) -> Any:
         if value is None:
@@ -174,6 +177,8 @@ class PathSetting(Kind):
             raise ConfigurationError.bad_value(name, "", "a path, not an empty string")
         if self.text:
             return str(value)
+        if self.urls and is_object_url(value):
+            return value if isinstance(value, ObjectURL) else ObjectURL.parse(name, value)
         path = Path(value).expanduser()
         return path.absolute() if self.absolute else path
 

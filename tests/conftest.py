@@ -21,6 +21,7 @@ from asyncbatch._ledger import JobSettings, RunStart
 from asyncbatch._procinfo import ProcessIdentity, this_process
 
 from .postgres import Server, pg_sync, probe, require, with_schema
+from .s3 import Bucket, MotoServer, start_server
 
 HERE = Path(__file__).parent
 #: The CLI under test fails on a RuntimeWarning, as tests in this process do (filterwarnings):
@@ -235,3 +236,17 @@ def pg_dsn(postgres_server: Server) -> Iterator[str]:
     schema = f"abtest_{uuid.uuid4().hex[:12]}"
     yield with_schema(postgres_server.dsn, schema)
     pg_sync(postgres_server.dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """A real S3 API on 127.0.0.1 (moto), started once per session (see tests/s3.py)."""
+    yield from start_server()
+
+
+@pytest.fixture
+def bucket(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A fresh bucket, and this process's AWS environment pointing at the test server."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return Bucket(s3_server)

@@ -61,6 +61,16 @@ def test_settle_zero_still_needs_two_looks() -> None:
     assert s.looked([b"a"], [f], *at(0.001)) == [f]
 
 
+def test_an_object_settled_when_first_seen_is_taken_at_once() -> None:
+    s = Sightings(settle=1.0, immutable=True)  # objects: complete once visible
+    old = rec(b"o", mtime_s=-5.0)
+    assert s.looked([b"o"], [old], *at(0.0)) == [old]
+    assert s.next_look() is None
+    fresh = rec(b"p", mtime_s=0.0)  # LastModified within settle: waits for it, as a file
+    assert s.looked([b"p"], [fresh], *at(0.1)) == []
+    assert s.looked([b"p"], [fresh], *at(1.1)) == [fresh]
+
+
 def test_a_scan_forgets_what_is_gone_and_takes_what_is_ready() -> None:
     s = Sightings(settle=1.0)
     a, b = rec(b"a", -10), rec(b"b", -10)

@@ -13,6 +13,7 @@ from .._exceptions import ConfigurationError
 from .._identity import IDENTITIES, Identity
 from .._ledger import JobSettings, Ledger, PostgresDSN, is_postgres, open_ledger
 from .._ledger.sqlite_open import check_writable
+from .._sources.url import ObjectURL, is_object_url
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -92,6 +93,14 @@ async def open_state(args: argparse.Namespace, *, job: bool = True, writes: bool
     return ledger
 
 
+def _source_text(given: str) -> str:
+    """A ``--source`` as a job records it: an ``s3://`` location in its canonical form, a
+    directory absolute with its symlinks resolved."""
+    if is_object_url(given):
+        return str(ObjectURL.parse("source", given))
+    return os.path.realpath(given)
+
+
 async def job_settings(args: argparse.Namespace, ledger: Ledger) -> JobSettings | None:
     """The job's recorded source and scan rules (``None``: not recorded yet), checked against
     the ``--source`` the command was given, if any.
@@ -103,7 +112,7 @@ async def job_settings(args: argparse.Namespace, ledger: Ledger) -> JobSettings 
     given = getattr(args, "source", None)
     if given is None or recorded is None:
         return recorded
-    if (resolved := os.path.realpath(given)) != recorded.source:
+    if (resolved := _source_text(str(given))) != recorded.source:
         raise ConfigurationError(
             f"job {args.job!r} in state {show_state(args.state)!r} scans {recorded.source!r}, "
             f"not {resolved!r} (--source): leave --source out (the job's is used), or give "

@@ -259,6 +259,13 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
                 "its next run makes it): give --source"
             )
         recorded = JobSettings(source=args.source)
+    if recorded.source.startswith("s3://"):
+        raise ConfigurationError.bad_value(
+            "source",
+            recorded.source,
+            "explain looks at a directory; for an object-store job, 'items' and 'status' say "
+            "what the ledger holds",
+        )
     if not Path(recorded.source).is_dir():
         raise ConfigurationError.bad_value("source", recorded.source, "no such directory")
     return JobSettings(

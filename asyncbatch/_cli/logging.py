@@ -70,7 +70,18 @@ class TextFormatter(logging.Formatter):
 #: with its credentials and query string at INFO and DEBUG; aiosqlite logs every call with its
 #: arguments at DEBUG; asyncpg likewise; watchfiles logs a line per group of changes at INFO
 #: (with every path at DEBUG). The CLI keeps them at WARNING whatever --log-level is.
-QUIET_LIBRARIES = ("httpx", "httpcore", "hpack", "h11", "aiosqlite", "asyncpg", "watchfiles")
+QUIET_LIBRARIES = (
+    "httpx",
+    "httpcore",
+    "hpack",
+    "h11",
+    "aiosqlite",
+    "asyncpg",
+    "watchfiles",
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+)
 
 
 def configure_logging(

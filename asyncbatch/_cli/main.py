@@ -2,7 +2,7 @@
 
 Exit codes: 0 every settled file done; 1 some items dead; 2 usage or configuration error (one
 line naming the bad value, no traceback); 3 other runners still hold some files (``--no-wait``);
-69 the ledger is unavailable or failing; 70 a handler raised ``SystemExit``,
+69 the ledger (or an s3:// source) is unavailable or failing; 70 a handler raised ``SystemExit``,
 ``KeyboardInterrupt`` or another ``BaseException`` (the run stopped); 75 the job is locked by a
 live runner; 130 / 143 stopped by SIGINT / SIGTERM; 141 the output's reader went away.
 """
@@ -31,6 +31,7 @@ from .._exceptions import (
     LockLostError,
     NotALedgerError,
     SchemaVersionError,
+    SourceError,
 )
 from .._exec import ExecHandler
 from .._report import Report
@@ -271,6 +272,15 @@ async def _call(command: Callable[[argparse.Namespace], Awaitable[int]], args: A
         raise unwrap_group(group) from None
 
 
+def _unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the ledger or the source cannot be used now (exit 69)."""
+    if isinstance(error, SourceError):
+        return True
+    return isinstance(error, LedgerError) and not isinstance(
+        error, NotALedgerError | SchemaVersionError
+    )
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit code (never raises for bad input)."""
     if failpoints.PROBLEM is not None:
@@ -307,9 +317,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), EXIT_LOCKED)
     if isinstance(error, LockLostError):
         return _fail(str(error), EXIT_FAILED)
-    if isinstance(error, LedgerError) and not isinstance(
-        error, NotALedgerError | SchemaVersionError
-    ):
+    if _unavailable(error):
         return _fail(str(error), EXIT_LEDGER)
     if isinstance(error, AsyncBatchError):
         return _fail(str(error), EXIT_CONFIG)

@@ -31,10 +31,13 @@ import anyio
 import anyio.to_thread
 
 from .. import _failpoints as failpoints
+from .._exceptions import SourceError
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow, decode_action
 from .._report import Counters
-from .._scanner import Scanner, content_digest, ctime_ns, unpack
+from .._scanner import content_digest, ctime_ns, unpack
+from .._sources.base import Lister
+from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
@@ -111,7 +114,7 @@ class Claimer:
         state: RunState,
         queue: ItemQueue,
         *,
-        scanner: Scanner,
+        scanner: Lister,
         posts: PostActions,
         mode: Literal["run", "watch"],
     ) -> None:
@@ -132,6 +135,12 @@ class Claimer:
         #: watch registers the files it finds with it (all runners claim them from the
         #: ledger) instead of leasing them itself, and leaves retries to the claiming loop.
         self.registrar: Callable[[list[bytes]], Awaitable[None]] | None = None
+        #: Whether an item's identity includes its version tag (an object's ``inode``).
+        self._versioned = state.config.objects is not None
+        #: The S3 event notifications followed (``--events sqs://QUEUE``), once open, and the
+        #: messages held until what they name is registered.
+        self._events: EventQueue | None = None
+        self._held = HeldMessages()
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -166,14 +175,16 @@ class Claimer:
         while events are followed, nine times in ten, a listing of names (see
         :data:`FULL_SCAN_EVERY`)."""
         run, cfg = self.run, self.config
-        sightings = Sightings(cfg.settle)
+        sightings = Sightings(cfg.settle, immutable=cfg.objects is not None)
         changes = Changes()
         self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._wake_on_stop, changes)
             tg.start_soon(self._wake_on_progress, changes)
-            if cfg.events:
+            if cfg.events and run.source.watchable:
                 tg.start_soon(self._follow_events, changes)
+            if cfg.event_queue is not None and cfg.objects is not None:
+                tg.start_soon(self._follow_queue, changes)
             next_scan = time.monotonic()
             lists = 0  # polls since the last full scan
             retry_at: float | None = None  # when a failed item of this run comes due
@@ -181,7 +192,7 @@ class Claimer:
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
                 if rescan or time.monotonic() >= next_scan:
-                    next_scan = time.monotonic() + cfg.poll
+                    next_scan = time.monotonic() + self._poll_interval()
                     full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
                     lists = 0 if full else lists + 1
                     saw_dir = await self._poll_source(sightings, paths, full=full)
@@ -221,13 +232,22 @@ class Claimer:
         if not source.usable:
             return None
         try:
-            return await self._watch_poll(sightings, paths, full=full)
+            saw_dir = await self._watch_poll(sightings, paths, full=full)
+        except SourceError as exc:  # an s3:// source's listing failed: the next poll retries
+            if source.problem != str(exc):
+                log.warning("%s; trying again at the next poll", exc)
+            source.problem = str(exc)
+            return None
         except (FileNotFoundError, NotADirectoryError):
             if source.refresh():  # replaced during the poll: the next one is a full scan
                 self._restart_events.set()
             elif source.usable:
                 raise
             return None
+        if source.problem is not None and not source.watchable:  # an s3:// source, back
+            log.warning("the source %s can be listed again", self.config.source)
+            source.problem = None
+        return saw_dir
 
     async def _follow_events(self, changes: Changes) -> None:
         """Follow change events (:class:`EventWatcher`), afresh each time the source directory
@@ -238,6 +258,54 @@ class Claimer:
                 tg.start_soon(_cancel_when_set, restart, tg.cancel_scope)
                 await EventWatcher(self.config, changes).serve()
                 await restart.wait()  # it gave up (it said why): polling goes on until then
+
+    def _poll_interval(self) -> float:
+        """Seconds to the next poll: ``poll``, or while S3 events are followed the backfill
+        listing's interval (``backfill_interval``)."""
+        return self.config.poll if self._events is None else self.config.backfill_interval
+
+    async def _follow_queue(self, changes: Changes) -> None:
+        """Receive S3 event notifications; the objects they name are looked at at once (see
+        :mod:`asyncbatch._sources.sqs`). A message that names nothing under the source's
+        prefix is deleted at once; the others once what they name is resolved."""
+        source, objects = self.config.objects, self.run.objects
+        if source is None or objects is None or self.config.event_queue is None:
+            return
+        queue = QueueURL.parse("event_queue", self.config.event_queue)
+        async with EventQueue(queue, source.bucket, objects.requests) as events:
+            self._events = events
+            changes.wake()  # the next poll is a backfill listing's interval away now
+            failures = 0
+            while True:
+                paths: list[bytes] = []
+                unrelated: list[str] = []
+                try:
+                    notes = await events.receive()
+                except OSError as exc:  # the backfill listing goes on meanwhile
+                    failures += 1
+                    log.warning("%s; receiving again in %ds", exc, min(60, 2**failures))
+                    await anyio.sleep(min(60, 2**failures))
+                    continue
+                failures = 0
+                for note in notes:
+                    prefix = source.prefix
+                    rels = [k[len(prefix) :].encode() for k in note.keys if k.startswith(prefix)]
+                    if rels:
+                        self._held.hold(note.receipt, rels)
+                        paths.extend(rels)
+                    else:
+                        unrelated.append(note.receipt)
+                if unrelated:
+                    await events.delete(unrelated)
+                if paths:
+                    changes.add(paths)
+
+    async def _resolved(self, relpaths: Iterable[bytes]) -> None:
+        """These relpaths are registered, or no inputs: delete the messages done with."""
+        if self._events is not None and self._held:
+            receipts = self._held.resolve(relpaths)
+            if receipts:
+                await self._events.delete(receipts)
 
     async def _wake_on_stop(self, changes: Changes) -> None:
         await self.run.stop_requested.wait()
@@ -311,6 +379,10 @@ class Claimer:
         now_ns = time.time_ns()
         records, saw_dir = await self.scanner.look(looked)
         await self._claim_candidates(sightings.looked(looked, records, now_ns, time.monotonic()))
+        if self._held and not self.run.stopping:
+            # Claimed (registered), registered before, or no input (gone, skipped): the
+            # messages that named them are done with; those of files still settling wait.
+            await self._resolved(p for p in looked if not sightings.is_waiting(p))
         return saw_dir
 
     async def _claim_candidates(self, candidates: list[bytes]) -> None:
@@ -347,7 +419,7 @@ class Claimer:
                     counters.vanished += 1
                     continue
                 digest = found
-            ihash = input_hash(identity, rel, size, mtime_ns, digest)
+            ihash = self._input_hash(rel, size, mtime_ns, inode, digest)
             key = item_key(identity, ihash, mtime_ns)
             if identity == "content":
                 if key in keys:
@@ -356,6 +428,13 @@ class Claimer:
                 keys.add(key)
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
         return items
+
+    def _input_hash(
+        self, rel: bytes, size: int, mtime_ns: int, inode: int, digest: bytes = b""
+    ) -> str:
+        """An item's input hash; an object's includes its version tag (its ``inode``)."""
+        version = inode if self._versioned else None
+        return input_hash(self.config.identity, rel, size, mtime_ns, digest, version)
 
     def chunk_starts(self, count: int) -> list[int]:
         """Where each claim chunk starts, in the order to claim them.
@@ -424,6 +503,8 @@ class Claimer:
             leased = self._sort(items, rows)
         self.lookahead.claimed(len(items), len(leased))
         await failpoints.ahit("after-claim")
+        if self._held:
+            await self._resolved(i.relpath for i in items)  # registered: the ledger has them
         await self._queue(leased)
 
     def _sort(self, items: list[LeasedItem], rows: list[ClaimedRow]) -> list[LeasedItem]:
@@ -514,7 +595,7 @@ class Claimer:
             ihash = (
                 key
                 if self.config.identity == "content"
-                else input_hash(self.config.identity, rel, size, mtime_ns, b"")
+                else self._input_hash(rel, size, mtime_ns, inode)
             )
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
         while items:
@@ -548,7 +629,7 @@ class Claimer:
             ihash = (
                 row.key
                 if cfg.identity == "content"
-                else input_hash(cfg.identity, row.relpath, row.size, row.mtime_ns, b"")
+                else self._input_hash(row.relpath, row.size, row.mtime_ns, row.inode)
             )
             item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
             if row.key in run.open:  # one of ours (its retry came due)

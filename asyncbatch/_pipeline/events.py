@@ -84,7 +84,7 @@ class EventWatcher:
     def __init__(self, config: BatchConfig, changes: Changes) -> None:
         self.config = config
         self.changes = changes
-        self._root = os.path.abspath(config.source)
+        self._root = os.path.abspath(config.directory)
         self._rules = config.rules
 
     async def serve(self) -> None:
@@ -102,7 +102,7 @@ class EventWatcher:
                 fallback,
             )
             return
-        fs = network_filesystem(cfg.source)
+        fs = network_filesystem(cfg.directory)
         if fs is not None:
             log.warning(
                 "change events are off: the source %r is on a network filesystem (%s), which "

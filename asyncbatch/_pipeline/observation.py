@@ -7,7 +7,7 @@ the pipeline and the pipeline on nothing of it. Taking one costs a few attribute
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._ledger import LedgerErrors, Listing, RunTotals
 from .._scanner import ScanInfo
@@ -58,3 +58,6 @@ class RunObservation:
     #: as it last looked at it (``None``: not shared, or not looked at yet).
     lister: bool = False
     listing: Listing | None = None
+    #: Requests sent to object stores, by operation (``list`` pages, ``get``, ``head``,
+    #: ``put``, ``copy``, ``delete``); empty when the run uses none.
+    object_requests: dict[str, int] = field(default_factory=dict)

@@ -29,6 +29,8 @@ from .._effects.files import fsync_dir, idempotent_move, make_parents_under
 from .._exceptions import EffectError
 from .._ledger import decode_action
 from .._scanner import clamp_ns
+from .._sources.store import ObjectStores
+from .._sources.url import ObjectURL
 
 __all__ = ["PostActions"]
 
@@ -79,8 +81,9 @@ def keyed_name(name: str, key: str) -> str:
 class PostActions:
     """A queue of post-commit actions and the small pool of tasks that carries them out."""
 
-    def __init__(self, config: BatchConfig) -> None:
+    def __init__(self, config: BatchConfig, objects: ObjectStores | None = None) -> None:
         self._config = config
+        self._objects = objects
         self._send, self._recv = anyio.create_memory_object_stream[_Post](math.inf)
         self.failed = 0
         self.done = 0
@@ -127,11 +130,30 @@ class PostActions:
         await failpoints.ahit("before-post-action")
         source = self._config.source
         kind, directory = decode_action(post.action)
+        if isinstance(source, ObjectURL):
+            return await self._perform_on_object(source, kind, directory, post)
         if kind == "delete":
             return await anyio.to_thread.run_sync(_delete, source, post)
         if kind != "move" or not directory:
             raise EffectError(f"unknown post-commit action {post.action!r}")
         return await self._move(source / os.fsdecode(post.relpath), Path(directory), post)
+
+    async def _perform_on_object(
+        self, source: ObjectURL, kind: str, directory: str | None, post: _Post
+    ) -> str:
+        """The action on an object (see :mod:`asyncbatch._sources.effects`)."""
+        from .._sources.effects import delete_object, move_object
+
+        if self._objects is None:  # a run over an s3:// source always has them
+            raise EffectError("no object-store client for an s3:// source")
+        rel = os.fsdecode(post.relpath)
+        if kind == "delete":
+            return await delete_object(self._objects, source, rel, post.size, post.inode)
+        if kind != "move" or not directory:
+            raise EffectError(f"unknown post-commit action {post.action!r}")
+        archive = ObjectURL.parse("on_done", directory)
+        item = (post.key, post.size, post.inode)
+        return await move_object(self._objects, source, archive, rel, item)
 
     async def _move(self, src: Path, archive: Path, post: _Post) -> str:
         rel = os.fsdecode(post.relpath)

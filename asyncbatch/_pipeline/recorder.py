@@ -119,6 +119,8 @@ class Recorder:
     ended: EndedRuns = field(default_factory=EndedRuns)
     #: The last scan of the runs that ended (a run under way has its own).
     last_scan: ScanInfo | None = None
+    #: Object-store requests of the runs that ended, by operation.
+    object_requests: dict[str, int] = field(default_factory=dict)
 
     def attempt_ended(self, outcome: Outcome, seconds: float) -> None:
         """An attempt ended with ``outcome``, ``seconds`` after the worker took its item.
@@ -145,3 +147,5 @@ class Recorder:
         e.ledger_fatal += seen.ledger_failed
         if seen.last_scan is not None:
             self.last_scan = seen.last_scan
+        for operation, count in seen.object_requests.items():
+            self.object_requests[operation] = self.object_requests.get(operation, 0) + count

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -29,6 +30,8 @@ from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, RunStart, open_le
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import ScanInfo, Scanner
+from .._sources.base import Lister, SourceHandle
+from .._sources.url import ObjectURL
 from .claimer import Claimer
 from .committer import Committer
 from .observation import RunObservation
@@ -77,7 +80,7 @@ class Run:
         self._posts: PostActions | None = None
         self._queue: ItemQueue | None = None
         self._workers: WorkerPool | None = None
-        self._scanner: Scanner | None = None
+        self._scanner: Lister | None = None
         self.metrics = metrics
         #: What health and metrics read (``time.monotonic()`` times): when the run began, when
         #: its lock (or runner record) was last renewed, since when a heartbeat waits for the
@@ -193,7 +196,12 @@ class Run:
             reaped=self.counters.reaped,
             lister=state is not None and state.lister_fence is not None,
             listing=None if state is None else state.listing_role,
+            object_requests=self._object_requests(),
         )
+
+    def _object_requests(self) -> dict[str, int]:
+        state = self._state
+        return {} if state is None or state.objects is None else dict(state.objects.requests)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -217,7 +225,7 @@ class Run:
                 counters=self.counters,
                 stop_requested=self._stop_requested,
                 metrics=self.metrics,
-                source=SourceDir(cfg.source),
+                **_source_of(cfg),
             )
             self._state = state
             await self._joined(state)
@@ -320,12 +328,14 @@ class Run:
         filesystems that a kill interrupted leaves a partial copy there.
         """
         cfg = self.config
-        if cfg.output_dir is not None:
+        if isinstance(cfg.output_dir, Path):
             await remove_stale_temp_files(cfg.output_dir)
-        source_dev = os.stat(cfg.source).st_dev
-        for action in (cfg.on_done, cfg.on_dead):
-            if action.directory is not None and os.stat(action.directory).st_dev != source_dev:
-                await remove_stale_temp_files(action.directory)
+        if isinstance(cfg.source, Path):  # an object store has no temp files: one PUT each
+            source_dev = os.stat(cfg.source).st_dev
+            for action in (cfg.on_done, cfg.on_dead):
+                where = action.directory
+                if isinstance(where, Path) and os.stat(where).st_dev != source_dev:
+                    await remove_stale_temp_files(where)
         moved_to = {os.path.dirname(p) for p in await ledger.move_destinations(cfg.job)}
         for directory in sorted(moved_to):
             await remove_stale_temp_files(directory, recursive=False)
@@ -365,18 +375,12 @@ class Run:
         queue = ItemQueue()  # kept short by the claimer (see claimer.Lookahead)
         outbox = Outbox(cfg.commit_batch)
         self._queue = queue
-        self._posts = posts = PostActions(cfg)
+        self._posts = posts = PostActions(cfg, state.objects)
         self._workers = workers = WorkerPool(state, queue, outbox, handler=self.handler, http=http)
         if self._stop_requested.is_set():
             workers.stop_requested(self._stop_signal)
         committer = Committer(state, outbox, posts)
-        scanner = Scanner(
-            cfg.source,
-            rules=cfg.rules,
-            recursive=cfg.recursive,
-            follow_symlinks=cfg.follow_symlinks,
-        )
-        self._scanner = scanner
+        scanner = self._scanner = _lister_of(state)
         claimer = Claimer(state, queue, scanner=scanner, posts=posts, mode=self.mode)
         try:
             async with anyio.create_task_group() as background:
@@ -467,3 +471,42 @@ class Run:
         log.info("stopping: no new items; in-flight items get %.0fs to finish", self.config.grace)
         await anyio.sleep(self.config.grace)
         self._work_scope.cancel()
+
+
+def _source_of(cfg: BatchConfig) -> dict[str, Any]:
+    """The run's source handle, and its object-store clients when a location is ``s3://``
+    (made here only: a run over directories never loads obstore)."""
+    places = (cfg.source, cfg.output_dir, cfg.on_done.directory, cfg.on_dead.directory)
+    if not any(isinstance(p, ObjectURL) for p in places):
+        assert isinstance(cfg.source, Path)
+        return {"source": SourceDir(cfg.source)}
+    from .._sources.objects import ObjectSource
+    from .._sources.store import ObjectStores
+
+    objects = ObjectStores()
+    if isinstance(cfg.source, ObjectURL):
+        source: SourceHandle = ObjectSource(cfg.source, objects)
+    else:
+        source = SourceDir(cfg.source)
+    return {"source": source, "objects": objects}
+
+
+def _lister_of(state: RunState) -> Lister:
+    """What lists the source: a directory's scanner, or a bucket prefix's lister."""
+    cfg = state.config
+    if isinstance(cfg.source, ObjectURL):
+        from .._sources.objects import ObjectLister
+
+        assert state.objects is not None
+        return ObjectLister(
+            cfg.source,
+            state.objects.bucket(cfg.source.bucket),
+            rules=cfg.rules,
+            recursive=cfg.recursive,
+        )
+    return Scanner(
+        cfg.source,
+        rules=cfg.rules,
+        recursive=cfg.recursive,
+        follow_symlinks=cfg.follow_symlinks,
+    )

@@ -51,9 +51,12 @@ def _registered(record: bytes) -> bytes:
 class Sightings:
     """Registered files and waiting ones, for one watch; the look-again schedule."""
 
-    def __init__(self, settle: float) -> None:
+    def __init__(self, settle: float, *, immutable: bool = False) -> None:
         self._settle = settle
         self._settle_ns = int(settle * 1e9)
+        #: Inputs that are complete once visible and never change in place (objects): one
+        #: that is settled when first seen is a candidate at once, not after a second look.
+        self._immutable = immutable
         #: The files registered (candidates handed to the claim), as last seen: their records
         #: without the ctime (see :func:`_registered`).
         self._known: set[bytes] = set()
@@ -66,6 +69,10 @@ class Sightings:
     def waiting(self) -> int:
         """Files seen and not yet ready."""
         return len(self._waiting)
+
+    def is_waiting(self, relpath: bytes) -> bool:
+        """Whether this file was seen and is not ready yet."""
+        return relpath in self._waiting
 
     def scanned(self, records: list[bytes], now_ns: int, now: float) -> list[bytes]:
         """Take a full scan's sorted records (wall clock ``now_ns``, monotonic ``now``);
@@ -166,6 +173,9 @@ class Sightings:
                 return True
             # Not ready yet (an event about an unchanged file, or the clock): look again then.
             ready_at = max(waiting.ready_at, now + until_settled)
+        elif self._immutable and until_settled <= 0:
+            self._waiting.pop(rel, None)
+            return True
         else:  # first seen like this: ready once settled, and at least `settle` after now if
             # it is settled already (it must then be seen unchanged for `settle` seconds)
             ready_at = now + (until_settled if until_settled > 0 else self._settle)

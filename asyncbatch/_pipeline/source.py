@@ -27,6 +27,9 @@ _FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 class SourceDir:
     """A run's source directory: its descriptor, and what is wrong with it, if anything."""
 
+    #: Whether change events can be followed (see :class:`asyncbatch._sources.base.SourceHandle`).
+    watchable = True
+
     def __init__(self, path: Path) -> None:
         self.path = path
         #: Why the source cannot be used now (gone, not a directory), or ``None``.

@@ -18,9 +18,10 @@ from .._config import BatchConfig
 from .._ledger import Ledger, Listing
 from .._procinfo import ProcessIdentity
 from .._report import Counters
+from .._sources.base import SourceHandle
+from .._sources.store import ObjectStores
 from .queues import LeasedItem
 from .recorder import Recorder
-from .source import SourceDir
 
 __all__ = ["RunState", "reap_gone_runners"]
 
@@ -75,8 +76,12 @@ class RunState:
     listing_target: int | None = None
     #: Set once this runner's tenure of the listing role ended (taken over).
     role_lost: anyio.Event = field(default_factory=anyio.Event)
-    #: The source directory, opened for the run (inputs are opened relative to it).
-    source: SourceDir
+    #: The source, opened for the run: a directory (``SourceDir``: inputs are opened relative
+    #: to it) or an object-store prefix (``ObjectSource``).
+    source: SourceHandle
+    #: The run's object-store clients and their request counts (``None`` until an ``s3://``
+    #: source, archive or output needs one: then obstore is loaded).
+    objects: ObjectStores | None = None
     #: Set by a stop request (``Batch.stop()``, a signal).
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     #: No new items are started once this is set (a stop, or the end of the grace period).
@@ -97,7 +102,7 @@ class RunState:
 
     @property
     def dir_fd(self) -> int:
-        """The source directory's descriptor (see :class:`SourceDir`)."""
+        """The source directory's descriptor (see ``SourceDir``; -1 for objects)."""
         return self.source.fd
 
     def lose_listing_role(self) -> None:

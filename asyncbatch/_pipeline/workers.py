@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -41,8 +41,14 @@ from .._exceptions import (
 from .._http.client import HTTPSettings, ItemHTTP, derive_idempotency_key
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
+from .._sources.objects import ObjectEntry
+from .._sources.store import ObjectStores
+from .._sources.url import ObjectURL
 from .queues import ItemQueue, ItemState, LeasedItem, Outbox, item_logger
 from .state import RunState
+
+if TYPE_CHECKING:
+    from .._sources.objects import ObjectInput
 
 __all__ = ["HandlerAborted", "WorkerPool"]
 
@@ -267,6 +273,8 @@ class WorkerPool:
         if item.prior_interrupted >= self.config.max_interruptions:
             return self.give_up(item)
         item.attempt = item.prior_attempts + 1
+        if isinstance(self.config.source, ObjectURL):
+            return await self._attempt_object(item, self.config.source, task)
         opened = self._open_input(item)
         if isinstance(opened, Outcome):
             return opened
@@ -295,6 +303,63 @@ class WorkerPool:
             )
         finally:
             os.close(fd)
+
+    async def _attempt_object(
+        self, item: LeasedItem, source: ObjectURL, task: asyncio.Task[Any] | None
+    ) -> Outcome | None:
+        """:meth:`attempt` for an object: one ``GET`` of the version claimed (see
+        :func:`~asyncbatch._sources.objects.open_object`), then the handler."""
+        opened = await self._open_object(item, source)
+        if isinstance(opened, Outcome):
+            return opened
+        info, stat = opened.info, None
+        if (info.size, info.tag) != (item.size, item.inode):  # identity "path": as it is now
+            stat = item.size, item.mtime_ns, item.inode = info.size, info.mtime_ns, info.tag
+        ctx = TaskContext(
+            entry=ObjectEntry(
+                source, os.fsdecode(item.relpath), item.size, item.mtime_ns, item.inode
+            ),
+            key=item.key,
+            input_hash=item.ihash,
+            attempt=item.attempt,
+            job=self.config.job,
+            fence=item.fence,
+            output_dir=self.config.output_dir,
+            hooks=self,
+            input_file=opened,
+        )
+        failed = await self._call(item, ctx, opened, task)
+        if failed is not False:
+            return failed
+        return _make_outcome(
+            (item.key, item.fence, "done", None, None, self._on_done, stat, True, item.started_at)
+        )
+
+    async def _open_object(self, item: LeasedItem, source: ObjectURL) -> ObjectInput | Outcome:
+        """The item's object, its ``GET`` under way, or the outcome of one that cannot be."""
+        from .._sources.objects import ObjectReplaced, open_object
+
+        tag = None if self.config.identity == "path" else item.inode
+        try:
+            return await open_object(self.objects_required, source, os.fsdecode(item.relpath), tag)
+        except ObjectReplaced as exc:
+            return self.vanished(item, str(exc))
+        except FileNotFoundError:
+            return self.vanished(item, "the object disappeared before it could be handled")
+        except OSError as exc:
+            return self.failure(item, error_text(exc))
+
+    @property
+    def objects(self) -> ObjectStores | None:
+        """The run's object-store clients (``None`` when it uses no ``s3://`` location)."""
+        return self.run.objects
+
+    @property
+    def objects_required(self) -> ObjectStores:
+        """The run's object-store clients, made now if the run had none yet."""
+        if self.run.objects is None:
+            self.run.objects = ObjectStores()
+        return self.run.objects
 
     def _open_input(self, item: LeasedItem) -> tuple[int, os.stat_result, Path | None] | Outcome:
         """The item's input, opened safely: ``(fd, its fstat, where ctx.move() had taken it
@@ -346,7 +411,7 @@ class WorkerPool:
         cfg = self.config
         return TaskContext(
             entry=Entry(
-                cfg.source,
+                cfg.directory,
                 os.fsdecode(item.relpath),
                 st.st_size,
                 clamp_ns(st.st_mtime_ns),
@@ -367,7 +432,7 @@ class WorkerPool:
         self,
         item: LeasedItem,
         ctx: TaskContext,
-        input_file: InputFile,
+        input_file: InputFile | ObjectInput,
         task: asyncio.Task[Any] | None,
     ) -> Outcome | Literal[False] | None:
         """Call the handler: ``False`` when it succeeded, else the failed attempt's outcome

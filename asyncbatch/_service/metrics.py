@@ -62,6 +62,7 @@ class BatchCollector:
         yield from self._gauges(run)
         yield from self._scan(run)
         yield from self._listing(run)
+        yield from self._object_requests(run)
 
     def _counters(self, run: RunObservation | None) -> Iterator[Metric]:
         job, ended = self.job, self.recorder.ended
@@ -109,6 +110,23 @@ class BatchCollector:
             job,
             ended.lock_takeovers + (0 if run is None else run.lock_takeovers),
         )
+
+    def _object_requests(self, run: RunObservation | None) -> Iterator[Metric]:
+        """Requests to object stores by operation (only for a batch that sent some)."""
+        ended = self.recorder.object_requests
+        live = {} if run is None else run.object_requests
+        if not ended and not live:
+            return
+        family = CounterMetricFamily(
+            "asyncbatch_object_requests",
+            "Requests sent to object stores (s3://), by operation: list (a page of up to "
+            "1,000 keys), head, get, put, copy, delete",
+            labels=("batch_job", "operation"),
+        )
+        for operation in sorted(set(ended) | set(live)):
+            value = ended.get(operation, 0) + live.get(operation, 0)
+            family.add_metric((self.job, operation), value)
+        yield family
 
     def _ledger_errors(self, run: RunObservation | None) -> Metric:
         job, ended = self.job, self.recorder.ended

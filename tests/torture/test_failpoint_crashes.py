@@ -36,6 +36,9 @@ FILES = scale(12, 120)
 #: The largest N of ``kill:N`` per point: points reached once a claim chunk get small ones.
 MOST_HITS = {"after-claim": 3, "in-transaction": 40}
 RECEIVER_POINT = "middleware-executed"
+#: The points of a directory inbox; those of an object store (s3://) have their crash tests in
+#: tests/test_s3_effects.py and tests/test_s3_crash.py.
+POINTS = sorted(set(failpoints.POINTS) - failpoints.OBJECT_POINTS)
 
 
 def crash_runners_at(point: str, scenario: Scenario, rng: random.Random) -> int:
@@ -81,13 +84,13 @@ def crash_receiver_at(scenario: Scenario, receiver: Receiver, rng: random.Random
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-@pytest.mark.parametrize("point", sorted(failpoints.POINTS))
+@pytest.mark.parametrize("point", POINTS)
 def test_a_crash_at_each_failpoint_loses_nothing_and_repeats_no_effect(
     point: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     state = str(tmp_path / "state.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
     receiver_state = str(tmp_path / "receiver.db") if backend == "sqlite" else state
-    seed = int(os.environ.get("AB_SEED", "11")) + sorted(failpoints.POINTS).index(point)
+    seed = int(os.environ.get("AB_SEED", "11")) + POINTS.index(point)
     rng = random.Random(seed)
     started = time.monotonic()
     with (

@@ -1,0 +1,120 @@
+"""Effects on objects that can be repeated after any interruption: archive (copy, then
+delete), delete, and an output written with one ``PUT``.
+
+Each reads like :mod:`asyncbatch._effects.files`: one request concern per function, the
+state found first, so that a repeat after a crash at any point finishes the job:
+
+- **delete**: ``HEAD`` the key; gone: done; another version there (a newer upload under the
+  same key): left alone; else ``DELETE``.
+- **move** (``--on-done move:s3://BUCKET/PREFIX/``): ``HEAD`` the source; gone and the
+  archive copy there: done before. Else copy it (server-side in one bucket; through this host
+  between two) unless its copy is there already, ``HEAD`` the source again and delete it only
+  while it is still the version handled (five requests: three ``HEAD``, a copy, a
+  ``DELETE``). A crash between the copy and the delete leaves both: the next run finds the
+  copy and deletes. An archive that holds another object under that name
+  gets this one under ``name.<key>.ext`` (as a directory archive does).
+- **write** (``ctx.write_output`` under ``--output-dir s3://...``): the lease is checked just
+  before the ``PUT``; the object appears whole or not at all.
+
+A newer version is never deleted: the source is looked at (``HEAD``) just before its
+``DELETE``. S3 offers no conditional ``DELETE`` through obstore, so an upload landing between
+that ``HEAD`` and the ``DELETE`` (a window of one request) would be lost in a bucket without
+versioning; with versioning on it stays as a noncurrent version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .. import _failpoints as failpoints
+from .store import ObjectInfo, ObjectStore, ObjectStores
+from .url import ObjectURL
+
+__all__ = ["delete_object", "keyed_name", "move_object", "put_object"]
+
+
+def _handled(now: ObjectInfo, size: int, tag: int) -> bool:
+    """Whether the object found is the version that was handled: its size and ETag (a
+    ``HEAD`` gives LastModified to the second, a listing may give milliseconds: ``mtime_ns``
+    is not compared)."""
+    return (now.size, now.tag) == (size, tag)
+
+
+def keyed_name(name: str, key: str) -> str:
+    """``report.csv`` → ``report.<key suffix>.csv``: where a clashing archive copy goes."""
+    stem, dot, ext = name.rpartition(".")
+    tag = key[-16:]
+    return f"{stem}.{tag}.{ext}" if dot and stem else f"{name}.{tag}"
+
+
+async def delete_object(
+    stores: ObjectStores, source: ObjectURL, relpath: str, size: int, tag: int
+) -> str:
+    """Delete the object ``relpath`` under ``source`` if it is still the version handled;
+    say what was done."""
+    store = stores.bucket(source.bucket)
+    key = source.key(relpath)
+    now = await store.head(key)
+    if now is None:
+        return "already gone"
+    if not _handled(now, size, tag):
+        return "left alone: the object was replaced by a newer version"
+    await store.delete(key)
+    return "deleted"
+
+
+async def _copy(
+    src: ObjectStore, key: str, dst: ObjectStore, dst_key: str, etag: str | None
+) -> None:
+    """Copy ``key`` to ``dst_key``: server-side within a bucket, else a ``GET`` of that
+    version (``If-Match``) and a ``PUT``."""
+    if src is dst:
+        await src.copy(key, dst_key)
+        return
+    result = await src.get(key, etag=etag)
+    await dst.put(dst_key, bytes(await result.bytes_async()))
+
+
+async def move_object(
+    stores: ObjectStores,
+    source: ObjectURL,
+    archive: ObjectURL,
+    relpath: str,
+    item: tuple[str, int, int],
+) -> str:
+    """Archive the object ``relpath`` under ``source`` to the same relpath under ``archive``
+    (``item``: its ledger key, size and version tag), repeatably; say what was done."""
+    key, size, tag = item
+    src, dst = stores.bucket(source.bucket), stores.bucket(archive.bucket)
+    src_key, dst_key = source.key(relpath), archive.key(relpath)
+    now = await src.head(src_key)
+    if now is None:
+        return "already moved" if await dst.head(dst_key) is not None else "already gone"
+    if not _handled(now, size, tag):
+        return "left alone: the object was replaced by a newer version"
+    there = await dst.head(dst_key)
+    if there is not None and (there.size, there.etag) != (now.size, now.etag):
+        head, _, name = dst_key.rpartition("/")
+        dst_key = f"{head}/{keyed_name(name, key)}" if head else keyed_name(name, key)
+        there = await dst.head(dst_key)
+    if there is None or (there.size, there.etag) != (now.size, now.etag):
+        await _copy(src, src_key, dst, dst_key, now.etag)  # a copy is whole once it returned
+    await failpoints.ahit("between-copy-and-delete")
+    again = await src.head(src_key)
+    if again is not None and _handled(again, size, tag):
+        await src.delete(src_key)
+    return f"moved to s3://{dst.bucket}/{dst_key}"
+
+
+async def put_object(
+    stores: ObjectStores, root: ObjectURL, relpath: str, data: bytes, fence: Callable[[], None]
+) -> str:
+    """Write ``data`` at ``relpath`` under ``root`` with one ``PUT`` (overwriting an earlier
+    attempt's), ``fence()`` called just before it (it raises to stop the write). Returns the
+    object's ``s3://`` URL."""
+    store = stores.bucket(root.bucket)
+    key = root.key(relpath)
+    fence()
+    await store.put(key, data)
+    await failpoints.ahit("output-put")
+    return f"s3://{root.bucket}/{key}"

@@ -1,0 +1,367 @@
+"""An object-store prefix as a source: its listing, its handle, an item's input and entry.
+
+The directory source's parts (:class:`~asyncbatch._scanner.Scanner`,
+:class:`~asyncbatch._pipeline.source.SourceDir`, the worker's ``open``) have these
+counterparts here, with the same contracts (:mod:`.base`):
+
+- :class:`ObjectLister`: the listing, streamed page by page (bounded memory at a million
+  keys) into the same compact sorted records a directory scan makes: ``mtime`` is the
+  object's LastModified, ``inode`` its :func:`~.store.version_tag` (ETag and VersionId),
+  ``ctime`` LastModified again (an object is visible only once its upload completed, and is
+  never written in place: settled means LastModified at least ``settle`` old).
+- :class:`ObjectSource`: the handle: nothing to open or reopen (a bucket is not replaced).
+- :func:`open_object`: one ``GET`` of the version that was claimed (checked against the
+  recorded tag before the handler sees a byte); :class:`ObjectInput` reads it whole or
+  streams it with bounded memory, and a second read asks for the same ETag (``If-Match``).
+- :class:`ObjectEntry`: ``ctx.entry`` of an object (its ``url``; it has no local path).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._exceptions import ConfigurationError, InputChangedError, SourceError
+from .._scanner import Entry, ScanInfo, ScanRules, pack
+from .store import ObjectInfo, ObjectPreconditionFailed, ObjectStore, ObjectStores
+from .url import ObjectURL
+
+if TYPE_CHECKING:
+    from obstore import BytesStream, GetResult
+
+__all__ = [
+    "READ_CHUNK",
+    "ObjectEntry",
+    "ObjectInput",
+    "ObjectLister",
+    "ObjectReader",
+    "ObjectReplaced",
+    "ObjectSource",
+    "open_object",
+]
+
+#: An object's entry has no local base (its ``path`` refuses); a constant, made once.
+_NO_BASE = Path("/")
+#: Bytes a streaming read (``ctx.open()``) holds at most per chunk.
+READ_CHUNK = 256 * 1024
+
+
+class ObjectReplaced(InputChangedError):
+    """The object under the item's key is another version than the one claimed."""
+
+
+def _relpath(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes | None:
+    """The relpath of ``key`` under ``prefix`` that a listing keeps, or ``None``: a "folder"
+    marker (a key ending with ``/``), an empty component, a key in a "subdirectory" when not
+    ``recursive``, or a name the rules skip (hidden, temporary, ignored)."""
+    rel = key[len(prefix) :]
+    if not rel or rel.endswith("/") or "\0" in rel:
+        return None
+    parts = rel.split("/")
+    if len(parts) > 1 and (not recursive or "" in parts):
+        return None
+    encoded = rel.encode()
+    for i, part in enumerate(parts[:-1]):
+        if rules.skips(part.encode(), "/".join(parts[: i + 1]).encode(), is_dir=True):
+            return None
+    return None if rules.skips(parts[-1].encode(), encoded) else encoded
+
+
+class ObjectLister:
+    """Lists a prefix of a bucket (the counterpart of :class:`~asyncbatch._scanner.Scanner`).
+
+    Guarantees: each key once per listing; only objects (no "folder" markers), no temporary
+    or hidden names, no ignored names; records sorted by ``(LastModified, relpath)``.
+    """
+
+    def __init__(
+        self, url: ObjectURL, store: ObjectStore, *, rules: ScanRules, recursive: bool = False
+    ) -> None:
+        self.url = url
+        self.store = store
+        self.rules = rules
+        self.recursive = recursive
+        #: The last listing that finished, if any (for metrics and health).
+        self.last: ScanInfo | None = None
+
+    async def scan(
+        self,
+        *,
+        settle: float | None,
+        now_ns: int | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> list[bytes]:
+        """The records of the objects whose LastModified is at least ``settle`` seconds
+        before ``now_ns`` (all with ``settle=None``), sorted; the others are counted in
+        :attr:`last` (``unsettled``; ``future``: newer than this host's clock). One ``LIST``
+        request per 1,000 keys. Raises :class:`SourceError` when the bucket cannot be
+        listed (after the client's retries)."""
+        began = time.monotonic()
+        if now_ns is None:
+            now_ns = time.time_ns()
+        cutoff = None if settle is None else now_ns - int(settle * 1e9)
+        prefix = self.url.prefix
+        records: list[bytes] = []
+        unsettled = future = 0
+        try:
+            async for page in self.store.list_pages(prefix):
+                unsettled, future = self._take(page, cutoff, now_ns, records, unsettled, future)
+                if on_chunk is not None:
+                    on_chunk(len(records))
+        except OSError as exc:
+            raise SourceError(f"cannot list the source: {exc}") from None
+        records.sort()
+        ended = time.monotonic()
+        self.last = ScanInfo(
+            ended, time.time(), ended - began, len(records), True, unsettled, future
+        )
+        return records
+
+    def _take(
+        self,
+        page: Sequence[ObjectInfo],
+        cutoff: int | None,
+        now_ns: int,
+        records: list[bytes],
+        unsettled: int,
+        future: int,
+    ) -> tuple[int, int]:
+        """Add a page's settled objects to ``records``; count the others (returned)."""
+        prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
+        for obj in page:
+            rel = _relpath(obj.key, prefix, rules, recursive)
+            if rel is None:
+                continue
+            if cutoff is not None and obj.mtime_ns > cutoff:
+                unsettled += 1
+                future += obj.mtime_ns > now_ns
+                continue
+            records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
+        return unsettled, future
+
+    async def list_names(self) -> list[bytes]:
+        """Not for objects: a listing costs what a scan costs (the claimer lists whole)."""
+        raise ValueError("an object-store source has no cheaper listing: use scan()")
+
+    async def unchanged(self) -> bool:
+        """Never known without a listing: ``False``."""
+        return False
+
+    async def look(self, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
+        """The records a listing would give for these relpaths (one ``HEAD`` each), sorted;
+        never a directory (``False``)."""
+        records: list[bytes] = []
+        for rel in relpaths:
+            text = rel.decode(errors="surrogateescape")
+            if _relpath(self.url.key(text), self.url.prefix, self.rules, self.recursive) is None:
+                continue
+            obj = await self.store.head(self.url.key(text))
+            if obj is not None:
+                records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
+        records.sort()
+        return records, False
+
+
+class ObjectSource:
+    """The run's handle on an object-store source (the counterpart of ``SourceDir``): a
+    bucket is never replaced nor reopened, and has no change events to follow."""
+
+    #: Whether change events can be followed (inotify: a directory's only).
+    watchable = False
+
+    def __init__(self, url: ObjectURL, stores: ObjectStores) -> None:
+        self.url = url
+        self.stores = stores
+        self.store = stores.bucket(url.bucket)
+        #: Why the source cannot be listed now: set by a watch whose listing failed, until
+        #: one succeeds (health says so meanwhile); a run's failed listing raises instead.
+        self.problem: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Always: the next listing is the only way to know whether it works again."""
+        return True
+
+    @property
+    def fd(self) -> int:
+        """No descriptor: -1."""
+        return -1
+
+    def open(self) -> None:
+        """Nothing to open."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def refresh(self) -> bool:
+        """A bucket is never replaced: ``False``."""
+        return False
+
+
+class ObjectEntry(Entry):
+    """``ctx.entry`` of an object: ``relpath`` (the key under the source's prefix), ``size``,
+    ``mtime_ns`` (LastModified), ``inode`` (its version tag) and ``url``. An object has no
+    local ``path``: reading it is ``ctx.read_bytes()`` or ``ctx.open()``."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, url: ObjectURL, relpath: str, size: int, mtime_ns: int, inode: int) -> None:
+        super().__init__(_NO_BASE, relpath, size, mtime_ns, inode)
+        self._url = url
+
+    @property
+    def url(self) -> str:
+        """``s3://BUCKET/KEY`` of the object."""
+        return f"s3://{self._url.bucket}/{self._url.key(self.relpath)}"
+
+    @property
+    def path(self) -> Path:
+        """Raises :class:`ConfigurationError`: an object has no local path."""
+        raise ConfigurationError(
+            f"{self.url} is an object, not a file: it has no local path (read it with "
+            "ctx.read_bytes() or ctx.open(); its location is ctx.entry.url)"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObjectEntry):
+            return NotImplemented
+        return (self.url, self.size, self.mtime_ns, self.inode) == (
+            other.url,
+            other.size,
+            other.mtime_ns,
+            other.inode,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.url, self.size, self.mtime_ns, self.inode))
+
+    def __repr__(self) -> str:
+        return (
+            f"ObjectEntry(url={self.url!r}, relpath={self.relpath!r}, size={self.size}, "
+            f"mtime_ns={self.mtime_ns}, inode={self.inode})"
+        )
+
+
+class ObjectInput:
+    """The object an attempt reads: the response of the ``GET`` that opened it (its body
+    not read yet), and its ETag, which any further read asks for (``If-Match``)."""
+
+    __slots__ = ("_result", "info", "key", "store")
+
+    def __init__(self, store: ObjectStore, key: str, info: ObjectInfo, result: GetResult) -> None:
+        self.store = store
+        self.key = key
+        self.info = info
+        self._result: GetResult | None = result
+
+    @property
+    def size(self) -> int:
+        """The object's size in bytes."""
+        return self.info.size
+
+    def changed(self) -> str | None:
+        """Never: one ``GET`` reads one version, and every further one asks for it."""
+        return None
+
+    async def _response(self) -> GetResult:
+        """The opening response once; a fresh ``GET`` of the same version after that."""
+        result, self._result = self._result, None
+        if result is None:
+            try:
+                result = await self.store.get(self.key, etag=self.info.etag)
+            except ObjectPreconditionFailed:
+                raise ObjectReplaced(
+                    f"the object s3://{self.store.bucket}/{self.key} was replaced while it "
+                    "was handled"
+                ) from None
+        return result
+
+    async def read_all(self) -> bytes:
+        """The object's content. Raises :class:`InputChangedError` when the bytes that came
+        are not its size (a cut connection is an ``OSError`` from obstore)."""
+        data = bytes(await (await self._response()).bytes_async())
+        if len(data) != self.info.size:
+            raise InputChangedError(
+                f"the object's body was {len(data)} bytes, not {self.info.size}"
+            )
+        return data
+
+    async def reader(self) -> ObjectReader:
+        """A streaming reader of the content (``READ_CHUNK`` bytes held at most)."""
+        return ObjectReader((await self._response()).stream(min_chunk_size=READ_CHUNK))
+
+
+class ObjectReader:
+    """Reads an object's body as it streams in: ``await read(n)``, ``await readline()``,
+    ``async for line in reader``; at most a chunk (and what a caller asked for) in memory."""
+
+    def __init__(self, stream: BytesStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        """One more chunk into the buffer; ``False`` at the end of the body."""
+        if self._eof:
+            return False
+        try:
+            chunk = await self._stream.__anext__()
+        except StopAsyncIteration:
+            self._eof = True
+            return False
+        self._buffer += chunk
+        return True
+
+    async def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left with ``-1``); ``b""`` at the end."""
+        while (size < 0 or len(self._buffer) < size) and await self._fill():
+            pass
+        n = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    async def readline(self) -> bytes:
+        """The next line, its ``\\n`` included (``b""`` at the end)."""
+        while (end := self._buffer.find(b"\n")) < 0 and await self._fill():
+            pass
+        n = len(self._buffer) if end < 0 else end + 1
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def __aiter__(self) -> ObjectReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+    async def __aenter__(self) -> ObjectReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._eof = True
+        self._buffer.clear()
+
+
+async def open_object(
+    stores: ObjectStores, url: ObjectURL, relpath: str, tag: int | None
+) -> ObjectInput:
+    """Start reading the object ``relpath`` under ``url``: one ``GET``. With ``tag`` (the
+    version claimed: its :func:`~.store.version_tag`), a response of another version raises
+    :class:`ObjectReplaced` before any of its body is read. Raises
+    :class:`~.store.ObjectMissing` when there is no such object."""
+    store = stores.bucket(url.bucket)
+    key = url.key(relpath)
+    result = await store.get(key)
+    info = ObjectInfo.of(result.meta)
+    if tag is not None and info.tag != tag:
+        raise ObjectReplaced(
+            "the object was replaced after it was listed; the new version is a new item"
+        )
+    return ObjectInput(store, key, info, result)
