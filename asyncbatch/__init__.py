@@ -33,6 +33,13 @@ from ._exec import ExecHandler as ExecHandler
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._ledger.idempotency import IdempotencyStore as IdempotencyStore
+from ._ready import Age as Age
+from ._ready import DirMarker as DirMarker
+from ._ready import Marker as Marker
+from ._ready import MaxAge as MaxAge
+from ._ready import MinSize as MinSize
+from ._ready import ReadyRule as ReadyRule
+from ._ready import Stable as Stable
 from ._report import Report as Report
 from ._report import Statistics as Statistics
 from ._scanner import Entry as Entry
@@ -41,11 +48,13 @@ from ._service.health import HealthCheck as HealthCheck
 from ._sources.objects import ObjectEntry as ObjectEntry
 
 __all__ = [
+    "Age",
     "AsyncBatchError",
     "AttemptInterrupted",
     "Batch",
     "CommandFailedError",
     "ConfigurationError",
+    "DirMarker",
     "EffectError",
     "Entry",
     "ExecHandler",
@@ -60,12 +69,17 @@ __all__ = [
     "JobLockedError",
     "LedgerError",
     "LockLostError",
+    "Marker",
+    "MaxAge",
+    "MinSize",
     "NotALedgerError",
     "ObjectEntry",
     "PermanentError",
+    "ReadyRule",
     "Report",
     "SchemaVersionError",
     "SourceError",
+    "Stable",
     "Statistics",
     "TaskContext",
     "__version__",

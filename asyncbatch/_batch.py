@@ -131,7 +131,8 @@ class Batch:
         self._endpoints.metrics = lambda: (prometheus.exposition(registry), prometheus.CONTENT_TYPE)
 
     async def run(self, *, handle_signals: bool = False) -> Report:
-        """Handle every settled file that is not done yet; return what happened.
+        """Handle every settled file that is not done yet (every file its readiness rules,
+        ``ready``, hold for); return what happened (and what is not ready yet, by rule).
 
         Failed items are retried with backoff within the run, up to ``max_attempts``. With
         ``handle_signals``, SIGINT/SIGTERM stop the run gracefully (in-flight items get
@@ -139,7 +140,8 @@ class Batch:
         On cancellation the in-flight items go back to the ledger and the lock is released.
 
         Raises :class:`JobLockedError` if another live runner holds the job (not ``shared``),
-        :class:`ConfigurationError` if the job records another source or identity,
+        :class:`ConfigurationError` if the job records another source or identity (or other
+        readiness rules, and ``ready`` was not given),
         :class:`LedgerError` if the state cannot be used, :class:`LockLostError` if the lock
         was taken over while running.
         """
@@ -152,8 +154,10 @@ class Batch:
         ``watchfiles`` is installed) a change wakes the watch at once, and a file seen but not
         settled is looked at again the moment it will be. A file is handled once it is settled
         and two looks found it unchanged (``settle`` seconds apart if its mtime was already
-        old when first seen). Events that cannot be had (``watchfiles`` missing, the inotify
-        limits reached, a network filesystem) are one warning; polling goes on.
+        old when first seen), and every other readiness rule of the job holds (``ready``: a
+        marker's arrival makes its file ready). Events that cannot be had (``watchfiles``
+        missing, the inotify limits reached, a network filesystem) are one warning; polling
+        goes on.
         """
         if poll is not None:
             self.config = _replace_poll(self.config, poll)

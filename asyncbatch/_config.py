@@ -13,6 +13,7 @@ from typing import Any, Literal
 from ._exceptions import ConfigurationError
 from ._identity import IDENTITIES, Identity
 from ._ledger import JobSettings, PostgresDSN, encode_action
+from ._ready import Age, Readiness, ReadyRule, ready_rules, rule_argument
 from ._scanner import ScanRules
 from ._settings import (
     Choice,
@@ -114,6 +115,25 @@ class QueueSetting(Kind):
         return {"metavar": "sqs://QUEUE"}
 
 
+@dataclass(frozen=True, slots=True)
+class ReadySetting(Kind):
+    """Readiness rules: values (:class:`~asyncbatch._ready.ReadyRule`) or their command-line
+    strings, one or several (see :func:`~asyncbatch._ready.ready_rules`); ``None``: not
+    given (the job's rules must then be the default, ``age``). The flag is repeatable."""
+
+    def convert(self, name: str, value: Any) -> Any:
+        return None if value is None else ready_rules(value)
+
+    def check(self, name: str, value: Any) -> None:
+        if value is not None and (
+            not isinstance(value, tuple) or not all(isinstance(r, ReadyRule) for r in value)
+        ):
+            raise ConfigurationError.bad_value(name, value, "readiness rules (age, ...)")
+
+    def option(self) -> dict[str, Any]:
+        return {"action": "append", "type": rule_argument, "metavar": "RULE"}
+
+
 def _default_of(f: Field[Any]) -> str:
     """`` (default: X)`` for a field with a plain default (none for a required one)."""
     if f.default is MISSING:
@@ -153,8 +173,15 @@ class BatchConfig:
     job: str = setting(Name(), "job name: jobs in one state are independent", default="default")
     settle: float = setting(
         _SECONDS_OR_ZERO,
-        "seconds a file's mtime and ctime must be old before it is handled",
+        "seconds a file's mtime and ctime must be old before it is handled (the age rule; "
+        "stable:N's looks are this far apart)",
         default=1.0,
+    )
+    ready: tuple[ReadyRule, ...] | None = setting(
+        ReadySetting(),
+        "when a file is ready to be handled (all rules given must hold): age, stable:N, "
+        "marker:SUFFIX, dir-marker:NAME, min-size:BYTES, max-age:DURATION; repeatable "
+        "(default: age; other rules than the job's must be given to change them)",
     )
     ignore: tuple[str, ...] = setting(
         Globs(), "glob of names (or, with a /, paths) to skip; repeatable", default=()
@@ -334,11 +361,21 @@ class BatchConfig:
         return ScanRules(self.ignore)
 
     @property
+    def ready_rules(self) -> tuple[ReadyRule, ...]:
+        """The readiness rules this batch uses: those given, or the default (``age``)."""
+        return self.ready if self.ready is not None else (Age(),)
+
+    @property
+    def readiness(self) -> Readiness:
+        """The readiness rules compiled for the scan (a new object each time: keep it)."""
+        return Readiness(self.ready_rules, self.settle)
+
+    @property
     def job_settings(self) -> JobSettings:
         """What the ledger records of the job (see :class:`JobSettings`): the source as an
         absolute path with its symlinks resolved (``inbox`` and ``./inbox`` are one source),
-        and the scan rules (the ignore globs sorted, without repeats: their order means
-        nothing)."""
+        the scan rules (the ignore globs sorted, without repeats: their order means
+        nothing), the readiness rules (sorted, for the same reason) and the settle window."""
         return JobSettings(
             source=str(self.source)
             if isinstance(self.source, ObjectURL)
@@ -346,6 +383,8 @@ class BatchConfig:
             recursive=self.recursive,
             follow_symlinks=self.follow_symlinks,
             ignore=tuple(sorted(set(self.ignore))),
+            ready=tuple(sorted(str(rule) for rule in self.ready_rules)),
+            settle=float(self.settle),
         )
 
     def _check_paths(self) -> None:

@@ -55,6 +55,7 @@ POINTS: Final = {
     "after-commit": "a group of outcomes committed",
     "in-transaction": "inside a ledger transaction, before its statements",
     "before-post-action": "a post-commit move or delete is about to start",
+    "before-marker-action": "a marker's move or delete is about to start (its file's is done)",
     "mid-copy": "a move across filesystems: half of the copy is written",
     "between-copy-and-delete": "an object's archive move: copied, the source not deleted yet",
     "output-put": "ctx.write_output under s3://: the PUT is done, the outcome not committed",

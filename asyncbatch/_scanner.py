@@ -28,12 +28,15 @@ from typing import NamedTuple
 
 import anyio.to_thread
 
+from ._ready import Readiness, ReadyWalk
+
 __all__ = [
     "DEFAULT_SKIP_SUFFIXES",
     "NS_MAX",
     "NS_MIN",
     "PATH_MAX",
     "Entry",
+    "Look",
     "ScanInfo",
     "ScanRules",
     "Scanner",
@@ -333,6 +336,7 @@ class _Walk:
     settled_before_ns: int | None  # None: every regular file, settled or not
     now_ns: int = 0  # when the scan began (the wall clock)
     names_only: bool = False  # name keys (relpath and inode, no stat), symlinks left out
+    ready: Readiness | None = None  # rules beyond the default age rule (markers, sizes...)
 
 
 @dataclass(slots=True)
@@ -346,12 +350,16 @@ class _Tally:
     future: int = 0
 
 
-def _walk(w: _Walk, tally: _Tally | None = None) -> Generator[list[bytes], None, None]:
+def _walk(
+    w: _Walk, tally: _Tally | None = None, rw: ReadyWalk | None = None
+) -> Generator[list[bytes], None, None]:
     """Yield chunks of records; runs in a worker thread, one ``next()`` per hop. Files not
-    settled are left out and counted in ``tally``."""
+    settled are left out and counted in ``tally``; with ``rw``, the job's rules beyond the
+    default one decide (see :class:`~asyncbatch._ready.ReadyWalk`)."""
     root_fd = os.open(w.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        walker = _Walker(w, tally, os.fstat(root_fd))
+        root = os.fstat(root_fd)
+        walker = _Walker(w, tally, root) if rw is None else _RulesWalker(w, tally, root, rw)
         out: list[bytes] = []
         examined = 0
         while walker.stack:
@@ -368,6 +376,9 @@ def _walk(w: _Walk, tally: _Tally | None = None) -> Generator[list[bytes], None,
                     record = walker.visit(de, prefix + b"/" + de.name if prefix else de.name)
                     if record is not None:
                         out.append(record)
+            out.extend(walker.left(prefix))
+        if rw is not None:
+            rw.end()
         yield out
     finally:
         os.close(root_fd)
@@ -400,6 +411,10 @@ class _Walker:
                 raise
             log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
             return None
+
+    def left(self, prefix: bytes) -> Sequence[bytes]:
+        """The records held back until the listing of ``prefix`` ended (none here)."""
+        return ()
 
     def visit(self, de: os.DirEntry[bytes], rel: bytes) -> bytes | None:
         """The record of one directory entry (``rel``: its relpath), or ``None`` when it is
@@ -471,6 +486,55 @@ class _Walker:
         return pack(mtime, rel, st.st_size, st.st_ino, ctime)
 
 
+class _RulesWalker(_Walker):
+    """A walk that applies a job's rules beyond the default age rule: markers are noted (and
+    never listed), each file's verdict is :class:`~asyncbatch._ready.ReadyWalk`'s, given at
+    the end of its directory's listing (its markers may come after it)."""
+
+    __slots__ = ("_rw",)
+
+    def __init__(self, w: _Walk, tally: _Tally | None, root: os.stat_result, rw: ReadyWalk):
+        super().__init__(w, tally, root)
+        self._rw = rw
+
+    def listing(self, prefix: bytes) -> os._ScandirIterator[bytes] | None:
+        it = super().listing(prefix)
+        if it is not None:
+            self._rw.enter(prefix)
+        return it
+
+    def left(self, prefix: bytes) -> Sequence[bytes]:
+        return self._rw.leave()
+
+    def visit(self, de: os.DirEntry[bytes], rel: bytes) -> bytes | None:
+        name = de.name
+        rw = self._rw
+        rw.saw(name)
+        if rw.ready.marks(name):
+            st = self._marker_stat(de)
+            if st is not None:
+                rw.marker(name, rel, st)
+                return None
+        return super().visit(de, rel)
+
+    def _marker_stat(self, de: os.DirEntry[bytes]) -> os.stat_result | None:
+        """The stat of a marker-named entry when it is a regular file (a symlink to one, only
+        when followed); ``None`` otherwise."""
+        try:
+            if de.is_symlink():
+                st = os.stat(de.path) if self._w.follow_symlinks else None
+            else:
+                st = de.stat(follow_symlinks=False)
+        except OSError:
+            return None
+        return st if st is not None and stat.S_ISREG(st.st_mode) else None
+
+    def _record(self, rel: bytes, st: os.stat_result) -> bytes | None:
+        record = pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns)
+        self._rw.file(record, rel.rpartition(b"/")[2], st)
+        return None  # its verdict comes with the end of the listing (see left())
+
+
 def _parent_ok(w: _Walk, real_root: bytes, parent: bytes) -> bool:
     """Whether a scan would descend to the directory ``parent`` (a relpath): no symlink on the
     way unless ``follow_symlinks``, and then never outside the source."""
@@ -480,35 +544,84 @@ def _parent_ok(w: _Walk, real_root: bytes, parent: bytes) -> bool:
     return real == os.path.join(real_root, parent)
 
 
-def _look(w: _Walk, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
-    """The records a scan would list for ``relpaths``, and whether one of them is a directory
-    a scan would walk; runs in a worker thread (one ``lstat`` a path, rarely a ``stat``)."""
-    real_root = os.path.realpath(w.root)
-    parents: dict[bytes, bool] = {}  # per call: the directories already checked
-    out: list[bytes] = []
-    walked_dir = False
-    for rel in relpaths:
+class Look(NamedTuple):
+    """What a look at some paths found (see :meth:`Scanner.look_at`): the records a scan
+    would list for them, sorted; whether one of them is a directory a scan would walk, or a
+    directory marker (what is in it needs a scan); for a job with rules beyond ``age``, the
+    rule (not age, not stable) each listed file fails (``blocked``, by relpath) and the name
+    keys of the markers looked at (a marker's file is looked at with it)."""
+
+    records: list[bytes]
+    walked_dir: bool
+    blocked: dict[bytes, str]
+    marker_keys: list[bytes]
+
+
+def _look(w: _Walk, relpaths: Sequence[bytes]) -> Look:
+    """What a scan would list for ``relpaths`` (see :class:`Look`); runs in a worker thread
+    (one ``lstat`` a path, rarely a ``stat``; with markers, one more for each)."""
+    looker = _Looker(w)
+    for rel in relpaths if w.ready is None else w.ready.with_marked(relpaths):
+        name = looker.visible(rel)
+        if name is None:
+            continue
+        st = _stat_in(w, looker.real_root, os.path.join(w.root, rel))
+        if st is not None:
+            looker.take(rel, name, st)
+    return looker.found
+
+
+class _Looker:
+    """One look at some paths (in a worker thread): the directories already checked, the
+    directory markers already looked at, and what it found."""
+
+    __slots__ = ("_dirs", "_now_ns", "_parents", "_w", "found", "real_root")
+
+    def __init__(self, w: _Walk) -> None:
+        self._w = w
+        self.real_root = os.path.realpath(w.root)
+        self._parents: dict[bytes, bool] = {}
+        self._dirs: dict[bytes, int] = {}
+        self._now_ns = time.time_ns()
+        self.found = Look([], False, {}, [])
+
+    def visible(self, rel: bytes) -> bytes | None:
+        """The name of ``rel`` if a scan would look at it (a directory it walks leads there,
+        and the path is not too long), else ``None``."""
+        w = self._w
         parent, _, name = rel.rpartition(b"/")
         if not name or (parent and not w.recursive):
-            continue
+            return None
         if parent:
-            ok = parents.get(parent)
+            ok = self._parents.get(parent)
             if ok is None:
-                ok = parents[parent] = not w.rules.hides(
+                ok = self._parents[parent] = not w.rules.hides(
                     parent, recursive=True, is_dir=True
-                ) and _parent_ok(w, real_root, parent)
+                ) and _parent_ok(w, self.real_root, parent)
             if not ok:
-                continue
+                return None
         if len(w.root) + len(rel) >= PATH_MAX - 1:  # as the scan: skipped (it warns)
-            continue
-        st = _stat_in(w, real_root, os.path.join(w.root, rel))
-        if st is None:
-            continue
+            return None
+        return name
+
+    def take(self, rel: bytes, name: bytes, st: os.stat_result) -> None:
+        """What a scan would make of the entry ``rel`` whose stat is ``st``."""
+        w, ready, found = self._w, self._w.ready, self.found
         if stat.S_ISDIR(st.st_mode):
-            walked_dir = walked_dir or (w.recursive and not w.rules.skips(name, rel, is_dir=True))
-        elif stat.S_ISREG(st.st_mode) and not w.rules.skips(name, rel):
-            out.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
-    return out, walked_dir
+            if w.recursive and not w.rules.skips(name, rel, is_dir=True):
+                self.found = found._replace(walked_dir=True)
+        elif not stat.S_ISREG(st.st_mode):
+            return
+        elif ready is not None and ready.marks(name):
+            found.marker_keys.append(rel + b"\0" + _INODE.pack(st.st_ino))
+            if name in ready.dir_names:  # a directory marker: its files need a scan
+                self.found = found._replace(walked_dir=True)
+        elif not w.rules.skips(name, rel):
+            found.records.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
+            if ready is not None:
+                kind = ready.looked_rule(w.root, rel, st, self._dirs, self._now_ns)
+                if kind:
+                    found.blocked[rel] = kind
 
 
 def _stat_in(w: _Walk, real_root: bytes, path: bytes) -> os.stat_result | None:
@@ -553,7 +666,9 @@ class ScanInfo(NamedTuple):
     In watch mode a poll that lists names only (:meth:`Scanner.list_names`) is a scan too:
     ``full`` is then false (it stat'ed no file). ``unsettled``: the regular files a scan for
     settled files left out because they changed within the settle window (``future`` of
-    them: after the scan began, by this host's clock).
+    them: after the scan began, by this host's clock). ``not_ready``: with rules beyond the
+    default, the files left out by the first rule each failed (``(kind, count)`` pairs, see
+    :data:`~asyncbatch._ready.KINDS`; ``age`` is ``unsettled``).
     """
 
     ended: float
@@ -563,6 +678,7 @@ class ScanInfo(NamedTuple):
     full: bool = True
     unsettled: int = 0
     future: int = 0
+    not_ready: tuple[tuple[str, int], ...] = ()
 
 
 class Scanner:
@@ -580,11 +696,17 @@ class Scanner:
         rules: ScanRules,
         recursive: bool = False,
         follow_symlinks: bool = False,
+        ready: Readiness | None = None,
     ) -> None:
         self.source = source
         self.rules = rules
         self.recursive = recursive
         self.follow_symlinks = follow_symlinks
+        #: The job's readiness rules (``None``, or the default alone: the fast path).
+        self.ready = ready
+        #: What the last scan learnt of rules beyond the default one (markers, verdicts),
+        #: ``None`` when the job has none.
+        self.walked: ReadyWalk | None = None
         #: The last scan that finished, if any (for metrics and health).
         self.last: ScanInfo | None = None
         #: The source directory as the last scan or listing found it (see :meth:`unchanged`).
@@ -601,7 +723,12 @@ class Scanner:
         their mtime and their ctime at least that old (see :func:`ready_ns`). The others are
         counted in :attr:`last` (``unsettled``).
 
-        With ``settle=None`` every regular file is returned. The list is sorted by
+        With rules beyond the default (:attr:`ready`), those rules decide instead (a file that
+        fails one is counted in :attr:`last` by the rule; stable's looks are the caller's),
+        markers are never listed, and :attr:`walked` says what the walk learnt of them.
+
+        With ``settle=None`` every regular file is returned (with rules, :attr:`walked`
+        ``blocked`` says which fail a rule but age and stable). The list is sorted by
         ``(mtime_ns, relpath)``. Raises ``OSError`` when the source itself cannot be listed.
         Sets :attr:`last`.
         """
@@ -611,7 +738,11 @@ class Scanner:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
         tally = _Tally()
-        gen = _walk(dataclasses.replace(self._walk(cutoff), now_ns=now_ns), tally)
+        walk = dataclasses.replace(self._walk(cutoff), now_ns=now_ns)
+        rw = None
+        if walk.ready is not None:
+            rw = ReadyWalk(walk.ready, cutoff_ns=cutoff, now_ns=now_ns)
+        gen = _walk(walk, tally, rw)
         records: list[bytes] = []
         try:
             while (chunk := await anyio.to_thread.run_sync(next, gen, None)) is not None:
@@ -622,8 +753,14 @@ class Scanner:
             gen.close()
         records.sort()
         ended = time.monotonic()
+        self.walked = rw
+        unsettled, future = tally.unsettled, tally.future
+        not_ready: tuple[tuple[str, int], ...] = ()
+        if rw is not None:
+            unsettled, future = rw.not_ready["age"], rw.future
+            not_ready = tuple((k, n) for k, n in rw.not_ready.items() if n and k != "age")
         self.last = ScanInfo(
-            ended, time.time(), ended - began, len(records), True, tally.unsettled, tally.future
+            ended, time.time(), ended - began, len(records), True, unsettled, future, not_ready
         )
         return records
 
@@ -678,23 +815,30 @@ class Scanner:
         Paths that are gone, skipped by the rules, or not regular files give no record. One
         thread hop per :data:`CHUNK` paths.
         """
+        found = await self.look_at(relpaths)
+        return found.records, found.walked_dir
+
+    async def look_at(self, relpaths: Sequence[bytes]) -> Look:
+        """:meth:`look`, with what the job's rules beyond ``age`` find (see :class:`Look`)."""
         walk = self._walk(None)
-        records: list[bytes] = []
-        walked_dir = False
+        found = Look([], False, {}, [])
         for start in range(0, len(relpaths), CHUNK):
-            found, saw_dir = await anyio.to_thread.run_sync(
-                _look, walk, relpaths[start : start + CHUNK]
-            )
-            records.extend(found)
-            walked_dir = walked_dir or saw_dir
-        records.sort()
-        return records, walked_dir
+            part = await anyio.to_thread.run_sync(_look, walk, relpaths[start : start + CHUNK])
+            found.records.extend(part.records)
+            found.blocked.update(part.blocked)
+            found.marker_keys.extend(part.marker_keys)
+            if part.walked_dir:
+                found = found._replace(walked_dir=True)
+        found.records.sort()
+        return found
 
     def _walk(self, settled_before_ns: int | None) -> _Walk:
+        ready = self.ready
         return _Walk(
             root=os.fsencode(self.source),
             rules=self.rules,
             recursive=self.recursive,
             follow_symlinks=self.follow_symlinks,
             settled_before_ns=settled_before_ns,
+            ready=None if ready is None or ready.plain else ready,
         )

@@ -67,9 +67,11 @@ def run_start(
     mode: str = "run",
     identity: str = "stat",
     source: str = SOURCE,
+    ready_given: bool = False,
     **rules: Any,
 ) -> RunStart:
-    """What a runner hands ``Ledger.start_runner`` (this process, job ``j``, exclusive)."""
+    """What a runner hands ``Ledger.start_runner`` (this process, job ``j``, exclusive;
+    ``rules``: the settings' scan and readiness rules)."""
     return RunStart(
         job=job,
         owner=owner,
@@ -79,6 +81,7 @@ def run_start(
         mode=mode,
         identity=identity,
         settings=JobSettings(source=source, **rules),
+        ready_given=ready_given,
     )
 
 

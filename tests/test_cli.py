@@ -922,10 +922,12 @@ def test_changed_scan_rules_are_warned_recorded_in_the_history_and_shown_by_stat
         "recursive": True,
         "follow_symlinks": False,
         "ignore": [],
+        "ready": ["age"],
+        "settle": 0.0,
     }
     assert status["identity"] == "stat"
     text = cli("status", "--state", state, env={"COLUMNS": "200"}).stdout
     assert (
-        f"source: {os.path.realpath(inbox)} (recursive: on, follow symlinks: off, ignore: none; "
-        "identity: stat)"
+        f"source: {os.path.realpath(inbox)} (recursive: on, follow symlinks: off, ignore: none, "
+        "ready: age, settle: 0s; identity: stat)"
     ) in text

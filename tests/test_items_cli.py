@@ -362,6 +362,8 @@ def test_status_items_explain_and_forget_take_the_jobs_source_from_the_ledger(
         "recursive": False,
         "follow_symlinks": False,
         "ignore": ["*.skip"],
+        "ready": ["age"],
+        "settle": 0.0,
     }
     rows = json.loads(cli("items", "--state", any_state, "--json").stdout)
     assert sorted(r["relpath"] for r in rows) == ["f00000.txt", "f00001.txt"]

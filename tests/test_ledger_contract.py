@@ -115,6 +115,12 @@ class Store:
         'j' with the items of :meth:`make_second_version`, and a finished run."""
         raise NotImplementedError
 
+    async def make_fifth_version(self) -> None:
+        """Write a ledger of schema version 5 (before the readiness rules): job 'j' whose
+        settings have no rules nor settle window, and a finished run that left 2 files not
+        settled yet."""
+        raise NotImplementedError
+
 
 class SqliteStore(Store):
     """A SQLite ledger file."""
@@ -190,6 +196,19 @@ class SqliteStore(Store):
         db.execute(_THIRD_VERSION_RUN)
         for item in _second_version_items("CAST({} AS BLOB)"):
             db.execute(item)
+        db.commit()
+        db.close()
+
+    async def make_fifth_version(self) -> None:
+        db = sqlite3.connect(self.path)
+        db.execute("PRAGMA journal_mode = WAL")
+        for version in range(5):
+            db.executescript(sqlite_sql.MIGRATIONS[version])
+        db.execute(f"PRAGMA application_id = {sqlite_sql.APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 5")
+        db.execute("INSERT INTO meta VALUES ('secret', ?), ('created_at', '0')", ("ab" * 32,))
+        db.execute("INSERT INTO jobs VALUES ('j', 'stat', 0, ?)", (_FIFTH_VERSION_SETTINGS,))
+        db.execute(_FIFTH_VERSION_RUN)
         db.commit()
         db.close()
 
@@ -280,12 +299,43 @@ class PostgresStore(Store):
         finally:
             await conn.close()
 
+    async def make_fifth_version(self) -> None:
+        conn = await asyncpg.connect(self.state, timeout=10)
+        try:
+            schema = PostgresDSN.parse(self.state).schema
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            for version in range(5):
+                await conn.execute(pg_sql.MIGRATIONS[version])
+            await conn.execute(
+                "INSERT INTO meta VALUES ('application', 'asyncbatch'), ('schema_version', '5'),"
+                " ('secret', $1), ('created_at', '0')",
+                "ab" * 32,
+            )
+            await conn.execute(
+                "INSERT INTO jobs VALUES ('j', 'stat', 0, $1)", _FIFTH_VERSION_SETTINGS
+            )
+            await conn.execute(_FIFTH_VERSION_RUN)
+        finally:
+            await conn.close()
+
 
 #: A failed item due for a retry, as asyncbatch 0.1 wrote it: $1 key, $2 relpath, $3 due at.
 _FIRST_VERSION_ITEM = """
 INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fence,
                    started_fence, next_attempt_at, last_error, created_at, updated_at)
 VALUES ('j', $1, $2, 10, 1001, 501, 'failed', 1, 1, 1, $3, 'ValueError: x', 0, 0)
+"""
+
+
+#: Job 'j''s settings as schema version 5 recorded them (no readiness rules, no settle).
+_FIFTH_VERSION_SETTINGS = json.dumps(
+    {"source": SOURCE, "recursive": False, "follow_symlinks": False, "ignore": []}
+)
+#: A finished run of job 'j' that left 2 files not settled yet, as schema version 5 kept it.
+_FIFTH_VERSION_RUN = """
+INSERT INTO runs (job, owner, pid, host, mode, started_at, finished_at, seen, done, unsettled,
+                  exit_status)
+VALUES ('j', 'old-runner', 4242, 'oldhost', 'run', 990, 1000, 1, 1, 2, 'ok')
 """
 
 
@@ -468,6 +518,73 @@ async def test_a_job_keeps_its_source_and_records_changes_of_its_scan_rules(
     odd = os.fsdecode(b"/srv/caf\xe9")
     await ledger.start_runner(run_start("e", job="odd", source=odd))
     assert await ledger.job_settings("odd") == JobSettings(source=odd)
+
+
+async def test_a_job_keeps_its_readiness_rules_unless_a_run_gives_others_on_purpose(
+    ledger: Ledger, store: Store
+) -> None:
+    marker = ("marker:.done",)
+    first = await ledger.start_runner(run_start("a", ready=marker, ready_given=True))
+    assert first.changed == ()
+    assert await ledger.job_settings("j") == JobSettings(source=SOURCE, ready=marker)
+    await ledger.release_runner(ended(first, "a", holds_lock=True))
+    # Rules not given (the default, age) are refused, naming the job's and the way out,
+    # with nothing written.
+    before = await job_rows(store)
+    for shared in (False, True):
+        with pytest.raises(ConfigurationError) as info:
+            await ledger.start_runner(run_start("b", shared=shared))
+        (line,) = str(info.value).splitlines()
+        assert "is ready by marker:.done, not age: give --ready marker:.done" in line
+    assert await job_rows(store) == before
+    # The job's rules, not given: accepted; the settle window of the run is recorded, and is
+    # no rule change.
+    same = await ledger.start_runner(run_start("c", ready=marker, settle=0.0))
+    assert same.changed == ()
+    assert (await ledger.job_settings("j")) == JobSettings(source=SOURCE, ready=marker, settle=0.0)
+    await ledger.release_runner(ended(same, "c", holds_lock=True))
+    # Other rules given on purpose: recorded, and named in the run's history row.
+    other = ("age", "min-size:1024")
+    changed = await ledger.start_runner(run_start("d", ready=other, ready_given=True))
+    assert changed.changed == ("ready: marker:.done -> age, min-size:1024",)
+    recorded = await ledger.job_settings("j")
+    assert recorded is not None
+    assert recorded.ready == other
+    latest = (await ledger.runs("j"))[0]
+    assert latest.settings_changed == "ready: marker:.done -> age, min-size:1024"
+
+
+async def test_a_ledger_of_schema_5_is_upgraded_its_jobs_ready_by_age_and_its_runs_counts_kept(
+    store: Store,
+) -> None:
+    await store.make_fifth_version()
+    with pytest.raises(SchemaVersionError, match="schema version 5, older than"):
+        await store.open(create=False)
+    async with await store.open() as ledger:
+        assert await ledger.job_settings("j") == JobSettings(source=SOURCE)
+        (old_run,) = await ledger.runs("j")
+        assert (old_run.totals.unsettled, old_run.totals.unmarked, old_run.totals.too_old) == (
+            2,
+            0,
+            0,
+        )
+        with pytest.raises(ConfigurationError, match=r"is ready by age, not marker:\.done"):
+            await ledger.start_runner(run_start("a", ready=("marker:.done",)))
+        started = await ledger.start_runner(run_start("a"))
+        assert started.changed == ()
+        totals = RunTotals(seen=3, done=1, unsettled=1, unmarked=1, too_old=1)
+        await ledger.release_runner(
+            RunEnd(
+                job="j",
+                owner="a",
+                holds_lock=True,
+                run_id=started.run_id,
+                totals=totals,
+                exit_status="ok",
+            )
+        )
+        latest = (await ledger.runs("j"))[0]
+        assert latest.totals == totals
 
 
 # -- the job lock --------------------------------------------------------------------------------

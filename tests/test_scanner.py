@@ -24,8 +24,16 @@ from asyncbatch._scanner import (
 from .conftest import make_files
 
 
-def scanner(source: Path, *, ignore: tuple[str, ...] = (), **kw: bool) -> Scanner:
-    return Scanner(source, rules=ScanRules(ignore), **kw)
+def scanner(
+    source: Path,
+    *,
+    ignore: tuple[str, ...] = (),
+    recursive: bool = False,
+    follow_symlinks: bool = False,
+) -> Scanner:
+    return Scanner(
+        source, rules=ScanRules(ignore), recursive=recursive, follow_symlinks=follow_symlinks
+    )
 
 
 def names(records: list[bytes]) -> list[bytes]:

@@ -20,9 +20,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
 from .._ledger import STATES, ItemFilter, ItemInfo, JobSettings, Ledger, RunnerInfo
+from .._ready import (
+    Readiness,
+    RuleVerdict,
+    Stable,
+    explain_rules,
+    parse_duration,
+    parse_rule,
+    rule_argument,
+)
 from .._scanner import PATH_MAX, ScanRules, content_digest
 from .common import EXIT_OK, job_identity, job_settings, open_state, show_time
 
@@ -32,8 +43,8 @@ __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
 EXIT_HELD = 3
 #: How many items a confirmation or a report names one by one.
 SHOWN = 20
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)")
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: An age before now: a duration with its unit (``parse_duration`` takes a bare number too).
+_AGE = re.compile(r"\d+(?:\.\d+)?\s*(s|m|min|h|d|w)")
 
 
 def parse_time(text: str) -> float:
@@ -42,7 +53,7 @@ def parse_time(text: str) -> float:
     age = _AGE.fullmatch(text.strip())
     try:
         if age is not None:
-            when = time.time() - float(age[1]) * _UNITS[age[2]]
+            when = time.time() - parse_duration(text)
         else:
             when = datetime.fromisoformat(text.strip()).timestamp()
         datetime.fromtimestamp(when)  # a time this platform can show (the year 1 to 9999)
@@ -245,8 +256,9 @@ def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:
 
 
 async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSettings:
-    """The source and scan rules ``explain`` answers with: the job's, as its runs recorded
-    them, each replaced by the option given (a "what if"; another ``--source`` is refused).
+    """The source, scan and readiness rules ``explain`` answers with: the job's, as its runs
+    recorded them, each replaced by the option given (a "what if"; another ``--source`` is
+    refused).
 
     Raises :class:`ConfigurationError` when the job has no recorded source and none is given,
     or the source is not a directory.
@@ -275,12 +287,134 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
             recorded.follow_symlinks if args.follow_symlinks is None else args.follow_symlinks
         ),
         ignore=recorded.ignore if args.ignore is None else tuple(args.ignore),
+        ready=recorded.ready if args.ready is None else tuple(str(r) for r in args.ready),
+        settle=recorded.settle if args.settle is None else args.settle,
     )
+
+
+def _readiness(settings: JobSettings) -> Readiness:
+    """The recorded rules, compiled (a rule this version does not know is refused)."""
+    return Readiness([parse_rule(rule) for rule in settings.ready], settings.settle)
+
+
+async def _stable_verdict(ready: Readiness, full: Path, st: os.stat_result) -> RuleVerdict:
+    """``stable:N``: look at the file again, ``settle`` seconds apart, as a run does."""
+    rule, looks = f"stable:{ready.looks}", ready.looks
+
+    def signature(s: os.stat_result) -> tuple[int, int, int, int]:
+        return (s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
+
+    first = signature(st)
+    for look in range(2, looks + 1):
+        await anyio.sleep(ready.settle)
+        try:
+            now = signature(os.stat(full))
+        except OSError:
+            return RuleVerdict(rule, False, f"gone at look {look} of {looks}")
+        if now != first:
+            return RuleVerdict(
+                rule, False, f"seen unchanged {look - 1} of {looks} looks: changed since"
+            )
+    apart = f", {ready.settle:g} s apart" if looks > 1 else ""
+    return RuleVerdict(rule, True, f"seen unchanged {looks} of {looks} looks{apart}")
+
+
+async def _rule_verdicts(
+    ready: Readiness,
+    settings: JobSettings,
+    rel: bytes,
+    full: Path,
+    st: os.stat_result,
+    *,
+    known: bool,
+) -> list[RuleVerdict]:
+    """Each rule and whether it holds for the file; ``stable:N``'s looks are taken (waiting
+    ``settle`` seconds between them) unless the ledger has this version of the file
+    (``known``: a run looked at it)."""
+    verdicts = explain_rules(ready, settings.source, rel, st, time.time_ns())
+    if any(isinstance(r, Stable) for r in ready.rules):
+        if known:
+            why = "the ledger has this version of the file (its run looked at it)"
+            verdicts.append(RuleVerdict(f"stable:{ready.looks}", True, why))
+        else:
+            verdicts.append(await _stable_verdict(ready, full, st))
+    return verdicts
+
+
+def _not_ready(
+    verdicts: list[RuleVerdict], st: os.stat_result, settle: float, now: float
+) -> tuple[str, str] | None:
+    """``(verdict, message)`` for a file some rule keeps back, or ``None``: ``not-settled``
+    when only ``age`` does (when it will be settled), else ``not-ready`` naming each."""
+    failing = [v for v in verdicts if not v.holds]
+    if not failing:
+        return None
+    if [v.rule for v in failing] == ["age"]:
+        return "not-settled", _unsettled(st, settle, now) or failing[0].why
+    left = any(v.rule.startswith("max-age") for v in failing)
+    head = "left alone" if left and len(failing) == 1 else "not ready yet"
+    return "not-ready", f"{head}: " + "; ".join(f"{v.rule}: {v.why}" for v in failing)
+
+
+def _marker_of(ready: Readiness, rel: bytes) -> str | None:
+    """What a marker is, in words, when the file ``rel`` is one (else ``None``)."""
+    parent, _, name = rel.rpartition(b"/")
+    if not ready.marks(name):
+        return None
+    if name in ready.dir_names:
+        where = os.fsdecode(parent) or "the source"
+        return (
+            f"a marker (dir-marker:{os.fsdecode(name)}) of {where} and its files: markers "
+            "are never inputs; it follows their post-commit action"
+        )
+    files = [os.fsdecode(parent + b"/" + f if parent else f) for f in ready.marked(name)]
+    return (
+        f"a marker of {', '.join(files)}: markers are never inputs; it follows its file's "
+        "post-commit action"
+    )
+
+
+def _verdict(
+    facts: dict[str, Any],
+    current: ItemInfo | None,
+    others: list[ItemInfo],
+    runners: dict[str, RunnerInfo],
+    now: float,
+) -> tuple[str, str]:
+    """``explain``'s verdict and message, from what it found (see :func:`_explain_facts`)."""
+    if facts["skipped"] is not None:
+        skipped: str = facts["skipped"]
+        verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
+        return verdict, skipped
+    if facts["marker"] is not None:
+        return "marker", facts["marker"]
+    if not facts["exists"]:
+        if others:
+            verdict, said = describe_item(others[0], runners, now)
+            return verdict, f"no such file now; the ledger's latest record of the name: {said}"
+        return "never-seen", "no such file, and the ledger never saw it"
+    if current is not None:
+        return describe_item(current, runners, now)
+    if facts["not_ready"] is not None:
+        found: tuple[str, str] = facts["not_ready"]
+        return found
+    if facts["key"] is None:
+        return "unreadable", (
+            "its content cannot be read (identity 'content' keys a file by its bytes)"
+        )
+    message = "not yet seen by any run: the next run handles it"
+    if others:
+        message = (
+            "this version of the file is not yet seen by any run (the next run handles "
+            f"it); the ledger has {len(others)} other item(s) under the name"
+        )
+    return "never-seen", message
 
 
 async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
     """Everything ``explain`` says about the file, as a dictionary (``--json``)."""
     settings = await _explain_settings(args, ledger)
+    ready = _readiness(settings)
     rel_text, full = source_relpath(Path(settings.source), args.path)
     rel = os.fsencode(rel_text)
     identity = await job_identity(ledger, args.job)
@@ -291,43 +425,30 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         )
     now = time.time()
     skipped, st = _scan_verdict(settings, rel, full)
+    marker = _marker_of(ready, rel) if os.path.isfile(full) else None
+    if marker is not None:
+        skipped, st = None, None  # a marker, even where its name is one the scan skips
     key = ihash = None
-    unsettled = None
-    if st is not None:
+    if st is not None and marker is None:
         key, ihash = _file_key(settings, identity, rel, st)
-        unsettled = _unsettled(st, args.settle, now)
     found = {item.key: item for item in await ledger.find_items(args.job, rel_text)}
     if key is not None and key not in found:
         found.update((item.key, item) for item in await ledger.find_items(args.job, key))
     current = found.pop(key, None) if key is not None else None
     others = sorted(found.values(), key=lambda item: item.updated_at, reverse=True)
     runners = {r.owner: r for r in await ledger.runners(args.job)}
-    exists = os.path.lexists(full)
-    if skipped is not None:
-        verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
-        message = skipped
-    elif not exists:
-        if others:
-            verdict, said = describe_item(others[0], runners, now)
-            message = f"no such file now; the ledger's latest record of the name: {said}"
-        else:
-            verdict, message = "never-seen", "no such file, and the ledger never saw it"
-    elif unsettled is not None:
-        verdict, message = "not-settled", unsettled
-    elif key is None:
-        verdict = "unreadable"
-        message = "its content cannot be read (identity 'content' keys a file by its bytes)"
-    elif current is not None:
-        verdict, message = describe_item(current, runners, now)
-    else:
-        verdict = "never-seen"
-        message = "not yet seen by any run: the next run handles it"
-        if others:
-            message = (
-                "this version of the file is not yet seen by any run (the next run handles "
-                f"it); the ledger has {len(others)} other item(s) under the name"
-            )
-    if st is not None and not os.access(full, os.R_OK):
+    verdicts: list[RuleVerdict] = []
+    if st is not None and marker is None:
+        verdicts = await _rule_verdicts(ready, settings, rel, full, st, known=current is not None)
+    facts: dict[str, Any] = {
+        "skipped": skipped,
+        "marker": marker,
+        "exists": os.path.lexists(full),
+        "key": key,
+        "not_ready": None if st is None else _not_ready(verdicts, st, settings.settle, now),
+    }
+    verdict, message = _verdict(facts, current, others, runners, now)
+    if st is not None and marker is None and not os.access(full, os.R_OK):
         message += "; note: this user cannot read the file (a runner that cannot either fails)"
     return {
         "path": str(full),
@@ -337,9 +458,12 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         "recursive": settings.recursive,
         "follow_symlinks": settings.follow_symlinks,
         "ignore": list(settings.ignore),
+        "ready": list(settings.ready),
+        "settle": settings.settle,
         "verdict": verdict,
         "message": message,
-        "exists": exists,
+        "rules": [{"rule": v.rule, "holds": v.holds, "why": v.why} for v in verdicts],
+        "exists": facts["exists"],
         "file": None
         if st is None
         else {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino},
@@ -362,6 +486,10 @@ async def explain(args: argparse.Namespace) -> int:
         print(json.dumps(facts, indent=2))
         return EXIT_OK
     lines = [f"{facts['relpath']} (job {facts['job']!r}): {facts['verdict']}", facts["message"]]
+    for rule in facts["rules"]:
+        lines.append(
+            f"rule {rule['rule']}: {'holds' if rule['holds'] else 'does not hold'} ({rule['why']})"
+        )
     if facts["file"] is not None:
         f = facts["file"]
         lines.append(
@@ -540,6 +668,7 @@ async def forget(args: argparse.Namespace) -> int:
 
 # -- wiring --------------------------------------------------------------------------------------
 
+
 COMMANDS = {"explain": explain, "items": items, "forget": forget}
 
 
@@ -556,7 +685,20 @@ def add_inspect_commands(
     p.add_argument("path", metavar="PATH", help="the file (under the job's source)")
     add_source(p)
     add_state(p)
-    p.add_argument("--settle", type=non_negative_float, default=1.0, help="seconds (1.0)")
+    p.add_argument(
+        "--settle",
+        type=non_negative_float,
+        default=None,
+        help="seconds (default: the job's latest run's)",
+    )
+    p.add_argument(
+        "--ready",
+        action="append",
+        type=rule_argument,
+        default=None,
+        metavar="RULE",
+        help="a readiness rule (repeatable; default: the job's, as its runs recorded them)",
+    )
     p.add_argument(
         "--ignore",
         action="append",

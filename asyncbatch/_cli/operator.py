@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash
 from .._ledger import (
+    LABELS,
+    NOT_READY,
     ItemFilter,
     ItemInfo,
     JobSettings,
@@ -54,6 +56,8 @@ def _settings_json(settings: JobSettings | None) -> dict[str, Any] | None:
         "recursive": settings.recursive,
         "follow_symlinks": settings.follow_symlinks,
         "ignore": list(settings.ignore),
+        "ready": list(settings.ready),
+        "settle": settings.settle,
     }
 
 
@@ -88,14 +92,16 @@ _COUNTED_HOW = "done, dead and vanished from the ledger; the rest as of its last
 
 def _left_in_source(run: RunInfo) -> str:
     """What the last run's last scan left in the source: files not registered yet (it was
-    stopped or killed before), files not settled yet."""
+    stopped or killed before), files not ready yet, by the rule that kept each back."""
     t = run.totals
     when = "at its end" if run.exit_status not in (None, "killed") else "at its last heartbeat"
-    if not (t.unregistered or t.unsettled):
-        return f"left in the source by the last run ({when}): nothing it found"
     parts = [f"{t.unregistered} files not registered yet"] if t.unregistered else []
-    if t.unsettled:
-        parts.append(f"{t.unsettled} not settled yet")
+    for name in NOT_READY.values():
+        count = getattr(t, name)
+        if count:
+            parts.append(f"{count} {LABELS[name].removeprefix('file{s} ')}")
+    if not parts:
+        return f"left in the source by the last run ({when}): nothing it found"
     return (
         f"left in the source by the last run ({when}): {', '.join(parts)} (the next run takes them)"
     )

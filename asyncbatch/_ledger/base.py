@@ -85,7 +85,9 @@ def decide_job(
     read inside the deciding transaction. Returns whether to record ``start.settings``, and
     the scan rules it changes (phrases, see :meth:`JobSettings.rule_changes`). The identity
     mode and the source are the job's for good: another is refused, with
-    :class:`ConfigurationError` naming both and the way out (another ``--job``).
+    :class:`ConfigurationError` naming both and the way out (another ``--job``). Other
+    readiness rules are refused the same way unless they were given explicitly
+    (``start.ready_given``): then they are the change recorded.
     """
     job = start.job
     if identity != start.identity:
@@ -100,6 +102,13 @@ def decide_job(
         raise ConfigurationError(
             f"job {job!r} in state {state!r} scans {recorded.source!r}, not "
             f"{wanted.source!r}: a job keeps its source; use --job NAME for another one"
+        )
+    if recorded.ready != wanted.ready and not start.ready_given:
+        rules = " ".join(f"--ready {rule}" for rule in recorded.ready)
+        raise ConfigurationError(
+            f"job {job!r} in state {state!r} is ready by {', '.join(recorded.ready)}, not "
+            f"{', '.join(wanted.ready)}: give {rules} (or other --ready rules, to change them "
+            "on purpose)"
         )
     if recorded == wanted:
         return False, ()

@@ -37,7 +37,7 @@ from .types import (
 )
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -205,6 +205,12 @@ CREATE TABLE listers (
     registered   bigint NOT NULL DEFAULT 0
 );
 """,
+    # The files a run left not ready yet by each readiness rule but age (unsettled): stable,
+    # marker, dir-marker, min-size, max-age (see RunTotals), in its history row.
+    6: "".join(
+        f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
+        for name in totals_since(6)
+    ),
 }
 
 # -- opening -------------------------------------------------------------------------------------

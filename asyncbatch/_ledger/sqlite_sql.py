@@ -28,7 +28,7 @@ from .types import (
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -190,6 +190,12 @@ CREATE TABLE listers (
     registered   INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """,
+    # The files a run left not ready yet by each readiness rule but age (unsettled): stable,
+    # marker, dir-marker, min-size, max-age (see RunTotals), in its history row.
+    6: "".join(
+        f"ALTER TABLE runs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;\n"
+        for name in totals_since(6)
+    ),
 }
 
 # -- opening -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ __all__ = [
     "JOBLOG_COUNTS",
     "LABELS",
     "LEASE_FIELDS",
+    "NOT_READY",
     "STATES",
     "TOTALS",
     "ClaimedRow",
@@ -307,10 +308,13 @@ class Forgotten:
     refused: tuple[ItemInfo, ...] = ()
 
 
-def _count(label: str, since: int, *, category: bool = False) -> Any:
+def _count(label: str, since: int, *, category: bool = False, rule: str = "") -> Any:
     """A count of :class:`RunTotals`: how the report names it, the schema version whose
-    history rows first kept it, and whether it is a category of the seen files."""
-    return field(default=0, metadata={"label": label, "since": since, "category": category})
+    history rows first kept it, whether it is a category of the seen files, and the readiness
+    rule (``age``, ``marker``, ...) whose files not ready yet it counts, if it does."""
+    return field(
+        default=0, metadata={"label": label, "since": since, "category": category, "rule": rule}
+    )
 
 
 @dataclass(slots=True, kw_only=True)
@@ -339,11 +343,25 @@ class RunTotals(RowValue):
     lost: int = _count("outcome{s} refused (lease taken over)", 1)
     #: Of the seen, those left waiting in the ledger by earlier runs (not found by a scan).
     earlier: int = _count("of the seen left waiting by earlier runs", 1)
-    #: Files the last scan found that are not settled yet (not among the seen).
-    unsettled: int = _count("file{s} not settled yet", 4)
+    #: Files the last scan found that are not settled yet (not among the seen): the ``age``
+    #: rule does not hold for them. The counts of files not ready yet by the other rules
+    #: follow (each file counted once, by the first rule it fails: see ``_ready.KINDS``).
+    unsettled: int = _count("file{s} not settled yet", 4, rule="age")
     #: Files the scan found settled and the run did not register in the ledger (it was
     #: stopped or killed first): what it left in the source.
     unregistered: int = _count("file{s} not registered yet", 4)
+    #: ``stable:N``: files still being looked at (a run), or changed between looks.
+    unstable: int = _count("file{s} not ready yet: not seen unchanged enough", 6, rule="stable")
+    #: ``marker:SUFFIX``: files whose marker is missing (or older than the file).
+    unmarked: int = _count("file{s} not ready yet: marker missing", 6, rule="marker")
+    #: ``dir-marker:NAME``: files whose directory's marker is missing (or older).
+    dir_unmarked: int = _count(
+        "file{s} not ready yet: directory marker missing", 6, rule="dir-marker"
+    )
+    #: ``min-size:BYTES``: files smaller than that.
+    too_small: int = _count("file{s} not ready yet: smaller than min-size", 6, rule="min-size")
+    #: ``max-age:DURATION``: files older than that, left alone.
+    too_old: int = _count("file{s} left alone: older than max-age", 6, rule="max-age")
 
     def snapshot(self) -> RunTotals:
         """A copy of just the counts."""
@@ -356,6 +374,10 @@ TOTALS: Final = tuple(f.name for f in fields(RunTotals))
 CATEGORIES: Final = tuple(f.name for f in fields(RunTotals) if f.metadata["category"])
 #: How the report names each count (``{s}``: where a plural takes an ``s``).
 LABELS: Final = {f.name: str(f.metadata["label"]) for f in fields(RunTotals)}
+#: The counts of files not ready yet, by the readiness rule they count (``age``: unsettled).
+NOT_READY: Final = {
+    str(f.metadata["rule"]): f.name for f in fields(RunTotals) if f.metadata["rule"]
+}
 
 
 def totals_since(version: int) -> tuple[str, ...]:
@@ -418,14 +440,22 @@ class JobSettings:
     the change in its history row. The identity mode is the job's too, kept in its own column
     (see :meth:`~asyncbatch._ledger.base.Ledger.job_identity`).
 
-    Stored as one JSON object, a key per field: a setting added later (a readiness rule) is
-    one more field here, with a default that an older record then takes.
+    ``ready`` is the job's readiness rules (their command-line forms, sorted): a run with
+    other rules is refused unless it gives them explicitly (``RunStart.ready_given``), and
+    then records the change in its history row. ``settle`` is the settle window of the
+    job's latest run (recorded so that ``explain`` needs no flag; a change is no rule change).
+
+    Stored as one JSON object, a key per field: a setting added later is one more field
+    here, with a default that an older record then takes (``ready``: ``age``, the rule of
+    every run before rules existed).
     """
 
     source: str
     recursive: bool = False
     follow_symlinks: bool = False
     ignore: tuple[str, ...] = ()
+    ready: tuple[str, ...] = ("age",)
+    settle: float = 1.0
 
     def to_json(self) -> str:
         """The record as stored: a JSON object (ASCII; a name that is not UTF-8 round-trips)."""
@@ -443,30 +473,38 @@ class JobSettings:
         return cls(**known)
 
     def rule_changes(self, recorded: JobSettings) -> tuple[str, ...]:
-        """The scan rules that differ from ``recorded``, one phrase each (``"recursive: off ->
-        on"``); the source aside."""
+        """The scan and readiness rules that differ from ``recorded``, one phrase each
+        (``"recursive: off -> on"``, ``"ready: age -> marker:.done"``); the source and the
+        settle window aside."""
         return tuple(
-            f"{f.name.replace('_', ' ')}: {_shown(getattr(recorded, f.name))} -> "
-            f"{_shown(getattr(self, f.name))}"
+            f"{f.name.replace('_', ' ')}: {_shown(f.name, getattr(recorded, f.name))} -> "
+            f"{_shown(f.name, getattr(self, f.name))}"
             for f in fields(self)
-            if f.name != "source" and getattr(self, f.name) != getattr(recorded, f.name)
+            if f.name not in ("source", "settle")
+            and getattr(self, f.name) != getattr(recorded, f.name)
         )
 
     def rules(self) -> str:
-        """The scan rules in words (``"recursive: on, follow symlinks: off, ignore: none"``)."""
+        """The scan and readiness rules in words (``"recursive: on, follow symlinks: off,
+        ignore: none, ready: age, settle: 1s"``)."""
         return ", ".join(
-            f"{f.name.replace('_', ' ')}: {_shown(getattr(self, f.name))}"
+            f"{f.name.replace('_', ' ')}: {_shown(f.name, getattr(self, f.name))}"
             for f in fields(self)
             if f.name != "source"
         )
 
 
-def _shown(value: object) -> str:
-    """A setting's value in a message: on/off, a list of quoted globs, or ``none``."""
+def _shown(name: str, value: object) -> str:
+    """A setting's value in a message: on/off, a list of quoted globs or of rules, seconds,
+    or ``none``."""
     if isinstance(value, bool):
         return "on" if value else "off"
+    if name == "ready" and isinstance(value, tuple):
+        return ", ".join(value)
     if isinstance(value, tuple):
         return ", ".join(repr(v) for v in value) or "none"
+    if name == "settle" and isinstance(value, float):
+        return f"{value:g}s"
     return repr(value)
 
 
@@ -475,7 +513,9 @@ class RunStart:
     """How a runner joins a job (see :meth:`~asyncbatch._ledger.base.Ledger.start_runner`):
     who it is (``owner``, ``me``), whether it shares the job (``shared``) or takes its lock,
     its liveness ``ttl``, its ``mode`` (``"run"`` or ``"watch"``), and the job's ``identity``
-    and ``settings`` as this runner would use them."""
+    and ``settings`` as this runner would use them; ``ready_given``: whether its readiness
+    rules were given explicitly (then they may change the job's; else they must be the job's).
+    """
 
     job: str
     owner: str
@@ -485,6 +525,7 @@ class RunStart:
     mode: str
     identity: str
     settings: JobSettings
+    ready_given: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
 from .postactions import PostActions
 from .queues import ItemQueue, LeasedItem
+from .readiness import MarkerFollowUp, count_not_ready, count_scan, look_until_stable
 from .shared import SharedRun
 from .sightings import Sightings
 from .state import RunState, reap_gone_runners
@@ -124,6 +125,9 @@ class Claimer:
         self.scanner = scanner
         self.posts = posts
         self.mode = mode
+        #: The job's readiness rules (the scanner applies them; a run's looks are ours).
+        self.ready = scanner.ready if scanner.ready is not None else state.config.readiness
+        self.markers = MarkerFollowUp(posts)
         self.lookahead = Lookahead(
             state.config.concurrency, state.config.claim_batch, state.counters
         )
@@ -153,10 +157,12 @@ class Claimer:
                 records = await self.scanner.scan(
                     settle=self.config.settle, on_chunk=self._on_scan_chunk
                 )
+                count_scan(run.counters, self.scanner.last)
+                self.markers.after_scan(self.scanner.walked)
+                if self.ready.looks > 1:  # stable:N: look again, and wait for the answer
+                    records = await look_until_stable(self.scanner, records, self.ready, run)
                 run.counters.seen = len(records)
                 run.counters.scanned = True
-                if (scan := self.scanner.last) is not None:
-                    run.counters.unsettled, run.counters.future = scan.unsettled, scan.future
                 await self.claim_records(records)
                 del records
                 await self.finish()
@@ -175,7 +181,7 @@ class Claimer:
         while events are followed, nine times in ten, a listing of names (see
         :data:`FULL_SCAN_EVERY`)."""
         run, cfg = self.run, self.config
-        sightings = Sightings(cfg.settle, immutable=cfg.objects is not None)
+        sightings = Sightings(cfg.settle, self.ready, immutable=cfg.objects is not None)
         changes = Changes()
         self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:
@@ -200,7 +206,7 @@ class Claimer:
                         lists, saw_dir = FULL_SCAN_EVERY, False
                 else:
                     saw_dir = await self._watch_look(sightings, paths)
-                run.counters.unsettled = sightings.waiting
+                count_not_ready(run.counters, sightings.waiting_by_rule())
                 if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
                 if retry_at is not None and time.monotonic() >= retry_at:
@@ -355,7 +361,14 @@ class Claimer:
         if full:
             now_ns = time.time_ns()
             records = await self.scanner.scan(settle=None, now_ns=now_ns)
-            candidates = sightings.scanned(records, now_ns, time.monotonic())
+            walked = self.scanner.walked
+            if walked is None:
+                candidates = sightings.scanned(records, now_ns, time.monotonic())
+            else:
+                candidates = sightings.scanned(
+                    records, now_ns, time.monotonic(), walked.blocked, walked.marker_keys
+                )
+                self.markers.after_scan(walked)
             del records
             await self._claim_candidates(candidates)
         else:  # events are followed: a listing (or one stat: no name changed) will do
@@ -377,13 +390,17 @@ class Claimer:
             return False
         looked = sorted(paths)
         now_ns = time.time_ns()
-        records, saw_dir = await self.scanner.look(looked)
-        await self._claim_candidates(sightings.looked(looked, records, now_ns, time.monotonic()))
+        found = await self.scanner.look_at(looked)
+        await self._claim_candidates(
+            sightings.looked(
+                looked, found.records, now_ns, time.monotonic(), found.blocked, found.marker_keys
+            )
+        )
         if self._held and not self.run.stopping:
             # Claimed (registered), registered before, or no input (gone, skipped): the
             # messages that named them are done with; those of files still settling wait.
             await self._resolved(p for p in looked if not sightings.is_waiting(p))
-        return saw_dir
+        return found.walked_dir
 
     async def _claim_candidates(self, candidates: list[bytes]) -> None:
         counters = self.run.counters

@@ -24,6 +24,8 @@ import anyio
 
 from .._config import BatchConfig
 from .._fsinfo import network_filesystem
+from .._ready import Readiness
+from .._scanner import ScanRules
 
 __all__ = ["DEBOUNCE_MS", "STEP_MS", "Changes", "EventWatcher"]
 
@@ -86,6 +88,7 @@ class EventWatcher:
         self.changes = changes
         self._root = os.path.abspath(config.directory)
         self._rules = config.rules
+        self._ready = config.readiness
 
     async def serve(self) -> None:
         """Hand over changes until cancelled. A problem is one warning line, and the watch
@@ -150,16 +153,28 @@ class EventWatcher:
                     self.changes.add(paths)
 
     def _relevant(self, paths: Iterable[str]) -> list[bytes]:
-        """The relative paths among ``paths`` that a scan could list (deletions left out)."""
+        """The relative paths among ``paths`` that a scan could list, or that are markers of
+        the job's rules (their arrival makes files ready); deletions left out."""
         root, rules, recursive = self._root, self._rules, self.config.recursive
+        ready = None if self._ready.plain else self._ready
         out = []
         for path in paths:
             rel = os.fsencode(os.path.relpath(path, root))
             if rel.startswith(b"..") or rel == b".":
                 continue
-            if not rules.hides(rel, recursive=recursive, is_dir=False):
+            if not rules.hides(rel, recursive=recursive, is_dir=False) or (
+                ready is not None and _marker_in_sight(ready, rules, rel, recursive=recursive)
+            ):
                 out.append(rel)
         return out
+
+
+def _marker_in_sight(ready: Readiness, rules: ScanRules, rel: bytes, *, recursive: bool) -> bool:
+    """Whether ``rel`` is a marker (a hidden name, say) in a directory the scan walks."""
+    parent, _, name = rel.rpartition(b"/")
+    if not ready.marks(name):
+        return False
+    return not parent or not rules.hides(parent, recursive=recursive, is_dir=True)
 
 
 async def _set_when_cancelled(stop: anyio.Event) -> None:

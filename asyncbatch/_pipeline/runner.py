@@ -259,6 +259,7 @@ class Run:
                 mode=self.mode,
                 identity=cfg.identity,
                 settings=cfg.job_settings,
+                ready_given=cfg.ready is not None,
             )
         )
         self.holds_lock = not cfg.shared
@@ -503,10 +504,12 @@ def _lister_of(state: RunState) -> Lister:
             state.objects.bucket(cfg.source.bucket),
             rules=cfg.rules,
             recursive=cfg.recursive,
+            ready=cfg.readiness,
         )
     return Scanner(
         cfg.source,
         rules=cfg.rules,
         recursive=cfg.recursive,
         follow_symlinks=cfg.follow_symlinks,
+        ready=cfg.readiness,
     )

@@ -13,15 +13,24 @@ ready (plus :data:`LOOK_MARGIN`), so the claimer stats just that file then inste
 for the next full scan. Registered files are remembered by their scan record (which holds the
 signature), so a full scan of an idle inbox is one set lookup per file and no ledger access.
 
+That is the default rule, ``age``. A job with other readiness rules (see :mod:`asyncbatch._ready`)
+is judged by all of them: the scan or look says which rule but age and stable a file fails
+(its marker missing, too small, too old: the file waits without a scheduled look, until a
+change event, or a poll, brings it back: a marker's arrival does), ``age`` is as above (when it
+is one of the rules), and ``stable:N`` wants N looks of the same record, each at least
+``settle`` seconds after the last one counted.
+
 Made per watch by the claimer; nothing here outlives it.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .._ready import Readiness
 from .._scanner import name_key, ready_ns, split
 
 __all__ = ["LOOK_MARGIN", "Sightings"]
@@ -36,8 +45,14 @@ class _Waiting:
     record: bytes
     #: Monotonic time from which the file is ready (if it still looks the same).
     ready_at: float
-    #: Monotonic time of its next look (a heap entry with another time is stale).
+    #: Monotonic time of its next look (a heap entry with another time is stale; ``inf``: none
+    #: scheduled, an event or a poll brings it back).
     look_at: float
+    #: The rule it waits for, and (``stable:N``) its looks of this record so far, the last
+    #: counted at ``counted_at`` (monotonic).
+    why: str = "age"
+    looks: int = 1
+    counted_at: float = 0.0
 
 
 def _registered(record: bytes) -> bytes:
@@ -51,9 +66,13 @@ def _registered(record: bytes) -> bytes:
 class Sightings:
     """Registered files and waiting ones, for one watch; the look-again schedule."""
 
-    def __init__(self, settle: float, *, immutable: bool = False) -> None:
+    def __init__(
+        self, settle: float, ready: Readiness | None = None, *, immutable: bool = False
+    ) -> None:
         self._settle = settle
         self._settle_ns = int(settle * 1e9)
+        #: The job's rules, unless they are the default alone (``age``: the fast path).
+        self._ready = None if ready is None or ready.plain else ready
         #: Inputs that are complete once visible and never change in place (objects): one
         #: that is settled when first seen is a candidate at once, not after a second look.
         self._immutable = immutable
@@ -74,9 +93,27 @@ class Sightings:
         """Whether this file was seen and is not ready yet."""
         return relpath in self._waiting
 
-    def scanned(self, records: list[bytes], now_ns: int, now: float) -> list[bytes]:
+    def waiting_by_rule(self) -> Mapping[str, int]:
+        """Files seen and not yet ready, by the rule they wait for (``age``, ``marker``...)."""
+        if self._ready is None:
+            return {"age": len(self._waiting)}
+        return Counter(w.why for w in self._waiting.values())
+
+    def scanned(
+        self,
+        records: list[bytes],
+        now_ns: int,
+        now: float,
+        blocked: Mapping[bytes, str] | None = None,
+        marker_keys: Iterable[bytes] = (),
+    ) -> list[bytes]:
         """Take a full scan's sorted records (wall clock ``now_ns``, monotonic ``now``);
-        return the candidates among them, in order. Files no longer listed are forgotten."""
+        return the candidates among them, in order. Files no longer listed are forgotten.
+
+        ``blocked``: the rule but age and stable each file fails, if any (see
+        :class:`~asyncbatch._ready.ReadyWalk`); ``marker_keys``: the name keys of the markers
+        the scan found (a listing then does not take them for new names)."""
+        blocked = blocked or {}
         known = self._known
         listed = [_registered(r) for r in records]
         fresh = [r for r, k in zip(records, listed, strict=True) if k not in known]
@@ -86,7 +123,7 @@ class Sightings:
         for record in fresh:
             rel = split(record)[0]
             fresh_rels.add(rel)
-            if self._sight(rel, record, now_ns, now):
+            if self._sight(rel, record, now_ns, now, blocked.get(rel, "")):
                 candidates.append(record)
             else:
                 self._known.discard(_registered(record))
@@ -95,6 +132,7 @@ class Sightings:
         self._known_names = {
             name_key(r) for r, k in zip(records, listed, strict=True) if k in known
         }
+        self._known_names.update(marker_keys)
         return candidates
 
     def forget(self, relpaths: Iterable[bytes]) -> None:
@@ -122,17 +160,28 @@ class Sightings:
         return out
 
     def looked(
-        self, relpaths: Iterable[bytes], records: list[bytes], now_ns: int, now: float
+        self,
+        relpaths: Iterable[bytes],
+        records: list[bytes],
+        now_ns: int,
+        now: float,
+        blocked: Mapping[bytes, str] | None = None,
+        marker_keys: Iterable[bytes] = (),
     ) -> list[bytes]:
         """Take a look at some paths: ``records`` are those of them that are regular files
         now (sorted); return the candidates among them. Waiting paths without a record are
-        forgotten (gone, or not a file any more)."""
+        forgotten (gone, or not a file any more). ``blocked`` and ``marker_keys``: as for
+        :meth:`scanned` (the look's)."""
+        blocked = blocked or {}
+        self._known_names.update(marker_keys)
         candidates = []
         listed = set()
         for record in records:
             rel = split(record)[0]
             listed.add(rel)
-            if _registered(record) not in self._known and self._sight(rel, record, now_ns, now):
+            if _registered(record) not in self._known and self._sight(
+                rel, record, now_ns, now, blocked.get(rel, "")
+            ):
                 self._known.add(_registered(record))
                 self._known_names.add(name_key(record))
                 candidates.append(record)
@@ -163,8 +212,11 @@ class Sightings:
             heapq.heappop(schedule)  # stale: the file changed or went since
         return None
 
-    def _sight(self, rel: bytes, record: bytes, now_ns: int, now: float) -> bool:
-        """One look at a file not registered as it is: whether it is a candidate now."""
+    def _sight(self, rel: bytes, record: bytes, now_ns: int, now: float, blocked: str) -> bool:
+        """One look at a file not registered as it is: whether it is a candidate now
+        (``blocked``: the rule but age and stable it fails, if any)."""
+        if self._ready is not None:
+            return self._sight_rules(rel, record, now_ns, now, blocked)
         until_settled = (ready_ns(record) + self._settle_ns - now_ns) / 1e9
         waiting = self._waiting.get(rel)
         if waiting is not None and waiting.record == record:
@@ -182,4 +234,36 @@ class Sightings:
         look_at = max(ready_at, now) + LOOK_MARGIN
         self._waiting[rel] = _Waiting(record, ready_at, look_at)
         heapq.heappush(self._schedule, (look_at, rel))
+        return False
+
+    def _sight_rules(
+        self, rel: bytes, record: bytes, now_ns: int, now: float, blocked: str
+    ) -> bool:
+        """:meth:`_sight` for a job with rules beyond the default: every rule must hold."""
+        ready = self._ready
+        assert ready is not None
+        settle = self._settle
+        until_settled = (ready_ns(record) + self._settle_ns - now_ns) / 1e9
+        waiting = self._waiting.get(rel)
+        if waiting is not None and waiting.record == record:
+            looks, counted_at, ready_at = waiting.looks, waiting.counted_at, waiting.ready_at
+            if now - counted_at >= settle:  # a look that counts (stable:N)
+                looks, counted_at = looks + 1, now
+            ready_at = max(ready_at, now + until_settled)
+        else:  # first seen like this (see _sight)
+            looks, counted_at = 1, now
+            ready_at = now + (until_settled if until_settled > 0 else settle)
+        aged = not ready.age or (now >= ready_at and until_settled <= 0)
+        why = blocked or ("age" if not aged else "stable" if looks < ready.looks else "")
+        if not why:
+            self._waiting.pop(rel, None)
+            return True
+        look_at = float("inf")
+        if not blocked:  # age and stable come with time: look again then
+            due = [now, ready_at if ready.age else now]
+            if looks < ready.looks:
+                due.append(counted_at + settle)
+            look_at = max(due) + LOOK_MARGIN
+            heapq.heappush(self._schedule, (look_at, rel))
+        self._waiting[rel] = _Waiting(record, ready_at, look_at, why, looks, counted_at)
         return False

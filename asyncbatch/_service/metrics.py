@@ -22,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from .._ledger import NOT_READY
 from .._pipeline import Recorder, RunObservation
 from .._pipeline.recorder import ATTEMPT_OUTCOMES, Histogram
 from .health import Health
@@ -224,6 +225,17 @@ class BatchCollector:
             job,
             0 if run is None else run.counts.unsettled,
         )
+        not_ready = GaugeMetricFamily(
+            "asyncbatch_files_not_ready",
+            "Files the last scan (or look) found and that are not ready yet, by the first "
+            "readiness rule that does not hold for each (age: not settled, as "
+            "asyncbatch_files_unsettled; stable, marker, dir-marker, min-size; max-age: left "
+            "alone)",
+            labels=("batch_job", "rule"),
+        )
+        for rule, name in NOT_READY.items():
+            not_ready.add_metric((job, rule), 0 if run is None else getattr(run.counts, name))
+        yield not_ready
         oldest = None if run is None else run.oldest_waiting
         yield _gauge(
             "asyncbatch_oldest_waiting_seconds",

@@ -33,13 +33,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .._scanner import ScanInfo
+from .._ready import Readiness, ReadyWalk
+from .._scanner import Look, ScanInfo
 
 __all__ = ["Lister", "SourceHandle"]
 
 
 class Lister(Protocol):
     """Lists a source: ``Scanner`` for a directory, ``ObjectLister`` for a prefix."""
+
+    #: The job's readiness rules (``None``, or ``age`` alone: the plain path).
+    ready: Readiness | None
+    #: What the last listing learnt of the rules beyond ``age`` (``None``: none).
+    walked: ReadyWalk | None
 
     @property
     def last(self) -> ScanInfo | None:
@@ -66,6 +72,10 @@ class Lister(Protocol):
 
     async def look(self, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
         """The records a scan would give for just these relpaths."""
+        ...
+
+    async def look_at(self, relpaths: Sequence[bytes]) -> Look:
+        """:meth:`look`, with what the rules beyond ``age`` find (markers, verdicts)."""
         ...
 
 

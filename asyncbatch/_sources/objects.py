@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._exceptions import ConfigurationError, InputChangedError, SourceError
-from .._scanner import Entry, ScanInfo, ScanRules, pack
+from .._ready import Readiness, ReadyWalk
+from .._scanner import Entry, Look, ScanInfo, ScanRules, pack
 from .store import ObjectInfo, ObjectPreconditionFailed, ObjectStore, ObjectStores
 from .url import ObjectURL
 
@@ -39,6 +40,7 @@ __all__ = [
     "ObjectReader",
     "ObjectReplaced",
     "ObjectSource",
+    "holds_objects",
     "open_object",
 ]
 
@@ -73,18 +75,37 @@ class ObjectLister:
     """Lists a prefix of a bucket (the counterpart of :class:`~asyncbatch._scanner.Scanner`).
 
     Guarantees: each key once per listing; only objects (no "folder" markers), no temporary
-    or hidden names, no ignored names; records sorted by ``(LastModified, relpath)``.
+    or hidden names, no ignored names; records sorted by ``(LastModified, relpath)``. With
+    readiness rules beyond ``age`` (``ready``), those rules decide as for a directory
+    (:mod:`.ready`): markers are never listed, and :attr:`walked` says what the listing
+    learnt of them.
     """
 
     def __init__(
-        self, url: ObjectURL, store: ObjectStore, *, rules: ScanRules, recursive: bool = False
+        self,
+        url: ObjectURL,
+        store: ObjectStore,
+        *,
+        rules: ScanRules,
+        recursive: bool = False,
+        ready: Readiness | None = None,
     ) -> None:
         self.url = url
         self.store = store
         self.rules = rules
         self.recursive = recursive
+        #: The job's readiness rules (``None``, or the default alone: the plain path).
+        self.ready = ready
+        #: What the last listing learnt of rules beyond the default (``None``: none).
+        self.walked: ReadyWalk | None = None
         #: The last listing that finished, if any (for metrics and health).
         self.last: ScanInfo | None = None
+
+    @property
+    def _rules(self) -> Readiness | None:
+        """The rules beyond the default one, if any."""
+        ready = self.ready
+        return None if ready is None or ready.plain else ready
 
     async def scan(
         self,
@@ -102,6 +123,8 @@ class ObjectLister:
         if now_ns is None:
             now_ns = time.time_ns()
         cutoff = None if settle is None else now_ns - int(settle * 1e9)
+        if (ready := self._rules) is not None:
+            return await self._scan_ready(ready, began, cutoff, now_ns, on_chunk)
         prefix = self.url.prefix
         records: list[bytes] = []
         unsettled = future = 0
@@ -116,6 +139,46 @@ class ObjectLister:
         ended = time.monotonic()
         self.last = ScanInfo(
             ended, time.time(), ended - began, len(records), True, unsettled, future
+        )
+        return records
+
+    async def _scan_ready(
+        self,
+        ready: Readiness,
+        began: float,
+        cutoff: int | None,
+        now_ns: int,
+        on_chunk: Callable[[int], None] | None,
+    ) -> list[bytes]:
+        """:meth:`scan` with rules beyond ``age``: the whole listing first (a marker may come
+        after its files), then the rules' verdicts (:func:`.ready.ready_objects`)."""
+        from .ready import ready_objects
+
+        prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
+        kept: list[tuple[bytes, ObjectInfo]] = []
+        try:
+            async for page in self.store.list_pages(prefix):
+                for obj in page:
+                    rel = _relpath(obj.key, prefix, rules, recursive)
+                    if rel is not None:
+                        kept.append((rel, obj))
+                if on_chunk is not None:
+                    on_chunk(len(kept))
+        except OSError as exc:
+            raise SourceError(f"cannot list the source: {exc}") from None
+        records, walk = ready_objects(kept, ready, cutoff_ns=cutoff, now_ns=now_ns)
+        self.walked = walk
+        ended = time.monotonic()
+        not_ready = tuple((k, n) for k, n in walk.not_ready.items() if n and k != "age")
+        self.last = ScanInfo(
+            ended,
+            time.time(),
+            ended - began,
+            len(records),
+            True,
+            walk.not_ready["age"],
+            walk.future,
+            not_ready,
         )
         return records
 
@@ -152,16 +215,55 @@ class ObjectLister:
     async def look(self, relpaths: Sequence[bytes]) -> tuple[list[bytes], bool]:
         """The records a listing would give for these relpaths (one ``HEAD`` each), sorted;
         never a directory (``False``)."""
-        records: list[bytes] = []
-        for rel in relpaths:
-            text = rel.decode(errors="surrogateescape")
-            if _relpath(self.url.key(text), self.url.prefix, self.rules, self.recursive) is None:
-                continue
-            obj = await self.store.head(self.url.key(text))
-            if obj is not None:
-                records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
-        records.sort()
-        return records, False
+        found = await self.look_at(relpaths)
+        return found.records, found.walked_dir
+
+    async def look_at(self, relpaths: Sequence[bytes]) -> Look:
+        """:meth:`look`, with what the job's rules beyond ``age`` find (see
+        :class:`~asyncbatch._scanner.Look`): a marker looked at brings its file with it, a
+        file its markers (one ``HEAD`` each, a directory marker once per look); a directory
+        marker's arrival says its prefix needs a listing (``walked_dir``)."""
+        from .ready import look_objects
+
+        ready = self._rules
+        if ready is None:
+            records: list[bytes] = []
+            for rel in relpaths:
+                obj = await self._head(rel)
+                if obj is not None:
+                    records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
+            records.sort()
+            return Look(records, False, {}, [])
+        return await look_objects(relpaths, ready, self._head, time.time_ns())
+
+    async def _head(self, rel: bytes) -> ObjectInfo | None:
+        """The object at ``rel`` if a listing would keep it (one ``HEAD``), else ``None``."""
+        text = rel.decode(errors="surrogateescape")
+        key = self.url.key(text)
+        if _relpath(key, self.url.prefix, self.rules, self.recursive) is None:
+            return None
+        return await self.store.head(key)
+
+
+async def holds_objects(
+    store: ObjectStore,
+    url: ObjectURL,
+    prefix: bytes,
+    rules: ScanRules,
+    ready: Readiness,
+    *,
+    recursive: bool,
+) -> bool:
+    """Whether the "directory" ``prefix`` (a relpath; ``b""``: the source) holds an input (under
+    it too, when ``recursive``): an object a listing would keep, a marker aside. Stops at the
+    first page that holds one. Raises ``OSError`` when the prefix cannot be listed."""
+    top = url.key(prefix.decode(errors="surrogateescape") + "/") if prefix else url.prefix
+    async for page in store.list_pages(top):
+        for obj in page:
+            rel = _relpath(obj.key, url.prefix, rules, recursive)
+            if rel is not None and not ready.marks(rel.rpartition(b"/")[2]):
+                return True
+    return False
 
 
 class ObjectSource:

@@ -67,7 +67,10 @@ def version_tag(etag: str | None) -> int:
 
 
 def _ns(when: dt.datetime) -> int:
-    return (when - _EPOCH) // dt.timedelta(microseconds=1) * 1000
+    """LastModified in nanoseconds, cut to the whole second: a ``HEAD`` gives no more (the
+    HTTP date), some listings give milliseconds, and both must make the same record (an
+    object's LastModified is part of its item's key)."""
+    return (when - _EPOCH) // dt.timedelta(seconds=1) * 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class ObjectInfo:
 
     key: str
     size: int
-    #: LastModified, in nanoseconds since the epoch (S3 gives whole seconds or milliseconds).
+    #: LastModified, in nanoseconds since the epoch, to the whole second (see :func:`_ns`).
     mtime_ns: int
     etag: str | None
     version: str | None

@@ -45,6 +45,8 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 HANDLERS = HERE / "handlers.py"
 FULL = os.environ.get("ASYNCBATCH_TORTURE") == "full"
+#: The suffix of the markers of a scenario with markers (``--ready marker:.done``).
+MARKER = ".done"
 
 
 def scale(short: int, full: int) -> int:
@@ -259,6 +261,9 @@ class Scenario:
     jobs: int = 4
     extra: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Each file comes with a marker (``NAME.done``, written after it), and the job is ready
+    #: by ``marker:.done``: markers follow their files to the archive.
+    markers: bool = False
     #: Every file ever put in the inbox: name -> sha256 of its bytes.
     original: dict[str, str] = field(default_factory=dict)
     generation: int = 0
@@ -283,6 +288,10 @@ class Scenario:
             path.write_bytes(data)
             os.utime(path, (base + i / 1000, base + i / 1000))
             self.original[name] = digest(data)
+            if self.markers:
+                marker = self.inbox / f"{name}{MARKER}"
+                marker.touch()
+                os.utime(marker, (base + i / 1000 + 1, base + i / 1000 + 1))
 
     def args(self) -> list[str]:
         return [
@@ -307,6 +316,7 @@ class Scenario:
             "100",
             "--max-interruptions",
             "1000",
+            *(["--ready", f"marker:{MARKER}"] if self.markers else []),
             *self.extra,
         ]
 
@@ -343,8 +353,10 @@ class Scenario:
     def invariants(self, receiver: Receiver | None = None) -> dict[str, int]:
         """Everything that must be zero (or true) after recovery, measured."""
         found: dict[str, int] = {}
-        inbox = {p.name: digest(p.read_bytes()) for p in self.inbox.iterdir() if p.is_file()}
-        archived = {p.name: digest(p.read_bytes()) for p in self.archive.iterdir() if p.is_file()}
+        inbox = _files(self.inbox)
+        archived = _files(self.archive)
+        if self.markers:
+            found.update(self._marker_invariants(inbox, archived))
         kept = {n for n, h in self.original.items() if inbox.get(n) == h or archived.get(n) == h}
         found["files_lost"] = len(self.original) - len(kept)
         found["files_in_both_inbox_and_archive"] = len(set(inbox) & set(archived))
@@ -398,6 +410,27 @@ class Scenario:
             if receiver is not None and not is_postgres(receiver.state):
                 found["integrity_check_failures"] += integrity_failures(Path(receiver.state))
         return found
+
+    def _marker_invariants(self, inbox: dict[str, str], archived: dict[str, str]) -> dict[str, int]:
+        """What must be zero of the markers (taken out of ``inbox`` and ``archived``): each
+        followed its file to the archive, once, and none is left behind."""
+        markers = {f"{name}{MARKER}" for name in self.original}
+        in_inbox = {n for n in inbox if n.endswith(MARKER)}
+        in_archive = {n for n in archived if n.endswith(MARKER)}
+        for name in in_inbox:
+            del inbox[name]
+        for name in in_archive:
+            del archived[name]
+        return {
+            "markers_lost": len(markers - in_inbox - in_archive),
+            "markers_left_in_the_inbox": len(in_inbox),
+            "markers_unknown": len((in_inbox | in_archive) - markers),
+        }
+
+
+def _files(directory: Path) -> dict[str, str]:
+    """The files of a directory (not below it): name -> sha256 of the bytes."""
+    return {p.name: digest(p.read_bytes()) for p in directory.iterdir() if p.is_file()}
 
 
 def integrity_failures(path: Path) -> int:

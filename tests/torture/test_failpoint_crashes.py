@@ -97,7 +97,13 @@ def test_a_crash_at_each_failpoint_loses_nothing_and_repeats_no_effect(
         tmpfs(tmp_path / "archive-fs") as archive_fs,
         receiving(receiver_state, tmp_path / "effects.log") as receiver,
     ):
-        scenario = Scenario(tmp_path, state, archive_fs / "archive", url=receiver.url)
+        scenario = Scenario(
+            tmp_path,
+            state,
+            archive_fs / "archive",
+            url=receiver.url,
+            markers=point == "before-marker-action",
+        )
         scenario.add_files(FILES)
         if point == RECEIVER_POINT:
             crash_receiver_at(scenario, receiver, rng)

@@ -1,0 +1,103 @@
+"""The readiness rules in a run: what is not ready yet, by rule; a one-shot run's looks
+(``stable:N``); what a scan found of markers, handed to the post-commit actions.
+
+The rules themselves, and each file's verdict, are :mod:`asyncbatch._ready`'s; the scanner
+applies them in its walk, the watch in :class:`~.sightings.Sightings`. What is left for a run
+is here, called by the claimer at a few points.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import anyio
+
+from .._ledger import NOT_READY
+from .._ready import Readiness, ReadyWalk
+from .._report import Counters
+from .._scanner import ScanInfo, split
+from .._sources.base import Lister
+from .postactions import PostActions
+from .state import RunState
+
+__all__ = ["MarkerFollowUp", "count_not_ready", "count_scan", "look_until_stable"]
+
+log = logging.getLogger("asyncbatch")
+
+
+def count_not_ready(counters: Counters, by_rule: Mapping[str, int]) -> None:
+    """Set the counts of files not ready yet, by rule (see ``RunTotals``: ``unsettled`` for
+    age, ``unmarked`` for marker, ...), to ``by_rule``'s (a rule it lacks: 0)."""
+    for rule, name in NOT_READY.items():
+        setattr(counters, name, by_rule.get(rule, 0))
+
+
+def count_scan(counters: Counters, scan: ScanInfo | None) -> None:
+    """Set the counts of files not ready yet from a one-shot run's scan."""
+    if scan is None:
+        return
+    count_not_ready(counters, {"age": scan.unsettled, **dict(scan.not_ready)})
+    counters.future = scan.future
+
+
+async def look_until_stable(
+    scanner: Lister, records: list[bytes], ready: Readiness, run: RunState
+) -> list[bytes]:
+    """The files of a one-shot run's scan (``records``, its first look) that look the same
+    to ``ready.looks`` looks in all, each ``settle`` seconds after the last (``stable:N``).
+
+    The run waits for the answer: the files are not skipped for want of looks. One that
+    changed between two looks is left for the next run, and counted (``unstable``); one that
+    vanished is dropped. While it waits, ``unstable`` counts the files still looked at. A stop
+    ends the wait: the files left are counted as not ready yet.
+    """
+    counters = run.counters
+    changed = 0
+    counters.unstable = len(records)
+    for _ in range(ready.looks - 1):
+        if not records:
+            break
+        with anyio.move_on_after(ready.settle):
+            await run.stop_requested.wait()
+        if run.stop_requested.is_set() or run.stopping:
+            return []
+        again, _ = await scanner.look([split(r)[0] for r in records])
+        same = set(again)
+        there = {split(r)[0] for r in again}
+        changed += sum(1 for r in records if r not in same and split(r)[0] in there)
+        records = [r for r in records if r in same]
+        counters.unstable = len(records) + changed
+    counters.unstable = changed
+    return records
+
+
+class MarkerFollowUp:
+    """What a run does with what its scans found of markers: the markers a post-commit action
+    left behind (their file gone, their directory empty of inputs: a kill came between the
+    actions) are handed to it again; a directory marker older than some of its files is
+    reported, once per run."""
+
+    def __init__(self, posts: PostActions) -> None:
+        self._posts = posts
+        self._warned: set[bytes] = set()
+
+    def after_scan(self, walked: ReadyWalk | None) -> None:
+        """Follow up a full scan's findings (``None``: the job has no such rules)."""
+        if walked is None:
+            return
+        for marker in walked.orphans:
+            self._posts.submit_marker(marker)
+        for marker, files in walked.late.items():
+            if marker not in self._warned:
+                self._warned.add(marker)
+                where = os.fsdecode(marker.rpartition(b"/")[0]) or "the source"
+                log.warning(
+                    "%d file%s in %s changed after its marker %r: they wait for a newer one "
+                    "(was the marker written before the files?)",
+                    files,
+                    "s" * (files != 1),
+                    where,
+                    os.fsdecode(marker),
+                )

@@ -1,0 +1,106 @@
+"""Each readiness rule of a job, and whether it holds for one file, in words (for
+``asyncbatch explain``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .readiness import Readiness, ancestors, change_ns, marker_at
+from .rules import Age, DirMarker, Marker, MaxAge, MinSize, show_duration
+
+__all__ = ["RuleVerdict", "explain_rules"]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleVerdict:
+    """Whether one rule holds for a file, and why, in words."""
+
+    rule: str
+    holds: bool
+    why: str
+
+
+def explain_rules(
+    ready: Readiness, source: str, rel: bytes, st: os.stat_result, now_ns: int
+) -> list[RuleVerdict]:
+    """Each rule of ``ready`` but ``stable`` (whose looks take time: the caller's), and
+    whether it holds for the file ``rel`` under ``source`` whose stat is ``st``, at
+    ``now_ns``: ``"marker a.csv.done missing"``, ``"ctime 0.4 s old, settle 1 s"``."""
+    root = os.fsencode(source)
+    out = []
+    for rule in ready.rules:
+        if isinstance(rule, Age):
+            out.append(_explain_age(ready, st, now_ns))
+        elif isinstance(rule, Marker):
+            out.append(_explain_marker(rule, root, rel, st))
+        elif isinstance(rule, DirMarker):
+            out.append(_explain_dir_marker(rule, root, rel, st))
+        elif isinstance(rule, MinSize):
+            holds = st.st_size >= rule.size
+            out.append(
+                RuleVerdict(str(rule), holds, f"size {st.st_size} bytes, min-size {rule.size}")
+            )
+        elif isinstance(rule, MaxAge):
+            age = (now_ns - st.st_mtime_ns) / 1e9
+            holds = age <= rule.seconds
+            why = f"mtime {_seconds(age)} old, max-age {show_duration(rule.seconds)}"
+            out.append(RuleVerdict(str(rule), holds, why + ("" if holds else ": left alone")))
+    return out
+
+
+def _seconds(s: float) -> str:
+    """A time span in words: ``0.4 s``, ``12 min``, ``5.2 h``, ``8.0 d``."""
+    if abs(s) < 100:
+        return f"{s:.1f} s"
+    if abs(s) < 7200:
+        return f"{s / 60:.0f} min"
+    if abs(s) < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def _explain_age(ready: Readiness, st: os.stat_result, now_ns: int) -> RuleVerdict:
+    which = "mtime" if st.st_mtime_ns >= st.st_ctime_ns else "ctime"
+    old = (now_ns - change_ns(st)) / 1e9
+    settle = f"settle {ready.settle:g} s"
+    if old < 0:
+        return RuleVerdict("age", False, f"{which} {_seconds(-old)} in the future, {settle}")
+    holds = old >= ready.settle
+    what = "mtime and ctime" if holds else which
+    return RuleVerdict("age", holds, f"{what} {_seconds(old)} old, {settle}")
+
+
+def _explain_marker(rule: Marker, root: bytes, rel: bytes, st: os.stat_result) -> RuleVerdict:
+    marker = rel + os.fsencode(rule.suffix)
+    shown = os.fsdecode(marker)
+    found = marker_at(os.path.join(root, marker))
+    if found is None:
+        return RuleVerdict(str(rule), False, f"marker {shown} missing")
+    if found < st.st_mtime_ns:
+        return RuleVerdict(
+            str(rule), False, f"marker {shown} older than the file (modified after its marker)"
+        )
+    return RuleVerdict(str(rule), True, f"marker {shown} present")
+
+
+def _explain_dir_marker(
+    rule: DirMarker, root: bytes, rel: bytes, st: os.stat_result
+) -> RuleVerdict:
+    name = os.fsencode(rule.name)
+    best: tuple[int, bytes] | None = None
+    for d in ancestors(rel.rpartition(b"/")[0]):
+        path = d + b"/" + name if d else name
+        found = marker_at(os.path.join(root, path))
+        if found is not None and (best is None or found > best[0]):
+            best = (found, path)
+    if best is None:
+        parent = os.fsdecode(rel.rpartition(b"/")[0])
+        where = f"{parent} or above it" if parent else "the source"
+        return RuleVerdict(str(rule), False, f"no {rule.name} in {where}")
+    shown = os.fsdecode(best[1])
+    if best[0] < st.st_mtime_ns:
+        return RuleVerdict(
+            str(rule), False, f"{shown} older than the file (modified after its marker)"
+        )
+    return RuleVerdict(str(rule), True, f"{shown} present")
