@@ -4,9 +4,9 @@ obstore is imported here only, and only when an ``s3://`` location is used (the 
 extra ``asyncbatch[s3]``): a run over a directory never loads it. The client is configured as
 every S3 tool is: the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ALLOW_HTTP=true`` for a
-plain-HTTP endpoint). Credentials stay inside obstore: nothing here reads, keeps or prints them,
-and an error is said with its operation, key and obstore's kind of failure, never with the
-request's headers.
+plain-HTTP endpoint), then the shared files' profile (:mod:`.profile`). Credentials are handed to
+obstore and stay there: nothing here keeps or prints them, and an error is said with its
+operation, key and obstore's kind of failure, never with the request's headers.
 
 Made per run (:class:`ObjectStores`); nothing here outlives it.
 """
@@ -19,14 +19,15 @@ import importlib.util
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .._errors import redact_urls
 from .._exceptions import ConfigurationError
+from .profile import aws_profile
 
 if TYPE_CHECKING:
     from obstore import GetResult, ObjectMeta
-    from obstore.store import S3Store
+    from obstore.store import S3Config, S3Store
 
 __all__ = [
     "OPERATIONS",
@@ -53,6 +54,7 @@ def require_obstore(name: str, value: object) -> None:
         raise ConfigurationError.bad_value(
             name, str(value), "an s3:// location needs obstore: pip install 'asyncbatch[s3]'"
         )
+    aws_profile()  # a profile that cannot be used: said now, in one line
 
 
 def version_tag(etag: str | None) -> int:
@@ -159,7 +161,8 @@ class ObjectStore:
 
         self.bucket = bucket
         self._requests = requests
-        self._store: S3Store = S3Store(bucket, retry_config={"max_retries": 5})
+        config = cast("S3Config", aws_profile())
+        self._store: S3Store = S3Store(bucket, config=config, retry_config={"max_retries": 5})
 
     def _count(self, operation: str) -> None:
         self._requests[operation] += 1
