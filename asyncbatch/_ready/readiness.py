@@ -133,21 +133,29 @@ class Readiness:
     def cover_at(self, root: bytes, parent: bytes, dirs: dict[bytes, int]) -> int:
         """The earliest, over the directory-marker names, of the latest such marker in
         ``parent`` or a directory above it (:data:`NS_NONE`: one is missing)."""
+        for key, rel in self.dir_marker_paths(parent):
+            if key not in dirs:
+                found = marker_at(os.path.join(root, rel))
+                dirs[key] = NS_NONE if found is None else found
+        return self.cover_from(parent, dirs)
+
+    def dir_marker_paths(self, parent: bytes) -> list[tuple[bytes, bytes]]:
+        """The directory markers that may cover a file in ``parent``: ``(key, relpath)``, the
+        key as :meth:`cover_from` looks it up in its ``dirs``."""
+        return [
+            (d + b"\0" + name, d + b"/" + name if d else name)
+            for name in self.dir_names
+            for d in ancestors(parent)
+        ]
+
+    def cover_from(self, parent: bytes, dirs: dict[bytes, int]) -> int:
+        """:meth:`cover_at`, from ``dirs`` holding the mtime (or :data:`NS_NONE`) of each of
+        :meth:`dir_marker_paths`' markers (0 when the job has no directory markers)."""
         if not self.dir_names:
             return 0
-        cover = None
-        for name in self.dir_names:
-            latest = NS_NONE
-            for d in ancestors(parent):
-                key = d + b"\0" + name
-                if key not in dirs:
-                    found = marker_at(
-                        os.path.join(root, d, name) if d else os.path.join(root, name)
-                    )
-                    dirs[key] = NS_NONE if found is None else found
-                latest = max(latest, dirs[key])
-            cover = latest if cover is None else min(cover, latest)
-        return NS_NONE if cover is None else cover
+        return min(
+            max(dirs[d + b"\0" + name] for d in ancestors(parent)) for name in self.dir_names
+        )
 
 
 def ancestors(parent: bytes) -> list[bytes]:

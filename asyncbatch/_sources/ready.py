@@ -134,16 +134,8 @@ async def _looked_rule(
 
 async def _cover(parent: bytes, ready: Readiness, head: Head, dirs: dict[bytes, int]) -> int:
     """As :meth:`Readiness.cover_at`, by ``HEAD`` (``dirs``: the markers looked at so far)."""
-    if not ready.dir_names:
-        return 0
-    cover = None
-    for name in ready.dir_names:
-        latest = NS_NONE
-        for d in ancestors(parent):
-            key = d + b"\0" + name
-            if key not in dirs:
-                mark = await head(d + b"/" + name if d else name)
-                dirs[key] = NS_NONE if mark is None else mark.mtime_ns
-            latest = max(latest, dirs[key])
-        cover = latest if cover is None else min(cover, latest)
-    return NS_NONE if cover is None else cover
+    for key, rel in ready.dir_marker_paths(parent):
+        if key not in dirs:
+            mark = await head(rel)
+            dirs[key] = NS_NONE if mark is None else mark.mtime_ns
+    return ready.cover_from(parent, dirs)
