@@ -499,7 +499,9 @@ class _RulesWalker(_Walker):
 
     def listing(self, prefix: bytes) -> os._ScandirIterator[bytes] | None:
         it = super().listing(prefix)
-        if it is not None:
+        if it is None:
+            self._rw.unlisted(prefix)
+        else:
             self._rw.enter(prefix)
         return it
 

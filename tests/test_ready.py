@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from asyncbatch import Age, Batch, ConfigurationError, DirMarker, Marker, MaxAge, MinSize, Stable
+from asyncbatch._pipeline.postactions import holds_inputs
 from asyncbatch._pipeline.sightings import LOOK_MARGIN, Sightings
 from asyncbatch._ready import Readiness, parse_duration, parse_rule, parse_size, ready_rules
 from asyncbatch._scanner import Scanner, ScanRules, pack, split
@@ -320,3 +321,40 @@ def test_watch_with_a_marker_only_takes_the_file_at_once() -> None:
     s = Sightings(1.0, Readiness((Marker(".done"),), 1.0))
     f = rec(b"a.csv", 0.0)
     assert s.looked([b"a.csv"], [f], *at(0.0)) == [f]
+
+
+@pytest.mark.parametrize("seconds", [1_000_000, 1_000_001, 1.5, 0.1, 1e-7, 7 * 86400, 5400])
+def test_a_duration_is_recorded_in_a_form_that_reads_back_the_same(seconds: float) -> None:
+    rule = MaxAge(seconds)
+    assert parse_rule(str(rule)) == rule
+
+
+async def test_a_directory_that_cannot_be_listed_keeps_the_markers_above_it(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(inbox / "d" / "sub" / "f.csv")
+    write(inbox / "d" / "_SUCCESS", after=inbox / "d" / "sub" / "f.csv")
+    write(inbox / "empty" / "_SUCCESS")
+    real = os.scandir
+
+    def scandir(path: bytes | str) -> os._ScandirIterator:  # type: ignore[type-arg]
+        if os.fsdecode(path).endswith("/d/sub"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    s = scanner(inbox, "dir-marker:_SUCCESS", recursive=True)
+    assert names(await s.scan(settle=0)) == []
+    assert s.walked is not None
+    assert s.walked.orphans == [b"empty/_SUCCESS"]  # d/sub may hold inputs: d's marker stays
+    rules, ready = ScanRules(), Readiness(ready_rules(["dir-marker:_SUCCESS"]), 0)
+    assert holds_inputs(inbox, b"d", rules, ready, recursive=True)  # errs towards "holds"
+
+
+def test_a_symlinked_input_that_a_scan_follows_keeps_its_directorys_marker(inbox: Path) -> None:
+    target = write(inbox.parent / "blobs" / "x")
+    write(inbox / "d" / "_SUCCESS")
+    (inbox / "d" / "f2").symlink_to(target)
+    rules, ready = ScanRules(), Readiness(ready_rules(["dir-marker:_SUCCESS"]), 0)
+    assert holds_inputs(inbox, b"d", rules, ready, recursive=True, follow_symlinks=True)
+    assert not holds_inputs(inbox, b"d", rules, ready, recursive=True)

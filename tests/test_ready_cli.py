@@ -100,6 +100,27 @@ def test_a_kill_between_a_files_and_its_markers_action_loses_nothing(
     assert [(bytes(r).decode(), s) for r, s in done] == [(n, "done") for n in names]
 
 
+@pytest.mark.parametrize("action", ["move", "delete"])
+def test_a_marker_that_lands_before_its_file_waits_for_it(
+    inbox: Path, any_state: str, tmp_path: Path, action: str
+) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    on_done = f"move:{archive}" if action == "move" else "delete"
+    args = ("--ready", "marker:.done", "--on-done", on_done)
+    marker = write(inbox / "big.csv.done")  # a parallel copy that keeps times: the small
+    mtime = os.stat(marker).st_mtime_ns  # marker first, the file still under a temp name
+    run(inbox, any_state, *args)
+    run(inbox, any_state, *args)
+    assert sorted(p.name for p in inbox.iterdir()) == ["big.csv.done"]  # not a leftover
+    big = write(inbox / "big.csv", b"data")
+    os.utime(big, ns=(mtime - 10**9, mtime - 10**9))  # its source's time: before the marker
+    assert "1 seen: 1 done" in run(inbox, any_state, *args)
+    assert sorted(p.name for p in inbox.iterdir()) == []
+    if action == "move":
+        assert sorted(p.name for p in archive.iterdir()) == ["big.csv", "big.csv.done"]
+
+
 def test_a_kill_before_a_directory_markers_action_is_finished_by_the_next_run(
     inbox: Path, any_state: str, tmp_path: Path
 ) -> None:

@@ -227,6 +227,27 @@ async def test_stable_a_file_is_handled_once_seen_unchanged_n_times(
     assert sorted(job.handled) == ["a.csv", "b.csv"]
 
 
+async def test_a_shared_run_holds_to_every_rule_and_counts_what_is_not_ready(
+    tmp_path: Path, any_state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = Job(tmp_path, any_state, ready=["stable:3", "marker:.done"], settle=0.1, shared=True)
+    for name in ("a.csv", "c.csv"):
+        write(job.inbox / f"{name}.done", after=write(job.inbox / name, b"x"))
+    write(job.inbox / "b.csv")  # no marker
+    real_look = Scanner.look
+
+    async def look(self: Scanner, relpaths: Any) -> Any:
+        with (job.inbox / "c.csv").open("ab") as f:  # still being written
+            f.write(b"more")
+        return await real_look(self, relpaths)
+
+    monkeypatch.setattr(Scanner, "look", look)
+    report = await job.run()
+    assert job.handled == ["a.csv"]
+    assert (report.seen, report.done, report.unstable, report.unmarked) == (1, 1, 1, 1)
+    assert "1 file not ready yet: marker missing" in str(report)
+
+
 async def test_stable_a_stopped_run_does_not_wait_for_its_looks(
     tmp_path: Path, any_state: str
 ) -> None:

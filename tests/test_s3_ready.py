@@ -22,12 +22,17 @@ S = 1_000_000_000
 NOW = 1_800_000_000 * S
 
 
-def obj(rel: str, *, age: float = 60.0, size: int = 10, tag: int = 1) -> tuple[bytes, ObjectInfo]:
-    """A listed object ``rel``, LastModified ``age`` seconds before :data:`NOW`."""
-    return rel.encode(), ObjectInfo(f"in/{rel}", size, NOW - int(age * S), None, None, tag)
+Listed = tuple[bytes, ObjectInfo, bool]
 
 
-def judged(rules: list[str], objects: list[tuple[bytes, ObjectInfo]]) -> tuple[list[str], Any]:
+def obj(rel: str, *, age: float = 60.0, size: int = 10, skipped: bool = False) -> Listed:
+    """A listed object ``rel``, LastModified ``age`` seconds before :data:`NOW` (``skipped``:
+    its name is one the scan rules skip)."""
+    info = ObjectInfo(f"in/{rel}", size, NOW - int(age * S), None, None, 1)
+    return rel.encode(), info, skipped
+
+
+def judged(rules: list[str], objects: list[Listed]) -> tuple[list[str], Any]:
     ready = Readiness([parse_rule(r) for r in rules], settle=1.0)
     records, walk = ready_objects(objects, ready, cutoff_ns=NOW - S, now_ns=NOW)
     return sorted(r[8:-25].decode() for r in records), walk
@@ -78,6 +83,21 @@ def test_a_success_marker_covers_its_prefix_and_those_under_it() -> None:
     assert walk.not_ready["dir-marker"] == 2
     assert walk.late == {b"late/_SUCCESS": 1}
     assert walk.orphans == [b"empty/_SUCCESS"]
+
+
+def test_markers_are_told_before_the_scan_rules_and_skipped_names_are_still_seen() -> None:
+    listed, walk = judged(
+        ["marker:.done", "dir-marker:.complete"],
+        [
+            obj("x.json", skipped=True),  # --ignore '*.json': another job's input
+            obj("x.json.done"),  # its marker: not a leftover of this job
+            obj("a.csv"),
+            obj("a.csv.done"),
+            obj(".complete", skipped=True),  # a hidden directory marker counts as one
+        ],
+    )
+    assert listed == ["a.csv"]
+    assert walk.orphans == []
 
 
 class Job:
@@ -158,14 +178,22 @@ async def test_a_success_marker_releases_its_prefix_and_goes_once_it_is_empty(
 async def test_a_marker_left_behind_by_a_kill_is_carried_out_by_the_next_run(
     bucket: Bucket, state: Path
 ) -> None:
-    job = Job(bucket, state, ready=["marker:.ok"])
     bucket.put("in/a.csv", b"a")
     bucket.put("in/a.csv.ok", b"")
-    bucket.put("done/a.csv", b"a")  # the object was archived, then the run died
+    bucket.put("in/early.csv.ok", b"")  # a marker uploaded before its object
+    first = await Job(bucket, state, ready=["marker:.ok"], on_done="keep").run()
+    assert first.done == 1
+    bucket.put("done/a.csv", b"a")  # its object archived, then the run died
     bucket.client.delete_object(Bucket=bucket.name, Key="in/a.csv")
+    job = Job(bucket, state, ready=["marker:.ok"])
+    await job.run()
+    await until(lambda: job.left() == ["early.csv.ok"])  # not a leftover: its object comes
+    assert job.archived() == ["a.csv", "a.csv.ok"]
+    bucket.put("in/early.csv", b"e")
+    bucket.put("in/early.csv.ok", b"")  # (S3 times are upload times: a marker comes last)
     await job.run()
     await until(lambda: job.left() == [])
-    assert job.archived() == ["a.csv", "a.csv.ok"]
+    assert job.handled == ["early.csv"]
 
 
 @pytest.mark.parametrize("rule", ["marker:.done", "dir-marker:_SUCCESS"])

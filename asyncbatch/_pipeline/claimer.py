@@ -127,7 +127,7 @@ class Claimer:
         self.mode = mode
         #: The job's readiness rules (the scanner applies them; a run's looks are ours).
         self.ready = scanner.ready if scanner.ready is not None else state.config.readiness
-        self.markers = MarkerFollowUp(posts)
+        self.markers = MarkerFollowUp(posts, state)
         self.lookahead = Lookahead(
             state.config.concurrency, state.config.claim_batch, state.counters
         )
@@ -148,21 +148,12 @@ class Claimer:
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
-        run = self.run
         try:
             if self.config.shared:
                 shared = SharedRun(self)
                 await (shared.until_finished() if self.mode == "run" else shared.until_stopped())
             elif self.mode == "run":
-                records = await self.scanner.scan(
-                    settle=self.config.settle, on_chunk=self._on_scan_chunk
-                )
-                count_scan(run.counters, self.scanner.last)
-                self.markers.after_scan(self.scanner.walked)
-                if self.ready.looks > 1:  # stable:N: look again, and wait for the answer
-                    records = await look_until_stable(self.scanner, records, self.ready, run)
-                run.counters.seen = len(records)
-                run.counters.scanned = True
+                records = await self.list_ready()
                 await self.claim_records(records)
                 del records
                 await self.finish()
@@ -173,6 +164,21 @@ class Claimer:
 
     def _on_scan_chunk(self, found: int) -> None:
         self.run.counters.seen = found
+
+    async def list_ready(self) -> list[bytes]:
+        """A one-shot run's listing: the records of the files ready by every rule (for
+        ``stable:N``, after the looks it waits for), the files not ready yet counted by rule,
+        and the markers the scan found left behind handed to the post-commit actions. Sets
+        ``seen`` (and ``scanned``)."""
+        run = self.run
+        records = await self.scanner.scan(settle=self.config.settle, on_chunk=self._on_scan_chunk)
+        count_scan(run.counters, self.scanner.last)
+        await self.markers.after_scan(self.scanner.walked)
+        if self.ready.looks > 1:  # stable:N: look again, and wait for the answer
+            records = await look_until_stable(self.scanner, records, self.ready, run)
+        run.counters.seen = len(records)
+        run.counters.scanned = True
+        return records
 
     async def watch(self) -> None:
         """Watch until stopped: a poll every ``poll`` seconds and, in between, looks at the
@@ -368,7 +374,7 @@ class Claimer:
                 candidates = sightings.scanned(
                     records, now_ns, time.monotonic(), walked.blocked, walked.marker_keys
                 )
-                self.markers.after_scan(walked)
+                await self.markers.after_scan(walked)
             del records
             await self._claim_candidates(candidates)
         else:  # events are followed: a listing (or one stat: no name changed) will do

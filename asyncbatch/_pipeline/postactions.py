@@ -93,19 +93,31 @@ def _delete_marker(path: Path) -> str:
 
 
 def holds_inputs(
-    source: Path, prefix: bytes, rules: ScanRules, ready: Readiness, *, recursive: bool
+    source: Path,
+    prefix: bytes,
+    rules: ScanRules,
+    ready: Readiness,
+    *,
+    recursive: bool,
+    follow_symlinks: bool = False,
 ) -> bool:
     """Whether the directory ``prefix`` (a relpath; ``b""``: the source) holds an input
     (under it too, when ``recursive``): a file the scan would list, a marker aside. Stops at
-    the first one found."""
+    the first one found. Errs towards ``True``: a directory that cannot be listed, or (with
+    ``follow_symlinks``) a symlink the scan would follow, may hold one."""
     try:
         it = os.scandir(os.path.join(os.fsencode(source), prefix))
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
     with it:
         for de in it:
             rel = prefix + b"/" + de.name if prefix else de.name
-            if de.is_dir(follow_symlinks=False):
+            if de.is_symlink():
+                if follow_symlinks and not rules.skips(de.name, rel) and not ready.marks(de.name):
+                    return True
+            elif de.is_dir(follow_symlinks=False):
                 if (
                     recursive
                     and not rules.skips(de.name, rel, is_dir=True)
@@ -246,7 +258,15 @@ class PostActions:
             store = self._objects.bucket(source.bucket)
             return await holds_objects(store, source, prefix, rules, ready, recursive=recursive)
         return await anyio.to_thread.run_sync(
-            functools.partial(holds_inputs, source, prefix, rules, ready, recursive=recursive)
+            functools.partial(
+                holds_inputs,
+                source,
+                prefix,
+                rules,
+                ready,
+                recursive=recursive,
+                follow_symlinks=cfg.follow_symlinks,
+            )
         )
 
     async def _file_markers(self, post: _Post) -> str:

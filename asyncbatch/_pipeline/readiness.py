@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import anyio
 
-from .._ledger import NOT_READY
+from .._ledger import NOT_READY, ItemFilter, ItemInfo
 from .._ready import Readiness, ReadyWalk
 from .._report import Counters
 from .._scanner import ScanInfo, split
@@ -22,7 +22,16 @@ from .._sources.base import Lister
 from .postactions import PostActions
 from .state import RunState
 
-__all__ = ["MarkerFollowUp", "count_not_ready", "count_scan", "look_until_stable"]
+__all__ = [
+    "CLOCK_MARGIN",
+    "MarkerFollowUp",
+    "count_not_ready",
+    "count_scan",
+    "look_until_stable",
+]
+
+#: The states of an item whose file a post-commit action may have moved on.
+FINISHED = ("done", "dead")
 
 log = logging.getLogger("asyncbatch")
 
@@ -73,22 +82,39 @@ async def look_until_stable(
     return records
 
 
+#: Seconds of clock difference allowed between the filesystem's times (a marker's mtime) and
+#: the ledger's (an item's finish): a leftover marker's file finished after it was written.
+CLOCK_MARGIN = 5.0
+
+
 class MarkerFollowUp:
     """What a run does with what its scans found of markers: the markers a post-commit action
-    left behind (their file gone, their directory empty of inputs: a kill came between the
-    actions) are handed to it again; a directory marker older than some of its files is
-    reported, once per run."""
+    left behind (a kill came between a file's action and its marker's) are handed to it again;
+    a directory marker older than some of its files is reported, once per run.
 
-    def __init__(self, posts: PostActions) -> None:
+    A marker without its file (or a directory marker with no input under it) is a leftover
+    only when the ledger says so: its file (an input under its directory) finished *after* the
+    marker was written. Otherwise it came before its file (a parallel copy, a multipart upload
+    still under way: the marker is small) and stays for the file to find. The ledger is asked
+    once per scan that found such markers, for the items finished since the oldest of them.
+    """
+
+    def __init__(self, posts: PostActions, run: RunState) -> None:
         self._posts = posts
+        self._run = run
         self._warned: set[bytes] = set()
+        #: Markers (and their mtimes) found not to be leftovers: not asked about again.
+        self._kept: set[tuple[bytes, int]] = set()
 
-    def after_scan(self, walked: ReadyWalk | None) -> None:
+    async def after_scan(self, walked: ReadyWalk | None) -> None:
         """Follow up a full scan's findings (``None``: the job has no such rules)."""
         if walked is None:
             return
-        for marker in walked.orphans:
-            self._posts.submit_marker(marker)
+        found = [(m, walked.marker_mtimes[m]) for m in walked.orphans]
+        candidates = [c for c in found if c not in self._kept]
+        if candidates:
+            for marker in await self._leftovers(walked.ready, candidates):
+                self._posts.submit_marker(marker)
         for marker, files in walked.late.items():
             if marker not in self._warned:
                 self._warned.add(marker)
@@ -101,3 +127,34 @@ class MarkerFollowUp:
                     where,
                     os.fsdecode(marker),
                 )
+
+    async def _leftovers(
+        self, ready: Readiness, candidates: list[tuple[bytes, int]]
+    ) -> list[bytes]:
+        """The candidates whose file (or an input under whose directory) the ledger has
+        finished since the marker was written; the others are kept in :attr:`_kept`."""
+        run = self._run
+        since = min(mtime for _, mtime in candidates) / 1e9 - CLOCK_MARGIN
+        which = ItemFilter(states=FINISHED, time="finished", after=since, limit=None)
+        finished = await run.ledger.list_items(run.config.job, which)
+        out = []
+        for marker, mtime in candidates:
+            parent, _, name = marker.rpartition(b"/")
+            at = mtime / 1e9 - CLOCK_MARGIN
+            if name in ready.dir_names:
+                under = os.fsdecode(parent + b"/") if parent else ""
+                hit = any(i.relpath.startswith(under) for i in finished if _after(i, at))
+            else:
+                files = {
+                    os.fsdecode(parent + b"/" + f if parent else f) for f in ready.marked(name)
+                }
+                hit = any(i.relpath in files for i in finished if _after(i, at))
+            if hit:
+                out.append(marker)
+            else:
+                self._kept.add((marker, mtime))
+        return out
+
+
+def _after(item: ItemInfo, at: float) -> bool:
+    return item.finished_at is not None and item.finished_at >= at

@@ -129,11 +129,7 @@ class SharedRun:
             return
         self.target = run.listing_target = begun.generation
         self._role_seen.set()
-        records = await claimer.scanner.scan(settle=cfg.settle)
-        counters = run.counters
-        counters.seen, counters.scanned = len(records), True
-        if (scan := claimer.scanner.last) is not None:
-            counters.unsettled, counters.future = scan.unsettled, scan.future
+        records = await claimer.list_ready()
         for start in range(0, len(records), REGISTER_BATCH):
             if run.stopping or not await self._register(records[start : start + REGISTER_BATCH]):
                 return

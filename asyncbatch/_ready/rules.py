@@ -5,6 +5,7 @@ parsing of both, with errors of one line naming the bad rule."""
 from __future__ import annotations
 
 import argparse
+import decimal
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,12 +57,13 @@ def parse_duration(text: str) -> float:
 
 def show_duration(seconds: float) -> str:
     """A duration as :func:`parse_duration` reads it: the largest of d, h, m, s that divides
-    it (``7d``, ``90m``, ``1.5s``)."""
+    it (``7d``, ``90m``, ``1.5s``); read back, the same number (no exponent, no rounding)."""
     for unit in ("d", "h", "m"):
         count = seconds / _SECONDS[unit]
         if count >= 1 and count == int(count):
             return f"{int(count)}{unit}"
-    return f"{seconds:g}s"
+    text = format(decimal.Decimal(repr(float(seconds))), "f")
+    return f"{text.removesuffix('.0')}s"
 
 
 def parse_size(text: str) -> int:

@@ -57,6 +57,11 @@ class ReadyWalk:
         self.late: dict[bytes, int] = {}
         #: Name keys (relpath NUL inode) of the markers found.
         self.marker_keys: list[bytes] = []
+        #: The mtime of each marker found, by relpath.
+        self.marker_mtimes: dict[bytes, int] = {}
+        #: Directories under which something could not be listed: their markers, and those
+        #: of the directories above, are never taken for leftovers.
+        self._unlisted: set[bytes] = set()
         self._dir: _Dir | None = None
         #: Per directory listed: the latest marker of each name in it or above (change, path).
         self._cover: dict[bytes, tuple[tuple[int, bytes], ...]] = {}
@@ -68,6 +73,11 @@ class ReadyWalk:
         """The listing of the directory ``prefix`` begins."""
         self._dir = _Dir(prefix)
 
+    def unlisted(self, prefix: bytes) -> None:
+        """The directory ``prefix`` could not be listed: what it holds is unknown (it may hold
+        inputs), so no marker above it is a leftover."""
+        self._unlisted.update(ancestors(prefix))
+
     def saw(self, name: bytes) -> None:
         """An entry of the directory (of any kind)."""
         assert self._dir is not None
@@ -78,6 +88,7 @@ class ReadyWalk:
         d = self._dir
         assert d is not None
         self.marker_keys.append(rel + b"\0" + st.st_ino.to_bytes(8, "big"))
+        self.marker_mtimes[rel] = st.st_mtime_ns
         ready = self.ready
         d.changed[name] = change_ns(st)
         if name in ready.dir_names:
@@ -146,7 +157,7 @@ class ReadyWalk:
         names = self.ready.dir_names
         for prefix, count in under.items():
             own = self._marked_dirs[prefix]
-            if count == 0 and self._settled(max(own.values())):
+            if count == 0 and prefix not in self._unlisted and self._settled(max(own.values())):
                 self.orphans.extend(prefix + b"/" + names[i] if prefix else names[i] for i in own)
 
     def _covering(self, d: _Dir) -> tuple[tuple[int, bytes], ...]:

@@ -54,21 +54,29 @@ class ObjectReplaced(InputChangedError):
     """The object under the item's key is another version than the one claimed."""
 
 
-def _relpath(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes | None:
-    """The relpath of ``key`` under ``prefix`` that a listing keeps, or ``None``: a "folder"
-    marker (a key ending with ``/``), an empty component, a key in a "subdirectory" when not
-    ``recursive``, or a name the rules skip (hidden, temporary, ignored)."""
+def _placed(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes | None:
+    """The relpath of ``key`` under ``prefix`` if a listing looks at it, whatever its name, or
+    ``None``: a "folder" marker (a key ending with ``/``), an empty component, a key in a
+    "subdirectory" when not ``recursive``, or under a "directory" the rules skip."""
     rel = key[len(prefix) :]
     if not rel or rel.endswith("/") or "\0" in rel:
         return None
     parts = rel.split("/")
     if len(parts) > 1 and (not recursive or "" in parts):
         return None
-    encoded = rel.encode()
     for i, part in enumerate(parts[:-1]):
         if rules.skips(part.encode(), "/".join(parts[: i + 1]).encode(), is_dir=True):
             return None
-    return None if rules.skips(parts[-1].encode(), encoded) else encoded
+    return rel.encode()
+
+
+def _relpath(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes | None:
+    """The relpath of ``key`` under ``prefix`` that a listing keeps as an input, or ``None``
+    (see :func:`_placed`; and a name the rules skip: hidden, temporary, ignored)."""
+    rel = _placed(key, prefix, rules, recursive)
+    if rel is None or rules.skips(rel.rpartition(b"/")[2], rel):
+        return None
+    return rel
 
 
 class ObjectLister:
@@ -155,13 +163,13 @@ class ObjectLister:
         from .ready import ready_objects
 
         prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
-        kept: list[tuple[bytes, ObjectInfo]] = []
+        kept: list[tuple[bytes, ObjectInfo, bool]] = []
         try:
             async for page in self.store.list_pages(prefix):
                 for obj in page:
-                    rel = _relpath(obj.key, prefix, rules, recursive)
+                    rel = _placed(obj.key, prefix, rules, recursive)
                     if rel is not None:
-                        kept.append((rel, obj))
+                        kept.append((rel, obj, rules.skips(rel.rpartition(b"/")[2], rel)))
                 if on_chunk is not None:
                     on_chunk(len(kept))
         except OSError as exc:
@@ -237,10 +245,15 @@ class ObjectLister:
         return await look_objects(relpaths, ready, self._head, time.time_ns())
 
     async def _head(self, rel: bytes) -> ObjectInfo | None:
-        """The object at ``rel`` if a listing would keep it (one ``HEAD``), else ``None``."""
-        text = rel.decode(errors="surrogateescape")
-        key = self.url.key(text)
-        if _relpath(key, self.url.prefix, self.rules, self.recursive) is None:
+        """The object at ``rel`` if a listing would keep it, as an input or (with rules) as a
+        marker (one ``HEAD``), else ``None``."""
+        key = self.url.key(rel.decode(errors="surrogateescape"))
+        placed = _placed(key, self.url.prefix, self.rules, self.recursive)
+        if placed is None:
+            return None
+        name = placed.rpartition(b"/")[2]
+        ready = self._rules
+        if self.rules.skips(name, placed) and (ready is None or not ready.marks(name)):
             return None
         return await self.store.head(key)
 

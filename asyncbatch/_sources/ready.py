@@ -49,35 +49,37 @@ def object_stat(obj: ObjectInfo) -> os.stat_result:
 
 
 def ready_objects(
-    objects: Iterable[tuple[bytes, ObjectInfo]],
+    objects: Iterable[tuple[bytes, ObjectInfo, bool]],
     ready: Readiness,
     *,
     cutoff_ns: int | None,
     now_ns: int,
 ) -> tuple[list[bytes], ReadyWalk]:
-    """The records of the objects (``(relpath, object)``) the rules let through, sorted, and
-    the walk that judged them (counts by rule, markers, orphans: as a directory scan's).
+    """The records of the objects (``(relpath, object, skipped)``: ``skipped``, a name the scan
+    rules skip, hidden or ignored, which is seen but never an input) the rules let through,
+    sorted, and the walk that judged them (counts by rule, markers, orphans: as a directory
+    scan's: a marker is told by its name before the scan rules are asked).
 
     ``cutoff_ns`` as for the walk: a one-shot run's listing leaves out (and counts) what is
     not ready; a watch's (``None``) lists every input and notes the rule it fails.
     """
     walk = ReadyWalk(ready, cutoff_ns=cutoff_ns, now_ns=now_ns)
-    by_dir: dict[bytes, list[tuple[bytes, bytes, ObjectInfo]]] = {}
-    for rel, obj in objects:
+    by_dir: dict[bytes, list[tuple[bytes, bytes, ObjectInfo, bool]]] = {}
+    for rel, obj, skipped in objects:
         parent, _, name = rel.rpartition(b"/")
-        by_dir.setdefault(parent, []).append((name, rel, obj))
+        by_dir.setdefault(parent, []).append((name, rel, obj, skipped))
     every = set(by_dir)
     for parent in list(by_dir):
         every.update(ancestors(parent))  # entered even when empty: their markers cover below
     records: list[bytes] = []
     for prefix in sorted(every, key=lambda p: (p.count(b"/") + bool(p), p)):
         walk.enter(prefix)
-        for name, rel, obj in by_dir.get(prefix, ()):
+        for name, rel, obj, skipped in by_dir.get(prefix, ()):
             walk.saw(name)
             st = object_stat(obj)
             if ready.marks(name):
                 walk.marker(name, rel, st)
-            else:
+            elif not skipped:
                 record = pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns)
                 walk.file(record, name, st)
         records.extend(walk.leave())
