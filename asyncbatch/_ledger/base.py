@@ -445,6 +445,13 @@ class Ledger(IdempotencyStore):
         holds the role under ``fence`` (nothing is registered)."""
 
     @abc.abstractmethod
+    async def actions_due(self, job: str, keys: Sequence[str]) -> list[ItemInfo]:
+        """Of these keys, the job's items that are finished (done, dead) with a post-commit
+        action recorded (``post_action``): the files a listing found still in the source
+        although their action may have been cut short (a runner killed after the commit).
+        One read."""
+
+    @abc.abstractmethod
     async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
         """Mark the listing begun last complete (``files`` found, every one registered);
         ``False`` when ``owner`` no longer holds the role under ``fence``."""

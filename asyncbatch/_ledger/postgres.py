@@ -529,6 +529,10 @@ class PostgresLedger(Ledger):
         rows = await self._session.fetch(sql.ITEMS_BY_RELPATH, job, relpath)
         return [self._item(r) for r in rows]
 
+    async def actions_due(self, job: str, keys: Sequence[str]) -> list[t.ItemInfo]:
+        rows = await self._session.fetch(sql.ACTIONS_DUE, job, list(keys))
+        return [self._item(r) for r in rows]
+
     def _filter_args(self, which: t.ItemFilter, names: list[str]) -> list[Any]:
         """The arguments of a :func:`postgres_sql.list_items` statement, times the server's."""
         server = self._session.server

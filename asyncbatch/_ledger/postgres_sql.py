@@ -582,6 +582,11 @@ COUNTS = "SELECT state, count(*) FROM items WHERE job = $1 GROUP BY state"
 _ITEM_COLUMNS = ", ".join(ItemInfo.columns())
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND key = $2"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND relpath = $2"
+ACTIONS_DUE = f"""
+SELECT {_ITEM_COLUMNS} FROM items
+WHERE job = $1 AND key = ANY($2::text[]) AND state IN ('done', 'dead')
+  AND post_action IS NOT NULL
+"""
 FAILURES = f"""
 SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND state IN ('failed', 'dead')
 ORDER BY updated_at DESC LIMIT $2

@@ -803,6 +803,10 @@ class SQLiteLedger(Ledger):
     async def _items_by_relpath(self, job: str, relpath: bytes) -> list[t.ItemInfo]:
         return [_item(r) for r in await self._fetch_named(sql.ITEMS_BY_RELPATH, (job, relpath))]
 
+    async def actions_due(self, job: str, keys: Sequence[str]) -> list[t.ItemInfo]:
+        rows = await self._fetch_named(sql.ACTIONS_DUE, (job, json.dumps(list(keys))))
+        return [_item(r) for r in rows]
+
     async def list_items(self, job: str, which: t.ItemFilter) -> list[t.ItemInfo]:
         query, params = sql.list_items(which)
         rows = await self._fetch_named(query, self._filter_params(job, which, params))

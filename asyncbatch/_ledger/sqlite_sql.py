@@ -482,6 +482,11 @@ COUNTS = "SELECT state, count(*) FROM items WHERE job = ? GROUP BY state"
 _ITEM_COLUMNS = ", ".join(ItemInfo.columns())
 ITEM_BY_KEY = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND key = ?"
 ITEMS_BY_RELPATH = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND relpath = ?"
+ACTIONS_DUE = f"""
+SELECT {_ITEM_COLUMNS} FROM items
+WHERE job = ? AND key IN (SELECT value FROM json_each(?)) AND state IN ('done', 'dead')
+  AND post_action IS NOT NULL
+"""
 FAILURES = f"""
 SELECT {_ITEM_COLUMNS} FROM items WHERE job = ? AND state IN ('failed', 'dead')
 ORDER BY updated_at DESC LIMIT ?

@@ -23,6 +23,7 @@ Made per run by the claimer; nothing here outlives it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -155,8 +156,27 @@ class SharedRun:
                 "the listing role of job %r was taken over; this runner stops listing", cfg.job
             )
             return False
+        if found.done or found.dead:
+            await self._finish_actions([key for key, *_ in rows])
         run.wake()  # waiting items for this runner's own claims too
         return True
+
+    async def _finish_actions(self, keys: list[str]) -> None:
+        """Carry out again the post-commit actions of the listed files the ledger has finished
+        (a runner killed between a commit and its action left the file in the source): as an
+        exclusive run's claim does. The recorded file, not the listed one, is acted on: a
+        newer file under the name is left alone."""
+        posts = self.claimer.posts
+        for item in await self.run.ledger.actions_due(self.config.job, keys):
+            assert item.post_action is not None
+            posts.submit(
+                item.post_action,
+                item.key,
+                os.fsencode(item.relpath),
+                item.size,
+                item.mtime_ns,
+                item.inode,
+            )
 
     async def _watch(self) -> None:
         """Watch the source as its lister until the role is lost (or the run stops): the
