@@ -96,7 +96,8 @@ class BucketScenario(Job):
 
     def invariants(self, receiver: Receiver | None = None) -> dict[str, int]:
         """Everything that must be zero after recovery, measured on the bucket and the ledger."""
-        inbox = {n: digest(b) for n, b in self.objects(INBOX).items()}
+        inbox_bytes = self.objects(INBOX)
+        inbox = {n: digest(b) for n, b in inbox_bytes.items()}
         archived_bytes = self.objects(ARCHIVE)
         archived = {n: digest(b) for n, b in archived_bytes.items()}
         outputs = self.objects(OUT)
@@ -111,7 +112,7 @@ class BucketScenario(Job):
         torn = missing = 0
         for name in self.original:
             out = outputs.get(output_name(name))
-            source = archived_bytes.get(name)
+            source = archived_bytes.get(name, inbox_bytes.get(name))
             if out is None:
                 missing += 1
             elif source is None or out != expected_output(source):

@@ -344,34 +344,50 @@ class Job:
                 found["integrity_check_failures"] += integrity_failures(Path(receiver.state))
         return found
 
-    def handler_calls(self) -> collections.Counter[tuple[int, str]]:
-        """How many times each runner (by pid) called the handler for each input."""
+    def handler_calls(self) -> collections.Counter[tuple[Runner, str]]:
+        """How many times each runner (its host and pid) called the handler for each input."""
         if not self.calls.exists():
             return collections.Counter()
         text = self.calls.read_bytes().decode("utf-8", "surrogateescape")
-        return collections.Counter(
-            (int(pid), name) for pid, _, name in (line.partition(" ") for line in text.splitlines())
-        )
+        found: collections.Counter[tuple[Runner, str]] = collections.Counter()
+        for line in text.splitlines():
+            host, pid, name = line.split(" ", 2)
+            found[(host, int(pid)), name] += 1
+        return found
 
-    def calls_not_in_flight_at_a_kill(self, killed: set[int]) -> int:
+    def calls_not_in_flight_at_a_kill(self, killed: set[Runner]) -> int:
         """Handler calls beyond those a run may repeat: each input is handled once by the
         runner that recorded its completion, plus at most once by each runner SIGKILLed
-        (``killed``: their pids) while it was in flight; any other call counts."""
+        (``killed``: their host and pid) while it was in flight; any other call counts."""
         completer = {
-            bytes(relpath).decode("utf-8", "surrogateescape"): int(pid)
-            for relpath, pid in query(
+            bytes(relpath).decode("utf-8", "surrogateescape"): (host_of(str(host)), int(pid))
+            for relpath, host, pid in query(
                 self.state,
-                "SELECT i.relpath, r.pid FROM items i JOIN runs r ON r.owner = i.owner "
+                "SELECT i.relpath, r.host, r.pid FROM items i JOIN runs r ON r.owner = i.owner "
                 "WHERE i.state = 'done'",
             )
         }
         beyond = 0
-        for (pid, name), n in self.handler_calls().items():
-            if pid in killed or pid == completer.get(name):
+        for (runner, name), n in self.handler_calls().items():
+            if runner in killed or runner == completer.get(name):
                 beyond += n - 1  # the completing call, or one lost with its runner
             else:
                 beyond += n  # a runner that lived and did not complete it: a repeat
         return beyond
+
+
+#: A runner as its handler calls name it: its hostname and its pid (in its pid namespace).
+Runner = tuple[str, int]
+
+
+def host_of(recorded: str) -> str:
+    """The hostname of a runner's recorded host (``NAME/pidns:INODE`` in a pid namespace)."""
+    return recorded.split("/", 1)[0]
+
+
+def this_host(proc: subprocess.Popen[str]) -> Runner:
+    """A runner started on this host, as its handler calls name it."""
+    return (socket.gethostname(), proc.pid)
 
 
 @dataclass

@@ -23,7 +23,16 @@ import pytest
 
 from ..conftest import kill
 from .buckets import BucketScenario
-from .harness import Job, Scenario, assert_all_zero, receiving, record_figures, scale
+from .harness import (
+    Job,
+    Runner,
+    Scenario,
+    assert_all_zero,
+    receiving,
+    record_figures,
+    scale,
+    this_host,
+)
 
 KILLS = scale(5, 200)
 FILES = scale(60, 1000)
@@ -64,7 +73,7 @@ def test_random_sigkills_over_a_corpus_lose_nothing_and_repeat_no_effect(
     most, files = (KILLS, FILES) if source == "dir" else (S3_KILLS, S3_FILES)
     started = time.monotonic()
     kills = shared_runs = 0
-    killed: set[int] = set()
+    killed: set[Runner] = set()
     with receiving(receiver_state, tmp_path / "effects.log") as receiver:
         env = {"AB_SLEEP": "0.02"}
         scenario: Scenario | BucketScenario
@@ -87,7 +96,7 @@ def test_random_sigkills_over_a_corpus_lose_nothing_and_repeat_no_effect(
             for proc in runners:
                 if kill_later(proc, scenario, rng, budget):
                     kills += 1
-                    killed.add(proc.pid)
+                    killed.add(this_host(proc))
                 _, err = proc.communicate(timeout=120)
                 assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
         scenario.recover()
