@@ -386,6 +386,7 @@ def test_a_shared_run_finishes_the_archive_moves_a_killed_runner_committed(
 ) -> None:
     make_files(inbox, 6)
     archive = tmp_path / "archive"
+    archive.mkdir()
     args = (
         "run",
         RECORD,
