@@ -96,6 +96,21 @@ class Bucket:
         )
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
+    def versions(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        """Every version of every object under ``prefix`` (a versioned bucket: one per
+        ``PUT``), as ``(key, body)``, oldest first for each key."""
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.name, Prefix=prefix
+        )
+        newest_first: dict[str, list[bytes]] = {}  # as S3 lists them: each key's newest first
+        for page in pages:
+            for v in page.get("Versions", []):
+                body = self.client.get_object(
+                    Bucket=self.name, Key=v["Key"], VersionId=v["VersionId"]
+                )["Body"].read()
+                newest_first.setdefault(v["Key"], []).append(body)
+        return [(key, body) for key, bodies in newest_first.items() for body in bodies[::-1]]
+
     def last_modified(self, key: str) -> dt.datetime:
         """The object's LastModified."""
         when: dt.datetime = self.client.head_object(Bucket=self.name, Key=key)["LastModified"]

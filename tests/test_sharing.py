@@ -373,3 +373,39 @@ def test_an_exclusive_and_a_shared_runner_started_together_never_both_handle_fil
         for code, (_, err) in zip(codes, ends, strict=True):
             if code == 75:
                 assert "locked by pid" in err or "being run by --shared runners" in err, err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a --shared run registers a done item still in the inbox as done before and "
+    "never makes the archive move (or delete) its killed runner had committed; only an "
+    "exclusive run does (found by tests/torture/test_hosts.py)",
+)
+def test_a_shared_run_finishes_the_archive_moves_a_killed_runner_committed(
+    inbox: Path, any_state: str, tmp_path: Path
+) -> None:
+    make_files(inbox, 6)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    args = (
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        any_state,
+        "--on-done",
+        f"move:{archive}",
+        "--shared",
+        "--no-progress",
+    )
+    # Killed once its completions committed, before it moved any input to the archive.
+    crashed = cli(*args, env={"ASYNCBATCH_FAILPOINTS": "before-post-action=kill:1"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert sorted(p.name for p in inbox.iterdir()) == [f"f{i:05d}.txt" for i in range(6)]
+
+    result = cli(*args)  # the next run, shared as well
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in archive.iterdir()) == [f"f{i:05d}.txt" for i in range(6)]
+    assert list(inbox.iterdir()) == []

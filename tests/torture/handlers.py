@@ -2,7 +2,8 @@
 
 Configured through environment variables:
 
-- ``AB_LOG``: a file each invocation appends ``<relpath>\\n`` to (one ``O_APPEND`` write);
+- ``AB_LOG``: a file each invocation appends ``<relpath>\\n`` to (one ``O_APPEND`` write;
+  :func:`transform_and_post` ``<hostname> <pid> <relpath>\\n``: which runner handled it);
 - ``AB_URL``: the idempotent receiver's base URL (:mod:`tests.torture.receiver`);
 - ``AB_SLEEP``: seconds the handler lingers after its effects (default 0);
 - ``AB_BLOCK``: seconds :func:`stamp_after_block` blocks the event loop (``time.sleep``).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 
 import anyio
@@ -47,7 +49,7 @@ def note(line: str, variable: str = "AB_LOG") -> None:
 async def transform_and_post(ctx: TaskContext) -> None:
     """Read, write the output atomically, POST the input with its idempotency key, linger."""
     data = await ctx.read_bytes()
-    note(ctx.entry.relpath)
+    note(f"{socket.gethostname()} {os.getpid()} {ctx.entry.relpath}")
     await ctx.write_output(output_name(ctx.entry.relpath), expected_output(data))
     url = os.environ.get("AB_URL")
     if url:

@@ -250,8 +250,148 @@ def receiving(state: str, effects: Path) -> Iterator[Receiver]:
         receiver.stop()
 
 
+def corpus_bytes(name: str, i: int) -> bytes:
+    """The bytes of the ``i``-th file (or object) of a generation named ``name``: varied sizes
+    and contents, a function of the name alone."""
+    return (f"{name}:" * (1 + (i * 7919) % 23)).encode() + bytes([i % 251]) * (i % 97)
+
+
+class Job:
+    """What every scenario has, whatever its source (a directory: :class:`Scenario`; a bucket:
+    :class:`tests.torture.buckets.BucketScenario`): runners of one job with one ledger, the
+    handler's log, and the measures of the ledger, the receiver and the handler calls."""
+
+    state: str
+    url: str | None
+    jobs: int
+    env: Mapping[str, str]
+    calls: Path
+    #: Every input ever put in the inbox: name -> sha256 of its bytes.
+    original: dict[str, str]
+
+    def args(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self, failpoints: str = "", **more: str) -> dict[str, str]:
+        env = {"AB_LOG": str(self.calls), "ASYNCBATCH_FAILPOINTS": failpoints, **self.env}
+        if self.url:
+            env["AB_URL"] = self.url
+        return {**env, **more}
+
+    def spawn(
+        self, failpoints: str = "", *, shared: bool = False, **more: str
+    ) -> subprocess.Popen[str]:
+        args = [*self.args(), *(["--shared"] if shared else [])]
+        return spawn(*args, env=self.environment(failpoints, **more))
+
+    def done(self) -> int:
+        return int(query(self.state, "SELECT count(*) FROM items WHERE state = 'done'")[0][0])
+
+    def invocations(self) -> int:
+        if not self.calls.exists():
+            return 0
+        return self.calls.read_bytes().count(b"\n")
+
+    def recover(self, attempts: int = 3) -> subprocess.CompletedProcess[str]:
+        """Run to the end without failpoints (a second run if the first left a retry)."""
+        result = cli(*self.args(), env=self.environment(), timeout=300)
+        for _ in range(attempts - 1):
+            if result.returncode == 0:
+                break
+            result = cli(*self.args(), env=self.environment(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    def ledger_invariants(self) -> dict[str, int]:
+        """What must be zero of the ledger: every input one row, ``done``, completed once and
+        never changed after; no runner record or job lock left."""
+        found: dict[str, int] = {}
+        states = dict(query(self.state, "SELECT state, count(*) FROM items GROUP BY state"))
+        found["items_not_done"] = sum(n for s, n in states.items() if s != "done")
+        found["items_missing"] = len(self.original) - int(states.get("done", 0))
+        found["rows_per_file_beyond_one"] = int(
+            query(
+                self.state,
+                "SELECT count(*) - count(DISTINCT relpath) FROM items",
+            )[0][0]
+        )
+        completions = query(
+            self.state, "SELECT key, count(*) FROM torture_completions GROUP BY key"
+        )
+        found["duplicate_completions"] = sum(int(n) - 1 for _, n in completions)
+        found["items_done_without_a_recorded_completion"] = len(self.original) - len(completions)
+        found["done_rows_changed_after_done"] = int(
+            query(self.state, "SELECT count(*) FROM torture_done_touched")[0][0]
+        )
+        found["leftover_runners_and_locks"] = int(
+            query(
+                self.state,
+                "SELECT (SELECT count(*) FROM runners) + (SELECT count(*) FROM task_lock)",
+            )[0][0]
+        )
+        return found
+
+    def receiver_and_integrity(self, receiver: Receiver | None) -> dict[str, int]:
+        """What must be zero of the receiver (one effect per input) and of the SQLite files."""
+        found: dict[str, int] = {}
+        if receiver is not None:
+            executed = receiver.executions()
+            found["duplicate_effects"] = sum(n - 1 for n in executed.values())
+            found["files_without_effect"] = len(set(self.original) - set(executed))
+        if not is_postgres(self.state):
+            found["integrity_check_failures"] = integrity_failures(Path(self.state))
+            if receiver is not None and not is_postgres(receiver.state):
+                found["integrity_check_failures"] += integrity_failures(Path(receiver.state))
+        return found
+
+    def handler_calls(self) -> collections.Counter[tuple[Runner, str]]:
+        """How many times each runner (its host and pid) called the handler for each input."""
+        if not self.calls.exists():
+            return collections.Counter()
+        text = self.calls.read_bytes().decode("utf-8", "surrogateescape")
+        found: collections.Counter[tuple[Runner, str]] = collections.Counter()
+        for line in text.splitlines():
+            host, pid, name = line.split(" ", 2)
+            found[(host, int(pid)), name] += 1
+        return found
+
+    def calls_not_in_flight_at_a_kill(self, killed: set[Runner]) -> int:
+        """Handler calls beyond those a run may repeat: each input is handled once by the
+        runner that recorded its completion, plus at most once by each runner SIGKILLed
+        (``killed``: their host and pid) while it was in flight; any other call counts."""
+        completer = {
+            bytes(relpath).decode("utf-8", "surrogateescape"): (host_of(str(host)), int(pid))
+            for relpath, host, pid in query(
+                self.state,
+                "SELECT i.relpath, r.host, r.pid FROM items i JOIN runs r ON r.owner = i.owner "
+                "WHERE i.state = 'done'",
+            )
+        }
+        beyond = 0
+        for (runner, name), n in self.handler_calls().items():
+            if runner in killed or runner == completer.get(name):
+                beyond += n - 1  # the completing call, or one lost with its runner
+            else:
+                beyond += n  # a runner that lived and did not complete it: a repeat
+        return beyond
+
+
+#: A runner as its handler calls name it: its hostname and its pid (in its pid namespace).
+Runner = tuple[str, int]
+
+
+def host_of(recorded: str) -> str:
+    """The hostname of a runner's recorded host (``NAME/pidns:INODE`` in a pid namespace)."""
+    return recorded.split("/", 1)[0]
+
+
+def this_host(proc: subprocess.Popen[str]) -> Runner:
+    """A runner started on this host, as its handler calls name it."""
+    return (socket.gethostname(), proc.pid)
+
+
 @dataclass
-class Scenario:
+class Scenario(Job):
     """One job over one corpus, and everything needed to check it after any number of kills."""
 
     root: Path
@@ -283,7 +423,7 @@ class Scenario:
         self.generation += 1
         for i in range(count):
             name = f"g{g:03d}-{i:05d}.dat"
-            data = (f"{name}:" * (1 + (i * 7919) % 23)).encode() + bytes([i % 251]) * (i % 97)
+            data = corpus_bytes(name, i)
             path = self.inbox / name
             path.write_bytes(data)
             os.utime(path, (base + i / 1000, base + i / 1000))
@@ -320,36 +460,6 @@ class Scenario:
             *self.extra,
         ]
 
-    def environment(self, failpoints: str = "", **more: str) -> dict[str, str]:
-        env = {"AB_LOG": str(self.calls), "ASYNCBATCH_FAILPOINTS": failpoints, **self.env}
-        if self.url:
-            env["AB_URL"] = self.url
-        return {**env, **more}
-
-    def spawn(
-        self, failpoints: str = "", *, shared: bool = False, **more: str
-    ) -> subprocess.Popen[str]:
-        args = [*self.args(), *(["--shared"] if shared else [])]
-        return spawn(*args, env=self.environment(failpoints, **more))
-
-    def done(self) -> int:
-        return int(query(self.state, "SELECT count(*) FROM items WHERE state = 'done'")[0][0])
-
-    def invocations(self) -> int:
-        if not self.calls.exists():
-            return 0
-        return self.calls.read_bytes().count(b"\n")
-
-    def recover(self, attempts: int = 3) -> subprocess.CompletedProcess[str]:
-        """Run to the end without failpoints (a second run if the first left a retry)."""
-        result = cli(*self.args(), env=self.environment(), timeout=300)
-        for _ in range(attempts - 1):
-            if result.returncode == 0:
-                break
-            result = cli(*self.args(), env=self.environment(), timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
     def invariants(self, receiver: Receiver | None = None) -> dict[str, int]:
         """Everything that must be zero (or true) after recovery, measured."""
         found: dict[str, int] = {}
@@ -362,29 +472,7 @@ class Scenario:
         found["files_in_both_inbox_and_archive"] = len(set(inbox) & set(archived))
         found["files_not_archived"] = len(set(self.original) - set(archived))
         found["unknown_files"] = len((set(inbox) | set(archived)) - set(self.original))
-        states = dict(query(self.state, "SELECT state, count(*) FROM items GROUP BY state"))
-        found["items_not_done"] = sum(n for s, n in states.items() if s != "done")
-        found["items_missing"] = len(self.original) - int(states.get("done", 0))
-        found["rows_per_file_beyond_one"] = int(
-            query(
-                self.state,
-                "SELECT count(*) - count(DISTINCT relpath) FROM items",
-            )[0][0]
-        )
-        completions = query(
-            self.state, "SELECT key, count(*) FROM torture_completions GROUP BY key"
-        )
-        found["duplicate_completions"] = sum(int(n) - 1 for _, n in completions)
-        found["items_done_without_a_recorded_completion"] = len(self.original) - len(completions)
-        found["done_rows_changed_after_done"] = int(
-            query(self.state, "SELECT count(*) FROM torture_done_touched")[0][0]
-        )
-        found["leftover_runners_and_locks"] = int(
-            query(
-                self.state,
-                "SELECT (SELECT count(*) FROM runners) + (SELECT count(*) FROM task_lock)",
-            )[0][0]
-        )
+        found.update(self.ledger_invariants())
         torn = missing = 0
         for name in self.original:
             out = self.out / output_name(name)
@@ -401,14 +489,7 @@ class Scenario:
             for p in d.rglob("*")
             if p.name.startswith(TEMP_PREFIX)
         )
-        if receiver is not None:
-            executed = receiver.executions()
-            found["duplicate_effects"] = sum(n - 1 for n in executed.values())
-            found["files_without_effect"] = len(set(self.original) - set(executed))
-        if not is_postgres(self.state):
-            found["integrity_check_failures"] = integrity_failures(Path(self.state))
-            if receiver is not None and not is_postgres(receiver.state):
-                found["integrity_check_failures"] += integrity_failures(Path(receiver.state))
+        found.update(self.receiver_and_integrity(receiver))
         return found
 
     def _marker_invariants(self, inbox: dict[str, str], archived: dict[str, str]) -> dict[str, int]:

@@ -5,6 +5,10 @@ What is fenced: the ledger row always (owner and fence); ``ctx.write_output`` an
 check the item's local lease deadline just before they start (:class:`LockLostError`, nothing
 written or moved). What is not: an effect already under way when the pause began, and HTTP
 calls (the receiver's idempotency key covers those). See asyncbatch/docs/RELIABILITY.md.
+
+Over an ``s3://`` inbox with ``s3://`` outputs the same holds of the ``PUT``s: the output
+prefix is in a versioned bucket, so every ``PUT`` leaves a version, and the versions the paused
+runner made after it resumed are counted (none: its lease had run out).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from asyncbatch import Batch, LockLostError, TaskContext
 from asyncbatch import _failpoints as failpoints
 
 from ..conftest import make_files, spawn, wait_for
+from ..s3 import Bucket
 from .handlers import output_name
 from .harness import HANDLERS, create_ledger_with_audit, query, record_figures
 
@@ -58,23 +63,33 @@ class Pause:
         return [w for w in self.paused_err.splitlines() if "taken over" in w or "ran out" in w]
 
 
-def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
+def pause_and_take_over(state: str, tmp_path: Path, bucket: Bucket | None = None) -> Pause:
     """SIGSTOP a ``--shared`` runner in a handler, past its lease; let another runner take its
-    items over and finish; SIGCONT the first; collect what each did."""
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    out.mkdir()
-    names = sorted(p.name for p in make_files(inbox, 6))
+    items over and finish; SIGCONT the first; collect what each did. With ``bucket``, the
+    inbox is ``s3://BUCKET/in/`` and the outputs go to ``s3://BUCKET/out/`` (versioned)."""
+    names = [f"f{i:05d}.txt" for i in range(6)]
+    created = tmp_path / "inbox", tmp_path / "out"
+    if bucket is None:
+        source, out = created
+        make_files(source, 6)
+        out.mkdir()
+    else:
+        bucket.client.put_bucket_versioning(
+            Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"}
+        )
+        for name in names:
+            bucket.put(f"in/{name}", name.encode())
     create_ledger_with_audit(state)
     started, wrote = tmp_path / "started.log", tmp_path / "wrote.log"
     args = (
         "run",
         f"{HANDLERS}:stamp_after_block",
         "--source",
-        inbox,
+        created[0] if bucket is None else bucket.url("in/"),
         "--state",
         state,
         "--output-dir",
-        out,
+        created[1] if bucket is None else bucket.url("out/"),
         "--shared",
         "-j",
         "2",
@@ -82,12 +97,14 @@ def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
         str(LEASE),
         "--no-progress",
     )
-    env = {"AB_LOG": str(started), "AB_WROTE": str(wrote)}
+    env = {"AB_LOG": str(started), "AB_WROTE": str(wrote), **(bucket.env if bucket else {})}
     paused = spawn(*args, env={**env, "AB_BLOCK": "1.0"})
+    puts_before_resume: Counter[tuple[str, bytes]] = Counter()
     try:
         # Its handlers block the event loop one after the other: the second is inside its
-        # blocking sleep (the first one wrote, and may have committed, before it).
-        wait_for(lambda: len(lines(started)) >= 2, timeout=60)
+        # blocking sleep (the first one wrote, and may have committed, before it). Over a
+        # bucket the first one's PUT is awaited: its object is there before the pause.
+        wait_for(lambda: len(lines(started)) >= 2 and _first_written(bucket, started), 60)
         paused.send_signal(signal.SIGSTOP)
         started_before_pause = len(lines(started))
         at_pause = lines(started)[-1].split(" ", 1)[1]
@@ -96,12 +113,25 @@ def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
         taker = spawn(*args, env={**env, "AB_BLOCK": "0"})
         _, taker_err = taker.communicate(timeout=120)
         assert taker.returncode == 0, taker_err
+        if bucket is not None:
+            puts_before_resume = Counter(bucket.versions("out/"))
     finally:
         paused.send_signal(signal.SIGCONT)
     _, paused_err = paused.communicate(timeout=60)
 
     pid_of = {str(owner): str(pid) for owner, pid in query(state, "SELECT owner, pid FROM runs")}
     mine = f"{paused.pid} "
+    if bucket is None:
+        outputs = {n: (created[1] / output_name(n)).read_text().strip() for n in names}
+        late = [w for w in lines(wrote)[wrote_before_pause:] if w.startswith(mine)]
+    else:
+        outputs = {n: (bucket.get(f"out/{output_name(n)}") or b"").decode().strip() for n in names}
+        # Every PUT the paused runner made after it resumed (its lease had run out by then).
+        late = [
+            f"{body.decode().strip()} {key}"
+            for key, body in (Counter(bucket.versions("out/")) - puts_before_resume).elements()
+            if body.decode().strip() == str(paused.pid)
+        ]
     return Pause(
         names=names,
         at_pause=at_pause,
@@ -111,12 +141,12 @@ def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
                 state, "SELECT relpath, owner FROM items WHERE state = 'done'"
             )
         },
-        outputs={n: (out / output_name(n)).read_text().strip() for n in names},
+        outputs=outputs,
         paused_pid=paused.pid,
         taker_pid=taker.pid,
         paused_exit=paused.returncode,
         paused_err=paused_err,
-        late_writes=[w for w in lines(wrote)[wrote_before_pause:] if w.startswith(mine)],
+        late_writes=late,
         started_after_resume=[
             w for w in lines(started)[started_before_pause:] if w.startswith(mine)
         ],
@@ -126,6 +156,15 @@ def pause_and_take_over(state: str, tmp_path: Path) -> Pause:
     )
 
 
+def _first_written(bucket: Bucket | None, started: Path) -> bool:
+    """Over a bucket: whether the output of the first item started is there (its ``PUT``
+    done); over a directory: true (the first handler wrote before the second began)."""
+    if bucket is None:
+        return True
+    first = lines(started)[0].split(" ", 1)[1]
+    return bucket.get(f"out/{output_name(first)}") is not None
+
+
 @pytest.fixture(scope="module")
 def sqlite_pause(tmp_path_factory: pytest.TempPathFactory) -> Pause:
     """One pause on SQLite, for the tests of what it did and of what it should not have."""
@@ -133,17 +172,22 @@ def sqlite_pause(tmp_path_factory: pytest.TempPathFactory) -> Pause:
     return pause_and_take_over(str(root / "state.db"), root)
 
 
+@pytest.mark.parametrize("source", ["dir", "s3"])
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites_nothing(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, source: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "sqlite":
+    if backend == "sqlite" and source == "dir":
         found: Pause = request.getfixturevalue("sqlite_pause")
     else:
-        found = pause_and_take_over(request.getfixturevalue("pg_dsn"), tmp_path)
+        state = (
+            str(tmp_path / "state.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+        )
+        bucket = request.getfixturevalue("bucket") if source == "s3" else None
+        found = pause_and_take_over(state, tmp_path, bucket)
     record_figures(
         "pause",
-        backend=backend,
+        backend=backend if source == "dir" else f"{backend}, s3://",
         taken_over=sum(pid == str(found.taker_pid) for pid in found.done.values()),
         paused_exit=found.paused_exit,
         late_writes=len(found.late_writes),
@@ -161,6 +205,8 @@ def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites
     assert found.paused_exit == 1, found.paused_err
     assert found.lost_lines, found.paused_err
     assert "Traceback" not in found.paused_err
+    if source == "s3":
+        assert found.started_after_resume == []
 
 
 def test_a_resumed_runner_starts_no_handler_for_items_it_no_longer_holds(

@@ -1,0 +1,125 @@
+"""Three hosts share a job over an ``s3://`` inbox with a PostgreSQL ledger, and one dies.
+
+Each runner is a host of its own (its hostname and pid namespace: ``unshare --uts --pid``, as
+tests/test_sharing.py and tests/test_lister.py make them), ``--shared`` with a 3 s lease, over
+a corpus of objects in a bucket of moto on 127.0.0.1 (outputs and the archive in the bucket),
+with the idempotent receiver. Once they are well under way, the host that lists the bucket is
+SIGKILLed (its runner with it: ``--kill-child``); the two others must take the listing and the
+dead host's items over and finish the job with no further run: every object done once in the
+ledger, its output whole, its effect applied once, and no object handled twice but those the
+dead host had in flight. Then every object is archived once, after one more (exclusive) run:
+the archive moves the dead host had committed and not made yet are left by the survivors, as
+by any ``--shared`` run (a defect, tests/test_sharing.py's strict xfail
+``test_a_shared_run_finishes_the_archive_moves_a_killed_runner_committed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..conftest import WARNINGS_FAIL, cli, wait_for
+from ..s3 import Bucket
+from .buckets import BucketScenario
+from .harness import ROOT, Runner, assert_all_zero, host_of, query, receiving, record_figures, scale
+
+OBJECTS = scale(90, 3000)
+HOSTS = ("host-a", "host-b", "host-c")
+
+
+def on_host(name: str, scenario: BucketScenario) -> subprocess.Popen[str]:
+    """A runner of the scenario's job, ``--shared``, on a "host" of its own."""
+    command = f"hostname {name} && exec {shlex.join([sys.executable, '-m', 'asyncbatch'])} " + (
+        shlex.join([*scenario.args(), "--shared", "--lease", "3"])
+    )
+    return subprocess.Popen(
+        ["unshare", "--uts", "--pid", "--fork", "--kill-child", "sh", "-c", command],
+        cwd=ROOT,
+        env={**os.environ, **WARNINGS_FAIL, **scenario.environment()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def lister_host(state: str) -> str | None:
+    """The hostname of the runner that lists the source now, if any."""
+    result = cli("status", "--state", state, "--json", cwd=ROOT)
+    if result.returncode != 0:  # no ledger yet
+        return None
+    listing: dict[str, Any] | None = json.loads(result.stdout)["listing"]
+    host = None if listing is None else listing["host"]
+    return None if host is None else host_of(str(host))
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare and root for separate UTS and pid namespaces",
+)
+def test_three_hosts_share_a_bucket_and_the_listers_host_dies(
+    tmp_path: Path, pg_dsn: str, bucket: Bucket
+) -> None:
+    started = time.monotonic()
+    with receiving(pg_dsn, tmp_path / "effects.log") as receiver:
+        scenario = BucketScenario(
+            tmp_path, pg_dsn, bucket, url=receiver.url, env={"AB_SLEEP": "0.05"}
+        )
+        scenario.add_files(OBJECTS)
+        hosts = {name: on_host(name, scenario) for name in HOSTS}
+        try:
+            wait_for(lambda: lister_host(pg_dsn) in hosts, timeout=60)
+            wait_for(lambda: scenario.invocations() >= OBJECTS // 5, timeout=120)
+            dead = str(lister_host(pg_dsn))
+            handled_at_kill = scenario.invocations()
+            hosts[dead].send_signal(signal.SIGKILL)  # --kill-child SIGKILLs its runner too
+            hosts[dead].communicate(timeout=30)
+            results = {n: p.communicate(timeout=600) for n, p in hosts.items() if n != dead}
+        finally:
+            for proc in hosts.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate(timeout=30)
+        killed: set[Runner] = {
+            (host_of(str(host)), int(pid))
+            for host, pid in query(pg_dsn, "SELECT host, pid FROM runs")
+            if host_of(str(host)) == dead
+        }
+        by_survivors = scenario.invariants(receiver)
+        left_unarchived = by_survivors.pop("files_not_archived")
+        by_survivors.pop("files_in_both_inbox_and_archive")
+        by_survivors.pop("torn_outputs")  # compared with the archived copy, or the input
+        scenario.recover()
+        found = scenario.invariants(receiver)
+        found["handler_calls_not_in_flight_at_a_kill"] = scenario.calls_not_in_flight_at_a_kill(
+            killed
+        )
+    by_host = {
+        h: sum(n for (r, _), n in scenario.handler_calls().items() if r[0] == h) for h in HOSTS
+    }
+    record_figures(
+        "hosts",
+        backend="postgres, s3://",
+        files=len(scenario.original),
+        killed_host_had_handled=by_host[dead],
+        handled_before_the_kill=handled_at_kill,
+        left_unarchived_by_the_survivors=left_unarchived,
+        invocations=scenario.invocations(),
+        seconds=round(time.monotonic() - started, 1),
+        invariants=found,
+    )
+    for name, (_, err) in results.items():
+        assert hosts[name].returncode == 0, (name, err[-3000:])
+    assert len(killed) == 1, killed
+    assert all(by_host[h] > 0 for h in HOSTS), by_host  # each host took part
+    assert_all_zero(by_survivors)  # the survivors alone: all done once, nothing repeated
+    assert_all_zero(found)  # and once the pending archive moves are made
