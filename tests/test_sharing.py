@@ -375,12 +375,6 @@ def test_an_exclusive_and_a_shared_runner_started_together_never_both_handle_fil
                 assert "locked by pid" in err or "being run by --shared runners" in err, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a --shared run registers a done item still in the inbox as done before and "
-    "never makes the archive move (or delete) its killed runner had committed; only an "
-    "exclusive run does (found by tests/torture/test_hosts.py)",
-)
 def test_a_shared_run_finishes_the_archive_moves_a_killed_runner_committed(
     inbox: Path, any_state: str, tmp_path: Path
 ) -> None:

@@ -97,8 +97,17 @@ class SharedRun:
         about one lease)."""
         run, cfg = self.run, self.config
         while not run.stopping:
+            prior = await run.ledger.listing(cfg.job)
             role = await run.ledger.take_listing(cfg.job, run.owner, cfg.lease)
             mine = role.held_by(run.owner, run.clock())
+            # Taken from a holder whose lease ran out (it died, or stalled): it may have left
+            # the post-commit actions of its last items undone, which a listing finishes.
+            lapsed = (
+                mine
+                and prior is not None
+                and prior.owner not in (None, run.owner)
+                and prior.lease_until is not None
+            )
             if mine and run.lister_fence != role.fence:
                 run.role_lost = anyio.Event()  # a new tenure of the role
                 run.listed = True
@@ -112,7 +121,7 @@ class SharedRun:
                 run.listing_target = self.target
             if mine and watching:
                 await self._watch()
-            elif mine and (self.target is None or role.complete < self.target):
+            elif mine and (self.target is None or role.complete < self.target or lapsed):
                 await self._list(role)
             self._role_seen.set()
             # The heartbeat renews the role meanwhile; a runner without work looks at it too,

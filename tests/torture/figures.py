@@ -77,8 +77,7 @@ def render(records: list[dict[str, Any]], seconds: float | None) -> str:
             f"- three hosts sharing a job ({r['backend']}), the lister's host SIGKILLed after "
             f"{r['handled_before_the_kill']} handler calls: {r['files']} objects, "
             f"{r['invocations']} handler calls ({r['killed_host_had_handled']} on the dead "
-            f"host), {r['left_unarchived_by_the_survivors']} archive moves left by the "
-            f"survivors for the next run, {r['seconds']} s; {held(r['invariants'])}"
+            f"host), {r['seconds']} s; {held(r['invariants'])}"
         )
     for r in by_loop["pause"]:
         out.append(
