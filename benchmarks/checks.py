@@ -114,7 +114,11 @@ def shared_cpu_checks(
             checks.append(Check("NOT RUN", f"{what}: no CPU figure (server CPU not readable?)"))
             continue
         ratio = many / base
-        paired = [b / a for a, b in zip(total_cpus(lone), total_cpus(shared), strict=False)]
+        # Repeat i of each was measured at about the same time: paired only when none failed.
+        ones, manys = total_cpus(lone), total_cpus(shared)
+        paired = (
+            [b / a for a, b in zip(ones, manys, strict=True)] if len(ones) == len(manys) else []
+        )
         dups = sum(int(s.details.get("duplicates", 0)) for s in shared.samples)
         ok = ratio <= limit and dups == 0
         per_file = f"{many / ref.n * 1e6:.0f} vs {base / ref.n * 1e6:.0f} µs/file"
@@ -122,7 +126,8 @@ def shared_cpu_checks(
             Check(
                 verdict(ok),
                 f"{what}: {per_file} = {ratio:.2f}{X} (per repeat "
-                f"{', '.join(f'{r:.2f}' for r in paired)}); throughput {shared.rate:,.0f} vs "
+                f"{', '.join(f'{r:.2f}' for r in paired) or 'not paired'}); throughput "
+                f"{shared.rate:,.0f} vs "
                 f"{lone.rate:,.0f} files/s; {dups} duplicates over {len(shared.samples)} run(s)",
                 () if ok or why is None else why(shared),
             )
