@@ -1,14 +1,15 @@
 """Issue 21's lister figures: ``python -m benchmarks.lister`` writes benchmarks/RESULTS-lister.md.
 
 1. **Listings.** How many times the source directory is read to its end, counted by the kernel's
-   side of it: every runner runs under ``strace -ff -e trace=getdents64 -y``, and a listing is a
-   ``getdents64`` on the source directory that returns 0 (the end of the directory; a listing
-   of N files takes several calls before it). One-shot: one run of 1 runner, and of 1, 2 and 4
-   ``--shared`` runners, over a flat inbox (and the same with ``--baseline``'s checkout, from
-   before issue 21). Watch mode: 2 and 4 ``--shared`` runners (``--watch --no-events --poll
-   P``) for D seconds while a file is added every P/2 seconds, so that every poll lists; the
-   polls are the listings the job's lister began (``asyncbatch status --json``: the listing
-   role's ``generation``), and listings per poll = directory reads to the end / polls.
+   side of it: every runner runs under ``strace -ff -ttt -e trace=getdents64 -y``, and a
+   listing is a ``getdents64`` on the source directory that returns 0 (the end of the
+   directory; a listing of N files takes several calls before it). One-shot: one run of 1
+   runner, and of 1, 2 and 4 ``--shared`` runners, over a flat inbox, on SQLite and (when
+   reachable) PostgreSQL, and 2 and 4 with ``--baseline``'s checkout (from before issue 21).
+   Watch mode: 1 runner, and 2 and 4 ``--shared`` runners (``--watch --no-events --poll P``)
+   for D seconds while a file is added every P/2 seconds, so that every poll lists; polls =
+   1 + (last listing - first listing) / P (the polls one lister makes over that span), and
+   listings per poll = listings by all runners / polls.
 2. **One runner's rate, A/B.** ``asyncbatch run`` over the flat 100,000 inbox (fresh SQLite
    ledger each time), this checkout against ``--baseline`` (another checkout with its own
    ``.venv``), interleaved (the order alternating), ``--repeat`` times each.
