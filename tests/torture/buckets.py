@@ -19,11 +19,13 @@ from ..s3 import Bucket
 from .handlers import expected_output, output_name
 from .harness import (
     HANDLERS,
+    MARKER,
     Job,
     Receiver,
     corpus_bytes,
     create_ledger_with_audit,
     digest,
+    marker_invariants,
 )
 
 INBOX, OUT, ARCHIVE = "in/", "out/", "archive/"
@@ -41,6 +43,9 @@ class BucketScenario(Job):
     jobs: int = 4
     extra: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Each object comes with a marker (``NAME.done``, put after it), and the job is ready by
+    #: ``marker:.done``: markers follow their objects to the archive.
+    markers: bool = False
     original: dict[str, str] = field(default_factory=dict)
     generation: int = 0
 
@@ -58,6 +63,8 @@ class BucketScenario(Job):
             data = corpus_bytes(name, i)
             self.bucket.put(INBOX + name, data)
             self.original[name] = digest(data)
+            if self.markers:
+                self.bucket.put(INBOX + name + MARKER, b"")
 
     def args(self) -> list[str]:
         return [
@@ -82,6 +89,7 @@ class BucketScenario(Job):
             "100",
             "--max-interruptions",
             "1000",
+            *(["--ready", f"marker:{MARKER}"] if self.markers else []),
             *self.extra,
         ]
 
@@ -102,6 +110,8 @@ class BucketScenario(Job):
         archived = {n: digest(b) for n, b in archived_bytes.items()}
         outputs = self.objects(OUT)
         found: dict[str, int] = {}
+        if self.markers:
+            found.update(marker_invariants(self.original, inbox, archived))
         kept = {n for n, h in self.original.items() if inbox.get(n) == h or archived.get(n) == h}
         found["files_lost"] = len(self.original) - len(kept)
         found["files_in_both_inbox_and_archive"] = len(set(inbox) & set(archived))

@@ -28,7 +28,7 @@ def render(records: list[dict[str, Any]], seconds: float | None) -> str:
     for r in records:
         by_loop[r["loop"]].append(r)
     out: list[str] = []
-    crashes = sum(r["crashes"] for r in by_loop["failpoint"])
+    crashes = sum(r["crashes"] for r in by_loop["failpoint"] + by_loop["failpoint s3"])
     kills = sum(r["kills"] for r in by_loop["sigkill"])
     head = f"{crashes} failpoint crashes, {kills} random SIGKILLs"
     if seconds is not None:
@@ -46,6 +46,23 @@ def render(records: list[dict[str, Any]], seconds: float | None) -> str:
             out.append(
                 f"| {r['point']} | {r['backend']} | {r['crashes']} | {r['files']} | "
                 f"{r['invocations']} | {held(r['invariants'], allowed)} |"
+            )
+        out.append("")
+    if by_loop["failpoint s3"]:
+        out.append(
+            "| failpoint, s3:// | backend | crashes | objects | handler calls | seconds "
+            "| invariants |"
+        )
+        out.append("|---|---|---|---|---|---|---|")
+        for r in sorted(by_loop["failpoint s3"], key=lambda r: (r["point"], r["backend"])):
+            allowed = (
+                {"duplicate_effects": r["crashes"] * 4}
+                if r["point"] == "middleware-executed"
+                else {}
+            )
+            out.append(
+                f"| {r['point']} | {r['backend']} | {r['crashes']} | {r['files']} | "
+                f"{r['invocations']} | {r['seconds']} | {held(r['invariants'], allowed)} |"
             )
         out.append("")
     if by_loop["sigkill"]:

@@ -466,7 +466,7 @@ class Scenario(Job):
         inbox = _files(self.inbox)
         archived = _files(self.archive)
         if self.markers:
-            found.update(self._marker_invariants(inbox, archived))
+            found.update(marker_invariants(self.original, inbox, archived))
         kept = {n for n, h in self.original.items() if inbox.get(n) == h or archived.get(n) == h}
         found["files_lost"] = len(self.original) - len(kept)
         found["files_in_both_inbox_and_archive"] = len(set(inbox) & set(archived))
@@ -492,21 +492,24 @@ class Scenario(Job):
         found.update(self.receiver_and_integrity(receiver))
         return found
 
-    def _marker_invariants(self, inbox: dict[str, str], archived: dict[str, str]) -> dict[str, int]:
-        """What must be zero of the markers (taken out of ``inbox`` and ``archived``): each
-        followed its file to the archive, once, and none is left behind."""
-        markers = {f"{name}{MARKER}" for name in self.original}
-        in_inbox = {n for n in inbox if n.endswith(MARKER)}
-        in_archive = {n for n in archived if n.endswith(MARKER)}
-        for name in in_inbox:
-            del inbox[name]
-        for name in in_archive:
-            del archived[name]
-        return {
-            "markers_lost": len(markers - in_inbox - in_archive),
-            "markers_left_in_the_inbox": len(in_inbox),
-            "markers_unknown": len((in_inbox | in_archive) - markers),
-        }
+
+def marker_invariants(
+    original: Mapping[str, str], inbox: dict[str, str], archived: dict[str, str]
+) -> dict[str, int]:
+    """What must be zero of the markers (taken out of ``inbox`` and ``archived``): each
+    followed its file to the archive, once, and none is left behind."""
+    markers = {f"{name}{MARKER}" for name in original}
+    in_inbox = {n for n in inbox if n.endswith(MARKER)}
+    in_archive = {n for n in archived if n.endswith(MARKER)}
+    for name in in_inbox:
+        del inbox[name]
+    for name in in_archive:
+        del archived[name]
+    return {
+        "markers_lost": len(markers - in_inbox - in_archive),
+        "markers_left_in_the_inbox": len(in_inbox),
+        "markers_unknown": len((in_inbox | in_archive) - markers),
+    }
 
 
 def _files(directory: Path) -> dict[str, str]:

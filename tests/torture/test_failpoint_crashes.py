@@ -1,11 +1,20 @@
 """Every named failpoint crashes a runner (SIGKILL at that point) again and again; nothing is
-lost, completed twice, applied twice at the receiver, torn or left behind.
+lost, completed twice, applied twice at the receiver, torn or left behind: over a directory
+inbox, and over an ``s3://`` inbox (the points a run over a bucket reaches).
 
 Each point gets a corpus of its own (SQLite, then PostgreSQL), an idempotent receiver, an
 archive on another filesystem (a tmpfs: the move copies, so ``mid-copy`` is reached). A runner
 is started with ``NAME=kill:N`` (``N`` random, so the crash lands at varied hits) until the
 point has killed ``CRASHES`` runners; files are added whenever a run finishes without reaching
 it. ``middleware-executed`` is the receiver's: there the receiver is killed, and restarted.
+
+Over a bucket (:class:`~tests.torture.buckets.BucketScenario`: objects under ``in/`` of a moto
+bucket, outputs under ``out/``, the archive under ``archive/``) the same loop runs for every
+point such a run reaches: the object store's two (``between-copy-and-delete``, ``output-put``)
+and those of the claim, the handler, the commit, the ledger's transactions, the post-commit
+actions (``before-marker-action`` with a marker object beside each object), HTTP and the
+receiver. The points of a file output and of a move between filesystems (``output-temp-written``,
+``output-replaced``, ``before-dir-fsync``, ``mid-copy``) are not reached there.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import pytest
 
 from asyncbatch import _failpoints as failpoints
 
+from .buckets import BucketScenario
 from .harness import (
     FULL,
     Receiver,
@@ -36,19 +46,50 @@ FILES = scale(12, 120)
 #: The largest N of ``kill:N`` per point: points reached once a claim chunk get small ones.
 MOST_HITS = {"after-claim": 3, "in-transaction": 40}
 RECEIVER_POINT = "middleware-executed"
-#: The points of a directory inbox; those of an object store (s3://) have their crash tests in
-#: tests/test_s3_effects.py and tests/test_s3_crash.py.
+#: The points of a directory inbox; those of an object store (s3://) are crashed over a bucket
+#: below (and once each by tests/test_s3_effects.py).
 POINTS = sorted(set(failpoints.POINTS) - failpoints.OBJECT_POINTS)
+#: The points a run over a bucket reaches (``s3://`` source, outputs and archive, a receiver).
+S3_ALL_POINTS = sorted(
+    failpoints.OBJECT_POINTS
+    | {
+        "after-claim",
+        "in-handler",
+        "before-commit",
+        "after-commit",
+        "in-transaction",
+        "before-post-action",
+        "before-marker-action",
+        "http-sent",
+        RECEIVER_POINT,
+    }
+)
+#: ``make torture`` crashes each point over a corpus of its own; ``make test`` the object
+#: store's points and the post-commit action's, twice each in turn, over one small corpus (each
+#: object costs a few requests to moto, each scenario a receiver and a recovery run).
+S3_GROUPS = (
+    [[point] for point in S3_ALL_POINTS]
+    if FULL
+    else [["before-post-action", *sorted(failpoints.OBJECT_POINTS)]]
+)
+S3_CRASHES = scale(2, 20)
+S3_FILES = scale(8, 120)
 
 
-def crash_runners_at(point: str, scenario: Scenario, rng: random.Random) -> int:
-    """Start runners armed with ``point=kill:N`` until CRASHES of them died there."""
+def crash_runners_at(
+    point: str,
+    scenario: Scenario | BucketScenario,
+    rng: random.Random,
+    most: int = CRASHES,
+    files: int = FILES,
+) -> int:
+    """Start runners armed with ``point=kill:N`` until ``most`` of them died there."""
     crashes = runs = 0
-    while crashes < CRASHES:
+    while crashes < most:
         runs += 1
-        assert runs < CRASHES * 4 + 10, f"{point}: reached only {crashes} times in {runs} runs"
+        assert runs < most * 4 + 10, f"{point}: reached only {crashes} times in {runs} runs"
         if scenario.done() == len(scenario.original):
-            scenario.add_files(FILES // 2)  # no work left to crash in: more of it
+            scenario.add_files(files // 2)  # no work left to crash in: more of it
         n = rng.randint(1, MOST_HITS.get(point, 12)) if FULL else 1  # short: surely reached
         proc = scenario.spawn(f"{point}=kill:{n}")
         _, err = proc.communicate(timeout=300)
@@ -59,21 +100,27 @@ def crash_runners_at(point: str, scenario: Scenario, rng: random.Random) -> int:
     return crashes
 
 
-def crash_receiver_at(scenario: Scenario, receiver: Receiver, rng: random.Random) -> None:
-    """Run the job while the receiver dies at ``middleware-executed`` CRASHES times."""
+def crash_receiver_at(
+    scenario: Scenario | BucketScenario,
+    receiver: Receiver,
+    rng: random.Random,
+    most: int = CRASHES,
+    files: int = FILES,
+) -> None:
+    """Run the job while the receiver dies at ``middleware-executed`` ``most`` times."""
 
     def arm(crashes: int) -> str:
-        return f"{RECEIVER_POINT}=kill:{rng.randint(1, 12)}" if crashes < CRASHES else ""
+        return f"{RECEIVER_POINT}=kill:{rng.randint(1, 12)}" if crashes < most else ""
 
     receiver.stop()
     receiver.arm = arm
     receiver.start()
     runs = 0
-    while receiver.crashes < CRASHES:
+    while receiver.crashes < most:
         runs += 1
-        assert runs < CRASHES * 4 + 10, f"the receiver crashed only {receiver.crashes} times"
+        assert runs < most * 4 + 10, f"the receiver crashed only {receiver.crashes} times"
         if scenario.done() == len(scenario.original):
-            scenario.add_files(FILES // 2)
+            scenario.add_files(files // 2)
         proc = scenario.spawn()
         while proc.poll() is None:
             receiver.restart_if_dead()
@@ -127,4 +174,47 @@ def test_a_crash_at_each_failpoint_loses_nothing_and_repeats_no_effect(
         invariants=found,
     )
     assert crashes >= CRASHES
+    assert_all_zero(found, allow=allow)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("points", S3_GROUPS, ids="+".join)
+def test_a_crash_at_each_failpoint_over_a_bucket_loses_nothing_and_repeats_no_effect(
+    points: list[str], backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    state = str(tmp_path / "state.db") if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+    receiver_state = str(tmp_path / "receiver.db") if backend == "sqlite" else state
+    seed = int(os.environ.get("AB_SEED", "11")) + S3_ALL_POINTS.index(points[0])
+    rng = random.Random(seed)
+    started = time.monotonic()
+    crashes: dict[str, int] = {}
+    with receiving(receiver_state, tmp_path / "effects.log") as receiver:
+        bucket = request.getfixturevalue("bucket")
+        markers = "before-marker-action" in points
+        scenario = BucketScenario(tmp_path, state, bucket, url=receiver.url, markers=markers)
+        scenario.add_files(S3_FILES)
+        for point in points:
+            if point == RECEIVER_POINT:
+                crash_receiver_at(scenario, receiver, rng, S3_CRASHES, S3_FILES)
+                crashes[point] = receiver.crashes
+            else:
+                crashes[point] = crash_runners_at(point, scenario, rng, S3_CRASHES, S3_FILES)
+        scenario.recover()
+        found = scenario.invariants(receiver)
+    allow = (
+        {"duplicate_effects": crashes[RECEIVER_POINT] * scenario.jobs}
+        if RECEIVER_POINT in crashes
+        else {}
+    )
+    record_figures(
+        "failpoint s3",
+        point=" + ".join(points),
+        backend=backend,
+        crashes=sum(crashes.values()),
+        files=len(scenario.original),
+        invocations=scenario.invocations(),
+        seconds=round(time.monotonic() - started, 1),
+        invariants=found,
+    )
+    assert min(crashes.values()) >= S3_CRASHES, crashes
     assert_all_zero(found, allow=allow)
