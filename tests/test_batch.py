@@ -280,12 +280,13 @@ async def test_stop_lets_in_flight_items_finish(inbox: Path, state: Path) -> Non
             batch.stop()
         await anyio.sleep(0.05)
 
-    batch = Batch(handle, source=inbox, state=state, concurrency=3, settle=0)
+    batch = Batch(handle, source=inbox, state=state, concurrency=3, settle=0, lease=600)
     started = time.monotonic()
     report = await batch.run()
 
-    # At once: not after a quarter of the lease (a wake-up of the claimer was once lost).
-    assert time.monotonic() - started < 10
+    # At once: not after a quarter of the lease, 150 s (a wake-up of the claimer was once
+    # lost), which no slow machine explains.
+    assert time.monotonic() - started < 60
     assert report.stopped
     assert not report.ok, "a run stopped before the end has not done every file"
     assert 3 <= report.done < 40
