@@ -46,8 +46,12 @@ lint: $(TEST)
 typecheck: $(TEST)
 	$(BIN)/mypy
 
+# Two worker processes (pytest-xdist): most tests wait on subprocesses, servers and the
+# filesystem, so two of them share the 2 cores well. Each worker has its own temporary
+# directories, PostgreSQL schemas and moto server; `-n 0` runs them in one process.
+PYTEST_WORKERS ?= 2
 pytest: $(TEST)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
 

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from asyncbatch import Batch
 from asyncbatch._ledger import JobSettings, RunStart
 from asyncbatch._procinfo import ProcessIdentity, this_process
 
@@ -51,6 +52,23 @@ async def until_settled(settle: float, *paths: Path) -> None:
     the files' own times, which a slow machine only makes longer, never too short."""
     changed = max(max(st.st_mtime_ns, st.st_ctime_ns) for st in map(os.stat, paths)) / 1e9
     await anyio.sleep(max(0.0, changed + settle - time.time()) + 0.01)
+
+
+async def polls_after(batch: Batch, count: int = 3, within: float = 60.0) -> None:
+    """Wait until the watching ``batch`` has finished ``count`` polls (scans) since this call:
+    the last ``count - 1`` of them began after it, and a poll's claims are made before the
+    next one begins. What a test asserts did not happen after some event (a file handled
+    twice), it asserts once this proved that the watch looked again since."""
+    since = time.monotonic()
+    with anyio.fail_after(within):
+        for _ in range(count):
+            while True:
+                seen = batch._observe()
+                scan = None if seen is None else seen.last_scan
+                if scan is not None and scan.ended > since:
+                    break
+                await anyio.sleep(0.01)
+            since = scan.ended
 
 
 #: The source a ledger test records for its jobs (never scanned: the ledger only stores it).

@@ -415,15 +415,20 @@ async def test_ctx_move_survives_a_crash_before_the_commit(
     done_dir = tmp_path / "processed"
     done_dir.mkdir()
     seen: list[tuple[int, str]] = []
+    moved = anyio.Event()
 
     async def handle(ctx: TaskContext) -> None:
         seen.append((ctx.attempt, str(ctx.entry.path)))
         await ctx.move(done_dir)
         if ctx.attempt == 1:
-            await anyio.sleep(30)  # the run is cancelled here, after the move
+            moved.set()
+            await anyio.sleep(3600)  # the run is cancelled here, after the move
 
-    with anyio.move_on_after(1.0):
-        await Batch(handle, source=inbox, state=state, settle=0).run()
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Batch(handle, source=inbox, state=state, settle=0).run)
+            await moved.wait()
+            tg.cancel_scope.cancel()
     report = await Batch(handle, source=inbox, state=state, settle=0).run()
 
     assert report.done == 1

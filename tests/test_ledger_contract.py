@@ -64,9 +64,11 @@ from .conftest import HANDLERS, SOURCE, cli, invocations, make_files, run_start,
 from .postgres import pg_query, pg_sync
 
 RECORD = f"{HANDLERS}:record"
-#: A short lease or TTL for the expiry tests, and how long to wait for it to pass.
-SHORT = 0.5
-PAST_SHORT = 0.8
+#: A lease or TTL for the expiry tests, and how far they move the ledger's clock to pass it
+#: (:meth:`Store.advance`): nothing waits for it in real time, and what must still be held
+#: (a TTL of 60) is held with 15 s to spare however slow the machine.
+SHORT = 30.0
+PAST_SHORT = 45.0
 
 
 # -- the two backends ----------------------------------------------------------------------------
@@ -88,6 +90,15 @@ class Store:
     async def open(self, **kwargs: Any) -> Ledger:
         """Open a ledger (its own connection) on this store."""
         return await open_ledger(self.state, **kwargs)
+
+    async def advance(self, seconds: float) -> None:
+        """Move the ledger's time ``seconds`` ahead: the leases, locks and TTLs that end
+        sooner have expired, the others are still held."""
+        raise NotImplementedError
+
+    def now(self) -> float:
+        """The time now in the clock the ledger's times are given in."""
+        return time.time()
 
     async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         """Run a query (``$1``-style parameters) on a separate connection."""
@@ -131,6 +142,20 @@ class SqliteStore(Store):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.state = str(path)
+        self.ahead = 0.0
+
+    def clock(self) -> float:
+        """The ledgers' clock: the wall clock, moved ahead by :meth:`advance`."""
+        return time.time() + self.ahead
+
+    async def open(self, **kwargs: Any) -> Ledger:
+        return await open_ledger(self.state, **{"clock": self.clock, **kwargs})
+
+    async def advance(self, seconds: float) -> None:
+        self.ahead += seconds
+
+    def now(self) -> float:
+        return self.clock()
 
     async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         db = sqlite3.connect(self.path)
@@ -224,6 +249,24 @@ class PostgresStore(Store):
 
     async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         return await pg_query(self.state, query, *args)
+
+    async def advance(self, seconds: float) -> None:
+        # Leases, locks and TTLs are judged by the server's clock, which no test can move:
+        # every time the ledger stored (all its float8 columns are times, in that clock) is
+        # moved as far back instead, which is the same to every comparison with now().
+        conn = await asyncpg.connect(self.state, timeout=10)
+        try:
+            columns = await conn.fetch(
+                "SELECT table_name, column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND data_type = 'double precision'"
+            )
+            async with conn.transaction():
+                for table, column in columns:
+                    await conn.execute(
+                        f'UPDATE "{table}" SET "{column}" = "{column}" - $1::float8', seconds
+                    )
+        finally:
+            await conn.close()
 
     async def assert_writer_not_blocked(self) -> None:
         conn = await asyncpg.connect(self.state, timeout=10)
@@ -618,11 +661,11 @@ async def test_a_dead_holders_lock_is_taken_over_at_once(ledger: Ledger) -> None
     assert lock.owner == "new-owner"
 
 
-async def test_an_expired_heartbeat_is_taken_over(ledger: Ledger) -> None:
+async def test_an_expired_heartbeat_is_taken_over(ledger: Ledger, store: Store) -> None:
     await ledger.start_runner(run_start("remote", me=OTHER_HOST, ttl=SHORT))
     with pytest.raises(JobLockedError, match=r"elsewhere\.example"):
         await ledger.start_runner(run_start("local", ttl=30))
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     stale = (await ledger.start_runner(run_start("local", ttl=30))).stale
     assert stale is not None
     assert stale.owner == "remote"
@@ -688,6 +731,7 @@ async def test_release_deletes_only_the_owners_lock(ledger: Ledger) -> None:
 
 async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     ledger: Ledger,
+    store: Store,
 ) -> None:
     me = this_process()
     await ledger.start_runner(run_start("a", ttl=SHORT))
@@ -695,7 +739,7 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     assert await ledger.heartbeat(
         Heartbeat(job="j", owner="a", ttl=60, leases=[(row.key, row.fence)], holds_lock=True)
     ) == Renewal(True, frozenset())
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     # Without the heartbeat, all three would have expired by now.
     with pytest.raises(JobLockedError):
         await ledger.start_runner(run_start("b", me=OTHER_HOST))
@@ -705,7 +749,8 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     assert await ledger.reap_stale_runners("j", me) == 0
     (runner,) = await ledger.runners("j")
     assert not runner.shared
-    assert abs(runner.heartbeat_at - time.time()) < 5
+    # The heartbeat was before the clock moved on.
+    assert abs(runner.heartbeat_at - (store.now() - PAST_SHORT)) < 5
     # An operator removed the lock: the next heartbeat says so.
     assert await ledger.force_unlock("j", "a")
     assert await ledger.heartbeat(
@@ -713,22 +758,24 @@ async def test_heartbeat_extends_lock_runner_and_leases_and_reports_a_lost_lock(
     ) == Renewal(False)
 
 
-async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger) -> None:
+async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger, store: Store) -> None:
     await ledger.start_runner(run_start("r", me=OTHER_HOST, ttl=SHORT, shared=True))
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     assert await ledger.reap_stale_runners("j", this_process()) == 0
     assert not (
         await ledger.heartbeat(Heartbeat(job="j", owner="r", ttl=60, leases=[], holds_lock=False))
     ).alive
 
 
-async def test_heartbeat_names_the_leases_another_runner_took_over(ledger: Ledger) -> None:
+async def test_heartbeat_names_the_leases_another_runner_took_over(
+    ledger: Ledger, store: Store
+) -> None:
     # A runner whose heartbeats came late (suspended, a stalled event loop): its liveness
     # record is still there, but a lease expired and was taken; that one is lost, not renewed.
     await ledger.start_runner(run_start("a", shared=True))
     first, second = await ledger.claim_scanned("j", "a", SHORT, [entry(1), entry(2)])
     (kept,) = await ledger.claim_scanned("j", "a", 60, [entry(3)])
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     (taken,) = await ledger.claim_scanned("j", "b", 60, [entry(1)])
     assert (taken.state, taken.fence) == ("running", first.fence + 1)
     leases = [(first.key, first.fence), (second.key, second.fence), (kept.key, kept.fence)]
@@ -774,7 +821,7 @@ async def test_a_lease_is_exclusive_until_it_expires(ledger: Ledger, store: Stor
         ClaimedRow("k00001", "held", 1, 1)
     ]
     assert await ledger.claim_waiting("j", "runner-b", SHORT, 10) == []
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     (second,) = await ledger.claim_scanned("j", "runner-b", 60, [entry(1)])
     assert (second.state, second.fence, second.attempts) == ("running", 2, 1)
     await ledger.commit_outcomes("j", "runner-b", [], [(second.key, 2)])
@@ -797,7 +844,7 @@ async def test_a_claim_finds_its_owners_live_leases_again(ledger: Ledger) -> Non
 
 async def test_a_lost_lease_cannot_mark_done_and_is_reported(ledger: Ledger, store: Store) -> None:
     first, _ = sorted(await ledger.claim_scanned("j", "runner-a", SHORT, [entry(1), entry(2)]))
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     (second,) = await ledger.claim_scanned("j", "runner-b", 60, [entry(1)])
     assert second.fence == 2
     lost = await ledger.commit_outcomes(
@@ -905,7 +952,7 @@ async def test_attempts_are_counted_once_per_lease_when_they_start(
         ("k00003", "done", "me", 1, 1),
     ]
     # A runner that dies during an attempt has used it up; the next lease counts its own.
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     (again,) = await ledger.claim_scanned("j", "other", 60, [entry(1)])
     assert (again.fence, again.attempts) == (2, 1)
     assert await ledger.commit_outcomes("j", "me", [], [(a.key, 1)]) == set()  # not reported
@@ -918,7 +965,7 @@ async def test_interrupted_attempts_are_counted_apart_from_failures(
 ) -> None:
     (a,) = await ledger.claim_scanned("j", "me", SHORT, [entry(1)])
     await ledger.commit_outcomes("j", "me", [], [(a.key, a.fence)])  # it started; then we died
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     (b,) = await ledger.claim_scanned("j", "other", 60, [entry(1)])
     assert (b.fence, b.attempts, b.interrupted) == (2, 1, 1)
     # Started, then given back by a runner that stopped: interrupted too.
@@ -1051,7 +1098,7 @@ async def test_a_lease_recorded_move_needs_the_lease(ledger: Ledger, store: Stor
     (row,) = await ledger.claim_scanned("j", "a", SHORT, [entry(1)])
     assert await ledger.record_move("j", "a", row.key, row.fence, "/archive/f00001")
     assert await store.fetch("SELECT post_action FROM items") == [("moved:/archive/f00001",)]
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     (taken,) = await ledger.claim_scanned("j", "b", 60, [entry(1)])
     assert taken.post_action == "moved:/archive/f00001"
     assert not await ledger.record_move("j", "a", row.key, row.fence, "/elsewhere")
@@ -1266,13 +1313,14 @@ async def test_the_idempotency_store_runs_a_key_once_and_replays_its_response(
 
 async def test_idempotency_records_expire_and_abandoned_ones_are_taken_over(
     ledger: Ledger,
+    store: Store,
 ) -> None:
     # A request that outlives its lock is taken for dead; it can no longer store its answer.
     first = await ledger.idempotency_claim(
         IdempotencyRequest("s", "k", "fp", "t1"), lock_timeout=SHORT, ttl=60
     )
     assert first.decision == "run"
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     taken = await ledger.idempotency_claim(
         IdempotencyRequest("s", "k", "fp", "t2"), lock_timeout=60, ttl=60
     )
@@ -1292,7 +1340,7 @@ async def test_idempotency_records_expire_and_abandoned_ones_are_taken_over(
     await ledger.idempotency_claim(
         IdempotencyRequest("s", "gone", "fp", "t4"), lock_timeout=SHORT, ttl=SHORT
     )
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     assert await ledger.idempotency_purge() == 2
     assert await ledger.idempotency_purge() == 0
     again = await ledger.idempotency_claim(
@@ -1303,6 +1351,7 @@ async def test_idempotency_records_expire_and_abandoned_ones_are_taken_over(
 
 async def test_a_started_record_never_runs_again_and_an_unstored_one_says_why(
     ledger: Ledger,
+    store: Store,
 ) -> None:
     def request(key: str, token: str, fingerprint: str = "fp") -> IdempotencyRequest:
         return IdempotencyRequest("s", key, fingerprint, token)
@@ -1322,7 +1371,7 @@ async def test_a_started_record_never_runs_again_and_an_unstored_one_says_why(
     await ledger.idempotency_release(request("a", "t1"))
     assert await claim("a", "t2") == ("conflict", "")
     # Past its lock it is not taken over: its response began, its effects may be done.
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     assert await claim("a", "t3") == ("unstored", "unfinished")
     assert await claim("a", "t3", "other") == ("mismatch", "")
     # Its owner may still complete it: then it is replayed.
@@ -1344,7 +1393,7 @@ async def test_a_started_record_never_runs_again_and_an_unstored_one_says_why(
     await ledger.idempotency_release(request("c", "t1"))
     assert await claim("c", "t2") == ("unstored", "incomplete")
     # An expired unstored record is as good as none.
-    await anyio.sleep(PAST_SHORT)
+    await store.advance(PAST_SHORT)
     assert await claim("b", "t3") == ("run", "expired")
 
 

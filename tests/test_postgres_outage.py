@@ -85,7 +85,7 @@ def test_an_outage_mid_run_is_waited_out_and_nothing_is_lost(
         "--no-progress",
         "--ledger-timeout",
         "60",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.02"},
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
     )
     try:
         wait_for(lambda: len(invocations(log)) >= 50, timeout=60)

@@ -20,19 +20,33 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import HANDLERS, cli, make_files, rows, state_counts, until_settled
+from .conftest import HANDLERS, cli, make_files, polls_after, rows, state_counts, until_settled
 
 MONTH = 30 * 86400.0
 
 
 class Copier(threading.Thread):
     """Writes ``chunks`` chunks into ``path`` every ``pause`` seconds, setting its mtime back a
-    month after each: preallocated to the final size first (``prealloc``), or appended."""
+    month after each: preallocated to the final size first (``prealloc``), or appended. With
+    ``hold``, the last chunk is written again (the same bytes) every ``pause`` seconds until
+    ``finish`` is set: a copy that lasts as long as the test needs it to."""
 
-    def __init__(self, path: Path, *, chunks: int, chunk: int, pause: float, prealloc: bool):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        chunks: int,
+        chunk: int,
+        pause: float,
+        prealloc: bool,
+        hold: bool = False,
+    ):
         super().__init__(daemon=True)
         self.path, self.chunks, self.chunk, self.pause = path, chunks, chunk, pause
         self.prealloc = prealloc
+        self.finish = threading.Event()
+        if not hold:
+            self.finish.set()
         self.started_writing = threading.Event()
         self.content = b"".join(bytes([65 + i % 26]) * chunk for i in range(chunks))
 
@@ -42,11 +56,14 @@ class Copier(threading.Thread):
         try:
             if self.prealloc:
                 os.ftruncate(fd, len(self.content))
-            for i in range(self.chunks):
-                os.pwrite(fd, self.content[i * self.chunk : (i + 1) * self.chunk], i * self.chunk)
+            i = 0
+            while i < self.chunks or not self.finish.is_set():
+                at = min(i, self.chunks - 1) * self.chunk
+                os.pwrite(fd, self.content[at : at + self.chunk], at)
                 os.utime(fd, (old, old))
                 self.started_writing.set()
                 time.sleep(self.pause)
+                i += 1
         finally:
             os.close(fd)
 
@@ -64,7 +81,10 @@ def errors(state: Path) -> list[str]:
 async def test_a_run_during_a_copy_that_sets_the_mtime_back_leaves_the_file_alone(
     inbox: Path, state: Path, prealloc: bool
 ) -> None:
-    copier = Copier(inbox / "big.csv", chunks=40, chunk=4096, pause=0.05, prealloc=prealloc)
+    # The copy goes on (a write every 50 ms) until the run during it has ended.
+    copier = Copier(
+        inbox / "big.csv", chunks=40, chunk=4096, pause=0.05, prealloc=prealloc, hold=True
+    )
     handled: dict[str, str] = {}
 
     async def handle(ctx: TaskContext) -> None:
@@ -72,7 +92,10 @@ async def test_a_run_during_a_copy_that_sets_the_mtime_back_leaves_the_file_alon
 
     copier.start()
     await anyio.to_thread.run_sync(copier.started_writing.wait)
-    during = await Batch(handle, source=inbox, state=state, settle=1.0, on_done="delete").run()
+    try:
+        during = await Batch(handle, source=inbox, state=state, settle=1.0, on_done="delete").run()
+    finally:
+        copier.finish.set()
     await anyio.to_thread.run_sync(copier.join)
 
     assert "big.csv" not in handled
@@ -279,6 +302,9 @@ async def test_a_watch_counts_its_files_not_settled_yet_in_its_metrics(
         tg.start_soon(batch.watch)
         with anyio.fail_after(30):
             await done.wait()
+        # The gauge is set after each poll: read it as a poll after the two were handled left
+        # it (right after, it may still count them as they were first seen).
+        await polls_after(batch)
         transport = httpx.ASGITransport(app=batch.metrics_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://batch") as client:
             text = (await client.get("/metrics")).text

@@ -180,11 +180,12 @@ def test_status_during_a_run_shows_its_counts_as_of_its_heartbeat(
         "--no-progress",
         "--lease",
         "3",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.5"},  # ~50 s of work: stopped long before
     )
     try:
-        wait_for(lambda: len(invocations(log)) >= 40)
-        time.sleep(1.0)  # past a heartbeat (every lease / 4)
+        wait_for(lambda: len(invocations(log)) >= 8)
+        # Until a heartbeat (every lease / 4) recorded the run's progress.
+        wait_for(lambda: last_run_done(state) > 0, timeout=60, interval=0.3)
         last = status_json(state)["last_run"]
         assert isinstance(last, dict)
         assert last["exit_status"] is None
@@ -192,6 +193,13 @@ def test_status_during_a_run_shows_its_counts_as_of_its_heartbeat(
         assert 0 < last["done"] < 400
     finally:
         kill(proc, signal.SIGTERM)
+
+
+def last_run_done(state: Path) -> int:
+    """What ``status --json`` says the last run has done so far."""
+    last = status_json(state)["last_run"]
+    assert isinstance(last, dict)
+    return int(last["done"])
 
 
 def test_status_piped_to_head_exits_141(inbox: Path, state: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -12,47 +13,73 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import cli, make_files, state_counts, until_settled
+from .conftest import cli, make_files, polls_after, rows, state_counts, until_settled
 
 
 async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool = False) -> bytes:
+    """Append ``rows`` lines to ``path``, ``pause`` seconds apart, in a thread of its own: a
+    busy event loop (the watch's) does not lengthen the pauses past the settle window."""
+
+    def write() -> bytes:
+        written = b""
+        for i in range(rows):
+            line = b"row %d\n" % i
+            with path.open("ab") as f:
+                f.write(line)
+            written += line
+            if backdate:  # a writer whose clock lags (NFS): mtime looks old while it writes
+                old = time.time() - 3600
+                os.utime(path, (old, old))
+            time.sleep(pause)
+        return written
+
+    return await anyio.to_thread.run_sync(write)
+
+
+def append_until(path: Path, done: threading.Event, pause: float = 0.05) -> bytes:
+    """Append a line to ``path`` every ``pause`` seconds until ``done`` is set (run it in a
+    thread)."""
     written = b""
-    for i in range(rows):
-        line = b"row %d\n" % i
+    while not done.is_set():
+        line = b"row %d\n" % len(written)
         with path.open("ab") as f:
             f.write(line)
         written += line
-        if backdate:  # a writer whose clock lags (NFS): mtime looks old while it writes
-            old = time.time() - 3600
-            os.utime(path, (old, old))
-        await anyio.sleep(pause)
+        time.sleep(pause)
     return written
 
 
 async def test_run_skips_a_file_still_being_written_and_a_later_run_gets_it_whole(
     inbox: Path, state: Path
 ) -> None:
-    await until_settled(0.5, *make_files(inbox, 2))
+    await until_settled(1.0, *make_files(inbox, 2))
     handled: dict[str, bytes] = {}
 
     async def handle(ctx: TaskContext) -> None:
         handled[ctx.entry.relpath] = await ctx.read_bytes()
 
+    # Written to every 50 ms (by a thread, whatever the event loop does) until the first run
+    # has ended: it changed well within the settle window whenever that run looks.
     slow = inbox / "slow.csv"
+    done = threading.Event()
     async with anyio.create_task_group() as tg:
         written: list[bytes] = []
 
         async def writer() -> None:
-            written.append(await append_slowly(slow, 10, 0.1))
+            written.append(await anyio.to_thread.run_sync(append_until, slow, done))
 
         tg.start_soon(writer)
-        await anyio.sleep(0.3)
-        first = await Batch(handle, source=inbox, state=state, settle=0.5).run()
+        while not slow.exists():  # noqa: ASYNC110 (a file the thread writes)
+            await anyio.sleep(0.01)
+        try:
+            first = await Batch(handle, source=inbox, state=state, settle=1.0).run()
+        finally:
+            done.set()
     assert "slow.csv" not in handled
     assert first.done == 2
 
-    await until_settled(0.5, slow)
-    second = await Batch(handle, source=inbox, state=state, settle=0.5).run()
+    await until_settled(1.0, slow)
+    second = await Batch(handle, source=inbox, state=state, settle=1.0).run()
     assert second.done == 1
     assert handled["slow.csv"] == written[0]
 
@@ -67,16 +94,18 @@ async def test_watch_handles_an_appended_file_once_after_its_last_write(
         calls.append((ctx.entry.relpath, await ctx.read_bytes()))
         handled.set()
 
-    batch = Batch(handle, source=inbox, state=state, settle=0.4, poll=0.1)
+    # The writer's pauses (50 ms) are far shorter than the settle window.
+    batch = Batch(handle, source=inbox, state=state, settle=1.0, poll=0.1)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
-        content = await append_slowly(inbox / "slow.csv", 12, 0.15)
-        with anyio.fail_after(10):
+        content = await append_slowly(inbox / "slow.csv", 12, 0.05)
+        with anyio.fail_after(30):
             await handled.wait()
-        await anyio.sleep(0.5)  # several more polls: nothing is handled twice
+        await polls_after(batch)  # more polls, and their claims: nothing is handled twice
         batch.stop()
 
     assert calls == [("slow.csv", content)]
+    assert rows(state, "SELECT fence, attempts FROM items") == [(1, 1)]
 
 
 async def test_watch_waits_for_the_size_to_hold_still_even_with_an_old_mtime(
@@ -91,11 +120,11 @@ async def test_watch_waits_for_the_size_to_hold_still_even_with_an_old_mtime(
 
     # Its mtime says settled all along: the watch must see it unchanged for `settle` seconds
     # (longer than the writer's pauses, as settle always must be).
-    batch = Batch(handle, source=inbox, state=state, settle=0.5, poll=0.3)
+    batch = Batch(handle, source=inbox, state=state, settle=1.0, poll=0.3)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
-        content = await append_slowly(inbox / "skewed.csv", 15, 0.1, backdate=True)
-        with anyio.fail_after(10):
+        content = await append_slowly(inbox / "skewed.csv", 15, 0.05, backdate=True)
+        with anyio.fail_after(30):
             await handled.wait()
         batch.stop()
 
@@ -150,9 +179,10 @@ async def test_watch_retries_failed_items_without_a_rescan(inbox: Path, state: P
     batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, backoff=0.05)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
-        with anyio.fail_after(10):
+        with anyio.fail_after(30):
             await third.wait()
-        await anyio.sleep(0.2)  # let the completion commit
+            while state_counts(state) != {"done": 1}:  # noqa: ASYNC110 (its commit)
+                await anyio.sleep(0.02)
         batch.stop()
 
     assert attempts == [1, 2, 3]

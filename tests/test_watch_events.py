@@ -17,7 +17,7 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import make_files, state_counts
+from .conftest import make_files, polls_after, state_counts
 from .test_watch import append_slowly
 
 #: Far longer than any test waits: whatever a test sees handled came through an event (or a
@@ -89,16 +89,20 @@ async def test_a_file_still_being_written_waits_until_settled_and_unchanged(
 ) -> None:
     make_files(inbox, 1, prefix="early")
     handle = Recorder()
-    batch = Batch(handle, source=inbox, state=state, settle=0.5, poll=LONG_POLL)
+    batch = Batch(handle, source=inbox, state=state, settle=1.0, poll=LONG_POLL)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
         await handle.wait_for(1)
-        # Every write is an event and refreshes the mtime: not one of them may start it.
-        content = await append_slowly(inbox / "slow.csv", 12, 0.1)
+        # Every write is an event and refreshes the mtime: not one of them may start it (the
+        # writer's pauses, 50 ms, are far shorter than the settle window).
+        content = await append_slowly(inbox / "slow.csv", 12, 0.05)
         await handle.wait_for(2)
-        await anyio.sleep(0.8)  # more events and looks: it is not handled again
+        # A file dropped after the last write is handled after every look the writes asked
+        # for: by then slow.csv would have been handled again, if it were to be.
+        (inbox / "after.csv").write_bytes(b"after")
+        await handle.wait_for(3)
         batch.stop()
-    assert handle.calls[1:] == [("slow.csv", content)]
+    assert handle.calls[1:] == [("slow.csv", content), ("after.csv", b"after")]
 
 
 async def test_a_file_moved_in_with_an_old_mtime_waits_settle_seconds_seen_unchanged(
@@ -133,13 +137,16 @@ async def test_a_burst_of_files_is_handled_exactly_once_each(inbox: Path, state:
             if i % 50 == 0:
                 await anyio.sleep(0.01)
         await handle.wait_for(401, within=60)
-        await anyio.sleep(0.5)  # more looks: nothing twice
+        # Handled after every look the burst's events asked for: nothing was handled twice.
+        (inbox / "after.csv").write_bytes(b"after")
+        await handle.wait_for(402)
         batch.stop()
     counts = Counter(rel for rel, _ in handle.calls)
-    assert len(counts) == 401
+    assert handle.calls[-1] == ("after.csv", b"after")
+    assert len(counts) == 402
     assert set(counts.values()) == {1}
     assert not [rel for rel in counts if rel.startswith(".") or rel.endswith(".tmp")]
-    assert state_counts(state) == {"done": 401}
+    assert state_counts(state) == {"done": 402}
 
 
 async def test_recursive_watch_handles_files_in_new_subdirectories(
@@ -152,15 +159,19 @@ async def test_recursive_watch_handles_files_in_new_subdirectories(
         tg.start_soon(batch.watch)
         await handle.wait_for(1)
         (inbox / "a" / "b").mkdir(parents=True)
-        await anyio.sleep(0.3)  # the new directories are watched too
+        (inbox / "a" / "b" / "first.csv").write_bytes(b"first")
+        # Handled once the watch took in the new directories (their event, then a scan of
+        # them): from then on they are watched too.
+        await handle.wait_for(2)
         (inbox / "a" / "b" / "deep.csv").write_bytes(b"deep")
         # A directory that arrives whole: its files send no events of their own.
         make_files(tmp_path / "whole", 3, prefix="w")
         os.rename(tmp_path / "whole", inbox / "whole")
-        await handle.wait_for(5)
+        await handle.wait_for(6)
         batch.stop()
     assert sorted(rel for rel, _ in handle.calls) == [
         "a/b/deep.csv",
+        "a/b/first.csv",
         "early00000.txt",
         "whole/w00000.txt",
         "whole/w00001.txt",
@@ -176,7 +187,7 @@ async def test_with_events_off_polling_still_finds_files_and_no_watcher_runs(
     batch = Batch(handle, source=inbox, state=state, settle=0.1, poll=0.1, events=False)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
-        await anyio.sleep(0.2)
+        await polls_after(batch, 1)  # the files come after the first scan: a poll finds them
         make_files(inbox, 3, age=0)
         await handle.wait_for(3)
         assert inotify_fds() == before

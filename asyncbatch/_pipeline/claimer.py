@@ -197,14 +197,19 @@ class Claimer:
                 tg.start_soon(self._follow_events, changes)
             if cfg.event_queue is not None and cfg.objects is not None:
                 tg.start_soon(self._follow_queue, changes)
-            next_scan = time.monotonic()
+            began: float | None = None  # when the last poll began
             lists = 0  # polls since the last full scan
             retry_at: float | None = None  # when a failed item of this run comes due
             waiting = 0  # run.counters.waiting when retry_at was reckoned
             while not (run.stopping or run.stop_requested.is_set()):
                 paths, rescan = changes.take()
+                # The interval is read afresh each time: once S3 event notifications are
+                # received (the queue may open after the first poll), the next poll is a
+                # backfill listing's interval after the last, not ``poll`` seconds.
+                next_scan = -math.inf if began is None else began + self._poll_interval()
                 if rescan or time.monotonic() >= next_scan:
-                    next_scan = time.monotonic() + self._poll_interval()
+                    began = time.monotonic()
+                    next_scan = began + self._poll_interval()
                     full = rescan or lists + 1 >= FULL_SCAN_EVERY or not self._may_list(changes)
                     lists = 0 if full else lists + 1
                     saw_dir = await self._poll_source(sightings, paths, full=full)

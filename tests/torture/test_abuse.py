@@ -141,11 +141,20 @@ async def test_a_handler_that_never_returns_is_stopped_by_its_timeout_and_the_le
 
     # No timeout: the heartbeat keeps renewing its lease (the runner is alive), so only a stop
     # ends it; the item goes back to the ledger, nothing is lost.
-    batch = Batch(never, source=inbox, state=state, job="no-timeout", grace=0.3, settle=0)
+    entered: list[str] = []
+    both_in = anyio.Event()
+
+    async def never_counted(ctx: TaskContext) -> None:
+        entered.append(ctx.key)
+        if len(entered) == 2:
+            both_in.set()
+        await anyio.sleep_forever()
+
+    batch = Batch(never_counted, source=inbox, state=state, job="no-timeout", grace=0.3, settle=0)
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             tg.start_soon(batch.run)
-            await anyio.sleep(1.0)
+            await both_in.wait()  # both items are in their handler, leased to this run
             batch.stop()
     assert rows(state, "SELECT state, count(*) FROM items WHERE job='no-timeout'") == [
         ("pending", 2)
