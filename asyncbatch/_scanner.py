@@ -682,6 +682,20 @@ class ScanInfo(NamedTuple):
     future: int = 0
     not_ready: tuple[tuple[str, int], ...] = ()
 
+    @classmethod
+    def after(
+        cls, began: float, files: int, unsettled: int, future: int, walk: ReadyWalk | None
+    ) -> ScanInfo:
+        """A full scan that began at ``began`` (``time.monotonic()``) and ended now, with
+        ``files`` records; with ``walk`` (rules beyond ``age``), its counts by rule replace
+        ``unsettled`` and ``future``."""
+        ended = time.monotonic()
+        not_ready: tuple[tuple[str, int], ...] = ()
+        if walk is not None:
+            unsettled, future = walk.not_ready["age"], walk.future
+            not_ready = tuple((k, n) for k, n in walk.not_ready.items() if n and k != "age")
+        return cls(ended, time.time(), ended - began, files, True, unsettled, future, not_ready)
+
 
 class Scanner:
     """Lists a source directory off the event loop, a chunk of entries per thread hop.
@@ -754,16 +768,8 @@ class Scanner:
         finally:
             gen.close()
         records.sort()
-        ended = time.monotonic()
         self.walked = rw
-        unsettled, future = tally.unsettled, tally.future
-        not_ready: tuple[tuple[str, int], ...] = ()
-        if rw is not None:
-            unsettled, future = rw.not_ready["age"], rw.future
-            not_ready = tuple((k, n) for k, n in rw.not_ready.items() if n and k != "age")
-        self.last = ScanInfo(
-            ended, time.time(), ended - began, len(records), True, unsettled, future, not_ready
-        )
+        self.last = ScanInfo.after(began, len(records), tally.unsettled, tally.future, rw)
         return records
 
     async def list_names(self) -> list[bytes]:

@@ -144,10 +144,7 @@ class ObjectLister:
         except OSError as exc:
             raise SourceError(f"cannot list the source: {exc}") from None
         records.sort()
-        ended = time.monotonic()
-        self.last = ScanInfo(
-            ended, time.time(), ended - began, len(records), True, unsettled, future
-        )
+        self.last = ScanInfo.after(began, len(records), unsettled, future, None)
         return records
 
     async def _scan_ready(
@@ -176,18 +173,7 @@ class ObjectLister:
             raise SourceError(f"cannot list the source: {exc}") from None
         records, walk = ready_objects(kept, ready, cutoff_ns=cutoff, now_ns=now_ns)
         self.walked = walk
-        ended = time.monotonic()
-        not_ready = tuple((k, n) for k, n in walk.not_ready.items() if n and k != "age")
-        self.last = ScanInfo(
-            ended,
-            time.time(),
-            ended - began,
-            len(records),
-            True,
-            walk.not_ready["age"],
-            walk.future,
-            not_ready,
-        )
+        self.last = ScanInfo.after(began, len(records), 0, 0, walk)
         return records
 
     def _take(
