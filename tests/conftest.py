@@ -212,6 +212,14 @@ def start_recording(
     )
 
 
+async def until(predicate: Callable[[], bool], within: float = 30.0) -> None:
+    """Wait on the event loop until ``predicate()`` holds, for what the code sets no event
+    for (a count, a server's state); fail the test after ``within`` seconds."""
+    with anyio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 (what it waits for has no event to wait on)
+            await anyio.sleep(0.02)
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
     """Poll ``predicate()`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -96,9 +96,12 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
     inbox: Path, any_state: str
 ) -> None:
     handled: list[str] = []
+    reached = {20: anyio.Event(), 25: anyio.Event()}
 
     async def handle(ctx: TaskContext) -> None:
         handled.append(ctx.entry.relpath)
+        if len(handled) in reached:
+            reached[len(handled)].set()
 
     first = Batch(handle, source=inbox, state=any_state, settle=0, poll=0.05, shared=True)
     second = Batch(handle, source=inbox, state=any_state, settle=0, poll=0.05, shared=True)
@@ -110,8 +113,7 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
         tg.start_soon(second.watch)
         make_files(inbox, 20)
         with anyio.fail_after(60):
-            while len(handled) < 20:  # noqa: ASYNC110 (handled files, not an event)
-                await anyio.sleep(0.02)
+            await reached[20].wait()
         # One listing for the job, whatever the number of runners: the second never scanned.
         observed = second._observe()
         assert observed is not None
@@ -123,8 +125,7 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
                 await anyio.sleep(0.05)
         make_files(inbox, 5, prefix="late")
         with anyio.fail_after(60):
-            while len(handled) < 25:  # noqa: ASYNC110 (handled files, not an event)
-                await anyio.sleep(0.02)
+            await reached[25].wait()
         second.stop()
     assert sorted(handled) == sorted(set(handled))
     assert len(handled) == 25

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from asyncbatch import Batch, TaskContext
 from asyncbatch._ready import parse_rule
 
-from .conftest import HANDLERS, cli, invocations, ledger_rows
+from .conftest import HANDLERS, cli, invocations, ledger_rows, until
 from .test_ready import write
 
 RECORD = f"{HANDLERS}:record"
@@ -241,8 +241,7 @@ async def test_metrics_count_the_files_not_ready_by_rule(inbox: Path, state: Pat
         tg.start_soon(batch.watch)
         with anyio.fail_after(30):
             await done.wait()
-            while (s := batch.statistics()) is None or s.too_small != 1:  # noqa: ASYNC110
-                await anyio.sleep(0.01)  # (the watch counts after its claim)
+            await until(lambda: (s := batch.statistics()) is not None and s.too_small == 1)
         transport = httpx.ASGITransport(app=batch.metrics_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://batch") as client:
             text = (await client.get("/metrics")).text

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from asyncbatch import Batch, Report, TaskContext
 from asyncbatch._ready import parse_rule
 from asyncbatch._scanner import Scanner
 
+from .conftest import until
 from .test_ready import write
 
 MODES = ["run", "watch"]
@@ -65,13 +65,6 @@ class Job:
 
     def left(self) -> list[str]:
         return sorted(str(p.relative_to(self.inbox)) for p in self.inbox.rglob("*") if p.is_file())
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait (on the event loop) until ``predicate()``; fail the test after 30 s."""
-    with anyio.fail_after(30):
-        while not predicate():  # noqa: ASYNC110 (what it waits for has no event to wait on)
-            await anyio.sleep(0.02)
 
 
 class Watching:

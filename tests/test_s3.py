@@ -13,7 +13,7 @@ import pytest
 from asyncbatch import Batch, ConfigurationError, InputChangedError, TaskContext
 from asyncbatch._sources.objects import ObjectEntry
 
-from .conftest import cli, rows, state_counts
+from .conftest import cli, rows, state_counts, until
 from .s3 import CANARY_SECRET, Bucket, MotoServer
 
 
@@ -338,13 +338,11 @@ async def test_a_watch_waits_out_a_bucket_that_cannot_be_listed(
             await first.wait()
             bucket.client.delete_object(Bucket=bucket.name, Key="in/a.txt")
             bucket.client.delete_bucket(Bucket=bucket.name)  # every listing fails now
-            while batch.health().check("source").ok:  # noqa: ASYNC110 - polled: a run's view
-                await anyio.sleep(0.02)
+            await until(lambda: not batch.health().check("source").ok)  # a run's view
             assert "NoSuchBucket" in batch.health().check("source").detail
             bucket.client.create_bucket(Bucket=bucket.name)
             bucket.put("in/b.txt", b"y")
             await second.wait()
-            while not batch.health().check("source").ok:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+            await until(lambda: batch.health().check("source").ok)
         batch.stop()
     assert handled == ["a.txt", "b.txt"]

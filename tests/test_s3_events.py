@@ -14,6 +14,7 @@ import pytest
 from asyncbatch import Batch, ConfigurationError, TaskContext
 from asyncbatch._sources.sqs import HeldMessages, object_keys
 
+from .conftest import until
 from .s3 import Bucket
 
 
@@ -81,8 +82,7 @@ async def test_objects_are_handled_as_their_notifications_come(bucket: Bucket, s
                 bucket.put(f"in/{name}", b"x")
             bucket.put("elsewhere/e.txt", b"not ours")
             await three.wait()
-            while messages_left(bucket, url):  # noqa: ASYNC110 - polled: the server is moto
-                await anyio.sleep(0.05)
+            await until(lambda: not messages_left(bucket, url))  # polled: the server is moto
         batch.stop()
     assert sorted(handled) == ["a.txt", "c d.txt", "first.txt"]
     import prometheus_client

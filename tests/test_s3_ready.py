@@ -4,7 +4,6 @@ max-age, judged from the listing as a directory's walk judges files, one-shot an
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from asyncbatch._ready import Readiness, parse_rule
 from asyncbatch._sources.ready import ready_objects
 from asyncbatch._sources.store import ObjectInfo
 
+from .conftest import until
 from .s3 import Bucket
 
 S = 1_000_000_000
@@ -130,13 +130,6 @@ class Job:
 
     def archived(self) -> list[str]:
         return [k.removeprefix("done/") for k in self.bucket.keys("done/")]
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait until ``predicate()``; fail the test after 30 s."""
-    with anyio.fail_after(30):
-        while not predicate():  # noqa: ASYNC110 (moto has no event to wait on)
-            await anyio.sleep(0.05)
 
 
 async def test_marker_objects_are_not_inputs_and_follow_their_object_to_the_archive(

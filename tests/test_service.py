@@ -52,7 +52,7 @@ from asyncbatch._service.endpoints import Endpoints, bound_address, listen
 from asyncbatch._service.health import not_running
 from asyncbatch._service.server import serve
 
-from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, wait_for
+from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, until, wait_for
 from .postgres import Server, require
 from .test_postgres_outage import Outage
 
@@ -71,13 +71,6 @@ def samples(text: str) -> Samples:
 
 def value(found: Samples, name: str, **labels: str) -> float:
     return found[(name, tuple(sorted(labels.items())))]
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait (on the event loop) until ``predicate()``; fail the test after 30 s."""
-    with anyio.fail_after(30):
-        while not predicate():  # noqa: ASYNC110 (what it waits for has no event to wait on)
-            await anyio.sleep(0.01)
 
 
 def finished(batch: Batch, count: int) -> Callable[[], bool]:
