@@ -42,13 +42,13 @@ __all__ = [
     "Scanner",
     "clamp_ns",
     "content_digest",
-    "ctime_ns",
     "name_key",
     "open_regular",
     "pack",
     "ready_ns",
     "split",
     "unpack",
+    "unpack_item",
 ]
 
 log = logging.getLogger("asyncbatch.scanner")
@@ -174,10 +174,12 @@ def unpack(record: bytes) -> tuple[int, bytes, int, int]:
     return _HEAD.unpack_from(record)[0] - _OFFSET, record[8:-25], size, inode
 
 
-def ctime_ns(record: bytes) -> int:
-    """The ctime of a record's file (0: unknown, a record rebuilt from the ledger)."""
-    ctime: int = _INODE.unpack_from(record, len(record) - 8)[0]
-    return ctime - _OFFSET
+def unpack_item(record: bytes) -> tuple[int, bytes, int, int, int]:
+    """Decode a record into ``(mtime_ns, relpath, size, inode, ctime_ns)`` (one unpack of its
+    tail: the claim does this once per item); ``ctime_ns`` 0: unknown, a record rebuilt from
+    the ledger."""
+    size, inode, ctime = _TAIL.unpack_from(record, len(record) - 24)
+    return _HEAD.unpack_from(record)[0] - _OFFSET, record[8:-25], size, inode, ctime - _OFFSET
 
 
 def ready_ns(record: bytes) -> int:

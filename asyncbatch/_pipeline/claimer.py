@@ -35,7 +35,7 @@ from .._exceptions import SourceError
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow, decode_action
 from .._report import Counters
-from .._scanner import content_digest, ctime_ns, unpack
+from .._scanner import content_digest, unpack_item
 from .._sources.base import Lister
 from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
@@ -433,11 +433,12 @@ class Claimer:
         """
         cfg = self.config
         identity = cfg.identity
+        versioned = self._versioned
         counters = self.run.counters
         items: list[LeasedItem] = []
         keys: set[str] = set()
         for record in records:
-            mtime_ns, rel, size, inode = unpack(record)
+            mtime_ns, rel, size, inode, ctime = unpack_item(record)
             digest = b""
             if identity == "content":
                 found = content_digest(
@@ -447,14 +448,16 @@ class Claimer:
                     counters.vanished += 1
                     continue
                 digest = found
-            ihash = self._input_hash(rel, size, mtime_ns, inode, digest)
+            # (input_hash inline, not through _input_hash: once per item)
+            version = inode if versioned else None
+            ihash = input_hash(identity, rel, size, mtime_ns, digest, version)
             key = item_key(identity, ihash, mtime_ns)
             if identity == "content":
                 if key in keys:
                     counters.done_before += 1
                     continue
                 keys.add(key)
-            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
+            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime))
         return items
 
     def _input_hash(
@@ -619,13 +622,13 @@ class Claimer:
         items: list[LeasedItem] = []
         for key in keys:
             _, record = run.open[key]
-            mtime_ns, rel, size, inode = unpack(record)
+            mtime_ns, rel, size, inode, ctime = unpack_item(record)
             ihash = (
                 key
                 if self.config.identity == "content"
                 else self._input_hash(rel, size, mtime_ns, inode)
             )
-            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime_ns(record)))
+            items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime))
         while items:
             size = await self._room()
             if run.stopping:

@@ -137,6 +137,13 @@ class WorkerPool:
         self._watch_at = math.inf
         self._watch_wake = anyio.Event()
         self._on_done = state.config.on_done.encode()
+        # Per run, looked up once (not per item): the source, an object-store prefix or a
+        # directory, and what every context carries.
+        source = state.config.source
+        self._object_source = source if isinstance(source, ObjectURL) else None
+        self._directory = None if self._object_source is not None else state.config.directory
+        self._job = state.config.job
+        self._output_dir = state.config.output_dir
         self._random = random.Random()
         #: Whether the run was asked to stop, by which signal (``None``: ``Batch.stop()``),
         #: and the ``ctx.on_stop`` callbacks of the handlers running now.
@@ -273,18 +280,28 @@ class WorkerPool:
         if item.prior_interrupted >= self.config.max_interruptions:
             return self.give_up(item)
         item.attempt = item.prior_attempts + 1
-        if isinstance(self.config.source, ObjectURL):
-            return await self._attempt_object(item, self.config.source, task)
+        if self._object_source is not None:
+            return await self._attempt_object(item, self._object_source, task)
         opened = self._open_input(item)
         if isinstance(opened, Outcome):
             return opened
         fd, st, moved = opened
         try:
-            stat = self._handled_stat(item, st, moved)
-            if isinstance(stat, Outcome):
-                return stat
-            input_file = InputFile.opened(fd, st)
-            ctx = self._context(item, st, moved, input_file)
+            mtime_ns = clamp_ns(st.st_mtime_ns)
+            if (
+                moved is None
+                and st.st_size == item.size
+                and mtime_ns == item.mtime_ns
+                and st.st_ino == item.inode
+                and (item.ctime_ns == 0 or st.st_ctime_ns == item.ctime_ns)
+            ):
+                stat = None  # the file scanned, unchanged (the usual case, checked inline)
+            else:
+                stat = self._handled_stat(item, st, mtime_ns, moved)
+                if isinstance(stat, Outcome):
+                    return stat
+            input_file = InputFile(fd, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            ctx = self._context(item, st, mtime_ns, moved, input_file)
             failed = await self._call(item, ctx, input_file, task)
             if failed is not False:
                 return failed
@@ -381,13 +398,12 @@ class WorkerPool:
         return fd, st, moved
 
     def _handled_stat(
-        self, item: LeasedItem, st: os.stat_result, moved: Path | None
+        self, item: LeasedItem, st: os.stat_result, mtime_ns: int, moved: Path | None
     ) -> tuple[int, int, int] | Outcome | None:
         """Whether the opened input is the file that was scanned: ``None`` (it is), the
         ``(size, mtime_ns, inode)`` to record (identity ``"path"``: the file under the name
         now), or the outcome of a file changed since (vanished: the new version is a new
-        item, or it is still being written)."""
-        mtime_ns = clamp_ns(st.st_mtime_ns)
+        item, or it is still being written). ``mtime_ns``: ``st``'s, clamped."""
         stat: tuple[int, int, int] | None = None
         if (st.st_size, mtime_ns, st.st_ino) != (item.size, item.mtime_ns, item.inode):
             if self.config.identity != "path" and (
@@ -405,25 +421,30 @@ class WorkerPool:
         return stat
 
     def _context(
-        self, item: LeasedItem, st: os.stat_result, moved: Path | None, input_file: InputFile
+        self,
+        item: LeasedItem,
+        st: os.stat_result,
+        mtime_ns: int,
+        moved: Path | None,
+        input_file: InputFile,
     ) -> TaskContext:
-        """A fresh context for this attempt of ``item``."""
-        cfg = self.config
+        """A fresh context for this attempt of ``item`` (``mtime_ns``: ``st``'s, clamped)."""
+        assert self._directory is not None  # a directory's item
         return TaskContext(
             entry=Entry(
-                cfg.directory,
+                self._directory,
                 os.fsdecode(item.relpath),
                 st.st_size,
-                clamp_ns(st.st_mtime_ns),
+                mtime_ns,
                 st.st_ino,
                 path=moved,
             ),
             key=item.key,
             input_hash=item.ihash,
             attempt=item.attempt,
-            job=cfg.job,
+            job=self._job,
             fence=item.fence,
-            output_dir=cfg.output_dir,
+            output_dir=self._output_dir,
             hooks=self,
             input_file=input_file,
         )
