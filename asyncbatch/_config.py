@@ -3,7 +3,6 @@ setting's name, type, default, bounds, help and flag in one place (see :mod:`._s
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 from dataclasses import MISSING, Field, dataclass, fields
@@ -314,6 +313,8 @@ class BatchConfig:
         known = {f.name: f.metadata["setting"] for f in fields(cls)}
         for name in settings:
             if name not in known:
+                import difflib  # only for this message (1 ms at every start-up)
+
                 near = difflib.get_close_matches(name, known, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise ConfigurationError(f"unknown setting {name!r}{hint}")

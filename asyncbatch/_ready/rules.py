@@ -5,7 +5,6 @@ parsing of both, with errors of one line naming the bad rule."""
 from __future__ import annotations
 
 import argparse
-import decimal
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,6 +61,8 @@ def show_duration(seconds: float) -> str:
         count = seconds / _SECONDS[unit]
         if count >= 1 and count == int(count):
             return f"{int(count)}{unit}"
+    import decimal  # rarely needed (a fraction of a second), 1 ms at every start-up
+
     text = format(decimal.Decimal(repr(float(seconds))), "f")
     return f"{text.removesuffix('.0')}s"
 

@@ -20,12 +20,15 @@ shown: an error names the profile and the file, never a value.
 
 from __future__ import annotations
 
-import configparser
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import configparser
 
 __all__ = ["aws_profile"]
 
@@ -36,6 +39,8 @@ _EXPORT = 'export them first: eval "$(aws configure export-credentials --format 
 
 def _read(path: Path, what: str) -> configparser.ConfigParser:
     """The file at ``path`` (empty when there is none)."""
+    import configparser  # only a run over s3:// reads a profile (1 ms at every start-up)
+
     parser = configparser.ConfigParser(interpolation=None, default_section="\0")
     try:
         text = path.read_text(encoding="utf-8")
