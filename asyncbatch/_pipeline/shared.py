@@ -65,6 +65,8 @@ class SharedRun:
         self._notified: bool | None = None
         #: Set when a look at the ledger found the listing role free.
         self._role_free = anyio.Event()
+        #: The keys a listing under way queued, with identity "content" (see :meth:`_register`).
+        self._queued_keys: set[str] | None = None
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -140,15 +142,19 @@ class SharedRun:
         self.target = run.listing_target = begun.generation
         self._role_seen.set()
         records = await claimer.list_ready()
+        self._queued_keys = set() if cfg.identity == "content" else None
         for start in range(0, len(records), REGISTER_BATCH):
-            if run.stopping or not await self._register(records[start : start + REGISTER_BATCH]):
+            chunk = records[start : start + REGISTER_BATCH]
+            if run.stopping or not await self._register(chunk, queue=True):
                 return
+        self._queued_keys = None
         if await run.ledger.end_listing(cfg.job, run.owner, role.fence, len(records)):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
             run.wake()
 
-    async def _register(self, records: list[bytes]) -> bool:
-        """Register listed files as waiting items; ``False`` when the role was lost."""
+    async def _register(self, records: list[bytes], *, queue: bool = False) -> bool:
+        """Register listed files as waiting items (``queue``: queue them, see
+        ``Ledger.queue_listed``); ``False`` when the role was lost."""
         run, cfg = self.run, self.config
         fence = run.lister_fence
         if fence is None:
@@ -157,8 +163,19 @@ class SharedRun:
             items = await anyio.to_thread.run_sync(self.claimer.prepare, records)
         else:
             items = self.claimer.prepare(records)
-        rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
-        found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
+        if queue:
+            seen = self._queued_keys
+            if seen is not None:  # the same bytes under two names: one item (see prepare)
+                items = [i for i in items if i.key not in seen]
+                seen.update(i.key for i in items)
+            queued = [
+                (i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.ctime_ns, i.ihash) for i in items
+            ]
+            found = await run.ledger.queue_listed(cfg.job, run.owner, fence, queued)
+            rows: list[tuple[str, bytes, int, int, int]] = [q[:5] for q in queued]
+        else:
+            rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
+            found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
         if found is None:
             run.lose_listing_role()
             log.warning(
@@ -219,7 +236,7 @@ class SharedRun:
         run, cfg, claimer = self.run, self.config, self.claimer
         registered = -1
         while not run.stopping:
-            if await claimer.claim_waiting():
+            if await claimer.take_queued() or await claimer.claim_waiting():
                 continue
             if run.in_flight:
                 await run.wait_for_progress(cfg.lease / 4)
