@@ -621,6 +621,14 @@ RETURNING key
 
 #: Planner statistics for the item lookups (see PostgresLedger._analyze).
 ANALYZE_ITEMS = "ANALYZE items"
+#: The rows of ``items`` as its statistics last counted them (``reltuples``: -1 or 0 when
+#: never analyzed) and as the server counts them now (``n_live_tup``, lagging by up to about
+#: a second; 0 without ``track_counts``).
+ITEMS_ROWS = """
+SELECT c.reltuples::float8, coalesce(s.n_live_tup, 0)::float8
+FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'items'::regclass
+"""
 
 # -- reading -------------------------------------------------------------------------------------
 

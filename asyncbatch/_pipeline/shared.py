@@ -282,9 +282,13 @@ class SharedRun:
         run.counters.seen = max(run.counters.seen, listing.listed_files)
         counts = await run.ledger.counts(cfg.job)
         if cfg.wait:
-            return counts["pending"] + counts["running"] + counts["failed"] == 0
-        due = await run.ledger.next_retry_at(cfg.job)
-        return counts["pending"] == 0 and (due is None or due > run.clock())
+            finished = counts["pending"] + counts["running"] + counts["failed"] == 0
+        else:
+            due = await run.ledger.next_retry_at(cfg.job)
+            finished = counts["pending"] == 0 and (due is None or due > run.clock())
+        if finished:  # the report's count of held items (a read of every item: once)
+            run.finished_counts = counts
+        return finished
 
 
 def _free(listing: Listing, now: float) -> bool:
@@ -309,8 +313,10 @@ async def shared_report(run: RunState) -> None:
     others = await run.ledger.finished_by_others(job, run.owner, listing.started_at)
     counters.done_before = listing.found_done + others.get("done", 0)
     counters.dead_before = listing.found_dead + others.get("dead", 0)
-    # Leased to other runners now (this run's leases are given back by now): held.
-    running = (await run.ledger.counts(job))["running"]
+    # Leased to other runners (this run's leases are given back by now): held, as the look
+    # that found the job finished counted them (else now).
+    counts = run.finished_counts or await run.ledger.counts(job)
+    running = counts["running"]
     counters.held = 0
     counters.seen = max(listing.listed_files, counters.seen_accounted())
     counters.held = min(running, counters.seen - counters.seen_accounted())
