@@ -433,8 +433,8 @@ class PostgresLedger(Ledger):
             # Runners sharing a job grow the table together: each analyzes only if nobody
             # did since the table doubled (ANALYZE reads a sample of the whole table, and
             # concurrent ones contend; four runners each analyzing cost 8 s of the server's).
-            analyzed, live = await conn.fetchrow(sql.ITEMS_ROWS)
-            if live > 0 and analyzed > 0 and live < 2 * analyzed:
+            found = await conn.fetchrow(sql.ITEMS_ROWS)
+            if found is not None and 0 < found[0] and 0 < found[1] < 2 * found[0]:
                 return
             await conn.execute(sql.ANALYZE_ITEMS)
 
