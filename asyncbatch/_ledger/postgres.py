@@ -400,16 +400,13 @@ class PostgresLedger(Ledger):
                 first = await conn.fetchrow(sql.QUEUED_FIRST, job)
                 if first is None:
                     break
-                seq, data = first
-                rows = t.unpack_queued(data)
-                want = limit - len(taken)
-                if len(rows) <= want:
-                    await conn.execute(sql.QUEUED_DROP, seq)
-                    taken += rows
+                seq, files, data = first
+                rows, rest = t.unpack_queued(data, limit - len(taken))
+                if rest:
+                    await conn.execute(sql.QUEUED_KEEP, seq, files - len(rows), rest)
                 else:
-                    rest = t.pack_queued(rows[want:])
-                    await conn.execute(sql.QUEUED_KEEP, seq, len(rows) - want, rest)
-                    taken += rows[:want]
+                    await conn.execute(sql.QUEUED_DROP, seq)
+                taken += rows
             if not taken:
                 return taken, []
             columns = _claim_columns(taken)
@@ -434,7 +431,7 @@ class PostgresLedger(Ledger):
             # did since the table doubled (ANALYZE reads a sample of the whole table, and
             # concurrent ones contend; four runners each analyzing cost 8 s of the server's).
             found = await conn.fetchrow(sql.ITEMS_ROWS)
-            if found is not None and 0 < found[0] and 0 < found[1] < 2 * found[0]:
+            if found is not None and found[0] > 0 and 0 < found[1] < 2 * found[0]:
                 return
             await conn.execute(sql.ANALYZE_ITEMS)
 

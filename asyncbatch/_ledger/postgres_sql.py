@@ -416,7 +416,7 @@ ORDER BY q.n
 """
 #: The job's ($1) oldest batch that no other transaction is taking (locked until the end).
 QUEUED_FIRST = """
-SELECT seq, rows FROM queued WHERE job = $1 ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
+SELECT seq, files, rows FROM queued WHERE job = $1 ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 QUEUED_DROP = "DELETE FROM queued WHERE seq = $1"
 QUEUED_KEEP = "UPDATE queued SET files = $2, rows = $3 WHERE seq = $1"

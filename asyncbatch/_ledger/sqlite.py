@@ -300,15 +300,13 @@ def _tx_take_queued(
         first = conn.execute(sql.QUEUED_FIRST, (job,)).fetchone()
         if first is None:
             break
-        seq, data = first
-        rows = t.unpack_queued(data)
-        want = limit - len(taken)
-        if len(rows) <= want:
-            conn.execute(sql.QUEUED_DROP, (seq,))
-            taken += rows
+        seq, files, data = first
+        rows, rest = t.unpack_queued(data, limit - len(taken))
+        if rest:
+            conn.execute(sql.QUEUED_KEEP, (files - len(rows), rest, seq))
         else:
-            conn.execute(sql.QUEUED_KEEP, (len(rows) - want, t.pack_queued(rows[want:]), seq))
-            taken += rows[:want]
+            conn.execute(sql.QUEUED_DROP, (seq,))
+        taken += rows
     if not taken:
         return taken, None
     return taken, _tx_claim_scanned(conn, *claim(taken))

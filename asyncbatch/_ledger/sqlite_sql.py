@@ -331,7 +331,7 @@ WHERE job = ? AND key = ? AND state = 'vanished'
 """
 #: A batch of queued files (see types.pack_queued): job, files, rows.
 QUEUED_ADD = "INSERT INTO queued (job, files, rows) VALUES (?, ?, ?)"
-QUEUED_FIRST = "SELECT seq, rows FROM queued WHERE job = ? ORDER BY seq LIMIT 1"
+QUEUED_FIRST = "SELECT seq, files, rows FROM queued WHERE job = ? ORDER BY seq LIMIT 1"
 QUEUED_DROP = "DELETE FROM queued WHERE seq = ?"
 QUEUED_KEEP = "UPDATE queued SET files = ?, rows = ? WHERE seq = ?"
 QUEUED_CLEAR = "DELETE FROM queued WHERE job = ?"

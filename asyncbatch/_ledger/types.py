@@ -85,12 +85,13 @@ def pack_queued(rows: Sequence[QueuedRow]) -> bytes:
     return b"".join(parts)
 
 
-def unpack_queued(data: bytes) -> list[QueuedRow]:
-    """The rows of :func:`pack_queued`'s value, in order."""
+def unpack_queued(data: bytes, limit: int = -1) -> tuple[list[QueuedRow], bytes]:
+    """The first ``limit`` rows of :func:`pack_queued`'s value (``-1``: all), in order, and
+    the rest of the value as it is (a batch taken in part keeps the rest unparsed)."""
     rows: list[QueuedRow] = []
     head, step = _QUEUED_HEAD.unpack_from, _QUEUED_HEAD.size
     at, end = 0, len(data)
-    while at < end:
+    while at < end and len(rows) != limit:
         size, mtime_ns, inode, ctime_ns, k, h, r = head(data, at)
         at += step
         key = data[at : at + k].decode()
@@ -98,7 +99,7 @@ def unpack_queued(data: bytes) -> list[QueuedRow]:
         at += k + h
         rows.append((key, data[at : at + r], size, mtime_ns, inode, ctime_ns, ihash))
         at += r
-    return rows
+    return rows, data[at:]
 
 
 def iso_time(ts: float) -> str:
