@@ -2,10 +2,13 @@
 
 Listing is a role, held under a lease in the ledger (:class:`~asyncbatch._ledger.Listing`),
 fenced like an item's lease and renewed by the heartbeat. Its holder lists the source and
-registers the files as waiting items, in bulk (``Ledger.register_listed``); every runner, the
-holder too, leases waiting items from the ledger (``Claimer.claim_waiting``: ``SKIP LOCKED``
-on PostgreSQL). When the holder dies or stalls past the lease, another runner takes the role
-over and lists again from scratch: registration is idempotent, nothing is lost.
+queues the files in the ledger, in batches (``Ledger.queue_listed``); every runner, the
+holder too, takes queued files and registers them leased to itself in one transaction
+(``Claimer.take_queued``: ``SKIP LOCKED`` on PostgreSQL; a shared item is written as often
+as an unshared one), then leases waiting items (``Claimer.claim_waiting``: retries, items
+given back). When the holder dies or stalls past the lease, another runner takes the role
+over and lists again from scratch (dropping what the last listing left queued): nothing is
+lost. A watching holder registers what it finds as waiting items (``register_listed``).
 
 A ``run()`` lists once and ends when the job is finished: the listing it goes by is complete
 (``Listing.complete``), and no item of the job is pending, leased or waiting for a retry
