@@ -47,6 +47,7 @@ from .suite import (
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
+X = "\N{MULTIPLICATION SIGN}"
 #: Series: name -> (runners, shared).
 SERIES = {"1": (1, False), "s1": (1, True), "2": (2, True), "4": (4, True)}
 
@@ -157,7 +158,7 @@ def summary(samples: list[dict[str, object]], n: int) -> str:
             paired = (
                 ""
                 if series == "1"
-                else f"{', '.join(f'{x:.2f}' for x in ratios)} ({_median(ratios):.2f}×)"
+                else f"{', '.join(f'{x:.2f}' for x in ratios)} ({_median(ratios):.2f}{X})"
             )
             lines.append(
                 f"| {side} | {backend} | {series} | {cpu:.1f} | {run_cpu:.1f} / {srv_cpu:.1f} "
