@@ -236,6 +236,7 @@ async def test_a_ledger_of_schema_7_gets_the_claim_order_index(state: Path) -> N
         await ledger.start_runner(run_start())
     db = sqlite3.connect(state)
     db.execute("DROP INDEX items_claim")
+    db.execute("DROP TABLE queued")  # (schema 8's)
     db.execute("PRAGMA user_version = 7")
     db.commit()
     db.close()

@@ -1950,6 +1950,159 @@ async def test_a_listing_by_a_holder_taken_over_is_refused(ledger: Ledger, store
     assert await ledger.register_listed("j", "b", new.fence, [entry(1)]) == Registered(1, 0, 0)
 
 
+def queued(i: int) -> tuple[str, bytes, int, int, int, int, str]:
+    """A listed file as a listing queues it: :func:`entry`, its ctime and input hash."""
+    return (*entry(i), 2_000 + i, f"h{i:063d}")
+
+
+async def test_a_listing_queues_new_files_and_a_take_leases_them_in_order(
+    ledger: Ledger, store: Store
+) -> None:
+    for owner in ("a", "b"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in (1, 2, 3)])
+    await ledger.commit_outcomes(
+        "j",
+        "a",
+        [
+            Outcome("k00001", 1, "done"),
+            Outcome("k00002", 1, "dead", "E"),
+            Outcome("k00003", 1, "vanished", "gone"),
+        ],
+    )
+    role = await ledger.take_listing("j", "a", 60)
+    assert await ledger.begin_listing("j", "a", role.fence) is not None
+    found = await ledger.queue_listed("j", "a", role.fence, [queued(i) for i in range(1, 8)])
+    assert found == Registered(5, 1, 1)  # 4-7 queued; 3 (vanished) waits again
+    listing = await ledger.listing("j")
+    assert listing is not None
+    assert (listing.registered, listing.found_done, listing.found_dead) == (5, 1, 1)
+    # Queued files are pending, though no item row holds them yet.
+    counts = await ledger.counts("j")
+    assert (counts["pending"], counts["running"], counts["done"]) == (5, 0, 1)
+    assert len(await items(store)) == 3
+    taken, claimed = await ledger.take_queued("j", "b", 60, 3)
+    assert taken == [queued(4), queued(5), queued(6)]
+    assert sorted((r.key, r.state, r.fence) for r in claimed) == [
+        ("k00004", "running", 1),
+        ("k00005", "running", 1),
+        ("k00006", "running", 1),
+    ]
+    assert [row[:3] for row in await items(store) if row[0] >= "k00004"] == [
+        ("k00004", "running", "b"),
+        ("k00005", "running", "b"),
+        ("k00006", "running", "b"),
+    ]
+    taken, claimed = await ledger.take_queued("j", "a", 60, 10)
+    assert taken == [queued(7)]
+    assert [(r.key, r.state) for r in claimed] == [("k00007", "running")]
+    assert await ledger.take_queued("j", "a", 60, 10) == ([], [])
+    counts = await ledger.counts("j")
+    assert (counts["pending"], counts["running"]) == (1, 4)
+    assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00003"]
+
+
+async def test_a_take_of_queued_files_reports_what_the_ledger_held_already(
+    ledger: Ledger,
+) -> None:
+    for owner in ("a", "b"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    assert await ledger.queue_listed("j", "a", role.fence, [queued(1), queued(2)]) == Registered(
+        2, 0, 0
+    )
+    # Meanwhile another path registered them (an unshared claim, a second listing's take).
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2)])
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "done", post_action="delete")])
+    taken, claimed = await ledger.take_queued("j", "b", 60, 10)
+    assert taken == [queued(1), queued(2)]
+    by_key = {r.key: r for r in claimed}
+    assert by_key["k00001"].state == "done"
+    assert by_key["k00001"].post_action == "delete"
+    assert by_key["k00002"].state == "held"  # a's lease: b leases nothing
+    assert (await ledger.counts("j"))["running"] == 1
+
+
+async def test_takes_split_a_queued_batch_and_keep_the_listing_order(ledger: Ledger) -> None:
+    await ledger.start_runner(run_start("a", shared=True))
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    files = [queued(i) for i in range(1, 1201)]  # more than one batch (QUEUED_BATCH: 512)
+    assert await ledger.queue_listed("j", "a", role.fence, files[:1000]) == Registered(1000)
+    assert await ledger.queue_listed("j", "a", role.fence, files[1000:]) == Registered(200)
+    got: list[tuple[str, bytes, int, int, int, int, str]] = []
+    for size in (300, 300, 7, 500, 500):
+        taken, claimed = await ledger.take_queued("j", "a", 60, size)
+        assert len(taken) == min(size, len(files) - len(got))
+        assert len(claimed) == len(taken)
+        got += taken
+    assert got == files
+    assert (await ledger.counts("j"))["pending"] == 0
+
+
+async def test_a_new_listing_drops_what_the_last_one_queued(ledger: Ledger, store: Store) -> None:
+    for owner in ("a", "b"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    old = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", old.fence)
+    await ledger.queue_listed("j", "a", old.fence, [queued(1), queued(2)])
+    await expire_listing(store)
+    new = await ledger.take_listing("j", "b", 60)
+    assert await ledger.queue_listed("j", "a", old.fence, [queued(3)]) is None  # taken over
+    assert (await ledger.counts("j"))["pending"] == 2
+    assert await ledger.begin_listing("j", "b", new.fence) is not None
+    assert (await ledger.counts("j"))["pending"] == 0  # it lists every file again
+    assert await ledger.take_queued("j", "b", 60, 10) == ([], [])
+
+
+async def test_concurrent_takes_of_queued_files_take_each_once(
+    ledger: Ledger, store: Store
+) -> None:
+    await ledger.start_runner(run_start("a", shared=True))
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    files = [queued(i) for i in range(1, 2001)]
+    await ledger.queue_listed("j", "a", role.fence, files)
+    taken: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    async def take_all(owner: str) -> None:
+        async with await store.open() as mine:
+            while True:
+                rows, claimed = await mine.take_queued("j", owner, 60, 97)
+                if not rows:
+                    return
+                assert {r.key for r in claimed if r.state == "running"} == {r[0] for r in rows}
+                taken[owner] += [r[0] for r in rows]
+
+    async with anyio.create_task_group() as tg:
+        for owner in taken:
+            tg.start_soon(take_all, owner)
+    every = [key for keys in taken.values() for key in keys]
+    assert sorted(every) == sorted(f[0] for f in files)  # each once
+    assert (await ledger.counts("j"))["running"] == len(files)
+
+
+async def test_a_ledger_of_the_schema_before_the_queue_is_upgraded(store: Store) -> None:
+    async with await store.open() as ledger:
+        await ledger.start_runner(run_start("a", shared=True))
+        await ledger.claim_scanned("j", "a", 60, [entry(1)])
+    await store.fetch("DROP TABLE queued")
+    await store.set_schema_version(store.schema_version - 1)
+    async with await store.open() as ledger:
+        await ledger.start_runner(run_start("b", shared=True))
+        role = await ledger.take_listing("j", "b", 60)
+        await ledger.begin_listing("j", "b", role.fence)
+        assert await ledger.queue_listed("j", "b", role.fence, [queued(2)]) == Registered(1)
+        taken, _ = await ledger.take_queued("j", "b", 60, 10)
+        assert taken == [queued(2)]
+    if isinstance(store, SqliteStore):
+        assert await store.fetch("PRAGMA user_version") == [(store.schema_version,)]
+    else:
+        found = await store.fetch("SELECT value FROM meta WHERE name = 'schema_version'")
+        assert found == [(str(store.schema_version),)]
+
+
 async def test_finished_by_others_counts_what_other_runners_finished_since(
     ledger: Ledger,
 ) -> None:

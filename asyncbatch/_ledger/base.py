@@ -47,6 +47,7 @@ from .types import (
     Listing,
     LockInfo,
     Outcome,
+    QueuedRow,
     Registered,
     Renewal,
     RunEnd,
@@ -432,7 +433,8 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def begin_listing(self, job: str, owner: str, fence: int) -> Listing | None:
-        """Begin a listing: a new generation, its start now, its counts at zero. ``None``
+        """Begin a listing: a new generation, its start now, its counts at zero, and what
+        earlier listings left queued dropped (this one lists every file again). ``None``
         when ``owner`` no longer holds the role under ``fence`` (nothing is changed)."""
 
     @abc.abstractmethod
@@ -443,6 +445,29 @@ class Ledger(IdempotencyStore):
         left as it is), count the new ones into the role's ``registered`` and those found done
         or dead into the listing's; in one transaction. ``None`` when ``owner`` no longer
         holds the role under ``fence`` (nothing is registered)."""
+
+    @abc.abstractmethod
+    async def queue_listed(
+        self, job: str, owner: str, fence: int, rows: Sequence[QueuedRow]
+    ) -> Registered | None:
+        """Queue listed files for the job's runners, as :meth:`register_listed` registers them
+        but without an item row each: the files the ledger holds no item of are kept as one
+        batch (``queued``), in order, until a runner takes them (:meth:`take_queued`), which
+        registers them leased to it; an item the ledger holds is left as it is (a vanished one
+        waits again). The queued files count as ``pending`` in :meth:`counts`, and into the
+        role's ``registered``; those found done or dead into the listing's. One transaction;
+        ``None`` when ``owner`` no longer holds the role under ``fence`` (nothing is queued).
+        A new listing (:meth:`begin_listing`) drops what the previous one left queued."""
+
+    @abc.abstractmethod
+    async def take_queued(
+        self, job: str, owner: str, lease: float, limit: int
+    ) -> tuple[list[QueuedRow], list[ClaimedRow]]:
+        """Take up to ``limit`` queued files of the job, the oldest batch first (on PostgreSQL
+        a batch another runner is taking is skipped, not waited for), and register and lease
+        them as :meth:`claim_scanned` does, in one transaction: a runner that dies after it
+        holds their leases, never files nobody holds. Returns the files taken, in order, and
+        what the claim found of them (as :meth:`claim_scanned` returns it)."""
 
     @abc.abstractmethod
     async def actions_due(self, job: str, keys: Sequence[str]) -> list[ItemInfo]:
@@ -515,13 +540,16 @@ class Ledger(IdempotencyStore):
     # -- the operator's reads, and retry ----------------------------------------------------------
 
     async def counts(self, job: str) -> dict[str, int]:
-        """Items of the job by state; every state is present, zero or not."""
+        """Items of the job by state; every state is present, zero or not. ``pending``
+        includes the listed files queued for runners sharing the job (see
+        :meth:`queue_listed`), which have no item row yet."""
         found = await self._state_counts(job)
         return {state: found.get(state, 0) for state in STATES}
 
     @abc.abstractmethod
     async def _state_counts(self, job: str) -> dict[str, int]:
-        """Items of the job by state, for the states that have any."""
+        """Items of the job by state, for the states that have any (``pending`` with the
+        queued files)."""
 
     async def states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
         """The state of each of these items that the ledger holds (a key it does not hold is

@@ -81,6 +81,23 @@ def _signed(inode: int) -> int:
     return inode - _INT64 if inode >= _INT63 else inode
 
 
+def _claim_columns(rows: Sequence[t.ScannedRow | t.QueuedRow]) -> tuple[list[Any], ...]:
+    """A claim's arrays (keys, relpaths, sizes, mtimes, inodes), each key once: ON CONFLICT
+    cannot touch a row twice in one statement."""
+    columns: tuple[list[Any], ...] = ([], [], [], [], [])
+    seen: set[str] = set()
+    for row in rows:
+        key, relpath, size, mtime_ns, inode = row[:5]
+        if key in seen:
+            continue
+        seen.add(key)
+        for column, value in zip(
+            columns, (key, relpath, size, mtime_ns, _signed(inode)), strict=True
+        ):
+            column.append(value)
+    return columns
+
+
 def _unsigned(inode: int) -> int:
     """A ``bigint`` inode as read, unsigned 64-bit again."""
     return inode + _INT64 if inode < 0 else inode
@@ -318,21 +335,18 @@ class PostgresLedger(Ledger):
     ) -> list[t.ClaimedRow]:
         if not rows:
             return []
-        columns: tuple[list[Any], ...] = ([], [], [], [], [])  # keys, relpaths, ... inodes
-        seen: set[str] = set()
-        for key, relpath, size, mtime_ns, inode in rows:
-            if key in seen:  # ON CONFLICT cannot touch a row twice in one statement
-                continue
-            seen.add(key)
-            for column, value in zip(
-                columns, (key, relpath, size, mtime_ns, _signed(inode)), strict=True
-            ):
-                column.append(value)
+        columns = _claim_columns(rows)
 
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
         found = await self._session.transact(claim, one=True)
+        return await self._claimed(job, owner, found)
+
+    async def _claimed(
+        self, job: str, owner: str, found: list[asyncpg.Record]
+    ) -> list[t.ClaimedRow]:
+        """What a claim (CLAIM_SCANNED's rows) found, the keys it did not lease read back."""
         # The leased rows' columns are ClaimedRow's LEASE_FIELDS, in order: made by position,
         # one per item (the hot path).
         claimed = [t.ClaimedRow(*r) for r in found if r["state"] == "running"]
@@ -350,6 +364,57 @@ class PostgresLedger(Ledger):
             await self._analyze()
         return claimed
 
+    async def queue_listed(
+        self, job: str, owner: str, fence: int, rows: Sequence[t.QueuedRow]
+    ) -> t.Registered | None:
+        keys = [row[0] for row in rows]
+
+        async def queue(conn: Connection) -> t.Registered | None:
+            if await conn.fetchval(sql.LISTING_HELD, job, owner, fence) is None:
+                return None
+            known = {str(k): str(s) for k, s in await conn.fetch(sql.KNOWN_STATES, job, keys)}
+            states = list(known.values())
+            done, dead = states.count("done"), states.count("dead")
+            revived = 0
+            if "vanished" in states:
+                vanished = [k for k, s in known.items() if s == "vanished"]
+                revived = int(await conn.fetchval(sql.REVIVE_VANISHED, job, vanished))
+            new = [row for row in rows if row[0] not in known] if known else list(rows)
+            parts = [new[i : i + t.QUEUED_BATCH] for i in range(0, len(new), t.QUEUED_BATCH)]
+            if parts:
+                sizes = [len(part) for part in parts]
+                await conn.execute(sql.QUEUED_ADD, job, sizes, [t.pack_queued(p) for p in parts])
+            await conn.execute(sql.LISTING_FOUND, job, owner, fence, len(new) + revived, done, dead)
+            if new or revived:  # delivered when this transaction commits
+                await conn.execute(sql.NOTIFY_REGISTERED, job)
+            return t.Registered(len(new) + revived, done, dead)
+
+        return await self._session.transact(queue)
+
+    async def take_queued(
+        self, job: str, owner: str, lease: float, limit: int
+    ) -> tuple[list[t.QueuedRow], list[t.ClaimedRow]]:
+        async def take(conn: Connection) -> tuple[list[t.QueuedRow], list[asyncpg.Record]]:
+            taken: list[t.QueuedRow] = []
+            while len(taken) < limit:
+                first = await conn.fetchrow(sql.QUEUED_FIRST, job)
+                if first is None:
+                    break
+                seq, files, data = first
+                rows, rest = t.unpack_queued(data, limit - len(taken))
+                if rest:
+                    await conn.execute(sql.QUEUED_KEEP, seq, files - len(rows), rest)
+                else:
+                    await conn.execute(sql.QUEUED_DROP, seq)
+                taken += rows
+            if not taken:
+                return taken, []
+            columns = _claim_columns(taken)
+            return taken, await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
+
+        taken, found = await self._session.transact(take)
+        return taken, (await self._claimed(job, owner, found)) if taken else []
+
     async def _analyze(self) -> None:
         """Refresh the planner's statistics of ``items`` as this ledger grows it.
 
@@ -362,6 +427,12 @@ class PostgresLedger(Ledger):
         self._analyze_after = 2 * self._added
 
         async def analyze(conn: Connection) -> None:
+            # Runners sharing a job grow the table together: each analyzes only if nobody
+            # did since the table doubled (ANALYZE reads a sample of the whole table, and
+            # concurrent ones contend; four runners each analyzing cost 8 s of the server's).
+            found = await conn.fetchrow(sql.ITEMS_ROWS)
+            if found is not None and found[0] > 0 and 0 < found[1] < 2 * found[0]:
+                return
             await conn.execute(sql.ANALYZE_ITEMS)
 
         await self._session.transact(analyze, one=True)
@@ -401,6 +472,7 @@ class PostgresLedger(Ledger):
         async def begin(conn: Connection) -> asyncpg.Record | None:
             if await conn.fetchval(sql.LISTING_BEGIN, job, owner, fence) is None:
                 return None
+            await conn.execute(sql.QUEUED_CLEAR, job)
             return await conn.fetchrow(sql.LISTING_GET, job)
 
         found = await self._session.transact(begin)
@@ -509,7 +581,14 @@ class PostgresLedger(Ledger):
     # -- the operator's reads, and retry ----------------------------------------------------------
 
     async def _state_counts(self, job: str) -> dict[str, int]:
-        return {str(s): int(n) for s, n in await self._session.fetch(sql.COUNTS, job)}
+        async def read(conn: Connection) -> dict[str, int]:
+            counts = {str(s): int(n) for s, n in await conn.fetch(sql.COUNTS, job)}
+            queued = int(await conn.fetchval(sql.QUEUED_FILES, job))
+            if queued:
+                counts["pending"] = counts.get("pending", 0) + queued
+            return counts
+
+        return await self._session.read(read)
 
     async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
         rows = await self._session.fetch(sql.STATES_OF, job, list(keys))

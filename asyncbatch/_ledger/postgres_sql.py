@@ -37,7 +37,7 @@ from .types import (
 )
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 7
+SCHEMA_VERSION: Final = 8
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -211,6 +211,20 @@ CREATE TABLE listers (
         f"ALTER TABLE runs ADD COLUMN {name} bigint NOT NULL DEFAULT 0;\n"
         for name in totals_since(6)
     ),
+    # Listed files queued for the runners sharing a job, a batch a row, in order (see
+    # QUEUED_*): a runner registers a batch's files leased to it when it takes them, so a
+    # shared item is written as often as an unshared one. The batches are stored as they
+    # are (no compression: they are written once and read once).
+    7: """
+CREATE TABLE queued (
+    seq   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job   text    NOT NULL,
+    files integer NOT NULL,
+    rows  bytea   NOT NULL
+);
+ALTER TABLE queued ALTER COLUMN rows SET STORAGE EXTERNAL;
+CREATE INDEX queued_job ON queued (job, seq);
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -379,6 +393,40 @@ counted AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM added), done, dead FROM found WHERE EXISTS (SELECT 1 FROM counted)
+"""
+#: Whether $2 holds the job's ($1) role under fence $3 (the row locked until the end of the
+#: transaction).
+LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER} FOR UPDATE"
+#: The items the ledger holds of these keys ($2) of the job ($1), with their state.
+KNOWN_STATES = "SELECT key, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
+#: Vanished items ($2 keys) whose files are listed again wait again (as REGISTER_LISTED).
+REVIVE_VANISHED = f"""
+WITH revived AS (
+    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
+    WHERE job = $1 AND key = ANY($2::text[]) AND state = 'vanished'
+    RETURNING 1
+)
+SELECT count(*) FROM revived
+"""
+#: Batches of queued files (see types.pack_queued), in order: $1 job, $2 files, $3 rows.
+QUEUED_ADD = """
+INSERT INTO queued (job, files, rows)
+SELECT $1, q.files, q.rows FROM unnest($2::int[], $3::bytea[]) WITH ORDINALITY AS q(files, rows, n)
+ORDER BY q.n
+"""
+#: The job's ($1) oldest batch that no other transaction is taking (locked until the end).
+QUEUED_FIRST = """
+SELECT seq, files, rows FROM queued WHERE job = $1 ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+QUEUED_DROP = "DELETE FROM queued WHERE seq = $1"
+QUEUED_KEEP = "UPDATE queued SET files = $2, rows = $3 WHERE seq = $1"
+QUEUED_CLEAR = "DELETE FROM queued WHERE job = $1"
+QUEUED_FILES = "SELECT coalesce(sum(files), 0) FROM queued WHERE job = $1"
+#: Count what a queueing of listed files found into the listing ($4 new, $5 done, $6 dead).
+LISTING_FOUND = f"""
+UPDATE listers SET registered = registered + $4, found_done = found_done + $5,
+                   found_dead = found_dead + $6
+WHERE {_HOLDER}
 """
 #: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL).
 NOTIFY_REGISTERED = "SELECT pg_notify('asyncbatch_registered', $1)"
@@ -573,6 +621,14 @@ RETURNING key
 
 #: Planner statistics for the item lookups (see PostgresLedger._analyze).
 ANALYZE_ITEMS = "ANALYZE items"
+#: The rows of ``items`` as its statistics last counted them (``reltuples``: -1 or 0 when
+#: never analyzed) and as the server counts them now (``n_live_tup``, lagging by up to about
+#: a second; 0 without ``track_counts``).
+ITEMS_ROWS = """
+SELECT c.reltuples::float8, coalesce(s.n_live_tup, 0)::float8
+FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'items'::regclass
+"""
 
 # -- reading -------------------------------------------------------------------------------------
 

@@ -260,6 +260,58 @@ def _tx_register_listed(
     return t.Registered(new, int(done), int(dead))
 
 
+def _tx_queue_listed(
+    conn: sqlite3.Connection,
+    job: str,
+    owner: str,
+    fence: int,
+    rows: Sequence[t.QueuedRow],
+    batch: int,
+    now: float,
+) -> t.Registered | None:
+    holder = {"job": job, "owner": owner, "fence": fence}
+    if conn.execute(sql.LISTING_HELD, holder).fetchone() is None:
+        return None
+    keys = json.dumps([row[0] for row in rows])
+    known = dict(conn.execute(sql.KNOWN_STATES, (job, keys)).fetchall())
+    states = list(known.values())
+    done, dead = states.count("done"), states.count("dead")
+    revived = 0
+    for key, state in known.items():
+        if state == "vanished":
+            revived += conn.execute(sql.REVIVE_VANISHED, (now, job, key)).rowcount
+    new = [row for row in rows if row[0] not in known] if known else list(rows)
+    for start in range(0, len(new), batch):
+        part = new[start : start + batch]
+        conn.execute(sql.QUEUED_ADD, (job, len(part), t.pack_queued(part)))
+    found = {**holder, "new": len(new) + revived, "done": done, "dead": dead}
+    conn.execute(sql.LISTING_FOUND, found)
+    return t.Registered(len(new) + revived, done, dead)
+
+
+def _tx_take_queued(
+    conn: sqlite3.Connection,
+    job: str,
+    limit: int,
+    claim: Callable[[list[t.QueuedRow]], tuple[str, list[Any], tuple[Any, ...]]],
+) -> tuple[list[t.QueuedRow], str | None]:
+    taken: list[t.QueuedRow] = []
+    while len(taken) < limit:
+        first = conn.execute(sql.QUEUED_FIRST, (job,)).fetchone()
+        if first is None:
+            break
+        seq, files, data = first
+        rows, rest = t.unpack_queued(data, limit - len(taken))
+        if rest:
+            conn.execute(sql.QUEUED_KEEP, (files - len(rows), rest, seq))
+        else:
+            conn.execute(sql.QUEUED_DROP, (seq,))
+        taken += rows
+    if not taken:
+        return taken, None
+    return taken, _tx_claim_scanned(conn, *claim(taken))
+
+
 def _tx_claim_scanned(
     conn: sqlite3.Connection, query: str, params: list[Any], check: tuple[Any, ...]
 ) -> str | None:
@@ -639,6 +691,7 @@ class SQLiteLedger(Ledger):
             holder = {"job": job, "owner": owner, "fence": fence, "now": now}
             if conn.execute(sql.LISTING_BEGIN, holder).rowcount == 0:
                 return None
+            conn.execute(sql.QUEUED_CLEAR, (job,))
             return t.Listing.from_row(_named(conn, sql.LISTING_GET, (job,))[0])
 
         return await self._transact(begin, self.clock())
@@ -667,21 +720,43 @@ class SQLiteLedger(Ledger):
 
     # -- claims ------------------------------------------------------------------------------------
 
+    def _claim(
+        self, job: str, owner: str, lease: float, rows: Sequence[t.ScannedRow | t.QueuedRow]
+    ) -> tuple[str, list[Any], tuple[Any, ...]]:
+        """The statement, parameters and read-back parameters of a claim of ``rows``."""
+        now = self.clock()
+        params: list[Any] = [job, owner, now + lease, now]
+        for row in rows:
+            params.extend(row[:5])
+        query = self._claim_sql.get(len(rows))
+        if query is None:
+            query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
+        check = (job, json.dumps([row[0] for row in rows]), owner)
+        return query, params, check
+
     async def claim_scanned(
         self, job: str, owner: str, lease: float, rows: Sequence[t.ScannedRow]
     ) -> list[t.ClaimedRow]:
         if not rows:
             return []
-        now = self.clock()
-        params: list[Any] = [job, owner, now + lease, now]
-        for row in rows:
-            params.extend(row)
-        query = self._claim_sql.get(len(rows))
-        if query is None:
-            query = self._claim_sql[len(rows)] = sql.claim_scanned(len(rows))
-        check = (job, json.dumps([key for key, _, _, _, _ in rows]), owner)
-        found = await self._transact(_tx_claim_scanned, query, params, check)
+        found = await self._transact(_tx_claim_scanned, *self._claim(job, owner, lease, rows))
         return _claimed(found) if found else []
+
+    async def queue_listed(
+        self, job: str, owner: str, fence: int, rows: Sequence[t.QueuedRow]
+    ) -> t.Registered | None:
+        return await self._transact(
+            _tx_queue_listed, job, owner, fence, rows, t.QUEUED_BATCH, self.clock()
+        )
+
+    async def take_queued(
+        self, job: str, owner: str, lease: float, limit: int
+    ) -> tuple[list[t.QueuedRow], list[t.ClaimedRow]]:
+        def claim(rows: list[t.QueuedRow]) -> tuple[str, list[Any], tuple[Any, ...]]:
+            return self._claim(job, owner, lease, rows)
+
+        taken, found = await self._transact(_tx_take_queued, job, limit, claim)
+        return taken, _claimed(found) if found else []
 
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
@@ -784,7 +859,17 @@ class SQLiteLedger(Ledger):
     # -- the operator's reads, and retry ----------------------------------------------------------
 
     async def _state_counts(self, job: str) -> dict[str, int]:
-        return dict(await self._fetchall(sql.COUNTS, (job,)))
+        def read() -> dict[str, int]:
+            conn = raw(self._db)
+            counts = dict(conn.execute(sql.COUNTS, (job,)).fetchall())
+            queued = conn.execute(sql.QUEUED_FILES, (job,)).fetchone()[0]
+            if queued:
+                counts["pending"] = counts.get("pending", 0) + queued
+            return counts
+
+        async with self._lock:
+            with self._errors():
+                return await on_thread(self._db, read)
 
     async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
         rows = await self._fetchall(sql.STATES_OF, (job, json.dumps(list(keys))))

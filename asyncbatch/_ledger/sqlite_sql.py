@@ -28,7 +28,7 @@ from .types import (
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 8
+SCHEMA_VERSION: Final = 9
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -202,6 +202,18 @@ CREATE TABLE listers (
 CREATE INDEX items_claim ON items (job, mtime_ns, relpath)
     WHERE state IN ('pending', 'failed');
 """,
+    # Listed files queued for the runners sharing a job, a batch a row, in order (see
+    # QUEUED_*): a runner registers a batch's files leased to it when it takes them, so a
+    # shared item is written as often as an unshared one.
+    8: """
+CREATE TABLE queued (
+    seq   INTEGER PRIMARY KEY,
+    job   TEXT    NOT NULL,
+    files INTEGER NOT NULL,
+    rows  BLOB    NOT NULL
+);
+CREATE INDEX queued_job ON queued (job, seq);
+""",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -308,6 +320,22 @@ def register_listed(rows: int) -> str:
     return _REGISTER_HEAD + values + _REGISTER_TAIL
 
 
+#: The items the ledger holds of a chunk's keys (?2, a JSON array), with their state (?1 job).
+KNOWN_STATES = """
+SELECT key, state FROM items WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
+"""
+#: A vanished item whose file is listed again waits again (as REGISTER_TAIL does it).
+REVIVE_VANISHED = """
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
+WHERE job = ? AND key = ? AND state = 'vanished'
+"""
+#: A batch of queued files (see types.pack_queued): job, files, rows.
+QUEUED_ADD = "INSERT INTO queued (job, files, rows) VALUES (?, ?, ?)"
+QUEUED_FIRST = "SELECT seq, files, rows FROM queued WHERE job = ? ORDER BY seq LIMIT 1"
+QUEUED_DROP = "DELETE FROM queued WHERE seq = ?"
+QUEUED_KEEP = "UPDATE queued SET files = ?, rows = ? WHERE seq = ?"
+QUEUED_CLEAR = "DELETE FROM queued WHERE job = ?"
+QUEUED_FILES = "SELECT coalesce(sum(files), 0) FROM queued WHERE job = ?"
 #: Of a chunk's keys (?2, a JSON array), how many the ledger holds done and dead (?1 job).
 FOUND_FINISHED = """
 SELECT coalesce(sum(state = 'done'), 0), coalesce(sum(state = 'dead'), 0) FROM items

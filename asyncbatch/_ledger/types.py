@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -35,6 +36,7 @@ __all__ = [
     "Listing",
     "LockInfo",
     "Outcome",
+    "QueuedRow",
     "Registered",
     "Renewal",
     "RunEnd",
@@ -48,7 +50,9 @@ __all__ = [
     "TimeField",
     "UnstoredReason",
     "iso_time",
+    "pack_queued",
     "totals_since",
+    "unpack_queued",
 ]
 
 #: ``"normal"``: commits survive a crash of any process; ``"full"``: a power loss too.
@@ -59,6 +63,43 @@ STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
 ScannedRow = tuple[str, bytes, int, int, int]
 #: Leases as ``(key, fence)`` pairs.
 Leases = Sequence[tuple[str, int]]
+#: A listed file queued for the runners sharing a job (see ``Ledger.queue_listed``): a
+#: :data:`ScannedRow` and what the runner that takes it needs besides, ``(key, relpath, size,
+#: mtime_ns, inode, ctime_ns, input_hash)``.
+QueuedRow = tuple[str, bytes, int, int, int, int, str]
+#: Files a row of the ``queued`` table holds at most (see ``Ledger.queue_listed``).
+QUEUED_BATCH: Final = 512
+#: A queued row's numbers and the lengths of its key, input hash and relpath.
+_QUEUED_HEAD: Final = struct.Struct("<qqQqHHI")
+
+
+def pack_queued(rows: Sequence[QueuedRow]) -> bytes:
+    """Queued rows as one value (a batch of the ``queued`` table): each row's numbers and
+    lengths, then its key, input hash and relpath."""
+    head = _QUEUED_HEAD.pack
+    parts: list[bytes] = []
+    for key, relpath, size, mtime_ns, inode, ctime_ns, ihash in rows:
+        k, h = key.encode(), ihash.encode()
+        parts += (head(size, mtime_ns, inode, ctime_ns, len(k), len(h), len(relpath)), k, h)
+        parts.append(relpath)
+    return b"".join(parts)
+
+
+def unpack_queued(data: bytes, limit: int = -1) -> tuple[list[QueuedRow], bytes]:
+    """The first ``limit`` rows of :func:`pack_queued`'s value (``-1``: all), in order, and
+    the rest of the value as it is (a batch taken in part keeps the rest unparsed)."""
+    rows: list[QueuedRow] = []
+    head, step = _QUEUED_HEAD.unpack_from, _QUEUED_HEAD.size
+    at, end = 0, len(data)
+    while at < end and len(rows) != limit:
+        size, mtime_ns, inode, ctime_ns, k, h, r = head(data, at)
+        at += step
+        key = data[at : at + k].decode()
+        ihash = data[at + k : at + k + h].decode()
+        at += k + h
+        rows.append((key, data[at : at + r], size, mtime_ns, inode, ctime_ns, ihash))
+        at += r
+    return rows, data[at:]
 
 
 def iso_time(ts: float) -> str:

@@ -33,7 +33,7 @@ import anyio.to_thread
 from .. import _failpoints as failpoints
 from .._exceptions import SourceError
 from .._identity import input_hash, item_key
-from .._ledger import ClaimedRow, decode_action
+from .._ledger import ClaimedRow, QueuedRow, decode_action
 from .._report import Counters
 from .._scanner import content_digest, unpack_item
 from .._sources.base import Lister
@@ -651,6 +651,45 @@ class Claimer:
             leased = self._waiting_items(rows)
         await self._queue(leased)
         return len(rows)
+
+    async def take_queued(self) -> int:
+        """Take what the listing of runners sharing the job queued (see
+        ``Ledger.take_queued``), a claim's worth, leased; return how many files were taken."""
+        run, cfg = self.run, self.config
+        size = await self._room()
+        if run.stopping:
+            return 0
+        with anyio.CancelScope(shield=True):  # as in claim(): what is leased is tracked
+            began = time.monotonic()
+            taken, rows = await run.ledger.take_queued(cfg.job, run.owner, cfg.lease, size)
+            if run.metrics is not None and taken:
+                run.metrics.claims.observe(time.monotonic() - began)
+            leased = self._queued_items(taken, rows)
+        self.lookahead.claimed(len(taken), len(leased))
+        await self._queue(leased)
+        return len(taken)
+
+    def _queued_items(self, taken: list[QueuedRow], rows: list[ClaimedRow]) -> list[LeasedItem]:
+        """Items for the queued files a take leased, tracked. The others the ledger holds
+        already: held by another runner, or waiting for a retry (claimed when due), or
+        finished, whose post-commit action is carried out again if one is recorded (as a
+        listing does: see ``SharedRun._finish_actions``)."""
+        run = self.run
+        by_key = {row.key: row for row in rows}
+        leased: list[LeasedItem] = []
+        for key, relpath, size, mtime_ns, inode, ctime, ihash in taken:
+            row = by_key.get(key)
+            if row is None:
+                continue
+            if row.state == "running":
+                if key not in run.in_flight:  # (else the same bytes as one in flight)
+                    leased.append(LeasedItem(key, ihash, relpath, size, mtime_ns, inode, ctime))
+            elif row.state in ("done", "dead") and row.post_action is not None:
+                self.posts.submit(
+                    row.post_action, key, row.relpath, row.size, row.mtime_ns, row.inode
+                )
+        self._track(leased, by_key)
+        return leased
 
     def _waiting_items(self, rows: list[ClaimedRow]) -> list[LeasedItem]:
         """Items for rows claim_waiting leased (ours, or earlier runs'), tracked."""

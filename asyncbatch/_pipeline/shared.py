@@ -2,10 +2,13 @@
 
 Listing is a role, held under a lease in the ledger (:class:`~asyncbatch._ledger.Listing`),
 fenced like an item's lease and renewed by the heartbeat. Its holder lists the source and
-registers the files as waiting items, in bulk (``Ledger.register_listed``); every runner, the
-holder too, leases waiting items from the ledger (``Claimer.claim_waiting``: ``SKIP LOCKED``
-on PostgreSQL). When the holder dies or stalls past the lease, another runner takes the role
-over and lists again from scratch: registration is idempotent, nothing is lost.
+queues the files in the ledger, in batches (``Ledger.queue_listed``); every runner, the
+holder too, takes queued files and registers them leased to itself in one transaction
+(``Claimer.take_queued``: ``SKIP LOCKED`` on PostgreSQL; a shared item is written as often
+as an unshared one), then leases waiting items (``Claimer.claim_waiting``: retries, items
+given back). When the holder dies or stalls past the lease, another runner takes the role
+over and lists again from scratch (dropping what the last listing left queued): nothing is
+lost. A watching holder registers what it finds as waiting items (``register_listed``).
 
 A ``run()`` lists once and ends when the job is finished: the listing it goes by is complete
 (``Listing.complete``), and no item of the job is pending, leased or waiting for a retry
@@ -65,6 +68,8 @@ class SharedRun:
         self._notified: bool | None = None
         #: Set when a look at the ledger found the listing role free.
         self._role_free = anyio.Event()
+        #: The keys a listing under way queued, with identity "content" (see :meth:`_register`).
+        self._queued_keys: set[str] | None = None
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -140,15 +145,19 @@ class SharedRun:
         self.target = run.listing_target = begun.generation
         self._role_seen.set()
         records = await claimer.list_ready()
+        self._queued_keys = set() if cfg.identity == "content" else None
         for start in range(0, len(records), REGISTER_BATCH):
-            if run.stopping or not await self._register(records[start : start + REGISTER_BATCH]):
+            chunk = records[start : start + REGISTER_BATCH]
+            if run.stopping or not await self._register(chunk, queue=True):
                 return
+        self._queued_keys = None
         if await run.ledger.end_listing(cfg.job, run.owner, role.fence, len(records)):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
             run.wake()
 
-    async def _register(self, records: list[bytes]) -> bool:
-        """Register listed files as waiting items; ``False`` when the role was lost."""
+    async def _register(self, records: list[bytes], *, queue: bool = False) -> bool:
+        """Register listed files as waiting items (``queue``: queue them, see
+        ``Ledger.queue_listed``); ``False`` when the role was lost."""
         run, cfg = self.run, self.config
         fence = run.lister_fence
         if fence is None:
@@ -157,8 +166,19 @@ class SharedRun:
             items = await anyio.to_thread.run_sync(self.claimer.prepare, records)
         else:
             items = self.claimer.prepare(records)
-        rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
-        found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
+        if queue:
+            seen = self._queued_keys
+            if seen is not None:  # the same bytes under two names: one item (see prepare)
+                items = [i for i in items if i.key not in seen]
+                seen.update(i.key for i in items)
+            queued = [
+                (i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.ctime_ns, i.ihash) for i in items
+            ]
+            found = await run.ledger.queue_listed(cfg.job, run.owner, fence, queued)
+            rows: list[tuple[str, bytes, int, int, int]] = [q[:5] for q in queued]
+        else:
+            rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
+            found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
         if found is None:
             run.lose_listing_role()
             log.warning(
@@ -219,7 +239,7 @@ class SharedRun:
         run, cfg, claimer = self.run, self.config, self.claimer
         registered = -1
         while not run.stopping:
-            if await claimer.claim_waiting():
+            if await claimer.take_queued() or await claimer.claim_waiting():
                 continue
             if run.in_flight:
                 await run.wait_for_progress(cfg.lease / 4)
@@ -265,9 +285,13 @@ class SharedRun:
         run.counters.seen = max(run.counters.seen, listing.listed_files)
         counts = await run.ledger.counts(cfg.job)
         if cfg.wait:
-            return counts["pending"] + counts["running"] + counts["failed"] == 0
-        due = await run.ledger.next_retry_at(cfg.job)
-        return counts["pending"] == 0 and (due is None or due > run.clock())
+            finished = counts["pending"] + counts["running"] + counts["failed"] == 0
+        else:
+            due = await run.ledger.next_retry_at(cfg.job)
+            finished = counts["pending"] == 0 and (due is None or due > run.clock())
+        if finished:  # the report's count of held items (a read of every item: once)
+            run.finished_counts = counts
+        return finished
 
 
 def _free(listing: Listing, now: float) -> bool:
@@ -292,8 +316,10 @@ async def shared_report(run: RunState) -> None:
     others = await run.ledger.finished_by_others(job, run.owner, listing.started_at)
     counters.done_before = listing.found_done + others.get("done", 0)
     counters.dead_before = listing.found_dead + others.get("dead", 0)
-    # Leased to other runners now (this run's leases are given back by now): held.
-    running = (await run.ledger.counts(job))["running"]
+    # Leased to other runners (this run's leases are given back by now): held, as the look
+    # that found the job finished counted them (else now).
+    counts = run.finished_counts or await run.ledger.counts(job)
+    running = counts["running"]
     counters.held = 0
     counters.seen = max(listing.listed_files, counters.seen_accounted())
     counters.held = min(running, counters.seen - counters.seen_accounted())
