@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .inbox import InboxSpec, ensure_inbox, warm_up
-from .measure import BenchFailure, remove_ledger, spawn
+from .measure import BenchFailure, ensure_bytecode, remove_ledger, spawn
 from .report import machine_info
 
 HERE = Path(__file__).resolve().parent
@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=HERE / ".work")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-exec.md")
     args = p.parse_args(argv)
+    ensure_bytecode()
     args.argv = argv
     args.work.mkdir(parents=True, exist_ok=True)
     machine = machine_info(args.work, ROOT)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .inbox import InboxSpec, ensure_inbox, warm_up
-from .measure import BenchFailure, remove_ledger
+from .measure import BenchFailure, ensure_bytecode, remove_ledger
 from .pg import DEFAULT_DSN, PgServer
 from .report import machine_info
 from .suite import (
@@ -405,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=HERE / ".work")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-lister.md")
     args = p.parse_args(argv)
+    ensure_bytecode(*([ROOT] if args.baseline is None else [ROOT, args.baseline]))
     parts = set(args.parts.split(","))
     started = time.monotonic()
     command = " ".join(["python -m benchmarks.lister", *(sys.argv[1:] if argv is None else argv)])

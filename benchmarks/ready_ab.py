@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .measure import ensure_bytecode
+
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "benchmarks" / "bench_handler.py"
 
@@ -113,6 +115,7 @@ def main() -> None:
     try:
         inbox = make_inbox(root, args.files)
         sides = {"A": export_base(args.base, root / "base"), "B": ROOT}
+        ensure_bytecode(*sides.values())
         cwd = root / "cwd"
         cwd.mkdir()
         one_run(sides["B"], inbox, root / "warm.db", cwd, args.files)  # the page cache, warm

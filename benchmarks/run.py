@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .http_suite import HTTP_SERIES, measure_http
 from .inbox import InboxSpec, discard_inbox, ensure_inbox, parse_spec, warm_up
-from .measure import BenchFailure
+from .measure import BenchFailure, ensure_bytecode
 from .pg import DEFAULT_DSN, PgServer
 from .report import evaluate, machine_info, plot, render
 from .report_pg import pg_method
@@ -336,6 +336,7 @@ class Driver:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    ensure_bytecode()
     started = time.monotonic()
     command = shlex.join(
         ["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]

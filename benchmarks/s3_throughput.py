@@ -42,6 +42,7 @@ import anyio
 
 from asyncbatch import Batch, TaskContext
 
+from .measure import ensure_bytecode
 from .report import machine_info
 
 HERE = Path(__file__).resolve().parent
@@ -375,6 +376,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-s3.md")
     parser.add_argument("--list-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    ensure_bytecode()
     if args.list_child is not None:
         list_child(args.list_child)
         return

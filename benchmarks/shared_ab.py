@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .inbox import InboxSpec, ensure_inbox, warm_up
-from .measure import BenchFailure, remove_ledger
+from .measure import BenchFailure, ensure_bytecode, remove_ledger
 from .pg import PgServer
 from .suite import (
     CONCURRENCY,
@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=HERE / ".work")
     p.add_argument("--out", type=Path, default=HERE / ".work" / "shared_ab.jsonl")
     args = p.parse_args(argv)
+    ensure_bytecode(*([ROOT] if args.base is None else [ROOT, args.base]))
     work = args.work.resolve()
     backends = args.backends.split(",")
     series = args.series.split(",")

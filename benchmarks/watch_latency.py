@@ -33,6 +33,7 @@ from asyncbatch._pipeline.claimer import FULL_SCAN_EVERY
 from asyncbatch._scanner import Scanner, ScanRules
 
 from .inbox import InboxSpec, ensure_inbox
+from .measure import ensure_bytecode
 from .report import machine_info
 
 HERE = Path(__file__).resolve().parent
@@ -302,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-watch.md")
     args = p.parse_args(argv)
+    ensure_bytecode()
     logging.basicConfig(level=logging.WARNING)
     text = anyio.run(main_async, args)
     args.out.write_text(text)
