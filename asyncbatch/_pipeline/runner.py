@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +67,9 @@ class Run:
         self.handler = handler
         self.mode = mode
         self.clock = clock
-        self.owner = uuid.uuid4().hex
+        self.owner = os.urandom(
+            16
+        ).hex()  # (as uuid4().hex: 32 hex digits; uuid costs 2 ms to import)
         self.me = this_process()
         self.counters = Counters()
         self.holds_lock = False
