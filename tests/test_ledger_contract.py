@@ -1981,6 +1981,7 @@ async def test_a_listing_queues_new_files_and_a_take_leases_them_in_order(
     counts = await ledger.counts("j")
     assert (counts["pending"], counts["running"], counts["done"]) == (5, 0, 1)
     assert len(await items(store)) == 3
+    assert await ledger.queued_files("j") == 4  # (the fifth pending is the revived item 3)
     taken, claimed = await ledger.take_queued("j", "b", 60, 3)
     assert taken == [queued(4), queued(5), queued(6)]
     assert sorted((r.key, r.state, r.fence) for r in claimed) == [
@@ -1993,8 +1994,10 @@ async def test_a_listing_queues_new_files_and_a_take_leases_them_in_order(
         ("k00005", "running", "b"),
         ("k00006", "running", "b"),
     ]
+    assert await ledger.queued_files("j") == 1
     taken, claimed = await ledger.take_queued("j", "a", 60, 10)
     assert taken == [queued(7)]
+    assert await ledger.queued_files("j") == 0
     assert [(r.key, r.state) for r in claimed] == [("k00007", "running")]
     assert await ledger.take_queued("j", "a", 60, 10) == ([], [])
     counts = await ledger.counts("j")

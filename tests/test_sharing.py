@@ -26,6 +26,7 @@ from .conftest import (
     kill,
     make_files,
     rows,
+    run_start,
     settled_now,
     spawn,
     state_counts,
@@ -412,3 +413,29 @@ def test_a_shared_run_finishes_the_archive_moves_a_killed_runner_committed(
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in archive.iterdir()) == [f"f{i:05d}.txt" for i in range(6)]
     assert list(inbox.iterdir()) == []
+
+
+async def test_items_says_how_many_listed_files_are_queued_not_taken(tmp_path: Path) -> None:
+    # A shared job's listing queues its files; until a runner takes them they have no item
+    # row. status counts them pending: items must say so, not list fewer without a word.
+    state = tmp_path / "state.db"
+    ledger = await open_ledger(state)
+    try:
+        await ledger.start_runner(run_start("a", job="default", shared=True))
+        role = await ledger.take_listing("default", "a", 60)
+        assert role is not None
+        assert await ledger.begin_listing("default", "a", role.fence)
+        files = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i, 1_000 + i, f"h{i}") for i in range(3)]
+        await ledger.queue_listed("default", "a", role.fence, files)
+        await ledger.take_queued("default", "a", 60, 1)
+    finally:
+        await ledger.close()
+    shown = cli("items", "--state", state, "--in-state", "pending")
+    assert shown.returncode == 0, shown.stderr
+    assert "and 2 listed files queued for the runners sharing the job" in shown.stdout
+    listed = cli("items", "--state", state, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [item["relpath"] for item in json.loads(listed.stdout)] == ["f0"]
+    assert "and 2 listed files queued" in listed.stderr
+    done_only = cli("items", "--state", state, "--in-state", "done")
+    assert "queued" not in done_only.stdout + done_only.stderr

@@ -530,33 +530,49 @@ def _filter(args: argparse.Namespace, *, limit: int | None) -> ItemFilter:
     )
 
 
+def _lists_pending(which: ItemFilter) -> bool:
+    """Whether a listing by ``which`` would show pending items (a queued file is one)."""
+    return not which.states or "pending" in which.states
+
+
 async def items(args: argparse.Namespace) -> int:
     """``asyncbatch items``: the job's items with their joblog, filtered."""
     ledger = await open_state(args)
     try:
         await job_settings(args, ledger)  # an explicit --source must be the job's
-        found = await ledger.list_items(args.job, _filter(args, limit=args.limit))
+        which = _filter(args, limit=args.limit)
+        found = await ledger.list_items(args.job, which)
         total = len(found)
         if total == args.limit:  # the limit may have cut the list: say of how many
             total = await ledger.count_items(args.job, _filter(args, limit=None))
+        queued = await ledger.queued_files(args.job) if _lists_pending(which) else 0
     finally:
         await ledger.close()
     if args.json:
         print(json.dumps([item_json(item) for item in found], indent=2))
-        return EXIT_OK
-    if not found:
+    elif not found:
         print(f"job {args.job!r}: no items match")
-        return EXIT_OK
-    # One line an item (grep-able, never cut to the terminal's width); the rest is in --json.
+    else:
+        _print_items(args.job, found, total)
+    if queued:  # status counts them pending: say why they are not listed (stderr: --json)
+        print(
+            f"and {queued} listed files queued for the runners sharing the job, not taken yet: "
+            "pending, with no item row until a runner takes one",
+            file=sys.stderr if args.json else sys.stdout,
+        )
+    return EXIT_OK
+
+
+def _print_items(job: str, found: list[ItemInfo], total: int) -> None:
+    """One line an item (grep-able, never cut to the terminal's width); the rest is in --json."""
     shown = f"{len(found)}" if total == len(found) else f"{len(found)} of {total} (--limit)"
-    print(f"items of job {args.job!r}: {shown}, the most recently changed first")
+    print(f"items of job {job!r}: {shown}, the most recently changed first")
     print(f"{'state':<8} {'att':>3}  {'started':<19}  {'took':>8}  {'runner':<24}  relpath")
     for item in found:
         print(
             f"{item.state:<8} {item.attempts:>3}  {show_time(item.started_at):<19}  "
             f"{_duration(item.duration):>8}  {_runner(item):<24}  {item.relpath}"
         )
-    return EXIT_OK
 
 
 # -- forget --------------------------------------------------------------------------------------

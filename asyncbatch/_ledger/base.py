@@ -547,6 +547,12 @@ class Ledger(IdempotencyStore):
         return {state: found.get(state, 0) for state in STATES}
 
     @abc.abstractmethod
+    async def queued_files(self, job: str) -> int:
+        """How many listed files of the job are queued for the runners sharing it (see
+        :meth:`queue_listed`): counted as ``pending`` by :meth:`counts`, but with no item row,
+        so not in :meth:`list_items` until a runner takes them."""
+
+    @abc.abstractmethod
     async def _state_counts(self, job: str) -> dict[str, int]:
         """Items of the job by state, for the states that have any (``pending`` with the
         queued files)."""

@@ -590,6 +590,9 @@ class PostgresLedger(Ledger):
 
         return await self._session.read(read)
 
+    async def queued_files(self, job: str) -> int:
+        return int(await self._session.fetchval(sql.QUEUED_FILES, job))
+
     async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
         rows = await self._session.fetch(sql.STATES_OF, job, list(keys))
         return {str(key): str(state) for key, state in rows}

@@ -871,6 +871,9 @@ class SQLiteLedger(Ledger):
             with self._errors():
                 return await on_thread(self._db, read)
 
+    async def queued_files(self, job: str) -> int:
+        return int(await self._scalar(sql.QUEUED_FILES, (job,)))
+
     async def _states_of(self, job: str, keys: Sequence[str]) -> dict[str, str]:
         rows = await self._fetchall(sql.STATES_OF, (job, json.dumps(list(keys))))
         return {str(key): str(state) for key, state in rows}
