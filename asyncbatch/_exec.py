@@ -491,7 +491,14 @@ class _Command:
         and reaps the leader, then lets the cancellation go on."""
         try:
             if not self.dead:
-                await self.wait_exit()
+                if self.pidfd is None:
+                    await self.wait_exit()
+                else:  # wait_exit's own path, inline: once per item
+                    self.waiter = waiter = self.loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        self.waiter = None
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._kill(kill_after)

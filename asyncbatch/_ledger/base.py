@@ -250,7 +250,7 @@ async def retrying(
     deadline = began + patience
     told = began
     pause = first_pause
-    jitter = random.Random()
+    jitter: random.Random | None = None  # made on the first pause: most transactions need none
     try:
         while True:
             result = await attempt()
@@ -266,6 +266,8 @@ async def retrying(
             if on_wait is not None and now - told >= BUSY_TELL_AFTER:
                 told = now
                 on_wait(now - began, deadline - now)
+            if jitter is None:
+                jitter = random.Random()
             await anyio.sleep(pause * (0.5 + jitter.random()))
             pause = min(pause * 1.5, longest_pause)
     finally:
