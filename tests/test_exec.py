@@ -279,6 +279,79 @@ def test_stdout_and_stderr_are_logged_at_debug_only(inbox: Path, state: Path) ->
     assert "out:second.txt" not in loud.stdout, "stdout carries the report only"
 
 
+async def test_a_command_that_writes_more_than_a_pipe_holds_is_never_blocked(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 1)
+    # 1 MB of stderr: far more than a pipe holds (64 KiB), read as it comes, the tail kept.
+    handler = ExecHandler(command("fail", "5", "1000000"))
+    batch = Batch(handler, source=inbox, state=state, settle=0, timeout=60, max_attempts=1)
+
+    report = await batch.run()
+
+    assert report.dead == 1
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error.startswith("CommandFailedError:"), error
+    assert "exited with status 5: ...line " in error, "not the timeout's cancellation"
+    assert "line 9999" in error, "the last lines are kept"
+    assert len(error) < 4096 + 400
+
+
+async def test_the_attempt_ends_when_the_command_exits_though_its_child_holds_stderr(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    noted = tmp_path / "background.pid"
+    # The leader exits at once; the sleep it leaves behind keeps the stderr pipe open.
+    script = f"sleep 1000 & echo $! > {shlex.quote(str(noted))}; echo bye >&2; exit 0"
+    handler = ExecHandler(["sh", "-c", script, "sh", "{}"])
+    batch = Batch(handler, source=inbox, state=state, settle=0, timeout=60, max_attempts=1)
+    try:
+        report = await batch.run()
+
+        assert report.done == 1, "done when the leader exited, not when the pipe ended"
+        assert alive(int(noted.read_text()))
+    finally:
+        if noted.exists():
+            with contextlib.suppress(OSError):
+                os.kill(int(noted.read_text()), signal.SIGKILL)
+
+
+def _descriptors() -> list[str]:
+    """What this process has open: the targets of /proc/self/fd (pipes, pidfds, epoll sets)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
+def test_one_handler_serves_run_after_run_and_keeps_no_item_descriptor(
+    inbox: Path, state: Path
+) -> None:
+    import asyncio
+    import gc
+
+    def count(kind: str) -> int:
+        return sum(kind in target for target in _descriptors())
+
+    gc.collect()  # the handlers of earlier tests, and their sets
+    handler = ExecHandler("true", output_tail=100)
+    pipes, epolls = count("pipe:"), count("eventpoll")
+    for run in range(3):  # each in an event loop of its own
+        make_files(inbox, 4, prefix=f"r{run}-")
+        batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=3)
+        report = asyncio.run(batch.run())
+        assert report.done == 4
+        assert count("pidfd") == 0, "every pidfd closed"
+        assert count("pipe:") <= pipes, "every output pipe closed"
+        # The handler's one epoll set is all it keeps between runs (off the loop, empty).
+        assert count("eventpoll") == epolls + 1
+    del handler, batch
+    gc.collect()
+    assert count("eventpoll") == epolls, "the set goes with the handler"
+
+
 # -- the environment -------------------------------------------------------------------------------
 
 
