@@ -89,6 +89,8 @@ _READS_PER_WAKE = 16
 _CHUNK = 65536
 #: Events taken from the watch's epoll set per wake-up at most (the rest: at the next one).
 _EVENTS_PER_WAKE = 256
+#: Seconds the watch's epoll set stays on the event loop after the last command ended.
+_IDLE_AFTER = 1.0
 _STDIN = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
 _NULL_STDOUT = (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)
 #: Signals a command gets back at their default action (Python ignores them).
@@ -267,33 +269,50 @@ class _Watch:
     and ``remove_reader`` cost ~25 Python calls a descriptor), and the loop makes one
     callback per wake-up for all of them. The set is the handler's (one descriptor, opened
     with its first command, closed with the handler); it holds an item's descriptors only
-    while that item's command runs.
+    while that item's command runs, and is on a loop only while commands run there (and
+    ``_IDLE_AFTER`` seconds after).
     """
 
-    __slots__ = ("epoll", "loop", "running", "watched")
+    __slots__ = ("epoll", "idle", "loop", "running", "watched")
 
     def __init__(self) -> None:
         self.epoll = select.epoll()  # close-on-exec; closed when collected
         #: What each descriptor in the set is: a command's pidfd (the command), or one of its
         #: output pipes (its capture).
         self.watched: dict[int, _Command | _Capture] = {}
-        #: Commands started and not yet closed, and the loop they run on.
+        #: Commands started and not yet closed.
         self.running = 0
+        #: The loop the set is on, and the timer that takes it off once no command runs.
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.idle: asyncio.TimerHandle | None = None
 
     def enter(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A command is about to start on ``loop``: the first one puts the set on the loop."""
-        if self.running == 0:
+        """A command is about to start on ``loop``: the set goes on the loop if not there."""
+        if self.loop is not loop:
+            self._off()  # an earlier run's loop, if any
             loop.add_reader(self.epoll.fileno(), self._ready)
             self.loop = loop
+        elif self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
         self.running += 1
 
     def release(self) -> None:
-        """A command is closed: the last one takes the set off its loop."""
+        """A command is closed. When none runs, the set leaves the loop ``_IDLE_AFTER``
+        seconds later, unless one starts meanwhile (the next item's, as a rule: not an
+        ``add_reader`` and a ``remove_reader`` between two items)."""
         self.running -= 1
-        if self.running == 0 and self.loop is not None:
-            self.loop.remove_reader(self.epoll.fileno())
-            self.loop = None
+        if self.running == 0 and self.loop is not None and self.idle is None:
+            self.idle = self.loop.call_later(_IDLE_AFTER, self._off)
+
+    def _off(self) -> None:
+        """Take the set off its loop (unless that loop is closed already: nothing to do)."""
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        loop, self.loop = self.loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.epoll.fileno())
 
     def add(self, fd: int, what: _Command | _Capture) -> None:
         """Watch ``fd`` for input (a pidfd: its process exited)."""

@@ -345,7 +345,7 @@ def test_one_handler_serves_run_after_run_and_keeps_no_item_descriptor(
         assert report.done == 4
         assert count("pidfd") == 0, "every pidfd closed"
         assert count("pipe:") <= pipes, "every output pipe closed"
-        # The handler's one epoll set is all it keeps between runs (off the loop, empty).
+        # The handler's one epoll set is all it keeps between runs (empty).
         assert count("eventpoll") == epolls + 1
     del handler, batch
     gc.collect()
