@@ -630,6 +630,23 @@ FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.oid = 'items'::regclass
 """
 
+#: Pages of ``items`` at which runners sharing a job first analyze it (about 2,000 items).
+FIRST_ANALYZE_PAGES: Final = 64
+#: Whether ``items`` has grown to four times the pages its statistics last counted (and to
+#: at least $1 pages): its size now, not a count that lags (see PostgresLedger._analyze_grown).
+_ITEMS_GROWN = """
+pg_relation_size(c.oid)
+    >= greatest(4 * c.relpages::int8, $1::int8) * current_setting('block_size')::int8
+"""
+ANALYZE_DUE = f"SELECT {_ITEMS_GROWN} FROM pg_class c WHERE c.oid = 'items'::regclass"
+#: ANALYZE_DUE, and the transaction's lock on analyzing the ledger's ``items`` taken if
+#: nobody holds it (false: another runner is analyzing, or the table has not grown).
+ANALYZE_TAKE = f"""
+SELECT {_ITEMS_GROWN}
+   AND pg_try_advisory_xact_lock(hashtext('asyncbatch analyze ' || current_schema())::int8)
+FROM pg_class c WHERE c.oid = 'items'::regclass
+"""
+
 # -- reading -------------------------------------------------------------------------------------
 
 COUNTS = "SELECT state, count(*) FROM items WHERE job = $1 GROUP BY state"
