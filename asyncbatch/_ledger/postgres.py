@@ -48,7 +48,7 @@ from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
-from .base import FORGOTTEN_KEPT, Ledger, decide_job, decide_lock, glob_regex
+from .base import FORGOTTEN_KEPT, WORK_LEFT_NEWEST, Ledger, decide_job, decide_lock, glob_regex
 from .dsn import PostgresDSN
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .postgres_session import PostgresSession
@@ -554,11 +554,29 @@ class PostgresLedger(Ledger):
         for callback in self._on_registered.get(job, ()):
             callback()
 
-    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
-        rows = await self._session.fetch(
-            sql.FINISHED_BY_OTHERS, job, owner, self._session.server(since)
-        )
-        return {str(state): int(n) for state, n in rows}
+    async def _finish_counts(
+        self, job: str, owner: str, since: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        server_since = self._session.server(since)
+
+        async def read(conn: Connection) -> tuple[dict[str, int], dict[str, int]]:
+            counts: dict[str, int] = {}
+            others: dict[str, int] = {}
+            for state, n, by_others in await conn.fetch(
+                sql.FINISH_COUNTS, job, owner, server_since
+            ):
+                counts[str(state)] = int(n)
+                if state in ("done", "dead") and by_others:
+                    others[str(state)] = int(by_others)
+            queued = int(await conn.fetchval(sql.QUEUED_FILES, job))
+            if queued:
+                counts["pending"] = counts.get("pending", 0) + queued
+            return counts, others
+
+        return await self._session.read(read)
+
+    async def work_left(self, job: str) -> bool:
+        return bool(await self._session.fetchval(sql.WORK_LEFT, job, WORK_LEFT_NEWEST))
 
     # -- outcomes ----------------------------------------------------------------------------------
 

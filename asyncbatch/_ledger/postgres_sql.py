@@ -439,12 +439,22 @@ LISTING_EXTEND = f"""
 UPDATE listers SET lease_until = {NOW} + $4::float8 WHERE {_HOLDER} RETURNING job
 """
 LISTING_RELEASE = "UPDATE listers SET lease_until = NULL WHERE job = $1 AND owner = $2"
-#: What runners other than $2 finished at or after $3 (server clock; $1 job), by state.
-FINISHED_BY_OTHERS = """
-SELECT state, count(*) FROM items
-WHERE job = $1 AND state IN ('done', 'dead') AND runner IS DISTINCT FROM $2
-  AND finished_at >= $3::float8
-GROUP BY state
+#: The job's ($1) items by state, and of each state how many runners other than $2 finished
+#: at or after $3 (server clock; what a shared runner's report counts as finished before:
+#: done and dead).
+FINISH_COUNTS = """
+SELECT state, count(*),
+       count(*) FILTER (WHERE runner IS DISTINCT FROM $2 AND finished_at >= $3::float8)
+FROM items WHERE job = $1 GROUP BY state
+"""
+#: Whether the job ($1) has files queued, an item pending or failed, or one running among its
+#: $2 newest items by key (see Ledger.work_left).
+WORK_LEFT = """
+SELECT EXISTS (SELECT 1 FROM queued WHERE job = $1)
+    OR EXISTS (SELECT 1 FROM items WHERE job = $1 AND state IN ('pending', 'failed'))
+    OR EXISTS (SELECT 1 FROM (SELECT state FROM items WHERE job = $1 ORDER BY key DESC
+                              LIMIT $2) AS newest
+               WHERE newest.state = 'running')
 """
 
 # -- claims --------------------------------------------------------------------------------------

@@ -43,7 +43,17 @@ from . import sqlite_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
 from .aiosqlite_bridge import connect, on_thread, raw
-from .base import BUSY, FORGOTTEN_KEPT, Busy, Ledger, decide_job, decide_lock, glob_regex, retrying
+from .base import (
+    BUSY,
+    FORGOTTEN_KEPT,
+    WORK_LEFT_NEWEST,
+    Busy,
+    Ledger,
+    decide_job,
+    decide_lock,
+    glob_regex,
+    retrying,
+)
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .sqlite_open import check_state_path, companions, open_error, read_only_view
 
@@ -714,9 +724,28 @@ class SQLiteLedger(Ledger):
 
         return await self._transact(end, self.clock())
 
-    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
-        rows = await self._fetchall(sql.FINISHED_BY_OTHERS, (job, owner, since))
-        return {str(state): int(n) for state, n in rows}
+    async def _finish_counts(
+        self, job: str, owner: str, since: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        def read() -> tuple[dict[str, int], dict[str, int]]:
+            conn = raw(self._db)
+            counts: dict[str, int] = {}
+            others: dict[str, int] = {}
+            for state, n, by_others in conn.execute(sql.FINISH_COUNTS, (job, owner, since)):
+                counts[state] = n
+                if state in ("done", "dead") and by_others:
+                    others[state] = by_others
+            queued = conn.execute(sql.QUEUED_FILES, (job,)).fetchone()[0]
+            if queued:
+                counts["pending"] = counts.get("pending", 0) + queued
+            return counts, others
+
+        async with self._lock:
+            with self._errors():
+                return await on_thread(self._db, read)
+
+    async def work_left(self, job: str) -> bool:
+        return bool(await self._value(sql.WORK_LEFT, (job, WORK_LEFT_NEWEST)))
 
     # -- claims ------------------------------------------------------------------------------------
 

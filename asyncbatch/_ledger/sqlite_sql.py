@@ -341,11 +341,20 @@ FOUND_FINISHED = """
 SELECT coalesce(sum(state = 'done'), 0), coalesce(sum(state = 'dead'), 0) FROM items
 WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2)) AND state IN ('done', 'dead')
 """
-#: What runners other than ?2 finished at or after ?3 (?1 job), by state.
-FINISHED_BY_OTHERS = """
-SELECT state, count(*) FROM items
-WHERE job = ?1 AND state IN ('done', 'dead') AND runner IS NOT ?2 AND finished_at >= ?3
-GROUP BY state
+#: The job's (?1) items by state, and of each state how many runners other than ?2 finished
+#: at or after ?3 (what a shared runner's report counts as finished before: done and dead).
+FINISH_COUNTS = """
+SELECT state, count(*), coalesce(sum(runner IS NOT ?2 AND finished_at >= ?3), 0) FROM items
+WHERE job = ?1 GROUP BY state
+"""
+#: Whether the job (?1) has files queued, an item pending or failed, or one running among its
+#: ?2 newest items by key (see Ledger.work_left).
+WORK_LEFT = """
+SELECT EXISTS (SELECT 1 FROM queued WHERE job = ?1)
+    OR EXISTS (SELECT 1 FROM items INDEXED BY items_waiting
+               WHERE job = ?1 AND state IN ('pending', 'failed'))
+    OR EXISTS (SELECT 1 FROM (SELECT state FROM items WHERE job = ?1 ORDER BY key DESC LIMIT ?2)
+               WHERE state = 'running')
 """
 
 # -- claims --------------------------------------------------------------------------------------
