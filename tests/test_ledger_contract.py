@@ -2006,6 +2006,32 @@ async def test_a_listing_queues_new_files_and_a_take_leases_them_in_order(
     assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00003"]
 
 
+async def test_a_listing_finds_what_the_ledger_holds_among_many_other_items(
+    ledger: Ledger,
+) -> None:
+    # The items between a chunk's least and greatest key are read at once unless there are
+    # many more of them than the chunk has keys (see types.known_range_limit): then each key
+    # is looked up. Both ways find the same.
+    await ledger.start_runner(run_start("a", shared=True))
+    others = [entry(i) for i in range(10, 400)]  # finished items of files no longer listed
+    await ledger.claim_scanned("j", "a", 60, others)
+    await ledger.commit_outcomes("j", "a", [Outcome(key, 1, "done") for key, *_ in others])
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(500)])
+    await ledger.commit_outcomes(
+        "j", "a", [Outcome("k00001", 1, "done"), Outcome("k00500", 1, "dead", "E")]
+    )
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    near = [queued(1), queued(2)]  # one item between k00001 and k00002: read at once
+    assert await ledger.queue_listed("j", "a", role.fence, near) == Registered(1, 1, 0)
+    near = [queued(500), queued(501)]
+    assert await ledger.queue_listed("j", "a", role.fence, near) == Registered(1, 0, 1)
+    far = [queued(i) for i in (9, 10, 11, 12, 13, 600)]  # 391 items between: looked up
+    assert await ledger.queue_listed("j", "a", role.fence, far) == Registered(2, 4, 0)
+    taken, _ = await ledger.take_queued("j", "a", 60, 10)
+    assert [row[0] for row in taken] == ["k00002", "k00501", "k00009", "k00600"]
+
+
 async def test_a_take_of_queued_files_reports_what_the_ledger_held_already(
     ledger: Ledger,
 ) -> None:

@@ -103,6 +103,19 @@ def _claim_columns(rows: Sequence[t.ScannedRow | t.QueuedRow]) -> tuple[list[Any
     return columns
 
 
+async def _known_states(conn: Connection, job: str, keys: list[str]) -> dict[str, str]:
+    """The state of each of these keys the ledger holds: the items between the least and
+    the greatest key, else a lookup per key (see types.known_range_limit)."""
+    if not keys:
+        return {}
+    limit = t.known_range_limit(len(keys))
+    found = await conn.fetch(sql.KNOWN_STATES_RANGE, job, keys, limit)
+    if len(found) < limit:
+        wanted = set(keys)
+        return {str(k): str(s) for k, s in found if k in wanted}
+    return {str(k): str(s) for k, s in await conn.fetch(sql.KNOWN_STATES, job, keys)}
+
+
 def _unsigned(inode: int) -> int:
     """A ``bigint`` inode as read, unsigned 64-bit again."""
     return inode + _INT64 if inode < 0 else inode
@@ -381,7 +394,7 @@ class PostgresLedger(Ledger):
         async def queue(conn: Connection) -> t.Registered | None:
             if await conn.fetchval(sql.LISTING_HELD, job, owner, fence) is None:
                 return None
-            known = {str(k): str(s) for k, s in await conn.fetch(sql.KNOWN_STATES, job, keys)}
+            known = await _known_states(conn, job, keys)
             states = list(known.values())
             done, dead = states.count("done"), states.count("dead")
             revived = 0

@@ -399,6 +399,14 @@ SELECT (SELECT count(*) FROM added), done, dead FROM found WHERE EXISTS (SELECT 
 LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER} FOR UPDATE"
 #: The items the ledger holds of these keys ($2) of the job ($1), with their state.
 KNOWN_STATES = "SELECT key, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
+#: The job's ($1) items with a key between the least and the greatest of $2 (by the
+#: database's collation), with their state, $3 at most (see types.known_range_limit).
+KNOWN_STATES_RANGE = """
+SELECT key, state FROM items
+WHERE job = $1 AND key >= (SELECT min(k) FROM unnest($2::text[]) AS k)
+  AND key <= (SELECT max(k) FROM unnest($2::text[]) AS k)
+ORDER BY key LIMIT $3
+"""
 #: Vanished items ($2 keys) whose files are listed again wait again (as REGISTER_LISTED).
 REVIVE_VANISHED = f"""
 WITH revived AS (

@@ -270,6 +270,19 @@ def _tx_register_listed(
     return t.Registered(new, int(done), int(dead))
 
 
+def _known_states(conn: sqlite3.Connection, job: str, keys: list[str]) -> dict[str, str]:
+    """The state of each of these keys the ledger holds: the items between the least and
+    the greatest key, else a lookup per key (see types.known_range_limit)."""
+    if not keys:
+        return {}
+    limit = t.known_range_limit(len(keys))
+    found = conn.execute(sql.KNOWN_STATES_RANGE, (job, min(keys), max(keys), limit)).fetchall()
+    if len(found) < limit:
+        wanted = set(keys)
+        return {key: state for key, state in found if key in wanted}
+    return dict(conn.execute(sql.KNOWN_STATES, (job, json.dumps(keys))).fetchall())
+
+
 def _tx_queue_listed(
     conn: sqlite3.Connection,
     job: str,
@@ -282,8 +295,7 @@ def _tx_queue_listed(
     holder = {"job": job, "owner": owner, "fence": fence}
     if conn.execute(sql.LISTING_HELD, holder).fetchone() is None:
         return None
-    keys = json.dumps([row[0] for row in rows])
-    known = dict(conn.execute(sql.KNOWN_STATES, (job, keys)).fetchall())
+    known = _known_states(conn, job, [row[0] for row in rows])
     states = list(known.values())
     done, dead = states.count("done"), states.count("dead")
     revived = 0

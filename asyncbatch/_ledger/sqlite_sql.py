@@ -324,6 +324,11 @@ def register_listed(rows: int) -> str:
 KNOWN_STATES = """
 SELECT key, state FROM items WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
 """
+#: The job's (?1) items with a key from ?2 to ?3, with their state, ?4 at most (see
+#: types.known_range_limit).
+KNOWN_STATES_RANGE = """
+SELECT key, state FROM items WHERE job = ?1 AND key BETWEEN ?2 AND ?3 ORDER BY key LIMIT ?4
+"""
 #: A vanished item whose file is listed again waits again (as REGISTER_TAIL does it).
 REVIVE_VANISHED = """
 UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
