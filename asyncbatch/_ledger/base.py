@@ -469,7 +469,12 @@ class Ledger(IdempotencyStore):
         a batch another runner is taking is skipped, not waited for), and register and lease
         them as :meth:`claim_scanned` does, in one transaction: a runner that dies after it
         holds their leases, never files nobody holds. Returns the files taken, in order, and
-        what the claim found of them (as :meth:`claim_scanned` returns it)."""
+        what the claim found of them (as :meth:`claim_scanned` returns it).
+
+        The first batch is taken whole, or in part when it holds more than ``limit`` files
+        (its rest written back); later batches only whole, while they fit: takes of a
+        runner's ``limit`` that straddled two batches wrote one back each time (on SQLite
+        1.3 times the ledger's writes of a shared job, and its statement journals)."""
 
     @abc.abstractmethod
     async def actions_due(self, job: str, keys: Sequence[str]) -> list[ItemInfo]:

@@ -423,6 +423,8 @@ class PostgresLedger(Ledger):
                 if first is None:
                     break
                 seq, files, data = first
+                if taken and files > limit - len(taken):  # later batches only whole
+                    break
                 rows, rest = t.unpack_queued(data, limit - len(taken))
                 if rest:
                     await conn.execute(sql.QUEUED_KEEP, seq, files - len(rows), rest)

@@ -323,6 +323,8 @@ def _tx_take_queued(
         if first is None:
             break
         seq, files, data = first
+        if taken and files > limit - len(taken):  # later batches only whole
+            break
         rows, rest = t.unpack_queued(data, limit - len(taken))
         if rest:
             conn.execute(sql.QUEUED_KEEP, (files - len(rows), rest, seq))
