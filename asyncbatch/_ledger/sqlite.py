@@ -265,7 +265,9 @@ def _tx_register_listed(
     if conn.execute(sql.LISTING_HELD, holder).fetchone() is None:
         return None
     done, dead = conn.execute(sql.FOUND_FINISHED, (job, keys)).fetchone()
-    new = conn.execute(query, params).rowcount
+    before = conn.total_changes
+    conn.execute(query, params)  # (a WITH statement has no rowcount)
+    new = conn.total_changes - before
     conn.execute(sql.LISTING_FOUND, {**holder, "new": new, "done": done, "dead": dead})
     return t.Registered(new, int(done), int(dead))
 
