@@ -57,6 +57,7 @@ from asyncbatch._ledger import (
     sqlite_sql,
 )
 from asyncbatch._ledger import postgres_sql as pg_sql
+from asyncbatch._ledger.base import WORK_LEFT_NEWEST
 from asyncbatch._ledger.postgres import PostgresLedger
 from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, this_process
 
@@ -2005,6 +2006,32 @@ async def test_a_listing_queues_new_files_and_a_take_leases_them_in_order(
     assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00003"]
 
 
+async def test_a_listing_finds_what_the_ledger_holds_among_many_other_items(
+    ledger: Ledger,
+) -> None:
+    # The items between a chunk's least and greatest key are read at once unless there are
+    # many more of them than the chunk has keys (see types.known_range_limit): then each key
+    # is looked up. Both ways find the same.
+    await ledger.start_runner(run_start("a", shared=True))
+    others = [entry(i) for i in range(10, 400)]  # finished items of files no longer listed
+    await ledger.claim_scanned("j", "a", 60, others)
+    await ledger.commit_outcomes("j", "a", [Outcome(key, 1, "done") for key, *_ in others])
+    await ledger.claim_scanned("j", "a", 60, [entry(1), entry(500)])
+    await ledger.commit_outcomes(
+        "j", "a", [Outcome("k00001", 1, "done"), Outcome("k00500", 1, "dead", "E")]
+    )
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    near = [queued(1), queued(2)]  # one item between k00001 and k00002: read at once
+    assert await ledger.queue_listed("j", "a", role.fence, near) == Registered(1, 1, 0)
+    near = [queued(500), queued(501)]
+    assert await ledger.queue_listed("j", "a", role.fence, near) == Registered(1, 0, 1)
+    far = [queued(i) for i in (9, 10, 11, 12, 13, 600)]  # 391 items between: looked up
+    assert await ledger.queue_listed("j", "a", role.fence, far) == Registered(2, 4, 0)
+    taken, _ = await ledger.take_queued("j", "a", 60, 10)
+    assert [row[0] for row in taken] == ["k00002", "k00501", "k00009", "k00600"]
+
+
 async def test_a_take_of_queued_files_reports_what_the_ledger_held_already(
     ledger: Ledger,
 ) -> None:
@@ -2035,9 +2062,11 @@ async def test_takes_split_a_queued_batch_and_keep_the_listing_order(ledger: Led
     assert await ledger.queue_listed("j", "a", role.fence, files[:1000]) == Registered(1000)
     assert await ledger.queue_listed("j", "a", role.fence, files[1000:]) == Registered(200)
     got: list[tuple[str, bytes, int, int, int, int, str]] = []
-    for size in (300, 300, 7, 500, 500):
+    # Batches of 512, 488 and 200: the first batch whole or in part, the next ones only
+    # whole (a batch taken in part is written again, its rest).
+    for size, expected in ((300, 300), (300, 212), (7, 7), (500, 481), (500, 200), (5, 0)):
         taken, claimed = await ledger.take_queued("j", "a", 60, size)
-        assert len(taken) == min(size, len(files) - len(got))
+        assert len(taken) == expected
         assert len(claimed) == len(taken)
         got += taken
     assert got == files
@@ -2106,7 +2135,7 @@ async def test_a_ledger_of_the_schema_before_the_queue_is_upgraded(store: Store)
         assert found == [(str(store.schema_version),)]
 
 
-async def test_finished_by_others_counts_what_other_runners_finished_since(
+async def test_finish_counts_count_what_other_runners_finished_since(
     ledger: Ledger,
 ) -> None:
     for owner in ("a", "b"):
@@ -2124,9 +2153,43 @@ async def test_finished_by_others_counts_what_other_runners_finished_since(
             Outcome("k00005", 1, "dead", "E"),
         ],
     )
-    assert await ledger.finished_by_others("j", "a", since) == {"done": 2, "dead": 1}
-    assert await ledger.finished_by_others("j", "b", since) == {}  # a's was done before
-    assert await ledger.finished_by_others("j", "a", time.time() + 60) == {}
+    await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "failed", "E", time.time())])
+    counts = dict.fromkeys(STATES, 0) | {"done": 3, "dead": 1, "failed": 1}
+    assert await ledger.finish_counts("j", "a", since) == (counts, {"done": 2, "dead": 1})
+    assert await ledger.finish_counts("j", "b", since) == (counts, {})  # a's was done before
+    assert await ledger.finish_counts("j", "a", time.time() + 60) == (counts, {})
+    assert await ledger.finish_counts("nothing", "a", since) == (dict.fromkeys(STATES, 0), {})
+
+
+async def test_work_left_looks_at_the_queue_the_waiting_items_and_the_newest(
+    ledger: Ledger, store: Store
+) -> None:
+    await ledger.start_runner(run_start("a", shared=True))
+    assert not await ledger.work_left("j")  # nothing at all
+    role = await ledger.take_listing("j", "a", 60)
+    await ledger.begin_listing("j", "a", role.fence)
+    await ledger.queue_listed("j", "a", role.fence, [queued(1), queued(2)])
+    assert await ledger.work_left("j")  # files queued
+    await ledger.take_queued("j", "a", 60, 10)
+    assert await ledger.work_left("j")  # both running
+    await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "done")])
+    assert await ledger.work_left("j")  # k00001 running
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "failed", "E", time.time() - 1)])
+    assert await ledger.work_left("j")  # waiting for its retry
+    await ledger.claim_waiting("j", "a", 60, 10)
+    await ledger.commit_outcomes("j", "a", [Outcome("k00001", 2, "dead", "E")])
+    assert not await ledger.work_left("j")  # all finished
+    assert not await ledger.work_left("other")
+    # Running, but older than the newest WORK_LEFT_NEWEST items: not seen (a count knows).
+    many = [entry(i) for i in range(10, 10 + WORK_LEFT_NEWEST)]
+    await ledger.claim_scanned("j", "a", 60, [entry(3)])
+    for start in range(0, len(many), 512):
+        await ledger.claim_scanned("j", "a", 60, many[start : start + 512])
+    await ledger.commit_outcomes("j", "a", [Outcome(key, 1, "done") for key, *_ in many])
+    assert not await ledger.work_left("j")
+    assert (await ledger.counts("j"))["running"] == 1
+    await ledger.claim_scanned("j", "a", 60, [entry(10 + WORK_LEFT_NEWEST)])
+    assert await ledger.work_left("j")
 
 
 async def test_registrations_are_announced_where_the_ledger_can(

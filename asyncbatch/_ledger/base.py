@@ -221,6 +221,8 @@ BUSY: Final = Busy()
 
 #: Keys per read of :meth:`Ledger.states_of`.
 STATES_OF_CHUNK = 10_000
+#: How many of a job's newest items :meth:`Ledger.work_left` looks at for one running.
+WORK_LEFT_NEWEST = 2048
 #: Seconds the log of forgotten items keeps an entry (see :meth:`Ledger.forgotten_since`).
 FORGOTTEN_KEPT = 86400.0
 #: Seconds a transaction waits for a busy ledger before it says so (and again as often).
@@ -469,7 +471,12 @@ class Ledger(IdempotencyStore):
         a batch another runner is taking is skipped, not waited for), and register and lease
         them as :meth:`claim_scanned` does, in one transaction: a runner that dies after it
         holds their leases, never files nobody holds. Returns the files taken, in order, and
-        what the claim found of them (as :meth:`claim_scanned` returns it)."""
+        what the claim found of them (as :meth:`claim_scanned` returns it).
+
+        The first batch is taken whole, or in part when it holds more than ``limit`` files
+        (its rest written back); later batches only whole, while they fit: takes of a
+        runner's ``limit`` that straddled two batches wrote one back each time (on SQLite
+        1.3 times the ledger's writes of a shared job, and its statement journals)."""
 
     @abc.abstractmethod
     async def actions_due(self, job: str, keys: Sequence[str]) -> list[ItemInfo]:
@@ -492,11 +499,33 @@ class Ledger(IdempotencyStore):
         del job, callback
         return False
 
+    async def finish_counts(
+        self, job: str, owner: str, since: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """The job's items by state (as :meth:`counts` has them), and how many of its items
+        runners other than ``owner`` finished (done, dead) at or after ``since`` (the
+        caller's clock), by state: what a shared runner counts as done (dead) before in its
+        report. One read of the job's items."""
+        found, others = await self._finish_counts(job, owner, since)
+        return {state: found.get(state, 0) for state in STATES}, others
+
     @abc.abstractmethod
-    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
-        """How many of the job's items runners other than ``owner`` finished (done, dead) at
-        or after ``since`` (the caller's clock), by state: what a shared runner counts as
-        done (dead) before in its report. A read of the job's items."""
+    async def _finish_counts(
+        self, job: str, owner: str, since: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """:meth:`finish_counts`, the first for the states that have any (``pending`` with
+        the queued files), the second for ``done`` and ``dead`` when they have any."""
+
+    @abc.abstractmethod
+    async def work_left(self, job: str) -> bool:
+        """Whether a cheap look finds work left in the job: files queued, an item pending
+        or failed, or one running among the job's newest :data:`WORK_LEFT_NEWEST` items (by
+        key). ``False`` says nothing: :meth:`counts` knows.
+
+        For runners sharing a job, which look whether it is finished while the others end
+        their work: a count reads every item of the job, this a few (an index of the
+        waiting items; the work in flight is among the newest items, as files are queued
+        and taken in listing order, by modification time, and a key begins with it)."""
 
     # -- outcomes ----------------------------------------------------------------------------------
 

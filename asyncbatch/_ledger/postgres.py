@@ -48,7 +48,7 @@ from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
-from .base import FORGOTTEN_KEPT, Ledger, decide_job, decide_lock, glob_regex
+from .base import FORGOTTEN_KEPT, WORK_LEFT_NEWEST, Ledger, decide_job, decide_lock, glob_regex
 from .dsn import PostgresDSN
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .postgres_session import PostgresSession
@@ -60,6 +60,11 @@ __all__ = ["PostgresLedger"]
 
 #: New items after which this ledger first refreshes the planner's statistics.
 _FIRST_ANALYZE = 2000
+#: Runners sharing a job (their takes of queued files): items this ledger adds before it
+#: first looks whether the table grew enough to refresh the statistics, and the growth of
+#: its own additions between looks (see ``_analyze_grown``).
+_GROWN_FIRST_LOOK = 256
+_GROWN_LOOK_STEP = 1.5
 _INT64 = 1 << 64
 _INT63 = 1 << 63
 
@@ -98,6 +103,19 @@ def _claim_columns(rows: Sequence[t.ScannedRow | t.QueuedRow]) -> tuple[list[Any
     return columns
 
 
+async def _known_states(conn: Connection, job: str, keys: list[str]) -> dict[str, str]:
+    """The state of each of these keys the ledger holds: the items between the least and
+    the greatest key, else a lookup per key (see types.known_range_limit)."""
+    if not keys:
+        return {}
+    limit = t.known_range_limit(len(keys))
+    found = await conn.fetch(sql.KNOWN_STATES_RANGE, job, keys, limit)
+    if len(found) < limit:
+        wanted = set(keys)
+        return {str(k): str(s) for k, s in found if k in wanted}
+    return {str(k): str(s) for k, s in await conn.fetch(sql.KNOWN_STATES, job, keys)}
+
+
 def _unsigned(inode: int) -> int:
     """A ``bigint`` inode as read, unsigned 64-bit again."""
     return inode + _INT64 if inode < 0 else inode
@@ -117,6 +135,7 @@ class PostgresLedger(Ledger):
         #: Items this ledger registered, and when to refresh the statistics (see _analyze).
         self._added = 0
         self._analyze_after = _FIRST_ANALYZE
+        self._look_after = _GROWN_FIRST_LOOK
         #: An item's full record (a row of ``postgres_sql._ITEM_COLUMNS``), its times in the
         #: caller's clock.
         self._item = t.ItemInfo.reader(times=session.local, relpath=os.fsdecode, inode=_unsigned)
@@ -344,7 +363,7 @@ class PostgresLedger(Ledger):
         return await self._claimed(job, owner, found)
 
     async def _claimed(
-        self, job: str, owner: str, found: list[asyncpg.Record]
+        self, job: str, owner: str, found: list[asyncpg.Record], *, shared: bool = False
     ) -> list[t.ClaimedRow]:
         """What a claim (CLAIM_SCANNED's rows) found, the keys it did not lease read back."""
         # The leased rows' columns are ClaimedRow's LEASE_FIELDS, in order: made by position,
@@ -360,7 +379,10 @@ class PostgresLedger(Ledger):
                 t.ClaimedRow.from_row(row, lease_only=lease_only, relpath=bytes, inode=_unsigned)
             )
         self._added += sum(1 for r in claimed if r.fence == 1 and r.state == "running")
-        if self._added >= self._analyze_after:
+        if shared:
+            if self._added >= self._look_after:
+                await self._analyze_grown()
+        elif self._added >= self._analyze_after:
             await self._analyze()
         return claimed
 
@@ -372,7 +394,7 @@ class PostgresLedger(Ledger):
         async def queue(conn: Connection) -> t.Registered | None:
             if await conn.fetchval(sql.LISTING_HELD, job, owner, fence) is None:
                 return None
-            known = {str(k): str(s) for k, s in await conn.fetch(sql.KNOWN_STATES, job, keys)}
+            known = await _known_states(conn, job, keys)
             states = list(known.values())
             done, dead = states.count("done"), states.count("dead")
             revived = 0
@@ -401,6 +423,8 @@ class PostgresLedger(Ledger):
                 if first is None:
                     break
                 seq, files, data = first
+                if taken and files > limit - len(taken):  # later batches only whole
+                    break
                 rows, rest = t.unpack_queued(data, limit - len(taken))
                 if rest:
                     await conn.execute(sql.QUEUED_KEEP, seq, files - len(rows), rest)
@@ -413,7 +437,7 @@ class PostgresLedger(Ledger):
             return taken, await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
         taken, found = await self._session.transact(take)
-        return taken, (await self._claimed(job, owner, found)) if taken else []
+        return taken, (await self._claimed(job, owner, found, shared=True)) if taken else []
 
     async def _analyze(self) -> None:
         """Refresh the planner's statistics of ``items`` as this ledger grows it.
@@ -436,6 +460,36 @@ class PostgresLedger(Ledger):
             await conn.execute(sql.ANALYZE_ITEMS)
 
         await self._session.transact(analyze, one=True)
+
+    async def _analyze_grown(self) -> None:
+        """Refresh the planner's statistics of ``items`` once the table has grown fourfold
+        since they were last taken (or first reached
+        :data:`~.postgres_sql.FIRST_ANALYZE_PAGES`, about 2,000 items), for runners that
+        grow it together (their takes of queued files).
+
+        The table's size on disk, not what this ledger added, says when: four runners each
+        waiting until they alone had added 2,000 items left 8,000 items on a fresh table's
+        plans (claims at 340-410 us a row), then analyzed at once, contending. One runner
+        analyzes at a time: one that finds another analyzing leaves it to that one. What the
+        plans need is statistics that say the table is not tiny (see ``_analyze``); each
+        ``ANALYZE`` of a large table costs the server ~0.1 s, hence fourfold, not twofold
+        (4 at 100,000 items instead of 6). Looked at each time this ledger's own additions
+        have grown by half (a cheap read of the catalog), so about as often as the table
+        grows by half.
+        """
+        self._look_after = int(self._added * _GROWN_LOOK_STEP) + 1
+
+        async def due(conn: Connection) -> bool:
+            return bool(await conn.fetchval(sql.ANALYZE_DUE, sql.FIRST_ANALYZE_PAGES))
+
+        if not await self._session.transact(due, one=True):
+            return
+
+        async def analyze(conn: Connection) -> None:
+            if await conn.fetchval(sql.ANALYZE_TAKE, sql.FIRST_ANALYZE_PAGES):
+                await conn.execute(sql.ANALYZE_ITEMS)
+
+        await self._session.transact(analyze)
 
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
@@ -515,11 +569,29 @@ class PostgresLedger(Ledger):
         for callback in self._on_registered.get(job, ()):
             callback()
 
-    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
-        rows = await self._session.fetch(
-            sql.FINISHED_BY_OTHERS, job, owner, self._session.server(since)
-        )
-        return {str(state): int(n) for state, n in rows}
+    async def _finish_counts(
+        self, job: str, owner: str, since: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        server_since = self._session.server(since)
+
+        async def read(conn: Connection) -> tuple[dict[str, int], dict[str, int]]:
+            counts: dict[str, int] = {}
+            others: dict[str, int] = {}
+            for state, n, by_others in await conn.fetch(
+                sql.FINISH_COUNTS, job, owner, server_since
+            ):
+                counts[str(state)] = int(n)
+                if state in ("done", "dead") and by_others:
+                    others[str(state)] = int(by_others)
+            queued = int(await conn.fetchval(sql.QUEUED_FILES, job))
+            if queued:
+                counts["pending"] = counts.get("pending", 0) + queued
+            return counts, others
+
+        return await self._session.read(read)
+
+    async def work_left(self, job: str) -> bool:
+        return bool(await self._session.fetchval(sql.WORK_LEFT, job, WORK_LEFT_NEWEST))
 
     # -- outcomes ----------------------------------------------------------------------------------
 

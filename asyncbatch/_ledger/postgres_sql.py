@@ -399,6 +399,14 @@ SELECT (SELECT count(*) FROM added), done, dead FROM found WHERE EXISTS (SELECT 
 LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER} FOR UPDATE"
 #: The items the ledger holds of these keys ($2) of the job ($1), with their state.
 KNOWN_STATES = "SELECT key, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
+#: The job's ($1) items with a key between the least and the greatest of $2 (by the
+#: database's collation), with their state, $3 at most (see types.known_range_limit).
+KNOWN_STATES_RANGE = """
+SELECT key, state FROM items
+WHERE job = $1 AND key >= (SELECT min(k) FROM unnest($2::text[]) AS k)
+  AND key <= (SELECT max(k) FROM unnest($2::text[]) AS k)
+ORDER BY key LIMIT $3
+"""
 #: Vanished items ($2 keys) whose files are listed again wait again (as REGISTER_LISTED).
 REVIVE_VANISHED = f"""
 WITH revived AS (
@@ -439,12 +447,22 @@ LISTING_EXTEND = f"""
 UPDATE listers SET lease_until = {NOW} + $4::float8 WHERE {_HOLDER} RETURNING job
 """
 LISTING_RELEASE = "UPDATE listers SET lease_until = NULL WHERE job = $1 AND owner = $2"
-#: What runners other than $2 finished at or after $3 (server clock; $1 job), by state.
-FINISHED_BY_OTHERS = """
-SELECT state, count(*) FROM items
-WHERE job = $1 AND state IN ('done', 'dead') AND runner IS DISTINCT FROM $2
-  AND finished_at >= $3::float8
-GROUP BY state
+#: The job's ($1) items by state, and of each state how many runners other than $2 finished
+#: at or after $3 (server clock; what a shared runner's report counts as finished before:
+#: done and dead).
+FINISH_COUNTS = """
+SELECT state, count(*),
+       count(*) FILTER (WHERE runner IS DISTINCT FROM $2 AND finished_at >= $3::float8)
+FROM items WHERE job = $1 GROUP BY state
+"""
+#: Whether the job ($1) has files queued, an item pending or failed, or one running among its
+#: $2 newest items by key (see Ledger.work_left).
+WORK_LEFT = """
+SELECT EXISTS (SELECT 1 FROM queued WHERE job = $1)
+    OR EXISTS (SELECT 1 FROM items WHERE job = $1 AND state IN ('pending', 'failed'))
+    OR EXISTS (SELECT 1 FROM (SELECT state FROM items WHERE job = $1 ORDER BY key DESC
+                              LIMIT $2) AS newest
+               WHERE newest.state = 'running')
 """
 
 # -- claims --------------------------------------------------------------------------------------
@@ -628,6 +646,23 @@ ITEMS_ROWS = """
 SELECT c.reltuples::float8, coalesce(s.n_live_tup, 0)::float8
 FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.oid = 'items'::regclass
+"""
+
+#: Pages of ``items`` at which runners sharing a job first analyze it (about 2,000 items).
+FIRST_ANALYZE_PAGES: Final = 64
+#: Whether ``items`` has grown to four times the pages its statistics last counted (and to
+#: at least $1 pages): its size now, not a count that lags (see PostgresLedger._analyze_grown).
+_ITEMS_GROWN = """
+pg_relation_size(c.oid)
+    >= greatest(4 * c.relpages::int8, $1::int8) * current_setting('block_size')::int8
+"""
+ANALYZE_DUE = f"SELECT {_ITEMS_GROWN} FROM pg_class c WHERE c.oid = 'items'::regclass"
+#: ANALYZE_DUE, and the transaction's lock on analyzing the ledger's ``items`` taken if
+#: nobody holds it (false: another runner is analyzing, or the table has not grown).
+ANALYZE_TAKE = f"""
+SELECT {_ITEMS_GROWN}
+   AND pg_try_advisory_xact_lock(hashtext('asyncbatch analyze ' || current_schema())::int8)
+FROM pg_class c WHERE c.oid = 'items'::regclass
 """
 
 # -- reading -------------------------------------------------------------------------------------

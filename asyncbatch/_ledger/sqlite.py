@@ -43,7 +43,17 @@ from . import sqlite_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
 from .aiosqlite_bridge import connect, on_thread, raw
-from .base import BUSY, FORGOTTEN_KEPT, Busy, Ledger, decide_job, decide_lock, glob_regex, retrying
+from .base import (
+    BUSY,
+    FORGOTTEN_KEPT,
+    WORK_LEFT_NEWEST,
+    Busy,
+    Ledger,
+    decide_job,
+    decide_lock,
+    glob_regex,
+    retrying,
+)
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .sqlite_open import check_state_path, companions, open_error, read_only_view
 
@@ -255,9 +265,24 @@ def _tx_register_listed(
     if conn.execute(sql.LISTING_HELD, holder).fetchone() is None:
         return None
     done, dead = conn.execute(sql.FOUND_FINISHED, (job, keys)).fetchone()
-    new = conn.execute(query, params).rowcount
+    before = conn.total_changes
+    conn.execute(query, params)  # (a WITH statement has no rowcount)
+    new = conn.total_changes - before
     conn.execute(sql.LISTING_FOUND, {**holder, "new": new, "done": done, "dead": dead})
     return t.Registered(new, int(done), int(dead))
+
+
+def _known_states(conn: sqlite3.Connection, job: str, keys: list[str]) -> dict[str, str]:
+    """The state of each of these keys the ledger holds: the items between the least and
+    the greatest key, else a lookup per key (see types.known_range_limit)."""
+    if not keys:
+        return {}
+    limit = t.known_range_limit(len(keys))
+    found = conn.execute(sql.KNOWN_STATES_RANGE, (job, min(keys), max(keys), limit)).fetchall()
+    if len(found) < limit:
+        wanted = set(keys)
+        return {key: state for key, state in found if key in wanted}
+    return dict(conn.execute(sql.KNOWN_STATES, (job, json.dumps(keys))).fetchall())
 
 
 def _tx_queue_listed(
@@ -272,8 +297,7 @@ def _tx_queue_listed(
     holder = {"job": job, "owner": owner, "fence": fence}
     if conn.execute(sql.LISTING_HELD, holder).fetchone() is None:
         return None
-    keys = json.dumps([row[0] for row in rows])
-    known = dict(conn.execute(sql.KNOWN_STATES, (job, keys)).fetchall())
+    known = _known_states(conn, job, [row[0] for row in rows])
     states = list(known.values())
     done, dead = states.count("done"), states.count("dead")
     revived = 0
@@ -301,6 +325,8 @@ def _tx_take_queued(
         if first is None:
             break
         seq, files, data = first
+        if taken and files > limit - len(taken):  # later batches only whole
+            break
         rows, rest = t.unpack_queued(data, limit - len(taken))
         if rest:
             conn.execute(sql.QUEUED_KEEP, (files - len(rows), rest, seq))
@@ -714,9 +740,28 @@ class SQLiteLedger(Ledger):
 
         return await self._transact(end, self.clock())
 
-    async def finished_by_others(self, job: str, owner: str, since: float) -> dict[str, int]:
-        rows = await self._fetchall(sql.FINISHED_BY_OTHERS, (job, owner, since))
-        return {str(state): int(n) for state, n in rows}
+    async def _finish_counts(
+        self, job: str, owner: str, since: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        def read() -> tuple[dict[str, int], dict[str, int]]:
+            conn = raw(self._db)
+            counts: dict[str, int] = {}
+            others: dict[str, int] = {}
+            for state, n, by_others in conn.execute(sql.FINISH_COUNTS, (job, owner, since)):
+                counts[state] = n
+                if state in ("done", "dead") and by_others:
+                    others[state] = by_others
+            queued = conn.execute(sql.QUEUED_FILES, (job,)).fetchone()[0]
+            if queued:
+                counts["pending"] = counts.get("pending", 0) + queued
+            return counts, others
+
+        async with self._lock:
+            with self._errors():
+                return await on_thread(self._db, read)
+
+    async def work_left(self, job: str) -> bool:
+        return bool(await self._value(sql.WORK_LEFT, (job, WORK_LEFT_NEWEST)))
 
     # -- claims ------------------------------------------------------------------------------------
 

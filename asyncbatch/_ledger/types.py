@@ -69,6 +69,21 @@ Leases = Sequence[tuple[str, int]]
 QueuedRow = tuple[str, bytes, int, int, int, int, str]
 #: Files a row of the ``queued`` table holds at most (see ``Ledger.queue_listed``).
 QUEUED_BATCH: Final = 512
+
+
+def known_range_limit(keys: int) -> int:
+    """How many items a listing's look for the ones the ledger holds of a chunk of ``keys``
+    keys reads between the chunk's least and greatest key before it looks each key up
+    instead (see ``Ledger.queue_listed``).
+
+    The range is one walk of the primary key where a lookup per key is a descent each (3.6
+    us a key on PostgreSQL, 0.36 s for 100,000 listed files): a chunk is listed in
+    modification-time order and a key begins with it, so the range holds little more than
+    the chunk's own items, and none for a new inbox. Items of other files can fall in it
+    (files no longer listed, same times); past twice the chunk, the lookups are cheaper."""
+    return 2 * keys + 64
+
+
 #: A queued row's numbers and the lengths of its key, input hash and relpath.
 _QUEUED_HEAD: Final = struct.Struct("<qqQqHHI")
 

@@ -230,7 +230,7 @@ class Run:
             )
             self._state = state
             await self._joined(state)
-            counts = await ledger.counts(cfg.job)
+            counts = _settled(state.finished_counts) or await ledger.counts(cfg.job)
             report = self.counters.report(
                 cfg.job,
                 counts,
@@ -514,3 +514,13 @@ def _lister_of(state: RunState) -> Lister:
         follow_symlinks=cfg.follow_symlinks,
         ready=cfg.readiness,
     )
+
+
+def _settled(counts: dict[str, int] | None) -> dict[str, int] | None:
+    """The counts a shared run found its job finished by, if nothing was left to do then
+    (nothing pending, running or failed): its report counts them instead of reading every
+    item again (what is settled stays so but for another run's or the operator's doing);
+    else ``None``."""
+    if counts is None or counts["pending"] + counts["running"] + counts["failed"]:
+        return None
+    return counts

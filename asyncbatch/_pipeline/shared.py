@@ -276,21 +276,31 @@ class SharedRun:
 
     async def _finished(self) -> bool:
         """Whether the job is finished for a ``run()``: its listing complete, and no item
-        pending, leased or failed (``wait=False``: none this runner could lease now)."""
+        pending, leased or failed (``wait=False``: none this runner could lease now).
+
+        While the other runners end their work, a cheap look finds it (``work_left``); the
+        job's items are counted (a read of every one) only when that finds none, and that
+        count is the report's (see :func:`shared_report`)."""
         run, cfg = self.run, self.config
         listing = await run.ledger.listing(cfg.job)
         if listing is None or self.target is None or listing.complete < self.target:
             return False
         run.listing = listing
         run.counters.seen = max(run.counters.seen, listing.listed_files)
-        counts = await run.ledger.counts(cfg.job)
+        if cfg.wait and await run.ledger.work_left(cfg.job):
+            return False
+        others: dict[str, int] | None = None
+        if listing.started_at is None:
+            counts = await run.ledger.counts(cfg.job)
+        else:
+            counts, others = await run.ledger.finish_counts(cfg.job, run.owner, listing.started_at)
         if cfg.wait:
             finished = counts["pending"] + counts["running"] + counts["failed"] == 0
         else:
             due = await run.ledger.next_retry_at(cfg.job)
             finished = counts["pending"] == 0 and (due is None or due > run.clock())
-        if finished:  # the report's count of held items (a read of every item: once)
-            run.finished_counts = counts
+        if finished:  # what the report counts (a read of every item: once)
+            run.finished_counts, run.finished_by_others = counts, others
         return finished
 
 
@@ -313,12 +323,14 @@ async def shared_report(run: RunState) -> None:
     if listing is None or listing.started_at is None:
         counters.seen = max(counters.seen, counters.seen_accounted())
         return
-    others = await run.ledger.finished_by_others(job, run.owner, listing.started_at)
+    # As the look that found the job finished counted them (else now: this run's leases
+    # are given back by now).
+    counts, others = run.finished_counts, run.finished_by_others
+    if counts is None or others is None or listing is not run.listing:
+        counts, others = await run.ledger.finish_counts(job, run.owner, listing.started_at)
     counters.done_before = listing.found_done + others.get("done", 0)
     counters.dead_before = listing.found_dead + others.get("dead", 0)
-    # Leased to other runners (this run's leases are given back by now): held, as the look
-    # that found the job finished counted them (else now).
-    counts = run.finished_counts or await run.ledger.counts(job)
+    # Leased to other runners: held.
     running = counts["running"]
     counters.held = 0
     counters.seen = max(listing.listed_files, counters.seen_accounted())

@@ -74,8 +74,10 @@ class RunState:
     listing_role: Listing | None = None
     listing: Listing | None = None
     listing_target: int | None = None
-    #: The job's counts as the look that found it finished read them (for the report).
+    #: The job's counts as the look that found it finished read them, and what other
+    #: runners had finished since its listing began (for the report; see ``shared_report``).
     finished_counts: dict[str, int] | None = None
+    finished_by_others: dict[str, int] | None = None
     #: Set once this runner's tenure of the listing role ended (taken over).
     role_lost: anyio.Event = field(default_factory=anyio.Event)
     #: The source, opened for the run: a directory (``SourceDir``: inputs are opened relative
