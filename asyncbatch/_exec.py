@@ -49,6 +49,7 @@ __all__ = [
     "KILL_AFTER",
     "OUTPUT_TAIL",
     "ExecHandler",
+    "StartedCommand",
     "split_command",
 ]
 
@@ -504,10 +505,10 @@ class _Command:
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    async def wait(self, kill_after: float) -> int:
-        """Wait for the command to exit and reap it; return its status. Cancelled, it kills
-        the process group first (SIGTERM and SIGCONT, SIGKILL ``kill_after`` seconds later)
-        and reaps the leader, then lets the cancellation go on."""
+    async def wait(self, kill_after: float) -> None:
+        """Wait for the command to exit (:meth:`reap` collects its status). Cancelled, it
+        kills the process group first (SIGTERM and SIGCONT, SIGKILL ``kill_after`` seconds
+        later) and reaps the leader, then lets the cancellation go on."""
         try:
             if not self.dead:
                 if self.pidfd is None:
@@ -522,7 +523,6 @@ class _Command:
             with anyio.CancelScope(shield=True):
                 await self._kill(kill_after)
             raise
-        return self.reap()
 
     async def wait_exit(self) -> None:
         """Wait until the leader has exited, without reaping it (its pid keeps naming the
@@ -647,6 +647,18 @@ class ExecHandler:
         when it failed after the run's stop signal was forwarded to it, and ``OSError`` when
         it cannot be started (its program gone, say).
         """
+        started = self.start_attempt(ctx)
+        await started.wait()
+        started.result()
+
+    def start_attempt(self, ctx: TaskContext) -> StartedCommand:
+        """Start the command for ``ctx``'s input now, without waiting for it: what
+        ``await handler(ctx)`` is, in two steps (``wait()``, then ``result()`` on what this
+        returns). The run's workers use it to start an item's command as soon as the one
+        before it exited, before that one's outcome is recorded.
+
+        Raises ``OSError`` when the command cannot be started (its program gone, say).
+        """
         path = self._path(ctx.entry)
         argv = self._template.argv(path)
         debug = handler_log.isEnabledFor(logging.DEBUG)
@@ -664,21 +676,7 @@ class ExecHandler:
             capture_stdout=debug,
             tail=self.output_tail,
         )
-        try:
-            with ctx.on_stop(child.forward):
-                status = await child.wait(self.kill_after)
-        finally:
-            child.close()
-        if debug:
-            self._log_output(ctx, child, status, time.monotonic() - began)
-        if status == 0:
-            return
-        if child.forwarded is not None:
-            name = signal.Signals(child.forwarded).name
-            raise AttemptInterrupted(
-                f"{argv[0]!r} {describe_status(status)} after the run's {name} was forwarded to it"
-            )
-        raise CommandFailedError(argv[0], status, bytes(child.stderr.tail), cut=child.stderr.cut)
+        return StartedCommand(ctx, child, self.kill_after, began if debug else None)
 
     def _path(self, entry: Entry) -> str:
         """The input's absolute path, as ``str(entry.path)`` made absolute against the current
@@ -719,19 +717,77 @@ class ExecHandler:
             env[b"ASYNCBATCH_OUTPUT_DIR"] = str(output_dir).encode(encoding, errors)
         return env
 
-    @staticmethod
-    def _log_output(ctx: TaskContext, child: _Command, status: int, seconds: float) -> None:
-        def shown(capture: _Capture | None) -> str:
-            if capture is None or not capture.tail:
-                return "(nothing)"
-            text = bytes(capture.tail).decode("utf-8", "backslashreplace").rstrip("\n")
-            return ("..." if capture.cut else "") + text
 
-        ctx.log.debug(
-            "%r %s in %.3fs; stdout: %s; stderr: %s",
-            ctx.entry.relpath,
-            describe_status(status),
-            seconds,
-            shown(child.stdout),
-            shown(child.stderr),
-        )
+class StartedCommand:
+    """One attempt's command, started by :meth:`ExecHandler.start_attempt`: wait for its
+    exit (:meth:`wait`), then take its result (:meth:`result`).
+
+    From its start until :meth:`result` (or a cancelled :meth:`wait`), the run's stop signal
+    is forwarded to its process group (``ctx.on_stop``).
+    """
+
+    __slots__ = ("_began", "_child", "_ctx", "_kill_after", "_on_stop")
+
+    def __init__(
+        self, ctx: TaskContext, child: _Command, kill_after: float, began: float | None
+    ) -> None:
+        self._ctx = ctx
+        self._child = child
+        self._kill_after = kill_after
+        #: When it started (``time.monotonic()``), to log its output at DEBUG; else ``None``.
+        self._began = began
+        self._on_stop = ctx.on_stop(child.forward)
+        self._on_stop.__enter__()
+
+    async def wait(self) -> None:
+        """Wait until the command exited. Cancelled, it kills the process group (SIGTERM and
+        SIGCONT, SIGKILL ``kill_after`` seconds later), reaps the program and releases what
+        the command held, then lets the cancellation go on."""
+        try:
+            await self._child.wait(self._kill_after)
+        except BaseException:
+            self._release()
+            raise
+
+    def result(self) -> None:
+        """Once :meth:`wait` returned: reap the program, release its descriptors, and return
+        if it exited 0. Raises :class:`CommandFailedError` for another status, and
+        :class:`AttemptInterrupted` when it failed after the run's stop signal was forwarded
+        to it."""
+        child = self._child
+        try:
+            status = child.reap()
+        finally:
+            self._release()
+        if self._began is not None:
+            _log_output(self._ctx, child, status, time.monotonic() - self._began)
+        if status == 0:
+            return
+        if child.forwarded is not None:
+            name = signal.Signals(child.forwarded).name
+            raise AttemptInterrupted(
+                f"{child.name!r} {describe_status(status)} after the run's {name} was "
+                "forwarded to it"
+            )
+        raise CommandFailedError(child.name, status, bytes(child.stderr.tail), cut=child.stderr.cut)
+
+    def _release(self) -> None:
+        self._on_stop.__exit__(None, None, None)
+        self._child.close()
+
+
+def _log_output(ctx: TaskContext, child: _Command, status: int, seconds: float) -> None:
+    def shown(capture: _Capture | None) -> str:
+        if capture is None or not capture.tail:
+            return "(nothing)"
+        text = bytes(capture.tail).decode("utf-8", "backslashreplace").rstrip("\n")
+        return ("..." if capture.cut else "") + text
+
+    ctx.log.debug(
+        "%r %s in %.3fs; stdout: %s; stderr: %s",
+        ctx.entry.relpath,
+        describe_status(status),
+        seconds,
+        shown(child.stdout),
+        shown(child.stderr),
+    )

@@ -656,6 +656,79 @@ async def test_a_program_gone_mid_run_fails_its_attempts(
     assert error == f"FileNotFoundError: [Errno 2] No such file or directory: '{program}'"
 
 
+# -- a worker's next item, prepared while its command runs --------------------------------------
+
+
+async def test_a_worker_never_holds_an_item_ready_while_another_has_none(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The third file's command hangs. Its worker starts it while the other worker's command
+    # runs, and so takes the next file ahead of time: the other worker, once out of items,
+    # must take that one from it, not leave it behind the command that hangs.
+    make_files(inbox, 5)
+    pids, log = tmp_path / "pids", tmp_path / "calls.jsonl"
+    pids.mkdir()
+    monkeypatch.setenv("AB_PIDS", str(pids))
+    monkeypatch.setenv("AB_RECORD", str(log))
+    handler = ExecHandler(command("hang-for", "f00002.txt", "{}"))
+    batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=2)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.run)
+        await anyio.to_thread.run_sync(wait_for, lambda: len(records(log)) == 5)
+        await anyio.to_thread.run_sync(
+            wait_for, lambda: state_counts(state) == {"done": 4, "running": 1}
+        )
+        tg.cancel_scope.cancel()
+
+    assert state_counts(state) == {"done": 4, "pending": 1}
+
+
+async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_files(inbox, 3)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("AB_PIDS", str(pids))
+    handler = ExecHandler(command("hang-for", "f00000.txt", "{}"), kill_after=0.5)
+    batch = Batch(handler, source=inbox, state=state, settle=0, timeout=2, max_attempts=1)
+
+    report = await batch.run()
+
+    assert (report.done, report.dead) == (2, 1)
+    assert rows(state, "SELECT relpath, state FROM items ORDER BY relpath") == [
+        (b"f00000.txt", "dead"),
+        (b"f00001.txt", "done"),
+        (b"f00002.txt", "done"),
+    ]
+    (pid,) = noted_pids(pids)
+    assert not alive(pid)
+    assert [t for t in _descriptors() if str(inbox) in t] == [], "an input was left open"
+
+
+def test_a_stop_leaves_the_item_prepared_next_unstarted_and_pending(
+    inbox: Path, state: Path, tmp_path: Path, no_leftovers: Leftovers
+) -> None:
+    make_files(inbox, 2)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    args: list[str | Path] = ["run", "--exec", command("hang"), "--source", inbox]
+    proc = spawn(*args, "--state", state, "-j", "1", "--no-progress", env={"AB_PIDS": str(pids)})
+    no_leftovers.append((proc, pids))
+    wait_for(lambda: len(list(pids.glob("pid.*"))) == 1 or proc.poll() is not None)
+
+    err = kill(proc, signal.SIGINT)
+
+    assert proc.returncode == 130, err
+    assert len(noted_pids(pids)) == 1, "the item prepared next was started"
+    assert state_counts(state) == {"pending": 2}
+    assert rows(state, "SELECT relpath, attempts, interrupted FROM items ORDER BY relpath") == [
+        (b"f00000.txt", 1, 0),
+        (b"f00001.txt", 0, 0),
+    ]
+
+
 async def test_a_cancelled_run_leaves_no_command_behind(
     inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

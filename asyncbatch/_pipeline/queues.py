@@ -126,6 +126,8 @@ class ItemQueue:
         self._put = 0
         self._batches: deque[tuple[int, float]] = deque()
         self.closed = False
+        #: Workers waiting in :meth:`get` (idle: no item for them).
+        self.waiting = 0
         self._not_empty = anyio.Event()
         self._low = anyio.Event()
         self._low_water = 0
@@ -178,8 +180,18 @@ class ItemQueue:
                 return None
             if self._not_empty.is_set():
                 self._not_empty = anyio.Event()
-            await self._not_empty.wait()
+            self.waiting += 1
+            try:
+                await self._not_empty.wait()
+            finally:
+                self.waiting -= 1
         return self.get_nowait()
+
+    def give_back(self, item: LeasedItem) -> None:
+        """Put an item taken from the queue back at its head (a worker took it ahead of time,
+        and another is idle): the next :meth:`get` has it."""
+        self._items.appendleft(item)  # (taken and given back: not taken, for its batch)
+        self._not_empty.set()
 
     def close(self) -> None:
         """No more items: waiting workers see the end once the queue is empty."""

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -102,6 +102,38 @@ async def _absorb_own_cancellation() -> None:
         task.uncancel()
 
 
+class StartedAttempt(Protocol):
+    """What a handler's ``start_attempt(ctx)`` returns: an attempt under way (a command
+    started, see :meth:`~asyncbatch.ExecHandler.start_attempt`)."""
+
+    async def wait(self) -> None:
+        """Wait for its end (cancelled: stop it, then let the cancellation go on)."""
+
+    def result(self) -> None:
+        """Once ``wait()`` returned: return if it succeeded, else raise as a handler would."""
+
+
+@dataclass(slots=True, eq=False)
+class _Prepared:
+    """An attempt ready to start: its input open, its context made (:meth:`WorkerPool.prepare`)."""
+
+    item: LeasedItem
+    fd: int
+    input_file: InputFile
+    ctx: TaskContext
+    #: What :meth:`WorkerPool._handled_stat` said to record (``None``: the file scanned).
+    stat: tuple[int, int, int] | None
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """A started attempt of a worker that starts attempts (:meth:`WorkerPool._work_started`)."""
+
+    prepared: _Prepared
+    attempt: StartedAttempt
+    started: float
+
+
 @dataclass(slots=True, eq=False)
 class _Slot:
     """A worker's current item, watched by the watchdog."""
@@ -112,6 +144,9 @@ class _Slot:
     item: LeasedItem | None = None
     started: float = 0.0
     reason: str = "stopped by the watchdog"
+    #: The next item, prepared while ``item`` ran, when a cancellation of ``item`` came
+    #: first (a worker that starts attempts): it is started next.
+    ready: _Prepared | None = None
 
 
 class WorkerPool:
@@ -144,6 +179,12 @@ class WorkerPool:
         self._directory = None if self._object_source is not None else state.config.directory
         self._job = state.config.job
         self._output_dir = state.config.output_dir
+        #: A handler that can start an attempt without awaiting it (``ExecHandler``): its
+        #: workers prepare their next item while the current one runs (directory sources).
+        start = getattr(handler, "start_attempt", None)
+        self._start_attempt: Callable[[TaskContext], StartedAttempt] | None = (
+            start if callable(start) and self._directory is not None else None
+        )
         self._random = random.Random()
         #: Whether the run was asked to stop, by which signal (``None``: ``Batch.stop()``),
         #: and the ``ctx.on_stop`` callbacks of the handlers running now.
@@ -168,10 +209,11 @@ class WorkerPool:
         """
         slot = _Slot(task=asyncio.current_task())
         self._slots.append(slot)
+        work = self._work if self._start_attempt is None else self._work_started
         try:
             while True:
                 with anyio.CancelScope() as slot.scope:
-                    if not await self._work(slot):
+                    if not await work(slot):
                         return
                 item, slot.item = slot.item, None
                 if item is not None:  # the watchdog stopped this item
@@ -181,6 +223,9 @@ class WorkerPool:
                     self.outbox.put(item, outcome)
         finally:
             self._slots.remove(slot)
+            if slot.ready is not None:  # not started: left in flight, released with the run
+                os.close(slot.ready.fd)
+                slot.ready = None
 
     async def _work(self, slot: _Slot) -> bool:
         queue, outbox, run = self.queue, self.outbox, self.run
@@ -215,6 +260,178 @@ class WorkerPool:
                 metrics.attempt_ended(outcome, time.monotonic() - started)
             outbox.put(item, outcome)
         return False
+
+    async def _work_started(self, slot: _Slot) -> bool:
+        """:meth:`_work` for a handler that starts its attempts without awaiting them
+        (``start_attempt``: a command per file). While an item's command runs, the worker
+        takes its next item and prepares it (lease checked, input opened, context made: the
+        slot's ``ready``); when the command exits, the next one starts at once, and only then
+        is the ended attempt's outcome made: a slot's next command waits for its start, not
+        for the bookkeeping of two items.
+
+        An item is never held ready while another worker has nothing to do: a worker only
+        takes one ahead when none waits for an item, gives it back if one started waiting
+        meanwhile, and a worker that runs out of items takes the one another holds ready."""
+        start = self._start_attempt
+        assert start is not None
+        run, queue = self.run, self.queue
+        running: _Running | None = None
+        try:
+            while True:
+                if slot.ready is None and not run.stopping and not (running and queue.waiting):
+                    ready = await self._prepare_next(wait=running is None)
+                    if ready is not None and running is not None and queue.waiting:
+                        os.close(ready.fd)  # a worker became idle meanwhile: it is its item
+                        queue.give_back(ready.item)
+                        ready = None
+                    slot.ready = ready
+                if running is None:
+                    if slot.ready is None or run.stopping:
+                        return False  # the queue ended, or the run is stopping (ready: left)
+                    ready = await self._take_ready(slot)
+                    if ready is not None:
+                        running = self._launch(slot, ready, start)
+                    continue
+                try:
+                    await running.attempt.wait()
+                except BaseException:  # cancelled: the attempt stopped it, and released it
+                    os.close(running.prepared.fd)
+                    running = None
+                    raise
+                ended, running = running, None
+                ready = slot.ready
+                if (
+                    ready is not None
+                    and not run.stopping
+                    and ready.item.lease_deadline > time.monotonic()
+                ):
+                    slot.ready = None
+                    running = self._launch(slot, ready, start)
+                self._finish(slot, ended)
+        except BaseException:
+            if running is not None:
+                await self._abandon(running)
+            raise
+
+    async def _take_ready(self, slot: _Slot) -> _Prepared | None:
+        """Take the slot's ready item to start it. ``None``: its lease was taken over (the
+        ledger was asked: its local deadline had passed), or another worker took it
+        meanwhile."""
+        ready = slot.ready
+        assert ready is not None
+        if ready.item.lease_deadline <= time.monotonic():
+            ours = await self.still_ours(ready.item)
+            if slot.ready is not ready:
+                return None  # taken meanwhile by a worker that had nothing to do
+            if not ours:
+                os.close(ready.fd)
+                slot.ready = None
+                return None
+        slot.ready = None
+        return ready
+
+    async def _prepare_next(self, *, wait: bool) -> _Prepared | None:
+        """The worker's next item, prepared (:meth:`prepare`); the outcomes of items that end
+        before their handler (vanished, given up on) are recorded on the way. ``None``: no
+        item is queued (and ``wait`` is false), the queue ended, or the run is stopping. A
+        worker that would wait takes the item another worker holds ready, if one does."""
+        queue, run = self.queue, self.run
+        yield_at = time.monotonic() + YIELD_EVERY
+        while not run.stopping:
+            item = queue.get_nowait()
+            if item is None:
+                if not wait:
+                    return None
+                for other in self._slots:
+                    ready = other.ready
+                    if ready is not None:
+                        other.ready = None
+                        return ready
+                item = await queue.get()
+                if item is None:
+                    return None
+                yield_at = time.monotonic() + YIELD_EVERY
+            elif time.monotonic() >= yield_at:  # a turn for other tasks (see _work)
+                await anyio.lowlevel.checkpoint()
+                yield_at = time.monotonic() + YIELD_EVERY
+            if item.lease_deadline <= time.monotonic() and not await self.still_ours(item):
+                continue
+            item.started_at = run.clock()
+            prepared = self.prepare(item)
+            if not isinstance(prepared, Outcome):
+                return prepared
+            self.outbox.started(item)
+            self._record(item, prepared, time.monotonic())
+        return None
+
+    def _launch(
+        self, slot: _Slot, prepared: _Prepared, start: Callable[[TaskContext], StartedAttempt]
+    ) -> _Running | None:
+        """Start a prepared attempt (it becomes the slot's item); ``None`` when it could not
+        be started (its outcome recorded)."""
+        item = prepared.item
+        slot.item = item
+        slot.started = started = time.monotonic()
+        item.started_at = self.run.clock()
+        timeout = self.config.timeout
+        if timeout is not None and started + timeout < self._watch_at:
+            self._watch_wake.set()
+        self.outbox.started(item)
+        try:
+            if failpoints.ACTIVE is not None:
+                failpoints.hit("in-handler")
+            attempt = start(prepared.ctx)
+        except Exception as exc:
+            os.close(prepared.fd)
+            slot.item = None
+            outcome = self._failed(item, exc)
+            if outcome is not None:
+                self._record(item, outcome, started)
+            return None
+        except BaseException:
+            os.close(prepared.fd)
+            raise
+        return _Running(prepared, attempt, started)
+
+    def _finish(self, slot: _Slot, running: _Running) -> None:
+        """Record the outcome of a started attempt that ended."""
+        prepared = running.prepared
+        item = prepared.item
+        try:
+            running.attempt.result()
+            if (why := prepared.input_file.changed()) is not None:
+                raise InputChangedError(f"the input changed while it was handled: {why}")
+        except Exception as exc:
+            outcome = self._failed(item, exc)
+        else:
+            outcome = self._done(prepared)
+        finally:
+            os.close(prepared.fd)
+        if slot.item is item:
+            slot.item = None
+        if outcome is not None:
+            self._record(item, outcome, running.started)
+
+    @staticmethod
+    async def _abandon(running: _Running) -> None:
+        """Stop a started attempt its worker leaves (the worker is cancelled, or failed): as
+        a cancelled handler's, its command is killed and reaped; its input is closed."""
+        try:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await running.attempt.wait()  # stops it, unless it ended already:
+                running.attempt.result()  # then reaped and released
+        except (Exception, asyncio.CancelledError):
+            pass  # the worker records the slot's item as stopped
+        finally:
+            os.close(running.prepared.fd)
+
+    def _record(self, item: LeasedItem, outcome: Outcome, started: float) -> None:
+        """Hand an attempt's outcome to the committer (and the metrics)."""
+        metrics = self.run.metrics
+        if metrics is not None:
+            metrics.attempt_ended(outcome, time.monotonic() - started)
+        self.outbox.put(item, outcome)
 
     async def still_ours(self, item: LeasedItem) -> bool:
         """Whether a queued item whose local lease deadline passed may still be started.
@@ -276,12 +493,37 @@ class WorkerPool:
         stopping); it stays in flight, and is released with the run's other leases.
         ``task`` is the worker's: a cancellation of it that the handler requested and left
         pending is taken back, and fails the attempt."""
+        if self._object_source is not None:
+            refused = self._begin(item)
+            if refused is not None:
+                return refused
+            return await self._attempt_object(item, self._object_source, task)
+        prepared = self.prepare(item)
+        if isinstance(prepared, Outcome):
+            return prepared
+        try:
+            failed = await self._call(item, prepared.ctx, prepared.input_file, task)
+            if failed is not False:
+                return failed
+            return self._done(prepared)
+        finally:
+            os.close(prepared.fd)
+
+    def _begin(self, item: LeasedItem) -> Outcome | None:
+        """Number the attempt; the outcome of an item given up on without running, if it is."""
         item.state = ItemState.RUNNING
         if item.prior_interrupted >= self.config.max_interruptions:
             return self.give_up(item)
         item.attempt = item.prior_attempts + 1
-        if self._object_source is not None:
-            return await self._attempt_object(item, self._object_source, task)
+        return None
+
+    def prepare(self, item: LeasedItem) -> _Prepared | Outcome:
+        """What an attempt of a directory's item does before its handler: the input opened
+        (and checked: the file scanned, settled), the context made. Or the outcome of an
+        attempt that ends there (vanished, unreadable, given up on)."""
+        refused = self._begin(item)
+        if refused is not None:
+            return refused
         opened = self._open_input(item)
         if isinstance(opened, Outcome):
             return opened
@@ -297,29 +539,34 @@ class WorkerPool:
             ):
                 stat = None  # the file scanned, unchanged (the usual case, checked inline)
             else:
-                stat = self._handled_stat(item, st, mtime_ns, moved)
-                if isinstance(stat, Outcome):
-                    return stat
+                checked = self._handled_stat(item, st, mtime_ns, moved)
+                if isinstance(checked, Outcome):
+                    os.close(fd)
+                    return checked
+                stat = checked
             input_file = InputFile(fd, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             ctx = self._context(item, st, mtime_ns, moved, input_file)
-            failed = await self._call(item, ctx, input_file, task)
-            if failed is not False:
-                return failed
-            return _make_outcome(
-                (
-                    item.key,
-                    item.fence,
-                    "done",
-                    None,
-                    None,
-                    self._on_done,
-                    stat,
-                    True,
-                    item.started_at,
-                )
-            )
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return _Prepared(item, fd, input_file, ctx, stat)
+
+    def _done(self, prepared: _Prepared) -> Outcome:
+        """The outcome of a prepared attempt whose handler succeeded."""
+        item = prepared.item
+        return _make_outcome(
+            (
+                item.key,
+                item.fence,
+                "done",
+                None,
+                None,
+                self._on_done,
+                prepared.stat,
+                True,
+                item.started_at,
+            )
+        )
 
     async def _attempt_object(
         self, item: LeasedItem, source: ObjectURL, task: asyncio.Task[Any] | None
@@ -471,14 +718,8 @@ class WorkerPool:
                 return self.failure(
                     item, "the handler cancelled its own task (nothing in the run had)"
                 )
-        except PermanentError as exc:
-            return self.failure(item, error_text(exc), permanent=True, exc=exc)
-        except AttemptInterrupted as exc:
-            return self._interrupted(item, exc)
-        except ConfigurationError:
-            raise  # e.g. ctx.write_output without an output_dir: no retry can help
         except Exception as exc:
-            return self.failure(item, error_text(exc), exc=exc)
+            return self._failed(item, exc)
         except BaseException as exc:
             if not isinstance(exc, anyio.get_cancelled_exc_class()):
                 raise HandlerAborted(exc, os.fsdecode(item.relpath)) from exc
@@ -489,6 +730,18 @@ class WorkerPool:
             why = "CancelledError: the handler raised it, but nothing in the run cancelled it"
             return self.failure(item, why, exc=exc)
         return False
+
+    def _failed(self, item: LeasedItem, exc: Exception) -> Outcome | None:
+        """The outcome of an attempt whose handler raised ``exc`` (``None``: given back, see
+        :meth:`attempt`). A :class:`ConfigurationError` is raised again (``ctx.write_output``
+        without an ``output_dir``, say: no retry can help)."""
+        if isinstance(exc, ConfigurationError):
+            raise exc
+        if isinstance(exc, PermanentError):
+            return self.failure(item, error_text(exc), permanent=True, exc=exc)
+        if isinstance(exc, AttemptInterrupted):
+            return self._interrupted(item, exc)
+        return self.failure(item, error_text(exc), exc=exc)
 
     def _interrupted(self, item: LeasedItem, exc: AttemptInterrupted) -> Outcome | None:
         """A handler gave its item back: ``None`` while the run stops (released with the
