@@ -30,6 +30,7 @@ from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
 from ._exceptions import SourceError as SourceError
 from ._exec import ExecHandler as ExecHandler
+from ._exec import StartedCommand as StartedCommand
 from ._http.client import ItemHTTP as ItemHTTP
 from ._http.middleware import IdempotencyMiddleware as IdempotencyMiddleware
 from ._ledger.idempotency import IdempotencyStore as IdempotencyStore
@@ -80,6 +81,7 @@ __all__ = [
     "SchemaVersionError",
     "SourceError",
     "Stable",
+    "StartedCommand",
     "Statistics",
     "TaskContext",
     "__version__",

@@ -69,8 +69,10 @@ def test_three_hosts_share_a_bucket_and_the_listers_host_dies(
 ) -> None:
     started = time.monotonic()
     with receiving(pg_dsn, tmp_path / "effects.log") as receiver:
+        # Each call takes 0.2 s: the work outlasts the start of the slowest host (a runner in
+        # new namespaces, on a loaded machine), so each takes part.
         scenario = BucketScenario(
-            tmp_path, pg_dsn, bucket, url=receiver.url, env={"AB_SLEEP": "0.05"}
+            tmp_path, pg_dsn, bucket, url=receiver.url, env={"AB_SLEEP": "0.2"}
         )
         scenario.add_files(OBJECTS)
         hosts = {name: on_host(name, scenario) for name in HOSTS}
