@@ -11,9 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncbatch import Batch, TaskContext
-from asyncbatch._http.client import HTTPSettings, ItemHTTP, SharedClient
+from asyncbatch._http.client import (
+    HTTPSettings,
+    IdempotencyKeys,
+    ItemHTTP,
+    SharedClient,
+    derive_idempotency_key,
+)
 
 from .conftest import make_files, rows, state_counts
 from .servers import RealServer, Receive, Scope, Send, read_body, respond
@@ -278,3 +286,22 @@ async def test_a_post_without_a_key_is_not_retried(tmp_path: Path) -> None:
 
     assert response.status_code == 503
     assert len(app.requests) == 1, "an unkeyed POST is not safe to repeat"
+
+
+#: Text as file names decode to: any character, and the surrogates that stand for bytes that
+#: are not UTF-8 (surrogateescape).
+_ANY_TEXT = st.text(
+    st.characters(codec="utf-8") | st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF),
+    max_size=40,
+)
+
+
+@given(secret=st.binary(max_size=200), job=_ANY_TEXT, key=_ANY_TEXT, call=_ANY_TEXT)
+def test_a_runs_keys_are_the_hmac_of_job_key_and_call(
+    secret: bytes, job: str, key: str, call: str
+) -> None:
+    # Secrets shorter than, equal to and longer than SHA-256's 64-byte block (hashed first).
+    message = f"{job}\0{key}\0{call}".encode("utf-8", "surrogateescape")
+    expected = hmac.new(secret, message, hashlib.sha256).hexdigest()
+    assert IdempotencyKeys(secret, job).derive(key, call) == expected
+    assert derive_idempotency_key(secret, job, key, call) == expected

@@ -38,7 +38,7 @@ from .._exceptions import (
     InputChangedError,
     PermanentError,
 )
-from .._http.client import HTTPSettings, ItemHTTP, derive_idempotency_key
+from .._http.client import HTTPSettings, IdempotencyKeys, ItemHTTP
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
 from .._sources.objects import ObjectEntry
@@ -165,6 +165,7 @@ class WorkerPool:
         self.config = state.config
         self.handler = handler
         self.http = http
+        self._keys = IdempotencyKeys(http.secret, http.job)
         self.queue = queue
         self.outbox = outbox
         self.handler_logger = logging.getLogger("asyncbatch.handler")
@@ -857,8 +858,7 @@ class WorkerPool:
     def idempotency_key(self, key: str, call: str) -> str:
         """The ``Idempotency-Key`` of the call ``call`` of the item ``key`` (as ``ctx.http``
         derives it for ``idempotency_key=call``)."""
-        http = self.http
-        return derive_idempotency_key(http.secret, http.job, key, call)
+        return self._keys.derive(key, call)
 
     def on_stop(self, callback: StopCallback) -> Callable[[], None]:
         """Call ``callback(signum)`` once when the run is asked to stop, at once if it was;
