@@ -266,9 +266,11 @@ class _Watch:
     an epoll set of their own, which the event loop watches as one reader while any of them
     runs.
 
-    A command's descriptors then cost an ``epoll_ctl`` each way (the loop's ``add_reader``
-    and ``remove_reader`` cost ~25 Python calls a descriptor), and the loop makes one
-    callback per wake-up for all of them. The set is the handler's (one descriptor, opened
+    A command's descriptor then costs an ``epoll_ctl`` to add (the loop's ``add_reader``
+    and ``remove_reader`` cost ~25 Python calls a descriptor), none to remove (a pidfd is
+    one-shot, and closing a descriptor takes it out of the set; only a pipe at its end, still
+    readable, is taken out before), and the loop makes one callback per wake-up for all of
+    them. The set is the handler's (one descriptor, opened
     with its first command, closed with the handler); it holds an item's descriptors only
     while that item's command runs, and is on a loop only while commands run there (and
     ``_IDLE_AFTER`` seconds after).
@@ -316,14 +318,16 @@ class _Watch:
             loop.remove_reader(self.epoll.fileno())
 
     def add(self, fd: int, what: _Command | _Capture) -> None:
-        """Watch ``fd`` for input (a pidfd: its process exited)."""
-        self.epoll.register(fd, select.EPOLLIN)
+        """Watch ``fd`` for input (a pidfd, once: its process exited)."""
+        once = select.EPOLLONESHOT if isinstance(what, _Command) else 0
+        self.epoll.register(fd, select.EPOLLIN | once)
         self.watched[fd] = what
 
-    def discard(self, fd: int) -> None:
-        """Stop watching ``fd`` (before it is closed), if it is watched."""
-        if self.watched.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
+    def closing(self, fd: int) -> None:
+        """``fd`` is about to be closed: forget it. Closing it takes it out of the epoll set
+        (no other descriptor refers to its open file: pidfds and pipe ends are this
+        process's own, close-on-exec), so no ``epoll_ctl`` is spent on it."""
+        self.watched.pop(fd, None)
 
     def _ready(self) -> None:
         watched, epoll = self.watched, self.epoll
@@ -331,9 +335,8 @@ class _Watch:
             what = watched.get(fd)
             if what is None:
                 continue
-            if isinstance(what, _Command):  # a pidfd: the process exited
+            if isinstance(what, _Command):  # a pidfd (one-shot): the process exited
                 del watched[fd]
-                epoll.unregister(fd)
                 what.exited()
             elif not what.read():  # the end of the pipe
                 del watched[fd]
@@ -566,14 +569,14 @@ class _Command:
         waiting for their end, as a process the command left behind may hold them open)."""
         watch = self.watch
         if self.pidfd is not None:
-            watch.discard(self.pidfd)
+            watch.closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
         for capture in (self.stderr, self.stdout):
             if capture is not None:
                 if not capture.ended:
                     capture.read()
-                    watch.discard(capture.fd)
+                watch.closing(capture.fd)
                 os.close(capture.fd)
         watch.release()
 
@@ -626,6 +629,9 @@ class ExecHandler:
         for name in ENVIRONMENT:
             base.pop(name.encode(), None)
         self._base_env = base
+        #: The run's job and output_dir (as the last context had them), and the base
+        #: environment with their variables.
+        self._run_env: tuple[str, object, dict[bytes, bytes]] | None = None
         #: ``os.fsencode``'s codec: ``str.encode`` with it is the same, without a Python call.
         self._fs_encoding = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
         #: The source directory of the last input (a run's), and its text ending in ``/``
@@ -699,9 +705,17 @@ class ExecHandler:
         return text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
 
     def _environment(self, ctx: TaskContext, path: str) -> dict[bytes, bytes]:
-        env = self._base_env.copy()
         encoding, errors = self._fs_encoding
-        env[b"ASYNCBATCH_JOB"] = ctx.job.encode(encoding, errors)
+        job, output_dir = ctx.job, ctx.output_dir
+        run = self._run_env
+        if run is None or run[0] is not job or run[1] is not output_dir:
+            # The variables of the run's settings (the same objects for all its items).
+            base = self._base_env.copy()
+            base[b"ASYNCBATCH_JOB"] = job.encode(encoding, errors)
+            if output_dir is not None:
+                base[b"ASYNCBATCH_OUTPUT_DIR"] = str(output_dir).encode(encoding, errors)
+            self._run_env = run = (job, output_dir, base)
+        env = run[2].copy()
         env[b"ASYNCBATCH_KEY"] = ctx.key.encode()
         env[b"ASYNCBATCH_ATTEMPT"] = b"%d" % ctx.attempt
         env[b"ASYNCBATCH_FENCE"] = b"%d" % ctx.fence
@@ -712,9 +726,6 @@ class ExecHandler:
             env[b"ASYNCBATCH_IDEMPOTENCY_KEY"] = ctx.idempotency_key(IDEMPOTENCY_CALL).encode()
         except RuntimeError:
             pass  # a context made by hand, not by a Batch: no ledger secret to derive it from
-        output_dir = ctx.output_dir
-        if output_dir is not None:
-            env[b"ASYNCBATCH_OUTPUT_DIR"] = str(output_dir).encode(encoding, errors)
         return env
 
 

@@ -5,6 +5,7 @@ lock, and the aiosqlite private API it depends on."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import stat
 import subprocess
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncbatch import ConfigurationError, NotALedgerError
 from asyncbatch._ledger import sqlite_sql
-from asyncbatch._ledger.sqlite import SQLiteLedger
+from asyncbatch._ledger.sqlite import SQLiteLedger, _fenced_group
 
 from .conftest import rows, run_start
 
@@ -246,3 +249,21 @@ async def test_a_ledger_of_schema_7_gets_the_claim_order_index(state: Path) -> N
     assert rows(state, "SELECT name FROM sqlite_schema WHERE name = 'items_claim'") == [
         ("items_claim",)
     ]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.from_regex(r"[0-9]{19}-[0-9a-f]{24}", fullmatch=True), st.text()),
+            st.integers(0, 2**63 - 1),
+        ),
+        max_size=5,
+    )
+)
+def test_a_fenced_groups_arguments_are_json_of_its_keys_and_pairs(
+    pairs: list[tuple[str, int]],
+) -> None:
+    # Keys as items have them are joined as text; any other is written by json.dumps.
+    keys, fenced = _fenced_group(pairs)
+    assert json.loads(keys) == [k for k, _ in pairs]
+    assert json.loads(fenced) == [f"{k} {f}" for k, f in pairs]
