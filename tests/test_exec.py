@@ -92,6 +92,16 @@ def no_leftovers() -> Iterator[Leftovers]:
                 os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def pids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the commands of this test note their pids (``$AB_PIDS``, set for the handlers
+    this test makes)."""
+    found = tmp_path / "pids"
+    found.mkdir()
+    monkeypatch.setenv("AB_PIDS", str(found))
+    return found
+
+
 def run_exec(inbox: Path, state: Path, exec_line: str, *extra: str | Path, **kw: Any) -> Any:
     return cli(
         "run",
@@ -660,15 +670,13 @@ async def test_a_program_gone_mid_run_fails_its_attempts(
 
 
 async def test_a_worker_never_holds_an_item_ready_while_another_has_none(
-    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inbox: Path, state: Path, tmp_path: Path, pids: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The third file's command hangs. Its worker starts it while the other worker's command
     # runs, and so takes the next file ahead of time: the other worker, once out of items,
     # must take that one from it, not leave it behind the command that hangs.
     make_files(inbox, 5)
-    pids, log = tmp_path / "pids", tmp_path / "calls.jsonl"
-    pids.mkdir()
-    monkeypatch.setenv("AB_PIDS", str(pids))
+    log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("AB_RECORD", str(log))
     handler = ExecHandler(command("hang-for", "f00002.txt", "{}"))
     batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=2)
@@ -685,12 +693,9 @@ async def test_a_worker_never_holds_an_item_ready_while_another_has_none(
 
 
 async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(
-    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inbox: Path, state: Path, pids: Path
 ) -> None:
     make_files(inbox, 3)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    monkeypatch.setenv("AB_PIDS", str(pids))
     handler = ExecHandler(command("hang-for", "f00000.txt", "{}"), kill_after=0.5)
     batch = Batch(handler, source=inbox, state=state, settle=0, timeout=2, max_attempts=1)
 
@@ -730,12 +735,9 @@ def test_a_stop_leaves_the_item_prepared_next_unstarted_and_pending(
 
 
 async def test_a_cancelled_run_leaves_no_command_behind(
-    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inbox: Path, state: Path, pids: Path
 ) -> None:
     make_files(inbox, 3)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    monkeypatch.setenv("AB_PIDS", str(pids))
     handler = ExecHandler(command("hang", "grandchild"))
     batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=3)
 

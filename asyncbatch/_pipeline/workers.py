@@ -144,8 +144,8 @@ class _Slot:
     item: LeasedItem | None = None
     started: float = 0.0
     reason: str = "stopped by the watchdog"
-    #: The next item, prepared while ``item`` ran, when a cancellation of ``item`` came
-    #: first (a worker that starts attempts): it is started next.
+    #: The next item, prepared while ``item`` runs (a worker that starts attempts); a worker
+    #: with nothing to do takes it over.
     ready: _Prepared | None = None
 
 
@@ -181,10 +181,14 @@ class WorkerPool:
         self._job = state.config.job
         self._output_dir = state.config.output_dir
         #: A handler that can start an attempt without awaiting it (``ExecHandler``): its
-        #: workers prepare their next item while the current one runs (directory sources).
+        #: workers prepare their next item while the current one runs (directory sources;
+        #: not with failpoints armed: their ``in-handler`` is reached on the event loop, a
+        #: ``sleep`` there letting the other tasks run, as for any handler).
         start = getattr(handler, "start_attempt", None)
         self._start_attempt: Callable[[TaskContext], StartedAttempt] | None = (
-            start if callable(start) and self._directory is not None else None
+            start
+            if callable(start) and self._directory is not None and failpoints.ACTIVE is None
+            else None
         )
         self._random = random.Random()
         #: Whether the run was asked to stop, by which signal (``None``: ``Batch.stop()``),
@@ -379,8 +383,6 @@ class WorkerPool:
             self._watch_wake.set()
         self.outbox.started(item)
         try:
-            if failpoints.ACTIVE is not None:
-                failpoints.hit("in-handler")
             attempt = start(prepared.ctx)
         except Exception as exc:
             os.close(prepared.fd)
