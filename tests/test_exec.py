@@ -734,6 +734,29 @@ def test_a_stop_leaves_the_item_prepared_next_unstarted_and_pending(
     ]
 
 
+def test_runs_killed_while_commands_start_lose_no_file(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # SIGKILL while workers start commands and prepare the next files: what a run left
+    # unfinished (started, opened ahead, queued) is done by the next runs, none lost; every
+    # file's command ran (at least once: a command that ran before a kill may run again).
+    files = make_files(inbox, 60)
+    log = tmp_path / "calls.jsonl"
+    env = {"AB_RECORD": str(log)}
+    args: list[str | Path] = ["run", "--exec", command("record"), "--source", inbox]
+    for kills in range(1, 4):
+        proc = spawn(*args, "--state", state, "-j", "4", "--no-progress", env=env)
+        wait_for(lambda n=12 * kills, p=proc: len(records(log)) >= n or p.poll() is not None)
+        kill(proc)
+
+    final = run_exec(inbox, state, command("record"), "-j", "4", env=env)
+
+    assert final.returncode == 0, final.stderr
+    assert state_counts(state) == {"done": 60}
+    ran = {os.path.basename(r["argv"][-1]) for r in records(log)}
+    assert ran == {os.fsencode(f.name) for f in files}
+
+
 async def test_a_cancelled_run_leaves_no_command_behind(
     inbox: Path, state: Path, pids: Path
 ) -> None:
