@@ -1439,6 +1439,49 @@ async def test_postgres_skip_locked_claims_do_not_wait_for_a_locked_row(pg_dsn: 
         assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00001"]
 
 
+async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_short(
+    pg_dsn: str,
+) -> None:
+    # A runner stalled mid-transaction (SIGSTOP; here its body sleeps with a row locked): the
+    # server ends its session after busy_timeout / 2, so another runner waiting for that row
+    # gets it before its own wait (busy_timeout) gives up; the stalled transaction runs again
+    # on a new connection.
+    async with (
+        await PostgresLedger.open(pg_dsn, busy_timeout=2) as frozen,
+        await PostgresLedger.open(pg_dsn, busy_timeout=2) as other,
+    ):
+        claimed = await frozen.claim_scanned("j", "setup", 60, [entry(1)])
+        await frozen.release_items("j", "setup", [(c.key, c.fence) for c in claimed])
+        bodies = 0
+        locked = anyio.Event()
+
+        async def stall(conn: asyncpg.Connection) -> int:
+            nonlocal bodies
+            bodies += 1
+            await conn.execute("SELECT 1 FROM items WHERE key = 'k00001' FOR UPDATE")
+            if bodies == 1:
+                locked.set()
+                await anyio.sleep(4)  # idle inside the transaction, past 1 s
+            return bodies
+
+        async def touch(conn: asyncpg.Connection) -> str:
+            return str(await conn.execute("UPDATE items SET attempts = 7 WHERE key = 'k00001'"))
+
+        result: list[int] = []
+
+        async def run_frozen() -> None:
+            result.append(await frozen._session.transact(stall))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_frozen)
+            await locked.wait()
+            began = time.monotonic()
+            assert await other._session.transact(touch) == "UPDATE 1"
+            waited = time.monotonic() - began
+        assert waited < 2, "the other runner waited out its lock_timeout"
+        assert result == [2], "the stalled transaction ran again on a new connection"
+
+
 async def test_postgres_a_name_that_is_not_utf8_round_trips(pg_dsn: str) -> None:
     async with await PostgresLedger.open(pg_dsn) as ledger:
         await ledger.claim_scanned("j", "a", 60, [("k1", b"caf\xe9.txt", 1, 1, 1)])

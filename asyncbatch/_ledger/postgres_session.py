@@ -8,7 +8,9 @@
 - Deadlocks and serialization failures re-run the transaction, with jittered pauses, for up to
   ``busy_timeout``; row-lock waits give up after ``busy_timeout`` (``lock_timeout``); a
   statement gets ``2 * busy_timeout`` (at least 60 s) before the client gives up on the
-  connection.
+  connection. A session idle inside a transaction for ``busy_timeout / 2`` (a runner frozen
+  mid-transaction) is ended by the server, before the runners waiting for its rows give up;
+  resumed, its runner runs the transaction again on a new connection.
 - Times: leases, locks and heartbeats are stored and compared in the server's clock. The
   offset between it and the caller's ``clock`` is measured on connecting and every minute (to
   within half a round trip): :meth:`PostgresSession.local` expresses a server time in the
@@ -55,6 +57,7 @@ _RETRYABLE = (pg_errors.DeadlockDetectedError, pg_errors.SerializationError)
 CONNECTION_LOST = (OSError, TimeoutError, asyncpg.InterfaceError, pg_errors.InternalClientError)
 #: Errors the server sends when it goes away or turns connections away for a while.
 _SERVER_GONE = (
+    pg_errors.IdleInTransactionSessionTimeoutError,  # this runner stalled inside a transaction
     pg_errors.AdminShutdownError,
     pg_errors.CrashShutdownError,
     pg_errors.CannotConnectNowError,
@@ -172,13 +175,24 @@ class PostgresSession:
     def _statement_timeout(self) -> float:
         return max(60.0, 2 * self.busy_timeout)
 
+    @property
+    def _idle_timeout_ms(self) -> int:
+        """``idle_in_transaction_session_timeout``: half of ``busy_timeout`` (1 s at least)."""
+        return max(1000, round(self.busy_timeout * 500))
+
     async def _connect(self) -> Connection:
         target = self.target
         settings = {
             "search_path": _quote_ident(target.schema),
             "synchronous_commit": "off" if self._durability == "normal" else "on",
             "lock_timeout": f"{max(1, round(self.busy_timeout * 1000))}ms",
-            "idle_in_transaction_session_timeout": f"{round(self._statement_timeout * 1000)}ms",
+            # A runner frozen inside a transaction (SIGSTOP, a suspended VM) holds its rows'
+            # locks until the server ends its session: before another runner's wait for them
+            # gives up (lock_timeout), so that one goes on. Resumed, the frozen one finds its
+            # connection gone and runs the transaction again on a new one (fenced: a lease
+            # taken over meanwhile is not its any more). Transactions never wait on anything
+            # but the server, so a session idle inside one this long is a stalled runner.
+            "idle_in_transaction_session_timeout": f"{self._idle_timeout_ms}ms",
             "jit": "off",  # claims are many small statements: compiling them only costs
         }
         if not target.names_application:
