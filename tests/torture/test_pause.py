@@ -311,11 +311,14 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
     async def handle(ctx: TaskContext) -> None:
         try:
             if ctx.attempt == 1:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(ctx.write_output, "out.txt", "attempt 1")
-                    assert await anyio.to_thread.run_sync(reached.wait, 30)
-                    time.sleep(LEASE)  # noqa: ASYNC251 - the loop stalls: no heartbeat
-                    go.set()
+                # Shielded: once the loop runs again, the watchdog cancels this attempt (its
+                # lease ran out); what the held write does must be seen first.
+                with anyio.CancelScope(shield=True):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(ctx.write_output, "out.txt", "attempt 1")
+                        assert await anyio.to_thread.run_sync(reached.wait, 30)
+                        time.sleep(LEASE)  # noqa: ASYNC251 - the loop stalls: no heartbeat
+                        go.set()
             await ctx.write_output("out.txt", f"attempt {ctx.attempt}")
         except* LockLostError as group:
             errors.extend(str(e) for e in group.exceptions)
