@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -52,13 +51,14 @@ _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def derive_idempotency_key(secret: bytes, job: str, item_key: str, call: str) -> str:
-    """The ``Idempotency-Key`` for one logical call of one item (64 hex characters)."""
-    message = f"{job}\0{item_key}\0{call}".encode("utf-8", "surrogateescape")
-    return hmac.digest(secret, message, "sha256").hex()
+    """The ``Idempotency-Key`` for one logical call of one item (64 hex characters): the
+    HMAC-SHA256 of job, item key and call under the ledger's secret (see
+    :class:`IdempotencyKeys`, which a run keeps)."""
+    return IdempotencyKeys(secret, job).derive(item_key, call)
 
 
 class IdempotencyKeys:
-    """:func:`derive_idempotency_key` for one secret and job (a run's): the same keys, the
+    """The idempotency keys of one secret and job (a run's, in :class:`HTTPSettings`): the
     HMAC's key schedule made once.
 
     HMAC-SHA256 (RFC 2104) from two SHA-256 states, the key XOR ipad and XOR opad already
@@ -129,6 +129,11 @@ class HTTPSettings:
     backoff_max: float = 10.0
     sleep: Callable[[float], Any] = anyio.sleep
     jitter: Callable[[], float] = random.random
+    #: The run's idempotency keys (of ``secret`` and ``job``).
+    keys: IdempotencyKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", IdempotencyKeys(self.secret, self.job))
 
 
 def _redacted(url: httpx.URL) -> str:
@@ -178,7 +183,7 @@ class ItemHTTP:
         keyed = "Idempotency-Key" in request.headers
         if not keyed and method in s.unsafe_methods:
             call = idempotency_key or f"{self._calls}:{method}:{request.url}"
-            key = derive_idempotency_key(s.secret, s.job, self._item_key, call)
+            key = s.keys.derive(self._item_key, call)
             request.headers["Idempotency-Key"] = key
             keyed = True
         return request, send, keyed or method in SAFE_METHODS

@@ -38,7 +38,7 @@ from .._exceptions import (
     InputChangedError,
     PermanentError,
 )
-from .._http.client import HTTPSettings, IdempotencyKeys, ItemHTTP
+from .._http.client import HTTPSettings, ItemHTTP
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
 from .._sources.objects import ObjectEntry
@@ -165,7 +165,7 @@ class WorkerPool:
         self.config = state.config
         self.handler = handler
         self.http = http
-        self._keys = IdempotencyKeys(http.secret, http.job)
+        self._keys = http.keys
         self.queue = queue
         self.outbox = outbox
         self.handler_logger = logging.getLogger("asyncbatch.handler")
