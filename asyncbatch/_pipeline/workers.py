@@ -77,6 +77,12 @@ class HandlerAborted(Exception):
         super().__init__(f"the handler raised {error_text(original)} for {relpath!r}")
 
 
+def _check_unchanged(input_file: InputFile | ObjectInput) -> None:
+    """Raise :class:`InputChangedError` if the input changed while its handler ran."""
+    if (why := input_file.changed()) is not None:
+        raise InputChangedError(f"the input changed while it was handled: {why}")
+
+
 def _cancelled_by_the_run() -> bool:
     """Whether a cancel scope around the current task (the watchdog's, the run's, the
     application's) was cancelled or is past its deadline.
@@ -222,10 +228,7 @@ class WorkerPool:
                         return
                 item, slot.item = slot.item, None
                 if item is not None:  # the watchdog stopped this item
-                    outcome = self.failure(item, slot.reason)
-                    if self.run.metrics is not None:
-                        self.run.metrics.attempt_ended(outcome, time.monotonic() - slot.started)
-                    self.outbox.put(item, outcome)
+                    self._record(item, self.failure(item, slot.reason), slot.started)
         finally:
             self._slots.remove(slot)
             if slot.ready is not None:  # not started: left in flight, released with the run
@@ -233,9 +236,7 @@ class WorkerPool:
                 slot.ready = None
 
     async def _work(self, slot: _Slot) -> bool:
-        queue, outbox, run = self.queue, self.outbox, self.run
-        timeout, metrics = self.config.timeout, run.metrics
-        clock = run.clock
+        queue, run = self.queue, self.run
         yield_at = time.monotonic() + YIELD_EVERY
         while not run.stopping:  # on stop, items not started stay leased and are released
             item = queue.get_nowait()
@@ -251,20 +252,25 @@ class WorkerPool:
                 yield_at = time.monotonic() + YIELD_EVERY
             if item.lease_deadline <= time.monotonic() and not await self.still_ours(item):
                 continue
-            slot.item = item
-            slot.started = started = time.monotonic()
-            item.started_at = clock()
-            if timeout is not None and started + timeout < self._watch_at:
-                self._watch_wake.set()
-            outbox.started(item)
+            started = self._begin_slot(slot, item)
             outcome = await self.attempt(item, slot.task)
             slot.item = None
             if outcome is None:
                 continue  # given back (the run is stopping): released with its leases
-            if metrics is not None:
-                metrics.attempt_ended(outcome, time.monotonic() - started)
-            outbox.put(item, outcome)
+            self._record(item, outcome, started)
         return False
+
+    def _begin_slot(self, slot: _Slot, item: LeasedItem) -> float:
+        """``item``'s attempt begins in ``slot``: watched by the watchdog from now, its start
+        noted for the committer. Returns when (``time.monotonic()``)."""
+        slot.item = item
+        slot.started = started = time.monotonic()
+        item.started_at = self.run.clock()
+        timeout = self.config.timeout
+        if timeout is not None and started + timeout < self._watch_at:
+            self._watch_wake.set()
+        self.outbox.started(item)
+        return started
 
     async def _work_started(self, slot: _Slot) -> bool:
         """:meth:`_work` for a handler that starts its attempts without awaiting them
@@ -375,13 +381,7 @@ class WorkerPool:
         """Start a prepared attempt (it becomes the slot's item); ``None`` when it could not
         be started (its outcome recorded)."""
         item = prepared.item
-        slot.item = item
-        slot.started = started = time.monotonic()
-        item.started_at = self.run.clock()
-        timeout = self.config.timeout
-        if timeout is not None and started + timeout < self._watch_at:
-            self._watch_wake.set()
-        self.outbox.started(item)
+        started = self._begin_slot(slot, item)
         try:
             attempt = start(prepared.ctx)
         except Exception as exc:
@@ -402,8 +402,7 @@ class WorkerPool:
         item = prepared.item
         try:
             running.attempt.result()
-            if (why := prepared.input_file.changed()) is not None:
-                raise InputChangedError(f"the input changed while it was handled: {why}")
+            _check_unchanged(prepared.input_file)
         except Exception as exc:
             outcome = self._failed(item, exc)
         else:
@@ -713,8 +712,7 @@ class WorkerPool:
             if failpoints.ACTIVE is not None:  # inline: this is once per item
                 await failpoints.ahit("in-handler")
             await self.handler(ctx)
-            if (why := input_file.changed()) is not None:
-                raise InputChangedError(f"the input changed while it was handled: {why}")
+            _check_unchanged(input_file)
             if task is not None and task.cancelling() and not _cancelled_by_the_run():
                 # It cancelled its own task, and returned before that was delivered.
                 await _absorb_own_cancellation()
