@@ -9,7 +9,7 @@ Every mode first appends one JSON line to ``$AB_RECORD`` (when set): its argumen
   STDERR_BYTES in all, 20 by default), then exit CODE.
 - ``hang [grandchild]``: note its pid (and its grandchild's, a ``sleep 1000`` it starts) as a
   file in ``$AB_PIDS``, then wait for a signal: SIGTERM ends it (the default action).
-- ``hang-for NAME PATH``: ``hang`` when PATH's name is NAME, else exit 0 after 0.3 s.
+- ``hang-for NAME PATH``: ``hang`` when PATH's name is NAME, else exit 0.
 - ``trap``: note its pid in ``$AB_PIDS``; on SIGINT or SIGTERM, write the signal's number to
   ``$AB_PIDS/signal.<pid>`` and exit 0.
 - ``deaf``: note its pid in ``$AB_PIDS``; on SIGINT or SIGTERM, note ``signal.<pid>.<number>``
@@ -77,7 +77,6 @@ def main(argv: list[str]) -> int:
         return int(args[0])
     if mode == "hang-for":
         if os.path.basename(args[1]) != args[0]:
-            time.sleep(0.3)
             return 0
         mode, args = "hang", args[2:]
     if mode == "hang":

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncbatch import Batch, ConfigurationError, ExecHandler
+from asyncbatch import Batch, ConfigurationError, ExecHandler, Report, TaskContext
 
 from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
 from .test_cli import assert_one_line_error
@@ -669,27 +669,73 @@ async def test_a_program_gone_mid_run_fails_its_attempts(
 # -- a worker's next item, prepared while its command runs --------------------------------------
 
 
+class _Gated:
+    """A handler that starts its attempts without awaiting them, as ``ExecHandler`` does
+    (``start_attempt``), each running until the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.gates: dict[str, anyio.Event] = {}
+        self._start = anyio.Event()
+
+    def start_attempt(self, ctx: TaskContext) -> _GatedAttempt:
+        self.started.append(ctx.entry.relpath)
+        gate = self.gates[ctx.entry.relpath] = anyio.Event()
+        self._start.set()
+        return _GatedAttempt(gate)
+
+    async def __call__(self, ctx: TaskContext) -> None:
+        attempt = self.start_attempt(ctx)
+        await attempt.wait()
+        attempt.result()
+
+    async def next_start(self) -> None:
+        """Wait for the next attempt to start."""
+        self._start = anyio.Event()
+        await self._start.wait()
+
+
+class _GatedAttempt:
+    def __init__(self, gate: anyio.Event) -> None:
+        self._gate = gate
+
+    async def wait(self) -> None:
+        await self._gate.wait()
+
+    def result(self) -> None:
+        return None
+
+
 async def test_a_worker_never_holds_an_item_ready_while_another_has_none(
-    inbox: Path, state: Path, tmp_path: Path, pids: Path, monkeypatch: pytest.MonkeyPatch
+    inbox: Path, state: Path
 ) -> None:
-    # The third file's command hangs. Its worker starts it while the other worker's command
-    # runs, and so takes the next file ahead of time: the other worker, once out of items,
-    # must take that one from it, not leave it behind the command that hangs.
-    make_files(inbox, 5)
-    log = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("AB_RECORD", str(log))
-    handler = ExecHandler(command("hang-for", "f00002.txt", "{}"))
-    batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=2)
+    # Two workers. The one that starts the second attempt finds the other busy, so it takes
+    # its next file ahead of time; its attempt then never ends (until the test says so). The
+    # other worker, once out of files, must take that file from it, not leave it behind.
+    make_files(inbox, 4)
+    handler = _Gated()
+    reports: list[Report] = []
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(batch.run)
-        await anyio.to_thread.run_sync(wait_for, lambda: len(records(log)) == 5)
-        await anyio.to_thread.run_sync(
-            wait_for, lambda: state_counts(state) == {"done": 4, "running": 1}
-        )
-        tg.cancel_scope.cancel()
+    async def run() -> None:
+        batch = Batch(handler, source=inbox, state=state, settle=0, concurrency=2)
+        reports.append(await batch.run())
 
-    assert state_counts(state) == {"done": 4, "pending": 1}
+    with anyio.fail_after(60):  # a bound on a hang, not a wait: the steps below are events
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            while len(handler.started) < 2:
+                await handler.next_start()
+            held = handler.started[1]
+            while len(handler.started) < 4:  # every other attempt ends as soon as it starts
+                for name, gate in handler.gates.items():
+                    if name != held:
+                        gate.set()
+                await handler.next_start()
+            for gate in handler.gates.values():
+                gate.set()
+
+    assert sorted(handler.started) == [f"f{i:05d}.txt" for i in range(4)]
+    assert reports[0].done == 4
 
 
 async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(

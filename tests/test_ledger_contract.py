@@ -1442,10 +1442,10 @@ async def test_postgres_skip_locked_claims_do_not_wait_for_a_locked_row(pg_dsn: 
 async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_short(
     pg_dsn: str,
 ) -> None:
-    # A runner stalled mid-transaction (SIGSTOP; here its body sleeps with a row locked): the
-    # server ends its session after busy_timeout / 2, so another runner waiting for that row
-    # gets it before its own wait (busy_timeout) gives up; the stalled transaction runs again
-    # on a new connection.
+    # A runner stalled mid-transaction (SIGSTOP; here its body waits, a row locked, until the
+    # other runner is through): the server ends its session after busy_timeout / 2, so the
+    # other runner, waiting for that row, gets it before its own wait (lock_timeout =
+    # busy_timeout) fails; the stalled transaction then runs again on a new connection.
     async with (
         await PostgresLedger.open(pg_dsn, busy_timeout=2) as frozen,
         await PostgresLedger.open(pg_dsn, busy_timeout=2) as other,
@@ -1453,7 +1453,7 @@ async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_shor
         claimed = await frozen.claim_scanned("j", "setup", 60, [entry(1)])
         await frozen.release_items("j", "setup", [(c.key, c.fence) for c in claimed])
         bodies = 0
-        locked = anyio.Event()
+        locked, through = anyio.Event(), anyio.Event()
 
         async def stall(conn: asyncpg.Connection) -> int:
             nonlocal bodies
@@ -1461,7 +1461,7 @@ async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_shor
             await conn.execute("SELECT 1 FROM items WHERE key = 'k00001' FOR UPDATE")
             if bodies == 1:
                 locked.set()
-                await anyio.sleep(4)  # idle inside the transaction, past 1 s
+                await through.wait()  # idle inside the transaction meanwhile
             return bodies
 
         async def touch(conn: asyncpg.Connection) -> str:
@@ -1475,10 +1475,11 @@ async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_shor
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_frozen)
             await locked.wait()
-            began = time.monotonic()
-            assert await other._session.transact(touch) == "UPDATE 1"
-            waited = time.monotonic() - began
-        assert waited < 2, "the other runner waited out its lock_timeout"
+            try:
+                # A lock wait past lock_timeout raises: this one gets the row.
+                assert await other._session.transact(touch) == "UPDATE 1"
+            finally:
+                through.set()
         assert result == [2], "the stalled transaction ran again on a new connection"
 
 

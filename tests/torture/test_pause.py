@@ -317,7 +317,12 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(ctx.write_output, "out.txt", "attempt 1")
                         assert await anyio.to_thread.run_sync(reached.wait, 30)
-                        time.sleep(LEASE)  # noqa: ASYNC251 - the loop stalls: no heartbeat
+                        # The loop stalls (no heartbeat) until the lease ran out, as the
+                        # write's own check sees it.
+                        hooks = ctx._hooks
+                        assert hooks is not None
+                        while not hooks.lease_lost(ctx):
+                            time.sleep(0.05)  # noqa: ASYNC251 - blocking is the point
                         go.set()
             await ctx.write_output("out.txt", f"attempt {ctx.attempt}")
         except* LockLostError as group:
