@@ -6,6 +6,8 @@ Configured through environment variables:
   :func:`transform_and_post` ``<hostname> <pid> <relpath>\\n``: which runner handled it);
 - ``AB_URL``: the idempotent receiver's base URL (:mod:`tests.torture.receiver`);
 - ``AB_SLEEP``: seconds the handler lingers after its effects (default 0);
+- ``AB_GATE``: a path :func:`transform_and_post` waits for before it does anything (the
+  test creates it once every runner holds items);
 - ``AB_BLOCK``: seconds :func:`stamp_after_block` blocks the event loop (``time.sleep``).
 
 Every effect depends only on the input, so a repeat leaves what the first attempt left
@@ -48,6 +50,9 @@ def note(line: str, variable: str = "AB_LOG") -> None:
 
 async def transform_and_post(ctx: TaskContext) -> None:
     """Read, write the output atomically, POST the input with its idempotency key, linger."""
+    gate = os.environ.get("AB_GATE")
+    while gate and not os.path.exists(gate):
+        await anyio.sleep(0.02)  # noqa: ASYNC110 - a file another process creates
     data = await ctx.read_bytes()
     note(f"{socket.gethostname()} {os.getpid()} {ctx.entry.relpath}")
     await ctx.write_output(output_name(ctx.entry.relpath), expected_output(data))

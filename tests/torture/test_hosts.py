@@ -60,6 +60,16 @@ def lister_host(state: str) -> str | None:
     return None if host is None else host_of(str(host))
 
 
+def holding_hosts(state: str) -> set[str]:
+    """The hosts whose runners hold leased items now."""
+    rows = query(
+        state,
+        "SELECT DISTINCT r.host FROM items i JOIN runs r ON r.owner = i.owner"
+        " WHERE i.state = 'running'",
+    )
+    return {host_of(str(host)) for (host,) in rows}
+
+
 @pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0,
     reason="needs unshare and root for separate UTS and pid namespaces",
@@ -68,16 +78,29 @@ def test_three_hosts_share_a_bucket_and_the_listers_host_dies(
     tmp_path: Path, pg_dsn: str, bucket: Bucket
 ) -> None:
     started = time.monotonic()
+    gate = tmp_path / "gate"
     with receiving(pg_dsn, tmp_path / "effects.log") as receiver:
-        # Each call takes 0.2 s: the work outlasts the start of the slowest host (a runner in
-        # new namespaces, on a loaded machine), so each takes part.
         scenario = BucketScenario(
-            tmp_path, pg_dsn, bucket, url=receiver.url, env={"AB_SLEEP": "0.2"}
+            tmp_path,
+            pg_dsn,
+            bucket,
+            url=receiver.url,
+            env={"AB_SLEEP": "0.05", "AB_GATE": str(gate)},
         )
         scenario.add_files(OBJECTS)
         hosts = {name: on_host(name, scenario) for name in HOSTS}
+
+        def handled() -> dict[str, int]:
+            calls = scenario.handler_calls().items()
+            return {h: sum(n for (r, _), n in calls if r[0] == h) for h in HOSTS}
+
         try:
             wait_for(lambda: lister_host(pg_dsn) in hosts, timeout=60)
+            # The handlers wait at the gate until every host holds items, however slow one
+            # was to start: then each takes part.
+            wait_for(lambda: holding_hosts(pg_dsn) == set(HOSTS), timeout=120)
+            gate.touch()
+            wait_for(lambda: all(handled().values()), timeout=120)
             wait_for(lambda: scenario.invocations() >= OBJECTS // 5, timeout=120)
             dead = str(lister_host(pg_dsn))
             handled_at_kill = scenario.invocations()
@@ -98,9 +121,7 @@ def test_three_hosts_share_a_bucket_and_the_listers_host_dies(
         found["handler_calls_not_in_flight_at_a_kill"] = scenario.calls_not_in_flight_at_a_kill(
             killed
         )
-    by_host = {
-        h: sum(n for (r, _), n in scenario.handler_calls().items() if r[0] == h) for h in HOSTS
-    }
+    by_host = handled()
     record_figures(
         "hosts",
         backend="postgres, s3://",
