@@ -51,8 +51,8 @@ def note(line: str, variable: str = "AB_LOG") -> None:
 async def transform_and_post(ctx: TaskContext) -> None:
     """Read, write the output atomically, POST the input with its idempotency key, linger."""
     gate = os.environ.get("AB_GATE")
-    while gate and not os.path.exists(gate):
-        await anyio.sleep(0.02)  # noqa: ASYNC110 - a file another process creates
+    while gate and not os.path.exists(gate):  # noqa: ASYNC110 - another process's file
+        await anyio.sleep(0.02)
     data = await ctx.read_bytes()
     note(f"{socket.gethostname()} {os.getpid()} {ctx.entry.relpath}")
     await ctx.write_output(output_name(ctx.entry.relpath), expected_output(data))
