@@ -153,6 +153,8 @@ class _Slot:
     #: The next item, prepared while ``item`` runs (a worker that starts attempts); a worker
     #: with nothing to do takes it over.
     ready: _Prepared | None = None
+    #: When the worker next lets the other tasks run while items wait (:meth:`_next_item`).
+    yield_at: float = 0.0
 
 
 class WorkerPool:
@@ -218,7 +220,7 @@ class WorkerPool:
         watchdog cancels it when the current item overruns its timeout or lease; the worker
         records that failure and carries on in a fresh scope.
         """
-        slot = _Slot(task=asyncio.current_task())
+        slot = _Slot(task=asyncio.current_task(), yield_at=time.monotonic() + YIELD_EVERY)
         self._slots.append(slot)
         work = self._work if self._start_attempt is None else self._work_started
         try:
@@ -236,22 +238,8 @@ class WorkerPool:
                 slot.ready = None
 
     async def _work(self, slot: _Slot) -> bool:
-        queue, run = self.queue, self.run
-        yield_at = time.monotonic() + YIELD_EVERY
-        while not run.stopping:  # on stop, items not started stay leased and are released
-            item = queue.get_nowait()
-            if item is None:
-                item = await queue.get()
-                if item is None:
-                    return False
-                yield_at = time.monotonic() + YIELD_EVERY
-            elif time.monotonic() >= yield_at:
-                # No event-loop round trip per item while items wait, but a turn for the
-                # other tasks (ledger replies, heartbeat) about once a millisecond.
-                await anyio.lowlevel.checkpoint()
-                yield_at = time.monotonic() + YIELD_EVERY
-            if item.lease_deadline <= time.monotonic() and not await self.still_ours(item):
-                continue
+        # (No other worker holds an item ready: only a worker that starts attempts does.)
+        while isinstance(item := await self._next_item(slot, wait=True), LeasedItem):
             started = self._begin_slot(slot, item)
             outcome = await self.attempt(item, slot.task)
             slot.item = None
@@ -259,6 +247,37 @@ class WorkerPool:
                 continue  # given back (the run is stopping): released with its leases
             self._record(item, outcome, started)
         return False
+
+    async def _next_item(self, slot: _Slot, *, wait: bool) -> LeasedItem | _Prepared | None:
+        """The worker's next item: the next queued one whose lease is still this runner's;
+        when none is queued and ``wait`` is true, the item another worker holds ready, if one
+        does (its command runs: this worker has nothing to do), else the next one queued.
+
+        ``None``: none is queued (and ``wait`` is false), the queue ended, or the run is
+        stopping (items not taken stay leased, and are released with the run's other
+        leases). No event-loop round trip per item while items wait, but a turn for the
+        other tasks (ledger replies, heartbeat) about once a millisecond (``YIELD_EVERY``)."""
+        queue, run = self.queue, self.run
+        while not run.stopping:
+            item = queue.get_nowait()
+            if item is None:
+                if not wait:
+                    return None
+                for other in self._slots:
+                    ready = other.ready
+                    if ready is not None:
+                        other.ready = None
+                        return ready
+                item = await queue.get()
+                if item is None:
+                    return None
+                slot.yield_at = time.monotonic() + YIELD_EVERY
+            elif time.monotonic() >= slot.yield_at:
+                await anyio.lowlevel.checkpoint()
+                slot.yield_at = time.monotonic() + YIELD_EVERY
+            if item.lease_deadline > time.monotonic() or await self.still_ours(item):
+                return item
+        return None
 
     def _begin_slot(self, slot: _Slot, item: LeasedItem) -> float:
         """``item``'s attempt begins in ``slot``: watched by the watchdog from now, its start
@@ -290,7 +309,7 @@ class WorkerPool:
         try:
             while True:
                 if slot.ready is None and not run.stopping and not (running and queue.waiting):
-                    ready = await self._prepare_next(wait=running is None)
+                    ready = await self._prepare_next(slot, wait=running is None)
                     if ready is not None and running is not None and queue.waiting:
                         os.close(ready.fd)  # a worker became idle meanwhile: it is its item
                         queue.give_back(ready.item)
@@ -341,39 +360,23 @@ class WorkerPool:
         slot.ready = None
         return ready
 
-    async def _prepare_next(self, *, wait: bool) -> _Prepared | None:
+    async def _prepare_next(self, slot: _Slot, *, wait: bool) -> _Prepared | None:
         """The worker's next item, prepared (:meth:`prepare`); the outcomes of items that end
         before their handler (vanished, given up on) are recorded on the way. ``None``: no
         item is queued (and ``wait`` is false), the queue ended, or the run is stopping. A
         worker that would wait takes the item another worker holds ready, if one does."""
-        queue, run = self.queue, self.run
-        yield_at = time.monotonic() + YIELD_EVERY
-        while not run.stopping:
-            item = queue.get_nowait()
-            if item is None:
-                if not wait:
-                    return None
-                for other in self._slots:
-                    ready = other.ready
-                    if ready is not None:
-                        other.ready = None
-                        return ready
-                item = await queue.get()
-                if item is None:
-                    return None
-                yield_at = time.monotonic() + YIELD_EVERY
-            elif time.monotonic() >= yield_at:  # a turn for other tasks (see _work)
-                await anyio.lowlevel.checkpoint()
-                yield_at = time.monotonic() + YIELD_EVERY
-            if item.lease_deadline <= time.monotonic() and not await self.still_ours(item):
-                continue
+        run = self.run
+        slot.yield_at = time.monotonic() + YIELD_EVERY  # (the worker awaited a command since)
+        while True:
+            item = await self._next_item(slot, wait=wait)
+            if not isinstance(item, LeasedItem):
+                return item  # another worker's, prepared; or none
             item.started_at = run.clock()
             prepared = self.prepare(item)
             if not isinstance(prepared, Outcome):
                 return prepared
             self.outbox.started(item)
             self._record(item, prepared, time.monotonic())
-        return None
 
     def _launch(
         self, slot: _Slot, prepared: _Prepared, start: Callable[[TaskContext], StartedAttempt]
