@@ -360,6 +360,19 @@ def test_a_reader_that_goes_away_is_not_a_traceback(inbox: Path, state: Path) ->
     assert b"Traceback" not in err
 
 
+@pytest.mark.parametrize("closed", ["<&- >&- 2>&-", "2>&-"])
+@pytest.mark.parametrize("handler", [[RECORD], ["--exec", "cat {}"]], ids=["python", "exec"])
+def test_a_run_started_without_its_standard_descriptors_does_its_work(
+    inbox: Path, state: Path, closed: str, handler: list[str]
+) -> None:
+    # (A cron line's `2>&-`: the run stopped at its first message, exit 1, nothing done.)
+    make_files(inbox, 3)
+    prefix = ["sh", "-c", f'exec "$@" {closed}', "sh"]
+    result = cli("run", *handler, "--source", inbox, "--state", state, prefix=prefix)
+    assert result.returncode == 0
+    assert json.loads(cli("status", "--state", state, "--json").stdout)["counts"]["done"] == 3
+
+
 def test_retry_by_a_name_that_is_not_utf8(inbox: Path, state: Path) -> None:
     raw = os.fsencode(inbox) + b"/r\xe9sum\xe9.csv"
     with open(raw, "wb") as f:

@@ -326,8 +326,34 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     raise error
 
 
+def _standard_descriptors() -> None:
+    """Open ``/dev/null`` on each of the descriptors 0, 1 and 2 the process was started
+    without (``asyncbatch run ... 2>&-``, a daemon's supervisor), and give Python its
+    stream on it.
+
+    Without this, Python has no ``sys.stderr`` (the run would stop at its first message,
+    exit 1, having done nothing), and the next files opened would take these numbers: an
+    input, an output being written or the state, which anything meant for the terminal
+    would then be written into.
+    """
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: ``fd``, as a rule
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        os.set_inheritable(fd, True)  # as a standard descriptor is
+        mode = "r" if fd == 0 else "w"
+        setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False))  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: ``asyncbatch ...``."""
+    _standard_descriptors()
     try:
         code = run_cli(argv)
         sys.stdout.flush()
