@@ -92,8 +92,8 @@ _CHUNK = 65536
 _EVENTS_PER_WAKE = 256
 #: Seconds the watch's epoll set stays on the event loop after the last command ended.
 _IDLE_AFTER = 1.0
-_STDIN = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
-_NULL_STDOUT = (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)
+#: A descriptor in a watch's epoll set: reported once, then disarmed until armed again.
+_ONCE = select.EPOLLIN | select.EPOLLONESHOT
 #: Signals a command gets back at their default action (Python ignores them).
 _SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -267,19 +267,24 @@ class _Watch:
     runs.
 
     A command's descriptor then costs an ``epoll_ctl`` to add (the loop's ``add_reader``
-    and ``remove_reader`` cost ~25 Python calls a descriptor), none to remove (a pidfd is
-    one-shot, and closing a descriptor takes it out of the set; only a pipe at its end, still
-    readable, is taken out before), and the loop makes one callback per wake-up for all of
-    them. The set is the handler's (one descriptor, opened
-    with its first command, closed with the handler); it holds an item's descriptors only
-    while that item's command runs, and is on a loop only while commands run there (and
-    ``_IDLE_AFTER`` seconds after).
+    and ``remove_reader`` cost ~25 Python calls a descriptor), none to remove (each is
+    one-shot: a pipe is armed again after each read but its last, and closing a descriptor
+    takes it out of the set), and the loop makes one callback per wake-up for all of them.
+    The set is the handler's (one descriptor, opened with its first command, closed with the
+    handler); it holds an item's descriptors only while that item's command runs, and is on
+    a loop only while commands run there (and ``_IDLE_AFTER`` seconds after).
+
+    It also keeps ``/dev/null`` open, the commands' stdin (and stdout, unless captured): a
+    ``dup2`` in the child, where opening it there twice cost each start ~12 us of the
+    ``vfork`` during which the event loop waits.
     """
 
-    __slots__ = ("epoll", "idle", "loop", "running", "watched")
+    __slots__ = ("epoll", "idle", "loop", "null", "running", "watched")
 
     def __init__(self) -> None:
+        self.null = -1  # (not open yet: nothing for __del__ to close)
         self.epoll = select.epoll()  # close-on-exec; closed when collected
+        self.null = _above_standard(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
         #: What each descriptor in the set is: a command's pidfd (the command), or one of its
         #: output pipes (its capture).
         self.watched: dict[int, _Command | _Capture] = {}
@@ -288,6 +293,10 @@ class _Watch:
         #: The loop the set is on, and the timer that takes it off once no command runs.
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle: asyncio.TimerHandle | None = None
+
+    def __del__(self) -> None:
+        if self.null >= 0:
+            os.close(self.null)
 
     def enter(self, loop: asyncio.AbstractEventLoop) -> None:
         """A command is about to start on ``loop``: the set goes on the loop if not there."""
@@ -318,9 +327,9 @@ class _Watch:
             loop.remove_reader(self.epoll.fileno())
 
     def add(self, fd: int, what: _Command | _Capture) -> None:
-        """Watch ``fd`` for input (a pidfd, once: its process exited)."""
-        once = select.EPOLLONESHOT if isinstance(what, _Command) else 0
-        self.epoll.register(fd, select.EPOLLIN | once)
+        """Watch ``fd`` for input, once (a pidfd: its process exited; a pipe: data, or its
+        end)."""
+        self.epoll.register(fd, _ONCE)
         self.watched[fd] = what
 
     def closing(self, fd: int) -> None:
@@ -335,35 +344,56 @@ class _Watch:
             what = watched.get(fd)
             if what is None:
                 continue
-            if isinstance(what, _Command):  # a pidfd (one-shot): the process exited
+            if isinstance(what, _Command):  # a pidfd: the process exited
                 del watched[fd]
                 what.exited()
-            elif not what.read():  # the end of the pipe
+            elif what.read():  # more may come
+                epoll.modify(fd, _ONCE)
+            else:  # the end of the pipe
                 del watched[fd]
-                epoll.unregister(fd)
 
 
 def _pipe() -> tuple[int, int]:
-    """A pipe (both ends close-on-exec) whose ends are above the standard descriptors: a
-    process started with 0, 1 or 2 closed gets them back from ``pipe()``, and the spawn's
-    ``dup2`` onto 0-2 would then clobber them."""
-    ends = os.pipe()
-    if ends[0] > 2 and ends[1] > 2:
-        return ends
+    """A pipe (both ends close-on-exec) whose ends are above the standard descriptors."""
+    read, write = os.pipe()
+    try:
+        read = _above_standard(read)
+    except BaseException:
+        os.close(write)
+        raise
+    try:
+        return read, _above_standard(write)
+    except BaseException:
+        os.close(read)
+        raise
+
+
+def _above_standard(fd: int) -> int:
+    """``fd`` (close-on-exec), or a copy of it above 0-2 when it is one of them: a process
+    started with 0, 1 or 2 closed gets them back from ``open()`` and ``pipe()``, and the
+    spawn's ``dup2`` onto 0-2 would then clobber them. Closes ``fd`` if it raises."""
+    if fd > 2:
+        return fd
     import fcntl  # here: only a process started without its standard descriptors needs it
 
-    high = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in ends)
-    for fd in ends:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
         os.close(fd)
-    return high[0], high[1]
 
 
 def _spawn(
-    argv: list[str], program: str | None, env: dict[bytes, bytes], stdout: int, stderr: int
+    argv: list[str],
+    program: str | None,
+    env: dict[bytes, bytes],
+    null: int,
+    stdout: int,
+    stderr: int,
 ) -> int:
-    """Start the program: a new session (its own process group), stdin ``/dev/null``, stdout
-    ``stdout`` (``-1``: ``/dev/null``), stderr ``stderr``, SIGPIPE and SIGXFSZ back to their
-    defaults (Python ignores them; ``subprocess`` restores them too). Returns its pid.
+    """Start the program: a new session (its own process group), stdin ``null`` (an open
+    ``/dev/null``), stdout ``stdout`` (``-1``: ``null``), stderr ``stderr``, SIGPIPE and
+    SIGXFSZ back to their defaults (Python ignores them; ``subprocess`` restores them too).
+    Returns its pid.
 
     ``posix_spawn`` (``vfork`` underneath, as ``subprocess``): no Python runs in the child,
     and no descriptor but 0-2 reaches it (every other one asyncbatch or Python opens is
@@ -372,10 +402,11 @@ def _spawn(
     ``vfork`` wait they spare the loop. Raises ``OSError`` (naming the program) when it cannot
     be started.
     """
-    if stdout < 0:
-        actions = [_STDIN, _NULL_STDOUT, (os.POSIX_SPAWN_DUP2, stderr, 2)]
-    else:
-        actions = [_STDIN, (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    actions = [
+        (os.POSIX_SPAWN_DUP2, null, 0),
+        (os.POSIX_SPAWN_DUP2, null if stdout < 0 else stdout, 1),
+        (os.POSIX_SPAWN_DUP2, stderr, 2),
+    ]
     try:
         if program is None:  # a placeholder names it: looked up on PATH if it has no "/"
             return os.posix_spawnp(
@@ -442,7 +473,7 @@ class _Command:
             watch.release()
             raise
         try:
-            self.pid = _spawn(argv, program, env, out_w, err_w)
+            self.pid = _spawn(argv, program, env, watch.null, out_w, err_w)
         except BaseException:
             for fd in (err_r, out_r):
                 if fd >= 0:
