@@ -115,6 +115,31 @@ def test_a_shared_runner_waits_for_a_killed_runners_items_and_takes_them_over(
     assert [r["exit_status"] for r in history] == ["ok", "killed"]
 
 
+def test_runners_that_go_by_a_listing_begun_after_their_work_count_each_file_once(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # The lister is killed; a runner started then lists the source again, and finds done the
+    # files the other one had finished: they were counted twice ("773 seen: 289 done, 484
+    # done before" for 600 files).
+    make_files(inbox, 300)
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress")
+    logs = [tmp_path / f"{name}.log" for name in ("lister", "other", "later")]
+    env = [{"AB_LOG": str(log), "AB_SLEEP": "0.05"} for log in logs]
+    lister = spawn(*args, "-j", "4", env=env[0])
+    wait_for(lambda: len(invocations(logs[0])) >= 8, 60)
+    other = spawn(*args, "-j", "4", env=env[1])
+    wait_for(lambda: len(invocations(logs[1])) >= 8, 60)
+    kill(lister)
+    later = spawn(*args, "-j", "4", env=env[2])
+    for proc in (other, later):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        counts = assert_adds_up(out)
+        assert report_counts(out)[0] == 300, out
+        assert set(counts) <= {"done", "done before"}, out
+    assert state_counts(state) == {"done": 300}
+
+
 def test_no_wait_ends_at_once_and_says_how_many_files_others_hold(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:

@@ -347,12 +347,16 @@ class Run:
         leftovers = [(i.key, i.fence) for i in state.in_flight.values()]
         try:
             await ledger.release_items(cfg.job, self.owner, leftovers)
-            if status in ("ok", "cancelled"):
-                state.given_back = [key for key, _ in leftovers]
-                state.in_flight.clear()
-                await reconcile(state)
-                if cfg.shared:
+            # What became of the files this run leaves, as the ledger has them now: also when
+            # it ends on an error (a lost lease, say: other runners may have finished them).
+            state.given_back = [key for key, _ in leftovers]
+            state.in_flight.clear()
+            await reconcile(state)
+            if cfg.shared:
+                try:
                     await shared_report(state)
+                except LedgerError as e:
+                    log.warning("the report counts the job's listing as it knew it (%s)", e)
         finally:
             state.in_flight.clear()
             c = self.counters

@@ -28,6 +28,7 @@ import pytest
 
 from asyncbatch import Batch, LockLostError, TaskContext
 from asyncbatch import _failpoints as failpoints
+from asyncbatch._ledger.types import CATEGORIES
 
 from ..conftest import make_files, spawn, wait_for
 from ..s3 import Bucket
@@ -57,6 +58,8 @@ class Pause:
     late_writes: list[str]
     started_after_resume: list[str]
     completions: list[int]
+    #: The paused runner's history row: each count of the report by name.
+    paused_run: dict[str, int]
 
     @property
     def lost_lines(self) -> list[str]:
@@ -120,6 +123,8 @@ def pause_and_take_over(state: str, tmp_path: Path, bucket: Bucket | None = None
     _, paused_err = paused.communicate(timeout=60)
 
     pid_of = {str(owner): str(pid) for owner, pid in query(state, "SELECT owner, pid FROM runs")}
+    totals = ("seen", *CATEGORIES)
+    (paused_row,) = query(state, f"SELECT {', '.join(totals)} FROM runs WHERE pid = {paused.pid}")
     mine = f"{paused.pid} "
     if bucket is None:
         outputs = {n: (created[1] / output_name(n)).read_text().strip() for n in names}
@@ -153,6 +158,7 @@ def pause_and_take_over(state: str, tmp_path: Path, bucket: Bucket | None = None
         completions=sorted(
             n for _, n in query(state, "SELECT key, count(*) FROM torture_completions GROUP BY key")
         ),
+        paused_run=dict(zip(totals, map(int, paused_row), strict=True)),
     )
 
 
@@ -207,6 +213,16 @@ def test_a_runner_resumed_after_its_items_were_taken_over_records_and_overwrites
     assert "Traceback" not in found.paused_err
     if source == "s3":
         assert found.started_after_resume == []
+
+
+def test_a_resumed_runner_records_what_became_of_each_file(sqlite_pause: Pause) -> None:
+    # Its run ends on the lost lease; its history row still says, from the ledger, that the
+    # runner that took over finished the rest (it said "0 seen: 2 done, 1 held by other
+    # runners": seen below its own categories, the taker's files uncounted).
+    run = sqlite_pause.paused_run
+    assert run["seen"] == len(sqlite_pause.names), run
+    assert sum(run[name] for name in CATEGORIES) == run["seen"], run
+    assert run["done"] + run["done_before"] == run["seen"], run
 
 
 def test_a_resumed_runner_starts_no_handler_for_items_it_no_longer_holds(
