@@ -16,9 +16,10 @@ A ``run()`` lists once and ends when the job is finished: the listing it goes by
 and polls) and registers what turns up; the others wait for new waiting items (the role's
 ``registered`` count grows), their retries, or the role.
 
-The report of a shared run counts the job's listing: ``seen`` is the files it found,
-``done_before`` (``dead_before``) those the ledger had finished when they were listed and
-those other runners finished since; this runner's own outcomes count as usual.
+The report of a shared run counts the job's listing: ``seen`` is the files it found; this
+runner's own outcomes count as usual, and ``done_before`` (``dead_before``) the rest of those
+the ledger had finished when they were listed and those other runners finished since, each
+file once (see :func:`shared_report`).
 
 Made per run by the claimer; nothing here outlives it.
 """
