@@ -263,6 +263,10 @@ def test_exit_0_is_done_other_statuses_fail_then_die_with_the_stderr_tail(
     assert len(loud) < 4096 + 400
     human = cli("failures", "--state", state, env={"COLUMNS": "200"})
     assert "exited with status 3: first | second" in human.stdout
+    # The 4 KiB tail is one line: the table shows its start (it took ~100 lines of the table).
+    assert "line 0099" not in human.stdout
+    assert "(whole in --json)" in human.stdout
+    assert len(human.stdout.splitlines()) < 30, human.stdout
 
 
 def test_a_command_killed_by_a_signal_fails_its_attempt(inbox: Path, state: Path) -> None:

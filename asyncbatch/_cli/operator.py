@@ -283,6 +283,10 @@ async def status(args: argparse.Namespace) -> int:
 # -- failures and retry --------------------------------------------------------------------------
 
 
+#: Characters of an error ``failures`` shows in its table (``--json``: all of it).
+ERROR_SHOWN = 300
+
+
 async def failures(args: argparse.Namespace) -> int:
     """``asyncbatch failures``: failed and dead items with their last error."""
     ledger = await open_state(args)
@@ -326,8 +330,11 @@ async def failures(args: argparse.Namespace) -> int:
     table.add_column("relpath", overflow="fold", ratio=1, min_width=12)
     table.add_column("error", overflow="fold", ratio=2, min_width=20)
     for r in rows:
+        error = r["error"]
+        if len(error) > ERROR_SHOWN:  # a command's stderr tail is one line of up to 4 KiB
+            error = error[:ERROR_SHOWN] + "\N{HORIZONTAL ELLIPSIS} (whole in --json)"
         table.add_row(
-            show_time(r["updated_at"]), r["state"], str(r["attempts"]), r["relpath"], r["error"]
+            show_time(r["updated_at"]), r["state"], str(r["attempts"]), r["relpath"], error
         )
     console().print(table)
     return EXIT_OK
