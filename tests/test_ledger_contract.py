@@ -799,14 +799,23 @@ async def test_the_items_of_a_runner_that_is_gone_are_put_back(
     await ledger.start_runner(run_start("alive", me=me, ttl=3600, shared=True))
     await ledger.claim_scanned("j", "dead", 60, [entry(1), entry(2)])
     await ledger.claim_scanned("j", "alive", 60, [entry(3)])
+    await ledger.commit_outcomes("j", "dead", [], [("k00002", 1)])  # k00002 had started
     assert await ledger.reap_stale_runners("j", me) == 2
     assert [r.owner for r in await ledger.runners("j")] == ["alive"]
     assert await items(store) == [
         ("k00001", "pending", None, 1, 0),
-        ("k00002", "pending", None, 1, 0),
+        ("k00002", "pending", None, 1, 1),
         ("k00003", "running", "alive", 1, 0),
     ]
+    # The started attempt is interrupted: counted as it is put back, not again when leased.
+    interrupted = "SELECT key, interrupted FROM items ORDER BY key"
+    assert await store.fetch(interrupted) == [("k00001", 0), ("k00002", 1), ("k00003", 0)]
     assert await waiting(ledger) == 2
+    claimed = sorted(await ledger.claim_waiting("j", "alive", 60, 10))
+    assert [(c.key, c.attempts, c.interrupted) for c in claimed] == [
+        ("k00001", 0, 0),
+        ("k00002", 1, 1),
+    ]
 
 
 # -- claims and fencing --------------------------------------------------------------------------
@@ -969,9 +978,11 @@ async def test_interrupted_attempts_are_counted_apart_from_failures(
     await store.advance(PAST_SHORT)
     (b,) = await ledger.claim_scanned("j", "other", 60, [entry(1)])
     assert (b.fence, b.attempts, b.interrupted) == (2, 1, 1)
-    # Started, then given back by a runner that stopped: interrupted too.
+    # Started, then given back by a runner that stopped: interrupted too, counted as it is
+    # given back (`items` shows it at once), not again when it is leased.
     await ledger.commit_outcomes("j", "other", [], [(b.key, b.fence)])
     await ledger.release_items("j", "other", [(b.key, b.fence)])
+    assert await store.fetch("SELECT attempts, interrupted FROM items") == [(2, 2)]
     (c,) = await ledger.claim_waiting("j", "third", 60, 10)
     assert (c.attempts, c.interrupted) == (2, 2)
     # Leased and given back before it started: nothing counted.

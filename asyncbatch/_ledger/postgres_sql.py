@@ -326,9 +326,15 @@ FROM runners WHERE job = $1 ORDER BY started_at, owner
 """
 #: Hand the items of a runner that is gone back (a scan of the job: runs after a crash).
 #: $1 job, $2 owner. Returns the number of items released.
+# A lease given back (released, or reaped) whose attempt had started: interrupted, counted now
+# (a claim of a lease that ran out counts it then), and the start forgotten so that the next
+# claim does not count it again.
+_COUNT_INTERRUPTED = """interrupted = interrupted
+    + (started_fence IS NOT DISTINCT FROM fence)::int, started_fence = NULL"""
 REAP_ITEMS = f"""
 WITH reaped AS (
-    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
+    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW},
+                     {_COUNT_INTERRUPTED}
     WHERE job = $1 AND owner = $2 AND state = 'running'
     RETURNING 1
 )
@@ -468,8 +474,9 @@ SELECT EXISTS (SELECT 1 FROM queued WHERE job = $1)
 # -- claims --------------------------------------------------------------------------------------
 
 #: When a lease is replaced whose attempt started and never reached an outcome (the item is
-#: still 'running', or 'pending' once reaped or released), the runner died, lost its lease or
-#: was stopped during that attempt: it is counted in ``interrupted`` as well as ``attempts``.
+#: still 'running': its lease ran out), the runner died, lost its lease or stalled during that
+#: attempt: it is counted in ``interrupted`` as well as ``attempts``. (One put back, released or
+#: reaped, was counted then; 'pending' here: a row an earlier version put back.)
 _INTERRUPTED = (
     "(i.state IN ('running', 'pending') AND i.started_fence IS NOT DISTINCT FROM i.fence)::int"
 )
@@ -616,7 +623,9 @@ RETURNING i.key, o.state IS NOT NULL
 #: nothing is undone.
 RELEASE_ITEMS = f"""
 UPDATE items AS i
-SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
+SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW},
+    interrupted = i.interrupted + (i.started_fence IS NOT DISTINCT FROM i.fence)::int,
+    started_fence = NULL
 FROM unnest($3::text[], $4::int8[]) AS r(key, fence)
 WHERE i.job = $1 AND i.key = r.key AND i.owner = $2
   AND i.fence = r.fence AND i.state = 'running'

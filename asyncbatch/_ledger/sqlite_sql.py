@@ -259,9 +259,14 @@ RUNNER_EXTEND = "UPDATE runners SET heartbeat_at = ?, expires_at = ? WHERE owner
 RUNNER_REMOVE = "DELETE FROM runners WHERE owner = ?"
 #: A job's runners (RunnerInfo).
 RUNNERS_OF_JOB = f"SELECT {', '.join(RunnerInfo.columns())} FROM runners WHERE job = ?"
+# A lease given back (released, or reaped from a runner that is gone) whose attempt had
+# started: interrupted, counted now (a claim of a lease that ran out counts it then, see
+# _INTERRUPTED), and the start forgotten so that the next claim does not count it again.
+_COUNT_INTERRUPTED = "interrupted = interrupted + (started_fence IS fence), started_fence = NULL"
 # Hand the items of a runner that is gone back to the ledger (a full scan: runs after a crash).
-REAP_ITEMS = """
-UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
+REAP_ITEMS = f"""
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?,
+                 {_COUNT_INTERRUPTED}
 WHERE job = ? AND owner = ? AND state = 'running'
 """
 
@@ -382,8 +387,9 @@ INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, ow
 SELECT ?1, key, relpath, size, mtime_ns, inode, 'running', 0, ?2, 1, ?3, ?4, ?4
 FROM scanned WHERE true"""
 # When a lease is replaced whose attempt started and never reached an outcome (the item is
-# still 'running', or 'pending' once reaped or released), the runner died, lost its lease or
-# was stopped during that attempt: it is counted in ``interrupted`` as well as ``attempts``.
+# still 'running': its lease ran out), the runner died, lost its lease or stalled during that
+# attempt: it is counted in ``interrupted`` as well as ``attempts``. (One put back, released or
+# reaped, was counted then; 'pending' here: a row an earlier version put back.)
 _INTERRUPTED = "(state IN ('running', 'pending') AND started_fence IS fence)"
 # A lease bumps the fence; an attempt is counted when it starts (see MARK_STARTED), so items
 # leased but never started (a runner killed with a queue full of them) lose nothing.
@@ -512,8 +518,9 @@ LEASE_STATE = """
 SELECT key, owner, fence, state FROM items
 WHERE job = ? AND key IN (SELECT value FROM json_each(?))
 """
-RELEASE_ITEM = """
-UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
+RELEASE_ITEM = f"""
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?,
+                 {_COUNT_INTERRUPTED}
 WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 """
 EXTEND_LEASE = """
