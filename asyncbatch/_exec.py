@@ -33,7 +33,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -294,9 +294,10 @@ class _Watch:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle: asyncio.TimerHandle | None = None
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # (``os.close`` bound early: at the interpreter's exit, module globals may be gone.)
         if self.null >= 0:
-            os.close(self.null)
+            _close(self.null)
 
     def enter(self, loop: asyncio.AbstractEventLoop) -> None:
         """A command is about to start on ``loop``: the set goes on the loop if not there."""
