@@ -1450,6 +1450,45 @@ async def test_postgres_skip_locked_claims_do_not_wait_for_a_locked_row(pg_dsn: 
         assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00001"]
 
 
+async def test_postgres_a_commit_whose_reply_was_lost_is_not_taken_for_a_lost_lease(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The commit ran; its connection dropped before the reply; the session runs it again, and
+    # finds the rows finished. They are this lease's outcomes: they were reported as leases
+    # taken over ("2 outcomes refused", counted as done before). A lease another runner did
+    # take over is still refused.
+    async with await PostgresLedger.open(pg_dsn) as ledger:
+        a, b, c = sorted(await ledger.claim_scanned("j", "me", 60, [entry(i) for i in (1, 2, 3)]))
+        await ledger.release_items("j", "me", [(c.key, c.fence)])
+        (taken,) = await ledger.claim_waiting("j", "other", 60, 10)
+        assert taken.key == c.key
+        session = ledger._outcomes()
+        attempt = session._attempt
+        replies_lost: list[object] = []
+
+        async def reply_lost(body: Any, *, one: bool) -> Any:
+            result = await attempt(body, one=one)
+            if not replies_lost:
+                replies_lost.append(result)
+                raise ConnectionResetError("the connection dropped before the reply")
+            return result
+
+        monkeypatch.setattr(session, "_attempt", reply_lost)
+        outcomes = [
+            Outcome(a.key, a.fence, "done"),
+            Outcome(b.key, b.fence, "failed", "ValueError: x", time.time() + 60),
+            Outcome(c.key, c.fence, "done"),
+        ]
+        assert await ledger.commit_outcomes("j", "me", outcomes) == {c.key}
+        assert replies_lost
+    states = await pg_query(pg_dsn, "SELECT key, state, owner FROM items ORDER BY key")
+    assert [tuple(r) for r in states] == [
+        ("k00001", "done", "me"),
+        ("k00002", "failed", "me"),
+        ("k00003", "running", "other"),
+    ]
+
+
 async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_short(
     pg_dsn: str,
 ) -> None:

@@ -621,12 +621,27 @@ class PostgresLedger(Ledger):
         if not finished:
             return set()
 
+        runs = 0
+
         async def commit(conn: Connection) -> list[asyncpg.Record]:
+            nonlocal runs
+            runs += 1
             return await conn.fetch(sql.COMMIT_OUTCOMES, job, owner, *columns)
 
-        rows = await self._outcomes().transact(commit, one=True)
-        changed = {key for key, outcome in rows if outcome}
-        return {o.key for o in outcomes} - changed
+        session = self._outcomes()
+        rows = await session.transact(commit, one=True)
+        lost = {o.key for o in outcomes} - {key for key, outcome in rows if outcome}
+        if lost and runs > 1:
+            # Run again after its connection was lost: a run before may have committed, its
+            # reply lost with the connection. A row that holds this lease's outcome (still this
+            # runner's, the same fence, finished) is that commit's, not a lease taken over.
+            fences = {o.key: o.fence for o in outcomes}
+            for key, row_owner, fence, state in await session.fetch(
+                sql.LEASE_STATE, job, sorted(lost)
+            ):
+                if row_owner == owner and fence == fences[key] and state != "running":
+                    lost.discard(key)
+        return lost
 
     async def release_items(self, job: str, owner: str, items: t.Leases) -> None:
         if not items:

@@ -619,6 +619,9 @@ WHERE i.job = $1 AND i.key = o.key AND i.owner = $2
   AND (o.state IS NOT NULL OR i.started_fence IS DISTINCT FROM i.fence)
 RETURNING i.key, o.state IS NOT NULL
 """
+#: Who holds these items ($2 keys) of the job ($1) now: after a commit that did not update them
+#: all (``key, owner, fence, state``).
+LEASE_STATE = "SELECT key, owner, fence, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
 #: $1 job, $2 owner; arrays $3 keys, $4 fences. Attempts were counted when they started, so
 #: nothing is undone.
 RELEASE_ITEMS = f"""
