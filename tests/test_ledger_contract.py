@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -1626,6 +1627,38 @@ def test_postgres_cli_unreachable_state_exits_69_without_the_password(tmp_path: 
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "s3cret" not in result.stderr
     assert "postgresql://user@127.0.0.1:1/db" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("tail", "named"),
+    [
+        ("?sslmode=bogus", "sslmode"),
+        ("?no_such_parameter=1", "no_such_parameter"),
+        ("?statement_timeout=abc", "statement_timeout"),
+    ],
+)
+def test_postgres_cli_a_dsn_the_server_refuses_is_exit_2_naming_it(
+    pg_dsn: str, tail: str, named: str
+) -> None:
+    # (These were exit 69, "unavailable, try later": no later try can succeed.)
+    dsn = pg_dsn.split("?", 1)[0] + tail
+    result = cli("status", "--state", dsn)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"setting 'state' has value {dsn!r}" in result.stderr
+    assert named in result.stderr
+
+
+def test_postgres_cli_a_database_or_role_that_does_not_exist_is_exit_2(pg_dsn: str) -> None:
+    parts = urllib.parse.urlsplit(pg_dsn)
+    host = f"{parts.hostname}:{parts.port or 5432}"
+    for dsn in (
+        urllib.parse.urlunsplit(parts._replace(path="/no_such_database")),
+        urllib.parse.urlunsplit(parts._replace(netloc=f"no_such_role@{host}")),
+    ):
+        result = cli("status", "--state", dsn)
+        assert result.returncode == 2, result.stderr
+        assert "does not exist" in result.stderr, result.stderr
 
 
 # -- end to end: the CLI on PostgreSQL ----------------------------------------------------------

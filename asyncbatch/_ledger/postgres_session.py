@@ -64,6 +64,15 @@ _SERVER_GONE = (
     pg_errors.TooManyConnectionsError,
     pg_errors.PostgresConnectionError,
 )
+#: What the server refuses of a connection's own settings (the DSN's database, role,
+#: password or parameters): not an outage to wait out, a bad value.
+_REFUSED = (
+    pg_errors.InvalidCatalogNameError,  # no such database
+    pg_errors.InvalidAuthorizationSpecificationError,  # no such role, a wrong password
+    pg_errors.UndefinedObjectError,  # a parameter PostgreSQL does not know
+    pg_errors.InvalidParameterValueError,  # a bad value for one
+    pg_errors.ClientConfigurationError,  # asyncpg's own check of the DSN (an InterfaceError)
+)
 #: How often (seconds) the offset between the server's clock and ours is measured again.
 _OFFSET_TTL = 60.0
 
@@ -204,6 +213,10 @@ class PostgresSession:
                 command_timeout=self._statement_timeout,
                 server_settings=settings,
             )
+        except _REFUSED as e:
+            raise ConfigurationError.bad_value(
+                "state", self.name, f"a connection PostgreSQL accepts ({_one_line(e)})"
+            ) from None
         except (*_SERVER_GONE, *CONNECTION_LOST) as e:
             raise _Unreachable(_one_line(e)) from None
         except (asyncpg.PostgresError, ValueError) as e:
