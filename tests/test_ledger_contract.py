@@ -1599,6 +1599,13 @@ async def test_postgres_an_unreachable_server_is_one_line_without_the_password()
     assert "\n" not in message
 
 
+def test_postgres_dsn_without_a_host_is_printed_as_given() -> None:
+    # (urlunsplit printed "postgresql:" and "postgresql:/db": no longer the value given.)
+    assert PostgresDSN.parse("postgresql://").redacted == "postgresql://"
+    assert PostgresDSN.parse("postgresql:///db").redacted == "postgresql:///db"
+    assert PostgresDSN.parse("postgres://:pw@/db?password=x&a=1").redacted == "postgres:///db?a=1"
+
+
 def test_postgres_dsn_is_checked_up_front(tmp_path: Path) -> None:
     assert PostgresDSN.parse("postgresql://h/db").schema == "asyncbatch"
     assert PostgresDSN.parse("postgres://h/db?search_path=batches,public").schema == "batches"

@@ -34,7 +34,8 @@ def _redact(parts: urllib.parse.SplitResult) -> str:
         for part in parts.query.split("&")
         if part and part.partition("=")[0].lower() != "password"
     )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    # (Not urlunsplit: it drops the "//" of a DSN without a host, "postgresql:///db".)
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def _schema_from(query: dict[str, list[str]]) -> str | None:
