@@ -300,3 +300,45 @@ async def test_a_file_forgotten_during_a_live_watch_is_handled_again(
 
     assert sorted(handled) == ["f00000.txt", "f00000.txt", "f00001.txt"]
     assert state_counts(state) == {"done": 2}
+
+
+async def test_a_dead_item_retried_during_a_live_watch_is_counted_once(
+    inbox: Path, state: Path
+) -> None:
+    # (The watch counted it dead, then done: "2 seen: 1 done, 1 dead" for one file.)
+    make_files(inbox, 1)
+    broken = True
+    calls = 0
+
+    async def handle(ctx: TaskContext) -> None:
+        nonlocal calls
+        calls += 1
+        if broken:
+            raise ValueError("broken")
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, max_attempts=1)
+    report = None
+
+    async def watch() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with anyio.fail_after(30):
+            while calls < 1:  # noqa: ASYNC110 (the handler's calls, not an event)
+                await anyio.sleep(0.02)
+            while state_counts(state).get("dead") != 1:  # noqa: ASYNC110 (the ledger's state)
+                await anyio.sleep(0.02)
+            broken = False
+            retried = await anyio.to_thread.run_sync(
+                lambda: cli("retry", "--dead", "--state", state)
+            )
+            assert retried.returncode == 0, retried.stderr
+            while state_counts(state).get("done") != 1:  # noqa: ASYNC110 (the ledger's state)
+                await anyio.sleep(0.02)
+        batch.stop()
+
+    assert calls == 2
+    assert report is not None
+    assert (report.seen, report.done, report.dead, report.failed) == (1, 1, 0, 1), report

@@ -704,6 +704,9 @@ class Claimer:
             item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
             if row.key in run.open:  # one of ours (its retry came due)
                 run.close(row.key)
+            elif row.key in run.dead_here:  # ours, dead, and put back by `retry --dead` since
+                run.dead_here.discard(row.key)
+                run.counters.dead -= 1
             elif not cfg.shared:  # left waiting by an earlier run: seen now, counted like any
                 run.counters.seen += 1  # other (shared: registered by the job's listing, which
                 run.counters.earlier += 1  # the report counts at the end: see .shared)

@@ -81,6 +81,8 @@ class Committer:
                 state.reopen(item.key, "held", item.record())
                 continue
             counters.record(outcome.state, attempted=item.attempt > 0)
+            if outcome.state == "dead":
+                state.dead_here.add(item.key)
             if outcome.state == "failed":
                 retry_due = True
                 state.reopen(item.key, "waiting", item.record())

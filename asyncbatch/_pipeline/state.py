@@ -60,6 +60,10 @@ class RunState:
     #: counted as seen then: a watch's later scan that finds the same file does not count it
     #: again (see ``Claimer._sort``). Bounded by what earlier runs left waiting.
     from_ledger: set[str] = field(default_factory=set)
+    #: Keys this run counted dead. An operator's ``retry --dead`` during a watch puts one back
+    #: in the ledger: when this run leases it again, that count is taken back, and its next
+    #: outcome counts instead (the same file, seen once). Bounded by the run's dead count.
+    dead_here: set[str] = field(default_factory=set)
     #: Scan records the claimer did not get to (the run stopped first), and the keys of the
     #: items given back unfinished at the end: what the final report looks up in the ledger
     #: (another runner may have finished them meanwhile).
