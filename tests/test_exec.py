@@ -563,7 +563,8 @@ def test_a_stop_signal_reaches_the_commands_and_gives_their_items_back(
 
     assert proc.returncode == code, err
     assert state_counts(state) == {"pending": 2}, "given back, not done and not failed"
-    assert rows(state, "SELECT attempts, interrupted FROM items") == [(1, 0), (1, 0)]
+    # Interrupted, and counted so as they were given back (not only when leased again).
+    assert rows(state, "SELECT attempts, interrupted FROM items") == [(1, 1), (1, 1)]
     for pid in noted_pids(pids):
         assert not alive(pid), f"pid {pid} outlived the run"
     final = run_exec(inbox, state, "true")
@@ -779,7 +780,7 @@ def test_a_stop_leaves_the_item_prepared_next_unstarted_and_pending(
     assert len(noted_pids(pids)) == 1, "the item prepared next was started"
     assert state_counts(state) == {"pending": 2}
     assert rows(state, "SELECT relpath, attempts, interrupted FROM items ORDER BY relpath") == [
-        (b"f00000.txt", 1, 0),
+        (b"f00000.txt", 1, 1),
         (b"f00001.txt", 0, 0),
     ]
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from asyncbatch import ConfigurationError, NotALedgerError
 from asyncbatch._ledger import sqlite_sql
 from asyncbatch._ledger.sqlite import SQLiteLedger, _fenced_group
+from asyncbatch._ledger.sqlite_open import check_state_path
 
 from .conftest import rows, run_start
 
@@ -267,3 +268,45 @@ def test_a_fenced_groups_arguments_are_json_of_its_keys_and_pairs(
     keys, fenced = _fenced_group(pairs)
     assert json.loads(keys) == [k for k, _ in pairs]
     assert json.loads(fenced) == [f"{k} {f}" for k, f in pairs]
+
+
+def test_checking_a_state_path_keeps_the_locks_this_process_holds_on_it(tmp_path: Path) -> None:
+    # The check read the file's header through a descriptor of its own: closing it dropped
+    # every POSIX lock of this process on the file, SQLite's included. Another process that
+    # then closed its connection took itself for the last one, checkpointed and deleted the
+    # WAL under the ledger open here (two shared watches in one process, and `status` run
+    # meanwhile, left "database disk image is malformed").
+    state = tmp_path / "state.db"
+    wal = tmp_path / "state.db-wal"
+    holder = sqlite3.connect(state, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("INSERT INTO t VALUES (1)")
+        assert wal.exists()
+        assert check_state_path(state, create=False)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                "c.execute('SELECT count(*) FROM t').fetchall(); c.close()",
+                str(state),
+            ],
+            check=True,
+            timeout=60,
+        )
+        assert wal.exists(), "another process deleted the WAL this process has open"
+        assert holder.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    finally:
+        holder.close()
+
+
+def test_a_state_that_is_not_sqlite_is_refused_untouched(tmp_path: Path) -> None:
+    state = tmp_path / "state.db"
+    for content in (b"not a database, but text", b"SQLite format 3", b"\x00" * 4096):
+        state.write_bytes(content)
+        with pytest.raises(NotALedgerError, match="not a SQLite database"):
+            anyio.run(SQLiteLedger.open, state)
+        assert state.read_bytes() == content
+        assert not (tmp_path / "state.db-wal").exists()

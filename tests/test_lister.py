@@ -131,6 +131,49 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
     assert len(handled) == 25
 
 
+async def test_a_shared_watchs_lister_counts_what_the_others_finished_as_done_before(
+    inbox: Path, any_state: str
+) -> None:
+    # (The lister of a shared watch said "200 seen: 102 done, 98 unfinished", all 200 done.)
+    by_other: list[str] = []
+    others_share = anyio.Event()
+
+    async def lister_handles(ctx: TaskContext) -> None:
+        with anyio.fail_after(30):
+            await others_share.wait()  # the other runner handles some meanwhile
+
+    async def other_handles(ctx: TaskContext) -> None:
+        by_other.append(ctx.entry.relpath)
+        if len(by_other) >= 5:
+            others_share.set()
+
+    common: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "poll": 0.05}
+    lister = Batch(lister_handles, **common, shared=True, concurrency=1)
+    other = Batch(other_handles, **common, shared=True, concurrency=4)
+    reports = {}
+
+    async def watch(name: str, batch: Batch) -> None:
+        reports[name] = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, "lister", lister)
+        with anyio.fail_after(30):
+            while (await listing_of_or_none(any_state)) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        tg.start_soon(watch, "other", other)
+        make_files(inbox, 20)
+        with anyio.fail_after(60):
+            while status_json(any_state)["counts"]["done"] < 20:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        lister.stop()
+        other.stop()
+    assert len(by_other) >= 5
+    mine = reports["lister"]
+    assert mine.seen == 20, mine
+    assert (mine.done, mine.done_before, mine.unfinished) == (20 - len(by_other), len(by_other), 0)
+    assert reports["other"].done == len(by_other)
+
+
 async def listing_of_or_none(state: str) -> Any:
     try:
         return await listing_of(state)

@@ -21,16 +21,20 @@ from .._fsinfo import network_filesystem
 
 __all__ = ["check_state_path", "check_writable", "companions", "open_error", "read_only_view"]
 
-_SQLITE_HEADER = b"SQLite format 3\x00"
-
 
 def check_state_path(path: Path, *, create: bool) -> bool:
     """Refuse a state path we must not open; return whether the file exists with content.
 
     Never blocks and never writes: a FIFO, socket, device or directory is refused from its
-    ``stat`` (and the header is read through ``O_NONBLOCK``, checked again with ``fstat``); a
-    file or directory this user may not read is named with the reason. The network
-    filesystem check follows symlinks: it is the real file that SQLite opens.
+    ``stat``; a file or directory this user may not read is named with the reason. The
+    network filesystem check follows symlinks: it is the real file that SQLite opens.
+
+    Whether a file with content is a SQLite database is left to SQLite's first read (which
+    writes nothing to a file that is not one: ``open_error`` says so). It is never opened
+    here: closing a descriptor of the file drops every POSIX lock this process holds on it,
+    SQLite's own included, and with another ledger on it open in this process (two batches,
+    a service reading its state) another process could then checkpoint the WAL under it:
+    a corrupt database (SQLite's "How To Corrupt", 2.2).
     """
     st = _state_stat(path)
     parent = path.parent
@@ -51,16 +55,16 @@ def check_state_path(path: Path, *, create: bool) -> bool:
                 f"state {str(path)!r} cannot be created: {_unwritable(parent)}"
             )
         return False
-    head = _read_header(path)
-    if head and head != _SQLITE_HEADER:
-        raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
-    if not head and not create and not _has_content(companions(_real(path))[0]):
+    if not os.access(path, os.R_OK):
+        denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        raise ConfigurationError(f"state {str(path)!r} cannot be read: {_unreadable(path, denied)}")
+    if not st.st_size and not create and not _has_content(companions(_real(path))[0]):
         raise ConfigurationError(
             f"state {str(path)!r} is an empty file: it holds no ledger yet (no run has used it)"
         )
     if create:
         check_writable(path, "a run records its work in it")
-    return bool(head)
+    return st.st_size > 0
 
 
 def _state_stat(path: Path) -> os.stat_result | None:
@@ -94,26 +98,6 @@ def check_writable(path: Path, why: str) -> None:
             raise ConfigurationError(
                 f"state {str(path)!r} cannot be written ({str(name)!r}: {_unwritable(name)}); {why}"
             )
-
-
-def _read_header(path: Path) -> bytes:
-    """The first bytes of the regular file ``path`` (opened without blocking, then checked)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ConfigurationError(
-            f"state {str(path)!r} cannot be read: {_unreadable(path, e)}"
-        ) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # replaced since it was looked at
-            raise _not_regular(path, st)
-        try:
-            return f.read(len(_SQLITE_HEADER))
-        except OSError as e:
-            raise ConfigurationError(
-                f"state {str(path)!r} cannot be read: {e.strerror or e}"
-            ) from None
 
 
 def _real(path: Path) -> Path:

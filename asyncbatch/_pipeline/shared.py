@@ -311,6 +311,25 @@ def _free(listing: Listing, now: float) -> bool:
     return listing.lease_until is None or listing.lease_until < now
 
 
+async def _registered_and_finished_by_others(run: RunState) -> None:
+    """A watch that held the listing role registered files that other runners handled: count
+    those the ledger has finished as done (dead) before, not unfinished (they were, 200 seen:
+    102 done, 98 unfinished, with every file done).
+
+    Its registrations are not kept by key (a watch runs for months): a file of this run's
+    that is not finished is one of the job's open items, so at least what this run's own
+    categories leave of ``seen`` less those were finished by others; the split between done
+    and dead is by what the others finished since this run began. Never more than that."""
+    counters, job = run.counters, run.config.job
+    since = run.clock() - (time.monotonic() - counters.started)
+    counts, others = await run.ledger.finish_counts(job, run.owner, since)
+    left = counters.seen - counters.seen_accounted()
+    finished = max(left - counts["pending"] - counts["running"] - counts["failed"], 0)
+    dead = min(others.get("dead", 0), finished)
+    counters.dead_before += dead
+    counters.done_before += finished - dead
+
+
 async def shared_report(run: RunState) -> None:
     """Count the job's listing in a shared run's report (see the module): what the listing
     found, what other runners finished since it began; ``seen`` at least what this run's
@@ -323,6 +342,8 @@ async def shared_report(run: RunState) -> None:
             listing = latest
     if listing is None or listing.started_at is None:
         counters.seen = max(counters.seen, counters.seen_accounted())
+        if run.listed and counters.seen > counters.seen_accounted():
+            await _registered_and_finished_by_others(run)
         return
     # As the look that found the job finished counted them (else now: this run's leases
     # are given back by now).
