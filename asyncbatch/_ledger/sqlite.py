@@ -442,11 +442,7 @@ class SQLiteLedger(Ledger):
         """
         path = Path(path)
         existed = check_state_path(path, create=create)
-        if not path.exists():
-            # Private from the start; if another runner creates it at the same moment, fine:
-            # the migration re-reads the schema version inside its own transaction.
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        fresh = not path.exists()
         view = None if create else read_only_view(path)
         try:
             db = await connect(
@@ -454,6 +450,13 @@ class SQLiteLedger(Ledger):
             )
         except sqlite3.Error as e:
             raise open_error(path, e) from e
+        if fresh:
+            # Made by SQLite's open (nothing but SQLite opens the file: see check_state_path),
+            # private before anything is written to it, and so its -wal and -shm, which SQLite
+            # makes with the file's mode. (Another runner that made it at the same moment:
+            # fine, the migration re-reads the schema version inside its own transaction.)
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
         ledger = cls(db, path, clock=clock, busy_timeout=busy_timeout)
         try:
             await ledger._prepare(existed, durability, migrate=create, read_only=view is not None)
