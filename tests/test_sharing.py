@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from asyncbatch._ledger import open_ledger
@@ -32,6 +33,7 @@ from .conftest import (
     state_counts,
     wait_for,
 )
+from .test_service import Samples, samples, serving_address, value
 
 RECORD = f"{HANDLERS}:record"
 #: "job 'default': 2000 seen: 228 done, 1772 done before; ..." -> the categories and counts.
@@ -219,6 +221,70 @@ def test_status_during_a_run_shows_its_counts_as_of_its_heartbeat(
         assert 0 < last["done"] < 400
     finally:
         kill(proc, signal.SIGTERM)
+
+
+def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    """Each runner's /metrics (and the history row its heartbeat writes, which ``status``
+    shows) says ``seen`` as its report counts it, the job's listing, while it runs: the runner
+    that did not list said 0 seen beside its done, and ``status`` said its done were all it
+    had seen."""
+    make_files(inbox, 300)
+    log = tmp_path / "calls.log"
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.2"}  # 10 files/s a runner: 15 s for both
+    args = (
+        *("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress"),
+        *("-j", "2", "--lease", "8", "--metrics", "127.0.0.1:0", "--log-level", "INFO"),
+    )
+    lister = spawn(*args, env=env)
+    runners = [lister]
+    try:
+        addresses = [serving_address(lister)]
+        wait_for(lambda: len(invocations(log)) >= 4)  # it listed (and works on the files)
+        other = spawn(*args, env=env)  # goes by that listing: it does not list
+        runners.append(other)
+        addresses.append(serving_address(other))
+        scraped = []
+        for address in addresses:
+            with httpx.Client(base_url=f"http://{address}", timeout=10) as client:
+
+                def scrape(client: httpx.Client = client) -> Samples:
+                    return samples(client.get("/metrics").text)
+
+                wait_for(lambda: value(scrape(), "asyncbatch_items_total", outcome="done") >= 5)
+                found = scrape()
+            assert value(found, "asyncbatch_running") == 1, "scraped while it runs"
+            assert value(found, "asyncbatch_items_seen_total") == 300
+            categories = sum(
+                value(found, "asyncbatch_items_total", outcome=outcome)
+                for outcome in ("done", "done_before", "dead", "dead_before", "vanished")
+            ) + sum(value(found, "asyncbatch_items_open", why=why) for why in ("held", "waiting"))
+            assert 5 <= categories < 300, found
+            scraped.append(found)
+        assert [value(f, "asyncbatch_lister") for f in scraped] == [1, 0]
+
+        def other_live() -> dict[str, object] | None:
+            last = status_json(state)["last_run"]  # the run started last: the other one's
+            assert isinstance(last, dict)
+            return last if last["exit_status"] is None and int(last["done"]) > 0 else None
+
+        # Until a heartbeat (every lease / 4) recorded its progress, while it runs.
+        wait_for(lambda: (last := other_live()) is not None and last["seen"] == 300, 30, 0.2)
+        outputs = [proc.communicate(timeout=120) for proc in runners]
+    finally:
+        for proc in runners:
+            if proc.poll() is None:
+                kill(proc)
+    for proc, found, (out, err) in zip(runners, scraped, outputs, strict=True):
+        assert proc.returncode == 0, err
+        counts = assert_adds_up(out)
+        assert report_counts(out)[0] == value(found, "asyncbatch_items_seen_total"), out
+        assert counts["done"] >= value(found, "asyncbatch_items_total", outcome="done"), out
+        assert counts.get("done before", 0) >= value(
+            found, "asyncbatch_items_total", outcome="done_before"
+        ), out
+    assert state_counts(state) == {"done": 300}
 
 
 def last_run_done(state: Path) -> int:

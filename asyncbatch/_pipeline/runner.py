@@ -25,7 +25,7 @@ from .._effects.files import remove_stale_temp_files
 from .._errors import error_text, unwrap_group
 from .._exceptions import LedgerError, LockLostError
 from .._http.client import HTTPSettings, SharedClient
-from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, RunStart, open_ledger
+from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, RunStart, RunTotals, open_ledger
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import ScanInfo, Scanner
@@ -38,7 +38,7 @@ from .postactions import PostActions
 from .queues import ItemQueue, ItemState, Outbox
 from .reconcile import reconcile
 from .recorder import Recorder
-from .shared import shared_report
+from .shared import gone_by, live_totals, shared_report
 from .source import SourceDir
 from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool
@@ -125,9 +125,25 @@ class Run:
         return self._stop_requested.is_set() or self.stopping
 
     def statistics(self) -> Statistics:
-        """A snapshot of the counters."""
-        in_flight = 0 if self._state is None else len(self._state.in_flight)
-        return self.counters.statistics(in_flight)
+        """A snapshot of the counters (of a shared run, as its report would count them now:
+        see :meth:`totals`)."""
+        state = self._state
+        stats = self.counters.statistics(0 if state is None else len(state.in_flight))
+        if state is not None and self.config.shared:
+            live_totals(state, stats)
+            stats.scanned = stats.scanned or gone_by(state) is not None
+        return stats
+
+    def totals(self) -> RunTotals:
+        """The run's counts now: what metrics and the heartbeat (hence ``status``) say. A
+        shared run's count the job's listing as its report would now (see
+        :func:`~.shared.live_totals`): ``seen`` is the files the listing it goes by found,
+        not what this runner listed (or 0: it did not list)."""
+        totals = self.counters.totals()
+        state = self._state
+        if state is not None and self.config.shared:
+            live_totals(state, totals)
+        return totals
 
     @property
     def in_flight(self) -> int:
@@ -192,7 +208,7 @@ class Run:
             handlers_running=self.handlers_running,
             oldest_waiting=self.oldest_waiting(),
             stop_requested=self.stop_requested,
-            counts=self.counters.totals(),
+            counts=self.totals(),
             leases_lost=self.counters.leases_lost,
             reaped=self.counters.reaped,
             lister=state is not None and state.lister_fence is not None,
@@ -428,7 +444,7 @@ class Run:
                 leases=[(i.key, i.fence) for i in state.in_flight.values()],
                 holds_lock=self.holds_lock,
                 run_id=run_id,
-                totals=self.counters.totals(),
+                totals=self.totals(),
                 lister=state.lister_fence,
             )
             self.beat_since = began = time.monotonic()

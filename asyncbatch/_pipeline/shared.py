@@ -19,7 +19,9 @@ and polls) and registers what turns up; the others wait for new waiting items (t
 The report of a shared run counts the job's listing: ``seen`` is the files it found; this
 runner's own outcomes count as usual, and ``done_before`` (``dead_before``) the rest of those
 the ledger had finished when they were listed and those other runners finished since, each
-file once (see :func:`shared_report`).
+file once (see :func:`shared_report`). A run under way counts it the same way in what it says
+of itself (statistics, metrics, its heartbeat's counts), from what it last read of the role
+and without counting the job's items (see :func:`live_totals`).
 
 Made per run by the claimer; nothing here outlives it.
 """
@@ -35,12 +37,21 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._ledger import Listing
+from .._ledger.types import CATEGORIES, RunTotals
 from .state import RunState, reap_gone_runners
 
 if TYPE_CHECKING:
     from .claimer import Claimer
 
-__all__ = ["REGISTER_BATCH", "SHARED_POLL", "SharedRun", "shared_report"]
+__all__ = [
+    "REGISTER_BATCH",
+    "SHARED_POLL",
+    "SharedRun",
+    "count_listing",
+    "gone_by",
+    "live_totals",
+    "shared_report",
+]
 
 log = logging.getLogger("asyncbatch")
 
@@ -132,9 +143,26 @@ class SharedRun:
             self._role_seen.set()
             # The heartbeat renews the role meanwhile; a runner without work looks at it too,
             # and says when it is free (its holder ended, or stalled past its lease).
-            with anyio.move_on_after(cfg.lease / 4):
-                await self._role_free.wait()
+            await self._until_next_look(cfg.lease / 4, watching)
             self._role_free = anyio.Event()
+
+    async def _until_next_look(self, seconds: float, watching: bool) -> None:
+        """Wait ``seconds`` for the next look at the role, or less when it is found free.
+        Meanwhile, for a ``run()`` whose listing is under way (another runner lists it), read
+        the role every :data:`HELD_POLL` seconds: what the run says of itself (statistics,
+        metrics, its heartbeat's counts) counts that listing as soon as it is complete, as
+        its report would (one row read; see :func:`live_totals`)."""
+        run = self.run
+        until = time.monotonic() + seconds
+        while not self._role_free.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            awaited = not watching and run.listing_target is not None and gone_by(run) is None
+            with anyio.move_on_after(min(left, HELD_POLL) if awaited else left):
+                await self._role_free.wait()
+            if awaited and not self._role_free.is_set():
+                run.listing_role = await run.ledger.listing(self.config.job)
 
     async def _list(self, role: Listing) -> None:
         """List the source once and register every file found (a new listing, which this
@@ -154,6 +182,7 @@ class SharedRun:
         self._queued_keys = None
         if await run.ledger.end_listing(cfg.job, run.owner, role.fence, len(records)):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
+            run.listing_role = await run.ledger.listing(cfg.job)  # complete now
             run.wake()
 
     async def _register(self, records: list[bytes], *, queue: bool = False) -> bool:
@@ -264,6 +293,7 @@ class SharedRun:
         until = time.monotonic() + HELD_POLL
         while not run.stopping:
             listing = await run.ledger.listing(cfg.job)
+            run.listing_role = listing
             if listing is not None and run.lister_fence is None and _free(listing, run.clock()):
                 self._role_free.set()  # the listing duty takes it at once
             now = 0 if listing is None else listing.registered
@@ -283,7 +313,7 @@ class SharedRun:
         job's items are counted (a read of every one) only when that finds none, and that
         count is the report's (see :func:`shared_report`)."""
         run, cfg = self.run, self.config
-        listing = await run.ledger.listing(cfg.job)
+        listing = run.listing_role = await run.ledger.listing(cfg.job)
         if listing is None or self.target is None or listing.complete < self.target:
             return False
         run.listing = listing
@@ -311,6 +341,79 @@ def _free(listing: Listing, now: float) -> bool:
     return listing.lease_until is None or listing.lease_until < now
 
 
+def gone_by(run: RunState) -> Listing | None:
+    """The complete listing a shared run goes by, as the run last looked at the role (the
+    listing duty every quarter lease, every second while that listing is under way, and the
+    claimer's looks); ``None`` while there is none yet."""
+    if run.listing is not None:
+        return run.listing
+    role, target = run.listing_role, run.listing_target
+    if role is None or target is None or role.complete < target:
+        return None
+    return role
+
+
+def count_listing(
+    t: RunTotals, listing: Listing | None, others: dict[str, int], running: int | None
+) -> None:
+    """Count the job's listing in a shared run's counts ``t`` (changed in place; ``unfinished``
+    is left to the caller): ``seen`` the files ``listing`` found, at least what the run's own
+    categories add up to; ``dead_before`` and ``done_before`` what the listing found finished
+    and what other runners finished since it began (``others``, by state), and ``held`` the
+    items leased to other runners (``running``; ``None``: not counted, ``held`` is left as
+    the claimer counted it), each within what is left of ``seen``. Without a listing
+    (``None``: none complete yet, or a watch's lister), ``seen`` is at least what the
+    categories add up to.
+
+    The run's own categories first; what the listing found finished and what the others
+    finished since it began next, within what is left of ``seen``: a file is counted by both
+    when the listing began after this run finished it (the role was taken over: the new
+    listing finds it done) or when another runner finished it after the listing began and
+    before the listing reached it. Counted twice, a run of 600 files said "773 seen: 289 done,
+    484 done before". (When files this run moved away are not in a listing that began after,
+    the room left is smaller than what others finished: less said, never more.)
+    """
+    if listing is None or listing.started_at is None:
+        t.seen = max(t.seen, _accounted(t))
+        return
+    t.done_before = t.dead_before = 0
+    if running is not None:
+        t.held = 0
+    t.seen = max(listing.listed_files, _accounted(t))
+    room = t.seen - _accounted(t)
+    t.dead_before = min(listing.found_dead + others.get("dead", 0), room)
+    room -= t.dead_before
+    t.done_before = min(listing.found_done + others.get("done", 0), room)
+    room -= t.done_before
+    if running is not None:
+        t.held = min(running, room)
+
+
+def live_totals(run: RunState, t: RunTotals) -> None:
+    """A shared run's counts ``t`` (a snapshot of its counters, changed in place) as its report
+    would count them now: the listing it goes by as last looked at (see :func:`gone_by`), and
+    what other runners finished since it began as last counted (the look that found the job
+    finished: a count reads every item, so none is made for this). Until then the files
+    others finish are among the seen ones in no other category: ``unfinished``. Once the run
+    counted its report (:func:`shared_report`), its counts are final: left as they are.
+
+    What statistics, metrics and the heartbeat (``status``) say of a shared run under way."""
+    if run.reported:
+        return
+    listing = gone_by(run)
+    counts, others = run.finished_counts, run.finished_by_others
+    if counts is None or others is None or listing is not run.listing:
+        count_listing(t, listing, {}, None)
+    else:
+        count_listing(t, listing, others, counts["running"])
+    t.unfinished = max(t.seen - _accounted(t), 0)
+
+
+def _accounted(t: RunTotals) -> int:
+    """Seen items in a category other than unfinished."""
+    return sum(getattr(t, name) for name in CATEGORIES if name != "unfinished")
+
+
 async def _registered_and_finished_by_others(run: RunState) -> None:
     """A watch that held the listing role registered files that other runners handled: count
     those the ledger has finished as done (dead) before, not unfinished (they were, 200 seen:
@@ -331,9 +434,9 @@ async def _registered_and_finished_by_others(run: RunState) -> None:
 
 
 async def shared_report(run: RunState) -> None:
-    """Count the job's listing in a shared run's report (see the module): what the listing
-    found, what other runners finished since it began; ``seen`` at least what this run's
-    categories add up to."""
+    """Count the job's listing in a shared run's report (see the module and
+    :func:`count_listing`): what the listing found, what other runners finished since it
+    began; ``seen`` at least what this run's categories add up to."""
     counters, job = run.counters, run.config.job
     listing = run.listing
     if listing is None and run.listing_target is not None:  # it ended before it looked
@@ -341,27 +444,15 @@ async def shared_report(run: RunState) -> None:
         if latest is not None and latest.complete >= run.listing_target:
             listing = latest
     if listing is None or listing.started_at is None:
-        counters.seen = max(counters.seen, counters.seen_accounted())
+        count_listing(counters, None, {}, None)
         if run.listed and counters.seen > counters.seen_accounted():
             await _registered_and_finished_by_others(run)
+        run.reported = True
         return
     # As the look that found the job finished counted them (else now: this run's leases
     # are given back by now).
     counts, others = run.finished_counts, run.finished_by_others
     if counts is None or others is None or listing is not run.listing:
         counts, others = await run.ledger.finish_counts(job, run.owner, listing.started_at)
-    # This run's own categories first; what the listing found finished and what the others
-    # finished since it began next, within what is left of ``seen``: a file is counted by both
-    # when the listing began after this run finished it (the role was taken over: the new
-    # listing finds it done) or when another runner finished it after the listing began and
-    # before the listing reached it. Counted twice, a run of 600 files said "773 seen: 289 done,
-    # 484 done before". (When files this run moved away are not in a listing that began after,
-    # the room left is smaller than what others finished: less said, never more.)
-    counters.done_before = counters.dead_before = counters.held = 0
-    counters.seen = max(listing.listed_files, counters.seen_accounted())
-    room = counters.seen - counters.seen_accounted()
-    counters.dead_before = min(listing.found_dead + others.get("dead", 0), room)
-    room -= counters.dead_before
-    counters.done_before = min(listing.found_done + others.get("done", 0), room)
-    room -= counters.done_before
-    counters.held = min(counts["running"], room)  # leased to other runners
+    count_listing(counters, listing, others, counts["running"])
+    run.reported = True

@@ -82,6 +82,9 @@ class RunState:
     #: runners had finished since its listing began (for the report; see ``shared_report``).
     finished_counts: dict[str, int] | None = None
     finished_by_others: dict[str, int] | None = None
+    #: Set once a shared run's report counted the job's listing (``shared_report``): its
+    #: counters are final then, and what it says of itself is them as they are.
+    reported: bool = False
     #: Set once this runner's tenure of the listing role ended (taken over).
     role_lost: anyio.Event = field(default_factory=anyio.Event)
     #: The source, opened for the run: a directory (``SourceDir``: inputs are opened relative

@@ -80,7 +80,8 @@ class BatchCollector:
         yield items
         yield _counter(
             "asyncbatch_items_seen",
-            "Settled files seen (and items earlier runs left waiting that the runs took on)",
+            "Settled files seen (and items earlier runs left waiting that the runs took on); "
+            "runners sharing a job: the files of the job's listing, as their reports count them",
             job,
             ended.seen + (0 if c is None else c.seen),
         )
