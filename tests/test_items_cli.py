@@ -262,6 +262,29 @@ def test_explain_and_forget_while_a_live_runner_holds_the_item(
         kill(runner)
 
 
+def test_explain_of_an_item_whose_runner_was_killed_says_its_lease_is_void(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    log = tmp_path / "calls.log"
+    runner = start_recording(inbox, state, log, jobs=1, sleep=30)
+    try:
+        wait_for(lambda: sum(invocations(log).values()) >= 1)
+    finally:
+        kill(runner)  # SIGKILL: its lease is left in the ledger, unexpired
+    assert state_counts(state) == {"running": 1}
+    assert "STALE" in cli("locks", "--state", state).stdout
+    facts = explain(state, "f00000.txt")
+    assert facts["verdict"] == "lease-expired"
+    assert f"was leased by pid {runner.pid}" in facts["message"]
+    assert "that runner is gone (its process is dead)" in facts["message"]
+    # As said: the next run takes it over at once (it does not wait for the lease to run out).
+    took_over = cli("run", RECORD, "--source", inbox, "--state", state)
+    assert took_over.returncode == 0, took_over.stderr
+    assert "1 item of runners that are gone put back" in took_over.stderr
+    assert state_counts(state) == {"done": 1}
+
+
 # -- items ---------------------------------------------------------------------------------------
 
 

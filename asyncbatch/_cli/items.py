@@ -35,6 +35,7 @@ from .._ledger import (
     decode_action,
 )
 from .._pipeline.postactions import keyed_name
+from .._procinfo import this_process
 from .._ready import (
     Readiness,
     RuleVerdict,
@@ -205,6 +206,36 @@ def _lease_holder(item: ItemInfo, runners: dict[str, RunnerInfo]) -> str:
     return f"runner {(item.owner or '?')[:12]}"
 
 
+def _holder_gone(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -> str | None:
+    """Why the runner holding the item's lease is known gone (``None``: it is not), as
+    ``locks`` (STALE) and a run's reaping of gone runners judge it: its process (on this
+    host) is dead, or its heartbeat expired. A holder with no runner record is not judged."""
+    runner = runners.get(item.owner or "")
+    if runner is None or runner.alive(now, this_process()):
+        return None
+    if runner.expires_at < now:
+        return f"its heartbeat expired at {show_time(runner.expires_at)}"
+    return "its process is dead"
+
+
+def _lease_verdict(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -> tuple[str, str]:
+    """``leased`` while a live runner holds the item, else ``lease-expired``."""
+    holder = _lease_holder(item, runners)
+    until = show_time(item.lease_until)
+    if item.lease_until is None or item.lease_until < now:
+        return "lease-expired", (
+            f"was leased by {holder} until {until}; that lease expired, so the next run takes "
+            "the item over"
+        )
+    gone = _holder_gone(item, runners, now)
+    if gone is not None:
+        return "lease-expired", (
+            f"was leased by {holder} until {until}, but that runner is gone ({gone}), so the "
+            "next run takes the item over at once"
+        )
+    return "leased", f"leased by {holder} until {until}"
+
+
 def _stat_of(path: Path) -> tuple[int, int, int] | None:
     """``(size, mtime_ns, inode)`` of ``path`` as the ledger records them (``None``: gone)."""
     try:
@@ -286,13 +317,7 @@ def describe_item(
             "--dead' puts it back"
         )
     if item.state == "running":
-        holder = _lease_holder(item, runners)
-        if item.lease_until is not None and item.lease_until >= now:
-            return "leased", f"leased by {holder} until {show_time(item.lease_until)}"
-        return "lease-expired", (
-            f"was leased by {holder} until {show_time(item.lease_until)}; that lease expired, so "
-            "the next run takes the item over"
-        )
+        return _lease_verdict(item, runners, now)
     if item.state == "pending":
         return "waiting", (
             "waiting in the ledger (pending: its runner stopped or died during it, or it was "
