@@ -290,6 +290,60 @@ def test_a_dead_file_fixed_in_place_is_a_new_item_and_retry_clears_the_old_one(
     assert "forget --vanished" not in cli("status", "--state", state).stdout
 
 
+def test_retry_by_name_clears_a_dead_version_whose_newer_version_is_done(
+    inbox: Path, state: Path
+) -> None:
+    broken = make_files(inbox, 2)[1]
+    broken.write_text("bad row")
+    os.utime(broken, (time.time() - 30,) * 2)
+    handler = f"{HANDLERS}:fail_on_bad"
+    args = ("--source", inbox, "--state", state, "--max-attempts", "1")
+    assert cli("run", handler, *args).returncode == 1
+    broken.write_text("fixed, a longer row")  # fixed in place, and handled: a new, done item
+    assert cli("run", handler, *args).returncode == 0
+    assert counts(state) == {"done": 2, "dead": 1}
+
+    # The name names both versions: the dead one is retried as `retry --dead` without names
+    # does it (cleared: its file changed since), the done one left alone.
+    refused = cli("retry", "--state", state, "f00001.txt")
+    assert refused.returncode == 2
+    assert "is dead, not failed: nothing to retry; add --dead" in refused.stderr
+    retried = cli("retry", "--state", state, "--dead", "f00001.txt")
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.strip() == (
+        "0 failed or dead items put back to pending; 1 dead item whose file changed since "
+        "('f00001.txt') cleared: the new version of a file is a new item, which the next run "
+        "handles"
+    )
+    assert counts(state) == {"done": 2}
+    done = cli("retry", "--state", state, "--dead", "f00001.txt")
+    assert done.returncode == 2
+    assert "is done, not failed: nothing to retry" in done.stderr
+
+
+def test_retry_by_name_puts_back_its_failed_version_and_says_its_dead_one_is_left(
+    inbox: Path, state: Path
+) -> None:
+    (bad,) = make_files(inbox, 1)
+    bad.write_text("bad row")
+    handler = f"{HANDLERS}:fail_on_bad"
+    args = ("--source", inbox, "--state", state, "--no-progress")
+    assert cli("run", handler, *args, "--max-attempts", "1").returncode == 1
+    bad.write_text("bad row again, a longer one")  # a new version: fails, its retry far off
+    runner = spawn("run", handler, *args, "--max-attempts", "3", "--backoff", "3600")
+    try:
+        wait_for(lambda: counts(state) == {"dead": 1, "failed": 1})
+    finally:
+        kill(runner, signal.SIGTERM)
+    retried = cli("retry", "--state", state, bad.name)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.strip() == (
+        "1 failed item put back to pending: the next run (or a live watch) handles them; "
+        "1 dead item left as it is: add --dead to retry dead items too"
+    )
+    assert counts(state) == {"dead": 1, "pending": 1}
+
+
 def test_forget_vanished_clears_the_rows_of_files_gone_before_their_turn(
     inbox: Path, state: Path
 ) -> None:

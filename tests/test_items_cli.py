@@ -210,6 +210,38 @@ def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
     assert gone["message"].startswith("no such file now")
 
 
+def test_explain_tells_whether_the_post_commit_move_was_carried_out(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    args = ("--source", inbox, "--state", state, "--no-progress", "--on-done", f"move:{archive}")
+    cut_short = {"ASYNCBATCH_FAILPOINTS": "before-post-action=kill:1"}
+    crashed = cli("run", RECORD, *args, env=cut_short)
+    assert crashed.returncode == -9, crashed.stderr
+    cut = explain(state, "f00000.txt")
+    assert cut["verdict"] == "done"
+    assert "is still to be finished" in cut["message"]
+
+    again = cli("run", RECORD, *args)  # finds the done item's file still there: moves it
+    assert again.returncode == 0, again.stderr
+    assert not (inbox / "f00000.txt").exists()
+    moved = explain(state, "f00000.txt")
+    assert moved["verdict"] == "done"
+    assert "still to be finished" not in moved["message"]
+    assert moved["message"].endswith(f"its post-commit action moved it to {archive / 'f00000.txt'}")
+    # Told once: the record the verdict answers from, not again as another item of the name.
+    text = cli("explain", "f00000.txt", "--state", state)
+    assert text.returncode == 0, text.stderr
+    assert "other item under the name" not in text.stdout
+    assert f"key {moved['other_items'][0]['key']}" in text.stdout
+
+    (archive / "f00000.txt").unlink()
+    lost = explain(state, "f00000.txt")["message"]
+    assert lost.endswith(f"its file is gone from the source, and {archive} holds no copy of it")
+
+
 def test_explain_and_forget_while_a_live_runner_holds_the_item(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:
@@ -228,6 +260,29 @@ def test_explain_and_forget_while_a_live_runner_holds_the_item(
         assert state_counts(state) == {"running": 1}
     finally:
         kill(runner)
+
+
+def test_explain_of_an_item_whose_runner_was_killed_says_its_lease_is_void(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 1)
+    log = tmp_path / "calls.log"
+    runner = start_recording(inbox, state, log, jobs=1, sleep=30)
+    try:
+        wait_for(lambda: sum(invocations(log).values()) >= 1)
+    finally:
+        kill(runner)  # SIGKILL: its lease is left in the ledger, unexpired
+    assert state_counts(state) == {"running": 1}
+    assert "STALE" in cli("locks", "--state", state).stdout
+    facts = explain(state, "f00000.txt")
+    assert facts["verdict"] == "lease-expired"
+    assert f"was leased by pid {runner.pid}" in facts["message"]
+    assert "that runner is gone (its process is dead)" in facts["message"]
+    # As said: the next run takes it over at once (it does not wait for the lease to run out).
+    took_over = cli("run", RECORD, "--source", inbox, "--state", state)
+    assert took_over.returncode == 0, took_over.stderr
+    assert "1 item of runners that are gone put back" in took_over.stderr
+    assert state_counts(state) == {"done": 1}
 
 
 # -- items ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the ledger (never a file) so that the next run handles their files again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,17 @@ import anyio
 
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
-from .._ledger import STATES, ItemFilter, ItemInfo, JobSettings, Ledger, RunnerInfo
+from .._ledger import (
+    STATES,
+    ItemFilter,
+    ItemInfo,
+    JobSettings,
+    Ledger,
+    RunnerInfo,
+    decode_action,
+)
+from .._pipeline.postactions import keyed_name
+from .._procinfo import this_process
 from .._ready import (
     Readiness,
     RuleVerdict,
@@ -34,7 +45,7 @@ from .._ready import (
     parse_rule,
     rule_argument,
 )
-from .._scanner import PATH_MAX, ScanRules, content_digest
+from .._scanner import PATH_MAX, ScanRules, clamp_ns, content_digest
 from .common import EXIT_OK, job_identity, job_settings, open_state, show_time
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
@@ -195,15 +206,101 @@ def _lease_holder(item: ItemInfo, runners: dict[str, RunnerInfo]) -> str:
     return f"runner {(item.owner or '?')[:12]}"
 
 
-def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -> tuple[str, str]:
-    """``(verdict, sentence)`` for an item's record."""
+def _holder_gone(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -> str | None:
+    """Why the runner holding the item's lease is known gone (``None``: it is not), as
+    ``locks`` (STALE) and a run's reaping of gone runners judge it: its process (on this
+    host) is dead, or its heartbeat expired. A holder with no runner record is not judged."""
+    runner = runners.get(item.owner or "")
+    if runner is None or runner.alive(now, this_process()):
+        return None
+    if runner.expires_at < now:
+        return f"its heartbeat expired at {show_time(runner.expires_at)}"
+    return "its process is dead"
+
+
+def _lease_verdict(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -> tuple[str, str]:
+    """``leased`` while a live runner holds the item, else ``lease-expired``."""
+    holder = _lease_holder(item, runners)
+    until = show_time(item.lease_until)
+    if item.lease_until is None or item.lease_until < now:
+        return "lease-expired", (
+            f"was leased by {holder} until {until}; that lease expired, so the next run takes "
+            "the item over"
+        )
+    gone = _holder_gone(item, runners, now)
+    if gone is not None:
+        return "lease-expired", (
+            f"was leased by {holder} until {until}, but that runner is gone ({gone}), so the "
+            "next run takes the item over at once"
+        )
+    return "leased", f"leased by {holder} until {until}"
+
+
+def _stat_of(path: Path) -> tuple[int, int, int] | None:
+    """``(size, mtime_ns, inode)`` of ``path`` as the ledger records them (``None``: gone)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino
+
+
+def _archived_copy(item: ItemInfo, archive: Path) -> Path | None:
+    """Where a move to ``archive`` put the item's file, if its copy is there (same size and
+    mtime: a move keeps them): under the keyed name a clash gives it, or its relpath."""
+    plain = archive / item.relpath
+    for path in (plain.with_name(keyed_name(plain.name, item.key)), plain):
+        with contextlib.suppress(OSError):
+            if (_stat_of(path) or (-1, -1, -1))[:2] == (item.size, item.mtime_ns):
+                return path
+    return None
+
+
+def _post_action_said(item: ItemInfo, source: Path) -> str:
+    """What became of a finished item's post-commit action, for its sentence.
+
+    The ledger keeps the action an item asked for (``post_action``) after it is carried out,
+    and records no completion (a run carries it out whenever it finds the handled file still
+    in the source): the source tells. It is still to be finished only while the file it
+    handled (same size, mtime and inode) is there; a newer file under the name is left alone.
+    """
+    assert item.post_action is not None
+    kind, directory = decode_action(item.post_action)
+    what = f"move to {directory}" if kind == "move" else kind
+    try:
+        now = _stat_of(source / item.relpath)
+    except OSError as e:
+        return f"; whether its post-commit action ({what}) is finished cannot be told: {e.strerror}"
+    if now == (item.size, item.mtime_ns, item.inode):
+        return f"; its post-commit action ({what}) is still to be finished: its file is still there"
+    if now is not None:
+        return f"; a newer file has its name, which its post-commit action ({what}) leaves alone"
+    if kind == "move" and directory:
+        moved = _archived_copy(item, Path(directory))
+        if moved is not None:
+            return f"; its post-commit action moved it to {moved}"
+        return f"; its file is gone from the source, and {directory} holds no copy of it"
+    return f"; its file is gone from the source (its post-commit action: {what})"
+
+
+#: The verdicts :func:`describe_item` gives: an item's record told.
+_OF_RECORDS = frozenset(
+    ("done", "failed", "dead", "leased", "lease-expired", "waiting", "vanished")
+)
+
+
+def describe_item(
+    item: ItemInfo, runners: dict[str, RunnerInfo], now: float, source: Path
+) -> tuple[str, str]:
+    """``(verdict, sentence)`` for an item's record (``source``: the job's directory, where
+    a finished item's post-commit action is looked up)."""
     error = (item.last_error or "").splitlines()[0] if item.last_error else "no error recorded"
     took = f", took {_duration(item.duration)}" if item.duration is not None else ""
     if item.state == "done":
         when = item.finished_at if item.finished_at is not None else item.updated_at
         text = f"done at {show_time(when)} by {_runner(item)} in attempt {item.attempts}{took}"
         if item.post_action is not None:
-            text += "; its post-commit action (move or delete) is still to be finished"
+            text += _post_action_said(item, source)
         return "done", text
     if item.state == "failed":
         return "failed", (
@@ -220,13 +317,7 @@ def describe_item(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) ->
             "--dead' puts it back"
         )
     if item.state == "running":
-        holder = _lease_holder(item, runners)
-        if item.lease_until is not None and item.lease_until >= now:
-            return "leased", f"leased by {holder} until {show_time(item.lease_until)}"
-        return "lease-expired", (
-            f"was leased by {holder} until {show_time(item.lease_until)}; that lease expired, so "
-            "the next run takes the item over"
-        )
+        return _lease_verdict(item, runners, now)
     if item.state == "pending":
         return "waiting", (
             "waiting in the ledger (pending: its runner stopped or died during it, or it was "
@@ -382,6 +473,7 @@ def _verdict(
     now: float,
 ) -> tuple[str, str]:
     """``explain``'s verdict and message, from what it found (see :func:`_explain_facts`)."""
+    source = Path(facts["source"])
     if facts["skipped"] is not None:
         skipped: str = facts["skipped"]
         verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
@@ -390,11 +482,11 @@ def _verdict(
         return "marker", facts["marker"]
     if not facts["exists"]:
         if others:
-            verdict, said = describe_item(others[0], runners, now)
+            verdict, said = describe_item(others[0], runners, now, source)
             return verdict, f"no such file now; the ledger's latest record of the name: {said}"
         return "never-seen", "no such file, and the ledger never saw it"
     if current is not None:
-        return describe_item(current, runners, now)
+        return describe_item(current, runners, now, source)
     if facts["not_ready"] is not None:
         found: tuple[str, str] = facts["not_ready"]
         return found
@@ -441,6 +533,7 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
     if st is not None and marker is None:
         verdicts = await _rule_verdicts(ready, settings, rel, full, st, known=current is not None)
     facts: dict[str, Any] = {
+        "source": settings.source,
         "skipped": skipped,
         "marker": marker,
         "exists": os.path.lexists(full),
@@ -500,10 +593,12 @@ async def explain(args: argparse.Namespace) -> int:
         lines.append(
             f"identity {facts['identity']}: key {facts['key']}, input hash {facts['input_hash']}"
         )
-    item = facts["item"]
+    item, others = facts["item"], facts["other_items"]
+    if item is None and not facts["exists"] and others and facts["verdict"] in _OF_RECORDS:
+        item, others = others[0], others[1:]  # the latest record: the one the verdict told
     if item is not None:
         lines.append(_joblog_line(item))
-    for other in facts["other_items"][:SHOWN]:
+    for other in others[:SHOWN]:
         lines.append(f"other item under the name: {other['state']}, {_joblog_line(other)}")
     print("\n".join(lines))
     return EXIT_OK

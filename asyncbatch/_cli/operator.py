@@ -348,7 +348,8 @@ async def retry(args: argparse.Namespace) -> int:
     the old record is cleared (``forget``), rather than left to vanish when it is tried."""
     ledger = await open_state(args, writes=True)
     try:
-        keys = await _retry_keys(args, ledger)
+        named = await _named_items(args, ledger)
+        keys = None if named is None else [i.key for i in named if i.state in _retryable(args)]
         superseded = await _superseded(args, ledger, keys) if args.dead else []
         if superseded:
             gone = {item.key for item in superseded}
@@ -358,33 +359,44 @@ async def retry(args: argparse.Namespace) -> int:
             keys = [key for key in keys if key not in gone]
             await ledger.forget(args.job, keys=sorted(gone))
         changed = await ledger.retry(args.job, keys, dead=args.dead) if keys != [] else 0
-        dead = 0 if args.dead or keys else (await ledger.counts(args.job)).get("dead", 0)
+        if args.dead:
+            dead = 0
+        elif named is not None:  # the dead items of the names given, left as they are
+            dead = sum(item.state == "dead" for item in named)
+        else:
+            dead = (await ledger.counts(args.job)).get("dead", 0)
     finally:
         await ledger.close()
     print(_retried(changed, args.dead, dead, superseded))
     return EXIT_OK
 
 
-async def _retry_keys(args: argparse.Namespace, ledger: Ledger) -> list[str] | None:
-    """The keys of the items ``retry`` was given (``None``: every retryable item). Raises
-    :class:`ConfigurationError` for an unknown item or one that is not retryable."""
+def _retryable(args: argparse.Namespace) -> tuple[str, ...]:
+    """The states ``retry`` puts back: failed, and with ``--dead`` dead too."""
+    return ("failed", "dead") if args.dead else ("failed",)
+
+
+async def _named_items(args: argparse.Namespace, ledger: Ledger) -> list[ItemInfo] | None:
+    """Every item the names ``retry`` was given name (``None``: no names, every retryable
+    item): a relpath names each version of its file the ledger holds, and ``retry`` puts
+    back those it can, as it does without names. Raises :class:`ConfigurationError` for an
+    unknown name, or one that names no retryable item."""
     if not args.items:
         return None
-    retryable = ("failed", "dead") if args.dead else ("failed",)
-    keys: list[str] = []
+    named: dict[str, ItemInfo] = {}
     for name in args.items:
         found = await ledger.find_items(args.job, name)
         if not found:
             raise ConfigurationError(f"unknown item {name!r} in job {args.job!r}")
-        refused = [item for item in found if item.state not in retryable]
-        if refused:
-            state = refused[0].state
+        if not any(item.state in _retryable(args) for item in found):
+            states = {item.state for item in found}
+            state = "dead" if "dead" in states else found[0].state
             hint = "; add --dead to retry dead items" if state == "dead" else ""
             raise ConfigurationError(
                 f"item {name!r} of job {args.job!r} is {state}, not failed: nothing to retry{hint}"
             )
-        keys.extend(item.key for item in found)
-    return keys
+        named.update((item.key, item) for item in found)
+    return list(named.values())
 
 
 async def _superseded(
