@@ -267,9 +267,9 @@ async def handle_nothing(ctx: TaskContext) -> None:
     """A handler that does nothing."""
 
 
-def test_a_dead_file_fixed_in_place_is_a_new_item_and_retry_clears_the_old_one(
-    inbox: Path, state: Path, tmp_path: Path
-) -> None:
+def one_dead_file(inbox: Path, state: Path) -> tuple[Path, str, tuple[str | os.PathLike[str], ...]]:
+    """Two files, one of them dead after a run: ``(that file, the handler, the run's other
+    arguments)``."""
     broken = make_files(inbox, 2)[1]
     broken.write_text("bad row")
     os.utime(broken, (time.time() - 30,) * 2)
@@ -277,7 +277,13 @@ def test_a_dead_file_fixed_in_place_is_a_new_item_and_retry_clears_the_old_one(
     args = ("--source", inbox, "--state", state, "--max-attempts", "1")
     assert cli("run", handler, *args).returncode == 1
     assert counts(state) == {"done": 1, "dead": 1}
+    return broken, handler, args
 
+
+def test_a_dead_file_fixed_in_place_is_a_new_item_and_retry_clears_the_old_one(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    broken, handler, args = one_dead_file(inbox, state)
     broken.write_text("fixed, a longer row")  # fixed in place: a new version, a new item
     retried = cli("retry", "--state", state, "--dead")
     assert retried.returncode == 0, retried.stderr
@@ -293,12 +299,7 @@ def test_a_dead_file_fixed_in_place_is_a_new_item_and_retry_clears_the_old_one(
 def test_retry_by_name_clears_a_dead_version_whose_newer_version_is_done(
     inbox: Path, state: Path
 ) -> None:
-    broken = make_files(inbox, 2)[1]
-    broken.write_text("bad row")
-    os.utime(broken, (time.time() - 30,) * 2)
-    handler = f"{HANDLERS}:fail_on_bad"
-    args = ("--source", inbox, "--state", state, "--max-attempts", "1")
-    assert cli("run", handler, *args).returncode == 1
+    broken, handler, args = one_dead_file(inbox, state)
     broken.write_text("fixed, a longer row")  # fixed in place, and handled: a new, done item
     assert cli("run", handler, *args).returncode == 0
     assert counts(state) == {"done": 2, "dead": 1}
