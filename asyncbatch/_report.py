@@ -208,10 +208,6 @@ class Counters(RunTotals):
         """Attempts that reached an outcome so far (done, failed, dead, vanished)."""
         return self.done + self.failed + self.dead + self.vanished + self.lost
 
-    def seen_accounted(self) -> int:
-        """Seen items in a category other than unfinished."""
-        return sum(getattr(self, name) for name in CATEGORIES if name != "unfinished")
-
     def not_reached(self) -> int:
         """Seen items in no other category: not reached, or in flight (given back at a stop)."""
         return max(self.seen - self.seen_accounted(), 0)

@@ -423,6 +423,10 @@ class RunTotals(RowValue):
         """A copy of just the counts."""
         return RunTotals(**{name: getattr(self, name) for name in TOTALS})
 
+    def seen_accounted(self) -> int:
+        """Seen items in a category other than unfinished."""
+        return sum(getattr(self, name) for name in CATEGORIES if name != "unfinished")
+
 
 #: The counts, in their order: the history row's columns.
 TOTALS: Final = tuple(f.name for f in fields(RunTotals))

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._ledger import Listing
-from .._ledger.types import CATEGORIES, RunTotals
+from .._ledger.types import RunTotals
 from .state import RunState, reap_gone_runners
 
 if TYPE_CHECKING:
@@ -374,13 +374,13 @@ def count_listing(
     the room left is smaller than what others finished: less said, never more.)
     """
     if listing is None or listing.started_at is None:
-        t.seen = max(t.seen, _accounted(t))
+        t.seen = max(t.seen, t.seen_accounted())
         return
     t.done_before = t.dead_before = 0
     if running is not None:
         t.held = 0
-    t.seen = max(listing.listed_files, _accounted(t))
-    room = t.seen - _accounted(t)
+    t.seen = max(listing.listed_files, t.seen_accounted())
+    room = t.seen - t.seen_accounted()
     t.dead_before = min(listing.found_dead + others.get("dead", 0), room)
     room -= t.dead_before
     t.done_before = min(listing.found_done + others.get("done", 0), room)
@@ -406,12 +406,7 @@ def live_totals(run: RunState, t: RunTotals) -> None:
         count_listing(t, listing, {}, None)
     else:
         count_listing(t, listing, others, counts["running"])
-    t.unfinished = max(t.seen - _accounted(t), 0)
-
-
-def _accounted(t: RunTotals) -> int:
-    """Seen items in a category other than unfinished."""
-    return sum(getattr(t, name) for name in CATEGORIES if name != "unfinished")
+    t.unfinished = max(t.seen - t.seen_accounted(), 0)
 
 
 async def _registered_and_finished_by_others(run: RunState) -> None:
