@@ -494,11 +494,13 @@ def _verdict(
         return "unreadable", (
             "its content cannot be read (identity 'content' keys a file by its bytes)"
         )
-    message = "not yet seen by any run: the next run handles it"
+    # (Not "seen by no run": a run stopped before it registered what it found counts the file
+    # among its "not registered yet", and the ledger never heard of it.)
+    message = "not in the ledger yet (no run registered it): the next run handles it"
     if others:
         message = (
-            "this version of the file is not yet seen by any run (the next run handles "
-            f"it); the ledger has {len(others)} other item(s) under the name"
+            "this version of the file is not in the ledger yet (no run registered it; the "
+            f"next run handles it); the ledger has {len(others)} other item(s) under the name"
         )
     return "never-seen", message
 
