@@ -365,3 +365,21 @@ def test_forget_vanished_clears_the_rows_of_files_gone_before_their_turn(
     assert counts(state) == {"done": 1}
     again = cli("forget", "--vanished", "--state", state, "--yes")
     assert "no items vanished; nothing forgotten" in again.stdout
+
+
+def test_retry_of_a_dead_item_moved_away_by_on_dead_says_to_put_its_file_back(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # (It said "put back to pending: the next run handles them"; the next run found the
+    # quarantined file gone: vanished.)
+    make_files(inbox, 1)
+    quarantine = tmp_path / "quarantine"
+    quarantine.mkdir()
+    args = ("--source", inbox, "--state", state, "--max-attempts", "1")
+    moved = cli("run", f"{HANDLERS}:fail_always", *args, "--on-dead", f"move:{quarantine}")
+    assert moved.returncode == 1, moved.stderr
+    assert [p.name for p in quarantine.iterdir()] == ["f00000.txt"]
+    retried = cli("retry", "--state", state, "--dead")
+    assert retried.returncode == 0, retried.stderr
+    assert "1 of them ('f00000.txt') has no file in the source now" in retried.stdout
+    assert "put each back first, or the next run finds it vanished" in retried.stdout

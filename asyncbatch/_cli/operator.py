@@ -350,7 +350,7 @@ async def retry(args: argparse.Namespace) -> int:
     try:
         named = await _named_items(args, ledger)
         keys = None if named is None else [i.key for i in named if i.state in _retryable(args)]
-        superseded = await _superseded(args, ledger, keys) if args.dead else []
+        superseded, away = await _dead_files(args, ledger, keys) if args.dead else ([], [])
         if superseded:
             gone = {item.key for item in superseded}
             if keys is None:  # every failed or dead item but those
@@ -367,7 +367,7 @@ async def retry(args: argparse.Namespace) -> int:
             dead = (await ledger.counts(args.job)).get("dead", 0)
     finally:
         await ledger.close()
-    print(_retried(changed, args.dead, dead, superseded))
+    print(_retried(changed, args.dead, dead, superseded, away))
     return EXIT_OK
 
 
@@ -399,28 +399,40 @@ async def _named_items(args: argparse.Namespace, ledger: Ledger) -> list[ItemInf
     return list(named.values())
 
 
-async def _superseded(
+async def _dead_files(
     args: argparse.Namespace, ledger: Ledger, keys: list[str] | None
-) -> list[ItemInfo]:
-    """The dead items (of ``keys``; ``None``: all) whose file was changed in place since:
-    with identity ``stat`` (relpath, size and mtime) the file there now is another item."""
+) -> tuple[list[ItemInfo], list[ItemInfo]]:
+    """Of the dead items (of ``keys``; ``None``: all): those whose file was changed in place
+    since (with identity ``stat``, relpath, size and mtime, the file there now is another
+    item), and those whose file is not in the source at all (moved away by ``--on-dead``, or
+    deleted: put back, they vanish at the next run unless the file is put back first)."""
     settings = await job_settings(args, ledger)
-    if settings is None or await job_identity(ledger, args.job) != "stat":
-        return []
+    if settings is None or str(settings.source).startswith("s3://"):
+        return [], []
+    stat_identity = await job_identity(ledger, args.job) == "stat"
     dead = await ledger.list_items(args.job, ItemFilter(states=("dead",), limit=None))
     chosen = dead if keys is None else [item for item in dead if item.key in set(keys)]
-    found = []
+    changed, away = [], []
     for item in chosen:
         try:
             st = os.stat(Path(settings.source) / item.relpath, follow_symlinks=False)
+        except FileNotFoundError:
+            away.append(item)
+            continue
         except OSError:
-            continue  # gone: a retry says vanished, which is true
-        if (st.st_size, clamp_ns(st.st_mtime_ns)) != (item.size, item.mtime_ns):
-            found.append(item)
-    return found
+            continue
+        if stat_identity and (st.st_size, clamp_ns(st.st_mtime_ns)) != (item.size, item.mtime_ns):
+            changed.append(item)
+    return changed, away
 
 
-def _retried(changed: int, dead_too: bool, dead_left: int, superseded: list[ItemInfo]) -> str:
+def _retried(
+    changed: int,
+    dead_too: bool,
+    dead_left: int,
+    superseded: list[ItemInfo],
+    away: list[ItemInfo],
+) -> str:
     """What ``retry`` did, in words."""
     which = "failed or dead" if dead_too else "failed"
     text = f"{changed} {which} item{'s' if changed != 1 else ''} put back to pending"
@@ -438,6 +450,14 @@ def _retried(changed: int, dead_too: bool, dead_left: int, superseded: list[Item
             f"; {len(superseded)} dead item{'s' if len(superseded) != 1 else ''} whose file "
             f"changed since ({names}{more}) cleared: the new version of a file is a new item, "
             "which the next run handles"
+        )
+    if away:
+        names = ", ".join(repr(item.relpath) for item in away[:SHOWN_NAMES])
+        more = f" and {len(away) - SHOWN_NAMES} more" if len(away) > SHOWN_NAMES else ""
+        text += (
+            f"; {len(away)} of them ({names}{more}) {'have' if len(away) != 1 else 'has'} no "
+            "file in the source now (moved away by --on-dead, or deleted): put each back "
+            "first, or the next run finds it vanished"
         )
     return text
 
