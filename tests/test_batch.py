@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -731,3 +732,28 @@ async def test_a_heartbeat_beside_a_commit_reports_no_lease_lost(
 
     assert (report.done, report.lost) == (20, 0)
     assert "taken over" not in caplog.text
+
+
+async def test_a_run_cancelled_just_after_a_handler_returned_records_it_done(
+    inbox: Path, state: Path
+) -> None:
+    # (The commit group was lost to the cancellation, which reached the committer at the
+    # ledger's lock: the item went back to pending and the next run handled it again.)
+    make_files(inbox, 1)
+    calls: list[int] = []
+    returned = asyncio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.attempt)
+        returned.set()
+
+    task = asyncio.create_task(Batch(handle, source=inbox, state=state, settle=0).run())
+    await returned.wait()
+    await asyncio.sleep(0)  # the handler returns; its outcome waits for its commit group
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert state_counts(state) == {"done": 1}
+    report = await Batch(handle, source=inbox, state=state, settle=0).run()
+    assert calls == [1]
+    assert (report.seen, report.done_before) == (1, 1)

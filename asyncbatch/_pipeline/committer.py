@@ -44,7 +44,13 @@ class Committer:
                 await outbox.wait_full(cfg.commit_interval)
                 # Behind? Take a bigger group: one transaction costs about the same for 256
                 # rows or 2,048, and a backlog of finished items must not grow.
-                await self.commit(*outbox.take(cfg.commit_batch * GROUP_CATCH_UP))
+                group = outbox.take(cfg.commit_batch * GROUP_CATCH_UP)
+                # Out of the outbox, the group is committed even if the run is cancelled
+                # meanwhile: a cancellation at the ledger's lock lost it (handlers that had
+                # succeeded ran again; attempts that had started went uncounted, so a handler
+                # that raises SystemExit at once stopped every later run).
+                with anyio.CancelScope(shield=True):
+                    await self.commit(*group)
         finally:
             with anyio.CancelScope(shield=True):
                 if len(outbox):
