@@ -104,6 +104,14 @@ def _source(run: RunObservation) -> HealthCheck:
 
 
 def _scan(run: RunObservation, now: float) -> HealthCheck:
+    if run.shared and not run.lister:
+        # Another runner lists for the job (or will): this one takes its files from the
+        # ledger, and has no scan of its own to wait for (it was never ready before).
+        if run.listing is None:
+            return HealthCheck("scan", False, "has not looked at the job's listing role yet")
+        return HealthCheck(
+            "scan", True, "another runner lists the source for the job; this one claims from it"
+        )
     last = run.last_scan
     if last is None:
         return HealthCheck("scan", False, "the first scan has not finished yet")
