@@ -166,9 +166,9 @@ class Batch:
     def stop(self) -> None:
         """Ask the running ``run()``/``watch()`` to stop: no new items, in-flight ones finish.
 
-        Called before the run has begun (an application shutting down at once), it makes the
-        next ``run()``/``watch()`` stop as soon as it starts, so nothing waits for a watch that
-        had not started yet.
+        Called while no run is under way (before the first has begun, an application shutting
+        down at once, or between two), it makes the next ``run()``/``watch()`` stop as soon as
+        it starts, so nothing waits for a watch that had not started yet.
         """
         if self._run is not None:
             self._run.request_stop()
