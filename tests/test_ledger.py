@@ -310,3 +310,25 @@ def test_a_state_that_is_not_sqlite_is_refused_untouched(tmp_path: Path) -> None
             anyio.run(SQLiteLedger.open, state)
         assert state.read_bytes() == content
         assert not (tmp_path / "state.db-wal").exists()
+
+
+def test_a_state_that_is_not_sqlite_beside_a_leftover_wal_is_refused_untouched(
+    tmp_path: Path,
+) -> None:
+    # SQLite reads page 1 from a -wal beside the file: left by another database, it made a
+    # text file look like one, and the closing connection checkpointed that WAL into it.
+    other = tmp_path / "other.db"
+    keep = sqlite3.connect(other, isolation_level=None)
+    keep.execute("PRAGMA journal_mode=WAL")
+    keep.execute("CREATE TABLE t (x)")
+    state = tmp_path / "state.db"
+    wal = tmp_path / "state.db-wal"
+    wal.write_bytes((tmp_path / "other.db-wal").read_bytes())
+    keep.close()
+    content = b"not a database: a partner's CSV, say\n" * 20
+    state.write_bytes(content)
+    leftover = wal.read_bytes()
+    with pytest.raises(NotALedgerError, match="not a SQLite database"):
+        anyio.run(SQLiteLedger.open, state)
+    assert state.read_bytes() == content
+    assert wal.read_bytes() == leftover

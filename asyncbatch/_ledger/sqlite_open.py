@@ -29,12 +29,13 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     ``stat``; a file or directory this user may not read is named with the reason. The
     network filesystem check follows symlinks: it is the real file that SQLite opens.
 
-    Whether a file with content is a SQLite database is left to SQLite's first read (which
-    writes nothing to a file that is not one: ``open_error`` says so). It is never opened
-    here: closing a descriptor of the file drops every POSIX lock this process holds on it,
-    SQLite's own included, and with another ledger on it open in this process (two batches,
-    a service reading its state) another process could then checkpoint the WAL under it:
-    a corrupt database (SQLite's "How To Corrupt", 2.2).
+    Whether a file with content is a SQLite database is asked of SQLite (see
+    :func:`_holds_sqlite`), never read through a descriptor of our own: closing one drops
+    every POSIX lock this process holds on the file, SQLite's own included, and with another
+    ledger on it open in this process (two batches, a service reading its state) another
+    process could then checkpoint the WAL under it: a corrupt database (SQLite's "How To
+    Corrupt", 2.2). (A FIFO swapped in for the file between its ``stat`` and that read would
+    block it: a race this check cannot close.)
     """
     st = _state_stat(path)
     parent = path.parent
@@ -58,6 +59,8 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     if not os.access(path, os.R_OK):
         denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         raise ConfigurationError(f"state {str(path)!r} cannot be read: {_unreadable(path, denied)}")
+    if st.st_size and not _holds_sqlite(path):
+        raise NotALedgerError(f"state {str(path)!r} is not a SQLite database; it was not touched")
     if not st.st_size and not create and not _has_content(companions(_real(path))[0]):
         raise ConfigurationError(
             f"state {str(path)!r} is an empty file: it holds no ledger yet (no run has used it)"
@@ -98,6 +101,29 @@ def check_writable(path: Path, why: str) -> None:
             raise ConfigurationError(
                 f"state {str(path)!r} cannot be written ({str(name)!r}: {_unwritable(name)}); {why}"
             )
+
+
+def _holds_sqlite(path: Path) -> bool:
+    """Whether the file ``path`` itself (not a ``-wal`` beside it) is a SQLite database.
+
+    Asked of SQLite, reading the file as ``immutable``: its ``-wal`` is not read (a leftover
+    one beside a file that is not a database would make it look like one, and the first
+    writable connection's close would checkpoint that WAL into it), no lock is taken, and
+    SQLite closes its descriptor only once no connection of this process holds a lock on
+    the file (a descriptor of our own, closed, would drop them all: see
+    :func:`check_state_path`)."""
+    uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        if getattr(e, "sqlite_errorname", "") == "SQLITE_NOTADB":
+            return False
+        # Damaged, say: the ledger's own open says what it is, and touches nothing.
+    return True
 
 
 def _real(path: Path) -> Path:
