@@ -387,7 +387,7 @@ added AS (
          AS r(key, relpath, size, mtime_ns, inode)
     WHERE EXISTS (SELECT 1 FROM holder)
     ON CONFLICT (job, key) DO UPDATE SET state = 'pending', owner = NULL, lease_until = NULL,
-        updated_at = excluded.updated_at
+        updated_at = excluded.updated_at, started_fence = NULL
     WHERE i.state = 'vanished'
     RETURNING 1
 ),
@@ -416,7 +416,8 @@ ORDER BY key LIMIT $3
 #: Vanished items ($2 keys) whose files are listed again wait again (as REGISTER_LISTED).
 REVIVE_VANISHED = f"""
 WITH revived AS (
-    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW}
+    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW},
+                     started_fence = NULL
     WHERE job = $1 AND key = ANY($2::text[]) AND state = 'vanished'
     RETURNING 1
 )

@@ -317,10 +317,11 @@ INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fe
                    created_at, updated_at)
 SELECT ?1, key, relpath, size, mtime_ns, inode, 'pending', 0, 0, ?2, ?2 FROM listed WHERE true"""
 #: A vanished item whose file is listed again (the same key: it was being written when its
-#: turn came) waits again; any other item the ledger holds is left as it is.
+#: turn came) waits again, its vanishing not taken for an interrupted attempt at its next
+#: lease (``started_fence`` cleared); any other item the ledger holds is left as it is.
 _REGISTER_TAIL = """
 ON CONFLICT (job, key) DO UPDATE SET state = 'pending', owner = NULL, lease_until = NULL,
-    updated_at = ?2
+    updated_at = ?2, started_fence = NULL
 WHERE items.state = 'vanished'"""
 
 
@@ -340,7 +341,8 @@ SELECT key, state FROM items WHERE job = ?1 AND key BETWEEN ?2 AND ?3 ORDER BY k
 """
 #: A vanished item whose file is listed again waits again (as REGISTER_TAIL does it).
 REVIVE_VANISHED = """
-UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?,
+                 started_fence = NULL
 WHERE job = ? AND key = ? AND state = 'vanished'
 """
 #: A batch of queued files (see types.pack_queued): job, files, rows.
