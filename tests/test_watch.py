@@ -309,10 +309,12 @@ async def test_a_dead_item_retried_during_a_live_watch_is_counted_once(
     make_files(inbox, 1)
     broken = True
     calls = 0
+    first, second = anyio.Event(), anyio.Event()
 
     async def handle(ctx: TaskContext) -> None:
         nonlocal calls
         calls += 1
+        (first if calls == 1 else second).set()
         if broken:
             raise ValueError("broken")
 
@@ -325,20 +327,19 @@ async def test_a_dead_item_retried_during_a_live_watch_is_counted_once(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
-        with anyio.fail_after(30):
-            while calls < 1:  # noqa: ASYNC110 (the handler's calls, not an event)
-                await anyio.sleep(0.02)
-            while state_counts(state).get("dead") != 1:  # noqa: ASYNC110 (the ledger's state)
+        with anyio.fail_after(30):  # a bound on a hang, not a wait
+            await first.wait()
+            while batch.statistics().dead != 1:  # noqa: ASYNC110 (committed: no event for it)
                 await anyio.sleep(0.02)
             broken = False
             retried = await anyio.to_thread.run_sync(
                 lambda: cli("retry", "--dead", "--state", state)
             )
             assert retried.returncode == 0, retried.stderr
-            while state_counts(state).get("done") != 1:  # noqa: ASYNC110 (the ledger's state)
-                await anyio.sleep(0.02)
-        batch.stop()
+            await second.wait()
+        batch.stop()  # its outcome is committed as the watch ends
 
     assert calls == 2
+    assert state_counts(state) == {"done": 1}
     assert report is not None
     assert (report.seen, report.done, report.dead, report.failed) == (1, 1, 0, 1), report
