@@ -2072,6 +2072,19 @@ async def test_a_listing_registers_waiting_items_and_counts_what_it_found(
     # The vanished one never started: its vanishing is not an interrupted attempt (it was
     # counted one at this lease, and a file rewritten often enough ended dead of it).
     assert {r.key: r.interrupted for r in waiting}["k00003"] == 0
+    # A watch's full scan is a listing without a start (no report counts its files).
+    scan = await ledger.begin_listing("j", "a", role.fence, watching=True)
+    assert scan is not None
+    assert (scan.generation, scan.complete, scan.started_at) == (2, 1, None)
+    assert await ledger.end_listing("j", "a", role.fence, 4)
+    after = await ledger.listing("j")
+    assert after is not None
+    assert (after.generation, after.complete, after.listed_files, after.started_at) == (
+        2,
+        2,
+        4,
+        None,
+    )
 
 
 async def test_a_listing_by_a_holder_taken_over_is_refused(ledger: Ledger, store: Store) -> None:

@@ -179,6 +179,49 @@ async def test_a_shared_watchs_lister_counts_what_the_others_finished_as_done_be
     assert reports["other"].done == len(by_other)
 
 
+async def test_a_shared_run_beside_a_shared_watch_ends_once_what_was_there_is_done(
+    inbox: Path, any_state: str
+) -> None:
+    # (A run beside a watch holding the role waited for a listing the watch never made, until
+    # it was stopped.) Each full scan of the watch is a listing now: the run goes by the first
+    # to begin after it looked at the role, and ends once the files it found are finished.
+    make_files(inbox, 30)
+    by_watch: list[str] = []
+    by_run: list[str] = []
+    run_handled = anyio.Event()
+
+    async def watch_handles(ctx: TaskContext) -> None:
+        by_watch.append(ctx.entry.relpath)
+        with anyio.fail_after(30):
+            await run_handled.wait()  # the run finds some of the files left to do
+
+    async def run_handles(ctx: TaskContext) -> None:
+        by_run.append(ctx.entry.relpath)
+        run_handled.set()
+
+    common: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "shared": True}
+    watch = Batch(watch_handles, **common, poll=0.05, concurrency=2)
+    run = Batch(run_handles, **common, concurrency=4)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.watch)
+        with anyio.fail_after(30):
+            while (await listing_of_or_none(any_state)) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        listed_before = (await listing_of(any_state)).generation
+        with anyio.fail_after(60):  # before: it never ended
+            report = await run.run()
+        late = await listing_of(any_state)
+        watch.stop()
+    every = by_watch + by_run
+    assert sorted(every) == sorted(set(every)) == sorted(p.name for p in inbox.iterdir())
+    assert by_run, "the run found none of the files left to do"
+    # Its own work, counted as such: the watch's scans are no count of this run's files.
+    assert (report.seen, report.done, report.unfinished) == (len(by_run), len(by_run), 0), report
+    assert report.ok
+    assert late.complete > listed_before  # it went by a scan that began after it looked
+    assert late.started_at is None
+
+
 async def listing_of_or_none(state: str) -> Any:
     try:
         return await listing_of(state)

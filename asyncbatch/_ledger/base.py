@@ -436,10 +436,17 @@ class Ledger(IdempotencyStore):
         """The job's listing role and listings (``None``: no runner ever listed for it)."""
 
     @abc.abstractmethod
-    async def begin_listing(self, job: str, owner: str, fence: int) -> Listing | None:
+    async def begin_listing(
+        self, job: str, owner: str, fence: int, *, watching: bool = False
+    ) -> Listing | None:
         """Begin a listing: a new generation, its start now, its counts at zero, and what
         earlier listings left queued dropped (this one lists every file again). ``None``
-        when ``owner`` no longer holds the role under ``fence`` (nothing is changed)."""
+        when ``owner`` no longer holds the role under ``fence`` (nothing is changed).
+
+        ``watching``: a watch's full scan, which registers only the files it sees first (the
+        others it registered before): a listing that says the source was looked at whole,
+        without a start (``started_at`` ``None``), so that no report counts its files as the
+        job's (see :func:`~asyncbatch._pipeline.shared.count_listing`)."""
 
     @abc.abstractmethod
     async def register_listed(

@@ -522,9 +522,11 @@ class PostgresLedger(Ledger):
         found = await self._session.fetch(sql.LISTING_GET, job)
         return self._listing(found[0]) if found else None
 
-    async def begin_listing(self, job: str, owner: str, fence: int) -> t.Listing | None:
+    async def begin_listing(
+        self, job: str, owner: str, fence: int, *, watching: bool = False
+    ) -> t.Listing | None:
         async def begin(conn: Connection) -> asyncpg.Record | None:
-            if await conn.fetchval(sql.LISTING_BEGIN, job, owner, fence) is None:
+            if await conn.fetchval(sql.LISTING_BEGIN, job, owner, fence, not watching) is None:
                 return None
             await conn.execute(sql.QUEUED_CLEAR, job)
             return await conn.fetchrow(sql.LISTING_GET, job)

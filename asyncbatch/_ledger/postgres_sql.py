@@ -363,8 +363,11 @@ _HOLDER = "job = $1 AND owner = $2 AND fence = $3"
 #: The channel on which registrations of waiting items are announced (the payload: the job;
 #: see NOTIFY_REGISTERED).
 REGISTERED_CHANNEL: Final = "asyncbatch_registered"
+#: ($4: whether the listing counts the files it finds, see Ledger.begin_listing: a watch's
+#: full scans do not, and have no ``started_at``.)
 LISTING_BEGIN = f"""
-UPDATE listers SET generation = generation + 1, started_at = {NOW}, listed_files = 0,
+UPDATE listers SET generation = generation + 1, started_at = CASE WHEN $4 THEN {NOW} END,
+                   listed_files = 0,
                    found_done = 0, found_dead = 0
 WHERE {_HOLDER}
 RETURNING job

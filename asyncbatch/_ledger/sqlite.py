@@ -727,9 +727,12 @@ class SQLiteLedger(Ledger):
         found = await self._fetch_named(sql.LISTING_GET, (job,))
         return t.Listing.from_row(found[0]) if found else None
 
-    async def begin_listing(self, job: str, owner: str, fence: int) -> t.Listing | None:
+    async def begin_listing(
+        self, job: str, owner: str, fence: int, *, watching: bool = False
+    ) -> t.Listing | None:
         def begin(conn: sqlite3.Connection, now: float) -> t.Listing | None:
-            holder = {"job": job, "owner": owner, "fence": fence, "now": now}
+            started = None if watching else now
+            holder = {"job": job, "owner": owner, "fence": fence, "started": started}
             if conn.execute(sql.LISTING_BEGIN, holder).rowcount == 0:
                 return None
             conn.execute(sql.QUEUED_CLEAR, (job,))

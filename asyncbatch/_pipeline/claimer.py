@@ -139,6 +139,9 @@ class Claimer:
         #: watch registers the files it finds with it (all runners claim them from the
         #: ledger) instead of leasing them itself, and leaves retries to the claiming loop.
         self.registrar: Callable[[list[bytes]], Awaitable[None]] | None = None
+        #: Set with it: each full scan of the watch is a listing of the job, which a ``run()``
+        #: beside the watch can go by (see :meth:`.SharedRun.scan_begins`).
+        self.listings: SharedRun | None = None
         #: Whether an item's identity includes its version tag (an object's ``inode``).
         self._versioned = state.config.objects is not None
         #: The S3 event notifications followed (``--events sqs://QUEUE``), once open, and the
@@ -370,8 +373,11 @@ class Claimer:
             sightings.forget(forgotten)
             paths.update(forgotten)
         if full:
+            listings = self.listings
+            listed = listings is not None and await listings.scan_begins()
             now_ns = time.time_ns()
             records = await self.scanner.scan(settle=None, now_ns=now_ns)
+            found = len(records)
             walked = self.scanner.walked
             if walked is None:
                 candidates = sightings.scanned(records, now_ns, time.monotonic())
@@ -382,6 +388,8 @@ class Claimer:
                 await self.markers.after_scan(walked)
             del records
             await self._claim_candidates(candidates)
+            if listed and listings is not None:  # every file found is registered or waiting
+                await listings.scan_ends(max(found - sightings.waiting, 0))
         else:  # events are followed: a listing (or one stat: no name changed) will do
             if not await self.scanner.unchanged():
                 paths.update(sightings.unknown(await self.scanner.list_names()))

@@ -14,7 +14,9 @@ A ``run()`` lists once and ends when the job is finished: the listing it goes by
 (``Listing.complete``), and no item of the job is pending, leased or waiting for a retry
 (``wait=False``: none it could lease now). A ``watch()``'s holder watches the source (events
 and polls) and registers what turns up; the others wait for new waiting items (the role's
-``registered`` count grows), their retries, or the role.
+``registered`` count grows), their retries, or the role. Each full scan of a watching holder
+is a listing too (without a start: it counts no files of the job), which a ``run()`` beside
+it goes by: the first to begin after the run looked at the role.
 
 The report of a shared run counts the job's listing: ``seen`` is the files it found; this
 runner's own outcomes count as usual, and ``done_before`` (``dead_before``) the rest of those
@@ -132,9 +134,14 @@ class SharedRun:
             run.listing_role = role
             if self.target is None and not mine:
                 # Another runner lists: this run goes by its listing under way (or the next,
-                # if none began yet), or the last complete one of a holder that works on.
+                # if none began yet), or the last complete one of a holder that works on. A
+                # watch lists at each full scan (its listings have no start): the next one
+                # to begin, which finds what is in the source now.
                 under_way = role.generation > role.complete
-                self.target = max(role.generation if under_way else role.complete, 1)
+                if role.generation and role.started_at is None:
+                    self.target = role.generation + 1
+                else:
+                    self.target = max(role.generation if under_way else role.complete, 1)
                 run.listing_target = self.target
             if mine and watching:
                 await self._watch()
@@ -210,15 +217,45 @@ class SharedRun:
             rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
             found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
         if found is None:
-            run.lose_listing_role()
-            log.warning(
-                "the listing role of job %r was taken over; this runner stops listing", cfg.job
-            )
+            self._role_taken_over()
             return False
         if found.done or found.dead:
             await self._finish_actions([key for key, *_ in rows])
         run.wake()  # waiting items for this runner's own claims too
         return True
+
+    def _role_taken_over(self) -> None:
+        self.run.lose_listing_role()
+        log.warning(
+            "the listing role of job %r was taken over; this runner stops listing",
+            self.config.job,
+        )
+
+    async def scan_begins(self) -> bool:
+        """A full scan of this watching lister begins: begin a listing of the job (see
+        ``Ledger.begin_listing``'s ``watching``). ``False`` when the role was lost.
+
+        A ``run()`` beside the watch goes by the first full scan to begin after its own first
+        look at the role (see :meth:`_listing_duty`): then every file in the source when it
+        started has been registered (or is not ready yet: as a run's own listing leaves it)."""
+        run = self.run
+        fence = run.lister_fence
+        if fence is None:
+            return False
+        if await run.ledger.begin_listing(self.config.job, run.owner, fence, watching=True):
+            return True
+        self._role_taken_over()
+        return False
+
+    async def scan_ends(self, files: int) -> None:
+        """The full scan :meth:`scan_begins` began registered what it found ready (``files``,
+        those registered before among them): its listing is complete."""
+        run = self.run
+        fence = run.lister_fence
+        if fence is not None and not await run.ledger.end_listing(
+            self.config.job, run.owner, fence, files
+        ):
+            self._role_taken_over()
 
     async def _finish_actions(self, keys: list[str]) -> None:
         """Carry out again the post-commit actions of the listed files the ledger has finished
@@ -247,7 +284,7 @@ class SharedRun:
                 if not await self._register(records[start : start + REGISTER_BATCH]):
                     return
 
-        claimer.registrar = register
+        claimer.registrar, claimer.listings = register, self
         log.info("this runner lists job %r for its runners (watching)", self.config.job)
         try:
             async with anyio.create_task_group() as tg:
@@ -255,7 +292,7 @@ class SharedRun:
                 await claimer.watch()
                 tg.cancel_scope.cancel()
         finally:
-            claimer.registrar = None
+            claimer.registrar = claimer.listings = None
 
     async def _cancel_when_role_lost(self, scope: anyio.CancelScope) -> None:
         await self.run.role_lost.wait()  # the heartbeat could not renew it
@@ -317,7 +354,8 @@ class SharedRun:
         if listing is None or self.target is None or listing.complete < self.target:
             return False
         run.listing = listing
-        run.counters.seen = max(run.counters.seen, listing.listed_files)
+        if listing.started_at is not None:  # (a watch's scan: not the files of this run)
+            run.counters.seen = max(run.counters.seen, listing.listed_files)
         if cfg.wait and await run.ledger.work_left(cfg.job):
             return False
         others: dict[str, int] | None = None
