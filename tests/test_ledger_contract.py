@@ -2076,6 +2076,7 @@ async def test_a_listing_registers_waiting_items_and_counts_what_it_found(
     scan = await ledger.begin_listing("j", "a", role.fence, watching=True)
     assert scan is not None
     assert (scan.generation, scan.complete, scan.started_at) == (2, 1, None)
+    assert scan.listed_files == 5  # the complete listing's, while the next is under way
     assert await ledger.end_listing("j", "a", role.fence, 4)
     after = await ledger.listing("j")
     assert after is not None
@@ -2292,7 +2293,13 @@ async def test_finish_counts_count_what_other_runners_finished_since(
         await ledger.start_runner(run_start(owner, shared=True))
     await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2)])
     await ledger.commit_outcomes("j", "a", [Outcome("k00001", 1, "done")])
-    since = time.time() + 1e-6  # after a's, before b's
+    # After a's, before b's, in the ledger's own times (PostgreSQL's clock, whose offset from
+    # ours is measured: time.time() here was once behind the commit's time under load).
+    (a_done,) = await ledger.find_items("j", "k00001")
+    assert a_done.finished_at is not None
+    since = a_done.finished_at + 1e-6
+    while time.time() <= since + 0.01:  # noqa: ASYNC110 (b's commit must come after it)
+        await anyio.sleep(0.005)
     await ledger.claim_scanned("j", "b", 60, [entry(3), entry(4), entry(5)])
     await ledger.commit_outcomes(
         "j",

@@ -286,8 +286,8 @@ RUNNER_LIVE = "SELECT 1 FROM runners WHERE owner = ? AND expires_at >= ?"
 _HOLDER = "job = :job AND owner = :owner AND fence = :fence"
 LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER}"
 LISTING_BEGIN = f"""
-UPDATE listers SET generation = generation + 1, started_at = :started, listed_files = 0,
-                   found_done = 0, found_dead = 0
+UPDATE listers SET generation = generation + 1, started_at = :started, found_done = 0,
+                   found_dead = 0
 WHERE {_HOLDER}
 """
 LISTING_FOUND = f"""

@@ -250,9 +250,11 @@ class Listing(RowValue):
     The role is a lease like an item's: ``owner`` holds it until ``lease_until`` (renewed by
     its heartbeats), ``fence`` grows with every holder. ``generation`` numbers the listings
     begun, ``complete`` the last one that registered every file it found (0: none yet):
-    ``started_at`` is when listing ``generation`` began, ``listed_at`` when ``complete``
-    ended, ``listed_files`` how many files it found, ``found_done`` and ``found_dead`` how
-    many of them the ledger had done or dead already. ``registered`` counts the waiting
+    ``started_at`` is when listing ``generation`` began (``None`` for a watch's scan: see
+    ``Ledger.begin_listing``), ``found_done`` and ``found_dead`` how many of the files it
+    found so far the ledger had done or dead already; ``listed_at`` is when listing
+    ``complete`` ended and ``listed_files`` how many files that one found (what ``status``
+    says of the last listing while the next is under way). ``registered`` counts the waiting
     items listings registered (it grows: a runner that waits for work watches it).
     """
 
