@@ -28,6 +28,7 @@ What differs from SQLite, and why:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -390,13 +391,22 @@ class PostgresLedger(Ledger):
         self, job: str, owner: str, fence: int, rows: Sequence[t.QueuedRow]
     ) -> t.Registered | None:
         keys = [row[0] for row in rows]
+        digest = hashlib.blake2b("\n".join(keys).encode(), digest_size=16).hexdigest()
+        runs = 0
 
         async def queue(conn: Connection) -> t.Registered | None:
-            if await conn.fetchval(sql.LISTING_HELD, job, owner, fence) is None:
+            nonlocal runs
+            runs += 1
+            holder = await conn.fetchrow(sql.LISTING_QUEUED_LAST, job, owner, fence)
+            if holder is None:
                 return None
             known = await _known_states(conn, job, keys)
             states = list(known.values())
             done, dead = states.count("done"), states.count("dead")
+            if runs > 1 and holder["queued_last"] == digest:
+                # Run again after its connection was lost, and the run before committed (its
+                # reply lost with the connection): queued, and counted, once.
+                return t.Registered(0, done, dead)
             revived = 0
             if "vanished" in states:
                 vanished = [k for k, s in known.items() if s == "vanished"]
@@ -406,7 +416,8 @@ class PostgresLedger(Ledger):
             if parts:
                 sizes = [len(part) for part in parts]
                 await conn.execute(sql.QUEUED_ADD, job, sizes, [t.pack_queued(p) for p in parts])
-            await conn.execute(sql.LISTING_FOUND, job, owner, fence, len(new) + revived, done, dead)
+            found = len(new) + revived
+            await conn.execute(sql.LISTING_QUEUED, job, owner, fence, found, done, dead, digest)
             if new or revived:  # delivered when this transaction commits
                 await conn.execute(sql.NOTIFY_REGISTERED, job)
             return t.Registered(len(new) + revived, done, dead)

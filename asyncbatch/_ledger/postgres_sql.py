@@ -37,7 +37,7 @@ from .types import (
 )
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 8
+SCHEMA_VERSION: Final = 9
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -225,6 +225,9 @@ CREATE TABLE queued (
 ALTER TABLE queued ALTER COLUMN rows SET STORAGE EXTERNAL;
 CREATE INDEX queued_job ON queued (job, seq);
 """,
+    # The last chunk the lister queued (a digest of its keys): a queueing run again after
+    # its connection was lost finds whether the run before committed (see queue_listed).
+    8: "ALTER TABLE listers ADD COLUMN queued_last text;\n",
 }
 
 # -- opening -------------------------------------------------------------------------------------
@@ -367,7 +370,7 @@ REGISTERED_CHANNEL: Final = "asyncbatch_registered"
 #: full scans do not, and have no ``started_at``.)
 LISTING_BEGIN = f"""
 UPDATE listers SET generation = generation + 1, started_at = CASE WHEN $4 THEN {NOW} END,
-                   found_done = 0, found_dead = 0
+                   found_done = 0, found_dead = 0, queued_last = NULL
 WHERE {_HOLDER}
 RETURNING job
 """
@@ -402,9 +405,6 @@ counted AS (
 )
 SELECT (SELECT count(*) FROM added), done, dead FROM found WHERE EXISTS (SELECT 1 FROM counted)
 """
-#: Whether $2 holds the job's ($1) role under fence $3 (the row locked until the end of the
-#: transaction).
-LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER} FOR UPDATE"
 #: The items the ledger holds of these keys ($2) of the job ($1), with their state.
 KNOWN_STATES = "SELECT key, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
 #: The job's ($1) items with a key between the least and the greatest of $2 (by the
@@ -445,6 +445,15 @@ UPDATE listers SET registered = registered + $4, found_done = found_done + $5,
                    found_dead = found_dead + $6
 WHERE {_HOLDER}
 """
+#: LISTING_FOUND for a queued chunk, whose digest ($7) it keeps.
+LISTING_QUEUED = f"""
+UPDATE listers SET registered = registered + $4, found_done = found_done + $5,
+                   found_dead = found_dead + $6, queued_last = $7
+WHERE {_HOLDER}
+"""
+#: The last chunk queued by the holder ($1 job, $2 owner, $3 fence), the row locked; no row
+#: when not the holder.
+LISTING_QUEUED_LAST = f"SELECT queued_last FROM listers WHERE {_HOLDER} FOR UPDATE"
 #: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL).
 NOTIFY_REGISTERED = "SELECT pg_notify('asyncbatch_registered', $1)"
 LISTING_END = f"""
