@@ -156,3 +156,18 @@ async def test_the_backfill_listing_finds_what_no_notification_named(
             await done.wait()
         batch.stop()
     assert sorted(handled) == ["n0.txt", "n1.txt", "quiet.txt"]
+
+
+def test_a_queue_that_is_not_there_is_one_line_and_exit_69(bucket: Bucket, state: Path) -> None:
+    from .conftest import cli
+
+    out = cli(
+        "run", "tests.cli_handlers:record", "--watch", "--source", bucket.url("in/"),
+        "--state", str(state), "--events", "sqs://no-such-queue", "--poll", "3600",
+        env=bucket.env,
+    )  # fmt: skip
+    assert out.returncode == 69, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("asyncbatch: error: cannot open sqs://no-such-queue: ")
+    assert "QueueDoesNotExist" in lines[0]

@@ -117,3 +117,41 @@ def test_the_cli_refuses_a_missing_profile_with_exit_2(
         "asyncbatch: error: AWS profile 'nope' (AWS_PROFILE) is in neither "
         f"{tmp_path}/.aws/credentials nor {tmp_path}/.aws/config"
     ]
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "notaurl", "http://", " http://h:9"])
+def test_an_endpoint_the_client_cannot_use_is_refused_with_exit_2(
+    bucket: Bucket, state: Path, endpoint: str
+) -> None:
+    # obstore panics (a Rust backtrace, then "RustPanic: rust future panicked") at its first
+    # request on such an endpoint: it is refused at the start, naming the variable
+    env = {**bucket.env, "AWS_ENDPOINT_URL": endpoint, "RUST_BACKTRACE": "1"}
+    out = cli(
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"), "--state", str(state),
+        env=env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"asyncbatch: error: AWS_ENDPOINT_URL has value {endpoint!r}: expected an http:// or "
+        "https:// URL with a host (http://127.0.0.1:9000)"
+    ]
+
+
+def test_a_setting_the_client_refuses_is_exit_2_before_any_item(
+    bucket: Bucket, state: Path, inbox: Path
+) -> None:
+    (inbox / "a.txt").write_bytes(b"a")
+    env = {**bucket.env, "AWS_ALLOW_HTTP": "maybe"}
+    for source, extra in ((bucket.url("in/"), ()), (str(inbox), ("--output-dir", bucket.url()))):
+        out = cli(
+            "run", "tests.cli_handlers:write_copy", "--source", source, "--state", str(state),
+            "--max-attempts", "1", *extra, env=env,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            "asyncbatch: error: the S3 client's settings (the AWS_* environment, the AWS "
+            'profile) are refused: Generic Config error: failed to parse "maybe" as boolean '
+            "(set by AWS_ALLOW_HTTP)"
+        ]
+        assert CANARY_SECRET not in out.stderr
+    assert not bucket.keys()  # nothing written, and no item was made dead for it

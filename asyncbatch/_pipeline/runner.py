@@ -506,6 +506,9 @@ def _source_of(cfg: BatchConfig) -> dict[str, Any]:
     from .._sources.store import ObjectStores
 
     objects = ObjectStores()
+    for place in places:  # each bucket's client now: a setting it refuses stops the run here,
+        if isinstance(place, ObjectURL):  # not every item that writes an output
+            objects.bucket(place.bucket)
     if isinstance(cfg.source, ObjectURL):
         source: SourceHandle = ObjectSource(cfg.source, objects)
     else:

@@ -26,7 +26,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote_plus
 
-from .._exceptions import ConfigurationError
+from .._errors import redact_urls
+from .._exceptions import ConfigurationError, SourceError
 
 __all__ = ["EventQueue", "Notification", "QueueURL", "object_keys"]
 
@@ -98,13 +99,16 @@ class EventQueue:
         from aiobotocore.session import get_session  # only here: see the module's docstring
 
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        self._context = get_session().create_client("sqs", region_name=region)
-        self._client = await self._context.__aenter__()
         try:
+            context = get_session().create_client("sqs", region_name=region)
+            self._client = await context.__aenter__()
+            self._context = context  # entered: closed by __aexit__
             answer = await self._client.get_queue_url(QueueName=self.queue.name)
         except Exception as exc:
             await self.__aexit__(None, None, None)
-            raise OSError(f"cannot open {self.queue}: {type(exc).__name__}") from None
+            said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            why = f"{type(exc).__name__}: {redact_urls(said)}" if said else type(exc).__name__
+            raise SourceError(f"cannot open {self.queue}: {why}") from None
         self._url = answer["QueueUrl"]
         return self
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib.util
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
 
 from .._errors import redact_urls
 from .._exceptions import ConfigurationError
@@ -144,6 +146,60 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {redact_urls(first)[:300]}"
 
 
+#: The environment variables obstore takes an S3 endpoint from.
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+
+
+def _endpoint_ok(value: str) -> bool:
+    """Whether ``value`` is an ``http://`` or ``https://`` URL with a host, as the client
+    needs (it panics on a URL it cannot parse, at its first request)."""
+    if not value.isprintable() or any(c.isspace() for c in value):
+        return False
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host)
+
+
+def _check_endpoints(profile: dict[str, str]) -> None:
+    """Refuse an S3 endpoint the client could not use, naming where it was set: the
+    environment's variables, or the profile's ``endpoint_url``."""
+    env = os.environ
+    given = [(name, env[name]) for name in ENDPOINT_VARIABLES if env.get(name)]
+    if "endpoint" in profile:
+        given.append(("the AWS profile's endpoint_url", profile["endpoint"]))
+    for name, value in given:
+        if not _endpoint_ok(value):
+            raise ConfigurationError(
+                f"{name} has value {redact_urls(value)!r}: expected an http:// or https:// "
+                "URL with a host (http://127.0.0.1:9000)"
+            )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return redact_urls(text.splitlines()[0] if text else type(exc).__name__)
+
+
+_QUOTED = re.compile(r'"([^"]{1,200})"')
+
+
+def _named(exc: Exception) -> str:
+    """The AWS_* variables whose value obstore's message quotes (``failed to parse "maybe" as
+    boolean``), named (never a credential's: its value is not quoted back)."""
+    quoted = set(_QUOTED.findall(str(exc)))
+    secret = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+    names = sorted(
+        name
+        for name, value in os.environ.items()
+        if name.startswith("AWS_") and name not in secret and value in quoted
+    )
+    return f" (set by {', '.join(names)})" if names else ""
+
+
 def _errors() -> Any:
     import obstore.exceptions
 
@@ -161,8 +217,16 @@ class ObjectStore:
 
         self.bucket = bucket
         self._requests = requests
-        config = cast("S3Config", aws_profile())
-        self._store: S3Store = S3Store(bucket, config=config, retry_config={"max_retries": 5})
+        profile = aws_profile()
+        _check_endpoints(profile)
+        config = cast("S3Config", profile)
+        try:
+            self._store: S3Store = S3Store(bucket, config=config, retry_config={"max_retries": 5})
+        except Exception as exc:  # obstore refuses a setting: a bad AWS_* value (a boolean...)
+            raise ConfigurationError(
+                f"the S3 client's settings (the AWS_* environment, the AWS profile) are "
+                f"refused: {_first_line(exc)}{_named(exc)}"
+            ) from None
 
     def _count(self, operation: str) -> None:
         self._requests[operation] += 1
