@@ -18,6 +18,7 @@ from . import _failpoints as failpoints
 from ._config import BatchConfig
 from ._errors import error_text, unwrap_group
 from ._exceptions import AsyncBatchError, ConfigurationError
+from ._exec import ExecHandler
 from ._pipeline import Handler, Mode, Recorder, Run, RunObservation
 from ._pipeline.workers import HandlerAborted
 from ._report import Report, Statistics
@@ -92,6 +93,15 @@ class Batch:
             )
         self.handler = handler
         self.config = BatchConfig.from_settings(**settings)
+        if isinstance(handler, ExecHandler) and self.config.objects is not None:
+            # refused here, before the ledger is opened: at the first item the job would
+            # already be recorded with its source, and its items registered
+            raise ConfigurationError.bad_value(
+                "source",
+                str(self.config.objects),
+                "a directory for a command (--exec): an object has no local path to give it "
+                "(a Python handler reads it with ctx.read_bytes())",
+            )
         self._http = http
         self._clock = clock
         self._run: Run | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncbatch import Batch, ConfigurationError, InputChangedError, TaskContext
+from asyncbatch import Batch, ConfigurationError, ExecHandler, InputChangedError, TaskContext
 from asyncbatch._sources.objects import ObjectEntry
 
 from .conftest import cli, rows, state_counts, until
@@ -346,3 +346,22 @@ async def test_a_watch_waits_out_a_bucket_that_cannot_be_listed(
             await until(lambda: batch.health().check("source").ok)
         batch.stop()
     assert handled == ["a.txt", "b.txt"]
+
+
+def test_a_command_is_refused_for_an_s3_source_before_the_state_is_touched(
+    bucket: Bucket, state: Path
+) -> None:
+    bucket.put("in/a.txt", b"a")
+    out = cli(
+        "run", "--exec", "cat {}", "--source", bucket.url("in/"), "--state", str(state),
+        env=bucket.env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"asyncbatch: error: setting 'source' has value '{bucket.url('in/')}': a directory for "
+        "a command (--exec): an object has no local path to give it (a Python handler reads it "
+        "with ctx.read_bytes())"
+    ]
+    assert not state.exists()  # no job recorded with this source, no item registered
+    with pytest.raises(ConfigurationError, match="a directory for a command"):
+        Batch(ExecHandler("cat {}"), source=bucket.url("in/"), state=state)
