@@ -7,7 +7,7 @@ import re
 
 import anyio
 
-__all__ = ["error_text", "redact_urls", "unwrap_group"]
+__all__ = ["error_text", "printable", "redact_urls", "unwrap_group"]
 
 
 #: A URL: scheme, credentials (``user:password@``), the rest, then query string and fragment.
@@ -19,13 +19,37 @@ def redact_urls(text: str) -> str:
     return _URL.sub(r"\1\2", text) if "://" in text else text
 
 
+#: Control characters (C0, DEL, C1): a terminal acts on them (``\x1b[2J`` clears the screen,
+#: ``\x1b]0;...`` sets its title, ``\r`` overwrites the line) instead of showing them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Those a one-line error keeps: a tab only spaces it.
+_CONTROL_IN_ERROR = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+
+
+def printable(text: str) -> str:
+    """``text`` as an operator's terminal may show it: control characters (a file name's, a
+    command's stderr's) as escapes (``\\n``, ``\\x1b``), and the undecodable bytes of a name that
+    is not UTF-8 as its surrogate escapes (``\\udcff``, as :func:`error_text` shows them), so
+    that a name never drives the terminal, breaks a line, or looks like another."""
+    text = _CONTROL.sub(_escape, text)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_text(exc: BaseException) -> str:
     """``Type: message`` on one line: what the ledger stores as an item's last error.
 
-    Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes; URLs
+    Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes, and
+    control characters (a command's colored stderr, say) as ``\\x1b``; URLs
     lose their credentials and query strings (httpx puts the whole URL in its messages).
     """
     text = str(exc).strip().replace("\r", " ").replace("\n", " ")
+    text = _CONTROL_IN_ERROR.sub(_escape, text)
     text = redact_urls(text.encode("utf-8", "backslashreplace").decode("utf-8"))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -251,3 +251,49 @@ def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
     assert ".asyncbatch-demo" in line
     assert precious.read_text() == "not the demo's"
     assert sorted(p.name for p in base.rglob("*")) == ["inbox", "partner-000000.csv"]
+
+
+def test_names_and_errors_are_shown_as_they_are_never_as_markup_or_terminal_codes(
+    inbox: Path, state: Path
+) -> None:
+    # A file's name and a command's stderr are the partner's: brackets are not rich markup
+    # (an error naming "[/data/in]" made `failures` die of a MarkupError, "[red]a.csv" showed
+    # as "a.csv"), and control characters (ESC, CR, a newline) are shown, not sent to the
+    # operator's terminal.
+    inbox.mkdir(parents=True, exist_ok=True)
+    for name in ("[red]a.csv", "\x1b[2Jb.csv", "c\nd.csv"):
+        (inbox / name).write_bytes(b"x")
+    script = "printf 'cannot open [/data/in] \\033[31mred\\r\\n' >&2; exit 1"
+    result = cli(
+        "run", "--exec", f"sh -c \"{script}\" sh {{}}", "--job", "[/a]",
+        "--source", inbox, "--state", state, "--max-attempts", "1",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "\x1b" not in result.stderr  # the logged error too
+
+    wide = {"COLUMNS": "300"}
+    failures = cli("failures", "--state", state, "--job", "[/a]", env=wide)
+    assert failures.returncode == 0, failures.stderr
+    assert "[red]a.csv" in failures.stdout
+    assert "\\x1b[2Jb.csv" in failures.stdout
+    assert "c\\nd.csv" in failures.stdout
+    assert "cannot open [/data/in] \\x1b[31mred" in failures.stdout
+    assert "\x1b" not in failures.stdout
+    assert "\r" not in failures.stdout
+
+    listed = cli("items", "--state", state, "--job", "[/a]")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2 + 3  # one line an item, whatever its name
+    assert {line.rsplit(None, 1)[-1] for line in lines[2:]} == {
+        "[red]a.csv",
+        "\\x1b[2Jb.csv",
+        "c\\nd.csv",
+    }
+    explained = cli("explain", inbox / "\x1b[2Jb.csv", "--state", state, "--job", "[/a]")
+    assert explained.returncode == 0, explained.stderr
+    assert explained.stdout.startswith("\\x1b[2Jb.csv (job '[/a]'): dead")
+
+    status = cli("status", "--state", state, "--job", "[/a]", env=wide)
+    assert status.returncode == 0, status.stderr
+    assert "job '[/a]' in" in status.stdout

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 
+from .._errors import printable
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
 from .._ledger import (
@@ -602,7 +603,8 @@ async def explain(args: argparse.Namespace) -> int:
         lines.append(_joblog_line(item))
     for other in others[:SHOWN]:
         lines.append(f"other item under the name: {other['state']}, {_joblog_line(other)}")
-    print("\n".join(lines))
+    # A name (or a stored error) may hold control characters: shown escaped, one line each.
+    print("\n".join(printable(line) for line in lines))
     return EXIT_OK
 
 
@@ -668,7 +670,7 @@ def _print_items(job: str, found: list[ItemInfo], total: int) -> None:
     for item in found:
         print(
             f"{item.state:<8} {item.attempts:>3}  {show_time(item.started_at):<19}  "
-            f"{_duration(item.duration):>8}  {_runner(item):<24}  {item.relpath}"
+            f"{_duration(item.duration):>8}  {_runner(item):<24}  {printable(item.relpath)}"
         )
 
 
@@ -701,7 +703,7 @@ def _confirm(count: int, shown: list[ItemInfo], yes: bool) -> bool:
         )
     print(f"{count} item(s) will be forgotten; the next run handles their files again:")
     for item in shown[:SHOWN]:
-        print(f"  {item.relpath} ({item.state}, key {item.key})")
+        print(f"  {printable(item.relpath)} ({item.state}, key {item.key})")
     if count > SHOWN:
         print(f"  ... and {count - SHOWN} more")
     try:
@@ -765,7 +767,7 @@ async def forget(args: argparse.Namespace) -> int:
         "handles their files again)"
     )
     for item in gone[:SHOWN]:
-        print(f"  {item.relpath} (was {item.state})")
+        print(f"  {printable(item.relpath)} (was {item.state})")
     if len(gone) > SHOWN:
         print(f"  ... and {len(gone) - SHOWN} more")
     if result.refused:
@@ -775,7 +777,8 @@ async def forget(args: argparse.Namespace) -> int:
         )
         for item in result.refused[:SHOWN]:
             holder = _lease_holder(item, {})
-            print(f"  {item.relpath} (leased by {holder} until {show_time(item.lease_until)})")
+            until = show_time(item.lease_until)
+            print(f"  {printable(item.relpath)} (leased by {holder} until {until})")
     return EXIT_HELD if result.refused else EXIT_OK
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._errors import printable
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash
 from .._ledger import (
@@ -268,15 +269,18 @@ async def status(args: argparse.Namespace) -> int:
         print(json.dumps(_status_json(args, st), indent=2))
         return EXIT_OK
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"job {args.job!r} in {show_state(args.state)}", show_header=True)
+    # Text, not a str: rich would take a job's or a path's brackets for markup ("[/a]" fails).
+    title = Text(printable(f"job {args.job!r} in {show_state(args.state)}"))
+    table = Table(title=title, show_header=True)
     for state in st.counts:
         table.add_column(state, justify="right")
     table.add_row(*(str(n) for n in st.counts.values()))
     screen = console()
     screen.print(table)
     for line in _status_lines(st):
-        screen.print(line, markup=False)
+        screen.print(printable(line), markup=False)
     return EXIT_OK
 
 
@@ -320,10 +324,15 @@ async def failures(args: argparse.Namespace) -> int:
         print(f"job {args.job!r}: no failed or dead items")
         return EXIT_OK
     from rich.table import Table
+    from rich.text import Text
 
     # Short cells never wrap; the relpath and the error share what is left of the width. The
     # key and the input hash are in --json (`retry` takes the relpath as well as the key).
-    table = Table(title=f"failed and dead items of job {args.job!r}")
+    # Names, errors and the job's name are Text, never markup: "[red]a.csv" is that name, and
+    # an error naming "[/data/in]" is shown, not taken for a closing tag. Their control
+    # characters are shown escaped: a file's name or a command's stderr never drives the
+    # terminal.
+    table = Table(title=Text(printable(f"failed and dead items of job {args.job!r}")))
     table.add_column("when", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("attempts", no_wrap=True, justify="right")
@@ -334,7 +343,11 @@ async def failures(args: argparse.Namespace) -> int:
         if len(error) > ERROR_SHOWN:  # a command's stderr tail is one line of up to 4 KiB
             error = error[:ERROR_SHOWN] + "\N{HORIZONTAL ELLIPSIS} (whole in --json)"
         table.add_row(
-            show_time(r["updated_at"]), r["state"], str(r["attempts"]), r["relpath"], error
+            show_time(r["updated_at"]),
+            r["state"],
+            str(r["attempts"]),
+            Text(printable(r["relpath"])),
+            Text(printable(error)),
         )
     console().print(table)
     return EXIT_OK
