@@ -18,7 +18,6 @@ from . import _failpoints as failpoints
 from ._config import BatchConfig
 from ._errors import error_text, unwrap_group
 from ._exceptions import AsyncBatchError, ConfigurationError
-from ._exec import ExecHandler
 from ._pipeline import Handler, Mode, Recorder, Run, RunObservation
 from ._pipeline.workers import HandlerAborted
 from ._report import Report, Statistics
@@ -93,9 +92,9 @@ class Batch:
             )
         self.handler = handler
         self.config = BatchConfig.from_settings(**settings)
-        if isinstance(handler, ExecHandler) and self.config.objects is not None:
-            # refused here, before the ledger is opened: at the first item the job would
-            # already be recorded with its source, and its items registered
+        if getattr(handler, "needs_local_files", False) and self.config.objects is not None:
+            # (an ExecHandler) refused here, before the ledger is opened: at the first item the
+            # job would already be recorded with its source, and its items registered
             raise ConfigurationError.bad_value(
                 "source",
                 str(self.config.objects),

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import anyio
 import anyio.to_thread
@@ -637,6 +638,10 @@ class ExecHandler:
     lines (a shell operator as a word, a placeholder inside a ``sh -c`` script) are logged
     as warnings.
     """
+
+    #: Its input must be a local file (a path for the command): a ``Batch`` refuses it for an
+    #: ``s3://`` source before it opens the state.
+    needs_local_files: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -13,11 +13,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
 
-from asyncbatch._ledger import open_ledger
+from asyncbatch._config import BatchConfig
+from asyncbatch._ledger import Outcome, open_ledger
+from asyncbatch._pipeline.claimer import Claimer
+from asyncbatch._pipeline.shared import SharedRun, shared_report
+from asyncbatch._pipeline.state import RunState
+from asyncbatch._procinfo import this_process
+from asyncbatch._report import Counters
 
 from .conftest import (
     HANDLERS,
@@ -530,3 +538,53 @@ async def test_items_says_how_many_listed_files_are_queued_not_taken(tmp_path: P
     assert "and 2 listed files queued" in listed.stderr
     done_only = cli("items", "--state", state, "--in-state", "done")
     assert "queued" not in done_only.stdout + done_only.stderr
+
+
+async def test_a_run_goes_by_a_listing_begun_after_the_one_it_went_by_before_it_ends(
+    tmp_path: Path,
+) -> None:
+    # (Four runners started at once: one went by the first listing; the role changed hands and
+    # its new holder began a second listing before that runner looked for the job's end: the
+    # role's start and counts were the second listing's, and it said "4 seen: 0 done, 4
+    # unfinished", exit 1, every file done by the others.)
+    state = tmp_path / "state.db"
+    ledger = await open_ledger(state)
+    try:
+        for owner in ("a", "c"):
+            await ledger.start_runner(run_start(owner, job="default", shared=True))
+        role = await ledger.take_listing("default", "a", -1)  # its lease ran out already
+        assert await ledger.begin_listing("default", "a", role.fence)
+        files = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i, 1_000 + i, f"h{i}") for i in range(4)]
+        await ledger.queue_listed("default", "a", role.fence, files)
+        assert await ledger.end_listing("default", "a", role.fence, 4)
+        _, claimed = await ledger.take_queued("default", "a", 60, 10)
+        await ledger.commit_outcomes(
+            "default", "a", [Outcome(row.key, row.fence, "done") for row in claimed]
+        )
+        (tmp_path / "inbox").mkdir()
+        config = BatchConfig.from_settings(source=tmp_path / "inbox", state=state, shared=True)
+        run = RunState(
+            config=config,
+            ledger=ledger,
+            owner="x",
+            me=this_process(),
+            clock=time.time,
+            counters=Counters(),
+            source=cast("Any", None),  # (no source is looked at here)
+        )
+        x = SharedRun(cast("Claimer", SimpleNamespace(run=run, config=config)))
+        x.target = run.listing_target = 1  # it went by a's listing, complete
+        role = await ledger.take_listing("default", "c", 60)  # c takes the role over
+        assert role.owner == "c"
+        assert await ledger.begin_listing("default", "c", role.fence)
+
+        assert not await x._finished()  # before: finished, counted by c's listing's row
+        assert (x.target, run.listing) == (2, None)
+        await ledger.queue_listed("default", "c", role.fence, files)  # finds them done
+        assert await ledger.end_listing("default", "c", role.fence, 4)
+        assert await x._finished()
+        await shared_report(run)
+    finally:
+        await ledger.close()
+    counters = run.counters
+    assert (counters.seen, counters.done_before, counters.not_reached()) == (4, 4, 0), counters

@@ -353,6 +353,12 @@ class SharedRun:
         listing = run.listing_role = await run.ledger.listing(cfg.job)
         if listing is None or self.target is None or listing.complete < self.target:
             return False
+        if _moved_on(listing):
+            # The role changed hands and its new holder began a listing since: the row's
+            # start and counts are that one's now (it said "4 seen: 4 unfinished", all done
+            # by others before it began). Go by it: it finds what is done.
+            self.target = run.listing_target = listing.generation
+            return False
         run.listing = listing
         if listing.started_at is not None:  # (a watch's scan: not the files of this run)
             run.counters.seen = max(run.counters.seen, listing.listed_files)
@@ -379,14 +385,22 @@ def _free(listing: Listing, now: float) -> bool:
     return listing.lease_until is None or listing.lease_until < now
 
 
+def _moved_on(listing: Listing) -> bool:
+    """Whether a listing (with a start: not a watch's scan) began after the last complete one:
+    the row's start and counts (``started_at``, ``found_done``, ``found_dead``) are the new
+    one's, not those of the complete listing."""
+    return listing.started_at is not None and listing.generation > listing.complete
+
+
 def gone_by(run: RunState) -> Listing | None:
     """The complete listing a shared run goes by, as the run last looked at the role (the
     listing duty every quarter lease, every second while that listing is under way, and the
-    claimer's looks); ``None`` while there is none yet."""
+    claimer's looks); ``None`` while there is none yet, or while a newer one is under way
+    (the row's counts are not the complete one's then)."""
     if run.listing is not None:
         return run.listing
     role, target = run.listing_role, run.listing_target
-    if role is None or target is None or role.complete < target:
+    if role is None or target is None or role.complete < target or _moved_on(role):
         return None
     return role
 
