@@ -75,6 +75,11 @@ def test_the_canonical_forms() -> None:
         ("dir-marker:..", "dir-marker:NAME"),
         ("min-size:lots", "min-size:BYTES"),
         ("min-size:-1", "min-size:BYTES"),
+        ("min-size:99999999999999999999999", "from 0 to 1024T"),
+        ("min-size:1025T", "from 0 to 1024T"),
+        ("min-size:" + "9" * 5000, "from 0 to 1024T"),
+        ("stable:" + "9" * 5000, "from 2 to 100"),
+        ("stable:\u00b2", "from 2 to 100"),
         ("max-age:soon", "max-age:DURATION"),
         ("max-age:0", "more than 0"),
         ("age:3", "expected age, stable:N"),
@@ -97,6 +102,9 @@ def test_bad_rule_values_are_refused_when_made() -> None:
         Marker("")
     with pytest.raises(ConfigurationError, match="min-size"):
         MinSize(-5)
+    with pytest.raises(ConfigurationError, match="from 0 to 1024T"):
+        MinSize((1 << 50) + 1)
+    assert str(MinSize(1 << 50)) == f"min-size:{1 << 50}"
     with pytest.raises(ConfigurationError, match="max-age"):
         MaxAge(0)
 

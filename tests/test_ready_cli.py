@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,28 @@ def test_a_run_with_other_rules_is_refused_unless_it_gives_them_on_purpose(
     assert [r["settings_changed"] for r in history] == ["ready: marker:.done -> age", None, None]
     status = json.loads(cli("status", "--state", any_state, "--json").stdout)
     assert status["settings"]["ready"] == ["age"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("min-size:99999999999999999999999", "a size from 0 to 1024T"),
+        ("min-size:2048T", "a size from 0 to 1024T"),
+        ("stable:" + "9" * 5000, "N a whole number from 2 to 100"),
+        ("max-age:" + "9" * 400, "at most a century"),
+    ],
+)
+def test_a_rule_number_out_of_bounds_is_refused_in_one_line_naming_it(
+    inbox: Path, tmp_path: Path, rule: str, expected: str
+) -> None:
+    write(inbox / "a.csv")
+    state = tmp_path / "bounds.db"
+    refused = cli("run", RECORD, "--source", inbox, "--state", state, "--ready", rule)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert f"argument --ready: invalid value {rule!r}: expected " in line
+    assert expected in line
+    assert not state.exists()  # nothing recorded
 
 
 @pytest.mark.parametrize("action", ["move", "delete"])
@@ -202,6 +225,30 @@ def test_explain_names_each_rule_and_whether_it_holds_with_only_the_state(
     assert "argument --ready: invalid value 'stable:1'" in bad.stderr
 
 
+def test_explain_says_the_age_of_mtime_and_ctime_each_as_it_is(inbox: Path, any_state: str) -> None:
+    copied = write(inbox / "copied.csv")
+    past = time.time() - 10 * 86400
+    os.utime(copied, (past, past))  # an mtime set back 10 days; the ctime is now
+    fresh = write(inbox / "fresh.csv")
+    os.utime(fresh, ns=(os.stat(fresh).st_ctime_ns,) * 2)  # mtime = ctime
+    run(inbox, any_state, "--ready", "age", "--settle", "3600")
+    text = explain_cli(copied, "--state", any_state, "--settle", "0").stdout
+    (line,) = [x for x in text.splitlines() if x.startswith("rule age:")]
+    assert re.fullmatch(
+        r"rule age: holds \(ctime \d+\.\d s old \(mtime 10\.0 d old: the younger decides\), "
+        r"settle 0 s\)",
+        line,
+    ), line
+    waits = explain(any_state, copied)["rules"][0]
+    assert waits["holds"] is False
+    assert re.fullmatch(
+        r"ctime \d+\.\d s old \(mtime 10\.0 d old: the younger decides\), settle 3600 s",
+        waits["why"],
+    ), waits
+    both = explain(any_state, fresh, "--settle", "0")["rules"][0]
+    assert re.fullmatch(r"mtime and ctime \d+\.\d s old, settle 0 s", both["why"]), both
+
+
 def test_explain_takes_stable_n_looks_as_a_run_does(inbox: Path, any_state: str) -> None:
     f = write(inbox / "a.csv")
     run(inbox, any_state, "--ready", "stable:2", "--ready", "min-size:5", "--settle", "0.1")
@@ -220,11 +267,33 @@ def test_status_says_what_the_last_run_left_by_rule(inbox: Path, any_state: str)
     run(inbox, any_state, "--ready", "marker:.done", "--ready", "min-size:10")
     text = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
     assert (
-        "left in the source by the last run (at its end): 1 not ready yet: marker missing, "
-        "1 not ready yet: smaller than min-size (the next run takes them)"
+        "left in the source by the last run (at its end): "
+        "1 not ready yet: marker missing (waits for its marker), "
+        "1 not ready yet: smaller than min-size (waits until it grows to min-size)\n"
     ) in text
+    assert "the next run takes" not in text
     last = json.loads(cli("status", "--state", any_state, "--json").stdout)["last_run"]
     assert (last["unmarked"], last["too_small"], last["seen"]) == (1, 1, 0)
+
+
+def test_status_says_files_left_alone_by_max_age_are_never_taken(
+    inbox: Path, any_state: str
+) -> None:
+    write(inbox / "new.csv")
+    for name in ("old.csv", "older.csv"):
+        write(inbox / name)
+        past = time.time() - 10 * 86400
+        os.utime(inbox / name, (past, past))
+    write(inbox / "late.csv")
+    os.utime(inbox / "late.csv", (time.time() + 3600, time.time() + 3600))  # not settled yet
+    run(inbox, any_state, "--ready", "max-age:7d", "--ready", "age", "--settle", "0")
+    text = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+    assert (
+        "left in the source by the last run (at its end): 1 not settled yet (taken once it "
+        "settles), 2 left alone: older than max-age (never taken unless modified again or the "
+        "rules change)\n"
+    ) in text
+    assert "the next run takes" not in text
 
 
 async def test_metrics_count_the_files_not_ready_by_rule(inbox: Path, state: Path) -> None:

@@ -299,7 +299,7 @@ def test_a_bucket_that_is_not_there_is_a_one_line_error(s3_server: MotoServer, s
     assert result.returncode == 69
     assert result.stderr.strip().splitlines() == [
         "asyncbatch: error: cannot list the source: list s3://no-such-bucket-here/in/ failed: "
-        "404 Not Found, NoSuchBucket"
+        "bucket 'no-such-bucket-here' does not exist (404 Not Found, NoSuchBucket)"
     ]
 
 

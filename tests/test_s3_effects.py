@@ -142,6 +142,26 @@ def test_a_crash_between_copy_and_delete_is_finished_by_the_next_run(
     assert all(n == 1 for n in invocations(log).values())  # none handled twice
 
 
+def test_an_archive_in_a_missing_bucket_says_the_bucket_is_missing(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put("in/a.txt", b"x")
+    missing = f"{bucket.name}-nosuch"
+    result = cli(
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"),
+        "--state", str(tmp_path / "state.db"), "--on-done", f"move:s3://{missing}/arch/",
+        "--no-progress", env=bucket.env, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "1 post-commit action" in result.stdout
+    assert (
+        f"put s3://{missing}/arch/a.txt failed: bucket {missing!r} does not exist "
+        "(404 Not Found, NoSuchBucket)"
+    ) in result.stderr
+    assert "no such object" not in result.stderr
+    assert bucket.keys("in/") == ["in/a.txt"]  # left in place: the next run retries
+
+
 def test_a_crash_between_put_and_commit_rewrites_the_same_output(
     bucket: Bucket, tmp_path: Path
 ) -> None:

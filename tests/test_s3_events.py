@@ -171,3 +171,22 @@ def test_a_queue_that_is_not_there_is_one_line_and_exit_69(bucket: Bucket, state
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("asyncbatch: error: cannot open sqs://no-such-queue: ")
     assert "QueueDoesNotExist" in lines[0]
+
+
+def test_events_without_watch_is_refused_in_one_line(bucket: Bucket, state: Path) -> None:
+    from .conftest import cli
+
+    queue, _ = notify(bucket)
+    bucket.put("in/a.txt", b"x")
+    out = cli(
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"),
+        "--state", str(state), "--events", queue, env=bucket.env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line == (
+        f"asyncbatch run: error: --events {queue!r} is for a watch: give --watch too "
+        "(a run without it lists the source once and reads no queue)"
+    )
+    assert out.stdout == ""
+    assert not state.exists()  # nothing ran

@@ -199,7 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_run(args: argparse.Namespace) -> None:
-    """Refuse a ``run`` with both a TARGET and ``--exec``, or neither."""
+    """Refuse a ``run`` with both a TARGET and ``--exec``, or neither; and ``--events``
+    without ``--watch`` (a one-shot run lists the source once and reads no queue)."""
+    queue = getattr(args, "event_queue", None)
+    if queue is not None and not args.watch:
+        raise UsageError(
+            f"asyncbatch run: error: --events {queue!r} is for a watch: give --watch too "
+            "(a run without it lists the source once and reads no queue)"
+        )
     if args.target is not None and args.exec is not None:
         raise UsageError(
             f"asyncbatch run: error: give a TARGET or --exec, not both (TARGET {args.target!r}, "

@@ -91,21 +91,42 @@ SHOWN_NAMES = 5
 _COUNTED_HOW = "done, dead and vanished from the ledger; the rest as of its last heartbeat"
 
 
+#: What the next run does with the files a run left in the source, by count: ``(one, many)``.
+#: True of each rule: the next run takes files not registered yet; files not ready yet wait
+#: for something (time, looks, a marker, growth); files older than ``max-age`` only get older.
+_NEXT_RUN: dict[str, tuple[str, str]] = {
+    "unregistered": ("the next run takes it", "the next run takes them"),
+    "unsettled": ("taken once it settles", "taken once they settle"),
+    "unstable": ("taken once seen unchanged", "taken once seen unchanged"),
+    "unmarked": ("waits for its marker", "wait for their markers"),
+    "dir_unmarked": ("waits for its directory's marker", "wait for their directories' markers"),
+    "too_small": ("waits until it grows to min-size", "wait until they grow to min-size"),
+    "too_old": (
+        "never taken unless modified again or the rules change",
+        "never taken unless modified again or the rules change",
+    ),
+}
+
+
 def _left_in_source(run: RunInfo) -> str:
     """What the last run's last scan left in the source: files not registered yet (it was
-    stopped or killed before), files not ready yet, by the rule that kept each back."""
+    stopped or killed before), files not ready yet, by the rule that kept each back, and what
+    the next run does with each (takes them, waits for something, or never takes them)."""
     t = run.totals
     when = "at its end" if run.exit_status not in (None, "killed") else "at its last heartbeat"
-    parts = [f"{t.unregistered} files not registered yet"] if t.unregistered else []
-    for name in NOT_READY.values():
+    parts = []
+    for name in ("unregistered", *NOT_READY.values()):
         count = getattr(t, name)
         if count:
-            parts.append(f"{count} {LABELS[name].removeprefix('file{s} ')}")
+            label = LABELS[name]
+            if name != "unregistered":
+                label = label.removeprefix("file{s} ")
+            label = label.replace("{s}", "" if count == 1 else "s")
+            fate = _NEXT_RUN[name][count != 1]
+            parts.append(f"{count} {label} ({fate})")
     if not parts:
         return f"left in the source by the last run ({when}): nothing it found"
-    return (
-        f"left in the source by the last run ({when}): {', '.join(parts)} (the next run takes them)"
-    )
+    return f"left in the source by the last run ({when}): {', '.join(parts)}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

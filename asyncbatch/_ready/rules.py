@@ -36,6 +36,10 @@ KINDS: Final = ("max-age", "min-size", "age", "marker", "dir-marker", "stable")
 MOST_LOOKS = 100
 #: The longest ``max-age`` (a century: longer is a mistake, and would overflow the clocks).
 LONGEST_AGE = 100 * 366 * 86400.0
+#: The largest ``min-size`` (1024T, a pebibyte: no file is larger; more is a mistake).
+LARGEST_SIZE = 1 << 50
+_SIZE_BOUNDS = "a size from 0 to 1024T (1024, 1k, 1KiB, 10M)"
+_STABLE_BOUNDS = f"expected stable:N, N a whole number from 2 to {MOST_LOOKS}"
 _EXPECTED = (
     "expected age, stable:N, marker:SUFFIX, dir-marker:NAME, min-size:BYTES or max-age:DURATION"
 )
@@ -124,7 +128,7 @@ class Stable(ReadyRule):
     def __post_init__(self) -> None:
         n = self.looks
         if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MOST_LOOKS:
-            raise _bad(f"stable:{n}", f"expected stable:N, N a whole number from 2 to {MOST_LOOKS}")
+            raise _bad(f"stable:{n}", _STABLE_BOUNDS)
 
     def __str__(self) -> str:
         return f"stable:{self.looks}"
@@ -170,15 +174,16 @@ class DirMarker(ReadyRule):
 
 @dataclass(frozen=True, slots=True)
 class MinSize(ReadyRule):
-    """``min-size:BYTES``: the file holds at least ``size`` bytes."""
+    """``min-size:BYTES``: the file holds at least ``size`` bytes. Raises
+    :class:`ConfigurationError` unless ``size`` is from 0 to 1024T (``1 << 50``)."""
 
     size: int
     kind: ClassVar[str] = "min-size"
 
     def __post_init__(self) -> None:
         n = self.size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise _bad(f"min-size:{n}", "expected min-size:BYTES, a size >= 0 (1024, 1k, 1MiB)")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= LARGEST_SIZE:
+            raise _bad(f"min-size:{n}", f"expected min-size:BYTES, {_SIZE_BOUNDS}")
 
     def __str__(self) -> str:
         return f"min-size:{self.size}"
@@ -220,8 +225,10 @@ def _parse_rule(text: str) -> ReadyRule:
     if kind == "stable":
         if not colon:
             return Stable()
-        if not arg.isdigit():
-            raise _bad(text, f"expected stable:N, N a whole number from 2 to {MOST_LOOKS}")
+        # ASCII digits only ("²" is a digit to isdigit, not to int); a few (int() refuses
+        # thousands of them, and more than three are out of bounds anyway).
+        if not (arg.isascii() and arg.isdigit()) or len(arg.lstrip("0")) > 3:
+            raise _bad(text, _STABLE_BOUNDS)
         return Stable(int(arg))
     if kind == "marker" and colon:
         return Marker(arg)
@@ -230,8 +237,8 @@ def _parse_rule(text: str) -> ReadyRule:
     if kind == "min-size" and colon:
         try:
             size = parse_size(arg)
-        except ValueError:
-            raise _bad(text, "expected min-size:BYTES (1024, 1k, 1KiB, 10M)") from None
+        except ValueError:  # not a size, or thousands of digits (int() refuses them)
+            raise _bad(text, f"expected min-size:BYTES, {_SIZE_BOUNDS}") from None
         return MinSize(size)
     if kind == "max-age" and colon:
         try:

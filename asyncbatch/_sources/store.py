@@ -234,6 +234,14 @@ class ObjectStore:
     def _fail(self, operation: str, key: str, exc: Exception) -> OSError:
         errors = _errors()
         where = f"s3://{self.bucket}/{key}"
+        code = _CODE.search(str(exc))
+        if code is not None and code.group(1) == "NoSuchBucket":
+            # obstore says NotFound for the object; the bucket is what is missing (a HEAD's
+            # reply has no body, so no code: there a missing bucket is a missing object).
+            return OSError(
+                f"{operation} {where} failed: bucket {self.bucket!r} does not exist "
+                f"({_reason(exc)})"
+            )
         if isinstance(exc, errors.NotFoundError | FileNotFoundError):
             return ObjectMissing(f"{operation} {where}: no such object")
         if isinstance(exc, errors.PreconditionError | errors.AlreadyExistsError):
