@@ -18,6 +18,7 @@ from ._exceptions import AsyncBatchError as AsyncBatchError
 from ._exceptions import AttemptInterrupted as AttemptInterrupted
 from ._exceptions import CommandFailedError as CommandFailedError
 from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import DamagedLedgerError as DamagedLedgerError
 from ._exceptions import EffectError as EffectError
 from ._exceptions import HandlerImportError as HandlerImportError
 from ._exceptions import IdempotencyKeyMismatchError as IdempotencyKeyMismatchError
@@ -55,6 +56,7 @@ __all__ = [
     "Batch",
     "CommandFailedError",
     "ConfigurationError",
+    "DamagedLedgerError",
     "DirMarker",
     "EffectError",
     "Entry",

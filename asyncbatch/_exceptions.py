@@ -7,6 +7,7 @@ The tree::
      │    └── HandlerImportError  TARGET could not be imported or is not callable
      ├── LedgerError              the state store is unavailable or failing (CLI exit 69)
      │    ├── NotALedgerError     the state is not an asyncbatch ledger (left untouched; exit 2)
+     │    ├── DamagedLedgerError  the state is a damaged SQLite file (not written to; exit 2)
      │    └── SchemaVersionError  the ledger is from a newer asyncbatch, or older and needs a run
      │                            to upgrade it (left untouched; exit 2)
      ├── JobLockedError           another live runner holds the job lock (CLI exit 75)
@@ -33,6 +34,7 @@ __all__ = [
     "AttemptInterrupted",
     "CommandFailedError",
     "ConfigurationError",
+    "DamagedLedgerError",
     "EffectError",
     "HandlerImportError",
     "IdempotencyKeyMismatchError",
@@ -73,6 +75,12 @@ class LedgerError(AsyncBatchError):
 
 class NotALedgerError(LedgerError):
     """The state file exists but is not an asyncbatch ledger; it was left untouched."""
+
+
+class DamagedLedgerError(LedgerError):
+    """The SQLite state is damaged ("database disk image is malformed"): nothing more is
+    written to it. Retrying cannot help: restore it from a backup, or recover what SQLite can
+    still read into a new file (``sqlite3 STATE .recover``)."""
 
 
 class SchemaVersionError(LedgerError):

@@ -10,6 +10,14 @@ compared.
 that share the host's name (host networking) but have pid namespaces of their own number
 their processes apart, so a pid seen from one means nothing in another. Outside the initial
 pid namespace the host is written ``NAME/pidns:INODE``.
+
+A process can live in a pid namespace whose ``/proc`` is not its own (``unshare --pid --fork``
+without ``--mount-proc``, a container given the host's ``/proc``): ``/proc/N`` there is the
+process numbered N in another namespace. Such a process records no ``pid_start`` and judges
+no holder by ``/proc``: a holder of its namespace is known dead only when its pid is gone
+(``kill(pid, 0)`` asks the caller's own namespace); otherwise its heartbeat or lease tells.
+The namespace itself is still named rightly: ``/proc/self`` is the calling process in any
+``/proc``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,18 @@ def _read(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def proc_is_ours() -> bool:
+    """Whether ``/proc/N`` is the process numbered N in this process's pid namespace.
+
+    ``/proc/self`` links to the caller's pid as the ``/proc`` mount numbers it: a ``/proc``
+    mounted for another pid namespace names it otherwise (``False`` too without ``/proc``).
+    """
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -74,16 +94,19 @@ def host_name() -> str:
 def this_process() -> ProcessIdentity:
     """The identity of the calling process."""
     pid = os.getpid()
-    return ProcessIdentity(host=host_name(), pid=pid, pid_start=process_start(pid))
+    start = process_start(pid) if proc_is_ours() else None  # else another process's start
+    return ProcessIdentity(host=host_name(), pid=pid, pid_start=start)
 
 
-def _pid_exists(pid: int) -> bool:
+def _pid_exists(pid: int, *, own_proc: bool) -> bool:
     if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except OSError as e:
         return e.errno == errno.EPERM
+    if not own_proc:  # /proc/pid is another namespace's process
+        return True
     fields = _stat_fields(pid)
     # A zombie has exited; it only waits for its parent to reap it.
     return not (fields is not None and fields and fields[0] in ("Z", "X"))
@@ -94,16 +117,18 @@ def holder_is_dead(holder: ProcessIdentity, *, me: ProcessIdentity | None = None
 
     Only a holder on this host (and in this pid namespace) can be known dead: its pid is gone,
     is a zombie, or now belongs to a process that started at another time. A holder on another
-    host is never known dead here (only its heartbeat can tell).
+    host is never known dead here (only its heartbeat can tell). Where ``/proc`` is another
+    pid namespace's (see :func:`proc_is_ours`), only a pid that is gone is known dead.
     """
     me = me or this_process()
     if holder.host != me.host:
         return False
-    if holder.pid == me.pid:
+    if holder.pid == me.pid:  # this process recorded the start it records now
         return holder.pid_start is not None and holder.pid_start != me.pid_start
-    if not _pid_exists(holder.pid):
+    own_proc = proc_is_ours()
+    if not _pid_exists(holder.pid, own_proc=own_proc):
         return True
-    if holder.pid_start is not None:
+    if own_proc and holder.pid_start is not None:
         current = process_start(holder.pid)
         if current is not None and current != holder.pid_start:
             return True

@@ -708,6 +708,57 @@ def test_an_empty_state_file_holds_no_ledger_yet(inbox: Path, tmp_path: Path) ->
     assert state_counts(empty) == {"done": 2}
 
 
+def damage_items(state: Path, pages: int = 8) -> None:
+    """Overwrite ``pages`` leaf pages in the middle of the items table with bytes that are no
+    b-tree page (as a bad disk or a stray write would): a damaged SQLite file whose header and
+    schema still read."""
+    db = sqlite3.connect(f"{state.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
+    try:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        leaves = [
+            n
+            for (n,) in db.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'items' AND pagetype = 'leaf' "
+                "ORDER BY pageno"
+            )
+        ]
+    finally:
+        db.close()
+    assert len(leaves) > 4 * pages
+    middle = len(leaves) // 2
+    with state.open("r+b") as f:
+        for page in leaves[middle : middle + pages]:
+            f.seek((page - 1) * size)
+            f.write(b"\xa5" * size)
+
+
+def test_a_damaged_state_is_one_line_exit_2_and_never_written(inbox: Path, state: Path) -> None:
+    make_files(inbox, 3000)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    assert sorted(p.name for p in state.parent.iterdir() if p.name.startswith(state.name)) == [
+        state.name
+    ]  # no -wal or -shm: everything is in the file
+    damage_items(state)
+    before = untouched(state)
+    needles = [
+        f"state {str(state)!r} is a damaged SQLite database",
+        "it was not modified",
+        "Retrying cannot help",
+        "restore it from a backup",
+        ".recover",
+    ]
+    commands: list[list[str | os.PathLike[str]]] = [
+        ["status", "--state", state],
+        ["run", RECORD, "--source", inbox, "--state", state, "--no-progress"],
+        ["retry", "--dead", "--state", state],
+    ]
+    for args in commands:
+        # A run used to record its failure ("error: ... malformed") in the damaged file, and
+        # every command exited 69: as if trying again later could help.
+        assert_one_line_error(cli(*args), *needles)
+        assert untouched(state) == before, args
+
+
 @pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
 def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
     inbox: Path, tmp_path: Path, kind: str

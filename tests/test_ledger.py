@@ -18,10 +18,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncbatch import ConfigurationError, NotALedgerError
-from asyncbatch._ledger import sqlite_sql
+from asyncbatch import ConfigurationError, DamagedLedgerError, NotALedgerError
+from asyncbatch import _failpoints as failpoints
+from asyncbatch._ledger import Heartbeat, RunEnd, RunTotals, sqlite_sql
 from asyncbatch._ledger.sqlite import SQLiteLedger, _fenced_group
 from asyncbatch._ledger.sqlite_open import check_state_path
+from asyncbatch._procinfo import this_process
 
 from .conftest import rows, run_start
 
@@ -185,6 +187,69 @@ async def test_a_transaction_is_one_function_on_the_connection_thread(state: Pat
         assert await aiosqlite_bridge.on_thread(db, body) == "ok"
     assert len(seen) == 1
     assert seen[0] not in (threading.main_thread().name, "not a daemon thread")
+
+
+def damaged_database(path: Path) -> sqlite3.Connection:
+    """A small SQLite file whose one table's leaf page is overwritten (as a bad disk would):
+    reading the table raises a real SQLITE_CORRUPT error."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (v TEXT)")
+    db.executemany("INSERT INTO t VALUES (?)", [("x" * 100,) for _ in range(200)])
+    db.commit()
+    (root,) = db.execute("SELECT rootpage FROM sqlite_schema WHERE name = 't'").fetchone()
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with path.open("r+b") as f:
+        f.seek((root - 1 + 2) * size)  # a leaf after the root (an interior page here)
+        f.write(b"\xa5" * size)
+    return sqlite3.connect(path, check_same_thread=False)
+
+
+async def test_damage_met_mid_way_stops_every_write_at_once(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = damaged_database(tmp_path / "broken.db")
+    with pytest.raises(sqlite3.DatabaseError) as found:
+        broken.execute("SELECT count(*) FROM t WHERE v != ''").fetchall()
+    assert found.value.sqlite_errorname == "SQLITE_CORRUPT"
+    async with await SQLiteLedger.open(state) as ledger:
+        started = await ledger.start_runner(run_start())
+
+        def meets_damage() -> None:  # a statement of the transaction reads a damaged page
+            broken.execute("SELECT count(*) FROM t WHERE v != ''").fetchall()
+
+        call = failpoints.Call("call", fn=meets_damage)
+        monkeypatch.setattr(failpoints, "ACTIVE", {"in-transaction": call})
+        beat = Heartbeat(job="j", owner="a", ttl=60, holds_lock=True, run_id=started.run_id)
+        with pytest.raises(DamagedLedgerError) as damage:
+            await ledger.heartbeat(beat)
+        message = str(damage.value)
+        assert f"state {str(state)!r} is a damaged SQLite database" in message
+        assert "malformed" in message
+        assert "stopped writing to it at once" in message  # it had written: not "not modified"
+        assert "\n" not in message
+        before = [digest(p) for p in (state, Path(f"{state}-wal"))]
+        # Not one more transaction: the release that would record the error included.
+        end = RunEnd(
+            job="j",
+            owner="a",
+            holds_lock=True,
+            run_id=started.run_id,
+            totals=RunTotals(),
+            exit_status=f"error: {message}",
+        )
+        writes = (
+            lambda: ledger.heartbeat(beat),
+            lambda: ledger.reap_stale_runners("j", this_process()),
+            lambda: ledger.release_runner(end),
+        )
+        for write in writes:
+            with pytest.raises(DamagedLedgerError, match="stopped writing"):
+                await write()
+        assert call.hits == 1
+        assert [digest(p) for p in (state, Path(f"{state}-wal"))] == before
+    broken.close()
+    assert rows(state, "SELECT exit_status FROM runs") == [(None,)]
 
 
 def _waiting(state: Path, now: float) -> None:

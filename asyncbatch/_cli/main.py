@@ -1,10 +1,11 @@
 """The ``asyncbatch`` command line.
 
 Exit codes: 0 every settled file done; 1 some items dead; 2 usage or configuration error (one
-line naming the bad value, no traceback); 3 other runners still hold some files (``--no-wait``);
-69 the ledger (or an s3:// source) is unavailable or failing; 70 a handler raised ``SystemExit``,
-``KeyboardInterrupt`` or another ``BaseException`` (the run stopped); 75 the job is locked by a
-live runner; 130 / 143 stopped by SIGINT / SIGTERM; 141 the output's reader went away.
+line naming the bad value, no traceback), a damaged SQLite state too; 3 other runners still
+hold some files (``--no-wait``); 69 the ledger (or an s3:// source) is unavailable or failing;
+70 a handler raised ``SystemExit``, ``KeyboardInterrupt`` or another ``BaseException`` (the run
+stopped); 75 the job is locked by a live runner; 130 / 143 stopped by SIGINT / SIGTERM; 141
+the output's reader went away.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .._batch import Batch
 from .._errors import error_text, unwrap_group
 from .._exceptions import (
     AsyncBatchError,
+    DamagedLedgerError,
     JobLockedError,
     LedgerError,
     LockLostError,
@@ -284,7 +286,7 @@ def _unavailable(error: BaseException) -> bool:
     if isinstance(error, SourceError):
         return True
     return isinstance(error, LedgerError) and not isinstance(
-        error, NotALedgerError | SchemaVersionError
+        error, NotALedgerError | SchemaVersionError | DamagedLedgerError
     )
 
 

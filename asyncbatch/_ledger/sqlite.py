@@ -10,8 +10,13 @@
 - Times are the runner's wall clock (``clock``), which is what leases are judged by: the
   runners of one host share it.
 - A file that is not an asyncbatch ledger, or has a newer schema, is refused before anything is
-  written to it (:mod:`.sqlite_open`). A new state file and its ``-wal``/``-shm`` are made with
-  mode 0600. A state file deleted or replaced while open stops the next write.
+  written to it (:mod:`.sqlite_open`). So is a damaged one: ``PRAGMA quick_check`` runs before
+  the first write of every connection (a run: at its open, before the switch to WAL; about
+  50 ms for 100,000 items in the page cache). A damaged page met later (``SQLITE_CORRUPT``)
+  stops every write of that connection at once (:class:`~asyncbatch.DamagedLedgerError`):
+  no ``runs`` row saying so is written into the damaged file. A new state file and its
+  ``-wal``/``-shm`` are made with mode 0600. A state file deleted or replaced while open
+  stops the next write.
 - sqlite3 errors leave as :class:`~asyncbatch.LedgerError` with the original as ``__cause__``.
 
 Every statement is in :mod:`.sqlite_sql`; the transaction bodies are the synchronous ``_tx_*``
@@ -37,7 +42,7 @@ import aiosqlite
 import anyio
 
 from .. import _failpoints as failpoints
-from .._exceptions import LedgerError, NotALedgerError, SchemaVersionError
+from .._exceptions import DamagedLedgerError, LedgerError, NotALedgerError, SchemaVersionError
 from .._procinfo import ProcessIdentity
 from . import sqlite_sql as sql
 from . import types as t
@@ -55,7 +60,14 @@ from .base import (
     retrying,
 )
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
-from .sqlite_open import check_state_path, companions, open_error, read_only_view
+from .sqlite_open import (
+    check_state_path,
+    companions,
+    damaged,
+    is_damage,
+    open_error,
+    read_only_view,
+)
 
 __all__ = ["SQLiteLedger"]
 
@@ -415,6 +427,12 @@ class SQLiteLedger(Ledger):
         st = os.stat(path)
         #: The file this connection has open: a write checks it is still the one at ``path``.
         self._file_id = (st.st_dev, st.st_ino)
+        #: Whether ``PRAGMA quick_check`` found the file sound (before the first write).
+        self._checked = False
+        #: Whether this connection committed a write (a damaged file: was it modified?).
+        self._committed = False
+        #: The damage found in the file: nothing more is written to it.
+        self._damage: DamagedLedgerError | None = None
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -502,6 +520,10 @@ class SQLiteLedger(Ledger):
         if read_only:
             return
         with self._errors():
+            # A run checks now; another command before its first write. A file not in WAL
+            # mode yet (made by a restore, say) is checked before the switch writes to it.
+            if migrate or str(await self._scalar("PRAGMA journal_mode")).lower() != "wal":
+                await on_thread(db, self._check_intact)
             await self._switch_to_wal()
             sync = "FULL" if durability == "full" else "NORMAL"
             await db.execute(f"PRAGMA synchronous = {sync}")
@@ -546,7 +568,31 @@ class SQLiteLedger(Ledger):
         try:
             yield
         except sqlite3.Error as e:
+            if is_damage(e):
+                raise self._damaged(str(e)) from e
             raise LedgerError(f"state {self.name!r}: {e}") from e
+
+    def _damaged(self, detail: str) -> DamagedLedgerError:
+        """Note that the file is damaged (nothing more is written to it); the error saying so."""
+        if self._damage is None:
+            self._damage = damaged(self.path, detail, modified=self._committed)
+        return DamagedLedgerError(str(self._damage))
+
+    def _check_intact(self) -> None:
+        """``PRAGMA quick_check`` on the connection's thread, once: raises
+        :class:`DamagedLedgerError` for a damaged file (every b-tree page is read: about 50 ms
+        for 100,000 items with the file in the page cache, 0.3 s from disk)."""
+        if self._checked:
+            return
+        try:
+            found = raw(self._db).execute("PRAGMA quick_check(1)").fetchall()
+        except sqlite3.DatabaseError as e:
+            if is_damage(e):
+                raise self._damaged(str(e)) from e
+            raise
+        if found != [("ok",)]:
+            raise self._damaged("; ".join(str(row[0]) for row in found))
+        self._checked = True
 
     def _busy_error(self) -> LedgerError:
         return LedgerError(
@@ -604,6 +650,7 @@ class SQLiteLedger(Ledger):
         :data:`BUSY` when another process holds the write lock past SQLite's short wait."""
         conn = raw(self._db)
         try:
+            self._check_intact()  # before the first write, outside the write lock
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
             if _is_busy(e):
@@ -612,11 +659,12 @@ class SQLiteLedger(Ledger):
         try:
             failpoints.hit("in-transaction")
             result = fn(conn, *args)
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        self._committed = True
         return result
 
     async def _transact(self, fn: Callable[..., T], *args: Any) -> T:
@@ -629,6 +677,8 @@ class SQLiteLedger(Ledger):
         or replaced since it was opened.
         """
         self._check_file()
+        if self._damage is not None:  # not one more write
+            raise DamagedLedgerError(str(self._damage))
 
         async def attempt() -> T | Busy:
             async with self._lock:

@@ -12,14 +12,23 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import shlex
 import sqlite3
 import stat
 from pathlib import Path
 
-from .._exceptions import ConfigurationError, LedgerError, NotALedgerError
+from .._exceptions import ConfigurationError, DamagedLedgerError, LedgerError, NotALedgerError
 from .._fsinfo import network_filesystem
 
-__all__ = ["check_state_path", "check_writable", "companions", "open_error", "read_only_view"]
+__all__ = [
+    "check_state_path",
+    "check_writable",
+    "companions",
+    "damaged",
+    "is_damage",
+    "open_error",
+    "read_only_view",
+]
 
 
 def check_state_path(path: Path, *, create: bool) -> bool:
@@ -220,9 +229,7 @@ def open_error(path: Path, error: sqlite3.Error) -> LedgerError | ConfigurationE
     if code == "SQLITE_NOTADB":
         return NotALedgerError(f"state {name!r} is not a SQLite database; it was not touched")
     if code.startswith("SQLITE_CORRUPT"):
-        return LedgerError(
-            f"state {name!r} is a damaged SQLite database ({error}); it was not touched"
-        )
+        return damaged(path, str(error), modified=False)
     if code.startswith("SQLITE_IOERR"):
         return LedgerError(
             f"state {name!r}: disk I/O error while reading it ({code}); if its -wal file was "
@@ -235,3 +242,29 @@ def open_error(path: Path, error: sqlite3.Error) -> LedgerError | ConfigurationE
             f"state {name!r} cannot be opened for writing ({error}): {_unwritable(path)}"
         )
     return LedgerError(f"state {name!r}: {error}")
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """Whether ``error`` says the database file is damaged (``SQLITE_CORRUPT``, or no longer
+    has a database header: ``SQLITE_NOTADB`` once it was opened)."""
+    code = getattr(error, "sqlite_errorname", "")
+    return code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+def damaged(path: Path, detail: str, *, modified: bool) -> DamagedLedgerError:
+    """The one line for a damaged SQLite state: what SQLite found, whether this process
+    wrote to it, and what to do (retrying cannot help: the CLI exits 2)."""
+    name = str(path)
+    detail = " ".join(detail.split())
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    if modified:
+        what = "found while this process was using it: it stopped writing to it at once"
+    else:
+        what = "it was not modified"
+    return DamagedLedgerError(
+        f"state {name!r} is a damaged SQLite database ({detail}); {what}. Retrying cannot "
+        "help: restore it from a backup, or recover what SQLite can still read into a new "
+        f"file (sqlite3 {shlex.quote(name)} .recover | sqlite3 NEW.db; see 'asyncbatch help "
+        "troubleshooting')"
+    )
