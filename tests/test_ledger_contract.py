@@ -769,6 +769,28 @@ async def test_heartbeat_reports_a_lost_runner_record(ledger: Ledger, store: Sto
     ).alive
 
 
+async def test_a_run_found_gone_is_killed_when_its_process_is_gone_else_lost(
+    ledger: Ledger, store: Store
+) -> None:
+    # (A runner suspended past its lease showed "exit killed" in history while it was alive.)
+    me = this_process()
+    await ledger.start_runner(run_start("dead", me=dead_process(), ttl=3600, shared=True))
+    await ledger.start_runner(run_start("stalled", me=me, ttl=SHORT, shared=True))
+    await ledger.start_runner(run_start("far", me=OTHER_HOST, ttl=SHORT, shared=True))
+    await store.advance(PAST_SHORT)
+    await ledger.reap_stale_runners("j", me)
+    ended = {run.owner: run.exit_status for run in await ledger.runs("j")}
+    assert ended == {"dead": "killed", "stalled": "lost", "far": "lost"}
+    # A stale lock taken over says the same of its holder's run.
+    await ledger.start_runner(run_start("holder", job="k", me=me, ttl=SHORT))
+    await store.advance(PAST_SHORT)
+    await ledger.start_runner(run_start("next", job="k", me=me))
+    assert {run.owner: run.exit_status for run in await ledger.runs("k")} == {
+        "holder": "lost",
+        "next": None,
+    }
+
+
 async def test_heartbeat_names_the_leases_another_runner_took_over(
     ledger: Ledger, store: Store
 ) -> None:

@@ -113,7 +113,8 @@ def _left_in_source(run: RunInfo) -> str:
     stopped or killed before), files not ready yet, by the rule that kept each back, and what
     the next run does with each (takes them, waits for something, or never takes them)."""
     t = run.totals
-    when = "at its end" if run.exit_status not in (None, "killed") else "at its last heartbeat"
+    ended = run.exit_status not in (None, "killed", "lost")
+    when = "at its end" if ended else "at its last heartbeat"
     parts = []
     for name in ("unregistered", *NOT_READY.values()):
         count = getattr(t, name)

@@ -65,6 +65,7 @@ __all__ = [
     "Ledger",
     "decide_job",
     "decide_lock",
+    "end_of_gone",
     "glob_regex",
     "ledger_error",
     "looks_like_key",
@@ -147,6 +148,14 @@ def decide_lock(
                     shared_runner=True,
                 )
     return held
+
+
+def end_of_gone(holder: ProcessIdentity, *, me: ProcessIdentity) -> str:
+    """The ``exit_status`` recorded for the run of a runner found gone: ``"killed"`` when its
+    process is known dead (on this host: its pid gone, or another process's now), ``"lost"``
+    when only its heartbeat stopped (another host, or a process that stalled: suspended past
+    its lease, it may resume, and then records its own end)."""
+    return "killed" if holder_is_dead(holder, me=me) else "lost"
 
 
 def looks_like_key(text: str) -> bool:
@@ -687,7 +696,7 @@ class Ledger(IdempotencyStore):
         are as of their last heartbeat, but for the items they finished: those come from the
         joblog (see :meth:`RunInfo.with_joblog`; one read of the job's items)."""
         found = await self._runs(job, limit)
-        open_runs = [r.owner for r in found if r.exit_status in (None, "killed")]
+        open_runs = [r.owner for r in found if r.exit_status in (None, "killed", "lost")]
         if not open_runs:
             return found
         finished = await self._finished_by(job, open_runs)

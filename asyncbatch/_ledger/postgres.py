@@ -49,7 +49,15 @@ from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
-from .base import FORGOTTEN_KEPT, WORK_LEFT_NEWEST, Ledger, decide_job, decide_lock, glob_regex
+from .base import (
+    FORGOTTEN_KEPT,
+    WORK_LEFT_NEWEST,
+    Ledger,
+    decide_job,
+    decide_lock,
+    end_of_gone,
+    glob_regex,
+)
 from .dsn import PostgresDSN
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .postgres_session import PostgresSession
@@ -269,7 +277,7 @@ class PostgresLedger(Ledger):
         local = self._session.local
         stale = decide_lock(job, held, runners, me=me, shared=shared, now=now, shown=local)
         if stale is not None:
-            await conn.execute(sql.RUN_KILLED, job, stale.owner)
+            await conn.execute(sql.RUN_KILLED, job, stale.owner, end_of_gone(stale.holder, me=me))
         if shared:
             if stale is not None:
                 await conn.execute(sql.LOCK_RELEASE, job, stale.owner)
@@ -289,9 +297,11 @@ class PostgresLedger(Ledger):
         async def reap(conn: Connection) -> int:
             released = 0
             for row in await conn.fetch(sql.RUNNERS_OF_JOB, job):
-                if t.RunnerInfo.from_row(row).alive(row["now"], me):
+                runner = t.RunnerInfo.from_row(row)
+                if runner.alive(row["now"], me):
                     continue
-                await conn.execute(sql.RUN_KILLED, job, row["owner"])
+                ended = end_of_gone(runner.holder, me=me)
+                await conn.execute(sql.RUN_KILLED, job, row["owner"], ended)
                 released += int(await conn.fetchval(sql.REAP_ITEMS, job, row["owner"]))
                 await conn.execute(sql.RUNNER_REMOVE, row["owner"])
             return released

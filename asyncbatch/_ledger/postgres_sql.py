@@ -806,11 +806,12 @@ WHERE id = $1
 """
 #: The counts of a live run, as of its heartbeat: $1 id, $2... the totals.
 RUN_PROGRESS = f"UPDATE runs SET {_set_totals(2)} WHERE id = $1 AND finished_at IS NULL"
-#: The runs of a runner that is gone ($1 job, $2 owner): killed, finished at its last heartbeat.
+#: The runs of a runner that is gone ($1 job, $2 owner): killed or lost ($3; see
+#: ``end_of_gone``), finished at its last heartbeat.
 RUN_KILLED = """
 UPDATE runs r SET finished_at = coalesce(
         (SELECT heartbeat_at FROM runners WHERE owner = $2), extract(epoch FROM now())::float8),
-    exit_status = 'killed'
+    exit_status = $3
 WHERE job = $1 AND owner = $2 AND finished_at IS NULL
 """
 #: What runners finished (the joblog): $1 job, $2 their owners.

@@ -56,6 +56,7 @@ from .base import (
     Ledger,
     decide_job,
     decide_lock,
+    end_of_gone,
     glob_regex,
     retrying,
 )
@@ -207,7 +208,10 @@ def _take_lock(
     runners = [] if shared else [_runner(r) for r in _named(conn, sql.RUNNERS_OF_JOB, (job,))]
     stale = decide_lock(job, held, runners, me=me, shared=shared, now=now)
     if stale is not None:
-        conn.execute(sql.RUN_KILLED, {"job": job, "owner": stale.owner, "now": now})
+        ended = end_of_gone(stale.holder, me=me)
+        conn.execute(
+            sql.RUN_KILLED, {"job": job, "owner": stale.owner, "now": now, "status": ended}
+        )
     if shared:
         if stale is not None:
             conn.execute(sql.LOCK_RELEASE, (job, stale.owner))
@@ -226,7 +230,10 @@ def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float
     for runner in [_runner(r) for r in _named(conn, sql.RUNNERS_OF_JOB, (job,))]:
         if runner.alive(now, me):
             continue
-        conn.execute(sql.RUN_KILLED, {"job": job, "owner": runner.owner, "now": now})
+        ended = end_of_gone(runner.holder, me=me)
+        conn.execute(
+            sql.RUN_KILLED, {"job": job, "owner": runner.owner, "now": now, "status": ended}
+        )
         released += max(conn.execute(sql.REAP_ITEMS, (now, job, runner.owner)).rowcount, 0)
         conn.execute(sql.RUNNER_REMOVE, (runner.owner,))
     return released

@@ -630,9 +630,10 @@ WHERE id = :id
 """
 #: The counts of a live run, as of its heartbeat (what `status` shows of it).
 RUN_PROGRESS = f"UPDATE runs SET {_RUN_TOTALS} WHERE id = :id AND finished_at IS NULL"
-#: The runs of a runner that is gone: killed (finished when its heartbeat stopped).
+#: The runs of a runner that is gone: killed or lost (:status; see ``end_of_gone``), finished
+#: when its heartbeat stopped.
 RUN_KILLED = """
-UPDATE runs SET exit_status = 'killed',
+UPDATE runs SET exit_status = :status,
     finished_at = coalesce((SELECT heartbeat_at FROM runners WHERE owner = :owner), :now)
 WHERE job = :job AND owner = :owner AND finished_at IS NULL
 """

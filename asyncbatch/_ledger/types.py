@@ -606,7 +606,9 @@ class RunInfo(RowValue):
     """One row of the run history: who ran, when, how it ended, and its counts.
 
     ``exit_status`` is ``None`` while the run is alive; ``"killed"`` once a later runner found
-    it gone. The counts of a run that ended are its report's. Those of a live or killed run
+    its process gone, ``"lost"`` once one found its heartbeat stopped without seeing its
+    process gone (another host, or it stalled: if it resumes, it records its own end). The
+    counts of a run that ended are its report's. Those of a live, killed or lost run
     are as of its last heartbeat, but for what the ledger itself knows (``from_joblog``): the
     items it finished (done, dead, vanished), from the joblog. ``settings_changed``: the scan
     rules this run changed, in words (``None``: none).
