@@ -30,6 +30,7 @@ from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import SchemaVersionError as SchemaVersionError
 from ._exceptions import SourceError as SourceError
+from ._exceptions import SourceKeyError as SourceKeyError
 from ._exec import ExecHandler as ExecHandler
 from ._exec import StartedCommand as StartedCommand
 from ._http.client import ItemHTTP as ItemHTTP
@@ -82,6 +83,7 @@ __all__ = [
     "Report",
     "SchemaVersionError",
     "SourceError",
+    "SourceKeyError",
     "Stable",
     "StartedCommand",
     "Statistics",

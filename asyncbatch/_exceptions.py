@@ -46,6 +46,7 @@ __all__ = [
     "PermanentError",
     "SchemaVersionError",
     "SourceError",
+    "SourceKeyError",
 ]
 
 
@@ -143,6 +144,14 @@ class LockLostError(AsyncBatchError):
 class SourceError(AsyncBatchError):
     """The source cannot be listed: an ``s3://`` bucket that is not there, credentials the
     store refuses, an endpoint that does not answer (after the client's retries)."""
+
+
+class SourceKeyError(SourceError):
+    """An object under an ``s3://`` source has a key the S3 client (obstore) cannot represent:
+    an empty segment (``in//a``), a ``.`` or ``..`` segment, a control character. The client
+    refuses the listing's whole page that holds it, so the prefix cannot be listed while it is
+    there (retrying cannot help: the CLI exits 2); rename the object, or move it out of the
+    prefix. The message names the key, its control characters escaped."""
 
 
 class PermanentError(AsyncBatchError):

@@ -1,11 +1,11 @@
 """The ``asyncbatch`` command line.
 
 Exit codes: 0 every settled file done; 1 some items dead; 2 usage or configuration error (one
-line naming the bad value, no traceback), a damaged SQLite state too; 3 other runners still
-hold some files (``--no-wait``); 69 the ledger (or an s3:// source) is unavailable or failing;
-70 a handler raised ``SystemExit``, ``KeyboardInterrupt`` or another ``BaseException`` (the run
-stopped); 75 the job is locked by a live runner; 130 / 143 stopped by SIGINT / SIGTERM; 141
-the output's reader went away.
+line naming the bad value, no traceback), a damaged SQLite state, or an s3:// key the S3 client
+cannot list; 3 other runners still hold some files (``--no-wait``); 69 the ledger (or an s3://
+source) is unavailable or failing; 70 a handler raised ``SystemExit``, ``KeyboardInterrupt`` or
+another ``BaseException`` (the run stopped); 75 the job is locked by a live runner; 130 / 143
+stopped by SIGINT / SIGTERM; 141 the output's reader went away.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .._exceptions import (
     NotALedgerError,
     SchemaVersionError,
     SourceError,
+    SourceKeyError,
 )
 from .._exec import ExecHandler
 from .._report import Report
@@ -284,7 +285,7 @@ async def _call(command: Callable[[argparse.Namespace], Awaitable[int]], args: A
 def _unavailable(error: BaseException) -> bool:
     """Whether ``error`` says the ledger or the source cannot be used now (exit 69)."""
     if isinstance(error, SourceError):
-        return True
+        return not isinstance(error, SourceKeyError)  # a key to rename: retrying cannot help
     return isinstance(error, LedgerError) and not isinstance(
         error, NotALedgerError | SchemaVersionError | DamagedLedgerError
     )

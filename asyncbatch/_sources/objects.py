@@ -18,15 +18,22 @@ counterparts here, with the same contracts (:mod:`.base`):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._exceptions import ConfigurationError, InputChangedError, SourceError
+from .._exceptions import ConfigurationError, InputChangedError, SourceError, SourceKeyError
 from .._ready import Readiness, ReadyWalk
 from .._scanner import Entry, Look, ScanInfo, ScanRules, pack
-from .store import ObjectInfo, ObjectPreconditionFailed, ObjectStore, ObjectStores
+from .store import (
+    ObjectInfo,
+    ObjectKeyRefused,
+    ObjectPreconditionFailed,
+    ObjectStore,
+    ObjectStores,
+)
 from .url import ObjectURL
 
 if TYPE_CHECKING:
@@ -43,6 +50,8 @@ __all__ = [
     "holds_objects",
     "open_object",
 ]
+
+log = logging.getLogger("asyncbatch")
 
 #: An object's entry has no local base (its ``path`` refuses); a constant, made once.
 _NO_BASE = Path("/")
@@ -68,6 +77,13 @@ def _placed(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes |
         if rules.skips(part.encode(), "/".join(parts[: i + 1]).encode(), is_dir=True):
             return None
     return rel.encode()
+
+
+def _unlisted(exc: OSError) -> SourceError:
+    """The error a listing that failed with ``exc`` ends a run with."""
+    if isinstance(exc, ObjectKeyRefused):
+        return SourceKeyError(f"cannot list the source: {exc}")
+    return SourceError(f"cannot list the source: {exc}")
 
 
 def _relpath(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes | None:
@@ -108,6 +124,8 @@ class ObjectLister:
         self.walked: ReadyWalk | None = None
         #: The last listing that finished, if any (for metrics and health).
         self.last: ScanInfo | None = None
+        #: The keys looked at (notified) that the client cannot represent, said once each.
+        self._refused: set[str] = set()
 
     @property
     def _rules(self) -> Readiness | None:
@@ -126,7 +144,9 @@ class ObjectLister:
         before ``now_ns`` (all with ``settle=None``), sorted; the others are counted in
         :attr:`last` (``unsettled``; ``future``: newer than this host's clock). One ``LIST``
         request per 1,000 keys. Raises :class:`SourceError` when the bucket cannot be
-        listed (after the client's retries)."""
+        listed (after the client's retries), :class:`SourceKeyError` when a key under the
+        prefix cannot be represented by the client (see
+        :class:`~.store.ObjectKeyRefused`)."""
         began = time.monotonic()
         if now_ns is None:
             now_ns = time.time_ns()
@@ -142,7 +162,7 @@ class ObjectLister:
                 if on_chunk is not None:
                     on_chunk(len(records))
         except OSError as exc:
-            raise SourceError(f"cannot list the source: {exc}") from None
+            raise _unlisted(exc) from None
         records.sort()
         self.last = ScanInfo.after(began, len(records), unsettled, future, None)
         return records
@@ -170,7 +190,7 @@ class ObjectLister:
                 if on_chunk is not None:
                     on_chunk(len(kept))
         except OSError as exc:
-            raise SourceError(f"cannot list the source: {exc}") from None
+            raise _unlisted(exc) from None
         records, walk = ready_objects(kept, ready, cutoff_ns=cutoff, now_ns=now_ns)
         self.walked = walk
         self.last = ScanInfo.after(began, len(records), 0, 0, walk)
@@ -241,7 +261,13 @@ class ObjectLister:
         ready = self._rules
         if self.rules.skips(name, placed) and (ready is None or not ready.marks(name)):
             return None
-        return await self.store.head(key)
+        try:
+            return await self.store.head(key)
+        except ObjectKeyRefused as exc:  # a notified key: never an input, said once
+            if key not in self._refused:
+                self._refused.add(key)
+                log.warning("%s; skipped: rename the object or move it out of the prefix", exc)
+            return None
 
 
 async def holds_objects(

@@ -18,12 +18,13 @@ import hashlib
 import importlib.util
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
-from .._errors import redact_urls
+from .._errors import redact_urls, unwrap_group
 from .._exceptions import ConfigurationError
 from .profile import aws_profile
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPERATIONS",
     "ObjectInfo",
+    "ObjectKeyRefused",
     "ObjectMissing",
     "ObjectPreconditionFailed",
     "ObjectStore",
@@ -47,6 +49,15 @@ __all__ = [
 OPERATIONS = ("list", "head", "get", "put", "copy", "delete")
 #: Keys asked for per listing page (S3's most).
 LIST_PAGE = 1000
+#: ``HEAD`` requests a listing sends at once to tell "folder" markers from empty objects.
+FOLDER_HEADS = 16
+#: How old (seconds) an empty object's LastModified must be when it is looked at for the
+#: verdict (marker or object) to be kept for the next listings of the run: an object put
+#: under the same key after the look has a later LastModified (a server clock up to this far
+#: behind this host's included), so the same listing entry cannot stand for it.
+FOLDER_SURE_AFTER = 60
+#: Verdicts kept at most (then forgotten at once, and looked at again).
+FOLDER_VERDICTS = 100_000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -102,6 +113,23 @@ class ObjectInfo:
             meta["version"],
             version_tag(etag),
         )
+
+
+class ObjectKeyRefused(OSError):
+    """A listing met a key that obstore cannot represent (an empty segment ``a//b``, a ``.``
+    or ``..`` segment, a control character): obstore refuses the whole page that holds it
+    (up to 1,000 keys, those before it too) and ends the listing, so no key of that page can
+    be reached, nor, from a listing that starts before it, any key after it."""
+
+    def __init__(self, message: str, key: str | None) -> None:
+        super().__init__(message)
+        #: The key, when obstore's message names it.
+        self.key = key
+
+
+def _verdict_key(obj: ObjectInfo) -> tuple[str, int, str | None]:
+    """What a "folder" verdict is kept by: the listing entry's name, LastModified and ETag."""
+    return (obj.key, obj.mtime_ns, obj.etag)
 
 
 class ObjectMissing(FileNotFoundError):
@@ -200,6 +228,49 @@ def _named(exc: Exception) -> str:
     return f" (set by {', '.join(names)})" if names else ""
 
 
+#: The key in obstore's ``InvalidPathError`` (its ``Debug source``: Rust's escapes, unlike
+#: the message's first line, which has the key raw, quotes and control characters included).
+_DEBUG_PATH = re.compile(r'\bpath: "((?:[^"\\]|\\.)*)"')
+_RUST_ESCAPE = re.compile(r"\\(?:u\{([0-9a-fA-F]{1,6})\}|(.))")
+_RUST_NAMED = {"n": "\n", "r": "\r", "t": "\t", "0": "\0"}
+
+
+def _unescape_rust(match: re.Match[str]) -> str:
+    code, char = match.groups()
+    if code is not None:
+        return chr(int(code, 16))
+    return _RUST_NAMED.get(char, char)
+
+
+def refused_key(exc: Exception) -> str | None:
+    """The key obstore's ``InvalidPathError`` names, or ``None`` if its message does not."""
+    found = _DEBUG_PATH.search(str(exc).partition("Debug source:")[2])  # not the raw line
+    if found is None:
+        return None
+    try:
+        return _RUST_ESCAPE.sub(_unescape_rust, found.group(1))
+    except ValueError:  # a code point that is none
+        return None
+
+
+def _why_refused(key: str) -> str:
+    """What in ``key`` obstore refuses (its ``Path`` rules), in a few words."""
+    parts = key.removeprefix("/").removesuffix("/").split("/")
+    if "" in parts:
+        return "an empty segment ('//')"
+    for bad in (".", ".."):
+        if bad in parts:
+            return f"a {bad!r} segment"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in key):
+        return "a control character"
+    return "a part the client refuses"
+
+
+def _refused(key: str) -> str:
+    """Why obstore refuses ``key``, the key named (its control characters escaped)."""
+    return f"key {key!r} has {_why_refused(key)}, which the S3 client (obstore) cannot represent"
+
+
 def _errors() -> Any:
     import obstore.exceptions
 
@@ -217,6 +288,8 @@ class ObjectStore:
 
         self.bucket = bucket
         self._requests = requests
+        #: Whether an empty object listed is a "folder" marker, by entry (see :meth:`_folders`).
+        self._folder_verdicts: dict[tuple[str, int, str | None], bool] = {}
         profile = aws_profile()
         _check_endpoints(profile)
         config = cast("S3Config", profile)
@@ -233,6 +306,8 @@ class ObjectStore:
 
     def _fail(self, operation: str, key: str, exc: Exception) -> OSError:
         errors = _errors()
+        if isinstance(exc, ValueError) and str(exc).startswith("Could not parse path"):
+            return ObjectKeyRefused(_refused(key), key)  # no request was sent
         where = f"s3://{self.bucket}/{key}"
         code = _CODE.search(str(exc))
         if code is not None and code.group(1) == "NoSuchBucket":
@@ -248,12 +323,33 @@ class ObjectStore:
             return ObjectPreconditionFailed(f"{operation} {where}: another version is there")
         return OSError(f"{operation} {where} failed: {_reason(exc)}")
 
+    def _list_fail(self, prefix: str, exc: Exception) -> OSError:
+        """:meth:`_fail` for a listing; :class:`ObjectKeyRefused` for a key obstore refuses."""
+        if not isinstance(exc, _errors().InvalidPathError):
+            return self._fail("list", prefix, exc)
+        key = refused_key(exc)
+        where = f"s3://{self.bucket}/{prefix}"
+        if key is None:
+            return ObjectKeyRefused(
+                f"a key under {where} cannot be listed by the S3 client (obstore): "
+                f"{_reason(exc)!r}; rename that object or move it out of the prefix",
+                None,
+            )
+        return ObjectKeyRefused(
+            f"{_refused(key)}: {where} cannot be listed while it is there; rename the object "
+            "or move it out of the prefix",
+            key,
+        )
+
     async def list_pages(self, prefix: str) -> AsyncIterator[Sequence[ObjectInfo]]:
-        """The objects under ``prefix``, a page at a time (bounded memory at any size)."""
+        """The objects under ``prefix``, a page at a time (bounded memory at any size), each
+        with its key as the bucket has it: a "folder" marker's ends with ``/`` (see
+        :meth:`_folders`). Raises :class:`ObjectKeyRefused` at a key obstore refuses."""
         import obstore
 
         stream = obstore.list(self._store, prefix or None, chunk_size=LIST_PAGE)
         pages = 0
+        kept_empty: set[str] = set()
         while True:
             try:
                 page = await stream.__anext__()
@@ -263,13 +359,80 @@ class ObjectStore:
                 return
             except Exception as exc:
                 self._count("list")
-                raise self._fail("list", prefix, exc) from None
+                raise self._list_fail(prefix, exc) from None
             pages += 1
             self._count("list")
-            yield [ObjectInfo.of(meta) for meta in page]
+            yield await self._folders([ObjectInfo.of(meta) for meta in page], kept_empty)
+
+    async def _folders(self, page: list[ObjectInfo], kept_empty: set[str]) -> list[ObjectInfo]:
+        """``page`` with each "folder" marker's key given back its ending ``/``.
+
+        obstore lists the key ``in/folder/`` (an empty object, as the S3 console's "Create
+        folder" makes) as ``in/folder``, as it would an empty object ``in/folder``; the two are
+        told apart by a ``HEAD`` of ``in/folder`` (only for empty objects; a listing's order
+        puts ``in/folder`` before ``in/folder/``):
+
+        - the second entry of the same name in a listing is the marker (both are there);
+        - else no object there (``404``), or one that is not empty: the entry is the marker;
+        - else (an empty object): the entry is that object.
+
+        A verdict is kept for the run's next listings while its entry (name, LastModified,
+        ETag) stays, once the entry was :data:`FOLDER_SURE_AFTER` seconds old when looked at
+        (a younger one is looked at again by each listing). ``kept_empty``: the names of the
+        empty objects this listing kept so far."""
+        verdicts = self._folder_verdicts
+        if len(verdicts) > FOLDER_VERDICTS:
+            verdicts.clear()
+        asked: dict[str, ObjectInfo | None] = {}
+        ask = {
+            o.key
+            for o in page
+            if not o.size and o.key not in kept_empty and _verdict_key(o) not in verdicts
+        }
+        asked_at = time.time()
+        if ask:
+            asked = await self._heads(sorted(ask))
+        sure_before = int((asked_at - FOLDER_SURE_AFTER) * 1e9)
+        found: list[ObjectInfo] = []
+        for obj in page:
+            if obj.size:
+                found.append(obj)
+                continue
+            marker = True if obj.key in kept_empty else verdicts.get(_verdict_key(obj))
+            if marker is None:
+                now = asked[obj.key]
+                marker = now is None or now.size != 0
+                if obj.mtime_ns < sure_before:
+                    verdicts[_verdict_key(obj)] = marker
+            if marker:
+                found.append(replace(obj, key=obj.key + "/"))
+            else:
+                kept_empty.add(obj.key)
+                found.append(obj)
+        return found
+
+    async def _heads(self, keys: Sequence[str]) -> dict[str, ObjectInfo | None]:
+        """:meth:`head` of each of ``keys``, :data:`FOLDER_HEADS` at a time."""
+        import anyio
+
+        found: dict[str, ObjectInfo | None] = {}
+        limit = anyio.CapacityLimiter(FOLDER_HEADS)
+
+        async def one(key: str) -> None:
+            async with limit:
+                found[key] = await self.head(key)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(one, key)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        return found
 
     async def head(self, key: str) -> ObjectInfo | None:
-        """The object at ``key`` now, or ``None`` when there is none."""
+        """The object at ``key`` now, or ``None`` when there is none. Raises
+        :class:`ObjectKeyRefused` for a key obstore cannot represent (no request sent)."""
         import obstore
 
         self._count("head")
