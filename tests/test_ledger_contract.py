@@ -1473,6 +1473,24 @@ async def test_postgres_skip_locked_claims_do_not_wait_for_a_locked_row(pg_dsn: 
         assert [r.key for r in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00001"]
 
 
+def lose_first_reply(monkeypatch: pytest.MonkeyPatch, session: Any) -> list[object]:
+    """Make the PostgreSQL ``session``'s next transaction run and commit, then lose its reply
+    (its connection "dropped": the session runs it again); returns the list that gets the
+    lost reply's result."""
+    attempt = session._attempt
+    replies_lost: list[object] = []
+
+    async def reply_lost(body: Any, *, one: bool) -> Any:
+        result = await attempt(body, one=one)
+        if not replies_lost:
+            replies_lost.append(result)
+            raise ConnectionResetError("the connection dropped before the reply")
+        return result
+
+    monkeypatch.setattr(session, "_attempt", reply_lost)
+    return replies_lost
+
+
 async def test_postgres_a_commit_whose_reply_was_lost_is_not_taken_for_a_lost_lease(
     pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1486,17 +1504,7 @@ async def test_postgres_a_commit_whose_reply_was_lost_is_not_taken_for_a_lost_le
         (taken,) = await ledger.claim_waiting("j", "other", 60, 10)
         assert taken.key == c.key
         session = ledger._outcomes()
-        attempt = session._attempt
-        replies_lost: list[object] = []
-
-        async def reply_lost(body: Any, *, one: bool) -> Any:
-            result = await attempt(body, one=one)
-            if not replies_lost:
-                replies_lost.append(result)
-                raise ConnectionResetError("the connection dropped before the reply")
-            return result
-
-        monkeypatch.setattr(session, "_attempt", reply_lost)
+        replies_lost = lose_first_reply(monkeypatch, session)
         outcomes = [
             Outcome(a.key, a.fence, "done"),
             Outcome(b.key, b.fence, "failed", "ValueError: x", time.time() + 60),
@@ -1524,17 +1532,7 @@ async def test_postgres_a_queued_chunk_whose_reply_was_lost_is_queued_and_counte
         role = await ledger.take_listing("j", "a", 60)
         await ledger.begin_listing("j", "a", role.fence)
         session = ledger._session
-        attempt = session._attempt
-        replies_lost: list[object] = []
-
-        async def reply_lost(body: Any, *, one: bool) -> Any:
-            result = await attempt(body, one=one)
-            if not replies_lost:
-                replies_lost.append(result)
-                raise ConnectionResetError("the connection dropped before the reply")
-            return result
-
-        monkeypatch.setattr(session, "_attempt", reply_lost)
+        replies_lost = lose_first_reply(monkeypatch, session)
         found = await ledger.queue_listed("j", "a", role.fence, [queued(i) for i in (1, 2, 3)])
         monkeypatch.undo()
         assert replies_lost == [Registered(2, 1, 0)]
