@@ -185,6 +185,43 @@ async def test_a_file_vanishing_before_handling_is_marked_vanished(
     assert state_counts(state) == {"done": 1, "vanished": 1}
 
 
+async def test_a_directory_replaced_by_a_file_before_handling_leaves_its_files_vanished(
+    inbox: Path, state: Path
+) -> None:
+    # A directory of the scan replaced by a file of the same name: opening its files fails
+    # with ENOTDIR. They are gone (vanished), not failing: no retries, never dead, and when
+    # the directory is back, the next run handles them.
+    sub = inbox / "sub"
+    sub.mkdir()
+    old = time.time() - 60
+    for name in ("a.csv", "b.csv"):
+        (sub / name).write_text(name)
+        os.utime(sub / name, (old, old))
+    (inbox / "first.csv").write_text("first")
+    os.utime(inbox / "first.csv", (old - 10, old - 10))
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "first.csv":
+            sub.rename(inbox / ".sub-away")
+            (inbox / "sub").write_text("a file now")
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(
+        handle, source=inbox, state=state, concurrency=1, settle=0, recursive=True, backoff=0.01
+    )
+    report = await batch.run()
+
+    assert handled == ["first.csv"]
+    assert (report.done, report.vanished, report.dead, report.failed) == (1, 2, 0, 0)
+    assert report.ok
+    (inbox / "sub").unlink()
+    (inbox / ".sub-away").rename(sub)
+    again = await batch.run()
+    assert sorted(handled) == ["first.csv", "sub/a.csv", "sub/b.csv"]
+    assert (again.done, again.dead_before) == (2, 0)
+
+
 async def test_a_file_changed_after_the_scan_is_not_handled_as_the_old_version(
     inbox: Path, state: Path
 ) -> None:

@@ -637,13 +637,15 @@ class WorkerPool:
         try:
             try:
                 fd, st = self._open(item)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 if item.moved_to is None:
                     raise
                 # The handler moved its input (ctx.move) before the run died: continue there.
                 moved = Path(item.moved_to)
                 fd, st = open_regular(None, os.fsencode(moved))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # NotADirectoryError: a directory on its path was replaced by a file of the same
+            # name (its files went with it); the scan, which finds the file gone, agrees.
             return self.vanished(item, "the file disappeared before it could be handled")
         except OSError as exc:
             return self.failure(item, error_text(exc), permanent=exc.errno is None)
