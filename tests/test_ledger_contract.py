@@ -2362,7 +2362,7 @@ async def test_finish_counts_count_what_other_runners_finished_since(
     since = a_done.finished_at + 1e-6
     while time.time() <= since + 0.01:  # noqa: ASYNC110 (b's commit must come after it)
         await anyio.sleep(0.005)
-    await ledger.claim_scanned("j", "b", 60, [entry(3), entry(4), entry(5)])
+    await ledger.claim_scanned("j", "b", 60, [entry(3), entry(4), entry(5), entry(6)])
     await ledger.commit_outcomes(
         "j",
         "b",
@@ -2370,11 +2370,15 @@ async def test_finish_counts_count_what_other_runners_finished_since(
             Outcome("k00003", 1, "done"),
             Outcome("k00004", 1, "done"),
             Outcome("k00005", 1, "dead", "E"),
+            Outcome("k00006", 1, "vanished"),  # its file gone: vanished for a's report too
         ],
     )
     await ledger.commit_outcomes("j", "a", [Outcome("k00002", 1, "failed", "E", time.time())])
-    counts = dict.fromkeys(STATES, 0) | {"done": 3, "dead": 1, "failed": 1}
-    assert await ledger.finish_counts("j", "a", since) == (counts, {"done": 2, "dead": 1})
+    counts = dict.fromkeys(STATES, 0) | {"done": 3, "dead": 1, "failed": 1, "vanished": 1}
+    assert await ledger.finish_counts("j", "a", since) == (
+        counts,
+        {"done": 2, "dead": 1, "vanished": 1},
+    )
     assert await ledger.finish_counts("j", "b", since) == (counts, {})  # a's was done before
     assert await ledger.finish_counts("j", "a", time.time() + 60) == (counts, {})
     assert await ledger.finish_counts("nothing", "a", since) == (dict.fromkeys(STATES, 0), {})

@@ -588,3 +588,56 @@ async def test_a_run_goes_by_a_listing_begun_after_the_one_it_went_by_before_it_
         await ledger.close()
     counters = run.counters
     assert (counters.seen, counters.done_before, counters.not_reached()) == (4, 4, 0), counters
+
+
+async def test_files_another_runner_found_vanished_are_vanished_not_unfinished(
+    tmp_path: Path,
+) -> None:
+    # (Two shared runners, files deleted while they ran: each counted the files the other had
+    # found gone as unfinished, "200 seen: 74 done, 76 done before, 41 vanished, 9
+    # unfinished", and both exited 1, with every file finished and nothing left to do.)
+    state = tmp_path / "state.db"
+    ledger = await open_ledger(state)
+    try:
+        for owner in ("a", "x"):
+            await ledger.start_runner(run_start(owner, job="default", shared=True))
+        role = await ledger.take_listing("default", "a", 60)
+        assert await ledger.begin_listing("default", "a", role.fence)
+        files = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i, 1_000 + i, f"h{i}") for i in range(4)]
+        await ledger.queue_listed("default", "a", role.fence, files)
+        assert await ledger.end_listing("default", "a", role.fence, 4)
+        _, claimed = await ledger.take_queued("default", "a", 60, 10)
+        await ledger.commit_outcomes(
+            "default",
+            "a",
+            [
+                Outcome(row.key, row.fence, "done" if i < 2 else "vanished")
+                for i, row in enumerate(claimed)
+            ],
+        )
+        (tmp_path / "inbox").mkdir()
+        config = BatchConfig.from_settings(source=tmp_path / "inbox", state=state, shared=True)
+        run = RunState(
+            config=config,
+            ledger=ledger,
+            owner="x",
+            me=this_process(),
+            clock=time.time,
+            counters=Counters(),
+            source=cast("Any", None),  # (no source is looked at here)
+        )
+        x = SharedRun(cast("Claimer", SimpleNamespace(run=run, config=config)))
+        x.target = run.listing_target = 1  # it went by a's listing, complete
+        assert await x._finished()
+        await shared_report(run)
+    finally:
+        await ledger.close()
+    counters = run.counters
+    assert (counters.seen, counters.done_before, counters.vanished, counters.not_reached()) == (
+        4,
+        2,
+        2,
+        0,
+    ), counters
+    report = counters.report("default", {}, stopped=False, mode="run")
+    assert report.ok, report

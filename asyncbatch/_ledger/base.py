@@ -519,9 +519,9 @@ class Ledger(IdempotencyStore):
         self, job: str, owner: str, since: float
     ) -> tuple[dict[str, int], dict[str, int]]:
         """The job's items by state (as :meth:`counts` has them), and how many of its items
-        runners other than ``owner`` finished (done, dead) at or after ``since`` (the
-        caller's clock), by state: what a shared runner counts as done (dead) before in its
-        report. One read of the job's items."""
+        runners other than ``owner`` finished (done, dead, vanished) at or after ``since``
+        (the caller's clock), by state: what a shared runner counts as done (dead) before, and
+        vanished, in its report. One read of the job's items."""
         found, others = await self._finish_counts(job, owner, since)
         return {state: found.get(state, 0) for state in STATES}, others
 
@@ -530,7 +530,8 @@ class Ledger(IdempotencyStore):
         self, job: str, owner: str, since: float
     ) -> tuple[dict[str, int], dict[str, int]]:
         """:meth:`finish_counts`, the first for the states that have any (``pending`` with
-        the queued files), the second for ``done`` and ``dead`` when they have any."""
+        the queued files), the second for ``done``, ``dead`` and ``vanished`` when they have
+        any."""
 
     @abc.abstractmethod
     async def work_left(self, job: str) -> bool:

@@ -604,7 +604,7 @@ class PostgresLedger(Ledger):
                 sql.FINISH_COUNTS, job, owner, server_since
             ):
                 counts[str(state)] = int(n)
-                if state in ("done", "dead") and by_others:
+                if state in ("done", "dead", "vanished") and by_others:
                     others[str(state)] = int(by_others)
             queued = int(await conn.fetchval(sql.QUEUED_FILES, job))
             if queued:

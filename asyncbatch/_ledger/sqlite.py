@@ -824,7 +824,7 @@ class SQLiteLedger(Ledger):
             others: dict[str, int] = {}
             for state, n, by_others in conn.execute(sql.FINISH_COUNTS, (job, owner, since)):
                 counts[state] = n
-                if state in ("done", "dead") and by_others:
+                if state in ("done", "dead", "vanished") and by_others:
                     others[state] = by_others
             queued = conn.execute(sql.QUEUED_FILES, (job,)).fetchone()[0]
             if queued:

@@ -437,6 +437,12 @@ def count_listing(
     room -= t.dead_before
     t.done_before = min(listing.found_done + others.get("done", 0), room)
     room -= t.done_before
+    # Files another runner found gone (or changed) are vanished for this run too, not
+    # unfinished: they were "200 seen: 74 done, 76 done before, 41 vanished, 9 unfinished",
+    # exit 1, on both runners, every file finished. Counted on top of the run's own.
+    gone = min(others.get("vanished", 0), room)
+    t.vanished += gone
+    room -= gone
     if running is not None:
         t.held = min(running, room)
 
