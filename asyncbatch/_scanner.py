@@ -42,6 +42,7 @@ __all__ = [
     "Scanner",
     "clamp_ns",
     "content_digest",
+    "entry_stat",
     "name_key",
     "open_regular",
     "pack",
@@ -153,6 +154,20 @@ def clamp_ns(ns: int) -> int:
     (:data:`NS_MIN` to :data:`NS_MAX`). The scan, the open and the post-commit actions compare
     clamped times, so a file from after 2262 is the same file to all of them."""
     return NS_MIN if ns < NS_MIN else NS_MAX if ns > NS_MAX else ns
+
+
+def entry_stat(path: str | os.PathLike[str], *, follow_symlinks: bool) -> os.stat_result | None:
+    """What a scan records of the name ``path`` now: the entry's own stat, or, for a symlink a
+    job follows (``follow_symlinks``), the stat of the file it leads to (``None`` when it leads
+    to nothing now). Raises ``FileNotFoundError`` when nothing has the name (and what ``lstat``
+    raises)."""
+    st = os.lstat(path)
+    if follow_symlinks and stat.S_ISLNK(st.st_mode):
+        try:
+            return os.stat(path)
+        except OSError:
+            return None
+    return st
 
 
 def pack(mtime_ns: int, relpath: bytes, size: int, inode: int, ctime_ns: int = 0) -> bytes:

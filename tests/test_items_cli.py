@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from asyncbatch._ledger import sqlite_sql
 
 from .conftest import (
@@ -491,3 +493,42 @@ def test_a_state_file_of_an_older_schema_is_upgraded_and_records_each_jobs_sourc
     make_files(elsewhere, 1)
     run(elsewhere, state, "--job", "other")
     assert explain(state, "f00000.txt", "--job", "other")["source"] == os.path.realpath(elsewhere)
+
+
+async def test_a_followed_symlinks_post_commit_action_is_carried_out_on_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (With --follow-symlinks the scan records what a link leads to, and the move compared
+    # that with the link's own lstat: "left alone: the file was replaced by a newer version",
+    # the link left in the source for ever, and explain said "a newer file has its name".)
+    from asyncbatch import Batch, TaskContext
+    from asyncbatch._pipeline.postactions import PostActions
+
+    inbox, archive, state = tmp_path / "inbox", tmp_path / "archive", tmp_path / "state.db"
+    (inbox / "sub").mkdir(parents=True)
+    archive.mkdir()
+    (inbox / "sub" / "real.csv").write_text("real")
+    (inbox / "link.csv").symlink_to("sub/real.csv")
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+
+    async def crash(self: PostActions, post: object) -> str:
+        raise OSError("simulated crash between the commit and the move")
+
+    batch: dict[str, Any] = {"source": inbox, "state": state, "settle": 0}
+    batch.update(follow_symlinks=True, on_done=f"move:{archive}")
+    with monkeypatch.context() as m:
+        m.setattr(PostActions, "_perform", crash)
+        await Batch(handle, **batch).run()
+    assert handled == ["link.csv"]
+    said = explain(state, inbox / "link.csv")["message"]
+    assert "is still to be finished: its file is still there" in said, said
+
+    report = await Batch(handle, **batch).run()  # finishes the move
+
+    assert (report.done, report.done_before, handled) == (0, 1, ["link.csv"])
+    assert (archive / "link.csv").is_symlink()  # the link is what moved: its file stays
+    assert (inbox / "sub" / "real.csv").read_text() == "real"
+    assert not (inbox / "link.csv").is_symlink()

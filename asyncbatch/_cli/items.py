@@ -46,7 +46,7 @@ from .._ready import (
     parse_rule,
     rule_argument,
 )
-from .._scanner import PATH_MAX, ScanRules, clamp_ns, content_digest
+from .._scanner import PATH_MAX, ScanRules, clamp_ns, content_digest, entry_stat
 from .common import EXIT_OK, job_identity, job_settings, open_state, show_time
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
@@ -237,12 +237,15 @@ def _lease_verdict(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -
     return "leased", f"leased by {holder} until {until}"
 
 
-def _stat_of(path: Path) -> tuple[int, int, int] | None:
-    """``(size, mtime_ns, inode)`` of ``path`` as the ledger records them (``None``: gone)."""
+def _stat_of(path: Path, *, follow_symlinks: bool = False) -> tuple[int, int, int] | None:
+    """``(size, mtime_ns, inode)`` of ``path`` as the ledger records them (``None``: gone; a
+    symlink the job follows: what it leads to, ``(-1, -1, -1)`` when that is nothing)."""
     try:
-        st = os.lstat(path)
+        st = entry_stat(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
+    if st is None:
+        return -1, -1, -1
     return st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino
 
 
@@ -257,7 +260,7 @@ def _archived_copy(item: ItemInfo, archive: Path) -> Path | None:
     return None
 
 
-def _post_action_said(item: ItemInfo, source: Path) -> str:
+def _post_action_said(item: ItemInfo, source: Path, follow_symlinks: bool) -> str:
     """What became of a finished item's post-commit action, for its sentence.
 
     The ledger keeps the action an item asked for (``post_action``) after it is carried out,
@@ -269,13 +272,18 @@ def _post_action_said(item: ItemInfo, source: Path) -> str:
     kind, directory = decode_action(item.post_action)
     what = f"move to {directory}" if kind == "move" else kind
     try:
-        now = _stat_of(source / item.relpath)
+        now = _stat_of(source / item.relpath, follow_symlinks=follow_symlinks)
     except OSError as e:
         return f"; whether its post-commit action ({what}) is finished cannot be told: {e.strerror}"
     if now == (item.size, item.mtime_ns, item.inode):
         return f"; its post-commit action ({what}) is still to be finished: its file is still there"
+    if now == (-1, -1, -1):
+        return f"; its symlink leads to no file now: its post-commit action ({what}) leaves it"
     if now is not None:
-        return f"; a newer file has its name, which its post-commit action ({what}) leaves alone"
+        return (
+            f"; another file has its name now (a newer version, or a copy), which its "
+            f"post-commit action ({what}) leaves alone"
+        )
     if kind == "move" and directory:
         moved = _archived_copy(item, Path(directory))
         if moved is not None:
@@ -291,17 +299,23 @@ _OF_RECORDS = frozenset(
 
 
 def describe_item(
-    item: ItemInfo, runners: dict[str, RunnerInfo], now: float, source: Path
+    item: ItemInfo,
+    runners: dict[str, RunnerInfo],
+    now: float,
+    source: Path,
+    *,
+    follow_symlinks: bool = False,
 ) -> tuple[str, str]:
     """``(verdict, sentence)`` for an item's record (``source``: the job's directory, where
-    a finished item's post-commit action is looked up)."""
+    a finished item's post-commit action is looked up; ``follow_symlinks``: the job's, how a
+    symlink's name is judged there)."""
     error = (item.last_error or "").splitlines()[0] if item.last_error else "no error recorded"
     took = f", took {_duration(item.duration)}" if item.duration is not None else ""
     if item.state == "done":
         when = item.finished_at if item.finished_at is not None else item.updated_at
         text = f"done at {show_time(when)} by {_runner(item)} in attempt {item.attempts}{took}"
         if item.post_action is not None:
-            text += _post_action_said(item, source)
+            text += _post_action_said(item, source, follow_symlinks)
         return "done", text
     if item.state == "failed":
         return "failed", (
@@ -474,7 +488,7 @@ def _verdict(
     now: float,
 ) -> tuple[str, str]:
     """``explain``'s verdict and message, from what it found (see :func:`_explain_facts`)."""
-    source = Path(facts["source"])
+    source, follow = Path(facts["source"]), bool(facts["follow_symlinks"])
     if facts["skipped"] is not None:
         skipped: str = facts["skipped"]
         verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
@@ -483,11 +497,11 @@ def _verdict(
         return "marker", facts["marker"]
     if not facts["exists"]:
         if others:
-            verdict, said = describe_item(others[0], runners, now, source)
+            verdict, said = describe_item(others[0], runners, now, source, follow_symlinks=follow)
             return verdict, f"no such file now; the ledger's latest record of the name: {said}"
         return "never-seen", "no such file, and the ledger never saw it"
     if current is not None:
-        return describe_item(current, runners, now, source)
+        return describe_item(current, runners, now, source, follow_symlinks=follow)
     if facts["not_ready"] is not None:
         found: tuple[str, str] = facts["not_ready"]
         return found
@@ -537,6 +551,7 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         verdicts = await _rule_verdicts(ready, settings, rel, full, st, known=current is not None)
     facts: dict[str, Any] = {
         "source": settings.source,
+        "follow_symlinks": settings.follow_symlinks,
         "skipped": skipped,
         "marker": marker,
         "exists": os.path.lexists(full),

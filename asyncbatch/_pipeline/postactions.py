@@ -37,7 +37,7 @@ from .._effects.files import fsync_dir, idempotent_move, make_parents_under
 from .._exceptions import EffectError
 from .._ledger import decode_action
 from .._ready import Readiness, ancestors
-from .._scanner import ScanRules, clamp_ns
+from .._scanner import ScanRules, clamp_ns, entry_stat
 from .._sources.store import ObjectInfo, ObjectStores
 from .._sources.url import ObjectURL
 
@@ -69,14 +69,26 @@ def _matches(st: os.stat_result, post: _Post) -> bool:
     )
 
 
-def _delete(source: Path, post: _Post) -> str:
+def _left_alone(st: os.stat_result | None, post: _Post) -> str | None:
+    """Why the name's entry now (see ``entry_stat``) is not the file handled, if it is not:
+    the action leaves it alone (a newer version, or a copy, is new work)."""
+    if st is None:
+        return "left alone: its symlink leads to no file now"
+    if not _matches(st, post):
+        return "left alone: another file has its name now (a newer version, or a copy)"
+    return None
+
+
+def _delete(source: Path, post: _Post, follow_symlinks: bool) -> str:
+    """Delete the name (a symlink the job follows: the link, not the file it leads to) if it
+    is still the file handled."""
     path = source / os.fsdecode(post.relpath)
     try:
-        st = os.lstat(path)
+        st = entry_stat(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return "already gone"
-    if not _matches(st, post):
-        return "left alone: the file was replaced by a newer version"
+    if (why := _left_alone(st, post)) is not None:
+        return why
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     fsync_dir(path.parent)
@@ -208,7 +220,8 @@ class PostActions:
         if isinstance(source, ObjectURL):
             outcome = await self._perform_on_object(source, kind, directory, post)
         elif kind == "delete":
-            outcome = await anyio.to_thread.run_sync(_delete, source, post)
+            follow = self._config.follow_symlinks
+            outcome = await anyio.to_thread.run_sync(_delete, source, post, follow)
         elif kind != "move" or not directory:
             raise EffectError(f"unknown post-commit action {post.action!r}")
         else:
@@ -349,13 +362,11 @@ class PostActions:
         rel = os.fsdecode(post.relpath)
         dst = archive / rel
         try:
-            st: os.stat_result | None = os.lstat(src)
+            st = entry_stat(src, follow_symlinks=self._config.follow_symlinks)
         except FileNotFoundError:
-            st = None
-        if st is None:
             return "already moved" if dst.exists() else "already gone"
-        if not _matches(st, post):
-            return "left alone: the file was replaced by a newer version"
+        if (why := _left_alone(st, post)) is not None:
+            return why
         await anyio.to_thread.run_sync(make_parents_under, archive, Path(rel))
         try:
             await idempotent_move(src, dst)
