@@ -532,3 +532,30 @@ async def test_a_followed_symlinks_post_commit_action_is_carried_out_on_the_link
     assert (archive / "link.csv").is_symlink()  # the link is what moved: its file stays
     assert (inbox / "sub" / "real.csv").read_text() == "real"
     assert not (inbox / "link.csv").is_symlink()
+
+
+async def test_explain_of_a_duplicate_under_identity_content_names_the_item_it_is(
+    tmp_path: Path,
+) -> None:
+    # (It said "its file is gone from the source" of b.csv, which was right there: the record
+    # was a.csv's, the same bytes, deleted after it was done.)
+    from asyncbatch import Batch, TaskContext
+
+    inbox, state = tmp_path / "inbox", tmp_path / "state.db"
+    inbox.mkdir()
+    for name in ("a.csv", "b.csv"):
+        (inbox / name).write_text("same")
+        os.utime(inbox / name, (time.time() - 10,) * 2)
+    os.utime(inbox / "a.csv", (time.time() - 20,) * 2)  # listed first: the item's name
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    report = await Batch(
+        handle, source=inbox, state=state, settle=0, identity="content", on_done="delete"
+    ).run()
+    assert (report.done, sorted(p.name for p in inbox.iterdir())) == (1, ["b.csv"]), report
+    said = explain(state, inbox / "b.csv")["message"]
+    assert said.startswith(
+        "the same item as 'a.csv' (the same file to the job's identity, content)"
+    ), said

@@ -501,7 +501,13 @@ def _verdict(
             return verdict, f"no such file now; the ledger's latest record of the name: {said}"
         return "never-seen", "no such file, and the ledger never saw it"
     if current is not None:
-        return describe_item(current, runners, now, source, follow_symlinks=follow)
+        verdict, said = describe_item(current, runners, now, source, follow_symlinks=follow)
+        if current.relpath != facts["relpath"]:  # identity content: the same bytes elsewhere
+            said = (
+                f"the same item as {current.relpath!r} (the same file to the job's identity, "
+                f"{facts['identity']}), whose record follows: {said}"
+            )
+        return verdict, said
     if facts["not_ready"] is not None:
         found: tuple[str, str] = facts["not_ready"]
         return found
@@ -551,6 +557,8 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         verdicts = await _rule_verdicts(ready, settings, rel, full, st, known=current is not None)
     facts: dict[str, Any] = {
         "source": settings.source,
+        "relpath": rel_text,
+        "identity": identity,
         "follow_symlinks": settings.follow_symlinks,
         "skipped": skipped,
         "marker": marker,
