@@ -405,13 +405,15 @@ class _Walker:
     """What one walk of the source keeps: the directories still to list, those listed (a
     symlink loop is walked once), and how it judges each entry (in the walking thread)."""
 
-    __slots__ = ("_real_root", "_tally", "_visited", "_w", "stack")
+    __slots__ = ("_denied", "_real_root", "_tally", "_visited", "_w", "stack")
 
     def __init__(self, w: _Walk, tally: _Tally | None, root: os.stat_result) -> None:
         self._w = w
         self._tally = tally
         self._real_root = os.path.realpath(w.root)
         self._visited = {(root.st_dev, root.st_ino)}
+        #: Directories whose entries could be listed but not looked at (warned about once).
+        self._denied: set[bytes] = set()
         #: Directories to list, as relpaths (``b""``: the source itself).
         self.stack: list[bytes] = [b""]
 
@@ -460,11 +462,26 @@ class _Walker:
                 st = de.stat(follow_symlinks=False)
             else:
                 return None  # FIFO, socket, device: never opened
+        except PermissionError as e:  # a directory that can be listed but not searched
+            if not de.is_symlink():  # (a link's target may be in another one: not this)
+                self._cannot_look(rel.rpartition(b"/")[0], e)
+            return None
         except OSError:
             return None  # vanished between listing and stat
         if st is None or not stat.S_ISREG(st.st_mode):
             return None
         return self._record(rel, st)
+
+    def _cannot_look(self, directory: bytes, error: OSError) -> None:
+        """Say once a walk that the entries of ``directory`` (a relpath) cannot be looked at
+        (they are skipped): it was silent, the files left out of every count."""
+        if directory not in self._denied:
+            self._denied.add(directory)
+            log.warning(
+                "cannot look at the files in directory %r: %s (they are skipped)",
+                os.fsdecode(directory) or ".",
+                error.strerror,
+            )
 
     def _followed(self, de: os.DirEntry[bytes], name: bytes, rel: bytes) -> os.stat_result | None:
         """What a symlink leads to, when it is followed (``follow_symlinks``), stays inside the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from asyncbatch._scanner import (
     unpack,
 )
 
-from .conftest import make_files
+from .conftest import cli, make_files
 
 
 def scanner(
@@ -267,3 +268,48 @@ def test_skip_reason_names_the_rule_skips_applies() -> None:
     assert "hidden directory" in (
         rules.hidden_because(b".d/x.csv", recursive=True, is_dir=False) or ""
     )
+
+
+#: Root without the capabilities that let it past permissions: the kernel then checks a
+#: directory's search bit for root as for anyone.
+WITHOUT_OVERRIDE = (
+    "setpriv",
+    "--bounding-set",
+    "-dac_override,-dac_read_search",
+    "--inh-caps",
+    "-all",
+)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_files_of_a_directory_that_cannot_be_searched_are_said_to_be_skipped(
+    tmp_path: Path,
+) -> None:
+    # (A directory that can be listed but not searched, mode r--: its files were left out of
+    # every count without a word, exit 0; one that cannot be listed at all is warned about.)
+    inbox = tmp_path / "inbox"
+    make_files(inbox, 1)
+    make_files(inbox / "nox", 2)
+    (inbox / "nox").chmod(0o600)
+    try:
+        ran = cli(
+            "run",
+            "--exec",
+            "true",
+            "--source",
+            inbox,
+            "--state",
+            tmp_path / "state.db",
+            "--recursive",
+            "--no-progress",
+            prefix=WITHOUT_OVERRIDE,
+        )
+    finally:
+        (inbox / "nox").chmod(0o755)
+    assert ran.returncode == 0, ran.stderr
+    assert "1 seen: 1 done" in ran.stdout
+    warnings = [line for line in ran.stderr.splitlines() if "cannot look at" in line]
+    assert len(warnings) == 1, ran.stderr  # once, not once a file
+    assert "directory 'nox': Permission denied (they are skipped)" in warnings[0]
