@@ -22,7 +22,7 @@ import pytest
 from asyncbatch._config import BatchConfig
 from asyncbatch._ledger import Outcome, open_ledger
 from asyncbatch._pipeline.claimer import Claimer
-from asyncbatch._pipeline.shared import SharedRun, shared_report
+from asyncbatch._pipeline.shared import SharedRun, _registered_and_finished_by_others, shared_report
 from asyncbatch._pipeline.state import RunState
 from asyncbatch._procinfo import this_process
 from asyncbatch._report import Counters
@@ -641,3 +641,37 @@ async def test_files_another_runner_found_vanished_are_vanished_not_unfinished(
     ), counters
     report = counters.report("default", {}, stopped=False, mode="run")
     assert report.ok, report
+
+
+async def test_a_watching_listers_report_counts_what_others_found_gone_as_vanished(
+    tmp_path: Path,
+) -> None:
+    # (A shared watch's lister counted the files others found vanished as done before.)
+    state = tmp_path / "state.db"
+    (tmp_path / "inbox").mkdir()
+    config = BatchConfig.from_settings(source=tmp_path / "inbox", state=state, shared=True)
+    ledger = await open_ledger(state)
+    try:
+        counters = Counters()  # this run began now: what others finish after counts
+        counters.seen, counters.done = 4, 1  # it registered 4 files and finished one
+        await ledger.start_runner(run_start("x", job="default", shared=True))
+        rows = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i) for i in range(3)]
+        claimed = await ledger.claim_scanned("default", "x", 60, rows)
+        outcomes = dict(zip(("k0", "k1", "k2"), ("done", "vanished", "dead"), strict=True))
+        await ledger.commit_outcomes(
+            "default", "x", [Outcome(c.key, c.fence, outcomes[c.key], "E") for c in claimed]
+        )
+        run = RunState(
+            config=config,
+            ledger=ledger,
+            owner="me",
+            me=this_process(),
+            clock=time.time,
+            counters=counters,
+            source=cast("Any", None),  # (no source is looked at here)
+        )
+        await _registered_and_finished_by_others(run)
+    finally:
+        await ledger.close()
+    assert (counters.done_before, counters.vanished, counters.dead_before) == (1, 1, 1), counters
+    assert counters.not_reached() == 0

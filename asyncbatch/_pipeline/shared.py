@@ -475,15 +475,18 @@ async def _registered_and_finished_by_others(run: RunState) -> None:
     Its registrations are not kept by key (a watch runs for months): a file of this run's
     that is not finished is one of the job's open items, so at least what this run's own
     categories leave of ``seen`` less those were finished by others; the split between done
-    and dead is by what the others finished since this run began. Never more than that."""
+    and dead (and vanished) is by what the others finished since this run began. Never more
+    than that."""
     counters, job = run.counters, run.config.job
     since = run.clock() - (time.monotonic() - counters.started)
     counts, others = await run.ledger.finish_counts(job, run.owner, since)
     left = counters.seen - counters.seen_accounted()
     finished = max(left - counts["pending"] - counts["running"] - counts["failed"], 0)
     dead = min(others.get("dead", 0), finished)
+    vanished = min(others.get("vanished", 0), finished - dead)  # found gone: not done
     counters.dead_before += dead
-    counters.done_before += finished - dead
+    counters.vanished += vanished
+    counters.done_before += finished - dead - vanished
 
 
 async def shared_report(run: RunState) -> None:
