@@ -9,6 +9,7 @@ afterwards. Without a reachable server that half is skipped, with the reason (se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -60,7 +61,7 @@ from asyncbatch._ledger import (
 from asyncbatch._ledger import postgres_sql as pg_sql
 from asyncbatch._ledger.base import WORK_LEFT_NEWEST
 from asyncbatch._ledger.postgres import PostgresLedger
-from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, this_process
+from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, process_start, this_process
 
 from .conftest import HANDLERS, SOURCE, cli, invocations, make_files, run_start, spawn
 from .postgres import pg_query, pg_sync
@@ -2346,6 +2347,57 @@ async def test_a_ledger_of_the_schema_before_the_queue_is_upgraded(store: Store)
     else:
         found = await store.fetch("SELECT value FROM meta WHERE name = 'schema_version'")
         assert found == [(str(store.schema_version),)]
+
+
+async def _as_the_schema_before_the_queue(store: Store) -> None:
+    """Make the store's ledger what the version before the listing's queue left."""
+    await store.fetch("DROP TABLE queued")
+    if isinstance(store, SqliteStore):
+        await store.set_schema_version(store.schema_version - 1)
+    else:  # the schema as version 7 left it (8 added a column of the listing role's)
+        await store.fetch("ALTER TABLE listers DROP COLUMN queued_last")
+        await store.set_schema_version(7)
+
+
+async def _schema_version(store: Store) -> int:
+    if isinstance(store, SqliteStore):
+        return int((await store.fetch("PRAGMA user_version"))[0][0])
+    return int((await store.fetch("SELECT value FROM meta WHERE name = 'schema_version'"))[0][0])
+
+
+async def test_a_ledger_a_runner_of_an_older_asyncbatch_uses_is_not_upgraded_under_it(
+    store: Store,
+) -> None:
+    # A runner of the older version goes on writing the rows of its schema: a newer one that
+    # upgraded the ledger under it counted what it finished as unfinished (no joblog).
+    async with await store.open() as ledger:
+        await ledger.claim_scanned("j", "mine", 60, [entry(1)])
+    await _as_the_schema_before_the_queue(store)
+    before = await _schema_version(store)
+    other = await anyio.open_process(["sleep", "60"])
+    try:
+        row = (other.pid, this_process().host, process_start(other.pid))
+        insert = (
+            "INSERT INTO runners (owner, job, pid, host, pid_start, shared, started_at,"
+            " heartbeat_at, expires_at) VALUES ('old', 'j', $1, $2, $3, true, 0, 0, 1e11)"
+        )
+        if isinstance(store, SqliteStore):
+            with contextlib.closing(sqlite3.connect(store.path)) as db, db:
+                db.execute(insert.replace("$", "?"), row)
+        else:
+            await store.fetch(insert, *row)
+        with pytest.raises(LedgerError, match=rf"pid {other.pid} on host .* is using it"):
+            await store.open()
+        assert await _schema_version(store) == before  # not modified
+    finally:
+        other.kill()
+        await other.wait()
+        await other.aclose()
+    # Its process gone, the next run upgrades the ledger (a runner that was killed does
+    # not hold the upgrade back).
+    async with await store.open() as ledger:
+        assert (await ledger.counts("j"))["running"] == 1
+    assert await _schema_version(store) == store.schema_version
 
 
 async def test_finish_counts_count_what_other_runners_finished_since(

@@ -68,8 +68,10 @@ __all__ = [
     "end_of_gone",
     "glob_regex",
     "ledger_error",
+    "live_user",
     "looks_like_key",
     "retrying",
+    "upgrade_refused",
 ]
 
 T = TypeVar("T")
@@ -148,6 +150,37 @@ def decide_lock(
                     shared_runner=True,
                 )
     return held
+
+
+def live_user(
+    rows: Sequence[tuple[int | None, str | None, str | None, float]],
+    now: float,
+    me: ProcessIdentity,
+) -> ProcessIdentity | None:
+    """A process that uses a ledger now, among ``rows`` of its runners and lock holders
+    (``pid, host, pid_start, expires_at``; see ``LEDGER_USERS``): heartbeat current at ``now``
+    and process not known dead. This process itself is no such user (it runs this asyncbatch).
+
+    An upgrade of the schema is refused while one is found: a runner of an older asyncbatch
+    would go on writing the rows of its own schema into the new one (a joblog without its
+    attempts' times and runners, counts the runners of this version would get wrong)."""
+    for pid, host, pid_start, expires_at in rows:
+        holder = ProcessIdentity(host or "", pid or 0, pid_start)
+        if holder == me:
+            continue
+        if expires_at >= now and not holder_is_dead(holder, me=me):
+            return holder
+    return None
+
+
+def upgrade_refused(state: str, found: int, known: int, user: ProcessIdentity) -> LedgerError:
+    """The one line refusing to upgrade a ledger that a runner of an older asyncbatch uses."""
+    return LedgerError(
+        f"state {state!r} has schema version {found}, older than the {known} this asyncbatch "
+        f"uses, and pid {user.pid} on host {user.host!r} (an asyncbatch of that version) is "
+        "using it: stop it, or wait for it to end; the next 'asyncbatch run' after that "
+        "upgrades it in place (it was not modified)"
+    )
 
 
 def end_of_gone(holder: ProcessIdentity, *, me: ProcessIdentity) -> str:

@@ -39,8 +39,9 @@ import asyncpg.exceptions as pg_errors
 
 from .. import _failpoints as failpoints
 from .._exceptions import ConfigurationError, LedgerError, NotALedgerError, SchemaVersionError
+from .._procinfo import this_process
 from . import postgres_sql as sql
-from .base import BUSY, Busy, ledger_error, retrying
+from .base import BUSY, Busy, ledger_error, live_user, retrying, upgrade_refused
 from .dsn import PostgresDSN
 from .types import Durability, LedgerErrors
 
@@ -278,6 +279,14 @@ class PostgresSession:
         version = await self._inspect(conn)  # again: another client may have done it meanwhile
         if version == sql.SCHEMA_VERSION:
             return
+        if version:  # an older asyncbatch's ledger: none of its runners may be using it
+            users = [tuple(row) for row in await conn.fetch(sql.LEDGER_USERS)]
+            now = await conn.fetchval(sql.SERVER_NOW)
+            user = live_user(users, now, this_process())
+            if user is not None:
+                raise upgrade_refused(
+                    f"{self.name} (schema {schema})", version, sql.SCHEMA_VERSION, user
+                )
         exists = (await conn.fetchrow(sql.INSPECT_SCHEMA, schema) or (False,))[0]
         if not exists:
             await conn.execute(sql.CREATE_SCHEMA.format(schema=_quote_ident(schema)))

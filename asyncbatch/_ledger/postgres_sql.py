@@ -230,6 +230,13 @@ CREATE INDEX queued_job ON queued (job, seq);
     8: "ALTER TABLE listers ADD COLUMN queued_last text;\n",
 }
 
+#: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
+#: columns every schema version has had; read before an upgrade (see base.live_user).
+LEDGER_USERS = """
+SELECT pid, host, pid_start, expires_at FROM runners
+UNION ALL SELECT pid, host, pid_start, expires_at FROM task_lock
+"""
+
 # -- opening -------------------------------------------------------------------------------------
 
 #: Serialises creation and migration of one schema across every client: $1 schema name.

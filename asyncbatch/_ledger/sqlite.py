@@ -43,7 +43,7 @@ import anyio
 
 from .. import _failpoints as failpoints
 from .._exceptions import DamagedLedgerError, LedgerError, NotALedgerError, SchemaVersionError
-from .._procinfo import ProcessIdentity
+from .._procinfo import ProcessIdentity, this_process
 from . import sqlite_sql as sql
 from . import types as t
 from .actions import decode_action, encode_action
@@ -58,7 +58,9 @@ from .base import (
     decide_lock,
     end_of_gone,
     glob_regex,
+    live_user,
     retrying,
+    upgrade_refused,
 )
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
 from .sqlite_open import (
@@ -156,8 +158,12 @@ def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
 # -- transaction bodies (run on the ledger's thread, inside BEGIN IMMEDIATE) ---------------------
 
 
-def _tx_migrate(conn: sqlite3.Connection, now: float) -> None:
+def _tx_migrate(conn: sqlite3.Connection, now: float, name: str) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version:  # an older asyncbatch's ledger: none of its runners may be using it
+        user = live_user(conn.execute(sql.LEDGER_USERS).fetchall(), now, this_process())
+        if user is not None:
+            raise upgrade_refused(name, version, sql.SCHEMA_VERSION, user)
     while version < sql.SCHEMA_VERSION:
         for statement in sql.MIGRATIONS[version].split(";\n"):
             if statement.strip():
@@ -535,7 +541,7 @@ class SQLiteLedger(Ledger):
             sync = "FULL" if durability == "full" else "NORMAL"
             await db.execute(f"PRAGMA synchronous = {sync}")
             if version < sql.SCHEMA_VERSION:
-                await self._transact(_tx_migrate, self.clock())
+                await self._transact(_tx_migrate, self.clock(), name)
             await db.execute(f"PRAGMA busy_timeout = {_SQLITEBUSY_MS}")
 
     async def _switch_to_wal(self) -> None:

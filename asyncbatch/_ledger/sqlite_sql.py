@@ -216,6 +216,13 @@ CREATE INDEX queued_job ON queued (job, seq);
 """,
 }
 
+#: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
+#: columns every schema version has had; read before an upgrade (see base.live_user).
+LEDGER_USERS = """
+SELECT pid, host, pid_start, expires_at FROM runners
+UNION ALL SELECT pid, host, pid_start, expires_at FROM task_lock
+"""
+
 # -- opening -------------------------------------------------------------------------------------
 
 SCHEMA_OBJECTS = "SELECT count(*) FROM sqlite_schema"
