@@ -189,13 +189,17 @@ def companions(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
 
 
+def _read_only_fs(path: Path) -> bool:
+    """Whether ``path`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _unwritable(path: Path) -> str:
     """Why ``path`` cannot be written: a read-only file system, or its permissions."""
-    try:
-        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:
+    if _read_only_fs(path):
         return "it is on a read-only file system"
     return f"this user may not write it (mode {stat.filemode(path.stat().st_mode)})"
 
@@ -214,10 +218,17 @@ def read_only_view(path: Path) -> str | None:
     if writable and all(not p.exists() or os.access(p, os.W_OK) for p in (wal, shm)):
         return None
     if wal.exists() and wal.stat().st_size > 0:
+        if _read_only_fs(real.parent) and shm.exists():
+            # Nothing can be written there, by this reader or any other process: SQLite reads
+            # the -wal through its -shm without writing either (and creates nothing).
+            return f"{path.absolute().as_uri()}?mode=ro"
+        if _read_only_fs(real.parent):  # and no -shm: SQLite would have to make one
+            advice = "mount it read-write, or copy the state with its -wal file elsewhere"
+        else:
+            advice = "run the command as the state's owner"
         raise ConfigurationError(
             f"state {str(path)!r} has commits in its -wal file that this user cannot read "
-            f"without writing beside it ({_unwritable(path if not writable else wal)}); run the "
-            "command as the state's owner"
+            f"without writing beside it ({_unwritable(path if not writable else wal)}); " + advice
         )
     return f"{path.absolute().as_uri()}?mode=ro&immutable=1"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sqlite3
 import subprocess
@@ -282,6 +283,38 @@ def test_a_ledger_on_a_read_only_filesystem_stops_the_run_with_one_line_and_reco
         assert code == 0, err
         assert state_counts(state) == {"done": 40}
     record_figures("io fault", fault="EROFS (read-only remount) on the ledger", held=True)
+
+
+def test_a_ledger_with_commits_in_its_wal_on_a_read_only_filesystem_is_read(
+    inbox: Path, tmp_path: Path
+) -> None:
+    # A runner killed before its -wal was checkpointed, its file system remounted read-only:
+    # SQLite reads the -wal through the -shm, writing nothing. The reads were refused, told
+    # to "run the command as the state's owner" (they were: root).
+    make_files(inbox, 5)
+    with tmpfs(tmp_path / "state-fs", size="8m") as fs:
+        state = fs / "state.db"
+        code, err = run("run", RECORD, "--source", inbox, "--state", state, "--no-progress")
+        assert code == 0, err
+        # A commit left in the -wal by a process that died before its close checkpointed it.
+        script = (
+            "import os, sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"
+            " db.execute('PRAGMA wal_autocheckpoint = 0');"
+            " db.execute(\"UPDATE items SET state = 'dead' WHERE key = (SELECT min(key) FROM"
+            ' items)"); db.commit(); os._exit(0)'
+        )
+        subprocess.run([sys.executable, "-c", script, str(state)], check=True)
+        wal = fs / "state.db-wal"
+        assert wal.stat().st_size > 0
+        before = {p.name: p.read_bytes() for p in fs.iterdir()}
+        remount(fs, "ro")
+        try:
+            status = cli("status", "--state", state, "--json")
+        finally:
+            remount(fs, "rw")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["counts"]["dead"] == 1  # the -wal's commit
+        assert {p.name: p.read_bytes() for p in fs.iterdir()} == before
 
 
 def test_a_ledger_without_write_permission_stops_the_run_with_one_line(
