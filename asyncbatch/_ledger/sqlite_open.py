@@ -241,6 +241,13 @@ def open_error(path: Path, error: sqlite3.Error) -> LedgerError | ConfigurationE
         return NotALedgerError(f"state {name!r} is not a SQLite database; it was not touched")
     if code.startswith("SQLITE_CORRUPT"):
         return damaged(path, str(error), modified=False)
+    if code.startswith("SQLITE_IOERR") and _no_room(path):
+        # (SQLite sizes the -shm file as it opens a WAL database: SQLITE_IOERR_SHMSIZE.)
+        return LedgerError(
+            f"state {name!r}: no space left on its file system for the files SQLite keeps "
+            f"beside it ({code}); free some and run the command again (the state was not "
+            "modified)"
+        )
     if code.startswith("SQLITE_IOERR"):
         return LedgerError(
             f"state {name!r}: disk I/O error while reading it ({code}); if its -wal file was "
@@ -253,6 +260,19 @@ def open_error(path: Path, error: sqlite3.Error) -> LedgerError | ConfigurationE
             f"state {name!r} cannot be opened for writing ({error}): {_unwritable(path)}"
         )
     return LedgerError(f"state {name!r}: {error}")
+
+
+#: Less free space than this on the state's file system: an I/O error opening it is that.
+_ROOM = 1 << 20
+
+
+def _no_room(path: Path) -> bool:
+    """Whether the file system of the state ``path`` is (all but) full."""
+    try:
+        st = os.statvfs(_real(path).parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _ROOM
 
 
 def is_damage(error: sqlite3.Error) -> bool:

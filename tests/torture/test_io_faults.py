@@ -253,6 +253,33 @@ def test_a_ledger_on_a_full_filesystem_stops_the_run_with_one_line_and_recovers(
     record_figures("io fault", fault="ENOSPC (full tmpfs) on the ledger", held=True)
 
 
+def test_a_ledger_at_rest_on_a_full_filesystem_is_said_to_be_out_of_space(
+    inbox: Path, tmp_path: Path
+) -> None:
+    # Opened with no room for its -shm file (the last run removed it): SQLITE_IOERR_SHMSIZE.
+    # The commands said "disk I/O error ... if its -wal file was deleted while its -shm file
+    # stayed, stop its runners and remove the -shm file too (the commits in the lost -wal are
+    # gone ...)", not that the file system was full.
+    make_files(inbox, 5)
+    with tmpfs(tmp_path / "state-fs", size="4m") as fs:
+        state = fs / "state.db"
+        code, err = run("run", RECORD, "--source", inbox, "--state", state, "--no-progress")
+        assert code == 0, err
+        assert not (fs / "state.db-shm").exists()
+        before = state.read_bytes()
+        filler = fs / "filler"
+        fill(filler)
+        for command in ("status", "history"):
+            code, err = run(command, "--state", state)
+            assert code == 69, err
+            one_line_error(err, "no space left")
+            assert "-wal file was deleted" not in err
+        filler.unlink()
+        assert state.read_bytes() == before
+        code, err = run("status", "--state", state)
+        assert code == 0, err
+
+
 def test_a_ledger_on_a_read_only_filesystem_stops_the_run_with_one_line_and_recovers(
     inbox: Path, tmp_path: Path
 ) -> None:
