@@ -160,7 +160,8 @@ def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
 
 def _tx_migrate(conn: sqlite3.Connection, now: float, name: str) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version:  # an older asyncbatch's ledger: none of its runners may be using it
+    if 0 < version < sql.SCHEMA_VERSION:  # an older asyncbatch's: none of its runners may use it
+        # (0: a fresh state; this version: another runner of it upgraded it meanwhile)
         user = live_user(conn.execute(sql.LEDGER_USERS).fetchall(), now, this_process())
         if user is not None:
             raise upgrade_refused(name, version, sql.SCHEMA_VERSION, user)
