@@ -152,8 +152,17 @@ class Batch:
         :class:`ConfigurationError` if the job records another source or identity (or other
         readiness rules, and ``ready`` was not given),
         :class:`LedgerError` if the state cannot be used, :class:`LockLostError` if the lock
-        was taken over while running.
+        was taken over while running. An ``event_queue`` is for :meth:`watch`: a run lists
+        the source once and reads no queue (:class:`ConfigurationError`, before the state is
+        opened).
         """
+        if self.config.event_queue is not None:
+            raise ConfigurationError.bad_value(
+                "event_queue",
+                str(self.config.event_queue),
+                "nothing for run(): a queue of S3 event notifications is read by watch() (a "
+                "run lists the source once)",
+            )
         return await self._execute("run", handle_signals)
 
     async def watch(self, *, poll: float | None = None, handle_signals: bool = False) -> Report:

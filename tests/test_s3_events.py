@@ -190,3 +190,18 @@ def test_events_without_watch_is_refused_in_one_line(bucket: Bucket, state: Path
     )
     assert out.stdout == ""
     assert not state.exists()  # nothing ran
+
+
+async def test_a_batch_run_with_an_event_queue_is_refused_before_the_state(
+    bucket: Bucket, state: Path
+) -> None:
+    # (The CLI refused --events without --watch; Batch(event_queue=...).run() ignored it.)
+    queue, _ = notify(bucket)
+
+    async def handle(ctx: TaskContext) -> None:
+        raise AssertionError("nothing is handled")
+
+    batch = Batch(handle, source=bucket.url("in/"), state=state, event_queue=queue)
+    with pytest.raises(ConfigurationError, match="nothing for run\\(\\): a queue of S3 event"):
+        await batch.run()
+    assert not state.exists()
