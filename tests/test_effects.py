@@ -558,7 +558,10 @@ async def test_a_failed_post_commit_action_is_reported(
     assert (report.done, report.post_failed, report.ok) == (3, 3, False)
     assert report.exit_status == "failed"
     assert "3 post-commit actions failed" in str(report)
-    assert rows(state, "SELECT exit_status FROM runs") == [("failed",)]
+    # The history says what failed: "exit failed" alone read as dead items.
+    assert rows(state, "SELECT exit_status FROM runs") == [
+        ("failed (3 post-commit actions failed)",)
+    ]
     monkeypatch.undo()
     again = await Batch(
         handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0

@@ -381,6 +381,9 @@ class Run:
                 status = c.report(
                     cfg.job, {}, stopped=state.stopping, mode=self.mode, post_failed=post_failed
                 ).exit_status
+                if status == "failed" and post_failed:  # history says what failed
+                    actions = "action" if post_failed == 1 else "actions"
+                    status += f" ({post_failed} post-commit {actions} failed)"
             end = RunEnd(
                 job=cfg.job,
                 owner=self.owner,
