@@ -95,13 +95,13 @@ class SchemaVersionError(LedgerError):
             message = (
                 f"state {path!r} has schema version {found}, older than the {known} this "
                 "asyncbatch uses: the next 'asyncbatch run' with this --state upgrades it in "
-                "place, keeping its jobs and items (this command does not; the file was not "
+                "place, keeping its jobs and items (this command does not; the state was not "
                 "modified)"
             )
         else:
             message = (
                 f"state {path!r} has schema version {found}, newer than the {known} this "
-                "asyncbatch knows: upgrade asyncbatch (the file was not modified)"
+                "asyncbatch knows: upgrade asyncbatch (the state was not modified)"
             )
         super().__init__(message)
 
