@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -297,3 +298,38 @@ def test_names_and_errors_are_shown_as_they_are_never_as_markup_or_terminal_code
     status = cli("status", "--state", state, "--job", "[/a]", env=wide)
     assert status.returncode == 0, status.stderr
     assert "job '[/a]' in" in status.stdout
+
+
+async def test_the_bars_last_frame_shows_the_final_counts() -> None:
+    """The bar left on the screen says what the run ended with, not what its last poll saw
+    (it read '60/60 ... 56 done, 4 in flight' once the run had done all 60)."""
+    from typing import cast
+
+    import anyio
+
+    from asyncbatch import Batch
+    from asyncbatch._cli.progress import show_progress
+    from asyncbatch._report import Statistics
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    class Snapshots:
+        def __init__(self) -> None:
+            self.stats = Statistics(seen=60, done=56, scanned=True, in_flight=4, elapsed=3.0)
+
+        def statistics(self) -> Statistics:
+            return self.stats
+
+    batch = Snapshots()
+    out = Terminal()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: show_progress(cast(Batch, batch), stream=out))
+        await anyio.sleep(0.3)  # a few frames of the run under way
+        batch.stats = Statistics(seen=60, done=60, scanned=True, in_flight=0, elapsed=3.2)
+        tg.cancel_scope.cancel()  # the run ended: the CLI cancels the progress task
+    last = out.getvalue().split("\x1b[2K")[-1]  # rich clears the line before each frame
+    assert "60/60" in last, out.getvalue()
+    assert "60 done" in last, last
+    assert "in flight" not in last, last

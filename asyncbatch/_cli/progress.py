@@ -101,9 +101,17 @@ async def _bar(
                     )
                 await anyio.sleep(0.1)
         finally:
+            # The last frame stays on the screen: its counts are the run's final ones, as its
+            # position is (not those of the last poll, with items still in flight).
             stats = batch.statistics()
             if stats is not None:
-                progress.update(task, total=stats.seen, completed=max(finished, stats.finished))
+                progress.update(
+                    task,
+                    total=stats.seen,
+                    completed=max(finished, stats.finished),
+                    rate=stats.done / stats.elapsed if stats.elapsed > 0 else 0.0,
+                    counts=_counts(stats),
+                )
             if log_handler is not None and old_stream is not None:
                 log_handler.setStream(old_stream)
 
