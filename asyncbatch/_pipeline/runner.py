@@ -463,8 +463,9 @@ class Run:
             if not renewal.alive:
                 self.lock_lost = True
                 raise LockLostError(
-                    f"job {cfg.job!r}: this runner's lock or liveness record was taken over "
-                    "(was it suspended longer than the lease?); it stopped"
+                    f"job {cfg.job!r}: this runner's lock or liveness record is no longer its "
+                    "own (taken over by another runner after it was suspended longer than the "
+                    "lease, or removed by 'asyncbatch unlock --force'); it stopped"
                 )
             # A lease not renewed is lost only for an item whose attempt has not finished: one
             # whose outcome was committed while the heartbeat was on its way is no longer
