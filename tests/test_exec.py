@@ -444,6 +444,19 @@ def test_exec_with_a_target_or_neither_is_exit_2(inbox: Path, state: Path) -> No
 
 
 @pytest.mark.parametrize(
+    "flag", [("--poll", "5"), ("--no-events",), ("--backfill-interval", "60")], ids=str
+)
+def test_a_watch_setting_without_watch_is_exit_2(
+    inbox: Path, state: Path, flag: tuple[str, ...]
+) -> None:
+    # (It was ignored: a run lists the source once.)
+    given = cli("run", "--exec", "true", "--source", inbox, "--state", state, *flag)
+
+    assert_one_line_error(given, f"{flag[0]} is for a watch: give --watch too")
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(
     ("line", "needles"),
     [
         ("", ["'exec'", "a command"]),

@@ -201,14 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The settings only a watch uses, by their flag: refused without ``--watch``.
+_WATCH_ONLY = {
+    "poll": "--poll",
+    "events": "--no-events",
+    "backfill_interval": "--backfill-interval",
+}
+
+
 def _check_run(args: argparse.Namespace) -> None:
-    """Refuse a ``run`` with both a TARGET and ``--exec``, or neither; and ``--events``
-    without ``--watch`` (a one-shot run lists the source once and reads no queue)."""
+    """Refuse a ``run`` with both a TARGET and ``--exec``, or neither; and ``--events``,
+    ``--poll``, ``--no-events`` or ``--backfill-interval`` without ``--watch`` (a one-shot run
+    lists the source once and reads no queue)."""
     queue = getattr(args, "event_queue", None)
     if queue is not None and not args.watch:
         raise UsageError(
             f"asyncbatch run: error: --events {queue!r} is for a watch: give --watch too "
             "(a run without it lists the source once and reads no queue)"
+        )
+    watching = [flag for name, flag in _WATCH_ONLY.items() if hasattr(args, name)]
+    if watching and not args.watch:  # (given: settings are in args only when given)
+        raise UsageError(
+            f"asyncbatch run: error: {watching[0]} is for a watch: give --watch too (a run "
+            "without it lists the source once, and it would be ignored)"
         )
     if args.target is not None and args.exec is not None:
         raise UsageError(
