@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncbatch import Batch, TaskContext
+from asyncbatch import Batch, IdempotencyMiddleware, TaskContext
 from asyncbatch._http.client import (
     HTTPSettings,
     IdempotencyKeys,
@@ -126,6 +126,41 @@ async def test_transient_answers_are_retried_with_the_same_key(inbox: Path, stat
     assert report.done == 3
     assert sorted(app.by_key.values()) == [3, 3, 3]
     assert report.failed == 0
+
+
+async def test_a_cookie_an_answer_sets_does_not_make_the_retry_run_again(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # The server behind IdempotencyMiddleware (or the load balancer in front of it) sets a
+    # cookie. The run's client must not send it back: the middleware names the caller by its
+    # Cookie header, and the retry would be another caller's new request, run a second time.
+    make_files(inbox, 2)
+    ran: collections.Counter[bytes] = collections.Counter()
+    cookies: list[str] = []
+
+    async def api(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive)
+        ran[body] += 1
+        cookies.extend(v.decode() for k, v in scope["headers"] if k.lower() == b"cookie")
+        await respond(send, 201, b"{}", [(b"set-cookie", b"AWSALB=" + body)])
+
+    async def handle(ctx: TaskContext) -> None:
+        response = await ctx.http.post(f"{url}/effects", content=ctx.entry.relpath.encode())
+        response.raise_for_status()
+        if ctx.attempt == 1:
+            raise ValueError("a later step fails the first attempt")
+
+    app = IdempotencyMiddleware(api, state=tmp_path / "api.db")
+    with RealServer(app) as server:
+        url = server.url
+        report = await Batch(handle, source=inbox, state=state, backoff=0.001, settle=0).run()
+    await app.aclose()
+
+    assert (report.done, report.failed) == (2, 2)
+    assert cookies == []
+    assert sorted(ran.values()) == [1, 1]  # each item's POST ran once; its retry got a replay
 
 
 async def test_connection_errors_are_retried_with_the_same_key(inbox: Path, state: Path) -> None:

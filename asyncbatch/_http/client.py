@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.cookiejar
 import logging
 import random
 import time
@@ -105,7 +106,9 @@ class SharedClient:
             if isinstance(self._given, httpx.AsyncClient):
                 self._client = self._given
             else:
-                self._client = httpx.AsyncClient(transport=self._given, timeout=30.0)
+                self._client = httpx.AsyncClient(
+                    transport=self._given, timeout=30.0, cookies=_no_cookies()
+                )
                 self._owned = True
         return self._client
 
@@ -114,6 +117,19 @@ class SharedClient:
         if self._client is not None and self._owned:
             await self._client.aclose()
         self._client = None
+
+
+def _no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar that keeps nothing, for the client a run makes.
+
+    A cookie kept from one answer would go out with every later request of the run: the
+    retry of an item would not be the request its first attempt sent (an
+    ``IdempotencyMiddleware`` names the caller by its ``Cookie`` header, so a load balancer's
+    affinity cookie or a session cookie set by the first answer made the retry run again
+    under a new namespace), another item's requests would carry it, and a process started
+    after a crash would send none.
+    """
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
