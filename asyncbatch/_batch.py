@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
 import signal
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import sniffio
 
 from . import _failpoints as failpoints
 from ._config import BatchConfig
@@ -146,7 +149,9 @@ class Batch:
         Failed items are retried with backoff within the run, up to ``max_attempts``. With
         ``handle_signals``, SIGINT/SIGTERM stop the run gracefully (in-flight items get
         ``grace`` seconds; a second signal cancels them at once); the report says ``stopped``.
-        On cancellation the in-flight items go back to the ledger and the lock is released.
+        The handlers the two signals had before (the application's own) are theirs again once
+        the run is over. On cancellation the in-flight items go back to the ledger and the lock
+        is released.
 
         Raises :class:`JobLockedError` if another live runner holds the job (not ``shared``),
         :class:`ConfigurationError` if the job records another source or identity (or other
@@ -332,7 +337,10 @@ class Batch:
         self._address = None
 
     async def _on_signals(self, run: Run) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with (
+            _handlers_restored(_SIGNALS),
+            anyio.open_signal_receiver(*_SIGNALS) as signals,
+        ):
             async for signum in signals:
                 if self.received_signal is None:
                     self.received_signal = signum
@@ -342,6 +350,38 @@ class Batch:
 
 
 Batch.__doc__ = f"{Batch.__doc__}\n{textwrap.indent(BatchConfig.described(), '    ')}\n"
+
+
+_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _handlers_restored(signums: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Give ``signums`` back the handlers they had before, on the way out.
+
+    anyio's asyncio backend leaves a signal it received with no handler at all (the default
+    action: SIGTERM then kills the process, SIGINT raises ``KeyboardInterrupt`` anywhere), not
+    with the one the application had: a handler set with ``signal.signal`` (``asyncio.run``'s
+    own for SIGINT) or with ``loop.add_signal_handler``.
+    """
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    loop: asyncio.AbstractEventLoop | None = None
+    on_loop: dict[signal.Signals, Any] = {}
+    if sniffio.current_async_library() == "asyncio":
+        loop = asyncio.get_running_loop()
+        handles = getattr(loop, "_signal_handlers", None)  # the loop's add_signal_handler()s
+        if isinstance(handles, dict):
+            on_loop = {signum: handles[signum] for signum in signums if signum in handles}
+    try:
+        yield
+    finally:
+        for signum in signums:
+            handle = on_loop.get(signum)
+            callback = getattr(handle, "_callback", None)
+            if loop is not None and handle is not None and callback is not None:
+                loop.add_signal_handler(signum, callback, *getattr(handle, "_args", ()))
+            elif before[signum] is not None and signal.getsignal(signum) != before[signum]:
+                signal.signal(signum, before[signum])
 
 
 def _replace_poll(config: BatchConfig, poll: float) -> BatchConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -440,6 +442,46 @@ async def test_stop_before_the_run_began_is_not_lost(inbox: Path, state: Path) -
     assert calls == []
     again = await batch.run()  # the stop was used up: the next run runs
     assert (again.done, again.ok) == (5, True)
+
+
+_SIGNALS_RESTORED = """
+import asyncio, os, signal, sys
+
+from asyncbatch import Batch
+
+
+async def handle(ctx):
+    pass
+
+
+async def main():
+    heard = []
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, heard.append, "loop SIGTERM")
+    signal.signal(signal.SIGINT, lambda signum, frame: heard.append("SIGINT"))
+    batch = Batch(handle, source=sys.argv[1], state=sys.argv[2], settle=0)
+    report = await batch.run(handle_signals=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the default action would end this process here
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(0.2)
+    print(report.done, sorted(heard))
+
+
+asyncio.run(main())
+"""
+
+
+def test_handle_signals_gives_the_applications_handlers_back(inbox: Path, state: Path) -> None:
+    # An application with its own SIGINT/SIGTERM handlers (signal.signal, or the event loop's
+    # add_signal_handler) has them again once a run with handle_signals=True is over.
+    make_files(inbox, 2)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_RESTORED, str(inbox), str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "2 ['SIGINT', 'loop SIGTERM']\n"), proc.stderr
 
 
 async def test_reading_the_input_small_large_and_streamed(inbox: Path, state: Path) -> None:
