@@ -288,6 +288,10 @@ class Batch:
                 "in-flight items back"
             )
             raise original from original.__cause__
+        except anyio.get_cancelled_exc_class():
+            # (as its history row says: "cancelled", not a failure)
+            self._ended = f"the last {mode}() was cancelled: its in-flight items went back"
+            raise
         except BaseException as exc:
             self._ended = f"the last {mode}() failed: {error_text(exc)}"
             raise

@@ -319,6 +319,19 @@ def checks(health: Health) -> dict[str, bool]:
     return {c.name: c.ok for c in health.checks}
 
 
+async def test_a_cancelled_watch_is_said_to_be_cancelled_not_failed(
+    inbox: Path, state: Path
+) -> None:
+    # (health() said "the last watch() failed: CancelledError", history "exit cancelled".)
+    batch = Batch(idle, source=inbox, state=state, poll=0.05, settle=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batch.watch)
+        await until(lambda: batch.health().ready)
+        tg.cancel_scope.cancel()
+    detail = batch.health().check("running").detail
+    assert detail == "the last watch() was cancelled: its in-flight items went back", detail
+
+
 async def test_not_ready_before_the_lock_and_the_first_scan(inbox: Path, state: Path) -> None:
     make_files(inbox, 3)
     # Create the ledger, then hold its write lock: the next run cannot take its job lock.
