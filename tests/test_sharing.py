@@ -550,30 +550,9 @@ async def test_a_run_goes_by_a_listing_begun_after_the_one_it_went_by_before_it_
     state = tmp_path / "state.db"
     ledger = await open_ledger(state)
     try:
-        for owner in ("a", "c"):
-            await ledger.start_runner(run_start(owner, job="default", shared=True))
-        role = await ledger.take_listing("default", "a", -1)  # its lease ran out already
-        assert await ledger.begin_listing("default", "a", role.fence)
-        files = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i, 1_000 + i, f"h{i}") for i in range(4)]
-        await ledger.queue_listed("default", "a", role.fence, files)
-        assert await ledger.end_listing("default", "a", role.fence, 4)
-        _, claimed = await ledger.take_queued("default", "a", 60, 10)
-        await ledger.commit_outcomes(
-            "default", "a", [Outcome(row.key, row.fence, "done") for row in claimed]
-        )
-        (tmp_path / "inbox").mkdir()
-        config = BatchConfig.from_settings(source=tmp_path / "inbox", state=state, shared=True)
-        run = RunState(
-            config=config,
-            ledger=ledger,
-            owner="x",
-            me=this_process(),
-            clock=time.time,
-            counters=Counters(),
-            source=cast("Any", None),  # (no source is looked at here)
-        )
-        x = SharedRun(cast("Claimer", SimpleNamespace(run=run, config=config)))
-        x.target = run.listing_target = 1  # it went by a's listing, complete
+        await ledger.start_runner(run_start("c", job="default", shared=True))
+        files = await listed_and_finished_by_a(ledger, ["done"] * 4, ttl=-1)  # lease ran out
+        run, x = await going_by_as_listing(tmp_path, ledger)
         role = await ledger.take_listing("default", "c", 60)  # c takes the role over
         assert role.owner == "c"
         assert await ledger.begin_listing("default", "c", role.fence)
@@ -599,35 +578,8 @@ async def test_files_another_runner_found_vanished_are_vanished_not_unfinished(
     state = tmp_path / "state.db"
     ledger = await open_ledger(state)
     try:
-        for owner in ("a", "x"):
-            await ledger.start_runner(run_start(owner, job="default", shared=True))
-        role = await ledger.take_listing("default", "a", 60)
-        assert await ledger.begin_listing("default", "a", role.fence)
-        files = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i, 1_000 + i, f"h{i}") for i in range(4)]
-        await ledger.queue_listed("default", "a", role.fence, files)
-        assert await ledger.end_listing("default", "a", role.fence, 4)
-        _, claimed = await ledger.take_queued("default", "a", 60, 10)
-        await ledger.commit_outcomes(
-            "default",
-            "a",
-            [
-                Outcome(row.key, row.fence, "done" if i < 2 else "vanished")
-                for i, row in enumerate(claimed)
-            ],
-        )
-        (tmp_path / "inbox").mkdir()
-        config = BatchConfig.from_settings(source=tmp_path / "inbox", state=state, shared=True)
-        run = RunState(
-            config=config,
-            ledger=ledger,
-            owner="x",
-            me=this_process(),
-            clock=time.time,
-            counters=Counters(),
-            source=cast("Any", None),  # (no source is looked at here)
-        )
-        x = SharedRun(cast("Claimer", SimpleNamespace(run=run, config=config)))
-        x.target = run.listing_target = 1  # it went by a's listing, complete
+        await listed_and_finished_by_a(ledger, ["done", "done", "vanished", "vanished"])
+        run, x = await going_by_as_listing(tmp_path, ledger)
         assert await x._finished()
         await shared_report(run)
     finally:
@@ -648,8 +600,6 @@ async def test_a_watching_listers_report_counts_what_others_found_gone_as_vanish
 ) -> None:
     # (A shared watch's lister counted the files others found vanished as done before.)
     state = tmp_path / "state.db"
-    (tmp_path / "inbox").mkdir()
-    config = BatchConfig.from_settings(source=tmp_path / "inbox", state=state, shared=True)
     ledger = await open_ledger(state)
     try:
         counters = Counters()  # this run began now: what others finish after counts
@@ -661,17 +611,57 @@ async def test_a_watching_listers_report_counts_what_others_found_gone_as_vanish
         await ledger.commit_outcomes(
             "default", "x", [Outcome(c.key, c.fence, outcomes[c.key], "E") for c in claimed]
         )
-        run = RunState(
-            config=config,
-            ledger=ledger,
-            owner="me",
-            me=this_process(),
-            clock=time.time,
-            counters=counters,
-            source=cast("Any", None),  # (no source is looked at here)
-        )
+        run = bare_run(tmp_path, ledger, "me", counters)
         await _registered_and_finished_by_others(run)
     finally:
         await ledger.close()
     assert (counters.done_before, counters.vanished, counters.dead_before) == (1, 1, 1), counters
     assert counters.not_reached() == 0
+
+
+def bare_run(tmp_path: Path, ledger: Any, owner: str, counters: Counters | None = None) -> RunState:
+    """The state of a shared run of job ``default`` by ``owner`` on ``ledger``, without its
+    pipeline (its source, ``tmp_path/inbox``, is never looked at): for the parts of a shared
+    run that read the ledger alone."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    config = BatchConfig.from_settings(source=inbox, state=tmp_path / "state.db", shared=True)
+    return RunState(
+        config=config,
+        ledger=ledger,
+        owner=owner,
+        me=this_process(),
+        clock=time.time,
+        counters=counters or Counters(),
+        source=cast("Any", None),
+    )
+
+
+async def listed_and_finished_by_a(
+    ledger: Any, states: list[str], ttl: float = 60
+) -> list[tuple[str, bytes, int, int, int, int, str]]:
+    """Runner ``a`` (its role taken for ``ttl`` seconds) lists one file for each of ``states``
+    in job ``default``, takes them and finishes each so; returns the listed rows."""
+    await ledger.start_runner(run_start("a", job="default", shared=True))
+    role = await ledger.take_listing("default", "a", ttl)
+    assert await ledger.begin_listing("default", "a", role.fence)
+    files = [
+        (f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i, 1_000 + i, f"h{i}") for i in range(len(states))
+    ]
+    await ledger.queue_listed("default", "a", role.fence, files)
+    assert await ledger.end_listing("default", "a", role.fence, len(files))
+    _, claimed = await ledger.take_queued("default", "a", 60, len(files))
+    outcomes = dict(zip((f[0] for f in files), states, strict=True))
+    await ledger.commit_outcomes(
+        "default", "a", [Outcome(row.key, row.fence, outcomes[row.key]) for row in claimed]
+    )
+    return files
+
+
+async def going_by_as_listing(tmp_path: Path, ledger: Any) -> tuple[RunState, SharedRun]:
+    """Runner ``x``'s shared run (no pipeline), going by ``a``'s complete listing (#1)."""
+    await ledger.start_runner(run_start("x", job="default", shared=True))
+    run = bare_run(tmp_path, ledger, "x")
+    x = SharedRun(cast("Claimer", SimpleNamespace(run=run, config=run.config)))
+    x.target = run.listing_target = 1
+    return run, x
