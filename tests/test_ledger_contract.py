@@ -1549,6 +1549,50 @@ async def test_postgres_a_queued_chunk_whose_reply_was_lost_is_queued_and_counte
         assert [row[0] for row in taken] == ["k00002", "k00003", "k00004"]
 
 
+async def test_postgres_items_a_claim_leased_before_its_reply_was_lost_are_put_back(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim ran and committed; its connection dropped before the reply (pg_terminate_backend,
+    # a failover); the session ran it again, and that run leased other items. The first run's
+    # were leased to a live runner that never heard of them: none of its heartbeats renewed
+    # them, no claim took them once expired (only a gone runner's are put back), and every
+    # shared runner waited for them for ever. A heartbeat puts them back once their lease ran
+    # out; an item the runner holds, or leased since it listed its keys, is left alone.
+    async with await PostgresLedger.open(pg_dsn) as ledger:
+        await ledger.start_runner(run_start("a", shared=True))
+        role = await ledger.take_listing("j", "a", 60)
+        await ledger.begin_listing("j", "a", role.fence)
+        await ledger.queue_listed("j", "a", role.fence, [queued(i) for i in (1, 2, 3, 4)])
+        assert await ledger.end_listing("j", "a", role.fence, 4)
+        lose_first_reply(monkeypatch, ledger._session)
+        _, taken = await ledger.take_queued("j", "a", 0.5, 2)
+        monkeypatch.undo()
+        assert [row.key for row in taken] == ["k00003", "k00004"]
+        await ledger.commit_outcomes("j", "a", [Outcome(r.key, r.fence, "done") for r in taken])
+        await anyio.sleep(0.6)  # the leases of k00001 and k00002 (0.5 s) run out
+        fresh = await ledger.claim_scanned("j", "a", 60, [entry(5)])  # after the keys listed
+        assert (await ledger.heartbeat(Heartbeat(job="j", owner="a", ttl=60))).alive
+        claimed = await ledger.claim_waiting("j", "a", 0.5, 1)
+        assert [row.key for row in claimed] == ["k00001"]
+
+        # The same for a claim of waiting items: the lost run leased k00002, the next none.
+        lose_first_reply(monkeypatch, ledger._session)
+        assert await ledger.claim_waiting("j", "a", 0.5, 1) == []
+        monkeypatch.undo()
+        await anyio.sleep(0.6)  # k00001's lease ran out too: the runner holds it, kept
+        leases = [(claimed[0].key, claimed[0].fence), (fresh[0].key, fresh[0].fence)]
+        await ledger.heartbeat(Heartbeat(job="j", owner="a", ttl=60, leases=leases))
+        assert [row.key for row in await ledger.claim_waiting("j", "a", 60, 10)] == ["k00002"]
+        states = await pg_query(pg_dsn, "SELECT key, state, owner FROM items ORDER BY key")
+        assert [tuple(r) for r in states] == [
+            ("k00001", "running", "a"),
+            ("k00002", "running", "a"),
+            ("k00003", "done", "a"),
+            ("k00004", "done", "a"),
+            ("k00005", "running", "a"),
+        ]
+
+
 async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_short(
     pg_dsn: str,
 ) -> None:

@@ -150,6 +150,10 @@ class PostgresLedger(Ledger):
         self._item = t.ItemInfo.reader(times=session.local, relpath=os.fsdecode, inode=_unsigned)
         #: What to call when listings register waiting items, by job (see on_registered).
         self._on_registered: dict[str, list[Callable[[], None]]] = {}
+        #: ``(job, owner)`` of claims that were run again (their connection lost: a run
+        #: before may have committed, leasing items its caller never heard of), until a
+        #: heartbeat finds none of those left (see heartbeat).
+        self._unknown_leases: set[tuple[str, str]] = set()
 
     @classmethod
     async def open(
@@ -317,14 +321,20 @@ class PostgresLedger(Ledger):
         job, owner, ttl = beat.job, beat.owner, beat.ttl
         keys = [key for key, _ in beat.leases]
         fences = [fence for _, fence in beat.leases]
+        unknown = (job, owner) in self._unknown_leases
+        unknown_left = unknown
 
         async def renew(conn: Connection) -> t.Renewal:
+            nonlocal unknown_left
             await conn.execute(sql.RUN_PROGRESS, beat.run_id, *_totals(beat.totals))
             alive = await conn.fetchval(sql.RUNNER_EXTEND, owner, ttl) is not None
             if beat.holds_lock:
                 alive = alive and await conn.fetchval(sql.LOCK_EXTEND, job, owner, ttl) is not None
             if not alive:
                 return t.Renewal(False)
+            if unknown:  # a claim's lost reply: put back what it leased, once expired
+                await conn.fetchval(sql.RELEASE_UNKNOWN_LEASES, job, owner, keys)
+                unknown_left = await conn.fetchval(sql.UNKNOWN_LEASES_LEFT, job, owner, keys)
             lister = beat.lister is not None and (
                 await conn.fetchval(sql.LISTING_EXTEND, job, owner, beat.lister, ttl) is not None
             )
@@ -333,7 +343,10 @@ class PostgresLedger(Ledger):
             rows = await conn.fetch(sql.EXTEND_LEASES, job, owner, ttl, keys, fences)
             return t.Renewal(True, frozenset(keys) - {key for (key,) in rows}, lister)
 
-        return await self._session.transact(renew)
+        renewal = await self._session.transact(renew)
+        if unknown and not unknown_left:
+            self._unknown_leases.discard((job, owner))
+        return renewal
 
     async def release_runner(self, end: t.RunEnd) -> None:
         async def release(conn: Connection) -> None:
@@ -437,7 +450,11 @@ class PostgresLedger(Ledger):
     async def take_queued(
         self, job: str, owner: str, lease: float, limit: int
     ) -> tuple[list[t.QueuedRow], list[t.ClaimedRow]]:
+        runs = 0
+
         async def take(conn: Connection) -> tuple[list[t.QueuedRow], list[asyncpg.Record]]:
+            nonlocal runs
+            runs += 1
             taken: list[t.QueuedRow] = []
             while len(taken) < limit:
                 first = await conn.fetchrow(sql.QUEUED_FIRST, job)
@@ -458,6 +475,8 @@ class PostgresLedger(Ledger):
             return taken, await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
 
         taken, found = await self._session.transact(take)
+        if runs > 1:
+            self._unknown_leases.add((job, owner))
         return taken, (await self._claimed(job, owner, found, shared=True)) if taken else []
 
     async def _analyze(self) -> None:
@@ -515,10 +534,16 @@ class PostgresLedger(Ledger):
     async def claim_waiting(
         self, job: str, owner: str, lease: float, limit: int
     ) -> list[t.ClaimedRow]:
+        runs = 0
+
         async def claim(conn: Connection) -> list[asyncpg.Record]:
+            nonlocal runs
+            runs += 1
             return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit)
 
         rows = await self._session.transact(claim, one=True)
+        if runs > 1:
+            self._unknown_leases.add((job, owner))
         return [t.ClaimedRow.from_row(r, relpath=bytes, inode=_unsigned) for r in rows]
 
     async def next_retry_at(self, job: str) -> float | None:

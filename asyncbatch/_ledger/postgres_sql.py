@@ -652,6 +652,26 @@ FROM unnest($3::text[], $4::int8[]) AS r(key, fence)
 WHERE i.job = $1 AND i.key = r.key AND i.owner = $2
   AND i.fence = r.fence AND i.state = 'running'
 """
+#: The leases of a runner ($1 job, $2 owner) that it does not know of: not among the keys
+#: ($3) it holds. A claim whose commit went through but whose reply was lost with the
+#: connection (the session ran it again, and that run leased other items) leaves such rows;
+#: nobody else takes a lease of a live runner over, so those whose lease ran out are put back
+#: (an item leased since the runner listed its keys has a fresh lease: left alone).
+RELEASE_UNKNOWN_LEASES = f"""
+WITH released AS (
+    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW},
+                     {_COUNT_INTERRUPTED}
+    WHERE job = $1 AND owner = $2 AND state = 'running' AND NOT key = ANY($3::text[])
+      AND lease_until < {NOW}
+    RETURNING 1
+)
+SELECT count(*) FROM released
+"""
+#: Whether a runner ($1 job, $2 owner) still holds leases it does not know of ($3 its keys).
+UNKNOWN_LEASES_LEFT = """
+SELECT EXISTS (SELECT 1 FROM items WHERE job = $1 AND owner = $2 AND state = 'running'
+                                     AND NOT key = ANY($3::text[]))
+"""
 #: $1 job, $2 owner, $3 lease (seconds); arrays $4 keys, $5 fences.
 EXTEND_LEASES = f"""
 UPDATE items AS i SET lease_until = {NOW} + $3::float8
