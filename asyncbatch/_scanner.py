@@ -333,7 +333,41 @@ def content_digest(
         os.close(fd)
 
 
-def _entries(it: Iterator[os.DirEntry[bytes]], prefix: bytes) -> Iterator[os.DirEntry[bytes]]:
+class _Warned:
+    """The problems of directories and paths that walks warned about, kept by a
+    :class:`Scanner` across its walks: a watch walks the same tree at every poll, and says
+    each problem once while it lasts (and once more if it ends and comes back), not once a
+    poll. A walk that did not look where a problem is (a listing of names stats no file: it
+    cannot find a directory that can be listed but not searched) keeps it as it was."""
+
+    __slots__ = ("_said", "_seen")
+
+    #: Problems a listing of names (no ``stat``) cannot find.
+    NEEDS_STAT = frozenset({"search"})
+
+    def __init__(self) -> None:
+        self._said: set[tuple[str, bytes]] = set()
+        self._seen: set[tuple[str, bytes]] = set()
+
+    def first(self, kind: str, rel: bytes) -> bool:
+        """Note the problem ``kind`` at ``rel`` in this walk; whether to warn about it (the
+        last walks did not)."""
+        key = (kind, rel)
+        self._seen.add(key)
+        if key in self._said:
+            return False
+        self._said.add(key)
+        return True
+
+    def walk_ended(self, *, names_only: bool) -> None:
+        """A walk of the whole tree ended: the problems it did not find again are over."""
+        kept = {k for k in self._said if k[0] in self.NEEDS_STAT} if names_only else set()
+        self._said, self._seen = self._seen | kept, set()
+
+
+def _entries(
+    it: Iterator[os.DirEntry[bytes]], prefix: bytes, warned: _Warned
+) -> Iterator[os.DirEntry[bytes]]:
     """The entries of a listing; one that fails half-way ends with a warning, not an error
     (the source itself, ``prefix`` empty, raises)."""
     try:
@@ -341,7 +375,8 @@ def _entries(it: Iterator[os.DirEntry[bytes]], prefix: bytes) -> Iterator[os.Dir
     except OSError as e:
         if not prefix:
             raise
-        log.warning("cannot list directory %r to its end: %s", os.fsdecode(prefix), e.strerror)
+        if warned.first("end", prefix):
+            log.warning("cannot list directory %r to its end: %s", os.fsdecode(prefix), e.strerror)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +389,8 @@ class _Walk:
     now_ns: int = 0  # when the scan began (the wall clock)
     names_only: bool = False  # name keys (relpath and inode, no stat), symlinks left out
     ready: Readiness | None = None  # rules beyond the default age rule (markers, sizes...)
+    #: What the walks of its scanner warned about (a walk of its own when not given).
+    warned: _Warned = dataclasses.field(default_factory=_Warned)
 
 
 @dataclass(slots=True)
@@ -385,7 +422,7 @@ def _walk(
             if it is None:
                 continue
             with it:
-                for de in _entries(it, prefix):
+                for de in _entries(it, prefix, w.warned):
                     examined += 1
                     if examined % CHUNK == 0:
                         yield out
@@ -396,6 +433,7 @@ def _walk(
             out.extend(walker.left(prefix))
         if rw is not None:
             rw.end()
+        w.warned.walk_ended(names_only=w.names_only)
         yield out
     finally:
         os.close(root_fd)
@@ -405,15 +443,13 @@ class _Walker:
     """What one walk of the source keeps: the directories still to list, those listed (a
     symlink loop is walked once), and how it judges each entry (in the walking thread)."""
 
-    __slots__ = ("_denied", "_real_root", "_tally", "_visited", "_w", "stack")
+    __slots__ = ("_real_root", "_tally", "_visited", "_w", "stack")
 
     def __init__(self, w: _Walk, tally: _Tally | None, root: os.stat_result) -> None:
         self._w = w
         self._tally = tally
         self._real_root = os.path.realpath(w.root)
         self._visited = {(root.st_dev, root.st_ino)}
-        #: Directories whose entries could be listed but not looked at (warned about once).
-        self._denied: set[bytes] = set()
         #: Directories to list, as relpaths (``b""``: the source itself).
         self.stack: list[bytes] = [b""]
 
@@ -428,7 +464,8 @@ class _Walker:
         except OSError as e:
             if not prefix:
                 raise
-            log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
+            if w.warned.first("list", prefix):
+                log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
             return None
 
     def left(self, prefix: bytes) -> Sequence[bytes]:
@@ -440,11 +477,7 @@ class _Walker:
         not a file a scan lists; a directory to walk goes on :attr:`stack`."""
         w = self._w
         if len(w.root) + len(rel) >= PATH_MAX - 1:
-            log.warning(
-                "skipped %r: its path is longer than the system allows (%d bytes)",
-                os.fsdecode(rel),
-                PATH_MAX,
-            )
+            self._too_long(rel)
             return None
         name = de.name
         try:
@@ -472,11 +505,20 @@ class _Walker:
             return None
         return self._record(rel, st)
 
+    def _too_long(self, rel: bytes) -> None:
+        """Say once (while it lasts) that ``rel`` is skipped, its path too long to open."""
+        if self._w.warned.first("long", rel):
+            log.warning(
+                "skipped %r: its path is longer than the system allows (%d bytes)",
+                os.fsdecode(rel),
+                PATH_MAX,
+            )
+
     def _cannot_look(self, directory: bytes, error: OSError) -> None:
-        """Say once a walk that the entries of ``directory`` (a relpath) cannot be looked at
-        (they are skipped): it was silent, the files left out of every count."""
-        if directory not in self._denied:
-            self._denied.add(directory)
+        """Say once (not once a file, nor once a walk while it lasts) that the entries of
+        ``directory`` (a relpath) cannot be looked at (they are skipped): it was silent, the
+        files left out of every count."""
+        if self._w.warned.first("search", directory):
             log.warning(
                 "cannot look at the files in directory %r: %s (they are skipped)",
                 os.fsdecode(directory) or ".",
@@ -761,6 +803,8 @@ class Scanner:
         self.last: ScanInfo | None = None
         #: The source directory as the last scan or listing found it (see :meth:`unchanged`).
         self._mark: _Mark | None = None
+        #: The problems its walks warned about (each is said once while it lasts).
+        self._warned = _Warned()
 
     async def scan(
         self,
@@ -883,4 +927,5 @@ class Scanner:
             follow_symlinks=self.follow_symlinks,
             settled_before_ns=settled_before_ns,
             ready=None if ready is None or ready.plain else ready,
+            warned=self._warned,
         )

@@ -241,6 +241,57 @@ async def test_a_tree_deeper_than_path_max_is_skipped_with_a_warning(
     assert any("longer than the system allows" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_scanner_warns_of_a_directory_it_cannot_list_once_while_it_lasts(
+    inbox: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (A watch walks the tree at every poll with one scanner: a subdirectory that could not
+    # be listed was warned about at every poll, 20 lines a second at --poll 0.05.)
+    make_files(inbox, 1)
+    make_files(inbox / "locked", 1)
+    real_scandir = os.scandir
+    locked = True
+
+    def scandir(path: bytes) -> os._ScandirIterator[bytes]:
+        if locked and os.fsencode(path).endswith(b"/locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scan = scanner(inbox, recursive=True)
+
+    def said() -> int:
+        return sum("cannot list directory 'locked'" in r.getMessage() for r in caplog.records)
+
+    for _ in range(3):  # polls: full scans and listings of names
+        assert names(await scan.scan(settle=0)) == [b"f00000.txt"]
+        assert len(await scan.list_names()) == 1
+    assert said() == 1
+    locked = False  # it can be listed again: the problem is over...
+    assert len(names(await scan.scan(settle=0))) == 2
+    locked = True  # ...and when it comes back, it is said again, once
+    for _ in range(3):
+        await scan.scan(settle=0)
+    assert said() == 2
+
+
+async def test_a_path_too_long_is_warned_about_once_by_a_scanner_that_scans_again(
+    inbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fd = _deep_directory(inbox, 30, b"d" * 200)
+    try:
+        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+    scan = scanner(inbox, recursive=True)
+
+    for _ in range(3):
+        await scan.scan(settle=0)
+        await scan.list_names()
+
+    warned = [r for r in caplog.records if "longer than the system allows" in r.getMessage()]
+    assert len(warned) == 1
+
+
 def test_skip_reason_names_the_rule_skips_applies() -> None:
     rules = ScanRules(["*.bak", "archive/*"])
     cases = [
