@@ -54,6 +54,27 @@ def test_an_old_mtime_must_be_seen_unchanged_for_settle_seconds() -> None:
     assert s.looked([b"moved.csv"], [old], *at(11.0)) == [old]
 
 
+def test_a_file_seen_at_every_poll_while_it_waits_keeps_one_scheduled_look() -> None:
+    # (Every full scan of a file that waits long pushed one more entry to the schedule, kept
+    # until its time: 2,000 files dated in the future grew a watch by 5 MB a second at
+    # --no-events --poll 0.05, for good.)
+    s = Sightings(settle=1.0)
+    future = rec(b"future.csv", mtime_s=1e9)  # touch -d 2050: settles then
+    later = rec(b"later.csv", mtime_s=4.0)  # settles at 5 s
+    for i in range(1000):  # scans, and events naming them
+        t = i * 0.004
+        assert s.scanned([later, future], *at(t)) == []
+        assert s.looked([b"later.csv", b"future.csv"], [later, future], *at(t)) == []
+    assert len(s._schedule) <= 4
+    assert s.due(4.9) == set()
+    look = s.next_look()
+    assert look is not None
+    assert abs(look - (5.0 + LOOK_MARGIN)) < 1e-6  # still taken at its time
+    assert s.due(look) == {b"later.csv"}
+    assert s.looked([b"later.csv"], [later], *at(look)) == [later]
+    assert s.waiting == 1
+
+
 def test_settle_zero_still_needs_two_looks() -> None:
     s = Sightings(settle=0.0)
     f = rec(b"a", 0.0)

@@ -231,10 +231,22 @@ class Sightings:
         else:  # first seen like this: ready once settled, and at least `settle` after now if
             # it is settled already (it must then be seen unchanged for `settle` seconds)
             ready_at = now + (until_settled if until_settled > 0 else self._settle)
-        look_at = max(ready_at, now) + LOOK_MARGIN
+        look_at = self._schedule_look(rel, waiting, record, max(ready_at, now) + LOOK_MARGIN, now)
         self._waiting[rel] = _Waiting(record, ready_at, look_at)
-        heapq.heappush(self._schedule, (look_at, rel))
         return False
+
+    def _schedule_look(
+        self, rel: bytes, waiting: _Waiting | None, record: bytes, look_at: float, now: float
+    ) -> float:
+        """Schedule a look at ``rel`` at ``look_at``; return when its next look is. A look
+        already scheduled for the same record that is still to come, and not later, is kept
+        (at most one look too early, which schedules the next): a file that waits long (a
+        long ``settle``, a time in the future) is seen again at every poll, and each sight
+        pushed one more heap entry, that stayed until its time (year 2300: for good)."""
+        if waiting is not None and waiting.record == record and now < waiting.look_at <= look_at:
+            return waiting.look_at
+        heapq.heappush(self._schedule, (look_at, rel))
+        return look_at
 
     def _sight_rules(
         self, rel: bytes, record: bytes, now_ns: int, now: float, blocked: str
@@ -263,7 +275,6 @@ class Sightings:
             due = [now, ready_at if ready.age else now]
             if looks < ready.looks:
                 due.append(counted_at + settle)
-            look_at = max(due) + LOOK_MARGIN
-            heapq.heappush(self._schedule, (look_at, rel))
+            look_at = self._schedule_look(rel, waiting, record, max(due) + LOOK_MARGIN, now)
         self._waiting[rel] = _Waiting(record, ready_at, look_at, why, looks, counted_at)
         return False
