@@ -405,6 +405,32 @@ async def test_a_paused_ledger_makes_the_heartbeat_stale_and_the_batch_not_live(
     assert watching.report.stopped
 
 
+async def test_a_heartbeat_that_waited_for_the_ledger_is_followed_at_once_and_stays_live(
+    inbox: Path, state: Path
+) -> None:
+    # A beat renews from its start. The next one came a quarter lease after the slow one
+    # *ended*: after a ledger busy for more than a quarter lease, /healthz said "not renewed"
+    # (not live) for up to a quarter lease more, while the ledger answered.
+    batch = Batch(idle, source=inbox, state=state, lease=6, poll=0.05, settle=0)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)
+        with ledger_held(state):  # the beat due meanwhile waits for it, 2 to 3.5 s
+            await anyio.sleep(3.5)
+        answered = anyio.current_time()
+        await anyio.sleep(0.6)  # time enough for one beat to renew
+        dead = []
+        while anyio.current_time() < answered + 3.0:
+            health = batch.health()
+            if not health.live:
+                dead.append(health.check("heartbeat").detail)
+            await anyio.sleep(0.02)
+        batch.stop()
+    assert watching.error is None
+    assert dead == []
+
+
 async def test_a_stopping_batch_is_live_but_not_ready(inbox: Path, state: Path) -> None:
     make_files(inbox, 1)
     release = anyio.Event()

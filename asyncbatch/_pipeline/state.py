@@ -108,6 +108,8 @@ class RunState:
     #: wait for one (see :meth:`renew_leases`).
     _beats_begun: int = 0
     _beats_ended: int = 0
+    #: When the last beat began (``time.monotonic()``): what it renewed counts from then.
+    _beat_began: float | None = None
     _beat_wanted: anyio.Event = field(default_factory=anyio.Event)
     _beat_ended: anyio.Event = field(default_factory=anyio.Event)
 
@@ -146,11 +148,19 @@ class RunState:
             await self._beat_ended.wait()
 
     async def until_beat_due(self, interval: float) -> None:
-        """For the heartbeat: wait ``interval`` seconds, or less if a worker wants a beat."""
-        with anyio.move_on_after(interval):
+        """For the heartbeat: wait until ``interval`` seconds after the last beat began, or
+        less if a worker wants a beat. A beat renews from its start (the lease counts from
+        then, and so does health's ``heartbeat`` check): one that took long (the ledger was
+        busy) is followed at once, not ``interval`` after it ended, which left the renewal
+        stale for up to ``interval`` seconds after the ledger answered again."""
+        wait = interval
+        if self._beat_began is not None:
+            wait = self._beat_began + interval - time.monotonic()
+        with anyio.move_on_after(max(wait, 0.0)):
             await self._beat_wanted.wait()
         self._beat_wanted = anyio.Event()
         self._beats_begun += 1
+        self._beat_began = time.monotonic()
 
     def beat_ended(self) -> None:
         """For the heartbeat: the beat begun last has ended (its renewals are applied)."""
