@@ -358,6 +358,32 @@ async def test_not_ready_before_the_lock_and_the_first_scan(inbox: Path, state: 
     assert watching.error is None
 
 
+async def test_a_stop_while_the_run_waits_to_take_its_lock_stops_it_at_once(
+    inbox: Path, state: Path
+) -> None:
+    # (It waited out the ledger's busy timeout, 30 s, then failed with LedgerError: a SIGTERM
+    # to `asyncbatch run --watch` at start-up, with the state held by another process, was
+    # exit 69 after 28 s, not 143 at once; a second SIGTERM did not help.)
+    make_files(inbox, 3)
+    await Batch(idle, source=inbox, state=state, job="warm-up", settle=0).run()
+    batch = Batch(idle, source=inbox, state=state, poll=0.05, settle=0)
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        with ledger_held(state):
+            await tg.start(watching)
+            await until(lambda: "to take the job's lock" in batch.health().check("ledger").detail)
+            batch.stop()
+            with anyio.fail_after(5):
+                await until(lambda: not batch.health().check("running").ok)
+    assert watching.error is None
+    assert watching.report is not None
+    assert watching.report.stopped
+    assert watching.report.ok
+    assert state_counts(state, job="default") == {}  # it took nothing
+    again = await Batch(idle, source=inbox, state=state, settle=0).run()  # nothing held
+    assert again.done == 3
+
+
 async def test_a_ledger_that_refuses_claims_makes_the_batch_not_ready_before_a_heartbeat(
     inbox: Path, state: Path
 ) -> None:

@@ -78,6 +78,8 @@ class Run:
         self._stop_requested = anyio.Event()
         self._stop_signal: int | None = None
         self._work_scope = anyio.CancelScope()
+        #: While the run waits to join the job (see :meth:`_start_unless_stopped`).
+        self._joining: anyio.CancelScope | None = None
         self._posts: PostActions | None = None
         self._queue: ItemQueue | None = None
         self._workers: WorkerPool | None = None
@@ -104,6 +106,8 @@ class Run:
             return
         self._stop_signal = signum
         self._stop_requested.set()
+        if self._joining is not None:  # waiting to join the job: give up
+            self._joining.cancel()
         if self._workers is not None:
             self._workers.stop_requested(signum)
 
@@ -297,12 +301,31 @@ class Run:
             )
         return started.run_id
 
+    async def _start_unless_stopped(self, ledger: Ledger) -> int | None:
+        """:meth:`_start`, given up (``None``) when a stop is requested before it joined the
+        job. Joining waits for a ledger another process holds (up to the busy timeout, 30 s;
+        a PostgreSQL outage, ``ledger_timeout``): a SIGTERM or ``stop()`` meanwhile waited it
+        out, to fail then with the ledger's error (exit 69, not 143). A transaction under way
+        is shielded: one that went through returns, and is released as usual."""
+        with anyio.CancelScope() as scope:
+            self._joining = scope
+            try:
+                if self._stop_requested.is_set():
+                    scope.cancel()
+                return await self._start(ledger)
+            finally:
+                self._joining = None
+        return None
+
     async def _joined(self, state: RunState) -> None:
         """Join the job, run the pipeline, and release everything (a history row)."""
         cfg, ledger = self.config, state.ledger
         # Nothing is held if joining raises (one transaction); once it returned, the release
         # below is certain: no await, hence no cancellation, comes between.
-        run_id = await self._start(ledger)
+        run_id = await self._start_unless_stopped(ledger)
+        if run_id is None:  # stopped before it joined the job: nothing to do, nothing held
+            state.stop()
+            return
         status = "error"
         try:
             await reap_gone_runners(ledger, cfg.job, self.me, self.counters)
