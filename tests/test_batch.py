@@ -456,14 +456,21 @@ async def handle(ctx):
 
 async def main():
     heard = []
+    both = asyncio.Event()
+
+    def hear(what):
+        heard.append(what)
+        if len(heard) == 2:
+            both.set()
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, heard.append, "loop SIGTERM")
-    signal.signal(signal.SIGINT, lambda signum, frame: heard.append("SIGINT"))
+    loop.add_signal_handler(signal.SIGTERM, hear, "loop SIGTERM")
+    signal.signal(signal.SIGINT, lambda signum, frame: hear("SIGINT"))
     batch = Batch(handle, source=sys.argv[1], state=sys.argv[2], settle=0)
     report = await batch.run(handle_signals=True)
     os.kill(os.getpid(), signal.SIGTERM)  # the default action would end this process here
     os.kill(os.getpid(), signal.SIGINT)
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(both.wait(), 30)  # (a bound on a hang)
     print(report.done, sorted(heard))
 
 

@@ -326,7 +326,9 @@ async def test_the_bars_last_frame_shows_the_final_counts() -> None:
     out = Terminal()
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: show_progress(cast(Batch, batch), stream=out))
-        await anyio.sleep(0.3)  # a few frames of the run under way
+        with anyio.fail_after(30):  # a frame of the run under way (a bound on a hang)
+            while "56 done" not in out.getvalue():  # noqa: ASYNC110 (no event for a frame)
+                await anyio.sleep(0.02)
         batch.stats = Statistics(seen=60, done=60, scanned=True, in_flight=0, elapsed=3.2)
         tg.cancel_scope.cancel()  # the run ended: the CLI cancels the progress task
     last = out.getvalue().split("\x1b[2K")[-1]  # rich clears the line before each frame
