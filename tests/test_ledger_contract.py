@@ -2373,12 +2373,7 @@ async def test_a_ledger_of_the_schema_before_the_queue_is_upgraded(store: Store)
     async with await store.open() as ledger:
         await ledger.start_runner(run_start("a", shared=True))
         await ledger.claim_scanned("j", "a", 60, [entry(1)])
-    await store.fetch("DROP TABLE queued")
-    if isinstance(store, SqliteStore):
-        await store.set_schema_version(store.schema_version - 1)
-    else:  # the schema as version 7 left it (8 added a column of the listing role's)
-        await store.fetch("ALTER TABLE listers DROP COLUMN queued_last")
-        await store.set_schema_version(7)
+    await _as_the_schema_before_the_queue(store)
     async with await store.open() as ledger:
         await ledger.start_runner(run_start("b", shared=True))
         role = await ledger.take_listing("j", "b", 60)

@@ -238,15 +238,13 @@ def _lease_verdict(item: ItemInfo, runners: dict[str, RunnerInfo], now: float) -
 
 
 def _stat_of(path: Path, *, follow_symlinks: bool = False) -> tuple[int, int, int] | None:
-    """``(size, mtime_ns, inode)`` of ``path`` as the ledger records them (``None``: gone; a
-    symlink the job follows: what it leads to, ``(-1, -1, -1)`` when that is nothing)."""
+    """``(size, mtime_ns, inode)`` of ``path`` as the ledger records them (a symlink the job
+    follows: of what it leads to); ``None``: gone (a link left leading nowhere too)."""
     try:
         st = entry_stat(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
-    if st is None:
-        return -1, -1, -1
-    return st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino
+    return None if st is None else (st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino)
 
 
 def _archived_copy(item: ItemInfo, archive: Path) -> Path | None:
@@ -277,8 +275,6 @@ def _post_action_said(item: ItemInfo, source: Path, follow_symlinks: bool) -> st
         return f"; whether its post-commit action ({what}) is finished cannot be told: {e.strerror}"
     if now == (item.size, item.mtime_ns, item.inode):
         return f"; its post-commit action ({what}) is still to be finished: its file is still there"
-    if now == (-1, -1, -1):
-        return f"; its symlink leads to no file now: its post-commit action ({what}) leaves it"
     if now is not None:
         return (
             f"; another file has its name now (a newer version, or a copy), which its "
