@@ -36,7 +36,9 @@ def records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     found = []
-    for line in path.read_text().splitlines():
+    # Complete lines only: a command may be writing its line while the test reads (a reader
+    # can see part of a write to a regular file: "Unterminated string" once under load).
+    for line in path.read_text().split("\n")[:-1]:
         raw = json.loads(line)
         found.append(
             {
