@@ -1693,6 +1693,44 @@ async def test_postgres_a_lost_connection_is_an_error_then_reconnects(pg_dsn: st
             assert await ledger._session._connection() is not conn
 
 
+async def test_postgres_a_lost_listening_connection_is_made_again_when_asked(
+    pg_dsn: str,
+) -> None:
+    # A runner asks at every wait for work: the same callback is not called twice, and a
+    # listening connection that was lost (the server restarted, the backend killed) is
+    # made again (else its wake-ups would stop, and it would wait its whole poll).
+    calls: list[str] = []
+    announced = anyio.Event()
+
+    def woken() -> None:
+        calls.append("j")
+        announced.set()
+
+    async with (
+        await PostgresLedger.open(pg_dsn) as ledger,
+        await PostgresLedger.open(pg_dsn) as other,
+    ):
+        assert await ledger.on_registered("j", woken)
+        listener = ledger._session._listener
+        assert listener is not None
+        ended = anyio.Event()
+        listener.add_termination_listener(lambda _conn: ended.set())
+        await pg_query(pg_dsn, "SELECT pg_terminate_backend($1)", listener.get_server_pid())
+        with anyio.fail_after(30):
+            await ended.wait()
+        assert listener.is_closed()
+        assert await ledger.on_registered("j", woken)  # asked again: listens again
+        assert ledger._session._listener is not listener
+        await other.start_runner(run_start("a", shared=True))
+        role = await other.take_listing("j", "a", 60)
+        await other.begin_listing("j", "a", role.fence)
+        await other.register_listed("j", "a", role.fence, [entry(1)])
+        with anyio.fail_after(30):
+            await announced.wait()
+        await ledger.listing("j")  # a round trip: a second notification would be in by now
+        assert calls == ["j"]
+
+
 async def test_postgres_an_unreachable_server_is_one_line_without_the_password() -> None:
     with pytest.raises(LedgerError) as info:
         await PostgresLedger.open("postgresql://user:s3cret@127.0.0.1:1/db")

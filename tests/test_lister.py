@@ -29,6 +29,7 @@ from .conftest import (
     spawn,
     wait_for,
 )
+from .postgres import pg_query
 
 RECORD_PID = f"{HANDLERS}:record_pid"
 
@@ -134,6 +135,48 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
         second.stop()
     assert sorted(handled) == sorted(set(handled))
     assert len(handled) == 25
+
+
+async def test_a_shared_watch_listens_again_once_its_listening_connection_is_lost(
+    inbox: Path, pg_dsn: str
+) -> None:
+    # PostgreSQL wakes a runner waiting for work when a listing registers some (LISTEN): a
+    # listening connection that was lost (the server restarted, the backend killed) is made
+    # again at its next wait, else its wake-ups would stop for the rest of the watch.
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+
+    first = Batch(handle, source=inbox, state=pg_dsn, settle=0, poll=0.05, shared=True)
+    second = Batch(handle, source=inbox, state=pg_dsn, settle=0, poll=0.05, shared=True)
+
+    def listener() -> Any:
+        run = second._run
+        state = None if run is None else run._state
+        ledger: Any = None if state is None else state.ledger
+        return None if ledger is None else ledger._session._listener
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.watch)
+        with anyio.fail_after(30):
+            while (await listing_of_or_none(pg_dsn)) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        tg.start_soon(second.watch)
+        with anyio.fail_after(30):  # it waits for work: it listens (no event for that)
+            while (lost := listener()) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        await pg_query(pg_dsn, "SELECT pg_terminate_backend($1)", lost.get_server_pid())
+        with anyio.fail_after(30):  # within its next wait (a second at most)
+            while (now := listener()) is lost or now is None or now.is_closed():  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        make_files(inbox, 10)
+        with anyio.fail_after(60):
+            while len(handled) < 10:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        first.stop()
+        second.stop()
+    assert sorted(handled) == sorted(set(handled))
 
 
 async def test_a_shared_watchs_lister_counts_what_the_others_finished_as_done_before(

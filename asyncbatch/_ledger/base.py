@@ -543,8 +543,10 @@ class Ledger(IdempotencyStore):
         """Call ``callback()`` (on the event loop) whenever listings register waiting items of
         the job, and say whether that will happen: ``False`` (this default; SQLite) means
         the caller watches :attr:`Listing.registered` itself, a cheap read. PostgreSQL
-        delivers them with ``LISTEN``/``NOTIFY`` (``True`` once it listens). Callbacks are
-        dropped when the ledger closes."""
+        delivers them with ``LISTEN``/``NOTIFY`` (``True`` while it listens). Asking again
+        with the same callback adds no second call, and listens again if the connection
+        that listened was lost (a ``False`` meanwhile: poll). Callbacks are dropped when the
+        ledger closes."""
         del job, callback
         return False
 

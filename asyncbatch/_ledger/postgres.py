@@ -610,7 +610,9 @@ class PostgresLedger(Ledger):
         return await self._session.transact(end, one=True)
 
     async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:
-        self._on_registered.setdefault(job, []).append(callback)
+        callbacks = self._on_registered.setdefault(job, [])
+        if callback not in callbacks:
+            callbacks.append(callback)
         return await self._session.listen(sql.REGISTERED_CHANNEL, self._registered)
 
     def _registered(self, job: str) -> None:

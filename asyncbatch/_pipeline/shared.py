@@ -78,7 +78,7 @@ class SharedRun:
         self.target: int | None = None
         self._role_seen = anyio.Event()
         #: Whether the ledger wakes this run when waiting items are registered (``None``:
-        #: not asked yet).
+        #: not asked yet; ``False``: it cannot, and is not asked again).
         self._notified: bool | None = None
         #: Set when a look at the ledger found the listing role free.
         self._role_free = anyio.Event()
@@ -325,7 +325,8 @@ class SharedRun:
         -1: not known yet, so at once), a retry of this run may be due, or
         :data:`HELD_POLL` passed; return the count last seen (the next claim's baseline)."""
         run, cfg = self.run, self.config
-        if self._notified is None:  # PostgreSQL announces registrations: no polling then
+        if self._notified is not False:  # PostgreSQL announces registrations: no polling
+            # then. Asked at every wait: its listening connection, if lost, is made again.
             self._notified = await run.ledger.on_registered(cfg.job, run.wake)
         until = time.monotonic() + HELD_POLL
         while not run.stopping:
