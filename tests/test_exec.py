@@ -226,6 +226,52 @@ def test_the_program_may_be_the_input_itself(inbox: Path, state: Path, tmp_path:
     assert marker.read_text().strip() == str(script.absolute())
 
 
+@pytest.mark.parametrize("named", ["program", "placeholder"])
+def test_a_script_without_a_shebang_is_run_by_sh_as_xargs_runs_it(
+    inbox: Path, state: Path, tmp_path: Path, named: str
+) -> None:
+    # execvp's rule (xargs, find -exec, a shell): an executable file the kernel cannot run
+    # (ENOEXEC: no "#!" line) is a script for /bin/sh.
+    log = tmp_path / "ran"
+    body = f'printf "%s %s\\n" "$0" "$1" >> {shlex.quote(str(log))}\n'
+    script = tmp_path / "no shebang.sh"
+    script.write_text(body)
+    script.chmod(0o755)
+    if named == "program":
+        make_files(inbox, 2)
+        line = f"{shlex.quote(str(script))} {{}}"
+    else:  # each input is the program
+        (inbox / "job.sh").write_text(body)
+        (inbox / "job.sh").chmod(0o755)
+        line = "{} arg"
+
+    result = run_exec(inbox, state, line, "--max-attempts", "1")
+
+    assert result.returncode == 0, result.stderr
+    ran = sorted(log.read_text().splitlines())
+    if named == "program":
+        assert state_counts(state) == {"done": 2}
+        assert ran == [f"{script} {inbox.absolute()}/f0000{i}.txt" for i in range(2)]
+    else:
+        assert ran == [f"{inbox.absolute()}/job.sh arg"]
+
+
+def test_a_program_that_cannot_be_run_fails_its_attempt_with_its_reason(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # A broken binary is run by sh too (as by execvp), whose error is the attempt's.
+    make_files(inbox, 1)
+    binary = tmp_path / "garbage"
+    binary.write_bytes(b"\x7fELF\x00\x00garbage")
+    binary.chmod(0o755)
+
+    result = run_exec(inbox, state, f"{binary} {{}}", "--max-attempts", "1")
+
+    assert result.returncode == 1, result.stderr
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error.startswith(f"CommandFailedError: {str(binary)!r} exited with status "), error
+
+
 # -- exit status, failures, output -----------------------------------------------------------------
 
 
