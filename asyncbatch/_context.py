@@ -80,15 +80,24 @@ class InputFile:
         """The input opened as ``fd``, whose ``fstat`` is ``st``."""
         return cls(fd, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def changed(self) -> str | None:
+    def changed(self, taken_away: Callable[[os.stat_result], bool] | None = None) -> str | None:
         """Why the file is not as it was when it was opened (written to, truncated, grown),
-        or ``None`` if its size, mtime and ctime are the same (one ``fstat``)."""
+        or ``None`` if its size, mtime and ctime are the same (one ``fstat``).
+
+        ``taken_away(st)``, asked only when nothing but the ctime changed (``st``: the
+        file's ``fstat`` now), says whether the file was renamed or removed from where it
+        was opened: a rename or an unlink sets the ctime too (a command's ``mv {} dest/``,
+        ``gzip {}``), and is then no sign of a write."""
         st = os.fstat(self.fd)
         if st.st_size != self.size:
             return f"its size went from {self.size} to {st.st_size} bytes"
         if st.st_mtime_ns != self.mtime_ns:
             return "its mtime changed"
-        if st.st_ctime_ns != self.ctime_ns and not self.moved:
+        if (
+            st.st_ctime_ns != self.ctime_ns
+            and not self.moved
+            and (taken_away is None or not taken_away(st))
+        ):
             return "it was written to (its ctime changed)"
         return None
 

@@ -24,6 +24,7 @@ item's ``ASYNCBATCH_*`` variables (:data:`ENVIRONMENT`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
@@ -95,6 +96,8 @@ _EVENTS_PER_WAKE = 256
 _IDLE_AFTER = 1.0
 #: A descriptor in a watch's epoll set: reported once, then disarmed until armed again.
 _ONCE = select.EPOLLIN | select.EPOLLONESHOT
+#: The shell that runs a script without a ``#!`` line (as ``execvp`` does).
+_SH = "/bin/sh"
 #: Signals a command gets back at their default action (Python ignores them).
 _SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -401,8 +404,10 @@ def _spawn(
     and no descriptor but 0-2 reaches it (every other one asyncbatch or Python opens is
     close-on-exec). On the event loop's thread: measured against a worker thread per start
     (benchmarks/RESULTS-exec.md), the hop and the GIL's ping-pong cost more CPU than the
-    ``vfork`` wait they spare the loop. Raises ``OSError`` (naming the program) when it cannot
-    be started.
+    ``vfork`` wait they spare the loop. An executable file the kernel cannot run (``ENOEXEC``:
+    a script without a ``#!`` line) is run by ``/bin/sh``, as ``execvp`` runs it (xargs,
+    ``find -exec``, a shell). Raises ``OSError`` (naming the program) when it cannot be
+    started.
     """
     actions = [
         (os.POSIX_SPAWN_DUP2, null, 0),
@@ -410,16 +415,43 @@ def _spawn(
         (os.POSIX_SPAWN_DUP2, stderr, 2),
     ]
     try:
-        if program is None:  # a placeholder names it: looked up on PATH if it has no "/"
-            return os.posix_spawnp(
-                argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_SIGDEF
+        try:
+            if program is None:  # a placeholder names it: looked up on PATH if it has no "/"
+                return os.posix_spawnp(
+                    argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_SIGDEF
+                )
+            return os.posix_spawn(
+                program, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGDEF
             )
-        return os.posix_spawn(
-            program, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGDEF
-        )
+        except OSError as e:
+            script = _script(e, program, argv[0])
+            if script is None:
+                raise
+            return os.posix_spawn(
+                _SH,
+                ["sh", script, *argv[1:]],
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=_SIGDEF,
+            )
     except OSError as e:
         e.filename = program or argv[0]
         raise
+
+
+def _script(error: OSError, program: str | None, word: str) -> str | None:
+    """The path of the program that failed to start with ``error``, when ``/bin/sh`` is to
+    run it instead (``ENOEXEC``: execvp's rule); else ``None``."""
+    if error.errno != errno.ENOEXEC:
+        return None
+    if program is not None:
+        return program
+    if os.sep in word:
+        return word
+    import shutil
+
+    return shutil.which(word)
 
 
 class _Command:

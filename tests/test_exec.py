@@ -226,6 +226,52 @@ def test_the_program_may_be_the_input_itself(inbox: Path, state: Path, tmp_path:
     assert marker.read_text().strip() == str(script.absolute())
 
 
+@pytest.mark.parametrize("named", ["program", "placeholder"])
+def test_a_script_without_a_shebang_is_run_by_sh_as_xargs_runs_it(
+    inbox: Path, state: Path, tmp_path: Path, named: str
+) -> None:
+    # execvp's rule (xargs, find -exec, a shell): an executable file the kernel cannot run
+    # (ENOEXEC: no "#!" line) is a script for /bin/sh.
+    log = tmp_path / "ran"
+    body = f'printf "%s %s\\n" "$0" "$1" >> {shlex.quote(str(log))}\n'
+    script = tmp_path / "no shebang.sh"
+    script.write_text(body)
+    script.chmod(0o755)
+    if named == "program":
+        make_files(inbox, 2)
+        line = f"{shlex.quote(str(script))} {{}}"
+    else:  # each input is the program
+        (inbox / "job.sh").write_text(body)
+        (inbox / "job.sh").chmod(0o755)
+        line = "{} arg"
+
+    result = run_exec(inbox, state, line, "--max-attempts", "1")
+
+    assert result.returncode == 0, result.stderr
+    ran = sorted(log.read_text().splitlines())
+    if named == "program":
+        assert state_counts(state) == {"done": 2}
+        assert ran == [f"{script} {inbox.absolute()}/f0000{i}.txt" for i in range(2)]
+    else:
+        assert ran == [f"{inbox.absolute()}/job.sh arg"]
+
+
+def test_a_program_that_cannot_be_run_fails_its_attempt_with_its_reason(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # A broken binary is run by sh too (as by execvp), whose error is the attempt's.
+    make_files(inbox, 1)
+    binary = tmp_path / "garbage"
+    binary.write_bytes(b"\x7fELF\x00\x00garbage")
+    binary.chmod(0o755)
+
+    result = run_exec(inbox, state, f"{binary} {{}}", "--max-attempts", "1")
+
+    assert result.returncode == 1, result.stderr
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error.startswith(f"CommandFailedError: {str(binary)!r} exited with status "), error
+
+
 # -- exit status, failures, output -----------------------------------------------------------------
 
 
@@ -502,6 +548,59 @@ def test_on_done_move_archives_each_input_after_its_command_succeeded(
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in archive.iterdir()) == [f"f0000{i}.txt" for i in range(3)]
     assert list(inbox.iterdir()) == []
+
+
+def test_a_command_that_moves_or_removes_its_input_finishes_it(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # xargs' own idioms: `mv {} dest/`, `gzip {}` (the input replaced by a.gz), `rm`. The
+    # rename or unlink sets the input's ctime, which is no sign of a write: the item is done
+    # at its first attempt, not failed as written to (then vanished, or dead).
+    make_files(inbox, 1, prefix="mv")
+    make_files(inbox, 1, prefix="gz")
+    make_files(inbox, 1, prefix="rm")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    line = shlex.join(
+        [
+            "sh",
+            "-c",
+            'case "$1" in *mv*) mv "$1" "$2";; *gz*) gzip "$1";; *rm*) rm "$1";; esac',
+            "sh",
+            "{}",
+            str(dest),
+        ]
+    )
+
+    result = run_exec(inbox, state, line, "--max-attempts", "1")
+
+    assert result.returncode == 0, result.stderr
+    assert state_counts(state) == {"done": 3}
+    assert rows(state, "SELECT attempts, last_error FROM items") == [(1, None)] * 3
+    assert "3 seen: 3 done;" in result.stdout, result.stdout
+    assert [p.name for p in dest.iterdir()] == ["mv00000.txt"]
+    assert [p.name for p in inbox.iterdir()] == ["gz00000.txt.gz"]
+
+
+def test_a_command_that_writes_its_input_in_place_still_fails_its_attempt(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # A write that keeps the size and sets the mtime back (a preallocating copier) shows in
+    # the ctime only: the file still at its path, the attempt fails.
+    (path,) = make_files(inbox, 1)
+    mtime = path.stat().st_mtime_ns
+    times = tmp_path / "times"
+    times.touch()
+    os.utime(times, ns=(mtime, mtime))
+    script = 'printf x | dd of="$1" conv=notrunc status=none && touch -r "$2" "$1"'
+    line = shlex.join(["sh", "-c", script, "sh", "{}", str(times)])
+
+    result = run_exec(inbox, state, line, "--max-attempts", "1")
+
+    assert result.returncode == 1, result.stderr
+    assert path.stat().st_mtime_ns == mtime
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert error.startswith("InputChangedError: the input changed while it was handled: it was")
 
 
 # -- timeouts and signals --------------------------------------------------------------------------

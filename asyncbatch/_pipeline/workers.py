@@ -77,12 +77,6 @@ class HandlerAborted(Exception):
         super().__init__(f"the handler raised {error_text(original)} for {relpath!r}")
 
 
-def _check_unchanged(input_file: InputFile | ObjectInput) -> None:
-    """Raise :class:`InputChangedError` if the input changed while its handler ran."""
-    if (why := input_file.changed()) is not None:
-        raise InputChangedError(f"the input changed while it was handled: {why}")
-
-
 def _cancelled_by_the_run() -> bool:
     """Whether a cancel scope around the current task (the watchdog's, the run's, the
     application's) was cancelled or is past its deadline.
@@ -405,7 +399,7 @@ class WorkerPool:
         item = prepared.item
         try:
             running.attempt.result()
-            _check_unchanged(prepared.input_file)
+            self._check_unchanged(item, prepared.input_file)
         except Exception as exc:
             outcome = self._failed(item, exc)
         else:
@@ -717,7 +711,7 @@ class WorkerPool:
             if failpoints.ACTIVE is not None:  # inline: this is once per item
                 await failpoints.ahit("in-handler")
             await self.handler(ctx)
-            _check_unchanged(input_file)
+            self._check_unchanged(item, input_file)
             if task is not None and task.cancelling() and not _cancelled_by_the_run():
                 # It cancelled its own task, and returned before that was delivered.
                 await _absorb_own_cancellation()
@@ -761,6 +755,26 @@ class WorkerPool:
             error_text(exc),
         )
         return None
+
+    def _check_unchanged(self, item: LeasedItem, input_file: InputFile | ObjectInput) -> None:
+        """Raise :class:`InputChangedError` if the input changed while its handler ran: a
+        file renamed or removed by its handler (``mv {} dest/``, ``gzip {}``: only its ctime
+        changed, and it is no longer where it was opened) was not written to."""
+
+        def taken_away(st: os.stat_result) -> bool:
+            if st.st_nlink == 0:
+                return True  # removed (or renamed over): no name leads to it any more
+            follow = self.config.follow_symlinks
+            try:
+                here = os.stat(item.relpath, dir_fd=self.run.source.fd, follow_symlinks=follow)
+            except (FileNotFoundError, NotADirectoryError):
+                return True
+            except OSError:
+                return False
+            return (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino)
+
+        if (why := input_file.changed(taken_away)) is not None:
+            raise InputChangedError(f"the input changed while it was handled: {why}")
 
     def _open(self, item: LeasedItem) -> tuple[int, os.stat_result]:
         """Open an item's input relative to the source directory. If it is not there, and the

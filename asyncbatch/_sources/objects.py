@@ -37,6 +37,8 @@ from .store import (
 from .url import ObjectURL
 
 if TYPE_CHECKING:
+    import os
+
     from obstore import BytesStream, GetResult
 
 __all__ = [
@@ -388,7 +390,7 @@ class ObjectInput:
         """The object's size in bytes."""
         return self.info.size
 
-    def changed(self) -> str | None:
+    def changed(self, taken_away: Callable[[os.stat_result], bool] | None = None) -> str | None:
         """Never: one ``GET`` reads one version, and every further one asks for it."""
         return None
 
