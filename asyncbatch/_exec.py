@@ -401,8 +401,9 @@ def _spawn(
     Returns its pid.
 
     ``posix_spawn`` (``vfork`` underneath, as ``subprocess``): no Python runs in the child,
-    and no descriptor but 0-2 reaches it (every other one asyncbatch or Python opens is
-    close-on-exec). On the event loop's thread: measured against a worker thread per start
+    and of the descriptors asyncbatch or Python opens, only 0-2 reach it (the others are
+    close-on-exec; those the runner inherited from its parent reach it, as they reach
+    xargs' commands). On the event loop's thread: measured against a worker thread per start
     (benchmarks/RESULTS-exec.md), the hop and the GIL's ping-pong cost more CPU than the
     ``vfork`` wait they spare the loop. An executable file the kernel cannot run (``ENOEXEC``:
     a script without a ``#!`` line) is run by ``/bin/sh``, as ``execvp`` runs it (xargs,
