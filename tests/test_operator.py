@@ -20,6 +20,7 @@ from .conftest import (
     kill,
     make_files,
     rows,
+    spawn,
     start_recording,
     state_counts,
     wait_for,
@@ -66,6 +67,46 @@ def test_status_and_locks_while_a_runner_holds_the_job(
     assert removed.returncode == 0, removed.stderr
     assert "removed the stale lock" in removed.stdout
     assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
+
+
+def test_status_says_a_killed_shared_runner_is_stale(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # A shared runner SIGKILLed keeps its record until another runner finds it gone: status
+    # showed it as a live shared runner, heartbeat and all, while a killed lock holder was
+    # shown STALE.
+    make_files(inbox, 30)
+    log = tmp_path / "calls.log"
+    runner = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--shared",
+        "-j",
+        "1",
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.3"},
+    )
+    try:
+        wait_for(lambda: sum(invocations(log).values()) >= 1)
+        (live,) = json.loads(cli("status", "--state", state, "--json").stdout)["shared_runners"]
+        assert (live["pid"], live["alive"]) == (runner.pid, True)
+        assert "STALE" not in cli("status", "--state", state).stdout
+    finally:
+        kill(runner)
+
+    # It was the lister too: a dead process lists no more.
+    shown = json.loads(cli("status", "--state", state, "--json").stdout)
+    (dead,) = shown["shared_runners"]
+    assert (dead["pid"], dead["alive"]) == (runner.pid, False)
+    assert shown["listing"]["pid"] is None
+    text = " ".join(cli("status", "--state", state).stdout.split())
+    assert f"shared runner: pid {runner.pid} on " in text
+    assert "(STALE: runner gone or heartbeat expired)" in text
+    assert "lister: none now" in text
 
 
 def test_unlock_force_removes_a_live_lock(inbox: Path, state: Path, tmp_path: Path) -> None:

@@ -76,6 +76,20 @@ def _lock_json(lock: LockInfo, heartbeat: float | None) -> dict[str, Any]:
     }
 
 
+def _runner_json(runner: RunnerInfo) -> dict[str, Any]:
+    """A shared runner's record, with whether it is alive as a lock's holder is judged: its
+    heartbeat current and its process not known dead (a killed runner keeps its record until
+    another runner finds it gone)."""
+    return {
+        "owner": runner.owner,
+        "pid": runner.pid,
+        "host": runner.host,
+        "heartbeat_at": runner.heartbeat_at,
+        "expires_at": runner.expires_at,
+        "alive": runner.expires_at >= time.time() and not holder_is_dead(runner.holder),
+    }
+
+
 def _item_hash(identity: Identity, item: ItemInfo) -> str:
     if identity == "content":
         return item.key
@@ -158,11 +172,7 @@ async def _status_of(args: argparse.Namespace) -> _Status:
             identity=await job_identity(ledger, args.job),
             counts=await ledger.counts(args.job),
             locks=[_lock_json(lock, beats.get(lock.owner)) for lock in locks],
-            shared=[
-                {"owner": r.owner, "pid": r.pid, "host": r.host, "heartbeat_at": r.heartbeat_at}
-                for r in runners
-                if r.shared
-            ],
+            shared=[_runner_json(r) for r in runners if r.shared],
             last=runs[0] if runs else None,
             oldest=await ledger.oldest_waiting(args.job),
             listing=await ledger.listing(args.job),
@@ -205,7 +215,13 @@ def _listing_json(st: _Status) -> dict[str, Any] | None:
     if role is None:
         return None
     holder = next((r for r in st.runners if r.owner == role.owner), None)
-    held = holder is not None and role.lease_until is not None and role.lease_until >= time.time()
+    # A holder known dead holds nothing: the next shared runner takes the role at once.
+    held = (
+        holder is not None
+        and role.lease_until is not None
+        and role.lease_until >= time.time()
+        and not holder_is_dead(holder.holder)
+    )
     return {
         "pid": holder.pid if held and holder else None,
         "host": holder.host if held and holder else None,
@@ -247,6 +263,7 @@ def _status_lines(st: _Status) -> list[str]:
         lines.append(
             f"shared runner: pid {runner['pid']} on {runner['host']}, heartbeat "
             f"{show_age(runner['heartbeat_at'])}"
+            f"{'' if runner['alive'] else ' (STALE: runner gone or heartbeat expired)'}"
         )
     if (listing := _listing_json(st)) is not None:
         lines.append(_listing_line(listing))
