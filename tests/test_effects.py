@@ -25,7 +25,7 @@ from asyncbatch import (
     idempotent_move,
     remove_stale_temp_files,
 )
-from asyncbatch._effects.files import TEMP_PREFIX, _temp_name
+from asyncbatch._effects.files import ABANDONED_AFTER, TEMP_PREFIX, _temp_name
 from asyncbatch._ledger.actions import decode_action, encode_action
 from asyncbatch._pipeline.postactions import PostActions, keyed_name
 from asyncbatch._procinfo import ProcessIdentity, this_process
@@ -109,6 +109,49 @@ async def test_temp_files_of_writers_on_other_hosts_are_left_alone(tmp_path: Pat
 
     assert await remove_stale_temp_files(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, other_ns.name])
+
+
+async def test_temp_files_no_run_can_check_are_removed_once_abandoned(tmp_path: Path) -> None:
+    # A container started again has another host name or pid namespace: no run is ever on
+    # "that host" again to remove what its killed writer left. Untouched for ``older_than``
+    # seconds, such a file is abandoned; one written to meanwhile is not, nor is a live
+    # writer's of this host, however old.
+    me = this_process()
+    day = 24 * 3600
+    old_ns = _temp_name(tmp_path / "a.csv", ProcessIdentity(f"{me.host}/pidns:12345", 1, None))
+    old_ns.write_text("left by a container's runner, killed two days ago")
+    os.utime(old_ns, (time.time() - 2 * day, time.time() - 2 * day))
+    recent = _temp_name(tmp_path / "b.csv", ProcessIdentity("host-b", 1, None))
+    recent.write_text("host-b writes this now")
+    mine = _temp_name(tmp_path / "c.csv", me)
+    mine.write_text("this process writes this")
+    os.utime(mine, (time.time() - 2 * day, time.time() - 2 * day))
+
+    assert await remove_stale_temp_files(tmp_path, older_than=day) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, mine.name])
+    with pytest.raises(ValueError, match="older_than"):
+        await remove_stale_temp_files(tmp_path, older_than=-1)
+
+
+async def test_a_run_removes_what_a_killed_container_left_a_day_ago(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    left = _temp_name(out / "f.csv", ProcessIdentity("container-1f2e/pidns:4026532", 1, None))
+    left.write_text("half an output")
+    os.utime(left, (time.time() - ABANDONED_AFTER - 60,) * 2)
+    kept = _temp_name(out / "g.csv", ProcessIdentity("container-9a8b/pidns:4026533", 1, None))
+    kept.write_text("another container writes this now")
+    make_files(inbox, 1)
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    report = await Batch(handle, source=inbox, state=state, settle=0, output_dir=out).run()
+
+    assert report.ok
+    assert sorted(p.name for p in out.iterdir()) == [kept.name]
 
 
 async def test_a_killed_writer_leaves_a_temp_that_the_next_batch_cleans(

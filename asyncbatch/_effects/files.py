@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -378,13 +379,27 @@ def _iter_temp_files(directory: Path, recursive: bool) -> Iterator[Path]:
             yield from _iter_temp_files(Path(de.path), recursive)
 
 
-def _remove_stale(directory: Path, recursive: bool) -> int:
+#: Seconds after which a run removes a temp file whose writer it cannot check (another host,
+#: or another pid namespace: a container started again has a new one), unless the file was
+#: written to meanwhile: a day. A writer of a run that stalls that long has lost its lease, and
+#: its output's rename is refused anyway (the lease is checked just before it).
+ABANDONED_AFTER = 24 * 3600.0
+
+
+def _remove_stale(directory: Path, recursive: bool, older_than: float | None) -> int:
     me = this_process()
     removed = 0
+    before = None if older_than is None else time.time() - older_than
     for path in _iter_temp_files(directory, recursive):
         owner = _temp_owner(path.name, me)
         if owner is not None and not holder_is_dead(owner, me=me):
-            continue
+            if before is None or owner.host == me.host:
+                continue  # alive, or on another host: kept (unless abandoned)
+            try:
+                if os.lstat(path).st_mtime >= before:
+                    continue
+            except FileNotFoundError:
+                continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             removed += 1
@@ -392,12 +407,18 @@ def _remove_stale(directory: Path, recursive: bool) -> int:
 
 
 async def remove_stale_temp_files(
-    directory: str | os.PathLike[str], *, recursive: bool = True
+    directory: str | os.PathLike[str], *, recursive: bool = True, older_than: float | None = None
 ) -> int:
     """Remove temp files left in ``directory`` by writers that are no longer running.
 
     Temp files of live processes (another runner writing right now) are left alone, and so
     are those written on another host (or in another pid namespace), whose writers cannot be
-    checked from here: the next run on that host removes them. Returns how many were removed.
+    checked from here: the next run on that host removes them. With ``older_than`` (seconds),
+    those are removed too once nothing has written to them for that long (a container whose
+    runner was killed while it wrote starts again with another host name or pid namespace:
+    no run is ever on "that host" again). Returns how many were removed. Raises
+    ``ValueError`` for a negative ``older_than``.
     """
-    return await anyio.to_thread.run_sync(_remove_stale, Path(directory), recursive)
+    if older_than is not None and not older_than >= 0:
+        raise ValueError(f"older_than must be seconds >= 0, not {older_than!r}")
+    return await anyio.to_thread.run_sync(_remove_stale, Path(directory), recursive, older_than)

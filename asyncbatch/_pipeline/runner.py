@@ -21,7 +21,7 @@ import anyio
 
 from .._config import BatchConfig
 from .._context import TaskContext
-from .._effects.files import remove_stale_temp_files
+from .._effects.files import ABANDONED_AFTER, remove_stale_temp_files
 from .._errors import error_text, unwrap_group
 from .._exceptions import LedgerError, LockLostError
 from .._http.client import HTTPSettings, SharedClient
@@ -369,17 +369,18 @@ class Run:
         filesystems that a kill interrupted leaves a partial copy there.
         """
         cfg = self.config
+        old = ABANDONED_AFTER  # another host's (or pid namespace's), untouched for a day
         if isinstance(cfg.output_dir, Path):
-            await remove_stale_temp_files(cfg.output_dir)
+            await remove_stale_temp_files(cfg.output_dir, older_than=old)
         if isinstance(cfg.source, Path):  # an object store has no temp files: one PUT each
             source_dev = os.stat(cfg.source).st_dev
             for action in (cfg.on_done, cfg.on_dead):
                 where = action.directory
                 if isinstance(where, Path) and os.stat(where).st_dev != source_dev:
-                    await remove_stale_temp_files(where)
+                    await remove_stale_temp_files(where, older_than=old)
         moved_to = {os.path.dirname(p) for p in await ledger.move_destinations(cfg.job)}
         for directory in sorted(moved_to):
-            await remove_stale_temp_files(directory, recursive=False)
+            await remove_stale_temp_files(directory, recursive=False, older_than=old)
 
     async def _release(self, state: RunState, run_id: int, status: str) -> None:
         cfg, ledger = self.config, state.ledger
