@@ -759,6 +759,60 @@ def test_a_damaged_state_is_one_line_exit_2_and_never_written(inbox: Path, state
         assert untouched(state) == before, args
 
 
+def wal_left_by(database: Path, *statements: str) -> bytes:
+    """The ``-wal`` file of ``database`` (in WAL mode) after ``statements``, read before the
+    close checkpoints it."""
+    db = sqlite3.connect(database, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        for statement in statements:
+            db.execute(statement)
+        return Path(f"{database}-wal").read_bytes()
+    finally:
+        db.close()
+
+
+def test_a_wal_that_is_not_the_states_own_is_refused_and_both_left_as_they_were(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # A -wal beside the state that another database left (or that stayed beside a copy
+    # restored over the state): SQLite reads the state through it, every command refused
+    # what it read ("another application", "damaged ... it was not modified"), and its
+    # close checkpointed that -wal into the file and deleted it: the ledger was gone.
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    ledger = state.read_bytes()
+    other = wal_left_by(
+        tmp_path / "other.db", "CREATE TABLE customers (id)", "INSERT INTO customers VALUES (1)"
+    )
+    bigger = tmp_path / "bigger.db"
+    make_files(tmp_path / "inbox-2", 60)
+    assert cli("run", RECORD, "--source", tmp_path / "inbox-2", "--state", bigger).returncode == 0
+    stale = wal_left_by(bigger, "UPDATE items SET attempts = attempts + 1", "DELETE FROM runs")
+    wal = Path(f"{state}-wal")
+    commands: list[list[str | os.PathLike[str]]] = [
+        ["status", "--state", state],
+        ["items", "--state", state],
+        ["retry", "--dead", "--state", state],
+        ["run", RECORD, "--source", inbox, "--state", state, "--no-progress"],
+    ]
+    for leftover, needle in [
+        (other, f"its -wal file {str(wal)!r} is another application's database"),
+        (stale, "is a damaged SQLite database"),
+    ]:
+        for args in commands:
+            wal.write_bytes(leftover)
+            assert_one_line_error(cli(*args), needle)
+            assert state.read_bytes() == ledger, args
+            assert wal.read_bytes() == leftover, args
+    wal.unlink()
+    Path(f"{state}-shm").unlink()
+    status = cli("status", "--state", state, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] == 3
+
+
 @pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
 def test_a_state_that_is_not_a_regular_file_is_refused_without_blocking(
     inbox: Path, tmp_path: Path, kind: str
