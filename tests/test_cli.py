@@ -182,6 +182,12 @@ def test_unimportable_target_and_missing_function(inbox: Path, state: Path, tmp_
 def test_state_in_missing_directory(inbox: Path, tmp_path: Path) -> None:
     result = cli("run", RECORD, "--source", inbox, "--state", tmp_path / "nodir" / "s.db")
     assert_one_line_error(result, "nodir", "does not exist")
+    # A file where the directory should be was "does not exist; create it first".
+    (tmp_path / "afile").write_text("data\n")
+    for args in (["run", RECORD, "--source", inbox], ["status"]):
+        result = cli(*args, "--state", tmp_path / "afile" / "s.db")
+        assert_one_line_error(result, f"{str(tmp_path / 'afile')!r} is not a directory")
+    assert (tmp_path / "afile").read_text() == "data\n"
 
 
 def test_state_that_is_not_a_ledger_is_left_untouched(inbox: Path, state: Path) -> None:

@@ -52,6 +52,8 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     """
     st = _state_stat(path)
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigurationError(f"state {str(path)!r}: {str(parent)!r} is not a directory")
     if not parent.is_dir():
         raise ConfigurationError(
             f"state {str(path)!r}: directory {str(parent)!r} does not exist; create it first"
