@@ -50,16 +50,18 @@ class PostAction:
     directory: Path | ObjectURL | None = None
 
     @classmethod
-    def parse(cls, setting: str, value: str, *, allow_delete: bool = True) -> PostAction:
-        """Parse ``"keep"``, ``"delete"`` or ``"move:DIR"``; raise a one-line error otherwise."""
-        if value == "keep":
+    def parse(cls, setting: str, value: object, *, allow_delete: bool = True) -> PostAction:
+        """Parse ``"keep"``, ``"delete"`` or ``"move:DIR"``; raise a one-line error otherwise
+        (for anything but a string too)."""
+        text = value if isinstance(value, str) else ""
+        if text == "keep":
             return cls("keep")
-        if value == "delete" and allow_delete:
+        if text == "delete" and allow_delete:
             return cls("delete")
-        if value.startswith("move:") and is_object_url(value[5:]):
-            return cls("move", ObjectURL.parse(setting, value[5:]))
-        if value.startswith("move:") and value[5:]:
-            return cls("move", Path(value[5:]).expanduser().absolute())
+        if text.startswith("move:") and is_object_url(text[5:]):
+            return cls("move", ObjectURL.parse(setting, text[5:]))
+        if text.startswith("move:") and text[5:]:
+            return cls("move", Path(text[5:]).expanduser().absolute())
         choices = "'keep', 'delete' or 'move:DIR'" if allow_delete else "'keep' or 'move:DIR'"
         raise ConfigurationError.bad_value(setting, value, f"expected {choices}")
 
@@ -253,7 +255,7 @@ class BatchConfig:
         factory=lambda: PostAction("keep"),
     )
     output_dir: Path | ObjectURL | None = setting(
-        PathSetting(absolute=True, urls=True),
+        PathSetting(absolute=True, urls=True, optional=True),
         "where ctx.write_output writes (an existing directory, or an s3://BUCKET/PREFIX/)",
     )
     # -- watch mode --

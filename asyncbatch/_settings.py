@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,25 +162,34 @@ def _non_empty_path(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PathSetting(Kind):
-    """A path, never empty (``Path("")`` would be the current directory): a ``Path``
-    (``absolute``: made absolute, ``~`` expanded), or the text as given (``text``: a state,
-    which may be a ``postgresql://`` DSN); with ``urls``, an ``s3://BUCKET/PREFIX/`` location
-    too (an :class:`~asyncbatch._sources.url.ObjectURL`)."""
+    """A path, never empty (``Path("")`` would be the current directory), given as a ``str``
+    or an ``os.PathLike`` of one: a ``Path`` (``absolute``: made absolute, ``~`` expanded), or
+    the text as given (``text``: a state, which may be a ``postgresql://`` DSN); with
+    ``urls``, an ``s3://BUCKET/PREFIX/`` location too (an
+    :class:`~asyncbatch._sources.url.ObjectURL`); ``optional``: or ``None`` (not given)."""
 
     text: bool = False
     absolute: bool = False
     urls: bool = False
+    optional: bool = False
 
     def convert(self, name: str, value: Any) -> Any:
-        if value is None:
+        if value is None and self.optional:
             return None
-        if not str(value):
+        if self.urls and isinstance(value, ObjectURL):
+            return value
+        # A str or a path (os.PathLike of str): str() of anything else (None, 123, b"s.db",
+        # a list) made a file of that name.
+        text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+        if not isinstance(text, str):
+            raise ConfigurationError.bad_value(name, value, "a path (str or pathlib.Path)")
+        if not text:
             raise ConfigurationError.bad_value(name, "", "a path, not an empty string")
         if self.text:
-            return str(value)
-        if self.urls and is_object_url(value):
-            return value if isinstance(value, ObjectURL) else ObjectURL.parse(name, value)
-        path = Path(value).expanduser()
+            return text
+        if self.urls and is_object_url(text):
+            return ObjectURL.parse(name, text)
+        path = Path(text).expanduser()
         return path.absolute() if self.absolute else path
 
     def option(self) -> dict[str, Any]:
@@ -201,13 +211,23 @@ class Switch(Kind):
         return {"action": "store_false" if self.negated else "store_true"}
 
 
+def _strings(value: Any) -> tuple[Any, ...] | None:
+    """A repeatable setting's values: one string is one value; ``None`` for a value that is
+    neither a string nor an iterable of them (checked by the caller)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        return None
+    return tuple(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Globs(Kind):
     """Shell patterns, a tuple (one string is one pattern); the flag is repeatable."""
 
     def convert(self, name: str, value: Any) -> Any:
-        patterns = (value,) if isinstance(value, str) else tuple(value)
-        if not all(isinstance(p, str) and p for p in patterns):
+        patterns = _strings(value)
+        if patterns is None or not all(isinstance(p, str) and p for p in patterns):
             raise ConfigurationError.bad_value(name, value, "non-empty glob patterns")
         return patterns
 
@@ -220,9 +240,9 @@ class Methods(Kind):
     """HTTP method names, upper-cased, a frozenset; the flag is repeatable."""
 
     def convert(self, name: str, value: Any) -> Any:
-        methods: Iterable[Any] = (value,) if isinstance(value, str) else value
-        found = frozenset(str(m).upper() for m in methods)
-        if not all(m.isalpha() for m in found):
+        methods = _strings(value)
+        found = frozenset(str(m).upper() for m in methods or ())
+        if methods is None or not all(m.isalpha() for m in found):
             raise ConfigurationError.bad_value(name, value, "HTTP method names (POST, PUT, ...)")
         return found
 

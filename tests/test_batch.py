@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -400,6 +401,39 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(
     paths: dict[str, Any] = {"source": inbox, "state": state, name: ""}
     with pytest.raises(ConfigurationError, match=f"setting '{name}' has value '': a path, not"):
         Batch(handle, **paths)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("state", 123),
+        ("state", b"state.db"),
+        ("state", ["state.db"]),
+        ("state", None),
+        ("source", None),
+        ("source", b"inbox"),
+        ("output_dir", 1.5),
+        ("on_done", None),
+        ("on_dead", 0),
+        ("ignore", None),
+        ("unsafe_methods", 7),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_refused_with_the_value(
+    inbox: Path, state: Path, name: str, value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # str() of a state that is not a path made a file of that name ("123", "b'state.db'");
+    # the others left as AttributeError or TypeError instead of one line naming them.
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    monkeypatch.chdir(inbox.parent)
+    settings: dict[str, Any] = {"source": inbox, "state": state, name: value}
+    with pytest.raises(
+        ConfigurationError, match=re.escape(f"setting {name!r} has value {value!r}")
+    ):
+        Batch(handle, **settings)
+    assert sorted(p.name for p in inbox.parent.iterdir()) == ["inbox"]
 
 
 def test_a_synchronous_handler_is_refused(inbox: Path, state: Path) -> None:

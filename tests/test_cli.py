@@ -182,6 +182,12 @@ def test_unimportable_target_and_missing_function(inbox: Path, state: Path, tmp_
 def test_state_in_missing_directory(inbox: Path, tmp_path: Path) -> None:
     result = cli("run", RECORD, "--source", inbox, "--state", tmp_path / "nodir" / "s.db")
     assert_one_line_error(result, "nodir", "does not exist")
+    # A file where the directory should be was "does not exist; create it first".
+    (tmp_path / "afile").write_text("data\n")
+    for args in (["run", RECORD, "--source", inbox], ["status"]):
+        result = cli(*args, "--state", tmp_path / "afile" / "s.db")
+        assert_one_line_error(result, f"{str(tmp_path / 'afile')!r} is not a directory")
+    assert (tmp_path / "afile").read_text() == "data\n"
 
 
 def test_state_that_is_not_a_ledger_is_left_untouched(inbox: Path, state: Path) -> None:
@@ -757,6 +763,60 @@ def test_a_damaged_state_is_one_line_exit_2_and_never_written(inbox: Path, state
         # every command exited 69: as if trying again later could help.
         assert_one_line_error(cli(*args), *needles)
         assert untouched(state) == before, args
+
+
+def wal_left_by(database: Path, *statements: str) -> bytes:
+    """The ``-wal`` file of ``database`` (in WAL mode) after ``statements``, read before the
+    close checkpoints it."""
+    db = sqlite3.connect(database, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        for statement in statements:
+            db.execute(statement)
+        return Path(f"{database}-wal").read_bytes()
+    finally:
+        db.close()
+
+
+def test_a_wal_that_is_not_the_states_own_is_refused_and_both_left_as_they_were(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # A -wal beside the state that another database left (or that stayed beside a copy
+    # restored over the state): SQLite reads the state through it, every command refused
+    # what it read ("another application", "damaged ... it was not modified"), and its
+    # close checkpointed that -wal into the file and deleted it: the ledger was gone.
+    make_files(inbox, 3)
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    ledger = state.read_bytes()
+    other = wal_left_by(
+        tmp_path / "other.db", "CREATE TABLE customers (id)", "INSERT INTO customers VALUES (1)"
+    )
+    bigger = tmp_path / "bigger.db"
+    make_files(tmp_path / "inbox-2", 60)
+    assert cli("run", RECORD, "--source", tmp_path / "inbox-2", "--state", bigger).returncode == 0
+    stale = wal_left_by(bigger, "UPDATE items SET attempts = attempts + 1", "DELETE FROM runs")
+    wal = Path(f"{state}-wal")
+    commands: list[list[str | os.PathLike[str]]] = [
+        ["status", "--state", state],
+        ["items", "--state", state],
+        ["retry", "--dead", "--state", state],
+        ["run", RECORD, "--source", inbox, "--state", state, "--no-progress"],
+    ]
+    for leftover, needle in [
+        (other, f"its -wal file {str(wal)!r} is another application's database"),
+        (stale, "is a damaged SQLite database"),
+    ]:
+        for args in commands:
+            wal.write_bytes(leftover)
+            assert_one_line_error(cli(*args), needle)
+            assert state.read_bytes() == ledger, args
+            assert wal.read_bytes() == leftover, args
+    wal.unlink()
+    Path(f"{state}-shm").unlink()
+    status = cli("status", "--state", state, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] == 3
 
 
 @pytest.mark.parametrize("kind", ["fifo", "socket", "device"])

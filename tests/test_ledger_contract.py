@@ -1759,6 +1759,8 @@ def test_postgres_dsn_is_checked_up_front(tmp_path: Path) -> None:
         "postgresql://u:pw@host/db?search_path=",
         "postgresql://u:pw@host/db?a=1&&&b",
         "postgresql://u:pw@host/a/b",
+        "postgresql://u:pw@host/db?search_path=a%00b",
+        "postgresql://u:pw@host/d%00b",
     ):
         with pytest.raises(ConfigurationError, match="setting 'state'") as info:
             PostgresDSN.parse(bad)
@@ -1783,6 +1785,7 @@ def test_postgres_cli_unreachable_state_exits_69_without_the_password(tmp_path: 
         ("?sslmode=bogus", "sslmode"),
         ("?no_such_parameter=1", "no_such_parameter"),
         ("?statement_timeout=abc", "statement_timeout"),
+        ("?search_path=x%00y", "NUL"),
     ],
 )
 def test_postgres_cli_a_dsn_the_server_refuses_is_exit_2_naming_it(

@@ -81,6 +81,10 @@ class PostgresDSN:
             raise bad("the scheme must be postgresql://")
         if parts.fragment:
             raise bad("a URL fragment '#...' is not allowed")
+        if "\x00" in urllib.parse.unquote(dsn):
+            # (No connection can carry one: the server refused it as a broken startup packet,
+            # and that was exit 69, "unavailable, try later".)
+            raise bad("a NUL character (%00) is not allowed")
         hosts = parts.netloc.rpartition("@")[2]
         for host in hosts.split(","):
             _, sep, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")

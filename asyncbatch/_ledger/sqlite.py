@@ -67,9 +67,11 @@ from .sqlite_open import (
     check_state_path,
     companions,
     damaged,
+    foreign_wal,
     is_damage,
     open_error,
     read_only_view,
+    wal_kept,
 )
 
 __all__ = ["SQLiteLedger"]
@@ -493,7 +495,8 @@ class SQLiteLedger(Ledger):
         try:
             await ledger._prepare(existed, durability, migrate=create, read_only=view is not None)
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            # (Refused, or stopped: the -wal stays as it is, never checkpointed into the file.)
+            with anyio.CancelScope(shield=True), wal_kept(path):
                 await db.close()
             raise
         return ledger
@@ -515,6 +518,13 @@ class SQLiteLedger(Ledger):
                 raise LedgerError(f"state {name!r}: {e}") from e
             raise open_error(self.path, e) from e
         if objects and app_id != sql.APPLICATION_ID:
+            wal = companions(self.path)[0]
+            if foreign_wal(self.path, sql.APPLICATION_ID):
+                raise NotALedgerError(
+                    f"state {name!r} is an asyncbatch ledger, but its -wal file {str(wal)!r} is "
+                    "another application's database (left there by another database?); "
+                    "neither was touched: move that -wal aside if it is not the ledger's"
+                )
             raise NotALedgerError(
                 f"state {name!r} is a SQLite database of another application; it was not touched"
             )
@@ -571,9 +581,12 @@ class SQLiteLedger(Ledger):
             )
 
     async def close(self) -> None:
+        # A damaged file gets nothing more: not even the checkpoint of its -wal by the close.
+        keep = wal_kept(self.path) if self._damage is not None else contextlib.nullcontext()
         with anyio.CancelScope(shield=True):
             async with self._lock:
-                await self._db.close()
+                with keep:
+                    await self._db.close()
 
     # -- transactions ------------------------------------------------------------------------------
 

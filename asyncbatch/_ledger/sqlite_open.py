@@ -9,12 +9,14 @@ reader's permissions would break later runs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
 import shlex
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .._exceptions import ConfigurationError, DamagedLedgerError, LedgerError, NotALedgerError
@@ -25,9 +27,11 @@ __all__ = [
     "check_writable",
     "companions",
     "damaged",
+    "foreign_wal",
     "is_damage",
     "open_error",
     "read_only_view",
+    "wal_kept",
 ]
 
 
@@ -48,6 +52,8 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     """
     st = _state_stat(path)
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigurationError(f"state {str(path)!r}: {str(parent)!r} is not a directory")
     if not parent.is_dir():
         raise ConfigurationError(
             f"state {str(path)!r}: directory {str(parent)!r} does not exist; create it first"
@@ -133,6 +139,47 @@ def _holds_sqlite(path: Path) -> bool:
             return False
         # Damaged, say: the ledger's own open says what it is, and touches nothing.
     return True
+
+
+@contextlib.contextmanager
+def wal_kept(path: Path) -> Iterator[None]:
+    """While a connection that refused the state closes: keep its ``-wal`` out of the file.
+
+    The last connection of a WAL database to close checkpoints the ``-wal`` into the file and
+    deletes it. One that refused the state (another application's database, a newer schema,
+    damage) must leave both as they were: the ``-wal`` may not be the file's own (one left by
+    another database, or beside a copy restored over the state), the file alone a sound
+    ledger. A read-only connection holds SQLite's shared lock on the file meanwhile (a
+    connection keeps it while the database is in WAL mode), so the closing one is not the
+    last and does not checkpoint; a read-only connection never checkpoints as it closes.
+    """
+    wal = companions(_real(path))[0]
+    guard = None
+    if _has_content(wal):
+        with contextlib.suppress(sqlite3.Error):
+            guard = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1)
+            with contextlib.suppress(sqlite3.Error):
+                guard.execute("PRAGMA schema_version").fetchone()
+    try:
+        yield
+    finally:
+        if guard is not None:
+            guard.close()
+
+
+def foreign_wal(path: Path, app_id: int) -> bool:
+    """Whether the file ``path`` alone (its ``-wal`` unread) is a database of application
+    ``app_id``, though with its ``-wal`` it reads as another's: a ``-wal`` not its own."""
+    if not _has_content(companions(_real(path))[0]):
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            return bool(conn.execute("PRAGMA application_id").fetchone()[0] == app_id)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
 
 
 def _real(path: Path) -> Path:
