@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
@@ -25,10 +25,17 @@ class RealServer:
     """Serve ``app`` on a free port of 127.0.0.1 until the ``with`` block ends (or ``stop()``).
 
     ``lifespan=True`` sends the ASGI lifespan events (the idempotency middleware closes its store
-    at shutdown); ``log_level="critical"`` quiets servers whose tests break connections on purpose.
+    at shutdown), ``"on"`` and ``"auto"`` are uvicorn's own settings; ``log_level="critical"``
+    quiets servers whose tests break connections on purpose.
     """
 
-    def __init__(self, app: ASGIApp, *, lifespan: bool = False, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        lifespan: bool | Literal["on", "auto"] = False,
+        log_level: str = "warning",
+    ) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -36,7 +43,7 @@ class RealServer:
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app,
-            lifespan="on" if lifespan else "off",
+            lifespan=lifespan if isinstance(lifespan, str) else "on" if lifespan else "off",
             loop="asyncio",
             http="h11",
             ws="none",

@@ -340,3 +340,59 @@ def test_a_runs_keys_are_the_hmac_of_job_key_and_call(
     expected = hmac.new(secret, message, hashlib.sha256).hexdigest()
     assert IdempotencyKeys(secret, job).derive(key, call) == expected
     assert derive_idempotency_key(secret, job, key, call) == expected
+
+
+async def test_a_followed_redirect_gets_a_key_of_its_own_and_runs_once(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # POST /old answers 307 (the request again, at /new), behind IdempotencyMiddleware. httpx
+    # sent the first request's key on with the redirected one: the middleware, which had stored
+    # the 307 under it, answered 422 and every item died.
+    make_files(inbox, 2)
+    effects: collections.Counter[bytes] = collections.Counter()
+    keys: list[str] = []
+
+    async def api(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive)
+        if scope["path"] == "/old":
+            await respond(send, 307, b"", [(b"location", b"/new")])
+        elif scope["path"] == "/moved":
+            await respond(send, 303, b"", [(b"location", b"/old-done")])
+        else:
+            if scope["path"] == "/new":
+                effects[body] += 1
+            await respond(send, 201, body)
+
+    async def handle(ctx: TaskContext) -> None:
+        data = await ctx.read_bytes()
+        created = await ctx.http.post(f"{url}/old", content=data, follow_redirects=True)
+        created.raise_for_status()
+        assert (created.url.path, created.content) == ("/new", data)
+        assert [r.status_code for r in created.history] == [307]
+        assert created.headers.get("idempotent-replayed") == ("true" if ctx.attempt > 1 else None)
+        seen = await ctx.http.post(f"{url}/moved", content=data, follow_redirects=True)
+        assert (seen.request.method, seen.url.path) == ("GET", "/old-done")
+        if ctx.attempt == 1:
+            raise ConnectionResetError("the handler failed after its calls")
+
+    middleware = IdempotencyMiddleware(api, state=tmp_path / "api.db")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":  # what reaches the server, replays included
+            keys.append(dict(scope["headers"]).get(b"idempotency-key", b"").decode())
+        await middleware(scope, receive, send)
+
+    with RealServer(app, lifespan=True) as server:
+        url = server.url
+        report = await Batch(handle, source=inbox, state=state, backoff=0, settle=0).run()
+
+    assert (report.done, report.failed, report.dead) == (2, 2, 0)
+    assert sorted(effects.values()) == [1, 1], "each file's POST to /new ran once"
+    # Per item: the POST to /old, its hop to /new, the POST to /moved (keyed, each its own
+    # key) and the GET that follows the 303 (none); the same keys in both attempts.
+    keyed = [k for k in keys if k]
+    assert len(keys) == 2 * 2 * 4
+    assert len(keyed) == 2 * 2 * 3
+    assert len(set(keyed)) == 2 * 3

@@ -231,6 +231,28 @@ async def test_survives_a_restart_and_closes_its_store_at_shutdown(
     assert after.calls == 0
 
 
+async def test_an_app_that_raises_on_lifespan_still_gets_its_store_closed_at_shutdown(
+    state: Path,
+) -> None:
+    # A bare app that asserts its scope is HTTP raises on the lifespan scope: by the ASGI spec,
+    # it does not speak lifespan. The middleware, which had opened its store at startup, let
+    # the exception through, uvicorn sent no more lifespan events, and the store was never
+    # closed: its -wal stayed beside the state (under lifespan="on", the startup failed).
+    async def strict(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http", "only HTTP here"
+        await Recorder()(scope, receive, send)
+
+    for lifespan in ("auto", "on"):
+        middleware = IdempotencyMiddleware(strict, state=state)
+        with RealServer(middleware, lifespan=lifespan) as served:
+            async with http_client(served) as client:
+                response = await client.post("/x", content=b"v", headers=key(lifespan))
+            assert response.status_code == 201
+            assert Path(f"{state}-wal").exists()
+        assert middleware._opened is None, lifespan  # closed at lifespan shutdown
+        assert not Path(f"{state}-wal").exists(), lifespan
+
+
 async def test_a_body_sent_in_chunks_is_buffered_and_replayed_to_the_app(
     serve: Callable[[ASGIApp], RealServer], state: Path
 ) -> None:

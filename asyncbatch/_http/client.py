@@ -15,6 +15,7 @@ Requests that carry a key (and safe methods) are retried on connection errors, t
 409 and 429 (honouring ``Retry-After``) with capped, jittered backoff, reusing the key; every
 wait, a server's ``Retry-After`` included, is at most ``http_backoff_max`` seconds. 422 on
 a keyed request raises :class:`IdempotencyKeyMismatchError`, which fails the item at once.
+Redirects are followed here, one hop at a time: each hop gets a key of its own.
 """
 
 from __future__ import annotations
@@ -190,19 +191,35 @@ class ItemHTTP:
 
     def _prepare(
         self, method: str, url: httpx.URL | str, idempotency_key: str | None, kwargs: Any
-    ) -> tuple[httpx.Request, dict[str, Any], bool]:
+    ) -> tuple[httpx.Request, dict[str, Any], str | None]:
+        """The request, the keywords for ``send``, and the call identity its key was derived
+        from (``None``: the caller set its own key, or the method gets none)."""
         s = self._settings
         method = method.upper()
         self._calls += 1
         send = {k: kwargs.pop(k) for k in list(kwargs) if k in _SEND_KEYS}
         request = s.shared.get().build_request(method, url, **kwargs)
-        keyed = "Idempotency-Key" in request.headers
-        if not keyed and method in s.unsafe_methods:
+        call = None
+        if "Idempotency-Key" not in request.headers and method in s.unsafe_methods:
             call = idempotency_key or f"{self._calls}:{method}:{request.url}"
-            key = s.keys.derive(self._item_key, call)
-            request.headers["Idempotency-Key"] = key
-            keyed = True
-        return request, send, keyed or method in SAFE_METHODS
+            request.headers["Idempotency-Key"] = s.keys.derive(self._item_key, call)
+        return request, send, call
+
+    def _redirected(self, request: httpx.Request, call: str | None, hop: int) -> httpx.Request:
+        """The request of redirect ``hop`` (1 for the first), as httpx built it, with a key of
+        its own: the key of the call it follows would name another request (the server behind
+        an ``IdempotencyMiddleware`` answers 422). The hop's key is derived from the call's
+        identity, the hop, its method and URL, the same in every attempt; a method that gets
+        no key (a 303 turns a POST into a GET) sends none. A key the caller set goes on
+        unchanged, as httpx sends it."""
+        s = self._settings
+        if call is None:
+            return request
+        request.headers.pop("Idempotency-Key", None)
+        if request.method in s.unsafe_methods:
+            hop_call = f"{call}\0redirect {hop}:{request.method}:{request.url}"
+            request.headers["Idempotency-Key"] = s.keys.derive(self._item_key, hop_call)
+        return request
 
     async def _pause(self, attempt: int, response: httpx.Response | None) -> None:
         s = self._settings
@@ -219,6 +236,38 @@ class ItemHTTP:
                 f"{request.method} {_redacted(request.url)}: the server says this key was used "
                 "with a different request (HTTP 422)"
             )
+
+    async def _follow(
+        self, request: httpx.Request, send: dict[str, Any], call: str | None, *, stream: bool
+    ) -> httpx.Response:
+        """Send the request (with retries), and follow its redirects when asked (the
+        ``follow_redirects`` keyword, else the client's setting) one hop at a time, each hop
+        sent with retries and a key of its own (:meth:`_redirected`)."""
+        import httpx
+
+        client = self._settings.shared.get()
+        follow = send.pop("follow_redirects", client.follow_redirects)
+        history: list[httpx.Response] = []
+        while True:
+            retryable = "Idempotency-Key" in request.headers or request.method in SAFE_METHODS
+            hop_send = {**send, "follow_redirects": False}
+            response = await self._send(request, hop_send, retryable, stream=stream)
+            response.history = list(history)
+            redirect = response.next_request
+            if not follow or redirect is None:
+                return response
+            try:
+                await response.aread()  # as httpx does before a hop
+            finally:
+                await response.aclose()
+            history.append(response)
+            if len(history) > client.max_redirects:
+                message = "Exceeded maximum allowed redirects."  # httpx's words
+                raise httpx.TooManyRedirects(message, request=redirect)
+            request = self._redirected(redirect, call, len(history))
+            # The auth of the call was applied to its first request; httpx carries its header
+            # on to the same origin only, and so do the hops (no auth flow of their own).
+            send = {**send, "auth": httpx.Auth()}
 
     async def _send(
         self, request: httpx.Request, send: dict[str, Any], retryable: bool, *, stream: bool
@@ -277,8 +326,8 @@ class ItemHTTP:
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request like ``httpx.AsyncClient.request``, with idempotency and retries."""
-        request, send, retryable = self._prepare(method, url, idempotency_key, kwargs)
-        return await self._send(request, send, retryable, stream=False)
+        request, send, call = self._prepare(method, url, idempotency_key, kwargs)
+        return await self._follow(request, send, call, stream=False)
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -290,8 +339,8 @@ class ItemHTTP:
         **kwargs: Any,
     ) -> AsyncIterator[httpx.Response]:
         """Like ``httpx.AsyncClient.stream``: retries happen before the body is handed over."""
-        request, send, retryable = self._prepare(method, url, idempotency_key, kwargs)
-        response = await self._send(request, send, retryable, stream=True)
+        request, send, call = self._prepare(method, url, idempotency_key, kwargs)
+        response = await self._follow(request, send, call, stream=True)
         try:
             yield response
         finally:

@@ -253,7 +253,9 @@ class IdempotencyMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Open the store at startup (failing the startup if it cannot be used), pass lifespan
-        through, and close the store once the app's shutdown is complete."""
+        through, and close the store once the app's shutdown is complete. An app that returns
+        or raises at once, before a lifespan message, does not speak lifespan: it is spoken
+        for it."""
         spoken = False
         first = await receive()
         if first["type"] == "lifespan.startup":
@@ -276,10 +278,19 @@ class IdempotencyMiddleware:
                 await self.aclose()
             await send(message)
 
-        await self.app(scope, app_receive, app_send)
+        try:
+            await self.app(scope, app_receive, app_send)
+        except Exception:
+            if spoken:
+                raise
+            # It raised at once: an app that does not speak lifespan (``assert scope["type"] ==
+            # "http"``), as the ASGI spec reads it. Let through, its exception made the server
+            # send no more lifespan events: the store stayed open at shutdown.
+            log.debug("the application does not support lifespan", exc_info=True)
         if spoken:
             return
-        # The app returned at once, ignoring lifespan: speak it so the store is closed at the end.
+        # The app returned or raised at once, ignoring lifespan: speak it so the store is
+        # closed at the end.
         message = first
         while True:
             if message["type"] == "lifespan.startup":
