@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncbatch import Batch, Report, TaskContext
+from asyncbatch._pipeline import claimer
 from asyncbatch._ready import parse_rule
 from asyncbatch._scanner import Scanner
 
-from .conftest import until
+from .conftest import polls_after, until
 from .test_ready import write
 
 MODES = ["run", "watch"]
@@ -142,6 +143,30 @@ async def test_marker_a_file_changed_after_its_marker_waits_for_a_newer_one(
     write(job.inbox / "a.csv.done", after=a)  # rewritten: newer than the file
     assert (await job.run()).done == 1
     assert job.handled == ["a.csv"]
+
+
+async def test_marker_a_waiting_file_deleted_is_no_longer_counted_at_the_next_listing(
+    tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file waiting for its marker has no look scheduled, and a deletion wakes nothing: the
+    # polls that list names (9 in 10 with events on) must drop it, not the next full scan.
+    pytest.importorskip("watchfiles")
+    monkeypatch.setattr(claimer, "FULL_SCAN_EVERY", 10**6)  # every poll after the first lists
+    job = Job(tmp_path, str(state), ready=["marker:.done"], poll=0.05)
+    gone = write(job.inbox / "gone.csv")
+    write(job.inbox / "kept.csv")
+    async with Watching(job.batch()) as w:
+        await until(lambda: w.count("unmarked") == 2)
+        gone.unlink()
+        await polls_after(w.batch, 3)
+        seen = w.batch._observe()
+        assert seen is not None
+        assert seen.last_scan is not None
+        assert not seen.last_scan.full
+        assert w.count("unmarked") == 1
+    assert w.report is not None
+    assert w.report.unmarked == 1
+    assert job.handled == []
 
 
 # -- dir-marker:NAME -----------------------------------------------------------------------------

@@ -148,15 +148,26 @@ class Sightings:
 
     def unknown(self, names: list[bytes]) -> list[bytes]:
         """The relpaths of a listing's name keys (:meth:`Scanner.list_names`) that are not
-        registered under that name and inode: new names, and names replaced by another file.
-        (Waiting files are looked at on their own schedule.)"""
+        registered under that name and inode: new names, and names replaced by another file;
+        and the waiting files the listing no longer has (deleted or moved away: the look
+        forgets them). Waiting files still listed are looked at on their own schedule, or
+        never (a marker missing, too small, too old: a change brings them back), so without
+        that look one deleted would be counted not ready until the next full scan."""
         known, waiting = self._known_names, self._waiting
         out = []
+        if not waiting:
+            for key in names:
+                if key not in known:
+                    out.append(key[:-9])
+            return out
+        gone = set(waiting)
         for key in names:
-            if key not in known:
-                rel = key[:-9]
-                if rel not in waiting:
-                    out.append(rel)
+            rel = key[:-9]
+            if rel in waiting:
+                gone.discard(rel)
+            elif key not in known:
+                out.append(rel)
+        out.extend(gone)
         return out
 
     def looked(
