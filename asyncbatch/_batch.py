@@ -149,9 +149,10 @@ class Batch:
         Failed items are retried with backoff within the run, up to ``max_attempts``. With
         ``handle_signals``, SIGINT/SIGTERM stop the run gracefully (in-flight items get
         ``grace`` seconds; a second signal cancels them at once); the report says ``stopped``.
-        The handlers the two signals had before (the application's own) are theirs again once
-        the run is over. On cancellation the in-flight items go back to the ledger and the lock
-        is released.
+        So does SIGHUP (a terminal or an ssh session that hung up), unless it is ignored
+        (``nohup``) or handled by the application. The handlers the signals had before (the
+        application's own) are theirs again once the run is over. On cancellation the
+        in-flight items go back to the ledger and the lock is released.
 
         Raises :class:`JobLockedError` if another live runner holds the job (not ``shared``),
         :class:`ConfigurationError` if the job records another source or identity (or other
@@ -341,9 +342,15 @@ class Batch:
         self._address = None
 
     async def _on_signals(self, run: Run) -> None:
+        heard = _SIGNALS
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            # A hang-up ended the process at once (an ssh session that dropped): its commands
+            # ran on orphaned, its items stayed leased. Not when it is ignored (nohup) or the
+            # application handles it.
+            heard = (*heard, signal.SIGHUP)
         with (
-            _handlers_restored(_SIGNALS),
-            anyio.open_signal_receiver(*_SIGNALS) as signals,
+            _handlers_restored(heard),
+            anyio.open_signal_receiver(*heard) as signals,
         ):
             async for signum in signals:
                 if self.received_signal is None:

@@ -167,6 +167,44 @@ def test_sigterm_finishes_in_flight_items_and_exits_143(
     assert rows(state, "SELECT exit_status FROM runs") == [("stopped",)]
 
 
+def test_a_hang_up_stops_the_run_as_sigterm_does_and_exits_129(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # An ssh session that drops sends SIGHUP: it ended the runner at once (its items left
+    # leased, the run "killed", an --exec command's process left running on).
+    make_files(inbox, 100)
+    log = tmp_path / "calls.log"
+    proc = start_recording(inbox, state, log, jobs=4, sleep=0.2)
+    wait_for(lambda: len(invocations(log)) >= 4)
+    err = kill(proc, signal.SIGHUP)
+
+    assert proc.returncode == 129, err
+    handled = set(invocations(log))
+    done = {os.fsdecode(r[0]) for r in rows(state, "SELECT relpath FROM items WHERE state='done'")}
+    assert handled == done, "every started item finished and was recorded"
+    assert state_counts(state).get("running", 0) == 0
+    assert rows(state, "SELECT exit_status FROM runs") == [("stopped",)]
+
+
+def test_a_hang_up_is_left_alone_when_ignored_as_under_nohup(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 20)
+    log = tmp_path / "calls.log"
+    args = ("run", RECORD, "--source", inbox, "--state", state, "-j", "2", "--no-progress")
+    proc = spawn(
+        *args,
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    wait_for(lambda: len(invocations(log)) >= 2)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 0, err
+    assert state_counts(state) == {"done": 20}
+
+
 def test_sigint_exits_130_and_the_next_run_finishes(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:

@@ -4,8 +4,8 @@ Exit codes: 0 every settled file done; 1 some items dead; 2 usage or configurati
 line naming the bad value, no traceback), a damaged SQLite state, or an s3:// key the S3 client
 cannot list; 3 other runners still hold some files (``--no-wait``); 69 the ledger (or an s3://
 source) is unavailable or failing; 70 a handler raised ``SystemExit``, ``KeyboardInterrupt`` or
-another ``BaseException`` (the run stopped); 75 the job is locked by a live runner; 130 / 143
-stopped by SIGINT / SIGTERM; 141 the output's reader went away.
+another ``BaseException`` (the run stopped); 75 the job is locked by a live runner; 129 / 130 / 143
+stopped by SIGHUP / SIGINT / SIGTERM; 141 the output's reader went away.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ EXIT_UNFINISHED = 3
 EXIT_LEDGER = 69
 EXIT_HANDLER_ABORT = 70
 EXIT_LOCKED = 75
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL = {signal.SIGHUP: 129, signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class UsageError(Exception):
