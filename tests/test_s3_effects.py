@@ -14,7 +14,7 @@ from asyncbatch._sources.store import ObjectStores, version_tag
 from asyncbatch._sources.url import ObjectURL
 
 from .conftest import cli, invocations, make_files
-from .s3 import Bucket
+from .s3 import Bucket, MotoServer
 
 ROOT = Path(__file__).parent.parent
 
@@ -140,6 +140,36 @@ def test_a_crash_between_copy_and_delete_is_finished_by_the_next_run(
     assert bucket.keys("in/") == []
     assert bucket.keys("done/") == [f"done/f{i}.txt" for i in range(4)]
     assert all(n == 1 for n in invocations(log).values())  # none handled twice
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["same-bucket", "across-buckets"])
+def test_a_crash_after_copying_an_object_uploaded_in_parts_archives_it_once(
+    bucket: Bucket, s3_server: MotoServer, tmp_path: Path, across: bool
+) -> None:
+    # The copy of a multipart object (ETag "...-2") is one part (ETag: its bytes' MD5), so
+    # the archive's ETag is not the source's: the next run must still know it for its copy.
+    parts = [b"a" * (5 * 1024 * 1024), b"b" * 10]
+    etag = bucket.put_in_parts("in/big.bin", parts)
+    assert etag.rstrip('"').endswith("-2")
+    archive = Bucket(s3_server) if across else bucket
+    state, log = tmp_path / "state.db", tmp_path / "log"
+    args = [
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"),
+        "--state", str(state), "--on-done", f"move:{archive.url('done/')}", "--no-progress",
+    ]  # fmt: skip
+    env = {**bucket.env, "AB_LOG": str(log)}
+    crashed = cli(
+        *args, env={**env, "ASYNCBATCH_FAILPOINTS": "between-copy-and-delete=kill"}, cwd=ROOT
+    )
+    assert crashed.returncode == -9
+    assert archive.keys("done/") == ["done/big.bin"]
+    assert bucket.keys("in/") == ["in/big.bin"]
+    result = cli(*args, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert bucket.keys("in/") == []
+    assert archive.keys("done/") == ["done/big.bin"]  # no second copy under a keyed name
+    assert archive.get("done/big.bin") == b"".join(parts)
+    assert invocations(log) == {"big.bin": 1}
 
 
 def test_an_archive_in_a_missing_bucket_says_the_bucket_is_missing(

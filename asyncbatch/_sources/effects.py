@@ -11,7 +11,8 @@ state found first, so that a repeat after a crash at any point finishes the job:
   between two) unless its copy is there already, ``HEAD`` the source again and delete it only
   while it is still the version handled (five requests: three ``HEAD``, a copy, a
   ``DELETE``). A crash between the copy and the delete leaves both: the next run finds the
-  copy and deletes. An archive that holds another object under that name
+  copy (by its size and ETag, or for an object uploaded in parts, whose copy is one part,
+  by its MD5) and deletes. An archive that holds another object under that name
   gets this one under ``name.<key>.ext`` (as a directory archive does).
 - **write** (``ctx.write_output`` under ``--output-dir s3://...``): the lease is checked just
   before the ``PUT``; the object appears whole or not at all.
@@ -24,9 +25,12 @@ versioning; with versioning on it stays as a noncurrent version.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 
 from .. import _failpoints as failpoints
+from .objects import READ_CHUNK
 from .store import ObjectInfo, ObjectStore, ObjectStores
 from .url import ObjectURL
 
@@ -63,6 +67,42 @@ async def delete_object(
     return "deleted"
 
 
+_MD5_ETAG = re.compile(r'"?([0-9a-f]{32})"?')
+_MULTIPART_ETAG = re.compile(r'"?[0-9a-f]{32}-[0-9]+"?')
+
+
+class _SameContent:
+    """Whether an archive object is the source's copy (``now``, the source as found).
+
+    The same size and ETag is. But a copy of an object uploaded in parts (its ETag
+    ``"<md5 of the parts' md5s>-N"``) has another ETag: a server-side ``CopyObject`` makes it
+    one part, and so does this host's ``PUT`` between buckets; its ETag is then the MD5 of
+    its bytes. For such a pair of the same size, the source is read once (``If-Match``, in
+    chunks) and its MD5 compared: without it, the repeat of a move cut short after its copy
+    would archive the object a second time, under a keyed name."""
+
+    def __init__(self, src: ObjectStore, key: str, now: ObjectInfo) -> None:
+        self._src, self._key, self._now = src, key, now
+        self._md5: str | None = None
+
+    async def as_(self, there: ObjectInfo) -> bool:
+        now = self._now
+        if there.size != now.size:
+            return False
+        if there.etag == now.etag:
+            return True
+        md5 = _MD5_ETAG.fullmatch(there.etag or "")
+        if md5 is None or not _MULTIPART_ETAG.fullmatch(now.etag or ""):
+            return False
+        if self._md5 is None:
+            digest = hashlib.md5(usedforsecurity=False)
+            result = await self._src.get(self._key, etag=now.etag)
+            async for chunk in result.stream(min_chunk_size=READ_CHUNK):
+                digest.update(chunk)
+            self._md5 = digest.hexdigest()
+        return self._md5 == md5.group(1)
+
+
 async def _copy(
     src: ObjectStore, key: str, dst: ObjectStore, dst_key: str, etag: str | None
 ) -> None:
@@ -92,12 +132,13 @@ async def move_object(
         return "already moved" if await dst.head(dst_key) is not None else "already gone"
     if not _handled(now, size, tag):
         return "left alone: the object was replaced by a newer version"
+    same = _SameContent(src, src_key, now)
     there = await dst.head(dst_key)
-    if there is not None and (there.size, there.etag) != (now.size, now.etag):
+    if there is not None and not await same.as_(there):
         head, _, name = dst_key.rpartition("/")
         dst_key = f"{head}/{keyed_name(name, key)}" if head else keyed_name(name, key)
         there = await dst.head(dst_key)
-    if there is None or (there.size, there.etag) != (now.size, now.etag):
+    if there is None or not await same.as_(there):
         await _copy(src, src_key, dst, dst_key, now.etag)  # a copy is whole once it returned
     await failpoints.ahit("between-copy-and-delete")
     again = await src.head(src_key)
