@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncbatch import Batch, LockLostError, TaskContext
@@ -72,13 +73,44 @@ async def test_a_newer_version_is_never_deleted_nor_archived(bucket: Bucket) -> 
     bucket.put("in/b.txt", b"new")
     stores = ObjectStores()
     source = ObjectURL.parse("source", bucket.url("in/"))
-    said = await delete_object(stores, source, "a.txt", 3, version_tag(old))
+    said = await delete_object(stores, source, "a.txt", 3, version_tag(old), mtime_ns=None)
     assert said == "left alone: the object was replaced by a newer version"
     archive = ObjectURL.parse("on_done", bucket.url("done/"))
-    said = await move_object(stores, source, archive, "b.txt", ("k" * 40, 3, version_tag(old)))
+    said = await move_object(
+        stores, source, archive, "b.txt", ("k" * 40, 3, version_tag(old)), mtime_ns=None
+    )
     assert said == "left alone: the object was replaced by a newer version"
     assert bucket.keys() == ["in/a.txt", "in/b.txt"]
     assert stores.requests["delete"] == 0
+
+
+@pytest.mark.parametrize("on_done", ["delete", "move"])
+async def test_the_same_bytes_uploaded_again_while_handled_are_a_new_item_left_in_place(
+    bucket: Bucket, state: Path, on_done: str
+) -> None:
+    bucket.put("in/a.txt", b"same")
+    first = bucket.last_modified("in/a.txt")
+    handled: list[int] = []
+
+    async def handler(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.mtime_ns)
+        if len(handled) == 1:
+            # The producer sends the file again, the same bytes: the same ETag, a later
+            # LastModified (S3 keeps it to the second: uploaded again until it is later).
+            while bucket.last_modified("in/a.txt") == first:
+                bucket.put("in/a.txt", b"same")
+                await anyio.sleep(0.1)
+
+    action = "delete" if on_done == "delete" else f"move:{bucket.url('done/')}"
+    batch = Batch(handler, source=bucket.url("in/"), state=state, settle=0, on_done=action)
+    report = await batch.run()
+    assert report.done == 1
+    assert bucket.keys("in/") == ["in/a.txt"]  # a new item: not deleted nor archived unhandled
+    report = await batch.run()
+    assert report.done == 1
+    assert len(handled) == 2
+    assert handled[0] < handled[1]
+    assert bucket.keys("in/") == []
 
 
 async def test_a_repeated_move_finds_its_own_copy(bucket: Bucket) -> None:
@@ -90,11 +122,12 @@ async def test_a_repeated_move_finds_its_own_copy(bucket: Bucket) -> None:
     bucket.client.copy_object(  # a crash between the copy and the delete left both
         Bucket=bucket.name, Key="done/a.txt", CopySource={"Bucket": bucket.name, "Key": "in/a.txt"}
     )
-    assert await move_object(stores, source, archive, "a.txt", item) == (
+    assert await move_object(stores, source, archive, "a.txt", item, mtime_ns=None) == (
         f"moved to s3://{bucket.name}/done/a.txt"
     )
     assert stores.requests["copy"] == 0  # its copy was there already
-    assert await move_object(stores, source, archive, "a.txt", item) == "already moved"
+    said = await move_object(stores, source, archive, "a.txt", item, mtime_ns=None)
+    assert said == "already moved"
     assert bucket.keys() == ["done/a.txt"]
 
 
@@ -105,7 +138,9 @@ async def test_an_archive_holding_another_object_gets_a_keyed_name(bucket: Bucke
     source = ObjectURL.parse("source", bucket.url("in/"))
     archive = ObjectURL.parse("on_done", bucket.url("done/"))
     key = "0" * 24 + "abcdef0123456789"
-    said = await move_object(stores, source, archive, "a.txt", (key, 4, version_tag(etag)))
+    said = await move_object(
+        stores, source, archive, "a.txt", (key, 4, version_tag(etag)), mtime_ns=None
+    )
     assert said == f"moved to s3://{bucket.name}/done/a.abcdef0123456789.txt"
     assert bucket.get("done/a.txt") == b"someone else's"
     assert bucket.get("done/a.abcdef0123456789.txt") == b"mine"

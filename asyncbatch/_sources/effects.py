@@ -5,7 +5,8 @@ Each reads like :mod:`asyncbatch._effects.files`: one request concern per functi
 state found first, so that a repeat after a crash at any point finishes the job:
 
 - **delete**: ``HEAD`` the key; gone: done; another version there (a newer upload under the
-  same key): left alone; else ``DELETE``.
+  same key, its bytes the same or not: another ETag or LastModified): left alone; else
+  ``DELETE``.
 - **move** (``--on-done move:s3://BUCKET/PREFIX/``): ``HEAD`` the source; gone and the
   archive copy there: done before. Else copy it (server-side in one bucket; through this host
   between two) unless its copy is there already, ``HEAD`` the source again and delete it only
@@ -37,10 +38,13 @@ from .url import ObjectURL
 __all__ = ["delete_object", "keyed_name", "move_object", "put_object"]
 
 
-def _handled(now: ObjectInfo, size: int, tag: int) -> bool:
-    """Whether the object found is the version that was handled: its size and ETag (a
-    ``HEAD`` gives LastModified to the second, a listing may give milliseconds: ``mtime_ns``
-    is not compared)."""
+def _handled(now: ObjectInfo, size: int, tag: int, mtime_ns: int | None) -> bool:
+    """Whether the object found is the version that was handled: its size, ETag and
+    LastModified (both kept to the second, whether a listing or a ``HEAD`` saw them), as an
+    item's identity has them: the same bytes uploaded again a second later are a new item,
+    to be handled, not deleted. ``mtime_ns`` ``None``: any LastModified (a marker's)."""
+    if mtime_ns is not None and now.mtime_ns != mtime_ns:
+        return False
     return (now.size, now.tag) == (size, tag)
 
 
@@ -52,16 +56,23 @@ def keyed_name(name: str, key: str) -> str:
 
 
 async def delete_object(
-    stores: ObjectStores, source: ObjectURL, relpath: str, size: int, tag: int
+    stores: ObjectStores,
+    source: ObjectURL,
+    relpath: str,
+    size: int,
+    tag: int,
+    *,
+    mtime_ns: int | None,
 ) -> str:
-    """Delete the object ``relpath`` under ``source`` if it is still the version handled;
-    say what was done."""
+    """Delete the object ``relpath`` under ``source`` if it is still the version handled
+    (``size``, ``tag``, and LastModified ``mtime_ns``: see :func:`_handled`); say what was
+    done."""
     store = stores.bucket(source.bucket)
     key = source.key(relpath)
     now = await store.head(key)
     if now is None:
         return "already gone"
-    if not _handled(now, size, tag):
+    if not _handled(now, size, tag, mtime_ns):
         return "left alone: the object was replaced by a newer version"
     await store.delete(key)
     return "deleted"
@@ -121,16 +132,19 @@ async def move_object(
     archive: ObjectURL,
     relpath: str,
     item: tuple[str, int, int],
+    *,
+    mtime_ns: int | None,
 ) -> str:
     """Archive the object ``relpath`` under ``source`` to the same relpath under ``archive``
-    (``item``: its ledger key, size and version tag), repeatably; say what was done."""
+    (``item``: its ledger key, size and version tag; ``mtime_ns``: its LastModified, see
+    :func:`_handled`), repeatably; say what was done."""
     key, size, tag = item
     src, dst = stores.bucket(source.bucket), stores.bucket(archive.bucket)
     src_key, dst_key = source.key(relpath), archive.key(relpath)
     now = await src.head(src_key)
     if now is None:
         return "already moved" if await dst.head(dst_key) is not None else "already gone"
-    if not _handled(now, size, tag):
+    if not _handled(now, size, tag, mtime_ns):
         return "left alone: the object was replaced by a newer version"
     same = _SameContent(src, src_key, now)
     there = await dst.head(dst_key)
@@ -142,7 +156,7 @@ async def move_object(
         await _copy(src, src_key, dst, dst_key, now.etag)  # a copy is whole once it returned
     await failpoints.ahit("between-copy-and-delete")
     again = await src.head(src_key)
-    if again is not None and _handled(again, size, tag):
+    if again is not None and _handled(again, size, tag, mtime_ns):
         await src.delete(src_key)
     return f"moved to s3://{dst.bucket}/{dst_key}"
 
