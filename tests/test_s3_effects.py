@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncbatch import Batch, LockLostError, TaskContext
@@ -14,7 +15,7 @@ from asyncbatch._sources.store import ObjectStores, version_tag
 from asyncbatch._sources.url import ObjectURL
 
 from .conftest import cli, invocations, make_files
-from .s3 import Bucket
+from .s3 import Bucket, MotoServer
 
 ROOT = Path(__file__).parent.parent
 
@@ -72,13 +73,44 @@ async def test_a_newer_version_is_never_deleted_nor_archived(bucket: Bucket) -> 
     bucket.put("in/b.txt", b"new")
     stores = ObjectStores()
     source = ObjectURL.parse("source", bucket.url("in/"))
-    said = await delete_object(stores, source, "a.txt", 3, version_tag(old))
+    said = await delete_object(stores, source, "a.txt", 3, version_tag(old), mtime_ns=None)
     assert said == "left alone: the object was replaced by a newer version"
     archive = ObjectURL.parse("on_done", bucket.url("done/"))
-    said = await move_object(stores, source, archive, "b.txt", ("k" * 40, 3, version_tag(old)))
+    said = await move_object(
+        stores, source, archive, "b.txt", ("k" * 40, 3, version_tag(old)), mtime_ns=None
+    )
     assert said == "left alone: the object was replaced by a newer version"
     assert bucket.keys() == ["in/a.txt", "in/b.txt"]
     assert stores.requests["delete"] == 0
+
+
+@pytest.mark.parametrize("on_done", ["delete", "move"])
+async def test_the_same_bytes_uploaded_again_while_handled_are_a_new_item_left_in_place(
+    bucket: Bucket, state: Path, on_done: str
+) -> None:
+    bucket.put("in/a.txt", b"same")
+    first = bucket.last_modified("in/a.txt")
+    handled: list[int] = []
+
+    async def handler(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.mtime_ns)
+        if len(handled) == 1:
+            # The producer sends the file again, the same bytes: the same ETag, a later
+            # LastModified (S3 keeps it to the second: uploaded again until it is later).
+            while bucket.last_modified("in/a.txt") == first:
+                bucket.put("in/a.txt", b"same")
+                await anyio.sleep(0.1)
+
+    action = "delete" if on_done == "delete" else f"move:{bucket.url('done/')}"
+    batch = Batch(handler, source=bucket.url("in/"), state=state, settle=0, on_done=action)
+    report = await batch.run()
+    assert report.done == 1
+    assert bucket.keys("in/") == ["in/a.txt"]  # a new item: not deleted nor archived unhandled
+    report = await batch.run()
+    assert report.done == 1
+    assert len(handled) == 2
+    assert handled[0] < handled[1]
+    assert bucket.keys("in/") == []
 
 
 async def test_a_repeated_move_finds_its_own_copy(bucket: Bucket) -> None:
@@ -90,11 +122,12 @@ async def test_a_repeated_move_finds_its_own_copy(bucket: Bucket) -> None:
     bucket.client.copy_object(  # a crash between the copy and the delete left both
         Bucket=bucket.name, Key="done/a.txt", CopySource={"Bucket": bucket.name, "Key": "in/a.txt"}
     )
-    assert await move_object(stores, source, archive, "a.txt", item) == (
+    assert await move_object(stores, source, archive, "a.txt", item, mtime_ns=None) == (
         f"moved to s3://{bucket.name}/done/a.txt"
     )
     assert stores.requests["copy"] == 0  # its copy was there already
-    assert await move_object(stores, source, archive, "a.txt", item) == "already moved"
+    said = await move_object(stores, source, archive, "a.txt", item, mtime_ns=None)
+    assert said == "already moved"
     assert bucket.keys() == ["done/a.txt"]
 
 
@@ -105,7 +138,9 @@ async def test_an_archive_holding_another_object_gets_a_keyed_name(bucket: Bucke
     source = ObjectURL.parse("source", bucket.url("in/"))
     archive = ObjectURL.parse("on_done", bucket.url("done/"))
     key = "0" * 24 + "abcdef0123456789"
-    said = await move_object(stores, source, archive, "a.txt", (key, 4, version_tag(etag)))
+    said = await move_object(
+        stores, source, archive, "a.txt", (key, 4, version_tag(etag)), mtime_ns=None
+    )
     assert said == f"moved to s3://{bucket.name}/done/a.abcdef0123456789.txt"
     assert bucket.get("done/a.txt") == b"someone else's"
     assert bucket.get("done/a.abcdef0123456789.txt") == b"mine"
@@ -140,6 +175,36 @@ def test_a_crash_between_copy_and_delete_is_finished_by_the_next_run(
     assert bucket.keys("in/") == []
     assert bucket.keys("done/") == [f"done/f{i}.txt" for i in range(4)]
     assert all(n == 1 for n in invocations(log).values())  # none handled twice
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["same-bucket", "across-buckets"])
+def test_a_crash_after_copying_an_object_uploaded_in_parts_archives_it_once(
+    bucket: Bucket, s3_server: MotoServer, tmp_path: Path, across: bool
+) -> None:
+    # The copy of a multipart object (ETag "...-2") is one part (ETag: its bytes' MD5), so
+    # the archive's ETag is not the source's: the next run must still know it for its copy.
+    parts = [b"a" * (5 * 1024 * 1024), b"b" * 10]
+    etag = bucket.put_in_parts("in/big.bin", parts)
+    assert etag.rstrip('"').endswith("-2")
+    archive = Bucket(s3_server) if across else bucket
+    state, log = tmp_path / "state.db", tmp_path / "log"
+    args = [
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"),
+        "--state", str(state), "--on-done", f"move:{archive.url('done/')}", "--no-progress",
+    ]  # fmt: skip
+    env = {**bucket.env, "AB_LOG": str(log)}
+    crashed = cli(
+        *args, env={**env, "ASYNCBATCH_FAILPOINTS": "between-copy-and-delete=kill"}, cwd=ROOT
+    )
+    assert crashed.returncode == -9
+    assert archive.keys("done/") == ["done/big.bin"]
+    assert bucket.keys("in/") == ["in/big.bin"]
+    result = cli(*args, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert bucket.keys("in/") == []
+    assert archive.keys("done/") == ["done/big.bin"]  # no second copy under a keyed name
+    assert archive.get("done/big.bin") == b"".join(parts)
+    assert invocations(log) == {"big.bin": 1}
 
 
 def test_an_archive_in_a_missing_bucket_says_the_bucket_is_missing(

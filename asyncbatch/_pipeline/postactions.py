@@ -336,10 +336,10 @@ class PostActions:
             return "already gone"
         rel = os.fsdecode(relpath)
         if directory is None:
-            return await delete_object(self._objects, source, rel, now.size, now.tag)
+            return await delete_object(self._objects, source, rel, now.size, now.tag, mtime_ns=None)
         archive = ObjectURL.parse("on_done", directory)
         item = (key or f"{now.mtime_ns:016x}", now.size, now.tag)
-        return await move_object(self._objects, source, archive, rel, item)
+        return await move_object(self._objects, source, archive, rel, item, mtime_ns=None)
 
     async def _perform_on_object(
         self, source: ObjectURL, kind: str, directory: str | None, post: _Post
@@ -351,12 +351,14 @@ class PostActions:
             raise EffectError("no object-store client for an s3:// source")
         rel = os.fsdecode(post.relpath)
         if kind == "delete":
-            return await delete_object(self._objects, source, rel, post.size, post.inode)
+            return await delete_object(
+                self._objects, source, rel, post.size, post.inode, mtime_ns=post.mtime_ns
+            )
         if kind != "move" or not directory:
             raise EffectError(f"unknown post-commit action {post.action!r}")
         archive = ObjectURL.parse("on_done", directory)
         item = (post.key, post.size, post.inode)
-        return await move_object(self._objects, source, archive, rel, item)
+        return await move_object(self._objects, source, archive, rel, item, mtime_ns=post.mtime_ns)
 
     async def _move(self, src: Path, archive: Path, post: _Post) -> str:
         rel = os.fsdecode(post.relpath)
