@@ -9,6 +9,7 @@ afterwards. Without a reachable server that half is skipped, with the reason (se
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -1481,8 +1482,8 @@ def lose_first_reply(monkeypatch: pytest.MonkeyPatch, session: Any) -> list[obje
     attempt = session._attempt
     replies_lost: list[object] = []
 
-    async def reply_lost(body: Any, *, one: bool) -> Any:
-        result = await attempt(body, one=one)
+    async def reply_lost(body: Any, **options: Any) -> Any:
+        result = await attempt(body, **options)
         if not replies_lost:
             replies_lost.append(result)
             raise ConnectionResetError("the connection dropped before the reply")
@@ -1635,6 +1636,68 @@ async def test_postgres_a_runner_frozen_in_a_transaction_holds_its_rows_for_shor
             finally:
                 through.set()
         assert result == [2], "the stalled transaction ran again on a new connection"
+
+
+async def test_postgres_a_runner_frozen_as_it_sends_a_new_statement_holds_its_rows_for_short(
+    pg_dsn: str,
+) -> None:
+    # Regression: asyncpg prepares a statement new to its connection with Parse and Describe
+    # but no Sync; until the rest comes the server counts the session active (ClientRead), not
+    # idle in a transaction, and never ends it. A runner frozen just then (SIGSTOP, a handler
+    # blocking its event loop: here, blocked until the other runner is through) kept its
+    # transaction's row locks: the other runner's wait for them gave up ("rows stayed locked
+    # by another runner"; test_pause's taker exited 69). Such a statement now rolls the
+    # transaction back first and is prepared outside it; the transaction then runs again.
+    locked, through = threading.Event(), threading.Event()
+    bodies = 0
+
+    async def stall(conn: asyncpg.Connection) -> int:
+        nonlocal bodies
+        bodies += 1
+        await conn.execute("SELECT 1 FROM items WHERE key = 'k00001' FOR UPDATE")
+        if bodies == 1:
+            locked.set()
+            # The event loop blocks at its next turn: once this statement is sent.
+            asyncio.get_running_loop().call_soon(through.wait, 30)
+        return int(await conn.fetchval("SELECT attempts FROM items WHERE key = $1", "k00001"))
+
+    async def frozen_runner() -> int:
+        async with await PostgresLedger.open(pg_dsn, busy_timeout=2) as frozen:
+            return await frozen._session.transact(stall)
+
+    async def touch(conn: asyncpg.Connection) -> str:
+        return str(await conn.execute("UPDATE items SET attempts = 7 WHERE key = 'k00001'"))
+
+    async with await PostgresLedger.open(pg_dsn, busy_timeout=2) as other:
+        claimed = await other.claim_scanned("j", "setup", 60, [entry(1)])
+        await other.release_items("j", "setup", [(c.key, c.fence) for c in claimed])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # A runner of its own: its event loop, in a thread, blocks; this one goes on.
+            frozen = pool.submit(asyncio.run, frozen_runner())
+            try:
+                assert await anyio.to_thread.run_sync(locked.wait, 30)
+                # A lock wait past lock_timeout (2 s) raises: this one gets the row.
+                assert await other._session.transact(touch) == "UPDATE 1"
+            finally:
+                through.set()
+            assert await anyio.to_thread.run_sync(frozen.result, 30) == 7
+        assert bodies == 2, "the frozen transaction was rolled back and ran again"
+
+
+async def test_postgres_a_transaction_run_again_for_a_new_statement_is_not_a_lost_reply(
+    pg_dsn: str,
+) -> None:
+    # A transaction refused a statement new to its connection (see the test above) is run
+    # again; that run is not one after a lost reply (which may have committed): a claim of
+    # queued items does not take it for one (it leased nothing unknown to its runner).
+    async with await PostgresLedger.open(pg_dsn) as ledger:
+        await ledger.start_runner(run_start("a", shared=True))
+        role = await ledger.take_listing("j", "a", 60)
+        await ledger.begin_listing("j", "a", role.fence)
+        assert await ledger.queue_listed("j", "a", role.fence, [queued(1)]) == Registered(1)
+        _, taken = await ledger.take_queued("j", "a", 60, 10)
+        assert [row.key for row in taken] == ["k00001"]
+        assert ledger._unknown_leases == set()
 
 
 async def test_postgres_a_name_that_is_not_utf8_round_trips(pg_dsn: str) -> None:

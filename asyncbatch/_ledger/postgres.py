@@ -415,18 +415,19 @@ class PostgresLedger(Ledger):
     ) -> t.Registered | None:
         keys = [row[0] for row in rows]
         digest = hashlib.blake2b("\n".join(keys).encode(), digest_size=16).hexdigest()
-        runs = 0
+        # Runs that reached their end: only those may have committed (a run ended early, by a
+        # deadlock or a statement prepared first, was rolled back).
+        ended = 0
 
         async def queue(conn: Connection) -> t.Registered | None:
-            nonlocal runs
-            runs += 1
+            nonlocal ended
             holder = await conn.fetchrow(sql.LISTING_QUEUED_LAST, job, owner, fence)
             if holder is None:
                 return None
             known = await _known_states(conn, job, keys)
             states = list(known.values())
             done, dead = states.count("done"), states.count("dead")
-            if runs > 1 and holder["queued_last"] == digest:
+            if ended and holder["queued_last"] == digest:
                 # Run again after its connection was lost, and the run before committed (its
                 # reply lost with the connection): queued, and counted, once.
                 return t.Registered(0, done, dead)
@@ -443,6 +444,7 @@ class PostgresLedger(Ledger):
             await conn.execute(sql.LISTING_QUEUED, job, owner, fence, found, done, dead, digest)
             if new or revived:  # delivered when this transaction commits
                 await conn.execute(sql.NOTIFY_REGISTERED, job)
+            ended += 1
             return t.Registered(len(new) + revived, done, dead)
 
         return await self._session.transact(queue)
@@ -450,11 +452,10 @@ class PostgresLedger(Ledger):
     async def take_queued(
         self, job: str, owner: str, lease: float, limit: int
     ) -> tuple[list[t.QueuedRow], list[t.ClaimedRow]]:
-        runs = 0
+        ended = 0  # runs that reached their end (see queue_listed)
 
         async def take(conn: Connection) -> tuple[list[t.QueuedRow], list[asyncpg.Record]]:
-            nonlocal runs
-            runs += 1
+            nonlocal ended
             taken: list[t.QueuedRow] = []
             while len(taken) < limit:
                 first = await conn.fetchrow(sql.QUEUED_FIRST, job)
@@ -472,10 +473,12 @@ class PostgresLedger(Ledger):
             if not taken:
                 return taken, []
             columns = _claim_columns(taken)
-            return taken, await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
+            found = await conn.fetch(sql.CLAIM_SCANNED, job, owner, lease, *columns)
+            ended += 1
+            return taken, found
 
         taken, found = await self._session.transact(take)
-        if runs > 1:
+        if ended > 1:
             self._unknown_leases.add((job, owner))
         return taken, (await self._claimed(job, owner, found, shared=True)) if taken else []
 

@@ -11,6 +11,12 @@
   connection. A session idle inside a transaction for ``busy_timeout / 2`` (a runner frozen
   mid-transaction) is ended by the server, before the runners waiting for its rows give up;
   resumed, its runner runs the transaction again on a new connection.
+- No statement is prepared inside a transaction (see :class:`GuardedConnection`): asyncpg
+  prepares a statement new to the connection with Parse and Describe but no Sync, and until
+  the client sends the rest the server counts the session as *active*, not idle: a runner
+  frozen (or its event loop blocked) just then would keep the transaction's row locks
+  forever. Such a statement ends the transaction (rolled back), is prepared on its own, and
+  the transaction runs again: only the first time on a connection.
 - Times: leases, locks and heartbeats are stored and compared in the server's clock. The
   offset between it and the caller's ``clock`` is measured on connecting and every minute (to
   within half a round trip): :meth:`PostgresSession.local` expresses a server time in the
@@ -47,8 +53,11 @@ from .types import Durability, LedgerErrors
 
 if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+    _AsyncpgConnection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+else:
+    _AsyncpgConnection = asyncpg.Connection
 
-__all__ = ["CONNECTION_LOST", "PostgresSession"]
+__all__ = ["CONNECTION_LOST", "GuardedConnection", "PostgresSession"]
 
 T = TypeVar("T")
 
@@ -76,12 +85,70 @@ _REFUSED = (
 )
 #: How often (seconds) the offset between the server's clock and ours is measured again.
 _OFFSET_TTL = 60.0
+#: Statements a connection keeps prepared: all of asyncbatch's, for as long as it lives (see
+#: :class:`GuardedConnection`: a statement dropped from the cache is prepared again).
+_STATEMENT_CACHE_SIZE = 1000
 
 log = logging.getLogger("asyncbatch.ledger")
 
 
 class _Unreachable(Exception):
     """The server could not be reached, or dropped the connection (the message says why)."""
+
+
+class _Unprepared(Exception):
+    """A statement not prepared on the connection yet was about to be, inside a transaction."""
+
+    def __init__(self, query: str, options: dict[str, Any]) -> None:
+        super().__init__(f"statement not prepared yet: {query[:60]!r}")
+        self.query = query
+        self.options = options
+
+
+class GuardedConnection(_AsyncpgConnection):
+    """A connection that refuses to prepare a statement inside a guarded transaction.
+
+    asyncpg prepares a statement it has not cached with Parse, Describe and Flush, and sends
+    Bind, Execute and Sync once the description is back. In between the server's session is
+    *active* (waiting for the client: ``ClientRead``), not idle in a transaction, so
+    ``idle_in_transaction_session_timeout`` never ends it, and no other timeout does
+    (``statement_timeout`` is ignored while waiting for the client): a runner frozen there
+    (SIGSTOP, a suspended VM, a handler blocking the event loop) would hold its transaction's
+    row locks until it runs again, and every runner that needs them would give up
+    (``lock_timeout``). So while :attr:`guarded` (set by :meth:`PostgresSession.transact`),
+    inside a transaction, a statement not in the cache raises :class:`_Unprepared` before a
+    byte is sent; the session rolls back, prepares it outside any transaction (which holds no
+    row lock) and runs the transaction again. Once prepared outside, a statement is never
+    refused again on this connection (were the cache to drop it, it is prepared inside again,
+    rather than rolled back forever).
+
+    This overrides asyncpg's private ``_get_statement`` (every statement with parameters goes
+    through it; those without use the simple protocol, one message): the test
+    ``test_postgres_a_runner_frozen_as_it_sends_a_new_statement_holds_its_rows_for_short``
+    (tests/test_ledger_contract.py) fails if that changes.
+    """
+
+    guarded = False
+    #: The cache keys of the statements prepared outside a transaction after a refusal.
+    _refused: set[tuple[str, Any, Any]] | None = None
+
+    async def _get_statement(self, query: str, *args: Any, **options: Any) -> Any:
+        if self.guarded and self.is_in_transaction():
+            record_class = options.get("record_class")
+            if record_class is None:
+                record_class = self._protocol.get_record_class()  # type: ignore[attr-defined]
+            key = (query, record_class, options.get("ignore_custom_codec", False))
+            if self._refused is None:
+                self._refused = set()
+            if key not in self._refused and not self._stmt_cache.has(key):  # type: ignore[attr-defined]
+                self._refused.add(key)
+                raise _Unprepared(query, options)
+        return await super()._get_statement(query, *args, **options)  # type: ignore[misc]
+
+    async def prepare_outside(self, unprepared: _Unprepared) -> None:
+        """Prepare (and cache) a refused statement, outside any transaction."""
+        assert not self.is_in_transaction()
+        await self._get_statement(unprepared.query, None, **unprepared.options)
 
 
 @dataclass(slots=True)
@@ -156,14 +223,14 @@ class PostgresSession:
         self.busy_timeout = busy_timeout
         self.outage_timeout = outage_timeout
         self._durability = durability
-        self._conn: Connection | None = None
+        self._conn: GuardedConnection | None = None
         #: Add to a server time to express it in ``clock``'s time (measured, see _connection).
         self._shift = 0.0
         self._shift_measured = -math.inf
         self._lock = anyio.Lock()
         self._outages = _Outages()  # shared with the twin (see :class:`_Outage`)
         #: The connection that listens for notifications, once one is asked for.
-        self._listener: Connection | None = None
+        self._listener: GuardedConnection | None = None
 
     def twin(self) -> PostgresSession:
         """Another session to the same ledger, with the same settings (connected on first use)
@@ -190,7 +257,7 @@ class PostgresSession:
         """``idle_in_transaction_session_timeout``: half of ``busy_timeout`` (1 s at least)."""
         return max(1000, round(self.busy_timeout * 500))
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> GuardedConnection:
         target = self.target
         settings = {
             "search_path": _quote_ident(target.schema),
@@ -202,17 +269,24 @@ class PostgresSession:
             # connection gone and runs the transaction again on a new one (fenced: a lease
             # taken over meanwhile is not its any more). Transactions never wait on anything
             # but the server, so a session idle inside one this long is a stalled runner.
+            # (Idle, not active: see GuardedConnection for why none is left active.)
             "idle_in_transaction_session_timeout": f"{self._idle_timeout_ms}ms",
             "jit": "off",  # claims are many small statements: compiling them only costs
         }
         if not target.names_application:
             settings["application_name"] = "asyncbatch"
         try:
-            conn: Connection = await asyncpg.connect(
+            conn = await asyncpg.connect(
                 target.dsn,
                 timeout=min(self.busy_timeout, 60.0),
                 command_timeout=self._statement_timeout,
                 server_settings=settings,
+                connection_class=GuardedConnection,
+                # Every statement stays prepared (however long, however old): each one
+                # dropped would be prepared again, its transaction run again.
+                statement_cache_size=_STATEMENT_CACHE_SIZE,
+                max_cached_statement_lifetime=0,
+                max_cacheable_statement_size=0,
             )
         except _REFUSED as e:
             raise ConfigurationError.bad_value(
@@ -241,7 +315,7 @@ class PostgresSession:
             raise SchemaVersionError(
                 f"{self.name} (schema {self.target.schema})", version, sql.SCHEMA_VERSION
             )
-        await self.transact(self._migrate, again=False)
+        await self.transact(self._migrate, again=False, prepared=False)
 
     async def _inspect(self, conn: Connection) -> int:
         """The ledger's schema version (0: none yet); refuse what is not ours or too new."""
@@ -332,7 +406,7 @@ class PostgresSession:
 
     # -- transactions ------------------------------------------------------------------------------
 
-    async def _connection(self) -> Connection:
+    async def _connection(self) -> GuardedConnection:
         """The open connection (a new one if it was lost), with a fresh enough clock offset."""
         if self._conn is None or self._conn.is_closed():
             self._conn = await self._connect()
@@ -349,7 +423,7 @@ class PostgresSession:
             self._shift_measured = time.monotonic()
         return self._conn
 
-    def _discard(self, conn: Connection) -> None:
+    def _discard(self, conn: GuardedConnection) -> None:
         """Drop a connection that may be inside a transaction: the server rolls it back."""
         if self._conn is conn:
             self._conn = None
@@ -375,6 +449,7 @@ class PostgresSession:
         *,
         one: bool = False,
         again: bool = True,
+        prepared: bool = True,
     ) -> T:
         """Run ``body(conn)`` as one transaction, to its end even if the caller is cancelled.
 
@@ -382,13 +457,16 @@ class PostgresSession:
         transaction: one round trip instead of three. Deadlocks and serialization failures
         re-run the body (for up to ``busy_timeout``); with ``again`` (the body may run twice:
         after a lost connection it may have committed), an outage is waited out (see the
-        module); any other error rolls it back.
+        module); any other error rolls it back. A statement the connection has not prepared
+        yet rolls the transaction back and runs the body again once it is (see
+        :class:`GuardedConnection`), unless ``prepared`` is false (a migration: its
+        statements name the tables it creates).
         """
 
         async def attempt() -> T:
             try:
                 return await retrying(
-                    lambda: self._attempt(body, one=one),
+                    lambda: self._attempt(body, one=one, prepared=prepared),
                     patience=self.busy_timeout,
                     first_pause=0.002,
                     longest_pause=0.25,
@@ -405,15 +483,24 @@ class PostgresSession:
 
         return await self._outlasting(attempt, again=again)
 
-    async def _attempt(self, body: Callable[[Connection], Awaitable[T]], *, one: bool) -> T | Busy:
+    async def _attempt(
+        self, body: Callable[[Connection], Awaitable[T]], *, one: bool, prepared: bool
+    ) -> T | Busy:
         conn = await self._connection()
         try:
             if one:
                 await failpoints.ahit("in-transaction")
                 return await body(conn)
-            async with conn.transaction():
-                await failpoints.ahit("in-transaction")
-                return await body(conn)
+            while True:
+                try:
+                    conn.guarded = prepared
+                    async with conn.transaction():
+                        await failpoints.ahit("in-transaction")
+                        return await body(conn)
+                except _Unprepared as e:  # rolled back: prepare it on its own, run it again
+                    await conn.prepare_outside(e)
+                finally:
+                    conn.guarded = False
         except _RETRYABLE:
             return BUSY
         except (*_SERVER_GONE, *CONNECTION_LOST):
