@@ -434,7 +434,8 @@ class TaskContext:
         it the scan lists): the moved file would be a new input. Raises :class:`EffectError`
         for such a destination, or if a different file is already at the destination, and
         :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
-        runner has taken it over.
+        runner has taken it over. Once moved, ``ctx.entry.path`` is the destination (a second
+        move takes the input on from there).
         """
         dst = Path(destination)
         if dst.is_dir():
@@ -446,6 +447,8 @@ class TaskContext:
         if isinstance(self._input, InputFile):
             self._input.moved = True  # before the rename: it sets the ctime
         await idempotent_move(self.entry.path, dst, fence=self._move_fence)
+        # The input is there now (as the ledger has it): a second move takes it on from there.
+        self._entry = self._entry.moved_to(dst)
         return dst
 
     def _output_fence(self) -> None:
