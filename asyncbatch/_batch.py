@@ -156,7 +156,8 @@ class Batch:
 
         Raises :class:`JobLockedError` if another live runner holds the job (not ``shared``),
         :class:`ConfigurationError` if the job records another source or identity (or other
-        readiness rules, and ``ready`` was not given),
+        readiness rules, and ``ready`` was not given), or if the source, ``output_dir`` or an
+        archive directory is no longer there (or usable) when it starts,
         :class:`LedgerError` if the state cannot be used, :class:`LockLostError` if the lock
         was taken over while running. An ``event_queue`` is for :meth:`watch`: a run lists
         the source once and reads no queue (:class:`ConfigurationError`, before the state is
@@ -254,6 +255,13 @@ class Batch:
             raise AsyncBatchError(
                 "this Batch is already running; create another Batch to run it concurrently"
             )
+        try:
+            # The directories were there when this Batch was made; an application's Batch
+            # can outlive them (an inbox deleted or unmounted): one line, before anything.
+            self.config.check_places()
+        except ConfigurationError as e:
+            self._ended = f"the last {mode}() did not start: {e}"
+            raise
         listener = None
         if self._serve_at is not None:
             # Before anything is touched: a metrics address in use stops the run here.

@@ -390,6 +390,12 @@ class BatchConfig:
             settle=float(self.settle),
         )
 
+    def check_places(self) -> None:
+        """Check again that the source, the output and archive directories are there and
+        usable (as when the settings were made): a run checks at its start, since they may
+        have gone since (an inbox deleted, unmounted). Raises :class:`ConfigurationError`."""
+        self._check_paths()
+
     def _check_paths(self) -> None:
         if isinstance(self.source, ObjectURL):
             self._check_objects(self.source)

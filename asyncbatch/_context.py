@@ -75,6 +75,23 @@ class InputFile:
     #: sign of a write.
     moved: bool = False
 
+    def close(self) -> None:
+        """Close the file (once): its attempt ended. A context kept past its handler (a task
+        the handler left running) then gets a clear error from ``read_bytes`` and ``open``,
+        never the bytes of whatever file took the descriptor's number next."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def descriptor(self) -> int:
+        """The open file's descriptor; ``RuntimeError`` once its attempt ended."""
+        if self.fd < 0:
+            raise RuntimeError(
+                "this TaskContext's attempt is over (its handler returned, or it was "
+                "stopped): its input is closed; read the input inside the handler"
+            )
+        return self.fd
+
     @classmethod
     def opened(cls, fd: int, st: os.stat_result) -> InputFile:
         """The input opened as ``fd``, whose ``fstat`` is ``st``."""
@@ -347,17 +364,20 @@ class TaskContext:
         Raises ``OSError`` when the file cannot be read, and :class:`InputChangedError` when
         it changed while it was read (its size, mtime or ctime differ from the open's): the
         attempt fails rather than handle bytes that were being written. An object is the
-        version that was claimed (a replaced one: :class:`InputChangedError`).
+        version that was claimed (a replaced one: :class:`InputChangedError`). Raises
+        ``RuntimeError`` once the attempt is over (the input is closed when the handler
+        returns: a task it left running cannot read it).
         """
         source = self._input
         if source is None:
             return await anyio.Path(self.entry.path).read_bytes()
         if not isinstance(source, InputFile):
             return await source.read_all()
+        fd = source.descriptor()
         if source.size <= INLINE_READ_MAX:
-            data = _read_all(source.fd, source.size)
+            data = _read_all(fd, source.size)
         else:
-            data = await anyio.to_thread.run_sync(_read_all, source.fd, source.size)
+            data = await anyio.to_thread.run_sync(_read_all, fd, source.size)
         if (why := source.changed()) is not None:
             raise InputChangedError(f"the input changed while it was read: {why}")
         return data
@@ -370,7 +390,8 @@ class TaskContext:
         mtime or ctime change), the attempt fails once the handler returns, with
         :class:`InputChangedError`, and is retried. An object streams in with bounded memory
         (``await f.read(n)``, ``await f.readline()``, ``async for line in f``), the version
-        that was claimed.
+        that was claimed. Raises ``RuntimeError`` once the attempt is over, as
+        :meth:`read_bytes` does.
         """
         import aiofiles  # here, not at import time: it costs ~50 ms to import
 
@@ -378,7 +399,7 @@ class TaskContext:
             return _ObjectOpening(self._input)
         if self._input is None:
             return aiofiles.open(self.entry.path, "rb")
-        fd = os.dup(self._input.fd)
+        fd = os.dup(self._input.descriptor())
         os.lseek(fd, 0, os.SEEK_SET)
         return aiofiles.open(fd, "rb", closefd=True)
 
@@ -434,7 +455,8 @@ class TaskContext:
         it the scan lists): the moved file would be a new input. Raises :class:`EffectError`
         for such a destination, or if a different file is already at the destination, and
         :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
-        runner has taken it over.
+        runner has taken it over. Once moved, ``ctx.entry.path`` is the destination (a second
+        move takes the input on from there).
         """
         dst = Path(destination)
         if dst.is_dir():
@@ -446,6 +468,8 @@ class TaskContext:
         if isinstance(self._input, InputFile):
             self._input.moved = True  # before the rename: it sets the ctime
         await idempotent_move(self.entry.path, dst, fence=self._move_fence)
+        # The input is there now (as the ledger has it): a second move takes it on from there.
+        self._entry = self._entry.moved_to(dst)
         return dst
 
     def _output_fence(self) -> None:

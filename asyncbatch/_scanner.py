@@ -78,7 +78,8 @@ class Entry:
 
     ``relpath`` uses ``/`` separators and is decoded with ``surrogateescape``, so
     ``os.fsencode(relpath)`` gives back the exact bytes of a non-UTF-8 name. ``path`` is the
-    file's location: under the source, or where ``ctx.move`` put it before a crash.
+    file's location: under the source, or where ``ctx.move`` put it (in this attempt, or
+    before a crash).
     """
 
     # Private slots behind read-only properties: plain stores in __init__, once per item.
@@ -127,6 +128,10 @@ class Entry:
         if self._path is None:
             self._path = self._base / self._relpath
         return self._path
+
+    def moved_to(self, path: Path) -> Entry:
+        """This entry, its file moved to ``path`` (by ``ctx.move``)."""
+        return Entry(self._base, self._relpath, self._size, self._mtime_ns, self._inode, path=path)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):

@@ -877,3 +877,32 @@ async def test_a_run_cancelled_just_after_a_handler_returned_records_it_done(
     report = await Batch(handle, source=inbox, state=state, settle=0).run()
     assert calls == [1]
     assert (report.seen, report.done_before) == (1, 1)
+
+
+@pytest.mark.parametrize("gone", ["source", "archive"])
+async def test_a_batch_whose_directory_went_away_since_it_was_made_says_so_in_one_line(
+    inbox: Path, state: Path, tmp_path: Path, gone: str
+) -> None:
+    # An application makes its Batch once and runs it again and again; an inbox deleted or
+    # unmounted since raised FileNotFoundError from deep in the run (a traceback, a history
+    # row "error: FileNotFoundError ..."), not the ConfigurationError the Batch() gave.
+    make_files(inbox, 1)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    batch = Batch(handle, source=inbox, state=state, on_done=f"move:{archive}", settle=0)
+    away = inbox if gone == "source" else archive
+    away.rename(tmp_path / "away")
+
+    with pytest.raises(ConfigurationError, match=f"value '{away}': no such directory"):
+        await batch.run()
+    assert "did not start" in batch.health().check("running").detail
+    assert not state.exists() or rows(state, "SELECT count(*) FROM runs") == [(0,)]
+
+    (tmp_path / "away").rename(away)
+    report = await batch.run()
+    assert report.done == 1
+    assert [p.name for p in archive.iterdir()] == ["f00000.txt"]

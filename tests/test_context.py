@@ -155,3 +155,37 @@ async def test_a_stop_callback_that_raises_does_not_stop_the_stop(
 
     assert report.done == 1
     assert "on_stop callback raised" in caplog.text
+
+
+async def test_a_context_kept_past_its_handler_cannot_read_another_files_bytes(
+    inbox: Path, state: Path
+) -> None:
+    # The input's descriptor is closed when the handler returns; a context kept past it read
+    # through that number, which the next item's input had taken: another file's bytes.
+    make_files(inbox, 2)
+    kept: list[TaskContext] = []
+    got: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if not kept:
+            kept.append(ctx)
+            return
+        for read in (TaskContext.read_bytes, _read_through_open):
+            try:
+                got.append(repr(await read(kept[0])))
+            except Exception as e:
+                got.append(f"{type(e).__name__}: {e}")
+        assert await ctx.read_bytes() == b"f00001\n".ljust(16, b".")
+
+    report = await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
+
+    assert report.done == 2
+    assert len(got) == 2
+    assert all(g.startswith("RuntimeError: this TaskContext's attempt is over") for g in got), got
+    with pytest.raises(RuntimeError, match="its input is closed"):
+        await kept[0].read_bytes()
+
+
+async def _read_through_open(ctx: TaskContext) -> bytes:
+    async with ctx.open() as f:
+        return await f.read()

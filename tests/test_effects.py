@@ -481,6 +481,34 @@ async def test_ctx_move_survives_a_crash_before_the_commit(
     assert [p.name for p in done_dir.iterdir()] == ["f00000.txt"]
 
 
+async def test_ctx_move_twice_takes_the_input_on_from_where_the_first_move_put_it(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # The second move of an attempt moved the source path again, which the first had
+    # emptied: FileNotFoundError, and the retry looked for the input where the ledger said
+    # (the second destination): vanished, the file left in the first one, never handled.
+    make_files(inbox, 1)
+    staging, final = tmp_path / "staging", tmp_path / "final"
+    staging.mkdir()
+    final.mkdir()
+    paths: list[Path] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        paths.append(await ctx.move(staging))
+        assert ctx.entry.path == staging / "f00000.txt"
+        paths.append(await ctx.move(final))
+        assert ctx.entry.path == final / "f00000.txt"
+        assert await ctx.read_bytes() == b"f00000\n".ljust(16, b".")
+
+    report = await Batch(handle, source=inbox, state=state, max_attempts=1, settle=0).run()
+
+    assert (report.done, report.dead, report.vanished) == (1, 0, 0)
+    assert paths == [staging / "f00000.txt", final / "f00000.txt"]
+    assert list(staging.iterdir()) == []
+    assert [p.name for p in final.iterdir()] == ["f00000.txt"]
+    assert state_counts(state)["done"] == 1
+
+
 def test_archive_inside_the_scanned_tree_is_refused(inbox: Path, state: Path) -> None:
     async def handle(ctx: TaskContext) -> None:
         pass

@@ -118,11 +118,14 @@ class _Prepared:
     """An attempt ready to start: its input open, its context made (:meth:`WorkerPool.prepare`)."""
 
     item: LeasedItem
-    fd: int
     input_file: InputFile
     ctx: TaskContext
     #: What :meth:`WorkerPool._handled_stat` said to record (``None``: the file scanned).
     stat: tuple[int, int, int] | None
+
+    def close(self) -> None:
+        """Close the input (once): the attempt ended, or never starts."""
+        self.input_file.close()
 
 
 @dataclass(slots=True, eq=False)
@@ -228,7 +231,7 @@ class WorkerPool:
         finally:
             self._slots.remove(slot)
             if slot.ready is not None:  # not started: left in flight, released with the run
-                os.close(slot.ready.fd)
+                slot.ready.close()
                 slot.ready = None
 
     async def _work(self, slot: _Slot) -> bool:
@@ -305,7 +308,7 @@ class WorkerPool:
                 if slot.ready is None and not run.stopping and not (running and queue.waiting):
                     ready = await self._prepare_next(slot, wait=running is None)
                     if ready is not None and running is not None and queue.waiting:
-                        os.close(ready.fd)  # a worker became idle meanwhile: it is its item
+                        ready.close()  # a worker became idle meanwhile: it is its item
                         queue.give_back(ready.item)
                         ready = None
                     slot.ready = ready
@@ -319,7 +322,7 @@ class WorkerPool:
                 try:
                     await running.attempt.wait()
                 except BaseException:  # cancelled: the attempt stopped it, and released it
-                    os.close(running.prepared.fd)
+                    running.prepared.close()
                     running = None
                     raise
                 ended, running = running, None
@@ -348,7 +351,7 @@ class WorkerPool:
             if slot.ready is not ready:
                 return None  # taken meanwhile by a worker that had nothing to do
             if not ours:
-                os.close(ready.fd)
+                ready.close()
                 slot.ready = None
                 return None
         slot.ready = None
@@ -382,14 +385,14 @@ class WorkerPool:
         try:
             attempt = start(prepared.ctx)
         except Exception as exc:
-            os.close(prepared.fd)
+            prepared.close()
             slot.item = None
             outcome = self._failed(item, exc)
             if outcome is not None:
                 self._record(item, outcome, started)
             return None
         except BaseException:
-            os.close(prepared.fd)
+            prepared.close()
             raise
         return _Running(prepared, attempt, started)
 
@@ -405,7 +408,7 @@ class WorkerPool:
         else:
             outcome = self._done(prepared)
         finally:
-            os.close(prepared.fd)
+            prepared.close()
         if slot.item is item:
             slot.item = None
         if outcome is not None:
@@ -423,7 +426,7 @@ class WorkerPool:
         except (Exception, asyncio.CancelledError):
             pass  # the worker records the slot's item as stopped
         finally:
-            os.close(running.prepared.fd)
+            running.prepared.close()
 
     def _record(self, item: LeasedItem, outcome: Outcome, started: float) -> None:
         """Hand an attempt's outcome to the committer (and the metrics)."""
@@ -506,7 +509,7 @@ class WorkerPool:
                 return failed
             return self._done(prepared)
         finally:
-            os.close(prepared.fd)
+            prepared.close()
 
     def _begin(self, item: LeasedItem) -> Outcome | None:
         """Number the attempt; the outcome of an item given up on without running, if it is."""
@@ -548,7 +551,7 @@ class WorkerPool:
         except BaseException:
             os.close(fd)
             raise
-        return _Prepared(item, fd, input_file, ctx, stat)
+        return _Prepared(item, input_file, ctx, stat)
 
     def _done(self, prepared: _Prepared) -> Outcome:
         """The outcome of a prepared attempt whose handler succeeded."""
