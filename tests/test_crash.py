@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import (
     HANDLERS,
     cli,
@@ -149,40 +151,28 @@ def test_a_killed_shared_runners_items_are_finished_by_the_other(
     assert set(invocations(log)) == {p.name for p in inbox.iterdir()}
 
 
-def test_sigterm_finishes_in_flight_items_and_exits_143(
-    inbox: Path, state: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    # A hang-up (an ssh session that dropped) ended the runner at once: its items left
+    # leased, the run "killed", an --exec command's process left running on.
+    [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+    ids=["SIGTERM", "SIGHUP"],
+)
+def test_a_stop_signal_finishes_in_flight_items_and_exits_128_plus_it(
+    inbox: Path, state: Path, tmp_path: Path, signum: int, code: int
 ) -> None:
     make_files(inbox, 100)
     log = tmp_path / "calls.log"
     proc = start_recording(inbox, state, log, jobs=4, sleep=0.2)
     wait_for(lambda: len(invocations(log)) >= 4)
-    err = kill(proc, signal.SIGTERM)
+    err = kill(proc, signum)
 
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
     handled = set(invocations(log))
     done = {os.fsdecode(r[0]) for r in rows(state, "SELECT relpath FROM items WHERE state='done'")}
     assert handled == done, "every started item finished and was recorded"
     assert state_counts(state).get("running", 0) == 0
     assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
-    assert rows(state, "SELECT exit_status FROM runs") == [("stopped",)]
-
-
-def test_a_hang_up_stops_the_run_as_sigterm_does_and_exits_129(
-    inbox: Path, state: Path, tmp_path: Path
-) -> None:
-    # An ssh session that drops sends SIGHUP: it ended the runner at once (its items left
-    # leased, the run "killed", an --exec command's process left running on).
-    make_files(inbox, 100)
-    log = tmp_path / "calls.log"
-    proc = start_recording(inbox, state, log, jobs=4, sleep=0.2)
-    wait_for(lambda: len(invocations(log)) >= 4)
-    err = kill(proc, signal.SIGHUP)
-
-    assert proc.returncode == 129, err
-    handled = set(invocations(log))
-    done = {os.fsdecode(r[0]) for r in rows(state, "SELECT relpath FROM items WHERE state='done'")}
-    assert handled == done, "every started item finished and was recorded"
-    assert state_counts(state).get("running", 0) == 0
     assert rows(state, "SELECT exit_status FROM runs") == [("stopped",)]
 
 
