@@ -415,7 +415,8 @@ class TaskContext:
         directory in the path is a symbolic link (or not a directory), and
         :class:`LockLostError` (nothing written) once the item's lease ran out locally or was
         taken over: a runner that was suspended or blocked past its lease does not overwrite
-        the result of the runner that took the item over.
+        the result of the runner that took the item over. ``RuntimeError`` once the attempt
+        is over (a context kept past its handler).
         """
         if self.output_dir is None:
             raise ConfigurationError(
@@ -455,8 +456,8 @@ class TaskContext:
         it the scan lists): the moved file would be a new input. Raises :class:`EffectError`
         for such a destination, or if a different file is already at the destination, and
         :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
-        runner has taken it over. Once moved, ``ctx.entry.path`` is the destination (a second
-        move takes the input on from there).
+        runner has taken it over; ``RuntimeError`` once the attempt is over. Once moved,
+        ``ctx.entry.path`` is the destination (a second move takes the input on from there).
         """
         dst = Path(destination)
         if dst.is_dir():
@@ -482,6 +483,8 @@ class TaskContext:
         """Refuse an effect once this item's lease may be another runner's: the fence of
         effects, checked in this process's monotonic clock before the effect starts and again
         in the writing thread just before it becomes visible (the rename or the link)."""
+        if isinstance(self._input, InputFile):
+            self._input.descriptor()  # RuntimeError once the attempt is over (not a lost lease)
         if self._hooks is not None and self._hooks.lease_lost(self):
             raise LockLostError(
                 f"item {self.key}: its lease ran out or was taken over (was this runner "

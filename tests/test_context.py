@@ -177,13 +177,22 @@ async def test_a_context_kept_past_its_handler_cannot_read_another_files_bytes(
                 got.append(f"{type(e).__name__}: {e}")
         assert await ctx.read_bytes() == b"f00001\n".ljust(16, b".")
 
-    report = await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
+    out = inbox.parent / "out"
+    out.mkdir()
+    report = await Batch(
+        handle, source=inbox, state=state, concurrency=1, settle=0, output_dir=out
+    ).run()
 
     assert report.done == 2
     assert len(got) == 2
     assert all(g.startswith("RuntimeError: this TaskContext's attempt is over") for g in got), got
     with pytest.raises(RuntimeError, match="its input is closed"):
         await kept[0].read_bytes()
+    # Nor write or move (it said the lease ran out: "was this runner suspended?").
+    with pytest.raises(RuntimeError, match="attempt is over"):
+        await kept[0].write_output("late.txt", b"late")
+    with pytest.raises(RuntimeError, match="attempt is over"):
+        await kept[0].move(inbox.parent / "elsewhere.txt")
 
 
 async def _read_through_open(ctx: TaskContext) -> bytes:
