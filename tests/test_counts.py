@@ -207,6 +207,47 @@ def test_a_killed_runs_history_counts_what_the_ledger_says_it_finished(
     assert "exit killed (done, dead and vanished from the ledger" in text
 
 
+def test_a_killed_run_not_found_gone_yet_is_not_said_to_be_still_running(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    make_files(inbox, 2000)  # it cannot finish before the kill
+    proc = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "-j",
+        "4",
+        "--no-progress",
+        env={"AB_LOG": str(tmp_path / "calls.log"), "AB_SLEEP": "0.02"},
+    )
+    wait_for(lambda: counts(state).get("done", 0) >= 20, timeout=60)
+    alive = json.loads(cli("history", "--state", state, "--json").stdout)[0]
+    assert (alive["exit_status"], alive["runner_alive"]) == (None, True)
+    assert "; still running (" in cli("history", "--state", state).stdout
+    kill(proc)
+    beat = sqlite3.connect(state).execute("SELECT heartbeat_at FROM runners").fetchone()[0]
+
+    # No runner has found it gone yet, but its process is dead: not "still running".
+    (run,) = json.loads(cli("history", "--state", state, "--json").stdout)
+    assert (run["exit_status"], run["runner_alive"]) == (None, False)
+    text = cli("history", "--state", state, env={"COLUMNS": "300"}).stdout
+    assert "still running" not in text
+    assert "not running: its runner is gone" in text
+    assert f"({beat - run['started_at']:.1f}s)" in text  # until its last heartbeat, not now
+    shown = cli("status", "--state", state, env={"COLUMNS": "300"}).stdout
+    assert "still running" not in shown
+    assert "not running: its runner is gone" in shown
+    last = json.loads(cli("status", "--state", state, "--json").stdout)["last_run"]
+    assert (last["exit_status"], last["runner_alive"]) == (None, False)
+
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    _, first = json.loads(cli("history", "--state", state, "--json").stdout)
+    assert (first["exit_status"], first["runner_alive"]) == ("killed", None)
+
+
 async def test_status_of_a_live_watch_counts_what_it_finished(inbox: Path, state: Path) -> None:
     make_files(inbox, 10)
     batch = Batch(handle_nothing, source=inbox, state=state, settle=0, poll=0.05)

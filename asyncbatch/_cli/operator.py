@@ -90,6 +90,43 @@ def _runner_json(runner: RunnerInfo) -> dict[str, Any]:
     }
 
 
+def _runner_alive(run: RunInfo, runners: list[RunnerInfo]) -> bool | None:
+    """Whether the runner of a run that has not recorded its end is alive, judged as
+    ``locks`` judges a holder (its record's heartbeat current and its process not known
+    dead; a runner without a record is gone); ``None`` for a run that ended."""
+    if run.exit_status is not None:
+        return None
+    record = next((r for r in runners if r.owner == run.owner), None)
+    return record is not None and _runner_json(record)["alive"]
+
+
+def _until(run: RunInfo, runners: list[RunnerInfo]) -> float:
+    """Until when a run ran: its end, or, for a run not ended, now while its runner is
+    alive, its runner's last heartbeat once it is gone."""
+    if run.finished_at is not None:
+        return run.finished_at
+    record = next((r for r in runners if r.owner == run.owner), None)
+    if record is not None and not _runner_alive(run, runners):
+        return record.heartbeat_at
+    return time.time()
+
+
+def _ended(run: RunInfo, alive: bool | None) -> str:
+    """How a run ended, in words: its exit status, or whether it is still running."""
+    if run.exit_status:
+        ended = f"exit {run.exit_status}"
+    elif alive:
+        ended = "still running"
+    else:
+        ended = (
+            "not running: its runner is gone (its process dead or its heartbeat expired), "
+            "its end not recorded yet (the next run records it killed or lost)"
+        )
+    if run.from_joblog:
+        ended += f" ({_COUNTED_HOW})"
+    return ended
+
+
 def _item_hash(identity: Identity, item: ItemInfo) -> str:
     if identity == "content":
         return item.key
@@ -185,13 +222,14 @@ async def _status_of(args: argparse.Namespace) -> _Status:
 def _status_json(args: argparse.Namespace, st: _Status) -> dict[str, Any]:
     last_run = None
     if (last := st.last) is not None:
-        duration = (last.finished_at or time.time()) - last.started_at
+        duration = _until(last, st.runners) - last.started_at
         last_run = {
             "started_at": last.started_at,
             "finished_at": last.finished_at,
             **dataclasses.asdict(last.totals),
             "rate": last.totals.done / duration if duration > 0 else 0.0,
             "exit_status": last.exit_status,
+            "runner_alive": _runner_alive(last, st.runners),
         }
     return {
         "job": args.job,
@@ -243,7 +281,7 @@ def _status_lines(st: _Status) -> list[str]:
         lines.append(
             f"source: {st.settings.source} ({st.settings.rules()}; identity: {st.identity})"
         )
-    lines += _last_run_lines(st.last)
+    lines += _last_run_lines(st.last, st.runners)
     if st.counts["vanished"]:
         lines.append(
             f"vanished: {st.counts['vanished']} item(s) whose file was gone, or changed, when "
@@ -286,14 +324,12 @@ def _listing_line(listing: dict[str, Any]) -> str:
     )
 
 
-def _last_run_lines(last: RunInfo | None) -> list[str]:
+def _last_run_lines(last: RunInfo | None, runners: list[RunnerInfo]) -> list[str]:
     if last is None:
         return ["last run: never"]
-    duration = (last.finished_at or time.time()) - last.started_at
+    duration = _until(last, runners) - last.started_at
     rate = last.totals.done / duration if duration > 0 else 0.0
-    state = f"exit {last.exit_status}" if last.exit_status else "still running"
-    if last.from_joblog:
-        state += f" ({_COUNTED_HOW})"
+    state = _ended(last, _runner_alive(last, runners))
     return [
         f"last run: {show_time(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
         f"({rate:.0f}/s); {state}",
@@ -580,11 +616,13 @@ async def history(args: argparse.Namespace) -> int:
     ledger = await open_state(args)
     try:
         runs = await ledger.runs(args.job, args.limit)
+        runners = await ledger.runners(args.job)
     finally:
         await ledger.close()
     if args.json:
         rows = [
             {k: v for k, v in dataclasses.asdict(r).items() if k != "totals"}
+            | {"runner_alive": _runner_alive(r, runners)}
             | dataclasses.asdict(r.totals)
             for r in runs
         ]
@@ -593,10 +631,8 @@ async def history(args: argparse.Namespace) -> int:
     if not runs:
         print(f"job {args.job!r}: no runs")
     for r in reversed(runs):
-        duration = (r.finished_at or time.time()) - r.started_at
-        ended = f"exit {r.exit_status}" if r.exit_status else "still running"
-        if r.from_joblog:
-            ended += f" ({_COUNTED_HOW})"
+        duration = _until(r, runners) - r.started_at
+        ended = _ended(r, _runner_alive(r, runners))
         changed = f"; changed the scan rules: {r.settings_changed}" if r.settings_changed else ""
         print(
             f"#{r.id} {show_time(r.started_at)} -> {show_time(r.finished_at)} ({duration:.1f}s) "
