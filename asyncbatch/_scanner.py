@@ -702,7 +702,9 @@ class _Looker:
         elif not w.rules.skips(name, rel):
             found.records.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
             if ready is not None:
-                kind = ready.looked_rule(w.root, rel, st, self._dirs, self._now_ns)
+                kind = ready.looked_rule(
+                    w.root, rel, st, self._dirs, self._now_ns, follow_symlinks=w.follow_symlinks
+                )
                 if kind:
                     found.blocked[rel] = kind
 
