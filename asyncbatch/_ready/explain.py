@@ -51,7 +51,8 @@ def explain_rules(
         elif isinstance(rule, MaxAge):
             age = (now_ns - st.st_mtime_ns) / 1e9
             holds = age <= rule.seconds
-            why = f"mtime {_seconds(age)} old, max-age {show_duration(rule.seconds)}"
+            mtime = _age("mtime", st.st_mtime_ns, now_ns)
+            why = f"{mtime}, max-age {show_duration(rule.seconds)}"
             out.append(RuleVerdict(str(rule), holds, why + ("" if holds else ": left alone")))
     return out
 
