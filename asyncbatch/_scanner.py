@@ -224,6 +224,20 @@ def split(record: bytes) -> tuple[bytes, bytes]:
     return record[8:-25], record[:8] + record[-24:]
 
 
+def _path_regex(pattern: str) -> str:
+    """The regular expression of an ``ignore`` glob with a ``/``, matched against a relpath:
+    its leading and trailing ``/`` dropped, ``*`` matching ``/`` too, and a ``**/`` (at its
+    start, or after a ``/``) matching no directory as well as any (``**/*.bak`` matches
+    ``a.bak`` too, ``logs/**/old`` ``logs/old``)."""
+    globs = [""]
+    parts = pattern.strip("/").split("/")
+    for i, part in enumerate(parts):
+        more = [g + "/" + part if g else part for g in globs]
+        # A "**" but the last (which is "*": what is under, at any depth) may be no directory.
+        globs = more + globs if part == "**" and i < len(parts) - 1 else more
+    return "|".join(fnmatch.translate(g) for g in dict.fromkeys(globs))
+
+
 class ScanRules:
     """Which names the scanner skips: temporary and hidden names, plus ``ignore`` globs.
 
@@ -234,7 +248,7 @@ class ScanRules:
     def __init__(self, ignore: Sequence[str] = ()) -> None:
         self.ignore = tuple(ignore)
         names = [fnmatch.translate(p) for p in ignore if "/" not in p]
-        paths = [fnmatch.translate(p.strip("/")) for p in ignore if "/" in p]
+        paths = [_path_regex(p) for p in ignore if "/" in p]
         self._names = re.compile("|".join(names)) if names else None
         self._paths = re.compile("|".join(paths)) if paths else None
 
@@ -268,7 +282,7 @@ class ScanRules:
                     )
         for pattern in self.ignore:
             if "/" in pattern:
-                matched = re.match(fnmatch.translate(pattern.strip("/")), os.fsdecode(relpath))
+                matched = re.match(_path_regex(pattern), os.fsdecode(relpath))
             else:
                 matched = re.match(fnmatch.translate(pattern), os.fsdecode(name))
             if matched:
@@ -702,7 +716,9 @@ class _Looker:
         elif not w.rules.skips(name, rel):
             found.records.append(pack(st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns))
             if ready is not None:
-                kind = ready.looked_rule(w.root, rel, st, self._dirs, self._now_ns)
+                kind = ready.looked_rule(
+                    w.root, rel, st, self._dirs, self._now_ns, follow_symlinks=w.follow_symlinks
+                )
                 if kind:
                     found.blocked[rel] = kind
 

@@ -15,7 +15,15 @@ import pytest
 from asyncbatch import Age, Batch, ConfigurationError, DirMarker, Marker, MaxAge, MinSize, Stable
 from asyncbatch._pipeline.postactions import holds_inputs
 from asyncbatch._pipeline.sightings import LOOK_MARGIN, Sightings
-from asyncbatch._ready import Readiness, parse_duration, parse_rule, parse_size, ready_rules
+from asyncbatch._ready import (
+    Readiness,
+    RuleVerdict,
+    explain_rules,
+    parse_duration,
+    parse_rule,
+    parse_size,
+    ready_rules,
+)
 from asyncbatch._scanner import Scanner, ScanRules, pack, split
 
 from .conftest import HANDLERS, cli
@@ -366,3 +374,14 @@ def test_a_symlinked_input_that_a_scan_follows_keeps_its_directorys_marker(inbox
     rules, ready = ScanRules(), Readiness(ready_rules(["dir-marker:_SUCCESS"]), 0)
     assert holds_inputs(inbox, b"d", rules, ready, recursive=True, follow_symlinks=True)
     assert not holds_inputs(inbox, b"d", rules, ready, recursive=True)
+
+
+def test_explain_says_a_future_mtime_is_in_the_future_for_max_age(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.csv")
+    now = time.time_ns()
+    os.utime(f, ns=(now + 86400 * 10**9,) * 2)  # a writer whose clock is a day ahead
+    ready = Readiness([parse_rule("max-age:1h")], 1.0)
+    (verdict,) = explain_rules(
+        ready, str(tmp_path), b"a.csv", os.stat(f), now, follow_symlinks=False
+    )
+    assert verdict == RuleVerdict("max-age:1h", True, "mtime 24.0 h in the future, max-age 1h")

@@ -258,6 +258,31 @@ def test_explain_takes_stable_n_looks_as_a_run_does(inbox: Path, any_state: str)
     assert said["min-size:5"] == (False, "size 1 bytes, min-size 5")
 
 
+def test_explain_takes_a_symlink_for_a_marker_only_where_the_job_follows_symlinks(
+    inbox: Path, any_state: str
+) -> None:
+    a = write(inbox / "a.csv")
+    write(inbox / "real", after=a)
+    os.symlink("real", inbox / "a.csv.done")  # the scan does not follow it: no marker
+    b = write(inbox / "out" / "b.csv")
+    write(inbox / "out" / "real", after=b)
+    os.symlink("real", inbox / "out" / "_SUCCESS")
+    rules = ("--ready", "marker:.done", "--ready", "dir-marker:_SUCCESS", "--recursive")
+    assert "0 seen: 0 done" in run(inbox, any_state, *rules)
+    facts = explain(any_state, a)
+    assert facts["verdict"] == "not-ready"
+    said = {r["rule"]: (r["holds"], r["why"]) for r in facts["rules"]}
+    assert said["marker:.done"] == (False, "marker a.csv.done missing")
+    facts = explain(any_state, b)
+    said = {r["rule"]: (r["holds"], r["why"]) for r in facts["rules"]}
+    assert facts["verdict"] == "not-ready"
+    assert said["dir-marker:_SUCCESS"] == (False, "no _SUCCESS in out or above it")
+    # What if the job followed them: they are markers, as to such a run.
+    followed = explain(any_state, b, "--follow-symlinks")
+    said = {r["rule"]: (r["holds"], r["why"]) for r in followed["rules"]}
+    assert said["dir-marker:_SUCCESS"] == (True, "out/_SUCCESS present")
+
+
 # -- status and metrics -------------------------------------------------------------------------
 
 

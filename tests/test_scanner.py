@@ -142,6 +142,22 @@ async def test_recursive_walk_and_ignore_globs(inbox: Path) -> None:
     ]
 
 
+async def test_a_double_star_in_an_ignore_glob_also_matches_no_directory(inbox: Path) -> None:
+    for rel in ("a.bak", "x/b.bak", "old/c.csv", "x/old/d.csv", "logs/e.log", "logs/y/f.log",
+                "older/g.csv", "h.csv"):  # fmt: skip
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_text("x")
+    ignore = ("**/*.bak", "**/old/**", "logs/**/*.log")
+    found = await scanner(inbox, ignore=ignore, recursive=True).scan(settle=1.0, now_ns=later())
+    # At the top as at any depth, as in .gitignore and rsync: not only below a directory.
+    assert sorted(names(found)) == [b"h.csv", b"older/g.csv"]
+    rules = ScanRules(ignore)
+    for path in (b"a.bak", b"old/c.csv", b"logs/e.log", b"x/old/d.csv"):
+        why = rules.hidden_because(path, recursive=True, is_dir=False)
+        assert "matches the ignore pattern" in (why or ""), path
+    assert rules.hidden_because(b"older/g.csv", recursive=True, is_dir=False) is None
+
+
 async def test_symlinks_followed_only_inside_the_source(tmp_path: Path, inbox: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")

@@ -433,7 +433,9 @@ async def _rule_verdicts(
     """Each rule and whether it holds for the file; ``stable:N``'s looks are taken (waiting
     ``settle`` seconds between them) unless the ledger has this version of the file
     (``known``: a run looked at it)."""
-    verdicts = explain_rules(ready, settings.source, rel, st, time.time_ns())
+    verdicts = explain_rules(
+        ready, settings.source, rel, st, time.time_ns(), follow_symlinks=settings.follow_symlinks
+    )
     if any(isinstance(r, Stable) for r in ready.rules):
         if known:
             why = "the ledger has this version of the file (its run looked at it)"

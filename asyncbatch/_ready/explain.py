@@ -22,20 +22,27 @@ class RuleVerdict:
 
 
 def explain_rules(
-    ready: Readiness, source: str, rel: bytes, st: os.stat_result, now_ns: int
+    ready: Readiness,
+    source: str,
+    rel: bytes,
+    st: os.stat_result,
+    now_ns: int,
+    *,
+    follow_symlinks: bool,
 ) -> list[RuleVerdict]:
     """Each rule of ``ready`` but ``stable`` (whose looks take time: the caller's), and
     whether it holds for the file ``rel`` under ``source`` whose stat is ``st``, at
-    ``now_ns``: ``"marker a.csv.done missing"``, ``"mtime and ctime 0.4 s old, settle 1 s"``."""
+    ``now_ns``: ``"marker a.csv.done missing"``, ``"mtime and ctime 0.4 s old, settle 1 s"``.
+    A symlink is a marker only with ``follow_symlinks`` (the job's), as to its scan."""
     root = os.fsencode(source)
     out = []
     for rule in ready.rules:
         if isinstance(rule, Age):
             out.append(_explain_age(ready, st, now_ns))
         elif isinstance(rule, Marker):
-            out.append(_explain_marker(rule, root, rel, st))
+            out.append(_explain_marker(rule, root, rel, st, follow_symlinks))
         elif isinstance(rule, DirMarker):
-            out.append(_explain_dir_marker(rule, root, rel, st))
+            out.append(_explain_dir_marker(rule, root, rel, st, follow_symlinks))
         elif isinstance(rule, MinSize):
             holds = st.st_size >= rule.size
             out.append(
@@ -44,7 +51,8 @@ def explain_rules(
         elif isinstance(rule, MaxAge):
             age = (now_ns - st.st_mtime_ns) / 1e9
             holds = age <= rule.seconds
-            why = f"mtime {_seconds(age)} old, max-age {show_duration(rule.seconds)}"
+            mtime = _age("mtime", st.st_mtime_ns, now_ns)
+            why = f"{mtime}, max-age {show_duration(rule.seconds)}"
             out.append(RuleVerdict(str(rule), holds, why + ("" if holds else ": left alone")))
     return out
 
@@ -81,10 +89,12 @@ def _age(name: str, ns: int, now_ns: int) -> str:
     return f"{name} {_seconds(-old)} in the future" if old < 0 else f"{name} {_seconds(old)} old"
 
 
-def _explain_marker(rule: Marker, root: bytes, rel: bytes, st: os.stat_result) -> RuleVerdict:
+def _explain_marker(
+    rule: Marker, root: bytes, rel: bytes, st: os.stat_result, follow_symlinks: bool
+) -> RuleVerdict:
     marker = rel + os.fsencode(rule.suffix)
     shown = os.fsdecode(marker)
-    found = marker_at(os.path.join(root, marker))
+    found = marker_at(os.path.join(root, marker), follow_symlinks=follow_symlinks)
     if found is None:
         return RuleVerdict(str(rule), False, f"marker {shown} missing")
     if found < st.st_mtime_ns:
@@ -95,13 +105,13 @@ def _explain_marker(rule: Marker, root: bytes, rel: bytes, st: os.stat_result) -
 
 
 def _explain_dir_marker(
-    rule: DirMarker, root: bytes, rel: bytes, st: os.stat_result
+    rule: DirMarker, root: bytes, rel: bytes, st: os.stat_result, follow_symlinks: bool
 ) -> RuleVerdict:
     name = os.fsencode(rule.name)
     best: tuple[int, bytes] | None = None
     for d in ancestors(rel.rpartition(b"/")[0]):
         path = d + b"/" + name if d else name
-        found = marker_at(os.path.join(root, path))
+        found = marker_at(os.path.join(root, path), follow_symlinks=follow_symlinks)
         if found is not None and (best is None or found > best[0]):
             best = (found, path)
     if best is None:

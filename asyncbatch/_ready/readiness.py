@@ -114,28 +114,39 @@ class Readiness:
     # -- looks at single paths (watch mode), in a worker thread ------------------------------------
 
     def looked_rule(
-        self, root: bytes, rel: bytes, st: os.stat_result, dirs: dict[bytes, int], now_ns: int
+        self,
+        root: bytes,
+        rel: bytes,
+        st: os.stat_result,
+        dirs: dict[bytes, int],
+        now_ns: int,
+        *,
+        follow_symlinks: bool,
     ) -> str:
         """The first rule but age and stable that does not hold at ``now_ns`` for the file
-        ``rel`` (its ``st``), looking at its markers (one ``stat`` each; ``dirs``: the
-        directory markers found so far in this look), or ``""``."""
+        ``rel`` (its ``st``), looking at its markers (one ``stat`` each, a symlink followed
+        only with ``follow_symlinks``; ``dirs``: the directory markers found so far in this
+        look), or ``""``."""
         kind = self.stat_rule(st.st_size, st.st_mtime_ns, st.st_ctime_ns, now_ns, age=False)
         if kind or not self.markers:
             return kind
         parent, _, name = rel.rpartition(b"/")
         marks = {}
         for suffix in self.suffixes:
-            found = marker_at(os.path.join(root, rel + suffix))
+            found = marker_at(os.path.join(root, rel + suffix), follow_symlinks=follow_symlinks)
             if found is not None:
                 marks[name + suffix] = found
-        return self.marker_rule(name, st.st_mtime_ns, marks, self.cover_at(root, parent, dirs))
+        cover = self.cover_at(root, parent, dirs, follow_symlinks=follow_symlinks)
+        return self.marker_rule(name, st.st_mtime_ns, marks, cover)
 
-    def cover_at(self, root: bytes, parent: bytes, dirs: dict[bytes, int]) -> int:
+    def cover_at(
+        self, root: bytes, parent: bytes, dirs: dict[bytes, int], *, follow_symlinks: bool
+    ) -> int:
         """The earliest, over the directory-marker names, of the latest such marker in
         ``parent`` or a directory above it (:data:`NS_NONE`: one is missing)."""
         for key, rel in self.dir_marker_paths(parent):
             if key not in dirs:
-                found = marker_at(os.path.join(root, rel))
+                found = marker_at(os.path.join(root, rel), follow_symlinks=follow_symlinks)
                 dirs[key] = NS_NONE if found is None else found
         return self.cover_from(parent, dirs)
 
@@ -168,10 +179,11 @@ def ancestors(parent: bytes) -> list[bytes]:
     return out
 
 
-def marker_at(path: bytes) -> int | None:
-    """The mtime of the marker file at ``path``, or ``None`` (none, or not a file)."""
+def marker_at(path: bytes, *, follow_symlinks: bool) -> int | None:
+    """The mtime of the marker file at ``path``, or ``None`` (none, or not a file): a symlink
+    is one only when the job follows symlinks (``follow_symlinks``), as to its scan."""
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError:
         return None
     return st.st_mtime_ns if stat.S_ISREG(st.st_mode) else None
