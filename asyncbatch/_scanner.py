@@ -230,7 +230,10 @@ def _path_regex(pattern: str) -> str:
     start, or after a ``/``) matching no directory as well as any (``**/*.bak`` matches
     ``a.bak`` too, ``logs/**/old`` ``logs/old``)."""
     globs = [""]
-    parts = pattern.strip("/").split("/")
+    parts: list[str] = []
+    for part in pattern.strip("/").split("/"):
+        if not (part == "**" and parts and parts[-1] == "**"):  # "**/**" is "**": not 2^n
+            parts.append(part)
     for i, part in enumerate(parts):
         more = [g + "/" + part if g else part for g in globs]
         # A "**" but the last (which is "*": what is under, at any depth) may be no directory.
