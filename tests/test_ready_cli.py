@@ -24,6 +24,7 @@ from asyncbatch._ready import parse_rule
 
 from .conftest import HANDLERS, cli, invocations, ledger_rows, until
 from .test_ready import write
+from .test_sharing import assert_adds_up
 
 RECORD = f"{HANDLERS}:record"
 
@@ -42,7 +43,7 @@ def test_a_run_with_other_rules_is_refused_unless_it_gives_them_on_purpose(
     a = write(inbox / "a.csv")
     write(inbox / "a.csv.done", after=a)
     write(inbox / "b.csv")
-    assert "1 seen: 1 done; 1 file not ready yet: marker missing" in run(
+    assert "1 seen: 1 done; 1 file not ready yet: marker missing, or older than its file" in run(
         inbox, any_state, "--ready", "marker:.done"
     )
     # Without --ready a run would take b.csv, whose producer has not said it is complete.
@@ -293,12 +294,53 @@ def test_status_says_what_the_last_run_left_by_rule(inbox: Path, any_state: str)
     text = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
     assert (
         "left in the source by the last run (at its end): "
-        "1 not ready yet: marker missing (waits for its marker), "
+        "1 not ready yet: marker missing, or older than its file "
+        "(waits for its marker, or a newer one), "
         "1 not ready yet: smaller than min-size (waits until it grows to min-size)\n"
     ) in text
     assert "the next run takes" not in text
     last = json.loads(cli("status", "--state", any_state, "--json").stdout)["last_run"]
     assert (last["unmarked"], last["too_small"], last["seen"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("rule", "marker", "words", "why"),
+    [
+        (
+            "marker:.done",
+            "a.csv.done",
+            "marker missing, or older than its file (waits for its marker, or a newer one)",
+            "marker a.csv.done older than the file (modified after its marker)",
+        ),
+        (
+            "dir-marker:_SUCCESS",
+            "_SUCCESS",
+            "directory marker missing, or older than its file "
+            "(waits for its directory's marker, or a newer one)",
+            "_SUCCESS older than the file (modified after its marker)",
+        ),
+    ],
+)
+def test_run_status_and_explain_agree_on_a_file_modified_after_its_marker(
+    inbox: Path, any_state: str, rule: str, marker: str, words: str, why: str
+) -> None:
+    a = write(inbox / "a.csv")
+    done = write(inbox / "b.csv")
+    write(inbox / marker)
+    now = time.time_ns()
+    os.utime(inbox / marker, ns=(now - 60 * 10**9, now - 60 * 10**9))
+    os.utime(done, ns=(now - 90 * 10**9, now - 90 * 10**9))  # before its marker: ready
+    os.utime(a, ns=(now - 30 * 10**9, now - 30 * 10**9))  # after its marker: waits
+    if rule.startswith("marker"):
+        write(inbox / "b.csv.done")
+    out = run(inbox, any_state, "--ready", rule)
+    assert assert_adds_up(out) == {"done": 1}
+    label = words.partition(" (")[0]
+    assert f"1 seen: 1 done; 1 file not ready yet: {label};" in out
+    text = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+    assert f"left in the source by the last run (at its end): 1 not ready yet: {words}\n" in text
+    said = {r["rule"]: (r["holds"], r["why"]) for r in explain(any_state, a)["rules"]}
+    assert said[rule] == (False, why)
 
 
 def test_status_says_files_left_alone_by_max_age_are_never_taken(

@@ -107,7 +107,7 @@ async def test_marker_a_file_is_handled_once_its_marker_is_there_and_the_marker_
     if mode == "run":
         report = await job.run()
         assert (report.seen, report.done, report.unmarked) == (1, 1, 1)
-        assert "1 file not ready yet: marker missing" in str(report)
+        assert "1 file not ready yet: marker missing, or older than its file" in str(report)
         write(job.inbox / "b.csv.done", after=b)
         again = await job.run()
         assert (again.seen, again.done, again.unmarked) == (1, 1, 0)
@@ -143,6 +143,49 @@ async def test_marker_a_file_changed_after_its_marker_waits_for_a_newer_one(
     write(job.inbox / "a.csv.done", after=a)  # rewritten: newer than the file
     assert (await job.run()).done == 1
     assert job.handled == ["a.csv"]
+
+
+def modified_after(path: Path, marker: Path) -> None:
+    """Give ``marker`` an mtime a minute ago and ``path`` one half a minute ago: the file was
+    modified after its marker (times set, not waited for)."""
+    now = time.time_ns()
+    os.utime(marker, ns=(now - 60 * 10**9, now - 60 * 10**9))
+    os.utime(path, ns=(now - 30 * 10**9, now - 30 * 10**9))
+
+
+#: A rule, the marker of ``out/late.csv`` under it, its count, and the report's label of it.
+LATE = [
+    ("marker:.done", "out/late.csv.done", "unmarked", "marker missing, or older than its file"),
+    (
+        "dir-marker:_SUCCESS",
+        "out/_SUCCESS",
+        "dir_unmarked",
+        "directory marker missing, or older than its file",
+    ),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("rule", "marker", "counter", "label"), LATE)
+async def test_a_file_modified_after_its_marker_is_not_said_to_lack_one(
+    tmp_path: Path, any_state: str, mode: str, rule: str, marker: str, counter: str, label: str
+) -> None:
+    # Its marker exists: the report must not say "marker missing" alone (explain says the
+    # file changed after it; the count and its words cover both cases).
+    job = Job(tmp_path, any_state, ready=[rule], recursive=True, on_done="keep")
+    late = write(job.inbox / "out" / "late.csv")
+    write(job.inbox / marker)
+    modified_after(late, job.inbox / marker)
+    if mode == "run":
+        report = await job.run()
+    else:
+        async with Watching(job.batch()) as w:
+            await until(lambda: w.count(counter) == 1)
+        assert w.report is not None
+        report = w.report
+    assert (report.seen, getattr(report, counter)) == (0, 1)
+    assert f"0 seen: 0 done; 1 file not ready yet: {label}" in str(report)
+    assert job.handled == []
 
 
 async def test_marker_a_waiting_file_deleted_is_no_longer_counted_at_the_next_listing(
@@ -263,7 +306,7 @@ async def test_a_shared_run_holds_to_every_rule_and_counts_what_is_not_ready(
     report = await job.run()
     assert job.handled == ["a.csv"]
     assert (report.seen, report.done, report.unstable, report.unmarked) == (1, 1, 1, 1)
-    assert "1 file not ready yet: marker missing" in str(report)
+    assert "1 file not ready yet: marker missing, or older than its file" in str(report)
 
 
 async def test_stable_a_stopped_run_does_not_wait_for_its_looks(

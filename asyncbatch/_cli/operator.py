@@ -149,8 +149,11 @@ _NEXT_RUN: dict[str, tuple[str, str]] = {
     "unregistered": ("the next run takes it", "the next run takes them"),
     "unsettled": ("taken once it settles", "taken once they settle"),
     "unstable": ("taken once seen unchanged", "taken once seen unchanged"),
-    "unmarked": ("waits for its marker", "wait for their markers"),
-    "dir_unmarked": ("waits for its directory's marker", "wait for their directories' markers"),
+    "unmarked": ("waits for its marker, or a newer one", "wait for their markers, or newer ones"),
+    "dir_unmarked": (
+        "waits for its directory's marker, or a newer one",
+        "wait for their directories' markers, or newer ones",
+    ),
     "too_small": ("waits until it grows to min-size", "wait until they grow to min-size"),
     "too_old": (
         "never taken unless modified again or the rules change",

@@ -410,11 +410,16 @@ class RunTotals(RowValue):
     unregistered: int = _count("file{s} not registered yet", 4)
     #: ``stable:N``: files still being looked at (a run), or changed between looks.
     unstable: int = _count("file{s} not ready yet: not seen unchanged enough", 6, rule="stable")
-    #: ``marker:SUFFIX``: files whose marker is missing (or older than the file).
-    unmarked: int = _count("file{s} not ready yet: marker missing", 6, rule="marker")
-    #: ``dir-marker:NAME``: files whose directory's marker is missing (or older).
+    #: ``marker:SUFFIX``: files whose marker is missing, or older than the file (modified
+    #: after it): the label says both, as both are counted here.
+    unmarked: int = _count(
+        "file{s} not ready yet: marker missing, or older than its file", 6, rule="marker"
+    )
+    #: ``dir-marker:NAME``: files whose directory's marker is missing, or older than the file.
     dir_unmarked: int = _count(
-        "file{s} not ready yet: directory marker missing", 6, rule="dir-marker"
+        "file{s} not ready yet: directory marker missing, or older than its file",
+        6,
+        rule="dir-marker",
     )
     #: ``min-size:BYTES``: files smaller than that.
     too_small: int = _count("file{s} not ready yet: smaller than min-size", 6, rule="min-size")

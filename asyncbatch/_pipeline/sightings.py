@@ -15,10 +15,10 @@ signature), so a full scan of an idle inbox is one set lookup per file and no le
 
 That is the default rule, ``age``. A job with other readiness rules (see :mod:`asyncbatch._ready`)
 is judged by all of them: the scan or look says which rule but age and stable a file fails
-(its marker missing, too small, too old: the file waits without a scheduled look, until a
-change event, or a poll, brings it back: a marker's arrival does), ``age`` is as above (when it
-is one of the rules), and ``stable:N`` wants N looks of the same record, each at least
-``settle`` seconds after the last one counted.
+(its marker missing or older than it, too small, too old: the file waits without a scheduled
+look, until a change event, or a poll, brings it back: a marker's arrival does), ``age`` is as
+above (when it is one of the rules), and ``stable:N`` wants N looks of the same record, each
+at least ``settle`` seconds after the last one counted.
 
 Made per watch by the claimer; nothing here outlives it.
 """
@@ -151,8 +151,8 @@ class Sightings:
         registered under that name and inode: new names, and names replaced by another file;
         and the waiting files the listing no longer has (deleted or moved away: the look
         forgets them). Waiting files still listed are looked at on their own schedule, or
-        never (a marker missing, too small, too old: a change brings them back), so without
-        that look one deleted would be counted not ready until the next full scan."""
+        never (a marker missing or older, too small, too old: a change brings them back), so
+        without that look one deleted would be counted not ready until the next full scan."""
         known, waiting = self._known_names, self._waiting
         out = []
         if not waiting:
