@@ -18,6 +18,7 @@ from .conftest import (
     cli,
     invocations,
     kill,
+    ledger_rows,
     make_files,
     spawn,
     state_counts,
@@ -205,6 +206,54 @@ def test_a_killed_runs_history_counts_what_the_ledger_says_it_finished(
     assert (first["exit_status"], first["done"]) == ("killed", done)
     text = cli("history", "--state", state).stdout
     assert "exit killed (done, dead and vanished from the ledger" in text
+
+
+def test_a_run_killed_before_its_first_heartbeat_counts_what_it_held_as_unfinished(
+    inbox: Path, any_state: str, tmp_path: Path
+) -> None:
+    make_files(inbox, 300)  # it cannot finish before the kill
+    log = tmp_path / "calls.log"
+    proc = spawn(
+        "run",
+        RECORD,
+        "--source",
+        inbox,
+        "--state",
+        any_state,
+        "-j",
+        "4",
+        "--no-progress",
+        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
+    )
+    # Its first heartbeat, which would save its counts, is --lease/4 (15 s) away.
+    wait_for(lambda: invocations(log).total() >= 8, timeout=60)
+    kill(proc)
+    started = invocations(log).total()
+    by_state = dict(ledger_rows(any_state, "SELECT state, count(*) FROM items GROUP BY state"))
+    done, leased = by_state.get("done", 0), by_state.get("running", 0)
+    assert leased > 0  # in flight, or leased and queued
+    assert done + leased >= started  # none failed
+    assert ledger_rows(any_state, "SELECT seen, unfinished FROM runs") == [(0, 0)]
+
+    def counted(run: dict[str, int]) -> tuple[int, int, int]:
+        return run["seen"], run["done"], run["unfinished"]
+
+    # Live (not found gone yet): what it finished and what it holds, from the ledger.
+    (run,) = json.loads(cli("history", "--state", any_state, "--json").stdout)
+    assert counted(run) == (done + leased, done, leased)
+    last = json.loads(cli("status", "--state", any_state, "--json").stdout)["last_run"]
+    assert counted(last) == (done + leased, done, leased)
+    shown = f"{done + leased} seen: {done} done, {leased} unfinished"
+    assert shown in cli("history", "--state", any_state).stdout
+    assert shown in cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+
+    # The next run finds it gone and puts its leases back (and finishes them): the killed
+    # run's row keeps what it held.
+    assert cli("run", RECORD, "--source", inbox, "--state", any_state).returncode == 0
+    _, first = json.loads(cli("history", "--state", any_state, "--json").stdout)
+    assert first["exit_status"] == "killed"
+    assert counted(first) == (done + leased, done, leased)
+    assert shown in cli("history", "--state", any_state).stdout
 
 
 def test_a_killed_run_not_found_gone_yet_is_not_said_to_be_still_running(

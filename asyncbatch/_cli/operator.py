@@ -139,7 +139,10 @@ def _item_hash(identity: Identity, item: ItemInfo) -> str:
 SHOWN_NAMES = 5
 
 #: How the counts of a live or killed run were made (see ``RunInfo.with_joblog``).
-_COUNTED_HOW = "done, dead and vanished from the ledger; the rest as of its last heartbeat"
+_COUNTED_HOW = (
+    "done, dead and vanished from the ledger, what it held leased unfinished;"
+    " the rest as of its last heartbeat"
+)
 
 
 #: What the next run does with the files a run left in the source, by count: ``(one, many)``.

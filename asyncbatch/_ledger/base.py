@@ -729,8 +729,9 @@ class Ledger(IdempotencyStore):
 
     async def runs(self, job: str, limit: int = 50) -> list[RunInfo]:
         """The job's run history, the most recent first. The counts of live and killed runs
-        are as of their last heartbeat, but for the items they finished: those come from the
-        joblog (see :meth:`RunInfo.with_joblog`; one read of the job's items)."""
+        are as of their last heartbeat, but for the items they finished, which come from the
+        joblog, and those they still hold leased, unfinished (see :meth:`RunInfo.with_joblog`;
+        one read of the job's items)."""
         found = await self._runs(job, limit)
         open_runs = [r.owner for r in found if r.exit_status in (None, "killed", "lost")]
         if not open_runs:
@@ -747,7 +748,8 @@ class Ledger(IdempotencyStore):
     @abc.abstractmethod
     async def _finished_by(self, job: str, owners: Sequence[str]) -> dict[str, dict[str, int]]:
         """The items these runners finished last (the joblog's ``runner``), by runner and by
-        state (of :data:`JOBLOG_COUNTS`)."""
+        state (of :data:`JOBLOG_COUNTS`); and under :data:`IN_FLIGHT`, the items each holds
+        leased (``running``, its ``owner``). One read of the job's items."""
 
     @abc.abstractmethod
     async def retry(self, job: str, keys: Sequence[str] | None, *, dead: bool) -> int:

@@ -24,7 +24,10 @@ from typing import Final
 
 from .idempotency import IdempotencyRecord
 from .types import (
+    IN_FLIGHT,
+    JOBLOG_COUNTS,
     LEASE_FIELDS,
+    SAVED_CATEGORIES,
     TOTALS,
     ClaimedRow,
     ItemFilter,
@@ -833,19 +836,30 @@ WHERE id = $1
 """
 #: The counts of a live run, as of its heartbeat: $1 id, $2... the totals.
 RUN_PROGRESS = f"UPDATE runs SET {_set_totals(2)} WHERE id = $1 AND finished_at IS NULL"
+_JOBLOG_STATES = ", ".join(f"'{state}'" for state in JOBLOG_COUNTS)
 #: The runs of a runner that is gone ($1 job, $2 owner): killed or lost ($3; see
-#: ``end_of_gone``), finished at its last heartbeat.
-RUN_KILLED = """
+#: ``end_of_gone``), finished at its last heartbeat. Its ``seen`` is kept at least what the
+#: ledger shows it touched (as ``RunInfo.with_joblog`` counts it): the items it finished,
+#: those it still holds leased (put back right after, when their owner is forgotten), and its
+#: other categories as of its last heartbeat.
+RUN_KILLED = f"""
 UPDATE runs r SET finished_at = coalesce(
         (SELECT heartbeat_at FROM runners WHERE owner = $2), extract(epoch FROM now())::float8),
-    exit_status = $3
+    exit_status = $3,
+    seen = greatest(seen, {" + ".join(SAVED_CATEGORIES)} + (
+        SELECT count(*) FROM items
+        WHERE job = $1 AND (state IN ({_JOBLOG_STATES}) AND runner = $2
+                            OR state = '{IN_FLIGHT}' AND owner = $2)))
 WHERE job = $1 AND owner = $2 AND finished_at IS NULL
 """
-#: What runners finished (the joblog): $1 job, $2 their owners.
-FINISHED_BY = """
-SELECT runner, state, count(*) FROM items
-WHERE job = $1 AND state IN ('done', 'dead', 'vanished') AND runner = ANY($2::text[])
-GROUP BY runner, state
+#: What runners finished (the joblog), and what they hold leased (as ``'running'``, by its
+#: ``owner``): $1 job, $2 their owners. One read of the job's items.
+FINISHED_BY = f"""
+SELECT CASE WHEN state = '{IN_FLIGHT}' THEN owner ELSE runner END AS who, state, count(*)
+FROM items
+WHERE job = $1 AND (state IN ({_JOBLOG_STATES}) AND runner = ANY($2::text[])
+                    OR state = '{IN_FLIGHT}' AND owner = ANY($2::text[]))
+GROUP BY who, state
 """
 RUNS_OF_JOB = f"""
 SELECT {", ".join(RunInfo.columns())}

@@ -13,7 +13,10 @@ from typing import Any, Final
 
 from .idempotency import IdempotencyRecord
 from .types import (
+    IN_FLIGHT,
+    JOBLOG_COUNTS,
     LEASE_FIELDS,
+    SAVED_CATEGORIES,
     TOTALS,
     ClaimedRow,
     ItemFilter,
@@ -637,19 +640,29 @@ WHERE id = :id
 """
 #: The counts of a live run, as of its heartbeat (what `status` shows of it).
 RUN_PROGRESS = f"UPDATE runs SET {_RUN_TOTALS} WHERE id = :id AND finished_at IS NULL"
+_JOBLOG_STATES = ", ".join(f"'{state}'" for state in JOBLOG_COUNTS)
 #: The runs of a runner that is gone: killed or lost (:status; see ``end_of_gone``), finished
-#: when its heartbeat stopped.
-RUN_KILLED = """
+#: when its heartbeat stopped. Its ``seen`` is kept at least what the ledger shows it touched
+#: (as ``RunInfo.with_joblog`` counts it): the items it finished, those it still holds leased
+#: (put back right after, when their owner is forgotten), and its other categories as of its
+#: last heartbeat. A full scan of the job's items, as the reaping after it.
+RUN_KILLED = f"""
 UPDATE runs SET exit_status = :status,
-    finished_at = coalesce((SELECT heartbeat_at FROM runners WHERE owner = :owner), :now)
+    finished_at = coalesce((SELECT heartbeat_at FROM runners WHERE owner = :owner), :now),
+    seen = max(seen, {" + ".join(SAVED_CATEGORIES)} + (
+        SELECT count(*) FROM items
+        WHERE job = :job AND (state IN ({_JOBLOG_STATES}) AND runner = :owner
+                              OR state = '{IN_FLIGHT}' AND owner = :owner)))
 WHERE job = :job AND owner = :owner AND finished_at IS NULL
 """
-#: What runners finished (the joblog): ?1 job, ?2 a JSON array of their owners.
-FINISHED_BY = """
-SELECT runner, state, count(*) FROM items
-WHERE job = ?1 AND state IN ('done', 'dead', 'vanished')
-  AND runner IN (SELECT value FROM json_each(?2))
-GROUP BY runner, state
+#: What runners finished (the joblog), and what they hold leased (as ``'running'``, by its
+#: ``owner``): ?1 job, ?2 a JSON array of their owners. One read of the job's items.
+FINISHED_BY = f"""
+SELECT CASE WHEN state = '{IN_FLIGHT}' THEN owner ELSE runner END AS who, state, count(*)
+FROM items
+WHERE job = ?1 AND (state IN ({_JOBLOG_STATES}) AND runner IN (SELECT value FROM json_each(?2))
+                    OR state = '{IN_FLIGHT}' AND owner IN (SELECT value FROM json_each(?2)))
+GROUP BY who, state
 """
 RUNS_OF_JOB = f"""
 SELECT {", ".join(RunInfo.columns())}

@@ -15,10 +15,12 @@ from .rows import Row, RowValue, column
 
 __all__ = [
     "CATEGORIES",
+    "IN_FLIGHT",
     "JOBLOG_COUNTS",
     "LABELS",
     "LEASE_FIELDS",
     "NOT_READY",
+    "SAVED_CATEGORIES",
     "STATES",
     "TOTALS",
     "ClaimedRow",
@@ -615,8 +617,11 @@ class RunInfo(RowValue):
     process gone (another host, or it stalled: if it resumes, it records its own end). The
     counts of a run that ended are its report's. Those of a live, killed or lost run
     are as of its last heartbeat, but for what the ledger itself knows (``from_joblog``): the
-    items it finished (done, dead, vanished), from the joblog. ``settings_changed``: the scan
-    rules this run changed, in words (``None``: none).
+    items it finished (done, dead, vanished), from the joblog, and the items it still holds
+    leased (``running``, in flight: unfinished), so that ``seen`` is at least what the ledger
+    shows it touched (a later runner that finds it gone keeps that ``seen`` in its row before
+    it puts those items back: see ``RUN_KILLED``). ``settings_changed``: the scan rules this
+    run changed, in words (``None``: none).
     """
 
     id: int
@@ -634,20 +639,29 @@ class RunInfo(RowValue):
 
     def with_joblog(self, finished: dict[str, int]) -> RunInfo:
         """This run, its done, dead and vanished counts those of the joblog (``finished``:
-        the items it finished, by state); ``seen`` at least what its categories add up to,
-        and ``unfinished`` the rest of it."""
+        the items it finished, by state, and under :data:`IN_FLIGHT` those it holds leased);
+        ``seen`` at least what its categories and its leases add up to, and ``unfinished``
+        the rest of it (its leases among them: in flight, as its report would count them)."""
         counts = self.totals.snapshot()
         for state in JOBLOG_COUNTS:
             setattr(counts, state, finished.get(state, 0))
         counts.unfinished = 0
         accounted = sum(getattr(counts, name) for name in CATEGORIES)
-        counts.seen = max(counts.seen, accounted)
+        counts.seen = max(counts.seen, accounted + finished.get(IN_FLIGHT, 0))
         counts.unfinished = counts.seen - accounted
         return dataclasses.replace(self, totals=counts, from_joblog=True)
 
 
 #: The counts of a run that the joblog keeps (see :meth:`RunInfo.with_joblog`).
 JOBLOG_COUNTS: Final = ("done", "dead", "vanished")
+#: The state of the items a runner holds leased (the ledger's ``owner``): in flight, counted
+#: among its run's unfinished (see :meth:`RunInfo.with_joblog`).
+IN_FLIGHT: Final = "running"
+#: The categories of a history row that neither the joblog nor the leases give: a killed run's
+#: ``seen`` is at least these, as of its last heartbeat, plus what the ledger shows it touched.
+SAVED_CATEGORIES: Final = tuple(
+    name for name in CATEGORIES if name not in JOBLOG_COUNTS and name != "unfinished"
+)
 
 
 # -- the idempotency store (IdempotencyMiddleware) -----------------------------------------------
