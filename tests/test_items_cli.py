@@ -212,6 +212,23 @@ def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
     assert gone["message"].startswith("no such file now")
 
 
+def test_explain_of_a_dead_item_says_where_its_on_dead_move_put_it(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    # It said "no such file now" and the error: the file is in the quarantine directory.
+    make_files(inbox, 1)
+    quarantine = tmp_path / "quarantine"
+    quarantine.mkdir()
+    run(inbox, state, FAIL, "--max-attempts", "1", "--on-dead", f"move:{quarantine}")
+    assert (quarantine / "f00000.txt").exists()
+
+    facts = explain(state, "f00000.txt")
+
+    assert facts["verdict"] == "dead"
+    assert f"its post-commit action moved it to {quarantine / 'f00000.txt'}" in facts["message"]
+    assert facts["message"].endswith("'asyncbatch retry --dead' puts it back")
+
+
 def test_explain_tells_whether_the_post_commit_move_was_carried_out(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:

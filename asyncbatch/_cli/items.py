@@ -322,10 +322,12 @@ def describe_item(
     if item.state == "dead":
         cut = f" ({item.interrupted} cut short by its runner's death or stop)"
         attempts = f"{item.attempts} attempt{'s' if item.attempts != 1 else ''}"
+        # Its --on-dead action (a move to a quarantine, say): where the file is now.
+        post = "" if item.post_action is None else _post_action_said(item, source, follow_symlinks)
         return "dead", (
             f"dead after {attempts}{cut if item.interrupted else ''}, at "
-            f"{show_time(item.finished_at)} by {_runner(item)}: {error}; 'asyncbatch retry "
-            "--dead' puts it back"
+            f"{show_time(item.finished_at)} by {_runner(item)}: {error}{post}; 'asyncbatch "
+            "retry --dead' puts it back"
         )
     if item.state == "running":
         return _lease_verdict(item, runners, now)
