@@ -160,14 +160,16 @@ class Sightings:
                 if key not in known:
                     out.append(key[:-9])
             return out
-        gone = set(waiting)
+        still = 0
         for key in names:
             rel = key[:-9]
             if rel in waiting:
-                gone.discard(rel)
+                still += 1
             elif key not in known:
                 out.append(rel)
-        out.extend(gone)
+        if still < len(waiting):  # some are not listed any more (rare: no copy of them a poll)
+            listed = {key[:-9] for key in names}
+            out.extend(rel for rel in waiting if rel not in listed)
         return out
 
     def looked(
