@@ -195,9 +195,17 @@ def invocations(log: Path) -> collections.Counter[str]:
 
 
 def start_recording(
-    inbox: Path, state: Path | str, log: Path, *, jobs: int, sleep: float
+    inbox: Path,
+    state: Path | str,
+    log: Path,
+    *options: str,
+    jobs: int,
+    sleep: float,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> subprocess.Popen[str]:
-    """Start ``asyncbatch run`` with the ``record`` handler, each item taking ``sleep`` s."""
+    """Start ``asyncbatch run`` with the ``record`` handler, each item taking ``sleep`` s
+    (``options``: more of the command line, ``--shared`` say; ``preexec_fn``: as
+    :func:`spawn`'s)."""
     return spawn(
         "run",
         f"{HANDLERS}:record",
@@ -208,7 +216,9 @@ def start_recording(
         "-j",
         str(jobs),
         "--no-progress",
+        *options,
         env={"AB_LOG": str(log), "AB_SLEEP": str(sleep)},
+        preexec_fn=preexec_fn,
     )
 
 

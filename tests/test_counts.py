@@ -21,6 +21,7 @@ from .conftest import (
     ledger_rows,
     make_files,
     spawn,
+    start_recording,
     state_counts,
     wait_for,
 )
@@ -179,18 +180,7 @@ def test_a_killed_runs_history_counts_what_the_ledger_says_it_finished(
 ) -> None:
     make_files(inbox, 200)
     log = tmp_path / "calls.log"
-    proc = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "-j",
-        "4",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.02"},
-    )
+    proc = start_recording(inbox, state, log, jobs=4, sleep=0.02)
     wait_for(lambda: counts(state).get("done", 0) >= 40, timeout=60)
     kill(proc)
     done = counts(state)["done"]
@@ -213,18 +203,7 @@ def test_a_run_killed_before_its_first_heartbeat_counts_what_it_held_as_unfinish
 ) -> None:
     make_files(inbox, 300)  # it cannot finish before the kill
     log = tmp_path / "calls.log"
-    proc = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        any_state,
-        "-j",
-        "4",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
-    )
+    proc = start_recording(inbox, any_state, log, jobs=4, sleep=0.05)
     # Its first heartbeat, which would save its counts, is --lease/4 (15 s) away.
     wait_for(lambda: invocations(log).total() >= 8, timeout=60)
     kill(proc)
@@ -260,18 +239,7 @@ def test_a_killed_run_not_found_gone_yet_is_not_said_to_be_still_running(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:
     make_files(inbox, 2000)  # it cannot finish before the kill
-    proc = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "-j",
-        "4",
-        "--no-progress",
-        env={"AB_LOG": str(tmp_path / "calls.log"), "AB_SLEEP": "0.02"},
-    )
+    proc = start_recording(inbox, state, tmp_path / "calls.log", jobs=4, sleep=0.02)
     wait_for(lambda: counts(state).get("done", 0) >= 20, timeout=60)
     alive = json.loads(cli("history", "--state", state, "--json").stdout)[0]
     assert (alive["exit_status"], alive["runner_alive"]) == (None, True)

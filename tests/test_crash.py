@@ -181,12 +181,8 @@ def test_a_hang_up_is_left_alone_when_ignored_as_under_nohup(
 ) -> None:
     make_files(inbox, 20)
     log = tmp_path / "calls.log"
-    args = ("run", RECORD, "--source", inbox, "--state", state, "-j", "2", "--no-progress")
-    proc = spawn(
-        *args,
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.05"},
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
+    ignored = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731 (as nohup)
+    proc = start_recording(inbox, state, log, jobs=2, sleep=0.05, preexec_fn=ignored)
     wait_for(lambda: len(invocations(log)) >= 2)
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=120)

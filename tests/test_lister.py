@@ -18,6 +18,7 @@ import pytest
 
 from asyncbatch import Batch, Report, TaskContext
 from asyncbatch._ledger import open_ledger
+from asyncbatch._ledger.postgres_session import PostgresSession
 
 from .conftest import (
     HANDLERS,
@@ -138,16 +139,32 @@ async def test_shared_watches_list_once_and_hand_the_role_on_at_a_stop(
 
 
 async def test_a_shared_watch_listens_again_once_its_listening_connection_is_lost(
-    inbox: Path, pg_dsn: str
+    inbox: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # PostgreSQL wakes a runner waiting for work when a listing registers some (LISTEN): a
     # listening connection that was lost (the server restarted, the backend killed) is made
     # again at its next wait, else its wake-ups would stop for the rest of the watch.
     handled: list[str] = []
+    all_handled = anyio.Event()
 
     async def handle(ctx: TaskContext) -> None:
         handled.append(ctx.entry.relpath)
+        if len(handled) == 10:
+            all_handled.set()
 
+    # Every listening connection a session makes sets the events waiting for one.
+    made: list[anyio.Event] = []
+    listen = PostgresSession.listen
+
+    async def listen_and_tell(self: PostgresSession, *args: Any) -> bool:
+        before = self._listener
+        listening = await listen(self, *args)
+        if self._listener is not before:
+            while made:
+                made.pop().set()
+        return listening
+
+    monkeypatch.setattr(PostgresSession, "listen", listen_and_tell)
     first = Batch(handle, source=inbox, state=pg_dsn, settle=0, poll=0.05, shared=True)
     second = Batch(handle, source=inbox, state=pg_dsn, settle=0, poll=0.05, shared=True)
 
@@ -157,23 +174,26 @@ async def test_a_shared_watch_listens_again_once_its_listening_connection_is_los
         ledger: Any = None if state is None else state.ledger
         return None if ledger is None else ledger._session._listener
 
+    async def listening_anew(than: Any) -> Any:
+        """The second runner's listening connection, once it has one other than ``than``."""
+        with anyio.fail_after(30):
+            while (now := listener()) is None or now is than or now.is_closed():
+                made.append(event := anyio.Event())
+                await event.wait()
+        return now
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(first.watch)
         with anyio.fail_after(30):
             while (await listing_of_or_none(pg_dsn)) is None:  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         tg.start_soon(second.watch)
-        with anyio.fail_after(30):  # it waits for work: it listens (no event for that)
-            while (lost := listener()) is None:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+        lost = await listening_anew(None)  # it waits for work: it listens
         await pg_query(pg_dsn, "SELECT pg_terminate_backend($1)", lost.get_server_pid())
-        with anyio.fail_after(30):  # within its next wait (a second at most)
-            while (now := listener()) is lost or now is None or now.is_closed():  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+        await listening_anew(lost)  # within its next wait (a second at most)
         make_files(inbox, 10)
         with anyio.fail_after(60):
-            while len(handled) < 10:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+            await all_handled.wait()
         first.stop()
         second.stop()
     assert sorted(handled) == sorted(set(handled))

@@ -20,7 +20,6 @@ from .conftest import (
     kill,
     make_files,
     rows,
-    spawn,
     start_recording,
     state_counts,
     wait_for,
@@ -77,19 +76,7 @@ def test_status_says_a_killed_shared_runner_is_stale(
     # shown STALE.
     make_files(inbox, 30)
     log = tmp_path / "calls.log"
-    runner = spawn(
-        "run",
-        RECORD,
-        "--source",
-        inbox,
-        "--state",
-        state,
-        "--shared",
-        "-j",
-        "1",
-        "--no-progress",
-        env={"AB_LOG": str(log), "AB_SLEEP": "0.3"},
-    )
+    runner = start_recording(inbox, state, log, "--shared", jobs=1, sleep=0.3)
     try:
         wait_for(lambda: sum(invocations(log).values()) >= 1)
         (live,) = json.loads(cli("status", "--state", state, "--json").stdout)["shared_runners"]
