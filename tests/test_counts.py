@@ -206,6 +206,11 @@ def test_a_run_killed_before_its_first_heartbeat_counts_what_it_held_as_unfinish
     proc = start_recording(inbox, any_state, log, jobs=4, sleep=0.05)
     # Its first heartbeat, which would save its counts, is --lease/4 (15 s) away.
     wait_for(lambda: invocations(log).total() >= 8, timeout=60)
+    # Alive, before its first heartbeat: what it left in the source is not known yet (its
+    # row's counts are the zeros it started with, not "nothing").
+    live = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+    assert "left in the source by the last run: not known (it saved no counts: its first " in live
+    assert "nothing it found" not in live
     kill(proc)
     started = invocations(log).total()
     by_state = dict(ledger_rows(any_state, "SELECT state, count(*) FROM items GROUP BY state"))
@@ -224,23 +229,37 @@ def test_a_run_killed_before_its_first_heartbeat_counts_what_it_held_as_unfinish
     assert counted(last) == (done + leased, done, leased)
     shown = f"{done + leased} seen: {done} done, {leased} unfinished"
     assert shown in cli("history", "--state", any_state).stdout
-    assert shown in cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+    text = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+    assert shown in text
+    assert "the rest not known: no heartbeat saved its counts" in text
+    assert "not known (it saved no counts: gone before its first heartbeat)" in text
+    assert "duration not known (gone before its first heartbeat)" in text  # not "0.0s (0/s)"
+    assert last["rate"] is None
+    assert " -> ? (duration not known" in cli("history", "--state", any_state).stdout
+    assert "nothing it found" not in text
+    assert (last["counts_saved"], run["counts_saved"]) == (False, False)
 
     # The next run finds it gone and puts its leases back (and finishes them): the killed
     # run's row keeps what it held.
     assert cli("run", RECORD, "--source", inbox, "--state", any_state).returncode == 0
-    _, first = json.loads(cli("history", "--state", any_state, "--json").stdout)
+    second, first = json.loads(cli("history", "--state", any_state, "--json").stdout)
     assert first["exit_status"] == "killed"
     assert counted(first) == (done + leased, done, leased)
-    assert shown in cli("history", "--state", any_state).stdout
+    assert (first["counts_saved"], second["counts_saved"]) == (False, True)
+    text = cli("history", "--state", any_state).stdout
+    assert shown in text
+    assert "the rest not known: no heartbeat saved its counts" in text
 
 
 def test_a_killed_run_not_found_gone_yet_is_not_said_to_be_still_running(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:
     make_files(inbox, 2000)  # it cannot finish before the kill
-    proc = start_recording(inbox, state, tmp_path / "calls.log", jobs=4, sleep=0.02)
-    wait_for(lambda: counts(state).get("done", 0) >= 20, timeout=60)
+    # A heartbeat every 0.75 s: one has saved its counts before the kill.
+    log = tmp_path / "calls.log"
+    proc = start_recording(inbox, state, log, "--lease", "3", jobs=4, sleep=0.02)
+    beats = "SELECT count(*) FROM runners WHERE heartbeat_at > started_at"
+    wait_for(lambda: counts(state).get("done", 0) >= 20 and ledger_rows(str(state), beats)[0][0])
     alive = json.loads(cli("history", "--state", state, "--json").stdout)[0]
     assert (alive["exit_status"], alive["runner_alive"]) == (None, True)
     assert "; still running (" in cli("history", "--state", state).stdout

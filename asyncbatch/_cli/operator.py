@@ -111,8 +111,45 @@ def _until(run: RunInfo, runners: list[RunnerInfo]) -> float:
     return time.time()
 
 
-def _ended(run: RunInfo, alive: bool | None) -> str:
-    """How a run ended, in words: its exit status, or whether it is still running."""
+def _counts_saved(run: RunInfo, runners: list[RunnerInfo]) -> bool:
+    """Whether the counts a run keeps in its history row are its own: those of its report (it
+    ended), or as of a heartbeat. A run that has not ended, or was found killed or lost, before
+    its first heartbeat saved none: its row's counts are the zeros it started with, and its
+    last heartbeat (its runner's record, or its end) is its start (the same transaction)."""
+    if run.exit_status not in (None, "killed", "lost"):
+        return True
+    beat = run.finished_at
+    if run.exit_status is None:
+        record = next((r for r in runners if r.owner == run.owner), None)
+        beat = None if record is None else record.heartbeat_at
+    return beat is not None and beat > run.started_at
+
+
+def _duration(run: RunInfo, runners: list[RunnerInfo]) -> float | None:
+    """How long a run ran (see :func:`_until`); ``None`` when not known: its runner gone (or
+    found killed or lost) before its first heartbeat, the last time it was known alive is
+    its start."""
+    if not _counts_saved(run, runners) and not _runner_alive(run, runners):
+        return None
+    return _until(run, runners) - run.started_at
+
+
+def _rate(run: RunInfo, duration: float | None) -> float | None:
+    """Items done a second (``None``: the duration is not known)."""
+    if duration is None:
+        return None
+    return run.totals.done / duration if duration > 0 else 0.0
+
+
+def _span(duration: float | None, rate: float | None) -> str:
+    if duration is None or rate is None:
+        return "duration not known (gone before its first heartbeat)"
+    return f"{duration:.1f}s ({rate:.0f}/s)"
+
+
+def _ended(run: RunInfo, alive: bool | None, saved: bool = True) -> str:
+    """How a run ended, in words: its exit status, or whether it is still running (``saved``:
+    see :func:`_counts_saved`)."""
     if run.exit_status:
         ended = f"exit {run.exit_status}"
     elif alive:
@@ -123,7 +160,7 @@ def _ended(run: RunInfo, alive: bool | None) -> str:
             "its end not recorded yet (the next run records it killed or lost)"
         )
     if run.from_joblog:
-        ended += f" ({_COUNTED_HOW})"
+        ended += f" ({_COUNTED_HOW if saved else _COUNTED_UNSAVED})"
     return ended
 
 
@@ -142,6 +179,11 @@ SHOWN_NAMES = 5
 _COUNTED_HOW = (
     "done, dead and vanished from the ledger, what it held leased unfinished;"
     " the rest as of its last heartbeat"
+)
+#: ... of a run that saved no counts (see ``_counts_saved``).
+_COUNTED_UNSAVED = (
+    "done, dead and vanished from the ledger, what it held leased unfinished;"
+    " the rest not known: no heartbeat saved its counts"
 )
 
 
@@ -165,12 +207,17 @@ _NEXT_RUN: dict[str, tuple[str, str]] = {
 }
 
 
-def _left_in_source(run: RunInfo) -> str:
+def _left_in_source(run: RunInfo, saved: bool, alive: bool | None) -> str:
     """What the last run's last scan left in the source: files not registered yet (it was
     stopped or killed before), files not ready yet, by the rule that kept each back, and what
-    the next run does with each (takes them, waits for something, or never takes them)."""
+    the next run does with each (takes them, waits for something, or never takes them); not
+    known of a run that saved no counts (``saved``: see :func:`_counts_saved`; ``alive``: its
+    runner's, see :func:`_runner_alive`)."""
     t = run.totals
     ended = run.exit_status not in (None, "killed", "lost")
+    if not saved:
+        why = "its first heartbeat has not come yet" if alive else "gone before its first heartbeat"
+        return f"left in the source by the last run: not known (it saved no counts: {why})"
     when = "at its end" if ended else "at its last heartbeat"
     parts = []
     for name in ("unregistered", *NOT_READY.values()):
@@ -228,14 +275,14 @@ async def _status_of(args: argparse.Namespace) -> _Status:
 def _status_json(args: argparse.Namespace, st: _Status) -> dict[str, Any]:
     last_run = None
     if (last := st.last) is not None:
-        duration = _until(last, st.runners) - last.started_at
         last_run = {
             "started_at": last.started_at,
             "finished_at": last.finished_at,
             **dataclasses.asdict(last.totals),
-            "rate": last.totals.done / duration if duration > 0 else 0.0,
+            "rate": _rate(last, _duration(last, st.runners)),
             "exit_status": last.exit_status,
             "runner_alive": _runner_alive(last, st.runners),
+            "counts_saved": _counts_saved(last, st.runners),
         }
     return {
         "job": args.job,
@@ -333,13 +380,12 @@ def _listing_line(listing: dict[str, Any]) -> str:
 def _last_run_lines(last: RunInfo | None, runners: list[RunnerInfo]) -> list[str]:
     if last is None:
         return ["last run: never"]
-    duration = _until(last, runners) - last.started_at
-    rate = last.totals.done / duration if duration > 0 else 0.0
-    state = _ended(last, _runner_alive(last, runners))
+    duration = _duration(last, runners)
+    saved, alive = _counts_saved(last, runners), _runner_alive(last, runners)
     return [
-        f"last run: {show_time(last.started_at)}, {describe(last.totals)}; {duration:.1f}s "
-        f"({rate:.0f}/s); {state}",
-        _left_in_source(last),
+        f"last run: {show_time(last.started_at)}, {describe(last.totals)}; "
+        f"{_span(duration, _rate(last, duration))}; {_ended(last, alive, saved)}",
+        _left_in_source(last, saved, alive),
     ]
 
 
@@ -628,7 +674,7 @@ async def history(args: argparse.Namespace) -> int:
     if args.json:
         rows = [
             {k: v for k, v in dataclasses.asdict(r).items() if k != "totals"}
-            | {"runner_alive": _runner_alive(r, runners)}
+            | {"runner_alive": _runner_alive(r, runners), "counts_saved": _counts_saved(r, runners)}
             | dataclasses.asdict(r.totals)
             for r in runs
         ]
@@ -637,11 +683,17 @@ async def history(args: argparse.Namespace) -> int:
     if not runs:
         print(f"job {args.job!r}: no runs")
     for r in reversed(runs):
-        duration = _until(r, runners) - r.started_at
-        ended = _ended(r, _runner_alive(r, runners))
+        duration = _duration(r, runners)
+        ended = _ended(r, _runner_alive(r, runners), _counts_saved(r, runners))
         changed = f"; changed the scan rules: {r.settings_changed}" if r.settings_changed else ""
+        end = "?" if duration is None else show_time(r.finished_at)
+        took = (
+            "duration not known: gone before its first heartbeat"
+            if duration is None
+            else (f"{duration:.1f}s")
+        )
         print(
-            f"#{r.id} {show_time(r.started_at)} -> {show_time(r.finished_at)} ({duration:.1f}s) "
+            f"#{r.id} {show_time(r.started_at)} -> {end} ({took}) "
             f"{r.mode} by pid {r.pid} on {r.host}: {describe(r.totals)}; {ended}{changed}"
         )
     return EXIT_OK
