@@ -7,12 +7,20 @@ a child process whose ``posix_spawn`` calls are timed (the event loop waits thro
 and the medians of each fifth of the run's starts. A run whose median start is several times
 the others' had its commands placed behind one another (the "serial" mode).
 
-Variants, each a step just before the run's first command (nothing else differs):
+Each run also prints the event loop thread's utilisation estimate (``se.avg.util_est`` of
+``/proc/thread-self/sched``, 1024 = a whole CPU; absent on kernels built without
+``CONFIG_SCHED_DEBUG``) at its first start and at its 500th: a run whose estimate is above
+~875 at its first start places its commands one behind the other to its end (see
+``WorkerPool._before_first_command``).
 
-- ``none``: as asyncbatch runs;
+Variants, each a step just before the run's first command (nothing else differs; all but
+``none`` without asyncbatch's own delay):
+
+- ``none``: as asyncbatch runs (with its ``FIRST_COMMAND_DELAY`` where ``-j`` fills the CPUs);
+- ``undelayed``: without that delay (as asyncbatch ran before it);
 - ``pause``: ``time.sleep(PAUSE)`` (the runner's CPU use of its start-up decays first);
 - ``burn``: ``PAUSE`` s asleep, then ``BURN`` s of CPU on the runner's thread;
-- ``late-pause``: as ``none``, and ``PAUSE`` s asleep before the 700th command.
+- ``late-pause``: as ``undelayed``, and ``PAUSE`` s asleep before the 700th command.
 
 Measurement only: it imports asyncbatch in the child, wraps ``asyncbatch._exec._spawn``, and
 writes nothing but its lines to the terminal.
@@ -36,9 +44,23 @@ _CHILD = r"""
 import json, os, statistics, sys, time
 import asyncbatch._exec as ex
 variant, pause, burn = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-spawn, times, count = ex._spawn, [], [0]
+spawn, times, count, estimates = ex._spawn, [], [0], []
+if variant != "none":
+    import asyncbatch._pipeline.workers as workers
+    workers.FIRST_COMMAND_DELAY = 0
+def estimate():
+    try:
+        with open("/proc/thread-self/sched") as f:
+            for line in f:
+                if line.startswith("se.avg.util_est"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return None
 def timed(*args, **kwargs):
     count[0] += 1
+    if count[0] in (1, 500):
+        estimates.append(estimate())
     if count[0] == 1 and variant in ("pause", "burn"):
         time.sleep(pause)
         if variant == "burn":
@@ -65,6 +87,7 @@ print(json.dumps({
     "code": code,
     "wall": time.perf_counter() - began,
     "median_us": statistics.median(times) * 1e6,
+    "estimates": estimates,
     "fifths_us": [statistics.median(times[i:i + fifth]) * 1e6
                   for i in range(0, len(times), fifth)][:5],
 }), file=sys.stderr)
@@ -109,7 +132,9 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.1, help="seconds asleep (0.1)")
     parser.add_argument("--burn", type=float, default=0.1, help="seconds of CPU (0.1)")
     parser.add_argument(
-        "--variants", default="none,pause,burn", help="comma-separated (none,pause,burn)"
+        "--variants",
+        default="none,undelayed",
+        help="comma-separated: none, undelayed, pause, burn, late-pause (none,undelayed)",
     )
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work")
     args = parser.parse_args()
@@ -122,9 +147,11 @@ def main() -> None:
         for variant in variants:
             r = _run(inbox, variant, args)
             fifths = " ".join(f"{v:.0f}" for v in r["fifths_us"])  # type: ignore[attr-defined]
+            estimates = "/".join(str(e) for e in r["estimates"])  # type: ignore[attr-defined]
             print(
                 f"run {number} {variant:<10} wall {r['wall']:.2f} s, start median "
-                f"{r['median_us']:.0f} us, by fifths {fifths}",
+                f"{r['median_us']:.0f} us, by fifths {fifths}; loop thread's util_est at "
+                f"the 1st/500th start {estimates}",
                 flush=True,
             )
 

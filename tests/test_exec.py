@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import anyio
 import pytest
 
 from asyncbatch import Batch, ConfigurationError, ExecHandler, Report, TaskContext
+from asyncbatch._pipeline import workers
 
 from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
 from .test_cli import assert_one_line_error
@@ -937,3 +939,53 @@ async def test_a_cancelled_run_leaves_no_command_behind(
     for pid in noted_pids(pids):
         assert not alive(pid)
     assert state_counts(state) == {"pending": 3}
+
+
+@pytest.mark.parametrize(("concurrency", "delayed"), [(4, True), (8, True), (3, False)])
+async def test_commands_that_fill_every_cpu_wait_before_the_first(
+    inbox: Path,
+    state: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    concurrency: int,
+    delayed: bool,
+) -> None:
+    # Four usable CPUs (whatever this machine has): -j 4 or more fills them, -j 3 does not.
+    # The delay is made long enough that a run that should not wait would hang past the
+    # bound below, and one that should is seen to start no command before it.
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(workers, "FIRST_COMMAND_DELAY", 1.0 if delayed else 120.0)
+    make_files(inbox, 6)
+    starts = tmp_path / "starts"
+    handler = ExecHandler(["sh", "-c", f'date +%s.%N >> "{starts}"'])
+    began = time.time()
+    with anyio.fail_after(60):
+        report = await Batch(
+            handler, source=inbox, state=state, settle=0, concurrency=concurrency
+        ).run()
+    assert report.done == 6
+    first = min(float(line) for line in starts.read_text().split())
+    if delayed:
+        assert first - began >= 1.0
+
+
+async def test_a_python_handler_never_waits_before_its_first_item(
+    inbox: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(workers, "FIRST_COMMAND_DELAY", 120.0)
+    make_files(inbox, 3)
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    with anyio.fail_after(60):  # the delay would hang it past this
+        report = await Batch(handle, source=inbox, state=state, settle=0, concurrency=4).run()
+    assert report.done == 3
+
+
+def test_the_first_command_waits_only_where_the_commands_fill_the_cpus() -> None:
+    assert workers.delays_first_command(2, 2)
+    assert workers.delays_first_command(8, 2)
+    assert not workers.delays_first_command(1, 2)
+    assert workers.usable_cpus() >= 1

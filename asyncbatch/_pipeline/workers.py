@@ -58,6 +58,9 @@ _make_outcome = Outcome._make
 log = logging.getLogger("asyncbatch")
 #: Longest stretch (seconds) a worker runs handlers without letting other tasks in.
 YIELD_EVERY = 0.001
+#: How long a run whose commands can fill every usable CPU (``concurrency`` at least their
+#: number) waits before its first command: see :meth:`WorkerPool._before_first_command`.
+FIRST_COMMAND_DELAY = 0.1
 
 
 def _nothing() -> None:
@@ -195,6 +198,12 @@ class WorkerPool:
             if callable(start) and self._directory is not None and failpoints.ACTIVE is None
             else None
         )
+        #: Whether the first command waits (see :meth:`_before_first_command`), and what the
+        #: other workers' first commands wait on meanwhile.
+        self._delay_first = self._start_attempt is not None and delays_first_command(
+            state.config.concurrency, usable_cpus()
+        )
+        self._first_command: anyio.Event | None = None
         self._random = random.Random()
         #: Whether the run was asked to stop, by which signal (``None``: ``Batch.stop()``),
         #: and the ``ctx.on_stop`` callbacks of the handlers running now.
@@ -313,6 +322,8 @@ class WorkerPool:
                         ready = None
                     slot.ready = ready
                 if running is None:
+                    if self._delay_first and slot.ready is not None:
+                        await self._before_first_command()
                     if slot.ready is None or run.stopping:
                         return False  # the queue ended, or the run is stopping (ready: left)
                     ready = await self._take_ready(slot)
@@ -339,6 +350,31 @@ class WorkerPool:
             if running is not None:
                 await self._abandon(running)
             raise
+
+    async def _before_first_command(self) -> None:
+        """Wait :data:`FIRST_COMMAND_DELAY` before the run's first command, once a run (the
+        other workers wait for the same end), when its commands can fill every usable CPU.
+
+        Why (benchmarks/RESULTS.md, "Two modes of a run"): Linux places a new process by the
+        CPUs' utilisation, the parent's own included, and takes the parent's from its
+        utilisation *estimate*, which it does not lower while the task waits for a CPU. The
+        start-up (the interpreter, the imports, the first scan) leaves the event loop's
+        thread's estimate high, and once the commands fill the CPUs it stays where it was
+        for the whole run: when it was above ~85 % of a CPU (4 runs in 10 here), every
+        command was placed beside a running one, and the loop's own CPU idled through each
+        start: the slots ran one behind the other (1.4-1.7x the wall of ``xargs -P``). An
+        idle pause first lets the estimate fall: none of 53 runs fell in that mode with it,
+        45 of 96 without (2,000 and 10,000 files, -j 2 on 2 CPUs)."""
+        gate = self._first_command
+        if gate is not None:
+            await gate.wait()
+            return
+        self._first_command = gate = anyio.Event()
+        try:
+            await anyio.sleep(FIRST_COMMAND_DELAY)
+        finally:
+            self._delay_first = False
+            gate.set()
 
     async def _take_ready(self, slot: _Slot) -> _Prepared | None:
         """Take the slot's ready item to start it. ``None``: its lease was taken over (the
@@ -932,3 +968,19 @@ class WorkerPool:
         return await self.run.ledger.record_move(
             self.config.job, self.run.owner, ctx.key, ctx.fence, destination
         )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity; ``os.cpu_count()`` where that is not
+    known)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def delays_first_command(concurrency: int, cpus: int) -> bool:
+    """Whether a run of commands waits before its first (see
+    :meth:`WorkerPool._before_first_command`): when ``concurrency`` commands can fill the
+    ``cpus`` usable CPUs. With fewer, a CPU stays free for each new command."""
+    return concurrency >= cpus
