@@ -185,7 +185,9 @@ class BatchConfig:
         "(default: age; other rules than the job's must be given to change them)",
     )
     ignore: tuple[str, ...] = setting(
-        Globs(), "glob of names (or, with a /, paths) to skip; repeatable", default=()
+        Globs(),
+        "glob of names (NAME/: directories; with another /, paths) to skip; repeatable",
+        default=(),
     )
     recursive: bool = setting(Switch(), "walk subdirectories too", default=False)
     follow_symlinks: bool = setting(

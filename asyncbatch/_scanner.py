@@ -241,18 +241,29 @@ def _path_regex(pattern: str) -> str:
     return "|".join(fnmatch.translate(g) for g in dict.fromkeys(globs))
 
 
+def _directory_name(pattern: str) -> str | None:
+    """The name glob of an ``ignore`` glob whose only ``/`` ends it (``old/``, ``cache*/``):
+    directories of that name anywhere, as in ``.gitignore``; ``None`` for other globs."""
+    name = pattern.rstrip("/")
+    return name if name and name != pattern and "/" not in name else None
+
+
 class ScanRules:
     """Which names the scanner skips: temporary and hidden names, plus ``ignore`` globs.
 
-    A glob without ``/`` matches a file or directory *name* anywhere; a glob with ``/`` matches
-    the path relative to the source. Ignored directories are not descended into.
+    A glob without ``/`` matches a file or directory *name* anywhere; one whose only ``/``
+    ends it (``old/``) matches a *directory* name anywhere (as in ``.gitignore``); a glob with
+    another ``/`` matches the path relative to the source. Ignored directories are not
+    descended into.
     """
 
     def __init__(self, ignore: Sequence[str] = ()) -> None:
         self.ignore = tuple(ignore)
         names = [fnmatch.translate(p) for p in ignore if "/" not in p]
-        paths = [_path_regex(p) for p in ignore if "/" in p]
+        directories = [fnmatch.translate(d) for p in ignore if (d := _directory_name(p))]
+        paths = [_path_regex(p) for p in ignore if "/" in p and _directory_name(p) is None]
         self._names = re.compile("|".join(names)) if names else None
+        self._directories = re.compile("|".join(directories)) if directories else None
         self._paths = re.compile("|".join(paths)) if paths else None
 
     def skips(self, name: bytes, relpath: bytes, *, is_dir: bool = False) -> bool:
@@ -261,9 +272,11 @@ class ScanRules:
             return True
         if not is_dir and name.endswith(DEFAULT_SKIP_SUFFIXES):
             return True
-        if self._names is None and self._paths is None:
+        if self._names is None and self._paths is None and self._directories is None:
             return False
         if self._names is not None and self._names.match(os.fsdecode(name)):
+            return True
+        if is_dir and self._directories is not None and self._directories.match(os.fsdecode(name)):
             return True
         return self._paths is not None and bool(self._paths.match(os.fsdecode(relpath)))
 
@@ -284,7 +297,9 @@ class ScanRules:
                         f"{os.fsdecode(suffix)!r}: a partial or temporary file)"
                     )
         for pattern in self.ignore:
-            if "/" in pattern:
+            if (directory := _directory_name(pattern)) is not None:
+                matched = is_dir and re.match(fnmatch.translate(directory), os.fsdecode(name))
+            elif "/" in pattern:
                 matched = re.match(_path_regex(pattern), os.fsdecode(relpath))
             else:
                 matched = re.match(fnmatch.translate(pattern), os.fsdecode(name))

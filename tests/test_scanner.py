@@ -158,6 +158,25 @@ async def test_a_double_star_in_an_ignore_glob_also_matches_no_directory(inbox: 
     assert rules.hidden_because(b"older/g.csv", recursive=True, is_dir=False) is None
 
 
+async def test_an_ignore_glob_ending_with_a_slash_skips_directories_of_that_name_anywhere(
+    inbox: Path,
+) -> None:
+    for rel in ("old/a.csv", "x/old/b.csv", "x/y/old/c.csv", "old2/d.csv", "z/old", "e.csv",
+                "cache1/f.csv", "x/cache2/g.csv"):  # fmt: skip
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_text("x")
+    ignore = ("old/", "cache*/")
+    found = await scanner(inbox, ignore=ignore, recursive=True).scan(settle=1.0, now_ns=later())
+    # As in .gitignore: a directory of that name at any depth; a file of that name is kept.
+    assert sorted(names(found)) == [b"e.csv", b"old2/d.csv", b"z/old"]
+    rules = ScanRules(ignore)
+    why = rules.hidden_because(b"x/y/old/c.csv", recursive=True, is_dir=False)
+    assert why == "directory 'x/y/old' matches the ignore pattern 'old/'"
+    assert rules.hidden_because(b"z/old", recursive=True, is_dir=False) is None
+    assert rules.skips(b"cache2", b"x/cache2", is_dir=True)
+    assert not rules.skips(b"cache2", b"x/cache2")
+
+
 async def test_symlinks_followed_only_inside_the_source(tmp_path: Path, inbox: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")
