@@ -233,7 +233,7 @@ def test_a_run_killed_before_its_first_heartbeat_counts_what_it_held_as_unfinish
     assert shown in text
     assert "the rest not known: no heartbeat saved its counts" in text
     assert "not known (it saved no counts: gone before its first heartbeat)" in text
-    assert "duration not known (gone before its first heartbeat)" in text  # not "0.0s (0/s)"
+    assert "duration not known: gone before its first heartbeat" in text  # not "0.0s (0/s)"
     assert last["rate"] is None
     assert " -> ? (duration not known" in cli("history", "--state", any_state).stdout
     assert "nothing it found" not in text

@@ -141,9 +141,13 @@ def _rate(run: RunInfo, duration: float | None) -> float | None:
     return run.totals.done / duration if duration > 0 else 0.0
 
 
+#: The duration of a run whose runner was gone before its first heartbeat (see ``_duration``).
+_UNKNOWN_DURATION = "duration not known: gone before its first heartbeat"
+
+
 def _span(duration: float | None, rate: float | None) -> str:
     if duration is None or rate is None:
-        return "duration not known (gone before its first heartbeat)"
+        return _UNKNOWN_DURATION
     return f"{duration:.1f}s ({rate:.0f}/s)"
 
 
@@ -687,11 +691,7 @@ async def history(args: argparse.Namespace) -> int:
         ended = _ended(r, _runner_alive(r, runners), _counts_saved(r, runners))
         changed = f"; changed the scan rules: {r.settings_changed}" if r.settings_changed else ""
         end = "?" if duration is None else show_time(r.finished_at)
-        took = (
-            "duration not known: gone before its first heartbeat"
-            if duration is None
-            else (f"{duration:.1f}s")
-        )
+        took = _UNKNOWN_DURATION if duration is None else f"{duration:.1f}s"
         print(
             f"#{r.id} {show_time(r.started_at)} -> {end} ({took}) "
             f"{r.mode} by pid {r.pid} on {r.host}: {describe(r.totals)}; {ended}{changed}"

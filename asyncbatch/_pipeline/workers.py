@@ -355,7 +355,7 @@ class WorkerPool:
         """Wait :data:`FIRST_COMMAND_DELAY` before the run's first command, once a run (the
         other workers wait for the same end), when its commands can fill every usable CPU.
 
-        Why (benchmarks/RESULTS.md, "Two modes of a run"): Linux places a new process by the
+        Why (benchmarks/RESULTS.md, "The mode explained"): Linux places a new process by the
         CPUs' utilisation, the parent's own included, and takes the parent's from its
         utilisation *estimate*, which it does not lower while the task waits for a CPU. The
         start-up (the interpreter, the imports, the first scan) leaves the event loop's
