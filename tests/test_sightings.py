@@ -167,3 +167,45 @@ async def test_an_unchanged_flat_source_is_told_by_one_stat(tmp_path: Path) -> N
     os.utime(src, (old, old))
     await recursive.list_names()
     assert not await recursive.unchanged()  # a subdirectory's changes would not show
+
+
+def test_by_path_a_name_registered_and_still_listed_is_a_candidate_again() -> None:
+    s = Sightings(settle=1.0, by_path=True)
+    a, b = rec(b"a", -10), rec(b"b", -10)
+    assert s.scanned([a, b], *at(0.0)) == []
+    again: set[bytes] = set()
+    assert s.scanned([a, b], *at(1.0), again=again) == [a, b]
+    assert again == set()  # first registered now
+    touched = rec(b"a", 1.5)  # a new mtime: under identity "path" the same item
+    assert s.looked([b"a"], [touched], *at(1.6), again=again) == []  # it settles first
+    assert s.looked([b"a"], [touched], *at(2.6), again=again) == [touched]
+    assert again == {b"a"}
+    again.clear()
+    assert s.scanned([touched, b], *at(3.0), again=again) == []  # registered as it is
+    # A name that left the listing is forgotten: back, it is registered anew.
+    assert s.scanned([touched], *at(4.0)) == []
+    back = rec(b"b", 3.5)
+    assert s.scanned([touched, back], *at(5.0), again=again) == []
+    assert s.scanned([touched, back], *at(6.0), again=again) == [back]
+    assert again == set()
+    # So is one a look finds gone, and one forgotten (asyncbatch forget).
+    assert s.looked([b"b"], [], *at(7.0)) == []
+    made = rec(b"b", 6.5)
+    assert s.looked([b"b"], [made], *at(7.6)) == []
+    assert s.looked([b"b"], [made], *at(8.6), again=again) == [made]
+    s.forget([b"a"])
+    assert s.scanned([touched, made], *at(9.0), again=again) == []
+    assert s.scanned([touched, made], *at(10.0), again=again) == [touched]
+    assert again == set()
+
+
+def test_without_by_path_no_candidate_is_again() -> None:
+    s = Sightings(settle=0.0)
+    a = rec(b"a", -10)
+    again: set[bytes] = set()
+    s.scanned([a], *at(0.0))
+    assert s.scanned([a], *at(0.1), again=again) == [a]
+    touched = rec(b"a", -5)
+    s.scanned([touched], *at(0.2), again=again)
+    assert s.scanned([touched], *at(0.3), again=again) == [touched]  # a new item (stat)
+    assert again == set()

@@ -344,3 +344,89 @@ async def test_a_dead_item_retried_during_a_live_watch_is_counted_once(
     assert state_counts(state) == {"done": 1}
     assert report is not None
     assert (report.seen, report.done, report.dead, report.failed) == (1, 1, 0, 1), report
+
+
+@pytest.mark.parametrize("events", [False, True])
+async def test_a_done_file_touched_during_a_watch_by_path_is_counted_once(
+    inbox: Path, state: Path, events: bool
+) -> None:
+    # (Under identity "path" each touch made the watch count the file again: one file, done
+    # once and touched six times, was "7 seen: 1 done, 6 done before".)
+    (path,) = make_files(inbox, 1)
+    calls = 0
+    handled = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        nonlocal calls
+        calls += 1
+        handled.set()
+
+    batch = Batch(
+        handle, source=inbox, state=state, identity="path", settle=0, poll=0.05, events=events
+    )
+    report = None
+
+    async def watch() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with anyio.fail_after(30):  # a bound on a hang, not a wait
+            await handled.wait()
+            while state_counts(state) != {"done": 1}:  # noqa: ASYNC110 (its commit)
+                await anyio.sleep(0.02)
+            base = time.time() - 20
+            for touch in range(6):
+                os.utime(path, (base + touch, base + touch))  # a new mtime each time
+                # A full scan looks at it (events off, or the tenth poll): each touch is seen.
+                await polls_after(batch, 12 if events else 3)
+        batch.stop()
+
+    assert calls == 1
+    assert state_counts(state) == {"done": 1}
+    assert report is not None
+    assert (report.seen, report.done, report.done_before) == (1, 1, 0), report
+
+
+async def test_a_failed_file_touched_during_a_watch_by_path_is_retried_and_counted_once(
+    inbox: Path, state: Path
+) -> None:
+    # Touched while it waits for its retry, it is claimed as before (still waiting, then
+    # retried), and seen once: it was "2 seen: 1 done, 1 unfinished".
+    (path,) = make_files(inbox, 1)
+    attempts: list[int] = []
+    second = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise TimeoutError("upstream slow")
+        second.set()
+
+    batch = Batch(
+        handle, source=inbox, state=state, identity="path", settle=0, poll=0.05, backoff=1.0
+    )
+    report = None
+
+    async def watch() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with anyio.fail_after(30):  # a bound on a hang, not a wait
+            while (stats := batch.statistics()) is None or stats.waiting != 1:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            base = time.time() - 20
+            os.utime(path, (base, base))
+            await polls_after(batch, 3)
+            await second.wait()
+            while state_counts(state) != {"done": 1}:  # noqa: ASYNC110 (its commit)
+                await anyio.sleep(0.02)
+            await polls_after(batch, 3)
+        batch.stop()
+
+    assert attempts == [1, 2]
+    assert report is not None
+    assert (report.seen, report.done, report.failed, report.unfinished) == (1, 1, 1, 0), report

@@ -35,7 +35,7 @@ from .._exceptions import SourceError
 from .._identity import input_hash, item_key
 from .._ledger import ClaimedRow, QueuedRow, decode_action
 from .._report import Counters
-from .._scanner import content_digest, unpack_item
+from .._scanner import content_digest, split, unpack_item
 from .._sources.base import Lister
 from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
@@ -190,7 +190,12 @@ class Claimer:
         while events are followed, nine times in ten, a listing of names (see
         :data:`FULL_SCAN_EVERY`)."""
         run, cfg = self.run, self.config
-        sightings = Sightings(cfg.settle, self.ready, immutable=cfg.objects is not None)
+        sightings = Sightings(
+            cfg.settle,
+            self.ready,
+            immutable=cfg.objects is not None,
+            by_path=cfg.identity == "path",
+        )
         changes = Changes()
         self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:
@@ -379,15 +384,21 @@ class Claimer:
             records = await self.scanner.scan(settle=None, now_ns=now_ns)
             found = len(records)
             walked = self.scanner.walked
+            again: set[bytes] = set()
             if walked is None:
-                candidates = sightings.scanned(records, now_ns, time.monotonic())
+                candidates = sightings.scanned(records, now_ns, time.monotonic(), again=again)
             else:
                 candidates = sightings.scanned(
-                    records, now_ns, time.monotonic(), walked.blocked, walked.marker_keys
+                    records,
+                    now_ns,
+                    time.monotonic(),
+                    walked.blocked,
+                    walked.marker_keys,
+                    again=again,
                 )
                 await self.markers.after_scan(walked)
             del records
-            await self._claim_candidates(candidates)
+            await self._claim_candidates(candidates, again)
             if listed and listings is not None:  # every file found is registered or waiting
                 await listings.scan_ends(max(found - sightings.waiting, 0))
         else:  # events are followed: a listing (or one stat: no name changed) will do
@@ -410,25 +421,50 @@ class Claimer:
         looked = sorted(paths)
         now_ns = time.time_ns()
         found = await self.scanner.look_at(looked)
-        await self._claim_candidates(
-            sightings.looked(
-                looked, found.records, now_ns, time.monotonic(), found.blocked, found.marker_keys
-            )
+        again: set[bytes] = set()
+        candidates = sightings.looked(
+            looked,
+            found.records,
+            now_ns,
+            time.monotonic(),
+            found.blocked,
+            found.marker_keys,
+            again=again,
         )
+        await self._claim_candidates(candidates, again)
         if self._held and not self.run.stopping:
             # Claimed (registered), registered before, or no input (gone, skipped): the
             # messages that named them are done with; those of files still settling wait.
             await self._resolved(p for p in looked if not sightings.is_waiting(p))
         return found.walked_dir
 
-    async def _claim_candidates(self, candidates: list[bytes]) -> None:
+    async def _claim_candidates(self, candidates: list[bytes], again: set[bytes]) -> None:
+        """Count the watch's candidates as seen, and claim (or register) them. ``again``:
+        the relpaths among them of files this watch registered before (identity ``path``:
+        the same item, counted when it was first seen), which are claimed as before but
+        counted only where their claim finds them somewhere new (see :meth:`_sort`)."""
         counters = self.run.counters
-        counters.seen += len(candidates)
+        counters.seen += len(candidates) - len(again)
         counters.scanned = True
         if self.registrar is not None:
             await self.registrar(candidates)
-        else:
+        elif not again:
             await self.claim_records(candidates)
+        else:
+            await self.claim_records([r for r in candidates if split(r)[0] not in again])
+            await self._claim_again([r for r in candidates if split(r)[0] in again])
+
+    async def _claim_again(self, records: list[bytes]) -> None:
+        """Claim the records of files this watch registered before, seen changed (identity
+        ``path``): the items it counted already. Left unclaimed by a stop, they stay counted
+        where they were."""
+        items = self.prepare(records)
+        while items:
+            size = await self._room()
+            if self.run.stopping:
+                return
+            chunk, items = items[:size], items[size:]
+            await self.claim(chunk, again=True)
 
     # -- claiming -----------------------------------------------------------------------------
 
@@ -522,8 +558,9 @@ class Claimer:
         await self.queue.wait_until_low(self.lookahead.low_water(size))
         return size
 
-    async def claim(self, items: list[LeasedItem]) -> None:
-        """Register and lease ``items`` (seen ones); count or note what the others are."""
+    async def claim(self, items: list[LeasedItem], *, again: bool = False) -> None:
+        """Register and lease ``items`` (seen ones); count or note what the others are.
+        ``again``: items this run counted already (see :meth:`_claim_again`)."""
         if not items:
             return
         run, cfg = self.run, self.config
@@ -539,15 +576,18 @@ class Claimer:
             )
             if run.metrics is not None:
                 run.metrics.claims.observe(time.monotonic() - began)
-            leased = self._sort(items, rows)
+            leased = self._sort(items, rows, again=again)
         self.lookahead.claimed(len(items), len(leased))
         await failpoints.ahit("after-claim")
         if self._held:
             await self._resolved(i.relpath for i in items)  # registered: the ledger has them
         await self._queue(leased)
 
-    def _sort(self, items: list[LeasedItem], rows: list[ClaimedRow]) -> list[LeasedItem]:
-        """Count or note what a claim found of each item; track and return those it leased."""
+    def _sort(
+        self, items: list[LeasedItem], rows: list[ClaimedRow], *, again: bool = False
+    ) -> list[LeasedItem]:
+        """Count or note what a claim found of each item; track and return those it leased.
+        ``again``: items this run counted already (see :meth:`_counted_again`)."""
         run = self.run
         by_key = {row.key: row for row in rows}
         counters = run.counters
@@ -555,6 +595,12 @@ class Claimer:
         for item in items:  # keep scan order: the ledger returns rows in any order
             row = by_key.get(item.key)
             if item.key in run.from_ledger and self._counted_before(item.key, row):
+                continue
+            if again and self._counted_again(item.key, row):
+                if row is not None and row.post_action is not None:
+                    self.posts.submit(
+                        row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
+                    )
                 continue
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
                 counters.done_before += 1
@@ -593,6 +639,27 @@ class Claimer:
         counters.seen -= 1
         counters.earlier -= 1
         return key in run.in_flight or row is None or row.state in ("done", "dead")
+
+    def _counted_again(self, key: str, row: ClaimedRow | None) -> bool:
+        """An item this watch counted already, its file seen changed (identity ``path``):
+        whether there is nothing more to note of it (it is in flight, or it ended, done or
+        dead, and was counted where it ended). Else its claim is noted as any other's, the
+        item counted once: an open one (held, waiting) moves on from where it was counted;
+        one this run counted dead, put back by ``retry --dead``, is taken back from ``dead``;
+        one that ended otherwise (vanished: it was changed while it settled) is seen again."""
+        run = self.run
+        if key in run.in_flight:
+            return True
+        if key in run.open:
+            return False
+        if row is None or row.state in ("done", "dead"):
+            return True
+        if key in run.dead_here:
+            run.dead_here.discard(key)
+            run.counters.dead -= 1
+        else:
+            run.counters.seen += 1
+        return False
 
     def _track(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
         """Note freshly leased items as in flight (released if the run ends early)."""

@@ -13,6 +13,11 @@ ready (plus :data:`LOOK_MARGIN`), so the claimer stats just that file then inste
 for the next full scan. Registered files are remembered by their scan record (which holds the
 signature), so a full scan of an idle inbox is one set lookup per file and no ledger access.
 
+A registered file seen changed is a candidate again. Under identity ``path`` it is the same
+item: made ``by_path``, the sightings also remember the names they registered, while those
+stay listed, and say which candidates are such files again (``again``), which the claimer
+does not count as seen a second time.
+
 That is the default rule, ``age``. A job with other readiness rules (see :mod:`asyncbatch._ready`)
 is judged by all of them: the scan or look says which rule but age and stable a file fails
 (its marker missing or older than it, too small, too old: the file waits without a scheduled
@@ -67,7 +72,12 @@ class Sightings:
     """Registered files and waiting ones, for one watch; the look-again schedule."""
 
     def __init__(
-        self, settle: float, ready: Readiness | None = None, *, immutable: bool = False
+        self,
+        settle: float,
+        ready: Readiness | None = None,
+        *,
+        immutable: bool = False,
+        by_path: bool = False,
     ) -> None:
         self._settle = settle
         self._settle_ns = int(settle * 1e9)
@@ -81,6 +91,10 @@ class Sightings:
         self._known: set[bytes] = set()
         #: Their name keys (relpath and inode), for a listing without stat.
         self._known_names: set[bytes] = set()
+        #: ``by_path`` (identity ``path``: a file changed is the same item): the relpaths
+        #: registered, as long as they stay listed (a file gone is forgotten, so a long watch
+        #: keeps at most one per file in the source); ``None`` otherwise.
+        self._names: set[bytes] | None = set() if by_path else None
         self._waiting: dict[bytes, _Waiting] = {}
         self._schedule: list[tuple[float, bytes]] = []  # (look_at, relpath), a heap
 
@@ -106,14 +120,21 @@ class Sightings:
         now: float,
         blocked: Mapping[bytes, str] | None = None,
         marker_keys: Iterable[bytes] = (),
+        again: set[bytes] | None = None,
     ) -> list[bytes]:
         """Take a full scan's sorted records (wall clock ``now_ns``, monotonic ``now``);
         return the candidates among them, in order. Files no longer listed are forgotten.
 
         ``blocked``: the rule but age and stable each file fails, if any (see
         :class:`~asyncbatch._ready.ReadyWalk`); ``marker_keys``: the name keys of the markers
-        the scan found (a listing then does not take them for new names)."""
+        the scan found (a listing then does not take them for new names); ``again`` (with
+        ``by_path``): gets the relpaths of the candidates registered before, and listed ever
+        since."""
         blocked = blocked or {}
+        names = self._names
+        if names:  # the names still listed (a file gone and back is registered anew);
+            # r[8:-25] is a record's relpath (as split() has it, without its signature)
+            names = self._names = {rel for r in records if (rel := r[8:-25]) in names}
         known = self._known
         listed = [_registered(r) for r in records]
         fresh = [r for r, k in zip(records, listed, strict=True) if k not in known]
@@ -125,6 +146,7 @@ class Sightings:
             fresh_rels.add(rel)
             if self._sight(rel, record, now_ns, now, blocked.get(rel, "")):
                 candidates.append(record)
+                self._registering(rel, again)
             else:
                 self._known.discard(_registered(record))
         self._waiting = {rel: w for rel, w in self._waiting.items() if rel in fresh_rels}
@@ -143,6 +165,8 @@ class Sightings:
             return
         self._known = {k for k in self._known if k[8:-17] not in gone}
         self._known_names = {n for n in self._known_names if n[:-9] not in gone}
+        if self._names:
+            self._names -= gone
         for rel in gone:
             self._waiting.pop(rel, None)
 
@@ -180,10 +204,11 @@ class Sightings:
         now: float,
         blocked: Mapping[bytes, str] | None = None,
         marker_keys: Iterable[bytes] = (),
+        again: set[bytes] | None = None,
     ) -> list[bytes]:
         """Take a look at some paths: ``records`` are those of them that are regular files
-        now (sorted); return the candidates among them. Waiting paths without a record are
-        forgotten (gone, or not a file any more). ``blocked`` and ``marker_keys``: as for
+        now (sorted); return the candidates among them. Paths without a record are forgotten
+        (gone, or not a file any more). ``blocked``, ``marker_keys`` and ``again``: as for
         :meth:`scanned` (the look's)."""
         blocked = blocked or {}
         self._known_names.update(marker_keys)
@@ -198,10 +223,26 @@ class Sightings:
                 self._known.add(_registered(record))
                 self._known_names.add(name_key(record))
                 candidates.append(record)
+                self._registering(rel, again)
+        names = self._names
         for rel in relpaths:
             if rel not in listed:
                 self._waiting.pop(rel, None)
+                if names is not None:
+                    names.discard(rel)
         return candidates
+
+    def _registering(self, rel: bytes, again: set[bytes] | None) -> None:
+        """``by_path``: remember that a candidate's name is registered; a name registered
+        before (and listed ever since) goes into ``again``."""
+        names = self._names
+        if names is None:
+            return
+        if rel in names:
+            if again is not None:
+                again.add(rel)
+        else:
+            names.add(rel)
 
     def due(self, now: float) -> set[bytes]:
         """The waiting paths whose next look has come."""
