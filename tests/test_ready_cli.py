@@ -363,6 +363,40 @@ def test_status_says_files_left_alone_by_max_age_are_never_taken(
     assert "the next run takes" not in text
 
 
+def test_a_file_done_before_the_rules_changed_is_counted_done_before_not_waiting(
+    inbox: Path, any_state: str
+) -> None:
+    """A done file that fails rules given later (no marker, older than max-age) is done: the
+    next run would not take it, so no report or status says it waits."""
+    two_days = time.time() - 2 * 86400
+    for name in ("a.csv", "b.csv"):
+        write(inbox / name)
+        os.utime(inbox / name, (two_days, two_days))
+    assert "2 seen: 2 done;" in run(inbox, any_state)
+    write(inbox / "new.csv")  # never done: it waits for its marker
+    out = run(inbox, any_state, "--ready", "marker:.ok")
+    assert (
+        "2 seen: 0 done, 2 done before; 1 file not ready yet: marker missing, or older than its "
+        "file;"
+    ) in out
+    text = cli("status", "--state", any_state, env={"COLUMNS": "300"}).stdout
+    assert (
+        "left in the source by the last run (at its end): 1 not ready yet: marker missing, or "
+        "older than its file (waits for its marker, or a newer one)\n"
+    ) in text
+    last = json.loads(cli("status", "--state", any_state, "--json").stdout)["last_run"]
+    assert (last["seen"], last["done_before"], last["unmarked"]) == (2, 2, 1)
+    facts = explain(any_state, inbox / "a.csv")
+    assert facts["verdict"] == "done", facts
+    # A backlog bound given later: the done files older than it are done, not left alone.
+    write(inbox / "old.csv")
+    os.utime(inbox / "old.csv", (two_days, two_days))
+    out = run(inbox, any_state, "--ready", "max-age:1d")
+    assert "3 seen: 1 done, 2 done before; 1 file left alone: older than max-age;" in out
+    last = json.loads(cli("status", "--state", any_state, "--json").stdout)["last_run"]
+    assert (last["seen"], last["done"], last["done_before"], last["too_old"]) == (3, 1, 2, 1)
+
+
 async def test_metrics_count_the_files_not_ready_by_rule(inbox: Path, state: Path) -> None:
     write(inbox / "a.csv", b"x" * 100)
     write(inbox / "small.csv")

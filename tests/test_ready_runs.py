@@ -374,6 +374,41 @@ async def test_max_age_an_older_file_is_left_alone_and_counted(
     assert sorted(job.handled) == ["new.csv", "old.csv"]
 
 
+# -- rules changed ---------------------------------------------------------------------------------
+
+
+async def fail_bad(ctx: TaskContext) -> None:
+    if ctx.entry.relpath == "bad.csv":
+        raise ValueError("bad")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_file_finished_before_the_rules_changed_is_not_said_to_wait(
+    tmp_path: Path, any_state: str, mode: str
+) -> None:
+    """Done or dead files that fail rules given since (no marker) are finished: counted done
+    (dead) before, as they would be if they passed, never as not ready yet."""
+    inbox = tmp_path / "inbox"
+    write(inbox / "good.csv")
+    write(inbox / "bad.csv")
+    settings: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "poll": 0.1}
+    first = await Batch(fail_bad, **settings, max_attempts=1).run()
+    assert (first.done, first.dead) == (1, 1)
+    write(inbox / "new.csv")  # never handled: it waits for its marker
+    batch = Batch(fail_bad, **settings, ready=["marker:.ok"])
+    if mode == "run":
+        report = await batch.run()
+    else:
+        async with Watching(batch) as w:
+            await until(lambda: w.count("done_before") == 1 and w.count("dead_before") == 1)
+            await polls_after(batch)
+            assert (w.count("seen"), w.count("unmarked")) == (2, 1)
+        assert w.report is not None
+        report = w.report
+    counts = (report.seen, report.done_before, report.dead_before, report.unmarked)
+    assert counts == (2, 1, 1, 1), str(report)
+
+
 # -- age, explicitly -------------------------------------------------------------------------------
 
 

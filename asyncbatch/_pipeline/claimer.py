@@ -33,7 +33,7 @@ import anyio.to_thread
 from .. import _failpoints as failpoints
 from .._exceptions import SourceError
 from .._identity import input_hash, item_key
-from .._ledger import ClaimedRow, QueuedRow, decode_action
+from .._ledger import NOT_READY, ClaimedRow, QueuedRow, decode_action
 from .._report import Counters
 from .._scanner import content_digest, split, unpack_item
 from .._sources.base import Lister
@@ -176,12 +176,56 @@ class Claimer:
         run = self.run
         records = await self.scanner.scan(settle=self.config.settle, on_chunk=self._on_scan_chunk)
         count_scan(run.counters, self.scanner.last)
-        await self.markers.after_scan(self.scanner.walked)
+        walked = self.scanner.walked
+        finished = 0
+        if walked is not None and walked.left_out:
+            finished = await self._count_finished(walked.left_out)
+        await self.markers.after_scan(walked)
         if self.ready.looks > 1:  # stable:N: look again, and wait for the answer
             records = await look_until_stable(self.scanner, records, self.ready, run)
-        run.counters.seen = len(records)
+        run.counters.seen = len(records) + finished
         run.counters.scanned = True
         return records
+
+    async def _finished_states(self, records: list[bytes]) -> dict[bytes, str]:
+        """Of these scan records (files not ready by the rules), those whose item the ledger
+        has finished (``done`` or ``dead``), by record: one read per
+        :data:`~asyncbatch._ledger.base.STATES_OF_CHUNK` files, never one per file. Files of
+        identity ``"content"`` are not looked up (their keys would mean reading them)."""
+        if not records or self.config.identity == "content":
+            return {}
+        identity = self.config.identity
+        keys: dict[str, bytes] = {}
+        for record in records:
+            mtime_ns, rel, size, inode, _ = unpack_item(record)
+            key = item_key(identity, self._input_hash(rel, size, mtime_ns, inode), mtime_ns)
+            keys[key] = record
+        found = await self.run.ledger.states_of(self.config.job, list(keys))
+        return {keys[k]: s for k, s in found.items() if s in ("done", "dead")}
+
+    async def _count_finished(self, left_out: list[tuple[bytes, str]]) -> int:
+        """A one-shot run's scan left ``left_out`` (records, and the rule each fails) out:
+        those whose item is finished already (done or dead: the rules changed since, and a
+        finished file is never taken again) are counted as a ready one would be (done or
+        dead before), not as not ready yet. Returns how many (seen, too).
+
+        A shared run counts the job's listing (see :func:`.shared.count_listing`), which
+        registers only the ready files: there they are left out of the counts altogether."""
+        counters = self.run.counters
+        finished = await self._finished_states([r for r, _ in left_out])
+        for record, rule in left_out:
+            state = finished.get(record)
+            if state is None:
+                continue
+            name = NOT_READY[rule]
+            setattr(counters, name, getattr(counters, name) - 1)
+            if self.config.shared:
+                continue
+            if state == "done":
+                counters.done_before += 1
+            else:
+                counters.dead_before += 1
+        return 0 if self.config.shared else len(finished)
 
     async def watch(self) -> None:
         """Watch until stopped: a poll every ``poll`` seconds and, in between, looks at the
@@ -398,6 +442,7 @@ class Claimer:
                 )
                 await self.markers.after_scan(walked)
             del records
+            await self._ask_waiting(sightings)
             await self._claim_candidates(candidates, again)
             if listed and listings is not None:  # every file found is registered or waiting
                 await listings.scan_ends(max(found - sightings.waiting, 0))
@@ -431,12 +476,31 @@ class Claimer:
             found.marker_keys,
             again=again,
         )
+        await self._ask_waiting(sightings)
         await self._claim_candidates(candidates, again)
         if self._held and not self.run.stopping:
             # Claimed (registered), registered before, or no input (gone, skipped): the
             # messages that named them are done with; those of files still settling wait.
             await self._resolved(p for p in looked if not sightings.is_waiting(p))
         return found.walked_dir
+
+    async def _ask_waiting(self, sightings: Sightings) -> None:
+        """The files the watch found waiting for a rule that lasts (a marker, ...) and had not
+        asked the ledger about: those it has finished (the rules changed since) wait for
+        nothing, and are counted as a ready one would be (seen, done or dead before). One
+        read per poll or look that found such files, not one per file."""
+        records = sightings.unasked()
+        if not records:
+            return
+        finished = await self._finished_states(records)
+        sightings.asked(records, finished)
+        counters = self.run.counters
+        counters.seen += len(finished)
+        for state in finished.values():
+            if state == "done":
+                counters.done_before += 1
+            else:
+                counters.dead_before += 1
 
     async def _claim_candidates(self, candidates: list[bytes], again: set[bytes]) -> None:
         """Count the watch's candidates as seen, and claim (or register) them. ``again``:

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .._ready import Readiness
+from .._ready import LASTING, Readiness
 from .._scanner import name_key, ready_ns, split
 
 __all__ = ["LOOK_MARGIN", "Sightings"]
@@ -96,6 +96,11 @@ class Sightings:
         #: keeps at most one per file in the source); ``None`` otherwise.
         self._names: set[bytes] | None = set() if by_path else None
         self._waiting: dict[bytes, _Waiting] = {}
+        #: Files waiting for a rule that lasts (a marker, ...: see ``LASTING``) whose item the
+        #: ledger may have finished before (the rules changed since): not asked about yet, by
+        #: relpath; and those asked about and found unfinished (as :attr:`_known`).
+        self._unasked: dict[bytes, bytes] = {}
+        self._asked: set[bytes] = set()
         self._schedule: list[tuple[float, bytes]] = []  # (look_at, relpath), a heap
 
     @property
@@ -150,12 +155,42 @@ class Sightings:
             else:
                 self._known.discard(_registered(record))
         self._waiting = {rel: w for rel, w in self._waiting.items() if rel in fresh_rels}
+        if self._asked:
+            self._asked.intersection_update(listed)
         known = self._known
         self._known_names = {
             name_key(r) for r, k in zip(records, listed, strict=True) if k in known
         }
         self._known_names.update(marker_keys)
         return candidates
+
+    def unasked(self) -> list[bytes]:
+        """The records of the files waiting for a rule that lasts (see ``LASTING``) that the
+        ledger was not asked about yet: their items may be finished already (the rules
+        changed since). Pass them to :meth:`asked` with the answer."""
+        out = [
+            w.record
+            for rel, record in self._unasked.items()
+            if (w := self._waiting.get(rel)) is not None and w.record == record
+        ]
+        self._unasked.clear()
+        return out
+
+    def asked(self, records: list[bytes], finished: Iterable[bytes]) -> None:
+        """The ledger's answer for :meth:`unasked`'s ``records``: those ``finished`` (done or
+        dead) wait for nothing; they are known as registered ones are (a change makes them new
+        again). The others are not asked about again while they look the same."""
+        done = set(finished)
+        for record in records:
+            kept = _registered(record)
+            if record in done:
+                rel = split(record)[0]
+                self._waiting.pop(rel, None)
+                self._known.add(kept)
+                self._known_names.add(name_key(record))
+                self._registering(rel, None)  # by_path: counted once, as a registered one
+            else:
+                self._asked.add(kept)
 
     def forget(self, relpaths: Iterable[bytes]) -> None:
         """Forget what is known of these files (their items were deleted from the ledger:
@@ -167,6 +202,7 @@ class Sightings:
         self._known_names = {n for n in self._known_names if n[:-9] not in gone}
         if self._names:
             self._names -= gone
+        self._asked = {k for k in self._asked if k[8:-17] not in gone}
         for rel in gone:
             self._waiting.pop(rel, None)
 
@@ -331,4 +367,6 @@ class Sightings:
                 due.append(counted_at + settle)
             look_at = self._schedule_look(rel, waiting, record, max(due) + LOOK_MARGIN, now)
         self._waiting[rel] = _Waiting(record, ready_at, look_at, why, looks, counted_at)
+        if blocked in LASTING and _registered(record) not in self._asked:
+            self._unasked[rel] = record
         return False

@@ -49,10 +49,12 @@ from .rules import parse_size as parse_size
 from .rules import ready_rules as ready_rules
 from .rules import rule_argument as rule_argument
 from .rules import show_duration as show_duration
+from .walk import LASTING as LASTING
 from .walk import ReadyWalk as ReadyWalk
 
 __all__ = [
     "KINDS",
+    "LASTING",
     "NS_NONE",
     "Age",
     "BadRule",

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Final
 
 from .readiness import NS_NONE, Readiness, ancestors, change_ns
 from .rules import KINDS
 
-__all__ = ["ReadyWalk"]
+__all__ = ["LASTING", "ReadyWalk"]
+
+#: The rules whose failure lasts until the file or its markers change (or the rules do):
+#: a file an earlier run finished may fail one of them for good after the rules changed
+#: (``marker:.ok`` given to a job of ``age``), and the next run would still not take it.
+#: (``age`` and ``stable`` come with time, and a file finished that fails them changed.)
+LASTING: Final = ("max-age", "min-size", "marker", "dir-marker")
 
 
 @dataclass(slots=True)
@@ -47,6 +54,10 @@ class ReadyWalk:
         self.not_ready: dict[str, int] = dict.fromkeys(KINDS, 0)
         #: Of the age failures, those changed after the scan began.
         self.future = 0
+        #: A one-shot run's scan: the records left out by a rule of :data:`LASTING`, with
+        #: the rule (the run asks the ledger which are finished already: they are not
+        #: waiting for anything).
+        self.left_out: list[tuple[bytes, str]] = []
         #: A watch's scan: the rule (not age, not stable) each listed file fails.
         self.blocked: dict[bytes, str] = {}
         #: File markers whose file is not in their directory, and directory markers with no
@@ -112,6 +123,8 @@ class ReadyWalk:
             self.future += changed > self.now_ns
         if kind and cutoff is not None:
             self.not_ready[kind] += 1
+            if kind != "age":
+                self.left_out.append((record, kind))
             return False
         if kind:
             self.blocked[record[8:-25]] = kind
@@ -140,6 +153,7 @@ class ReadyWalk:
                 out.append(record)
             elif self.cutoff_ns is not None:
                 self.not_ready[kind] += 1
+                self.left_out.append((record, kind))
             else:
                 self.blocked[rel] = kind
                 out.append(record)
