@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from asyncbatch._pipeline.sightings import LOOK_MARGIN, Sightings
+from asyncbatch._ready import Readiness, ready_rules
 from asyncbatch._scanner import Scanner, ScanRules, name_key, pack
 
 from .conftest import make_files
@@ -209,3 +210,19 @@ def test_without_by_path_no_candidate_is_again() -> None:
     s.scanned([touched], *at(0.2), again=again)
     assert s.scanned([touched], *at(0.3), again=again) == [touched]  # a new item (stat)
     assert again == set()
+
+
+def test_by_path_a_waiting_file_the_ledger_finished_is_not_seen_again_when_touched() -> None:
+    # Identity "path": a file done before a marker rule was given waits for its marker; the
+    # ledger says it is done (counted then as seen and done before). Touched later, with its
+    # marker there, it is a registered name again, not a new one to count.
+    s = Sightings(1.0, Readiness(ready_rules(["age", "marker:.ok"]), 1.0), by_path=True)
+    a = rec(b"a", -10)
+    assert s.scanned([a], *at(0.0), {b"a": "marker"}) == []
+    assert s.unasked() == [a]
+    s.asked([a], [a])
+    touched = rec(b"a", 1.5)
+    again: set[bytes] = set()
+    assert s.looked([b"a"], [touched], *at(1.6), again=again) == []
+    assert s.looked([b"a"], [touched], *at(2.6), again=again) == [touched]
+    assert again == {b"a"}
