@@ -6,6 +6,7 @@ never a real object of the same name; a key obstore cannot represent at all (``i
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from asyncbatch import Batch, SourceError, SourceKeyError, TaskContext
 from asyncbatch._sources import store as store_module
 from asyncbatch._sources.store import ObjectKeyRefused, ObjectStores
+from asyncbatch._sources.url import ObjectURL
 
 from .conftest import cli, rows, until
 from .s3 import Bucket
@@ -324,3 +326,154 @@ async def test_a_notified_key_the_client_cannot_represent_is_skipped_once_said(
         "key 'in/ctl\\x1b[2Jx' has a control character, which the S3 client (obstore) cannot "
         "represent; skipped: rename the object or move it out of the prefix"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys that end or start with '/' and hold bytes: obstore lists them without that '/', and
+# reads (and would copy or delete) the key without it
+
+
+_UNREAD = (
+    "the object {url} has a key {where} with '/', which the S3 client (obstore) cannot read: "
+    "it reads {key!r} instead; not handled (nothing read, moved or deleted): rename the "
+    "object to have it handled"
+)
+
+
+def _reading(handled: list[tuple[str, bytes]]) -> Callable[[TaskContext], Awaitable[None]]:
+    async def handler(ctx: TaskContext) -> None:
+        handled.append((ctx.entry.relpath, await ctx.read_bytes()))
+
+    return handler
+
+
+async def test_an_object_whose_key_ends_with_a_slash_is_dead_with_why_never_vanished(
+    bucket: Bucket, state: Path
+) -> None:
+    bucket.put("in/ok.txt", b"x")
+    bucket.put("in/dir/", b"data")  # listed (and read) as in/dir, where there is none
+    bucket.put("in/both", b"the object in/both")
+    bucket.put("in/both/", b"other bytes")  # read as in/both: another object
+    bucket.put("in/sub/deep/", b"deep")
+    handled: list[tuple[str, bytes]] = []
+    report = await Batch(
+        _reading(handled),
+        source=bucket.url("in/"),
+        state=state,
+        settle=0,
+        recursive=True,
+        on_done="delete",
+        on_dead=f"move:{bucket.url('quarantine/')}",
+    ).run()
+    assert sorted(handled) == [("both", b"the object in/both"), ("ok.txt", b"x")]
+    assert (report.seen, report.done, report.dead, report.vanished, report.ok) == (
+        5,
+        2,
+        3,
+        0,
+        False,
+    )
+    said = sorted(rows(state, "SELECT relpath, state, last_error FROM items WHERE state='dead'"))
+    assert said == [
+        (
+            rel.encode(),
+            "dead",
+            _UNREAD.format(url=bucket.url(f"in/{rel}/"), where="ending", key=f"in/{rel}"),
+        )
+        for rel in ("both", "dir", "sub/deep")
+    ]
+    # Nothing lost: the handled objects deleted (their own keys), the unread ones all there,
+    # and none of them given --on-dead's action (it would act on the key without the '/').
+    assert bucket.keys() == ["in/both/", "in/dir/", "in/sub/deep/"]
+    assert rows(state, "SELECT DISTINCT post_action FROM items WHERE state='dead'") == [(None,)]
+    again = await Batch(
+        _reading(handled), source=bucket.url("in/"), state=state, settle=0, recursive=True
+    ).run()
+    assert (again.seen, again.dead_before, again.vanished, again.ok) == (3, 3, 0, False)
+    assert len(handled) == 2
+
+
+async def test_an_object_whose_key_starts_with_a_slash_is_dead_with_why_never_vanished(
+    bucket: Bucket, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket.put("/a.csv", b"slashed")  # read as a.csv: another object
+    bucket.put("a.csv", b"plain")
+    bucket.put("/only.csv", b"o")  # read as only.csv, where there is none
+    bucket.put("/", b"root")  # the bucket's own "folder" key, holding bytes
+    bucket.put("ok", b"x")
+    handled: list[tuple[str, bytes]] = []
+    report = await Batch(
+        _reading(handled), source=bucket.url(), state=state, settle=0, on_done="delete"
+    ).run()
+    assert sorted(handled) == [("a.csv", b"plain"), ("ok", b"x")]
+    assert not any(rel.startswith("/") for rel, _ in handled)  # no relpath escapes an output
+    assert (report.seen, report.done, report.dead, report.vanished) == (4, 2, 2, 0)
+    said = sorted(rows(state, "SELECT relpath, last_error FROM items WHERE state='dead'"))
+    assert said == [
+        (rel.encode(), _UNREAD.format(url=bucket.url(f"/{rel}"), where="starting", key=rel))
+        for rel in ("a.csv", "only.csv")
+    ]
+    assert bucket.keys() == ["/", "/a.csv", "/only.csv"]
+    warned = [r.getMessage() for r in caplog.records if "prefix itself" in r.getMessage()]
+    assert warned == [
+        f"the object {bucket.url('/')} (4 bytes) has the key of the source's prefix itself, "
+        "which the S3 client (obstore) cannot read: not an input; rename the object to have "
+        "it handled"
+    ]
+
+
+async def test_a_replaced_or_deleted_object_is_still_vanished(
+    bucket: Bucket, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look for a '/' key finds none for an object really deleted or replaced between
+    the listing and its GET: it is vanished, as before."""
+    from asyncbatch._sources import objects
+
+    bucket.put("gone.txt", b"x")
+    bucket.put("new.txt", b"x")
+    bucket.put("/other", b"y")  # a key starting with '/' in the bucket, not these
+    opened = objects.open_object
+
+    async def meanwhile(
+        stores: ObjectStores, url: ObjectURL, relpath: str, tag: int | None
+    ) -> objects.ObjectInput:
+        if relpath == "gone.txt":  # deleted after the listing, before the GET
+            bucket.client.delete_object(Bucket=bucket.name, Key="gone.txt")
+        elif relpath == "new.txt":  # replaced so
+            bucket.put("new.txt", b"a new version")
+        return await opened(stores, url, relpath, tag)
+
+    monkeypatch.setattr(objects, "open_object", meanwhile)
+    handled: list[tuple[str, bytes]] = []
+    report = await Batch(_reading(handled), source=bucket.url(), state=state, settle=0).run()
+    assert (report.done, report.dead, report.vanished, handled) == (0, 1, 2, [])
+    assert sorted(rows(state, "SELECT relpath, state FROM items")) == [
+        (b"gone.txt", "vanished"),
+        (b"new.txt", "vanished"),
+        (b"other", "dead"),
+    ]
+
+
+def test_the_cli_says_why_and_status_counts_it(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("in/dir/", b"data")
+    bucket.put("in/ok.txt", b"x")
+    state = tmp_path / "s.db"
+    out = cli(
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"), "--state",
+        state, "--no-progress", env={**bucket.env, "AB_LOG": str(tmp_path / "log")},
+    )  # fmt: skip
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "vanished" not in out.stdout + out.stderr
+    assert "1 dead" in out.stdout + out.stderr
+    assert f"{bucket.url('in/dir/')} has a key ending with '/'" in out.stderr
+    assert (tmp_path / "log").read_text().split() == ["ok.txt"]
+    status = json.loads(cli("status", "--state", state, "--json", env=bucket.env).stdout)
+    assert (status["counts"]["dead"], status["counts"]["vanished"]) == (1, 0)
+    assert (status["last_run"]["dead"], status["last_run"]["exit_status"]) == (1, "failed")
+    items = cli("items", "--state", state, "--in-state", "dead", "--json", env=bucket.env)
+    [item] = json.loads(items.stdout)
+    assert item["relpath"] == "dir"
+    assert item["last_error"] == _UNREAD.format(
+        url=bucket.url("in/dir/"), where="ending", key="in/dir"
+    )
+    assert bucket.keys() == ["in/dir/", "in/ok.txt"]

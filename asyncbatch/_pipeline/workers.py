@@ -639,17 +639,26 @@ class WorkerPool:
 
     async def _open_object(self, item: LeasedItem, source: ObjectURL) -> ObjectInput | Outcome:
         """The item's object, its ``GET`` under way, or the outcome of one that cannot be."""
-        from .._sources.objects import ObjectReplaced, open_object
+        from .._sources.objects import ObjectReplaced, open_object, unreadable_key
 
         tag = None if self.config.identity == "path" else item.inode
+        relpath = os.fsdecode(item.relpath)
         try:
-            return await open_object(self.objects_required, source, os.fsdecode(item.relpath), tag)
+            return await open_object(self.objects_required, source, relpath, tag)
         except ObjectReplaced as exc:
-            return self.vanished(item, str(exc))
+            why = str(exc)
         except FileNotFoundError:
-            return self.vanished(item, "the object disappeared before it could be handled")
+            why = "the object disappeared before it could be handled"
         except OSError as exc:
             return self.failure(item, error_text(exc))
+        # A key that ends or starts with '/' is listed without it, and read so: not found, or
+        # another object. Its version is not to be handled as gone (it is listed again by every
+        # run) nor with the object obstore reads: dead, with no post-commit action.
+        unread = await unreadable_key(self.objects_required, source, relpath, item.inode)
+        if unread is None:
+            return self.vanished(item, why)
+        self.item_logger(item).warning("%r: %s", relpath, unread)
+        return Outcome(item.key, item.fence, "dead", unread, started_at=item.started_at)
 
     @property
     def objects(self) -> ObjectStores | None:

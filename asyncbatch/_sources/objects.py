@@ -51,6 +51,7 @@ __all__ = [
     "ObjectSource",
     "holds_objects",
     "open_object",
+    "unreadable_key",
 ]
 
 log = logging.getLogger("asyncbatch")
@@ -189,6 +190,8 @@ class ObjectLister:
                     rel = _placed(obj.key, prefix, rules, recursive)
                     if rel is not None:
                         kept.append((rel, obj, rules.skips(rel.rpartition(b"/")[2], rel)))
+                    else:
+                        self._own_key(obj)
                 if on_chunk is not None:
                     on_chunk(len(kept))
         except OSError as exc:
@@ -212,6 +215,7 @@ class ObjectLister:
         for obj in page:
             rel = _relpath(obj.key, prefix, rules, recursive)
             if rel is None:
+                self._own_key(obj)
                 continue
             if cutoff is not None and obj.mtime_ns > cutoff:
                 unsettled += 1
@@ -219,6 +223,23 @@ class ObjectLister:
                 continue
             records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
         return unsettled, future
+
+    def _own_key(self, obj: ObjectInfo) -> None:
+        """Say (once) an object that holds bytes under the key of the prefix itself
+        (``in/``; ``/`` for a bucket): obstore lists it without its ``/`` and cannot read it,
+        and it is not an input (as a directory is none of its own files)."""
+        own = self.url.prefix or "/"
+        if not obj.size or obj.key != own[:-1] or own in self._refused:
+            return
+        self._refused.add(own)
+        log.warning(
+            "the object s3://%s/%s (%d bytes) has the key of the source's prefix itself, which "
+            "the S3 client (obstore) cannot read: not an input; rename the object to have it "
+            "handled",
+            self.url.bucket,
+            own,
+            obj.size,
+        )
 
     async def list_names(self) -> list[bytes]:
         """Not for objects: a listing costs what a scan costs (the claimer lists whole)."""
@@ -476,6 +497,51 @@ class ObjectReader:
     async def __aexit__(self, *exc: object) -> None:
         self._eof = True
         self._buffer.clear()
+
+
+#: Where a listing of a whole bucket starts to reach its keys that start with ``/`` first
+#: (S3's start-after; obstore cannot send a ``/`` of its own there): after every key that
+#: starts with ``.``, the greatest character below ``/``.
+_BEFORE_SLASHED = ".\U0010ffff"
+
+
+async def unreadable_key(
+    stores: ObjectStores, url: ObjectURL, relpath: str, tag: int
+) -> str | None:
+    """Why the object listed as ``relpath`` (its version tag ``tag``) cannot be read, when a
+    ``GET`` of its key found no object or another one: its key as the bucket has it ends with
+    ``/`` (a "folder" key that holds bytes) or starts with ``/``, and obstore, which lists
+    such a key without that ``/``, reads (and would copy or delete) the key without it. One
+    listing request (two for a whole bucket); ``None`` when the object is not found so
+    (gone, replaced) or the listing fails."""
+    store = stores.bucket(url.bucket)
+    key = url.key(relpath)
+    try:
+        if any(o.key == key and o.tag == tag for o in await store.first_page(key)):
+            said = f"s3://{url.bucket}/{key}/ has a key ending with '/'"
+        elif url.prefix or not await _slashed(store, key, tag):
+            return None
+        else:
+            said = f"s3://{url.bucket}//{key} has a key starting with '/'"
+    except OSError:
+        return None
+    return (
+        f"the object {said}, which the S3 client (obstore) cannot read: it reads {key!r} "
+        "instead; not handled (nothing read, moved or deleted): rename the object to have it "
+        "handled"
+    )
+
+
+async def _slashed(store: ObjectStore, key: str, tag: int) -> bool:
+    """Whether the bucket holds ``/`` + ``key`` at version ``tag``: the first page of the keys
+    that start with ``/`` (they come first after :data:`_BEFORE_SLASHED`, listed without
+    their ``/``, in order) holds it before any greater key."""
+    for obj in await store.first_page("", offset=_BEFORE_SLASHED):
+        if obj.key > key:
+            return False
+        if obj.key == key and obj.tag == tag:
+            return True
+    return False
 
 
 async def open_object(

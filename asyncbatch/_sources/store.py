@@ -364,6 +364,21 @@ class ObjectStore:
             self._count("list")
             yield await self._folders([ObjectInfo.of(meta) for meta in page], kept_empty)
 
+    async def first_page(self, prefix: str, *, offset: str | None = None) -> list[ObjectInfo]:
+        """The first page of the listing under ``prefix`` (``""``: the bucket) after ``offset``
+        (S3's start-after), as obstore gives it: each key without a leading or ending ``/``
+        (no "folder" verdicts: see :meth:`_folders`). One request."""
+        import obstore
+
+        self._count("list")
+        try:
+            stream = obstore.list(self._store, prefix or None, offset=offset, chunk_size=LIST_PAGE)
+            async for page in stream:
+                return [ObjectInfo.of(meta) for meta in page]
+        except Exception as exc:
+            raise self._list_fail(prefix, exc) from None
+        return []
+
     async def _folders(self, page: list[ObjectInfo], kept_empty: set[str]) -> list[ObjectInfo]:
         """``page`` with each "folder" marker's key given back its ending ``/``.
 
