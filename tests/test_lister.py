@@ -380,7 +380,7 @@ def test_three_hosts_share_a_job_and_the_listers_host_dies(
     # Three runners, each on its own "host" (its hostname and pid namespace), share a job on
     # PostgreSQL; the host that lists is killed: the others take the role over, list again,
     # and finish the job, every file once but those in flight on the dead host.
-    files = 1200  # about 10 s of work for the three: the kill comes well before the end
+    files = 600  # about 5 s of work for the three: the kill comes well before the end
     make_files(inbox, files)
     log = tmp_path / "calls.log"
 

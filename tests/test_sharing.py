@@ -238,13 +238,14 @@ def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
     shows) says ``seen`` as its report counts it, the job's listing, while it runs: the runner
     that did not list said 0 seen beside its done, and ``status`` said its done were all it
     had seen."""
-    make_files(inbox, 300)
+    files = 160
+    make_files(inbox, files)
     log = tmp_path / "calls.log"
-    env = {"AB_LOG": str(log), "AB_SLEEP": "0.2"}  # 10 files/s a runner: 15 s for both
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.2"}  # 10 files/s a runner: 8 s for both
     args = (
         *("run", RECORD, "--source", inbox, "--state", state, "--shared", "--no-progress"),
-        *("-j", "2", "--lease", "8", "--metrics", "127.0.0.1:0", "--log-level", "INFO"),
-    )
+        *("-j", "2", "--lease", "4", "--metrics", "127.0.0.1:0", "--log-level", "INFO"),
+    )  # a heartbeat a second
     lister = spawn(*args, env=env)
     runners = [lister]
     try:
@@ -263,12 +264,12 @@ def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
                 wait_for(lambda: value(scrape(), "asyncbatch_items_total", outcome="done") >= 5)
                 found = scrape()
             assert value(found, "asyncbatch_running") == 1, "scraped while it runs"
-            assert value(found, "asyncbatch_items_seen_total") == 300
+            assert value(found, "asyncbatch_items_seen_total") == files
             categories = sum(
                 value(found, "asyncbatch_items_total", outcome=outcome)
                 for outcome in ("done", "done_before", "dead", "dead_before", "vanished")
             ) + sum(value(found, "asyncbatch_items_open", why=why) for why in ("held", "waiting"))
-            assert 5 <= categories < 300, found
+            assert 5 <= categories < files, found
             scraped.append(found)
         assert [value(f, "asyncbatch_lister") for f in scraped] == [1, 0]
 
@@ -278,7 +279,7 @@ def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
             return last if last["exit_status"] is None and int(last["done"]) > 0 else None
 
         # Until a heartbeat (every lease / 4) recorded its progress, while it runs.
-        wait_for(lambda: (last := other_live()) is not None and last["seen"] == 300, 30, 0.2)
+        wait_for(lambda: (last := other_live()) is not None and last["seen"] == files, 30, 0.2)
         outputs = [proc.communicate(timeout=120) for proc in runners]
     finally:
         for proc in runners:
@@ -292,7 +293,7 @@ def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
         assert counts.get("done before", 0) >= value(
             found, "asyncbatch_items_total", outcome="done_before"
         ), out
-    assert state_counts(state) == {"done": 300}
+    assert state_counts(state) == {"done": files}
 
 
 def last_run_done(state: Path) -> int:
