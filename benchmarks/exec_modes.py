@@ -9,9 +9,9 @@ the others' had its commands placed behind one another (the "serial" mode).
 
 Each run also prints the event loop thread's utilisation estimate (``se.avg.util_est`` of
 ``/proc/thread-self/sched``, 1024 = a whole CPU; absent on kernels built without
-``CONFIG_SCHED_DEBUG``) at its first start and at its 500th: a run whose estimate is above
-~875 at its first start places its commands one behind the other to its end (see
-``WorkerPool._before_first_command``).
+``CONFIG_SCHED_DEBUG``) at its first start and at its 500th: a run whose estimate is still
+above ~875 once its commands fill the CPUs keeps it, and places its commands one behind the
+other to its end (see ``WorkerPool._before_first_command``).
 
 Variants, each a step just before the run's first command (nothing else differs; all but
 ``none`` without asyncbatch's own delay):
