@@ -13,7 +13,7 @@ import pytest
 
 from asyncbatch import Batch, TaskContext
 
-from .conftest import cli, make_files, polls_after, rows, state_counts, until_settled
+from .conftest import cli, make_files, polls_after, rows, state_counts, until, until_settled
 
 
 async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool = False) -> bytes:
@@ -374,8 +374,7 @@ async def test_a_done_file_touched_during_a_watch_by_path_is_counted_once(
         tg.start_soon(watch)
         with anyio.fail_after(30):  # a bound on a hang, not a wait
             await handled.wait()
-            while state_counts(state) != {"done": 1}:  # noqa: ASYNC110 (its commit)
-                await anyio.sleep(0.02)
+            await until(lambda: state_counts(state) == {"done": 1})  # its commit
             base = time.time() - 20
             for touch in range(6):
                 os.utime(path, (base + touch, base + touch))  # a new mtime each time
@@ -416,14 +415,12 @@ async def test_a_failed_file_touched_during_a_watch_by_path_is_retried_and_count
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
         with anyio.fail_after(30):  # a bound on a hang, not a wait
-            while (stats := batch.statistics()) is None or stats.waiting != 1:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+            await until(lambda: (stats := batch.statistics()) is not None and stats.waiting == 1)
             base = time.time() - 20
             os.utime(path, (base, base))
             await polls_after(batch, 3)
             await second.wait()
-            while state_counts(state) != {"done": 1}:  # noqa: ASYNC110 (its commit)
-                await anyio.sleep(0.02)
+            await until(lambda: state_counts(state) == {"done": 1})  # its commit
             await polls_after(batch, 3)
         batch.stop()
 
