@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from asyncbatch import Batch, TaskContext
+from asyncbatch._pipeline import events
 
 from .conftest import make_files, polls_after, state_counts
 from .test_watch import append_slowly
@@ -196,8 +197,12 @@ async def test_with_events_off_polling_still_finds_files_and_no_watcher_runs(
 
 
 async def test_stop_ends_the_watch_promptly_and_leaves_no_watcher_behind(
-    inbox: Path, state: Path
+    inbox: Path, state: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A stop that waited for the poll (LONG_POLL) or for the watcher thread's wait (made as
+    # long here) would take minutes: the bounds below are generous for a loaded machine
+    # (a stop is seen within watchfiles' step, 50 ms) and still fail such a stop.
+    monkeypatch.setattr(events, "_TIMEOUT_MS", int(LONG_POLL * 1000))
     fds, threads = inotify_fds(), notify_threads()
     make_files(inbox, 1)
     handle = Recorder()
@@ -213,10 +218,10 @@ async def test_stop_ends_the_watch_promptly_and_leaves_no_watcher_behind(
         await handle.wait_for(1)
         assert inotify_fds() == fds + 1  # the events are on
         batch.stop()
-        with anyio.fail_after(5):  # far less than the poll, or the watcher thread's wait
+        with anyio.fail_after(LONG_POLL / 5):  # far less than the poll, or the thread's wait
             await ended.wait()
     assert inotify_fds() == fds
-    with anyio.fail_after(5):  # the notify thread ends soon after its watcher is dropped
+    with anyio.fail_after(LONG_POLL / 5):  # the notify thread ends once its watcher is dropped
         while len(notify_threads()) > len(threads):  # noqa: ASYNC110  (a thread: no event)
             await anyio.sleep(0.02)
 

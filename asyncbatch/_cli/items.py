@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .._ledger import (
 from .._pipeline.postactions import keyed_name
 from .._procinfo import this_process
 from .._ready import (
+    MarkerAt,
     Readiness,
     RuleVerdict,
     Stable,
@@ -47,6 +49,8 @@ from .._ready import (
     rule_argument,
 )
 from .._scanner import PATH_MAX, ScanRules, clamp_ns, content_digest, entry_stat
+from .._sources.store import require_obstore
+from .._sources.url import ObjectURL, is_object_url
 from .common import EXIT_OK, job_identity, job_settings, open_state, show_time
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
@@ -258,7 +262,11 @@ def _archived_copy(item: ItemInfo, archive: Path) -> Path | None:
     return None
 
 
-def _post_action_said(item: ItemInfo, source: Path, follow_symlinks: bool) -> str:
+#: What became of a finished item's post-commit action, as a tail of its sentence.
+PostSaid = Callable[[ItemInfo], str]
+
+
+def _post_action_said(item: ItemInfo, *, source: Path, follow_symlinks: bool) -> str:
     """What became of a finished item's post-commit action, for its sentence.
 
     The ledger keeps the action an item asked for (``post_action``) after it is carried out,
@@ -301,17 +309,23 @@ def describe_item(
     source: Path,
     *,
     follow_symlinks: bool = False,
+    post_said: PostSaid | None = None,
 ) -> tuple[str, str]:
     """``(verdict, sentence)`` for an item's record (``source``: the job's directory, where
     a finished item's post-commit action is looked up; ``follow_symlinks``: the job's, how a
-    symlink's name is judged there)."""
+    symlink's name is judged there; ``post_said``: what became of the action instead, for
+    an object-store source)."""
+    if post_said is None:
+        post_said = functools.partial(
+            _post_action_said, source=source, follow_symlinks=follow_symlinks
+        )
     error = (item.last_error or "").splitlines()[0] if item.last_error else "no error recorded"
     took = f", took {_duration(item.duration)}" if item.duration is not None else ""
     if item.state == "done":
         when = item.finished_at if item.finished_at is not None else item.updated_at
         text = f"done at {show_time(when)} by {_runner(item)} in attempt {item.attempts}{took}"
         if item.post_action is not None:
-            text += _post_action_said(item, source, follow_symlinks)
+            text += post_said(item)
         return "done", text
     if item.state == "failed":
         return "failed", (
@@ -323,7 +337,7 @@ def describe_item(
         cut = f" ({item.interrupted} cut short by its runner's death or stop)"
         attempts = f"{item.attempts} attempt{'s' if item.attempts != 1 else ''}"
         # Its --on-dead action (a move to a quarantine, say): where the file is now.
-        post = "" if item.post_action is None else _post_action_said(item, source, follow_symlinks)
+        post = "" if item.post_action is None else post_said(item)
         return "dead", (
             f"dead after {attempts}{cut if item.interrupted else ''}, at "
             f"{show_time(item.finished_at)} by {_runner(item)}: {error}{post}; 'asyncbatch "
@@ -365,7 +379,7 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
     refused).
 
     Raises :class:`ConfigurationError` when the job has no recorded source and none is given,
-    or the source is not a directory.
+    or the source is neither a directory nor an ``s3://`` prefix (obstore installed).
     """
     recorded = await job_settings(args, ledger)  # a --source given is the job's, if recorded
     if recorded is None:
@@ -375,14 +389,14 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
                 "its next run makes it): give --source"
             )
         recorded = JobSettings(source=args.source)
-    if recorded.source.startswith("s3://"):
-        raise ConfigurationError.bad_value(
-            "source",
-            recorded.source,
-            "explain looks at a directory; for an object-store job, 'items' and 'status' say "
-            "what the ledger holds",
-        )
-    if not Path(recorded.source).is_dir():
+    if is_object_url(recorded.source):
+        ObjectURL.parse("source", recorded.source)  # a recorded one is; a --source given too
+        require_obstore("source", recorded.source)
+        if args.follow_symlinks:
+            raise ConfigurationError.bad_value(
+                "follow_symlinks", True, "an s3:// source has no symlinks"
+            )
+    elif not Path(recorded.source).is_dir():
         raise ConfigurationError.bad_value("source", recorded.source, "no such directory")
     return JobSettings(
         source=recorded.source,
@@ -396,13 +410,30 @@ async def _explain_settings(args: argparse.Namespace, ledger: Ledger) -> JobSett
     )
 
 
-def _readiness(settings: JobSettings) -> Readiness:
+def readiness(settings: JobSettings) -> Readiness:
     """The recorded rules, compiled (a rule this version does not know is refused)."""
     return Readiness([parse_rule(rule) for rule in settings.ready], settings.settle)
 
 
-async def _stable_verdict(ready: Readiness, full: Path, st: os.stat_result) -> RuleVerdict:
-    """``stable:N``: look at the file again, ``settle`` seconds apart, as a run does."""
+#: A look at the file (or object) again: its stat now, ``None`` once it is gone.
+LookAgain = Callable[[], Awaitable[os.stat_result | None]]
+
+
+def _stat_again(full: Path) -> LookAgain:
+    """:data:`LookAgain` of a file: ``os.stat``."""
+
+    async def look() -> os.stat_result | None:
+        try:
+            return os.stat(full)
+        except OSError:
+            return None
+
+    return look
+
+
+async def stable_verdict(ready: Readiness, st: os.stat_result, again: LookAgain) -> RuleVerdict:
+    """``stable:N``: look at the file again (``again``), ``settle`` seconds apart, as a run
+    does."""
     rule, looks = f"stable:{ready.looks}", ready.looks
 
     def signature(s: os.stat_result) -> tuple[int, int, int, int]:
@@ -411,10 +442,10 @@ async def _stable_verdict(ready: Readiness, full: Path, st: os.stat_result) -> R
     first = signature(st)
     for look in range(2, looks + 1):
         await anyio.sleep(ready.settle)
-        try:
-            now = signature(os.stat(full))
-        except OSError:
+        found = await again()
+        if found is None:
             return RuleVerdict(rule, False, f"gone at look {look} of {looks}")
+        now = signature(found)
         if now != first:
             return RuleVerdict(
                 rule, False, f"seen unchanged {look - 1} of {looks} looks: changed since"
@@ -423,46 +454,53 @@ async def _stable_verdict(ready: Readiness, full: Path, st: os.stat_result) -> R
     return RuleVerdict(rule, True, f"seen unchanged {looks} of {looks} looks{apart}")
 
 
-async def _rule_verdicts(
+async def rule_verdicts(
     ready: Readiness,
     settings: JobSettings,
     rel: bytes,
-    full: Path,
     st: os.stat_result,
     *,
     known: bool,
+    again: LookAgain,
+    marker_at: MarkerAt | None = None,
 ) -> list[RuleVerdict]:
     """Each rule and whether it holds for the file; ``stable:N``'s looks are taken (waiting
-    ``settle`` seconds between them) unless the ledger has this version of the file
-    (``known``: a run looked at it)."""
+    ``settle`` seconds between them, each by ``again``) unless the ledger has this version of
+    the file (``known``: a run looked at it). ``marker_at``: the markers' times, for a source
+    that is not a directory (see :func:`~asyncbatch._ready.explain_rules`)."""
     verdicts = explain_rules(
-        ready, settings.source, rel, st, time.time_ns(), follow_symlinks=settings.follow_symlinks
+        ready,
+        settings.source,
+        rel,
+        st,
+        time.time_ns(),
+        follow_symlinks=settings.follow_symlinks,
+        marker_at=marker_at,
     )
     if any(isinstance(r, Stable) for r in ready.rules):
         if known:
             why = "the ledger has this version of the file (its run looked at it)"
             verdicts.append(RuleVerdict(f"stable:{ready.looks}", True, why))
         else:
-            verdicts.append(await _stable_verdict(ready, full, st))
+            verdicts.append(await stable_verdict(ready, st, again))
     return verdicts
 
 
-def _not_ready(
-    verdicts: list[RuleVerdict], st: os.stat_result, settle: float, now: float
-) -> tuple[str, str] | None:
+def not_ready(verdicts: list[RuleVerdict], unsettled: str | None) -> tuple[str, str] | None:
     """``(verdict, message)`` for a file some rule keeps back, or ``None``: ``not-settled``
-    when only ``age`` does (when it will be settled), else ``not-ready`` naming each."""
+    when only ``age`` does (``unsettled``: when it will be settled), else ``not-ready``
+    naming each."""
     failing = [v for v in verdicts if not v.holds]
     if not failing:
         return None
     if [v.rule for v in failing] == ["age"]:
-        return "not-settled", _unsettled(st, settle, now) or failing[0].why
+        return "not-settled", unsettled or failing[0].why
     left = any(v.rule.startswith("max-age") for v in failing)
     head = "left alone" if left and len(failing) == 1 else "not ready yet"
     return "not-ready", f"{head}: " + "; ".join(f"{v.rule}: {v.why}" for v in failing)
 
 
-def _marker_of(ready: Readiness, rel: bytes) -> str | None:
+def marker_of(ready: Readiness, rel: bytes) -> str | None:
     """What a marker is, in words, when the file ``rel`` is one (else ``None``)."""
     parent, _, name = rel.rpartition(b"/")
     if not ready.marks(name):
@@ -480,15 +518,20 @@ def _marker_of(ready: Readiness, rel: bytes) -> str | None:
     )
 
 
-def _verdict(
+def verdict_of(
     facts: dict[str, Any],
     current: ItemInfo | None,
     others: list[ItemInfo],
     runners: dict[str, RunnerInfo],
     now: float,
+    post_said: PostSaid | None = None,
 ) -> tuple[str, str]:
-    """``explain``'s verdict and message, from what it found (see :func:`_explain_facts`)."""
+    """``explain``'s verdict and message, from what it found (see :func:`_explain_facts`;
+    ``post_said``: see :func:`describe_item`)."""
     source, follow = Path(facts["source"]), bool(facts["follow_symlinks"])
+    told = functools.partial(
+        describe_item, source=source, follow_symlinks=follow, post_said=post_said
+    )
     if facts["skipped"] is not None:
         skipped: str = facts["skipped"]
         verdict = "unreadable" if skipped.startswith("cannot be examined") else "skipped"
@@ -497,11 +540,12 @@ def _verdict(
         return "marker", facts["marker"]
     if not facts["exists"]:
         if others:
-            verdict, said = describe_item(others[0], runners, now, source, follow_symlinks=follow)
-            return verdict, f"no such file now; the ledger's latest record of the name: {said}"
-        return "never-seen", "no such file, and the ledger never saw it"
+            verdict, said = told(others[0], runners, now)
+            latest = f"the ledger's latest record of the name: {said}"
+            return verdict, f"no such {facts['what']} now; {latest}"
+        return "never-seen", f"no such {facts['what']}, and the ledger never saw it"
     if current is not None:
-        verdict, said = describe_item(current, runners, now, source, follow_symlinks=follow)
+        verdict, said = told(current, runners, now)
         if current.relpath != facts["relpath"]:  # identity content: the same bytes elsewhere
             said = (
                 f"the same item as {current.relpath!r} (the same file to the job's identity, "
@@ -520,42 +564,61 @@ def _verdict(
     message = "not in the ledger yet (no run registered it): the next run handles it"
     if others:
         message = (
-            "this version of the file is not in the ledger yet (no run registered it; the "
-            f"next run handles it); the ledger has {len(others)} other item(s) under the name"
+            f"this version of the {facts['what']} is not in the ledger yet (no run registered "
+            f"it; the next run handles it); the ledger has {len(others)} other item(s) under the "
+            "name"
         )
     return "never-seen", message
+
+
+async def records_of(
+    ledger: Ledger, job: str, relpath: str, key: str | None
+) -> tuple[ItemInfo | None, list[ItemInfo], dict[str, RunnerInfo]]:
+    """The ledger's record of the version whose item key is ``key`` (``None``: none), its
+    other records under the name ``relpath`` (the latest first), and the job's runners."""
+    found = {item.key: item for item in await ledger.find_items(job, relpath)}
+    if key is not None and key not in found:
+        found.update((item.key, item) for item in await ledger.find_items(job, key))
+    current = found.pop(key, None) if key is not None else None
+    others = sorted(found.values(), key=lambda item: item.updated_at, reverse=True)
+    return current, others, {r.owner: r for r in await ledger.runners(job)}
 
 
 async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
     """Everything ``explain`` says about the file, as a dictionary (``--json``)."""
     settings = await _explain_settings(args, ledger)
-    ready = _readiness(settings)
-    rel_text, full = source_relpath(Path(settings.source), args.path)
-    rel = os.fsencode(rel_text)
     identity = await job_identity(ledger, args.job)
     if args.identity is not None and args.identity != identity:
         raise ConfigurationError(
             f"job {args.job!r} uses identity={identity!r}, not {args.identity!r}: its runs "
             "key the file by that"
         )
+    if is_object_url(settings.source):
+        from .explain_objects import object_facts  # obstore: only for an object-store job
+
+        return await object_facts(args, ledger, settings, identity)
+    if is_object_url(args.path):
+        raise ConfigurationError(
+            f"PATH {args.path!r} is not a file under the source {settings.source!r}"
+        )
+    ready = readiness(settings)
+    rel_text, full = source_relpath(Path(settings.source), args.path)
+    rel = os.fsencode(rel_text)
     now = time.time()
     skipped, st = _scan_verdict(settings, rel, full)
-    marker = _marker_of(ready, rel) if os.path.isfile(full) else None
+    marker = marker_of(ready, rel) if os.path.isfile(full) else None
     if marker is not None:
         skipped, st = None, None  # a marker, even where its name is one the scan skips
     key = ihash = None
     if st is not None and marker is None:
         key, ihash = _file_key(settings, identity, rel, st)
-    found = {item.key: item for item in await ledger.find_items(args.job, rel_text)}
-    if key is not None and key not in found:
-        found.update((item.key, item) for item in await ledger.find_items(args.job, key))
-    current = found.pop(key, None) if key is not None else None
-    others = sorted(found.values(), key=lambda item: item.updated_at, reverse=True)
-    runners = {r.owner: r for r in await ledger.runners(args.job)}
+    current, others, runners = await records_of(ledger, args.job, rel_text, key)
     verdicts: list[RuleVerdict] = []
     if st is not None and marker is None:
-        verdicts = await _rule_verdicts(ready, settings, rel, full, st, known=current is not None)
+        known, again = current is not None, _stat_again(full)
+        verdicts = await rule_verdicts(ready, settings, rel, st, known=known, again=again)
     facts: dict[str, Any] = {
+        "what": "file",
         "source": settings.source,
         "relpath": rel_text,
         "identity": identity,
@@ -564,9 +627,11 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         "marker": marker,
         "exists": os.path.lexists(full),
         "key": key,
-        "not_ready": None if st is None else _not_ready(verdicts, st, settings.settle, now),
+        "not_ready": None
+        if st is None
+        else not_ready(verdicts, _unsettled(st, settings.settle, now)),
     }
-    verdict, message = _verdict(facts, current, others, runners, now)
+    verdict, message = verdict_of(facts, current, others, runners, now)
     if st is not None and marker is None and not os.access(full, os.R_OK):
         message += "; note: this user cannot read the file (a runner that cannot either fails)"
     return {
@@ -609,7 +674,13 @@ async def explain(args: argparse.Namespace) -> int:
         lines.append(
             f"rule {rule['rule']}: {'holds' if rule['holds'] else 'does not hold'} ({rule['why']})"
         )
-    if facts["file"] is not None:
+    if facts.get("object") is not None:
+        o = facts["object"]
+        lines.append(
+            f"object: {o['url']}, {o['size']} bytes, last modified "
+            f"{show_time(o['mtime_ns'] / 1e9)}, ETag {o['etag']}"
+        )
+    elif facts["file"] is not None:
         f = facts["file"]
         lines.append(
             f"file: {f['size']} bytes, modified {show_time(f['mtime_ns'] / 1e9)}, "
@@ -820,8 +891,13 @@ def add_inspect_commands(
 ) -> None:
     """Add explain, items and forget to the CLI's subparsers (``add_source``: an optional
     ``--source``, checked against the job's)."""
-    p = sub.add_parser("explain", help="why a file was or was not handled")
-    p.add_argument("path", metavar="PATH", help="the file (under the job's source)")
+    p = sub.add_parser("explain", help="why a file (or object) was or was not handled")
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="the file (under the job's source); for an s3:// job, the object: s3://BUCKET/KEY, "
+        "or its key under the source's prefix",
+    )
     add_source(p)
     add_state(p)
     p.add_argument(

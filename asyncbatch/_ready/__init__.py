@@ -28,8 +28,10 @@ learns of them), :mod:`.explain` (rule by rule, for one file).
 
 from __future__ import annotations
 
+from .explain import MarkerAt as MarkerAt
 from .explain import RuleVerdict as RuleVerdict
 from .explain import explain_rules as explain_rules
+from .explain import marker_paths as marker_paths
 from .readiness import NS_NONE as NS_NONE
 from .readiness import Readiness as Readiness
 from .readiness import ancestors as ancestors
@@ -60,6 +62,7 @@ __all__ = [
     "BadRule",
     "DirMarker",
     "Marker",
+    "MarkerAt",
     "MaxAge",
     "MinSize",
     "Readiness",
@@ -70,6 +73,7 @@ __all__ = [
     "ancestors",
     "change_ns",
     "explain_rules",
+    "marker_paths",
     "parse_duration",
     "parse_rule",
     "parse_size",

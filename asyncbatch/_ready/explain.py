@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .readiness import Readiness, ancestors, change_ns, marker_at
+from .readiness import Readiness, ancestors, change_ns
+from .readiness import marker_at as _marker_at
 from .rules import Age, DirMarker, Marker, MaxAge, MinSize, show_duration
 
-__all__ = ["RuleVerdict", "explain_rules"]
+__all__ = ["MarkerAt", "RuleVerdict", "explain_rules", "marker_paths"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,19 @@ class RuleVerdict:
     why: str
 
 
+#: A marker's mtime (ns) by its relpath under the source, or ``None`` when it is not there.
+MarkerAt = Callable[[bytes], int | None]
+
+
+def marker_paths(ready: Readiness, rel: bytes) -> list[bytes]:
+    """The relpaths of the markers :func:`explain_rules` looks at for the file ``rel``: its
+    file markers, and each directory marker in its directory or above it."""
+    parent = rel.rpartition(b"/")[0]
+    return [rel + suffix for suffix in ready.suffixes] + [
+        path for _, path in ready.dir_marker_paths(parent)
+    ]
+
+
 def explain_rules(
     ready: Readiness,
     source: str,
@@ -29,20 +44,29 @@ def explain_rules(
     now_ns: int,
     *,
     follow_symlinks: bool,
+    marker_at: MarkerAt | None = None,
 ) -> list[RuleVerdict]:
     """Each rule of ``ready`` but ``stable`` (whose looks take time: the caller's), and
     whether it holds for the file ``rel`` under ``source`` whose stat is ``st``, at
     ``now_ns``: ``"marker a.csv.done missing"``, ``"mtime and ctime 0.4 s old, settle 1 s"``.
-    A symlink is a marker only with ``follow_symlinks`` (the job's), as to its scan."""
-    root = os.fsencode(source)
+    A symlink is a marker only with ``follow_symlinks`` (the job's), as to its scan.
+
+    ``marker_at``: where the markers' times come from instead of the directory ``source``
+    (an object-store source's: each of :func:`marker_paths` looked at beforehand)."""
+    if marker_at is None:
+        root = os.fsencode(source)
+
+        def marker_at(path: bytes) -> int | None:
+            return _marker_at(os.path.join(root, path), follow_symlinks=follow_symlinks)
+
     out = []
     for rule in ready.rules:
         if isinstance(rule, Age):
             out.append(_explain_age(ready, st, now_ns))
         elif isinstance(rule, Marker):
-            out.append(_explain_marker(rule, root, rel, st, follow_symlinks))
+            out.append(_explain_marker(rule, rel, st, marker_at))
         elif isinstance(rule, DirMarker):
-            out.append(_explain_dir_marker(rule, root, rel, st, follow_symlinks))
+            out.append(_explain_dir_marker(rule, rel, st, marker_at))
         elif isinstance(rule, MinSize):
             holds = st.st_size >= rule.size
             out.append(
@@ -90,11 +114,11 @@ def _age(name: str, ns: int, now_ns: int) -> str:
 
 
 def _explain_marker(
-    rule: Marker, root: bytes, rel: bytes, st: os.stat_result, follow_symlinks: bool
+    rule: Marker, rel: bytes, st: os.stat_result, marker_at: MarkerAt
 ) -> RuleVerdict:
     marker = rel + os.fsencode(rule.suffix)
     shown = os.fsdecode(marker)
-    found = marker_at(os.path.join(root, marker), follow_symlinks=follow_symlinks)
+    found = marker_at(marker)
     if found is None:
         return RuleVerdict(str(rule), False, f"marker {shown} missing")
     if found < st.st_mtime_ns:
@@ -105,13 +129,13 @@ def _explain_marker(
 
 
 def _explain_dir_marker(
-    rule: DirMarker, root: bytes, rel: bytes, st: os.stat_result, follow_symlinks: bool
+    rule: DirMarker, rel: bytes, st: os.stat_result, marker_at: MarkerAt
 ) -> RuleVerdict:
     name = os.fsencode(rule.name)
     best: tuple[int, bytes] | None = None
     for d in ancestors(rel.rpartition(b"/")[0]):
         path = d + b"/" + name if d else name
-        found = marker_at(os.path.join(root, path), follow_symlinks=follow_symlinks)
+        found = marker_at(path)
         if found is not None and (best is None or found > best[0]):
             best = (found, path)
     if best is None:

@@ -51,6 +51,7 @@ __all__ = [
     "ObjectSource",
     "holds_objects",
     "open_object",
+    "unlisted_because",
     "unreadable_key",
 ]
 
@@ -80,6 +81,18 @@ def _placed(key: str, prefix: str, rules: ScanRules, recursive: bool) -> bytes |
         if rules.skips(part.encode(), "/".join(parts[: i + 1]).encode(), is_dir=True):
             return None
     return rel.encode()
+
+
+def unlisted_because(rel: str, rules: ScanRules, *, recursive: bool) -> str | None:
+    """Why a listing leaves out the object ``rel`` (its key under the prefix) as an input, in
+    words (``None``: it keeps it): the rules of :func:`_relpath`, for ``asyncbatch explain``."""
+    if rel.endswith("/"):
+        return "a key prefix (a 'folder' of keys), not an object"
+    if "\0" in rel or "" in rel.split("/"):
+        return "its key has an empty segment ('//') or a NUL, which no listing keeps"
+    return rules.hidden_because(
+        rel.encode(errors="surrogateescape"), recursive=recursive, is_dir=False
+    )
 
 
 def _unlisted(exc: OSError) -> SourceError:
@@ -272,6 +285,11 @@ class ObjectLister:
             records.sort()
             return Look(records, False, {}, [])
         return await look_objects(relpaths, ready, self._head, time.time_ns())
+
+    async def object_at(self, rel: bytes) -> ObjectInfo | None:
+        """The object at ``rel`` now if a listing would keep it, as an input or (with rules
+        beyond ``age``) as a marker (one ``HEAD``), else ``None``."""
+        return await self._head(rel)
 
     async def _head(self, rel: bytes) -> ObjectInfo | None:
         """The object at ``rel`` if a listing would keep it, as an input or (with rules) as a
