@@ -714,8 +714,9 @@ class Claimer:
         whether there is nothing more to note of it (it is in flight, or it ended, done or
         dead, and was counted where it ended). Else its claim is noted as any other's, the
         item counted once: an open one (held, waiting) moves on from where it was counted;
-        one this run counted dead, put back by ``retry --dead``, is taken back from ``dead``;
-        one that ended otherwise (vanished: it was changed while it settled) is seen again."""
+        one this run counted dead, put back by ``retry --dead``, is taken back from ``dead``,
+        and one it counted vanished (written to while queued, given back) from ``vanished``;
+        one that ended otherwise (registered anew after ``asyncbatch forget``) is seen again."""
         run = self.run
         if key in run.in_flight:
             return True
@@ -726,6 +727,9 @@ class Claimer:
         if key in run.dead_here:
             run.dead_here.discard(key)
             run.counters.dead -= 1
+        elif key in run.vanished_here:
+            run.vanished_here.discard(key)
+            run.counters.vanished -= 1
         else:
             run.counters.seen += 1
         return False
