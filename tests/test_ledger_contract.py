@@ -2267,11 +2267,12 @@ async def test_a_listing_registers_waiting_items_and_counts_what_it_found(
     assert (begun.generation, begun.complete, begun.listed_files) == (1, 0, 0)
     found = await ledger.register_listed("j", "a", role.fence, [entry(i) for i in (1, 2, 3, 4, 5)])
     assert found == Registered(3, 1, 1)  # 4, 5 new; 3 (vanished) waits again
-    assert await ledger.end_listing("j", "a", role.fence, 5)
+    # Two more found, not registered, that the ledger had finished (rules changed since).
+    assert await ledger.end_listing("j", "a", role.fence, 7, done=1, dead=1)
     after = await ledger.listing("j")
     assert after is not None
-    assert (after.generation, after.complete, after.listed_files) == (1, 1, 5)
-    assert (after.found_done, after.found_dead, after.registered) == (1, 1, 3)
+    assert (after.generation, after.complete, after.listed_files) == (1, 1, 7)
+    assert (after.found_done, after.found_dead, after.registered) == (2, 2, 3)
     assert after.listed_at is not None
     assert after.started_at is not None
     waiting = await ledger.claim_waiting("j", "a", 60, 10)
@@ -2283,7 +2284,7 @@ async def test_a_listing_registers_waiting_items_and_counts_what_it_found(
     scan = await ledger.begin_listing("j", "a", role.fence, watching=True)
     assert scan is not None
     assert (scan.generation, scan.complete, scan.started_at) == (2, 1, None)
-    assert scan.listed_files == 5  # the complete listing's, while the next is under way
+    assert scan.listed_files == 7  # the complete listing's, while the next is under way
     assert await ledger.end_listing("j", "a", role.fence, 4)
     after = await ledger.listing("j")
     assert after is not None

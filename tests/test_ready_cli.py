@@ -363,18 +363,20 @@ def test_status_says_files_left_alone_by_max_age_are_never_taken(
     assert "the next run takes" not in text
 
 
+@pytest.mark.parametrize("sharing", [(), ("--shared",)], ids=["alone", "shared"])
 def test_a_file_done_before_the_rules_changed_is_counted_done_before_not_waiting(
-    inbox: Path, any_state: str
+    inbox: Path, any_state: str, sharing: tuple[str, ...]
 ) -> None:
     """A done file that fails rules given later (no marker, older than max-age) is done: the
-    next run would not take it, so no report or status says it waits."""
+    next run would not take it, so no report or status says it waits. A shared run counts
+    the job's listing: the same (it said "0 seen: 0 done")."""
     two_days = time.time() - 2 * 86400
     for name in ("a.csv", "b.csv"):
         write(inbox / name)
         os.utime(inbox / name, (two_days, two_days))
-    assert "2 seen: 2 done;" in run(inbox, any_state)
+    assert "2 seen: 2 done;" in run(inbox, any_state, *sharing)
     write(inbox / "new.csv")  # never done: it waits for its marker
-    out = run(inbox, any_state, "--ready", "marker:.ok")
+    out = run(inbox, any_state, "--ready", "marker:.ok", *sharing)
     assert (
         "2 seen: 0 done, 2 done before; 1 file not ready yet: marker missing, or older than its "
         "file;"
@@ -391,7 +393,7 @@ def test_a_file_done_before_the_rules_changed_is_counted_done_before_not_waiting
     # A backlog bound given later: the done files older than it are done, not left alone.
     write(inbox / "old.csv")
     os.utime(inbox / "old.csv", (two_days, two_days))
-    out = run(inbox, any_state, "--ready", "max-age:1d")
+    out = run(inbox, any_state, "--ready", "max-age:1d", *sharing)
     assert "3 seen: 1 done, 2 done before; 1 file left alone: older than max-age;" in out
     last = json.loads(cli("status", "--state", any_state, "--json").stdout)["last_run"]
     assert (last["seen"], last["done"], last["done_before"], last["too_old"]) == (3, 1, 2, 1)

@@ -409,6 +409,46 @@ async def test_a_file_finished_before_the_rules_changed_is_not_said_to_wait(
     assert counts == (2, 1, 1, 1), str(report)
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_file_finished_before_the_rules_changed_is_counted_by_shared_runners(
+    tmp_path: Path, any_state: str, mode: str
+) -> None:
+    """Runners sharing a job count its listing: the finished files that fail rules given since
+    are counted there as a run of its own counts them, done (dead) before, by every runner
+    (their counts left them out: "1 seen: 1 done; 1 file not ready yet")."""
+    inbox = tmp_path / "inbox"
+    write(inbox / "good.csv")
+    write(inbox / "bad.csv")
+    settings: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "poll": 0.1}
+    first = await Batch(fail_bad, **settings, max_attempts=1, shared=True).run()
+    assert (first.done, first.dead) == (1, 1)
+    write(inbox / "new.csv")  # never handled: it waits for its marker
+    write(inbox / "ready.csv.ok", after=write(inbox / "ready.csv"))  # handled now
+    later = {**settings, "ready": ["marker:.ok"], "shared": True}
+    if mode == "watch":  # its lister asks the ledger about the waiting files, as a watch does
+        async with Watching(Batch(fail_bad, **later)) as w:
+            await until(lambda: w.count("done_before") == 1 and w.count("dead_before") == 1)
+            await polls_after(w.batch)
+            assert (w.count("seen"), w.count("done"), w.count("unmarked")) == (3, 1, 1)
+        assert w.report is not None
+        counts = (w.report.seen, w.report.done, w.report.done_before, w.report.dead_before)
+        assert counts == (3, 1, 1, 1), str(w.report)
+        return
+    reports: list[Report] = []
+
+    async def one() -> None:
+        reports.append(await Batch(fail_bad, **later).run())
+
+    async with anyio.create_task_group() as tg:  # one lists; both go by its listing
+        tg.start_soon(one)
+        tg.start_soon(one)
+    for report in reports:
+        finished = (report.seen, report.done + report.done_before, report.dead_before)
+        assert finished == (3, 2, 1), str(report)
+    assert sum(r.done for r in reports) == 1
+    assert max(r.unmarked for r in reports) == 1  # the lister's: the other did not scan
+
+
 # -- age, explicitly -------------------------------------------------------------------------------
 
 

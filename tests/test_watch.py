@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -427,3 +428,57 @@ async def test_a_failed_file_touched_during_a_watch_by_path_is_retried_and_count
     assert attempts == [1, 2]
     assert report is not None
     assert (report.seen, report.done, report.failed, report.unfinished) == (1, 1, 1, 0), report
+
+
+@pytest.mark.parametrize("events", [False, True])
+async def test_a_file_touched_while_queued_by_path_is_counted_once(
+    inbox: Path, state: Path, events: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under identity "path" a file written to after its scan, while it was queued, is given
+    # back (vanished: still being written?) and, once settled again, leased again and handled:
+    # one file, done. It was "3 seen: 2 done, 1 vanished" for two files (b seen twice).
+    caplog.set_level(logging.INFO, "asyncbatch")
+    a, b = make_files(inbox, 2)
+    settle = 1.5
+    await until_settled(settle, a, b)
+    started, release = anyio.Event(), anyio.Event()
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == a.name:
+            started.set()
+            await release.wait()
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(
+        handle,
+        source=inbox,
+        state=state,
+        identity="path",
+        settle=settle,
+        poll=0.05,
+        concurrency=1,
+        events=events,
+    )
+    report = None
+
+    async def watch() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with anyio.fail_after(30):  # a bound on a hang, not a wait
+            # b is leased behind a, which its handler holds (one worker)
+            await started.wait()
+            await until(lambda: state_counts(state) == {"running": 2})
+            os.utime(b)  # written to while queued
+            release.set()
+            await until(lambda: state_counts(state) == {"done": 2})
+            await polls_after(batch, 12 if events else 3)
+        batch.stop()
+
+    assert f"{b.name!r} vanished: the file changed" in caplog.text  # given back once
+    assert handled == [a.name, b.name]
+    assert report is not None
+    assert (report.seen, report.done, report.vanished) == (2, 2, 0), report

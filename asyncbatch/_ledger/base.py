@@ -535,8 +535,12 @@ class Ledger(IdempotencyStore):
         One read."""
 
     @abc.abstractmethod
-    async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
-        """Mark the listing begun last complete (``files`` found, every one registered);
+    async def end_listing(
+        self, job: str, owner: str, fence: int, files: int, *, done: int = 0, dead: int = 0
+    ) -> bool:
+        """Mark the listing begun last complete (``files`` found, every one registered but
+        ``done`` and ``dead`` ones, counted into its ``found_done`` and ``found_dead``: files
+        the ledger had finished that rules given since do not hold for, never taken again);
         ``False`` when ``owner`` no longer holds the role under ``fence``."""
 
     async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:

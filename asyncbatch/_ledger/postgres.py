@@ -606,9 +606,12 @@ class PostgresLedger(Ledger):
         found = await self._session.transact(register, one=True)
         return None if found is None else t.Registered(*(int(n) for n in found))
 
-    async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
+    async def end_listing(
+        self, job: str, owner: str, fence: int, files: int, *, done: int = 0, dead: int = 0
+    ) -> bool:
         async def end(conn: Connection) -> bool:
-            return await conn.fetchval(sql.LISTING_END, job, owner, fence, files) is not None
+            found = await conn.fetchval(sql.LISTING_END, job, owner, fence, files, done, dead)
+            return found is not None
 
         return await self._session.transact(end, one=True)
 

@@ -466,8 +466,10 @@ WHERE {_HOLDER}
 LISTING_QUEUED_LAST = f"SELECT queued_last FROM listers WHERE {_HOLDER} FOR UPDATE"
 #: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL).
 NOTIFY_REGISTERED = "SELECT pg_notify('asyncbatch_registered', $1)"
+#: Mark the listing complete: $4 files found, $5 done and $6 dead of them not registered.
 LISTING_END = f"""
-UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4
+UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4,
+                   found_done = found_done + $5, found_dead = found_dead + $6
 WHERE {_HOLDER}
 RETURNING job
 """

@@ -828,10 +828,13 @@ class SQLiteLedger(Ledger):
             _tx_register_listed, job, owner, fence, sql.register_listed(len(rows)), params, keys
         )
 
-    async def end_listing(self, job: str, owner: str, fence: int, files: int) -> bool:
+    async def end_listing(
+        self, job: str, owner: str, fence: int, files: int, *, done: int = 0, dead: int = 0
+    ) -> bool:
         def end(conn: sqlite3.Connection, now: float) -> bool:
-            holder = {"job": job, "owner": owner, "fence": fence, "now": now, "files": files}
-            return conn.execute(sql.LISTING_END, holder).rowcount == 1
+            holder = {"job": job, "owner": owner, "fence": fence, "now": now}
+            counts = {"files": files, "done": done, "dead": dead}
+            return conn.execute(sql.LISTING_END, {**holder, **counts}).rowcount == 1
 
         return await self._transact(end, self.clock())
 

@@ -306,7 +306,8 @@ UPDATE listers SET registered = registered + :new, found_done = found_done + :do
 WHERE {_HOLDER}
 """
 LISTING_END = f"""
-UPDATE listers SET complete = generation, listed_at = :now, listed_files = :files
+UPDATE listers SET complete = generation, listed_at = :now, listed_files = :files,
+                   found_done = found_done + :done, found_dead = found_dead + :dead
 WHERE {_HOLDER}
 """
 LISTING_EXTEND = f"UPDATE listers SET lease_until = :until WHERE {_HOLDER}"

@@ -142,6 +142,10 @@ class Claimer:
         #: Set with it: each full scan of the watch is a listing of the job, which a ``run()``
         #: beside the watch can go by (see :meth:`.SharedRun.scan_begins`).
         self.listings: SharedRun | None = None
+        #: Of the files the last one-shot scan left out (not ready by the rules), how many
+        #: the ledger had finished, by state (``done``, ``dead``): a shared run's listing
+        #: counts them among its files (see :meth:`.SharedRun._list`).
+        self.finished_unready: dict[str, int] = {}
         #: Whether an item's identity includes its version tag (an object's ``inode``).
         self._versioned = state.config.objects is not None
         #: The S3 event notifications followed (``--events sqs://QUEUE``), once open, and the
@@ -177,7 +181,7 @@ class Claimer:
         records = await self.scanner.scan(settle=self.config.settle, on_chunk=self._on_scan_chunk)
         count_scan(run.counters, self.scanner.last)
         walked = self.scanner.walked
-        finished = 0
+        finished, self.finished_unready = 0, {}
         if walked is not None and walked.left_out:
             finished = await self._count_finished(walked.left_out)
         await self.markers.after_scan(walked)
@@ -209,23 +213,24 @@ class Claimer:
         finished file is never taken again) are counted as a ready one would be (done or
         dead before), not as not ready yet. Returns how many (seen, too).
 
-        A shared run counts the job's listing (see :func:`.shared.count_listing`), which
-        registers only the ready files: there they are left out of the counts altogether."""
+        A shared run counts the job's listing (see :func:`.shared.count_listing`): its lister
+        records them with the listing's files (:attr:`finished_unready`), and every runner
+        counts them from there (this one too: its own counts leave them out meanwhile)."""
         counters = self.run.counters
         finished = await self._finished_states([r for r, _ in left_out])
+        by_state = self.finished_unready = {"done": 0, "dead": 0}
         for record, rule in left_out:
             state = finished.get(record)
             if state is None:
                 continue
             name = NOT_READY[rule]
             setattr(counters, name, getattr(counters, name) - 1)
-            if self.config.shared:
-                continue
-            if state == "done":
-                counters.done_before += 1
-            else:
-                counters.dead_before += 1
-        return 0 if self.config.shared else len(finished)
+            by_state[state] += 1
+        if self.config.shared:
+            return 0
+        counters.done_before += by_state["done"]
+        counters.dead_before += by_state["dead"]
+        return len(finished)
 
     async def watch(self) -> None:
         """Watch until stopped: a poll every ``poll`` seconds and, in between, looks at the
@@ -709,8 +714,9 @@ class Claimer:
         whether there is nothing more to note of it (it is in flight, or it ended, done or
         dead, and was counted where it ended). Else its claim is noted as any other's, the
         item counted once: an open one (held, waiting) moves on from where it was counted;
-        one this run counted dead, put back by ``retry --dead``, is taken back from ``dead``;
-        one that ended otherwise (vanished: it was changed while it settled) is seen again."""
+        one this run counted dead, put back by ``retry --dead``, is taken back from ``dead``,
+        and one it counted vanished (written to while queued, given back) from ``vanished``;
+        one that ended otherwise (registered anew after ``asyncbatch forget``) is seen again."""
         run = self.run
         if key in run.in_flight:
             return True
@@ -721,6 +727,9 @@ class Claimer:
         if key in run.dead_here:
             run.dead_here.discard(key)
             run.counters.dead -= 1
+        elif key in run.vanished_here:
+            run.vanished_here.discard(key)
+            run.counters.vanished -= 1
         else:
             run.counters.seen += 1
         return False

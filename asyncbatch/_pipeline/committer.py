@@ -89,6 +89,8 @@ class Committer:
             counters.record(outcome.state, attempted=item.attempt > 0)
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
+            elif outcome.state == "vanished" and state.config.identity == "path":
+                state.vanished_here.add(item.key)
             if outcome.state == "failed":
                 retry_due = True
                 state.reopen(item.key, "waiting", item.record())

@@ -187,7 +187,14 @@ class SharedRun:
             if run.stopping or not await self._register(chunk, queue=True):
                 return
         self._queued_keys = None
-        if await run.ledger.end_listing(cfg.job, run.owner, role.fence, len(records)):
+        # The files the ledger had finished that fail rules given since: not queued (never
+        # taken again), but found, and finished, as a run of its own counts them.
+        finished = claimer.finished_unready
+        done, dead = finished.get("done", 0), finished.get("dead", 0)
+        files = len(records) + done + dead
+        if await run.ledger.end_listing(
+            cfg.job, run.owner, role.fence, files, done=done, dead=dead
+        ):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
             run.listing_role = await run.ledger.listing(cfg.job)  # complete now
             run.wake()
