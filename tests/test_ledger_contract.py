@@ -2188,6 +2188,17 @@ async def test_forget_logs_the_names_it_forgot_for_watches_under_way(ledger: Led
     assert (await ledger.forgotten_since("j", None))[0] >= later
 
 
+async def test_look_again_logs_names_for_watches_under_way(ledger: Ledger) -> None:
+    start, _ = await ledger.forgotten_since("j", None)
+    await ledger.look_again("j", [])
+    assert await ledger.forgotten_since("j", start) == (start, [])
+    await ledger.look_again("j", [b"a.csv", b"sub/b\xff.csv"])
+    await ledger.look_again("other", [b"c.csv"])
+    seq, names = await ledger.forgotten_since("j", start)
+    assert names == [b"a.csv", b"sub/b\xff.csv"]
+    assert await ledger.forgotten_since("j", seq) == (seq, [])
+
+
 # -- the listing role ----------------------------------------------------------------------------
 
 

@@ -717,11 +717,19 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
-        """The relpaths of the job's items :meth:`forget` deleted after the entry ``seq`` of
-        its log, oldest first, and the newest entry's number: a watch under way looks at
-        those files again (it remembers the files it registered). ``seq=None``: just the
-        newest entry's number (where a watch starts following the log). Entries are kept
-        :data:`FORGOTTEN_KEPT` seconds."""
+        """The relpaths of the job's items :meth:`forget` deleted (or :meth:`look_again`
+        named) after the entry ``seq`` of its log, oldest first, and the newest entry's
+        number: a watch under way looks at those files again (it remembers the files it
+        registered). ``seq=None``: just the newest entry's number (where a watch starts
+        following the log). Entries are kept :data:`FORGOTTEN_KEPT` seconds."""
+
+    @abc.abstractmethod
+    async def look_again(self, job: str, relpaths: Sequence[bytes]) -> None:
+        """Log ``relpaths`` as :meth:`forget` logs the names it deleted (one transaction;
+        nothing for none): files whose items a runner gave back as vanished, most often
+        because the file changed after its scan (a ``chmod``, a link, a copier setting its
+        mtime back: its key kept, so its item). A watch under way remembers such a file as
+        registered, and without this would not take it again until it restarts."""
 
     @abc.abstractmethod
     async def _forget_keys(self, job: str, keys: list[str]) -> Forgotten:

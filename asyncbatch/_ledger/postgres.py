@@ -80,8 +80,13 @@ _INT63 = 1 << 63
 
 async def _log_forgotten(conn: Connection, job: str, gone: Sequence[t.ItemInfo]) -> None:
     """Log the names of forgotten items for watches under way; prune the old entries."""
-    if gone:
-        await conn.execute(sql.FORGOTTEN_ADD, job, [os.fsencode(i.relpath) for i in gone])
+    await _log_names(conn, job, [os.fsencode(i.relpath) for i in gone])
+
+
+async def _log_names(conn: Connection, job: str, relpaths: Sequence[bytes]) -> None:
+    """Log names for watches under way to look at again; prune the old entries."""
+    if relpaths:
+        await conn.execute(sql.FORGOTTEN_ADD, job, list(relpaths))
         await conn.execute(sql.FORGOTTEN_PRUNE, FORGOTTEN_KEPT)
 
 
@@ -806,6 +811,15 @@ class PostgresLedger(Ledger):
             return t.Forgotten(tuple(gone))
 
         return await self._session.transact(forget)
+
+    async def look_again(self, job: str, relpaths: Sequence[bytes]) -> None:
+        if not relpaths:
+            return
+
+        async def log(conn: Connection) -> None:
+            await _log_names(conn, job, relpaths)
+
+        await self._session.transact(log, one=True)
 
     async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
         if seq is None:

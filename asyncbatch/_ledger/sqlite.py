@@ -129,10 +129,13 @@ def _log_forgotten(
     conn: sqlite3.Connection, job: str, gone: Sequence[t.ItemInfo], now: float
 ) -> None:
     """Log the names of forgotten items for watches under way; prune the old entries."""
-    if gone:
-        conn.executemany(
-            sql.FORGOTTEN_ADD, [(job, os.fsencode(item.relpath), now) for item in gone]
-        )
+    _log_names(conn, job, [os.fsencode(item.relpath) for item in gone], now)
+
+
+def _log_names(conn: sqlite3.Connection, job: str, relpaths: Sequence[bytes], now: float) -> None:
+    """Log names for watches under way to look at again; prune the old entries."""
+    if relpaths:
+        conn.executemany(sql.FORGOTTEN_ADD, [(job, relpath, now) for relpath in relpaths])
         conn.execute(sql.FORGOTTEN_PRUNE, (now - FORGOTTEN_KEPT,))
 
 
@@ -1077,6 +1080,10 @@ class SQLiteLedger(Ledger):
             return t.Forgotten(tuple(gone))
 
         return await self._transact(forget, self.clock())
+
+    async def look_again(self, job: str, relpaths: Sequence[bytes]) -> None:
+        if relpaths:
+            await self._transact(_log_names, job, list(relpaths), self.clock())
 
     async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
         if seq is None:

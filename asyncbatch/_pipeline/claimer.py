@@ -671,6 +671,7 @@ class Claimer:
                         row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
                 continue
+            self._seen_again(item.key, again=again)
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
                 counters.done_before += 1
                 continue
@@ -708,6 +709,17 @@ class Claimer:
         counters.seen -= 1
         counters.earlier -= 1
         return key in run.in_flight or row is None or row.state in ("done", "dead")
+
+    def _seen_again(self, key: str, *, again: bool) -> None:
+        """An item this run counted vanished (given back: its file changed after its scan,
+        its key kept), its file a candidate again: the same item, seen once, counted by how
+        it ends now (that count taken back). ``again``: see :meth:`_counted_again`, which
+        takes it back then."""
+        run = self.run
+        if not again and key in run.vanished_here:
+            run.vanished_here.discard(key)
+            run.counters.vanished -= 1
+            run.counters.seen -= 1
 
     def _counted_again(self, key: str, row: ClaimedRow | None) -> bool:
         """An item this watch counted already, its file seen changed (identity ``path``):

@@ -72,6 +72,7 @@ class Committer:
         await failpoints.ahit("after-commit")
         counters, in_flight, posts = state.counters, state.in_flight, self.posts
         retry_due = False
+        vanished: list[bytes] = []
         for item, outcome in batch:
             in_flight.pop(item.key, None)
             if lost and item.key in lost:
@@ -89,8 +90,9 @@ class Committer:
             counters.record(outcome.state, attempted=item.attempt > 0)
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
-            elif outcome.state == "vanished" and state.config.identity == "path":
+            elif outcome.state == "vanished":
                 state.vanished_here.add(item.key)
+                vanished.append(item.relpath)
             if outcome.state == "failed":
                 retry_due = True
                 state.reopen(item.key, "waiting", item.record())
@@ -103,6 +105,10 @@ class Committer:
                     item.mtime_ns,
                     item.inode,
                 )
+        if vanished:
+            # Most often files changed after their scan, given back to be handled once settled:
+            # a watch under way (this runner's or another's) looks at them again.
+            await state.ledger.look_again(job, vanished)
         state.made_room()  # leased-and-unfinished items went down: the claimer may lease more
         if retry_due or not in_flight:
             state.wake()  # the claimer waits for a retry to schedule or for the last item

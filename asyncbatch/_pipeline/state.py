@@ -64,10 +64,11 @@ class RunState:
     #: in the ledger: when this run leases it again, that count is taken back, and its next
     #: outcome counts instead (the same file, seen once). Bounded by the run's dead count.
     dead_here: set[str] = field(default_factory=set)
-    #: Identity ``path``: keys this run counted vanished (most often a file written to after
-    #: its scan, while queued: given back, to be handled once settled). A watch that leases
-    #: one again (its file seen changed: the same item) takes that count back, and its next
-    #: outcome counts instead (the same file, seen once). Bounded by the run's vanished count.
+    #: Keys this run counted vanished (most often a file changed after its scan, while
+    #: queued: given back, to be handled once settled). A watch that leases one again (its
+    #: file seen again, the same item: identity ``path``, or a change that kept its key)
+    #: takes that count back, and its next outcome counts instead (the same file, seen
+    #: once). Bounded by the run's vanished count.
     vanished_here: set[str] = field(default_factory=set)
     #: Scan records the claimer did not get to (the run stopped first), and the keys of the
     #: items given back unfinished at the end: what the final report looks up in the ledger
