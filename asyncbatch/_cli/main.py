@@ -114,8 +114,8 @@ def _add_source_check(p: argparse.ArgumentParser) -> None:
         "--source",
         default=None,
         type=non_empty_path,
-        help="the directory the job scans (default: the job's, as its runs recorded it; "
-        "another is refused)",
+        help="the directory (or s3:// prefix) the job scans (default: the job's, as its runs "
+        "recorded it; another is refused)",
     )
 
 
