@@ -147,6 +147,30 @@ async def test_explain_names_an_objects_missing_marker_and_its_archive_copy(
     assert explain(bucket, state, "b.csv")["verdict"] == "never-seen"  # ready now
 
 
+async def test_explain_does_not_take_another_object_of_the_same_size_for_the_archive_copy(
+    bucket: Bucket, state: Path
+) -> None:
+    bucket.put("archive/a.csv", b"X")  # someone else's object, 1 byte
+    bucket.put("in/a.csv", b"a")  # 1 byte too
+
+    async def handler(ctx: TaskContext) -> None:
+        bucket.client.delete_object(Bucket=bucket.name, Key="in/a.csv")  # gone: never moved
+
+    settings = {
+        "source": bucket.url("in/"),
+        "state": state,
+        "settle": 0,
+        "on_done": f"move:{bucket.url('archive/')}",
+    }
+    await Batch(handler, **settings).run()  # type: ignore[arg-type]
+    said = explain(bucket, state, "a.csv")["message"]
+    assert "moved it to" not in said, said
+    assert said.endswith(
+        f"; its object is gone from the source, and {bucket.url('archive/a.csv')} has its size "
+        "but another ETag (its copy, if it was uploaded in parts; or another object)"
+    ), said
+
+
 def test_explain_refuses_what_it_cannot_look_at_in_one_line(
     bucket: Bucket, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,15 +189,38 @@ def test_by_path_a_name_registered_and_still_listed_is_a_candidate_again() -> No
     assert s.scanned([touched, back], *at(5.0), again=again) == []
     assert s.scanned([touched, back], *at(6.0), again=again) == [back]
     assert again == set()
-    # So is one a look finds gone, and one forgotten (asyncbatch forget).
+    # So is one a look finds gone.
     assert s.looked([b"b"], [], *at(7.0)) == []
     made = rec(b"b", 6.5)
     assert s.looked([b"b"], [made], *at(7.6)) == []
     assert s.looked([b"b"], [made], *at(8.6), again=again) == [made]
-    s.forget([b"a"])
+    assert again == set()
+    # One the ledger's log names (asyncbatch forget; given back to be taken again) is a
+    # candidate again, registered before: the claim tells what its item is now.
+    s.look_again([b"a"])
     assert s.scanned([touched, made], *at(9.0), again=again) == []
     assert s.scanned([touched, made], *at(10.0), again=again) == [touched]
+    assert again == {b"a"}
+
+
+def test_without_by_path_a_name_the_ledger_names_again_is_again_once() -> None:
+    s = Sightings(settle=0.5)
+    a, b = rec(b"a", -10), rec(b"b", -10)
+    again: set[bytes] = set()
+    s.scanned([a, b], *at(0.0))
+    assert s.scanned([a, b], *at(1.0), again=again) == [a, b]
     assert again == set()
+    s.look_again([b"a", b"gone"])
+    assert s.scanned([a, b], *at(2.0), again=again) == []  # looked at as a new file:
+    assert s.scanned([a, b], *at(2.6), again=again) == [a]  # unchanged a settle later
+    assert again == {b"a"}
+    again.clear()
+    s.look_again([b"b"])
+    assert s.scanned([a], *at(3.0), again=again) == []  # b left the listing: forgotten
+    back = rec(b"b", 2.5)
+    assert s.scanned([a, back], *at(3.2), again=again) == []
+    assert s.scanned([a, back], *at(4.0), again=again) == [back]
+    assert again == set()  # a file gone and back is new
 
 
 def test_without_by_path_no_candidate_is_again() -> None:

@@ -502,3 +502,49 @@ async def test_a_file_changed_while_queued_is_handled_once_settled_and_counted_o
     assert handled == [a.name, b.name]
     assert report is not None
     assert (report.seen, report.done, report.vanished) == (2, 2, 0), report
+
+
+@pytest.mark.parametrize("events", [False, True])
+async def test_a_file_replaced_while_queued_is_a_new_item_counted_once(
+    inbox: Path, state: Path, events: bool
+) -> None:
+    # Its new version (another size: a new key) is registered behind the old one, which is
+    # given back as vanished: the watch must not take the new version for a file to look at
+    # again ("4 seen: 2 done, 1 done before, 1 vanished" for 3 versions).
+    a, b = make_files(inbox, 2)
+    settle = 0.5
+    await until_settled(settle, a, b)
+    started, release = anyio.Event(), anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == a.name:
+            started.set()
+            await release.wait()
+
+    batch = Batch(
+        handle, source=inbox, state=state, settle=settle, poll=0.05, concurrency=1, events=events
+    )
+    report = None
+
+    async def watch() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with anyio.fail_after(30):  # a bound on a hang, not a wait
+            await started.wait()
+            await until(lambda: state_counts(state) == {"running": 2})
+            b.write_bytes(b"a new version, longer\n")
+            old = time.time() - 30
+            os.utime(b, (old, old))  # settled at once (its ctime: after a settle)
+            await until(lambda: state_counts(state) == {"running": 3})  # both versions
+            release.set()
+            await until(lambda: state_counts(state) == {"done": 2, "vanished": 1})
+            await polls_after(batch, 12 if events else 6)
+            await until_settled(settle, b)
+            await polls_after(batch, 12 if events else 6)
+        batch.stop()
+    assert report is not None
+    counts = (report.seen, report.done, report.vanished, report.done_before)
+    assert counts == (3, 2, 1, 0), report

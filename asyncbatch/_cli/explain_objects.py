@@ -159,13 +159,24 @@ async def _post_action_said(item: ItemInfo, now: ObjectInfo | None, stores: Obje
     plain = archive.key(item.relpath)
     head, _, name = plain.rpartition("/")
     keyed = f"{head}/{keyed_name(name, item.key)}" if head else keyed_name(name, item.key)
+    alike = None  # an object of its size under another ETag
     try:
         for key in (keyed, plain):
             there = await store.head(key)
-            if there is not None and there.size == item.size:
+            if there is None or there.size != item.size:
+                continue
+            if there.tag == item.inode:  # its ETag: the object it handled
                 return f"; its post-commit action moved it to s3://{archive.bucket}/{key}"
+            alike = alike or key
     except OSError as exc:
         return f"; whether its post-commit action ({what}) is finished cannot be told: {exc}"
+    if alike is not None:
+        # A copy of an object uploaded in parts has another ETag (see effects._SameContent): its
+        # bytes are gone from the source, so which this is cannot be told.
+        return (
+            f"; its object is gone from the source, and s3://{archive.bucket}/{alike} has its "
+            "size but another ETag (its copy, if it was uploaded in parts; or another object)"
+        )
     return f"; its object is gone from the source, and {place} holds no copy of it"
 
 

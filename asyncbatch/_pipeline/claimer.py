@@ -418,13 +418,13 @@ class Claimer:
         directory a scan walks turned up (a listing does not look into new directories)."""
         run = self.run
         saw_dir = False
-        # Items deleted from the ledger since the last poll (asyncbatch forget): their files
-        # are new again, and looked at now.
+        # Items deleted from the ledger since the last poll (asyncbatch forget), or given back
+        # to be taken again (written to while queued): their files are looked at now.
         self._forgotten_seq, forgotten = await run.ledger.forgotten_since(
             self.config.job, self._forgotten_seq
         )
         if forgotten:
-            sightings.forget(forgotten)
+            sightings.look_again(forgotten)
             paths.update(forgotten)
         if full:
             listings = self.listings
@@ -671,7 +671,6 @@ class Claimer:
                         row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
                 continue
-            self._seen_again(item.key, again=again)
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
                 counters.done_before += 1
                 continue
@@ -709,17 +708,6 @@ class Claimer:
         counters.seen -= 1
         counters.earlier -= 1
         return key in run.in_flight or row is None or row.state in ("done", "dead")
-
-    def _seen_again(self, key: str, *, again: bool) -> None:
-        """An item this run counted vanished (given back: its file changed after its scan,
-        its key kept), its file a candidate again: the same item, seen once, counted by how
-        it ends now (that count taken back). ``again``: see :meth:`_counted_again`, which
-        takes it back then."""
-        run = self.run
-        if not again and key in run.vanished_here:
-            run.vanished_here.discard(key)
-            run.counters.vanished -= 1
-            run.counters.seen -= 1
 
     def _counted_again(self, key: str, row: ClaimedRow | None) -> bool:
         """An item this watch counted already, its file seen changed (identity ``path``):

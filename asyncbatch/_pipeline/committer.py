@@ -75,6 +75,9 @@ class Committer:
         vanished: list[bytes] = []
         for item, outcome in batch:
             in_flight.pop(item.key, None)
+            rewritten = item.key in state.rewritten
+            if rewritten:
+                state.rewritten.discard(item.key)
             if lost and item.key in lost:
                 counters.lost += 1
                 # A completion refused matters (the work is redone by the new holder); a failed
@@ -90,7 +93,7 @@ class Committer:
             counters.record(outcome.state, attempted=item.attempt > 0)
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
-            elif outcome.state == "vanished":
+            elif outcome.state == "vanished" and rewritten:
                 state.vanished_here.add(item.key)
                 vanished.append(item.relpath)
             if outcome.state == "failed":
@@ -106,8 +109,10 @@ class Committer:
                     item.inode,
                 )
         if vanished:
-            # Most often files changed after their scan, given back to be handled once settled:
-            # a watch under way (this runner's or another's) looks at them again.
+            # Files written to after their scan, their items given back to be handled once
+            # settled: a watch under way (this runner's, or a shared one's) remembers them as
+            # registered, and looks at them again by this log. (A crash before it loses only
+            # that: the next run scans afresh.)
             await state.ledger.look_again(job, vanished)
         state.made_room()  # leased-and-unfinished items went down: the claimer may lease more
         if retry_due or not in_flight:

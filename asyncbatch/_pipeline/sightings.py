@@ -95,6 +95,9 @@ class Sightings:
         #: registered, as long as they stay listed (a file gone is forgotten, so a long watch
         #: keeps at most one per file in the source); ``None`` otherwise.
         self._names: set[bytes] | None = set() if by_path else None
+        #: Not ``by_path``: the relpaths the ledger's log named (see :meth:`look_again`) that
+        #: are not registered again yet, while they stay listed.
+        self._relook: set[bytes] = set()
         self._waiting: dict[bytes, _Waiting] = {}
         #: Files waiting for a rule that lasts (a marker, ...: see ``LASTING``) whose item the
         #: ledger may have finished before (the rules changed since): not asked about yet, by
@@ -140,6 +143,9 @@ class Sightings:
         if names:  # the names still listed (a file gone and back is registered anew);
             # r[8:-25] is a record's relpath (as split() has it, without its signature)
             names = self._names = {rel for r in records if (rel := r[8:-25]) in names}
+        if self._relook:
+            relook = self._relook
+            self._relook = {rel for r in records if (rel := r[8:-25]) in relook}
         known = self._known
         listed = [_registered(r) for r in records]
         fresh = [r for r, k in zip(records, listed, strict=True) if k not in known]
@@ -192,16 +198,19 @@ class Sightings:
             else:
                 self._asked.add(kept)
 
-    def forget(self, relpaths: Iterable[bytes]) -> None:
-        """Forget what is known of these files (their items were deleted from the ledger:
-        ``asyncbatch forget``): the next look at them takes them as new files."""
+    def look_again(self, relpaths: Iterable[bytes]) -> None:
+        """Forget what is known of these files, named by the ledger's log (their items deleted
+        by ``asyncbatch forget``, or given back to be taken again: ``Ledger.look_again``), as
+        files registered before: the next look at them takes them as candidates, and one that
+        is goes into that look's ``again`` (its item is the one this watch counted, or a new
+        one: the claim tells, see ``Claimer._counted_again``)."""
         gone = set(relpaths)
         if not gone:
             return
+        if self._names is None:
+            self._relook |= gone
         self._known = {k for k in self._known if k[8:-17] not in gone}
         self._known_names = {n for n in self._known_names if n[:-9] not in gone}
-        if self._names:
-            self._names -= gone
         self._asked = {k for k in self._asked if k[8:-17] not in gone}
         for rel in gone:
             self._waiting.pop(rel, None)
@@ -264,15 +273,21 @@ class Sightings:
         for rel in relpaths:
             if rel not in listed:
                 self._waiting.pop(rel, None)
+                self._relook.discard(rel)
                 if names is not None:
                     names.discard(rel)
         return candidates
 
     def _registering(self, rel: bytes, again: set[bytes] | None) -> None:
         """``by_path``: remember that a candidate's name is registered; a name registered
-        before (and listed ever since) goes into ``again``."""
+        before (and listed ever since) goes into ``again``; so does one named by the ledger's
+        log (see :meth:`look_again`)."""
         names = self._names
         if names is None:
+            if rel in self._relook:
+                self._relook.discard(rel)
+                if again is not None:
+                    again.add(rel)
             return
         if rel in names:
             if again is not None:

@@ -64,10 +64,14 @@ class RunState:
     #: in the ledger: when this run leases it again, that count is taken back, and its next
     #: outcome counts instead (the same file, seen once). Bounded by the run's dead count.
     dead_here: set[str] = field(default_factory=set)
-    #: Keys this run counted vanished (most often a file changed after its scan, while
-    #: queued: given back, to be handled once settled). A watch that leases one again (its
-    #: file seen again, the same item: identity ``path``, or a change that kept its key)
-    #: takes that count back, and its next outcome counts instead (the same file, seen
+    #: Keys of items a worker gave back as vanished because their file was written to after
+    #: its scan with the item's key kept (its ctime changed: a ``chmod``, a link, a copier
+    #: setting its mtime back; identity ``path``: any change): the same item, to be taken
+    #: again once settled. Taken out by the committer (a handful at a time).
+    rewritten: set[str] = field(default_factory=set)
+    #: Keys this run counted vanished that way (see :attr:`rewritten`). A watch that looks
+    #: at such a file again (the ledger's log, see ``Ledger.look_again``) and leases its item
+    #: again takes that count back, and its next outcome counts instead (the same file, seen
     #: once). Bounded by the run's vanished count.
     vanished_here: set[str] = field(default_factory=set)
     #: Scan records the claimer did not get to (the run stopped first), and the keys of the

@@ -713,6 +713,7 @@ class WorkerPool:
                 # recorded (and what a post-commit action looks for) is this file.
                 stat = item.size, item.mtime_ns, item.inode = st.st_size, mtime_ns, st.st_ino
         if moved is None and (why := self._rewritten(item, st)) is not None:
+            self.run.rewritten.add(item.key)  # the same item, to be taken again once settled
             return self.vanished(item, why)
         return stat
 
