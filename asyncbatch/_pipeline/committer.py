@@ -62,10 +62,7 @@ class Committer:
         of its attempt (identity ``content``, see ``RunState.twins``) are, if it is done. If
         it is dead, they are dead before. If it vanished (its file deleted or changed while
         queued), the first of them is taken, as an open item (its count taken back: it counts
-        by how it ends), the others wait on that attempt. A failed attempt is retried: they
-        wait on the retry."""
-        if outcome not in ("done", "dead", "vanished"):
-            return
+        by how it ends), the others wait on that attempt."""
         state = self.state
         twins = state.twins.pop(key, None)
         if not twins:
