@@ -566,9 +566,8 @@ class Claimer:
             ihash = input_hash(identity, rel, size, mtime_ns, digest, version)
             key = item_key(identity, ihash, mtime_ns)
             if identity == "content":
-                if key in keys:  # the same bytes as an item before it in the chunk
+                if key in keys:
                     counters.done_before += 1
-                    self.run.twins.setdefault(key, []).append(record)
                     continue
                 keys.add(key)
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime))
@@ -674,7 +673,6 @@ class Claimer:
                 continue
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
                 counters.done_before += 1
-                run.twins.setdefault(item.key, []).append(item.record())
                 continue
             run.close(item.key)  # what the claim found replaces what was known
             if row is None:  # done: finished before, by this or another runner

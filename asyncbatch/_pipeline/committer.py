@@ -57,27 +57,6 @@ class Committer:
                     await self.commit(*outbox.take())
                 self.posts.close()
 
-    def settle_twins(self, key: str, outcome: str) -> None:
-        """The item ``key`` ended ``outcome``: the files counted done before on the strength
-        of its attempt (identity ``content``, see ``RunState.twins``) are, if it is done. If
-        it is dead, they are dead before. If it vanished (its file deleted or changed while
-        queued), the first of them is taken, as an open item (its count taken back: it counts
-        by how it ends), the others wait on that attempt."""
-        state = self.state
-        twins = state.twins.pop(key, None)
-        if not twins:
-            return
-        counters = state.counters
-        if outcome == "dead":
-            counters.done_before -= len(twins)
-            counters.dead_before += len(twins)
-        elif outcome == "vanished":
-            first, *rest = twins
-            counters.done_before -= 1
-            state.reopen(key, "held", first)  # claimed again (``Claimer.claim_open``)
-            if rest:
-                state.twins[key] = rest
-
     async def commit(
         self, batch: list[tuple[LeasedItem, Outcome]], started: list[tuple[str, int]]
     ) -> None:
@@ -112,8 +91,6 @@ class Committer:
                 state.reopen(item.key, "held", item.record())
                 continue
             counters.record(outcome.state, attempted=item.attempt > 0)
-            if state.twins:
-                self.settle_twins(item.key, outcome.state)
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
             elif outcome.state == "vanished" and rewritten:

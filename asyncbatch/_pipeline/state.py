@@ -74,12 +74,6 @@ class RunState:
     #: again takes that count back, and its next outcome counts instead (the same file, seen
     #: once). Bounded by the run's vanished count.
     vanished_here: set[str] = field(default_factory=set)
-    #: Identity ``content``: the records of files counted done before because an item of
-    #: theirs (the same bytes, under another name) was leased with them or in flight, by its
-    #: key: if that attempt ends otherwise (vanished: its file deleted or changed while
-    #: queued; dead), they are not done, and one of them is taken (see
-    #: ``Committer.settle_twins``). Bounded by such files in flight.
-    twins: dict[str, list[bytes]] = field(default_factory=dict)
     #: Scan records the claimer did not get to (the run stopped first), and the keys of the
     #: items given back unfinished at the end: what the final report looks up in the ledger
     #: (another runner may have finished them meanwhile).
