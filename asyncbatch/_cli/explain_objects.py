@@ -31,6 +31,7 @@ from .._sources.store import ObjectInfo, ObjectKeyRefused, ObjectStore, ObjectSt
 from .._sources.url import SCHEME, ObjectURL, is_object_url
 from .common import show_time
 from .items import (
+    answer_fields,
     item_json,
     marker_of,
     not_ready,
@@ -260,16 +261,7 @@ async def object_facts(
     return {
         "path": f"{SCHEME}{url.bucket}/{url.key(rel_text)}",
         "relpath": rel_text,
-        "job": args.job,
-        "source": settings.source,
-        "recursive": settings.recursive,
-        "follow_symlinks": False,
-        "ignore": list(settings.ignore),
-        "ready": list(settings.ready),
-        "settle": settings.settle,
-        "verdict": verdict,
-        "message": message,
-        "rules": [{"rule": v.rule, "holds": v.holds, "why": v.why} for v in verdicts],
+        **answer_fields(args, settings, verdict, message, verdicts),
         "exists": obj is not None,
         "file": None
         if obj is None

@@ -637,6 +637,29 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
     return {
         "path": str(full),
         "relpath": rel_text,
+        **answer_fields(args, settings, verdict, message, verdicts),
+        "exists": facts["exists"],
+        "file": None
+        if st is None
+        else {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino},
+        "identity": identity,
+        "key": key,
+        "input_hash": ihash,
+        "item": None if current is None else item_json(current),
+        "other_items": [item_json(item) for item in others],
+    }
+
+
+def answer_fields(
+    args: argparse.Namespace,
+    settings: JobSettings,
+    verdict: str,
+    message: str,
+    verdicts: list[RuleVerdict],
+) -> dict[str, Any]:
+    """The fields of ``explain --json`` a file's and an object's answers share: the job and
+    its scan rules, the verdict, and each rule's."""
+    return {
         "job": args.job,
         "source": settings.source,
         "recursive": settings.recursive,
@@ -647,15 +670,6 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         "verdict": verdict,
         "message": message,
         "rules": [{"rule": v.rule, "holds": v.holds, "why": v.why} for v in verdicts],
-        "exists": facts["exists"],
-        "file": None
-        if st is None
-        else {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino},
-        "identity": identity,
-        "key": key,
-        "input_hash": ihash,
-        "item": None if current is None else item_json(current),
-        "other_items": [item_json(item) for item in others],
     }
 
 
