@@ -693,7 +693,7 @@ class Claimer:
                     )
                 continue
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
-                run.ride(item.key, item.record())
+                self._with_in_flight(item)
                 continue
             run.close(item.key)  # what the claim found replaces what was known
             if row is None:  # done: finished before, by this or another runner
@@ -718,6 +718,15 @@ class Claimer:
                     )
         self._track(leased, by_key)
         return leased
+
+    def _with_in_flight(self, item: LeasedItem) -> None:
+        """Count a claimed file whose item is in flight (identity ``content``: another file
+        with its bytes) done before, on the strength of that attempt: noted as its twin
+        (``RunState.ride``), to follow how it ends."""
+        if self.config.identity == "content":
+            self.run.ride(item.key, item.record())
+        else:
+            self.run.counters.done_before += 1
 
     def _twins_found(self, items: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
         """Identity ``content``: of the items of a claim, those with twins (files counted
@@ -758,8 +767,10 @@ class Claimer:
         took up since (see ``RunState.twins``: in flight, or finished) is counted as that
         file's twin, done (dead) before, not vanished."""
         run, key = self.run, item.key
-        if key in run.vanished_here and (
-            key in run.in_flight or row is None or row.state in ("done", "dead")
+        if (
+            self.config.identity == "content"
+            and key in run.vanished_here
+            and (key in run.in_flight or row is None or row.state in ("done", "dead"))
         ):
             run.vanished_here.discard(key)
             run.counters.vanished -= 1
