@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import anyio
+import pytest
 
 from asyncbatch import Batch, TaskContext
 
@@ -497,3 +498,85 @@ async def test_a_vanished_file_is_counted_vanished_though_its_bytes_are_done_lat
         claim_batch=1,
     ).run()
     assert (report.seen, report.done + report.done_before, report.vanished) == (9, 8, 1), report
+
+
+def twins_inbox(inbox: Path, names: list[str], twins: str) -> None:
+    """Files ``NAME.txt`` in ``names``' order (by mtime, a second apart, settled); those in
+    ``twins`` with the same bytes (identity content: one item), the others their own."""
+    inbox.mkdir(exist_ok=True)
+    base = time.time() - 60
+    for i, name in enumerate(names):
+        path = inbox / f"{name}.txt"
+        path.write_bytes(b"same bytes\n" if name in twins else f"{name}\n".encode())
+        os.utime(path, (base + i, base + i))
+
+
+@pytest.mark.parametrize("third", [False, True])
+async def test_a_file_counted_done_before_on_its_twins_attempt_is_handled_when_that_vanished(
+    tmp_path: Path, any_state: str, third: bool
+) -> None:
+    # Identity content: y has x's bytes (one item), claimed in x's chunk: counted done before
+    # on the strength of x's attempt. x is deleted while queued (vanished): y was then never
+    # handled, and the run said "done before" for it, exit 0. A third copy z, claimed in a
+    # later chunk, follows whichever attempt of the item is under way (y's, or its own: then
+    # y follows it), and the report counts every file once.
+    inbox = tmp_path / "inbox"
+    names = ["a", "b", "x", "y", "c", "d", "e", "z"] if third else ["a", "b", "x", "y", "c"]
+    twins_inbox(inbox, names, "xyz")
+    deleted = anyio.Event()
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "a.txt":  # a, b, x, y: one claim, x queued behind a and b
+            (inbox / "x.txt").unlink()
+            deleted.set()
+        elif ctx.entry.relpath == "b.txt":
+            await deleted.wait()
+        handled.append(ctx.entry.relpath)
+
+    report = await Batch(
+        handle,
+        source=inbox,
+        state=any_state,
+        identity="content",
+        settle=0,
+        concurrency=2,
+        claim_batch=4,
+    ).run()
+    twins = [name for name in handled if name in ("y.txt", "z.txt")]
+    assert len(twins) == 1, handled  # one of them handled, the other done before on it
+    assert sorted(set(handled) - set(twins)) == [f"{n}.txt" for n in names if n not in "xyz"]
+    counts = (report.seen, report.done, report.done_before, report.vanished, report.unfinished)
+    assert counts == (len(names), len(names) - 1 - third, third, 1, 0), report
+    assert report.ok, report
+
+
+async def test_a_file_counted_done_before_on_its_twins_attempt_is_dead_before_when_that_died(
+    tmp_path: Path, any_state: str
+) -> None:
+    # Identity content: y has x's bytes (one item), counted done before on the strength of
+    # x's attempt, which fails for good: y is dead before (it was "done before", exit 1 for
+    # x alone).
+    inbox = tmp_path / "inbox"
+    twins_inbox(inbox, ["a", "x", "y", "b"], "xy")
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        if ctx.entry.relpath in ("x.txt", "y.txt"):
+            raise ValueError("cannot parse these bytes")
+
+    report = await Batch(
+        handle,
+        source=inbox,
+        state=any_state,
+        identity="content",
+        settle=0,
+        concurrency=1,
+        claim_batch=4,
+        max_attempts=1,
+    ).run()
+    assert len([name for name in handled if name in ("x.txt", "y.txt")]) == 1, handled
+    counts = (report.seen, report.done, report.dead, report.dead_before, report.done_before)
+    assert counts == (4, 2, 1, 1, 0), report
+    assert not report.ok

@@ -548,3 +548,63 @@ async def test_a_file_replaced_while_queued_is_a_new_item_counted_once(
     assert report is not None
     counts = (report.seen, report.done, report.vanished, report.done_before)
     assert counts == (3, 2, 1, 0), report
+
+
+async def test_a_content_file_changed_while_queued_with_a_twin_is_counted_once_not_vanished(
+    inbox: Path, state: Path
+) -> None:
+    # Identity content: y has x's bytes (one item), counted done before on the strength of
+    # x's attempt; x's ctime changes while it is queued (a chmod: its key kept), so x is given
+    # back as vanished and y, handled by none, is taken in its place. The watch then looks at
+    # x again: its bytes are done (by y), so it is done before, not left "vanished".
+    a = inbox / "a.txt"
+    a.write_bytes(b"a\n")
+    x, y = inbox / "x.txt", inbox / "y.txt"
+    for path in (x, y):
+        path.write_bytes(b"same bytes\n")
+    base = time.time() - 60
+    for i, path in enumerate((a, x, y)):
+        os.utime(path, (base + i, base + i))
+    settle = 2.5  # x is opened within it after its chmod, or it is not given back: a margin
+    await until_settled(settle, a, x, y)
+    started, release = anyio.Event(), anyio.Event()
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == a.name:
+            started.set()
+            await release.wait()
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(
+        handle,
+        source=inbox,
+        state=state,
+        identity="content",
+        settle=settle,
+        poll=0.05,
+        concurrency=1,
+    )
+    report = None
+
+    async def watch() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with anyio.fail_after(30):  # a bound on a hang, not a wait
+            await started.wait()  # x is leased behind a, which its handler holds
+            await until(lambda: state_counts(state) == {"running": 2})
+            await until(lambda: (stats := batch.statistics()) is not None and stats.seen == 3)
+            x.chmod(0o600)  # its ctime alone: the same bytes, the same key
+            release.set()
+            await until(lambda: state_counts(state) == {"done": 2})
+            await until_settled(settle, x)
+            await polls_after(batch, 6)
+        batch.stop()
+
+    assert handled in ([a.name, x.name], [a.name, y.name])  # one of the two, once
+    assert report is not None
+    counts = (report.seen, report.done, report.done_before, report.vanished)
+    assert counts == (3, 2, 1, 0), report

@@ -277,6 +277,8 @@ class Claimer:
                 count_not_ready(run.counters, sightings.waiting_by_rule())
                 if saw_dir:
                     changes.rescan()  # a directory arrived: what is in it has no events
+                if run.twins_due and self.registrar is None:
+                    await self.claim_twins()
                 if retry_at is not None and time.monotonic() >= retry_at:
                     retry_at, waiting = None, -1  # and reckon the next one after this claim
                     await self.claim_open()
@@ -527,7 +529,9 @@ class Claimer:
         """Claim the records of files this watch registered before, seen changed (identity
         ``path``): the items it counted already. Left unclaimed by a stop, they stay counted
         where they were."""
-        items = self.prepare(records)
+        twins: list[tuple[str, bytes]] = []
+        items = self.prepare(records, twins)
+        self._ride(twins)
         while items:
             size = await self._room()
             if self.run.stopping:
@@ -537,12 +541,16 @@ class Claimer:
 
     # -- claiming -----------------------------------------------------------------------------
 
-    def prepare(self, records: Iterable[bytes]) -> list[LeasedItem]:
+    def prepare(
+        self, records: Iterable[bytes], twins: list[tuple[str, bytes]] | None = None
+    ) -> list[LeasedItem]:
         """Items (with key and input hash) for a chunk of scan records.
 
         With identity ``"content"`` a file that vanished or changed while hashed is counted
         vanished, and a second file with the same bytes in the chunk done before (it is the
-        same item).
+        same item), on the strength of the first one's attempt: given ``twins``, its key and
+        record go there, for the caller to note (``RunState.ride``: on the event loop, not in
+        the thread that hashes; a shared run's listing counts its files).
         """
         cfg = self.config
         identity = cfg.identity
@@ -567,11 +575,20 @@ class Claimer:
             key = item_key(identity, ihash, mtime_ns)
             if identity == "content":
                 if key in keys:
-                    counters.done_before += 1
+                    if twins is None:
+                        counters.done_before += 1
+                    else:
+                        twins.append((key, record))
                     continue
                 keys.add(key)
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime))
         return items
+
+    def _ride(self, twins: list[tuple[str, bytes]]) -> None:
+        """Note the files :meth:`prepare` found with the bytes of another in their chunk as
+        that one's twins (counted done before on the strength of its attempt)."""
+        for key, record in twins:
+            self.run.ride(key, record)
 
     def _input_hash(
         self, rel: bytes, size: int, mtime_ns: int, inode: int, digest: bytes = b""
@@ -616,7 +633,9 @@ class Claimer:
                 if not block and start == starts[-1]:
                     run.backlog_since = None  # the last of them are being claimed
                 if cfg.identity == "content":
-                    items = await anyio.to_thread.run_sync(self.prepare, chunk)
+                    twins: list[tuple[str, bytes]] = []
+                    items = await anyio.to_thread.run_sync(self.prepare, chunk, twins)
+                    self._ride(twins)
                 else:
                     items = self.prepare(chunk)
                 await self.claim(items)
@@ -646,6 +665,8 @@ class Claimer:
             if run.metrics is not None:
                 run.metrics.claims.observe(time.monotonic() - began)
             leased = self._sort(items, rows, again=again)
+            if run.twins:
+                self._twins_found(items, {row.key: row for row in rows})
         self.lookahead.claimed(len(items), len(leased))
         await failpoints.ahit("after-claim")
         if self._held:
@@ -665,14 +686,14 @@ class Claimer:
             row = by_key.get(item.key)
             if item.key in run.from_ledger and self._counted_before(item.key, row):
                 continue
-            if again and self._counted_again(item.key, row):
+            if again and self._counted_again(item, row):
                 if row is not None and row.post_action is not None:
                     self.posts.submit(
                         row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
                 continue
             if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
-                counters.done_before += 1
+                self._with_in_flight(item)
                 continue
             run.close(item.key)  # what the claim found replaces what was known
             if row is None:  # done: finished before, by this or another runner
@@ -698,6 +719,30 @@ class Claimer:
         self._track(leased, by_key)
         return leased
 
+    def _with_in_flight(self, item: LeasedItem) -> None:
+        """Count a claimed file whose item is in flight (identity ``content``: another file
+        with its bytes) done before, on the strength of that attempt: noted as its twin
+        (``RunState.ride``), to follow how it ends."""
+        if self.config.identity == "content":
+            self.run.ride(item.key, item.record())
+        else:
+            self.run.counters.done_before += 1
+
+    def _twins_found(self, items: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
+        """Identity ``content``: of the items of a claim, those with twins (files counted
+        done before on the strength of their attempt, see ``RunState.twins``) that the claim
+        found finished, done or dead: their twins are too."""
+        run = self.run
+        for item in items:
+            key = item.key
+            if key not in run.twins or key in run.in_flight or key in run.open:
+                continue
+            row = rows.get(key)
+            if row is None or row.state == "done":
+                run.twins_ended(key, "done")
+            elif row.state == "dead":
+                run.twins_ended(key, "dead")
+
     def _counted_before(self, key: str, row: ClaimedRow | None) -> bool:
         """A scanned file that this run leased from the ledger before (left waiting by an
         earlier run) was counted as seen then (and in ``earlier``): it is the same file, not a
@@ -709,15 +754,33 @@ class Claimer:
         counters.earlier -= 1
         return key in run.in_flight or row is None or row.state in ("done", "dead")
 
-    def _counted_again(self, key: str, row: ClaimedRow | None) -> bool:
+    def _counted_again(self, item: LeasedItem, row: ClaimedRow | None) -> bool:
         """An item this watch counted already, its file seen changed (identity ``path``):
         whether there is nothing more to note of it (it is in flight, or it ended, done or
         dead, and was counted where it ended). Else its claim is noted as any other's, the
         item counted once: an open one (held, waiting) moves on from where it was counted;
         one this run counted dead, put back by ``retry --dead``, is taken back from ``dead``,
         and one it counted vanished (written to while queued, given back) from ``vanished``;
-        one that ended otherwise (registered anew after ``asyncbatch forget``) is seen again."""
-        run = self.run
+        one that ended otherwise (registered anew after ``asyncbatch forget``) is seen again.
+
+        Identity ``content``: one it counted vanished whose item another file with its bytes
+        took up since (see ``RunState.twins``: in flight, or finished) is counted as that
+        file's twin, done (dead) before, not vanished."""
+        run, key = self.run, item.key
+        if (
+            self.config.identity == "content"
+            and key in run.vanished_here
+            and (key in run.in_flight or row is None or row.state in ("done", "dead"))
+        ):
+            run.vanished_here.discard(key)
+            run.counters.vanished -= 1
+            if key in run.in_flight:
+                run.ride(key, item.record())
+            elif row is not None and row.state == "dead":
+                run.counters.dead_before += 1
+            else:
+                run.counters.done_before += 1
+            return True
         if key in run.in_flight:
             return True
         if key in run.open:
@@ -780,6 +843,24 @@ class Claimer:
         while items:
             size = await self._room()
             if run.stopping:
+                return
+            chunk, items = items[:size], items[size:]
+            await self.claim(chunk)
+
+    async def claim_twins(self) -> None:
+        """Claim, in place of each attempt that vanished (identity ``content``), one of the
+        files with its bytes that were counted done before on its strength (see
+        ``RunState.twins``): it is handled in this run, the others follow it."""
+        run = self.run
+        items: list[LeasedItem] = []
+        for key, record in run.take_twins():
+            mtime_ns, rel, size, inode, ctime = unpack_item(record)
+            items.append(LeasedItem(key, key, rel, size, mtime_ns, inode, ctime))
+        while items:
+            size = await self._room()
+            if run.stopping:
+                for item in items:  # left: counted done before, looked up at the end
+                    run.ride(item.key, item.record())
                 return
             chunk, items = items[:size], items[size:]
             await self.claim(chunk)
@@ -876,6 +957,8 @@ class Claimer:
         run, cfg = self.run, self.config
         told = -1
         while not run.stopping:
+            if run.twins_due:
+                await self.claim_twins()
             if run.in_flight:
                 # Our own items are still out: wait until one fails (it may need a retry) or
                 # all are back, not for every commit.

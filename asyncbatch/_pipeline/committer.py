@@ -57,6 +57,20 @@ class Committer:
                     await self.commit(*outbox.take())
                 self.posts.close()
 
+    def _twins(self, key: str, outcome: str) -> bool:
+        """The attempt of the item ``key``, whose twins (files with its bytes, counted done
+        before on its strength: see ``RunState.twins``) wait on it, ended ``outcome``: done
+        or dead, they are finished with it; vanished, they are not (it handled none of
+        them): returns ``True``, and the claimer takes one of them in its place. Failed, they
+        wait on its retry."""
+        state = self.state
+        if outcome in ("done", "dead"):
+            state.twins_ended(key, outcome)
+        elif outcome == "vanished":
+            state.twins_due.add(key)
+            return True
+        return False
+
     async def commit(
         self, batch: list[tuple[LeasedItem, Outcome]], started: list[tuple[str, int]]
     ) -> None:
@@ -71,7 +85,7 @@ class Committer:
             state.metrics.commits.observe(time.monotonic() - began)
         await failpoints.ahit("after-commit")
         counters, in_flight, posts = state.counters, state.in_flight, self.posts
-        retry_due = False
+        retry_due = twins_due = False
         vanished: list[bytes] = []
         for item, outcome in batch:
             in_flight.pop(item.key, None)
@@ -91,6 +105,8 @@ class Committer:
                 state.reopen(item.key, "held", item.record())
                 continue
             counters.record(outcome.state, attempted=item.attempt > 0)
+            if state.twins and item.key in state.twins:
+                twins_due = self._twins(item.key, outcome.state) or twins_due
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
             elif outcome.state == "vanished" and rewritten:
@@ -115,5 +131,6 @@ class Committer:
             # that: the next run scans afresh.)
             await state.ledger.look_again(job, vanished)
         state.made_room()  # leased-and-unfinished items went down: the claimer may lease more
-        if retry_due or not in_flight:
-            state.wake()  # the claimer waits for a retry to schedule or for the last item
+        if retry_due or twins_due or not in_flight:
+            # The claimer waits for a retry to schedule, a twin to take, or the last item.
+            state.wake()

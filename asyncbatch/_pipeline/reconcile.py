@@ -5,7 +5,9 @@ another runner when it last looked, waiting for a retry, given back from flight,
 registered (the claimer had not got to them). Runners sharing the job may have finished them
 meanwhile; the report must not call a file unfinished that the ledger has done. So, at the
 end, the ledger is asked for the state of each: done or dead ones count as done (dead) before,
-registered ones are no longer counted as left unregistered.
+registered ones are no longer counted as left unregistered. The files counted done before on
+the strength of an attempt of their item that the run did not see end (identity ``content``:
+``RunState.twins``) count as that item does now: done (dead) before, or else unfinished.
 
 Made per run, at its end, by the runner; nothing here outlives the call.
 """
@@ -39,7 +41,12 @@ async def reconcile(state: RunState) -> None:
             unclaimed.add(
                 item_key(cfg.identity, input_hash(cfg.identity, rel, size, mtime_ns, b""), mtime_ns)
             )
-    keys = [*state.open, *state.given_back, *unclaimed]
+    twins = {key: len(records) for key, records in state.twins.items()}
+    state.twins.clear()
+    state.twins_due.clear()
+    counters.done_before -= sum(twins.values())  # unfinished, unless the ledger has it done
+    left = {*state.open, *state.given_back, *unclaimed}
+    keys = [*left, *(key for key in twins if key not in left)]
     if not keys:
         return
     try:
@@ -52,8 +59,9 @@ async def reconcile(state: RunState) -> None:
             counters.unregistered -= 1  # registered by another runner
         if item_state not in ("done", "dead"):
             continue
+        files = twins.get(key, 0) + (key in left)
         state.close(key)  # a held or waiting one is no longer open
         if item_state == "done":
-            counters.done_before += 1
+            counters.done_before += files
         else:
-            counters.dead_before += 1
+            counters.dead_before += files

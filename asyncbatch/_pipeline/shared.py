@@ -315,6 +315,8 @@ class SharedRun:
         while not run.stopping:
             if await claimer.take_queued() or await claimer.claim_waiting():
                 continue
+            if run.twins_due:
+                await claimer.claim_twins()
             if run.in_flight:
                 await run.wait_for_progress(cfg.lease / 4)
                 continue

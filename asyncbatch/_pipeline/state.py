@@ -74,6 +74,17 @@ class RunState:
     #: again takes that count back, and its next outcome counts instead (the same file, seen
     #: once). Bounded by the run's vanished count.
     vanished_here: set[str] = field(default_factory=set)
+    #: Identity ``content``: the records of files counted done before on the strength of an
+    #: attempt of their item (the same bytes under another name, leased with them or in
+    #: flight), by the item's key, whoever's file that attempt is. They follow how the item
+    #: ends here: done, they are done before; dead, dead before (:meth:`twins_ended`). An
+    #: attempt that ends vanished (its file deleted or changed while queued) handled none of
+    #: them: the key is noted in :attr:`twins_due`, and the claimer takes one of them in its
+    #: place (:meth:`take_twins`), the others following that attempt (or a third copy's,
+    #: leased first). What the run leaves of them is looked up in the ledger at its end
+    #: (``reconcile``). Bounded by the files of the items in flight or open.
+    twins: dict[str, list[bytes]] = field(default_factory=dict)
+    twins_due: set[str] = field(default_factory=set)
     #: Scan records the claimer did not get to (the run stopped first), and the keys of the
     #: items given back unfinished at the end: what the final report looks up in the ledger
     #: (another runner may have finished them meanwhile).
@@ -229,6 +240,39 @@ class RunState:
             self.counters.held -= 1
         else:
             self.counters.waiting -= 1
+
+    # -- files with the bytes of an item in flight (identity "content") ------------------------
+
+    def ride(self, key: str, record: bytes) -> None:
+        """A file with the bytes of the item ``key``, in flight or leased with it: counted done
+        before on the strength of that attempt, and noted as its twin (see :attr:`twins`)."""
+        self.counters.done_before += 1
+        self.twins.setdefault(key, []).append(record)
+
+    def twins_ended(self, key: str, state: str) -> None:
+        """The item ``key`` is finished, ``done`` or ``dead``: its twins are done before (as
+        counted), or dead before."""
+        twins = self.twins.pop(key, None)
+        self.twins_due.discard(key)
+        if twins and state == "dead":
+            self.counters.done_before -= len(twins)
+            self.counters.dead_before += len(twins)
+
+    def take_twins(self) -> list[tuple[str, bytes]]:
+        """One twin of each item whose attempt vanished and that has none since (neither in
+        flight nor open), its count of done before taken back: to be claimed (it counts by
+        how it ends); the others follow its attempt."""
+        taken: list[tuple[str, bytes]] = []
+        for key in self.twins_due:
+            twins = self.twins.get(key)
+            if not twins or key in self.in_flight or key in self.open:
+                continue  # (another file of the item was leased since: they follow it)
+            taken.append((key, twins.pop(0)))
+            if not twins:
+                del self.twins[key]
+            self.counters.done_before -= 1
+        self.twins_due.clear()
+        return taken
 
     def stop(self) -> None:
         """Start no new items; wake every part that waits, so it sees the stop."""
