@@ -61,7 +61,7 @@ from asyncbatch._ledger import (
 )
 from asyncbatch._ledger import postgres_sql as pg_sql
 from asyncbatch._ledger.base import WORK_LEFT_NEWEST
-from asyncbatch._ledger.postgres import PostgresLedger
+from asyncbatch._ledger.postgres import PostgresLedger, _log_names
 from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, process_start, this_process
 
 from .conftest import HANDLERS, SOURCE, cli, invocations, make_files, run_start, spawn
@@ -1700,6 +1700,87 @@ async def test_postgres_a_transaction_run_again_for_a_new_statement_is_not_a_los
         assert ledger._unknown_leases == set()
 
 
+async def _log_held_open(
+    ledger: PostgresLedger, name: bytes, logged: anyio.Event, commit: anyio.Event, pid: list[int]
+) -> None:
+    """Log ``name`` for job 'j' in a transaction of ``ledger``'s that stays open, numbered,
+    until ``commit`` is set (as a forget or a committer's log that is slow to commit)."""
+
+    async def body(conn: asyncpg.Connection) -> None:
+        await _log_names(conn, "j", [name])
+        if not logged.is_set():  # the first time: a run again (a deadlock) just commits
+            pid.append(conn.get_server_pid())
+            logged.set()
+            await commit.wait()
+
+    await ledger._session.transact(body)
+
+
+async def _waiting_for(pg_dsn: str, pid: int) -> bool:
+    """Whether some session waits for a lock that the session ``pid`` holds."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+    return bool((await pg_query(pg_dsn, query, pid))[0][0])
+
+
+async def test_postgres_a_watch_gets_an_entry_of_the_log_that_committed_after_a_later_one(
+    pg_dsn: str,
+) -> None:
+    # Regression: two transactions logging names at once could commit out of the order of
+    # their numbers (the first, numbered N, still open as the second, N + 1, committed); a
+    # watch that read N + 1 then moved past N for good and never looked at that file again.
+    async with (
+        await PostgresLedger.open(pg_dsn) as first,
+        await PostgresLedger.open(pg_dsn) as second,
+        await PostgresLedger.open(pg_dsn) as watch,
+    ):
+        start, _ = await watch.forgotten_since("j", None)
+        logged, commit, logged_second = anyio.Event(), anyio.Event(), anyio.Event()
+        pid: list[int] = []
+
+        async def log_second() -> None:
+            await second.look_again("j", [b"second"])
+            logged_second.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_log_held_open, first, b"first", logged, commit, pid)
+            await logged.wait()
+            tg.start_soon(log_second)
+            # The second log commits at once, or waits for the first to end (the server's
+            # state: no event to wait on).
+            with anyio.fail_after(30):
+                while not logged_second.is_set() and not await _waiting_for(pg_dsn, pid[0]):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            mark, before = await watch.forgotten_since("j", start)
+            commit.set()
+        assert logged_second.is_set()
+        later, after = await watch.forgotten_since("j", mark)
+        assert sorted(before + after) == [b"first", b"second"]  # each once
+        assert await watch.forgotten_since("j", later) == (later, [])
+
+
+async def test_postgres_a_watch_starting_as_its_job_logs_gets_that_entry(pg_dsn: str) -> None:
+    # Regression: a watch started following the log after the newest entry of every job's; an
+    # entry of its job still being committed, numbered before another job's newest, was
+    # skipped.
+    async with (
+        await PostgresLedger.open(pg_dsn) as first,
+        await PostgresLedger.open(pg_dsn) as other,
+        await PostgresLedger.open(pg_dsn) as watch,
+    ):
+        logged, commit = anyio.Event(), anyio.Event()
+        pid: list[int] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_log_held_open, first, b"first", logged, commit, pid)
+            await logged.wait()
+            with anyio.fail_after(30):  # another job's log does not wait for this one's
+                await other.look_again("other", [b"elsewhere"])
+            start, _ = await watch.forgotten_since("j", None)
+            commit.set()
+        mark, names = await watch.forgotten_since("j", start)
+        assert names == [b"first"]
+        assert await watch.forgotten_since("j", mark) == (mark, [])
+
+
 async def test_postgres_a_name_that_is_not_utf8_round_trips(pg_dsn: str) -> None:
     async with await PostgresLedger.open(pg_dsn) as ledger:
         await ledger.claim_scanned("j", "a", 60, [("k1", b"caf\xe9.txt", 1, 1, 1)])
@@ -2199,6 +2280,31 @@ async def test_look_again_logs_names_for_watches_under_way(ledger: Ledger) -> No
     assert await ledger.forgotten_since("j", seq) == (seq, [])
 
 
+async def forgotten_at_index(store: Store) -> list[tuple[Any, ...]]:
+    if store.kind == "sqlite":
+        return await store.fetch("SELECT name FROM sqlite_schema WHERE name = 'forgotten_at'")
+    return await store.fetch(
+        "SELECT indexname FROM pg_indexes"
+        " WHERE schemaname = current_schema() AND indexname = 'forgotten_at'"
+    )
+
+
+async def test_a_ledger_of_schema_9_keeps_its_log_and_gets_the_prunes_index(store: Store) -> None:
+    async with await store.open() as ledger:
+        start, _ = await ledger.forgotten_since("j", None)
+        await ledger.look_again("j", [b"a.csv"])
+    assert await forgotten_at_index(store) == [("forgotten_at",)]
+    await store.fetch("DROP INDEX forgotten_at")
+    await store.set_schema_version(9)
+    async with await store.open() as ledger:
+        seq, names = await ledger.forgotten_since("j", start)
+        assert names == [b"a.csv"]
+        await ledger.look_again("j", [b"b.csv"])
+        later, more = await ledger.forgotten_since("j", seq)
+        assert (more, later > seq) == ([b"b.csv"], True)
+    assert await forgotten_at_index(store) == [("forgotten_at",)]
+
+
 # -- the listing role ----------------------------------------------------------------------------
 
 
@@ -2507,8 +2613,9 @@ async def test_a_ledger_of_the_schema_before_the_queue_is_upgraded(store: Store)
 async def _as_the_schema_before_the_queue(store: Store) -> None:
     """Make the store's ledger what the version before the listing's queue left."""
     await store.fetch("DROP TABLE queued")
+    await store.fetch("DROP INDEX forgotten_at")  # (the newest migration's)
     if isinstance(store, SqliteStore):
-        await store.set_schema_version(store.schema_version - 1)
+        await store.set_schema_version(8)
     else:  # the schema as version 7 left it (8 added a column of the listing role's)
         await store.fetch("ALTER TABLE listers DROP COLUMN queued_last")
         await store.set_schema_version(7)

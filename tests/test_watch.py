@@ -16,6 +16,7 @@ from asyncbatch import Batch, TaskContext
 from asyncbatch._identity import Identity
 
 from .conftest import cli, make_files, polls_after, rows, state_counts, until, until_settled
+from .postgres import pg_sync
 
 
 async def append_slowly(path: Path, rows: int, pause: float, *, backdate: bool = False) -> bytes:
@@ -276,23 +277,38 @@ async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_fi
     assert "was replaced" in caplog.text
 
 
+def counts_at(where: str) -> dict[str, int]:
+    """Items by state, of a SQLite ledger (a path) or a PostgreSQL one (a DSN)."""
+    if "://" not in where:
+        return state_counts(Path(where))
+    query = "SELECT state, count(*) FROM items WHERE job = 'default' GROUP BY state"
+    return {str(s): int(n) for s, n in pg_sync(where, query)}
+
+
+def where_state(backend: str, state: Path, request: pytest.FixtureRequest) -> str:
+    """The ledger a test's runs use: ``state`` (SQLite), or a fresh PostgreSQL schema."""
+    return str(state) if backend == "sqlite" else str(request.getfixturevalue("pg_dsn"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_file_forgotten_during_a_live_watch_is_handled_again(
-    inbox: Path, state: Path
+    inbox: Path, state: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    where = where_state(backend, state, request)
     make_files(inbox, 2)
     handled: list[str] = []
 
     async def handle(ctx: TaskContext) -> None:
         handled.append(ctx.entry.relpath)
 
-    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05)
+    batch = Batch(handle, source=inbox, state=where, settle=0, poll=0.05)
     async with anyio.create_task_group() as tg:
         tg.start_soon(batch.watch)
         with anyio.fail_after(30):
             while len(handled) < 2:  # noqa: ASYNC110 (handled files, not an event)
                 await anyio.sleep(0.02)
             forgot = await anyio.to_thread.run_sync(
-                lambda: cli("forget", "f00000.txt", "--state", state, "--yes")
+                lambda: cli("forget", "f00000.txt", "--state", where, "--yes")
             )
             assert forgot.returncode == 0, forgot.stderr
             assert "f00000.txt (was done)" in forgot.stdout
@@ -301,7 +317,7 @@ async def test_a_file_forgotten_during_a_live_watch_is_handled_again(
         batch.stop()
 
     assert sorted(handled) == ["f00000.txt", "f00000.txt", "f00001.txt"]
-    assert state_counts(state) == {"done": 2}
+    assert counts_at(where) == {"done": 2}
 
 
 async def test_a_dead_item_retried_during_a_live_watch_is_counted_once(
@@ -432,12 +448,13 @@ async def test_a_failed_file_touched_during_a_watch_by_path_is_retried_and_count
 
 
 @pytest.mark.parametrize(
-    ("identity", "change", "events"),
+    ("identity", "change", "events", "backend"),
     [
-        ("path", "touch", False),
-        ("path", "touch", True),
-        ("stat", "ctime", True),
-        ("content", "ctime", False),
+        ("path", "touch", False, "sqlite"),
+        ("path", "touch", True, "sqlite"),
+        ("stat", "ctime", True, "sqlite"),
+        ("content", "ctime", False, "sqlite"),
+        ("stat", "ctime", False, "postgres"),
     ],
 )
 async def test_a_file_changed_while_queued_is_handled_once_settled_and_counted_once(
@@ -446,7 +463,9 @@ async def test_a_file_changed_while_queued_is_handled_once_settled_and_counted_o
     identity: Identity,
     change: str,
     events: bool,
+    backend: str,
     caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     # A file changed after its scan, while it was queued, is given back (vanished: still being
     # written?) and, once settled again, leased again and handled: one file, done. Under
@@ -454,6 +473,7 @@ async def test_a_file_changed_while_queued_is_handled_once_settled_and_counted_o
     # change that keeps its key (its ctime alone: a chmod, a link, a copier setting its mtime
     # back) left it vanished for the rest of the watch, which remembered it as registered.
     caplog.set_level(logging.INFO, "asyncbatch")
+    where = where_state(backend, state, request)
     a, b = make_files(inbox, 2)
     settle = 2.5  # b is opened within it after its touch, or it is not given back: a margin
     await until_settled(settle, a, b)
@@ -469,7 +489,7 @@ async def test_a_file_changed_while_queued_is_handled_once_settled_and_counted_o
     batch = Batch(
         handle,
         source=inbox,
-        state=state,
+        state=where,
         identity=identity,
         settle=settle,
         poll=0.05,
@@ -487,14 +507,14 @@ async def test_a_file_changed_while_queued_is_handled_once_settled_and_counted_o
         with anyio.fail_after(30):  # a bound on a hang, not a wait
             # b is leased behind a, which its handler holds (one worker)
             await started.wait()
-            await until(lambda: state_counts(state) == {"running": 2})
+            await until(lambda: counts_at(where) == {"running": 2})
             if change == "touch":
                 os.utime(b)  # written to while queued
             else:  # its ctime alone
                 st = b.stat()
                 os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
             release.set()
-            await until(lambda: state_counts(state) == {"done": 2})
+            await until(lambda: counts_at(where) == {"done": 2})
             await polls_after(batch, 12 if events else 3)
         batch.stop()
 

@@ -721,7 +721,11 @@ class Ledger(IdempotencyStore):
         named) after the entry ``seq`` of its log, oldest first, and the newest entry's
         number: a watch under way looks at those files again (it remembers the files it
         registered). ``seq=None``: just the newest entry's number (where a watch starts
-        following the log). Entries are kept :data:`FORGOTTEN_KEPT` seconds."""
+        following the log). Entries are kept :data:`FORGOTTEN_KEPT` seconds.
+
+        A caller may remember the number returned and pass it next time: the job's entries
+        become visible in the order of their numbers (whatever order their transactions
+        ran in), so none numbered before it can turn up later."""
 
     @abc.abstractmethod
     async def look_again(self, job: str, relpaths: Sequence[bytes]) -> None:

@@ -86,6 +86,7 @@ async def _log_forgotten(conn: Connection, job: str, gone: Sequence[t.ItemInfo])
 async def _log_names(conn: Connection, job: str, relpaths: Sequence[bytes]) -> None:
     """Log names for watches under way to look at again; prune the old entries."""
     if relpaths:
+        await conn.execute(sql.FORGOTTEN_LOCK, job)  # held to the end: see FORGOTTEN_LOCK
         await conn.execute(sql.FORGOTTEN_ADD, job, list(relpaths))
         await conn.execute(sql.FORGOTTEN_PRUNE, FORGOTTEN_KEPT)
 
@@ -819,11 +820,11 @@ class PostgresLedger(Ledger):
         async def log(conn: Connection) -> None:
             await _log_names(conn, job, relpaths)
 
-        await self._session.transact(log, one=True)
+        await self._session.transact(log)  # not one statement: the lock is held to its end
 
     async def forgotten_since(self, job: str, seq: int | None) -> tuple[int, list[bytes]]:
         if seq is None:
-            return int(await self._session.fetchval(sql.FORGOTTEN_LAST)), []
+            return int(await self._session.fetchval(sql.FORGOTTEN_LAST, job)), []
         rows = await self._session.fetch(sql.FORGOTTEN_SINCE, job, seq)
         last = max((number for number, _ in rows), default=seq)
         return int(last), [bytes(relpath) for _, relpath in rows]

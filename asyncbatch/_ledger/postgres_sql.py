@@ -40,7 +40,7 @@ from .types import (
 )
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 9
+SCHEMA_VERSION: Final = 10
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -231,6 +231,10 @@ CREATE INDEX queued_job ON queued (job, seq);
     # The last chunk the lister queued (a digest of its keys): a queueing run again after
     # its connection was lost finds whether the run before committed (see queue_listed).
     8: "ALTER TABLE listers ADD COLUMN queued_last text;\n",
+    # The log of names to look at again pruned by its entries' time through an index (it read
+    # the whole log at every entry); from this version on, every writer of the log takes
+    # FORGOTTEN_LOCK (see there), which an older asyncbatch did not.
+    9: "CREATE INDEX forgotten_at ON forgotten (at);\n",
 }
 
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
@@ -785,14 +789,25 @@ FORGET_READ_DONE_BEFORE = (
     f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE} ORDER BY key FOR UPDATE"
 )
 FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
-#: The forgotten items' names, for watches under way: $1 job, $2 relpaths; entries older
-#: than $3 seconds (server clock) are pruned (no watch lags that far behind).
+#: Taken ($1 job) before a transaction adds to the job's log of names to look at again, and
+#: held to its end: the job's entries then commit in the order of their numbers, which a
+#: watch following the log relies on (it remembers the newest number it read). Without it,
+#: an entry numbered 11 could commit after a watch had read 12 and moved past 11 for good.
+#: The lock is released after the commit is visible to every new snapshot, so a snapshot
+#: that holds an entry holds every entry of the job numbered before it (or never will).
+FORGOTTEN_LOCK = """
+SELECT pg_advisory_xact_lock(hashtext('asyncbatch.forgotten:' || current_schema()), hashtext($1))
+"""
+#: The forgotten items' names, for watches under way: $1 job, $2 relpaths; the entries older
+#: than FORGOTTEN_PRUNE's $1 seconds (server clock) are pruned (no watch lags that far behind).
 FORGOTTEN_ADD = f"""
 INSERT INTO forgotten (job, relpath, at) SELECT $1, r, {NOW} FROM unnest($2::bytea[]) AS r
 """
 FORGOTTEN_PRUNE = f"DELETE FROM forgotten WHERE at < {NOW} - $1::float8"
-#: The newest entry's number (0: none); the entries after $2 ($1 job).
-FORGOTTEN_LAST = "SELECT coalesce(max(seq), 0) FROM forgotten"
+#: The job's newest entry's number (0: none); the job's entries after $2 ($1 job). The
+#: newest of the job's, not of the whole log: another job's entries are not ordered with
+#: this job's (their writers take another lock).
+FORGOTTEN_LAST = "SELECT coalesce(max(seq), 0) FROM forgotten WHERE job = $1"
 FORGOTTEN_SINCE = "SELECT seq, relpath FROM forgotten WHERE job = $1 AND seq > $2 ORDER BY seq"
 OLDEST_WAITING = """
 SELECT min(created_at) FROM items WHERE job = $1 AND state IN ('pending', 'failed')

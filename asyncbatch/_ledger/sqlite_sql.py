@@ -31,7 +31,7 @@ from .types import (
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 9
+SCHEMA_VERSION: Final = 10
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -217,6 +217,9 @@ CREATE TABLE queued (
 );
 CREATE INDEX queued_job ON queued (job, seq);
 """,
+    # The log of names to look at again pruned by its entries' time through an index (it read
+    # the whole log at every entry).
+    9: "CREATE INDEX forgotten_at ON forgotten (at);\n",
 }
 
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
@@ -609,7 +612,11 @@ FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
 #: older than ?2 seconds are pruned (no watch lags that far behind).
 FORGOTTEN_ADD = "INSERT INTO forgotten (job, relpath, at) VALUES (?, ?, ?)"
 FORGOTTEN_PRUNE = "DELETE FROM forgotten WHERE at < ?"
-#: The newest entry's number (0: none), and the entries after ?2 (?1 job).
+#: The newest entry's number (0: none), and the entries after ?2 (?1 job). Writers take the
+#: write lock before they number an entry (BEGIN IMMEDIATE) and hold it to their commit, so
+#: entries commit in the order of their numbers: a reader that sees an entry sees every entry
+#: numbered before it, and may remember the newest number it read (PostgreSQL needs a lock of
+#: its own for this: FORGOTTEN_LOCK in postgres_sql).
 FORGOTTEN_LAST = "SELECT coalesce(max(seq), 0) FROM forgotten"
 FORGOTTEN_SINCE = "SELECT seq, relpath FROM forgotten WHERE job = ? AND seq > ? ORDER BY seq"
 #: Where ctx.move() took (or was taking) inputs of unfinished items: ``moved...`` actions.
