@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from asyncbatch import ConfigurationError, DamagedLedgerError, NotALedgerError
 from asyncbatch import _failpoints as failpoints
 from asyncbatch._ledger import Heartbeat, RunEnd, RunTotals, sqlite_sql
+from asyncbatch._ledger.base import decode_twins, encode_twins
 from asyncbatch._ledger.sqlite import SQLiteLedger, _fenced_group
 from asyncbatch._ledger.sqlite_open import check_state_path
 from asyncbatch._procinfo import this_process
@@ -307,6 +308,7 @@ async def test_a_ledger_of_schema_7_gets_the_claim_order_index(state: Path) -> N
     db.execute("DROP INDEX items_claim")
     db.execute("DROP TABLE queued")  # (schema 8's)
     db.execute("DROP INDEX forgotten_at")  # (the newest migration's)
+    db.execute("ALTER TABLE listers DROP COLUMN twins")  # (the same)
     db.execute("PRAGMA user_version = 7")
     db.commit()
     db.close()
@@ -398,3 +400,17 @@ def test_a_state_that_is_not_sqlite_beside_a_leftover_wal_is_refused_untouched(
         anyio.run(SQLiteLedger.open, state)
     assert state.read_bytes() == content
     assert wal.read_bytes() == leftover
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [None, "", "not json", "[1, 2]", '{"k": "two"}', '{"k": true}', '{"k": -1}', '{"k": 0}'],
+)
+def test_twins_the_listing_did_not_write_read_as_none(stored: str | None) -> None:
+    # A value this code did not write counts no file done before: less said, never more.
+    assert decode_twins(stored) == {}
+
+
+def test_twins_read_back_as_written() -> None:
+    assert encode_twins({}) is None
+    assert decode_twins(encode_twins({"k1": 1, "k2": 3})) == {"k1": 1, "k2": 3}

@@ -2293,8 +2293,11 @@ async def test_a_ledger_of_schema_9_keeps_its_log_and_gets_the_prunes_index(stor
     async with await store.open() as ledger:
         start, _ = await ledger.forgotten_since("j", None)
         await ledger.look_again("j", [b"a.csv"])
+        role = await ledger.take_listing("j", "lister", 60)
+        await ledger.begin_listing("j", "lister", role.fence)
     assert await forgotten_at_index(store) == [("forgotten_at",)]
     await store.fetch("DROP INDEX forgotten_at")
+    await store.fetch("ALTER TABLE listers DROP COLUMN twins")
     await store.set_schema_version(9)
     async with await store.open() as ledger:
         seq, names = await ledger.forgotten_since("j", start)
@@ -2302,7 +2305,29 @@ async def test_a_ledger_of_schema_9_keeps_its_log_and_gets_the_prunes_index(stor
         await ledger.look_again("j", [b"b.csv"])
         later, more = await ledger.forgotten_since("j", seq)
         assert (more, later > seq) == ([b"b.csv"], True)
+        # The listing begun before the upgrade ends with its twins (schema 10's column).
+        assert await ledger.end_listing("j", "lister", role.fence, 3, twins={"k": 2})
+        complete = await ledger.listing("j")
+        assert complete is not None
+        assert await ledger.listing_twins("j", complete.complete) == {"k": 2}
     assert await forgotten_at_index(store) == [("forgotten_at",)]
+
+
+async def test_a_listing_keeps_its_twins_until_the_next_one_begins(store: Store) -> None:
+    async with await store.open() as ledger:
+        role = await ledger.take_listing("j", "lister", 60)
+        await ledger.begin_listing("j", "lister", role.fence)
+        assert await ledger.end_listing("j", "lister", role.fence, 5, twins={"k1": 1, "k2": 2})
+        first = await ledger.listing("j")
+        assert first is not None
+        assert await ledger.listing_twins("j", first.complete) == {"k1": 1, "k2": 2}
+        assert await ledger.listing_twins("j", first.complete - 1) == {}  # not the last one
+        await ledger.begin_listing("j", "lister", role.fence)  # a new listing forgets them
+        assert await ledger.listing_twins("j", first.complete) == {}
+        assert await ledger.end_listing("j", "lister", role.fence, 5)
+        second = await ledger.listing("j")
+        assert second is not None
+        assert await ledger.listing_twins("j", second.complete) == {}
 
 
 # -- the listing role ----------------------------------------------------------------------------
@@ -2614,6 +2639,7 @@ async def _as_the_schema_before_the_queue(store: Store) -> None:
     """Make the store's ledger what the version before the listing's queue left."""
     await store.fetch("DROP TABLE queued")
     await store.fetch("DROP INDEX forgotten_at")  # (the newest migration's)
+    await store.fetch("ALTER TABLE listers DROP COLUMN twins")  # (the same)
     if isinstance(store, SqliteStore):
         await store.set_schema_version(8)
     else:  # the schema as version 7 left it (8 added a column of the listing role's)

@@ -23,10 +23,11 @@ Guarantees every backend gives:
 from __future__ import annotations
 
 import abc
+import json
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, TypeVar
 
 import anyio
@@ -65,6 +66,8 @@ __all__ = [
     "Ledger",
     "decide_job",
     "decide_lock",
+    "decode_twins",
+    "encode_twins",
     "end_of_gone",
     "glob_regex",
     "ledger_error",
@@ -78,6 +81,31 @@ T = TypeVar("T")
 
 
 # -- backend-neutral decisions -------------------------------------------------------------------
+
+
+def encode_twins(twins: Mapping[str, int] | None) -> str | None:
+    """A listing's twins (files by key, see :meth:`Ledger.listing_twins`) as stored: a JSON
+    object, or ``None`` for none."""
+    return json.dumps(dict(twins), separators=(",", ":")) if twins else None
+
+
+def decode_twins(text: str | None) -> dict[str, int]:
+    """A listing's twins as :func:`encode_twins` stored them; a value it did not write (not
+    an object of counts) reads as none: a report then counts those files unfinished, less
+    than may be true, never more."""
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {
+        key: files
+        for key, files in found.items()
+        if isinstance(files, int) and not isinstance(files, bool) and files > 0
+    }
 
 
 def decide_job(
@@ -536,12 +564,30 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def end_listing(
-        self, job: str, owner: str, fence: int, files: int, *, done: int = 0, dead: int = 0
+        self,
+        job: str,
+        owner: str,
+        fence: int,
+        files: int,
+        *,
+        done: int = 0,
+        dead: int = 0,
+        twins: Mapping[str, int] | None = None,
     ) -> bool:
         """Mark the listing begun last complete (``files`` found, every one registered but
         ``done`` and ``dead`` ones, counted into its ``found_done`` and ``found_dead``: files
-        the ledger had finished that rules given since do not hold for, never taken again);
-        ``False`` when ``owner`` no longer holds the role under ``fence``."""
+        the ledger had finished that rules given since do not hold for, never taken again;
+        and ``twins``, by key, the files not queued for having the bytes of one that was: see
+        :meth:`listing_twins`); ``False`` when ``owner`` no longer holds the role under
+        ``fence``."""
+
+    @abc.abstractmethod
+    async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
+        """Of the job's complete listing numbered ``complete`` (identity ``content``), the
+        files it did not queue because one with the same bytes was (the same item): how many,
+        by the item's key. They are done (dead) when their item is. Empty when that listing
+        is not the last complete one, or while a listing is under way (a new one forgets the
+        last one's). One read."""
 
     async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:
         """Call ``callback()`` (on the event loop) whenever listings register waiting items of

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple
 from typing import TYPE_CHECKING, Any, Self
 
@@ -55,6 +55,8 @@ from .base import (
     Ledger,
     decide_job,
     decide_lock,
+    decode_twins,
+    encode_twins,
     end_of_gone,
     glob_regex,
 )
@@ -613,13 +615,24 @@ class PostgresLedger(Ledger):
         return None if found is None else t.Registered(*(int(n) for n in found))
 
     async def end_listing(
-        self, job: str, owner: str, fence: int, files: int, *, done: int = 0, dead: int = 0
+        self,
+        job: str,
+        owner: str,
+        fence: int,
+        files: int,
+        *,
+        done: int = 0,
+        dead: int = 0,
+        twins: Mapping[str, int] | None = None,
     ) -> bool:
         async def end(conn: Connection) -> bool:
-            found = await conn.fetchval(sql.LISTING_END, job, owner, fence, files, done, dead)
-            return found is not None
+            params = (job, owner, fence, files, done, dead, encode_twins(twins))
+            return await conn.fetchval(sql.LISTING_END, *params) is not None
 
         return await self._session.transact(end, one=True)
+
+    async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
+        return decode_twins(await self._session.fetchval(sql.LISTING_TWINS, job, complete))
 
     async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:
         callbacks = self._on_registered.setdefault(job, [])

@@ -233,8 +233,10 @@ CREATE INDEX queued_job ON queued (job, seq);
     8: "ALTER TABLE listers ADD COLUMN queued_last text;\n",
     # The log of names to look at again pruned by its entries' time through an index (it read
     # the whole log at every entry); from this version on, every writer of the log takes
-    # FORGOTTEN_LOCK (see there), which an older asyncbatch did not.
-    9: "CREATE INDEX forgotten_at ON forgotten (at);\n",
+    # FORGOTTEN_LOCK (see there), which an older asyncbatch did not. The files of a listing
+    # with the bytes of another it queued (identity "content": one item), by key, for the
+    # shared runs' reports.
+    9: "CREATE INDEX forgotten_at ON forgotten (at);\nALTER TABLE listers ADD COLUMN twins text;\n",
 }
 
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
@@ -384,7 +386,7 @@ REGISTERED_CHANNEL: Final = "asyncbatch_registered"
 #: full scans do not, and have no ``started_at``.)
 LISTING_BEGIN = f"""
 UPDATE listers SET generation = generation + 1, started_at = CASE WHEN $4 THEN {NOW} END,
-                   found_done = 0, found_dead = 0, queued_last = NULL
+                   found_done = 0, found_dead = 0, queued_last = NULL, twins = NULL
 WHERE {_HOLDER}
 RETURNING job
 """
@@ -470,13 +472,18 @@ WHERE {_HOLDER}
 LISTING_QUEUED_LAST = f"SELECT queued_last FROM listers WHERE {_HOLDER} FOR UPDATE"
 #: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL).
 NOTIFY_REGISTERED = "SELECT pg_notify('asyncbatch_registered', $1)"
-#: Mark the listing complete: $4 files found, $5 done and $6 dead of them not registered.
+#: Mark the listing complete: $4 files found, $5 done and $6 dead of them not registered, $7
+#: its twins (see LISTING_TWINS).
 LISTING_END = f"""
 UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4,
-                   found_done = found_done + $5, found_dead = found_dead + $6
+                   found_done = found_done + $5, found_dead = found_dead + $6, twins = $7
 WHERE {_HOLDER}
 RETURNING job
 """
+#: The files of the complete listing (numbered ?2 / $2: no row when it is not the last
+#: complete one) not queued for having the bytes of one it queued (identity "content"): a
+#: JSON object, the number of such files by key; NULL: none.
+LISTING_TWINS = "SELECT twins FROM listers WHERE job = $1 AND complete = $2"
 LISTING_EXTEND = f"""
 UPDATE listers SET lease_until = {NOW} + $4::float8 WHERE {_HOLDER} RETURNING job
 """

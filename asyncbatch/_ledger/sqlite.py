@@ -56,6 +56,8 @@ from .base import (
     Ledger,
     decide_job,
     decide_lock,
+    decode_twins,
+    encode_twins,
     end_of_gone,
     glob_regex,
     live_user,
@@ -832,14 +834,26 @@ class SQLiteLedger(Ledger):
         )
 
     async def end_listing(
-        self, job: str, owner: str, fence: int, files: int, *, done: int = 0, dead: int = 0
+        self,
+        job: str,
+        owner: str,
+        fence: int,
+        files: int,
+        *,
+        done: int = 0,
+        dead: int = 0,
+        twins: Mapping[str, int] | None = None,
     ) -> bool:
         def end(conn: sqlite3.Connection, now: float) -> bool:
             holder = {"job": job, "owner": owner, "fence": fence, "now": now}
-            counts = {"files": files, "done": done, "dead": dead}
+            counts = {"files": files, "done": done, "dead": dead, "twins": encode_twins(twins)}
             return conn.execute(sql.LISTING_END, {**holder, **counts}).rowcount == 1
 
         return await self._transact(end, self.clock())
+
+    async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
+        found = await self._fetchall(sql.LISTING_TWINS, (job, complete))
+        return decode_twins(found[0][0] if found else None)
 
     async def _finish_counts(
         self, job: str, owner: str, since: float

@@ -218,8 +218,9 @@ CREATE TABLE queued (
 CREATE INDEX queued_job ON queued (job, seq);
 """,
     # The log of names to look at again pruned by its entries' time through an index (it read
-    # the whole log at every entry).
-    9: "CREATE INDEX forgotten_at ON forgotten (at);\n",
+    # the whole log at every entry); the files of a listing with the bytes of another it
+    # queued (identity "content": one item), by key, for the shared runs' reports.
+    9: "CREATE INDEX forgotten_at ON forgotten (at);\nALTER TABLE listers ADD COLUMN twins TEXT;\n",
 }
 
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
@@ -300,7 +301,7 @@ _HOLDER = "job = :job AND owner = :owner AND fence = :fence"
 LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER}"
 LISTING_BEGIN = f"""
 UPDATE listers SET generation = generation + 1, started_at = :started, found_done = 0,
-                   found_dead = 0
+                   found_dead = 0, twins = NULL
 WHERE {_HOLDER}
 """
 LISTING_FOUND = f"""
@@ -310,9 +311,14 @@ WHERE {_HOLDER}
 """
 LISTING_END = f"""
 UPDATE listers SET complete = generation, listed_at = :now, listed_files = :files,
-                   found_done = found_done + :done, found_dead = found_dead + :dead
+                   found_done = found_done + :done, found_dead = found_dead + :dead,
+                   twins = :twins
 WHERE {_HOLDER}
 """
+#: The files of the complete listing (numbered ?2 / $2: no row when it is not the last
+#: complete one) not queued for having the bytes of one it queued (identity "content"): a
+#: JSON object, the number of such files by key; NULL: none.
+LISTING_TWINS = "SELECT twins FROM listers WHERE job = ? AND complete = ?"
 LISTING_EXTEND = f"UPDATE listers SET lease_until = :until WHERE {_HOLDER}"
 LISTING_RELEASE = "UPDATE listers SET lease_until = NULL WHERE job = ? AND owner = ?"
 # Statements of many rows (a claim, a registration) take the rows' values as plain ``?``

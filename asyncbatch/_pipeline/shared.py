@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._exceptions import LedgerError
 from .._ledger import Listing
 from .._ledger.types import RunTotals
 from .state import RunState, reap_gone_runners
@@ -50,6 +51,7 @@ __all__ = [
     "SHARED_POLL",
     "SharedRun",
     "count_listing",
+    "finished_twins",
     "gone_by",
     "live_totals",
     "shared_report",
@@ -82,8 +84,10 @@ class SharedRun:
         self._notified: bool | None = None
         #: Set when a look at the ledger found the listing role free.
         self._role_free = anyio.Event()
-        #: The keys a listing under way queued, with identity "content" (see :meth:`_register`).
+        #: The keys a listing under way queued, with identity "content" (see :meth:`_register`),
+        #: and the files it did not queue for having the bytes of one it did, by key.
         self._queued_keys: set[str] | None = None
+        self._twins: dict[str, int] = {}
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -182,18 +186,20 @@ class SharedRun:
         self._role_seen.set()
         records = await claimer.list_ready()
         self._queued_keys = set() if cfg.identity == "content" else None
+        twins: dict[str, int] = {}
+        self._twins = twins
         for start in range(0, len(records), REGISTER_BATCH):
             chunk = records[start : start + REGISTER_BATCH]
             if run.stopping or not await self._register(chunk, queue=True):
                 return
-        self._queued_keys = None
+        self._queued_keys, self._twins = None, {}
         # The files the ledger had finished that fail rules given since: not queued (never
         # taken again), but found, and finished, as a run of its own counts them.
         finished = claimer.finished_unready
         done, dead = finished.get("done", 0), finished.get("dead", 0)
         files = len(records) + done + dead
         if await run.ledger.end_listing(
-            cfg.job, run.owner, role.fence, files, done=done, dead=dead
+            cfg.job, run.owner, role.fence, files, done=done, dead=dead, twins=twins
         ):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
             run.listing_role = await run.ledger.listing(cfg.job)  # complete now
@@ -206,14 +212,26 @@ class SharedRun:
         fence = run.lister_fence
         if fence is None:
             return False
+        seen = self._queued_keys if queue else None
+        twins: list[tuple[str, bytes]] | None = None if seen is None else []
         if cfg.identity == "content":
-            items = await anyio.to_thread.run_sync(self.claimer.prepare, records)
+            items = await anyio.to_thread.run_sync(self.claimer.prepare, records, twins)
         else:
             items = self.claimer.prepare(records)
         if queue:
-            seen = self._queued_keys
-            if seen is not None:  # the same bytes under two names: one item (see prepare)
-                items = [i for i in items if i.key not in seen]
+            if seen is not None and twins is not None:
+                # The same bytes under two names: one item, queued once (see prepare); the
+                # other files are the listing's twins, done (dead) when the item is: each
+                # runner's report counts them so (see shared_report).
+                for key, _ in twins:
+                    self._twins[key] = self._twins.get(key, 0) + 1
+                kept = []
+                for i in items:
+                    if i.key in seen:
+                        self._twins[i.key] = self._twins.get(i.key, 0) + 1
+                    else:
+                        kept.append(i)
+                items = kept
                 seen.update(i.key for i in items)
             queued = [
                 (i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.ctime_ns, i.ihash) for i in items
@@ -416,14 +434,20 @@ def gone_by(run: RunState) -> Listing | None:
 
 
 def count_listing(
-    t: RunTotals, listing: Listing | None, others: dict[str, int], running: int | None
+    t: RunTotals,
+    listing: Listing | None,
+    others: dict[str, int],
+    running: int | None,
+    twins: tuple[int, int] = (0, 0),
 ) -> None:
     """Count the job's listing in a shared run's counts ``t`` (changed in place; ``unfinished``
     is left to the caller): ``seen`` the files ``listing`` found, at least what the run's own
     categories add up to; ``dead_before`` and ``done_before`` what the listing found finished
     and what other runners finished since it began (``others``, by state), and ``held`` the
     items leased to other runners (``running``; ``None``: not counted, ``held`` is left as
-    the claimer counted it), each within what is left of ``seen``. Without a listing
+    the claimer counted it), each within what is left of ``seen``; ``twins``, the listing's
+    files not queued for the bytes of one it queued (identity ``content``) whose item is
+    done, and dead (see :func:`finished_twins`), are done (dead) before. Without a listing
     (``None``: none complete yet, or a watch's lister), ``seen`` is at least what the
     categories add up to.
 
@@ -443,9 +467,10 @@ def count_listing(
         t.held = 0
     t.seen = max(listing.listed_files, t.seen_accounted())
     room = t.seen - t.seen_accounted()
-    t.dead_before = min(listing.found_dead + others.get("dead", 0), room)
+    twins_done, twins_dead = twins
+    t.dead_before = min(listing.found_dead + others.get("dead", 0) + twins_dead, room)
     room -= t.dead_before
-    t.done_before = min(listing.found_done + others.get("done", 0), room)
+    t.done_before = min(listing.found_done + others.get("done", 0) + twins_done, room)
     room -= t.done_before
     # Files another runner found gone (or changed) are vanished for this run too, not
     # unfinished: they were "200 seen: 74 done, 76 done before, 41 vanished, 9 unfinished",
@@ -520,5 +545,26 @@ async def shared_report(run: RunState) -> None:
     counts, others = run.finished_counts, run.finished_by_others
     if counts is None or others is None or listing is not run.listing:
         counts, others = await run.ledger.finish_counts(job, run.owner, listing.started_at)
-    count_listing(counters, listing, others, counts["running"])
+    twins = await finished_twins(run, listing)
+    count_listing(counters, listing, others, counts["running"], twins)
     run.reported = True
+
+
+async def finished_twins(run: RunState, listing: Listing) -> tuple[int, int]:
+    """Of the files ``listing`` did not queue because one with their bytes was (identity
+    ``content``: the same item), how many have their item done, and dead, now. The others
+    (their item not finished: its file vanished, say) are left unfinished: this run did not
+    handle them, nor did another. A ledger that fails here counts none (less said, never
+    more)."""
+    if run.config.identity != "content":
+        return 0, 0
+    job = run.config.job
+    try:
+        twins = await run.ledger.listing_twins(job, listing.complete)
+        states = await run.ledger.states_of(job, list(twins)) if twins else {}
+    except LedgerError as e:
+        log.warning("the report counts no file with the bytes of another (the ledger: %s)", e)
+        return 0, 0
+    done = sum(files for key, files in twins.items() if states.get(key) == "done")
+    dead = sum(files for key, files in twins.items() if states.get(key) == "dead")
+    return done, dead
