@@ -2457,6 +2457,27 @@ def queued(i: int) -> tuple[str, bytes, int, int, int, int, str]:
     return (*entry(i), 2_000 + i, f"h{i:063d}")
 
 
+@pytest.mark.parametrize("how", ["queue", "register"])
+async def test_a_vanished_item_listed_again_under_another_name_waits_as_that_file(
+    ledger: Ledger, how: str
+) -> None:
+    # Identity content: x.csv vanished (deleted while queued); y.csv has its bytes, so its
+    # key. Listed again, the item waits as y.csv: it kept x.csv's name and stat, and every
+    # lease of it vanished again, y.csv handled by no runner.
+    await ledger.claim_scanned("j", "a", 60, [("k1", b"x.csv", 10, 1_001, 501)])
+    await ledger.commit_outcomes("j", "a", [Outcome("k1", 1, "vanished", "gone")])
+    role = await ledger.take_listing("j", "a", 60)
+    assert await ledger.begin_listing("j", "a", role.fence) is not None
+    y = ("k1", b"y.csv", 10, 2_002, 602)
+    if how == "queue":
+        found = await ledger.queue_listed("j", "a", role.fence, [(*y, 3_003, "h1")])
+    else:
+        found = await ledger.register_listed("j", "a", role.fence, [y])
+    assert found == Registered(1, 0, 0)
+    (row,) = await ledger.claim_waiting("j", "b", 60, 10)
+    assert (row.key, row.relpath, row.size, row.mtime_ns, row.inode) == y
+
+
 async def test_a_listing_queues_new_files_and_a_take_leases_them_in_order(
     ledger: Ledger, store: Store
 ) -> None:

@@ -713,18 +713,13 @@ async def test_shared_runners_count_files_with_the_bytes_of_another_done_before(
     assert (report.seen, report.done_before, report.unfinished, report.ok) == (8, 8, 0, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: a shared listing queues one file of each set with the same bytes "
-    "(identity content); when the attempt of the one queued vanishes, the others are not "
-    "handled in the run (counted unfinished; the next run handles them)",
-)
 async def test_shared_runners_handle_a_content_twin_whose_file_vanished(
     tmp_path: Path, any_state: str
 ) -> None:
     # Identity content: y has x's bytes (one item). Two runners share the job; x is deleted
-    # once the files are queued (vanished): y must be handled by one of them, and both
-    # reports count every file, none "done before" on the strength of x nor "unfinished".
+    # once the files are queued (vanished): y must be handled by one of them (the job is
+    # listed again: y was never queued), and no report calls a file "done before" on the
+    # strength of x, nor "unfinished". Before, y was handled by no runner.
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     base = time.time() - 60
@@ -758,6 +753,11 @@ async def test_shared_runners_handle_a_content_twin_whose_file_vanished(
             tg.start_soon(run, 1)
             tg.start_soon(run, 2)
     assert sorted(handled) == ["a.txt", "b.txt", "c.txt", "d.txt", "y.txt"]
+    assert sum(r.done for r in reports.values()) == 5
+    assert sum(r.vanished for r in reports.values()) == 1  # x, by the runner that leased it
     for report in reports.values():
-        assert (report.seen, report.unfinished, report.held) == (6, 0, 0), report
-        assert report.done + report.done_before + report.vanished == 6, report
+        # The files of the listing the runner went by: the first (6), or the one made again
+        # for y once x vanished (5: x was gone by then).
+        assert report.seen in (5, 6), report
+        assert (report.unfinished, report.held, report.ok) == (0, 0, True), report
+        assert report.done + report.done_before + report.vanished == report.seen, report

@@ -441,8 +441,13 @@ class PostgresLedger(Ledger):
                 return t.Registered(0, done, dead)
             revived = 0
             if "vanished" in states:
-                vanished = [k for k, s in known.items() if s == "vanished"]
-                revived = int(await conn.fetchval(sql.REVIVE_VANISHED, job, vanished))
+                columns: tuple[list[Any], ...] = ([], [], [], [], [])
+                for key, relpath, size, mtime_ns, inode, *_ in rows:
+                    if known.get(key) == "vanished":
+                        row = (key, relpath, size, mtime_ns, _signed(inode))
+                        for column, value in zip(columns, row, strict=True):
+                            column.append(value)
+                revived = int(await conn.fetchval(sql.REVIVE_VANISHED, job, *columns))
             new = [row for row in rows if row[0] not in known] if known else list(rows)
             parts = [new[i : i + t.QUEUED_BATCH] for i in range(0, len(new), t.QUEUED_BATCH)]
             if parts:

@@ -408,7 +408,8 @@ added AS (
          AS r(key, relpath, size, mtime_ns, inode)
     WHERE EXISTS (SELECT 1 FROM holder)
     ON CONFLICT (job, key) DO UPDATE SET state = 'pending', owner = NULL, lease_until = NULL,
-        updated_at = excluded.updated_at, started_fence = NULL
+        updated_at = excluded.updated_at, started_fence = NULL, relpath = excluded.relpath,
+        size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode
     WHERE i.state = 'vanished'
     RETURNING 1
 ),
@@ -431,12 +432,17 @@ WHERE job = $1 AND key >= (SELECT min(k) FROM unnest($2::text[]) AS k)
   AND key <= (SELECT max(k) FROM unnest($2::text[]) AS k)
 ORDER BY key LIMIT $3
 """
-#: Vanished items ($2 keys) whose files are listed again wait again (as REGISTER_LISTED).
+#: Vanished items whose files are listed again wait again, as the files listed (as
+#: REGISTER_LISTED): $1 job, then arrays $2 keys (distinct), $3 relpaths, $4 sizes, $5 mtimes
+#: (ns), $6 inodes (as signed 64-bit).
 REVIVE_VANISHED = f"""
 WITH revived AS (
-    UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW},
-                     started_fence = NULL
-    WHERE job = $1 AND key = ANY($2::text[]) AND state = 'vanished'
+    UPDATE items AS i SET state = 'pending', owner = NULL, lease_until = NULL,
+                          updated_at = {NOW}, started_fence = NULL, relpath = r.relpath,
+                          size = r.size, mtime_ns = r.mtime_ns, inode = r.inode
+    FROM unnest($2::text[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[])
+         AS r(key, relpath, size, mtime_ns, inode)
+    WHERE i.job = $1 AND i.key = r.key AND i.state = 'vanished'
     RETURNING 1
 )
 SELECT count(*) FROM revived

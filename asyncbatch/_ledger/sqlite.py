@@ -346,9 +346,12 @@ def _tx_queue_listed(
     states = list(known.values())
     done, dead = states.count("done"), states.count("dead")
     revived = 0
-    for key, state in known.items():
-        if state == "vanished":
-            revived += conn.execute(sql.REVIVE_VANISHED, (now, job, key)).rowcount
+    if "vanished" in states:
+        for key, relpath, size, mtime_ns, inode, *_ in rows:
+            if known.get(key) == "vanished":
+                row = {"now": now, "job": job, "key": key, "relpath": relpath, "size": size}
+                row |= {"mtime_ns": mtime_ns, "inode": inode}
+                revived += conn.execute(sql.REVIVE_VANISHED, row).rowcount
     new = [row for row in rows if row[0] not in known] if known else list(rows)
     for start in range(0, len(new), batch):
         part = new[start : start + batch]

@@ -337,11 +337,13 @@ INSERT INTO items (job, key, relpath, size, mtime_ns, inode, state, attempts, fe
                    created_at, updated_at)
 SELECT ?1, key, relpath, size, mtime_ns, inode, 'pending', 0, 0, ?2, ?2 FROM listed WHERE true"""
 #: A vanished item whose file is listed again (the same key: it was being written when its
-#: turn came) waits again, its vanishing not taken for an interrupted attempt at its next
+#: turn came; identity "content": another file with its bytes) waits again, as the file
+#: listed (its name and stat), its vanishing not taken for an interrupted attempt at its next
 #: lease (``started_fence`` cleared); any other item the ledger holds is left as it is.
 _REGISTER_TAIL = """
 ON CONFLICT (job, key) DO UPDATE SET state = 'pending', owner = NULL, lease_until = NULL,
-    updated_at = ?2, started_fence = NULL
+    updated_at = ?2, started_fence = NULL, relpath = excluded.relpath, size = excluded.size,
+    mtime_ns = excluded.mtime_ns, inode = excluded.inode
 WHERE items.state = 'vanished'"""
 
 
@@ -361,9 +363,10 @@ SELECT key, state FROM items WHERE job = ?1 AND key BETWEEN ?2 AND ?3 ORDER BY k
 """
 #: A vanished item whose file is listed again waits again (as REGISTER_TAIL does it).
 REVIVE_VANISHED = """
-UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?,
-                 started_fence = NULL
-WHERE job = ? AND key = ? AND state = 'vanished'
+UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = :now,
+                 started_fence = NULL, relpath = :relpath, size = :size, mtime_ns = :mtime_ns,
+                 inode = :inode
+WHERE job = :job AND key = :key AND state = 'vanished'
 """
 #: A batch of queued files (see types.pack_queued): job, files, rows.
 QUEUED_ADD = "INSERT INTO queued (job, files, rows) VALUES (?, ?, ?)"

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REGISTER_BATCH",
+    "RELISTS",
     "SHARED_POLL",
     "SharedRun",
     "count_listing",
@@ -59,6 +60,9 @@ __all__ = [
 
 log = logging.getLogger("asyncbatch")
 
+#: How many times a ``run()`` asks for the job to be listed again, at most, for files left
+#: unhandled by a twin's attempt that vanished (see ``SharedRun._list_again``).
+RELISTS = 3
 #: Listed files registered per statement.
 REGISTER_BATCH = 2048
 #: Seconds between looks at the ledger for new waiting items while a runner has none (and
@@ -88,6 +92,8 @@ class SharedRun:
         #: and the files it did not queue for having the bytes of one it did, by key.
         self._queued_keys: set[str] | None = None
         self._twins: dict[str, int] = {}
+        #: How many times this run asked for the job to be listed again (see _list_again).
+        self._relisted = 0
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -402,9 +408,35 @@ class SharedRun:
         else:
             due = await run.ledger.next_retry_at(cfg.job)
             finished = counts["pending"] == 0 and (due is None or due > run.clock())
+        if finished and listing.started_at is not None and await self._list_again(listing):
+            return False
         if finished:  # what the report counts (a read of every item: once)
             run.finished_counts, run.finished_by_others = counts, others
         return finished
+
+    async def _list_again(self, listing: Listing) -> bool:
+        """Identity ``content``, the job otherwise finished: whether files ``listing`` did not
+        queue, for having the bytes of one it did, are left unhandled by every runner (that
+        one's attempt ended neither done nor dead: its file vanished, deleted or changed
+        while queued). Then this run goes by the next listing, which queues them (a vanished
+        item whose file is listed again waits again), and the role's holder is asked to list
+        now: :data:`RELISTS` times a run at most (each needs a file to vanish meanwhile);
+        after that such files are counted unfinished, left to the next run."""
+        run, cfg = self.run, self.config
+        if cfg.identity != "content" or self._relisted >= RELISTS:
+            return False
+        twins = await run.ledger.listing_twins(cfg.job, listing.complete)
+        states = await run.ledger.states_of(cfg.job, list(twins)) if twins else {}
+        if all(states.get(key) in ("done", "dead") for key in twins):
+            return False
+        self._relisted += 1
+        self.target = run.listing_target = listing.complete + 1
+        self._role_free.set()  # the listing duty looks at the role at once
+        log.info(
+            "files of job %r with the bytes of one that vanished while queued: listed again",
+            cfg.job,
+        )
+        return True
 
 
 def _free(listing: Listing, now: float) -> bool:
