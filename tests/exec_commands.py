@@ -15,6 +15,9 @@ Every mode first appends one JSON line to ``$AB_RECORD`` (when set): its argumen
 - ``deaf``: note its pid in ``$AB_PIDS``; on SIGINT or SIGTERM, note ``signal.<pid>.<number>``
   and go on sleeping (only SIGKILL ends it).
 - ``echo``: write ``out:NAME`` to stdout and ``err:NAME`` to stderr, exit 0.
+- ``gate NAME PATH``: when PATH's name is NAME, note its pid in ``$AB_PIDS`` and wait until
+  ``$AB_PIDS/open`` is there, then exit 0; for any other PATH, exit 0 if it is a file
+  with the bytes ``make_files`` gave it (its name first), else 3.
 """
 
 from __future__ import annotations
@@ -107,6 +110,19 @@ def main(argv: list[str]) -> int:
         _note(f"pid.{os.getpid()}", str(os.getpid()))
         while True:
             time.sleep(1000)
+    if mode == "gate":
+        name, path = args
+        if os.path.basename(path) == name:
+            pids = Path(os.environ["AB_PIDS"])
+            _note(f"pid.{os.getpid()}", str(os.getpid()))
+            while not (pids / "open").exists():
+                time.sleep(0.01)
+            return 0
+        try:
+            made = Path(path).stem.encode() + b"\n"  # what make_files wrote first
+            return 0 if Path(path).read_bytes().startswith(made) else 3
+        except OSError:
+            return 3
     if mode == "echo":
         name = os.path.basename(args[0]) if args else ""
         print(f"out:{name}")

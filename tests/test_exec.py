@@ -20,7 +20,17 @@ import pytest
 from asyncbatch import Batch, ConfigurationError, ExecHandler, Report, TaskContext
 from asyncbatch._pipeline import workers
 
-from .conftest import cli, kill, make_files, rows, spawn, state_counts, wait_for
+from .conftest import (
+    cli,
+    kill,
+    make_files,
+    rows,
+    spawn,
+    state_counts,
+    until,
+    until_settled,
+    wait_for,
+)
 from .test_cli import assert_one_line_error
 
 COMMANDS = Path(__file__).parent / "exec_commands.py"
@@ -877,6 +887,55 @@ async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(
     (pid,) = noted_pids(pids)
     assert not alive(pid)
     assert [t for t in _descriptors() if str(inbox) in t] == [], "an input was left open"
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced", "written"])
+async def test_a_file_changed_while_its_command_waited_is_not_run_on(
+    inbox: Path, state: Path, pids: Path, change: str
+) -> None:
+    # -j 1: while f00000's command runs, the worker prepares f00001 (its lease checked, its
+    # file opened). A file deleted, replaced or written to meanwhile: its command ran on
+    # what was at the path when its turn came (nothing, or a new version, under the old
+    # version's item), and its item was recorded done (or failed: the file missing).
+    files = make_files(inbox, 2)
+    # Written to in place (size and mtime kept): within the settle window, not settled.
+    settle = 1.0 if change == "written" else 0.0
+    await until_settled(settle, *files)
+    handler = ExecHandler(command("gate", "f00000.txt", "{}"))
+    batch = Batch(handler, source=inbox, state=state, settle=settle, concurrency=1, max_attempts=1)
+    reports: list[Report] = []
+
+    async def run() -> None:
+        reports.append(await batch.run())
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await until(lambda: bool(noted_pids(pids)))  # f00000's command runs
+            await until(lambda: _prepared_next(inbox / "f00001.txt"))
+            target = inbox / "f00001.txt"
+            if change == "deleted":
+                target.unlink()
+            elif change == "replaced":
+                (inbox / "new").write_bytes(b"version 2\n")
+                os.replace(inbox / "new", target)
+            else:  # the same file, written to in place (its size and mtime kept)
+                st = target.stat()
+                with target.open("r+b") as f:
+                    f.write(b"X")
+                os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+            (pids / "open").touch()
+    (report,) = reports
+    assert (report.done, report.vanished, report.dead) == (1, 1, 0), report
+    assert rows(state, "SELECT relpath, state FROM items ORDER BY relpath") == [
+        (b"f00000.txt", "done"),
+        (b"f00001.txt", "vanished"),
+    ]
+
+
+def _prepared_next(path: Path) -> bool:
+    """Whether this process holds ``path`` open (the worker prepared its item)."""
+    return any(t == str(path) for t in _descriptors())
 
 
 def test_a_stop_leaves_the_item_prepared_next_unstarted_and_pending(

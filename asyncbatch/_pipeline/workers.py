@@ -416,6 +416,10 @@ class WorkerPool:
     ) -> _Running | None:
         """Start a prepared attempt (it becomes the slot's item); ``None`` when it could not
         be started (its outcome recorded)."""
+        current = self._still_current(prepared)
+        if current is None:
+            return None
+        prepared = current
         item = prepared.item
         started = self._begin_slot(slot, item)
         try:
@@ -431,6 +435,35 @@ class WorkerPool:
             prepared.close()
             raise
         return _Running(prepared, attempt, started)
+
+    def _still_current(self, prepared: _Prepared) -> _Prepared | None:
+        """A prepared attempt's input, looked at again by its path just before its command
+        starts (a command opens its input by path): prepared while the slot's previous
+        command ran, it may have been deleted, replaced or written to since. The same file,
+        unchanged: ``prepared``. Otherwise the item is prepared again from what is there now:
+        its attempt as that finds it, or ``None`` with its outcome recorded (vanished, say).
+        Before, the command ran on a file gone (or on a new version, under the old one's
+        item) and its item was recorded done. One ``stat`` a command."""
+        item, entry, opened = prepared.item, prepared.ctx.entry, prepared.input_file
+        try:
+            if item.moved_to is None:
+                follow = self.config.follow_symlinks
+                st = os.stat(item.relpath, dir_fd=self.run.source.fd, follow_symlinks=follow)
+            else:
+                st = os.stat(entry.path)
+        except OSError:
+            pass  # gone (or unreadable): preparing it again says which
+        else:
+            now = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if now == (entry.inode, opened.size, opened.mtime_ns, opened.ctime_ns):
+                return prepared
+        prepared.close()
+        again = self.prepare(item)
+        if isinstance(again, Outcome):
+            self.outbox.started(item)
+            self._record(item, again, time.monotonic())
+            return None
+        return again
 
     def _finish(self, slot: _Slot, running: _Running) -> None:
         """Record the outcome of a started attempt that ended."""
