@@ -340,6 +340,11 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
                         while not hooks.lease_lost(ctx):
                             time.sleep(0.05)  # noqa: ASYNC251 - blocking is the point
                         go.set()
+                        # Still stalled until the held write has made its check (its temp
+                        # file renamed or removed): a heartbeat that ran first would renew
+                        # the lease, and the write would rightly go ahead.
+                        while any(p.name.startswith(".asyncbatch-tmp-") for p in out.iterdir()):
+                            time.sleep(0.01)  # noqa: ASYNC251 - blocking is the point
             await ctx.write_output("out.txt", f"attempt {ctx.attempt}")
         except* LockLostError as group:
             errors.extend(str(e) for e in group.exceptions)
