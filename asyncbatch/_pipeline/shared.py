@@ -425,9 +425,8 @@ class SharedRun:
         run, cfg = self.run, self.config
         if cfg.identity != "content" or self._relisted >= RELISTS:
             return False
-        twins = await run.ledger.listing_twins(cfg.job, listing.complete)
-        states = await run.ledger.states_of(cfg.job, list(twins)) if twins else {}
-        if all(states.get(key) in ("done", "dead") for key in twins):
+        *_, unfinished = await _twins_by_end(run, listing)
+        if not unfinished:
             return False
         self._relisted += 1
         self.target = run.listing_target = listing.complete + 1
@@ -590,13 +589,26 @@ async def finished_twins(run: RunState, listing: Listing) -> tuple[int, int]:
     more)."""
     if run.config.identity != "content":
         return 0, 0
-    job = run.config.job
     try:
-        twins = await run.ledger.listing_twins(job, listing.complete)
-        states = await run.ledger.states_of(job, list(twins)) if twins else {}
+        done, dead, _ = await _twins_by_end(run, listing)
     except LedgerError as e:
         log.warning("the report counts no file with the bytes of another (the ledger: %s)", e)
         return 0, 0
-    done = sum(files for key, files in twins.items() if states.get(key) == "done")
-    dead = sum(files for key, files in twins.items() if states.get(key) == "dead")
     return done, dead
+
+
+async def _twins_by_end(run: RunState, listing: Listing) -> tuple[int, int, int]:
+    """The files ``listing`` did not queue for the bytes of one it queued (see
+    ``Ledger.listing_twins``): how many have their item done, dead, and neither, now."""
+    job = run.config.job
+    twins = await run.ledger.listing_twins(job, listing.complete)
+    states = await run.ledger.states_of(job, list(twins)) if twins else {}
+    ended = {"done": 0, "dead": 0}
+    unfinished = 0
+    for key, files in twins.items():
+        state = states.get(key, "")
+        if state in ended:
+            ended[state] += files
+        else:
+            unfinished += files
+    return ended["done"], ended["dead"], unfinished
