@@ -551,6 +551,41 @@ async def test_a_file_counted_done_before_on_its_twins_attempt_is_handled_when_t
     assert report.ok, report
 
 
+async def test_a_file_with_the_bytes_of_an_item_waiting_for_its_retry_follows_that_retry(
+    tmp_path: Path, any_state: str
+) -> None:
+    # Identity content: y has x's bytes (one item), claimed well after x, whose first attempt
+    # failed: the item waits for its retry (open, not in flight) when y's claim comes. y's
+    # record replaced x's among the open items: one file was counted nowhere, and a run
+    # with every item done said "1 unfinished" (exit 1).
+    inbox = tmp_path / "inbox"
+    fillers = [f"f{i:02}" for i in range(30)]
+    twins_inbox(inbox, ["a", "x", "b", *fillers, "y"], "xy")
+    tries: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath in ("x.txt", "y.txt"):
+            tries.append(ctx.entry.relpath)
+            if len(tries) == 1:
+                raise ValueError("once")
+
+    report = await Batch(
+        handle,
+        source=inbox,
+        state=any_state,
+        identity="content",
+        settle=0,
+        concurrency=1,
+        claim_batch=1,
+        max_attempts=3,
+        backoff=2.0,
+    ).run()
+    assert len(tries) == 2, tries  # the attempt and its retry: one item
+    counts = (report.seen, report.done, report.done_before, report.unfinished, report.waiting)
+    assert counts == (34, 33, 1, 0, 0), report
+    assert report.ok
+
+
 async def test_a_file_counted_done_before_on_its_twins_attempt_is_dead_before_when_that_died(
     tmp_path: Path, any_state: str
 ) -> None:

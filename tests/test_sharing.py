@@ -24,7 +24,13 @@ from asyncbatch import Batch, Report, TaskContext
 from asyncbatch._config import BatchConfig
 from asyncbatch._ledger import Outcome, open_ledger
 from asyncbatch._pipeline.claimer import Claimer
-from asyncbatch._pipeline.shared import SharedRun, _registered_and_finished_by_others, shared_report
+from asyncbatch._pipeline.shared import (
+    SharedRun,
+    _registered_and_finished_by_others,
+    _take_up_twins,
+    finished_twins,
+    shared_report,
+)
 from asyncbatch._pipeline.state import RunState
 from asyncbatch._procinfo import this_process
 from asyncbatch._report import Counters
@@ -36,11 +42,13 @@ from .conftest import (
     invocations,
     kill,
     make_files,
+    polls_after,
     rows,
     run_start,
     settled_now,
     spawn,
     state_counts,
+    until,
     wait_for,
 )
 from .test_service import Samples, samples, serving_address, value
@@ -668,6 +676,118 @@ async def going_by_as_listing(tmp_path: Path, ledger: Any) -> tuple[RunState, Sh
     x = SharedRun(cast("Claimer", SimpleNamespace(run=run, config=run.config)))
     x.target = run.listing_target = 1
     return run, x
+
+
+async def test_a_listings_twins_are_counted_as_the_run_took_it_up(any_state: str) -> None:
+    # A listing begun after the run took up the last complete one forgets that one's twins
+    # in the ledger: read only at the report, they were counted unfinished (exit 1), their
+    # item done.
+    async with await open_ledger(any_state) as ledger:
+        role = await ledger.take_listing("j", "lister", 60)
+        await ledger.begin_listing("j", "lister", role.fence)
+        (row,) = await ledger.claim_scanned("j", "r1", 60, [("K", b"x.txt", 1, 1, 1)])
+        await ledger.commit_outcomes("j", "r1", [Outcome("K", row.fence, "done")])
+        assert await ledger.end_listing("j", "lister", role.fence, 2, twins={"K": 1})
+        listing = await ledger.listing("j")
+        assert listing is not None
+        config = SimpleNamespace(identity="content", job="j")
+        run = cast(RunState, SimpleNamespace(config=config, ledger=ledger, listing_twins=None))
+        await _take_up_twins(run, listing)  # as the run goes by it (SharedRun._finished)
+        await ledger.begin_listing("j", "lister", role.fence)  # the next one
+        assert await finished_twins(run, listing) == (1, 0)
+
+
+async def test_a_shared_watchs_lister_counts_a_twin_of_a_dead_item_dead_before(
+    tmp_path: Path, any_state: str
+) -> None:
+    # Identity content: x and y have the same bytes (one item), registered by a watching
+    # lister in one chunk; the item dies. y was counted "done before" (on the strength of an
+    # attempt that then died), not "dead before".
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    base = time.time() - 60
+    for i, (name, data) in enumerate({"a": b"a\n", "x": b"same\n", "y": b"same\n"}.items()):
+        path = inbox / f"{name}.txt"
+        path.write_bytes(data)
+        os.utime(path, (base + i, base + i))
+
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        if ctx.entry.relpath in ("x.txt", "y.txt"):
+            raise ValueError("never")
+
+    batch = Batch(
+        handle,
+        source=inbox,
+        state=any_state,
+        identity="content",
+        settle=0,
+        concurrency=1,
+        max_attempts=1,
+        poll=0.05,
+        shared=True,
+    )
+    reports: list[Report] = []
+
+    async def watch() -> None:
+        reports.append(await batch.watch())
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await until(lambda: len(handled) == 2)  # a, and x or y (one item)
+            await polls_after(batch, 3)  # full scans since: the twin's item looked at
+            batch.stop()
+    (report,) = reports
+    counts = (report.seen, report.done, report.dead, report.dead_before, report.done_before)
+    assert counts == (3, 1, 1, 1, 0), report
+
+
+async def test_a_shared_watchs_lister_registers_a_twin_of_an_item_that_vanished(
+    tmp_path: Path, any_state: str
+) -> None:
+    # Identity content: x and y have the same bytes (one item), registered by a watching
+    # lister in one chunk (y counted done before on the strength of x's attempt); x is
+    # deleted while queued (vanished). y was never handled by the watch.
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    base = time.time() - 60
+    for i, (name, data) in enumerate({"a": b"a\n", "x": b"same\n", "y": b"same\n"}.items()):
+        path = inbox / f"{name}.txt"
+        path.write_bytes(data)
+        os.utime(path, (base + i, base + i))
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == "a.txt":
+            (inbox / "x.txt").unlink()
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(
+        handle,
+        source=inbox,
+        state=any_state,
+        identity="content",
+        settle=0,
+        concurrency=1,
+        poll=0.05,
+        shared=True,
+    )
+    reports: list[Report] = []
+
+    async def watch() -> None:
+        reports.append(await batch.watch())
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await until(lambda: "y.txt" in handled)
+            batch.stop()
+    assert sorted(handled) == ["a.txt", "y.txt"]
+    (report,) = reports
+    assert (report.done, report.vanished, report.done_before) == (2, 1, 0), report
 
 
 async def test_shared_runners_count_files_with_the_bytes_of_another_done_before(

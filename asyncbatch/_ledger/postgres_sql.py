@@ -486,8 +486,8 @@ UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4,
 WHERE {_HOLDER}
 RETURNING job
 """
-#: The files of the complete listing (numbered ?2 / $2: no row when it is not the last
-#: complete one) not queued for having the bytes of one it queued (identity "content"): a
+#: The files of the complete listing numbered $2 (no row when it is not the last complete
+#: one) not queued for having the bytes of one it queued (identity "content"): a
 #: JSON object, the number of such files by key; NULL: none.
 LISTING_TWINS = "SELECT twins FROM listers WHERE job = $1 AND complete = $2"
 LISTING_EXTEND = f"""

@@ -315,8 +315,8 @@ UPDATE listers SET complete = generation, listed_at = :now, listed_files = :file
                    twins = :twins
 WHERE {_HOLDER}
 """
-#: The files of the complete listing (numbered ?2 / $2: no row when it is not the last
-#: complete one) not queued for having the bytes of one it queued (identity "content"): a
+#: The files of the complete listing numbered ?2 (no row when it is not the last complete
+#: one) not queued for having the bytes of one it queued (identity "content"): a
 #: JSON object, the number of such files by key; NULL: none.
 LISTING_TWINS = "SELECT twins FROM listers WHERE job = ? AND complete = ?"
 LISTING_EXTEND = f"UPDATE listers SET lease_until = :until WHERE {_HOLDER}"

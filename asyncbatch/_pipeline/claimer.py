@@ -549,7 +549,7 @@ class Claimer:
         With identity ``"content"`` a file that vanished or changed while hashed is counted
         vanished, and a second file with the same bytes in the chunk done before (it is the
         same item), on the strength of the first one's attempt: given ``twins``, its key and
-        record go there, for the caller to note (``RunState.ride``: on the event loop, not in
+        record go there, for the caller to note (``RunState.add_twin``: on the event loop, not in
         the thread that hashes; a shared run's listing counts its files).
         """
         cfg = self.config
@@ -588,7 +588,7 @@ class Claimer:
         """Note the files :meth:`prepare` found with the bytes of another in their chunk as
         that one's twins (counted done before on the strength of its attempt)."""
         for key, record in twins:
-            self.run.ride(key, record)
+            self.run.add_twin(key, record)
 
     def _input_hash(
         self, rel: bytes, size: int, mtime_ns: int, inode: int, digest: bytes = b""
@@ -692,8 +692,7 @@ class Claimer:
                         row.post_action, item.key, row.relpath, row.size, row.mtime_ns, row.inode
                     )
                 continue
-            if item.key in run.in_flight:  # the same bytes as an item in flight ("content")
-                self._with_in_flight(item)
+            if self._follows_another(item, row):  # the same bytes as another file's item
                 continue
             run.close(item.key)  # what the claim found replaces what was known
             if row is None:  # done: finished before, by this or another runner
@@ -719,14 +718,45 @@ class Claimer:
         self._track(leased, by_key)
         return leased
 
+    def _follows_another(self, item: LeasedItem, row: ClaimedRow | None) -> bool:
+        """Whether a claimed file counts by how an attempt of its item under way ends (one in
+        flight, or, identity ``content``, one open with another file's record): nothing more
+        to note of it."""
+        if item.key in self.run.in_flight:
+            self._with_in_flight(item)
+            return True
+        return item.key in self.run.open and self._twin_of_open(item, row)
+
     def _with_in_flight(self, item: LeasedItem) -> None:
-        """Count a claimed file whose item is in flight (identity ``content``: another file
-        with its bytes) done before, on the strength of that attempt: noted as its twin
-        (``RunState.ride``), to follow how it ends."""
+        """Count a claimed file whose item is in flight done before, on the strength of that
+        attempt. Identity ``content`` (another file with its bytes): noted as its twin
+        (``RunState.add_twin``), to follow how it ends."""
         if self.config.identity == "content":
-            self.run.ride(item.key, item.record())
+            self.run.add_twin(item.key, item.record())
         else:
             self.run.counters.done_before += 1
+
+    def _twin_of_open(self, item: LeasedItem, row: ClaimedRow | None) -> bool:
+        """Identity ``content``: a claimed file whose item this run counted open (held by
+        another runner, or waiting for a retry) as another file with its bytes. Still open
+        (``row``: held, failed), the claimed file is noted as its twin, to follow how it ends
+        (``True``: nothing more to note of it). Else (leased now, or finished) the open file
+        follows the claimed one's item instead (``False``: note the claim as any other's).
+        Before, the claimed file's record replaced the open one's: one of the two files was
+        counted nowhere (a run with every item done said "1 unfinished")."""
+        run = self.run
+        found = run.open.get(item.key)
+        if self.config.identity != "content" or found is None:
+            return False
+        _, rel, *_ = unpack_item(found[1])
+        if rel == item.relpath:
+            return False  # the same file
+        if row is not None and row.state in ("held", "failed"):
+            run.add_twin(item.key, item.record())
+            return True
+        run.close(item.key)
+        run.add_twin(item.key, found[1])
+        return False
 
     def _twins_found(self, items: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
         """Identity ``content``: of the items of a claim, those with twins (files counted
@@ -775,7 +805,7 @@ class Claimer:
             run.vanished_here.discard(key)
             run.counters.vanished -= 1
             if key in run.in_flight:
-                run.ride(key, item.record())
+                run.add_twin(key, item.record())
             elif row is not None and row.state == "dead":
                 run.counters.dead_before += 1
             else:
@@ -860,7 +890,7 @@ class Claimer:
             size = await self._room()
             if run.stopping:
                 for item in items:  # left: counted done before, looked up at the end
-                    run.ride(item.key, item.record())
+                    run.add_twin(item.key, item.record())
                 return
             chunk, items = items[:size], items[size:]
             await self.claim(chunk)

@@ -57,7 +57,7 @@ class Committer:
                     await self.commit(*outbox.take())
                 self.posts.close()
 
-    def _twins(self, key: str, outcome: str) -> bool:
+    def _end_twins(self, key: str, outcome: str) -> bool:
         """The attempt of the item ``key``, whose twins (files with its bytes, counted done
         before on its strength: see ``RunState.twins``) wait on it, ended ``outcome``: done
         or dead, they are finished with it; vanished, they are not (it handled none of
@@ -106,7 +106,7 @@ class Committer:
                 continue
             counters.record(outcome.state, attempted=item.attempt > 0)
             if state.twins and item.key in state.twins:
-                twins_due = self._twins(item.key, outcome.state) or twins_due
+                twins_due = self._end_twins(item.key, outcome.state) or twins_due
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
             elif outcome.state == "vanished" and rewritten:

@@ -29,9 +29,11 @@ log = logging.getLogger("asyncbatch")
 async def reconcile(state: RunState) -> None:
     """Count the files the run left unfinished as the ledger has them now (see the module).
 
-    A ledger that fails here leaves the counts as they were (a warning says so): the run's
-    release must not fail for its report's sake. The unregistered files of identity
-    ``"content"`` are not looked up (their keys would mean reading them).
+    A ledger that fails here leaves the counts as they were (a warning says so), but for
+    the files counted done before on the strength of an attempt the run did not see end
+    (``state.twins``), counted unfinished then (less said, never more): the run's release
+    must not fail for its report's sake. The unregistered files of identity ``"content"``
+    are not looked up (their keys would mean reading them).
     """
     cfg, counters = state.config, state.counters
     unclaimed: set[str] = set()

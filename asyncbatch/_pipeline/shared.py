@@ -45,6 +45,7 @@ from .state import RunState, reap_gone_runners
 
 if TYPE_CHECKING:
     from .claimer import Claimer
+    from .queues import LeasedItem
 
 __all__ = [
     "REGISTER_BATCH",
@@ -218,33 +219,24 @@ class SharedRun:
         fence = run.lister_fence
         if fence is None:
             return False
-        seen = self._queued_keys if queue else None
-        twins: list[tuple[str, bytes]] | None = None if seen is None else []
+        twins: list[tuple[str, bytes]] = []
         if cfg.identity == "content":
             items = await anyio.to_thread.run_sync(self.claimer.prepare, records, twins)
         else:
             items = self.claimer.prepare(records)
+        rows: list[tuple[str, bytes, int, int, int]]
         if queue:
-            if seen is not None and twins is not None:
-                # The same bytes under two names: one item, queued once (see prepare); the
-                # other files are the listing's twins, done (dead) when the item is: each
-                # runner's report counts them so (see shared_report).
-                for key, _ in twins:
-                    self._twins[key] = self._twins.get(key, 0) + 1
-                kept = []
-                for i in items:
-                    if i.key in seen:
-                        self._twins[i.key] = self._twins.get(i.key, 0) + 1
-                    else:
-                        kept.append(i)
-                items = kept
-                seen.update(i.key for i in items)
+            items = self._queue_once(items, twins)
             queued = [
                 (i.key, i.relpath, i.size, i.mtime_ns, i.inode, i.ctime_ns, i.ihash) for i in items
             ]
             found = await run.ledger.queue_listed(cfg.job, run.owner, fence, queued)
-            rows: list[tuple[str, bytes, int, int, int]] = [q[:5] for q in queued]
+            rows = [q[:5] for q in queued]
         else:
+            # A watch's: files with the bytes of another in the chunk, counted done before on
+            # the strength of its item's attempt, follow how it ends (see _settle_twins).
+            for key, record in twins:
+                run.add_twin(key, record)
             rows = [(i.key, i.relpath, i.size, i.mtime_ns, i.inode) for i in items]
             found = await run.ledger.register_listed(cfg.job, run.owner, fence, rows)
         if found is None:
@@ -254,6 +246,28 @@ class SharedRun:
             await self._finish_actions([key for key, *_ in rows])
         run.wake()  # waiting items for this runner's own claims too
         return True
+
+    def _queue_once(
+        self, items: list[LeasedItem], twins: list[tuple[str, bytes]]
+    ) -> list[LeasedItem]:
+        """Of a listing's items, those to queue: with identity ``content``, one file of each
+        set with the same bytes (one item); the others, and ``twins`` (those ``prepare`` found
+        in the chunk), are the listing's twins, done (dead) when the item is: each runner's
+        report counts them so (see :func:`shared_report`)."""
+        seen = self._queued_keys
+        if seen is None:
+            return items
+        counts = self._twins
+        for key, _ in twins:
+            counts[key] = counts.get(key, 0) + 1
+        kept = []
+        for item in items:
+            if item.key in seen:
+                counts[item.key] = counts.get(item.key, 0) + 1
+            else:
+                kept.append(item)
+        seen.update(item.key for item in kept)
+        return kept
 
     def _role_taken_over(self) -> None:
         self.run.lose_listing_role()
@@ -287,6 +301,31 @@ class SharedRun:
             self.config.job, run.owner, fence, files
         ):
             self._role_taken_over()
+            return
+        await self._settle_twins()
+
+    async def _settle_twins(self) -> None:
+        """A watching lister's twins (identity ``content``: files it registered with the
+        bytes of another, counted done before on the strength of that item's attempt, see
+        ``RunState.twins``) whose item ended since, wherever it was handled: done, as
+        counted; dead, dead before; vanished (its file deleted or changed while queued), one
+        of them registered in its place (the item waits again as that file), the others
+        following it. One read a full scan, while there are any; the rest at the end
+        (``reconcile``)."""
+        run = self.run
+        keys = [key for key in run.twins if key not in run.in_flight and key not in run.open]
+        if not keys:
+            return
+        states = await run.ledger.states_of(self.config.job, keys)
+        for key in keys:
+            state = states.get(key)
+            if state in ("done", "dead"):
+                run.twins_ended(key, state)
+            elif state == "vanished":
+                run.twins_due.add(key)
+        taken = [record for _, record in run.take_twins()]
+        if taken:  # seen already: counted by how their item ends now
+            await self._register(taken)
 
     async def _finish_actions(self, keys: list[str]) -> None:
         """Carry out again the post-commit actions of the listed files the ledger has finished
@@ -396,6 +435,7 @@ class SharedRun:
         run.listing = listing
         if listing.started_at is not None:  # (a watch's scan: not the files of this run)
             run.counters.seen = max(run.counters.seen, listing.listed_files)
+            await _take_up_twins(run, listing)
         if cfg.wait and await run.ledger.work_left(cfg.job):
             return False
         others: dict[str, int] | None = None
@@ -597,12 +637,23 @@ async def finished_twins(run: RunState, listing: Listing) -> tuple[int, int]:
     return done, dead
 
 
+async def _take_up_twins(run: RunState, listing: Listing) -> None:
+    """Read the twins of ``listing`` (identity ``content``; see ``RunState.listing_twins``),
+    once, as the run takes it up: a listing begun later forgets them."""
+    if run.config.identity != "content":
+        return
+    if run.listing_twins is None or run.listing_twins[0] != listing.complete:
+        twins = await run.ledger.listing_twins(run.config.job, listing.complete)
+        run.listing_twins = (listing.complete, twins)
+
+
 async def _twins_by_end(run: RunState, listing: Listing) -> tuple[int, int, int]:
     """The files ``listing`` did not queue for the bytes of one it queued (see
     ``Ledger.listing_twins``): how many have their item done, dead, and neither, now."""
-    job = run.config.job
-    twins = await run.ledger.listing_twins(job, listing.complete)
-    states = await run.ledger.states_of(job, list(twins)) if twins else {}
+    await _take_up_twins(run, listing)
+    assert run.listing_twins is not None
+    twins = run.listing_twins[1]
+    states = await run.ledger.states_of(run.config.job, list(twins)) if twins else {}
     ended = {"done": 0, "dead": 0}
     unfinished = 0
     for key, files in twins.items():

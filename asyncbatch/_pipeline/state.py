@@ -99,6 +99,10 @@ class RunState:
     listing_role: Listing | None = None
     listing: Listing | None = None
     listing_target: int | None = None
+    #: Identity "content": the files of the complete listing numbered ``listing_twins[0]``
+    #: not queued for the bytes of one it queued (``Ledger.listing_twins``), as read when the
+    #: run took that listing up: the next listing, begun meanwhile, forgets them.
+    listing_twins: tuple[int, dict[str, int]] | None = None
     #: The job's counts as the look that found it finished read them, and what other
     #: runners had finished since its listing began (for the report; see ``shared_report``).
     finished_counts: dict[str, int] | None = None
@@ -243,7 +247,7 @@ class RunState:
 
     # -- files with the bytes of an item in flight (identity "content") ------------------------
 
-    def ride(self, key: str, record: bytes) -> None:
+    def add_twin(self, key: str, record: bytes) -> None:
         """A file with the bytes of the item ``key``, in flight or leased with it: counted done
         before on the strength of that attempt, and noted as its twin (see :attr:`twins`)."""
         self.counters.done_before += 1
