@@ -946,9 +946,13 @@ class WorkerPool:
         return Outcome(item.key, item.fence, "dead", error, None, cfg.on_dead.encode(), None, False)
 
     def vanished(self, item: LeasedItem, why: str) -> Outcome:
-        """The outcome of an item whose file is gone (or changed) before it was handled."""
+        """The outcome of an item whose file is gone (or changed) before it was handled: not
+        an attempt (its handler never ran: no attempt counted, no start noted; a file written
+        to while queued, again and again, used up its item's attempts)."""
         self.item_logger(item).info("%r vanished: %s", os.fsdecode(item.relpath), why)
-        return Outcome(item.key, item.fence, "vanished", why, started_at=item.started_at)
+        return Outcome(
+            item.key, item.fence, "vanished", why, started_at=item.started_at, attempted=False
+        )
 
     # -- what a TaskContext asks of its run (ContextHooks) -----------------------------------------
 
