@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -1873,6 +1874,43 @@ async def test_postgres_a_lost_listening_connection_is_made_again_when_asked(
             await announced.wait()
         await ledger.listing("j")  # a round trip: a second notification would be in by now
         assert calls == ["j"]
+
+
+async def test_postgres_registrations_wake_the_runners_of_their_own_schema_only(
+    pg_dsn: str,
+) -> None:
+    # Notifications are the database's: a job of the same name in another schema (another
+    # deployment, or another test) woke this ledger's runners.
+    other_schema = f"abtest_other_{uuid.uuid4().hex[:12]}"
+    other_dsn = re.sub(r"search_path=[^&]*", f"search_path={other_schema}", pg_dsn)
+    calls: list[str] = []
+    announced = anyio.Event()
+
+    def woken() -> None:
+        calls.append("j")
+        announced.set()
+
+    try:
+        async with (
+            await PostgresLedger.open(pg_dsn) as ledger,
+            await PostgresLedger.open(other_dsn) as elsewhere,
+            await PostgresLedger.open(pg_dsn) as here,
+        ):
+            assert await ledger.on_registered("j", woken)
+            for lister in (elsewhere, here):
+                await lister.start_runner(run_start("a", shared=True))
+                role = await lister.take_listing("j", "a", 60)
+                await lister.begin_listing("j", "a", role.fence)
+                await lister.register_listed("j", "a", role.fence, [entry(1)])
+                await ledger.listing("j")  # a round trip: a notification would be in by now
+                if lister is elsewhere:
+                    assert calls == []
+            with anyio.fail_after(30):
+                await announced.wait()
+            assert calls == ["j"]
+    finally:
+        base = re.sub(r"[?&]search_path=[^&]*", "", pg_dsn)
+        await pg_query(base, f'DROP SCHEMA IF EXISTS "{other_schema}" CASCADE')
 
 
 async def test_postgres_an_unreachable_server_is_one_line_without_the_password() -> None:

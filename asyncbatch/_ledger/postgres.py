@@ -29,6 +29,7 @@ What differs from SQLite, and why:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -158,6 +159,8 @@ class PostgresLedger(Ledger):
         self._item = t.ItemInfo.reader(times=session.local, relpath=os.fsdecode, inode=_unsigned)
         #: What to call when listings register waiting items, by job (see on_registered).
         self._on_registered: dict[str, list[Callable[[], None]]] = {}
+        #: The ledger's schema, read when it first listens (see NOTIFY_REGISTERED).
+        self._schema: str | None = None
         #: ``(job, owner)`` of claims that were run again (their connection lost: a run
         #: before may have committed, leasing items its caller never heard of), until a
         #: heartbeat finds none of those left (see heartbeat).
@@ -643,9 +646,17 @@ class PostgresLedger(Ledger):
         callbacks = self._on_registered.setdefault(job, [])
         if callback not in callbacks:
             callbacks.append(callback)
+        if self._schema is None:
+            self._schema = str(await self._session.fetchval(sql.CURRENT_SCHEMA))
         return await self._session.listen(sql.REGISTERED_CHANNEL, self._registered)
 
-    def _registered(self, job: str) -> None:
+    def _registered(self, payload: str) -> None:
+        try:
+            schema, job = json.loads(payload)
+        except (ValueError, TypeError):  # an older asyncbatch's: the job alone
+            schema, job = self._schema, payload
+        if schema != self._schema or not isinstance(job, str):
+            return  # a ledger in another schema of the database
         for callback in self._on_registered.get(job, ()):
             callback()
 

@@ -379,8 +379,8 @@ WHERE l.owner = excluded.owner OR l.owner IS NULL OR l.lease_until IS NULL
    OR NOT EXISTS (SELECT 1 FROM runners WHERE owner = l.owner AND expires_at >= {NOW})
 """
 _HOLDER = "job = $1 AND owner = $2 AND fence = $3"
-#: The channel on which registrations of waiting items are announced (the payload: the job;
-#: see NOTIFY_REGISTERED).
+#: The channel on which registrations of waiting items are announced (the payload: the
+#: schema and the job; see NOTIFY_REGISTERED).
 REGISTERED_CHANNEL: Final = "asyncbatch_registered"
 #: ($4: whether the listing counts the files it finds, see Ledger.begin_listing: a watch's
 #: full scans do not, and have no ``started_at``.)
@@ -476,8 +476,14 @@ WHERE {_HOLDER}
 #: The last chunk queued by the holder ($1 job, $2 owner, $3 fence), the row locked; no row
 #: when not the holder.
 LISTING_QUEUED_LAST = f"SELECT queued_last FROM listers WHERE {_HOLDER} FOR UPDATE"
-#: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL).
-NOTIFY_REGISTERED = "SELECT pg_notify('asyncbatch_registered', $1)"
+#: Announce that waiting items of the job $1 were registered (to LISTEN REGISTERED_CHANNEL),
+#: naming the ledger's schema too (a JSON array): notifications are the database's, and the
+#: runners of a job of the same name in another schema were woken by them.
+NOTIFY_REGISTERED = (
+    "SELECT pg_notify('asyncbatch_registered', json_build_array(current_schema(), $1::text)::text)"
+)
+#: The ledger's schema (what NOTIFY_REGISTERED names).
+CURRENT_SCHEMA = "SELECT current_schema()"
 #: Mark the listing complete: $4 files found, $5 done and $6 dead of them not registered, $7
 #: its twins (see LISTING_TWINS).
 LISTING_END = f"""
