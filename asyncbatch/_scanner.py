@@ -439,6 +439,10 @@ class _Tally:
     #: Of those, the ones whose mtime or ctime is later than the scan's start (a clock ahead,
     #: a ``touch -d`` into the future): they will not settle before then.
     future: int = 0
+    #: Their records: the run asks the ledger which of them it has finished already (a done
+    #: file whose ctime alone changed, by a ``chmod`` or a ``touch -d``, keeps its key: it is
+    #: done, not waiting to settle). Kept by a one-shot run's scan only (with a cutoff).
+    left: list[bytes] = dataclasses.field(default_factory=list)
 
 
 def _walk(
@@ -595,6 +599,7 @@ class _Walker:
                 # The cutoff is `settle` before the scan began: past the start, the file's
                 # time is ahead of this host's clock.
                 self._tally.future += max(mtime, ctime) > w.now_ns
+                self._tally.left.append(pack(mtime, rel, st.st_size, st.st_ino, ctime))
             return None
         return pack(mtime, rel, st.st_size, st.st_ino, ctime)
 
@@ -838,6 +843,9 @@ class Scanner:
         #: What the last scan learnt of rules beyond the default one (markers, verdicts),
         #: ``None`` when the job has none.
         self.walked: ReadyWalk | None = None
+        #: The records of the files the last scan left out as not settled yet (``age``,
+        #: without rules beyond it: with them, :attr:`walked` ``left_out`` has them).
+        self.left_unsettled: list[bytes] = []
         #: The last scan that finished, if any (for metrics and health).
         self.last: ScanInfo | None = None
         #: The source directory as the last scan or listing found it (see :meth:`unchanged`).
@@ -886,6 +894,7 @@ class Scanner:
             gen.close()
         records.sort()
         self.walked = rw
+        self.left_unsettled = tally.left
         self.last = ScanInfo.after(began, len(records), tally.unsettled, tally.future, rw)
         return records
 

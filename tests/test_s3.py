@@ -8,9 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
-from asyncbatch import Batch, ConfigurationError, ExecHandler, InputChangedError, TaskContext
+from asyncbatch import (
+    Batch,
+    ConfigurationError,
+    ExecHandler,
+    InputChangedError,
+    Report,
+    TaskContext,
+)
 from asyncbatch._sources.objects import ObjectEntry
 
 from .conftest import cli, rows, state_counts, until
@@ -126,6 +134,38 @@ async def test_objects_newer_than_settle_wait(bucket: Bucket, state: Path) -> No
 
     report = await Batch(handler, source=bucket.url("in/"), state=state, settle=3600).run()
     assert (report.seen, report.unsettled) == (0, 1)
+
+
+@pytest.mark.parametrize("mode", ["run", "watch"])
+async def test_objects_done_before_are_not_said_to_wait_to_settle(
+    bucket: Bucket, state: Path, mode: str
+) -> None:
+    """Objects a run with a shorter ``settle`` did are done, newer than the settle window
+    or not: counted done before, never as not settled yet (taken once they settle)."""
+    for i in range(3):
+        bucket.put(f"in/f{i}.txt", b"x%d" % i)
+
+    async def handler(ctx: TaskContext) -> None:
+        pass
+
+    first = await Batch(handler, source=bucket.url("in/"), state=state, settle=0).run()
+    assert first.done == 3
+    batch = Batch(handler, source=bucket.url("in/"), state=state, settle=3600, poll=0.1)
+    if mode == "run":
+        report = await batch.run()
+    else:
+        found: list[Report] = []
+
+        async def watch() -> None:
+            found.append(await batch.watch())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await until(lambda: getattr(batch.statistics(), "unsettled", 0) == 3)
+            batch.stop()
+        (report,) = found
+    counts = (report.seen, report.done_before, report.unsettled)
+    assert counts == (3, 3, 0), str(report)
 
 
 async def test_the_scan_rules_apply_to_keys(bucket: Bucket, state: Path) -> None:

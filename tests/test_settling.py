@@ -13,14 +13,24 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from asyncbatch import Batch, TaskContext
+from asyncbatch import Batch, Report, TaskContext
 
-from .conftest import HANDLERS, cli, make_files, polls_after, rows, state_counts, until_settled
+from .conftest import (
+    HANDLERS,
+    cli,
+    make_files,
+    polls_after,
+    rows,
+    state_counts,
+    until,
+    until_settled,
+)
 
 MONTH = 30 * 86400.0
 
@@ -317,3 +327,93 @@ async def test_a_watch_counts_its_files_not_settled_yet_in_its_metrics(
         if s.name == "asyncbatch_files_unsettled"
     }
     assert found == {"asyncbatch_files_unsettled": 1.0}
+
+
+# -- done files that wait to settle again ----------------------------------------------------------
+
+
+async def nothing(ctx: TaskContext) -> None:
+    pass
+
+
+#: (mode, ready rules, shared): a one-shot run and a watch, with the default rule (age) alone,
+#: among runners sharing the job, and with ``stable:2`` (files still being looked at).
+DONE_BEFORE_CASES = [
+    pytest.param("run", None, False, id="run"),
+    pytest.param("run", None, True, id="run-shared"),
+    pytest.param("run", ["stable:2"], False, id="run-stable"),
+    pytest.param("watch", None, False, id="watch"),
+    pytest.param("watch", None, True, id="watch-shared"),
+    pytest.param("watch", ["stable:2"], False, id="watch-stable"),
+]
+
+
+@pytest.mark.parametrize(("mode", "ready", "shared"), DONE_BEFORE_CASES)
+async def test_done_files_whose_ctime_changed_are_done_before_not_waiting_to_settle(
+    inbox: Path, any_state: str, mode: str, ready: list[str] | None, shared: bool
+) -> None:
+    """A ``chmod`` (a ``touch -d``, a link) sets a done file's ctime to now and keeps its key:
+    it is not settled (or not seen unchanged) yet, but it is done, and never taken again. A
+    run, or a watch stopped before such files settle, counts them done before: it said "0
+    seen: 0 done; 20 files not settled yet", and ``status`` "20 not settled yet (taken once
+    they settle)", with all 20 done in the ledger."""
+    paths = make_files(inbox, 20)
+    settings: dict[str, Any] = {"source": inbox, "state": any_state, "ready": ready}
+    first = await Batch(nothing, **settings, settle=0, shared=shared).run()
+    assert first.done == 20, str(first)
+    for path in paths:
+        os.chmod(path, 0o600)  # the ctime is now; size, mtime and inode (the key) are kept
+    rule = "unsettled" if ready is None else "unstable"
+    # Settled in 30 s: the run's (or the watch's) stop comes long before.
+    batch = Batch(nothing, **settings, settle=30, poll=0.1, shared=shared)
+    report: Report | None = None
+
+    async def go() -> None:
+        nonlocal report
+        report = await (batch.run() if mode == "run" else batch.watch())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(go)
+        if mode == "watch" or ready is not None:  # a watch, or a run's looks: stopped early
+            await until(lambda: getattr(batch.statistics(), rule, 0) == 20 or report is not None)
+            batch.stop()
+    assert report is not None
+    counts = (report.seen, report.done, report.done_before, getattr(report, rule))
+    assert counts == (20, 0, 20, 0), str(report)
+    assert "not settled" not in str(report)
+    assert "not ready" not in str(report)
+    status = cli("status", "--state", any_state)
+    assert status.returncode == 0, status.stderr
+    text = " ".join(status.stdout.split())
+    assert "20 seen: 0 done, 20 done before" in text, text
+    assert "left in the source by the last run (at its end): nothing it found" in text, text
+    assert "taken once" not in text, text
+
+
+async def test_a_watch_stopped_before_done_files_were_seen_settled_long_enough_says_done(
+    inbox: Path, any_state: str
+) -> None:
+    """A file settled when a watch first sees it must still be seen unchanged for ``settle``
+    seconds: a watch stopped before that, right after a run that did every file, said "0
+    seen: 0 done; 20 files not settled yet" (exit 130), and ``status`` "20 not settled yet
+    (taken once they settle)". They are done: counted done before."""
+    await until_settled(2.0, *make_files(inbox, 20))
+    first = await Batch(nothing, source=inbox, state=any_state, settle=2).run()
+    assert first.done == 20, str(first)
+    batch = Batch(nothing, source=inbox, state=any_state, settle=2, poll=0.1)
+    report: Report | None = None
+
+    async def go() -> None:
+        nonlocal report
+        report = await batch.watch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(go)
+        await until(lambda: getattr(batch.statistics(), "unsettled", 0) == 20)
+        batch.stop()
+    assert report is not None
+    counts = (report.seen, report.done_before, report.unsettled)
+    assert counts == (20, 20, 0), str(report)
+    status = " ".join(cli("status", "--state", any_state).stdout.split())
+    assert "20 seen: 0 done, 20 done before" in status, status
+    assert "taken once" not in status, status

@@ -181,12 +181,18 @@ class Claimer:
         records = await self.scanner.scan(settle=self.config.settle, on_chunk=self._on_scan_chunk)
         count_scan(run.counters, self.scanner.last)
         walked = self.scanner.walked
-        finished, self.finished_unready = 0, {}
-        if walked is not None and walked.left_out:
-            finished = await self._count_finished(walked.left_out)
+        self.finished_unready = {"done": 0, "dead": 0}
+        left_out = (
+            walked.left_out
+            if walked is not None
+            else [(r, "age") for r in self.scanner.left_unsettled]
+        )
+        finished = await self._count_finished(left_out) if left_out else 0
         await self.markers.after_scan(walked)
         if self.ready.looks > 1:  # stable:N: look again, and wait for the answer
-            records = await look_until_stable(self.scanner, records, self.ready, run)
+            records, unstable = await look_until_stable(self.scanner, records, self.ready, run)
+            if unstable:
+                finished += await self._count_finished([(r, "stable") for r in unstable])
         run.counters.seen = len(records) + finished
         run.counters.scanned = True
         return records
@@ -209,16 +215,19 @@ class Claimer:
 
     async def _count_finished(self, left_out: list[tuple[bytes, str]]) -> int:
         """A one-shot run's scan left ``left_out`` (records, and the rule each fails) out:
-        those whose item is finished already (done or dead: the rules changed since, and a
-        finished file is never taken again) are counted as a ready one would be (done or
-        dead before), not as not ready yet. Returns how many (seen, too).
+        those whose item is finished already (done or dead: the rules changed since, or the
+        file kept its key while its ctime changed, a ``chmod`` or a ``touch -d`` that left it
+        not settled yet; a finished file is never taken again) are counted as a ready one
+        would be (done or dead before), not as not ready yet. Returns how many (seen, too).
+        Under identity ``content`` none is looked up (their keys would mean reading them):
+        they stay counted as not ready yet.
 
         A shared run counts the job's listing (see :func:`.shared.count_listing`): its lister
         records them with the listing's files (:attr:`finished_unready`), and every runner
         counts them from there (this one too: its own counts leave them out meanwhile)."""
         counters = self.run.counters
         finished = await self._finished_states([r for r, _ in left_out])
-        by_state = self.finished_unready = {"done": 0, "dead": 0}
+        by_state = {"done": 0, "dead": 0}
         for record, rule in left_out:
             state = finished.get(record)
             if state is None:
@@ -226,6 +235,11 @@ class Claimer:
             name = NOT_READY[rule]
             setattr(counters, name, getattr(counters, name) - 1)
             by_state[state] += 1
+        # Of the unsettled, those ahead of the clock: which of them were finished is not
+        # known here; never more of them than are left.
+        counters.future = min(counters.future, counters.unsettled)
+        for state, files in by_state.items():
+            self.finished_unready[state] = self.finished_unready.get(state, 0) + files
         if self.config.shared:
             return 0
         counters.done_before += by_state["done"]
@@ -245,6 +259,7 @@ class Claimer:
             immutable=cfg.objects is not None,
             by_path=cfg.identity == "path",
         )
+        run.waiting_files = sightings.waiting_files  # the report asks about them at the end
         changes = Changes()
         self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:

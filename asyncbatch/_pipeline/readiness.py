@@ -53,9 +53,11 @@ def count_scan(counters: Counters, scan: ScanInfo | None) -> None:
 
 async def look_until_stable(
     scanner: Lister, records: list[bytes], ready: Readiness, run: RunState
-) -> list[bytes]:
+) -> tuple[list[bytes], list[bytes]]:
     """The files of a one-shot run's scan (``records``, its first look) that look the same
-    to ``ready.looks`` looks in all, each ``settle`` seconds after the last (``stable:N``).
+    to ``ready.looks`` looks in all, each ``settle`` seconds after the last (``stable:N``);
+    and the records of those it leaves not ready (as last seen), for the run to ask the
+    ledger which it has finished already (a file whose ctime alone changed keeps its key).
 
     The run waits for the answer: the files are not skipped for want of looks. One that
     changed between two looks is left for the next run, and counted (``unstable``); one that
@@ -63,7 +65,7 @@ async def look_until_stable(
     ends the wait: the files left are counted as not ready yet.
     """
     counters = run.counters
-    changed = 0
+    changed: dict[bytes, bytes] = {}  # relpath -> its record at the last look
     counters.unstable = len(records)
     for _ in range(ready.looks - 1):
         if not records:
@@ -71,15 +73,18 @@ async def look_until_stable(
         with anyio.move_on_after(ready.settle):
             await run.stop_requested.wait()
         if run.stop_requested.is_set() or run.stopping:
-            return []
+            return [], [*records, *changed.values()]
         again, _ = await scanner.look([split(r)[0] for r in records])
         same = set(again)
-        there = {split(r)[0] for r in again}
-        changed += sum(1 for r in records if r not in same and split(r)[0] in there)
+        there = {split(r)[0]: r for r in again}
+        for r in records:
+            rel = split(r)[0]
+            if r not in same and rel in there:
+                changed[rel] = there[rel]
         records = [r for r in records if r in same]
-        counters.unstable = len(records) + changed
-    counters.unstable = changed
-    return records
+        counters.unstable = len(records) + len(changed)
+    counters.unstable = len(changed)
+    return records, list(changed.values())
 
 
 #: Seconds of clock difference allowed between the filesystem's times (a marker's mtime) and

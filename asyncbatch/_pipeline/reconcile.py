@@ -9,16 +9,26 @@ registered ones are no longer counted as left unregistered. The files counted do
 the strength of an attempt of their item that the run did not see end (identity ``content``:
 ``RunState.twins``) count as that item does now: done (dead) before, or else unfinished.
 
+A watch's files not ready yet (``RunState.waiting_files``: not settled, not seen unchanged
+enough, ...) are asked about too, once, here: those whose item the ledger has finished (a
+done file whose ctime alone changed, by a ``chmod`` or a ``touch -d``, keeps its key and
+waits to settle) count as what they are, seen and done (dead) before, not as files to be
+taken once ready. Under identity ``content`` their keys would mean reading them: they stay
+counted as not ready yet.
+
 Made per run, at its end, by the runner; nothing here outlives the call.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from .._exceptions import LedgerError
 from .._identity import input_hash, item_key
-from .._scanner import unpack
+from .._ledger import NOT_READY
+from .._scanner import unpack, unpack_item
+from .readiness import count_not_ready
 from .state import RunState
 
 __all__ = ["reconcile"]
@@ -35,6 +45,7 @@ async def reconcile(state: RunState) -> None:
     must not fail for its report's sake. The unregistered files of identity ``"content"``
     are not looked up (their keys would mean reading them).
     """
+    await _count_waiting(state)
     cfg, counters = state.config, state.counters
     unclaimed: set[str] = set()
     if cfg.identity != "content":
@@ -67,3 +78,39 @@ async def reconcile(state: RunState) -> None:
             counters.done_before += files
         else:
             counters.dead_before += files
+
+
+async def _count_waiting(state: RunState) -> None:
+    """Count a watch's files not ready yet as the ledger has them (see the module): one read
+    per ``STATES_OF_CHUNK`` files, at the end. A ledger that fails here leaves them counted
+    as not ready yet (a warning says so)."""
+    waiting_files, state.waiting_files = state.waiting_files, None
+    if waiting_files is None:
+        return
+    cfg, counters = state.config, state.counters
+    waiting = waiting_files()
+    # As the watch has them now (its last look may have come after its last count).
+    count_not_ready(counters, Counter(rule for _, rule in waiting))
+    if not waiting or cfg.identity == "content":
+        return
+    versioned = cfg.objects is not None  # an object's identity includes its version tag
+    rules: dict[str, str] = {}
+    for record, rule in waiting:
+        mtime_ns, rel, size, inode, _ = unpack_item(record)
+        ihash = input_hash(cfg.identity, rel, size, mtime_ns, b"", inode if versioned else None)
+        rules[item_key(cfg.identity, ihash, mtime_ns)] = rule
+    try:
+        found = await state.ledger.states_of(cfg.job, list(rules))
+    except LedgerError as e:
+        log.warning("the report counts the files not ready yet as the watch saw them (%s)", e)
+        return
+    for key, item_state in found.items():
+        if item_state not in ("done", "dead"):
+            continue
+        name = NOT_READY[rules[key]]
+        setattr(counters, name, getattr(counters, name) - 1)
+        counters.seen += 1
+        if item_state == "done":
+            counters.done_before += 1
+        else:
+            counters.dead_before += 1

@@ -121,6 +121,10 @@ class Sightings:
             return {"age": len(self._waiting)}
         return Counter(w.why for w in self._waiting.values())
 
+    def waiting_files(self) -> list[tuple[bytes, str]]:
+        """The records of the files seen and not yet ready, with the rule each waits for."""
+        return [(w.record, w.why) for w in self._waiting.values()]
+
     def scanned(
         self,
         records: list[bytes],

@@ -14,7 +14,9 @@ __all__ = ["LASTING", "ReadyWalk"]
 #: The rules whose failure lasts until the file or its markers change (or the rules do):
 #: a file an earlier run finished may fail one of them for good after the rules changed
 #: (``marker:.ok`` given to a job of ``age``), and the next run would still not take it.
-#: (``age`` and ``stable`` come with time, and a file finished that fails them changed.)
+#: (``age`` and ``stable`` come with time: a watch asks about the files that fail them
+#: once, at its end, not at every look; a file finished that fails them changed, or kept its
+#: key, its ctime alone changed: a ``chmod``, a ``touch -d``.)
 LASTING: Final = ("max-age", "min-size", "marker", "dir-marker")
 
 
@@ -54,9 +56,9 @@ class ReadyWalk:
         self.not_ready: dict[str, int] = dict.fromkeys(KINDS, 0)
         #: Of the age failures, those changed after the scan began.
         self.future = 0
-        #: A one-shot run's scan: the records left out by a rule of :data:`LASTING`, with
-        #: the rule (the run asks the ledger which are finished already: they are not
-        #: waiting for anything).
+        #: A one-shot run's scan: the records left out, with the rule each fails (the run
+        #: asks the ledger which are finished already: they are not waiting for anything;
+        #: a done file whose ctime alone changed fails ``age`` with its key kept).
         self.left_out: list[tuple[bytes, str]] = []
         #: A watch's scan: the rule (not age, not stable) each listed file fails.
         self.blocked: dict[bytes, str] = {}
@@ -123,8 +125,7 @@ class ReadyWalk:
             self.future += changed > self.now_ns
         if kind and cutoff is not None:
             self.not_ready[kind] += 1
-            if kind != "age":
-                self.left_out.append((record, kind))
+            self.left_out.append((record, kind))
             return False
         if kind:
             self.blocked[record[8:-25]] = kind

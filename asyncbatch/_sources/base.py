@@ -46,6 +46,9 @@ class Lister(Protocol):
     ready: Readiness | None
     #: What the last listing learnt of the rules beyond ``age`` (``None``: none).
     walked: ReadyWalk | None
+    #: The records of the inputs the last listing for settled ones left out as not settled
+    #: yet, without rules beyond ``age`` (with them, ``walked.left_out`` has them).
+    left_unsettled: list[bytes]
 
     @property
     def last(self) -> ScanInfo | None:

@@ -138,6 +138,9 @@ class ObjectLister:
         self.ready = ready
         #: What the last listing learnt of rules beyond the default (``None``: none).
         self.walked: ReadyWalk | None = None
+        #: The records of the objects the last listing left out as not settled yet (without
+        #: rules beyond ``age``: with them, :attr:`walked` ``left_out`` has them).
+        self.left_unsettled: list[bytes] = []
         #: The last listing that finished, if any (for metrics and health).
         self.last: ScanInfo | None = None
         #: The keys looked at (notified) that the client cannot represent, said once each.
@@ -171,10 +174,14 @@ class ObjectLister:
             return await self._scan_ready(ready, began, cutoff, now_ns, on_chunk)
         prefix = self.url.prefix
         records: list[bytes] = []
+        left: list[bytes] = []
+        self.left_unsettled = left
         unsettled = future = 0
         try:
             async for page in self.store.list_pages(prefix):
-                unsettled, future = self._take(page, cutoff, now_ns, records, unsettled, future)
+                unsettled, future = self._take(
+                    page, cutoff, now_ns, records, unsettled, future, left
+                )
                 if on_chunk is not None:
                     on_chunk(len(records))
         except OSError as exc:
@@ -211,6 +218,7 @@ class ObjectLister:
             raise _unlisted(exc) from None
         records, walk = ready_objects(kept, ready, cutoff_ns=cutoff, now_ns=now_ns)
         self.walked = walk
+        self.left_unsettled = []
         self.last = ScanInfo.after(began, len(records), 0, 0, walk)
         return records
 
@@ -222,8 +230,10 @@ class ObjectLister:
         records: list[bytes],
         unsettled: int,
         future: int,
+        left: list[bytes],
     ) -> tuple[int, int]:
-        """Add a page's settled objects to ``records``; count the others (returned)."""
+        """Add a page's settled objects to ``records``; count the others (returned), their
+        records to ``left``."""
         prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
         for obj in page:
             rel = _relpath(obj.key, prefix, rules, recursive)
@@ -233,6 +243,7 @@ class ObjectLister:
             if cutoff is not None and obj.mtime_ns > cutoff:
                 unsettled += 1
                 future += obj.mtime_ns > now_ns
+                left.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
                 continue
             records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
         return unsettled, future
