@@ -890,7 +890,7 @@ async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(
     assert [t for t in _descriptors() if str(inbox) in t] == [], "an input was left open"
 
 
-@pytest.mark.parametrize("change", ["deleted", "replaced", "written"])
+@pytest.mark.parametrize("change", ["deleted", "replaced", "written", "source replaced"])
 async def test_a_file_changed_while_its_command_waited_is_not_run_on(
     inbox: Path, state: Path, pids: Path, change: str
 ) -> None:
@@ -920,6 +920,9 @@ async def test_a_file_changed_while_its_command_waited_is_not_run_on(
             elif change == "replaced":
                 (inbox / "new").write_bytes(b"version 2\n")
                 os.replace(inbox / "new", target)
+            elif change == "source replaced":  # the command gets the path: nothing there
+                os.rename(inbox, inbox.with_name("inbox.old"))
+                inbox.mkdir()
             else:  # the same file, written to in place (its size and mtime kept)
                 st = target.stat()
                 with target.open("r+b") as f:

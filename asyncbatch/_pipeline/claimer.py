@@ -757,8 +757,7 @@ class Claimer:
         (``row``: held, failed), the claimed file is noted as its twin, to follow how it ends
         (``True``: nothing more to note of it). Else (leased now, or finished) the open file
         follows the claimed one's item instead (``False``: note the claim as any other's).
-        Before, the claimed file's record replaced the open one's: one of the two files was
-        counted nowhere (a run with every item done said "1 unfinished")."""
+        Either way each of the two files is counted once."""
         run = self.run
         found = run.open.get(item.key)
         if self.config.identity != "content" or found is None:

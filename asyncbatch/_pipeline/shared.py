@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
@@ -48,10 +48,12 @@ if TYPE_CHECKING:
     from .queues import LeasedItem
 
 __all__ = [
+    "NO_TWINS",
     "REGISTER_BATCH",
     "RELISTS",
     "SHARED_POLL",
     "SharedRun",
+    "TwinEnds",
     "count_listing",
     "finished_twins",
     "gone_by",
@@ -71,6 +73,21 @@ REGISTER_BATCH = 2048
 SHARED_POLL = 0.1
 #: Seconds between looks at the held items, a retry and the role, while waiting for them.
 HELD_POLL = 1.0
+
+
+class TwinEnds(NamedTuple):
+    """How the items of a listing's twins (files not queued for the bytes of one it queued)
+    ended, in files: ``done``, ``dead``, and ``unfinished`` (``vanished`` among them: the file
+    queued in their place vanished, and none of them was handled)."""
+
+    done: int = 0
+    dead: int = 0
+    unfinished: int = 0
+    vanished: int = 0
+
+
+#: No twins (or none known).
+NO_TWINS = TwinEnds()
 
 
 class SharedRun:
@@ -465,9 +482,8 @@ class SharedRun:
         run, cfg = self.run, self.config
         if cfg.identity != "content" or self._relisted >= RELISTS:
             return False
-        *_, unfinished = await _twins_by_end(run, listing)
-        if not unfinished:
-            return False
+        if not (await _twins_by_end(run, listing)).vanished:
+            return False  # (held by another runner, or waiting for a retry: not listed again)
         self._relisted += 1
         self.target = run.listing_target = listing.complete + 1
         self._role_free.set()  # the listing duty looks at the role at once
@@ -509,7 +525,7 @@ def count_listing(
     listing: Listing | None,
     others: dict[str, int],
     running: int | None,
-    twins: tuple[int, int] = (0, 0),
+    twins: TwinEnds = NO_TWINS,
 ) -> None:
     """Count the job's listing in a shared run's counts ``t`` (changed in place; ``unfinished``
     is left to the caller): ``seen`` the files ``listing`` found, at least what the run's own
@@ -517,8 +533,10 @@ def count_listing(
     and what other runners finished since it began (``others``, by state), and ``held`` the
     items leased to other runners (``running``; ``None``: not counted, ``held`` is left as
     the claimer counted it), each within what is left of ``seen``; ``twins``, the listing's
-    files not queued for the bytes of one it queued (identity ``content``) whose item is
-    done, and dead (see :func:`finished_twins`), are done (dead) before. Without a listing
+    files not queued for the bytes of one it queued (identity ``content``, see
+    :func:`finished_twins`): done (dead) before when their item is, else unfinished (``seen``
+    has room for them: a listing that began after this run's files vanished has fewer files
+    than the run accounted for). Without a listing
     (``None``: none complete yet, or a watch's lister), ``seen`` is at least what the
     categories add up to.
 
@@ -536,12 +554,11 @@ def count_listing(
     t.done_before = t.dead_before = 0
     if running is not None:
         t.held = 0
-    t.seen = max(listing.listed_files, t.seen_accounted())
-    room = t.seen - t.seen_accounted()
-    twins_done, twins_dead = twins
-    t.dead_before = min(listing.found_dead + others.get("dead", 0) + twins_dead, room)
+    t.seen = max(listing.listed_files, t.seen_accounted() + twins.unfinished)
+    room = t.seen - t.seen_accounted() - twins.unfinished
+    t.dead_before = min(listing.found_dead + others.get("dead", 0) + twins.dead, room)
     room -= t.dead_before
-    t.done_before = min(listing.found_done + others.get("done", 0) + twins_done, room)
+    t.done_before = min(listing.found_done + others.get("done", 0) + twins.done, room)
     room -= t.done_before
     # Files another runner found gone (or changed) are vanished for this run too, not
     # unfinished: they were "200 seen: 74 done, 76 done before, 41 vanished, 9 unfinished",
@@ -621,20 +638,18 @@ async def shared_report(run: RunState) -> None:
     run.reported = True
 
 
-async def finished_twins(run: RunState, listing: Listing) -> tuple[int, int]:
+async def finished_twins(run: RunState, listing: Listing) -> TwinEnds:
     """Of the files ``listing`` did not queue because one with their bytes was (identity
-    ``content``: the same item), how many have their item done, and dead, now. The others
-    (their item not finished: its file vanished, say) are left unfinished: this run did not
-    handle them, nor did another. A ledger that fails here counts none (less said, never
-    more)."""
+    ``content``: the same item), how many have their item done, dead, or neither, now: those
+    are left unfinished (this run did not handle them, nor did another). A ledger that fails
+    here counts none done nor dead (less said, never more)."""
     if run.config.identity != "content":
-        return 0, 0
+        return NO_TWINS
     try:
-        done, dead, _ = await _twins_by_end(run, listing)
+        return await _twins_by_end(run, listing)
     except LedgerError as e:
         log.warning("the report counts no file with the bytes of another (the ledger: %s)", e)
-        return 0, 0
-    return done, dead
+        return NO_TWINS
 
 
 async def _take_up_twins(run: RunState, listing: Listing) -> None:
@@ -647,19 +662,16 @@ async def _take_up_twins(run: RunState, listing: Listing) -> None:
         run.listing_twins = (listing.complete, twins)
 
 
-async def _twins_by_end(run: RunState, listing: Listing) -> tuple[int, int, int]:
+async def _twins_by_end(run: RunState, listing: Listing) -> TwinEnds:
     """The files ``listing`` did not queue for the bytes of one it queued (see
-    ``Ledger.listing_twins``): how many have their item done, dead, and neither, now."""
+    ``Ledger.listing_twins``), by how their item ended, now."""
     await _take_up_twins(run, listing)
     assert run.listing_twins is not None
     twins = run.listing_twins[1]
     states = await run.ledger.states_of(run.config.job, list(twins)) if twins else {}
-    ended = {"done": 0, "dead": 0}
-    unfinished = 0
+    by_state = {"done": 0, "dead": 0, "vanished": 0, "": 0}
     for key, files in twins.items():
         state = states.get(key, "")
-        if state in ended:
-            ended[state] += files
-        else:
-            unfinished += files
-    return ended["done"], ended["dead"], unfinished
+        by_state[state if state in by_state else ""] += files
+    vanished = by_state["vanished"]
+    return TwinEnds(by_state["done"], by_state["dead"], vanished + by_state[""], vanished)

@@ -437,20 +437,15 @@ class WorkerPool:
         return _Running(prepared, attempt, started)
 
     def _still_current(self, prepared: _Prepared) -> _Prepared | None:
-        """A prepared attempt's input, looked at again by its path just before its command
-        starts (a command opens its input by path): prepared while the slot's previous
-        command ran, it may have been deleted, replaced or written to since. The same file,
-        unchanged: ``prepared``. Otherwise the item is prepared again from what is there now:
-        its attempt as that finds it, or ``None`` with its outcome recorded (vanished, say).
-        Before, the command ran on a file gone (or on a new version, under the old one's
-        item) and its item was recorded done. One ``stat`` a command."""
+        """A prepared attempt's input, looked at again by the path its command gets (one
+        ``stat``), just before that command starts: prepared while the slot's previous command
+        ran, the file may have been deleted, replaced or written to since, or the source
+        directory replaced. The same file, unchanged: ``prepared``. Otherwise the item is
+        prepared again from what is there now (the source looked at again first): its attempt
+        as that finds it, or ``None`` with its outcome recorded (vanished, say)."""
         item, entry, opened = prepared.item, prepared.ctx.entry, prepared.input_file
         try:
-            if item.moved_to is None:
-                follow = self.config.follow_symlinks
-                st = os.stat(item.relpath, dir_fd=self.run.source.fd, follow_symlinks=follow)
-            else:
-                st = os.stat(entry.path)
+            st = os.stat(entry.path, follow_symlinks=self.config.follow_symlinks)
         except OSError:
             pass  # gone (or unreadable): preparing it again says which
         else:
@@ -458,6 +453,7 @@ class WorkerPool:
             if now == (entry.inode, opened.size, opened.mtime_ns, opened.ctime_ns):
                 return prepared
         prepared.close()
+        self.run.source.refresh()  # (another directory at the source's path: opened now)
         again = self.prepare(item)
         if isinstance(again, Outcome):
             self.outbox.started(item)
