@@ -239,7 +239,9 @@ def _take_lock(
     return stale
 
 
-def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float) -> int:
+def _tx_reap(
+    conn: sqlite3.Connection, job: str, me: ProcessIdentity, orphans: bool, now: float
+) -> int:
     released = 0
     for runner in [_runner(r) for r in _named(conn, sql.RUNNERS_OF_JOB, (job,))]:
         if runner.alive(now, me):
@@ -250,6 +252,9 @@ def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float
         )
         released += max(conn.execute(sql.REAP_ITEMS, (now, job, runner.owner)).rowcount, 0)
         conn.execute(sql.RUNNER_REMOVE, (runner.owner,))
+    if orphans:
+        for (owner,) in conn.execute(sql.ORPHANED_OWNERS, (job,)).fetchall():
+            released += max(conn.execute(sql.REAP_ITEMS, (now, job, owner)).rowcount, 0)
     return released
 
 
@@ -770,8 +775,10 @@ class SQLiteLedger(Ledger):
     async def start_runner(self, start: t.RunStart) -> t.Started:
         return await self._transact(_tx_start_runner, start, self.name, self.clock())
 
-    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
-        return await self._transact(_tx_reap, job, me, self.clock())
+    async def reap_stale_runners(
+        self, job: str, me: ProcessIdentity, *, orphans: bool = False
+    ) -> int:
+        return await self._transact(_tx_reap, job, me, orphans, self.clock())
 
     async def runners(self, job: str) -> list[t.RunnerInfo]:
         return [_runner(r) for r in await self._fetch_named(sql.RUNNERS_OF_JOB, (job,))]
@@ -784,6 +791,9 @@ class SQLiteLedger(Ledger):
         finish = {"id": end.run_id, "exit_status": end.exit_status, **asdict(end.totals)}
 
         def release(conn: sqlite3.Connection, now: float) -> None:
+            # Its leases first: none outlives the runner's record (see RunEnd).
+            left = [(now, end.job, key, end.owner, fence) for key, fence in end.leases]
+            conn.executemany(sql.RELEASE_ITEM, left)
             conn.execute(sql.RUNNER_REMOVE, (end.owner,))
             if end.holds_lock:
                 conn.execute(sql.LOCK_RELEASE, (end.job, end.owner))
