@@ -42,7 +42,13 @@ import aiosqlite
 import anyio
 
 from .. import _failpoints as failpoints
-from .._exceptions import DamagedLedgerError, LedgerError, NotALedgerError, SchemaVersionError
+from .._exceptions import (
+    DamagedLedgerError,
+    LedgerError,
+    NotALedgerError,
+    SchemaMismatchError,
+    SchemaVersionError,
+)
 from .._procinfo import ProcessIdentity, this_process
 from . import sqlite_sql as sql
 from . import types as t
@@ -172,10 +178,19 @@ def _tx_migrate(conn: sqlite3.Connection, now: float, name: str) -> None:
         user = live_user(conn.execute(sql.LEDGER_USERS).fetchall(), now, this_process())
         if user is not None:
             raise upgrade_refused(name, version, sql.SCHEMA_VERSION, user)
+    found = version
     while version < sql.SCHEMA_VERSION:
         for statement in sql.MIGRATIONS[version].split(";\n"):
-            if statement.strip():
+            if not statement.strip():
+                continue
+            try:
                 conn.execute(statement)
+            except sqlite3.OperationalError as e:
+                # (A plain SQL error: a table or column that is there already, or missing.
+                # Not a full disk, an I/O error or a busy file: those keep their meaning.)
+                if e.sqlite_errorcode != sqlite3.SQLITE_ERROR:
+                    raise
+                raise SchemaMismatchError(name, found, sql.SCHEMA_VERSION, str(e)) from None
         version += 1
     conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
