@@ -106,6 +106,22 @@ class SchemaVersionError(LedgerError):
         super().__init__(message)
 
 
+class SchemaMismatchError(SchemaVersionError):
+    """The ledger's tables are not those of the schema version it records (its version number
+    set by hand, its tables changed by something else): its upgrade cannot apply, and nothing
+    will change that by itself; it was left untouched."""
+
+    def __init__(self, path: str, found: int, known: int, detail: str) -> None:
+        self.found = found
+        self.known = known
+        LedgerError.__init__(
+            self,
+            f"state {path!r}: its schema does not match its version number ({found}): "
+            f"upgrading it to {known} failed ({detail}); the state was not modified (was its "
+            "version set by hand? restore it from a backup, or set the version its tables are)",
+        )
+
+
 class JobLockedError(AsyncBatchError):
     """Another live runner holds this job's lock, or (for an exclusive runner) live
     ``--shared`` runners work on the job (``shared_runner``)."""

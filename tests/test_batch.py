@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -906,3 +907,91 @@ async def test_a_batch_whose_directory_went_away_since_it_was_made_says_so_in_on
     report = await batch.run()
     assert report.done == 1
     assert [p.name for p in archive.iterdir()] == ["f00000.txt"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_leases_a_failed_run_could_not_give_back_go_with_its_runner_record(
+    inbox: Path,
+    state: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A run that died of a full disk gave its runner record and lock back after its release of
+    # its leases had failed (a smaller transaction, which the disk still had room for): the
+    # next run found leases of an owner with no record, "held by other runners" until they
+    # ran out (57 s with the default lease), though no other runner existed.
+    from asyncbatch import _failpoints as failpoints
+    from asyncbatch._exceptions import LedgerError
+    from asyncbatch._ledger.postgres import PostgresLedger
+    from asyncbatch._ledger.sqlite import SQLiteLedger
+
+    from .conftest import ledger_rows
+
+    where = request.getfixturevalue("pg_dsn") if backend == "postgres" else str(state)
+    make_files(inbox, 12)
+    monkeypatch.setattr(failpoints, "ACTIVE", failpoints.parse("before-commit=oserror(ENOSPC)"))
+    tried: list[int] = []
+
+    async def full(self: object, job: str, owner: str, items: object) -> None:
+        tried.append(len(items))  # type: ignore[arg-type]
+        raise LedgerError("database or disk is full")
+
+    ledger_class = PostgresLedger if backend == "postgres" else SQLiteLedger
+    monkeypatch.setattr(ledger_class, "release_items", full)
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    with pytest.raises(LedgerError):  # (the release's error, raised last)
+        await Batch(handle, source=inbox, state=where, concurrency=4, settle=0).run()
+    assert len(tried) == 1  # it had leases to give back, and could not
+    assert tried[0] > 0
+    leased = ledger_rows(where, "SELECT count(*) FROM items WHERE state = 'running'")[0][0]
+    runners = ledger_rows(where, "SELECT count(*) FROM runners")[0][0]
+    assert (leased, runners) == (0, 0)  # given back with the runner's record
+
+    monkeypatch.undo()
+    started = time.monotonic()
+    report = await Batch(handle, source=inbox, state=where, settle=0, wait=False).run()
+    assert (report.seen, report.done + report.done_before, report.held) == (12, 12, 0)
+    assert time.monotonic() - started < 20  # (never waited for a lease to run out)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_leases_of_an_owner_without_a_runner_record_are_taken_over_at_once(
+    inbox: Path,
+    state: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What an earlier asyncbatch left when a run's release of its leases failed and that of
+    # its record did not: leases of an owner that has no runner record. Nobody can renew them:
+    # their owner is gone, and the next run puts them back at once, as it does a dead runner's.
+    from .conftest import ledger_rows
+
+    where = request.getfixturevalue("pg_dsn") if backend == "postgres" else str(state)
+    make_files(inbox, 10)
+
+    async def handle(ctx: TaskContext) -> None:
+        pass
+
+    first = await Batch(handle, source=inbox, state=where, settle=0).run()
+    assert first.done == 10
+    orphan = f"""
+        UPDATE items SET state = 'running', owner = 'gone00000000', fence = fence + 1,
+                         lease_until = {time.time() + 600!r}
+        WHERE key IN (SELECT key FROM items ORDER BY key LIMIT 3)"""
+    if backend == "postgres":
+        ledger_rows(where, orphan)
+    else:
+        with sqlite3.connect(state) as db:
+            db.execute(orphan)
+    assert ledger_rows(where, "SELECT count(*) FROM items WHERE state = 'running'")[0][0] == 3
+
+    with caplog.at_level("WARNING", logger="asyncbatch"):
+        report = await Batch(handle, source=inbox, state=where, settle=0, wait=False).run()
+    assert (report.seen, report.done, report.done_before, report.held) == (10, 3, 7, 0)
+    assert "3 items of runners that are gone put back" in caplog.text

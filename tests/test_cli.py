@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -863,6 +864,43 @@ def first_schema_ledger(path: Path) -> None:
     db.execute("INSERT INTO jobs VALUES ('default', 'stat', 0)")
     db.commit()
     db.close()
+
+
+def test_a_state_whose_tables_are_not_those_of_its_version_number_is_refused_exit_2(
+    inbox: Path, any_state: str
+) -> None:
+    # Its version number set back by hand (3), its tables those of this version: the upgrade
+    # failed on a column already there, and the run exited 69 ("duplicate column name:
+    # settings"), which says: unavailable, try again later. Nothing will change that.
+    make_files(inbox, 2)
+    assert cli("run", RECORD, "--source", inbox, "--state", any_state).returncode == 0
+    postgres = any_state.startswith("postgresql://")
+    if postgres:
+        ledger_rows(any_state, "UPDATE meta SET value = '3' WHERE name = 'schema_version'")
+    else:
+        with contextlib.closing(sqlite3.connect(any_state)) as db:
+            db.execute("PRAGMA user_version = 3")
+            db.commit()
+
+    def looks() -> object:
+        if not postgres:
+            return untouched(Path(any_state))
+        return ledger_rows(
+            any_state,
+            "SELECT (SELECT value FROM meta WHERE name = 'schema_version'),"
+            " (SELECT count(*) FROM runs), (SELECT count(*) FROM information_schema.columns"
+            "  WHERE table_schema = current_schema())",
+        )
+
+    before = looks()
+    for _ in range(2):
+        assert_one_line_error(
+            cli("run", RECORD, "--source", inbox, "--state", any_state),
+            any_state,
+            "its schema does not match its version number (3)",
+            "was not modified",
+        )
+    assert looks() == before
 
 
 def test_an_older_schema_asks_for_a_run_and_exits_2(inbox: Path, state: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -842,6 +843,45 @@ async def test_the_items_of_a_runner_that_is_gone_are_put_back(
         ("k00001", 0, 0),
         ("k00002", 1, 1),
     ]
+
+
+async def test_the_leases_of_owners_without_a_runner_record_are_put_back_by_a_joining_run(
+    ledger: Ledger, store: Store
+) -> None:
+    # A live runner has its record from before its first lease to after its last: a lease
+    # whose owner has none is a gone runner's (an earlier asyncbatch removed the record of a
+    # run whose release of its leases had failed). A live runner of another host keeps its own.
+    me = this_process()
+    await ledger.start_runner(run_start("far", me=OTHER_HOST, ttl=3600, shared=True))
+    await ledger.claim_scanned("j", "far", 60, [entry(1)])
+    await ledger.claim_scanned("j", "gone", 60, [entry(2), entry(3)])
+    assert await ledger.reap_stale_runners("j", me) == 0  # only gone runners' records, by default
+    assert await ledger.reap_stale_runners("j", me, orphans=True) == 2
+    assert await items(store) == [
+        ("k00001", "running", "far", 1, 0),
+        ("k00002", "pending", None, 1, 0),
+        ("k00003", "pending", None, 1, 0),
+    ]
+    assert [r.owner for r in await ledger.runners("j")] == ["far"]
+    assert await ledger.reap_stale_runners("j", me, orphans=True) == 0
+
+
+async def test_a_runner_leaving_with_leases_gives_them_back_with_its_records(
+    ledger: Ledger, store: Store
+) -> None:
+    # (Its release of them failed: a full disk, an outage. Its records went, its leases
+    # stayed, of an owner nobody knew was gone: held until they ran out.)
+    started = await ledger.start_runner(run_start("a"))
+    first, _ = await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2)])
+    end = dataclasses.replace(
+        ended(started, "a", holds_lock=True), leases=[(first.key, first.fence)]
+    )
+    await ledger.release_runner(end)
+    assert await items(store) == [
+        ("k00001", "pending", None, 1, 0),
+        ("k00002", "running", "a", 1, 0),  # (not among its leases: left as it was)
+    ]
+    assert (await ledger.runners("j"), await ledger.locks()) == ([], [])
 
 
 # -- claims and fencing --------------------------------------------------------------------------

@@ -418,12 +418,20 @@ class Ledger(IdempotencyStore):
         """
 
     @abc.abstractmethod
-    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
+    async def reap_stale_runners(
+        self, job: str, me: ProcessIdentity, *, orphans: bool = False
+    ) -> int:
         """Hand the leased items of the job's runners that are gone back; return how many.
 
         A runner is gone when its heartbeat expired or its process (on this host) is dead; its
         run history rows are marked ``killed`` (as are those of a stale lock's holder when the
         lock is taken over). A scan of the job's items, done only when a runner is found gone.
+
+        With ``orphans`` (a run joining the job), the leases of owners that have no runner
+        record are handed back too (counted with the others): a live runner has its record
+        from before its first lease to after its last, so their owner is gone (a runner
+        whose release of its leases failed, by an older asyncbatch that removed its record
+        anyway). A read of the job's leased items.
         """
 
     @abc.abstractmethod
@@ -444,7 +452,9 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def release_runner(self, end: RunEnd) -> None:
-        """Remove a runner's records (and its lock) and finish its run history row."""
+        """Give back the leases it still holds (``end.leases``), remove a runner's records (and
+        its lock) and finish its run history row: one transaction (leases never outlive the
+        records of their owner)."""
 
     @abc.abstractmethod
     async def locks(self) -> list[LockInfo]:

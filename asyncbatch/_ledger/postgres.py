@@ -308,7 +308,9 @@ class PostgresLedger(Ledger):
             return None
         return t.LockInfo.from_row(row, times=local)  # the stale lock is the row held
 
-    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
+    async def reap_stale_runners(
+        self, job: str, me: ProcessIdentity, *, orphans: bool = False
+    ) -> int:
         async def reap(conn: Connection) -> int:
             released = 0
             for row in await conn.fetch(sql.RUNNERS_OF_JOB, job):
@@ -319,6 +321,9 @@ class PostgresLedger(Ledger):
                 await conn.execute(sql.RUN_KILLED, job, row["owner"], ended)
                 released += int(await conn.fetchval(sql.REAP_ITEMS, job, row["owner"]))
                 await conn.execute(sql.RUNNER_REMOVE, row["owner"])
+            if orphans:
+                for (owner,) in await conn.fetch(sql.ORPHANED_OWNERS, job):
+                    released += int(await conn.fetchval(sql.REAP_ITEMS, job, owner))
             return released
 
         return await self._session.transact(reap)
@@ -360,7 +365,12 @@ class PostgresLedger(Ledger):
         return renewal
 
     async def release_runner(self, end: t.RunEnd) -> None:
+        keys = [key for key, _ in end.leases]
+        fences = [fence for _, fence in end.leases]
+
         async def release(conn: Connection) -> None:
+            if keys:  # its leases first: none outlives the runner's record (see RunEnd)
+                await conn.execute(sql.RELEASE_ITEMS, end.job, end.owner, keys, fences)
             await conn.execute(sql.RUNNER_REMOVE, end.owner)
             if end.holds_lock:
                 await conn.execute(sql.LOCK_RELEASE, end.job, end.owner)

@@ -44,7 +44,13 @@ import asyncpg
 import asyncpg.exceptions as pg_errors
 
 from .. import _failpoints as failpoints
-from .._exceptions import ConfigurationError, LedgerError, NotALedgerError, SchemaVersionError
+from .._exceptions import (
+    ConfigurationError,
+    LedgerError,
+    NotALedgerError,
+    SchemaMismatchError,
+    SchemaVersionError,
+)
 from .._procinfo import this_process
 from . import postgres_sql as sql
 from .base import BUSY, Busy, ledger_error, live_user, retrying, upgrade_refused
@@ -76,6 +82,16 @@ _SERVER_GONE = (
 )
 #: What the server refuses of a connection's own settings (the DSN's database, role,
 #: password or parameters): not an outage to wait out, a bad value.
+#: Errors of a migration's statements that say the tables are not those of the version the
+#: ledger records: a table, column or index there already, or missing.
+_MISMATCHED = (
+    pg_errors.DuplicateTableError,
+    pg_errors.DuplicateColumnError,
+    pg_errors.DuplicateObjectError,
+    pg_errors.UndefinedTableError,
+    pg_errors.UndefinedColumnError,
+    pg_errors.UndefinedObjectError,
+)
 _REFUSED = (
     pg_errors.InvalidCatalogNameError,  # no such database
     pg_errors.InvalidAuthorizationSpecificationError,  # no such role, a wrong password
@@ -364,8 +380,14 @@ class PostgresSession:
         exists = (await conn.fetchrow(sql.INSPECT_SCHEMA, schema) or (False,))[0]
         if not exists:
             await conn.execute(sql.CREATE_SCHEMA.format(schema=_quote_ident(schema)))
+        found = version
         while version < sql.SCHEMA_VERSION:
-            await conn.execute(sql.MIGRATIONS[version])
+            try:
+                await conn.execute(sql.MIGRATIONS[version])
+            except _MISMATCHED as e:  # (rolled back: nothing of it stays)
+                raise SchemaMismatchError(
+                    f"{self.name} (schema {schema})", found, sql.SCHEMA_VERSION, _one_line(e)
+                ) from None
             version += 1
         now = await conn.fetchval(sql.SERVER_NOW)
         await conn.execute(sql.SET_META, "application", sql.APPLICATION)

@@ -338,6 +338,14 @@ UPDATE runners SET heartbeat_at = {NOW}, expires_at = {NOW} + $2::float8 WHERE o
 RETURNING owner
 """
 RUNNER_REMOVE = "DELETE FROM runners WHERE owner = $1"
+#: The owners of a job's leases ($1 job) that have no runner record: gone (a live runner has
+#: its record from before its first lease to after its last; a lease visible here was
+#: committed after its owner's record was, in this statement's snapshot). A scan of the job.
+ORPHANED_OWNERS = """
+SELECT DISTINCT owner FROM items AS i
+WHERE job = $1 AND state = 'running'
+  AND NOT EXISTS (SELECT 1 FROM runners AS r WHERE r.owner = i.owner)
+"""
 #: The job's runners (RunnerInfo) and the server's time (``now``, in every row).
 RUNNERS_OF_JOB = f"""
 SELECT {", ".join(RunnerInfo.columns())}, {NOW} AS now

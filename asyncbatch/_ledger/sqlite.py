@@ -42,7 +42,13 @@ import aiosqlite
 import anyio
 
 from .. import _failpoints as failpoints
-from .._exceptions import DamagedLedgerError, LedgerError, NotALedgerError, SchemaVersionError
+from .._exceptions import (
+    DamagedLedgerError,
+    LedgerError,
+    NotALedgerError,
+    SchemaMismatchError,
+    SchemaVersionError,
+)
 from .._procinfo import ProcessIdentity, this_process
 from . import sqlite_sql as sql
 from . import types as t
@@ -172,10 +178,19 @@ def _tx_migrate(conn: sqlite3.Connection, now: float, name: str) -> None:
         user = live_user(conn.execute(sql.LEDGER_USERS).fetchall(), now, this_process())
         if user is not None:
             raise upgrade_refused(name, version, sql.SCHEMA_VERSION, user)
+    found = version
     while version < sql.SCHEMA_VERSION:
         for statement in sql.MIGRATIONS[version].split(";\n"):
-            if statement.strip():
+            if not statement.strip():
+                continue
+            try:
                 conn.execute(statement)
+            except sqlite3.OperationalError as e:
+                # (A plain SQL error: a table or column that is there already, or missing.
+                # Not a full disk, an I/O error or a busy file: those keep their meaning.)
+                if e.sqlite_errorcode != sqlite3.SQLITE_ERROR:
+                    raise
+                raise SchemaMismatchError(name, found, sql.SCHEMA_VERSION, str(e)) from None
         version += 1
     conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
@@ -239,7 +254,9 @@ def _take_lock(
     return stale
 
 
-def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float) -> int:
+def _tx_reap(
+    conn: sqlite3.Connection, job: str, me: ProcessIdentity, orphans: bool, now: float
+) -> int:
     released = 0
     for runner in [_runner(r) for r in _named(conn, sql.RUNNERS_OF_JOB, (job,))]:
         if runner.alive(now, me):
@@ -250,6 +267,9 @@ def _tx_reap(conn: sqlite3.Connection, job: str, me: ProcessIdentity, now: float
         )
         released += max(conn.execute(sql.REAP_ITEMS, (now, job, runner.owner)).rowcount, 0)
         conn.execute(sql.RUNNER_REMOVE, (runner.owner,))
+    if orphans:
+        for (owner,) in conn.execute(sql.ORPHANED_OWNERS, (job,)).fetchall():
+            released += max(conn.execute(sql.REAP_ITEMS, (now, job, owner)).rowcount, 0)
     return released
 
 
@@ -770,8 +790,10 @@ class SQLiteLedger(Ledger):
     async def start_runner(self, start: t.RunStart) -> t.Started:
         return await self._transact(_tx_start_runner, start, self.name, self.clock())
 
-    async def reap_stale_runners(self, job: str, me: ProcessIdentity) -> int:
-        return await self._transact(_tx_reap, job, me, self.clock())
+    async def reap_stale_runners(
+        self, job: str, me: ProcessIdentity, *, orphans: bool = False
+    ) -> int:
+        return await self._transact(_tx_reap, job, me, orphans, self.clock())
 
     async def runners(self, job: str) -> list[t.RunnerInfo]:
         return [_runner(r) for r in await self._fetch_named(sql.RUNNERS_OF_JOB, (job,))]
@@ -784,6 +806,9 @@ class SQLiteLedger(Ledger):
         finish = {"id": end.run_id, "exit_status": end.exit_status, **asdict(end.totals)}
 
         def release(conn: sqlite3.Connection, now: float) -> None:
+            # Its leases first: none outlives the runner's record (see RunEnd).
+            left = [(now, end.job, key, end.owner, fence) for key, fence in end.leases]
+            conn.executemany(sql.RELEASE_ITEM, left)
             conn.execute(sql.RUNNER_REMOVE, (end.owner,))
             if end.holds_lock:
                 conn.execute(sql.LOCK_RELEASE, (end.job, end.owner))

@@ -283,6 +283,12 @@ UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at
                  {_COUNT_INTERRUPTED}
 WHERE job = ? AND owner = ? AND state = 'running'
 """
+#: The owners of a job's leases (? job) that have no runner record: gone (a live runner has
+#: its record from before its first lease to after its last). Through items_waiting.
+ORPHANED_OWNERS = """
+SELECT DISTINCT owner FROM items
+WHERE job = ? AND state = 'running' AND owner NOT IN (SELECT owner FROM runners)
+"""
 
 # -- the listing role ----------------------------------------------------------------------------
 

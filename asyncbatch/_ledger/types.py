@@ -487,7 +487,12 @@ class Renewal:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunEnd:
     """How a runner leaves: its records removed (its lock too, when it ``holds_lock``), its
-    history row ``run_id`` finished with ``totals`` and ``exit_status``."""
+    history row ``run_id`` finished with ``totals`` and ``exit_status``.
+
+    ``leases`` are leases it still holds (its release of them failed): given back first, in
+    the same transaction, so that a runner's leases never outlive its records (if that fails
+    too, nothing is removed: the next runner finds a dead runner and takes them over at once).
+    """
 
     job: str
     owner: str
@@ -497,6 +502,8 @@ class RunEnd:
     exit_status: str
     #: Whether it holds the job's listing role (given up: another runner may take it at once).
     lister: bool = False
+    #: Leases still held, ``(key, fence)``: given back with the records.
+    leases: Leases = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

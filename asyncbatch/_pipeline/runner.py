@@ -328,7 +328,7 @@ class Run:
             return
         status = "error"
         try:
-            await reap_gone_runners(ledger, cfg.job, self.me, self.counters)
+            await reap_gone_runners(ledger, cfg.job, self.me, self.counters, orphans=True)
             secret = await ledger.meta("secret")
             http = HTTPSettings(
                 shared=self._http,
@@ -385,8 +385,13 @@ class Run:
     async def _release(self, state: RunState, run_id: int, status: str) -> None:
         cfg, ledger = self.config, state.ledger
         leftovers = [(i.key, i.fence) for i in state.in_flight.values()]
+        # Given back with the runner's records if releasing them here fails (a full disk, an
+        # outage): a runner's leases never outlive its records, nor its lock (if that fails
+        # too, both stay, and the next run takes over a dead runner's leases at once).
+        unreleased = leftovers
         try:
             await ledger.release_items(cfg.job, self.owner, leftovers)
+            unreleased = []
             # What became of the files this run leaves, as the ledger has them now: also when
             # it ends on an error (a lost lease, say: other runners may have finished them).
             state.given_back = [key for key, _ in leftovers]
@@ -416,6 +421,7 @@ class Run:
                 totals=c.totals(),
                 exit_status=status,
                 lister=state.listed,
+                leases=unreleased,
             )
             await ledger.release_runner(end)
 

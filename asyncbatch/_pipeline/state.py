@@ -29,10 +29,12 @@ log = logging.getLogger("asyncbatch")
 
 
 async def reap_gone_runners(
-    ledger: Ledger, job: str, me: ProcessIdentity, counters: Counters
+    ledger: Ledger, job: str, me: ProcessIdentity, counters: Counters, *, orphans: bool = False
 ) -> int:
-    """Put back the items of the job's runners that are gone; count and log how many."""
-    reaped = await ledger.reap_stale_runners(job, me)
+    """Put back the items of the job's runners that are gone (with ``orphans``, also those
+    leased to owners without a runner record; see ``Ledger.reap_stale_runners``); count and log
+    how many."""
+    reaped = await ledger.reap_stale_runners(job, me, orphans=orphans)
     if reaped:
         counters.reaped += reaped
         log.warning("%d item%s of runners that are gone put back", reaped, "s" * (reaped != 1))
