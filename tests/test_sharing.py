@@ -680,6 +680,18 @@ async def going_by_as_listing(tmp_path: Path, ledger: Any) -> tuple[RunState, Sh
     return run, x
 
 
+def files_with_bytes(inbox: Path, contents: dict[str, bytes]) -> float:
+    """Files ``NAME.txt`` of ``contents`` in its order (by mtime, a second apart, settled);
+    returns the first one's mtime."""
+    inbox.mkdir(exist_ok=True)
+    base = time.time() - 60
+    for i, (name, data) in enumerate(contents.items()):
+        path = inbox / f"{name}.txt"
+        path.write_bytes(data)
+        os.utime(path, (base + i, base + i))
+    return base
+
+
 async def test_a_listings_twins_are_counted_as_the_run_took_it_up(any_state: str) -> None:
     # A listing begun after the run took up the last complete one forgets that one's twins
     # in the ledger: read only at the report, they were counted unfinished (exit 1), their
@@ -706,12 +718,7 @@ async def test_a_shared_watchs_lister_counts_a_twin_of_a_dead_item_dead_before(
     # lister in one chunk; the item dies. y was counted "done before" (on the strength of an
     # attempt that then died), not "dead before".
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    base = time.time() - 60
-    for i, (name, data) in enumerate({"a": b"a\n", "x": b"same\n", "y": b"same\n"}.items()):
-        path = inbox / f"{name}.txt"
-        path.write_bytes(data)
-        os.utime(path, (base + i, base + i))
+    files_with_bytes(inbox, {"a": b"a\n", "x": b"same\n", "y": b"same\n"})
 
     handled: list[str] = []
 
@@ -754,12 +761,7 @@ async def test_a_shared_watchs_lister_registers_a_twin_of_an_item_that_vanished(
     # lister in one chunk (y counted done before on the strength of x's attempt); x is
     # deleted while queued (vanished). y was never handled by the watch.
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    base = time.time() - 60
-    for i, (name, data) in enumerate({"a": b"a\n", "x": b"same\n", "y": b"same\n"}.items()):
-        path = inbox / f"{name}.txt"
-        path.write_bytes(data)
-        os.utime(path, (base + i, base + i))
+    files_with_bytes(inbox, {"a": b"a\n", "x": b"same\n", "y": b"same\n"})
     handled: list[str] = []
 
     async def handle(ctx: TaskContext) -> None:
@@ -801,13 +803,8 @@ async def test_a_twin_left_unhandled_once_the_job_was_listed_again_enough_is_unf
     # unhandled. It was counted nowhere ("8 seen: 4 done, 4 vanished", exit 0): the listing
     # the report went by had begun after x1..x4 were gone.
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    base = time.time() - 60
     names = {"a": b"a\n", **{f"x{i}": b"same\n" for i in range(1, 6)}}
-    for i, (name, data) in enumerate(names.items()):
-        path = inbox / f"{name}.txt"
-        path.write_bytes(data)
-        os.utime(path, (base + i, base + i))
+    base = files_with_bytes(inbox, names)
     chain = {"a": ("x1", "b"), "b": ("x2", "c"), "c": ("x3", "d"), "d": ("x4", "e")}
     handled: list[str] = []
 
@@ -846,12 +843,7 @@ async def test_a_twin_of_an_item_not_finished_is_not_listed_again(
     # vanished item is taken again), and the run listed it again 3 times (reading every
     # file of the source each time), or waited for the runner holding x to end.
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    base = time.time() - 60
-    for i, (name, data) in enumerate({"a": b"a\n", "x": b"same\n", "y": b"same\n"}.items()):
-        path = inbox / f"{name}.txt"
-        path.write_bytes(data)
-        os.utime(path, (base + i, base + i))
+    files_with_bytes(inbox, {"a": b"a\n", "x": b"same\n", "y": b"same\n"})
     release = anyio.Event()
     handled: list[str] = []
 
@@ -898,14 +890,9 @@ async def test_shared_runners_count_files_with_the_bytes_of_another_done_before(
     # queues one file of each such set: the others were counted nowhere, and every run said
     # "1 unfinished" (exit 1), the first and each one after, with every item done.
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    base = time.time() - 60
     contents = {"a": b"a\n", "x": b"same\n", "b": b"b\n", "y": b"same\n", "p": b"pair\n"}
     contents |= {"z": b"same\n", "q": b"pair\n", "c": b"c\n"}
-    for i, (name, data) in enumerate(contents.items()):
-        path = inbox / f"{name}.txt"
-        path.write_bytes(data)
-        os.utime(path, (base + i, base + i))
+    files_with_bytes(inbox, contents)
     handled: list[bytes] = []
 
     async def handle(ctx: TaskContext) -> None:
@@ -942,13 +929,8 @@ async def test_shared_runners_handle_a_content_twin_whose_file_vanished(
     # listed again: y was never queued), and no report calls a file "done before" on the
     # strength of x, nor "unfinished". Before, y was handled by no runner.
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    base = time.time() - 60
     names = ["a", "x", "y", "b", "c", "d"]
-    for i, name in enumerate(names):
-        path = inbox / f"{name}.txt"
-        path.write_bytes(b"same bytes\n" if name in "xy" else f"{name}\n".encode())
-        os.utime(path, (base + i, base + i))
+    files_with_bytes(inbox, {n: b"same\n" if n in "xy" else f"{n}\n".encode() for n in names})
     handled: list[str] = []
 
     async def handle(ctx: TaskContext) -> None:
