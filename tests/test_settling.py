@@ -417,3 +417,34 @@ async def test_a_watch_stopped_before_done_files_were_seen_settled_long_enough_s
     status = " ".join(cli("status", "--state", any_state).stdout.split())
     assert "20 seen: 0 done, 20 done before" in status, status
     assert "taken once" not in status, status
+
+
+async def test_a_watch_under_identity_path_counts_a_done_file_written_again_once(
+    inbox: Path, tmp_path: Path
+) -> None:
+    # Identity path: a file this watch handled is written again (the same item, not handled
+    # again) and waits to settle when the watch stops. The end asked the ledger about it and
+    # counted it again, as done before: "2 seen: 1 done, 1 done before" for one file; and a
+    # file never to be taken again is not "not settled yet (taken once they settle)".
+    (path,) = make_files(inbox, 1, age=100)
+
+    async def nothing(ctx: TaskContext) -> None:
+        pass
+
+    batch = Batch(
+        nothing, source=inbox, state=tmp_path / "s.db", settle=0.5, poll=0.1, identity="path"
+    )
+    reports: list[Report] = []
+
+    async def watch() -> None:
+        reports.append(await batch.watch())
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await until(lambda: (s := batch.statistics()) is not None and s.done == 1)
+            path.write_bytes(b"a new version\n")  # written again: waits to settle
+            await until(lambda: getattr(batch.statistics(), "unsettled", 0) == 1)
+            batch.stop()
+    (report,) = reports
+    assert (report.seen, report.done, report.done_before, report.unsettled) == (1, 1, 0, 0)

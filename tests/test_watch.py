@@ -628,3 +628,34 @@ async def test_a_content_file_changed_while_queued_with_a_twin_is_counted_once_n
     assert report is not None
     counts = (report.seen, report.done, report.done_before, report.vanished)
     assert counts == (3, 2, 1, 0), report
+
+
+def test_a_source_replaced_and_reopened_by_a_worker_first_still_restarts_the_watch(
+    tmp_path: Path,
+) -> None:
+    # A worker that finds an input changed looks at the source too (--exec, just before a
+    # command starts) and may be the one that reopens a replaced source directory: the watch,
+    # which went by its own look's answer, then kept following the old directory's events
+    # and scanned it whole only at its next periodic full scan.
+    from types import SimpleNamespace
+
+    from asyncbatch._pipeline.claimer import Claimer
+    from asyncbatch._pipeline.source import SourceDir
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = SourceDir(inbox)
+    source.open()
+    watch = SimpleNamespace(
+        run=SimpleNamespace(source=source), _reopened=0, _restart_events=anyio.Event()
+    )
+    try:
+        assert not Claimer._source_replaced(watch)  # type: ignore[arg-type]
+        inbox.rename(tmp_path / "inbox.old")
+        inbox.mkdir()
+        assert source.refresh()  # the worker's look reopens it
+        assert Claimer._source_replaced(watch)  # type: ignore[arg-type]
+        assert watch._restart_events.is_set()
+        assert not Claimer._source_replaced(watch)  # type: ignore[arg-type]
+    finally:
+        source.close()

@@ -133,6 +133,8 @@ class Claimer:
         )
         #: Set to follow change events afresh (the source directory was replaced).
         self._restart_events = anyio.Event()
+        #: The source's reopenings this watch knows of (see :meth:`_source_replaced`).
+        self._reopened = 0
         #: The last entry of the ledger's log of forgotten items that the watch has seen.
         self._forgotten_seq = 0
         #: Set while this runner lists for runners sharing the job (see :mod:`.shared`): the
@@ -317,8 +319,7 @@ class Claimer:
         and scanned whole.
         """
         source = self.run.source
-        if source.refresh():
-            self._restart_events.set()
+        if self._source_replaced():
             full = True
         if not source.usable:
             return None
@@ -330,8 +331,8 @@ class Claimer:
             source.problem = str(exc)
             return None
         except (FileNotFoundError, NotADirectoryError):
-            if source.refresh():  # replaced during the poll: the next one is a full scan
-                self._restart_events.set()
+            if self._source_replaced():  # during the poll: the next one is a full scan
+                pass
             elif source.usable:
                 raise
             return None
@@ -339,6 +340,18 @@ class Claimer:
             log.warning("the source %s can be listed again", self.config.source)
             source.problem = None
         return saw_dir
+
+    def _source_replaced(self) -> bool:
+        """Look at the source again (one ``stat``): whether it was replaced and reopened since
+        this watch last knew, by this look or another part's (a worker that found an input
+        gone looks too): its change events are then followed afresh."""
+        source = self.run.source
+        source.refresh()
+        if source.reopened == self._reopened:
+            return False
+        self._reopened = source.reopened
+        self._restart_events.set()
+        return True
 
     async def _follow_events(self, changes: Changes) -> None:
         """Follow change events (:class:`EventWatcher`), afresh each time the source directory

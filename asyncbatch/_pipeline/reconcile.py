@@ -90,15 +90,15 @@ async def _count_waiting(state: RunState) -> None:
     cfg, counters = state.config, state.counters
     waiting = waiting_files()
     # As the watch has them now (its last look may have come after its last count).
-    count_not_ready(counters, Counter(rule for _, rule in waiting))
+    count_not_ready(counters, Counter(rule for _, rule, _ in waiting))
     if not waiting or cfg.identity == "content":
         return
     versioned = cfg.objects is not None  # an object's identity includes its version tag
-    rules: dict[str, str] = {}
-    for record, rule in waiting:
+    rules: dict[str, tuple[str, bool]] = {}
+    for record, rule, counted in waiting:
         mtime_ns, rel, size, inode, _ = unpack_item(record)
         ihash = input_hash(cfg.identity, rel, size, mtime_ns, b"", inode if versioned else None)
-        rules[item_key(cfg.identity, ihash, mtime_ns)] = rule
+        rules[item_key(cfg.identity, ihash, mtime_ns)] = (rule, counted)
     try:
         found = await state.ledger.states_of(cfg.job, list(rules))
     except LedgerError as e:
@@ -107,8 +107,11 @@ async def _count_waiting(state: RunState) -> None:
     for key, item_state in found.items():
         if item_state not in ("done", "dead"):
             continue
-        name = NOT_READY[rules[key]]
-        setattr(counters, name, getattr(counters, name) - 1)
+        rule, counted = rules[key]
+        name = NOT_READY[rule]
+        setattr(counters, name, getattr(counters, name) - 1)  # never to be taken
+        if counted:
+            continue  # this watch counted it already, where it ended (identity path)
         counters.seen += 1
         if item_state == "done":
             counters.done_before += 1

@@ -121,9 +121,12 @@ class Sightings:
             return {"age": len(self._waiting)}
         return Counter(w.why for w in self._waiting.values())
 
-    def waiting_files(self) -> list[tuple[bytes, str]]:
-        """The records of the files seen and not yet ready, with the rule each waits for."""
-        return [(w.record, w.why) for w in self._waiting.values()]
+    def waiting_files(self) -> list[tuple[bytes, str, bool]]:
+        """The records of the files seen and not yet ready, with the rule each waits for, and
+        whether this watch counted the file already, under another version (``by_path``: a
+        name it registered; or one the ledger's log named, see :meth:`look_again`)."""
+        counted = self._relook if self._names is None else self._names | self._relook
+        return [(w.record, w.why, rel in counted) for rel, w in self._waiting.items()]
 
     def scanned(
         self,

@@ -92,10 +92,11 @@ class RunState:
     #: (another runner may have finished them meanwhile).
     unclaimed: list[bytes] = field(default_factory=list)
     given_back: list[str] = field(default_factory=list)
-    #: A watch's files seen and not ready yet (their records, and the rule each waits for),
-    #: as the watch has them (``Sightings.waiting_files``): the final report asks the ledger
-    #: which it has finished (one read at the end, not one a look). ``None``: not a watch.
-    waiting_files: Callable[[], list[tuple[bytes, str]]] | None = None
+    #: A watch's files seen and not ready yet (their records, the rule each waits for, and
+    #: whether the watch counted it already), as the watch has them
+    #: (``Sightings.waiting_files``): the final report asks the ledger which it has finished
+    #: (one read at the end, not one a look). ``None``: not a watch.
+    waiting_files: Callable[[], list[tuple[bytes, str, bool]]] | None = None
     #: Runners sharing the job: the fence of the listing role while this runner holds it
     #: (renewed by the heartbeat, which clears it once another runner took the role over),
     #: whether it ever held it, the role as last looked at (for status and metrics), and the

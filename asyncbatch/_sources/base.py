@@ -87,6 +87,8 @@ class SourceHandle(Protocol):
 
     problem: str | None
     watchable: bool
+    #: How many times it was found replaced and reopened (by whichever part looked).
+    reopened: int
 
     @property
     def usable(self) -> bool:

@@ -357,6 +357,8 @@ class ObjectSource:
         #: Why the source cannot be listed now: set by a watch whose listing failed, until
         #: one succeeds (health says so meanwhile); a run's failed listing raises instead.
         self.problem: str | None = None
+        #: Never reopened (see ``SourceHandle``).
+        self.reopened = 0
 
     @property
     def usable(self) -> bool:
