@@ -444,8 +444,13 @@ class WorkerPool:
         prepared again from what is there now (the source looked at again first): its attempt
         as that finds it, or ``None`` with its outcome recorded (vanished, say)."""
         item, entry, opened = prepared.item, prepared.ctx.entry, prepared.input_file
+        # The path as a string, without building the entry's ``Path`` (~5 us a file).
+        if type(entry) is Entry and entry._path is None:
+            path: str | Path = os.path.join(entry._base, entry._relpath)
+        else:
+            path = entry.path
         try:
-            st = os.stat(entry.path, follow_symlinks=self.config.follow_symlinks)
+            st = os.stat(path, follow_symlinks=self.config.follow_symlinks)
         except OSError:
             pass  # gone (or unreadable): preparing it again says which
         else:
