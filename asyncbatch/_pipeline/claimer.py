@@ -331,9 +331,8 @@ class Claimer:
             source.problem = str(exc)
             return None
         except (FileNotFoundError, NotADirectoryError):
-            if self._source_replaced():  # during the poll: the next one is a full scan
-                pass
-            elif source.usable:
+            # Replaced during the poll: the next one is a full scan.
+            if not self._source_replaced() and source.usable:
                 raise
             return None
         if source.problem is not None and not source.watchable:  # an s3:// source, back
@@ -559,7 +558,7 @@ class Claimer:
         where they were."""
         twins: list[tuple[str, bytes]] = []
         items = self.prepare(records, twins)
-        self._ride(twins)
+        self._add_twins(twins)
         while items:
             size = await self._room()
             if self.run.stopping:
@@ -612,7 +611,7 @@ class Claimer:
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime))
         return items
 
-    def _ride(self, twins: list[tuple[str, bytes]]) -> None:
+    def _add_twins(self, twins: list[tuple[str, bytes]]) -> None:
         """Note the files :meth:`prepare` found with the bytes of another in their chunk as
         that one's twins (counted done before on the strength of its attempt)."""
         for key, record in twins:
@@ -663,7 +662,7 @@ class Claimer:
                 if cfg.identity == "content":
                     twins: list[tuple[str, bytes]] = []
                     items = await anyio.to_thread.run_sync(self.prepare, chunk, twins)
-                    self._ride(twins)
+                    self._add_twins(twins)
                 else:
                     items = self.prepare(chunk)
                 await self.claim(items)
