@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -21,9 +22,10 @@ import anyio
 import httpx
 import pytest
 
-from asyncbatch import Batch, Report, TaskContext
+from asyncbatch import Batch, LedgerError, Report, TaskContext
 from asyncbatch._config import BatchConfig
 from asyncbatch._ledger import Outcome, open_ledger
+from asyncbatch._ledger.sqlite import SQLiteLedger
 from asyncbatch._pipeline.claimer import Claimer
 from asyncbatch._pipeline.shared import (
     SharedRun,
@@ -56,6 +58,7 @@ from .conftest import (
 from .test_service import Samples, samples, serving_address, value
 
 RECORD = f"{HANDLERS}:record"
+HERE = Path(__file__).parent
 #: "job 'default': 2000 seen: 228 done, 1772 done before; ..." -> the categories and counts.
 _CATEGORY = re.compile(
     r"(\d+) (done before|done|held by other runners|waiting for a retry|"
@@ -838,8 +841,8 @@ async def test_a_twin_left_unhandled_once_the_job_was_listed_again_enough_is_unf
 async def test_a_twin_of_an_item_not_finished_is_not_listed_again(
     tmp_path: Path, any_state: str, held: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Identity content, --no-wait: y has x's bytes (the listing queued x). x's item waits for
-    # a retry, or is held by another runner: listing the job again cannot help (only a
+    # Identity content, --no-wait: y has x's bytes (the listing queued x). x's item waited
+    # for a retry, or is held by another runner: listing the job again cannot help (only a
     # vanished item is taken again), and the run listed it again 3 times (reading every
     # file of the source each time), or waited for the runner holding x to end.
     inbox = tmp_path / "inbox"
@@ -864,7 +867,8 @@ async def test_a_twin_of_an_item_not_finished_is_not_listed_again(
             settle=0,
             concurrency=1,
             shared=True,
-            backoff=300,
+            backoff=0.2,
+            max_attempts=2,
             **settings,
         )
 
@@ -880,7 +884,10 @@ async def test_a_twin_of_an_item_not_finished_is_not_listed_again(
     assert not [r for r in caplog.records if "listed again" in r.getMessage()]
     (report,) = reports
     assert report.done_before + report.done <= 1, report  # a alone was done
-    assert report.unfinished + report.held + report.waiting >= 1, report
+    if held:
+        assert report.unfinished + report.held >= 1, report
+    else:  # its retry waited for (--no-wait leaves only what others hold), and failed too
+        assert (report.dead, report.dead_before, report.waiting) == (1, 1, 0), report
 
 
 async def test_shared_runners_count_files_with_the_bytes_of_another_done_before(
@@ -964,3 +971,41 @@ async def test_shared_runners_handle_a_content_twin_whose_file_vanished(
         assert report.seen in (5, 6), report
         assert (report.unfinished, report.held, report.ok) == (0, 0, True), report
         assert report.done + report.done_before + report.vanished == report.seen, report
+
+
+async def test_a_shared_run_whose_listing_failed_says_its_files_are_unfinished(
+    inbox: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ledger failed while the listing queued the files (a full disk): nothing was
+    # registered, and the report (and the history row) said "3 seen: 0 done, 3 done before",
+    # taking every file the ledger did not have for one other runners had finished.
+    make_files(inbox, 3)
+
+    async def full(*args: object, **kwargs: object) -> None:
+        raise LedgerError(f"state {str(state)!r}: database or disk is full")
+
+    monkeypatch.setattr(SQLiteLedger, "queue_listed", full)
+
+    async def nothing(ctx: TaskContext) -> None:
+        pass
+
+    with pytest.raises(LedgerError):
+        await Batch(nothing, source=inbox, state=state, settle=0, shared=True).run()
+    monkeypatch.undo()
+    last = status_json(state)["last_run"]
+    assert isinstance(last, dict)
+    assert (last["seen"], last["done_before"], last["unfinished"]) == (3, 0, 3), last
+
+
+def test_a_shared_run_without_wait_still_waits_for_its_retries(inbox: Path, state: Path) -> None:
+    # --no-wait ends a run early for the files other runners hold, not for retries: a shared
+    # run ended at once, "3 seen: 1 done, 2 waiting for a retry", exit 1 (nothing dead), and
+    # nobody was left to retry them.
+    make_files(inbox, 3)
+    fail_first = shlex.join([sys.executable, str(HERE / "exec_commands.py"), "fail-first"])
+    result = cli(
+        "run", "--exec", fail_first, "--source", inbox, "--state", state, "--settle", "0",
+        "--shared", "--no-wait", "--backoff", "0.2", "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 seen: 3 done" in result.stdout, result.stdout

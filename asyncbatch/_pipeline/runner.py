@@ -399,7 +399,7 @@ class Run:
             await reconcile(state)
             if cfg.shared:
                 try:
-                    await shared_report(state)
+                    await shared_report(state, watching=self.mode == "watch")
                 except LedgerError as e:
                     log.warning("the report counts the job's listing as it knew it (%s)", e)
         finally:

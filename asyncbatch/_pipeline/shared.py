@@ -434,7 +434,7 @@ class SharedRun:
 
     async def _finished(self) -> bool:
         """Whether the job is finished for a ``run()``: its listing complete, and no item
-        pending, leased or failed (``wait=False``: none this runner could lease now).
+        pending, leased or failed (``wait=False``: leased ones aside).
 
         While the other runners end their work, a cheap look finds it (``work_left``); the
         job's items are counted (a read of every one) only when that finds none, and that
@@ -460,11 +460,11 @@ class SharedRun:
             counts = await run.ledger.counts(cfg.job)
         else:
             counts, others = await run.ledger.finish_counts(cfg.job, run.owner, listing.started_at)
-        if cfg.wait:
-            finished = counts["pending"] + counts["running"] + counts["failed"] == 0
-        else:
-            due = await run.ledger.next_retry_at(cfg.job)
-            finished = counts["pending"] == 0 and (due is None or due > run.clock())
+        # wait=False: not for the files other runners hold; for the retries, as a run of its
+        # own (a due retry is this runner's to take: it ended at once, "waiting for a retry",
+        # exit 1 with nothing dead and nobody left to retry them).
+        held = counts["running"] if cfg.wait else 0
+        finished = counts["pending"] + held + counts["failed"] == 0
         if finished and listing.started_at is not None and await self._list_again(listing):
             return False
         if finished:  # what the report counts (a read of every item: once)
@@ -612,10 +612,14 @@ async def _registered_and_finished_by_others(run: RunState) -> None:
     counters.done_before += finished - dead - vanished
 
 
-async def shared_report(run: RunState) -> None:
+async def shared_report(run: RunState, *, watching: bool = False) -> None:
     """Count the job's listing in a shared run's report (see the module and
     :func:`count_listing`): what the listing found, what other runners finished since it
-    began; ``seen`` at least what this run's categories add up to."""
+    began; ``seen`` at least what this run's categories add up to. Without a complete listing
+    to go by, a watch that listed counts the files it registered that others finished (see
+    :func:`_registered_and_finished_by_others`); a ``run()`` whose listing did not complete
+    (a ledger error while it queued the files, say) leaves them unfinished: it cannot tell
+    which were queued."""
     counters, job = run.counters, run.config.job
     listing = run.listing
     if listing is None and run.listing_target is not None:  # it ended before it looked
@@ -624,7 +628,7 @@ async def shared_report(run: RunState) -> None:
             listing = latest
     if listing is None or listing.started_at is None:
         count_listing(counters, None, {}, None)
-        if run.listed and counters.seen > counters.seen_accounted():
+        if watching and run.listed and counters.seen > counters.seen_accounted():
             await _registered_and_finished_by_others(run)
         run.reported = True
         return
