@@ -595,9 +595,9 @@ class Ledger(IdempotencyStore):
     async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
         """Of the job's complete listing numbered ``complete`` (identity ``content``), the
         files it did not queue because one with the same bytes was (the same item): how many,
-        by the item's key. They are done (dead) when their item is. Empty when that listing
-        is not the last complete one, or while a listing is under way (a new one forgets the
-        last one's). One read."""
+        by the item's key. They are done (dead) when their item is. Kept while the next
+        listing is under way; empty once that one is complete (``complete`` is not the last
+        complete one then). One read."""
 
     async def on_registered(self, job: str, callback: Callable[[], None]) -> bool:
         """Call ``callback()`` (on the event loop) whenever listings register waiting items of

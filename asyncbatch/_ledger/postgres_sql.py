@@ -394,7 +394,7 @@ REGISTERED_CHANNEL: Final = "asyncbatch_registered"
 #: full scans do not, and have no ``started_at``.)
 LISTING_BEGIN = f"""
 UPDATE listers SET generation = generation + 1, started_at = CASE WHEN $4 THEN {NOW} END,
-                   found_done = 0, found_dead = 0, queued_last = NULL, twins = NULL
+                   found_done = 0, found_dead = 0, queued_last = NULL
 WHERE {_HOLDER}
 RETURNING job
 """

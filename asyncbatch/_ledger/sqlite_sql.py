@@ -307,7 +307,7 @@ _HOLDER = "job = :job AND owner = :owner AND fence = :fence"
 LISTING_HELD = f"SELECT 1 FROM listers WHERE {_HOLDER}"
 LISTING_BEGIN = f"""
 UPDATE listers SET generation = generation + 1, started_at = :started, found_done = 0,
-                   found_dead = 0, twins = NULL
+                   found_dead = 0
 WHERE {_HOLDER}
 """
 LISTING_FOUND = f"""

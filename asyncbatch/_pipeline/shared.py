@@ -485,6 +485,7 @@ class SharedRun:
         if not (await _twins_by_end(run, listing)).vanished:
             return False  # (held by another runner, or waiting for a retry: not listed again)
         self._relisted += 1
+        run.unlisted = run.counters.vanished  # gone: not in the next listing
         self.target = run.listing_target = listing.complete + 1
         self._role_free.set()  # the listing duty looks at the role at once
         log.info(
@@ -526,6 +527,7 @@ def count_listing(
     others: dict[str, int],
     running: int | None,
     twins: TwinEnds = NO_TWINS,
+    unlisted: int = 0,
 ) -> None:
     """Count the job's listing in a shared run's counts ``t`` (changed in place; ``unfinished``
     is left to the caller): ``seen`` the files ``listing`` found, at least what the run's own
@@ -535,8 +537,8 @@ def count_listing(
     the claimer counted it), each within what is left of ``seen``; ``twins``, the listing's
     files not queued for the bytes of one it queued (identity ``content``, see
     :func:`finished_twins`): done (dead) before when their item is, else unfinished (``seen``
-    has room for them: a listing that began after this run's files vanished has fewer files
-    than the run accounted for). Without a listing
+    has room for them); ``unlisted``, files this run counted vanished before the listing
+    began (``RunState.unlisted``), are seen too. Without a listing
     (``None``: none complete yet, or a watch's lister), ``seen`` is at least what the
     categories add up to.
 
@@ -554,7 +556,7 @@ def count_listing(
     t.done_before = t.dead_before = 0
     if running is not None:
         t.held = 0
-    t.seen = max(listing.listed_files, t.seen_accounted() + twins.unfinished)
+    t.seen = max(listing.listed_files + unlisted, t.seen_accounted() + twins.unfinished)
     room = t.seen - t.seen_accounted() - twins.unfinished
     t.dead_before = min(listing.found_dead + others.get("dead", 0) + twins.dead, room)
     room -= t.dead_before
@@ -584,9 +586,9 @@ def live_totals(run: RunState, t: RunTotals) -> None:
     listing = gone_by(run)
     counts, others = run.finished_counts, run.finished_by_others
     if counts is None or others is None or listing is not run.listing:
-        count_listing(t, listing, {}, None)
+        count_listing(t, listing, {}, None, unlisted=run.unlisted)
     else:
-        count_listing(t, listing, others, counts["running"])
+        count_listing(t, listing, others, counts["running"], unlisted=run.unlisted)
     t.unfinished = max(t.seen - t.seen_accounted(), 0)
 
 
@@ -638,7 +640,7 @@ async def shared_report(run: RunState, *, watching: bool = False) -> None:
     if counts is None or others is None or listing is not run.listing:
         counts, others = await run.ledger.finish_counts(job, run.owner, listing.started_at)
     twins = await finished_twins(run, listing)
-    count_listing(counters, listing, others, counts["running"], twins)
+    count_listing(counters, listing, others, counts["running"], twins, run.unlisted)
     run.reported = True
 
 
@@ -658,7 +660,7 @@ async def finished_twins(run: RunState, listing: Listing) -> TwinEnds:
 
 async def _take_up_twins(run: RunState, listing: Listing) -> None:
     """Read the twins of ``listing`` (identity ``content``; see ``RunState.listing_twins``),
-    once, as the run takes it up: a listing begun later forgets them."""
+    once, as the run takes it up: the next listing, once complete, replaces them."""
     if run.config.identity != "content":
         return
     if run.listing_twins is None or run.listing_twins[0] != listing.complete:

@@ -108,8 +108,11 @@ class RunState:
     listing_target: int | None = None
     #: Identity "content": the files of the complete listing numbered ``listing_twins[0]``
     #: not queued for the bytes of one it queued (``Ledger.listing_twins``), as read when the
-    #: run took that listing up: the next listing, begun meanwhile, forgets them.
+    #: run took that listing up: the next listing, once complete, replaces them.
     listing_twins: tuple[int, dict[str, int]] | None = None
+    #: Files this run counted vanished before the listing it goes by began (one made again,
+    #: see ``SharedRun._list_again``, after they were gone): seen, though not in it.
+    unlisted: int = 0
     #: The job's counts as the look that found it finished read them, and what other
     #: runners had finished since its listing began (for the report; see ``shared_report``).
     finished_counts: dict[str, int] | None = None
