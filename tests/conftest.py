@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +222,15 @@ def start_recording(
     )
 
 
-async def until(predicate: Callable[[], bool], within: float = 30.0) -> None:
-    """Wait on the event loop until ``predicate()`` holds, for what the code sets no event
-    for (a count, a server's state); fail the test after ``within`` seconds."""
+async def until(predicate: Callable[[], bool | Awaitable[bool]], within: float = 30.0) -> None:
+    """Wait on the event loop until ``predicate()`` holds (a coroutine function's: its
+    result, awaited), for what the code sets no event for (a count, a server's state); fail
+    the test after ``within`` seconds."""
     with anyio.fail_after(within):
-        while not predicate():  # noqa: ASYNC110 (what it waits for has no event to wait on)
+        while True:
+            holds = predicate()
+            if holds if isinstance(holds, bool) else await holds:
+                return
             await anyio.sleep(0.02)
 
 

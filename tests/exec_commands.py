@@ -16,8 +16,9 @@ Every mode first appends one JSON line to ``$AB_RECORD`` (when set): its argumen
   and go on sleeping (only SIGKILL ends it).
 - ``echo``: write ``out:NAME`` to stdout and ``err:NAME`` to stderr, exit 0.
 - ``gate NAME PATH``: when PATH's name is NAME, note its pid in ``$AB_PIDS`` and wait until
-  ``$AB_PIDS/open`` is there, then exit 0; for any other PATH, exit 0 if it is a file
-  with the bytes ``make_files`` gave it (its name first), else 3.
+  the FIFO ``$AB_PIDS/gate`` (made by the test) is opened for writing and closed, then exit
+  0; for any other PATH, exit 0 if it is a file with the bytes ``make_files`` gave it (its
+  name first), else 3.
 """
 
 from __future__ import annotations
@@ -113,10 +114,9 @@ def main(argv: list[str]) -> int:
     if mode == "gate":
         name, path = args
         if os.path.basename(path) == name:
-            pids = Path(os.environ["AB_PIDS"])
             _note(f"pid.{os.getpid()}", str(os.getpid()))
-            while not (pids / "open").exists():
-                time.sleep(0.01)
+            with open(Path(os.environ["AB_PIDS"]) / "gate", "rb") as gate:
+                gate.read()  # until the test's writer closes it
             return 0
         try:
             made = Path(path).stem.encode() + b"\n"  # what make_files wrote first

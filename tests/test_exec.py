@@ -902,6 +902,7 @@ async def test_a_file_changed_while_its_command_waited_is_not_run_on(
     # Written to in place (size and mtime kept): within the settle window, not settled.
     settle = 1.0 if change == "written" else 0.0
     await until_settled(settle, *files)
+    os.mkfifo(pids / "gate")
     handler = ExecHandler(command("gate", "f00000.txt", "{}"))
     batch = Batch(handler, source=inbox, state=state, settle=settle, concurrency=1, max_attempts=1)
     reports: list[Report] = []
@@ -928,7 +929,7 @@ async def test_a_file_changed_while_its_command_waited_is_not_run_on(
                 with target.open("r+b") as f:
                     f.write(b"X")
                 os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-            (pids / "open").touch()
+            os.close(os.open(pids / "gate", os.O_WRONLY))  # the gate's reader waits: opens it
     (report,) = reports
     assert (report.done, report.vanished, report.dead) == (1, 1, 0), report
     # Its command never ran: not an attempt (it was counted one, with a start and a time).

@@ -66,7 +66,7 @@ from asyncbatch._ledger.base import WORK_LEFT_NEWEST
 from asyncbatch._ledger.postgres import PostgresLedger, _log_names
 from asyncbatch._procinfo import ProcessIdentity, holder_is_dead, process_start, this_process
 
-from .conftest import HANDLERS, SOURCE, cli, invocations, make_files, run_start, spawn
+from .conftest import HANDLERS, SOURCE, cli, invocations, make_files, run_start, spawn, until
 from .postgres import pg_query, pg_sync
 
 RECORD = f"{HANDLERS}:record"
@@ -1788,9 +1788,9 @@ async def test_postgres_a_watch_gets_an_entry_of_the_log_that_committed_after_a_
             tg.start_soon(log_second)
             # The second log commits at once, or waits for the first to end (the server's
             # state: no event to wait on).
-            with anyio.fail_after(30):
-                while not logged_second.is_set() and not await _waiting_for(pg_dsn, pid[0]):  # noqa: ASYNC110
-                    await anyio.sleep(0.02)
+            await until(
+                lambda: logged_second.is_set() or _waiting_for(pg_dsn, pid[0]),
+            )
             mark, before = await watch.forgotten_since("j", start)
             commit.set()
         assert logged_second.is_set()

@@ -339,12 +339,21 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
                         assert hooks is not None
                         while not hooks.lease_lost(ctx):
                             time.sleep(0.05)  # noqa: ASYNC251 - blocking is the point
+                        # Still stalled until the held write has made its check: a
+                        # heartbeat that ran first would renew the lease, and the write would
+                        # rightly go ahead.
+                        checked = threading.Event()
+                        lease_lost = hooks.lease_lost
+
+                        def checked_lease_lost(of: TaskContext) -> bool:
+                            lost = lease_lost(of)
+                            if threading.current_thread() is not threading.main_thread():
+                                checked.set()  # the write's own check, in its thread
+                            return lost
+
+                        hooks.lease_lost = checked_lease_lost  # type: ignore[method-assign,assignment]
                         go.set()
-                        # Still stalled until the held write has made its check (its temp
-                        # file renamed or removed): a heartbeat that ran first would renew
-                        # the lease, and the write would rightly go ahead.
-                        while any(p.name.startswith(".asyncbatch-tmp-") for p in out.iterdir()):
-                            time.sleep(0.01)  # noqa: ASYNC251 - blocking is the point
+                        assert checked.wait(30)  # (the event loop stays blocked meanwhile)
             await ctx.write_output("out.txt", f"attempt {ctx.attempt}")
         except* LockLostError as group:
             errors.extend(str(e) for e in group.exceptions)
