@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -683,6 +684,25 @@ async def going_by_as_listing(tmp_path: Path, ledger: Any) -> tuple[RunState, Sh
     return run, x
 
 
+async def watch_until(batch: Batch, done: Callable[[], bool], *, polls: int = 0) -> Report:
+    """Watch with ``batch`` until ``done()`` holds (and ``polls`` more polls have ended),
+    then stop it; its report."""
+    reports: list[Report] = []
+
+    async def watch() -> None:
+        reports.append(await batch.watch())
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await until(done)
+            if polls:
+                await polls_after(batch, polls)
+            batch.stop()
+    (report,) = reports
+    return report
+
+
 def files_with_bytes(inbox: Path, contents: dict[str, bytes]) -> float:
     """Files ``NAME.txt`` of ``contents`` in its order (by mtime, a second apart, settled);
     returns the first one's mtime."""
@@ -742,18 +762,8 @@ async def test_a_shared_watchs_lister_counts_a_twin_of_a_dead_item_dead_before(
         poll=0.05,
         shared=True,
     )
-    reports: list[Report] = []
-
-    async def watch() -> None:
-        reports.append(await batch.watch())
-
-    with anyio.fail_after(60):  # a bound on a hang, not a wait
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            await until(lambda: len(handled) == 2)  # a, and x or y (one item)
-            await polls_after(batch, 3)  # full scans since: the twin's item looked at
-            batch.stop()
-    (report,) = reports
+    # a, and x or y (one item); then full scans: the twin's item looked at.
+    report = await watch_until(batch, lambda: len(handled) == 2, polls=3)
     counts = (report.seen, report.done, report.dead, report.dead_before, report.done_before)
     assert counts == (3, 1, 1, 1, 0), report
 
@@ -783,18 +793,8 @@ async def test_a_shared_watchs_lister_registers_a_twin_of_an_item_that_vanished(
         poll=0.05,
         shared=True,
     )
-    reports: list[Report] = []
-
-    async def watch() -> None:
-        reports.append(await batch.watch())
-
-    with anyio.fail_after(60):  # a bound on a hang, not a wait
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            await until(lambda: "y.txt" in handled)
-            batch.stop()
+    report = await watch_until(batch, lambda: "y.txt" in handled)
     assert sorted(handled) == ["a.txt", "y.txt"]
-    (report,) = reports
     assert (report.done, report.vanished, report.done_before) == (2, 1, 0), report
 
 
