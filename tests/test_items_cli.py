@@ -194,6 +194,56 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     assert f"scans {os.path.realpath(inbox)!r}, not {os.path.realpath(elsewhere)!r}" in line
 
 
+def test_explain_takes_a_relative_path_from_the_current_directory_when_it_names_what_is_there(
+    tmp_path: Path, inbox: Path, state: Path
+) -> None:
+    # (It took a relative PATH from the source whenever, taken from the current directory, it
+    # was outside the source: 'q/f2.txt' run where a q/ is, or './b.csv', or an a.csv the
+    # current directory has itself, answered for the source's inbox/q/f2.txt, b.csv, a.csv.)
+    for name in ("a.csv", "b.csv", "q/f1.txt", "q/f2.txt"):
+        (inbox / name).parent.mkdir(exist_ok=True)
+        (inbox / name).write_text(name)
+    old = time.time() - 30
+    for made in inbox.rglob("*"):
+        os.utime(made, (old, old))
+    run(inbox, state, "--recursive")
+    work = tmp_path / "work"
+    (work / "q").mkdir(parents=True)
+    (work / "q" / "f1.txt").write_text("not the source's")
+    (work / "a.csv").write_text("not the source's")
+
+    def answer(path: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return cli("explain", path, "--source", inbox, "--state", state, "--json", cwd=cwd)
+
+    for path in ("q/f2.txt", "q/f1.txt", "a.csv", "./b.csv", "../inbox/../work/q/f2.txt"):
+        refused = answer(path, work)
+        assert refused.returncode == 2, (path, refused.stdout)
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"PATH {path!r} is not a file under the source" in line, line
+        assert f"it is {os.path.abspath(os.path.join(os.path.realpath(work), path))!r}" in line
+        assert "Traceback" not in refused.stderr
+    # forget --source takes its PATHs the same way: nothing is forgotten.
+    forgot = cli("forget", "q/f2.txt", "--source", inbox, "--state", state, "--yes", cwd=work)
+    assert forgot.returncode == 2
+    assert "'q/f2.txt' is not a file under the source" in forgot.stderr
+    assert state_counts(state)["done"] == 4
+
+    # A name the current directory does not have is the source's relpath, as items shows it;
+    # a path landing under the source from the current directory is taken from there.
+    for path, cwd, relpath in (
+        ("b.csv", work, "b.csv"),
+        ("inbox/q/f2.txt", tmp_path, "q/f2.txt"),
+        ("work/q/../../inbox/a.csv", tmp_path, "a.csv"),
+        ("f2.txt", inbox / "q", "q/f2.txt"),
+        ("../b.csv", inbox / "q", "b.csv"),
+        ("q/f1.txt", inbox, "q/f1.txt"),
+    ):
+        found = answer(path, cwd)
+        assert found.returncode == 0, (path, found.stderr)
+        facts = json.loads(found.stdout)
+        assert (facts["relpath"], facts["verdict"]) == (relpath, "done"), path
+
+
 def test_explain_tells_a_dead_items_error(inbox: Path, state: Path) -> None:
     make_files(inbox, 1)
     run(inbox, state, FAIL, "--max-attempts", "1")

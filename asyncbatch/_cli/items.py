@@ -129,11 +129,18 @@ def item_json(item: ItemInfo) -> dict[str, Any]:
 def source_relpath(source: Path, path: str) -> tuple[str, Path]:
     """The relpath of ``path`` under ``source``, and the file's full path (its directory's
     symlinks resolved, not the file's own). A relative ``path`` is taken from the current
-    directory when that lands under the source, else from the source. Raises
-    :class:`ConfigurationError` for a path outside it."""
+    directory when that lands under the source, or when its first part (``q`` of
+    ``q/f.txt``, ``.`` and ``..`` too) is there: it names something there then; else from
+    the source (a relpath, as ``items`` shows it). Raises :class:`ConfigurationError` for a
+    path outside the source."""
     root = os.path.realpath(source)
     given = Path(path)
-    tries = [given] if given.is_absolute() else [Path.cwd() / given, Path(root) / given]
+    first = path.split(os.sep, 1)[0]
+    in_cwd = not given.is_absolute() and bool(first) and os.path.lexists(first)
+    if given.is_absolute() or in_cwd:
+        tries = [Path.cwd() / given]
+    else:
+        tries = [Path.cwd() / given, Path(root) / given]
     for candidate in tries:
         absolute = os.path.abspath(candidate)
         full = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
@@ -143,7 +150,12 @@ def source_relpath(source: Path, path: str) -> tuple[str, Path]:
             )
         if os.path.commonpath([root, full]) == root:
             return os.path.relpath(full, root).replace(os.sep, "/"), Path(full)
-    raise ConfigurationError(f"PATH {path!r} is not a file under the source {str(source)!r}")
+    outside = f"PATH {path!r} is not a file under the source {str(source)!r}"
+    if in_cwd:  # it names what is in the current directory (a file, or one to be there)
+        raise ConfigurationError(
+            f"{outside}: it is {os.path.abspath(path)!r} (the current directory has {first!r})"
+        )
+    raise ConfigurationError(outside)
 
 
 # -- explain -------------------------------------------------------------------------------------
@@ -909,8 +921,11 @@ def add_inspect_commands(
     p.add_argument(
         "path",
         metavar="PATH",
-        help="the file (under the job's source); for an s3:// job, the object: s3://BUCKET/KEY, "
-        "or its key under the source's prefix",
+        help="the file (under the job's source). A relative PATH is taken from the current "
+        "directory when it lands under the source from there, or when the current directory "
+        "has its first part (q of q/f.txt; ./PATH, ../PATH always): outside the source, that is "
+        "an error; else from the source (a relpath, as 'items' shows it). For an s3:// job, "
+        "the object: s3://BUCKET/KEY, or its key under the source's prefix",
     )
     add_source(p)
     add_state(p)
