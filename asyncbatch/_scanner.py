@@ -436,13 +436,37 @@ class _Tally:
 
     #: Regular files not settled yet: changed (mtime or ctime) after the cutoff.
     unsettled: int = 0
-    #: Of those, the ones whose mtime or ctime is later than the scan's start (a clock ahead,
-    #: a ``touch -d`` into the future): they will not settle before then.
+    #: Of those, the ones whose mtime or ctime is later than this host's clock read after
+    #: their stat (a clock ahead, a ``touch -d`` into the future): they will not settle
+    #: before then. (A file written while the scan is under way is later than its start,
+    #: not than the clock: not counted.)
     future: int = 0
+    #: The change times later than the scan's start not yet compared with the clock (see
+    #: :meth:`count_ahead`: once a chunk, not once a file).
+    ahead: list[int] = dataclasses.field(default_factory=list)
     #: Their records: the run asks the ledger which of them it has finished already (a done
     #: file whose ctime alone changed, by a ``chmod`` or a ``touch -d``, keeps its key: it is
     #: done, not waiting to settle). Kept by a one-shot run's scan only (with a cutoff).
     left: list[bytes] = dataclasses.field(default_factory=list)
+
+    def count_ahead(self, now_ns: int) -> None:
+        """Count in :attr:`future` the change times noted in :attr:`ahead` that are later
+        than ``now_ns`` (the clock, read after their stats)."""
+        self.future += sum(changed > now_ns for changed in self.ahead)
+        self.ahead.clear()
+
+
+def _clock_after(tally: _Tally | None, rw: ReadyWalk | None) -> None:
+    """Compare the change times later than the scan's start noted since the last call with
+    this host's clock, read now (after their stats): one clock read a chunk, only when some
+    were noted. A file written while the scan is under way is not ahead of the clock."""
+    if (tally is None or not tally.ahead) and (rw is None or not rw.ahead):
+        return
+    now_ns = time.time_ns()
+    if tally is not None:
+        tally.count_ahead(now_ns)
+    if rw is not None:
+        rw.count_ahead(now_ns)
 
 
 def _walk(
@@ -466,6 +490,7 @@ def _walk(
                 for de in _entries(it, prefix, w.warned):
                     examined += 1
                     if examined % CHUNK == 0:
+                        _clock_after(tally, rw)
                         yield out
                         out = []
                     record = walker.visit(de, prefix + b"/" + de.name if prefix else de.name)
@@ -475,6 +500,7 @@ def _walk(
         if rw is not None:
             rw.end()
         w.warned.walk_ended(names_only=w.names_only)
+        _clock_after(tally, rw)
         yield out
     finally:
         os.close(root_fd)
@@ -596,9 +622,12 @@ class _Walker:
         if cutoff is not None and (mtime > cutoff or ctime > cutoff):
             if self._tally is not None:
                 self._tally.unsettled += 1
-                # The cutoff is `settle` before the scan began: past the start, the file's
-                # time is ahead of this host's clock.
-                self._tally.future += max(mtime, ctime) > w.now_ns
+                # The cutoff is `settle` before the scan began; past the start, the file's
+                # time may be ahead of this host's clock, or written since the scan began:
+                # the clock read at the chunk's end tells (see _clock_after).
+                changed = max(mtime, ctime)
+                if changed > w.now_ns:
+                    self._tally.ahead.append(changed)
                 self._tally.left.append(pack(mtime, rel, st.st_size, st.st_ino, ctime))
             return None
         return pack(mtime, rel, st.st_size, st.st_ino, ctime)
@@ -788,7 +817,7 @@ class ScanInfo(NamedTuple):
     In watch mode a poll that lists names only (:meth:`Scanner.list_names`) is a scan too:
     ``full`` is then false (it stat'ed no file). ``unsettled``: the regular files a scan for
     settled files left out because they changed within the settle window (``future`` of
-    them: after the scan began, by this host's clock). ``not_ready``: with rules beyond the
+    them: later than this host's clock read after their stat). ``not_ready``: with rules beyond the
     default, the files left out by the first rule each failed (``(kind, count)`` pairs, see
     :data:`~asyncbatch._ready.KINDS`; ``age`` is ``unsettled``).
     """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -134,6 +135,24 @@ async def test_objects_newer_than_settle_wait(bucket: Bucket, state: Path) -> No
 
     report = await Batch(handler, source=bucket.url("in/"), state=state, settle=3600).run()
     assert (report.seen, report.unsettled) == (0, 1)
+
+
+async def test_an_object_uploaded_after_the_listing_began_is_not_ahead_of_the_clock(
+    bucket: Bucket,
+) -> None:
+    from asyncbatch._scanner import ScanRules
+    from asyncbatch._sources.objects import ObjectLister
+    from asyncbatch._sources.store import ObjectStores
+    from asyncbatch._sources.url import ObjectURL
+
+    bucket.put("in/a.txt", b"x")
+    url = ObjectURL.parse("source", bucket.url("in/"))
+    lister = ObjectLister(url, ObjectStores().bucket(url.bucket), rules=ScanRules())
+    # A listing that began a minute ago (its now_ns): the object, uploaded since, is not
+    # settled, and not ahead of this host's clock (read once its page came) either.
+    assert await lister.scan(settle=0, now_ns=time.time_ns() - 60 * 10**9) == []
+    assert lister.last is not None
+    assert (lister.last.unsettled, lister.last.future) == (1, 0)
 
 
 @pytest.mark.parametrize("mode", ["run", "watch"])

@@ -4,6 +4,7 @@ max-age, judged from the listing as a directory's walk judges files, one-shot an
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,23 @@ def test_a_listing_judges_objects_by_every_rule_as_a_walk_judges_files() -> None
         "marker": 2,
         "dir-marker": 0,
     }
+
+
+def test_a_listing_counts_ahead_of_the_clock_only_what_is_later_than_the_clock() -> None:
+    # The listing began a minute ago (now_ns); one object was uploaded since (later than the
+    # listing's start, not than the clock read after it), one is an hour ahead (real skew).
+    now = time.time_ns()
+    began = now - 60 * S
+    ready = Readiness([parse_rule(r) for r in ["age", "min-size:1"]], settle=1.0)
+    since = ObjectInfo("in/since.csv", 10, now - 5 * S, None, None, 1)
+    ahead = ObjectInfo("in/ahead.csv", 10, now + 3600 * S, None, None, 2)
+    old = ObjectInfo("in/old.csv", 10, began - 60 * S, None, None, 3)
+    listed = [(o.key[3:].encode(), o, False) for o in (since, ahead, old)]
+
+    records, walk = ready_objects(listed, ready, cutoff_ns=began - S, now_ns=began)
+
+    assert [r[8:-25] for r in records] == [b"old.csv"]
+    assert (walk.not_ready["age"], walk.future) == (2, 1)
 
 
 def test_a_success_marker_covers_its_prefix_and_those_under_it() -> None:

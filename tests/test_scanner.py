@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from asyncbatch._ready import Readiness, parse_rule
 from asyncbatch._scanner import (
     CHUNK,
     NS_MAX,
@@ -95,6 +96,69 @@ async def test_a_file_from_after_2262_is_never_settled_and_crashes_nothing(inbox
     (mtime, _, _, _) = unpack(every[-1])
     assert mtime == NS_MAX
     assert ready_ns(every[-1]) == NS_MAX
+
+
+#: A job's rules: the default alone (the plain walk), or with one beyond it (the rules' walk).
+RULES = pytest.mark.parametrize("rules", [["age"], ["age", "min-size:1"]], ids=["plain", "rules"])
+
+
+def ruled(source: Path, rules: list[str]) -> Scanner:
+    ready = Readiness([parse_rule(r) for r in rules], settle=0)
+    return Scanner(source, rules=ScanRules(), recursive=True, ready=ready)
+
+
+def unsettled_and_future(scan: Scanner) -> tuple[int, int]:
+    assert scan.last is not None
+    return scan.last.unsettled, scan.last.future
+
+
+@RULES
+async def test_a_file_written_while_the_scan_is_under_way_is_not_ahead_of_the_clock(
+    inbox: Path, rules: list[str]
+) -> None:
+    # A chunk's worth of files first; late/x.txt (a directory listed after them) is written
+    # to between the first chunk and its stat: changed after the scan began, before the
+    # clock the scan reads after the stat. Not settled (the cutoff is the scan's start), and
+    # not "ahead of this host's clock" either: that was a clock-skew hint with a sound clock.
+    make_files(inbox, CHUNK)
+    late = inbox / "late" / "x.txt"
+    late.parent.mkdir()
+    late.write_text("before")
+    scan = ruled(inbox, rules)
+    began = time.time_ns()
+    written: list[int] = []
+
+    def write_late(found: int) -> None:
+        if not written:  # the first chunk: late/ is not listed yet
+            while os.stat(late).st_ctime_ns <= began:  # past the filesystem's clock tick
+                late.write_text("while the scan is under way")
+            written.append(os.stat(late).st_ctime_ns)
+
+    records = await scan.scan(settle=0, now_ns=began, on_chunk=write_late)
+
+    assert written
+    assert written[0] > began
+    assert len(records) == CHUNK  # the settle decision: late/x.txt is left out
+    assert b"late/x.txt" not in names(records)
+    assert unsettled_and_future(scan) == (1, 0)
+
+
+@RULES
+async def test_a_file_ahead_of_the_clock_is_counted_as_such(inbox: Path, rules: list[str]) -> None:
+    make_files(inbox, CHUNK + 10)  # more than a chunk: the clock is read at its end, and after
+    skewed = inbox / "skewed.csv"
+    skewed.write_text("from a host whose clock is an hour ahead")
+    hour_ahead = time.time() + 3600
+    os.utime(skewed, (hour_ahead, hour_ahead))
+    scan = ruled(inbox, rules)
+
+    records = await scan.scan(settle=0)
+    assert len(records) == CHUNK + 10
+    assert unsettled_and_future(scan) == (1, 1)
+    # A scan that began a minute ago (its now_ns): every file changed since (their ctime is
+    # now) is not settled, the skewed one alone ahead of the clock.
+    assert await scan.scan(settle=0, now_ns=time.time_ns() - 60 * 10**9) == []
+    assert unsettled_and_future(scan) == (CHUNK + 11, 1)
 
 
 async def test_settle_zero_includes_fresh_files_and_none_includes_future(inbox: Path) -> None:

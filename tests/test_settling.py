@@ -290,6 +290,41 @@ def test_explain_says_which_time_keeps_a_file_from_settling(inbox: Path, state: 
     assert "--settle 60" in message
 
 
+def test_explain_says_ahead_of_the_clock_only_what_is_later_than_the_clock(inbox: Path) -> None:
+    # explain reads the clock (``now``) and then looks at the file: one written in between
+    # is not settled (its settle decision is ``now``'s), but not in the future either.
+    from asyncbatch._cli.explain_objects import _unsettled as object_unsettled
+    from asyncbatch._cli.items import _unsettled
+    from asyncbatch._sources.store import ObjectInfo
+
+    fresh = inbox / "fresh.csv"
+    fresh.write_text("written after explain read its clock")
+    skewed = inbox / "skewed.csv"
+    skewed.write_text("from a host an hour ahead")
+    hour_ahead = time.time() + 3600
+    os.utime(skewed, (hour_ahead, hour_ahead))
+    now = time.time() - 10  # the clock explain read, before the files were written
+    clock = time.time()  # the clock read after their stat
+
+    said = _unsettled(fresh.stat(), 60, now, clock)
+    assert said is not None
+    assert "in the future" not in said
+    assert "s ago" in said
+    said = _unsettled(skewed.stat(), 60, now, clock)
+    assert said is not None
+    assert "in the future by this host's clock" in said
+    assert _unsettled(fresh.stat(), 5, now + 60, clock) is None  # settled: as before
+
+    since = ObjectInfo("in/a.csv", 1, time.time_ns() - 10**9, None, None, 1)
+    said = object_unsettled(since, 60, now, clock)
+    assert said is not None
+    assert "in the future" not in said
+    ahead = ObjectInfo("in/b.csv", 1, int(hour_ahead * 1e9), None, None, 2)
+    said = object_unsettled(ahead, 60, now, clock)
+    assert said is not None
+    assert "in the future by this host's clock" in said
+
+
 async def test_a_watch_counts_its_files_not_settled_yet_in_its_metrics(
     inbox: Path, state: Path
 ) -> None:

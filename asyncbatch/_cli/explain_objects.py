@@ -114,21 +114,23 @@ def _in_object_words(verdict: RuleVerdict) -> RuleVerdict:
     return verdict
 
 
-def _unsettled(obj: ObjectInfo, settle: float, now: float) -> str | None:
+def _unsettled(obj: ObjectInfo, settle: float, now: float, clock: float) -> str | None:
     """Why the object is not settled yet (its LastModified is less than ``settle`` seconds
-    old, or in the future), and from when it will be; ``None`` if it is settled."""
+    before ``now``, or in the future), and from when it will be; ``None`` if it is settled.
+    In the future: later than ``clock``, this host's clock read after the object was looked
+    at (one uploaded since ``now`` was read is not ahead of the clock)."""
     changed = obj.mtime_ns / 1e9
     settles_at = changed + settle
     if settles_at <= now:
         return None
-    if changed > now:
+    if changed > clock:
         return (
             f"not settled yet: uploaded (LastModified) at {show_time(changed)}, in the future "
             f"by this host's clock; settled from {show_time(settles_at)} (--settle {settle:g})"
         )
     return (
         f"not settled yet: uploaded (LastModified) at {show_time(changed)}, "
-        f"{now - changed:.1f}s ago; settled from {show_time(settles_at)} (--settle {settle:g})"
+        f"{clock - changed:.1f}s ago; settled from {show_time(settles_at)} (--settle {settle:g})"
     )
 
 
@@ -253,7 +255,7 @@ async def object_facts(
         "key": key,
         "not_ready": None
         if st is None or obj is None
-        else not_ready(verdicts, _unsettled(obj, settings.settle, now)),
+        else not_ready(verdicts, _unsettled(obj, settings.settle, now, time.time())),
     }
     verdict, message = verdict_of(
         facts, current, others, runners, now, post_said=lambda item: said.get(item.key, "")

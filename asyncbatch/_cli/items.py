@@ -365,23 +365,25 @@ def describe_item(
     return "vanished", f"vanished at {show_time(item.updated_at)}: {error}"
 
 
-def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:
+def _unsettled(st: os.stat_result, settle: float, now: float, clock: float) -> str | None:
     """Why a file is not settled yet (its mtime or its ctime is less than ``settle`` seconds
-    old, or in the future), and from when it will be; ``None`` if it is settled."""
+    before ``now``, or in the future), and from when it will be; ``None`` if it is settled.
+    In the future: later than ``clock``, this host's clock read after the stat (a file
+    written since ``now`` was read is not ahead of the clock)."""
     mtime, ctime = st.st_mtime_ns / 1e9, st.st_ctime_ns / 1e9
     changed = max(mtime, ctime)
     settles_at = changed + settle
     if settles_at <= now:
         return None
     what = "modified (mtime)" if mtime >= ctime else "written to (ctime; its mtime says earlier)"
-    if changed > now:
+    if changed > clock:
         return (
             f"not settled yet: {what} at {show_time(changed)}, in the future by this host's "
             f"clock; settled from {show_time(settles_at)} (--settle {settle:g})"
         )
     return (
-        f"not settled yet: {what} at {show_time(changed)}, {now - changed:.1f}s ago; settled from "
-        f"{show_time(settles_at)} (--settle {settle:g})"
+        f"not settled yet: {what} at {show_time(changed)}, {clock - changed:.1f}s ago; "
+        f"settled from {show_time(settles_at)} (--settle {settle:g})"
     )
 
 
@@ -641,7 +643,7 @@ async def _explain_facts(args: argparse.Namespace, ledger: Ledger) -> dict[str, 
         "key": key,
         "not_ready": None
         if st is None
-        else not_ready(verdicts, _unsettled(st, settings.settle, now)),
+        else not_ready(verdicts, _unsettled(st, settings.settle, now, time.time())),
     }
     verdict, message = verdict_of(facts, current, others, runners, now)
     if st is not None and marker is None and not os.access(full, os.R_OK):

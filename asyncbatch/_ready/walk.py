@@ -54,8 +54,13 @@ class ReadyWalk:
         self.now_ns = now_ns
         #: Files left out by the rule that failed first (a one-shot run's scan).
         self.not_ready: dict[str, int] = dict.fromkeys(KINDS, 0)
-        #: Of the age failures, those changed after the scan began.
+        #: Of the age failures, those changed at a time later than this host's clock read
+        #: after their stat (see :meth:`count_ahead`), not merely after the scan began (a
+        #: file written while the scan is under way).
         self.future = 0
+        #: Change times of age failures later than ``now_ns``, not yet compared with the
+        #: clock (the walk calls :meth:`count_ahead` once a chunk, and at its end).
+        self.ahead: list[int] = []
         #: A one-shot run's scan: the records left out, with the rule each fails (the run
         #: asks the ledger which are finished already: they are not waiting for anything;
         #: a done file whose ctime alone changed fails ``age`` with its key kept).
@@ -122,7 +127,8 @@ class ReadyWalk:
         changed = change_ns(st)
         if not kind and cutoff is not None and self.ready.age and changed > cutoff:
             kind = "age"
-            self.future += changed > self.now_ns
+            if changed > self.now_ns:
+                self.ahead.append(changed)
         if kind and cutoff is not None:
             self.not_ready[kind] += 1
             self.left_out.append((record, kind))
@@ -131,6 +137,12 @@ class ReadyWalk:
             self.blocked[record[8:-25]] = kind
         d.held.append((record, name, st.st_mtime_ns))
         return True
+
+    def count_ahead(self, now_ns: int) -> None:
+        """Count in :attr:`future` the change times noted in :attr:`ahead` later than
+        ``now_ns`` (this host's clock, read after their stats)."""
+        self.future += sum(changed > now_ns for changed in self.ahead)
+        self.ahead.clear()
 
     def leave(self) -> list[bytes]:
         """The listing of the directory ended: its records that are listed (ready ones, or in

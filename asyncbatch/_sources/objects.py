@@ -161,7 +161,8 @@ class ObjectLister:
     ) -> list[bytes]:
         """The records of the objects whose LastModified is at least ``settle`` seconds
         before ``now_ns`` (all with ``settle=None``), sorted; the others are counted in
-        :attr:`last` (``unsettled``; ``future``: newer than this host's clock). One ``LIST``
+        :attr:`last` (``unsettled``; ``future``: newer than this host's clock, read after
+        their page came). One ``LIST``
         request per 1,000 keys. Raises :class:`SourceError` when the bucket cannot be
         listed (after the client's retries), :class:`SourceKeyError` when a key under the
         prefix cannot be represented by the client (see
@@ -235,6 +236,9 @@ class ObjectLister:
         """Add a page's settled objects to ``records``; count the others (returned), their
         records to ``left``."""
         prefix, rules, recursive = self.url.prefix, self.rules, self.recursive
+        # Ahead of this host's clock: later than the clock read now, once the page came (an
+        # object uploaded while the listing is under way is later than its start only).
+        clock_ns = max(now_ns, time.time_ns())
         for obj in page:
             rel = _relpath(obj.key, prefix, rules, recursive)
             if rel is None:
@@ -242,7 +246,7 @@ class ObjectLister:
                 continue
             if cutoff is not None and obj.mtime_ns > cutoff:
                 unsettled += 1
-                future += obj.mtime_ns > now_ns
+                future += obj.mtime_ns > clock_ns
                 left.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))
                 continue
             records.append(pack(obj.mtime_ns, rel, obj.size, obj.tag, obj.mtime_ns))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from .._ready import NS_NONE, Readiness, ReadyWalk, ancestors
@@ -84,6 +85,7 @@ def ready_objects(
                 walk.file(record, name, st)
         records.extend(walk.leave())
     walk.end()
+    walk.count_ahead(time.time_ns())  # after the listing: what is later is ahead of the clock
     records.sort()
     return records, walk
 
