@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
 
+from . import _failpoints as failpoints
 from ._effects.files import idempotent_move, write_under
 from ._exceptions import ConfigurationError, InputChangedError, LockLostError
 from ._scanner import Entry
@@ -160,9 +161,10 @@ class ContextHooks(Protocol):
         """A fresh HTTP view for one attempt of the item ``key``."""
         ...
 
-    async def record_move(self, ctx: TaskContext, destination: str) -> bool:
-        """Record, under the item's lease, where its input is being moved (``False``: the
-        lease is lost); raise :class:`EffectError` for a destination the scan would pick up."""
+    async def record_move(self, ctx: TaskContext, destination: str, origin: str | None) -> bool:
+        """Record, under the item's lease, where its input is being moved, and from where
+        (``origin``: where an earlier move put it; ``None``: the source) (``False``: the lease
+        is lost); raise :class:`EffectError` for a destination the scan would pick up."""
         ...
 
     def lease_lost(self, ctx: TaskContext) -> bool:
@@ -457,15 +459,22 @@ class TaskContext:
         for such a destination, or if a different file is already at the destination, and
         :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
         runner has taken it over; ``RuntimeError`` once the attempt is over. Once moved,
-        ``ctx.entry.path`` is the destination (a second move takes the input on from there).
+        ``ctx.entry.path`` is the destination (a second move takes the input on from there:
+        the ledger then keeps where the input is as well as where it goes, so a retry after a
+        crash at any point of the chain finds it wherever it got to).
         """
         dst = Path(destination)
         if dst.is_dir():
             dst = dst / self.entry.path.name
         dst = dst.absolute()
         self._check_lease("the input stays put")
-        if self._hooks is not None and not await self._hooks.record_move(self, str(dst)):
+        # Where the input is now, when an earlier move (of this attempt, or of one a crash cut
+        # short) took it out of the source: recorded with the destination, since until the
+        # rename below is done the input is still there.
+        origin = str(self.entry.path) if self._entry._moved else None
+        if self._hooks is not None and not await self._hooks.record_move(self, str(dst), origin):
             raise LockLostError(f"item {self.key}: its lease was taken over; the input stays put")
+        await failpoints.ahit("move-recorded")
         if isinstance(self._input, InputFile):
             self._input.moved = True  # before the rename: it sets the ctime
         await idempotent_move(self.entry.path, dst, fence=self._move_fence)

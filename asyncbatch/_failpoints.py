@@ -54,6 +54,8 @@ POINTS: Final = {
     "before-commit": "a group of outcomes is about to be committed",
     "after-commit": "a group of outcomes committed",
     "in-transaction": "inside a ledger transaction, before its statements",
+    "move-recorded": "ctx.move: the destination is recorded in the ledger, nothing moved yet",
+    "before-source-unlink": "a move: the file is at its destination, its old name not removed",
     "before-post-action": "a post-commit move or delete is about to start",
     "before-marker-action": "a marker's move or delete is about to start (its file's is done)",
     "mid-copy": "a move across filesystems: half of the copy is written",

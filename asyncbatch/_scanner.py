@@ -83,7 +83,7 @@ class Entry:
     """
 
     # Private slots behind read-only properties: plain stores in __init__, once per item.
-    __slots__ = ("_base", "_inode", "_mtime_ns", "_path", "_relpath", "_size")
+    __slots__ = ("_base", "_inode", "_moved", "_mtime_ns", "_path", "_relpath", "_size")
 
     def __init__(
         self,
@@ -101,6 +101,8 @@ class Entry:
         self._mtime_ns = mtime_ns
         self._inode = inode
         self._path = path
+        #: Whether ``path`` was given: the file is not under the source (``ctx.move``).
+        self._moved = path is not None
 
     @property
     def relpath(self) -> str:

@@ -64,6 +64,16 @@ async def move_to(ctx: TaskContext) -> None:
     await ctx.move(os.environ["AB_MOVE_TO"])
 
 
+async def move_twice(ctx: TaskContext) -> None:
+    """Log the attempt, move the input to AB_STAGING, write its bytes to the output directory
+    (when the run has one), then move it on to AB_MOVE_TO (ctx.move twice)."""
+    _append(ctx.entry.relpath)
+    await ctx.move(os.environ["AB_STAGING"])
+    if ctx.output_dir is not None:
+        await ctx.write_output(ctx.entry.relpath, await ctx.read_bytes())
+    await ctx.move(os.environ["AB_MOVE_TO"])
+
+
 async def write_copy(ctx: TaskContext) -> None:
     """Write the input's bytes to the output directory under its name."""
     await ctx.write_output(ctx.entry.relpath, await ctx.read_bytes())

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from .conftest import (
     cli,
     invocations,
     kill,
+    ledger_rows,
     make_files,
     rows,
     spawn,
@@ -234,3 +239,119 @@ def test_kills_during_attempts_never_make_an_item_dead_under_the_default_budgets
     ):
         assert attempts == interrupted + 1, (relpath, attempts, interrupted)
     assert max(n for (n,) in rows(state, "SELECT interrupted FROM items")) >= 3
+
+
+#: Where a handler moving its input twice (``move_twice``: to a staging directory, an output
+#: written, then on to the archive) is SIGKILLed: ``NAME:N`` is the failpoint's N-th hit.
+CONTENT = b"f00000\n".ljust(16, b".")  # make_files' first file
+CHAINED_MOVE_KILLS = [
+    "move-recorded:1",  # the first destination recorded, the input still in the source
+    "before-source-unlink:1",  # the input in the source and in staging
+    "output-replaced:1",  # in staging, the output in place but its directory not fsynced
+    "before-dir-fsync:1",
+    "move-recorded:2",  # the archive recorded, the input still in staging
+    "before-source-unlink:2",  # in staging and in the archive
+    "before-commit:1",  # in the archive, the item not done yet
+]
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A directory on another filesystem than ``tmp_path`` (under /dev/shm, a tmpfs)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no /dev/shm on another filesystem than the test's directory")
+    path = Path(tempfile.mkdtemp(prefix="ab-test-", dir=shm))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def chained_moves(
+    tmp_path: Path, state: str, staging: Path
+) -> tuple[tuple[str | Path, ...], dict[str, str]]:
+    """A run of ``move_twice`` over one file in ``tmp_path``: its arguments and environment
+    (the inbox, archive, out and calls.log are ``tmp_path``'s)."""
+    inbox, archive, out, log = (tmp_path / n for n in ("inbox", "archive", "out", "calls.log"))
+    make_files(inbox, 1)
+    archive.mkdir()
+    out.mkdir()
+    args = (
+        "run",
+        f"{HANDLERS}:move_twice",
+        "--source",
+        inbox,
+        "--state",
+        state,
+        "--output-dir",
+        out,
+        "--no-progress",
+    )
+    return args, {"AB_LOG": str(log), "AB_STAGING": str(staging), "AB_MOVE_TO": str(archive)}
+
+
+def kill_a_chained_move_then_run_again(
+    tmp_path: Path, state: str, staging: Path, point: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``move_twice`` over one file, SIGKILLed at ``point`` (``NAME:N``), then again
+    without it: the second run."""
+    args, env = chained_moves(tmp_path, state, staging)
+    name, _, n = point.partition(":")
+    killed = cli(*args, env={**env, "ASYNCBATCH_FAILPOINTS": f"{name}=kill:{n}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return cli(*args, env=env)
+
+
+@pytest.mark.parametrize("point", CHAINED_MOVE_KILLS)
+def test_a_kill_anywhere_in_a_chain_of_moves_is_finished_by_the_next_run(
+    any_state: str, tmp_path: Path, point: str
+) -> None:
+    # A second ctx.move recorded only its destination: killed before its rename, the next run
+    # looked for the input there (not in staging, where it was): "vanished", exit 0, the file
+    # stranded in staging for good.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    final = kill_a_chained_move_then_run_again(tmp_path, any_state, staging, point)
+
+    assert final.returncode == 0, final.stderr
+    assert "1 seen: 1 done" in final.stdout + final.stderr
+    assert ledger_rows(any_state, "SELECT state FROM items") == [("done",)]
+    assert invocations(tmp_path / "calls.log") == {"f00000.txt": 2}
+    assert list((tmp_path / "inbox").iterdir()) == list(staging.iterdir()) == []
+    assert [p.name for p in (tmp_path / "archive").iterdir()] == ["f00000.txt"]
+    assert (tmp_path / "archive" / "f00000.txt").read_bytes() == CONTENT
+    assert (tmp_path / "out" / "f00000.txt").read_bytes() == CONTENT
+
+
+@pytest.mark.parametrize("point", ["mid-copy:1", "mid-copy:2", "before-source-unlink:2"])
+def test_a_kill_in_a_chain_of_moves_across_filesystems_is_finished_by_the_next_run(
+    state: Path, tmp_path: Path, other_fs: Path, point: str
+) -> None:
+    # Staging on another filesystem: both moves copy (to a temp file, linked into place).
+    final = kill_a_chained_move_then_run_again(tmp_path, str(state), other_fs, point)
+
+    assert final.returncode == 0, final.stderr
+    assert state_counts(state) == {"done": 1}
+    assert invocations(tmp_path / "calls.log") == {"f00000.txt": 2}
+    # Nothing left in the inbox or in staging (no temp file of a cut-off copy either).
+    assert list((tmp_path / "inbox").iterdir()) == list(other_fs.iterdir()) == []
+    assert [p.name for p in (tmp_path / "archive").iterdir()] == ["f00000.txt"]
+    assert (tmp_path / "archive" / "f00000.txt").read_bytes() == CONTENT
+
+
+def test_an_input_gone_from_every_place_of_its_chain_of_moves_is_vanished(
+    any_state: str, tmp_path: Path
+) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    args, env = chained_moves(tmp_path, any_state, staging)
+    killed = cli(*args, env={**env, "ASYNCBATCH_FAILPOINTS": "move-recorded=kill:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (staging / "f00000.txt").unlink()  # really gone: in neither staging nor the archive
+
+    final = cli(*args, env=env)
+
+    assert final.returncode == 0, final.stderr
+    assert "1 seen: 0 done, 1 vanished" in final.stdout + final.stderr
+    assert ledger_rows(any_state, "SELECT state FROM items") == [("vanished",)]
+    assert invocations(tmp_path / "calls.log") == {"f00000.txt": 1}

@@ -26,7 +26,7 @@ from asyncbatch import (
     remove_stale_temp_files,
 )
 from asyncbatch._effects.files import ABANDONED_AFTER, TEMP_PREFIX, _temp_name
-from asyncbatch._ledger.actions import decode_action, encode_action
+from asyncbatch._ledger.actions import decode_action, decode_move, encode_action, encode_move
 from asyncbatch._pipeline.postactions import PostActions, keyed_name
 from asyncbatch._procinfo import ProcessIdentity, this_process
 
@@ -578,6 +578,14 @@ def test_stored_actions_round_trip_any_path(raw: bytes) -> None:
         assert decode_action(encode_action(kind, path)) == (kind, path)
         encode_action(kind, path).encode("utf-8")  # always storable as text
     assert decode_action(encode_action("delete")) == ("delete", None)
+    # A chain of moves: where the input is, and where it goes.
+    staging = os.fsdecode(b"/staging/\xff" + raw)
+    chain = encode_move(path, staging)
+    chain.encode("utf-8")
+    assert decode_move(chain) == (staging, path)
+    assert decode_action(chain) == ("moved", path)
+    assert decode_move(encode_move(path)) == decode_move(encode_move(path, path)) == (path,)
+    assert decode_move(encode_action("move", path)) == decode_move(None) == ()
 
 
 async def test_an_archive_on_another_filesystem_is_cleaned_of_stale_temp_files(

@@ -58,6 +58,7 @@ from asyncbatch._ledger import (
     RunTotals,
     Started,
     StoredResponse,
+    decode_move,
     open_ledger,
     sqlite_sql,
 )
@@ -1170,6 +1171,25 @@ async def test_two_connections_claiming_waiting_items_never_get_the_same_one(
     assert not set(got["a"]) & set(got["b"])
     assert sorted(got["a"] + got["b"]) == sorted(c.key for c in claimed)
     assert len(got["a"]) + len(got["b"]) == count
+
+
+async def test_a_chained_move_records_where_the_input_is_and_where_it_goes(
+    ledger: Ledger, store: Store
+) -> None:
+    # Killed before the second move's rename, the input is still where the first put it: a
+    # record of the destination alone sent the retry to look for it there (vanished).
+    (row,) = await ledger.claim_scanned("j", "a", 60, [entry(1)])
+    assert await ledger.record_move("j", "a", row.key, row.fence, "/staging/f00001")
+    chain = ("/staging/f00001", "/archive/f00001")
+    assert await ledger.record_move("j", "a", row.key, row.fence, chain[1], chain[0])
+    assert await ledger.move_destinations("j") == ["/archive/f00001"]
+    failed = Outcome(row.key, row.fence, "failed", "ValueError: after the moves", time.time() - 1)
+    await ledger.commit_outcomes("j", "a", [failed])
+    (again,) = await ledger.claim_waiting("j", "a", 60, 10)
+    assert decode_move(again.post_action) == chain
+    # A move from where the input is to the same place records that place alone.
+    assert await ledger.record_move("j", "a", again.key, again.fence, chain[0], chain[0])
+    assert await store.fetch("SELECT post_action FROM items") == [("moved:/staging/f00001",)]
 
 
 async def test_a_lease_recorded_move_needs_the_lease(ledger: Ledger, store: Store) -> None:

@@ -299,6 +299,7 @@ def _move(src: Path, dst: Path, fence: Fence = _no_fence) -> bool:
             raise
     else:
         fsync_dir(dst.parent)
+    failpoints.hit("before-source-unlink")
     _unlink_source(src)
     return True
 

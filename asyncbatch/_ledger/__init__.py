@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable
 
-from .actions import decode_action, encode_action
+from .actions import decode_action, decode_move, encode_action, encode_move
 from .base import Ledger
 from .dsn import DEFAULT_SCHEMA, PostgresDSN, is_postgres
 from .idempotency import IdempotencyStore
@@ -39,7 +39,9 @@ __all__ = [
     "Ledger",
     "PostgresDSN",
     "decode_action",
+    "decode_move",
     "encode_action",
+    "encode_move",
     "is_postgres",
     "open_idempotency_store",
     "open_ledger",

@@ -670,8 +670,13 @@ class Ledger(IdempotencyStore):
         """
 
     @abc.abstractmethod
-    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
-        """Note, under our lease, that the item's input is being moved to ``dst``.
+    async def record_move(
+        self, job: str, owner: str, key: str, fence: int, dst: str, src: str | None = None
+    ) -> bool:
+        """Note, under our lease, that the item's input is being moved to ``dst`` from ``src``
+        (where an earlier move of the attempt put it; ``None``: from the source). Both are
+        kept (:func:`~asyncbatch._ledger.actions.encode_move`): until the move is done, the
+        input is at one of them (or both), and a retry after a crash looks there.
 
         Returns ``False`` when the lease is no longer ours (the caller must not move).
         """

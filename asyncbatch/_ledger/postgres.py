@@ -49,7 +49,7 @@ from .._exceptions import JobLockedError
 from .._procinfo import ProcessIdentity
 from . import postgres_sql as sql
 from . import types as t
-from .actions import decode_action, encode_action
+from .actions import decode_action, encode_move
 from .base import (
     FORGOTTEN_KEPT,
     WORK_LEFT_NEWEST,
@@ -755,9 +755,11 @@ class PostgresLedger(Ledger):
 
         await self._outcomes().transact(release, one=True)
 
-    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
+    async def record_move(
+        self, job: str, owner: str, key: str, fence: int, dst: str, src: str | None = None
+    ) -> bool:
         async def record(conn: Connection) -> bool:
-            moved = encode_action("moved", dst)
+            moved = encode_move(dst, src)
             return await conn.fetchval(sql.RECORD_MOVE, job, key, owner, fence, moved) is not None
 
         return await self._session.transact(record, one=True)

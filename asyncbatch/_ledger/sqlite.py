@@ -52,7 +52,7 @@ from .._exceptions import (
 from .._procinfo import ProcessIdentity, this_process
 from . import sqlite_sql as sql
 from . import types as t
-from .actions import decode_action, encode_action
+from .actions import decode_action, encode_move
 from .aiosqlite_bridge import connect, on_thread, raw
 from .base import (
     BUSY,
@@ -1033,9 +1033,11 @@ class SQLiteLedger(Ledger):
 
         await self._transact(release, self.clock())
 
-    async def record_move(self, job: str, owner: str, key: str, fence: int, dst: str) -> bool:
+    async def record_move(
+        self, job: str, owner: str, key: str, fence: int, dst: str, src: str | None = None
+    ) -> bool:
         def record(conn: sqlite3.Connection, now: float) -> bool:
-            params = (encode_action("moved", dst), now, job, key, owner, fence)
+            params = (encode_move(dst, src), now, job, key, owner, fence)
             return conn.execute(sql.RECORD_MOVE, params).rowcount == 1
 
         return await self._transact(record, self.clock())

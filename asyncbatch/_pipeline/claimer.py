@@ -33,7 +33,7 @@ import anyio.to_thread
 from .. import _failpoints as failpoints
 from .._exceptions import SourceError
 from .._identity import input_hash, item_key
-from .._ledger import NOT_READY, ClaimedRow, QueuedRow, decode_action
+from .._ledger import NOT_READY, ClaimedRow, QueuedRow, decode_move
 from .._report import Counters
 from .._scanner import content_digest, split, unpack_item
 from .._sources.base import Lister
@@ -865,10 +865,8 @@ class Claimer:
                 row.attempts,
                 row.interrupted,
             )
-            if row.post_action:  # ctx.move() took the input somewhere before a crash?
-                kind, moved_to = decode_action(row.post_action)
-                if kind == "moved":
-                    item.moved_to = moved_to
+            # ctx.move() took the input somewhere before a crash?
+            item.moved_to = decode_move(row.post_action)
             item.lease_deadline = deadline
             in_flight[item.key] = item
 

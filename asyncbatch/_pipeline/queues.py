@@ -104,7 +104,9 @@ class LeasedItem:
         self.state = ItemState.QUEUED
         #: The local monotonic time its lease must be given up by (renewed by heartbeats).
         self.lease_deadline = math.inf
-        self.moved_to: str | None = None
+        #: Where ``ctx.move()`` had taken, or was taking, the input when an earlier attempt
+        #: ended (the ledger's ``moved`` record): the paths it may be at, earliest first.
+        self.moved_to: tuple[str, ...] = ()
 
     def lose(self) -> None:
         """Its lease was taken over by another runner (see :class:`ItemState`)."""

@@ -14,6 +14,7 @@ original once the leases and the lock are released.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -714,11 +715,10 @@ class WorkerPool:
             try:
                 fd, st = self._open(item)
             except (FileNotFoundError, NotADirectoryError):
-                if item.moved_to is None:
+                if not item.moved_to:
                     raise
                 # The handler moved its input (ctx.move) before the run died: continue there.
-                moved = Path(item.moved_to)
-                fd, st = open_regular(None, os.fsencode(moved))
+                moved, fd, st = self._open_moved(item)
         except (FileNotFoundError, NotADirectoryError):
             # NotADirectoryError: a directory on its path was replaced by a file of the same
             # name (its files went with it); the scan, which finds the file gone, agrees.
@@ -726,6 +726,39 @@ class WorkerPool:
         except OSError as exc:
             return self.failure(item, error_text(exc), permanent=exc.errno is None)
         return fd, st, moved
+
+    @staticmethod
+    def _open_moved(item: LeasedItem) -> tuple[Path, int, os.stat_result]:
+        """Open the input where ``ctx.move()`` took it before the run died: ``(its path, fd,
+        fstat)``. A chain of moves (a staging directory, then the final one) is recorded with
+        where its last move started from: killed before that move's rename, the input is
+        still there; after it, at the destination (during it, both). The first of them that
+        holds the file scanned (size and mtime) is taken, else the first that holds a file;
+        ``FileNotFoundError`` when none does (the file is gone), or the first other error."""
+        found: tuple[Path, int, os.stat_result] | None = None
+        error: OSError | None = None
+        for place in item.moved_to:
+            path = Path(place)
+            try:
+                fd, st = open_regular(None, os.fsencode(path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:  # not a regular file there, unreadable: another may be it
+                error = error or exc
+                continue
+            if (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns):
+                if found is not None:
+                    os.close(found[1])
+                return path, fd, st
+            if found is None:
+                found = path, fd, st
+            else:
+                os.close(fd)
+        if found is not None:
+            return found
+        if error is not None:
+            raise error
+        raise FileNotFoundError(errno.ENOENT, "not where ctx.move() took it", item.moved_to[-1])
 
     def _handled_stat(
         self, item: LeasedItem, st: os.stat_result, mtime_ns: int, moved: Path | None
@@ -1004,9 +1037,10 @@ class WorkerPool:
         item = self.run.in_flight.get(ctx.key)
         return item is None or item.fence != ctx.fence or time.monotonic() >= item.lease_deadline
 
-    async def record_move(self, ctx: TaskContext, destination: str) -> bool:
-        """Record, under the item's lease, where ctx.move() is taking its input; refuse
-        (:class:`EffectError`) a destination the scan would take for a new input."""
+    async def record_move(self, ctx: TaskContext, destination: str, origin: str | None) -> bool:
+        """Record, under the item's lease, where ctx.move() is taking its input (and from
+        where, after an earlier move); refuse (:class:`EffectError`) a destination the scan
+        would take for a new input."""
         why = self.config.visible_to_scan(Path(destination), is_dir=False)
         if why is not None:
             raise EffectError(
@@ -1014,7 +1048,7 @@ class WorkerPool:
                 "(a scan would take the moved file for a new input)"
             )
         return await self.run.ledger.record_move(
-            self.config.job, self.run.owner, ctx.key, ctx.fence, destination
+            self.config.job, self.run.owner, ctx.key, ctx.fence, destination, origin
         )
 
 
