@@ -2,6 +2,8 @@
 
 AB_LOG: a file each invocation appends ``<relpath>\\n`` to (O_APPEND: one write per line).
 AB_SLEEP: seconds to sleep inside the handler (default 0).
+AB_GATE: a FIFO ``record`` opens for reading before it logs, which waits until the test holds
+it open for writing (``O_RDWR``) once what it needs has happened (both runners registered, say).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ def _append(line: str) -> None:
 
 
 async def record(ctx: TaskContext) -> None:
-    """Read the input, log the invocation, sleep a while."""
+    """Read the input, wait for AB_GATE (if set), log the invocation, sleep a while."""
     await ctx.read_bytes()
+    gate = os.environ.get("AB_GATE")
+    if gate:  # a FIFO: opening it for reading waits until the test holds it open for writing
+        os.close(await anyio.to_thread.run_sync(os.open, gate, os.O_RDONLY))
     _append(ctx.entry.relpath)
     await anyio.sleep(float(os.environ.get("AB_SLEEP", "0")))
 

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -91,13 +92,30 @@ def test_sigkill_mid_batch_repeatedly_then_every_file_is_done_once(
     assert rows(state, "SELECT count(*) FROM task_lock") == [(0,)]
 
 
+def runner_count(state: Path) -> int:
+    """How many runners the state has registered (0 before it exists: read-only, it is not
+    made here)."""
+    try:
+        db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        return int(db.execute("SELECT count(*) FROM runners").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # not made yet, or busy
+    finally:
+        db.close()
+
+
 def test_two_shared_runners_handle_every_file_exactly_once(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:
     files = 1000
     make_files(inbox, files)
     log = tmp_path / "calls.log"
-    env = {"AB_LOG": str(log), "AB_SLEEP": "0.002"}
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    env = {"AB_LOG": str(log), "AB_SLEEP": "0.002", "AB_GATE": str(gate)}
     args = (
         "run",
         RECORD,
@@ -113,7 +131,14 @@ def test_two_shared_runners_handle_every_file_exactly_once(
         "64",
     )
     runners = [spawn(*args, env=env) for _ in range(2)]
-    outputs = [r.communicate(timeout=120) for r in runners]
+    # Handlers wait at the gate until both runners have joined the job (a loaded machine can
+    # start the second after the first did all 1,000 files): then both take part.
+    wait_for(lambda: runner_count(state) == 2, timeout=60)
+    opened = os.open(gate, os.O_RDWR)  # (a FIFO's O_RDWR does not wait for a reader)
+    try:
+        outputs = [r.communicate(timeout=120) for r in runners]
+    finally:
+        os.close(opened)
 
     for runner, (_, err) in zip(runners, outputs, strict=True):
         assert runner.returncode == 0, err
