@@ -250,15 +250,22 @@ UNION ALL SELECT pid, host, pid_start, expires_at FROM task_lock
 
 #: Serialises creation and migration of one schema across every client: $1 schema name.
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncbatch.schema'), hashtext($1))"
-#: What the schema holds: (schema exists, relations in it, has a meta table). $1 schema name.
+#: What the schema holds: (schema exists, relations in it, has a meta table, that meta table
+#: has the ledger's columns: name and value, both text). $1 schema name. Another application's
+#: ``meta`` (other columns, or other types) is told apart here, in the same statement, before
+#: anything reads it (READ_VERSION would fail on it with a raw SQL error).
 INSPECT_SCHEMA = """
 SELECT n.oid IS NOT NULL,
        (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid
                                           AND c.relkind IN ('r', 'p', 'v', 'm', 'f')),
-       EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'meta'
-                                          AND c.relkind IN ('r', 'p'))
+       meta.oid IS NOT NULL,
+       (SELECT count(*) FROM pg_attribute a
+         WHERE a.attrelid = meta.oid AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname IN ('name', 'value') AND a.atttypid = 'text'::regtype) = 2
 FROM (SELECT 1) AS one
 LEFT JOIN pg_namespace n ON n.nspname = $1
+LEFT JOIN pg_class meta ON meta.relnamespace = n.oid AND meta.relname = 'meta'
+                       AND meta.relkind IN ('r', 'p')
 """
 #: (application, schema_version) from an existing meta table.
 READ_VERSION = """
