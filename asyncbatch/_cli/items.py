@@ -92,7 +92,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def _runner(item: ItemInfo) -> str:
-    """Who made the item's latest attempt, as far as the ledger knows."""
+    """Who made the item's latest attempt (or recorded its latest outcome, one that was not an
+    attempt: given up on, vanished), as far as the ledger knows."""
     if item.runner is None:
         return "-"
     if item.runner_pid is not None:
@@ -362,7 +363,10 @@ def describe_item(
             "waiting in the ledger (pending: its runner stopped or died during it, or it was "
             "retried): the next run handles it"
         )
-    return "vanished", f"vanished at {show_time(item.updated_at)}: {error}"
+    # Not an attempt: the runner is the one that found the file gone (no start, no duration).
+    return "vanished", (
+        f"vanished at {show_time(item.updated_at)}, found so by {_runner(item)}: {error}"
+    )
 
 
 def _unsettled(st: os.stat_result, settle: float, now: float) -> str | None:

@@ -639,7 +639,8 @@ WHERE job = $1 AND state = 'failed'
 #: $1 job, $2 owner; arrays (one entry per item, distinct keys) $3 keys, $4 fences, $5 states
 #: (NULL: the attempt started and still runs), $6 errors, $7 retry delays in seconds (NULL:
 #: none), $8 post actions, $9 sizes, $10 mtimes, $11 inodes (of a file handled that was not
-#: the scanned one; NULL: unchanged), $12 attempted (false: given up on without running),
+#: the scanned one; NULL: unchanged), $12 attempted (false: not an attempt, given up on
+#: without running or found vanished; its joblog has no start then, the runner that recorded it),
 #: $13 when the attempt started, as seconds from now (NULL: not known; the start noted when
 #: the attempt was first seen running, else now). The joblog: an outcome sets finished_at
 #: and the runner; an attempt seen running for the first time, started_at (and clears
@@ -665,7 +666,7 @@ SET state = coalesce(o.state, i.state),
     attempts = i.attempts + (o.attempted AND i.started_fence IS DISTINCT FROM i.fence)::int,
     started_fence = CASE WHEN o.attempted THEN i.fence ELSE i.started_fence END,
     started_at = CASE
-        WHEN NOT o.attempted THEN i.started_at
+        WHEN NOT o.attempted THEN NULL  -- not an attempt (given up on, vanished): no start
         WHEN o.state IS NULL THEN {NOW}
         ELSE coalesce({NOW} + o.started,
                       CASE WHEN i.started_fence IS NOT DISTINCT FROM i.fence THEN i.started_at END,
