@@ -429,7 +429,7 @@ def test_forget_asks_first_and_never_touches_a_file(
     unknown = no_terminal("forget", "never.txt", "--state", state, "--yes")
     assert unknown.returncode == 2
     (line,) = unknown.stderr.strip().splitlines()
-    assert "'never.txt': the ledger never saw it" in line
+    assert "'never.txt': the ledger holds no item of job 'default' by this name or key" in line
     both = no_terminal("forget", "f00001.txt", "--done-before", "1h", "--state", state)
     assert both.returncode == 2
 
@@ -716,3 +716,24 @@ def test_an_item_found_vanished_has_the_runner_that_found_it_gone_without_a_dura
     said = cli("explain", inbox / "gone.txt", "--state", any_state)
     assert "vanished at " in said.stdout
     assert f"found so by pid {finder} on " in said.stdout
+
+
+def test_forget_of_a_dead_item_retry_cleared_does_not_say_the_ledger_never_saw_it(
+    inbox: Path, state: Path
+) -> None:
+    # Regression: `retry --dead KEY` clears a dead item whose file changed since (its new
+    # version is a new item); `forget KEY` then said "the ledger never saw it", which it had.
+    (inbox / "a.txt").write_text("a")
+    run(inbox, state, FAIL, "--max-attempts", "1")
+    (item,) = json.loads(cli("items", "--state", state, "--json").stdout)
+    (inbox / "a.txt").write_text("a, fixed")
+    cleared = cli("retry", "--dead", item["key"], "--state", state)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "cleared" in cleared.stdout
+    for name in (item["key"], "a.txt"):
+        refused = no_terminal("forget", name, "--state", state, "--yes")
+        assert refused.returncode == 2
+        (line,) = refused.stderr.strip().splitlines()
+        assert "never saw" not in line
+        assert f"{name!r}: the ledger holds no item of job 'default' by this name or key" in line
+        assert "(never seen, or already forgotten)" in line

@@ -802,7 +802,9 @@ def _print_items(job: str, found: list[ItemInfo], total: int) -> None:
 
 
 async def _chosen(args: argparse.Namespace, ledger: Ledger) -> list[ItemInfo]:
-    """The items the PATH/KEY arguments name; a name the ledger never saw is an error."""
+    """The items the PATH/KEY arguments name; a name the ledger holds no item by is an error
+    (never seen, or forgotten already: by ``forget``, or by ``retry --dead`` for a file that
+    changed since: the ledger keeps no trace of a key to tell these apart)."""
     chosen: dict[str, ItemInfo] = {}
     for name in args.items:
         lookup = name
@@ -811,7 +813,8 @@ async def _chosen(args: argparse.Namespace, ledger: Ledger) -> list[ItemInfo]:
         found = await ledger.find_items(args.job, lookup)
         if not found:
             raise ConfigurationError(
-                f"{name!r}: the ledger never saw it in job {args.job!r}; nothing forgotten"
+                f"{name!r}: the ledger holds no item of job {args.job!r} by this name or key "
+                "(never seen, or already forgotten); nothing forgotten"
             )
         chosen.update((item.key, item) for item in found)
     return list(chosen.values())
