@@ -35,6 +35,7 @@ from .conftest import (
     state_counts,
     wait_for,
 )
+from .postgres import pg_sync
 
 RECORD = f"{HANDLERS}:record"
 
@@ -819,6 +820,65 @@ def test_a_wal_that_is_not_the_states_own_is_refused_and_both_left_as_they_were(
     status = cli("status", "--state", state, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"]["done"] == 3
+
+
+@pytest.mark.parametrize(
+    "tables",
+    [
+        # Another application's 'meta' (its own columns): every command failed with exit 69
+        # ("unavailable, retry later") and a raw SQL error (column "value" does not exist).
+        ["CREATE TABLE meta (k text, v text)", "INSERT INTO meta VALUES ('a', 'b')"],
+        ["CREATE TABLE meta (key text, value text)", "INSERT INTO meta VALUES ('a', 'b')"],
+        ["CREATE TABLE meta (name integer, value integer)", "INSERT INTO meta VALUES (1, 2)"],
+        # The ledger's columns, another application's rows.
+        ["CREATE TABLE meta (name text, value text)", "INSERT INTO meta VALUES ('a', 'b')"],
+        # Tables named like the ledger's, without a meta table.
+        ["CREATE TABLE items (id integer)", "CREATE TABLE t (x integer)"],
+    ],
+)
+def test_a_postgres_schema_of_another_application_is_refused_untouched_by_every_command(
+    inbox: Path, pg_dsn: str, tables: list[str]
+) -> None:
+    schema = pg_dsn.rsplit("search_path=", 1)[1]
+    pg_sync(pg_dsn, f'CREATE SCHEMA "{schema}"')
+    for statement in tables:
+        pg_sync(
+            pg_dsn,
+            statement.replace("TABLE ", f'TABLE "{schema}".', 1).replace(
+                "INTO ", f'INTO "{schema}".', 1
+            ),
+        )
+    make_files(inbox, 1)
+
+    def contents() -> list[Any]:
+        columns = pg_sync(
+            pg_dsn,
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = $1 ORDER BY 1, 2",
+            schema,
+        )
+        return [
+            columns,
+            *(
+                pg_sync(pg_dsn, f'SELECT * FROM "{schema}"."{name}" ORDER BY 1')
+                for name in sorted({c[0] for c in columns})
+            ),
+        ]
+
+    before = contents()
+    commands: list[list[str | os.PathLike[str]]] = [
+        ["status", "--state", pg_dsn],
+        ["status", "--state", pg_dsn, "--json"],
+        ["items", "--state", pg_dsn],
+        ["retry", "--dead", "--state", pg_dsn],
+        ["forget", "--yes", "somekey", "--state", pg_dsn],
+        ["run", RECORD, "--source", inbox, "--state", pg_dsn, "--no-progress"],
+    ]
+    for args in commands:
+        assert_one_line_error(
+            cli(*args), f"schema {schema!r} holds tables of another application; it was not touched"
+        )
+        assert contents() == before, args
 
 
 @pytest.mark.parametrize("kind", ["fifo", "socket", "device"])

@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import select
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from asyncbatch._ledger import sqlite_sql
@@ -23,8 +25,10 @@ from .conftest import (
     cli,
     invocations,
     kill,
+    ledger_rows,
     make_files,
     settled_now,
+    spawn,
     start_recording,
     state_counts,
     wait_for,
@@ -425,7 +429,7 @@ def test_forget_asks_first_and_never_touches_a_file(
     unknown = no_terminal("forget", "never.txt", "--state", state, "--yes")
     assert unknown.returncode == 2
     (line,) = unknown.stderr.strip().splitlines()
-    assert "'never.txt': the ledger never saw it" in line
+    assert "'never.txt': the ledger holds no item of job 'default' by this name or key" in line
     both = no_terminal("forget", "f00001.txt", "--done-before", "1h", "--state", state)
     assert both.returncode == 2
 
@@ -626,3 +630,110 @@ async def test_explain_of_a_duplicate_under_identity_content_names_the_item_it_i
     assert said.startswith(
         "the same item as 'a.csv' (the same file to the job's identity, content)"
     ), said
+
+
+def _attempts(state: str) -> list[tuple[Any, ...]]:
+    """The items' attempts (none before the run made the ledger)."""
+    try:
+        return ledger_rows(state, "SELECT attempts FROM items")
+    except (sqlite3.Error, asyncpg.PostgresError):
+        return []
+
+
+def _finished_by(inbox: Path, state: str, target: str, *extra: str, log: Path | None = None) -> int:
+    """One run of ``target`` over ``inbox`` to its end; its pid (the item's runner, if it
+    recorded the item's outcome)."""
+    env = {"AB_LOG": str(log)} if log else None
+    proc = spawn(
+        "run", target, "--source", inbox, "--state", state, "--no-progress", *extra, env=env
+    )
+    proc.communicate(timeout=120)
+    assert proc.returncode in (0, 1, -signal.SIGKILL), proc.returncode
+    return proc.pid
+
+
+def _no_attempt_joblog(
+    state: str, inbox: Path, relpath: str, runner_pid: int
+) -> list[dict[str, Any]]:
+    """``items --json``, ``failures --json`` (when it lists it) and ``explain --json``'s records
+    of ``relpath``: each says ``runner_pid`` recorded the outcome, and no start or duration."""
+    records: list[dict[str, Any]] = json.loads(cli("items", "--state", state, "--json").stdout)
+    failures: list[dict[str, Any]] = json.loads(cli("failures", "--state", state, "--json").stdout)
+    records += failures
+    facts = explain(state, inbox / relpath)  # (a file gone: its latest record is "other")
+    records.append(facts["item"] or facts["other_items"][0])
+    for record in records:
+        assert record["relpath"] == relpath
+        assert record["runner_pid"] == runner_pid, record
+        assert record["finished_at"] is not None, record
+        assert (record["started_at"], record["duration"]) == (None, None), record
+    listed = cli("items", "--state", state)
+    (line,) = [line for line in listed.stdout.splitlines() if line.endswith(relpath)]
+    assert line.split()[2:4] == ["-", "-"], line  # started, took
+    assert f"pid {runner_pid} on " in line
+    return failures
+
+
+def test_an_item_given_up_on_has_the_joblog_of_the_run_that_gave_up_without_a_duration(
+    any_state: str, inbox: Path, tmp_path: Path
+) -> None:
+    # Regression: an item given up on (max_interruptions) without an attempt in that run
+    # showed that run's pid as the runner of the attempt, and a duration from the start of the
+    # killed run's attempt to this run's give-up, across two processes.
+    (inbox / "poison.txt").write_text("p")
+    log = tmp_path / "calls.log"
+    env = {"AB_LOG": str(log), "AB_SLEEP": "600"}
+    handler = f"{HANDLERS}:record_pid"
+    for attempt in (1, 2, 3):  # each run killed once its attempt is in the ledger
+        proc = spawn("run", handler, "--source", inbox, "--state", any_state, env=env)
+        wait_for(lambda: _attempts(any_state) == [(attempt,)])  # noqa: B023
+        kill(proc)
+    killed = {int(line.split()[0]) for line in log.read_text().splitlines()}
+    assert len(killed) == 3
+    giver = _finished_by(inbox, any_state, handler, "--max-interruptions", "3", log=log)
+    assert giver not in killed
+    assert len(log.read_text().splitlines()) == 3  # not called by the run that gave up
+    (failure,) = _no_attempt_joblog(any_state, inbox, "poison.txt", giver)
+    assert (failure["state"], failure["attempts"]) == ("dead", 3)
+    assert failure["error"].startswith("given up on: the runner was killed or stopped")
+    said = cli("explain", inbox / "poison.txt", "--state", any_state)
+    assert f"by pid {giver} on " in said.stdout, said.stdout
+    assert "took" not in said.stdout.split("joblog:")[0]
+    assert "took -" in said.stdout
+
+
+def test_an_item_found_vanished_has_the_runner_that_found_it_gone_without_a_duration(
+    any_state: str, inbox: Path
+) -> None:
+    # Regression: an item tried by one run, then found vanished by another (vanishing is not
+    # an attempt), kept the earlier attempt's start: a duration across the two processes.
+    (inbox / "gone.txt").write_text("g")
+    _finished_by(inbox, any_state, FAIL, "--max-attempts", "1")
+    assert cli("retry", "--dead", "--state", any_state).returncode == 0
+    (inbox / "gone.txt").unlink()
+    finder = _finished_by(inbox, any_state, RECORD)
+    assert _no_attempt_joblog(any_state, inbox, "gone.txt", finder) == []
+    said = cli("explain", inbox / "gone.txt", "--state", any_state)
+    assert "vanished at " in said.stdout
+    assert f"found so by pid {finder} on " in said.stdout
+
+
+def test_forget_of_a_dead_item_retry_cleared_does_not_say_the_ledger_never_saw_it(
+    inbox: Path, state: Path
+) -> None:
+    # Regression: `retry --dead KEY` clears a dead item whose file changed since (its new
+    # version is a new item); `forget KEY` then said "the ledger never saw it", which it had.
+    (inbox / "a.txt").write_text("a")
+    run(inbox, state, FAIL, "--max-attempts", "1")
+    (item,) = json.loads(cli("items", "--state", state, "--json").stdout)
+    (inbox / "a.txt").write_text("a, fixed")
+    cleared = cli("retry", "--dead", item["key"], "--state", state)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "cleared" in cleared.stdout
+    for name in (item["key"], "a.txt"):
+        refused = no_terminal("forget", name, "--state", state, "--yes")
+        assert refused.returncode == 2
+        (line,) = refused.stderr.strip().splitlines()
+        assert "never saw" not in line
+        assert f"{name!r}: the ledger holds no item of job 'default' by this name or key" in line
+        assert "(never seen, or already forgotten)" in line

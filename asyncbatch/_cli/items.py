@@ -92,7 +92,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def _runner(item: ItemInfo) -> str:
-    """Who made the item's latest attempt, as far as the ledger knows."""
+    """Who made the item's latest attempt (or recorded its latest outcome, one that was not an
+    attempt: given up on, vanished), as far as the ledger knows."""
     if item.runner is None:
         return "-"
     if item.runner_pid is not None:
@@ -362,7 +363,10 @@ def describe_item(
             "waiting in the ledger (pending: its runner stopped or died during it, or it was "
             "retried): the next run handles it"
         )
-    return "vanished", f"vanished at {show_time(item.updated_at)}: {error}"
+    # Not an attempt: the runner is the one that found the file gone (no start, no duration).
+    return "vanished", (
+        f"vanished at {show_time(item.updated_at)}, found so by {_runner(item)}: {error}"
+    )
 
 
 def _unsettled(st: os.stat_result, settle: float, now: float, clock: float) -> str | None:
@@ -800,7 +804,9 @@ def _print_items(job: str, found: list[ItemInfo], total: int) -> None:
 
 
 async def _chosen(args: argparse.Namespace, ledger: Ledger) -> list[ItemInfo]:
-    """The items the PATH/KEY arguments name; a name the ledger never saw is an error."""
+    """The items the PATH/KEY arguments name; a name the ledger holds no item by is an error
+    (never seen, or forgotten already: by ``forget``, or by ``retry --dead`` for a file that
+    changed since: the ledger keeps no trace of a key to tell these apart)."""
     chosen: dict[str, ItemInfo] = {}
     for name in args.items:
         lookup = name
@@ -809,7 +815,8 @@ async def _chosen(args: argparse.Namespace, ledger: Ledger) -> list[ItemInfo]:
         found = await ledger.find_items(args.job, lookup)
         if not found:
             raise ConfigurationError(
-                f"{name!r}: the ledger never saw it in job {args.job!r}; nothing forgotten"
+                f"{name!r}: the ledger holds no item of job {args.job!r} by this name or key "
+                "(never seen, or already forgotten); nothing forgotten"
             )
         chosen.update((item.key, item) for item in found)
     return list(chosen.values())

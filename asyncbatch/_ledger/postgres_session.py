@@ -338,20 +338,21 @@ class PostgresSession:
         schema = self.target.schema
         row = await conn.fetchrow(sql.INSPECT_SCHEMA, schema)
         assert row is not None
-        _, relations, has_meta = row
+        _, relations, has_meta, meta_is_ours = row
         where = f"state {self.name!r}: schema {schema!r}"
+        foreign = NotALedgerError(
+            f"{where} holds tables of another application; it was not touched "
+            "(choose another schema with ?search_path=NAME)"
+        )
         if not has_meta:
             if relations:
-                raise NotALedgerError(
-                    f"{where} holds tables of another application; it was not touched "
-                    "(choose another schema with ?search_path=NAME)"
-                )
+                raise foreign
             return 0
+        if not meta_is_ours:  # a 'meta' table with other columns (or types): not read at all
+            raise foreign
         application, version = await conn.fetchrow(sql.READ_VERSION) or (None, None)
-        if application != sql.APPLICATION:
-            raise NotALedgerError(
-                f"{where} holds a 'meta' table of another application; it was not touched"
-            )
+        if application != sql.APPLICATION:  # the ledger's columns, another application's rows
+            raise foreign
         try:
             found = int(version or "")
         except ValueError:

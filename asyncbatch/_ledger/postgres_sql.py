@@ -250,15 +250,22 @@ UNION ALL SELECT pid, host, pid_start, expires_at FROM task_lock
 
 #: Serialises creation and migration of one schema across every client: $1 schema name.
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncbatch.schema'), hashtext($1))"
-#: What the schema holds: (schema exists, relations in it, has a meta table). $1 schema name.
+#: What the schema holds: (schema exists, relations in it, has a meta table, that meta table
+#: has the ledger's columns: name and value, both text). $1 schema name. Another application's
+#: ``meta`` (other columns, or other types) is told apart here, in the same statement, before
+#: anything reads it (READ_VERSION would fail on it with a raw SQL error).
 INSPECT_SCHEMA = """
 SELECT n.oid IS NOT NULL,
        (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid
                                           AND c.relkind IN ('r', 'p', 'v', 'm', 'f')),
-       EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'meta'
-                                          AND c.relkind IN ('r', 'p'))
+       meta.oid IS NOT NULL,
+       (SELECT count(*) FROM pg_attribute a
+         WHERE a.attrelid = meta.oid AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname IN ('name', 'value') AND a.atttypid = 'text'::regtype) = 2
 FROM (SELECT 1) AS one
 LEFT JOIN pg_namespace n ON n.nspname = $1
+LEFT JOIN pg_class meta ON meta.relnamespace = n.oid AND meta.relname = 'meta'
+                       AND meta.relkind IN ('r', 'p')
 """
 #: (application, schema_version) from an existing meta table.
 READ_VERSION = """
@@ -632,7 +639,8 @@ WHERE job = $1 AND state = 'failed'
 #: $1 job, $2 owner; arrays (one entry per item, distinct keys) $3 keys, $4 fences, $5 states
 #: (NULL: the attempt started and still runs), $6 errors, $7 retry delays in seconds (NULL:
 #: none), $8 post actions, $9 sizes, $10 mtimes, $11 inodes (of a file handled that was not
-#: the scanned one; NULL: unchanged), $12 attempted (false: given up on without running),
+#: the scanned one; NULL: unchanged), $12 attempted (false: not an attempt, given up on
+#: without running or found vanished; its joblog has no start then, the runner that recorded it),
 #: $13 when the attempt started, as seconds from now (NULL: not known; the start noted when
 #: the attempt was first seen running, else now). The joblog: an outcome sets finished_at
 #: and the runner; an attempt seen running for the first time, started_at (and clears
@@ -658,7 +666,7 @@ SET state = coalesce(o.state, i.state),
     attempts = i.attempts + (o.attempted AND i.started_fence IS DISTINCT FROM i.fence)::int,
     started_fence = CASE WHEN o.attempted THEN i.fence ELSE i.started_fence END,
     started_at = CASE
-        WHEN NOT o.attempted THEN i.started_at
+        WHEN NOT o.attempted THEN NULL  -- not an attempt (given up on, vanished): no start
         WHEN o.state IS NULL THEN {NOW}
         ELSE coalesce({NOW} + o.started,
                       CASE WHEN i.started_fence IS NOT DISTINCT FROM i.fence THEN i.started_at END,

@@ -526,11 +526,14 @@ UPDATE items SET state = 'done', lease_until = NULL, next_attempt_at = NULL, las
 # One outcome on its own: failed, dead, vanished, or done with the stat of a file that changed
 # between the scan and the open (identity "path"). A failed attempt keeps the row's
 # post_action: a 'moved...' record of ctx.move() must outlive the failure so the retry finds
-# the input. ``:attempted`` is 0 for an item given up on without running (nothing counted, no
-# start in the joblog). ``:started_at``: when the attempt began (NULL: as noted, or now).
+# the input. ``:attempted`` is 0 for an outcome that is not an attempt (an item given up on
+# without running, or found vanished): nothing counted, and no start in the joblog (an earlier
+# attempt's start, another run's, would make a duration of what this runner never ran; the
+# runner is the one that recorded the outcome). ``:started_at``: when the attempt began
+# (NULL: as noted, or now).
 MARK_OUTCOME = """
 UPDATE items SET
-    started_at = CASE WHEN NOT :attempted THEN started_at
+    started_at = CASE WHEN NOT :attempted THEN NULL
                       ELSE coalesce(:started_at,
                                     CASE WHEN started_fence IS fence THEN started_at END, :now)
                  END,

@@ -301,6 +301,8 @@ class ItemInfo(RowValue):
     first), ``finished_at`` (when its outcome committed; ``None`` while it runs, or when its
     runner died or stopped during it) and ``runner`` (the owner id of the runner that made
     it, with that runner's ``runner_pid`` and ``runner_host`` when the run history has them).
+    An outcome that was not an attempt (an item given up on without running, or found
+    vanished) has the runner that recorded it, its ``finished_at``, and no ``started_at``.
     ``owner`` and ``lease_until`` are the lease (a ``running`` item's holder). Times are in
     the caller's clock.
     """
