@@ -870,6 +870,52 @@ async def test_a_worker_never_holds_an_item_ready_while_another_has_none(
     assert reports[0].done == 4
 
 
+class _StallsOn(_Gated):
+    """:class:`_Gated`, its attempts ending at once, but for the start of ``name``'s attempt:
+    it stalls the whole event loop (a blocking sleep) past the lease, as a runner suspended
+    (SIGSTOP) the moment its worker started a command would."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        super().__init__()
+        self._name, self._seconds = name, seconds
+        self.stalled = False
+
+    def start_attempt(self, ctx: TaskContext) -> _GatedAttempt:
+        attempt = super().start_attempt(ctx)
+        if ctx.entry.relpath == self._name and not self.stalled:
+            self.stalled = True
+            time.sleep(self._seconds)  # the event loop stalls: no heartbeat, no watchdog
+        else:
+            self.gates[ctx.entry.relpath].set()
+        return attempt
+
+
+async def test_an_item_taken_while_the_watchdog_stops_the_command_is_not_left_behind(
+    inbox: Path, any_state: str
+) -> None:
+    # -j 1, the attempts ending at once (claims lease well ahead of the worker by then). As
+    # f00020's attempt starts, the runner stalls past its lease (as if SIGSTOPped): the worker
+    # goes on to take its next file, f00021, whose lease passed too, and waits for a
+    # heartbeat to say whether it is still ours; meanwhile the watchdog stops f00020's attempt
+    # (its lease ran out). f00021, taken from the queue but not yet the worker's ready item,
+    # must go back to the queue: not stay leased (renewed by every heartbeat) with no worker
+    # on it, the run waiting for it for ever.
+    make_files(inbox, 40)
+    handler = _StallsOn("f00020.txt", 3.5)
+    batch = Batch(
+        handler, source=inbox, state=any_state, settle=0, concurrency=1, lease=3, backoff=0.1
+    )
+
+    with anyio.fail_after(30):  # a bound on a hang (the run takes ~5 s)
+        report = await batch.run()
+
+    assert handler.stalled
+    assert (report.done, report.dead) == (40, 0), report
+    assert sorted(set(handler.started)) == [f"f{i:05d}.txt" for i in range(40)]
+    assert handler.started.count("f00020.txt") == 2  # its attempt stopped, then retried
+    assert handler.started.count("f00021.txt") == 1
+
+
 async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(
     inbox: Path, state: Path, pids: Path
 ) -> None:

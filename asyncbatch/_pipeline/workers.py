@@ -279,12 +279,30 @@ class WorkerPool:
                 if item is None:
                     return None
                 slot.yield_at = time.monotonic() + YIELD_EVERY
-            elif time.monotonic() >= slot.yield_at:
-                await anyio.lowlevel.checkpoint()
-                slot.yield_at = time.monotonic() + YIELD_EVERY
-            if item.lease_deadline > time.monotonic() or await self.still_ours(item):
+            if item.lease_deadline > time.monotonic() and time.monotonic() < slot.yield_at:
+                return item  # (the usual case: no await)
+            if await self._taken(slot, item):
                 return item
         return None
+
+    async def _taken(self, slot: _Slot, item: LeasedItem) -> bool:
+        """For :meth:`_next_item`: the turn due for the other tasks, then whether ``item``,
+        taken from the queue, may be started (its lease still ours, see :meth:`still_ours`).
+
+        Cancelled meanwhile, the worker gives the item back (at the queue's head): the
+        watchdog stopped the command of a worker that takes its next item while one runs
+        (after a suspension, say: that command's lease and the item's both ran out). Nothing
+        else would start the item or give it back: it would stay in flight, renewed by every
+        heartbeat, and the run would wait for it for ever."""
+        try:
+            if time.monotonic() >= slot.yield_at:
+                await anyio.lowlevel.checkpoint()
+                slot.yield_at = time.monotonic() + YIELD_EVERY
+            return item.lease_deadline > time.monotonic() or await self.still_ours(item)
+        except BaseException:
+            if self.run.in_flight.get(item.key) is item:  # (else let go: taken over)
+                self.queue.give_back(item)
+            raise
 
     def _begin_slot(self, slot: _Slot, item: LeasedItem) -> float:
         """``item``'s attempt begins in ``slot``: watched by the watchdog from now, its start
