@@ -103,6 +103,9 @@ class RunState:
     #: complete listing the run went by (for its report; see :mod:`.shared`).
     lister_fence: int | None = None
     listed: bool = False
+    #: Whether this runner, holding the role, is done with the listing it made (a ``run()``
+    #: started since may take the role over to list again: not a loss, see ``SharedRun``).
+    lister_idle: bool = False
     listing_role: Listing | None = None
     listing: Listing | None = None
     listing_target: int | None = None
