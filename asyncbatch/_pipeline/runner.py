@@ -62,8 +62,10 @@ class Run:
         http: Any,
         clock: Callable[[], float] = time.time,
         metrics: Recorder | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.config = config
+        self.started_at = started_at
         self.handler = handler
         self.mode = mode
         self.clock = clock
@@ -244,6 +246,7 @@ class Run:
                 me=self.me,
                 clock=self.clock,
                 counters=self.counters,
+                started_at=self.started_at,
                 stop_requested=self._stop_requested,
                 metrics=self.metrics,
                 **_source_of(cfg),

@@ -118,7 +118,9 @@ class SharedRun:
         self._relisted = 0
         #: When this run started (the ledger's clock, as ``Run`` began): a ``run()`` goes by a
         #: listing that began then or later, none older (see :meth:`_listing_duty`).
-        self.started = self.run.clock() - (time.monotonic() - self.run.counters.started)
+        began = self.run.clock() - (time.monotonic() - self.run.counters.started)
+        given = self.run.started_at
+        self.started = began if given is None else min(given, began)
         #: Whether this is a ``watch()``'s (it never takes the role over from a live holder).
         self._watching = False
 

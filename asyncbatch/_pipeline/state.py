@@ -52,6 +52,9 @@ class RunState:
     me: ProcessIdentity
     clock: Callable[[], float]
     counters: Counters
+    #: When this runner started (``clock``'s time), if before the run began (``None``: as
+    #: ``counters`` began): the command line's, when its process began importing asyncbatch.
+    started_at: float | None = None
     #: Leased and not yet committed, by key: released if the run ends early.
     in_flight: dict[str, LeasedItem] = field(default_factory=dict)
     #: Seen items neither finished nor in flight, by key: ``("held", record)`` when another
