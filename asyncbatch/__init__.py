@@ -9,6 +9,11 @@ uses the idempotent tools on its context.
 # ``asyncbatch --version`` prints it.
 __version__ = "0.1.0"
 
+# When this process began importing asyncbatch: taken before the imports below (a quarter
+# second), for the command line's runner (see asyncbatch/_started.py).
+from . import _started  # noqa: F401
+
+# isort: split
 from ._batch import Batch as Batch
 from ._context import TaskContext as TaskContext
 from ._effects.files import atomic_write as atomic_write

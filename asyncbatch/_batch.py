@@ -106,6 +106,9 @@ class Batch:
             )
         self._http = http
         self._clock = clock
+        #: When this batch's runs start, in ``clock``'s time, if earlier than ``run()`` is
+        #: called (the command line: when its process began; see ``RunState.started_at``).
+        self._started_at: float | None = None
         self._run: Run | None = None
         self._last_statistics: Statistics | None = None
         self._stop_pending = False
@@ -277,6 +280,7 @@ class Batch:
             http=self._http,
             clock=self._clock,
             metrics=self._recorder,
+            started_at=self._started_at,
         )
         self._run = run
         if self._stop_pending:

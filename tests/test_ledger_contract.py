@@ -2478,6 +2478,36 @@ async def test_one_runner_takes_the_listing_role_and_another_once_it_is_free(
     assert (await ledger.take_listing("j", "a", 60)).owner == "a"
 
 
+async def test_a_run_takes_the_listing_role_from_a_holder_done_with_an_older_listing(
+    ledger: Ledger,
+) -> None:
+    # A run() goes by a listing that began when it started or later: from a live holder done
+    # with an older one it takes the role over (fresh_since), and lists again.
+    for owner in ("a", "b", "c"):
+        await ledger.start_runner(run_start(owner, shared=True))
+    role = await ledger.take_listing("j", "a", 60)
+    begun = await ledger.begin_listing("j", "a", role.fence)
+    assert begun is not None
+    assert begun.started_at is not None
+    later = begun.started_at + 10
+    # Under way: not handed over, however late the run started (it waits for that one's end).
+    assert (await ledger.take_listing("j", "b", 60, fresh_since=later)).owner == "a"
+    assert await ledger.end_listing("j", "a", role.fence, 0)
+    # Complete: a run started before it began goes by it, and a watch (no start) too ...
+    assert (await ledger.take_listing("j", "b", 60, fresh_since=later - 11)).owner == "a"
+    assert (await ledger.take_listing("j", "b", 60)).owner == "a"
+    # ... one started after it began takes the role over: the fence grows, a's is refused.
+    taken = await ledger.take_listing("j", "b", 60, fresh_since=later)
+    assert (taken.owner, taken.fence) == ("b", 2)
+    assert not (await ledger.heartbeat(Heartbeat(job="j", owner="a", ttl=60, lister=1))).lister
+    # b has not begun its listing yet (it is about to): c, as late, does not take it from b.
+    assert (await ledger.take_listing("j", "c", 60, fresh_since=later + 1)).owner == "b"
+    # A watch's scans (without a start) are never handed over.
+    assert await ledger.begin_listing("j", "b", 2, watching=True)
+    assert await ledger.end_listing("j", "b", 2, 0)
+    assert (await ledger.take_listing("j", "c", 60, fresh_since=later + 100)).owner == "b"
+
+
 async def test_a_listing_role_whose_holder_is_gone_is_taken_over(ledger: Ledger) -> None:
     await ledger.start_runner(run_start("a", shared=True))
     await ledger.start_runner(run_start("b", shared=True))

@@ -27,7 +27,9 @@ from .conftest import (
     invocations,
     kill,
     make_files,
+    run_start,
     spawn,
+    until,
     wait_for,
 )
 from .postgres import pg_query
@@ -427,3 +429,133 @@ def test_three_hosts_share_a_job_and_the_listers_host_dies(
     assert set(calls) == {p.name for p in inbox.iterdir()}
     assert sum(calls.values()) - files <= 2 * 4  # only what the dead host had in flight
     assert took < 120
+
+
+async def test_a_shared_run_started_after_a_listing_lists_again_what_settled_since(
+    inbox: Path, any_state: str
+) -> None:
+    # (Runner A, slow, went by its listing of 6 files; 50 more were added and settled; B,
+    # started then, went by A's old listing: "6 seen: 0 done, 6 done before", exit 0, the 50
+    # files in no count of either report.) B takes the role over from A, done listing, and
+    # lists again: the files settled when it started are seen, and handled.
+    make_files(inbox, 6, prefix="old")
+    handled: dict[str, list[str]] = {"a": [], "b": []}
+    a_busy, release_a = anyio.Event(), anyio.Event()
+
+    async def a_handles(ctx: TaskContext) -> None:
+        handled["a"].append(ctx.entry.relpath)
+        a_busy.set()
+        with anyio.fail_after(60):
+            await release_a.wait()
+
+    async def b_handles(ctx: TaskContext) -> None:
+        handled["b"].append(ctx.entry.relpath)
+
+    common: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "shared": True}
+    a = Batch(a_handles, **common, concurrency=1)
+    reports: dict[str, Report] = {}
+
+    async def run(name: str, batch: Batch) -> None:
+        reports[name] = await batch.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "a", a)
+        with anyio.fail_after(30):
+            await a_busy.wait()  # A listed (its listing is complete) and works on a file
+        assert (await listing_of(any_state)).complete == 1
+        make_files(inbox, 50, prefix="new")
+        tg.start_soon(run, "b", Batch(b_handles, **common, concurrency=4))
+        # B lists again (before: it went by A's listing, and waited for A's file): a second
+        # listing, which finds every file there.
+        await until(lambda: listed_twice(any_state), within=60)
+        release_a.set()
+    every = handled["a"] + handled["b"]
+    assert sorted(every) == sorted(set(every)) == sorted(p.name for p in inbox.iterdir())
+    listing = await listing_of(any_state)
+    assert (listing.generation, listing.complete, listing.listed_files) == (2, 2, 56)
+    for name, report in reports.items():
+        # Both go by B's listing (A's moved on to it): 56 seen, each file in one category.
+        assert report.seen == 56, (name, report)
+        assert report.done == len(handled[name]), (name, report)
+        assert report.done + report.done_before == 56, (name, report)
+        assert report.ok, (name, report)
+
+
+async def listed_twice(state: str) -> bool:
+    return bool((await listing_of(state)).complete >= 2)
+
+
+async def test_a_shared_run_takes_the_role_from_a_live_holder_done_with_an_older_listing(
+    inbox: Path, any_state: str
+) -> None:
+    # (Runner A listed 0 files, none settled yet, and was SIGSTOPped; B, started with 300
+    # settled files in the inbox, ended at once: "0 seen", exit 0.) Here A is a live runner
+    # record holding the role, its listing of nothing complete: B takes the role over at once
+    # (no lease to wait out) and lists what is there now.
+    ledger = await open_ledger(any_state)
+    try:
+        a = run_start("a", job="default", shared=True, source=str(inbox), ttl=600)
+        await ledger.start_runner(a)
+        role = await ledger.take_listing("default", "a", 600)
+        assert await ledger.begin_listing("default", "a", role.fence)
+        assert await ledger.end_listing("default", "a", role.fence, 0)
+    finally:
+        await ledger.close()
+    make_files(inbox, 30)
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(handle, source=inbox, state=any_state, settle=0, shared=True)
+    with anyio.fail_after(60):
+        report = await batch.run()
+    assert (report.seen, report.done, report.ok) == (30, 30, True), report
+    assert sorted(handled) == sorted(p.name for p in inbox.iterdir())
+    listing = await listing_of(any_state)
+    assert (listing.generation, listing.complete, listing.listed_files) == (2, 2, 30)
+    assert listing.fence == 2  # taken over from a, which held it
+
+
+async def test_a_shared_run_started_during_a_listing_goes_by_the_next_one(
+    inbox: Path, any_state: str
+) -> None:
+    # A listing under way that began before a run started may have passed files that settled
+    # since: the run goes by the next listing (made once the holder is done with that one),
+    # not by it. One that began after the run started it goes by (runners started together
+    # share one listing: see the first test).
+    ledger = await open_ledger(any_state)
+    try:
+        a = run_start("a", job="default", shared=True, source=str(inbox), ttl=600)
+        await ledger.start_runner(a)
+        role = await ledger.take_listing("default", "a", 600)
+        assert await ledger.begin_listing("default", "a", role.fence)
+        make_files(inbox, 10)
+        handled: list[str] = []
+
+        async def handle(ctx: TaskContext) -> None:
+            handled.append(ctx.entry.relpath)
+
+        batch = Batch(handle, source=inbox, state=any_state, settle=0, shared=True)
+        reports: list[Report] = []
+
+        async def run() -> None:
+            reports.append(await batch.run())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await until(lambda: batch._observe() is not None and target_of(batch) is not None)
+            assert target_of(batch) == 2  # not a's listing under way (#1)
+            # a's listing ends, having found none of the files (it passed them before).
+            assert await ledger.end_listing("default", "a", role.fence, 0)
+    finally:
+        await ledger.close()
+    (report,) = reports
+    assert (report.seen, report.done, report.ok) == (10, 10, True), report
+    assert len(handled) == 10
+
+
+def target_of(batch: Batch) -> int | None:
+    run = batch._run
+    state = None if run is None else run._state
+    return None if state is None else state.listing_target

@@ -267,7 +267,9 @@ def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
     try:
         addresses = [serving_address(lister)]
         wait_for(lambda: len(invocations(log)) >= 4)  # it listed (and works on the files)
-        other = spawn(*args, env=env)  # goes by that listing: it does not list
+        # Started after that listing began (it may have missed files settled since): it takes
+        # the role over, and lists again.
+        other = spawn(*args, env=env)
         runners.append(other)
         addresses.append(serving_address(other))
         scraped = []
@@ -287,7 +289,7 @@ def test_shared_runners_export_the_seen_their_reports_count_while_they_run(
             ) + sum(value(found, "asyncbatch_items_open", why=why) for why in ("held", "waiting"))
             assert 5 <= categories < files, found
             scraped.append(found)
-        assert [value(f, "asyncbatch_lister") for f in scraped] == [1, 0]
+        assert value(scraped[1], "asyncbatch_lister") == 1  # (the first: 1 or 0, as scraped)
 
         def other_live() -> dict[str, object] | None:
             last = status_json(state)["last_run"]  # the run started last: the other one's

@@ -39,6 +39,7 @@ from .._exceptions import (
 from .._exec import ExecHandler
 from .._report import Report
 from .._settings import Count, Seconds
+from .._started import imported_at
 from .help import COMMANDS as HELP_COMMANDS
 from .help import add_help_command
 from .items import COMMANDS as INSPECT_COMMANDS
@@ -244,6 +245,7 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         metrics=False if args.metrics is None else args.metrics,
         **given_settings(args),
     )
+    batch._started_at = imported_at  # its runner started with the process (see RunState)
     report: Report | None = None
     aborted: BaseException | None = None
     async with anyio.create_task_group() as tg:

@@ -501,7 +501,9 @@ class Ledger(IdempotencyStore):
     # -- the listing role (runners sharing a job) ----------------------------------------------
 
     @abc.abstractmethod
-    async def take_listing(self, job: str, owner: str, ttl: float) -> Listing:
+    async def take_listing(
+        self, job: str, owner: str, ttl: float, *, fresh_since: float | None = None
+    ) -> Listing:
         """Take the job's listing role for ``owner`` for ``ttl`` seconds if it is free, or
         renew it if ``owner`` holds it; return the role as it is now (held by ``owner``, or by
         another runner: see :meth:`Listing.held_by`).
@@ -509,6 +511,14 @@ class Ledger(IdempotencyStore):
         It is free when nobody held it, its lease expired (its holder stalled or died past
         it), or its holder has no runner record any more (found gone, or it ended). Taking it
         over grows its fence. One transaction: concurrent runners never both take it.
+
+        ``fresh_since`` (a ``run()`` that started then, in the caller's clock): the role is
+        handed over to ``owner`` too when its holder is done listing and its listing is too old
+        for ``owner``: the last listing is complete (none under way), a ``run()``'s (with a
+        start), begun by the holder itself (its tenure began at or before that start: not a
+        runner that took the role since, which may be about to list) and before
+        ``fresh_since``. That listing cannot have found the files that settled after it began;
+        ``owner`` lists again (see :class:`~asyncbatch._pipeline.shared.SharedRun`).
         """
 
     @abc.abstractmethod

@@ -584,9 +584,13 @@ class PostgresLedger(Ledger):
     def _listing(self, row: asyncpg.Record) -> t.Listing:
         return t.Listing.from_row(row, times=self._session.local)
 
-    async def take_listing(self, job: str, owner: str, ttl: float) -> t.Listing:
+    async def take_listing(
+        self, job: str, owner: str, ttl: float, *, fresh_since: float | None = None
+    ) -> t.Listing:
+        fresh = None if fresh_since is None else self._session.server(fresh_since)
+
         async def take(conn: Connection) -> asyncpg.Record | None:
-            await conn.execute(sql.LISTING_TAKE, job, owner, ttl)
+            await conn.execute(sql.LISTING_TAKE, job, owner, ttl, fresh)
             return await conn.fetchrow(sql.LISTING_GET, job)
 
         found = await self._session.transact(take)

@@ -297,7 +297,7 @@ def _tx_heartbeat(
 
 
 def _tx_take_listing(
-    conn: sqlite3.Connection, job: str, owner: str, until: float, now: float
+    conn: sqlite3.Connection, job: str, owner: str, until: float, now: float, fresh: float | None
 ) -> t.Listing:
     found = _named(conn, sql.LISTING_GET, (job,))
     claim = {"job": job, "owner": owner, "until": until, "now": now}
@@ -312,6 +312,7 @@ def _tx_take_listing(
             or role.lease_until is None
             or role.lease_until < now
             or conn.execute(sql.RUNNER_LIVE, (role.owner, now)).fetchone() is None
+            or (fresh is not None and role.stale_for(fresh))
         ):
             conn.execute(sql.LISTING_TAKE, claim)
     return t.Listing.from_row(_named(conn, sql.LISTING_GET, (job,))[0])
@@ -829,9 +830,11 @@ class SQLiteLedger(Ledger):
 
     # -- the listing role --------------------------------------------------------------------------
 
-    async def take_listing(self, job: str, owner: str, ttl: float) -> t.Listing:
+    async def take_listing(
+        self, job: str, owner: str, ttl: float, *, fresh_since: float | None = None
+    ) -> t.Listing:
         now = self.clock()
-        return await self._transact(_tx_take_listing, job, owner, now + ttl, now)
+        return await self._transact(_tx_take_listing, job, owner, now + ttl, now, fresh_since)
 
     async def listing(self, job: str) -> t.Listing | None:
         found = await self._fetch_named(sql.LISTING_GET, (job,))

@@ -278,6 +278,22 @@ class Listing(RowValue):
         """Whether ``owner`` holds the role at ``now`` (the row's clock)."""
         return self.owner == owner and self.lease_until is not None and self.lease_until >= now
 
+    def stale_for(self, started: float) -> bool:
+        """Whether a ``run()`` that started at ``started`` (the row's clock) cannot go by this
+        role's listings, and may take the role over to list again (see ``Ledger.take_listing``'s
+        ``fresh_since``): its holder is done listing (the last listing is complete, none under
+        way), that listing is a ``run()``'s (it has a start), the holder began it itself (its
+        tenure began no later: not a runner that took the role since, which may be about to
+        list), and it began before ``started`` (it cannot have found what settled since)."""
+        return (
+            self.complete > 0
+            and self.generation == self.complete
+            and self.started_at is not None
+            and self.started_at < started
+            and self.since is not None
+            and self.since <= self.started_at
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Registered:

@@ -62,8 +62,10 @@ class Run:
         http: Any,
         clock: Callable[[], float] = time.time,
         metrics: Recorder | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.config = config
+        self.started_at = started_at
         self.handler = handler
         self.mode = mode
         self.clock = clock
@@ -244,6 +246,7 @@ class Run:
                 me=self.me,
                 clock=self.clock,
                 counters=self.counters,
+                started_at=self.started_at,
                 stop_requested=self._stop_requested,
                 metrics=self.metrics,
                 **_source_of(cfg),
@@ -485,11 +488,18 @@ class Run:
             self.beat_since = None
             if beat.lister is not None and not renewal.lister and renewal.alive:
                 state.lose_listing_role()
-                log.warning(
-                    "the listing role of job %r was taken over by another runner (this one's "
-                    "heartbeats came late: was it suspended?); it stops listing",
-                    cfg.job,
-                )
+                if state.lister_idle:  # handed over, its listing done (see SharedRun)
+                    log.info(
+                        "the listing role of job %r went to a runner started after this one's "
+                        "listing began: it lists the source again",
+                        cfg.job,
+                    )
+                else:
+                    log.warning(
+                        "the listing role of job %r was taken over by another runner (this "
+                        "one's heartbeats came late: was it suspended?); it stops listing",
+                        cfg.job,
+                    )
             if not renewal.alive:
                 self.lock_lost = True
                 raise LockLostError(

@@ -10,13 +10,17 @@ given back). When the holder dies or stalls past the lease, another runner takes
 over and lists again from scratch (dropping what the last listing left queued): nothing is
 lost. A watching holder registers what it finds as waiting items (``register_listed``).
 
-A ``run()`` lists once and ends when the job is finished: the listing it goes by is complete
-(``Listing.complete``), and no item of the job is pending, leased or waiting for a retry
-(``wait=False``: none it could lease now). A ``watch()``'s holder watches the source (events
-and polls) and registers what turns up; the others wait for new waiting items (the role's
-``registered`` count grows), their retries, or the role. Each full scan of a watching holder
-is a listing too (without a start: it counts no files of the job), which a ``run()`` beside
-it goes by: the first to begin after the run looked at the role.
+A ``run()`` goes by a listing that began when it started or later: one that began before
+cannot have found the files settled since. A run started after the current listing began
+goes by the next one, which it makes itself (or a runner as new does), taking the role over
+from a holder done with the old one (``Ledger.take_listing``'s ``fresh_since``; a holder
+still listing is waited for). It lists once and ends when the job is finished: the listing
+it goes by is complete (``Listing.complete``), and no item of the job is pending, leased or
+waiting for a retry (``wait=False``: none it could lease now). A ``watch()``'s holder
+watches the source (events and polls) and registers what turns up; the others wait for new
+waiting items (the role's ``registered`` count grows), their retries, or the role. Each full
+scan of a watching holder is a listing too (without a start: it counts no files of the job),
+which a ``run()`` beside it goes by: the first to begin after the run looked at the role.
 
 The report of a shared run counts the job's listing: ``seen`` is the files it found; this
 runner's own outcomes count as usual, and ``done_before`` (``dead_before``) the rest of those
@@ -112,6 +116,13 @@ class SharedRun:
         self._twins: dict[str, int] = {}
         #: How many times this run asked for the job to be listed again (see _list_again).
         self._relisted = 0
+        #: When this run started (the ledger's clock, as ``Run`` began): a ``run()`` goes by a
+        #: listing that began then or later, none older (see :meth:`_listing_duty`).
+        began = self.run.clock() - (time.monotonic() - self.run.counters.started)
+        given = self.run.started_at
+        self.started = began if given is None else min(given, began)
+        #: Whether this is a ``watch()``'s (it never takes the role over from a live holder).
+        self._watching = False
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -131,6 +142,7 @@ class SharedRun:
         async def stopped() -> bool:
             return run.stop_requested.is_set()
 
+        self._watching = True
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._listing_duty, True)
             await self._claim_until(stopped)
@@ -143,9 +155,12 @@ class SharedRun:
         watch; look again every quarter lease (a holder that died is taken over within
         about one lease)."""
         run, cfg = self.run, self.config
+        # A run() takes the role over from a holder done with a listing older than this run
+        # (see Ledger.take_listing): it lists again. A watch lists (scans) all the time.
+        fresh = None if watching else self.started
         while not run.stopping:
             prior = await run.ledger.listing(cfg.job)
-            role = await run.ledger.take_listing(cfg.job, run.owner, cfg.lease)
+            role = await run.ledger.take_listing(cfg.job, run.owner, cfg.lease, fresh_since=fresh)
             mine = role.held_by(run.owner, run.clock())
             # Taken from a holder whose lease ran out (it died, or stalled): it may have left
             # the post-commit actions of its last items undone, which a listing finishes.
@@ -158,23 +173,32 @@ class SharedRun:
             if mine and run.lister_fence != role.fence:
                 run.role_lost = anyio.Event()  # a new tenure of the role
                 run.listed = True
+                run.lister_idle = False
             run.lister_fence = role.fence if mine else None
             run.listing_role = role
             if self.target is None and not mine:
-                # Another runner lists: this run goes by its listing under way (or the next,
-                # if none began yet), or the last complete one of a holder that works on. A
-                # watch lists at each full scan (its listings have no start): the next one
-                # to begin, which finds what is in the source now.
-                under_way = role.generation > role.complete
-                if role.generation and role.started_at is None:
-                    self.target = role.generation + 1
+                # Another runner lists: this run goes by its listing if that one began when
+                # this run started or later (under way, or complete already), else by the
+                # next to begin: a listing that began before this run started cannot have
+                # found the files that settled since (the holder lists it, or this run once
+                # the holder is done with the old one: see Ledger.take_listing). A watch
+                # lists at each full scan (its listings have no start): the next one to
+                # begin, which finds what is in the source now.
+                started = role.started_at
+                if role.generation and started is not None and started >= self.started:
+                    self.target = role.generation
                 else:
-                    self.target = max(role.generation if under_way else role.complete, 1)
+                    self.target = role.generation + 1
                 run.listing_target = self.target
             if mine and watching:
                 await self._watch()
-            elif mine and (self.target is None or role.complete < self.target or lapsed):
-                await self._list(role)
+            elif (
+                mine
+                and (self.target is None or role.complete < self.target or lapsed)
+                and not await self._list(role)
+                and self.target is None
+            ):
+                continue  # the role was taken over before the listing began: look again now
             self._role_seen.set()
             # The heartbeat renews the role meanwhile; a runner without work looks at it too,
             # and says when it is free (its holder ended, or stalled past its lease).
@@ -197,15 +221,31 @@ class SharedRun:
             with anyio.move_on_after(min(left, HELD_POLL) if awaited else left):
                 await self._role_free.wait()
             if awaited and not self._role_free.is_set():
-                run.listing_role = await run.ledger.listing(self.config.job)
+                run.listing_role = role = await run.ledger.listing(self.config.job)
+                if role is not None and self._to_take_over(role):
+                    return
 
-    async def _list(self, role: Listing) -> None:
+    def _to_take_over(self, role: Listing) -> bool:
+        """Whether this ``run()`` waits for a listing newer than ``role``'s last, which it may
+        take the role over to make now (see ``Ledger.take_listing``'s ``fresh_since``)."""
+        target = self.target
+        return (
+            not self._watching
+            and target is not None
+            and role.complete < target
+            and role.owner != self.run.owner
+            and role.stale_for(self.started)
+        )
+
+    async def _list(self, role: Listing) -> bool:
         """List the source once and register every file found (a new listing, which this
-        run then goes by); give up quietly when the role is lost meanwhile."""
+        run then goes by); give up quietly when the role is lost meanwhile. ``False`` when
+        the role was lost before the listing began."""
         run, cfg, claimer = self.run, self.config, self.claimer
+        run.lister_idle = False
         begun = await run.ledger.begin_listing(cfg.job, run.owner, role.fence)
         if begun is None:
-            return
+            return False
         self.target = run.listing_target = begun.generation
         self._role_seen.set()
         records = await claimer.list_ready()
@@ -215,7 +255,7 @@ class SharedRun:
         for start in range(0, len(records), REGISTER_BATCH):
             chunk = records[start : start + REGISTER_BATCH]
             if run.stopping or not await self._register(chunk, queue=True):
-                return
+                return True
         self._queued_keys, self._twins = None, {}
         # The files the ledger had finished that fail rules given since: not queued (never
         # taken again), but found, and finished, as a run of its own counts them.
@@ -226,8 +266,10 @@ class SharedRun:
             cfg.job, run.owner, role.fence, files, done=done, dead=dead, twins=twins
         ):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
+            run.lister_idle = True  # a run() started from now on may take the role over
             run.listing_role = await run.ledger.listing(cfg.job)  # complete now
             run.wake()
+        return True
 
     async def _register(self, records: list[bytes], *, queue: bool = False) -> bool:
         """Register listed files as waiting items (``queue``: queue them, see
@@ -423,6 +465,8 @@ class SharedRun:
             run.listing_role = listing
             if listing is not None and run.lister_fence is None and _free(listing, run.clock()):
                 self._role_free.set()  # the listing duty takes it at once
+            elif listing is not None and self._to_take_over(listing):
+                self._role_free.set()  # ... as it takes over one done with an old listing
             now = 0 if listing is None else listing.registered
             if now != registered:
                 return now

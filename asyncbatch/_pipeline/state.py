@@ -52,6 +52,9 @@ class RunState:
     me: ProcessIdentity
     clock: Callable[[], float]
     counters: Counters
+    #: When this runner started (``clock``'s time), if before the run began (``None``: as
+    #: ``counters`` began): the command line's, when its process began importing asyncbatch.
+    started_at: float | None = None
     #: Leased and not yet committed, by key: released if the run ends early.
     in_flight: dict[str, LeasedItem] = field(default_factory=dict)
     #: Seen items neither finished nor in flight, by key: ``("held", record)`` when another
@@ -103,6 +106,9 @@ class RunState:
     #: complete listing the run went by (for its report; see :mod:`.shared`).
     lister_fence: int | None = None
     listed: bool = False
+    #: Whether this runner, holding the role, is done with the listing it made (a ``run()``
+    #: started since may take the role over to list again: not a loss, see ``SharedRun``).
+    lister_idle: bool = False
     listing_role: Listing | None = None
     listing: Listing | None = None
     listing_target: int | None = None
