@@ -832,6 +832,11 @@ def test_a_wal_that_is_not_the_states_own_is_refused_and_both_left_as_they_were(
         ["CREATE TABLE meta (name integer, value integer)", "INSERT INTO meta VALUES (1, 2)"],
         # The ledger's columns, another application's rows.
         ["CREATE TABLE meta (name text, value text)", "INSERT INTO meta VALUES ('a', 'b')"],
+        # ... and rows under the ledger's names, more than one each (not a key of its).
+        [
+            "CREATE TABLE meta (name text, value text)",
+            "INSERT INTO meta VALUES ('application', 'x'), ('application', 'y')",
+        ],
         # Tables named like the ledger's, without a meta table.
         ["CREATE TABLE items (id integer)", "CREATE TABLE t (x integer)"],
     ],

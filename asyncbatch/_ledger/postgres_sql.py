@@ -268,9 +268,11 @@ LEFT JOIN pg_class meta ON meta.relnamespace = n.oid AND meta.relname = 'meta'
                        AND meta.relkind IN ('r', 'p')
 """
 #: (application, schema_version) from an existing meta table.
+#: A name with more than one row (another application's table: the ledger's ``name`` is its
+#: key) reads as NULL, not as the error a scalar subquery of several rows raises.
 READ_VERSION = """
-SELECT (SELECT value FROM meta WHERE name = 'application'),
-       (SELECT value FROM meta WHERE name = 'schema_version')
+SELECT (SELECT CASE WHEN count(*) = 1 THEN min(value) END FROM meta WHERE name = 'application'),
+       (SELECT CASE WHEN count(*) = 1 THEN min(value) END FROM meta WHERE name = 'schema_version')
 """
 #: Created with the schema name quoted by the caller (an identifier cannot be a parameter).
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
