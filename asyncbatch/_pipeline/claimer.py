@@ -914,18 +914,21 @@ class Claimer:
         run's file would put that one back in its place: a file another runner found gone
         was leased again to be found gone again, and when the listing had just queued its
         twin in its place, that twin was never handled (both runners ended, "1 vanished",
-        the file still in the source, the run's exit 0). So: pending and failed items are
-        left to ``claim_waiting``, which leases them as the ledger has them (their file, when
-        due); a vanished one whose file is this run's is closed (gone: the next listing, or
-        the others' counts, say what became of it), one whose file is another (a twin of the
-        one that vanished) is claimed, and waits again as that file; the others (held by
-        another runner, finished, unknown) are claimed as before."""
+        the file still in the source, the run's exit 0). So only what the ledger has finished
+        (done, dead: a claim leaves those rows as they are, and counts them), or does not hold,
+        is claimed; pending, failed and held items are left to ``claim_waiting``, which leases
+        them as the ledger has them (their file) when due, or once their holder is gone (see
+        ``reap_gone_runners``), not claimed here: a held one may end vanished between this
+        read and a claim, which would put this run's file back in its place. A vanished one
+        whose file is this run's is closed (gone: the listing made again, or the others'
+        counts, say what became of it); one whose file is another (a twin of the one that
+        vanished) is claimed, and waits again as that file."""
         run, job = self.run, self.config.job
         states = await run.ledger.states_of(job, keys)
         kept: list[str] = []
         for key in keys:
             state = states.get(key)
-            if state in ("pending", "failed"):
+            if state in ("pending", "failed", "running"):
                 continue
             if state == "vanished":
                 _, rel, *_ = unpack_item(run.open[key][1])
