@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -884,6 +885,8 @@ class Claimer:
         """Claim the open items again: due retries, and items other runners held."""
         run = self.run
         keys = list(run.open)
+        if self.config.shared and self.config.identity == "content":
+            keys = await self._open_to_claim(keys)
         items: list[LeasedItem] = []
         for key in keys:
             _, record = run.open[key]
@@ -900,6 +903,41 @@ class Claimer:
                 return
             chunk, items = items[:size], items[size:]
             await self.claim(chunk)
+
+    async def _open_to_claim(self, keys: list[str]) -> list[str]:
+        """Runners sharing a job, identity ``content``: of this run's open items, those to
+        claim again with the file this run has of each (see :meth:`claim_open`).
+
+        The ledger's row says which file an item is, and another runner may have moved it to
+        another file with its bytes since this run opened it (a listing made again queues one
+        in place of a file that vanished: see ``SharedRun._list_again``). A claim with this
+        run's file would put that one back in its place: a file another runner found gone
+        was leased again to be found gone again, and when the listing had just queued its
+        twin in its place, that twin was never handled (both runners ended, "1 vanished",
+        the file still in the source, the run's exit 0). So only what the ledger has finished
+        (done, dead: a claim leaves those rows as they are, and counts them), or does not hold,
+        is claimed; pending, failed and held items are left to ``claim_waiting``, which leases
+        them as the ledger has them (their file) when due, or once their holder is gone (see
+        ``reap_gone_runners``), not claimed here: a held one may end vanished between this
+        read and a claim, which would put this run's file back in its place. A vanished one
+        whose file is this run's is closed (gone: the listing made again, or the others'
+        counts, say what became of it); one whose file is another (a twin of the one that
+        vanished) is claimed, and waits again as that file."""
+        run, job = self.run, self.config.job
+        states = await run.ledger.states_of(job, keys)
+        kept: list[str] = []
+        for key in keys:
+            state = states.get(key)
+            if state in ("pending", "failed", "running"):
+                continue
+            if state == "vanished":
+                _, rel, *_ = unpack_item(run.open[key][1])
+                found = [i for i in await run.ledger.find_items(job, key) if i.key == key]
+                if not found or os.fsencode(found[0].relpath) == rel:
+                    run.close(key)
+                    continue
+            kept.append(key)
+        return kept
 
     async def claim_twins(self) -> None:
         """Claim, in place of each attempt that vanished (identity ``content``), one of the
