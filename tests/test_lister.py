@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import anyio
 import pytest
 
 from asyncbatch import Batch, Report, TaskContext
-from asyncbatch._ledger import open_ledger
+from asyncbatch._ledger import RunEnd, RunTotals, open_ledger
 from asyncbatch._ledger.postgres_session import PostgresSession
 
 from .conftest import (
@@ -559,3 +560,138 @@ def target_of(batch: Batch) -> int | None:
     run = batch._run
     state = None if run is None else run._state
     return None if state is None else state.listing_target
+
+
+async def test_a_shared_run_takes_the_role_from_a_holder_that_took_it_with_nothing_to_list(
+    inbox: Path, any_state: str
+) -> None:
+    # (Runner D went by listing #1; #1's holder ended (SIGTERM) and gave the role up; D took
+    # the free role and did not list (its listing was complete). Its tenure began after #1
+    # did, and a run E started later neither took the role over nor got a listing: E's new
+    # files waited until D ended.) Here a lists #1 and ends, d (a live runner record) takes the
+    # free role without listing: the run takes it over once d is past the grace a holder about
+    # to list has (d, just after its take, is not taken over), and lists what is there now.
+    ledger = await open_ledger(any_state)
+    try:
+        for owner in ("a", "d"):
+            await ledger.start_runner(
+                run_start(owner, job="default", shared=True, source=str(inbox), ttl=600)
+            )
+        role = await ledger.take_listing("default", "a", 600)
+        assert await ledger.begin_listing("default", "a", role.fence)
+        assert await ledger.end_listing("default", "a", role.fence, 0)
+        end = RunEnd(
+            job="default",
+            owner="a",
+            holds_lock=False,
+            run_id=0,
+            totals=RunTotals(),
+            exit_status="stopped",
+            lister=True,
+        )
+        await ledger.release_runner(end)  # a ended: the role is free (lease_until NULL)
+        taken = await ledger.take_listing("default", "d", 600)
+        assert (taken.owner, taken.fence, taken.generation, taken.complete) == ("d", 2, 1, 1)
+        assert taken.started_at is not None
+        assert taken.since is not None
+        assert taken.since > taken.started_at  # d took it after #1 began, and has not listed
+        # Right after its take, d may be about to list: a run started since does not take the
+        # role from it (one lister per job).
+        later = await ledger.take_listing("default", "e", 600, fresh_since=taken.since)
+        assert (later.owner, later.fence) == ("d", 2)
+    finally:
+        await ledger.close()
+    make_files(inbox, 20)
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+
+    batch = Batch(handle, source=inbox, state=any_state, settle=0, shared=True)
+    with anyio.fail_after(45):  # before: it waited for d to end (its lease: 600 s)
+        report = await batch.run()
+    assert (report.seen, report.done, report.ok) == (20, 20, True), report
+    assert sorted(handled) == sorted(p.name for p in inbox.iterdir())
+    listing = await listing_of(any_state)
+    assert (listing.generation, listing.complete, listing.listed_files) == (2, 2, 20)
+    assert listing.fence == 3  # taken over from d, which held it
+
+
+async def test_a_holder_idle_in_a_tenure_it_took_hands_the_role_over_without_a_warning(
+    inbox: Path, any_state: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # D lists #1 and works on a file; x, a run started after #1 began, takes the role over and
+    # ends without listing (giving it up): D takes the free role back, with nothing to list.
+    # A run E started then takes it from D (which is not about to list) and lists E's files:
+    # D says so as a hand-over (info), not as a role lost for late heartbeats.
+    caplog.set_level(logging.INFO, logger="asyncbatch")
+    make_files(inbox, 1, prefix="old")
+    d_busy, release_d = anyio.Event(), anyio.Event()
+    handled: dict[str, list[str]] = {"d": [], "e": []}
+
+    async def d_handles(ctx: TaskContext) -> None:
+        handled["d"].append(ctx.entry.relpath)
+        d_busy.set()
+        with anyio.fail_after(60):
+            await release_d.wait()
+
+    async def e_handles(ctx: TaskContext) -> None:
+        handled["e"].append(ctx.entry.relpath)
+
+    common: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "shared": True}
+    d = Batch(d_handles, **common, concurrency=1, lease=3)
+    reports: dict[str, Report] = {}
+
+    async def run(name: str, batch: Batch) -> None:
+        reports[name] = await batch.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "d", d)
+        with anyio.fail_after(30):
+            await d_busy.wait()
+        ledger = await open_ledger(any_state)
+        try:
+            await ledger.start_runner(
+                run_start("x", job="default", shared=True, source=str(inbox), ttl=600)
+            )
+            listed = await ledger.listing("default")
+            assert listed is not None
+            assert listed.started_at is not None
+            x = await ledger.take_listing("default", "x", 600, fresh_since=listed.started_at + 1)
+            assert (x.owner, x.fence) == ("x", 2)
+            end = RunEnd(
+                job="default",
+                owner="x",
+                holds_lock=False,
+                run_id=0,
+                totals=RunTotals(),
+                exit_status="stopped",
+                lister=True,
+            )
+            await ledger.release_runner(end)
+        finally:
+            await ledger.close()
+        await until(lambda: holder_is(any_state, fence=3), within=30)  # D took it back
+        # ... idle (it goes by #1): its heartbeat, finding the role gone, says a hand-over.
+        await until(lambda: idle_holder(d), within=30)
+        make_files(inbox, 5, prefix="new")
+        tg.start_soon(run, "e", Batch(e_handles, **common))
+        await until(lambda: listed_twice(any_state), within=45)  # before: not until D ended
+        release_d.set()
+    assert sorted(handled["d"] + handled["e"]) == sorted(p.name for p in inbox.iterdir())
+    assert all(report.ok for report in reports.values()), reports
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "was it suspended" in m], said
+    handed = [m for m in said if "went to a runner started after the last listing" in m]
+    assert handed, said  # to E (to x too, if D's heartbeat came before D took it back)
+
+
+async def holder_is(state: str, *, fence: int) -> bool:
+    role = await listing_of(state)
+    return bool(role.fence == fence and role.lease_until is not None)
+
+
+def idle_holder(batch: Batch) -> bool:
+    run = batch._run
+    state = None if run is None else run._state
+    return state is not None and state.lister_fence == 3 and state.lister_idle

@@ -513,11 +513,14 @@ class Ledger(IdempotencyStore):
         over grows its fence. One transaction: concurrent runners never both take it.
 
         ``fresh_since`` (a ``run()`` that started then, in the caller's clock): the role is
-        handed over to ``owner`` too when its holder is done listing and its listing is too old
-        for ``owner``: the last listing is complete (none under way), a ``run()``'s (with a
-        start), begun by the holder itself (its tenure began at or before that start: not a
-        runner that took the role since, which may be about to list) and before
-        ``fresh_since``. That listing cannot have found the files that settled after it began;
+        handed over to ``owner`` too when the last listing is too old for ``owner`` (a
+        ``run()``'s, with a start, begun before ``fresh_since``) and its holder is neither
+        listing nor about to: it began that listing itself and is done with it (complete, none
+        under way), or it took the role after that listing began and has begun none in the
+        :data:`~asyncbatch._ledger.types.LISTING_GRACE` seconds since (a runner about to list
+        begins at once; one that took the role with nothing to list must not keep a later
+        run waiting until it ends). See :meth:`Listing.stale_for`, evaluated in the ledger's
+        clock. That listing cannot have found the files that settled after it began;
         ``owner`` lists again (see :class:`~asyncbatch._pipeline.shared.SharedRun`).
         """
 

@@ -590,7 +590,7 @@ class PostgresLedger(Ledger):
         fresh = None if fresh_since is None else self._session.server(fresh_since)
 
         async def take(conn: Connection) -> asyncpg.Record | None:
-            await conn.execute(sql.LISTING_TAKE, job, owner, ttl, fresh)
+            await conn.execute(sql.LISTING_TAKE, job, owner, ttl, fresh, t.LISTING_GRACE)
             return await conn.fetchrow(sql.LISTING_GET, job)
 
         found = await self._session.transact(take)

@@ -384,7 +384,8 @@ LISTING_GET = f"SELECT {', '.join(Listing.columns())}, {NOW} AS now FROM listers
 #: The role for $2 for $3 seconds ($1 job), taken if it is free (never held, its lease
 #: expired, or its holder without a live runner record) or renewed if $2 holds it; then read.
 #: $4 (NULL: never): a run()'s start, in the server's clock; the role is handed over to $2
-#: too when its holder is done with a listing too old for it (see Listing.stale_for).
+#: too when its holder is done with a listing too old for it, or took the role after that
+#: one began and has not listed since, more than $5 seconds ago (see Listing.stale_for).
 LISTING_TAKE = f"""
 INSERT INTO listers AS l (job, owner, fence, lease_until, since)
 VALUES ($1, $2, 1, {NOW} + $3::float8, {NOW})
@@ -396,8 +397,9 @@ ON CONFLICT (job) DO UPDATE SET
 WHERE l.owner = excluded.owner OR l.owner IS NULL OR l.lease_until IS NULL
    OR l.lease_until < {NOW}
    OR NOT EXISTS (SELECT 1 FROM runners WHERE owner = l.owner AND expires_at >= {NOW})
-   OR (l.complete > 0 AND l.generation = l.complete AND l.started_at < $4::float8
-       AND l.since <= l.started_at)
+   OR (l.started_at < $4::float8 AND (
+       (l.since <= l.started_at AND l.complete > 0 AND l.generation = l.complete)
+       OR (l.since > l.started_at AND l.since < {NOW} - $5::float8)))
 """
 _HOLDER = "job = $1 AND owner = $2 AND fence = $3"
 #: The channel on which registrations of waiting items are announced (the payload: the

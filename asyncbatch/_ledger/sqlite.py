@@ -312,7 +312,7 @@ def _tx_take_listing(
             or role.lease_until is None
             or role.lease_until < now
             or conn.execute(sql.RUNNER_LIVE, (role.owner, now)).fetchone() is None
-            or (fresh is not None and role.stale_for(fresh))
+            or (fresh is not None and role.stale_for(fresh, now))
         ):
             conn.execute(sql.LISTING_TAKE, claim)
     return t.Listing.from_row(_named(conn, sql.LISTING_GET, (job,))[0])

@@ -19,6 +19,7 @@ __all__ = [
     "JOBLOG_COUNTS",
     "LABELS",
     "LEASE_FIELDS",
+    "LISTING_GRACE",
     "NOT_READY",
     "SAVED_CATEGORIES",
     "STATES",
@@ -71,6 +72,10 @@ Leases = Sequence[tuple[str, int]]
 QueuedRow = tuple[str, bytes, int, int, int, int, str]
 #: Files a row of the ``queued`` table holds at most (see ``Ledger.queue_listed``).
 QUEUED_BATCH: Final = 512
+#: Seconds a runner that took the listing role is taken to be about to list (between its
+#: take and its ``begin_listing``, one transaction apart): until then, a later ``run()``
+#: does not take the role from it (see :meth:`Listing.stale_for`).
+LISTING_GRACE: Final = 5.0
 
 
 def known_range_limit(keys: int) -> int:
@@ -278,21 +283,26 @@ class Listing(RowValue):
         """Whether ``owner`` holds the role at ``now`` (the row's clock)."""
         return self.owner == owner and self.lease_until is not None and self.lease_until >= now
 
-    def stale_for(self, started: float) -> bool:
-        """Whether a ``run()`` that started at ``started`` (the row's clock) cannot go by this
-        role's listings, and may take the role over to list again (see ``Ledger.take_listing``'s
-        ``fresh_since``): its holder is done listing (the last listing is complete, none under
-        way), that listing is a ``run()``'s (it has a start), the holder began it itself (its
-        tenure began no later: not a runner that took the role since, which may be about to
-        list), and it began before ``started`` (it cannot have found what settled since)."""
-        return (
-            self.complete > 0
-            and self.generation == self.complete
-            and self.started_at is not None
-            and self.started_at < started
-            and self.since is not None
-            and self.since <= self.started_at
-        )
+    def stale_for(self, started: float, now: float) -> bool:
+        """Whether a ``run()`` that started at ``started`` cannot go by this role's listings,
+        and may take the role over to list again at ``now`` (both in the row's clock; see
+        ``Ledger.take_listing``'s ``fresh_since``). The last listing is a ``run()``'s (it has
+        a start) and began before ``started`` (it cannot have found what settled since), and
+        its holder is not listing nor about to:
+
+        - it began that listing itself (its tenure began no later) and is done with it (it is
+          complete, none under way); or
+        - it took the role after that listing began (the one under way, if any, is not its
+          own: its holder ended mid-way) and has begun none since, more than
+          :data:`LISTING_GRACE` ago: a holder about to list begins at once, one that has not
+          by then has nothing to list (it goes by that listing), and a later run must not
+          wait for it to end.
+        """
+        if self.started_at is None or self.started_at >= started or self.since is None:
+            return False
+        if self.since <= self.started_at:
+            return self.complete > 0 and self.generation == self.complete
+        return self.since < now - LISTING_GRACE
 
 
 @dataclass(frozen=True, slots=True)

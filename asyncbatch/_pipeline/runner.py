@@ -470,6 +470,10 @@ class Run:
 
     async def _heartbeat(self, state: RunState, run_id: int) -> None:
         cfg = self.config
+        # The local deadline of this runner's leases as the last heartbeat renewed them: a
+        # heartbeat that ends past it came late (the runner was suspended, or its event loop
+        # stalled), and what it finds taken over was taken from a lease that ran out.
+        renewed_until = state.lease_deadline()
         while True:
             await state.until_beat_due(cfg.lease / 4)
             deadline = state.lease_deadline()  # before the call: the lease starts counting then
@@ -486,11 +490,14 @@ class Run:
             self.beat_since = began = time.monotonic()
             renewal = await state.ledger.heartbeat(beat)
             self.beat_since = None
+            late = time.monotonic() > renewed_until
             if beat.lister is not None and not renewal.lister and renewal.alive:
                 state.lose_listing_role()
-                if state.lister_idle:  # handed over, its listing done (see SharedRun)
+                # Handed over to a later run (this runner had nothing left to list: see
+                # SharedRun), not lost for heartbeats that came late.
+                if state.lister_idle and not late:
                     log.info(
-                        "the listing role of job %r went to a runner started after this one's "
+                        "the listing role of job %r went to a runner started after the last "
                         "listing began: it lists the source again",
                         cfg.job,
                     )
@@ -521,6 +528,7 @@ class Run:
                 else:
                     item.lease_deadline = deadline
             self.renewed_at = began  # what it renewed counts from before the call
+            renewed_until = deadline
             if lost:
                 self.counters.leases_lost += lost
                 log.warning(

@@ -192,13 +192,14 @@ class SharedRun:
                 run.listing_target = self.target
             if mine and watching:
                 await self._watch()
-            elif (
-                mine
-                and (self.target is None or role.complete < self.target or lapsed)
-                and not await self._list(role)
-                and self.target is None
-            ):
-                continue  # the role was taken over before the listing began: look again now
+            elif mine and (self.target is None or role.complete < self.target or lapsed):
+                if not await self._list(role) and self.target is None:
+                    continue  # the role was taken over before the listing began: look again
+            elif mine:
+                # Taken (free) with nothing to list: this run goes by a listing complete
+                # already. A run() started after that one began may take the role over
+                # (LISTING_GRACE after the take: see Listing.stale_for), not a loss.
+                run.lister_idle = True
             self._role_seen.set()
             # The heartbeat renews the role meanwhile; a runner without work looks at it too,
             # and says when it is free (its holder ended, or stalled past its lease).
@@ -234,7 +235,7 @@ class SharedRun:
             and target is not None
             and role.complete < target
             and role.owner != self.run.owner
-            and role.stale_for(self.started)
+            and role.stale_for(self.started, self.run.clock())
         )
 
     async def _list(self, role: Listing) -> bool:
