@@ -31,6 +31,7 @@ from .conftest import (
     run_start,
     spawn,
     until,
+    until_settled,
     wait_for,
 )
 from .postgres import pg_query
@@ -695,3 +696,49 @@ def idle_holder(batch: Batch) -> bool:
     run = batch._run
     state = None if run is None else run._state
     return state is not None and state.lister_fence == 3 and state.lister_idle
+
+
+async def test_a_run_that_goes_by_a_later_listing_does_not_count_its_own_unsettled_files(
+    inbox: Path, any_state: str
+) -> None:
+    # A lists 5 settled files and 3 not settled yet; B, started once those settled, lists
+    # again (A's listing began before B started) and finds all 8. A goes by B's listing: the 3
+    # are among its seen (done before, or done), not also "3 files not settled yet" (A said
+    # "8 seen: ...; 3 files not settled yet" of an 8-file inbox).
+    settle = 0.5
+    make_files(inbox, 5)
+    await until_settled(settle, *inbox.iterdir())
+    for i in range(3):
+        (inbox / f"new{i}.txt").write_text(f"new {i}\n")
+    gate = anyio.Event()
+
+    async def slow(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async def quick(ctx: TaskContext) -> None:
+        pass
+
+    reports: dict[str, Report] = {}
+
+    async def run(name: str, handler: Any) -> None:
+        batch = Batch(handler, source=inbox, state=any_state, settle=settle, shared=True)
+        reports[name] = await batch.run()
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "a", slow)
+            await until(lambda: listed(any_state, 1))
+            await until_settled(settle, *inbox.iterdir())
+            tg.start_soon(run, "b", quick)
+            await until(lambda: listed(any_state, 2))
+            gate.set()
+    a, b = reports["a"], reports["b"]
+    assert (a.seen, b.seen) == (8, 8), reports
+    assert a.unsettled == 0, a  # the 3 are seen: counted once
+    assert a.seen == a.seen_accounted() + a.unfinished, a
+    assert a.done + b.done == 8, reports
+
+
+async def listed(state: str, complete: int) -> bool:
+    listing = await listing_of_or_none(state)
+    return listing is not None and listing.complete >= complete

@@ -45,6 +45,7 @@ import anyio
 from .._exceptions import LedgerError
 from .._ledger import Listing
 from .._ledger.types import RunTotals
+from .readiness import count_not_ready
 from .state import RunState, reap_gone_runners
 
 if TYPE_CHECKING:
@@ -123,6 +124,9 @@ class SharedRun:
         self.started = began if given is None else min(given, began)
         #: Whether this is a ``watch()``'s (it never takes the role over from a live holder).
         self._watching = False
+        #: The generation of the listing this run made last (``None``: none, or it goes by
+        #: another runner's since): its scan's counts of files not ready yet are its own.
+        self._listed: int | None = None
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -247,7 +251,7 @@ class SharedRun:
         begun = await run.ledger.begin_listing(cfg.job, run.owner, role.fence)
         if begun is None:
             return False
-        self.target = run.listing_target = begun.generation
+        self.target = run.listing_target = self._listed = begun.generation
         self._role_seen.set()
         records = await claimer.list_ready()
         self._queued_keys = set() if cfg.identity == "content" else None
@@ -495,6 +499,13 @@ class SharedRun:
             self.target = run.listing_target = listing.generation
             return False
         run.listing = listing
+        if self._listed is not None and listing.generation != self._listed:
+            # This run listed, and goes by a later listing another runner made: what its own
+            # scan left out (not settled yet, ...) that one may have found ready, listed and
+            # counted among the seen; its files not ready yet are not this run's to count.
+            count_not_ready(run.counters, {})
+            run.counters.future = 0
+            self._listed = None
         if listing.started_at is not None:  # (a watch's scan: not the files of this run)
             run.counters.seen = max(run.counters.seen, listing.listed_files)
             await _take_up_twins(run, listing)
