@@ -487,6 +487,37 @@ async def listed_twice(state: str) -> bool:
     return bool((await listing_of(state)).complete >= 2)
 
 
+async def listing_by(ledger: Any, inbox: Path, *owners: str, end: bool = True) -> Any:
+    """Live runner records of ``owners`` (default ``a``) for a shared job over ``inbox``; the
+    first takes the listing role and begins a listing of nothing, ended if ``end``. Returns
+    the role as taken."""
+    owners = owners or ("a",)
+    for owner in owners:
+        await ledger.start_runner(
+            run_start(owner, job="default", shared=True, source=str(inbox), ttl=600)
+        )
+    role = await ledger.take_listing("default", owners[0], 600)
+    assert await ledger.begin_listing("default", owners[0], role.fence)
+    if end:
+        assert await ledger.end_listing("default", owners[0], role.fence, 0)
+    return role
+
+
+async def lister_ends(ledger: Any, owner: str) -> None:
+    """The runner record ``owner``, which holds the listing role, ends (stopped): the role is
+    free (its lease_until NULL)."""
+    end = RunEnd(
+        job="default",
+        owner=owner,
+        holds_lock=False,
+        run_id=0,
+        totals=RunTotals(),
+        exit_status="stopped",
+        lister=True,
+    )
+    await ledger.release_runner(end)
+
+
 async def test_a_shared_run_takes_the_role_from_a_live_holder_done_with_an_older_listing(
     inbox: Path, any_state: str
 ) -> None:
@@ -496,11 +527,7 @@ async def test_a_shared_run_takes_the_role_from_a_live_holder_done_with_an_older
     # (no lease to wait out) and lists what is there now.
     ledger = await open_ledger(any_state)
     try:
-        a = run_start("a", job="default", shared=True, source=str(inbox), ttl=600)
-        await ledger.start_runner(a)
-        role = await ledger.take_listing("default", "a", 600)
-        assert await ledger.begin_listing("default", "a", role.fence)
-        assert await ledger.end_listing("default", "a", role.fence, 0)
+        await listing_by(ledger, inbox)
     finally:
         await ledger.close()
     make_files(inbox, 30)
@@ -528,10 +555,7 @@ async def test_a_shared_run_started_during_a_listing_goes_by_the_next_one(
     # share one listing: see the first test).
     ledger = await open_ledger(any_state)
     try:
-        a = run_start("a", job="default", shared=True, source=str(inbox), ttl=600)
-        await ledger.start_runner(a)
-        role = await ledger.take_listing("default", "a", 600)
-        assert await ledger.begin_listing("default", "a", role.fence)
+        role = await listing_by(ledger, inbox, end=False)
         make_files(inbox, 10)
         handled: list[str] = []
 
@@ -574,23 +598,8 @@ async def test_a_shared_run_takes_the_role_from_a_holder_that_took_it_with_nothi
     # to list has (d, just after its take, is not taken over), and lists what is there now.
     ledger = await open_ledger(any_state)
     try:
-        for owner in ("a", "d"):
-            await ledger.start_runner(
-                run_start(owner, job="default", shared=True, source=str(inbox), ttl=600)
-            )
-        role = await ledger.take_listing("default", "a", 600)
-        assert await ledger.begin_listing("default", "a", role.fence)
-        assert await ledger.end_listing("default", "a", role.fence, 0)
-        end = RunEnd(
-            job="default",
-            owner="a",
-            holds_lock=False,
-            run_id=0,
-            totals=RunTotals(),
-            exit_status="stopped",
-            lister=True,
-        )
-        await ledger.release_runner(end)  # a ended: the role is free (lease_until NULL)
+        await listing_by(ledger, inbox, "a", "d")
+        await lister_ends(ledger, "a")  # a ended: the role is free (lease_until NULL)
         taken = await ledger.take_listing("default", "d", 600)
         assert (taken.owner, taken.fence, taken.generation, taken.complete) == ("d", 2, 1, 1)
         assert taken.started_at is not None
@@ -660,16 +669,7 @@ async def test_a_holder_idle_in_a_tenure_it_took_hands_the_role_over_without_a_w
             assert listed.started_at is not None
             x = await ledger.take_listing("default", "x", 600, fresh_since=listed.started_at + 1)
             assert (x.owner, x.fence) == ("x", 2)
-            end = RunEnd(
-                job="default",
-                owner="x",
-                holds_lock=False,
-                run_id=0,
-                totals=RunTotals(),
-                exit_status="stopped",
-                lister=True,
-            )
-            await ledger.release_runner(end)
+            await lister_ends(ledger, "x")
         finally:
             await ledger.close()
         await until(lambda: holder_is(any_state, fence=3), within=30)  # D took it back
