@@ -24,6 +24,7 @@ from asyncbatch._ledger import Heartbeat, RunEnd, RunTotals, sqlite_sql
 from asyncbatch._ledger.base import decode_twins, encode_twins
 from asyncbatch._ledger.sqlite import SQLiteLedger, _fenced_group
 from asyncbatch._ledger.sqlite_open import check_state_path
+from asyncbatch._ledger.types import NOT_READY_KEPT, decode_not_ready, encode_not_ready
 from asyncbatch._procinfo import this_process
 
 from .conftest import rows, run_start
@@ -309,6 +310,7 @@ async def test_a_ledger_of_schema_7_gets_the_claim_order_index(state: Path) -> N
     db.execute("DROP TABLE queued")  # (schema 8's)
     db.execute("DROP INDEX forgotten_at")  # (the newest migration's)
     db.execute("ALTER TABLE listers DROP COLUMN twins")  # (the same)
+    db.execute("ALTER TABLE listers DROP COLUMN not_ready")  # (schema 11's)
     db.execute("PRAGMA user_version = 7")
     db.commit()
     db.close()
@@ -414,3 +416,30 @@ def test_twins_the_listing_did_not_write_read_as_none(stored: str | None) -> Non
 def test_twins_read_back_as_written() -> None:
     assert encode_twins({}) is None
     assert decode_twins(encode_twins({"k1": 1, "k2": 3})) == {"k1": 1, "k2": 3}
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        None,
+        "",
+        "not json",
+        "[1, 2]",
+        '{"unsettled": "two"}',
+        '{"unsettled": true}',
+        '{"unsettled": -1}',
+        '{"other": 3}',
+    ],
+)
+def test_files_not_ready_the_listing_did_not_write_read_as_none(stored: str | None) -> None:
+    # A value this code did not write counts no file not ready yet: less said, never more.
+    assert decode_not_ready(stored) == dict.fromkeys(NOT_READY_KEPT, 0)
+
+
+def test_files_not_ready_read_back_as_written() -> None:
+    assert encode_not_ready({}) is None
+    assert encode_not_ready({"unsettled": 0, "too_old": 0}) is None
+    left = {"unsettled": 3, "future": 2, "unmarked": 1}
+    assert decode_not_ready(encode_not_ready(left)) == {**dict.fromkeys(NOT_READY_KEPT, 0), **left}
+    # Of the unsettled, never more ahead of the clock than there are.
+    assert decode_not_ready('{"unsettled": 1, "future": 4}')["future"] == 1

@@ -2396,6 +2396,7 @@ async def test_a_ledger_of_schema_9_keeps_its_log_and_gets_the_prunes_index(stor
     assert await forgotten_at_index(store) == [("forgotten_at",)]
     await store.fetch("DROP INDEX forgotten_at")
     await store.fetch("ALTER TABLE listers DROP COLUMN twins")
+    await store.fetch("ALTER TABLE listers DROP COLUMN not_ready")  # (schema 11's)
     await store.set_schema_version(9)
     async with await store.open() as ledger:
         seq, names = await ledger.forgotten_since("j", start)
@@ -2430,6 +2431,69 @@ async def test_a_listing_keeps_its_twins_until_the_next_one_is_complete(store: S
         assert second is not None
         assert await ledger.listing_twins("j", first.complete) == {}
         assert await ledger.listing_twins("j", second.complete) == {}
+
+
+#: The counts of a listing's files not ready yet (``Listing.not_ready_counts``).
+_NOT_READY = ("unsettled", "unstable", "unmarked", "dir_unmarked", "too_small", "too_old", "future")
+
+
+def not_ready(**counts: int) -> dict[str, int]:
+    """What ``Listing.not_ready_counts`` reads: every count, 0 unless given."""
+    return {name: counts.get(name, 0) for name in _NOT_READY}
+
+
+async def test_a_listing_keeps_its_files_not_ready_until_the_next_one_is_complete(
+    store: Store,
+) -> None:
+    # What a listing left out as not ready yet goes with it: a runner that goes by another
+    # runner's listing reports those files too (it said nothing of them).
+    left = {"unsettled": 3, "future": 1, "unmarked": 2, "too_old": 1}
+    async with await store.open() as ledger:
+        role = await ledger.take_listing("j", "lister", 60)
+        await ledger.begin_listing("j", "lister", role.fence)
+        assert await ledger.end_listing("j", "lister", role.fence, 5, not_ready=left)
+        first = await ledger.listing("j")
+        assert first is not None
+        assert first.not_ready_counts() == not_ready(**left)
+        # Kept while the next listing is under way (the runners still go by this one).
+        await ledger.begin_listing("j", "lister", role.fence)
+        under_way = await ledger.listing("j")
+        assert under_way is not None
+        assert under_way.not_ready_counts() == not_ready(**left)
+        assert await ledger.end_listing("j", "lister", role.fence, 8)
+        second = await ledger.listing("j")
+        assert second is not None
+        assert second.not_ready_counts() == not_ready()
+        assert await ledger.end_listing("j", "lister", role.fence, 8, not_ready={"too_small": 2})
+        third = await ledger.listing("j")
+        assert third is not None
+        assert third.not_ready_counts() == not_ready(too_small=2)
+
+
+async def test_a_ledger_of_schema_10_keeps_its_listing_and_gets_its_files_not_ready(
+    store: Store,
+) -> None:
+    async with await store.open() as ledger:
+        role = await ledger.take_listing("j", "lister", 60)
+        await ledger.begin_listing("j", "lister", role.fence)
+        assert await ledger.end_listing("j", "lister", role.fence, 4, twins={"k": 1})
+        await ledger.begin_listing("j", "lister", role.fence)  # under way at the upgrade
+    await store.fetch("ALTER TABLE listers DROP COLUMN not_ready")
+    await store.set_schema_version(10)
+    with pytest.raises(SchemaVersionError, match="schema version 10, older than"):
+        await store.open(create=False)  # (the other commands: until a run upgrades it)
+    async with await store.open() as ledger:
+        before = await ledger.listing("j")
+        assert before is not None
+        assert (before.complete, before.listed_files) == (1, 4)
+        assert before.not_ready_counts() == not_ready()  # not recorded then: none said
+        assert await ledger.listing_twins("j", 1) == {"k": 1}
+        # The listing begun before the upgrade ends with its files not ready yet.
+        assert await ledger.end_listing("j", "lister", role.fence, 6, not_ready={"unsettled": 2})
+        after = await ledger.listing("j")
+        assert after is not None
+        assert (after.complete, after.not_ready_counts()) == (2, not_ready(unsettled=2))
+    assert await _schema_version(store) == store.schema_version
 
 
 # -- the listing role ----------------------------------------------------------------------------
@@ -2793,6 +2857,7 @@ async def _as_the_schema_before_the_queue(store: Store) -> None:
     await store.fetch("DROP TABLE queued")
     await store.fetch("DROP INDEX forgotten_at")  # (the newest migration's)
     await store.fetch("ALTER TABLE listers DROP COLUMN twins")  # (the same)
+    await store.fetch("ALTER TABLE listers DROP COLUMN not_ready")  # (schema 11's)
     if isinstance(store, SqliteStore):
         await store.set_schema_version(8)
     else:  # the schema as version 7 left it (8 added a column of the listing role's)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from asyncbatch import Batch, Report, TaskContext
 from asyncbatch._ledger import RunEnd, RunTotals, open_ledger
@@ -742,3 +744,86 @@ async def test_a_run_that_goes_by_a_later_listing_does_not_count_its_own_unsettl
 async def listed(state: str, complete: int) -> bool:
     listing = await listing_of_or_none(state)
     return listing is not None and listing.complete >= complete
+
+
+def took_up_the_listing(batch: Batch) -> bool:
+    """Whether the shared ``batch``, running, counts a complete listing (its own or another's)."""
+    stats = batch.statistics()
+    return stats is not None and stats.scanned
+
+
+def unsettled_gauge(batch: Batch) -> float | None:
+    """The batch's ``/metrics`` gauge of files not settled yet (``None``: not running)."""
+    if batch._observe() is None:
+        return None
+    text = prometheus_client.generate_latest(batch.metrics_registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "asyncbatch_files_unsettled":
+                return float(sample.value)
+    return None
+
+
+async def test_every_runner_that_goes_by_a_listing_reports_the_files_it_found_not_ready(
+    inbox: Path, any_state: str
+) -> None:
+    # Two runners started together go by one listing. It finds 5 files ready, 3 not settled
+    # yet (changed at a time ahead of the clock: they stay so while the test runs) and 1
+    # smaller than min-size. The runner that did not list said nothing of the 4: its report,
+    # its history row (what `status` says the last run left in the source) and its /metrics
+    # gauge claimed an inbox of 5 files; only the lister's said "3 files not settled yet".
+    make_files(inbox, 5)
+    ahead = time.time() + 3600
+    for i in range(3):
+        path = inbox / f"ahead{i}.txt"
+        path.write_text(f"ahead {i}\n")
+        os.utime(path, (ahead, ahead))
+    (inbox / "small.txt").write_bytes(b"x")
+    os.utime(inbox / "small.txt", (time.time() - 30,) * 2)
+    gate = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    batches = {
+        name: Batch(
+            handle,
+            source=inbox,
+            state=any_state,
+            settle=0,
+            shared=True,
+            ready=["age", "min-size:4"],
+            metrics=True,
+        )
+        for name in ("a", "b")
+    }
+    reports: dict[str, Report] = {}
+
+    async def run(name: str) -> None:
+        reports[name] = await batches[name].run()
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            for name in batches:
+                tg.start_soon(run, name)
+            # Under way, once each took the listing up, its live counts (its heartbeat's,
+            # /metrics) count them.
+            await until(lambda: all(took_up_the_listing(b) for b in batches.values()))
+            gauges = {name: unsettled_gauge(b) for name, b in batches.items()}
+            gate.set()
+    assert gauges == {"a": 3, "b": 3}
+    listing = await listing_of(any_state)
+    assert (listing.generation, listing.complete, listing.listed_files) == (1, 1, 5)
+    for report in reports.values():
+        assert report.seen == 5, reports
+        assert (report.unsettled, report.future, report.too_small) == (3, 3, 1), reports
+        assert "3 files not settled yet (3 changed at a time ahead" in str(report), report
+    assert sum(report.done for report in reports.values()) == 5, reports
+    ledger = await open_ledger(any_state, create=False)
+    try:
+        runs = await ledger.runs("default")
+    finally:
+        await ledger.close()
+    assert [(r.totals.unsettled, r.totals.too_small) for r in runs] == [(3, 1), (3, 1)], runs
+    status = cli("status", "--state", any_state, env={"COLUMNS": "300"})
+    assert "3 not settled yet (taken once they settle)" in status.stdout, status.stdout

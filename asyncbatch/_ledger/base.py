@@ -596,12 +596,15 @@ class Ledger(IdempotencyStore):
         done: int = 0,
         dead: int = 0,
         twins: Mapping[str, int] | None = None,
+        not_ready: Mapping[str, int] | None = None,
     ) -> bool:
         """Mark the listing begun last complete (``files`` found, every one registered but
         ``done`` and ``dead`` ones, counted into its ``found_done`` and ``found_dead``: files
         the ledger had finished that rules given since do not hold for, never taken again;
         and ``twins``, by key, the files not queued for having the bytes of one that was: see
-        :meth:`listing_twins`); ``False`` when ``owner`` no longer holds the role under
+        :meth:`listing_twins`; ``not_ready``, the files it left out as not ready yet, by
+        count of :class:`RunTotals`, and ``future``: kept as :attr:`Listing.not_ready` until
+        the next listing is complete); ``False`` when ``owner`` no longer holds the role under
         ``fence``."""
 
     @abc.abstractmethod

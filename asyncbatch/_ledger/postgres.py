@@ -646,9 +646,11 @@ class PostgresLedger(Ledger):
         done: int = 0,
         dead: int = 0,
         twins: Mapping[str, int] | None = None,
+        not_ready: Mapping[str, int] | None = None,
     ) -> bool:
         async def end(conn: Connection) -> bool:
-            params = (job, owner, fence, files, done, dead, encode_twins(twins))
+            found = (done, dead, encode_twins(twins), t.encode_not_ready(not_ready))
+            params = (job, owner, fence, files, *found)
             return await conn.fetchval(sql.LISTING_END, *params) is not None
 
         return await self._session.transact(end, one=True)

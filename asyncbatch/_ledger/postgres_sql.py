@@ -40,7 +40,7 @@ from .types import (
 )
 
 #: The schema version this code writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 10
+SCHEMA_VERSION: Final = 11
 #: ``meta.application``: marks a schema as an asyncbatch ledger.
 APPLICATION: Final = "asyncbatch"
 
@@ -237,6 +237,9 @@ CREATE INDEX queued_job ON queued (job, seq);
     # with the bytes of another it queued (identity "content": one item), by key, for the
     # shared runs' reports.
     9: "CREATE INDEX forgotten_at ON forgotten (at);\nALTER TABLE listers ADD COLUMN twins text;\n",
+    # The files the last complete listing left out as not ready yet, by count (see
+    # Listing.not_ready): a runner that goes by another's listing reports them too.
+    10: "ALTER TABLE listers ADD COLUMN not_ready text;\n",
 }
 
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
@@ -508,10 +511,11 @@ NOTIFY_REGISTERED = (
 #: The ledger's schema (what NOTIFY_REGISTERED names).
 CURRENT_SCHEMA = "SELECT current_schema()"
 #: Mark the listing complete: $4 files found, $5 done and $6 dead of them not registered, $7
-#: its twins (see LISTING_TWINS).
+#: its twins (see LISTING_TWINS), $8 the files it left out not ready yet (Listing.not_ready).
 LISTING_END = f"""
 UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4,
-                   found_done = found_done + $5, found_dead = found_dead + $6, twins = $7
+                   found_done = found_done + $5, found_dead = found_dead + $6, twins = $7,
+                   not_ready = $8
 WHERE {_HOLDER}
 RETURNING job
 """

@@ -874,10 +874,12 @@ class SQLiteLedger(Ledger):
         done: int = 0,
         dead: int = 0,
         twins: Mapping[str, int] | None = None,
+        not_ready: Mapping[str, int] | None = None,
     ) -> bool:
         def end(conn: sqlite3.Connection, now: float) -> bool:
             holder = {"job": job, "owner": owner, "fence": fence, "now": now}
             counts = {"files": files, "done": done, "dead": dead, "twins": encode_twins(twins)}
+            counts["not_ready"] = t.encode_not_ready(not_ready)
             return conn.execute(sql.LISTING_END, {**holder, **counts}).rowcount == 1
 
         return await self._transact(end, self.clock())

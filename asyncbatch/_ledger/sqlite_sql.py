@@ -31,7 +31,7 @@ from .types import (
 #: ``PRAGMA application_id`` of an asyncbatch ledger ("ABCH").
 APPLICATION_ID: Final = 0x41424348
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 10
+SCHEMA_VERSION: Final = 11
 
 # Forward migrations: MIGRATIONS[v] takes a ledger from version v to v + 1.
 MIGRATIONS: Final[dict[int, str]] = {
@@ -221,6 +221,9 @@ CREATE INDEX queued_job ON queued (job, seq);
     # the whole log at every entry); the files of a listing with the bytes of another it
     # queued (identity "content": one item), by key, for the shared runs' reports.
     9: "CREATE INDEX forgotten_at ON forgotten (at);\nALTER TABLE listers ADD COLUMN twins TEXT;\n",
+    # The files the last complete listing left out as not ready yet, by count (see
+    # Listing.not_ready): a runner that goes by another's listing reports them too.
+    10: "ALTER TABLE listers ADD COLUMN not_ready TEXT;\n",
 }
 
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
@@ -318,7 +321,7 @@ WHERE {_HOLDER}
 LISTING_END = f"""
 UPDATE listers SET complete = generation, listed_at = :now, listed_files = :files,
                    found_done = found_done + :done, found_dead = found_dead + :dead,
-                   twins = :twins
+                   twins = :twins, not_ready = :not_ready
 WHERE {_HOLDER}
 """
 #: The files of the complete listing numbered ?2 (no row when it is not the last complete

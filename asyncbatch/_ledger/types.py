@@ -6,7 +6,7 @@ import dataclasses
 import json
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, NamedTuple
 
@@ -21,6 +21,7 @@ __all__ = [
     "LEASE_FIELDS",
     "LISTING_GRACE",
     "NOT_READY",
+    "NOT_READY_KEPT",
     "SAVED_CATEGORIES",
     "STATES",
     "TOTALS",
@@ -52,6 +53,8 @@ __all__ = [
     "StoredResponse",
     "TimeField",
     "UnstoredReason",
+    "decode_not_ready",
+    "encode_not_ready",
     "iso_time",
     "pack_queued",
     "totals_since",
@@ -263,6 +266,9 @@ class Listing(RowValue):
     ``complete`` ended and ``listed_files`` how many files that one found (what ``status``
     says of the last listing while the next is under way). ``registered`` counts the waiting
     items listings registered (it grows: a runner that waits for work watches it).
+    ``not_ready`` is what listing ``complete`` left out as not ready yet, as
+    :func:`encode_not_ready` stored it (``None``: nothing, or a watch's scan): read it with
+    :meth:`not_ready_counts`; every runner that goes by that listing reports those files.
     """
 
     job: str
@@ -278,6 +284,13 @@ class Listing(RowValue):
     found_done: int
     found_dead: int
     registered: int
+    not_ready: str | None = None
+
+    def not_ready_counts(self) -> dict[str, int]:
+        """The files listing ``complete`` left out as not ready yet, by count of
+        :class:`RunTotals` (``unsettled``, ``unmarked``, ...; ``future``: of the unsettled,
+        those changed at a time ahead of the clock): see :func:`decode_not_ready`."""
+        return decode_not_ready(self.not_ready)
 
     def held_by(self, owner: str, now: float) -> bool:
         """Whether ``owner`` holds the role at ``now`` (the row's clock)."""
@@ -475,6 +488,37 @@ LABELS: Final = {f.name: str(f.metadata["label"]) for f in fields(RunTotals)}
 NOT_READY: Final = {
     str(f.metadata["rule"]): f.name for f in fields(RunTotals) if f.metadata["rule"]
 }
+
+
+#: What :attr:`Listing.not_ready` counts: the counts of files not ready yet, and ``future``.
+NOT_READY_KEPT: Final = (*NOT_READY.values(), "future")
+
+
+def encode_not_ready(counts: Mapping[str, int] | None) -> str | None:
+    """A listing's files not ready yet (by count of :data:`NOT_READY_KEPT`) as stored: a JSON
+    object of the counts that are not 0, or ``None`` for none."""
+    kept = {name: n for name, n in (counts or {}).items() if name in NOT_READY_KEPT and n > 0}
+    return json.dumps(kept, separators=(",", ":")) if kept else None
+
+
+def decode_not_ready(text: str | None) -> dict[str, int]:
+    """A listing's files not ready yet as :func:`encode_not_ready` stored them, every count of
+    :data:`NOT_READY_KEPT` (0 when it is not there). A value it did not write (``NULL``, not
+    an object of counts) counts none: less said, never more."""
+    counts = dict.fromkeys(NOT_READY_KEPT, 0)
+    if not text:
+        return counts
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return counts
+    if not isinstance(found, dict):
+        return counts
+    for name, n in found.items():
+        if name in counts and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            counts[name] = n
+    counts["future"] = min(counts["future"], counts["unsettled"])
+    return counts
 
 
 def totals_since(version: int) -> tuple[str, ...]:

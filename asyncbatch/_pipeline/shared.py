@@ -25,9 +25,11 @@ which a ``run()`` beside it goes by: the first to begin after the run looked at 
 The report of a shared run counts the job's listing: ``seen`` is the files it found; this
 runner's own outcomes count as usual, and ``done_before`` (``dead_before``) the rest of those
 the ledger had finished when they were listed and those other runners finished since, each
-file once (see :func:`shared_report`). A run under way counts it the same way in what it says
-of itself (statistics, metrics, its heartbeat's counts), from what it last read of the role
-and without counting the job's items (see :func:`live_totals`).
+file once; its files not ready yet (not settled yet, ...) are those the listing left out,
+whichever runner made it (``Listing.not_ready``; see :func:`shared_report`). A run under way
+counts it the same way in what it says of itself (statistics, metrics, its heartbeat's
+counts), from what it last read of the role and without counting the job's items (see
+:func:`live_totals`).
 
 Made per run by the claimer; nothing here outlives it.
 """
@@ -44,8 +46,8 @@ import anyio
 
 from .._exceptions import LedgerError
 from .._ledger import Listing
-from .._ledger.types import RunTotals
-from .readiness import count_not_ready
+from .._ledger.types import NOT_READY, NOT_READY_KEPT, RunTotals
+from .._report import Counters
 from .state import RunState, reap_gone_runners
 
 if TYPE_CHECKING:
@@ -124,9 +126,6 @@ class SharedRun:
         self.started = began if given is None else min(given, began)
         #: Whether this is a ``watch()``'s (it never takes the role over from a live holder).
         self._watching = False
-        #: The generation of the listing this run made last (``None``: none, or it goes by
-        #: another runner's since): its scan's counts of files not ready yet are its own.
-        self._listed: int | None = None
 
     # -- the two modes ---------------------------------------------------------------------------
 
@@ -251,7 +250,7 @@ class SharedRun:
         begun = await run.ledger.begin_listing(cfg.job, run.owner, role.fence)
         if begun is None:
             return False
-        self.target = run.listing_target = self._listed = begun.generation
+        self.target = run.listing_target = begun.generation
         self._role_seen.set()
         records = await claimer.list_ready()
         self._queued_keys = set() if cfg.identity == "content" else None
@@ -267,8 +266,19 @@ class SharedRun:
         finished = claimer.finished_unready
         done, dead = finished.get("done", 0), finished.get("dead", 0)
         files = len(records) + done + dead
+        # What it left out as not ready yet goes with the listing: every runner that goes by
+        # it reports those files (see count_listing), not this one alone.
+        counters = run.counters
+        not_ready = {name: getattr(counters, name) for name in NOT_READY_KEPT}
         if await run.ledger.end_listing(
-            cfg.job, run.owner, role.fence, files, done=done, dead=dead, twins=twins
+            cfg.job,
+            run.owner,
+            role.fence,
+            files,
+            done=done,
+            dead=dead,
+            twins=twins,
+            not_ready=not_ready,
         ):
             log.info("listed %d files for the runners of job %r", len(records), cfg.job)
             run.lister_idle = True  # a run() started from now on may take the role over
@@ -499,13 +509,6 @@ class SharedRun:
             self.target = run.listing_target = listing.generation
             return False
         run.listing = listing
-        if self._listed is not None and listing.generation != self._listed:
-            # This run listed, and goes by a later listing another runner made: what its own
-            # scan left out (not settled yet, ...) that one may have found ready, listed and
-            # counted among the seen; its files not ready yet are not this run's to count.
-            count_not_ready(run.counters, {})
-            run.counters.future = 0
-            self._listed = None
         if listing.started_at is not None:  # (a watch's scan: not the files of this run)
             run.counters.seen = max(run.counters.seen, listing.listed_files)
             await _take_up_twins(run, listing)
@@ -594,9 +597,11 @@ def count_listing(
     files not queued for the bytes of one it queued (identity ``content``, see
     :func:`finished_twins`): done (dead) before when their item is, else unfinished (``seen``
     has room for them); ``unlisted``, files this run counted vanished before the listing
-    began (``RunState.unlisted``), are seen too. Without a listing
+    began (``RunState.unlisted``), are seen too. The counts of files not ready yet (and
+    ``future``, of a run's counters) are what ``listing`` left out (``Listing.not_ready``),
+    not what this run's own scan did when it listed before. Without a listing
     (``None``: none complete yet, or a watch's lister), ``seen`` is at least what the
-    categories add up to.
+    categories add up to, and the files not ready yet are the run's own.
 
     The run's own categories first; what the listing found finished and what the others
     finished since it began next, within what is left of ``seen``: a file is counted by both
@@ -609,6 +614,14 @@ def count_listing(
     if listing is None or listing.started_at is None:
         t.seen = max(t.seen, t.seen_accounted())
         return
+    # The files not ready yet are the listing's too (whoever made it): what this run's own
+    # scan left out, when it listed before, a later listing may have found ready and counted
+    # among the seen (an 8-file inbox read "8 seen; 3 files not settled yet").
+    not_ready = listing.not_ready_counts()
+    for name in NOT_READY.values():
+        setattr(t, name, not_ready[name])
+    if isinstance(t, Counters):  # (the report's: of the unsettled, those ahead of the clock)
+        t.future = not_ready["future"]
     t.done_before = t.dead_before = 0
     if running is not None:
         t.held = 0
