@@ -783,8 +783,8 @@ def test_a_lister_suspended_mid_listing_past_its_lease_stops_listing_once_it_res
     procs = [a]
     held: list[int] = []  # the gates the test holds open (for writing): open for the runners
     try:
-        # A holds the role, its listing #1 registered (queued) and not ended; its one worker
-        # waits at its gate with the file it took.
+        # A holds the role, its listing #1 registered (queued) and not ended; what it takes
+        # waits at its gate.
         wait_for(lambda: listers(any_state)[1:] == (1, 1, 0, files), timeout=60)
         b = spawn_logged(
             tmp_path / "b",
@@ -812,30 +812,33 @@ def test_a_lister_suspended_mid_listing_past_its_lease_stops_listing_once_it_res
         a.send_signal(signal.SIGCONT)
         wait_for(lambda: "the listing role of job" in a.err_text(), timeout=60)
         held.append(os.open(gates["b"], os.O_RDWR))
-        results = {name: p.finish(timeout=120) for name, p in (("a", a), ("b", b))}
+        results = {p.pid: p.finish(timeout=120) for p in (a, b)}
     finally:
         for proc in procs:
             proc.stop()
         for fd in held:
             os.close(fd)
-    for name, (code, out, err) in results.items():
+    for pid, (code, out, err) in results.items():
+        name = "a" if pid == a.pid else "b"
         assert code == 0, (name, out, err)
         assert "Traceback" not in err, (name, err)
         counts = assert_adds_up(out)
         assert report_counts(out)[0] == files, (name, out)
         assert set(counts) <= {"done", "done before"}, (name, out)
-    a_err = results["a"][2]
+    a_err = results[a.pid][2]
     late = [line for line in a_err.splitlines() if "was taken over by another runner" in line]
     assert len(late) == 1, a_err  # said once: it stopped listing, its role given up
     assert "heartbeats came late: was it suspended?" in late[0], a_err
     assert "went to a runner started after the last listing began" not in a_err, a_err
     assert "listed" not in a_err, a_err  # its listing #1 never ended: B's #2 is the job's
-    assert f"listed {files} files for the runners" in results["b"][2], results["b"][2]
+    assert f"listed {files} files for the runners" in results[b.pid][2], results[b.pid][2]
     calls_made = invocations(calls)
     assert set(calls_made) == {p.name for p in inbox.iterdir()}
     assert max(calls_made.values()) == 1, calls_made
-    done = [report_counts(out)[1].get("done", 0) for _, out, _ in results.values()]
-    assert sum(done) == files, results
+    done = {pid: report_counts(out)[1].get("done", 0) for pid, (_, out, _) in results.items()}
+    assert sum(done.values()) == files, results
+    history = ledger_rows(any_state, "SELECT pid, done, exit_status FROM runs")
+    assert sorted(history) == sorted((pid, n, "ok") for pid, n in done.items()), history
     shown = status_json(any_state)
     assert {k: v for k, v in shown["counts"].items() if v} == {"done": files}, shown
     listing = shown["listing"]
