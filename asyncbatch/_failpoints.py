@@ -47,6 +47,7 @@ __all__ = [
 #: Every failpoint, and where it is.
 POINTS: Final = {
     "after-claim": "a claim's transaction committed, its items not yet queued",
+    "listing-registered": "a shared run's listing registered its files, not ended yet",
     "in-handler": "a handler is about to be called",
     "output-temp-written": "ctx.write_output: the temp file is written and fsynced",
     "output-replaced": "ctx.write_output: the temp file replaced the target",

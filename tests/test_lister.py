@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -29,14 +30,17 @@ from .conftest import (
     cli,
     invocations,
     kill,
+    ledger_rows,
     make_files,
     run_start,
+    settled_now,
     spawn,
     until,
     until_settled,
     wait_for,
 )
 from .postgres import pg_query
+from .test_sharing import assert_adds_up, report_counts
 
 RECORD_PID = f"{HANDLERS}:record_pid"
 
@@ -827,3 +831,208 @@ async def test_every_runner_that_goes_by_a_listing_reports_the_files_it_found_no
     assert [(r.totals.unsettled, r.totals.too_small) for r in runs] == [(3, 1), (3, 1)], runs
     status = cli("status", "--state", any_state, env={"COLUMNS": "300"})
     assert "3 not settled yet (taken once they settle)" in status.stdout, status.stdout
+
+
+def test_a_lister_suspended_mid_listing_past_its_lease_stops_listing_once_it_resumes(
+    inbox: Path, any_state: str, tmp_path: Path
+) -> None:
+    # A lists the job and is held mid-listing (its files registered, its listing not ended:
+    # the failpoint), then SIGSTOPped past its lease; B, busy with files of A's listing (so it
+    # does not reap A's runner record meanwhile), takes the role over and lists again. A,
+    # resumed, finds its role gone at its first heartbeat: it says so (a warning: its
+    # heartbeats came late, not a hand-over), stops listing, and both end with every file
+    # done once.
+    files = 12
+    make_files(inbox, files)
+    calls = tmp_path / "calls.log"
+    gates = {name: tmp_path / f"gate-{name}" for name in ("a", "b")}
+    for gate in gates.values():
+        os.mkfifo(gate)
+    common = (
+        *("--source", inbox, "--state", any_state, "--shared", "--lease", "3"),
+        *("--log-level", "INFO"),  # a hand-over is said at INFO, and so is a listing's end
+    )
+    a = spawn_logged(
+        tmp_path / "a",
+        "run",
+        f"{HANDLERS}:record",
+        *common,
+        "-j",
+        "1",
+        env={
+            "AB_LOG": str(calls),
+            "AB_GATE": str(gates["a"]),
+            "ASYNCBATCH_FAILPOINTS": "listing-registered=sleep(600)",
+        },
+    )
+    procs = [a]
+    held: list[int] = []  # the gates the test holds open (for writing): open for the runners
+    try:
+        # A holds the role, its listing #1 registered (queued) and not ended; what it takes
+        # waits at its gate.
+        wait_for(lambda: listers(any_state)[1:] == (1, 1, 0, files), timeout=60)
+        b = spawn_logged(
+            tmp_path / "b",
+            "run",
+            f"{HANDLERS}:record",
+            *common,
+            "-j",
+            "4",
+            env={"AB_LOG": str(calls), "AB_GATE": str(gates["b"])},
+        )
+        procs.append(b)
+        # B took what A left queued: every file is leased, some of them to B.
+        wait_for(lambda: queued_files(any_state) == 0 and running_by(any_state, b.pid) > 0, 60)
+        held.append(os.open(gates["a"], os.O_RDWR))  # A handles its files, and has none left
+        wait_for(lambda: running_by(any_state, a.pid) == 0, timeout=60)
+        assert len(invocations(calls)) == files - running_by(any_state, b.pid)
+        a_owner = owner_of(any_state, a.pid)
+        suspend(a, any_state)
+        # ... mid-listing: its listing #1 is not complete, it holds the role.
+        assert listers(any_state) == (a_owner, 1, 1, 0, files)
+        b_owner = owner_of(any_state, b.pid)
+        # Past A's lease B takes the role over (B has files in flight: it reaps no runner
+        # record meanwhile) and lists the job again.
+        wait_for(lambda: listers(any_state)[:4] == (b_owner, 2, 2, 2), timeout=60)
+        a.send_signal(signal.SIGCONT)
+        wait_for(lambda: "the listing role of job" in a.err_text(), timeout=60)
+        held.append(os.open(gates["b"], os.O_RDWR))
+        results = {p.pid: p.finish(timeout=120) for p in (a, b)}
+    finally:
+        for proc in procs:
+            proc.stop()
+        for fd in held:
+            os.close(fd)
+    for pid, (code, out, err) in results.items():
+        name = "a" if pid == a.pid else "b"
+        assert code == 0, (name, out, err)
+        assert "Traceback" not in err, (name, err)
+        counts = assert_adds_up(out)
+        assert report_counts(out)[0] == files, (name, out)
+        assert set(counts) <= {"done", "done before"}, (name, out)
+    a_err = results[a.pid][2]
+    late = [line for line in a_err.splitlines() if "was taken over by another runner" in line]
+    assert len(late) == 1, a_err  # said once: it stopped listing, its role given up
+    assert "heartbeats came late: was it suspended?" in late[0], a_err
+    assert "went to a runner started after the last listing began" not in a_err, a_err
+    assert "listed" not in a_err, a_err  # its listing #1 never ended: B's #2 is the job's
+    assert f"listed {files} files for the runners" in results[b.pid][2], results[b.pid][2]
+    calls_made = invocations(calls)
+    assert set(calls_made) == {p.name for p in inbox.iterdir()}
+    assert max(calls_made.values()) == 1, calls_made
+    done = {pid: report_counts(out)[1].get("done", 0) for pid, (_, out, _) in results.items()}
+    assert sum(done.values()) == files, results
+    history = ledger_rows(any_state, "SELECT pid, done, exit_status FROM runs")
+    assert sorted(history) == sorted((pid, n, "ok") for pid, n in done.items()), history
+    shown = status_json(any_state)
+    assert {k: v for k, v in shown["counts"].items() if v} == {"done": files}, shown
+    listing = shown["listing"]
+    assert (listing["generation"], listing["complete"]) == (2, 2), listing
+
+
+class Logged:
+    """A CLI spawned with its output in files: what it said so far can be read while it
+    runs (a pipe is read only once it ends)."""
+
+    def __init__(self, base: Path, args: tuple[Any, ...], env: dict[str, str]) -> None:
+        self.out_path, self.err_path = base.with_suffix(".out"), base.with_suffix(".err")
+        with self.out_path.open("w") as out, self.err_path.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "asyncbatch", *settled_now(args)],
+                env={**os.environ, **WARNINGS_FAIL, **env},
+                stdout=out,
+                stderr=err,
+                text=True,
+            )
+        self.pid = self.proc.pid
+
+    def err_text(self) -> str:
+        return self.err_path.read_text()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        code = self.proc.wait(timeout=timeout)
+        return code, self.out_path.read_text(), self.err_text()
+
+    def stop(self) -> None:
+        """End it (a test that failed half-way: SIGCONT too, in case it is stopped)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(timeout=60)
+
+
+def spawn_logged(base: Path, *args: Any, env: dict[str, str]) -> Logged:
+    return Logged(base, (*args, "--no-progress"), env)
+
+
+def listers(state: str) -> tuple[Any, ...]:
+    """The job's listing role: ``(owner, fence, generation, complete, registered)``
+    (``None``s and 0s before a runner made the ledger and took the role)."""
+    try:
+        found = ledger_rows(
+            state,
+            "SELECT owner, fence, generation, complete, registered FROM listers"
+            " WHERE job = 'default'",
+        )
+    except Exception:  # no ledger yet
+        return (None, 0, 0, 0, 0)
+    return tuple(found[0]) if found else (None, 0, 0, 0, 0)
+
+
+def queued_files(state: str) -> int:
+    """Files a listing queued that no runner took yet."""
+    (found,) = ledger_rows(state, "SELECT coalesce(sum(files), 0) FROM queued")
+    return int(found[0])
+
+
+def owner_of(state: str, pid: int) -> str:
+    (found,) = ledger_rows(state, f"SELECT owner FROM runners WHERE pid = {pid}")
+    return str(found[0])
+
+
+def running_by(state: str, pid: int) -> int:
+    """Items leased to the runner of process ``pid`` (0 before it has a runner record)."""
+    (found,) = ledger_rows(
+        state,
+        "SELECT count(*) FROM items JOIN runners ON items.owner = runners.owner"
+        f" WHERE items.state = 'running' AND runners.pid = {pid}",
+    )
+    return int(found[0])
+
+
+def suspend(runner: Logged, state: str) -> None:
+    """SIGSTOP ``runner``, outside a transaction of its SQLite ledger: a runner frozen inside
+    one holds the write lock, and no other runner can write until it resumes (on PostgreSQL
+    the server ends such a transaction after 15 s: the others go on)."""
+    while True:
+        runner.send_signal(signal.SIGSTOP)
+        wait_for(lambda: process_state(runner.pid) == "T", timeout=30)
+        if state.startswith("postgresql://") or not holds_write_lock(Path(state)):
+            return
+        runner.send_signal(signal.SIGCONT)  # caught mid-transaction: let it end it, again
+        wait_for(lambda: not holds_write_lock(Path(state)), timeout=30)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat`` (``T``: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def holds_write_lock(state: Path) -> bool:
+    """Whether a process holds the SQLite state's write lock past 5 s (a runner's transaction
+    takes milliseconds: one frozen inside it holds it)."""
+    db = sqlite3.connect(state, timeout=5, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e):
+            raise
+        return True
+    finally:
+        db.close()

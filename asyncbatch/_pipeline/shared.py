@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
+from .. import _failpoints as failpoints
 from .._exceptions import LedgerError
 from .._ledger import Listing
 from .._ledger.types import NOT_READY, NOT_READY_KEPT, RunTotals
@@ -261,6 +262,7 @@ class SharedRun:
             if run.stopping or not await self._register(chunk, queue=True):
                 return True
         self._queued_keys, self._twins = None, {}
+        await failpoints.ahit("listing-registered")
         # The files the ledger had finished that fail rules given since: not queued (never
         # taken again), but found, and finished, as a run of its own counts them.
         finished = claimer.finished_unready

@@ -49,9 +49,13 @@ RECEIVER_POINT = "middleware-executed"
 #: The points only a handler's ``ctx.move`` reaches, which this loop's handler does not call:
 #: tests/test_crash.py crashes them in chains of moves.
 CTX_MOVE_POINTS = frozenset({"move-recorded"})
+#: The points only runners sharing a job reach (this loop's runners do not share it):
+#: tests/test_lister.py holds a lister there (a lister killed mid-listing is its role taken
+#: over, which tests/test_lister.py and tests/test_sharing.py kill listers for).
+SHARED_POINTS = frozenset({"listing-registered"})
 #: The points of a directory inbox; those of an object store (s3://) are crashed over a bucket
 #: below (and once each by tests/test_s3_effects.py).
-POINTS = sorted(set(failpoints.POINTS) - failpoints.OBJECT_POINTS - CTX_MOVE_POINTS)
+POINTS = sorted(set(failpoints.POINTS) - failpoints.OBJECT_POINTS - CTX_MOVE_POINTS - SHARED_POINTS)
 #: The points a run over a bucket reaches (``s3://`` source, outputs and archive, a receiver).
 S3_ALL_POINTS = sorted(
     failpoints.OBJECT_POINTS
