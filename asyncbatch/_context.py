@@ -116,8 +116,14 @@ class InputFile:
             and not self.moved
             and (taken_away is None or not taken_away(st))
         ):
-            return "it was written to (its ctime changed)"
+            return "its ctime changed (written to in place, or its mode or owner changed)"
         return None
+
+
+def _unlinked(st: os.stat_result) -> bool:
+    """Whether no name leads to the file any more (removed, or renamed over): its ctime changed
+    for that, not for a write."""
+    return st.st_nlink == 0
 
 
 #: The most one ``pread`` hands back on Linux (0x7ffff000): a larger file takes several reads.
@@ -380,7 +386,8 @@ class TaskContext:
             data = _read_all(fd, source.size)
         else:
             data = await anyio.to_thread.run_sync(_read_all, fd, source.size)
-        if (why := source.changed()) is not None:
+        # A file removed (or renamed over) meanwhile was not written to: its bytes are read.
+        if (why := source.changed(_unlinked)) is not None:
             raise InputChangedError(f"the input changed while it was read: {why}")
         return data
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ __all__ = [
 #: The longest duration any setting accepts (a year): longer ones are mistakes, and would
 #: overflow clocks and timers.
 MAX_SECONDS = 366 * 86400.0
+#: A URL's start (``scheme://``): a location given as one that is not ``s3://``.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Kind:
@@ -189,6 +192,10 @@ class PathSetting(Kind):
             return text
         if self.urls and is_object_url(text):
             return ObjectURL.parse(name, text)
+        if self.urls and _URL.match(text):  # (a path would lose its "//": S3://b/in is S3:/b/in)
+            raise ConfigurationError.bad_value(
+                name, text, "a directory, or an s3://BUCKET/PREFIX/ location (s3:// in lower case)"
+            )
         path = Path(text).expanduser()
         return path.absolute() if self.absolute else path
 

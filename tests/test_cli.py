@@ -162,6 +162,14 @@ def test_missing_and_non_directory_source(tmp_path: Path, state: Path) -> None:
     assert_one_line_error(result, "source", "not a directory")
 
 
+def test_a_source_url_of_another_scheme_is_named_as_given(tmp_path: Path, state: Path) -> None:
+    # As a path it lost its "//" ('S3:/bucket/in': no such directory).
+    for given in ("S3://bucket/in/", "gs://bucket/in/"):
+        result = cli("run", RECORD, "--source", given, "--state", state, cwd=tmp_path)
+        assert_one_line_error(result, "source", f"'{given}'", "s3:// in lower case")
+    assert not state.exists()
+
+
 def test_unimportable_target_and_missing_function(inbox: Path, state: Path, tmp_path: Path) -> None:
     assert_one_line_error(
         cli("run", "no_such_module_xyz:handle", "--source", inbox, "--state", state, cwd=tmp_path),

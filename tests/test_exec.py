@@ -613,7 +613,9 @@ def test_a_command_that_writes_its_input_in_place_still_fails_its_attempt(
     assert result.returncode == 1, result.stderr
     assert path.stat().st_mtime_ns == mtime
     ((error,),) = rows(state, "SELECT last_error FROM items")
-    assert error.startswith("InputChangedError: the input changed while it was handled: it was")
+    assert error.startswith(
+        "InputChangedError: the input changed while it was handled: its ctime changed (written"
+    )
 
 
 # -- timeouts and signals --------------------------------------------------------------------------

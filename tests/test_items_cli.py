@@ -117,6 +117,9 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     later = time.time() + 3600
     os.utime(future, (later, later))
     (inbox / "link.txt").symlink_to(inbox / "f00000.txt")
+    (inbox / "loop1").symlink_to("loop2")
+    (inbox / "loop2").symlink_to("loop1")
+    (inbox / "dangling").symlink_to("nowhere")
     old = time.time() - 60
     for path in inbox.rglob("*"):
         if path not in (future,) and not path.is_symlink():
@@ -162,6 +165,15 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
     assert "--settle 0" in unsettled[1]
     assert "symlink" in verdict("link.txt")[1]
     assert verdict("link.txt", "--follow-symlinks")[0] == "never-seen"
+    # (A loop was called "a symlink whose target does not exist".)
+    assert verdict("loop1", "--follow-symlinks") == (
+        "skipped",
+        "skipped: a symlink loop (its links lead back to themselves)",
+    )
+    assert verdict("dangling", "--follow-symlinks") == (
+        "skipped",
+        "skipped: a symlink whose target does not exist",
+    )
     assert verdict("no-such-file.txt") == (
         "never-seen",
         "no such file, and the ledger never saw it",

@@ -2013,6 +2013,35 @@ def test_postgres_dsn_is_checked_up_front(tmp_path: Path) -> None:
     BatchConfig(source=tmp_path, state="postgresql://u:pw@host:5432/db")
 
 
+def test_postgres_dsn_that_does_not_parse_is_named_without_its_password() -> None:
+    # (It was named 'postgresql://...', whatever was given.)
+    with pytest.raises(ConfigurationError) as info:
+        PostgresDSN.parse("postgresql://u:s3cret@[::1/test?password=x&a=b")
+    message = str(info.value)
+    assert "'postgresql://u@[::1/test?a=b'" in message
+    assert "Invalid IPv6 URL" in message
+    assert "s3cret" not in message
+    assert "password" not in message
+
+
+def test_postgres_dsn_connect_timeout_bounds_the_connection(pg_dsn: str) -> None:
+    # libpq's connect_timeout went to the server as a setting, which refused it ("unrecognized
+    # configuration parameter"): the state could not be used with it.
+    sep = "&" if "?" in pg_dsn else "?"
+    parsed = PostgresDSN.parse(f"{pg_dsn}{sep}connect_timeout=5")
+    assert parsed.connect_timeout == 5.0
+    assert "connect_timeout" not in parsed.dsn
+    assert parsed.dsn == pg_dsn
+    assert PostgresDSN.parse("postgresql://h/db?connect_timeout=1").connect_timeout == 2.0
+    assert PostgresDSN.parse("postgresql://h/db?connect_timeout=0").connect_timeout is None
+    with pytest.raises(ConfigurationError, match="connect_timeout must be whole seconds"):
+        PostgresDSN.parse("postgresql://h/db?connect_timeout=soon")
+    result = cli("status", "--state", f"{pg_dsn}{sep}connect_timeout=5")
+    assert result.returncode in (0, 2), result.stderr  # a ledger, or none in that schema yet
+    assert "unrecognized configuration parameter" not in result.stderr
+    assert "does not exist" in result.stderr or result.returncode == 0
+
+
 def test_postgres_cli_unreachable_state_exits_69_without_the_password(tmp_path: Path) -> None:
     result = cli("status", "--state", "postgresql://user:s3cret@127.0.0.1:1/db", "--json")
     assert result.returncode == 69, result.stderr

@@ -166,6 +166,27 @@ async def test_an_input_written_to_while_it_is_read_fails_the_attempt(
     assert "ctime" in error
 
 
+async def test_an_input_removed_while_its_handler_runs_is_read_whole_and_done(
+    inbox: Path, state: Path
+) -> None:
+    # Removed (or renamed over) after it was opened: its ctime changed for that, not for a
+    # write; its bytes, read from the descriptor opened for the item, are the file's. It was
+    # failed as "written to (its ctime changed)".
+    (path,) = make_files(inbox, 1, size=4096)
+    content = path.read_bytes()
+    read: list[bytes] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        path.unlink()
+        read.append(await ctx.read_bytes())
+
+    report = await Batch(handle, source=inbox, state=state, settle=0, max_attempts=1).run()
+
+    assert read == [content]
+    assert (report.done, report.dead) == (1, 0)
+    assert state_counts(state) == {"done": 1}
+
+
 async def test_an_input_written_to_while_it_is_streamed_fails_the_attempt(
     inbox: Path, state: Path
 ) -> None:

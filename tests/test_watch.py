@@ -232,6 +232,25 @@ async def test_a_watch_waits_for_a_source_that_went_away_and_goes_on_when_it_is_
     assert "waiting for it to be back" in caplog.text
 
 
+async def test_a_run_whose_source_is_gone_does_not_say_it_waits_for_it(
+    inbox: Path, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only a watch waits for its source to be back; a run ends with what it found (it said
+    # "waiting for it to be back", then ended at once).
+    make_files(inbox, 4)
+
+    async def handle(ctx: TaskContext) -> None:
+        if inbox.exists():
+            shutil.rmtree(inbox)  # removed by mistake, its files with it
+
+    report = await Batch(handle, source=inbox, state=state, settle=0, concurrency=1).run()
+
+    assert "is gone" in caplog.text
+    assert "waiting for it to be back" not in caplog.text
+    assert "its files not handled yet are left (a run that finds them takes them)" in caplog.text
+    assert (report.done, report.vanished) == (1, 3)
+
+
 @pytest.mark.parametrize("events", [False, True])
 async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_files(
     inbox: Path, state: Path, events: bool, caplog: pytest.LogCaptureFixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -177,21 +178,33 @@ def _scan_verdict(settings: JobSettings, rel: bytes, full: Path) -> tuple[str | 
     except OSError as e:
         return f"cannot be examined: {e.strerror}", None
     if stat.S_ISLNK(st.st_mode):
-        if not settings.follow_symlinks:
-            return "skipped: a symlink (followed only with --follow-symlinks)", None
-        root = os.path.realpath(source)
-        target = os.path.realpath(full)
-        if os.path.commonpath([root, target]) != root:
-            return "skipped: a symlink to a file outside the source", None
-        try:
-            st = os.stat(full)
-        except OSError:
-            return "skipped: a symlink whose target does not exist", None
+        why, st = _followed(settings, source, full)
+        if why is not None:
+            return why, None
     if stat.S_ISDIR(st.st_mode):
         return "skipped: a directory, not a file", None
     if not stat.S_ISREG(st.st_mode):
         return "skipped: not a regular file (a FIFO, socket or device is never opened)", None
     return None, st
+
+
+def _followed(settings: JobSettings, source: Path, full: Path) -> tuple[str | None, Any]:
+    """For :func:`_scan_verdict`, a symlink: ``(why the scan skips it, None)``, or ``(None,
+    its target's stat)``."""
+    if not settings.follow_symlinks:
+        return "skipped: a symlink (followed only with --follow-symlinks)", None
+    root = os.path.realpath(source)
+    target = os.path.realpath(full)
+    if os.path.commonpath([root, target]) != root:
+        return "skipped: a symlink to a file outside the source", None
+    try:
+        return None, os.stat(full)
+    except FileNotFoundError:
+        return "skipped: a symlink whose target does not exist", None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "skipped: a symlink loop (its links lead back to themselves)", None
+        return f"skipped: a symlink whose target cannot be examined: {e.strerror}", None
 
 
 def _file_key(

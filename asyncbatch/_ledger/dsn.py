@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
@@ -61,6 +62,10 @@ class PostgresDSN:
     schema: str
     #: Whether the DSN sets ``application_name`` itself.
     names_application: bool
+    #: Seconds a connection may take, when the DSN says (libpq's ``connect_timeout``, taken
+    #: out of :attr:`dsn`: the driver would pass it on to the server as a setting it does not
+    #: know); ``None``: the ledger's own bound.
+    connect_timeout: float | None = None
 
     @classmethod
     def parse(cls, dsn: str) -> Self:
@@ -71,8 +76,9 @@ class PostgresDSN:
         try:
             parts = urllib.parse.urlsplit(dsn)
             redacted = _redact(parts)
-        except ValueError:
-            raise ConfigurationError.bad_value("state", "postgresql://...", _EXAMPLE) from None
+        except ValueError as e:
+            why = f"{_EXAMPLE} ({e})"
+            raise ConfigurationError.bad_value("state", _redact_text(dsn), why) from None
 
         def bad(why: str) -> ConfigurationError:
             return ConfigurationError.bad_value("state", redacted, f"{_EXAMPLE} ({why})")
@@ -105,9 +111,41 @@ class PostgresDSN:
             schema = schema.strip('"')
             if not schema or schema.startswith("$") or len(schema.encode()) > 63:
                 raise bad(f"search_path must start with a schema name, not {schema!r}")
+        dsn, timeout = _take_connect_timeout(dsn, parts.query, query, bad)
         return cls(
             dsn=dsn,
             redacted=redacted,
             schema=schema or DEFAULT_SCHEMA,
             names_application="application_name" in query,
+            connect_timeout=timeout,
         )
+
+
+def _take_connect_timeout(
+    dsn: str, text: str, query: dict[str, list[str]], bad: Callable[[str], ConfigurationError]
+) -> tuple[str, float | None]:
+    """``dsn`` without libpq's ``connect_timeout`` (``text``: its query string, ``query``: it
+    parsed), and that timeout: seconds, an integer (at least 2, as libpq; 0 or less: none
+    given, the ledger's own bound then, as the driver always has one)."""
+    if "connect_timeout" not in query:
+        return dsn, None
+    given = query["connect_timeout"][-1]
+    try:
+        seconds = int(given)
+    except ValueError:
+        raise bad(f"connect_timeout must be whole seconds, not {given!r}") from None
+    kept = [p for p in text.split("&") if p.partition("=")[0] != "connect_timeout"]
+    dsn = dsn.replace(f"?{text}", f"?{'&'.join(kept)}" if kept else "", 1)
+    return dsn, float(max(seconds, 2)) if seconds > 0 else None
+
+
+def _redact_text(dsn: str) -> str:
+    """A DSN that does not parse, without what may be its password: what stands between the
+    user name and the last ``@``, and ``password=`` parameters."""
+    scheme, sep, rest = dsn.partition("://")
+    auth, at, hosts = rest.rpartition("@")
+    if at:
+        rest = f"{auth.partition(':')[0]}@{hosts}"
+    base, _, query = rest.partition("?")
+    kept = [p for p in query.split("&") if p and not p.lower().startswith("password=")]
+    return f"{scheme}{sep}{base}" + (f"?{'&'.join(kept)}" if kept else "")

@@ -294,7 +294,7 @@ class PostgresSession:
         try:
             conn = await asyncpg.connect(
                 target.dsn,
-                timeout=min(self.busy_timeout, 60.0),
+                timeout=target.connect_timeout or min(self.busy_timeout, 60.0),
                 command_timeout=self._statement_timeout,
                 server_settings=settings,
                 connection_class=GuardedConnection,

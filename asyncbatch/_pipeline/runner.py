@@ -249,7 +249,7 @@ class Run:
                 started_at=self.started_at,
                 stop_requested=self._stop_requested,
                 metrics=self.metrics,
-                **_source_of(cfg),
+                **_source_of(cfg, waits=self.mode == "watch"),
             )
             self._state = state
             await self._joined(state)
@@ -547,13 +547,14 @@ class Run:
         self._work_scope.cancel()
 
 
-def _source_of(cfg: BatchConfig) -> dict[str, Any]:
+def _source_of(cfg: BatchConfig, *, waits: bool) -> dict[str, Any]:
     """The run's source handle, and its object-store clients when a location is ``s3://``
-    (made here only: a run over directories never loads obstore)."""
+    (made here only: a run over directories never loads obstore). ``waits``: whether the run
+    waits for a source directory that is gone (a watch)."""
     places = (cfg.source, cfg.output_dir, cfg.on_done.directory, cfg.on_dead.directory)
     if not any(isinstance(p, ObjectURL) for p in places):
         assert isinstance(cfg.source, Path)
-        return {"source": SourceDir(cfg.source)}
+        return {"source": SourceDir(cfg.source, waits=waits)}
     from .._sources.objects import ObjectSource
     from .._sources.store import ObjectStores
 
@@ -564,7 +565,7 @@ def _source_of(cfg: BatchConfig) -> dict[str, Any]:
     if isinstance(cfg.source, ObjectURL):
         source: SourceHandle = ObjectSource(cfg.source, objects)
     else:
-        source = SourceDir(cfg.source)
+        source = SourceDir(cfg.source, waits=waits)
     return {"source": source, "objects": objects}
 
 

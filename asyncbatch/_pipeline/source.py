@@ -30,8 +30,11 @@ class SourceDir:
     #: Whether change events can be followed (see :class:`asyncbatch._sources.base.SourceHandle`).
     watchable = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, waits: bool = True) -> None:
         self.path = path
+        #: Whether the run waits for the directory when it is gone (a watch does; a run ends
+        #: with what it found, the files of the directory gone with it).
+        self.waits = waits
         #: Why the source cannot be used now (gone, not a directory), or ``None``.
         self.problem: str | None = None
         #: How many times it was found replaced and reopened.
@@ -96,7 +99,13 @@ class SourceDir:
 
     def _trouble(self, problem: str) -> None:
         if self.problem != problem:
-            log.warning("%s; waiting for it to be back", problem)
+            if self.waits:
+                log.warning("%s; waiting for it to be back", problem)
+            else:
+                log.warning(
+                    "%s: its files not handled yet are left (a run that finds them takes them)",
+                    problem,
+                )
         self.problem = problem
 
     def _recovered(self) -> None:
