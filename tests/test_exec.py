@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -24,6 +26,7 @@ from asyncbatch._pipeline import workers
 from .conftest import (
     cli,
     kill,
+    ledger_rows,
     make_files,
     rows,
     spawn,
@@ -32,6 +35,7 @@ from .conftest import (
     until_settled,
     wait_for,
 )
+from .postgres import pg_sync
 from .test_cli import assert_one_line_error
 
 COMMANDS = Path(__file__).parent / "exec_commands.py"
@@ -875,47 +879,209 @@ async def test_a_worker_never_holds_an_item_ready_while_another_has_none(
 class _StallsOn(_Gated):
     """:class:`_Gated`, its attempts ending at once, but for the start of ``name``'s attempt:
     it stalls the whole event loop (a blocking sleep) past the lease, as a runner suspended
-    (SIGSTOP) the moment its worker started a command would."""
+    (SIGSTOP) the moment its worker started a command would; then calls ``meanwhile`` (what
+    happened while the runner was stalled), still stalled. That attempt ends when the test
+    sets its gate (``ctx``: its context)."""
 
-    def __init__(self, name: str, seconds: float) -> None:
+    def __init__(
+        self, name: str, seconds: float, meanwhile: Callable[[], object] = lambda: None
+    ) -> None:
         super().__init__()
-        self._name, self._seconds = name, seconds
+        self._name, self._seconds, self._meanwhile = name, seconds, meanwhile
         self.stalled = False
+        self.ctx: TaskContext | None = None
 
     def start_attempt(self, ctx: TaskContext) -> _GatedAttempt:
         attempt = super().start_attempt(ctx)
         if ctx.entry.relpath == self._name and not self.stalled:
             self.stalled = True
+            self.ctx = ctx
             time.sleep(self._seconds)  # the event loop stalls: no heartbeat, no watchdog
+            self._meanwhile()
         else:
             self.gates[ctx.entry.relpath].set()
         return attempt
 
 
+def _take_over(state: str, relpath: str) -> None:
+    """Do to ``relpath``'s item what another runner's claim of its lease (run out) does: a
+    new owner and fence (its lease already run out again, so that the runner that lost it
+    takes it back later: the run can end), its started attempt counted as interrupted."""
+    if state.startswith("postgresql://"):
+        pg_sync(
+            state,
+            "UPDATE items SET owner = 'another runner', fence = fence + 1, lease_until = 0, "
+            "interrupted = interrupted + (started_fence IS NOT DISTINCT FROM fence)::int "
+            f"WHERE relpath = '{relpath}'::bytea",
+        )
+        return
+    db = sqlite3.connect(state, timeout=30)
+    try:
+        with db:
+            db.execute(
+                "UPDATE items SET owner = 'another runner', fence = fence + 1, lease_until = 0,"
+                " interrupted = interrupted + (started_fence IS fence) WHERE relpath = ?",
+                (relpath.encode(),),
+            )
+    finally:
+        db.close()
+
+
+def _item_row(state: str, relpath: str, columns: str) -> tuple[Any, ...]:
+    """``columns`` of ``relpath``'s item, in a SQLite or PostgreSQL ledger."""
+    postgres = state.startswith("postgresql://")
+    name = f"'{relpath}'::bytea" if postgres else f"CAST('{relpath}' AS BLOB)"
+    (row,) = ledger_rows(state, f"SELECT {columns} FROM items WHERE relpath = {name}")
+    return tuple(row)
+
+
+def _lease_renewed(ctx: TaskContext) -> bool:
+    """Whether the lease of ``ctx``'s item is this runner's again (renewed) after a stall."""
+    hooks = ctx._hooks
+    assert hooks is not None
+    return not hooks.lease_lost(ctx)
+
+
+class _AwaitsRenewal:
+    """A handler (awaited: no ``start_attempt``) whose attempt of ``name`` stalls the event
+    loop (a blocking sleep) past the lease, as a runner suspended (SIGSTOP) in the middle of
+    it; then goes on until the heartbeat renewed its lease, and succeeds."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self._name, self._seconds = name, seconds
+        self.started: list[str] = []
+        self.stalled = False
+
+    async def __call__(self, ctx: TaskContext) -> None:
+        self.started.append(ctx.entry.relpath)
+        if ctx.entry.relpath == self._name and not self.stalled:
+            self.stalled = True
+            time.sleep(self._seconds)  # noqa: ASYNC251 - the event loop stalls on purpose
+            assert not _lease_renewed(ctx)
+            await until(lambda: _lease_renewed(ctx))
+
+
+@pytest.mark.parametrize("kind", ["started", "awaited"])
+async def test_an_attempt_stalled_past_its_lease_that_nobody_took_over_goes_on(
+    inbox: Path, any_state: str, kind: str
+) -> None:
+    # Regression: the watchdog cancelled a running attempt as soon as its local lease
+    # deadline had passed, before the heartbeat (which had not run during the stall) could
+    # renew the lease: an attempt that nothing took over failed ("the lease ran out before
+    # the handler finished"), and with max_attempts=1 its file was dead, though its handler
+    # (or its command) succeeded. The ledger must be asked first: the lease is renewed, and
+    # the attempt goes on. "started": an attempt started without being awaited (a command of
+    # --exec); "awaited": a Python handler.
+    make_files(inbox, 4)
+    stalled = "f00001.txt"
+    handler: _StallsOn | _AwaitsRenewal
+    handler = _StallsOn(stalled, 3.5) if kind == "started" else _AwaitsRenewal(stalled, 3.5)
+    batch = Batch(
+        handler, source=inbox, state=any_state, settle=0, concurrency=1, lease=3, max_attempts=1
+    )
+    reports: list[Report] = []
+
+    async def run() -> None:
+        reports.append(await batch.run())
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait: the steps below are polls
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            if isinstance(handler, _StallsOn):
+                await until(lambda: handler.ctx is not None)
+                ctx = handler.ctx
+                assert ctx is not None
+                await until(lambda: _lease_renewed(ctx))  # (the watchdog stopped it before)
+                handler.gates[stalled].set()  # its command exits 0
+
+    (report,) = reports
+    assert handler.stalled
+    assert (report.done, report.dead, report.failed, report.lost) == (4, 0, 0, 0), report
+    assert handler.started.count(stalled) == 1
+    assert _item_row(any_state, stalled, "state, attempts, interrupted") == ("done", 1, 0)
+
+
 async def test_an_item_taken_while_the_watchdog_stops_the_command_is_not_left_behind(
-    inbox: Path, any_state: str
+    inbox: Path, any_state: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # -j 1, the attempts ending at once (claims lease well ahead of the worker by then). As
-    # f00020's attempt starts, the runner stalls past its lease (as if SIGSTOPped): the worker
-    # goes on to take its next file, f00021, whose lease passed too, and waits for a
-    # heartbeat to say whether it is still ours; meanwhile the watchdog stops f00020's attempt
-    # (its lease ran out). f00021, taken from the queue but not yet the worker's ready item,
-    # must go back to the queue: not stay leased (renewed by every heartbeat) with no worker
-    # on it, the run waiting for it for ever.
+    # f00020's attempt starts, the runner stalls past its lease (as if SIGSTOPped), and
+    # another runner takes f00020's lease over meanwhile: the worker goes on to take its next
+    # file, f00021, whose lease passed too, and waits for a heartbeat to say whether it is
+    # still ours; meanwhile the watchdog stops f00020's attempt (its lease lost). f00021,
+    # taken from the queue but not yet the worker's ready item, must go back to the queue:
+    # not stay leased (renewed by every heartbeat) with no worker on it, the run waiting for
+    # it for ever. f00020's attempt was cut short by the runner's stall, not failed: its
+    # outcome is refused (the fence), and no failed attempt is counted.
     make_files(inbox, 40)
-    handler = _StallsOn("f00020.txt", 3.5)
+    handler = _StallsOn("f00020.txt", 3.5, meanwhile=lambda: _take_over(any_state, "f00020.txt"))
     batch = Batch(
         handler, source=inbox, state=any_state, settle=0, concurrency=1, lease=3, backoff=0.1
     )
 
-    with anyio.fail_after(30):  # a bound on a hang (the run takes ~5 s)
+    with anyio.fail_after(30), caplog.at_level(logging.INFO, "asyncbatch"):  # (~5 s)
         report = await batch.run()
 
     assert handler.stalled
-    assert (report.done, report.dead) == (40, 0), report
+    assert (report.done, report.dead, report.failed, report.lost) == (40, 0, 0, 1), report
+    cut = [r.getMessage() for r in caplog.records if "'f00020.txt': attempt 1" in r.getMessage()]
+    assert cut == ["'f00020.txt': attempt 1 cut short: " + workers.TAKEN_OVER], cut
+    assert _item_row(any_state, "f00020.txt", "state, last_error") == ("done", None)
     assert sorted(set(handler.started)) == [f"f{i:05d}.txt" for i in range(40)]
     assert handler.started.count("f00020.txt") == 2  # its attempt stopped, then retried
     assert handler.started.count("f00021.txt") == 1
+
+
+def _leases_ran_out(state: str) -> bool:
+    """Whether the ledger has items leased (running), and all their leases ran out."""
+    now = time.time()
+    found = ledger_rows(
+        state,
+        f"SELECT count(*), count(CASE WHEN lease_until > {now} THEN 1 END) FROM items "
+        "WHERE state = 'running'",
+    )
+    running, live = found[0]
+    return bool(running) and not live
+
+
+def test_a_run_stopped_past_its_lease_while_its_command_ran_counts_that_command_done(
+    inbox: Path, any_state: str, tmp_path: Path, no_leftovers: Leftovers
+) -> None:
+    # Regression (a lone run, SIGSTOPped past --lease while a command ran, then SIGCONTed):
+    # the command exited 0 during the stop, nothing took the leases over, yet the watchdog
+    # cancelled the attempt on its local deadline before the heartbeat could renew it: "1
+    # failed attempts" (dead with --max-attempts 1, exit 1), "the lease ran out before the
+    # handler finished". The ledger is asked first now: the lease is renewed, the file done.
+    make_files(inbox, 3)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    os.mkfifo(pids / "gate")
+    args: list[str | Path] = ["run", "--exec", command("gate", "f00001.txt", "{}")]
+    options = ("-j", "1", "--lease", "3", "--max-attempts", "1", "--no-progress")
+    proc = spawn(
+        *args, "--source", inbox, "--state", any_state, *options, env={"AB_PIDS": str(pids)}
+    )
+    no_leftovers.append((proc, pids))
+    wait_for(lambda: noted_pids(pids) or proc.poll() is not None, 60)
+    (pid,) = noted_pids(pids)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        os.close(os.open(pids / "gate", os.O_WRONLY))  # its command exits 0 (the run stopped)
+        wait_for(lambda: not alive(pid))
+        wait_for(lambda: _leases_ran_out(any_state))  # past the lease in the ledger too
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 0, err
+    assert "3 seen: 3 done;" in out, out
+    assert "failed" not in out, out
+    assert "ran out" not in err, err
+    assert "taken over" not in err, err
+    assert (
+        sorted(ledger_rows(any_state, "SELECT state, attempts, interrupted FROM items"))
+        == [("done", 1, 0)] * 3
+    )
 
 
 async def test_a_timeout_with_the_next_item_ready_handles_that_item_next(

@@ -6,8 +6,12 @@ else using the test server notices.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shlex
 import signal
+import sys
 import time
 import urllib.parse
 import uuid
@@ -20,6 +24,7 @@ from .conftest import HANDLERS, cli, invocations, kill, make_files, spawn, wait_
 from .postgres import Server, pg_sync, require
 
 RECORD = f"{HANDLERS}:record"
+EXEC_COMMANDS = Path(__file__).parent / "exec_commands.py"
 
 
 class Outage:
@@ -141,3 +146,45 @@ def test_an_outage_longer_than_the_ledger_timeout_exits_69_and_the_next_run_fini
     again = cli(*args, "-j", "8", env={"AB_LOG": str(log), "AB_SLEEP": "0"}, timeout=120)
     assert again.returncode == 0, again.stderr
     assert outage.counts() == {"done": 200}
+
+
+def test_a_lease_that_cannot_be_renewed_stops_its_command_before_it_could_be_taken_over(
+    inbox: Path, tmp_path: Path, outage: Outage
+) -> None:
+    # The watchdog asks the ledger before it stops an attempt whose local lease deadline
+    # passed (the runner may only have been suspended: see test_exec.py); with the ledger
+    # unreachable, no renewal comes, and the attempt is stopped as before, while the outage
+    # lasts (before another runner could take the lease over), not once the ledger answers.
+    make_files(inbox, 1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    hang = shlex.join([sys.executable, str(EXEC_COMMANDS), "hang"])
+    args = ("run", "--exec", hang, "--source", inbox, "--state", outage.dsn, "--no-progress")
+    options = ("--lease", "3", "--max-attempts", "1", "--ledger-timeout", "60")
+    proc = spawn(*args, *options, env={"AB_PIDS": str(pids)})
+    try:
+        wait_for(lambda: list(pids.glob("pid.*")) or proc.poll() is not None, timeout=60)
+        (pid,) = (int(p.read_text()) for p in pids.glob("pid.*"))
+        outage.begin()
+        try:
+            wait_for(lambda: not _alive(pid), timeout=30)  # stopped during the outage
+        finally:
+            outage.end()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill(proc)
+        for path in pids.glob("pid.*"):
+            with contextlib.suppress(OSError):
+                os.killpg(int(path.read_text()), signal.SIGKILL)
+    assert proc.returncode == 1, err
+    assert "attempt 1 failed for good: the lease ran out before the handler finished" in err
+    assert outage.counts() == {"dead": 1}
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -42,6 +42,8 @@ class ItemState(enum.Enum):
       could not renew is not lost for it any more: the committer reports a refused outcome.
     - ``LOST``: another runner holds its lease now: a queued one is never started, a running
       one is cancelled by the watchdog (its outcome is then refused by the ledger's fence).
+      A lease whose local deadline passed is not lost by that alone (the runner may have been
+      suspended while nobody took it over): the heartbeat asks the ledger, and renews it.
 
     Leaving the runner (committed, or released at the end) is leaving ``RunState.in_flight``.
     """

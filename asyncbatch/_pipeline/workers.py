@@ -62,6 +62,8 @@ YIELD_EVERY = 0.001
 #: How long a run whose commands can fill every usable CPU (``concurrency`` at least their
 #: number) waits before its first command: see :meth:`WorkerPool._before_first_command`.
 FIRST_COMMAND_DELAY = 0.1
+#: Why the watchdog stopped an attempt whose lease another runner took over.
+TAKEN_OVER = "its lease was taken over by another runner (was this runner suspended?)"
 
 
 def _nothing() -> None:
@@ -156,6 +158,11 @@ class _Slot:
     ready: _Prepared | None = None
     #: When the worker next lets the other tasks run while items wait (:meth:`_next_item`).
     yield_at: float = 0.0
+    #: The watchdog's: the item whose local lease deadline it found passed, a renewal asked
+    #: for it, and by when (``time.monotonic()``) that renewal must have come (see
+    #: :meth:`WorkerPool.watchdog`).
+    overdue: LeasedItem | None = None
+    renew_by: float = 0.0
 
 
 class WorkerPool:
@@ -181,6 +188,8 @@ class WorkerPool:
         self._slots: list[_Slot] = []
         self._watch_at = math.inf
         self._watch_wake = anyio.Event()
+        #: Whether the watchdog's request for a heartbeat is under way (see :meth:`_renew`).
+        self._renewing = False
         self._on_done = state.config.on_done.encode()
         # Per run, looked up once (not per item): the source, an object-store prefix or a
         # directory, and what every context carries.
@@ -237,7 +246,7 @@ class WorkerPool:
                         return
                 item, slot.item = slot.item, None
                 if item is not None:  # the watchdog stopped this item
-                    self._record(item, self.failure(item, slot.reason), slot.started)
+                    self._record(item, self._stopped_outcome(item, slot.reason), slot.started)
         finally:
             self._slots.remove(slot)
             if slot.ready is not None:  # not started: left in flight, released with the run
@@ -520,7 +529,7 @@ class WorkerPool:
     def _record(self, item: LeasedItem, outcome: Outcome, started: float) -> None:
         """Hand an attempt's outcome to the committer (and the metrics)."""
         metrics = self.run.metrics
-        if metrics is not None:
+        if metrics is not None and item.state is not ItemState.LOST:  # (LOST: to be refused)
             metrics.attempt_ended(outcome, time.monotonic() - started)
         self.outbox.put(item, outcome)
 
@@ -548,30 +557,90 @@ class WorkerPool:
         return True
 
     async def watchdog(self) -> None:
-        """Cancel handlers that overrun their ``timeout`` or their lease (one timer in all)."""
+        """Cancel handlers that overrun their ``timeout`` or lose their lease (one timer in all).
+
+        A running item whose local lease deadline passed is not cancelled on the clock's
+        word alone: the runner may have been suspended (SIGSTOP), or its event loop stalled,
+        with its heartbeat not run since, while nothing took the lease over. A heartbeat is
+        asked for at once (see :meth:`RunState.renew_leases`), and the ledger's answer decides:
+        renewed, the handler goes on; taken over by another runner (``ItemState.LOST``), it
+        is cancelled (its late outcome is refused by the fence anyway). A renewal that does
+        not come within :meth:`renewal_patience` (the ledger cannot be reached, or the
+        heartbeat is stuck in a call begun before) cancels it too, as before: the attempt must
+        stop before another runner could take the lease over.
+        """
         timeout = self.config.timeout
         idle = min(self.config.lease / 4, timeout if timeout is not None else math.inf)
-        while True:
-            now = time.monotonic()
-            wake_at = now + idle
-            for slot in self._slots:
-                item = slot.item
-                if item is None or slot.scope is None or slot.scope.cancel_called:
-                    continue
-                ends = slot.started + timeout if timeout is not None else math.inf
-                if ends <= now:
-                    slot.reason = f"TimeoutError: the handler ran over {timeout}s"
-                    slot.scope.cancel()
-                elif item.lease_deadline <= now:
-                    slot.reason = "the lease ran out before the handler finished"
-                    slot.scope.cancel()
-                else:
-                    wake_at = min(wake_at, ends, item.lease_deadline)
-            self._watch_at = wake_at
-            with anyio.move_on_after(wake_at - now):
-                await self._watch_wake.wait()
-            if self._watch_wake.is_set():
-                self._watch_wake = anyio.Event()
+        patience = self.renewal_patience()
+        async with anyio.create_task_group() as renewals:
+            while True:
+                now = time.monotonic()
+                wake_at = now + idle
+                renew = False
+                for slot in self._slots:
+                    item = slot.item
+                    if item is None or slot.scope is None or slot.scope.cancel_called:
+                        continue
+                    ends = slot.started + timeout if timeout is not None else math.inf
+                    if ends <= now:
+                        slot.reason = f"TimeoutError: the handler ran over {timeout}s"
+                        slot.scope.cancel()
+                    elif item.lease_deadline > now:
+                        slot.overdue = None
+                        wake_at = min(wake_at, ends, item.lease_deadline)
+                    elif item.state is ItemState.LOST:
+                        slot.reason = TAKEN_OVER
+                        slot.scope.cancel()
+                    elif slot.overdue is not item:  # its deadline just passed: ask the ledger
+                        slot.overdue, slot.renew_by = item, now + patience
+                        renew = True
+                        wake_at = min(wake_at, ends, slot.renew_by)
+                    elif slot.renew_by <= now:  # no renewal in time: stop before a takeover
+                        slot.reason = "the lease ran out before the handler finished"
+                        slot.scope.cancel()
+                    else:
+                        wake_at = min(wake_at, ends, slot.renew_by)
+                if renew and not self._renewing:
+                    self._renewing = True
+                    renewals.start_soon(self._renew)
+                self._watch_at = wake_at
+                with anyio.move_on_after(wake_at - now):
+                    await self._watch_wake.wait()
+                if self._watch_wake.is_set():
+                    self._watch_wake = anyio.Event()
+
+    def renewal_patience(self) -> float:
+        """How long the watchdog waits for the renewal it asked for a running item whose local
+        lease deadline passed: half the margin the local deadline keeps before the ledger's
+        (:meth:`RunState.lease_margin`). Without a suspension the deadline is found passed
+        as it passes: the attempt is then cancelled at least half that margin before another
+        runner could take the lease over (after a suspension, that time may be past already:
+        only the ledger knows)."""
+        return (self.config.lease - self.run.lease_margin()) / 2
+
+    async def _renew(self) -> None:
+        """For the watchdog: have the heartbeat renew the leases, then look again."""
+        try:
+            await self.run.renew_leases()
+        finally:
+            self._renewing = False
+            self._watch_wake.set()
+
+    def _stopped_outcome(self, item: LeasedItem, reason: str) -> Outcome:
+        """The outcome of an attempt the watchdog stopped: failed (its timeout, or its lease
+        ran out with no renewal to be had), or cut short because another runner took its
+        lease over: not a failure of the handler (the ledger refuses the outcome, its fence
+        being old, and the new holder's lease counts the attempt as interrupted)."""
+        if item.state is not ItemState.LOST:
+            return self.failure(item, reason)
+        self.item_logger(item).warning(
+            "%r: attempt %d cut short: %s",
+            os.fsdecode(item.relpath),
+            item.attempt,
+            TAKEN_OVER,
+        )
+        began, retry_at = item.started_at, self.run.clock()
+        return Outcome(item.key, item.fence, "failed", TAKEN_OVER, retry_at, started_at=began)
 
     # -- one attempt -------------------------------------------------------------------------------
 
