@@ -722,7 +722,7 @@ class WorkerPool:
     def objects_required(self) -> ObjectStores:
         """The run's object-store clients, made now if the run had none yet."""
         if self.run.objects is None:
-            self.run.objects = ObjectStores()
+            self.run.objects = ObjectStores(outage_timeout=self.config.ledger_timeout)
         return self.run.objects
 
     def _open_input(self, item: LeasedItem) -> tuple[int, os.stat_result, Path | None] | Outcome:

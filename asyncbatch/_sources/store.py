@@ -185,11 +185,13 @@ class ObjectStores:
 
     A request the store cannot serve (:class:`StoreUnreachable`) is tried again, the run's
     requests waiting together, until it succeeds or the store has been unreachable for
-    ``outage_timeout`` seconds; then every request raises :class:`ObjectStoreDown`."""
+    ``outage_timeout`` seconds (a run's; without one, it fails at once); then every request
+    raises :class:`ObjectStoreDown`."""
 
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0))
-    #: Seconds an unreachable store is waited out (the run's ``ledger_timeout``).
-    outage_timeout: float = 120.0
+    #: Seconds an unreachable store is waited out (a run's ``ledger_timeout``); ``None``: not
+    #: waited out, the request fails at once (a command that only looks: ``explain``).
+    outage_timeout: float | None = None
     #: When (monotonic) the store was found unreachable, while it is.
     down_since: float | None = None
     #: Why the run gave up waiting for the store, once it did.
@@ -209,6 +211,8 @@ class ObjectStores:
         ``outage_timeout`` seconds."""
         import anyio
 
+        if self.outage_timeout is None:
+            raise failure
         if self.gave_up is not None:
             raise self.gave_up
         now = time.monotonic()
