@@ -237,7 +237,7 @@ class BatchConfig:
     )
     ledger_timeout: float = setting(
         _SECONDS_OR_ZERO,
-        "seconds a PostgreSQL state that went away is waited out (then exit 69)",
+        "seconds a PostgreSQL state or an S3 store that went away is waited out (then exit 69)",
         default=120.0,
     )
     durability: Durability = setting(

@@ -339,8 +339,9 @@ async def test_metrics_count_object_requests_by_operation_and_keep_the_secret(
         for line in text.splitlines()
         if line.startswith("asyncbatch_object_requests_total{")
     }
-    # A listing (one page), a GET per object, and a HEAD and a DELETE per delete.
-    assert found == {"list": 1, "get": 3, "head": 3, "delete": 3, "put": 0, "copy": 0}
+    # The checks of the source and of the outputs' place at the start, and a listing (one page
+    # each), a GET per object, and a HEAD and a DELETE per delete.
+    assert found == {"list": 3, "get": 3, "head": 3, "delete": 3, "put": 0, "copy": 0}
     assert CANARY_SECRET not in text
 
 
@@ -355,11 +356,12 @@ def test_a_bucket_that_is_not_there_is_a_one_line_error(s3_server: MotoServer, s
         env=s3_server.env(),
         cwd=Path(__file__).parent.parent,
     )
-    assert result.returncode == 69
+    assert result.returncode == 2  # a mistyped bucket: refused before the state is made
     assert result.stderr.strip().splitlines() == [
-        "asyncbatch: error: cannot list the source: list s3://no-such-bucket-here/in/ failed: "
-        "bucket 'no-such-bucket-here' does not exist (404 Not Found, NoSuchBucket)"
+        "asyncbatch: error: setting 'source' has value 's3://no-such-bucket-here/in/': the "
+        "bucket 'no-such-bucket-here' does not exist (a mistyped one?)"
     ]
+    assert not state.exists()
 
 
 async def test_identity_path_handles_each_key_once(bucket: Bucket, state: Path) -> None:

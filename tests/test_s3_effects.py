@@ -217,14 +217,14 @@ def test_an_archive_in_a_missing_bucket_says_the_bucket_is_missing(
         "--state", str(tmp_path / "state.db"), "--on-done", f"move:s3://{missing}/arch/",
         "--no-progress", env=bucket.env, cwd=ROOT,
     )  # fmt: skip
-    assert result.returncode == 1, result.stderr
-    assert "1 post-commit action" in result.stdout
-    assert (
-        f"put s3://{missing}/arch/a.txt failed: bucket {missing!r} does not exist "
-        "(404 Not Found, NoSuchBucket)"
-    ) in result.stderr
-    assert "no such object" not in result.stderr
-    assert bucket.keys("in/") == ["in/a.txt"]  # left in place: the next run retries
+    # Refused before the state is made or any item handled (a mistyped bucket).
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"asyncbatch: error: setting 'on_done' has value 'move:s3://{missing}/arch/': the "
+        f"bucket {missing!r} does not exist (a mistyped one?)"
+    ]
+    assert not (tmp_path / "state.db").exists()
+    assert bucket.keys("in/") == ["in/a.txt"]  # left in place
 
 
 def test_a_crash_between_put_and_commit_rewrites_the_same_output(

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -42,6 +42,9 @@ from .shared import gone_by, live_totals, shared_report
 from .source import SourceDir
 from .state import RunState, reap_gone_runners
 from .workers import HandlerAborted, WorkerPool
+
+if TYPE_CHECKING:
+    from .._sources.store import ObjectStores
 
 __all__ = ["Handler", "Mode", "Run"]
 
@@ -231,6 +234,13 @@ class Run:
     async def execute(self) -> Report:
         """Open the ledger, join the job, run the pipeline, release everything, report."""
         cfg = self.config
+        source = _source_of(cfg, waits=self.mode == "watch")
+        objects: ObjectStores | None = source.get("objects")
+        if objects is not None:  # before the state is made or joined: nothing made for a typo
+            from .._sources.objects import check_places
+
+            objects.outage_timeout = cfg.ledger_timeout
+            await check_places(objects, _object_places(cfg), watching=self.mode == "watch")
         ledger = await open_ledger(
             cfg.state,
             durability=cfg.durability,
@@ -249,7 +259,7 @@ class Run:
                 started_at=self.started_at,
                 stop_requested=self._stop_requested,
                 metrics=self.metrics,
-                **_source_of(cfg, waits=self.mode == "watch"),
+                **source,
             )
             self._state = state
             await self._joined(state)
@@ -567,6 +577,19 @@ def _source_of(cfg: BatchConfig, *, waits: bool) -> dict[str, Any]:
     else:
         source = SourceDir(cfg.source, waits=waits)
     return {"source": source, "objects": objects}
+
+
+def _object_places(cfg: BatchConfig) -> list[tuple[str, str, ObjectURL, bool]]:
+    """The run's ``s3://`` places: ``(setting, value as given, url, is_source)``."""
+    places: list[tuple[str, str, ObjectURL, bool]] = []
+    if isinstance(cfg.source, ObjectURL):
+        places.append(("source", str(cfg.source), cfg.source, True))
+    if isinstance(cfg.output_dir, ObjectURL):
+        places.append(("output_dir", str(cfg.output_dir), cfg.output_dir, False))
+    for name, action in (("on_done", cfg.on_done), ("on_dead", cfg.on_dead)):
+        if isinstance(action.directory, ObjectURL):
+            places.append((name, str(action), action.directory, False))
+    return places
 
 
 def _lister_of(state: RunState) -> Lister:

@@ -43,7 +43,7 @@ from .._http.client import HTTPSettings, ItemHTTP
 from .._ledger import Outcome
 from .._scanner import Entry, clamp_ns, open_regular
 from .._sources.objects import ObjectEntry
-from .._sources.store import ObjectStores
+from .._sources.store import ObjectStoreDown, ObjectStores
 from .._sources.url import ObjectURL
 from .queues import ItemQueue, ItemState, LeasedItem, Outbox, item_logger
 from .state import RunState
@@ -791,7 +791,7 @@ class WorkerPool:
     def objects_required(self) -> ObjectStores:
         """The run's object-store clients, made now if the run had none yet."""
         if self.run.objects is None:
-            self.run.objects = ObjectStores()
+            self.run.objects = ObjectStores(outage_timeout=self.config.ledger_timeout)
         return self.run.objects
 
     def _open_input(self, item: LeasedItem) -> tuple[int, os.stat_result, Path | None] | Outcome:
@@ -940,6 +940,12 @@ class WorkerPool:
         without an ``output_dir``, say: no retry can help)."""
         if isinstance(exc, ConfigurationError):
             raise exc
+        objects = self.objects
+        down = None if objects is None else objects.gave_up
+        if down is not None or isinstance(exc, ObjectStoreDown):
+            # The store stayed unreachable past the bound (whatever the handler made of its
+            # error): the run ends (exit 69), this item left pending, its attempt not failed.
+            raise down or exc
         if isinstance(exc, PermanentError):
             return self.failure(item, error_text(exc), permanent=True, exc=exc)
         if isinstance(exc, AttemptInterrupted):

@@ -19,20 +19,25 @@ counterparts here, with the same contracts (:mod:`.base`):
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._errors import redact_urls
 from .._exceptions import ConfigurationError, InputChangedError, SourceError, SourceKeyError
 from .._ready import Readiness, ReadyWalk
 from .._scanner import Entry, Look, ScanInfo, ScanRules, pack
 from .store import (
+    BucketMissing,
     ObjectInfo,
     ObjectKeyRefused,
     ObjectPreconditionFailed,
     ObjectStore,
     ObjectStores,
+    StoreUnreachable,
+    unreachable,
 )
 from .url import ObjectURL
 
@@ -49,6 +54,7 @@ __all__ = [
     "ObjectReader",
     "ObjectReplaced",
     "ObjectSource",
+    "check_places",
     "holds_objects",
     "open_object",
     "unlisted_because",
@@ -347,6 +353,46 @@ async def holds_objects(
     return False
 
 
+#: S3's error codes of a request whose credentials the store refuses (not a permission).
+_CREDENTIALS = re.compile(
+    r"\b(?:InvalidAccessKeyId|SignatureDoesNotMatch|ExpiredToken|InvalidToken|"
+    r"TokenRefreshRequired|InvalidSecurity)\b"
+)
+
+
+async def check_places(
+    stores: ObjectStores, places: Sequence[tuple[str, str, ObjectURL, bool]], *, watching: bool
+) -> None:
+    """Look at each ``s3://`` place a run uses before it makes or joins its state (one
+    listing request each, of at most a page): ``places`` holds ``(setting, value as given,
+    url, is_source)``.
+
+    - A bucket that does not exist: :class:`ConfigurationError` naming the setting and value
+      (exit 2; a mistyped local directory is refused so too).
+    - The store unreachable, or the credentials refused: :class:`SourceError` (exit 69), as
+      a source that cannot be listed is; a watch, which waits for its source, goes on.
+    - The source's listing refused otherwise (``403``): :class:`SourceError`, as its listing
+      would be. An output or archive place's (a principal may write without listing) and a
+      key the client cannot represent (the listing says it) go on.
+    """
+    for name, given, url, is_source in places:
+        store = stores.bucket(url.bucket)
+        try:
+            await store.first_page(url.prefix)
+        except BucketMissing:
+            raise ConfigurationError.bad_value(
+                name, given, f"the bucket {url.bucket!r} does not exist (a mistyped one?)"
+            ) from None
+        except ObjectKeyRefused:
+            continue
+        except OSError as exc:
+            if watching:
+                continue
+            what = "the source" if is_source else f"{name} {given}"
+            if is_source or isinstance(exc, StoreUnreachable) or _CREDENTIALS.search(str(exc)):
+                raise SourceError(f"cannot list {what}: {exc}") from None
+
+
 class ObjectSource:
     """The run's handle on an object-store source (the counterpart of ``SourceDir``): a
     bucket is never replaced nor reopened, and has no change events to follow."""
@@ -465,8 +511,26 @@ class ObjectInput:
 
     async def read_all(self) -> bytes:
         """The object's content. Raises :class:`InputChangedError` when the bytes that came
-        are not its size (a cut connection is an ``OSError`` from obstore)."""
-        data = bytes(await (await self._response()).bytes_async())
+        are not its size. A body cut short by the store's outage is read again (the same
+        version) once the store is back (see :class:`~.store.ObjectStores`)."""
+        tries = 0
+        while True:
+            result = await self._response()
+            try:
+                data = bytes(await result.bytes_async())
+                break
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                tries += 1
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                await self.store.wait_out(
+                    StoreUnreachable(
+                        f"get s3://{self.store.bucket}/{self.key} failed while its body was "
+                        f"read: {redact_urls(first)[:300]}"
+                    ),
+                    tries,
+                )
         if len(data) != self.info.size:
             raise InputChangedError(
                 f"the object's body was {len(data)} bytes, not {self.info.size}"

@@ -16,33 +16,40 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from .._errors import redact_urls, unwrap_group
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, SourceError
 from .profile import aws_profile
 
 if TYPE_CHECKING:
-    from obstore import GetResult, ObjectMeta
+    from obstore import GetOptions, GetResult, ObjectMeta
     from obstore.store import S3Config, S3Store
 
 __all__ = [
     "OPERATIONS",
+    "BucketMissing",
     "ObjectInfo",
     "ObjectKeyRefused",
     "ObjectMissing",
     "ObjectPreconditionFailed",
     "ObjectStore",
+    "ObjectStoreDown",
     "ObjectStores",
+    "StoreUnreachable",
     "require_obstore",
     "version_tag",
 ]
+
+T = TypeVar("T")
+log = logging.getLogger("asyncbatch")
 
 #: The operations counted (``/metrics``: ``asyncbatch_object_requests_total{operation}``).
 #: ``list`` counts pages (up to 1,000 keys each).
@@ -141,20 +148,99 @@ class ObjectPreconditionFailed(OSError):
     where the request wanted none."""
 
 
+class BucketMissing(OSError):
+    """The bucket does not exist (S3's ``NoSuchBucket``)."""
+
+
+class StoreUnreachable(OSError):
+    """The store could not be reached or could not serve the request, after the client's own
+    retries: connection refused or reset, a timeout, a name that does not resolve, a ``5xx``
+    reply. Nothing is known about the object: the store is down, not the object wrong."""
+
+
+class ObjectStoreDown(SourceError):
+    """The store stayed unreachable past the run's bound (``ledger_timeout``): the run ends
+    (exit 69), its items in flight left pending."""
+
+
+#: What obstore says of a request that never got a usable reply: its HTTP error's kind (a
+#: connection that failed or broke, a timeout), or a server error status after its retries.
+_UNREACHABLE = re.compile(
+    r"\bkind: (?:Connect|Request|Timeout|Interrupted)\b|status code: 5\d\d|error sending request"
+)
+#: Longest wait between two tries of a request while the store is unreachable (seconds).
+OUTAGE_RETRY_MAX = 5.0
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether obstore's ``exc`` says the store, not the request, failed (see
+    :class:`StoreUnreachable`)."""
+    return _UNREACHABLE.search(str(exc)) is not None
+
+
 @dataclass(slots=True)
 class ObjectStores:
     """The run's clients, one per bucket, made on first use, and the requests they sent
-    (:attr:`requests`, by operation)."""
+    (:attr:`requests`, by operation).
+
+    A request the store cannot serve (:class:`StoreUnreachable`) is tried again, the run's
+    requests waiting together, until it succeeds or the store has been unreachable for
+    ``outage_timeout`` seconds (a run's; without one, it fails at once); then every request
+    raises :class:`ObjectStoreDown`."""
 
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0))
+    #: Seconds an unreachable store is waited out (a run's ``ledger_timeout``); ``None``: not
+    #: waited out, the request fails at once (a command that only looks: ``explain``).
+    outage_timeout: float | None = None
+    #: When (monotonic) the store was found unreachable, while it is.
+    down_since: float | None = None
+    #: Why the run gave up waiting for the store, once it did.
+    gave_up: ObjectStoreDown | None = None
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
 
     def bucket(self, name: str) -> ObjectStore:
         """The client of bucket ``name``."""
         store = self._stores.get(name)
         if store is None:
-            store = self._stores[name] = ObjectStore(name, self.requests)
+            store = self._stores[name] = ObjectStore(name, self.requests, self)
         return store
+
+    async def wait_out(self, failure: StoreUnreachable, tries: int) -> None:
+        """After a request failed with ``failure`` (its ``tries``-th try): wait before the next
+        try, or raise :class:`ObjectStoreDown` once the store has been unreachable for
+        ``outage_timeout`` seconds."""
+        import anyio
+
+        if self.outage_timeout is None:
+            raise failure
+        if self.gave_up is not None:
+            raise self.gave_up
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning(
+                "the S3 store cannot be reached (%s): waiting up to %gs (ledger_timeout) for it; "
+                "the items' attempts are not spent meanwhile",
+                failure,
+                self.outage_timeout,
+            )
+        left = self.down_since + self.outage_timeout - now
+        if left <= 0:
+            self.gave_up = ObjectStoreDown(
+                f"the S3 store stayed unreachable for {self.outage_timeout:g}s (ledger_timeout): "
+                f"{failure}; the items in flight are left pending"
+            )
+            raise self.gave_up
+        await anyio.sleep(min(OUTAGE_RETRY_MAX, 0.25 * 2 ** min(tries, 8), left))
+
+    def reached(self) -> None:
+        """A request went through: the store is back, if it was down."""
+        self.gave_up = None
+        if self.down_since is not None:
+            log.warning(
+                "the S3 store answers again after %.0fs", time.monotonic() - self.down_since
+            )
+            self.down_since = None
 
 
 _STATUS = re.compile(r"status code: (\d{3}[A-Za-z ]*)")
@@ -283,11 +369,16 @@ class ObjectStore:
     :class:`ObjectPreconditionFailed`, or ``OSError`` naming the operation and key for any
     other failure (after obstore's own retries of transient ones)."""
 
-    def __init__(self, bucket: str, requests: dict[str, int]) -> None:
+    def __init__(
+        self, bucket: str, requests: dict[str, int], stores: ObjectStores | None = None
+    ) -> None:
         from obstore.store import S3Store  # only here: see the module's docstring
 
         self.bucket = bucket
         self._requests = requests
+        #: The run's clients (their outage state); ``None``: an unreachable store fails a
+        #: request at once.
+        self._stores = stores
         #: Whether an empty object listed is a "folder" marker, by entry (see :meth:`_folders`).
         self._folder_verdicts: dict[tuple[str, int, str | None], bool] = {}
         profile = aws_profile()
@@ -313,7 +404,7 @@ class ObjectStore:
         if code is not None and code.group(1) == "NoSuchBucket":
             # obstore says NotFound for the object; the bucket is what is missing (a HEAD's
             # reply has no body, so no code: there a missing bucket is a missing object).
-            return OSError(
+            return BucketMissing(
                 f"{operation} {where} failed: bucket {self.bucket!r} does not exist "
                 f"({_reason(exc)})"
             )
@@ -321,7 +412,37 @@ class ObjectStore:
             return ObjectMissing(f"{operation} {where}: no such object")
         if isinstance(exc, errors.PreconditionError | errors.AlreadyExistsError):
             return ObjectPreconditionFailed(f"{operation} {where}: another version is there")
+        if unreachable(exc):
+            return StoreUnreachable(f"{operation} {where} failed: {_reason(exc)}")
         return OSError(f"{operation} {where} failed: {_reason(exc)}")
+
+    async def wait_out(self, failure: StoreUnreachable, tries: int) -> None:
+        """Wait before trying again what failed with ``failure`` (see
+        :meth:`ObjectStores.wait_out`); raise ``failure`` without the run's clients."""
+        if self._stores is None:
+            raise failure
+        await self._stores.wait_out(failure, tries)
+
+    async def _request(
+        self, operation: str, key: str, call: Callable[[], Awaitable[T]], *, fail_key: str = ""
+    ) -> T:
+        """One request (``call``), counted; tried again while the store is unreachable (see
+        :class:`ObjectStores`). Raises what :meth:`_fail` makes of any other failure."""
+        tries = 0
+        while True:
+            self._count(operation)
+            try:
+                done = await call()
+            except Exception as exc:
+                failure = self._fail(operation, fail_key or key, exc)
+                if not isinstance(failure, StoreUnreachable) or self._stores is None:
+                    raise failure from None
+                tries += 1
+                await self._stores.wait_out(failure, tries)
+                continue
+            if self._stores is not None:
+                self._stores.reached()
+            return done
 
     def _list_fail(self, prefix: str, exc: Exception) -> OSError:
         """:meth:`_fail` for a listing; :class:`ObjectKeyRefused` for a key obstore refuses."""
@@ -450,27 +571,21 @@ class ObjectStore:
         :class:`ObjectKeyRefused` for a key obstore cannot represent (no request sent)."""
         import obstore
 
-        self._count("head")
         try:
-            return ObjectInfo.of(await obstore.head_async(self._store, key))
-        except Exception as exc:
-            failure = self._fail("head", key, exc)
-            if isinstance(failure, ObjectMissing):
-                return None
-            raise failure from None
+            meta = await self._request("head", key, lambda: obstore.head_async(self._store, key))
+        except ObjectMissing:
+            return None
+        return ObjectInfo.of(meta)
 
     async def get(self, key: str, *, etag: str | None = None) -> GetResult:
         """Start reading ``key`` (the body streams from the result); with ``etag``, only that
         version (``If-Match``: :class:`ObjectPreconditionFailed` for another)."""
         import obstore
 
-        self._count("get")
-        try:
-            return await obstore.get_async(
-                self._store, key, options={"if_match": etag} if etag else None
-            )
-        except Exception as exc:
-            raise self._fail("get", key, exc) from None
+        options: GetOptions | None = {"if_match": etag} if etag else None
+        return await self._request(
+            "get", key, lambda: obstore.get_async(self._store, key, options=options)
+        )
 
     async def put(
         self, key: str, data: bytes, *, mode: Literal["create", "overwrite"] = "overwrite"
@@ -480,11 +595,11 @@ class ObjectStore:
         otherwise). Returns what was written (its LastModified is not known: 0)."""
         import obstore
 
-        self._count("put")
-        try:
-            done = await obstore.put_async(self._store, key, data, mode=mode, use_multipart=False)
-        except Exception as exc:
-            raise self._fail("put", key, exc) from None
+        done = await self._request(
+            "put",
+            key,
+            lambda: obstore.put_async(self._store, key, data, mode=mode, use_multipart=False),
+        )
         etag = done["e_tag"]
         return ObjectInfo(key, len(data), 0, etag, done["version"], version_tag(etag))
 
@@ -492,20 +607,15 @@ class ObjectStore:
         """Server-side copy of ``source`` to ``destination`` in this bucket (overwrites)."""
         import obstore
 
-        self._count("copy")
-        try:
-            await obstore.copy_async(self._store, source, destination)
-        except Exception as exc:
-            raise self._fail("copy", source, exc) from None
+        await self._request(
+            "copy", source, lambda: obstore.copy_async(self._store, source, destination)
+        )
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (no error when it is gone already)."""
         import obstore
 
-        self._count("delete")
         try:
-            await obstore.delete_async(self._store, key)
-        except Exception as exc:
-            failure = self._fail("delete", key, exc)
-            if not isinstance(failure, ObjectMissing):
-                raise failure from None
+            await self._request("delete", key, lambda: obstore.delete_async(self._store, key))
+        except ObjectMissing:
+            pass

@@ -1,0 +1,226 @@
+"""The S3 store checked before a run makes its state, and waited out when it goes away.
+
+- A bucket that does not exist (``--source``, ``--output-dir``, an ``s3://`` archive): exit 2,
+  one line naming the value, no state made, nothing handled or moved.
+- An endpoint that cannot be reached at the start: exit 69, no state made.
+- The endpoint gone mid-run (moto's server stopped): no attempt is spent; the run waits for it
+  (``--ledger-timeout``), goes on when it is back, or ends with exit 69, its items pending.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import cli, rows, spawn, state_counts, wait_for
+from .s3 import Bucket, MotoServer, start_server
+
+#: A handler that says it started (AB_LOG), waits for the file AB_GO, then reads its input.
+HANDLER = """\
+import os
+import anyio
+
+async def handle(ctx):
+    with open(os.environ["AB_LOG"], "a") as log:
+        log.write(ctx.entry.relpath + "\\n")
+    while not os.path.exists(os.environ["AB_GO"]):
+        await anyio.sleep(0.01)
+    await ctx.read_bytes()
+"""
+
+WRITES = """\
+async def handle(ctx):
+    await ctx.write_output(ctx.entry.relpath + ".out", await ctx.read_bytes())
+"""
+
+
+class Restartable:
+    """A moto server of this test's own, which can be stopped and started again on its port
+    (moto keeps its buckets in this process: they are there again)."""
+
+    def __init__(self) -> None:
+        self._gen = start_server()
+        self.moto: MotoServer = next(self._gen)
+        self.port = int(self.moto.endpoint.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        self.moto.server.stop()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.moto.server = server
+
+
+@pytest.fixture
+def own_server() -> Iterator[Restartable]:
+    server = Restartable()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except Exception:  # stopped already
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _job(tmp_path: Path, code: str) -> Path:
+    (tmp_path / "jobs.py").write_text(code)
+    return tmp_path
+
+
+def test_a_missing_output_bucket_is_refused_before_anything_is_handled(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    for i in range(3):
+        bucket.put(f"in/f{i}.txt", b"x")
+    state = tmp_path / "s.db"
+    typo = f"s3://{bucket.name}-typo/out/"
+    out = cli(
+        "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state,
+        "--output-dir", typo, "--on-dead", f"move:{bucket.url('quarantine/')}",
+        "--backoff", "0", "--no-progress",
+        cwd=_job(tmp_path, WRITES), env=bucket.env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"asyncbatch: error: setting 'output_dir' has value '{typo}': the bucket "
+        f"'{bucket.name}-typo' does not exist (a mistyped one?)"
+    ]
+    assert not state.exists()
+    assert bucket.keys() == ["in/f0.txt", "in/f1.txt", "in/f2.txt"]
+
+
+def test_a_missing_archive_bucket_is_refused_before_anything_is_handled(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.put("in/a.txt", b"x")
+    state = tmp_path / "s.db"
+    out = cli(
+        "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state,
+        "--on-done", "move:s3://no-such-bucket-h87/done/", "--no-progress",
+        cwd=_job(tmp_path, WRITES), env=bucket.env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "asyncbatch: error: setting 'on_done' has value 'move:s3://no-such-bucket-h87/done/': "
+        "the bucket 'no-such-bucket-h87' does not exist (a mistyped one?)"
+    ]
+    assert not state.exists()
+    assert bucket.keys() == ["in/a.txt"]
+
+
+def test_a_missing_source_bucket_does_not_bind_the_job(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("in/a.txt", b"x")
+    state = tmp_path / "s.db"
+    typo = f"s3://{bucket.name}-typo/in/"
+    cwd = _job(tmp_path, "async def handle(ctx):\n    await ctx.read_bytes()\n")
+    out = cli("run", "jobs:handle", "--source", typo, "--state", state, cwd=cwd, env=bucket.env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"asyncbatch: error: setting 'source' has value '{typo}': the bucket "
+        f"'{bucket.name}-typo' does not exist (a mistyped one?)"
+    ]
+    assert not state.exists()
+    fixed = cli(
+        "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state,
+        cwd=cwd, env=bucket.env,
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    assert state_counts(state) == {"done": 1}
+
+
+def test_an_unreachable_endpoint_at_the_start_makes_no_state(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    state = tmp_path / "s.db"
+    env = {**bucket.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
+    out = cli(
+        "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state,
+        cwd=_job(tmp_path, WRITES), env=env,
+    )  # fmt: skip
+    assert out.returncode == 69, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"asyncbatch: error: cannot list the source: list {bucket.url('in/')} failed:"
+    )
+    assert not state.exists()
+
+
+def _items(state: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(rel): (str(st), int(n))
+        for rel, st, n in rows(state, "SELECT relpath, state, attempts FROM items")
+    }
+
+
+def _outage_run(
+    own_server: Restartable, tmp_path: Path, timeout: str
+) -> tuple[subprocess.Popen[str], Bucket, Path]:
+    """Start a run over 6 objects (one at a time); once its first handler started, the
+    server is stopped (and the handler let go)."""
+    bucket = Bucket(own_server.moto)
+    for i in range(6):
+        bucket.put(f"in/f{i}.txt", b"x" * 10)
+    log, go = tmp_path / "log", tmp_path / "go"
+    state = tmp_path / "s.db"
+    proc = spawn(
+        "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state, "-j", "1",
+        "--backoff", "0", "--ledger-timeout", timeout, "--no-progress",
+        cwd=_job(tmp_path, HANDLER), env={**bucket.env, "AB_LOG": str(log), "AB_GO": str(go)},
+    )  # fmt: skip
+    wait_for(log.exists)
+    own_server.stop()
+    go.touch()
+    return proc, bucket, state
+
+
+def test_an_outage_past_the_ledger_timeout_leaves_items_pending_not_dead(
+    own_server: Restartable, tmp_path: Path
+) -> None:
+    proc, bucket, state = _outage_run(own_server, tmp_path, "1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 69, err
+    assert "the S3 store stayed unreachable for 1s (ledger_timeout)" in err.splitlines()[-1]
+    items = _items(state)
+    assert not [k for k, (st, _) in items.items() if st in ("dead", "failed")], items
+    # The store back: a plain rerun handles every object (nothing "dead before").
+    own_server.start()
+    again = cli(
+        "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state, "--no-progress",
+        cwd=tmp_path, env={**bucket.env, "AB_LOG": str(tmp_path / "log"),
+                           "AB_GO": str(tmp_path / "go")},
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert state_counts(state) == {"done": 6}
+
+
+def test_an_outage_is_waited_out_without_spending_attempts(
+    own_server: Restartable, tmp_path: Path
+) -> None:
+    proc, _, state = _outage_run(own_server, tmp_path, "120")
+    assert proc.stderr is not None
+    said = proc.stderr.readline()  # the first thing it says: that it waits for the store
+    assert "the S3 store cannot be reached" in said, said
+    own_server.start()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, said + err
+    assert "6 done" in out, out
+    assert "the S3 store answers again" in err
+    assert "failed" not in err
+    assert all(n == 1 for _, n in _items(state).values()), _items(state)
+    assert state_counts(state) == {"done": 6}
