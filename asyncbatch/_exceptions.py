@@ -91,7 +91,13 @@ class SchemaVersionError(LedgerError):
     def __init__(self, path: str, found: int, known: int) -> None:
         self.found = found
         self.known = known
-        if found < known:
+        if found < 1:
+            message = (
+                f"state {path!r} has schema version {found}, which is not one asyncbatch "
+                "knows (was it set by hand?); the state was not modified: restore it from a "
+                "backup, or set the version its tables are"
+            )
+        elif found < known:
             message = (
                 f"state {path!r} has schema version {found}, older than the {known} this "
                 "asyncbatch uses: the next 'asyncbatch run' with this --state upgrades it in "
@@ -114,12 +120,26 @@ class SchemaMismatchError(SchemaVersionError):
     def __init__(self, path: str, found: int, known: int, detail: str) -> None:
         self.found = found
         self.known = known
-        LedgerError.__init__(
-            self,
-            f"state {path!r}: its schema does not match its version number ({found}): "
-            f"upgrading it to {known} failed ({detail}); the state was not modified (was its "
-            "version set by hand? restore it from a backup, or set the version its tables are)",
-        )
+        if found == known:  # not upgraded: its tables were checked against its version's
+            message = (
+                f"state {path!r}: its tables are not those of the schema version it records "
+                f"({found}): {detail}; the state was not modified (were its tables changed by "
+                "hand or by another program? restore it from a backup)"
+            )
+        else:
+            message = (
+                f"state {path!r}: its schema does not match its version number ({found}): "
+                f"upgrading it to {known} failed ({detail}); the state was not modified (was "
+                "its version set by hand? restore it from a backup, or set the version its "
+                "tables are)"
+            )
+        LedgerError.__init__(self, message)
+
+
+class LedgerAccessError(LedgerError):
+    """The state may not be read or written by this user or database role (PostgreSQL's
+    ``insufficient_privilege``, a schema this role may not use): retrying cannot help until
+    someone grants the privilege; nothing was changed by the statement refused."""
 
 
 class JobLockedError(AsyncBatchError):

@@ -14,6 +14,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1198,3 +1200,229 @@ def test_the_cli_leaves_without_finalizing_once_obstore_was_loaded(
         cli_main.leave(4)  # no object-store request made: the interpreter ends as usual
     assert left.value.code == 4
     assert done == ["logs flushed", "_exit 3"]
+
+
+# -- a state that is not understood is refused untouched (exit 2), never made or "repaired" ----
+
+
+@pytest.mark.parametrize(
+    ("pragmas", "needle"),
+    [
+        # Another application's schema version, no tables (yet): not blank.
+        ("PRAGMA user_version = 3", "no tables whose user_version is 3"),
+        ("PRAGMA user_version = 10", "no tables whose user_version is 10"),
+        # Declared as another application's file.
+        ("PRAGMA application_id = 1234", "of another application (application_id 1234"),
+        # asyncbatch's, its version recorded, its tables gone.
+        (
+            "PRAGMA application_id = 1094861640; PRAGMA user_version = 11",
+            "its tables are not those of the schema version it records (11): it holds no tables",
+        ),
+    ],
+)
+def test_a_database_with_no_tables_that_is_not_blank_is_refused_untouched(
+    inbox: Path, tmp_path: Path, pragmas: str, needle: str
+) -> None:
+    # A run used to take it: switch it to WAL and fail on a missing table (exit 69), or
+    # rewrite another application's application_id and make its tables in it (exit 0).
+    make_files(inbox, 1)
+    state = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        db.executescript(f"{pragmas}; CREATE TABLE t (x); DROP TABLE t;")
+    before = untouched(state)
+    for args in every_command(inbox, state):
+        assert_one_line_error(cli(*args), f"state {str(state)!r}", needle)
+        assert untouched(state) == before, args
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+def test_a_blank_database_is_still_made_a_ledger(inbox: Path, tmp_path: Path) -> None:
+    make_files(inbox, 1)
+    state = tmp_path / "blank.db"
+    with contextlib.closing(sqlite3.connect(state)) as db:  # a header, nothing declared in it
+        db.executescript("CREATE TABLE t (x); DROP TABLE t;")
+    assert state.stat().st_size > 0
+    assert cli("run", RECORD, "--source", inbox, "--state", state).returncode == 0
+    assert state_counts(state) == {"done": 1}
+
+
+def rename_column(state: str, table: str, column: str) -> None:
+    statement = f"ALTER TABLE {table} RENAME COLUMN {column} TO {column}_renamed"
+    if state.startswith("postgresql://"):
+        pg_sync(state, statement.replace("TABLE ", f'TABLE "{schema_of(state)}".', 1))
+    else:
+        with contextlib.closing(sqlite3.connect(state)) as db:
+            db.execute(statement)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.commit()
+
+
+def schema_of(dsn: str) -> str:
+    return dsn.rsplit("search_path=", 1)[1]
+
+
+def ledger_look(state: str) -> object:
+    """What must not change: a SQLite state's bytes, a PostgreSQL schema's columns and rows."""
+    if not state.startswith("postgresql://"):
+        return untouched(Path(state))
+    schema = schema_of(state)
+    columns = pg_sync(
+        state,
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = $1 ORDER BY 1, 2",
+        schema,
+    )
+    tables = sorted({c[0] for c in columns})
+    return columns, [pg_sync(state, f'SELECT * FROM "{schema}"."{t}" ORDER BY 1') for t in tables]
+
+
+def test_a_state_whose_columns_are_not_those_of_its_version_is_refused_exit_2(
+    inbox: Path, any_state: str
+) -> None:
+    # items.relpath renamed: a run exited 69 ("table items has no column named relpath",
+    # retrying cannot help) after writing its history row; items and failures too.
+    make_files(inbox, 2)
+    assert cli("run", RECORD, "--source", inbox, "--state", any_state).returncode == 0
+    rename_column(any_state, "items", "relpath")
+    before = ledger_look(any_state)
+    for args in [
+        *every_command(inbox, any_state),
+        ["items", "--state", any_state],
+        ["forget", "--yes", "a", "--state", any_state],
+    ]:
+        assert_one_line_error(
+            cli(*args),
+            "its tables are not those of the schema version it records",
+            "table items has no column relpath",
+            "relpath_renamed",
+            "was not modified",
+        )
+        assert ledger_look(any_state) == before, args
+
+
+def test_an_upgrade_that_would_leave_tables_not_those_of_this_version_is_refused(
+    inbox: Path, state: Path
+) -> None:
+    # A version-1 ledger whose jobs.created_at was renamed: every migration statement
+    # applies, and the result would not be this version's tables. Rolled back, exit 2.
+    make_files(inbox, 1)
+    first_schema_ledger(state)
+    rename_column(str(state), "jobs", "created_at")
+    before = untouched(state)
+    assert_one_line_error(
+        cli("run", RECORD, "--source", inbox, "--state", state),
+        "its schema does not match its version number (1)",
+        "table jobs has no column created_at",
+    )
+    assert untouched(state) == before
+
+
+@pytest.mark.parametrize("version", [-1, 0])
+def test_a_schema_version_asyncbatch_never_wrote_is_refused_exit_2(
+    inbox: Path, any_state: str, version: int
+) -> None:
+    # -1 made a run die with a traceback (KeyError), and status said a run would upgrade it.
+    make_files(inbox, 1)
+    assert cli("run", RECORD, "--source", inbox, "--state", any_state).returncode == 0
+    if any_state.startswith("postgresql://"):
+        pg_sync(
+            any_state,
+            f"UPDATE \"{schema_of(any_state)}\".meta SET value = '{version}' "
+            "WHERE name = 'schema_version'",
+        )
+    else:
+        with contextlib.closing(sqlite3.connect(any_state)) as db:
+            db.execute(f"PRAGMA user_version = {version}")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.commit()
+    before = ledger_look(any_state)
+    for args in every_command(inbox, any_state):
+        assert_one_line_error(
+            cli(*args), f"has schema version {version}, which is not one asyncbatch knows"
+        )
+        assert ledger_look(any_state) == before, args
+
+
+@pytest.mark.parametrize("target", ["missing", "file", "read-only"])
+def test_a_state_symlinked_to_a_path_that_cannot_be_made_is_one_line(
+    inbox: Path, tmp_path: Path, target: str
+) -> None:
+    # The error message itself used to fail (stat of the missing target): a traceback.
+    make_files(inbox, 1)
+    (tmp_path / "afile").touch()
+    (tmp_path / "ro").mkdir(mode=0o555)
+    where = {"missing": "nowhere/x.db", "file": "afile/x.db", "read-only": "ro/x.db"}[target]
+    state = tmp_path / "link.db"
+    state.symlink_to(where)
+    needle = {
+        "missing": f"directory {str(tmp_path / 'nowhere')!r} does not exist",
+        "file": f"{str(tmp_path / 'afile')!r} is not a directory",
+        "read-only": "cannot be created: this user may not write it",
+    }[target]
+    if target == "read-only" and os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root's file access override")
+    prefix = NO_DAC if os.geteuid() == 0 else []
+    result = cli("run", RECORD, "--source", inbox, "--state", state, prefix=prefix)
+    assert_one_line_error(result, f"state {str(state)!r} (a symlink to {where!r})", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "inbox", "link.db", "ro"]
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.fixture
+def pg_role(pg_dsn: str) -> Iterator[str]:
+    """A login role with no privileges (dropped after, with whatever was granted to it)."""
+    role = f"abtest_role_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    pg_sync(pg_dsn, f"CREATE ROLE {role} LOGIN")
+    yield role
+    pg_sync(pg_dsn, f"DROP OWNED BY {role}")
+    pg_sync(pg_dsn, f"DROP ROLE {role}")
+
+
+def as_role(dsn: str, role: str, schema: str | None = None) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    netloc = f"{role}@{parts.hostname}:{parts.port}"
+    query = parts.query if schema is None else f"search_path={schema}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def test_a_postgres_role_without_the_privileges_a_command_needs_exits_2(
+    inbox: Path, pg_dsn: str, pg_role: str
+) -> None:
+    # These exited 69 ("the ledger is unavailable"): retrying cannot help, someone must grant
+    # the privilege. Without USAGE on the schema, its tables read as missing: untrue.
+    make_files(inbox, 1)
+    assert cli("run", RECORD, "--source", inbox, "--state", pg_dsn).returncode == 0
+    schema = schema_of(pg_dsn)
+    role_dsn = as_role(pg_dsn, pg_role)
+    before = ledger_look(pg_dsn)
+    assert_one_line_error(
+        cli("status", "--state", role_dsn),
+        f"schema {schema!r} cannot be used by this role (no USAGE privilege on it)",
+    )
+    pg_sync(pg_dsn, f'GRANT USAGE ON SCHEMA "{schema}" TO {pg_role}')
+    assert_one_line_error(
+        cli("status", "--state", role_dsn), "permission denied for table", "lacks a privilege"
+    )
+    pg_sync(pg_dsn, f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {pg_role}')
+    assert cli("status", "--state", role_dsn).returncode == 0  # reading is all it may do
+    for args in (
+        ["run", RECORD, "--source", inbox, "--no-progress"],
+        ["retry", "--dead"],
+        ["forget", "--yes", "f00000.txt"],
+    ):
+        assert_one_line_error(
+            cli(*args, "--state", role_dsn), "permission denied for table", "lacks a privilege"
+        )
+    assert ledger_look(pg_dsn) == before
+    # A new schema in a database where this role may create none.
+    new = f"{schema}_new"
+    try:
+        assert_one_line_error(
+            cli("run", RECORD, "--source", inbox, "--state", as_role(pg_dsn, pg_role, new)),
+            "permission denied for database",
+            "lacks a privilege",
+        )
+        assert pg_sync(pg_dsn, "SELECT 1 FROM pg_namespace WHERE nspname = $1", new) == []
+    finally:
+        pg_sync(pg_dsn, f'DROP SCHEMA IF EXISTS "{new}" CASCADE')

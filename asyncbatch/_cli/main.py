@@ -29,6 +29,7 @@ from .._exceptions import (
     AsyncBatchError,
     DamagedLedgerError,
     JobLockedError,
+    LedgerAccessError,
     LedgerError,
     LockLostError,
     NotALedgerError,
@@ -304,7 +305,7 @@ def _unavailable(error: BaseException) -> bool:
     if isinstance(error, SourceError):
         return not isinstance(error, SourceKeyError)  # a key to rename: retrying cannot help
     return isinstance(error, LedgerError) and not isinstance(
-        error, NotALedgerError | SchemaVersionError | DamagedLedgerError
+        error, NotALedgerError | SchemaVersionError | DamagedLedgerError | LedgerAccessError
     )
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "live_user",
     "looks_like_key",
     "retrying",
+    "schema_difference",
     "upgrade_refused",
 ]
 
@@ -857,3 +858,27 @@ def ledger_error(state: str, error: BaseException, prefix: str | None = None) ->
     if len(text) > 300:
         text = text[:297] + "..."
     return LedgerError(f"{prefix or f'state {state!r}'}: {text}")
+
+
+def schema_difference(
+    expected: Mapping[str, Sequence[str]], found: Mapping[str, Sequence[str]]
+) -> str | None:
+    """How the ledger's tables (``found``: table -> its columns) differ from those of its
+    schema version (``expected``), in words; ``None`` when every table is there with exactly
+    its columns (tables of others beside them are not the ledger's business)."""
+    problems = []
+    for table, columns in sorted(expected.items()):
+        if table not in found:
+            problems.append(f"table {table} is missing")
+            continue
+        missing = [c for c in columns if c not in found[table]]
+        extra = [c for c in found[table] if c not in columns]
+        if missing:
+            problems.append(f"table {table} has no column {', '.join(missing)}")
+        if extra:
+            problems.append(f"table {table} has a column {', '.join(extra)} it should not")
+    if not problems:
+        return None
+    if len(problems) > 3:
+        problems[3:] = [f"{len(problems) - 3} more difference(s)"]
+    return "; ".join(problems)

@@ -46,6 +46,7 @@ import asyncpg.exceptions as pg_errors
 from .. import _failpoints as failpoints
 from .._exceptions import (
     ConfigurationError,
+    LedgerAccessError,
     LedgerError,
     NotALedgerError,
     SchemaMismatchError,
@@ -53,7 +54,15 @@ from .._exceptions import (
 )
 from .._procinfo import this_process
 from . import postgres_sql as sql
-from .base import BUSY, Busy, ledger_error, live_user, retrying, upgrade_refused
+from .base import (
+    BUSY,
+    Busy,
+    ledger_error,
+    live_user,
+    retrying,
+    schema_difference,
+    upgrade_refused,
+)
 from .dsn import PostgresDSN
 from .types import Durability, LedgerErrors
 
@@ -106,6 +115,15 @@ _OFFSET_TTL = 60.0
 _STATEMENT_CACHE_SIZE = 1000
 
 log = logging.getLogger("asyncbatch.ledger")
+
+
+def _denied(name: str, error: Exception) -> LedgerAccessError:
+    """The one line for PostgreSQL's ``insufficient_privilege`` (SQLSTATE 42501): this role
+    may not do what the command needs (retrying cannot help)."""
+    return LedgerAccessError(
+        f"state {name!r}: {_one_line(error)} (this role lacks a privilege this command needs: "
+        "grant it, or connect as a role that has it)"
+    )
 
 
 class _Unreachable(Exception):
@@ -310,6 +328,8 @@ class PostgresSession:
             ) from None
         except (*_SERVER_GONE, *CONNECTION_LOST) as e:
             raise _Unreachable(_one_line(e)) from None
+        except pg_errors.InsufficientPrivilegeError as e:  # no CONNECT on the database, say
+            raise _denied(self.name, e) from None
         except (asyncpg.PostgresError, ValueError) as e:
             raise ledger_error(self.name, e, f"cannot connect to state {self.name!r}") from None
         return conn
@@ -338,8 +358,13 @@ class PostgresSession:
         schema = self.target.schema
         row = await conn.fetchrow(sql.INSPECT_SCHEMA, schema)
         assert row is not None
-        _, relations, has_meta, meta_is_ours = row
+        _, relations, has_meta, meta_is_ours, usable = row
         where = f"state {self.name!r}: schema {schema!r}"
+        if not usable:  # (its tables would read as missing: "relation does not exist")
+            raise LedgerAccessError(
+                f"{where} cannot be used by this role (no USAGE privilege on it); grant it "
+                "(GRANT USAGE ON SCHEMA ...) or connect as a role that has it"
+            )
         foreign = NotALedgerError(
             f"{where} holds tables of another application; it was not touched "
             "(choose another schema with ?search_path=NAME)"
@@ -359,9 +384,22 @@ class PostgresSession:
             raise NotALedgerError(
                 f"{where} has no valid schema_version; it was not touched"
             ) from None
-        if found > sql.SCHEMA_VERSION:
+        if not 0 < found <= sql.SCHEMA_VERSION:
             raise SchemaVersionError(f"{self.name} (schema {schema})", found, sql.SCHEMA_VERSION)
+        if found == sql.SCHEMA_VERSION:
+            await self._check_tables(conn, found)
         return found
+
+    async def _check_tables(self, conn: Connection, found: int) -> None:
+        """Refuse (:class:`SchemaMismatchError`) a ledger whose tables are not those of this
+        schema version: a table or column missing, renamed or added by something else."""
+        schema = self.target.schema
+        tables = {row[0]: tuple(row[1]) for row in await conn.fetch(sql.TABLE_COLUMNS, schema)}
+        difference = schema_difference(sql.TABLES, tables)
+        if difference is not None:
+            raise SchemaMismatchError(
+                f"{self.name} (schema {schema})", found, sql.SCHEMA_VERSION, difference
+            )
 
     async def _migrate(self, conn: Connection) -> None:
         """Create the schema or bring it up to date (one transaction, one client at a time)."""
@@ -390,6 +428,8 @@ class PostgresSession:
                     f"{self.name} (schema {schema})", found, sql.SCHEMA_VERSION, _one_line(e)
                 ) from None
             version += 1
+        if found:  # (rolled back with the rest: an upgrade that leaves other tables is refused)
+            await self._check_tables(conn, found)
         now = await conn.fetchval(sql.SERVER_NOW)
         await conn.execute(sql.SET_META, "application", sql.APPLICATION)
         await conn.execute(sql.SET_META, "schema_version", str(sql.SCHEMA_VERSION))
@@ -462,6 +502,8 @@ class PostgresSession:
                 f"state {self.name!r}: rows stayed locked by another runner for "
                 f"{self.busy_timeout:.0f}s",
             )
+        if isinstance(error, pg_errors.InsufficientPrivilegeError):
+            return _denied(self.name, error)
         if isinstance(error, asyncpg.PostgresError):
             return ledger_error(self.name, error)
         return ledger_error(self.name, error, f"state {self.name!r}: connection lost")

@@ -249,12 +249,50 @@ SELECT pid, host, pid_start, expires_at FROM runners
 UNION ALL SELECT pid, host, pid_start, expires_at FROM task_lock
 """
 
+#: The tables of a ledger of this schema version and their columns, in order (a ledger whose
+#: tables differ is refused before anything is written: see postgres_session). A migration
+#: that changes them changes this too (every test of a new ledger checks it).
+TABLES: Final[dict[str, tuple[str, ...]]] = {
+    "forgotten": ("seq", "job", "relpath", "at"),
+    "idempotency_keys": (
+        *("scope", "key", "fingerprint", "state", "status", "headers", "body"),
+        *("created_at", "locked_until", "expires_at"),
+    ),
+    "items": (
+        *("job", "key", "relpath", "size", "mtime_ns", "inode", "state", "attempts", "owner"),
+        *("fence", "started_fence", "lease_until", "next_attempt_at", "last_error"),
+        *("post_action", "created_at", "updated_at", "done_at", "interrupted", "started_at"),
+        *("finished_at", "runner"),
+    ),
+    "jobs": ("job", "identity", "created_at", "settings"),
+    "listers": (
+        *("job", "owner", "fence", "lease_until", "since", "generation", "complete"),
+        *("started_at", "listed_at", "listed_files", "found_done", "found_dead", "registered"),
+        *("queued_last", "twins", "not_ready"),
+    ),
+    "meta": ("name", "value"),
+    "queued": ("seq", "job", "files", "rows"),
+    "runners": (
+        *("owner", "job", "pid", "host", "pid_start", "shared", "started_at", "heartbeat_at"),
+        "expires_at",
+    ),
+    "runs": (
+        *("id", "job", "owner", "pid", "host", "mode", "started_at", "finished_at", "seen"),
+        *("done", "failed", "dead", "vanished", "exit_status", "done_before", "held"),
+        *("waiting", "dead_before", "unfinished", "lost", "earlier", "settings_changed"),
+        *("unsettled", "unregistered", "unstable", "unmarked", "dir_unmarked", "too_small"),
+        "too_old",
+    ),
+    "task_lock": ("job_id", "owner", "pid", "host", "pid_start", "acquired_at", "expires_at"),
+}
+
 # -- opening -------------------------------------------------------------------------------------
 
 #: Serialises creation and migration of one schema across every client: $1 schema name.
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncbatch.schema'), hashtext($1))"
 #: What the schema holds: (schema exists, relations in it, has a meta table, that meta table
-#: has the ledger's columns: name and value, both text). $1 schema name. Another application's
+#: has the ledger's columns: name and value, both text; whether this role may use the schema:
+#: without USAGE its tables are invisible to it, not missing). $1 schema name. Another application's
 #: ``meta`` (other columns, or other types) is told apart here, in the same statement, before
 #: anything reads it (READ_VERSION would fail on it with a raw SQL error).
 INSPECT_SCHEMA = """
@@ -264,11 +302,22 @@ SELECT n.oid IS NOT NULL,
        meta.oid IS NOT NULL,
        (SELECT count(*) FROM pg_attribute a
          WHERE a.attrelid = meta.oid AND a.attnum > 0 AND NOT a.attisdropped
-           AND a.attname IN ('name', 'value') AND a.atttypid = 'text'::regtype) = 2
+           AND a.attname IN ('name', 'value') AND a.atttypid = 'text'::regtype) = 2,
+       n.oid IS NULL OR has_schema_privilege(n.oid, 'USAGE')
 FROM (SELECT 1) AS one
 LEFT JOIN pg_namespace n ON n.nspname = $1
 LEFT JOIN pg_class meta ON meta.relnamespace = n.oid AND meta.relname = 'meta'
                        AND meta.relkind IN ('r', 'p')
+"""
+#: (table, its column names in order) of every table in schema $1 (from the catalogs: a
+#: table this role may not read is listed too).
+TABLE_COLUMNS = """
+SELECT c.relname::text, array_agg(a.attname::text ORDER BY a.attnum)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+GROUP BY c.relname
 """
 #: (application, schema_version) from an existing meta table.
 #: A name with more than one row (another application's table: the ledger's ``name`` is its

@@ -26,6 +26,7 @@ functions below, over a plain ``sqlite3.Connection``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ from .base import (
     glob_regex,
     live_user,
     retrying,
+    schema_difference,
     upgrade_refused,
 )
 from .idempotency import IdempotencyRecord, decide_idempotency, encode_headers
@@ -168,6 +170,34 @@ def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
     return json.dumps(keys), json.dumps(fenced)
 
 
+@functools.cache
+def _expected_tables() -> dict[str, tuple[str, ...]]:
+    """The tables of a ledger of this schema version and their columns: those the
+    migrations make in a new database (in memory)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for version in range(sql.SCHEMA_VERSION):
+            conn.executescript(sql.MIGRATIONS[version])
+        return _tables(conn)
+    finally:
+        conn.close()
+
+
+def _tables(conn: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
+    tables: dict[str, tuple[str, ...]] = {}
+    for table, column in conn.execute(sql.TABLE_COLUMNS).fetchall():
+        tables[table] = (*tables.get(table, ()), column)
+    return tables
+
+
+def _check_tables(conn: sqlite3.Connection, name: str, found: int) -> None:
+    """Refuse (:class:`SchemaMismatchError`) a ledger whose tables are not those of this
+    schema version: a table or column missing, renamed or added by something else."""
+    difference = schema_difference(_expected_tables(), _tables(conn))
+    if difference is not None:
+        raise SchemaMismatchError(name, found, sql.SCHEMA_VERSION, difference)
+
+
 # -- transaction bodies (run on the ledger's thread, inside BEGIN IMMEDIATE) ---------------------
 
 
@@ -192,6 +222,8 @@ def _tx_migrate(conn: sqlite3.Connection, now: float, name: str) -> None:
                     raise
                 raise SchemaMismatchError(name, found, sql.SCHEMA_VERSION, str(e)) from None
         version += 1
+    if found:  # (rolled back with the rest: an upgrade that leaves other tables is refused)
+        _check_tables(conn, name, found)
     conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
     # Made here, on the ledger's thread, never passed as an argument: aiosqlite logs every
@@ -539,37 +571,21 @@ class SQLiteLedger(Ledger):
             # file to WAL or migrating it, which locks it exclusively); short waits afterwards.
             await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             await db.create_function(sql.GLOB_FUNCTION, 2, _glob, deterministic=True)
-            objects = await self._scalar(sql.SCHEMA_OBJECTS)
-            app_id = await self._scalar("PRAGMA application_id")
-            version = await self._scalar("PRAGMA user_version")
+            # (One statement, one snapshot: another runner may be making the ledger now.)
+            header = await db.execute_fetchall(sql.SCHEMA_HEADER)
+            objects, app_id, version = next(iter(header))
         except sqlite3.Error as e:
             if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
                 raise LedgerError(f"state {name!r}: {e}") from e
             raise open_error(self.path, e) from e
-        if objects and app_id != sql.APPLICATION_ID:
-            wal = companions(self.path)[0]
-            if foreign_wal(self.path, sql.APPLICATION_ID):
-                raise NotALedgerError(
-                    f"state {name!r} is an asyncbatch ledger, but its -wal file {str(wal)!r} is "
-                    "another application's database (left there by another database?); "
-                    "neither was touched: move that -wal aside if it is not the ledger's"
-                )
-            raise NotALedgerError(
-                f"state {name!r} is a SQLite database of another application; it was not touched"
-            )
-        if version > sql.SCHEMA_VERSION:
-            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
-        if existed and not objects and not migrate:
-            wal, shm = companions(self.path)
-            if shm.exists() and not wal.exists():
-                raise LedgerError(
-                    f"state {name!r} holds no ledger, and its -shm file says a -wal file "
-                    "existed: was the -wal deleted? Its commits are gone; see "
-                    "'asyncbatch help troubleshooting'"
-                )
-            raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
-        if version < sql.SCHEMA_VERSION and not migrate:
-            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
+        self._refuse(existed, objects, app_id, version, migrate=migrate)
+        if version == sql.SCHEMA_VERSION:
+            # Before anything is written: a ledger whose tables are not its version's is
+            # refused, not used until a statement fails in the middle of a run.
+            try:
+                await on_thread(db, lambda: _check_tables(raw(db), name, version))
+            except sqlite3.Error as e:
+                raise open_error(self.path, e) from e
         if read_only:
             return
         with self._errors():
@@ -583,6 +599,64 @@ class SQLiteLedger(Ledger):
             if version < sql.SCHEMA_VERSION:
                 await self._transact(_tx_migrate, self.clock(), name)
             await db.execute(f"PRAGMA busy_timeout = {_SQLITEBUSY_MS}")
+
+    def _refuse(
+        self, existed: bool, objects: int, app_id: int, version: int, *, migrate: bool
+    ) -> None:
+        """Refuse, before anything is written, a file this asyncbatch does not understand:
+        another application's, a schema version it does not know, or (without ``migrate``)
+        one that holds no ledger or an older one."""
+        name = self.name
+        if not objects and (app_id not in (0, sql.APPLICATION_ID) or version != 0):
+            self._refuse_blank(existed, app_id, version, migrate=migrate)
+        if objects and app_id != sql.APPLICATION_ID:
+            wal = companions(self.path)[0]
+            if foreign_wal(self.path, sql.APPLICATION_ID):
+                raise NotALedgerError(
+                    f"state {name!r} is an asyncbatch ledger, but its -wal file {str(wal)!r} is "
+                    "another application's database (left there by another database?); "
+                    "neither was touched: move that -wal aside if it is not the ledger's"
+                )
+            raise NotALedgerError(
+                f"state {name!r} is a SQLite database of another application; it was not touched"
+            )
+        if objects and not 0 < version <= sql.SCHEMA_VERSION:
+            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
+        if existed and not objects and not migrate:
+            wal, shm = companions(self.path)
+            if shm.exists() and not wal.exists():
+                raise LedgerError(
+                    f"state {name!r} holds no ledger, and its -shm file says a -wal file "
+                    "existed: was the -wal deleted? Its commits are gone; see "
+                    "'asyncbatch help troubleshooting'"
+                )
+            raise NotALedgerError(f"state {name!r} is an empty database, not a ledger")
+        if version < sql.SCHEMA_VERSION and not migrate:
+            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
+
+    def _refuse_blank(self, existed: bool, app_id: int, version: int, *, migrate: bool) -> None:
+        """Refuse a database with no tables that is not blank: one that declares another
+        application (``application_id``) or a schema version (``user_version``, which other
+        applications use for theirs too). Only a blank one is made a ledger; nothing is
+        written to this one."""
+        name = self.name
+        wal, shm = companions(self.path)
+        if existed and not migrate and shm.exists() and not wal.exists():
+            return  # (said by the caller: its -wal was deleted)
+        if app_id not in (0, sql.APPLICATION_ID):
+            raise NotALedgerError(
+                f"state {name!r} is a SQLite database of another application (application_id "
+                f"{app_id}, no tables); it was not touched"
+            )
+        if app_id == sql.APPLICATION_ID and 0 < version <= sql.SCHEMA_VERSION:
+            raise SchemaMismatchError(name, version, version, "it holds no tables")
+        if app_id == sql.APPLICATION_ID:
+            raise SchemaVersionError(name, version, sql.SCHEMA_VERSION)
+        raise NotALedgerError(
+            f"state {name!r} is a SQLite database with no tables whose user_version is "
+            f"{version} (set by another application?): not an asyncbatch ledger; it was not "
+            "touched"
+        )
 
     async def _switch_to_wal(self) -> None:
         """Put the file in WAL mode, waiting while other runners open it at the same moment.

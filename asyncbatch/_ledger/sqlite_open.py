@@ -52,11 +52,18 @@ def check_state_path(path: Path, *, create: bool) -> bool:
     """
     st = _state_stat(path)
     parent = path.parent
+    # A symlink to no file: SQLite makes its target, in the target's directory.
+    dangling = st is None and path.is_symlink()
+    if dangling:
+        parent = _real(path).parent
+        where = f"state {str(path)!r} (a symlink to {os.readlink(path)!r})"
+    else:
+        where = f"state {str(path)!r}"
     if parent.exists() and not parent.is_dir():
-        raise ConfigurationError(f"state {str(path)!r}: {str(parent)!r} is not a directory")
+        raise ConfigurationError(f"{where}: {str(parent)!r} is not a directory")
     if not parent.is_dir():
         raise ConfigurationError(
-            f"state {str(path)!r}: directory {str(parent)!r} does not exist; create it first"
+            f"{where}: directory {str(parent)!r} does not exist; create it first"
         )
     if fs := network_filesystem(_real(path)):
         raise ConfigurationError(
@@ -67,9 +74,7 @@ def check_state_path(path: Path, *, create: bool) -> bool:
         if not create:
             raise ConfigurationError(f"state {str(path)!r} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigurationError(
-                f"state {str(path)!r} cannot be created: {_unwritable(parent)}"
-            )
+            raise ConfigurationError(f"{where} cannot be created: {_unwritable(parent)}")
         return False
     if not os.access(path, os.R_OK):
         denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
@@ -248,7 +253,10 @@ def _unwritable(path: Path) -> str:
     """Why ``path`` cannot be written: a read-only file system, or its permissions."""
     if _read_only_fs(path):
         return "it is on a read-only file system"
-    return f"this user may not write it (mode {stat.filemode(path.stat().st_mode)})"
+    try:
+        return f"this user may not write it (mode {stat.filemode(path.stat().st_mode)})"
+    except OSError as e:  # (gone meanwhile, or a symlink to nothing)
+        return e.strerror or str(e)
 
 
 def read_only_view(path: Path) -> str | None:

@@ -236,6 +236,16 @@ UNION ALL SELECT pid, host, pid_start, expires_at FROM task_lock
 # -- opening -------------------------------------------------------------------------------------
 
 SCHEMA_OBJECTS = "SELECT count(*) FROM sqlite_schema"
+#: (schema objects, application_id, user_version), read in one snapshot.
+SCHEMA_HEADER = f"""
+SELECT ({SCHEMA_OBJECTS}), (SELECT application_id FROM pragma_application_id),
+       (SELECT user_version FROM pragma_user_version)
+"""
+#: (table, column) of every table but SQLite's own, its columns in order.
+TABLE_COLUMNS = r"""
+SELECT m.name, p.name FROM sqlite_schema AS m, pragma_table_info(m.name) AS p
+WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\_%' ESCAPE '\' ORDER BY m.name, p.cid
+"""
 GET_META = "SELECT value FROM meta WHERE name = ?"
 PUT_META = "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)"
 
