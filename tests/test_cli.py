@@ -250,6 +250,41 @@ def test_unreadable_file_fails_its_item_and_the_run_goes_on(inbox: Path, state: 
     assert "Permission denied" in error[0]
 
 
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None and os.geteuid() == 0,
+    reason="needs setpriv to drop root's file access override",
+)
+def test_unreadable_file_with_identity_content_is_named_and_fails_the_run(
+    inbox: Path, state: Path
+) -> None:
+    """Identity content keys a file by its bytes: one that cannot be read has no key. It is
+    not "vanished" (it is there), and not skipped silently: a warning names it, the report
+    counts it, the run exits 1 and its history says why; the next run tries it again."""
+    make_files(inbox, 3)
+    secret = inbox / "f00001.txt"
+    secret.chmod(0)
+    prefix = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    )
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--identity", "content")
+    result = cli(*args, prefix=prefix)
+    assert result.returncode == 1, result.stderr
+    assert "cannot read 'f00001.txt' to key it (identity content): Permission denied" in (
+        result.stderr
+    )
+    assert "vanished" not in result.stdout
+    assert "2 seen: 2 done; 1 file could not be read" in result.stdout
+    assert state_counts(state) == {"done": 2}
+    (status,) = rows(state, "SELECT exit_status FROM runs")
+    assert status[0] == "failed (1 file could not be read)"
+    again = cli(*args, prefix=prefix)  # not remembered as handled: tried (and said) again
+    assert again.returncode == 1, again.stderr
+    assert "cannot read 'f00001.txt'" in again.stderr
+    secret.chmod(0o644)
+    assert cli(*args, prefix=prefix).returncode == 0
+    assert state_counts(state) == {"done": 3}
+
+
 def test_a_fifo_in_the_inbox_never_hangs_the_cli(inbox: Path, state: Path) -> None:
     make_files(inbox, 2)
     os.mkfifo(inbox / "named.pipe")

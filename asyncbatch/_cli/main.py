@@ -276,7 +276,9 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         return EXIT_SIGNAL.get(signal.Signals(batch.received_signal), 128 + batch.received_signal)
     if report.ok:
         return EXIT_OK
-    if report.held and not (report.dead or report.dead_before or report.post_failed):
+    if report.held and not (
+        report.dead or report.dead_before or report.post_failed or report.unreadable
+    ):
         return EXIT_UNFINISHED
     return EXIT_FAILED
 

@@ -416,6 +416,9 @@ class Run:
                 if status == "failed" and post_failed:  # history says what failed
                     actions = "action" if post_failed == 1 else "actions"
                     status += f" ({post_failed} post-commit {actions} failed)"
+                elif status == "failed" and c.unreadable and not (c.dead or c.dead_before):
+                    files = "file" if c.unreadable == 1 else "files"
+                    status += f" ({c.unreadable} {files} could not be read)"
             end = RunEnd(
                 job=cfg.job,
                 owner=self.owner,
