@@ -182,6 +182,47 @@ def test_unimportable_target_and_missing_function(inbox: Path, state: Path, tmp_
     )
 
 
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ("import sys; sys.exit(0)", "SystemExit (sys.exit(0) when imported)"),
+        ("import sys; sys.exit(5)", "SystemExit (sys.exit(5) when imported)"),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    ],
+)
+def test_target_whose_import_exits_is_refused_not_obeyed(
+    inbox: Path, state: Path, tmp_path: Path, body: str, what: str
+) -> None:
+    """A TARGET module that calls sys.exit() (or raises KeyboardInterrupt) when imported
+    ended the CLI with its code (exit 0 having handled nothing, and said nothing)."""
+    (tmp_path / "quits.py").write_text(body + "\n")
+    for target in ("quits:handle", f"{tmp_path / 'quits.py'}:handle"):
+        result = cli("run", target, "--source", inbox, "--state", state, cwd=tmp_path)
+        assert_one_line_error(result, f"TARGET {target!r}: cannot import", what)
+    assert not state.exists()
+
+
+def test_handler_that_cannot_take_the_context_alone_is_refused(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    """A handler of two required arguments failed every file (TypeError), then made it dead;
+    one whose signature cannot tell (``*args``) is taken, as a keyword-only extra is."""
+    make_files(inbox, 2)
+    (tmp_path / "sigs.py").write_text(
+        "async def two(a, b):\n    pass\n"
+        "async def none():\n    pass\n"
+        "async def star(*args):\n    pass\n"
+        "async def extra(ctx, *, flag=1):\n    pass\n"
+    )
+    for name, why in (("two", "(a, b)"), ("none", "()")):
+        result = cli("run", f"sigs:{name}", "--source", inbox, "--state", state, cwd=tmp_path)
+        assert_one_line_error(result, f"handler' has value {name!r}", "task context", why)
+        assert not state.exists()
+    for name in ("star", "extra"):
+        result = cli("run", f"sigs:{name}", "--source", inbox, "--state", state, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+
+
 def test_state_in_missing_directory(inbox: Path, tmp_path: Path) -> None:
     result = cli("run", RECORD, "--source", inbox, "--state", tmp_path / "nodir" / "s.db")
     assert_one_line_error(result, "nodir", "does not exist")
