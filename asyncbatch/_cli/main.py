@@ -30,6 +30,7 @@ from .._exceptions import (
     DamagedLedgerError,
     JobLockedError,
     LedgerError,
+    LedgerValueError,
     LockLostError,
     NotALedgerError,
     SchemaVersionError,
@@ -306,7 +307,7 @@ def _unavailable(error: BaseException) -> bool:
     if isinstance(error, SourceError):
         return not isinstance(error, SourceKeyError)  # a key to rename: retrying cannot help
     return isinstance(error, LedgerError) and not isinstance(
-        error, NotALedgerError | SchemaVersionError | DamagedLedgerError
+        error, NotALedgerError | SchemaVersionError | DamagedLedgerError | LedgerValueError
     )
 
 
