@@ -30,6 +30,7 @@ from ._exceptions import IdempotencyKeyMismatchError as IdempotencyKeyMismatchEr
 from ._exceptions import InputChangedError as InputChangedError
 from ._exceptions import JobLockedError as JobLockedError
 from ._exceptions import LedgerError as LedgerError
+from ._exceptions import LedgerValueError as LedgerValueError
 from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NotALedgerError as NotALedgerError
 from ._exceptions import PermanentError as PermanentError
@@ -77,6 +78,7 @@ __all__ = [
     "ItemHTTP",
     "JobLockedError",
     "LedgerError",
+    "LedgerValueError",
     "LockLostError",
     "Marker",
     "MaxAge",

@@ -39,6 +39,21 @@ __all__ = ["Batch"]
 log = logging.getLogger("asyncbatch")
 
 
+def _takes_one_argument(obj: Any) -> str | None:
+    """Why ``obj`` cannot be called with one positional argument (the task context), when
+    ``inspect.signature`` can tell; ``None`` when it can, or when that cannot be told (a
+    builtin without a signature, ``*args``)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(object())
+    except TypeError as e:
+        return f"its signature {sig} cannot take the task context alone ({e})"
+    return None
+
+
 def _is_async_callable(obj: Any) -> bool:
     while hasattr(obj, "func"):  # functools.partial
         obj = obj.func
@@ -92,6 +107,12 @@ class Batch:
         if not _is_async_callable(handler):
             raise ConfigurationError.bad_value(
                 "handler", getattr(handler, "__name__", handler), "an async function (async def)"
+            )
+        if (why := _takes_one_argument(handler)) is not None:
+            raise ConfigurationError.bad_value(
+                "handler",
+                getattr(handler, "__name__", handler),
+                f"an async function called with one argument, the task context: {why}",
             )
         self.handler = handler
         self.config = BatchConfig.from_settings(**settings)

@@ -8,6 +8,8 @@ The tree::
      ├── LedgerError              the state store is unavailable or failing (CLI exit 69)
      │    ├── NotALedgerError     the state is not an asyncbatch ledger (left untouched; exit 2)
      │    ├── DamagedLedgerError  the state is a damaged SQLite file (not written to; exit 2)
+     │    ├── LedgerValueError    the state holds a value this asyncbatch does not understand
+     │    │                       (a row edited by hand, a bad restore; left as it is; exit 2)
      │    └── SchemaVersionError  the ledger is from a newer asyncbatch, or older and needs a run
      │                            to upgrade it (left untouched; exit 2)
      ├── JobLockedError           another live runner holds the job lock (CLI exit 75)
@@ -41,6 +43,7 @@ __all__ = [
     "InputChangedError",
     "JobLockedError",
     "LedgerError",
+    "LedgerValueError",
     "LockLostError",
     "NotALedgerError",
     "PermanentError",
@@ -82,6 +85,26 @@ class DamagedLedgerError(LedgerError):
     """The SQLite state is damaged ("database disk image is malformed"): nothing more is
     written to it. Retrying cannot help: restore it from a backup, or recover what SQLite can
     still read into a new file (``sqlite3 STATE .recover``)."""
+
+
+class LedgerValueError(LedgerError):
+    """The state holds a value this asyncbatch does not understand in one of its rows (edited
+    by hand, a bad restore, a bit flip): an item state it does not know, job settings that are
+    not its JSON, a secret that is not hex. Nothing is decided on it, and it is never
+    overwritten or "repaired": retrying cannot help, the value must be corrected (or the state
+    restored from a backup). ``where`` names it as ``table.column``."""
+
+    def __init__(self, where: str, value: object, detail: str = "") -> None:
+        self.where = where
+        self.value = value
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(
+            f"the state holds a value this asyncbatch does not understand: {where} {shown}"
+            f"{' ' + detail if detail else ''}; it was left as it is (correct that value, or "
+            "restore the state from a backup)"
+        )
 
 
 class SchemaVersionError(LedgerError):

@@ -65,8 +65,10 @@ class Report(RunTotals):
     settled yet (``future`` of them changed at a time ahead of this host's clock);
     ``unregistered``, files the scan found and the run did not register (it was stopped);
     ``post_failed``, post-commit actions (archive, delete) that failed (the next run finishes
-    them); ``counts``, the job's items by state when the run ended; ``stopped``, whether it
-    was stopped before the end (``stop()`` or a signal).
+    them); ``unreadable``, files found that could not be read to key them (identity
+    ``content``: an item's key is its bytes' hash), not items and not counted seen, never
+    handled (each was named in a warning); ``counts``, the job's items by state when the run
+    ended; ``stopped``, whether it was stopped before the end (``stop()`` or a signal).
     """
 
     job: str
@@ -76,11 +78,13 @@ class Report(RunTotals):
     mode: str = "run"
     post_failed: int = 0
     future: int = 0
+    unreadable: int = 0
 
     @property
     def ok(self) -> bool:
         """Whether every settled file seen is done: none dead, held, waiting or unfinished, no
-        post-commit action (archive, delete) failed, and (for ``run()``) not stopped. A stopped
+        post-commit action (archive, delete) failed, no file found that could not be read to
+        key it (identity ``content``), and (for ``run()``) not stopped. A stopped
         ``watch()`` is ok: stopping is how a watch ends, and what it gave back unfinished is
         handled by the next one."""
         if self.stopped and self.mode == "run":
@@ -93,18 +97,19 @@ class Report(RunTotals):
             or self.waiting
             or unfinished
             or self.post_failed
+            or self.unreadable
         )
 
     @property
     def exit_status(self) -> str:
         """How the run ended, as its history row says: ``ok``, ``stopped``, ``failed`` (dead
-        items, or post-commit actions that failed), ``held`` (files other runners hold),
-        ``waiting`` or ``unfinished``."""
+        items, post-commit actions that failed, or files that could not be read), ``held``
+        (files other runners hold), ``waiting`` or ``unfinished``."""
         if self.stopped:
             return "stopped"
         if self.ok:
             return "ok"
-        if self.dead or self.dead_before or self.post_failed:
+        if self.dead or self.dead_before or self.post_failed or self.unreadable:
             return "failed"
         if self.held:
             return "held"
@@ -130,8 +135,17 @@ class Report(RunTotals):
         extras = [describe(self, future=self.future)]
         if self.post_failed:
             extras.append(f"{self.post_failed} post-commit actions failed (the next run retries)")
+        if self.unreadable:
+            extras.append(unreadable_text(self.unreadable))
         extras.append(f"{self.elapsed:.2f}s ({self.rate:.0f}/s)")
         return f"{head}: {'; '.join(extras)}"
+
+
+def unreadable_text(count: int) -> str:
+    """The report's words for ``count`` files that could not be read to key them."""
+    files = "file" if count == 1 else "files"
+    why = "not handled: identity content keys a file by its bytes"
+    return f"{count} {files} could not be read ({why})"
 
 
 def _counted(count: int, name: str) -> str:
@@ -172,6 +186,9 @@ class Counters(RunTotals):
     reaped: int = 0
     #: Of ``unsettled``, the files changed at a time ahead of this host's clock.
     future: int = 0
+    #: Files found that could not be read to key them (identity ``content``): not items, not
+    #: counted seen; each counted once.
+    unreadable: int = 0
 
     def record(self, state: str, *, attempted: bool) -> None:
         """Count one committed outcome: a failed attempt (``attempted``: the handler ran), and
@@ -243,4 +260,5 @@ class Counters(RunTotals):
             mode=mode,
             post_failed=post_failed,
             future=self.future,
+            unreadable=self.unreadable,
         )

@@ -13,6 +13,7 @@ chunk. Names stay bytes end to end: a non-UTF-8 name round-trips.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import anyio.to_thread
 
@@ -353,14 +354,27 @@ def open_regular(
     return fd, st
 
 
+#: What an open of a scanned file fails with when it was replaced by something that is not a
+#: regular file (a symlink not followed, a FIFO, a directory): changed since the scan.
+_CHANGED_ERRNOS: Final = frozenset({errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK})
+
+
 def content_digest(
     dir_fd: int, relpath: bytes, size: int, mtime_ns: int, *, follow_symlinks: bool = False
 ) -> bytes | None:
-    """sha256 of a file's bytes, or ``None`` when it vanished or changed since it was scanned."""
+    """sha256 of a file's bytes, or ``None`` when it vanished or changed since it was scanned
+    (gone, not a regular file any more, another size or mtime).
+
+    Raises ``OSError`` when it is there and cannot be read (``EACCES``, ``EIO``, ...): it did
+    not vanish, and must not be counted as if it had."""
     try:
         fd, st = open_regular(dir_fd, relpath, follow_symlinks=follow_symlinks)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno is None or e.errno in _CHANGED_ERRNOS:
+            return None  # not a regular file any more (open_regular), a symlink now
+        raise
     try:
         if st.st_size != size or clamp_ns(st.st_mtime_ns) != mtime_ns:
             return None

@@ -192,6 +192,47 @@ def test_unimportable_target_and_missing_function(inbox: Path, state: Path, tmp_
     )
 
 
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ("import sys; sys.exit(0)", "SystemExit (sys.exit(0) when imported)"),
+        ("import sys; sys.exit(5)", "SystemExit (sys.exit(5) when imported)"),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    ],
+)
+def test_target_whose_import_exits_is_refused_not_obeyed(
+    inbox: Path, state: Path, tmp_path: Path, body: str, what: str
+) -> None:
+    """A TARGET module that calls sys.exit() (or raises KeyboardInterrupt) when imported
+    ended the CLI with its code (exit 0 having handled nothing, and said nothing)."""
+    (tmp_path / "quits.py").write_text(body + "\n")
+    for target in ("quits:handle", f"{tmp_path / 'quits.py'}:handle"):
+        result = cli("run", target, "--source", inbox, "--state", state, cwd=tmp_path)
+        assert_one_line_error(result, f"TARGET {target!r}: cannot import", what)
+    assert not state.exists()
+
+
+def test_handler_that_cannot_take_the_context_alone_is_refused(
+    inbox: Path, state: Path, tmp_path: Path
+) -> None:
+    """A handler of two required arguments failed every file (TypeError), then made it dead;
+    one whose signature cannot tell (``*args``) is taken, as a keyword-only extra is."""
+    make_files(inbox, 2)
+    (tmp_path / "sigs.py").write_text(
+        "async def two(a, b):\n    pass\n"
+        "async def none():\n    pass\n"
+        "async def star(*args):\n    pass\n"
+        "async def extra(ctx, *, flag=1):\n    pass\n"
+    )
+    for name, why in (("two", "(a, b)"), ("none", "()")):
+        result = cli("run", f"sigs:{name}", "--source", inbox, "--state", state, cwd=tmp_path)
+        assert_one_line_error(result, f"handler' has value {name!r}", "task context", why)
+        assert not state.exists()
+    for name in ("star", "extra"):
+        result = cli("run", f"sigs:{name}", "--source", inbox, "--state", state, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+
+
 def test_state_in_missing_directory(inbox: Path, tmp_path: Path) -> None:
     result = cli("run", RECORD, "--source", inbox, "--state", tmp_path / "nodir" / "s.db")
     assert_one_line_error(result, "nodir", "does not exist")
@@ -258,6 +299,41 @@ def test_unreadable_file_fails_its_item_and_the_run_goes_on(inbox: Path, state: 
     assert state_counts(state) == {"done": 2, "dead": 1}
     (error,) = rows(state, "SELECT last_error FROM items WHERE state = 'dead'")
     assert "Permission denied" in error[0]
+
+
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None and os.geteuid() == 0,
+    reason="needs setpriv to drop root's file access override",
+)
+def test_unreadable_file_with_identity_content_is_named_and_fails_the_run(
+    inbox: Path, state: Path
+) -> None:
+    """Identity content keys a file by its bytes: one that cannot be read has no key. It is
+    not "vanished" (it is there), and not skipped silently: a warning names it, the report
+    counts it, the run exits 1 and its history says why; the next run tries it again."""
+    make_files(inbox, 3)
+    secret = inbox / "f00001.txt"
+    secret.chmod(0)
+    prefix = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    )
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--identity", "content")
+    result = cli(*args, prefix=prefix)
+    assert result.returncode == 1, result.stderr
+    assert "cannot read 'f00001.txt' to key it (identity content): Permission denied" in (
+        result.stderr
+    )
+    assert "vanished" not in result.stdout
+    assert "2 seen: 2 done; 1 file could not be read" in result.stdout
+    assert state_counts(state) == {"done": 2}
+    (status,) = rows(state, "SELECT exit_status FROM runs")
+    assert status[0] == "failed (1 file could not be read)"
+    again = cli(*args, prefix=prefix)  # not remembered as handled: tried (and said) again
+    assert again.returncode == 1, again.stderr
+    assert "cannot read 'f00001.txt'" in again.stderr
+    secret.chmod(0o644)
+    assert cli(*args, prefix=prefix).returncode == 0
+    assert state_counts(state) == {"done": 3}
 
 
 def test_a_fifo_in_the_inbox_never_hangs_the_cli(inbox: Path, state: Path) -> None:
@@ -1286,11 +1362,12 @@ def test_a_state_whose_columns_are_not_those_of_its_version_is_refused_exit_2(
     assert cli("run", RECORD, "--source", inbox, "--state", any_state).returncode == 0
     rename_column(any_state, "items", "relpath")
     before = ledger_look(any_state)
-    for args in [
+    commands: list[list[str | os.PathLike[str]]] = [
         *every_command(inbox, any_state),
         ["items", "--state", any_state],
         ["forget", "--yes", "a", "--state", any_state],
-    ]:
+    ]
+    for args in commands:
         assert_one_line_error(
             cli(*args),
             "its tables are not those of the schema version it records",

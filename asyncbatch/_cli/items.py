@@ -219,6 +219,8 @@ def _file_key(
             found = content_digest(
                 fd, rel, st.st_size, st.st_mtime_ns, follow_symlinks=settings.follow_symlinks
             )
+        except OSError:
+            found = None  # cannot be read: no key (the facts say so)
         finally:
             os.close(fd)
         if found is None:

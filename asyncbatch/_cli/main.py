@@ -31,6 +31,7 @@ from .._exceptions import (
     JobLockedError,
     LedgerAccessError,
     LedgerError,
+    LedgerValueError,
     LockLostError,
     NotALedgerError,
     SchemaVersionError,
@@ -277,7 +278,9 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
         return EXIT_SIGNAL.get(signal.Signals(batch.received_signal), 128 + batch.received_signal)
     if report.ok:
         return EXIT_OK
-    if report.held and not (report.dead or report.dead_before or report.post_failed):
+    if report.held and not (
+        report.dead or report.dead_before or report.post_failed or report.unreadable
+    ):
         return EXIT_UNFINISHED
     return EXIT_FAILED
 
@@ -305,7 +308,12 @@ def _unavailable(error: BaseException) -> bool:
     if isinstance(error, SourceError):
         return not isinstance(error, SourceKeyError)  # a key to rename: retrying cannot help
     return isinstance(error, LedgerError) and not isinstance(
-        error, NotALedgerError | SchemaVersionError | DamagedLedgerError | LedgerAccessError
+        error,
+        NotALedgerError
+        | SchemaVersionError
+        | DamagedLedgerError
+        | LedgerAccessError
+        | LedgerValueError,
     )
 
 

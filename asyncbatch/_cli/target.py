@@ -50,11 +50,16 @@ def load_handler(target: str) -> Any:
             module = importlib.import_module(module_part)
     except HandlerImportError:
         raise
-    except Exception as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HandlerImportError(
-            f"TARGET {target!r}: cannot import {module_part!r}: {type(e).__name__}: {detail}"
-        ) from e
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        # (SystemExit: a module that calls sys.exit() when imported, a script's ``main()`` at
+        # its top level; KeyboardInterrupt raised by it: neither may end the run as if it
+        # had ended, with its exit code and nothing said)
+        what = type(e).__name__
+        if isinstance(e, SystemExit):
+            what += f" (sys.exit({e.code!r}) when imported)"
+        elif str(e):
+            what += f": {str(e).splitlines()[0]}"
+        raise HandlerImportError(f"TARGET {target!r}: cannot import {module_part!r}: {what}") from e
     obj = module
     for part in attr.split("."):
         try:

@@ -57,6 +57,7 @@ from .types import (
     RunStart,
     ScannedRow,
     Started,
+    checked_state,
     iso_time,
 )
 
@@ -709,6 +710,8 @@ class Ledger(IdempotencyStore):
         includes the listed files queued for runners sharing the job (see
         :meth:`queue_listed`), which have no item row yet."""
         found = await self._state_counts(job)
+        for state in found:
+            checked_state(state, job=job)
         return {state: found.get(state, 0) for state in STATES}
 
     @abc.abstractmethod
@@ -729,6 +732,8 @@ class Ledger(IdempotencyStore):
         found: dict[str, str] = {}
         for start in range(0, len(keys), STATES_OF_CHUNK):
             found.update(await self._states_of(job, keys[start : start + STATES_OF_CHUNK]))
+        for key, state in found.items():
+            checked_state(state, key, job)
         return found
 
     @abc.abstractmethod

@@ -239,7 +239,7 @@ class PostgresLedger(Ledger):
 
     async def job_settings(self, job: str) -> t.JobSettings | None:
         value = await self._session.fetchval(sql.GET_JOB_SETTINGS, job)
-        return None if value is None else t.JobSettings.from_json(str(value))
+        return None if value is None else t.JobSettings.from_json(value, job)
 
     # -- the job lock and runners ------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class PostgresLedger(Ledger):
                 self.name,
                 start,
                 str(identity),
-                None if recorded is None else t.JobSettings.from_json(recorded),
+                None if recorded is None else t.JobSettings.from_json(recorded, job),
             )
             stale = await self._take_lock(conn, start)
             if record:

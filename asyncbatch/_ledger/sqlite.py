@@ -239,7 +239,10 @@ def _tx_start_runner(
     conn.execute(sql.ADD_JOB, (job, start.identity, now, settings))
     identity, recorded = conn.execute(sql.GET_JOB_RECORD, (job,)).fetchone()
     record, changed = decide_job(
-        state, start, identity, None if recorded is None else t.JobSettings.from_json(recorded)
+        state,
+        start,
+        identity,
+        None if recorded is None else t.JobSettings.from_json(recorded, job),
     )
     stale = _take_lock(conn, job, start.owner, start.me, start.ttl, start.shared, now)
     if record:
@@ -858,7 +861,7 @@ class SQLiteLedger(Ledger):
 
     async def job_settings(self, job: str) -> t.JobSettings | None:
         value = await self._value(sql.GET_JOB_SETTINGS, (job,))
-        return None if value is None else t.JobSettings.from_json(str(value))
+        return None if value is None else t.JobSettings.from_json(value, job)
 
     # -- the job lock and runners ------------------------------------------------------------------
 

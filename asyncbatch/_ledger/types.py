@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, NamedTuple
 
+from .._exceptions import LedgerValueError
 from .._procinfo import ProcessIdentity, holder_is_dead
 from .rows import Row, RowValue, column
 
@@ -53,7 +54,9 @@ __all__ = [
     "StoredResponse",
     "TimeField",
     "UnstoredReason",
+    "checked_state",
     "decode_not_ready",
+    "decode_secret",
     "encode_not_ready",
     "iso_time",
     "pack_queued",
@@ -65,6 +68,34 @@ __all__ = [
 Durability = Literal["normal", "full"]
 #: Every state an item can be in.
 STATES: Final = ("pending", "running", "done", "failed", "dead", "vanished")
+
+
+def checked_state(
+    state: Any, key: str | None = None, job: str | None = None, *, known: tuple[str, ...] = STATES
+) -> str:
+    """An item's state as a row holds it, checked: one of ``known`` (:data:`STATES`), else
+    :class:`LedgerValueError` naming it (``key``, ``job``: the item, when known). Every read
+    that decides on an item's state goes through here: a state it does not know would
+    otherwise be left out of the counts, taken for done, or for vanished."""
+    if state in known:
+        return str(state)
+    whose = f" for key {key!r}" if key is not None else ""
+    if job is not None:
+        whose += f" of job {job!r}"
+    raise LedgerValueError("items.state", state, whose.strip())
+
+
+def decode_secret(value: str | None) -> bytes:
+    """The ledger's secret (``meta.secret``: hex, made when the ledger was created; ``None``:
+    none), as bytes; :class:`LedgerValueError` when it is not hex."""
+    if value is None:
+        return b""
+    try:
+        return bytes.fromhex(value)
+    except (TypeError, ValueError):
+        raise LedgerValueError("meta.secret", value, "(not hex)") from None
+
+
 #: A scanned file as a claim registers it: ``(key, relpath, size, mtime_ns, inode)``.
 ScannedRow = tuple[str, bytes, int, int, int]
 #: Leases as ``(key, fence)`` pairs.
@@ -166,9 +197,13 @@ class ClaimedRow(NamedTuple):
         ``convert`` names a function that converts one field's value as the driver returned it.
         """
         names = LEASE_FIELDS if lease_only else cls._fields
-        return cls(*[convert[n](row[n]) if n in convert else row[n] for n in names])
+        claimed = cls(*[convert[n](row[n]) if n in convert else row[n] for n in names])
+        checked_state(claimed.state, claimed.key, known=_CLAIMED_STATES)
+        return claimed
 
 
+#: The states a claim returns: an item's, and ``held`` (leased to another runner).
+_CLAIMED_STATES: Final = (*STATES, "held")
 #: The fields of a :class:`ClaimedRow` that every claim returns; the handled file's follow.
 LEASE_FIELDS: Final = ClaimedRow._fields[: ClaimedRow._fields.index("relpath")]
 
@@ -368,6 +403,9 @@ class ItemInfo(RowValue):
     runner: str | None = None
     runner_pid: int | None = field(default=None, metadata=column(sql=_RUNNER.format("pid")))
     runner_host: str | None = field(default=None, metadata=column(sql=_RUNNER.format("host")))
+
+    def __post_init__(self) -> None:
+        checked_state(self.state, self.key)
 
     @property
     def duration(self) -> float | None:
@@ -610,14 +648,25 @@ class JobSettings:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> JobSettings:
-        """A stored record; keys it lacks take their defaults, keys it does not know are left."""
-        data = json.loads(text)
-        known: dict[str, Any] = {
-            f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
-            for f in fields(cls)
-            if f.name in data
-        }
+    def from_json(cls, text: Any, job: str | None = None) -> JobSettings:
+        """A stored record; keys it lacks take their defaults, keys it does not know are left.
+        :class:`LedgerValueError` (``jobs.settings``, of ``job``) when it is not a JSON object
+        or a value of a known key is not of that setting's type: never taken as settings."""
+        of = "" if job is None else f"of job {job!r}"
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError):
+            raise LedgerValueError("jobs.settings", text, f"{of} (not JSON)".strip()) from None
+        if not isinstance(data, dict):
+            raise LedgerValueError("jobs.settings", text, f"{of} (not a JSON object)".strip())
+        known: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if not _SETTING_TYPES[f.name](value):
+                raise LedgerValueError("jobs.settings", text, f"{of} ({f.name}: {value!r})".strip())
+            known[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**known)
 
     def rule_changes(self, recorded: JobSettings) -> tuple[str, ...]:
@@ -640,6 +689,21 @@ class JobSettings:
             for f in fields(self)
             if f.name != "source"
         )
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+#: What each setting of a stored :class:`JobSettings` must be (see ``from_json``).
+_SETTING_TYPES: Final[dict[str, Callable[[Any], bool]]] = {
+    "source": lambda v: isinstance(v, str) and bool(v),
+    "recursive": lambda v: isinstance(v, bool),
+    "follow_symlinks": lambda v: isinstance(v, bool),
+    "ignore": _is_texts,
+    "ready": _is_texts,
+    "settle": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0,
+}
 
 
 def _shown(name: str, value: object) -> str:

@@ -155,6 +155,8 @@ class Claimer:
         #: messages held until what they name is registered.
         self._events: EventQueue | None = None
         self._held = HeldMessages()
+        #: The relpaths of the files counted ``unreadable`` (identity ``content``).
+        self._unreadable_seen: set[bytes] = set()
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -575,9 +577,12 @@ class Claimer:
         """Items (with key and input hash) for a chunk of scan records.
 
         With identity ``"content"`` a file that vanished or changed while hashed is counted
-        vanished, and a second file with the same bytes in the chunk done before (it is the
-        same item), on the strength of the first one's attempt: given ``twins``, its key and
-        record go there, for the caller to note (``RunState.add_twin``: on the event loop, not in
+        vanished; one that is there but cannot be read (``EACCES``, ``EIO``) has no key: it is
+        no item, not counted seen but ``unreadable`` (once a relpath), named in a warning, and
+        the run is not ok (the next one tries it again); and a second file with the same bytes
+        in the chunk done before (it is the same item), on the strength of the first one's
+        attempt: given ``twins``, its key and record go there, for the caller to note
+        (``RunState.add_twin``: on the event loop, not in
         the thread that hashes; a shared run's listing counts its files).
         """
         cfg = self.config
@@ -590,9 +595,13 @@ class Claimer:
             mtime_ns, rel, size, inode, ctime = unpack_item(record)
             digest = b""
             if identity == "content":
-                found = content_digest(
-                    self.run.dir_fd, rel, size, mtime_ns, follow_symlinks=cfg.follow_symlinks
-                )
+                try:
+                    found = content_digest(
+                        self.run.dir_fd, rel, size, mtime_ns, follow_symlinks=cfg.follow_symlinks
+                    )
+                except OSError as e:
+                    self._unreadable(rel, e)
+                    continue
                 if found is None:
                     counters.vanished += 1
                     continue
@@ -611,6 +620,22 @@ class Claimer:
                 keys.add(key)
             items.append(LeasedItem(key, ihash, rel, size, mtime_ns, inode, ctime))
         return items
+
+    def _unreadable(self, rel: bytes, error: OSError) -> None:
+        """Count a file that could not be read to key it (identity ``content``) out of the
+        seen, and in ``unreadable`` with a warning naming it, once a relpath (a watch finds
+        it at every poll)."""
+        counters = self.run.counters
+        counters.seen -= 1
+        if rel in self._unreadable_seen:
+            return
+        self._unreadable_seen.add(rel)
+        counters.unreadable += 1
+        log.warning(
+            "cannot read %r to key it (identity content): %s; it is not handled",
+            os.fsdecode(rel),
+            error.strerror or error,
+        )
 
     def _add_twins(self, twins: list[tuple[str, bytes]]) -> None:
         """Note the files :meth:`prepare` found with the bytes of another in their chunk as

@@ -25,7 +25,16 @@ from .._effects.files import ABANDONED_AFTER, remove_stale_temp_files
 from .._errors import error_text, unwrap_group
 from .._exceptions import LedgerError, LockLostError
 from .._http.client import HTTPSettings, SharedClient
-from .._ledger import Heartbeat, Ledger, LedgerErrors, RunEnd, RunStart, RunTotals, open_ledger
+from .._ledger import (
+    Heartbeat,
+    Ledger,
+    LedgerErrors,
+    RunEnd,
+    RunStart,
+    RunTotals,
+    decode_secret,
+    open_ledger,
+)
 from .._procinfo import this_process
 from .._report import Counters, Report, Statistics
 from .._scanner import ScanInfo, Scanner
@@ -333,6 +342,9 @@ class Run:
     async def _joined(self, state: RunState) -> None:
         """Join the job, run the pipeline, and release everything (a history row)."""
         cfg, ledger = self.config, state.ledger
+        # The ledger's secret, read (and checked: a value that is not hex is refused) before
+        # the run writes anything.
+        secret = decode_secret(await ledger.meta("secret"))
         # Nothing is held if joining raises (one transaction); once it returned, the release
         # below is certain: no await, hence no cancellation, comes between.
         run_id = await self._start_unless_stopped(ledger)
@@ -342,10 +354,9 @@ class Run:
         status = "error"
         try:
             await reap_gone_runners(ledger, cfg.job, self.me, self.counters, orphans=True)
-            secret = await ledger.meta("secret")
             http = HTTPSettings(
                 shared=self._http,
-                secret=bytes.fromhex(secret or ""),
+                secret=secret,
                 job=cfg.job,
                 unsafe_methods=cfg.unsafe_methods,
                 retries=cfg.http_retries,
@@ -426,6 +437,9 @@ class Run:
                 if status == "failed" and post_failed:  # history says what failed
                     actions = "action" if post_failed == 1 else "actions"
                     status += f" ({post_failed} post-commit {actions} failed)"
+                elif status == "failed" and c.unreadable and not (c.dead or c.dead_before):
+                    files = "file" if c.unreadable == 1 else "files"
+                    status += f" ({c.unreadable} {files} could not be read)"
             end = RunEnd(
                 job=cfg.job,
                 owner=self.owner,
