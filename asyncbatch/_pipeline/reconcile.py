@@ -74,10 +74,7 @@ async def reconcile(state: RunState) -> None:
             continue
         files = twins.get(key, 0) + (key in left)
         state.close(key)  # a held or waiting one is no longer open
-        if item_state == "done":
-            counters.done_before += files
-        else:
-            counters.dead_before += files
+        counters.add("done_before" if item_state == "done" else "dead_before", files)
 
 
 async def _count_waiting(state: RunState) -> None:
@@ -112,8 +109,5 @@ async def _count_waiting(state: RunState) -> None:
         setattr(counters, name, getattr(counters, name) - 1)  # never to be taken
         if counted:
             continue  # this watch counted it already, where it ended (identity path)
-        counters.seen += 1
-        if item_state == "done":
-            counters.done_before += 1
-        else:
-            counters.dead_before += 1
+        counters.add("seen")
+        counters.add("done_before" if item_state == "done" else "dead_before")

@@ -115,11 +115,21 @@ class Sightings:
         """Whether this file was seen and is not ready yet."""
         return relpath in self._waiting
 
-    def waiting_by_rule(self) -> Mapping[str, int]:
-        """Files seen and not yet ready, by the rule they wait for (``age``, ``marker``...)."""
-        if self._ready is None:
-            return {"age": len(self._waiting)}
-        return Counter(w.why for w in self._waiting.values())
+    def waiting_by_rule(self, now: float | None = None) -> Mapping[str, int]:
+        """Files seen and not yet ready, by the rule they wait for (``age``, ``marker``...).
+
+        Given ``now`` (monotonic), those waiting for ``age`` that are ready by now (settled,
+        and seen unchanged ``settle`` seconds: their look has not come yet, the watch was
+        busy claiming) are counted under ``"ready"`` instead: not settled yet is no longer
+        true of them."""
+        if now is None:
+            if self._ready is None:
+                return {"age": len(self._waiting)}
+            return Counter(w.why for w in self._waiting.values())
+        return Counter(
+            "ready" if w.why == "age" and w.ready_at <= now else w.why
+            for w in self._waiting.values()
+        )
 
     def waiting_files(self) -> list[tuple[bytes, str, bool]]:
         """The records of the files seen and not yet ready, with the rule each waits for, and
