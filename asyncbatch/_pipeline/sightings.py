@@ -131,12 +131,17 @@ class Sightings:
             for w in self._waiting.values()
         )
 
-    def waiting_files(self) -> list[tuple[bytes, str, bool]]:
-        """The records of the files seen and not yet ready, with the rule each waits for, and
-        whether this watch counted the file already, under another version (``by_path``: a
-        name it registered; or one the ledger's log named, see :meth:`look_again`)."""
+    def waiting_files(self, now: float) -> list[tuple[bytes, str, bool]]:
+        """The records of the files seen and not yet ready, with the rule each waits for
+        (``"ready"``: waiting for ``age`` and ready by ``now``, monotonic, as in
+        :meth:`waiting_by_rule`), and whether this watch counted the file already, under
+        another version (``by_path``: a name it registered; or one the ledger's log named,
+        see :meth:`look_again`)."""
         counted = self._relook if self._names is None else self._names | self._relook
-        return [(w.record, w.why, rel in counted) for rel, w in self._waiting.items()]
+        return [
+            (w.record, "ready" if w.why == "age" and w.ready_at <= now else w.why, rel in counted)
+            for rel, w in self._waiting.items()
+        ]
 
     def scanned(
         self,

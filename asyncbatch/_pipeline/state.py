@@ -99,7 +99,7 @@ class RunState:
     #: whether the watch counted it already), as the watch has them
     #: (``Sightings.waiting_files``): the final report asks the ledger which it has finished
     #: (one read at the end, not one a look). ``None``: not a watch.
-    waiting_files: Callable[[], list[tuple[bytes, str, bool]]] | None = None
+    waiting_files: Callable[[float], list[tuple[bytes, str, bool]]] | None = None
     #: A watch's files not ready yet by rule, as they stand at a monotonic time
     #: (``Sightings.waiting_by_rule``): what its live counts (metrics, heartbeat) say.
     waiting_now: Callable[[float], Mapping[str, int]] | None = None
