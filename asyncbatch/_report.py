@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ._ledger.types import CATEGORIES, LABELS, TOTALS, RunTotals
 
-__all__ = ["Counters", "Report", "Statistics", "describe"]
+__all__ = ["EVENTS", "Counters", "Events", "Report", "Statistics", "describe"]
 
 #: The categories a seen file is finished in, one way or another (never goes back).
 _FINISHED = ("done", "done_before", "dead", "dead_before", "vanished")
@@ -169,6 +169,33 @@ def describe(t: RunTotals, *, future: int = 0) -> str:
     return text
 
 
+#: The counts that :class:`Events` keeps (the metrics' ``_total`` counters of items).
+EVENTS = ("seen", "done", "dead", "vanished", "done_before", "dead_before", "lost")
+
+
+@dataclass(slots=True, kw_only=True)
+class Events:
+    """What happened to a run's items, each counted when it happened and never taken back:
+    what the metrics' counters (``asyncbatch_items_total``, ``asyncbatch_items_seen_total``)
+    export. The report's counts are of items by how they *ended* (an item that went dead
+    and was then put back by ``asyncbatch retry --dead`` and done is done, not dead); a
+    Prometheus counter must never go down, so here it is one dead outcome and one done one.
+    A count only a later look confirms (a file counted done before on the strength of an
+    attempt under way, identity ``content``) is counted once confirmed."""
+
+    seen: int = 0
+    done: int = 0
+    dead: int = 0
+    vanished: int = 0
+    done_before: int = 0
+    dead_before: int = 0
+    lost: int = 0
+
+    def copy(self) -> Events:
+        """A snapshot."""
+        return Events(**{name: getattr(self, name) for name in EVENTS})
+
+
 @dataclass(slots=True, kw_only=True)
 class Counters(RunTotals):
     """The mutable counters of one run (owned by that run only).
@@ -189,6 +216,15 @@ class Counters(RunTotals):
     #: Files found that could not be read to key them (identity ``content``): not items, not
     #: counted seen; each counted once.
     unreadable: int = 0
+    #: The same outcomes counted as events, never taken back (for the metrics).
+    events: Events = field(default_factory=Events)
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Count ``n`` items in ``name`` (one of :data:`EVENTS`) as they happen: in the
+        report's count and in :attr:`events`. (A count corrected, taken back or moved to
+        another category changes the report's count alone.)"""
+        setattr(self, name, getattr(self, name) + n)
+        setattr(self.events, name, getattr(self.events, name) + n)
 
     def record(self, state: str, *, attempted: bool) -> None:
         """Count one committed outcome: a failed attempt (``attempted``: the handler ran), and
@@ -196,12 +232,7 @@ class Counters(RunTotals):
         self.failed += state == "failed" or (state == "dead" and attempted)
         if state == "failed":
             return
-        if state == "done":
-            self.done += 1
-        elif state == "dead":
-            self.dead += 1
-        else:
-            self.vanished += 1
+        self.add(state if state in ("done", "dead") else "vanished")
 
     def statistics(self, in_flight: int) -> Statistics:
         """A snapshot for progress displays."""

@@ -52,7 +52,17 @@ from asyncbatch._service.endpoints import Endpoints, bound_address, listen
 from asyncbatch._service.health import not_running
 from asyncbatch._service.server import serve
 
-from .conftest import HANDLERS, cli, kill, make_files, spawn, state_counts, until, wait_for
+from .conftest import (
+    HANDLERS,
+    cli,
+    kill,
+    make_files,
+    spawn,
+    state_counts,
+    until,
+    until_settled,
+    wait_for,
+)
 from .postgres import Server, require
 from .test_postgres_outage import Outage
 
@@ -221,6 +231,147 @@ async def test_two_batches_in_one_process_keep_their_own_metrics_across_runs(
     assert value(in_a, "asyncbatch_last_scan_full") == 1  # a run's scan stats every file
     default = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
     assert "asyncbatch_" not in default, "nothing in the process-wide registry"
+
+
+async def test_an_item_dead_then_retried_and_done_never_takes_a_counter_back(
+    inbox: Path, state: Path
+) -> None:
+    """A Prometheus counter never goes down (a drop reads as a reset: ``increase()`` and
+    alerts go wrong). A watch's item that went dead, put back by ``asyncbatch retry --dead``
+    and then done: ``asyncbatch_items_total{outcome="dead"}`` read 1 then 0 (the counters
+    were the report's counts, of items by how they ended). The counters count outcomes as
+    they happen (dead 1, done 2); the report still counts each item by how it ended."""
+    make_files(inbox, 1, prefix="ok")
+    make_files(inbox, 1, prefix="bad")
+    fixed = False
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath.startswith("bad") and not fixed:
+            raise PermanentError("refused")
+
+    batch = Batch(handle, source=inbox, state=state, metrics=True, poll=0.05, settle=0)
+    seen: list[Samples] = []
+
+    def scrape() -> Samples:
+        found = samples(prometheus_client.generate_latest(batch.metrics_registry).decode())
+        seen.append(found)
+        return found
+
+    def items(outcome: str) -> float:
+        return value(scrape(), "asyncbatch_items_total", outcome=outcome)
+
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: items("dead") == 1 and items("done") == 1)
+        fixed = True
+        put_back = await anyio.to_thread.run_sync(
+            functools.partial(cli, "retry", "--dead", "--state", state)
+        )
+        assert put_back.returncode == 0, put_back.stderr
+        await until(lambda: items("done") == 2)
+        batch.stop()
+    assert watching.error is None
+    assert watching.report is not None
+    assert (watching.report.done, watching.report.dead) == (2, 0), watching.report
+    assert state_counts(state) == {"done": 2}
+    final = scrape()
+    assert value(final, "asyncbatch_items_total", outcome="dead") == 1
+    assert value(final, "asyncbatch_items_total", outcome="done") == 2
+    names = [k for k in final if k[0].endswith("_total")]
+    for name in names:  # every counter, scrape after scrape: never down
+        values = [found[name] for found in seen if name in found]
+        assert values == sorted(values), (name, values)
+
+
+async def test_files_that_settled_are_not_counted_unsettled_while_the_watch_claims_them(
+    inbox: Path, state: Path
+) -> None:
+    """A watch that found 20 files unsettled and, once they settled, claims them (its claim
+    waits for room in the queue while the handlers work): metrics and the heartbeat
+    (``status``, and ``history`` of a watch killed then) said "20 files not settled yet" with
+    all of them settled, registered and some done. The counts of files not ready yet are
+    those of the look that found them settled, before its claim."""
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        started.set()
+        await release.wait()
+
+    settle = 1.0
+    batch = Batch(
+        handle, source=inbox, state=state, metrics=True, poll=0.05, settle=settle, concurrency=1
+    )
+    watching = Watching(batch)
+
+    def scraped(name: str) -> float:
+        found = samples(prometheus_client.generate_latest(batch.metrics_registry).decode())
+        return value(found, name)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)  # (its first scan ended)
+        paths = make_files(inbox, 20)
+        await until_settled(settle, *paths)
+        with anyio.fail_after(30):
+            await started.wait()  # settled, claimed; the claim of the rest waits for room
+        try:
+            await until(lambda: scraped("asyncbatch_files_unsettled") == 0, within=10)
+            stats = batch.statistics()
+            assert stats is not None
+            assert stats.unsettled == 0
+            # Each settled file is seen (a look took it) or not registered yet (the claim
+            # waits for room; or the look that takes it has not come, the watch claiming).
+            assert stats.unregistered > 0
+            assert stats.seen + stats.unregistered >= 20, stats
+            assert stats.seen == scraped("asyncbatch_items_seen_total") <= 20
+        finally:
+            release.set()
+        await until(lambda: scraped("asyncbatch_files_unsettled") == 0 and finished(batch, 20)())
+        batch.stop()
+    assert watching.error is None
+    assert watching.report is not None
+    assert (watching.report.seen, watching.report.done) == (20, 20), watching.report
+    assert watching.report.unsettled == watching.report.unregistered == 0
+
+
+async def test_a_watch_stopped_while_claiming_counts_files_settled_since_not_registered(
+    inbox: Path, state: Path
+) -> None:
+    """Files that settled while the watch was busy claiming others (its look at them had not
+    come) are left in the source not registered yet, not "not settled yet": its report said
+    "10 files not settled yet" of 10 files settled a while before the stop."""
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        started.set()
+        await release.wait()
+
+    settle = 1.0
+    batch = Batch(
+        handle, source=inbox, state=state, metrics=True, poll=0.05, settle=settle, concurrency=1
+    )
+    watching = Watching(batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watching)
+        await until(lambda: batch.health().ready)  # (its first scan ended)
+        first = make_files(inbox, 10)
+        await until_settled(0.3, *first)  # (the next ones settle 0.3 s or more after these)
+        later = make_files(inbox, 10, prefix="later")
+        await until(lambda: (s := batch.statistics()) is not None and s.unsettled == 20)
+        with anyio.fail_after(30):
+            await started.wait()  # the first ones settled: claimed, the claim waits for room
+        await until_settled(settle, *later)
+        await until(lambda: (s := batch.statistics()) is not None and s.unsettled == 0)
+        batch.stop()
+        release.set()
+    assert watching.error is None
+    report = watching.report
+    assert report is not None
+    assert report.unsettled == 0, report
+    assert report.seen + report.unregistered >= 20, report
 
 
 def test_importing_and_running_without_metrics_never_imports_prometheus_client(

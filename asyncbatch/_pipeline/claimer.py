@@ -198,7 +198,8 @@ class Claimer:
             records, unstable = await look_until_stable(self.scanner, records, self.ready, run)
             if unstable:
                 finished += await self._count_finished([(r, "stable") for r in unstable])
-        run.counters.seen = len(records) + finished
+        run.counters.seen = 0  # (the scan's progress: counted now, once final)
+        run.counters.add("seen", len(records) + finished)
         run.counters.scanned = True
         return records
 
@@ -247,8 +248,8 @@ class Claimer:
             self.finished_unready[state] = self.finished_unready.get(state, 0) + files
         if self.config.shared:
             return 0
-        counters.done_before += by_state["done"]
-        counters.dead_before += by_state["dead"]
+        counters.add("done_before", by_state["done"])
+        counters.add("dead_before", by_state["dead"])
         return len(finished)
 
     async def watch(self) -> None:
@@ -265,6 +266,7 @@ class Claimer:
             by_path=cfg.identity == "path",
         )
         run.waiting_files = sightings.waiting_files  # the report asks about them at the end
+        run.waiting_now = sightings.waiting_by_rule  # live counts: as they stand when read
         changes = Changes()
         self._forgotten_seq = (await run.ledger.forgotten_since(cfg.job, None))[0]
         async with anyio.create_task_group() as tg:
@@ -480,6 +482,7 @@ class Claimer:
                 await self.markers.after_scan(walked)
             del records
             await self._ask_waiting(sightings)
+            self._count_waiting(sightings)
             await self._claim_candidates(candidates, again)
             if listed and listings is not None:  # every file found is registered or waiting
                 await listings.scan_ends(max(found - sightings.waiting, 0))
@@ -514,12 +517,22 @@ class Claimer:
             again=again,
         )
         await self._ask_waiting(sightings)
+        self._count_waiting(sightings)
         await self._claim_candidates(candidates, again)
         if self._held and not self.run.stopping:
             # Claimed (registered), registered before, or no input (gone, skipped): the
             # messages that named them are done with; those of files still settling wait.
             await self._resolved(p for p in looked if not sightings.is_waiting(p))
         return found.walked_dir
+
+    def _count_waiting(self, sightings: Sightings) -> None:
+        """Count the files not ready yet as this poll or look left them, before its
+        candidates are claimed: a claim waits for room in the queue (seconds, for many
+        files), and meanwhile metrics and the heartbeat (``status``, ``history`` of a watch
+        killed then) said the files that had settled since were not settled yet (20 files
+        settled, registered and 8 done: "20 files not settled yet"). The candidates are
+        counted as not registered yet until their claim (``claim_records``)."""
+        count_not_ready(self.run.counters, sightings.waiting_by_rule())
 
     async def _ask_waiting(self, sightings: Sightings) -> None:
         """The files the watch found waiting for a rule that lasts (a marker, ...) and had not
@@ -532,12 +545,9 @@ class Claimer:
         finished = await self._finished_states(records)
         sightings.asked(records, finished)
         counters = self.run.counters
-        counters.seen += len(finished)
+        counters.add("seen", len(finished))
         for state in finished.values():
-            if state == "done":
-                counters.done_before += 1
-            else:
-                counters.dead_before += 1
+            counters.add("done_before" if state == "done" else "dead_before")
 
     async def _claim_candidates(self, candidates: list[bytes], again: set[bytes]) -> None:
         """Count the watch's candidates as seen, and claim (or register) them. ``again``:
@@ -545,7 +555,7 @@ class Claimer:
         the same item, counted when it was first seen), which are claimed as before but
         counted only where their claim finds them somewhere new (see :meth:`_sort`)."""
         counters = self.run.counters
-        counters.seen += len(candidates) - len(again)
+        counters.add("seen", len(candidates) - len(again))
         counters.scanned = True
         if self.registrar is not None:
             await self.registrar(candidates)
@@ -603,7 +613,7 @@ class Claimer:
                     self._unreadable(rel, e)
                     continue
                 if found is None:
-                    counters.vanished += 1
+                    counters.add("vanished")
                     continue
                 digest = found
             # (input_hash inline, not through _input_hash: once per item)
@@ -613,7 +623,7 @@ class Claimer:
             if identity == "content":
                 if key in keys:
                     if twins is None:
-                        counters.done_before += 1
+                        counters.add("done_before")
                     else:
                         twins.append((key, record))
                     continue
@@ -749,7 +759,7 @@ class Claimer:
                 continue
             run.close(item.key)  # what the claim found replaces what was known
             if row is None:  # done: finished before, by this or another runner
-                counters.done_before += 1
+                counters.add("done_before")
             elif row.state == "running":
                 leased.append(item)
             elif row.state == "held":
@@ -757,10 +767,7 @@ class Claimer:
             elif row.state == "failed":
                 run.reopen(item.key, "waiting", item.record())
             else:
-                if row.state == "dead":
-                    counters.dead_before += 1
-                else:
-                    counters.done_before += 1
+                counters.add("dead_before" if row.state == "dead" else "done_before")
                 if row.post_action is not None:
                     # The file that was handled, as recorded then: not the one just scanned,
                     # which may be a newer file under the same name (or, identity "content",
@@ -787,7 +794,7 @@ class Claimer:
         if self.config.identity == "content":
             self.run.add_twin(item.key, item.record())
         else:
-            self.run.counters.done_before += 1
+            self.run.counters.add("done_before")
 
     def _twin_of_open(self, item: LeasedItem, row: ClaimedRow | None) -> bool:
         """Identity ``content``: a claimed file whose item this run counted open (held by
@@ -859,9 +866,9 @@ class Claimer:
             if key in run.in_flight:
                 run.add_twin(key, item.record())
             elif row is not None and row.state == "dead":
-                run.counters.dead_before += 1
+                run.counters.add("dead_before")
             else:
-                run.counters.done_before += 1
+                run.counters.add("done_before")
             return True
         if key in run.in_flight:
             return True
@@ -876,7 +883,7 @@ class Claimer:
             run.vanished_here.discard(key)
             run.counters.vanished -= 1
         else:
-            run.counters.seen += 1
+            run.counters.add("seen")
         return False
 
     def _track(self, leased: list[LeasedItem], rows: dict[str, ClaimedRow]) -> None:
@@ -1054,7 +1061,7 @@ class Claimer:
                 run.dead_here.discard(row.key)
                 run.counters.dead -= 1
             elif not cfg.shared:  # left waiting by an earlier run: seen now, counted like any
-                run.counters.seen += 1  # other (shared: registered by the job's listing, which
+                run.counters.add("seen")  # other (shared: registered by the job's listing, which
                 run.counters.earlier += 1  # the report counts at the end: see .shared)
                 run.from_ledger.add(row.key)
             leased.append(item)

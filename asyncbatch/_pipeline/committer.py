@@ -93,7 +93,7 @@ class Committer:
             if rewritten:
                 state.rewritten.discard(item.key)
             if lost and item.key in lost:
-                counters.lost += 1
+                counters.add("lost")
                 # A completion refused matters (the work is redone by the new holder); a failed
                 # attempt refused was already logged as failed, most often for that very reason.
                 item_logger(log, job, item).log(

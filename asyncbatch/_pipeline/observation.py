@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._ledger import LedgerErrors, Listing, RunTotals
+from .._report import Events
 from .._scanner import ScanInfo
 
 __all__ = ["RunObservation"]
@@ -50,8 +51,11 @@ class RunObservation:
     oldest_waiting: float | None
     #: Whether a stop was asked for.
     stop_requested: bool
-    #: Its counts so far; its leases taken over by others; items of gone runners it put back.
+    #: Its counts so far (of its items, by how they ended: the report's); what happened to
+    #: them, counted when it happened (never going down: the metrics' counters); its leases
+    #: taken over by others; items of gone runners it put back.
     counts: RunTotals
+    events: Events
     leases_lost: int
     reaped: int
     #: Runners sharing the job: whether this one holds the listing role now, and the role

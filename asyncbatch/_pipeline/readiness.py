@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import anyio
 
-from .._ledger import NOT_READY, ItemFilter, ItemInfo
+from .._ledger import NOT_READY, ItemFilter, ItemInfo, RunTotals
 from .._ready import Readiness, ReadyWalk
 from .._report import Counters
 from .._scanner import ScanInfo, split
@@ -36,7 +36,7 @@ FINISHED = ("done", "dead")
 log = logging.getLogger("asyncbatch")
 
 
-def count_not_ready(counters: Counters, by_rule: Mapping[str, int]) -> None:
+def count_not_ready(counters: RunTotals, by_rule: Mapping[str, int]) -> None:
     """Set the counts of files not ready yet, by rule (see ``RunTotals``: ``unsettled`` for
     age, ``unmarked`` for marker, ...), to ``by_rule``'s (a rule it lacks: 0)."""
     for rule, name in NOT_READY.items():

@@ -22,6 +22,7 @@ Made per run, at its end, by the runner; nothing here outlives the call.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from .._exceptions import LedgerError
@@ -74,10 +75,7 @@ async def reconcile(state: RunState) -> None:
             continue
         files = twins.get(key, 0) + (key in left)
         state.close(key)  # a held or waiting one is no longer open
-        if item_state == "done":
-            counters.done_before += files
-        else:
-            counters.dead_before += files
+        counters.add("done_before" if item_state == "done" else "dead_before", files)
 
 
 async def _count_waiting(state: RunState) -> None:
@@ -88,9 +86,13 @@ async def _count_waiting(state: RunState) -> None:
     if waiting_files is None:
         return
     cfg, counters = state.config, state.counters
-    waiting = waiting_files()
-    # As the watch has them now (its last look may have come after its last count).
-    count_not_ready(counters, Counter(rule for _, rule, _ in waiting))
+    waiting = waiting_files(time.monotonic())
+    # As the watch has them now (its last look may have come after its last count); those
+    # settled and seen unchanged long enough whose look had not come (the watch was busy
+    # claiming others) are not settled yet no longer: not registered yet.
+    by_rule = Counter(rule for _, rule, _ in waiting)
+    count_not_ready(counters, by_rule)
+    counters.unregistered += by_rule["ready"]
     if not waiting or cfg.identity == "content":
         return
     versioned = cfg.objects is not None  # an object's identity includes its version tag
@@ -108,12 +110,9 @@ async def _count_waiting(state: RunState) -> None:
         if item_state not in ("done", "dead"):
             continue
         rule, counted = rules[key]
-        name = NOT_READY[rule]
+        name = "unregistered" if rule == "ready" else NOT_READY[rule]
         setattr(counters, name, getattr(counters, name) - 1)  # never to be taken
         if counted:
             continue  # this watch counted it already, where it ended (identity path)
-        counters.seen += 1
-        if item_state == "done":
-            counters.done_before += 1
-        else:
-            counters.dead_before += 1
+        counters.add("seen")
+        counters.add("done_before" if item_state == "done" else "dead_before")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .._ledger import TOTALS, Outcome, RunTotals
+from .._report import EVENTS
 from .._scanner import ScanInfo
 from .observation import RunObservation
 
@@ -91,7 +92,8 @@ class Histogram:
 @dataclass(slots=True, kw_only=True)
 class EndedRuns(RunTotals):
     """What the batch's runs that ended counted, added up (see :class:`Recorder`): their
-    counts (:class:`RunTotals`), and what else the metrics export."""
+    counts (:class:`RunTotals`; those of :data:`~asyncbatch._report.EVENTS` as events: what
+    happened, not how the items ended), and what else the metrics export."""
 
     leases_lost: int = 0
     reaped: int = 0
@@ -137,7 +139,8 @@ class Recorder:
         e = self.ended
         e.runs += 1
         for name in TOTALS:
-            setattr(e, name, getattr(e, name) + getattr(seen.counts, name))
+            counted = seen.events if name in EVENTS else seen.counts
+            setattr(e, name, getattr(e, name) + getattr(counted, name))
         e.leases_lost += seen.leases_lost
         e.reaped += seen.reaped
         e.lock_takeovers += seen.lock_takeovers

@@ -36,7 +36,7 @@ from .._ledger import (
     open_ledger,
 )
 from .._procinfo import this_process
-from .._report import Counters, Report, Statistics
+from .._report import EVENTS, Counters, Events, Report, Statistics
 from .._scanner import ScanInfo, Scanner
 from .._sources.base import Lister, SourceHandle
 from .._sources.url import ObjectURL
@@ -45,6 +45,7 @@ from .committer import Committer
 from .observation import RunObservation
 from .postactions import PostActions
 from .queues import ItemQueue, ItemState, Outbox
+from .readiness import count_not_ready
 from .reconcile import reconcile
 from .recorder import Recorder
 from .shared import gone_by, live_totals, shared_report
@@ -107,6 +108,9 @@ class Run:
         self.beat_since: float | None = None
         self.lock_lost = False
         self.ledger_errors: LedgerErrors | None = None
+        #: A shared run: the highest of its counts (as :meth:`totals` has them) observed so
+        #: far, by name (see :meth:`events`).
+        self._highest: dict[str, int] = {}
         self.ledger_failed = False
         self.lock_takeovers = 0
 
@@ -147,6 +151,7 @@ class Run:
         see :meth:`totals`)."""
         state = self._state
         stats = self.counters.statistics(0 if state is None else len(state.in_flight))
+        self._waiting_now(stats)
         if state is not None and self.config.shared:
             live_totals(state, stats)
             stats.scanned = stats.scanned or gone_by(state) is not None
@@ -158,10 +163,41 @@ class Run:
         :func:`~.shared.live_totals`): ``seen`` is the files the listing it goes by found,
         not what this runner listed (or 0: it did not list)."""
         totals = self.counters.totals()
+        self._waiting_now(totals)
         state = self._state
         if state is not None and self.config.shared:
             live_totals(state, totals)
         return totals
+
+    def _waiting_now(self, t: RunTotals) -> None:
+        """A watch's files not ready yet in ``t`` (a snapshot of its counts) as they stand
+        now, not at its last poll or look: its claim of many files waits for room in the
+        queue (seconds), and files settle meanwhile (20 files settled, registered and 8 done
+        were "20 files not settled yet"). Those settled and seen unchanged long enough whose
+        look has not come yet are not registered yet (nor seen: the look that takes them
+        counts them)."""
+        state = self._state
+        if state is None or state.waiting_now is None:
+            return
+        by_rule = state.waiting_now(time.monotonic())
+        count_not_ready(t, by_rule)
+        t.unregistered += by_rule.get("ready", 0)
+
+    def events(self, totals: RunTotals) -> Events:
+        """The run's outcomes as the metrics' counters export them: counted as they happened,
+        never taken back (see :class:`~asyncbatch._report.Events`). A shared run counts the
+        job's listing as its report would (:meth:`totals`, given): its seen, done before and
+        dead before are the highest its counts were when observed (a newer listing may find
+        fewer); its other outcomes at least that too."""
+        events = self.counters.events.copy()
+        if not self.config.shared:
+            return events
+        high = self._highest
+        for name in EVENTS:
+            high[name] = max(high.get(name, 0), getattr(totals, name))
+            own = 0 if name in ("seen", "done_before", "dead_before") else getattr(events, name)
+            setattr(events, name, max(own, high[name]))
+        return events
 
     @property
     def in_flight(self) -> int:
@@ -205,6 +241,7 @@ class Run:
     def observe(self) -> RunObservation:
         """What this run has observed, now (for health and metrics)."""
         cfg, errors, state = self.config, self.ledger_errors, self._state
+        totals = self.totals()
         return RunObservation(
             mode=self.mode,
             job=cfg.job,
@@ -226,7 +263,8 @@ class Run:
             handlers_running=self.handlers_running,
             oldest_waiting=self.oldest_waiting(),
             stop_requested=self.stop_requested,
-            counts=self.totals(),
+            counts=totals,
+            events=self.events(totals),
             leases_lost=self.counters.leases_lost,
             reaped=self.counters.reaped,
             lister=state is not None and state.lister_fence is not None,

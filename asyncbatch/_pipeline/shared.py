@@ -680,9 +680,9 @@ async def _registered_and_finished_by_others(run: RunState) -> None:
     finished = max(left - counts["pending"] - counts["running"] - counts["failed"], 0)
     dead = min(others.get("dead", 0), finished)
     vanished = min(others.get("vanished", 0), finished - dead)  # found gone: not done
-    counters.dead_before += dead
-    counters.vanished += vanished
-    counters.done_before += finished - dead - vanished
+    counters.add("dead_before", dead)
+    counters.add("vanished", vanished)
+    counters.add("done_before", finished - dead - vanished)
 
 
 async def shared_report(run: RunState, *, watching: bool = False) -> None:

@@ -115,18 +115,33 @@ class Sightings:
         """Whether this file was seen and is not ready yet."""
         return relpath in self._waiting
 
-    def waiting_by_rule(self) -> Mapping[str, int]:
-        """Files seen and not yet ready, by the rule they wait for (``age``, ``marker``...)."""
-        if self._ready is None:
-            return {"age": len(self._waiting)}
-        return Counter(w.why for w in self._waiting.values())
+    def waiting_by_rule(self, now: float | None = None) -> Mapping[str, int]:
+        """Files seen and not yet ready, by the rule they wait for (``age``, ``marker``...).
 
-    def waiting_files(self) -> list[tuple[bytes, str, bool]]:
-        """The records of the files seen and not yet ready, with the rule each waits for, and
-        whether this watch counted the file already, under another version (``by_path``: a
-        name it registered; or one the ledger's log named, see :meth:`look_again`)."""
+        Given ``now`` (monotonic), those waiting for ``age`` that are ready by now (settled,
+        and seen unchanged ``settle`` seconds: their look has not come yet, the watch was
+        busy claiming) are counted under ``"ready"`` instead: not settled yet is no longer
+        true of them."""
+        if now is None:
+            if self._ready is None:
+                return {"age": len(self._waiting)}
+            return Counter(w.why for w in self._waiting.values())
+        return Counter(
+            "ready" if w.why == "age" and w.ready_at <= now else w.why
+            for w in self._waiting.values()
+        )
+
+    def waiting_files(self, now: float) -> list[tuple[bytes, str, bool]]:
+        """The records of the files seen and not yet ready, with the rule each waits for
+        (``"ready"``: waiting for ``age`` and ready by ``now``, monotonic, as in
+        :meth:`waiting_by_rule`), and whether this watch counted the file already, under
+        another version (``by_path``: a name it registered; or one the ledger's log named,
+        see :meth:`look_again`)."""
         counted = self._relook if self._names is None else self._names | self._relook
-        return [(w.record, w.why, rel in counted) for rel, w in self._waiting.items()]
+        return [
+            (w.record, "ready" if w.why == "age" and w.ready_at <= now else w.why, rel in counted)
+            for rel, w in self._waiting.items()
+        ]
 
     def scanned(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -99,7 +99,10 @@ class RunState:
     #: whether the watch counted it already), as the watch has them
     #: (``Sightings.waiting_files``): the final report asks the ledger which it has finished
     #: (one read at the end, not one a look). ``None``: not a watch.
-    waiting_files: Callable[[], list[tuple[bytes, str, bool]]] | None = None
+    waiting_files: Callable[[float], list[tuple[bytes, str, bool]]] | None = None
+    #: A watch's files not ready yet by rule, as they stand at a monotonic time
+    #: (``Sightings.waiting_by_rule``): what its live counts (metrics, heartbeat) say.
+    waiting_now: Callable[[float], Mapping[str, int]] | None = None
     #: Runners sharing the job: the fence of the listing role while this runner holds it
     #: (renewed by the heartbeat, which clears it once another runner took the role over),
     #: whether it ever held it, the role as last looked at (for status and metrics), and the
@@ -277,6 +280,9 @@ class RunState:
         if twins and state == "dead":
             self.counters.done_before -= len(twins)
             self.counters.dead_before += len(twins)
+        if twins:  # (counted done before as they were found; as events, now it is known)
+            name = "dead_before" if state == "dead" else "done_before"
+            setattr(self.counters.events, name, getattr(self.counters.events, name) + len(twins))
 
     def take_twins(self) -> list[tuple[str, bytes]]:
         """One twin of each item whose attempt vanished and that has none since (neither in

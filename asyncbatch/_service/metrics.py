@@ -67,10 +67,11 @@ class BatchCollector:
 
     def _counters(self, run: RunObservation | None) -> Iterator[Metric]:
         job, ended = self.job, self.recorder.ended
-        c = None if run is None else run.counts
+        c = None if run is None else run.events
         items = CounterMetricFamily(
             "asyncbatch_items",
-            "Items by how this runner's runs found or left them: done, dead, vanished by "
+            "Outcomes of items in this runner's runs, each counted when it happened (an item "
+            "dead, put back and done counts in dead and in done): done, dead, vanished by "
             "them; done_before, dead_before found so; lost: outcomes refused (lease taken over)",
             labels=("batch_job", "outcome"),
         )
@@ -80,8 +81,9 @@ class BatchCollector:
         yield items
         yield _counter(
             "asyncbatch_items_seen",
-            "Settled files seen (and items earlier runs left waiting that the runs took on); "
-            "runners sharing a job: the files of the job's listing, as their reports count them",
+            "Settled files seen (and items earlier runs left waiting that the runs took on), "
+            "each counted when seen; runners sharing a job: the files of the job's listing, as "
+            "their reports count them (the highest so far)",
             job,
             ended.seen + (0 if c is None else c.seen),
         )
@@ -222,7 +224,7 @@ class BatchCollector:
             "asyncbatch_files_unsettled",
             "Files the last scan (or look) found and that are not settled yet: changed less "
             "than --settle ago (or in the future); watching, also those waiting for their "
-            "second look",
+            "second look, as they stand now (settled since: no longer counted)",
             job,
             0 if run is None else run.counts.unsettled,
         )
