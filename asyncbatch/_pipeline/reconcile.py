@@ -110,8 +110,11 @@ async def _count_waiting(state: RunState) -> None:
         rule, counted = rules[key]
         name = NOT_READY[rule]
         setattr(counters, name, getattr(counters, name) - 1)  # never to be taken
-        if counted:
-            continue  # this watch counted it already, where it ended (identity path)
+        if counted or key in state.from_ledger:
+            # This watch counted it already, where it ended: identity path; or it leased the
+            # item from the ledger (left waiting by an earlier run) before its file, first
+            # seen settled, had its second look.
+            continue
         counters.seen += 1
         if item_state == "done":
             counters.done_before += 1
