@@ -230,14 +230,20 @@ async def test_a_file_changed_after_the_scan_is_not_handled_as_the_old_version(
     inbox: Path, state: Path
 ) -> None:
     first, second = make_files(inbox, 2)
+    read: dict[str, bytes] = {}
 
     async def handle(ctx: TaskContext) -> None:
+        read[ctx.entry.relpath] = await ctx.read_bytes()
         if ctx.entry.relpath == first.name:
             second.write_bytes(b"rewritten while queued")
 
     report = await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
 
-    assert (report.done, report.vanished) == (1, 1)
+    # The old version's item vanished; the new version, settled by the end of the run (settle
+    # 0), is taken in it as the new item it is: the file is seen once, done, not vanished.
+    assert read[second.name] == b"rewritten while queued"
+    assert (report.seen, report.done, report.vanished) == (2, 2, 0)
+    assert state_counts(state) == {"done": 2, "vanished": 1}
 
 
 async def test_a_fifo_in_the_inbox_never_blocks_the_run(inbox: Path, state: Path) -> None:

@@ -290,7 +290,7 @@ async def test_waiting_items_are_claimed_oldest_first_from_an_index_in_claim_ord
     plan = [
         step[-1]
         for step in rows(
-            state, "EXPLAIN QUERY PLAN " + sqlite_sql.CLAIM_WAITING, ("j", "a", 1, now, 2)
+            state, "EXPLAIN QUERY PLAN " + sqlite_sql.CLAIM_WAITING, ("j", "a", 1, now, 2, '["k"]')
         )
     ]
     assert any("USING INDEX items_claim" in step for step in plan), plan

@@ -3019,3 +3019,18 @@ async def test_registrations_are_announced_where_the_ledger_can(
     listing = await ledger.listing("j")
     assert listing is not None
     assert listing.registered == 1
+
+
+async def test_a_claim_of_waiting_items_leaves_the_skipped_ones_waiting(ledger: Ledger) -> None:
+    # A run leaves waiting the items whose file it found not settled yet: the next claim of
+    # waiting items must go past them (a claim of the oldest few would lease them again).
+    rows = [entry(i) for i in range(4)]
+    claimed = await ledger.claim_scanned("j", "a", 60, rows)
+    await ledger.release_items("j", "a", [(c.key, c.fence) for c in claimed])
+    first = await ledger.claim_waiting("j", "a", 60, 2, ["k00000", "k00001"])
+    assert sorted(c.key for c in first) == ["k00002", "k00003"]
+    assert await ledger.claim_waiting("j", "a", 60, 2, ["k00000", "k00001"]) == []
+    assert sorted(c.key for c in await ledger.claim_waiting("j", "a", 60, 10)) == [
+        "k00000",
+        "k00001",
+    ]

@@ -9,6 +9,7 @@ settled once its mtime *and* its ctime are ``settle`` seconds old.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -229,8 +230,10 @@ async def test_a_file_written_to_between_its_scan_and_its_start_waits_for_the_ne
 
     report = await Batch(handle, source=inbox, state=state, settle=0.5, concurrency=1).run()
     # The settle window passes only after the scan that found both settled: scan again then.
+    # The run looks at it again before it ends: there, not settled, it is counted so (not
+    # vanished, not seen).
     assert seen == [first.name]
-    assert (report.done, report.vanished) == (1, 1)
+    assert (report.seen, report.done, report.vanished, report.unsettled) == (1, 1, 0, 1)
     await until_settled(0.5, second)
     again = await Batch(handle, source=inbox, state=state, settle=0.5, concurrency=1).run()
     assert again.done == 1
@@ -504,3 +507,129 @@ async def test_a_watch_under_identity_path_counts_a_done_file_written_again_once
             batch.stop()
     (report,) = reports
     assert (report.seen, report.done, report.done_before, report.unsettled) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("how", ["moved back", "chmod"])
+def test_a_waiting_item_whose_file_is_not_settled_is_left_waiting_and_counted_once(
+    tmp_path: Path, how: str
+) -> None:
+    # A dead file's item put back by `retry --dead`, its file moved back into the source from
+    # the --on-dead quarantine (or chmod'ed): its ctime is new. The next run handled it at
+    # once (an item leased from the ledger was never checked for settling) AND counted it
+    # among the files not settled yet: counted twice, and handled unsettled.
+    inbox, quarantine, log = tmp_path / "inbox", tmp_path / "q", tmp_path / "log"
+    quarantine.mkdir()
+    (name,) = [p.name for p in make_files(inbox, 1, age=3600)]
+    state = tmp_path / "state.db"
+    src = ("--source", inbox, "--state", state)
+    dead = ["--max-attempts", "1"]
+    if how == "moved back":
+        dead += ["--on-dead", f"move:{quarantine}"]
+    first = cli("run", f"{HANDLERS}:fail_always", *src, *dead)
+    assert first.returncode == 1, first.stderr
+    assert cli("retry", "--dead", "--state", state).returncode == 0
+    if how == "moved back":
+        (quarantine / name).rename(inbox / name)
+    else:
+        os.chmod(inbox / name, 0o600)
+    env = {"AB_LOG": str(log)}
+    second = cli("run", f"{HANDLERS}:record", *src, "--settle", "60", env=env)
+    assert second.returncode == 0, second.stderr
+    assert not log.exists(), "an unsettled file was handled"
+    assert "0 seen: 0 done; 1 file not settled yet" in second.stdout, second.stdout
+    (row,) = json.loads(cli("history", "--state", state, "--json").stdout)[:1]
+    assert {k: row[k] for k in ("seen", "done", "dead", "vanished", "earlier", "unsettled")} == {
+        "seen": 0,
+        "done": 0,
+        "dead": 0,
+        "vanished": 0,
+        "earlier": 0,
+        "unsettled": 1,
+    }
+    assert state_counts(state) == {"pending": 1}
+    status = " ".join(cli("status", "--state", state).stdout.split())
+    assert "left in the source by the last run (at its end): 1 not settled yet" in status
+    explained = cli("explain", inbox / name, "--state", state, "--settle", "60").stdout
+    assert f"{name} (job 'default'): waiting" in explained, explained
+    assert "the next run that finds its file settled handles it" in explained
+    # The run that finds it settled handles it, once.
+    third = cli("run", f"{HANDLERS}:record", *src, env=env)
+    assert third.returncode == 0, third.stderr
+    assert log.read_text().split() == [name]
+    assert "1 seen: 1 done;" in third.stdout, third.stdout
+    assert state_counts(state) == {"done": 1}
+
+
+async def test_a_watch_takes_a_waiting_item_whose_file_is_not_settled_once_it_settles(
+    inbox: Path, state: Path
+) -> None:
+    # Items a stopped run left pending, one of whose files is chmod'ed (its ctime new): a
+    # watch leased it from the ledger and handled it at once, unsettled.
+    first, second = make_files(inbox, 2, age=3600)
+    started = anyio.Event()
+
+    async def stop_at_first(ctx: TaskContext) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    stopped = Batch(stop_at_first, source=inbox, state=state, settle=0, concurrency=1, grace=0.1)
+    async with anyio.create_task_group() as tg:
+
+        async def stop() -> None:
+            await started.wait()
+            stopped.stop()
+
+        tg.start_soon(stop)
+        await stopped.run()
+    assert state_counts(state) == {"pending": 2}
+    settle = 1.5
+    await until_settled(settle, first)  # the first one is handled at once, from the ledger
+    os.chmod(second, 0o600)
+    changed = os.stat(second).st_ctime_ns / 1e9
+    handled: dict[str, float] = {}
+
+    async def handle(ctx: TaskContext) -> None:
+        handled[ctx.entry.relpath] = time.time()
+
+    watch = Batch(handle, source=inbox, state=state, settle=settle, poll=0.1, concurrency=1)
+    async with anyio.create_task_group() as tg:
+
+        async def stop_when_both() -> None:
+            await until(lambda: len(handled) == 2, within=30)
+            watch.stop()
+
+        tg.start_soon(stop_when_both)
+        report = await watch.watch()
+    assert handled[second.name] >= changed + settle, "handled before it settled"
+    assert (report.seen, report.done, report.unsettled) == (2, 2, 0), report
+    assert state_counts(state) == {"done": 2}
+
+
+@pytest.mark.parametrize("identity", ["stat", "content"])
+async def test_a_file_changed_while_queued_and_not_settled_at_the_end_is_counted_not_settled(
+    inbox: Path, state: Path, identity: str
+) -> None:
+    # A file appended to after the scan and before its turn: the run said "2 seen: 1 done,
+    # 1 vanished", status "nothing it found" left in the source, explain "never-seen", while
+    # its new version sat in the source. Not settled by the end: counted not settled yet.
+    first, second = make_files(inbox, 2, age=3600)
+    await until_settled(3, first, second)
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        if ctx.entry.relpath == first.name:
+            with second.open("ab") as f:
+                f.write(b"v2")
+
+    report = await Batch(
+        handle, source=inbox, state=state, settle=3, concurrency=1, identity=identity
+    ).run()
+    assert handled == [first.name]
+    assert (report.seen, report.done, report.vanished, report.unsettled) == (1, 1, 0, 1)
+    assert "1 file not settled yet" in str(report)
+    status = " ".join(cli("status", "--state", state).stdout.split())
+    assert "left in the source by the last run (at its end): 1 not settled yet" in status
+    explained = cli("explain", second.name, "--state", state, "--settle", "600")
+    assert "not-settled" in explained.stdout or "not settled" in explained.stdout, explained
+    assert "never-seen" not in explained.stdout

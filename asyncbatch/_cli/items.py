@@ -376,7 +376,7 @@ def describe_item(
     if item.state == "pending":
         return "waiting", (
             "waiting in the ledger (pending: its runner stopped or died during it, or it was "
-            "retried): the next run handles it"
+            "retried): the next run that finds its file settled handles it"
         )
     # Not an attempt: the runner is the one that found the file gone (no start, no duration).
     return "vanished", (

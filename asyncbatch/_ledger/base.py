@@ -489,11 +489,13 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def claim_waiting(
-        self, job: str, owner: str, lease: float, limit: int
+        self, job: str, owner: str, lease: float, limit: int, skip: Sequence[str] = ()
     ) -> list[ClaimedRow]:
         """Lease up to ``limit`` items waiting in the ledger: pending, or failed and due.
 
-        The oldest ``(mtime_ns, relpath)`` first; concurrent runners get disjoint sets.
+        The oldest ``(mtime_ns, relpath)`` first; concurrent runners get disjoint sets. The
+        items whose key is in ``skip`` are left as they are (files the run found not settled
+        yet: it leaves them waiting).
         """
 
     @abc.abstractmethod

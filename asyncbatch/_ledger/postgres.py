@@ -561,14 +561,15 @@ class PostgresLedger(Ledger):
         await self._session.transact(analyze)
 
     async def claim_waiting(
-        self, job: str, owner: str, lease: float, limit: int
+        self, job: str, owner: str, lease: float, limit: int, skip: Sequence[str] = ()
     ) -> list[t.ClaimedRow]:
         runs = 0
+        skipped = list(skip)
 
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             nonlocal runs
             runs += 1
-            return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit)
+            return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit, skipped)
 
         rows = await self._session.transact(claim, one=True)
         if runs > 1:

@@ -667,7 +667,8 @@ WHERE job = $1 AND key = ANY($2::text[]) AND (state <> 'done' OR post_action IS 
 """
 
 #: Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
-#: $1 job, $2 owner, $3 lease (seconds), $4 limit. The oldest (mtime_ns, relpath) first; rows
+#: $1 job, $2 owner, $3 lease (seconds), $4 limit, $5 keys left alone (files the run found not
+#: settled yet). The oldest (mtime_ns, relpath) first; rows
 #: another transaction has locked (being claimed by another runner) are skipped, not waited
 #: for, so concurrent runners take disjoint sets without queueing behind each other.
 CLAIM_WAITING = f"""
@@ -675,6 +676,7 @@ WITH waiting AS (
     SELECT key FROM items
     WHERE job = $1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= {NOW})
+      AND NOT (key = ANY($5::text[]))
     ORDER BY mtime_ns, relpath
     LIMIT $4
     FOR UPDATE SKIP LOCKED

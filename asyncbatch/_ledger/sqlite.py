@@ -1029,10 +1029,12 @@ class SQLiteLedger(Ledger):
         return taken, _claimed(found) if found else []
 
     async def claim_waiting(
-        self, job: str, owner: str, lease: float, limit: int
+        self, job: str, owner: str, lease: float, limit: int, skip: Sequence[str] = ()
     ) -> list[t.ClaimedRow]:
+        skipped = json.dumps(list(skip))
+
         def claim(conn: sqlite3.Connection, now: float) -> list[t.ClaimedRow]:
-            params = (job, owner, now + lease, now, limit)
+            params = (job, owner, now + lease, now, limit, skipped)
             return [t.ClaimedRow.from_row(r) for r in _named(conn, sql.CLAIM_WAITING, params)]
 
         return await self._transact(claim, self.clock())

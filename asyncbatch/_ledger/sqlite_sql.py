@@ -491,7 +491,8 @@ WHERE job = ?1 AND key IN (SELECT value FROM json_each(?2))
 # and what the listing of runners sharing a job registered. "INDEXED BY items_claim" keeps
 # these on a small partial index in claim order: the first ?5 are read, not every waiting item
 # sorted (O(waiting) a claim: 100,000 registered files cost seconds), and without statistics
-# the planner would walk every item of the job instead.
+# the planner would walk every item of the job instead. ?6: a JSON array of keys left alone
+# (files the run found not settled yet).
 CLAIM_WAITING = f"""
 UPDATE items SET state = 'running', owner = ?2, fence = fence + 1,
                  lease_until = ?3, updated_at = ?4, interrupted = interrupted + {_INTERRUPTED}
@@ -499,6 +500,7 @@ WHERE job = ?1 AND key IN (
     SELECT key FROM items INDEXED BY items_claim
     WHERE job = ?1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= ?4)
+      AND key NOT IN (SELECT value FROM json_each(?6))
     ORDER BY mtime_ns, relpath LIMIT ?5)
 RETURNING {", ".join(ClaimedRow.columns())}
 """

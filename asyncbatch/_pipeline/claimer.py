@@ -36,7 +36,7 @@ from .._exceptions import SourceError
 from .._identity import input_hash, item_key
 from .._ledger import NOT_READY, ClaimedRow, QueuedRow, decode_move
 from .._report import Counters
-from .._scanner import content_digest, split, unpack_item
+from .._scanner import clamp_ns, content_digest, ready_ns, split, unpack_item
 from .._sources.base import Lister
 from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
@@ -157,6 +157,13 @@ class Claimer:
         self._held = HeldMessages()
         #: The relpaths of the files counted ``unreadable`` (identity ``content``).
         self._unreadable_seen: set[bytes] = set()
+        #: A one-shot run's: the relpaths of the files its scan left out as not ready yet
+        #: (and of those it found so since, see :meth:`_leave_unsettled`), counted so.
+        self._not_ready: set[bytes] = set()
+        #: The keys of items waiting in the ledger whose file was found not settled: left
+        #: waiting (see :meth:`_leave_unsettled`), until the monotonic time each settles (a
+        #: one-shot run: for the rest of the run, whose report counts them not settled yet).
+        self._left_waiting: dict[str, float] = {}
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -165,6 +172,7 @@ class Claimer:
                 shared = SharedRun(self)
                 await (shared.until_finished() if self.mode == "run" else shared.until_stopped())
             elif self.mode == "run":
+                self.run.relook = []
                 records = await self.list_ready()
                 await self.claim_records(records)
                 del records
@@ -193,11 +201,13 @@ class Claimer:
             else [(r, "age") for r in self.scanner.left_unsettled]
         )
         finished = await self._count_finished(left_out) if left_out else 0
+        self._not_ready = {split(r)[0] for r, _ in left_out}
         await self.markers.after_scan(walked)
         if self.ready.looks > 1:  # stable:N: look again, and wait for the answer
             records, unstable = await look_until_stable(self.scanner, records, self.ready, run)
             if unstable:
                 finished += await self._count_finished([(r, "stable") for r in unstable])
+                self._not_ready.update(split(r)[0] for r in unstable)
         run.counters.seen = 0  # (the scan's progress: counted now, once final)
         run.counters.add("seen", len(records) + finished)
         run.counters.scanned = True
@@ -996,14 +1006,107 @@ class Claimer:
         size = await self._room()
         if run.stopping:
             return 0
+        now = time.monotonic()
+        if self.mode == "watch":  # settled since: taken as any other
+            self._left_waiting = {k: t for k, t in self._left_waiting.items() if t > now}
         with anyio.CancelScope(shield=True):  # as in claim(): what is leased is tracked
             began = time.monotonic()
-            rows = await run.ledger.claim_waiting(cfg.job, run.owner, cfg.lease, size)
+            rows = await run.ledger.claim_waiting(
+                cfg.job, run.owner, cfg.lease, size, list(self._left_waiting)
+            )
             if run.metrics is not None:
                 run.metrics.claims.observe(time.monotonic() - began)
-            leased = self._waiting_items(rows)
+            taken, ctimes = await self._leave_unsettled(rows)
+            leased = self._waiting_items(taken, ctimes)
         await self._queue(leased)
         return len(rows)
+
+    async def _leave_unsettled(
+        self, rows: list[ClaimedRow]
+    ) -> tuple[list[ClaimedRow], dict[str, int]]:
+        """Of the items ``claim_waiting`` leased, those to handle now, and the ctime of each
+        one's file as looked at now (by key: the worker checks it did not change since, as it
+        does for a scanned file's). The others are released at once, left waiting: items that
+        earlier runs left waiting (a run stopped, ``retry --dead``) whose file is not settled
+        (a ``chmod``, a ``mv`` back into the source: its ctime is new), or that a one-shot
+        run's scan left out as not ready yet. A file not settled is never handled, whether
+        its item comes from a scan or from the ledger; a one-shot run counts it once, not
+        settled yet (its scan's count, or one more: it changed since), and leaves it to the
+        run that finds it settled; a watch leases it again once it settled (its sightings
+        count it meanwhile). Not for this run's own items (retries), inputs ``ctx.move()``
+        took elsewhere (they go on where they are), objects, or runners sharing a job (their
+        listing says what is ready)."""
+        run, cfg = self.run, self.config
+        if not rows or cfg.shared or cfg.objects is not None or not self.ready.age:
+            return rows, {}
+        looked = [
+            r
+            for r in rows
+            if r.key not in run.open
+            and r.key not in run.in_flight
+            and not decode_move(r.post_action)
+        ]
+        if not looked:
+            return rows, {}
+        found = await anyio.to_thread.run_sync(self._stat_all, looked)
+        now_ns = time.time_ns()
+        left: dict[str, int] = {}  # key -> fence
+        ctimes: dict[str, int] = {}
+        for row, st in zip(looked, found, strict=True):
+            if self._not_settled(row, st, now_ns):
+                left[row.key] = row.fence
+            elif st is not None and (st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino) == (
+                row.size,
+                row.mtime_ns,
+                row.inode,
+            ):
+                ctimes[row.key] = st.st_ctime_ns
+        if not left:
+            return rows, ctimes
+        await run.ledger.release_items(cfg.job, run.owner, list(left.items()))
+        return [r for r in rows if r.key not in left], ctimes
+
+    def _not_settled(self, row: ClaimedRow, st: os.stat_result | None, now_ns: int) -> bool:
+        """For :meth:`_leave_unsettled`: whether the file of an item leased from the ledger
+        (``st``: as it is now, ``None``: gone) is not settled, or was left out as not ready
+        by a one-shot run's scan; such an item is noted as left waiting, and counted."""
+        run_mode = self.mode == "run"
+        if run_mode and row.relpath in self._not_ready:
+            self._left_waiting[row.key] = math.inf  # the scan counted it not ready yet
+            return True
+        if st is None:
+            return False
+        changed = max(st.st_mtime_ns, st.st_ctime_ns)
+        settle_ns = int(self.config.settle * 1e9)
+        if changed + settle_ns <= now_ns:
+            return False
+        if run_mode:  # changed since the scan: one more not settled yet, for the whole run
+            self._left_waiting[row.key] = math.inf
+            self._not_ready.add(row.relpath)
+            self.run.counters.unsettled += 1
+            if changed > now_ns:
+                self.run.counters.future += 1
+        else:  # a watch: until it settled
+            self._left_waiting[row.key] = time.monotonic() + (changed + settle_ns - now_ns) / 1e9
+        log.info(
+            "%r: left waiting: not settled (changed %.1fs ago, settle %gs)",
+            os.fsdecode(row.relpath),
+            max(now_ns - changed, 0) / 1e9,
+            self.config.settle,
+        )
+        return True
+
+    def _stat_all(self, rows: list[ClaimedRow]) -> list[os.stat_result | None]:
+        """The files of ``rows`` as they are now (``None``: gone, or unreadable: the worker
+        says which); in a worker thread."""
+        follow, dir_fd = self.config.follow_symlinks, self.run.dir_fd
+        out: list[os.stat_result | None] = []
+        for row in rows:
+            try:
+                out.append(os.stat(row.relpath, dir_fd=dir_fd, follow_symlinks=follow))
+            except OSError:
+                out.append(None)
+        return out
 
     async def take_queued(self) -> int:
         """Take what the listing of runners sharing the job queued (see
@@ -1044,8 +1147,12 @@ class Claimer:
         self._track(leased, by_key)
         return leased
 
-    def _waiting_items(self, rows: list[ClaimedRow]) -> list[LeasedItem]:
-        """Items for rows claim_waiting leased (ours, or earlier runs'), tracked."""
+    def _waiting_items(
+        self, rows: list[ClaimedRow], ctimes: dict[str, int] | None = None
+    ) -> list[LeasedItem]:
+        """Items for rows claim_waiting leased (ours, or earlier runs'), tracked; ``ctimes``:
+        the ctime of the file of some of them, as looked at when leased."""
+        ctimes = ctimes or {}
         run, cfg = self.run, self.config
         leased: list[LeasedItem] = []
         for row in sorted(rows, key=lambda r: (r.mtime_ns, r.relpath)):
@@ -1054,7 +1161,15 @@ class Claimer:
                 if cfg.identity == "content"
                 else self._input_hash(row.relpath, row.size, row.mtime_ns, row.inode)
             )
-            item = LeasedItem(row.key, ihash, row.relpath, row.size, row.mtime_ns, row.inode)
+            item = LeasedItem(
+                row.key,
+                ihash,
+                row.relpath,
+                row.size,
+                row.mtime_ns,
+                row.inode,
+                ctimes.get(row.key, 0),
+            )
             if row.key in run.open:  # one of ours (its retry came due)
                 run.close(row.key)
             elif row.key in run.dead_here:  # ours, dead, and put back by `retry --dead` since
@@ -1102,9 +1217,54 @@ class Claimer:
                         log.info("waiting for %d items other runners hold", held)
                 await self._wait_for_open(held > 0 and cfg.wait)
                 continue
+            if run.relook:
+                await self.look_again_changed()
+                continue
             if await self.claim_waiting():
                 continue
             return
+
+    async def look_again_changed(self) -> None:
+        """Look again at the paths of the items this run found vanished because their file
+        changed after the scan (see ``RunState.relook``): the path holds a file still, its new
+        version (or, its key kept, the same item written to), which a scan now would find.
+        Such a file is not counted vanished: settled (and ready by the other rules), it is
+        claimed, as a scan would claim it (a new item, or the same one again), counted where
+        it ends; else it is counted not ready yet (taken by the run that finds it ready), not
+        seen. A path with no file any more keeps its count: vanished."""
+        run, counters, ready = self.run, self.run.counters, self.ready
+        changed, run.relook = run.relook or [], []
+        keys = {rel: key for key, rel in changed}
+        found = await self.scanner.look_at(sorted(keys))
+        now_ns = time.time_ns()
+        take: list[bytes] = []
+        for record in found.records:
+            rel = split(record)[0]
+            key = keys.get(rel)
+            if key is None:
+                continue  # (a marker looked at with its file)
+            counters.vanished -= 1
+            run.vanished_here.discard(key)
+            rule = found.blocked.get(rel, "")
+            if not rule and ready.age and ready_ns(record) + ready.settle_ns > now_ns:
+                rule = "age"
+            if not rule and ready.looks > 1:
+                rule = "stable"  # one look: the looks it waits for are the next run's
+            if not rule:
+                run.from_ledger.discard(key)  # (counted seen once: here)
+                take.append(record)
+                continue
+            counters.seen -= 1
+            name = NOT_READY[rule]
+            setattr(counters, name, getattr(counters, name) + 1)
+            if rule == "age" and ready_ns(record) > now_ns:
+                counters.future += 1
+            self._not_ready.add(rel)
+            if key in run.from_ledger:
+                run.from_ledger.discard(key)
+                counters.earlier -= 1
+        if take:
+            await self.claim_records(take)
 
     async def _wait_for_open(self, held: bool) -> None:
         """Wait for a retry to come due, or (``held``) for another look at held items."""

@@ -71,6 +71,30 @@ class Committer:
             return True
         return False
 
+    def _why_vanished(self, key: str) -> tuple[bool, bool]:
+        """Whether the worker gave ``key`` back vanished because its file was written to
+        with its key kept (``RunState.rewritten``), or changed into a new version
+        (``RunState.changed``); both are taken out."""
+        state = self.state
+        rewritten, changed = key in state.rewritten, key in state.changed
+        if rewritten:
+            state.rewritten.discard(key)
+        if changed:
+            state.changed.discard(key)
+        return rewritten, changed
+
+    def _changed_file(self, item: LeasedItem, rewritten: bool, vanished: list[bytes]) -> None:
+        """Note an item committed vanished because its file changed after its scan: its path
+        holds a file still. Written to with its key kept (``rewritten``), a watch looks at it
+        again by the ledger's log (``vanished``, see ``Ledger.look_again``); a one-shot run
+        looks at every such path again before it ends (``RunState.relook``)."""
+        state = self.state
+        if rewritten:
+            state.vanished_here.add(item.key)
+            vanished.append(item.relpath)
+        if state.relook is not None:
+            state.relook.append((item.key, item.relpath))
+
     async def commit(
         self, batch: list[tuple[LeasedItem, Outcome]], started: list[tuple[str, int]]
     ) -> None:
@@ -89,9 +113,7 @@ class Committer:
         vanished: list[bytes] = []
         for item, outcome in batch:
             in_flight.pop(item.key, None)
-            rewritten = item.key in state.rewritten
-            if rewritten:
-                state.rewritten.discard(item.key)
+            rewritten, changed = self._why_vanished(item.key)
             if lost and item.key in lost:
                 counters.add("lost")
                 # A completion refused matters (the work is redone by the new holder); a failed
@@ -109,9 +131,8 @@ class Committer:
                 twins_due = self._end_twins(item.key, outcome.state) or twins_due
             if outcome.state == "dead":
                 state.dead_here.add(item.key)
-            elif outcome.state == "vanished" and rewritten:
-                state.vanished_here.add(item.key)
-                vanished.append(item.relpath)
+            elif outcome.state == "vanished" and (rewritten or changed):
+                self._changed_file(item, rewritten, vanished)
             if outcome.state == "failed":
                 retry_due = True
                 state.reopen(item.key, "waiting", item.record())

@@ -112,7 +112,10 @@ async def _count_waiting(state: RunState) -> None:
         rule, counted = rules[key]
         name = "unregistered" if rule == "ready" else NOT_READY[rule]
         setattr(counters, name, getattr(counters, name) - 1)  # never to be taken
-        if counted:
-            continue  # this watch counted it already, where it ended (identity path)
+        if counted or key in state.from_ledger:
+            # This watch counted it already, where it ended: identity path; or it leased the
+            # item from the ledger (left waiting by an earlier run) before its file, first
+            # seen settled, had its second look.
+            continue
         counters.add("seen")
         counters.add("done_before" if item_state == "done" else "dead_before")

@@ -74,6 +74,15 @@ class RunState:
     #: setting its mtime back; identity ``path``: any change): the same item, to be taken
     #: again once settled. Taken out by the committer (a handful at a time).
     rewritten: set[str] = field(default_factory=set)
+    #: Keys of items a worker found vanished because their file changed after its scan (a
+    #: new version, a new item: identity ``stat`` or ``content``). Taken out by the committer.
+    changed: set[str] = field(default_factory=set)
+    #: A one-shot run's (not shared): the ``(key, relpath)`` of the items it counted vanished
+    #: because their file changed after the scan (:attr:`rewritten`, :attr:`changed`), whose
+    #: paths the claimer looks at again before the run ends (``Claimer.look_again_changed``):
+    #: a file there is taken, as a scan would take it, or counted not ready yet, not
+    #: vanished. ``None``: not such a run (a watch looks by its own means).
+    relook: list[tuple[str, bytes]] | None = None
     #: Keys this run counted vanished that way (see :attr:`rewritten`). A watch that looks
     #: at such a file again (the ledger's log, see ``Ledger.look_again``) and leases its item
     #: again takes that count back, and its next outcome counts instead (the same file, seen

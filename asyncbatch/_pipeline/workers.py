@@ -859,6 +859,8 @@ class WorkerPool:
             if self.config.identity != "path" and (
                 st.st_size != item.size or mtime_ns != item.mtime_ns
             ):
+                if moved is None:  # a new version under the name: looked at again (a run)
+                    self.run.changed.add(item.key)
                 return self.vanished(
                     item, "the file changed after it was scanned; the new version is a new item"
                 )
@@ -1005,7 +1007,9 @@ class WorkerPool:
         since the scan and within the settle window. Such an item is given back as vanished:
         the next scan that finds it settled again leases it (a vanished item is claimable), so
         it is handled whole, later, never half-written now. An item leased from the ledger
-        has no scan to compare with (``ctime_ns`` 0): the reads' own checks guard it.
+        has the claimer's look at its file when it leased it to compare with (it leaves one
+        not settled then waiting: see ``Claimer.claim_waiting``); without one (``ctime_ns``
+        0: the file was not there, or another version), the reads' own checks guard it.
         """
         if item.ctime_ns == 0 or st.st_ctime_ns == item.ctime_ns:
             return None
