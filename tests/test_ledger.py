@@ -443,3 +443,35 @@ def test_files_not_ready_read_back_as_written() -> None:
     assert decode_not_ready(encode_not_ready(left)) == {**dict.fromkeys(NOT_READY_KEPT, 0), **left}
     # Of the unsettled, never more ahead of the clock than there are.
     assert decode_not_ready('{"unsettled": 1, "future": 4}')["future"] == 1
+
+
+async def test_the_tables_a_ledger_is_checked_against_are_those_its_migrations_make(
+    tmp_path: Path,
+) -> None:
+    # sqlite_sql.TABLES is what every open compares a ledger's tables with: a migration that
+    # changes them must change it too (else every ledger of the new version is refused).
+    memory = sqlite3.connect(":memory:")
+    try:
+        for version in range(sqlite_sql.SCHEMA_VERSION):
+            memory.executescript(sqlite_sql.MIGRATIONS[version])
+        made = rows_by_table(memory.execute(sqlite_sql.TABLE_COLUMNS).fetchall())
+    finally:
+        memory.close()
+    assert made == sqlite_sql.TABLES
+    state = tmp_path / "s.db"
+    ledger = await SQLiteLedger.open(state)
+    await ledger.close()
+    conn = sqlite3.connect(state)
+    try:
+        on_disk = rows_by_table(conn.execute(sqlite_sql.TABLE_COLUMNS).fetchall())
+    finally:
+        conn.close()
+    assert on_disk == sqlite_sql.TABLES
+
+
+def rows_by_table(found: list[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """``(table, column)`` rows as ``{table: its columns, in order}``."""
+    tables: dict[str, tuple[str, ...]] = {}
+    for table, column in found:
+        tables[table] = (*tables.get(table, ()), column)
+    return tables

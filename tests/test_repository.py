@@ -6,6 +6,7 @@ with another machine's /tmp paths) were once committed there by a merge.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,3 +39,16 @@ def test_the_top_level_tracks_only_the_project() -> None:
     ).stdout
     top = {name.split(b"/", 1)[0].decode() for name in listed.split(b"\0") if name}
     assert top <= TOP_LEVEL, f"unexpected files at the top level: {sorted(top - TOP_LEVEL)}"
+
+
+def test_the_package_keeps_no_cache_of_calls() -> None:
+    # Nothing is shared between items or batches: no functools.cache or lru_cache (one was
+    # added once, for a constant a test now checks instead: sqlite_sql.TABLES).
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "asyncbatch").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\b(?:functools\.)?(?:lru_)?cache\b\s*(?:\(|$)", line.split("#")[0])
+        and "@" in line
+    ]
+    assert not found, f"calls cached at module level: {found}"

@@ -26,7 +26,6 @@ functions below, over a plain ``sqlite3.Connection``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -170,19 +169,6 @@ def _fenced_group(pairs: Sequence[tuple[str, int]]) -> tuple[str, str]:
     return json.dumps(keys), json.dumps(fenced)
 
 
-@functools.cache
-def _expected_tables() -> dict[str, tuple[str, ...]]:
-    """The tables of a ledger of this schema version and their columns: those the
-    migrations make in a new database (in memory)."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        for version in range(sql.SCHEMA_VERSION):
-            conn.executescript(sql.MIGRATIONS[version])
-        return _tables(conn)
-    finally:
-        conn.close()
-
-
 def _tables(conn: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
     tables: dict[str, tuple[str, ...]] = {}
     for table, column in conn.execute(sql.TABLE_COLUMNS).fetchall():
@@ -193,7 +179,7 @@ def _tables(conn: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
 def _check_tables(conn: sqlite3.Connection, name: str, found: int) -> None:
     """Refuse (:class:`SchemaMismatchError`) a ledger whose tables are not those of this
     schema version: a table or column missing, renamed or added by something else."""
-    difference = schema_difference(_expected_tables(), _tables(conn))
+    difference = schema_difference(sql.TABLES, _tables(conn))
     if difference is not None:
         raise SchemaMismatchError(name, found, sql.SCHEMA_VERSION, difference)
 

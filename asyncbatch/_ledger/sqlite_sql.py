@@ -226,6 +226,43 @@ CREATE INDEX queued_job ON queued (job, seq);
     10: "ALTER TABLE listers ADD COLUMN not_ready TEXT;\n",
 }
 
+#: The tables of a ledger of this schema version and their columns, in order (a ledger whose
+#: tables differ is refused before anything is written: see sqlite.py). A migration that
+#: changes them changes this too (tests/test_ledger.py checks it against MIGRATIONS).
+TABLES: Final[dict[str, tuple[str, ...]]] = {
+    "forgotten": ("seq", "job", "relpath", "at"),
+    "idempotency_keys": (
+        *("scope", "key", "fingerprint", "state", "status", "headers", "body"),
+        *("created_at", "locked_until", "expires_at"),
+    ),
+    "items": (
+        *("job", "key", "relpath", "size", "mtime_ns", "inode", "state", "attempts", "owner"),
+        *("fence", "started_fence", "lease_until", "next_attempt_at", "last_error"),
+        *("post_action", "created_at", "updated_at", "done_at", "interrupted", "started_at"),
+        *("finished_at", "runner"),
+    ),
+    "jobs": ("job", "identity", "created_at", "settings"),
+    "listers": (
+        *("job", "owner", "fence", "lease_until", "since", "generation", "complete"),
+        *("started_at", "listed_at", "listed_files", "found_done", "found_dead", "registered"),
+        *("twins", "not_ready"),
+    ),
+    "meta": ("name", "value"),
+    "queued": ("seq", "job", "files", "rows"),
+    "runners": (
+        *("owner", "job", "pid", "host", "pid_start", "shared", "started_at", "heartbeat_at"),
+        "expires_at",
+    ),
+    "runs": (
+        *("id", "job", "owner", "pid", "host", "mode", "started_at", "finished_at", "seen"),
+        *("done", "failed", "dead", "vanished", "exit_status", "done_before", "held"),
+        *("waiting", "dead_before", "unfinished", "lost", "earlier", "settings_changed"),
+        *("unsettled", "unregistered", "unstable", "unmarked", "dir_unmarked", "too_small"),
+        "too_old",
+    ),
+    "task_lock": ("job_id", "owner", "pid", "host", "pid_start", "acquired_at", "expires_at"),
+}
+
 #: Who uses the ledger: its runners and lock holders (pid, host, pid_start, expires_at), in
 #: columns every schema version has had; read before an upgrade (see base.live_user).
 LEDGER_USERS = """
