@@ -44,7 +44,9 @@ def _takes_one_argument(obj: Any) -> str | None:
     ``inspect.signature`` can tell; ``None`` when it can, or when that cannot be told (a
     builtin without a signature, ``*args``)."""
     try:
-        sig = inspect.signature(obj)
+        # Not the function a decorator wraps (functools.wraps): the wrapper is what is called,
+        # and may supply the wrapped one's other arguments itself.
+        sig = inspect.signature(obj, follow_wrapped=False)
     except (TypeError, ValueError):
         return None
     try:

@@ -223,12 +223,22 @@ def test_handler_that_cannot_take_the_context_alone_is_refused(
         "async def none():\n    pass\n"
         "async def star(*args):\n    pass\n"
         "async def extra(ctx, *, flag=1):\n    pass\n"
+        # A decorator (functools.wraps) that supplies the wrapped function's other argument:
+        # the wrapper is what is called (it was refused, by the wrapped one's signature).
+        "import functools\n"
+        "def tagged(fn):\n"
+        "    @functools.wraps(fn)\n"
+        "    async def wrapper(ctx):\n"
+        "        return await fn(ctx, 'tag')\n"
+        "    return wrapper\n"
+        "@tagged\n"
+        "async def decorated(ctx, tag):\n    pass\n"
     )
     for name, why in (("two", "(a, b)"), ("none", "()")):
         result = cli("run", f"sigs:{name}", "--source", inbox, "--state", state, cwd=tmp_path)
         assert_one_line_error(result, f"handler' has value {name!r}", "task context", why)
         assert not state.exists()
-    for name in ("star", "extra"):
+    for name in ("star", "extra", "decorated"):
         result = cli("run", f"sigs:{name}", "--source", inbox, "--state", state, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
 

@@ -633,3 +633,73 @@ async def test_a_file_changed_while_queued_and_not_settled_at_the_end_is_counted
     explained = cli("explain", second.name, "--state", state, "--settle", "600")
     assert "not-settled" in explained.stdout or "not settled" in explained.stdout, explained
     assert "never-seen" not in explained.stdout
+
+
+async def test_a_file_written_to_without_end_does_not_keep_a_run_going(
+    inbox: Path, state: Path
+) -> None:
+    # settle 0: a file appended to all along (a live log) from after the scan. Found changed
+    # when its turn came, it was looked at again, taken, found changed, and so on: the run
+    # never ended, its handler called again and again. A path is looked at again once a run,
+    # and by the scan's rule (settled before the look began): it is left not settled yet.
+    (first,) = make_files(inbox, 1, age=60, prefix="a")
+    (live,) = make_files(inbox, 1, age=30, prefix="z")
+    stop = threading.Event()
+
+    def append() -> None:
+        while not stop.is_set():
+            with live.open("ab") as f:
+                f.write(b"x")
+            time.sleep(0.0005)
+
+    writer = threading.Thread(target=append)
+    calls: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.entry.relpath)
+        if ctx.entry.relpath == first.name:
+            writer.start()  # from now on, until the run ended
+            while live.stat().st_size < 32:  # noqa: ASYNC110 (a file written by a thread)
+                await anyio.sleep(0.005)
+
+    try:
+        with anyio.fail_after(60):
+            report = await Batch(handle, source=inbox, state=state, settle=0, concurrency=1).run()
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+
+    assert calls.count(first.name) == 1
+    assert calls.count(live.name) <= 1, calls  # (taken once at most, found written to)
+    assert report.done == 1
+    assert report.unsettled == 1, report
+
+
+@pytest.mark.parametrize("settle", ["0", "1"])
+def test_an_item_waiting_in_the_ledger_whose_marker_is_missing_is_not_handled(
+    tmp_path: Path, settle: str
+) -> None:
+    # --ready marker:.done, no age rule in play (settle 0) or one that holds (settle 1): an item
+    # put back by `retry --dead`, its marker since removed, was handled and counted twice
+    # ("1 seen: 1 done; ... 1 file not ready yet: marker missing").
+    inbox, log = tmp_path / "inbox", tmp_path / "log"
+    (path,) = make_files(inbox, 1, age=3600)
+    marker = inbox / (path.name + ".done")
+    marker.write_text("")
+    os.utime(marker, (path.stat().st_mtime + 1,) * 2)
+    state = tmp_path / "state.db"
+    src = ("--source", inbox, "--state", state, "--ready", "marker:.done", "--settle", settle)
+    first = cli("run", f"{HANDLERS}:fail_always", *src, "--max-attempts", "1")
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert cli("retry", "--dead", "--state", state).returncode == 0
+    marker.unlink()
+
+    second = cli("run", f"{HANDLERS}:record", *src, env={"AB_LOG": str(log)})
+
+    assert second.returncode == 0, second.stderr
+    assert not log.exists(), "a file not ready was handled: " + second.stdout
+    assert "0 seen: 0 done" in second.stdout, second.stdout
+    assert "1 file not ready yet" in second.stdout, second.stdout
+    (last,) = json.loads(cli("history", "--state", state, "--json", "--limit", "1").stdout)
+    assert (last["done"], last["unmarked"]) == (0, 1), last

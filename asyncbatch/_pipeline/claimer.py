@@ -164,6 +164,9 @@ class Claimer:
         #: waiting (see :meth:`_leave_unsettled`), until the monotonic time each settles (a
         #: one-shot run: for the rest of the run, whose report counts them not settled yet).
         self._left_waiting: dict[str, float] = {}
+        #: The relpaths :meth:`look_again_changed` looked at again in this run: a file found
+        #: changed once more after that is still being written (not looked at again).
+        self._looked_again: set[bytes] = set()
 
     async def serve(self) -> None:
         """Claim everything there is (``run``) or keep polling (``watch``); close the queue."""
@@ -1029,16 +1032,19 @@ class Claimer:
         does for a scanned file's). The others are released at once, left waiting: items that
         earlier runs left waiting (a run stopped, ``retry --dead``) whose file is not settled
         (a ``chmod``, a ``mv`` back into the source: its ctime is new), or that a one-shot
-        run's scan left out as not ready yet. A file not settled is never handled, whether
-        its item comes from a scan or from the ledger; a one-shot run counts it once, not
+        run's scan left out as not ready yet (by any rule: a marker missing, say). A file not
+        settled (or not ready) is never handled, whether its item comes from a scan or from the
+        ledger; a one-shot run counts it once, not
         settled yet (its scan's count, or one more: it changed since), and leaves it to the
         run that finds it settled; a watch leases it again once it settled (its sightings
         count it meanwhile). Not for this run's own items (retries), inputs ``ctx.move()``
         took elsewhere (they go on where they are), objects, or runners sharing a job (their
         listing says what is ready)."""
         run, cfg = self.run, self.config
-        if not rows or cfg.shared or cfg.objects is not None or not self.ready.age:
+        if not rows or cfg.shared or cfg.objects is not None:
             return rows, {}
+        if not self.ready.age and not (self.mode == "run" and self._not_ready):
+            return rows, {}  # (no settle rule, and no file the scan left out by another)
         looked = [
             r
             for r in rows
@@ -1074,7 +1080,7 @@ class Claimer:
         if run_mode and row.relpath in self._not_ready:
             self._left_waiting[row.key] = math.inf  # the scan counted it not ready yet
             return True
-        if st is None:
+        if st is None or not self.ready.age:
             return False
         changed = max(st.st_mtime_ns, st.st_ctime_ns)
         settle_ns = int(self.config.settle * 1e9)
@@ -1235,8 +1241,13 @@ class Claimer:
         run, counters, ready = self.run, self.run.counters, self.ready
         changed, run.relook = run.relook or [], []
         keys = {rel: key for key, rel in changed}
-        found = await self.scanner.look_at(sorted(keys))
+        # The scan's rule: settled by a clock read before the look (a file written during it
+        # is not), and one look again a path a run: changed again since, it is still being
+        # written (a file appended to without end would be taken, and found changed, for ever).
         now_ns = time.time_ns()
+        found = await self.scanner.look_at(sorted(keys))
+        after_ns = time.time_ns()  # (ahead of the clock: of this one, read after the stats)
+        again, self._looked_again = self._looked_again, self._looked_again | set(keys)
         take: list[bytes] = []
         for record in found.records:
             rel = split(record)[0]
@@ -1246,7 +1257,9 @@ class Claimer:
             counters.vanished -= 1
             run.vanished_here.discard(key)
             rule = found.blocked.get(rel, "")
-            if not rule and ready.age and ready_ns(record) + ready.settle_ns > now_ns:
+            if not rule and (
+                rel in again or (ready.age and ready_ns(record) + ready.settle_ns > now_ns)
+            ):
                 rule = "age"
             if not rule and ready.looks > 1:
                 rule = "stable"  # one look: the looks it waits for are the next run's
@@ -1257,7 +1270,7 @@ class Claimer:
             counters.seen -= 1
             name = NOT_READY[rule]
             setattr(counters, name, getattr(counters, name) + 1)
-            if rule == "age" and ready_ns(record) > now_ns:
+            if rule == "age" and ready_ns(record) > after_ns:
                 counters.future += 1
             self._not_ready.add(rel)
             if key in run.from_ledger:
