@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio.to_thread
 
 from . import _failpoints as failpoints
-from ._effects.files import idempotent_move, write_under
+from ._effects.files import Fence, idempotent_move, write_under
 from ._exceptions import ConfigurationError, InputChangedError, LockLostError
 from ._scanner import Entry
 from ._sources.url import ObjectURL
@@ -40,6 +40,22 @@ __all__ = [
 #: What ``ctx.on_stop`` calls: with the number of the signal that asked the run to stop
 #: (``signal.SIGINT``, ``signal.SIGTERM``), or ``None`` when ``Batch.stop()`` did.
 StopCallback = Callable[[int | None], object]
+
+_T = TypeVar("_T")
+
+#: How many times an effect whose local lease deadline passed while it was under way (after
+#: the check before it began) is done again once the ledger renewed the lease; past that, it
+#: is refused (:class:`LockLostError`). The deadline passes only while the event loop is held
+#: up (the heartbeat renews it otherwise): an effect caught by it time after time is refused
+#: rather than tried for ever.
+_RENEWALS = 3
+
+
+class _LeaseLapsed(LockLostError):
+    """Raised by an effect's fence when the item's local lease deadline passed while the
+    effect was under way: nothing was made visible, and the effect is done again once the
+    ledger renewed the lease (see :meth:`TaskContext._fenced`); never reaches a handler."""
+
 
 #: Inputs up to this size are read on the event loop thread by ``ctx.read_bytes()``: from the
 #: page cache 256 KiB take ~8 us inline against ~90 us through a thread hop, and no read
@@ -177,6 +193,12 @@ class ContextHooks(Protocol):
         """Whether the item's lease may be another runner's by now: its local deadline (a
         monotonic clock, which runs on while the process is suspended) has passed, or the item
         is no longer this runner's."""
+        ...
+
+    async def lease_renewed(self, ctx: TaskContext) -> bool:
+        """Once :meth:`lease_lost` said so: ask the ledger (a heartbeat, awaited for a bounded
+        time) whether the lease is still this runner's; ``True`` once it was renewed (the same
+        fence, not taken over), ``False`` when it was taken over or no renewal came in time."""
         ...
 
     def idempotency_key(self, key: str, call: str) -> str:
@@ -422,10 +444,13 @@ class TaskContext:
         :class:`ConfigurationError` without an ``output_dir`` (the run stops: no item can
         succeed) or for an absolute path or one with ``..``, :class:`EffectError` when a
         directory in the path is a symbolic link (or not a directory), and
-        :class:`LockLostError` (nothing written) once the item's lease ran out locally or was
-        taken over: a runner that was suspended or blocked past its lease does not overwrite
-        the result of the runner that took the item over. ``RuntimeError`` once the attempt
-        is over (a context kept past its handler).
+        :class:`LockLostError` (nothing written) when the item's lease was taken over: a
+        runner that was suspended or blocked past its lease does not overwrite the result of
+        the runner that took the item over. Once the lease's local deadline has passed, the
+        ledger is asked first (a heartbeat, awaited a bounded time): the write goes ahead if
+        the lease was renewed (nobody took it over), and is refused when it was taken over or
+        no renewal came in time. ``RuntimeError`` once the attempt is over (a context kept
+        past its handler).
         """
         if self.output_dir is None:
             raise ConfigurationError(
@@ -437,13 +462,18 @@ class TaskContext:
             raise ConfigurationError.bad_value(
                 "write_output relpath", str(relpath), "a relative path inside output_dir"
             )
-        self._check_lease("the output was not written")
-        if isinstance(self.output_dir, ObjectURL):
-            return await self._put_output(self.output_dir, rel, data)
-        await write_under(self.output_dir, rel, data, fence=self._output_fence)
-        return self.output_dir / rel
+        root = self.output_dir
+        if isinstance(root, ObjectURL):
+            return await self._fenced(
+                "the output was not written", lambda fence: self._put_output(root, rel, data, fence)
+            )
+        await self._fenced(
+            "the output was not written",
+            lambda fence: write_under(root, rel, data, fence=fence),
+        )
+        return root / rel
 
-    async def _put_output(self, root: ObjectURL, rel: Path, data: bytes | str) -> str:
+    async def _put_output(self, root: ObjectURL, rel: Path, data: bytes | str, fence: Fence) -> str:
         """:meth:`write_output` under an ``s3://`` prefix: one fenced ``PUT``."""
         from ._sources.effects import put_object
 
@@ -451,7 +481,7 @@ class TaskContext:
         if stores is None:
             raise ConfigurationError("ctx.write_output to s3:// needs a context made by a Batch")
         payload = data.encode() if isinstance(data, str) else bytes(data)
-        return await put_object(stores, root, rel.as_posix(), payload, self._output_fence)
+        return await put_object(stores, root, rel.as_posix(), payload, fence)
 
     async def move(self, destination: str | os.PathLike[str]) -> Path:
         """Move the input to ``destination`` (an existing directory, or a file path), repeatably.
@@ -464,8 +494,9 @@ class TaskContext:
         but never one the scan would pick up again (the source directory itself, or a part of
         it the scan lists): the moved file would be a new input. Raises :class:`EffectError`
         for such a destination, or if a different file is already at the destination, and
-        :class:`LockLostError` (nothing moved) if the item's lease ran out locally or another
-        runner has taken it over; ``RuntimeError`` once the attempt is over. Once moved,
+        :class:`LockLostError` (nothing moved) if another runner has taken the item's lease
+        over, or its local deadline passed and the ledger did not renew it in time (asked
+        first, as for :meth:`write_output`); ``RuntimeError`` once the attempt is over. Once moved,
         ``ctx.entry.path`` is the destination (a second move takes the input on from there:
         the ledger then keeps where the input is as well as where it goes, so a retry after a
         crash at any point of the chain finds it wherever it got to).
@@ -474,7 +505,7 @@ class TaskContext:
         if dst.is_dir():
             dst = dst / self.entry.path.name
         dst = dst.absolute()
-        self._check_lease("the input stays put")
+        await self._hold_lease("the input stays put")
         # Where the input is now, when an earlier move (of this attempt, or of one a crash cut
         # short) took it out of the source: recorded with the destination, since until the
         # rename below is done the input is still there.
@@ -484,28 +515,70 @@ class TaskContext:
         await failpoints.ahit("move-recorded")
         if isinstance(self._input, InputFile):
             self._input.moved = True  # before the rename: it sets the ctime
-        await idempotent_move(self.entry.path, dst, fence=self._move_fence)
+        src = self.entry.path
+        await self._fenced(
+            "the input stays put", lambda fence: idempotent_move(src, dst, fence=fence)
+        )
         # The input is there now (as the ledger has it): a second move takes it on from there.
         self._entry = self._entry.moved_to(dst)
         return dst
 
-    def _output_fence(self) -> None:
-        self._check_lease("the output was not written")
+    async def _fenced(self, consequence: str, effect: Callable[[Fence], Awaitable[_T]]) -> _T:
+        """Run ``effect(fence)`` under this item's lease (see :meth:`_hold_lease`).
 
-    def _move_fence(self) -> None:
-        self._check_lease("the input stays put")
+        ``fence`` is the check the effect makes in its own thread (or just before its
+        ``PUT``) right before it becomes visible: if the local deadline passed meanwhile (the
+        runner was suspended, or its event loop blocked, while it wrote), it raises, nothing
+        is made visible, and the effect is done again from the start once the ledger renewed
+        the lease (an effect is repeatable: a temp file removed, a move finished or begun
+        again), up to :data:`_RENEWALS` times; :class:`LockLostError` when the lease was
+        taken over or not renewed in time (nothing made visible)."""
+        await self._hold_lease(consequence)
+        fence, lapses = self._fence_check(consequence), 0
+        while True:
+            try:
+                return await effect(fence)
+            except _LeaseLapsed:
+                lapses += 1
+                if lapses > _RENEWALS:
+                    raise LockLostError(
+                        f"item {self.key}: its local lease deadline passed {lapses} times while "
+                        "the effect was under way (was this runner suspended, or its event loop "
+                        f"blocked, again and again?); {consequence}"
+                    ) from None
+                await self._hold_lease(consequence)
 
-    def _check_lease(self, consequence: str) -> None:
-        """Refuse an effect once this item's lease may be another runner's: the fence of
-        effects, checked in this process's monotonic clock before the effect starts and again
-        in the writing thread just before it becomes visible (the rename or the link)."""
+    def _fence_check(self, consequence: str) -> Fence:
+        """The check an effect makes just before it becomes visible: raises
+        :class:`_LeaseLapsed` once the item's local lease deadline passed, or it is no longer
+        this runner's."""
+
+        def fence() -> None:
+            if self._hooks is not None and self._hooks.lease_lost(self):
+                raise _LeaseLapsed(self._lost(consequence))
+
+        return fence
+
+    async def _hold_lease(self, consequence: str) -> None:
+        """Make sure this item's lease is still this runner's before an effect starts: the
+        fence of effects. Checked in this process's monotonic clock; once its local deadline
+        has passed (the runner was suspended, or its event loop blocked, and its heartbeat did
+        not run), the ledger is asked (a heartbeat, awaited for a bounded time, as the
+        watchdog does): the effect goes ahead only if the lease was renewed and is still this
+        attempt's; :class:`LockLostError` (nothing done) when another runner took it over or
+        no renewal came in time."""
         if isinstance(self._input, InputFile):
             self._input.descriptor()  # RuntimeError once the attempt is over (not a lost lease)
-        if self._hooks is not None and self._hooks.lease_lost(self):
-            raise LockLostError(
-                f"item {self.key}: its lease ran out or was taken over (was this runner "
-                f"suspended or its event loop blocked?); {consequence}"
-            )
+        hooks = self._hooks
+        if hooks is not None and hooks.lease_lost(self) and not await hooks.lease_renewed(self):
+            raise LockLostError(self._lost(consequence))
+
+    def _lost(self, consequence: str) -> str:
+        return (
+            f"item {self.key}: its lease ran out or was taken over (was this runner suspended "
+            f"or its event loop blocked?): another runner holds it, or the ledger did not renew "
+            f"it in time; {consequence}"
+        )
 
 
 class _ObjectOpening:

@@ -119,6 +119,30 @@ def ledger_rows(state: str, query: str) -> list[tuple[Any, ...]]:
     return rows(Path(state), query)
 
 
+def take_over_lease(state: str, relpath: str) -> None:
+    """Do to ``relpath``'s item what another runner's claim of its lease (run out) does: a
+    new owner and fence (its lease already run out again, so that the runner that lost it
+    takes it back later: the run can end), its started attempt counted as interrupted."""
+    if state.startswith("postgresql://"):
+        pg_sync(
+            state,
+            "UPDATE items SET owner = 'another runner', fence = fence + 1, lease_until = 0, "
+            "interrupted = interrupted + (started_fence IS NOT DISTINCT FROM fence)::int "
+            f"WHERE relpath = '{relpath}'::bytea",
+        )
+        return
+    db = sqlite3.connect(state, timeout=30)
+    try:
+        with db:
+            db.execute(
+                "UPDATE items SET owner = 'another runner', fence = fence + 1, lease_until = 0,"
+                " interrupted = interrupted + (started_fence IS fence) WHERE relpath = ?",
+                (relpath.encode(),),
+            )
+    finally:
+        db.close()
+
+
 def state_counts(state: Path, job: str = "default") -> dict[str, int]:
     """Items by state."""
     found = rows(state, "SELECT state, count(*) FROM items WHERE job=? GROUP BY state", (job,))

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -20,6 +22,7 @@ from asyncbatch import (
     Batch,
     ConfigurationError,
     EffectError,
+    LockLostError,
     TaskContext,
     atomic_write,
     idempotent_move,
@@ -28,9 +31,11 @@ from asyncbatch import (
 from asyncbatch._effects.files import ABANDONED_AFTER, TEMP_PREFIX, _temp_name
 from asyncbatch._ledger.actions import decode_action, decode_move, encode_action, encode_move
 from asyncbatch._pipeline.postactions import PostActions, keyed_name
+from asyncbatch._pipeline.workers import TAKEN_OVER
 from asyncbatch._procinfo import ProcessIdentity, this_process
 
-from .conftest import make_files, rows, state_counts
+from .conftest import ledger_rows, make_files, rows, state_counts, take_over_lease
+from .s3 import Bucket
 
 
 def dead_pid() -> int:
@@ -796,3 +801,165 @@ async def test_write_output_without_an_output_dir_stops_the_run(inbox: Path, sta
         await Batch(handle, source=inbox, state=state, concurrency=1, settle=0).run()
     assert len(calls) == 1, "not retried as a transient failure"
     assert state_counts(state) == {"pending": 3}
+
+
+# -- effects of a runner stalled past its lease: the ledger is asked before they are refused --
+
+#: The shortest lease asyncbatch accepts (its local deadline is 2.7 s); a stall of
+#: ``STALL`` seconds runs past it, and past the ledger's lease too.
+LEASE, STALL = 3.0, 3.5
+
+
+class _StallsThenActs:
+    """A handler whose first call for ``f00001.txt`` stalls the whole event loop past the
+    lease (a blocking sleep: no heartbeat runs, as in a runner SIGSTOPped in its handler),
+    then calls ``meanwhile`` (what happened while it was stalled: another runner took the
+    lease over, say), then makes its effect (``effect``: "write" writes ``late/NAME``,
+    "move" moves the input into ``archive``; an ``s3://`` ``out`` is written with a PUT).
+    Every other call writes ``NAME`` (``call N``: the Nth call for it), or moves its input."""
+
+    stalled = "f00001.txt"
+
+    def __init__(self, effect: str, archive: Path, meanwhile: Callable[[], object]) -> None:
+        self.effect, self.archive, self.meanwhile = effect, archive, meanwhile
+        self.refused: list[LockLostError] = []
+        self.attempts: list[tuple[str, int]] = []
+        self.stalled_once = False
+
+    async def __call__(self, ctx: TaskContext) -> None:
+        name = ctx.entry.relpath
+        self.attempts.append((name, ctx.attempt))
+        late = name == self.stalled and not self.stalled_once
+        if late:
+            self.stalled_once = True
+            time.sleep(STALL)  # noqa: ASYNC251 - the event loop stalls past the lease
+            self.meanwhile()
+        try:
+            if self.effect == "move":
+                await ctx.move(self.archive)
+            else:
+                calls = sum(called == name for called, _ in self.attempts)
+                await ctx.write_output(f"late/{name}" if late else name, f"call {calls}")
+        except LockLostError as e:
+            self.refused.append(e)
+            raise
+
+
+def _stalled_batch(
+    handler: _StallsThenActs, inbox: Path, state: str, out: Path | str, **options: Any
+) -> Batch:
+    make_files(inbox, 3)
+    return Batch(
+        handler,
+        source=inbox,
+        state=state,
+        output_dir=out,
+        settle=0,
+        concurrency=1,
+        lease=LEASE,
+        backoff=0.01,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("effect", ["write", "move"])
+async def test_an_effect_after_a_stall_past_the_lease_that_nobody_took_over_is_made(
+    inbox: Path, any_state: str, tmp_path: Path, effect: str
+) -> None:
+    # Regression: after a stall (or a SIGSTOP) past its lease, ctx.write_output and ctx.move
+    # refused at once (LockLostError) on the local deadline alone, though nobody had taken the
+    # lease over and the heartbeat would renew it a moment later: with max_attempts=1 the file
+    # was dead, exit 1, for a lone runner. The ledger is asked first now: renewed, the effect
+    # is made and the item is done in its first attempt.
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    out.mkdir()
+    archive.mkdir()
+    handler = _StallsThenActs(effect, archive, meanwhile=lambda: None)
+    batch = _stalled_batch(handler, inbox, any_state, out, max_attempts=1)
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        report = await batch.run()
+
+    assert handler.refused == []
+    assert (report.done, report.dead, report.failed, report.lost) == (3, 0, 0, 0), report
+    assert handler.attempts.count((handler.stalled, 1)) == 1, handler.attempts
+    name = handler.stalled
+    where = f"'{name}'::bytea" if any_state.startswith("postgresql") else f"CAST('{name}' AS BLOB)"
+    query = f"SELECT state, attempts, interrupted, last_error FROM items WHERE relpath = {where}"
+    assert [tuple(row) for row in ledger_rows(any_state, query)] == [("done", 1, 0, None)]
+    if effect == "write":
+        assert (out / "late" / handler.stalled).read_text() == "call 1"
+        assert sorted(p.name for p in out.iterdir()) == ["f00000.txt", "f00002.txt", "late"]
+    else:
+        assert sorted(os.listdir(archive)) == [f"f{i:05d}.txt" for i in range(3)]
+        assert os.listdir(inbox) == []
+
+
+@pytest.mark.parametrize("effect", ["write", "move"])
+async def test_an_effect_after_a_stall_past_the_lease_taken_over_meanwhile_is_refused(
+    inbox: Path, any_state: str, tmp_path: Path, effect: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the runner was stalled, another runner took the lease over: asked, the ledger
+    # says so, and the late effect is refused (LockLostError): nothing written, nothing
+    # moved. The item comes back to this runner later (the other's lease runs out at once,
+    # see take_over_lease), whose next call makes the effect.
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    out.mkdir()
+    archive.mkdir()
+
+    def take_over() -> None:
+        take_over_lease(any_state, _StallsThenActs.stalled)
+
+    handler = _StallsThenActs(effect, archive, meanwhile=take_over)
+    batch = _stalled_batch(handler, inbox, any_state, out)
+
+    with anyio.fail_after(60), caplog.at_level(logging.WARNING, "asyncbatch"):  # (a bound)
+        report = await batch.run()
+
+    assert len(handler.refused) == 1, handler.refused
+    # Its attempt was cut short by the takeover (as the watchdog says it), not failed.
+    said = [
+        r.getMessage() for r in caplog.records if f"'{handler.stalled}': attempt" in r.getMessage()
+    ]
+    assert said == [f"'{handler.stalled}': attempt 1 cut short: {TAKEN_OVER}"], said
+    assert "the output was not written" in str(handler.refused[0]) or effect == "move"
+    assert "another runner holds it" in str(handler.refused[0])
+    # Taken back later (a new lease: its first attempt was cut short, not failed), and done.
+    assert handler.attempts.count((handler.stalled, 1)) == 2, handler.attempts
+    assert (report.done, report.dead, report.failed, report.lost) == (3, 0, 0, 1), report
+    assert not (out / "late").exists()  # the refused write left nothing, not even a temp
+    if effect == "write":
+        assert (out / handler.stalled).read_text() == "call 2"
+        assert sorted(p.name for p in out.iterdir()) == [f"f{i:05d}.txt" for i in range(3)]
+    else:
+        assert sorted(os.listdir(archive)) == [f"f{i:05d}.txt" for i in range(3)]
+
+
+@pytest.mark.parametrize("taken_over", [False, True])
+async def test_an_s3_output_after_a_stall_past_the_lease_asks_the_ledger_first(
+    inbox: Path, state: Path, bucket: Bucket, taken_over: bool
+) -> None:
+    # The same fence for a write_output to an s3:// output prefix (one PUT): after a stall
+    # that nobody used to take the lease over, the PUT is made; taken over, none is.
+    handler = _StallsThenActs(
+        "write",
+        inbox,
+        meanwhile=lambda: (
+            take_over_lease(str(state), _StallsThenActs.stalled) if taken_over else None
+        ),
+    )
+    batch = _stalled_batch(handler, inbox, str(state), bucket.url("out/"))
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        report = await batch.run()
+
+    late = bucket.get(f"out/late/{handler.stalled}")
+    if taken_over:
+        assert len(handler.refused) == 1
+        assert late is None
+        assert bucket.get(f"out/{handler.stalled}") == b"call 2"
+        assert (report.done, report.lost) == (3, 1), report
+    else:
+        assert handler.refused == []
+        assert late == b"call 1"
+        assert (report.done, report.dead, report.failed, report.lost) == (3, 0, 0, 0), report

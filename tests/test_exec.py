@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,11 +30,11 @@ from .conftest import (
     rows,
     spawn,
     state_counts,
+    take_over_lease,
     until,
     until_settled,
     wait_for,
 )
-from .postgres import pg_sync
 from .test_cli import assert_one_line_error
 
 COMMANDS = Path(__file__).parent / "exec_commands.py"
@@ -903,30 +902,6 @@ class _StallsOn(_Gated):
         return attempt
 
 
-def _take_over(state: str, relpath: str) -> None:
-    """Do to ``relpath``'s item what another runner's claim of its lease (run out) does: a
-    new owner and fence (its lease already run out again, so that the runner that lost it
-    takes it back later: the run can end), its started attempt counted as interrupted."""
-    if state.startswith("postgresql://"):
-        pg_sync(
-            state,
-            "UPDATE items SET owner = 'another runner', fence = fence + 1, lease_until = 0, "
-            "interrupted = interrupted + (started_fence IS NOT DISTINCT FROM fence)::int "
-            f"WHERE relpath = '{relpath}'::bytea",
-        )
-        return
-    db = sqlite3.connect(state, timeout=30)
-    try:
-        with db:
-            db.execute(
-                "UPDATE items SET owner = 'another runner', fence = fence + 1, lease_until = 0,"
-                " interrupted = interrupted + (started_fence IS fence) WHERE relpath = ?",
-                (relpath.encode(),),
-            )
-    finally:
-        db.close()
-
-
 def _item_row(state: str, relpath: str, columns: str) -> tuple[Any, ...]:
     """``columns`` of ``relpath``'s item, in a SQLite or PostgreSQL ledger."""
     postgres = state.startswith("postgresql://")
@@ -1014,7 +989,9 @@ async def test_an_item_taken_while_the_watchdog_stops_the_command_is_not_left_be
     # it for ever. f00020's attempt was cut short by the runner's stall, not failed: its
     # outcome is refused (the fence), and no failed attempt is counted.
     make_files(inbox, 40)
-    handler = _StallsOn("f00020.txt", 3.5, meanwhile=lambda: _take_over(any_state, "f00020.txt"))
+    handler = _StallsOn(
+        "f00020.txt", 3.5, meanwhile=lambda: take_over_lease(any_state, "f00020.txt")
+    )
     batch = Batch(
         handler, source=inbox, state=any_state, settle=0, concurrency=1, lease=3, backoff=0.1
     )

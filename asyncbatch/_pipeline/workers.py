@@ -37,6 +37,7 @@ from .._exceptions import (
     ConfigurationError,
     EffectError,
     InputChangedError,
+    LockLostError,
     PermanentError,
 )
 from .._http.client import HTTPSettings, ItemHTTP
@@ -948,6 +949,10 @@ class WorkerPool:
             # The store stayed unreachable past the bound (whatever the handler made of its
             # error): the run ends (exit 69), this item left pending, its attempt not failed.
             raise down or exc
+        if isinstance(exc, LockLostError) and item.state is ItemState.LOST:
+            # An effect refused because another runner took the lease over (the ledger said
+            # so): cut short, as the watchdog would have stopped it, not a failure.
+            return self._stopped_outcome(item, TAKEN_OVER)
         if isinstance(exc, PermanentError):
             return self.failure(item, error_text(exc), permanent=True, exc=exc)
         if isinstance(exc, AttemptInterrupted):
@@ -1133,6 +1138,25 @@ class WorkerPool:
         """Whether the item's local lease deadline passed, or it is no longer ours."""
         item = self.run.in_flight.get(ctx.key)
         return item is None or item.fence != ctx.fence or time.monotonic() >= item.lease_deadline
+
+    async def lease_renewed(self, ctx: TaskContext) -> bool:
+        """For an effect (``ctx.write_output``, ``ctx.move``) whose item's local lease deadline
+        passed: whether the lease is still this runner's, the ledger asked as the watchdog
+        asks it (see :meth:`watchdog`). A heartbeat is asked for and awaited, for at most
+        :meth:`renewal_patience` seconds: ``True`` once it renewed the lease (the same
+        fence, the item not taken over), ``False`` when another runner took it over
+        (``ItemState.LOST``), the item is no longer this attempt's, or no renewal came in
+        time (the effect must not start when another runner may be taking the lease over)."""
+        run = self.run
+        with anyio.move_on_after(self.renewal_patience()):
+            while True:
+                item = run.in_flight.get(ctx.key)
+                if item is None or item.fence != ctx.fence or item.state is ItemState.LOST:
+                    return False
+                if time.monotonic() < item.lease_deadline:
+                    return True
+                await run.renew_leases()
+        return not self.lease_lost(ctx)
 
     async def record_move(self, ctx: TaskContext, destination: str, origin: str | None) -> bool:
         """Record, under the item's lease, where ctx.move() is taking its input (and from

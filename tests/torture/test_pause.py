@@ -2,9 +2,12 @@
 nothing and overwrites nothing of the runner that took its items over.
 
 What is fenced: the ledger row always (owner and fence); ``ctx.write_output`` and ``ctx.move``
-check the item's local lease deadline just before they start (:class:`LockLostError`, nothing
-written or moved). What is not: an effect already under way when the pause began, and HTTP
-calls (the receiver's idempotency key covers those). See asyncbatch/docs/RELIABILITY.md.
+check the item's local lease deadline before they start and just before they become visible,
+and once it passed ask the ledger: a lease taken over (or not renewed in time) is refused
+(:class:`LockLostError`, nothing written or moved), one that nobody took over is renewed and
+the effect made. What is not: an effect already past its last check when the pause began,
+and HTTP calls (the receiver's idempotency key covers those). See
+asyncbatch/docs/RELIABILITY.md.
 
 Over an ``s3://`` inbox with ``s3://`` outputs the same holds of the ``PUT``s: the output
 prefix is in a versioned bucket, so every ``PUT`` leaves a version, and the versions the paused
@@ -30,7 +33,7 @@ from asyncbatch import Batch, LockLostError, TaskContext
 from asyncbatch import _failpoints as failpoints
 from asyncbatch._ledger.types import CATEGORIES
 
-from ..conftest import make_files, spawn, wait_for
+from ..conftest import make_files, spawn, take_over_lease, wait_for
 from ..s3 import Bucket
 from .handlers import output_name
 from .harness import HANDLERS, create_ledger_with_audit, query, record_figures
@@ -238,17 +241,25 @@ def test_a_resumed_runner_starts_no_handler_for_items_it_no_longer_holds(
     assert len(lines) <= len(per_item) + 1, "\n".join(lines)
 
 
-async def test_write_output_after_the_lease_ran_out_refuses_and_writes_nothing(
+async def test_write_output_after_the_lease_was_taken_over_refuses_and_writes_nothing(
     inbox: Path, state: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The event loop blocked past the lease, and another runner took the lease over
+    # meanwhile (take_over_lease: what its claim does to the row). The late effects ask the
+    # ledger (a lease that nobody took over is renewed, and they go ahead: see
+    # tests/test_effects.py), which says it is taken: both are refused. The item comes back
+    # later (the other's lease runs out at once), and its next call writes.
     make_files(inbox, 1)
     out = tmp_path / "out"
     out.mkdir()
     refused: list[BaseException] = []
+    calls: list[int] = []
 
     async def handle(ctx: TaskContext) -> None:
-        if ctx.attempt == 1:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
             time.sleep(LEASE)  # noqa: ASYNC251 - the event loop blocked past the lease
+            take_over_lease(str(state), ctx.entry.relpath)
             try:
                 await ctx.write_output("late.txt", b"attempt 1")
             except LockLostError as e:
@@ -259,7 +270,7 @@ async def test_write_output_after_the_lease_ran_out_refuses_and_writes_nothing(
             except LockLostError as e:
                 refused.append(e)
                 raise
-        await ctx.write_output("late.txt", f"attempt {ctx.attempt}")
+        await ctx.write_output("late.txt", f"call {len(calls)}")
 
     batch = Batch(
         handle, source=inbox, state=state, output_dir=out, lease=LEASE, backoff=0.01, settle=0
@@ -268,24 +279,27 @@ async def test_write_output_after_the_lease_ran_out_refuses_and_writes_nothing(
         report = await batch.run()
 
     assert report.done == 1
-    assert (out / "late.txt").read_text() == "attempt 2"
+    assert (out / "late.txt").read_text() == "call 2"
     assert len(refused) == 1
-    assert "its lease ran out or was taken over" in str(refused[0])
+    assert "another runner holds it" in str(refused[0])
     assert [p.name for p in inbox.iterdir()] == ["f00000.txt"]  # nothing moved either
     assert not [p for p in out.iterdir() if p.name.startswith(".asyncbatch-tmp-")]
 
 
-async def test_move_after_the_lease_ran_out_refuses_and_moves_nothing(
+async def test_move_after_the_lease_was_taken_over_refuses_and_moves_nothing(
     inbox: Path, state: Path, tmp_path: Path
 ) -> None:
     make_files(inbox, 1)
     archive = tmp_path / "archive"
     archive.mkdir()
     refused: list[BaseException] = []
+    calls: list[int] = []
 
     async def handle(ctx: TaskContext) -> None:
-        if ctx.attempt == 1:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
             time.sleep(LEASE)  # noqa: ASYNC251 - the event loop blocked past the lease
+            take_over_lease(str(state), ctx.entry.relpath)  # by another runner, meanwhile
             try:
                 await ctx.move(archive)
             except LockLostError as e:
@@ -299,16 +313,21 @@ async def test_move_after_the_lease_ran_out_refuses_and_moves_nothing(
 
     assert report.done == 1
     assert len(refused) == 1
+    assert len(calls) == 2
     assert [p.name for p in archive.iterdir()] == ["f00000.txt"]
     assert os.listdir(inbox) == []
 
 
-async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renamed_into_place(
-    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("taken_over", [True, False])
+async def test_a_write_stalled_past_the_lease_after_its_first_check_asks_before_its_rename(
+    inbox: Path, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_over: bool
 ) -> None:
     # Regression: the lease was checked only before the thread hop, so a write that had passed
     # the check and was then held up (its runner suspended, the event loop blocked by another
-    # handler) replaced the output of the runner that had taken the item over.
+    # handler) replaced the output of the runner that had taken the item over. Its check just
+    # before the rename finds the local deadline passed: nothing is renamed into place, and
+    # the ledger is asked. Taken over meanwhile: refused (LockLostError). Nobody took it over
+    # (regression: refused all the same, the attempt failed): renewed, the write is made.
     make_files(inbox, 1)
     out = tmp_path / "out"
     out.mkdir()
@@ -323,15 +342,17 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
         failpoints, "ACTIVE", {"output-temp-written": failpoints.Call("call", fn=hold_first_write)}
     )
     errors: list[str] = []
+    calls: list[int] = []
 
     async def handle(ctx: TaskContext) -> None:
+        calls.append(ctx.attempt)
         try:
-            if ctx.attempt == 1:
+            if len(calls) == 1:
                 # Shielded: once the loop runs again, the watchdog cancels this attempt (its
                 # lease ran out); what the held write does must be seen first.
                 with anyio.CancelScope(shield=True):
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(ctx.write_output, "out.txt", "attempt 1")
+                        tg.start_soon(ctx.write_output, "out.txt", "held")
                         assert await anyio.to_thread.run_sync(reached.wait, 30)
                         # The loop stalls (no heartbeat) until the lease ran out, as the
                         # write's own check sees it.
@@ -339,6 +360,8 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
                         assert hooks is not None
                         while not hooks.lease_lost(ctx):
                             time.sleep(0.05)  # noqa: ASYNC251 - blocking is the point
+                        if taken_over:  # by another runner, while this one is stalled
+                            take_over_lease(str(state), ctx.entry.relpath)
                         # Still stalled until the held write has made its check: a
                         # heartbeat that ran first would renew the lease, and the write would
                         # rightly go ahead.
@@ -354,7 +377,8 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
                         hooks.lease_lost = checked_lease_lost  # type: ignore[method-assign,assignment]
                         go.set()
                         assert checked.wait(30)  # (the event loop stays blocked meanwhile)
-            await ctx.write_output("out.txt", f"attempt {ctx.attempt}")
+                return
+            await ctx.write_output("out.txt", f"call {len(calls)}")
         except* LockLostError as group:
             errors.extend(str(e) for e in group.exceptions)
             raise
@@ -364,7 +388,13 @@ async def test_a_write_stalled_past_the_lease_after_its_first_check_is_not_renam
     ).run()
 
     assert report.done == 1
-    assert len(errors) == 1
-    assert "the output was not written" in errors[0]
-    assert (out / "out.txt").read_text() == "attempt 2"
+    if taken_over:
+        assert len(errors) == 1
+        assert "the output was not written" in errors[0]
+        assert "another runner holds it" in errors[0]
+        assert (out / "out.txt").read_text() == "call 2"
+    else:
+        assert errors == []
+        assert len(calls) == 1
+        assert (out / "out.txt").read_text() == "held"
     assert [p.name for p in out.iterdir()] == ["out.txt"]  # the held temp file was removed
