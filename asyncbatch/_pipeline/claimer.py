@@ -41,7 +41,7 @@ from .._sources.base import Lister
 from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
 from .postactions import PostActions
-from .queues import ItemQueue, LeasedItem
+from .queues import ItemQueue, LeasedItem, Outbox
 from .readiness import MarkerFollowUp, count_not_ready, count_scan, look_until_stable
 from .shared import SharedRun
 from .sightings import Sightings
@@ -119,8 +119,12 @@ class Claimer:
         scanner: Lister,
         posts: PostActions,
         mode: Literal["run", "watch"],
+        outbox: Outbox | None = None,
     ) -> None:
         self.run = state
+        #: Where the outcomes the committer held back for a look again go back to (a shared
+        #: ``run()``: see ``SharedRun.look_again_changed``).
+        self.outbox = outbox
         self.config = state.config
         self.queue = queue
         self.scanner = scanner
@@ -1232,7 +1236,7 @@ class Claimer:
         claimed, as a scan would claim it (a new item, or the same one again), counted where
         it ends; else it is counted not ready yet (taken by the run that finds it ready), not
         seen. A path with no file any more keeps its count: vanished."""
-        run, counters, ready = self.run, self.run.counters, self.ready
+        run, counters = self.run, self.run.counters
         changed, run.relook = run.relook or [], []
         keys = {rel: key for key, rel in changed}
         found = await self.scanner.look_at(sorted(keys))
@@ -1245,11 +1249,7 @@ class Claimer:
                 continue  # (a marker looked at with its file)
             counters.vanished -= 1
             run.vanished_here.discard(key)
-            rule = found.blocked.get(rel, "")
-            if not rule and ready.age and ready_ns(record) + ready.settle_ns > now_ns:
-                rule = "age"
-            if not rule and ready.looks > 1:
-                rule = "stable"  # one look: the looks it waits for are the next run's
+            rule = self.not_ready_rule(record, found.blocked, now_ns)
             if not rule:
                 run.from_ledger.discard(key)  # (counted seen once: here)
                 take.append(record)
@@ -1265,6 +1265,18 @@ class Claimer:
                 counters.earlier -= 1
         if take:
             await self.claim_records(take)
+
+    def not_ready_rule(self, record: bytes, blocked: dict[bytes, str], now_ns: int) -> str:
+        """For a look again at a path (see :meth:`look_again_changed`): the readiness rule
+        the file ``record`` found there fails now (``blocked``: what the job's rules beyond
+        ``age`` found, by relpath), ``""`` when it is ready: as a scan would find it."""
+        ready = self.ready
+        rule = blocked.get(split(record)[0], "")
+        if not rule and ready.age and ready_ns(record) + ready.settle_ns > now_ns:
+            rule = "age"
+        if not rule and ready.looks > 1:
+            rule = "stable"  # one look: the looks it waits for are the next run's
+        return rule
 
     async def _wait_for_open(self, held: bool) -> None:
         """Wait for a retry to come due, or (``held``) for another look at held items."""
