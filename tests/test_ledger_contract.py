@@ -2499,6 +2499,31 @@ async def test_a_listing_keeps_its_files_not_ready_until_the_next_one_is_complet
         assert third.not_ready_counts() == not_ready(too_small=2)
 
 
+async def test_files_found_changed_and_not_ready_since_move_to_the_listings_not_ready(
+    ledger: Ledger,
+) -> None:
+    # A shared runner found files of the listing changed after it queued them, and not
+    # settled on a look again: every runner that goes by that listing counts them not settled
+    # yet, not among its found files (they said "vanished", for a file sitting in the source).
+    role = await ledger.take_listing("j", "lister", 60)
+    await ledger.begin_listing("j", "lister", role.fence)
+    assert await ledger.end_listing("j", "lister", role.fence, 5, not_ready={"unmarked": 1})
+    assert await ledger.listing_changed("j", 1, {"unsettled": 2, "future": 1})
+    listing = await ledger.listing("j")
+    assert listing is not None
+    assert listing.listed_files == 3
+    assert listing.not_ready_counts() == not_ready(unsettled=2, future=1, unmarked=1)
+    # Not the last complete listing any more (the next one found the files as they are):
+    # nothing changes.
+    await ledger.begin_listing("j", "lister", role.fence)
+    assert await ledger.end_listing("j", "lister", role.fence, 4)
+    assert not await ledger.listing_changed("j", 1, {"unsettled": 1})
+    assert not await ledger.listing_changed("other", 2, {"unsettled": 1})
+    listing = await ledger.listing("j")
+    assert listing is not None
+    assert (listing.listed_files, listing.not_ready_counts()) == (4, not_ready())
+
+
 async def test_a_ledger_of_schema_10_keeps_its_listing_and_gets_its_files_not_ready(
     store: Store,
 ) -> None:

@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from asyncbatch import Batch, LedgerError, Report, TaskContext
+from asyncbatch import _failpoints as failpoints
 from asyncbatch._config import BatchConfig
 from asyncbatch._ledger import Outcome, open_ledger
 from asyncbatch._ledger.sqlite import SQLiteLedger
@@ -54,6 +56,7 @@ from .conftest import (
     spawn,
     state_counts,
     until,
+    until_settled,
     wait_for,
 )
 from .test_service import Samples, samples, serving_address, value
@@ -1065,3 +1068,87 @@ async def test_a_runner_that_saw_a_twin_vanish_before_the_job_was_listed_again_c
         # unfinished: a race between runners' ends and the listing made again, left open.)
         assert report.seen == report.seen_accounted() + report.unfinished, report
         assert report.unfinished <= 1, report
+
+
+@pytest.mark.parametrize("identity", ["stat", "path"])
+@pytest.mark.parametrize("when", ["settled", "settled-later", "not-settled"])
+async def test_a_file_changed_while_queued_for_shared_runners_is_looked_at_again(
+    tmp_path: Path,
+    any_state: str,
+    when: str,
+    identity: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A file appended to once the listing had queued it, before its turn: the runner that
+    # took it said "8 seen: ... 1 vanished", exit 0, and the others counted it vanished too,
+    # while its new version sat in the source, unhandled until a later listing. Now the
+    # runner that found it changed looks at its path again before the job is finished: a
+    # settled new version is handled in the run, by one runner, once; one not settled is
+    # counted not settled yet by every runner, not vanished. (Identity path: the same item,
+    # written to, taken again once its outcome is committed; settled-later: the look again
+    # comes once the listing is complete, which waits until the new version settled.)
+    inbox = tmp_path / "inbox"
+    files = make_files(inbox, 8, age=3600)
+    # The newest: no runner's first file (each runner opens the oldest of its claim first,
+    # and its next one after a handler, the first of which appends to it).
+    changed = files[-1]
+    settled = when != "not-settled"
+    settle = {"settled": 0.0, "settled-later": 1.0, "not-settled": 3.0}[when]
+    if settle:
+        await until_settled(settle, *files)
+    handled: list[tuple[str, bytes]] = []
+    appended = threading.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        if not handled and not appended.is_set():  # the first handler: the files are queued
+            with changed.open("ab") as f:
+                f.write(b"v2")
+            appended.set()
+        handled.append((ctx.entry.relpath, await ctx.read_bytes()))
+
+    def until_the_new_version_settled() -> None:  # (the listing's end waits: in a thread)
+        assert appended.wait(30)
+        st = changed.stat()
+        time.sleep(max(0.0, max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 + settle - time.time()))
+
+    if when == "settled-later":
+        waits = failpoints.Call("call", fn=until_the_new_version_settled)
+        monkeypatch.setattr(failpoints, "ACTIVE", {"listing-registered": waits})
+
+    reports: dict[int, Report] = {}
+
+    async def run(n: int) -> None:
+        reports[n] = await Batch(
+            handle,
+            source=inbox,
+            state=any_state,
+            settle=settle,
+            concurrency=1,
+            shared=True,
+            identity=identity,
+        ).run()
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 1)
+            tg.start_soon(run, 2)
+    names = sorted(name for name, _ in handled)
+    if settled:
+        # The new version, handled once, in the run; the old one by nobody.
+        assert names == sorted(f.name for f in files), handled
+        assert dict(handled)[changed.name].endswith(b"v2")
+        assert sum(r.done for r in reports.values()) == 8
+    else:
+        assert names == sorted(f.name for f in files if f != changed), handled
+        assert sum(r.done for r in reports.values()) == 7
+    for report in reports.values():
+        assert report.vanished == 0, report
+        assert report.unsettled == (0 if settled else 1), report
+        assert report.seen == (8 if settled else 7), report
+        assert report.done + report.done_before == report.seen, report
+        assert (report.unfinished, report.held, report.ok) == (0, 0, True), report
+    status = " ".join(cli("status", "--state", any_state).stdout.split())
+    last_run = status.split("last run: ", 1)[1].split(" left in the source ", 1)[0]
+    assert "vanished" not in last_run, status
+    left = "1 not settled yet" if not settled else "nothing it found"
+    assert f"left in the source by the last run (at its end): {left}" in status, status

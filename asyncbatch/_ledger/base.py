@@ -612,6 +612,16 @@ class Ledger(IdempotencyStore):
         ``fence``."""
 
     @abc.abstractmethod
+    async def listing_changed(self, job: str, complete: int, not_ready: Mapping[str, int]) -> bool:
+        """Files the job's complete listing numbered ``complete`` found (and queued) that a
+        runner found changed after, and not ready yet when it looked at them again before its
+        run ended (``not_ready``: by count of :class:`RunTotals`, and ``future``): moved from
+        the listing's found files (``listed_files``) to those it left out as not ready yet
+        (:attr:`Listing.not_ready`), which every runner that goes by it reports. ``False``
+        (nothing changed) when ``complete`` is not the last complete listing any more (the
+        next one found the files as they are). One transaction."""
+
+    @abc.abstractmethod
     async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
         """Of the job's complete listing numbered ``complete`` (identity ``content``), the
         files it did not queue because one with the same bytes was (the same item): how many,

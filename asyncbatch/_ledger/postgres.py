@@ -656,6 +656,17 @@ class PostgresLedger(Ledger):
 
         return await self._session.transact(end, one=True)
 
+    async def listing_changed(self, job: str, complete: int, not_ready: Mapping[str, int]) -> bool:
+        async def move(conn: Connection) -> bool:
+            row = await conn.fetchrow(sql.LISTING_COUNTS, job, complete)
+            if row is None:
+                return False
+            files, counts = t.changed_counts(row[0], row[1], not_ready)
+            await conn.execute(sql.LISTING_CHANGED, job, complete, files, counts)
+            return True
+
+        return await self._session.transact(move)
+
     async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
         return decode_twins(await self._session.fetchval(sql.LISTING_TWINS, job, complete))
 

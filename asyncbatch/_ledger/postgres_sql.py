@@ -568,6 +568,15 @@ UPDATE listers SET complete = generation, listed_at = {NOW}, listed_files = $4,
 WHERE {_HOLDER}
 RETURNING job
 """
+#: The found files and those left out not ready yet of the complete listing numbered $2 (no
+#: row when it is not the last complete one), locked for their update
+#: (Ledger.listing_changed).
+LISTING_COUNTS = (
+    "SELECT listed_files, not_ready FROM listers WHERE job = $1 AND complete = $2 FOR UPDATE"
+)
+LISTING_CHANGED = (
+    "UPDATE listers SET listed_files = $3, not_ready = $4 WHERE job = $1 AND complete = $2"
+)
 #: The files of the complete listing numbered $2 (no row when it is not the last complete
 #: one) not queued for having the bytes of one it queued (identity "content"): a
 #: JSON object, the number of such files by key; NULL: none.

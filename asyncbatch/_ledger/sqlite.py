@@ -947,6 +947,17 @@ class SQLiteLedger(Ledger):
 
         return await self._transact(end, self.clock())
 
+    async def listing_changed(self, job: str, complete: int, not_ready: Mapping[str, int]) -> bool:
+        def move(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(sql.LISTING_COUNTS, (job, complete)).fetchone()
+            if row is None:
+                return False
+            files, counts = t.changed_counts(row[0], row[1], not_ready)
+            conn.execute(sql.LISTING_CHANGED, (files, counts, job, complete))
+            return True
+
+        return await self._transact(move)
+
     async def listing_twins(self, job: str, complete: int) -> dict[str, int]:
         found = await self._fetchall(sql.LISTING_TWINS, (job, complete))
         return decode_twins(found[0][0] if found else None)

@@ -371,6 +371,12 @@ UPDATE listers SET complete = generation, listed_at = :now, listed_files = :file
                    twins = :twins, not_ready = :not_ready
 WHERE {_HOLDER}
 """
+#: The found files and those left out not ready yet of the complete listing numbered ?2 (no
+#: row when it is not the last complete one), and their update (Ledger.listing_changed).
+LISTING_COUNTS = "SELECT listed_files, not_ready FROM listers WHERE job = ? AND complete = ?"
+LISTING_CHANGED = (
+    "UPDATE listers SET listed_files = ?, not_ready = ? WHERE job = ? AND complete = ?"
+)
 #: The files of the complete listing numbered ?2 (no row when it is not the last complete
 #: one) not queued for having the bytes of one it queued (identity "content"): a
 #: JSON object, the number of such files by key; NULL: none.

@@ -54,6 +54,7 @@ __all__ = [
     "StoredResponse",
     "TimeField",
     "UnstoredReason",
+    "changed_counts",
     "checked_state",
     "decode_not_ready",
     "decode_secret",
@@ -537,6 +538,21 @@ def encode_not_ready(counts: Mapping[str, int] | None) -> str | None:
     object of the counts that are not 0, or ``None`` for none."""
     kept = {name: n for name, n in (counts or {}).items() if name in NOT_READY_KEPT and n > 0}
     return json.dumps(kept, separators=(",", ":")) if kept else None
+
+
+def changed_counts(
+    files: int, stored: str | None, not_ready: Mapping[str, int]
+) -> tuple[int, str | None]:
+    """A complete listing's found files and not ready yet ones as stored (``files``,
+    ``stored``), less and more the files a runner found changed since and not ready yet
+    (``not_ready``, see ``Ledger.listing_changed``): ``(files, stored)`` to store."""
+    counts = decode_not_ready(stored)
+    moved = 0
+    for name, n in not_ready.items():
+        if name in counts and n > 0:
+            counts[name] += n
+            moved += n if name != "future" else 0
+    return max(files - moved, 0), encode_not_ready(counts)
 
 
 def decode_not_ready(text: str | None) -> dict[str, int]:

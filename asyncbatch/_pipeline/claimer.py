@@ -41,7 +41,7 @@ from .._sources.base import Lister
 from .._sources.sqs import EventQueue, HeldMessages, QueueURL
 from .events import Changes, EventWatcher
 from .postactions import PostActions
-from .queues import ItemQueue, LeasedItem
+from .queues import ItemQueue, LeasedItem, Outbox
 from .readiness import MarkerFollowUp, count_not_ready, count_scan, look_until_stable
 from .shared import SharedRun
 from .sightings import Sightings
@@ -119,8 +119,12 @@ class Claimer:
         scanner: Lister,
         posts: PostActions,
         mode: Literal["run", "watch"],
+        outbox: Outbox | None = None,
     ) -> None:
         self.run = state
+        #: Where the outcomes the committer held back for a look again go back to (a shared
+        #: ``run()``: see ``SharedRun.look_again_changed``).
+        self.outbox = outbox
         self.config = state.config
         self.queue = queue
         self.scanner = scanner
@@ -1238,7 +1242,7 @@ class Claimer:
         claimed, as a scan would claim it (a new item, or the same one again), counted where
         it ends; else it is counted not ready yet (taken by the run that finds it ready), not
         seen. A path with no file any more keeps its count: vanished."""
-        run, counters, ready = self.run, self.run.counters, self.ready
+        run, counters = self.run, self.run.counters
         changed, run.relook = run.relook or [], []
         keys = {rel: key for key, rel in changed}
         # The scan's rule: settled by a clock read before the look (a file written during it
@@ -1247,7 +1251,7 @@ class Claimer:
         now_ns = time.time_ns()
         found = await self.scanner.look_at(sorted(keys))
         after_ns = time.time_ns()  # (ahead of the clock: of this one, read after the stats)
-        again, self._looked_again = self._looked_again, self._looked_again | set(keys)
+        again = self.looked_again(keys)
         take: list[bytes] = []
         for record in found.records:
             rel = split(record)[0]
@@ -1256,13 +1260,7 @@ class Claimer:
                 continue  # (a marker looked at with its file)
             counters.vanished -= 1
             run.vanished_here.discard(key)
-            rule = found.blocked.get(rel, "")
-            if not rule and (
-                rel in again or (ready.age and ready_ns(record) + ready.settle_ns > now_ns)
-            ):
-                rule = "age"
-            if not rule and ready.looks > 1:
-                rule = "stable"  # one look: the looks it waits for are the next run's
+            rule = self.not_ready_rule(record, found.blocked, now_ns, again)
             if not rule:
                 run.from_ledger.discard(key)  # (counted seen once: here)
                 take.append(record)
@@ -1278,6 +1276,32 @@ class Claimer:
                 counters.earlier -= 1
         if take:
             await self.claim_records(take)
+
+    def looked_again(self, paths: Iterable[bytes]) -> set[bytes]:
+        """The paths looked at again before in this run (see :meth:`not_ready_rule`); these
+        ``paths`` are noted as looked at again from now."""
+        before = self._looked_again
+        self._looked_again = before | set(paths)
+        return before
+
+    def not_ready_rule(
+        self, record: bytes, blocked: dict[bytes, str], now_ns: int, again: set[bytes]
+    ) -> str:
+        """For a look again at a path (see :meth:`look_again_changed`): the readiness rule
+        the file ``record`` found there fails now (``blocked``: what the job's rules beyond
+        ``age`` found, by relpath), ``""`` when it is ready: as a scan would find it, settled
+        by ``now_ns`` (read before the look). A path in ``again`` was looked at again before
+        in this run, and changed since: still being written, it is not settled."""
+        ready = self.ready
+        rel = split(record)[0]
+        rule = blocked.get(rel, "")
+        if not rule and (
+            rel in again or (ready.age and ready_ns(record) + ready.settle_ns > now_ns)
+        ):
+            rule = "age"
+        if not rule and ready.looks > 1:
+            rule = "stable"  # one look: the looks it waits for are the next run's
+        return rule
 
     async def _wait_for_open(self, held: bool) -> None:
         """Wait for a retry to come due, or (``held``) for another look at held items."""

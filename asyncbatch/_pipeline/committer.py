@@ -95,6 +95,42 @@ class Committer:
         if state.relook is not None:
             state.relook.append((item.key, item.relpath))
 
+    def _hold_back_changed(
+        self, batch: list[tuple[LeasedItem, Outcome]]
+    ) -> list[tuple[LeasedItem, Outcome]]:
+        """A shared ``run()``: of ``batch``, the outcomes to commit now. Those of items given
+        back vanished because their file changed after the listing queued it (and not looked
+        at again yet) are held back, their items still leased, in ``RunState.relook_due``:
+        the claimer looks at their paths again (``SharedRun.look_again_changed``) and then
+        hands them back. Leased meanwhile, they keep the job unfinished for every runner: none
+        says "vanished" of a file whose new version is being taken (or counted not ready)."""
+        state = self.state
+        due = state.relook_due
+        if due is None:
+            return batch
+        kept: list[tuple[LeasedItem, Outcome]] = []
+        for item, outcome in batch:
+            key = item.key
+            if (
+                outcome.state == "vanished"
+                and key not in state.relooked
+                and (key in state.rewritten or key in state.changed)
+            ):
+                rewritten, _ = self._why_vanished(key)
+                due.append((item, outcome, rewritten))
+            else:
+                kept.append((item, outcome))
+        if len(kept) < len(batch):
+            state.wake()  # the claimer looks at them
+        return kept
+
+    def _count(self, item: LeasedItem, outcome: Outcome, looked: bool) -> None:
+        """Count a committed outcome; not the vanished one of an item whose path held a file
+        when looked at again (``looked``, see :meth:`_hold_back_changed`): its new version is
+        counted where it ends, or not ready yet."""
+        if not looked:
+            self.state.counters.record(outcome.state, attempted=item.attempt > 0)
+
     async def commit(
         self, batch: list[tuple[LeasedItem, Outcome]], started: list[tuple[str, int]]
     ) -> None:
@@ -102,6 +138,9 @@ class Committer:
         them and queue their post-commit actions."""
         state = self.state
         job = state.config.job
+        batch = self._hold_back_changed(batch)
+        if not batch and not started:
+            return
         await failpoints.ahit("before-commit")
         began = time.monotonic()
         lost = await state.ledger.commit_outcomes(job, state.owner, [o for _, o in batch], started)
@@ -114,6 +153,7 @@ class Committer:
         for item, outcome in batch:
             in_flight.pop(item.key, None)
             rewritten, changed = self._why_vanished(item.key)
+            looked = state.relooked.pop(item.key, False)
             if lost and item.key in lost:
                 counters.add("lost")
                 # A completion refused matters (the work is redone by the new holder); a failed
@@ -126,7 +166,7 @@ class Committer:
                 )
                 state.reopen(item.key, "held", item.record())
                 continue
-            counters.record(outcome.state, attempted=item.attempt > 0)
+            self._count(item, outcome, looked)
             if state.twins and item.key in state.twins:
                 twins_due = self._end_twins(item.key, outcome.state) or twins_due
             if outcome.state == "dead":

@@ -501,7 +501,7 @@ class Run:
             workers.stop_requested(self._stop_signal)
         committer = Committer(state, outbox, posts)
         scanner = self._scanner = _lister_of(state)
-        claimer = Claimer(state, queue, scanner=scanner, posts=posts, mode=self.mode)
+        claimer = Claimer(state, queue, scanner=scanner, posts=posts, mode=self.mode, outbox=outbox)
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._heartbeat, state, run_id)

@@ -26,7 +26,9 @@ The report of a shared run counts the job's listing: ``seen`` is the files it fo
 runner's own outcomes count as usual, and ``done_before`` (``dead_before``) the rest of those
 the ledger had finished when they were listed and those other runners finished since, each
 file once; its files not ready yet (not settled yet, ...) are those the listing left out,
-whichever runner made it (``Listing.not_ready``; see :func:`shared_report`). A run under way
+whichever runner made it (``Listing.not_ready``; see :func:`shared_report`), those a runner
+found changed after the listing queued them and not ready on a look again among them (see
+:meth:`SharedRun.look_again_changed`). A run under way
 counts it the same way in what it says of itself (statistics, metrics, its heartbeat's
 counts), from what it last read of the role and without counting the job's items (see
 :func:`live_totals`).
@@ -49,6 +51,7 @@ from .._exceptions import LedgerError
 from .._ledger import Listing
 from .._ledger.types import NOT_READY, NOT_READY_KEPT, RunTotals
 from .._report import Counters
+from .._scanner import ready_ns, split
 from .state import RunState, reap_gone_runners
 
 if TYPE_CHECKING:
@@ -133,11 +136,19 @@ class SharedRun:
     async def until_finished(self) -> None:
         """``run()``: list (if this runner holds the role) and claim until the job is
         finished (or stopped)."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._listing_duty, False)
-            await self._role_seen.wait()
-            await self._claim_until(self._finished)
-            tg.cancel_scope.cancel()
+        self.run.relook_due = []
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listing_duty, False)
+                await self._role_seen.wait()
+                await self._claim_until(self._finished)
+                tg.cancel_scope.cancel()
+        finally:
+            # Stopped before it looked at them again: committed as they are (vanished).
+            due, self.run.relook_due = self.run.relook_due or [], None
+            if due and self.claimer.outbox is not None:
+                for item, outcome, _ in due:
+                    self.claimer.outbox.put(item, outcome)
 
     async def until_stopped(self) -> None:
         """``watch()``: watch (if this runner holds the role) and claim until stopped."""
@@ -452,12 +463,16 @@ class SharedRun:
         run, cfg, claimer = self.run, self.config, self.claimer
         registered = -1
         while not run.stopping:
+            if run.relook_due and await self._listing_complete():
+                await self.look_again_changed()
+                continue
             if await claimer.take_queued() or await claimer.claim_waiting():
                 continue
             if run.twins_due:
                 await claimer.claim_twins()
             if run.in_flight:
-                await run.wait_for_progress(cfg.lease / 4)
+                # (Items held back for a look again wait for the listing to be complete.)
+                await run.wait_for_progress(HELD_POLL if run.relook_due else cfg.lease / 4)
                 continue
             if run.open:
                 await reap_gone_runners(run.ledger, cfg.job, run.me, run.counters)
@@ -467,6 +482,76 @@ class SharedRun:
             if await done():
                 return
             registered = await self._wait_for_work(registered)
+
+    async def _listing_complete(self) -> bool:
+        """Whether the listing this run goes by is complete (as last read, else read now)."""
+        run, target = self.run, self.target
+        role = run.listing_role
+        if target is not None and (role is None or role.complete < target):
+            role = run.listing_role = await run.ledger.listing(self.config.job)
+        return target is not None and role is not None and role.complete >= target
+
+    async def look_again_changed(self) -> None:
+        """Look again at the paths of the items the committer held back (``RunState
+        .relook_due``): a worker found their file changed after the listing queued it. As
+        a one-shot run of its own does (``Claimer.look_again_changed``), once the listing
+        this run goes by is complete: a file there that is settled and ready (its new version,
+        or, its key kept, the same item written to) is claimed, a new item before the old
+        one's outcome is committed (the other runners see one of them leased all along:
+        their job is not finished, and the ledger's lease gives the new version to one
+        runner), the same item once that is committed; one that is not ready is moved, in
+        the listing, from its found files to those it left out not ready yet
+        (``Ledger.listing_changed``), before that commit too: every runner that goes by the
+        listing counts it so. Either way the old version is not counted vanished (by this
+        runner: ``RunState.relooked``; by the others, within what the listing found). Only a
+        path with no file keeps that count."""
+        run, cfg, claimer = self.run, self.config, self.claimer
+        due, run.relook_due = run.relook_due or [], []
+        by_path = {item.relpath: item for item, _, _ in due}
+        kept = {item.key for item, _, rewritten in due if rewritten}
+        # As Claimer.look_again_changed: settled by a clock read before the look, and a path
+        # looked at again once a run (a file written to without end is not taken for ever).
+        now_ns = time.time_ns()
+        found = await claimer.scanner.look_at(sorted(by_path))
+        after_ns = time.time_ns()
+        looked_before = claimer.looked_again(by_path)
+        there: set[str] = set()
+        new: list[bytes] = []
+        again: list[bytes] = []
+        not_ready = dict.fromkeys(NOT_READY_KEPT, 0)
+        for record in found.records:
+            item = by_path.get(split(record)[0])
+            if item is None:
+                continue  # (a marker looked at with its file)
+            there.add(item.key)
+            rule = claimer.not_ready_rule(record, found.blocked, now_ns, looked_before)
+            if rule:
+                not_ready[NOT_READY[rule]] += 1
+                if rule == "age" and ready_ns(record) > after_ns:
+                    not_ready["future"] += 1
+            else:
+                (again if item.key in kept else new).append(record)
+        log.info(
+            "%d files changed after they were listed, looked at again: %d ready, %d not ready",
+            len(due),
+            len(new) + len(again),
+            sum(not_ready[name] for name in NOT_READY.values()),
+        )
+        if any(not_ready.values()) and self.target is not None:
+            # False: a newer listing is complete, which found these files as they are.
+            await run.ledger.listing_changed(cfg.job, self.target, not_ready)
+        if new:
+            await claimer.claim_records(new)
+        outbox = claimer.outbox
+        assert outbox is not None
+        for item, outcome, _ in due:
+            run.relooked[item.key] = item.key in there
+            outbox.put(item, outcome)
+        if again:  # the same item: claimable once its outcome is committed
+            keys = {by_path[split(record)[0]].key for record in again}
+            while keys & run.in_flight.keys() and not run.stopping:
+                await run.wait_for_progress(HELD_POLL)
+            await claimer.claim_records(again)
 
     async def _wait_for_work(self, registered: int) -> int:
         """Wait until more items were registered than ``registered`` says (the role's count;

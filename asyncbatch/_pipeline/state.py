@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from .._config import BatchConfig
-from .._ledger import Ledger, Listing
+from .._ledger import Ledger, Listing, Outcome
 from .._procinfo import ProcessIdentity
 from .._report import Counters
 from .._sources.base import SourceHandle
@@ -83,6 +83,16 @@ class RunState:
     #: a file there is taken, as a scan would take it, or counted not ready yet, not
     #: vanished. ``None``: not such a run (a watch looks by its own means).
     relook: list[tuple[str, bytes]] | None = None
+    #: A shared ``run()``'s: the items a worker found vanished because their file changed
+    #: after the listing queued it (:attr:`rewritten`, :attr:`changed`), with their outcome and
+    #: whether their key was kept (rewritten), held back by the committer, still leased (the
+    #: other runners see them running: their job is not finished), until the claimer looked
+    #: at their paths again (``SharedRun.look_again_changed``), and then committed. ``None``:
+    #: not such a run.
+    relook_due: list[tuple[LeasedItem, Outcome, bool]] | None = None
+    #: Keys of items held back so and looked at again, by whether their path held a file
+    #: then (not counted vanished: its new version was taken, or counted not ready yet).
+    relooked: dict[str, bool] = field(default_factory=dict)
     #: Keys this run counted vanished that way (see :attr:`rewritten`). A watch that looks
     #: at such a file again (the ledger's log, see ``Ledger.look_again``) and leases its item
     #: again takes that count back, and its next outcome counts instead (the same file, seen
