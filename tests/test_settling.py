@@ -665,9 +665,7 @@ async def test_a_file_written_to_without_end_does_not_keep_a_run_going(
 
     try:
         with anyio.fail_after(60):
-            batch = Batch(
-                handle, source=inbox, state=state, settle=0, concurrency=1, shared=shared
-            )
+            batch = Batch(handle, source=inbox, state=state, settle=0, concurrency=1, shared=shared)
             report = await batch.run()
     finally:
         stop.set()
