@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ import pytest
 from .conftest import cli, rows, spawn, state_counts, wait_for
 from .s3 import Bucket, MotoServer, start_server
 
-#: A handler that says it started (AB_LOG), waits for the file AB_GO, then reads its input.
+#: A handler that says it started (AB_LOG), then (AB_GATE given) waits until the test holds
+#: that FIFO open for writing (opening it for reading waits till then), then reads its input.
 HANDLER = """\
 import os
 import anyio
@@ -27,8 +29,9 @@ import anyio
 async def handle(ctx):
     with open(os.environ["AB_LOG"], "a") as log:
         log.write(ctx.entry.relpath + "\\n")
-    while not os.path.exists(os.environ["AB_GO"]):
-        await anyio.sleep(0.01)
+    gate = os.environ.get("AB_GATE")
+    if gate:
+        os.close(await anyio.to_thread.run_sync(os.open, gate, os.O_RDONLY))
     await ctx.read_bytes()
 """
 
@@ -169,30 +172,32 @@ def _items(state: Path) -> dict[str, tuple[str, int]]:
 
 
 def _outage_run(
-    own_server: Restartable, tmp_path: Path, timeout: str
+    own_server: Restartable, tmp_path: Path, timeout: str, request: pytest.FixtureRequest
 ) -> tuple[subprocess.Popen[str], Bucket, Path]:
     """Start a run over 6 objects (one at a time); once its first handler started, the
-    server is stopped (and the handler let go)."""
+    server is stopped (and the handlers let go: the gate held open until the test ends)."""
     bucket = Bucket(own_server.moto)
     for i in range(6):
         bucket.put(f"in/f{i}.txt", b"x" * 10)
-    log, go = tmp_path / "log", tmp_path / "go"
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    os.mkfifo(gate)
     state = tmp_path / "s.db"
     proc = spawn(
         "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state, "-j", "1",
         "--backoff", "0", "--ledger-timeout", timeout, "--no-progress",
-        cwd=_job(tmp_path, HANDLER), env={**bucket.env, "AB_LOG": str(log), "AB_GO": str(go)},
+        cwd=_job(tmp_path, HANDLER), env={**bucket.env, "AB_LOG": str(log), "AB_GATE": str(gate)},
     )  # fmt: skip
     wait_for(log.exists)
     own_server.stop()
-    go.touch()
+    held = os.open(gate, os.O_RDWR)  # the handlers go on (the gate held open to the end)
+    request.addfinalizer(lambda: os.close(held))
     return proc, bucket, state
 
 
 def test_an_outage_past_the_ledger_timeout_leaves_items_pending_not_dead(
-    own_server: Restartable, tmp_path: Path
+    own_server: Restartable, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    proc, bucket, state = _outage_run(own_server, tmp_path, "1")
+    proc, bucket, state = _outage_run(own_server, tmp_path, "1", request)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 69, err
     assert "the S3 store stayed unreachable for 1s (ledger_timeout)" in err.splitlines()[-1]
@@ -202,17 +207,16 @@ def test_an_outage_past_the_ledger_timeout_leaves_items_pending_not_dead(
     own_server.start()
     again = cli(
         "run", "jobs:handle", "--source", bucket.url("in/"), "--state", state, "--no-progress",
-        cwd=tmp_path, env={**bucket.env, "AB_LOG": str(tmp_path / "log"),
-                           "AB_GO": str(tmp_path / "go")},
+        cwd=tmp_path, env={**bucket.env, "AB_LOG": str(tmp_path / "log")},
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert state_counts(state) == {"done": 6}
 
 
 def test_an_outage_is_waited_out_without_spending_attempts(
-    own_server: Restartable, tmp_path: Path
+    own_server: Restartable, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    proc, _, state = _outage_run(own_server, tmp_path, "120")
+    proc, _, state = _outage_run(own_server, tmp_path, "120", request)
     assert proc.stderr is not None
     said = proc.stderr.readline()  # the first thing it says: that it waits for the store
     assert "the S3 store cannot be reached" in said, said

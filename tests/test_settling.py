@@ -645,13 +645,14 @@ async def test_a_file_written_to_without_end_does_not_keep_a_run_going(
     # and by the scan's rule (settled before the look began): it is left not settled yet.
     (first,) = make_files(inbox, 1, age=60, prefix="a")
     (live,) = make_files(inbox, 1, age=30, prefix="z")
-    stop = threading.Event()
+    stop, written = threading.Event(), threading.Event()
 
     def append() -> None:
         while not stop.is_set():
             with live.open("ab") as f:
                 f.write(b"x")
-            time.sleep(0.0005)
+            written.set()
+            time.sleep(0.0005)  # (the writer's pace, not a wait of the test's)
 
     writer = threading.Thread(target=append)
     calls: list[str] = []
@@ -660,8 +661,7 @@ async def test_a_file_written_to_without_end_does_not_keep_a_run_going(
         calls.append(ctx.entry.relpath)
         if ctx.entry.relpath == first.name:
             writer.start()  # from now on, until the run ended
-            while live.stat().st_size < 32:  # noqa: ASYNC110 (a file written by a thread)
-                await anyio.sleep(0.005)
+            await anyio.to_thread.run_sync(written.wait)  # (its turn comes written to)
 
     try:
         with anyio.fail_after(60):
