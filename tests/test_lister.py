@@ -447,36 +447,21 @@ async def test_a_shared_run_started_after_a_listing_lists_again_what_settled_sin
     # files in no count of either report.) B takes the role over from A, done listing, and
     # lists again: the files settled when it started are seen, and handled.
     make_files(inbox, 6, prefix="old")
-    handled: dict[str, list[str]] = {"a": [], "b": []}
-    a_busy, release_a = anyio.Event(), anyio.Event()
-
-    async def a_handles(ctx: TaskContext) -> None:
-        handled["a"].append(ctx.entry.relpath)
-        a_busy.set()
-        with anyio.fail_after(60):
-            await release_a.wait()
-
-    async def b_handles(ctx: TaskContext) -> None:
-        handled["b"].append(ctx.entry.relpath)
-
+    two = HeldAndFree("a", "b")
+    handled, reports = two.handled, two.reports
     common: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "shared": True}
-    a = Batch(a_handles, **common, concurrency=1)
-    reports: dict[str, Report] = {}
-
-    async def run(name: str, batch: Batch) -> None:
-        reports[name] = await batch.run()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run, "a", a)
+        tg.start_soon(two.run, "a", Batch(two.held, **common, concurrency=1))
         with anyio.fail_after(30):
-            await a_busy.wait()  # A listed (its listing is complete) and works on a file
+            await two.busy.wait()  # A listed (its listing is complete) and works on a file
         assert (await listing_of(any_state)).complete == 1
         make_files(inbox, 50, prefix="new")
-        tg.start_soon(run, "b", Batch(b_handles, **common, concurrency=4))
+        tg.start_soon(two.run, "b", Batch(two.free, **common, concurrency=4))
         # B lists again (before: it went by A's listing, and waited for A's file): a second
         # listing, which finds every file there.
         await until(lambda: listed_twice(any_state), within=60)
-        release_a.set()
+        two.release.set()
     every = handled["a"] + handled["b"]
     assert sorted(every) == sorted(set(every)) == sorted(p.name for p in inbox.iterdir())
     listing = await listing_of(any_state)
@@ -487,6 +472,30 @@ async def test_a_shared_run_started_after_a_listing_lists_again_what_settled_sin
         assert report.done == len(handled[name]), (name, report)
         assert report.done + report.done_before == 56, (name, report)
         assert report.ok, (name, report)
+
+
+class HeldAndFree:
+    """The handlers of two shared runners: :meth:`held` records each file and holds it
+    (:attr:`busy` set) until :attr:`release`; :meth:`free` records each file. :meth:`run`
+    keeps each runner's report by name."""
+
+    def __init__(self, held: str, free: str) -> None:
+        self.names = held, free
+        self.handled: dict[str, list[str]] = {held: [], free: []}
+        self.reports: dict[str, Report] = {}
+        self.busy, self.release = anyio.Event(), anyio.Event()
+
+    async def held(self, ctx: TaskContext) -> None:
+        self.handled[self.names[0]].append(ctx.entry.relpath)
+        self.busy.set()
+        with anyio.fail_after(60):
+            await self.release.wait()
+
+    async def free(self, ctx: TaskContext) -> None:
+        self.handled[self.names[1]].append(ctx.entry.relpath)
+
+    async def run(self, name: str, batch: Batch) -> None:
+        self.reports[name] = await batch.run()
 
 
 async def listed_twice(state: str) -> bool:
@@ -642,29 +651,15 @@ async def test_a_holder_idle_in_a_tenure_it_took_hands_the_role_over_without_a_w
     # D says so as a hand-over (info), not as a role lost for late heartbeats.
     caplog.set_level(logging.INFO, logger="asyncbatch")
     make_files(inbox, 1, prefix="old")
-    d_busy, release_d = anyio.Event(), anyio.Event()
-    handled: dict[str, list[str]] = {"d": [], "e": []}
-
-    async def d_handles(ctx: TaskContext) -> None:
-        handled["d"].append(ctx.entry.relpath)
-        d_busy.set()
-        with anyio.fail_after(60):
-            await release_d.wait()
-
-    async def e_handles(ctx: TaskContext) -> None:
-        handled["e"].append(ctx.entry.relpath)
-
+    two = HeldAndFree("d", "e")
+    handled, reports = two.handled, two.reports
     common: dict[str, Any] = {"source": inbox, "state": any_state, "settle": 0, "shared": True}
-    d = Batch(d_handles, **common, concurrency=1, lease=3)
-    reports: dict[str, Report] = {}
-
-    async def run(name: str, batch: Batch) -> None:
-        reports[name] = await batch.run()
+    d = Batch(two.held, **common, concurrency=1, lease=3)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run, "d", d)
+        tg.start_soon(two.run, "d", d)
         with anyio.fail_after(30):
-            await d_busy.wait()
+            await two.busy.wait()
         ledger = await open_ledger(any_state)
         try:
             await ledger.start_runner(
@@ -682,9 +677,9 @@ async def test_a_holder_idle_in_a_tenure_it_took_hands_the_role_over_without_a_w
         # ... idle (it goes by #1): its heartbeat, finding the role gone, says a hand-over.
         await until(lambda: idle_holder(d), within=30)
         make_files(inbox, 5, prefix="new")
-        tg.start_soon(run, "e", Batch(e_handles, **common))
+        tg.start_soon(two.run, "e", Batch(two.free, **common))
         await until(lambda: listed_twice(any_state), within=45)  # before: not until D ended
-        release_d.set()
+        two.release.set()
     assert sorted(handled["d"] + handled["e"]) == sorted(p.name for p in inbox.iterdir())
     assert all(report.ok for report in reports.values()), reports
     said = [r.getMessage() for r in caplog.records]
