@@ -284,6 +284,22 @@ async def test_an_item_dead_then_retried_and_done_never_takes_a_counter_back(
         assert values == sorted(values), (name, values)
 
 
+def held_watch(inbox: Path, state: Path, settle: float) -> tuple[Batch, anyio.Event, anyio.Event]:
+    """A watch with metrics, one file at a time, whose handler holds each file until the
+    second event is set (the first: a handler started): its claim of the rest waits for
+    room in the queue meanwhile."""
+    started, release = anyio.Event(), anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        started.set()
+        await release.wait()
+
+    batch = Batch(
+        handle, source=inbox, state=state, metrics=True, poll=0.05, settle=settle, concurrency=1
+    )
+    return batch, started, release
+
+
 async def test_files_that_settled_are_not_counted_unsettled_while_the_watch_claims_them(
     inbox: Path, state: Path
 ) -> None:
@@ -292,17 +308,8 @@ async def test_files_that_settled_are_not_counted_unsettled_while_the_watch_clai
     (``status``, and ``history`` of a watch killed then) said "20 files not settled yet" with
     all of them settled, registered and some done. The counts of files not ready yet are
     those of the look that found them settled, before its claim."""
-    release = anyio.Event()
-    started = anyio.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        started.set()
-        await release.wait()
-
     settle = 1.0
-    batch = Batch(
-        handle, source=inbox, state=state, metrics=True, poll=0.05, settle=settle, concurrency=1
-    )
+    batch, started, release = held_watch(inbox, state, settle)
     watching = Watching(batch)
 
     def scraped(name: str) -> float:
@@ -342,17 +349,8 @@ async def test_a_watch_stopped_while_claiming_counts_files_settled_since_not_reg
     """Files that settled while the watch was busy claiming others (its look at them had not
     come) are left in the source not registered yet, not "not settled yet": its report said
     "10 files not settled yet" of 10 files settled a while before the stop."""
-    release = anyio.Event()
-    started = anyio.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        started.set()
-        await release.wait()
-
     settle = 1.0
-    batch = Batch(
-        handle, source=inbox, state=state, metrics=True, poll=0.05, settle=settle, concurrency=1
-    )
+    batch, started, release = held_watch(inbox, state, settle)
     watching = Watching(batch)
     async with anyio.create_task_group() as tg:
         await tg.start(watching)
