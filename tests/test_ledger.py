@@ -23,6 +23,7 @@ from asyncbatch import _failpoints as failpoints
 from asyncbatch._ledger import Heartbeat, RunEnd, RunTotals, sqlite_sql
 from asyncbatch._ledger.base import decode_twins, encode_twins
 from asyncbatch._ledger.sqlite import SQLiteLedger, _fenced_group
+from asyncbatch._ledger.sqlite import _tables as tables_of
 from asyncbatch._ledger.sqlite_open import check_state_path
 from asyncbatch._ledger.types import NOT_READY_KEPT, decode_not_ready, encode_not_ready
 from asyncbatch._procinfo import this_process
@@ -454,7 +455,7 @@ async def test_the_tables_a_ledger_is_checked_against_are_those_its_migrations_m
     try:
         for version in range(sqlite_sql.SCHEMA_VERSION):
             memory.executescript(sqlite_sql.MIGRATIONS[version])
-        made = rows_by_table(memory.execute(sqlite_sql.TABLE_COLUMNS).fetchall())
+        made = tables_of(memory)
     finally:
         memory.close()
     assert made == sqlite_sql.TABLES
@@ -463,15 +464,7 @@ async def test_the_tables_a_ledger_is_checked_against_are_those_its_migrations_m
     await ledger.close()
     conn = sqlite3.connect(state)
     try:
-        on_disk = rows_by_table(conn.execute(sqlite_sql.TABLE_COLUMNS).fetchall())
+        on_disk = tables_of(conn)
     finally:
         conn.close()
     assert on_disk == sqlite_sql.TABLES
-
-
-def rows_by_table(found: list[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
-    """``(table, column)`` rows as ``{table: its columns, in order}``."""
-    tables: dict[str, tuple[str, ...]] = {}
-    for table, column in found:
-        tables[table] = (*tables.get(table, ()), column)
-    return tables

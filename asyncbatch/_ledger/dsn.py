@@ -30,13 +30,14 @@ def _redact(parts: urllib.parse.SplitResult) -> str:
         auth, _, hosts = netloc.rpartition("@")
         user = auth.partition(":")[0]
         netloc = f"{user}@{hosts}" if user else hosts
-    query = "&".join(
-        part
-        for part in parts.query.split("&")
-        if part and part.partition("=")[0].lower() != "password"
-    )
     # (Not urlunsplit: it drops the "//" of a DSN without a host, "postgresql:///db".)
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return f"{parts.scheme}://{netloc}{parts.path}" + _query_without_password(parts.query)
+
+
+def _query_without_password(query: str) -> str:
+    """``?query`` without its ``password=`` parameters (``""`` when nothing is left)."""
+    kept = [p for p in query.split("&") if p and p.partition("=")[0].lower() != "password"]
+    return f"?{'&'.join(kept)}" if kept else ""
 
 
 def _schema_from(query: dict[str, list[str]]) -> str | None:
@@ -147,5 +148,4 @@ def _redact_text(dsn: str) -> str:
     if at:
         rest = f"{auth.partition(':')[0]}@{hosts}"
     base, _, query = rest.partition("?")
-    kept = [p for p in query.split("&") if p and not p.lower().startswith("password=")]
-    return f"{scheme}{sep}{base}" + (f"?{'&'.join(kept)}" if kept else "")
+    return f"{scheme}{sep}{base}{_query_without_password(query)}"
