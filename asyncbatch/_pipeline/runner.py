@@ -286,7 +286,6 @@ class Run:
         if objects is not None:  # before the state is made or joined: nothing made for a typo
             from .._sources.objects import check_places
 
-            objects.outage_timeout = cfg.ledger_timeout
             await check_places(objects, _object_places(cfg), watching=self.mode == "watch")
         ledger = await open_ledger(
             cfg.state,
@@ -613,17 +612,16 @@ def _source_of(cfg: BatchConfig, *, waits: bool) -> dict[str, Any]:
     """The run's source handle, and its object-store clients when a location is ``s3://``
     (made here only: a run over directories never loads obstore). ``waits``: whether the run
     waits for a source directory that is gone (a watch)."""
-    places = (cfg.source, cfg.output_dir, cfg.on_done.directory, cfg.on_dead.directory)
-    if not any(isinstance(p, ObjectURL) for p in places):
+    places = _object_places(cfg)
+    if not places:
         assert isinstance(cfg.source, Path)
         return {"source": SourceDir(cfg.source, waits=waits)}
     from .._sources.objects import ObjectSource
     from .._sources.store import ObjectStores
 
-    objects = ObjectStores()
-    for place in places:  # each bucket's client now: a setting it refuses stops the run here,
-        if isinstance(place, ObjectURL):  # not every item that writes an output
-            objects.bucket(place.bucket)
+    objects = ObjectStores(outage_timeout=cfg.ledger_timeout)
+    for _, _, url, _ in places:  # each bucket's client now: a setting it refuses stops the
+        objects.bucket(url.bucket)  # run here, not every item that writes an output
     if isinstance(cfg.source, ObjectURL):
         source: SourceHandle = ObjectSource(cfg.source, objects)
     else:
