@@ -30,6 +30,8 @@ from asyncbatch import (
 )
 from asyncbatch._effects.files import ABANDONED_AFTER, TEMP_PREFIX, _temp_name
 from asyncbatch._ledger.actions import decode_action, decode_move, encode_action, encode_move
+from asyncbatch._ledger.postgres import PostgresLedger
+from asyncbatch._ledger.sqlite import SQLiteLedger
 from asyncbatch._pipeline.postactions import PostActions, keyed_name
 from asyncbatch._pipeline.workers import TAKEN_OVER
 from asyncbatch._procinfo import ProcessIdentity, this_process
@@ -933,6 +935,90 @@ async def test_an_effect_after_a_stall_past_the_lease_taken_over_meanwhile_is_re
         assert sorted(p.name for p in out.iterdir()) == [f"f{i:05d}.txt" for i in range(3)]
     else:
         assert sorted(os.listdir(archive)) == [f"f{i:05d}.txt" for i in range(3)]
+
+
+class _SlowHeartbeats:
+    """The ledger's heartbeats (both ledgers'), once ``hold()`` was called, held until
+    ``answer()``: a ledger slow to answer (a loaded machine, a busy PostgreSQL)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held = False
+        self.answered = anyio.Event()
+        for cls in (SQLiteLedger, PostgresLedger):
+            monkeypatch.setattr(cls, "heartbeat", self._held(cls.heartbeat))
+
+    def _held(self, beat: Callable[..., Any]) -> Callable[..., Any]:
+        async def heartbeat(ledger: Any, *args: Any) -> Any:
+            if self.held:
+                await self.answered.wait()
+            return await beat(ledger, *args)
+
+        return heartbeat
+
+    def hold(self) -> None:
+        self.held = True
+
+    def answer(self) -> None:
+        self.answered.set()
+
+
+@pytest.mark.parametrize("stopped_by", ["effect", "watchdog"])
+async def test_a_takeover_the_ledger_tells_late_still_cuts_the_attempt_short(
+    inbox: Path,
+    any_state: str,
+    tmp_path: Path,
+    stopped_by: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression (a flaky CI run under load): after a stall past the lease, with the lease
+    # taken over meanwhile, the ledger's answer came later than the renewal patience (0.15 s
+    # at --lease 3): the effect was refused, or the watchdog stopped the handler, as it must,
+    # but the attempt was then recorded "failed: LockLostError" (or "the lease ran out")
+    # before the answer came. The outcome now waits for the answer: cut short, taken over.
+    slow = _SlowHeartbeats(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    stalled: list[int] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        if ctx.entry.relpath == _StallsThenActs.stalled and not stalled:
+            stalled.append(ctx.attempt)
+            time.sleep(STALL)  # noqa: ASYNC251 - the event loop stalls past the lease
+            take_over_lease(any_state, _StallsThenActs.stalled)
+            slow.hold()
+            try:
+                if stopped_by == "effect":
+                    await ctx.write_output(f"late/{ctx.entry.relpath}", "late")
+                else:
+                    await anyio.sleep_forever()  # the watchdog stops it
+            finally:
+                slow.answer()  # refused (or stopped) before the ledger answered
+        await ctx.write_output(ctx.entry.relpath, "done")
+
+    make_files(inbox, 3)
+    batch = Batch(
+        handle,
+        source=inbox,
+        state=any_state,
+        output_dir=out,
+        settle=0,
+        concurrency=1,
+        lease=LEASE,
+        backoff=0.01,
+    )
+    with anyio.fail_after(60), caplog.at_level(logging.WARNING, "asyncbatch"):  # (a bound)
+        report = await batch.run()
+
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if f"'{_StallsThenActs.stalled}': attempt" in r.getMessage()
+    ]
+    assert said == [f"'{_StallsThenActs.stalled}': attempt 1 cut short: {TAKEN_OVER}"], said
+    assert (report.done, report.dead, report.failed, report.lost) == (3, 0, 0, 1), report
+    assert not (out / "late").exists()
+    assert sorted(p.name for p in out.iterdir()) == [f"f{i:05d}.txt" for i in range(3)]
 
 
 @pytest.mark.parametrize("taken_over", [False, True])

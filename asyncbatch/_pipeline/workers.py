@@ -65,6 +65,8 @@ YIELD_EVERY = 0.001
 FIRST_COMMAND_DELAY = 0.1
 #: Why the watchdog stopped an attempt whose lease another runner took over.
 TAKEN_OVER = "its lease was taken over by another runner (was this runner suspended?)"
+#: Why the watchdog stopped an attempt whose lease the ledger did not renew in time.
+LEASE_RAN_OUT = "the lease ran out before the handler finished"
 
 
 def _nothing() -> None:
@@ -247,6 +249,8 @@ class WorkerPool:
                         return
                 item, slot.item = slot.item, None
                 if item is not None:  # the watchdog stopped this item
+                    if slot.reason == LEASE_RAN_OUT:
+                        await self._ledger_answer(item)
                     self._record(item, self._stopped_outcome(item, slot.reason), slot.started)
         finally:
             self._slots.remove(slot)
@@ -597,7 +601,7 @@ class WorkerPool:
                         renew = True
                         wake_at = min(wake_at, ends, slot.renew_by)
                     elif slot.renew_by <= now:  # no renewal in time: stop before a takeover
-                        slot.reason = "the lease ran out before the handler finished"
+                        slot.reason = LEASE_RAN_OUT
                         slot.scope.cancel()
                     else:
                         wake_at = min(wake_at, ends, slot.renew_by)
@@ -626,6 +630,18 @@ class WorkerPool:
         finally:
             self._renewing = False
             self._watch_wake.set()
+
+    async def _ledger_answer(self, item: LeasedItem) -> None:
+        """Before the outcome of an attempt stopped, or an effect refused, because no renewal
+        of its lease came within :meth:`renewal_patience`: wait (at most a lease's time) for
+        the heartbeat asked for meanwhile to answer, so that the outcome says what happened
+        (another runner took the lease over: cut short; else failed) and not only that the
+        answer was slow (a busy ledger, a loaded machine). Nothing of the attempt runs any
+        more: waiting is safe; its outcome is fenced anyway."""
+        if item.state is ItemState.LOST or time.monotonic() < item.lease_deadline:
+            return
+        with anyio.move_on_after(self.config.lease):
+            await self.run.renew_leases()
 
     def _stopped_outcome(self, item: LeasedItem, reason: str) -> Outcome:
         """The outcome of an attempt the watchdog stopped: failed (its timeout, or its lease
@@ -925,6 +941,8 @@ class WorkerPool:
                     item, "the handler cancelled its own task (nothing in the run had)"
                 )
         except Exception as exc:
+            if isinstance(exc, LockLostError):  # an effect refused: taken over, or not known
+                await self._ledger_answer(item)
             return self._failed(item, exc)
         except BaseException as exc:
             if not isinstance(exc, anyio.get_cancelled_exc_class()):
