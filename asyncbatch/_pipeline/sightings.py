@@ -25,14 +25,19 @@ look, until a change event, or a poll, brings it back: a marker's arrival does),
 above (when it is one of the rules), and ``stable:N`` wants N looks of the same record, each
 at least ``settle`` seconds after the last one counted.
 
+The waiting files are counted by the rule they wait for as they change, and those waiting for
+``age`` are ordered by the moment they are ready (:class:`_Waitlist`): the watch's live counts
+(``Sightings.waiting_by_rule(now)``: the progress line, metrics, the heartbeat) cost the files
+that became ready since the last count, not a walk over all the waiting ones.
+
 Made per watch by the claimer; nothing here outlives it.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import Counter
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .._ready import LASTING, Readiness
@@ -58,6 +63,156 @@ class _Waiting:
     why: str = "age"
     looks: int = 1
     counted_at: float = 0.0
+    #: Waiting for ``age``: its entry in :class:`_Waitlist`'s heaps (0: none), and whether it
+    #: is counted ready (its ``ready_at`` by the time the counts were last asked at).
+    ticket: int = 0
+    passed: bool = False
+
+
+#: A :class:`_Waitlist` heap entry: (``ready_at``, negated in the heap of those ready), ticket,
+#: relpath.
+_Entry = tuple[float, int, bytes]
+
+
+class _Waitlist:
+    """The waiting files by relpath, with their counts by rule kept up to date as they
+    change; and those waiting for ``age`` by the moment they are ready, so that how many are
+    ready by a time is told without walking them all (a watch's live counts ask it for the
+    progress line ten times a second, for metrics, for the heartbeat).
+
+    Those ready after the time last asked about are in a min-heap of their ``ready_at``,
+    those ready by then in a max-heap, counted: asked about a later time, the entries it
+    passed move from one to the other, an earlier time moves them back. An entry whose
+    ticket is no longer its file's (the file is gone, ready, or waits anew) is stale: skipped
+    when reached, and dropped once the stale ones outnumber the others (each file waiting
+    for ``age`` has one entry that is not stale)."""
+
+    def __init__(self) -> None:
+        self._files: dict[bytes, _Waiting] = {}
+        self._rules: dict[str, int] = {}  # files by the rule they wait for (none at 0)
+        self._aging = 0  # files waiting for age: those with an entry
+        self._coming: list[_Entry] = []  # (ready_at, ...): ready after _clock
+        self._passed: list[_Entry] = []  # (-ready_at, ...): ready by _clock
+        self._ready = 0  # files with an entry in _passed
+        self._clock = -math.inf  # the time the counts were last asked at
+        self._tickets = 0
+        #: Heap entries reached by :meth:`ready_by`: the tests read its cost in it.
+        self.visits = 0
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, rel: object) -> bool:
+        return rel in self._files
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._files)
+
+    def get(self, rel: bytes) -> _Waiting | None:
+        """The file waiting under ``rel``, if any."""
+        return self._files.get(rel)
+
+    def items(self) -> Iterable[tuple[bytes, _Waiting]]:
+        """The waiting files, by relpath."""
+        return self._files.items()
+
+    def put(self, rel: bytes, waiting: _Waiting) -> None:
+        """Make ``rel`` wait (anew, or again: its entry stands if it waits for age still,
+        ready at the same time)."""
+        old = self._files.get(rel)
+        if old is not None:
+            self._uncount(old)
+        self._files[rel] = waiting
+        self._rules[waiting.why] = self._rules.get(waiting.why, 0) + 1
+        if waiting.why != "age":
+            return
+        self._aging += 1
+        if old is not None and old.why == "age" and old.ready_at == waiting.ready_at:
+            waiting.ticket, waiting.passed = old.ticket, old.passed
+        else:
+            self._tickets += 1
+            waiting.ticket = self._tickets
+            waiting.passed = waiting.ready_at <= self._clock
+            if waiting.passed:
+                heapq.heappush(self._passed, (-waiting.ready_at, waiting.ticket, rel))
+            else:
+                heapq.heappush(self._coming, (waiting.ready_at, waiting.ticket, rel))
+            self._tidy()
+        self._ready += waiting.passed
+
+    def drop(self, rel: bytes) -> None:
+        """``rel`` waits no more (ready, registered, or gone), if it did."""
+        old = self._files.pop(rel, None)
+        if old is not None:
+            self._uncount(old)
+
+    def keep_only(self, rels: set[bytes]) -> None:
+        """Drop the waiting files but those of ``rels``."""
+        for rel in [rel for rel in self._files if rel not in rels]:
+            self.drop(rel)
+
+    def by_rule(self) -> dict[str, int]:
+        """The files by the rule they wait for (none at 0)."""
+        return dict(self._rules)
+
+    def by_rule_at(self, now: float) -> dict[str, int]:
+        """:meth:`by_rule`, with those waiting for age and ready by ``now`` under ``ready``."""
+        out = dict(self._rules)
+        ready = self.ready_by(now)
+        if ready:
+            out["age"] -= ready
+            if not out["age"]:
+                del out["age"]
+            out["ready"] = ready
+        return out
+
+    def ready_by(self, now: float) -> int:
+        """How many files waiting for age are ready by ``now``: the entries ``now`` passes
+        since the last time asked about are reached, no others."""
+        if now >= self._clock:
+            coming = self._coming
+            while coming and coming[0][0] <= now:
+                ready_at, ticket, rel = heapq.heappop(coming)
+                self._move((-ready_at, ticket, rel), self._passed, True)
+        else:
+            passed = self._passed
+            while passed and -passed[0][0] > now:
+                ready_at, ticket, rel = heapq.heappop(passed)
+                self._move((-ready_at, ticket, rel), self._coming, False)
+        self._clock = now
+        return self._ready
+
+    def _move(self, entry: _Entry, heap: list[_Entry], passed: bool) -> None:
+        """Put an entry taken from one heap into the other (``passed``: the heap of those
+        ready), unless it is stale."""
+        self.visits += 1
+        waiting = self._files.get(entry[2])
+        if waiting is None or waiting.ticket != entry[1]:
+            return
+        waiting.passed = passed
+        self._ready += 1 if passed else -1
+        heapq.heappush(heap, entry)
+
+    def _uncount(self, old: _Waiting) -> None:
+        """Take a file that waited out of the counts (its entry is stale from now on)."""
+        left = self._rules[old.why] - 1
+        if left:
+            self._rules[old.why] = left
+        else:
+            del self._rules[old.why]
+        if old.why == "age":
+            self._aging -= 1
+            self._ready -= old.passed
+
+    def _tidy(self) -> None:
+        """Drop the stale entries once they outnumber the others (a rebuild of the heaps
+        costs as many steps as the entries pushed since the last one, at least)."""
+        if len(self._coming) + len(self._passed) <= 2 * self._aging + 64:
+            return
+        files = self._files
+        for heap in (self._coming, self._passed):
+            heap[:] = [e for e in heap if (w := files.get(e[2])) is not None and w.ticket == e[1]]
+            heapq.heapify(heap)
 
 
 def _registered(record: bytes) -> bytes:
@@ -98,7 +253,7 @@ class Sightings:
         #: Not ``by_path``: the relpaths the ledger's log named (see :meth:`look_again`) that
         #: are not registered again yet, while they stay listed.
         self._relook: set[bytes] = set()
-        self._waiting: dict[bytes, _Waiting] = {}
+        self._waiting = _Waitlist()
         #: Files waiting for a rule that lasts (a marker, ...: see ``LASTING``) whose item the
         #: ledger may have finished before (the rules changed since): not asked about yet, by
         #: relpath; and those asked about and found unfinished (as :attr:`_known`).
@@ -121,15 +276,14 @@ class Sightings:
         Given ``now`` (monotonic), those waiting for ``age`` that are ready by now (settled,
         and seen unchanged ``settle`` seconds: their look has not come yet, the watch was
         busy claiming) are counted under ``"ready"`` instead: not settled yet is no longer
-        true of them."""
-        if now is None:
-            if self._ready is None:
-                return {"age": len(self._waiting)}
-            return Counter(w.why for w in self._waiting.values())
-        return Counter(
-            "ready" if w.why == "age" and w.ready_at <= now else w.why
-            for w in self._waiting.values()
-        )
+        true of them.
+
+        Kept as the files change (see :class:`_Waitlist`): a count does not walk the files."""
+        if now is not None:
+            return self._waiting.by_rule_at(now)
+        if self._ready is None:
+            return {"age": len(self._waiting)}
+        return self._waiting.by_rule()
 
     def waiting_files(self, now: float) -> list[tuple[bytes, str, bool]]:
         """The records of the files seen and not yet ready, with the rule each waits for
@@ -182,7 +336,7 @@ class Sightings:
                 self._registering(rel, again)
             else:
                 self._known.discard(_registered(record))
-        self._waiting = {rel: w for rel, w in self._waiting.items() if rel in fresh_rels}
+        self._waiting.keep_only(fresh_rels)
         if self._asked:
             self._asked.intersection_update(listed)
         known = self._known
@@ -213,7 +367,7 @@ class Sightings:
             kept = _registered(record)
             if record in done:
                 rel = split(record)[0]
-                self._waiting.pop(rel, None)
+                self._waiting.drop(rel)
                 self._known.add(kept)
                 self._known_names.add(name_key(record))
                 self._registering(rel, None)  # by_path: counted once, as a registered one
@@ -235,7 +389,7 @@ class Sightings:
         self._known_names = {n for n in self._known_names if n[:-9] not in gone}
         self._asked = {k for k in self._asked if k[8:-17] not in gone}
         for rel in gone:
-            self._waiting.pop(rel, None)
+            self._waiting.drop(rel)
 
     def unknown(self, names: list[bytes]) -> list[bytes]:
         """The relpaths of a listing's name keys (:meth:`Scanner.list_names`) that are not
@@ -294,7 +448,7 @@ class Sightings:
         names = self._names
         for rel in relpaths:
             if rel not in listed:
-                self._waiting.pop(rel, None)
+                self._waiting.drop(rel)
                 self._relook.discard(rel)
                 if names is not None:
                     names.discard(rel)
@@ -348,18 +502,18 @@ class Sightings:
         waiting = self._waiting.get(rel)
         if waiting is not None and waiting.record == record:
             if now >= waiting.ready_at and until_settled <= 0:
-                del self._waiting[rel]
+                self._waiting.drop(rel)
                 return True
             # Not ready yet (an event about an unchanged file, or the clock): look again then.
             ready_at = max(waiting.ready_at, now + until_settled)
         elif self._immutable and until_settled <= 0:
-            self._waiting.pop(rel, None)
+            self._waiting.drop(rel)
             return True
         else:  # first seen like this: ready once settled, and at least `settle` after now if
             # it is settled already (it must then be seen unchanged for `settle` seconds)
             ready_at = now + (until_settled if until_settled > 0 else self._settle)
         look_at = self._schedule_look(rel, waiting, record, max(ready_at, now) + LOOK_MARGIN, now)
-        self._waiting[rel] = _Waiting(record, ready_at, look_at)
+        self._waiting.put(rel, _Waiting(record, ready_at, look_at))
         return False
 
     def _schedule_look(
@@ -395,7 +549,7 @@ class Sightings:
         aged = not ready.age or (now >= ready_at and until_settled <= 0)
         why = blocked or ("age" if not aged else "stable" if looks < ready.looks else "")
         if not why:
-            self._waiting.pop(rel, None)
+            self._waiting.drop(rel)
             return True
         look_at = float("inf")
         if not blocked:  # age and stable come with time: look again then
@@ -403,7 +557,7 @@ class Sightings:
             if looks < ready.looks:
                 due.append(counted_at + settle)
             look_at = self._schedule_look(rel, waiting, record, max(due) + LOOK_MARGIN, now)
-        self._waiting[rel] = _Waiting(record, ready_at, look_at, why, looks, counted_at)
+        self._waiting.put(rel, _Waiting(record, ready_at, look_at, why, looks, counted_at))
         if blocked in LASTING and _registered(record) not in self._asked:
             self._unasked[rel] = record
         return False
