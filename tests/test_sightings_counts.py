@@ -47,7 +47,7 @@ def records(draw: st.DrawFn, t: float) -> list[bytes]:
     return sorted(out)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.sampled_from(RULES),
     st.sampled_from([0.0, 0.5, 1.0]),
