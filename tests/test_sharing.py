@@ -30,6 +30,7 @@ from asyncbatch._config import BatchConfig
 from asyncbatch._ledger import Outcome, open_ledger
 from asyncbatch._ledger.sqlite import SQLiteLedger
 from asyncbatch._pipeline.claimer import Claimer
+from asyncbatch._pipeline.queues import ItemQueue, LeasedItem
 from asyncbatch._pipeline.shared import (
     SharedRun,
     TwinEnds,
@@ -638,6 +639,44 @@ async def test_a_watching_listers_report_counts_what_others_found_gone_as_vanish
     finally:
         await ledger.close()
     assert (counters.done_before, counters.vanished, counters.dead_before) == (1, 1, 1), counters
+    assert counters.not_reached() == 0
+
+
+async def test_a_watching_listers_report_counts_an_open_item_others_finished_once(
+    tmp_path: Path,
+) -> None:
+    # (A shared watch's lister counted a file it had open (held by another runner, or
+    # waiting for a retry) that another runner finished dead as dead before when its claim
+    # found it so, and again at its end among what the others finished: "40 seen: 20 done,
+    # 14 done before, 1 dead, 5 dead before" with 36 files done and 4 dead in the ledger.)
+    ledger = await open_ledger(tmp_path / "state.db")
+    try:
+        counters = Counters()  # this run began now: what others finish after counts
+        counters.seen = 3  # it registered 3 files, which runner a took
+        await ledger.start_runner(run_start("me", job="default", shared=True))
+        await ledger.start_runner(run_start("a", job="default", shared=True))
+        rows = [(f"k{i}", f"f{i}".encode(), 1, 1_000 + i, i) for i in range(3)]
+        claimed = await ledger.claim_scanned("default", "a", 60, rows)
+        run = bare_run(tmp_path, ledger, "me", counters)
+        claimer = Claimer(
+            run,
+            ItemQueue(),
+            scanner=cast("Any", SimpleNamespace(ready=None)),
+            posts=cast("Any", None),
+            mode="watch",
+        )
+        k0 = LeasedItem("k0", "h0", b"f0", 1, 1_000, 0)
+        await claimer.claim([k0])  # held by a: open
+        assert counters.held == 1, counters
+        outcomes = dict(zip(("k0", "k1", "k2"), ("dead", "done", "done"), strict=True))
+        await ledger.commit_outcomes(
+            "default", "a", [Outcome(c.key, c.fence, outcomes[c.key], "E") for c in claimed]
+        )
+        await claimer.claim([k0])  # the open item claimed again: found dead
+        await _registered_and_finished_by_others(run)
+    finally:
+        await ledger.close()
+    assert (counters.done_before, counters.dead_before, counters.held) == (2, 1, 0), counters
     assert counters.not_reached() == 0
 
 

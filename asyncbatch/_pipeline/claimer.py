@@ -760,7 +760,6 @@ class Claimer:
         ``again``: items this run counted already (see :meth:`_counted_again`)."""
         run = self.run
         by_key = {row.key: row for row in rows}
-        counters = run.counters
         leased: list[LeasedItem] = []
         for item in items:  # keep scan order: the ledger returns rows in any order
             row = by_key.get(item.key)
@@ -774,9 +773,11 @@ class Claimer:
                 continue
             if self._follows_another(item, row):  # the same bytes as another file's item
                 continue
-            run.close(item.key)  # what the claim found replaces what was known
+            # What the claim found replaces what was known. Found finished, an item this
+            # run had open was finished by another runner since it began (noted so).
+            was_open = run.close(item.key)
             if row is None:  # done: finished before, by this or another runner
-                counters.add("done_before")
+                self._found_finished("done", was_open)
             elif row.state == "running":
                 leased.append(item)
             elif row.state == "held":
@@ -784,7 +785,7 @@ class Claimer:
             elif row.state == "failed":
                 run.reopen(item.key, "waiting", item.record())
             else:
-                counters.add("dead_before" if row.state == "dead" else "done_before")
+                self._found_finished(row.state, was_open)
                 if row.post_action is not None:
                     # The file that was handled, as recorded then: not the one just scanned,
                     # which may be a newer file under the same name (or, identity "content",
@@ -794,6 +795,14 @@ class Claimer:
                     )
         self._track(leased, by_key)
         return leased
+
+    def _found_finished(self, state: str, was_open: bool) -> None:
+        """Count an item a claim found finished (``state``: done or dead) done (dead) before;
+        ``was_open``: this run had it open (see :meth:`.RunState.open_found_finished`)."""
+        if was_open:
+            self.run.open_found_finished(state)
+        else:
+            self.run.counters.add("dead_before" if state == "dead" else "done_before")
 
     def _follows_another(self, item: LeasedItem, row: ClaimedRow | None) -> bool:
         """Whether a claimed file counts by how an attempt of its item under way ends (one in

@@ -68,14 +68,19 @@ async def reconcile(state: RunState) -> None:
     except LedgerError as e:
         log.warning("the report counts what this run left as it knew it (the ledger: %s)", e)
         return
+    given_back = set(state.given_back)
     for key, item_state in found.items():
         if key in unclaimed:
             counters.unregistered -= 1  # registered by another runner
         if item_state not in ("done", "dead"):
             continue
         files = twins.get(key, 0) + (key in left)
-        state.close(key)  # a held or waiting one is no longer open
-        counters.add("done_before" if item_state == "done" else "dead_before", files)
+        # A held or waiting one is no longer open; it, or one given back, was finished by
+        # another runner since this run began.
+        if state.close(key) or key in given_back:
+            state.open_found_finished(item_state, files)
+        else:
+            counters.add("done_before" if item_state == "done" else "dead_before", files)
 
 
 async def _count_waiting(state: RunState) -> None:

@@ -763,7 +763,8 @@ async def _registered_and_finished_by_others(run: RunState) -> None:
     counts, others = await run.ledger.finish_counts(job, run.owner, since)
     left = counters.seen - counters.seen_accounted()
     finished = max(left - counts["pending"] - counts["running"] - counts["failed"], 0)
-    dead = min(others.get("dead", 0), finished)
+    # Of what the others finished, those this run had open were counted where they ended.
+    dead = min(max(others.get("dead", 0) - run.open_finished.get("dead", 0), 0), finished)
     vanished = min(others.get("vanished", 0), finished - dead)  # found gone: not done
     counters.add("dead_before", dead)
     counters.add("vanished", vanished)

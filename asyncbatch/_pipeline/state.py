@@ -61,6 +61,10 @@ class RunState:
     #: runner had it at the last look, ``("waiting", record)`` when it failed and waits for a
     #: retry. The claimer leases them again until each is finished (see ``Claimer.finish``).
     open: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    #: Of the items this run saw open (or gave back) and then found finished, by state
+    #: (``done``, ``dead``): other runners finished them since this run began, and it counted
+    #: them done (dead) before already (see ``shared._registered_and_finished_by_others``).
+    open_finished: dict[str, int] = field(default_factory=dict)
     #: Keys leased from the ledger (left waiting by earlier runs, not found by a scan) and
     #: counted as seen then: a watch's later scan that finds the same file does not count it
     #: again (see ``Claimer._sort``). Bounded by what earlier runs left waiting.
@@ -273,15 +277,24 @@ class RunState:
         else:
             self.counters.waiting += 1
 
-    def close(self, key: str) -> None:
-        """The item is no longer open (leased again, or finished)."""
+    def close(self, key: str) -> bool:
+        """The item is no longer open (leased again, or finished); whether it was."""
         found = self.open.pop(key, None)
         if found is None:
-            return
+            return False
         if found[0] == "held":
             self.counters.held -= 1
         else:
             self.counters.waiting -= 1
+        return True
+
+    def open_found_finished(self, state: str, files: int = 1) -> None:
+        """Count ``files`` of an item this run saw open (or gave back), found ``state``
+        (``done`` or ``dead``): done (dead) before, finished by another runner since this run
+        began (:attr:`open_finished`)."""
+        name = "dead" if state == "dead" else "done"
+        self.counters.add(f"{name}_before", files)
+        self.open_finished[name] = self.open_finished.get(name, 0) + 1
 
     # -- files with the bytes of an item in flight (identity "content") ------------------------
 
