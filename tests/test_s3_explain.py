@@ -5,6 +5,7 @@ and one line (exit 2) for what cannot be looked at."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,40 @@ def test_explain_refuses_what_it_cannot_look_at_in_one_line(
         f"{bucket.url('in/a.txt/')} failed: bucket {bucket.name!r} does not exist "
         "(404 Not Found, NoSuchBucket)"
     )
+
+
+def test_an_unreachable_store_is_exit_69_for_explain_as_for_run_and_others_need_none(
+    bucket: Bucket, state: Path, tmp_path: Path
+) -> None:
+    # The same unreachable endpoint: run and explain both exit 69 (the service is down, the
+    # input may be right); status, history, retry and forget read or change the ledger only,
+    # and answer as they do with the store up.
+    bucket.put("in/a.txt", b"a")
+    ran = cli(
+        "run", "tests.cli_handlers:record", "--source", bucket.url("in/"), "--state", state,
+        env={**bucket.env, "AB_LOG": str(tmp_path / "log")}, cwd=REPO,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    with socket.socket() as s:  # a port nothing listens on: connections refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = {**bucket.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+
+    def with_store(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return cli(*args, "--state", state, env=env, cwd=REPO)
+
+    again = with_store(
+        down, "run", "tests.cli_handlers:record", "--source", bucket.url("in/"), "--no-progress"
+    )
+    assert again.returncode == 69, again.stderr
+    for path in (bucket.url("in/a.txt"), "a.txt"):
+        out = with_store(down, "explain", path)
+        assert out.returncode == 69, out.stderr
+        (line,) = out.stderr.strip().splitlines()
+        assert line.startswith(
+            f"asyncbatch: error: cannot look at the source {bucket.url('in/')!r}"
+        )
+    for command in (("status",), ("history",), ("retry", "a.txt")):
+        up, gone = with_store(bucket.env, *command), with_store(down, *command)
+        assert (gone.returncode, gone.stdout) == (up.returncode, up.stdout), (up, gone)
+    assert with_store(down, "forget", "a.txt", "--yes").returncode == 0

@@ -5,16 +5,20 @@
 - An endpoint that cannot be reached at the start: exit 69, no state made.
 - The endpoint gone mid-run (moto's server stopped): no attempt is spent; the run waits for it
   (``--ledger-timeout``), goes on when it is back, or ends with exit 69, its items pending.
+  Its listing too: waited for, and gone on with after the last key it had.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from .conftest import cli, rows, spawn, state_counts, wait_for
@@ -228,3 +232,93 @@ def test_an_outage_is_waited_out_without_spending_attempts(
     assert "failed" not in err
     assert all(n == 1 for _, n in _items(state).values()), _items(state)
     assert state_counts(state) == {"done": 6}
+
+
+async def test_a_listing_met_by_an_outage_waits_for_the_store_and_goes_on(
+    own_server: Restartable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store went down once the run had looked at it, before its listing: the run ended
+    # (exit 69, "cannot list the source"), while a request of a handler is waited out. Now
+    # the listing is waited out too (--ledger-timeout): each object handled once.
+    from asyncbatch import Batch, TaskContext
+    from asyncbatch._sources import objects
+
+    bucket = Bucket(own_server.moto)
+    for name, value in bucket.env.items():
+        monkeypatch.setenv(name, value)
+    names = [f"f{i}.txt" for i in range(3)]
+    for name in names:
+        bucket.put(f"in/{name}", b"x" * 10)
+    check_places = objects.check_places
+
+    async def store_down_once_looked_at(*args: Any, **kwargs: Any) -> None:
+        await check_places(*args, **kwargs)
+        own_server.stop()
+
+    monkeypatch.setattr(objects, "check_places", store_down_once_looked_at)
+
+    class BackWhenWaitedFor(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("the S3 store cannot be reached"):
+                own_server.start()
+
+    back = BackWhenWaitedFor()
+    logging.getLogger("asyncbatch").addHandler(back)
+    handled: list[str] = []
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.append(ctx.entry.relpath)
+        await ctx.read_bytes()
+
+    try:
+        with anyio.fail_after(60):  # a bound on a hang, not a wait
+            report = await Batch(
+                handle, source=bucket.url("in/"), state=tmp_path / "s.db", settle=0,
+                ledger_timeout=60,
+            ).run()  # fmt: skip
+    finally:
+        logging.getLogger("asyncbatch").removeHandler(back)
+    assert sorted(handled) == names
+    assert (report.seen, report.done, report.ok) == (3, 3, True), report
+
+
+async def test_a_listing_cut_between_two_pages_goes_on_after_its_last_key(
+    own_server: Restartable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # obstore fetches a listing's pages ahead of its reader, so a stopped server cannot cut
+    # one between two pages on cue: here its listing stream fails after its first page as an
+    # unreachable store's does. The listing waits, then asks for the keys after the last one
+    # it had (start-after), not the whole prefix again: each object listed once.
+    import datetime as dt
+
+    import obstore
+
+    from asyncbatch._sources.store import ObjectStores
+
+    bucket = Bucket(own_server.moto)
+    for name, value in bucket.env.items():
+        monkeypatch.setenv(name, value)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    keys = [f"in/f{i}" for i in range(5)]
+    metas: list[dict[str, Any]] = [
+        {"path": k, "size": 1, "last_modified": when, "e_tag": f'"{i}"', "version": None}
+        for i, k in enumerate(keys)
+    ]
+    offsets: list[str | None] = []
+
+    async def cut_after_a_page(
+        store: Any, prefix: str | None, *, offset: str | None = None, chunk_size: int = 0
+    ) -> Any:
+        offsets.append(offset)
+        rest = [m for m in metas if offset is None or m["path"] > offset]
+        yield rest[:2]
+        if len(offsets) == 1:
+            raise OSError("Error performing list request: HTTP error: error sending request")
+        yield rest[2:]
+
+    monkeypatch.setattr(obstore, "list", cut_after_a_page)
+    store = ObjectStores(outage_timeout=60).bucket(bucket.name)
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        listed = [o.key async for page in store.list_pages("in/") for o in page]
+    assert offsets == [None, "in/f1"]
+    assert listed == keys

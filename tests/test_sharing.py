@@ -42,6 +42,7 @@ from asyncbatch._pipeline.shared import (
 from asyncbatch._pipeline.state import RunState
 from asyncbatch._procinfo import this_process
 from asyncbatch._report import Counters
+from asyncbatch._scanner import split
 
 from .conftest import (
     HANDLERS,
@@ -1191,3 +1192,71 @@ async def test_a_file_changed_while_queued_for_shared_runners_is_looked_at_again
     assert "vanished" not in last_run, status
     left = "1 not settled yet" if not settled else "nothing it found"
     assert f"left in the source by the last run (at its end): {left}" in status, status
+
+
+async def test_a_file_rewritten_while_queued_is_never_finished_before_it_is_taken_again(
+    tmp_path: Path, any_state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Identity path: a file written to once the listing had queued it is the same item,
+    # taken again once looked at. Its vanished outcome was committed first, then the item
+    # claimed again: in between the job looked finished, and a runner that ended then said
+    # "1 vanished" of a file handled a moment later. Here the runner that looks again is held
+    # just before it claims the item again, until the other runner ended.
+    inbox = tmp_path / "inbox"
+    files = make_files(inbox, 8, age=3600)
+    changed = files[-1]
+    await until_settled(1.0, *files)
+    handled: list[tuple[str, bytes]] = []
+    appended = threading.Event()
+    ended = anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        if not handled and not appended.is_set():  # the first handler: the files are queued
+            with changed.open("ab") as f:
+                f.write(b"v2")
+            appended.set()
+        handled.append((ctx.entry.relpath, await ctx.read_bytes()))
+
+    def until_the_new_version_settled() -> None:  # (the listing's end waits: in a thread)
+        assert appended.wait(30)
+        st = changed.stat()
+        time.sleep(max(0.0, max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 + 1.0 - time.time()))
+
+    waits = failpoints.Call("call", fn=until_the_new_version_settled)
+    monkeypatch.setattr(failpoints, "ACTIVE", {"listing-registered": waits})
+    claim_records = Claimer.claim_records
+    held: list[bool] = []
+
+    async def held_before_the_claim_again(self: Claimer, records: list[bytes]) -> None:
+        if appended.is_set() and os.fsencode(changed.name) in {split(r)[0] for r in records}:
+            held.append(True)
+            await ended.wait()  # (the other runner ends: the file is not finished before)
+        await claim_records(self, records)
+
+    monkeypatch.setattr(Claimer, "claim_records", held_before_the_claim_again)
+    reports: dict[int, Report] = {}
+
+    async def run(n: int) -> None:
+        reports[n] = await Batch(
+            handle,
+            source=inbox,
+            state=any_state,
+            settle=1.0,
+            concurrency=1,
+            shared=True,
+            identity="path",
+        ).run()
+        ended.set()
+
+    with anyio.fail_after(60):  # a bound on a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 1)
+            tg.start_soon(run, 2)
+    assert held == [True]  # the file was taken again, by the runner that looked again
+    assert sorted(name for name, _ in handled) == sorted(f.name for f in files), handled
+    assert dict(handled)[changed.name].endswith(b"v2")
+    for report in reports.values():
+        assert report.vanished == 0, report
+        assert report.seen == 8, report
+        assert report.done + report.done_before == report.seen, report
+        assert (report.unfinished, report.held, report.ok) == (0, 0, True), report

@@ -499,7 +499,8 @@ class SharedRun:
         or, its key kept, the same item written to) is claimed, a new item before the old
         one's outcome is committed (the other runners see one of them leased all along:
         their job is not finished, and the ledger's lease gives the new version to one
-        runner), the same item once that is committed; one that is not ready is moved, in
+        runner), the same item given back (``pending``, not vanished: the job stays unfinished
+        for every runner) and claimed again; one that is not ready is moved, in
         the listing, from its found files to those it left out not ready yet
         (``Ledger.listing_changed``), before that commit too: every runner that goes by the
         listing counts it so. Either way the old version is not counted vanished (by this
@@ -542,16 +543,28 @@ class SharedRun:
             await run.ledger.listing_changed(cfg.job, self.target, not_ready)
         if new:
             await claimer.claim_records(new)
+        keys = {by_path[split(record)[0]].key for record in again}
         outbox = claimer.outbox
         assert outbox is not None
         for item, outcome, _ in due:
-            run.relooked[item.key] = item.key in there
-            outbox.put(item, outcome)
-        if again:  # the same item: claimable once its outcome is committed
-            keys = {by_path[split(record)[0]].key for record in again}
-            while keys & run.in_flight.keys() and not run.stopping:
-                await run.wait_for_progress(HELD_POLL)
+            if item.key not in keys:
+                run.relooked[item.key] = item.key in there
+                outbox.put(item, outcome)
+        if again:  # the same item, ready: given back and taken again, never finished between
+            await self._give_back([item for item, _, _ in due if item.key in keys])
             await claimer.claim_records(again)
+
+    async def _give_back(self, items: list[LeasedItem]) -> None:
+        """Give held-back items whose file is ready again back to be claimed (``pending``),
+        leased until then: committed vanished, another runner could find the job finished
+        before they were claimed again and call their file vanished."""
+        run = self.run
+        await run.ledger.release_items(
+            self.config.job, run.owner, [(i.key, i.fence) for i in items]
+        )
+        for item in items:
+            run.in_flight.pop(item.key, None)
+        run.made_room()
 
     async def _wait_for_work(self, registered: int) -> int:
         """Wait until more items were registered than ``registered`` says (the role's count;

@@ -91,8 +91,8 @@ class RunState:
     #: after the listing queued it (:attr:`rewritten`, :attr:`changed`), with their outcome and
     #: whether their key was kept (rewritten), held back by the committer, still leased (the
     #: other runners see them running: their job is not finished), until the claimer looked
-    #: at their paths again (``SharedRun.look_again_changed``), and then committed. ``None``:
-    #: not such a run.
+    #: at their paths again (``SharedRun.look_again_changed``), and then committed (or, their
+    #: key kept and their file ready, given back and claimed again). ``None``: not such a run.
     relook_due: list[tuple[LeasedItem, Outcome, bool]] | None = None
     #: Keys of items held back so and looked at again, by whether their path held a file
     #: then (not counted vanished: its new version was taken, or counted not ready yet).

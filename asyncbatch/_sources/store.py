@@ -465,11 +465,16 @@ class ObjectStore:
     async def list_pages(self, prefix: str) -> AsyncIterator[Sequence[ObjectInfo]]:
         """The objects under ``prefix``, a page at a time (bounded memory at any size), each
         with its key as the bucket has it: a "folder" marker's ends with ``/`` (see
-        :meth:`_folders`). Raises :class:`ObjectKeyRefused` at a key obstore refuses."""
+        :meth:`_folders`). Raises :class:`ObjectKeyRefused` at a key obstore refuses.
+
+        A page the store cannot serve (:class:`StoreUnreachable`) is waited for as any
+        request is (see :class:`ObjectStores`: the run's clients), and the listing goes on
+        after the last key it gave (S3's start-after): a short outage does not end it."""
         import obstore
 
         stream = obstore.list(self._store, prefix or None, chunk_size=LIST_PAGE)
-        pages = 0
+        pages = tries = 0
+        after: str | None = None  # the last key listed, as obstore gave it
         kept_empty: set[str] = set()
         while True:
             try:
@@ -480,9 +485,21 @@ class ObjectStore:
                 return
             except Exception as exc:
                 self._count("list")
-                raise self._list_fail(prefix, exc) from None
-            pages += 1
+                failure = self._list_fail(prefix, exc)
+                if not isinstance(failure, StoreUnreachable) or self._stores is None:
+                    raise failure from None
+                tries += 1
+                await self._stores.wait_out(failure, tries)
+                stream = obstore.list(
+                    self._store, prefix or None, offset=after, chunk_size=LIST_PAGE
+                )
+                continue
+            if self._stores is not None:
+                self._stores.reached()
+            pages, tries = pages + 1, 0
             self._count("list")
+            if page:
+                after = page[-1]["path"]
             yield await self._folders([ObjectInfo.of(meta) for meta in page], kept_empty)
 
     async def first_page(self, prefix: str, *, offset: str | None = None) -> list[ObjectInfo]:
