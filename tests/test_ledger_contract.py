@@ -1111,6 +1111,36 @@ async def test_release_puts_items_back_without_undoing_started_attempts(
     )
 
 
+async def test_a_released_retry_stays_failed_with_its_attempts_and_last_error(
+    ledger: Ledger,
+) -> None:
+    """A due retry leased and given back unstarted (its file not settled, a run stopping)
+    waits as it was: failed, its attempts, its last error (`failures`), its retry time."""
+    (a, b) = sorted(await ledger.claim_scanned("j", "a", 60, [entry(1), entry(2)]))
+    await ledger.commit_outcomes("j", "a", [], [(a.key, a.fence)])  # a's attempt started
+    due = time.time() - 1
+    await ledger.commit_outcomes("j", "a", [Outcome(a.key, a.fence, "failed", "boom", due)])
+    await ledger.release_items("j", "a", [(b.key, b.fence)])
+    leased = sorted(await ledger.claim_waiting("j", "b", 60, 10))
+    assert [(r.key, r.attempts) for r in leased] == [("k00001", 1), ("k00002", 0)]
+    await ledger.release_items("j", "b", [(r.key, r.fence) for r in leased])
+    counts = await ledger.counts("j")
+    assert (counts["failed"], counts["pending"]) == (1, 1)
+    (failure,) = await ledger.failures("j", 10)
+    assert (failure.key, failure.state, failure.attempts, failure.interrupted) == (
+        "k00001",
+        "failed",
+        1,
+        0,
+    )
+    assert failure.last_error == "boom"
+    assert failure.next_attempt_at is not None
+    assert abs(failure.next_attempt_at - due) < 2
+    # Still due: the next claim takes it, as a retry (its attempts go on).
+    again = sorted(await ledger.claim_waiting("j", "c", 60, 10))
+    assert [(r.key, r.attempts) for r in again] == [("k00001", 1), ("k00002", 0)]
+
+
 async def test_claim_waiting_takes_the_oldest_first_and_only_due_retries(
     ledger: Ledger,
 ) -> None:

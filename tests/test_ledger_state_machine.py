@@ -65,6 +65,8 @@ class ModelItem:
     expired: bool = False
     #: ``failed`` only: whether its retry is due now.
     due: bool = False
+    #: Whether its retry time is set (its last outcome failed): released, it waits failed.
+    retry: bool = False
     completions: int = 0
 
 
@@ -202,6 +204,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if accepted:
             item.state = outcome.state
             item.due = outcome.next_attempt_at is not None and outcome.next_attempt_at < time.time()
+            item.retry = outcome.next_attempt_at is not None
             if outcome.state == "done":
                 item.completions += 1
 
@@ -304,7 +307,8 @@ class LedgerMachine(RuleBasedStateMachine):
         for key, fence in leases:
             item = self.items[key]
             if item.state == "running" and item.owner == owner and item.fence == fence:
-                item.state, item.owner = "pending", None
+                # a retry waits failed again (it was due when leased), any other pending
+                item.state, item.owner = ("failed" if item.retry else "pending"), None
         self.known[owner].clear()
 
     @rule(dead=st.booleans())
@@ -314,7 +318,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.run(self.ledger.retry(JOB, None, dead=dead)) == expected
         for item in self.items.values():
             if item.state in states:
-                item.state, item.owner = "pending", None
+                item.state, item.owner, item.retry = "pending", None, False
 
     # -- invariants -------------------------------------------------------------------------------
 

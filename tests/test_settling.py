@@ -560,6 +560,32 @@ def test_a_waiting_item_whose_file_is_not_settled_is_left_waiting_and_counted_on
     assert state_counts(state) == {"done": 1}
 
 
+def test_a_shared_run_leaves_a_waiting_item_whose_file_is_not_settled(tmp_path: Path) -> None:
+    # As above, with --shared: the job's listing left the chmod'ed file out (not settled
+    # yet) and counted it so, but the runner leased its item from the ledger and handled it
+    # at once, unsettled: counted not settled AND done.
+    inbox, log = tmp_path / "inbox", tmp_path / "log"
+    (name,) = [p.name for p in make_files(inbox, 1, age=3600)]
+    state = tmp_path / "state.db"
+    src = ("--source", inbox, "--state", state, "--shared")
+    first = cli("run", f"{HANDLERS}:fail_always", *src, "--max-attempts", "1")
+    assert first.returncode == 1, first.stderr
+    assert cli("retry", "--dead", "--state", state).returncode == 0
+    os.chmod(inbox / name, 0o600)
+    env = {"AB_LOG": str(log)}
+    second = cli("run", f"{HANDLERS}:record", *src, "--settle", "60", env=env)
+    assert second.returncode == 0, second.stderr
+    assert not log.exists(), "an unsettled file was handled"
+    assert "0 seen: 0 done; 1 file not settled yet" in second.stdout, second.stdout
+    assert state_counts(state) == {"pending": 1}
+    # The run that finds it settled handles it, once.
+    third = cli("run", f"{HANDLERS}:record", *src, env=env)
+    assert third.returncode == 0, third.stderr
+    assert log.read_text().split() == [name]
+    assert "1 seen: 1 done;" in third.stdout, third.stdout
+    assert state_counts(state) == {"done": 1}
+
+
 async def test_a_watch_takes_a_waiting_item_whose_file_is_not_settled_once_it_settles(
     inbox: Path, state: Path
 ) -> None:

@@ -693,7 +693,10 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def release_items(self, job: str, owner: str, items: Leases) -> None:
-        """Give leased items ``(key, fence)`` back to be claimed again (``pending``).
+        """Give leased items ``(key, fence)`` back to be claimed again: as they were leased, a
+        retry (its retry time set by a failed outcome: leased ``failed``, and due) ``failed``,
+        its attempts, last error and retry time kept (what ``failures`` and ``status`` show of
+        it), any other ``pending``.
 
         Attempts are counted when they start, so nothing is undone; an attempt that had
         started is counted as interrupted when the item is leased again.

@@ -758,10 +758,13 @@ RETURNING i.key, o.state IS NOT NULL
 #: all (``key, owner, fence, state``).
 LEASE_STATE = "SELECT key, owner, fence, state FROM items WHERE job = $1 AND key = ANY($2::text[])"
 #: $1 job, $2 owner; arrays $3 keys, $4 fences. Attempts were counted when they started, so
-#: nothing is undone.
+#: nothing is undone. A released item waits again as it was leased: a retry (its retry time
+#: set: leased 'failed', and due; only a failed outcome sets it, any other outcome and
+#: ``retry`` clear it) stays 'failed', attempts and last error kept; any other, 'pending'.
 RELEASE_ITEMS = f"""
 UPDATE items AS i
-SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = {NOW},
+SET state = CASE WHEN i.next_attempt_at IS NULL THEN 'pending' ELSE 'failed' END,
+    owner = NULL, lease_until = NULL, updated_at = {NOW},
     interrupted = i.interrupted + (i.started_fence IS NOT DISTINCT FROM i.fence)::int,
     started_fence = NULL
 FROM unnest($3::text[], $4::int8[]) AS r(key, fence)

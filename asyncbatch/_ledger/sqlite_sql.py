@@ -326,6 +326,9 @@ RUNNERS_OF_JOB = f"SELECT {', '.join(RunnerInfo.columns())} FROM runners WHERE j
 # A lease given back (released, or reaped from a runner that is gone) whose attempt had
 # started: interrupted, counted now (a claim of a lease that ran out counts it then, see
 # _INTERRUPTED), and the start forgotten so that the next claim does not count it again.
+#: The state a released item waits in again: ``failed`` for a retry (its retry time is set only
+#: by a failed outcome, and cleared by any other outcome and by ``retry``), else ``pending``.
+_WAITING_AGAIN = "CASE WHEN next_attempt_at IS NULL THEN 'pending' ELSE 'failed' END"
 _COUNT_INTERRUPTED = "interrupted = interrupted + (started_fence IS fence), started_fence = NULL"
 # Hand the items of a runner that is gone back to the ledger (a full scan: runs after a crash).
 REAP_ITEMS = f"""
@@ -610,8 +613,11 @@ LEASE_STATE = """
 SELECT key, owner, fence, state FROM items
 WHERE job = ? AND key IN (SELECT value FROM json_each(?))
 """
+# A released item goes back to waiting as it was leased: a retry (its retry time set: leased
+# 'failed', and due) stays 'failed', its attempts and last error kept (what `failures` and
+# `status` show of it); any other, 'pending'.
 RELEASE_ITEM = f"""
-UPDATE items SET state = 'pending', owner = NULL, lease_until = NULL, updated_at = ?,
+UPDATE items SET state = {_WAITING_AGAIN}, owner = NULL, lease_until = NULL, updated_at = ?,
                  {_COUNT_INTERRUPTED}
 WHERE job = ? AND key = ? AND owner = ? AND fence = ? AND state = 'running'
 """

@@ -1050,11 +1050,14 @@ class Claimer:
         ledger; a one-shot run counts it once, not
         settled yet (its scan's count, or one more: it changed since), and leaves it to the
         run that finds it settled; a watch leases it again once it settled (its sightings
-        count it meanwhile). Not for this run's own items (retries), inputs ``ctx.move()``
-        took elsewhere (they go on where they are), objects, or runners sharing a job (their
-        listing says what is ready)."""
+        count it meanwhile). Runners sharing a job leave it too; their counts are the job's
+        listing's, which left the file out (its change came before the listing began, or the
+        listing would have found it settled): counted there, once. Not for this run's own
+        items (retries), inputs ``ctx.move()`` took elsewhere (they go on where they are),
+        or objects (immutable once visible: an object waiting in the ledger was settled
+        when registered, and settled it stays; a new version is a new item)."""
         run, cfg = self.run, self.config
-        if not rows or cfg.shared or cfg.objects is not None:
+        if not rows or cfg.objects is not None:
             return rows, {}
         if not self.ready.age and not (self.mode == "run" and self._not_ready):
             return rows, {}  # (no settle rule, and no file the scan left out by another)
@@ -1092,6 +1095,7 @@ class Claimer:
         run_mode = self.mode == "run"
         if run_mode and row.relpath in self._not_ready:
             self._left_waiting[row.key] = math.inf  # the scan counted it not ready yet
+            self.run.left_waiting.add(row.key)
             return True
         if st is None or not self.ready.age:
             return False
@@ -1101,10 +1105,12 @@ class Claimer:
             return False
         if run_mode:  # changed since the scan: one more not settled yet, for the whole run
             self._left_waiting[row.key] = math.inf
+            self.run.left_waiting.add(row.key)
             self._not_ready.add(row.relpath)
-            self.run.counters.unsettled += 1
-            if changed > now_ns:
-                self.run.counters.future += 1
+            if not self.config.shared:  # (shared: counted by the listing, see above)
+                self.run.counters.unsettled += 1
+                if changed > now_ns:
+                    self.run.counters.future += 1
         else:  # a watch: until it settled
             self._left_waiting[row.key] = time.monotonic() + (changed + settle_ns - now_ns) / 1e9
         log.info(

@@ -612,7 +612,8 @@ class SharedRun:
         if listing.started_at is not None:  # (a watch's scan: not the files of this run)
             run.counters.seen = max(run.counters.seen, listing.listed_files)
             await _take_up_twins(run, listing)
-        if cfg.wait and await run.ledger.work_left(cfg.job):
+        left = sorted(run.left_waiting)
+        if cfg.wait and not left and await run.ledger.work_left(cfg.job):
             return False
         others: dict[str, int] | None = None
         if listing.started_at is None:
@@ -623,7 +624,13 @@ class SharedRun:
         # own (a due retry is this runner's to take: it ended at once, "waiting for a retry",
         # exit 1 with nothing dead and nobody left to retry them).
         held = counts["running"] if cfg.wait else 0
-        finished = counts["pending"] + held + counts["failed"] == 0
+        # Not the items this run left waiting, their file not settled (the listing counted
+        # them so: see Claimer._leave_unsettled), while they still wait.
+        left_waiting = 0
+        if left:
+            found = await run.ledger.states_of(cfg.job, left)
+            left_waiting = sum(state in ("pending", "failed") for state in found.values())
+        finished = counts["pending"] + held + counts["failed"] - left_waiting == 0
         if finished and listing.started_at is not None and await self._list_again(listing):
             return False
         if finished:  # what the report counts (a read of every item: once)

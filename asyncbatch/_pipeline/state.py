@@ -69,6 +69,10 @@ class RunState:
     #: counted as seen then: a watch's later scan that finds the same file does not count it
     #: again (see ``Claimer._sort``). Bounded by what earlier runs left waiting.
     from_ledger: set[str] = field(default_factory=set)
+    #: Keys of items waiting in the ledger that this one-shot run leased and gave back, their
+    #: file not settled (or not ready), left waiting for the rest of the run (see
+    #: ``Claimer._leave_unsettled``): a shared run's job is finished without them.
+    left_waiting: set[str] = field(default_factory=set)
     #: Keys this run counted dead. An operator's ``retry --dead`` during a watch puts one back
     #: in the ledger: when this run leases it again, that count is taken back, and its next
     #: outcome counts instead (the same file, seen once). Bounded by the run's dead count.
