@@ -1177,6 +1177,25 @@ async def test_claim_waiting_takes_the_oldest_first_and_only_due_retries(
     assert abs(oldest - time.time()) < 5
 
 
+async def test_a_claim_of_waiting_items_after_a_place_goes_on_from_there(
+    ledger: Ledger,
+) -> None:
+    # A run whose waiting items are mostly not settled leaves them waiting and claims on
+    # from where its last claim ended (``after``): it no longer walks past all of them.
+    claimed = await ledger.claim_scanned("j", "a", 60, [entry(i) for i in range(1, 7)])
+    await ledger.release_items("j", "a", [(c.key, c.fence) for c in claimed])
+    first = await ledger.claim_waiting("j", "b", 60, 2)
+    assert sorted(c.key for c in first) == ["k00001", "k00002"]
+    place = max((c.mtime_ns, c.relpath) for c in first)
+    after = await ledger.claim_waiting("j", "b", 60, 2, ["k00004"], place)
+    assert sorted(c.key for c in after) == ["k00003", "k00005"]
+    await ledger.release_items("j", "b", [(c.key, c.fence) for c in [*first, *after]])
+    last = max((c.mtime_ns, c.relpath) for c in after)
+    assert [c.key for c in await ledger.claim_waiting("j", "b", 60, 5, (), last)] == ["k00006"]
+    rest = await ledger.claim_waiting("j", "b", 60, 10, ["k00004"])  # from the first again
+    assert sorted(c.key for c in rest) == ["k00001", "k00002", "k00003", "k00005"]
+
+
 async def test_two_connections_claiming_waiting_items_never_get_the_same_one(
     store: Store,
 ) -> None:

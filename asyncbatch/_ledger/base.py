@@ -489,13 +489,21 @@ class Ledger(IdempotencyStore):
 
     @abc.abstractmethod
     async def claim_waiting(
-        self, job: str, owner: str, lease: float, limit: int, skip: Sequence[str] = ()
+        self,
+        job: str,
+        owner: str,
+        lease: float,
+        limit: int,
+        skip: Sequence[str] = (),
+        after: tuple[int, bytes] | None = None,
     ) -> list[ClaimedRow]:
         """Lease up to ``limit`` items waiting in the ledger: pending, or failed and due.
 
         The oldest ``(mtime_ns, relpath)`` first; concurrent runners get disjoint sets. The
         items whose key is in ``skip`` are left as they are (files the run found not settled
-        yet: it leaves them waiting).
+        yet: it leaves them waiting). Given ``after`` (an ``(mtime_ns, relpath)``), only the
+        items after it in that order: a claim that goes on where the last one ended does not
+        walk past the items left waiting before it again.
         """
 
     @abc.abstractmethod

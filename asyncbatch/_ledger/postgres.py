@@ -561,15 +561,24 @@ class PostgresLedger(Ledger):
         await self._session.transact(analyze)
 
     async def claim_waiting(
-        self, job: str, owner: str, lease: float, limit: int, skip: Sequence[str] = ()
+        self,
+        job: str,
+        owner: str,
+        lease: float,
+        limit: int,
+        skip: Sequence[str] = (),
+        after: tuple[int, bytes] | None = None,
     ) -> list[t.ClaimedRow]:
         runs = 0
         skipped = list(skip)
+        mtime_ns, relpath = after or (None, None)
 
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             nonlocal runs
             runs += 1
-            return await conn.fetch(sql.CLAIM_WAITING, job, owner, lease, limit, skipped)
+            return await conn.fetch(
+                sql.CLAIM_WAITING, job, owner, lease, limit, skipped, mtime_ns, relpath
+            )
 
         rows = await self._session.transact(claim, one=True)
         if runs > 1:

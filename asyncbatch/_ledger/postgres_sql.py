@@ -677,7 +677,8 @@ WHERE job = $1 AND key = ANY($2::text[]) AND (state <> 'done' OR post_action IS 
 
 #: Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
 #: $1 job, $2 owner, $3 lease (seconds), $4 limit, $5 keys left alone (files the run found not
-#: settled yet). The oldest (mtime_ns, relpath) first; rows
+#: settled yet), $6/$7 the (mtime_ns, relpath) to go on after (NULL: from the first). The oldest
+#: (mtime_ns, relpath) first; rows
 #: another transaction has locked (being claimed by another runner) are skipped, not waited
 #: for, so concurrent runners take disjoint sets without queueing behind each other.
 CLAIM_WAITING = f"""
@@ -686,6 +687,7 @@ WITH waiting AS (
     WHERE job = $1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= {NOW})
       AND NOT (key = ANY($5::text[]))
+      AND ($6::bigint IS NULL OR (mtime_ns, relpath) > ($6::bigint, $7::bytea))
     ORDER BY mtime_ns, relpath
     LIMIT $4
     FOR UPDATE SKIP LOCKED

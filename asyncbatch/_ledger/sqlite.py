@@ -1026,13 +1026,20 @@ class SQLiteLedger(Ledger):
         return taken, _claimed(found) if found else []
 
     async def claim_waiting(
-        self, job: str, owner: str, lease: float, limit: int, skip: Sequence[str] = ()
+        self,
+        job: str,
+        owner: str,
+        lease: float,
+        limit: int,
+        skip: Sequence[str] = (),
+        after: tuple[int, bytes] | None = None,
     ) -> list[t.ClaimedRow]:
         skipped = json.dumps(list(skip))
+        query = sql.CLAIM_WAITING if after is None else sql.CLAIM_WAITING_AFTER
 
         def claim(conn: sqlite3.Connection, now: float) -> list[t.ClaimedRow]:
-            params = (job, owner, now + lease, now, limit, skipped)
-            return [t.ClaimedRow.from_row(r) for r in _named(conn, sql.CLAIM_WAITING, params)]
+            params = (job, owner, now + lease, now, limit, skipped, *(after or ()))
+            return [t.ClaimedRow.from_row(r) for r in _named(conn, query, params)]
 
         return await self._transact(claim, self.clock())
 

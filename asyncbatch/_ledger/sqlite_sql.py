@@ -546,10 +546,14 @@ WHERE job = ?1 AND key IN (
     SELECT key FROM items INDEXED BY items_claim
     WHERE job = ?1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= ?4)
-      AND key NOT IN (SELECT value FROM json_each(?6))
+      AND key NOT IN (SELECT value FROM json_each(?6)){{after}}
     ORDER BY mtime_ns, relpath LIMIT ?5)
 RETURNING {", ".join(ClaimedRow.columns())}
 """
+#: The same, of the items after a place in claim order only, ?7 its mtime_ns, ?8 its relpath:
+#: a claim that goes on from where the last one ended, past the items left waiting before it.
+CLAIM_WAITING_AFTER = CLAIM_WAITING.replace("{after}", "\n      AND (mtime_ns, relpath) > (?7, ?8)")
+CLAIM_WAITING = CLAIM_WAITING.replace("{after}", "")
 NEXT_RETRY_AT = """
 SELECT min(next_attempt_at) FROM items INDEXED BY items_waiting
 WHERE job = ? AND state IN ('pending', 'failed') AND state = 'failed'

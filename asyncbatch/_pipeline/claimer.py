@@ -20,6 +20,7 @@ Files already registered are remembered by their scan record, so an idle inbox c
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -168,6 +169,11 @@ class Claimer:
         #: waiting (see :meth:`_leave_unsettled`), until the monotonic time each settles (a
         #: one-shot run: for the rest of the run, whose report counts them not settled yet).
         self._left_waiting: dict[str, float] = {}
+        #: The place in claim order ``(mtime_ns, relpath, key)`` of each of those, sorted; and
+        #: where the last claim of waiting items ended while some were left waiting: the next
+        #: goes on from there (see :meth:`claim_waiting`).
+        self._left_order: list[tuple[int, bytes, str]] = []
+        self._waiting_after: tuple[int, bytes] | None = None
         #: The relpaths :meth:`look_again_changed` looked at again in this run: a file found
         #: changed once more after that is still being written (not looked at again).
         self._looked_again: set[bytes] = set()
@@ -1018,24 +1024,50 @@ class Claimer:
     async def claim_waiting(self) -> int:
         """Lease what earlier runs left waiting in the ledger (pending, or failed and due),
         a claim's worth; return how many."""
-        run, cfg = self.run, self.config
+        run = self.run
         size = await self._room()
         if run.stopping:
             return 0
         now = time.monotonic()
-        if self.mode == "watch":  # settled since: taken as any other
+        if self.mode == "watch" and self._left_waiting:  # settled since: taken as any other
             self._left_waiting = {k: t for k, t in self._left_waiting.items() if t > now}
+            self._left_order = [p for p in self._left_order if p[2] in self._left_waiting]
         with anyio.CancelScope(shield=True):  # as in claim(): what is leased is tracked
             began = time.monotonic()
-            rows = await run.ledger.claim_waiting(
-                cfg.job, run.owner, cfg.lease, size, list(self._left_waiting)
-            )
+            rows = await self._claim_waiting_rows(size)
             if run.metrics is not None:
                 run.metrics.claims.observe(time.monotonic() - began)
             taken, ctimes = await self._leave_unsettled(rows)
             leased = self._waiting_items(taken, ctimes)
+        # Rows left waiting (not settled) are skipped by every later claim: a claim of a few
+        # rows at a time would walk past all of them each time (O(n²) for a run whose waiting
+        # items are mostly not settled); most rows left, the next claim takes a whole batch.
+        self.lookahead.claimed(len(rows), len(taken))
         await self._queue(leased)
         return len(rows)
+
+    async def _claim_waiting_rows(self, size: int) -> list[ClaimedRow]:
+        """Lease up to ``size`` waiting items, past those left waiting (``_left_waiting``).
+
+        Those are the first in claim order: a claim from the first waiting item walks past
+        every one of them, which made a run whose waiting items were mostly not settled
+        O(n²). So while some are left waiting, a claim that leased ``size`` rows is followed
+        by one from where it ended (skipping only those left waiting after that place); one
+        that leased fewer ended the pass, and a claim that found nothing from there looks
+        again from the first (a retry come due, an item released before that place)."""
+        run, cfg = self.run, self.config
+        after = self._waiting_after
+        order = self._left_order
+        start = 0 if after is None else bisect.bisect_right(order, after, key=lambda p: p[:2])
+        rows = await run.ledger.claim_waiting(
+            cfg.job, run.owner, cfg.lease, size, [p[2] for p in order[start:]], after
+        )
+        if after is not None and not rows:
+            self._waiting_after = None
+            return await self._claim_waiting_rows(size)
+        ends = max(((r.mtime_ns, r.relpath) for r in rows), default=None)
+        self._waiting_after = ends if self._left_waiting and len(rows) >= size else None
+        return rows
 
     async def _leave_unsettled(
         self, rows: list[ClaimedRow]
@@ -1094,7 +1126,7 @@ class Claimer:
         by a one-shot run's scan; such an item is noted as left waiting, and counted."""
         run_mode = self.mode == "run"
         if run_mode and row.relpath in self._not_ready:
-            self._left_waiting[row.key] = math.inf  # the scan counted it not ready yet
+            self._leave(row, math.inf)  # the scan counted it not ready yet
             self.run.left_waiting.add(row.key)
             return True
         if st is None or not self.ready.age:
@@ -1104,7 +1136,7 @@ class Claimer:
         if changed + settle_ns <= now_ns:
             return False
         if run_mode:  # changed since the scan: one more not settled yet, for the whole run
-            self._left_waiting[row.key] = math.inf
+            self._leave(row, math.inf)
             self.run.left_waiting.add(row.key)
             self._not_ready.add(row.relpath)
             if not self.config.shared:  # (shared: counted by the listing, see above)
@@ -1112,7 +1144,7 @@ class Claimer:
                 if changed > now_ns:
                     self.run.counters.future += 1
         else:  # a watch: until it settled
-            self._left_waiting[row.key] = time.monotonic() + (changed + settle_ns - now_ns) / 1e9
+            self._leave(row, time.monotonic() + (changed + settle_ns - now_ns) / 1e9)
         log.info(
             "%r: left waiting: not settled (changed %.1fs ago, settle %gs)",
             os.fsdecode(row.relpath),
@@ -1120,6 +1152,12 @@ class Claimer:
             self.config.settle,
         )
         return True
+
+    def _leave(self, row: ClaimedRow, until: float) -> None:
+        """Note ``row``'s item left waiting until the monotonic time ``until``."""
+        if row.key not in self._left_waiting:
+            bisect.insort(self._left_order, (row.mtime_ns, row.relpath, row.key))
+        self._left_waiting[row.key] = until
 
     def _stat_all(self, rows: list[ClaimedRow]) -> list[os.stat_result | None]:
         """The files of ``rows`` as they are now (``None``: gone, or unreadable: the worker
