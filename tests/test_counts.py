@@ -615,3 +615,18 @@ async def test_a_file_counted_done_before_on_its_twins_attempt_is_dead_before_wh
     counts = (report.seen, report.done, report.dead, report.dead_before, report.done_before)
     assert counts == (4, 2, 1, 1, 0), report
     assert not report.ok
+
+
+def test_retry_dead_looks_at_the_dead_items_a_page_at_a_time(inbox: Path, state: Path) -> None:
+    files = make_files(inbox, 7)
+    args = ("--source", inbox, "--state", state, "--max-attempts", "1")
+    assert cli("run", f"{HANDLERS}:fail_always", *args).returncode == 1
+    for path in (files[0], files[3], files[6]):
+        path.write_text("fixed in place, a longer row")  # a new version: a new item
+    files[5].unlink()
+    retried = cli("retry", "--state", state, "--dead", "--page", "2")
+    assert retried.returncode == 0, retried.stderr
+    assert "4 failed or dead items put back to pending" in retried.stdout
+    assert "3 dead items whose file changed since (" in retried.stdout
+    assert "1 of them ('f00005.txt') has no file in the source now" in retried.stdout
+    assert counts(state) == {"pending": 4}

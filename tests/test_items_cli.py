@@ -749,3 +749,79 @@ def test_forget_of_a_dead_item_retry_cleared_does_not_say_the_ledger_never_saw_i
         assert "never saw" not in line
         assert f"{name!r}: the ledger holds no item of job 'default' by this name or key" in line
         assert "(never seen, or already forgotten)" in line
+
+
+def _as_before(listing: str) -> str:
+    """What ``json.dumps(..., indent=2)`` of the whole list printed: the format kept."""
+    return json.dumps(json.loads(listing), indent=2) + "\n"
+
+
+def test_json_listings_are_read_in_pages_and_written_as_before(inbox: Path, state: Path) -> None:
+    make_files(inbox, 5)
+    run(inbox, state)
+    make_files(inbox, 4, prefix="bad")
+    run(inbox, state, FAIL, "--max-attempts", "1")
+    whole = cli("items", "--state", state, "--json")
+    assert whole.returncode == 0, whole.stderr
+    assert len(json.loads(whole.stdout)) == 9
+    assert whole.stdout == _as_before(whole.stdout)
+    for page in ("1", "2", "4"):  # several pages, a last one full or not
+        paged = cli("items", "--state", state, "--json", "--page", page)
+        assert paged.stdout == whole.stdout
+        cut = cli("items", "--state", state, "--json", "--page", page, "--limit", "3")
+        assert cut.stdout == _as_before(json.dumps(json.loads(whole.stdout)[:3]))
+        text = cli("items", "--state", state, "--page", page, "--limit", "3")
+        assert text.stdout == cli("items", "--state", state, "--limit", "3").stdout
+        assert "3 of 9 (--limit)" in text.stdout
+        assert len(text.stdout.splitlines()) == 5
+        failed = cli("failures", "--state", state, "--json", "--page", page)
+        assert failed.returncode == 0, failed.stderr
+        assert failed.stdout == _as_before(failed.stdout)
+        assert sorted(r["relpath"] for r in json.loads(failed.stdout)) == [
+            f"bad{i:05d}.txt" for i in range(4)
+        ]
+    none = cli("items", "--state", state, "--json", "--in-state", "pending", "--page", "2")
+    assert none.stdout == "[]\n"
+    assert cli("failures", "--state", state, "--json", "--limit", "2").stdout == _as_before(
+        json.dumps(json.loads(cli("failures", "--state", state, "--json").stdout)[:2])
+    )
+
+
+def test_a_json_listing_to_a_closed_pipe_exits_quietly(inbox: Path, state: Path) -> None:
+    make_files(inbox, 5)
+    run(inbox, state)
+    for command in ("items", "failures"):
+        reader, writer = os.pipe()
+        os.close(reader)  # `| head` gone before the first page is written
+        done = subprocess.run(
+            [sys.executable, "-m", "asyncbatch", command, "--state", str(state), "--json"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, **WARNINGS_FAIL},
+        )
+        os.close(writer)
+        assert done.returncode == 128 + signal.SIGPIPE
+        assert done.stderr == ""
+
+
+def test_forget_done_before_forgets_a_page_a_transaction_and_lists_all(
+    inbox: Path, state: Path
+) -> None:
+    make_files(inbox, 5)
+    run(inbox, state)
+    forgot = no_terminal(
+        "forget", "--done-before", "0s", "--state", state, "--yes", "--json", "--page", "2"
+    )
+    assert forgot.returncode == 0, forgot.stderr
+    assert forgot.stdout == _as_before(forgot.stdout)
+    out = json.loads(forgot.stdout)
+    assert sorted(i["relpath"] for i in out["forgotten"]) == [f"f{i:05d}.txt" for i in range(5)]
+    assert out["refused"] == []
+    assert state_counts(state) == {}
+    run(inbox, state)
+    forgot = no_terminal("forget", "--done-before", "0s", "--state", state, "--yes", "--page", "2")
+    assert forgot.returncode == 0, forgot.stderr
+    assert "forgot 5 item(s)" in forgot.stdout
+    assert state_counts(state) == {}

@@ -3108,3 +3108,65 @@ async def test_a_claim_of_waiting_items_leaves_the_skipped_ones_waiting(ledger: 
         "k00000",
         "k00001",
     ]
+
+
+async def test_iter_items_reads_keyset_pages_in_the_order_of_list_items(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in range(1, 12)])
+    # Outcomes committed together share their updated_at: ties that pages must cut through.
+    await ledger.commit_outcomes("j", "a", [Outcome(f"k0000{i}", 1, "done") for i in (3, 1, 2)])
+    await ledger.commit_outcomes("j", "a", [Outcome(f"k0000{i}", 1, "dead", "E") for i in (5, 4)])
+    await ledger.claim_scanned("other", "a", 60, [entry(i) for i in range(1, 4)])
+    pages: list[int | None] = []
+    read_page = type(ledger)._items_page
+
+    async def counted(self: Ledger, job: str, which: ItemFilter, after: Any) -> Any:
+        pages.append(which.limit)
+        return await read_page(self, job, which, after)
+
+    monkeypatch.setattr(type(ledger), "_items_page", counted)
+    for which in (
+        ItemFilter(limit=None),
+        ItemFilter(limit=5),
+        ItemFilter(limit=100),
+        ItemFilter(states=("done", "dead"), limit=None),
+        ItemFilter(glob="*0000[1-6]*", limit=None),
+        ItemFilter(states=("failed",), limit=None),
+    ):
+        pages.clear()
+        streamed = [item async for item in ledger.iter_items("j", which, page=2)]
+        assert streamed == await ledger.list_items("j", which)
+        assert len(pages) == len(streamed) // 2 + 1  # every page full but the last
+    assert [i.key for i in await ledger.list_items("j", ItemFilter(limit=5))][:3] == [
+        "k00004",
+        "k00005",
+        "k00001",
+    ]
+
+
+async def test_forget_chunks_forgets_a_chunk_a_transaction(ledger: Ledger) -> None:
+    start, _ = await ledger.forgotten_since("j", None)
+    await ledger.claim_scanned("j", "a", 60, [entry(i) for i in range(1, 9)])
+    done = [Outcome(f"k0000{i}", 1, "done") for i in range(1, 6)]
+    await ledger.commit_outcomes("j", "a", [*done, Outcome("k00006", 1, "dead", "E")])
+    await anyio.sleep(0.05)
+    cutoff = time.time()
+    await anyio.sleep(0.05)
+    await ledger.commit_outcomes("j", "a", [Outcome("k00007", 1, "done")])
+    chunks = [c async for c in ledger.forget_chunks("j", done_before=cutoff, chunk=2)]
+    assert [[i.key for i in c.forgotten] for c in chunks] == [
+        ["k00001", "k00002"],
+        ["k00003", "k00004"],
+        ["k00005"],
+    ]
+    assert all(c.refused == () for c in chunks)
+    left = sorted(i.key for i in await ledger.list_items("j", ItemFilter(limit=None)))
+    assert left == ["k00006", "k00007", "k00008"]
+    _, names = await ledger.forgotten_since("j", start)
+    assert names == [b"f00001", b"f00002", b"f00003", b"f00004", b"f00005"]
+    assert [c async for c in ledger.forget_chunks("j", done_before=cutoff, chunk=2)] == []
+    # Without a time: the vanished items.
+    await ledger.commit_outcomes("j", "a", [Outcome("k00008", 1, "vanished")])
+    (chunk,) = [c async for c in ledger.forget_chunks("j", chunk=2)]
+    assert [i.key for i in chunk.forgotten] == ["k00008"]

@@ -4,10 +4,13 @@ rules and identity, and how times, ages and states are shown."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import time
+from collections.abc import AsyncIterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigurationError
 from .._identity import IDENTITIES, Identity
@@ -27,6 +30,7 @@ __all__ = [
     "show_age",
     "show_state",
     "show_time",
+    "write_json_list",
 ]
 
 EXIT_OK = 0
@@ -42,6 +46,22 @@ def console() -> Console:
             raise BrokenPipeError
 
     return _Console()
+
+
+async def write_json_list(rows: AsyncIterable[dict[str, Any]], depth: int = 0) -> int:
+    """Write ``rows`` to stdout as they come, as ``json.dumps(list(rows), indent=2)`` would
+    write them (nested ``depth`` levels deep in a document of that format, without a newline
+    after the list), holding one row at a time; returns how many. A JSON listing of any
+    number of items is written so (see ``Ledger.iter_items``)."""
+    pad = "\n" + "  " * (depth + 1)
+    count = 0
+    async for row in rows:
+        # Rows of scalars: a newline is only ever json's own (a string's is escaped).
+        sys.stdout.write(("[" if count == 0 else ",") + pad)
+        sys.stdout.write(json.dumps(row, indent=2).replace("\n", pad))
+        count += 1
+    sys.stdout.write("[]" if count == 0 else "\n" + "  " * depth + "]")
+    return count
 
 
 def show_time(ts: float | None) -> str:

@@ -18,7 +18,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .._errors import printable
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash, item_key
 from .._ledger import (
+    ITEMS_PAGE,
     STATES,
     ItemFilter,
     ItemInfo,
@@ -52,7 +53,14 @@ from .._ready import (
 from .._scanner import PATH_MAX, ScanRules, clamp_ns, content_digest, entry_stat
 from .._sources.store import require_obstore
 from .._sources.url import ObjectURL, is_object_url
-from .common import EXIT_OK, job_identity, job_settings, open_state, show_time
+from .common import (
+    EXIT_OK,
+    job_identity,
+    job_settings,
+    open_state,
+    show_time,
+    write_json_list,
+)
 
 __all__ = ["COMMANDS", "add_inspect_commands", "item_json", "parse_time"]
 
@@ -776,24 +784,25 @@ def _lists_pending(which: ItemFilter) -> bool:
 
 
 async def items(args: argparse.Namespace) -> int:
-    """``asyncbatch items``: the job's items with their joblog, filtered."""
+    """``asyncbatch items``: the job's items with their joblog, filtered: read from the ledger
+    a page at a time and written out as they come (see ``Ledger.iter_items``)."""
     ledger = await open_state(args)
     try:
         await job_settings(args, ledger)  # an explicit --source must be the job's
         which = _filter(args, limit=args.limit)
-        found = await ledger.list_items(args.job, which)
-        total = len(found)
-        if total == args.limit:  # the limit may have cut the list: say of how many
-            total = await ledger.count_items(args.job, _filter(args, limit=None))
         queued = await ledger.queued_files(args.job) if _lists_pending(which) else 0
+        found = ledger.iter_items(args.job, which, page=args.page)
+        if args.json:
+            await write_json_list(item_json(item) async for item in found)
+            print()
+        else:
+            total = await ledger.count_items(args.job, _filter(args, limit=None))
+            if total == 0:
+                print(f"job {args.job!r}: no items match")
+            else:
+                await _print_items(args.job, found, total, args.limit)
     finally:
         await ledger.close()
-    if args.json:
-        print(json.dumps([item_json(item) for item in found], indent=2))
-    elif not found:
-        print(f"job {args.job!r}: no items match")
-    else:
-        _print_items(args.job, found, total)
     if queued:  # status counts them pending: say why they are not listed (stderr: --json)
         print(
             f"and {queued} listed files queued for the runners sharing the job, not taken yet: "
@@ -803,12 +812,13 @@ async def items(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_items(job: str, found: list[ItemInfo], total: int) -> None:
-    """One line an item (grep-able, never cut to the terminal's width); the rest is in --json."""
-    shown = f"{len(found)}" if total == len(found) else f"{len(found)} of {total} (--limit)"
+async def _print_items(job: str, found: AsyncIterator[ItemInfo], total: int, limit: int) -> None:
+    """One line an item (grep-able, never cut to the terminal's width); the rest is in --json.
+    ``total``: how many items match, ``limit`` aside."""
+    shown = f"{total}" if total <= limit else f"{limit} of {total} (--limit)"
     print(f"items of job {job!r}: {shown}, the most recently changed first")
     print(f"{'state':<8} {'att':>3}  {'started':<19}  {'took':>8}  {'runner':<24}  relpath")
-    for item in found:
+    async for item in found:
         print(
             f"{item.state:<8} {item.attempts:>3}  {show_time(item.started_at):<19}  "
             f"{_duration(item.duration):>8}  {_runner(item):<24}  {printable(item.relpath)}"
@@ -866,6 +876,42 @@ def _forget_filter(args: argparse.Namespace) -> ItemFilter | None:
     return None
 
 
+@dataclasses.dataclass(slots=True)
+class _Forgot:
+    """What ``forget`` did, as it tells it: how many items it forgot, the first of them, and
+    those it refused (a live lease holds them: only named items can be)."""
+
+    count: int = 0
+    first: list[ItemInfo] = dataclasses.field(default_factory=list)
+    refused: tuple[ItemInfo, ...] = ()
+
+    def add(self, gone: Iterable[ItemInfo]) -> Iterator[ItemInfo]:
+        """Count ``gone`` (keeping the first :data:`SHOWN`), passing each on."""
+        for item in gone:
+            self.count += 1
+            if len(self.first) < SHOWN:
+                self.first.append(item)
+            yield item
+
+
+async def _forgotten(
+    args: argparse.Namespace, ledger: Ledger, chosen: list[ItemInfo], told: _Forgot
+) -> AsyncIterator[ItemInfo]:
+    """Forget what ``forget`` was told to, yielding each item forgotten once its transaction
+    committed: named items in one transaction; ``--done-before`` and ``--vanished`` a chunk
+    of ``--page`` items a transaction (see ``Ledger.forget_chunks``)."""
+    if args.items:
+        result = await ledger.forget(args.job, keys=[item.key for item in chosen])
+        told.refused = result.refused
+        for item in told.add(result.forgotten):
+            yield item
+        return
+    chunks = ledger.forget_chunks(args.job, done_before=args.done_before, chunk=args.page)
+    async for found in chunks:
+        for item in told.add(found.forgotten):
+            yield item
+
+
 async def forget(args: argparse.Namespace) -> int:
     """``asyncbatch forget PATH... | --done-before T | --vanished``: delete items from the
     ledger."""
@@ -874,6 +920,7 @@ async def forget(args: argparse.Namespace) -> int:
             "forget: give PATH/KEY arguments, --done-before T or --vanished (one of them)"
         )
     ledger = await open_state(args, writes=True)
+    told = _Forgot()
     try:
         await job_settings(args, ledger)  # an explicit --source must be the job's
         which = _forget_filter(args)
@@ -890,40 +937,40 @@ async def forget(args: argparse.Namespace) -> int:
         if not _confirm(count, chosen, args.yes):
             print("not confirmed; nothing forgotten")
             return EXIT_OK
-        if args.done_before is not None:
-            result = await ledger.forget(args.job, done_before=args.done_before)
-        else:
-            if which is not None:  # --vanished: every one of them, not just the ones shown
-                chosen = await ledger.list_items(args.job, which)
-            result = await ledger.forget(args.job, keys=[item.key for item in chosen])
+        gone = _forgotten(args, ledger, chosen, told)
+        if args.json:
+            sys.stdout.write('{\n  "forgotten": ')
+            await write_json_list((item_json(item) async for item in gone), depth=1)
+            refused = json.dumps([item_json(item) for item in told.refused], indent=2)
+            print(',\n  "refused": ' + refused.replace("\n", "\n  ") + "\n}")
+            return EXIT_HELD if told.refused else EXIT_OK
+        async for _ in gone:
+            pass
     finally:
         await ledger.close()
-    if args.json:
-        out = {
-            "forgotten": [item_json(item) for item in result.forgotten],
-            "refused": [item_json(item) for item in result.refused],
-        }
-        print(json.dumps(out, indent=2))
-        return EXIT_HELD if result.refused else EXIT_OK
-    gone = result.forgotten
+    _print_forgot(args.job, told)
+    return EXIT_HELD if told.refused else EXIT_OK
+
+
+def _print_forgot(job: str, told: _Forgot) -> None:
+    """What ``forget`` did, in words."""
     print(
-        f"forgot {len(gone)} item(s) of job {args.job!r} (no file was touched; the next run "
+        f"forgot {told.count} item(s) of job {job!r} (no file was touched; the next run "
         "handles their files again)"
     )
-    for item in gone[:SHOWN]:
+    for item in told.first:
         print(f"  {printable(item.relpath)} (was {item.state})")
-    if len(gone) > SHOWN:
-        print(f"  ... and {len(gone) - SHOWN} more")
-    if result.refused:
+    if told.count > SHOWN:
+        print(f"  ... and {told.count - SHOWN} more")
+    if told.refused:
         print(
-            f"refused {len(result.refused)} item(s) leased by a runner whose lease has not "
+            f"refused {len(told.refused)} item(s) leased by a runner whose lease has not "
             "expired (left as they were; forget them once it is done):"
         )
-        for item in result.refused[:SHOWN]:
+        for item in told.refused[:SHOWN]:
             holder = _lease_holder(item, {})
             until = show_time(item.lease_until)
             print(f"  {printable(item.relpath)} (leased by {holder} until {until})")
-    return EXIT_HELD if result.refused else EXIT_OK
 
 
 # -- wiring --------------------------------------------------------------------------------------
@@ -1015,6 +1062,9 @@ def add_inspect_commands(
     )
     p.add_argument("--limit", type=positive_int, default=100, help="(100)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(  # tests read in small pages: several of them
+        "--page", type=positive_int, default=ITEMS_PAGE, help=argparse.SUPPRESS
+    )
 
     p = sub.add_parser("forget", help="delete items from the ledger: their files are redone")
     add_state(p)
@@ -1032,3 +1082,6 @@ def add_inspect_commands(
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--json", action="store_true")
+    p.add_argument(  # tests read in small pages: several of them
+        "--page", type=positive_int, default=ITEMS_PAGE, help=argparse.SUPPRESS
+    )

@@ -18,6 +18,7 @@ from .._errors import printable
 from .._exceptions import ConfigurationError
 from .._identity import Identity, input_hash
 from .._ledger import (
+    ITEMS_PAGE,
     LABELS,
     NOT_READY,
     ItemFilter,
@@ -41,6 +42,7 @@ from .common import (
     show_age,
     show_state,
     show_time,
+    write_json_list,
 )
 
 if TYPE_CHECKING:
@@ -422,35 +424,42 @@ async def status(args: argparse.Namespace) -> int:
 ERROR_SHOWN = 300
 
 
+def _failure_json(identity: Identity, item: ItemInfo) -> dict[str, Any]:
+    """A failed or dead item as ``failures --json`` prints it."""
+    return {
+        "key": item.key,
+        "relpath": item.relpath,
+        "state": item.state,
+        "attempts": item.attempts,
+        "error": (item.last_error or "").splitlines()[0] if item.last_error else "",
+        "input_hash": _item_hash(identity, item),
+        "updated_at": item.updated_at,
+        # The joblog of the latest attempt (see `asyncbatch items`).
+        "started_at": item.started_at,
+        "finished_at": item.finished_at,
+        "duration": item.duration,
+        "runner_pid": item.runner_pid,
+        "runner_host": item.runner_host,
+    }
+
+
 async def failures(args: argparse.Namespace) -> int:
-    """``asyncbatch failures``: failed and dead items with their last error."""
+    """``asyncbatch failures``: failed and dead items with their last error, the most recently
+    changed first (then by key); ``--json`` writes them out as they are read, a page at a
+    time (see ``Ledger.iter_items``). The table is made whole first (its columns are sized to
+    what they hold): ``--limit`` bounds it."""
     ledger = await open_state(args)
     try:
-        items = await ledger.failures(args.job, args.limit)
         identity = await job_identity(ledger, args.job)
+        which = ItemFilter(states=("failed", "dead"), limit=args.limit)
+        found = ledger.iter_items(args.job, which, page=args.page)
+        if args.json:
+            await write_json_list(_failure_json(identity, item) async for item in found)
+            print()
+            return EXIT_OK
+        rows = [_failure_json(identity, item) async for item in found]
     finally:
         await ledger.close()
-    rows: list[dict[str, Any]] = [
-        {
-            "key": item.key,
-            "relpath": item.relpath,
-            "state": item.state,
-            "attempts": item.attempts,
-            "error": (item.last_error or "").splitlines()[0] if item.last_error else "",
-            "input_hash": _item_hash(identity, item),
-            "updated_at": item.updated_at,
-            # The joblog of the latest attempt (see `asyncbatch items`).
-            "started_at": item.started_at,
-            "finished_at": item.finished_at,
-            "duration": item.duration,
-            "runner_pid": item.runner_pid,
-            "runner_host": item.runner_host,
-        }
-        for item in items
-    ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
     if not rows:
         print(f"job {args.job!r}: no failed or dead items")
         return EXIT_OK
@@ -489,19 +498,21 @@ async def retry(args: argparse.Namespace) -> int:
 
     A dead item whose file was fixed in place since (identity ``stat``: its size or mtime
     changed) is not put back: its new version is a new item, which the next run handles, and
-    the old record is cleared (``forget``), rather than left to vanish when it is tried."""
+    the old record is cleared (``forget``), rather than left to vanish when it is tried.
+    Without names, the dead items are looked at a page at a time, and those cleared are
+    forgotten a page a transaction, before one statement puts every failed and dead item
+    left back: a crash mid-way leaves some cleared and none put back (``retry`` again does
+    the rest)."""
     ledger = await open_state(args, writes=True)
     try:
         named = await _named_items(args, ledger)
         keys = None if named is None else [i.key for i in named if i.state in _retryable(args)]
-        superseded, away = await _dead_files(args, ledger, keys) if args.dead else ([], [])
-        if superseded:
-            gone = {item.key for item in superseded}
-            if keys is None:  # every failed or dead item but those
-                every = ItemFilter(states=("failed", "dead"), limit=None)
-                keys = [i.key for i in await ledger.list_items(args.job, every)]
+        found = _DeadFiles()
+        if args.dead:
+            await _dead_files(args, ledger, named, found)
+        if found.changed and keys is not None:
+            gone = set(found.changed_keys)
             keys = [key for key in keys if key not in gone]
-            await ledger.forget(args.job, keys=sorted(gone))
         changed = await ledger.retry(args.job, keys, dead=args.dead) if keys != [] else 0
         if args.dead:
             dead = 0
@@ -511,7 +522,7 @@ async def retry(args: argparse.Namespace) -> int:
             dead = (await ledger.counts(args.job)).get("dead", 0)
     finally:
         await ledger.close()
-    print(_retried(changed, args.dead, dead, superseded, away))
+    print(_retried(changed, args.dead, dead, found))
     return EXIT_OK
 
 
@@ -543,40 +554,93 @@ async def _named_items(args: argparse.Namespace, ledger: Ledger) -> list[ItemInf
     return list(named.values())
 
 
+@dataclasses.dataclass(slots=True)
+class _DeadFiles:
+    """What ``retry --dead`` found of the dead items' files: how many were changed in place
+    since (cleared, not put back) and how many are not in the source, with the first few of
+    each (the keys of those changed: of named items only, a bounded number)."""
+
+    changed: int = 0
+    away: int = 0
+    changed_first: list[ItemInfo] = dataclasses.field(default_factory=list)
+    away_first: list[ItemInfo] = dataclasses.field(default_factory=list)
+    changed_keys: list[str] = dataclasses.field(default_factory=list)
+
+    def saw_changed(self, item: ItemInfo) -> None:
+        """Count a dead item whose file changed in place since."""
+        self.changed += 1
+        if len(self.changed_first) < SHOWN_NAMES:
+            self.changed_first.append(item)
+
+    def saw_away(self, item: ItemInfo) -> None:
+        """Count a dead item whose file is not in the source."""
+        self.away += 1
+        if len(self.away_first) < SHOWN_NAMES:
+            self.away_first.append(item)
+
+
 async def _dead_files(
-    args: argparse.Namespace, ledger: Ledger, keys: list[str] | None
-) -> tuple[list[ItemInfo], list[ItemInfo]]:
-    """Of the dead items (of ``keys``; ``None``: all): those whose file was changed in place
-    since (with identity ``stat``, relpath, size and mtime, the file there now is another
-    item), and those whose file is not in the source at all (moved away by ``--on-dead``, or
-    deleted: put back, they vanish at the next run unless the file is put back first)."""
+    args: argparse.Namespace, ledger: Ledger, named: list[ItemInfo] | None, found: _DeadFiles
+) -> None:
+    """Of the dead items (of ``named``; ``None``: all, read a page at a time): clear (forget)
+    those whose file was changed in place since (with identity ``stat``, relpath, size and
+    mtime, the file there now is another item), a page a transaction, and count those whose
+    file is not in the source at all (moved away by ``--on-dead``, or deleted: put back, they
+    vanish at the next run unless the file is put back first), into ``found``."""
     settings = await job_settings(args, ledger)
     if settings is None or str(settings.source).startswith("s3://"):
-        return [], []
+        return
     stat_identity = await job_identity(ledger, args.job) == "stat"
-    dead = await ledger.list_items(args.job, ItemFilter(states=("dead",), limit=None))
-    chosen = dead if keys is None else [item for item in dead if item.key in set(keys)]
-    changed, away = [], []
-    for item in chosen:
+    if named is not None:
+        page = [item for item in named if item.state == "dead"]
+        found.changed_keys = _look_at(Path(settings.source), page, stat_identity, found)
+        if found.changed_keys:
+            await ledger.forget(args.job, keys=sorted(found.changed_keys))
+        return
+    page = []
+    dead = ItemFilter(states=("dead",), limit=None)
+    async for item in ledger.iter_items(args.job, dead, page=args.page):
+        page.append(item)
+        if len(page) == args.page:
+            await _clear_changed(args, ledger, settings, page, stat_identity, found)
+            page = []
+    await _clear_changed(args, ledger, settings, page, stat_identity, found)
+
+
+async def _clear_changed(
+    args: argparse.Namespace,
+    ledger: Ledger,
+    settings: JobSettings,
+    page: list[ItemInfo],
+    stat_identity: bool,
+    found: _DeadFiles,
+) -> None:
+    """Look at a page of dead items' files; forget those changed since (one transaction)."""
+    changed = _look_at(Path(settings.source), page, stat_identity, found)
+    if changed:
+        await ledger.forget(args.job, keys=sorted(changed))
+
+
+def _look_at(
+    source: Path, dead: list[ItemInfo], stat_identity: bool, found: _DeadFiles
+) -> list[str]:
+    """Count the dead items whose file changed in place or is away; the keys of the first."""
+    changed = []
+    for item in dead:
         try:
-            st = os.stat(Path(settings.source) / item.relpath, follow_symlinks=False)
+            st = os.stat(source / item.relpath, follow_symlinks=False)
         except FileNotFoundError:
-            away.append(item)
+            found.saw_away(item)
             continue
         except OSError:
             continue
         if stat_identity and (st.st_size, clamp_ns(st.st_mtime_ns)) != (item.size, item.mtime_ns):
-            changed.append(item)
-    return changed, away
+            found.saw_changed(item)
+            changed.append(item.key)
+    return changed
 
 
-def _retried(
-    changed: int,
-    dead_too: bool,
-    dead_left: int,
-    superseded: list[ItemInfo],
-    away: list[ItemInfo],
-) -> str:
+def _retried(changed: int, dead_too: bool, dead_left: int, found: _DeadFiles) -> str:
     """What ``retry`` did, in words."""
     which = "failed or dead" if dead_too else "failed"
     text = f"{changed} {which} item{'s' if changed != 1 else ''} put back to pending"
@@ -587,19 +651,19 @@ def _retried(
             f"; {dead_left} dead item{'s' if dead_left != 1 else ''} left as "
             f"{'they are' if dead_left != 1 else 'it is'}: add --dead to retry dead items too"
         )
-    if superseded:
-        names = ", ".join(repr(item.relpath) for item in superseded[:SHOWN_NAMES])
-        more = f" and {len(superseded) - SHOWN_NAMES} more" if len(superseded) > SHOWN_NAMES else ""
+    if found.changed:
+        names = ", ".join(repr(item.relpath) for item in found.changed_first)
+        more = f" and {found.changed - SHOWN_NAMES} more" if found.changed > SHOWN_NAMES else ""
         text += (
-            f"; {len(superseded)} dead item{'s' if len(superseded) != 1 else ''} whose file "
+            f"; {found.changed} dead item{'s' if found.changed != 1 else ''} whose file "
             f"changed since ({names}{more}) cleared: the new version of a file is a new item, "
             "which the next run handles"
         )
-    if away:
-        names = ", ".join(repr(item.relpath) for item in away[:SHOWN_NAMES])
-        more = f" and {len(away) - SHOWN_NAMES} more" if len(away) > SHOWN_NAMES else ""
+    if found.away:
+        names = ", ".join(repr(item.relpath) for item in found.away_first)
+        more = f" and {found.away - SHOWN_NAMES} more" if found.away > SHOWN_NAMES else ""
         text += (
-            f"; {len(away)} of them ({names}{more}) {'have' if len(away) != 1 else 'has'} no "
+            f"; {found.away} of them ({names}{more}) {'have' if found.away != 1 else 'has'} no "
             "file in the source now (moved away by --on-dead, or deleted): put each back "
             "first, or the next run finds it vanished"
         )
@@ -731,11 +795,17 @@ def add_operator_commands(
     add_state(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=positive_int, default=50)
+    p.add_argument(  # tests read in small pages: several of them
+        "--page", type=positive_int, default=ITEMS_PAGE, help=argparse.SUPPRESS
+    )
 
     p = sub.add_parser("retry", help="put failed (and --dead) items back to pending")
     add_state(p)
     p.add_argument("--dead", action="store_true", help="dead items too")
     p.add_argument("items", nargs="*", metavar="KEY|RELPATH")
+    p.add_argument(  # tests read in small pages: several of them
+        "--page", type=positive_int, default=ITEMS_PAGE, help=argparse.SUPPRESS
+    )
 
     p = sub.add_parser("locks", help="show the job locks")
     add_state(p, job=False)

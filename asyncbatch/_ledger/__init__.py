@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from .actions import decode_action, decode_move, encode_action, encode_move
-from .base import Ledger
+from .base import ITEMS_PAGE, Ledger
 from .dsn import DEFAULT_SCHEMA, PostgresDSN, is_postgres
 from .idempotency import IdempotencyStore
 from .types import *  # noqa: F403 (the values that cross the boundary: types.__all__)
@@ -35,6 +35,7 @@ from .types import __all__ as _types
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "ITEMS_PAGE",
     "IdempotencyStore",
     "Ledger",
     "PostgresDSN",

@@ -27,7 +27,8 @@ import json
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Final, TypeVar
 
 import anyio
@@ -293,6 +294,13 @@ BUSY: Final = Busy()
 
 #: Keys per read of :meth:`Ledger.states_of`.
 STATES_OF_CHUNK = 10_000
+#: How many items a streamed listing (:meth:`Ledger.iter_items`) reads at a time, and how many
+#: a chunked forget (:meth:`Ledger.forget_chunks`) deletes in one transaction: what such a
+#: command holds in memory, whatever the number of items.
+ITEMS_PAGE = 5000
+#: Where a keyset page of a listing ended: the last item's ``updated_at`` (the ledger's own
+#: value, its clock) and key.
+PageEnd = tuple[float, str]
 #: How many of a job's newest items :meth:`Ledger.work_left` looks at for one running.
 WORK_LEFT_NEWEST = 2048
 #: Seconds the log of forgotten items keeps an entry (see :meth:`Ledger.forgotten_since`).
@@ -797,6 +805,66 @@ class Ledger(IdempotencyStore):
         One read; the time and glob filters scan the job's items (no index serves them: the
         hot path would pay for one), about a microsecond an item.
         """
+
+    async def iter_items(
+        self, job: str, which: ItemFilter, *, page: int = ITEMS_PAGE
+    ) -> AsyncIterator[ItemInfo]:
+        """:meth:`list_items`, in the same order, read ``page`` items at a time (keyset
+        pagination on ``(updated_at, key)``: each page starts after the last item of the one
+        before, never with an ``OFFSET``), so that a caller writing them out as they come holds
+        one page, whatever the number of items.
+
+        Each page is its own read, not one snapshot: an item that changes while the listing is
+        under way moves ahead of where it is (its ``updated_at`` is newer), so it is listed at
+        most once, and left out if the listing had not reached it yet.
+        """
+        left = which.limit
+        after: PageEnd | None = None
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            found, after = await self._items_page(job, replace(which, limit=size), after)
+            for item in found:
+                yield item
+            if left is not None:
+                left -= len(found)
+            if len(found) < size or after is None:
+                return
+
+    @abc.abstractmethod
+    async def _items_page(
+        self, job: str, which: ItemFilter, after: PageEnd | None
+    ) -> tuple[list[ItemInfo], PageEnd | None]:
+        """One page of :meth:`iter_items`: up to ``which.limit`` items after ``after`` (``None``:
+        from the first), and where the page ended (``None``: it was empty)."""
+
+    async def forget_chunks(
+        self, job: str, *, done_before: float | None = None, chunk: int = ITEMS_PAGE
+    ) -> AsyncIterator[Forgotten]:
+        """Forget the job's items done before ``done_before`` (as :meth:`forget` does), or,
+        with ``done_before=None``, every vanished item: ``chunk`` items a transaction, in the
+        order of their keys, each transaction's result yielded once it committed (so that a
+        caller holds one chunk, whatever the number of items).
+
+        Each transaction deletes its items and logs their names for watches under way (see
+        :meth:`forgotten_since`) together. A crash (or a broken connection) mid-way leaves the
+        chunks committed before it forgotten and the rest as they were: forgetting again with
+        the same choice finishes the work (what was forgotten is not chosen again). Done and
+        vanished items hold no lease: none is refused."""
+        after = ""
+        while True:
+            found = await self._forget_page(job, done_before, after, chunk)
+            if found.forgotten:
+                yield found
+            if len(found.forgotten) < chunk:
+                return
+            after = max(item.key for item in found.forgotten)
+
+    @abc.abstractmethod
+    async def _forget_page(
+        self, job: str, done_before: float | None, after: str, limit: int
+    ) -> Forgotten:
+        """One transaction of :meth:`forget_chunks`: up to ``limit`` of the chosen items whose
+        key sorts after ``after``, the first by key, read and deleted, their names logged."""
 
     @abc.abstractmethod
     async def count_items(self, job: str, which: ItemFilter) -> int:

@@ -54,6 +54,7 @@ from .base import (
     FORGOTTEN_KEPT,
     WORK_LEFT_NEWEST,
     Ledger,
+    PageEnd,
     decide_job,
     decide_lock,
     decode_twins,
@@ -832,10 +833,15 @@ class PostgresLedger(Ledger):
         rows = await self._session.fetch(sql.ACTIONS_DUE, job, list(keys))
         return [self._item(r) for r in rows]
 
-    def _filter_args(self, which: t.ItemFilter, names: list[str]) -> list[Any]:
-        """The arguments of a :func:`postgres_sql.list_items` statement, times the server's."""
+    def _filter_args(
+        self, which: t.ItemFilter, names: list[str], after: PageEnd | None = None
+    ) -> list[Any]:
+        """The arguments of a :func:`postgres_sql.list_items` statement, times the server's
+        (``after``: a keyset page's start, as the ledger gave it: its time the server's)."""
         server = self._session.server
         values: dict[str, Any] = {
+            "after_u": None if after is None else after[0],
+            "after_k": None if after is None else after[1],
             "states": list(which.states),
             "after": None if which.after is None else server(which.after),
             "before": None if which.before is None else server(which.before),
@@ -848,6 +854,32 @@ class PostgresLedger(Ledger):
         query, names = sql.list_items(which)
         rows = await self._session.fetch(query, job, *self._filter_args(which, names))
         return [self._item(r) for r in rows]
+
+    async def _items_page(
+        self, job: str, which: t.ItemFilter, after: PageEnd | None
+    ) -> tuple[list[t.ItemInfo], PageEnd | None]:
+        query, names = sql.list_items(which, keyset=after is not None)
+        rows = await self._session.fetch(query, job, *self._filter_args(which, names, after))
+        end = (float(rows[-1]["updated_at"]), str(rows[-1]["key"])) if rows else None
+        return [self._item(r) for r in rows], end
+
+    async def _forget_page(
+        self, job: str, done_before: float | None, after: str, limit: int
+    ) -> t.Forgotten:
+        params: tuple[Any, ...] = (job, after, limit)
+        if done_before is None:
+            query = sql.FORGET_PAGE_VANISHED
+        else:
+            query, params = sql.FORGET_PAGE_DONE, (*params, self._session.server(done_before))
+
+        async def forget(conn: Connection) -> t.Forgotten:
+            gone = [self._item(r) for r in await conn.fetch(query, *params)]
+            if gone:
+                await conn.execute(sql.FORGET_KEYS, job, [item.key for item in gone])
+                await _log_forgotten(conn, job, gone)
+            return t.Forgotten(tuple(gone))
+
+        return await self._session.transact(forget)
 
     async def count_items(self, job: str, which: t.ItemFilter) -> int:
         query, names = sql.list_items(which, count=True)

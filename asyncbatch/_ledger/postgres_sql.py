@@ -856,16 +856,24 @@ ORDER BY updated_at DESC LIMIT $2
 """
 
 
-def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, list[str]]:
+def list_items(
+    which: ItemFilter, *, count: bool = False, keyset: bool = False
+) -> tuple[str, list[str]]:
     """The statement listing (or counting) the items ``which`` selects, and the names of its
     parameters after ``$1`` job, in order: ``states`` (text[]), ``after``/``before``
-    (server times), ``glob`` (a regular expression), ``limit``."""
+    (server times), ``glob`` (a regular expression), ``limit``; with ``keyset``, first
+    ``after_u``/``after_k``: a keyset page's start (the ``updated_at``, server time, and key
+    the items listed sort after)."""
     where = ["job = $1"]
     names: list[str] = []
 
     def param(name: str) -> str:
         names.append(name)
         return f"${len(names) + 1}"
+
+    if keyset:
+        u, k = param("after_u"), param("after_k")
+        where.append(f"(updated_at < {u}::float8 OR (updated_at = {u}::float8 AND key > {k}))")
 
     if which.states:
         where.append(f"state = ANY({param('states')}::text[])")
@@ -901,6 +909,14 @@ FORGET_READ_DONE_BEFORE = (
     f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE} ORDER BY key FOR UPDATE"
 )
 FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
+#: A chunk of a chunked forget, its rows locked: $1 job, $2 the key it starts after, $3 how
+#: many; then ``FORGET_PAGE_DONE`` $4 the server time before which the items were done.
+_FORGET_PAGE = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = $1 AND key > $2 AND {{}} "
+_FORGET_PAGE += "ORDER BY key LIMIT $3 FOR UPDATE"
+FORGET_PAGE_DONE = _FORGET_PAGE.format(
+    "state = 'done' AND coalesce(finished_at, done_at) < $4::float8"
+)
+FORGET_PAGE_VANISHED = _FORGET_PAGE.format("state = 'vanished'")
 #: Taken ($1 job) before a transaction adds to the job's log of names to look at again, and
 #: held to its end: the job's entries then commit in the order of their numbers, which a
 #: watch following the log relies on (it remembers the newest number it read). Without it,

@@ -60,6 +60,7 @@ from .base import (
     WORK_LEFT_NEWEST,
     Busy,
     Ledger,
+    PageEnd,
     decide_job,
     decide_lock,
     decode_twins,
@@ -1177,6 +1178,31 @@ class SQLiteLedger(Ledger):
         query, params = sql.list_items(which)
         rows = await self._fetch_named(query, self._filter_params(job, which, params))
         return [_item(r) for r in rows]
+
+    async def _items_page(
+        self, job: str, which: t.ItemFilter, after: PageEnd | None
+    ) -> tuple[list[t.ItemInfo], PageEnd | None]:
+        query, params = sql.list_items(which, after=after)
+        rows = await self._fetch_named(query, self._filter_params(job, which, params))
+        end = (float(rows[-1]["updated_at"]), str(rows[-1]["key"])) if rows else None
+        return [_item(r) for r in rows], end
+
+    async def _forget_page(
+        self, job: str, done_before: float | None, after: str, limit: int
+    ) -> t.Forgotten:
+        params: tuple[Any, ...] = (job, after, limit)
+        if done_before is None:
+            query = sql.FORGET_PAGE_VANISHED
+        else:
+            query, params = sql.FORGET_PAGE_DONE, (*params, done_before)
+
+        def forget(conn: sqlite3.Connection, now: float) -> t.Forgotten:
+            gone = [_item(r) for r in _named(conn, query, params)]
+            conn.executemany(sql.FORGET_ITEM, [(job, item.key) for item in gone])
+            _log_forgotten(conn, job, gone, now)
+            return t.Forgotten(tuple(gone))
+
+        return await self._transact(forget, self.clock())
 
     async def count_items(self, job: str, which: t.ItemFilter) -> int:
         query, params = sql.list_items(which, count=True)

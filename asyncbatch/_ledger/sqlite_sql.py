@@ -656,11 +656,18 @@ ORDER BY updated_at DESC LIMIT ?
 GLOB_FUNCTION = "asyncbatch_glob"
 
 
-def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, dict[str, Any]]:
+def list_items(
+    which: ItemFilter, *, count: bool = False, after: tuple[float, str] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The statement listing (or counting) the items ``which`` selects, and its parameters
-    besides ``:job`` (and ``:glob``, a regular expression, when it filters by glob)."""
+    besides ``:job`` (and ``:glob``, a regular expression, when it filters by glob); with
+    ``after`` (a keyset page's start), only those that sort after it."""
     where = ["job = :job"]
-    params: dict[str, Any] = {}
+    params_after: dict[str, Any] = {}
+    if after is not None:
+        where.append("(updated_at < :after_u OR (updated_at = :after_u AND key > :after_k))")
+        params_after = {"after_u": after[0], "after_k": after[1]}
+    params: dict[str, Any] = dict(params_after)
     if which.states:
         where.append(f"state IN ({', '.join(f':s{i}' for i in range(len(which.states)))})")
         params.update({f"s{i}": state for i, state in enumerate(which.states)})
@@ -675,11 +682,14 @@ def list_items(which: ItemFilter, *, count: bool = False) -> tuple[str, dict[str
         where.append(f"{GLOB_FUNCTION}(:glob, relpath)")
     if count:
         return f"SELECT count(*) FROM items WHERE {' AND '.join(where)}", params
-    query = f"SELECT {_ITEM_COLUMNS} FROM items WHERE {' AND '.join(where)}"
-    query += " ORDER BY updated_at DESC, key"
-    if which.limit is not None:
-        query += " LIMIT :limit"
-        params["limit"] = which.limit
+    order = " ORDER BY updated_at DESC, key"
+    if which.limit is None:
+        return f"SELECT {_ITEM_COLUMNS} FROM items WHERE {' AND '.join(where)}{order}", params
+    # The keys first, then their rows: the sort of every item the filter keeps is of keys
+    # (SQLite would work out each one's runner, the columns' subqueries, before it sorts).
+    params["limit"] = which.limit
+    chosen = f"SELECT key FROM items WHERE {' AND '.join(where)}{order} LIMIT :limit"
+    query = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = :job AND key IN ({chosen}){order}"
     return query, params
 
 
@@ -694,6 +704,12 @@ FORGET_ITEM = "DELETE FROM items WHERE job = ? AND key = ?"
 _DONE_BEFORE = "job = ? AND state = 'done' AND coalesce(finished_at, done_at) < ?"
 FORGET_READ_DONE_BEFORE = f"SELECT {_ITEM_COLUMNS} FROM items WHERE {_DONE_BEFORE}"
 FORGET_DONE_BEFORE = f"DELETE FROM items WHERE {_DONE_BEFORE}"
+#: A chunk of a chunked forget: ?1 job, ?2 the key it starts after, ?3 how many; then
+#: ``FORGET_PAGE_DONE`` ?4 the time before which the items were done.
+_FORGET_PAGE = f"SELECT {_ITEM_COLUMNS} FROM items WHERE job = ?1 AND key > ?2 AND {{}} "
+_FORGET_PAGE += "ORDER BY key LIMIT ?3"
+FORGET_PAGE_DONE = _FORGET_PAGE.format("state = 'done' AND coalesce(finished_at, done_at) < ?4")
+FORGET_PAGE_VANISHED = _FORGET_PAGE.format("state = 'vanished'")
 #: The forgotten items' names, for watches under way (?1 job, ?2 relpath, ?3 now); entries
 #: older than ?2 seconds are pruned (no watch lags that far behind).
 FORGOTTEN_ADD = "INSERT INTO forgotten (job, relpath, at) VALUES (?, ?, ?)"
