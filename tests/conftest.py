@@ -31,6 +31,20 @@ WARNINGS_FAIL = {"PYTHONWARNINGS": "error::RuntimeWarning"}
 HANDLERS = HERE / "cli_handlers.py"
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[None]:
+    """Collect with bytecode writes allowed: pytest keeps each test module with its asserts
+    rewritten in ``__pycache__`` only then, and rewriting them all again costs each xdist worker
+    ~4 s at every start under PYTHONDONTWRITEBYTECODE (set on the machines this runs on). The
+    tests themselves, and the processes they start, run under the setting as it was."""
+    writes = sys.dont_write_bytecode
+    sys.dont_write_bytecode = False
+    try:
+        return (yield)
+    finally:
+        sys.dont_write_bytecode = writes
+
+
 def make_files(
     directory: Path, count: int, *, age: float = 30.0, prefix: str = "f", size: int = 16
 ) -> list[Path]:

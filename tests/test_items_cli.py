@@ -146,8 +146,9 @@ def test_explain_says_why_each_file_was_or_was_not_handled(inbox: Path, state: P
         facts = explain(state, path, *extra)
         return facts["verdict"], facts["message"]
 
-    assert verdict("draft.tmp")[0] == "skipped"
-    assert "temporary name 'draft.tmp'" in verdict("draft.tmp")[1]
+    draft = verdict("draft.tmp")
+    assert draft[0] == "skipped"
+    assert "temporary name 'draft.tmp'" in draft[1]
     assert "temporary name" in verdict("notes.txt~")[1]
     assert "hidden name '.hidden'" in verdict(".hidden")[1]
     assert "not recursive" in verdict("sub/deep.txt")[1]
