@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -848,7 +848,11 @@ class _StallsThenActs:
 
 
 def _stalled_batch(
-    handler: _StallsThenActs, inbox: Path, state: str, out: Path | str, **options: Any
+    handler: Callable[[TaskContext], Awaitable[None]],
+    inbox: Path,
+    state: str,
+    out: Path | str,
+    **options: Any,
 ) -> Batch:
     make_files(inbox, 3)
     return Batch(
@@ -996,17 +1000,7 @@ async def test_a_takeover_the_ledger_tells_late_still_cuts_the_attempt_short(
                 slow.answer()  # refused (or stopped) before the ledger answered
         await ctx.write_output(ctx.entry.relpath, "done")
 
-    make_files(inbox, 3)
-    batch = Batch(
-        handle,
-        source=inbox,
-        state=any_state,
-        output_dir=out,
-        settle=0,
-        concurrency=1,
-        lease=LEASE,
-        backoff=0.01,
-    )
+    batch = _stalled_batch(handle, inbox, any_state, out)
     with anyio.fail_after(60), caplog.at_level(logging.WARNING, "asyncbatch"):  # (a bound)
         report = await batch.run()
 

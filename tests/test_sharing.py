@@ -1110,6 +1110,31 @@ async def test_a_runner_that_saw_a_twin_vanish_before_the_job_was_listed_again_c
         assert report.unfinished <= 1, report
 
 
+class _AppendsOnce:
+    """A handler whose first call appends to ``changed`` (the files are queued by then: its
+    new version comes after the listing), recording what each call read; and the wait, for
+    the failpoint at the listing's end (in a thread), until that new version is ``settle``
+    seconds old."""
+
+    def __init__(self, changed: Path, settle: float) -> None:
+        self.changed, self.settle = changed, settle
+        self.handled: list[tuple[str, bytes]] = []
+        self.appended = threading.Event()
+
+    async def handle(self, ctx: TaskContext) -> None:
+        if not self.handled and not self.appended.is_set():
+            with self.changed.open("ab") as f:
+                f.write(b"v2")
+            self.appended.set()
+        self.handled.append((ctx.entry.relpath, await ctx.read_bytes()))
+
+    def until_the_new_version_settled(self) -> None:
+        assert self.appended.wait(30)
+        st = self.changed.stat()
+        changed = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
+        time.sleep(max(0.0, changed + self.settle - time.time()))
+
+
 @pytest.mark.parametrize("identity", ["stat", "path"])
 @pytest.mark.parametrize("when", ["settled", "settled-later", "not-settled"])
 async def test_a_file_changed_while_queued_for_shared_runners_is_looked_at_again(
@@ -1136,23 +1161,11 @@ async def test_a_file_changed_while_queued_for_shared_runners_is_looked_at_again
     settle = {"settled": 0.0, "settled-later": 1.0, "not-settled": 3.0}[when]
     if settle:
         await until_settled(settle, *files)
-    handled: list[tuple[str, bytes]] = []
-    appended = threading.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        if not handled and not appended.is_set():  # the first handler: the files are queued
-            with changed.open("ab") as f:
-                f.write(b"v2")
-            appended.set()
-        handled.append((ctx.entry.relpath, await ctx.read_bytes()))
-
-    def until_the_new_version_settled() -> None:  # (the listing's end waits: in a thread)
-        assert appended.wait(30)
-        st = changed.stat()
-        time.sleep(max(0.0, max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 + settle - time.time()))
+    appends = _AppendsOnce(changed, settle)
+    handle, handled = appends.handle, appends.handled
 
     if when == "settled-later":
-        waits = failpoints.Call("call", fn=until_the_new_version_settled)
+        waits = failpoints.Call("call", fn=appends.until_the_new_version_settled)
         monkeypatch.setattr(failpoints, "ACTIVE", {"listing-registered": waits})
 
     reports: dict[int, Report] = {}
@@ -1206,23 +1219,10 @@ async def test_a_file_rewritten_while_queued_is_never_finished_before_it_is_take
     files = make_files(inbox, 8, age=3600)
     changed = files[-1]
     await until_settled(1.0, *files)
-    handled: list[tuple[str, bytes]] = []
-    appended = threading.Event()
+    appends = _AppendsOnce(changed, 1.0)
+    handle, handled, appended = appends.handle, appends.handled, appends.appended
     ended = anyio.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        if not handled and not appended.is_set():  # the first handler: the files are queued
-            with changed.open("ab") as f:
-                f.write(b"v2")
-            appended.set()
-        handled.append((ctx.entry.relpath, await ctx.read_bytes()))
-
-    def until_the_new_version_settled() -> None:  # (the listing's end waits: in a thread)
-        assert appended.wait(30)
-        st = changed.stat()
-        time.sleep(max(0.0, max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 + 1.0 - time.time()))
-
-    waits = failpoints.Call("call", fn=until_the_new_version_settled)
+    waits = failpoints.Call("call", fn=appends.until_the_new_version_settled)
     monkeypatch.setattr(failpoints, "ACTIVE", {"listing-registered": waits})
     claim_records = Claimer.claim_records
     held: list[bool] = []
