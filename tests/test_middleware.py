@@ -1240,3 +1240,14 @@ async def test_a_response_the_store_cannot_take_still_reaches_its_client(
     else:
         assert (record.state, repeat.json()["reason"]) == ("unstored", "incomplete")
         assert "could not be stored" in repeat.json()["detail"]
+
+
+async def test_a_response_too_large_to_store_reaches_its_client_when_the_store_fails() -> None:
+    """Regression: a store failing as it recorded a response too large to store raised into
+    the app's ``send`` (a 500 for a request that ran)."""
+    store = FullStore(Clock(), unstored_fails=True)
+    app = Streamer([b"x" * 2000])
+    async with asgi_client(IdempotencyMiddleware(app, state=store, max_stored_body=1024)) as client:
+        first = await client.post("/big", content=b"x", headers=key("big"))
+    assert (first.status_code, first.content) == (200, b"x" * 2000)
+    assert app.calls == 1

@@ -299,11 +299,16 @@ class Responder:
             self.where,
             self.tag,
         )
+        await self.give_up_or_say("incomplete")
+
+    async def give_up_or_say(self, reason: UnstoredReason) -> None:
+        """:meth:`give_up`, logging rather than raising when the store fails: the response
+        still goes to its client (a raise would reach the app's ``send``: a 500, and a retry)."""
         try:
-            await self.give_up("incomplete")
+            await self.give_up(reason)
         except Exception:
             log.exception(
-                "%s: key %s could not be recorded as not stored either: a repeat after "
+                "%s: key %s could not be recorded as not stored: a repeat after "
                 "lock_timeout runs the request again",
                 self.where,
                 self.tag,
@@ -313,7 +318,7 @@ class Responder:
         """A response larger than ``max_stored_body``: record so, then send what was held and
         let the rest through."""
         assert self.start is not None
-        await self.give_up("too_large")
+        await self.give_up_or_say("too_large")
         self.phase = Phase.PASSING if more else Phase.SENT
         await send(self.start)
         body = b"".join(self.chunks)
