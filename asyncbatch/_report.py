@@ -67,7 +67,9 @@ class Report(RunTotals):
     ``post_failed``, post-commit actions (archive, delete) that failed (the next run finishes
     them); ``unreadable``, files found that could not be read to key them (identity
     ``content``: an item's key is its bytes' hash), not items and not counted seen, never
-    handled (each was named in a warning); ``counts``, the job's items by state when the run
+    handled (each was named in a warning); ``unlisted``, directories below the source that a
+    run's scan could not list (no permission, an I/O error: named in a warning), whose files
+    are in no count and not handled; ``counts``, the job's items by state when the run
     ended; ``stopped``, whether it was stopped before the end (``stop()`` or a signal).
     """
 
@@ -79,14 +81,15 @@ class Report(RunTotals):
     post_failed: int = 0
     future: int = 0
     unreadable: int = 0
+    unlisted: int = 0
 
     @property
     def ok(self) -> bool:
         """Whether every settled file seen is done: none dead, held, waiting or unfinished, no
         post-commit action (archive, delete) failed, no file found that could not be read to
-        key it (identity ``content``), and (for ``run()``) not stopped. A stopped
-        ``watch()`` is ok: stopping is how a watch ends, and what it gave back unfinished is
-        handled by the next one."""
+        key it (identity ``content``), no directory that could not be listed, and (for
+        ``run()``) not stopped. A stopped ``watch()`` is ok: stopping is how a watch ends,
+        and what it gave back unfinished is handled by the next one."""
         if self.stopped and self.mode == "run":
             return False
         unfinished = self.unfinished if self.mode == "run" else 0
@@ -98,6 +101,7 @@ class Report(RunTotals):
             or unfinished
             or self.post_failed
             or self.unreadable
+            or self.unlisted
         )
 
     @property
@@ -109,7 +113,7 @@ class Report(RunTotals):
             return "stopped"
         if self.ok:
             return "ok"
-        if self.dead or self.dead_before or self.post_failed or self.unreadable:
+        if self.dead or self.dead_before or self.post_failed or self.unreadable or self.unlisted:
             return "failed"
         if self.held:
             return "held"
@@ -137,8 +141,17 @@ class Report(RunTotals):
             extras.append(f"{self.post_failed} post-commit actions failed (the next run retries)")
         if self.unreadable:
             extras.append(unreadable_text(self.unreadable))
+        if self.unlisted:
+            extras.append(unlisted_text(self.unlisted))
         extras.append(f"{self.elapsed:.2f}s ({self.rate:.0f}/s)")
         return f"{head}: {'; '.join(extras)}"
+
+
+def unlisted_text(count: int) -> str:
+    """The report's words for ``count`` directories the scan could not list."""
+    dirs = "directory" if count == 1 else "directories"
+    them = "it" if count == 1 else "them"
+    return f"{count} {dirs} could not be listed (the files in {them} not handled)"
 
 
 def unreadable_text(count: int) -> str:
@@ -216,6 +229,9 @@ class Counters(RunTotals):
     #: Files found that could not be read to key them (identity ``content``): not items, not
     #: counted seen; each counted once.
     unreadable: int = 0
+    #: Directories below the source a one-shot run's scan could not list (their files in
+    #: no count, not handled).
+    unlisted: int = 0
     #: The same outcomes counted as events, never taken back (for the metrics).
     events: Events = field(default_factory=Events)
 
@@ -292,4 +308,5 @@ class Counters(RunTotals):
             post_failed=post_failed,
             future=self.future,
             unreadable=self.unreadable,
+            unlisted=self.unlisted,
         )

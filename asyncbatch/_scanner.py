@@ -464,6 +464,9 @@ class _Tally:
     #: file whose ctime alone changed, by a ``chmod`` or a ``touch -d``, keeps its key: it is
     #: done, not waiting to settle). Kept by a one-shot run's scan only (with a cutoff).
     left: list[bytes] = dataclasses.field(default_factory=list)
+    #: The directories below the source that could not be listed, or whose entries could not
+    #: be looked at (relpaths): the files in them are in no count, and not handled.
+    unlisted: set[bytes] = dataclasses.field(default_factory=set)
 
     def count_ahead(self, now_ns: int) -> None:
         """Count in :attr:`future` the change times noted in :attr:`ahead` that are later
@@ -549,6 +552,8 @@ class _Walker:
                 raise
             if w.warned.first("list", prefix):
                 log.warning("cannot list directory %r: %s", os.fsdecode(prefix), e.strerror)
+            if self._tally is not None:
+                self._tally.unlisted.add(prefix)
             return None
 
     def left(self, prefix: bytes) -> Sequence[bytes]:
@@ -601,6 +606,8 @@ class _Walker:
         """Say once (not once a file, nor once a walk while it lasts) that the entries of
         ``directory`` (a relpath) cannot be looked at (they are skipped): it was silent, the
         files left out of every count."""
+        if self._tally is not None:
+            self._tally.unlisted.add(directory)
         if self._w.warned.first("search", directory):
             log.warning(
                 "cannot look at the files in directory %r: %s (they are skipped)",
@@ -846,20 +853,29 @@ class ScanInfo(NamedTuple):
     unsettled: int = 0
     future: int = 0
     not_ready: tuple[tuple[str, int], ...] = ()
+    #: Directories below the source that could not be listed (their files not handled).
+    unlisted: int = 0
 
     @classmethod
     def after(
-        cls, began: float, files: int, unsettled: int, future: int, walk: ReadyWalk | None
+        cls,
+        began: float,
+        files: int,
+        unsettled: int,
+        future: int,
+        walk: ReadyWalk | None,
+        unlisted: int = 0,
     ) -> ScanInfo:
         """A full scan that began at ``began`` (``time.monotonic()``) and ended now, with
         ``files`` records; with ``walk`` (rules beyond ``age``), its counts by rule replace
-        ``unsettled`` and ``future``."""
+        ``unsettled`` and ``future``. ``unlisted``: directories it could not list."""
         ended = time.monotonic()
         not_ready: tuple[tuple[str, int], ...] = ()
         if walk is not None:
             unsettled, future = walk.not_ready["age"], walk.future
             not_ready = tuple((k, n) for k, n in walk.not_ready.items() if n and k != "age")
-        return cls(ended, time.time(), ended - began, files, True, unsettled, future, not_ready)
+        wall = time.time()
+        return cls(ended, wall, ended - began, files, True, unsettled, future, not_ready, unlisted)
 
 
 class Scanner:
@@ -940,7 +956,9 @@ class Scanner:
         records.sort()
         self.walked = rw
         self.left_unsettled = tally.left
-        self.last = ScanInfo.after(began, len(records), tally.unsettled, tally.future, rw)
+        self.last = ScanInfo.after(
+            began, len(records), tally.unsettled, tally.future, rw, len(tally.unlisted)
+        )
         return records
 
     async def list_names(self) -> list[bytes]:

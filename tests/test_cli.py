@@ -315,6 +315,36 @@ def test_unreadable_file_fails_its_item_and_the_run_goes_on(inbox: Path, state: 
     shutil.which("setpriv") is None and os.geteuid() == 0,
     reason="needs setpriv to drop root's file access override",
 )
+def test_a_directory_that_cannot_be_listed_fails_the_run(inbox: Path, state: Path) -> None:
+    """Regression: a subdirectory the scan could not list was a warning alone: its files
+    were never handled, and the run exited 0 ("every settled file done"), its history "ok".
+    The report counts it, the run exits 1 and says why; ``--ignore`` it to mean it."""
+    make_files(inbox, 1)
+    locked = inbox / "sub"
+    make_files(locked, 1)
+    locked.chmod(0)
+    prefix = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    )
+    args = ("run", RECORD, "--source", inbox, "--state", state, "--recursive")
+    try:
+        result = cli(*args, prefix=prefix)
+        assert result.returncode == 1, result.stderr
+        assert "cannot list directory 'sub': Permission denied" in result.stderr
+        assert "1 seen: 1 done; 1 directory could not be listed" in result.stdout
+        (status,) = rows(state, "SELECT exit_status FROM runs")
+        assert status[0] == "failed (1 directory could not be listed)"
+        assert cli(*args, "--ignore", "sub", prefix=prefix).returncode == 0
+    finally:
+        locked.chmod(0o755)
+    assert cli(*args, prefix=prefix).returncode == 0
+    assert state_counts(state) == {"done": 2}
+
+
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None and os.geteuid() == 0,
+    reason="needs setpriv to drop root's file access override",
+)
 def test_unreadable_file_with_identity_content_is_named_and_fails_the_run(
     inbox: Path, state: Path
 ) -> None:

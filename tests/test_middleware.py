@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from asyncbatch import ConfigurationError, IdempotencyMiddleware
+from asyncbatch import ConfigurationError, IdempotencyMiddleware, LedgerError
 from asyncbatch._http.middleware import PURGE_INTERVAL
 from asyncbatch._http.request import ASGIApp, Message, Receive, Scope, Send, parse_key
 from asyncbatch._ledger import (
@@ -1194,3 +1194,60 @@ async def test_the_middleware_needs_only_an_idempotency_store(
     assert [(r.state, r.status) for r in store.records.values()] == [("done", 201)]
     assert not store.closed
     assert list(tmp_path.iterdir()) == []
+
+
+class FullStore(MemoryStore):
+    """A store whose disk fills up: it cannot store a response (and, with ``unstored_fails``,
+    cannot record one as not stored either)."""
+
+    def __init__(self, clock: Callable[[], float], *, unstored_fails: bool) -> None:
+        super().__init__(clock)
+        self.unstored_fails = unstored_fails
+
+    async def idempotency_complete(
+        self, request: IdempotencyRequest, response: StoredResponse, *, ttl: float
+    ) -> bool:
+        raise LedgerError("state 'api.db': database or disk is full")
+
+    async def idempotency_unstored(
+        self, request: IdempotencyRequest, reason: UnstoredReason, *, ttl: float
+    ) -> bool:
+        if self.unstored_fails:
+            raise LedgerError("state 'api.db': database or disk is full")
+        return await super().idempotency_unstored(request, reason, ttl=ttl)
+
+
+@pytest.mark.parametrize("unstored_fails", [False, True])
+async def test_a_response_the_store_cannot_take_still_reaches_its_client(
+    unstored_fails: bool,
+) -> None:
+    """Regression: a store failing once the app had answered (a full disk) raised into the
+    app's ``send``: the server answered 500, whose retry (the same key) ran the request again
+    once lock_timeout had passed. The answer goes out; the key is recorded as not stored when
+    the store still takes that (a repeat gets 409, not a second run)."""
+    store = FullStore(Clock(), unstored_fails=unstored_fails)
+    app = Recorder()
+    async with asgi_client(IdempotencyMiddleware(app, state=store)) as client:
+        first = await client.post("/orders", content=b"a", headers=key("full"))
+        repeat = await client.post("/orders", content=b"a", headers=key("full"))
+    assert (first.status_code, first.json()["n"]) == (201, 1)
+    assert app.calls == 1
+    assert repeat.status_code == 409
+    (record,) = store.records.values()
+    if unstored_fails:
+        assert record.state == "running"  # taken over after lock_timeout, as after a crash
+        assert "retry-after" in repeat.headers
+    else:
+        assert (record.state, repeat.json()["reason"]) == ("unstored", "incomplete")
+        assert "could not be stored" in repeat.json()["detail"]
+
+
+async def test_a_response_too_large_to_store_reaches_its_client_when_the_store_fails() -> None:
+    """Regression: a store failing as it recorded a response too large to store raised into
+    the app's ``send`` (a 500 for a request that ran)."""
+    store = FullStore(Clock(), unstored_fails=True)
+    app = Streamer([b"x" * 2000])
+    async with asgi_client(IdempotencyMiddleware(app, state=store, max_stored_body=1024)) as client:
+        first = await client.post("/big", content=b"x", headers=key("big"))
+    assert (first.status_code, first.content) == (200, b"x" * 2000)
+    assert app.calls == 1

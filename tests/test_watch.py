@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from asyncbatch import Batch, TaskContext
+from asyncbatch import Batch, TaskContext, _scanner
 from asyncbatch._identity import Identity
 
 from .conftest import cli, make_files, polls_after, rows, state_counts, until, until_settled
@@ -230,6 +232,56 @@ async def test_a_watch_waits_for_a_source_that_went_away_and_goes_on_when_it_is_
     assert report is not None
     assert (report.done, report.stopped) == (3, True)
     assert "waiting for it to be back" in caplog.text
+
+
+async def test_a_watch_whose_source_cannot_be_listed_waits_for_it(
+    inbox: Path, state: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a source that is there but cannot be listed (its permission taken away, an
+    I/O error, a stale network handle) ended the watch with a traceback and exit 1 at its next
+    poll. It is waited for, as a source gone is."""
+    make_files(inbox, 1)
+    denied = threading.Event()
+    walk = _scanner._walk
+
+    def failing_walk(*args: Any, **kwargs: Any) -> Any:
+        if denied.is_set():
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsencode(inbox))
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(_scanner, "_walk", failing_walk)
+    seen: list[str] = []
+    first, later = anyio.Event(), anyio.Event()
+
+    async def handle(ctx: TaskContext) -> None:
+        seen.append(ctx.entry.relpath)
+        (first if len(seen) == 1 else later).set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=False)
+    report = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal report
+            report = await batch.watch()
+
+        tg.start_soon(watch)
+        with anyio.fail_after(20):
+            await first.wait()
+            denied.set()
+            while batch.health().check("source").ok:  # noqa: ASYNC110 (a poll's finding)
+                await anyio.sleep(0.02)
+            assert "cannot be listed" in batch.health().check("source").detail
+            make_files(inbox, 1, prefix="late")
+            denied.clear()
+            await later.wait()
+        assert batch.health().check("source").ok
+        batch.stop()
+
+    assert report is not None
+    assert (report.done, report.stopped, report.vanished) == (2, True, 0)
+    assert caplog.text.count("cannot be listed (Permission denied)") == 1
+    assert "can be listed again" in caplog.text
 
 
 async def test_a_run_whose_source_is_gone_does_not_say_it_waits_for_it(

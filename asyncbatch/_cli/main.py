@@ -279,7 +279,11 @@ async def _run_command(args: argparse.Namespace, log: logging.StreamHandler[Text
     if report.ok:
         return EXIT_OK
     if report.held and not (
-        report.dead or report.dead_before or report.post_failed or report.unreadable
+        report.dead
+        or report.dead_before
+        or report.post_failed
+        or report.unreadable
+        or report.unlisted
     ):
         return EXIT_UNFINISHED
     return EXIT_FAILED

@@ -83,7 +83,7 @@ def unstored_detail(reason: str) -> str:
     else:
         why = (
             "its response was cut short (the client disconnected, or the application stopped "
-            "in the middle of it)"
+            "in the middle of it) or could not be stored"
         )
     return (
         f"the request with this Idempotency-Key ran, but {why}, so there is no response to "
@@ -280,16 +280,45 @@ class Responder:
             b"".join(self.chunks),
         )
         await failpoints.ahit("middleware-executed")
-        await self.store_response(response)
+        try:
+            await self.store_response(response)
+        except Exception:
+            await self.store_failed()
         self.phase = Phase.SENT
         await send(self.start)
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+    async def store_failed(self) -> None:
+        """The complete response could not be stored (the store fails: a full disk, an
+        outage). Its effects are done: record the key as not stored if the store still takes
+        that (repeats get 409, never a second run), and let the response go out all the same.
+        Raising instead made the server answer 500, which its client's retry (the same key)
+        turned into a second run once ``lock_timeout`` had passed."""
+        log.exception(
+            "%s: the response for key %s could not be stored; it is sent unstored",
+            self.where,
+            self.tag,
+        )
+        await self.give_up_or_say("incomplete")
+
+    async def give_up_or_say(self, reason: UnstoredReason) -> None:
+        """:meth:`give_up`, logging rather than raising when the store fails: the response
+        still goes to its client (a raise would reach the app's ``send``: a 500, and a retry)."""
+        try:
+            await self.give_up(reason)
+        except Exception:
+            log.exception(
+                "%s: key %s could not be recorded as not stored: a repeat after "
+                "lock_timeout runs the request again",
+                self.where,
+                self.tag,
+            )
 
     async def pass_through(self, more: bool, send: Send) -> None:
         """A response larger than ``max_stored_body``: record so, then send what was held and
         let the rest through."""
         assert self.start is not None
-        await self.give_up("too_large")
+        await self.give_up_or_say("too_large")
         self.phase = Phase.PASSING if more else Phase.SENT
         await send(self.start)
         body = b"".join(self.chunks)

@@ -839,9 +839,9 @@ IdempotencyDecision = Literal["run", "replay", "conflict", "mismatch", "unstored
 
 #: Why a key's response was not stored, though its request ran and answered (so the key must
 #: not run again): ``"incomplete"``, the response was cut short (the client left, the app
-#: stopped mid-response); ``"too_large"``, it was larger than the middleware stores;
-#: ``"unfinished"``, it started more than its lock's time ago and has not completed (its
-#: server stopped while sending it, or still sends it).
+#: stopped mid-response) or the store failed to take it; ``"too_large"``, it was larger than
+#: the middleware stores; ``"unfinished"``, it started more than its lock's time ago and has
+#: not completed (its server stopped while sending it, or still sends it).
 UnstoredReason = Literal["incomplete", "too_large", "unfinished"]
 
 

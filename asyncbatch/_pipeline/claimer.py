@@ -46,6 +46,7 @@ from .queues import ItemQueue, LeasedItem, Outbox
 from .readiness import MarkerFollowUp, count_not_ready, count_scan, look_until_stable
 from .shared import SharedRun
 from .sightings import Sightings
+from .source import SourceDir
 from .state import RunState, reap_gone_runners
 
 __all__ = ["FULL_SCAN_EVERY", "HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
@@ -363,6 +364,13 @@ class Claimer:
             if not self._source_replaced() and source.usable:
                 raise
             return None
+        except OSError as exc:  # there, but it cannot be listed: waited for, as when gone
+            if not isinstance(source, SourceDir):
+                raise
+            source.cannot_list(exc)
+            return None
+        if isinstance(source, SourceDir):
+            source.listed()
         if source.problem is not None and not source.watchable:  # an s3:// source, back
             log.warning("the source %s can be listed again", self.config.source)
             source.problem = None

@@ -49,6 +49,7 @@ def count_scan(counters: Counters, scan: ScanInfo | None) -> None:
         return
     count_not_ready(counters, {"age": scan.unsettled, **dict(scan.not_ready)})
     counters.future = scan.future
+    counters.unlisted = scan.unlisted
 
 
 async def look_until_stable(

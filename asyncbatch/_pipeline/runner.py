@@ -477,6 +477,9 @@ class Run:
                 elif status == "failed" and c.unreadable and not (c.dead or c.dead_before):
                     files = "file" if c.unreadable == 1 else "files"
                     status += f" ({c.unreadable} {files} could not be read)"
+                elif status == "failed" and c.unlisted and not (c.dead or c.dead_before):
+                    dirs = "directory" if c.unlisted == 1 else "directories"
+                    status += f" ({c.unlisted} {dirs} could not be listed)"
             end = RunEnd(
                 job=cfg.job,
                 owner=self.owner,

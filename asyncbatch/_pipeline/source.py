@@ -39,13 +39,16 @@ class SourceDir:
         self.problem: str | None = None
         #: How many times it was found replaced and reopened.
         self.reopened = 0
+        #: Whether :attr:`problem` is that a poll could not list it (it is there).
+        self._unlisted = False
         self._fd = -1
         self._identity = (0, 0)
 
     @property
     def usable(self) -> bool:
-        """Whether the source was there at the last :meth:`refresh` (no :attr:`problem`)."""
-        return self.problem is None
+        """Whether the source was there at the last :meth:`refresh` (no :attr:`problem`, or
+        only that the last poll could not list it: the next one tries again)."""
+        return self.problem is None or self._unlisted
 
     @property
     def fd(self) -> int:
@@ -89,7 +92,7 @@ class SourceDir:
         if old >= 0:
             os.close(old)
         self.reopened += 1
-        self.problem = None
+        self.problem, self._unlisted = None, False
         log.warning(
             "the source directory %r was replaced (deleted and made again, remounted, or a "
             "symlink switched): reopened it, and its files are scanned afresh",
@@ -97,7 +100,22 @@ class SourceDir:
         )
         return True
 
+    def cannot_list(self, error: OSError) -> None:
+        """A poll could not list the directory, though it is there (no permission any more,
+        an I/O error, a stale network handle): a watch waits for it, as for one gone, trying
+        again at each poll until :meth:`listed`."""
+        why = error.strerror or type(error).__name__
+        self._trouble(f"the source directory {str(self.path)!r} cannot be listed ({why})")
+        self._unlisted = True
+
+    def listed(self) -> None:
+        """A poll listed the directory: a listing problem is over."""
+        if self._unlisted:
+            log.warning("the source directory %r can be listed again", str(self.path))
+            self.problem, self._unlisted = None, False
+
     def _trouble(self, problem: str) -> None:
+        self._unlisted = False
         if self.problem != problem:
             if self.waits:
                 log.warning("%s; waiting for it to be back", problem)
@@ -109,6 +127,6 @@ class SourceDir:
         self.problem = problem
 
     def _recovered(self) -> None:
-        if self.problem is not None:
+        if self.problem is not None and not self._unlisted:  # a listing problem: listed()
             log.warning("the source directory %r is back", str(self.path))
             self.problem = None
