@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,7 +29,8 @@ from asyncbatch import (
     idempotent_move,
     remove_stale_temp_files,
 )
-from asyncbatch._effects.files import ABANDONED_AFTER, TEMP_PREFIX, _temp_name
+from asyncbatch._effects import files as effect_files
+from asyncbatch._effects.files import ABANDONED_AFTER, TEMP_PREFIX, _temp_name, write_under
 from asyncbatch._ledger.actions import decode_action, decode_move, encode_action, encode_move
 from asyncbatch._ledger.postgres import PostgresLedger
 from asyncbatch._ledger.sqlite import SQLiteLedger
@@ -1043,3 +1045,43 @@ async def test_an_s3_output_after_a_stall_past_the_lease_asks_the_ledger_first(
         assert handler.refused == []
         assert late == b"call 1"
         assert (report.done, report.dead, report.failed, report.lost) == (3, 0, 0, 0), report
+
+
+@pytest.mark.parametrize("fails_at", ["write", "open"])
+async def test_a_write_that_fails_names_the_file_written_not_its_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails_at: str
+) -> None:
+    # Regression (QA): a full disk failed write_output with "[Errno 28] No space left on
+    # device" (os.write names no file), and a refused open named the hidden temp file
+    # ('.asyncbatch-tmp-...-f9.txt.out'), not the output the user asked for.
+    real_open = os.open
+
+    def refused_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(TEMP_PREFIX):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_space(data: bytes) -> Callable[[int], None]:
+        def fill(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return fill
+
+    if fails_at == "write":
+        monkeypatch.setattr(effect_files, "_write_all", no_space)
+    else:
+        monkeypatch.setattr(os, "open", refused_open)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    async def plain() -> None:
+        await atomic_write(out / "a.txt", b"x")
+
+    async def under() -> None:
+        await write_under(out, Path("sub/b.txt"), b"x")
+
+    for write, shown in [(plain, out / "a.txt"), (under, out / "sub" / "b.txt")]:
+        with pytest.raises(OSError, match=re.escape(repr(str(shown)))) as raised:
+            await write()
+        assert TEMP_PREFIX not in str(raised.value)
+    assert sorted(p.name for p in out.rglob("*")) == ["sub"]  # no temp file left

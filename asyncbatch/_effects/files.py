@@ -98,7 +98,7 @@ def _atomic_write(path: Path, data: bytes, make_parents: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _replace_at(fd, path.name, data)
+        _replace_at(fd, path.name, data, shown=str(path))
     finally:
         os.close(fd)
 
@@ -112,15 +112,23 @@ def _no_fence() -> None:
 Fence = Callable[[], None]
 
 
-def _replace_at(dir_fd: int, name: str, data: bytes, fence: Fence = _no_fence) -> None:
+def _replace_at(
+    dir_fd: int, name: str, data: bytes, fence: Fence = _no_fence, *, shown: str | None = None
+) -> None:
     """Atomically replace ``name`` in the open directory ``dir_fd`` with ``data``.
 
     ``fence()`` is called just before the rename that makes the new content visible (in this
-    thread: no event-loop turn in between); if it raises, nothing is replaced.
+    thread: no event-loop turn in between); if it raises, nothing is replaced. An ``OSError``
+    names the file written (``shown``, else ``name``), not the hidden temp file it went
+    through (a full disk said ``'.asyncbatch-tmp-...'``, or named no file at all).
     """
     tmp = _temp_name(Path(name), this_process()).name
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o666, dir_fd=dir_fd)
+    try:
+        fd = os.open(tmp, flags, 0o666, dir_fd=dir_fd)
+    except OSError as exc:  # (never unlinked here: O_EXCL, it may be another's)
+        _name_output(exc, tmp, shown or name)
+        raise
     try:
         _write_all(data)(fd)
         os.fsync(fd)
@@ -129,15 +137,24 @@ def _replace_at(dir_fd: int, name: str, data: bytes, fence: Fence = _no_fence) -
         failpoints.hit("output-temp-written")
         fence()
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
+    except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
+        if isinstance(exc, OSError):
+            _name_output(exc, tmp, shown or name)
         raise
     failpoints.hit("output-replaced")
     failpoints.hit("before-dir-fsync")
     os.fsync(dir_fd)
+
+
+def _name_output(exc: OSError, tmp: str, shown: str) -> None:
+    """Have ``exc`` name the output ``shown`` where it named the temp file ``tmp`` (or no file:
+    ``os.write`` on a full disk), so that its message says which output failed."""
+    if exc.filename in (tmp, None):
+        exc.filename, exc.filename2 = shown, None
 
 
 def _open_subdir(dir_fd: int, name: str, *, shown: str) -> int:
@@ -178,7 +195,7 @@ def _write_under(root: Path, relpath: Path, data: bytes, fence: Fence = _no_fenc
     fence()
     fd = _open_parent_under(root, relpath, shown=f"cannot write {str(relpath)!r}")
     try:
-        _replace_at(fd, relpath.name, data, fence)
+        _replace_at(fd, relpath.name, data, fence, shown=str(root / relpath))
     finally:
         os.close(fd)
 
