@@ -46,12 +46,28 @@ def error_text(exc: BaseException) -> str:
 
     Undecodable bytes of a non-UTF-8 file name in the message show as ``\\xe9`` escapes, and
     control characters (a command's colored stderr, say) as ``\\x1b``; URLs
-    lose their credentials and query strings (httpx puts the whole URL in its messages).
+    lose their credentials and query strings (httpx puts the whole URL in its messages). An
+    HTTP client's error whose message does not name its request (a connection reset or
+    refused) is followed by the request's method and URL.
     """
     text = str(exc).strip().replace("\r", " ").replace("\n", " ")
+    request = _request_of(exc)
+    if request and request.split("?", 1)[0].split(" ", 1)[1] not in text:
+        text = f"{text}; {request}" if text else request
     text = _CONTROL_IN_ERROR.sub(_escape, text)
     text = redact_urls(text.encode("utf-8", "backslashreplace").decode("utf-8"))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _request_of(exc: BaseException) -> str:
+    """``METHOD URL`` of the request an HTTP client's error is about (httpx's ``request``),
+    or ``""``: a connection reset says only ``ReadError``, a refused one no URL."""
+    try:
+        request = getattr(exc, "request", None)
+    except RuntimeError:  # (httpx: an error made without its request)
+        return ""
+    method, url = getattr(request, "method", None), getattr(request, "url", None)
+    return f"{method} {url}" if isinstance(method, str) and url is not None else ""
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:

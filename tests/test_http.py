@@ -6,6 +6,9 @@ import collections
 import hashlib
 import hmac
 import logging
+import socket
+import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +399,63 @@ async def test_a_followed_redirect_gets_a_key_of_its_own_and_runs_once(
     assert len(keys) == 2 * 2 * 4
     assert len(keyed) == 2 * 2 * 3
     assert len(set(keyed)) == 2 * 3
+
+
+class _ResettingServer:
+    """A TCP server on 127.0.0.1 that reads each request's first bytes and resets the
+    connection (``SO_LINGER`` 0): the client sees a reset, no response."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.resets = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            self.resets += 1
+
+    def __enter__(self) -> _ResettingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # (wakes the accept: close alone does not)
+        self.sock.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+async def test_a_reset_connections_failure_names_its_request_without_the_query(
+    inbox: Path, state: Path
+) -> None:
+    # Regression (QA): a connection reset by the server was recorded as "ReadError" alone (or
+    # "[Errno 104] ..."): which call of the handler failed, to which endpoint, went unsaid.
+    make_files(inbox, 1)
+
+    async def handle(ctx: TaskContext) -> None:
+        await ctx.http.post(f"{server.url}/orders?token=secret", content=b"x")
+
+    with _ResettingServer() as server:
+        report = await Batch(
+            handle,
+            source=inbox,
+            state=state,
+            max_attempts=1,
+            settle=0,
+            http_retries=1,
+            http_backoff=0.001,
+        ).run()
+
+    assert report.dead == 1
+    assert server.resets >= 1
+    ((error,),) = rows(state, "SELECT last_error FROM items")
+    assert f"POST {server.url}/orders" in error, error
+    assert "secret" not in error
