@@ -284,6 +284,31 @@ async def test_a_watch_whose_source_cannot_be_listed_waits_for_it(
     assert "can be listed again" in caplog.text
 
 
+async def test_a_watch_whose_poll_fails_for_want_of_descriptors_ends_with_that_error(
+    inbox: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll failing for a reason of this process's own (too many open files), not the
+    source's, ends the watch with the error: it is not "waiting for the source" (one warning,
+    for ever) while nothing about the source is wrong (a second review)."""
+    make_files(inbox, 1)
+    walk = _scanner._walk
+    handled = threading.Event()
+
+    def failing_walk(*args: Any, **kwargs: Any) -> Any:
+        if handled.is_set():
+            raise OSError(errno.EMFILE, "Too many open files")
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(_scanner, "_walk", failing_walk)
+
+    async def handle(ctx: TaskContext) -> None:
+        handled.set()
+
+    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=False)
+    with anyio.fail_after(20), pytest.raises(OSError, match="Too many open files"):
+        await batch.watch()
+
+
 async def test_a_run_whose_source_is_gone_does_not_say_it_waits_for_it(
     inbox: Path, state: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -571,15 +571,13 @@ class PostgresLedger(Ledger):
         after: tuple[int, bytes] | None = None,
     ) -> list[t.ClaimedRow]:
         runs = 0
-        skipped = list(skip)
-        mtime_ns, relpath = after or (None, None)
+        args: tuple[Any, ...] = (job, owner, lease, limit, list(skip), *(after or ()))
+        query = sql.CLAIM_WAITING if after is None else sql.CLAIM_WAITING_AFTER
 
         async def claim(conn: Connection) -> list[asyncpg.Record]:
             nonlocal runs
             runs += 1
-            return await conn.fetch(
-                sql.CLAIM_WAITING, job, owner, lease, limit, skipped, mtime_ns, relpath
-            )
+            return await conn.fetch(query, *args)
 
         rows = await self._session.transact(claim, one=True)
         if runs > 1:

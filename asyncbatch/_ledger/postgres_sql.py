@@ -677,8 +677,7 @@ WHERE job = $1 AND key = ANY($2::text[]) AND (state <> 'done' OR post_action IS 
 
 #: Lease items waiting in the ledger (not found by this scan): retries, reaped, operator-retried.
 #: $1 job, $2 owner, $3 lease (seconds), $4 limit, $5 keys left alone (files the run found not
-#: settled yet), $6/$7 the (mtime_ns, relpath) to go on after (NULL: from the first). The oldest
-#: (mtime_ns, relpath) first; rows
+#: settled yet). The oldest (mtime_ns, relpath) first; rows
 #: another transaction has locked (being claimed by another runner) are skipped, not waited
 #: for, so concurrent runners take disjoint sets without queueing behind each other.
 CLAIM_WAITING = f"""
@@ -686,8 +685,7 @@ WITH waiting AS (
     SELECT key FROM items
     WHERE job = $1 AND state IN ('pending', 'failed')
       AND (state = 'pending' OR next_attempt_at <= {NOW})
-      AND NOT (key = ANY($5::text[]))
-      AND ($6::bigint IS NULL OR (mtime_ns, relpath) > ($6::bigint, $7::bytea))
+      AND NOT (key = ANY($5::text[])){{after}}
     ORDER BY mtime_ns, relpath
     LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -701,6 +699,15 @@ WITH waiting AS (
 )
 SELECT {", ".join(ClaimedRow.columns())} FROM claimed ORDER BY mtime_ns, relpath
 """
+#: The same, of the items after a place in claim order only, $6 its mtime_ns, $7 its relpath:
+#: a claim that goes on from where the last one ended. A statement of its own, not an
+#: "$6 IS NULL OR ..." in the one above: a prepared statement's generic plan would check
+#: that condition row by row instead of starting the index scan there (measured: 90,000 rows
+#: filtered, 14 ms a claim, against 0.08 ms).
+CLAIM_WAITING_AFTER = CLAIM_WAITING.replace(
+    "{after}", "\n      AND (mtime_ns, relpath) > ($6::bigint, $7::bytea)"
+)
+CLAIM_WAITING = CLAIM_WAITING.replace("{after}", "")
 #: Seconds from the server's now until the earliest failed item is due (may be negative).
 NEXT_RETRY_IN = f"""
 SELECT min(next_attempt_at) - {NOW} FROM items

@@ -21,6 +21,7 @@ Files already registered are remembered by their scan record, so an idle inbox c
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import math
 import os
@@ -48,6 +49,16 @@ from .shared import SharedRun
 from .sightings import Sightings
 from .source import SourceDir
 from .state import RunState, reap_gone_runners
+
+#: The errors of a poll that say the source directory cannot be listed (it is there): no
+#: permission any more, an I/O error, a network filesystem's stale handle or lost server. A
+#: watch waits for it; any other error of the poll ends the watch as before.
+_UNLISTABLE = frozenset(
+    {
+        *(errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT),
+        *(errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENODEV, errno.ENXIO),
+    }
+)
 
 __all__ = ["FULL_SCAN_EVERY", "HELD_POLL", "LOOKAHEAD_SECONDS", "Claimer", "Lookahead"]
 
@@ -365,8 +376,8 @@ class Claimer:
                 raise
             return None
         except OSError as exc:  # there, but it cannot be listed: waited for, as when gone
-            if not isinstance(source, SourceDir):
-                raise
+            if not isinstance(source, SourceDir) or exc.errno not in _UNLISTABLE:
+                raise  # (too many open files, no memory, ...: this process's trouble)
             source.cannot_list(exc)
             return None
         if isinstance(source, SourceDir):
