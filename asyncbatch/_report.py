@@ -146,6 +146,23 @@ class Report(RunTotals):
         extras.append(f"{self.elapsed:.2f}s ({self.rate:.0f}/s)")
         return f"{head}: {'; '.join(extras)}"
 
+    def failed_because(self) -> str:
+        """What a failed run's history adds to ``failed`` when no item being dead says it
+        (`` (1 post-commit action failed)``, `` (2 files could not be read)``, `` (1 directory
+        could not be listed)``), or ``""``."""
+        if self.post_failed:
+            actions = "action" if self.post_failed == 1 else "actions"
+            return f" ({self.post_failed} post-commit {actions} failed)"
+        if self.dead or self.dead_before:
+            return ""
+        if self.unreadable:
+            files = "file" if self.unreadable == 1 else "files"
+            return f" ({self.unreadable} {files} could not be read)"
+        if self.unlisted:
+            dirs = "directory" if self.unlisted == 1 else "directories"
+            return f" ({self.unlisted} {dirs} could not be listed)"
+        return ""
+
 
 def unlisted_text(count: int) -> str:
     """The report's words for ``count`` directories the scan could not list."""

@@ -468,18 +468,12 @@ class Run:
             c = self.counters
             if status == "ok":
                 post_failed = self._posts.failed if self._posts is not None else 0
-                status = c.report(
+                ended = c.report(
                     cfg.job, {}, stopped=state.stopping, mode=self.mode, post_failed=post_failed
-                ).exit_status
-                if status == "failed" and post_failed:  # history says what failed
-                    actions = "action" if post_failed == 1 else "actions"
-                    status += f" ({post_failed} post-commit {actions} failed)"
-                elif status == "failed" and c.unreadable and not (c.dead or c.dead_before):
-                    files = "file" if c.unreadable == 1 else "files"
-                    status += f" ({c.unreadable} {files} could not be read)"
-                elif status == "failed" and c.unlisted and not (c.dead or c.dead_before):
-                    dirs = "directory" if c.unlisted == 1 else "directories"
-                    status += f" ({c.unlisted} {dirs} could not be listed)"
+                )
+                status = ended.exit_status
+                if status == "failed":  # history says what failed
+                    status += ended.failed_because()
             end = RunEnd(
                 job=cfg.job,
                 owner=self.owner,
