@@ -194,22 +194,33 @@ async def test_watch_retries_failed_items_without_a_rescan(inbox: Path, state: P
     assert state_counts(state) == {"done": 1}
 
 
+class _Handled:
+    """A handler that records the relpath of each call; :meth:`reach` waits for a number of
+    calls (an event the handler sets, not a poll)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._waits: dict[int, anyio.Event] = {}
+
+    async def __call__(self, ctx: TaskContext) -> None:
+        self.seen.append(ctx.entry.relpath)
+        for count, reached in self._waits.items():
+            if len(self.seen) >= count:
+                reached.set()
+
+    async def reach(self, count: int) -> None:
+        """Wait until the handler was called ``count`` times."""
+        if len(self.seen) < count:
+            await self._waits.setdefault(count, anyio.Event()).wait()
+
+
 @pytest.mark.parametrize("events", [False, True])
 async def test_a_watch_waits_for_a_source_that_went_away_and_goes_on_when_it_is_back(
     inbox: Path, state: Path, events: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_files(inbox, 2)
-    seen: list[str] = []
-    first, later = anyio.Event(), anyio.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        seen.append(ctx.entry.relpath)
-        if len(seen) == 2:
-            first.set()
-        if len(seen) == 3:
-            later.set()
-
-    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=events)
+    handled = _Handled()
+    batch = Batch(handled, source=inbox, state=state, settle=0, poll=0.05, events=events)
     moved = inbox.with_name("moved-away")
     report = None
     async with anyio.create_task_group() as tg:
@@ -220,13 +231,13 @@ async def test_a_watch_waits_for_a_source_that_went_away_and_goes_on_when_it_is_
 
         tg.start_soon(watch)
         with anyio.fail_after(20):
-            await first.wait()
+            await handled.reach(2)
             inbox.rename(moved)  # an unmounted share, a directory moved by mistake
             while "is gone" not in caplog.text:  # noqa: ASYNC110 (a log record, not an event)
                 await anyio.sleep(0.05)
             moved.rename(inbox)
             make_files(inbox, 1, prefix="late")
-            await later.wait()
+            await handled.reach(3)
         batch.stop()
 
     assert report is not None
@@ -250,14 +261,8 @@ async def test_a_watch_whose_source_cannot_be_listed_waits_for_it(
         return walk(*args, **kwargs)
 
     monkeypatch.setattr(_scanner, "_walk", failing_walk)
-    seen: list[str] = []
-    first, later = anyio.Event(), anyio.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        seen.append(ctx.entry.relpath)
-        (first if len(seen) == 1 else later).set()
-
-    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=False)
+    handled = _Handled()
+    batch = Batch(handled, source=inbox, state=state, settle=0, poll=0.05, events=False)
     report = None
     async with anyio.create_task_group() as tg:
 
@@ -267,14 +272,14 @@ async def test_a_watch_whose_source_cannot_be_listed_waits_for_it(
 
         tg.start_soon(watch)
         with anyio.fail_after(20):
-            await first.wait()
+            await handled.reach(1)
             denied.set()
             while batch.health().check("source").ok:  # noqa: ASYNC110 (a poll's finding)
                 await anyio.sleep(0.02)
             assert "cannot be listed" in batch.health().check("source").detail
             make_files(inbox, 1, prefix="late")
             denied.clear()
-            await later.wait()
+            await handled.reach(2)
         assert batch.health().check("source").ok
         batch.stop()
 
@@ -336,14 +341,8 @@ async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_fi
     # the new directory, not call every new file vanished from the old one, and must not say
     # it is ready while the source is gone.
     make_files(inbox, 1)
-    seen: list[str] = []
-    first, later = anyio.Event(), anyio.Event()
-
-    async def handle(ctx: TaskContext) -> None:
-        seen.append(ctx.entry.relpath)
-        (first if len(seen) == 1 else later).set()
-
-    batch = Batch(handle, source=inbox, state=state, settle=0, poll=0.05, events=events)
+    handled = _Handled()
+    batch = Batch(handled, source=inbox, state=state, settle=0, poll=0.05, events=events)
     report = None
     async with anyio.create_task_group() as tg:
 
@@ -353,7 +352,7 @@ async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_fi
 
         tg.start_soon(watch)
         with anyio.fail_after(30):
-            await first.wait()
+            await handled.reach(1)
             shutil.rmtree(inbox)
             while batch.health().check("source").ok:  # noqa: ASYNC110 (a poll's finding)
                 await anyio.sleep(0.02)
@@ -361,13 +360,12 @@ async def test_a_watch_whose_source_is_deleted_and_made_again_handles_the_new_fi
             assert "is gone" in batch.health().check("source").detail
             inbox.mkdir()
             make_files(inbox, 2, prefix="new")
-            while len(seen) < 3:  # noqa: ASYNC110 (handled files, not an event)
-                await anyio.sleep(0.02)
+            await handled.reach(3)
         assert batch.health().check("source").ok
         batch.stop()
 
     assert report is not None
-    assert sorted(seen) == ["f00000.txt", "new00000.txt", "new00001.txt"]
+    assert sorted(handled.seen) == ["f00000.txt", "new00000.txt", "new00001.txt"]
     assert (report.done, report.vanished) == (3, 0)
     assert state_counts(state) == {"done": 3}
     assert "was replaced" in caplog.text
